@@ -1,0 +1,60 @@
+"""Qwen3-MoE sparse MLP on batch-invariant kernels.
+
+    x_TD --router (mk.linear)--> logits_TE --mk.route_topk--> (w_Tk, ids_Tk)
+    (t, j) pairs, R = T*k, stable-sorted by expert id --> x_RD = x_TD[token_R]
+    mk.grouped_linear gate/up -> mk.silu_mul -> grouped_linear down -> y_RD
+    unsort to y_TkD, then out_TD = sum_j w_Tk[:, j] * y_TkD[:, j] in fixed j order (fp32)
+
+Every routed row is computed independently of the others, and the combine order depends
+only on j, so a token's output does not depend on the rest of the batch. Experts are
+stacked 3-D params (w_gate/w_up [E, F, D], w_down [E, D, F]) as grouped_linear and
+expert parallelism want them.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+import miles_kernels as mk
+from miles_fsdp.models.args import ModelArgs
+
+
+class MoE(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        E, F, D = args.n_experts, args.moe_ffn_dim, args.dim
+        self.top_k = args.n_experts_per_tok
+        self.norm_topk_prob = args.norm_topk_prob
+        self.router = Router(E, D)
+        self.w_gate = nn.Parameter(torch.empty(E, F, D))
+        self.w_up = nn.Parameter(torch.empty(E, F, D))
+        self.w_down = nn.Parameter(torch.empty(E, D, F))
+
+    def forward(self, x_TD: torch.Tensor) -> torch.Tensor:
+        T, D = x_TD.shape
+        k, E = self.top_k, self.w_gate.shape[0]
+        logits_TE = mk.linear(x_TD, self.router.weight)
+        w_Tk, ids_Tk = mk.route_topk(logits_TE, k, self.norm_topk_prob)
+
+        ids_R = ids_Tk.reshape(-1)  # row r is the pair (token r // k, slot r % k)
+        order_R = torch.argsort(ids_R, stable=True)
+        group_sizes_E = torch.bincount(ids_R, minlength=E)
+        x_RD = x_TD[order_R // k]
+        gate_RF = mk.grouped_linear(x_RD, self.w_gate, group_sizes_E)
+        up_RF = mk.grouped_linear(x_RD, self.w_up, group_sizes_E)
+        y_RD = mk.grouped_linear(mk.silu_mul(gate_RF, up_RF), self.w_down, group_sizes_E)
+
+        unsort_R = torch.empty_like(order_R)
+        unsort_R[order_R] = torch.arange(order_R.numel(), device=order_R.device)
+        y_TkD = y_RD[unsort_R].view(T, k, D)
+        out_TD = y_TkD[:, 0].float() * w_Tk[:, 0, None]
+        for j in range(1, k):
+            out_TD = out_TD + y_TkD[:, j].float() * w_Tk[:, j, None]
+        return out_TD.to(x_TD.dtype)
+
+
+class Router(nn.Module):
+    def __init__(self, n_experts: int, dim: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(n_experts, dim))
