@@ -1,0 +1,56 @@
+"""FSDP2 sharding of a Transformer (torchtitan `apply_fsdp` style; the model file has no
+distributed code).
+
+- One `fully_shard` unit per transformer block, then the root (embedding, final norm,
+  lm_head): each block's parameters are all-gathered just before it runs and freed after,
+  so peak parameter memory is one block plus the root.
+- The last block is not resharded after forward: backward starts with it, so freeing and
+  re-gathering it would be wasted communication.
+- Mixed precision: `param_dtype` compute, fp32 gradient reduction, fp32 master weights in
+  the optimizer. `cast_forward_inputs=False`: inputs are token ids and attention metadata,
+  nothing to cast, and the model's own dtype flow stays as written.
+- `Transformer.logits` is registered as a forward method so calling it outside `forward`
+  still all-gathers the root's lm_head.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.fsdp import (
+    CPUOffloadPolicy,
+    MixedPrecisionPolicy,
+    fully_shard,
+    register_fsdp_forward_method,
+)
+
+
+def blocks_of(model: nn.Module) -> list[nn.Module]:
+    layers = getattr(model, "layers", None)
+    if isinstance(layers, nn.ModuleDict):
+        return list(layers.values())
+    if isinstance(layers, nn.ModuleList):
+        return list(layers)
+    raise TypeError(f"{type(model).__name__} has no `layers` ModuleList/ModuleDict of transformer blocks")
+
+
+def apply_fsdp(
+    model: nn.Module,
+    mesh: DeviceMesh,
+    param_dtype: torch.dtype = torch.float32,
+    reduce_dtype: torch.dtype = torch.float32,
+    cpu_offload: bool = False,
+) -> nn.Module:
+    mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=reduce_dtype, cast_forward_inputs=False)
+    kw = dict(mesh=mesh, mp_policy=mp)
+    if cpu_offload:
+        # pin_memory needs CUDA; on a CPU-only host pinned buffers are unavailable.
+        kw["offload_policy"] = CPUOffloadPolicy(pin_memory=torch.cuda.is_available())
+    blocks = blocks_of(model)
+    for i, block in enumerate(blocks):
+        fully_shard(block, reshard_after_forward=i < len(blocks) - 1, **kw)
+    fully_shard(model, **kw)
+    if hasattr(model, "logits"):
+        register_fsdp_forward_method(model, "logits")
+    return model

@@ -1,0 +1,78 @@
+"""Process group and device mesh.
+
+Under torchrun (RANK/WORLD_SIZE set) we join the launched group: NCCL on CUDA, gloo on
+CPU. As a plain `python` process we create a 1-rank group on an in-memory store, so the
+same FSDP2 code path runs on a laptop with no launcher.
+
+Mesh: 1-D ("shard",) for FSDP, 2-D ("replicate", "shard") for HSDP.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+
+
+@dataclass
+class ParallelConfig:
+    replicate: int = 1
+    """HSDP replicate degree: ranks are split into `replicate` groups that each hold a full
+    FSDP-sharded copy (shard degree = world_size / replicate). 1 = plain FSDP."""
+    param_dtype: str = "auto"
+    """Compute dtype of parameters: "bf16" (fp32 master, bf16 compute, fp32 grad reduce),
+    "fp32" (end to end), or "auto" (bf16 on CUDA, fp32 on CPU)."""
+    activation_checkpointing: bool = False
+    """Recompute each transformer block in backward (saves activations, ~+30% compute)."""
+    cpu_offload: bool = False
+    """Keep sharded parameters, grads and optimizer state on the CPU (FSDP2 CPUOffloadPolicy)."""
+
+    def __post_init__(self):
+        if self.replicate < 1:
+            raise ValueError(f"ParallelConfig.replicate={self.replicate}: must be >= 1")
+        if self.param_dtype not in ("auto", "bf16", "fp32"):
+            raise ValueError(f"ParallelConfig.param_dtype={self.param_dtype!r}: use 'auto', 'bf16' or 'fp32'")
+
+    def compute_dtype(self, device: torch.device) -> torch.dtype:
+        if self.param_dtype == "auto":
+            return torch.bfloat16 if device.type == "cuda" else torch.float32
+        return torch.bfloat16 if self.param_dtype == "bf16" else torch.float32
+
+
+def init_distributed() -> torch.device:
+    """Join (or create) the default process group; return this rank's device."""
+    use_cuda = torch.cuda.is_available()
+    if use_cuda:
+        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        torch.cuda.set_device(local_rank)
+        device = torch.device("cuda", local_rank)
+    else:
+        device = torch.device("cpu")
+    if dist.is_initialized():
+        return device
+    backend = "nccl" if use_cuda else "gloo"
+    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
+        dist.init_process_group(backend, device_id=device if use_cuda else None)
+    else:
+        dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
+    return device
+
+
+def build_mesh(device: torch.device, replicate: int = 1) -> DeviceMesh:
+    world = dist.get_world_size()
+    if world % replicate != 0:
+        raise ValueError(
+            f"ParallelConfig.replicate={replicate} does not divide world_size={world}; "
+            f"pick a divisor of {world}"
+        )
+    if replicate == 1:
+        return init_device_mesh(device.type, (world,), mesh_dim_names=("shard",))
+    return init_device_mesh(device.type, (replicate, world // replicate), mesh_dim_names=("replicate", "shard"))
+
+
+def dp_group(mesh: DeviceMesh):
+    """The group spanning every data-parallel rank of `mesh` (all of its dims)."""
+    return mesh._flatten().get_group() if mesh.ndim > 1 else mesh.get_group()

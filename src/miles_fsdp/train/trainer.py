@@ -1,0 +1,186 @@
+"""The FSDP2 trainer: forward log-probs and one optimizer step over packed micro-batches.
+
+    trainer = Trainer(model, TrainerConfig(...))          # shards the model, builds AdamW
+    mbs = trainer.pack(seqs)                              # this rank's sequences
+    logp = trainer.forward_logprobs(mbs)                  # no grad (on-policy check, reference)
+    metrics = trainer.train_step(mbs, loss_fn)            # accumulate, clip, step
+
+`loss_fn(logp_T, entropy_T, mb) -> (loss_sum, stats)` returns the weighted sum
+`sum(mb.weight_T * per_token_loss_T)` (see `loss.py`); stats are weighted sums too and are
+reported divided by the same global denominator as the loss. Ranks may hold different
+numbers of micro-batches: the short ones run dummy micro-batches so FSDP collectives match.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+
+import miles_kernels as mk
+from miles_fsdp.models import packed_inputs
+from miles_fsdp.observe.memory import peak_memory_gib, reset_peak_memory
+from miles_fsdp.parallel import ParallelConfig, build_mesh, dp_group, init_distributed, parallelize
+from miles_fsdp.train.loss import LossNorm, assign_weights
+from miles_fsdp.train.optim import OptimConfig, build_optimizer
+from miles_fsdp.train.packing import MicroBatch, TrainSeq, dummy_like, pack
+
+LossFn = Callable[[torch.Tensor, torch.Tensor | None, MicroBatch], tuple[torch.Tensor, dict]]
+
+# Dense bf16 peak FLOP/s per device, by substring of the CUDA device name.
+PEAK_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12}
+
+
+@dataclass
+class TrainerConfig:
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    max_tokens_per_micro_batch: int = 8192
+    """Token budget of one packed micro-batch; the global batch is split into as many as needed."""
+    loss_norm: LossNorm = LossNorm.token_mean
+    """token_mean (over all trained tokens of the global batch), seq_mean, or constant (Dr.GRPO)."""
+    loss_norm_constant: float = 1.0
+    """For loss_norm=constant: the fixed per-sequence length C dividing each sequence's token sum."""
+    temperature: float = 1.0
+    """Log-probs are of softmax(logits / temperature), matching the sampler."""
+    peak_flops: float = 0.0
+    """Peak FLOP/s of one device for MFU; 0 = look up the CUDA device (H100/H200/A100), no MFU on CPU."""
+
+    def __post_init__(self):
+        if self.max_tokens_per_micro_batch < 2:
+            raise ValueError(f"TrainerConfig.max_tokens_per_micro_batch={self.max_tokens_per_micro_batch}: must be >= 2")
+        self.loss_norm = LossNorm(self.loss_norm)
+        if self.loss_norm is LossNorm.constant and self.loss_norm_constant <= 0:
+            raise ValueError(f"TrainerConfig.loss_norm_constant={self.loss_norm_constant}: must be > 0")
+        if self.temperature <= 0:
+            raise ValueError(f"TrainerConfig.temperature={self.temperature}: must be > 0")
+
+
+def _flop_params(model: nn.Module) -> int:
+    # 6 * N * tokens counts matmul parameters: the embedding lookup is not a matmul, unless
+    # the table is tied to the lm_head (then it is one).
+    n = sum(p.numel() for p in model.parameters())
+    embed = getattr(model, "embed", None)
+    if embed is not None and getattr(model, "lm_head", None) is not None:
+        n -= sum(p.numel() for p in embed.parameters())
+    return n
+
+
+class Trainer:
+    def __init__(self, model: nn.Module, cfg: TrainerConfig, mesh=None, device: torch.device | None = None):
+        self.cfg = cfg
+        self.device = device or init_distributed()
+        self.mesh = mesh if mesh is not None else build_mesh(self.device, cfg.parallel.replicate)
+        self.group = dp_group(self.mesh)
+        self.dp_size = self.mesh.size()
+        self.n_flop_params = _flop_params(model)
+        self.model = parallelize(model, self.mesh, cfg.parallel, self.device)
+        self.optimizer, self.scheduler = build_optimizer(self.model, cfg.optim)
+        self.step = 0  # optimizer steps taken
+        self.peak_flops = cfg.peak_flops or self._lookup_peak_flops()
+
+    def _lookup_peak_flops(self) -> float:
+        if self.device.type != "cuda":
+            return 0.0
+        name = torch.cuda.get_device_name(self.device)
+        return next((v for k, v in PEAK_FLOPS.items() if k in name), 0.0)
+
+    def pack(self, seqs: list[TrainSeq]) -> list[MicroBatch]:
+        return pack(seqs, self.cfg.max_tokens_per_micro_batch)
+
+    def _logprobs(self, mb: MicroBatch, entropy: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+        dev = self.device
+        _, meta, slot_T = packed_inputs(mb.cu_seqlens.to(dev))
+        hidden_TD = self.model(mb.ids_T.to(dev), mb.pos_T.to(dev), meta, slot_T)
+        logits_TV = self.model.logits(hidden_TD)
+        return mk.logprobs(logits_TV, mb.targets_T.to(dev), self.cfg.temperature, entropy=entropy)
+
+    def _pad(self, micro_batches: list[MicroBatch]) -> list[MicroBatch]:
+        n = torch.tensor([len(micro_batches)], dtype=torch.int64)
+        dist.all_reduce(n, op=dist.ReduceOp.MAX, group=self.group)
+        pad = int(n) - len(micro_batches)
+        return list(micro_batches) + [dummy_like(micro_batches[0] if micro_batches else None) for _ in range(pad)]
+
+    @torch.no_grad()
+    def forward_logprobs(self, micro_batches: list[MicroBatch], entropy: bool = False):
+        """fp32 log-prob of every target position, one [T] tensor per micro-batch (on device).
+        With entropy=True returns (logps, entropies). Collective: every rank must call it."""
+        self.model.eval()
+        logps, ents = [], []
+        for mb in self._pad(micro_batches):
+            logp_T, ent_T = self._logprobs(mb, entropy)
+            if not mb.dummy:
+                logps.append(logp_T)
+                ents.append(ent_T)
+        return (logps, ents) if entropy else logps
+
+    def train_step(self, micro_batches: list[MicroBatch], loss_fn: LossFn, entropy: bool = False) -> dict[str, float]:
+        """One optimizer step over this rank's micro-batches (gradient accumulation)."""
+        self.model.train()
+        reset_peak_memory(self.device)
+        t0 = time.perf_counter()
+        denom = assign_weights(micro_batches, self.cfg.loss_norm, self.cfg.loss_norm_constant, self.group)
+        # FSDP averages gradients over dp ranks; scaling by dp_size makes it the global sum.
+        scale = self.dp_size / denom
+        loss_acc = torch.zeros((), device=self.device)
+        stats_acc: dict[str, torch.Tensor] = {}
+        n_tokens = 0
+        for mb in self._pad(micro_batches):
+            logp_T, ent_T = self._logprobs(mb, entropy)
+            if mb.dummy:
+                loss_sum, stats = logp_T.sum() * 0.0, {}
+            else:
+                loss_sum, stats = loss_fn(logp_T, ent_T, mb)
+                n_tokens += mb.num_tokens
+            (loss_sum * scale).backward()
+            loss_acc += loss_sum.detach()
+            for k, v in stats.items():
+                stats_acc[k] = stats_acc.get(k, 0.0) + torch.as_tensor(v, dtype=torch.float32, device=self.device)
+
+        grad_norm = self._clip_grads()
+        finite = bool(torch.isfinite(grad_norm))
+        if finite:
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        lr = self.scheduler.get_last_lr()[0]
+        self.scheduler.step()
+        self.step += 1
+
+        names = sorted(stats_acc)
+        red = torch.stack([loss_acc, *[stats_acc[k].reshape(()) for k in names],
+                           torch.tensor(float(n_tokens), device=self.device)])
+        dist.all_reduce(red, group=self.group)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        dt = time.perf_counter() - t0
+        red = red.tolist()
+        tokens = red[-1]
+        metrics = {
+            "train/loss": red[0] / denom,
+            "train/grad_norm": float(grad_norm),
+            "train/lr": lr,
+            "train/tokens": tokens,
+            "train/skipped_step": float(not finite),
+            "perf/tokens_per_s": tokens / dt,
+            "perf/peak_mem_gib": peak_memory_gib(self.device),
+            "time/train_step_s": dt,
+        }
+        if self.peak_flops > 0:
+            metrics["perf/mfu"] = 6 * self.n_flop_params * tokens / dt / (self.peak_flops * dist.get_world_size())
+        metrics.update({k: v / denom for k, v in zip(names, red[1:-1])})
+        return metrics
+
+    def _clip_grads(self) -> torch.Tensor:
+        grads = [p.grad for p in self.model.parameters() if p.grad is not None]
+        total = torch.nn.utils.get_total_norm(grads, norm_type=2.0)
+        if hasattr(total, "full_tensor"):  # DTensor grads: the norm is a partial sum over shards
+            total = total.full_tensor()
+        if self.cfg.optim.grad_clip > 0:
+            torch.nn.utils.clip_grads_with_norm_(
+                [p for p in self.model.parameters() if p.grad is not None], self.cfg.optim.grad_clip, total
+            )
+        return total
