@@ -152,7 +152,8 @@ def _from_dict(cfg: dict, where: str) -> ModelArgs:
         )
     if arch == "qwen3_moe":
         args.update(
-            n_experts=need("num_experts"),
+            # transformers 5 writes num_local_experts (its attribute_map alias of num_experts)
+            n_experts=cfg.get("num_experts") or need("num_local_experts"),
             n_experts_per_tok=need("num_experts_per_tok"),
             moe_ffn_dim=need("moe_intermediate_size"),
             norm_topk_prob=bool(cfg.get("norm_topk_prob", False)),
