@@ -110,6 +110,7 @@ def load_hf(
                     want = tuple(param.shape[len(t.dst_index):])
                     if tuple(part.shape) != want:
                         misshaped.append(f"{hf_name}: checkpoint {tuple(part.shape)}, model expects {want}")
+                        covered.update(t.covers)  # reported as mis-shaped, not also as missing
                         continue
                     copy_fn(param, part.to(param.dtype), t.dst_index)
                     covered.update(t.covers)
