@@ -1,0 +1,129 @@
+"""Plain-torch implementations: the fast mode, and the autograd rule of the invariant ops.
+
+These use vendor kernels (cuBLAS, SDPA, ATen reductions) whose results can depend on the
+batch. They define the math every other implementation must reproduce, and invariant ops
+recompute through them in backward (the backward need not be invariant).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .meta import AttnMeta
+
+
+def _f32(x):
+    """Upcast to at least fp32 (float64 references stay float64)."""
+    return x.to(torch.promote_types(x.dtype, torch.float32))
+
+
+def linear(x, w_NK, b_N=None):
+    return F.linear(x, w_NK, b_N)
+
+
+def rms_norm(x, w, eps: float):
+    xf = _f32(x)
+    y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return y.to(x.dtype) * w
+
+
+def rope_cos_sin(pos_T, inv_freq_F, scale: float = 1.0):
+    f_TF = _f32(pos_T)[:, None] * _f32(inv_freq_F)[None, :]
+    return f_TF.cos() * scale, f_TF.sin() * scale
+
+
+def apply_rope(x_THD, cos_TF, sin_TF):
+    F_ = x_THD.shape[-1] // 2
+    xf = _f32(x_THD)
+    x1, x2 = xf[..., :F_], xf[..., F_:]
+    c, s = cos_TF[:, None, :], sin_TF[:, None, :]
+    return torch.cat([x1 * c - x2 * s, x2 * c + x1 * s], dim=-1).to(x_THD.dtype)
+
+
+def silu_mul(gate, up):
+    return (F.silu(_f32(gate)) * _f32(up)).to(gate.dtype)
+
+
+def gather_kv(cache_PSKD, pages, length: int):
+    """One sequence's KV from its pages: [length, K, D]."""
+    P, S, K, D = cache_PSKD.shape
+    return cache_PSKD[pages.long()].reshape(-1, K, D)[:length]
+
+
+def attention(q_THD, k_cache_PSKD, v_cache_PSKD, meta: AttnMeta, scale: float):
+    """Causal GQA attention per sequence with SDPA (fp32 softmax inside SDPA's kernel)."""
+    T, H, D = q_THD.shape
+    K = k_cache_PSKD.shape[2]
+    S = k_cache_PSKD.shape[1]
+    cu = meta.cu_seqlens_q.tolist()
+    kv_lens = meta.kv_lens.tolist()
+    outs = []
+    for b, L in enumerate(kv_lens):
+        q_len = cu[b + 1] - cu[b]
+        if q_len == 0:
+            continue
+        pages = meta.block_table[b, : (L + S - 1) // S]
+        k_LKD = gather_kv(k_cache_PSKD, pages, L)
+        v_LKD = gather_kv(v_cache_PSKD, pages, L)
+        q_HqD = q_THD[cu[b]: cu[b + 1]].transpose(0, 1)
+        k_HLD = k_LKD.transpose(0, 1).repeat_interleave(H // K, dim=0).to(q_THD.dtype)
+        v_HLD = v_LKD.transpose(0, 1).repeat_interleave(H // K, dim=0).to(q_THD.dtype)
+        q_pos = torch.arange(L - q_len, L, device=q_THD.device)
+        mask_qL = torch.arange(L, device=q_THD.device)[None, :] <= q_pos[:, None]
+        o = F.scaled_dot_product_attention(q_HqD, k_HLD, v_HLD, attn_mask=mask_qL, scale=scale)
+        outs.append(o.transpose(0, 1))
+    return torch.cat(outs) if outs else q_THD.new_zeros(0, H, D)
+
+
+def filter_logits(x_TV, top_k: int = 0, top_p: float = 1.0):
+    """Mask (to -inf) tokens outside top-k / the top-p nucleus; fp32 in, fp32 out.
+
+    Ties at the k-th value are kept. Rows are independent, so the mask a token gets does
+    not depend on the batch (the sampler and the trainer apply this same function).
+    """
+    if top_k and top_k < x_TV.shape[-1]:
+        kth = torch.topk(x_TV, top_k, dim=-1).values[..., -1:]
+        x_TV = x_TV.masked_fill(x_TV < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_x, _ = torch.sort(x_TV, dim=-1, descending=True)
+        probs = torch.softmax(sorted_x, dim=-1)
+        before = torch.cumsum(probs, dim=-1) - probs  # mass strictly above each token
+        keep = before < top_p
+        cutoff = torch.where(keep, sorted_x, torch.full_like(sorted_x, float("inf"))).amin(-1, keepdim=True)
+        x_TV = x_TV.masked_fill(x_TV < cutoff, float("-inf"))
+    return x_TV
+
+
+def logprobs(logits_TV, ids_T, temperature: float = 1.0, entropy: bool = False,
+             top_k: int = 0, top_p: float = 1.0):
+    x = filter_logits(_f32(logits_TV) / temperature, top_k, top_p)
+    logp_all = torch.log_softmax(x, dim=-1)
+    logp = logp_all.gather(-1, ids_T[:, None].long())[:, 0]
+    ent = None
+    if entropy:
+        p = logp_all.exp()
+        ent = -(p * torch.where(p > 0, logp_all, torch.zeros_like(logp_all))).sum(-1)
+    return logp, ent
+
+
+def route_topk(logits_TE, k: int, norm_topk_prob: bool):
+    probs = torch.softmax(_f32(logits_TE), dim=-1)
+    # stable: sort descending with ties to the lower expert id
+    w, ids = torch.sort(probs, dim=-1, descending=True, stable=True)
+    w, ids = w[:, :k], ids[:, :k]
+    if norm_topk_prob:
+        w = w / w.sum(-1, keepdim=True)
+    return w, ids
+
+
+def grouped_linear(x_RK, w_ENK, group_sizes_E):
+    outs = []
+    start = 0
+    for e, n in enumerate(group_sizes_E.tolist()):
+        if n:
+            outs.append(F.linear(x_RK[start: start + n], w_ENK[e]))
+        start += n
+    if not outs:
+        return x_RK.new_zeros(0, w_ENK.shape[1])
+    return torch.cat(outs)

@@ -1,0 +1,85 @@
+"""Attention metadata shared by the trainer (packed varlen) and the engine (paged).
+
+Both paths write K/V into a paged cache first and then run the same attention kernel,
+so a token's attention output does not depend on which path produced it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class AttnMeta:
+    """Where each sequence's queries and KV live.
+
+    cu_seqlens_q: int32 [B+1]  query offsets into the packed q (chunk of each sequence)
+    kv_lens:      int32 [B]    KV tokens of each sequence, the new ones included; query i of
+                               a chunk of length q sits at absolute position kv_len - q + i
+    block_table:  int32 [B, max_pages]  page ids of each sequence, in position order
+    max_q_len:    longest query chunk (host int, sizes kernel grids)
+
+    Example: two sequences, a 3-token prefill and a decode step at position 7 (page size 16):
+    cu_seqlens_q=[0, 3, 4], kv_lens=[3, 8], block_table=[[0], [1]], max_q_len=3.
+    """
+
+    cu_seqlens_q: torch.Tensor
+    kv_lens: torch.Tensor
+    block_table: torch.Tensor
+    max_q_len: int
+
+    @property
+    def num_seqs(self) -> int:
+        return self.kv_lens.shape[0]
+
+    def to(self, device) -> "AttnMeta":
+        return AttnMeta(self.cu_seqlens_q.to(device), self.kv_lens.to(device),
+                        self.block_table.to(device), self.max_q_len)
+
+
+def varlen_meta(cu_seqlens: torch.Tensor, page_size: int) -> tuple[AttnMeta, torch.Tensor, int]:
+    """Metadata for packed training sequences: each sequence starts on a fresh page.
+
+    cu_seqlens: int [B+1] offsets of the packed sequences.
+    Returns (meta, slot_mapping_T int64, num_pages) for a scratch cache of num_pages pages.
+    """
+    cu = cu_seqlens.to("cpu", torch.int64)
+    lens = cu[1:] - cu[:-1]
+    pages_per_seq = (lens + page_size - 1) // page_size
+    num_pages = int(pages_per_seq.sum())
+    max_pages = max(int(pages_per_seq.max()) if len(lens) else 0, 1)
+    first_page = torch.cumsum(pages_per_seq, 0) - pages_per_seq
+    block_table = first_page[:, None] + torch.arange(max_pages)[None, :]
+    block_table = torch.where(torch.arange(max_pages)[None, :] < pages_per_seq[:, None], block_table, 0)
+    seq_of_token = torch.repeat_interleave(torch.arange(len(lens)), lens)
+    pos = torch.arange(int(cu[-1])) - cu[:-1][seq_of_token]
+    slot = first_page[seq_of_token] * page_size + pos
+    device = cu_seqlens.device
+    meta = AttnMeta(
+        cu_seqlens_q=cu.to(device, torch.int32),
+        kv_lens=lens.to(device, torch.int32),
+        block_table=block_table.to(device, torch.int32),
+        max_q_len=int(lens.max()) if len(lens) else 0,
+    )
+    return meta, slot.to(device), num_pages
+
+
+def positions_from_cu_seqlens(cu_seqlens: torch.Tensor) -> torch.Tensor:
+    """Position of each packed token within its own sequence: int64 [T]."""
+    cu = cu_seqlens.to(torch.int64)
+    lens = cu[1:] - cu[:-1]
+    seq_of_token = torch.repeat_interleave(torch.arange(len(lens), device=cu.device), lens)
+    return torch.arange(int(cu[-1]), device=cu.device) - cu[:-1][seq_of_token]
+
+
+def write_kv(k_cache_PSKD, v_cache_PSKD, k_TKD, v_TKD, slot_T) -> None:
+    """Store new K/V at their slots (slot = page * page_size + offset), in place.
+
+    Differentiable: when the cache is a scratch tensor built for training, autograd routes
+    the attention's cache gradient back to k and v through this copy.
+    """
+    P, S, K, D = k_cache_PSKD.shape
+    k_cache_PSKD.view(P * S, K, D).index_copy_(0, slot_T, k_TKD.to(k_cache_PSKD.dtype))
+    v_cache_PSKD.view(P * S, K, D).index_copy_(0, slot_T, v_TKD.to(v_cache_PSKD.dtype))

@@ -1,0 +1,325 @@
+"""Public ops: dispatch on (mode, device) and autograd rules.
+
+Forward: invariant mode runs the Triton kernel on CUDA and the tiled CPU implementation
+on CPU; fast mode runs plain torch (_ref). The forward values are identical with and
+without autograd. Backward recomputes through _ref (any correct kernel will do) or uses an
+explicit rule where recomputation would be wasteful (linear, logprobs, grouped_linear).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from . import _cpu, _ref
+from ._mode import get_mode
+from .meta import AttnMeta
+
+
+def _fast() -> bool:
+    return get_mode() == "fast"
+
+
+def _backend(x: torch.Tensor):
+    if x.is_cuda:
+        try:
+            from . import _triton
+        except ImportError as e:  # pragma: no cover - depends on the install
+            raise RuntimeError(
+                "miles_kernels: invariant mode on CUDA needs Triton (pip install triton); "
+                "or run in fast mode (miles_kernels.set_mode('fast')), accepting a "
+                f"train/rollout mismatch. Import error: {e}") from e
+        return _triton
+    return _cpu
+
+
+def _needs_grad(*xs) -> bool:
+    return torch.is_grad_enabled() and any(isinstance(x, torch.Tensor) and x.requires_grad for x in xs)
+
+
+class _Recompute(torch.autograd.Function):
+    """Forward from the invariant implementation, backward through the _ref autograd graph."""
+
+    @staticmethod
+    def forward(ctx, ref_fn, inv_fn, n_tensors, *args):
+        ctx.ref_fn, ctx.n = ref_fn, n_tensors
+        ctx.extra = args[n_tensors:]
+        ctx.save_for_backward(*args[:n_tensors])
+        with torch.no_grad():
+            return inv_fn(*args)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        tensors = ctx.saved_tensors
+        inputs = [t.detach().requires_grad_(t.requires_grad) for t in tensors]
+        with torch.enable_grad():
+            out = ctx.ref_fn(*inputs, *ctx.extra)
+        outs = out if isinstance(out, tuple) else (out,)
+        pairs = [(o, g) for o, g in zip(outs, grads) if g is not None and o.requires_grad]
+        wanted = [t for t in inputs if t.requires_grad]
+        got = iter(torch.autograd.grad([o for o, _ in pairs], wanted, [g for _, g in pairs],
+                                       allow_unused=True)) if pairs else iter([None] * len(wanted))
+        return (None, None, None, *[next(got) if t.requires_grad else None for t in inputs],
+                *[None] * len(ctx.extra))
+
+
+def _invariant(ref_fn, inv_fn, tensors, extra=()):
+    if _needs_grad(*tensors):
+        return _Recompute.apply(ref_fn, inv_fn, len(tensors), *tensors, *extra)
+    with torch.no_grad():
+        return inv_fn(*tensors, *extra)
+
+
+# --- linear -----------------------------------------------------------------------------
+
+class _Linear(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x_MK, w_NK, b_N, impl):
+        ctx.save_for_backward(x_MK, w_NK)
+        ctx.has_bias = b_N is not None
+        return impl(x_MK, w_NK, b_N)
+
+    @staticmethod
+    def backward(ctx, g_MN):
+        x_MK, w_NK = ctx.saved_tensors
+        gx = g_MN @ w_NK.to(g_MN.dtype) if ctx.needs_input_grad[0] else None
+        gw = (g_MN.t() @ x_MK.to(g_MN.dtype)).to(w_NK.dtype) if ctx.needs_input_grad[1] else None
+        gb = g_MN.sum(0).to(w_NK.dtype) if ctx.has_bias and ctx.needs_input_grad[2] else None
+        return gx, gw, gb, None
+
+
+def linear(x, w_NK, b_N=None):
+    """y = x @ w.T (+ b). x [..., K], w [N, K], b [N] -> [..., N] in x's dtype.
+
+    Numerics: operands in their own dtype (bf16 or fp32), fp32 accumulation, one rounding
+    to x's dtype; the bias is added after that rounding (as F.linear on bf16 does not).
+    """
+    if _fast():
+        return _ref.linear(x, w_NK, b_N)
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, x.shape[-1]).contiguous()
+    impl = _backend(x).linear
+    if _needs_grad(x2, w_NK, b_N):
+        y = _Linear.apply(x2, w_NK, b_N, impl)
+    else:
+        with torch.no_grad():
+            y = impl(x2, w_NK, b_N)
+    return y.reshape(*lead, w_NK.shape[0])
+
+
+# --- elementwise and norms --------------------------------------------------------------
+
+def rms_norm(x, w, eps: float):
+    """y = (x.float() * rsqrt(mean(x.float()**2) + eps)).to(x.dtype) * w  (the HF cast order).
+
+    x [..., D] any float dtype; statistics in fp32; the weight multiply in x's dtype.
+    """
+    if _fast():
+        return _ref.rms_norm(x, w, eps)
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, x.shape[-1])
+    y = _invariant(_ref.rms_norm, _backend(x).rms_norm, (x2, w), (eps,))
+    return y.reshape(*lead, x.shape[-1])
+
+
+def rope_cos_sin(pos_T, inv_freq_F, scale: float = 1.0):
+    """RoPE tables for the given positions: (cos_TF, sin_TF) in fp32, F = head_dim // 2.
+
+    f = pos.float() * inv_freq (fp32), then cos/sin (fp32) times the attention scale.
+    On CUDA elementwise math is position-independent, so plain torch is invariant there.
+    """
+    if _fast() or pos_T.is_cuda:
+        return _ref.rope_cos_sin(pos_T, inv_freq_F, scale)
+    return _cpu.rope_cos_sin(pos_T, inv_freq_F, scale)
+
+
+def apply_rope(x_THD, cos_TF, sin_TF):
+    """Rotate-half (neox) RoPE: x1*c - x2*s, x2*c + x1*s in fp32, one rounding to x's dtype."""
+    if _fast():
+        return _ref.apply_rope(x_THD, cos_TF, sin_TF)
+    impl = _backend(x_THD).apply_rope
+    return _invariant(_ref.apply_rope, impl, (x_THD, cos_TF, sin_TF))
+
+
+def silu_mul(gate, up):
+    """silu(gate) * up in fp32, one rounding to gate's dtype. Any leading dims."""
+    if _fast():
+        return _ref.silu_mul(gate, up)
+    lead = gate.shape[:-1]
+    g2, u2 = gate.reshape(-1, gate.shape[-1]), up.reshape(-1, up.shape[-1])
+    y = _invariant(_ref.silu_mul, _backend(gate).silu_mul, (g2, u2))
+    return y.reshape(*lead, gate.shape[-1])
+
+
+# --- attention --------------------------------------------------------------------------
+
+def attention(q_THD, k_cache_PSKD, v_cache_PSKD, meta: AttnMeta, scale: float):
+    """Causal GQA attention of packed queries over a paged KV cache.
+
+    q [T, H, D]; caches [pages, page_size, K, D] with H % K == 0; the new tokens' K/V must
+    already be in the cache (write_kv). Softmax in fp32, output in q's dtype. Invariant mode
+    walks KV in blocks of ATTN_BLOCK from position 0, so prefill, chunked prefill and decode
+    give the same bits for the same token.
+    """
+    if _fast():
+        return _ref.attention(q_THD, k_cache_PSKD, v_cache_PSKD, meta, scale)
+    backend = _backend(q_THD)
+    if backend is _cpu:
+        inv = lambda q, k, v: _cpu.attention(q, k, v, meta, scale)  # noqa: E731
+    else:
+        inv = lambda q, k, v: backend.attention(  # noqa: E731
+            q, k, v, meta.cu_seqlens_q, meta.kv_lens, meta.block_table, meta.max_q_len, scale)
+    ref = lambda q, k, v: _ref.attention(q, k, v, meta, scale)  # noqa: E731
+    return _invariant(ref, inv, (q_THD, k_cache_PSKD, v_cache_PSKD))
+
+
+# --- logprobs ---------------------------------------------------------------------------
+
+_BWD_ROWS = 1024  # rows per fp32 chunk in the logprobs backward
+
+
+class _Logprobs(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, logits_TV, ids_T, temperature, entropy, top_k, top_p, impl):
+        logp, ent, lse = impl(logits_TV, ids_T, temperature, entropy, top_k, top_p)
+        ctx.save_for_backward(logits_TV, ids_T, lse, ent if ent is not None else lse)
+        ctx.cfg = (temperature, entropy, top_k, top_p)
+        return logp, ent
+
+    @staticmethod
+    def backward(ctx, g_logp, g_ent):
+        logits, ids, lse, ent = ctx.saved_tensors
+        temperature, entropy, top_k, top_p = ctx.cfg
+        grad = torch.empty_like(logits)
+        for i in range(0, logits.shape[0], _BWD_ROWS):
+            sl = slice(i, i + _BWD_ROWS)
+            x = _ref.filter_logits(logits[sl].float() / temperature, top_k, top_p)
+            p = torch.exp(x - lse[sl, None])
+            g = torch.zeros_like(p)
+            if g_logp is not None:
+                # a masked id (logp = -inf) gets no one-hot term, as in the reference
+                gl = torch.where(x.gather(-1, ids[sl, None].long()) > float("-inf"), g_logp[sl, None], 0.0)
+                g = -p * g_logp[sl, None]
+                g.scatter_add_(-1, ids[sl, None].long(), gl)
+            if entropy and g_ent is not None:
+                # dH/dx_j = -p_j (log p_j + H); masked tokens (p = 0) get 0
+                logp_all = torch.where(p > 0, x - lse[sl, None], torch.zeros_like(x))
+                g = g - g_ent[sl, None] * p * (logp_all + ent[sl, None])
+            grad[sl] = (g / temperature).to(grad.dtype)
+        return grad, None, None, None, None, None, None
+
+
+def logprobs(logits_TV, ids_T, temperature: float = 1.0, entropy: bool = False,
+             top_k: int = 0, top_p: float = 1.0):
+    """Log-probabilities of ids under softmax(filter(logits / temperature)), and entropy.
+
+    logits [T, V] (bf16 or fp32), ids [T] -> (logp [T] fp32, entropy [T] fp32 or None).
+    fp32 math one row tile at a time: no full fp32 copy of the logits. top_k/top_p mask
+    the same tokens the sampler masks, so the logprob is of the distribution sampled from.
+    The sampler and the trainer both call this one function.
+    """
+    if temperature <= 0:
+        raise ValueError(f"logprobs: temperature must be > 0 (got {temperature}); "
+                         "greedy decoding records logprobs at temperature 1")
+    if _fast():
+        return _ref.logprobs(logits_TV, ids_T, temperature, entropy, top_k, top_p)
+    if logits_TV.is_cuda:
+        impl = _cuda_logprobs
+    else:
+        impl = _cpu.logprobs
+    if _needs_grad(logits_TV):
+        return _Logprobs.apply(logits_TV, ids_T, temperature, entropy, top_k, top_p, impl)
+    with torch.no_grad():
+        logp, ent, _ = impl(logits_TV, ids_T, temperature, entropy, top_k, top_p)
+    return logp, ent
+
+
+def _cuda_logprobs(logits_TV, ids_T, temperature, entropy, top_k, top_p):
+    backend = _backend(logits_TV)
+    if top_k or top_p < 1.0:
+        logits_TV = _ref.filter_logits(logits_TV.float(), top_k, top_p)
+    logp, ent, lse = backend.logprobs(logits_TV.contiguous(), ids_T, temperature)
+    return logp, (ent if entropy else None), lse
+
+
+# --- MoE --------------------------------------------------------------------------------
+
+def route_topk(router_logits_TE, k: int, norm_topk_prob: bool):
+    """Top-k experts per token: (weights [T, k] fp32, ids [T, k] int64).
+
+    softmax over experts in fp32, the k largest in descending order with ties to the lower
+    expert id, renormalised to sum 1 when norm_topk_prob.
+    """
+    if _fast():
+        return _ref.route_topk(router_logits_TE, k, norm_topk_prob)
+    impl = _backend(router_logits_TE).route_topk
+    if not _needs_grad(router_logits_TE):
+        with torch.no_grad():
+            return impl(router_logits_TE, k, norm_topk_prob)
+    w, ids = impl(router_logits_TE.detach(), k, norm_topk_prob)
+    return _RouteWeights.apply(router_logits_TE, ids, w, norm_topk_prob), ids
+
+
+class _RouteWeights(torch.autograd.Function):
+    """Weights from the invariant forward; gradient of the softmax (+ renorm) at fixed ids."""
+
+    @staticmethod
+    def forward(ctx, logits_TE, ids_Tk, w_Tk, norm):
+        ctx.save_for_backward(logits_TE, ids_Tk)
+        ctx.norm = norm
+        return w_Tk
+
+    @staticmethod
+    def backward(ctx, g_Tk):
+        logits, ids = ctx.saved_tensors
+        with torch.enable_grad():
+            x = logits.detach().float().requires_grad_(True)
+            w = torch.softmax(x, -1).gather(-1, ids)
+            if ctx.norm:
+                w = w / w.sum(-1, keepdim=True)
+            (gx,) = torch.autograd.grad(w, x, g_Tk)
+        return gx.to(logits.dtype), None, None, None
+
+
+class _GroupedLinear(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x_RK, w_ENK, group_sizes_E, impl):
+        ctx.save_for_backward(x_RK, w_ENK, group_sizes_E)
+        return impl(x_RK, w_ENK, group_sizes_E)
+
+    @staticmethod
+    def backward(ctx, g_RN):
+        x, w, sizes = ctx.saved_tensors
+        gx = torch.zeros_like(x) if ctx.needs_input_grad[0] else None
+        gw = torch.zeros_like(w) if ctx.needs_input_grad[1] else None
+        start = 0
+        for e, n in enumerate(sizes.tolist()):
+            if n:
+                g = g_RN[start: start + n]
+                if gx is not None:
+                    gx[start: start + n] = (g @ w[e].to(g.dtype)).to(x.dtype)
+                if gw is not None:
+                    gw[e] = (g.t() @ x[start: start + n].to(g.dtype)).to(w.dtype)
+            start += n
+        return gx, gw, None, None
+
+
+def grouped_linear(x_RK, w_ENK, group_sizes_E):
+    """Per-expert linear over rows sorted by expert: rows of group e use w[e] ([N, K]).
+
+    x [R, K], w [E, N, K], group_sizes [E] int (sum R) -> [R, N] in x's dtype. Each row is
+    computed like linear() computes it, independent of the other rows.
+    """
+    if _fast():
+        return _ref.grouped_linear(x_RK, w_ENK, group_sizes_E)
+    if x_RK.is_cuda:
+        backend = _backend(x_RK)
+        sizes = group_sizes_E.to(x_RK.device, torch.int64)
+        offsets = torch.zeros(sizes.numel() + 1, dtype=torch.int32, device=x_RK.device)
+        offsets[1:] = torch.cumsum(sizes, 0)
+        impl = lambda x, w, _s: backend.grouped_linear(x.contiguous(), w, offsets)  # noqa: E731
+    else:
+        impl = _cpu.grouped_linear
+    if _needs_grad(x_RK, w_ENK):
+        return _GroupedLinear.apply(x_RK, w_ENK, group_sizes_E, impl)
+    with torch.no_grad():
+        return impl(x_RK, w_ENK, group_sizes_E)

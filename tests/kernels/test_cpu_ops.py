@@ -1,0 +1,145 @@
+"""CPU miles_kernels: the invariance property, accuracy vs float64, autograd, fast mode."""
+
+import pytest
+import torch
+
+import miles_kernels as mk
+from miles_kernels import _ref
+
+DTYPES = [torch.float32, torch.bfloat16]
+
+
+def _rows_invariant(fn, x, *rest, rows=(0, 1, 5, 37, -1)):
+    """Each row alone, and inside batches of other sizes and positions, equals the full batch."""
+    full = fn(x, *rest)
+    full = full if isinstance(full, tuple) else (full,)
+    n = x.shape[0]
+    for r in rows:
+        r = r % n
+        for lo, hi in ((r, r + 1), (max(0, r - 3), min(n, r + 9)), (0, r + 1)):
+            part = fn(x[lo:hi], *[t[lo:hi] if isinstance(t, torch.Tensor) and t.shape[:1] == x.shape[:1] else t for t in rest])
+            part = part if isinstance(part, tuple) else (part,)
+            for a, b in zip(part, full):
+                if a is not None:
+                    assert torch.equal(a[r - lo], b[r]), f"row {r} differs in slice [{lo}:{hi}]"
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("K,N", [(64, 96), (200, 77), (1024, 512)])
+def test_linear_invariant_and_accurate(dtype, K, N):
+    g = torch.Generator().manual_seed(K + N)
+    x = torch.randn(70, K, generator=g).to(dtype)
+    w = (torch.randn(N, K, generator=g) / K**0.5).to(dtype)
+    b = torch.randn(N, generator=g).to(dtype)
+    _rows_invariant(lambda a: mk.linear(a, w, b), x)
+    ref = x.double() @ w.double().t() + b.double()
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    assert ((mk.linear(x, w, b).double() - ref).norm() / ref.norm()) < tol
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_elementwise_and_norm_invariant(dtype):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(90, 72, generator=g).to(dtype)
+    u = torch.randn(90, 72, generator=g).to(dtype)
+    w = torch.randn(72, generator=g).to(dtype)
+    _rows_invariant(lambda a: mk.rms_norm(a, w, 1e-6), x)
+    _rows_invariant(lambda a, b: mk.silu_mul(a, b), x, u)
+    assert torch.allclose(mk.rms_norm(x, w, 1e-6).float(), _ref.rms_norm(x.double(), w.double(), 1e-6).float(),
+                          rtol=1e-5 if dtype == torch.float32 else 2e-2, atol=1e-5 if dtype == torch.float32 else 2e-2)
+    assert torch.allclose(mk.silu_mul(x, u).float(), _ref.silu_mul(x.double(), u.double()).float(),
+                          rtol=1e-5 if dtype == torch.float32 else 1e-2, atol=1e-5 if dtype == torch.float32 else 1e-2)
+
+
+def test_rope_tables_position_only():
+    inv = 1.0 / (10000 ** (torch.arange(0, 64, 2).float() / 64))
+    pos = torch.arange(300)
+    cos, sin = mk.rope_cos_sin(pos, inv)
+    for p in (0, 7, 255, 299):
+        c1, s1 = mk.rope_cos_sin(torch.tensor([p]), inv)
+        assert torch.equal(c1[0], cos[p]) and torch.equal(s1[0], sin[p])
+    f = (pos.float()[:, None] * inv[None, :]).double()  # the fp32 angle, then exact cos/sin
+    ref_c, ref_s = f.cos(), f.sin()
+    assert torch.allclose(cos.double(), ref_c, atol=1e-6, rtol=0) and torch.allclose(sin.double(), ref_s, atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("V", [50, 1000, 40000])
+def test_logprobs_invariant_and_accurate(V):
+    g = torch.Generator().manual_seed(V)
+    logits = torch.randn(40, V, generator=g) * 3
+    ids = torch.randint(0, V, (40,), generator=g)
+    for kw in ({}, {"top_k": 7}, {"top_p": 0.8}):
+        fn = lambda a, i: mk.logprobs(a, i, 0.7, entropy=True, **kw)  # noqa: E731
+        _rows_invariant(fn, logits, ids)
+    logp, ent = mk.logprobs(logits, ids, 0.7, entropy=True)
+    rl, re = _ref.logprobs(logits.double(), ids, 0.7, entropy=True)
+    assert torch.allclose(logp.double(), rl, atol=1e-5) and torch.allclose(ent.double(), re, atol=1e-5)
+    with pytest.raises(ValueError, match="temperature"):
+        mk.logprobs(logits, ids, 0.0)
+
+
+def test_logprobs_grad_matches_reference():
+    g = torch.Generator().manual_seed(1)
+    logits = torch.randn(6, 33, generator=g, requires_grad=True)
+    ids = torch.randint(0, 33, (6,), generator=g)
+    wl, we = torch.randn(6, generator=g), torch.randn(6, generator=g)
+    for kw in ({}, {"top_k": 5}):
+        lp, ent = mk.logprobs(logits, ids, 0.9, entropy=True, **kw)
+        (ga,) = torch.autograd.grad((lp * wl + ent * we).sum(), logits)
+        rl, re = _ref.logprobs(logits, ids, 0.9, entropy=True, **kw)
+        (gb,) = torch.autograd.grad((rl * wl + re * we).sum(), logits)
+        assert torch.allclose(ga, gb, atol=1e-5)
+        # forward identical with and without autograd
+        with torch.no_grad():
+            assert torch.equal(mk.logprobs(logits, ids, 0.9, entropy=True, **kw)[0], lp.detach())
+
+
+def test_route_topk_stable_and_invariant():
+    g = torch.Generator().manual_seed(2)
+    logits = torch.randn(50, 8, generator=g)
+    logits[3] = 0.0  # all tied: lower ids win
+    _rows_invariant(lambda a: mk.route_topk(a, 2, True), logits)
+    w, ids = mk.route_topk(logits, 2, True)
+    assert ids[3].tolist() == [0, 1]
+    rw, rids = _ref.route_topk(logits.double(), 2, True)
+    assert torch.equal(ids, rids) and torch.allclose(w.double(), rw, atol=1e-6)
+    x = logits.clone().requires_grad_(True)
+    w2, _ = mk.route_topk(x, 2, False)
+    (g1,) = torch.autograd.grad(w2.sum(), x)
+    x2 = logits.clone().requires_grad_(True)
+    (g2,) = torch.autograd.grad(_ref.route_topk(x2, 2, False)[0].sum(), x2)
+    assert torch.allclose(g1, g2, atol=1e-6)
+
+
+def test_grouped_linear_rows_independent_and_grad():
+    g = torch.Generator().manual_seed(3)
+    w = torch.randn(4, 24, 16, generator=g)
+    x = torch.randn(30, 16, generator=g, requires_grad=True)
+    sizes = torch.tensor([7, 0, 20, 3])
+    y = mk.grouped_linear(x, w, sizes)
+    # a row computed in a group of one equals the same row in its full group
+    alone = mk.grouped_linear(x[10:11].detach(), w, torch.tensor([0, 0, 1, 0]))
+    assert torch.equal(alone[0], y[10].detach())
+    assert torch.allclose(y, _ref.grouped_linear(x, w, sizes), atol=1e-5)
+    wg = w.clone().requires_grad_(True)
+    (gx, gw) = torch.autograd.grad(mk.grouped_linear(x, wg, sizes).square().sum(), (x, wg))
+    (rx, rw) = torch.autograd.grad(_ref.grouped_linear(x, wg, sizes).square().sum(), (x, wg))
+    assert torch.allclose(gx, rx, atol=1e-4) and torch.allclose(gw, rw, atol=1e-4)
+
+
+def test_linear_grad_and_fast_mode():
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(5, 3, 12, generator=g, requires_grad=True)
+    w = torch.randn(7, 12, generator=g, requires_grad=True)
+    b = torch.randn(7, generator=g, requires_grad=True)
+    y = mk.linear(x, w, b)
+    grads = torch.autograd.grad(y.square().sum(), (x, w, b))
+    ref = torch.autograd.grad(torch.nn.functional.linear(x, w, b).square().sum(), (x, w, b))
+    for a, r in zip(grads, ref):
+        assert torch.allclose(a, r, atol=1e-4)
+    with mk.use_mode("fast"):
+        assert mk.get_mode() == "fast"
+        assert torch.allclose(mk.linear(x, w, b), y, atol=1e-5)
+    assert mk.get_mode() == "invariant"
+    with pytest.raises(ValueError, match="mode"):
+        mk.set_mode("turbo")
