@@ -1,0 +1,185 @@
+"""Invariant matmuls: linear (x_MK @ w_NK^T + b_N) and grouped_linear (MoE experts).
+
+One output tile walks K from 0 in steps of BLOCK_K, accumulating tl.dot results in fp32
+(no split-K, no atomics), so every output element sums its K products in the same order
+whatever M is. LINEAR_TILES may pick a wider tile for larger M, but BLOCK_K is the same in
+every bucket of a dtype; tests/gpu/test_kernels_gpu.py checks every bucket against every
+other bitwise. If a GPU ever breaks that, collapse the table to one row.
+"""
+
+from typing import NamedTuple
+
+import torch
+import triton
+import triton.language as tl
+
+
+class Tile(NamedTuple):
+    max_m: int  # bucket upper bound on M (rows of x)
+    block_m: int
+    block_n: int
+    block_k: int
+    group_m: int  # grouped (swizzled) tile order: GROUP_M row-tiles share a column band in L2
+    num_warps: int
+    num_stages: int
+
+
+_BIG = 1 << 62
+# Hopper-sized tiles for 16-bit inputs; fp32 (ieee dot, no tf32) gets one modest tile.
+LINEAR_TILES: dict[torch.dtype, tuple[Tile, ...]] = {
+    torch.bfloat16: (
+        Tile(64, 64, 32, 64, 1, 4, 6),  # skinny: weight-read bound, many column tiles
+        Tile(256, 64, 128, 64, 8, 4, 4),
+        Tile(_BIG, 128, 256, 64, 8, 8, 3),
+    ),
+    torch.float16: (
+        Tile(64, 64, 32, 64, 1, 4, 6),
+        Tile(256, 64, 128, 64, 8, 4, 4),
+        Tile(_BIG, 128, 256, 64, 8, 8, 3),
+    ),
+    torch.float32: (Tile(_BIG, 64, 64, 32, 8, 4, 3),),
+}
+GROUPED_TILES: dict[torch.dtype, Tile] = {
+    torch.bfloat16: Tile(_BIG, 64, 128, 64, 1, 4, 4),
+    torch.float16: Tile(_BIG, 64, 128, 64, 1, 4, 4),
+    torch.float32: Tile(_BIG, 32, 64, 32, 1, 4, 3),
+}
+
+
+def linear_tile(m: int, dtype: torch.dtype) -> Tile:
+    if dtype not in LINEAR_TILES:
+        raise TypeError(f"miles_kernels linear: dtype {dtype} is not supported on CUDA; use bf16, fp16 or fp32")
+    return next(t for t in LINEAR_TILES[dtype] if m <= t.max_m)
+
+
+def _dot_precision(dtype: torch.dtype) -> str:
+    # fp32 must not silently drop to tf32: the invariant path promises fp32 accuracy.
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+@triton.jit
+def _linear_kernel(
+    x_ptr, w_ptr, b_ptr, y_ptr, M, N, K,
+    stride_xm, stride_wn, stride_ym,
+    HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr, PRECISION: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    n_tiles_m = tl.cdiv(M, BLOCK_M)
+    n_tiles_n = tl.cdiv(N, BLOCK_N)
+    # Grouped order only changes which tile runs when, never what a tile computes.
+    per_group = GROUP_M * n_tiles_n
+    first_m = (pid // per_group) * GROUP_M
+    group_size = tl.minimum(n_tiles_m - first_m, GROUP_M)
+    tile_m = first_m + (pid % per_group) % group_size
+    tile_n = (pid % per_group) // group_size
+
+    rows = tile_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = tile_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    ks = tl.arange(0, BLOCK_K)
+    x_ptrs = x_ptr + rows[:, None].to(tl.int64) * stride_xm + ks[None, :]
+    w_ptrs = w_ptr + cols[None, :].to(tl.int64) * stride_wn + ks[:, None]  # [BLOCK_K, BLOCK_N] view of w^T
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        x = tl.load(x_ptrs, mask=(rows[:, None] < M) & (k0 + ks[None, :] < K), other=0.0)
+        w = tl.load(w_ptrs, mask=(cols[None, :] < N) & (k0 + ks[:, None] < K), other=0.0)
+        acc = tl.dot(x, w, acc, input_precision=PRECISION)
+        x_ptrs += BLOCK_K
+        w_ptrs += BLOCK_K
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + cols, mask=cols < N, other=0.0).to(tl.float32)[None, :]
+    y_ptrs = y_ptr + rows[:, None].to(tl.int64) * stride_ym + cols[None, :]
+    tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=(rows[:, None] < M) & (cols[None, :] < N))
+
+
+def linear(x_MK: torch.Tensor, w_NK: torch.Tensor, b_N: torch.Tensor | None = None) -> torch.Tensor:
+    """y_MN = x_MK @ w_NK^T (+ b_N), fp32 accumulate, bias added in fp32, one rounding to x dtype."""
+    M, K = x_MK.shape
+    N, Kw = w_NK.shape
+    if K != Kw:
+        raise ValueError(f"miles_kernels linear: x has K={K} but weight has K={Kw} (weight is [N, K])")
+    x_MK = x_MK.contiguous()
+    w_NK = w_NK.contiguous()
+    y_MN = torch.empty((M, N), dtype=x_MK.dtype, device=x_MK.device)
+    if M == 0 or N == 0:
+        return y_MN
+    t = linear_tile(M, x_MK.dtype)
+    grid = (triton.cdiv(M, t.block_m) * triton.cdiv(N, t.block_n),)
+    _linear_kernel[grid](
+        x_MK, w_NK, b_N if b_N is not None else y_MN, y_MN, M, N, K,
+        x_MK.stride(0), w_NK.stride(0), y_MN.stride(0),
+        HAS_BIAS=b_N is not None, BLOCK_M=t.block_m, BLOCK_N=t.block_n, BLOCK_K=t.block_k,
+        GROUP_M=t.group_m, PRECISION=_dot_precision(x_MK.dtype), num_warps=t.num_warps, num_stages=t.num_stages,
+    )
+    return y_MN
+
+
+@triton.jit
+def _grouped_kernel(
+    x_ptr, w_ptr, off_ptr, y_ptr, N, K, E,
+    stride_xr, stride_we, stride_wn, stride_yr,
+    E_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    # Program pid(0) is the pid-th row tile in expert order; an expert with n rows owns
+    # cdiv(n, BLOCK_M) tiles, so a tile never mixes experts. The grid is an upper bound
+    # (cdiv(R, BLOCK_M) + E) known on the host: no device sync, CUDA-graph safe.
+    pid_m = tl.program_id(0)
+    tile_n = tl.program_id(1)
+    es = tl.arange(0, E_PAD)
+    lo_E = tl.load(off_ptr + es, mask=es < E, other=0)
+    hi_E = tl.load(off_ptr + es + 1, mask=es < E, other=0)
+    tiles_E = (hi_E - lo_E + BLOCK_M - 1) // BLOCK_M
+    ends_E = tl.cumsum(tiles_E, 0)
+    e = tl.sum((ends_E <= pid_m).to(tl.int32), 0)
+    if e >= E:
+        return
+    is_e = es == e
+    row_lo = tl.sum(tl.where(is_e, lo_E, 0), 0)
+    row_hi = tl.sum(tl.where(is_e, hi_E, 0), 0)
+    tile_in_e = pid_m - tl.sum(tl.where(is_e, ends_E - tiles_E, 0), 0)
+
+    rows = row_lo + tile_in_e * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = tile_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    ks = tl.arange(0, BLOCK_K)
+    x_ptrs = x_ptr + rows[:, None].to(tl.int64) * stride_xr + ks[None, :]
+    w_ptrs = w_ptr + e.to(tl.int64) * stride_we + cols[None, :].to(tl.int64) * stride_wn + ks[:, None]
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        x = tl.load(x_ptrs, mask=(rows[:, None] < row_hi) & (k0 + ks[None, :] < K), other=0.0)
+        w = tl.load(w_ptrs, mask=(cols[None, :] < N) & (k0 + ks[:, None] < K), other=0.0)
+        acc = tl.dot(x, w, acc, input_precision=PRECISION)
+        x_ptrs += BLOCK_K
+        w_ptrs += BLOCK_K
+    y_ptrs = y_ptr + rows[:, None].to(tl.int64) * stride_yr + cols[None, :]
+    tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=(rows[:, None] < row_hi) & (cols[None, :] < N))
+
+
+def grouped_linear(x_RK: torch.Tensor, w_ENK: torch.Tensor, group_offsets_E1: torch.Tensor) -> torch.Tensor:
+    """y_RN[r] = x_RK[r] @ w_ENK[e]^T for rows r in [offsets[e], offsets[e+1]); rows sorted by expert."""
+    R, K = x_RK.shape
+    E, N, Kw = w_ENK.shape
+    if K != Kw:
+        raise ValueError(f"miles_kernels grouped_linear: x has K={K} but experts have K={Kw} (weights are [E, N, K])")
+    if group_offsets_E1.shape != (E + 1,):
+        raise ValueError(
+            f"miles_kernels grouped_linear: group_offsets must have shape [E+1]=[{E + 1}], got {list(group_offsets_E1.shape)}"
+        )
+    if x_RK.dtype not in GROUPED_TILES:
+        raise TypeError(f"miles_kernels grouped_linear: dtype {x_RK.dtype} is not supported; use bf16, fp16 or fp32")
+    x_RK = x_RK.contiguous()
+    w_ENK = w_ENK.contiguous()
+    offsets = group_offsets_E1.to(torch.int32).contiguous()
+    # Rows outside [offsets[0], offsets[E]) stay zero rather than uninitialised.
+    y_RN = torch.zeros((R, N), dtype=x_RK.dtype, device=x_RK.device)
+    if R == 0 or N == 0:
+        return y_RN
+    t = GROUPED_TILES[x_RK.dtype]
+    grid = (triton.cdiv(R, t.block_m) + E, triton.cdiv(N, t.block_n))
+    _grouped_kernel[grid](
+        x_RK, w_ENK, offsets, y_RN, N, K, E,
+        x_RK.stride(0), w_ENK.stride(0), w_ENK.stride(1), y_RN.stride(0),
+        E_PAD=triton.next_power_of_2(E), BLOCK_M=t.block_m, BLOCK_N=t.block_n, BLOCK_K=t.block_k,
+        PRECISION=_dot_precision(x_RK.dtype), num_warps=t.num_warps, num_stages=t.num_stages,
+    )
+    return y_RN

@@ -1,0 +1,243 @@
+"""Paged causal GQA attention, one reduction order for prefill, chunked prefill and decode.
+
+A query row (one token x one query head) reduces its keys in a fixed order:
+
+    KV positions 0 .. pos, in blocks of ATTN_BLOCK tokens (online softmax, fp32),
+    blocks grouped in splits of KV_SPLIT tokens, each split started from an empty state,
+    splits merged left to right with _merge, then acc / l.
+
+Prefill (any q_len) runs it in one program per (q tile, sequence, kv head), looping over
+splits. When every sequence fits one q tile (decode, short verify chunks) the splits run
+in parallel programs that write their states, and _combine_kernel merges them in the
+same order with the same code, so decode == prefill bitwise while keeping the GPU busy.
+The M tile packs the GQA group: row r is token r // G_PAD, query head kvh * G + r % G_PAD.
+Blocks past a row's position only add fully masked scores, which change nothing bitwise.
+"""
+
+import torch
+import triton
+import triton.language as tl
+
+ATTN_BLOCK = 16  # KV walk granularity; matches the CPU implementation's
+KV_SPLIT = 256  # tokens per split (multiple of ATTN_BLOCK): enough programs for decode, few merges
+_BLOCK_M = {torch.bfloat16: 64, torch.float16: 64, torch.float32: 16}  # rows (token x head) per tile
+_LOG2E = 1.4426950408889634
+
+
+@triton.jit
+def _merge(m, l, acc, m_s, l_s, acc_s):
+    m_new = tl.maximum(m, m_s)
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    a = tl.exp2(m - m_safe)
+    b = tl.exp2(m_s - m_safe)
+    # explicit fma: the compiler cannot contract this differently in the two kernels
+    l = tl.fma(l, a, l_s * b)
+    acc = tl.fma(acc, a[:, None], acc_s * b[:, None])
+    return m_new, l, acc
+
+
+@triton.jit
+def _split_state(
+    q, pos, kv_len, blk_lo, blk_hi, k_ptr, v_ptr, bt_row_ptr, kvh, qk_scale, D,
+    stride_kp, stride_ks, stride_kk, stride_vp, stride_vs, stride_vk,
+    BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, PAGE: tl.constexpr, ATTN_BLK: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    """Online softmax over KV blocks [blk_lo, blk_hi) from an empty state; scores in log2 units."""
+    m = tl.full((BLOCK_M,), float("-inf"), tl.float32)
+    l = tl.zeros((BLOCK_M,), tl.float32)
+    acc = tl.zeros((BLOCK_M, BLOCK_D), tl.float32)
+    offs = tl.arange(0, ATTN_BLK)
+    ds = tl.arange(0, BLOCK_D)
+    for j in range(blk_lo, blk_hi):
+        kv_pos = j * ATTN_BLK + offs
+        page = tl.load(bt_row_ptr + (j * ATTN_BLK) // PAGE).to(tl.int64)
+        slot = (j * ATTN_BLK) % PAGE + offs
+        ok = kv_pos < kv_len
+        kT = tl.load(
+            k_ptr + page * stride_kp + kvh * stride_kk + slot[None, :] * stride_ks + ds[:, None],
+            mask=ok[None, :] & (ds[:, None] < D), other=0.0,
+        )
+        v = tl.load(
+            v_ptr + page * stride_vp + kvh * stride_vk + slot[:, None] * stride_vs + ds[None, :],
+            mask=ok[:, None] & (ds[None, :] < D), other=0.0,
+        )
+        s = tl.dot(q, kT, input_precision=PRECISION) * qk_scale
+        s = tl.where((kv_pos[None, :] <= pos[:, None]) & ok[None, :], s, float("-inf"))
+        m_new = tl.maximum(m, tl.max(s, 1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.exp2(s - m_safe[:, None])
+        alpha = tl.exp2(m - m_safe)
+        l = tl.fma(l, alpha, tl.sum(p, 1))
+        acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=PRECISION)
+        m = m_new
+    return m, l, acc
+
+
+@triton.jit
+def _attn_kernel(
+    q_ptr, k_ptr, v_ptr, o_ptr, pm_ptr, pl_ptr, pacc_ptr, cu_ptr, kv_lens_ptr, bt_ptr,
+    qk_scale, D, n_kv_heads, n_splits_max,
+    stride_qt, stride_qh, stride_ot, stride_oh,
+    stride_kp, stride_ks, stride_kk, stride_vp, stride_vs, stride_vk, stride_bt,
+    G: tl.constexpr, G_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+    PAGE: tl.constexpr, ATTN_BLK: tl.constexpr, SPLIT_BLOCKS: tl.constexpr, SPLIT_PARALLEL: tl.constexpr,
+    PART_ROWS: tl.constexpr, PRECISION: tl.constexpr,
+):
+    TOK: tl.constexpr = BLOCK_M // G_PAD
+    tile = tl.program_id(0)
+    bk = tl.program_id(1)
+    b = bk // n_kv_heads
+    kvh = bk % n_kv_heads
+    q_lo = tl.load(cu_ptr + b)
+    q_len = tl.load(cu_ptr + b + 1) - q_lo
+    kv_len = tl.load(kv_lens_ptr + b)
+    t0 = tile * TOK
+    if t0 >= q_len:
+        return
+    rows = tl.arange(0, BLOCK_M)
+    tok = t0 + rows // G_PAD
+    head = kvh * G + rows % G_PAD
+    row_ok = (rows % G_PAD < G) & (tok < q_len)
+    pos = kv_len - q_len + tok
+    n_blocks = (kv_len - q_len + tl.minimum(t0 + TOK, q_len) - 1) // ATTN_BLK + 1
+    ds = tl.arange(0, BLOCK_D)
+    t_idx = (q_lo + tok).to(tl.int64)
+    q = tl.load(
+        q_ptr + t_idx[:, None] * stride_qt + head[:, None] * stride_qh + ds[None, :],
+        mask=row_ok[:, None] & (ds[None, :] < D), other=0.0,
+    )
+    bt_row_ptr = bt_ptr + b.to(tl.int64) * stride_bt
+    if SPLIT_PARALLEL:
+        split = tl.program_id(2)
+        blk_lo = split * SPLIT_BLOCKS
+        if blk_lo >= n_blocks:
+            return
+        m, l, acc = _split_state(
+            q, pos, kv_len, blk_lo, tl.minimum(blk_lo + SPLIT_BLOCKS, n_blocks), k_ptr, v_ptr, bt_row_ptr, kvh,
+            qk_scale, D, stride_kp, stride_ks, stride_kk, stride_vp, stride_vs, stride_vk,
+            BLOCK_M, BLOCK_D, PAGE, ATTN_BLK, PRECISION,
+        )
+        # Only the first PART_ROWS rows (max_q_len x G_PAD) can be real: keep the scratch small.
+        state = bk.to(tl.int64) * n_splits_max + split
+        keep = rows < PART_ROWS
+        tl.store(pm_ptr + state * PART_ROWS + rows, m, mask=keep)
+        tl.store(pl_ptr + state * PART_ROWS + rows, l, mask=keep)
+        tl.store(pacc_ptr + (state * PART_ROWS + rows[:, None]) * BLOCK_D + ds[None, :], acc, mask=keep[:, None])
+    else:
+        m = tl.full((BLOCK_M,), float("-inf"), tl.float32)
+        l = tl.zeros((BLOCK_M,), tl.float32)
+        acc = tl.zeros((BLOCK_M, BLOCK_D), tl.float32)
+        for blk_lo in range(0, n_blocks, SPLIT_BLOCKS):
+            m_s, l_s, acc_s = _split_state(
+                q, pos, kv_len, blk_lo, tl.minimum(blk_lo + SPLIT_BLOCKS, n_blocks), k_ptr, v_ptr, bt_row_ptr, kvh,
+                qk_scale, D, stride_kp, stride_ks, stride_kk, stride_vp, stride_vs, stride_vk,
+                BLOCK_M, BLOCK_D, PAGE, ATTN_BLK, PRECISION,
+            )
+            m, l, acc = _merge(m, l, acc, m_s, l_s, acc_s)
+        o = acc / l[:, None]
+        tl.store(
+            o_ptr + t_idx[:, None] * stride_ot + head[:, None] * stride_oh + ds[None, :],
+            o.to(o_ptr.dtype.element_ty), mask=row_ok[:, None] & (ds[None, :] < D),
+        )
+
+
+@triton.jit
+def _combine_kernel(
+    o_ptr, pm_ptr, pl_ptr, pacc_ptr, cu_ptr, kv_lens_ptr, D, n_kv_heads, n_splits_max, stride_ot, stride_oh,
+    G: tl.constexpr, G_PAD: tl.constexpr, PART_ROWS: tl.constexpr, BLOCK_D: tl.constexpr,
+    ATTN_BLK: tl.constexpr, SPLIT_BLOCKS: tl.constexpr,
+):
+    # The merge is per row, so a PART_ROWS tile gives each row what the fused path gives it.
+    bk = tl.program_id(0)
+    b = bk // n_kv_heads
+    kvh = bk % n_kv_heads
+    q_lo = tl.load(cu_ptr + b)
+    q_len = tl.load(cu_ptr + b + 1) - q_lo
+    kv_len = tl.load(kv_lens_ptr + b)
+    if q_len <= 0:
+        return
+    n_blocks = (kv_len - 1) // ATTN_BLK + 1  # one q tile holds the whole chunk: last row is at kv_len - 1
+    rows = tl.arange(0, PART_ROWS)
+    ds = tl.arange(0, BLOCK_D)
+    m = tl.full((PART_ROWS,), float("-inf"), tl.float32)
+    l = tl.zeros((PART_ROWS,), tl.float32)
+    acc = tl.zeros((PART_ROWS, BLOCK_D), tl.float32)
+    for split in range(0, tl.cdiv(n_blocks, SPLIT_BLOCKS)):
+        state = bk.to(tl.int64) * n_splits_max + split
+        m_s = tl.load(pm_ptr + state * PART_ROWS + rows)
+        l_s = tl.load(pl_ptr + state * PART_ROWS + rows)
+        acc_s = tl.load(pacc_ptr + (state * PART_ROWS + rows[:, None]) * BLOCK_D + ds[None, :])
+        m, l, acc = _merge(m, l, acc, m_s, l_s, acc_s)
+    o = acc / l[:, None]
+    tok = rows // G_PAD
+    head = kvh * G + rows % G_PAD
+    row_ok = (rows % G_PAD < G) & (tok < q_len)
+    t_idx = (q_lo + tok).to(tl.int64)
+    tl.store(
+        o_ptr + t_idx[:, None] * stride_ot + head[:, None] * stride_oh + ds[None, :],
+        o.to(o_ptr.dtype.element_ty), mask=row_ok[:, None] & (ds[None, :] < D),
+    )
+
+
+def attention(
+    q_THD: torch.Tensor, k_cache_PSKD: torch.Tensor, v_cache_PSKD: torch.Tensor, cu_seqlens_q_B1: torch.Tensor,
+    kv_lens_B: torch.Tensor, block_table_BP: torch.Tensor, max_q_len: int, scale: float,
+) -> torch.Tensor:
+    """Causal GQA attention over a paged KV cache (K/V of the new tokens already written)."""
+    T, H, D = q_THD.shape
+    P, S, K, Dk = k_cache_PSKD.shape
+    B = kv_lens_B.shape[0]
+    if Dk != D or v_cache_PSKD.shape != k_cache_PSKD.shape:
+        raise ValueError(f"miles_kernels attention: q head dim {D}, k cache {list(k_cache_PSKD.shape)}, "
+                         f"v cache {list(v_cache_PSKD.shape)}: caches must be [P, S, K, D] with q's D")
+    if H % K:
+        raise ValueError(f"miles_kernels attention: {H} query heads is not a multiple of {K} kv heads")
+    if S % ATTN_BLOCK:
+        raise ValueError(f"miles_kernels attention: page size {S} must be a multiple of ATTN_BLOCK={ATTN_BLOCK}")
+    if q_THD.dtype not in _BLOCK_M or k_cache_PSKD.dtype != q_THD.dtype or v_cache_PSKD.dtype != q_THD.dtype:
+        raise TypeError(f"miles_kernels attention: q {q_THD.dtype} and caches {k_cache_PSKD.dtype}/{v_cache_PSKD.dtype} "
+                        "must share one dtype of bf16, fp16, fp32")
+    if cu_seqlens_q_B1.shape != (B + 1,) or block_table_BP.dim() != 2 or block_table_BP.shape[0] != B:
+        raise ValueError(f"miles_kernels attention: with B={B} kv_lens, cu_seqlens_q must be [B+1] "
+                         f"(got {list(cu_seqlens_q_B1.shape)}) and block_table [B, pages] (got {list(block_table_BP.shape)})")
+    if k_cache_PSKD.stride(-1) != 1 or v_cache_PSKD.stride(-1) != 1:
+        raise ValueError("miles_kernels attention: KV caches must have a contiguous last (head-dim) axis")
+    if q_THD.stride(-1) != 1:
+        q_THD = q_THD.contiguous()
+    o_THD = torch.empty((T, H, D), dtype=q_THD.dtype, device=q_THD.device)
+    if T == 0 or B == 0:
+        return o_THD
+    G = H // K
+    g_pad = triton.next_power_of_2(G)
+    block_m = max(_BLOCK_M[q_THD.dtype], g_pad)
+    block_d = triton.next_power_of_2(D)
+    cu = cu_seqlens_q_B1.to(torch.int32).contiguous()
+    kv_lens = kv_lens_B.to(torch.int32).contiguous()
+    bt = block_table_BP.to(torch.int32).contiguous()
+    tok_per_tile = block_m // g_pad
+    max_q_len = max(int(max_q_len), 1)
+    split_parallel = max_q_len <= tok_per_tile
+    part_rows = triton.next_power_of_2(max_q_len * g_pad) if split_parallel else 1
+    # Split count from the block table's width (host-known): no device sync, graph-capturable.
+    n_splits = triton.cdiv(bt.shape[1] * S, KV_SPLIT) if split_parallel else 1
+    dev = q_THD.device
+    pm = torch.empty((B * K, n_splits, part_rows), dtype=torch.float32, device=dev)
+    pl = torch.empty_like(pm)
+    pacc = torch.empty((B * K, n_splits, part_rows, block_d) if split_parallel else (1,), dtype=torch.float32, device=dev)
+    consts = dict(G=G, G_PAD=g_pad, BLOCK_D=block_d, ATTN_BLK=ATTN_BLOCK, SPLIT_BLOCKS=KV_SPLIT // ATTN_BLOCK)
+    _attn_kernel[(triton.cdiv(max_q_len, tok_per_tile), B * K, n_splits)](
+        q_THD, k_cache_PSKD, v_cache_PSKD, o_THD, pm, pl, pacc, cu, kv_lens, bt,
+        scale * _LOG2E, D, K, n_splits,
+        q_THD.stride(0), q_THD.stride(1), o_THD.stride(0), o_THD.stride(1),
+        k_cache_PSKD.stride(0), k_cache_PSKD.stride(1), k_cache_PSKD.stride(2),
+        v_cache_PSKD.stride(0), v_cache_PSKD.stride(1), v_cache_PSKD.stride(2), bt.stride(0),
+        BLOCK_M=block_m, PAGE=S, SPLIT_PARALLEL=split_parallel, PART_ROWS=part_rows,
+        PRECISION="ieee" if q_THD.dtype == torch.float32 else "tf32", **consts, num_warps=4, num_stages=3,
+    )
+    if split_parallel:
+        _combine_kernel[(B * K,)](
+            o_THD, pm, pl, pacc, cu, kv_lens, D, K, n_splits, o_THD.stride(0), o_THD.stride(1),
+            PART_ROWS=part_rows, **consts, num_warps=4,
+        )
+    return o_THD

@@ -1,0 +1,109 @@
+"""Per-row reductions over a vocabulary or expert axis: logprobs and route_topk.
+
+One program per row; the row is walked in fixed chunks, so its reduction order never
+depends on the number of rows. Logits are read in their own dtype and upcast chunk by
+chunk: no fp32 copy of a [T, V] tensor is ever made.
+"""
+
+import torch
+import triton
+import triton.language as tl
+
+LOGPROB_CHUNK = 4096  # vocab entries per step of the online max / sum-exp walk
+
+
+@triton.jit
+def _logprobs_kernel(
+    logits_ptr, ids_ptr, logp_ptr, ent_ptr, lse_ptr, V, stride_t, temperature,
+    CHUNK: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    base = logits_ptr + row * stride_t
+    cols = tl.arange(0, CHUNK)
+    # State in units of z = logits / T, shifted by the running max m:
+    #   s = sum exp(z - m),  w = sum exp(z - m) * (z - m)   (entropy = log s - w / s)
+    m = tl.full([], float("-inf"), tl.float32)
+    s = tl.zeros([], tl.float32)
+    w = tl.zeros([], tl.float32)
+    for v0 in range(0, V, CHUNK):
+        z = tl.load(base + v0 + cols, mask=v0 + cols < V, other=float("-inf")).to(tl.float32) / temperature
+        m_new = tl.maximum(m, tl.max(z, 0))
+        e = tl.exp(z - m_new)
+        zc = tl.where(e > 0.0, e * (z - m_new), 0.0)
+        # rescale the old state to the new max; on the first chunk s == 0 and m == -inf
+        shift = tl.where(s > 0.0, m - m_new, 0.0)
+        alpha = tl.exp(shift)
+        w = alpha * (w + shift * s) + tl.sum(zc, 0)
+        s = alpha * s + tl.sum(e, 0)
+        m = m_new
+    log_s = tl.log(s)
+    lse = m + log_s
+    tok = tl.load(ids_ptr + row)
+    z_tok = tl.load(base + tok).to(tl.float32) / temperature
+    tl.store(logp_ptr + row, z_tok - lse)
+    tl.store(ent_ptr + row, log_s - w / s)
+    tl.store(lse_ptr + row, lse)
+
+
+def logprobs(
+    logits_TV: torch.Tensor, ids_T: torch.Tensor, temperature: float = 1.0
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(logp_T, entropy_T, lse_T), all fp32, of log_softmax(logits.float() / temperature) at ids."""
+    T, V = logits_TV.shape
+    if ids_T.shape != (T,):
+        raise ValueError(f"miles_kernels logprobs: ids shape {list(ids_T.shape)} must be [T]=[{T}] for logits [T, V]")
+    if not temperature > 0:
+        raise ValueError(f"miles_kernels logprobs: temperature must be > 0, got {temperature}")
+    if logits_TV.stride(-1) != 1:
+        logits_TV = logits_TV.contiguous()
+    out = torch.empty((3, T), dtype=torch.float32, device=logits_TV.device)
+    if T > 0:
+        _logprobs_kernel[(T,)](
+            logits_TV, ids_T.contiguous(), out[0], out[1], out[2], V, logits_TV.stride(0), float(temperature),
+            CHUNK=LOGPROB_CHUNK, num_warps=8,
+        )
+    return out[0], out[1], out[2]
+
+
+@triton.jit
+def _route_topk_kernel(
+    logits_ptr, w_ptr, ids_ptr, E, stride_t,
+    TOPK: tl.constexpr, K_PAD: tl.constexpr, E_PAD: tl.constexpr, NORM: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    es = tl.arange(0, E_PAD)
+    x = tl.load(logits_ptr + row * stride_t + es, mask=es < E, other=float("-inf")).to(tl.float32)
+    e = tl.exp(x - tl.max(x, 0))
+    p = e / tl.sum(e, 0)
+    p = tl.where(es < E, p, -1.0)  # probabilities are >= 0, so -1 marks "not selectable"
+    ks = tl.arange(0, K_PAD)
+    w_K = tl.zeros((K_PAD,), tl.float32)
+    id_K = tl.zeros((K_PAD,), tl.int64)
+    for i in tl.static_range(TOPK):
+        best = tl.max(p, 0)
+        idx = tl.min(tl.where(p == best, es, E_PAD), 0)  # ties go to the lower expert id
+        w_K = tl.where(ks == i, best, w_K)
+        id_K = tl.where(ks == i, idx.to(tl.int64), id_K)
+        p = tl.where(es == idx, -1.0, p)
+    if NORM:
+        w_K = w_K / tl.sum(w_K, 0)
+    tl.store(w_ptr + row * TOPK + ks, w_K, mask=ks < TOPK)
+    tl.store(ids_ptr + row * TOPK + ks, id_K, mask=ks < TOPK)
+
+
+def route_topk(router_logits_TE: torch.Tensor, k: int, norm_topk_prob: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """softmax(router_logits.float()) then top-k (ties -> lower id), renormalised if asked: (w_Tk fp32, ids_Tk int64)."""
+    T, E = router_logits_TE.shape
+    if not 1 <= k <= E:
+        raise ValueError(f"miles_kernels route_topk: k={k} must be in [1, num_experts={E}]")
+    if router_logits_TE.stride(-1) != 1:
+        router_logits_TE = router_logits_TE.contiguous()
+    w_Tk = torch.empty((T, k), dtype=torch.float32, device=router_logits_TE.device)
+    ids_Tk = torch.empty((T, k), dtype=torch.int64, device=router_logits_TE.device)
+    if T > 0:
+        _route_topk_kernel[(T,)](
+            router_logits_TE, w_Tk, ids_Tk, E, router_logits_TE.stride(0),
+            TOPK=k, K_PAD=triton.next_power_of_2(k), E_PAD=triton.next_power_of_2(E), NORM=bool(norm_topk_prob),
+            num_warps=4,
+        )
+    return w_Tk, ids_Tk

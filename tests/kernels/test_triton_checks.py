@@ -1,0 +1,256 @@
+"""Checks of miles_kernels._triton, run by test_triton_interp.py in a TRITON_INTERPRET=1 child.
+
+Importing this module must not import triton (the parent pytest process imports it to
+list CHECKS). Each check raises AssertionError with a message on failure; references are
+float64 torch. No test_ functions here: pytest collects nothing from this file.
+"""
+
+import torch
+
+TOL = dict(atol=2e-5, rtol=2e-5)
+
+
+def _kt():
+    from miles_kernels import _triton
+
+    return _triton
+
+
+def _close(got: torch.Tensor, ref: torch.Tensor, what: str, atol=TOL["atol"], rtol=TOL["rtol"]) -> None:
+    err = (got.double() - ref.double()).abs().max().item() if got.numel() else 0.0
+    assert torch.allclose(got.double(), ref.double(), atol=atol, rtol=rtol), f"{what}: max abs err {err}"
+
+
+def _same(a: torch.Tensor, b: torch.Tensor, what: str) -> None:
+    assert torch.equal(a, b), f"{what}: not bitwise equal (max diff {(a.double() - b.double()).abs().max().item()})"
+
+
+def check_linear() -> None:
+    kt = _kt()
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(37, 72, generator=g)  # K not a multiple of BLOCK_K, M not of BLOCK_M
+    w = torch.randn(81, 72, generator=g)
+    b = torch.randn(81, generator=g)
+    y = kt.linear(x, w, b)
+    _close(y, x.double() @ w.double().T + b.double(), "linear with bias", atol=1e-4)
+    _close(kt.linear(x, w), x.double() @ w.double().T, "linear without bias", atol=1e-4)
+    assert y.dtype == torch.float32 and y.shape == (37, 81)
+    for i in (0, 17, 36):
+        _same(kt.linear(x[i : i + 1], w, b)[0], y[i], f"linear row {i} alone vs in batch of 37")
+    _same(kt.linear(x[5:29], w, b), y[5:29], "linear rows 5:29 vs in batch")
+
+
+def check_linear_tile_buckets() -> None:
+    """Different M buckets (tile shapes, grouped order) must give bitwise equal rows."""
+    from miles_kernels._triton import matmul as lin
+
+    saved = lin.LINEAR_TILES[torch.float32]
+    lin.LINEAR_TILES[torch.float32] = (
+        lin.Tile(2, 16, 16, 32, 1, 4, 2),
+        lin.Tile(8, 16, 64, 32, 2, 4, 2),
+        lin.Tile(1 << 62, 32, 32, 32, 4, 4, 2),
+    )
+    try:
+        g = torch.Generator().manual_seed(1)
+        x = torch.randn(40, 96, generator=g)
+        w = torch.randn(70, 96, generator=g)
+        y = lin.linear(x, w)
+        _close(y, x.double() @ w.double().T, "bucketed linear", atol=1e-4)
+        for rows in (slice(3, 4), slice(10, 12), slice(0, 8), slice(20, 40)):
+            _same(lin.linear(x[rows], w), y[rows], f"linear rows {rows} in another bucket")
+    finally:
+        lin.LINEAR_TILES[torch.float32] = saved
+    try:
+        lin.linear_tile(4, torch.int32)
+    except TypeError as e:
+        assert "dtype" in str(e)
+    else:
+        raise AssertionError("linear_tile accepted int32")
+
+
+def check_grouped_linear() -> None:
+    kt = _kt()
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(45, 40, generator=g)
+    w = torch.randn(4, 24, 40, generator=g)
+    sizes = [10, 0, 33, 2]  # an empty expert and one spanning two row tiles
+    offs = torch.tensor([0, 10, 10, 43, 45], dtype=torch.int32)
+    y = kt.grouped_linear(x, w, offs)
+    ref = torch.cat([x[o : o + n].double() @ w[e].double().T for e, (o, n) in enumerate(zip(offs[:-1].tolist(), sizes))])
+    _close(y, ref, "grouped_linear", atol=1e-4)
+    # same rows, other experts' counts changed: expert 2's rows must not move a bit
+    x2 = torch.cat([x[:3], x[10:43], x[43:44]])
+    y2 = kt.grouped_linear(x2, w, torch.tensor([0, 3, 3, 36, 37], dtype=torch.int32))
+    _same(y2[3:36], y[10:43], "grouped_linear expert rows with other group sizes")
+    _same(y2[36], y[43], "grouped_linear last expert row")
+
+
+def check_rms_norm() -> None:
+    kt = _kt()
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(9, 3, 40, generator=g) * 3
+    w = torch.randn(40, generator=g)
+    y = kt.rms_norm(x, w, 1e-6)
+    xd = x.double()
+    _close(y, xd * torch.rsqrt(xd.pow(2).mean(-1, keepdim=True) + 1e-6) * w.double(), "rms_norm")
+    assert y.shape == x.shape
+    _same(kt.rms_norm(x[4:5], w, 1e-6), y[4:5], "rms_norm row alone vs in batch")
+
+
+def check_apply_rope() -> None:
+    kt = _kt()
+    g = torch.Generator().manual_seed(4)
+    T, H, D = 7, 3, 16
+    qkv = torch.randn(T, 2 * H, D, generator=g)
+    x = qkv[:, :H]  # non-contiguous view, as after a fused qkv projection
+    f = torch.arange(T, dtype=torch.float32)[:, None] * (1.0 / 10000 ** (torch.arange(D // 2) * 2 / D))[None]
+    cos, sin = f.cos(), f.sin()
+    y = kt.apply_rope(x, cos, sin)
+    xd, c, s = x.double(), cos.double()[:, None], sin.double()[:, None]
+    x1, x2 = xd[..., : D // 2], xd[..., D // 2 :]
+    _close(y, torch.cat([x1 * c - x2 * s, x2 * c + x1 * s], -1), "apply_rope")
+    _same(kt.apply_rope(x[2:3].contiguous(), cos[2:3], sin[2:3]), y[2:3], "apply_rope token alone")
+
+
+def check_silu_mul() -> None:
+    kt = _kt()
+    g = torch.Generator().manual_seed(5)
+    gate_up = torch.randn(6, 2 * 1100, generator=g) * 4  # F > one 1024 block
+    gate, up = gate_up[:, :1100], gate_up[:, 1100:]
+    y = kt.silu_mul(gate, up)
+    _close(y, torch.nn.functional.silu(gate.double()) * up.double(), "silu_mul")
+    _same(kt.silu_mul(gate[3:4], up[3:4]), y[3:4], "silu_mul row alone")
+
+
+def check_logprobs() -> None:
+    kt = _kt()
+    g = torch.Generator().manual_seed(6)
+    logits = torch.randn(5, 9000, generator=g) * 5  # three vocab chunks, last one partial
+    ids = torch.randint(0, 9000, (5,), generator=g)
+    for temp in (1.0, 0.6):
+        logp, ent, lse = kt.logprobs(logits, ids, temp)
+        ls = torch.log_softmax(logits.double() / temp, -1)
+        _close(logp, ls.gather(1, ids[:, None])[:, 0], f"logprobs T={temp}")
+        _close(ent, -(ls.exp() * ls).sum(-1), f"entropy T={temp}")
+        _close(lse, torch.logsumexp(logits.double() / temp, -1), f"lse T={temp}")
+        assert logp.dtype == ent.dtype == lse.dtype == torch.float32
+        one = kt.logprobs(logits[2:3], ids[2:3], temp)
+        for a, b_, n in zip(one, (logp, ent, lse), ("logp", "entropy", "lse")):
+            _same(a[0], b_[2], f"{n} row alone vs in batch")
+
+
+def check_route_topk() -> None:
+    kt = _kt()
+    g = torch.Generator().manual_seed(7)
+    logits = torch.randn(11, 12, generator=g)
+    for norm in (False, True):
+        w, ids = kt.route_topk(logits, 4, norm)
+        p = torch.softmax(logits.double(), -1)
+        ref_w, ref_ids = torch.topk(p, 4)
+        if norm:
+            ref_w = ref_w / ref_w.sum(-1, keepdim=True)
+        assert torch.equal(ids, ref_ids), f"route_topk ids (norm={norm}): {ids} vs {ref_ids}"
+        _close(w, ref_w, f"route_topk weights (norm={norm})")
+        assert w.dtype == torch.float32 and ids.dtype == torch.int64
+    tie = torch.tensor([[0.0, 2.0, 1.0, 2.0, 2.0]])
+    _, ids = kt.route_topk(tie, 2, False)
+    assert ids.tolist() == [[1, 3]], f"ties must go to the lower expert id, got {ids.tolist()}"
+
+
+def _paged(k_LKD: torch.Tensor, v_LKD: torch.Tensor, page: int, pages: list[int], n_pages: int):
+    """Scatter one sequence's K/V into a fresh cache, on the given (shuffled) pages."""
+    L, K, D = k_LKD.shape
+    k_cache = torch.full((n_pages, page, K, D), float("nan"))  # unwritten slots must never be read
+    v_cache = torch.full((n_pages, page, K, D), float("nan"))
+    for pos in range(L):
+        k_cache[pages[pos // page], pos % page] = k_LKD[pos]
+        v_cache[pages[pos // page], pos % page] = v_LKD[pos]
+    return k_cache, v_cache
+
+
+def _attn_ref(q_THD, k_LKD, v_LKD, q_pos, scale):
+    G = q_THD.shape[1] // k_LKD.shape[1]
+    k = k_LKD.double().repeat_interleave(G, 1)  # [L, H, D]
+    v = v_LKD.double().repeat_interleave(G, 1)
+    s = torch.einsum("thd,lhd->htl", q_THD.double(), k) * scale
+    s = s.masked_fill(torch.arange(k.shape[0])[None, None, :] > torch.tensor(q_pos)[None, :, None], float("-inf"))
+    return torch.einsum("htl,lhd->thd", torch.softmax(s, -1), v)
+
+
+def _run_attention(kt, q, caches, seqs, scale):
+    """seqs: list of (q rows of this chunk, kv_len, pages). Returns o for the packed chunk."""
+    cu = torch.tensor([0] + [sum(s[0] for s in seqs[: i + 1]) for i in range(len(seqs))], dtype=torch.int32)
+    width = max(len(s[2]) for s in seqs)
+    bt = torch.tensor([s[2] + [0] * (width - len(s[2])) for s in seqs], dtype=torch.int32)
+    kv = torch.tensor([s[1] for s in seqs], dtype=torch.int32)
+    return kt.attention(q, caches[0], caches[1], cu, kv, bt, max(s[0] for s in seqs), scale)
+
+
+def _check_attention_case(L: int, H: int, K: int, D: int, page: int, chunks: list[int]) -> None:
+    kt = _kt()
+    g = torch.Generator().manual_seed(L * 7 + H)
+    q = torch.randn(L, H, D, generator=g)
+    k = torch.randn(L, K, D, generator=g)
+    v = torch.randn(L, K, D, generator=g)
+    n_pages = -(-L // page) + 3
+    pages = torch.randperm(n_pages, generator=g)[: -(-L // page)].tolist()
+    caches = _paged(k, v, page, pages, n_pages)
+    scale = D**-0.5
+    full = _run_attention(kt, q, caches, [(L, L, pages)], scale)
+    _close(full, _attn_ref(q, k, v, list(range(L)), scale), f"attention prefill L={L} H={H} K={K}", atol=1e-5)
+    start = 0
+    for n in chunks:  # chunked prefill: each chunk sees the KV written so far
+        got = _run_attention(kt, q[start : start + n], caches, [(n, start + n, pages)], scale)
+        _same(got, full[start : start + n], f"chunked prefill rows {start}:{start + n} vs full prefill")
+        start += n
+    for t in (0, L // 2, L - 1):  # decode: one query at position t
+        got = _run_attention(kt, q[t : t + 1], caches, [(1, t + 1, pages)], scale)
+        _same(got[0], full[t], f"decode at position {t} vs prefill row")
+    # decode batch: the same sequence at three positions at once == each alone
+    batch = _run_attention(kt, torch.cat([q[L - 1 : L], q[3:4], q[L // 2 : L // 2 + 1]]), caches,
+                           [(1, L, pages), (1, 4, pages), (1, L // 2 + 1, pages)], scale)
+    _same(batch[0], full[L - 1], "decode in a batch of 3 vs prefill row")
+    _same(batch[1], full[3], "short decode in a batch vs prefill row")
+    # mixed batch (fused path): a long chunk next to a decode row
+    mixed = _run_attention(kt, torch.cat([q[: L - 1], q[5:6]]), caches, [(L - 1, L - 1, pages), (1, 6, pages)], scale)
+    _same(mixed[: L - 1], full[: L - 1], "prefill in a mixed batch vs alone")
+    _same(mixed[L - 1], full[5], "decode row in a mixed batch vs prefill row")
+
+
+def check_attention_gqa() -> None:
+    _check_attention_case(L=45, H=4, K=2, D=16, page=16, chunks=[13, 4, 20, 8])
+
+
+def check_attention_odd_group() -> None:
+    _check_attention_case(L=33, H=6, K=2, D=8, page=32, chunks=[1, 16, 16])  # G=3 padded to 4
+
+
+def check_attention_many_splits() -> None:
+    """Shrink KV_SPLIT so decode merges several split states; must still equal prefill."""
+    from miles_kernels._triton import paged_attention as attn_mod
+
+    saved = attn_mod.KV_SPLIT
+    attn_mod.KV_SPLIT = 32
+    try:
+        _check_attention_case(L=90, H=2, K=1, D=16, page=32, chunks=[40, 7, 43])
+    finally:
+        attn_mod.KV_SPLIT = saved
+
+
+def check_errors() -> None:
+    kt = _kt()
+    for call, word in (
+        (lambda: kt.linear(torch.randn(2, 3), torch.randn(4, 5)), "K="),
+        (lambda: kt.rms_norm(torch.randn(2, 3), torch.randn(4), 1e-6), "weight shape"),
+        (lambda: kt.route_topk(torch.randn(2, 3), 4, True), "k=4"),
+        (lambda: kt.logprobs(torch.randn(2, 3), torch.zeros(3, dtype=torch.long)), "ids shape"),
+    ):
+        try:
+            call()
+        except (ValueError, TypeError) as e:
+            assert word in str(e), f"message {e!r} should mention {word!r}"
+        else:
+            raise AssertionError(f"no error raised (expected one mentioning {word!r})")
+
+
+CHECKS = {name[len("check_") :]: fn for name, fn in dict(globals()).items() if name.startswith("check_")}
