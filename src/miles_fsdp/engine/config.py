@@ -1,0 +1,66 @@
+"""EngineConfig: the knobs of the in-process rollout engine (docstrings become --help)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+
+@dataclass
+class EngineConfig:
+    page_size: int = 64
+    """Tokens per KV page; must be a multiple of miles_kernels.ATTN_BLOCK."""
+    kv_memory_fraction: float = 0.85
+    """CUDA: fraction of the device memory free after loading the model given to the KV cache."""
+    kv_memory_bytes: int = 0
+    """Bytes for the KV cache; required on CPU, overrides kv_memory_fraction on CUDA when > 0."""
+    num_pages: int = 0
+    """Exact number of KV pages (page 0 is a scratch page); overrides both memory settings when > 0."""
+    max_num_seqs: int = 256
+    """Most sequences (samples) running at once."""
+    max_prefill_tokens: int = 4096
+    """Token budget of one prefill step; longer prompts are prefilled in chunks whose
+    boundaries fall on multiples of miles_kernels.ATTN_BLOCK."""
+    max_model_len: int = 0
+    """Longest prompt + completion; 0 means the model's max_position_embeddings (if known)."""
+    prefix_cache: bool = True
+    """Share full KV pages between requests with a common prefix (and the n samples of one)."""
+    cuda_graphs: bool = True
+    """Replay decode steps from CUDA graphs (GPU only; outputs are bitwise the same as eager)."""
+    cuda_graph_max_batch: int = 256
+    """Largest decode batch captured; larger batches run eagerly."""
+    weight_update: Literal["finish", "restart"] = "finish"
+    """What update_weights does with samples already generating: 'finish' runs them to the
+    end on the old weights first; 'restart' drops their tokens and restarts them on the new."""
+    seed: int = 0
+    """Seeds the draw of per-request seeds for requests that give none."""
+
+    def __post_init__(self):
+        def bad(name, want):
+            raise ValueError(f"EngineConfig.{name}={getattr(self, name)!r}: expected {want}")
+
+        if self.page_size < 1:
+            bad("page_size", "a positive multiple of miles_kernels.ATTN_BLOCK")
+        if not 0.0 < self.kv_memory_fraction < 1.0:
+            bad("kv_memory_fraction", "a fraction in (0, 1)")
+        if self.kv_memory_bytes < 0:
+            bad("kv_memory_bytes", ">= 0")
+        if self.num_pages < 0 or self.num_pages == 1:
+            bad("num_pages", "0 (size from memory) or >= 2")
+        if self.max_num_seqs < 1:
+            bad("max_num_seqs", ">= 1")
+        if self.max_prefill_tokens < self.page_size:
+            bad("max_prefill_tokens", f">= page_size ({self.page_size})")
+        if self.max_model_len < 0:
+            bad("max_model_len", ">= 0")
+        if self.cuda_graph_max_batch < 1:
+            bad("cuda_graph_max_batch", ">= 1")
+        if self.weight_update not in ("finish", "restart"):
+            bad("weight_update", "'finish' or 'restart'")
+
+    def check_kernel_alignment(self, attn_block: int) -> None:
+        if self.page_size % attn_block:
+            raise ValueError(
+                f"EngineConfig.page_size={self.page_size}: must be a multiple of miles_kernels.ATTN_BLOCK "
+                f"({attn_block}); try {max(attn_block, self.page_size // attn_block * attn_block)}"
+            )

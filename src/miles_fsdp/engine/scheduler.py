@@ -1,0 +1,212 @@
+"""Who runs next, and what happens to them after.
+
+A step is either a prefill step (chunks of prompts, newest work last) or a decode step (one
+token for every running sequence that has exactly one uncomputed token). Both are the same
+operation for the runner: compute KV for tokens [num_computed, num_computed + q) of each
+sequence and, if that reaches the sequence's last token, sample the next one. So a sequence
+that was preempted (pages freed, requeued at the front of `waiting`) simply prefills its
+prompt + completion again and continues where it stopped: nothing lost, nothing duplicated.
+
+Chunk ends fall on multiples of mk.ATTN_BLOCK (unless a chunk ends the sequence) and
+prefix-cache hits cover whole pages, so every chunk starts on a kernel block boundary.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from miles_fsdp.engine.block_manager import BlockManager
+from miles_fsdp.engine.sequence import FinishReason, Sequence, SeqStatus, StepOutput
+
+
+@dataclass
+class Scheduled:
+    seq: Sequence
+    start: int  # first position computed this step (== seq.num_computed when scheduled)
+    q_len: int  # tokens computed this step
+    sample: bool  # the chunk reaches the last token: sample the next one
+
+
+@dataclass
+class Batch:
+    items: list[Scheduled]
+    is_decode: bool
+
+
+class Scheduler:
+    def __init__(
+        self,
+        blocks: BlockManager,
+        max_num_seqs: int,
+        max_prefill_tokens: int,
+        attn_block: int,
+        detokenize: Callable[[list[int]], str] | None = None,
+    ):
+        self.blocks = blocks
+        self.max_num_seqs = max_num_seqs
+        self.max_prefill_tokens = max_prefill_tokens
+        self.attn_block = attn_block
+        self.detokenize = detokenize
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+        self.only_started = False  # weight-update drain: admit only samples that already have tokens
+        self.num_preemptions = 0
+
+    def add(self, seq: Sequence) -> None:
+        self.waiting.append(seq)
+
+    def has_unfinished(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def schedule(self) -> Batch | None:
+        batch = self._schedule_prefill()
+        return batch if batch is not None else self._schedule_decode()
+
+    def _chunk(self, start: int, remaining: int, budget: int) -> int:
+        if remaining <= budget:
+            return remaining
+        return (start + budget) // self.attn_block * self.attn_block - start
+
+    def _schedule_prefill(self) -> Batch | None:
+        budget, items = self.max_prefill_tokens, []
+        protected: set[int] = set()
+        for seq in list(self.running):  # continue chunked prefills first
+            if seq.status is not SeqStatus.RUNNING or seq.num_uncomputed <= 1:
+                continue
+            q = self._chunk(seq.num_computed, seq.num_uncomputed, budget)
+            if q <= 0:
+                break
+            if self._make_room(seq, seq.num_computed + q, protected):
+                items.append(self._scheduled(seq, q))
+                protected.add(seq.seq_id)
+                budget -= q
+        for seq in list(self.waiting):  # then admit, front first; stop at the first that does not fit
+            if budget <= 0 or len(self.running) >= self.max_num_seqs:
+                break
+            if self._must_wait(seq):
+                continue
+            pages, keys = self.blocks.match(seq)
+            start = len(pages) * self.blocks.page_size
+            q = self._chunk(start, seq.num_tokens - start, budget)
+            if q <= 0 or not self.blocks.admit(seq, pages, keys, start + q):
+                break
+            self.waiting.remove(seq)
+            seq.status = SeqStatus.RUNNING
+            if seq.t_scheduled is None:
+                seq.t_scheduled = time.perf_counter()
+                seq.num_cached_prompt_tokens = min(start, seq.prompt_len)
+            self.running.append(seq)
+            items.append(self._scheduled(seq, q))
+            protected.add(seq.seq_id)
+            budget -= q
+        return Batch(items, is_decode=False) if items else None
+
+    def _must_wait(self, seq: Sequence) -> bool:
+        if self.only_started and seq.num_tokens == seq.prompt_len:
+            return True
+        # Later samples of a group wait while sample 0 prefills the prompt, then hit its pages.
+        lead = seq.leader
+        return (
+            lead is not None
+            and self.blocks.cache is not None
+            and (seq.prompt_len - 1) // self.blocks.page_size > 0  # a full page to share
+            and lead.status is SeqStatus.RUNNING
+            and lead.num_uncomputed > 1
+        )
+
+    def _schedule_decode(self) -> Batch | None:
+        items: list[Scheduled] = []
+        protected: set[int] = set()
+        for seq in list(self.running):
+            if seq.status is not SeqStatus.RUNNING or seq.num_uncomputed != 1:
+                continue
+            if self._make_room(seq, seq.num_tokens, protected):
+                items.append(self._scheduled(seq, 1))
+                protected.add(seq.seq_id)
+            else:
+                self.preempt(seq)
+        return Batch(items, is_decode=True) if items else None
+
+    def _scheduled(self, seq: Sequence, q: int) -> Scheduled:
+        return Scheduled(seq, seq.num_computed, q, seq.num_computed + q == seq.num_tokens)
+
+    def _make_room(self, seq: Sequence, end: int, protected: set[int]) -> bool:
+        """Grow `seq` to cover [0, end), preempting the newest unprotected others if needed."""
+        while not self.blocks.grow(seq, end):
+            victims = [s for s in self.running if s is not seq and s.seq_id not in protected]
+            if not victims:
+                return False
+            self.preempt(victims[-1])
+        return True
+
+    def preempt(self, seq: Sequence) -> None:
+        """Free the pages of a running `seq` and requeue it at the front (it recomputes)."""
+        self.blocks.free(seq)
+        self.running.remove(seq)
+        seq.status = SeqStatus.WAITING
+        self.waiting.appendleft(seq)
+        self.num_preemptions += 1
+
+    def preempt_all(self) -> None:
+        for seq in reversed(list(self.running)):  # keeps the running order at the queue front
+            self.preempt(seq)
+
+    def postprocess(self, batch: Batch, token_ids: list[int], logprobs: list[float], version: int) -> list[StepOutput]:
+        """Record computed KV, append sampled tokens (one per sampling item, in order), finish."""
+        now, outs, k = time.perf_counter(), [], 0
+        for it in batch.items:
+            seq = it.seq
+            seq.num_computed = it.start + it.q_len
+            self.blocks.register(seq)
+            if not it.sample:
+                continue
+            tok, lp = token_ids[k], logprobs[k]
+            k += 1
+            seq.token_ids.append(tok)
+            seq.logprobs.append(lp)
+            seq.weight_version = version
+            if seq.t_first_token is None:
+                seq.t_first_token = now
+            reason = self._finish_reason(seq)
+            if reason is not None:
+                self.finish(seq, reason, now)
+            outs.append(self._output(seq, [tok], [lp]))
+        return outs
+
+    def _finish_reason(self, seq: Sequence) -> FinishReason | None:
+        p = seq.params
+        if seq.token_ids[-1] in seq.stop_ids:
+            return FinishReason.STOP
+        if p.stop_strings and self.detokenize is not None:
+            # A new match must end in the newest token; a char is <= 4 bytes/tokens.
+            window = 4 * max(len(s) for s in p.stop_strings) + 4
+            text = self.detokenize(seq.completion_ids[-window:])
+            if any(s in text for s in p.stop_strings):
+                return FinishReason.STOP
+        if seq.num_tokens - seq.prompt_len >= p.max_new_tokens:
+            return FinishReason.LENGTH
+        return None
+
+    def finish(self, seq: Sequence, reason: FinishReason, now: float | None = None) -> None:
+        if seq.status is SeqStatus.RUNNING:
+            self.blocks.free(seq)
+            self.running.remove(seq)
+        elif seq.status is SeqStatus.WAITING:
+            self.waiting.remove(seq)
+        seq.status = SeqStatus.FINISHED
+        seq.finish_reason = reason
+        seq.t_finish = now if now is not None else time.perf_counter()
+
+    def _output(self, seq: Sequence, toks: list[int], lps: list[float]) -> StepOutput:
+        result = seq.to_result() if seq.status is SeqStatus.FINISHED else None
+        return StepOutput(seq.request_id, seq.sample_index, toks, lps, result=result)
+
+    def abort(self, request_id: str) -> list[StepOutput]:
+        outs = []
+        for seq in [s for s in (*self.running, *self.waiting) if s.request_id == request_id]:
+            self.finish(seq, FinishReason.ABORT)
+            outs.append(self._output(seq, [], []))
+        return outs
