@@ -237,6 +237,39 @@ def check_attention_many_splits() -> None:
         attn_mod.KV_SPLIT = saved
 
 
+def check_matches_cpu_reference() -> None:
+    """Triton and the CPU implementation (miles_kernels._cpu) agree within fp32 tolerance."""
+    from miles_kernels import _cpu
+    from miles_kernels.meta import AttnMeta
+
+    kt = _kt()
+    g = torch.Generator().manual_seed(8)
+    x, w, b = torch.randn(19, 48, generator=g), torch.randn(30, 48, generator=g), torch.randn(30, generator=g)
+    _close(kt.linear(x, w, b), _cpu.linear(x, w, b), "linear vs _cpu", atol=1e-4)
+    _close(kt.rms_norm(x, x[0], 1e-5), _cpu.rms_norm(x, x[0], 1e-5), "rms_norm vs _cpu")
+    _close(kt.silu_mul(x, x.flip(0)), _cpu.silu_mul(x, x.flip(0)), "silu_mul vs _cpu")
+    logits, ids = torch.randn(6, 5000, generator=g) * 4, torch.randint(0, 5000, (6,), generator=g)
+    got, ref = kt.logprobs(logits, ids, 0.8), _cpu.logprobs(logits, ids, 0.8, entropy=True)
+    for a_, r_, n in zip(got, ref, ("logp", "entropy", "lse")):
+        _close(a_, r_, f"logprobs {n} vs _cpu")
+    wt, it = kt.route_topk(logits[:, :16], 3, True)
+    wr, ir = _cpu.route_topk(logits[:, :16], 3, True)
+    assert torch.equal(it, ir), "route_topk ids differ from _cpu"
+    _close(wt, wr, "route_topk weights vs _cpu")
+    sizes = torch.tensor([5, 0, 14])
+    we = torch.randn(3, 30, 48, generator=g)
+    offs = torch.tensor([0, 5, 5, 19], dtype=torch.int32)
+    _close(kt.grouped_linear(x, we, offs), _cpu.grouped_linear(x, we, sizes), "grouped_linear vs _cpu", atol=1e-4)
+    L, H, K, D, page = 40, 4, 2, 16, 16
+    q, k, v = (torch.randn(L, n, D, generator=g) for n in (H, K, K))
+    caches = _paged(k, v, page, [2, 0, 1], 4)
+    meta = AttnMeta(torch.tensor([0, 30, 31], dtype=torch.int32), torch.tensor([30, 38], dtype=torch.int32),
+                    torch.tensor([[2, 0, 1], [2, 0, 1]], dtype=torch.int32), 30)
+    qq = torch.cat([q[:30], q[37:38]])
+    got = kt.attention(qq, *caches, meta.cu_seqlens_q, meta.kv_lens, meta.block_table, meta.max_q_len, D**-0.5)
+    _close(got, _cpu.attention(qq, *caches, meta, D**-0.5), "attention vs _cpu", atol=1e-5)
+
+
 def check_errors() -> None:
     kt = _kt()
     for call, word in (

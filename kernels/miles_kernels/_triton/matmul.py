@@ -86,14 +86,16 @@ def _linear_kernel(
         acc = tl.dot(x, w, acc, input_precision=PRECISION)
         x_ptrs += BLOCK_K
         w_ptrs += BLOCK_K
-    if HAS_BIAS:
-        acc += tl.load(b_ptr + cols, mask=cols < N, other=0.0).to(tl.float32)[None, :]
+    y = acc.to(y_ptr.dtype.element_ty)
+    if HAS_BIAS:  # torch order, as in _cpu.linear: round the matmul to x dtype, then add b
+        b = tl.load(b_ptr + cols, mask=cols < N, other=0.0)
+        y = (y.to(tl.float32) + b.to(tl.float32)[None, :]).to(y_ptr.dtype.element_ty)
     y_ptrs = y_ptr + rows[:, None].to(tl.int64) * stride_ym + cols[None, :]
-    tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=(rows[:, None] < M) & (cols[None, :] < N))
+    tl.store(y_ptrs, y, mask=(rows[:, None] < M) & (cols[None, :] < N))
 
 
 def linear(x_MK: torch.Tensor, w_NK: torch.Tensor, b_N: torch.Tensor | None = None) -> torch.Tensor:
-    """y_MN = x_MK @ w_NK^T (+ b_N), fp32 accumulate, bias added in fp32, one rounding to x dtype."""
+    """y_MN = x_MK @ w_NK^T (+ b_N): fp32 accumulate, rounded to x dtype, then + b_N (torch order)."""
     M, K = x_MK.shape
     N, Kw = w_NK.shape
     if K != Kw:

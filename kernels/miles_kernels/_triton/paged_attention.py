@@ -18,7 +18,8 @@ import torch
 import triton
 import triton.language as tl
 
-ATTN_BLOCK = 16  # KV walk granularity; matches the CPU implementation's
+from miles_kernels._cpu import ATTN_BLOCK  # KV walk granularity: one constant for CPU and CUDA
+
 KV_SPLIT = 256  # tokens per split (multiple of ATTN_BLOCK): enough programs for decode, few merges
 _BLOCK_M = {torch.bfloat16: 64, torch.float16: 64, torch.float32: 16}  # rows (token x head) per tile
 _LOG2E = 1.4426950408889634
