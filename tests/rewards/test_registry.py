@@ -26,7 +26,10 @@ def test_builtins_and_options():
 
 
 def test_load_by_module_and_file(tmp_path, monkeypatch):
-    (tmp_path / "my_rm.py").write_text("def rm(sample):\n    return 0.5\nNOT_FN = 3\n")
+    (tmp_path / "my_rm.py").write_text(
+        "import dataclasses\n@dataclasses.dataclass\nclass Cfg:\n    x: float = 0.5\n"
+        "def rm(sample):\n    return Cfg().x\nNOT_FN = 3\n"
+    )
     assert load_reward(f"{tmp_path / 'my_rm.py'}:rm")(None) == 0.5
     monkeypatch.syspath_prepend(str(tmp_path))
     assert load_reward("my_rm:rm")(None) == 0.5
@@ -38,6 +41,9 @@ def test_load_by_module_and_file(tmp_path, monkeypatch):
         load_reward("no_such_mod:rm")
     with pytest.raises(ValueError, match="file missing.py does not exist"):
         load_reward("missing.py:rm")
+    (tmp_path / "broken.py").write_text("raise RuntimeError('boom')\n")
+    with pytest.raises(ValueError, match=r"importing .*broken.py failed: RuntimeError\('boom'\)"):
+        load_reward(f"{tmp_path / 'broken.py'}:rm")
     with pytest.raises(ValueError, match="expected 'module.path:function'"):
         load_function("just_a_name:", "reward")
 

@@ -132,3 +132,21 @@ def test_kl_reward_penalty_is_detached_and_masked():
     pen = kl.kl_reward_penalty(logp, ref, torch.tensor([[1.0, 0.0]]), coef=0.1)
     assert not pen.requires_grad
     torch.testing.assert_close(pen, torch.tensor([[-0.1 * math.log(2), 0.0]]))
+
+
+def test_gspo_gradient_flows_through_sequence_mean():
+    # unclipped: l_it = -s_i A_i on each of |y_i| tokens; with seq-mean-token-mean weights the
+    # loss is -s_i A_i / K, so d/dlogp_it = -A_i s_i / |y_i| / K
+    logp = torch.tensor([[0.02, -0.02, 0.0]], requires_grad=True)
+    mask = torch.tensor([[1.0, 1.0, 0.0]])
+    adv = torch.tensor([[2.0, 2.0, 0.0]])
+    loss_NL, stats = losses.gspo_loss(logp, torch.zeros(1, 3), adv, mask)
+    assert stats["clip_frac"].item() == 0.0
+    w, d = losses.token_weights(mask, "seq-mean-token-mean")
+    losses.aggregate(loss_NL, w, d).backward()
+    torch.testing.assert_close(logp.grad, torch.tensor([[-1.0, -1.0, 0.0]]))
+
+
+def test_bad_clip_range_is_named():
+    with pytest.raises(ValueError, match="0 <= eps_low < 1"):
+        losses.ppo_clip_loss(torch.zeros(1, 1), torch.zeros(1, 1), torch.ones(1, 1), torch.ones(1, 1), eps_low=1.5)

@@ -22,7 +22,7 @@ logger = logging.getLogger(__name__)
 
 Tokenize = Callable[[str | list[Message]], list[int]]
 """Prompt (text or chat messages) -> prompt token ids, chat template applied
-(e.g. built from `miles_fsdp.data.tokenizer`)."""
+(e.g. `miles_fsdp.data.tokenizer.Tokenizer.tokenize_prompt`)."""
 
 SUFFIXES = (".jsonl", ".parquet")
 

@@ -15,6 +15,7 @@ import importlib.util
 import inspect
 import logging
 import math
+import sys
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -46,9 +47,11 @@ def load_function(spec: str, what: str) -> Callable[..., Any]:
         mod_name = f"_miles_user_{path.stem}_{abs(hash(str(path.resolve())))}"
         loader_spec = importlib.util.spec_from_file_location(mod_name, path)
         module = importlib.util.module_from_spec(loader_spec)
+        sys.modules[mod_name] = module  # dataclasses and pickling look the module up here
         try:
             loader_spec.loader.exec_module(module)
         except Exception as e:
+            del sys.modules[mod_name]
             raise ValueError(f"{what} {spec!r}: importing {module_part} failed: {e!r}") from e
     else:
         try:

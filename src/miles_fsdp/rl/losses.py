@@ -70,6 +70,8 @@ def _clip_objective(
     dual_clip_c: float | None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """-min(r A, clip(r, 1-eps_low, 1+eps_high) A), dual clip: max(that, -c A) for A < 0."""
+    if not (0.0 <= eps_low < 1.0 and eps_high >= 0.0):
+        raise ValueError(f"clip range needs 0 <= eps_low < 1 and eps_high >= 0, got {eps_low}, {eps_high}")
     unclipped = -ratio * adv
     clipped = -ratio.clamp(1.0 - eps_low, 1.0 + eps_high) * adv
     loss = torch.maximum(unclipped, clipped)
