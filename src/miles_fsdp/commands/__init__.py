@@ -1,0 +1,1 @@
+"""Entry points of the `miles-fsdp` console script; each module has a Config and main(cfg)."""

@@ -1,0 +1,212 @@
+"""`miles-fsdp generate`: sample completions from an HF checkpoint with our model code.
+
+    prompts --(chat template)--> ids --prefill (packed, paged KV)--> logits of last tokens
+      --> sample (greedy / Gumbel-max over top-k/top-p filtered logits/T) --> append
+      --> decode one token per step per live sequence, same forward with kv_caches
+
+A small reference loop on the very kernels the trainer uses; the rollout engine replaces
+it for throughput. Example:
+    miles-fsdp generate --model ckpt/ --prompt "What is 2+2?" --max-new-tokens 16 --json
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+
+import torch
+
+import miles_kernels as mk
+from miles_fsdp.models import ModelArgs, Transformer, load_hf
+
+PAGE_SIZE = mk.ATTN_BLOCK
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class GenerateConfig:
+    model: str = ""
+    """HF checkpoint directory (config.json, *.safetensors, tokenizer files)."""
+    prompt: list[str] = field(default_factory=list)
+    """Text prompts; each is wrapped in the chat template when the tokenizer has one (see --chat)."""
+    prompt_ids: str = ""
+    """Prompts given as token ids: "1,2,3"; separate several prompts with ";" ("1,2;7,8")."""
+    chat: bool = True
+    """Apply the checkpoint's chat template to text prompts (plain encoding if it has none)."""
+    max_new_tokens: int = 32
+    """Tokens to generate per prompt at most (stops earlier at an EOS token)."""
+    temperature: float = 0.0
+    """Sampling temperature; 0 means greedy (argmax), logprobs then at temperature 1."""
+    top_p: float = 1.0
+    """Nucleus sampling: keep the smallest set of tokens with this much probability."""
+    top_k: int = 0
+    """Keep only the k most likely tokens (0 = all)."""
+    seed: int = 0
+    """Sampling seed; prompt i uses seed + i, so a prompt's output does not depend on the others."""
+    json: bool = False
+    """Print one JSON object per prompt (token_ids, logprobs, text, finish_reason)."""
+    device: str = "auto"
+    """"auto" (cuda if available, else cpu), "cpu", "cuda", "cuda:1", ..."""
+    dtype: str = "auto"
+    """Weights and activations: "auto" (bfloat16 on cuda, float32 on cpu), "float32", "bfloat16", "float16"."""
+
+    def __post_init__(self):
+        if not self.model:
+            raise ValueError("GenerateConfig.model is empty: pass --model <HF checkpoint dir>")
+        if self.max_new_tokens < 1:
+            raise ValueError(f"GenerateConfig.max_new_tokens={self.max_new_tokens}: must be >= 1")
+        if self.temperature < 0:
+            raise ValueError(f"GenerateConfig.temperature={self.temperature}: must be >= 0 (0 = greedy)")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"GenerateConfig.top_p={self.top_p}: must be in (0, 1]")
+        if self.top_k < 0:
+            raise ValueError(f"GenerateConfig.top_k={self.top_k}: must be >= 0 (0 = no top-k)")
+        if self.dtype != "auto" and self.dtype not in DTYPES:
+            raise ValueError(f"GenerateConfig.dtype={self.dtype!r}: expected 'auto' or one of {sorted(DTYPES)}")
+        self.parsed_prompt_ids()  # fail early on malformed ids
+
+    def parsed_prompt_ids(self) -> list[list[int]]:
+        out = []
+        for i, part in enumerate(p for p in self.prompt_ids.split(";") if p.strip()):
+            try:
+                out.append([int(t) for t in part.split(",")])
+            except ValueError:
+                raise ValueError(
+                    f"GenerateConfig.prompt_ids: prompt {i} {part!r} is not comma-separated integers (e.g. 1,2,3)"
+                ) from None
+        return out
+
+
+@dataclass
+class Completion:
+    token_ids: list[int] = field(default_factory=list)
+    logprobs: list[float] = field(default_factory=list)
+    """fp32 logprob of each token under the distribution it was sampled from."""
+    finish_reason: str = "length"  # "stop" (EOS) or "length" (max_new_tokens)
+
+
+@torch.no_grad()
+def generate(
+    model: Transformer,
+    prompts: list[list[int]],
+    max_new_tokens: int,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    top_k: int = 0,
+    seed: int = 0,
+    stop_ids: tuple[int, ...] = (),
+) -> list[Completion]:
+    """Prefill all prompts in one packed forward, then decode one token per live sequence per step."""
+    args: ModelArgs = model.args
+    device, dtype = model.embed.weight.device, model.embed.weight.dtype
+    for i, p in enumerate(prompts):
+        if not p:
+            raise ValueError(f"prompt {i} is empty: give at least one token")
+        if bad := [t for t in p if not 0 <= t < args.vocab_size]:
+            raise ValueError(f"prompt {i}: token ids {bad[:5]} outside the vocabulary [0, {args.vocab_size})")
+        if len(p) + max_new_tokens > args.max_position_embeddings:
+            raise ValueError(
+                f"prompt {i}: {len(p)} tokens + max_new_tokens {max_new_tokens} exceeds the model's "
+                f"max_position_embeddings {args.max_position_embeddings}"
+            )
+    # each sequence owns a contiguous run of pages big enough for prompt + completion
+    pages = [-(-(len(p) + max_new_tokens) // PAGE_SIZE) for p in prompts]
+    first = [sum(pages[:b]) for b in range(len(prompts))]
+    block_table_BM = torch.tensor([[f + j if j < n else 0 for j in range(max(pages))] for f, n in zip(first, pages)])
+    cache_shape = (sum(pages), PAGE_SIZE, args.n_kv_heads, args.head_dim)
+    kv_caches = [
+        (torch.zeros(cache_shape, dtype=dtype, device=device), torch.zeros(cache_shape, dtype=dtype, device=device))
+        for _ in range(args.n_layers)
+    ]
+    gens = [torch.Generator().manual_seed(seed + b) for b in range(len(prompts))]
+    tokens = [list(p) for p in prompts]
+    out = [Completion() for _ in prompts]
+    live, q_lens = list(range(len(prompts))), [len(p) for p in prompts]
+    while live:
+        ids_T, pos_T, meta, slot_T = _step_inputs(tokens, live, q_lens, block_table_BM)
+        hidden_TD = model(ids_T.to(device), pos_T.to(device), meta.to(device), slot_T.to(device), kv_caches)
+        last_B = meta.cu_seqlens_q[1:].long() - 1
+        logits_BV = model.logits(hidden_TD[last_B.to(device)])
+        next_B, logp_B = sample(logits_BV, [gens[b] for b in live], temperature, top_p, top_k)
+        for b, tok, lp in zip(live, next_B.tolist(), logp_B.tolist()):
+            tokens[b].append(tok)
+            out[b].token_ids.append(tok)
+            out[b].logprobs.append(lp)
+            if tok in stop_ids:
+                out[b].finish_reason = "stop"
+        live = [b for b in live if out[b].finish_reason != "stop" and len(out[b].token_ids) < max_new_tokens]
+        q_lens = [1] * len(live)
+    return out
+
+
+def _step_inputs(tokens, live, q_lens, block_table_BM):
+    """Packed ids/positions/slots and AttnMeta for the last q_lens[i] tokens of each live sequence."""
+    ids, pos = [], []
+    for b, q in zip(live, q_lens):
+        n = len(tokens[b])
+        ids += tokens[b][n - q:]
+        pos += range(n - q, n)
+    seq_T = torch.repeat_interleave(torch.tensor(live), torch.tensor(q_lens))
+    pos_T = torch.tensor(pos)
+    slot_T = block_table_BM[seq_T, pos_T // PAGE_SIZE] * PAGE_SIZE + pos_T % PAGE_SIZE
+    meta = mk.AttnMeta(
+        cu_seqlens_q=torch.tensor([0, *q_lens]).cumsum(0).to(torch.int32),
+        kv_lens=torch.tensor([len(tokens[b]) for b in live], dtype=torch.int32),
+        block_table=block_table_BM[live].to(torch.int32),
+        max_q_len=max(q_lens),
+    )
+    return torch.tensor(ids), pos_T, meta, slot_T
+
+
+def sample(logits_BV, gens, temperature: float, top_p: float, top_k: int):
+    """(token ids [B], fp32 logprobs [B]); row b draws its Gumbel noise from gens[b]."""
+    if temperature == 0:
+        next_B = logits_BV.float().argmax(-1)
+        logp_B, _ = mk.logprobs(logits_BV, next_B)
+        return next_B, logp_B
+    x_BV = mk.filter_logits(logits_BV.float() / temperature, top_k, top_p)
+    V = x_BV.shape[-1]
+    u_BV = torch.stack([torch.rand(V, generator=g, dtype=torch.float64) for g in gens]).to(x_BV.device)
+    gumbel_BV = -torch.log(-torch.log(u_BV.clamp_min(1e-300))).float()
+    next_B = (x_BV + gumbel_BV).argmax(-1)
+    logp_B, _ = mk.logprobs(logits_BV, next_B, temperature, top_k=top_k, top_p=top_p)
+    return next_B, logp_B
+
+
+def main(cfg: GenerateConfig) -> list[Completion]:
+    from pathlib import Path
+
+    from miles_fsdp.data.tokenizer import load_tokenizer
+
+    device = cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = DTYPES[cfg.dtype] if cfg.dtype != "auto" else (torch.bfloat16 if device.startswith("cuda") else torch.float32)
+    args = ModelArgs.from_hf(cfg.model)
+    has_tokenizer = any((Path(cfg.model) / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json"))
+    tok = load_tokenizer(cfg.model) if has_tokenizer else None
+    if cfg.prompt and tok is None:
+        raise ValueError(f"{cfg.model}: has no tokenizer, so text --prompt cannot be encoded; use --prompt-ids 1,2,3")
+    prompts = [
+        tok.apply_chat_template([{"role": "user", "content": p}]) if cfg.chat and tok.chat_template else tok.encode(p)
+        for p in cfg.prompt
+    ] + cfg.parsed_prompt_ids()
+    if not prompts:
+        raise ValueError("no prompts: pass --prompt TEXT (repeatable) or --prompt-ids 1,2,3")
+
+    with torch.device("meta"):
+        model = Transformer(args)
+    load_hf(model, cfg.model, dtype=dtype, device=device).eval()
+    stop_ids = set(tok.eos_token_ids if tok else ())
+    eos = args.hf_config.get("eos_token_id")
+    stop_ids.update(eos if isinstance(eos, list) else [eos] if eos is not None else [])
+
+    results = generate(model, prompts, cfg.max_new_tokens, cfg.temperature, cfg.top_p, cfg.top_k, cfg.seed,
+                       tuple(sorted(stop_ids)))
+    for i, r in enumerate(results):
+        text = tok.decode(r.token_ids) if tok else None
+        if cfg.json:
+            print(json.dumps({"prompt_index": i, "token_ids": r.token_ids, "logprobs": r.logprobs,
+                              "text": text, "finish_reason": r.finish_reason}))
+        else:
+            print(f"--- prompt {i} ({r.finish_reason}, {len(r.token_ids)} tokens)")
+            print(text if text is not None else r.token_ids)
+    return results
