@@ -82,7 +82,7 @@ def test_missing_file_and_bad_config(tmp_path):
     with pytest.raises(ValueError, match="DataConfig.prompts_per_batch must be >= 1"):
         DataConfig(path="x.jsonl", prompts_per_batch=0)
     with pytest.raises(ValueError, match="DataConfig.path is empty"):
-        DataConfig()
+        DataConfig(path="")
 
 
 def test_missing_metadata_key(tmp_path):

@@ -33,7 +33,7 @@ class DatasetError(ValueError):
 
 @dataclass
 class DataConfig:
-    path: str = ""
+    path: str
     """Prompt file, `.jsonl` (one JSON object per line) or `.parquet`."""
     prompt_key: str = "prompt"
     """Column holding the prompt: a string or a list of {"role", "content"} messages."""
