@@ -64,11 +64,12 @@ class ServeConfig:
         return torch.device(self.device)
 
 
-def load_model(path: str, dtype: torch.dtype, device: torch.device):
-    """Build the Transformer on meta and stream the checkpoint into it."""
+def load_model(path: str, dtype: torch.dtype, device: torch.device, args=None):
+    """Build the Transformer on meta (from `args`, else path/config.json) and stream the
+    checkpoint into it; a checkpoint that does not fit `args` raises CheckpointError."""
     from miles_fsdp.models import ModelArgs, Transformer, load_hf
 
-    args = ModelArgs.from_hf(path)
+    args = args or ModelArgs.from_hf(path)
     with torch.device("meta"):
         model = Transformer(args)
     return load_hf(model, path, dtype=dtype, device=device).eval()
@@ -95,8 +96,8 @@ def build_server(cfg: ServeConfig):
     )
 
     def load_weights(path: str) -> dict[str, torch.Tensor]:
-        # A fresh CPU copy; the engine copies it in between two steps.
-        return load_model(path, dtype, torch.device("cpu")).state_dict()
+        # A fresh CPU copy of the served architecture; the engine copies it in between two steps.
+        return load_model(path, dtype, torch.device("cpu"), args=model.args).state_dict()
 
     return build_app(engine, tokenizer, limits, load_weights)
 

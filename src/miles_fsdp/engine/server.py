@@ -64,7 +64,7 @@ class ServerMetrics:
 class Pending:
     """One submitted request; its events arrive on `events` in the handler's event loop.
 
-    Events: ("tokens", index, token_ids, logprobs), ("done", index, Result), ("error", message),
+    Events: ("tokens", index, token_ids, logprobs), ("done", index, Result), ("error", message[, status]),
     ("reset", index): the sample restarted from its prompt after a weight update.
     """
 
@@ -152,9 +152,12 @@ class EngineLoop:
         if kind == "add":
             try:
                 self.engine.add_request(arg.request)
+            except ValueError as e:  # the engine's own request checks: the client's to fix
+                self._finish(arg, ("error", f"engine rejected the request: {e}", 400))
+                return
             except Exception as e:
                 log.exception("engine.add_request failed")
-                self._finish(arg, ("error", f"engine rejected the request: {type(e).__name__}: {e}"))
+                self._finish(arg, ("error", f"engine rejected the request: {type(e).__name__}: {e}", 500))
                 return
             arg.added = True
             self._live[arg.request.request_id] = arg
@@ -322,7 +325,8 @@ def build_app(engine, tokenizer, limits: ServerLimits, load_weights: Callable[[s
                     results[event[1]] = event[2]
                     done += 1
                 elif event[0] == "error":
-                    raise ApiError(event[1], status=500, type="server_error")
+                    status = event[2] if len(event) > 2 else 500
+                    raise ApiError(event[1], status=status, type="invalid_request_error" if status < 500 else "server_error")
         finally:
             if done < n:  # cancelled (client gone) or failed: free the engine's slots
                 engine_loop.abort(p)
@@ -440,7 +444,10 @@ def build_app(engine, tokenizer, limits: ServerLimits, load_weights: Callable[[s
             weights = await asyncio.to_thread(load_weights, body.path)
         except (ValueError, OSError) as e:  # CheckpointError is a ValueError
             raise ApiError(f"path: cannot load weights from {body.path}: {e}", "path") from None
-        await engine_loop.call(lambda: engine.update_weights(weights, body.version))
+        try:
+            await engine_loop.call(lambda: engine.update_weights(weights, body.version))
+        except ValueError as e:  # names or shapes that do not fit the served model
+            raise ApiError(f"path: {body.path} does not fit the served model: {e}", "path") from None
         served["version"] = body.version
         metrics.weight_version.set(body.version)
         return {"ok": True, "weight_version": body.version}

@@ -1,0 +1,113 @@
+"""`miles-fsdp serve` end to end on CPU: a tiny random Qwen3 checkpoint, the real engine,
+uvicorn on 127.0.0.1, the official openai client and httpx."""
+
+from __future__ import annotations
+
+import asyncio
+
+import httpx
+import openai
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from miles_fsdp.commands.serve import ServeConfig, build_server
+from miles_fsdp.engine.config import EngineConfig
+from miles_fsdp.engine.server import ServerThread
+from miles_fsdp.models.testing import build_tiny_checkpoint
+
+NAME = "tiny"
+PAGE, PAGES = 16, 48  # KV capacity: 47 usable pages * 16 = 752 tokens per sample
+
+
+@pytest.fixture(scope="module")
+def ckpts(tmp_path_factory):
+    root = tmp_path_factory.mktemp("ckpt")
+    a = build_tiny_checkpoint(root / "a", "qwen3", seed=0, max_position_embeddings=1024)
+    b = build_tiny_checkpoint(root / "b", "qwen3", seed=1, max_position_embeddings=1024)
+    other = build_tiny_checkpoint(root / "llama", "llama", seed=0)
+    return a, b, other
+
+
+@pytest.fixture(scope="module")
+def url(ckpts):
+    cfg = ServeConfig(model=str(ckpts[0]), device="cpu", dtype="float32", served_model_name=NAME, max_n=4,
+                      engine=EngineConfig(page_size=PAGE, num_pages=PAGES, max_prefill_tokens=256, cuda_graphs=False))
+    with ServerThread(build_server(cfg)) as base:
+        yield base
+
+
+def client(url: str) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{url}/v1", api_key="unused", timeout=60, max_retries=0)
+
+
+def generate(url: str, **sampling) -> dict:
+    r = httpx.post(f"{url}/generate", json={"text": "2+2=", "sampling_params": sampling}, timeout=60)
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+def test_openai_completions_match_native_generate(url):
+    # Sampling is a pure function of (seed, sample index, position): both doors give the same samples.
+    out = client(url).completions.create(model=NAME, prompt="2+2=", max_tokens=6, n=2, seed=11, logprobs=0)
+    native = generate(url, max_new_tokens=6, n=2, seed=11)
+    assert len(out.choices) == 2 and out.usage.completion_tokens == sum(len(o["token_ids"]) for o in native["outputs"])
+    for choice, o in zip(out.choices, native["outputs"]):
+        assert choice.logprobs.token_logprobs == pytest.approx(o["logprobs"], abs=0)
+        assert choice.text == o["text"] and choice.finish_reason == o["finish_reason"]
+        assert all(lp <= 0 for lp in o["logprobs"]) and o["weight_version"] == 0
+    assert native["outputs"][0]["token_ids"] != native["outputs"][1]["token_ids"]
+
+
+def test_chat_streaming_equals_non_streaming(url):
+    msgs = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hello"}]
+    full = client(url).chat.completions.create(model=NAME, messages=msgs, max_tokens=8, temperature=0)
+    text = ""
+    for chunk in client(url).chat.completions.create(model=NAME, messages=msgs, max_tokens=8, temperature=0,
+                                                    stream=True):
+        text += "".join(c.delta.content or "" for c in chunk.choices)
+    assert text == full.choices[0].message.content and full.usage.completion_tokens >= 1
+    assert full.usage.prompt_tokens > 5  # the chat template was applied
+
+
+def test_limits_are_400(url):
+    too_long = {"model": NAME, "prompt": [65] * 800, "max_tokens": 1}  # over the KV capacity (752)
+    r = httpx.post(f"{url}/v1/completions", json=too_long, timeout=30)
+    assert r.status_code == 400 and r.json()["error"]["param"] == "prompt", r.text
+    r = httpx.post(f"{url}/v1/completions", json={"model": NAME, "prompt": "a", "max_tokens": 1000}, timeout=30)
+    assert r.status_code == 400 and r.json()["error"]["param"] == "max_tokens"
+    assert "KV cache" in r.json()["error"]["message"] or "context" in r.json()["error"]["message"]
+    r = httpx.post(f"{url}/generate", json={"input_ids": [1], "sampling_params": {"n": 5}}, timeout=30)
+    assert r.status_code == 400 and r.json()["error"]["param"] == "n"
+
+
+def test_concurrent_requests_all_answered(url):
+    async def main():
+        async with httpx.AsyncClient(base_url=url, timeout=60) as c:
+            reqs = [c.post("/generate", json={"input_ids": [40 + k % 50, 41], "sampling_params":
+                                              {"max_new_tokens": 3, "seed": k, "stop_token_ids": [999]}})
+                    for k in range(48)]
+            return await asyncio.wait_for(asyncio.gather(*reqs), 120)
+
+    responses = asyncio.run(main())
+    assert [r.status_code for r in responses] == [200] * 48
+    assert all(len(r.json()["outputs"][0]["token_ids"]) == 3 for r in responses)
+
+
+def test_update_weights_changes_outputs_then_metrics(url, ckpts):
+    _, b, other = ckpts
+    before = generate(url, max_new_tokens=8, temperature=0)["outputs"][0]
+    r = httpx.post(f"{url}/update_weights", json={"path": str(b), "version": 3}, timeout=60)
+    assert r.status_code == 200 and r.json() == {"ok": True, "weight_version": 3}
+    after = generate(url, max_new_tokens=8, temperature=0)["outputs"][0]
+    assert after["weight_version"] == 3 and before["weight_version"] == 0
+    assert after["token_ids"] != before["token_ids"] or after["logprobs"] != before["logprobs"]
+    # a checkpoint of another architecture is refused by name, and the old weights stay
+    r = httpx.post(f"{url}/update_weights", json={"path": str(other), "version": 4}, timeout=60)
+    assert r.status_code == 400 and r.json()["error"]["param"] == "path", r.text
+    assert httpx.get(f"{url}/health").json() == {"status": "ok", "weight_version": 3}
+    assert generate(url, max_new_tokens=8, temperature=0)["outputs"][0]["token_ids"] == after["token_ids"]
+
+    text = httpx.get(f"{url}/metrics").text
+    values = {s.name: s.value for fam in text_string_to_metric_families(text) for s in fam.samples if not s.labels}
+    assert values["miles_weight_version"] == 3 and values["miles_queue_depth"] == 0
+    assert values["miles_generated_tokens_total"] >= 8
