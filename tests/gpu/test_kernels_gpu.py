@@ -1,0 +1,192 @@
+"""miles_kernels Triton kernels on a real GPU: invariance (bitwise), accuracy, CUDA graphs.
+
+Run on a CUDA machine (triton >= 3.6):  python -m pytest -q tests/gpu/test_kernels_gpu.py
+The invariance tests are the point: if one fails, the kernel's reduction order depends on
+the batch, and trainer/engine log-probs will no longer match bit for bit.
+"""
+
+import pytest
+import torch
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+DTYPES = [torch.bfloat16, torch.float32]
+REL_TOL = {torch.bfloat16: 1.5e-2, torch.float16: 2e-3, torch.float32: 2e-5}
+
+
+@pytest.fixture(scope="module")
+def kt():
+    from miles_kernels import _triton
+
+    return _triton
+
+
+def _gen(seed):
+    return torch.Generator(device="cuda").manual_seed(seed)
+
+
+def _randn(*shape, dtype, g, scale=1.0):
+    return (torch.randn(*shape, generator=g, device="cuda") * scale).to(dtype)
+
+
+def _accurate(got, ref, dtype, what):
+    err = (got.double() - ref.double()).abs().max().item()
+    scale = ref.double().abs().max().item() or 1.0
+    assert err <= REL_TOL[dtype] * scale, f"{what} ({dtype}): max err {err:.3g} vs max |ref| {scale:.3g}"
+
+
+def _same(a, b, what):
+    assert torch.equal(a, b), f"{what}: not bitwise equal, max diff {(a.double() - b.double()).abs().max().item():.3g}"
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_linear_every_tile_bucket_agrees(kt, dtype):
+    """Rows computed in each LINEAR_TILES bucket are bitwise equal to the same rows in every other."""
+    g = _gen(0)
+    K, N = 1000, 3000  # not tile multiples
+    buckets = kt.LINEAR_TILES[dtype]
+    sizes = sorted({1, 3} | {min(t.max_m, 4096) for t in buckets} | {t.max_m + 1 for t in buckets if t.max_m < 4096})
+    x = _randn(max(sizes), K, dtype=dtype, g=g)
+    w = _randn(N, K, dtype=dtype, g=g, scale=K**-0.5)
+    b = _randn(N, dtype=dtype, g=g)
+    y_full = kt.linear(x, w, b)
+    _accurate(y_full, x.double() @ w.double().T + b.double(), dtype, "linear vs float64")
+    for m in sizes:
+        for start in (0, max(sizes) - m):
+            tile = kt.linear_tile(m, dtype)
+            _same(kt.linear(x[start : start + m], w, b), y_full[start : start + m],
+                  f"linear M={m} (tile {tile}) rows {start}: vs M={max(sizes)}")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_grouped_linear_rows_independent(kt, dtype):
+    g = _gen(1)
+    E, N, K = 8, 768, 512
+    sizes = torch.tensor([0, 5, 130, 1, 64, 0, 300, 12])
+    x = _randn(int(sizes.sum()), K, dtype=dtype, g=g)
+    w = _randn(E, N, K, dtype=dtype, g=g, scale=K**-0.5)
+    offs = torch.zeros(E + 1, dtype=torch.int32)
+    offs[1:] = sizes.cumsum(0)
+    y = kt.grouped_linear(x, w, offs.cuda())
+    o = offs.tolist()
+    ref = torch.cat([x[o[e] : o[e + 1]].double() @ w[e].double().T for e in range(E)])
+    _accurate(y, ref, dtype, "grouped_linear vs float64")
+    row = kt.grouped_linear(x[o[6] + 7 : o[6] + 8], w, torch.tensor([0] * 7 + [1, 1], dtype=torch.int32).cuda())
+    _same(row[0], y[o[6] + 7], "grouped_linear row alone vs in its expert group")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_row_ops_invariant_and_accurate(kt, dtype):
+    g = _gen(2)
+    x = _randn(300, 1024, dtype=dtype, g=g, scale=3)
+    w = _randn(1024, dtype=dtype, g=g)
+    y = kt.rms_norm(x, w, 1e-6)
+    xd = x.double()
+    _accurate(y, xd * torch.rsqrt(xd.pow(2).mean(-1, keepdim=True) + 1e-6) * w.double(), dtype, "rms_norm")
+    _same(kt.rms_norm(x[17:18], w, 1e-6), y[17:18], "rms_norm row alone")
+    gate, up = x[:, :512], x[:, 512:]
+    s = kt.silu_mul(gate, up)
+    _accurate(s, torch.nn.functional.silu(gate.double()) * up.double(), dtype, "silu_mul")
+    _same(kt.silu_mul(gate[5:6], up[5:6]), s[5:6], "silu_mul row alone")
+    T, H, D = 64, 16, 128
+    q = _randn(T, H, D, dtype=dtype, g=g)
+    f = torch.arange(T, device="cuda").float()[:, None] * (1e6 ** (-torch.arange(D // 2, device="cuda") * 2 / D))[None]
+    r = kt.apply_rope(q, f.cos(), f.sin())
+    c, sn = f.cos().double()[:, None], f.sin().double()[:, None]
+    q1, q2 = q.double()[..., : D // 2], q.double()[..., D // 2 :]
+    _accurate(r, torch.cat([q1 * c - q2 * sn, q2 * c + q1 * sn], -1), dtype, "apply_rope")
+    _same(kt.apply_rope(q[9:10].contiguous(), f.cos()[9:10], f.sin()[9:10]), r[9:10], "apply_rope token alone")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_logprobs_and_route_topk(kt, dtype):
+    g = _gen(3)
+    logits = _randn(33, 151936, dtype=dtype, g=g, scale=4)
+    ids = torch.randint(0, 151936, (33,), generator=g, device="cuda")
+    logp, ent, lse = kt.logprobs(logits, ids, 0.7)
+    ls = torch.log_softmax(logits.double() / 0.7, -1)
+    assert (logp - ls.gather(1, ids[:, None])[:, 0]).abs().max().item() < 1e-4
+    assert (ent - (-(ls.exp() * ls).sum(-1))).abs().max().item() < 1e-4
+    assert (lse - torch.logsumexp(logits.double() / 0.7, -1)).abs().max().item() < 1e-4
+    for a, b, n in zip(kt.logprobs(logits[4:5], ids[4:5], 0.7), (logp, ent, lse), ("logp", "entropy", "lse")):
+        _same(a[0], b[4], f"{n} row alone")
+    router = _randn(200, 128, dtype=dtype, g=g)
+    w, e = kt.route_topk(router, 8, True)
+    rw, re = torch.topk(torch.softmax(router.double(), -1), 8)
+    assert torch.equal(e, re), "route_topk ids differ from torch.topk"
+    _accurate(w, rw / rw.sum(-1, keepdim=True), torch.float32, "route_topk weights")
+    w1, e1 = kt.route_topk(router[50:51], 8, True)
+    _same(w1[0], w[50], "route_topk row alone")
+
+
+def _paged_cache(k_LKD, v_LKD, page, g):
+    L, K, D = k_LKD.shape
+    n = -(-L // page)
+    pages = torch.randperm(n + 4, generator=torch.Generator().manual_seed(0))[:n]
+    kc = torch.full((n + 4, page, K, D), float("nan"), dtype=k_LKD.dtype, device="cuda")
+    vc = kc.clone()
+    pos = torch.arange(L, device="cuda")
+    kc[pages.cuda()[pos // page], pos % page] = k_LKD
+    vc[pages.cuda()[pos // page], pos % page] = v_LKD
+    return kc, vc, pages.to(torch.int32).cuda()
+
+
+def _attn(kt, q, kc, vc, seqs, scale):
+    """seqs: (q_len, kv_len, pages) per sequence; q packed in that order."""
+    cu = torch.tensor([0] + torch.tensor([s[0] for s in seqs]).cumsum(0).tolist(), dtype=torch.int32, device="cuda")
+    kv = torch.tensor([s[1] for s in seqs], dtype=torch.int32, device="cuda")
+    bt = torch.stack([s[2] for s in seqs])
+    return kt.attention(q, kc, vc, cu, kv, bt, max(s[0] for s in seqs), scale)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("heads,page", [((16, 8), 16), ((32, 8), 64), ((12, 4), 32)])
+def test_attention_prefill_chunked_decode_bitwise(kt, dtype, heads, page):
+    g = _gen(4)
+    (H, K), D, L = heads, 128, 700  # crosses KV_SPLIT more than once
+    q = _randn(L, H, D, dtype=dtype, g=g)
+    k, v = _randn(L, K, D, dtype=dtype, g=g), _randn(L, K, D, dtype=dtype, g=g)
+    kc, vc, pages = _paged_cache(k, v, page, g)
+    scale = D**-0.5
+    full = _attn(kt, q, kc, vc, [(L, L, pages)], scale)
+    kd, vd = k.double().repeat_interleave(H // K, 1), v.double().repeat_interleave(H // K, 1)
+    s = torch.einsum("thd,lhd->htl", q.double(), kd) * scale
+    s = s.masked_fill(torch.ones(L, L, dtype=torch.bool, device="cuda").triu(1)[None], float("-inf"))
+    _accurate(full, torch.einsum("htl,lhd->thd", s.softmax(-1), vd), dtype, "attention vs float64")
+    start = 0
+    for n in (1, 255, 3, 130, 311):
+        _same(_attn(kt, q[start : start + n], kc, vc, [(n, start + n, pages)], scale), full[start : start + n],
+              f"chunk {start}:{start + n} vs prefill")
+        start += n
+    rows = [0, 15, 16, 255, 256, 257, 511, L - 1]
+    dec = _attn(kt, q[rows], kc, vc, [(1, t + 1, pages) for t in rows], scale)
+    _same(dec, full[rows], "decode batch vs prefill rows")
+    for t in (0, 256, L - 1):
+        _same(_attn(kt, q[t : t + 1], kc, vc, [(1, t + 1, pages)], scale)[0], full[t], f"decode alone at {t}")
+
+
+def test_cuda_graph_replay_decode_attention_and_linear(kt):
+    g = _gen(5)
+    dtype, H, K, D, page, L, B = torch.bfloat16, 16, 8, 128, 16, 300, 4
+    q_all = _randn(L, H, D, dtype=dtype, g=g)
+    k, v = _randn(L, K, D, dtype=dtype, g=g), _randn(L, K, D, dtype=dtype, g=g)
+    kc, vc, pages = _paged_cache(k, v, page, g)
+    bt = pages[None].expand(B, -1).contiguous()
+    cu = torch.arange(B + 1, dtype=torch.int32, device="cuda")
+    q = q_all[:B].clone()
+    kv = torch.tensor([10, 20, 30, 40], dtype=torch.int32, device="cuda")
+    x = _randn(B, 1024, dtype=dtype, g=g)
+    w = _randn(3072, 1024, dtype=dtype, g=g, scale=1 / 32)
+    for _ in range(2):  # compile outside the graph
+        kt.attention(q, kc, vc, cu, kv, bt, 1, D**-0.5), kt.linear(x, w)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        o_static = kt.attention(q, kc, vc, cu, kv, bt, 1, D**-0.5)
+        y_static = kt.linear(x, w)
+    for step, lens in enumerate(([5, 77, 256, 299], [1, 257, 100, 300])):
+        q.copy_(q_all[step * B : step * B + B])
+        kv.copy_(torch.tensor(lens, dtype=torch.int32))
+        x.copy_(_randn(B, 1024, dtype=dtype, g=g))
+        graph.replay()
+        _same(o_static, kt.attention(q, kc, vc, cu, kv, bt, 1, D**-0.5), f"graph replay attention step {step}")
+        _same(y_static, kt.linear(x, w), f"graph replay linear step {step}")
