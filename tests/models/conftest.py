@@ -1,7 +1,5 @@
 import pytest
-import torch
 
-from miles_fsdp.models import ModelArgs, Transformer, load_hf, packed_inputs
 from miles_fsdp.models.testing import build_tiny_checkpoint
 
 
@@ -17,23 +15,3 @@ def ckpt(tmp_path_factory):
         return cache[key]
 
     return make
-
-
-def load_ours(path, dtype=torch.float32) -> Transformer:
-    with torch.device("meta"):
-        model = Transformer(ModelArgs.from_hf(path))
-    return load_hf(model, path, dtype=dtype).eval()
-
-
-def packed_logits(model: Transformer, seqs: list[torch.Tensor]) -> torch.Tensor:
-    cu = torch.tensor([0] + [len(s) for s in seqs]).cumsum(0)
-    pos_T, meta, slot_T = packed_inputs(cu)
-    return model.logits(model(torch.cat(seqs), pos_T, meta, slot_T))
-
-
-def hf_logits(hf_model, seqs: list[torch.Tensor]) -> torch.Tensor:
-    return torch.cat([hf_model(s[None]).logits[0] for s in seqs])
-
-
-def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a - b).abs().max() / b.abs().max()).item()

@@ -10,7 +10,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 import miles_kernels as mk
-from conftest import load_ours, packed_logits
+from models_helpers import load_ours, packed_logits
 from miles_fsdp.commands.generate import GenerateConfig, generate, main
 
 PROMPTS = [[5, 9, 2], list(range(40, 60)), [7]]  # 20 tokens: prefill spans two pages

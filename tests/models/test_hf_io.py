@@ -7,7 +7,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
 
-from conftest import hf_logits, load_ours, packed_logits, rel_err
+from models_helpers import hf_logits, load_ours, packed_logits, rel_err
 from miles_fsdp.models import CheckpointError, ModelArgs, Transformer, load_hf, save_hf
 
 SEQS = [torch.tensor([3, 1, 4, 1, 5, 9, 2, 6]), torch.tensor([2, 7, 1, 8])]

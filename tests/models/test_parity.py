@@ -4,7 +4,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from conftest import hf_logits, load_ours, packed_logits, rel_err
+from models_helpers import hf_logits, load_ours, packed_logits, rel_err
 
 CASES = {
     "qwen3": ("qwen3", {}),
