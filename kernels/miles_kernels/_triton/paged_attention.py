@@ -33,7 +33,7 @@ def _merge(m, l, acc, m_s, l_s, acc_s):
     b = tl.exp2(m_s - m_safe)
     # explicit fma: the compiler cannot contract this differently in the two kernels
     l = tl.fma(l, a, l_s * b)
-    acc = tl.fma(acc, a[:, None], acc_s * b[:, None])
+    acc = tl.fma(acc, tl.broadcast_to(a[:, None], acc.shape), acc_s * b[:, None])
     return m_new, l, acc
 
 
