@@ -4,6 +4,10 @@ uvicorn on 127.0.0.1, the official openai client and httpx."""
 from __future__ import annotations
 
 import asyncio
+import re
+import subprocess
+import sys
+import time
 
 import httpx
 import openai
@@ -85,11 +89,11 @@ def test_concurrent_requests_all_answered(url):
         async with httpx.AsyncClient(base_url=url, timeout=60) as c:
             reqs = [c.post("/generate", json={"input_ids": [40 + k % 50, 41], "sampling_params":
                                               {"max_new_tokens": 3, "seed": k, "stop_token_ids": [999]}})
-                    for k in range(48)]
+                    for k in range(32)]
             return await asyncio.wait_for(asyncio.gather(*reqs), 120)
 
     responses = asyncio.run(main())
-    assert [r.status_code for r in responses] == [200] * 48
+    assert [r.status_code for r in responses] == [200] * 32
     assert all(len(r.json()["outputs"][0]["token_ids"]) == 3 for r in responses)
 
 
@@ -111,3 +115,35 @@ def test_update_weights_changes_outputs_then_metrics(url, ckpts):
     values = {s.name: s.value for fam in text_string_to_metric_families(text) for s in fam.samples if not s.labels}
     assert values["miles_weight_version"] == 3 and values["miles_queue_depth"] == 0
     assert values["miles_generated_tokens_total"] >= 8
+
+
+def test_serve_config_names_the_bad_field(tmp_path, ckpts):
+    with pytest.raises(ValueError, match=r"ServeConfig.model=.*config.json"):
+        ServeConfig(model=str(tmp_path))
+    with pytest.raises(ValueError, match=r"ServeConfig.port=70000"):
+        ServeConfig(model=str(ckpts[0]), port=70000)
+    with pytest.raises(ValueError, match=r"ServeConfig.device='tpu'"):
+        ServeConfig(model=str(ckpts[0]), device="tpu")
+
+
+def test_cli_serve_subprocess(ckpts):
+    # `miles-fsdp serve` as a user runs it: port 0, read the bound address from uvicorn's log.
+    cmd = [sys.executable, "-m", "miles_fsdp.cli", "serve", "--model", str(ckpts[0]), "--port", "0",
+           "--device", "cpu", "--dtype", "float32", "--engine.num-pages", "16", "--engine.page-size", "16",
+           "--engine.max-prefill-tokens", "64", "--engine.no-cuda-graphs"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        url, deadline, lines = None, time.monotonic() + 90, []
+        while url is None and time.monotonic() < deadline and proc.poll() is None:
+            line = proc.stdout.readline()
+            lines.append(line)
+            if m := re.search(r"Uvicorn running on (http://127\.0\.0\.1:\d+)", line):
+                url = m.group(1)
+        assert url, "server did not start:\n" + "".join(lines)
+        assert httpx.get(f"{url}/v1/models", timeout=10).json()["data"][0]["id"] == ckpts[0].name
+        r = httpx.post(f"{url}/v1/completions", json={"model": ckpts[0].name, "prompt": "hi", "max_tokens": 2},
+                       timeout=30)
+        assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 2
+    finally:
+        proc.terminate()
+        proc.wait(timeout=15)

@@ -42,6 +42,7 @@ class ServeConfig:
     default_max_tokens: int = 256
     """Completion length for chat requests that set no max_tokens."""
     log_level: Literal["debug", "info", "warning", "error"] = "info"
+    """Server and uvicorn log level; 'info' logs one line per request."""
     engine: EngineConfig = field(default_factory=EngineConfig)
     """Rollout engine settings (KV cache size, batching, prefix cache)."""
 

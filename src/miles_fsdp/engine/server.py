@@ -326,7 +326,8 @@ def build_app(engine, tokenizer, limits: ServerLimits, load_weights: Callable[[s
                     done += 1
                 elif event[0] == "error":
                     status = event[2] if len(event) > 2 else 500
-                    raise ApiError(event[1], status=status, type="invalid_request_error" if status < 500 else "server_error")
+                    raise ApiError(event[1], status=status,
+                                   type="invalid_request_error" if status < 500 else "server_error")
         finally:
             if done < n:  # cancelled (client gone) or failed: free the engine's slots
                 engine_loop.abort(p)
@@ -366,58 +367,47 @@ def build_app(engine, tokenizer, limits: ServerLimits, load_weights: Callable[[s
                 engine_loop.abort(p)
             metrics.latency.labels(endpoint).observe(time.perf_counter() - p.submitted)
 
+    async def openai_reply(p: Pending, body, prompt_len: int, chat: bool, logprobs: bool):
+        endpoint = "/v1/chat/completions" if chat else "/v1/completions"
+        rid, kind = new_id("chatcmpl" if chat else "cmpl"), "chat.completion" if chat else "text_completion"
+
+        def choice(i, text, finish, tokens, lps, delta=False):
+            if chat:
+                return chat_choice(i, text, finish, tokens, lps, delta)
+            return completion_choice(i, text, finish, tokens, lps)
+
+        if body.stream:
+            kind += ".chunk" if chat else ""
+            chunk = lambda *a: envelope(kind, rid, limits.model_name, [choice(*a, delta=True)])  # noqa: E731
+            head = [chunk(i, None, None, None, None) for i in range(body.n)] if chat else ()  # role first
+            tail = None
+            if (body.stream_options or {}).get("include_usage"):
+                tail = lambda k: envelope(kind, rid, limits.model_name, [], usage(prompt_len, k))  # noqa: E731
+            return _sse_response(stream(p, endpoint, chunk, logprobs, head, tail))
+        results, stops = await collect(p, endpoint), body.stop_strings()
+        choices = [choice(r.sample_index, cut_at_stop(decode(r.token_ids), stops)[0], finish_reason(r.finish_reason),
+                          [decode([t]) for t in r.token_ids] if logprobs else None, r.logprobs.tolist())
+                   for r in results]
+        return envelope(kind, rid, limits.model_name, choices,
+                        usage(prompt_len, sum(len(r.token_ids) for r in results)))
+
     @app.post("/v1/completions")
     async def completions(http: HTTPRequest):
         body = parse(CompletionRequest, await http.body())
         check_model(body.model)
         ids = tokenizer.encode(body.prompt) if isinstance(body.prompt, str) else body.prompt
         p = engine_loop.submit(make_request(ids, "prompt", body.max_tokens, "max_tokens", body))
-        rid, want_lp, stops = new_id("cmpl"), body.logprobs is not None, body.stop_strings()
-
-        def chunk(i, text, finish, tokens, lps, usage_=None):
-            choice = completion_choice(i, text, finish, tokens, lps if tokens is not None else None)
-            return envelope("text_completion", rid, limits.model_name, [choice], usage_)
-
-        if body.stream:
-            tail = None
-            if (body.stream_options or {}).get("include_usage"):
-                tail = lambda k: envelope("text_completion", rid, limits.model_name, [], usage(len(ids), k))  # noqa: E731
-            return _sse_response(stream(p, "/v1/completions", chunk, want_lp, tail=tail))
-        results = await collect(p, "/v1/completions")
-        choices = [completion_choice(r.sample_index, cut_at_stop(decode(r.token_ids), stops)[0],
-                                     finish_reason(r.finish_reason),
-                                     [decode([t]) for t in r.token_ids] if want_lp else None, r.logprobs.tolist())
-                   for r in results]
-        return envelope("text_completion", rid, limits.model_name, choices,
-                        usage(len(ids), sum(len(r.token_ids) for r in results)))
+        return await openai_reply(p, body, len(ids), chat=False, logprobs=body.logprobs is not None)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(http: HTTPRequest):
         body = parse(ChatRequest, await http.body())
         check_model(body.model)
         ids = apply_chat_template(tokenizer, [{"role": m.role, "content": m.text()} for m in body.messages])
-        max_new = body.max_new_tokens(limits.default_max_tokens)
         max_field = "max_completion_tokens" if body.max_completion_tokens else "max_tokens"
-        p = engine_loop.submit(make_request(ids, "messages", max_new, max_field, body))
-        rid, stops = new_id("chatcmpl"), body.stop_strings()
-
-        def chunk(i, text, finish, tokens, lps):
-            choice = chat_choice(i, text, finish, tokens, lps, delta=True)
-            return envelope("chat.completion.chunk", rid, limits.model_name, [choice])
-
-        if body.stream:
-            head = [chunk(i, None, None, None, None) for i in range(body.n)]  # role first, as OpenAI does
-            tail = None
-            if (body.stream_options or {}).get("include_usage"):
-                tail = lambda k: envelope("chat.completion.chunk", rid, limits.model_name, [], usage(len(ids), k))  # noqa: E731
-            return _sse_response(stream(p, "/v1/chat/completions", chunk, body.logprobs, head, tail))
-        results = await collect(p, "/v1/chat/completions")
-        choices = [chat_choice(r.sample_index, cut_at_stop(decode(r.token_ids), stops)[0],
-                               finish_reason(r.finish_reason),
-                               [decode([t]) for t in r.token_ids] if body.logprobs else None, r.logprobs.tolist())
-                   for r in results]
-        return envelope("chat.completion", rid, limits.model_name, choices,
-                        usage(len(ids), sum(len(r.token_ids) for r in results)))
+        p = engine_loop.submit(make_request(ids, "messages", body.max_new_tokens(limits.default_max_tokens),
+                                            max_field, body))
+        return await openai_reply(p, body, len(ids), chat=True, logprobs=body.logprobs)
 
     @app.post("/generate")
     async def generate(http: HTTPRequest):
