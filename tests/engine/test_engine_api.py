@@ -1,0 +1,142 @@
+"""Engine API behaviour: stops, abort, memory release, weight updates (versions, no mixing)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from miles_fsdp.engine import Engine, EngineConfig, FinishReason, Request, SamplingParams
+
+from conftest import load_tiny, mock_engine, trainer_logprobs
+
+
+def letters(ids: list[int]) -> str:
+    return "".join(chr(ord("a") + i % 26) for i in ids)
+
+
+def test_stop_token_string_and_length():
+    eng, _ = mock_engine(num_pages=32)
+    eng.detokenize = eng.scheduler.detokenize = letters
+    prompt = list(range(3, 20))
+    [[free]] = eng.generate([Request(prompt, SamplingParams(max_new_tokens=25, seed=3))])
+    assert free.finish_reason is FinishReason.LENGTH and len(free.token_ids) == 25
+    toks = free.token_ids
+    # stop token: the first occurrence of the 6th generated token ends the sample there
+    stop_tok = toks[5]
+    [[a]] = eng.generate([Request(prompt, SamplingParams(max_new_tokens=25, seed=3, stop_token_ids=(stop_tok,)))])
+    assert a.finish_reason is FinishReason.STOP and a.token_ids == toks[: toks.index(stop_tok) + 1]
+    # engine eos ids stop too, unless ignore_eos
+    eng.scheduler.waiting.clear()
+    eng.eos_token_ids = frozenset({stop_tok})
+    [[b], [c]] = eng.generate([Request(prompt, SamplingParams(max_new_tokens=25, seed=3)),
+                               Request(prompt, SamplingParams(max_new_tokens=25, seed=3, ignore_eos=True))])
+    assert b.token_ids == a.token_ids and c.token_ids == toks
+    eng.eos_token_ids = frozenset()
+    # stop string spanning several tokens: cut right after the token completing it
+    text = letters(toks)
+    stop = text[10:13]
+    [[d]] = eng.generate([Request(prompt, SamplingParams(max_new_tokens=25, seed=3, stop_strings=(stop,)))])
+    assert d.finish_reason is FinishReason.STOP and d.token_ids == toks[: text.index(stop) + 3]
+
+
+def test_abort_finishes_with_partial_output_and_frees_pages():
+    eng, _ = mock_engine(num_pages=16)
+    eng.add_request(Request([1, 2, 3], SamplingParams(n=2, max_new_tokens=40, seed=0), request_id="a"))
+    eng.add_request(Request([4, 5, 6], SamplingParams(max_new_tokens=10, seed=0), request_id="b"))
+    done = {}
+    for _ in range(4):
+        eng.step()
+    eng.abort("a")
+    eng.abort("missing")  # unknown ids are a no-op (the request may have just finished)
+    while eng.has_unfinished():
+        for out in eng.step():
+            if out.finished:
+                done[(out.request_id, out.sample_index)] = out.result
+    assert {k: r.finish_reason for k, r in done.items()} == {
+        ("a", 0): FinishReason.ABORT, ("a", 1): FinishReason.ABORT, ("b", 0): FinishReason.LENGTH}
+    assert 0 < len(done[("a", 0)].token_ids) < 40 and len(done[("a", 0)].logprobs) == len(done[("a", 0)].token_ids)
+    assert eng.stats()["num_free_pages"] == 15
+
+
+def test_release_and_resume_memory_keep_samples_exact():
+    reqs = [Request([7, 8, 9] * 7, SamplingParams(n=2, max_new_tokens=12, seed=1), request_id="x")]
+    ref, _ = mock_engine(num_pages=16)
+    [want] = ref.generate(reqs)
+    eng, _ = mock_engine(num_pages=16)
+    eng.add_request(Request(list(reqs[0].prompt_ids), reqs[0].params, "x"))
+    got = {}
+    for _ in range(3):
+        eng.step()
+    eng.release_memory()
+    assert eng.runner.kv_caches is None
+    with pytest.raises(RuntimeError, match="resume_memory"):
+        eng.step()
+    eng.resume_memory()
+    while eng.has_unfinished():
+        for out in eng.step():
+            if out.finished:
+                got[out.sample_index] = out.result
+    for i, w in enumerate(want):
+        assert got[i].token_ids == w.token_ids and torch.equal(got[i].logprobs, w.logprobs)
+
+
+@pytest.fixture(scope="module")
+def two_models(tiny_ckpts, tmp_path_factory):
+    from miles_fsdp.models.testing import build_tiny_checkpoint
+
+    other = build_tiny_checkpoint(tmp_path_factory.mktemp("other") / "m", "qwen3", seed=11, tokenizer=False)
+    return load_tiny(tiny_ckpts["qwen3"]), load_tiny(other)
+
+
+def _clone(model):
+    import copy
+
+    return copy.deepcopy(model)
+
+
+@pytest.mark.parametrize("policy", ["finish", "restart"])
+def test_update_weights_versions_and_no_mixing(two_models, policy):
+    old, new = two_models
+    model = _clone(old)
+    eng = Engine(model, config=EngineConfig(page_size=32, num_pages=32, weight_update=policy), eos_token_ids=[])
+    prompt = list(range(40, 110))  # > 2 pages: cached after the first run
+    p = SamplingParams(n=2, max_new_tokens=10, seed=5)
+    eng.add_request(Request(prompt, p, "early"))
+    eng.add_request(Request([1, 2, 3], p, "queued"))
+    out = []
+    for _ in range(3):
+        out += eng.step()
+    started = {o.request_id for o in out if o.new_token_ids}
+    assert "early" in started, "early must be mid-generation"
+    eng.update_weights(new.state_dict(), version=7)
+    assert eng.weight_version == 7 and eng.stats()["num_cached_pages"] == 0
+    eng.add_request(Request(prompt, p, "late"))
+    results, resets = {}, set()
+    while eng.has_unfinished():
+        for o in eng.step():
+            if o.reset:
+                resets.add(o.request_id)
+            if o.finished:
+                results[(o.request_id, o.sample_index)] = o.result
+    for (rid, _), r in results.items():
+        prompt_ids = prompt if rid != "queued" else [1, 2, 3]
+        on_old = rid in started and policy == "finish"
+        assert r.weight_version == (0 if on_old else 7), (rid, policy)
+        want = trainer_logprobs(old if on_old else new, prompt_ids, r.token_ids, p)
+        assert torch.equal(r.logprobs, want), f"{rid}: tokens mix weight versions"
+    assert resets == (started if policy == "restart" else set())
+    late = [results[("late", i)] for i in range(2)]
+    if policy == "restart":  # both restarted early samples and the late ones run on v7 with one seed
+        assert [r.token_ids for r in late] == [results[("early", i)].token_ids for i in range(2)]
+    for name, param in model.named_parameters():
+        assert torch.equal(param, new.state_dict()[name])
+
+
+def test_update_weights_rejects_bad_state_dict(two_models):
+    eng = Engine(_clone(two_models[0]), config=EngineConfig(page_size=32, num_pages=8), eos_token_ids=[])
+    sd = dict(two_models[1].state_dict())
+    sd.pop("norm.weight")
+    sd["extra"] = torch.zeros(1)
+    with pytest.raises(ValueError, match=r"missing \['norm.weight'\], unexpected \['extra'\]"):
+        eng.update_weights(sd, version=1)
+    assert eng.weight_version == 0
