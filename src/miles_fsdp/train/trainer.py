@@ -118,11 +118,10 @@ class Trainer:
                 ents.append(ent_T)
         return (logps, ents) if entropy else logps
 
-    def train_step(self, micro_batches: list[MicroBatch], loss_fn: LossFn, entropy: bool = False) -> dict[str, float]:
-        """One optimizer step over this rank's micro-batches (gradient accumulation)."""
+    def backward(self, micro_batches: list[MicroBatch], loss_fn: LossFn, entropy: bool = False) -> dict:
+        """Accumulate gradients of the normalised loss over this rank's micro-batches (no
+        optimizer step). Returns on-device sums for `train_step`'s metrics."""
         self.model.train()
-        reset_peak_memory(self.device)
-        t0 = time.perf_counter()
         denom = assign_weights(micro_batches, self.cfg.loss_norm, self.cfg.loss_norm_constant, self.group)
         # FSDP averages gradients over dp ranks; scaling by dp_size makes it the global sum.
         scale = self.dp_size / denom
@@ -140,24 +139,29 @@ class Trainer:
             loss_acc += loss_sum.detach()
             for k, v in stats.items():
                 stats_acc[k] = stats_acc.get(k, 0.0) + torch.as_tensor(v, dtype=torch.float32, device=self.device)
+        return {"denom": denom, "loss_sum": loss_acc, "stats": stats_acc, "tokens": n_tokens}
 
+    def train_step(self, micro_batches: list[MicroBatch], loss_fn: LossFn, entropy: bool = False) -> dict[str, float]:
+        """One optimizer step over this rank's micro-batches: backward (accumulate), clip,
+        AdamW, LR schedule. Collective: every rank calls it, with its own micro-batches."""
+        reset_peak_memory(self.device)
+        t0 = time.perf_counter()
+        acc = self.backward(micro_batches, loss_fn, entropy)
         grad_norm = self._clip_grads()
         finite = bool(torch.isfinite(grad_norm))
-        if finite:
+        if finite:  # a non-finite step is skipped (and reported), never applied
             self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         lr = self.scheduler.get_last_lr()[0]
         self.scheduler.step()
         self.step += 1
 
-        names = sorted(stats_acc)
-        red = torch.stack([loss_acc, *[stats_acc[k].reshape(()) for k in names],
-                           torch.tensor(float(n_tokens), device=self.device)])
+        names = sorted(acc["stats"])
+        red = torch.stack([acc["loss_sum"], *[acc["stats"][k].reshape(()) for k in names],
+                           torch.tensor(float(acc["tokens"]), device=self.device)])
         dist.all_reduce(red, group=self.group)
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
+        red, denom = red.tolist(), acc["denom"]  # host sync: the step's device work is done
         dt = time.perf_counter() - t0
-        red = red.tolist()
         tokens = red[-1]
         metrics = {
             "train/loss": red[0] / denom,

@@ -1,0 +1,42 @@
+"""torchrun worker for the 2-rank tests: gradients of each split, and a short training run.
+
+    torchrun --nproc-per-node 2 tests/train/dist_worker.py OUT.pt
+Rank r takes sequences r::world of the global batch. Writes {case: grads} and the losses
+of 3 training steps to OUT.pt (rank 0).
+"""
+
+import sys
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+sys.path.insert(0, str(Path(__file__).parent))
+from common import SEQ_LEN, full_grads, global_batch, make_trainer, pg_loss  # noqa: E402
+from tiny_model import TinyLM  # noqa: E402
+
+from miles_fsdp.parallel import init_distributed  # noqa: E402
+
+
+def main(out: str) -> None:
+    init_distributed()
+    rank, world = dist.get_rank(), dist.get_world_size()
+    mine = global_batch()[rank::world]
+    result = {}
+    # (norm, per-rank token budget): 4 seqs/rank as 1x4, 2x2, 4x1; "uneven": rank 0 packs
+    # 1 micro-batch, rank 1 packs 4 (exercises the dummy micro-batches).
+    for norm in ("token_mean", "seq_mean", "constant"):
+        for name, budget in (("1", 4 * SEQ_LEN), ("2", 2 * SEQ_LEN), ("4", SEQ_LEN),
+                             ("uneven", 4 * SEQ_LEN if rank == 0 else SEQ_LEN)):
+            trainer = make_trainer(TinyLM(), norm, budget)
+            trainer.backward(trainer.pack(mine), pg_loss)
+            result[(norm, name)] = full_grads(trainer)
+    trainer = make_trainer(TinyLM(), "token_mean", 2 * SEQ_LEN)
+    result["losses"] = [trainer.train_step(trainer.pack(mine), pg_loss)["train/loss"] for _ in range(3)]
+    if rank == 0:
+        torch.save(result, out)
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])
