@@ -72,3 +72,13 @@ def test_init_weights_is_seeded_and_meta_safe(ckpt):
     assert torch.equal(sd0["layers.0.attn.wq.bias"], torch.zeros(64))
     seqs = [torch.arange(7)]
     assert torch.isfinite(packed_logits(models[0], seqs)).all()
+
+
+@torch.no_grad()
+def test_bf16_forward_tracks_fp32(ckpt):
+    path = ckpt("qwen3_moe")
+    seqs = [torch.arange(3, 30), torch.tensor([1, 2, 3])]
+    want = packed_logits(load_ours(path), seqs)
+    got = packed_logits(load_ours(path, dtype=torch.bfloat16), seqs)
+    assert got.dtype == torch.bfloat16
+    assert rel_err(got.float(), want) < 0.05

@@ -162,6 +162,8 @@ def save_hf(
         state_dict = state_dict_or_model
     if args is None:
         raise ValueError("save_hf: pass `args` (ModelArgs) when saving a plain state dict")
+    if not args.hf_config:
+        raise ValueError("save_hf: args.hf_config is empty; build ModelArgs with ModelArgs.from_hf so config.json can be written")
     table = ours_to_hf(args)
     missing, extra = sorted(set(table) - set(state_dict)), sorted(set(state_dict) - set(table))
     if missing or extra:
@@ -177,7 +179,7 @@ def save_hf(
             if size + n_bytes > max_shard_bytes and shards[-1]:
                 shards.append([])
                 size = 0
-            shards[-1].append((hf, name, e if len(hf_names) > 1 or ".mlp.experts." in hf else None))
+            shards[-1].append((hf, name, e if ".mlp.experts." in hf else None))
             size += n_bytes
             total += n_bytes
 
@@ -187,12 +189,14 @@ def save_hf(
         stale.unlink(missing_ok=True)
     n = len(shards)
     weight_map = {}
+    gathered: tuple[str | None, torch.Tensor | None] = (None, None)
     for i, shard in enumerate(shards):
         file = SINGLE_FILE if n == 1 else f"model-{i + 1:05d}-of-{n:05d}.safetensors"
         tensors = {}
         for hf, name, e in shard:
-            t = _full(state_dict[name])
-            t = t[e] if e is not None else t
+            if gathered[0] != name:  # experts of one param are consecutive: gather it once
+                gathered = (name, _full(state_dict[name]))
+            t = gathered[1][e] if e is not None else gathered[1]
             tensors[hf] = t.detach().to(device="cpu", dtype=dtype or t.dtype).clone().contiguous()
             weight_map[hf] = file
         save_file(tensors, str(path / file), metadata={"format": "pt"})

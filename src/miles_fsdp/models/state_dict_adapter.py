@@ -119,14 +119,3 @@ def ours_to_hf(args: ModelArgs) -> dict[str, list[str]]:
     for hf, (ours, e) in hf_table(args).items():
         out.setdefault(ours, []).append(hf)
     return out
-
-
-def to_hf(hf_names: list[str], tensor_X):
-    """Yield (hf_name, tensor) for one param; a stacked expert param [E, ...] splits per expert."""
-    if ".mlp.experts." not in hf_names[0]:
-        yield hf_names[0], tensor_X
-        return
-    if tensor_X.shape[0] != len(hf_names):
-        raise ValueError(f"{hf_names[0]}: expected {len(hf_names)} experts, got tensor of shape {tuple(tensor_X.shape)}")
-    for e, hf in enumerate(hf_names):
-        yield hf, tensor_X[e]
