@@ -144,8 +144,10 @@ class Transformer(nn.Module):
         return self.norm(h_TD)
 
     def logits(self, hidden_TD: torch.Tensor) -> torch.Tensor:
-        weight = self.embed.weight if self.lm_head is None else self.lm_head.weight
-        return mk.linear(hidden_TD, weight)
+        # untied: call the module, so FSDP's pre-forward hook unshards lm_head's weight
+        if self.lm_head is not None:
+            return self.lm_head(hidden_TD)
+        return mk.linear(hidden_TD, self.embed.weight)
 
     def _rope(self, device: torch.device) -> tuple[torch.Tensor, float]:
         # A plain cache, not a buffer: to_empty() on a meta model must not wipe it.
