@@ -18,6 +18,7 @@ import torch
 from prometheus_client.parser import text_string_to_metric_families
 from transformers import AutoTokenizer
 
+from miles_fsdp.engine.protocol import IncrementalText
 from miles_fsdp.engine.sequence import FinishReason, Result, StepOutput, Timings
 from miles_fsdp.engine.server import ServerLimits, ServerThread, build_app
 from miles_fsdp.models.testing import write_tiny_tokenizer
@@ -215,7 +216,8 @@ def test_concurrent_load_all_answered(server):
 
     async def one(client, k):
         if k % 2:
-            r = await client.post("/generate", json={"input_ids": [97 + k % 26], "sampling_params": {"max_new_tokens": 4}})
+            body = {"input_ids": [97 + k % 26], "sampling_params": {"max_new_tokens": 4}}
+            r = await client.post("/generate", json=body)
             return r.status_code, r.json()["outputs"][0]["text"], expected([97 + k % 26], 4)
         r = await client.post("/v1/completions", json={"model": MODEL, "prompt": [97 + k % 26], "max_tokens": 3})
         return r.status_code, r.json()["choices"][0]["text"], expected([97 + k % 26], 3)
@@ -276,3 +278,14 @@ def test_metrics_parse_and_count(server):
     assert samples[("miles_generated_tokens_total", ())] >= 3
     assert samples[("miles_queue_depth", ())] == 0
     assert samples[("miles_request_latency_seconds_count", (("endpoint", "/generate"),))] >= 1
+
+
+def test_incremental_text_holds_back_split_chars_and_stop_prefixes(tokenizer):
+    decode = lambda ids: tokenizer.decode(ids, skip_special_tokens=True)  # noqa: E731
+    t = IncrementalText(decode, [])
+    assert [t.push([195]), t.push([169]), t.push(list(b"t")), t.finish()] == ["", "\u00e9", "t", ""]  # é = C3 A9
+    t = IncrementalText(decode, ["END"])
+    pieces = [t.push(list(b"abE")), t.push(list(b"N")), t.push(list(b"Dzz")), t.finish()]
+    assert pieces == ["a", "b", "", ""] and t.stopped
+    t = IncrementalText(decode, ["END"])
+    assert "".join([t.push(list(b"xEN")), t.push(list(b"y")), t.finish()]) == "xENy"

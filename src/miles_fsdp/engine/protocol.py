@@ -196,7 +196,7 @@ _EXPECT = {
     "stop": "a string or a list of strings",
     "content": "a string or a list of {'type': 'text', 'text': ...} parts",
 }
-_RENAMED = {"max_tokens": "max_new_tokens", "stop_strings": "stop", "prompt": "text", "max_new_tokens": "max_tokens"}
+_RENAMED = {"max_tokens": "max_new_tokens", "max_new_tokens": "max_tokens", "stop_strings": "stop"}
 
 
 def finish_reason(value) -> str:

@@ -123,24 +123,24 @@ class EngineLoop:
     def _run(self) -> None:
         while not self._stop.is_set():
             try:
-                # block briefly only when there is nothing to step
-                wait = None if self.engine.has_unfinished() else self.idle_wait_s
-                item = self._inbox.get(timeout=wait) if wait else self._inbox.get_nowait()
-                while True:
-                    self._handle(item)
-                    item = self._inbox.get_nowait()
-            except queue.Empty:
-                pass
-            if not self.engine.has_unfinished():
-                continue
-            try:
-                outputs = self.engine.step()
+                self._tick()
             except Exception as e:  # keep serving: fail what was running, drop it, go on
-                log.exception("engine.step() failed")
+                log.exception("engine loop: step failed")
                 self.metrics.engine_errors.inc()
                 self._fail_all(f"engine error: {type(e).__name__}: {e}")
-                continue
-            self._dispatch(outputs)
+
+    def _tick(self) -> None:
+        try:
+            # block briefly only when there is nothing to step
+            wait = None if self.engine.has_unfinished() else self.idle_wait_s
+            item = self._inbox.get(timeout=wait) if wait else self._inbox.get_nowait()
+            while True:
+                self._handle(item)
+                item = self._inbox.get_nowait()
+        except queue.Empty:
+            pass
+        if self.engine.has_unfinished():
+            self._dispatch(self.engine.step())
 
     def _handle(self, item: tuple) -> None:
         try:
