@@ -74,7 +74,6 @@ class Pending:
     submitted: float
     open_samples: int = 1
     first_token: float | None = None
-    added: bool = False
 
     def put(self, event: tuple) -> None:  # engine thread
         self.loop.call_soon_threadsafe(self.events.put_nowait, event)
@@ -128,6 +127,7 @@ class EngineLoop:
                 log.exception("engine loop: step failed")
                 self.metrics.engine_errors.inc()
                 self._fail_all(f"engine error: {type(e).__name__}: {e}")
+                time.sleep(self.idle_wait_s)  # a persistently broken engine must not spin the CPU
 
     def _tick(self) -> None:
         try:
@@ -159,7 +159,6 @@ class EngineLoop:
                 log.exception("engine.add_request failed")
                 self._finish(arg, ("error", f"engine rejected the request: {type(e).__name__}: {e}", 500))
                 return
-            arg.added = True
             self._live[arg.request.request_id] = arg
         elif kind == "abort":
             if self._live.get(arg.request.request_id) is arg:
