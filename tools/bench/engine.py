@@ -1,0 +1,215 @@
+"""Offline throughput of the rollout engine vs transformers, and vs the memory roofline.
+
+Random-weight Qwen3-0.6B- and Qwen3-8B-shaped models in bf16 (built on meta, initialised on
+the device: no files). Every sample generates exactly `new` tokens (temperature 1, eos
+ignored). Rows: our engine in invariant mode (the on-policy default) and in fast mode
+(mk.use_mode("fast"): cuBLAS/SDPA, no bitwise guarantee), transformers `generate`
+(static padded batch) and transformers continuous batching (`generate_batch`, if the
+installed version has it). Transformers and fast mode run on a subset (see `plan`).
+roofline_tok_s: tokens/s if every decode step only streamed the weights plus the KV read
+by the step at the measured HBM bandwidth (prefill ignored): an upper bound for decode.
+
+    python tools/bench/engine.py --out bench_engine.json           # full sweep, ~6 min on an H100
+    python tools/bench/engine.py --quick --out bench_engine.json   # smaller sweep
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import platform
+import time
+import traceback
+
+import torch
+
+import miles_kernels as mk
+from miles_fsdp.engine import Engine, EngineConfig, Request, SamplingParams
+from miles_fsdp.models import ModelArgs, Transformer
+
+_QWEN3 = dict(architectures=["Qwen3ForCausalLM"], vocab_size=151936, max_position_embeddings=40960,
+              rms_norm_eps=1e-6, rope_theta=1e6, head_dim=128, num_key_value_heads=8, hidden_act="silu")
+SHAPES = {
+    "qwen3-0.6b": dict(_QWEN3, hidden_size=1024, intermediate_size=3072, num_hidden_layers=28,
+                       num_attention_heads=16, tie_word_embeddings=True),
+    "qwen3-8b": dict(_QWEN3, hidden_size=4096, intermediate_size=12288, num_hidden_layers=36,
+                     num_attention_heads=32, tie_word_embeddings=False),
+}
+
+
+def plan(quick: bool) -> list[tuple[str, str, int, int, int]]:
+    """(model, system, batch, prompt, new) rows, cheapest first within each model."""
+    rows = []
+    grid = [(b, p, n) for b in (64, 256) for p in (128, 1024) for n in (256, 1024)]
+    if quick:
+        grid = [(64, 128, 256), (256, 1024, 256)]
+    for model in SHAPES:
+        g = grid if model == "qwen3-0.6b" or quick else [x for x in grid if x[2] == 256]
+        rows += [(model, "engine", *x) for x in g]
+        rows += [(model, "engine-fast", *x) for x in g if x[2] == 256 and x[1] == 128]
+        rows += [(model, "hf-generate", 64, 128, 256), (model, "hf-generate-batch", 64, 128, 256)]
+    return rows
+
+
+def build(name: str) -> Transformer:
+    args = ModelArgs.from_hf(dict(SHAPES[name]))
+    with torch.device("meta"):
+        model = Transformer(args)
+    model.to_empty(device="cuda")
+    with torch.no_grad():
+        for pname, p in model.named_parameters():
+            if pname.endswith("norm.weight"):
+                p.fill_(1.0)
+            else:
+                p.normal_(0.0, 0.02)
+    return model.to(torch.bfloat16).eval()
+
+
+def hbm_bandwidth() -> float:
+    x = torch.empty(1 << 30, dtype=torch.uint8, device="cuda")
+    y = torch.empty_like(x)
+    y.copy_(x)
+    torch.cuda.synchronize()
+    t = time.perf_counter()
+    for _ in range(10):
+        y.copy_(x)
+    torch.cuda.synchronize()
+    return 10 * 2 * x.numel() / (time.perf_counter() - t)  # read + write
+
+
+def roofline_tok_s(args: ModelArgs, weight_bytes: int, bw: float, batch: int, prompt: int, new: int) -> float:
+    kv_tok = 2 * args.n_layers * args.n_kv_heads * args.head_dim * 2
+    step_bytes = weight_bytes + batch * (prompt + new / 2) * kv_tok  # mean KV read per step
+    return batch * bw / step_bytes
+
+
+def prompts(batch: int, length: int, vocab: int, seed: int) -> list[list[int]]:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, vocab, (batch, length), generator=g).tolist()
+
+
+def run_engine(engine: Engine, ids: list[list[int]], new: int) -> dict:
+    p = SamplingParams(temperature=1.0, max_new_tokens=new, ignore_eos=True, seed=0)
+    before = engine.stats()["num_preemptions"]
+    torch.cuda.synchronize()
+    t = time.perf_counter()
+    res = engine.generate([Request(x, p) for x in ids])
+    torch.cuda.synchronize()
+    wall = time.perf_counter() - t
+    assert all(len(r[0].token_ids) == new for r in res)
+    return dict(wall_s=wall, preemptions=engine.stats()["num_preemptions"] - before)
+
+
+def hf_model(name: str):
+    import transformers as tf
+
+    cfg = tf.Qwen3Config(**{k: v for k, v in SHAPES[name].items() if k != "architectures"})
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(torch.bfloat16)  # no fp32 copy of an 8B model on the way
+    try:
+        with torch.device("cuda"):
+            return tf.Qwen3ForCausalLM(cfg).eval()
+    finally:
+        torch.set_default_dtype(default)
+
+
+def run_hf(model, system: str, ids: list[list[int]], new: int) -> dict:
+    from transformers import GenerationConfig
+
+    gc_ = GenerationConfig(max_new_tokens=new, min_new_tokens=new, do_sample=True, temperature=1.0, top_k=0,
+                           eos_token_id=None, pad_token_id=0)
+    torch.cuda.synchronize()
+    t = time.perf_counter()
+    if system == "hf-generate":
+        x = torch.tensor(ids, device="cuda")
+        with torch.no_grad():
+            out = model.generate(input_ids=x, attention_mask=torch.ones_like(x), generation_config=gc_)
+        assert out.shape[1] == x.shape[1] + new
+    else:
+        if not hasattr(model, "generate_batch"):
+            return dict(skipped="transformers has no generate_batch")
+        with torch.no_grad():
+            model.generate_batch(inputs=ids, generation_config=gc_)
+    torch.cuda.synchronize()
+    return dict(wall_s=time.perf_counter() - t)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="smaller sweep")
+    ap.add_argument("--out", default="bench_engine.json", help="JSON results file")
+    ap.add_argument("--budget-s", type=float, default=330.0, help="skip rows once this much time has passed")
+    ap.add_argument("--kv-fraction", type=float, default=0.85, help="EngineConfig.kv_memory_fraction")
+    a = ap.parse_args()
+    if not torch.cuda.is_available():
+        raise SystemExit("tools/bench/engine.py needs a CUDA device")
+    t0, bw = time.perf_counter(), hbm_bandwidth()
+    meta = dict(device=torch.cuda.get_device_name(), torch=torch.__version__, host=platform.node(),
+                date=time.strftime("%Y-%m-%d"), hbm_gb_s=bw / 1e9, quick=a.quick)
+    results = []
+    rows = plan(a.quick)
+    for model_name in SHAPES:
+        model = build(model_name)
+        weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+        engines: dict[str, Engine] = {}
+        for i, (m, system, batch, plen, new) in enumerate(rows):
+            if m != model_name:
+                continue
+            row = dict(model=m, system=system, batch=batch, prompt=plen, new=new)
+            row["roofline_tok_s"] = roofline_tok_s(model.args, weight_bytes, bw, batch, plen, new)
+            if time.perf_counter() - t0 > a.budget_s:
+                results.append({**row, "skipped": "time budget"})
+                continue
+            ids = prompts(batch, plen, model.args.vocab_size, seed=i)
+            try:
+                if system.startswith("engine"):
+                    mode = "fast" if system == "engine-fast" else "invariant"
+                    with mk.use_mode(mode):
+                        if system not in engines:
+                            engines.clear()
+                            gc.collect()
+                            torch.cuda.empty_cache()
+                            engines[system] = Engine(model, config=EngineConfig(
+                                page_size=64, kv_memory_fraction=a.kv_fraction, max_model_len=4096))
+                            run_engine(engines[system], prompts(8, 64, 1000, seed=12345), 8)  # compile
+                        row.update(run_engine(engines[system], ids, new))
+                else:
+                    engines.clear()
+                    gc.collect()
+                    torch.cuda.empty_cache()
+                    hf = hf_model(m)
+                    row.update(run_hf(hf, system, ids, new))
+                    del hf
+            except Exception as e:  # noqa: BLE001 - one failing row must not lose the sweep
+                traceback.print_exc()
+                row["skipped"] = f"{type(e).__name__}: {str(e)[:160]}"
+            if "wall_s" in row:
+                row["output_tok_s"] = batch * new / row["wall_s"]
+                row["pct_roofline"] = 100 * row["output_tok_s"] / row["roofline_tok_s"]
+            results.append(row)
+            print_row(row)
+        engines.clear()
+        del model
+        gc.collect()
+        torch.cuda.empty_cache()
+    with open(a.out, "w") as f:
+        json.dump(dict(meta=meta, results=results), f, indent=1)
+    print(f"\n{meta['device']}, HBM {meta['hbm_gb_s']:.0f} GB/s, {time.perf_counter() - t0:.0f} s; wrote {a.out}")
+
+
+def print_row(r: dict) -> None:
+    if not hasattr(print_row, "header"):
+        print_row.header = True
+        print(f"{'model':<11} {'system':<18} {'batch':>5} {'prompt':>6} {'new':>5} {'wall s':>7} "
+              f"{'out tok/s':>9} {'roofline':>9} {'%':>5}  note")
+    wall = f"{r['wall_s']:7.1f}" if "wall_s" in r else f"{'-':>7}"
+    tps = f"{r['output_tok_s']:9.0f}" if "output_tok_s" in r else f"{'-':>9}"
+    pct = f"{r['pct_roofline']:5.1f}" if "pct_roofline" in r else f"{'-':>5}"
+    note = r.get("skipped", f"preempt {r['preemptions']}" if "preemptions" in r else "")
+    print(f"{r['model']:<11} {r['system']:<18} {r['batch']:>5} {r['prompt']:>6} {r['new']:>5} {wall} {tps} "
+          f"{r['roofline_tok_s']:9.0f} {pct}  {note}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
