@@ -10,6 +10,7 @@ sharded (each rank writes its shards), so save and load are collective.
 
 from __future__ import annotations
 
+import json
 import pickle
 import re
 import shutil
@@ -82,6 +83,20 @@ def _state(trainer, extra_blob: bytes, rng_blob: bytes) -> dict:
             f"rng/rank{dist.get_rank()}": rng_blob}
 
 
+def _write_model_config(model, path: Path) -> None:
+    # config.json + tokenizer files make a step dir self-describing for `miles-fsdp convert`
+    args = getattr(model, "args", None)
+    if args is None or not getattr(args, "hf_config", None):
+        return
+    (path / "config.json").write_text(json.dumps(args.hf_config, indent=2, sort_keys=True))
+    if args.source_dir:
+        from miles_fsdp.models.hf_io import SIDE_FILES
+
+        for name in SIDE_FILES:
+            if (Path(args.source_dir) / name).is_file():
+                shutil.copy2(Path(args.source_dir) / name, path / name)
+
+
 def save_checkpoint(trainer, root: str | Path, extra: dict | None = None, keep: int = 0) -> Path:
     """Write step_<trainer.step> atomically under `root`; collective. Returns its path."""
     root = Path(root)
@@ -94,6 +109,7 @@ def save_checkpoint(trainer, root: str | Path, extra: dict | None = None, keep: 
     dcp.save(_state(trainer, pickle.dumps(extra or {}), _rng_state()), checkpoint_id=str(tmp))
     dist.barrier()
     if dist.get_rank() == 0:
+        _write_model_config(trainer.model, tmp)
         shutil.rmtree(final, ignore_errors=True)
         tmp.rename(final)
         if keep > 0:

@@ -70,6 +70,24 @@ def _flop_params(model: nn.Module) -> int:
     return n
 
 
+def packed_logprobs(model: nn.Module, mb: MicroBatch, device, temperature: float, entropy: bool = False):
+    """(logp_T, entropy_T or None) of mb's targets; the one forward the trainer and the
+    reference policy share."""
+    _, meta, slot_T = packed_inputs(mb.cu_seqlens.to(device))
+    hidden_TD = model(mb.ids_T.to(device), mb.pos_T.to(device), meta, slot_T)
+    logits_TV = model.logits(hidden_TD)
+    return mk.logprobs(logits_TV, mb.targets_T.to(device), temperature, entropy=entropy)
+
+
+def pad_micro_batches(micro_batches: list[MicroBatch], group) -> list[MicroBatch]:
+    """Append dummy micro-batches up to the largest count on any rank (FSDP collectives
+    must match across ranks)."""
+    n = torch.tensor([len(micro_batches)], dtype=torch.int64)
+    dist.all_reduce(n, op=dist.ReduceOp.MAX, group=group)
+    pad = int(n) - len(micro_batches)
+    return list(micro_batches) + [dummy_like(micro_batches[0] if micro_batches else None) for _ in range(pad)]
+
+
 class Trainer:
     def __init__(self, model: nn.Module, cfg: TrainerConfig, mesh=None, device: torch.device | None = None):
         self.cfg = cfg
@@ -93,17 +111,10 @@ class Trainer:
         return pack(seqs, self.cfg.max_tokens_per_micro_batch)
 
     def _logprobs(self, mb: MicroBatch, entropy: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
-        dev = self.device
-        _, meta, slot_T = packed_inputs(mb.cu_seqlens.to(dev))
-        hidden_TD = self.model(mb.ids_T.to(dev), mb.pos_T.to(dev), meta, slot_T)
-        logits_TV = self.model.logits(hidden_TD)
-        return mk.logprobs(logits_TV, mb.targets_T.to(dev), self.cfg.temperature, entropy=entropy)
+        return packed_logprobs(self.model, mb, self.device, self.cfg.temperature, entropy)
 
     def _pad(self, micro_batches: list[MicroBatch]) -> list[MicroBatch]:
-        n = torch.tensor([len(micro_batches)], dtype=torch.int64)
-        dist.all_reduce(n, op=dist.ReduceOp.MAX, group=self.group)
-        pad = int(n) - len(micro_batches)
-        return list(micro_batches) + [dummy_like(micro_batches[0] if micro_batches else None) for _ in range(pad)]
+        return pad_micro_batches(micro_batches, self.group)
 
     @torch.no_grad()
     def forward_logprobs(self, micro_batches: list[MicroBatch], entropy: bool = False):

@@ -1,0 +1,34 @@
+"""Frozen reference policy for the KL term: a second copy of the initial weights, sharded
+on the trainer's mesh like the policy, optionally kept on the CPU between uses
+(FSDP2 CPUOffloadPolicy: each block is copied to the device only while it runs)."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+from miles_fsdp.parallel import ParallelConfig, parallelize
+from miles_fsdp.train.packing import MicroBatch
+from miles_fsdp.train.trainer import Trainer, pad_micro_batches, packed_logprobs
+
+
+class ReferencePolicy:
+    def __init__(self, model: nn.Module, trainer: Trainer, cpu_offload: bool = False):
+        """`model`: unsharded copy of the initial policy weights (e.g. `export.load_model`)."""
+        cfg = ParallelConfig(replicate=trainer.cfg.parallel.replicate, param_dtype=trainer.cfg.parallel.param_dtype,
+                             activation_checkpointing=False, cpu_offload=cpu_offload)
+        model.requires_grad_(False)
+        self.model = parallelize(model, trainer.mesh, cfg, trainer.device)
+        self.model.eval()
+        self.device, self.group, self.temperature = trainer.device, trainer.group, trainer.cfg.temperature
+
+    @torch.no_grad()
+    def ref_logprobs(self, micro_batches: list[MicroBatch]) -> list[torch.Tensor]:
+        """fp32 log-prob of every target position under the reference, one [T] tensor per
+        micro-batch. Collective: every rank must call it."""
+        out = []
+        for mb in pad_micro_batches(micro_batches, self.group):
+            logp_T, _ = packed_logprobs(self.model, mb, self.device, self.temperature)
+            if not mb.dummy:
+                out.append(logp_T)
+        return out

@@ -1,0 +1,113 @@
+"""Supervised fine-tuning: the trainer, checkpoints and metrics on a jsonl of
+prompt/response pairs or chat conversations (see `sft_data.py`).
+
+Data order is a function of the step (a seeded permutation per epoch), so the data
+position saved in a checkpoint is the step and a resumed run sees exactly the batches the
+uninterrupted run would have seen.
+
+    torchrun --nproc-per-node 8 -m miles_fsdp.commands.sft --model DIR --data train.jsonl
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from miles_fsdp.observe.metrics import MetricsLogger
+from miles_fsdp.observe.progress import Progress
+from miles_fsdp.parallel import init_distributed
+from miles_fsdp.train.checkpoint import (CheckpointConfig, StopSignal, latest_checkpoint, load_checkpoint,
+                                         save_checkpoint)
+from miles_fsdp.train.export import export_hf, load_model
+from miles_fsdp.train.loss import sft_loss
+from miles_fsdp.train.packing import TrainSeq
+from miles_fsdp.train.sft_data import load_sft_jsonl
+from miles_fsdp.train.trainer import Trainer, TrainerConfig
+
+
+@dataclass
+class SFTConfig:
+    model: str
+    """HF checkpoint directory to start from (config.json, safetensors, tokenizer)."""
+    data: str
+    """jsonl: one {"prompt", "response"} or {"messages": [...]} object per line."""
+    out: str = "runs/sft"
+    """Run directory: metrics.jsonl, tensorboard, checkpoints/ (unless checkpoint.dir is set), hf/."""
+    steps: int = 100
+    """Optimizer steps to run."""
+    global_batch_size: int = 8
+    """Sequences per optimizer step, summed over all ranks."""
+    max_seq_len: int = 4096
+    """Longer examples are truncated to this many tokens."""
+    seed: int = 0
+    """Seed of the data order."""
+    export_hf: bool = True
+    """Write the final weights as an HF checkpoint to <out>/hf."""
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+
+    def __post_init__(self):
+        if not Path(self.model).is_dir():
+            raise ValueError(f"SFTConfig.model={self.model!r}: not a directory; pass an HF checkpoint directory")
+        if not Path(self.data).is_file():
+            raise ValueError(f"SFTConfig.data={self.data!r}: file not found")
+        if self.steps < 1 or self.global_batch_size < 1 or self.max_seq_len < 2:
+            raise ValueError("SFTConfig: steps and global_batch_size must be >= 1, max_seq_len >= 2")
+        if self.max_seq_len > self.trainer.max_tokens_per_micro_batch:
+            raise ValueError(
+                f"SFTConfig.max_seq_len={self.max_seq_len} exceeds trainer.max_tokens_per_micro_batch="
+                f"{self.trainer.max_tokens_per_micro_batch}; a sequence must fit one micro-batch"
+            )
+        if not self.checkpoint.dir:
+            self.checkpoint.dir = str(Path(self.out) / "checkpoints")
+
+
+def batch_for_step(examples: list[TrainSeq], step: int, batch_size: int, seed: int) -> list[TrainSeq]:
+    """The global batch of `step`: items step*B .. step*B+B-1 of an endless stream of
+    seeded per-epoch permutations."""
+    n, out = len(examples), []
+    for i in range(step * batch_size, (step + 1) * batch_size):
+        epoch, j = divmod(i, n)
+        perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100003 + epoch))
+        out.append(examples[int(perm[j])])
+    return out
+
+
+def train_sft(cfg: SFTConfig) -> list[dict]:
+    """Run SFT; return the metrics of every step run (rank 0 also writes them to disk)."""
+    init_distributed()
+    rank, world = dist.get_rank(), dist.get_world_size()
+    from transformers import AutoTokenizer
+
+    examples = load_sft_jsonl(cfg.data, AutoTokenizer.from_pretrained(cfg.model), cfg.max_seq_len)
+    trainer = Trainer(load_model(cfg.model), cfg.trainer)
+    ck = cfg.checkpoint
+    resume = latest_checkpoint(ck.dir) if ck.resume == "auto" else None if ck.resume == "never" else ck.resume
+    if resume is not None:
+        load_checkpoint(trainer, resume)
+    logger = MetricsLogger(cfg.out, enabled=rank == 0)
+    progress = Progress(cfg.steps, start=trainer.step, desc="sft", enabled=rank == 0)
+    stop = StopSignal()
+    history = []
+    try:
+        while trainer.step < cfg.steps:
+            seqs = batch_for_step(examples, trainer.step, cfg.global_batch_size, cfg.seed)[rank::world]
+            metrics = trainer.train_step(trainer.pack(seqs), sft_loss)
+            history.append(metrics)
+            logger.log(trainer.step, metrics)
+            progress.update(trainer.step, metrics)
+            stopping = stop.requested()
+            if stopping or (ck.interval and trainer.step % ck.interval == 0) or trainer.step == cfg.steps:
+                save_checkpoint(trainer, ck.dir, extra={"data_step": trainer.step}, keep=ck.keep)
+            if stopping:
+                break
+        if cfg.export_hf and trainer.step == cfg.steps:
+            export_hf(trainer.model, Path(cfg.out) / "hf")
+    finally:
+        stop.restore()
+        progress.close()
+        logger.close()
+    return history
