@@ -21,9 +21,9 @@ class DataError(ValueError):
     """A bad line in a data file; the message names the file and line."""
 
 
-def _render(tok, messages: list[dict]) -> list[int]:
-    ids = tok.apply_chat_template(messages, tokenize=True, add_generation_prompt=False)
-    return list(ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids)
+def _render(tok, messages: list[dict], generation_prompt: bool = False) -> list[int]:
+    ids = tok.apply_chat_template(messages, tokenize=True, add_generation_prompt=generation_prompt)
+    return list(ids["input_ids"] if hasattr(ids, "keys") else ids)
 
 
 def _from_messages(tok, messages, where: str) -> TrainSeq:
@@ -40,9 +40,15 @@ def _from_messages(tok, messages, where: str) -> TrainSeq:
                 f"{where}: the chat template renders messages[{i}] by changing earlier turns, so the "
                 f"assistant tokens cannot be located; use prompt/response lines for this template"
             )
+        n_head = 0
+        if m["role"] == "assistant":
+            # the "<|im_start|>assistant\n" header is prompt, not something the model must learn
+            head = _render(tok, messages[:i], generation_prompt=True) if i else []
+            if head[: len(tokens)] == tokens and ids[: len(head)] == head:
+                n_head = len(head) - len(tokens)
         new = ids[len(tokens):]
         tokens += new
-        mask += [int(m["role"] == "assistant")] * len(new)
+        mask += [0] * n_head + [int(m["role"] == "assistant")] * (len(new) - n_head)
     return TrainSeq(tokens=tokens, loss_mask=mask)
 
 
