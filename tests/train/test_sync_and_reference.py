@@ -1,0 +1,53 @@
+"""Weight sync gives exactly param.to(bf16) under the plain names; the reference policy is
+frozen and matches the trainer before any step; AC changes neither names nor numbers."""
+
+import pytest
+import torch
+
+from miles_fsdp.models.testing import build_tiny_checkpoint
+from miles_fsdp.parallel import ParallelConfig
+from miles_fsdp.train.export import load_model
+from miles_fsdp.train.loss import sft_loss
+from miles_fsdp.train.packing import TrainSeq
+from miles_fsdp.train.reference import ReferencePolicy
+from miles_fsdp.train.trainer import Trainer, TrainerConfig
+from miles_fsdp.train.optim import OptimConfig
+from miles_fsdp.train.weight_sync import iter_weight_buckets, sync_weights
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    return build_tiny_checkpoint(tmp_path_factory.mktemp("tiny"), "qwen3")
+
+
+def _seqs():
+    g = torch.Generator().manual_seed(0)
+    return [TrainSeq(torch.randint(0, 300, (n,), generator=g).tolist()) for n in (9, 17, 5)]
+
+
+def test_weight_sync_and_reference(ckpt):
+    plain = load_model(ckpt)
+    want = {k: v.to(torch.bfloat16) for k, v in plain.state_dict().items()}
+    cfg = TrainerConfig(optim=OptimConfig(lr=1e-2), max_tokens_per_micro_batch=32,
+                        parallel=ParallelConfig(activation_checkpointing=True))
+    trainer = Trainer(load_model(ckpt), cfg)
+    ref = ReferencePolicy(load_model(ckpt), trainer, cpu_offload=True)
+
+    buckets = list(iter_weight_buckets(trainer.model, torch.bfloat16, bucket_bytes=64 * 1024))
+    assert len(buckets) > 1
+    got = {k: v for b in buckets for k, v in b.items()}
+    assert got.keys() == want.keys()  # no checkpoint-wrapper or FSDP prefixes
+    assert all(torch.equal(got[k], want[k]) for k in want)
+
+    mbs = trainer.pack(_seqs())
+    logp_before = trainer.forward_logprobs(mbs)
+    ref_logp = ref.ref_logprobs(mbs)
+    assert all(torch.equal(a, b) for a, b in zip(logp_before, ref_logp))
+
+    trainer.train_step(mbs, sft_loss)
+    pushed = {}
+    metrics = sync_weights(trainer.model, pushed.update, torch.bfloat16)
+    assert metrics["time/weight_sync_s"] >= 0 and metrics["weight_sync/buckets"] == 1
+    assert not torch.equal(pushed["embed.weight"], want["embed.weight"])  # the update reached the engine
+    assert all(torch.equal(a, b) for a, b in zip(ref.ref_logprobs(mbs), ref_logp))  # reference stays frozen
+    assert not all(torch.equal(a, b) for a, b in zip(trainer.forward_logprobs(mbs), logp_before))
