@@ -1,0 +1,216 @@
+"""`miles-fsdp rl`: the RL loop, colocated and SPMD (one process per device, or one on CPU).
+
+    for step in range(start, steps):
+        batch  = rollout(engine, prompts)          # samples + logprobs + rewards (this rank's slice)
+        adv    = advantages(batch)                 # group baselines, global whitening via all_reduce
+        mbs    = trainer.pack(train_seqs(batch))   # prompt+response, loss on response tokens
+        m      = trainer.train_step(mbs, loss)     # also checks trainer logp == rollout logp
+        engine.update_weights(full_weights(trainer.model), version=step + 1)
+        log(m); eval every k; checkpoint every k
+
+Debug modes: rollout_only saves each rollout batch to run_dir/rollouts/step_XXXXX.jsonl and
+trains nothing; train_only reads those files and runs no engine.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+import miles_kernels as mk
+from miles_fsdp.data.datasets import DataConfig, PromptDataset
+from miles_fsdp.data.sample import load_samples, save_samples
+from miles_fsdp.data.tokenizer import load_tokenizer
+from miles_fsdp.observe.metrics import MetricsLogger, Timers
+from miles_fsdp.parallel import init_distributed
+from miles_fsdp.rewards.registry import load_reward
+from miles_fsdp.rl.config import RLConfig
+from miles_fsdp.rl.evaluate import evaluate
+from miles_fsdp.rl.generate_hook import load_generate
+from miles_fsdp.rl.rollout import RolloutBatch, request_seed, rollout
+from miles_fsdp.rl.setup import build_engine, full_weights, load_model
+from miles_fsdp.rl.state import ReferencePolicy, attach_ref_logprobs, export_hf
+from miles_fsdp.rl.step import RLLoss, compute_advantages, to_train_seqs
+from miles_fsdp.train.trainer import Trainer
+
+logger = logging.getLogger(__name__)
+
+
+class OnPolicyError(RuntimeError):
+    """Invariant mode found trainer log-probs that differ from the rollout's."""
+
+
+def _all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
+    if dist.is_initialized():
+        dist.all_reduce(t)
+    return t
+
+
+def run_rl(cfg: RLConfig) -> dict:
+    device = init_distributed()
+    rank, world = dist.get_rank(), dist.get_world_size()
+    mk.set_mode(cfg.kernel_mode)
+    torch.manual_seed(cfg.seed)
+    run_dir = Path(cfg.run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    rollout_dir = Path(cfg.rollout_dir or run_dir / "rollouts")
+    tokenizer = load_tokenizer(cfg.model)
+    dataset = PromptDataset(cfg.data, tokenizer.tokenize_prompt)
+    reward_fn = load_reward(cfg.rollout.reward)
+    hook = load_generate(cfg.rollout.generate_fn) if cfg.rollout.generate_fn else None
+    dtype = cfg.trainer.parallel.compute_dtype(device)
+
+    training = cfg.debug_mode != "rollout_only"
+    trainer = Trainer(load_model(cfg.model, torch.float32, "cpu"), cfg.trainer, device=device) if training else None
+    engine = build_engine(cfg.model, tokenizer, cfg.engine, dtype, device) if cfg.debug_mode != "train_only" else None
+    reference = ReferencePolicy(cfg.model, trainer, device) if training and cfg.algo.needs_reference else None
+    eval_prompts = _eval_prompts(cfg, tokenizer)
+    log = MetricsLogger(run_dir, enabled=rank == 0)
+    timers = Timers(sync=torch.cuda.synchronize if device.type == "cuda" else None)
+    start = _maybe_resume(cfg, trainer, dataset, engine, dtype, device)
+    n = cfg.rollout.n_samples_per_prompt
+    diff_max_run = 0.0
+    summary: dict = {}
+    t_run = time.perf_counter()
+
+    if engine is not None and eval_prompts and start == 0:
+        log.log(0, _eval(cfg, engine, tokenizer, eval_prompts, reward_fn))
+    for step in range(start, cfg.steps):
+        metrics: dict[str, float] = {}
+        # 1-2. rollout + rewards (or read back a saved batch)
+        with timers("rollout"):
+            if cfg.debug_mode == "train_only":
+                batch = RolloutBatch(load_samples(rollout_dir / f"step_{step:05d}_rank{rank}.jsonl"))
+            else:
+                batch = rollout(
+                    engine, tokenizer, lambda k: dataset.next_batch(k * world)[rank::world], reward_fn,
+                    cfg.rollout, max(1, cfg.data.prompts_per_batch // world),
+                    lambda i: request_seed(cfg.seed, step, rank, i), hook, _all_reduce_sum)
+        metrics.update(_rollout_metrics(batch, n))
+        if cfg.debug_mode == "rollout_only":
+            rollout_dir.mkdir(parents=True, exist_ok=True)
+            save_samples(rollout_dir / f"step_{step:05d}_rank{rank}.jsonl", batch.samples)
+            log.log(step + 1, {**metrics, **timers.pop()})
+            continue
+        if metrics["rollout/samples"] == 0:  # e.g. dynamic sampling found no informative group
+            logger.warning("step %d: no trainable samples after filtering; the step is skipped", step + 1)
+            log.log(step + 1, {**metrics, **timers.pop(), "train/skipped_step": 1.0})
+            continue
+        # 3. advantages
+        adv_NL = compute_advantages(batch.samples, n, cfg.algo, _all_reduce_sum)
+        seqs = to_train_seqs(batch.samples, adv_NL)
+        mbs = trainer.pack(seqs)
+        if reference is not None:
+            with timers("reference"):
+                attach_ref_logprobs(reference, mbs, trainer.group)
+        # 4. train (the loss function compares trainer and rollout log-probs)
+        loss_fn = RLLoss(cfg.algo, fast_mode=cfg.kernel_mode == "fast")
+        with timers("train"):
+            metrics.update(trainer.train_step(mbs, loss_fn, entropy=True))
+        metrics.update(_loss_metrics(loss_fn, device))
+        diff_max_run = max(diff_max_run, metrics["train/logprob_abs_diff_max"])
+        # train_only replays saved batches: past its first step the policy has moved on, so
+        # the difference is logged (it measures the staleness), not asserted
+        if cfg.kernel_mode == "invariant" and cfg.debug_mode == "none" and metrics["train/logprob_abs_diff_max"] != 0.0:
+            raise OnPolicyError(
+                f"step {step}: trainer log-probs differ from the rollout's by up to "
+                f"{metrics['train/logprob_abs_diff_max']:.3g} in invariant mode; the engine and the trainer "
+                "must run the same model code, dtype and miles_kernels ops. Use kernel_mode=fast to accept a "
+                "mismatch (with algo.correction), or report this as a bug.")
+        # 5. weight sync into the engine
+        if engine is not None:
+            with timers("sync"):
+                engine.update_weights(full_weights(trainer.model, dtype, device), version=step + 1)
+        metrics.update(timers.pop())
+        if engine is not None and eval_prompts and cfg.eval.every and (step + 1) % cfg.eval.every == 0 \
+                and step + 1 < cfg.steps:
+            metrics.update(_eval(cfg, engine, tokenizer, eval_prompts, reward_fn))
+        log.log(step + 1, metrics)
+        _progress(rank, step, cfg.steps, metrics)
+        if cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0:
+            _save(cfg, trainer, dataset, step + 1)
+
+    if engine is not None and eval_prompts:
+        final = _eval(cfg, engine, tokenizer, eval_prompts, reward_fn)
+        log.log(cfg.steps, final)
+        summary.update(final)
+    if trainer is not None:
+        if cfg.checkpoint_every or cfg.resume:
+            _save(cfg, trainer, dataset, cfg.steps)
+        if cfg.export_hf:
+            export_hf(trainer, run_dir / "hf")
+            summary["hf_dir"] = str(run_dir / "hf")
+    log.close()
+    summary.update({"logprob_abs_diff_max": diff_max_run, "wall_seconds": time.perf_counter() - t_run,
+                    "steps": cfg.steps, "run_dir": str(run_dir)})
+    if rank == 0:
+        (run_dir / "rl_summary.json").write_text(json.dumps(summary, indent=2))
+    return summary
+
+
+def _eval(cfg: RLConfig, engine, tokenizer, prompts, reward_fn) -> dict[str, float]:
+    e = cfg.eval
+    return evaluate(engine, tokenizer, prompts, reward_fn, e.n_samples, e.temperature,
+                    e.max_new_tokens or cfg.rollout.max_new_tokens, cfg.rollout.stop_strings, cfg.seed + 7919)
+
+
+def _eval_prompts(cfg: RLConfig, tokenizer):
+    if not cfg.eval.path:
+        return []
+    data = DataConfig(path=cfg.eval.path, prompt_key=cfg.data.prompt_key, label_key=cfg.data.label_key,
+                      metadata_keys=cfg.data.metadata_keys, max_prompt_len=cfg.data.max_prompt_len, shuffle=False)
+    ds = PromptDataset(data, tokenizer.tokenize_prompt)
+    prompts = ds.next_batch(len(ds))
+    return prompts[: cfg.eval.max_prompts] if cfg.eval.max_prompts else prompts
+
+
+def _rollout_metrics(batch: RolloutBatch, n: int) -> dict[str, float]:
+    s = batch.samples
+    rewards = torch.tensor([x.reward for x in s], dtype=torch.float64)
+    lens = torch.tensor([x.response_length for x in s], dtype=torch.float64)
+    red = _all_reduce_sum(torch.tensor([float(rewards.sum()), float(len(s)), float(lens.sum()), float(lens.max()) if len(s) else 0.0,
+                                        float(batch.num_reward_errors), float(batch.num_groups_dropped),
+                                        float(sum(x.status.value == "truncated" for x in s))], dtype=torch.float64))
+    total, count, length, _, errors, dropped, truncated = red.tolist()
+    return {"rollout/reward_mean": total / max(count, 1), "rollout/response_len_mean": length / max(count, 1),
+            "rollout/samples": count, "rollout/reward_errors": errors, "rollout/groups_dropped": dropped,
+            "rollout/truncated_frac": truncated / max(count, 1)}
+
+
+def _loss_metrics(loss: RLLoss, device) -> dict[str, float]:
+    names = sorted(loss.sums)
+    red = torch.stack([loss.sums[k] for k in names]).double() if names else torch.zeros(0, dtype=torch.float64)
+    red = _all_reduce_sum(red)
+    diff = loss.diff_max.double().reshape(1)
+    if dist.is_initialized():
+        dist.all_reduce(diff, op=dist.ReduceOp.MAX)
+    sums = dict(zip(names, red.tolist()))
+    tokens = max(sums.pop("tokens", 1.0), 1.0)
+    out = {"train/logprob_abs_diff_max": float(diff), "train/logprob_abs_diff_mean": sums.pop("diff_sum", 0.0) / tokens}
+    names_map = {"clipped": "train/clip_frac", "entropy": "train/entropy", "kl": "train/kl_ref", "is_weight": "train/is_weight_mean"}
+    out.update({names_map[k]: v / tokens for k, v in sums.items() if k in names_map})
+    return out
+
+
+def _progress(rank: int, step: int, steps: int, m: dict) -> None:
+    if rank == 0:
+        logger.info("step %d/%d reward %.3f diff %.3g loss %.4f (%.1fs)", step + 1, steps,
+                    m.get("rollout/reward_mean", 0.0), m.get("train/logprob_abs_diff_max", 0.0),
+                    m.get("train/loss", 0.0), sum(v for k, v in m.items() if k.startswith("time/")))
+
+
+def _maybe_resume(cfg: RLConfig, trainer, dataset, engine, dtype, device) -> int:
+    if not cfg.resume:
+        return 0
+    from miles_fsdp.rl.checkpointing import resume
+    return resume(cfg, trainer, dataset, engine, dtype, device)
+
+
+def _save(cfg: RLConfig, trainer, dataset, step: int) -> None:
+    from miles_fsdp.rl.checkpointing import save
+    save(cfg, trainer, dataset, step)

@@ -1,0 +1,169 @@
+"""Rollout: prompts -> engine samples -> rewards, as groups of `Sample`s.
+
+    prompts (this rank's slice) --make_group--> n samples each
+        --engine.generate / custom generate hook--> response ids + logprobs + status
+        --reward--> sample.reward (a raising reward scores `reward_on_error`, never fatal)
+        --DAPO dynamic sampling--> only groups whose rewards differ, refilled from more prompts
+
+Seeds are a hash of (run seed, step, prompt's place in the batch), so a rollout does not
+depend on the batch it runs in and an exact resume regenerates the same samples.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+from dataclasses import dataclass
+
+import torch
+
+from miles_fsdp.data.sample import Sample, Status, make_group
+from miles_fsdp.engine.sequence import FinishReason, Request, SamplingParams
+from miles_fsdp.rewards.registry import score_samples
+from miles_fsdp.rl.config import RolloutConfig
+from miles_fsdp.rl.filters import dynamic_sampling_filter, expand_group_mask, overlong_penalty
+from miles_fsdp.rl.generate_hook import TurnOutput, check_generated
+
+logger = logging.getLogger(__name__)
+
+_STATUS = {FinishReason.STOP: Status.COMPLETED, FinishReason.LENGTH: Status.TRUNCATED,
+           FinishReason.ABORT: Status.ABORTED}
+
+
+def request_seed(*parts: int) -> int:
+    """A 32-bit seed from integers, stable across processes and Python versions."""
+    digest = hashlib.blake2b(",".join(map(str, parts)).encode(), digest_size=4).digest()
+    return int.from_bytes(digest, "little")
+
+
+def sampling_params(cfg: RolloutConfig, n: int, seed: int, max_new_tokens: int | None = None,
+                    temperature: float | None = None) -> SamplingParams:
+    return SamplingParams(
+        n=n, temperature=cfg.temperature if temperature is None else temperature, top_p=cfg.top_p,
+        top_k=cfg.top_k, max_new_tokens=max_new_tokens or cfg.max_new_tokens,
+        stop_strings=cfg.stop_strings, seed=seed)
+
+
+def generate(engine, tokenizer, prompts: list[Sample], n: int, params_for, hook=None) -> list[Sample]:
+    """Sample n responses for each prompt. params_for(i) -> SamplingParams of prompt i (n set)."""
+    groups = [make_group(p, n, gi) for gi, p in enumerate(prompts)]
+    if hook is not None:
+        return _generate_with_hook(engine, groups, params_for, hook)
+    requests = [Request(p.prompt_ids, params_for(i)) for i, p in enumerate(prompts)]
+    for group, results in zip(groups, engine.generate(requests)):
+        for sample, res in zip(group, sorted(results, key=lambda r: r.sample_index)):
+            sample.response_ids = list(res.token_ids)
+            sample.response_logprobs = res.logprobs.tolist()
+            sample.loss_mask = [1] * len(res.token_ids)
+            sample.status = _STATUS[res.finish_reason]
+            sample.weight_version = res.weight_version
+            sample.response = tokenizer.decode(res.token_ids, skip_special_tokens=True) if tokenizer else ""
+    return [s for g in groups for s in g]
+
+
+def _generate_with_hook(engine, groups, params_for, hook) -> list[Sample]:
+    """Run one hook coroutine per sample; a driver steps the engine for all of them."""
+    futures: dict[str, asyncio.Future] = {}
+
+    async def engine_call(prompt_ids, params) -> TurnOutput:
+        params = SamplingParams(**{**params.__dict__, "n": 1})
+        rid = engine.add_request(Request(list(prompt_ids), params))
+        futures[rid] = asyncio.get_running_loop().create_future()
+        return await futures[rid]
+
+    async def drive():
+        while True:
+            await asyncio.sleep(0)
+            if not engine.has_unfinished():
+                if all(f.done() for f in futures.values()) and done_hooks.is_set():
+                    return
+                await asyncio.sleep(0.001)
+                continue
+            for out in engine.step():
+                if out.finished and out.request_id in futures:
+                    r = out.result
+                    futures[r.request_id].set_result(
+                        TurnOutput(list(r.token_ids), r.logprobs.tolist(), r.finish_reason.value))
+
+    done_hooks = asyncio.Event()
+
+    async def run_one(sample, params):
+        try:
+            return check_generated(await hook(sample, engine_call, params))
+        except Exception as e:  # a failing hook fails its sample, not the run
+            logger.warning("generate hook failed on sample %d (group %d): %r", sample.index, sample.group_index, e)
+            sample.status = Status.FAILED
+            return sample
+
+    async def main():
+        driver = asyncio.ensure_future(drive())
+        tasks = [run_one(s, SamplingParams(**{**params_for(gi).__dict__, "n": 1}))
+                 for gi, g in enumerate(groups) for s in g]
+        out = await asyncio.gather(*tasks)
+        done_hooks.set()
+        await driver
+        return out
+
+    return list(asyncio.run(main()))
+
+
+@dataclass
+class RolloutBatch:
+    samples: list[Sample]
+    """Samples of kept groups, groups contiguous, n per group."""
+    num_reward_errors: int = 0
+    num_groups_dropped: int = 0
+    num_prompts_sampled: int = 0
+
+
+def rollout(engine, tokenizer, next_prompts, reward_fn, cfg: RolloutConfig, target_groups: int,
+            seed_of, hook=None, all_reduce_sum=None) -> RolloutBatch:
+    """Generate and score groups until `target_groups` are kept (or rounds run out).
+
+    next_prompts(k) -> this rank's next k prompts; seed_of(prompt_number) -> request seed.
+    Without dynamic sampling exactly one round runs and every group is kept.
+    """
+    n = cfg.n_samples_per_prompt
+    kept: list[Sample] = []
+    errors = dropped = sampled = 0
+    want = target_groups
+    for round_ in range(cfg.max_sampling_rounds if cfg.dynamic_sampling else 1):
+        prompts = next_prompts(want)
+        base = sampled
+        sampled += len(prompts)
+        samples = generate(engine, tokenizer, prompts, n,
+                           lambda i: sampling_params(cfg, n, seed_of(base + i)), hook)
+        usable = [s for s in samples if s.status in (Status.COMPLETED, Status.TRUNCATED)]
+        report = score_samples(usable, reward_fn, cfg.reward_on_error) if usable else None
+        errors += report.num_errors if report else 0
+        for s in samples:
+            if s.status not in (Status.COMPLETED, Status.TRUNCATED):
+                s.reward = cfg.reward_on_error  # failed/aborted: no gradient (mask cleared below)
+                s.loss_mask = [0] * len(s.response_ids)
+        if cfg.overlong_buffer:
+            lens = torch.tensor([s.response_length for s in samples])
+            pen = overlong_penalty(lens, cfg.max_new_tokens, cfg.overlong_buffer, cfg.overlong_penalty)
+            for s, p in zip(samples, pen.tolist()):
+                s.reward += p
+        if not cfg.dynamic_sampling:
+            kept = samples
+            break
+        rewards = torch.tensor([s.reward for s in samples])
+        res = dynamic_sampling_filter(rewards, n, want)
+        keep = expand_group_mask(res.keep_G, n).tolist()
+        kept += [s for s, k in zip(samples, keep) if k]
+        dropped += res.num_dropped
+        want = res.groups_needed
+        still = torch.tensor([float(want)])
+        if all_reduce_sum is not None:  # every rank runs the same number of rounds
+            all_reduce_sum(still)
+        if float(still) == 0:
+            break
+    _renumber(kept, n)
+    return RolloutBatch(kept, errors, dropped, sampled)
+
+
+def _renumber(samples: list[Sample], n: int) -> None:
+    for i, s in enumerate(samples):
+        s.index, s.group_index = i, i // n
