@@ -110,3 +110,35 @@ def test_one_rl_step_on_a_tiny_qwen3(example, tmp_path):
     rows = [r for r in read_metrics(run_dir) if "train/loss" in r]
     assert len(rows) == 1 and rows[0]["train/logprob_abs_diff_max"] == 0.0
     assert summary["steps"] == 1
+
+
+def test_debug_rollout_only_then_train_only(example, tmp_path):
+    """What debug_rollout_only.sh and debug_train_only.sh run, with the same flags."""
+    convert, _, train = example
+    ckpt = build_tiny_checkpoint(tmp_path / "ckpt", "qwen3")
+    _write_gsm8k(tmp_path / "gsm8k.jsonl", GSM8K_LINES)
+    convert.convert_file(tmp_path / "gsm8k.jsonl", tmp_path / "train.jsonl")
+    common = ["qwen3-0.6b", "--model", str(ckpt), "--data.path", str(tmp_path / "train.jsonl"),
+              "--data.prompts-per-batch", "2", "--rollout.n-samples-per-prompt", "2",
+              "--rollout.max-new-tokens", "4", "--engine.kv-memory-bytes", str(8 << 20), "--eval.path", "",
+              "--checkpoint-every", "0", "--no-export-hf", "--steps", "2"]
+    debug = tmp_path / "debug"
+    train.main([*common, "--run-dir", str(debug), "--debug-mode", "rollout_only"])
+    saved = sorted(p.name for p in (debug / "rollouts").iterdir())
+    assert saved == ["step_00000_rank0.jsonl", "step_00001_rank0.jsonl"]
+    train.main([*common, "--run-dir", str(debug / "train_only"), "--debug-mode", "train_only",
+                "--rollout-dir", str(debug / "rollouts")])
+    rows = [r for r in read_metrics(debug / "train_only") if "train/loss" in r]
+    assert len(rows) == 2 and all(r["train/logprob_abs_diff_max"] == 0.0 for r in rows)
+
+
+@pytest.mark.parametrize("script", ["run_1gpu.sh", "run_multi_gpu.sh", "debug_rollout_only.sh", "debug_train_only.sh"])
+def test_scripts_parse_and_demand_a_model(script):
+    import os
+    import subprocess
+
+    path = EXAMPLE / script
+    assert subprocess.run(["bash", "-n", str(path)]).returncode == 0
+    env = {k: v for k, v in os.environ.items() if k != "MODEL"}
+    out = subprocess.run(["bash", str(path)], env=env, capture_output=True, text=True, timeout=30)
+    assert out.returncode != 0 and "set MODEL to a local Qwen3 HF checkpoint" in out.stderr
