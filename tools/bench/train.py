@@ -1,0 +1,86 @@
+"""Trainer throughput: tokens/s and MFU of a Qwen3-0.6B-shaped model (random weights),
+packed sequences at 4k and 16k tokens, invariant vs fast kernels.
+
+    python tools/bench/train.py --out bench_train.json            # one GPU, no torchrun needed
+    torchrun --nproc-per-node 8 tools/bench/train.py --out b.json  # FSDP over 8 GPUs
+
+Each case: `--warmup` untimed steps, then `--steps` timed train_steps of one micro-batch of
+`seq` tokens (one sequence, so attention is the full causal seq^2 / 2). Prints a table and
+writes JSON. MFU counts 6 * N * tokens (N excludes the embedding table).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import torch
+
+import miles_kernels as mk
+from miles_fsdp.models import ModelArgs, Transformer
+from miles_fsdp.parallel import ParallelConfig
+from miles_fsdp.train.loss import sft_loss
+from miles_fsdp.train.optim import OptimConfig
+from miles_fsdp.train.packing import TrainSeq
+from miles_fsdp.train.trainer import Trainer, TrainerConfig
+
+QWEN3_0_6B = dict(
+    architectures=["Qwen3ForCausalLM"], model_type="qwen3", vocab_size=151936, hidden_size=1024,
+    intermediate_size=3072, num_hidden_layers=28, num_attention_heads=16, num_key_value_heads=8, head_dim=128,
+    max_position_embeddings=40960, rms_norm_eps=1e-6, rope_theta=1000000.0, tie_word_embeddings=True,
+)
+
+
+def run_case(seq: int, mode: str, steps: int, warmup: int, ac: bool, peak_flops: float) -> dict:
+    with torch.device("meta"):
+        model = Transformer(ModelArgs.from_hf(QWEN3_0_6B))
+    model.init_weights(seed=0)
+    cfg = TrainerConfig(optim=OptimConfig(lr=1e-5), max_tokens_per_micro_batch=seq, peak_flops=peak_flops,
+                        parallel=ParallelConfig(param_dtype="bf16", activation_checkpointing=ac))
+    trainer = Trainer(model, cfg)
+    g = torch.Generator().manual_seed(0)
+    seqs = [TrainSeq(torch.randint(0, QWEN3_0_6B["vocab_size"], (seq,), generator=g).tolist())]
+    rows = []
+    with mk.use_mode(mode):
+        for i in range(warmup + steps):
+            m = trainer.train_step(trainer.pack(seqs), sft_loss)
+            if i >= warmup:
+                rows.append(m)
+    del trainer, model
+    torch.cuda.empty_cache()
+    mean = lambda k: sum(r.get(k, 0.0) for r in rows) / len(rows)  # noqa: E731
+    return {"seq": seq, "mode": mode, "ac": ac, "tokens_per_s": mean("perf/tokens_per_s"), "mfu": mean("perf/mfu"),
+            "step_s": mean("time/train_step_s"), "peak_mem_gib": max(r["perf/peak_mem_gib"] for r in rows),
+            "loss": rows[-1]["train/loss"]}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--seqs", type=int, nargs="+", default=[4096, 16384])
+    p.add_argument("--modes", nargs="+", default=["invariant", "fast"])
+    p.add_argument("--steps", type=int, default=3)
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--ac", action="store_true", help="activation checkpointing per block")
+    p.add_argument("--peak-flops", type=float, default=0.0, help="per-GPU peak FLOP/s (0: look up H100/H200)")
+    p.add_argument("--out", default="bench_train.json")
+    a = p.parse_args()
+    import torch.distributed as dist
+
+    t0 = time.time()
+    results = [run_case(s, m, a.steps, a.warmup, a.ac, a.peak_flops) for s in a.seqs for m in a.modes]
+    if dist.get_rank() == 0:
+        print(f"{'seq':>6} {'mode':>10} {'tok/s':>10} {'MFU':>6} {'step s':>7} {'peak GiB':>9}")
+        for r in results:
+            print(f"{r['seq']:>6} {r['mode']:>10} {r['tokens_per_s']:>10.0f} {r['mfu']:>6.1%} {r['step_s']:>7.2f} "
+                  f"{r['peak_mem_gib']:>9.1f}")
+        meta = {"device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+                "world_size": dist.get_world_size(), "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"),
+                "model": "Qwen3-0.6B shape, random weights", "wall_s": time.time() - t0}
+        with open(a.out, "w") as f:
+            json.dump({"meta": meta, "results": results}, f, indent=2)
+        print(f"wrote {a.out}")
+
+
+if __name__ == "__main__":
+    main()
