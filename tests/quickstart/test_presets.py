@@ -37,3 +37,21 @@ def test_short_rl_stage_runs_on_policy_from_a_fresh_model(tmp_path):
     assert len(rows) == p.rl.steps
     assert all(r["train/logprob_abs_diff_max"] == 0.0 for r in rows)
     assert 0.0 <= summary["eval/accuracy"] <= 1.0 and summary["eval/num_prompts"] == p.task.num_heldout
+
+
+def test_short_pipeline_sft_then_rl(tmp_path):
+    """The quickstart's stages at CI size: task -> fresh model -> SFT (export) -> RL from it."""
+    from miles_fsdp.quickstart.presets import sft_config
+    from miles_fsdp.train.sft import train_sft
+
+    p = quickstart_preset(short=True)
+    data = tmp_path / "data"
+    write_task(data, p.task)
+    init = write_tiny_model(tmp_path / "init", p.model)
+    history = train_sft(sft_config(p, init, data, tmp_path / "sft"))
+    assert len(history) == p.sft.steps
+    assert history[-1]["train/loss"] < history[0]["train/loss"]
+    sft_model = tmp_path / "sft" / "hf"
+    assert (sft_model / "tokenizer.json").is_file()
+    summary = run_rl(rl_config(p, sft_model, data, tmp_path / "rl"))
+    assert summary["logprob_abs_diff_max"] == 0.0 and summary["steps"] == p.rl.steps

@@ -1,7 +1,7 @@
 """Measured settings of the quickstart: task, model size, SFT and RL budgets.
 
 `quickstart_preset()` is the newcomer's run; `quickstart_preset(short=True)` the CI smoke
-run (well under 2 minutes). `rl_config(...)` turns a preset into the RLConfig of its RL stage.
+run (well under 2 minutes). `sft_config(...)` / `rl_config(...)` turn a preset into the SFTConfig / RLConfig of its stages.
 
 Measurements (2-core shared CPU, torch 2.13, 1 thread, invariant kernels), 2-digit
 addition, 5000 SFT examples, held-out = 200 prompts of heldout.jsonl, greedy decoding:
@@ -90,6 +90,23 @@ def quickstart_preset(short: bool = False) -> QuickstartPreset:
         preset.rl = RLSettings(steps=2, prompts_per_batch=4, n_samples_per_prompt=4, eval_every=0,
                                eval_prompts=16, eval_samples=1)
     return preset
+
+
+def sft_config(preset: QuickstartPreset, model_dir: str | Path, data_dir: str | Path, out: str | Path):
+    """The SFT stage: from the fresh checkpoint `model_dir` on data_dir/sft.jsonl; the trained
+    model is exported to out/hf (the RL stage's `model_dir`)."""
+    from miles_fsdp.train.optim import OptimConfig
+    from miles_fsdp.train.sft import SFTConfig
+    from miles_fsdp.train.trainer import TrainerConfig
+
+    sft = preset.sft
+    optim = OptimConfig(lr=sft.lr, warmup_steps=sft.warmup_steps, schedule="cosine", total_steps=sft.steps,
+                        min_lr_ratio=sft.min_lr_ratio)
+    return SFTConfig(
+        model=str(model_dir), data=str(Path(data_dir) / "sft.jsonl"), out=str(out), steps=sft.steps,
+        global_batch_size=sft.batch_size, max_seq_len=preset.model.max_position_embeddings,
+        seed=preset.task.seed, trainer=TrainerConfig(optim=optim),
+    )
 
 
 def rl_config(preset: QuickstartPreset, model_dir: str | Path, data_dir: str | Path, run_dir: str | Path):
