@@ -17,7 +17,7 @@ from pathlib import Path
 # panel title -> metric names drawn in it (exact names, or a prefix ending in "*")
 PANELS = {
     "reward": ["rollout/reward_mean"],
-    "accuracy": ["eval/accuracy", "eval/pass@*", "eval/reward_mean"],
+    "accuracy": ["eval/accuracy", "eval/pass@*"],
     "response length (tokens)": ["rollout/response_len_mean", "eval/response_len_mean"],
     "train/rollout log-prob diff (max abs)": ["train/logprob_abs_diff_max"],
     "loss": ["train/loss"],
