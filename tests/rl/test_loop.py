@@ -1,9 +1,12 @@
 """The RL loop end to end on a tiny random model: true on-policy every step, all modes."""
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from miles_fsdp.data.datasets import DataConfig
 from miles_fsdp.models.testing import build_tiny_checkpoint
@@ -107,3 +110,38 @@ def test_rollout_only_then_train_only(setup):
     rows = [r for r in read_metrics(root / "dbg_train") if "train/loss" in r]
     # the first train-only step sees the weights that generated the saved batch
     assert len(rows) == 2 and rows[0]["train/logprob_abs_diff_max"] == 0.0
+
+
+def _final_weights(run_dir):
+    from safetensors.torch import load_file
+    return load_file(str(Path(run_dir) / "hf" / "model.safetensors"))
+
+
+def test_exact_resume(setup):
+    root, ckpt, _, data = setup
+    run_rl(_cfg(root, ckpt, data, "straight", steps=4))
+    run_rl(_cfg(root, ckpt, data, "resumed", steps=2, checkpoint_every=2, export_hf=False))
+    run_rl(_cfg(root, ckpt, data, "resumed", steps=4, resume=True))
+    a = [r for r in read_metrics(root / "straight") if "train/loss" in r]
+    b = [r for r in read_metrics(root / "resumed") if "train/loss" in r]
+    keys = ("rollout/reward_mean", "train/loss", "train/grad_norm", "train/entropy")
+    assert [[r[k] for k in keys] for r in a] == [[r[k] for k in keys] for r in b]
+    wa, wb = _final_weights(root / "straight"), _final_weights(root / "resumed")
+    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+    with pytest.raises(FileNotFoundError, match="no step_"):
+        run_rl(_cfg(root, ckpt, data, "never_saved", steps=1, resume=True))
+
+
+def test_two_ranks_on_policy(setup):
+    root, ckpt, _, data = setup
+    run = root / "two_ranks"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "29517",
+           "-m", "miles_fsdp.cli", "rl", "--model", str(ckpt), "--data.path", str(data),
+           "--data.prompts-per-batch", "4", "--steps", "2", "--rollout.n-samples-per-prompt", "4",
+           "--rollout.max-new-tokens", "6", "--rollout.reward", f"{root}/my_reward.py:reward",
+           "--run-dir", str(run), "--no-export-hf", "--trainer.optim.lr", "3e-3"]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    rows = [r for r in read_metrics(run) if "train/loss" in r]
+    assert len(rows) == 2 and all(r["train/logprob_abs_diff_max"] == 0.0 for r in rows)
+    assert rows[0]["rollout/samples"] == 16  # both ranks' samples counted once

@@ -5,7 +5,7 @@
         adv    = advantages(batch)                 # group baselines, global whitening via all_reduce
         mbs    = trainer.pack(train_seqs(batch))   # prompt+response, loss on response tokens
         m      = trainer.train_step(mbs, loss)     # also checks trainer logp == rollout logp
-        engine.update_weights(full_weights(trainer.model), version=step + 1)
+        sync_engine(trainer, engine)               # param.to(bf16) gathered from the shards
         log(m); eval every k; checkpoint every k
 
 Debug modes: rollout_only saves each rollout batch to run_dir/rollouts/step_XXXXX.jsonl and
@@ -33,9 +33,12 @@ from miles_fsdp.rl.config import RLConfig
 from miles_fsdp.rl.evaluate import evaluate
 from miles_fsdp.rl.generate_hook import load_generate
 from miles_fsdp.rl.rollout import RolloutBatch, request_seed, rollout
-from miles_fsdp.rl.setup import build_engine, full_weights, load_model
-from miles_fsdp.rl.state import ReferencePolicy, attach_ref_logprobs, export_hf
+from miles_fsdp.rl.setup import build_engine
+from miles_fsdp.rl import state
 from miles_fsdp.rl.step import RLLoss, compute_advantages, to_train_seqs
+from miles_fsdp.train.checkpoint import StopSignal
+from miles_fsdp.train.export import export_hf, load_model
+from miles_fsdp.train.reference import ReferencePolicy
 from miles_fsdp.train.trainer import Trainer
 
 logger = logging.getLogger(__name__)
@@ -66,13 +69,16 @@ def run_rl(cfg: RLConfig) -> dict:
     dtype = cfg.trainer.parallel.compute_dtype(device)
 
     training = cfg.debug_mode != "rollout_only"
-    trainer = Trainer(load_model(cfg.model, torch.float32, "cpu"), cfg.trainer, device=device) if training else None
+    trainer = Trainer(load_model(cfg.model), cfg.trainer, device=device) if training else None
     engine = build_engine(cfg.model, tokenizer, cfg.engine, dtype, device) if cfg.debug_mode != "train_only" else None
-    reference = ReferencePolicy(cfg.model, trainer, device) if training and cfg.algo.needs_reference else None
+    reference = ReferencePolicy(load_model(cfg.model), trainer) if training and cfg.algo.needs_reference else None
     eval_prompts = _eval_prompts(cfg, tokenizer)
     log = MetricsLogger(run_dir, enabled=rank == 0)
     timers = Timers(sync=torch.cuda.synchronize if device.type == "cuda" else None)
-    start = _maybe_resume(cfg, trainer, dataset, engine, dtype, device)
+    start = state.resume(run_dir, trainer, dataset) if cfg.resume and trainer is not None else 0
+    if start and engine is not None:
+        state.sync_engine(trainer, engine, dtype, version=start)
+    stop = StopSignal()
     n = cfg.rollout.n_samples_per_prompt
     diff_max_run = 0.0
     summary: dict = {}
@@ -107,7 +113,7 @@ def run_rl(cfg: RLConfig) -> dict:
         mbs = trainer.pack(seqs)
         if reference is not None:
             with timers("reference"):
-                attach_ref_logprobs(reference, mbs, trainer.group)
+                state.attach_ref_logprobs(reference, mbs)
         # 4. train (the loss function compares trainer and rollout log-probs)
         loss_fn = RLLoss(cfg.algo, fast_mode=cfg.kernel_mode == "fast")
         with timers("train"):
@@ -125,26 +131,32 @@ def run_rl(cfg: RLConfig) -> dict:
         # 5. weight sync into the engine
         if engine is not None:
             with timers("sync"):
-                engine.update_weights(full_weights(trainer.model, dtype, device), version=step + 1)
+                state.sync_engine(trainer, engine, dtype, version=step + 1)
         metrics.update(timers.pop())
         if engine is not None and eval_prompts and cfg.eval.every and (step + 1) % cfg.eval.every == 0 \
                 and step + 1 < cfg.steps:
             metrics.update(_eval(cfg, engine, tokenizer, eval_prompts, reward_fn))
         log.log(step + 1, metrics)
         _progress(rank, step, cfg.steps, metrics)
-        if cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0:
-            _save(cfg, trainer, dataset, step + 1)
+        stopping = stop.requested()
+        if stopping or (cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0):
+            state.save(run_dir, trainer, dataset)
+        if stopping:
+            logger.warning("stop requested (SIGTERM/SIGINT): checkpoint written at step %d; resume with --resume", step + 1)
+            stop.restore()
+            return {"stopped_at_step": step + 1, "run_dir": str(run_dir)}
 
     if engine is not None and eval_prompts:
         final = _eval(cfg, engine, tokenizer, eval_prompts, reward_fn)
         log.log(cfg.steps, final)
         summary.update(final)
     if trainer is not None:
-        if cfg.checkpoint_every or cfg.resume:
-            _save(cfg, trainer, dataset, cfg.steps)
+        if (cfg.checkpoint_every or cfg.resume) and trainer.step > start:
+            state.save(run_dir, trainer, dataset)
         if cfg.export_hf:
-            export_hf(trainer, run_dir / "hf")
+            export_hf(trainer.model, run_dir / "hf")
             summary["hf_dir"] = str(run_dir / "hf")
+    stop.restore()
     log.close()
     summary.update({"logprob_abs_diff_max": diff_max_run, "wall_seconds": time.perf_counter() - t_run,
                     "steps": cfg.steps, "run_dir": str(run_dir)})
@@ -203,14 +215,3 @@ def _progress(rank: int, step: int, steps: int, m: dict) -> None:
                     m.get("rollout/reward_mean", 0.0), m.get("train/logprob_abs_diff_max", 0.0),
                     m.get("train/loss", 0.0), sum(v for k, v in m.items() if k.startswith("time/")))
 
-
-def _maybe_resume(cfg: RLConfig, trainer, dataset, engine, dtype, device) -> int:
-    if not cfg.resume:
-        return 0
-    from miles_fsdp.rl.checkpointing import resume
-    return resume(cfg, trainer, dataset, engine, dtype, device)
-
-
-def _save(cfg: RLConfig, trainer, dataset, step: int) -> None:
-    from miles_fsdp.rl.checkpointing import save
-    save(cfg, trainer, dataset, step)
