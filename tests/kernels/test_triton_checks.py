@@ -68,6 +68,33 @@ def check_linear_tile_buckets() -> None:
         raise AssertionError("linear_tile accepted int32")
 
 
+def check_linear_tma_buckets() -> None:
+    """The persistent TMA kernel (tile.tma): accurate, rows invariant across its buckets, and a
+    misaligned tensor falls back to the pointer kernel. (On the GPU, tests/gpu checks TMA and
+    pointer tiles bitwise against each other; numpy's matmul here does not promise that.)"""
+    from miles_kernels._triton import matmul as lin
+
+    saved = lin.LINEAR_TILES[torch.float32]
+    lin.LINEAR_TILES[torch.float32] = (
+        lin.Tile(2, 16, 16, 32, 1, 4, 2, True),
+        lin.Tile(8, 16, 32, 32, 2, 4, 2, True),
+        lin.Tile(1 << 62, 32, 16, 32, 2, 4, 2, True),
+    )
+    try:
+        g = torch.Generator().manual_seed(9)
+        x = torch.randn(40, 96, generator=g)
+        w = torch.randn(72, 96, generator=g)  # 72 * 4 bytes: 16-byte aligned rows
+        b = torch.randn(72, generator=g)
+        y = lin.linear(x, w, b)
+        _close(y, x.double() @ w.double().T + b.double(), "tma linear", atol=1e-4)
+        for rows in (slice(4, 5), slice(8, 12), slice(0, 8), slice(20, 40)):
+            _same(lin.linear(x[rows], w, b), y[rows], f"tma linear rows {rows} in another bucket")
+        w70 = w[:70].contiguous()  # 280-byte rows: not TMA-aligned, pointer fallback
+        _close(lin.linear(x, w70), x.double() @ w70.double().T, "tma tile, misaligned fallback", atol=1e-4)
+    finally:
+        lin.LINEAR_TILES[torch.float32] = saved
+
+
 def check_grouped_linear() -> None:
     kt = _kt()
     g = torch.Generator().manual_seed(2)
@@ -235,6 +262,18 @@ def check_attention_many_splits() -> None:
         _check_attention_case(L=90, H=2, K=1, D=16, page=32, chunks=[40, 7, 43])
     finally:
         attn_mod.KV_SPLIT = saved
+
+
+def check_attention_kv_block_spans_pages() -> None:
+    """A KV block wider than a page gathers each token's page; still prefill == chunked == decode."""
+    from miles_kernels._triton import paged_attention as attn_mod
+
+    saved = attn_mod.KV_BLOCK, attn_mod.KV_SPLIT
+    attn_mod.KV_BLOCK, attn_mod.KV_SPLIT = 32, 64
+    try:
+        _check_attention_case(L=90, H=4, K=2, D=16, page=16, chunks=[40, 7, 43])
+    finally:
+        attn_mod.KV_BLOCK, attn_mod.KV_SPLIT = saved
 
 
 def check_matches_cpu_reference() -> None:

@@ -12,6 +12,7 @@ from typing import NamedTuple
 import torch
 import triton
 import triton.language as tl
+from triton.tools.tensor_descriptor import TensorDescriptor
 
 
 class Tile(NamedTuple):
@@ -22,6 +23,7 @@ class Tile(NamedTuple):
     group_m: int  # grouped (swizzled) tile order: GROUP_M row-tiles share a column band in L2
     num_warps: int
     num_stages: int
+    tma: bool = False  # persistent grid + TMA descriptors (16-bit dtypes, aligned tensors); same bits as pointers
 
 
 _BIG = 1 << 62
@@ -94,6 +96,78 @@ def _linear_kernel(
     tl.store(y_ptrs, y, mask=(rows[:, None] < M) & (cols[None, :] < N))
 
 
+@triton.jit
+def _linear_tma_kernel(
+    x_desc, w_desc, y_desc, b_ptr, M, N, K,
+    HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr, PRECISION: tl.constexpr, NUM_PROGRAMS: tl.constexpr,
+):
+    # Persistent: program p computes tiles p, p + NUM_PROGRAMS, ... in grouped order. A tile is
+    # computed exactly as in _linear_kernel (K from 0 in BLOCK_K steps, fp32 acc); TMA zero-fills
+    # out-of-bounds rows and the K tail as the masked loads do, and clips the store.
+    n_tiles_m = tl.cdiv(M, BLOCK_M)
+    n_tiles_n = tl.cdiv(N, BLOCK_N)
+    per_group = GROUP_M * n_tiles_n
+    for tile in tl.range(tl.program_id(0), n_tiles_m * n_tiles_n, NUM_PROGRAMS, flatten=True):
+        first_m = (tile // per_group) * GROUP_M
+        group_size = tl.minimum(n_tiles_m - first_m, GROUP_M)
+        off_m = (first_m + (tile % per_group) % group_size) * BLOCK_M
+        off_n = ((tile % per_group) // group_size) * BLOCK_N
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            x = x_desc.load([off_m, k0])
+            w = w_desc.load([off_n, k0])
+            acc = tl.dot(x, w.T, acc, input_precision=PRECISION)
+        y = acc.to(y_desc.dtype)
+        if HAS_BIAS:
+            cols = off_n + tl.arange(0, BLOCK_N)
+            b = tl.load(b_ptr + cols, mask=cols < N, other=0.0)
+            y = (y.to(tl.float32) + b.to(tl.float32)[None, :]).to(y_desc.dtype)
+        y_desc.store([off_m, off_n], y)
+
+
+_NUM_SMS: dict[int, int] = {}
+
+
+def _num_programs(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 4  # interpreter: a few programs, so the persistent loop runs more than once
+    idx = device.index if device.index is not None else torch.cuda.current_device()
+    if idx not in _NUM_SMS:
+        _NUM_SMS[idx] = torch.cuda.get_device_properties(idx).multi_processor_count
+    return _NUM_SMS[idx]
+
+
+def _tma_ok(*ts: torch.Tensor) -> bool:
+    # TMA needs 16-byte aligned base and row strides (contiguous 2-D tensors here).
+    return all(t.data_ptr() % 16 == 0 and (t.stride(0) * t.element_size()) % 16 == 0 for t in ts)
+
+
+def _launch_linear(x_MK, w_NK, b_N, y_MN, t: Tile) -> None:
+    M, K = x_MK.shape
+    N = w_NK.shape[0]
+    precision = _dot_precision(x_MK.dtype)
+    if t.tma and _tma_ok(x_MK, w_NK, y_MN):
+        x_d = TensorDescriptor.from_tensor(x_MK, [t.block_m, t.block_k])
+        w_d = TensorDescriptor.from_tensor(w_NK, [t.block_n, t.block_k])
+        y_d = TensorDescriptor.from_tensor(y_MN, [t.block_m, t.block_n])
+        n_prog = min(_num_programs(x_MK.device), triton.cdiv(M, t.block_m) * triton.cdiv(N, t.block_n))
+        _linear_tma_kernel[(n_prog,)](
+            x_d, w_d, y_d, b_N if b_N is not None else y_MN, M, N, K,
+            HAS_BIAS=b_N is not None, BLOCK_M=t.block_m, BLOCK_N=t.block_n, BLOCK_K=t.block_k,
+            GROUP_M=t.group_m, PRECISION=precision, NUM_PROGRAMS=n_prog,
+            num_warps=t.num_warps, num_stages=t.num_stages,
+        )
+        return
+    grid = (triton.cdiv(M, t.block_m) * triton.cdiv(N, t.block_n),)
+    _linear_kernel[grid](
+        x_MK, w_NK, b_N if b_N is not None else y_MN, y_MN, M, N, K,
+        x_MK.stride(0), w_NK.stride(0), y_MN.stride(0),
+        HAS_BIAS=b_N is not None, BLOCK_M=t.block_m, BLOCK_N=t.block_n, BLOCK_K=t.block_k,
+        GROUP_M=t.group_m, PRECISION=precision, num_warps=t.num_warps, num_stages=t.num_stages,
+    )
+
+
 def linear(x_MK: torch.Tensor, w_NK: torch.Tensor, b_N: torch.Tensor | None = None) -> torch.Tensor:
     """y_MN = x_MK @ w_NK^T (+ b_N): fp32 accumulate, rounded to x dtype, then + b_N (torch order)."""
     M, K = x_MK.shape
@@ -105,14 +179,7 @@ def linear(x_MK: torch.Tensor, w_NK: torch.Tensor, b_N: torch.Tensor | None = No
     y_MN = torch.empty((M, N), dtype=x_MK.dtype, device=x_MK.device)
     if M == 0 or N == 0:
         return y_MN
-    t = linear_tile(M, x_MK.dtype)
-    grid = (triton.cdiv(M, t.block_m) * triton.cdiv(N, t.block_n),)
-    _linear_kernel[grid](
-        x_MK, w_NK, b_N if b_N is not None else y_MN, y_MN, M, N, K,
-        x_MK.stride(0), w_NK.stride(0), y_MN.stride(0),
-        HAS_BIAS=b_N is not None, BLOCK_M=t.block_m, BLOCK_N=t.block_n, BLOCK_K=t.block_k,
-        GROUP_M=t.group_m, PRECISION=_dot_precision(x_MK.dtype), num_warps=t.num_warps, num_stages=t.num_stages,
-    )
+    _launch_linear(x_MK, w_NK, b_N, y_MN, linear_tile(M, x_MK.dtype))
     return y_MN
 
 

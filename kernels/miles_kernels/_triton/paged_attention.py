@@ -20,8 +20,12 @@ import triton.language as tl
 
 from miles_kernels._cpu import ATTN_BLOCK  # KV walk granularity: one constant for CPU and CUDA
 
-KV_SPLIT = 256  # tokens per split (multiple of ATTN_BLOCK): enough programs for decode, few merges
-_BLOCK_M = {torch.bfloat16: 64, torch.float16: 64, torch.float32: 16}  # rows (token x head) per tile
+KV_BLOCK = 16  # KV tokens per online-softmax step (multiple of ATTN_BLOCK); any page size works
+KV_SPLIT = 256  # tokens per split (multiple of KV_BLOCK): enough programs for decode, few merges
+_BLOCK_M = {torch.bfloat16: 64, torch.float16: 64, torch.float32: 16}  # rows (token x head) per decode tile
+# Longer query chunks (the fused path) take a taller tile; a row's reduction is the same in both.
+_BLOCK_M_PREFILL = {torch.bfloat16: 64, torch.float16: 64, torch.float32: 16}
+_PREFILL_LAUNCH = {torch.bfloat16: (4, 3), torch.float16: (4, 3), torch.float32: (4, 3)}  # num_warps, num_stages
 _LOG2E = 1.4426950408889634
 
 
@@ -52,15 +56,23 @@ def _split_state(
     ds = tl.arange(0, BLOCK_D)
     for j in range(blk_lo, blk_hi):
         kv_pos = j * ATTN_BLK + offs
-        page = tl.load(bt_row_ptr + (j * ATTN_BLK) // PAGE).to(tl.int64)
-        slot = (j * ATTN_BLK) % PAGE + offs
         ok = kv_pos < kv_len
+        if PAGE % ATTN_BLK == 0:  # the block lies in one page
+            page = tl.load(bt_row_ptr + (j * ATTN_BLK) // PAGE).to(tl.int64)
+            slot = (j * ATTN_BLK) % PAGE + offs
+            k_off = page * stride_kp + slot * stride_ks
+            v_off = page * stride_vp + slot * stride_vs
+        else:  # the block spans pages: gather each token's page (same values, same bits)
+            page = tl.load(bt_row_ptr + kv_pos // PAGE, mask=ok, other=0).to(tl.int64)
+            slot = kv_pos % PAGE
+            k_off = page * stride_kp + slot * stride_ks
+            v_off = page * stride_vp + slot * stride_vs
         kT = tl.load(
-            k_ptr + page * stride_kp + kvh * stride_kk + slot[None, :] * stride_ks + ds[:, None],
+            k_ptr + kvh * stride_kk + k_off[None, :] + ds[:, None],
             mask=ok[None, :] & (ds[:, None] < D), other=0.0,
         )
         v = tl.load(
-            v_ptr + page * stride_vp + kvh * stride_vk + slot[:, None] * stride_vs + ds[None, :],
+            v_ptr + kvh * stride_vk + v_off[:, None] + ds[None, :],
             mask=ok[:, None] & (ds[None, :] < D), other=0.0,
         )
         s = tl.dot(q, kT, input_precision=PRECISION) * qk_scale
@@ -194,8 +206,9 @@ def attention(
                          f"v cache {list(v_cache_PSKD.shape)}: caches must be [P, S, K, D] with q's D")
     if H % K:
         raise ValueError(f"miles_kernels attention: {H} query heads is not a multiple of {K} kv heads")
-    if S % ATTN_BLOCK:
-        raise ValueError(f"miles_kernels attention: page size {S} must be a multiple of ATTN_BLOCK={ATTN_BLOCK}")
+    if S % ATTN_BLOCK or KV_BLOCK % ATTN_BLOCK or KV_SPLIT % KV_BLOCK:
+        raise ValueError(f"miles_kernels attention: page size {S} must be a multiple of ATTN_BLOCK={ATTN_BLOCK} "
+                         f"(and KV_SPLIT={KV_SPLIT} of KV_BLOCK={KV_BLOCK}, KV_BLOCK of ATTN_BLOCK)")
     if q_THD.dtype not in _BLOCK_M or k_cache_PSKD.dtype != q_THD.dtype or v_cache_PSKD.dtype != q_THD.dtype:
         raise TypeError(f"miles_kernels attention: q {q_THD.dtype} and caches {k_cache_PSKD.dtype}/{v_cache_PSKD.dtype} "
                         "must share one dtype of bf16, fp16, fp32")
@@ -216,9 +229,13 @@ def attention(
     cu = cu_seqlens_q_B1.to(torch.int32).contiguous()
     kv_lens = kv_lens_B.to(torch.int32).contiguous()
     bt = block_table_BP.to(torch.int32).contiguous()
-    tok_per_tile = block_m // g_pad
     max_q_len = max(int(max_q_len), 1)
-    split_parallel = max_q_len <= tok_per_tile
+    split_parallel = max_q_len <= block_m // g_pad
+    num_warps, num_stages = 4, 3
+    if not split_parallel:
+        block_m = max(_BLOCK_M_PREFILL[q_THD.dtype], g_pad)
+        num_warps, num_stages = _PREFILL_LAUNCH[q_THD.dtype]
+    tok_per_tile = block_m // g_pad
     part_rows = triton.next_power_of_2(max_q_len * g_pad) if split_parallel else 1
     # Split count from the block table's width (host-known): no device sync, graph-capturable.
     n_splits = triton.cdiv(bt.shape[1] * S, KV_SPLIT) if split_parallel else 1
@@ -226,7 +243,7 @@ def attention(
     pm = torch.empty((B * K, n_splits, part_rows), dtype=torch.float32, device=dev)
     pl = torch.empty_like(pm)
     pacc = torch.empty((B * K, n_splits, part_rows, block_d) if split_parallel else (1,), dtype=torch.float32, device=dev)
-    consts = dict(G=G, G_PAD=g_pad, BLOCK_D=block_d, ATTN_BLK=ATTN_BLOCK, SPLIT_BLOCKS=KV_SPLIT // ATTN_BLOCK)
+    consts = dict(G=G, G_PAD=g_pad, BLOCK_D=block_d, ATTN_BLK=KV_BLOCK, SPLIT_BLOCKS=KV_SPLIT // KV_BLOCK)
     _attn_kernel[(triton.cdiv(max_q_len, tok_per_tile), B * K, n_splits)](
         q_THD, k_cache_PSKD, v_cache_PSKD, o_THD, pm, pl, pacc, cu, kv_lens, bt,
         scale * _LOG2E, D, K, n_splits,
@@ -234,7 +251,7 @@ def attention(
         k_cache_PSKD.stride(0), k_cache_PSKD.stride(1), k_cache_PSKD.stride(2),
         v_cache_PSKD.stride(0), v_cache_PSKD.stride(1), v_cache_PSKD.stride(2), bt.stride(0),
         BLOCK_M=block_m, PAGE=S, SPLIT_PARALLEL=split_parallel, PART_ROWS=part_rows,
-        PRECISION="ieee" if q_THD.dtype == torch.float32 else "tf32", **consts, num_warps=4, num_stages=3,
+        PRECISION="ieee" if q_THD.dtype == torch.float32 else "tf32", **consts, num_warps=num_warps, num_stages=num_stages,
     )
     if split_parallel:
         _combine_kernel[(B * K,)](
