@@ -22,8 +22,10 @@ addition, 5000 SFT examples, held-out = 200 prompts of heldout.jsonl, greedy dec
     Loop sanity on the same checkpoint: a reward for "response starts with 1" goes 0.6 -> 0.99
     in 12 steps at lr 3e-4, so the loop learns; addition is just slow for RL at this size.
     Trainer/rollout log-prob diff was exactly 0 at every step of every run.
-    Not met yet: RL adding >= 15 points of held-out accuracy within minutes. The preset
-    evaluates with sampling (T=1, 4 samples), the view in which the training reward rises.
+    RL after the 600-step SFT (the preset), lr 3e-4, 100 steps, T=1 (87 s):
+        training reward 0.66 -> 0.75-0.80 (10-step means); held-out greedy 56% -> 61.5%
+        (54%, 53.5%, 61.5%, 61.5% at steps 25/50/75/100).
+    Not met yet: RL adding >= 15 points of held-out accuracy within minutes (best: +5.5 greedy).
 """
 
 from __future__ import annotations
@@ -37,8 +39,8 @@ from miles_fsdp.quickstart.task import TaskConfig
 
 @dataclass
 class SFTSettings:
-    steps: int = 300
-    """Optimizer steps."""
+    steps: int = 600
+    """Optimizer steps (~70-110 s on 2 shared CPU cores; 56% held-out greedy accuracy)."""
     batch_size: int = 64
     """Sequences (prompt + response + EOS, loss on the response) per step."""
     lr: float = 3e-3
@@ -67,9 +69,9 @@ class RLSettings:
     """Held-out evaluation every this many steps (plus before and after)."""
     eval_prompts: int = 200
     """Held-out prompts evaluated."""
-    eval_temperature: float = 1.0
-    """Sampled evaluation shows what RL changes; 0 gives greedy accuracy."""
-    eval_samples: int = 4
+    eval_temperature: float = 0.0
+    """0 = greedy accuracy; > 0 samples `eval_samples` answers per prompt."""
+    eval_samples: int = 1
     """Samples per held-out prompt (pass@1 is their mean)."""
 
 
@@ -82,7 +84,7 @@ class QuickstartPreset:
 
 
 def quickstart_preset(short: bool = False) -> QuickstartPreset:
-    """2-digit addition, a 2-layer d=128 Qwen3 (~0.5M parameters), ~1 min SFT, ~3 min RL.
+    """2-digit addition, a 2-layer d=128 Qwen3 (~0.5M parameters), ~1.5 min SFT, ~2 min RL.
 
     short=True: the same pipeline at toy size for CI (seconds per stage, accuracy not meaningful)."""
     preset = QuickstartPreset(
