@@ -52,8 +52,14 @@ def gather_kv(cache_PSKD, pages, length: int):
 
 
 def attention(q_THD, k_cache_PSKD, v_cache_PSKD, meta: AttnMeta, scale: float):
-    """Causal GQA attention per sequence with SDPA (fp32 softmax inside SDPA's kernel)."""
+    """Causal GQA attention per sequence with SDPA (fp32 softmax inside SDPA's kernel).
+
+    One query per sequence (decode: max_q_len == 1 and T == B) takes a batched path with
+    no host sync, so it can be captured in a CUDA graph; anything else loops over sequences.
+    """
     T, H, D = q_THD.shape
+    if meta.max_q_len == 1 and T == meta.kv_lens.shape[0] and T > 0:
+        return _decode_attention(q_THD, k_cache_PSKD, v_cache_PSKD, meta, scale)
     K = k_cache_PSKD.shape[2]
     S = k_cache_PSKD.shape[1]
     cu = meta.cu_seqlens_q.tolist()
@@ -74,6 +80,22 @@ def attention(q_THD, k_cache_PSKD, v_cache_PSKD, meta: AttnMeta, scale: float):
         o = F.scaled_dot_product_attention(q_HqD, k_HLD, v_HLD, attn_mask=mask_qL, scale=scale)
         outs.append(o.transpose(0, 1))
     return torch.cat(outs) if outs else q_THD.new_zeros(0, H, D)
+
+
+def _decode_attention(q_BHD, k_cache_PSKD, v_cache_PSKD, meta: AttnMeta, scale: float):
+    """One query per sequence at position kv_len - 1: gather the table's pages into a padded
+    [B, W*S] KV view, mask positions >= kv_len, one SDPA call. GQA without repeating KV:
+    the G query heads of a kv head are G query rows of that head."""
+    B, H, D = q_BHD.shape
+    P, S, K, _ = k_cache_PSKD.shape
+    W = meta.block_table.shape[1]
+    pages_BW = meta.block_table.long()
+    k_BKLD = k_cache_PSKD[pages_BW].reshape(B, W * S, K, D).transpose(1, 2).to(q_BHD.dtype)
+    v_BKLD = v_cache_PSKD[pages_BW].reshape(B, W * S, K, D).transpose(1, 2).to(q_BHD.dtype)
+    mask_B11L = (torch.arange(W * S, device=q_BHD.device)[None, :] < meta.kv_lens[:, None].long())[:, None, None, :]
+    q_BKGD = q_BHD.reshape(B, K, H // K, D)
+    o_BKGD = F.scaled_dot_product_attention(q_BKGD, k_BKLD, v_BKLD, attn_mask=mask_B11L, scale=scale)
+    return o_BKGD.reshape(B, H, D)
 
 
 def filter_logits(x_TV, top_k: int = 0, top_p: float = 1.0):

@@ -11,13 +11,16 @@ by the step at the measured HBM bandwidth (prefill ignored): an upper bound for 
 
     python tools/bench/engine.py --out bench_engine.json           # full sweep, ~6 min on an H100
     python tools/bench/engine.py --quick --out bench_engine.json   # smaller sweep
+    python tools/bench/engine.py --profile DIR                      # per-phase step times + torch.profiler
 """
 
 from __future__ import annotations
 
 import argparse
+import collections
 import gc
 import json
+import os
 import platform
 import time
 import traceback
@@ -52,11 +55,16 @@ def plan(quick: bool) -> list[tuple[str, str, int, int, int]]:
     return rows
 
 
-def build(name: str) -> Transformer:
-    args = ModelArgs.from_hf(dict(SHAPES[name]))
+# host-overhead probe on CPU: tiny dims, the 0.6B's layer count and vocab shape kept small
+TINY = dict(_QWEN3, vocab_size=4096, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
+            num_attention_heads=4, num_key_value_heads=2, head_dim=16, tie_word_embeddings=True)
+
+
+def build(name: str, device: str = "cuda") -> Transformer:
+    args = ModelArgs.from_hf(dict(TINY if name == "tiny" else SHAPES[name]))
     with torch.device("meta"):
         model = Transformer(args)
-    model.to_empty(device="cuda")
+    model.to_empty(device=device)
     with torch.no_grad():
         for pname, p in model.named_parameters():
             if pname.endswith("norm.weight"):
@@ -92,10 +100,10 @@ def prompts(batch: int, length: int, vocab: int, seed: int) -> list[list[int]]:
 def run_engine(engine: Engine, ids: list[list[int]], new: int) -> dict:
     p = SamplingParams(temperature=1.0, max_new_tokens=new, ignore_eos=True, seed=0)
     before = engine.stats()["num_preemptions"]
-    torch.cuda.synchronize()
+    _sync(engine.runner.device)
     t = time.perf_counter()
     res = engine.generate([Request(x, p) for x in ids])
-    torch.cuda.synchronize()
+    _sync(engine.runner.device)
     wall = time.perf_counter() - t
     assert all(len(r[0].token_ids) == new for r in res)
     return dict(wall_s=wall, preemptions=engine.stats()["num_preemptions"] - before)
@@ -135,15 +143,163 @@ def run_hf(model, system: str, ids: list[list[int]], new: int) -> dict:
     return dict(wall_s=time.perf_counter() - t)
 
 
+# --- profile: where a decode step's time goes ---------------------------------------------
+
+def _sync(dev) -> None:
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+
+
+def _wrap(obj, attr: str, key: str, acc: dict, dev) -> None:
+    """Replace obj.attr by a version that syncs, times and adds its seconds to acc[key]."""
+    fn = getattr(obj, attr, None)
+    if fn is None:
+        return
+
+    def timed(*a, **k):
+        _sync(dev)
+        t = time.perf_counter()
+        out = fn(*a, **k)
+        _sync(dev)
+        acc[key] += time.perf_counter() - t
+        return out
+
+    setattr(obj, attr, timed)
+
+
+def phase_times(engine: Engine, ids: list[list[int]], new: int) -> dict:
+    """Seconds per decode step in each phase (sync-bounded, so GPU work counts where it is
+    launched). 'prepare' = run - model - sample. Prefill steps are excluded."""
+    import miles_fsdp.engine.runner as runner_mod
+
+    dev, acc = engine.runner.device, collections.defaultdict(float)
+    r, s = engine.runner, engine.scheduler
+    saved = {(o, a): o.__dict__.get(a) for o in (r, s, engine.model) for a in
+             ("run", "schedule", "postprocess", "forward", "logits", "_sample", "_model")}
+    saved_sample = runner_mod.__dict__.get("sample")
+    _wrap(s, "schedule", "schedule", acc, dev)
+    _wrap(r, "run", "run", acc, dev)
+    _wrap(s, "postprocess", "postprocess", acc, dev)
+    _wrap(r, "_model", "model", acc, dev)  # new runner: forward (graph or eager) + logits
+    _wrap(r, "_sample", "sample", acc, dev)
+    if saved_sample is not None and not hasattr(r, "_sample"):
+        _wrap(runner_mod, "sample", "sample", acc, dev)
+    if not hasattr(r, "_model"):
+        _wrap(engine.model, "forward", "model", acc, dev)
+        _wrap(engine.model, "logits", "model", acc, dev)
+        if r.graphs is not None:
+            _wrap(r.graphs, "replay", "model", acc, dev)
+    p = SamplingParams(temperature=1.0, max_new_tokens=new, ignore_eos=True, seed=0)
+    for x in ids:
+        engine.add_request(Request(x, p))
+    steps, t_all = 0, 0.0
+    while engine.has_unfinished():
+        before = dict(acc)
+        t = time.perf_counter()
+        batch_probe = [engine.scheduler.running, engine.scheduler.waiting]
+        decode = not batch_probe[1] and all(q.num_uncomputed == 1 for q in batch_probe[0])
+        engine.step()
+        if not decode:  # drop prefill steps
+            for k in list(acc):
+                acc[k] = before.get(k, 0.0)
+            continue
+        t_all += time.perf_counter() - t
+        steps += 1
+    for (o, a), v in saved.items():
+        if v is None:
+            o.__dict__.pop(a, None)
+        else:
+            setattr(o, a, v)
+    if saved_sample is not None:
+        runner_mod.sample = saved_sample
+    out = {k: 1e3 * v / max(steps, 1) for k, v in acc.items()}
+    out["prepare"] = out.get("run", 0.0) - out.get("model", 0.0) - out.get("sample", 0.0)
+    out["step"] = 1e3 * t_all / max(steps, 1)
+    out["decode_steps"] = steps
+    return out
+
+
+def decode_step_ms(engine: Engine, ids: list[list[int]], new: int) -> float:
+    """Un-instrumented wall ms per decode step (no extra syncs)."""
+    p = SamplingParams(temperature=1.0, max_new_tokens=new, ignore_eos=True, seed=0)
+    for x in ids:
+        engine.add_request(Request(x, p))
+    while engine.scheduler.waiting or any(q.num_uncomputed > 1 for q in engine.scheduler.running):
+        engine.step()
+    _sync(engine.runner.device)
+    t, n = time.perf_counter(), 0
+    while engine.has_unfinished():
+        engine.step()
+        n += 1
+    _sync(engine.runner.device)
+    return 1e3 * (time.perf_counter() - t) / max(n, 1)
+
+
+def profile(out_dir: str, model_name: str = "qwen3-0.6b", batch: int = 64, plen: int = 128, new: int = 64,
+            modes: tuple[str, ...] = ("invariant", "fast")) -> None:
+    os.makedirs(out_dir, exist_ok=True)
+    cuda = torch.cuda.is_available()
+    if not cuda:  # host overhead only: a tiny model in fp32
+        model_name, dev = "tiny", "cpu"
+    model = build(model_name, "cuda" if cuda else "cpu")
+    if not cuda:
+        model = model.float()
+    ids = prompts(batch, plen, model.args.vocab_size, seed=0)
+    report = {}
+    for mode in modes:
+        with mk.use_mode(mode):
+            t = time.perf_counter()
+            eng = Engine(model, config=EngineConfig(page_size=64, kv_memory_fraction=0.5, max_model_len=4096,
+                                                    kv_memory_bytes=0 if cuda else 1 << 28))
+            init_s = time.perf_counter() - t
+            run_engine(eng, prompts(8, 64, 1000, seed=12345), 8)
+            step_ms = decode_step_ms(eng, ids, new)
+            phases = phase_times(eng, ids, new)
+            if not cuda:
+                report[mode] = dict(step_ms=step_ms, tok_s=batch / step_ms * 1e3, phases_ms=phases)
+                print(mode, json.dumps(report[mode], indent=1), flush=True)
+                continue
+            from torch.profiler import ProfilerActivity, profile as tprof
+            p = SamplingParams(temperature=1.0, max_new_tokens=24, ignore_eos=True, seed=0)
+            for x in ids:
+                eng.add_request(Request(x, p))
+            while eng.scheduler.waiting or any(q.num_uncomputed > 1 for q in eng.scheduler.running):
+                eng.step()
+            with tprof(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+                n = 0
+                while eng.has_unfinished() and n < 16:
+                    eng.step()
+                    n += 1
+                torch.cuda.synchronize()
+            while eng.has_unfinished():
+                eng.step()
+            table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=40)
+            cuda_us = sum(e.self_device_time_total for e in prof.key_averages())
+            with open(os.path.join(out_dir, f"profile_{mode}.txt"), "w") as f:
+                f.write(f"{n} decode steps\n{table}\n")
+            report[mode] = dict(step_ms=step_ms, init_s=init_s, gpu_ms_per_step=cuda_us / 1e3 / n,
+                                tok_s=batch / step_ms * 1e3, phases_ms=phases)
+            print(mode, json.dumps(report[mode], indent=1), flush=True)
+            del eng
+            gc.collect()
+            torch.cuda.empty_cache()
+    with open(os.path.join(out_dir, "profile.json"), "w") as f:
+        json.dump(report, f, indent=1)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="smaller sweep")
     ap.add_argument("--out", default="bench_engine.json", help="JSON results file")
     ap.add_argument("--budget-s", type=float, default=330.0, help="skip rows once this much time has passed")
     ap.add_argument("--kv-fraction", type=float, default=0.85, help="EngineConfig.kv_memory_fraction")
+    ap.add_argument("--profile", metavar="DIR", help="only profile decode steps (0.6B, batch 64); write DIR/profile*")
+    ap.add_argument("--profile-new", type=int, default=64, help="--profile: new tokens per sample")
     a = ap.parse_args()
+    if a.profile:
+        return profile(a.profile, new=a.profile_new)
     if not torch.cuda.is_available():
-        raise SystemExit("tools/bench/engine.py needs a CUDA device")
+        raise SystemExit("tools/bench/engine.py needs a CUDA device (--profile also runs on CPU)")
     t0, bw = time.perf_counter(), hbm_bandwidth()
     meta = dict(device=torch.cuda.get_device_name(), torch=torch.__version__, host=platform.node(),
                 date=time.strftime("%Y-%m-%d"), hbm_gb_s=bw / 1e9, quick=a.quick)

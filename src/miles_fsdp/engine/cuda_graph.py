@@ -1,9 +1,15 @@
-"""Decode steps replayed from CUDA graphs: one graph per batch-size bucket, static buffers.
+"""Decode steps replayed from CUDA graphs: one graph per (batch, table width) bucket.
 
 A graph runs the very kernels the eager path runs, on the same values, so replay changes
 no output bit. Rows beyond the real batch are padding: they read and write only the
 scratch page 0 (kv_len 1, slot 0), and every kernel is row-independent, so they cannot
-disturb real rows. The block table is captured at its full width (max pages per sequence).
+disturb real rows. The block table is captured at a power-of-two width >= the batch's
+longest table (attention reads only the pages under kv_len, so extra columns are unread
+padding; invariant kernels give the same bits at any width).
+
+Inputs live in one static device byte buffer that the runner fills with a single
+host-to-device copy from a pinned twin (`host_view`). Graphs are captured on first use
+(warm-up and capture on padding inputs), so a run pays only for the buckets it meets.
 Models whose forward cannot be captured (e.g. a host sync) fall back to eager decode.
 """
 
@@ -22,58 +28,101 @@ def batch_buckets(max_batch: int) -> list[int]:
     return sorted({b for b in sizes if b <= max_batch} | {max_batch})
 
 
+def width_buckets(max_pages: int) -> list[int]:
+    sizes, w = [], 1
+    while w < max_pages:
+        sizes.append(w)
+        w *= 2
+    return sizes + [max_pages]
+
+
+class StepBuffers:
+    """One byte buffer holding ids, pos, slot (int64 [B]), kv_lens (int32 [B]) and the
+    block table (int32 [B, P]); `host` is pinned (on CUDA) and mirrors `dev`."""
+
+    def __init__(self, max_batch: int, max_pages: int, device: torch.device):
+        B, P = max_batch, max_pages
+        self.B, self.P = B, P
+        nbytes = 3 * 8 * B + 4 * B + 4 * B * P
+        pin = device.type == "cuda"
+        self.host_u8 = torch.zeros(nbytes, dtype=torch.uint8, pin_memory=pin)
+        self.dev_u8 = torch.zeros(nbytes, dtype=torch.uint8, device=device)
+        self.host = self._views(self.host_u8)
+        self.dev = self._views(self.dev_u8)
+        self.np = {k: v.numpy() for k, v in self.host.items()}
+
+    def _views(self, u8: torch.Tensor) -> dict[str, torch.Tensor]:
+        B, P = self.B, self.P
+        i64 = u8[: 24 * B].view(torch.int64)
+        i32 = u8[24 * B :].view(torch.int32)
+        return dict(ids=i64[:B], pos=i64[B : 2 * B], slot=i64[2 * B :], kv_lens=i32[:B],
+                    table=i32[B:].view(B, P))
+
+    def upload(self) -> None:
+        self.dev_u8.copy_(self.host_u8, non_blocking=True)
+
+
 class DecodeGraphs:
     def __init__(self, forward_logits, kv_caches, max_batch: int, max_pages: int, device: torch.device):
         self.buckets = batch_buckets(max_batch)
-        B, dev = self.buckets[-1], device
-        self.ids_B = torch.zeros(B, dtype=torch.int64, device=dev)
-        self.pos_B = torch.zeros(B, dtype=torch.int64, device=dev)
-        self.slot_B = torch.zeros(B, dtype=torch.int64, device=dev)
-        self.kv_lens_B = torch.ones(B, dtype=torch.int32, device=dev)
-        self.cu_B1 = torch.arange(B + 1, dtype=torch.int32, device=dev)
-        self.table_BP = torch.zeros(B, max_pages, dtype=torch.int32, device=dev)
-        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
-        self.logits: dict[int, torch.Tensor] = {}
-        try:
-            self._capture(forward_logits, kv_caches)
-        except Exception as e:  # noqa: BLE001 - any capture failure means: decode eagerly
-            log.warning("CUDA graph capture failed (%s: %s); decoding eagerly", type(e).__name__, e)
-            self.graphs, self.logits = {}, {}
-            torch.cuda.synchronize()
-
-    @torch.inference_mode()
-    def _capture(self, forward_logits, kv_caches) -> None:
-        pool = None
-        for bs in reversed(self.buckets):  # largest first, so smaller graphs reuse its pool
-            meta = mk.AttnMeta(self.cu_B1[: bs + 1], self.kv_lens_B[:bs], self.table_BP[:bs], max_q_len=1)
-            args = (self.ids_B[:bs], self.pos_B[:bs], meta, self.slot_B[:bs], kv_caches)
-            forward_logits(*args)  # warm-up: Triton compiles and autotune-free launches settle
-            torch.cuda.synchronize()
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=pool):
-                self.logits[bs] = forward_logits(*args)
-            pool = graph.pool()
-            self.graphs[bs] = graph
-        torch.cuda.synchronize()
+        self.widths = width_buckets(max_pages)
+        self.forward_logits, self.kv_caches = forward_logits, kv_caches
+        self.buf = StepBuffers(self.buckets[-1], max_pages, device)
+        self.cu_B1 = torch.arange(self.buckets[-1] + 1, dtype=torch.int32, device=device)
+        self.graphs: dict[tuple[int, int], torch.cuda.CUDAGraph] = {}
+        self.logits: dict[tuple[int, int], torch.Tensor] = {}
+        self.pool = None
+        self.failed = False
 
     def fits(self, batch_size: int) -> bool:
-        return bool(self.graphs) and batch_size <= self.buckets[-1]
+        return not self.failed and batch_size <= self.buckets[-1]
 
-    def replay(self, ids, pos, slots, kv_lens, table_BP) -> torch.Tensor:
-        n = len(ids)
-        bs = next(b for b in self.buckets if b >= n)
-        width = len(table_BP[0])
-        self.ids_B[:n].copy_(torch.tensor(ids), non_blocking=True)
-        self.pos_B[:n].copy_(torch.tensor(pos), non_blocking=True)
-        self.slot_B[:n].copy_(torch.tensor(slots), non_blocking=True)
-        self.kv_lens_B[:n].copy_(torch.tensor(kv_lens, dtype=torch.int32), non_blocking=True)
-        self.table_BP[:n].zero_()
-        self.table_BP[:n, :width].copy_(torch.tensor(table_BP, dtype=torch.int32), non_blocking=True)
-        # padding rows: scratch page 0, one KV token
-        self.ids_B[n:bs].zero_()
-        self.pos_B[n:bs].zero_()
-        self.slot_B[n:bs].zero_()
-        self.kv_lens_B[n:bs].fill_(1)
-        self.table_BP[n:bs].zero_()
-        self.graphs[bs].replay()
-        return self.logits[bs][:n]
+    def bucket(self, n: int, width: int) -> tuple[int, int]:
+        return next(b for b in self.buckets if b >= n), next(w for w in self.widths if w >= width)
+
+    def _args(self, bs: int, w: int):
+        d = self.buf.dev
+        # the table is a column slice of the [B, P] buffer: rows keep the full stride
+        meta = mk.AttnMeta(self.cu_B1[: bs + 1], d["kv_lens"][:bs], d["table"][:bs, :w], max_q_len=1)
+        return d["ids"][:bs], d["pos"][:bs], meta, d["slot"][:bs], self.kv_caches
+
+    @torch.inference_mode()
+    def _capture(self, key: tuple[int, int]) -> bool:
+        """Capture the graph of `key` on padding inputs; False (and eager from now on) on failure."""
+        bs, w = key
+        h = self.buf.np
+        h["ids"][:bs], h["pos"][:bs], h["slot"][:bs], h["kv_lens"][:bs], h["table"][:bs] = 0, 0, 0, 1, 0
+        torch.cuda.synchronize()
+        self.buf.upload()
+        try:
+            args = self._args(bs, w)
+            self.forward_logits(*args)  # warm-up: Triton compiles, lazy inits settle
+            torch.cuda.synchronize()
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=self.pool):
+                self.logits[key] = self.forward_logits(*args)
+            self.pool = graph.pool()
+            self.graphs[key] = graph
+        except Exception as e:  # noqa: BLE001 - any capture failure means: decode eagerly
+            log.warning("CUDA graph capture failed (%s: %s); decoding eagerly", type(e).__name__, e)
+            self.failed = True
+            self.graphs, self.logits = {}, {}
+        torch.cuda.synchronize()
+        return not self.failed
+
+    def ensure(self, n: int, width: int) -> tuple[int, int] | None:
+        """The bucket for n rows and a table of `width` pages, captured if new (this
+        overwrites the host buffer: call before filling it); None if capture failed."""
+        key = self.bucket(n, width)
+        if key not in self.graphs and not self._capture(key):
+            return None
+        return key
+
+    def replay(self, key: tuple[int, int], n: int) -> torch.Tensor:
+        """Pad rows [n, bucket), upload the buffer (one copy), replay; logits of the n rows."""
+        bs, w = key
+        h = self.buf.np
+        h["ids"][n:bs], h["pos"][n:bs], h["slot"][n:bs], h["kv_lens"][n:bs], h["table"][n:bs, :w] = 0, 0, 0, 1, 0
+        self.buf.upload()
+        self.graphs[key].replay()
+        return self.logits[key][:n]

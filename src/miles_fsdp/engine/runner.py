@@ -7,11 +7,16 @@ For each scheduled sequence the runner computes tokens [start, start + q) of it:
     slot_T              page * S + offset where each new token's K/V is written
 Only the last row of a chunk that reaches the sequence's end goes through `model.logits`
 and the sampler. The runner owns the KV cache tensors and the decode CUDA graphs.
+
+Host work per step is small and copies are few: decode batches that fit a graph write
+their inputs into the graph's pinned buffer (one host-to-device copy); other batches pack
+everything into one int64 array (one copy); the sampler does one copy in and one out.
 """
 
 from __future__ import annotations
 
 import miles_kernels as mk
+import numpy as np
 import torch
 
 from miles_fsdp.engine.cuda_graph import DecodeGraphs
@@ -59,40 +64,78 @@ class Runner:
     @torch.inference_mode()
     def run(self, batch: Batch) -> tuple[list[int], list[float]]:
         """Compute every scheduled chunk; return (token, logprob) per sampling item, in order."""
-        S = self.page_size
-        ids, pos, slots, cu, kv_lens, tables, last_rows, rows = [], [], [], [0], [], [], [], []
-        for it in batch.items:
-            seq, end = it.seq, it.start + it.q_len
-            ids.extend(seq.token_ids[it.start : end])
-            for p in range(it.start, end):
-                pos.append(p)
-                slots.append(seq.block_table[p // S] * S + p % S)
-            cu.append(cu[-1] + it.q_len)
-            kv_lens.append(end)
-            tables.append(seq.block_table[: -(-end // S)])
-            if it.sample:
-                last_rows.append(cu[-1] - 1)
-                p = seq.params
-                rows.append(RowParams(p.temperature, p.top_k, p.top_p, seq.seed, seq.sample_index, seq.num_tokens))
-        width = max(len(t) for t in tables)
-        table_BP = [t + [0] * (width - len(t)) for t in tables]
+        rows = [RowParams(it.seq.params.temperature, it.seq.params.top_k, it.seq.params.top_p, it.seq.seed,
+                          it.seq.sample_index, it.seq.num_tokens) for it in batch.items if it.sample]
+        logits_BV = self._model(batch)
+        if logits_BV is None:
+            return [], []
+        return self._sample(logits_BV, rows)
 
-        dev = self.device
-        if batch.is_decode and self.graphs is not None and self.graphs.fits(len(ids)):
-            logits_BV = self.graphs.replay(ids, pos, slots, kv_lens, table_BP)
-        else:
-            meta = mk.AttnMeta(
-                cu_seqlens_q=torch.tensor(cu, dtype=torch.int32, device=dev),
-                kv_lens=torch.tensor(kv_lens, dtype=torch.int32, device=dev),
-                block_table=torch.tensor(table_BP, dtype=torch.int32, device=dev),
-                max_q_len=max(it.q_len for it in batch.items),
-            )
-            ids_T = torch.tensor(ids, dtype=torch.int64, device=dev)
-            pos_T = torch.tensor(pos, dtype=torch.int64, device=dev)
-            slot_T = torch.tensor(slots, dtype=torch.int64, device=dev)
-            hidden_TD = self.model.forward(ids_T, pos_T, meta, slot_T, self.kv_caches)
-            if not last_rows:
-                return [], []
-            hidden_BD = hidden_TD.index_select(0, torch.tensor(last_rows, device=dev))
-            logits_BV = self.model.logits(hidden_BD)
+    def _sample(self, logits_BV, rows):
         return sample(logits_BV, rows)
+
+    def _model(self, batch: Batch) -> torch.Tensor | None:
+        """Logits of the sampling rows: a graph replay for decode batches that fit, else eager."""
+        items, S = batch.items, self.page_size
+        if batch.is_decode and self.graphs is not None and self.graphs.fits(len(items)):
+            width = max(it.start // S for it in items) + 1
+            key = self.graphs.ensure(len(items), width)
+            if key is not None:
+                h, n = self.graphs.buf.np, len(items)
+                starts = [it.start for it in items]
+                tables = [it.seq.block_table for it in items]
+                h["ids"][:n] = [it.seq.token_ids[p] for it, p in zip(items, starts)]
+                h["pos"][:n] = starts
+                h["slot"][:n] = [t[p // S] * S + p % S for t, p in zip(tables, starts)]
+                h["kv_lens"][:n] = [p + 1 for p in starts]
+                tab = h["table"]
+                tab[:n, : key[1]] = 0
+                for i, (t, p) in enumerate(zip(tables, starts)):
+                    k = p // S + 1
+                    tab[i, :k] = t[:k]
+                return self.graphs.replay(key, n)
+        return self._eager(batch)
+
+    def _eager(self, batch: Batch) -> torch.Tensor | None:
+        """Pack the batch on the host with numpy, move it in one copy, run model + logits."""
+        S, items = self.page_size, batch.items
+        B = len(items)
+        T = sum(it.q_len for it in items)
+        width = max(-(-(it.start + it.q_len) // S) for it in items)
+        n_last = sum(it.sample for it in items)
+        # layout (int64): ids T | pos T | slot T | cu B+1 | kv_lens B | last rows R | table B*width
+        buf = np.zeros(3 * T + 2 * B + 1 + n_last + B * width, dtype=np.int64)
+        ids, pos, slot = buf[:T], buf[T : 2 * T], buf[2 * T : 3 * T]
+        cu = buf[3 * T : 3 * T + B + 1]
+        kv = buf[3 * T + B + 1 : 3 * T + 2 * B + 1]
+        last = buf[3 * T + 2 * B + 1 : 3 * T + 2 * B + 1 + n_last]
+        table = buf[3 * T + 2 * B + 1 + n_last :].reshape(B, width)
+        t = r = 0
+        for b, it in enumerate(items):
+            seq, end = it.seq, it.start + it.q_len
+            pages = np.asarray(seq.block_table[: -(-end // S)], dtype=np.int64)
+            p = np.arange(it.start, end, dtype=np.int64)
+            ids[t : t + it.q_len] = seq.token_ids[it.start : end]
+            pos[t : t + it.q_len] = p
+            slot[t : t + it.q_len] = pages[p // S] * S + p % S
+            table[b, : len(pages)] = pages
+            kv[b] = end
+            t += it.q_len
+            cu[b + 1] = t
+            if it.sample:
+                last[r] = t - 1
+                r += 1
+        host = torch.from_numpy(buf)
+        dev = self.device
+        d = host.pin_memory().to(dev, non_blocking=True) if dev.type == "cuda" else host
+        meta = mk.AttnMeta(
+            cu_seqlens_q=d[3 * T : 3 * T + B + 1].to(torch.int32),
+            kv_lens=d[3 * T + B + 1 : 3 * T + 2 * B + 1].to(torch.int32),
+            block_table=d[3 * T + 2 * B + 1 + n_last :].view(B, width).to(torch.int32),
+            max_q_len=max(it.q_len for it in items),
+        )
+        hidden_TD = self.model.forward(d[:T], d[T : 2 * T], meta, d[2 * T : 3 * T], self.kv_caches)
+        if not n_last:
+            return None
+        last_R = d[3 * T + 2 * B + 1 : 3 * T + 2 * B + 1 + n_last]
+        return self.model.logits(hidden_TD.index_select(0, last_R))

@@ -10,6 +10,13 @@ that mk.logprobs applies too. So the recorded logprob, mk.logprobs(logits, id, T
 top_p), is the log-probability of the token under the distribution it was drawn from.
 
 Temperature 0 is greedy argmax; its logprob is recorded at temperature 1 (same filter).
+
+On CUDA the noise comes from one fused Triton kernel (`_gumbel_kernel`) instead of ~20
+int64 passes over [B, V]: the hash is the same int64 arithmetic, so it is exact; the two
+logs use libdevice's logf, which the first use checks against torch.log on every one of the
+2**24 possible u values (else the kernel returns u and torch takes the logs). Either way
+the noise is bit-for-bit what `gumbel_noise` computes. One step does one host<->device
+round trip: row parameters in (one copy), (ids, logprob bits) out (one copy).
 """
 
 from __future__ import annotations
@@ -20,6 +27,60 @@ import miles_kernels as mk
 import torch
 
 _M32 = 0xFFFFFFFF
+
+try:  # pragma: no cover - depends on the install
+    import triton
+    import triton.language as tl
+    from triton.language.extra import libdevice
+except ImportError:  # pragma: no cover
+    triton = None
+
+if triton is not None:
+
+    @triton.jit
+    def _low32(x):  # x & 0xFFFFFFFF for x >= 0 (every value here is), without a uint32 constant
+        return x - ((x >> 32) << 32)
+
+    @triton.jit
+    def _mix32_tl(x):  # _mix32, op for op, in int64
+        x = _low32(x)
+        x = x ^ (x >> 16)
+        x = _low32(x * 0x7FEB352D)
+        x = x ^ (x >> 15)
+        x = _low32(x * 0x2C1B3C6D)
+        return x ^ (x >> 16)
+
+    @triton.jit
+    def _gumbel_kernel(h_ptr, out_ptr, V, BLOCK: tl.constexpr, LOGS: tl.constexpr):
+        row = tl.program_id(0)
+        tok = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+        h = tl.load(h_ptr + row)  # int64, already mixed with (seed, stream, pos)
+        x = _mix32_tl(h ^ tok.to(tl.int64))
+        u = ((x >> 8).to(tl.float32) + 0.5) * (1.0 / 16777216.0)
+        if LOGS:
+            u = -libdevice.log(-libdevice.log(u))
+        tl.store(out_ptr + row.to(tl.int64) * V + tok, u, mask=tok < V)
+
+    @triton.jit
+    def _logs_kernel(u_ptr, out_ptr, N, BLOCK: tl.constexpr):
+        i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        u = tl.load(u_ptr + i, mask=i < N, other=0.5)
+        tl.store(out_ptr + i, -libdevice.log(-libdevice.log(u)), mask=i < N)
+
+_FUSED_LOGS: dict[torch.device, bool] = {}
+
+
+def _logs_match(dev: torch.device) -> bool:
+    """Does the kernel's -log(-log(u)) equal torch's on every possible u (2**24 values)?"""
+    if dev not in _FUSED_LOGS:
+        k = torch.arange(1 << 24, device=dev)
+        u = ((k.float() + 0.5) * (1.0 / (1 << 24)))
+        want = -torch.log(-torch.log(u))
+        got = torch.empty_like(u)
+        _logs_kernel[(triton.cdiv(u.numel(), 4096),)](u, got, u.numel(), BLOCK=4096)
+        _FUSED_LOGS[dev] = bool(torch.equal(want.view(torch.int32), got.view(torch.int32)))
+    return _FUSED_LOGS[dev]
+
 
 
 def _mix32(x: torch.Tensor) -> torch.Tensor:
@@ -35,7 +96,21 @@ def _mix32(x: torch.Tensor) -> torch.Tensor:
 def gumbel_noise(seed_B: torch.Tensor, stream_B: torch.Tensor, pos_B: torch.Tensor, vocab: int) -> torch.Tensor:
     """Gumbel(0, 1) noise, fp32 [B, vocab], a pure function of (seed, stream, position, token id)."""
     h_B = _mix32(_mix32(_mix32(seed_B.long()) ^ stream_B.long()) ^ pos_B.long())
-    tok_V = torch.arange(vocab, device=seed_B.device, dtype=torch.int64)
+    if h_B.is_cuda and triton is not None:
+        B, block = h_B.shape[0], 2048
+        out_BV = torch.empty(B, vocab, dtype=torch.float32, device=h_B.device)
+        if B:
+            logs = _logs_match(h_B.device)
+            _gumbel_kernel[(B, triton.cdiv(vocab, block))](h_B.contiguous(), out_BV, vocab, BLOCK=block, LOGS=logs)
+            if not logs:
+                out_BV = -torch.log(-torch.log(out_BV))
+        return out_BV
+    return gumbel_noise_torch(h_B, vocab)
+
+
+def gumbel_noise_torch(h_B: torch.Tensor, vocab: int) -> torch.Tensor:
+    """The reference: the same noise in plain torch int64 ops, from the mixed row keys h_B."""
+    tok_V = torch.arange(vocab, device=h_B.device, dtype=torch.int64)
     h_BV = _mix32(h_B[:, None] ^ tok_V[None, :])  # distinct per token within a row
     u_BV = ((h_BV >> 8).float() + 0.5) * (1.0 / (1 << 24))  # 24 bits: exact in fp32, in (0, 1)
     return -torch.log(-torch.log(u_BV))
@@ -53,28 +128,51 @@ class RowParams:
     position: int  # position the sampled token will take
 
 
+def _to_device(host: torch.Tensor, dev: torch.device) -> torch.Tensor:
+    if dev.type != "cuda":
+        return host
+    return host.pin_memory().to(dev, non_blocking=True)
+
+
 def sample(logits_BV: torch.Tensor, rows: list[RowParams]) -> tuple[list[int], list[float]]:
-    """Sample one token per row; returns (token ids, fp32 logprobs as Python floats)."""
+    """Sample one token per row; returns (token ids, fp32 logprobs as Python floats).
+
+    Rows are grouped by (temperature, top_k, top_p); every row's result depends only on
+    its own logits and keys. One copy in (the keys and group indices of all rows), one
+    copy out (ids and logprob bits), so one sync per call.
+    """
     B, V = logits_BV.shape
     dev = logits_BV.device
-    ids_B = torch.empty(B, dtype=torch.int64, device=dev)
-    logp_B = torch.empty(B, dtype=torch.float32, device=dev)
     groups: dict[tuple[float, int, float], list[int]] = {}
     for i, r in enumerate(rows):
         groups.setdefault((r.temperature, r.top_k, r.top_p), []).append(i)
+    # one host tensor: [seed, stream, position] of every row, then each group's row indices
+    order = [i for idx in groups.values() for i in idx]
+    host = torch.tensor([[r.seed for r in rows], [r.stream for r in rows], [r.position for r in rows], order]
+                        if B else [[], [], [], []], dtype=torch.int64)
+    keys_4B = _to_device(host, dev)
+    out_2B = torch.empty(2, B, dtype=torch.int64, device=dev)  # ids, logprob fp32 bits
+    off = 0
     for (temp, top_k, top_p), idx in groups.items():
-        idx_G = torch.tensor(idx, device=dev)
-        logits_GV = logits_BV.index_select(0, idx_G)
+        G = len(idx)
+        whole = G == B  # one group covers the batch: no gather / scatter
+        idx_G = None if whole else keys_4B[3, off : off + G]
+        logits_GV = logits_BV if whole else logits_BV.index_select(0, idx_G)
         if temp == 0.0:
             chosen_G = logits_GV.argmax(-1)
             temp = 1.0
         else:
-            sel = [rows[i] for i in idx]
-            meta_3G = torch.tensor([[r.seed for r in sel], [r.stream for r in sel], [r.position for r in sel]])
-            meta_3G = meta_3G.to(dev)
+            k3 = keys_4B[:3] if whole else keys_4B[:3].index_select(1, idx_G)
             x_GV = mk.filter_logits(logits_GV.float() / temp, top_k, top_p)
-            chosen_G = (x_GV + gumbel_noise(meta_3G[0], meta_3G[1], meta_3G[2], V)).argmax(-1)
+            chosen_G = (x_GV + gumbel_noise(k3[0], k3[1], k3[2], V)).argmax(-1)
         lp_G, _ = mk.logprobs(logits_GV, chosen_G, temp, top_k=top_k, top_p=top_p)
-        ids_B[idx_G] = chosen_G
-        logp_B[idx_G] = lp_G
-    return ids_B.tolist(), logp_B.tolist()
+        bits_G = lp_G.float().view(torch.int32).long()
+        if whole:
+            out_2B[0].copy_(chosen_G)
+            out_2B[1].copy_(bits_G)
+        else:
+            out_2B[0].index_copy_(0, idx_G, chosen_G)
+            out_2B[1].index_copy_(0, idx_G, bits_G)
+        off += G
+    out = out_2B.cpu()
+    return out[0].tolist(), out[1].to(torch.int32).view(torch.float32).tolist()
