@@ -1,54 +1,49 @@
+"""The quickstart task: deterministic, disjoint splits, the noisy demonstrations it promises."""
+
 import json
 
 import pytest
 
 from miles_fsdp.data.datasets import DataConfig, PromptDataset
-from miles_fsdp.quickstart.task import TaskConfig, make_splits, write_task
-
-SMALL = dict(num_sft=300, num_rl=100, num_heldout=50)
+from miles_fsdp.quickstart.task import TaskConfig, write_task
 
 
-def test_same_seed_same_files_other_seed_other_files(tmp_path):
-    a = write_task(tmp_path / "a", TaskConfig(seed=3, **SMALL))
-    b = write_task(tmp_path / "b", TaskConfig(seed=3, **SMALL))
-    c = write_task(tmp_path / "c", TaskConfig(seed=4, **SMALL))
-    for split in ("sft", "rl", "heldout"):
-        assert a[split].read_bytes() == b[split].read_bytes()
-    assert a["heldout"].read_bytes() != c["heldout"].read_bytes()
+def _rows(path):
+    return [json.loads(line) for line in path.read_text().splitlines()]
 
 
-def test_splits_are_disjoint_sized_and_correct():
-    cfg = TaskConfig(min_digits=1, max_digits=2, **SMALL)
-    splits = make_splits(cfg)
-    assert {k: len(v) for k, v in splits.items()} == {"heldout": 50, "rl": 100, "sft": 300}
-    sets = [set(v) for v in splits.values()]
-    assert sum(map(len, sets)) == len(set().union(*sets)) == 450
-    assert all(0 <= x <= 99 for pairs in splits.values() for pair in pairs for x in pair)
+def test_same_seed_same_files_and_disjoint_splits(tmp_path):
+    cfg = TaskConfig(num_sft=300, num_rl=100, num_heldout=50)
+    a = write_task(tmp_path / "a", cfg)
+    b = write_task(tmp_path / "b", cfg)
+    for name in a:
+        assert a[name].read_text() == b[name].read_text()
+    words = {name: {r["prompt"] for r in _rows(p)} for name, p in a.items()}
+    assert not (words["sft"] & words["rl"]) and not (words["sft"] & words["heldout"]) and not (words["rl"] & words["heldout"])
+    assert len(words["heldout"]) == 50
 
 
-def test_heldout_does_not_move_when_sft_grows():
-    small = make_splits(TaskConfig(num_sft=10, num_rl=10, num_heldout=20))
-    big = make_splits(TaskConfig(num_sft=500, num_rl=10, num_heldout=20))
-    assert small["heldout"] == big["heldout"]
+def test_labels_reverse_and_demonstrations_are_noisy(tmp_path):
+    cfg = TaskConfig(num_sft=1000, num_rl=10, num_heldout=10, echo_rate=0.4)
+    paths = write_task(tmp_path, cfg)
+    for r in _rows(paths["heldout"]):
+        word = r["prompt"][len("rev "):-1]
+        assert r["label"] == word[::-1]
+    sft = _rows(paths["sft"])
+    echoed = sum(r["response"] == r["prompt"][4:-1] and r["response"] != r["response"][::-1] for r in sft)
+    assert 0.3 < echoed / len(sft) < 0.5  # ~echo_rate, palindromes aside
+    clean = write_task(tmp_path / "clean", TaskConfig(num_sft=200, num_rl=10, num_heldout=10, echo_rate=0.0))
+    assert all(r["response"] == r["prompt"][4:-1][::-1] for r in _rows(clean["sft"]))
 
 
-def test_files_use_the_user_data_format(tmp_path):
-    paths = write_task(tmp_path, TaskConfig(**SMALL))
-    row = json.loads(paths["sft"].read_text().splitlines()[0])
-    assert set(row) == {"prompt", "response"}
-    a, b = row["prompt"].rstrip("=").split("+")
-    assert int(row["response"]) == int(a) + int(b)
-    # rl.jsonl / heldout.jsonl load with the RL dataset's default keys
-    ds = PromptDataset(DataConfig(path=str(paths["heldout"]), shuffle=False), tokenize=lambda p: [ord(c) for c in p])
-    s = ds.next_batch(1)[0]
-    a, b = s.prompt.rstrip("=").split("+")
-    assert len(ds) == 50 and s.label == str(int(a) + int(b))
+def test_files_load_as_user_data(tmp_path):
+    paths = write_task(tmp_path, TaskConfig(num_sft=20, num_rl=20, num_heldout=5))
+    ds = PromptDataset(DataConfig(path=str(paths["rl"])), lambda text: [ord(c) for c in text])
+    batch = ds.next_batch(4)
+    assert all(s.label and s.prompt.startswith("rev ") for s in batch)
 
 
-def test_bad_knobs_say_what_to_change():
-    with pytest.raises(ValueError, match="min_digits <= max_digits"):
-        TaskConfig(min_digits=3, max_digits=2)
-    with pytest.raises(ValueError, match="distinct pairs"):
-        TaskConfig(max_digits=1, num_sft=200, num_rl=1, num_heldout=1)
-    with pytest.raises(ValueError, match="num_rl"):
-        TaskConfig(num_rl=0)
+@pytest.mark.parametrize("bad", [{"min_len": 0}, {"echo_rate": 1.0}, {"num_sft": 10**6}])
+def test_bad_knobs_name_the_field(bad):
+    with pytest.raises(ValueError, match="TaskConfig"):
+        TaskConfig(**bad)

@@ -1,16 +1,20 @@
-"""The quickstart task: multi-digit addition, generated from a seed, graded by exact match.
+"""The quickstart's RL task: reverse a short word, learned from imperfect demonstrations.
 
-    prompt "47+385="   response / label "432"
+    prompt "rev cabhd="   correct response "dhbac"
 
-Three disjoint splits (no (a, b) pair appears in two of them), written in the formats users
-give their own data:
-    sft.jsonl      {"prompt": "47+385=", "response": "432"}   supervised fine-tuning
-    rl.jsonl       {"prompt": "47+385=", "label": "432"}      RL prompts (DataConfig defaults)
-    heldout.jsonl  {"prompt": "47+385=", "label": "432"}      evaluation
+The SFT demonstrations are deliberately noisy, as human demonstrations often are: a
+fraction `echo_rate` of them answer lazily by echoing the word unreversed. SFT imitates
+both behaviours, so the SFT model is decent but far from perfect (it reverses some words
+and echoes others). RL with an exact-match verifier then has a clean signal: within a
+group of samples of one prompt, reversals score 1 and echoes 0, and GRPO moves the
+policy to always reverse. That is the RL story in miniature: the verifier fixes what the
+demonstrations got wrong.
 
-Why addition: a tiny model learns the format and the easy digits within minutes, while
-carries keep it far from perfect; the answer is checkable, so RL has a clean reward.
-Difficulty knobs: `min_digits`/`max_digits` (operand lengths).
+Splits are disjoint (no word in two of them) and written in the formats users give their
+own data:
+    sft.jsonl      {"prompt": "rev cabhd=", "response": "dhbac"}  (or the echo "cabhd")
+    rl.jsonl       {"prompt": "rev cabhd=", "label": "dhbac"}
+    heldout.jsonl  {"prompt": "rev cabhd=", "label": "dhbac"}
 """
 
 from __future__ import annotations
@@ -20,93 +24,61 @@ import random
 from dataclasses import dataclass
 from pathlib import Path
 
-SPLITS = ("sft", "rl", "heldout")
-
 
 @dataclass
 class TaskConfig:
-    min_digits: int = 1
-    """Fewest digits of an operand."""
-    max_digits: int = 3
-    """Most digits of an operand (the answer has at most one more)."""
-    num_sft: int = 20000
-    """Examples in sft.jsonl."""
-    num_rl: int = 5000
-    """Prompts in rl.jsonl."""
+    alphabet: str = "abcdefgh"
+    """Letters words are drawn from."""
+    min_len: int = 3
+    """Shortest word."""
+    max_len: int = 5
+    """Longest word."""
+    echo_rate: float = 0.55
+    """Fraction of SFT demonstrations that echo the word instead of reversing it."""
+    num_sft: int = 4000
+    num_rl: int = 2500
     num_heldout: int = 500
-    """Prompts in heldout.jsonl."""
     seed: int = 0
     """Same seed, same files."""
 
     def __post_init__(self):
-        if not 1 <= self.min_digits <= self.max_digits:
-            raise ValueError(
-                f"TaskConfig: need 1 <= min_digits <= max_digits, got min_digits={self.min_digits}, "
-                f"max_digits={self.max_digits}"
-            )
-        for name in ("num_sft", "num_rl", "num_heldout"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"TaskConfig.{name}={getattr(self, name)}: must be >= 1")
-        if self.total > self.num_pairs:
-            raise ValueError(
-                f"TaskConfig: {self.total} examples requested but only {self.num_pairs} distinct pairs exist "
-                f"with {self.min_digits}-{self.max_digits} digit operands; raise max_digits or lower num_*"
-            )
-
-    @property
-    def total(self) -> int:
-        return self.num_sft + self.num_rl + self.num_heldout
-
-    @property
-    def num_pairs(self) -> int:
-        lo, hi = _operand_range(self.min_digits, self.max_digits)
-        return (hi - lo + 1) ** 2
+        if not 1 <= self.min_len <= self.max_len:
+            raise ValueError(f"TaskConfig: need 1 <= min_len <= max_len, got {self.min_len}, {self.max_len}")
+        if not 0.0 <= self.echo_rate < 1.0:
+            raise ValueError(f"TaskConfig.echo_rate={self.echo_rate}: must be in [0, 1)")
+        words = sum(len(self.alphabet) ** n for n in range(self.min_len, self.max_len + 1))
+        total = self.num_sft + self.num_rl + self.num_heldout
+        if total > words // 2:
+            raise ValueError(f"TaskConfig: {total} words requested but only {words} exist; "
+                             "lower num_* or widen the alphabet/lengths")
 
 
-def _operand_range(min_digits: int, max_digits: int) -> tuple[int, int]:
-    return (0 if min_digits == 1 else 10 ** (min_digits - 1)), 10**max_digits - 1
-
-
-def _random_operand(rng: random.Random, min_digits: int, max_digits: int) -> int:
-    # digits first, then the number: short operands are as common as long ones
-    d = rng.randint(min_digits, max_digits)
-    return rng.randint(0 if d == 1 else 10 ** (d - 1), 10**d - 1)
-
-
-def make_prompt(a: int, b: int) -> str:
-    return f"{a}+{b}="
-
-
-def make_splits(cfg: TaskConfig) -> dict[str, list[tuple[int, int]]]:
-    """Split name -> (a, b) pairs; deterministic in cfg, pairs distinct across all splits."""
-    rng = random.Random(cfg.seed)
-    seen: set[tuple[int, int]] = set()
-    pairs: list[tuple[int, int]] = []
-    while len(pairs) < cfg.total:
-        pair = (_random_operand(rng, cfg.min_digits, cfg.max_digits), _random_operand(rng, cfg.min_digits, cfg.max_digits))
-        if pair not in seen:
-            seen.add(pair)
-            pairs.append(pair)
-    # held-out first, so growing num_sft does not change the evaluation set
-    h, r = cfg.num_heldout, cfg.num_rl
-    return {"heldout": pairs[:h], "rl": pairs[h : h + r], "sft": pairs[h + r :]}
-
-
-def records(split: str, pairs: list[tuple[int, int]]) -> list[dict[str, str]]:
-    """The jsonl rows of one split (see the module docstring for the keys)."""
-    key = "response" if split == "sft" else "label"
-    return [{"prompt": make_prompt(a, b), key: str(a + b)} for a, b in pairs]
+def prompt_of(word: str) -> str:
+    return f"rev {word}="
 
 
 def write_task(out_dir: str | Path, cfg: TaskConfig) -> dict[str, Path]:
-    """Write sft.jsonl, rl.jsonl and heldout.jsonl into out_dir; returns split -> path."""
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    """Write sft.jsonl, rl.jsonl and heldout.jsonl into out_dir; returns their paths."""
+    rng = random.Random(cfg.seed)
+    seen: set[str] = set()
+    words: list[str] = []
+    total = cfg.num_sft + cfg.num_rl + cfg.num_heldout
+    while len(words) < total:
+        w = "".join(rng.choice(cfg.alphabet) for _ in range(rng.randint(cfg.min_len, cfg.max_len)))
+        if w not in seen:
+            seen.add(w)
+            words.append(w)
+    sft, rl = words[: cfg.num_sft], words[cfg.num_sft: cfg.num_sft + cfg.num_rl]
+    held = words[cfg.num_sft + cfg.num_rl:]
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    rows = {
+        "sft": [{"prompt": prompt_of(w), "response": w if rng.random() < cfg.echo_rate else w[::-1]} for w in sft],
+        "rl": [{"prompt": prompt_of(w), "label": w[::-1]} for w in rl],
+        "heldout": [{"prompt": prompt_of(w), "label": w[::-1]} for w in held],
+    }
     paths = {}
-    for split, pairs in make_splits(cfg).items():
-        path = out_dir / f"{split}.jsonl"
-        with open(path, "w") as f:
-            for row in records(split, pairs):
-                f.write(json.dumps(row) + "\n")
-        paths[split] = path
-    return {s: paths[s] for s in SPLITS}
+    for name, recs in rows.items():
+        paths[name] = out / f"{name}.jsonl"
+        paths[name].write_text("".join(json.dumps(r) + "\n" for r in recs))
+    return paths

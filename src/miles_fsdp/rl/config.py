@@ -40,6 +40,9 @@ class RolloutConfig:
     reward: str = "exact_match"
     """Built-in reward ("math", "exact_match") or a user function `module:function` /
     `path/to/file.py:function` (sync or async, per sample or batched)."""
+    answer_extract: Literal["full", "after_marker", "last_number", "boxed"] = "last_number"
+    """How the exact_match reward reads the answer: the whole response, the text after
+    '####', the last number, or the last \\boxed{}."""
     reward_on_error: float = 0.0
     """Score given to a sample whose reward function raised (the error is logged, never fatal)."""
     generate_fn: str = ""

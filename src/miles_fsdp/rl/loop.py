@@ -64,7 +64,7 @@ def run_rl(cfg: RLConfig) -> dict:
     rollout_dir = Path(cfg.rollout_dir or run_dir / "rollouts")
     tokenizer = load_tokenizer(cfg.model)
     dataset = PromptDataset(cfg.data, tokenizer.tokenize_prompt)
-    reward_fn = load_reward(cfg.rollout.reward)
+    reward_fn = load_reward(cfg.rollout.reward, **_reward_options(cfg))
     hook = load_generate(cfg.rollout.generate_fn) if cfg.rollout.generate_fn else None
     dtype = cfg.trainer.parallel.compute_dtype(device)
 
@@ -163,6 +163,10 @@ def run_rl(cfg: RLConfig) -> dict:
     if rank == 0:
         (run_dir / "rl_summary.json").write_text(json.dumps(summary, indent=2))
     return summary
+
+
+def _reward_options(cfg: RLConfig) -> dict:
+    return {"extract": cfg.rollout.answer_extract} if cfg.rollout.reward == "exact_match" else {}
 
 
 def _eval(cfg: RLConfig, engine, tokenizer, prompts, reward_fn) -> dict[str, float]:
