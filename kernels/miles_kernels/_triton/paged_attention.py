@@ -2,7 +2,8 @@
 
 A query row (one token x one query head) reduces its keys in a fixed order:
 
-    KV positions 0 .. pos, in blocks of ATTN_BLOCK tokens (online softmax, fp32),
+    KV positions 0 .. pos, in blocks of KV_BLOCK tokens (online softmax, fp32; a multiple of
+    ATTN_BLOCK, whatever the page size: a block wider than a page gathers each token's page),
     blocks grouped in splits of KV_SPLIT tokens, each split started from an empty state,
     splits merged left to right with _merge, then acc / l.
 
@@ -20,7 +21,7 @@ import triton.language as tl
 
 from miles_kernels._cpu import ATTN_BLOCK  # KV walk granularity: one constant for CPU and CUDA
 
-KV_BLOCK = 16  # KV tokens per online-softmax step (multiple of ATTN_BLOCK); any page size works
+KV_BLOCK = 64  # KV tokens per online-softmax step (multiple of ATTN_BLOCK); any page size works (gather)
 KV_SPLIT = 256  # tokens per split (multiple of KV_BLOCK): enough programs for decode, few merges
 _BLOCK_M = {torch.bfloat16: 64, torch.float16: 64, torch.float32: 16}  # rows (token x head) per decode tile
 # Longer query chunks (the fused path) take a taller tile; a row's reduction is the same in both.
