@@ -256,12 +256,12 @@ def check_attention_many_splits() -> None:
     """Shrink KV_SPLIT so decode merges several split states; must still equal prefill."""
     from miles_kernels._triton import paged_attention as attn_mod
 
-    saved = attn_mod.KV_SPLIT
-    attn_mod.KV_SPLIT = 32
+    saved = attn_mod.KV_BLOCK, attn_mod.KV_SPLIT
+    attn_mod.KV_BLOCK, attn_mod.KV_SPLIT = 16, 32
     try:
         _check_attention_case(L=90, H=2, K=1, D=16, page=32, chunks=[40, 7, 43])
     finally:
-        attn_mod.KV_SPLIT = saved
+        attn_mod.KV_BLOCK, attn_mod.KV_SPLIT = saved
 
 
 def check_attention_kv_block_spans_pages() -> None:
