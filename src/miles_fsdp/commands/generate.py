@@ -1,11 +1,10 @@
-"""`miles-fsdp generate`: sample completions from an HF checkpoint with our model code.
+"""`miles-fsdp generate`: sample completions from an HF checkpoint with the rollout engine.
 
-    prompts --(chat template)--> ids --prefill (packed, paged KV)--> logits of last tokens
-      --> sample (greedy / Gumbel-max over top-k/top-p filtered logits/T) --> append
-      --> decode one token per step per live sequence, same forward with kv_caches
+    prompts --(chat template)--> ids --engine (paged KV, prefix cache, continuous batching)-->
+      token ids + the logprob of each token under the distribution it was sampled from
 
-A small reference loop on the very kernels the trainer uses; the rollout engine replaces
-it for throughput. Example:
+Greedy at temperature 0, else Gumbel-max over top-k/top-p filtered logits / T, with prompt i
+seeded by seed + i (a prompt's output does not depend on the others). Example:
     miles-fsdp generate --model ckpt/ --prompt "What is 2+2?" --max-new-tokens 16 --json
 """
 
@@ -16,10 +15,9 @@ from dataclasses import dataclass, field
 
 import torch
 
-import miles_kernels as mk
+from miles_fsdp.engine.offline import generate_from_prompts
 from miles_fsdp.models import ModelArgs, Transformer, load_hf
 
-PAGE_SIZE = mk.ATTN_BLOCK
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -85,7 +83,6 @@ class Completion:
     finish_reason: str = "length"  # "stop" (EOS) or "length" (max_new_tokens)
 
 
-@torch.no_grad()
 def generate(
     model: Transformer,
     prompts: list[list[int]],
@@ -96,9 +93,8 @@ def generate(
     seed: int = 0,
     stop_ids: tuple[int, ...] = (),
 ) -> list[Completion]:
-    """Prefill all prompts in one packed forward, then decode one token per live sequence per step."""
+    """One completion per prompt, sampled by the rollout engine (prompt i with seed + i)."""
     args: ModelArgs = model.args
-    device, dtype = model.embed.weight.device, model.embed.weight.dtype
     for i, p in enumerate(prompts):
         if not p:
             raise ValueError(f"prompt {i} is empty: give at least one token")
@@ -109,68 +105,8 @@ def generate(
                 f"prompt {i}: {len(p)} tokens + max_new_tokens {max_new_tokens} exceeds the model's "
                 f"max_position_embeddings {args.max_position_embeddings}"
             )
-    # each sequence owns a contiguous run of pages big enough for prompt + completion
-    pages = [-(-(len(p) + max_new_tokens) // PAGE_SIZE) for p in prompts]
-    first = [sum(pages[:b]) for b in range(len(prompts))]
-    block_table_BM = torch.tensor([[f + j if j < n else 0 for j in range(max(pages))] for f, n in zip(first, pages)])
-    cache_shape = (sum(pages), PAGE_SIZE, args.n_kv_heads, args.head_dim)
-    kv_caches = [
-        (torch.zeros(cache_shape, dtype=dtype, device=device), torch.zeros(cache_shape, dtype=dtype, device=device))
-        for _ in range(args.n_layers)
-    ]
-    gens = [torch.Generator().manual_seed(seed + b) for b in range(len(prompts))]
-    tokens = [list(p) for p in prompts]
-    out = [Completion() for _ in prompts]
-    live, q_lens = list(range(len(prompts))), [len(p) for p in prompts]
-    while live:
-        ids_T, pos_T, meta, slot_T = _step_inputs(tokens, live, q_lens, block_table_BM)
-        hidden_TD = model(ids_T.to(device), pos_T.to(device), meta.to(device), slot_T.to(device), kv_caches)
-        last_B = meta.cu_seqlens_q[1:].long() - 1
-        logits_BV = model.logits(hidden_TD[last_B.to(device)])
-        next_B, logp_B = sample(logits_BV, [gens[b] for b in live], temperature, top_p, top_k)
-        for b, tok, lp in zip(live, next_B.tolist(), logp_B.tolist()):
-            tokens[b].append(tok)
-            out[b].token_ids.append(tok)
-            out[b].logprobs.append(lp)
-            if tok in stop_ids:
-                out[b].finish_reason = "stop"
-        live = [b for b in live if out[b].finish_reason != "stop" and len(out[b].token_ids) < max_new_tokens]
-        q_lens = [1] * len(live)
-    return out
-
-
-def _step_inputs(tokens, live, q_lens, block_table_BM):
-    """Packed ids/positions/slots and AttnMeta for the last q_lens[i] tokens of each live sequence."""
-    ids, pos = [], []
-    for b, q in zip(live, q_lens):
-        n = len(tokens[b])
-        ids += tokens[b][n - q:]
-        pos += range(n - q, n)
-    seq_T = torch.repeat_interleave(torch.tensor(live), torch.tensor(q_lens))
-    pos_T = torch.tensor(pos)
-    slot_T = block_table_BM[seq_T, pos_T // PAGE_SIZE] * PAGE_SIZE + pos_T % PAGE_SIZE
-    meta = mk.AttnMeta(
-        cu_seqlens_q=torch.tensor([0, *q_lens]).cumsum(0).to(torch.int32),
-        kv_lens=torch.tensor([len(tokens[b]) for b in live], dtype=torch.int32),
-        block_table=block_table_BM[live].to(torch.int32),
-        max_q_len=max(q_lens),
-    )
-    return torch.tensor(ids), pos_T, meta, slot_T
-
-
-def sample(logits_BV, gens, temperature: float, top_p: float, top_k: int):
-    """(token ids [B], fp32 logprobs [B]); row b draws its Gumbel noise from gens[b]."""
-    if temperature == 0:
-        next_B = logits_BV.float().argmax(-1)
-        logp_B, _ = mk.logprobs(logits_BV, next_B)
-        return next_B, logp_B
-    x_BV = mk.filter_logits(logits_BV.float() / temperature, top_k, top_p)
-    V = x_BV.shape[-1]
-    u_BV = torch.stack([torch.rand(V, generator=g, dtype=torch.float64) for g in gens]).to(x_BV.device)
-    gumbel_BV = -torch.log(-torch.log(u_BV.clamp_min(1e-300))).float()
-    next_B = (x_BV + gumbel_BV).argmax(-1)
-    logp_B, _ = mk.logprobs(logits_BV, next_B, temperature, top_k=top_k, top_p=top_p)
-    return next_B, logp_B
+    results = generate_from_prompts(model, prompts, max_new_tokens, temperature, top_p, top_k, seed, stop_ids)
+    return [Completion(list(r.token_ids), r.logprobs.tolist(), r.finish_reason.value) for r in results]
 
 
 def main(cfg: GenerateConfig) -> list[Completion]:
