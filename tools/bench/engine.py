@@ -293,6 +293,7 @@ def main() -> None:
     ap.add_argument("--out", default="bench_engine.json", help="JSON results file")
     ap.add_argument("--budget-s", type=float, default=330.0, help="skip rows once this much time has passed")
     ap.add_argument("--kv-fraction", type=float, default=0.85, help="EngineConfig.kv_memory_fraction")
+    ap.add_argument("--no-warm", action="store_true", help="skip the second (graphs captured) run of engine rows")
     ap.add_argument("--profile", metavar="DIR", help="only profile decode steps (0.6B, batch 64); write DIR/profile*")
     ap.add_argument("--profile-new", type=int, default=64, help="--profile: new tokens per sample")
     a = ap.parse_args()
@@ -330,6 +331,8 @@ def main() -> None:
                                 page_size=64, kv_memory_fraction=a.kv_fraction, max_model_len=4096))
                             run_engine(engines[system], prompts(8, 64, 1000, seed=12345), 8)  # compile
                         row.update(run_engine(engines[system], ids, new))
+                        if system == "engine" and not a.no_warm:  # again, decode graphs now captured
+                            row["warm_tok_s"] = batch * new / run_engine(engines[system], ids, new)["wall_s"]
                 else:
                     engines.clear()
                     gc.collect()
@@ -363,6 +366,8 @@ def print_row(r: dict) -> None:
     tps = f"{r['output_tok_s']:9.0f}" if "output_tok_s" in r else f"{'-':>9}"
     pct = f"{r['pct_roofline']:5.1f}" if "pct_roofline" in r else f"{'-':>5}"
     note = r.get("skipped", f"preempt {r['preemptions']}" if "preemptions" in r else "")
+    if "warm_tok_s" in r:
+        note += f"; warm {r['warm_tok_s']:.0f} tok/s = {100 * r['warm_tok_s'] / r['roofline_tok_s']:.1f}%"
     print(f"{r['model']:<11} {r['system']:<18} {r['batch']:>5} {r['prompt']:>6} {r['new']:>5} {wall} {tps} "
           f"{r['roofline_tok_s']:9.0f} {pct}  {note}", flush=True)
 

@@ -51,10 +51,13 @@ if triton is not None:
         return x ^ (x >> 16)
 
     @triton.jit
-    def _gumbel_kernel(h_ptr, out_ptr, V, BLOCK: tl.constexpr, LOGS: tl.constexpr):
+    def _gumbel_kernel(keys_ptr, key_stride, out_ptr, V, BLOCK: tl.constexpr, LOGS: tl.constexpr):
         row = tl.program_id(0)
         tok = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
-        h = tl.load(h_ptr + row)  # int64, already mixed with (seed, stream, pos)
+        seed = tl.load(keys_ptr + row).to(tl.int64)
+        stream = tl.load(keys_ptr + key_stride + row).to(tl.int64)
+        pos = tl.load(keys_ptr + 2 * key_stride + row).to(tl.int64)
+        h = _mix32_tl(_mix32_tl(_mix32_tl(seed) ^ stream) ^ pos)
         x = _mix32_tl(h ^ tok.to(tl.int64))
         u = ((x >> 8).to(tl.float32) + 0.5) * (1.0 / 16777216.0)
         if LOGS:
@@ -95,16 +98,17 @@ def _mix32(x: torch.Tensor) -> torch.Tensor:
 
 def gumbel_noise(seed_B: torch.Tensor, stream_B: torch.Tensor, pos_B: torch.Tensor, vocab: int) -> torch.Tensor:
     """Gumbel(0, 1) noise, fp32 [B, vocab], a pure function of (seed, stream, position, token id)."""
-    h_B = _mix32(_mix32(_mix32(seed_B.long()) ^ stream_B.long()) ^ pos_B.long())
-    if h_B.is_cuda and triton is not None:
-        B, block = h_B.shape[0], 2048
-        out_BV = torch.empty(B, vocab, dtype=torch.float32, device=h_B.device)
+    if seed_B.is_cuda and triton is not None:
+        B, block, dev = seed_B.shape[0], 2048, seed_B.device
+        out_BV = torch.empty(B, vocab, dtype=torch.float32, device=dev)
         if B:
-            logs = _logs_match(h_B.device)
-            _gumbel_kernel[(B, triton.cdiv(vocab, block))](h_B.contiguous(), out_BV, vocab, BLOCK=block, LOGS=logs)
-            if not logs:
-                out_BV = -torch.log(-torch.log(out_BV))
+            keys_3B = torch.stack([seed_B.long(), stream_B.long(), pos_B.long()])
+            logs = _logs_match(dev)
+            _gumbel_kernel[(B, triton.cdiv(vocab, block))](keys_3B, B, out_BV, vocab, BLOCK=block, LOGS=logs)
+            if not logs:  # same ops as gumbel_noise_torch, in place
+                out_BV.log_().neg_().log_().neg_()
         return out_BV
+    h_B = _mix32(_mix32(_mix32(seed_B.long()) ^ stream_B.long()) ^ pos_B.long())
     return gumbel_noise_torch(h_B, vocab)
 
 
