@@ -47,7 +47,7 @@ def test_masks_cover_only_responses(ckpt, data):
 
 
 @pytest.mark.parametrize("line, match", [
-    ("{not json", "sft.jsonl:2: not valid JSON"),
+    ("{not json", "sft.jsonl:2: malformed JSON"),
     ('{"prompt": "a"}', "sft.jsonl:2: expected keys"),
     ('{"messages": [{"role": "user"}]}', r"sft.jsonl:2: messages\[0\]"),
 ])

@@ -70,7 +70,7 @@ def read_records(path: str) -> list[tuple[str, dict[str, Any]]]:
     """-> [(location, record)], location like "data.jsonl:3" or "data.parquet row 3"."""
     p = Path(path)
     if not p.is_file():
-        raise DatasetError(f"{path}: no such file (check DataConfig.path)")
+        raise DatasetError(f"{path}: no such file; check the data path")
     if p.suffix == ".parquet":
         import pyarrow.parquet as pq
 

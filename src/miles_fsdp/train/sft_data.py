@@ -1,4 +1,4 @@
-"""SFT data: jsonl -> TrainSeq with a loss mask on the tokens the model should learn.
+"""SFT data: jsonl / parquet records -> TrainSeq with a loss mask on the tokens the model should learn.
 
 Each line is one of
     {"prompt": "...", "response": "..."}   tokens = prompt + response + eos; trains on response + eos
@@ -11,14 +11,10 @@ message adds are the tokens of that message (templates that rewrite earlier turn
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
+from miles_fsdp.data.datasets import DatasetError as DataError, read_records
 from miles_fsdp.train.packing import TrainSeq
-
-
-class DataError(ValueError):
-    """A bad line in a data file; the message names the file and line."""
 
 
 def _render(tok, messages: list[dict], generation_prompt: bool = False) -> list[int]:
@@ -64,21 +60,9 @@ def _from_prompt_response(tok, row: dict, where: str) -> TrainSeq:
 
 
 def load_sft_jsonl(path: str | Path, tok, max_seq_len: int) -> list[TrainSeq]:
-    """Every line of `path` as a TrainSeq; sequences longer than `max_seq_len` are truncated."""
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(f"{path}: SFT data file does not exist")
+    """Every record of `path` (.jsonl or .parquet) as a TrainSeq; longer ones are truncated."""
     out = []
-    for n, line in enumerate(path.read_text().splitlines(), start=1):
-        where = f"{path}:{n}"
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise DataError(f"{where}: not valid JSON ({e.msg} at column {e.colno})") from None
-        if not isinstance(row, dict):
-            raise DataError(f"{where}: expected a JSON object, got {type(row).__name__}")
+    for where, row in read_records(str(path)):
         if "messages" in row:
             seq = _from_messages(tok, row["messages"], where)
         elif "prompt" in row and "response" in row:
@@ -90,6 +74,4 @@ def load_sft_jsonl(path: str | Path, tok, max_seq_len: int) -> list[TrainSeq]:
             raise DataError(f"{where}: no trainable token (empty response/assistant turn, or truncated away by "
                             f"max_seq_len={max_seq_len})")
         out.append(seq)
-    if not out:
-        raise DataError(f"{path}: no examples")
     return out
