@@ -39,11 +39,18 @@ def _same(a, b, what):
     assert torch.equal(a, b), f"{what}: not bitwise equal, max diff {(a.double() - b.double()).abs().max().item():.3g}"
 
 
+@pytest.mark.parametrize("tma_always", [False, True])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
-def test_linear_every_tile_bucket_agrees(kt, dtype):
-    """Rows computed in each LINEAR_TILES bucket are bitwise equal to the same rows in every other."""
+def test_linear_every_tile_bucket_agrees(kt, dtype, tma_always, monkeypatch):
+    """Rows computed in each LINEAR_TILES bucket are bitwise equal to the same rows in every other,
+    whichever kernel (pointer or persistent TMA) a bucket's tile runs on."""
+    from miles_kernels._triton import matmul as lin
+
+    if tma_always:  # every tma tile on the TMA kernel, whatever the size
+        monkeypatch.setattr(lin, "_TMA_MIN_K", 0)
+        monkeypatch.setattr(lin, "_TMA_MIN_MN", 0)
     g = _gen(0)
-    K, N = 1000, 3000  # not tile multiples
+    K, N = 2056, 3000  # not tile multiples; 16-byte aligned rows (TMA); big enough for TMA at M >= 2048
     buckets = kt.LINEAR_TILES[dtype]
     sizes = sorted({1, 3} | {min(t.max_m, 4096) for t in buckets} | {t.max_m + 1 for t in buckets if t.max_m < 4096})
     x = _randn(max(sizes), K, dtype=dtype, g=g)
@@ -113,7 +120,7 @@ def test_logprobs_and_route_topk(kt, dtype):
     router = _randn(200, 128, dtype=dtype, g=g)
     w, e = kt.route_topk(router, 8, True)
     # bf16 logits tie exactly; the contract sends ties to the lower id (torch.topk does not promise that)
-    rw, re = torch.sort(torch.softmax(router.double(), -1), -1, descending=True, stable=True)
+    rw, re = torch.sort(torch.softmax(router.double(), -1), dim=-1, descending=True, stable=True)
     rw, re = rw[:, :8], re[:, :8]
     assert torch.equal(e, re), "route_topk ids differ from a stable descending sort (ties -> lower id)"
     _accurate(w, rw / rw.sum(-1, keepdim=True), torch.float32, "route_topk weights")
