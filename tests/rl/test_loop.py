@@ -74,6 +74,13 @@ def test_algorithms_stay_on_policy(setup, algo):
         assert "train/kl_ref" in rows[-1]
 
 
+def test_truncated_sampling_stays_on_policy(setup):
+    root, ckpt, _, data = setup
+    run_rl(_cfg(root, ckpt, data, "topp", steps=2, export_hf=False, rollout={"top_p": 0.8, "top_k": 20, "temperature": 0.9}))
+    rows = [r for r in read_metrics(root / "topp") if "train/loss" in r]
+    assert rows and all(r["train/logprob_abs_diff_max"] == 0.0 for r in rows)
+
+
 def test_moe_on_policy(setup):
     root, _, moe, data = setup
     run_rl(_cfg(root, moe, data, "moe", steps=2, export_hf=False))

@@ -181,6 +181,7 @@ class RLConfig:
                  "corrections apply only with kernel_mode=fast (invariant mode has no mismatch to correct)")
         # the trainer must score tokens under the distribution the engine sampled from
         self.trainer.temperature = self.rollout.temperature
+        self.trainer.top_k, self.trainer.top_p = self.rollout.top_k, self.rollout.top_p
         self.trainer.loss_norm, self.trainer.loss_norm_constant = _loss_norm(self)
 
 

@@ -97,6 +97,8 @@ class RLLoss:
         w_T = mb.weight_T.to(dev)
         adv_T = mb.fields["adv"].to(dev)
         rollout_T = mb.fields["rollout_logp"].to(dev)
+        # off the loss mask (prompt tokens) a truncated (top-k/top-p) log-prob may be -inf
+        logp_T = torch.where(mask_T > 0, logp_T, torch.zeros_like(logp_T))
         diff_T = (logp_T.detach() - rollout_T).abs() * mask_T
         if self.check:
             self.diff_max = torch.maximum(self.diff_max, diff_T.max().cpu())

@@ -47,6 +47,10 @@ class TrainerConfig:
     """For loss_norm=constant: the fixed per-sequence length C dividing each sequence's token sum."""
     temperature: float = 1.0
     """Log-probs are of softmax(logits / temperature), matching the sampler."""
+    top_k: int = 0
+    """The sampler's top-k (0 = off): log-probs are of the same truncated distribution."""
+    top_p: float = 1.0
+    """The sampler's top-p (1 = off): log-probs are of the same truncated distribution."""
     peak_flops: float = 0.0
     """Peak FLOP/s of one device for MFU; 0 = look up the CUDA device (H100/H200/A100), no MFU on CPU."""
 
@@ -70,13 +74,14 @@ def _flop_params(model: nn.Module) -> int:
     return n
 
 
-def packed_logprobs(model: nn.Module, mb: MicroBatch, device, temperature: float, entropy: bool = False):
+def packed_logprobs(model: nn.Module, mb: MicroBatch, device, temperature: float, entropy: bool = False,
+                    top_k: int = 0, top_p: float = 1.0):
     """(logp_T, entropy_T or None) of mb's targets; the one forward the trainer and the
     reference policy share."""
     _, meta, slot_T = packed_inputs(mb.cu_seqlens.to(device))
     hidden_TD = model(mb.ids_T.to(device), mb.pos_T.to(device), meta, slot_T)
     logits_TV = model.logits(hidden_TD)
-    return mk.logprobs(logits_TV, mb.targets_T.to(device), temperature, entropy=entropy)
+    return mk.logprobs(logits_TV, mb.targets_T.to(device), temperature, entropy=entropy, top_k=top_k, top_p=top_p)
 
 
 def pad_micro_batches(micro_batches: list[MicroBatch], group) -> list[MicroBatch]:
@@ -111,7 +116,8 @@ class Trainer:
         return pack(seqs, self.cfg.max_tokens_per_micro_batch)
 
     def _logprobs(self, mb: MicroBatch, entropy: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
-        return packed_logprobs(self.model, mb, self.device, self.cfg.temperature, entropy)
+        c = self.cfg
+        return packed_logprobs(self.model, mb, self.device, c.temperature, entropy, c.top_k, c.top_p)
 
     def _pad(self, micro_batches: list[MicroBatch]) -> list[MicroBatch]:
         return pad_micro_batches(micro_batches, self.group)
