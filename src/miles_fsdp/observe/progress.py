@@ -20,8 +20,10 @@ def _fmt(metrics: dict[str, float], keys: tuple[str, ...]) -> str:
 class Progress:
     SHOWN = ("train/loss", "train/grad_norm", "train/lr", "perf/tokens_per_s", "perf/mfu")
 
-    def __init__(self, total: int, start: int = 0, desc: str = "train", enabled: bool = True, stream=None):
+    def __init__(self, total: int, start: int = 0, desc: str = "train", enabled: bool = True, stream=None,
+                 keys: tuple[str, ...] | None = None):
         self.total, self.desc, self.enabled = total, desc, enabled
+        self.keys = keys or self.SHOWN
         self.stream = stream or sys.stderr
         self._rich = None
         self._t0 = time.perf_counter()
@@ -39,7 +41,7 @@ class Progress:
     def update(self, step: int, metrics: dict[str, float]) -> None:
         if not self.enabled:
             return
-        info = _fmt(metrics, self.SHOWN)
+        info = _fmt(metrics, self.keys)
         if self._rich is not None:
             self._rich.update(self._task, completed=step, info=info)
         else:

@@ -27,6 +27,7 @@ from miles_fsdp.data.datasets import DataConfig, PromptDataset
 from miles_fsdp.data.sample import load_samples, save_samples
 from miles_fsdp.data.tokenizer import load_tokenizer
 from miles_fsdp.observe.metrics import MetricsLogger, Timers
+from miles_fsdp.observe.progress import Progress
 from miles_fsdp.parallel import init_distributed
 from miles_fsdp.rewards.registry import load_reward
 from miles_fsdp.rl.config import RLConfig
@@ -42,6 +43,10 @@ from miles_fsdp.train.reference import ReferencePolicy
 from miles_fsdp.train.trainer import Trainer
 
 logger = logging.getLogger(__name__)
+
+
+PROGRESS_KEYS = ("rollout/reward_mean", "eval/accuracy", "train/logprob_abs_diff_max", "train/loss",
+                 "perf/rollout_tokens_per_s")
 
 
 class OnPolicyError(RuntimeError):
@@ -79,6 +84,7 @@ def run_rl(cfg: RLConfig) -> dict:
     if start and engine is not None:
         state.sync_engine(trainer, engine, dtype, version=start)
     stop = StopSignal()
+    progress = Progress(cfg.steps, start, "rl", enabled=rank == 0, keys=PROGRESS_KEYS)
     n = cfg.rollout.n_samples_per_prompt
     diff_max_run = 0.0
     summary: dict = {}
@@ -98,6 +104,7 @@ def run_rl(cfg: RLConfig) -> dict:
                     cfg.rollout, max(1, cfg.data.prompts_per_batch // world),
                     lambda i: request_seed(cfg.seed, step, rank, i), hook, _all_reduce_sum)
         metrics.update(_rollout_metrics(batch, n))
+        metrics.update({"time/generate_s": batch.generate_s, "time/reward_s": batch.reward_s})
         if cfg.debug_mode == "rollout_only":
             rollout_dir.mkdir(parents=True, exist_ok=True)
             save_samples(rollout_dir / f"step_{step:05d}_rank{rank}.jsonl", batch.samples)
@@ -136,14 +143,16 @@ def run_rl(cfg: RLConfig) -> dict:
         if engine is not None and eval_prompts and cfg.eval.every and (step + 1) % cfg.eval.every == 0 \
                 and step + 1 < cfg.steps:
             metrics.update(_eval(cfg, engine, tokenizer, eval_prompts, reward_fn))
+        metrics["perf/rollout_tokens_per_s"] = _rollout_tokens(batch) / max(batch.generate_s, 1e-9)
         log.log(step + 1, metrics)
-        _progress(rank, step, cfg.steps, metrics)
+        progress.update(step + 1, metrics)
         stopping = stop.requested()
         if stopping or (cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0):
             state.save(run_dir, trainer, dataset)
         if stopping:
             logger.warning("stop requested (SIGTERM/SIGINT): checkpoint written at step %d; resume with --resume", step + 1)
             stop.restore()
+            progress.close()
             return {"stopped_at_step": step + 1, "run_dir": str(run_dir)}
 
     if engine is not None and eval_prompts:
@@ -157,6 +166,7 @@ def run_rl(cfg: RLConfig) -> dict:
             export_hf(trainer.model, run_dir / "hf")
             summary["hf_dir"] = str(run_dir / "hf")
     stop.restore()
+    progress.close()
     log.close()
     summary.update({"logprob_abs_diff_max": diff_max_run, "wall_seconds": time.perf_counter() - t_run,
                     "steps": cfg.steps, "run_dir": str(run_dir)})
@@ -213,9 +223,5 @@ def _loss_metrics(loss: RLLoss, device) -> dict[str, float]:
     return out
 
 
-def _progress(rank: int, step: int, steps: int, m: dict) -> None:
-    if rank == 0:
-        logger.info("step %d/%d reward %.3f diff %.3g loss %.4f (%.1fs)", step + 1, steps,
-                    m.get("rollout/reward_mean", 0.0), m.get("train/logprob_abs_diff_max", 0.0),
-                    m.get("train/loss", 0.0), sum(v for k, v in m.items() if k.startswith("time/")))
-
+def _rollout_tokens(batch: RolloutBatch) -> int:
+    return sum(s.response_length for s in batch.samples)

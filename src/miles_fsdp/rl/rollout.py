@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
+import time
 from dataclasses import dataclass
 
 import torch
@@ -115,6 +116,10 @@ class RolloutBatch:
     num_reward_errors: int = 0
     num_groups_dropped: int = 0
     num_prompts_sampled: int = 0
+    generate_s: float = 0.0
+    """Wall time in the engine (or the generate hook)."""
+    reward_s: float = 0.0
+    """Wall time scoring rewards."""
 
 
 def rollout(engine, tokenizer, next_prompts, reward_fn, cfg: RolloutConfig, target_groups: int,
@@ -127,15 +132,19 @@ def rollout(engine, tokenizer, next_prompts, reward_fn, cfg: RolloutConfig, targ
     n = cfg.n_samples_per_prompt
     kept: list[Sample] = []
     errors = dropped = sampled = 0
+    t_gen = t_reward = 0.0
     want = target_groups
     for round_ in range(cfg.max_sampling_rounds if cfg.dynamic_sampling else 1):
         prompts = next_prompts(want)
         base = sampled
         sampled += len(prompts)
+        t0 = time.perf_counter()
         samples = generate(engine, tokenizer, prompts, n,
                            lambda i: sampling_params(cfg, n, seed_of(base + i)), hook)
+        t1 = time.perf_counter()
         usable = [s for s in samples if s.status in (Status.COMPLETED, Status.TRUNCATED)]
         report = score_samples(usable, reward_fn, cfg.reward_on_error) if usable else None
+        t_gen, t_reward = t_gen + t1 - t0, t_reward + time.perf_counter() - t1
         errors += report.num_errors if report else 0
         for s in samples:
             if s.status not in (Status.COMPLETED, Status.TRUNCATED):
@@ -161,7 +170,7 @@ def rollout(engine, tokenizer, next_prompts, reward_fn, cfg: RolloutConfig, targ
         if float(still) == 0:
             break
     _renumber(kept, n)
-    return RolloutBatch(kept, errors, dropped, sampled)
+    return RolloutBatch(kept, errors, dropped, sampled, t_gen, t_reward)
 
 
 def _renumber(samples: list[Sample], n: int) -> None:
