@@ -2,16 +2,24 @@
 
     x_TD --router (mk.linear)--> logits_TE --mk.route_topk--> (w_Tk, ids_Tk)
     (t, j) pairs, R = T*k, stable-sorted by expert id --> x_RD = x_TD[token_R]
-    mk.grouped_linear gate/up -> mk.silu_mul -> grouped_linear down -> y_RD
+    expert_fn: grouped_linear gate/up -> mk.silu_mul -> grouped_linear down -> y_RD
     unsort to y_TkD, then out_TD = sum_j w_Tk[:, j] * y_TkD[:, j] in fixed j order (fp32)
 
 Every routed row is computed independently of the others, and the combine order depends
 only on j, so a token's output does not depend on the rest of the batch. Experts are
 stacked 3-D params (w_gate/w_up [E, F, D], w_down [E, D, F]) as grouped_linear and
 expert parallelism want them.
+
+Seam for expert parallelism: `MoE.expert_fn(moe, x_RD, group_sizes_E) -> y_RD` computes the
+experts over rows sorted by expert id. It defaults to `local_experts` (all E experts on
+this process). `miles_fsdp.parallel.ep.apply_ep` replaces it from outside with a function
+that ships each row to the rank holding its expert and back; routing and the combine stay
+here, so EP moves rows and never changes arithmetic. This file has no distributed code.
 """
 
 from __future__ import annotations
+
+from typing import Callable
 
 import torch
 from torch import nn
@@ -20,20 +28,37 @@ import miles_kernels as mk
 from miles_fsdp.models.args import ModelArgs
 
 
+def swiglu_experts(x_RD, w_gate_EFD, w_up_EFD, w_down_EDF, group_sizes_E) -> torch.Tensor:
+    """SwiGLU of each row with its expert's weights; rows sorted by expert, group_sizes_E rows each."""
+    gate_RF = mk.grouped_linear(x_RD, w_gate_EFD, group_sizes_E)
+    up_RF = mk.grouped_linear(x_RD, w_up_EFD, group_sizes_E)
+    return mk.grouped_linear(mk.silu_mul(gate_RF, up_RF), w_down_EDF, group_sizes_E)
+
+
+def local_experts(moe: "MoE", x_RD: torch.Tensor, group_sizes_E: torch.Tensor) -> torch.Tensor:
+    """The default `expert_fn`: every expert lives on this process."""
+    return swiglu_experts(x_RD, moe.w_gate, moe.w_up, moe.w_down, group_sizes_E)
+
+
+ExpertFn = Callable[["MoE", torch.Tensor, torch.Tensor], torch.Tensor]
+
+
 class MoE(nn.Module):
     def __init__(self, args: ModelArgs):
         super().__init__()
         E, F, D = args.n_experts, args.moe_ffn_dim, args.dim
+        self.n_experts = E
         self.top_k = args.n_experts_per_tok
         self.norm_topk_prob = args.norm_topk_prob
         self.router = Router(E, D)
         self.w_gate = nn.Parameter(torch.empty(E, F, D))
         self.w_up = nn.Parameter(torch.empty(E, F, D))
         self.w_down = nn.Parameter(torch.empty(E, D, F))
+        self.expert_fn: ExpertFn = local_experts  # see the module docstring (EP seam)
 
     def forward(self, x_TD: torch.Tensor) -> torch.Tensor:
         T, D = x_TD.shape
-        k, E = self.top_k, self.w_gate.shape[0]
+        k, E = self.top_k, self.n_experts
         logits_TE = mk.linear(x_TD, self.router.weight)
         w_Tk, ids_Tk = mk.route_topk(logits_TE, k, self.norm_topk_prob)
 
@@ -41,9 +66,7 @@ class MoE(nn.Module):
         order_R = torch.argsort(ids_R, stable=True)
         group_sizes_E = torch.bincount(ids_R, minlength=E)
         x_RD = x_TD[order_R // k]
-        gate_RF = mk.grouped_linear(x_RD, self.w_gate, group_sizes_E)
-        up_RF = mk.grouped_linear(x_RD, self.w_up, group_sizes_E)
-        y_RD = mk.grouped_linear(mk.silu_mul(gate_RF, up_RF), self.w_down, group_sizes_E)
+        y_RD = self.expert_fn(self, x_RD, group_sizes_E)
 
         unsort_R = torch.empty_like(order_R)
         unsort_R[order_R] = torch.arange(order_R.numel(), device=order_R.device)

@@ -1,7 +1,9 @@
-"""Parallelism applied from outside the model: mesh, activation checkpointing, FSDP2.
+"""Parallelism applied from outside the model: mesh, expert parallel, activation
+checkpointing, FSDP2.
 
-`parallelize(model, mesh, cfg, device)` shows the order: AC wraps blocks first, then FSDP
-shards the (wrapped) blocks and the root. Expert parallel will slot in before AC.
+`parallelize(model, mesh, cfg, device)` shows the order (torchtitan's): expert parallel
+shards the MoE experts and swaps in the all_to_all expert path, AC wraps blocks, then FSDP
+shards the (wrapped) blocks and the root, leaving the EP-sharded expert weights alone.
 """
 
 from __future__ import annotations
@@ -11,21 +13,29 @@ import torch.nn as nn
 from torch.distributed.device_mesh import DeviceMesh
 
 from miles_fsdp.parallel.ac import apply_ac
+from miles_fsdp.parallel.ep import apply_ep, expert_params
 from miles_fsdp.parallel.fsdp import apply_fsdp, blocks_of
-from miles_fsdp.parallel.mesh import ParallelConfig, build_mesh, dp_group, init_distributed
+from miles_fsdp.parallel.mesh import (ParallelConfig, build_mesh, check_expert_parallel, dp_group,
+                                      init_distributed)
 
 __all__ = [
-    "ParallelConfig", "apply_ac", "apply_fsdp", "blocks_of", "build_mesh", "dp_group",
-    "init_distributed", "parallelize",
+    "ParallelConfig", "apply_ac", "apply_ep", "apply_fsdp", "blocks_of", "build_mesh", "dp_group",
+    "expert_params", "init_distributed", "parallelize",
 ]
 
 
 def parallelize(model: nn.Module, mesh: DeviceMesh, cfg: ParallelConfig, device: torch.device) -> nn.Module:
     """Shard `model` (fp32, unsharded, on CPU or `device`) in place and return it."""
-    if cfg.activation_checkpointing:
-        apply_ac(model)
     if not cfg.cpu_offload:
         model.to(device)
+    ignored = None
+    if cfg.expert_parallel > 1:
+        check_expert_parallel(mesh, cfg.expert_parallel)
+        apply_ep(model, mesh, ep_dim="shard", dp_size=mesh.size())
+        ignored = expert_params(model)
+    if cfg.activation_checkpointing:
+        apply_ac(model)
     return apply_fsdp(
-        model, mesh, param_dtype=cfg.compute_dtype(device), reduce_dtype=torch.float32, cpu_offload=cfg.cpu_offload
+        model, mesh, param_dtype=cfg.compute_dtype(device), reduce_dtype=torch.float32, cpu_offload=cfg.cpu_offload,
+        ignored_params=ignored,
     )

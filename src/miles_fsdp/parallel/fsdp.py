@@ -9,6 +9,8 @@ distributed code).
 - Mixed precision: `param_dtype` compute, fp32 gradient reduction, fp32 master weights in
   the optimizer. `cast_forward_inputs=False`: inputs are token ids and attention metadata,
   nothing to cast, and the model's own dtype flow stays as written.
+- `ignored_params`: parameters FSDP leaves alone (the expert weights under expert
+  parallelism, which are DTensors sharded by EP and synchronised by parallel/ep.py).
 - `Transformer.logits` is registered as a forward method so calling it outside `forward`
   still all-gathers the root's lm_head.
 """
@@ -41,9 +43,10 @@ def apply_fsdp(
     param_dtype: torch.dtype = torch.float32,
     reduce_dtype: torch.dtype = torch.float32,
     cpu_offload: bool = False,
+    ignored_params: set[nn.Parameter] | None = None,
 ) -> nn.Module:
     mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=reduce_dtype, cast_forward_inputs=False)
-    kw = dict(mesh=mesh, mp_policy=mp)
+    kw = dict(mesh=mesh, mp_policy=mp, ignored_params=ignored_params or None)
     if cpu_offload:
         # pin_memory needs CUDA; on a CPU-only host pinned buffers are unavailable.
         kw["offload_policy"] = CPUOffloadPolicy(pin_memory=torch.cuda.is_available())

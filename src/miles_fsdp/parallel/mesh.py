@@ -4,7 +4,8 @@ Under torchrun (RANK/WORLD_SIZE set) we join the launched group: NCCL on CUDA, g
 CPU. As a plain `python` process we create a 1-rank group on an in-memory store, so the
 same FSDP2 code path runs on a laptop with no launcher.
 
-Mesh: 1-D ("shard",) for FSDP, 2-D ("replicate", "shard") for HSDP.
+Mesh: 1-D ("shard",) for FSDP, 2-D ("replicate", "shard") for HSDP. Expert parallelism
+reuses the "shard" dim (see parallel/ep.py), so it adds no mesh dim.
 """
 
 from __future__ import annotations
@@ -22,6 +23,10 @@ class ParallelConfig:
     replicate: int = 1
     """HSDP replicate degree: ranks are split into `replicate` groups that each hold a full
     FSDP-sharded copy (shard degree = world_size / replicate). 1 = plain FSDP."""
+    expert_parallel: int = 1
+    """EP degree for MoE models: each rank holds num_experts / expert_parallel experts and
+    tokens reach them by all_to_all. Must be 1 or the shard degree (world_size / replicate):
+    EP shards experts over the FSDP shard dim (the other params stay FSDP-sharded there)."""
     param_dtype: str = "auto"
     """Compute dtype of parameters: "bf16" (fp32 master, bf16 compute, fp32 grad reduce),
     "fp32" (end to end), or "auto" (bf16 on CUDA, fp32 on CPU)."""
@@ -33,6 +38,10 @@ class ParallelConfig:
     def __post_init__(self):
         if self.replicate < 1:
             raise ValueError(f"ParallelConfig.replicate={self.replicate}: must be >= 1")
+        if self.expert_parallel < 1:
+            raise ValueError(f"ParallelConfig.expert_parallel={self.expert_parallel}: must be >= 1")
+        if self.expert_parallel > 1 and self.cpu_offload:
+            raise ValueError("ParallelConfig.expert_parallel > 1 does not support cpu_offload=True; set one of them off")
         if self.param_dtype not in ("auto", "bf16", "fp32"):
             raise ValueError(f"ParallelConfig.param_dtype={self.param_dtype!r}: use 'auto', 'bf16' or 'fp32'")
 
@@ -71,6 +80,16 @@ def build_mesh(device: torch.device, replicate: int = 1) -> DeviceMesh:
     if replicate == 1:
         return init_device_mesh(device.type, (world,), mesh_dim_names=("shard",))
     return init_device_mesh(device.type, (replicate, world // replicate), mesh_dim_names=("replicate", "shard"))
+
+
+def check_expert_parallel(mesh: DeviceMesh, expert_parallel: int) -> None:
+    shard = mesh["shard"].size() if mesh.ndim > 1 else mesh.size()
+    if expert_parallel not in (1, shard):
+        raise ValueError(
+            f"ParallelConfig.expert_parallel={expert_parallel} must be 1 or the shard degree "
+            f"world_size / replicate = {mesh.size()} / {mesh.size() // shard} = {shard}; "
+            f"set expert_parallel={shard}, or change replicate so that world_size / replicate = {expert_parallel}"
+        )
 
 
 def dp_group(mesh: DeviceMesh):

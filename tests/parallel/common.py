@@ -1,0 +1,105 @@
+"""Shared by the tests/parallel tests and their torchrun workers.
+
+Workers are launched with `run_workers`: 2 gloo processes on CPU, a free master port per
+launch (so test files never collide), a hard timeout, and each rank writes
+`out_dir/rank<r>.pt`, read back by `load_ranks`.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+from miles_fsdp.models import packed_inputs
+from miles_fsdp.models.testing import TINY_VOCAB
+from miles_fsdp.train.optim import OptimConfig
+from miles_fsdp.train.packing import TrainSeq
+from miles_fsdp.train.trainer import Trainer, TrainerConfig, pad_micro_batches
+from miles_fsdp.parallel import ParallelConfig
+
+HERE = Path(__file__).parent
+SEQ_LEN = 8
+
+
+def global_batch(n: int = 8, vocab: int = TINY_VOCAB, seed: int = 0) -> list[TrainSeq]:
+    """n sequences with different prompt lengths and a per-token advantage (as tests/train)."""
+    g = torch.Generator().manual_seed(seed)
+    return [
+        TrainSeq(tokens=torch.randint(0, vocab, (SEQ_LEN,), generator=g).tolist(),
+                 loss_mask=[0] * (1 + i % 4) + [1] * (SEQ_LEN - 1 - i % 4),
+                 fields={"adv": torch.randn(SEQ_LEN, generator=g).tolist()})
+        for i in range(n)
+    ]
+
+
+def pg_loss(logp_T, ent_T, mb):
+    loss_sum = -(logp_T * mb.fields["adv"] * mb.weight_T).sum()
+    return loss_sum, {}
+
+
+def make_trainer(model, budget: int = 2 * SEQ_LEN, lr: float = 1e-2, **parallel) -> Trainer:
+    cfg = TrainerConfig(optim=OptimConfig(lr=lr, weight_decay=0.1, warmup_steps=1), max_tokens_per_micro_batch=budget,
+                        parallel=ParallelConfig(param_dtype="fp32", **parallel))
+    return Trainer(model, cfg)
+
+
+def full(t: torch.Tensor) -> torch.Tensor:
+    return (t.full_tensor() if hasattr(t, "full_tensor") else t).detach().clone()
+
+
+def _name(n: str) -> str:
+    return n.replace("_checkpoint_wrapped_module.", "")  # AC wrappers: compare plain names
+
+
+def full_grads(trainer: Trainer) -> dict[str, torch.Tensor]:
+    return {_name(n): full(p.grad) for n, p in trainer.model.named_parameters() if p.grad is not None}
+
+
+def full_weights(trainer: Trainer) -> dict[str, torch.Tensor]:
+    return {_name(n): full(p) for n, p in trainer.model.named_parameters()}
+
+
+@torch.no_grad()
+def forward_outputs(trainer: Trainer, mbs) -> list[dict[str, torch.Tensor]]:
+    """hidden_TD, logits_TV and logp_T of each micro-batch (collective: padded with dummy
+    micro-batches like the trainer, so every rank runs the same number of forwards)."""
+    trainer.model.eval()
+    out = []
+    logps = trainer.forward_logprobs(mbs)
+    for mb in pad_micro_batches(mbs, trainer.group):
+        _, meta, slot_T = packed_inputs(mb.cu_seqlens)
+        hidden = trainer.model(mb.ids_T, mb.pos_T, meta, slot_T)
+        if not mb.dummy:
+            out.append({"hidden": hidden, "logits": trainer.model.logits(hidden)})
+    for o, logp in zip(out, logps):
+        o["logp"] = logp
+    return out
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_workers(script: str, *args, nproc: int = 2, timeout: int = 120) -> None:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc-per-node", str(nproc),
+           "--master-addr", "127.0.0.1", "--master-port", str(_free_port()), str(HERE / script), *map(str, args)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+
+
+def load_ranks(out_dir: Path, nproc: int = 2) -> list[dict]:
+    return [torch.load(Path(out_dir) / f"rank{r}.pt") for r in range(nproc)]
+
+
+def assert_close(a: dict, b: dict, what: str, rtol: float = 1e-5, atol: float = 1e-6) -> None:
+    assert a.keys() == b.keys(), f"{what}: keys differ: {sorted(set(a) ^ set(b))}"
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=rtol, atol=atol, msg=lambda m: f"{what}: {k}: {m}")

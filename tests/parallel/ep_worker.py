@@ -1,0 +1,42 @@
+"""torchrun worker for test_expert_parallel.py.
+
+    torchrun --nproc-per-node 2 tests/parallel/ep_worker.py CKPT OUT_DIR EP [AC]
+Rank r takes sequences r::world of the global batch; rank 1 packs one sequence per
+micro-batch and rank 0 two (so rank 0 also runs dummy micro-batches through the EP path).
+Writes OUT_DIR/rank<r>.pt: forward outputs per micro-batch, full gradients of one backward,
+the losses of 2 training steps and the full weights after them.
+"""
+
+import sys
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+sys.path.insert(0, str(Path(__file__).parent))
+from common import SEQ_LEN, forward_outputs, full_grads, full_weights, global_batch, make_trainer, pg_loss  # noqa: E402
+
+from miles_fsdp.parallel import init_distributed  # noqa: E402
+from miles_fsdp.train.export import load_model  # noqa: E402
+
+
+def main(ckpt: str, out: str, ep: int, ac: bool) -> None:
+    init_distributed()
+    rank, world = dist.get_rank(), dist.get_world_size()
+    mine = global_batch()[rank::world]
+    budget = 2 * SEQ_LEN if rank == 0 else SEQ_LEN
+    trainer = make_trainer(load_model(ckpt), budget, expert_parallel=ep, activation_checkpointing=ac)
+    mbs = trainer.pack(mine)
+    result = {"outputs": forward_outputs(trainer, mbs), "budget": budget}
+    trainer.backward(mbs, pg_loss)
+    result["grads"] = full_grads(trainer)
+    trainer.optimizer.zero_grad(set_to_none=True)
+    result["local_expert_shape"] = tuple(trainer.model.layers[0].moe.w_gate.to_local().shape) if ep > 1 else None
+    result["losses"] = [trainer.train_step(mbs, pg_loss)["train/loss"] for _ in range(2)]
+    result["weights"] = full_weights(trainer)
+    torch.save(result, Path(out) / f"rank{rank}.pt")
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], sys.argv[2], int(sys.argv[3]), len(sys.argv) > 4 and sys.argv[4] == "ac")
