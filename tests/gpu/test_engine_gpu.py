@@ -68,6 +68,7 @@ def test_engine_bf16_cuda_graphs_on_policy(tmp_path, arch):
     for name, cfg in {
         "graphs": dict(num_pages=256, cuda_graphs=True, cuda_graph_max_batch=32),
         "eager": dict(num_pages=256, cuda_graphs=False),
+        "graphs_by_width": dict(num_pages=256, cuda_graphs=True, cuda_graph_max_batch=32, cuda_graph_by_width=True),
         # tiny KV: preemption + chunked prefill + prefix hits, graphs still on
         "tiny_kv_graphs": dict(num_pages=12, max_prefill_tokens=128, cuda_graphs=True, cuda_graph_max_batch=32),
     }.items():
@@ -83,7 +84,8 @@ def test_engine_bf16_cuda_graphs_on_policy(tmp_path, arch):
         runs[name] = [(s.token_ids, s.logprobs.tolist()) for _, s in flat]
         if name == "tiny_kv_graphs":
             assert eng.stats()["num_preemptions"] > 0
-    assert runs["graphs"] == runs["eager"] == runs["tiny_kv_graphs"], "CUDA graphs / schedule changed outputs"
+    assert runs["graphs"] == runs["eager"] == runs["graphs_by_width"] == runs["tiny_kv_graphs"], \
+        "CUDA graphs / schedule changed outputs"
 
 
 def test_fused_gumbel_noise_equals_torch_ops():

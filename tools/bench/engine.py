@@ -293,6 +293,8 @@ def main() -> None:
     ap.add_argument("--out", default="bench_engine.json", help="JSON results file")
     ap.add_argument("--budget-s", type=float, default=330.0, help="skip rows once this much time has passed")
     ap.add_argument("--kv-fraction", type=float, default=0.85, help="EngineConfig.kv_memory_fraction")
+    ap.add_argument("--graph-by-width", action="store_true", help="EngineConfig.cuda_graph_by_width")
+    ap.add_argument("--only", default="", help="comma-separated systems to run (e.g. engine)")
     ap.add_argument("--no-warm", action="store_true", help="skip the second (graphs captured) run of engine rows")
     ap.add_argument("--profile", metavar="DIR", help="only profile decode steps (0.6B, batch 64); write DIR/profile*")
     ap.add_argument("--profile-new", type=int, default=64, help="--profile: new tokens per sample")
@@ -306,6 +308,8 @@ def main() -> None:
                 date=time.strftime("%Y-%m-%d"), hbm_gb_s=bw / 1e9, quick=a.quick)
     results = []
     rows = plan(a.quick)
+    if a.only:
+        rows = [r for r in rows if r[1] in a.only.split(",")]
     for model_name in SHAPES:
         model = build(model_name)
         weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
@@ -328,7 +332,8 @@ def main() -> None:
                             gc.collect()
                             torch.cuda.empty_cache()
                             engines[system] = Engine(model, config=EngineConfig(
-                                page_size=64, kv_memory_fraction=a.kv_fraction, max_model_len=4096))
+                                page_size=64, kv_memory_fraction=a.kv_fraction, max_model_len=4096,
+                                cuda_graph_by_width=a.graph_by_width))
                             run_engine(engines[system], prompts(8, 64, 1000, seed=12345), 8)  # compile
                         row.update(run_engine(engines[system], ids, new))
                         if system == "engine" and not a.no_warm:  # again, decode graphs now captured

@@ -29,6 +29,9 @@ class EngineConfig:
     """Replay decode steps from CUDA graphs (GPU only; outputs are bitwise the same as eager)."""
     cuda_graph_max_batch: int = 256
     """Largest decode batch captured; larger batches run eagerly."""
+    cuda_graph_by_width: bool = False
+    """Also key decode graphs by a power-of-two block-table width, captured on first use
+    (less attention work on short sequences; each new width pays a capture)."""
     weight_update: Literal["finish", "restart"] = "finish"
     """What update_weights does with samples already generating: 'finish' runs them to the
     end on the old weights first; 'restart' drops their tokens and restarts them on the new."""

@@ -3,13 +3,16 @@
 A graph runs the very kernels the eager path runs, on the same values, so replay changes
 no output bit. Rows beyond the real batch are padding: they read and write only the
 scratch page 0 (kv_len 1, slot 0), and every kernel is row-independent, so they cannot
-disturb real rows. The block table is captured at a power-of-two width >= the batch's
-longest table (attention reads only the pages under kv_len, so extra columns are unread
-padding; invariant kernels give the same bits at any width).
+disturb real rows. The block table is captured at its full width (max pages per sequence)
+and all batch buckets are captured up front; with `by_width` graphs are also keyed by a
+power-of-two table width >= the batch's longest table and captured on first use (less
+empty attention work, but each new width costs a capture and new Triton specializations).
+Attention reads only the pages under kv_len, so extra columns are unread padding, and the
+invariant kernels give the same bits at any width.
 
 Inputs live in one static device byte buffer that the runner fills with a single
-host-to-device copy from a pinned twin (`host_view`). Graphs are captured on first use
-(warm-up and capture on padding inputs), so a run pays only for the buckets it meets.
+host-to-device copy from a pinned twin (`host_view`). Capture runs a warm-up and
+the capture on padding inputs.
 Models whose forward cannot be captured (e.g. a host sync) fall back to eager decode.
 """
 
@@ -63,9 +66,10 @@ class StepBuffers:
 
 
 class DecodeGraphs:
-    def __init__(self, forward_logits, kv_caches, max_batch: int, max_pages: int, device: torch.device):
+    def __init__(self, forward_logits, kv_caches, max_batch: int, max_pages: int, device: torch.device,
+                 by_width: bool = False):
         self.buckets = batch_buckets(max_batch)
-        self.widths = width_buckets(max_pages)
+        self.widths = width_buckets(max_pages) if by_width else [max_pages]
         self.forward_logits, self.kv_caches = forward_logits, kv_caches
         self.buf = StepBuffers(self.buckets[-1], max_pages, device)
         self.cu_B1 = torch.arange(self.buckets[-1] + 1, dtype=torch.int32, device=device)
@@ -73,6 +77,10 @@ class DecodeGraphs:
         self.logits: dict[tuple[int, int], torch.Tensor] = {}
         self.pool = None
         self.failed = False
+        if not by_width:  # one width: capture every batch bucket now, largest first (pool reuse)
+            for bs in reversed(self.buckets):
+                if not self._capture((bs, max_pages)):
+                    break
 
     def fits(self, batch_size: int) -> bool:
         return not self.failed and batch_size <= self.buckets[-1]

@@ -43,7 +43,8 @@ class Engine:
         self.detokenize = detokenize
         self.max_model_len = config.max_model_len or model.args.max_position_embeddings
         S = config.page_size
-        self.runner = Runner(model, S, -(-self.max_model_len // S), config.cuda_graphs, config.cuda_graph_max_batch)
+        self.runner = Runner(model, S, -(-self.max_model_len // S), config.cuda_graphs, config.cuda_graph_max_batch,
+                             config.cuda_graph_by_width)
         self.num_pages = self._num_pages()
         self.blocks = BlockManager(self.num_pages, S, config.prefix_cache)
         self.scheduler = Scheduler(self.blocks, config.max_num_seqs, config.max_prefill_tokens, mk.ATTN_BLOCK, detokenize)

@@ -30,7 +30,8 @@ def kv_bytes_per_page(model, page_size: int, dtype: torch.dtype) -> int:
 
 
 class Runner:
-    def __init__(self, model, page_size: int, max_pages_per_seq: int, use_graphs: bool, graph_max_batch: int):
+    def __init__(self, model, page_size: int, max_pages_per_seq: int, use_graphs: bool, graph_max_batch: int,
+                 graph_by_width: bool = False):
         self.model = model
         p = next(model.parameters())
         self.device, self.dtype = p.device, p.dtype
@@ -38,6 +39,7 @@ class Runner:
         self.max_pages_per_seq = max_pages_per_seq
         self.use_graphs = use_graphs and self.device.type == "cuda"
         self.graph_max_batch = graph_max_batch
+        self.graph_by_width = graph_by_width
         self.kv_caches: list[tuple[torch.Tensor, torch.Tensor]] | None = None
         self.graphs: DecodeGraphs | None = None
 
@@ -50,7 +52,8 @@ class Runner:
             for _ in range(a.n_layers)
         ]
         if self.use_graphs:
-            self.graphs = DecodeGraphs(self._forward_logits, self.kv_caches, self.graph_max_batch, self.max_pages_per_seq, self.device)
+            self.graphs = DecodeGraphs(self._forward_logits, self.kv_caches, self.graph_max_batch, self.max_pages_per_seq, self.device,
+                                       self.graph_by_width)
 
     def free(self) -> None:
         self.graphs = None
