@@ -24,6 +24,9 @@ from miles_fsdp.parallel import ParallelConfig
 
 HERE = Path(__file__).parent
 SEQ_LEN = 8
+# Weights after AdamW steps: Adam normalises each update (~lr = 1e-2 per step), so fp32
+# reduction-order noise in a near-zero gradient can move a weight by a small fraction of lr.
+W_ATOL = 1e-4
 
 
 def global_batch(n: int = 8, vocab: int = TINY_VOCAB, seed: int = 0) -> list[TrainSeq]:
@@ -103,3 +106,37 @@ def assert_close(a: dict, b: dict, what: str, rtol: float = 1e-5, atol: float = 
     assert a.keys() == b.keys(), f"{what}: keys differ: {sorted(set(a) ^ set(b))}"
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=rtol, atol=atol, msg=lambda m: f"{what}: {k}: {m}")
+
+
+def step_batch(step: int):
+    return global_batch(seed=100 + step)  # a different global batch each step, fixed by the step index
+
+
+def full_state(trainer: Trainer) -> dict:
+    """Full weights, AdamW moments and schedule position, by parameter name."""
+    optim = {}
+    for n, p in trainer.model.named_parameters():
+        st = trainer.optimizer.state.get(p, {})
+        optim[_name(n)] = {k: full(v) for k, v in st.items() if torch.is_tensor(v)}
+    return {"weights": full_weights(trainer), "optim": optim, "step": trainer.step,
+            "lr": trainer.scheduler.get_last_lr()[0]}
+
+
+def train_run(trainer: Trainer, rank: int, world: int, steps: int, save_at: int = 0, save_dir=None) -> dict:
+    """Grads of the first batch (then cleared), then train to `steps`, saving a checkpoint
+    when trainer.step == save_at. Rank r takes sequences r::world of each batch."""
+    from miles_fsdp.train.checkpoint import save_checkpoint
+
+    out = {"start": trainer.step}
+    mbs = trainer.pack(step_batch(trainer.step)[rank::world])
+    trainer.backward(mbs, pg_loss)
+    out["grads"] = full_grads(trainer)
+    trainer.optimizer.zero_grad(set_to_none=True)
+    out["losses"] = []
+    while trainer.step < steps:
+        out["losses"].append(trainer.train_step(trainer.pack(step_batch(trainer.step)[rank::world]), pg_loss)["train/loss"])
+        if save_dir is not None and trainer.step == save_at:
+            save_checkpoint(trainer, save_dir, extra={"data_step": trainer.step})
+            out["saved"] = full_state(trainer)
+    out["final"] = full_state(trainer)
+    return out
