@@ -137,10 +137,10 @@ def _num_programs(device: torch.device) -> int:
     return _NUM_SMS[idx]
 
 
-# The TMA kernel wins once the problem is big (H100: 0.9-1.1x cuBLAS at M=4096, K>=2048); on
-# small K or small M*N its per-launch host cost and short K loops lose to the pointer kernel.
-# Either kernel gives the same bits for a tile, so this choice may look at any size.
-_TMA_MIN_K = 2048
+# The TMA kernel wins once the output is big (H100: 0.9-1.1x cuBLAS at M=4096, any K); below
+# about 4M outputs (M=1024 x N=1024) the pointer kernel is as fast or faster. Either kernel gives
+# the same bits for a tile, so this choice may look at any size.
+_TMA_MIN_K = 0
 _TMA_MIN_MN = 1 << 22
 
 
