@@ -7,6 +7,7 @@ Writes OUT_DIR/rank<r>.pt: forward outputs per micro-batch, full gradients of on
 the losses of 2 training steps and the full weights after them.
 """
 
+import dataclasses
 import sys
 from pathlib import Path
 
@@ -14,10 +15,25 @@ import torch
 import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import SEQ_LEN, forward_outputs, full_grads, full_weights, global_batch, make_trainer, pg_loss  # noqa: E402
+from parallel_helpers import SEQ_LEN, forward_outputs, full_grads, full_weights, global_batch, make_trainer, pg_loss  # noqa: E402
 
-from miles_fsdp.parallel import init_distributed  # noqa: E402
+from miles_fsdp.models import ModelArgs, Transformer  # noqa: E402
+from miles_fsdp.parallel import apply_ep, init_distributed  # noqa: E402
 from miles_fsdp.train.export import load_model  # noqa: E402
+
+
+def bad_configs(mesh) -> list[str]:
+    """apply_ep's messages for 3 experts over EP 2, and for a dense model (meta, no weights needed)."""
+    args = ModelArgs.from_hf(sys.argv[1])
+    errors = []
+    for bad in (dataclasses.replace(args, n_experts=3), dataclasses.replace(args, n_experts=0)):
+        with torch.device("meta"):
+            model = Transformer(bad)
+        try:
+            apply_ep(model, mesh)
+        except ValueError as e:
+            errors.append(str(e))
+    return errors
 
 
 def main(ckpt: str, out: str, ep: int, ac: bool) -> None:
@@ -34,7 +50,9 @@ def main(ckpt: str, out: str, ep: int, ac: bool) -> None:
     result["local_expert_shape"] = tuple(trainer.model.layers[0].moe.w_gate.to_local().shape) if ep > 1 else None
     result["losses"] = [trainer.train_step(mbs, pg_loss)["train/loss"] for _ in range(2)]
     result["weights"] = full_weights(trainer)
+    result["errors"] = bad_configs(trainer.mesh) if ep > 1 else []
     torch.save(result, Path(out) / f"rank{rank}.pt")
+    dist.barrier()  # every rank done before any tears the group down
     dist.destroy_process_group()
 
 

@@ -11,7 +11,7 @@
 import pytest
 import torch
 
-from common import (SEQ_LEN, W_ATOL, assert_close, forward_outputs, full_grads, full_weights, global_batch, load_ranks,
+from parallel_helpers import (SEQ_LEN, W_ATOL, assert_close, forward_outputs, full_grads, full_weights, global_batch, load_ranks,
                     make_trainer, pg_loss, run_workers)
 
 from miles_fsdp.models.testing import build_tiny_checkpoint
@@ -59,6 +59,9 @@ def test_ep2_matches_one_rank(ckpt, one_rank, tmp_path, ac):
     assert_close(one_rank["grads"], grads, "grads EP=2 vs 1 rank")
     assert_close(ranks[0]["grads"], ranks[1]["grads"], "grads rank 0 vs rank 1", rtol=0, atol=0)
     torch.testing.assert_close(ranks[0]["losses"], one_rank["losses"], rtol=1e-5, atol=1e-6)
+    errors = ranks[0]["errors"]
+    assert "expert_parallel=2 does not divide num_experts=3" in errors[0]
+    assert "no MoE layers; set expert_parallel=1" in errors[1]
     assert_close(one_rank["weights"], ranks[0]["weights"], "weights after 2 steps", rtol=1e-4, atol=W_ATOL)
 
 
@@ -70,9 +73,8 @@ def test_bad_expert_parallel_config(ckpt):
     # 1 rank: expert_parallel must equal the shard degree (1)
     with pytest.raises(ValueError, match=r"expert_parallel=2 must be 1 or the shard degree"):
         make_trainer(load_model(ckpt), expert_parallel=2)
-    # num_experts (8) not divisible: checked by apply_ep against the EP dim size
-    mesh = build_mesh(init_distributed())
-    model = load_model(build_tiny_checkpoint(ckpt.parent / "e3", "qwen3_moe", tokenizer=False, num_experts=3))
-    apply_ep(model, mesh)  # EP size 1 divides anything: a no-op split
+    # (num_experts not divisible by EP, and EP on a dense model: checked on 2 ranks by the worker)
+    model, mesh = load_model(ckpt), build_mesh(init_distributed())
+    apply_ep(model, mesh)
     with pytest.raises(ValueError, match="apply_ep: w_gate is already distributed"):
         apply_ep(model, mesh)

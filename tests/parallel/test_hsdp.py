@@ -9,7 +9,7 @@ summed over "replicate" by parallel/ep.py's hook.
 
 import pytest
 
-from common import W_ATOL, assert_close, load_ranks, make_trainer, run_workers, train_run
+from parallel_helpers import W_ATOL, assert_close, load_ranks, make_trainer, run_workers, train_run
 
 from miles_fsdp.models.testing import build_tiny_checkpoint
 from miles_fsdp.train.export import load_model

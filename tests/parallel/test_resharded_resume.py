@@ -12,10 +12,10 @@ Continuing: losses and weights match the straight run of the saving world size a
 import pytest
 import torch
 
-from common import W_ATOL, assert_close, full_state, load_ranks, make_trainer, run_workers, train_run
+from parallel_helpers import W_ATOL, assert_close, full_state, load_ranks, make_trainer, run_workers, train_run
 
 from miles_fsdp.models.testing import build_tiny_checkpoint
-from miles_fsdp.train.checkpoint import load_checkpoint, save_checkpoint, step_dir
+from miles_fsdp.train.checkpoint import load_checkpoint, step_dir
 from miles_fsdp.train.export import load_model
 
 SAVE_AT, STEPS = 2, 4

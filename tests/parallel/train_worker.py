@@ -2,7 +2,7 @@
 
     torchrun --nproc-per-node N tests/parallel/train_worker.py CKPT OUT_DIR \
         [--replicate R] [--ep E] [--steps S] [--save-at K --save-dir D] [--resume STEP_DIR]
-Builds the trainer on the tiny MoE checkpoint (optionally resuming), then `common.train_run`.
+Builds the trainer on the tiny MoE checkpoint (optionally resuming), then `parallel_helpers.train_run`.
 Writes OUT_DIR/rank<r>.pt.
 """
 
@@ -14,7 +14,7 @@ import torch
 import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import full_state, make_trainer, train_run  # noqa: E402
+from parallel_helpers import full_state, make_trainer, train_run  # noqa: E402
 
 from miles_fsdp.parallel import init_distributed  # noqa: E402
 from miles_fsdp.train.checkpoint import load_checkpoint  # noqa: E402
@@ -41,6 +41,7 @@ def main() -> None:
         result["loaded"] = full_state(trainer)
     result.update(train_run(trainer, rank, world, a.steps, a.save_at, a.save_dir))
     torch.save(result, Path(a.out) / f"rank{rank}.pt")
+    dist.barrier()  # every rank done before any tears the group down
     dist.destroy_process_group()
 
 

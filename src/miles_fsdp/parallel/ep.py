@@ -108,6 +108,8 @@ def apply_ep(model: nn.Module, mesh: DeviceMesh, ep_dim: str = "shard", dp_size:
     placements = [Replicate() if name != ep_dim else Shard(0) for name in mesh.mesh_dim_names]
     replicate_groups = [mesh.get_group(name) for name in mesh.mesh_dim_names if name != ep_dim]
     fn = ExpertParallel(ep_mesh.get_group())
+    if not moe_layers(model):
+        raise ValueError(f"ParallelConfig.expert_parallel={ep}: the model has no MoE layers; set expert_parallel=1")
     for moe in moe_layers(model):
         if moe.n_experts % ep != 0:
             raise ValueError(
@@ -118,7 +120,9 @@ def apply_ep(model: nn.Module, mesh: DeviceMesh, ep_dim: str = "shard", dp_size:
         for name in EXPERT_PARAMS:
             p = getattr(moe, name)
             if isinstance(p, DTensor) or p.is_meta:
-                raise ValueError(f"apply_ep: {name} is already distributed or on meta; apply EP to full weights, before FSDP")
+                raise ValueError(
+                    f"apply_ep: {name} is already distributed or on meta; apply EP to full weights, before FSDP"
+                )
             local = p.detach()[ep_rank * El: (ep_rank + 1) * El].clone()
             dt = DTensor.from_local(local, mesh, placements, run_check=False, shape=p.shape, stride=p.stride())
             new = nn.Parameter(dt, requires_grad=p.requires_grad)

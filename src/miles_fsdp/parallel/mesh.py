@@ -41,7 +41,7 @@ class ParallelConfig:
         if self.expert_parallel < 1:
             raise ValueError(f"ParallelConfig.expert_parallel={self.expert_parallel}: must be >= 1")
         if self.expert_parallel > 1 and self.cpu_offload:
-            raise ValueError("ParallelConfig.expert_parallel > 1 does not support cpu_offload=True; set one of them off")
+            raise ValueError("ParallelConfig.expert_parallel > 1 does not support cpu_offload=True; turn one off")
         if self.param_dtype not in ("auto", "bf16", "fp32"):
             raise ValueError(f"ParallelConfig.param_dtype={self.param_dtype!r}: use 'auto', 'bf16' or 'fp32'")
 

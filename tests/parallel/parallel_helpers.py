@@ -134,7 +134,8 @@ def train_run(trainer: Trainer, rank: int, world: int, steps: int, save_at: int 
     trainer.optimizer.zero_grad(set_to_none=True)
     out["losses"] = []
     while trainer.step < steps:
-        out["losses"].append(trainer.train_step(trainer.pack(step_batch(trainer.step)[rank::world]), pg_loss)["train/loss"])
+        mbs = trainer.pack(step_batch(trainer.step)[rank::world])
+        out["losses"].append(trainer.train_step(mbs, pg_loss)["train/loss"])
         if save_dir is not None and trainer.step == save_at:
             save_checkpoint(trainer, save_dir, extra={"data_step": trainer.step})
             out["saved"] = full_state(trainer)
