@@ -1,0 +1,116 @@
+"""Sweep paged-attention knobs (KV_BLOCK, KV_SPLIT, prefill tile): bitwise prefill == chunked == decode, then time."""
+
+import json
+import sys
+
+import torch
+import torch.nn.functional as F
+from triton.testing import do_bench
+
+from miles_kernels._triton import paged_attention as A
+
+DT = torch.bfloat16
+
+
+def paged(k, v, page, g):
+    L, K, D = k.shape
+    n = -(-L // page)
+    pages = torch.randperm(n + 4, generator=torch.Generator().manual_seed(0))[:n]
+    kc = torch.full((n + 4, page, K, D), float("nan"), dtype=k.dtype, device="cuda")
+    vc = kc.clone()
+    pos = torch.arange(L, device="cuda")
+    kc[pages.cuda()[pos // page], pos % page] = k
+    vc[pages.cuda()[pos // page], pos % page] = v
+    return kc, vc, pages.to(torch.int32).cuda()
+
+
+def attn(q, kc, vc, seqs, scale):
+    cu = torch.tensor([0] + torch.tensor([s[0] for s in seqs]).cumsum(0).tolist(), dtype=torch.int32, device="cuda")
+    kv = torch.tensor([s[1] for s in seqs], dtype=torch.int32, device="cuda")
+    bt = torch.stack([s[2] for s in seqs])
+    return A.attention(q, kc, vc, cu, kv, bt, max(s[0] for s in seqs), scale)
+
+
+def check():
+    bad = []
+    for (H, K), page in (((32, 8), 16), ((32, 8), 64), ((12, 4), 32)):
+        g = torch.Generator(device="cuda").manual_seed(4)
+        D, L = 128, 700
+        q = torch.randn(L, H, D, generator=g, device="cuda").to(DT)
+        k = torch.randn(L, K, D, generator=g, device="cuda").to(DT)
+        v = torch.randn(L, K, D, generator=g, device="cuda").to(DT)
+        kc, vc, pages = paged(k, v, page, g)
+        full = attn(q, kc, vc, [(L, L, pages)], D**-0.5)
+        s = torch.einsum("thd,lhd->htl", q.double(), k.double().repeat_interleave(H // K, 1)) * D**-0.5
+        s = s.masked_fill(torch.ones(L, L, dtype=torch.bool, device="cuda").triu(1)[None], float("-inf"))
+        ref = torch.einsum("htl,lhd->thd", s.softmax(-1), v.double().repeat_interleave(H // K, 1))
+        err = (full.double() - ref).abs().max().item()
+        if err > 1.5e-2 * ref.abs().max().item():
+            bad.append(f"acc {err}")
+        start = 0
+        for n in (1, 255, 3, 130, 311):
+            if not torch.equal(attn(q[start:start + n], kc, vc, [(n, start + n, pages)], D**-0.5), full[start:start + n]):
+                bad.append(f"chunk {start}:{start + n} page {page}")
+            start += n
+        rows = [0, 15, 16, 255, 256, 257, 511, L - 1]
+        if not torch.equal(attn(q[rows], kc, vc, [(1, t + 1, pages) for t in rows], D**-0.5), full[rows]):
+            bad.append(f"decode page {page}")
+    return bad
+
+
+def timings():
+    H, K, D, page = 32, 8, 128, 64
+    out = {}
+    for B in (1, 64):
+        ctx = 4096
+        n = ctx // page
+        kc = torch.randn(B * n, page, K, D, device="cuda", dtype=DT)
+        vc = torch.randn_like(kc)
+        bt = torch.arange(B * n, device="cuda", dtype=torch.int32).view(B, n)
+        q = torch.randn(B, H, D, device="cuda", dtype=DT)
+        cu = torch.arange(B + 1, device="cuda", dtype=torch.int32)
+        kv = torch.full((B,), ctx, device="cuda", dtype=torch.int32)
+        t = do_bench(lambda: A.attention(q, kc, vc, cu, kv, bt, 1, D**-0.5), warmup=10, rep=40, return_mode="median")
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):
+            A.attention(q, kc, vc, cu, kv, bt, 1, D**-0.5)
+        tg = do_bench(g.replay, warmup=10, rep=40, return_mode="median")
+        gb = 2 * B * ctx * K * D * 2 / 1e6
+        out[f"decode B={B}"] = (t, gb / t, tg, gb / tg)
+    L = 4096
+    kc = torch.randn(L // page, page, K, D, device="cuda", dtype=DT)
+    vc = torch.randn_like(kc)
+    bt = torch.arange(L // page, device="cuda", dtype=torch.int32)[None]
+    q = torch.randn(L, H, D, device="cuda", dtype=DT)
+    cu = torch.tensor([0, L], device="cuda", dtype=torch.int32)
+    kv = torch.tensor([L], device="cuda", dtype=torch.int32)
+    t = do_bench(lambda: A.attention(q, kc, vc, cu, kv, bt, L, D**-0.5), warmup=10, rep=40, return_mode="median")
+    qs, ks, vs = q.transpose(0, 1)[None], kc.view(-1, K, D).transpose(0, 1)[None].contiguous(), vc.view(-1, K, D).transpose(0, 1)[None].contiguous()
+    base = do_bench(lambda: F.scaled_dot_product_attention(qs, ks, vs, is_causal=True, enable_gqa=True), return_mode="median")
+    out["prefill L=4096"] = (t, 2 * H * L * L * D / t / 1e9, base, base / t)
+    return out
+
+
+CFGS = [  # KV_BLOCK, KV_SPLIT, prefill BLOCK_M, prefill warps, prefill stages
+    (16, 256, 64, 4, 3), (16, 128, 64, 4, 3), (16, 64, 64, 4, 3), (16, 256, 128, 8, 3),
+    (64, 256, 64, 4, 3), (64, 256, 128, 8, 3), (64, 128, 128, 8, 3), (64, 64, 128, 8, 3),
+    (32, 128, 128, 8, 3), (64, 256, 128, 8, 2), (64, 256, 128, 4, 3), (128, 256, 128, 8, 2),
+]
+
+if __name__ == "__main__":
+    res = []
+    for kvb, split, bm, w, st in CFGS:
+        A.KV_BLOCK, A.KV_SPLIT = kvb, split
+        A._BLOCK_M_PREFILL[DT] = bm
+        A._PREFILL_LAUNCH[DT] = (w, st)
+        try:
+            bad = check()
+            tm = timings()
+        except Exception as e:  # noqa: BLE001
+            print(kvb, split, bm, w, st, "ERROR", str(e)[:200], flush=True)
+            continue
+        res.append(dict(cfg=[kvb, split, bm, w, st], bad=bad, t=tm))
+        print(f"KV_BLOCK={kvb:3} KV_SPLIT={split:3} BM={bm:3} w={w} s={st} ok={int(not bad)} "
+              + " ".join(f"{k}: {v[0]:.4f}ms {v[1]:.0f} graph {v[2]:.4f} {v[3]:.2f}" for k, v in tm.items())
+              + (f" BAD {bad[:3]}" if bad else ""), flush=True)
+        json.dump(res, open(sys.argv[1], "w"), indent=1)

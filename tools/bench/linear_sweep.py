@@ -1,0 +1,87 @@
+"""Sweep invariant-linear tile configs on one GPU: bitwise check vs the reference tile, then time.
+
+    PYTHONPATH=src:kernels python tools/bench/linear_sweep.py --out sweep.json
+
+Every candidate must give the reference tile's bits (same BLOCK_K walk); only those are timed.
+"""
+
+import argparse
+import json
+
+import torch
+import torch.nn.functional as F
+from triton.testing import do_bench
+
+from miles_kernels._triton import matmul as lin
+
+T = lin.Tile
+REF = T(0, 128, 256, 64, 8, 8, 3)
+LARGE = [(4096, 24576, 4096), (4096, 4096, 4096), (1024, 6144, 4096), (4096, 1024, 2048), (1024, 1024, 3072)]
+LARGE_CFG = [
+    REF, T(0, 128, 256, 64, 8, 8, 4), T(0, 128, 128, 64, 8, 4, 4), T(0, 128, 128, 64, 8, 8, 4),
+    T(0, 128, 256, 64, 8, 8, 3, True), T(0, 128, 256, 64, 8, 8, 4, True), T(0, 128, 128, 64, 8, 4, 4, True),
+    T(0, 128, 128, 64, 8, 8, 5, True), T(0, 256, 128, 64, 8, 8, 3, True), T(0, 64, 256, 64, 8, 4, 4, True),
+]
+MID = [(256, 6144, 4096), (256, 4096, 12288), (256, 24576, 4096), (256, 1024, 3072)]
+MID_CFG = [T(0, 64, 128, 64, 8, 4, 4), T(0, 64, 128, 64, 8, 4, 4, True), T(0, 128, 128, 64, 8, 8, 4, True),
+           T(0, 64, 64, 64, 8, 4, 6), T(0, 64, 64, 64, 8, 4, 6, True), T(0, 64, 256, 64, 8, 4, 4, True)]
+CHECK = [(m, n, k) for m in (1024, 4096) for (n, k) in ((4096, 1024), (1024, 2048), (6144, 1024), (1024, 3072), (4096, 4096))]
+CHECK_CFG = [T(0, 128, 128, 64, 8, 8, 5), T(0, 128, 128, 64, 8, 8, 5, True), T(0, 128, 256, 64, 8, 8, 3),
+             T(0, 128, 256, 64, 8, 8, 3, True)]
+SMALL = [(m, n, k) for m in (1, 64) for (n, k) in ((4096, 4096), (6144, 4096), (4096, 12288), (24576, 4096), (1024, 3072), (4096, 1024))]
+SMALL_CFG = [T(0, 64, 32, 64, 1, 4, 6), T(0, 64, 16, 64, 1, 4, 8), T(0, 64, 32, 64, 1, 4, 8), T(0, 64, 64, 64, 1, 4, 6),
+             T(0, 16, 32, 64, 1, 4, 8), T(0, 16, 64, 64, 1, 4, 6), T(0, 16, 16, 64, 1, 2, 10),
+             T(0, 64, 32, 64, 1, 4, 8, True), T(0, 64, 64, 64, 1, 4, 6, True), T(0, 64, 16, 64, 1, 4, 10, True)]
+
+
+def run(shapes, cfgs, peak, rows):
+    for M, N, K in shapes:
+        torch.manual_seed(M + N + K)
+        x = torch.randn(4096, K, device="cuda", dtype=torch.bfloat16)
+        w = torch.randn(N, K, device="cuda", dtype=torch.bfloat16) * K**-0.5
+        ref = torch.empty(4096, N, device="cuda", dtype=torch.bfloat16)
+        lin._launch_linear(x, w, None, ref, REF)
+        xm = x[:M]
+        base = do_bench(lambda: F.linear(xm, w), warmup=10, rep=50, return_mode="median")
+        for c in cfgs:
+            y = torch.empty(M, N, device="cuda", dtype=torch.bfloat16)
+            try:
+                lin._launch_linear(xm, w, None, y, c)
+                torch.cuda.synchronize()
+                saved = lin._TMA_MIN_K, lin._TMA_MIN_MN
+                lin._TMA_MIN_K = lin._TMA_MIN_MN = 0  # sweep: the tile's own kernel, whatever the size
+            except Exception as e:  # noqa: BLE001 - report and go on
+                rows.append(dict(M=M, N=N, K=K, cfg=list(c), err=str(e)[:200]))
+                print(f"M={M} N={N} K={K} {tuple(c)[1:]} ERROR {str(e)[:120]}", flush=True)
+                continue
+            lin._launch_linear(xm, w, None, y, c)
+            same = torch.equal(y, ref[:M])
+            t = do_bench(lambda: lin._launch_linear(xm, w, None, y, c), warmup=10, rep=50, return_mode="median")
+            lin._TMA_MIN_K, lin._TMA_MIN_MN = saved
+            tf = 2 * M * N * K / t / 1e9
+            gbs = 2 * (M * K + N * K + M * N) / t / 1e6
+            rows.append(dict(M=M, N=N, K=K, cfg=list(c), same=same, ms=t, base_ms=base, tflops=tf, gbps=gbs))
+            print(f"M={M:5} N={N:6} K={K:6} bm={c.block_m:3} bn={c.block_n:3} w={c.num_warps} s={c.num_stages:2} "
+                  f"tma={int(c.tma)} same={int(same)} ms={t:.4f} x_cublas={base / t:.2f} TF={tf:6.1f} GB/s={gbs:6.0f} "
+                  f"hbm%={100 * gbs / peak:4.0f}", flush=True)
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--which", default="small,mid,large")
+    a = ap.parse_args()
+    src = torch.empty(1 << 30, dtype=torch.uint8, device="cuda")
+    dst = torch.empty_like(src)
+    peak = 2 * src.numel() / do_bench(lambda: dst.copy_(src), return_mode="median") / 1e6
+    del src, dst
+    print(f"HBM copy peak {peak:.0f} GB/s", flush=True)
+    rows = []
+    for wh in a.which.split(","):
+        shapes, cfgs = dict(check=(CHECK, CHECK_CFG), small=(SMALL, SMALL_CFG), mid=(MID, MID_CFG), large=(LARGE, LARGE_CFG))[wh]
+        run(shapes, cfgs, peak, rows)
+        json.dump(rows, open(a.out, "w"), indent=1)
+
+
+if __name__ == "__main__":
+    main()
