@@ -62,7 +62,8 @@ def init_distributed() -> torch.device:
         device = torch.device("cpu")
     if dist.is_initialized():
         return device
-    backend = "nccl" if use_cuda else "gloo"
+    # gloo beside NCCL: small host-side collectives (loss denominators, metrics) use CPU tensors
+    backend = "cpu:gloo,cuda:nccl" if use_cuda else "gloo"
     if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
         dist.init_process_group(backend, device_id=device if use_cuda else None)
     else:

@@ -6,8 +6,6 @@ intermediate results); otherwise math-verify searches the whole response. Return
 
 import threading
 
-from math_verify import parse, verify
-
 from miles_fsdp.data.sample import Sample
 from miles_fsdp.rewards.exact_match import last_boxed
 
@@ -22,6 +20,8 @@ def _timeout() -> int | None:
 
 def parse_label(label: str) -> list:
     """Parse a reference answer; bare expressions like "1/2" are tried as $...$ LaTeX too."""
+    from math_verify import parse  # imported on use: only runs that grade math need math-verify
+
     timeout = _timeout()
     gold = parse(label, parsing_timeout=timeout)
     if not gold:
@@ -33,6 +33,8 @@ def math_reward(sample: Sample) -> float:
     """1.0 if the response's answer is mathematically equal to `sample.label`, else 0.0."""
     if sample.label is None:
         raise ValueError("math reward needs a label; set DataConfig.label_key to the answer column")
+    from math_verify import parse, verify
+
     gold = parse_label(sample.label)
     if not gold:
         raise ValueError(f"math reward cannot parse the label {sample.label!r} as math")
