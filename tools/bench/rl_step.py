@@ -75,12 +75,12 @@ def main() -> None:
     with torch.device("meta"):
         policy = Transformer(args)
     policy.init_weights(seed=0)
-    trainer = Trainer(policy, TrainerConfig(optim=OptimConfig(lr=1e-6), max_tokens_per_micro_batch=16384,
+    trainer = Trainer(policy, TrainerConfig(optim=OptimConfig(lr=1e-6), max_tokens_per_micro_batch=8192,
                                             parallel=ParallelConfig(param_dtype="auto")))
     with torch.device("meta"):
         replica = Transformer(args)
     replica.init_weights(seed=0, device=device)
-    kv = EngineConfig(kv_memory_fraction=0.5) if CUDA else EngineConfig(kv_memory_bytes=256 << 20, cuda_graphs=False)
+    kv = EngineConfig(kv_memory_fraction=0.2) if CUDA else EngineConfig(kv_memory_bytes=256 << 20, cuda_graphs=False)
     engine = Engine(replica.to(dtype).eval(), None, kv, eos_token_ids=[])
     sync_engine(trainer, engine, dtype, version=0)  # the engine starts from the trainer's weights
     rng = random.Random(0)

@@ -68,10 +68,21 @@ def main() -> None:
     import torch.distributed as dist
 
     t0 = time.time()
-    results = [run_case(s, m, a.steps, a.warmup, a.ac, a.peak_flops) for s in a.seqs for m in a.modes]
+    results = []
+    for s in a.seqs:
+        for m in a.modes:
+            try:
+                results.append(run_case(s, m, a.steps, a.warmup, a.ac, a.peak_flops))
+            except torch.OutOfMemoryError as e:  # record the case, keep measuring the others
+                results.append({"seq": s, "mode": m, "ac": a.ac, "error": f"OOM: {str(e).splitlines()[0]}"})
+                torch.cuda.empty_cache()
+            print(results[-1], flush=True)
     if dist.get_rank() == 0:
         print(f"{'seq':>6} {'mode':>10} {'tok/s':>10} {'MFU':>6} {'step s':>7} {'peak GiB':>9}")
         for r in results:
+            if "error" in r:
+                print(f"{r['seq']:>6} {r['mode']:>10} {r['error']}")
+                continue
             print(f"{r['seq']:>6} {r['mode']:>10} {r['tokens_per_s']:>10.0f} {r['mfu']:>6.1%} {r['step_s']:>7.2f} "
                   f"{r['peak_mem_gib']:>9.1f}")
         meta = {"device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
