@@ -75,13 +75,15 @@ def attention(q_THD, k_cache_PSKD, v_cache_PSKD, meta: AttnMeta, scale: float):
         q_HqD = q_THD[cu[b]: cu[b + 1]].transpose(0, 1)
         k_HLD = k_LKD.transpose(0, 1).repeat_interleave(H // K, dim=0).to(q_THD.dtype)
         v_HLD = v_LKD.transpose(0, 1).repeat_interleave(H // K, dim=0).to(q_THD.dtype)
-        if q_len == L:  # the whole sequence (training): causal flash / mem-efficient kernels, O(L) memory
-            o = F.scaled_dot_product_attention(q_HqD, k_HLD, v_HLD, is_causal=True, scale=scale)
+        # 4-D [1, H, L, D]: SDPA's flash / memory-efficient kernels take no 3-D input
+        q4, k4, v4 = q_HqD[None], k_HLD[None], v_HLD[None]
+        if q_len == L:  # the whole sequence (training): causal kernels, O(L) memory
+            o = F.scaled_dot_product_attention(q4, k4, v4, is_causal=True, scale=scale)
         else:
             q_pos = torch.arange(L - q_len, L, device=q_THD.device)
             mask_qL = torch.arange(L, device=q_THD.device)[None, :] <= q_pos[:, None]
-            o = F.scaled_dot_product_attention(q_HqD, k_HLD, v_HLD, attn_mask=mask_qL, scale=scale)
-        outs.append(o.transpose(0, 1))
+            o = F.scaled_dot_product_attention(q4, k4, v4, attn_mask=mask_qL, scale=scale)
+        outs.append(o[0].transpose(0, 1))
     return torch.cat(outs) if outs else q_THD.new_zeros(0, H, D)
 
 
