@@ -221,8 +221,8 @@ def logprobs(logits_TV, ids_T, temperature: float = 1.0, entropy: bool = False,
         raise ValueError(f"logprobs: temperature must be > 0 (got {temperature}); "
                          "greedy decoding records logprobs at temperature 1")
     if _fast():
-        return _ref.logprobs(logits_TV, ids_T, temperature, entropy, top_k, top_p)
-    if logits_TV.is_cuda:
+        impl = _fast_logprobs
+    elif logits_TV.is_cuda:
         impl = _cuda_logprobs
     else:
         impl = _cpu.logprobs
@@ -231,6 +231,20 @@ def logprobs(logits_TV, ids_T, temperature: float = 1.0, entropy: bool = False,
     with torch.no_grad():
         logp, ent, _ = impl(logits_TV, ids_T, temperature, entropy, top_k, top_p)
     return logp, ent
+
+
+def _fast_logprobs(logits_TV, ids_T, temperature, entropy, top_k, top_p):
+    """Plain torch over row chunks: fast mode never holds an fp32 copy of all the logits either."""
+    outs = []
+    for i in range(0, logits_TV.shape[0], _BWD_ROWS):
+        x = _ref.filter_logits(logits_TV[i: i + _BWD_ROWS].float() / temperature, top_k, top_p)
+        lse = torch.logsumexp(x, -1)
+        logp = x.gather(-1, ids_T[i: i + _BWD_ROWS, None].long())[:, 0] - lse
+        p = torch.exp(x - lse[:, None])
+        ent = lse - torch.where(p > 0, p * x, torch.zeros_like(x)).sum(-1) if entropy else torch.zeros_like(lse)
+        outs.append((logp, ent, lse))
+    logp, ent, lse = (torch.cat(t) for t in zip(*outs)) if outs else (logits_TV.new_zeros(0, dtype=torch.float32),) * 3
+    return logp, (ent if entropy else None), lse
 
 
 def _cuda_logprobs(logits_TV, ids_T, temperature, entropy, top_k, top_p):

@@ -89,6 +89,10 @@ def test_logprobs_grad_matches_reference():
         rl, re = _ref.logprobs(logits, ids, 0.9, entropy=True, **kw)
         (gb,) = torch.autograd.grad((rl * wl + re * we).sum(), logits)
         assert torch.allclose(ga, gb, atol=1e-5)
+        with mk.use_mode("fast"):  # fast mode: chunked torch forward, same backward rule
+            fl, fe = mk.logprobs(logits, ids, 0.9, entropy=True, **kw)
+            (gf,) = torch.autograd.grad((fl * wl + fe * we).sum(), logits)
+        assert torch.allclose(fl, rl, atol=1e-5) and torch.allclose(gf, gb, atol=1e-5)
         # forward identical with and without autograd
         with torch.no_grad():
             assert torch.equal(mk.logprobs(logits, ids, 0.9, entropy=True, **kw)[0], lp.detach())
