@@ -157,8 +157,9 @@ def attention(q_THD, k_cache_PSKD, v_cache_PSKD, meta: AttnMeta, scale: float):
 
     q [T, H, D]; caches [pages, page_size, K, D] with H % K == 0; the new tokens' K/V must
     already be in the cache (write_kv). Softmax in fp32, output in q's dtype. Invariant mode
-    walks KV in blocks of ATTN_BLOCK from position 0, so prefill, chunked prefill and decode
-    give the same bits for the same token.
+    walks KV from position 0 in fixed steps (CPU: ATTN_BLOCK; Triton: 64 tokens, fixed
+    256-token splits merged in order), so prefill, chunked prefill and decode give the same
+    bits for the same token.
     """
     if _fast():
         return _ref.attention(q_THD, k_cache_PSKD, v_cache_PSKD, meta, scale)
