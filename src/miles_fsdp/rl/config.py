@@ -174,8 +174,6 @@ class RLConfig:
     def __post_init__(self):
         if self.steps < 1:
             _bad("steps", self.steps, "must be >= 1")
-        if self.debug_mode == "train_only" and self.algo.correction == "none" and self.kernel_mode == "fast":
-            pass  # train-only in fast mode still logs the mismatch against the saved log-probs
         if self.algo.correction != "none" and self.kernel_mode == "invariant":
             _bad("algo.correction", self.algo.correction,
                  "corrections apply only with kernel_mode=fast (invariant mode has no mismatch to correct)")
