@@ -152,3 +152,35 @@ def test_two_ranks_on_policy(setup):
     rows = [r for r in read_metrics(run) if "train/loss" in r]
     assert len(rows) == 2 and all(r["train/logprob_abs_diff_max"] == 0.0 for r in rows)
     assert rows[0]["rollout/samples"] == 16  # both ranks' samples counted once
+
+
+def test_sigterm_checkpoints_then_resumes(setup):
+    import signal
+    import time
+
+    root, ckpt, _, data = setup
+    run = root / "sigterm"
+    cmd = [sys.executable, "-m", "miles_fsdp.cli", "rl", "--model", str(ckpt), "--data.path", str(data),
+           "--data.prompts-per-batch", "4", "--steps", "500", "--rollout.n-samples-per-prompt", "4",
+           "--rollout.max-new-tokens", "6", "--rollout.reward", f"{root}/my_reward.py:reward",
+           "--run-dir", str(run), "--no-export-hf"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 240
+    while time.time() < deadline and not any("train/loss" in r for r in _rows_or_empty(run)):
+        time.sleep(0.5)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=240)
+    assert proc.returncode == 0, err[-2000:]
+    steps = sorted(p.name for p in (run / "checkpoints").glob("step_*"))
+    assert steps, "SIGTERM must leave a checkpoint"
+    stopped_at = int(steps[-1].split("_")[1])
+    assert 1 <= stopped_at < 500 and len([r for r in read_metrics(run) if "train/loss" in r]) == stopped_at
+    summary = run_rl(_cfg(root, ckpt, data, "sigterm", steps=stopped_at + 1, resume=True, export_hf=False))
+    assert summary["steps"] == stopped_at + 1 and summary["logprob_abs_diff_max"] == 0.0
+
+
+def _rows_or_empty(run_dir):
+    try:
+        return read_metrics(run_dir)
+    except (FileNotFoundError, ValueError):
+        return []
