@@ -63,6 +63,10 @@ def main(cfg: QuickstartConfig) -> int:
 
     train_sft(sft_config(p, init_dir, run / "data", run / "sft"))
     t_sft = time.perf_counter() - t0
+    if not (run / "sft" / "hf" / "config.json").is_file():  # SIGTERM/SIGINT stopped SFT early
+        _say(f"SFT stopped before its last step (interrupted?); its checkpoint is in {run / 'sft' / 'checkpoints'}. "
+             "Rerun `miles-fsdp quickstart` to start over.")
+        return 1
     summary = run_rl(rl_config(p, run / "sft" / "hf", run / "data", run / "rl"))
     rows = _eval_rows(run / "rl")
     out = {
