@@ -51,10 +51,16 @@ def _over_row_tiles(fn, rows: int, *xs):
     """fn over fixed-shape row tiles of the 2-D tensors xs; outputs concatenated, unpadded."""
     M = xs[0].shape[0]
     padded = [_pad_rows(x, rows) for x in xs]
-    outs = [fn(*(x[i: i + rows] for x in padded)) for i in range(0, padded[0].shape[0], rows)]
-    if isinstance(outs[0], tuple):
-        return tuple(torch.cat(o)[:M] for o in zip(*outs))
-    return torch.cat(outs)[:M]
+    outs = None
+    for i in range(0, padded[0].shape[0], rows):
+        got = fn(*(x[i: i + rows] for x in padded))
+        got = got if isinstance(got, tuple) else (got,)
+        if outs is None:  # fresh tensors, not views of a padded buffer (FSDP hooks outputs)
+            outs = tuple(g.new_empty(M, *g.shape[1:]) for g in got)
+        n = min(rows, M - i)
+        for o, g in zip(outs, got):
+            o[i: i + n] = g[:n]
+    return outs if len(outs) > 1 else outs[0]
 
 
 def linear(x_MK, w_NK, b_N=None):

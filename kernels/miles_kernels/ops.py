@@ -95,15 +95,14 @@ def linear(x, w_NK, b_N=None):
     """
     if _fast():
         return _ref.linear(x, w_NK, b_N)
-    lead = x.shape[:-1]
-    x2 = x.reshape(-1, x.shape[-1]).contiguous()
+    if x.dim() != 2:  # 2-D in, 2-D out with no view: FSDP hooks a root module's output
+        return linear(x.reshape(-1, x.shape[-1]), w_NK, b_N).reshape(*x.shape[:-1], w_NK.shape[0])
+    x = x.contiguous()
     impl = _backend(x).linear
-    if _needs_grad(x2, w_NK, b_N):
-        y = _Linear.apply(x2, w_NK, b_N, impl)
-    else:
-        with torch.no_grad():
-            y = impl(x2, w_NK, b_N)
-    return y.reshape(*lead, w_NK.shape[0])
+    if _needs_grad(x, w_NK, b_N):
+        return _Linear.apply(x, w_NK, b_N, impl)
+    with torch.no_grad():
+        return impl(x, w_NK, b_N)
 
 
 # --- elementwise and norms --------------------------------------------------------------
@@ -115,10 +114,9 @@ def rms_norm(x, w, eps: float):
     """
     if _fast():
         return _ref.rms_norm(x, w, eps)
-    lead = x.shape[:-1]
-    x2 = x.reshape(-1, x.shape[-1])
-    y = _invariant(_ref.rms_norm, _backend(x).rms_norm, (x2, w), (eps,))
-    return y.reshape(*lead, x.shape[-1])
+    if x.dim() != 2:  # 2-D in, 2-D out with no view: FSDP hooks a root module's output
+        return rms_norm(x.reshape(-1, x.shape[-1]), w, eps).reshape(x.shape)
+    return _invariant(_ref.rms_norm, _backend(x).rms_norm, (x, w), (eps,))
 
 
 def rope_cos_sin(pos_T, inv_freq_F, scale: float = 1.0):

@@ -8,6 +8,7 @@ the losses of 2 training steps and the full weights after them.
 """
 
 import dataclasses
+import os
 import sys
 from pathlib import Path
 
@@ -18,7 +19,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from parallel_helpers import SEQ_LEN, forward_outputs, full_grads, full_weights, global_batch, make_trainer, pg_loss  # noqa: E402
 
 from miles_fsdp.models import ModelArgs, Transformer  # noqa: E402
-from miles_fsdp.parallel import apply_ep, init_distributed  # noqa: E402
+from miles_fsdp.parallel import apply_ep, init_distributed, shutdown_distributed  # noqa: E402
 from miles_fsdp.train.export import load_model  # noqa: E402
 
 
@@ -52,9 +53,12 @@ def main(ckpt: str, out: str, ep: int, ac: bool) -> None:
     result["weights"] = full_weights(trainer)
     result["errors"] = bad_configs(trainer.mesh) if ep > 1 else []
     torch.save(result, Path(out) / f"rank{rank}.pt")
-    dist.barrier()  # every rank done before any tears the group down
-    dist.destroy_process_group()
+    shutdown_distributed()
 
 
 if __name__ == "__main__":
     main(sys.argv[1], sys.argv[2], int(sys.argv[3]), len(sys.argv) > 4 and sys.argv[4] == "ac")
+    # results are on disk and the group is down; skip interpreter teardown, where gloo
+    # worker threads can still abort the process (pytorch/pytorch#179291)
+    sys.stdout.flush()
+    os._exit(0)

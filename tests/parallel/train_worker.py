@@ -7,6 +7,7 @@ Writes OUT_DIR/rank<r>.pt.
 """
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -16,7 +17,7 @@ import torch.distributed as dist
 sys.path.insert(0, str(Path(__file__).parent))
 from parallel_helpers import full_state, make_trainer, train_run  # noqa: E402
 
-from miles_fsdp.parallel import init_distributed  # noqa: E402
+from miles_fsdp.parallel import init_distributed, shutdown_distributed  # noqa: E402
 from miles_fsdp.train.checkpoint import load_checkpoint  # noqa: E402
 from miles_fsdp.train.export import load_model  # noqa: E402
 
@@ -41,9 +42,12 @@ def main() -> None:
         result["loaded"] = full_state(trainer)
     result.update(train_run(trainer, rank, world, a.steps, a.save_at, a.save_dir))
     torch.save(result, Path(a.out) / f"rank{rank}.pt")
-    dist.barrier()  # every rank done before any tears the group down
-    dist.destroy_process_group()
+    shutdown_distributed()
 
 
 if __name__ == "__main__":
     main()
+    # results are on disk and the group is down; skip interpreter teardown, where gloo
+    # worker threads can still abort the process (pytorch/pytorch#179291)
+    sys.stdout.flush()
+    os._exit(0)

@@ -142,7 +142,7 @@ def test_exact_resume(setup):
 def test_two_ranks_on_policy(setup):
     root, ckpt, _, data = setup
     run = root / "two_ranks"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "29517",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
            "-m", "miles_fsdp.cli", "rl", "--model", str(ckpt), "--data.path", str(data),
            "--data.prompts-per-batch", "4", "--steps", "2", "--rollout.n-samples-per-prompt", "4",
            "--rollout.max-new-tokens", "6", "--rollout.reward", f"{root}/my_reward.py:reward",

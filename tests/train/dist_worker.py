@@ -5,6 +5,7 @@ Rank r takes sequences r::world of the global batch. Writes {case: grads} and th
 of 3 training steps to OUT.pt (rank 0).
 """
 
+import os
 import sys
 from pathlib import Path
 
@@ -15,7 +16,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from common import SEQ_LEN, full_grads, global_batch, make_trainer, pg_loss  # noqa: E402
 from tiny_model import TinyLM  # noqa: E402
 
-from miles_fsdp.parallel import init_distributed  # noqa: E402
+from miles_fsdp.parallel import init_distributed, shutdown_distributed  # noqa: E402
 
 
 def main(out: str) -> None:
@@ -35,8 +36,12 @@ def main(out: str) -> None:
     result["losses"] = [trainer.train_step(trainer.pack(mine), pg_loss)["train/loss"] for _ in range(3)]
     if rank == 0:
         torch.save(result, out)
-    dist.destroy_process_group()
+    shutdown_distributed()
 
 
 if __name__ == "__main__":
     main(sys.argv[1])
+    # results are on disk and the group is down; skip interpreter teardown, where gloo
+    # worker threads can still abort the process (pytorch/pytorch#179291)
+    sys.stdout.flush()
+    os._exit(0)

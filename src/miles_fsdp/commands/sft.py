@@ -6,13 +6,16 @@
 
 from __future__ import annotations
 
+from miles_fsdp.parallel import shutdown_distributed
 from miles_fsdp.train.sft import SFTConfig, train_sft
 
 __all__ = ["SFTConfig", "main"]
 
 
 def main(cfg: SFTConfig) -> list[dict]:
-    return train_sft(cfg)
+    history = train_sft(cfg)
+    shutdown_distributed()
+    return history
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ reuses the "shard" dim (see parallel/ep.py), so it adds no mesh dim.
 
 from __future__ import annotations
 
+import gc
 import os
 from dataclasses import dataclass
 
@@ -69,6 +70,15 @@ def init_distributed() -> torch.device:
     else:
         dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
     return device
+
+
+def shutdown_distributed() -> None:
+    """Tear down a torchrun-launched group: barrier first, so no rank destroys gloo/NCCL
+    while a peer is still in a collective (that aborts the peer at exit)."""
+    if dist.is_initialized() and "RANK" in os.environ:
+        dist.barrier()
+        dist.destroy_process_group()
+        gc.collect()  # free the gloo work/tensors now, not during interpreter teardown
 
 
 def build_mesh(device: torch.device, replicate: int = 1) -> DeviceMesh:
