@@ -296,11 +296,14 @@ def main() -> None:
     ap.add_argument("--graph-by-width", action="store_true", help="EngineConfig.cuda_graph_by_width")
     ap.add_argument("--only", default="", help="comma-separated systems to run (e.g. engine)")
     ap.add_argument("--no-warm", action="store_true", help="skip the second (graphs captured) run of engine rows")
-    ap.add_argument("--profile", metavar="DIR", help="only profile decode steps (0.6B, batch 64); write DIR/profile*")
+    ap.add_argument("--profile", metavar="DIR", help="only profile decode steps (0.6B); write DIR/profile*")
     ap.add_argument("--profile-new", type=int, default=64, help="--profile: new tokens per sample")
+    ap.add_argument("--profile-batch", type=int, default=64, help="--profile: batch size")
+    ap.add_argument("--profile-modes", default="invariant,fast", help="--profile: comma-separated modes")
     a = ap.parse_args()
     if a.profile:
-        return profile(a.profile, new=a.profile_new)
+        return profile(a.profile, batch=a.profile_batch, new=a.profile_new,
+                       modes=tuple(a.profile_modes.split(",")))
     if not torch.cuda.is_available():
         raise SystemExit("tools/bench/engine.py needs a CUDA device (--profile also runs on CPU)")
     t0, bw = time.perf_counter(), hbm_bandwidth()

@@ -21,7 +21,7 @@ round trip: row parameters in (one copy), (ids, logprob bits) out (one copy).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from typing import NamedTuple
 
 import miles_kernels as mk
 import torch
@@ -120,9 +120,8 @@ def gumbel_noise_torch(h_B: torch.Tensor, vocab: int) -> torch.Tensor:
     return -torch.log(-torch.log(u_BV))
 
 
-@dataclass(frozen=True)
-class RowParams:
-    """Sampling parameters of one logits row."""
+class RowParams(NamedTuple):
+    """Sampling parameters of one logits row (a tuple: one is built per row per step)."""
 
     temperature: float
     top_k: int

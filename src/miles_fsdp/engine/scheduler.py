@@ -72,16 +72,14 @@ class Scheduler:
 
     def _schedule_prefill(self) -> Batch | None:
         budget, items = self.max_prefill_tokens, []
-        protected: set[int] = set()
         for seq in list(self.running):  # continue chunked prefills first
-            if seq.status is not SeqStatus.RUNNING or seq.num_uncomputed <= 1:
+            if len(seq.token_ids) - seq.num_computed <= 1 or seq.status is not SeqStatus.RUNNING:
                 continue
             q = self._chunk(seq.num_computed, seq.num_uncomputed, budget)
             if q <= 0:
                 break
-            if self._make_room(seq, seq.num_computed + q, protected):
+            if self._make_room(seq, seq.num_computed + q, items):
                 items.append(self._scheduled(seq, q))
-                protected.add(seq.seq_id)
                 budget -= q
         for seq in list(self.waiting):  # then admit, front first; stop at the first that does not fit
             if budget <= 0 or len(self.running) >= self.max_num_seqs:
@@ -100,7 +98,6 @@ class Scheduler:
                 seq.num_cached_prompt_tokens = min(start, seq.prompt_len)
             self.running.append(seq)
             items.append(self._scheduled(seq, q))
-            protected.add(seq.seq_id)
             budget -= q
         return Batch(items, is_decode=False) if items else None
 
@@ -119,13 +116,13 @@ class Scheduler:
 
     def _schedule_decode(self) -> Batch | None:
         items: list[Scheduled] = []
-        protected: set[int] = set()
-        for seq in list(self.running):
-            if seq.status is not SeqStatus.RUNNING or seq.num_uncomputed != 1:
+        S = self.blocks.page_size
+        for seq in list(self.running):  # hot loop: one pass per decode step, plain attribute reads
+            n = len(seq.token_ids)
+            if n - seq.num_computed != 1 or seq.status is not SeqStatus.RUNNING:
                 continue
-            if self._make_room(seq, seq.num_tokens, protected):
-                items.append(self._scheduled(seq, 1))
-                protected.add(seq.seq_id)
+            if n <= len(seq.block_table) * S or self._make_room(seq, n, items):
+                items.append(Scheduled(seq, n - 1, 1, True))
             else:
                 self.preempt(seq)
         return Batch(items, is_decode=True) if items else None
@@ -133,9 +130,11 @@ class Scheduler:
     def _scheduled(self, seq: Sequence, q: int) -> Scheduled:
         return Scheduled(seq, seq.num_computed, q, seq.num_computed + q == seq.num_tokens)
 
-    def _make_room(self, seq: Sequence, end: int, protected: set[int]) -> bool:
-        """Grow `seq` to cover [0, end), preempting the newest unprotected others if needed."""
+    def _make_room(self, seq: Sequence, end: int, scheduled: list[Scheduled]) -> bool:
+        """Grow `seq` to cover [0, end), preempting the newest running sequence not already
+        scheduled this step if needed."""
         while not self.blocks.grow(seq, end):
+            protected = {it.seq.seq_id for it in scheduled}
             victims = [s for s in self.running if s is not seq and s.seq_id not in protected]
             if not victims:
                 return False
@@ -157,10 +156,12 @@ class Scheduler:
     def postprocess(self, batch: Batch, token_ids: list[int], logprobs: list[float], version: int) -> list[StepOutput]:
         """Record computed KV, append sampled tokens (one per sampling item, in order), finish."""
         now, outs, k = time.perf_counter(), [], 0
+        S, register = self.blocks.page_size, self.blocks.register if self.blocks.cache is not None else None
         for it in batch.items:
             seq = it.seq
-            seq.num_computed = it.start + it.q_len
-            self.blocks.register(seq)
+            seq.num_computed = done = it.start + it.q_len
+            if register is not None and done >= (len(seq.page_hashes) + 1) * S:  # a page filled up
+                register(seq)
             if not it.sample:
                 continue
             tok, lp = token_ids[k], logprobs[k]

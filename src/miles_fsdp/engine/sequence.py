@@ -117,7 +117,7 @@ class Result:
     """Prompt tokens whose KV came from the prefix cache at first admission."""
 
 
-@dataclass
+@dataclass(slots=True)
 class StepOutput:
     """What one step produced for one sample: the tokens appended this step, for streaming."""
 
