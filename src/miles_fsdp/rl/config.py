@@ -55,6 +55,14 @@ class RolloutConfig:
     """DAPO overlong shaping: linear penalty over the last this-many tokens before max_new_tokens (0 = off)."""
     overlong_penalty: float = 1.0
     """Penalty at max_new_tokens for overlong shaping."""
+    servers: tuple[str, ...] = ()
+    """Disaggregated rollout: URLs of `miles-fsdp serve` instances (http://host:port) to sample
+    on, instead of an engine colocated on each rank (then `engine` options are the servers')."""
+    weights_dir: str = ""
+    """With servers: a directory every server can read (shared filesystem) where each step's
+    weights are written for their /update_weights; empty = RUN_DIR/weights."""
+    request_timeout_s: float = 3600.0
+    """With servers: seconds one HTTP call may take before the run stops with an error."""
 
     def __post_init__(self):
         if self.n_samples_per_prompt < 1:
@@ -66,6 +74,12 @@ class RolloutConfig:
         if self.overlong_buffer < 0 or self.overlong_buffer >= self.max_new_tokens:
             _bad("rollout.overlong_buffer", self.overlong_buffer, f"must be in [0, max_new_tokens={self.max_new_tokens})")
         self.stop_strings = tuple(self.stop_strings)
+        self.servers = tuple(self.servers)
+        for url in self.servers:
+            if not url.startswith(("http://", "https://")):
+                _bad("rollout.servers", url, "each entry must be a URL like http://host:8000 (a `miles-fsdp serve`)")
+        if self.request_timeout_s <= 0:
+            _bad("rollout.request_timeout_s", self.request_timeout_s, "must be > 0")
 
 
 @dataclass

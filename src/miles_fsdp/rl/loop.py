@@ -8,6 +8,9 @@
         sync_engine(trainer, engine)               # param.to(bf16) gathered from the shards
         log(m); eval every k; checkpoint every k
 
+With rollout.servers the engine is an HTTP client of `miles-fsdp serve` instances
+(rl/remote.py) and sync goes through a checkpoint directory; nothing else changes.
+
 Debug modes: rollout_only saves each rollout batch to run_dir/rollouts/step_XXXXX.jsonl and
 trains nothing; train_only reads those files and runs no engine.
 """
@@ -34,7 +37,8 @@ from miles_fsdp.rl.config import RLConfig
 from miles_fsdp.rl.evaluate import evaluate
 from miles_fsdp.rl.generate_hook import load_generate
 from miles_fsdp.rl.rollout import RolloutBatch, request_seed, rollout
-from miles_fsdp.rl.setup import build_engine
+from miles_fsdp.rl.remote import RemoteEngine
+from miles_fsdp.rl.setup import rollout_engine
 from miles_fsdp.rl import state
 from miles_fsdp.rl.step import RLLoss, compute_advantages, to_train_seqs
 from miles_fsdp.train.checkpoint import StopSignal
@@ -75,14 +79,16 @@ def run_rl(cfg: RLConfig) -> dict:
 
     training = cfg.debug_mode != "rollout_only"
     trainer = Trainer(load_model(cfg.model), cfg.trainer, device=device) if training else None
-    engine = build_engine(cfg.model, tokenizer, cfg.engine, dtype, device) if cfg.debug_mode != "train_only" else None
+    engine = rollout_engine(cfg, tokenizer, dtype, device, rank) if cfg.debug_mode != "train_only" else None
+    weights_dir = cfg.rollout.weights_dir or run_dir / "weights"
     reference = ReferencePolicy(load_model(cfg.model), trainer) if training and cfg.algo.needs_reference else None
     eval_prompts = _eval_prompts(cfg, tokenizer)
     log = MetricsLogger(run_dir, enabled=rank == 0)
     timers = Timers(sync=torch.cuda.synchronize if device.type == "cuda" else None)
     start = state.resume(run_dir, trainer, dataset) if cfg.resume and trainer is not None else 0
-    if start and engine is not None:
-        state.sync_engine(trainer, engine, dtype, version=start)
+    # servers may hold other weights than cfg.model (an earlier run): always send the policy
+    if engine is not None and trainer is not None and (start or cfg.rollout.servers):
+        state.sync_engine(trainer, engine, dtype, version=start, weights_dir=weights_dir)
     stop = StopSignal()
     progress = Progress(cfg.steps, start, "rl", enabled=rank == 0, keys=PROGRESS_KEYS)
     n = cfg.rollout.n_samples_per_prompt
@@ -138,7 +144,7 @@ def run_rl(cfg: RLConfig) -> dict:
         # 5. weight sync into the engine
         if engine is not None:
             with timers("sync"):
-                state.sync_engine(trainer, engine, dtype, version=step + 1)
+                state.sync_engine(trainer, engine, dtype, version=step + 1, weights_dir=weights_dir)
         metrics.update(timers.pop())
         if engine is not None and eval_prompts and cfg.eval.every and (step + 1) % cfg.eval.every == 0 \
                 and step + 1 < cfg.steps:
@@ -153,6 +159,7 @@ def run_rl(cfg: RLConfig) -> dict:
             logger.warning("stop requested (SIGTERM/SIGINT): checkpoint written at step %d; resume with --resume", step + 1)
             stop.restore()
             progress.close()
+            _close(engine)
             return {"stopped_at_step": step + 1, "run_dir": str(run_dir)}
 
     if engine is not None and eval_prompts:
@@ -168,11 +175,17 @@ def run_rl(cfg: RLConfig) -> dict:
     stop.restore()
     progress.close()
     log.close()
+    _close(engine)
     summary.update({"logprob_abs_diff_max": diff_max_run, "wall_seconds": time.perf_counter() - t_run,
                     "steps": cfg.steps, "run_dir": str(run_dir)})
     if rank == 0:
         (run_dir / "rl_summary.json").write_text(json.dumps(summary, indent=2))
     return summary
+
+
+def _close(engine) -> None:
+    if isinstance(engine, RemoteEngine):
+        engine.close()
 
 
 def _reward_options(cfg: RLConfig) -> dict:

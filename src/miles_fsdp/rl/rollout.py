@@ -25,6 +25,7 @@ from miles_fsdp.rewards.registry import score_samples
 from miles_fsdp.rl.config import RolloutConfig
 from miles_fsdp.rl.filters import dynamic_sampling_filter, expand_group_mask, overlong_penalty
 from miles_fsdp.rl.generate_hook import TurnOutput, check_generated
+from miles_fsdp.rl.remote import RemoteEngineError
 
 logger = logging.getLogger(__name__)
 
@@ -64,17 +65,21 @@ def generate(engine, tokenizer, prompts: list[Sample], n: int, params_for, hook=
 
 
 def _generate_with_hook(engine, groups, params_for, hook) -> list[Sample]:
-    """Run one hook coroutine per sample; a driver steps the engine for all of them."""
+    """Run one hook coroutine per sample; a driver steps a colocated engine for all of them
+    (a RemoteEngine needs none: each call is its own HTTP request)."""
     futures: dict[str, asyncio.Future] = {}
+    remote = hasattr(engine, "agenerate")
 
     async def engine_call(prompt_ids, params) -> TurnOutput:
         params = SamplingParams(**{**params.__dict__, "n": 1})
+        if remote:
+            return _turn(await engine.agenerate(prompt_ids, params))
         rid = engine.add_request(Request(list(prompt_ids), params))
         futures[rid] = asyncio.get_running_loop().create_future()
         return await futures[rid]
 
     async def drive():
-        while True:
+        while not remote:
             await asyncio.sleep(0)
             if not engine.has_unfinished():
                 if all(f.done() for f in futures.values()) and done_hooks.is_set():
@@ -83,15 +88,15 @@ def _generate_with_hook(engine, groups, params_for, hook) -> list[Sample]:
                 continue
             for out in engine.step():
                 if out.finished and out.request_id in futures:
-                    r = out.result
-                    futures[r.request_id].set_result(
-                        TurnOutput(list(r.token_ids), r.logprobs.tolist(), r.finish_reason.value))
+                    futures[out.request_id].set_result(_turn(out.result))
 
     done_hooks = asyncio.Event()
 
     async def run_one(sample, params):
         try:
             return check_generated(await hook(sample, engine_call, params))
+        except RemoteEngineError:  # a server down is the run's problem, not the sample's
+            raise
         except Exception as e:  # a failing hook fails its sample, not the run
             logger.warning("generate hook failed on sample %d (group %d): %r", sample.index, sample.group_index, e)
             sample.status = Status.FAILED
@@ -107,6 +112,10 @@ def _generate_with_hook(engine, groups, params_for, hook) -> list[Sample]:
         return out
 
     return list(asyncio.run(main()))
+
+
+def _turn(r) -> TurnOutput:
+    return TurnOutput(list(r.token_ids), r.logprobs.tolist(), r.finish_reason.value)
 
 
 @dataclass

@@ -7,11 +7,15 @@ rank, prompt), so resuming at step k regenerates exactly the samples a straight 
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 
+from miles_fsdp.rl.remote import RemoteEngine
 from miles_fsdp.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from miles_fsdp.train.export import export_hf
 from miles_fsdp.train.packing import MicroBatch
 from miles_fsdp.train.reference import ReferencePolicy
 from miles_fsdp.train.weight_sync import iter_weight_buckets
@@ -23,8 +27,22 @@ def attach_ref_logprobs(reference: ReferencePolicy, mbs: list[MicroBatch]) -> No
         mb.fields["ref_logp"] = logp_T.cpu()
 
 
-def sync_engine(trainer, engine, dtype: torch.dtype, version: int) -> None:
-    """Gather `param.to(dtype)` from the FSDP shards and swap it into the engine. Collective."""
+def sync_engine(trainer, engine, dtype: torch.dtype, version: int, weights_dir: str | Path = "") -> None:
+    """Gather `param.to(dtype)` from the FSDP shards and swap it into the engine. Collective.
+
+    A RemoteEngine gets it through `weights_dir`/v<version> (an HF checkpoint rank 0 writes
+    and every server loads); the previous version's directory is then removed."""
+    if isinstance(engine, RemoteEngine):
+        out = Path(weights_dir) / f"v{version:06d}"
+        export_hf(trainer.model, out, dtype=dtype)  # collective; rank 0 writes
+        if not dist.is_initialized() or dist.get_rank() == 0:
+            engine.update_weights_from(str(out.resolve()), version)
+            for old in Path(weights_dir).glob("v*"):
+                if old != out and old.is_dir():
+                    shutil.rmtree(old, ignore_errors=True)
+        if dist.is_initialized():
+            dist.barrier()  # no rank samples before every server holds the new weights
+        return
     weights = {}
     for bucket in iter_weight_buckets(trainer.model, dtype):
         weights.update(bucket)

@@ -1,0 +1,122 @@
+"""Rollout on standalone engine servers (`miles-fsdp serve`) over HTTP: disaggregated rollout.
+
+The RL loop makes the same calls as on its colocated engine:
+    generate(requests) -> results     POST /generate, one HTTP request per prompt (its n samples
+                                        share the prompt's KV on one server); prompts spread
+                                        round-robin over the servers, sent concurrently
+    agenerate(prompt_ids, params)     the same for one sample, for multi-turn generate hooks
+    update_weights_from(dir, version) POST /update_weights {path, version} to every server
+Weights travel as an HF checkpoint in a directory every server can read (a shared
+filesystem): the trainer writes param.to(dtype), the server loads it as is, so a server that
+runs the same kernels in the same dtype records the log-probs the trainer recomputes (the
+loop still asserts diff 0 in invariant mode). Plain urllib in threads: no extra dependency.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import urllib.error
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+
+import torch
+
+from miles_fsdp.engine.sequence import FinishReason, Request, Result, SamplingParams, Timings
+
+
+class RemoteEngineError(RuntimeError):
+    """A rollout server could not be reached or refused a request."""
+
+
+class RemoteEngine:
+    def __init__(self, urls: tuple[str, ...] | list[str], timeout_s: float = 3600.0, start: int = 0,
+                 max_inflight_per_server: int = 64):
+        if not urls:
+            raise ValueError("RemoteEngine: give at least one server URL (RolloutConfig.servers)")
+        self.urls = [u.rstrip("/") for u in urls]
+        self.timeout_s = timeout_s
+        self._next = start  # round-robin cursor; ranks start at their rank to spread load
+        self._pool = ThreadPoolExecutor(max_workers=max_inflight_per_server * len(self.urls),
+                                        thread_name_prefix="rollout-http")
+        self.versions = [self.health(u)["weight_version"] for u in self.urls]
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+    def __enter__(self) -> RemoteEngine:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # --- HTTP ---------------------------------------------------------------------------
+
+    def _call(self, url: str, path: str, body: dict | None = None, timeout_s: float | None = None) -> dict:
+        data = None if body is None else json.dumps(body).encode()
+        req = urllib.request.Request(url + path, data=data, headers={"Content-Type": "application/json"})
+        try:
+            with urllib.request.urlopen(req, timeout=timeout_s or self.timeout_s) as r:
+                return json.loads(r.read())
+        except urllib.error.HTTPError as e:
+            raw = e.read().decode(errors="replace")
+            try:
+                msg = json.loads(raw)["error"]["message"]
+            except (ValueError, KeyError, TypeError):
+                msg = raw[:500]
+            raise RemoteEngineError(f"rollout server {url}{path} answered HTTP {e.code}: {msg}") from None
+        except (urllib.error.URLError, OSError) as e:  # refused, DNS, timeout
+            reason = getattr(e, "reason", e)
+            raise RemoteEngineError(
+                f"rollout server {url}{path}: {reason}; check RolloutConfig.servers and that "
+                f"`miles-fsdp serve` runs there (raise rollout.request_timeout_s for very long rollouts)") from None
+
+    def health(self, url: str) -> dict:
+        return self._call(url, "/health", timeout_s=min(30.0, self.timeout_s))
+
+    # --- the engine interface the loop uses ---------------------------------------------
+
+    def generate(self, requests: list[Request]) -> list[list[Result]]:
+        """Blocking: results[i][j] is sample j of requests[i] (as Engine.generate)."""
+        jobs = []
+        for req in requests:
+            url = self.urls[self._next % len(self.urls)]
+            self._next += 1
+            jobs.append(self._pool.submit(self._generate, url, req))
+        return [job.result() for job in jobs]
+
+    async def agenerate(self, prompt_ids: list[int], params: SamplingParams) -> Result:
+        """One sample (params.n must be 1), awaitable: what a generate hook's engine call does."""
+        url = self.urls[self._next % len(self.urls)]
+        self._next += 1
+        loop = asyncio.get_running_loop()
+        results = await loop.run_in_executor(self._pool, self._generate, url, Request(list(prompt_ids), params))
+        return results[0]
+
+    def update_weights_from(self, path: str, version: int) -> None:
+        """Every server loads the HF checkpoint at `path` (returns once all have swapped it in)."""
+        jobs = [self._pool.submit(self._call, url, "/update_weights", {"path": str(path), "version": version})
+                for url in self.urls]
+        for job in jobs:
+            job.result()
+        self.versions = [version] * len(self.urls)
+
+    def _generate(self, url: str, req: Request) -> list[Result]:
+        p = req.params
+        if p.ignore_eos:
+            raise ValueError("RemoteEngine: ignore_eos is not supported by the /generate endpoint")
+        body = {"input_ids": list(req.prompt_ids), "sampling_params": {
+            "max_new_tokens": p.max_new_tokens, "temperature": p.temperature, "top_p": p.top_p, "top_k": p.top_k,
+            "n": p.n, "stop": list(p.stop_strings) or None, "stop_token_ids": list(p.stop_token_ids) or None,
+            "seed": p.seed}}
+        out = self._call(url, "/generate", body)
+        return [_result(out["id"], o) for o in sorted(out["outputs"], key=lambda o: o["index"])]
+
+
+def _result(request_id: str, o: dict) -> Result:
+    return Result(
+        request_id=request_id, sample_index=o["index"], token_ids=list(o["token_ids"]),
+        # JSON carries each fp32 logprob as the exact double of it: the round trip is exact
+        logprobs=torch.tensor(o["logprobs"], dtype=torch.float32),
+        finish_reason=FinishReason(o["finish_reason"]), timings=Timings(**o["timings"]),
+        weight_version=o["weight_version"], seed=o["seed"], num_cached_prompt_tokens=o["num_cached_prompt_tokens"])
