@@ -20,7 +20,7 @@ from miles_fsdp.engine.server import ServerThread
 from miles_fsdp.models.testing import build_tiny_checkpoint
 from miles_fsdp.observe.metrics import read_metrics
 from miles_fsdp.rl.config import RLConfig, RolloutConfig
-from miles_fsdp.rl.loop import run_rl
+from miles_fsdp.rl.loop import OnPolicyError, run_rl
 from miles_fsdp.rl.remote import RemoteEngine, RemoteEngineError
 from miles_fsdp.train.optim import OptimConfig
 from miles_fsdp.train.trainer import TrainerConfig
@@ -128,3 +128,12 @@ def test_two_ranks_share_the_servers(setup):
     assert len(rows) == 2 and all(r["train/logprob_abs_diff_max"] == 0.0 for r in rows)
     with RemoteEngine(urls, timeout_s=30) as client:
         assert client.versions == [2, 2]
+
+
+def test_server_in_another_dtype_is_caught(setup):
+    root, ckpt, data, _ = setup
+    cfg = ServeConfig(model=str(ckpt), device="cpu", dtype="bfloat16",
+                      engine=EngineConfig(page_size=16, num_pages=64, cuda_graphs=False))
+    with ServerThread(build_server(cfg)) as url:
+        with pytest.raises(OnPolicyError, match=r"--dtype matching the trainer's compute dtype"):
+            run_rl(_cfg(root, ckpt, data, "bf16_server", servers=(url,)))

@@ -139,8 +139,10 @@ def run_rl(cfg: RLConfig) -> dict:
             raise OnPolicyError(
                 f"step {step}: trainer log-probs differ from the rollout's by up to "
                 f"{metrics['train/logprob_abs_diff_max']:.3g} in invariant mode; the engine and the trainer "
-                "must run the same model code, dtype and miles_kernels ops. Use kernel_mode=fast to accept a "
-                "mismatch (with algo.correction), or report this as a bug.")
+                "must run the same model code, dtype and miles_kernels ops"
+                + (" (rollout.servers: start each `miles-fsdp serve` with --dtype matching the trainer's compute "
+                   "dtype, on the same kind of device)" if cfg.rollout.servers else "")
+                + ". Use kernel_mode=fast to accept a mismatch (with algo.correction), or report this as a bug.")
         # 5. weight sync into the engine
         if engine is not None:
             with timers("sync"):
