@@ -132,7 +132,8 @@ def test_debug_rollout_only_then_train_only(example, tmp_path):
     assert len(rows) == 2 and all(r["train/logprob_abs_diff_max"] == 0.0 for r in rows)
 
 
-@pytest.mark.parametrize("script", ["run_1gpu.sh", "run_multi_gpu.sh", "debug_rollout_only.sh", "debug_train_only.sh"])
+@pytest.mark.parametrize("script", ["run_1gpu.sh", "run_multi_gpu.sh", "run_disaggregated.sh", "debug_rollout_only.sh",
+                                    "debug_train_only.sh"])
 def test_scripts_parse_and_demand_a_model(script):
     import os
     import subprocess
