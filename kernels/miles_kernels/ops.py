@@ -187,24 +187,33 @@ class _Logprobs(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g_logp, g_ent):
         logits, ids, lse, ent = ctx.saved_tensors
-        temperature, entropy, top_k, top_p = ctx.cfg
         grad = torch.empty_like(logits)
         for i in range(0, logits.shape[0], _BWD_ROWS):
             sl = slice(i, i + _BWD_ROWS)
-            x = _ref.filter_logits(logits[sl].float() / temperature, top_k, top_p)
-            p = torch.exp(x - lse[sl, None])
-            g = torch.zeros_like(p)
-            if g_logp is not None:
-                # a masked id (logp = -inf) gets no one-hot term, as in the reference
-                gl = torch.where(x.gather(-1, ids[sl, None].long()) > float("-inf"), g_logp[sl, None], 0.0)
-                g = -p * g_logp[sl, None]
-                g.scatter_add_(-1, ids[sl, None].long(), gl)
-            if entropy and g_ent is not None:
-                # dH/dx_j = -p_j (log p_j + H); masked tokens (p = 0) get 0
-                logp_all = torch.where(p > 0, x - lse[sl, None], torch.zeros_like(x))
-                g = g - g_ent[sl, None] * p * (logp_all + ent[sl, None])
-            grad[sl] = (g / temperature).to(grad.dtype)
+            grad[sl] = _logprobs_grad(logits[sl], ids[sl], lse[sl], ent[sl], _rows(g_logp, sl), _rows(g_ent, sl),
+                                      *ctx.cfg)
         return grad, None, None, None, None, None, None
+
+
+def _rows(t, sl):
+    return None if t is None else t[sl]
+
+
+def _logprobs_grad(logits, ids, lse, ent, g_logp, g_ent, temperature, entropy, top_k, top_p):
+    """d(loss)/d(logits) for rows of logits, given the output grads of (logp, entropy)."""
+    x = _ref.filter_logits(logits.float() / temperature, top_k, top_p)
+    p = torch.exp(x - lse[:, None])
+    g = torch.zeros_like(p)
+    if g_logp is not None:
+        # a masked id (logp = -inf) gets no one-hot term, as in the reference
+        gl = torch.where(x.gather(-1, ids[:, None].long()) > float("-inf"), g_logp[:, None], 0.0)
+        g = -p * g_logp[:, None]
+        g.scatter_add_(-1, ids[:, None].long(), gl)
+    if entropy and g_ent is not None:
+        # dH/dx_j = -p_j (log p_j + H); masked tokens (p = 0) get 0
+        logp_all = torch.where(p > 0, x - lse[:, None], torch.zeros_like(x))
+        g = g - g_ent[:, None] * p * (logp_all + ent[:, None])
+    return (g / temperature).to(logits.dtype)
 
 
 def logprobs(logits_TV, ids_T, temperature: float = 1.0, entropy: bool = False,
@@ -219,17 +228,85 @@ def logprobs(logits_TV, ids_T, temperature: float = 1.0, entropy: bool = False,
     if temperature <= 0:
         raise ValueError(f"logprobs: temperature must be > 0 (got {temperature}); "
                          "greedy decoding records logprobs at temperature 1")
-    if _fast():
-        impl = _fast_logprobs
-    elif logits_TV.is_cuda:
-        impl = _cuda_logprobs
-    else:
-        impl = _cpu.logprobs
+    impl = _logprobs_impl(logits_TV)
     if _needs_grad(logits_TV):
         return _Logprobs.apply(logits_TV, ids_T, temperature, entropy, top_k, top_p, impl)
     with torch.no_grad():
         logp, ent, _ = impl(logits_TV, ids_T, temperature, entropy, top_k, top_p)
     return logp, ent
+
+
+def _logprobs_impl(logits_TV):
+    if _fast():
+        return _fast_logprobs
+    return _cuda_logprobs if logits_TV.is_cuda else _cpu.logprobs
+
+
+LINEAR_LOGPROBS_ROWS = 4096  # rows of logits alive at once in linear_logprobs
+
+
+def linear_logprobs(x_TD, w_VD, ids_T, temperature: float = 1.0, entropy: bool = False,
+                    top_k: int = 0, top_p: float = 1.0, chunk_rows: int = LINEAR_LOGPROBS_ROWS):
+    """logprobs(linear(x, w), ids, ...) without holding the [T, V] logits: the lm_head and
+    the log-softmax run `chunk_rows` rows at a time, forward and backward (which recomputes
+    each chunk's logits). Same values as the two calls, bit for bit: both ops are row-wise
+    invariant, so chunking rows changes nothing. Gradients: x in x's dtype, w accumulated
+    in fp32 over chunks, then w's dtype.
+    """
+    if temperature <= 0:
+        raise ValueError(f"linear_logprobs: temperature must be > 0 (got {temperature})")
+    if chunk_rows < 1:
+        raise ValueError(f"linear_logprobs: chunk_rows must be >= 1 (got {chunk_rows})")
+    if _needs_grad(x_TD, w_VD):
+        return _LinearLogprobs.apply(x_TD, w_VD, ids_T, temperature, entropy, top_k, top_p, chunk_rows)
+    with torch.no_grad():
+        logp, ent, _ = _linear_logprobs_fwd(x_TD, w_VD, ids_T, temperature, entropy, top_k, top_p, chunk_rows)
+    return logp, ent
+
+
+def _linear_logprobs_fwd(x_TD, w_VD, ids_T, temperature, entropy, top_k, top_p, chunk_rows):
+    outs = []
+    for i in range(0, x_TD.shape[0], chunk_rows):
+        logits = linear(x_TD[i: i + chunk_rows], w_VD)
+        logp, ent, lse = _logprobs_impl(logits)(logits, ids_T[i: i + chunk_rows], temperature, entropy, top_k, top_p)
+        outs.append((logp, ent if entropy else lse, lse))
+    if not outs:
+        empty = x_TD.new_zeros(0, dtype=torch.float32)
+        return empty, (empty if entropy else None), empty
+    logp, ent, lse = (torch.cat(t) for t in zip(*outs))
+    return logp, (ent if entropy else None), lse
+
+
+class _LinearLogprobs(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x_TD, w_VD, ids_T, temperature, entropy, top_k, top_p, chunk_rows):
+        with torch.no_grad():
+            logp, ent, lse = _linear_logprobs_fwd(x_TD, w_VD, ids_T, temperature, entropy, top_k, top_p, chunk_rows)
+        ctx.save_for_backward(x_TD, w_VD, ids_T, lse, ent if ent is not None else lse)
+        ctx.cfg = (temperature, entropy, top_k, top_p)
+        ctx.chunk_rows = chunk_rows
+        return logp, ent
+
+    @staticmethod
+    def backward(ctx, g_logp, g_ent):
+        x, w, ids, lse, ent = ctx.saved_tensors
+        gx = torch.empty_like(x) if ctx.needs_input_grad[0] else None
+        gw = torch.zeros(w.shape, dtype=torch.float32, device=w.device) if ctx.needs_input_grad[1] else None
+        for i in range(0, x.shape[0], ctx.chunk_rows):
+            sl = slice(i, i + ctx.chunk_rows)
+            with torch.no_grad():
+                logits = linear(x[sl], w)  # the forward's logits again
+            g = torch.empty_like(logits)
+            for j in range(0, g.shape[0], _BWD_ROWS):  # fp32 temporaries for _BWD_ROWS rows at a time
+                e = min(j + _BWD_ROWS, g.shape[0])
+                t = slice(i + j, i + e)
+                g[j:e] = _logprobs_grad(logits[j:e], ids[t], lse[t], ent[t], _rows(g_logp, t), _rows(g_ent, t),
+                                        *ctx.cfg)
+            if gx is not None:
+                gx[sl] = g @ w.to(g.dtype)
+            if gw is not None:
+                gw += g.t() @ x[sl].to(g.dtype)
+        return gx, (gw.to(w.dtype) if gw is not None else None), None, None, None, None, None, None
 
 
 def _fast_logprobs(logits_TV, ids_T, temperature, entropy, top_k, top_p):

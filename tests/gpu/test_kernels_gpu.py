@@ -128,6 +128,24 @@ def test_logprobs_and_route_topk(kt, dtype):
     _same(w1[0], w[50], "route_topk row alone")
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_linear_logprobs_bitwise_equals_linear_then_logprobs(dtype):
+    import miles_kernels as mk
+
+    g = _gen(4)
+    x = _randn(3000, 1024, dtype=dtype, g=g).requires_grad_(True)
+    w = _randn(151936, 1024, dtype=dtype, g=g, scale=0.02).requires_grad_(True)
+    ids = torch.randint(0, 151936, (3000,), generator=g, device="cuda")
+    lp, ent = mk.logprobs(mk.linear(x, w), ids, 0.7, entropy=True)
+    flp, fent = mk.linear_logprobs(x, w, ids, 0.7, entropy=True, chunk_rows=1024)
+    _same(flp, lp, "linear_logprobs logp")
+    _same(fent, ent, "linear_logprobs entropy")
+    ga = torch.autograd.grad((lp + 0.1 * ent).sum(), (x, w))
+    gb = torch.autograd.grad((flp + 0.1 * fent).sum(), (x, w))
+    for a, b, n in zip(ga, gb, ("grad x", "grad w")):
+        _accurate(b, a, dtype, n)
+
+
 def _paged_cache(k_LKD, v_LKD, page, g):
     L, K, D = k_LKD.shape
     n = -(-L // page)

@@ -98,6 +98,34 @@ def test_logprobs_grad_matches_reference():
             assert torch.equal(mk.logprobs(logits, ids, 0.9, entropy=True, **kw)[0], lp.detach())
 
 
+@pytest.mark.parametrize("mode", ["invariant", "fast"])
+def test_linear_logprobs_equals_linear_then_logprobs(mode):
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(100, 24, generator=g, requires_grad=True)
+    w = (torch.randn(57, 24, generator=g) * 0.5).requires_grad_(True)
+    ids = torch.randint(0, 57, (100,), generator=g)
+    wl, we = torch.randn(100, generator=g), torch.randn(100, generator=g)
+    with mk.use_mode(mode):
+        for kw in ({}, {"top_k": 5}, {"top_p": 0.7}):
+            lp, ent = mk.logprobs(mk.linear(x, w), ids, 0.8, entropy=True, **kw)
+            ga = torch.autograd.grad((lp * wl + ent * we).sum(), (x, w))
+            for rows in (48, 7, 4096):  # chunks off the CPU row tile, tiny chunks, one chunk
+                flp, fent = mk.linear_logprobs(x, w, ids, 0.8, entropy=True, chunk_rows=rows, **kw)
+                if mode == "invariant":  # row-wise ops: chunking cannot change a bit
+                    assert torch.equal(flp, lp) and torch.equal(fent, ent)
+                else:
+                    assert torch.allclose(flp, lp, atol=1e-5) and torch.allclose(fent, ent, atol=1e-5)
+                gb = torch.autograd.grad((flp * wl + fent * we).sum(), (x, w))
+                assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(ga, gb))
+            with torch.no_grad():  # forward identical with and without autograd, logp alone too
+                nlp, nent = mk.linear_logprobs(x, w, ids, 0.8, chunk_rows=48, **kw)
+            assert nent is None and torch.equal(nlp, mk.linear_logprobs(x, w, ids, 0.8, chunk_rows=48, **kw)[0].detach())
+    (gx,) = torch.autograd.grad(mk.linear_logprobs(x, w.detach(), ids, 0.8)[0].sum(), x)  # grad of x only
+    assert gx.shape == x.shape
+    with pytest.raises(ValueError, match="chunk_rows"):
+        mk.linear_logprobs(x, w, ids, chunk_rows=0)
+
+
 def test_route_topk_stable_and_invariant():
     g = torch.Generator().manual_seed(2)
     logits = torch.randn(50, 8, generator=g)

@@ -2,6 +2,8 @@
 packed sequences at 4k and 16k tokens, invariant vs fast kernels.
 
     python tools/bench/train.py --out bench_train.json            # one GPU, no torchrun needed
+    python tools/bench/train.py --logprobs fused unfused          # fused lm_head + logprobs vs not
+    python tools/bench/train.py --model small --seqs 4096 --modes invariant --logprobs unfused  # CPU
     torchrun --nproc-per-node 8 tools/bench/train.py --out b.json  # FSDP over 8 GPUs
 
 Each case: `--warmup` untimed steps, then `--steps` timed train_steps of one micro-batch of
@@ -30,17 +32,23 @@ QWEN3_0_6B = dict(
     intermediate_size=3072, num_hidden_layers=28, num_attention_heads=16, num_key_value_heads=8, head_dim=128,
     max_position_embeddings=40960, rms_norm_eps=1e-6, rope_theta=1000000.0, tie_word_embeddings=True,
 )
+# a CPU-sized model with a real vocabulary: the lm_head + logprobs memory shows at small cost
+SMALL = {**QWEN3_0_6B, "vocab_size": 32000, "hidden_size": 256, "intermediate_size": 512, "num_hidden_layers": 2,
+         "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 64}
+MODELS = {"qwen3-0.6b": QWEN3_0_6B, "small": SMALL}
 
 
-def run_case(seq: int, mode: str, steps: int, warmup: int, ac: bool, peak_flops: float) -> dict:
+def run_case(seq: int, mode: str, steps: int, warmup: int, ac: bool, peak_flops: float, model_name: str = "qwen3-0.6b",
+             fused: bool = True) -> dict:
+    hf = MODELS[model_name]
     with torch.device("meta"):
-        model = Transformer(ModelArgs.from_hf(QWEN3_0_6B))
+        model = Transformer(ModelArgs.from_hf(hf))
     model.init_weights(seed=0)
     cfg = TrainerConfig(optim=OptimConfig(lr=1e-5), max_tokens_per_micro_batch=seq, peak_flops=peak_flops,
-                        parallel=ParallelConfig(param_dtype="bf16", activation_checkpointing=ac))
+                        fused_logprobs=fused, parallel=ParallelConfig(param_dtype="auto", activation_checkpointing=ac))
     trainer = Trainer(model, cfg)
     g = torch.Generator().manual_seed(0)
-    seqs = [TrainSeq(torch.randint(0, QWEN3_0_6B["vocab_size"], (seq,), generator=g).tolist())]
+    seqs = [TrainSeq(torch.randint(0, hf["vocab_size"], (seq,), generator=g).tolist())]
     rows = []
     with mk.use_mode(mode):
         for i in range(warmup + steps):
@@ -48,9 +56,10 @@ def run_case(seq: int, mode: str, steps: int, warmup: int, ac: bool, peak_flops:
             if i >= warmup:
                 rows.append(m)
     del trainer, model
-    torch.cuda.empty_cache()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
     mean = lambda k: sum(r.get(k, 0.0) for r in rows) / len(rows)  # noqa: E731
-    return {"seq": seq, "mode": mode, "ac": ac, "tokens_per_s": mean("perf/tokens_per_s"), "mfu": mean("perf/mfu"),
+    return {"seq": seq, "mode": mode, "ac": ac, "model": model_name, "fused_logprobs": fused, "tokens_per_s": mean("perf/tokens_per_s"), "mfu": mean("perf/mfu"),
             "step_s": mean("time/train_step_s"), "peak_mem_gib": max(r["perf/peak_mem_gib"] for r in rows),
             "loss": rows[-1]["train/loss"]}
 
@@ -63,6 +72,10 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--ac", action="store_true", help="activation checkpointing per block")
     p.add_argument("--peak-flops", type=float, default=0.0, help="per-GPU peak FLOP/s (0: look up H100/H200)")
+    p.add_argument("--model", choices=sorted(MODELS), default="qwen3-0.6b",
+                   help="small: 2 layers, d 256, vocab 32k (CPU-sized)")
+    p.add_argument("--logprobs", nargs="+", choices=["fused", "unfused"], default=["fused"],
+                   help="TrainerConfig.fused_logprobs (CPU peak memory is per process: one value per run there)")
     p.add_argument("--out", default="bench_train.json")
     a = p.parse_args()
     import torch.distributed as dist
@@ -71,23 +84,26 @@ def main() -> None:
     results = []
     for s in a.seqs:
         for m in a.modes:
-            try:
-                results.append(run_case(s, m, a.steps, a.warmup, a.ac, a.peak_flops))
-            except torch.OutOfMemoryError as e:  # record the case, keep measuring the others
-                results.append({"seq": s, "mode": m, "ac": a.ac, "error": f"OOM: {str(e).splitlines()[0]}"})
-                torch.cuda.empty_cache()
-            print(results[-1], flush=True)
+            for lp in a.logprobs:
+                try:
+                    results.append(run_case(s, m, a.steps, a.warmup, a.ac, a.peak_flops, a.model, lp == "fused"))
+                except torch.OutOfMemoryError as e:  # record the case, keep measuring the others
+                    results.append({"seq": s, "mode": m, "ac": a.ac, "fused_logprobs": lp == "fused",
+                                    "error": f"OOM: {str(e).splitlines()[0]}"})
+                    torch.cuda.empty_cache()
+                print(results[-1], flush=True)
     if dist.get_rank() == 0:
-        print(f"{'seq':>6} {'mode':>10} {'tok/s':>10} {'MFU':>6} {'step s':>7} {'peak GiB':>9}")
+        print(f"{'seq':>6} {'mode':>10} {'logprobs':>9} {'tok/s':>10} {'MFU':>6} {'step s':>7} {'peak GiB':>9}")
         for r in results:
+            lp = "fused" if r["fused_logprobs"] else "unfused"
             if "error" in r:
-                print(f"{r['seq']:>6} {r['mode']:>10} {r['error']}")
+                print(f"{r['seq']:>6} {r['mode']:>10} {lp:>9} {r['error']}")
                 continue
-            print(f"{r['seq']:>6} {r['mode']:>10} {r['tokens_per_s']:>10.0f} {r['mfu']:>6.1%} {r['step_s']:>7.2f} "
-                  f"{r['peak_mem_gib']:>9.1f}")
+            print(f"{r['seq']:>6} {r['mode']:>10} {lp:>9} {r['tokens_per_s']:>10.0f} {r['mfu']:>6.1%} "
+                  f"{r['step_s']:>7.2f} {r['peak_mem_gib']:>9.2f}")
         meta = {"device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
                 "world_size": dist.get_world_size(), "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"),
-                "model": "Qwen3-0.6B shape, random weights", "wall_s": time.time() - t0}
+                "model": f"{a.model} shape, random weights", "wall_s": time.time() - t0}
         with open(a.out, "w") as f:
             json.dump({"meta": meta, "results": results}, f, indent=2)
         print(f"wrote {a.out}")

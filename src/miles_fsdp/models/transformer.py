@@ -149,6 +149,14 @@ class Transformer(nn.Module):
             return self.lm_head(hidden_TD)
         return mk.linear(hidden_TD, self.embed.weight)
 
+    def token_logprobs(self, hidden_TD: torch.Tensor, ids_T: torch.Tensor, temperature: float = 1.0,
+                       entropy: bool = False, top_k: int = 0, top_p: float = 1.0):
+        """mk.logprobs(self.logits(hidden_TD), ids_T, ...) with the [T, V] logits never held
+        whole (mk.linear_logprobs); the same values bit for bit. FSDP registers this as a
+        forward method, so the root's weights are gathered for it."""
+        w = self.lm_head.weight if self.lm_head is not None else self.embed.weight
+        return mk.linear_logprobs(hidden_TD, w, ids_T, temperature, entropy, top_k, top_p)
+
     def _rope(self, device: torch.device) -> tuple[torch.Tensor, float]:
         # A plain cache, not a buffer: to_empty() on a meta model must not wipe it.
         if device not in self._rope_cache:

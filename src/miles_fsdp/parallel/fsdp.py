@@ -11,8 +11,8 @@ distributed code).
   nothing to cast, and the model's own dtype flow stays as written.
 - `ignored_params`: parameters FSDP leaves alone (the expert weights under expert
   parallelism, which are DTensors sharded by EP and synchronised by parallel/ep.py).
-- `Transformer.logits` is registered as a forward method so calling it outside `forward`
-  still all-gathers the root's lm_head.
+- `Transformer.logits` and `Transformer.token_logprobs` are registered as forward methods
+  so calling them outside `forward` still all-gathers the root's lm_head.
 """
 
 from __future__ import annotations
@@ -54,6 +54,7 @@ def apply_fsdp(
     for i, block in enumerate(blocks):
         fully_shard(block, reshard_after_forward=i < len(blocks) - 1, **kw)
     fully_shard(model, **kw)
-    if hasattr(model, "logits"):
-        register_fsdp_forward_method(model, "logits")
+    for method in ("logits", "token_logprobs"):
+        if hasattr(model, method):
+            register_fsdp_forward_method(model, method)
     return model

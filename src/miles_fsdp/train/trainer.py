@@ -51,6 +51,9 @@ class TrainerConfig:
     """The sampler's top-k (0 = off): log-probs are of the same truncated distribution."""
     top_p: float = 1.0
     """The sampler's top-p (1 = off): log-probs are of the same truncated distribution."""
+    fused_logprobs: bool = True
+    """Score tokens with the lm_head and log-softmax fused over row chunks (mk.linear_logprobs):
+    the same values bit for bit, without the [T, V] logits in memory. Off: logits, then logprobs."""
     peak_flops: float = 0.0
     """Peak FLOP/s of one device for MFU; 0 = look up the CUDA device (H100/H200/A100), no MFU on CPU."""
 
@@ -75,13 +78,15 @@ def _flop_params(model: nn.Module) -> int:
 
 
 def packed_logprobs(model: nn.Module, mb: MicroBatch, device, temperature: float, entropy: bool = False,
-                    top_k: int = 0, top_p: float = 1.0):
+                    top_k: int = 0, top_p: float = 1.0, fused: bool = True):
     """(logp_T, entropy_T or None) of mb's targets; the one forward the trainer and the
     reference policy share."""
     _, meta, slot_T = packed_inputs(mb.cu_seqlens.to(device))
     hidden_TD = model(mb.ids_T.to(device), mb.pos_T.to(device), meta, slot_T)
-    logits_TV = model.logits(hidden_TD)
-    return mk.logprobs(logits_TV, mb.targets_T.to(device), temperature, entropy=entropy, top_k=top_k, top_p=top_p)
+    targets_T = mb.targets_T.to(device)
+    if fused and hasattr(model, "token_logprobs"):  # fused lm_head + logprobs: no [T, V] logits alive
+        return model.token_logprobs(hidden_TD, targets_T, temperature, entropy, top_k, top_p)
+    return mk.logprobs(model.logits(hidden_TD), targets_T, temperature, entropy=entropy, top_k=top_k, top_p=top_p)
 
 
 def pad_micro_batches(micro_batches: list[MicroBatch], group) -> list[MicroBatch]:
@@ -117,7 +122,8 @@ class Trainer:
 
     def _logprobs(self, mb: MicroBatch, entropy: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
         c = self.cfg
-        return packed_logprobs(self.model, mb, self.device, c.temperature, entropy, c.top_k, c.top_p)
+        return packed_logprobs(self.model, mb, self.device, c.temperature, entropy, c.top_k, c.top_p,
+                               c.fused_logprobs)
 
     def _pad(self, micro_batches: list[MicroBatch]) -> list[MicroBatch]:
         return pad_micro_batches(micro_batches, self.group)
