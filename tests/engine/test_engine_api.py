@@ -80,6 +80,27 @@ def test_release_and_resume_memory_keep_samples_exact():
         assert got[i].token_ids == w.token_ids and torch.equal(got[i].logprobs, w.logprobs)
 
 
+def test_out_of_memory_names_the_settings(monkeypatch):
+    eng, _ = mock_engine(num_pages=16)
+
+    def oom(*a, **k):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(eng.runner, "run", oom)
+    eng.add_request(Request([1, 2, 3], SamplingParams(max_new_tokens=4, seed=0)))
+    with pytest.raises(torch.OutOfMemoryError, match=r"engine step \(1 sequences, 3 tokens\) ran out of memory; "
+                       r"lower EngineConfig.max_prefill_tokens .* Allocator: CUDA out of memory"):
+        eng.step()
+    eng.release_memory()
+    monkeypatch.setattr(eng.runner, "allocate", lambda n: (_ for _ in ()).throw(
+        RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 1024 bytes")))
+    with pytest.raises(torch.OutOfMemoryError, match=r"engine KV cache \(16 pages, .* GiB\).*kv_memory_fraction"):
+        eng.resume_memory()
+    monkeypatch.setattr(eng.runner, "allocate", lambda n: (_ for _ in ()).throw(RuntimeError("other failure")))
+    with pytest.raises(RuntimeError, match="^other failure$"):  # not an OOM: untouched
+        eng.resume_memory()
+
+
 @pytest.fixture(scope="module")
 def two_models(tiny_ckpts, tmp_path_factory):
     from miles_fsdp.models.testing import build_tiny_checkpoint

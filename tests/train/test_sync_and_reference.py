@@ -3,6 +3,8 @@ frozen and matches the trainer before any step; AC changes neither names nor num
 
 import pytest
 import torch
+from common import SEQ_LEN, global_batch, make_trainer, pg_loss
+from tiny_model import TinyLM
 
 from miles_fsdp.models.testing import build_tiny_checkpoint
 from miles_fsdp.parallel import ParallelConfig
@@ -51,3 +53,17 @@ def test_weight_sync_and_reference(ckpt):
     assert not torch.equal(pushed["embed.weight"], want["embed.weight"])  # the update reached the engine
     assert all(torch.equal(a, b) for a, b in zip(ref.ref_logprobs(mbs), ref_logp))  # reference stays frozen
     assert not all(torch.equal(a, b) for a, b in zip(trainer.forward_logprobs(mbs), logp_before))
+
+
+def test_out_of_memory_in_a_train_step_names_the_settings(monkeypatch):
+    trainer = make_trainer(TinyLM(), "token_mean", 2 * SEQ_LEN)
+    mbs = trainer.pack(global_batch())
+
+    def oom(*a, **k):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 9.00 GiB")
+
+    monkeypatch.setattr(trainer, "_logprobs", oom)
+    with pytest.raises(torch.OutOfMemoryError, match=rf"train step \({len(mbs)} micro-batches, the largest \d+ tokens\) "
+                       rf"ran out of memory; lower trainer.max_tokens_per_micro_batch \(now {2 * SEQ_LEN}\).*"
+                       r"activation_checkpointing.*kv_memory_fraction.*Allocator: CUDA out of memory"):
+        trainer.train_step(mbs, pg_loss)

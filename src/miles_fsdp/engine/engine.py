@@ -24,6 +24,7 @@ from miles_fsdp.engine.config import EngineConfig
 from miles_fsdp.engine.runner import Runner, kv_bytes_per_page
 from miles_fsdp.engine.scheduler import Scheduler
 from miles_fsdp.engine.sequence import Request, Result, Sequence, StepOutput
+from miles_fsdp.observe.memory import is_oom, oom_error
 
 
 class Engine:
@@ -48,12 +49,25 @@ class Engine:
         self.num_pages = self._num_pages()
         self.blocks = BlockManager(self.num_pages, S, config.prefix_cache)
         self.scheduler = Scheduler(self.blocks, config.max_num_seqs, config.max_prefill_tokens, mk.ATTN_BLOCK, detokenize)
-        self.runner.allocate(self.num_pages)
+        self._allocate()
         self.weight_version = 0
         self._released = False
         self._pending: list[StepOutput] = []  # produced outside step() (abort, drain), returned by the next step()
         self._requests: dict[str, list[Sequence]] = {}
         self._rng = random.Random(config.seed)
+
+    def _allocate(self) -> None:
+        """KV cache (and decode CUDA graphs); an OOM names the settings that size them."""
+        try:
+            self.runner.allocate(self.num_pages)
+        except RuntimeError as e:
+            if not is_oom(e):
+                raise
+            self.runner.free()
+            gib = self.num_pages * kv_bytes_per_page(self.model, self.config.page_size, self.runner.dtype) / 2**30
+            raise oom_error(e, f"engine KV cache ({self.num_pages} pages, {gib:.2f} GiB) with its CUDA graphs",
+                            "lower EngineConfig.kv_memory_fraction, kv_memory_bytes or num_pages, or "
+                            "cuda_graph_max_batch") from e
 
     def _num_pages(self) -> int:
         c, r = self.config, self.runner
@@ -134,7 +148,15 @@ class Engine:
         batch = self.scheduler.schedule()
         if batch is None:
             return []
-        tokens, logprobs = self.runner.run(batch)
+        try:
+            tokens, logprobs = self.runner.run(batch)
+        except RuntimeError as e:
+            if not is_oom(e):
+                raise
+            c, n = self.config, sum(it.q_len for it in batch.items)
+            raise oom_error(e, f"engine step ({len(batch.items)} sequences, {n} tokens)",
+                            f"lower EngineConfig.max_prefill_tokens (now {c.max_prefill_tokens}) or max_num_seqs "
+                            f"(now {c.max_num_seqs}), or kv_memory_fraction to leave room for activations") from e
         return self.scheduler.postprocess(batch, tokens, logprobs, self.weight_version)
 
     def generate(self, requests: list[Request]) -> list[list[Result]]:
@@ -207,5 +229,5 @@ class Engine:
 
     def resume_memory(self) -> None:
         if self._released:
-            self.runner.allocate(self.num_pages)
+            self._allocate()
             self._released = False

@@ -1,4 +1,5 @@
-"""Peak memory of the current device (CUDA allocator) or of the process (CPU, max RSS)."""
+"""Peak memory of the current device (CUDA allocator) or of the process (CPU, max RSS), and
+out-of-memory errors that say what ran out and which setting to change."""
 
 from __future__ import annotations
 
@@ -19,3 +20,17 @@ def peak_memory_gib(device: torch.device) -> float:
         return torch.cuda.max_memory_allocated(device) / 2**30
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return rss / 2**30 if sys.platform == "darwin" else rss / 2**20  # bytes on macOS, KiB on Linux
+
+
+def is_oom(e: BaseException) -> bool:
+    """A CUDA out-of-memory error, or the CPU allocator failing."""
+    return isinstance(e, torch.OutOfMemoryError) or (
+        isinstance(e, RuntimeError) and "can't allocate memory" in str(e))
+
+
+def oom_error(e: BaseException, what: str, fixes: str) -> torch.OutOfMemoryError:
+    """The error to raise from `e`: what ran out of memory, the settings that fix it, then
+    the allocator's own first line."""
+    first = (str(e).strip().splitlines() or [""])[0]
+    return torch.OutOfMemoryError(f"{what} ran out of memory; {fixes}. Allocator: {first}")
+

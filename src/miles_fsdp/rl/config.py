@@ -184,10 +184,16 @@ class RLConfig:
     train_only: train from saved batches (rollout_dir), no engine."""
     rollout_dir: str = ""
     """train_only: directory of saved rollout batches (default run_dir/rollouts)."""
+    release_engine_memory: bool = False
+    """Free the colocated engine's KV cache and CUDA graphs while the trainer runs, so training
+    gets that memory; they are rebuilt after the weight sync (costs a graph capture per step)."""
 
     def __post_init__(self):
         if self.steps < 1:
             _bad("steps", self.steps, "must be >= 1")
+        if self.release_engine_memory and self.rollout.servers:
+            _bad("release_engine_memory", True, "frees a colocated engine; with rollout.servers there is none, "
+                 "so leave it off")
         if self.algo.correction != "none" and self.kernel_mode == "invariant":
             _bad("algo.correction", self.algo.correction,
                  "corrections apply only with kernel_mode=fast (invariant mode has no mismatch to correct)")

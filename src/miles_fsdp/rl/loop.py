@@ -120,6 +120,9 @@ def run_rl(cfg: RLConfig) -> dict:
             logger.warning("step %d: no trainable samples after filtering; the step is skipped", step + 1)
             log.log(step + 1, {**metrics, **timers.pop(), "train/skipped_step": 1.0})
             continue
+        release = cfg.release_engine_memory and engine is not None
+        if release:  # the trainer gets the KV cache's memory until the sync
+            engine.release_memory()
         # 3. advantages
         adv_NL = compute_advantages(batch.samples, n, cfg.algo, _all_reduce_sum)
         seqs = to_train_seqs(batch.samples, adv_NL)
@@ -147,6 +150,8 @@ def run_rl(cfg: RLConfig) -> dict:
         if engine is not None:
             with timers("sync"):
                 state.sync_engine(trainer, engine, dtype, version=step + 1, weights_dir=weights_dir)
+                if release:
+                    engine.resume_memory()
         metrics.update(timers.pop())
         if engine is not None and eval_prompts and cfg.eval.every and (step + 1) % cfg.eval.every == 0 \
                 and step + 1 < cfg.steps:

@@ -23,7 +23,7 @@ import torch.nn as nn
 
 import miles_kernels as mk
 from miles_fsdp.models import packed_inputs
-from miles_fsdp.observe.memory import peak_memory_gib, reset_peak_memory
+from miles_fsdp.observe.memory import is_oom, oom_error, peak_memory_gib, reset_peak_memory
 from miles_fsdp.parallel import ParallelConfig, build_mesh, dp_group, init_distributed, parallelize
 from miles_fsdp.train.loss import LossNorm, assign_weights
 from miles_fsdp.train.optim import OptimConfig, build_optimizer
@@ -169,7 +169,19 @@ class Trainer:
         AdamW, LR schedule. Collective: every rank calls it, with its own micro-batches."""
         reset_peak_memory(self.device)
         t0 = time.perf_counter()
-        acc = self.backward(micro_batches, loss_fn, entropy)
+        try:
+            acc = self.backward(micro_batches, loss_fn, entropy)
+        except RuntimeError as e:
+            if not is_oom(e):
+                raise
+            c = self.cfg
+            longest = max((mb.num_tokens for mb in micro_batches), default=0)
+            raise oom_error(
+                e, f"train step ({len(micro_batches)} micro-batches, the largest {longest} tokens)",
+                f"lower trainer.max_tokens_per_micro_batch (now {c.max_tokens_per_micro_batch}), turn on "
+                "trainer.parallel.activation_checkpointing or trainer.parallel.cpu_offload, or keep "
+                "trainer.fused_logprobs on; beside a colocated engine also lower engine.kv_memory_fraction "
+                "or set release_engine_memory") from e
         grad_norm = self._clip_grads()
         finite = bool(torch.isfinite(grad_norm))
         if finite:  # a non-finite step is skipped (and reported), never applied
