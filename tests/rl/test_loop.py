@@ -203,3 +203,17 @@ def test_release_engine_memory_changes_nothing_but_memory(setup, monkeypatch):
     assert rows("released") == rows("kept") and rows("kept")[-1][-1] == 0.0
     with pytest.raises(ValueError, match="release_engine_memory=True: frees a colocated engine"):
         _cfg(root, ckpt, data, "x", release_engine_memory=True, rollout={"servers": ("http://127.0.0.1:1",)})
+
+
+def test_profile_steps_write_traces_with_phases(setup):
+    from miles_fsdp.observe.profiler import ProfileConfig
+
+    root, ckpt, _, data = setup
+    run_rl(_cfg(root, ckpt, data, "profiled", steps=2, export_hf=False, profile=ProfileConfig(steps=(2,))))
+    prof = root / "profiled" / "profile"
+    assert sorted(p.name for p in prof.iterdir()) == ["step_00002_rank0.json", "step_00002_rank0.txt"]
+    names = {e.get("name") for e in json.loads((prof / "step_00002_rank0.json").read_text())["traceEvents"]}
+    assert {"rollout", "train", "sync"} <= names  # the loop's phases are named ranges
+    assert "Self CPU" in (prof / "step_00002_rank0.txt").read_text()
+    with pytest.raises(ValueError, match="1-based"):
+        ProfileConfig(steps=(0,))

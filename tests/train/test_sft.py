@@ -10,6 +10,7 @@ from safetensors.torch import load_file
 from miles_fsdp.commands.convert import ConvertConfig, main as convert
 from miles_fsdp.models.testing import build_tiny_checkpoint
 from miles_fsdp.observe.metrics import read_metrics
+from miles_fsdp.observe.profiler import ProfileConfig
 from miles_fsdp.train.optim import OptimConfig
 from miles_fsdp.train.sft import SFTConfig, train_sft
 from miles_fsdp.train.sft_data import DataError, load_sft_jsonl
@@ -63,8 +64,10 @@ def test_bad_lines_name_file_and_line(ckpt, tmp_path, line, match):
 def test_sft_trains_exports_and_converts(ckpt, data, tmp_path):
     out = tmp_path / "run"
     cfg = SFTConfig(model=str(ckpt), data=str(data), out=str(out), steps=8, global_batch_size=4, max_seq_len=64,
-                    trainer=TrainerConfig(optim=OptimConfig(lr=3e-3), max_tokens_per_micro_batch=64))
+                    trainer=TrainerConfig(optim=OptimConfig(lr=3e-3), max_tokens_per_micro_batch=64),
+                    profile=ProfileConfig(steps=(3,)))
     history = train_sft(cfg)
+    assert sorted(p.name for p in (out / "profile").iterdir()) == ["step_00003_rank0.json", "step_00003_rank0.txt"]
     losses = [m["train/loss"] for m in history]
     assert sum(losses[-2:]) < 0.7 * sum(losses[:2]), losses
 

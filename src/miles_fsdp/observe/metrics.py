@@ -14,6 +14,8 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
+import torch
+
 
 class MetricsLogger:
     def __init__(self, run_dir: str | Path, enabled: bool = True, tensorboard: bool = True):
@@ -72,7 +74,8 @@ class Timers:
             self._sync()
         t0 = time.perf_counter()
         try:
-            yield
+            with torch.profiler.record_function(phase):  # a named range in profiler traces
+                yield
         finally:
             if self._sync is not None:
                 self._sync()

@@ -11,6 +11,7 @@ from typing import Literal
 
 from miles_fsdp.data.datasets import DataConfig
 from miles_fsdp.engine.config import EngineConfig
+from miles_fsdp.observe.profiler import ProfileConfig
 from miles_fsdp.rl.losses import AGGREGATIONS, Aggregation
 from miles_fsdp.train.loss import LossNorm
 from miles_fsdp.train.trainer import TrainerConfig
@@ -184,6 +185,8 @@ class RLConfig:
     train_only: train from saved batches (rollout_dir), no engine."""
     rollout_dir: str = ""
     """train_only: directory of saved rollout batches (default run_dir/rollouts)."""
+    profile: ProfileConfig = field(default_factory=ProfileConfig)
+    """torch.profiler traces of chosen steps (RUN_DIR/profile; see observe/profiler.py)."""
     release_engine_memory: bool = False
     """Free the colocated engine's KV cache and CUDA graphs while the trainer runs, so training
     gets that memory; they are rebuilt after the weight sync (costs a graph capture per step)."""

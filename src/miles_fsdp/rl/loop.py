@@ -30,6 +30,7 @@ from miles_fsdp.data.datasets import DataConfig, PromptDataset
 from miles_fsdp.data.sample import load_samples, save_samples
 from miles_fsdp.data.tokenizer import load_tokenizer
 from miles_fsdp.observe.metrics import MetricsLogger, Timers
+from miles_fsdp.observe.profiler import StepProfiler
 from miles_fsdp.observe.progress import Progress
 from miles_fsdp.parallel import init_distributed
 from miles_fsdp.rewards.registry import load_reward
@@ -90,6 +91,7 @@ def run_rl(cfg: RLConfig) -> dict:
     if engine is not None and trainer is not None and (start or cfg.rollout.servers):
         state.sync_engine(trainer, engine, dtype, version=start, weights_dir=weights_dir)
     stop = StopSignal()
+    profiler = StepProfiler(cfg.profile, run_dir, rank)
     progress = Progress(cfg.steps, start, "rl", enabled=rank == 0, keys=PROGRESS_KEYS)
     n = cfg.rollout.n_samples_per_prompt
     diff_max_run = 0.0
@@ -99,75 +101,76 @@ def run_rl(cfg: RLConfig) -> dict:
     if engine is not None and eval_prompts and start == 0:
         log.log(0, _eval(cfg, engine, tokenizer, eval_prompts, reward_fn))
     for step in range(start, cfg.steps):
-        metrics: dict[str, float] = {}
-        # 1-2. rollout + rewards (or read back a saved batch)
-        with timers("rollout"):
-            if cfg.debug_mode == "train_only":
-                batch = RolloutBatch(load_samples(rollout_dir / f"step_{step:05d}_rank{rank}.jsonl"))
-            else:
-                batch = rollout(
-                    engine, tokenizer, lambda k: dataset.next_batch(k * world)[rank::world], reward_fn,
-                    cfg.rollout, max(1, cfg.data.prompts_per_batch // world),
-                    lambda i: request_seed(cfg.seed, step, rank, i), hook, _all_reduce_sum)
-        metrics.update(_rollout_metrics(batch, n))
-        metrics.update({"time/generate_s": batch.generate_s, "time/reward_s": batch.reward_s})
-        if cfg.debug_mode == "rollout_only":
-            rollout_dir.mkdir(parents=True, exist_ok=True)
-            save_samples(rollout_dir / f"step_{step:05d}_rank{rank}.jsonl", batch.samples)
-            log.log(step + 1, {**metrics, **timers.pop()})
-            continue
-        if metrics["rollout/samples"] == 0:  # e.g. dynamic sampling found no informative group
-            logger.warning("step %d: no trainable samples after filtering; the step is skipped", step + 1)
-            log.log(step + 1, {**metrics, **timers.pop(), "train/skipped_step": 1.0})
-            continue
-        release = cfg.release_engine_memory and engine is not None
-        if release:  # the trainer gets the KV cache's memory until the sync
-            engine.release_memory()
-        # 3. advantages
-        adv_NL = compute_advantages(batch.samples, n, cfg.algo, _all_reduce_sum)
-        seqs = to_train_seqs(batch.samples, adv_NL)
-        mbs = trainer.pack(seqs)
-        if reference is not None:
-            with timers("reference"):
-                state.attach_ref_logprobs(reference, mbs)
-        # 4. train (the loss function compares trainer and rollout log-probs)
-        loss_fn = RLLoss(cfg.algo, fast_mode=cfg.kernel_mode == "fast")
-        with timers("train"):
-            metrics.update(trainer.train_step(mbs, loss_fn, entropy=True))
-        metrics.update(_loss_metrics(loss_fn, device))
-        diff_max_run = max(diff_max_run, metrics["train/logprob_abs_diff_max"])
-        # train_only replays saved batches: past its first step the policy has moved on, so
-        # the difference is logged (it measures the staleness), not asserted
-        if cfg.kernel_mode == "invariant" and cfg.debug_mode == "none" and metrics["train/logprob_abs_diff_max"] != 0.0:
-            raise OnPolicyError(
-                f"step {step}: trainer log-probs differ from the rollout's by up to "
-                f"{metrics['train/logprob_abs_diff_max']:.3g} in invariant mode; the engine and the trainer "
-                "must run the same model code, dtype and miles_kernels ops"
-                + (" (rollout.servers: start each `miles-fsdp serve` with --dtype matching the trainer's compute "
-                   "dtype, on the same kind of device)" if cfg.rollout.servers else "")
-                + ". Use kernel_mode=fast to accept a mismatch (with algo.correction), or report this as a bug.")
-        # 5. weight sync into the engine
-        if engine is not None:
-            with timers("sync"):
-                state.sync_engine(trainer, engine, dtype, version=step + 1, weights_dir=weights_dir)
-                if release:
-                    engine.resume_memory()
-        metrics.update(timers.pop())
-        if engine is not None and eval_prompts and cfg.eval.every and (step + 1) % cfg.eval.every == 0 \
-                and step + 1 < cfg.steps:
-            metrics.update(_eval(cfg, engine, tokenizer, eval_prompts, reward_fn))
-        metrics["perf/rollout_tokens_per_s"] = _rollout_tokens(batch) / max(batch.generate_s, 1e-9)
-        log.log(step + 1, metrics)
-        progress.update(step + 1, metrics)
-        stopping = stop.requested()
-        if stopping or (cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0):
-            state.save(run_dir, trainer, dataset)
-        if stopping:
-            logger.warning("stop requested (SIGTERM/SIGINT): checkpoint written at step %d; resume with --resume", step + 1)
-            stop.restore()
-            progress.close()
-            _close(engine)
-            return {"stopped_at_step": step + 1, "run_dir": str(run_dir)}
+        with profiler(step + 1):
+            metrics: dict[str, float] = {}
+            # 1-2. rollout + rewards (or read back a saved batch)
+            with timers("rollout"):
+                if cfg.debug_mode == "train_only":
+                    batch = RolloutBatch(load_samples(rollout_dir / f"step_{step:05d}_rank{rank}.jsonl"))
+                else:
+                    batch = rollout(
+                        engine, tokenizer, lambda k: dataset.next_batch(k * world)[rank::world], reward_fn,
+                        cfg.rollout, max(1, cfg.data.prompts_per_batch // world),
+                        lambda i: request_seed(cfg.seed, step, rank, i), hook, _all_reduce_sum)
+            metrics.update(_rollout_metrics(batch, n))
+            metrics.update({"time/generate_s": batch.generate_s, "time/reward_s": batch.reward_s})
+            if cfg.debug_mode == "rollout_only":
+                rollout_dir.mkdir(parents=True, exist_ok=True)
+                save_samples(rollout_dir / f"step_{step:05d}_rank{rank}.jsonl", batch.samples)
+                log.log(step + 1, {**metrics, **timers.pop()})
+                continue
+            if metrics["rollout/samples"] == 0:  # e.g. dynamic sampling found no informative group
+                logger.warning("step %d: no trainable samples after filtering; the step is skipped", step + 1)
+                log.log(step + 1, {**metrics, **timers.pop(), "train/skipped_step": 1.0})
+                continue
+            release = cfg.release_engine_memory and engine is not None
+            if release:  # the trainer gets the KV cache's memory until the sync
+                engine.release_memory()
+            # 3. advantages
+            adv_NL = compute_advantages(batch.samples, n, cfg.algo, _all_reduce_sum)
+            seqs = to_train_seqs(batch.samples, adv_NL)
+            mbs = trainer.pack(seqs)
+            if reference is not None:
+                with timers("reference"):
+                    state.attach_ref_logprobs(reference, mbs)
+            # 4. train (the loss function compares trainer and rollout log-probs)
+            loss_fn = RLLoss(cfg.algo, fast_mode=cfg.kernel_mode == "fast")
+            with timers("train"):
+                metrics.update(trainer.train_step(mbs, loss_fn, entropy=True))
+            metrics.update(_loss_metrics(loss_fn, device))
+            diff_max_run = max(diff_max_run, metrics["train/logprob_abs_diff_max"])
+            # train_only replays saved batches: past its first step the policy has moved on, so
+            # the difference is logged (it measures the staleness), not asserted
+            if cfg.kernel_mode == "invariant" and cfg.debug_mode == "none" and metrics["train/logprob_abs_diff_max"] != 0.0:
+                raise OnPolicyError(
+                    f"step {step}: trainer log-probs differ from the rollout's by up to "
+                    f"{metrics['train/logprob_abs_diff_max']:.3g} in invariant mode; the engine and the trainer "
+                    "must run the same model code, dtype and miles_kernels ops"
+                    + (" (rollout.servers: start each `miles-fsdp serve` with --dtype matching the trainer's compute "
+                       "dtype, on the same kind of device)" if cfg.rollout.servers else "")
+                    + ". Use kernel_mode=fast to accept a mismatch (with algo.correction), or report this as a bug.")
+            # 5. weight sync into the engine
+            if engine is not None:
+                with timers("sync"):
+                    state.sync_engine(trainer, engine, dtype, version=step + 1, weights_dir=weights_dir)
+                    if release:
+                        engine.resume_memory()
+            metrics.update(timers.pop())
+            if engine is not None and eval_prompts and cfg.eval.every and (step + 1) % cfg.eval.every == 0 \
+                    and step + 1 < cfg.steps:
+                metrics.update(_eval(cfg, engine, tokenizer, eval_prompts, reward_fn))
+            metrics["perf/rollout_tokens_per_s"] = _rollout_tokens(batch) / max(batch.generate_s, 1e-9)
+            log.log(step + 1, metrics)
+            progress.update(step + 1, metrics)
+            stopping = stop.requested()
+            if stopping or (cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0):
+                state.save(run_dir, trainer, dataset)
+            if stopping:
+                logger.warning("stop requested (SIGTERM/SIGINT): checkpoint written at step %d; resume with --resume", step + 1)
+                stop.restore()
+                progress.close()
+                _close(engine)
+                return {"stopped_at_step": step + 1, "run_dir": str(run_dir)}
 
     if engine is not None and eval_prompts:
         final = _eval(cfg, engine, tokenizer, eval_prompts, reward_fn)

@@ -18,6 +18,7 @@ import torch.distributed as dist
 
 from miles_fsdp.observe.metrics import MetricsLogger
 from miles_fsdp.observe.progress import Progress
+from miles_fsdp.observe.profiler import ProfileConfig, StepProfiler
 from miles_fsdp.parallel import init_distributed
 from miles_fsdp.train.checkpoint import (CheckpointConfig, StopSignal, latest_checkpoint, load_checkpoint,
                                          save_checkpoint)
@@ -48,6 +49,8 @@ class SFTConfig:
     """Write the final weights as an HF checkpoint to <out>/hf."""
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    profile: ProfileConfig = field(default_factory=ProfileConfig)
+    """torch.profiler traces of chosen steps (OUT/profile; see observe/profiler.py)."""
 
     def __post_init__(self):
         if not Path(self.model).is_dir():
@@ -91,11 +94,13 @@ def train_sft(cfg: SFTConfig) -> list[dict]:
     logger = MetricsLogger(cfg.out, enabled=rank == 0)
     progress = Progress(cfg.steps, start=trainer.step, desc="sft", enabled=rank == 0)
     stop = StopSignal()
+    profiler = StepProfiler(cfg.profile, cfg.out, rank)
     history = []
     try:
         while trainer.step < cfg.steps:
             seqs = batch_for_step(examples, trainer.step, cfg.global_batch_size, cfg.seed)[rank::world]
-            metrics = trainer.train_step(trainer.pack(seqs), sft_loss)
+            with profiler(trainer.step + 1):
+                metrics = trainer.train_step(trainer.pack(seqs), sft_loss)
             history.append(metrics)
             logger.log(trainer.step, metrics)
             progress.update(trainer.step, metrics)

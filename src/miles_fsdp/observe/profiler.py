@@ -1,0 +1,67 @@
+"""torch.profiler traces of chosen steps: `--profile.steps 3 4` in `miles-fsdp rl` / `sft`.
+
+Each profiled step writes, per rank, a Chrome/Perfetto trace (open in https://ui.perfetto.dev
+or chrome://tracing) and a table of the ops that took the most time:
+
+    RUN_DIR/profile/step_00003_rank0.json   trace; the loop's phases (rollout, train, sync, ...)
+                                            appear as named ranges (observe.metrics.Timers)
+    RUN_DIR/profile/step_00003_rank0.txt    top ops by device time (CPU time on CPU)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class ProfileConfig:
+    steps: tuple[int, ...] = ()
+    """Steps to profile (1-based, as logged); empty = none."""
+    dir: str = ""
+    """Where traces go; empty = RUN_DIR/profile."""
+    memory: bool = False
+    """Also record tensor allocations (memory timeline in the trace; slower)."""
+    row_limit: int = 40
+    """Rows of the op table."""
+
+    def __post_init__(self):
+        self.steps = tuple(self.steps)
+        if any(s < 1 for s in self.steps):
+            raise ValueError(f"profile.steps={self.steps}: steps are 1-based (the first step is 1)")
+        if self.row_limit < 1:
+            raise ValueError(f"profile.row_limit={self.row_limit}: must be >= 1")
+
+
+class StepProfiler:
+    def __init__(self, cfg: ProfileConfig, run_dir: str | Path, rank: int = 0):
+        self.cfg, self.rank = cfg, rank
+        self.dir = Path(cfg.dir or Path(run_dir) / "profile")
+
+    def __call__(self, step: int):
+        """Context manager around step `step` (1-based): profiles it if it was asked for."""
+        if step not in self.cfg.steps:
+            return contextlib.nullcontext()
+        return self._profile(step)
+
+    @contextlib.contextmanager
+    def _profile(self, step: int):
+        cuda = torch.cuda.is_available()
+        acts = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if cuda else [])
+        with torch.profiler.profile(activities=acts, profile_memory=self.cfg.memory) as prof:
+            yield
+            if cuda:
+                torch.cuda.synchronize()
+        self.dir.mkdir(parents=True, exist_ok=True)
+        stem = self.dir / f"step_{step:05d}_rank{self.rank}"
+        prof.export_chrome_trace(str(stem.with_suffix(".json")))
+        sort = "self_cuda_time_total" if cuda else "self_cpu_time_total"
+        table = prof.key_averages().table(sort_by=sort, row_limit=self.cfg.row_limit)
+        stem.with_suffix(".txt").write_text(f"step {step}, rank {self.rank}\n{table}\n")
+        logger.info("profiled step %d: %s.json / .txt", step, stem)
