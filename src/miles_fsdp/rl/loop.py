@@ -139,16 +139,7 @@ def run_rl(cfg: RLConfig) -> dict:
                 metrics.update(trainer.train_step(mbs, loss_fn, entropy=True))
             metrics.update(_loss_metrics(loss_fn, device))
             diff_max_run = max(diff_max_run, metrics["train/logprob_abs_diff_max"])
-            # train_only replays saved batches: past its first step the policy has moved on, so
-            # the difference is logged (it measures the staleness), not asserted
-            if cfg.kernel_mode == "invariant" and cfg.debug_mode == "none" and metrics["train/logprob_abs_diff_max"] != 0.0:
-                raise OnPolicyError(
-                    f"step {step}: trainer log-probs differ from the rollout's by up to "
-                    f"{metrics['train/logprob_abs_diff_max']:.3g} in invariant mode; the engine and the trainer "
-                    "must run the same model code, dtype and miles_kernels ops"
-                    + (" (rollout.servers: start each `miles-fsdp serve` with --dtype matching the trainer's compute "
-                       "dtype, on the same kind of device)" if cfg.rollout.servers else "")
-                    + ". Use kernel_mode=fast to accept a mismatch (with algo.correction), or report this as a bug.")
+            _check_on_policy(cfg, step, metrics["train/logprob_abs_diff_max"])
             # 5. weight sync into the engine
             if engine is not None:
                 with timers("sync"):
@@ -191,6 +182,19 @@ def run_rl(cfg: RLConfig) -> dict:
     if rank == 0:
         (run_dir / "rl_summary.json").write_text(json.dumps(summary, indent=2))
     return summary
+
+
+def _check_on_policy(cfg: RLConfig, step: int, diff: float) -> None:
+    # train_only replays saved batches: past its first step the policy has moved on, so the
+    # difference is logged (it measures the staleness), not asserted
+    if cfg.kernel_mode != "invariant" or cfg.debug_mode != "none" or diff == 0.0:
+        return
+    where = (" (rollout.servers: start each `miles-fsdp serve` with --dtype matching the trainer's compute dtype, "
+             "on the same kind of device)" if cfg.rollout.servers else "")
+    raise OnPolicyError(
+        f"step {step}: trainer log-probs differ from the rollout's by up to {diff:.3g} in invariant mode; the engine "
+        f"and the trainer must run the same model code, dtype and miles_kernels ops{where}. Use kernel_mode=fast to "
+        "accept a mismatch (with algo.correction), or report this as a bug.")
 
 
 def _close(engine) -> None:
