@@ -65,7 +65,9 @@ class MoE(nn.Module):
         ids_R = ids_Tk.reshape(-1)  # row r is the pair (token r // k, slot r % k)
         order_R = torch.argsort(ids_R, stable=True)
         group_sizes_E = torch.bincount(ids_R, minlength=E)
-        x_RD = x_TD[order_R // k]
+        # x_TD[order_R // k] by value; as k copies then a permutation, the backward sums each
+        # token's k gradients in a fixed order (indexing with repeats accumulates racily)
+        x_RD = x_TD.repeat_interleave(k, dim=0)[order_R]
         y_RD = self.expert_fn(self, x_RD, group_sizes_E)
 
         unsort_R = torch.empty_like(order_R)

@@ -12,6 +12,7 @@ H query heads, K kv heads, Dh head dim, F ffn, V vocab, P pages, S page size.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 import miles_kernels as mk
@@ -55,7 +56,9 @@ class Embedding(nn.Module):
         self.weight = nn.Parameter(torch.empty(vocab_size, dim))
 
     def forward(self, ids_T: torch.Tensor) -> torch.Tensor:
-        return self.weight[ids_T]
+        # F.embedding, not weight[ids]: its backward sums repeated ids in a fixed order, where
+        # indexing's (index_put_ accumulate) changes bits from run to run on multi-threaded CPU
+        return F.embedding(ids_T, self.weight)
 
 
 class Attention(nn.Module):
