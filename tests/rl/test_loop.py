@@ -217,3 +217,25 @@ def test_profile_steps_write_traces_with_phases(setup):
     assert "Self CPU" in (prof / "step_00002_rank0.txt").read_text()
     with pytest.raises(ValueError, match="1-based"):
         ProfileConfig(steps=(0,))
+
+
+def test_exact_resume_across_processes(setup):
+    # what a user does: a run stops, a new process resumes it; the result is the straight run's
+    root, ckpt, _, data = setup
+
+    def cli(name, steps, *extra):
+        cmd = [sys.executable, "-m", "miles_fsdp.cli", "rl", "--model", str(ckpt), "--data.path", str(data),
+               "--data.prompts-per-batch", "4", "--steps", str(steps), "--rollout.n-samples-per-prompt", "4",
+               "--rollout.max-new-tokens", "6", "--rollout.reward", f"{root}/my_reward.py:reward",
+               "--run-dir", str(root / name), "--trainer.optim.lr", "3e-3", *extra]
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+        assert out.returncode == 0, out.stderr[-3000:]
+
+    cli("xp_straight", 4)
+    cli("xp_resumed", 2, "--checkpoint-every", "2", "--no-export-hf")
+    cli("xp_resumed", 4, "--resume")
+    keys = ("rollout/reward_mean", "train/loss", "train/grad_norm", "train/entropy")
+    rows = lambda d: [[r[k] for k in keys] for r in read_metrics(root / d) if "train/loss" in r]  # noqa: E731
+    assert rows("xp_resumed") == rows("xp_straight") and len(rows("xp_straight")) == 4
+    wa, wb = _final_weights(root / "xp_straight"), _final_weights(root / "xp_resumed")
+    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
