@@ -239,3 +239,20 @@ def test_exact_resume_across_processes(setup):
     assert rows("xp_resumed") == rows("xp_straight") and len(rows("xp_straight")) == 4
     wa, wb = _final_weights(root / "xp_straight"), _final_weights(root / "xp_resumed")
     assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_log_samples_and_resume_drops_rows_past_the_checkpoint(setup):
+    root, ckpt, _, data = setup
+    run_rl(_cfg(root, ckpt, data, "crashed", steps=3, checkpoint_every=2, export_hf=False, log_samples=2))
+    # as if the process died after logging step 3 and before its checkpoint: step 3 is redone
+    import shutil
+
+    shutil.rmtree(root / "crashed" / "checkpoints" / "step_00000003")
+    run_rl(_cfg(root, ckpt, data, "crashed", steps=4, resume=True, export_hf=False, log_samples=2))
+    steps = [r["step"] for r in read_metrics(root / "crashed") if "train/loss" in r]
+    assert steps == [1, 2, 3, 4]
+    rows = [json.loads(x) for x in (root / "crashed" / "samples.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 1, 2, 2, 3, 3, 4, 4]
+    assert {"prompt", "response", "label", "reward", "status"} <= rows[0].keys()
+    a = rows[0]["prompt"].split("+")[0]
+    assert rows[0]["prompt"] == f"{a}+{a}=" and rows[0]["label"] == str(2 * int(a))

@@ -17,8 +17,25 @@ from pathlib import Path
 import torch
 
 
+def drop_rows_after(path: str | Path, step: int) -> int:
+    """Resuming at `step`: remove the rows of a jsonl log with a larger "step" (they were
+    written after the checkpoint and the resumed run writes them again). Returns how many."""
+    path = Path(path)
+    if not path.is_file():
+        return 0
+    lines = path.read_text().splitlines(keepends=True)
+    keep = [ln for ln in lines if not ln.strip() or json.loads(ln).get("step", 0) <= step]
+    if len(keep) != len(lines):
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text("".join(keep))
+        tmp.replace(path)  # atomic: a crash here leaves the old or the new file, whole
+    return len(lines) - len(keep)
+
+
 class MetricsLogger:
-    def __init__(self, run_dir: str | Path, enabled: bool = True, tensorboard: bool = True):
+    def __init__(self, run_dir: str | Path, enabled: bool = True, tensorboard: bool = True,
+                 resume_step: int | None = None):
+        """resume_step: continuing a run from that step's checkpoint; rows after it are dropped."""
         self.enabled = enabled
         self.path = Path(run_dir) / "metrics.jsonl"
         self._file = None
@@ -26,6 +43,8 @@ class MetricsLogger:
         if not enabled:
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        if resume_step is not None:
+            drop_rows_after(self.path, resume_step)
         self._file = open(self.path, "a", buffering=1)  # line-buffered: a crash loses at most one line
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter

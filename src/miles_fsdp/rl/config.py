@@ -185,6 +185,9 @@ class RLConfig:
     train_only: train from saved batches (rollout_dir), no engine."""
     rollout_dir: str = ""
     """train_only: directory of saved rollout batches (default run_dir/rollouts)."""
+    log_samples: int = 0
+    """Append this many of each step's samples (prompt, response, label, reward, status) to
+    RUN_DIR/samples.jsonl, to read what the policy writes as it trains (rank 0; 0 = off)."""
     profile: ProfileConfig = field(default_factory=ProfileConfig)
     """torch.profiler traces of chosen steps (RUN_DIR/profile; see observe/profiler.py)."""
     release_engine_memory: bool = False
@@ -194,6 +197,8 @@ class RLConfig:
     def __post_init__(self):
         if self.steps < 1:
             _bad("steps", self.steps, "must be >= 1")
+        if self.log_samples < 0:
+            _bad("log_samples", self.log_samples, "must be >= 0")
         if self.release_engine_memory and self.rollout.servers:
             _bad("release_engine_memory", True, "frees a colocated engine; with rollout.servers there is none, "
                  "so leave it off")

@@ -29,7 +29,7 @@ import miles_kernels as mk
 from miles_fsdp.data.datasets import DataConfig, PromptDataset
 from miles_fsdp.data.sample import load_samples, save_samples
 from miles_fsdp.data.tokenizer import load_tokenizer
-from miles_fsdp.observe.metrics import MetricsLogger, Timers
+from miles_fsdp.observe.metrics import MetricsLogger, Timers, drop_rows_after
 from miles_fsdp.observe.profiler import StepProfiler
 from miles_fsdp.observe.progress import Progress
 from miles_fsdp.parallel import init_distributed
@@ -84,9 +84,11 @@ def run_rl(cfg: RLConfig) -> dict:
     weights_dir = cfg.rollout.weights_dir or run_dir / "weights"
     reference = ReferencePolicy(load_model(cfg.model), trainer) if training and cfg.algo.needs_reference else None
     eval_prompts = _eval_prompts(cfg, tokenizer)
-    log = MetricsLogger(run_dir, enabled=rank == 0)
     timers = Timers(sync=torch.cuda.synchronize if device.type == "cuda" else None)
     start = state.resume(run_dir, trainer, dataset) if cfg.resume and trainer is not None else 0
+    log = MetricsLogger(run_dir, enabled=rank == 0, resume_step=start if cfg.resume else None)
+    if cfg.resume and rank == 0:
+        drop_rows_after(run_dir / "samples.jsonl", start)
     # servers may hold other weights than cfg.model (an earlier run): always send the policy
     if engine is not None and trainer is not None and (start or cfg.rollout.servers):
         state.sync_engine(trainer, engine, dtype, version=start, weights_dir=weights_dir)
@@ -113,6 +115,8 @@ def run_rl(cfg: RLConfig) -> dict:
                         cfg.rollout, max(1, cfg.data.prompts_per_batch // world),
                         lambda i: request_seed(cfg.seed, step, rank, i), hook, _all_reduce_sum)
             metrics.update(_rollout_metrics(batch, n))
+            if cfg.log_samples and rank == 0:
+                _log_samples(run_dir / "samples.jsonl", step + 1, batch.samples[: cfg.log_samples])
             metrics.update({"time/generate_s": batch.generate_s, "time/reward_s": batch.reward_s})
             if cfg.debug_mode == "rollout_only":
                 rollout_dir.mkdir(parents=True, exist_ok=True)
@@ -182,6 +186,14 @@ def run_rl(cfg: RLConfig) -> dict:
     if rank == 0:
         (run_dir / "rl_summary.json").write_text(json.dumps(summary, indent=2))
     return summary
+
+
+def _log_samples(path: Path, step: int, samples) -> None:
+    with open(path, "a") as f:
+        for s in samples:
+            f.write(json.dumps({"step": step, "group": s.group_index, "index": s.index, "prompt": s.prompt,
+                                "response": s.response, "label": s.label, "reward": s.reward,
+                                "status": s.status.value, "response_length": s.response_length}) + "\n")
 
 
 def _check_on_policy(cfg: RLConfig, step: int, diff: float) -> None:

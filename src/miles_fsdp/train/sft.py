@@ -91,7 +91,7 @@ def train_sft(cfg: SFTConfig) -> list[dict]:
     resume = latest_checkpoint(ck.dir) if ck.resume == "auto" else None if ck.resume == "never" else ck.resume
     if resume is not None:
         load_checkpoint(trainer, resume)
-    logger = MetricsLogger(cfg.out, enabled=rank == 0)
+    logger = MetricsLogger(cfg.out, enabled=rank == 0, resume_step=trainer.step if resume is not None else None)
     progress = Progress(cfg.steps, start=trainer.step, desc="sft", enabled=rank == 0)
     stop = StopSignal()
     profiler = StepProfiler(cfg.profile, cfg.out, rank)
