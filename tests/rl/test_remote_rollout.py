@@ -137,3 +137,13 @@ def test_server_in_another_dtype_is_caught(setup):
     with ServerThread(build_server(cfg)) as url:
         with pytest.raises(OnPolicyError, match=r"--dtype matching the trainer's compute dtype"):
             run_rl(_cfg(root, ckpt, data, "bf16_server", servers=(url,)))
+
+
+def test_server_of_another_model_stops_the_run_with_its_reason(setup):
+    root, ckpt, data, _ = setup
+    llama = build_tiny_checkpoint(root / "llama", "llama")
+    cfg = ServeConfig(model=str(llama), device="cpu", dtype="float32",
+                      engine=EngineConfig(page_size=16, num_pages=64, cuda_graphs=False))
+    with ServerThread(build_server(cfg)) as url:
+        with pytest.raises(RemoteEngineError, match=r"/update_weights answered HTTP 400: .*checkpoint does not match the model"):
+            run_rl(_cfg(root, ckpt, data, "wrong_server", servers=(url,)))

@@ -39,4 +39,3 @@ def rollout_engine(cfg, tokenizer: Tokenizer | None, dtype: torch.dtype, device:
     if cfg.rollout.servers:
         return RemoteEngine(cfg.rollout.servers, cfg.rollout.request_timeout_s, start=rank)
     return build_engine(cfg.model, tokenizer, cfg.engine, dtype, device)
-

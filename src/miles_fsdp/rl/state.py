@@ -35,13 +35,22 @@ def sync_engine(trainer, engine, dtype: torch.dtype, version: int, weights_dir: 
     if isinstance(engine, RemoteEngine):
         out = Path(weights_dir) / f"v{version:06d}"
         export_hf(trainer.model, out, dtype=dtype)  # collective; rank 0 writes
+        error = None
         if not dist.is_initialized() or dist.get_rank() == 0:
-            engine.update_weights_from(str(out.resolve()), version)
+            try:
+                engine.update_weights_from(str(out.resolve()), version)
+            except Exception as e:  # noqa: BLE001 - re-raised below, after telling the other ranks
+                error = e
             for old in Path(weights_dir).glob("v*"):
                 if old != out and old.is_dir():
                     shutil.rmtree(old, ignore_errors=True)
-        if dist.is_initialized():
-            dist.barrier()  # no rank samples before every server holds the new weights
+        failed = torch.tensor([float(error is not None)])
+        if dist.is_initialized():  # also the barrier: no rank samples before the servers hold v
+            dist.all_reduce(failed)
+        if error is not None:
+            raise error
+        if failed.item():
+            raise RuntimeError("rank 0 could not update the rollout servers' weights; its error says why")
         return
     weights = {}
     for bucket in iter_weight_buckets(trainer.model, dtype):
