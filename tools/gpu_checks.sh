@@ -26,6 +26,7 @@ run gpu_tests python3 -m pytest -q -o addopts="" -o timeout=150 tests/gpu
 q=""; [ -n "$quick" ] && q="--quick"
 run bench_kernels python3 tools/bench/kernels.py --out "$out/kernels.json" $q
 run bench_engine python3 tools/bench/engine.py --out "$out/engine.json" $q
-run bench_train python3 tools/bench/train.py --out "$out/train.json"
+run bench_engine_host python3 tools/bench/engine_host.py --out "$out/engine_host.json"
+run bench_train python3 tools/bench/train.py --logprobs fused unfused --out "$out/train.json"
 run bench_rl_step python3 tools/bench/rl_step.py --out "$out/rl_step.json"
 exit $status
