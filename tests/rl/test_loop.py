@@ -2,11 +2,11 @@
 
 import json
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from rl_helpers import rl_cmd
 
 from miles_fsdp.data.datasets import DataConfig
 from miles_fsdp.models.testing import build_tiny_checkpoint
@@ -142,11 +142,7 @@ def test_exact_resume(setup):
 def test_two_ranks_on_policy(setup):
     root, ckpt, _, data = setup
     run = root / "two_ranks"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-           "-m", "miles_fsdp.cli", "rl", "--model", str(ckpt), "--data.path", str(data),
-           "--data.prompts-per-batch", "4", "--steps", "2", "--rollout.n-samples-per-prompt", "4",
-           "--rollout.max-new-tokens", "6", "--rollout.reward", f"{root}/my_reward.py:reward",
-           "--run-dir", str(run), "--no-export-hf", "--trainer.optim.lr", "3e-3"]
+    cmd = rl_cmd(root, ckpt, data, run, 2, "--no-export-hf", "--trainer.optim.lr", "3e-3", ranks=2)
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     rows = [r for r in read_metrics(run) if "train/loss" in r]
@@ -160,10 +156,7 @@ def test_sigterm_checkpoints_then_resumes(setup):
 
     root, ckpt, _, data = setup
     run = root / "sigterm"
-    cmd = [sys.executable, "-m", "miles_fsdp.cli", "rl", "--model", str(ckpt), "--data.path", str(data),
-           "--data.prompts-per-batch", "4", "--steps", "500", "--rollout.n-samples-per-prompt", "4",
-           "--rollout.max-new-tokens", "6", "--rollout.reward", f"{root}/my_reward.py:reward",
-           "--run-dir", str(run), "--no-export-hf"]
+    cmd = rl_cmd(root, ckpt, data, run, 500, "--no-export-hf")
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 240
     while time.time() < deadline and not any("train/loss" in r for r in _rows_or_empty(run)):
@@ -224,10 +217,7 @@ def test_exact_resume_across_processes(setup):
     root, ckpt, _, data = setup
 
     def cli(name, steps, *extra):
-        cmd = [sys.executable, "-m", "miles_fsdp.cli", "rl", "--model", str(ckpt), "--data.path", str(data),
-               "--data.prompts-per-batch", "4", "--steps", str(steps), "--rollout.n-samples-per-prompt", "4",
-               "--rollout.max-new-tokens", "6", "--rollout.reward", f"{root}/my_reward.py:reward",
-               "--run-dir", str(root / name), "--trainer.optim.lr", "3e-3", *extra]
+        cmd = rl_cmd(root, ckpt, data, root / name, steps, "--trainer.optim.lr", "3e-3", *extra)
         out = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
         assert out.returncode == 0, out.stderr[-3000:]
 

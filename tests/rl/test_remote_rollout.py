@@ -7,10 +7,11 @@ the servers run the same kernels, so the run is the colocated run, bit for bit."
 import json
 import re
 import subprocess
-import sys
+import time
 import urllib.request
 
 import pytest
+from rl_helpers import rl_cmd
 
 from miles_fsdp.commands.serve import ServeConfig, build_server
 from miles_fsdp.data.datasets import DataConfig
@@ -49,6 +50,13 @@ async def generate(sample, engine_call, sampling_params):
 KEYS = ("rollout/reward_mean", "rollout/response_len_mean", "train/loss", "train/grad_norm", "train/entropy")
 
 
+def _server(model, dtype: str = "float32", port: int = 0) -> ServerThread:
+    """A `miles-fsdp serve` of `model` on loopback (CPU, small KV cache, n <= 8)."""
+    cfg = ServeConfig(model=str(model), device="cpu", dtype=dtype, max_n=8, port=port,
+                      engine=EngineConfig(page_size=16, num_pages=64, max_prefill_tokens=256, cuda_graphs=False))
+    return ServerThread(build_server(cfg), port=port)
+
+
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("remote")
@@ -58,10 +66,7 @@ def setup(tmp_path_factory):
     data.write_text("".join(json.dumps({"prompt": f"{i}+{i}=", "label": str(2 * i)}) + "\n" for i in range(40)))
     (root / "my_reward.py").write_text(REWARD)
     (root / "my_hook.py").write_text(HOOK)
-    cfg = dict(device="cpu", dtype="float32", max_n=8,
-               engine=EngineConfig(page_size=16, num_pages=64, max_prefill_tokens=256, cuda_graphs=False))
-    with ServerThread(build_server(ServeConfig(model=str(other), **cfg))) as a, \
-            ServerThread(build_server(ServeConfig(model=str(other), **cfg))) as b:
+    with _server(other) as a, _server(other) as b:
         yield root, ckpt, data, (a, b)
 
 
@@ -103,7 +108,7 @@ def _served(url: str) -> float:
 def test_remote_engine_errors_name_the_server_and_the_fix(setup):
     root, ckpt, data, urls = setup
     with pytest.raises(RemoteEngineError, match=r"rollout server http://127\.0\.0\.1:9/health: .*RolloutConfig\.servers"):
-        RemoteEngine(["http://127.0.0.1:9"], timeout_s=5)
+        RemoteEngine(["http://127.0.0.1:9"], timeout_s=5, wait_s=0)
     too_many = Request([1, 2, 3], SamplingParams(n=9, max_new_tokens=2, seed=0))  # the servers allow n <= 8
     with RemoteEngine(urls[:1], timeout_s=30) as client:
         with pytest.raises(RemoteEngineError, match=r"HTTP 400: n=9 is larger than this server's limit of 8"):
@@ -117,11 +122,7 @@ def test_remote_engine_errors_name_the_server_and_the_fix(setup):
 def test_two_ranks_share_the_servers(setup):
     root, ckpt, data, urls = setup
     run = root / "two_ranks"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-           "-m", "miles_fsdp.cli", "rl", "--model", str(ckpt), "--data.path", str(data),
-           "--data.prompts-per-batch", "4", "--steps", "2", "--rollout.n-samples-per-prompt", "4",
-           "--rollout.max-new-tokens", "6", "--rollout.reward", f"{root}/my_reward.py:reward",
-           "--rollout.servers", *urls, "--run-dir", str(run), "--no-export-hf"]
+    cmd = rl_cmd(root, ckpt, data, run, 2, "--rollout.servers", *urls, "--no-export-hf", ranks=2)
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-4000:]
     rows = [r for r in read_metrics(run) if "train/loss" in r]
@@ -132,9 +133,7 @@ def test_two_ranks_share_the_servers(setup):
 
 def test_server_in_another_dtype_is_caught(setup):
     root, ckpt, data, _ = setup
-    cfg = ServeConfig(model=str(ckpt), device="cpu", dtype="bfloat16",
-                      engine=EngineConfig(page_size=16, num_pages=64, cuda_graphs=False))
-    with ServerThread(build_server(cfg)) as url:
+    with _server(ckpt, dtype="bfloat16") as url:
         with pytest.raises(OnPolicyError, match=r"--dtype matching the trainer's compute dtype"):
             run_rl(_cfg(root, ckpt, data, "bf16_server", servers=(url,)))
 
@@ -142,8 +141,24 @@ def test_server_in_another_dtype_is_caught(setup):
 def test_server_of_another_model_stops_the_run_with_its_reason(setup):
     root, ckpt, data, _ = setup
     llama = build_tiny_checkpoint(root / "llama", "llama")
-    cfg = ServeConfig(model=str(llama), device="cpu", dtype="float32",
-                      engine=EngineConfig(page_size=16, num_pages=64, cuda_graphs=False))
-    with ServerThread(build_server(cfg)) as url:
+    with _server(llama) as url:
         with pytest.raises(RemoteEngineError, match=r"/update_weights answered HTTP 400: .*checkpoint does not match the model"):
             run_rl(_cfg(root, ckpt, data, "wrong_server", servers=(url,)))
+
+
+def test_client_waits_for_a_server_that_is_still_starting(setup):
+    import socket
+    import threading
+
+    root, ckpt, _, _ = setup
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    got = {}
+    t = threading.Thread(target=lambda: got.setdefault(
+        "versions", RemoteEngine([f"http://127.0.0.1:{port}"], timeout_s=30, wait_s=60).versions))
+    t.start()  # polls /health while nothing listens yet
+    time.sleep(3)
+    with _server(ckpt, port=port):
+        t.join(timeout=60)
+    assert got == {"versions": [0]}

@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
+import time
 import urllib.error
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
@@ -25,13 +27,17 @@ import torch
 from miles_fsdp.engine.sequence import FinishReason, Request, Result, SamplingParams, Timings
 
 
+logger = logging.getLogger(__name__)
+
+
 class RemoteEngineError(RuntimeError):
     """A rollout server could not be reached or refused a request."""
 
 
 class RemoteEngine:
     def __init__(self, urls: tuple[str, ...] | list[str], timeout_s: float = 3600.0, start: int = 0,
-                 max_inflight_per_server: int = 64):
+                 max_inflight_per_server: int = 64, wait_s: float = 60.0):
+        """wait_s: how long to wait for servers that are still starting (polling /health)."""
         if not urls:
             raise ValueError("RemoteEngine: give at least one server URL (RolloutConfig.servers)")
         self.urls = [u.rstrip("/") for u in urls]
@@ -39,7 +45,7 @@ class RemoteEngine:
         self._next = start  # round-robin cursor; ranks start at their rank to spread load
         self._pool = ThreadPoolExecutor(max_workers=max_inflight_per_server * len(self.urls),
                                         thread_name_prefix="rollout-http")
-        self.versions = [self.health(u)["weight_version"] for u in self.urls]
+        self.versions = [self._wait_healthy(u, wait_s)["weight_version"] for u in self.urls]
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
@@ -73,6 +79,17 @@ class RemoteEngine:
 
     def health(self, url: str) -> dict:
         return self._call(url, "/health", timeout_s=min(30.0, self.timeout_s))
+
+    def _wait_healthy(self, url: str, wait_s: float) -> dict:
+        deadline = time.monotonic() + wait_s
+        while True:
+            try:
+                return self.health(url)
+            except RemoteEngineError:
+                if time.monotonic() >= deadline:
+                    raise
+                logger.info("waiting for rollout server %s", url)
+                time.sleep(2.0)
 
     # --- the engine interface the loop uses ---------------------------------------------
 
