@@ -162,3 +162,15 @@ def test_client_waits_for_a_server_that_is_still_starting(setup):
     with _server(ckpt, port=port):
         t.join(timeout=60)
     assert got == {"versions": [0]}
+
+
+def test_eval_command_on_servers_equals_local(setup, tmp_path):
+    from miles_fsdp.commands.eval import EvalConfig, main as eval_main
+
+    root, ckpt, data, _ = setup
+    with _server(ckpt) as url:  # serves ckpt's own weights (the shared servers hold trained ones)
+        for name, servers in (("local", ()), ("remote", (url,))):
+            eval_main(EvalConfig(model=str(ckpt), data=str(data), max_new_tokens=6, max_prompts=8, n_samples=2,
+                                 temperature=1.0, device="cpu", servers=servers, out=str(tmp_path / f"{name}.json")))
+    local, remote = (json.loads((tmp_path / f"{n}.json").read_text()) for n in ("local", "remote"))
+    assert remote == local and local["eval/num_prompts"] == 8

@@ -1,4 +1,5 @@
-"""`miles-fsdp eval`: held-out evaluation of an HF checkpoint with the engine.
+"""`miles-fsdp eval`: held-out evaluation of an HF checkpoint with the engine (or on running
+`miles-fsdp serve` instances: --servers URL ...).
 
 Prints and writes (to --out, if given) mean reward, pass@1 and pass@k over the prompt file,
 using the same rewards and sampling as RL (rl/evaluate.py).
@@ -18,6 +19,7 @@ from miles_fsdp.data.tokenizer import load_tokenizer
 from miles_fsdp.engine.config import EngineConfig
 from miles_fsdp.rewards.registry import load_reward
 from miles_fsdp.rl.evaluate import evaluate
+from miles_fsdp.rl.remote import RemoteEngine
 from miles_fsdp.rl.setup import build_engine
 
 
@@ -45,12 +47,19 @@ class EvalConfig:
     """"auto" (cuda if available), "cuda" or "cpu"."""
     kernel_mode: Literal["invariant", "fast"] = "invariant"
     engine: EngineConfig = field(default_factory=lambda: EngineConfig(kv_memory_bytes=256 << 20))
+    servers: tuple[str, ...] = ()
+    """Evaluate on running `miles-fsdp serve` instances (URLs) instead of loading the weights
+    here; --model still gives the tokenizer (and should be what the servers serve)."""
     out: str = ""
     """Write the metrics as JSON here (optional)."""
 
     def __post_init__(self):
         if self.n_samples < 1 or self.max_new_tokens < 1:
             raise ValueError("EvalConfig: n_samples and max_new_tokens must be >= 1")
+        self.servers = tuple(self.servers)
+        for url in self.servers:
+            if not url.startswith(("http://", "https://")):
+                raise ValueError(f"EvalConfig.servers: {url!r} is not a URL like http://host:8000")
 
 
 def main(cfg: EvalConfig) -> int:
@@ -62,7 +71,7 @@ def main(cfg: EvalConfig) -> int:
                                   shuffle=False), tokenizer.tokenize_prompt)
     prompts = ds.next_batch(min(len(ds), cfg.max_prompts) if cfg.max_prompts else len(ds))
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    engine = build_engine(cfg.model, tokenizer, cfg.engine, dtype, device)
+    engine = RemoteEngine(cfg.servers) if cfg.servers else build_engine(cfg.model, tokenizer, cfg.engine, dtype, device)
     options = {"extract": cfg.answer_extract} if cfg.reward == "exact_match" else {}
     metrics = evaluate(engine, tokenizer, prompts, load_reward(cfg.reward, **options), cfg.n_samples,
                        cfg.temperature, cfg.max_new_tokens, (), cfg.seed)
