@@ -137,7 +137,7 @@ class EngineLoop:
             while True:
                 self._handle(item)
                 item = self._inbox.get_nowait()
-        except queue.Empty:
+        except queue.Empty:  # the inbox is drained: go on to the engine step
             pass
         if self.engine.has_unfinished():
             self._dispatch(self.engine.step())

@@ -25,7 +25,7 @@ from miles_fsdp.rewards.registry import score_samples
 from miles_fsdp.rl.config import RolloutConfig
 from miles_fsdp.rl.filters import dynamic_sampling_filter, expand_group_mask, overlong_penalty
 from miles_fsdp.rl.generate_hook import TurnOutput, check_generated
-from miles_fsdp.rl.remote import RemoteEngineError
+from miles_fsdp.rl.remote import RemoteEngine, RemoteEngineError
 
 logger = logging.getLogger(__name__)
 
@@ -68,7 +68,7 @@ def _generate_with_hook(engine, groups, params_for, hook) -> list[Sample]:
     """Run one hook coroutine per sample; a driver steps a colocated engine for all of them
     (a RemoteEngine needs none: each call is its own HTTP request)."""
     futures: dict[str, asyncio.Future] = {}
-    remote = hasattr(engine, "agenerate")
+    remote = isinstance(engine, RemoteEngine)
 
     async def engine_call(prompt_ids, params) -> TurnOutput:
         params = SamplingParams(**{**params.__dict__, "n": 1})
