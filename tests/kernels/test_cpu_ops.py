@@ -98,11 +98,33 @@ def test_logprobs_grad_matches_reference():
             assert torch.equal(mk.logprobs(logits, ids, 0.9, entropy=True, **kw)[0], lp.detach())
 
 
+def _separated_logits_inputs(g, T=100, K=24, V=57, temperature=0.8, top_k=5, top_p=0.7):
+    """x [T, K], w [V, K] whose logits x @ w.T lie >= 0.1 apart in every row, far from the
+    top-k and top-p cuts. Fast mode's logits move by rounding (chunked vs whole matmul),
+    and a token that sits on a cut could then cross it; here none can, so fast mode must
+    match the whole computation up to rounding. The premise is checked in float64."""
+    x = torch.randn(T, K, generator=g) * 0.03
+    w = torch.randn(V, K, generator=g) * 0.03
+    x[:, 0] = 1.0
+    w[:, 0] = 0.25 * torch.randperm(V, generator=g).float()  # spacing 0.25, noise <= ~0.03
+    z = torch.sort((x.double() @ w.double().T) / temperature, -1, descending=True).values
+    assert (z[:, :-1] - z[:, 1:]).min() > 0.1 / temperature
+    p = torch.softmax(z, -1)
+    before = torch.cumsum(p, -1) - p
+    assert (before - top_p).abs().min() > 1e-3, "a token sits on the top-p cut: pick other inputs"
+    assert top_k < V
+    return x, w
+
+
 @pytest.mark.parametrize("mode", ["invariant", "fast"])
 def test_linear_logprobs_equals_linear_then_logprobs(mode):
     g = torch.Generator().manual_seed(3)
-    x = torch.randn(100, 24, generator=g, requires_grad=True)
-    w = (torch.randn(57, 24, generator=g) * 0.5).requires_grad_(True)
+    if mode == "invariant":  # any input: row-wise ops give the same bits however rows are chunked
+        x = torch.randn(100, 24, generator=g)
+        w = torch.randn(57, 24, generator=g) * 0.5
+    else:
+        x, w = _separated_logits_inputs(g)
+    x, w = x.requires_grad_(True), w.requires_grad_(True)
     ids = torch.randint(0, 57, (100,), generator=g)
     wl, we = torch.randn(100, generator=g), torch.randn(100, generator=g)
     with mk.use_mode(mode):
