@@ -1,13 +1,21 @@
 #!/usr/bin/env bash
 # All GPU checks and benchmarks in one go, for a CUDA machine (one device is enough):
-#   bash tools/gpu_checks.sh OUT_DIR [quick]
-# Runs tests/gpu (kernel invariance, engine on-policy with CUDA graphs) and the benchmarks
-# of tools/bench, writing logs and JSON under OUT_DIR. Needs torch + triton; the project is
-# used from the source tree (no install), so it also runs on air-gapped images.
+#   bash tools/gpu_checks.sh OUT_DIR [--quick] [STEP ...]
+# STEPs (default: all, in this order):
+#   tests      tests/gpu: kernel invariance, engine on-policy with CUDA graphs, sampler at 151k vocab
+#   scale      tests/gpu/test_on_policy_at_scale.py: run_rl, 151,936 vocab, 256 rows, 512 new
+#              tokens, temperature x top-k x top-p grid, dense and MoE (64 experts): diff == 0.0
+#   kernels engine engine_host train rl_step    the benchmarks of tools/bench
+# Writes logs and JSON under OUT_DIR. Needs torch + triton; the project is used from the
+# source tree (no install), so it also runs on air-gapped images.
 set -uo pipefail
-out=${1:?usage: tools/gpu_checks.sh OUT_DIR [quick]}
-quick=${2:-}
+out=${1:?usage: tools/gpu_checks.sh OUT_DIR [--quick] [STEP ...]}
+shift
+q=""
+if [ "${1:-}" = "--quick" ]; then q="--quick"; shift; fi
+steps=${*:-tests scale kernels engine engine_host train rl_step}
 mkdir -p "$out"
+out=$(cd "$out" && pwd)
 cd "$(dirname "$0")/.."
 export PYTHONPATH="$PWD/src:$PWD/kernels${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$out/device.txt" 2>&1
@@ -22,11 +30,18 @@ run() {  # name, command...
     echo "    rc=$rc in $((SECONDS - t0))s"; tail -n 25 "$out/$name.log"
     [ $rc -eq 0 ] || status=1
 }
-run gpu_tests python3 -m pytest -q -o addopts="" -o timeout=150 tests/gpu
-q=""; [ -n "$quick" ] && q="--quick"
-run bench_kernels python3 tools/bench/kernels.py --out "$out/kernels.json" $q
-run bench_engine python3 tools/bench/engine.py --out "$out/engine.json" $q
-run bench_engine_host python3 tools/bench/engine_host.py --out "$out/engine_host.json"
-run bench_train python3 tools/bench/train.py --logprobs fused unfused --out "$out/train.json"
-run bench_rl_step python3 tools/bench/rl_step.py --out "$out/rl_step.json"
+for step in $steps; do
+    case $step in
+        tests) run gpu_tests python3 -m pytest -q -o addopts="" -o timeout=300 tests/gpu \
+                   --ignore=tests/gpu/test_on_policy_at_scale.py ;;
+        scale) run gpu_on_policy_at_scale python3 -m pytest -q -o addopts="" -o timeout=900 \
+                   --basetemp "$out/scale_runs" tests/gpu/test_on_policy_at_scale.py ;;
+        kernels) run bench_kernels python3 tools/bench/kernels.py --out "$out/kernels.json" $q ;;
+        engine) run bench_engine python3 tools/bench/engine.py --out "$out/engine.json" $q ;;
+        engine_host) run bench_engine_host python3 tools/bench/engine_host.py --out "$out/engine_host.json" ;;
+        train) run bench_train python3 tools/bench/train.py --logprobs fused unfused --out "$out/train.json" ;;
+        rl_step) run bench_rl_step python3 tools/bench/rl_step.py --out "$out/rl_step.json" ;;
+        *) echo "unknown step $step (tests scale kernels engine engine_host train rl_step)"; exit 2 ;;
+    esac
+done
 exit $status

@@ -324,10 +324,7 @@ def _fast_logprobs(logits_TV, ids_T, temperature, entropy, top_k, top_p):
 
 
 def _cuda_logprobs(logits_TV, ids_T, temperature, entropy, top_k, top_p):
-    backend = _backend(logits_TV)
-    if top_k or top_p < 1.0:
-        logits_TV = _ref.filter_logits(logits_TV.float(), top_k, top_p)
-    logp, ent, lse = backend.logprobs(logits_TV.contiguous(), ids_T, temperature)
+    logp, ent, lse = _backend(logits_TV).logprobs(logits_TV, ids_T, temperature, top_k, top_p)
     return logp, (ent if entropy else None), lse
 
 

@@ -177,3 +177,13 @@ def test_generate_from_prompts_matches_engine(two_models):
     [stopped] = generate_from_prompts(model, prompts[:1], max_new_tokens=4, stop_ids=(greedy.token_ids[1],))
     cut = greedy.token_ids.index(greedy.token_ids[1]) + 1
     assert stopped.finish_reason is FinishReason.STOP and stopped.token_ids == greedy.token_ids[:cut]
+
+
+def test_run_metrics_count_preemptions_and_report_no_graphs_on_cpu():
+    eng, _ = mock_engine(num_pages=6, page_size=16)  # 5 usable pages: two 40-token samples cannot both fit
+    assert eng.metrics() == {"engine/preemptions_total": 0.0}
+    eng.generate([Request([1, 2, 3] * 10, SamplingParams(n=2, max_new_tokens=40, seed=0))])
+    m = eng.metrics()
+    assert m["engine/preemptions_total"] > 0
+    assert "engine/cuda_graphs_active" not in m  # graphs do not apply on CPU: absent, not 0
+    assert eng.cuda_graphs_active is None

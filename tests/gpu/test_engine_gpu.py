@@ -72,11 +72,14 @@ def test_engine_bf16_cuda_graphs_on_policy(tmp_path, arch):
         # tiny KV: preemption + chunked prefill + prefix hits, graphs still on
         "tiny_kv_graphs": dict(num_pages=12, max_prefill_tokens=128, cuda_graphs=True, cuda_graph_max_batch=32),
     }.items():
-        eng = Engine(model, config=EngineConfig(page_size=PAGE, **cfg), eos_token_ids=[])
+        required = cfg["cuda_graphs"]  # a capture failure raises: dense and MoE decode must capture
+        eng = Engine(model, config=EngineConfig(page_size=PAGE, cuda_graphs_required=required, **cfg),
+                     eos_token_ids=[])
         res = eng.generate([Request(list(r.prompt_ids), r.params) for r in reqs])
-        if name == "graphs" and arch == "qwen3":
+        if name == "graphs":
             g = eng.runner.graphs
-            assert g is not None and g.graphs and not g.failed, "dense decode must capture"
+            assert g is not None and g.graphs and not g.failed, f"{arch} decode must capture"
+            assert eng.metrics()["engine/cuda_graphs_active"] == 1.0
         flat = [(r, s) for r, samples in zip(reqs, res) for s in samples]
         want = trainer_logprobs(model, [(r.prompt_ids, s.token_ids) for r, s in flat], [r.params for r, _ in flat])
         for (r, s), w in zip(flat, want):
@@ -113,3 +116,81 @@ def test_fast_mode_decode_captures(tmp_path):
         g = eng.runner.graphs
         assert g is not None and g.graphs and not g.failed, "fast-mode decode must capture"
         assert all(len(s.token_ids) == r.params.max_new_tokens for r, ss in zip(requests(), res) for s in ss)
+
+
+def test_capture_failure_raises_when_required_else_warns_and_reports(tmp_path, caplog):
+    from miles_fsdp.models.testing import build_tiny_checkpoint
+
+    model = load(build_tiny_checkpoint(tmp_path / "qwen3", "qwen3", seed=1, tokenizer=False,
+                                       max_position_embeddings=1024))
+    forward = model.forward
+
+    def syncing_forward(*args, **kw):  # a host sync, as bincount's was: not capturable
+        out = forward(*args, **kw)
+        out.sum().item()
+        return out
+
+    model.forward = syncing_forward
+    cfg = dict(page_size=PAGE, num_pages=256, cuda_graph_max_batch=8)
+    with pytest.raises(RuntimeError, match="CUDA graph capture of the decode step"):
+        Engine(model, config=EngineConfig(cuda_graphs_required=True, **cfg), eos_token_ids=[])
+    eng = Engine(model, config=EngineConfig(**cfg), eos_token_ids=[])
+    assert "CUDA graph capture failed" in caplog.text
+    assert eng.cuda_graphs_active is False and eng.metrics()["engine/cuda_graphs_active"] == 0.0
+    got = eng.generate(requests()[:4])
+    model.forward = forward
+    want = Engine(model, config=EngineConfig(cuda_graphs=False, **cfg), eos_token_ids=[]).generate(requests()[:4])
+    assert [[s.token_ids for s in r] for r in got] == [[s.token_ids for s in r] for r in want]
+
+
+def _reference_logprobs(logits_BV, temperature, top_k, top_p):
+    """float64 log softmax(filter(logits / T)), the distribution the sampler promises, and
+    per row whether the top-p cut is clear of fp32 rounding (no token's mass-before within
+    1e-5 of top_p): elsewhere fp32 and float64 may keep a different boundary token."""
+    z = logits_BV.double() / temperature
+    clear = torch.ones(z.shape[0], dtype=torch.bool, device=z.device)
+    if top_k:
+        z = z.masked_fill(z < z.topk(top_k, -1).values[:, -1:], float("-inf"))
+    if top_p < 1.0:
+        zs = z.sort(-1, descending=True).values
+        p = torch.softmax(zs, -1)
+        before = torch.cumsum(p, -1) - p
+        clear = (before - top_p).abs().amin(-1) > 1e-5
+        cut = torch.where(before < top_p, zs, torch.full_like(zs, float("inf"))).amin(-1, keepdim=True)
+        z = z.masked_fill(z < cut, float("-inf"))
+    return torch.log_softmax(z, -1), clear
+
+
+@pytest.mark.parametrize("temperature", [0.6, 1.0, 1.3])
+def test_sampler_real_vocab_follows_the_filtered_distribution(temperature):
+    """151,936-token rows whose mass sits in the last vocab chunk (the NaN case): every
+    recorded logprob is the float64 one of softmax(filter(logits / T)) at the sampled token,
+    every token lies in its support, and frequencies over many streams match it."""
+    from miles_fsdp.engine.sampler import RowParams, sample
+
+    V, B = 151_936, 256
+    g = torch.Generator(device="cuda").manual_seed(0)
+    logits = torch.randn(B, V, generator=g, device="cuda")
+    hot = torch.arange(150_000, 150_040, device="cuda")
+    logits[:, hot] += 20 + 2 * torch.randn(B, 40, generator=g, device="cuda")
+    logits = logits.to(torch.bfloat16)
+    for top_k in (0, 1, 20):
+        for top_p in (1.0, 0.9):
+            what = f"T={temperature} top_k={top_k} top_p={top_p}"
+            ref, clear = _reference_logprobs(logits, temperature, top_k, top_p)
+            assert clear.float().mean() > 0.9, f"{what}: premise: most rows have a clear top-p cut"
+            ids, lps = sample(logits, [RowParams(temperature, top_k, top_p, 5, i, 100 + i) for i in range(B)])
+            ids_t = torch.tensor(ids, device="cuda")
+            want = ref.gather(1, ids_t[:, None])[:, 0][clear]
+            assert torch.isfinite(want).all(), f"{what}: a token outside the filtered distribution was sampled"
+            got = torch.tensor(lps, dtype=torch.float64, device="cuda")
+            assert torch.isfinite(got).all(), f"{what}: a recorded logprob is not finite"
+            got = got[clear]
+            assert torch.allclose(got, want, atol=1e-4, rtol=0), f"{what}: max err {(got - want).abs().max():.3g}"
+            N, r = 4096, int(clear.nonzero()[0])  # one row, many streams: frequencies vs the reference
+            row = logits[r: r + 1].expand(N, V)
+            ids, _ = sample(row, [RowParams(temperature, top_k, top_p, 9, i, 7) for i in range(N)])
+            freq = torch.bincount(torch.tensor(ids, device="cuda"), minlength=V).double() / N
+            p_ref = ref[r].exp()
+            bound = 5 * (p_ref * (1 - p_ref) / N).sqrt() + 1e-3
+            assert ((freq - p_ref).abs() <= bound).all(), f"{what}: frequencies off by {(freq - p_ref).abs().max():.4f}"

@@ -168,6 +168,44 @@ def check_logprobs() -> None:
             _same(a[0], b_[2], f"{n} row alone vs in batch")
 
 
+def check_logprobs_filtered() -> None:
+    """top-k / top-p act on logits / T (as the sampler's filter does), and a row whose first
+    vocab chunks are all masked stays finite (the online max starts at -inf)."""
+    from miles_kernels._ref import filter_logits
+    from miles_kernels._triton.rows import LOGPROB_CHUNK
+
+    kt = _kt()
+    g = torch.Generator().manual_seed(16)
+    V = 2 * LOGPROB_CHUNK + 808  # three chunks, the last one partial
+    logits = torch.randn(4, V, generator=g) * 3
+    logits[:, 2 * LOGPROB_CHUNK + 5: 2 * LOGPROB_CHUNK + 30] += 12.0  # the nucleus sits in the last chunk
+    for temp in (0.6, 1.0, 1.3):
+        z = logits.double() / temp
+        zs = torch.sort(z, -1, descending=True).values
+        p = torch.softmax(zs, -1)
+        before = torch.cumsum(p, -1) - p
+        assert (before - 0.9).abs().min() > 1e-4, "premise: no token on the top-p cut"
+        assert (zs[:, 19] - zs[:, 20]).min() > 1e-4, "premise: no tie at the top-k cut"
+        for top_k in (0, 1, 20):
+            for top_p in (1.0, 0.9):
+                ref = torch.log_softmax(filter_logits(z, top_k, top_p), -1)
+                ids = ref.argmax(-1)  # kept by any filter
+                filtered = bool(top_k) or top_p < 1.0
+                if filtered:
+                    ids[0] = 7  # outside the nucleus: its logprob is -inf, the row's others stay finite
+                logp, ent, lse = kt.logprobs(logits, ids, temp, top_k, top_p)
+                what = f"filtered logprobs T={temp} top_k={top_k} top_p={top_p}"
+                want = ref.gather(1, ids[:, None])[:, 0]
+                assert torch.isfinite(ent).all() and torch.isfinite(lse).all(), what
+                if filtered:
+                    assert logp[0] == want[0] == float("-inf"), f"{what}: masked id, got {logp[0]}"
+                _close(logp[int(filtered):], want[int(filtered):], what)
+                pr = ref.exp()
+                _close(ent, -(pr * torch.where(pr > 0, ref, torch.zeros_like(ref))).sum(-1), f"entropy, {what}")
+                one = kt.logprobs(logits[2:3], ids[2:3], temp, top_k, top_p)
+                _same(one[0][0], logp[2], f"{what}: row alone vs in batch")
+
+
 def check_route_topk() -> None:
     kt = _kt()
     g = torch.Generator().manual_seed(7)

@@ -9,6 +9,8 @@ import torch
 import triton
 import triton.language as tl
 
+from miles_kernels._ref import filter_logits
+
 LOGPROB_CHUNK = 4096  # vocab entries per step of the online max / sum-exp walk
 
 
@@ -28,8 +30,11 @@ def _logprobs_kernel(
     for v0 in range(0, V, CHUNK):
         z = tl.load(base + v0 + cols, mask=v0 + cols < V, other=float("-inf")).to(tl.float32) / temperature
         m_new = tl.maximum(m, tl.max(z, 0))
-        e = tl.exp(z - m_new)
-        zc = tl.where(e > 0.0, e * (z - m_new), 0.0)
+        # every logit so far masked (top-k/top-p): m_new = -inf and z - m_new would be nan;
+        # shifting by 0 instead gives e = 0 and leaves the state empty
+        m_sub = tl.where(m_new == float("-inf"), 0.0, m_new)
+        e = tl.exp(z - m_sub)
+        zc = tl.where(e > 0.0, e * (z - m_sub), 0.0)
         # rescale the old state to the new max; on the first chunk s == 0 and m == -inf
         shift = tl.where(s > 0.0, m - m_new, 0.0)
         alpha = tl.exp(shift)
@@ -46,14 +51,20 @@ def _logprobs_kernel(
 
 
 def logprobs(
-    logits_TV: torch.Tensor, ids_T: torch.Tensor, temperature: float = 1.0
+    logits_TV: torch.Tensor, ids_T: torch.Tensor, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(logp_T, entropy_T, lse_T), all fp32, of log_softmax(logits.float() / temperature) at ids."""
+    """(logp_T, entropy_T, lse_T), all fp32, of log_softmax(filter(logits.float() / temperature)) at ids.
+
+    `filter` (top-k / top-p, miles_kernels.filter_logits) acts on the temperature-scaled
+    logits, as the sampler's does; the kernel then runs on the filtered fp32 rows at T = 1.
+    """
     T, V = logits_TV.shape
     if ids_T.shape != (T,):
         raise ValueError(f"miles_kernels logprobs: ids shape {list(ids_T.shape)} must be [T]=[{T}] for logits [T, V]")
     if not temperature > 0:
         raise ValueError(f"miles_kernels logprobs: temperature must be > 0, got {temperature}")
+    if top_k or top_p < 1.0:
+        logits_TV, temperature = filter_logits(logits_TV.float() / temperature, top_k, top_p), 1.0
     if logits_TV.stride(-1) != 1:
         logits_TV = logits_TV.contiguous()
     out = torch.empty((3, T), dtype=torch.float32, device=logits_TV.device)

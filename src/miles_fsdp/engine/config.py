@@ -27,6 +27,9 @@ class EngineConfig:
     """Share full KV pages between requests with a common prefix (and the n samples of one)."""
     cuda_graphs: bool = True
     """Replay decode steps from CUDA graphs (GPU only; outputs are bitwise the same as eager)."""
+    cuda_graphs_required: bool = False
+    """Raise when a decode graph fails to capture, instead of warning and decoding eagerly
+    (tests and benchmarks set it; runs log `engine/cuda_graphs_active` either way)."""
     cuda_graph_max_batch: int = 256
     """Largest decode batch captured; larger batches run eagerly."""
     cuda_graph_by_width: bool = False

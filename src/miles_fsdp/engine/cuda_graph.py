@@ -13,7 +13,8 @@ invariant kernels give the same bits at any width.
 Inputs live in one static device byte buffer that the runner fills with a single
 host-to-device copy from a pinned twin (`host_view`). Capture runs a warm-up and
 the capture on padding inputs.
-Models whose forward cannot be captured (e.g. a host sync) fall back to eager decode.
+A forward that cannot be captured (e.g. a host sync) raises when `required`, else it logs a
+warning and decode runs eagerly (`failed`; the engine reports it as cuda_graphs_active).
 """
 
 from __future__ import annotations
@@ -67,7 +68,7 @@ class StepBuffers:
 
 class DecodeGraphs:
     def __init__(self, forward_logits, kv_caches, max_batch: int, max_pages: int, device: torch.device,
-                 by_width: bool = False):
+                 by_width: bool = False, required: bool = False):
         self.buckets = batch_buckets(max_batch)
         self.widths = width_buckets(max_pages) if by_width else [max_pages]
         self.forward_logits, self.kv_caches = forward_logits, kv_caches
@@ -77,6 +78,7 @@ class DecodeGraphs:
         self.logits: dict[tuple[int, int], torch.Tensor] = {}
         self.pool = None
         self.failed = False
+        self.required = required
         if not by_width:  # one width: capture every batch bucket now, largest first (pool reuse)
             for bs in reversed(self.buckets):
                 if not self._capture((bs, max_pages)):
@@ -111,8 +113,14 @@ class DecodeGraphs:
                 self.logits[key] = self.forward_logits(*args)
             self.pool = graph.pool()
             self.graphs[key] = graph
-        except Exception as e:  # noqa: BLE001 - any capture failure means: decode eagerly
-            log.warning("CUDA graph capture failed (%s: %s); decoding eagerly", type(e).__name__, e)
+        except Exception as e:  # noqa: BLE001 - any capture failure means: decode eagerly (or raise)
+            if self.required:
+                raise RuntimeError(
+                    f"CUDA graph capture of the decode step (batch {bs}, table width {w}) failed: "
+                    f"{type(e).__name__}: {e}. The model's forward must not sync with the host; "
+                    "set EngineConfig.cuda_graphs_required=False to decode eagerly instead") from e
+            log.warning("CUDA graph capture failed (%s: %s); decoding eagerly (slower; the run logs "
+                        "engine/cuda_graphs_active=0)", type(e).__name__, e)
             self.failed = True
             self.graphs, self.logits = {}, {}
         torch.cuda.synchronize()

@@ -45,7 +45,7 @@ class Engine:
         self.max_model_len = config.max_model_len or model.args.max_position_embeddings
         S = config.page_size
         self.runner = Runner(model, S, -(-self.max_model_len // S), config.cuda_graphs, config.cuda_graph_max_batch,
-                             config.cuda_graph_by_width)
+                             config.cuda_graph_by_width, config.cuda_graphs_required)
         self.num_pages = self._num_pages()
         self.blocks = BlockManager(self.num_pages, S, config.prefix_cache)
         self.scheduler = Scheduler(self.blocks, config.max_num_seqs, config.max_prefill_tokens, mk.ATTN_BLOCK, detokenize)
@@ -170,6 +170,23 @@ class Engine:
                 if out.finished:
                     results[out.request_id][out.sample_index] = out.result
         return [results[rid] for rid in rids]
+
+    @property
+    def cuda_graphs_active(self) -> bool | None:
+        """Whether decode steps replay CUDA graphs; None where they do not apply (CPU, or
+        cuda_graphs off). False means a capture failed and decode runs eagerly."""
+        if not self.runner.use_graphs:
+            return None
+        return self.runner.graphs is not None and not self.runner.graphs.failed
+
+    def metrics(self) -> dict[str, float]:
+        """Per-step run metrics: engine/cuda_graphs_active (1 while decode replays CUDA graphs,
+        0 once a capture failed and decode runs eagerly; absent on CPU or with graphs off) and
+        engine/preemptions_total (samples preempted for KV space so far: raise the KV size if it climbs)."""
+        out = {"engine/preemptions_total": float(self.scheduler.num_preemptions)}
+        if self.cuda_graphs_active is not None:
+            out["engine/cuda_graphs_active"] = float(self.cuda_graphs_active)
+        return out
 
     def stats(self) -> dict[str, int]:
         s, b = self.scheduler, self.blocks

@@ -31,7 +31,7 @@ def kv_bytes_per_page(model, page_size: int, dtype: torch.dtype) -> int:
 
 class Runner:
     def __init__(self, model, page_size: int, max_pages_per_seq: int, use_graphs: bool, graph_max_batch: int,
-                 graph_by_width: bool = False):
+                 graph_by_width: bool = False, graphs_required: bool = False):
         self.model = model
         p = next(model.parameters())
         self.device, self.dtype = p.device, p.dtype
@@ -40,6 +40,7 @@ class Runner:
         self.use_graphs = use_graphs and self.device.type == "cuda"
         self.graph_max_batch = graph_max_batch
         self.graph_by_width = graph_by_width
+        self.graphs_required = graphs_required
         self.kv_caches: list[tuple[torch.Tensor, torch.Tensor]] | None = None
         self.graphs: DecodeGraphs | None = None
 
@@ -52,8 +53,8 @@ class Runner:
             for _ in range(a.n_layers)
         ]
         if self.use_graphs:
-            self.graphs = DecodeGraphs(self._forward_logits, self.kv_caches, self.graph_max_batch, self.max_pages_per_seq, self.device,
-                                       self.graph_by_width)
+            self.graphs = DecodeGraphs(self._forward_logits, self.kv_caches, self.graph_max_batch, self.max_pages_per_seq,
+                                       self.device, self.graph_by_width, self.graphs_required)
 
     def free(self) -> None:
         self.graphs = None

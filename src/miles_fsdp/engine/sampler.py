@@ -1,8 +1,10 @@
 """Gumbel-max sampling with counter-based noise, and the logprob of what was sampled.
 
 token = argmax(filter(logits / T) + g), g = -log(-log(u)), u = hash(seed, sample index,
-position, token id) mapped to (0, 1). The noise is a pure function of those four integers,
-computed on device with int64 ops kept to 32 bits (every product < 2**63, no overflow), so
+position, token id) mapped to (0, 1) as (23 hash bits + 0.5) / 2**23: exact in fp32 and
+never 1, so g is always finite. (With 24 bits, 2**24 - 0.5 rounded to 2**24, u to 1 and g to
++inf: that token won whatever its probability, and a masked one gave -inf + inf = nan.)
+The noise is a pure function of those four integers, computed on device with int64 ops kept to 32 bits (every product < 2**63, no overflow), so
 a sample depends neither on the batch nor on the device's RNG state: any sample can be
 replayed from (seed, sample index). argmax over filter(logits / T) + Gumbel noise is an exact
 draw from softmax(filter(logits / T)); `filter` is mk.filter_logits, the top-k/top-p mask
@@ -14,7 +16,7 @@ Temperature 0 is greedy argmax; its logprob is recorded at temperature 1 (same f
 On CUDA the noise comes from one fused Triton kernel (`_gumbel_kernel`) instead of ~20
 int64 passes over [B, V]: the hash is the same int64 arithmetic, so it is exact; the two
 logs use libdevice's logf, which the first use checks against torch.log on every one of the
-2**24 possible u values (else the kernel returns u and torch takes the logs). Either way
+2**23 possible u values (else the kernel returns u and torch takes the logs). Either way
 the noise is bit-for-bit what `gumbel_noise` computes. One step does one host<->device
 round trip: row parameters in (one copy), (ids, logprob bits) out (one copy).
 """
@@ -59,7 +61,7 @@ if triton is not None:
         pos = tl.load(keys_ptr + 2 * key_stride + row).to(tl.int64)
         h = _mix32_tl(_mix32_tl(_mix32_tl(seed) ^ stream) ^ pos)
         x = _mix32_tl(h ^ tok.to(tl.int64))
-        u = ((x >> 8).to(tl.float32) + 0.5) * (1.0 / 16777216.0)
+        u = ((x >> 9).to(tl.float32) + 0.5) * (1.0 / 8388608.0)
         if LOGS:
             u = -libdevice.log(-libdevice.log(u))
         tl.store(out_ptr + row.to(tl.int64) * V + tok, u, mask=tok < V)
@@ -74,10 +76,9 @@ _FUSED_LOGS: dict[torch.device, bool] = {}
 
 
 def _logs_match(dev: torch.device) -> bool:
-    """Does the kernel's -log(-log(u)) equal torch's on every possible u (2**24 values)?"""
+    """Does the kernel's -log(-log(u)) equal torch's on every possible u (2**23 values)?"""
     if dev not in _FUSED_LOGS:
-        k = torch.arange(1 << 24, device=dev)
-        u = ((k.float() + 0.5) * (1.0 / (1 << 24)))
+        u = uniform_from_bits(torch.arange(1 << 23, device=dev))
         want = -torch.log(-torch.log(u))
         got = torch.empty_like(u)
         _logs_kernel[(triton.cdiv(u.numel(), 4096),)](u, got, u.numel(), BLOCK=4096)
@@ -116,8 +117,12 @@ def gumbel_noise_torch(h_B: torch.Tensor, vocab: int) -> torch.Tensor:
     """The reference: the same noise in plain torch int64 ops, from the mixed row keys h_B."""
     tok_V = torch.arange(vocab, device=h_B.device, dtype=torch.int64)
     h_BV = _mix32(h_B[:, None] ^ tok_V[None, :])  # distinct per token within a row
-    u_BV = ((h_BV >> 8).float() + 0.5) * (1.0 / (1 << 24))  # 24 bits: exact in fp32, in (0, 1)
-    return -torch.log(-torch.log(u_BV))
+    return -torch.log(-torch.log(uniform_from_bits(h_BV >> 9)))
+
+
+def uniform_from_bits(k: torch.Tensor) -> torch.Tensor:
+    """23-bit integers k -> fp32 (k + 0.5) / 2**23: exact, distinct, strictly inside (0, 1)."""
+    return (k.float() + 0.5) * (1.0 / (1 << 23))
 
 
 class RowParams(NamedTuple):

@@ -58,6 +58,8 @@ class ServerMetrics:
         self.queue_depth = Gauge("miles_queue_depth", "Requests submitted and not finished", registry=r)
         self.weight_version = Gauge("miles_weight_version", "Weight version served", registry=r)
         self.engine_errors = Counter("miles_engine_errors", "Exceptions raised by engine.step()", registry=r)
+        self.cuda_graphs_active = Gauge("miles_cuda_graphs_active",
+                                        "1 if decode replays CUDA graphs, 0 if it runs eagerly", registry=r)
 
 
 @dataclass
@@ -273,6 +275,7 @@ def build_app(engine, tokenizer, limits: ServerLimits, load_weights: Callable[[s
     engine_loop = EngineLoop(engine, metrics)
     served = {"version": int(getattr(engine, "weight_version", 0))}
     metrics.weight_version.set(served["version"])
+    metrics.cuda_graphs_active.set_function(lambda: float(getattr(engine, "cuda_graphs_active", None) is True))
 
     @asynccontextmanager
     async def lifespan(app):

@@ -64,10 +64,13 @@ class MoE(nn.Module):
 
         ids_R = ids_Tk.reshape(-1)  # row r is the pair (token r // k, slot r % k)
         order_R = torch.argsort(ids_R, stable=True)
-        group_sizes_E = torch.bincount(ids_R, minlength=E)
+        # rows per expert from the sorted ids; unlike bincount (which reads the max id on the
+        # host) searchsorted never syncs, so decode steps can be captured in CUDA graphs
+        bounds_E1 = torch.searchsorted(ids_R[order_R], torch.arange(E + 1, device=ids_R.device))
+        group_sizes_E = bounds_E1[1:] - bounds_E1[:-1]
         # x_TD[order_R // k] by value; as k copies then a permutation, the backward sums each
         # token's k gradients in a fixed order (indexing with repeats accumulates racily)
-        x_RD = x_TD.repeat_interleave(k, dim=0)[order_R]
+        x_RD = x_TD[:, None, :].expand(T, k, D).reshape(T * k, D)[order_R]
         y_RD = self.expert_fn(self, x_RD, group_sizes_E)
 
         unsort_R = torch.empty_like(order_R)

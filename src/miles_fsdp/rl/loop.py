@@ -143,7 +143,7 @@ def run_rl(cfg: RLConfig) -> dict:
                 metrics.update(trainer.train_step(mbs, loss_fn, entropy=True))
             metrics.update(_loss_metrics(loss_fn, device))
             diff_max_run = max(diff_max_run, metrics["train/logprob_abs_diff_max"])
-            _check_on_policy(cfg, step, metrics["train/logprob_abs_diff_max"])
+            _check_on_policy(cfg, step + 1, metrics["train/logprob_abs_diff_max"])
             # 5. weight sync into the engine
             if engine is not None:
                 with timers("sync"):
@@ -155,6 +155,8 @@ def run_rl(cfg: RLConfig) -> dict:
                     and step + 1 < cfg.steps:
                 metrics.update(_eval(cfg, engine, tokenizer, eval_prompts, reward_fn))
             metrics["perf/rollout_tokens_per_s"] = _rollout_tokens(batch) / max(batch.generate_s, 1e-9)
+            if engine is not None:
+                metrics.update(engine.metrics())
             log.log(step + 1, metrics)
             progress.update(step + 1, metrics)
             stopping = stop.requested()

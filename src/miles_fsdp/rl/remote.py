@@ -50,6 +50,10 @@ class RemoteEngine:
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
 
+    def metrics(self) -> dict[str, float]:
+        """None here: each server reports its engine in its own /metrics (miles_*)."""
+        return {}
+
     def __enter__(self) -> RemoteEngine:
         return self
 

@@ -1,0 +1,38 @@
+"""Cost of the sampling filter (mk.filter_logits: top-k / top-p) and of mk.logprobs with it,
+at the real vocabulary, for the engine's decode batch and the trainer's row chunk.
+
+    python tools/bench/filter.py --out filter.json
+"""
+
+import argparse
+import json
+
+import torch
+import triton.testing
+
+import miles_kernels as mk
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--vocab", type=int, default=151_936)
+    ap.add_argument("--rows", type=int, nargs="+", default=[256, 4096])
+    ap.add_argument("--out", default="")
+    a = ap.parse_args()
+    res = []
+    g = torch.Generator(device="cuda").manual_seed(0)
+    for B in a.rows:
+        logits = torch.randn(B, a.vocab, generator=g, device="cuda").to(torch.bfloat16)
+        ids = torch.randint(0, a.vocab, (B,), generator=g, device="cuda")
+        for k, p in ((0, 1.0), (20, 1.0), (0, 0.9), (20, 0.9)):
+            f_ms = triton.testing.do_bench(lambda: mk.filter_logits(logits.float() / 0.7, k, p), return_mode="median")
+            l_ms = triton.testing.do_bench(lambda: mk.logprobs(logits, ids, 0.7, top_k=k, top_p=p), return_mode="median")
+            res.append(dict(rows=B, top_k=k, top_p=p, filter_ms=f_ms, logprobs_ms=l_ms))
+            print(f"rows {B:5d} top_k {k:2d} top_p {p:.1f}: filter {f_ms:8.2f} ms  logprobs {l_ms:8.2f} ms")
+    if a.out:
+        with open(a.out, "w") as f:
+            json.dump(dict(device=torch.cuda.get_device_name(), vocab=a.vocab, results=res), f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
