@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import openai
@@ -87,10 +88,11 @@ def tokenizer(tmp_path_factory):
     return AutoTokenizer.from_pretrained(str(write_tiny_tokenizer(tmp_path_factory.mktemp("tok"))))
 
 
-def make_server(tokenizer, engine=None, **limits):
+def make_server(tokenizer, engine=None, weights_root=None, api_key="", **limits):
     engine = engine or FakeEngine()
     limits = ServerLimits(**{"model_name": MODEL, "max_model_len": 64, "vocab_size": 320, "max_n": 8, **limits})
-    app = build_app(engine, tokenizer, limits, load_weights=lambda path: json.load(open(f"{path}/w.json")))
+    app = build_app(engine, tokenizer, limits, load_weights=lambda path: json.load(open(f"{path}/w.json")),
+                    weights_root=weights_root, api_key=api_key)
     return engine, app, ServerThread(app)
 
 
@@ -234,7 +236,7 @@ def test_concurrent_load_all_answered(server):
 
 def test_update_weights_changes_outputs_and_version(tokenizer, tmp_path):
     (tmp_path / "w.json").write_text(json.dumps({"shift": 5}))
-    engine, _, thread = make_server(tokenizer)
+    engine, _, thread = make_server(tokenizer, weights_root=tmp_path)
     with thread as url:
         req = {"input_ids": [100], "sampling_params": {"max_new_tokens": 4}}
         before = httpx.post(f"{url}/generate", json=req).json()["outputs"][0]
@@ -263,6 +265,76 @@ def test_stream_disconnect_aborts_the_request(tokenizer):
             time.sleep(0.02)
         assert not engine.has_unfinished() and len(engine.aborted) == 1
         assert app.state.metrics.queue_depth._value.get() == 0
+
+
+DISCONNECTING = [
+    ("/v1/completions", {"model": MODEL, "prompt": "long", "max_tokens": 5000}),
+    ("/v1/chat/completions", {"model": MODEL, "messages": [{"role": "user", "content": "long"}], "max_tokens": 5000}),
+    ("/generate", {"text": "long", "sampling_params": {"max_new_tokens": 5000}}),
+]
+
+
+@pytest.mark.parametrize("path,body", DISCONNECTING, ids=["completions", "chat", "generate"])
+def test_non_streaming_disconnect_aborts_the_request(tokenizer, path, body):
+    # 5000 tokens at 10 ms a step: unaborted, the engine would run for ~50 s for no one
+    engine, app, thread = make_server(tokenizer, FakeEngine(step_sleep_s=0.01), max_model_len=10000)
+    with thread as url:
+        with pytest.raises(httpx.ReadTimeout):  # the client gives up and closes the connection
+            httpx.post(f"{url}{path}", json=body, timeout=0.5)
+        deadline = time.monotonic() + 10
+        while (engine.has_unfinished() or app.state.metrics.queue_depth._value.get()) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert not engine.has_unfinished() and len(engine.aborted) == 1
+        assert app.state.metrics.queue_depth._value.get() == 0
+        assert httpx.get(f"{url}/health", timeout=10).json()["status"] == "ok"
+
+
+class SlowTokenizer:
+    """The test tokenizer with an encode that takes `delay_s`, as a 10 MB prompt does."""
+
+    def __init__(self, tokenizer, delay_s: float):
+        self.tokenizer, self.delay_s = tokenizer, delay_s
+
+    def encode(self, *args, **kwargs):
+        time.sleep(self.delay_s)
+        return self.tokenizer.encode(*args, **kwargs)
+
+    def __getattr__(self, name):
+        return getattr(self.tokenizer, name)
+
+
+def test_tokenizing_a_long_prompt_leaves_health_answering(tokenizer):
+    _, _, thread = make_server(SlowTokenizer(tokenizer, delay_s=2.5))
+    with thread as url, ThreadPoolExecutor(1) as pool:
+        slow = pool.submit(httpx.post, f"{url}/v1/completions", json={"model": MODEL, "prompt": "hi", "max_tokens": 3},
+                           timeout=30)
+        time.sleep(0.3)  # its prompt is being tokenized now
+        start = time.perf_counter()
+        health = httpx.get(f"{url}/health", timeout=30)
+        health_s = time.perf_counter() - start
+        assert health.status_code == 200 and health_s < 1.0, f"/health took {health_s:.2f}s"
+        assert slow.result().status_code == 200
+        assert slow.result().json()["choices"][0]["text"] == expected(list(b"hi"), 3)
+
+
+def test_no_max_tokens_fills_the_context(tokenizer):
+    _, _, thread = make_server(tokenizer)  # max_model_len 64
+    with thread as url:
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key="x", timeout=20, max_retries=0)
+        out = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}])
+        assert out.choices[0].finish_reason == "length"
+        assert out.usage.prompt_tokens + out.usage.completion_tokens == 64
+        out = client.completions.create(model=MODEL, prompt="hi")
+        assert out.choices[0].text == expected(list(b"hi"), 62) and out.choices[0].finish_reason == "length"
+        r = httpx.post(f"{url}/v1/completions", json={"model": MODEL, "prompt": [97] * 64})
+        err = r.json()["error"]
+        assert r.status_code == 400 and err["param"] == "prompt" and "no room for a completion" in err["message"]
+    _, _, thread = make_server(tokenizer, kv_capacity_tokens=40, default_max_tokens=30)
+    with thread as url:
+        r = httpx.post(f"{url}/v1/completions", json={"model": MODEL, "prompt": "hi"})  # 38 fit, 30 at most
+        assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 30
+        r = httpx.post(f"{url}/v1/completions", json={"model": MODEL, "prompt": [97] * 20})  # the KV cache: 20
+        assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 20
 
 
 def test_metrics_parse_and_count(server):

@@ -4,7 +4,9 @@ uvicorn on 127.0.0.1, the official openai client and httpx."""
 from __future__ import annotations
 
 import asyncio
+import logging
 import re
+import shutil
 import subprocess
 import sys
 import time
@@ -14,6 +16,7 @@ import openai
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from miles_fsdp.commands import serve
 from miles_fsdp.commands.serve import ServeConfig, build_server
 from miles_fsdp.engine.config import EngineConfig
 from miles_fsdp.engine.server import ServerThread
@@ -115,6 +118,54 @@ def test_update_weights_changes_outputs_then_metrics(url, ckpts):
     values = {s.name: s.value for fam in text_string_to_metric_families(text) for s in fam.samples if not s.labels}
     assert values["miles_weight_version"] == 3 and values["miles_queue_depth"] == 0
     assert values["miles_generated_tokens_total"] >= 8
+
+
+def test_update_weights_from_a_cut_file_is_400_naming_it(url, ckpts):
+    cut = ckpts[0].parent / "cut"  # under the default weights root: the parent of --model
+    shutil.copytree(ckpts[1], cut)
+    data = (cut / "model.safetensors").read_bytes()
+    (cut / "model.safetensors").write_bytes(data[: len(data) // 2])  # a copy that did not finish
+    r = httpx.post(f"{url}/update_weights", json={"path": str(cut), "version": 9}, timeout=60)
+    err = r.json()["error"]
+    assert r.status_code == 400 and err["param"] == "path", r.text
+    assert f"{cut.resolve() / 'model.safetensors'} is not a readable safetensors file" in err["message"]
+    assert "write the checkpoint again" in err["message"]
+    assert httpx.get(f"{url}/health").json()["weight_version"] != 9
+
+
+def test_update_weights_never_lists_a_directory(url, ckpts):
+    root = ckpts[0].parent  # holds the checkpoints a, b, llama: a directory, but no checkpoint
+    r = httpx.post(f"{url}/update_weights", json={"path": str(root), "version": 9}, timeout=60)
+    err = r.json()["error"]
+    assert r.status_code == 400 and "no model.safetensors" in err["message"], r.text
+    assert "llama" not in err["message"]
+    r = httpx.post(f"{url}/update_weights", json={"path": "/etc", "version": 9}, timeout=60)
+    assert r.status_code == 403 and "outside this server's weights root" in r.json()["error"]["message"]
+    assert "passwd" not in r.text
+
+
+def test_serve_on_cpu_picks_a_kv_size(ckpts, monkeypatch, caplog):
+    monkeypatch.setattr(serve, "CPU_KV_BYTES", 8 * 2**20)
+    caplog.set_level(logging.INFO, logger="miles_fsdp.commands.serve")
+    cfg = ServeConfig(model=str(ckpts[0]), device="cpu", dtype="float32", engine=EngineConfig(cuda_graphs=False))
+    app = build_server(cfg)  # no --engine.kv-memory-bytes / --engine.num-pages
+    assert "KV cache on CPU: 8 MiB" in caplog.text
+    assert app.state.server.engine.num_pages >= 2 and app.state.server.limits.kv_capacity_tokens > 0
+    with ServerThread(app) as base:
+        out = client(base).completions.create(model=ckpts[0].name, prompt="2+2=", max_tokens=3)
+        assert out.usage.completion_tokens >= 1
+
+
+def test_serve_weights_root_and_api_key(ckpts, tmp_path, monkeypatch):
+    monkeypatch.delenv("MILES_API_KEY", raising=False)
+    cfg = ServeConfig(model=str(ckpts[0]))
+    assert cfg.resolved_weights_root() == ckpts[0].resolve().parent and cfg.resolved_api_key() == ""
+    assert ServeConfig(model=str(ckpts[0]), weights_root=str(tmp_path)).resolved_weights_root() == tmp_path.resolve()
+    monkeypatch.setenv("MILES_API_KEY", "k")
+    assert cfg.resolved_api_key() == "k" and ServeConfig(model=str(ckpts[0]), api_key="j").resolved_api_key() == "j"
+    (tmp_path / "f").write_text("")
+    with pytest.raises(ValueError, match=r"ServeConfig.weights_root=.*not a directory"):
+        ServeConfig(model=str(ckpts[0]), weights_root=str(tmp_path / "f"))
 
 
 def test_serve_config_names_the_bad_field(tmp_path, ckpts):

@@ -21,7 +21,7 @@ def test_builtin_rewards_take_one_sample():
 
 def test_registry_signatures():
     assert params(registry.load_reward) == ["spec", "options"]
-    assert params(registry.score_samples) == ["samples", "fn", "on_error", "max_workers"]
+    assert params(registry.score_samples) == ["samples", "fn", "on_error", "max_workers", "timeout_s", "stop"]
     assert inspect.signature(registry.score_samples).parameters["on_error"].default == 0.0
     assert set(registry.BUILTINS) == {"math", "exact_match"}
 
@@ -36,5 +36,5 @@ def test_generate_hook_contract():
 def test_sample_fields_are_stable():
     assert [f for f in Sample.__slots__] == [
         "prompt", "group_index", "index", "label", "prompt_ids", "response", "response_ids",
-        "response_logprobs", "loss_mask", "reward", "status", "weight_version", "metadata",
+        "response_logprobs", "loss_mask", "reward", "status", "reward_error", "weight_version", "metadata",
     ]

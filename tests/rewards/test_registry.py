@@ -110,3 +110,58 @@ def test_math_reward_in_reward_threads():
              Sample(prompt="q", index=1, response="\\boxed{3}", label="2")]
     report = score_samples(batch, load_reward("math"))
     assert report.rewards == [1.0, 0.0] and report.num_errors == 0
+
+
+def test_a_hanging_reward_times_out_and_is_recorded_on_the_sample(caplog):
+    release = threading.Event()
+
+    def rm(sample):
+        if sample.index == 1:
+            release.wait()  # never returns by itself
+        return 1.0
+
+    batch = samples()
+    t0 = time.perf_counter()
+    with caplog.at_level(logging.WARNING):
+        report = score_samples(batch, rm, on_error=-1.0, timeout_s=0.3)
+    assert time.perf_counter() - t0 < 3.0
+    assert report.rewards == [1.0, -1.0, 1.0] and report.num_errors == 1 and report.num_timeouts == 1
+    assert "timed out" in batch[1].reward_error and batch[0].reward_error is None
+    assert "timed out" in caplog.text
+    release.set()
+
+    async def slow(sample):  # async rewards time out the same way
+        await asyncio.sleep(10)
+
+    report = score_samples(samples(2), slow, timeout_s=0.2)
+    assert report.num_timeouts == 2
+
+
+def test_numpy_and_tensor_scalars_are_rewards_but_bools_are_not():
+    import numpy as np
+    import torch
+
+    values = [np.float32(1.5), np.int64(2), torch.tensor(0.25)]
+    report = score_samples(samples(), lambda s: values[s.index])
+    assert report.rewards == [1.5, 2.0, 0.25] and report.num_errors == 0
+    report = score_samples(samples(2), lambda s: [True, np.bool_(False)][s.index])
+    assert report.num_errors == 2
+
+
+def test_repeated_failures_are_logged_once_per_kind(caplog):
+    with caplog.at_level(logging.WARNING):
+        report = score_samples(samples(), lambda s: float("nan"))
+    assert report.num_errors == 3
+    lines = [r for r in caplog.records if "failed on" in r.getMessage()]
+    assert len(lines) == 1 and "3 of 3 samples" in lines[0].getMessage()
+
+
+def test_a_stop_request_ends_scoring_promptly():
+    from miles_fsdp.rewards.registry import RewardStopped
+
+    hang = threading.Event()
+    t0 = time.perf_counter()
+    with pytest.raises(RewardStopped):
+        score_samples(samples(), lambda s: hang.wait(), timeout_s=60, stop=lambda: time.perf_counter() - t0 > 0.3)
+    assert time.perf_counter() - t0 < 3.0
+    hang.set()

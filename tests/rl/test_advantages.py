@@ -102,3 +102,28 @@ def test_to_tokens_masks_padding():
 def test_reinforce_pp_empty_response_is_named():
     with pytest.raises(ValueError, match=r"samples \[1\] have no loss tokens"):
         A.reinforce_pp_advantages(torch.ones(2), torch.tensor([[1.0, 0], [0, 0]]))
+
+
+def test_kl_in_reward_hand_values():
+    from miles_fsdp.data.sample import Sample
+    from miles_fsdp.rl.config import AlgoConfig
+    from miles_fsdp.rl.step import compute_advantages, kl_penalties
+
+    def sample(lps, reward):
+        s = Sample(prompt="", prompt_ids=[1, 2])
+        s.response_ids, s.response_logprobs, s.loss_mask, s.reward = [5] * len(lps), lps, [1] * len(lps), reward
+        return s
+
+    samples = [sample([-1.0, -2.0], 1.0), sample([-0.5], 0.0)]
+    ref = [[-1.5, -1.0], [-0.25]]
+    # penalty_t = coef * (logp_t - ref_t) = 0.1 * [0.5, -1.0] and 0.1 * [-0.25]
+    pen = kl_penalties(samples, ref, AlgoConfig(advantage="dr_grpo", kl_reward_coef=0.1))
+    torch.testing.assert_close(pen, torch.tensor([[0.05, -0.1], [-0.025, 0.0]]))
+    # outcome estimator: r_i - sum_t penalty = [1.05, 0.025]; Dr.GRPO: minus the group mean 0.5375
+    adv = compute_advantages(samples, 2, AlgoConfig(advantage="dr_grpo", kl_reward_coef=0.1), kl_penalty_NL=pen)
+    torch.testing.assert_close(adv, torch.tensor([[0.5125, 0.5125], [-0.5125, 0.0]]))
+    # REINFORCE++: rew = [-0.05, 0.1 + 1.0], [0.025 + 0.0]; returns to go [1.05, 1.1], [0.025]; whitened
+    adv = compute_advantages(samples, 2, AlgoConfig(advantage="reinforce_pp", kl_reward_coef=0.1), kl_penalty_NL=pen)
+    g = torch.tensor([1.05, 1.1, 0.025])
+    w = (g - g.mean()) / (g.var(unbiased=False).sqrt() + 1e-8)
+    torch.testing.assert_close(adv, torch.tensor([[w[0], w[1]], [w[2], 0.0]]))

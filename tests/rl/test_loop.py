@@ -63,6 +63,7 @@ def test_invariant_run_is_on_policy_every_step_and_learns(setup):
 @pytest.mark.parametrize("algo", [
     {"advantage": "gspo"}, {"advantage": "rloo", "kl_coef": 0.1}, {"advantage": "reinforce_pp_baseline"},
     {"advantage": "dr_grpo", "eps_high": 0.28, "dual_clip_c": 3.0},
+    {"advantage": "reinforce_pp", "kl_reward_coef": 0.05},
 ])
 def test_algorithms_stay_on_policy(setup, algo):
     root, ckpt, _, data = setup
@@ -72,6 +73,8 @@ def test_algorithms_stay_on_policy(setup, algo):
     assert rows and all(r["train/logprob_abs_diff_max"] == 0.0 for r in rows)
     if algo.get("kl_coef"):
         assert "train/kl_ref" in rows[-1]
+    if algo.get("kl_reward_coef"):  # step 1: policy == reference, bit for bit; then it moves away
+        assert rows[0]["rollout/kl_reward_penalty"] == 0.0 and rows[1]["rollout/kl_reward_penalty"] != 0.0
 
 
 def test_truncated_sampling_stays_on_policy(setup):
@@ -83,8 +86,8 @@ def test_truncated_sampling_stays_on_policy(setup):
 
 def test_moe_on_policy(setup):
     root, _, moe, data = setup
-    run_rl(_cfg(root, moe, data, "moe", steps=2, export_hf=False))
-    rows = [r for r in read_metrics(root / "moe") if "train/loss" in r]
+    run_rl(_cfg(root, moe, data, "moe_run", steps=2, export_hf=False))
+    rows = [r for r in read_metrics(root / "moe_run") if "train/loss" in r]
     assert all(r["train/logprob_abs_diff_max"] == 0.0 for r in rows)
 
 
@@ -194,7 +197,7 @@ def test_release_engine_memory_changes_nothing_but_memory(setup, monkeypatch):
     keys = ("rollout/reward_mean", "train/loss", "train/grad_norm", "train/logprob_abs_diff_max")
     rows = lambda d: [[r[k] for k in keys] for r in read_metrics(root / d) if "train/loss" in r]  # noqa: E731
     assert rows("released") == rows("kept") and rows("kept")[-1][-1] == 0.0
-    with pytest.raises(ValueError, match="release_engine_memory=True: frees a colocated engine"):
+    with pytest.raises(ValueError, match=r"release_engine_memory=True \(--release-engine-memory\): frees a colocated engine"):
         _cfg(root, ckpt, data, "x", release_engine_memory=True, rollout={"servers": ("http://127.0.0.1:1",)})
 
 
@@ -246,3 +249,17 @@ def test_log_samples_and_resume_drops_rows_past_the_checkpoint(setup):
     assert {"prompt", "response", "label", "reward", "status"} <= rows[0].keys()
     a = rows[0]["prompt"].split("+")[0]
     assert rows[0]["prompt"] == f"{a}+{a}=" and rows[0]["label"] == str(2 * int(a))
+
+
+def test_rerun_in_a_run_dir_is_refused_or_starts_over_with_the_old_run_kept(setup):
+    from miles_fsdp.train.run_dir import RunDirError
+
+    root, ckpt, _, data = setup
+    run_rl(_cfg(root, ckpt, data, "again", steps=1, export_hf=False, checkpoint_every=1))
+    with pytest.raises(RunDirError, match=r"already holds a run.*--resume.*--run-dir.*--overwrite"):
+        run_rl(_cfg(root, ckpt, data, "again", steps=2, export_hf=False))
+    run_rl(_cfg(root, ckpt, data, "again", steps=2, export_hf=False, overwrite=True))
+    assert [r["step"] for r in read_metrics(root / "again") if "train/loss" in r] == [1, 2]
+    [old] = [p for p in root.iterdir() if p.name.startswith("again.old-")]
+    assert [r["step"] for r in read_metrics(old) if "train/loss" in r] == [1]
+    assert sorted(p.name for p in (old / "checkpoints").iterdir()) == ["step_00000001"]

@@ -30,9 +30,11 @@ def pg_loss(logp_T, ent_T, mb):
     return loss_sum, {"train/pg": loss_sum.detach()}
 
 
-def make_trainer(model, norm: str, budget: int, lr: float = 1e-2, **kw) -> Trainer:
-    cfg = TrainerConfig(optim=OptimConfig(lr=lr, **kw), max_tokens_per_micro_batch=budget, loss_norm=norm,
-                        loss_norm_constant=4.0)
+NORM_CONSTANT = 4.0  # the per-sequence length C of LossNorm.constant in these tests
+
+
+def make_trainer(model, budget: int, lr: float = 1e-2, **kw) -> Trainer:
+    cfg = TrainerConfig(optim=OptimConfig(lr=lr, **kw), max_tokens_per_micro_batch=budget)
     return Trainer(model, cfg)
 
 

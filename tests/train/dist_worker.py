@@ -13,7 +13,7 @@ import torch
 import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import SEQ_LEN, full_grads, global_batch, make_trainer, pg_loss  # noqa: E402
+from common import NORM_CONSTANT, SEQ_LEN, full_grads, global_batch, make_trainer, pg_loss  # noqa: E402
 from tiny_model import TinyLM  # noqa: E402
 
 from miles_fsdp.parallel import init_distributed, shutdown_distributed  # noqa: E402
@@ -29,10 +29,10 @@ def main(out: str) -> None:
     for norm in ("token_mean", "seq_mean", "constant"):
         for name, budget in (("1", 4 * SEQ_LEN), ("2", 2 * SEQ_LEN), ("4", SEQ_LEN),
                              ("uneven", 4 * SEQ_LEN if rank == 0 else SEQ_LEN)):
-            trainer = make_trainer(TinyLM(), norm, budget)
-            trainer.backward(trainer.pack(mine), pg_loss)
+            trainer = make_trainer(TinyLM(), budget)
+            trainer.backward(trainer.pack(mine), pg_loss, norm=norm, norm_constant=NORM_CONSTANT)
             result[(norm, name)] = full_grads(trainer)
-    trainer = make_trainer(TinyLM(), "token_mean", 2 * SEQ_LEN)
+    trainer = make_trainer(TinyLM(), 2 * SEQ_LEN)
     result["losses"] = [trainer.train_step(trainer.pack(mine), pg_loss)["train/loss"] for _ in range(3)]
     if rank == 0:
         torch.save(result, out)

@@ -27,7 +27,7 @@ def _weights(trainer):
 
 def _make():
     # warmup + cosine so the LR schedule state matters; weight decay so the step count does
-    return make_trainer(TinyLM(), "token_mean", 2 * SEQ_LEN, warmup_steps=2, schedule="cosine", total_steps=4,
+    return make_trainer(TinyLM(), 2 * SEQ_LEN, warmup_steps=2, schedule="cosine", total_steps=4,
                         weight_decay=0.1)
 
 
@@ -44,7 +44,7 @@ def test_resume_is_exact(tmp_path):
     assert not any(p.name.startswith(".tmp") for p in tmp_path.iterdir())
 
     torch.manual_seed(99)
-    resumed = make_trainer(TinyLM(seed=7), "token_mean", 2 * SEQ_LEN, warmup_steps=2, schedule="cosine",
+    resumed = make_trainer(TinyLM(seed=7), 2 * SEQ_LEN, warmup_steps=2, schedule="cosine",
                            total_steps=4, weight_decay=0.1)
     extra = load_checkpoint(resumed, path)
     assert extra == {"data_pos": 2} and resumed.step == 2

@@ -9,16 +9,16 @@ from pathlib import Path
 import pytest
 import torch
 
-from common import SEQ_LEN, full_grads, global_batch, make_trainer, pg_loss
+from common import NORM_CONSTANT, SEQ_LEN, full_grads, global_batch, make_trainer, pg_loss
 from tiny_model import TinyLM
 
 NORMS = ("token_mean", "seq_mean", "constant")
 
 
 def _grads(norm: str, budget: int) -> dict[str, torch.Tensor]:
-    trainer = make_trainer(TinyLM(), norm, budget)
+    trainer = make_trainer(TinyLM(), budget)
     mbs = trainer.pack(global_batch())
-    trainer.backward(mbs, pg_loss)
+    trainer.backward(mbs, pg_loss, norm=norm, norm_constant=NORM_CONSTANT)
     return full_grads(trainer), len(mbs)
 
 

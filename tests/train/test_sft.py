@@ -101,3 +101,26 @@ def test_convert_rejects_non_checkpoint(tmp_path):
 
     with pytest.raises(CheckpointError, match=str(tmp_path)):
         convert(ConvertConfig(checkpoint=str(tmp_path), out=str(tmp_path / "o")))
+
+
+def test_sft_rerun_continues_from_its_checkpoint_refuses_without_one_or_starts_over(ckpt, data, tmp_path):
+    from miles_fsdp.train.checkpoint import CheckpointConfig
+    from miles_fsdp.train.run_dir import RunDirError
+
+    out = tmp_path / "run"
+
+    def cfg(steps, **kw):
+        return SFTConfig(model=str(ckpt), data=str(data), out=str(out), steps=steps, global_batch_size=4,
+                         max_seq_len=64, export_hf=False,
+                         trainer=TrainerConfig(optim=OptimConfig(lr=3e-3), max_tokens_per_micro_batch=64), **kw)
+
+    train_sft(cfg(2))
+    assert len(train_sft(cfg(3))) == 1  # resume="auto" finds step 2: only step 3 runs
+    assert [r["step"] for r in read_metrics(out)] == [1, 2, 3]
+    with pytest.raises(RunDirError, match=r"already holds a run.*--out.*--overwrite"):
+        train_sft(cfg(3, checkpoint=CheckpointConfig(resume="never")))
+    assert [r["step"] for r in read_metrics(out)] == [1, 2, 3]  # untouched
+    train_sft(cfg(2, overwrite=True))
+    assert [r["step"] for r in read_metrics(out)] == [1, 2]
+    [old] = [p for p in tmp_path.iterdir() if p.name.startswith("run.old-")]
+    assert [r["step"] for r in read_metrics(old)] == [1, 2, 3]

@@ -12,6 +12,7 @@ from miles_fsdp.train.export import load_model
 from miles_fsdp.train.loss import sft_loss
 from miles_fsdp.train.packing import TrainSeq
 from miles_fsdp.train.reference import ReferencePolicy
+from miles_fsdp.train.scoring import ScoringSpec
 from miles_fsdp.train.trainer import Trainer, TrainerConfig
 from miles_fsdp.train.optim import OptimConfig
 from miles_fsdp.train.weight_sync import iter_weight_buckets, sync_weights
@@ -42,21 +43,24 @@ def test_weight_sync_and_reference(ckpt):
     assert all(torch.equal(got[k], want[k]) for k in want)
 
     mbs = trainer.pack(_seqs())
-    logp_before = trainer.forward_logprobs(mbs)
-    ref_logp = ref.ref_logprobs(mbs)
+    spec = ScoringSpec(temperature=0.7, top_k=20, top_p=0.9)  # the reference scores as the policy does
+    logp_before = trainer.forward_logprobs(mbs, spec)
+    ref_logp = ref.ref_logprobs(mbs, spec)
     assert all(torch.equal(a, b) for a, b in zip(logp_before, ref_logp))
+    plain_logp = ref.ref_logprobs(mbs, ScoringSpec())
+    assert not all(torch.equal(a, b) for a, b in zip(plain_logp, ref_logp))
 
     trainer.train_step(mbs, sft_loss)
     pushed = {}
     metrics = sync_weights(trainer.model, pushed.update, torch.bfloat16)
     assert metrics["time/weight_sync_s"] >= 0 and metrics["weight_sync/buckets"] == 1
     assert not torch.equal(pushed["embed.weight"], want["embed.weight"])  # the update reached the engine
-    assert all(torch.equal(a, b) for a, b in zip(ref.ref_logprobs(mbs), ref_logp))  # reference stays frozen
-    assert not all(torch.equal(a, b) for a, b in zip(trainer.forward_logprobs(mbs), logp_before))
+    assert all(torch.equal(a, b) for a, b in zip(ref.ref_logprobs(mbs, spec), ref_logp))  # reference stays frozen
+    assert not all(torch.equal(a, b) for a, b in zip(trainer.forward_logprobs(mbs, spec), logp_before))
 
 
 def test_out_of_memory_in_a_train_step_names_the_settings(monkeypatch):
-    trainer = make_trainer(TinyLM(), "token_mean", 2 * SEQ_LEN)
+    trainer = make_trainer(TinyLM(), 2 * SEQ_LEN)
     mbs = trainer.pack(global_batch())
 
     def oom(*a, **k):

@@ -37,6 +37,7 @@ from miles_fsdp.rl.rollout import generate  # noqa: E402
 from miles_fsdp.rl.state import sync_engine  # noqa: E402
 from miles_fsdp.rl.step import RLLoss, compute_advantages, to_train_seqs  # noqa: E402
 from miles_fsdp.train.optim import OptimConfig  # noqa: E402
+from miles_fsdp.train.scoring import ScoringSpec  # noqa: E402
 from miles_fsdp.train.trainer import Trainer, TrainerConfig  # noqa: E402
 
 
@@ -100,7 +101,8 @@ def main() -> None:
         t_reward = time.perf_counter() - t0
         adv = compute_advantages(samples, a.n, algo)
         loss = RLLoss(algo, fast_mode=a.mode == "fast")
-        m, t_train = timed(lambda: trainer.train_step(trainer.pack(to_train_seqs(samples, adv)), loss, entropy=True))
+        m, t_train = timed(lambda: trainer.train_step(trainer.pack(to_train_seqs(samples, adv)), loss,
+                                                      ScoringSpec(kernel_mode=a.mode), entropy=True))
         _, t_sync = timed(lambda: sync_engine(trainer, engine, dtype, version=step + 1))
         gen_tokens = sum(s.response_length for s in samples)
         rows.append({"step": step, "generate_s": t_gen, "reward_s": t_reward, "train_s": t_train, "sync_s": t_sync,

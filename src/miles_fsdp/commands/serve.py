@@ -4,12 +4,16 @@
     curl localhost:8000/v1/completions -d '{"model": "ckpt", "prompt": "1+1=", "max_tokens": 8}'
 
 Endpoints: OpenAI /v1/completions, /v1/chat/completions, /v1/models; native /generate;
-/update_weights {"path": DIR, "version": N}; /health; Prometheus /metrics.
+/update_weights {"path": DIR, "version": N} (DIR under --weights-root); /health; Prometheus
+/metrics. With an API key (MILES_API_KEY or --api-key) every endpoint but /health wants
+`Authorization: Bearer KEY`.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -19,6 +23,10 @@ import torch
 from miles_fsdp.engine.config import EngineConfig
 
 DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
+API_KEY_ENV = "MILES_API_KEY"
+CPU_KV_BYTES = 2**30  # KV cache on CPU when none is set: 1 GiB, at most a quarter of the RAM
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -39,12 +47,26 @@ class ServeConfig:
     """Weights and KV cache dtype (the trainer hands the engine bf16 weights)."""
     max_n: int = 64
     """Largest `n` (samples per prompt) one request may ask for."""
-    default_max_tokens: int = 256
-    """Completion length for chat requests that set no max_tokens."""
+    default_max_tokens: int = 0
+    """Completion length for requests that set no max_tokens: 0 means all the context leaves
+    after the prompt (max_model_len and the KV cache capacity); N > 0 caps that at N."""
+    weights_root: str = ""
+    """Directory POST /update_weights may load checkpoints from (it and everything below,
+    after resolving symlinks and '..'); other paths are refused. Empty means the parent of
+    --model (its sibling checkpoints), or no path at all if that parent is '/'. Disaggregated
+    rollout: the directory the trainer writes weights to, rollout.weights_dir
+    (examples/gsm8k/run_disaggregated.sh passes it)."""
+    api_key: str = ""
+    """Require `Authorization: Bearer KEY` (the OpenAI client's api_key) on every endpoint but
+    /health, which stays open for load balancers; others get 401. Empty means the MILES_API_KEY
+    environment variable, or no key if unset. Prefer the variable: a flag shows in `ps`; the
+    trainer's rollout client sends MILES_API_KEY too."""
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     """Server and uvicorn log level; 'info' logs one line per request."""
     engine: EngineConfig = field(default_factory=EngineConfig)
-    """Rollout engine settings (KV cache size, batching, prefix cache)."""
+    """Rollout engine settings (KV cache size, batching, prefix cache). On CPU with neither
+    --engine.kv-memory-bytes nor --engine.num-pages, the KV cache gets 1 GiB (at most a quarter
+    of the RAM); the log says what it chose."""
 
     def __post_init__(self):
         if not (Path(self.model) / "config.json").is_file():
@@ -54,8 +76,12 @@ class ServeConfig:
             raise ValueError(f"ServeConfig.port={self.port}: expected 0..65535 (0 picks a free port)")
         if self.max_n < 1:
             raise ValueError(f"ServeConfig.max_n={self.max_n}: expected >= 1")
-        if self.default_max_tokens < 1:
-            raise ValueError(f"ServeConfig.default_max_tokens={self.default_max_tokens}: expected >= 1")
+        if self.default_max_tokens < 0:
+            raise ValueError(f"ServeConfig.default_max_tokens={self.default_max_tokens}: expected >= 0 "
+                             "(0: all the context leaves after the prompt)")
+        if self.weights_root and Path(self.weights_root).exists() and not Path(self.weights_root).is_dir():
+            raise ValueError(f"ServeConfig.weights_root={self.weights_root!r}: not a directory; pass the "
+                             "directory the checkpoints to load are written under")
         if self.device != "auto" and self.device.split(":")[0] not in ("cpu", "cuda"):
             raise ValueError(f"ServeConfig.device={self.device!r}: expected 'auto', 'cpu', 'cuda' or 'cuda:N'")
 
@@ -63,6 +89,19 @@ class ServeConfig:
         if self.device == "auto":
             return torch.device("cuda" if torch.cuda.is_available() else "cpu")
         return torch.device(self.device)
+
+    def resolved_weights_root(self) -> Path | None:
+        root = Path(self.weights_root or Path(self.model).resolve().parent).resolve()
+        return None if not self.weights_root and root == Path(root.anchor) else root
+
+    def resolved_api_key(self) -> str:
+        return self.api_key or os.environ.get(API_KEY_ENV, "")
+
+
+def cpu_kv_bytes() -> int:
+    """KV cache bytes on CPU when the user sets none: CPU_KV_BYTES, at most a quarter of the RAM."""
+    ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    return min(CPU_KV_BYTES, ram // 4)
 
 
 def load_model(path: str, dtype: torch.dtype, device: torch.device, args=None):
@@ -82,25 +121,34 @@ def build_server(cfg: ServeConfig):
 
     from miles_fsdp.engine import Engine
     from miles_fsdp.engine.server import ServerLimits, build_app
+    from miles_fsdp.engine.server_weights import check_checkpoint_files
 
     dtype, device = DTYPES[cfg.dtype], cfg.resolved_device()
     model = load_model(cfg.model, dtype, device)
     tokenizer = AutoTokenizer.from_pretrained(cfg.tokenizer or cfg.model)
-    engine = Engine(model, tokenizer, cfg.engine)
+    engine_cfg = cfg.engine
+    if device.type == "cpu" and not (engine_cfg.kv_memory_bytes or engine_cfg.num_pages):
+        engine_cfg = dataclasses.replace(engine_cfg, kv_memory_bytes=cpu_kv_bytes())
+        log.info("KV cache on CPU: %d MiB (no --engine.kv-memory-bytes or --engine.num-pages given)",
+                 engine_cfg.kv_memory_bytes // 2**20)
+    engine = Engine(model, tokenizer, engine_cfg)
     limits = ServerLimits(
         model_name=cfg.served_model_name or Path(cfg.model).resolve().name,
         max_model_len=engine.max_model_len,
         vocab_size=model.args.vocab_size,
         max_n=cfg.max_n,
-        kv_capacity_tokens=(engine.num_pages - 1) * cfg.engine.page_size,  # page 0 is scratch
+        kv_capacity_tokens=(engine.num_pages - 1) * engine_cfg.page_size,  # page 0 is scratch
         default_max_tokens=cfg.default_max_tokens,
     )
 
     def load_weights(path: str) -> dict[str, torch.Tensor]:
         # A fresh CPU copy of the served architecture; the engine copies it in between two steps.
+        check_checkpoint_files(path)
         return load_model(path, dtype, torch.device("cpu"), args=model.args).state_dict()
 
-    return build_app(engine, tokenizer, limits, load_weights)
+    root = cfg.resolved_weights_root()
+    log.info("POST /update_weights loads from %s", root or "nowhere (pass --weights-root)")
+    return build_app(engine, tokenizer, limits, load_weights, weights_root=root, api_key=cfg.resolved_api_key())
 
 
 def main(cfg: ServeConfig) -> int:

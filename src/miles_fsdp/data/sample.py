@@ -66,8 +66,11 @@ class Sample:
     reward: float | None = None
     """Scalar reward, set by the reward step (None until scored)."""
     status: Status = Status.PENDING
+    reward_error: str | None = None
+    """Why `reward` is the run's reward_on_error score: the reward function raised, returned
+    a non-number or timed out (the message says which); None when it scored the sample."""
     weight_version: int | None = None
-    """Engine weight version that generated the response (staleness checks)."""
+    """Engine weight version that generated the response."""
     metadata: dict[str, Any] = field(default_factory=dict)
     """Dataset columns chosen by `DataConfig.metadata_keys`, for user rewards and hooks.
     Framework code never reads this dict: a field it relies on gets a typed attribute."""

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import random
 import time
+from collections.abc import Callable
 
 import miles_kernels as mk
 import torch
@@ -159,13 +160,20 @@ class Engine:
                             f"(now {c.max_num_seqs}), or kv_memory_fraction to leave room for activations") from e
         return self.scheduler.postprocess(batch, tokens, logprobs, self.weight_version)
 
-    def generate(self, requests: list[Request]) -> list[list[Result]]:
-        """Blocking: run `requests` to completion; results[i][j] is sample j of requests[i]."""
+    def generate(self, requests: list[Request], stop: Callable[[], bool] | None = None) -> list[list[Result]]:
+        """Blocking: run `requests` to completion; results[i][j] is sample j of requests[i].
+        `stop()` is polled between steps: once it returns True every unfinished sample is
+        aborted (FinishReason.ABORT, with what it produced so far) and generate returns."""
         if self.has_unfinished():
             raise RuntimeError("Engine.generate(): the engine has unfinished streamed requests; drain them with step() first")
         rids = [self.add_request(r) for r in requests]
         results: dict[str, list[Result | None]] = {rid: [None] * r.params.n for rid, r in zip(rids, requests)}
+        stopping = False
         while self.has_unfinished():
+            if stop is not None and not stopping and stop():
+                stopping = True
+                for rid in rids:
+                    self.abort(rid)
             for out in self.step():
                 if out.finished:
                     results[out.request_id][out.sample_index] = out.result

@@ -6,9 +6,9 @@ are plain dicts in the OpenAI wire format (completions, chat completions, SSE ch
 in the native `/generate` format:
 
     POST /generate {"input_ids": [1, 2, 3], "sampling_params": {"max_new_tokens": 8, "n": 2}}
-    -> {"id": "gen-..", "prompt_tokens": 3, "weight_version": 4,
-        "outputs": [{"token_ids": [..], "logprobs": [..], "text": "..",
-                     "finish_reason": "length", "timings": {..}, "weight_version": 4}, ..]}
+    -> {"id": "req-..", "prompt_ids": [1, 2, 3],
+        "outputs": [{"index": 0, "token_ids": [..], "logprobs": [..], "text": "..", "finish_reason": "length",
+                     "weight_version": 4, "seed": .., "num_cached_prompt_tokens": 0, "timings": {..}}, ..]}
 """
 
 from __future__ import annotations
@@ -80,7 +80,7 @@ class _SamplingFields(_Strict):
 class CompletionRequest(_SamplingFields):
     model: str | None = None
     prompt: str | list[int]
-    max_tokens: int = Field(16, ge=1)
+    max_tokens: int | None = Field(None, ge=1, description="unset: all the context leaves after the prompt")
     logprobs: int | None = Field(None, ge=0, le=0, description="only the sampled token's logprob is kept")
     echo: bool = False
     best_of: int | None = None
@@ -118,8 +118,9 @@ class ChatRequest(_SamplingFields):
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=0, description="only the sampled token's logprob is kept")
 
-    def max_new_tokens(self, default: int) -> int:
-        return self.max_completion_tokens or self.max_tokens or default
+    def max_new_tokens(self) -> int | None:
+        """None when the client set no limit (the server then fills the context)."""
+        return self.max_completion_tokens or self.max_tokens
 
 
 class NativeSamplingParams(_Strict):

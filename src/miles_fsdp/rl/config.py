@@ -6,7 +6,9 @@ a variant calls its base and edits a few fields.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Literal
 
 from miles_fsdp.data.datasets import DataConfig
@@ -14,13 +16,28 @@ from miles_fsdp.engine.config import EngineConfig
 from miles_fsdp.observe.profiler import ProfileConfig
 from miles_fsdp.rl.losses import AGGREGATIONS, Aggregation
 from miles_fsdp.train.loss import LossNorm
+from miles_fsdp.train.scoring import ScoringSpec
 from miles_fsdp.train.trainer import TrainerConfig
 
 Advantage = Literal["grpo", "dr_grpo", "rloo", "reinforce_pp", "reinforce_pp_baseline", "gspo"]
 
 
 def _bad(where: str, value, want: str):
-    raise ValueError(f"{where}={value!r}: {want}")
+    """Refuse a setting, naming both its config path and its command-line flag."""
+    flag = "--" + where.replace("_", "-")
+    raise ValueError(f"{where}={value!r} ({flag}): {want}")
+
+
+def _model_context(model_dir: str) -> int:
+    """max_position_embeddings from model_dir/config.json; 0 when it cannot be read here
+    (the model loader reports a missing or broken checkpoint itself)."""
+    try:
+        cfg = json.loads((Path(model_dir) / "config.json").read_text())
+    except (OSError, ValueError):
+        return 0
+    cfg = cfg.get("text_config", cfg)
+    n = cfg.get("max_position_embeddings", 0)
+    return n if isinstance(n, int) and n > 0 else 0
 
 
 @dataclass
@@ -45,7 +62,11 @@ class RolloutConfig:
     """How the exact_match reward reads the answer: the whole response, the text after
     '####', the last number, or the last \\boxed{}."""
     reward_on_error: float = 0.0
-    """Score given to a sample whose reward function raised (the error is logged, never fatal)."""
+    """Score given to a sample whose reward function raised, returned a non-number or timed out
+    (counted in rollout/reward_errors, recorded on the sample, logged once per kind of failure)."""
+    reward_timeout_s: float = 120.0
+    """Seconds one reward call (one sample, or one batch for a batched reward) may take; a call
+    still running then is abandoned and scored reward_on_error (rollout/reward_timeouts)."""
     generate_fn: str = ""
     """Custom generate hook `module:function` for multi-turn / tool rollouts (empty = plain sampling)."""
     dynamic_sampling: bool = False
@@ -72,6 +93,10 @@ class RolloutConfig:
             _bad("rollout.temperature", self.temperature, "must be > 0 for RL (log-probs of a greedy policy are undefined)")
         if self.max_new_tokens < 1:
             _bad("rollout.max_new_tokens", self.max_new_tokens, "must be >= 1")
+        if not 0 < self.top_p <= 1:
+            _bad("rollout.top_p", self.top_p, "must be in (0, 1] (1 = off)")
+        if self.top_k < 0:
+            _bad("rollout.top_k", self.top_k, "must be >= 0 (0 = off)")
         if self.overlong_buffer < 0 or self.overlong_buffer >= self.max_new_tokens:
             _bad("rollout.overlong_buffer", self.overlong_buffer, f"must be in [0, max_new_tokens={self.max_new_tokens})")
         self.stop_strings = tuple(self.stop_strings)
@@ -81,6 +106,8 @@ class RolloutConfig:
                 _bad("rollout.servers", url, "each entry must be a URL like http://host:8000 (a `miles-fsdp serve`)")
         if self.request_timeout_s <= 0:
             _bad("rollout.request_timeout_s", self.request_timeout_s, "must be > 0")
+        if not self.reward_timeout_s > 0:
+            _bad("rollout.reward_timeout_s", self.reward_timeout_s, "must be > 0 seconds")
 
 
 @dataclass
@@ -90,14 +117,15 @@ class AlgoConfig:
     reinforce_pp_baseline, gspo (GRPO advantages + sequence-level ratio and clipping)."""
     std_normalize: bool = True
     """GRPO: divide by the group's reward std."""
-    eps_low: float = 0.2
-    """PPO clip lower epsilon (GSPO default 3e-4 is set when advantage=gspo and this is left at 0.2)."""
-    eps_high: float = 0.2
-    """PPO clip upper epsilon; > eps_low is DAPO's clip-higher (e.g. 0.28)."""
+    eps_low: float | None = None
+    """PPO clip lower epsilon; unset = the estimator's: 0.2, or 3e-4 for gspo (sequence-level ratios)."""
+    eps_high: float | None = None
+    """PPO clip upper epsilon; unset = 0.2, or 4e-4 for gspo; > eps_low is DAPO's clip-higher (e.g. 0.28)."""
     dual_clip_c: float | None = None
     """Dual-clip constant c > 1 (bounds the loss of negative-advantage tokens); None = off."""
-    aggregation: Aggregation = "token-mean"
-    """Loss aggregation: token-mean, seq-mean-token-mean, seq-mean-token-sum, constant (Dr.GRPO)."""
+    aggregation: Aggregation | None = None
+    """Loss aggregation: token-mean, seq-mean-token-mean, seq-mean-token-sum, constant; unset =
+    token-mean, or constant for dr_grpo (Dr.GRPO's fixed-length normalisation)."""
     aggregation_constant: float = 0.0
     """For aggregation=constant: per-sequence denominator (0 = rollout.max_new_tokens)."""
     kl_coef: float = 0.0
@@ -105,7 +133,9 @@ class AlgoConfig:
     kl_estimator: Literal["k1", "k2", "k3"] = "k3"
     """KL estimator for the loss term (k3 = low-variance)."""
     kl_reward_coef: float = 0.0
-    """KL penalty folded into the reward per token (REINFORCE++ style); needs the reference model."""
+    """KL penalty folded into the reward: each response token pays coef * (logp - ref_logp) (k1,
+    rollout log-probs vs the reference's); REINFORCE++ takes it per token, outcome estimators
+    (GRPO, Dr.GRPO, RLOO, GSPO) as a per-sample sum. Logged as rollout/kl_reward_penalty."""
     entropy_coef: float = 0.0
     """Entropy bonus coefficient (entropy is logged either way)."""
     correction: Literal["none", "tis", "mis"] = "none"
@@ -119,12 +149,16 @@ class AlgoConfig:
     """MIS: drop tokens/sequences whose ratio is above this."""
 
     def __post_init__(self):
+        # unset fields take the estimator's own defaults; a value the user gives is kept as is
+        gspo = self.advantage == "gspo"
+        if self.eps_low is None:
+            self.eps_low = 3e-4 if gspo else 0.2
+        if self.eps_high is None:
+            self.eps_high = 4e-4 if gspo else 0.2
+        if self.aggregation is None:
+            self.aggregation = "constant" if self.advantage == "dr_grpo" else "token-mean"
         if self.aggregation not in AGGREGATIONS:
             _bad("algo.aggregation", self.aggregation, f"expected one of {AGGREGATIONS}")
-        if self.advantage == "gspo" and (self.eps_low, self.eps_high) == (0.2, 0.2):
-            self.eps_low, self.eps_high = 3e-4, 4e-4
-        if self.advantage == "dr_grpo" and self.aggregation == "token-mean":
-            self.aggregation = "constant"
         if self.eps_low < 0 or self.eps_high < 0:
             _bad("algo.eps_low/eps_high", (self.eps_low, self.eps_high), "must be >= 0")
         if self.dual_clip_c is not None and self.dual_clip_c <= 1:
@@ -153,6 +187,17 @@ class EvalConfig:
     max_new_tokens: int = 0
     """0 = rollout.max_new_tokens."""
 
+    def __post_init__(self):
+        for name in ("every", "max_prompts", "max_new_tokens"):
+            if getattr(self, name) < 0:
+                _bad(f"eval.{name}", getattr(self, name), "must be >= 0 (0 = " +
+                     {"every": "only before and after training", "max_prompts": "all prompts",
+                      "max_new_tokens": "rollout.max_new_tokens"}[name] + ")")
+        if self.n_samples < 1:
+            _bad("eval.n_samples", self.n_samples, "must be >= 1")
+        if self.temperature < 0:
+            _bad("eval.temperature", self.temperature, "must be >= 0 (0 = greedy)")
+
 
 @dataclass
 class RLConfig:
@@ -178,6 +223,9 @@ class RLConfig:
     """Save a resumable checkpoint every this many steps (0 = only at the end / on SIGTERM)."""
     resume: bool = False
     """Continue from the latest checkpoint in run_dir/checkpoints."""
+    overwrite: bool = False
+    """Start over in a run_dir that holds a run: the old run is moved aside to RUN_DIR.old-<time>
+    (never deleted). Without it (or resume), a run_dir that holds a run is refused."""
     export_hf: bool = True
     """Write the final policy as an HF checkpoint to run_dir/hf."""
     debug_mode: Literal["none", "rollout_only", "train_only"] = "none"
@@ -199,24 +247,47 @@ class RLConfig:
             _bad("steps", self.steps, "must be >= 1")
         if self.log_samples < 0:
             _bad("log_samples", self.log_samples, "must be >= 0")
+        if self.checkpoint_every < 0:
+            _bad("checkpoint_every", self.checkpoint_every, "must be >= 0 (0 = only at the end and on SIGTERM)")
+        self._check_context()
         if self.release_engine_memory and self.rollout.servers:
             _bad("release_engine_memory", True, "frees a colocated engine; with rollout.servers there is none, "
                  "so leave it off")
         if self.algo.correction != "none" and self.kernel_mode == "invariant":
             _bad("algo.correction", self.algo.correction,
                  "corrections apply only with kernel_mode=fast (invariant mode has no mismatch to correct)")
-        # the trainer must score tokens under the distribution the engine sampled from
-        self.trainer.temperature = self.rollout.temperature
-        self.trainer.top_k, self.trainer.top_p = self.rollout.top_k, self.rollout.top_p
-        self.trainer.loss_norm, self.trainer.loss_norm_constant = _loss_norm(self)
 
+    def _check_context(self) -> None:
+        """Responses must fit the model's context beside their prompts (checked here, by flag
+        name, not after the model has loaded)."""
+        ctx = self.engine.max_model_len or _model_context(self.model)
+        if not ctx:
+            return
+        where = "engine.max_model_len" if self.engine.max_model_len else f"max_position_embeddings in {self.model}/config.json"
+        for name, n in (("rollout.max_new_tokens", self.rollout.max_new_tokens),
+                        ("eval.max_new_tokens", self.eval.max_new_tokens)):
+            if n >= ctx:
+                _bad(name, n, f"leaves no room for a prompt in the model's context of {ctx} tokens ({where}); lower it")
+        p = self.data.max_prompt_len
+        if p and p + self.rollout.max_new_tokens > ctx:
+            _bad("data.max_prompt_len", p, f"+ rollout.max_new_tokens ({self.rollout.max_new_tokens}) exceeds the "
+                 f"model's context of {ctx} tokens ({where}); lower one of them")
 
-def _loss_norm(cfg: RLConfig) -> tuple[LossNorm, float]:
-    agg = cfg.algo.aggregation
-    if agg == "token-mean":
-        return LossNorm.token_mean, 1.0
-    if agg == "seq-mean-token-mean":
-        return LossNorm.seq_mean, 1.0
-    if agg == "seq-mean-token-sum":
-        return LossNorm.constant, 1.0  # token sum per sequence / number of sequences
-    return LossNorm.constant, cfg.algo.aggregation_constant or float(cfg.rollout.max_new_tokens)
+    @property
+    def scoring(self) -> ScoringSpec:
+        """How every token is scored: the distribution the rollout samples from (temperature,
+        top-k, top-p) under the run's kernel mode; trainer, reference and check use it."""
+        r = self.rollout
+        return ScoringSpec(r.temperature, r.top_k, r.top_p, self.kernel_mode)
+
+    @property
+    def loss_norm(self) -> tuple[LossNorm, float]:
+        """The trainer's loss normalisation (and its constant) that algo.aggregation means."""
+        agg = self.algo.aggregation
+        if agg == "token-mean":
+            return LossNorm.token_mean, 1.0
+        if agg == "seq-mean-token-mean":
+            return LossNorm.seq_mean, 1.0
+        if agg == "seq-mean-token-sum":
+            return LossNorm.constant, 1.0  # token sum per sequence / number of sequences
+        return LossNorm.constant, self.algo.aggregation_constant or float(self.rollout.max_new_tokens)

@@ -41,10 +41,11 @@ from miles_fsdp.rl.rollout import RolloutBatch, request_seed, rollout
 from miles_fsdp.rl.remote import RemoteEngine
 from miles_fsdp.rl.setup import rollout_engine
 from miles_fsdp.rl import state
-from miles_fsdp.rl.step import RLLoss, compute_advantages, to_train_seqs
+from miles_fsdp.rl.step import RLLoss, compute_advantages, kl_penalties, padded_masks, to_train_seqs
 from miles_fsdp.train.checkpoint import StopSignal
 from miles_fsdp.train.export import export_hf, load_model
 from miles_fsdp.train.reference import ReferencePolicy
+from miles_fsdp.train.run_dir import prepare_run_dir
 from miles_fsdp.train.trainer import Trainer
 
 logger = logging.getLogger(__name__)
@@ -69,14 +70,14 @@ def run_rl(cfg: RLConfig) -> dict:
     rank, world = dist.get_rank(), dist.get_world_size()
     mk.set_mode(cfg.kernel_mode)
     torch.manual_seed(cfg.seed)
-    run_dir = Path(cfg.run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
+    run_dir = prepare_run_dir(cfg.run_dir, cfg.resume, cfg.overwrite, "--resume", "--run-dir")
     rollout_dir = Path(cfg.rollout_dir or run_dir / "rollouts")
     tokenizer = load_tokenizer(cfg.model)
     dataset = PromptDataset(cfg.data, tokenizer.tokenize_prompt)
     reward_fn = load_reward(cfg.rollout.reward, **_reward_options(cfg))
     hook = load_generate(cfg.rollout.generate_fn) if cfg.rollout.generate_fn else None
     dtype = cfg.trainer.parallel.compute_dtype(device)
+    scoring = cfg.scoring  # the sampled distribution: the trainer and the reference score tokens under it
 
     training = cfg.debug_mode != "rollout_only"
     trainer = Trainer(load_model(cfg.model), cfg.trainer, device=device) if training else None
@@ -106,6 +107,7 @@ def run_rl(cfg: RLConfig) -> dict:
         with profiler(step + 1):
             metrics: dict[str, float] = {}
             # 1-2. rollout + rewards (or read back a saved batch)
+            data_state = dataset.state_dict()
             with timers("rollout"):
                 if cfg.debug_mode == "train_only":
                     batch = RolloutBatch(load_samples(rollout_dir / f"step_{step:05d}_rank{rank}.jsonl"))
@@ -113,7 +115,11 @@ def run_rl(cfg: RLConfig) -> dict:
                     batch = rollout(
                         engine, tokenizer, lambda k: dataset.next_batch(k * world)[rank::world], reward_fn,
                         cfg.rollout, max(1, cfg.data.prompts_per_batch // world),
-                        lambda i: request_seed(cfg.seed, step, rank, i), hook, _all_reduce_sum)
+                        lambda i: request_seed(cfg.seed, step, rank, i), hook, _all_reduce_sum,
+                        stop=stop.local, check_reward=step == start)
+            if stop.requested():  # collective; a stop during rollout or reward discards the unfinished step
+                dataset.load_state_dict(data_state)
+                return _stopped(run_dir, trainer, dataset, step, stop, progress, engine)
             metrics.update(_rollout_metrics(batch, n))
             if cfg.log_samples and rank == 0:
                 _log_samples(run_dir / "samples.jsonl", step + 1, batch.samples[: cfg.log_samples])
@@ -130,17 +136,21 @@ def run_rl(cfg: RLConfig) -> dict:
             release = cfg.release_engine_memory and engine is not None
             if release:  # the trainer gets the KV cache's memory until the sync
                 engine.release_memory()
-            # 3. advantages
-            adv_NL = compute_advantages(batch.samples, n, cfg.algo, _all_reduce_sum)
-            seqs = to_train_seqs(batch.samples, adv_NL)
-            mbs = trainer.pack(seqs)
+            # 3. advantages (with KL-in-reward, after the reference has scored the responses)
+            ref_logps = penalty_NL = None
             if reference is not None:
                 with timers("reference"):
-                    state.attach_ref_logprobs(reference, mbs)
+                    ref_logps = state.reference_logprobs(reference, trainer, batch.samples, scoring)
+            if cfg.algo.kl_reward_coef:
+                penalty_NL = kl_penalties(batch.samples, ref_logps, cfg.algo)
+                metrics["rollout/kl_reward_penalty"] = _token_mean(penalty_NL, padded_masks(batch.samples))
+            adv_NL = compute_advantages(batch.samples, n, cfg.algo, _all_reduce_sum, penalty_NL)
+            mbs = trainer.pack(to_train_seqs(batch.samples, adv_NL, ref_logps))
             # 4. train (the loss function compares trainer and rollout log-probs)
             loss_fn = RLLoss(cfg.algo, fast_mode=cfg.kernel_mode == "fast")
+            norm, norm_constant = cfg.loss_norm
             with timers("train"):
-                metrics.update(trainer.train_step(mbs, loss_fn, entropy=True))
+                metrics.update(trainer.train_step(mbs, loss_fn, scoring, norm, norm_constant, entropy=True))
             metrics.update(_loss_metrics(loss_fn, device))
             diff_max_run = max(diff_max_run, metrics["train/logprob_abs_diff_max"])
             _check_on_policy(cfg, step + 1, metrics["train/logprob_abs_diff_max"])
@@ -159,15 +169,10 @@ def run_rl(cfg: RLConfig) -> dict:
                 metrics.update(engine.metrics())
             log.log(step + 1, metrics)
             progress.update(step + 1, metrics)
-            stopping = stop.requested()
-            if stopping or (cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0):
+            if stop.requested():
+                return _stopped(run_dir, trainer, dataset, step + 1, stop, progress, engine)
+            if cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0:
                 state.save(run_dir, trainer, dataset)
-            if stopping:
-                logger.warning("stop requested (SIGTERM/SIGINT): checkpoint written at step %d; resume with --resume", step + 1)
-                stop.restore()
-                progress.close()
-                _close(engine)
-                return {"stopped_at_step": step + 1, "run_dir": str(run_dir)}
 
     if engine is not None and eval_prompts:
         final = _eval(cfg, engine, tokenizer, eval_prompts, reward_fn)
@@ -190,12 +195,28 @@ def run_rl(cfg: RLConfig) -> dict:
     return summary
 
 
+def _stopped(run_dir: Path, trainer, dataset, steps_done: int, stop: StopSignal, progress, engine) -> dict:
+    """SIGTERM/SIGINT: checkpoint the state after `steps_done` steps (data position included)
+    and end the run; --resume continues exactly from there."""
+    if trainer is not None:
+        state.save(run_dir, trainer, dataset)
+        logger.warning("stop requested (SIGTERM/SIGINT): checkpoint written after step %d; resume with --resume",
+                       steps_done)
+    else:
+        logger.warning("stop requested (SIGTERM/SIGINT) after step %d", steps_done)
+    stop.restore()
+    progress.close()
+    _close(engine)
+    return {"stopped_at_step": steps_done, "run_dir": str(run_dir)}
+
+
 def _log_samples(path: Path, step: int, samples) -> None:
     with open(path, "a") as f:
         for s in samples:
             f.write(json.dumps({"step": step, "group": s.group_index, "index": s.index, "prompt": s.prompt,
                                 "response": s.response, "label": s.label, "reward": s.reward,
-                                "status": s.status.value, "response_length": s.response_length}) + "\n")
+                                "status": s.status.value, "reward_error": s.reward_error,
+                                "response_length": s.response_length}) + "\n")
 
 
 def _check_on_policy(cfg: RLConfig, step: int, diff: float) -> None:
@@ -242,11 +263,12 @@ def _rollout_metrics(batch: RolloutBatch, n: int) -> dict[str, float]:
     lens = torch.tensor([x.response_length for x in s], dtype=torch.float64)
     red = _all_reduce_sum(torch.tensor([float(rewards.sum()), float(len(s)), float(lens.sum()), float(lens.max()) if len(s) else 0.0,
                                         float(batch.num_reward_errors), float(batch.num_groups_dropped),
-                                        float(sum(x.status.value == "truncated" for x in s))], dtype=torch.float64))
-    total, count, length, _, errors, dropped, truncated = red.tolist()
+                                        float(sum(x.status.value == "truncated" for x in s)),
+                                        float(batch.num_reward_timeouts)], dtype=torch.float64))
+    total, count, length, _, errors, dropped, truncated, timeouts = red.tolist()
     return {"rollout/reward_mean": total / max(count, 1), "rollout/response_len_mean": length / max(count, 1),
-            "rollout/samples": count, "rollout/reward_errors": errors, "rollout/groups_dropped": dropped,
-            "rollout/truncated_frac": truncated / max(count, 1)}
+            "rollout/samples": count, "rollout/reward_errors": errors, "rollout/reward_timeouts": timeouts,
+            "rollout/groups_dropped": dropped, "rollout/truncated_frac": truncated / max(count, 1)}
 
 
 def _loss_metrics(loss: RLLoss, device) -> dict[str, float]:
@@ -262,6 +284,12 @@ def _loss_metrics(loss: RLLoss, device) -> dict[str, float]:
     names_map = {"clipped": "train/clip_frac", "entropy": "train/entropy", "kl": "train/kl_ref", "is_weight": "train/is_weight_mean"}
     out.update({names_map[k]: v / tokens for k, v in sums.items() if k in names_map})
     return out
+
+
+def _token_mean(x_NL: torch.Tensor, mask_NL: torch.Tensor) -> float:
+    """Mean of x over the loss tokens of every rank."""
+    red = _all_reduce_sum(torch.tensor([float((x_NL * mask_NL).sum()), float(mask_NL.sum())], dtype=torch.float64))
+    return float(red[0] / max(float(red[1]), 1.0))
 
 
 def _rollout_tokens(batch: RolloutBatch) -> int:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
 import time
 import urllib.error
 import urllib.request
@@ -64,7 +65,10 @@ class RemoteEngine:
 
     def _call(self, url: str, path: str, body: dict | None = None, timeout_s: float | None = None) -> dict:
         data = None if body is None else json.dumps(body).encode()
-        req = urllib.request.Request(url + path, data=data, headers={"Content-Type": "application/json"})
+        headers = {"Content-Type": "application/json"}
+        if key := os.environ.get("MILES_API_KEY"):  # the servers' key (`miles-fsdp serve` reads the same variable)
+            headers["Authorization"] = f"Bearer {key}"
+        req = urllib.request.Request(url + path, data=data, headers=headers)
         try:
             with urllib.request.urlopen(req, timeout=timeout_s or self.timeout_s) as r:
                 return json.loads(r.read())

@@ -21,7 +21,7 @@ import torch
 
 from miles_fsdp.data.sample import Sample, Status, make_group
 from miles_fsdp.engine.sequence import FinishReason, Request, SamplingParams
-from miles_fsdp.rewards.registry import score_samples
+from miles_fsdp.rewards.registry import RewardStopped, score_samples
 from miles_fsdp.rl.config import RolloutConfig
 from miles_fsdp.rl.filters import dynamic_sampling_filter, expand_group_mask, overlong_penalty
 from miles_fsdp.rl.generate_hook import TurnOutput, check_generated
@@ -47,13 +47,14 @@ def sampling_params(cfg: RolloutConfig, n: int, seed: int, max_new_tokens: int |
         stop_strings=cfg.stop_strings, seed=seed)
 
 
-def generate(engine, tokenizer, prompts: list[Sample], n: int, params_for, hook=None) -> list[Sample]:
-    """Sample n responses for each prompt. params_for(i) -> SamplingParams of prompt i (n set)."""
+def generate(engine, tokenizer, prompts: list[Sample], n: int, params_for, hook=None, stop=None) -> list[Sample]:
+    """Sample n responses for each prompt. params_for(i) -> SamplingParams of prompt i (n set).
+    Once `stop()` returns True, unfinished samples end ABORTED (the loop then discards the step)."""
     groups = [make_group(p, n, gi) for gi, p in enumerate(prompts)]
     if hook is not None:
-        return _generate_with_hook(engine, groups, params_for, hook)
+        return _generate_with_hook(engine, groups, params_for, hook, stop)
     requests = [Request(p.prompt_ids, params_for(i)) for i, p in enumerate(prompts)]
-    for group, results in zip(groups, engine.generate(requests)):
+    for group, results in zip(groups, engine.generate(requests, stop=stop)):
         for sample, res in zip(group, sorted(results, key=lambda r: r.sample_index)):
             sample.response_ids = list(res.token_ids)
             sample.response_logprobs = res.logprobs.tolist()
@@ -64,13 +65,26 @@ def generate(engine, tokenizer, prompts: list[Sample], n: int, params_for, hook=
     return [s for g in groups for s in g]
 
 
-def _generate_with_hook(engine, groups, params_for, hook) -> list[Sample]:
+class _Stopping(Exception):
+    """Raised into a generate hook's engine call once a stop was requested."""
+
+
+def _generate_with_hook(engine, groups, params_for, hook, stop=None) -> list[Sample]:
     """Run one hook coroutine per sample; a driver steps a colocated engine for all of them
-    (a RemoteEngine needs none: each call is its own HTTP request)."""
+    (a RemoteEngine needs none: each call is its own HTTP request). On stop, in-flight
+    engine calls are aborted and new ones raise, so every hook ends promptly."""
     futures: dict[str, asyncio.Future] = {}
     remote = isinstance(engine, RemoteEngine)
+    stopping = False
+
+    def stop_now() -> bool:
+        nonlocal stopping
+        stopping = stopping or (stop is not None and stop())
+        return stopping
 
     async def engine_call(prompt_ids, params) -> TurnOutput:
+        if stop_now():
+            raise _Stopping("stop requested")
         params = SamplingParams(**{**params.__dict__, "n": 1})
         if remote:
             return _turn(await engine.agenerate(prompt_ids, params))
@@ -81,6 +95,10 @@ def _generate_with_hook(engine, groups, params_for, hook) -> list[Sample]:
     async def drive():
         while not remote:
             await asyncio.sleep(0)
+            if stop_now():
+                for rid, fut in futures.items():
+                    if not fut.done():
+                        engine.abort(rid)
             if not engine.has_unfinished():
                 if all(f.done() for f in futures.values()) and done_hooks.is_set():
                     return
@@ -123,6 +141,11 @@ class RolloutBatch:
     samples: list[Sample]
     """Samples of kept groups, groups contiguous, n per group."""
     num_reward_errors: int = 0
+    """Samples scored reward_on_error (raised, non-number, or timed out)."""
+    num_reward_timeouts: int = 0
+    """Of those, samples whose reward did not return within rollout.reward_timeout_s."""
+    stopped: bool = False
+    """A stop (SIGTERM/SIGINT) cut the rollout short: the batch is incomplete, never trained on."""
     num_groups_dropped: int = 0
     num_prompts_sampled: int = 0
     generate_s: float = 0.0
@@ -131,30 +154,47 @@ class RolloutBatch:
     """Wall time scoring rewards."""
 
 
+class RewardFunctionError(ValueError):
+    """The reward function failed on every sample of the run's first batch: it cannot work."""
+
+
 def rollout(engine, tokenizer, next_prompts, reward_fn, cfg: RolloutConfig, target_groups: int,
-            seed_of, hook=None, all_reduce_sum=None) -> RolloutBatch:
+            seed_of, hook=None, all_reduce_sum=None, stop=None, check_reward: bool = False) -> RolloutBatch:
     """Generate and score groups until `target_groups` are kept (or rounds run out).
 
     next_prompts(k) -> this rank's next k prompts; seed_of(prompt_number) -> request seed.
-    Without dynamic sampling exactly one round runs and every group is kept.
+    Without dynamic sampling exactly one round runs and every group is kept. `stop()`
+    (this rank's stop flag) cuts generation and scoring short: the batch comes back with
+    `stopped` set. check_reward: raise RewardFunctionError if the reward failed on every sample.
     """
     n = cfg.n_samples_per_prompt
     kept: list[Sample] = []
-    errors = dropped = sampled = 0
+    errors = timeouts = dropped = sampled = 0
     t_gen = t_reward = 0.0
     want = target_groups
+    stopped = False
     for round_ in range(cfg.max_sampling_rounds if cfg.dynamic_sampling else 1):
         prompts = next_prompts(want)
         base = sampled
         sampled += len(prompts)
         t0 = time.perf_counter()
         samples = generate(engine, tokenizer, prompts, n,
-                           lambda i: sampling_params(cfg, n, seed_of(base + i)), hook)
+                           lambda i: sampling_params(cfg, n, seed_of(base + i)), hook, stop)
         t1 = time.perf_counter()
         usable = [s for s in samples if s.status in (Status.COMPLETED, Status.TRUNCATED)]
-        report = score_samples(usable, reward_fn, cfg.reward_on_error) if usable else None
+        stopped = stop is not None and stop()
+        report = None
+        if usable and not stopped:
+            try:
+                report = score_samples(usable, reward_fn, cfg.reward_on_error, timeout_s=cfg.reward_timeout_s,
+                                       stop=stop)
+            except RewardStopped:
+                stopped = True
         t_gen, t_reward = t_gen + t1 - t0, t_reward + time.perf_counter() - t1
-        errors += report.num_errors if report else 0
+        if report is not None:
+            errors, timeouts = errors + report.num_errors, timeouts + report.num_timeouts
+            if check_reward and report.num_errors == len(usable):
+                raise RewardFunctionError(_all_failed(cfg, usable))
         for s in samples:
             if s.status not in (Status.COMPLETED, Status.TRUNCATED):
                 s.reward = cfg.reward_on_error  # failed/aborted: no gradient (mask cleared below)
@@ -173,13 +213,22 @@ def rollout(engine, tokenizer, next_prompts, reward_fn, cfg: RolloutConfig, targ
         kept += [s for s, k in zip(samples, keep) if k]
         dropped += res.num_dropped
         want = res.groups_needed
-        still = torch.tensor([float(want)])
+        still = torch.tensor([float(want), float(stopped)])
         if all_reduce_sum is not None:  # every rank runs the same number of rounds
             all_reduce_sum(still)
-        if float(still) == 0:
+        if float(still[0]) == 0 or float(still[1]) > 0:
             break
     _renumber(kept, n)
-    return RolloutBatch(kept, errors, dropped, sampled, t_gen, t_reward)
+    return RolloutBatch(kept, num_reward_errors=errors, num_reward_timeouts=timeouts, stopped=stopped,
+                        num_groups_dropped=dropped, num_prompts_sampled=sampled, generate_s=t_gen, reward_s=t_reward)
+
+
+def _all_failed(cfg: RolloutConfig, samples: list[Sample]) -> str:
+    s = samples[0]
+    return (f"reward {cfg.reward!r} failed on all {len(samples)} samples of the first rollout batch, e.g. sample "
+            f"{s.index} (label {s.label!r}, response {s.response[:80]!r}): {s.reward_error}. It must return one "
+            "finite number per sample (a list of them if batched); fix it, or raise rollout.reward_timeout_s if it "
+            "only needs more time.")
 
 
 def _renumber(samples: list[Sample], n: int) -> None:

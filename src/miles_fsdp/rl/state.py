@@ -13,18 +13,26 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from miles_fsdp.data.sample import Sample
 from miles_fsdp.rl.remote import RemoteEngine
+from miles_fsdp.rl.step import to_train_seqs
 from miles_fsdp.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from miles_fsdp.train.export import export_hf
-from miles_fsdp.train.packing import MicroBatch
+from miles_fsdp.train.packing import unpack
 from miles_fsdp.train.reference import ReferencePolicy
+from miles_fsdp.train.scoring import ScoringSpec
 from miles_fsdp.train.weight_sync import iter_weight_buckets
 
 
-def attach_ref_logprobs(reference: ReferencePolicy, mbs: list[MicroBatch]) -> None:
-    """Set mb.fields["ref_logp"] (aligned like the targets). Collective."""
-    for mb, logp_T in zip(mbs, reference.ref_logprobs(mbs)):
-        mb.fields["ref_logp"] = logp_T.cpu()
+def reference_logprobs(reference: ReferencePolicy, trainer, samples: list[Sample], spec: ScoringSpec) -> list[list[float]]:
+    """Each sample's response tokens scored by the reference policy as `spec` says (one list
+    per sample, one value per response token). Collective."""
+    seqs = to_train_seqs(samples)
+    mbs = trainer.pack(seqs)
+    per_seq: dict[int, torch.Tensor] = {}
+    for mb, logp_T in zip(mbs, reference.ref_logprobs(mbs, spec)):
+        per_seq.update(unpack(mb, logp_T.cpu()))
+    return [per_seq[i][len(s.prompt_ids):].tolist() for i, s in enumerate(samples)]
 
 
 def sync_engine(trainer, engine, dtype: torch.dtype, version: int, weights_dir: str | Path = "") -> None:

@@ -163,6 +163,10 @@ class StopSignal:
     def _handle(self, signum, frame) -> None:
         self._flag = True
 
+    def local(self) -> bool:
+        """This rank's flag alone (no collective): for polling inside a phase, e.g. rollout."""
+        return self._flag
+
     def requested(self) -> bool:
         flag = torch.tensor([int(self._flag)])
         if dist.is_initialized():

@@ -9,6 +9,7 @@ import torch.nn as nn
 
 from miles_fsdp.parallel import ParallelConfig, parallelize
 from miles_fsdp.train.packing import MicroBatch
+from miles_fsdp.train.scoring import ScoringSpec
 from miles_fsdp.train.trainer import Trainer, pad_micro_batches, packed_logprobs
 
 
@@ -20,15 +21,16 @@ class ReferencePolicy:
         model.requires_grad_(False)
         self.model = parallelize(model, trainer.mesh, cfg, trainer.device)
         self.model.eval()
-        self.device, self.group, self.temperature = trainer.device, trainer.group, trainer.cfg.temperature
+        self.device, self.group = trainer.device, trainer.group
 
     @torch.no_grad()
-    def ref_logprobs(self, micro_batches: list[MicroBatch]) -> list[torch.Tensor]:
-        """fp32 log-prob of every target position under the reference, one [T] tensor per
-        micro-batch. Collective: every rank must call it."""
+    def ref_logprobs(self, micro_batches: list[MicroBatch], spec: ScoringSpec) -> list[torch.Tensor]:
+        """fp32 log-prob of every target position under the reference, scored as the policy
+        is (`spec`: temperature, top-k/top-p, kernel mode), one [T] tensor per micro-batch.
+        Collective: every rank must call it."""
         out = []
         for mb in pad_micro_batches(micro_batches, self.group):
-            logp_T, _ = packed_logprobs(self.model, mb, self.device, self.temperature)
+            logp_T, _ = packed_logprobs(self.model, mb, self.device, spec)
             if not mb.dummy:
                 out.append(logp_T)
         return out

@@ -23,8 +23,9 @@ from miles_fsdp.parallel import init_distributed
 from miles_fsdp.train.checkpoint import (CheckpointConfig, StopSignal, latest_checkpoint, load_checkpoint,
                                          save_checkpoint)
 from miles_fsdp.train.export import export_hf, load_model
-from miles_fsdp.train.loss import sft_loss
+from miles_fsdp.train.loss import LossNorm, sft_loss
 from miles_fsdp.train.packing import TrainSeq
+from miles_fsdp.train.run_dir import prepare_run_dir
 from miles_fsdp.train.sft_data import load_sft_jsonl
 from miles_fsdp.train.trainer import Trainer, TrainerConfig
 
@@ -47,6 +48,14 @@ class SFTConfig:
     """Seed of the data order."""
     export_hf: bool = True
     """Write the final weights as an HF checkpoint to <out>/hf."""
+    loss_norm: LossNorm = LossNorm.token_mean
+    """token_mean (over all trained tokens of the global batch), seq_mean (per sequence, then
+    over sequences), or constant (each sequence's token sum / loss_norm_constant)."""
+    loss_norm_constant: float = 1.0
+    """For loss_norm=constant: the fixed per-sequence length C dividing each sequence's token sum."""
+    overwrite: bool = False
+    """Start over in an `out` directory that holds a run: the old run is moved aside to
+    OUT.old-<time> (never deleted), and no checkpoint is resumed."""
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     profile: ProfileConfig = field(default_factory=ProfileConfig)
@@ -59,6 +68,9 @@ class SFTConfig:
             raise ValueError(f"SFTConfig.data={self.data!r}: file not found")
         if self.steps < 1 or self.global_batch_size < 1 or self.max_seq_len < 2:
             raise ValueError("SFTConfig: steps and global_batch_size must be >= 1, max_seq_len >= 2")
+        self.loss_norm = LossNorm(self.loss_norm)
+        if self.loss_norm_constant <= 0:
+            raise ValueError(f"SFTConfig.loss_norm_constant={self.loss_norm_constant}: must be > 0")
         if self.max_seq_len > self.trainer.max_tokens_per_micro_batch:
             raise ValueError(
                 f"SFTConfig.max_seq_len={self.max_seq_len} exceeds trainer.max_tokens_per_micro_batch="
@@ -86,9 +98,14 @@ def train_sft(cfg: SFTConfig) -> list[dict]:
     from transformers import AutoTokenizer
 
     examples = load_sft_jsonl(cfg.data, AutoTokenizer.from_pretrained(cfg.model), cfg.max_seq_len)
-    trainer = Trainer(load_model(cfg.model), cfg.trainer)
     ck = cfg.checkpoint
-    resume = latest_checkpoint(ck.dir) if ck.resume == "auto" else None if ck.resume == "never" else ck.resume
+    resume = None
+    if not cfg.overwrite:
+        resume = latest_checkpoint(ck.dir) if ck.resume == "auto" else None if ck.resume == "never" else ck.resume
+    # out holding a run: continue it from its checkpoint, or refuse (never append to it blindly)
+    prepare_run_dir(cfg.out, resume is not None, cfg.overwrite, "--checkpoint.resume auto (with a checkpoint "
+                    "in --checkpoint.dir)", "--out")
+    trainer = Trainer(load_model(cfg.model), cfg.trainer)
     if resume is not None:
         load_checkpoint(trainer, resume)
     logger = MetricsLogger(cfg.out, enabled=rank == 0, resume_step=trainer.step if resume is not None else None)
@@ -100,7 +117,8 @@ def train_sft(cfg: SFTConfig) -> list[dict]:
         while trainer.step < cfg.steps:
             seqs = batch_for_step(examples, trainer.step, cfg.global_batch_size, cfg.seed)[rank::world]
             with profiler(trainer.step + 1):
-                metrics = trainer.train_step(trainer.pack(seqs), sft_loss)
+                metrics = trainer.train_step(trainer.pack(seqs), sft_loss, norm=cfg.loss_norm,
+                                             norm_constant=cfg.loss_norm_constant)
             history.append(metrics)
             logger.log(trainer.step, metrics)
             progress.update(trainer.step, metrics)

@@ -2,8 +2,8 @@
 
     trainer = Trainer(model, TrainerConfig(...))          # shards the model, builds AdamW
     mbs = trainer.pack(seqs)                              # this rank's sequences
-    logp = trainer.forward_logprobs(mbs)                  # no grad (on-policy check, reference)
-    metrics = trainer.train_step(mbs, loss_fn)            # accumulate, clip, step
+    logp = trainer.forward_logprobs(mbs, spec)            # no grad; spec: temperature, top-k/p, kernel mode
+    metrics = trainer.train_step(mbs, loss_fn, spec)      # accumulate, clip, step
 
 `loss_fn(logp_T, entropy_T, mb) -> (loss_sum, stats)` returns the weighted sum
 `sum(mb.weight_T * per_token_loss_T)` (see `loss.py`); stats are weighted sums too and are
@@ -28,6 +28,7 @@ from miles_fsdp.parallel import ParallelConfig, build_mesh, dp_group, init_distr
 from miles_fsdp.train.loss import LossNorm, assign_weights
 from miles_fsdp.train.optim import OptimConfig, build_optimizer
 from miles_fsdp.train.packing import MicroBatch, TrainSeq, dummy_like, pack
+from miles_fsdp.train.scoring import ScoringSpec
 
 LossFn = Callable[[torch.Tensor, torch.Tensor | None, MicroBatch], tuple[torch.Tensor, dict]]
 
@@ -41,16 +42,6 @@ class TrainerConfig:
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     max_tokens_per_micro_batch: int = 8192
     """Token budget of one packed micro-batch; the global batch is split into as many as needed."""
-    loss_norm: LossNorm = LossNorm.token_mean
-    """token_mean (over all trained tokens of the global batch), seq_mean, or constant (Dr.GRPO)."""
-    loss_norm_constant: float = 1.0
-    """For loss_norm=constant: the fixed per-sequence length C dividing each sequence's token sum."""
-    temperature: float = 1.0
-    """Log-probs are of softmax(logits / temperature), matching the sampler."""
-    top_k: int = 0
-    """The sampler's top-k (0 = off): log-probs are of the same truncated distribution."""
-    top_p: float = 1.0
-    """The sampler's top-p (1 = off): log-probs are of the same truncated distribution."""
     fused_logprobs: bool = True
     """Score tokens with the lm_head and log-softmax fused over row chunks (mk.linear_logprobs):
     the same values bit for bit, without the [T, V] logits in memory. Off: logits, then logprobs."""
@@ -60,11 +51,6 @@ class TrainerConfig:
     def __post_init__(self):
         if self.max_tokens_per_micro_batch < 2:
             raise ValueError(f"TrainerConfig.max_tokens_per_micro_batch={self.max_tokens_per_micro_batch}: must be >= 2")
-        self.loss_norm = LossNorm(self.loss_norm)
-        if self.loss_norm is LossNorm.constant and self.loss_norm_constant <= 0:
-            raise ValueError(f"TrainerConfig.loss_norm_constant={self.loss_norm_constant}: must be > 0")
-        if self.temperature <= 0:
-            raise ValueError(f"TrainerConfig.temperature={self.temperature}: must be > 0")
 
 
 def _flop_params(model: nn.Module) -> int:
@@ -77,16 +63,18 @@ def _flop_params(model: nn.Module) -> int:
     return n
 
 
-def packed_logprobs(model: nn.Module, mb: MicroBatch, device, temperature: float, entropy: bool = False,
-                    top_k: int = 0, top_p: float = 1.0, fused: bool = True):
-    """(logp_T, entropy_T or None) of mb's targets; the one forward the trainer and the
-    reference policy share."""
-    _, meta, slot_T = packed_inputs(mb.cu_seqlens.to(device))
-    hidden_TD = model(mb.ids_T.to(device), mb.pos_T.to(device), meta, slot_T)
-    targets_T = mb.targets_T.to(device)
-    if fused and hasattr(model, "token_logprobs"):  # fused lm_head + logprobs: no [T, V] logits alive
-        return model.token_logprobs(hidden_TD, targets_T, temperature, entropy, top_k, top_p)
-    return mk.logprobs(model.logits(hidden_TD), targets_T, temperature, entropy=entropy, top_k=top_k, top_p=top_p)
+def packed_logprobs(model: nn.Module, mb: MicroBatch, device, spec: ScoringSpec, entropy: bool = False,
+                    fused: bool = True):
+    """(logp_T, entropy_T or None) of mb's targets, scored as `spec` says; the one forward
+    the trainer and the reference policy share."""
+    with mk.use_mode(spec.kernel_mode):
+        _, meta, slot_T = packed_inputs(mb.cu_seqlens.to(device))
+        hidden_TD = model(mb.ids_T.to(device), mb.pos_T.to(device), meta, slot_T)
+        targets_T = mb.targets_T.to(device)
+        t, k, p = spec.temperature, spec.top_k, spec.top_p
+        if fused and hasattr(model, "token_logprobs"):  # fused lm_head + logprobs: no [T, V] logits alive
+            return model.token_logprobs(hidden_TD, targets_T, t, entropy, k, p)
+        return mk.logprobs(model.logits(hidden_TD), targets_T, t, entropy=entropy, top_k=k, top_p=p)
 
 
 def pad_micro_batches(micro_batches: list[MicroBatch], group) -> list[MicroBatch]:
@@ -120,39 +108,39 @@ class Trainer:
     def pack(self, seqs: list[TrainSeq]) -> list[MicroBatch]:
         return pack(seqs, self.cfg.max_tokens_per_micro_batch)
 
-    def _logprobs(self, mb: MicroBatch, entropy: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
-        c = self.cfg
-        return packed_logprobs(self.model, mb, self.device, c.temperature, entropy, c.top_k, c.top_p,
-                               c.fused_logprobs)
+    def _logprobs(self, mb: MicroBatch, spec: ScoringSpec, entropy: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+        return packed_logprobs(self.model, mb, self.device, spec, entropy, self.cfg.fused_logprobs)
 
     def _pad(self, micro_batches: list[MicroBatch]) -> list[MicroBatch]:
         return pad_micro_batches(micro_batches, self.group)
 
     @torch.no_grad()
-    def forward_logprobs(self, micro_batches: list[MicroBatch], entropy: bool = False):
+    def forward_logprobs(self, micro_batches: list[MicroBatch], spec: ScoringSpec = ScoringSpec(),
+                         entropy: bool = False):
         """fp32 log-prob of every target position, one [T] tensor per micro-batch (on device).
         With entropy=True returns (logps, entropies). Collective: every rank must call it."""
         self.model.eval()
         logps, ents = [], []
         for mb in self._pad(micro_batches):
-            logp_T, ent_T = self._logprobs(mb, entropy)
+            logp_T, ent_T = self._logprobs(mb, spec, entropy)
             if not mb.dummy:
                 logps.append(logp_T)
                 ents.append(ent_T)
         return (logps, ents) if entropy else logps
 
-    def backward(self, micro_batches: list[MicroBatch], loss_fn: LossFn, entropy: bool = False) -> dict:
-        """Accumulate gradients of the normalised loss over this rank's micro-batches (no
-        optimizer step). Returns on-device sums for `train_step`'s metrics."""
+    def backward(self, micro_batches: list[MicroBatch], loss_fn: LossFn, spec: ScoringSpec = ScoringSpec(),
+                 norm: LossNorm = LossNorm.token_mean, norm_constant: float = 1.0, entropy: bool = False) -> dict:
+        """Accumulate gradients of the loss, normalised by `norm` (see loss.py), over this
+        rank's micro-batches (no optimizer step). Returns on-device sums for `train_step`'s metrics."""
         self.model.train()
-        denom = assign_weights(micro_batches, self.cfg.loss_norm, self.cfg.loss_norm_constant, self.group)
+        denom = assign_weights(micro_batches, norm, norm_constant, self.group)
         # FSDP averages gradients over dp ranks; scaling by dp_size makes it the global sum.
         scale = self.dp_size / denom
         loss_acc = torch.zeros((), device=self.device)
         stats_acc: dict[str, torch.Tensor] = {}
         n_tokens = 0
         for mb in self._pad(micro_batches):
-            logp_T, ent_T = self._logprobs(mb, entropy)
+            logp_T, ent_T = self._logprobs(mb, spec, entropy)
             if mb.dummy:
                 loss_sum, stats = logp_T.sum() * 0.0, {}
             else:
@@ -164,13 +152,16 @@ class Trainer:
                 stats_acc[k] = stats_acc.get(k, 0.0) + torch.as_tensor(v, dtype=torch.float32, device=self.device)
         return {"denom": denom, "loss_sum": loss_acc, "stats": stats_acc, "tokens": n_tokens}
 
-    def train_step(self, micro_batches: list[MicroBatch], loss_fn: LossFn, entropy: bool = False) -> dict[str, float]:
+    def train_step(self, micro_batches: list[MicroBatch], loss_fn: LossFn, spec: ScoringSpec = ScoringSpec(),
+                   norm: LossNorm = LossNorm.token_mean, norm_constant: float = 1.0,
+                   entropy: bool = False) -> dict[str, float]:
         """One optimizer step over this rank's micro-batches: backward (accumulate), clip,
-        AdamW, LR schedule. Collective: every rank calls it, with its own micro-batches."""
+        AdamW, LR schedule. Tokens are scored as `spec` says; the loss is normalised by
+        `norm` (norm_constant for LossNorm.constant). Collective: every rank calls it."""
         reset_peak_memory(self.device)
         t0 = time.perf_counter()
         try:
-            acc = self.backward(micro_batches, loss_fn, entropy)
+            acc = self.backward(micro_batches, loss_fn, spec, norm, norm_constant, entropy)
         except RuntimeError as e:
             if not is_oom(e):
                 raise
