@@ -74,6 +74,28 @@ def test_bad_files_name_file_and_line(tmp_path, content, message):
         PromptDataset(DataConfig(path=str(path)), tokenize)
 
 
+def test_non_utf8_line_is_named_and_a_bom_is_fine(tmp_path):
+    path = tmp_path / "d.jsonl"
+    path.write_bytes('{"prompt": "a", "label": 1}\n'.encode() + '{"prompt": "caf\u00e9", "label": 1}\n'.encode("latin-1"))
+    with pytest.raises(DatasetError, match=r"d.jsonl:2: not UTF-8 \(byte 0xe9.*save the file as UTF-8"):
+        PromptDataset(DataConfig(path=str(path)), tokenize)
+    path.write_bytes(b"\xef\xbb\xbf" + '{"prompt": "caf\u00e9", "label": 1}\n'.encode())
+    assert len(PromptDataset(DataConfig(path=str(path)), tokenize)) == 1
+
+
+def test_a_torn_last_metrics_row_is_dropped_on_resume_and_a_bad_middle_row_named(tmp_path, caplog):
+    from miles_fsdp.observe.metrics import MetricsFileError, drop_rows_after
+
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"step": 1}\n{"step": 2}\n{"step": 3, "train/lo')
+    with caplog.at_level("WARNING"):
+        drop_rows_after(path, 1)
+    assert path.read_text() == '{"step": 1}\n' and "metrics.jsonl:3: dropped a torn last row" in caplog.text
+    path.write_text('{"step": 1}\nnot json\n{"step": 2}\n')
+    with pytest.raises(MetricsFileError, match=r"metrics.jsonl:2: not a JSON row"):
+        drop_rows_after(path, 1)
+
+
 def test_missing_file_and_bad_config(tmp_path):
     with pytest.raises(DatasetError, match="no such file"):
         PromptDataset(DataConfig(path=str(tmp_path / "nope.jsonl")), tokenize)

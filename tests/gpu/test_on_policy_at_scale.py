@@ -102,7 +102,9 @@ def test_run_rl_is_on_policy_at_scale(results, arch, t, k, p):
     rows = [r for r in read_metrics(run) if "train/loss" in r]
     assert len(rows) == SIZE["steps"], f"{run.name}: {len(rows)} training steps logged"
     for r in rows:
-        bad = {key: v for key, v in r.items() if isinstance(v, float) and not math.isfinite(v)}
+        # metrics.jsonl writes a non-finite value as the string "nan" / "inf" / "-inf"
+        bad = {key: v for key, v in r.items() if v in ("nan", "inf", "-inf") or
+               (isinstance(v, float) and not math.isfinite(v))}
         assert not bad, f"{run.name} step {r['step']}: non-finite metrics {bad}"
         assert r["train/logprob_abs_diff_max"] == 0.0, f"{run.name} step {r['step']}: {r['train/logprob_abs_diff_max']}"
         assert r["train/skipped_step"] == 0.0 and r["rollout/samples"] == SIZE["prompts"] * SIZE["n"]

@@ -103,6 +103,20 @@ def test_no_checkpoint_and_broken_index(tmp_path, ckpt):
         load_hf(model, tmp_path)
 
 
+def test_truncated_safetensors_is_named(tmp_path, ckpt):
+    import shutil
+
+    src = ckpt("qwen3")
+    bad = tmp_path / "bad"
+    shutil.copytree(src, bad)
+    f = bad / "model.safetensors"
+    f.write_bytes(f.read_bytes()[:5000])  # an interrupted copy
+    with torch.device("meta"):
+        model = Transformer(ModelArgs.from_hf(bad))
+    with pytest.raises(CheckpointError, match=r"bad/model.safetensors: not a readable safetensors file.*truncated"):
+        load_hf(model, bad)
+
+
 def test_save_rejects_foreign_state_dict(ckpt, tmp_path):
     model = load_ours(ckpt("qwen3"))
     sd = dict(model.state_dict())

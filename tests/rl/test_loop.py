@@ -13,6 +13,7 @@ from miles_fsdp.models.testing import build_tiny_checkpoint
 from miles_fsdp.observe.metrics import read_metrics
 from miles_fsdp.rl.config import AlgoConfig, EvalConfig, RLConfig, RolloutConfig
 from miles_fsdp.rl.loop import run_rl
+from miles_fsdp.train.checkpoint import CheckpointError
 from miles_fsdp.train.optim import OptimConfig
 from miles_fsdp.train.trainer import TrainerConfig
 
@@ -138,7 +139,7 @@ def test_exact_resume(setup):
     assert [[r[k] for k in keys] for r in a] == [[r[k] for k in keys] for r in b]
     wa, wb = _final_weights(root / "straight"), _final_weights(root / "resumed")
     assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
-    with pytest.raises(FileNotFoundError, match="no step_"):
+    with pytest.raises(CheckpointError, match="no step_"):
         run_rl(_cfg(root, ckpt, data, "never_saved", steps=1, resume=True))
 
 

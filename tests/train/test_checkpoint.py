@@ -87,3 +87,33 @@ def test_stop_signal_sets_flag():
         assert stop.requested()
     finally:
         stop.restore()
+
+
+def test_a_corrupt_newest_checkpoint_falls_back_to_the_previous_one(tmp_path, caplog):
+    import logging
+
+    from miles_fsdp.train.checkpoint import load_newest_good
+
+    trainer = _make()
+    _run(trainer, range(1))
+    save_checkpoint(trainer, tmp_path, extra={"at": 1})
+    w1 = _weights(trainer)
+    _run(trainer, range(1, 2))
+    newest = save_checkpoint(trainer, tmp_path, extra={"at": 2})
+    for f in newest.glob("*.distcp"):  # a torn write: every data file cut short
+        f.write_bytes(f.read_bytes()[:100])
+
+    resumed = _make()
+    with caplog.at_level(logging.WARNING):
+        path, extra = load_newest_good(resumed, tmp_path)
+    assert path.name == "step_00000001" and extra == {"at": 1} and resumed.step == 1
+    assert "step_00000002: cannot load checkpoint" in caplog.text and "resumed from step_00000001" in caplog.text
+    assert newest.is_dir()  # the broken one is kept for inspection
+    w = _weights(resumed)
+    assert all(torch.equal(w[k], w1[k]) for k in w1)
+    with pytest.raises(CheckpointError, match=r"step_00000002: cannot load checkpoint .*incomplete or corrupt"):
+        load_checkpoint(_make(), newest)
+    for f in (tmp_path / "step_00000001").glob("*.distcp"):
+        f.write_bytes(b"")
+    with pytest.raises(CheckpointError, match="no checkpoint under .* loads"):
+        load_newest_good(_make(), tmp_path)

@@ -81,8 +81,13 @@ def read_records(path: str) -> list[tuple[str, dict[str, Any]]]:
         records = [(f"{path} row {i}", row) for i, row in enumerate(rows, 1)]
     else:
         records = []
-        with open(p) as f:
-            for lineno, line in enumerate(f, 1):
+        with open(p, "rb") as f:
+            for lineno, raw in enumerate(f, 1):
+                try:
+                    line = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")
+                except UnicodeDecodeError as e:
+                    raise DatasetError(f"{path}:{lineno}: not UTF-8 (byte {raw[e.start]:#04x} at byte {e.start + 1} of "
+                                       "the line); save the file as UTF-8") from None
                 if not line.strip():
                     continue
                 try:

@@ -8,13 +8,14 @@ that keeps only the local shard of a DTensor parameter.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
 from pathlib import Path
 from typing import Callable
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from miles_fsdp.models.args import ModelArgs
@@ -42,6 +43,17 @@ class CheckpointError(ValueError):
     """A checkpoint that does not match the model; the message lists every bad tensor."""
 
 
+@contextlib.contextmanager
+def open_safetensors(file: Path):
+    """safe_open(file), with a corrupt or truncated file reported as a CheckpointError naming it."""
+    try:
+        with safe_open(str(file), framework="pt", device="cpu") as f:
+            yield f
+    except SafetensorError as e:
+        raise CheckpointError(f"{file}: not a readable safetensors file ({e}); it is truncated or corrupt "
+                              "(an interrupted download or write?): copy or export it again") from None
+
+
 def copy_into(param: torch.nn.Parameter, src: torch.Tensor, index: tuple) -> None:
     param.data[index].copy_(src)
 
@@ -62,7 +74,7 @@ def checkpoint_files(path: str | Path) -> dict[str, list[str]]:
                 raise CheckpointError(f"{path / INDEX_FILE}: lists shard {file!r}, which is missing in {path}")
         return files
     if (path / SINGLE_FILE).is_file():
-        with safe_open(str(path / SINGLE_FILE), framework="pt") as f:
+        with open_safetensors(path / SINGLE_FILE) as f:
             return {SINGLE_FILE: list(f.keys())}
     found = sorted(p.name for p in path.iterdir()) if path.is_dir() else "directory does not exist"
     raise CheckpointError(
@@ -97,7 +109,7 @@ def load_hf(
     unexpected: list[str] = []
     misshaped: list[str] = []
     for file, names in checkpoint_files(path).items():
-        with safe_open(str(path / file), framework="pt", device="cpu") as f:
+        with open_safetensors(path / file) as f:
             for hf_name in names:
                 if hf_name not in targets:
                     if not is_ignored(args, hf_name):

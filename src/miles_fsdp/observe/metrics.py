@@ -9,12 +9,15 @@ Metric names are API (the RL loop, dashboards and docs read them): `train/loss`,
 from __future__ import annotations
 
 import json
+import logging
 import math
 import time
 from contextlib import contextmanager
 from pathlib import Path
 
 import torch
+
+logger = logging.getLogger(__name__)
 
 
 def drop_rows_after(path: str | Path, step: int) -> int:
@@ -23,13 +26,31 @@ def drop_rows_after(path: str | Path, step: int) -> int:
     path = Path(path)
     if not path.is_file():
         return 0
-    lines = path.read_text().splitlines(keepends=True)
-    keep = [ln for ln in lines if not ln.strip() or json.loads(ln).get("step", 0) <= step]
+    lines = path.read_text(errors="replace").splitlines(keepends=True)
+    keep = []
+    for i, ln in enumerate(lines, 1):
+        if not ln.strip():
+            keep.append(ln)
+            continue
+        try:
+            row = json.loads(ln)
+        except json.JSONDecodeError:
+            if i == len(lines) and not ln.endswith("\n"):  # the half-written row of a crash
+                logger.warning("%s:%d: dropped a torn last row (the run stopped while writing it)", path, i)
+                continue
+            raise MetricsFileError(f"{path}:{i}: not a JSON row; fix or delete that line (or move the file "
+                                   "aside) before resuming") from None
+        if row.get("step", 0) <= step:
+            keep.append(ln)
     if len(keep) != len(lines):
         tmp = path.with_suffix(".tmp")
         tmp.write_text("".join(keep))
         tmp.replace(path)  # atomic: a crash here leaves the old or the new file, whole
     return len(lines) - len(keep)
+
+
+class MetricsFileError(ValueError):
+    """A run's jsonl log holds a line that is not JSON (not just a torn last row)."""
 
 
 class MetricsLogger:

@@ -16,7 +16,7 @@ import torch.distributed as dist
 from miles_fsdp.data.sample import Sample
 from miles_fsdp.rl.remote import RemoteEngine
 from miles_fsdp.rl.step import to_train_seqs
-from miles_fsdp.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from miles_fsdp.train.checkpoint import CheckpointError, load_newest_good, save_checkpoint
 from miles_fsdp.train.export import export_hf
 from miles_fsdp.train.packing import unpack
 from miles_fsdp.train.reference import ReferencePolicy
@@ -75,13 +75,14 @@ def save(run_dir, trainer, dataset) -> Path:
 
 
 def resume(run_dir, trainer, dataset) -> int:
-    """Load the newest checkpoint under run_dir/checkpoints; returns the step to continue from."""
-    path = latest_checkpoint(checkpoint_root(run_dir))
-    if path is None:
-        raise FileNotFoundError(
+    """Load the newest checkpoint under run_dir/checkpoints that loads (a corrupt newer one
+    is skipped, with a warning); returns the step to continue from."""
+    found = load_newest_good(trainer, checkpoint_root(run_dir))
+    if found is None:
+        raise CheckpointError(
             f"resume=True but {checkpoint_root(run_dir)} holds no step_* checkpoint; run without --resume "
             "to start fresh, or point --run-dir at the run to continue")
-    extra = load_checkpoint(trainer, path)
+    _, extra = found
     if dataset is not None and "dataset" in extra:
         dataset.load_state_dict(extra["dataset"])
     return trainer.step

@@ -11,6 +11,7 @@ sharded (each rank writes its shards), so save and load are collective.
 from __future__ import annotations
 
 import json
+import logging
 import pickle
 import re
 import shutil
@@ -21,7 +22,10 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+logger = logging.getLogger(__name__)
 
 _STEP_DIR = re.compile(r"^step_(\d+)$")
 
@@ -138,15 +142,47 @@ def load_checkpoint(trainer, path: str | Path) -> dict:
         if rng_key not in keys:  # saved with fewer ranks: this rank keeps its current RNG
             state.pop(rng_key)
         dcp.load(state, checkpoint_id=str(path))
-    except Exception as e:  # noqa: BLE001 - re-raised with the path and the cause
-        raise CheckpointError(f"{path}: cannot load checkpoint ({type(e).__name__}: {e})") from e
+        meta, extra = pickle.loads(state["trainer"]), pickle.loads(state["extra"])
+    # torch's CheckpointException is a BaseException: name it, or a corrupt file escapes as a raw traceback
+    except (Exception, CheckpointException) as e:  # noqa: BLE001 - re-raised with the path and the cause
+        raise CheckpointError(f"{path}: cannot load checkpoint ({type(e).__name__}: {_first_line(e)}); "
+                              "it is incomplete or corrupt") from None
     set_state_dict(trainer.model, trainer.optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
-    meta = pickle.loads(state["trainer"])
     trainer.step = meta["step"]
     trainer.scheduler.load_state_dict(meta["scheduler"])
     if rng_key in state:
         _set_rng_state(state[rng_key])
-    return pickle.loads(state["extra"])
+    return extra
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0][:300] if text else ""
+
+
+def load_newest_good(trainer, root: str | Path) -> tuple[Path, dict] | None:
+    """Load the newest step_* checkpoint under `root` that loads; a corrupt newer one is
+    skipped with a warning that names it (it is kept on disk). None if root holds none;
+    CheckpointError if every one is broken. Collective."""
+    root = Path(root)
+    steps = sorted((p for p in root.iterdir() if _STEP_DIR.match(p.name) and p.is_dir()), reverse=True) \
+        if root.is_dir() else []
+    errors = []
+    for path in steps:
+        try:
+            extra = load_checkpoint(trainer, path)
+        except CheckpointError as e:
+            errors.append(str(e))
+            logger.warning("%s; trying the previous checkpoint", e)
+            continue
+        if errors:
+            logger.warning("resumed from %s, the newest checkpoint that loads (skipped %d broken)", path.name,
+                           len(errors))
+        return path, extra
+    if errors:
+        raise CheckpointError(f"no checkpoint under {root} loads:\n  " + "\n  ".join(errors) +
+                              "\nstart without resume (or with another run directory)")
+    return None
 
 
 class StopSignal:

@@ -21,7 +21,7 @@ from miles_fsdp.observe.progress import Progress
 from miles_fsdp.observe.profiler import ProfileConfig, StepProfiler
 from miles_fsdp.parallel import init_distributed
 from miles_fsdp.train.checkpoint import (CheckpointConfig, StopSignal, latest_checkpoint, load_checkpoint,
-                                         save_checkpoint)
+                                         load_newest_good, save_checkpoint)
 from miles_fsdp.train.export import export_hf, load_model
 from miles_fsdp.train.loss import LossNorm, sft_loss
 from miles_fsdp.train.packing import TrainSeq
@@ -106,7 +106,9 @@ def train_sft(cfg: SFTConfig) -> list[dict]:
     prepare_run_dir(cfg.out, resume is not None, cfg.overwrite, "--checkpoint.resume auto (with a checkpoint "
                     "in --checkpoint.dir)", "--out")
     trainer = Trainer(load_model(cfg.model), cfg.trainer)
-    if resume is not None:
+    if resume is not None and ck.resume == "auto":  # the newest that loads (a corrupt one is skipped)
+        resume = load_newest_good(trainer, ck.dir)[0]
+    elif resume is not None:
         load_checkpoint(trainer, resume)
     logger = MetricsLogger(cfg.out, enabled=rank == 0, resume_step=trainer.step if resume is not None else None)
     progress = Progress(cfg.steps, start=trainer.step, desc="sft", enabled=rank == 0)
