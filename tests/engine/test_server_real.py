@@ -128,8 +128,8 @@ def test_update_weights_from_a_cut_file_is_400_naming_it(url, ckpts):
     r = httpx.post(f"{url}/update_weights", json={"path": str(cut), "version": 9}, timeout=60)
     err = r.json()["error"]
     assert r.status_code == 400 and err["param"] == "path", r.text
-    assert f"{cut.resolve() / 'model.safetensors'} is not a readable safetensors file" in err["message"]
-    assert "write the checkpoint again" in err["message"]
+    assert f"{cut.resolve() / 'model.safetensors'}: not a readable safetensors file" in err["message"]
+    assert "export it again" in err["message"]  # the fix
     assert httpx.get(f"{url}/health").json()["weight_version"] != 9
 
 

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from fastapi import Request as HTTPRequest
-from safetensors import SafetensorError, safe_open
+from safetensors import SafetensorError
 
 from miles_fsdp.engine.protocol import ApiError, UpdateWeightsRequest, parse
 from miles_fsdp.models.hf_io import INDEX_FILE, SINGLE_FILE, checkpoint_files
@@ -57,21 +57,13 @@ def checkpoint_dir(raw: str, root: Path | None) -> Path:
 
 
 def check_checkpoint_files(path: str | Path) -> None:
-    """Raise ValueError naming the file unless `path` holds a safetensors checkpoint whose
-    headers all read (a copy cut short fails here, by name, not deep in the loader)."""
+    """Raise ValueError unless `path` holds a safetensors checkpoint, without listing the
+    directory (the loader's message would) and refusing index shards outside it. A file cut
+    short is named by the loader itself (models.hf_io.open_safetensors)."""
     path = Path(path).resolve()
     if (path / INDEX_FILE).is_file():
-        files = list(checkpoint_files(path))  # CheckpointError (a ValueError) names the index and the shard
-    elif (path / SINGLE_FILE).is_file():
-        files = [SINGLE_FILE]
-    else:
+        for name in checkpoint_files(path):  # CheckpointError (a ValueError) names the index and the shard
+            if not (path / name).resolve().is_relative_to(path):
+                raise ValueError(f"{path / INDEX_FILE} names the shard {name!r}, outside {path}; keep shards beside it")
+    elif not (path / SINGLE_FILE).is_file():
         raise ValueError(f"no {SINGLE_FILE} or {INDEX_FILE} there; write the HF checkpoint (save_hf) into {path}")
-    for name in files:
-        if not (path / name).resolve().is_relative_to(path):
-            raise ValueError(f"{path / INDEX_FILE} names the shard {name!r}, outside {path}; keep shards beside it")
-        try:
-            with safe_open(str(path / name), framework="pt"):
-                pass
-        except SafetensorError as e:
-            raise ValueError(f"{path / name} is not a readable safetensors file ({e}); it was probably cut short "
-                             "(a write or copy that did not finish): write the checkpoint again, then retry") from None
