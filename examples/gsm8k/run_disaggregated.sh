@@ -15,6 +15,8 @@
 #   PORT0         first local server port (default 8100)
 #   RUN_DIR       run directory (default runs/gsm8k_disaggregated)
 #   WEIGHTS_DIR   where each step's weights go (default RUN_DIR/weights); the servers' --weights-root
+#   LOG_DIR       local servers' logs (default RUN_DIR.servers: beside the run directory, which the
+#                 trainer requires empty unless --resume or --overwrite)
 #   MILES_API_KEY optional key the servers require and the trainer sends
 set -euo pipefail
 source "$(dirname "$0")/_common.sh"
@@ -23,6 +25,7 @@ SERVERS=${SERVERS:-1}
 PORT0=${PORT0:-8100}
 RUN_DIR=${RUN_DIR:-runs/gsm8k_disaggregated}
 WEIGHTS_DIR=${WEIGHTS_DIR:-$RUN_DIR/weights}
+LOG_DIR=${LOG_DIR:-$RUN_DIR.servers}
 URLS=${SERVER_URLS:-}
 TRAIN_GPUS=$(seq -s, 0 $((GPUS - 1)))
 PIDS=()
@@ -32,17 +35,17 @@ if [ -z "$URLS" ]; then
     echo "SERVERS=$SERVERS leaves none of this node's $GPUS GPUs for training; lower SERVERS" >&2
     exit 1
   fi
-  mkdir -p "$RUN_DIR"
+  mkdir -p "$LOG_DIR"
   for i in $(seq 0 $((SERVERS - 1))); do
     CUDA_VISIBLE_DEVICES=$i miles-fsdp serve --model "$MODEL" --port $((PORT0 + i)) --log-level warning \
-      --weights-root "$WEIGHTS_DIR" > "$RUN_DIR/server$i.log" 2>&1 &
+      --weights-root "$WEIGHTS_DIR" > "$LOG_DIR/server$i.log" 2>&1 &
     PIDS+=($!)
     URLS="$URLS http://127.0.0.1:$((PORT0 + i))"
   done
   for i in $(seq 0 $((SERVERS - 1))); do
     until curl -sf "http://127.0.0.1:$((PORT0 + i))/health" > /dev/null; do
       if ! kill -0 "${PIDS[$i]}" 2> /dev/null; then
-        echo "server $i exited while starting; see $RUN_DIR/server$i.log" >&2
+        echo "server $i exited while starting; see $LOG_DIR/server$i.log" >&2
         exit 1
       fi
       sleep 2

@@ -115,7 +115,7 @@ def test_remote_engine_errors_name_the_server_and_the_fix(setup):
             client.generate([too_many])
         with pytest.raises(RemoteEngineError, match=r"/update_weights answered HTTP 400: path: .* is not a directory"):
             client.update_weights_from(str(root / "missing"), 1)
-    with pytest.raises(ValueError, match=r"rollout.servers='localhost:8000': each entry must be a URL"):
+    with pytest.raises(ValueError, match=r"rollout.servers='localhost:8000' \(--rollout.servers\): each entry must be a URL"):
         RolloutConfig(servers=("localhost:8000",))
 
 
@@ -174,3 +174,23 @@ def test_eval_command_on_servers_equals_local(setup, tmp_path):
                                  temperature=1.0, device="cpu", servers=servers, out=str(tmp_path / f"{name}.json")))
     local, remote = (json.loads((tmp_path / f"{n}.json").read_text()) for n in ("local", "remote"))
     assert remote == local and local["eval/num_prompts"] == 8
+
+
+def test_a_stop_cuts_remote_generation_and_the_server_aborts(setup):
+    root, ckpt, data, (url, _) = setup
+    eng = RemoteEngine([url])
+    long = SamplingParams(n=8, max_new_tokens=200, seed=1, ignore_eos=False)
+    t0 = time.monotonic()
+    results = eng.generate([Request([1, 2, 3], long) for _ in range(4)], stop=lambda: time.monotonic() - t0 > 0.5)
+    assert time.monotonic() - t0 < 10
+    assert all(r.finish_reason.value == "abort" and not r.token_ids for rs in results for r in rs)
+    deadline = time.monotonic() + 30  # the server saw the disconnects and aborted: its queue drains
+    while time.monotonic() < deadline:
+        depth = [ln for ln in urllib.request.urlopen(url + "/metrics").read().decode().splitlines()
+                 if ln.startswith("miles_queue_depth ")]
+        if depth and float(depth[0].split()[1]) == 0.0:
+            break
+        time.sleep(0.2)
+    else:
+        raise AssertionError(f"the server kept generating: {depth}")
+    eng.close()

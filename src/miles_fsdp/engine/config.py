@@ -13,7 +13,8 @@ class EngineConfig:
     kv_memory_fraction: float = 0.85
     """CUDA: fraction of the device memory free after loading the model given to the KV cache."""
     kv_memory_bytes: int = 0
-    """Bytes for the KV cache; required on CPU, overrides kv_memory_fraction on CUDA when > 0."""
+    """Bytes for the KV cache; overrides kv_memory_fraction on CUDA when > 0. On CPU an Engine
+    needs it (or num_pages); `serve`, `generate` and `eval` pick one when it is 0 and log it."""
     num_pages: int = 0
     """Exact number of KV pages (page 0 is a scratch page); overrides both memory settings when > 0."""
     max_num_seqs: int = 256

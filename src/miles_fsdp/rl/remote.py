@@ -9,19 +9,23 @@ The RL loop makes the same calls as on its colocated engine:
 Weights travel as an HF checkpoint in a directory every server can read (a shared
 filesystem): the trainer writes param.to(dtype), the server loads it as is, so a server that
 runs the same kernels in the same dtype records the log-probs the trainer recomputes (the
-loop still asserts diff 0 in invariant mode). Plain urllib in threads: no extra dependency.
+loop still asserts diff 0 in invariant mode). Plain http.client in threads: no extra dependency;
+a stop cuts the calls in flight and the servers abort them.
 """
 
 from __future__ import annotations
 
 import asyncio
+import http.client
 import json
 import logging
 import os
+import socket
+import threading
 import time
-import urllib.error
-import urllib.request
-from concurrent.futures import ThreadPoolExecutor
+import urllib.parse
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor, wait
 
 import torch
 
@@ -35,6 +39,10 @@ class RemoteEngineError(RuntimeError):
     """A rollout server could not be reached or refused a request."""
 
 
+class RemoteEngineCancelled(RemoteEngineError):
+    """A call cut short by cancel_inflight (a stop was requested)."""
+
+
 class RemoteEngine:
     def __init__(self, urls: tuple[str, ...] | list[str], timeout_s: float = 3600.0, start: int = 0,
                  max_inflight_per_server: int = 64, wait_s: float = 60.0):
@@ -44,6 +52,9 @@ class RemoteEngine:
         self.urls = [u.rstrip("/") for u in urls]
         self.timeout_s = timeout_s
         self._next = start  # round-robin cursor; ranks start at their rank to spread load
+        self._lock = threading.Lock()
+        self._inflight: set[http.client.HTTPConnection] = set()
+        self._cancelled = False
         self._pool = ThreadPoolExecutor(max_workers=max_inflight_per_server * len(self.urls),
                                         thread_name_prefix="rollout-http")
         self.versions = [self._wait_healthy(u, wait_s)["weight_version"] for u in self.urls]
@@ -64,26 +75,49 @@ class RemoteEngine:
     # --- HTTP ---------------------------------------------------------------------------
 
     def _call(self, url: str, path: str, body: dict | None = None, timeout_s: float | None = None) -> dict:
-        data = None if body is None else json.dumps(body).encode()
+        u = urllib.parse.urlsplit(url)
+        conn_cls = http.client.HTTPSConnection if u.scheme == "https" else http.client.HTTPConnection
+        conn = conn_cls(u.hostname, u.port, timeout=timeout_s or self.timeout_s)
         headers = {"Content-Type": "application/json"}
         if key := os.environ.get("MILES_API_KEY"):  # the servers' key (`miles-fsdp serve` reads the same variable)
             headers["Authorization"] = f"Bearer {key}"
-        req = urllib.request.Request(url + path, data=data, headers=headers)
+        with self._lock:
+            self._inflight.add(conn)
         try:
-            with urllib.request.urlopen(req, timeout=timeout_s or self.timeout_s) as r:
-                return json.loads(r.read())
-        except urllib.error.HTTPError as e:
-            raw = e.read().decode(errors="replace")
-            try:
-                msg = json.loads(raw)["error"]["message"]
-            except (ValueError, KeyError, TypeError):
-                msg = raw[:500]
-            raise RemoteEngineError(f"rollout server {url}{path} answered HTTP {e.code}: {msg}") from None
-        except (urllib.error.URLError, OSError) as e:  # refused, DNS, timeout
-            reason = getattr(e, "reason", e)
+            conn.request("GET" if body is None else "POST", u.path.rstrip("/") + path,
+                         None if body is None else json.dumps(body).encode(), headers)
+            r = conn.getresponse()
+            status, raw = r.status, r.read()
+        except (OSError, http.client.HTTPException) as e:  # refused, DNS, timeout, cut by cancel_inflight
+            if self._cancelled:
+                raise RemoteEngineCancelled(f"{url}{path}: cancelled (stop requested)") from None
             raise RemoteEngineError(
-                f"rollout server {url}{path}: {reason}; check RolloutConfig.servers and that "
+                f"rollout server {url}{path}: {e}; check RolloutConfig.servers and that "
                 f"`miles-fsdp serve` runs there (raise rollout.request_timeout_s for very long rollouts)") from None
+        finally:
+            with self._lock:
+                self._inflight.discard(conn)
+            conn.close()
+        if status >= 400:
+            text = raw.decode(errors="replace")
+            try:
+                msg = json.loads(text)["error"]["message"]
+            except (ValueError, KeyError, TypeError):
+                msg = text[:500]
+            raise RemoteEngineError(f"rollout server {url}{path} answered HTTP {status}: {msg}")
+        return json.loads(raw)
+
+    def cancel_inflight(self) -> None:
+        """Cut every HTTP call in flight (their servers see the disconnect and abort the request);
+        calls made from now on still run. Used when a stop is requested mid-rollout."""
+        with self._lock:
+            self._cancelled = True
+            for conn in self._inflight:
+                if conn.sock is not None:
+                    try:
+                        conn.sock.shutdown(socket.SHUT_RDWR)
+                    except OSError:
+                        pass
 
     def health(self, url: str) -> dict:
         return self._call(url, "/health", timeout_s=min(30.0, self.timeout_s))
@@ -101,14 +135,24 @@ class RemoteEngine:
 
     # --- the engine interface the loop uses ---------------------------------------------
 
-    def generate(self, requests: list[Request]) -> list[list[Result]]:
-        """Blocking: results[i][j] is sample j of requests[i] (as Engine.generate)."""
+    def generate(self, requests: list[Request], stop: Callable[[], bool] | None = None) -> list[list[Result]]:
+        """Blocking: results[i][j] is sample j of requests[i] (as Engine.generate). `stop()` is
+        polled while waiting: once True the calls in flight are cut (the servers abort them) and
+        their samples come back ABORTED with no tokens."""
+        self._cancelled = False
         jobs = []
         for req in requests:
             url = self.urls[self._next % len(self.urls)]
             self._next += 1
             jobs.append(self._pool.submit(self._generate, url, req))
-        return [job.result() for job in jobs]
+        pending = set(jobs)
+        while pending:
+            _, pending = wait(pending, timeout=0.1)
+            if pending and stop is not None and stop():
+                self.cancel_inflight()
+                wait(pending)
+                break
+        return [_results_or_aborted(job, req) for job, req in zip(jobs, requests)]
 
     async def agenerate(self, prompt_ids: list[int], params: SamplingParams) -> Result:
         """One sample (params.n must be 1), awaitable: what a generate hook's engine call does."""
@@ -136,6 +180,16 @@ class RemoteEngine:
             "seed": p.seed}}
         out = self._call(url, "/generate", body)
         return [_result(out["id"], o) for o in sorted(out["outputs"], key=lambda o: o["index"])]
+
+
+def _results_or_aborted(job, req: Request) -> list[Result]:
+    try:
+        return job.result()
+    except RemoteEngineCancelled:
+        return [Result(request_id=req.request_id or "", sample_index=i, token_ids=[],
+                       logprobs=torch.zeros(0, dtype=torch.float32), finish_reason=FinishReason.ABORT,
+                       timings=Timings(), weight_version=-1, seed=req.params.seed or 0, num_cached_prompt_tokens=0)
+                for i in range(req.params.n)]
 
 
 def _result(request_id: str, o: dict) -> Result:
