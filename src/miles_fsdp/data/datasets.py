@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 
+from miles_fsdp.errors import UserError
 from miles_fsdp.data.sample import Message, Sample
 
 logger = logging.getLogger(__name__)
@@ -27,7 +28,7 @@ Tokenize = Callable[[str | list[Message]], list[int]]
 SUFFIXES = (".jsonl", ".parquet")
 
 
-class DatasetError(ValueError):
+class DatasetError(UserError, ValueError):
     """A data file that cannot be used as is; the message says where and what to fix."""
 
 

@@ -13,6 +13,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from miles_fsdp.errors import UserError
+
 ARCHITECTURES = {
     "Qwen3ForCausalLM": "qwen3",
     "Qwen3MoeForCausalLM": "qwen3_moe",
@@ -22,7 +24,7 @@ ARCHITECTURES = {
 ROPE_TYPES = ("default", "linear", "llama3", "yarn")
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A config.json we cannot run; the message names the file, the field and the fix."""
 
 

@@ -18,6 +18,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
+from miles_fsdp.errors import UserError
 from miles_fsdp.models.args import ModelArgs
 from miles_fsdp.models.state_dict_adapter import hf_table, is_ignored, load_targets, ours_to_hf
 
@@ -39,7 +40,7 @@ SIDE_FILES = (
 CopyFn = Callable[[torch.nn.Parameter, torch.Tensor, tuple], None]
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UserError, ValueError):
     """A checkpoint that does not match the model; the message lists every bad tensor."""
 
 

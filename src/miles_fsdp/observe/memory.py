@@ -8,6 +8,8 @@ import sys
 
 import torch
 
+from miles_fsdp.errors import UserError
+
 
 def reset_peak_memory(device: torch.device) -> None:
     if device.type == "cuda":
@@ -28,9 +30,13 @@ def is_oom(e: BaseException) -> bool:
         isinstance(e, RuntimeError) and "can't allocate memory" in str(e))
 
 
-def oom_error(e: BaseException, what: str, fixes: str) -> torch.OutOfMemoryError:
+class OutOfMemory(UserError, torch.OutOfMemoryError):
+    """Out of memory, with what ran out and the settings that make it fit."""
+
+
+def oom_error(e: BaseException, what: str, fixes: str) -> OutOfMemory:
     """The error to raise from `e`: what ran out of memory, the settings that fix it, then
     the allocator's own first line."""
     first = (str(e).strip().splitlines() or [""])[0]
-    return torch.OutOfMemoryError(f"{what} ran out of memory; {fixes}. Allocator: {first}")
+    return OutOfMemory(f"{what} ran out of memory; {fixes}. Allocator: {first}")
 

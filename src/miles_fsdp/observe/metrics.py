@@ -17,6 +17,8 @@ from pathlib import Path
 
 import torch
 
+from miles_fsdp.errors import UserError
+
 logger = logging.getLogger(__name__)
 
 
@@ -49,7 +51,7 @@ def drop_rows_after(path: str | Path, step: int) -> int:
     return len(lines) - len(keep)
 
 
-class MetricsFileError(ValueError):
+class MetricsFileError(UserError, ValueError):
     """A run's jsonl log holds a line that is not JSON (not just a torn last row)."""
 
 

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from miles_fsdp.data.sample import Sample
+from miles_fsdp.errors import UserError
 from miles_fsdp.rewards.exact_match import make_exact_match
 from miles_fsdp.rewards.math import math_reward
 
@@ -37,15 +38,19 @@ BUILTINS: dict[str, Callable[..., RewardFn]] = {
 }
 
 
+class LoadError(UserError, ValueError):
+    """A reward or hook named by path that cannot be loaded; the message says why."""
+
+
 def load_function(spec: str, what: str) -> Callable[..., Any]:
     """Import `module.path:function` or `path/to/file.py:function`; `what` names the hook in errors."""
     module_part, sep, name = spec.rpartition(":")
     if not sep or not module_part or not name:
-        raise ValueError(f"{what} {spec!r}: expected 'module.path:function' or 'path/to/file.py:function'")
+        raise LoadError(f"{what} {spec!r}: expected 'module.path:function' or 'path/to/file.py:function'")
     if module_part.endswith(".py"):
         path = Path(module_part)
         if not path.is_file():
-            raise ValueError(f"{what} {spec!r}: file {module_part} does not exist")
+            raise LoadError(f"{what} {spec!r}: file {module_part} does not exist")
         mod_name = f"_miles_user_{path.stem}_{abs(hash(str(path.resolve())))}"
         loader_spec = importlib.util.spec_from_file_location(mod_name, path)
         module = importlib.util.module_from_spec(loader_spec)
@@ -54,17 +59,17 @@ def load_function(spec: str, what: str) -> Callable[..., Any]:
             loader_spec.loader.exec_module(module)
         except Exception as e:
             del sys.modules[mod_name]
-            raise ValueError(f"{what} {spec!r}: importing {module_part} failed: {e!r}") from e
+            raise LoadError(f"{what} {spec!r}: importing {module_part} failed: {e!r}") from e
     else:
         try:
             module = importlib.import_module(module_part)
         except ImportError as e:
-            raise ValueError(f"{what} {spec!r}: cannot import module {module_part!r} ({e})") from e
+            raise LoadError(f"{what} {spec!r}: cannot import module {module_part!r} ({e})") from e
     fn = getattr(module, name, None)
     if fn is None:
-        raise ValueError(f"{what} {spec!r}: {module_part} has no attribute {name!r}")
+        raise LoadError(f"{what} {spec!r}: {module_part} has no attribute {name!r}")
     if not callable(fn):
-        raise ValueError(f"{what} {spec!r}: {name} is a {type(fn).__name__}, not a function")
+        raise LoadError(f"{what} {spec!r}: {name} is a {type(fn).__name__}, not a function")
     return fn
 
 
@@ -73,9 +78,9 @@ def load_reward(spec: str, **options: Any) -> RewardFn:
     if spec in BUILTINS:
         return BUILTINS[spec](**options)
     if ":" not in spec:
-        raise ValueError(f"unknown reward {spec!r}: use one of {sorted(BUILTINS)} or 'module:function'")
+        raise LoadError(f"unknown reward {spec!r}: use one of {sorted(BUILTINS)} or 'module:function'")
     if options:
-        raise ValueError(f"reward {spec!r}: options {sorted(options)} only apply to built-in rewards")
+        raise LoadError(f"reward {spec!r}: options {sorted(options)} only apply to built-in rewards")
     return load_function(spec, "reward")
 
 

@@ -29,13 +29,14 @@ from concurrent.futures import ThreadPoolExecutor, wait
 
 import torch
 
+from miles_fsdp.errors import UserError
 from miles_fsdp.engine.sequence import FinishReason, Request, Result, SamplingParams, Timings
 
 
 logger = logging.getLogger(__name__)
 
 
-class RemoteEngineError(RuntimeError):
+class RemoteEngineError(UserError, RuntimeError):
     """A rollout server could not be reached or refused a request."""
 
 

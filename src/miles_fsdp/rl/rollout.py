@@ -19,6 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
+from miles_fsdp.errors import UserError
 from miles_fsdp.data.sample import Sample, Status, make_group
 from miles_fsdp.engine.sequence import FinishReason, Request, SamplingParams
 from miles_fsdp.rewards.registry import RewardStopped, score_samples
@@ -154,7 +155,7 @@ class RolloutBatch:
     """Wall time scoring rewards."""
 
 
-class RewardFunctionError(ValueError):
+class RewardFunctionError(UserError, ValueError):
     """The reward function failed on every sample of the run's first batch: it cannot work."""
 
 

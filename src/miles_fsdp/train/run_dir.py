@@ -14,10 +14,12 @@ from pathlib import Path
 
 import torch.distributed as dist
 
+from miles_fsdp.errors import UserError
+
 logger = logging.getLogger(__name__)
 
 
-class RunDirError(ValueError):
+class RunDirError(UserError, ValueError):
     """The run directory holds another run and the command was not told what to do with it."""
 
 
