@@ -1,19 +1,24 @@
 """`miles-fsdp generate`: sample completions from an HF checkpoint with the rollout engine.
 
-    prompts --(chat template)--> ids --engine (paged KV, prefix cache, continuous batching)-->
+    prompts --(plain or chat template)--> ids --engine (paged KV, prefix cache, continuous batching)-->
       token ids + the logprob of each token under the distribution it was sampled from
 
 Greedy at temperature 0, else Gumbel-max over top-k/top-p filtered logits / T, with prompt i
-seeded by seed + i (a prompt's output does not depend on the others). Example:
-    miles-fsdp generate --model ckpt/ --prompt "What is 2+2?" --max-new-tokens 16 --json
+seeded by seed + i (a prompt's output does not depend on the others). Text prompts are
+encoded the way the checkpoint was trained (`Tokenizer.text_prompt_format`; --prompt-format
+overrides), and the choice is logged to stderr. Example:
+    miles-fsdp generate --model ckpt/ --prompt "What is 2+2?" --prompt "And 3+3?" --max-new-tokens 16 --json
 """
 
 from __future__ import annotations
 
 import json
+import sys
 from dataclasses import dataclass, field
+from typing import Annotated, Literal
 
 import torch
+import tyro
 
 from miles_fsdp.engine.offline import generate_from_prompts
 from miles_fsdp.models import ModelArgs, Transformer, load_hf
@@ -25,12 +30,15 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 class GenerateConfig:
     model: str = ""
     """HF checkpoint directory (config.json, *.safetensors, tokenizer files)."""
-    prompt: list[str] = field(default_factory=list)
-    """Text prompts; each is wrapped in the chat template when the tokenizer has one (see --chat)."""
+    prompt: Annotated[list[str], tyro.conf.UseAppendAction] = field(default_factory=list)
+    """A text prompt; repeat the flag for several (--prompt A --prompt B), generated in order."""
     prompt_ids: str = ""
     """Prompts given as token ids: "1,2,3"; separate several prompts with ";" ("1,2;7,8")."""
-    chat: bool = True
-    """Apply the checkpoint's chat template to text prompts (plain encoding if it has none)."""
+    prompt_format: Literal["auto", "plain", "chat"] = "auto"
+    """How text prompts are encoded: "plain" (as is, like a string prompt in rl/sft/eval data),
+    "chat" (one user message through the chat template), or "auto": what the checkpoint's
+    generation_config.json records as "prompt_format", else "chat" when the tokenizer has a
+    chat template and "plain" when it has none."""
     max_new_tokens: int = 32
     """Tokens to generate per prompt at most (stops earlier at an EOS token)."""
     temperature: float = 0.0
@@ -102,7 +110,7 @@ def generate(
             raise ValueError(f"prompt {i}: token ids {bad[:5]} outside the vocabulary [0, {args.vocab_size})")
         if len(p) + max_new_tokens > args.max_position_embeddings:
             raise ValueError(
-                f"prompt {i}: {len(p)} tokens + max_new_tokens {max_new_tokens} exceeds the model's "
+                f"prompt {i}: {len(p)} tokens + max_new_tokens {max_new_tokens} (--max-new-tokens) exceeds the model's "
                 f"max_position_embeddings {args.max_position_embeddings}"
             )
     results = generate_from_prompts(model, prompts, max_new_tokens, temperature, top_p, top_k, seed, stop_ids)
@@ -121,10 +129,8 @@ def main(cfg: GenerateConfig) -> list[Completion]:
     tok = load_tokenizer(cfg.model) if has_tokenizer else None
     if cfg.prompt and tok is None:
         raise ValueError(f"{cfg.model}: has no tokenizer, so text --prompt cannot be encoded; use --prompt-ids 1,2,3")
-    prompts = [
-        tok.apply_chat_template([{"role": "user", "content": p}]) if cfg.chat and tok.chat_template else tok.encode(p)
-        for p in cfg.prompt
-    ] + cfg.parsed_prompt_ids()
+    fmt = _text_format(cfg, tok) if cfg.prompt else "plain"
+    prompts = [tok.encode_text_prompt(p, fmt) for p in cfg.prompt] + cfg.parsed_prompt_ids()
     if not prompts:
         raise ValueError("no prompts: pass --prompt TEXT (repeatable) or --prompt-ids 1,2,3")
 
@@ -146,3 +152,17 @@ def main(cfg: GenerateConfig) -> list[Completion]:
             print(f"--- prompt {i} ({r.finish_reason}, {len(r.token_ids)} tokens)")
             print(text if text is not None else r.token_ids)
     return results
+
+
+def _text_format(cfg: GenerateConfig, tok) -> str:
+    """The format of text prompts for this run; says on stderr which one and how to switch."""
+    if cfg.prompt_format == "auto":
+        fmt, why = tok.text_prompt_format()
+    else:
+        fmt, why = cfg.prompt_format, f"--prompt-format {cfg.prompt_format}"
+    if fmt == "chat" and not tok.chat_template:
+        raise ValueError(f"--prompt-format chat: {cfg.model} has no chat template; use --prompt-format plain")
+    other = "plain" if fmt == "chat" else "chat"
+    how = "through the chat template" if fmt == "chat" else "as plain text, no chat template"
+    print(f"generate: text prompts encoded {how} ({why}); --prompt-format {other} to change", file=sys.stderr)
+    return fmt

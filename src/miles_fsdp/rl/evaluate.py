@@ -2,6 +2,7 @@
 
 Each rank evaluates its slice of the prompts; the counts are summed over ranks, so the
 numbers are those of the whole eval set. Greedy (temperature 0) with n = 1 gives accuracy.
+An empty eval set is an error, not a reward of 0.0.
 """
 
 from __future__ import annotations
@@ -38,6 +39,9 @@ def evaluate(engine, tokenizer, prompts: list[Sample], reward_fn, n: int, temper
     if dist.is_initialized():
         dist.all_reduce(sums, group=group)
     total, count, n_prompts, length, errors = sums[:5].tolist()
+    if n_prompts == 0:
+        raise ValueError("evaluate: no prompts to evaluate (an empty eval set has no reward); "
+                         "check the eval data file and the max-prompts setting")
     out = {"eval/reward_mean": total / max(count, 1), "eval/response_len_mean": length / max(count, 1),
            "eval/num_prompts": n_prompts, "eval/reward_errors": errors}
     for k, v in zip(ks, sums[5:].tolist()):
