@@ -130,3 +130,17 @@ def test_a_trainer_records_the_format_of_its_data(tmp_path):
     assert json.loads((path / "generation_config.json").read_text())["eos_token_id"] == eos  # other keys kept
     record_prompt_format(tmp_path / "c", None)  # mixed data: nothing recorded, nothing changed
     assert load_tokenizer(path).recorded_prompt_format == "plain"
+
+
+def test_cli_prints_these_errors_as_one_message(ckpt, tmp_path, capsys):
+    from miles_fsdp import cli
+
+    data = tmp_path / "d.jsonl"
+    data.write_text(json.dumps({"prompt": "rev abc=", "label": "cba"}) + "\n")
+    assert cli.main(["eval", "--model", str(ckpt), "--data", str(data), "--max-new-tokens", "250"]) == 1
+    err = capsys.readouterr().err
+    assert "miles-fsdp eval: error: --max-new-tokens 250" in err and "Traceback" not in err
+    no_template = build_tiny_checkpoint(tmp_path / "c", "qwen3")
+    _drop_chat_template(no_template)
+    assert cli.main(["generate", "--model", str(no_template), "--prompt", "x", "--prompt-format", "chat"]) == 1
+    assert "error: --prompt-format chat" in capsys.readouterr().err

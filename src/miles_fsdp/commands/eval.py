@@ -22,6 +22,7 @@ from miles_fsdp.data.datasets import DataConfig, PromptDataset
 from miles_fsdp.data.sample import Sample
 from miles_fsdp.data.tokenizer import load_tokenizer
 from miles_fsdp.engine.config import EngineConfig
+from miles_fsdp.errors import UserError
 from miles_fsdp.models import ModelArgs
 from miles_fsdp.rewards.exact_match import extract_answer
 from miles_fsdp.rewards.registry import load_reward
@@ -30,6 +31,10 @@ from miles_fsdp.rl.remote import RemoteEngine
 from miles_fsdp.rl.setup import build_engine
 
 DEFAULT_MAX_NEW_TOKENS = 256
+
+
+class EvalError(UserError, ValueError):
+    """Settings that do not fit the model or the data; the message says what to change."""
 
 
 @dataclass
@@ -114,12 +119,12 @@ def fit_max_new_tokens(cfg: EvalConfig, prompts: list[Sample]) -> int:
     room = context - longest
     if cfg.max_new_tokens:
         if cfg.max_new_tokens > room:
-            raise ValueError(f"--max-new-tokens {cfg.max_new_tokens}: the longest prompt ({longest} tokens) plus "
+            raise EvalError(f"--max-new-tokens {cfg.max_new_tokens}: the longest prompt ({longest} tokens) plus "
                              f"the response must fit the model's context of {context} tokens ({source}); "
                              f"use --max-new-tokens {room} or less (or 0 for what fits)")
         return cfg.max_new_tokens
     if room < 1:
-        raise ValueError(f"{cfg.data}: the longest prompt ({longest} tokens) fills the model's context of {context} "
+        raise EvalError(f"{cfg.data}: the longest prompt ({longest} tokens) fills the model's context of {context} "
                          f"tokens ({source}), leaving no room for a response; shorten the prompts")
     n = min(DEFAULT_MAX_NEW_TOKENS, room)
     why = "the default" if n == DEFAULT_MAX_NEW_TOKENS else (

@@ -21,9 +21,14 @@ import torch
 import tyro
 
 from miles_fsdp.engine.offline import generate_from_prompts
+from miles_fsdp.errors import UserError
 from miles_fsdp.models import ModelArgs, Transformer, load_hf
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class GenerateError(UserError, ValueError):
+    """Prompts that cannot be generated from as given; the message says what to change."""
 
 
 @dataclass
@@ -105,11 +110,11 @@ def generate(
     args: ModelArgs = model.args
     for i, p in enumerate(prompts):
         if not p:
-            raise ValueError(f"prompt {i} is empty: give at least one token")
+            raise GenerateError(f"prompt {i} is empty: give at least one token")
         if bad := [t for t in p if not 0 <= t < args.vocab_size]:
-            raise ValueError(f"prompt {i}: token ids {bad[:5]} outside the vocabulary [0, {args.vocab_size})")
+            raise GenerateError(f"prompt {i}: token ids {bad[:5]} outside the vocabulary [0, {args.vocab_size})")
         if len(p) + max_new_tokens > args.max_position_embeddings:
-            raise ValueError(
+            raise GenerateError(
                 f"prompt {i}: {len(p)} tokens + max_new_tokens {max_new_tokens} (--max-new-tokens) exceeds the model's "
                 f"max_position_embeddings {args.max_position_embeddings}"
             )
@@ -128,11 +133,12 @@ def main(cfg: GenerateConfig) -> list[Completion]:
     has_tokenizer = any((Path(cfg.model) / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json"))
     tok = load_tokenizer(cfg.model) if has_tokenizer else None
     if cfg.prompt and tok is None:
-        raise ValueError(f"{cfg.model}: has no tokenizer, so text --prompt cannot be encoded; use --prompt-ids 1,2,3")
+        raise GenerateError(f"{cfg.model}: has no tokenizer, so text --prompt cannot be encoded; "
+                            "use --prompt-ids 1,2,3")
     fmt = _text_format(cfg, tok) if cfg.prompt else "plain"
     prompts = [tok.encode_text_prompt(p, fmt) for p in cfg.prompt] + cfg.parsed_prompt_ids()
     if not prompts:
-        raise ValueError("no prompts: pass --prompt TEXT (repeatable) or --prompt-ids 1,2,3")
+        raise GenerateError("no prompts: pass --prompt TEXT (repeatable) or --prompt-ids 1,2,3")
 
     with torch.device("meta"):
         model = Transformer(args)
@@ -161,7 +167,7 @@ def _text_format(cfg: GenerateConfig, tok) -> str:
     else:
         fmt, why = cfg.prompt_format, f"--prompt-format {cfg.prompt_format}"
     if fmt == "chat" and not tok.chat_template:
-        raise ValueError(f"--prompt-format chat: {cfg.model} has no chat template; use --prompt-format plain")
+        raise GenerateError(f"--prompt-format chat: {cfg.model} has no chat template; use --prompt-format plain")
     other = "plain" if fmt == "chat" else "chat"
     how = "through the chat template" if fmt == "chat" else "as plain text, no chat template"
     print(f"generate: text prompts encoded {how} ({why}); --prompt-format {other} to change", file=sys.stderr)

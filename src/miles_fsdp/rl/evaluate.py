@@ -12,9 +12,14 @@ import torch.distributed as dist
 
 from miles_fsdp.data.sample import Sample
 from miles_fsdp.engine.sequence import SamplingParams
+from miles_fsdp.errors import UserError
 from miles_fsdp.rewards.registry import score_samples
 from miles_fsdp.rl.eval_metrics import pass_at_k
 from miles_fsdp.rl.rollout import generate, request_seed
+
+
+class EmptyEvalSet(UserError, ValueError):
+    """Nothing to evaluate: an empty set has no reward, so it must not report 0.0."""
 
 
 def evaluate(engine, tokenizer, prompts: list[Sample], reward_fn, n: int, temperature: float,
@@ -40,7 +45,7 @@ def evaluate(engine, tokenizer, prompts: list[Sample], reward_fn, n: int, temper
         dist.all_reduce(sums, group=group)
     total, count, n_prompts, length, errors = sums[:5].tolist()
     if n_prompts == 0:
-        raise ValueError("evaluate: no prompts to evaluate (an empty eval set has no reward); "
+        raise EmptyEvalSet("evaluate: no prompts to evaluate (an empty eval set has no reward); "
                          "check the eval data file and the max-prompts setting")
     out = {"eval/reward_mean": total / max(count, 1), "eval/response_len_mean": length / max(count, 1),
            "eval/num_prompts": n_prompts, "eval/reward_errors": errors}
