@@ -43,8 +43,9 @@ class ServeConfig:
     """Tokenizer directory; empty means --model."""
     device: str = "auto"
     """'auto' (cuda if available, else cpu), 'cpu', 'cuda' or 'cuda:N'."""
-    dtype: Literal["bfloat16", "float32"] = "bfloat16"
-    """Weights and KV cache dtype (the trainer hands the engine bf16 weights)."""
+    dtype: Literal["auto", "bfloat16", "float32"] = "auto"
+    """Weights and KV cache dtype. auto: the trainer's compute dtype on this device (bfloat16 on
+    CUDA, float32 on CPU), which disaggregated rollout needs for bitwise equal log-probs."""
     max_n: int = 64
     """Largest `n` (samples per prompt) one request may ask for."""
     default_max_tokens: int = 0
@@ -122,8 +123,10 @@ def build_server(cfg: ServeConfig):
     from miles_fsdp.engine import Engine
     from miles_fsdp.engine.server import ServerLimits, build_app
     from miles_fsdp.engine.server_weights import check_checkpoint_files
+    from miles_fsdp.parallel import ParallelConfig
 
-    dtype, device = DTYPES[cfg.dtype], cfg.resolved_device()
+    device = cfg.resolved_device()
+    dtype = ParallelConfig(param_dtype="auto").compute_dtype(device) if cfg.dtype == "auto" else DTYPES[cfg.dtype]
     model = load_model(cfg.model, dtype, device)
     tokenizer = AutoTokenizer.from_pretrained(cfg.tokenizer or cfg.model)
     engine_cfg = cfg.engine
