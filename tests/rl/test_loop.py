@@ -58,6 +58,8 @@ def test_invariant_run_is_on_policy_every_step_and_learns(setup):
     assert all(r["train/grad_norm"] > 0 for r in rows)  # real updates: later steps check new weights
     assert summary["logprob_abs_diff_max"] == 0.0
     assert (root / "grpo" / "hf" / "model.safetensors").exists()
+    # the data's prompts are text: `generate --prompt` on the export encodes them as such
+    assert json.loads((root / "grpo" / "hf" / "generation_config.json").read_text())["prompt_format"] == "plain"
     assert "eval/accuracy" in summary
 
 

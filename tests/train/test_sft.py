@@ -81,6 +81,8 @@ def test_sft_trains_exports_and_converts(ckpt, data, tmp_path):
     # the exported HF model loads in transformers and matches the training loss
     from transformers import AutoModelForCausalLM
 
+    # the data mixes text prompts and chat messages: no prompt format is recorded (the tokenizer decides)
+    assert "prompt_format" not in json.loads((out / "hf" / "generation_config.json").read_text())
     hf = AutoModelForCausalLM.from_pretrained(out / "hf", dtype=torch.float32)
     from transformers import AutoTokenizer
 
@@ -124,3 +126,12 @@ def test_sft_rerun_continues_from_its_checkpoint_refuses_without_one_or_starts_o
     assert [r["step"] for r in read_metrics(out)] == [1, 2]
     [old] = [p for p in tmp_path.iterdir() if p.name.startswith("run.old-")]
     assert [r["step"] for r in read_metrics(old)] == [1, 2, 3]
+
+
+def test_sft_on_chat_data_records_the_chat_prompt_format(ckpt, tmp_path):
+    path = tmp_path / "chat.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in ROWS if "messages" in r) + "\n")
+    out = tmp_path / "run"
+    train_sft(SFTConfig(model=str(ckpt), data=str(path), out=str(out), steps=1, global_batch_size=2, max_seq_len=64,
+                        trainer=TrainerConfig(max_tokens_per_micro_batch=64)))
+    assert json.loads((out / "hf" / "generation_config.json").read_text())["prompt_format"] == "chat"

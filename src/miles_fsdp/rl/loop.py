@@ -28,7 +28,7 @@ import torch.distributed as dist
 import miles_kernels as mk
 from miles_fsdp.data.datasets import DataConfig, PromptDataset
 from miles_fsdp.data.sample import load_samples, save_samples
-from miles_fsdp.data.tokenizer import load_tokenizer
+from miles_fsdp.data.tokenizer import load_tokenizer, prompt_format_of, record_prompt_format
 from miles_fsdp.observe.metrics import MetricsLogger, Timers, drop_rows_after
 from miles_fsdp.observe.profiler import StepProfiler
 from miles_fsdp.observe.progress import Progress
@@ -183,6 +183,8 @@ def run_rl(cfg: RLConfig) -> dict:
             state.save(run_dir, trainer, dataset)
         if cfg.export_hf:
             export_hf(trainer.model, run_dir / "hf")
+            if rank == 0:  # `generate --prompt` then encodes text as the training prompts were
+                record_prompt_format(run_dir / "hf", prompt_format_of(p.prompt for p in dataset.prompts))
             summary["hf_dir"] = str(run_dir / "hf")
     stop.restore()
     progress.close()

@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from miles_fsdp.data.tokenizer import record_prompt_format
 from miles_fsdp.observe.metrics import MetricsLogger
 from miles_fsdp.observe.progress import Progress
 from miles_fsdp.observe.profiler import ProfileConfig, StepProfiler
@@ -97,7 +98,8 @@ def train_sft(cfg: SFTConfig) -> list[dict]:
     rank, world = dist.get_rank(), dist.get_world_size()
     from transformers import AutoTokenizer
 
-    examples = load_sft_jsonl(cfg.data, AutoTokenizer.from_pretrained(cfg.model), cfg.max_seq_len)
+    formats: set[str] = set()
+    examples = load_sft_jsonl(cfg.data, AutoTokenizer.from_pretrained(cfg.model), cfg.max_seq_len, formats)
     ck = cfg.checkpoint
     resume = None
     if not cfg.overwrite:
@@ -131,6 +133,8 @@ def train_sft(cfg: SFTConfig) -> list[dict]:
                 break
         if cfg.export_hf and trainer.step == cfg.steps:
             export_hf(trainer.model, Path(cfg.out) / "hf")
+            if rank == 0:  # `generate --prompt` then encodes text as this data did
+                record_prompt_format(Path(cfg.out) / "hf", formats.pop() if len(formats) == 1 else None)
     finally:
         stop.restore()
         progress.close()

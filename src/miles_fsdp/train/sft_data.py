@@ -59,8 +59,9 @@ def _from_prompt_response(tok, row: dict, where: str) -> TrainSeq:
     return TrainSeq(tokens=p_ids + r_ids, loss_mask=[0] * len(p_ids) + [1] * len(r_ids))
 
 
-def load_sft_jsonl(path: str | Path, tok, max_seq_len: int) -> list[TrainSeq]:
-    """Every record of `path` (.jsonl or .parquet) as a TrainSeq; longer ones are truncated."""
+def load_sft_jsonl(path: str | Path, tok, max_seq_len: int, formats: set | None = None) -> list[TrainSeq]:
+    """Every record of `path` (.jsonl or .parquet) as a TrainSeq; longer ones are truncated.
+    `formats` (if given) collects how prompts were encoded: "chat" (messages) or "plain"."""
     out = []
     for where, row in read_records(str(path)):
         if "messages" in row:
@@ -69,6 +70,8 @@ def load_sft_jsonl(path: str | Path, tok, max_seq_len: int) -> list[TrainSeq]:
             seq = _from_prompt_response(tok, row, where)
         else:
             raise DataError(f"{where}: expected keys 'prompt' and 'response', or 'messages'; got {sorted(row)}")
+        if formats is not None:
+            formats.add("chat" if "messages" in row else "plain")
         seq.tokens, seq.loss_mask = seq.tokens[:max_seq_len], seq.loss_mask[:max_seq_len]
         if sum(seq.loss_mask[1:]) == 0:
             raise DataError(f"{where}: no trainable token (empty response/assistant turn, or truncated away by "
