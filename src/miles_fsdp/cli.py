@@ -18,7 +18,7 @@ COMMANDS = {
     "sft": ("miles_fsdp.commands.sft", "SFTConfig", "supervised fine-tuning on prompt/response or chat data"),
     "generate": ("miles_fsdp.commands.generate", "GenerateConfig", "sample from a checkpoint"),
     "serve": ("miles_fsdp.commands.serve", "ServeConfig", "HTTP rollout server (OpenAI-compatible + native)"),
-    "eval": ("miles_fsdp.commands.eval", "EvalConfig", "evaluate a checkpoint on a prompt dataset"),
+    "eval": ("miles_fsdp.commands.eval", "EvalCommandConfig", "evaluate a checkpoint on a prompt dataset"),
     "convert": ("miles_fsdp.commands.convert", "ConvertConfig", "export a training checkpoint to HF safetensors"),
 }
 

@@ -1,13 +1,13 @@
 """generate and eval defaults: the prompt format a checkpoint asks for, repeated --prompt,
 eval's max_new_tokens and answer extraction fitted to model and data, flag-named errors,
-and an empty eval set refused instead of scored 0.0."""
+an empty eval set refused instead of scored 0.0, and "auto" device and dtype."""
 
 import json
 
 import pytest
 import tyro
 
-from miles_fsdp.commands.eval import EvalConfig, answer_extract, fit_max_new_tokens
+from miles_fsdp.commands.eval import EvalCommandConfig, answer_extract, fit_max_new_tokens
 from miles_fsdp.commands.generate import GenerateConfig, main as generate_main
 from miles_fsdp.data.sample import Sample
 from miles_fsdp.data.tokenizer import TokenizerError, load_tokenizer
@@ -83,7 +83,7 @@ def test_generate_chat_format_without_template_is_refused(tmp_path):
 ])
 def test_eval_config_names_the_flag(flags, message):
     with pytest.raises(ValueError, match=message):
-        EvalConfig(model="m", data="d.jsonl", **flags)
+        EvalCommandConfig(model="m", data="d.jsonl", **flags)
 
 
 def _samples(*labels: str, prompt_len: int = 10) -> list[Sample]:
@@ -91,25 +91,25 @@ def _samples(*labels: str, prompt_len: int = 10) -> list[Sample]:
 
 
 def test_eval_max_new_tokens_fits_the_context(ckpt, capsys):
-    cfg = EvalConfig(model=str(ckpt), data="d.jsonl")  # context 256 (max_position_embeddings)
+    cfg = EvalCommandConfig(model=str(ckpt), data="d.jsonl")  # context 256 (max_position_embeddings)
     assert fit_max_new_tokens(cfg, _samples("a", prompt_len=10)) == 246
     assert "capped to the model's context of 256 tokens" in capsys.readouterr().err
-    long_context = EvalConfig(model=str(ckpt), data="d.jsonl")
+    long_context = EvalCommandConfig(model=str(ckpt), data="d.jsonl")
     long_context.engine.max_model_len = 1024
     assert fit_max_new_tokens(long_context, _samples("a")) == 256
     with pytest.raises(ValueError, match=r"--max-new-tokens 250: .* use --max-new-tokens 246 or less"):
-        fit_max_new_tokens(EvalConfig(model=str(ckpt), data="d.jsonl", max_new_tokens=250), _samples("a"))
+        fit_max_new_tokens(EvalCommandConfig(model=str(ckpt), data="d.jsonl", max_new_tokens=250), _samples("a"))
     with pytest.raises(ValueError, match="leaving no room for a response"):
         fit_max_new_tokens(cfg, _samples("a", prompt_len=256))
 
 
 def test_eval_answer_extract_suits_the_labels(capsys):
-    cfg = EvalConfig(model="m", data="d.jsonl")
+    cfg = EvalCommandConfig(model="m", data="d.jsonl")
     assert answer_extract(cfg, _samples("dcba", "hgf")) == "full"  # the quickstart's words
     assert "--answer-extract full" in capsys.readouterr().err
     assert answer_extract(cfg, _samples("42", "-1,000", "3.5")) == "last_number"  # GSM8K-style answers
     assert answer_extract(cfg, _samples("42", "x = 42")) == "full"
-    assert answer_extract(EvalConfig(model="m", data="d.jsonl", answer_extract="boxed"), _samples("1")) == "boxed"
+    assert answer_extract(EvalCommandConfig(model="m", data="d.jsonl", answer_extract="boxed"), _samples("1")) == "boxed"
 
 
 def test_evaluate_refuses_an_empty_eval_set():
@@ -144,3 +144,22 @@ def test_cli_prints_these_errors_as_one_message(ckpt, tmp_path, capsys):
     _drop_chat_template(no_template)
     assert cli.main(["generate", "--model", str(no_template), "--prompt", "x", "--prompt-format", "chat"]) == 1
     assert "error: --prompt-format chat" in capsys.readouterr().err
+
+
+def test_device_and_dtype_auto_and_bad_names():
+    """One resolution for generate, eval and serve (serve's is tested in tests/engine/test_server_real.py)."""
+    import torch
+
+    from miles_fsdp.device import DeviceError, resolve_device, resolve_dtype
+
+    assert resolve_dtype("auto", torch.device("cuda")) == torch.bfloat16  # the trainer's compute dtype
+    assert resolve_dtype("auto", torch.device("cpu")) == torch.float32
+    assert resolve_dtype("float16", torch.device("cpu")) == torch.float16
+    for make, field in ((lambda d: GenerateConfig(model="m", device=d), "GenerateConfig.device"),
+                        (lambda d: EvalCommandConfig(model="m", data="d.jsonl", device=d), "--device")):
+        with pytest.raises(DeviceError, match=f"{field}='tpu': expected 'auto', 'cpu', 'cuda' or 'cuda:N'"):
+            make("tpu")
+    if not torch.cuda.is_available():
+        assert resolve_device("auto") == torch.device("cpu")
+        with pytest.raises(DeviceError, match="--device='cuda': this machine has 0 visible CUDA device"):
+            resolve_device("cuda")

@@ -74,11 +74,9 @@ def tiny_ckpts(tmp_path_factory):
 
 
 def load_tiny(path, dtype=torch.float32):
-    from miles_fsdp.models import ModelArgs, Transformer, load_hf
+    from miles_fsdp.models import load_model
 
-    with torch.device("meta"):
-        model = Transformer(ModelArgs.from_hf(path))
-    return load_hf(model, path, dtype=dtype).eval()
+    return load_model(path, dtype).eval()
 
 
 @torch.no_grad()

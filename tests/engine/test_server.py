@@ -17,11 +17,12 @@ import openai
 import pytest
 import torch
 from prometheus_client.parser import text_string_to_metric_families
+from server_thread import ServerThread
 from transformers import AutoTokenizer
 
 from miles_fsdp.engine.protocol import IncrementalText
 from miles_fsdp.engine.sequence import FinishReason, Result, StepOutput, Timings
-from miles_fsdp.engine.server import ServerLimits, ServerThread, build_app
+from miles_fsdp.engine.server import ServerLimits, build_app
 from miles_fsdp.models.testing import write_tiny_tokenizer
 
 EOS = 258  # <|im_end|>

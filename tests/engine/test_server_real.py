@@ -15,11 +15,11 @@ import httpx
 import openai
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
+from server_thread import ServerThread
 
 from miles_fsdp.commands import serve
 from miles_fsdp.commands.serve import ServeConfig, build_server
 from miles_fsdp.engine.config import EngineConfig
-from miles_fsdp.engine.server import ServerThread
 from miles_fsdp.models.testing import build_tiny_checkpoint
 
 NAME = "tiny"

@@ -18,11 +18,9 @@ PAGE = 64
 
 
 def load(path):
-    from miles_fsdp.models import ModelArgs, Transformer, load_hf
+    from miles_fsdp.models import load_model
 
-    with torch.device("meta"):
-        model = Transformer(ModelArgs.from_hf(path))
-    return load_hf(model, path, dtype=torch.bfloat16, device="cuda").eval()
+    return load_model(path, torch.bfloat16, "cuda").eval()
 
 
 @torch.no_grad()

@@ -2,13 +2,11 @@
 
 import torch
 
-from miles_fsdp.models import ModelArgs, Transformer, load_hf, packed_inputs
+from miles_fsdp.models import Transformer, load_model, packed_inputs
 
 
 def load_ours(path, dtype=torch.float32) -> Transformer:
-    with torch.device("meta"):
-        model = Transformer(ModelArgs.from_hf(path))
-    return load_hf(model, path, dtype=dtype).eval()
+    return load_model(path, dtype).eval()
 
 
 def packed_logits(model: Transformer, seqs: list[torch.Tensor]) -> torch.Tensor:

@@ -18,9 +18,8 @@ import torch.distributed as dist
 sys.path.insert(0, str(Path(__file__).parent))
 from parallel_helpers import SEQ_LEN, forward_outputs, full_grads, full_weights, global_batch, make_trainer, pg_loss  # noqa: E402
 
-from miles_fsdp.models import ModelArgs, Transformer  # noqa: E402
+from miles_fsdp.models import ModelArgs, Transformer, load_model  # noqa: E402
 from miles_fsdp.parallel import apply_ep, init_distributed, shutdown_distributed  # noqa: E402
-from miles_fsdp.train.export import load_model  # noqa: E402
 
 
 def bad_configs(mesh) -> list[str]:

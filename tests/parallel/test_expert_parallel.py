@@ -14,9 +14,9 @@ import torch
 from parallel_helpers import (SEQ_LEN, W_ATOL, assert_close, forward_outputs, full_grads, full_weights, global_batch, load_ranks,
                     make_trainer, pg_loss, run_workers)
 
+from miles_fsdp.models import load_model
 from miles_fsdp.models.testing import build_tiny_checkpoint
 from miles_fsdp.parallel import ParallelConfig, apply_ep, build_mesh, init_distributed
-from miles_fsdp.train.export import load_model
 
 
 @pytest.fixture(scope="module")

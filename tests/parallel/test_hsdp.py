@@ -11,8 +11,8 @@ import pytest
 
 from parallel_helpers import W_ATOL, assert_close, load_ranks, make_trainer, run_workers, train_run
 
+from miles_fsdp.models import load_model
 from miles_fsdp.models.testing import build_tiny_checkpoint
-from miles_fsdp.train.export import load_model
 
 STEPS = 3
 

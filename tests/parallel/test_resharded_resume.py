@@ -14,9 +14,9 @@ import torch
 
 from parallel_helpers import W_ATOL, assert_close, full_state, load_ranks, make_trainer, run_workers, train_run
 
+from miles_fsdp.models import load_model
 from miles_fsdp.models.testing import build_tiny_checkpoint
 from miles_fsdp.train.checkpoint import load_checkpoint, step_dir
-from miles_fsdp.train.export import load_model
 
 SAVE_AT, STEPS = 2, 4
 

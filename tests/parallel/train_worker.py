@@ -17,9 +17,9 @@ import torch.distributed as dist
 sys.path.insert(0, str(Path(__file__).parent))
 from parallel_helpers import full_state, make_trainer, train_run  # noqa: E402
 
+from miles_fsdp.models import load_model  # noqa: E402
 from miles_fsdp.parallel import init_distributed, shutdown_distributed  # noqa: E402
 from miles_fsdp.train.checkpoint import load_checkpoint  # noqa: E402
-from miles_fsdp.train.export import load_model  # noqa: E402
 
 
 def main() -> None:

@@ -12,12 +12,12 @@ import urllib.request
 
 import pytest
 from rl_helpers import rl_cmd
+from server_thread import ServerThread
 
 from miles_fsdp.commands.serve import ServeConfig, build_server
 from miles_fsdp.data.datasets import DataConfig
 from miles_fsdp.engine.config import EngineConfig
 from miles_fsdp.engine.sequence import Request, SamplingParams
-from miles_fsdp.engine.server import ServerThread
 from miles_fsdp.models.testing import build_tiny_checkpoint
 from miles_fsdp.observe.metrics import read_metrics
 from miles_fsdp.rl.config import RLConfig, RolloutConfig
@@ -165,12 +165,12 @@ def test_client_waits_for_a_server_that_is_still_starting(setup):
 
 
 def test_eval_command_on_servers_equals_local(setup, tmp_path):
-    from miles_fsdp.commands.eval import EvalConfig, main as eval_main
+    from miles_fsdp.commands.eval import EvalCommandConfig, main as eval_main
 
     root, ckpt, data, _ = setup
     with _server(ckpt) as url:  # serves ckpt's own weights (the shared servers hold trained ones)
         for name, servers in (("local", ()), ("remote", (url,))):
-            eval_main(EvalConfig(model=str(ckpt), data=str(data), max_new_tokens=6, max_prompts=8, n_samples=2,
+            eval_main(EvalCommandConfig(model=str(ckpt), data=str(data), max_new_tokens=6, max_prompts=8, n_samples=2,
                                  temperature=1.0, device="cpu", servers=servers, out=str(tmp_path / f"{name}.json")))
     local, remote = (json.loads((tmp_path / f"{n}.json").read_text()) for n in ("local", "remote"))
     assert remote == local and local["eval/num_prompts"] == 8

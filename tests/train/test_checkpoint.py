@@ -6,7 +6,7 @@ import signal
 import pytest
 import torch
 
-from common import SEQ_LEN, full_grads, global_batch, make_trainer, pg_loss
+from common import SEQ_LEN, global_batch, make_trainer, pg_loss
 from tiny_model import TinyLM
 
 from miles_fsdp.train.checkpoint import (CheckpointError, StopSignal, latest_checkpoint, load_checkpoint,

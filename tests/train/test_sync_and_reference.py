@@ -6,9 +6,9 @@ import torch
 from common import SEQ_LEN, global_batch, make_trainer, pg_loss
 from tiny_model import TinyLM
 
+from miles_fsdp.models import load_model
 from miles_fsdp.models.testing import build_tiny_checkpoint
 from miles_fsdp.parallel import ParallelConfig
-from miles_fsdp.train.export import load_model
 from miles_fsdp.train.loss import sft_loss
 from miles_fsdp.train.packing import TrainSeq
 from miles_fsdp.train.reference import ReferencePolicy

@@ -152,9 +152,7 @@ def _sync(dev) -> None:
 
 def _wrap(obj, attr: str, key: str, acc: dict, dev) -> None:
     """Replace obj.attr by a version that syncs, times and adds its seconds to acc[key]."""
-    fn = getattr(obj, attr, None)
-    if fn is None:
-        return
+    fn = getattr(obj, attr)
 
     def timed(*a, **k):
         _sync(dev)
@@ -170,25 +168,15 @@ def _wrap(obj, attr: str, key: str, acc: dict, dev) -> None:
 def phase_times(engine: Engine, ids: list[list[int]], new: int) -> dict:
     """Seconds per decode step in each phase (sync-bounded, so GPU work counts where it is
     launched). 'prepare' = run - model - sample. Prefill steps are excluded."""
-    import miles_fsdp.engine.runner as runner_mod
-
     dev, acc = engine.runner.device, collections.defaultdict(float)
     r, s = engine.runner, engine.scheduler
-    saved = {(o, a): o.__dict__.get(a) for o in (r, s, engine.model) for a in
-             ("run", "schedule", "postprocess", "forward", "logits", "_sample", "_model")}
-    saved_sample = runner_mod.__dict__.get("sample")
+    saved = {(o, a): o.__dict__.get(a) for o, a in
+             ((s, "schedule"), (s, "postprocess"), (r, "run"), (r, "logits"), (r, "sample"))}
     _wrap(s, "schedule", "schedule", acc, dev)
     _wrap(r, "run", "run", acc, dev)
     _wrap(s, "postprocess", "postprocess", acc, dev)
-    _wrap(r, "_model", "model", acc, dev)  # new runner: forward (graph or eager) + logits
-    _wrap(r, "_sample", "sample", acc, dev)
-    if saved_sample is not None and not hasattr(r, "_sample"):
-        _wrap(runner_mod, "sample", "sample", acc, dev)
-    if not hasattr(r, "_model"):
-        _wrap(engine.model, "forward", "model", acc, dev)
-        _wrap(engine.model, "logits", "model", acc, dev)
-        if r.graphs is not None:
-            _wrap(r.graphs, "replay", "model", acc, dev)
+    _wrap(r, "logits", "model", acc, dev)  # forward (graph replay or eager) + logits
+    _wrap(r, "sample", "sample", acc, dev)
     p = SamplingParams(temperature=1.0, max_new_tokens=new, ignore_eos=True, seed=0)
     for x in ids:
         engine.add_request(Request(x, p))
@@ -210,8 +198,6 @@ def phase_times(engine: Engine, ids: list[list[int]], new: int) -> dict:
             o.__dict__.pop(a, None)
         else:
             setattr(o, a, v)
-    if saved_sample is not None:
-        runner_mod.sample = saved_sample
     out = {k: 1e3 * v / max(steps, 1) for k, v in acc.items()}
     out["prepare"] = out.get("run", 0.0) - out.get("model", 0.0) - out.get("sample", 0.0)
     out["step"] = 1e3 * t_all / max(steps, 1)
@@ -240,7 +226,7 @@ def profile(out_dir: str, model_name: str = "qwen3-0.6b", batch: int = 64, plen:
     os.makedirs(out_dir, exist_ok=True)
     cuda = torch.cuda.is_available()
     if not cuda:  # host overhead only: a tiny model in fp32
-        model_name, dev = "tiny", "cpu"
+        model_name = "tiny"
     model = build(model_name, "cuda" if cuda else "cpu")
     if not cuda:
         model = model.float()

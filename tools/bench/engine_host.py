@@ -77,7 +77,7 @@ def measure(batch: int, new: int = 128, plen: int = 128) -> dict:
             eng.step()  # prefill with the real model
         eng.runner.graphs = FakeGraphs(max(256, batch), eng.runner.max_pages_per_seq)
         acc: dict[str, float] = collections.defaultdict(float)
-        for obj, name in ((eng.scheduler, "schedule"), (eng.runner, "_model"), (eng.runner, "_sample"),
+        for obj, name in ((eng.scheduler, "schedule"), (eng.runner, "logits"), (eng.runner, "sample"),
                           (eng.scheduler, "postprocess"), (eng, "step")):
             _timed(obj, name, acc)
         steps = 0
@@ -86,7 +86,7 @@ def measure(batch: int, new: int = 128, plen: int = 128) -> dict:
             steps += 1
     ms = {k: 1e3 * v / steps for k, v in acc.items()}
     return dict(batch=batch, steps=steps, step_ms=ms.pop("step"), schedule_ms=ms["schedule"],
-                fill_inputs_ms=ms["_model"], sample_ms=ms["_sample"], postprocess_ms=ms["postprocess"])
+                fill_inputs_ms=ms["logits"], sample_ms=ms["sample"], postprocess_ms=ms["postprocess"])
 
 
 def main() -> None:

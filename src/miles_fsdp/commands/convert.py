@@ -15,10 +15,9 @@ from pathlib import Path
 import torch
 import torch.distributed.checkpoint as dcp
 
+from miles_fsdp.device import DTYPES
 from miles_fsdp.models import ModelArgs, Transformer, save_hf
 from miles_fsdp.train.checkpoint import CheckpointError
-
-DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float16": torch.float16}
 
 
 @dataclass

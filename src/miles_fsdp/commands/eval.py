@@ -15,12 +15,11 @@ import sys
 from dataclasses import dataclass, field
 from typing import Literal
 
-import torch
-
 import miles_kernels as mk
 from miles_fsdp.data.datasets import DataConfig, PromptDataset
 from miles_fsdp.data.sample import Sample
 from miles_fsdp.data.tokenizer import load_tokenizer
+from miles_fsdp.device import check_device, resolve_device, resolve_dtype
 from miles_fsdp.engine.config import EngineConfig
 from miles_fsdp.errors import UserError
 from miles_fsdp.models import ModelArgs
@@ -38,7 +37,9 @@ class EvalError(UserError, ValueError):
 
 
 @dataclass
-class EvalConfig:
+class EvalCommandConfig:
+    """The `eval` command's settings (the RL loop's periodic eval is rl.config.EvalConfig)."""
+
     model: str
     """HF checkpoint directory (weights + tokenizer)."""
     data: str
@@ -80,15 +81,15 @@ class EvalConfig:
             raise ValueError(f"--max-prompts {self.max_prompts}: must be >= 1, or 0 to evaluate every prompt")
         if self.temperature < 0:
             raise ValueError(f"--temperature {self.temperature}: must be >= 0 (0 = greedy)")
+        check_device(self.device, "--device")
         self.servers = tuple(self.servers)
         for url in self.servers:
             if not url.startswith(("http://", "https://")):
                 raise ValueError(f"--servers: {url!r} is not a URL like http://host:8000")
 
 
-def main(cfg: EvalConfig) -> int:
-    device = torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available() else
-                          ("cpu" if cfg.device == "auto" else cfg.device))
+def main(cfg: EvalCommandConfig) -> int:
+    device = resolve_device(cfg.device)
     mk.set_mode(cfg.kernel_mode)
     tokenizer = load_tokenizer(cfg.model)
     ds = PromptDataset(DataConfig(path=cfg.data, prompt_key=cfg.prompt_key, label_key=cfg.label_key,
@@ -96,8 +97,8 @@ def main(cfg: EvalConfig) -> int:
     prompts = ds.next_batch(min(len(ds), cfg.max_prompts) if cfg.max_prompts else len(ds))
     max_new_tokens = fit_max_new_tokens(cfg, prompts)
     options = {"extract": answer_extract(cfg, prompts)} if cfg.reward == "exact_match" else {}
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    engine = RemoteEngine(cfg.servers) if cfg.servers else build_engine(cfg.model, tokenizer, cfg.engine, dtype, device)
+    engine = (RemoteEngine(cfg.servers) if cfg.servers else
+              build_engine(cfg.model, tokenizer, cfg.engine, resolve_dtype("auto", device), device))
     metrics = evaluate(engine, tokenizer, prompts, load_reward(cfg.reward, **options), cfg.n_samples,
                        cfg.temperature, max_new_tokens, (), cfg.seed)
     print(json.dumps(metrics, indent=2))
@@ -111,7 +112,7 @@ def main(cfg: EvalConfig) -> int:
     return 0
 
 
-def fit_max_new_tokens(cfg: EvalConfig, prompts: list[Sample]) -> int:
+def fit_max_new_tokens(cfg: EvalCommandConfig, prompts: list[Sample]) -> int:
     """--max-new-tokens, or (0) the default capped to the model's context; says which."""
     context = cfg.engine.max_model_len or ModelArgs.from_hf(cfg.model).max_position_embeddings
     source = "--engine.max-model-len" if cfg.engine.max_model_len else "max_position_embeddings in config.json"
@@ -134,7 +135,7 @@ def fit_max_new_tokens(cfg: EvalConfig, prompts: list[Sample]) -> int:
     return n
 
 
-def answer_extract(cfg: EvalConfig, prompts: list[Sample]) -> str:
+def answer_extract(cfg: EvalCommandConfig, prompts: list[Sample]) -> str:
     """--answer-extract, or (auto) last_number when every label is a number, else full; says which."""
     if cfg.answer_extract != "auto":
         return cfg.answer_extract

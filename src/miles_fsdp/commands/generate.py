@@ -17,14 +17,12 @@ import sys
 from dataclasses import dataclass, field
 from typing import Annotated, Literal
 
-import torch
 import tyro
 
+from miles_fsdp.device import DTYPES, check_device, resolve_device, resolve_dtype
 from miles_fsdp.engine.offline import generate_from_prompts
 from miles_fsdp.errors import UserError
-from miles_fsdp.models import ModelArgs, Transformer, load_hf
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+from miles_fsdp.models import ModelArgs, Transformer, load_model
 
 
 class GenerateError(UserError, ValueError):
@@ -72,6 +70,7 @@ class GenerateConfig:
             raise ValueError(f"GenerateConfig.top_p={self.top_p}: must be in (0, 1]")
         if self.top_k < 0:
             raise ValueError(f"GenerateConfig.top_k={self.top_k}: must be >= 0 (0 = no top-k)")
+        check_device(self.device, "GenerateConfig.device")
         if self.dtype != "auto" and self.dtype not in DTYPES:
             raise ValueError(f"GenerateConfig.dtype={self.dtype!r}: expected 'auto' or one of {sorted(DTYPES)}")
         self.parsed_prompt_ids()  # fail early on malformed ids
@@ -127,8 +126,8 @@ def main(cfg: GenerateConfig) -> list[Completion]:
 
     from miles_fsdp.data.tokenizer import load_tokenizer
 
-    device = cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = DTYPES[cfg.dtype] if cfg.dtype != "auto" else (torch.bfloat16 if device.startswith("cuda") else torch.float32)
+    device = resolve_device(cfg.device)
+    dtype = resolve_dtype(cfg.dtype, device)
     args = ModelArgs.from_hf(cfg.model)
     has_tokenizer = any((Path(cfg.model) / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json"))
     tok = load_tokenizer(cfg.model) if has_tokenizer else None
@@ -140,9 +139,7 @@ def main(cfg: GenerateConfig) -> list[Completion]:
     if not prompts:
         raise GenerateError("no prompts: pass --prompt TEXT (repeatable) or --prompt-ids 1,2,3")
 
-    with torch.device("meta"):
-        model = Transformer(args)
-    load_hf(model, cfg.model, dtype=dtype, device=device).eval()
+    model = load_model(cfg.model, dtype, device, args=args).eval()
     stop_ids = set(tok.eos_token_ids if tok else ())
     eos = args.hf_config.get("eos_token_id")
     stop_ids.update(eos if isinstance(eos, list) else [eos] if eos is not None else [])

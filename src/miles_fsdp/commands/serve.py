@@ -20,9 +20,9 @@ from typing import Literal
 
 import torch
 
+from miles_fsdp.device import check_device, resolve_device, resolve_dtype
 from miles_fsdp.engine.config import EngineConfig
 
-DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
 API_KEY_ENV = "MILES_API_KEY"
 CPU_KV_BYTES = 2**30  # KV cache on CPU when none is set: 1 GiB, at most a quarter of the RAM
 
@@ -83,13 +83,7 @@ class ServeConfig:
         if self.weights_root and Path(self.weights_root).exists() and not Path(self.weights_root).is_dir():
             raise ValueError(f"ServeConfig.weights_root={self.weights_root!r}: not a directory; pass the "
                              "directory the checkpoints to load are written under")
-        if self.device != "auto" and self.device.split(":")[0] not in ("cpu", "cuda"):
-            raise ValueError(f"ServeConfig.device={self.device!r}: expected 'auto', 'cpu', 'cuda' or 'cuda:N'")
-
-    def resolved_device(self) -> torch.device:
-        if self.device == "auto":
-            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        return torch.device(self.device)
+        check_device(self.device, "ServeConfig.device")
 
     def resolved_weights_root(self) -> Path | None:
         root = Path(self.weights_root or Path(self.model).resolve().parent).resolve()
@@ -105,17 +99,6 @@ def cpu_kv_bytes() -> int:
     return min(CPU_KV_BYTES, ram // 4)
 
 
-def load_model(path: str, dtype: torch.dtype, device: torch.device, args=None):
-    """Build the Transformer on meta (from `args`, else path/config.json) and stream the
-    checkpoint into it; a checkpoint that does not fit `args` raises CheckpointError."""
-    from miles_fsdp.models import ModelArgs, Transformer, load_hf
-
-    args = args or ModelArgs.from_hf(path)
-    with torch.device("meta"):
-        model = Transformer(args)
-    return load_hf(model, path, dtype=dtype, device=device).eval()
-
-
 def build_server(cfg: ServeConfig):
     """The FastAPI app for `cfg` (model loaded, engine built, not yet serving)."""
     from transformers import AutoTokenizer
@@ -123,11 +106,11 @@ def build_server(cfg: ServeConfig):
     from miles_fsdp.engine import Engine
     from miles_fsdp.engine.server import ServerLimits, build_app
     from miles_fsdp.engine.server_weights import check_checkpoint_files
-    from miles_fsdp.parallel import ParallelConfig
+    from miles_fsdp.models import load_model
 
-    device = cfg.resolved_device()
-    dtype = ParallelConfig(param_dtype="auto").compute_dtype(device) if cfg.dtype == "auto" else DTYPES[cfg.dtype]
-    model = load_model(cfg.model, dtype, device)
+    device = resolve_device(cfg.device)
+    dtype = resolve_dtype(cfg.dtype, device)
+    model = load_model(cfg.model, dtype, device).eval()
     tokenizer = AutoTokenizer.from_pretrained(cfg.tokenizer or cfg.model)
     engine_cfg = cfg.engine
     if device.type == "cpu" and not (engine_cfg.kv_memory_bytes or engine_cfg.num_pages):
@@ -140,14 +123,14 @@ def build_server(cfg: ServeConfig):
         max_model_len=engine.max_model_len,
         vocab_size=model.args.vocab_size,
         max_n=cfg.max_n,
-        kv_capacity_tokens=(engine.num_pages - 1) * engine_cfg.page_size,  # page 0 is scratch
+        kv_capacity_tokens=engine.blocks.capacity_tokens,
         default_max_tokens=cfg.default_max_tokens,
     )
 
     def load_weights(path: str) -> dict[str, torch.Tensor]:
         # A fresh CPU copy of the served architecture; the engine copies it in between two steps.
         check_checkpoint_files(path)
-        return load_model(path, dtype, torch.device("cpu"), args=model.args).state_dict()
+        return load_model(path, dtype, "cpu", args=model.args).state_dict()
 
     root = cfg.resolved_weights_root()
     log.info("POST /update_weights loads from %s", root or "nowhere (pass --weights-root)")

@@ -16,8 +16,6 @@ from collections import OrderedDict
 from miles_fsdp.engine.radix_cache import ROOT_KEY, PrefixCache
 from miles_fsdp.engine.sequence import Sequence
 
-SCRATCH_PAGE = 0
-
 
 class BlockManager:
     def __init__(self, num_pages: int, page_size: int, prefix_cache: bool = True):
@@ -35,6 +33,7 @@ class BlockManager:
 
     @property
     def capacity_tokens(self) -> int:
+        """Tokens the pages other than the scratch page hold: the most one sequence can use."""
         return (self.num_pages - 1) * self.page_size
 
     def pages_for(self, n_tokens: int) -> int:

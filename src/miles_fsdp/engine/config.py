@@ -14,7 +14,8 @@ class EngineConfig:
     """CUDA: fraction of the device memory free after loading the model given to the KV cache."""
     kv_memory_bytes: int = 0
     """Bytes for the KV cache; overrides kv_memory_fraction on CUDA when > 0. On CPU an Engine
-    needs it (or num_pages); `serve`, `generate` and `eval` pick one when it is 0 and log it."""
+    needs it (or num_pages): `serve` picks one when both are 0 and logs it, `rl` and `eval`
+    default to 256 MiB, `generate` sizes the cache to its prompts."""
     num_pages: int = 0
     """Exact number of KV pages (page 0 is a scratch page); overrides both memory settings when > 0."""
     max_num_seqs: int = 256

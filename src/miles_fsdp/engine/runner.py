@@ -6,7 +6,8 @@ For each scheduled sequence the runner computes tokens [start, start + q) of it:
     meta.block_table    the sequence's pages, padded with the scratch page 0
     slot_T              page * S + offset where each new token's K/V is written
 Only the last row of a chunk that reaches the sequence's end goes through `model.logits`
-and the sampler. The runner owns the KV cache tensors and the decode CUDA graphs.
+and the sampler: run(batch) = sample(logits(batch), rows). The runner owns the KV cache
+tensors and the decode CUDA graphs.
 
 Host work per step is small and copies are few: decode batches that fit a graph write
 their inputs into the graph's pinned buffer (one host-to-device copy); other batches pack
@@ -43,6 +44,7 @@ class Runner:
         self.graphs_required = graphs_required
         self.kv_caches: list[tuple[torch.Tensor, torch.Tensor]] | None = None
         self.graphs: DecodeGraphs | None = None
+        self.sample = sample  # (logits_BV, rows) -> (tokens, logprobs); a benchmark may wrap it to time it
 
     def allocate(self, num_pages: int) -> None:
         a = self.model.args
@@ -70,16 +72,14 @@ class Runner:
         """Compute every scheduled chunk; return (token, logprob) per sampling item, in order."""
         rows = [RowParams(it.seq.params.temperature, it.seq.params.top_k, it.seq.params.top_p, it.seq.seed,
                           it.seq.sample_index, it.seq.num_tokens) for it in batch.items if it.sample]
-        logits_BV = self._model(batch)
+        logits_BV = self.logits(batch)
         if logits_BV is None:
             return [], []
-        return self._sample(logits_BV, rows)
+        return self.sample(logits_BV, rows)
 
-    def _sample(self, logits_BV, rows):
-        return sample(logits_BV, rows)
-
-    def _model(self, batch: Batch) -> torch.Tensor | None:
-        """Logits of the sampling rows: a graph replay for decode batches that fit, else eager."""
+    def logits(self, batch: Batch) -> torch.Tensor | None:
+        """Logits of the sampling rows (None if there are none): a graph replay for decode
+        batches that fit, else eager."""
         items, S = batch.items, self.page_size
         if batch.is_decode and self.graphs is not None and self.graphs.fits(len(items)):
             width = max(it.start // S for it in items) + 1

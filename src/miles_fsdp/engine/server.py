@@ -15,8 +15,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import threading
-import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
@@ -24,7 +22,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import uvicorn
 from fastapi import FastAPI
 from fastapi import Request as HTTPRequest
 from fastapi.responses import JSONResponse, Response
@@ -163,29 +160,3 @@ def install_error_handling(app: FastAPI, metrics: ServerMetrics) -> None:
         endpoint = request.url.path if request.url.path in _KNOWN else "other"
         metrics.requests.labels(endpoint, str(response.status_code)).inc()
         return response
-
-
-class ServerThread:
-    """Serve an app with uvicorn on a background thread: `with ServerThread(app) as url: ...`.
-
-    port=0 takes a free ephemeral port; `url` is e.g. "http://127.0.0.1:41234".
-    """
-
-    def __init__(self, app: FastAPI, host: str = "127.0.0.1", port: int = 0, start_timeout_s: float = 30.0):
-        self.server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning"))
-        self.host, self.start_timeout_s = host, start_timeout_s
-        self.thread = threading.Thread(target=self.server.run, name="uvicorn", daemon=True)
-
-    def __enter__(self) -> str:
-        self.thread.start()
-        deadline = time.monotonic() + self.start_timeout_s
-        while not self.server.started:
-            if not self.thread.is_alive() or time.monotonic() > deadline:
-                raise RuntimeError(f"uvicorn did not start within {self.start_timeout_s}s (see its log above)")
-            time.sleep(0.01)
-        port = self.server.servers[0].sockets[0].getsockname()[1]
-        return f"http://{self.host}:{port}"
-
-    def __exit__(self, *exc) -> None:
-        self.server.should_exit = True
-        self.thread.join(timeout=15)

@@ -1,5 +1,8 @@
 """Stream HF safetensors checkpoints into a meta-built Transformer, and write them back.
 
+`load_model(dir)` is the one way to get a Transformer from an HF directory: built on the
+meta device (no memory, no init), then filled by `load_hf`.
+
 Loading reads one tensor at a time (`safe_open`), so host memory peaks at about one
 tensor above the model. Every write goes through `copy_fn(param, src, index)`, which
 writes the full-shape slice `src` into `param[index]`; FSDP code passes its own function
@@ -21,6 +24,7 @@ from safetensors.torch import save_file
 from miles_fsdp.errors import UserError
 from miles_fsdp.models.args import ModelArgs
 from miles_fsdp.models.state_dict_adapter import hf_table, is_ignored, load_targets, ours_to_hf
+from miles_fsdp.models.transformer import Transformer
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
@@ -132,6 +136,15 @@ def load_hf(
     if missing or unexpected or misshaped:
         raise CheckpointError(_report(path, args, missing, unexpected, misshaped))
     return model
+
+
+def load_model(path: str | Path, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
+               args: ModelArgs | None = None) -> Transformer:
+    """The Transformer of `args` (default: path/config.json) with the weights at `path`, in
+    `dtype` on `device`; a checkpoint that does not fit the architecture raises CheckpointError."""
+    with torch.device("meta"):
+        model = Transformer(args or ModelArgs.from_hf(path))
+    return load_hf(model, path, dtype=dtype, device=device)
 
 
 def _report(path: Path, args: ModelArgs, missing: list, unexpected: list, misshaped: list) -> str:

@@ -18,6 +18,8 @@ import torch
 import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
+from miles_fsdp.device import resolve_dtype
+
 
 @dataclass
 class ParallelConfig:
@@ -47,9 +49,7 @@ class ParallelConfig:
             raise ValueError(f"ParallelConfig.param_dtype={self.param_dtype!r}: use 'auto', 'bf16' or 'fp32'")
 
     def compute_dtype(self, device: torch.device) -> torch.dtype:
-        if self.param_dtype == "auto":
-            return torch.bfloat16 if device.type == "cuda" else torch.float32
-        return torch.bfloat16 if self.param_dtype == "bf16" else torch.float32
+        return resolve_dtype(self.param_dtype, device)
 
 
 def init_distributed() -> torch.device:

@@ -1,5 +1,4 @@
-"""Model in and out: load an HF checkpoint into an unsharded Transformer, and export the
-(sharded) trained model back to an HF directory that transformers can load."""
+"""Export the (sharded) trained model to an HF directory that transformers can load."""
 
 from __future__ import annotations
 
@@ -10,15 +9,7 @@ import torch.distributed as dist
 import torch.nn as nn
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-from miles_fsdp.models import ModelArgs, Transformer, load_hf, save_hf
-
-
-def load_model(hf_dir: str | Path, dtype: torch.dtype = torch.float32) -> Transformer:
-    """Transformer with the weights of `hf_dir`, fp32 on CPU (ready for `parallelize`)."""
-    args = ModelArgs.from_hf(hf_dir)
-    with torch.device("meta"):
-        model = Transformer(args)
-    return load_hf(model, hf_dir, dtype=dtype)
+from miles_fsdp.models import load_model, save_hf  # noqa: F401 - load_model: rl/loop.py still imports it from here
 
 
 def export_hf(model: nn.Module, out_dir: str | Path, dtype: torch.dtype | None = None) -> Path | None:

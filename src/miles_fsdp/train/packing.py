@@ -60,9 +60,6 @@ class MicroBatch:
     def num_tokens(self) -> int:
         return int(self.ids_T.numel())
 
-    def seq_lens(self) -> list[int]:
-        return (self.cu_seqlens[1:] - self.cu_seqlens[:-1]).tolist()
-
 
 def first_fit_decreasing(lengths: list[int], max_tokens: int) -> list[list[int]]:
     """Bins of sequence indices with total length <= max_tokens. Deterministic: longest

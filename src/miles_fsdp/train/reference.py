@@ -15,7 +15,7 @@ from miles_fsdp.train.trainer import Trainer, pad_micro_batches, packed_logprobs
 
 class ReferencePolicy:
     def __init__(self, model: nn.Module, trainer: Trainer, cpu_offload: bool = False):
-        """`model`: unsharded copy of the initial policy weights (e.g. `export.load_model`)."""
+        """`model`: unsharded copy of the initial policy weights (e.g. `models.load_model`)."""
         cfg = ParallelConfig(replicate=trainer.cfg.parallel.replicate, param_dtype=trainer.cfg.parallel.param_dtype,
                              activation_checkpointing=False, cpu_offload=cpu_offload)
         model.requires_grad_(False)

@@ -17,13 +17,14 @@ import torch
 import torch.distributed as dist
 
 from miles_fsdp.data.tokenizer import record_prompt_format
+from miles_fsdp.models import load_model
 from miles_fsdp.observe.metrics import MetricsLogger
 from miles_fsdp.observe.progress import Progress
 from miles_fsdp.observe.profiler import ProfileConfig, StepProfiler
 from miles_fsdp.parallel import init_distributed
 from miles_fsdp.train.checkpoint import (CheckpointConfig, StopSignal, latest_checkpoint, load_checkpoint,
                                          load_newest_good, save_checkpoint)
-from miles_fsdp.train.export import export_hf, load_model
+from miles_fsdp.train.export import export_hf
 from miles_fsdp.train.loss import LossNorm, sft_loss
 from miles_fsdp.train.packing import TrainSeq
 from miles_fsdp.train.run_dir import prepare_run_dir
