@@ -2,13 +2,17 @@
 
 Each command lives in ``miles_fsdp.commands.<name>`` as a ``Config`` dataclass (its field
 docstrings are the ``--help``) and ``main(cfg)``. Commands import lazily, so
-``miles-fsdp generate --help`` does not load the trainer.
+``miles-fsdp generate --help`` does not load the trainer. A UserError (miles_fsdp.errors)
+prints as one message and exits 1; any other exception keeps its traceback.
 """
 
 from __future__ import annotations
 
 import importlib
 import sys
+
+from miles_fsdp import threads
+from miles_fsdp.errors import UserError
 
 # command -> (module, config class, one-line summary)
 COMMANDS = {
@@ -40,6 +44,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"miles-fsdp: unknown command {name!r}\n\n{_usage()}", file=sys.stderr)
         return 2
     module_name, config_name, summary = COMMANDS[name]
+    threads.configure_env()  # before the command imports torch: OpenMP reads it once, at load
     try:
         module = importlib.import_module(module_name)
     except ModuleNotFoundError as e:
@@ -50,7 +55,13 @@ def main(argv: list[str] | None = None) -> int:
     import tyro
 
     cfg = tyro.cli(getattr(module, config_name), args=rest, prog=f"miles-fsdp {name}", description=summary)
-    result = module.main(cfg)
+    if "torch" in sys.modules:
+        threads.fit_torch_threads()
+    try:
+        result = module.main(cfg)
+    except UserError as e:  # a bad file, setting or server: the message says what to fix; no traceback
+        print(f"miles-fsdp {name}: error: {e}", file=sys.stderr)
+        return 1
     return result if isinstance(result, int) else 0
 
 

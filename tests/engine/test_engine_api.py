@@ -58,7 +58,7 @@ def test_abort_finishes_with_partial_output_and_frees_pages():
     assert eng.stats()["num_free_pages"] == 15
 
 
-def test_release_and_resume_memory_keep_samples_exact():
+def test_release_and_resume_keep_samples_exact():
     reqs = [Request([7, 8, 9] * 7, SamplingParams(n=2, max_new_tokens=12, seed=1), request_id="x")]
     ref, _ = mock_engine(num_pages=16)
     [want] = ref.generate(reqs)
@@ -67,11 +67,11 @@ def test_release_and_resume_memory_keep_samples_exact():
     got = {}
     for _ in range(3):
         eng.step()
-    eng.release_memory()
+    eng.release()
     assert eng.runner.kv_caches is None
-    with pytest.raises(RuntimeError, match="resume_memory"):
+    with pytest.raises(RuntimeError, match="resume"):
         eng.step()
-    eng.resume_memory()
+    eng.resume()
     while eng.has_unfinished():
         for out in eng.step():
             if out.finished:
@@ -91,14 +91,14 @@ def test_out_of_memory_names_the_settings(monkeypatch):
     with pytest.raises(torch.OutOfMemoryError, match=r"engine step \(1 sequences, 3 tokens\) ran out of memory; "
                        r"lower EngineConfig.max_prefill_tokens .* Allocator: CUDA out of memory"):
         eng.step()
-    eng.release_memory()
+    eng.release()
     monkeypatch.setattr(eng.runner, "allocate", lambda n: (_ for _ in ()).throw(
         RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 1024 bytes")))
     with pytest.raises(torch.OutOfMemoryError, match=r"engine KV cache \(16 pages, .* GiB\).*kv_memory_fraction"):
-        eng.resume_memory()
+        eng.resume()
     monkeypatch.setattr(eng.runner, "allocate", lambda n: (_ for _ in ()).throw(RuntimeError("other failure")))
     with pytest.raises(RuntimeError, match="^other failure$"):  # not an OOM: untouched
-        eng.resume_memory()
+        eng.resume()
 
 
 @pytest.fixture(scope="module")
@@ -187,3 +187,54 @@ def test_run_metrics_count_preemptions_and_report_no_graphs_on_cpu():
     assert m["engine/preemptions_total"] > 0
     assert "engine/cuda_graphs_active" not in m  # graphs do not apply on CPU: absent, not 0
     assert eng.cuda_graphs_active is None
+
+
+@pytest.mark.parametrize("mode", ["invariant", "fast"])
+def test_the_engine_runs_its_kernel_mode_on_any_thread(two_models, monkeypatch, mode):
+    """The mode is the engine's, not the calling thread's: a server's engine thread (or any
+    other) runs fast kernels for a fast engine and invariant ones otherwise."""
+    import threading
+
+    from miles_kernels import _ref
+
+    calls = []
+    ref_linear = _ref.linear
+    monkeypatch.setattr(_ref, "linear", lambda *a: (calls.append(threading.current_thread().name), ref_linear(*a))[1])
+    eng = Engine(_clone(two_models[0]), config=EngineConfig(page_size=16, num_pages=32, kv_memory_bytes=0),
+                 eos_token_ids=[], kernel_mode=mode)
+    worker = threading.Thread(target=lambda: eng.generate([Request([1, 2, 3], SamplingParams(max_new_tokens=3,
+                                                                                            seed=0))]),
+                              name="engine-thread")
+    worker.start()
+    worker.join()
+    assert (set(calls) == {"engine-thread"}) if mode == "fast" else not calls
+    with pytest.raises(ValueError, match="kernel_mode='turbo'"):
+        Engine(_clone(two_models[0]), config=EngineConfig(page_size=16, num_pages=32), kernel_mode="turbo")
+
+
+def test_update_weights_streams_one_bucket_at_a_time(two_models):
+    """A WeightSource's buckets are consumed one by one: the engine holds no reference to a
+    bucket once it asks for the next (peak extra memory: one bucket)."""
+    import weakref
+
+    old, new = two_models
+    eng = Engine(_clone(old), config=EngineConfig(page_size=16, num_pages=32), eos_token_ids=[])
+    names = [n for n, _ in new.named_parameters()]
+
+    class Source:
+        alive_at_next: list[int] = []
+
+        def buckets(self):
+            refs = []
+            for i in range(0, len(names), 3):
+                self.alive_at_next.append(sum(r() is not None for r in refs))
+                bucket = {n: new.state_dict()[n].clone() for n in names[i: i + 3]}
+                refs = [weakref.ref(t) for t in bucket.values()]
+                yield bucket
+                bucket = None
+
+    src = Source()
+    eng.update_weights(src, version=3)
+    assert len(src.alive_at_next) > 2 and max(src.alive_at_next) == 0
+    assert eng.weight_version == 3
+    assert all(torch.equal(p, new.state_dict()[n]) for n, p in eng.model.named_parameters())

@@ -11,7 +11,7 @@ import pytest
 from test_server import MODEL, expected, make_server, tokenizer  # noqa: F401 - tokenizer is a fixture
 
 from miles_fsdp.engine.sequence import Request, SamplingParams
-from miles_fsdp.rl.remote import RemoteEngine, RemoteEngineError
+from miles_fsdp.engine.remote import RemoteEngine, RemoteEngineError
 
 KEY = "s3cret-key"
 

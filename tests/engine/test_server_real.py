@@ -17,7 +17,6 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from server_thread import ServerThread
 
-from miles_fsdp.commands import serve
 from miles_fsdp.commands.serve import ServeConfig, build_server
 from miles_fsdp.engine.config import EngineConfig
 from miles_fsdp.models.testing import build_tiny_checkpoint
@@ -145,8 +144,10 @@ def test_update_weights_never_lists_a_directory(url, ckpts):
 
 
 def test_serve_on_cpu_picks_a_kv_size(ckpts, monkeypatch, caplog):
-    monkeypatch.setattr(serve, "CPU_KV_BYTES", 8 * 2**20)
-    caplog.set_level(logging.INFO, logger="miles_fsdp.commands.serve")
+    from miles_fsdp.engine import config as engine_config
+
+    monkeypatch.setattr(engine_config, "CPU_KV_BYTES", 8 * 2**20)
+    caplog.set_level(logging.INFO, logger="miles_fsdp.engine.engine")
     cfg = ServeConfig(model=str(ckpts[0]), device="cpu", dtype="float32", engine=EngineConfig(cuda_graphs=False))
     app = build_server(cfg)  # no --engine.kv-memory-bytes / --engine.num-pages
     assert "KV cache on CPU: 8 MiB" in caplog.text

@@ -36,5 +36,5 @@ def test_generate_hook_contract():
 def test_sample_fields_are_stable():
     assert [f for f in Sample.__slots__] == [
         "prompt", "group_index", "index", "label", "prompt_ids", "response", "response_ids",
-        "response_logprobs", "loss_mask", "reward", "status", "reward_error", "weight_version", "metadata",
+        "response_logprobs", "loss_mask", "reward", "status", "seed", "reward_error", "weight_version", "metadata",
     ]

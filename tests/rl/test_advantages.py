@@ -107,7 +107,7 @@ def test_reinforce_pp_empty_response_is_named():
 def test_kl_in_reward_hand_values():
     from miles_fsdp.data.sample import Sample
     from miles_fsdp.rl.config import AlgoConfig
-    from miles_fsdp.rl.step import compute_advantages, kl_penalties
+    from miles_fsdp.rl.train_data import compute_advantages, kl_penalties
 
     def sample(lps, reward):
         s = Sample(prompt="", prompt_ids=[1, 2])

@@ -190,13 +190,13 @@ def test_release_engine_memory_changes_nothing_but_memory(setup, monkeypatch):
 
     root, ckpt, _, data = setup
     calls = []
-    for name in ("release_memory", "resume_memory"):
+    for name in ("release", "resume"):
         orig = getattr(Engine, name)
         monkeypatch.setattr(Engine, name, lambda self, _o=orig, _n=name: (calls.append(_n), _o(self))[1])
     run_rl(_cfg(root, ckpt, data, "kept", steps=2, export_hf=False))
     assert calls == []
     run_rl(_cfg(root, ckpt, data, "released", steps=2, export_hf=False, release_engine_memory=True))
-    assert calls == ["release_memory", "resume_memory"] * 2
+    assert calls == ["release", "resume"] * 2
     keys = ("rollout/reward_mean", "train/loss", "train/grad_norm", "train/logprob_abs_diff_max")
     rows = lambda d: [[r[k] for k in keys] for r in read_metrics(root / d) if "train/loss" in r]  # noqa: E731
     assert rows("released") == rows("kept") and rows("kept")[-1][-1] == 0.0

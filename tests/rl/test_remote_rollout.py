@@ -22,7 +22,7 @@ from miles_fsdp.models.testing import build_tiny_checkpoint
 from miles_fsdp.observe.metrics import read_metrics
 from miles_fsdp.rl.config import RLConfig, RolloutConfig
 from miles_fsdp.rl.loop import OnPolicyError, run_rl
-from miles_fsdp.rl.remote import RemoteEngine, RemoteEngineError
+from miles_fsdp.engine.remote import RemoteEngine, RemoteEngineError
 from miles_fsdp.train.optim import OptimConfig
 from miles_fsdp.train.trainer import TrainerConfig
 
@@ -110,11 +110,15 @@ def test_remote_engine_errors_name_the_server_and_the_fix(setup):
     with pytest.raises(RemoteEngineError, match=r"rollout server http://127\.0\.0\.1:9/health: .*RolloutConfig\.servers"):
         RemoteEngine(["http://127.0.0.1:9"], timeout_s=5, wait_s=0)
     too_many = Request([1, 2, 3], SamplingParams(n=9, max_new_tokens=2, seed=0))  # the servers allow n <= 8
-    with RemoteEngine(urls[:1], timeout_s=30) as client:
+    class NoCheckpoint:  # a weight source whose checkpoint never reaches the disk
+        def save_hf(self, path):
+            return root / "missing"
+
+    with RemoteEngine(urls[:1], weights_dir=root / "weights", timeout_s=30) as client:
         with pytest.raises(RemoteEngineError, match=r"HTTP 400: n=9 is larger than this server's limit of 8"):
             client.generate([too_many])
         with pytest.raises(RemoteEngineError, match=r"/update_weights answered HTTP 400: path: .* is not a directory"):
-            client.update_weights_from(str(root / "missing"), 1)
+            client.update_weights(NoCheckpoint(), 1)
     with pytest.raises(ValueError, match=r"rollout.servers='localhost:8000' \(--rollout.servers\): each entry must be a URL"):
         RolloutConfig(servers=("localhost:8000",))
 
@@ -134,7 +138,7 @@ def test_two_ranks_share_the_servers(setup):
 def test_server_in_another_dtype_is_caught(setup):
     root, ckpt, data, _ = setup
     with _server(ckpt, dtype="bfloat16") as url:
-        with pytest.raises(OnPolicyError, match=r"--dtype matching the trainer's compute dtype"):
+        with pytest.raises(OnPolicyError, match=r"with the trainer's compute dtype, --dtype auto"):
             run_rl(_cfg(root, ckpt, data, "bf16_server", servers=(url,)))
 
 

@@ -2,7 +2,8 @@
 
     python tools/bench/rl_step.py --out bench_rl_step.json
 
-The real loop's pieces (rl/rollout.generate, rl/step, Trainer.train_step, rl/state.sync_engine)
+The real loop's pieces (rl/rollout.generate, rl/train_data, rl/loss, Trainer.train_step, the engine's
+update_weights from the trainer's PolicyWeights)
 on synthetic prompts: `--prompts` prompts x `--n` samples, `--prompt-len` prompt tokens,
 `--new` new tokens each (eos ignored, so every response has exactly `--new` tokens), a dense
 random reward. Reports seconds per phase (generate, reward, train, sync), tokens/s and the
@@ -34,11 +35,12 @@ from miles_fsdp.models import ModelArgs, Transformer  # noqa: E402
 from miles_fsdp.parallel import ParallelConfig  # noqa: E402
 from miles_fsdp.rl.config import AlgoConfig  # noqa: E402
 from miles_fsdp.rl.rollout import generate  # noqa: E402
-from miles_fsdp.rl.state import sync_engine  # noqa: E402
-from miles_fsdp.rl.step import RLLoss, compute_advantages, to_train_seqs  # noqa: E402
+from miles_fsdp.rl.loss import RLLoss  # noqa: E402
+from miles_fsdp.rl.train_data import compute_advantages, to_train_seqs  # noqa: E402
 from miles_fsdp.train.optim import OptimConfig  # noqa: E402
 from miles_fsdp.train.scoring import ScoringSpec  # noqa: E402
 from miles_fsdp.train.trainer import Trainer, TrainerConfig  # noqa: E402
+from miles_fsdp.train.weight_sync import PolicyWeights  # noqa: E402
 
 
 CUDA = torch.cuda.is_available()
@@ -70,7 +72,7 @@ def main() -> None:
     p.add_argument("--tiny", action="store_true", help="a tiny model, for a CPU smoke run")
     p.add_argument("--out", required=True)
     a = p.parse_args()
-    mk.set_mode(a.mode)
+    spec = ScoringSpec(kernel_mode=a.mode)
     args = ModelArgs.from_hf(TINY if a.tiny else QWEN3_0_6B)
     device, dtype = ("cuda", torch.bfloat16) if CUDA else ("cpu", torch.float32)
     with torch.device("meta"):
@@ -82,8 +84,9 @@ def main() -> None:
         replica = Transformer(args)
     replica.init_weights(seed=0, device=device)
     kv = EngineConfig(kv_memory_fraction=0.2) if CUDA else EngineConfig(kv_memory_bytes=256 << 20, cuda_graphs=False)
-    engine = Engine(replica.to(dtype).eval(), None, kv, eos_token_ids=[])
-    sync_engine(trainer, engine, dtype, version=0)  # the engine starts from the trainer's weights
+    engine = Engine(replica.to(dtype).eval(), None, kv, eos_token_ids=[], kernel_mode=a.mode)
+    weights = PolicyWeights(trainer.model, dtype)
+    engine.update_weights(weights, version=0)  # the engine starts from the trainer's weights
     rng = random.Random(0)
     algo = AlgoConfig()
     rows = []
@@ -100,10 +103,10 @@ def main() -> None:
             s.reward = sum(t % 2 == 0 for t in s.response_ids) / len(s.response_ids)
         t_reward = time.perf_counter() - t0
         adv = compute_advantages(samples, a.n, algo)
-        loss = RLLoss(algo, fast_mode=a.mode == "fast")
-        m, t_train = timed(lambda: trainer.train_step(trainer.pack(to_train_seqs(samples, adv)), loss,
-                                                      ScoringSpec(kernel_mode=a.mode), entropy=True))
-        _, t_sync = timed(lambda: sync_engine(trainer, engine, dtype, version=step + 1))
+        loss = RLLoss(algo, spec)
+        m, t_train = timed(lambda: trainer.train_step(trainer.pack(to_train_seqs(samples, adv)), loss, spec,
+                                                      entropy=True))
+        _, t_sync = timed(lambda: engine.update_weights(weights, version=step + 1))
         gen_tokens = sum(s.response_length for s in samples)
         rows.append({"step": step, "generate_s": t_gen, "reward_s": t_reward, "train_s": t_train, "sync_s": t_sync,
                      "total_s": t_gen + t_reward + t_train + t_sync, "gen_tokens": gen_tokens,

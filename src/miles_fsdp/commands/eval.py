@@ -15,7 +15,6 @@ import sys
 from dataclasses import dataclass, field
 from typing import Literal
 
-import miles_kernels as mk
 from miles_fsdp.data.datasets import DataConfig, PromptDataset
 from miles_fsdp.data.sample import Sample
 from miles_fsdp.data.tokenizer import load_tokenizer
@@ -26,8 +25,8 @@ from miles_fsdp.models import ModelArgs
 from miles_fsdp.rewards.exact_match import extract_answer
 from miles_fsdp.rewards.registry import load_reward
 from miles_fsdp.rl.evaluate import evaluate
-from miles_fsdp.rl.remote import RemoteEngine
-from miles_fsdp.rl.setup import build_engine
+from miles_fsdp.engine.remote import RemoteEngine
+from miles_fsdp.rl.run import build_engine
 
 DEFAULT_MAX_NEW_TOKENS = 256
 
@@ -65,7 +64,8 @@ class EvalCommandConfig:
     device: str = "auto"
     """"auto" (cuda if available), "cuda" or "cpu"."""
     kernel_mode: Literal["invariant", "fast"] = "invariant"
-    engine: EngineConfig = field(default_factory=lambda: EngineConfig(kv_memory_bytes=256 << 20))
+    """miles_kernels mode of the local engine (servers run their own --kernel-mode)."""
+    engine: EngineConfig = field(default_factory=EngineConfig)
     servers: tuple[str, ...] = ()
     """Evaluate on running `miles-fsdp serve` instances (URLs) instead of loading the weights
     here; --model still gives the tokenizer (and should be what the servers serve)."""
@@ -90,7 +90,6 @@ class EvalCommandConfig:
 
 def main(cfg: EvalCommandConfig) -> int:
     device = resolve_device(cfg.device)
-    mk.set_mode(cfg.kernel_mode)
     tokenizer = load_tokenizer(cfg.model)
     ds = PromptDataset(DataConfig(path=cfg.data, prompt_key=cfg.prompt_key, label_key=cfg.label_key,
                                   shuffle=False), tokenizer.tokenize_prompt)
@@ -98,7 +97,7 @@ def main(cfg: EvalCommandConfig) -> int:
     max_new_tokens = fit_max_new_tokens(cfg, prompts)
     options = {"extract": answer_extract(cfg, prompts)} if cfg.reward == "exact_match" else {}
     engine = (RemoteEngine(cfg.servers) if cfg.servers else
-              build_engine(cfg.model, tokenizer, cfg.engine, resolve_dtype("auto", device), device))
+              build_engine(cfg.model, tokenizer, cfg.engine, resolve_dtype("auto", device), device, cfg.kernel_mode))
     metrics = evaluate(engine, tokenizer, prompts, load_reward(cfg.reward, **options), cfg.n_samples,
                        cfg.temperature, max_new_tokens, (), cfg.seed)
     print(json.dumps(metrics, indent=2))

@@ -11,7 +11,6 @@ Endpoints: OpenAI /v1/completions, /v1/chat/completions, /v1/models; native /gen
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import os
 from dataclasses import dataclass, field
@@ -24,7 +23,6 @@ from miles_fsdp.device import check_device, resolve_device, resolve_dtype
 from miles_fsdp.engine.config import EngineConfig
 
 API_KEY_ENV = "MILES_API_KEY"
-CPU_KV_BYTES = 2**30  # KV cache on CPU when none is set: 1 GiB, at most a quarter of the RAM
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +44,9 @@ class ServeConfig:
     dtype: Literal["auto", "bfloat16", "float32"] = "auto"
     """Weights and KV cache dtype. auto: the trainer's compute dtype on this device (bfloat16 on
     CUDA, float32 on CPU), which disaggregated rollout needs for bitwise equal log-probs."""
+    kernel_mode: Literal["invariant", "fast"] = "invariant"
+    """miles_kernels mode the engine thread runs in: invariant (log-probs equal a trainer's bit
+    for bit) or fast (vendor kernels; an rl run with --kernel-mode fast)."""
     max_n: int = 64
     """Largest `n` (samples per prompt) one request may ask for."""
     default_max_tokens: int = 0
@@ -66,8 +67,8 @@ class ServeConfig:
     """Server and uvicorn log level; 'info' logs one line per request."""
     engine: EngineConfig = field(default_factory=EngineConfig)
     """Rollout engine settings (KV cache size, batching, prefix cache). On CPU with neither
-    --engine.kv-memory-bytes nor --engine.num-pages, the KV cache gets 1 GiB (at most a quarter
-    of the RAM); the log says what it chose."""
+    --engine.kv-memory-bytes nor --engine.num-pages, the KV cache gets 256 MiB (at most a
+    quarter of the RAM); the log says what it chose."""
 
     def __post_init__(self):
         if not (Path(self.model) / "config.json").is_file():
@@ -93,12 +94,6 @@ class ServeConfig:
         return self.api_key or os.environ.get(API_KEY_ENV, "")
 
 
-def cpu_kv_bytes() -> int:
-    """KV cache bytes on CPU when the user sets none: CPU_KV_BYTES, at most a quarter of the RAM."""
-    ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    return min(CPU_KV_BYTES, ram // 4)
-
-
 def build_server(cfg: ServeConfig):
     """The FastAPI app for `cfg` (model loaded, engine built, not yet serving)."""
     from transformers import AutoTokenizer
@@ -112,12 +107,7 @@ def build_server(cfg: ServeConfig):
     dtype = resolve_dtype(cfg.dtype, device)
     model = load_model(cfg.model, dtype, device).eval()
     tokenizer = AutoTokenizer.from_pretrained(cfg.tokenizer or cfg.model)
-    engine_cfg = cfg.engine
-    if device.type == "cpu" and not (engine_cfg.kv_memory_bytes or engine_cfg.num_pages):
-        engine_cfg = dataclasses.replace(engine_cfg, kv_memory_bytes=cpu_kv_bytes())
-        log.info("KV cache on CPU: %d MiB (no --engine.kv-memory-bytes or --engine.num-pages given)",
-                 engine_cfg.kv_memory_bytes // 2**20)
-    engine = Engine(model, tokenizer, engine_cfg)
+    engine = Engine(model, tokenizer, cfg.engine, kernel_mode=cfg.kernel_mode)
     limits = ServerLimits(
         model_name=cfg.served_model_name or Path(cfg.model).resolve().name,
         max_model_len=engine.max_model_len,

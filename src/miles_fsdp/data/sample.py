@@ -66,6 +66,9 @@ class Sample:
     reward: float | None = None
     """Scalar reward, set by the reward step (None until scored)."""
     status: Status = Status.PENDING
+    seed: int | None = None
+    """The request seed it was sampled with: with the prompt and `index` within its group it
+    replays the sample exactly (engine/replay.py)."""
     reward_error: str | None = None
     """Why `reward` is the run's reward_on_error score: the reward function raised, returned
     a non-number or timed out (the message says which); None when it scored the sample."""

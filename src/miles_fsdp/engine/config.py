@@ -2,8 +2,17 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from typing import Literal
+
+
+CPU_KV_BYTES = 256 * 2**20  # the KV cache on CPU when no size is given
+
+
+def cpu_kv_bytes() -> int:
+    """KV cache bytes on CPU when none is set: CPU_KV_BYTES, at most a quarter of the RAM."""
+    return min(CPU_KV_BYTES, os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 4)
 
 
 @dataclass
@@ -13,9 +22,8 @@ class EngineConfig:
     kv_memory_fraction: float = 0.85
     """CUDA: fraction of the device memory free after loading the model given to the KV cache."""
     kv_memory_bytes: int = 0
-    """Bytes for the KV cache; overrides kv_memory_fraction on CUDA when > 0. On CPU an Engine
-    needs it (or num_pages): `serve` picks one when both are 0 and logs it, `rl` and `eval`
-    default to 256 MiB, `generate` sizes the cache to its prompts."""
+    """Bytes for the KV cache; overrides kv_memory_fraction on CUDA when > 0. On CPU, 0 means
+    CPU_KV_BYTES (256 MiB, at most a quarter of the RAM), logged when the engine starts."""
     num_pages: int = 0
     """Exact number of KV pages (page 0 is a scratch page); overrides both memory settings when > 0."""
     max_num_seqs: int = 256

@@ -6,13 +6,17 @@
             return scheduler.postprocess(...)     append, finish, free pages -> [StepOutput]
 
 One thread drives the engine: step(), add_request(), abort(), update_weights() and
-release/resume_memory() must all be called from it (the HTTP server runs step() in a
+release()/resume() must all be called from it (the HTTP server runs step() in a
 background thread and hands it requests and aborts through a queue). `generate()` is the
-blocking offline entry point built on the same calls.
+blocking offline entry point built on the same calls, `agenerate()` the awaitable one for
+generate hooks; with update_weights/release/resume/metrics/close they are the rollout
+interface (engine/source.py). Every forward and sample runs in the engine's kernel mode.
 """
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import random
 import time
 from collections.abc import Callable
@@ -21,21 +25,28 @@ import miles_kernels as mk
 import torch
 
 from miles_fsdp.engine.block_manager import BlockManager
-from miles_fsdp.engine.config import EngineConfig
+from miles_fsdp.engine.config import EngineConfig, cpu_kv_bytes
 from miles_fsdp.engine.runner import Runner, kv_bytes_per_page
 from miles_fsdp.engine.scheduler import Scheduler
-from miles_fsdp.engine.sequence import Request, Result, Sequence, StepOutput
+from miles_fsdp.engine.sequence import Request, Result, SamplingParams, Sequence, StepOutput
 from miles_fsdp.observe.memory import is_oom, oom_error
+
+log = logging.getLogger(__name__)
 
 
 class Engine:
     def __init__(self, model, tokenizer=None, config: EngineConfig | None = None,
-                 eos_token_ids: list[int] | None = None, detokenize=None):
+                 eos_token_ids: list[int] | None = None, detokenize=None, kernel_mode: str = "invariant"):
         """model: a miles_fsdp Transformer (or anything with its forward/logits/args contract),
         already on its device and dtype. tokenizer: optional; gives the eos id and the
-        detokenizer used by stop_strings (or pass eos_token_ids / detokenize directly)."""
+        detokenizer used by stop_strings (or pass eos_token_ids / detokenize directly).
+        kernel_mode: the miles_kernels mode every step runs in, on whichever thread calls it
+        ("fast" trades the bitwise match with the trainer for vendor kernels)."""
         self.config = config = config or EngineConfig()
         config.check_kernel_alignment(mk.ATTN_BLOCK)
+        if kernel_mode not in mk.MODES:
+            raise ValueError(f"Engine: kernel_mode={kernel_mode!r}; expected one of {mk.MODES}")
+        self.kernel_mode = kernel_mode
         self.model = model
         if eos_token_ids is None and tokenizer is not None and tokenizer.eos_token_id is not None:
             eos_token_ids = [tokenizer.eos_token_id]
@@ -56,11 +67,14 @@ class Engine:
         self._pending: list[StepOutput] = []  # produced outside step() (abort, drain), returned by the next step()
         self._requests: dict[str, list[Sequence]] = {}
         self._rng = random.Random(config.seed)
+        self._awaited: dict[str, tuple[asyncio.Future, Callable[[], bool] | None]] = {}  # agenerate's calls
+        self._driver: asyncio.Task | None = None
 
     def _allocate(self) -> None:
         """KV cache (and decode CUDA graphs); an OOM names the settings that size them."""
         try:
-            self.runner.allocate(self.num_pages)
+            with mk.use_mode(self.kernel_mode):  # graphs capture the kernels of this mode
+                self.runner.allocate(self.num_pages)
         except RuntimeError as e:
             if not is_oom(e):
                 raise
@@ -81,10 +95,8 @@ class Engine:
             free, _ = torch.cuda.mem_get_info(r.device)
             budget = int(free * c.kv_memory_fraction)
         else:
-            raise ValueError(
-                f"EngineConfig.kv_memory_bytes is 0 and the model is on {r.device}: set it to the KV cache "
-                f"size in bytes (one page of {c.page_size} tokens takes {per_page} bytes), or set num_pages"
-            )
+            budget = cpu_kv_bytes()
+            log.info("KV cache on CPU: %d MiB (EngineConfig.kv_memory_bytes / num_pages not set)", budget // 2**20)
         pages = budget // per_page
         if pages < 2:
             raise ValueError(
@@ -145,12 +157,13 @@ class Engine:
 
     def _step(self) -> list[StepOutput]:
         if self._released:
-            raise RuntimeError("Engine.step(): KV memory is released; call resume_memory() first")
+            raise RuntimeError("Engine.step(): KV memory is released; call resume() first")
         batch = self.scheduler.schedule()
         if batch is None:
             return []
         try:
-            tokens, logprobs = self.runner.run(batch)
+            with mk.use_mode(self.kernel_mode):
+                tokens, logprobs = self.runner.run(batch)
         except RuntimeError as e:
             if not is_oom(e):
                 raise
@@ -196,6 +209,30 @@ class Engine:
             out["engine/cuda_graphs_active"] = float(self.cuda_graphs_active)
         return out
 
+    async def agenerate(self, prompt_ids: list[int], params: SamplingParams,
+                        stop: Callable[[], bool] | None = None) -> Result:
+        """One sample (params.n == 1), awaitable: concurrent calls from one event loop share
+        engine steps (a driver task steps while any is waiting). Once `stop()` is True the
+        sample is aborted and returns with what it produced."""
+        if params.n != 1:
+            raise ValueError(f"Engine.agenerate: params.n={params.n}; one sample per call (n=1)")
+        rid = self.add_request(Request(list(prompt_ids), params))
+        fut = asyncio.get_running_loop().create_future()
+        self._awaited[rid] = (fut, stop)
+        if self._driver is None or self._driver.done():
+            self._driver = asyncio.ensure_future(self._drive())
+        return await fut
+
+    async def _drive(self) -> None:
+        while self._awaited:
+            await asyncio.sleep(0)  # let the other callers add their requests first
+            for rid, (_, stop) in list(self._awaited.items()):
+                if stop is not None and stop():
+                    self.abort(rid)
+            for out in self.step():
+                if out.finished and out.request_id in self._awaited:
+                    self._awaited.pop(out.request_id)[0].set_result(out.result)
+
     def stats(self) -> dict[str, int]:
         s, b = self.scheduler, self.blocks
         return dict(num_running=len(s.running), num_waiting=len(s.waiting), num_free_pages=b.num_free,
@@ -206,21 +243,28 @@ class Engine:
 
     @torch.no_grad()
     def update_weights(self, weights, version: int) -> None:
-        """Copy `weights` (a state dict with the model's parameter names, or a module) into the
-        model in place, between steps. Samples already generating are finished on the old
+        """Copy new weights into the model in place, between steps: a WeightSource (streamed
+        bucket by bucket: peak extra memory is one bucket), a state dict with the model's
+        parameter names, or a module. Samples already generating are finished on the old
         weights or restarted on the new (EngineConfig.weight_update); no sample mixes versions.
         The prefix cache is invalidated (its KV came from the old weights)."""
-        src = weights.state_dict() if isinstance(weights, torch.nn.Module) else dict(weights)
         params = dict(self.model.named_parameters())
-        missing, unexpected = sorted(params.keys() - src.keys()), sorted(src.keys() - params.keys())
-        misshaped = [f"{n}: got {tuple(src[n].shape)}, model has {tuple(p.shape)}"
-                     for n, p in params.items() if n in src and src[n].shape != p.shape]
-        if missing or unexpected or misshaped:
-            raise ValueError(f"Engine.update_weights(version={version}): missing {missing[:8]}, "
-                             f"unexpected {unexpected[:8]}, misshaped {misshaped[:8]}; pass every model parameter")
+        if hasattr(weights, "buckets"):
+            buckets = weights.buckets()
+        else:  # a whole state dict is checked before anything changes
+            whole = dict(weights.state_dict() if isinstance(weights, torch.nn.Module) else weights)
+            _check_bucket(whole, params, version, complete=True)
+            buckets = iter([whole])
         self._settle_in_flight()
-        for name, p in params.items():
-            p.copy_(src[name])
+        done: set[str] = set()
+        for bucket in buckets:
+            _check_bucket(bucket, params, version)
+            for name, t in bucket.items():
+                params[name].copy_(t)
+            done |= bucket.keys()
+            bucket = t = None  # drop this bucket before the source builds the next one: one alive at a time
+        if missing := sorted(params.keys() - done):  # a broken source: the next full update repairs the engine
+            raise ValueError(f"Engine.update_weights(version={version}): the source never sent {missing[:8]}")
         self.blocks.invalidate_cache()
         self.weight_version = version
 
@@ -243,7 +287,7 @@ class Engine:
         finally:
             sched.only_started = False
 
-    def release_memory(self) -> None:
+    def release(self) -> None:
         """Drop the KV cache and CUDA graphs; unfinished samples are kept and recompute after resume."""
         if self._released:
             return
@@ -252,7 +296,21 @@ class Engine:
         self.runner.free()
         self._released = True
 
-    def resume_memory(self) -> None:
+    def resume(self) -> None:
+        """Rebuild the KV cache and CUDA graphs dropped by release()."""
         if self._released:
             self._allocate()
             self._released = False
+
+    def close(self) -> None:
+        """Nothing to close in-process (the rollout interface's close)."""
+
+
+def _check_bucket(bucket: dict, params: dict, version: int, complete: bool = False) -> None:
+    missing = sorted(params.keys() - bucket.keys()) if complete else []
+    unexpected = sorted(bucket.keys() - params.keys())
+    misshaped = [f"{n}: got {tuple(t.shape)}, model has {tuple(params[n].shape)}"
+                 for n, t in bucket.items() if n in params and t.shape != params[n].shape]
+    if missing or unexpected or misshaped:
+        raise ValueError(f"Engine.update_weights(version={version}): missing {missing[:8]}, unexpected "
+                         f"{unexpected[:8]}, misshaped {misshaped[:8]}; pass every model parameter, by its name")

@@ -14,7 +14,7 @@ from typing import Literal
 from miles_fsdp.data.datasets import DataConfig
 from miles_fsdp.engine.config import EngineConfig
 from miles_fsdp.observe.profiler import ProfileConfig
-from miles_fsdp.rl.losses import AGGREGATIONS, Aggregation
+from miles_fsdp.rl.objectives import AGGREGATIONS, Aggregation
 from miles_fsdp.train.loss import LossNorm
 from miles_fsdp.train.scoring import ScoringSpec
 from miles_fsdp.train.trainer import TrainerConfig
@@ -212,7 +212,7 @@ class RLConfig:
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     algo: AlgoConfig = field(default_factory=AlgoConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
-    engine: EngineConfig = field(default_factory=lambda: EngineConfig(kv_memory_bytes=256 << 20))
+    engine: EngineConfig = field(default_factory=EngineConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     kernel_mode: Literal["invariant", "fast"] = "invariant"
     """invariant: rollout log-probs equal the trainer's bit for bit (asserted every step).
@@ -247,6 +247,12 @@ class RLConfig:
             _bad("steps", self.steps, "must be >= 1")
         if self.log_samples < 0:
             _bad("log_samples", self.log_samples, "must be >= 0")
+        if self.debug_mode == "train_only":  # replays saved samples: nothing here can generate
+            for flag, value in (("rollout.generate_fn", self.rollout.generate_fn), ("eval.path", self.eval.path),
+                                ("rollout.servers", self.rollout.servers)):
+                if value:
+                    _bad(flag, value, "train_only replays saved samples and has no engine to call; leave it unset "
+                         "(a generate hook's turns are not saved, and eval needs an engine)")
         if self.checkpoint_every < 0:
             _bad("checkpoint_every", self.checkpoint_every, "must be >= 0 (0 = only at the end and on SIGTERM)")
         self._check_context()
@@ -283,11 +289,21 @@ class RLConfig:
     @property
     def loss_norm(self) -> tuple[LossNorm, float]:
         """The trainer's loss normalisation (and its constant) that algo.aggregation means."""
-        agg = self.algo.aggregation
-        if agg == "token-mean":
-            return LossNorm.token_mean, 1.0
-        if agg == "seq-mean-token-mean":
-            return LossNorm.seq_mean, 1.0
-        if agg == "seq-mean-token-sum":
-            return LossNorm.constant, 1.0  # token sum per sequence / number of sequences
-        return LossNorm.constant, self.algo.aggregation_constant or float(self.rollout.max_new_tokens)
+        return loss_norm_of(self.algo.aggregation, self.algo.aggregation_constant or float(self.rollout.max_new_tokens))
+
+
+def loss_norm_of(aggregation: Aggregation, constant: float) -> tuple[LossNorm, float]:
+    """An RL loss aggregation as the trainer's normalisation (train/loss.py), K = sequences:
+
+        token-mean             sum over tokens / tokens              LossNorm.token_mean
+        seq-mean-token-mean    sum over sequences of token means / K LossNorm.seq_mean
+        seq-mean-token-sum     sum over sequences of token sums / K  LossNorm.constant, C = 1
+        constant (Dr.GRPO)     token sum / (K * C)                   LossNorm.constant, C = constant
+    """
+    if aggregation == "token-mean":
+        return LossNorm.token_mean, 1.0
+    if aggregation == "seq-mean-token-mean":
+        return LossNorm.seq_mean, 1.0
+    if aggregation == "seq-mean-token-sum":
+        return LossNorm.constant, 1.0
+    return LossNorm.constant, constant

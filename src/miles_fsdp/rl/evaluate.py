@@ -13,6 +13,7 @@ import torch.distributed as dist
 from miles_fsdp.data.sample import Sample
 from miles_fsdp.engine.sequence import SamplingParams
 from miles_fsdp.errors import UserError
+from miles_fsdp.parallel.reduce import all_reduce_sum
 from miles_fsdp.rewards.registry import score_samples
 from miles_fsdp.rl.eval_metrics import pass_at_k
 from miles_fsdp.rl.rollout import generate, request_seed
@@ -37,19 +38,16 @@ def evaluate(engine, tokenizer, prompts: list[Sample], reward_fn, n: int, temper
     rewards = torch.tensor([s.reward for s in samples], dtype=torch.float64)
     correct = (rewards > 0.5).double()
     ks = sorted({1, n})
-    sums = torch.tensor([float(rewards.sum()), float(len(samples)), float(len(mine)),
-                         float(sum(s.response_length for s in samples)),
-                         float(report.num_errors if report else 0)]
-                        + [pass_at_k(correct, n, k) * len(mine) if mine else 0.0 for k in ks], dtype=torch.float64)
-    if dist.is_initialized():
-        dist.all_reduce(sums, group=group)
-    total, count, n_prompts, length, errors = sums[:5].tolist()
+    sums = all_reduce_sum([float(rewards.sum()), len(samples), len(mine), sum(s.response_length for s in samples),
+                           report.num_errors if report else 0]
+                          + [pass_at_k(correct, n, k) * len(mine) if mine else 0.0 for k in ks], group)
+    total, count, n_prompts, length, errors = sums[:5]
     if n_prompts == 0:
         raise EmptyEvalSet("evaluate: no prompts to evaluate (an empty eval set has no reward); "
                          "check the eval data file and the max-prompts setting")
     out = {"eval/reward_mean": total / max(count, 1), "eval/response_len_mean": length / max(count, 1),
            "eval/num_prompts": n_prompts, "eval/reward_errors": errors}
-    for k, v in zip(ks, sums[5:].tolist()):
+    for k, v in zip(ks, sums[5:]):
         out[f"eval/pass@{k}"] = v / max(n_prompts, 1)
     out["eval/accuracy"] = out["eval/pass@1"]
     return out

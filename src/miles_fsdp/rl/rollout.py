@@ -15,18 +15,19 @@ import asyncio
 import hashlib
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
-from miles_fsdp.errors import UserError
 from miles_fsdp.data.sample import Sample, Status, make_group
+from miles_fsdp.engine.remote import RemoteEngineError
 from miles_fsdp.engine.sequence import FinishReason, Request, SamplingParams
+from miles_fsdp.errors import UserError
 from miles_fsdp.rewards.registry import RewardStopped, score_samples
 from miles_fsdp.rl.config import RolloutConfig
 from miles_fsdp.rl.filters import dynamic_sampling_filter, expand_group_mask, overlong_penalty
 from miles_fsdp.rl.generate_hook import TurnOutput, check_generated
-from miles_fsdp.rl.remote import RemoteEngine, RemoteEngineError
+from miles_fsdp.train.scoring import ScoringSpec
 
 logger = logging.getLogger(__name__)
 
@@ -40,28 +41,27 @@ def request_seed(*parts: int) -> int:
     return int.from_bytes(digest, "little")
 
 
-def sampling_params(cfg: RolloutConfig, n: int, seed: int, max_new_tokens: int | None = None,
-                    temperature: float | None = None) -> SamplingParams:
-    return SamplingParams(
-        n=n, temperature=cfg.temperature if temperature is None else temperature, top_p=cfg.top_p,
-        top_k=cfg.top_k, max_new_tokens=max_new_tokens or cfg.max_new_tokens,
-        stop_strings=cfg.stop_strings, seed=seed)
+def sampling_params(cfg: RolloutConfig, spec: ScoringSpec, n: int, seed: int) -> SamplingParams:
+    """The engine's sampling parameters: the scoring spec's distribution, the rollout's lengths and stops."""
+    return SamplingParams(n=n, temperature=spec.temperature, top_p=spec.top_p, top_k=spec.top_k,
+                          max_new_tokens=cfg.max_new_tokens, stop_strings=cfg.stop_strings, seed=seed)
 
 
-def generate(engine, tokenizer, prompts: list[Sample], n: int, params_for, hook=None, stop=None) -> list[Sample]:
-    """Sample n responses for each prompt. params_for(i) -> SamplingParams of prompt i (n set).
-    Once `stop()` returns True, unfinished samples end ABORTED (the loop then discards the step)."""
+def generate(source, tokenizer, prompts: list[Sample], n: int, params_for, hook=None, stop=None) -> list[Sample]:
+    """Sample n responses for each prompt from a rollout source (engine/source.py).
+    params_for(i) -> SamplingParams of prompt i (n set). Once `stop()` returns True,
+    unfinished samples end ABORTED (the loop then discards the step)."""
     groups = [make_group(p, n, gi) for gi, p in enumerate(prompts)]
     if hook is not None:
-        return _generate_with_hook(engine, groups, params_for, hook, stop)
+        return _generate_with_hook(source, groups, params_for, hook, stop)
     requests = [Request(p.prompt_ids, params_for(i)) for i, p in enumerate(prompts)]
-    for group, results in zip(groups, engine.generate(requests, stop=stop)):
+    for group, results in zip(groups, source.generate(requests, stop=stop)):
         for sample, res in zip(group, sorted(results, key=lambda r: r.sample_index)):
             sample.response_ids = list(res.token_ids)
             sample.response_logprobs = res.logprobs.tolist()
             sample.loss_mask = [1] * len(res.token_ids)
             sample.status = _STATUS[res.finish_reason]
-            sample.weight_version = res.weight_version
+            sample.weight_version, sample.seed = res.weight_version, res.seed
             sample.response = tokenizer.decode(res.token_ids, skip_special_tokens=True) if tokenizer else ""
     return [s for g in groups for s in g]
 
@@ -70,48 +70,22 @@ class _Stopping(Exception):
     """Raised into a generate hook's engine call once a stop was requested."""
 
 
-def _generate_with_hook(engine, groups, params_for, hook, stop=None) -> list[Sample]:
-    """Run one hook coroutine per sample; a driver steps a colocated engine for all of them
-    (a RemoteEngine needs none: each call is its own HTTP request). On stop, in-flight
-    engine calls are aborted and new ones raise, so every hook ends promptly."""
-    futures: dict[str, asyncio.Future] = {}
-    remote = isinstance(engine, RemoteEngine)
-    stopping = False
+def _generate_with_hook(source, groups, params_for, hook, stop=None) -> list[Sample]:
+    """Run one hook coroutine per sample, concurrently; each engine call is one
+    `source.agenerate` (the in-process engine batches concurrent calls into shared steps).
+    On stop, calls in flight are aborted and new ones raise, so every hook ends promptly."""
 
     def stop_now() -> bool:
-        nonlocal stopping
-        stopping = stopping or (stop is not None and stop())
-        return stopping
-
-    async def engine_call(prompt_ids, params) -> TurnOutput:
-        if stop_now():
-            raise _Stopping("stop requested")
-        params = SamplingParams(**{**params.__dict__, "n": 1})
-        if remote:
-            return _turn(await engine.agenerate(prompt_ids, params))
-        rid = engine.add_request(Request(list(prompt_ids), params))
-        futures[rid] = asyncio.get_running_loop().create_future()
-        return await futures[rid]
-
-    async def drive():
-        while not remote:
-            await asyncio.sleep(0)
-            if stop_now():
-                for rid, fut in futures.items():
-                    if not fut.done():
-                        engine.abort(rid)
-            if not engine.has_unfinished():
-                if all(f.done() for f in futures.values()) and done_hooks.is_set():
-                    return
-                await asyncio.sleep(0.001)
-                continue
-            for out in engine.step():
-                if out.finished and out.request_id in futures:
-                    futures[out.request_id].set_result(_turn(out.result))
-
-    done_hooks = asyncio.Event()
+        return stop is not None and stop()
 
     async def run_one(sample, params):
+        async def engine_call(prompt_ids, call_params) -> TurnOutput:
+            if stop_now():
+                raise _Stopping("stop requested")
+            call_params = SamplingParams(**{**call_params.__dict__, "n": 1})
+            return _turn(await source.agenerate(list(prompt_ids), call_params, stop=stop))
+
+        sample.seed = params.seed
         try:
             return check_generated(await hook(sample, engine_call, params))
         except RemoteEngineError:  # a server down is the run's problem, not the sample's
@@ -122,13 +96,8 @@ def _generate_with_hook(engine, groups, params_for, hook, stop=None) -> list[Sam
             return sample
 
     async def main():
-        driver = asyncio.ensure_future(drive())
-        tasks = [run_one(s, SamplingParams(**{**params_for(gi).__dict__, "n": 1}))
-                 for gi, g in enumerate(groups) for s in g]
-        out = await asyncio.gather(*tasks)
-        done_hooks.set()
-        await driver
-        return out
+        return await asyncio.gather(*(run_one(s, SamplingParams(**{**params_for(gi).__dict__, "n": 1}))
+                                      for gi, g in enumerate(groups) for s in g))
 
     return list(asyncio.run(main()))
 
@@ -148,7 +117,9 @@ class RolloutBatch:
     stopped: bool = False
     """A stop (SIGTERM/SIGINT) cut the rollout short: the batch is incomplete, never trained on."""
     num_groups_dropped: int = 0
-    num_prompts_sampled: int = 0
+    generated: list[Sample] = field(default_factory=list)
+    """Every sample generated for the batch, dropped groups included (what a rollout-only run
+    saves, so a train-only run replays the step exactly)."""
     generate_s: float = 0.0
     """Wall time in the engine (or the generate hook)."""
     reward_s: float = 0.0
@@ -159,7 +130,7 @@ class RewardFunctionError(UserError, ValueError):
     """The reward function failed on every sample of the run's first batch: it cannot work."""
 
 
-def rollout(engine, tokenizer, next_prompts, reward_fn, cfg: RolloutConfig, target_groups: int,
+def rollout(source, tokenizer, next_prompts, reward_fn, cfg: RolloutConfig, spec: ScoringSpec, target_groups: int,
             seed_of, hook=None, all_reduce_sum=None, stop=None, check_reward: bool = False) -> RolloutBatch:
     """Generate and score groups until `target_groups` are kept (or rounds run out).
 
@@ -170,6 +141,7 @@ def rollout(engine, tokenizer, next_prompts, reward_fn, cfg: RolloutConfig, targ
     """
     n = cfg.n_samples_per_prompt
     kept: list[Sample] = []
+    generated: list[Sample] = []
     errors = timeouts = dropped = sampled = 0
     t_gen = t_reward = 0.0
     want = target_groups
@@ -179,8 +151,9 @@ def rollout(engine, tokenizer, next_prompts, reward_fn, cfg: RolloutConfig, targ
         base = sampled
         sampled += len(prompts)
         t0 = time.perf_counter()
-        samples = generate(engine, tokenizer, prompts, n,
-                           lambda i: sampling_params(cfg, n, seed_of(base + i)), hook, stop)
+        samples = generate(source, tokenizer, prompts, n,
+                           lambda i: sampling_params(cfg, spec, n, seed_of(base + i)), hook, stop)
+        generated += samples
         t1 = time.perf_counter()
         usable = [s for s in samples if s.status in (Status.COMPLETED, Status.TRUNCATED)]
         stopped = stop is not None and stop()
@@ -221,7 +194,7 @@ def rollout(engine, tokenizer, next_prompts, reward_fn, cfg: RolloutConfig, targ
             break
     _renumber(kept, n)
     return RolloutBatch(kept, num_reward_errors=errors, num_reward_timeouts=timeouts, stopped=stopped,
-                        num_groups_dropped=dropped, num_prompts_sampled=sampled, generate_s=t_gen, reward_s=t_reward)
+                        num_groups_dropped=dropped, generated=generated, generate_s=t_gen, reward_s=t_reward)
 
 
 def _all_failed(cfg: RolloutConfig, samples: list[Sample]) -> str:

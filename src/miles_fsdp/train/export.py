@@ -9,7 +9,7 @@ import torch.distributed as dist
 import torch.nn as nn
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-from miles_fsdp.models import load_model, save_hf  # noqa: F401 - load_model: rl/loop.py still imports it from here
+from miles_fsdp.models import save_hf
 
 
 def export_hf(model: nn.Module, out_dir: str | Path, dtype: torch.dtype | None = None) -> Path | None:

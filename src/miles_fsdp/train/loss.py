@@ -19,8 +19,8 @@ from __future__ import annotations
 from enum import Enum
 
 import torch
-import torch.distributed as dist
 
+from miles_fsdp.parallel.reduce import all_reduce_sum
 from miles_fsdp.train.packing import MicroBatch
 
 
@@ -51,10 +51,7 @@ def assign_weights(
             mb.weight_T = mb.mask_T / per_seq_B.clamp(min=1)[seg]
         else:
             mb.weight_T = mb.mask_T / constant
-    counts = torch.tensor([n_tok, n_seq], dtype=torch.float64)
-    if dist.is_initialized():
-        dist.all_reduce(counts, group=group)
-    n_tok, n_seq = counts.tolist()
+    n_tok, n_seq = all_reduce_sum([n_tok, n_seq], group)
     denom = n_tok if norm is LossNorm.token_mean else n_seq
     if denom <= 0:
         raise ValueError("the global batch has no trained token (every loss_mask is 0); check the data's masks")

@@ -25,6 +25,7 @@ import miles_kernels as mk
 from miles_fsdp.models import packed_inputs
 from miles_fsdp.observe.memory import is_oom, oom_error, peak_memory_gib, reset_peak_memory
 from miles_fsdp.parallel import ParallelConfig, build_mesh, dp_group, init_distributed, parallelize
+from miles_fsdp.parallel.reduce import all_reduce_max, all_reduce_sum
 from miles_fsdp.train.loss import LossNorm, assign_weights
 from miles_fsdp.train.optim import OptimConfig, build_optimizer
 from miles_fsdp.train.packing import MicroBatch, TrainSeq, dummy_like, pack
@@ -80,9 +81,7 @@ def packed_logprobs(model: nn.Module, mb: MicroBatch, device, spec: ScoringSpec,
 def pad_micro_batches(micro_batches: list[MicroBatch], group) -> list[MicroBatch]:
     """Append dummy micro-batches up to the largest count on any rank (FSDP collectives
     must match across ranks)."""
-    n = torch.tensor([len(micro_batches)], dtype=torch.int64)
-    dist.all_reduce(n, op=dist.ReduceOp.MAX, group=group)
-    pad = int(n) - len(micro_batches)
+    pad = int(all_reduce_max([len(micro_batches)], group)[0]) - len(micro_batches)
     return list(micro_batches) + [dummy_like(micro_batches[0] if micro_batches else None) for _ in range(pad)]
 
 
@@ -183,10 +182,8 @@ class Trainer:
         self.step += 1
 
         names = sorted(acc["stats"])
-        red = torch.stack([acc["loss_sum"], *[acc["stats"][k].reshape(()) for k in names],
-                           torch.tensor(float(acc["tokens"]), device=self.device)])
-        dist.all_reduce(red, group=self.group)
-        red, denom = red.tolist(), acc["denom"]  # host sync: the step's device work is done
+        local = torch.stack([acc["loss_sum"], *[acc["stats"][k].reshape(()) for k in names]]).tolist()  # host sync
+        red, denom = all_reduce_sum(local + [float(acc["tokens"])], group=self.group), acc["denom"]
         dt = time.perf_counter() - t0
         tokens = red[-1]
         metrics = {

@@ -1,16 +1,17 @@
 """Rollout on standalone engine servers (`miles-fsdp serve`) over HTTP: disaggregated rollout.
 
-The RL loop makes the same calls as on its colocated engine:
-    generate(requests) -> results     POST /generate, one HTTP request per prompt (its n samples
+The rollout interface (engine/source.py) as HTTP calls:
+    generate(requests)                 POST /generate, one HTTP request per prompt (its n samples
                                         share the prompt's KV on one server); prompts spread
                                         round-robin over the servers, sent concurrently
-    agenerate(prompt_ids, params)     the same for one sample, for multi-turn generate hooks
-    update_weights_from(dir, version) POST /update_weights {path, version} to every server
-Weights travel as an HF checkpoint in a directory every server can read (a shared
-filesystem): the trainer writes param.to(dtype), the server loads it as is, so a server that
-runs the same kernels in the same dtype records the log-probs the trainer recomputes (the
-loop still asserts diff 0 in invariant mode). Plain http.client in threads: no extra dependency;
-a stop cuts the calls in flight and the servers abort them.
+    agenerate(prompt_ids, params)      the same for one sample, for multi-turn generate hooks
+    update_weights(weights, version)   the weights as an HF checkpoint in weights_dir/v<version>
+                                        (a directory every server can read: a shared filesystem),
+                                        then POST /update_weights {path, version} to every server
+The trainer writes param.to(dtype) and the server loads it as is, so a server that runs the
+same kernels in the same dtype records the log-probs the trainer recomputes (the loop still
+asserts diff 0 in invariant mode). Plain http.client in threads: no extra dependency; a stop
+cuts the calls in flight and the servers abort them.
 """
 
 from __future__ import annotations
@@ -20,17 +21,21 @@ import http.client
 import json
 import logging
 import os
+import shutil
 import socket
 import threading
 import time
 import urllib.parse
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor, wait
+from pathlib import Path
 
 import torch
+import torch.distributed as dist
 
-from miles_fsdp.errors import UserError
 from miles_fsdp.engine.sequence import FinishReason, Request, Result, SamplingParams, Timings
+from miles_fsdp.engine.source import WeightSource
+from miles_fsdp.errors import UserError
 
 
 logger = logging.getLogger(__name__)
@@ -45,12 +50,15 @@ class RemoteEngineCancelled(RemoteEngineError):
 
 
 class RemoteEngine:
-    def __init__(self, urls: tuple[str, ...] | list[str], timeout_s: float = 3600.0, start: int = 0,
-                 max_inflight_per_server: int = 64, wait_s: float = 60.0):
-        """wait_s: how long to wait for servers that are still starting (polling /health)."""
+    def __init__(self, urls: tuple[str, ...] | list[str], weights_dir: str | Path = "", timeout_s: float = 3600.0,
+                 start: int = 0, max_inflight_per_server: int = 64, wait_s: float = 60.0):
+        """weights_dir: where update_weights writes each version for the servers to load (every
+        server must read it under the same path). wait_s: how long to wait for servers that
+        are still starting (polling /health)."""
         if not urls:
             raise ValueError("RemoteEngine: give at least one server URL (RolloutConfig.servers)")
         self.urls = [u.rstrip("/") for u in urls]
+        self.weights_dir = Path(weights_dir) if weights_dir else None
         self.timeout_s = timeout_s
         self._next = start  # round-robin cursor; ranks start at their rank to spread load
         self._lock = threading.Lock()
@@ -66,6 +74,12 @@ class RemoteEngine:
     def metrics(self) -> dict[str, float]:
         """None here: each server reports its engine in its own /metrics (miles_*)."""
         return {}
+
+    def release(self) -> None:
+        """Nothing to release here: the servers keep their own memory."""
+
+    def resume(self) -> None:
+        """See release()."""
 
     def __enter__(self) -> RemoteEngine:
         return self
@@ -155,21 +169,51 @@ class RemoteEngine:
                 break
         return [_results_or_aborted(job, req) for job, req in zip(jobs, requests)]
 
-    async def agenerate(self, prompt_ids: list[int], params: SamplingParams) -> Result:
-        """One sample (params.n must be 1), awaitable: what a generate hook's engine call does."""
+    async def agenerate(self, prompt_ids: list[int], params: SamplingParams,
+                        stop: Callable[[], bool] | None = None) -> Result:
+        """One sample (params.n must be 1), awaitable: what a generate hook's engine call does.
+        Once `stop()` is True the calls in flight are cut and this sample comes back aborted."""
         url = self.urls[self._next % len(self.urls)]
         self._next += 1
-        loop = asyncio.get_running_loop()
-        results = await loop.run_in_executor(self._pool, self._generate, url, Request(list(prompt_ids), params))
-        return results[0]
+        req = Request(list(prompt_ids), params)
+        self._cancelled = False
+        job = asyncio.wrap_future(self._pool.submit(self._generate, url, req))
+        while not job.done():
+            await asyncio.wait([job], timeout=0.1)
+            if not job.done() and stop is not None and stop():
+                self.cancel_inflight()
+                await asyncio.wait([job])
+        return _results_or_aborted(job, req)[0]
 
-    def update_weights_from(self, path: str, version: int) -> None:
-        """Every server loads the HF checkpoint at `path` (returns once all have swapped it in)."""
-        jobs = [self._pool.submit(self._call, url, "/update_weights", {"path": str(path), "version": version})
-                for url in self.urls]
-        for job in jobs:
-            job.result()
-        self.versions = [version] * len(self.urls)
+    def update_weights(self, weights: WeightSource, version: int) -> None:
+        """Write `weights` as an HF checkpoint to weights_dir/v<version> (collective; rank 0
+        writes), then rank 0 has every server load it; older versions are removed. A server
+        that fails stops every rank (no rank waits forever on a collective)."""
+        if self.weights_dir is None:
+            raise ValueError("RemoteEngine.update_weights: no weights_dir; pass the directory the servers read")
+        out = weights.save_hf(self.weights_dir / f"v{version:06d}")
+        rank0 = not dist.is_initialized() or dist.get_rank() == 0
+        error = None
+        if rank0:
+            try:
+                jobs = [self._pool.submit(self._call, url, "/update_weights", {"path": str(out.resolve()),
+                                                                               "version": version})
+                        for url in self.urls]
+                for job in jobs:
+                    job.result()
+                self.versions = [version] * len(self.urls)
+            except Exception as e:  # noqa: BLE001 - re-raised below, after telling the other ranks
+                error = e
+            for old in self.weights_dir.glob("v*"):
+                if old != out and old.is_dir():
+                    shutil.rmtree(old, ignore_errors=True)
+        failed = torch.tensor([float(error is not None)])
+        if dist.is_initialized():  # also the barrier: no rank samples before the servers hold the version
+            dist.all_reduce(failed)
+        if error is not None:
+            raise error
+        if failed.item():
+            raise RemoteEngineError("rank 0 could not update the rollout servers' weights; its error says why")
 
     def _generate(self, url: str, req: Request) -> list[Result]:
         p = req.params
@@ -184,6 +228,7 @@ class RemoteEngine:
 
 
 def _results_or_aborted(job, req: Request) -> list[Result]:
+    """The job's results, or the request's n samples ABORTED with no tokens if it was cut."""
     try:
         return job.result()
     except RemoteEngineCancelled:

@@ -1,24 +1,8 @@
-"""Policy losses as per-token terms plus per-token weights.
-
-Every loss here is   loss = sum_{i,t} w_it * l_it / D
-where l_NL is a per-token loss (`ppo_clip_loss`, `gspo_loss`, then `token_loss`), w_NL and
-the local part of D come from `token_weights`. w depends only on the sample's own mask,
-so weights travel with their sample into any micro-batch.
-
-How the trainer combines micro-batches and ranks (this is what makes the result equal to
-the full-batch loss, whatever the packing):
-    1. before the step, for every micro-batch m on every rank: (w_m, d_m) = token_weights(mask_m, ...)
-    2. D = all_reduce_sum(sum_m d_m)                 # one number for the optimizer step
-    3. per micro-batch: loss_m = (w_m * l_m).sum() / D; loss_m.backward()
-    4. FSDP2 averages gradients over the dp ranks, so scale loss_m by dp_world_size
-       (or reduce with sum) to get the gradient of sum_m loss_m.
-
-Aggregations (K = number of samples with at least one loss token, |y_i| = loss tokens of i):
-| mode                  | w_it               | d          | loss                              |
-| token-mean            | mask               | sum mask   | mean over all tokens              |
-| seq-mean-token-mean   | mask / |y_i|       | K          | mean over samples of token mean   |
-| seq-mean-token-sum    | mask               | K          | mean over samples of token sum    |
-| constant (Dr.GRPO)    | mask               | K * C      | token sum / (samples * C)         |
+"""Policy objectives as per-token terms: PPO clip (with DAPO clip-higher and dual clip),
+GSPO's sequence-level ratio, and the per-token loss with entropy bonus and KL to the
+reference. Pure functions over padded [N, L] tensors with a loss mask; how the per-token
+losses are summed and normalised over the global batch is train/loss.py's job (the
+trainer's LossNorm, which RLConfig.loss_norm derives from algo.aggregation).
 """
 
 from typing import Literal
@@ -27,35 +11,6 @@ import torch
 
 Aggregation = Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "constant"]
 AGGREGATIONS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "constant")
-
-
-def token_weights(
-    mask_NL: torch.Tensor, mode: Aggregation, constant: float | None = None
-) -> tuple[torch.Tensor, float]:
-    """Per-token weights w_NL and this batch's share of the denominator (see module table)."""
-    mask_NL = mask_NL.float()
-    tokens_N = mask_NL.sum(dim=1)
-    num_seqs = float((tokens_N > 0).sum())
-    if mode == "token-mean":
-        return mask_NL, float(tokens_N.sum())
-    if mode == "seq-mean-token-mean":
-        return mask_NL / tokens_N.clamp(min=1.0)[:, None], num_seqs
-    if mode == "seq-mean-token-sum":
-        return mask_NL, num_seqs
-    if mode == "constant":
-        if constant is None or constant <= 0:
-            raise ValueError(
-                f"aggregation 'constant' needs a positive constant (e.g. the max response length), got {constant}"
-            )
-        return mask_NL, num_seqs * constant
-    raise ValueError(f"unknown loss aggregation {mode!r}; expected one of {AGGREGATIONS}")
-
-
-def aggregate(loss_NL: torch.Tensor, weights_NL: torch.Tensor, denom: float) -> torch.Tensor:
-    """sum(w * l) / D, the scalar the trainer backpropagates (D is the global denominator)."""
-    if denom <= 0:
-        raise ValueError(f"loss denominator must be positive, got {denom}: the step has no loss tokens")
-    return (loss_NL * weights_NL).sum() / denom
 
 
 def _masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -153,7 +108,7 @@ def token_loss(
 ) -> torch.Tensor:
     """l_t = pg_t - entropy_coef * H_t + kl_coef * KL_t on loss tokens (entropy bonus, KL loss).
 
-    Entropy is only a loss term when entropy_coef != 0; log it regardless via `aggregate`.
+    Entropy is only a loss term when entropy_coef != 0 (RLLoss logs it regardless).
     """
     mask_NL = mask_NL.float()
     loss_NL = pg_loss_NL
