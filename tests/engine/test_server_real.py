@@ -199,3 +199,21 @@ def test_cli_serve_subprocess(ckpts):
     finally:
         proc.terminate()
         proc.wait(timeout=15)
+
+
+@pytest.mark.parametrize("mode", ["invariant", "fast"])
+def test_a_server_runs_its_kernel_mode_on_its_engine_thread(ckpts, monkeypatch, mode):
+    """serve --kernel-mode fast: the engine thread (not the thread that built the server)
+    runs the vendor kernels; invariant: none of them."""
+    import threading
+
+    from miles_kernels import _ref
+
+    calls = []
+    ref_linear = _ref.linear
+    monkeypatch.setattr(_ref, "linear", lambda *a: (calls.append(threading.current_thread().name), ref_linear(*a))[1])
+    cfg = ServeConfig(model=str(ckpts[0]), device="cpu", dtype="float32", kernel_mode=mode,
+                      engine=EngineConfig(page_size=PAGE, num_pages=PAGES, cuda_graphs=False))
+    with ServerThread(build_server(cfg)) as base:
+        generate(base, max_new_tokens=3, temperature=1.0, seed=1)
+    assert (set(calls) == {"engine-loop"}) if mode == "fast" else not calls

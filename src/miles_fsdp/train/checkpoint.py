@@ -39,7 +39,7 @@ class CheckpointError(UserError, ValueError):
 @dataclass
 class CheckpointConfig:
     dir: str = ""
-    """Directory for checkpoints; empty disables checkpointing."""
+    """Directory for checkpoints; empty = the run's own (sft: OUT/checkpoints)."""
     interval: int = 0
     """Save every this many steps (0: only at the end and on SIGTERM/SIGINT)."""
     keep: int = 2

@@ -78,8 +78,6 @@ class SFTConfig:
                 f"SFTConfig.max_seq_len={self.max_seq_len} exceeds trainer.max_tokens_per_micro_batch="
                 f"{self.trainer.max_tokens_per_micro_batch}; a sequence must fit one micro-batch"
             )
-        if not self.checkpoint.dir:
-            self.checkpoint.dir = str(Path(self.out) / "checkpoints")
 
 
 def batch_for_step(examples: list[TrainSeq], step: int, batch_size: int, seed: int) -> list[TrainSeq]:
@@ -102,15 +100,16 @@ def train_sft(cfg: SFTConfig) -> list[dict]:
     formats: set[str] = set()
     examples = load_sft_jsonl(cfg.data, AutoTokenizer.from_pretrained(cfg.model), cfg.max_seq_len, formats)
     ck = cfg.checkpoint
+    ck_dir = ck.dir or str(Path(cfg.out) / "checkpoints")
     resume = None
     if not cfg.overwrite:
-        resume = latest_checkpoint(ck.dir) if ck.resume == "auto" else None if ck.resume == "never" else ck.resume
+        resume = latest_checkpoint(ck_dir) if ck.resume == "auto" else None if ck.resume == "never" else ck.resume
     # out holding a run: continue it from its checkpoint, or refuse (never append to it blindly)
     prepare_run_dir(cfg.out, resume is not None, cfg.overwrite, "--checkpoint.resume auto (with a checkpoint "
                     "in --checkpoint.dir)", "--out")
     trainer = Trainer(load_model(cfg.model), cfg.trainer)
     if resume is not None and ck.resume == "auto":  # the newest that loads (a corrupt one is skipped)
-        resume = load_newest_good(trainer, ck.dir)[0]
+        resume = load_newest_good(trainer, ck_dir)[0]
     elif resume is not None:
         load_checkpoint(trainer, resume)
     logger = MetricsLogger(cfg.out, enabled=rank == 0, resume_step=trainer.step if resume is not None else None)
@@ -129,7 +128,7 @@ def train_sft(cfg: SFTConfig) -> list[dict]:
             progress.update(trainer.step, metrics)
             stopping = stop.requested()
             if stopping or (ck.interval and trainer.step % ck.interval == 0) or trainer.step == cfg.steps:
-                save_checkpoint(trainer, ck.dir, extra={"data_step": trainer.step}, keep=ck.keep)
+                save_checkpoint(trainer, ck_dir, extra={"data_step": trainer.step}, keep=ck.keep)
             if stopping:
                 break
         if cfg.export_hf and trainer.step == cfg.steps:
