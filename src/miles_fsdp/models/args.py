@@ -1,6 +1,8 @@
 """ModelArgs: the architecture as our model code needs it, read from an HF config.json.
 
-Supported: Qwen3ForCausalLM, Qwen3MoeForCausalLM, Qwen2ForCausalLM, LlamaForCausalLM.
+Supported: Qwen3ForCausalLM, Qwen3MoeForCausalLM, Qwen2ForCausalLM, LlamaForCausalLM, and
+MiMoForCausalLM (a Qwen2 trunk with MiMo's MTP draft). `num_nextn_predict_layers` (any
+architecture) is the number of MTP draft modules, `n_mtp` (models/mtp.py).
 Anything we cannot run exactly (sliding window, other activations, partial rotary, ...)
 is refused with an error naming the config field, never silently approximated.
 """
@@ -20,7 +22,10 @@ ARCHITECTURES = {
     "Qwen3MoeForCausalLM": "qwen3_moe",
     "Qwen2ForCausalLM": "qwen2",
     "LlamaForCausalLM": "llama",
+    "MiMoForCausalLM": "qwen2",
 }
+# Architectures whose checkpoints store the draft in their own layout (state_dict_adapter.py)
+MTP_LAYOUT_OF_ARCH = {"MiMoForCausalLM": "mimo"}
 ROPE_TYPES = ("default", "linear", "llama3", "yarn")
 
 
@@ -72,6 +77,10 @@ class ModelArgs:
     norm_topk_prob: bool = False
     decoder_sparse_step: int = 1
     mlp_only_layers: tuple[int, ...] = ()
+    # MTP draft (models/mtp.py): n_mtp modules after the trunk, 0 = no draft. mtp_layout names
+    # the family's own on-disk layout ("mimo"), "" = ours (state_dict_adapter.draft_layout).
+    n_mtp: int = 0
+    mtp_layout: str = ""
     # the source config.json and checkpoint dir; save_hf writes the config back and copies
     # generation_config.json and the tokenizer files from the dir
     hf_config: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
@@ -146,8 +155,11 @@ def _from_dict(cfg: dict, where: str) -> ModelArgs:
         qk_norm=arch in ("qwen3", "qwen3_moe"),
         qkv_bias=arch == "qwen2" or attention_bias,
         o_bias=arch != "qwen2" and attention_bias,
+        n_mtp=int(cfg.get("num_nextn_predict_layers") or cfg.get("num_mtp_layers") or 0),
+        mtp_layout=MTP_LAYOUT_OF_ARCH.get(archs[0], ""),
         hf_config=cfg,
     )
+    refuse("num_nextn_predict_layers", args["n_mtp"] < 0, "must be >= 0")
     if args["n_heads"] % args["n_kv_heads"]:
         raise ConfigError(
             f"{where}: num_attention_heads={n_heads} is not a multiple of num_key_value_heads={args['n_kv_heads']}"

@@ -1,7 +1,10 @@
 """Stream HF safetensors checkpoints into a meta-built Transformer, and write them back.
 
 `load_model(dir)` is the one way to get a Transformer from an HF directory: built on the
-meta device (no memory, no init), then filled by `load_hf`.
+meta device (no memory, no init), then filled by `load_hf`. A model with a draft (n_mtp > 0)
+reads it in any layout state_dict_adapter.py knows; a checkpoint without one gives a fresh
+draft (its last decoder layer and final norm; mtp.py), and save_hf writes the draft with
+`num_nextn_predict_layers` in config.json.
 
 Loading reads one tensor at a time (`safe_open`), so host memory peaks at about one
 tensor above the model. Every write goes through `copy_fn(param, src, index)`, which
@@ -12,7 +15,9 @@ that keeps only the local shard of a DTensor parameter.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
+import logging
 import shutil
 from pathlib import Path
 from typing import Callable
@@ -23,8 +28,12 @@ from safetensors.torch import save_file
 
 from miles_fsdp.errors import UserError
 from miles_fsdp.models.args import ModelArgs
-from miles_fsdp.models.state_dict_adapter import hf_table, is_ignored, load_targets, ours_to_hf
+from miles_fsdp.models.mtp import fresh_draft_constants
+from miles_fsdp.models.state_dict_adapter import (hf_table, is_draft_name, is_ignored, load_targets, ours_to_hf,
+                                                  swap_halves, swaps_halves)
 from miles_fsdp.models.transformer import Transformer
+
+logger = logging.getLogger(__name__)
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
@@ -108,12 +117,14 @@ def load_hf(
     if any(p.is_meta for p in model.parameters()):
         model.to_empty(device=device)
     params = dict(model.named_parameters())
-    targets = load_targets(args)
+    files = checkpoint_files(path)
+    fresh_draft = args.n_mtp > 0 and not any(is_draft_name(args, n) for names in files.values() for n in names)
+    targets = load_targets(args, fresh_draft)
     expected = set(hf_table(args))
     covered: set[str] = set()
     unexpected: list[str] = []
     misshaped: list[str] = []
-    for file, names in checkpoint_files(path).items():
+    for file, names in files.items():
         with open_safetensors(path / file) as f:
             for hf_name in names:
                 if hf_name not in targets:
@@ -123,7 +134,7 @@ def load_hf(
                 src = f.get_tensor(hf_name)
                 for t in targets[hf_name]:
                     param = params[t.name]
-                    part = src[t.src_index]
+                    part = swap_halves(src[t.src_index]) if t.swap_halves else src[t.src_index]
                     want = tuple(param.shape[len(t.dst_index):])
                     if tuple(part.shape) != want:
                         misshaped.append(f"{hf_name}: checkpoint {tuple(part.shape)}, model expects {want}")
@@ -132,18 +143,43 @@ def load_hf(
                     copy_fn(param, part.to(param.dtype), t.dst_index)
                     covered.update(t.covers)
                 del src
+    if fresh_draft:
+        covered.update(_fresh_draft(model, copy_fn))
+        logger.info("%s has no draft weights: %d fresh MTP module(s) from its last decoder layer", path, args.n_mtp)
     missing = sorted(expected - covered)
     if missing or unexpected or misshaped:
         raise CheckpointError(_report(path, args, missing, unexpected, misshaped))
     return model
 
 
+def _fresh_draft(model: Transformer, copy_fn: CopyFn) -> set[str]:
+    """Write the constant parameters of a fresh draft (mtp.fresh_draft_constants); returns the
+    canonical HF names they provide. The block and norm came from the trunk's tensors."""
+    names = {ours: hf for hf, (ours, _) in hf_table(model.args).items()}
+    params = dict(model.named_parameters())
+    done = set()
+    for m in range(model.args.n_mtp):
+        for ours, value in fresh_draft_constants(model.args.dim).items():
+            param = params[f"mtp.{m}.{ours}"]
+            copy_fn(param, value.to(param.dtype), ())
+            done.add(names[f"mtp.{m}.{ours}"])
+    return done
+
+
 def load_model(path: str | Path, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
-               args: ModelArgs | None = None) -> Transformer:
+               args: ModelArgs | None = None, n_mtp: int | None = None) -> Transformer:
     """The Transformer of `args` (default: path/config.json) with the weights at `path`, in
-    `dtype` on `device`; a checkpoint that does not fit the architecture raises CheckpointError."""
+    `dtype` on `device`; a checkpoint that does not fit the architecture raises CheckpointError.
+
+    n_mtp: draft modules, overriding config.json's `num_nextn_predict_layers` (None keeps it;
+    0 drops a checkpoint's draft; N on a checkpoint without one builds a fresh draft)."""
+    args = args or ModelArgs.from_hf(path)
+    if n_mtp is not None:
+        if n_mtp < 0:
+            raise ValueError(f"load_model: n_mtp={n_mtp} must be >= 0 (0 = no draft)")
+        args = dataclasses.replace(args, n_mtp=n_mtp)
     with torch.device("meta"):
-        model = Transformer(args or ModelArgs.from_hf(path))
+        model = Transformer(args)
     return load_hf(model, path, dtype=dtype, device=device)
 
 
@@ -152,7 +188,8 @@ def _report(path: Path, args: ModelArgs, missing: list, unexpected: list, missha
         more = f"\n    ... and {len(items) - 20} more" if len(items) > 20 else ""
         return f"\n  {title} ({len(items)}):\n    " + "\n    ".join(items[:20]) + more
 
-    msg = f"{path}: checkpoint does not match the model ({args.arch}, {args.n_layers} layers)"
+    draft = f", {args.n_mtp} MTP draft module(s)" if args.n_mtp else ""
+    msg = f"{path}: checkpoint does not match the model ({args.arch}, {args.n_layers} layers{draft})"
     if missing:
         msg += block("missing tensors", missing)
     if unexpected:
@@ -178,7 +215,7 @@ def save_hf(
 
     One `model.safetensors` if it fits in `max_shard_bytes`, else
     `model-0000i-of-0000n.safetensors` plus `model.safetensors.index.json`. Experts are
-    written per expert (Hub layout). config.json comes from `args.hf_config`; generation
+    written per expert (Hub layout); the draft in `draft_layout(args)`. config.json comes from `args.hf_config`; generation
     config and tokenizer files are copied from `args.source_dir` when present.
     """
     if isinstance(state_dict_or_model, torch.nn.Module):
@@ -223,6 +260,7 @@ def save_hf(
             if gathered[0] != name:  # experts of one param are consecutive: gather it once
                 gathered = (name, _full(state_dict[name]))
             t = gathered[1][e] if e is not None else gathered[1]
+            t = swap_halves(t) if swaps_halves(args, hf) else t
             tensors[hf] = t.detach().to(device="cpu", dtype=dtype or t.dtype).clone().contiguous()
             weight_map[hf] = file
         save_file(tensors, str(path / file), metadata={"format": "pt"})
@@ -235,6 +273,11 @@ def save_hf(
     config = dict(args.hf_config)
     config["dtype"] = str(saved_dtype).removeprefix("torch.")
     config.pop("torch_dtype", None)
+    config.pop("num_mtp_layers", None)  # one key for the draft's size, the one every reader knows
+    if args.n_mtp:
+        config["num_nextn_predict_layers"] = args.n_mtp
+    else:
+        config.pop("num_nextn_predict_layers", None)
     (path / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
     if args.source_dir and Path(args.source_dir).resolve() != path.resolve():
         for side in SIDE_FILES:

@@ -1,10 +1,12 @@
-"""The decoder-only Transformer (Qwen3 dense/MoE, Qwen2, Llama): architecture only.
+"""The decoder-only Transformer (Qwen3 dense/MoE, Qwen2, Llama) and its MTP draft: architecture only.
 
 One class serves the trainer and the engine; only the attention metadata differs:
 - training: `kv_caches=None`, `meta`/`slot_T` from `packed_inputs(cu_seqlens)`; each layer
   gets a scratch paged cache, K/V are written into it, then the same attention kernel runs;
 - engine: `kv_caches` is the engine's per-layer (k_cache_PSKD, v_cache_PSKD) and `meta`
   carries its block tables.
+The draft (`mtp`, `args.n_mtp` modules, mtp.py) runs the same way through `draft_forward`;
+it shares the trunk's embedding and lm_head and never trains them (both are read detached).
 Every numerically relevant op is a `miles_kernels` call. Shapes: T tokens, D hidden,
 H query heads, K kv heads, Dh head dim, F ffn, V vocab, P pages, S page size.
 """
@@ -17,7 +19,8 @@ from torch import nn
 
 import miles_kernels as mk
 from miles_fsdp.models.args import ModelArgs
-from miles_fsdp.models.moe import MoE
+from miles_fsdp.models.layers import Attention, Block, Embedding, Linear, MLP, RMSNorm  # noqa: F401 (re-exported)
+from miles_fsdp.models.mtp import MTPLayer
 from miles_fsdp.models.rope import rope_inv_freq
 
 # Page size of the scratch cache built when kv_caches is None; packed_inputs uses it too.
@@ -30,91 +33,6 @@ def packed_inputs(cu_seqlens: torch.Tensor) -> tuple[torch.Tensor, mk.AttnMeta, 
     return mk.positions_from_cu_seqlens(cu_seqlens), meta, slot_T
 
 
-class Linear(nn.Module):
-    def __init__(self, in_dim: int, out_dim: int, bias: bool = False):
-        super().__init__()
-        self.weight = nn.Parameter(torch.empty(out_dim, in_dim))
-        self.bias = nn.Parameter(torch.empty(out_dim)) if bias else None
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return mk.linear(x, self.weight, self.bias)
-
-
-class RMSNorm(nn.Module):
-    def __init__(self, dim: int, eps: float):
-        super().__init__()
-        self.eps = eps
-        self.weight = nn.Parameter(torch.empty(dim))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return mk.rms_norm(x, self.weight, self.eps)
-
-
-class Embedding(nn.Module):
-    def __init__(self, vocab_size: int, dim: int):
-        super().__init__()
-        self.weight = nn.Parameter(torch.empty(vocab_size, dim))
-
-    def forward(self, ids_T: torch.Tensor) -> torch.Tensor:
-        # F.embedding, not weight[ids]: its backward sums repeated ids in a fixed order, where
-        # indexing's (index_put_ accumulate) changes bits from run to run on multi-threaded CPU
-        return F.embedding(ids_T, self.weight)
-
-
-class Attention(nn.Module):
-    def __init__(self, args: ModelArgs):
-        super().__init__()
-        self.n_heads, self.n_kv_heads, self.head_dim = args.n_heads, args.n_kv_heads, args.head_dim
-        self.wq = Linear(args.dim, args.n_heads * args.head_dim, bias=args.qkv_bias)
-        self.wk = Linear(args.dim, args.n_kv_heads * args.head_dim, bias=args.qkv_bias)
-        self.wv = Linear(args.dim, args.n_kv_heads * args.head_dim, bias=args.qkv_bias)
-        self.wo = Linear(args.n_heads * args.head_dim, args.dim, bias=args.o_bias)
-        self.q_norm = RMSNorm(args.head_dim, args.norm_eps) if args.qk_norm else None
-        self.k_norm = RMSNorm(args.head_dim, args.norm_eps) if args.qk_norm else None
-
-    def forward(self, x_TD, cos_TF, sin_TF, meta, slot_T, k_cache_PSKD, v_cache_PSKD):
-        T = x_TD.shape[0]
-        q_THD = self.wq(x_TD).view(T, self.n_heads, self.head_dim)
-        k_TKD = self.wk(x_TD).view(T, self.n_kv_heads, self.head_dim)
-        v_TKD = self.wv(x_TD).view(T, self.n_kv_heads, self.head_dim)
-        if self.q_norm is not None:  # Qwen3: per-head RMSNorm before RoPE
-            q_THD, k_TKD = self.q_norm(q_THD), self.k_norm(k_TKD)
-        q_THD = mk.apply_rope(q_THD, cos_TF, sin_TF)
-        k_TKD = mk.apply_rope(k_TKD, cos_TF, sin_TF)
-        mk.write_kv(k_cache_PSKD, v_cache_PSKD, k_TKD, v_TKD, slot_T)
-        o_THD = mk.attention(q_THD, k_cache_PSKD, v_cache_PSKD, meta, self.head_dim**-0.5)
-        return self.wo(o_THD.reshape(T, self.n_heads * self.head_dim))
-
-
-class MLP(nn.Module):
-    def __init__(self, dim: int, ffn_dim: int):
-        super().__init__()
-        self.w_gate = Linear(dim, ffn_dim)
-        self.w_up = Linear(dim, ffn_dim)
-        self.w_down = Linear(ffn_dim, dim)
-
-    def forward(self, x_TD: torch.Tensor) -> torch.Tensor:
-        return self.w_down(mk.silu_mul(self.w_gate(x_TD), self.w_up(x_TD)))
-
-
-class Block(nn.Module):
-    def __init__(self, args: ModelArgs, layer_id: int):
-        super().__init__()
-        self.attn_norm = RMSNorm(args.dim, args.norm_eps)
-        self.attn = Attention(args)
-        self.mlp_norm = RMSNorm(args.dim, args.norm_eps)
-        # exactly one of mlp / moe, so state-dict names say which kind of layer this is
-        if args.is_moe_layer(layer_id):
-            self.moe = MoE(args)
-        else:
-            self.mlp = MLP(args.dim, args.ffn_dim)
-
-    def forward(self, x_TD, cos_TF, sin_TF, meta, slot_T, k_cache_PSKD, v_cache_PSKD):
-        h_TD = x_TD + self.attn(self.attn_norm(x_TD), cos_TF, sin_TF, meta, slot_T, k_cache_PSKD, v_cache_PSKD)
-        ffn = self.moe if hasattr(self, "moe") else self.mlp
-        return h_TD + ffn(self.mlp_norm(h_TD))
-
-
 class Transformer(nn.Module):
     def __init__(self, args: ModelArgs):
         super().__init__()
@@ -124,6 +42,7 @@ class Transformer(nn.Module):
         self.norm = RMSNorm(args.dim, args.norm_eps)
         # tied: logits reuse embed.weight, so there is no second parameter to keep in sync
         self.lm_head = None if args.tie_embeddings else Linear(args.dim, args.vocab_size)
+        self.mtp = nn.ModuleList(MTPLayer(args, m) for m in range(args.n_mtp))  # empty: no draft
         self._rope_cache: dict[torch.device, tuple[torch.Tensor, float]] = {}
 
     def forward(
@@ -136,10 +55,9 @@ class Transformer(nn.Module):
     ) -> torch.Tensor:
         """Hidden states after the final norm, hidden_TD."""
         h_TD = self.embed(ids_T)
-        inv_freq_F, scale = self._rope(ids_T.device)
-        cos_TF, sin_TF = mk.rope_cos_sin(pos_T, inv_freq_F, scale)
+        cos_TF, sin_TF = self._rope_cos_sin(pos_T)
         if kv_caches is None:
-            kv_caches = self._scratch_caches(ids_T.shape[0], meta.num_seqs, h_TD)
+            kv_caches = self._scratch_caches(ids_T.shape[0], meta.num_seqs, h_TD, self.args.n_layers)
         if len(kv_caches) != len(self.layers):
             raise ValueError(f"kv_caches has {len(kv_caches)} entries, the model has {len(self.layers)} layers")
         for layer, (k_cache, v_cache) in zip(self.layers, kv_caches):
@@ -160,6 +78,54 @@ class Transformer(nn.Module):
         w = self.lm_head.weight if self.lm_head is not None else self.embed.weight
         return mk.linear_logprobs(hidden_TD, w, ids_T, temperature, entropy, top_k, top_p)
 
+    def draft_forward(self, hidden_TD: torch.Tensor, ids_T: torch.Tensor, pos_T: torch.Tensor, meta: mk.AttnMeta,
+                      slot_T: torch.Tensor, kv_cache: tuple[torch.Tensor, torch.Tensor] | None = None,
+                      module: int = 0) -> torch.Tensor:
+        """G (pre-norm, g_TD) of draft module `module` on the input pairs (hidden_TD[i],
+        emb(ids_T[i])) at RoPE positions pos_T, attention as `forward`'s: `meta`/`slot_T` and
+        the module's own (k_cache_PSKD, v_cache_PSKD), or a scratch cache when kv_cache is
+        None (training). The caller aligns hidden_TD (mtp.py): the trunk's H_{s-1} for entry s
+        (0 at a sequence's first position), or the previous draft step's / module's g.
+        The embedding table is read detached: the draft's loss never reaches it."""
+        emb_TD = F.embedding(ids_T, self.embed.weight.detach())
+        return self.mtp[module](hidden_TD, emb_TD, *self._draft_attn(pos_T, meta, slot_T, kv_cache, hidden_TD, module))
+
+    def draft_logits(self, g_TD: torch.Tensor, module: int = 0) -> torch.Tensor:
+        """logits_TV = lm_head(mtp[module].norm(g_TD)), through mk ops (lm_head read detached)."""
+        return mk.linear(self.mtp[module].norm(g_TD), self._head_weight().detach())
+
+    def draft_token_logprobs(self, hidden_TD: torch.Tensor, ids_T: torch.Tensor, pos_T: torch.Tensor,
+                             meta: mk.AttnMeta, slot_T: torch.Tensor, targets_T: torch.Tensor, module: int = 0):
+        """Training: (logp_T, hit_T, g_TD) of draft module `module` over a packed stream.
+
+        logp_T: fp32 log-prob of targets_T under the draft (temperature 1), lm_head and
+        log-softmax fused (mk.linear_logprobs, no [T, V] logits); gradients reach the mtp
+        parameters and hidden_TD only (the caller detaches the trunk's hidden). hit_T: bool,
+        targets_T[i] is the draft's argmax at i (no grad). g_TD: the module's output, the
+        hidden input of module + 1. FSDP registers this as a forward method of the root."""
+        emb_TD = F.embedding(ids_T, self.embed.weight.detach())
+        attn = self._draft_attn(pos_T, meta, slot_T, None, hidden_TD, module)
+        g_TD, out_TD = self.mtp[module].forward_normed(hidden_TD, emb_TD, *attn)
+        w_VD = self._head_weight().detach()
+        logp_T, _ = mk.linear_logprobs(out_TD, w_VD, targets_T)
+        with torch.no_grad():  # top-1 filter: the target keeps a finite log-prob iff it is the argmax
+            hit_T = torch.isfinite(mk.linear_logprobs(out_TD.detach(), w_VD, targets_T, top_k=1)[0])
+        return logp_T, hit_T, g_TD
+
+    def _head_weight(self) -> torch.Tensor:
+        return self.lm_head.weight if self.lm_head is not None else self.embed.weight
+
+    def _draft_attn(self, pos_T, meta, slot_T, kv_cache, like_TD, module: int):
+        if not 0 <= module < len(self.mtp):
+            raise ValueError(f"draft module {module} does not exist: the model has {len(self.mtp)} (args.n_mtp)")
+        if kv_cache is None:
+            kv_cache = self._scratch_caches(pos_T.shape[0], meta.num_seqs, like_TD, 1)[0]
+        return (*self._rope_cos_sin(pos_T), meta, slot_T, *kv_cache)
+
+    def _rope_cos_sin(self, pos_T: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        inv_freq_F, scale = self._rope(pos_T.device)
+        return mk.rope_cos_sin(pos_T, inv_freq_F, scale)
+
     def _rope(self, device: torch.device) -> tuple[torch.Tensor, float]:
         # A plain cache, not a buffer: to_empty() on a meta model must not wipe it.
         if device not in self._rope_cache:
@@ -167,13 +133,13 @@ class Transformer(nn.Module):
             self._rope_cache[device] = (inv_freq_F.to(device), scale)
         return self._rope_cache[device]
 
-    def _scratch_caches(self, T: int, B: int, like_TD: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    def _scratch_caches(self, T: int, B: int, like_TD: torch.Tensor, n: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
         # packed_inputs puts each sequence on fresh pages: at most ceil(T / S) + B pages,
         # known from shapes alone (no device sync). Zeros, so unread slots are finite.
         S = TRAIN_PAGE_SIZE
         shape = (-(-T // S) + B, S, self.args.n_kv_heads, self.args.head_dim)
         return [
-            (like_TD.new_zeros(shape), like_TD.new_zeros(shape)) for _ in range(self.args.n_layers)
+            (like_TD.new_zeros(shape), like_TD.new_zeros(shape)) for _ in range(n)
         ]
 
     @torch.no_grad()

@@ -6,13 +6,17 @@ distributed code).
   so peak parameter memory is one block plus the root.
 - The last block is not resharded after forward: backward starts with it, so freeing and
   re-gathering it would be wasted communication.
+- Each MTP draft module (`model.mtp`, models/mtp.py) is its own unit too, wrapped after the
+  blocks and before the root, so the trunk's units are the same with or without a draft.
+  Its `forward_normed` (training: g and norm(g) in one gather) is a registered forward method.
 - Mixed precision: `param_dtype` compute, fp32 gradient reduction, fp32 master weights in
   the optimizer. `cast_forward_inputs=False`: inputs are token ids and attention metadata,
   nothing to cast, and the model's own dtype flow stays as written.
 - `ignored_params`: parameters FSDP leaves alone (the expert weights under expert
   parallelism, which are DTensors sharded by EP and synchronised by parallel/ep.py).
-- `Transformer.logits` and `Transformer.token_logprobs` are registered as forward methods
-  so calling them outside `forward` still all-gathers the root's lm_head.
+- `Transformer.logits`, `token_logprobs` and the draft's `draft_forward`, `draft_logits`,
+  `draft_token_logprobs` are registered as forward methods, so calling them outside `forward`
+  still all-gathers the root's embedding and lm_head.
 """
 
 from __future__ import annotations
@@ -53,8 +57,11 @@ def apply_fsdp(
     blocks = blocks_of(model)
     for i, block in enumerate(blocks):
         fully_shard(block, reshard_after_forward=i < len(blocks) - 1, **kw)
+    for draft_module in getattr(model, "mtp", ()):
+        fully_shard(draft_module, **kw)
+        register_fsdp_forward_method(draft_module, "forward_normed")
     fully_shard(model, **kw)
-    for method in ("logits", "token_logprobs"):
+    for method in ("logits", "token_logprobs", "draft_forward", "draft_logits", "draft_token_logprobs"):
         if hasattr(model, method):
             register_fsdp_forward_method(model, method)
     return model

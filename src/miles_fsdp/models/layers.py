@@ -1,0 +1,100 @@
+"""The layers of a decoder block (Qwen3 dense/MoE, Qwen2, Llama), shared by the trunk
+(transformer.py) and the MTP draft (mtp.py): architecture only, every numerically relevant
+op a `miles_kernels` call. Shapes: T tokens, D hidden, H query heads, K kv heads, Dh head
+dim, F ffn, P pages, S page size.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import miles_kernels as mk
+from miles_fsdp.models.args import ModelArgs
+from miles_fsdp.models.moe import MoE
+
+
+class Linear(nn.Module):
+    def __init__(self, in_dim: int, out_dim: int, bias: bool = False):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(out_dim, in_dim))
+        self.bias = nn.Parameter(torch.empty(out_dim)) if bias else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return mk.linear(x, self.weight, self.bias)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.empty(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return mk.rms_norm(x, self.weight, self.eps)
+
+
+class Embedding(nn.Module):
+    def __init__(self, vocab_size: int, dim: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(vocab_size, dim))
+
+    def forward(self, ids_T: torch.Tensor) -> torch.Tensor:
+        # F.embedding, not weight[ids]: its backward sums repeated ids in a fixed order, where
+        # indexing's (index_put_ accumulate) changes bits from run to run on multi-threaded CPU
+        return F.embedding(ids_T, self.weight)
+
+
+class Attention(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim = args.n_heads, args.n_kv_heads, args.head_dim
+        self.wq = Linear(args.dim, args.n_heads * args.head_dim, bias=args.qkv_bias)
+        self.wk = Linear(args.dim, args.n_kv_heads * args.head_dim, bias=args.qkv_bias)
+        self.wv = Linear(args.dim, args.n_kv_heads * args.head_dim, bias=args.qkv_bias)
+        self.wo = Linear(args.n_heads * args.head_dim, args.dim, bias=args.o_bias)
+        self.q_norm = RMSNorm(args.head_dim, args.norm_eps) if args.qk_norm else None
+        self.k_norm = RMSNorm(args.head_dim, args.norm_eps) if args.qk_norm else None
+
+    def forward(self, x_TD, cos_TF, sin_TF, meta, slot_T, k_cache_PSKD, v_cache_PSKD):
+        T = x_TD.shape[0]
+        q_THD = self.wq(x_TD).view(T, self.n_heads, self.head_dim)
+        k_TKD = self.wk(x_TD).view(T, self.n_kv_heads, self.head_dim)
+        v_TKD = self.wv(x_TD).view(T, self.n_kv_heads, self.head_dim)
+        if self.q_norm is not None:  # Qwen3: per-head RMSNorm before RoPE
+            q_THD, k_TKD = self.q_norm(q_THD), self.k_norm(k_TKD)
+        q_THD = mk.apply_rope(q_THD, cos_TF, sin_TF)
+        k_TKD = mk.apply_rope(k_TKD, cos_TF, sin_TF)
+        mk.write_kv(k_cache_PSKD, v_cache_PSKD, k_TKD, v_TKD, slot_T)
+        o_THD = mk.attention(q_THD, k_cache_PSKD, v_cache_PSKD, meta, self.head_dim**-0.5)
+        return self.wo(o_THD.reshape(T, self.n_heads * self.head_dim))
+
+
+class MLP(nn.Module):
+    def __init__(self, dim: int, ffn_dim: int):
+        super().__init__()
+        self.w_gate = Linear(dim, ffn_dim)
+        self.w_up = Linear(dim, ffn_dim)
+        self.w_down = Linear(ffn_dim, dim)
+
+    def forward(self, x_TD: torch.Tensor) -> torch.Tensor:
+        return self.w_down(mk.silu_mul(self.w_gate(x_TD), self.w_up(x_TD)))
+
+
+class Block(nn.Module):
+    def __init__(self, args: ModelArgs, layer_id: int):
+        super().__init__()
+        self.attn_norm = RMSNorm(args.dim, args.norm_eps)
+        self.attn = Attention(args)
+        self.mlp_norm = RMSNorm(args.dim, args.norm_eps)
+        # exactly one of mlp / moe, so state-dict names say which kind of layer this is
+        if args.is_moe_layer(layer_id):
+            self.moe = MoE(args)
+        else:
+            self.mlp = MLP(args.dim, args.ffn_dim)
+
+    def forward(self, x_TD, cos_TF, sin_TF, meta, slot_T, k_cache_PSKD, v_cache_PSKD):
+        h_TD = x_TD + self.attn(self.attn_norm(x_TD), cos_TF, sin_TF, meta, slot_T, k_cache_PSKD, v_cache_PSKD)
+        ffn = self.moe if hasattr(self, "moe") else self.mlp
+        return h_TD + ffn(self.mlp_norm(h_TD))
