@@ -217,3 +217,25 @@ def test_a_server_runs_its_kernel_mode_on_its_engine_thread(ckpts, monkeypatch, 
     with ServerThread(build_server(cfg)) as base:
         generate(base, max_new_tokens=3, temperature=1.0, seed=1)
     assert (set(calls) == {"engine-loop"}) if mode == "fast" else not calls
+
+
+def test_speculative_server_gives_the_same_outputs_and_reports_acceptance(ckpts, tmp_path):
+    from miles_fsdp.models import load_model, save_hf
+
+    draft_dir = tmp_path / "with_draft"
+    save_hf(load_model(ckpts[0], n_mtp=1), draft_dir)  # the checkpoint with a (fresh) MTP draft
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja"):
+        if (ckpts[0] / name).exists():
+            shutil.copy(ckpts[0] / name, draft_dir / name)
+    outs = {}
+    for k in (0, 3):
+        cfg = ServeConfig(model=str(draft_dir), device="cpu", dtype="float32", max_n=4,
+                          engine=EngineConfig(page_size=PAGE, num_pages=PAGES, cuda_graphs=False,
+                                              num_speculative_tokens=k))
+        with ServerThread(build_server(cfg)) as base:
+            outs[k] = generate(base, max_new_tokens=24, temperature=1.0, seed=3, n=2)["outputs"]
+            text = httpx.get(f"{base}/metrics", timeout=10).text
+        values = {s.name: s.value for f in text_string_to_metric_families(text) for s in f.samples}
+        if k:
+            assert values["miles_spec_verify_steps"] > 0 and values["miles_spec_draft_tokens"] > 0
+    assert [(o["token_ids"], o["logprobs"]) for o in outs[0]] == [(o["token_ids"], o["logprobs"]) for o in outs[3]]

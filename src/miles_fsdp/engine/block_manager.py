@@ -109,6 +109,16 @@ class BlockManager:
         seq.block_table = []
         seq.page_hashes = []
         seq.num_computed = 0
+        seq.draft, seq.draft_computed = [], 0  # the draft's KV lived in these pages too
+
+    def trim(self, seq: Sequence, n_tokens: int) -> None:
+        """Give back the pages of `seq` beyond those holding positions [0, n_tokens): e.g. the
+        KV of speculative tokens the target rejected."""
+        while len(seq.block_table) > self.pages_for(n_tokens):
+            page = seq.block_table.pop()
+            self.ref[page] -= 1
+            if self.ref[page] == 0:
+                self._free[page] = None
 
     def invalidate_cache(self) -> None:
         """Forget every cached prefix (after a weight update their KV is stale)."""

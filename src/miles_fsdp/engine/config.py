@@ -48,6 +48,9 @@ class EngineConfig:
     weight_update: Literal["finish", "restart"] = "finish"
     """What update_weights does with samples already generating: 'finish' runs them to the
     end on the old weights first; 'restart' drops their tokens and restarts them on the new."""
+    num_speculative_tokens: int = 0
+    """K: draft K tokens per running sequence with the model's MTP module and verify them in one
+    target forward (0 = off). Exact: outputs and log-probs are those of K = 0, only faster."""
     seed: int = 0
     """Seeds the draw of per-request seeds for requests that give none."""
 
@@ -71,6 +74,8 @@ class EngineConfig:
             bad("max_model_len", ">= 0")
         if self.cuda_graph_max_batch < 1:
             bad("cuda_graph_max_batch", ">= 1")
+        if self.num_speculative_tokens < 0:
+            bad("num_speculative_tokens", ">= 0 (0 = no speculation)")
         if self.weight_update not in ("finish", "restart"):
             bad("weight_update", "'finish' or 'restart'")
 

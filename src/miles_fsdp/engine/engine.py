@@ -29,6 +29,7 @@ from miles_fsdp.engine.config import EngineConfig, cpu_kv_bytes
 from miles_fsdp.engine.runner import Runner, kv_bytes_per_page
 from miles_fsdp.engine.scheduler import Scheduler
 from miles_fsdp.engine.sequence import Request, Result, SamplingParams, Sequence, StepOutput
+from miles_fsdp.engine.speculative import Drafter
 from miles_fsdp.observe.memory import is_oom, oom_error
 
 log = logging.getLogger(__name__)
@@ -56,11 +57,13 @@ class Engine:
         self.detokenize = detokenize
         self.max_model_len = config.max_model_len or model.args.max_position_embeddings
         S = config.page_size
+        K = config.num_speculative_tokens
         self.runner = Runner(model, S, -(-self.max_model_len // S), config.cuda_graphs, config.cuda_graph_max_batch,
-                             config.cuda_graph_by_width, config.cuda_graphs_required)
+                             config.cuda_graph_by_width, config.cuda_graphs_required, draft_layers=1 if K else 0)
         self.num_pages = self._num_pages()
         self.blocks = BlockManager(self.num_pages, S, config.prefix_cache)
         self.scheduler = Scheduler(self.blocks, config.max_num_seqs, config.max_prefill_tokens, mk.ATTN_BLOCK, detokenize)
+        self.drafter = Drafter(model, self.runner, self.blocks, K) if K else None
         self._allocate()
         self.weight_version = 0
         self._released = False
@@ -79,14 +82,15 @@ class Engine:
             if not is_oom(e):
                 raise
             self.runner.free()
-            gib = self.num_pages * kv_bytes_per_page(self.model, self.config.page_size, self.runner.dtype) / 2**30
+            gib = self.num_pages * kv_bytes_per_page(self.model, self.config.page_size, self.runner.dtype,
+                                                     self.runner.draft_layers) / 2**30
             raise oom_error(e, f"engine KV cache ({self.num_pages} pages, {gib:.2f} GiB) with its CUDA graphs",
                             "lower EngineConfig.kv_memory_fraction, kv_memory_bytes or num_pages, or "
                             "cuda_graph_max_batch") from e
 
     def _num_pages(self) -> int:
         c, r = self.config, self.runner
-        per_page = kv_bytes_per_page(self.model, c.page_size, r.dtype)
+        per_page = kv_bytes_per_page(self.model, c.page_size, r.dtype, r.draft_layers)
         if c.num_pages:
             return c.num_pages
         if c.kv_memory_bytes:
@@ -164,6 +168,9 @@ class Engine:
         try:
             with mk.use_mode(self.kernel_mode):
                 tokens, logprobs = self.runner.run(batch)
+                outs = self.scheduler.postprocess(batch, tokens, logprobs, self.weight_version)
+                if self.drafter is not None:
+                    self.drafter.propose(batch)
         except RuntimeError as e:
             if not is_oom(e):
                 raise
@@ -171,7 +178,7 @@ class Engine:
             raise oom_error(e, f"engine step ({len(batch.items)} sequences, {n} tokens)",
                             f"lower EngineConfig.max_prefill_tokens (now {c.max_prefill_tokens}) or max_num_seqs "
                             f"(now {c.max_num_seqs}), or kv_memory_fraction to leave room for activations") from e
-        return self.scheduler.postprocess(batch, tokens, logprobs, self.weight_version)
+        return outs
 
     def generate(self, requests: list[Request], stop: Callable[[], bool] | None = None) -> list[list[Result]]:
         """Blocking: run `requests` to completion; results[i][j] is sample j of requests[i].
@@ -203,11 +210,12 @@ class Engine:
     def metrics(self) -> dict[str, float]:
         """Per-step run metrics: engine/cuda_graphs_active (1 while decode replays CUDA graphs,
         0 once a capture failed and decode runs eagerly; absent on CPU or with graphs off) and
-        engine/preemptions_total (samples preempted for KV space so far: raise the KV size if it climbs)."""
+        engine/preemptions_total (samples preempted for KV space so far: raise the KV size if it climbs);
+        with speculation, engine/spec_accept_rate(_i) and engine/spec_mean_accept_len since the last call."""
         out = {"engine/preemptions_total": float(self.scheduler.num_preemptions)}
         if self.cuda_graphs_active is not None:
             out["engine/cuda_graphs_active"] = float(self.cuda_graphs_active)
-        return out
+        return out | self.scheduler.spec.take()
 
     async def agenerate(self, prompt_ids: list[int], params: SamplingParams,
                         stop: Callable[[], bool] | None = None) -> Result:

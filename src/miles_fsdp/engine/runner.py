@@ -6,8 +6,10 @@ For each scheduled sequence the runner computes tokens [start, start + q) of it:
     meta.block_table    the sequence's pages, padded with the scratch page 0
     slot_T              page * S + offset where each new token's K/V is written
 Only the last row of a chunk that reaches the sequence's end goes through `model.logits`
-and the sampler: run(batch) = sample(logits(batch), rows). The runner owns the KV cache
-tensors and the decode CUDA graphs.
+and the sampler: run(batch) = sample(logits(batch), rows); a speculative verify item (decode
+with `draft` tokens) samples at every one of its 1 + draft positions. The runner owns the KV
+cache tensors (with `draft_layers` extra layers for the MTP draft) and the decode CUDA graphs;
+with a draft it keeps the last forward's hidden states (`hidden_TD`) for it.
 
 Host work per step is small and copies are few: decode batches that fit a graph write
 their inputs into the graph's pinned buffer (one host-to-device copy); other batches pack
@@ -25,15 +27,18 @@ from miles_fsdp.engine.sampler import RowParams, sample
 from miles_fsdp.engine.scheduler import Batch
 
 
-def kv_bytes_per_page(model, page_size: int, dtype: torch.dtype) -> int:
+def kv_bytes_per_page(model, page_size: int, dtype: torch.dtype, draft_layers: int = 0) -> int:
     a = model.args
-    return 2 * a.n_layers * page_size * a.n_kv_heads * a.head_dim * dtype.itemsize
+    return 2 * (a.n_layers + draft_layers) * page_size * a.n_kv_heads * a.head_dim * dtype.itemsize
 
 
 class Runner:
     def __init__(self, model, page_size: int, max_pages_per_seq: int, use_graphs: bool, graph_max_batch: int,
-                 graph_by_width: bool = False, graphs_required: bool = False):
+                 graph_by_width: bool = False, graphs_required: bool = False, draft_layers: int = 0):
         self.model = model
+        self.draft_layers = draft_layers
+        self.draft_kv: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self.hidden_TD: torch.Tensor | None = None  # the last eager forward's hidden states (drafting)
         p = next(model.parameters())
         self.device, self.dtype = p.device, p.dtype
         self.page_size = page_size
@@ -50,17 +55,18 @@ class Runner:
         a = self.model.args
         shape = (num_pages, self.page_size, a.n_kv_heads, a.head_dim)
         # zeros: the scratch page and never-written slots stay finite
-        self.kv_caches = [
+        caches = [
             (torch.zeros(shape, dtype=self.dtype, device=self.device), torch.zeros(shape, dtype=self.dtype, device=self.device))
-            for _ in range(a.n_layers)
+            for _ in range(a.n_layers + self.draft_layers)
         ]
+        self.kv_caches, self.draft_kv = caches[: a.n_layers], caches[a.n_layers:]
         if self.use_graphs:
             self.graphs = DecodeGraphs(self._forward_logits, self.kv_caches, self.graph_max_batch, self.max_pages_per_seq,
                                        self.device, self.graph_by_width, self.graphs_required)
 
     def free(self) -> None:
         self.graphs = None
-        self.kv_caches = None
+        self.kv_caches, self.draft_kv, self.hidden_TD = None, [], None
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
 
@@ -70,8 +76,10 @@ class Runner:
     @torch.inference_mode()
     def run(self, batch: Batch) -> tuple[list[int], list[float]]:
         """Compute every scheduled chunk; return (token, logprob) per sampling item, in order."""
+        # row i of a sampling item samples the token of position end - draft + i (decode: num_tokens)
         rows = [RowParams(it.seq.params.temperature, it.seq.params.top_k, it.seq.params.top_p, it.seq.seed,
-                          it.seq.sample_index, it.seq.num_tokens) for it in batch.items if it.sample]
+                          it.seq.sample_index, it.start + it.q_len - it.draft + i)
+                for it in batch.items if it.sample for i in range(1 + it.draft)]
         logits_BV = self.logits(batch)
         if logits_BV is None:
             return [], []
@@ -81,7 +89,8 @@ class Runner:
         """Logits of the sampling rows (None if there are none): a graph replay for decode
         batches that fit, else eager."""
         items, S = batch.items, self.page_size
-        if batch.is_decode and self.graphs is not None and self.graphs.fits(len(items)):
+        # graphs give logits only: a draft needs the hidden states, so it decodes eagerly
+        if batch.is_decode and not self.draft_layers and self.graphs is not None and self.graphs.fits(len(items)):
             width = max(it.start // S for it in items) + 1
             key = self.graphs.ensure(len(items), width)
             if key is not None:
@@ -106,7 +115,7 @@ class Runner:
         B = len(items)
         T = sum(it.q_len for it in items)
         width = max(-(-(it.start + it.q_len) // S) for it in items)
-        n_last = sum(it.sample for it in items)
+        n_last = sum(1 + it.draft for it in items if it.sample)
         # layout (int64): ids T | pos T | slot T | cu B+1 | kv_lens B | last rows R | table B*width
         buf = np.zeros(3 * T + 2 * B + 1 + n_last + B * width, dtype=np.int64)
         ids, pos, slot = buf[:T], buf[T : 2 * T], buf[2 * T : 3 * T]
@@ -119,16 +128,17 @@ class Runner:
             seq, end = it.seq, it.start + it.q_len
             pages = np.asarray(seq.block_table[: -(-end // S)], dtype=np.int64)
             p = np.arange(it.start, end, dtype=np.int64)
-            ids[t : t + it.q_len] = seq.token_ids[it.start : end]
+            ids[t : t + it.q_len] = seq.token_ids[it.start : end] + seq.draft[: it.draft] if it.draft \
+                else seq.token_ids[it.start : end]  # a verify item's inputs: the last token, then the draft
             pos[t : t + it.q_len] = p
             slot[t : t + it.q_len] = pages[p // S] * S + p % S
             table[b, : len(pages)] = pages
             kv[b] = end
             t += it.q_len
             cu[b + 1] = t
-            if it.sample:
-                last[r] = t - 1
-                r += 1
+            if it.sample:  # the last row, or the 1 + draft rows of a verify item
+                last[r: r + 1 + it.draft] = np.arange(t - 1 - it.draft, t)
+                r += 1 + it.draft
         host = torch.from_numpy(buf)
         dev = self.device
         d = host.pin_memory().to(dev, non_blocking=True) if dev.type == "cuda" else host
@@ -139,6 +149,8 @@ class Runner:
             max_q_len=max(it.q_len for it in items),
         )
         hidden_TD = self.model.forward(d[:T], d[T : 2 * T], meta, d[2 * T : 3 * T], self.kv_caches)
+        if self.draft_layers:
+            self.hidden_TD = hidden_TD
         if not n_last:
             return None
         last_R = d[3 * T + 2 * B + 1 : 3 * T + 2 * B + 1 + n_last]

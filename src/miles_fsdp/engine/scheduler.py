@@ -28,6 +28,7 @@ class Scheduled:
     start: int  # first position computed this step (== seq.num_computed when scheduled)
     q_len: int  # tokens computed this step
     sample: bool  # the chunk reaches the last token: sample the next one
+    draft: int = 0  # speculative tokens verified (decode: q_len = 1 + draft, one sample per position)
 
 
 @dataclass
@@ -54,6 +55,7 @@ class Scheduler:
         self.running: list[Sequence] = []
         self.only_started = False  # weight-update drain: admit only samples that already have tokens
         self.num_preemptions = 0
+        self.spec = SpecCounts()
 
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
@@ -121,8 +123,9 @@ class Scheduler:
             n = len(seq.token_ids)
             if n - seq.num_computed != 1 or seq.status is not SeqStatus.RUNNING:
                 continue
-            if n <= len(seq.block_table) * S or self._make_room(seq, n, items):
-                items.append(Scheduled(seq, n - 1, 1, True))
+            k = len(seq.draft)  # verify the draft with the last token: positions n-1 .. n-1+k
+            if n + k <= len(seq.block_table) * S or self._make_room(seq, n + k, items):
+                items.append(Scheduled(seq, n - 1, 1 + k, True, k))
             else:
                 self.preempt(seq)
         return Batch(items, is_decode=True) if items else None
@@ -154,28 +157,46 @@ class Scheduler:
             self.preempt(seq)
 
     def postprocess(self, batch: Batch, token_ids: list[int], logprobs: list[float], version: int) -> list[StepOutput]:
-        """Record computed KV, append sampled tokens (one per sampling item, in order), finish."""
+        """Record computed KV, append sampled tokens, finish. A sampling item brings 1 + draft
+        sampled tokens, in order: the draft is accepted while it equals them, then the first
+        token that differs is taken too (speculative.py); a stop ends the sample there."""
         now, outs, k = time.perf_counter(), [], 0
         S, register = self.blocks.page_size, self.blocks.register if self.blocks.cache is not None else None
         for it in batch.items:
             seq = it.seq
-            seq.num_computed = done = it.start + it.q_len
-            if register is not None and done >= (len(seq.page_hashes) + 1) * S:  # a page filled up
-                register(seq)
             if not it.sample:
+                self._computed(seq, it.start + it.q_len, register, S)
                 continue
-            tok, lp = token_ids[k], logprobs[k]
-            k += 1
-            seq.token_ids.append(tok)
-            seq.logprobs.append(lp)
+            toks, lps = token_ids[k: k + 1 + it.draft], logprobs[k: k + 1 + it.draft]
+            k += 1 + it.draft
+            new = accepted(seq.draft[: it.draft], toks)
+            if it.draft:
+                self.spec.add(it.draft, len(new) - 1)
+            seq.draft = []
             seq.weight_version = version
             if seq.t_first_token is None:
                 seq.t_first_token = now
-            reason = self._finish_reason(seq)
+            reason = None
+            for i in range(len(new)):
+                seq.token_ids.append(toks[i])
+                seq.logprobs.append(lps[i])
+                reason = self._finish_reason(seq)
+                if reason is not None:
+                    new = new[: i + 1]
+                    break
             if reason is not None:
                 self.finish(seq, reason, now)
-            outs.append(self._output(seq, [tok], [lp]))
+            else:  # KV is valid up to the last accepted input; the rejected positions' is dropped
+                self._computed(seq, it.start + it.q_len - it.draft + len(new) - 1, register, S)
+                if it.draft:
+                    self.blocks.trim(seq, seq.num_tokens)
+            outs.append(self._output(seq, toks[: len(new)], lps[: len(new)]))
         return outs
+
+    def _computed(self, seq: Sequence, done: int, register, S: int) -> None:
+        seq.num_computed = done
+        if register is not None and done >= (len(seq.page_hashes) + 1) * S:  # a page filled up
+            register(seq)
 
     def _finish_reason(self, seq: Sequence) -> FinishReason | None:
         p = seq.params
@@ -211,3 +232,42 @@ class Scheduler:
             self.finish(seq, FinishReason.ABORT)
             outs.append(self._output(seq, [], []))
         return outs
+
+
+class SpecCounts:
+    """Speculative verify steps since the last `take` (drafts proposed and accepted per draft
+    position), and totals since the start (`totals`: verify steps, draft tokens, accepted)."""
+
+    def __init__(self):
+        self.steps, self.proposed, self.accepted = 0, [], []
+        self.totals = getattr(self, "totals", [0, 0, 0])
+
+    def add(self, n_draft: int, n_accepted: int) -> None:
+        grow = n_draft - len(self.proposed)
+        self.proposed += [0] * grow
+        self.accepted += [0] * grow
+        for i in range(n_draft):
+            self.proposed[i] += 1
+            self.accepted[i] += i < n_accepted
+        self.steps += 1
+        self.totals = [self.totals[0] + 1, self.totals[1] + n_draft, self.totals[2] + n_accepted]
+
+    def take(self) -> dict[str, float]:
+        """engine/spec_* metrics (rates per draft position, tokens per verify step), then reset."""
+        if not self.steps:
+            return {}
+        out = {f"engine/spec_accept_rate_{i + 1}": a / p for i, (a, p) in enumerate(zip(self.accepted, self.proposed))}
+        out["engine/spec_accept_rate"] = sum(self.accepted) / sum(self.proposed)
+        out["engine/spec_mean_accept_len"] = 1 + sum(self.accepted) / self.steps  # tokens per verify step
+        self.__init__()
+        return out
+
+
+def accepted(draft: list[int], sampled: list[int]) -> list[int]:
+    """The target's tokens a verify step keeps: sampled[i] is the target's choice after the
+    first i draft tokens, so the draft is kept while it equals those choices, and the
+    choice at the first mismatch (or after the whole draft) is kept too."""
+    j = 0
+    while j < len(draft) and draft[j] == sampled[j]:
+        j += 1
+    return sampled[: j + 1]

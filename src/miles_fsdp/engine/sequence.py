@@ -153,6 +153,8 @@ class Sequence:
         self.block_table: list[int] = []  # page ids, position p lives in block_table[p // S]
         self.page_hashes: list[int] = []  # chained hashes of the full pages registered so far
         self.num_computed = 0  # tokens whose KV is in the cache
+        self.draft: list[int] = []  # speculative tokens for positions num_tokens, num_tokens + 1, ...
+        self.draft_computed = 0  # positions whose draft-KV entry is teacher-forced (speculative.py)
         self.num_cached_prompt_tokens = 0
         self.status = SeqStatus.WAITING
         self.finish_reason: FinishReason | None = None

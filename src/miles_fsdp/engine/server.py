@@ -90,6 +90,9 @@ def build_app(engine, tokenizer, limits: ServerLimits, load_weights: Callable[[s
                     weight_version=int(getattr(engine, "weight_version", 0)))
     metrics.weight_version.set(s.weight_version)
     metrics.cuda_graphs_active.set_function(lambda: float(getattr(engine, "cuda_graphs_active", None) is True))
+    spec = getattr(getattr(engine, "scheduler", None), "spec", None)
+    for i, gauge in enumerate(metrics.spec):
+        gauge.set_function(lambda i=i: float(spec.totals[i]) if spec is not None else 0.0)
 
     @asynccontextmanager
     async def lifespan(app):

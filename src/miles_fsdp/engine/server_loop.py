@@ -45,6 +45,11 @@ class ServerMetrics:
         self.engine_errors = Counter("miles_engine_errors", "Exceptions raised by engine.step()", registry=r)
         self.cuda_graphs_active = Gauge("miles_cuda_graphs_active",
                                         "1 if decode replays CUDA graphs, 0 if it runs eagerly", registry=r)
+        # speculative decoding, totals since start: acceptance = accepted / draft tokens,
+        # tokens per verify step = 1 + accepted / verify steps
+        self.spec = [Gauge(f"miles_spec_{name}", doc, registry=r) for name, doc in (
+            ("verify_steps", "Speculative verify steps"), ("draft_tokens", "Draft tokens proposed"),
+            ("accepted_tokens", "Draft tokens accepted"))]
 
 
 @dataclass
