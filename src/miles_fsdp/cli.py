@@ -24,6 +24,8 @@ COMMANDS = {
     "serve": ("miles_fsdp.commands.serve", "ServeConfig", "HTTP rollout server (OpenAI-compatible + native)"),
     "eval": ("miles_fsdp.commands.eval", "EvalCommandConfig", "evaluate a checkpoint on a prompt dataset"),
     "convert": ("miles_fsdp.commands.convert", "ConvertConfig", "export a training checkpoint to HF safetensors"),
+    "train-draft": ("miles_fsdp.commands.train_draft", "TrainDraftConfig",
+                    "train only the MTP draft of a checkpoint (SFT data or self-distillation), for speculation"),
 }
 
 

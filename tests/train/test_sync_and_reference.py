@@ -66,7 +66,7 @@ def test_out_of_memory_in_a_train_step_names_the_settings(monkeypatch):
     def oom(*a, **k):
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 9.00 GiB")
 
-    monkeypatch.setattr(trainer, "_logprobs", oom)
+    monkeypatch.setattr(trainer, "_forward", oom)
     with pytest.raises(torch.OutOfMemoryError, match=rf"train step \({len(mbs)} micro-batches, the largest \d+ tokens\) "
                        rf"ran out of memory; lower trainer.max_tokens_per_micro_batch \(now {2 * SEQ_LEN}\).*"
                        r"activation_checkpointing.*kv_memory_fraction.*Allocator: CUDA out of memory"):

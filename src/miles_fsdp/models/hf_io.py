@@ -199,6 +199,18 @@ def _report(path: Path, args: ModelArgs, missing: list, unexpected: list, missha
     return msg + "\n  Check that config.json belongs to these weights."
 
 
+def config_json(args: ModelArgs) -> dict:
+    """The config.json to write beside weights of `args`: the source config, with the draft's
+    size as `num_nextn_predict_layers` (absent without a draft: the key every reader knows)."""
+    config = dict(args.hf_config)
+    config.pop("num_mtp_layers", None)
+    if args.n_mtp:
+        config["num_nextn_predict_layers"] = args.n_mtp
+    else:
+        config.pop("num_nextn_predict_layers", None)
+    return config
+
+
 def _full(t: torch.Tensor) -> torch.Tensor:
     # DTensor (FSDP) state dicts: gather without importing torch.distributed here.
     return t.full_tensor() if hasattr(t, "full_tensor") else t
@@ -270,14 +282,9 @@ def save_hf(
         (path / INDEX_FILE).write_text(json.dumps(index, indent=2, sort_keys=True))
 
     saved_dtype = dtype or next(iter(state_dict.values())).dtype
-    config = dict(args.hf_config)
+    config = config_json(args)
     config["dtype"] = str(saved_dtype).removeprefix("torch.")
     config.pop("torch_dtype", None)
-    config.pop("num_mtp_layers", None)  # one key for the draft's size, the one every reader knows
-    if args.n_mtp:
-        config["num_nextn_predict_layers"] = args.n_mtp
-    else:
-        config.pop("num_nextn_predict_layers", None)
     (path / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
     if args.source_dir and Path(args.source_dir).resolve() != path.resolve():
         for side in SIDE_FILES:

@@ -140,8 +140,10 @@ def _disk_rows(args: ModelArgs, layer_id: int):
         F, all_e = args.moe_ffn_dim, range(args.n_experts)
         # transformers' fused gate_up is [E, 2F, D] with gate rows first (chunk(2) order)
         rows += [
-            ("mlp.experts.gate_up_proj", "moe.w_gate", (), (slice(None), slice(0, F)), tuple(("moe.w_gate", e) for e in all_e)),
-            ("mlp.experts.gate_up_proj", "moe.w_up", (), (slice(None), slice(F, 2 * F)), tuple(("moe.w_up", e) for e in all_e)),
+            ("mlp.experts.gate_up_proj", "moe.w_gate", (), (slice(None), slice(0, F)),
+             tuple(("moe.w_gate", e) for e in all_e)),
+            ("mlp.experts.gate_up_proj", "moe.w_up", (), (slice(None), slice(F, 2 * F)),
+             tuple(("moe.w_up", e) for e in all_e)),
             ("mlp.experts.down_proj", "moe.w_down", (), (), tuple(("moe.w_down", e) for e in all_e)),
         ]
     return rows
@@ -196,7 +198,8 @@ def load_targets(args: ModelArgs, fresh_draft: bool = False) -> dict[str, list[T
         for layout in MTP_LAYOUTS:
             extras, block = _mtp_names(args, layout, m)
             for ours, hf in extras:
-                add(hf, f"mtp.{m}.{ours}", (), (), [(f"mtp.{m}.{ours}", None)], layout == "mimo" and ours == "eh_proj.weight")
+                swap = layout == "mimo" and ours == "eh_proj.weight"
+                add(hf, f"mtp.{m}.{ours}", (), (), [(f"mtp.{m}.{ours}", None)], swap)
             add_layer(block, f"mtp.{m}.block.", last)
         if fresh_draft:
             add_layer(f"model.layers.{last}.", f"mtp.{m}.block.", last)

@@ -1,5 +1,9 @@
 """DCP checkpoints: model, optimizer, LR schedule, step, RNG and caller state, resumable.
 
+The model state holds the MTP draft's weights with the trunk's; a trainer that trains the
+draft adds its optimizer (key `draft_optim`) and schedule. A checkpoint without them loads
+into such a trainer with a fresh draft optimizer (a warning says so).
+
 Layout under `CheckpointConfig.dir`:
     step_00000004/        one torch.distributed.checkpoint directory per saved step
     .tmp_step_00000006/   being written; renamed to step_... only when every rank is done,
@@ -23,7 +27,8 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.api import CheckpointException
-from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+from torch.distributed.checkpoint.state_dict import (get_model_state_dict, get_optimizer_state_dict,
+                                                     set_model_state_dict, set_optimizer_state_dict)
 
 from miles_fsdp.errors import UserError
 
@@ -82,11 +87,26 @@ def _set_rng_state(blob: bytes) -> None:
         torch.cuda.set_rng_state(state["cuda"])
 
 
+def _optimizers(trainer) -> dict[str, tuple]:
+    """Checkpoint key -> (optimizer, schedule) of every optimizer the trainer steps."""
+    out = {}
+    if trainer.optimizer is not None:
+        out["optim"] = (trainer.optimizer, trainer.scheduler)
+    draft = getattr(trainer, "draft", None)
+    if draft is not None and draft.optimizer is not None:
+        out["draft_optim"] = (draft.optimizer, draft.scheduler)
+    return out
+
+
 def _state(trainer, extra_blob: bytes, rng_blob: bytes) -> dict:
-    model_sd, optim_sd = get_state_dict(trainer.model, trainer.optimizer)
-    trainer_blob = pickle.dumps({"step": trainer.step, "scheduler": trainer.scheduler.state_dict()})
-    return {"model": model_sd, "optim": optim_sd, "trainer": trainer_blob, "extra": extra_blob,
-            f"rng/rank{dist.get_rank()}": rng_blob}
+    opts = _optimizers(trainer)
+    schedules = {key: sched.state_dict() for key, (_, sched) in opts.items()}
+    trainer_blob = pickle.dumps({"step": trainer.step, "scheduler": schedules.pop("optim", None), **schedules})
+    state = {"model": get_model_state_dict(trainer.model), "trainer": trainer_blob, "extra": extra_blob,
+             f"rng/rank{dist.get_rank()}": rng_blob}
+    for key, (opt, _) in opts.items():
+        state[key] = get_optimizer_state_dict(trainer.model, opt)
+    return state
 
 
 def _write_model_config(model, path: Path) -> None:
@@ -94,9 +114,10 @@ def _write_model_config(model, path: Path) -> None:
     args = getattr(model, "args", None)
     if args is None or not getattr(args, "hf_config", None):
         return
-    (path / "config.json").write_text(json.dumps(args.hf_config, indent=2, sort_keys=True))
+    from miles_fsdp.models.hf_io import SIDE_FILES, config_json
+
+    (path / "config.json").write_text(json.dumps(config_json(args), indent=2, sort_keys=True))
     if args.source_dir:
-        from miles_fsdp.models.hf_io import SIDE_FILES
 
         for name in SIDE_FILES:
             if (Path(args.source_dir) / name).is_file():
@@ -143,15 +164,24 @@ def load_checkpoint(trainer, path: str | Path) -> dict:
         keys = dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata
         if rng_key not in keys:  # saved with fewer ranks: this rank keeps its current RNG
             state.pop(rng_key)
+        fresh_draft_optim = "draft_optim" in state and not any(k.startswith("draft_optim") for k in keys)
+        if fresh_draft_optim:  # saved by a run that did not train the draft
+            state.pop("draft_optim")
         dcp.load(state, checkpoint_id=str(path))
         meta, extra = pickle.loads(state["trainer"]), pickle.loads(state["extra"])
     # torch's CheckpointException is a BaseException: name it, or a corrupt file escapes as a raw traceback
     except (Exception, CheckpointException) as e:  # noqa: BLE001 - re-raised with the path and the cause
         raise CheckpointError(f"{path}: cannot load checkpoint ({type(e).__name__}: {_first_line(e)}); "
                               "it is incomplete or corrupt") from None
-    set_state_dict(trainer.model, trainer.optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+    set_model_state_dict(trainer.model, state["model"])
+    for key, (opt, sched) in _optimizers(trainer).items():
+        if key in state:
+            set_optimizer_state_dict(trainer.model, opt, state[key])
+            sched.load_state_dict(meta["scheduler" if key == "optim" else key])
+    if fresh_draft_optim:
+        logger.warning("%s holds no draft optimizer state (the run that saved it did not train the draft): "
+                       "the draft's AdamW starts fresh", path)
     trainer.step = meta["step"]
-    trainer.scheduler.load_state_dict(meta["scheduler"])
     if rng_key in state:
         _set_rng_state(state[rng_key])
     return extra

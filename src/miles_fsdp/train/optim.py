@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Iterable
 
 import torch
 from torch.optim.lr_scheduler import LambdaLR
@@ -54,8 +55,9 @@ def lr_factor(step: int, cfg: OptimConfig) -> float:
     return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * t))
 
 
-def build_optimizer(model: torch.nn.Module, cfg: OptimConfig) -> tuple[torch.optim.Optimizer, LambdaLR]:
-    params = [p for p in model.parameters() if p.requires_grad]
+def build_optimizer(params: Iterable[torch.nn.Parameter], cfg: OptimConfig) -> tuple[torch.optim.Optimizer, LambdaLR]:
+    """AdamW over `params` (those that require grad) and its schedule."""
+    params = [p for p in params if p.requires_grad]
     # foreach=False: the foreach kernels group tensors by device/dtype and DTensor mesh;
     # per-parameter updates keep CPU offload and mixed meshes simple. fused is CUDA-only.
     fused = all(p.device.type == "cuda" for p in params)

@@ -1,5 +1,8 @@
 """Supervised fine-tuning: the trainer, checkpoints and metrics on a jsonl of
-prompt/response pairs or chat conversations (see `sft_data.py`).
+prompt/response pairs or chat conversations (see `sft_data.py`). A model with an MTP draft
+(checkpoint's num_nextn_predict_layers, or --draft.n-mtp) trains it beside the policy on the
+same forward (train/draft.py; --draft.enabled False leaves it alone), checkpoints it with
+its optimizer and exports it.
 
 Data order is a function of the step (a seeded permutation per epoch), so the data
 position saved in a checkpoint is the step and a resumed run sees exactly the batches the
@@ -24,6 +27,7 @@ from miles_fsdp.observe.profiler import ProfileConfig, StepProfiler
 from miles_fsdp.parallel import init_distributed
 from miles_fsdp.train.checkpoint import (CheckpointConfig, StopSignal, latest_checkpoint, load_checkpoint,
                                          load_newest_good, save_checkpoint)
+from miles_fsdp.train.draft import DraftConfig
 from miles_fsdp.train.export import export_hf
 from miles_fsdp.train.loss import LossNorm, sft_loss
 from miles_fsdp.train.packing import TrainSeq
@@ -62,6 +66,8 @@ class SFTConfig:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     profile: ProfileConfig = field(default_factory=ProfileConfig)
     """torch.profiler traces of chosen steps (OUT/profile; see observe/profiler.py)."""
+    draft: DraftConfig = field(default_factory=DraftConfig)
+    """The MTP draft: trained beside the policy whenever the model has one (train/draft.py)."""
 
     def __post_init__(self):
         if not Path(self.model).is_dir():
@@ -107,7 +113,8 @@ def train_sft(cfg: SFTConfig) -> list[dict]:
     # out holding a run: continue it from its checkpoint, or refuse (never append to it blindly)
     prepare_run_dir(cfg.out, resume is not None, cfg.overwrite, "--checkpoint.resume auto (with a checkpoint "
                     "in --checkpoint.dir)", "--out")
-    trainer = Trainer(load_model(cfg.model), cfg.trainer)
+    model = load_model(cfg.model, n_mtp=cfg.draft.n_mtp_for(cfg.model))
+    trainer = Trainer(model, cfg.trainer, draft=cfg.draft if cfg.draft.trains(model.args.n_mtp, default=True) else None)
     if resume is not None and ck.resume == "auto":  # the newest that loads (a corrupt one is skipped)
         resume = load_newest_good(trainer, ck_dir)[0]
     elif resume is not None:

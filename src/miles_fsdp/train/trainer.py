@@ -9,6 +9,12 @@
 `sum(mb.weight_T * per_token_loss_T)` (see `loss.py`); stats are weighted sums too and are
 reported divided by the same global denominator as the loss. Ranks may hold different
 numbers of micro-batches: the short ones run dummy micro-batches so FSDP collectives match.
+
+With `draft=DraftConfig(...)` (a model with an MTP draft), every step also trains the draft
+on the same forward's hidden states (train/draft.py): one backward, the draft's own AdamW;
+the policy's optimizer, clipping and train/grad_norm cover the trunk's parameters only, so
+the policy update is bitwise the same with or without it. `train_trunk=False` builds no
+policy optimizer; `train_draft_step` then trains the draft alone (trunk forward without grad).
 """
 
 from __future__ import annotations
@@ -26,6 +32,7 @@ from miles_fsdp.models import packed_inputs
 from miles_fsdp.observe.memory import is_oom, oom_error, peak_memory_gib, reset_peak_memory
 from miles_fsdp.parallel import ParallelConfig, build_mesh, dp_group, init_distributed, parallelize
 from miles_fsdp.parallel.reduce import all_reduce_max, all_reduce_sum
+from miles_fsdp.train.draft import DraftConfig, DraftTrainer, draft_metrics
 from miles_fsdp.train.loss import LossNorm, assign_weights
 from miles_fsdp.train.optim import OptimConfig, build_optimizer
 from miles_fsdp.train.packing import MicroBatch, TrainSeq, dummy_like, pack
@@ -55,13 +62,29 @@ class TrainerConfig:
 
 
 def _flop_params(model: nn.Module) -> int:
-    # 6 * N * tokens counts matmul parameters: the embedding lookup is not a matmul, unless
-    # the table is tied to the lm_head (then it is one).
-    n = sum(p.numel() for p in model.parameters())
+    # 6 * N * tokens counts the trunk's matmul parameters: the embedding lookup is not a
+    # matmul, unless the table is tied to the lm_head (then it is one).
+    n = sum(p.numel() for name, p in model.named_parameters() if not name.startswith("mtp."))
     embed = getattr(model, "embed", None)
     if embed is not None and getattr(model, "lm_head", None) is not None:
         n -= sum(p.numel() for p in embed.parameters())
     return n
+
+
+def packed_hidden(model: nn.Module, mb: MicroBatch, device):
+    """(hidden_TD, meta, slot_T): the trunk's forward over mb's packed sequences."""
+    _, meta, slot_T = packed_inputs(mb.cu_seqlens.to(device))
+    return model(mb.ids_T.to(device), mb.pos_T.to(device), meta, slot_T), meta, slot_T
+
+
+def score_targets(model: nn.Module, hidden_TD: torch.Tensor, mb: MicroBatch, spec: ScoringSpec,
+                  entropy: bool = False, fused: bool = True):
+    """(logp_T, entropy_T or None) of mb's targets from the trunk's hidden states, as `spec` says."""
+    targets_T = mb.targets_T.to(hidden_TD.device)
+    t, k, p = spec.temperature, spec.top_k, spec.top_p
+    if fused and hasattr(model, "token_logprobs"):  # fused lm_head + logprobs: no [T, V] logits alive
+        return model.token_logprobs(hidden_TD, targets_T, t, entropy, k, p)
+    return mk.logprobs(model.logits(hidden_TD), targets_T, t, entropy=entropy, top_k=k, top_p=p)
 
 
 def packed_logprobs(model: nn.Module, mb: MicroBatch, device, spec: ScoringSpec, entropy: bool = False,
@@ -69,13 +92,8 @@ def packed_logprobs(model: nn.Module, mb: MicroBatch, device, spec: ScoringSpec,
     """(logp_T, entropy_T or None) of mb's targets, scored as `spec` says; the one forward
     the trainer and the reference policy share."""
     with mk.use_mode(spec.kernel_mode):
-        _, meta, slot_T = packed_inputs(mb.cu_seqlens.to(device))
-        hidden_TD = model(mb.ids_T.to(device), mb.pos_T.to(device), meta, slot_T)
-        targets_T = mb.targets_T.to(device)
-        t, k, p = spec.temperature, spec.top_k, spec.top_p
-        if fused and hasattr(model, "token_logprobs"):  # fused lm_head + logprobs: no [T, V] logits alive
-            return model.token_logprobs(hidden_TD, targets_T, t, entropy, k, p)
-        return mk.logprobs(model.logits(hidden_TD), targets_T, t, entropy=entropy, top_k=k, top_p=p)
+        hidden_TD, _, _ = packed_hidden(model, mb, device)
+        return score_targets(model, hidden_TD, mb, spec, entropy, fused)
 
 
 def pad_micro_batches(micro_batches: list[MicroBatch], group) -> list[MicroBatch]:
@@ -86,7 +104,10 @@ def pad_micro_batches(micro_batches: list[MicroBatch], group) -> list[MicroBatch
 
 
 class Trainer:
-    def __init__(self, model: nn.Module, cfg: TrainerConfig, mesh=None, device: torch.device | None = None):
+    def __init__(self, model: nn.Module, cfg: TrainerConfig, mesh=None, device: torch.device | None = None,
+                 draft: DraftConfig | None = None, train_trunk: bool = True):
+        """draft: train the model's MTP draft beside the policy (None: the draft, if any, is
+        left alone). train_trunk=False: no policy optimizer (train_draft_step only)."""
         self.cfg = cfg
         self.device = device or init_distributed()
         self.mesh = mesh if mesh is not None else build_mesh(self.device, cfg.parallel.replicate)
@@ -94,7 +115,12 @@ class Trainer:
         self.dp_size = self.mesh.size()
         self.n_flop_params = _flop_params(model)
         self.model = parallelize(model, self.mesh, cfg.parallel, self.device)
-        self.optimizer, self.scheduler = build_optimizer(self.model, cfg.optim)
+        # the policy's optimizer and clipping see the trunk only: the draft has its own
+        self.trunk_params = [p for name, p in self.model.named_parameters() if not name.startswith("mtp.")]
+        self.optimizer = self.scheduler = None
+        if train_trunk:
+            self.optimizer, self.scheduler = build_optimizer(self.trunk_params, cfg.optim)
+        self.draft = DraftTrainer(self.model, draft, self.group) if draft is not None else None
         self.step = 0  # optimizer steps taken
         self.peak_flops = cfg.peak_flops or self._lookup_peak_flops()
 
@@ -109,6 +135,15 @@ class Trainer:
 
     def _logprobs(self, mb: MicroBatch, spec: ScoringSpec, entropy: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
         return packed_logprobs(self.model, mb, self.device, spec, entropy, self.cfg.fused_logprobs)
+
+    def _forward(self, mb: MicroBatch, spec: ScoringSpec, entropy: bool):
+        """(logp_T, entropy_T, draft loss term or None): one trunk forward for the policy's
+        scores and, with a draft trainer, the draft's loss on its hidden states."""
+        with mk.use_mode(spec.kernel_mode):
+            hidden_TD, meta, slot_T = packed_hidden(self.model, mb, self.device)
+            logp_T, ent_T = score_targets(self.model, hidden_TD, mb, spec, entropy, self.cfg.fused_logprobs)
+            draft = self.draft.loss(self.model, hidden_TD, mb, meta, slot_T) if self.draft is not None else None
+        return logp_T, ent_T, draft
 
     def _pad(self, micro_batches: list[MicroBatch]) -> list[MicroBatch]:
         return pad_micro_batches(micro_batches, self.group)
@@ -138,14 +173,21 @@ class Trainer:
         loss_acc = torch.zeros((), device=self.device)
         stats_acc: dict[str, torch.Tensor] = {}
         n_tokens = 0
-        for mb in self._pad(micro_batches):
-            logp_T, ent_T = self._logprobs(mb, spec, entropy)
+        micro_batches = self._pad(micro_batches)
+        if self.draft is not None:
+            self.draft.begin(micro_batches)
+        for mb in micro_batches:
+            logp_T, ent_T, draft_loss = self._forward(mb, spec, entropy)
             if mb.dummy:
                 loss_sum, stats = logp_T.sum() * 0.0, {}
             else:
                 loss_sum, stats = loss_fn(logp_T, ent_T, mb)
                 n_tokens += mb.num_tokens
-            (loss_sum * scale).backward()
+            total = loss_sum * scale
+            if draft_loss is not None and draft_loss.requires_grad:
+                # one backward for both; the draft's term reaches the draft's parameters only
+                total = total + draft_loss * self.dp_size
+            total.backward()
             loss_acc += loss_sum.detach()
             for k, v in stats.items():
                 stats_acc[k] = stats_acc.get(k, 0.0) + torch.as_tensor(v, dtype=torch.float32, device=self.device)
@@ -179,6 +221,7 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         lr = self.scheduler.get_last_lr()[0]
         self.scheduler.step()
+        draft = self.draft.step() if self.draft is not None else None
         self.step += 1
 
         names = sorted(acc["stats"])
@@ -199,15 +242,41 @@ class Trainer:
         if self.peak_flops > 0:
             metrics["perf/mfu"] = 6 * self.n_flop_params * tokens / dt / (self.peak_flops * dist.get_world_size())
         metrics.update({k: v / denom for k, v in zip(names, red[1:-1])})
+        if draft is not None:
+            metrics.update(self._draft_metrics(draft))
         return metrics
 
+    def _draft_metrics(self, draft: dict) -> dict[str, float]:
+        sums = all_reduce_sum(draft["sums"].tolist(), group=self.group)  # host sync
+        return draft_metrics(sums, draft["denoms"], draft["lr"], draft.get("grad_norm"))
+
+    def train_draft_step(self, micro_batches: list[MicroBatch], spec: ScoringSpec = ScoringSpec()) -> dict[str, float]:
+        """One step of the draft alone: the trunk's forward without grad, the draft's loss on its
+        hidden states, backward through the draft, the draft's AdamW. Collective."""
+        if self.draft is None:
+            raise ValueError("Trainer.train_draft_step: built without a draft (pass draft=DraftConfig(...))")
+        t0 = time.perf_counter()
+        self.model.train()
+        micro_batches = self._pad(micro_batches)
+        self.draft.begin(micro_batches)
+        for mb in micro_batches:
+            with mk.use_mode(spec.kernel_mode):
+                with torch.no_grad():
+                    hidden_TD, meta, slot_T = packed_hidden(self.model, mb, self.device)
+                draft_loss = self.draft.loss(self.model, hidden_TD, mb, meta, slot_T)
+            if draft_loss.requires_grad:
+                (draft_loss * self.dp_size).backward()
+        draft = self.draft.step()
+        self.step += 1
+        return {**self._draft_metrics(draft), "time/train_step_s": time.perf_counter() - t0}
+
     def _clip_grads(self) -> torch.Tensor:
-        grads = [p.grad for p in self.model.parameters() if p.grad is not None]
+        grads = [p.grad for p in self.trunk_params if p.grad is not None]
         total = torch.nn.utils.get_total_norm(grads, norm_type=2.0)
         if hasattr(total, "full_tensor"):  # DTensor grads: the norm is a partial sum over shards
             total = total.full_tensor()
         if self.cfg.optim.grad_clip > 0:
             torch.nn.utils.clip_grads_with_norm_(
-                [p for p in self.model.parameters() if p.grad is not None], self.cfg.optim.grad_clip, total
+                [p for p in self.trunk_params if p.grad is not None], self.cfg.optim.grad_clip, total
             )
         return total
