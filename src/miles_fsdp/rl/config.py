@@ -15,6 +15,7 @@ from miles_fsdp.data.datasets import DataConfig
 from miles_fsdp.engine.config import EngineConfig
 from miles_fsdp.observe.profiler import ProfileConfig
 from miles_fsdp.rl.objectives import AGGREGATIONS, Aggregation
+from miles_fsdp.train.draft import DraftConfig
 from miles_fsdp.train.loss import LossNorm
 from miles_fsdp.train.scoring import ScoringSpec
 from miles_fsdp.train.trainer import TrainerConfig
@@ -241,6 +242,10 @@ class RLConfig:
     release_engine_memory: bool = False
     """Free the colocated engine's KV cache and CUDA graphs while the trainer runs, so training
     gets that memory; they are rebuilt after the weight sync (costs a graph capture per step)."""
+    draft: DraftConfig = field(default_factory=DraftConfig)
+    """The MTP draft the engine speculates with: trained online on each step's rollout batch
+    (the policy's own training forward) by default when engine.num_speculative_tokens > 0; a
+    checkpoint without one then gets a fresh one-module draft (train/draft.py)."""
 
     def __post_init__(self):
         if self.steps < 1:
@@ -278,6 +283,17 @@ class RLConfig:
         if p and p + self.rollout.max_new_tokens > ctx:
             _bad("data.max_prompt_len", p, f"+ rollout.max_new_tokens ({self.rollout.max_new_tokens}) exceeds the "
                  f"model's context of {ctx} tokens ({where}); lower one of them")
+
+    @property
+    def n_mtp(self) -> int:
+        """Draft modules of the policy (and of the engine's replica): draft.n_mtp, else the
+        checkpoint's, else one fresh module when the engine speculates."""
+        return self.draft.n_mtp_for(self.model, fresh_default=1 if self.engine.num_speculative_tokens else 0)
+
+    @property
+    def trains_draft(self) -> bool:
+        """Whether each train step also trains (or, frozen, measures) the draft."""
+        return self.draft.trains(self.n_mtp, default=self.engine.num_speculative_tokens > 0)
 
     @property
     def scoring(self) -> ScoringSpec:

@@ -3,7 +3,7 @@
     setup(cfg) -> Run        process group, run directory, tokenizer, data, reward, scoring
                              spec, trainer (none in rollout_only), rollout source, reference,
                              eval prompts, logs, stop signal; resumes from a checkpoint
-    save(run)                checkpoint: policy, optimizer, schedule, RNG, data position
+    save(run)                checkpoint: policy (and draft), optimizers, schedules, RNG, data position
     stopped(run, steps)      SIGTERM/SIGINT: checkpoint and end (--resume continues exactly)
     finish(run)              final eval, checkpoint, HF export, rl_summary.json
 
@@ -94,10 +94,15 @@ def setup(cfg: RLConfig) -> Run:
     reward_fn = load_reward(cfg.rollout.reward, **_reward_options(cfg))
     hook = load_generate(cfg.rollout.generate_fn) if cfg.rollout.generate_fn else None
     dtype = cfg.trainer.parallel.compute_dtype(device)
-    trainer = Trainer(load_model(cfg.model), cfg.trainer, device=device) if cfg.debug_mode != "rollout_only" else None
+    trainer = None
+    if cfg.debug_mode != "rollout_only":  # the policy trains its MTP draft too (cfg.trains_draft)
+        trainer = Trainer(load_model(cfg.model, n_mtp=cfg.n_mtp), cfg.trainer, device=device,
+                          draft=cfg.draft if cfg.trains_draft else None)
     weights = PolicyWeights(trainer.model, dtype) if trainer is not None else None
     source = rollout_source(cfg, tokenizer, dtype, device, rank, run_dir)
-    reference = ReferencePolicy(load_model(cfg.model), trainer) if trainer and cfg.algo.needs_reference else None
+    reference = None
+    if trainer is not None and cfg.algo.needs_reference:  # scores tokens only: no draft
+        reference = ReferencePolicy(load_model(cfg.model, n_mtp=0), trainer)
     start = resume(run_dir, trainer, dataset) if cfg.resume and trainer is not None else 0
     log = MetricsLogger(run_dir, enabled=rank == 0, resume_step=start if cfg.resume else None)
     if cfg.resume and rank == 0:
@@ -112,9 +117,10 @@ def setup(cfg: RLConfig) -> Run:
 
 
 def build_engine(path: str, tokenizer: Tokenizer | None, cfg: EngineConfig, dtype: torch.dtype,
-                 device: torch.device, kernel_mode: str = "invariant") -> Engine:
-    """An in-process engine on the checkpoint at `path`, in `dtype` on `device`."""
-    model = load_model(path, dtype, device).eval()
+                 device: torch.device, kernel_mode: str = "invariant", n_mtp: int | None = None) -> Engine:
+    """An in-process engine on the checkpoint at `path`, in `dtype` on `device`; n_mtp: its
+    draft modules (None: the checkpoint's; see models.load_model)."""
+    model = load_model(path, dtype, device, n_mtp=n_mtp).eval()
     eos = list(tokenizer.eos_token_ids) if tokenizer is not None else None
     detok = (lambda ids: tokenizer.decode(ids)) if tokenizer is not None else None
     return Engine(model, None, cfg, eos_token_ids=eos, detokenize=detok, kernel_mode=kernel_mode)
@@ -128,7 +134,7 @@ def rollout_source(cfg: RLConfig, tokenizer, dtype, device, rank: int, run_dir: 
     if cfg.rollout.servers:
         return RemoteEngine(cfg.rollout.servers, cfg.rollout.weights_dir or run_dir / "weights",
                             cfg.rollout.request_timeout_s, start=rank)
-    return build_engine(cfg.model, tokenizer, cfg.engine, dtype, device, cfg.kernel_mode)
+    return build_engine(cfg.model, tokenizer, cfg.engine, dtype, device, cfg.kernel_mode, cfg.n_mtp)
 
 
 def eval_metrics(run: Run) -> dict[str, float]:
