@@ -9,7 +9,6 @@ from pathlib import Path
 import pytest
 import torch
 
-from common import pg_loss
 from draft_worker import draft_batch, draft_grads, draft_only_losses
 
 from miles_fsdp.models import load_model
@@ -38,6 +37,13 @@ def _rl_batch(seed: int = 0, vocab: int = 320) -> list[TrainSeq]:
         out.append(TrainSeq(torch.randint(0, vocab, (n,), generator=g).tolist(), mask,
                             {"adv": torch.randn(n, generator=g).tolist()}))
     return out
+
+
+def pg_loss(logp_T, ent_T, mb):
+    """common.pg_loss on any device (these tests also run on a GPU)."""
+    dev = logp_T.device
+    loss_sum = -(logp_T * mb.fields["adv"].to(dev) * mb.weight_T.to(dev)).sum()
+    return loss_sum, {"train/pg": loss_sum.detach()}
 
 
 def _trainer(path, draft: DraftConfig | None, n_mtp: int = 2, budget: int = 64, **kw) -> Trainer:

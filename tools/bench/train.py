@@ -4,11 +4,14 @@ packed sequences at 4k and 16k tokens, invariant vs fast kernels.
     python tools/bench/train.py --out bench_train.json            # one GPU, no torchrun needed
     python tools/bench/train.py --logprobs fused unfused          # fused lm_head + logprobs vs not
     python tools/bench/train.py --model small --seqs 4096 --modes invariant --logprobs unfused  # CPU
+    python tools/bench/train.py --seqs 4096 16384 --modes invariant --draft 0 1   # cost of the MTP draft
     torchrun --nproc-per-node 8 tools/bench/train.py --out b.json  # FSDP over 8 GPUs
 
 Each case: `--warmup` untimed steps, then `--steps` timed train_steps of one micro-batch of
 `seq` tokens (one sequence, so attention is the full causal seq^2 / 2). Prints a table and
-writes JSON. MFU counts 6 * N * tokens (N excludes the embedding table).
+writes JSON. MFU counts 6 * N * tokens (N excludes the embedding table and the draft).
+`--draft N`: the model has N MTP draft modules trained beside the policy on the same forward
+(train/draft.py); 0 = no draft.
 """
 
 from __future__ import annotations
@@ -19,9 +22,12 @@ import time
 
 import torch
 
+import dataclasses
+
 import miles_kernels as mk
 from miles_fsdp.models import ModelArgs, Transformer
 from miles_fsdp.parallel import ParallelConfig
+from miles_fsdp.train.draft import DraftConfig
 from miles_fsdp.train.loss import sft_loss
 from miles_fsdp.train.optim import OptimConfig
 from miles_fsdp.train.packing import TrainSeq
@@ -39,14 +45,14 @@ MODELS = {"qwen3-0.6b": QWEN3_0_6B, "small": SMALL}
 
 
 def run_case(seq: int, mode: str, steps: int, warmup: int, ac: bool, peak_flops: float, model_name: str = "qwen3-0.6b",
-             fused: bool = True) -> dict:
+             fused: bool = True, n_mtp: int = 0) -> dict:
     hf = MODELS[model_name]
     with torch.device("meta"):
-        model = Transformer(ModelArgs.from_hf(hf))
+        model = Transformer(dataclasses.replace(ModelArgs.from_hf(hf), n_mtp=n_mtp))
     model.init_weights(seed=0)
     cfg = TrainerConfig(optim=OptimConfig(lr=1e-5), max_tokens_per_micro_batch=seq, peak_flops=peak_flops,
                         fused_logprobs=fused, parallel=ParallelConfig(param_dtype="auto", activation_checkpointing=ac))
-    trainer = Trainer(model, cfg)
+    trainer = Trainer(model, cfg, draft=DraftConfig() if n_mtp else None)
     g = torch.Generator().manual_seed(0)
     seqs = [TrainSeq(torch.randint(0, hf["vocab_size"], (seq,), generator=g).tolist())]
     rows = []
@@ -59,7 +65,8 @@ def run_case(seq: int, mode: str, steps: int, warmup: int, ac: bool, peak_flops:
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
     mean = lambda k: sum(r.get(k, 0.0) for r in rows) / len(rows)  # noqa: E731
-    return {"seq": seq, "mode": mode, "ac": ac, "model": model_name, "fused_logprobs": fused, "tokens_per_s": mean("perf/tokens_per_s"), "mfu": mean("perf/mfu"),
+    return {"seq": seq, "mode": mode, "ac": ac, "model": model_name, "fused_logprobs": fused, "draft": n_mtp,
+            "tokens_per_s": mean("perf/tokens_per_s"), "mfu": mean("perf/mfu"),
             "step_s": mean("time/train_step_s"), "peak_mem_gib": max(r["perf/peak_mem_gib"] for r in rows),
             "loss": rows[-1]["train/loss"]}
 
@@ -76,6 +83,8 @@ def main() -> None:
                    help="small: 2 layers, d 256, vocab 32k (CPU-sized)")
     p.add_argument("--logprobs", nargs="+", choices=["fused", "unfused"], default=["fused"],
                    help="TrainerConfig.fused_logprobs (CPU peak memory is per process: one value per run there)")
+    p.add_argument("--draft", type=int, nargs="+", default=[0],
+                   help="MTP draft modules trained beside the policy (0 = none); one case per value")
     p.add_argument("--out", default="bench_train.json")
     a = p.parse_args()
     import torch.distributed as dist
@@ -85,21 +94,23 @@ def main() -> None:
     for s in a.seqs:
         for m in a.modes:
             for lp in a.logprobs:
-                try:
-                    results.append(run_case(s, m, a.steps, a.warmup, a.ac, a.peak_flops, a.model, lp == "fused"))
-                except torch.OutOfMemoryError as e:  # record the case, keep measuring the others
-                    results.append({"seq": s, "mode": m, "ac": a.ac, "fused_logprobs": lp == "fused",
-                                    "error": f"OOM: {str(e).splitlines()[0]}"})
-                    torch.cuda.empty_cache()
-                print(results[-1], flush=True)
+                for d in a.draft:
+                    try:
+                        results.append(run_case(s, m, a.steps, a.warmup, a.ac, a.peak_flops, a.model, lp == "fused", d))
+                    except torch.OutOfMemoryError as e:  # record the case, keep measuring the others
+                        results.append({"seq": s, "mode": m, "ac": a.ac, "fused_logprobs": lp == "fused", "draft": d,
+                                        "error": f"OOM: {str(e).splitlines()[0]}"})
+                        torch.cuda.empty_cache()
+                    print(results[-1], flush=True)
     if dist.get_rank() == 0:
-        print(f"{'seq':>6} {'mode':>10} {'logprobs':>9} {'tok/s':>10} {'MFU':>6} {'step s':>7} {'peak GiB':>9}")
+        print(f"{'seq':>6} {'mode':>10} {'logprobs':>9} {'draft':>5} {'tok/s':>10} {'MFU':>6} {'step s':>7} "
+              f"{'peak GiB':>9}")
         for r in results:
             lp = "fused" if r["fused_logprobs"] else "unfused"
             if "error" in r:
-                print(f"{r['seq']:>6} {r['mode']:>10} {lp:>9} {r['error']}")
+                print(f"{r['seq']:>6} {r['mode']:>10} {lp:>9} {r['draft']:>5} {r['error']}")
                 continue
-            print(f"{r['seq']:>6} {r['mode']:>10} {lp:>9} {r['tokens_per_s']:>10.0f} {r['mfu']:>6.1%} "
+            print(f"{r['seq']:>6} {r['mode']:>10} {lp:>9} {r['draft']:>5} {r['tokens_per_s']:>10.0f} {r['mfu']:>6.1%} "
                   f"{r['step_s']:>7.2f} {r['peak_mem_gib']:>9.2f}")
         meta = {"device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
                 "world_size": dist.get_world_size(), "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"),
