@@ -50,7 +50,8 @@ def _pad_cols(x, value: float = 0.0):
 def _over_row_tiles(fn, rows: int, *xs):
     """fn over fixed-shape row tiles of the 2-D tensors xs; outputs concatenated, unpadded."""
     M = xs[0].shape[0]
-    padded = [_pad_rows(x, rows) for x in xs]
+    # no rows: one tile of padding still runs, so the outputs get their shapes and dtypes
+    padded = [_pad_rows(x, rows) if M else x.new_zeros(rows, *x.shape[1:]) for x in xs]
     outs = None
     for i in range(0, padded[0].shape[0], rows):
         got = fn(*(x[i: i + rows] for x in padded))
@@ -113,9 +114,10 @@ def logprobs(logits_TV, ids_T, temperature=1.0, entropy=False, top_k=0, top_p=1.
     V = logits_TV.shape[-1]
 
     def tile(x, ids):
-        xf = _pad_cols(x.float() / temperature, float("-inf"))
-        if top_k or top_p < 1.0:
+        xf = x.float() / temperature
+        if top_k or top_p < 1.0:  # on the unpadded row, as the sampler's filter_logits sees it
             xf = _ref.filter_logits(xf, top_k, top_p)
+        xf = _pad_cols(xf, float("-inf"))
         m = xf.amax(-1, keepdim=True)
         e = torch.exp(xf - m)
         s = e.sum(-1, keepdim=True)

@@ -197,3 +197,14 @@ def test_linear_grad_and_fast_mode():
     assert mk.get_mode() == "invariant"
     with pytest.raises(ValueError, match="mode"):
         mk.set_mode("turbo")
+
+
+def test_ops_take_zero_rows():
+    """A micro-batch may have no trained position (the trainer then scores none)."""
+    w = torch.randn(7, 5)
+    lp, ent = mk.logprobs(torch.zeros(0, 7), torch.zeros(0, dtype=torch.long), entropy=True, top_k=3)
+    assert lp.shape == ent.shape == (0,) and lp.dtype == torch.float32
+    assert mk.linear(torch.zeros(0, 5), w).shape == (0, 7)
+    assert mk.rms_norm(torch.zeros(0, 5), torch.ones(5), 1e-6).shape == (0, 5)
+    lp, _ = mk.linear_logprobs(torch.zeros(0, 5, requires_grad=True), w, torch.zeros(0, dtype=torch.long))
+    assert lp.shape == (0,)

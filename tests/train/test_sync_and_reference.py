@@ -45,8 +45,9 @@ def test_weight_sync_and_reference(ckpt):
     mbs = trainer.pack(_seqs())
     spec = ScoringSpec(temperature=0.7, top_k=20, top_p=0.9)  # the reference scores as the policy does
     logp_before = trainer.forward_logprobs(mbs, spec)
-    ref_logp = ref.ref_logprobs(mbs, spec)
-    assert all(torch.equal(a, b) for a, b in zip(logp_before, ref_logp))
+    ref_logp = ref.ref_logprobs(mbs, spec)  # the trained positions only, 0 at the others
+    trained = [mb.mask_T > 0 for mb in mbs]
+    assert all(torch.equal(a[m], b[m]) and not b[~m].any() for a, b, m in zip(logp_before, ref_logp, trained))
     plain_logp = ref.ref_logprobs(mbs, ScoringSpec())
     assert not all(torch.equal(a, b) for a, b in zip(plain_logp, ref_logp))
 
@@ -71,3 +72,23 @@ def test_out_of_memory_in_a_train_step_names_the_settings(monkeypatch):
                        rf"ran out of memory; lower trainer.max_tokens_per_micro_batch \(now {2 * SEQ_LEN}\).*"
                        r"activation_checkpointing.*kv_memory_fraction.*Allocator: CUDA out of memory"):
         trainer.train_step(mbs, pg_loss)
+
+
+def test_scoring_trained_positions_only_gives_their_bits(ckpt):
+    """The trainer scores only trained targets (the lm_head skips the prompt): the same bits
+    there as scoring every position, 0 elsewhere, with top-k/top-p too."""
+    from miles_fsdp.train.packing import pack
+    from miles_fsdp.train.trainer import packed_logprobs
+
+    model = load_model(ckpt)
+    g = torch.Generator().manual_seed(3)
+    seqs = [TrainSeq(torch.randint(0, 300, (n,), generator=g).tolist(), [0] * (n // 2) + [1] * (n - n // 2))
+            for n in (9, 17, 6)]
+    [mb] = pack(seqs, 64)
+    spec = ScoringSpec(temperature=0.8, top_k=30, top_p=0.9)
+    with torch.no_grad():
+        full, ent = packed_logprobs(model, mb, torch.device("cpu"), spec, entropy=True)
+        part, ent_p = packed_logprobs(model, mb, torch.device("cpu"), spec, entropy=True, trained_only=True)
+    m = mb.mask_T > 0
+    assert torch.equal(part[m], full[m]) and torch.equal(ent_p[m], ent[m])
+    assert not part[~m].any() and not ent_p[~m].any() and (~m).sum() > 5

@@ -168,12 +168,14 @@ def sample(logits_BV: torch.Tensor, rows: list[RowParams]) -> tuple[list[int], l
         logits_GV = logits_BV if whole else logits_BV.index_select(0, idx_G)
         if temp == 0.0:
             chosen_G = logits_GV.argmax(-1)
-            temp = 1.0
+            lp_G, _ = mk.logprobs(logits_GV, chosen_G, 1.0, top_k=top_k, top_p=top_p)
         else:
             k3 = keys_4B[:3] if whole else keys_4B[:3].index_select(1, idx_G)
             x_GV = mk.filter_logits(logits_GV.float() / temp, top_k, top_p)
             chosen_G = (x_GV + gumbel_noise(k3[0], k3[1], k3[2], V)).argmax(-1)
-        lp_G, _ = mk.logprobs(logits_GV, chosen_G, temp, top_k=top_k, top_p=top_p)
+            # mk.logprobs(logits, chosen, temp, top_k, top_p) filters logits / temp exactly as
+            # above, then takes log_softmax at T = 1: start from x_GV instead of filtering twice
+            lp_G, _ = mk.logprobs(x_GV, chosen_G, 1.0)
         bits_G = lp_G.float().view(torch.int32).long()
         if whole:
             out_2B[0].copy_(chosen_G)

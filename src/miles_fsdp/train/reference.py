@@ -25,12 +25,12 @@ class ReferencePolicy:
 
     @torch.no_grad()
     def ref_logprobs(self, micro_batches: list[MicroBatch], spec: ScoringSpec) -> list[torch.Tensor]:
-        """fp32 log-prob of every target position under the reference, scored as the policy
-        is (`spec`: temperature, top-k/top-p, kernel mode), one [T] tensor per micro-batch.
+        """fp32 log-prob of every trained target position under the reference (0 elsewhere),
+        scored as the policy is (`spec`: temperature, top-k/top-p, kernel mode), one [T] tensor per micro-batch.
         Collective: every rank must call it."""
         out = []
         for mb in pad_micro_batches(micro_batches, self.group):
-            logp_T, _ = packed_logprobs(self.model, mb, self.device, spec)
+            logp_T, _ = packed_logprobs(self.model, mb, self.device, spec, trained_only=True)
             if not mb.dummy:
                 out.append(logp_T)
         return out

@@ -78,22 +78,34 @@ def packed_hidden(model: nn.Module, mb: MicroBatch, device):
 
 
 def score_targets(model: nn.Module, hidden_TD: torch.Tensor, mb: MicroBatch, spec: ScoringSpec,
-                  entropy: bool = False, fused: bool = True):
-    """(logp_T, entropy_T or None) of mb's targets from the trunk's hidden states, as `spec` says."""
+                  entropy: bool = False, fused: bool = True, trained_only: bool = False):
+    """(logp_T, entropy_T or None) of mb's targets from the trunk's hidden states, as `spec` says.
+
+    trained_only: score only the positions whose target is trained (mb.mask_T > 0), 0 at the
+    others: the lm_head and the log-softmax, the costliest part at a large vocabulary, skip
+    the prompt. Row-wise ops: the scored positions get the same bits either way.
+    """
     targets_T = mb.targets_T.to(hidden_TD.device)
+    rows_R = (mb.mask_T > 0).nonzero()[:, 0].to(hidden_TD.device) if trained_only else None
+    h, tgt = (hidden_TD, targets_T) if rows_R is None else (hidden_TD[rows_R], targets_T[rows_R])
     t, k, p = spec.temperature, spec.top_k, spec.top_p
     if fused and hasattr(model, "token_logprobs"):  # fused lm_head + logprobs: no [T, V] logits alive
-        return model.token_logprobs(hidden_TD, targets_T, t, entropy, k, p)
-    return mk.logprobs(model.logits(hidden_TD), targets_T, t, entropy=entropy, top_k=k, top_p=p)
+        logp, ent = model.token_logprobs(h, tgt, t, entropy, k, p)
+    else:
+        logp, ent = mk.logprobs(model.logits(h), tgt, t, entropy=entropy, top_k=k, top_p=p)
+    if rows_R is None:
+        return logp, ent
+    put = lambda x: None if x is None else x.new_zeros(targets_T.shape).index_put((rows_R,), x)  # noqa: E731
+    return put(logp), put(ent)
 
 
 def packed_logprobs(model: nn.Module, mb: MicroBatch, device, spec: ScoringSpec, entropy: bool = False,
-                    fused: bool = True):
+                    fused: bool = True, trained_only: bool = False):
     """(logp_T, entropy_T or None) of mb's targets, scored as `spec` says; the one forward
-    the trainer and the reference policy share."""
+    the trainer and the reference policy share (trained_only: see score_targets)."""
     with mk.use_mode(spec.kernel_mode):
         hidden_TD, _, _ = packed_hidden(model, mb, device)
-        return score_targets(model, hidden_TD, mb, spec, entropy, fused)
+        return score_targets(model, hidden_TD, mb, spec, entropy, fused, trained_only)
 
 
 def pad_micro_batches(micro_batches: list[MicroBatch], group) -> list[MicroBatch]:
@@ -141,7 +153,8 @@ class Trainer:
         scores and, with a draft trainer, the draft's loss on its hidden states."""
         with mk.use_mode(spec.kernel_mode):
             hidden_TD, meta, slot_T = packed_hidden(self.model, mb, self.device)
-            logp_T, ent_T = score_targets(self.model, hidden_TD, mb, spec, entropy, self.cfg.fused_logprobs)
+            logp_T, ent_T = score_targets(self.model, hidden_TD, mb, spec, entropy, self.cfg.fused_logprobs,
+                                          trained_only=True)  # the loss reads no other position
             draft = self.draft.loss(self.model, hidden_TD, mb, meta, slot_T) if self.draft is not None else None
         return logp_T, ent_T, draft
 
