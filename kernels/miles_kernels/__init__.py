@@ -15,9 +15,8 @@ Anything else in a policy forward (embedding lookup, residual adds, reshapes) is
 from ._cpu import ATTN_BLOCK, CPU_ROW_TILE
 from ._mode import MODES, get_mode, set_mode, use_mode
 from .meta import AttnMeta, positions_from_cu_seqlens, varlen_meta, write_kv
-from .ops import (apply_rope, attention, grouped_linear, linear, linear_logprobs, logprobs, rms_norm,
-                  rope_cos_sin, route_topk, silu_mul)
-from ._ref import filter_logits
+from .ops import (apply_rope, attention, filter_logits, grouped_linear, linear, linear_logprobs, logprobs,
+                  rms_norm, rope_cos_sin, route_topk, silu_mul)
 
 __all__ = [
     "ATTN_BLOCK", "CPU_ROW_TILE", "MODES", "AttnMeta", "apply_rope", "attention", "filter_logits",

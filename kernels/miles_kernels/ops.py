@@ -173,6 +173,17 @@ def attention(q_THD, k_cache_PSKD, v_cache_PSKD, meta: AttnMeta, scale: float):
 
 # --- logprobs ---------------------------------------------------------------------------
 
+def filter_logits(x_TV, top_k: int = 0, top_p: float = 1.0):
+    """Mask (to -inf) the tokens outside top-k / the top-p nucleus of fp32 rows x (the
+    temperature-scaled logits): keep the k largest (ties kept), then the tokens whose
+    probability mass strictly above them is below top_p. Rows are independent and, in
+    invariant mode, computed in a batch-invariant way (CUDA: a per-row Triton bisection, no
+    sort), so the sampler and the trainer mask the same tokens whatever batch they are in."""
+    if x_TV.is_cuda and not _fast():
+        return _backend(x_TV).filter_logits(x_TV, top_k, top_p)
+    return _ref.filter_logits(x_TV, top_k, top_p)
+
+
 _BWD_ROWS = 1024  # rows per fp32 chunk in the logprobs backward
 
 
@@ -201,7 +212,7 @@ def _rows(t, sl):
 
 def _logprobs_grad(logits, ids, lse, ent, g_logp, g_ent, temperature, entropy, top_k, top_p):
     """d(loss)/d(logits) for rows of logits, given the output grads of (logp, entropy)."""
-    x = _ref.filter_logits(logits.float() / temperature, top_k, top_p)
+    x = filter_logits(logits.float() / temperature, top_k, top_p)  # the forward's mask
     p = torch.exp(x - lse[:, None])
     g = torch.zeros_like(p)
     if g_logp is not None:

@@ -206,6 +206,32 @@ def check_logprobs_filtered() -> None:
                 _same(one[0][0], logp[2], f"{what}: row alone vs in batch")
 
 
+def check_top_p_cutoff() -> None:
+    """The Triton top-p filter keeps exactly the tokens the sort-based reference keeps (rows
+    with no token near the cut), ties included, and a row alone gets the bits it gets in a batch."""
+    from miles_kernels._ref import filter_logits as ref_filter
+    from miles_kernels._triton.rows import LOGPROB_CHUNK
+
+    kt = _kt()
+    g = torch.Generator().manual_seed(17)
+    V = LOGPROB_CHUNK + 300
+    x = torch.randn(6, V, generator=g) * 3
+    x[1, :50] = 4.0  # a tie block at the top
+    x[2] = float("-inf")
+    x[2, 7] = 1.0  # one finite logit: always kept
+    x[3, 2000:] = float("-inf")  # a top-k-like masked tail
+    for top_k, top_p in ((0, 0.9), (0, 0.5), (20, 0.9), (0, 0.999), (1, 0.3)):
+        got, want = kt.filter_logits(x, top_k, top_p), ref_filter(x.double(), top_k, top_p).float()
+        xs = torch.sort(x.double(), -1, descending=True).values
+        p = torch.softmax(xs, -1)
+        near = ((torch.cumsum(p, -1) - p - top_p).abs() < 1e-5).any(-1)  # fp32 may decide those rows otherwise
+        rows = ~near
+        assert torch.equal(torch.isfinite(got[rows]), torch.isfinite(want[rows])), f"top_k={top_k} top_p={top_p}"
+        assert torch.equal(got[torch.isfinite(got)], x[torch.isfinite(got)]), "kept logits are unchanged"
+        _same(kt.filter_logits(x[3:4], top_k, top_p)[0], got[3], f"top_p={top_p}: row alone vs in batch")
+    assert torch.isfinite(kt.filter_logits(x, 0, 0.9)[1, :50]).all(), "ties at the top are all kept"
+
+
 def check_route_topk() -> None:
     kt = _kt()
     g = torch.Generator().manual_seed(7)

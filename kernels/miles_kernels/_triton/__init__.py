@@ -10,7 +10,7 @@ tests under TRITON_INTERPRET=1); backward passes live in torch, in miles_kernels
 from miles_kernels._triton.paged_attention import ATTN_BLOCK, KV_SPLIT, attention
 from miles_kernels._triton.elementwise import apply_rope, rms_norm, silu_mul
 from miles_kernels._triton.matmul import GROUPED_TILES, LINEAR_TILES, grouped_linear, linear, linear_tile
-from miles_kernels._triton.rows import logprobs, route_topk
+from miles_kernels._triton.rows import filter_logits, logprobs, route_topk, top_p_cutoff
 
 __all__ = [
     "ATTN_BLOCK",
@@ -19,6 +19,7 @@ __all__ = [
     "LINEAR_TILES",
     "apply_rope",
     "attention",
+    "filter_logits",
     "grouped_linear",
     "linear",
     "linear_tile",
@@ -26,4 +27,5 @@ __all__ = [
     "rms_norm",
     "route_topk",
     "silu_mul",
+    "top_p_cutoff",
 ]

@@ -9,7 +9,6 @@ import torch
 import triton
 import triton.language as tl
 
-from miles_kernels._ref import filter_logits
 
 LOGPROB_CHUNK = 4096  # vocab entries per step of the online max / sum-exp walk
 
@@ -74,6 +73,71 @@ def logprobs(
             CHUNK=LOGPROB_CHUNK, num_warps=8,
         )
     return out[0], out[1], out[2]
+
+
+@triton.jit
+def _float_key(x):
+    """fp32 -> int32 whose order is the floats' order (negative floats: flip the low 31 bits)."""
+    b = x.to(tl.int32, bitcast=True)
+    return tl.where(b < 0, b ^ 0x7FFFFFFF, b)
+
+
+@triton.jit
+def _key_float(k):
+    return tl.where(k < 0, k ^ 0x7FFFFFFF, k).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _top_p_cutoff_kernel(x_ptr, cut_ptr, V, stride_t, top_p, CHUNK: tl.constexpr):
+    """cut[row] = the smallest v with sum_{x_i > v} exp(x_i - max) < top_p * sum_i exp(x_i - max):
+    a token is kept iff the mass strictly above it is below top_p (ties kept). 32 bisection steps
+    over the floats' order, each a fixed-order pass over the row: batch-invariant, no sort."""
+    row = tl.program_id(0).to(tl.int64)
+    base = x_ptr + row * stride_t
+    cols = tl.arange(0, CHUNK)
+    m = tl.full([], float("-inf"), tl.float32)
+    for v0 in range(0, V, CHUNK):
+        m = tl.maximum(m, tl.max(tl.load(base + v0 + cols, mask=v0 + cols < V, other=float("-inf")), 0))
+    s = tl.zeros([], tl.float32)
+    for v0 in range(0, V, CHUNK):
+        x = tl.load(base + v0 + cols, mask=v0 + cols < V, other=float("-inf"))
+        s += tl.sum(tl.exp(x - m), 0)
+    target = top_p * s
+    lo = _float_key(tl.full([], float("-inf"), tl.float32)).to(tl.int64)  # P(lo) is false: all mass is above -inf
+    hi = _float_key(m).to(tl.int64)  # P(max) is true: no mass above the max
+    for _ in range(32):
+        mid = (lo + hi) // 2
+        v = _key_float(mid.to(tl.int32))
+        above = tl.zeros([], tl.float32)
+        for v0 in range(0, V, CHUNK):
+            x = tl.load(base + v0 + cols, mask=v0 + cols < V, other=float("-inf"))
+            above += tl.sum(tl.where(x > v, tl.exp(x - m), 0.0), 0)
+        ok = above < target
+        hi = tl.where(ok, mid, hi)
+        lo = tl.where(ok, lo, mid)
+    tl.store(cut_ptr + row, _key_float(hi.to(tl.int32)))
+
+
+def top_p_cutoff(x_TV: torch.Tensor, top_p: float) -> torch.Tensor:
+    """Per row of fp32 x (temperature-scaled, top-k already masked), the smallest value a
+    top-p filter keeps: keep x >= cut. One program per row (see the kernel)."""
+    x_TV = x_TV.contiguous()
+    T, V = x_TV.shape
+    cut_T = torch.empty(T, dtype=torch.float32, device=x_TV.device)
+    if T > 0:
+        _top_p_cutoff_kernel[(T,)](x_TV, cut_T, V, x_TV.stride(0), float(top_p), CHUNK=LOGPROB_CHUNK, num_warps=8)
+    return cut_T
+
+
+def filter_logits(x_TV: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
+    """The top-k / top-p mask of fp32 rows, batch-invariant on the GPU: top-k by the k-th
+    value (a selection: exact), top-p by `top_p_cutoff`. Same rule as the CPU filter."""
+    if top_k and top_k < x_TV.shape[-1]:
+        kth = torch.topk(x_TV, top_k, dim=-1).values[..., -1:]
+        x_TV = x_TV.masked_fill(x_TV < kth, float("-inf"))
+    if top_p < 1.0:
+        x_TV = x_TV.masked_fill(x_TV < top_p_cutoff(x_TV, top_p)[:, None], float("-inf"))
+    return x_TV
 
 
 @triton.jit

@@ -173,9 +173,12 @@ def sample(logits_BV: torch.Tensor, rows: list[RowParams]) -> tuple[list[int], l
             k3 = keys_4B[:3] if whole else keys_4B[:3].index_select(1, idx_G)
             x_GV = mk.filter_logits(logits_GV.float() / temp, top_k, top_p)
             chosen_G = (x_GV + gumbel_noise(k3[0], k3[1], k3[2], V)).argmax(-1)
-            # mk.logprobs(logits, chosen, temp, top_k, top_p) filters logits / temp exactly as
-            # above, then takes log_softmax at T = 1: start from x_GV instead of filtering twice
-            lp_G, _ = mk.logprobs(x_GV, chosen_G, 1.0)
+            if top_k or top_p < 1.0:
+                # mk.logprobs(logits, chosen, temp, top_k, top_p) filters logits / temp exactly as
+                # above, then takes log_softmax at T = 1: start from x_GV, not filter twice
+                lp_G, _ = mk.logprobs(x_GV, chosen_G, 1.0)
+            else:  # unfiltered, the kernel divides by T itself (as the trainer's call does)
+                lp_G, _ = mk.logprobs(logits_GV, chosen_G, temp)
         bits_G = lp_G.float().view(torch.int32).long()
         if whole:
             out_2B[0].copy_(chosen_G)
