@@ -75,7 +75,7 @@ def test_presets_build_valid_configs(example):
     for name, cfg in cfgs.items():
         assert isinstance(cfg, RLConfig), name
         assert cfg.rollout.reward == "math" and cfg.kernel_mode == "invariant"
-        assert cfg.trainer.temperature == cfg.rollout.temperature
+        assert cfg.scoring.temperature == cfg.rollout.temperature
         dataclasses.replace(cfg)  # re-runs every __post_init__ check on the whole tree
     # variants change only what they mean to: bigger batches, less KV memory
     sizes = [cfgs[n].data.prompts_per_batch for n in ("qwen3-0.6b", "qwen3-4b", "qwen3-8b")]
@@ -121,6 +121,7 @@ def test_debug_rollout_only_then_train_only(example, tmp_path):
     common = ["qwen3-0.6b", "--model", str(ckpt), "--data.path", str(tmp_path / "train.jsonl"),
               "--data.prompts-per-batch", "2", "--rollout.n-samples-per-prompt", "2",
               "--rollout.max-new-tokens", "4", "--engine.kv-memory-bytes", str(8 << 20), "--eval.path", "",
+              "--data.max-prompt-len", "240",  # the tiny checkpoint's context is 256 tokens
               "--checkpoint-every", "0", "--no-export-hf", "--steps", "2"]
     debug = tmp_path / "debug"
     train.main([*common, "--run-dir", str(debug), "--debug-mode", "rollout_only"])

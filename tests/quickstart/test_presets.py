@@ -15,7 +15,7 @@ def test_full_preset_configs(tmp_path):
     dataclasses.replace(cfg)  # every __post_init__ check passes
     assert cfg.data.path.endswith("rl.jsonl") and cfg.eval.path.endswith("heldout.jsonl")
     assert cfg.rollout.reward == "exact_match" and cfg.rollout.answer_extract == "full"
-    assert cfg.trainer.temperature == cfg.rollout.temperature and cfg.kernel_mode == "invariant"
+    assert cfg.scoring.temperature == cfg.rollout.temperature and cfg.kernel_mode == "invariant"
     (tmp_path / "data").mkdir()
     (tmp_path / "data" / "sft.jsonl").write_text('{"prompt": "rev ab=", "response": "ba"}\n')
     sft = sft_config(p, write_tiny_model(tmp_path / "init", p.model), tmp_path / "data", tmp_path / "sft")
