@@ -25,6 +25,7 @@ from miles_fsdp.quickstart.model import write_tiny_model
 from miles_fsdp.quickstart.presets import quickstart_preset, rl_config, sft_config
 from miles_fsdp.quickstart.task import write_task
 from miles_fsdp.rl.loop import run_rl
+from miles_fsdp.train.run_dir import prepare_run_dir
 from miles_fsdp.train.sft import train_sft
 
 
@@ -40,8 +41,10 @@ class QuickstartConfig:
     """SFT optimizer steps (0 = the preset's)."""
     rl_steps: int = 0
     """RL steps (0 = the preset's)."""
+    overwrite: bool = False
+    """Start over in a run_dir that holds an earlier quickstart (it is moved aside to RUN_DIR.old-<time>)."""
     threads: int = 0
-    """CPU threads for torch (0 = torch's default)."""
+    """CPU threads for torch (0 = torch's default, at most the CPUs this process may use)."""
 
     def __post_init__(self):
         if self.sft_steps < 0 or self.rl_steps < 0:
@@ -53,7 +56,7 @@ def main(cfg: QuickstartConfig) -> int:
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     t0 = time.perf_counter()
-    run = Path(cfg.run_dir)
+    run = prepare_run_dir(cfg.run_dir, False, cfg.overwrite, None, "--run-dir")
     p = quickstart_preset(cfg.short, cfg.seed)
     p.sft_steps = cfg.sft_steps or p.sft_steps
     p.rl_steps = cfg.rl_steps or p.rl_steps
@@ -65,7 +68,7 @@ def main(cfg: QuickstartConfig) -> int:
     t_sft = time.perf_counter() - t0
     if not (run / "sft" / "hf" / "config.json").is_file():  # SIGTERM/SIGINT stopped SFT early
         _say(f"SFT stopped before its last step (interrupted?); its checkpoint is in {run / 'sft' / 'checkpoints'}. "
-             "Rerun `miles-fsdp quickstart` to start over.")
+             "Rerun with --overwrite to start over.")
         return 1
     summary = run_rl(rl_config(p, run / "sft" / "hf", run / "data", run / "rl"))
     rows = _eval_rows(run / "rl")

@@ -23,10 +23,11 @@ class RunDirError(UserError, ValueError):
     """The run directory holds another run and the command was not told what to do with it."""
 
 
-def prepare_run_dir(path: str | Path, resume: bool, overwrite: bool, resume_flag: str, dir_flag: str) -> Path:
+def prepare_run_dir(path: str | Path, resume: bool, overwrite: bool, resume_flag: str | None, dir_flag: str) -> Path:
     """Check (every rank) and prepare (rank 0) `path` for a run; collective when distributed.
 
-    resume_flag / dir_flag name the command's flags in the message (e.g. "--resume", "--run-dir").
+    resume_flag / dir_flag name the command's flags in the message (e.g. "--resume", "--run-dir");
+    resume_flag None: the command cannot continue a run.
     """
     path = Path(path)
     if resume and overwrite:
@@ -34,8 +35,9 @@ def prepare_run_dir(path: str | Path, resume: bool, overwrite: bool, resume_flag
     held = path.is_dir() and any(path.iterdir())
     if held and not resume and not overwrite:
         raise RunDirError(
-            f"{path} already holds a run ({', '.join(sorted(p.name for p in path.iterdir())[:5])}); pass {resume_flag} "
-            f"to continue it, {dir_flag} with another directory to start a new one, or --overwrite to start over "
+            f"{path} already holds a run ({', '.join(sorted(p.name for p in path.iterdir())[:5])}); pass "
+            + (f"{resume_flag} to continue it, " if resume_flag else "")
+            + f"{dir_flag} with another directory to start a new one, or --overwrite to start over "
             f"here (the old run is moved aside to {path}.old-<time>, not deleted)")
     if held and overwrite and _rank() == 0:
         aside = _free_name(path)

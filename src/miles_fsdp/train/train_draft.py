@@ -109,7 +109,7 @@ def train_draft(cfg: TrainDraftConfig) -> list[dict]:
     tok = load_tokenizer(cfg.model)
     formats: set[str] = set()
     examples = load_sft_jsonl(cfg.data, tok.hf, cfg.max_seq_len, formats)
-    prepare_run_dir(cfg.out, False, cfg.overwrite, "(no resume: train-draft is short)", "--out")
+    prepare_run_dir(cfg.out, False, cfg.overwrite, None, "--out")
     if cfg.self_distill:
         examples = self_distilled(cfg.model, examples, cfg, tok.eos_token_ids, device)
     n_mtp = cfg.draft.n_mtp_for(cfg.model, fresh_default=1)
