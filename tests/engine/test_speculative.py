@@ -130,3 +130,13 @@ def test_accept_rule_and_counts():
     m = c.take()
     assert m["engine/spec_accept_rate_1"] == 0.5 and m["engine/spec_accept_rate_3"] == 0.0
     assert m["engine/spec_mean_accept_len"] == 2.0 and c.take() == {}
+
+
+def test_compare_speculation_reports_identical_outputs_and_acceptance(models):
+    from miles_fsdp.engine.spec_compare import compare_speculation
+
+    reqs = _requests(6)
+    out = compare_speculation(lambda k: Engine(models["qwen3"], config=EngineConfig(num_pages=96, num_speculative_tokens=k),
+                                               eos_token_ids=[3]), reqs, k=2, repeats=1)
+    assert out["outputs_identical"] is True and out["k"] == 2 and len(out["accept_rate_by_position"]) == 2
+    assert out["tokens"] > 0 and out["speedup"] > 0 and out["mean_accept_length"] >= 1.0

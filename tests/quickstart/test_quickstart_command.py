@@ -27,6 +27,9 @@ def test_quickstart_short_runs_end_to_end_and_rl_improves(tmp_path):
     assert out.returncode == 0, out.stderr[-3000:]
     assert "held-out accuracy after RL" in out.stdout
     summary = json.loads((run / "summary.json").read_text())
+    spec = summary["speculation"]  # the draft trained in SFT and RL; the final eval with it on vs off
+    assert spec["outputs_identical"] is True and summary["mean_accept_length"] == spec["mean_accept_length"] > 1.2
+    assert "draft mean accept length" in out.stdout
     for key in ("sft_accuracy", "rl_accuracy", "logprob_abs_diff_max", "wall_seconds"):
         assert key in summary
     assert summary["logprob_abs_diff_max"] == 0.0

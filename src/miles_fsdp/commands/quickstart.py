@@ -5,6 +5,8 @@
     stage 1: SFT on the demonstrations                   run_dir/sft   (exported to sft/hf)
     stage 2: GRPO, true on-policy, exact-match reward    run_dir/rl    (metrics, tensorboard, hf)
     eval on the held-out split before, during and after RL; summary table + run_dir/summary.json
+    the MTP draft: trained in SFT and online in RL; the final eval with speculation on vs off
+    (speedup, mean accepted length, outputs identical)
 
 Every stage goes through the paths real models use: HF checkpoint directories, jsonl data
 in the user format, the trainer, the engine, the RL loop. See
@@ -21,10 +23,15 @@ from pathlib import Path
 
 import torch
 
+from miles_fsdp.data.datasets import DataConfig, PromptDataset
+from miles_fsdp.data.tokenizer import load_tokenizer
+from miles_fsdp.engine.sequence import Request, SamplingParams
+from miles_fsdp.engine.spec_compare import compare_speculation
 from miles_fsdp.quickstart.model import write_tiny_model
-from miles_fsdp.quickstart.presets import quickstart_preset, rl_config, sft_config
+from miles_fsdp.quickstart.presets import engine_config, quickstart_preset, rl_config, sft_config
 from miles_fsdp.quickstart.task import write_task
 from miles_fsdp.rl.loop import run_rl
+from miles_fsdp.rl.run import build_engine
 from miles_fsdp.train.run_dir import prepare_run_dir
 from miles_fsdp.train.sft import train_sft
 
@@ -41,6 +48,9 @@ class QuickstartConfig:
     """SFT optimizer steps (0 = the preset's)."""
     rl_steps: int = 0
     """RL steps (0 = the preset's)."""
+    num_speculative_tokens: int = 2
+    """Draft tokens per step of RL's rollouts and evals; the MTP draft trains in SFT and online
+    in RL, and the final eval runs with speculation on and off. 0 = no draft."""
     overwrite: bool = False
     """Start over in a run_dir that holds an earlier quickstart (it is moved aside to RUN_DIR.old-<time>)."""
     threads: int = 0
@@ -49,6 +59,8 @@ class QuickstartConfig:
     def __post_init__(self):
         if self.sft_steps < 0 or self.rl_steps < 0:
             raise ValueError("QuickstartConfig.sft_steps / rl_steps must be >= 0 (0 = preset)")
+        if self.num_speculative_tokens < 0:
+            raise ValueError(f"--num-speculative-tokens {self.num_speculative_tokens}: must be >= 0 (0 = no draft)")
 
 
 def main(cfg: QuickstartConfig) -> int:
@@ -60,6 +72,7 @@ def main(cfg: QuickstartConfig) -> int:
     p = quickstart_preset(cfg.short, cfg.seed)
     p.sft_steps = cfg.sft_steps or p.sft_steps
     p.rl_steps = cfg.rl_steps or p.rl_steps
+    p.spec_tokens = cfg.num_speculative_tokens
     write_task(run / "data", p.task)
     init_dir = write_tiny_model(run / "init", p.model)
     _say(f"data in {run / 'data'}, fresh tiny Qwen3 in {init_dir}")
@@ -72,6 +85,7 @@ def main(cfg: QuickstartConfig) -> int:
         return 1
     summary = run_rl(rl_config(p, run / "sft" / "hf", run / "data", run / "rl"))
     rows = _eval_rows(run / "rl")
+    spec = _speculation(p, run) if p.spec_tokens else None
     out = {
         "sft_accuracy": rows[0][1] if rows else None,
         "rl_accuracy": rows[-1][1] if rows else None,
@@ -81,13 +95,33 @@ def main(cfg: QuickstartConfig) -> int:
         "sft_steps": p.sft_steps,
         "rl_steps": p.rl_steps,
         "accuracy_by_rl_step": rows,
+        "mean_accept_length": spec["mean_accept_length"] if spec else None,
+        "speculation": spec,
         "run_dir": str(run),
         "tensorboard": str(run / "rl" / "tb"),
         "hf_checkpoint": str(run / "rl" / "hf"),
     }
     (run / "summary.json").write_text(json.dumps(out, indent=2))
     _table(out)
+    if spec and not spec["outputs_identical"]:
+        _say("speculative decoding changed the eval's outputs: a bug, please report it with summary.json")
+        return 1
     return 0
+
+
+def _speculation(p, run: Path) -> dict:
+    """The held-out eval (greedy) on the final model with speculation on vs off."""
+    hf = run / "rl" / "hf"
+    tokenizer = load_tokenizer(str(hf))
+    data = PromptDataset(DataConfig(path=str(run / "data" / "heldout.jsonl"), shuffle=False), tokenizer.tokenize_prompt)
+    prompts = data.next_batch(min(len(data), p.eval_prompts))
+    requests = [Request(s.prompt_ids, SamplingParams(temperature=0.0, max_new_tokens=8)) for s in prompts]
+    out = compare_speculation(
+        lambda k: build_engine(str(hf), tokenizer, engine_config(p, k), torch.float32, torch.device("cpu")),
+        requests, p.spec_tokens, repeats=3)
+    _say(f"eval with speculation (K={p.spec_tokens}): {out['speedup']:.2f}x the tokens/s without, "
+         f"{out['mean_accept_length']:.2f} tokens per step, outputs identical: {out['outputs_identical']}")
+    return out
 
 
 def _eval_rows(rl_dir: Path) -> list[tuple[int, float]]:
@@ -110,6 +144,11 @@ def _table(s: dict) -> None:
     t.add_row("steps (SFT / RL)", f"{s['sft_steps']} / {s['rl_steps']}")
     t.add_row("wall time", f"{s['wall_seconds']:.0f} s")
     t.add_row("train/logprob_abs_diff_max (whole run)", repr(s["logprob_abs_diff_max"]))
+    if s["speculation"]:
+        sp = s["speculation"]
+        t.add_row(f"draft mean accept length (K={sp['k']})", f"{sp['mean_accept_length']:.2f} tokens / step")
+        t.add_row("eval speedup, speculation on / off", f"{sp['speedup']:.2f}x (outputs identical: "
+                  f"{'yes' if sp['outputs_identical'] else 'NO'})")
     t.add_row("run directory", s["run_dir"])
     t.add_row("tensorboard", f"tensorboard --logdir {s['tensorboard']}")
     t.add_row("exported HF checkpoint", s["hf_checkpoint"])
