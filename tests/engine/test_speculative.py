@@ -140,3 +140,30 @@ def test_compare_speculation_reports_identical_outputs_and_acceptance(models):
                                                eos_token_ids=[3]), reqs, k=2, repeats=1)
     assert out["outputs_identical"] is True and out["k"] == 2 and len(out["accept_rate_by_position"]) == 2
     assert out["tokens"] > 0 and out["speedup"] > 0 and out["mean_accept_length"] >= 1.0
+
+
+@pytest.mark.parametrize("arch", ["qwen3", "qwen3_moe"])
+def test_verify_graph_layout_changes_nothing(models, arch):
+    """The CUDA-graph verify layout (each sequence padded to 1 + K rows, kv_len start + 1 + K;
+    runner._replay_verify), run here without capture: the same outputs as K = 0 and the same
+    hidden states as eager verify (so the same drafts and acceptance), batches over several
+    graph buckets, with preemption."""
+    reqs = _requests()
+    want, _ = _run(models[arch], 0, reqs)
+    for k in (1, 3):
+        _, eager = _run(models[arch], k, reqs, num_pages=40)
+        eng = Engine(models[arch], config=EngineConfig(page_size=16, num_pages=40, max_prefill_tokens=64,
+                                                       num_speculative_tokens=k, cuda_graph_max_batch=8),
+                     eos_token_ids=[3])
+        eng.runner.use_graphs, eng.runner.graph_capture = True, False
+        eng.runner.allocate(eng.num_pages)
+        replays = []
+        replay = eng.runner.graphs.replay
+        eng.runner.graphs.replay = lambda key, n: replays.append(key) or replay(key, n)
+        res = eng.generate([Request(list(r.prompt_ids), r.params) for r in reqs])
+        got = [[(s.token_ids, s.logprobs.tolist(), s.finish_reason) for s in rs] for rs in res]
+        assert got == want, f"K={k}: the padded verify layout changed the output"
+        assert len({b for b, _ in replays}) >= 2, "the decode steps went through several graph buckets"
+        m = eng.metrics()
+        assert m.pop("engine/cuda_graphs_active") == 1.0 and m["engine/preemptions_total"] > 0
+        assert m == eager.metrics(), "padded rows changed the hidden states the draft reads"

@@ -1,5 +1,11 @@
 """Decode steps replayed from CUDA graphs: one graph per (batch, table width) bucket.
 
+With speculation (`rows` = 1 + K) every sequence of a graph has `rows` query rows: a verify
+item of d <= K draft tokens fills the first 1 + d and pads the rest (they write the scratch
+page and come after the real rows, so causal attention keeps them out of the real rows);
+its kv_len is start + rows, so the real rows sit at their positions. The forward then
+returns (logits, hidden states) of every row: the runner keeps the real ones.
+
 A graph runs the very kernels the eager path runs, on the same values, so replay changes
 no output bit. Rows beyond the real batch are padding: they read and write only the
 scratch page 0 (kv_len 1, slot 0), and every kernel is row-independent, so they cannot
@@ -41,13 +47,13 @@ def width_buckets(max_pages: int) -> list[int]:
 
 
 class StepBuffers:
-    """One byte buffer holding ids, pos, slot (int64 [B]), kv_lens (int32 [B]) and the
+    """One byte buffer holding ids, pos, slot (int64 [B * rows]), kv_lens (int32 [B]) and the
     block table (int32 [B, P]); `host` is pinned (on CUDA) and mirrors `dev`."""
 
-    def __init__(self, max_batch: int, max_pages: int, device: torch.device):
+    def __init__(self, max_batch: int, max_pages: int, device: torch.device, rows: int = 1):
         B, P = max_batch, max_pages
-        self.B, self.P = B, P
-        nbytes = 3 * 8 * B + 4 * B + 4 * B * P
+        self.B, self.P, self.R = B, P, rows
+        nbytes = 3 * 8 * B * rows + 4 * B + 4 * B * P
         pin = device.type == "cuda"
         self.host_u8 = torch.zeros(nbytes, dtype=torch.uint8, pin_memory=pin)
         self.dev_u8 = torch.zeros(nbytes, dtype=torch.uint8, device=device)
@@ -56,10 +62,10 @@ class StepBuffers:
         self.np = {k: v.numpy() for k, v in self.host.items()}
 
     def _views(self, u8: torch.Tensor) -> dict[str, torch.Tensor]:
-        B, P = self.B, self.P
-        i64 = u8[: 24 * B].view(torch.int64)
-        i32 = u8[24 * B :].view(torch.int32)
-        return dict(ids=i64[:B], pos=i64[B : 2 * B], slot=i64[2 * B :], kv_lens=i32[:B],
+        B, P, N = self.B, self.P, self.B * self.R
+        i64 = u8[: 24 * N].view(torch.int64)
+        i32 = u8[24 * N :].view(torch.int32)
+        return dict(ids=i64[:N], pos=i64[N : 2 * N], slot=i64[2 * N :], kv_lens=i32[:B],
                     table=i32[B:].view(B, P))
 
     def upload(self) -> None:
@@ -67,15 +73,20 @@ class StepBuffers:
 
 
 class DecodeGraphs:
-    def __init__(self, forward_logits, kv_caches, max_batch: int, max_pages: int, device: torch.device,
-                 by_width: bool = False, required: bool = False):
+    """forward(ids, pos, meta, slot, kv_caches) -> a tuple of [rows * batch, ...] tensors
+    (the logits, and with speculation the hidden states). capture=False replays by running
+    forward on the static buffers: the same inputs without a graph (CPU tests of the layout)."""
+
+    def __init__(self, forward, kv_caches, max_batch: int, max_pages: int, device: torch.device,
+                 by_width: bool = False, required: bool = False, rows: int = 1, capture: bool = True):
         self.buckets = batch_buckets(max_batch)
         self.widths = width_buckets(max_pages) if by_width else [max_pages]
-        self.forward_logits, self.kv_caches = forward_logits, kv_caches
-        self.buf = StepBuffers(self.buckets[-1], max_pages, device)
-        self.cu_B1 = torch.arange(self.buckets[-1] + 1, dtype=torch.int32, device=device)
-        self.graphs: dict[tuple[int, int], torch.cuda.CUDAGraph] = {}
-        self.logits: dict[tuple[int, int], torch.Tensor] = {}
+        self.forward, self.kv_caches = forward, kv_caches
+        self.rows, self.capture = rows, capture
+        self.buf = StepBuffers(self.buckets[-1], max_pages, device, rows)
+        self.cu_B1 = torch.arange(self.buckets[-1] + 1, dtype=torch.int32, device=device) * rows
+        self.graphs: dict[tuple[int, int], torch.cuda.CUDAGraph | None] = {}
+        self.outputs: dict[tuple[int, int], tuple[torch.Tensor, ...]] = {}
         self.pool = None
         self.failed = False
         self.required = required
@@ -91,26 +102,34 @@ class DecodeGraphs:
         return next(b for b in self.buckets if b >= n), next(w for w in self.widths if w >= width)
 
     def _args(self, bs: int, w: int):
-        d = self.buf.dev
+        d, n = self.buf.dev, bs * self.rows
         # the table is a column slice of the [B, P] buffer: rows keep the full stride
-        meta = mk.AttnMeta(self.cu_B1[: bs + 1], d["kv_lens"][:bs], d["table"][:bs, :w], max_q_len=1)
-        return d["ids"][:bs], d["pos"][:bs], meta, d["slot"][:bs], self.kv_caches
+        meta = mk.AttnMeta(self.cu_B1[: bs + 1], d["kv_lens"][:bs], d["table"][:bs, :w], max_q_len=self.rows)
+        return d["ids"][:n], d["pos"][:n], meta, d["slot"][:n], self.kv_caches
+
+    def _pad(self, n: int, bs: int, w: int) -> None:
+        """Padding sequences n..bs: every row reads and writes only the scratch page 0."""
+        h, R = self.buf.np, self.rows
+        h["ids"][n * R: bs * R], h["pos"][n * R: bs * R], h["slot"][n * R: bs * R] = 0, 0, 0
+        h["kv_lens"][n:bs], h["table"][n:bs, :w] = R, 0
 
     @torch.inference_mode()
     def _capture(self, key: tuple[int, int]) -> bool:
         """Capture the graph of `key` on padding inputs; False (and eager from now on) on failure."""
         bs, w = key
-        h = self.buf.np
-        h["ids"][:bs], h["pos"][:bs], h["slot"][:bs], h["kv_lens"][:bs], h["table"][:bs] = 0, 0, 0, 1, 0
+        if not self.capture:
+            self.graphs[key] = None
+            return True
+        self._pad(0, bs, self.buf.P)
         torch.cuda.synchronize()
         self.buf.upload()
         try:
             args = self._args(bs, w)
-            self.forward_logits(*args)  # warm-up: Triton compiles, lazy inits settle
+            self.forward(*args)  # warm-up: Triton compiles, lazy inits settle
             torch.cuda.synchronize()
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, pool=self.pool):
-                self.logits[key] = self.forward_logits(*args)
+                self.outputs[key] = self.forward(*args)
             self.pool = graph.pool()
             self.graphs[key] = graph
         except Exception as e:  # noqa: BLE001 - any capture failure means: decode eagerly (or raise)
@@ -122,7 +141,7 @@ class DecodeGraphs:
             log.warning("CUDA graph capture failed (%s: %s); decoding eagerly (slower; the run logs "
                         "engine/cuda_graphs_active=0)", type(e).__name__, e)
             self.failed = True
-            self.graphs, self.logits = {}, {}
+            self.graphs, self.outputs = {}, {}
         torch.cuda.synchronize()
         return not self.failed
 
@@ -134,11 +153,15 @@ class DecodeGraphs:
             return None
         return key
 
-    def replay(self, key: tuple[int, int], n: int) -> torch.Tensor:
-        """Pad rows [n, bucket), upload the buffer (one copy), replay; logits of the n rows."""
+    def replay(self, key: tuple[int, int], n: int) -> tuple[torch.Tensor, ...]:
+        """Pad sequences [n, bucket), upload the buffer (one copy), replay; the outputs of the
+        n sequences' rows (views of the graph's static outputs: use before the next replay)."""
         bs, w = key
-        h = self.buf.np
-        h["ids"][n:bs], h["pos"][n:bs], h["slot"][n:bs], h["kv_lens"][n:bs], h["table"][n:bs, :w] = 0, 0, 0, 1, 0
+        self._pad(n, bs, w)
         self.buf.upload()
-        self.graphs[key].replay()
-        return self.logits[key][:n]
+        if self.graphs[key] is None:  # capture=False
+            out = self.forward(*self._args(bs, w))
+        else:
+            self.graphs[key].replay()
+            out = self.outputs[key]
+        return tuple(t[: n * self.rows] for t in out)

@@ -59,7 +59,8 @@ class Engine:
         S = config.page_size
         K = config.num_speculative_tokens
         self.runner = Runner(model, S, -(-self.max_model_len // S), config.cuda_graphs, config.cuda_graph_max_batch,
-                             config.cuda_graph_by_width, config.cuda_graphs_required, draft_layers=1 if K else 0)
+                             config.cuda_graph_by_width, config.cuda_graphs_required, draft_layers=1 if K else 0,
+                             verify_rows=1 + K)
         self.num_pages = self._num_pages()
         self.blocks = BlockManager(self.num_pages, S, config.prefix_cache)
         self.scheduler = Scheduler(self.blocks, config.max_num_seqs, config.max_prefill_tokens, mk.ATTN_BLOCK, detokenize)

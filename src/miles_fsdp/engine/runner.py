@@ -9,7 +9,8 @@ Only the last row of a chunk that reaches the sequence's end goes through `model
 and the sampler: run(batch) = sample(logits(batch), rows); a speculative verify item (decode
 with `draft` tokens) samples at every one of its 1 + draft positions. The runner owns the KV
 cache tensors (with `draft_layers` extra layers for the MTP draft) and the decode CUDA graphs;
-with a draft it keeps the last forward's hidden states (`hidden_TD`) for it.
+with a draft it keeps the last forward's hidden states (`hidden_TD`) for it, and its decode
+graphs verify: each sequence gets `verify_rows` (1 + K) rows, the unused ones padding.
 
 Host work per step is small and copies are few: decode batches that fit a graph write
 their inputs into the graph's pinned buffer (one host-to-device copy); other batches pack
@@ -34,8 +35,11 @@ def kv_bytes_per_page(model, page_size: int, dtype: torch.dtype, draft_layers: i
 
 class Runner:
     def __init__(self, model, page_size: int, max_pages_per_seq: int, use_graphs: bool, graph_max_batch: int,
-                 graph_by_width: bool = False, graphs_required: bool = False, draft_layers: int = 0):
+                 graph_by_width: bool = False, graphs_required: bool = False, draft_layers: int = 0,
+                 verify_rows: int = 1):
         self.model = model
+        self.verify_rows = verify_rows
+        self.graph_capture = True  # False: "graphs" run eagerly on their padded inputs (CPU tests)
         self.draft_layers = draft_layers
         self.draft_kv: list[tuple[torch.Tensor, torch.Tensor]] = []
         self.hidden_TD: torch.Tensor | None = None  # the last eager forward's hidden states (drafting)
@@ -61,8 +65,10 @@ class Runner:
         ]
         self.kv_caches, self.draft_kv = caches[: a.n_layers], caches[a.n_layers:]
         if self.use_graphs:
-            self.graphs = DecodeGraphs(self._forward_logits, self.kv_caches, self.graph_max_batch, self.max_pages_per_seq,
-                                       self.device, self.graph_by_width, self.graphs_required)
+            R, S = self.verify_rows, self.page_size
+            pages = -(-(self.max_pages_per_seq * S + R - 1) // S)  # a padded verify reaches R - 1 past the end
+            self.graphs = DecodeGraphs(self._forward_graphed, self.kv_caches, self.graph_max_batch, pages, self.device,
+                                       self.graph_by_width, self.graphs_required, R, self.graph_capture)
 
     def free(self) -> None:
         self.graphs = None
@@ -70,8 +76,10 @@ class Runner:
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
 
-    def _forward_logits(self, ids_T, pos_T, meta, slot_T, kv_caches):
-        return self.model.logits(self.model.forward(ids_T, pos_T, meta, slot_T, kv_caches))
+    def _forward_graphed(self, ids_T, pos_T, meta, slot_T, kv_caches) -> tuple[torch.Tensor, ...]:
+        """(logits,) of every row; with a draft (logits, hidden states)."""
+        hidden_TD = self.model.forward(ids_T, pos_T, meta, slot_T, kv_caches)
+        return (self.model.logits(hidden_TD), hidden_TD) if self.draft_layers else (self.model.logits(hidden_TD),)
 
     @torch.inference_mode()
     def run(self, batch: Batch) -> tuple[list[int], list[float]]:
@@ -89,8 +97,11 @@ class Runner:
         """Logits of the sampling rows (None if there are none): a graph replay for decode
         batches that fit, else eager."""
         items, S = batch.items, self.page_size
-        # graphs give logits only: a draft needs the hidden states, so it decodes eagerly
-        if batch.is_decode and not self.draft_layers and self.graphs is not None and self.graphs.fits(len(items)):
+        if batch.is_decode and self.draft_layers and self.graphs is not None and self.graphs.fits(len(items)):
+            logits_BV = self._replay_verify(items)
+            if logits_BV is not None:
+                return logits_BV
+        elif batch.is_decode and self.graphs is not None and self.graphs.fits(len(items)):
             width = max(it.start // S for it in items) + 1
             key = self.graphs.ensure(len(items), width)
             if key is not None:
@@ -106,8 +117,36 @@ class Runner:
                 for i, (t, p) in enumerate(zip(tables, starts)):
                     k = p // S + 1
                     tab[i, :k] = t[:k]
-                return self.graphs.replay(key, n)
+                return self.graphs.replay(key, n)[0]
         return self._eager(batch)
+
+    def _replay_verify(self, items) -> torch.Tensor | None:
+        """A speculative decode step from a graph: item b (draft d) fills rows b*R .. b*R + d of
+        the graph's b*R .. b*R + R - 1; keeps the logits and hidden states of the filled rows
+        (the eager layout). None if the capture failed."""
+        S, R, n = self.page_size, self.verify_rows, len(items)
+        key = self.graphs.ensure(n, max(-(-(it.start + R) // S) for it in items))
+        if key is None:
+            return None
+        h = self.graphs.buf.np
+        ids, pos, slot, tab = h["ids"], h["pos"], h["slot"], h["table"]
+        ids[: n * R], slot[: n * R], tab[:n, : key[1]] = 0, 0, 0
+        keep = []
+        for b, it in enumerate(items):
+            seq, d, p0, r = it.seq, it.draft, it.start, b * R
+            pages = seq.block_table[: -(-(p0 + 1 + d) // S)]
+            tab[b, : len(pages)] = pages
+            ids[r] = seq.token_ids[p0]
+            ids[r + 1: r + 1 + d] = seq.draft[:d]
+            pos[r: r + R] = p0  # padding rows: any position inside the model's range
+            pos[r: r + 1 + d] = range(p0, p0 + 1 + d)
+            slot[r: r + 1 + d] = [pages[q // S] * S + q % S for q in range(p0, p0 + 1 + d)]
+            h["kv_lens"][b] = p0 + R  # so that row i sits at position p0 + i
+            keep += range(r, r + 1 + d)
+        logits_NV, hidden_ND = self.graphs.replay(key, n)
+        rows = torch.tensor(keep, dtype=torch.int64).to(self.device, non_blocking=True)
+        self.hidden_TD = hidden_ND.index_select(0, rows)
+        return logits_NV.index_select(0, rows)
 
     def _eager(self, batch: Batch) -> torch.Tensor | None:
         """Pack the batch on the host with numpy, move it in one copy, run model + logits."""

@@ -108,19 +108,27 @@ class Drafter:
             ready = [(s, g, room) for (s, _, room), g in zip(ready, g_BD)]
 
     def _forward(self, hidden_TD: torch.Tensor, ids: list[int], pos: list[int], spans) -> torch.Tensor:
-        """model.draft_forward over packed entries; spans: (seq, first position, end) per sequence."""
+        """model.draft_forward over packed entries; spans: (seq, first position, end) per sequence.
+        The inputs go to the device in one copy (layout: ids T | pos T | slot T | cu B+1 | kv B | table B*width)."""
         S, dev = self.page_size, hidden_TD.device
+        T, B = len(ids), len(spans)
         width = max(-(-end // S) for _, _, end in spans)
-        table = np.zeros((len(spans), width), dtype=np.int64)
-        cu, kv, slot = [0], [], []
+        buf = np.zeros(3 * T + 2 * B + 1 + B * width, dtype=np.int64)
+        buf[:T], buf[T: 2 * T] = ids, pos
+        slot, cu = buf[2 * T: 3 * T], buf[3 * T: 3 * T + B + 1]
+        kv, table = buf[3 * T + B + 1: 3 * T + 2 * B + 1], buf[3 * T + 2 * B + 1:].reshape(B, width)
+        t = 0
         for b, (seq, lo, end) in enumerate(spans):
-            pages = seq.block_table[: -(-end // S)]
+            pages = np.asarray(seq.block_table[: -(-end // S)], dtype=np.int64)
             table[b, : len(pages)] = pages
-            cu.append(cu[-1] + end - lo)
-            kv.append(end)
-            slot += [pages[q // S] * S + q % S for q in range(lo, end)]
-        meta = mk.AttnMeta(torch.tensor(cu, dtype=torch.int32, device=dev), torch.tensor(kv, dtype=torch.int32, device=dev),
-                           torch.from_numpy(table).to(dev, torch.int32), max_q_len=max(e - lo for _, lo, e in spans))
-        as_dev = lambda x: torch.tensor(x, dtype=torch.int64, device=dev)  # noqa: E731
-        return self.model.draft_forward(hidden_TD, as_dev(ids), as_dev(pos), meta, as_dev(slot),
+            q = np.arange(lo, end)
+            slot[t: t + end - lo] = pages[q // S] * S + q % S
+            t += end - lo
+            cu[b + 1], kv[b] = t, end
+        host = torch.from_numpy(buf)
+        d = host.pin_memory().to(dev, non_blocking=True) if dev.type == "cuda" else host
+        meta = mk.AttnMeta(d[3 * T: 3 * T + B + 1].to(torch.int32), d[3 * T + B + 1: 3 * T + 2 * B + 1].to(torch.int32),
+                           d[3 * T + 2 * B + 1:].view(B, width).to(torch.int32),
+                           max_q_len=max(e - lo for _, lo, e in spans))
+        return self.model.draft_forward(hidden_TD, d[:T], d[T: 2 * T], meta, d[2 * T: 3 * T],
                                         kv_cache=self.runner.draft_kv[0])
