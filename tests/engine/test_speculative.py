@@ -4,6 +4,8 @@ preemption and weight updates; dense and MoE. Drafts come from the model's MTP m
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -142,28 +144,40 @@ def test_compare_speculation_reports_identical_outputs_and_acceptance(models):
     assert out["tokens"] > 0 and out["speedup"] > 0 and out["mean_accept_length"] >= 1.0
 
 
+def _graph_layout_run(model, k: int, reqs, num_pages: int):
+    """An engine whose decode steps take the CUDA-graph paths (padded verify rows, the draft
+    chain of draft_graph.py) without capture, so that the layouts run on CPU."""
+    eng = Engine(model, config=EngineConfig(page_size=16, num_pages=num_pages, max_prefill_tokens=64,
+                                            num_speculative_tokens=k, cuda_graph_max_batch=8), eos_token_ids=[3])
+    eng.runner.use_graphs, eng.runner.graph_capture = True, False
+    eng.runner.allocate(eng.num_pages)
+    calls = {"verify": [], "draft": []}
+    replay, run = eng.runner.graphs.replay, eng.runner.draft_graphs.run
+    eng.runner.graphs.replay = lambda key, n: calls["verify"].append(key) or replay(key, n)
+    eng.runner.draft_graphs.run = lambda n, h: calls["draft"].append(n) or run(n, h)
+    res = eng.generate([Request(list(r.prompt_ids), r.params) for r in reqs])
+    return [[(s.token_ids, s.logprobs.tolist(), s.finish_reason) for s in rs] for rs in res], eng, calls
+
+
 @pytest.mark.parametrize("arch", ["qwen3", "qwen3_moe"])
-def test_verify_graph_layout_changes_nothing(models, arch):
-    """The CUDA-graph verify layout (each sequence padded to 1 + K rows, kv_len start + 1 + K;
-    runner._replay_verify), run here without capture: the same outputs as K = 0 and the same
-    hidden states as eager verify (so the same drafts and acceptance), batches over several
-    graph buckets, with preemption."""
+def test_graph_layouts_change_nothing(models, arch):
+    """The CUDA-graph layouts of a speculative decode step, run without capture: the same
+    outputs as K = 0 over the sampling grid (several graph buckets, preemption); where the
+    draft samples as the eager drafter does (no top-k > 1 / top-p < 1 filter), the same
+    drafts too, so the padded rows give the eager hidden states and draft KV."""
     reqs = _requests()
     want, _ = _run(models[arch], 0, reqs)
     for k in (1, 3):
-        _, eager = _run(models[arch], k, reqs, num_pages=40)
-        eng = Engine(models[arch], config=EngineConfig(page_size=16, num_pages=40, max_prefill_tokens=64,
-                                                       num_speculative_tokens=k, cuda_graph_max_batch=8),
-                     eos_token_ids=[3])
-        eng.runner.use_graphs, eng.runner.graph_capture = True, False
-        eng.runner.allocate(eng.num_pages)
-        replays = []
-        replay = eng.runner.graphs.replay
-        eng.runner.graphs.replay = lambda key, n: replays.append(key) or replay(key, n)
-        res = eng.generate([Request(list(r.prompt_ids), r.params) for r in reqs])
-        got = [[(s.token_ids, s.logprobs.tolist(), s.finish_reason) for s in rs] for rs in res]
-        assert got == want, f"K={k}: the padded verify layout changed the output"
-        assert len({b for b, _ in replays}) >= 2, "the decode steps went through several graph buckets"
+        got, eng, calls = _graph_layout_run(models[arch], k, reqs, num_pages=40)
+        assert got == want, f"K={k}: the graph layouts changed the output"
+        assert len({b for b, _ in calls["verify"]}) >= 2 and len(calls["draft"]) >= len(calls["verify"]) - 2
         m = eng.metrics()
-        assert m.pop("engine/cuda_graphs_active") == 1.0 and m["engine/preemptions_total"] > 0
-        assert m == eager.metrics(), "padded rows changed the hidden states the draft reads"
+        assert m["engine/cuda_graphs_active"] == m["engine/draft_graphs_active"] == 1.0
+        assert m["engine/preemptions_total"] > 0
+    plain = [Request(r.prompt_ids, dataclasses.replace(r.params, top_k=1 if r.params.top_k == 1 else 0, top_p=1.0))
+             for r in reqs]
+    _, eager = _run(models[arch], 3, plain, num_pages=40)
+    _, eng, _ = _graph_layout_run(models[arch], 3, plain, num_pages=40)
+    m = eng.metrics()
+    del m["engine/cuda_graphs_active"], m["engine/draft_graphs_active"]
+    assert m == eager.metrics(), "the graph layouts drafted otherwise than the eager drafter"

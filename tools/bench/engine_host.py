@@ -4,7 +4,7 @@ On the GPU the decode step is a graph replay plus host work that does not overla
 scheduling, filling the graph's input buffer, the sampler's launches and its one copy out,
 and postprocessing (append, stop checks, step outputs). This measures that host work on any
 machine: a tiny model prefills real requests, then decode steps run through the real
-scheduler, the real graph-input fill (into a CPU StepBuffers, replay faked) and the real
+scheduler, the real graph-input fill (DecodeGraphs without capture, the model faked) and the real
 sampler on small logits.
 
     python tools/bench/engine_host.py --batch 64,256 --out engine_host.json
@@ -26,31 +26,18 @@ sys.path.insert(0, os.path.dirname(__file__))
 from engine import build, prompts  # noqa: E402
 
 from miles_fsdp.engine import Engine, EngineConfig  # noqa: E402
-from miles_fsdp.engine.cuda_graph import StepBuffers, batch_buckets  # noqa: E402
+from miles_fsdp.engine.cuda_graph import DecodeGraphs, batch_buckets  # noqa: E402
 from miles_fsdp.engine.sequence import Request, SamplingParams  # noqa: E402
 
 VOCAB_OUT = 32  # logits width the fake replay returns: keeps the sampler's tensor math tiny
 
 
-class FakeGraphs:
-    """DecodeGraphs' interface on a CPU buffer; replay pads like the real one, returns zeros."""
-
-    def __init__(self, max_batch: int, max_pages: int):
-        self.buckets = batch_buckets(max_batch)
-        self.buf = StepBuffers(self.buckets[-1], max_pages, torch.device("cpu"))
-        self.zeros = torch.zeros(self.buckets[-1], VOCAB_OUT)
-
-    def fits(self, n: int) -> bool:
-        return n <= self.buckets[-1]
-
-    def ensure(self, n: int, width: int) -> tuple[int, int]:
-        return next(b for b in self.buckets if b >= n), self.buf.P
-
-    def replay(self, key: tuple[int, int], n: int) -> torch.Tensor:
-        bs, w = key
-        h = self.buf.np
-        h["ids"][n:bs], h["pos"][n:bs], h["slot"][n:bs], h["kv_lens"][n:bs], h["table"][n:bs, :w] = 0, 0, 0, 1, 0
-        return self.zeros[:n]
+def fake_graphs(max_batch: int, max_pages: int) -> DecodeGraphs:
+    """The real DecodeGraphs (buffers, padding, upload) on CPU without capture; its forward
+    returns zero logits instead of running the model."""
+    zeros = torch.zeros(batch_buckets(max_batch)[-1], VOCAB_OUT)
+    return DecodeGraphs(lambda ids, *_: (zeros[: ids.shape[0]],), None, max_batch, max_pages, torch.device("cpu"),
+                        capture=False)
 
 
 def _timed(obj, name: str, acc: dict) -> None:
@@ -75,7 +62,7 @@ def measure(batch: int, new: int = 128, plen: int = 128) -> dict:
             eng.add_request(Request(ids, params))
         while eng.scheduler.waiting or any(q.num_uncomputed > 1 for q in eng.scheduler.running):
             eng.step()  # prefill with the real model
-        eng.runner.graphs = FakeGraphs(max(256, batch), eng.runner.max_pages_per_seq)
+        eng.runner.graphs = fake_graphs(max(256, batch), eng.runner.max_pages_per_seq)
         acc: dict[str, float] = collections.defaultdict(float)
         for obj, name in ((eng.scheduler, "schedule"), (eng.runner, "logits"), (eng.runner, "sample"),
                           (eng.scheduler, "postprocess"), (eng, "step")):

@@ -178,7 +178,7 @@ def main() -> None:
         engines[name] = Engine(replica.to(dtype).eval(), None, dataclasses.replace(kv, num_speculative_tokens=k),
                                eos_token_ids=[])
         engines[name].update_weights(weights, version=0)
-    rng, algo, spec = random.Random(1), AlgoConfig(), ScoringSpec()
+    algo, spec = AlgoConfig(), ScoringSpec()
     rows, rl = [], []
     for step in range(a.rl_steps + 1):
         if step % a.measure_every == 0 or step == a.rl_steps:
@@ -193,7 +193,8 @@ def main() -> None:
         if step == a.rl_steps:
             break
         prompts = [Sample(prompt="", prompt_ids=chain.walk(a.prompt_len)) for _ in range(a.prompts)]
-        params = lambda i: SamplingParams(n=a.n, max_new_tokens=a.new, ignore_eos=True, seed=step * 100003 + i)  # noqa: E731
+        params = lambda i, step=step: SamplingParams(n=a.n, max_new_tokens=a.new, ignore_eos=True,  # noqa: E731
+                                                     seed=step * 100003 + i)
         t1 = time.perf_counter()
         samples = generate(engines["on"], None, prompts, a.n, params)
         gen_s = time.perf_counter() - t1

@@ -212,10 +212,13 @@ class Engine:
         """Per-step run metrics: engine/cuda_graphs_active (1 while decode replays CUDA graphs,
         0 once a capture failed and decode runs eagerly; absent on CPU or with graphs off) and
         engine/preemptions_total (samples preempted for KV space so far: raise the KV size if it climbs);
+        engine/draft_graphs_active (with speculation and graphs: 1 while the drafter replays its graphs);
         with speculation, engine/spec_accept_rate(_i) and engine/spec_mean_accept_len since the last call."""
         out = {"engine/preemptions_total": float(self.scheduler.num_preemptions)}
         if self.cuda_graphs_active is not None:
             out["engine/cuda_graphs_active"] = float(self.cuda_graphs_active)
+            if self.drafter is not None:
+                out["engine/draft_graphs_active"] = float(self.runner.draft_graphs is not None)
         return out | self.scheduler.spec.take()
 
     async def agenerate(self, prompt_ids: list[int], params: SamplingParams,

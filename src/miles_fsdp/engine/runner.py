@@ -19,13 +19,18 @@ everything into one int64 array (one copy); the sampler does one copy in and one
 
 from __future__ import annotations
 
+import logging
+
 import miles_kernels as mk
 import numpy as np
 import torch
 
 from miles_fsdp.engine.cuda_graph import DecodeGraphs
+from miles_fsdp.engine.draft_graph import DraftGraphs
 from miles_fsdp.engine.sampler import RowParams, sample
 from miles_fsdp.engine.scheduler import Batch
+
+log = logging.getLogger(__name__)
 
 
 def kv_bytes_per_page(model, page_size: int, dtype: torch.dtype, draft_layers: int = 0) -> int:
@@ -53,6 +58,7 @@ class Runner:
         self.graphs_required = graphs_required
         self.kv_caches: list[tuple[torch.Tensor, torch.Tensor]] | None = None
         self.graphs: DecodeGraphs | None = None
+        self.draft_graphs: DraftGraphs | None = None  # the drafter's chain after a verify (draft_graph.py)
         self.sample = sample  # (logits_BV, rows) -> (tokens, logprobs); a benchmark may wrap it to time it
 
     def allocate(self, num_pages: int) -> None:
@@ -69,9 +75,24 @@ class Runner:
             pages = -(-(self.max_pages_per_seq * S + R - 1) // S)  # a padded verify reaches R - 1 past the end
             self.graphs = DecodeGraphs(self._forward_graphed, self.kv_caches, self.graph_max_batch, pages, self.device,
                                        self.graph_by_width, self.graphs_required, R, self.graph_capture)
+            if self.draft_layers and not self.graphs.failed:
+                self.draft_graphs = self._draft_graphs(pages)
+
+    def _draft_graphs(self, pages: int) -> DraftGraphs | None:
+        """The drafter's graphs; a failed capture raises when graphs are required, else the
+        drafter runs eagerly (logged, and engine/draft_graphs_active is 0)."""
+        try:
+            return DraftGraphs(self.model, self.draft_kv[0], self.graph_max_batch, self.verify_rows - 1, pages,
+                               self.page_size, self.device, self.dtype, self.graph_capture)
+        except Exception as e:  # noqa: BLE001 - any capture failure means: draft eagerly (or raise)
+            if self.graphs_required:
+                raise RuntimeError(f"CUDA graph capture of the speculative draft step failed: {type(e).__name__}: "
+                                   f"{e}; set EngineConfig.cuda_graphs_required=False to draft eagerly") from e
+            log.warning("CUDA graph capture of the draft step failed (%s: %s); drafting eagerly", type(e).__name__, e)
+            return None
 
     def free(self) -> None:
-        self.graphs = None
+        self.graphs = self.draft_graphs = None
         self.kv_caches, self.draft_kv, self.hidden_TD = None, [], None
         if self.device.type == "cuda":
             torch.cuda.empty_cache()

@@ -13,7 +13,7 @@ tools/bench/spec.py.
 from __future__ import annotations
 
 import time
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 

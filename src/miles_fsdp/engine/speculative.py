@@ -48,7 +48,10 @@ class Drafter:
     @torch.inference_mode()
     def propose(self, batch: Batch) -> None:
         """Write the draft KV of the positions the last step committed; give every sequence
-        that is ready to decode a draft of up to k tokens (`seq.draft`)."""
+        that is ready to decode a draft of up to k tokens (`seq.draft`). After a decode step
+        this is one graph replay (draft_graph.py) where the runner has draft graphs."""
+        if batch.is_decode and self.runner.draft_graphs is not None and self._propose_graphed(batch):
+            return
         hidden_TD = self.runner.hidden_TD
         items, t = [], 0
         for it in batch.items:
@@ -67,6 +70,38 @@ class Drafter:
         ready = [(it.seq, g_TD[r], room) for (it, _, _, ok), r in zip(items, last)
                  if ok and (room := min(self.k, len(it.seq.block_table) * self.page_size - it.seq.num_tokens)) > 0]
         self._draft(ready)
+
+    def _propose_graphed(self, batch: Batch) -> bool:
+        """propose() for a decode batch through runner.draft_graphs; False (nothing drafted,
+        no sequence changed but pages grown as the eager path grows them) where a sequence
+        does not fit that path: then the eager path runs."""
+        graphs, S = self.runner.draft_graphs, self.page_size
+        items, t = [], 0
+        for it in batch.items:
+            if it.seq.status is SeqStatus.RUNNING:
+                items.append((it, t))
+            t += it.q_len
+        if not items:
+            return True
+        if not graphs.fits(len(items)):
+            return False
+        for it, _ in items:
+            seq = it.seq
+            if seq.num_tokens - seq.num_computed != 1 or seq.draft_computed != it.start + 1:
+                return False
+            self.blocks.grow(seq, seq.num_tokens + self.k)
+            if len(seq.block_table) * S <= seq.num_computed:  # no page for the last entry
+                return False
+        graphs.clear(len(items))
+        rooms = []
+        for b, (it, rows) in enumerate(items):
+            seq = it.seq
+            rooms.append(max(0, min(self.k, len(seq.block_table) * S - seq.num_tokens)))
+            graphs.fill(b, seq, it.start, seq.num_computed - 1 - it.start, rows, rooms[-1])
+            seq.draft_computed = seq.num_computed + 1
+        for (it, _), room, toks in zip(items, rooms, graphs.run(len(items), self.runner.hidden_TD)):
+            it.seq.draft = toks[:room]
+        return True
 
     def _teacher_forced(self, items: list[tuple[Scheduled, int, int, bool]], hidden_TD: torch.Tensor):
         """Entries s in (start, hi] of each item (and s = start when it was never written)
