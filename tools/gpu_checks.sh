@@ -5,7 +5,7 @@
 #   tests      tests/gpu: kernel invariance, engine on-policy with CUDA graphs, sampler at 151k vocab
 #   scale      tests/gpu/test_on_policy_at_scale.py: run_rl, 151,936 vocab, 256 rows, 512 new
 #              tokens, temperature x top-k x top-p grid, dense and MoE (64 experts): diff == 0.0
-#   kernels engine engine_host train rl_step    the benchmarks of tools/bench
+#   kernels engine engine_host train rl_step spec    the benchmarks of tools/bench
 # Writes logs and JSON under OUT_DIR. Needs torch + triton; the project is used from the
 # source tree (no install), so it also runs on air-gapped images.
 set -uo pipefail
@@ -13,7 +13,7 @@ out=${1:?usage: tools/gpu_checks.sh OUT_DIR [--quick] [STEP ...]}
 shift
 q=""
 if [ "${1:-}" = "--quick" ]; then q="--quick"; shift; fi
-steps=${*:-tests scale kernels engine engine_host train rl_step}
+steps=${*:-tests scale kernels engine engine_host train rl_step spec}
 mkdir -p "$out"
 out=$(cd "$out" && pwd)
 cd "$(dirname "$0")/.."
@@ -39,9 +39,10 @@ for step in $steps; do
         kernels) run bench_kernels python3 tools/bench/kernels.py --out "$out/kernels.json" $q ;;
         engine) run bench_engine python3 tools/bench/engine.py --out "$out/engine.json" $q ;;
         engine_host) run bench_engine_host python3 tools/bench/engine_host.py --out "$out/engine_host.json" ;;
-        train) run bench_train python3 tools/bench/train.py --logprobs fused unfused --out "$out/train.json" ;;
+        train) run bench_train python3 tools/bench/train.py --logprobs fused unfused --peer --out "$out/train.json" ;;
         rl_step) run bench_rl_step python3 tools/bench/rl_step.py --out "$out/rl_step.json" ;;
-        *) echo "unknown step $step (tests scale kernels engine engine_host train rl_step)"; exit 2 ;;
+        spec) run bench_spec python3 tools/bench/spec.py --out "$out/spec.json" ;;
+        *) echo "unknown step $step (tests scale kernels engine engine_host train rl_step spec)"; exit 2 ;;
     esac
 done
 exit $status

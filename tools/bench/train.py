@@ -5,13 +5,17 @@ packed sequences at 4k and 16k tokens, invariant vs fast kernels.
     python tools/bench/train.py --logprobs fused unfused          # fused lm_head + logprobs vs not
     python tools/bench/train.py --model small --seqs 4096 --modes invariant --logprobs unfused  # CPU
     python tools/bench/train.py --seqs 4096 16384 --modes invariant --draft 0 1   # cost of the MTP draft
+    python tools/bench/train.py --seqs 4096 16384 --peer          # + plain transformers, same run
     torchrun --nproc-per-node 8 tools/bench/train.py --out b.json  # FSDP over 8 GPUs
 
 Each case: `--warmup` untimed steps, then `--steps` timed train_steps of one micro-batch of
 `seq` tokens (one sequence, so attention is the full causal seq^2 / 2). Prints a table and
 writes JSON. MFU counts 6 * N * tokens (N excludes the embedding table and the draft).
 `--draft N`: the model has N MTP draft modules trained beside the policy on the same forward
-(train/draft.py); 0 = no draft.
+(train/draft.py); 0 = no draft. `--peer` also times what a user writes without us, on the
+same shape, sequences and device: transformers' Qwen3ForCausalLM with SDPA attention, fp32
+weights under bf16 autocast (on CUDA), its own loss, fused AdamW; the table gives each of
+our rows as a ratio to the peer at the same length.
 """
 
 from __future__ import annotations
@@ -71,6 +75,45 @@ def run_case(seq: int, mode: str, steps: int, warmup: int, ac: bool, peak_flops:
             "loss": rows[-1]["train/loss"]}
 
 
+def run_peer(seq: int, steps: int, warmup: int, model_name: str = "qwen3-0.6b") -> dict:
+    """Plain transformers training steps (the peer): tokens/s and peak memory."""
+    import transformers
+
+    cuda = torch.cuda.is_available()
+    dev = torch.device("cuda" if cuda else "cpu")
+    hf = {k: v for k, v in MODELS[model_name].items() if k != "architectures"}
+    cfg = transformers.Qwen3Config(**hf, attn_implementation="sdpa")
+    torch.manual_seed(0)
+    model = transformers.Qwen3ForCausalLM(cfg).to(dev, torch.float32).train()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=cuda)
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, hf["vocab_size"], (1, seq), generator=g).to(dev)
+    times = []
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    for i in range(warmup + steps):
+        if cuda:
+            torch.cuda.synchronize()
+        t = time.perf_counter()
+        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=cuda):
+            loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if cuda:
+            torch.cuda.synchronize()
+        if i >= warmup:
+            times.append(time.perf_counter() - t)
+    peak = torch.cuda.max_memory_allocated() / 2**30 if cuda else 0.0
+    del model, opt
+    if cuda:
+        torch.cuda.empty_cache()
+    step = sum(times) / len(times)
+    return {"seq": seq, "mode": "peer", "ac": False, "model": model_name, "fused_logprobs": False, "draft": 0,
+            "tokens_per_s": seq / step, "mfu": 0.0, "step_s": step, "peak_mem_gib": peak, "loss": float(loss)}
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--seqs", type=int, nargs="+", default=[4096, 16384])
@@ -85,6 +128,8 @@ def main() -> None:
                    help="TrainerConfig.fused_logprobs (CPU peak memory is per process: one value per run there)")
     p.add_argument("--draft", type=int, nargs="+", default=[0],
                    help="MTP draft modules trained beside the policy (0 = none); one case per value")
+    p.add_argument("--peer", action="store_true",
+                   help="also time plain transformers (SDPA, fp32 weights + bf16 autocast, fused AdamW)")
     p.add_argument("--out", default="bench_train.json")
     a = p.parse_args()
     import torch.distributed as dist
@@ -102,16 +147,24 @@ def main() -> None:
                                         "error": f"OOM: {str(e).splitlines()[0]}"})
                         torch.cuda.empty_cache()
                     print(results[-1], flush=True)
+        if a.peer:
+            results.append(run_peer(s, a.steps, a.warmup, a.model))
+            print(results[-1], flush=True)
+    peer = {r["seq"]: r["tokens_per_s"] for r in results if r["mode"] == "peer"}
+    for r in results:
+        if r["seq"] in peer and "error" not in r:
+            r["vs_peer"] = r["tokens_per_s"] / peer[r["seq"]]
     if dist.get_rank() == 0:
         print(f"{'seq':>6} {'mode':>10} {'logprobs':>9} {'draft':>5} {'tok/s':>10} {'MFU':>6} {'step s':>7} "
-              f"{'peak GiB':>9}")
+              f"{'peak GiB':>9} {'vs peer':>8}")
         for r in results:
             lp = "fused" if r["fused_logprobs"] else "unfused"
             if "error" in r:
                 print(f"{r['seq']:>6} {r['mode']:>10} {lp:>9} {r['draft']:>5} {r['error']}")
                 continue
+            vs = f"{r['vs_peer']:>7.2f}x" if "vs_peer" in r else ""
             print(f"{r['seq']:>6} {r['mode']:>10} {lp:>9} {r['draft']:>5} {r['tokens_per_s']:>10.0f} {r['mfu']:>6.1%} "
-                  f"{r['step_s']:>7.2f} {r['peak_mem_gib']:>9.2f}")
+                  f"{r['step_s']:>7.2f} {r['peak_mem_gib']:>9.2f} {vs}")
         meta = {"device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
                 "world_size": dist.get_world_size(), "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"),
                 "model": f"{a.model} shape, random weights", "wall_s": time.time() - t0}
