@@ -41,7 +41,8 @@ class DraftGraphs:
         self.S, self.P, self.device, self.capture = page_size, max_pages, device, capture
         self.buckets = batch_buckets(max_batch)
         B, N = self.buckets[-1], self.buckets[-1] * self.R
-        self.n_int = 4 * N + len(_SEQ_FIELDS) * B + B * max_pages
+        self.table_at = 4 * N + len(_SEQ_FIELDS) * B  # the table comes last: a step uploads its first rows only
+        self.n_int = self.table_at + B * max_pages
         pin = device.type == "cuda"
         self.host = torch.zeros(self.n_int, dtype=torch.int64, pin_memory=pin)
         self.dev = torch.zeros(self.n_int, dtype=torch.int64, device=device)
@@ -91,7 +92,8 @@ class DraftGraphs:
         """Draft tokens [n][K] of the n filled sequences; hidden_TD: the verify's hidden states."""
         bs = next(b for b in self.buckets if b >= n)
         self._pad(n, bs)
-        self.dev.copy_(self.host, non_blocking=True)
+        end = self.table_at + bs * self.P
+        self.dev[:end].copy_(self.host[:end], non_blocking=True)
         d, N = self._views(self.dev, self.buckets[-1]), bs * self.R
         torch.index_select(hidden_TD, 0, d["rows"][:N], out=self.hidden_ND[:N])
         if self.capture:
