@@ -54,11 +54,12 @@ def gather_kv(cache_PSKD, pages, length: int):
 def attention(q_THD, k_cache_PSKD, v_cache_PSKD, meta: AttnMeta, scale: float):
     """Causal GQA attention per sequence with SDPA (fp32 softmax inside SDPA's kernel).
 
-    One query per sequence (decode: max_q_len == 1 and T == B) takes a batched path with
-    no host sync, so it can be captured in a CUDA graph; anything else loops over sequences.
+    The same number of queries for every sequence (T == B * max_q_len: decode, and the
+    padded speculative verify) takes a batched path with no host sync, so it can be captured
+    in a CUDA graph; anything else loops over sequences.
     """
     T, H, D = q_THD.shape
-    if meta.max_q_len == 1 and T == meta.kv_lens.shape[0] and T > 0:
+    if T > 0 and T == meta.kv_lens.shape[0] * meta.max_q_len:
         return _decode_attention(q_THD, k_cache_PSKD, v_cache_PSKD, meta, scale)
     K = k_cache_PSKD.shape[2]
     S = k_cache_PSKD.shape[1]
@@ -87,20 +88,23 @@ def attention(q_THD, k_cache_PSKD, v_cache_PSKD, meta: AttnMeta, scale: float):
     return torch.cat(outs) if outs else q_THD.new_zeros(0, H, D)
 
 
-def _decode_attention(q_BHD, k_cache_PSKD, v_cache_PSKD, meta: AttnMeta, scale: float):
-    """One query per sequence at position kv_len - 1: gather the table's pages into a padded
-    [B, W*S] KV view, mask positions >= kv_len, one SDPA call. GQA without repeating KV:
-    the G query heads of a kv head are G query rows of that head."""
-    B, H, D = q_BHD.shape
+def _decode_attention(q_THD, k_cache_PSKD, v_cache_PSKD, meta: AttnMeta, scale: float):
+    """R = max_q_len queries per sequence, query i at position kv_len - R + i: gather the
+    table's pages into a padded [B, W*S] KV view, mask positions past each query, one SDPA
+    call. GQA without repeating KV: the R x G queries of a kv head are rows of that head."""
+    T, H, D = q_THD.shape
     P, S, K, _ = k_cache_PSKD.shape
-    W = meta.block_table.shape[1]
+    B, R, G, W = meta.kv_lens.shape[0], meta.max_q_len, H // K, meta.block_table.shape[1]
     pages_BW = meta.block_table.long()
-    k_BKLD = k_cache_PSKD[pages_BW].reshape(B, W * S, K, D).transpose(1, 2).to(q_BHD.dtype)
-    v_BKLD = v_cache_PSKD[pages_BW].reshape(B, W * S, K, D).transpose(1, 2).to(q_BHD.dtype)
-    mask_B11L = (torch.arange(W * S, device=q_BHD.device)[None, :] < meta.kv_lens[:, None].long())[:, None, None, :]
-    q_BKGD = q_BHD.reshape(B, K, H // K, D)
-    o_BKGD = F.scaled_dot_product_attention(q_BKGD, k_BKLD, v_BKLD, attn_mask=mask_B11L, scale=scale)
-    return o_BKGD.reshape(B, H, D)
+    k_BKLD = k_cache_PSKD[pages_BW].reshape(B, W * S, K, D).transpose(1, 2).to(q_THD.dtype)
+    v_BKLD = v_cache_PSKD[pages_BW].reshape(B, W * S, K, D).transpose(1, 2).to(q_THD.dtype)
+    dev = q_THD.device
+    end_BR = meta.kv_lens[:, None].long() - R + 1 + torch.arange(R, device=dev)[None, :]  # one past each query
+    mask_BRL = torch.arange(W * S, device=dev)[None, None, :] < end_BR[:, :, None]
+    mask_B1QL = mask_BRL[:, :, None, :].expand(B, R, G, W * S).reshape(B, 1, R * G, W * S)
+    q_BKQD = q_THD.reshape(B, R, K, G, D).transpose(1, 2).reshape(B, K, R * G, D)
+    o_BKQD = F.scaled_dot_product_attention(q_BKQD, k_BKLD, v_BKLD, attn_mask=mask_B1QL, scale=scale)
+    return o_BKQD.reshape(B, K, R, G, D).transpose(1, 2).reshape(T, H, D)
 
 
 def filter_logits(x_TV, top_k: int = 0, top_p: float = 1.0):

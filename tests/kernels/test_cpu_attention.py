@@ -97,3 +97,23 @@ def test_varlen_training_path_matches_and_has_grads():
     for a, b in ((gq, rq), (gk, rk), (gv, rv)):
         assert torch.allclose(a, b, atol=1e-4)
     assert torch.allclose(o, o2, atol=1e-5)
+
+
+@pytest.mark.parametrize("rows", [1, 3])
+def test_ref_batched_path_matches_the_per_sequence_loop(rows):
+    """Fast mode's (_ref) attention with `rows` queries per sequence (decode; the padded
+    speculative verify) takes the batched, graph-capturable path; it must agree with the
+    per-sequence loop (query i of a sequence at position kv_len - rows + i)."""
+    from miles_kernels.meta import AttnMeta
+
+    g = torch.Generator().manual_seed(0)
+    P, S, K, D, H, B = 20, 4, 2, 8, 6, 3
+    k_cache, v_cache = torch.randn(P, S, K, D, generator=g), torch.randn(P, S, K, D, generator=g)
+    kv = torch.tensor([5, 9, 3], dtype=torch.int32)
+    table = torch.tensor([[1, 2, 0, 0], [3, 4, 5, 0], [6, 0, 0, 0]], dtype=torch.int32)
+    q = torch.randn(B * rows, H, D, generator=g)
+    cu = torch.arange(B + 1, dtype=torch.int32) * rows
+    batched = _ref.attention(q, k_cache, v_cache, AttnMeta(cu, kv, table, rows), 0.3)
+    loop = torch.cat([_ref.attention(q[b * rows:(b + 1) * rows], k_cache, v_cache,
+                                     AttnMeta(cu[:2], kv[b:b + 1], table[b:b + 1], rows + 1), 0.3) for b in range(B)])
+    torch.testing.assert_close(batched, loop, rtol=1e-5, atol=1e-5)

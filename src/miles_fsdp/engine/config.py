@@ -50,7 +50,9 @@ class EngineConfig:
     end on the old weights first; 'restart' drops their tokens and restarts them on the new."""
     num_speculative_tokens: int = 0
     """K: draft K tokens per running sequence with the model's MTP module and verify them in one
-    target forward (0 = off). Exact: outputs and log-probs are those of K = 0, only faster."""
+    target forward (0 = off). Exact: outputs and log-probs are those of K = 0, only faster
+    (in invariant mode; fast mode promises no bits). With cuda_graphs, verify steps (1 + K
+    rows per sequence) and the draft chain replay CUDA graphs."""
     seed: int = 0
     """Seeds the draw of per-request seeds for requests that give none."""
 
