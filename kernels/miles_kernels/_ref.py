@@ -51,15 +51,20 @@ def gather_kv(cache_PSKD, pages, length: int):
     return cache_PSKD[pages.long()].reshape(-1, K, D)[:length]
 
 
+BATCHED_MAX_Q = 16
+"""Queries per sequence up to which attention takes the batched (padded-KV, masked) path."""
+
+
 def attention(q_THD, k_cache_PSKD, v_cache_PSKD, meta: AttnMeta, scale: float):
     """Causal GQA attention per sequence with SDPA (fp32 softmax inside SDPA's kernel).
 
-    The same number of queries for every sequence (T == B * max_q_len: decode, and the
-    padded speculative verify) takes a batched path with no host sync, so it can be captured
-    in a CUDA graph; anything else loops over sequences.
+    A few queries for every sequence, the same number (T == B * max_q_len <= B * 16: decode,
+    and the padded speculative verify), take a batched path with no host sync, so it can be
+    captured in a CUDA graph; anything else (prefill, training: SDPA's causal kernels, O(L)
+    memory) loops over sequences.
     """
     T, H, D = q_THD.shape
-    if T > 0 and T == meta.kv_lens.shape[0] * meta.max_q_len:
+    if T > 0 and meta.max_q_len <= BATCHED_MAX_Q and T == meta.kv_lens.shape[0] * meta.max_q_len:
         return _decode_attention(q_THD, k_cache_PSKD, v_cache_PSKD, meta, scale)
     K = k_cache_PSKD.shape[2]
     S = k_cache_PSKD.shape[1]
