@@ -165,7 +165,8 @@ class Runner:
             h["kv_lens"][b] = p0 + R  # so that row i sits at position p0 + i
             keep += range(r, r + 1 + d)
         logits_NV, hidden_ND = self.graphs.replay(key, n)
-        rows = torch.tensor(keep, dtype=torch.int64).to(self.device, non_blocking=True)
+        rows = torch.tensor(keep, dtype=torch.int64)
+        rows = rows.pin_memory().to(self.device, non_blocking=True) if self.device.type == "cuda" else rows
         self.hidden_TD = hidden_ND.index_select(0, rows)
         return logits_NV.index_select(0, rows)
 
