@@ -151,9 +151,10 @@ def main() -> None:
     with torch.device("meta"):
         policy = Transformer(args)
     policy.init_weights(seed=0)
-    trainer = Trainer(policy, TrainerConfig(optim=OptimConfig(lr=a.lr, warmup_steps=0), max_tokens_per_micro_batch=8192,
+    optim = OptimConfig(lr=a.lr, warmup_steps=min(10, a.pretrain_steps // 5))
+    trainer = Trainer(policy, TrainerConfig(optim=optim, max_tokens_per_micro_batch=8192,
                                             parallel=ParallelConfig(param_dtype="auto")),
-                      draft=DraftConfig(optim=OptimConfig(lr=a.lr, warmup_steps=0)))
+                      draft=DraftConfig(optim=optim))
     t0 = time.perf_counter()
     for step in range(a.pretrain_steps):
         m = trainer.train_step(trainer.pack([TrainSeq(chain.walk(a.seq_len)) for _ in range(a.pretrain_batch)]),
