@@ -13,7 +13,7 @@ then runs as written, with these substitutions (and nothing else changed):
     rl ...                         -> the first line's flags
     --prompt "Hello"               -> --prompt "rev abcd=" (the quickstart task's prompt form)
     --port 8000, gpu1:8000         -> a free port, 127.0.0.1
-plus step counts: rl --steps 1, sft --steps 2; and rl --rollout.max-new-tokens 16: the
+plus step counts: rl --steps 1, sft and train-draft --steps 2; and rl --rollout.max-new-tokens 16: the
 default (256) must fit beside the prompt in the model's context, 256 tokens for the quickstart's.
 torchrun (as `python -m torch.distributed.run`) runs 2 processes (gloo on CPU) instead of 8,
 with --standalone (a free rendezvous port, as tests run side by side).
@@ -48,6 +48,8 @@ COVERED = {
     'miles-fsdp generate --model DIR --prompt "Hello"': "test_generate",
     "miles-fsdp serve --model DIR --port 8000": "test_serve",
     "miles-fsdp rl ... --rollout.servers http://gpu1:8000 http://gpu2:8000": "test_rl_on_servers",
+    "miles-fsdp rl ... --engine.num-speculative-tokens 3": "test_rl_speculative",
+    "miles-fsdp train-draft --model DIR --data sft.jsonl": "test_train_draft",
     "miles-fsdp eval --model DIR --data test.jsonl": "test_eval",
     "miles-fsdp convert --checkpoint runs/sft/checkpoints/step_00000100 --out hf_dir": "test_convert",
     "miles-fsdp <command> --help": "tests/cli/test_cli.py::test_command_help",
@@ -164,6 +166,22 @@ def test_sft(qs, cwd):
 def test_rl(qs, cwd):
     _run("miles-fsdp", *rl_first_line(qs, "runs/my_run"), *RL_SMALL, cwd=cwd)
     _rl_ran(cwd / "runs/my_run")
+
+
+def test_rl_speculative(qs, cwd):
+    _run("miles-fsdp", *rl_first_line(qs, "runs/my_run"), *RL_SMALL, "--engine.num-speculative-tokens", "3", cwd=cwd)
+    last = _rl_ran(cwd / "runs/my_run")  # the quickstart's checkpoint carries its trained draft
+    assert last["engine/spec_mean_accept_len"] > 1.0 and "engine/spec_accept_rate_3" in last
+    assert last["draft/loss"] > 0  # trained online on the step's batch
+
+
+def test_train_draft(qs, cwd):
+    _run("miles-fsdp", "train-draft", "--model", str(qs / "rl/hf"), "--data", str(qs / "data/sft.jsonl"),
+         "--steps", "2", cwd=cwd)
+    rows = read_metrics(cwd / "runs/train-draft")  # TrainDraftConfig.out's default, under the working directory
+    assert len(rows) == 2 and all(r["draft/loss"] > 0 for r in rows)
+    cfg = json.loads((cwd / "runs/train-draft/hf/config.json").read_text())
+    assert cfg["num_nextn_predict_layers"] == 1
 
 
 def test_torchrun_rl(qs, cwd):
