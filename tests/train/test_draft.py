@@ -12,17 +12,11 @@ import torch
 from draft_worker import draft_batch, draft_grads, draft_only_losses
 
 from miles_fsdp.models import load_model
-from miles_fsdp.models.testing import build_tiny_checkpoint
 from miles_fsdp.train.checkpoint import load_checkpoint, save_checkpoint
 from miles_fsdp.train.draft import DraftConfig, DraftConfigError, draft_stream
 from miles_fsdp.train.optim import OptimConfig
 from miles_fsdp.train.packing import TrainSeq, pack
 from miles_fsdp.train.trainer import Trainer, TrainerConfig, packed_hidden
-
-
-@pytest.fixture(scope="module")
-def ckpt(tmp_path_factory):
-    return build_tiny_checkpoint(tmp_path_factory.mktemp("tiny"), "qwen3")
 
 
 def _rl_batch(seed: int = 0, vocab: int = 320) -> list[TrainSeq]:

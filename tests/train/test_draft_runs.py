@@ -10,7 +10,6 @@ from safetensors.torch import load_file
 from miles_fsdp.cli import main as cli
 from miles_fsdp.commands.convert import ConvertConfig, main as convert
 from miles_fsdp.models import load_model
-from miles_fsdp.models.testing import build_tiny_checkpoint
 from miles_fsdp.observe.metrics import read_metrics
 from miles_fsdp.train.draft import DraftConfig
 from miles_fsdp.train.optim import OptimConfig
@@ -18,18 +17,6 @@ from miles_fsdp.train.sft import SFTConfig, train_sft
 from miles_fsdp.train.trainer import TrainerConfig
 
 ROWS = [{"prompt": f"count {i}: ", "response": " ".join(str(i + j) for j in range(6))} for i in range(8)]
-
-
-@pytest.fixture(scope="module")
-def ckpt(tmp_path_factory):
-    return build_tiny_checkpoint(tmp_path_factory.mktemp("tiny"), "qwen3")
-
-
-@pytest.fixture()
-def data(tmp_path):
-    path = tmp_path / "sft.jsonl"
-    path.write_text("\n".join(json.dumps(r) for r in ROWS) + "\n")
-    return path
 
 
 def test_sft_trains_checkpoints_and_exports_the_draft(ckpt, data, tmp_path):

@@ -8,7 +8,6 @@ import torch
 from safetensors.torch import load_file
 
 from miles_fsdp.commands.convert import ConvertConfig, main as convert
-from miles_fsdp.models.testing import build_tiny_checkpoint
 from miles_fsdp.observe.metrics import read_metrics
 from miles_fsdp.observe.profiler import ProfileConfig
 from miles_fsdp.train.optim import OptimConfig
@@ -23,18 +22,6 @@ ROWS = [
     {"messages": [{"role": "system", "content": "be brief"}, {"role": "user", "content": "color of sky?"},
                   {"role": "assistant", "content": "blue"}]},
 ]
-
-
-@pytest.fixture(scope="module")
-def ckpt(tmp_path_factory):
-    return build_tiny_checkpoint(tmp_path_factory.mktemp("tiny"), "qwen3")
-
-
-@pytest.fixture()
-def data(tmp_path):
-    path = tmp_path / "sft.jsonl"
-    path.write_text("\n".join(json.dumps(r) for r in ROWS) + "\n")
-    return path
 
 
 def test_masks_cover_only_responses(ckpt, data):

@@ -7,7 +7,6 @@ from common import SEQ_LEN, global_batch, make_trainer, pg_loss
 from tiny_model import TinyLM
 
 from miles_fsdp.models import load_model
-from miles_fsdp.models.testing import build_tiny_checkpoint
 from miles_fsdp.parallel import ParallelConfig
 from miles_fsdp.train.loss import sft_loss
 from miles_fsdp.train.packing import TrainSeq
@@ -16,11 +15,6 @@ from miles_fsdp.train.scoring import ScoringSpec
 from miles_fsdp.train.trainer import Trainer, TrainerConfig
 from miles_fsdp.train.optim import OptimConfig
 from miles_fsdp.train.weight_sync import iter_weight_buckets, sync_weights
-
-
-@pytest.fixture(scope="module")
-def ckpt(tmp_path_factory):
-    return build_tiny_checkpoint(tmp_path_factory.mktemp("tiny"), "qwen3")
 
 
 def _seqs():
