@@ -144,6 +144,29 @@ def test_compare_speculation_reports_identical_outputs_and_acceptance(models):
     assert out["tokens"] > 0 and out["speedup"] > 0 and out["mean_accept_length"] >= 1.0
 
 
+def draw_vs_sampler(device: str, V: int, B: int = 96) -> None:
+    """draft_graph.draw on bf16-rounded logits (ties at the maximum are common) picks the
+    sampler's token for every temperature, top-k 0 and 1: the graphed draft is the eager one."""
+    from miles_fsdp.engine.draft_graph import GREEDY, SAMPLE, TOP1, draw, temperature_scale
+    from miles_fsdp.engine.sampler import RowParams, gumbel_noise, sample
+
+    g = torch.Generator().manual_seed(3)
+    logits_BV = (torch.randn(B, V, generator=g) * 2).round().to(torch.bfloat16).to(device)  # few values: ties
+    rows = [RowParams(t, k, 1.0, 11, i % 3, 40 + i) for i, (t, k) in
+            enumerate([(t, k) for t in (0.0, 0.6, 1.0, 1.3) for k in (0, 1)] * (B // 8))]
+    want, _ = sample(logits_BV, rows)
+    mode = torch.tensor([GREEDY if r.temperature == 0 else TOP1 if r.top_k == 1 else SAMPLE for r in rows], device=device)
+    scale = torch.tensor([float(temperature_scale(r.temperature or 1.0, torch.device(device))) for r in rows],
+                         device=device)
+    keys = torch.tensor([[r.seed, r.stream, r.position] for r in rows], device=device).T
+    got = draw(logits_BV.float(), mode, scale, gumbel_noise(keys[0], keys[1], keys[2], V))
+    assert got.tolist() == want
+
+
+def test_graph_draw_is_the_sampler_choice():
+    draw_vs_sampler("cpu", 1000)
+
+
 def _graph_layout_run(model, k: int, reqs, num_pages: int):
     """An engine whose decode steps take the CUDA-graph paths (padded verify rows, the draft
     chain of draft_graph.py) without capture, so that the layouts run on CPU."""

@@ -196,6 +196,18 @@ def test_sampler_real_vocab_follows_the_filtered_distribution(temperature):
             assert ((freq - p_ref).abs() <= bound).all(), f"{what}: frequencies off by {(freq - p_ref).abs().max():.4f}"
 
 
+def test_graph_draw_is_the_sampler_choice_at_real_vocab():
+    """The graphed draft's draw (CUDA: x * fl32(1 / T), as torch divides by a Python float)
+    picks the sampler's token at 151,936 vocab, ties at the maximum included."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).parents[1] / "engine"))
+    from test_speculative import draw_vs_sampler
+
+    draw_vs_sampler("cuda", 151_936, B=256)
+
+
 @pytest.mark.parametrize("arch", ["qwen3", "qwen3_moe"])
 def test_speculation_is_exact_at_batch_64(tmp_path, arch):
     """bf16 on CUDA, 64 requests x 2 samples: K = 3 from CUDA graphs (verify rows padded to 4

@@ -9,13 +9,14 @@ at p0 and accepted j draft tokens (n = p0 + j + 1), with R = 1 + K rows per sequ
                     i <= j are real (their draft KV goes to the sequence's pages), the rest
                     padding (scratch page 0; after the real rows, so causal attention keeps
                     them out). kv_len p0 + 1 + R puts row i at position p0 + 1 + i.
-    chain           g = the output at row b*R + j (entry n); K times: draft token d =
-                    argmax(draft logits / T + Gumbel(seed, sample, position)), greedy at
-                    T = 0 or top-k 1; then module 0 on (g, d) at d's position gives the next g.
+    chain           g = the output at row b*R + j (entry n); K times: draft token d drawn
+                    by `draw` (the sampler's rule: greedy at T = 0, else the Gumbel-max of
+                    logits / T, top-k 1 keeping ties at the maximum); then module 0 on (g, d)
+                    at d's position gives the next g.
 
-The draft here samples without the top-k / top-p filter (a filter is data-dependent work a
-graph cannot hold): it can propose a token outside the target's nucleus, which the target
-then rejects. Proposals only decide which positions a verify checks, never an output token
+The draft here samples without a top-k > 1 / top-p filter (a selection over the vocabulary
+is data-dependent work a graph cannot hold): it can propose a token outside the target's
+nucleus, which the target then rejects. Proposals only decide which positions a verify checks, never an output token
 or log-prob, so this costs acceptance, not exactness. Positions past a sequence's pages
 read and write the scratch page (their draft tokens are dropped by the caller).
 `capture=False` runs the same function on the same buffers without a graph (CPU tests).
@@ -31,7 +32,27 @@ from miles_fsdp.engine.cuda_graph import batch_buckets
 from miles_fsdp.engine.sampler import gumbel_noise
 
 # per-sequence int64 fields after the N = B * R row fields (ids, pos, slot, hidden row)
-_SEQ_FIELDS = ("kv_lens", "last", "num_tokens", "seed", "stream", "greedy", "temp_bits")
+_SEQ_FIELDS = ("kv_lens", "last", "num_tokens", "seed", "stream", "mode", "scale_bits")
+SAMPLE, GREEDY, TOP1 = 0, 1, 2  # per-sequence draw modes
+
+# torch divides a CUDA tensor by a Python float as a * fl32(1 / b) (BinaryDivTrueKernel.cu) and
+# a CPU tensor by true division; the sampler writes `logits / temperature`, so the graph
+# multiplies by that reciprocal on CUDA and divides on CPU to draw bitwise as it does.
+
+
+def temperature_scale(temperature: float, device: torch.device) -> np.float32:
+    t = np.float32(temperature)
+    return np.float32(1.0) / t if device.type == "cuda" else t
+
+
+def draw(logits_BV: torch.Tensor, mode_B: torch.Tensor, scale_B: torch.Tensor, noise_BV: torch.Tensor) -> torch.Tensor:
+    """The sampler's choice for unfiltered or top-k 1 rows, per-row parameters as tensors:
+    GREEDY argmax; else argmax(x + noise), x = logits / T (scale_B from temperature_scale),
+    TOP1 keeping only x at its maximum (ties too, as filter_logits does)."""
+    scale_B1 = scale_B[:, None]
+    x_BV = logits_BV * scale_B1 if logits_BV.is_cuda else logits_BV / scale_B1
+    x_BV = x_BV.masked_fill((mode_B[:, None] == TOP1) & (x_BV < x_BV.amax(-1, keepdim=True)), float("-inf"))
+    return torch.where(mode_B[:, None] == GREEDY, logits_BV, x_BV + noise_BV).argmax(-1)
 
 
 class DraftGraphs:
@@ -82,9 +103,9 @@ class DraftGraphs:
         h["rows"][r: r + j + 1] = range(hidden_row, hidden_row + j + 1)
         h["kv_lens"][b], h["last"][b], h["num_tokens"][b] = p0 + 1 + R, r + j, n + 1
         p = seq.params
-        greedy = p.temperature == 0.0 or p.top_k == 1
-        h["seed"][b], h["stream"][b], h["greedy"][b] = seq.seed, seq.sample_index, int(greedy)
-        h["temp_bits"][b] = np.float32(1.0 if greedy else p.temperature).view(np.int32)
+        mode = GREEDY if p.temperature == 0.0 else TOP1 if p.top_k == 1 else SAMPLE
+        h["seed"][b], h["stream"][b], h["mode"][b] = seq.seed, seq.sample_index, mode
+        h["scale_bits"][b] = temperature_scale(p.temperature or 1.0, self.device).view(np.int32)
         used = min(len(pages), -(-(n + 1 + room) // S), self.P)
         h["table"][b, :used] = pages[:used]
 
@@ -116,8 +137,8 @@ class DraftGraphs:
         h, R = self.np, self.R
         for name in ("ids", "pos", "slot", "rows"):
             h[name][n * R: bs * R] = 0
-        h["kv_lens"][n:bs], h["last"][n:bs], h["num_tokens"][n:bs], h["greedy"][n:bs] = R, 0, 0, 1
-        h["temp_bits"][n:bs] = np.float32(1.0).view(np.int32)
+        h["kv_lens"][n:bs], h["last"][n:bs], h["num_tokens"][n:bs], h["mode"][n:bs] = R, 0, 0, GREEDY
+        h["scale_bits"][n:bs] = np.float32(1.0).view(np.int32)
         h["table"][n:bs] = 0
 
     def _chain(self, bs: int) -> torch.Tensor:
@@ -128,14 +149,13 @@ class DraftGraphs:
                                         kv_cache=self.draft_kv)
         g_BD = g_ND.index_select(0, d["last"][:bs])
         n_B = d["num_tokens"][:bs]
-        greedy_B1 = d["greedy"][:bs, None] > 0
-        temp_B1 = d["temp_bits"][:bs].to(torch.int32).view(torch.float32)[:, None]
+        mode_B, scale_B = d["mode"][:bs], d["scale_bits"][:bs].to(torch.int32).view(torch.float32)
         seed_B, stream_B = d["seed"][:bs], d["stream"][:bs]
         toks = []
         for step in range(self.k):
             logits_BV = self.model.draft_logits(g_BD).float()
             noise_BV = gumbel_noise(seed_B, stream_B, n_B + step, logits_BV.shape[1])
-            tok_B = torch.where(greedy_B1, logits_BV, logits_BV / temp_B1 + noise_BV).argmax(-1)
+            tok_B = draw(logits_BV, mode_B, scale_B, noise_BV)
             toks.append(tok_B)
             if step + 1 < self.k:  # module 0 on (g, d) at d's position
                 p_B = n_B + step
