@@ -12,8 +12,9 @@ speculation, a frozen draft and the online draft, while RL moves the policy (one
             the corpus together (SFT loss and the draft's loss on the same forward). The
             draft at the end of this phase is the frozen draft.
 3. RL       GRPO steps (the real pieces: rollout.generate, train_data, RLLoss, Trainer,
-            update_weights) with a reward for even token ids, so the policy moves away from
-            the corpus; the trainer trains the draft online on each rollout batch.
+            update_weights) rewarding the transitions of a second successor (`Chain.alt`, one
+            of the corpus's rare ones), so the policy moves away from the corpus the frozen
+            draft learned; the trainer trains the draft online on each rollout batch.
 4. measure  at RL step 0 and every --measure-every steps: the same requests (temperature
             1, --new tokens, eos ignored) at each batch size through an engine without
             speculation and one speculating --k tokens with the frozen, then the online
@@ -69,7 +70,13 @@ class Chain:
         rng = random.Random(seed)
         self.ids = rng.sample(range(10, vocab), states)
         self.next = {s: [rng.choice(self.ids) for _ in range(fanout + 1)] for s in self.ids}
+        self.alt = {s: succ[1] for s, succ in self.next.items()}  # the successor RL rewards
         self.p_follow, self.rng = p_follow, rng
+
+    def alt_rate(self, prev: int, ids: list[int]) -> float:
+        """The fraction of transitions in prev, ids... that take the rewarded successor."""
+        seq = [prev, *ids]
+        return sum(self.alt.get(a) == b for a, b in zip(seq, seq[1:])) / max(1, len(ids))
 
     def walk(self, n: int) -> list[int]:
         out = [self.rng.choice(self.ids)]
@@ -125,25 +132,28 @@ def main() -> None:
     p.add_argument("--states", type=int, default=2048)
     p.add_argument("--p-follow", type=float, default=0.9)
     p.add_argument("--fanout", type=int, default=3)
-    p.add_argument("--pretrain-steps", type=int, default=150)
-    p.add_argument("--pretrain-batch", type=int, default=32, help="sequences of --seq-len per pretrain step")
+    p.add_argument("--pretrain-steps", type=int, default=120)
+    p.add_argument("--pretrain-batch", type=int, default=16, help="sequences of --seq-len per pretrain step")
     p.add_argument("--seq-len", type=int, default=512)
     p.add_argument("--lr", type=float, default=3e-4, help="pretrain LR (policy and draft)")
-    p.add_argument("--rl-steps", type=int, default=12)
-    p.add_argument("--rl-lr", type=float, default=3e-5)
-    p.add_argument("--draft-lr", type=float, default=1e-4, help="the online draft's LR in RL")
+    p.add_argument("--rl-steps", type=int, default=24)
+    p.add_argument("--rl-lr", type=float, default=3e-4, help="the policy's LR in RL (high: the policy moves within the run)")
+    p.add_argument("--draft-lr", type=float, default=3e-4, help="the online draft's LR in RL")
     p.add_argument("--prompts", type=int, default=16, help="RL prompts per step")
-    p.add_argument("--n", type=int, default=4, help="RL samples per prompt")
+    p.add_argument("--n", type=int, default=8, help="RL samples per prompt")
     p.add_argument("--prompt-len", type=int, default=64)
-    p.add_argument("--new", type=int, default=256, help="new tokens per sample (RL and measurements)")
-    p.add_argument("--measure-every", type=int, default=6)
+    p.add_argument("--new", type=int, default=256, help="new tokens per sample in the measurements")
+    p.add_argument("--rl-new", type=int, default=32,
+                   help="new tokens per RL sample (short: a sequence's reward credits few transitions, the policy moves fast)")
+    p.add_argument("--measure-every", type=int, default=12)
     p.add_argument("--repeats", type=int, default=2, help="timed passes per measurement (the fastest counts)")
     p.add_argument("--tiny", action="store_true", help="a tiny model and short runs, for a CPU smoke run")
     p.add_argument("--out", required=True)
     a = p.parse_args()
     if a.tiny:
         a.states, a.pretrain_steps, a.pretrain_batch, a.seq_len, a.rl_steps = 64, 30, 8, 64, 2
-        a.prompts, a.n, a.prompt_len, a.new, a.measure_every, a.repeats, a.lr = 4, 2, 8, 16, 2, 1, 3e-3
+        a.prompts, a.n, a.prompt_len, a.new, a.rl_new, a.measure_every, a.repeats = 4, 2, 8, 16, 8, 2, 1
+        a.lr = a.rl_lr = a.draft_lr = 3e-3
         a.batches = [b for b in a.batches if b <= 16]
     device, dtype = ("cuda", torch.bfloat16) if CUDA else ("cpu", torch.float32)
     args = ModelArgs.from_hf(dict(TINY if a.tiny else QWEN3_0_6B, num_nextn_predict_layers=1))
@@ -185,7 +195,8 @@ def main() -> None:
         if step % a.measure_every == 0 or step == a.rl_steps:
             online = draft_weights(trainer, dtype)
             for b in a.batches:
-                rows.append({"rl_step": step, **measure(engines, frozen, online, chain, b, a)})
+                rows.append({"rl_step": step, "reward": rl[-1]["reward"] if rl else None,
+                             **measure(engines, frozen, online, chain, b, a)})
                 r = rows[-1]
                 print(f"rl step {step} batch {b}: none {r['tok_s_none']:.0f} tok/s, frozen {r['speedup_frozen']:.2f}x "
                       f"(accept len {r['accept_len_frozen']:.2f}), online {r['speedup_online']:.2f}x "
@@ -194,13 +205,13 @@ def main() -> None:
         if step == a.rl_steps:
             break
         prompts = [Sample(prompt="", prompt_ids=chain.walk(a.prompt_len)) for _ in range(a.prompts)]
-        params = lambda i, step=step: SamplingParams(n=a.n, max_new_tokens=a.new, ignore_eos=True,  # noqa: E731
+        params = lambda i, step=step: SamplingParams(n=a.n, max_new_tokens=a.rl_new, ignore_eos=True,  # noqa: E731
                                                      seed=step * 100003 + i)
         t1 = time.perf_counter()
         samples = generate(engines["on"], None, prompts, a.n, params)
         gen_s = time.perf_counter() - t1
-        for s in samples:  # the policy moves: reward even token ids
-            s.reward = sum(t % 2 == 0 for t in s.response_ids) / len(s.response_ids)
+        for s in samples:  # the policy moves towards the rewarded successors
+            s.reward = chain.alt_rate(s.prompt_ids[-1], s.response_ids)
         loss = RLLoss(algo, spec)
         m = trainer.train_step(trainer.pack(to_train_seqs(samples, compute_advantages(samples, a.n, algo))), loss, spec)
         for e in engines.values():
@@ -211,10 +222,11 @@ def main() -> None:
         print(f"rl step {step}: reward {rl[-1]['reward']:.3f} rollout {gen_s:.1f}s "
               f"accept len {rl[-1].get('engine/spec_mean_accept_len', 1.0):.2f}", flush=True)
 
-    print(f"\n{'rl step':>7} {'batch':>5} {'none tok/s':>10} {'frozen':>7} {'online':>7} {'len fr':>6} {'len on':>6} "
-          f"{'on/fr':>6}   (K={a.k}, speedup over no speculation)")
+    print(f"\n{'rl step':>7} {'reward':>6} {'batch':>5} {'none tok/s':>10} {'frozen':>7} {'online':>7} {'len fr':>6} {'len on':>6} "
+          f"{'on/fr':>6}   (K={a.k}, speedup over no speculation; reward: the rewarded-successor rate so far)")
     for r in rows:
-        print(f"{r['rl_step']:>7} {r['batch']:>5} {r['tok_s_none']:>10.0f} {r['speedup_frozen']:>6.2f}x "
+        rw = "" if r["reward"] is None else f"{r['reward']:.3f}"
+        print(f"{r['rl_step']:>7} {rw:>6} {r['batch']:>5} {r['tok_s_none']:>10.0f} {r['speedup_frozen']:>6.2f}x "
               f"{r['speedup_online']:>6.2f}x {r['accept_len_frozen']:>6.2f} {r['accept_len_online']:>6.2f} "
               f"{r['online_over_frozen']:>5.2f}x")
     with open(a.out, "w") as f:
