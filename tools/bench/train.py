@@ -6,6 +6,7 @@ packed sequences at 4k and 16k tokens, invariant vs fast kernels.
     python tools/bench/train.py --model small --seqs 4096 --modes invariant --logprobs unfused  # CPU
     python tools/bench/train.py --seqs 4096 16384 --modes invariant --draft 0 1   # cost of the MTP draft
     python tools/bench/train.py --seqs 4096 16384 --peer          # + plain transformers, same run
+    python tools/bench/train.py --seqs 4096 --peer --profile prof  # + one profiled step per case
     torchrun --nproc-per-node 8 tools/bench/train.py --out b.json  # FSDP over 8 GPUs
 
 Each case: `--warmup` untimed steps, then `--steps` timed train_steps of one micro-batch of
@@ -22,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import time
 
 import torch
@@ -30,6 +32,7 @@ import dataclasses
 
 import miles_kernels as mk
 from miles_fsdp.models import ModelArgs, Transformer
+from miles_fsdp.observe.profiler import ProfileConfig, StepProfiler
 from miles_fsdp.parallel import ParallelConfig
 from miles_fsdp.train.draft import DraftConfig
 from miles_fsdp.train.loss import sft_loss
@@ -49,7 +52,7 @@ MODELS = {"qwen3-0.6b": QWEN3_0_6B, "small": SMALL}
 
 
 def run_case(seq: int, mode: str, steps: int, warmup: int, ac: bool, peak_flops: float, model_name: str = "qwen3-0.6b",
-             fused: bool = True, n_mtp: int = 0) -> dict:
+             fused: bool = True, n_mtp: int = 0, profile: str = "") -> dict:
     hf = MODELS[model_name]
     with torch.device("meta"):
         model = Transformer(dataclasses.replace(ModelArgs.from_hf(hf), n_mtp=n_mtp))
@@ -65,6 +68,10 @@ def run_case(seq: int, mode: str, steps: int, warmup: int, ac: bool, peak_flops:
             m = trainer.train_step(trainer.pack(seqs), sft_loss)
             if i >= warmup:
                 rows.append(m)
+        if profile:  # one more step under torch.profiler, not timed
+            cfg = ProfileConfig(steps=(1,), dir=os.path.join(profile, f"train_{seq}_{mode}_draft{n_mtp}"))
+            with StepProfiler(cfg, profile)(1):
+                trainer.train_step(trainer.pack(seqs), sft_loss)
     del trainer, model
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
@@ -75,7 +82,7 @@ def run_case(seq: int, mode: str, steps: int, warmup: int, ac: bool, peak_flops:
             "loss": rows[-1]["train/loss"]}
 
 
-def run_peer(seq: int, steps: int, warmup: int, model_name: str = "qwen3-0.6b") -> dict:
+def run_peer(seq: int, steps: int, warmup: int, model_name: str = "qwen3-0.6b", profile: str = "") -> dict:
     """Plain transformers training steps (the peer): tokens/s and peak memory."""
     import transformers
 
@@ -91,20 +98,28 @@ def run_peer(seq: int, steps: int, warmup: int, model_name: str = "qwen3-0.6b") 
     times = []
     if cuda:
         torch.cuda.reset_peak_memory_stats()
-    for i in range(warmup + steps):
-        if cuda:
-            torch.cuda.synchronize()
-        t = time.perf_counter()
+
+    def step() -> torch.Tensor:
         with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=cuda):
             loss = model(input_ids=ids, labels=ids).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
+        return loss
+
+    for i in range(warmup + steps):
+        if cuda:
+            torch.cuda.synchronize()
+        t = time.perf_counter()
+        loss = step()
         if cuda:
             torch.cuda.synchronize()
         if i >= warmup:
             times.append(time.perf_counter() - t)
+    if profile:
+        with StepProfiler(ProfileConfig(steps=(1,), dir=os.path.join(profile, f"train_{seq}_peer")), profile)(1):
+            step()
     peak = torch.cuda.max_memory_allocated() / 2**30 if cuda else 0.0
     del model, opt
     if cuda:
@@ -130,6 +145,8 @@ def main() -> None:
                    help="MTP draft modules trained beside the policy (0 = none); one case per value")
     p.add_argument("--peer", action="store_true",
                    help="also time plain transformers (SDPA, fp32 weights + bf16 autocast, fused AdamW)")
+    p.add_argument("--profile", metavar="DIR", default="",
+                   help="also profile one extra step per case (torch.profiler): DIR/train_SEQ_MODE*/step_*.txt/.json")
     p.add_argument("--out", default="bench_train.json")
     a = p.parse_args()
     import torch.distributed as dist
@@ -141,14 +158,15 @@ def main() -> None:
             for lp in a.logprobs:
                 for d in a.draft:
                     try:
-                        results.append(run_case(s, m, a.steps, a.warmup, a.ac, a.peak_flops, a.model, lp == "fused", d))
+                        results.append(run_case(s, m, a.steps, a.warmup, a.ac, a.peak_flops, a.model, lp == "fused", d,
+                                                a.profile))
                     except torch.OutOfMemoryError as e:  # record the case, keep measuring the others
                         results.append({"seq": s, "mode": m, "ac": a.ac, "fused_logprobs": lp == "fused", "draft": d,
                                         "error": f"OOM: {str(e).splitlines()[0]}"})
                         torch.cuda.empty_cache()
                     print(results[-1], flush=True)
         if a.peer:
-            results.append(run_peer(s, a.steps, a.warmup, a.model))
+            results.append(run_peer(s, a.steps, a.warmup, a.model, a.profile))
             print(results[-1], flush=True)
     peer = {r["seq"]: r["tokens_per_s"] for r in results if r["mode"] == "peer"}
     for r in results:

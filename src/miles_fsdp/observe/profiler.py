@@ -5,13 +5,15 @@ or chrome://tracing) and a table of the ops that took the most time:
 
     RUN_DIR/profile/step_00003_rank0.json   trace; the loop's phases (rollout, train, sync, ...)
                                             appear as named ranges (observe.metrics.Timers)
-    RUN_DIR/profile/step_00003_rank0.txt    top ops by device time (CPU time on CPU)
+    RUN_DIR/profile/step_00003_rank0.txt    the step's wall time and, on CUDA, device busy time and
+                                            kernel launches; top ops by device time (CPU time on CPU)
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -55,13 +57,20 @@ class StepProfiler:
         cuda = torch.cuda.is_available()
         acts = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if cuda else [])
         with torch.profiler.profile(activities=acts, profile_memory=self.cfg.memory) as prof:
+            t0 = time.perf_counter()
             yield
             if cuda:
                 torch.cuda.synchronize()
+            wall_ms = 1e3 * (time.perf_counter() - t0)
         self.dir.mkdir(parents=True, exist_ok=True)
         stem = self.dir / f"step_{step:05d}_rank{self.rank}"
         prof.export_chrome_trace(str(stem.with_suffix(".json")))
+        events = prof.key_averages()
         sort = "self_cuda_time_total" if cuda else "self_cpu_time_total"
-        table = prof.key_averages().table(sort_by=sort, row_limit=self.cfg.row_limit)
-        stem.with_suffix(".txt").write_text(f"step {step}, rank {self.rank}\n{table}\n")
-        logger.info("profiled step %d: %s.json / .txt", step, stem)
+        head = f"step {step}, rank {self.rank}: wall {wall_ms:.1f} ms (profiler on)"
+        if cuda:  # a device busy far below the wall time: the step waits on the host (launches, syncs)
+            busy_ms = sum(e.self_device_time_total for e in events) / 1e3
+            launches = sum(e.count for e in events if e.key in ("cudaLaunchKernel", "cuLaunchKernel", "cuLaunchKernelEx"))
+            head += f", device busy {busy_ms:.1f} ms ({100 * busy_ms / max(wall_ms, 1e-9):.0f}%), {launches} kernel launches"
+        stem.with_suffix(".txt").write_text(f"{head}\n{events.table(sort_by=sort, row_limit=self.cfg.row_limit)}\n")
+        logger.info("profiled %s: %s.json / .txt", head, stem)
