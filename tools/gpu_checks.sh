@@ -6,6 +6,8 @@
 #   scale      tests/gpu/test_on_policy_at_scale.py: run_rl, 151,936 vocab, 256 rows, 512 new
 #              tokens, temperature x top-k x top-p grid, dense and MoE (64 experts): diff == 0.0
 #   kernels engine engine_host train rl_step spec    the benchmarks of tools/bench
+#   profile    (not in the default list) torch.profiler of a 4k trainer step (ours and the peer)
+#              and of engine decode steps at batch 256; sweep: linear tiles, launched and graphed
 # Writes logs and JSON under OUT_DIR. Needs torch + triton; the project is used from the
 # source tree (no install), so it also runs on air-gapped images.
 set -uo pipefail
@@ -42,7 +44,12 @@ for step in $steps; do
         train) run bench_train python3 tools/bench/train.py --logprobs fused unfused --peer --out "$out/train.json" ;;
         rl_step) run bench_rl_step python3 tools/bench/rl_step.py --out "$out/rl_step.json" ;;
         spec) run bench_spec python3 tools/bench/spec.py --out "$out/spec.json" ;;
-        *) echo "unknown step $step (tests scale kernels engine engine_host train rl_step spec)"; exit 2 ;;
+        profile) run profile_train python3 tools/bench/train.py --seqs 4096 --modes invariant --steps 1 --warmup 2 \
+                     --peer --profile "$out/profile" --out "$out/train_profile.json"
+                 run profile_engine python3 tools/bench/engine.py --profile "$out/profile_engine" --profile-batch 256 \
+                     --profile-modes invariant ;;
+        sweep) run linear_sweep python3 tools/bench/linear_sweep.py --which check,small,mid --out "$out/linear_sweep.json" ;;
+        *) echo "unknown step $step (tests scale kernels engine engine_host train rl_step spec profile sweep)"; exit 2 ;;
     esac
 done
 exit $status

@@ -31,7 +31,7 @@ def _ms(fn) -> float:
     return do_bench(fn, warmup=10, rep=40, return_mode="median")
 
 
-def _times(fn) -> tuple[float, float | None]:
+def timings(fn) -> tuple[float, float | None]:
     """(ms per call launched from Python, as eager code sees it; ms per call replayed from a
     CUDA graph of up to 20 calls: the kernels' own time, host launch cost taken out). The graph
     time is None for calls over 2 ms (launch cost is noise there) or where capture fails."""
@@ -94,8 +94,8 @@ def bench_linear(rows, name, cfg, peak, ms_list):
         w = torch.randn(N, K, device="cuda", dtype=DTYPE) * K**-0.5
         for M in ms_list:
             x = torch.randn(M, K, device="cuda", dtype=DTYPE)
-            t = _times(lambda: kt.linear(x, w))
-            base = _times(lambda: F.linear(x, w))
+            t = timings(lambda: kt.linear(x, w))
+            base = timings(lambda: F.linear(x, w))
             _row(rows, f"linear/{name}/{lname}", f"M={M} N={N} K={K}", t, base, "cublas",
                  2 * M * N * K, 2 * (M * K + N * K + M * N), peak)
             del x
@@ -120,11 +120,11 @@ def bench_decode_attention(rows, name, cfg, peak, page, batches, ctxs):
     for B in batches:
         for ctx in ctxs:
             q, kc, vc, cu, kv, bt = _decode_inputs(cfg, B, ctx, page)
-            t = _times(lambda: kt.attention(q, kc, vc, cu, kv, bt, 1, D**-0.5))
+            t = timings(lambda: kt.attention(q, kc, vc, cu, kv, bt, 1, D**-0.5))
             ks = kc.view(B, -1, K, D)[:, :ctx].transpose(1, 2).contiguous()  # [B, K, ctx, D] for SDPA
             vs = vc.view(B, -1, K, D)[:, :ctx].transpose(1, 2).contiguous()
             qs = q[:, :, None]
-            base = _times(lambda: F.scaled_dot_product_attention(qs, ks, vs, enable_gqa=True))
+            base = timings(lambda: F.scaled_dot_product_attention(qs, ks, vs, enable_gqa=True))
             bytes_ = 2 * B * ctx * K * D * 2 + 2 * B * H * D * 2
             _row(rows, f"attn_decode/{name}", f"B={B} ctx={ctx} page={page}", t, base, "sdpa",
                  4 * B * H * ctx * D, bytes_, peak)
@@ -138,11 +138,11 @@ def bench_prefill_attention(rows, name, cfg, peak, page, L):
     q = torch.randn(L, H, D, device="cuda", dtype=DTYPE)
     cu = torch.tensor([0, L], device="cuda", dtype=torch.int32)
     kv = torch.tensor([L], device="cuda", dtype=torch.int32)
-    t = _times(lambda: kt.attention(q, kc, vc, cu, kv, bt, L, D**-0.5))
+    t = timings(lambda: kt.attention(q, kc, vc, cu, kv, bt, L, D**-0.5))
     qs = q.transpose(0, 1)[None]
     ks = kc.view(-1, K, D)[:L].transpose(0, 1)[None].contiguous()
     vs = vc.view(-1, K, D)[:L].transpose(0, 1)[None].contiguous()
-    base = _times(lambda: F.scaled_dot_product_attention(qs, ks, vs, is_causal=True, enable_gqa=True))
+    base = timings(lambda: F.scaled_dot_product_attention(qs, ks, vs, is_causal=True, enable_gqa=True))
     _row(rows, f"attn_prefill/{name}", f"L={L} page={page}", t, base, "sdpa", 2 * H * L * L * D,
          2 * (2 * L * H * D + 2 * L * K * D), peak)
 
@@ -157,27 +157,27 @@ def bench_row_ops(rows, name, cfg, peak):
         xf = x.float()
         return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + 1e-6)).to(DTYPE) * w
 
-    _row(rows, f"rms_norm/{name}", f"M={M} D={h}", _times(lambda: kt.rms_norm(x, w, 1e-6)), _times(torch_rms), "torch",
+    _row(rows, f"rms_norm/{name}", f"M={M} D={h}", timings(lambda: kt.rms_norm(x, w, 1e-6)), timings(torch_rms), "torch",
          0, 2 * 2 * M * h, peak)
     gu = torch.randn(M, 2 * inter, device="cuda", dtype=DTYPE)
     g, u = gu[:, :inter], gu[:, inter:]
-    _row(rows, f"silu_mul/{name}", f"M={M} F={inter}", _times(lambda: kt.silu_mul(g, u)),
-         _times(lambda: (F.silu(g.float()) * u.float()).to(DTYPE)), "torch", 0, 3 * 2 * M * inter, peak)
+    _row(rows, f"silu_mul/{name}", f"M={M} F={inter}", timings(lambda: kt.silu_mul(g, u)),
+         timings(lambda: (F.silu(g.float()) * u.float()).to(DTYPE)), "torch", 0, 3 * 2 * M * inter, peak)
     q = torch.randn(M, H, D, device="cuda", dtype=DTYPE)
     cos = torch.randn(M, D // 2, device="cuda")
     sin = torch.randn(M, D // 2, device="cuda")
-    _row(rows, f"apply_rope/{name}", f"T={M} H={H} D={D}", _times(lambda: kt.apply_rope(q, cos, sin)), None, "-",
+    _row(rows, f"apply_rope/{name}", f"T={M} H={H} D={D}", timings(lambda: kt.apply_rope(q, cos, sin)), None, "-",
          0, 2 * 2 * M * H * D + 2 * 4 * M * D // 2, peak)
     for T in (1, 1024, 4096):
         logits = torch.randn(T, V, device="cuda", dtype=DTYPE)
         ids = torch.randint(0, V, (T,), device="cuda")
-        base = _times(lambda: torch.log_softmax(logits.float() / 0.7, -1).gather(1, ids[:, None]))
-        _row(rows, f"logprobs/{name}", f"T={T} V={V}", _times(lambda: kt.logprobs(logits, ids, 0.7)), base, "torch",
+        base = timings(lambda: torch.log_softmax(logits.float() / 0.7, -1).gather(1, ids[:, None]))
+        _row(rows, f"logprobs/{name}", f"T={T} V={V}", timings(lambda: kt.logprobs(logits, ids, 0.7)), base, "torch",
              0, 2 * T * V, peak)
         del logits
     router = torch.randn(4096, 128, device="cuda", dtype=DTYPE)
-    base = _times(lambda: torch.topk(torch.softmax(router.float(), -1), 8))
-    _row(rows, "route_topk", "T=4096 E=128 k=8", _times(lambda: kt.route_topk(router, 8, True)), base, "torch",
+    base = timings(lambda: torch.topk(torch.softmax(router.float(), -1), 8))
+    _row(rows, "route_topk", "T=4096 E=128 k=8", timings(lambda: kt.route_topk(router, 8, True)), base, "torch",
          0, 2 * 4096 * 128, peak)
 
 
@@ -189,8 +189,8 @@ def bench_grouped(rows, peak):
     sizes = torch.full((E,), R // E, dtype=torch.int64)
     offs = torch.zeros(E + 1, dtype=torch.int32, device="cuda")
     offs[1:] = sizes.cumsum(0).cuda()
-    t = _times(lambda: kt.grouped_linear(x, w, offs))
-    base = _times(lambda: F.linear(x, w[0]))  # one dense matmul of the same FLOPs: an upper bound
+    t = timings(lambda: kt.grouped_linear(x, w, offs))
+    base = timings(lambda: F.linear(x, w[0]))  # one dense matmul of the same FLOPs: an upper bound
     _row(rows, "grouped_linear/30b-a3b/gate_up", f"R={R} E={E} N={N} K={K}", t, base, "cublas dense",
          2 * R * N * K, 2 * (R * K + E * N * K + R * N), peak)
 

@@ -2,17 +2,24 @@
 
     PYTHONPATH=src:kernels python tools/bench/linear_sweep.py --out sweep.json
 
-Every candidate must give the reference tile's bits (same BLOCK_K walk); only those are timed.
+Every candidate must give the reference tile's bits (same BLOCK_K walk); only those are timed,
+launched from Python (ms, what eager code pays) and replayed from a CUDA graph (graph_ms, the
+kernel alone, what the engine's decode graphs pay).
 """
 
 import argparse
 import json
+import os
+import sys
 
 import torch
 import torch.nn.functional as F
 from triton.testing import do_bench
 
 from miles_kernels._triton import matmul as lin
+
+sys.path.insert(0, os.path.dirname(__file__))
+from kernels import timings  # noqa: E402  (launched ms, CUDA-graph replay ms)
 
 T = lin.Tile
 REF = T(0, 128, 256, 64, 8, 8, 3)
@@ -22,13 +29,14 @@ LARGE_CFG = [
     T(0, 128, 256, 64, 8, 8, 3, True), T(0, 128, 256, 64, 8, 8, 4, True), T(0, 128, 128, 64, 8, 4, 4, True),
     T(0, 128, 128, 64, 8, 8, 5, True), T(0, 256, 128, 64, 8, 8, 3, True), T(0, 64, 256, 64, 8, 4, 4, True),
 ]
-MID = [(256, 6144, 4096), (256, 4096, 12288), (256, 24576, 4096), (256, 1024, 3072)]
+MID = [(256, 6144, 4096), (256, 4096, 12288), (256, 24576, 4096), (256, 1024, 3072), (256, 1024, 2048)]
 MID_CFG = [T(0, 64, 128, 64, 8, 4, 4), T(0, 64, 128, 64, 8, 4, 4, True), T(0, 128, 128, 64, 8, 8, 4, True),
            T(0, 64, 64, 64, 8, 4, 6), T(0, 64, 64, 64, 8, 4, 6, True), T(0, 64, 256, 64, 8, 4, 4, True)]
 CHECK = [(m, n, k) for m in (1024, 4096) for (n, k) in ((4096, 1024), (1024, 2048), (6144, 1024), (1024, 3072), (4096, 4096))]
 CHECK_CFG = [T(0, 128, 128, 64, 8, 8, 5), T(0, 128, 128, 64, 8, 8, 5, True), T(0, 128, 256, 64, 8, 8, 3),
              T(0, 128, 256, 64, 8, 8, 3, True)]
-SMALL = [(m, n, k) for m in (1, 64) for (n, k) in ((4096, 4096), (6144, 4096), (4096, 12288), (24576, 4096), (1024, 3072), (4096, 1024))]
+SMALL = [(m, n, k) for m in (1, 64) for (n, k) in ((4096, 4096), (6144, 4096), (4096, 12288), (24576, 4096), (1024, 3072),
+                                                  (4096, 1024), (1024, 2048))]
 SMALL_CFG = [T(0, 64, 32, 64, 1, 4, 6), T(0, 64, 16, 64, 1, 4, 8), T(0, 64, 32, 64, 1, 4, 8), T(0, 64, 64, 64, 1, 4, 6),
              T(0, 16, 32, 64, 1, 4, 8), T(0, 16, 64, 64, 1, 4, 6), T(0, 16, 16, 64, 1, 2, 10),
              T(0, 64, 32, 64, 1, 4, 8, True), T(0, 64, 64, 64, 1, 4, 6, True), T(0, 64, 16, 64, 1, 4, 10, True)]
@@ -42,7 +50,7 @@ def run(shapes, cfgs, peak, rows):
         ref = torch.empty(4096, N, device="cuda", dtype=torch.bfloat16)
         lin._launch_linear(x, w, None, ref, REF)
         xm = x[:M]
-        base = do_bench(lambda: F.linear(xm, w), warmup=10, rep=50, return_mode="median")
+        base, base_graph = timings(lambda: F.linear(xm, w))
         for c in cfgs:
             y = torch.empty(M, N, device="cuda", dtype=torch.bfloat16)
             try:
@@ -56,14 +64,17 @@ def run(shapes, cfgs, peak, rows):
                 continue
             lin._launch_linear(xm, w, None, y, c)
             same = torch.equal(y, ref[:M])
-            t = do_bench(lambda: lin._launch_linear(xm, w, None, y, c), warmup=10, rep=50, return_mode="median")
+            t, t_graph = timings(lambda: lin._launch_linear(xm, w, None, y, c))  # noqa: B023
             lin._TMA_MIN_K, lin._TMA_MIN_MN = saved
-            tf = 2 * M * N * K / t / 1e9
-            gbs = 2 * (M * K + N * K + M * N) / t / 1e6
-            rows.append(dict(M=M, N=N, K=K, cfg=list(c), same=same, ms=t, base_ms=base, tflops=tf, gbps=gbs))
+            dev = t_graph or t
+            tf = 2 * M * N * K / dev / 1e9
+            gbs = 2 * (M * K + N * K + M * N) / dev / 1e6
+            rows.append(dict(M=M, N=N, K=K, cfg=list(c), same=same, ms=t, graph_ms=t_graph, base_ms=base,
+                             base_graph_ms=base_graph, tflops=tf, gbps=gbs))
+            xg = f"{base_graph / t_graph:.2f}" if base_graph and t_graph else "-"
             print(f"M={M:5} N={N:6} K={K:6} bm={c.block_m:3} bn={c.block_n:3} w={c.num_warps} s={c.num_stages:2} "
-                  f"tma={int(c.tma)} same={int(same)} ms={t:.4f} x_cublas={base / t:.2f} TF={tf:6.1f} GB/s={gbs:6.0f} "
-                  f"hbm%={100 * gbs / peak:4.0f}", flush=True)
+                  f"tma={int(c.tma)} same={int(same)} ms={t:.4f} x_cublas={base / t:.2f} graph_ms={dev:.4f} "
+                  f"x_cublas_graph={xg} TF={tf:6.1f} GB/s={gbs:6.0f} hbm%={100 * gbs / peak:4.0f}", flush=True)
 
 
 def main():
