@@ -164,7 +164,7 @@ def attention(q_THD, k_cache_PSKD, v_cache_PSKD, meta: AttnMeta, scale: float):
     S, K = k_cache_PSKD.shape[1], k_cache_PSKD.shape[2]
     B = ATTN_BLOCK
     out = torch.empty_like(q_THD)
-    cu, kv_lens = meta.cu_seqlens_q.tolist(), meta.kv_lens.tolist()
+    cu, kv_lens = meta.host_lists()
     for b, L in enumerate(kv_lens):
         q0, q1 = cu[b], cu[b + 1]
         if q1 == q0:

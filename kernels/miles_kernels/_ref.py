@@ -68,8 +68,7 @@ def attention(q_THD, k_cache_PSKD, v_cache_PSKD, meta: AttnMeta, scale: float):
         return _decode_attention(q_THD, k_cache_PSKD, v_cache_PSKD, meta, scale)
     K = k_cache_PSKD.shape[2]
     S = k_cache_PSKD.shape[1]
-    cu = meta.cu_seqlens_q.tolist()
-    kv_lens = meta.kv_lens.tolist()
+    cu, kv_lens = meta.host_lists()
     outs = []
     for b, L in enumerate(kv_lens):
         q_len = cu[b + 1] - cu[b]

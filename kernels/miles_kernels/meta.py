@@ -20,6 +20,9 @@ class AttnMeta:
                                a chunk of length q sits at absolute position kv_len - q + i
     block_table:  int32 [B, max_pages]  page ids of each sequence, in position order
     max_q_len:    longest query chunk (host int, sizes kernel grids)
+    host:         optional (cu_seqlens_q, kv_lens) as host int tuples, where the builder has
+                  them: per-sequence code (the SDPA reference, so the trainer's attention
+                  backward) then loops without a device-to-host copy, a sync per layer
 
     Example: two sequences, a 3-token prefill and a decode step at position 7 (page size 16):
     cu_seqlens_q=[0, 3, 4], kv_lens=[3, 8], block_table=[[0], [1]], max_q_len=3.
@@ -29,6 +32,13 @@ class AttnMeta:
     kv_lens: torch.Tensor
     block_table: torch.Tensor
     max_q_len: int
+    host: tuple[tuple[int, ...], tuple[int, ...]] | None = None
+
+    def host_lists(self) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        """(cu_seqlens_q, kv_lens) as host ints: `host` if set, else copied (a sync on CUDA)."""
+        if self.host is not None:
+            return self.host
+        return tuple(self.cu_seqlens_q.tolist()), tuple(self.kv_lens.tolist())
 
     @property
     def num_seqs(self) -> int:
@@ -36,14 +46,15 @@ class AttnMeta:
 
     def to(self, device) -> "AttnMeta":
         return AttnMeta(self.cu_seqlens_q.to(device), self.kv_lens.to(device),
-                        self.block_table.to(device), self.max_q_len)
+                        self.block_table.to(device), self.max_q_len, self.host)
 
 
-def varlen_meta(cu_seqlens: torch.Tensor, page_size: int) -> tuple[AttnMeta, torch.Tensor, int]:
+def varlen_meta(cu_seqlens: torch.Tensor, page_size: int, device=None) -> tuple[AttnMeta, torch.Tensor, int]:
     """Metadata for packed training sequences: each sequence starts on a fresh page.
 
-    cu_seqlens: int [B+1] offsets of the packed sequences.
-    Returns (meta, slot_mapping_T int64, num_pages) for a scratch cache of num_pages pages.
+    cu_seqlens: int [B+1] offsets of the packed sequences (pass them on the CPU: no sync).
+    Returns (meta, slot_mapping_T int64, num_pages) for a scratch cache of num_pages pages, on
+    `device` (default: cu_seqlens' device); meta.host holds the offsets and lengths.
     """
     cu = cu_seqlens.to("cpu", torch.int64)
     lens = cu[1:] - cu[:-1]
@@ -56,12 +67,13 @@ def varlen_meta(cu_seqlens: torch.Tensor, page_size: int) -> tuple[AttnMeta, tor
     seq_of_token = torch.repeat_interleave(torch.arange(len(lens)), lens)
     pos = torch.arange(int(cu[-1])) - cu[:-1][seq_of_token]
     slot = first_page[seq_of_token] * page_size + pos
-    device = cu_seqlens.device
+    device = cu_seqlens.device if device is None else device
     meta = AttnMeta(
         cu_seqlens_q=cu.to(device, torch.int32),
         kv_lens=lens.to(device, torch.int32),
         block_table=block_table.to(device, torch.int32),
         max_q_len=int(lens.max()) if len(lens) else 0,
+        host=(tuple(cu.tolist()), tuple(lens.tolist())),
     )
     return meta, slot.to(device), num_pages
 

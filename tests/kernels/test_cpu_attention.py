@@ -1,5 +1,7 @@
 """CPU attention: prefill == chunked prefill == decode bitwise, any batch; accuracy; grads."""
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -97,6 +99,11 @@ def test_varlen_training_path_matches_and_has_grads():
     for a, b in ((gq, rq), (gk, rk), (gv, rv)):
         assert torch.allclose(a, b, atol=1e-4)
     assert torch.allclose(o, o2, atol=1e-5)
+    # the host copy of the offsets (what the backward loops over without a device sync) is
+    # the tensors', and the reference gives the same bits with or without it
+    assert meta.host == (tuple(cu.tolist()), tuple(lens))
+    no_host = dataclasses.replace(meta, host=None)
+    assert torch.equal(_ref.attention(q, kc2, vc2, no_host, D ** -0.5), o2)
 
 
 @pytest.mark.parametrize("rows", [1, 3])

@@ -38,6 +38,7 @@ from miles_fsdp.train.draft import DraftConfig
 from miles_fsdp.train.loss import sft_loss
 from miles_fsdp.train.optim import OptimConfig
 from miles_fsdp.train.packing import TrainSeq
+from miles_fsdp.train.scoring import ScoringSpec
 from miles_fsdp.train.trainer import Trainer, TrainerConfig
 
 QWEN3_0_6B = dict(
@@ -63,15 +64,16 @@ def run_case(seq: int, mode: str, steps: int, warmup: int, ac: bool, peak_flops:
     g = torch.Generator().manual_seed(0)
     seqs = [TrainSeq(torch.randint(0, hf["vocab_size"], (seq,), generator=g).tolist())]
     rows = []
+    spec = ScoringSpec(kernel_mode=mode)  # the trainer's forward runs in the spec's mode
     with mk.use_mode(mode):
         for i in range(warmup + steps):
-            m = trainer.train_step(trainer.pack(seqs), sft_loss)
+            m = trainer.train_step(trainer.pack(seqs), sft_loss, spec)
             if i >= warmup:
                 rows.append(m)
         if profile:  # one more step under torch.profiler, not timed
             cfg = ProfileConfig(steps=(1,), dir=os.path.join(profile, f"train_{seq}_{mode}_draft{n_mtp}"))
             with StepProfiler(cfg, profile)(1):
-                trainer.train_step(trainer.pack(seqs), sft_loss)
+                trainer.train_step(trainer.pack(seqs), sft_loss, spec)
     del trainer, model
     if torch.cuda.is_available():
         torch.cuda.empty_cache()

@@ -208,6 +208,7 @@ class Runner:
             kv_lens=d[3 * T + B + 1 : 3 * T + 2 * B + 1].to(torch.int32),
             block_table=d[3 * T + 2 * B + 1 + n_last :].view(B, width).to(torch.int32),
             max_q_len=max(it.q_len for it in items),
+            host=(tuple(cu.tolist()), tuple(kv.tolist())),  # fast mode's per-sequence prefill: no sync
         )
         hidden_TD = self.model.forward(d[:T], d[T : 2 * T], meta, d[2 * T : 3 * T], self.kv_caches)
         if self.draft_layers:

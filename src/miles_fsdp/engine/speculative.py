@@ -164,6 +164,6 @@ class Drafter:
         d = host.pin_memory().to(dev, non_blocking=True) if dev.type == "cuda" else host
         meta = mk.AttnMeta(d[3 * T: 3 * T + B + 1].to(torch.int32), d[3 * T + B + 1: 3 * T + 2 * B + 1].to(torch.int32),
                            d[3 * T + 2 * B + 1:].view(B, width).to(torch.int32),
-                           max_q_len=max(e - lo for _, lo, e in spans))
+                           max_q_len=max(e - lo for _, lo, e in spans), host=(tuple(cu.tolist()), tuple(kv.tolist())))
         return self.model.draft_forward(hidden_TD, d[:T], d[T: 2 * T], meta, d[2 * T: 3 * T],
                                         kv_cache=self.runner.draft_kv[0])

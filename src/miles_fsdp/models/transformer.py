@@ -27,10 +27,13 @@ from miles_fsdp.models.rope import rope_inv_freq
 TRAIN_PAGE_SIZE = mk.ATTN_BLOCK
 
 
-def packed_inputs(cu_seqlens: torch.Tensor) -> tuple[torch.Tensor, mk.AttnMeta, torch.Tensor]:
-    """(pos_T, meta, slot_T) for packed training sequences, matching forward's scratch cache."""
-    meta, slot_T, _ = mk.varlen_meta(cu_seqlens, TRAIN_PAGE_SIZE)
-    return mk.positions_from_cu_seqlens(cu_seqlens), meta, slot_T
+def packed_inputs(cu_seqlens: torch.Tensor, device=None) -> tuple[torch.Tensor, mk.AttnMeta, torch.Tensor]:
+    """(pos_T, meta, slot_T) for packed training sequences, matching forward's scratch cache,
+    on `device` (default: cu_seqlens'). Built on the host from CPU offsets: no device sync."""
+    device = cu_seqlens.device if device is None else device
+    cu = cu_seqlens.cpu()
+    meta, slot_T, _ = mk.varlen_meta(cu, TRAIN_PAGE_SIZE, device)
+    return mk.positions_from_cu_seqlens(cu).to(device), meta, slot_T
 
 
 class Transformer(nn.Module):

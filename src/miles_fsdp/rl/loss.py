@@ -34,8 +34,9 @@ class RLLoss:
         self.sums: dict[str, torch.Tensor] = {}
 
     def _add(self, name: str, value_T: torch.Tensor, mask_T: torch.Tensor) -> None:
-        v = (value_T.detach().float() * mask_T).sum().cpu()
-        self.sums[name] = self.sums.get(name, torch.zeros(())) + v
+        # on the device: a .cpu() here would wait for the forward before the backward is queued
+        v = (value_T.detach().float() * mask_T).sum()
+        self.sums[name] = self.sums[name] + v if name in self.sums else v
 
     def __call__(self, logp_T: torch.Tensor, ent_T: torch.Tensor | None, mb: MicroBatch):
         dev = logp_T.device
@@ -46,7 +47,7 @@ class RLLoss:
         # off the loss mask (prompt tokens) a truncated (top-k/top-p) log-prob may be -inf
         logp_T = torch.where(mask_T > 0, logp_T, torch.zeros_like(logp_T))
         diff_T = (logp_T.detach() - rollout_T).abs() * mask_T
-        self.diff_max = torch.maximum(self.diff_max, diff_T.max().cpu())
+        self.diff_max = torch.maximum(self.diff_max.to(dev), diff_T.max())
         self._add("diff_sum", diff_T, mask_T)
         self._add("tokens", torch.ones_like(mask_T), mask_T)
         # the policy that sampled (invariant: identical to the trainer's) / proximal policy (fast)
@@ -68,8 +69,7 @@ class RLLoss:
         loss_T = token_loss(pg_T, mask_T, ent_T, self.algo.entropy_coef, kl_T, self.algo.kl_coef)
         if ent_T is not None:
             self._add("entropy", ent_T, mask_T)
-        n_tok = mask_T.sum().cpu()
-        self.sums["clipped"] = self.sums.get("clipped", torch.zeros(())) + stats["clip_frac"].cpu() * n_tok
+        self._add("clipped", stats["clip_frac"] * mask_T.sum(), torch.ones((), device=dev))
         return (loss_T * w_T).sum(), {}
 
     def _correction(self, logp_T, rollout_T, mb, mask_T) -> torch.Tensor:

@@ -73,7 +73,7 @@ def _flop_params(model: nn.Module) -> int:
 
 def packed_hidden(model: nn.Module, mb: MicroBatch, device):
     """(hidden_TD, meta, slot_T): the trunk's forward over mb's packed sequences."""
-    _, meta, slot_T = packed_inputs(mb.cu_seqlens.to(device))
+    _, meta, slot_T = packed_inputs(mb.cu_seqlens, device)
     return model(mb.ids_T.to(device), mb.pos_T.to(device), meta, slot_T), meta, slot_T
 
 
