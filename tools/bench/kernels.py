@@ -230,7 +230,10 @@ def main():
         cfg = MODELS[m]
         bench_linear(rows, m, cfg, peak, ms_list)
         bench_decode_attention(rows, m, cfg, peak, args.page_size, batches, ctxs)
-        bench_prefill_attention(rows, m, cfg, peak, args.page_size, 4096)
+        for L in (4096,) if args.quick else (1024, 4096, 16384):
+            bench_prefill_attention(rows, m, cfg, peak, args.page_size, L)
+            if args.page_size != 16:  # the trainer's scratch layout (TRAIN_PAGE_SIZE): KV blocks span pages
+                bench_prefill_attention(rows, m, cfg, peak, 16, L)
         bench_row_ops(rows, m, cfg, peak)
     bench_grouped(rows, peak)
     print_table(rows)
