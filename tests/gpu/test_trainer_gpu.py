@@ -52,7 +52,13 @@ def syncs_per_backward(layers: int, mode: str) -> list[str]:
     return [f"{w.filename}:{w.lineno}" for w in caught if "synchroniz" in str(w.message)]
 
 
+def ours(sites: list[str]) -> list[str]:
+    return [s for s in sites if "miles_fsdp" in s or "miles_kernels" in s]
+
+
 @pytest.mark.parametrize("mode", ["invariant", "fast"])
 def test_no_host_sync_per_layer(mode):
     shallow, deep = syncs_per_backward(2, mode), syncs_per_backward(6, mode)
-    assert len(deep) == len(shallow), f"{mode}: syncs grow with depth: 2 layers {shallow}, 6 layers {deep}"
+    assert len(ours(deep)) == len(ours(shallow)), (
+        f"{mode}: our syncs grow with depth: 2 layers {ours(shallow)}, 6 layers {ours(deep)} "
+        f"(all syncs, torch's included: {len(shallow)} vs {len(deep)})")
