@@ -2,15 +2,16 @@
 
 Forward: invariant mode runs the Triton kernel on CUDA and the tiled CPU implementation
 on CPU; fast mode runs plain torch (_ref). The forward values are identical with and
-without autograd. Backward recomputes through _ref (any correct kernel will do) or uses an
-explicit rule where recomputation would be wasteful (linear, logprobs, grouped_linear).
+without autograd. Backward uses an explicit rule (linear, logprobs, grouped_linear; the
+row-wise ops through _grads) or, for attention, recomputes through _ref (SDPA); the
+backward need not be invariant.
 """
 
 from __future__ import annotations
 
 import torch
 
-from . import _cpu, _ref
+from . import _cpu, _grads, _ref
 from ._mode import get_mode
 from .meta import AttnMeta
 
@@ -60,6 +61,29 @@ class _Recompute(torch.autograd.Function):
                                        allow_unused=True)) if pairs else iter([None] * len(wanted))
         return (None, None, None, *[next(got) if t.requires_grad else None for t in inputs],
                 *[None] * len(ctx.extra))
+
+
+class _Rule(torch.autograd.Function):
+    """Forward from the invariant implementation, backward from a closed-form rule (_grads)."""
+
+    @staticmethod
+    def forward(ctx, rule, inv_fn, n_tensors, *args):
+        ctx.rule, ctx.n, ctx.extra = rule, n_tensors, args[n_tensors:]
+        ctx.save_for_backward(*args[:n_tensors])
+        with torch.no_grad():
+            return inv_fn(*args)
+
+    @staticmethod
+    def backward(ctx, g):
+        grads = ctx.rule(ctx.saved_tensors, ctx.extra, g, ctx.needs_input_grad[3: 3 + ctx.n])
+        return (None, None, None, *grads, *[None] * len(ctx.extra))
+
+
+def _with_rule(rule, inv_fn, tensors, extra=()):
+    if _needs_grad(*tensors):
+        return _Rule.apply(rule, inv_fn, len(tensors), *tensors, *extra)
+    with torch.no_grad():
+        return inv_fn(*tensors, *extra)
 
 
 def _invariant(ref_fn, inv_fn, tensors, extra=()):
@@ -116,7 +140,7 @@ def rms_norm(x, w, eps: float):
         return _ref.rms_norm(x, w, eps)
     if x.dim() != 2:  # 2-D in, 2-D out with no view: FSDP hooks a root module's output
         return rms_norm(x.reshape(-1, x.shape[-1]), w, eps).reshape(x.shape)
-    return _invariant(_ref.rms_norm, _backend(x).rms_norm, (x, w), (eps,))
+    return _with_rule(_grads.rms_norm, _backend(x).rms_norm, (x, w), (eps,))
 
 
 def rope_cos_sin(pos_T, inv_freq_F, scale: float = 1.0):
@@ -135,7 +159,7 @@ def apply_rope(x_THD, cos_TF, sin_TF):
     if _fast():
         return _ref.apply_rope(x_THD, cos_TF, sin_TF)
     impl = _backend(x_THD).apply_rope
-    return _invariant(_ref.apply_rope, impl, (x_THD, cos_TF, sin_TF))
+    return _with_rule(_grads.apply_rope, impl, (x_THD, cos_TF, sin_TF))
 
 
 def silu_mul(gate, up):
@@ -144,7 +168,7 @@ def silu_mul(gate, up):
         return _ref.silu_mul(gate, up)
     lead = gate.shape[:-1]
     g2, u2 = gate.reshape(-1, gate.shape[-1]), up.reshape(-1, up.shape[-1])
-    y = _invariant(_ref.silu_mul, _backend(gate).silu_mul, (g2, u2))
+    y = _with_rule(_grads.silu_mul, _backend(gate).silu_mul, (g2, u2))
     return y.reshape(*lead, gate.shape[-1])
 
 

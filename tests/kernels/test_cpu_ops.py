@@ -51,6 +51,33 @@ def test_elementwise_and_norm_invariant(dtype):
                           rtol=1e-5 if dtype == torch.float32 else 1e-2, atol=1e-5 if dtype == torch.float32 else 1e-2)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_row_op_grads_match_autograd_through_ref(dtype):
+    """The closed-form backward rules (_grads) equal autograd through the _ref formulas, in
+    float64 exactly up to rounding, and in the run dtype within its precision."""
+    g = torch.Generator().manual_seed(5)
+    tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=3e-2, atol=3e-2)
+    x = (torch.randn(40, 64, generator=g) * 2).to(dtype).requires_grad_(True)
+    u = torch.randn(40, 64, generator=g).to(dtype).requires_grad_(True)
+    w = torch.randn(64, generator=g).to(dtype).requires_grad_(True)
+    q = torch.randn(40, 4, 32, generator=g).to(dtype).requires_grad_(True)
+    cos, sin = mk.rope_cos_sin(torch.arange(40), 1.0 / (1e4 ** (torch.arange(0, 32, 2).float() / 32)))
+    cases = [("rms_norm", lambda f, a, b: f.rms_norm(a, b, 1e-6), (x, w)),
+             ("silu_mul", lambda f, a, b: f.silu_mul(a, b), (x, u)),
+             ("apply_rope", lambda f, a: f.apply_rope(a, cos, sin), (q,))]
+    for name, fn, ins in cases:
+        gy = torch.randn(fn(_ref, *ins).shape, generator=g).to(dtype)
+        got = torch.autograd.grad(fn(mk, *ins), ins, gy)
+        want = torch.autograd.grad(fn(_ref, *ins), ins, gy)
+        for a, b in zip(got, want):
+            assert a.dtype == b.dtype and torch.allclose(a.float(), b.float(), **tol), f"{name} ({dtype})"
+        if dtype == torch.float32:  # the rule is the derivative itself: float64 agrees to rounding
+            ins64 = [t.detach().double().requires_grad_(True) for t in ins]
+            ref64 = torch.autograd.grad(fn(_ref, *ins64), ins64, gy.double())
+            for a, b in zip(got, ref64):
+                assert torch.allclose(a.double(), b, rtol=1e-4, atol=1e-5), f"{name} vs float64"
+
+
 def test_rope_tables_position_only():
     inv = 1.0 / (10000 ** (torch.arange(0, 64, 2).float() / 64))
     pos = torch.arange(300)
