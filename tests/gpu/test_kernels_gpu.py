@@ -80,6 +80,14 @@ def test_grouped_linear_rows_independent(kt, dtype):
     _accurate(y, ref, dtype, "grouped_linear vs float64")
     row = kt.grouped_linear(x[o[6] + 7 : o[6] + 8], w, torch.tensor([0] * 7 + [1, 1], dtype=torch.int32).cuda())
     _same(row[0], y[o[6] + 7], "grouped_linear row alone vs in its expert group")
+    from miles_kernels._triton import matmul
+
+    tile = matmul.GROUPED_TILES[dtype]
+    matmul.GROUPED_TILES[dtype] = tile._replace(tma=not tile.tma)  # the other kernel, same tile
+    try:
+        _same(kt.grouped_linear(x, w, offs.cuda()), y, "grouped_linear TMA vs pointer kernel")
+    finally:
+        matmul.GROUPED_TILES[dtype] = tile
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

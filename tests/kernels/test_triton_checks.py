@@ -114,6 +114,25 @@ def check_grouped_linear() -> None:
     _same(y2[36], y[43], "grouped_linear last expert row")
 
 
+def check_grouped_linear_tma() -> None:
+    """The TMA grouped kernel (tile.tma) gives the pointer kernel's bits, rows of a tile past
+    its expert (and columns past N) loaded from the neighbour but never stored."""
+    from miles_kernels._triton import matmul as lin
+
+    saved = lin.GROUPED_TILES[torch.float32]
+    g = torch.Generator().manual_seed(12)
+    x = torch.randn(45, 32, generator=g)
+    w = torch.randn(4, 20, 32, generator=g)  # N = 20: a 16-wide column tile reads the next expert
+    offs = torch.tensor([0, 10, 10, 43, 45], dtype=torch.int32)
+    try:
+        lin.GROUPED_TILES[torch.float32] = lin.Tile(1 << 62, 16, 16, 32, 1, 4, 2)
+        want = lin.grouped_linear(x, w, offs)
+        lin.GROUPED_TILES[torch.float32] = lin.Tile(1 << 62, 16, 16, 32, 1, 4, 2, True)
+        _same(lin.grouped_linear(x, w, offs), want, "grouped_linear tma vs pointer kernel")
+    finally:
+        lin.GROUPED_TILES[torch.float32] = saved
+
+
 def check_rms_norm() -> None:
     kt = _kt()
     g = torch.Generator().manual_seed(3)

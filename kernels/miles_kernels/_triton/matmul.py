@@ -23,7 +23,7 @@ class Tile(NamedTuple):
     group_m: int  # grouped (swizzled) tile order: GROUP_M row-tiles share a column band in L2
     num_warps: int
     num_stages: int
-    tma: bool = False  # persistent grid + TMA descriptors (16-bit dtypes, aligned tensors); same bits as pointers
+    tma: bool = False  # TMA descriptors (linear: a persistent grid too; aligned tensors): same bits as pointers
 
 
 _BIG = 1 << 62
@@ -230,6 +230,41 @@ def _grouped_kernel(
     tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=(rows[:, None] < row_hi) & (cols[None, :] < N))
 
 
+@triton.jit
+def _grouped_tma_kernel(
+    x_desc, w_desc, off_ptr, y_ptr, N, K, E, stride_yr,
+    E_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    # _grouped_kernel with TMA loads: x over [R, K], w over [E * N, K]. A tile's rows past its
+    # expert (and columns past N) load the neighbour's data and are never stored; the K walk
+    # and the fp32 accumulation are _grouped_kernel's, so every stored element has its bits.
+    pid_m = tl.program_id(0)
+    tile_n = tl.program_id(1)
+    es = tl.arange(0, E_PAD)
+    lo_E = tl.load(off_ptr + es, mask=es < E, other=0)
+    hi_E = tl.load(off_ptr + es + 1, mask=es < E, other=0)
+    tiles_E = (hi_E - lo_E + BLOCK_M - 1) // BLOCK_M
+    ends_E = tl.cumsum(tiles_E, 0)
+    e = tl.sum((ends_E <= pid_m).to(tl.int32), 0)
+    if e >= E:
+        return
+    is_e = es == e
+    row_lo = tl.sum(tl.where(is_e, lo_E, 0), 0)
+    row_hi = tl.sum(tl.where(is_e, hi_E, 0), 0)
+    tile_in_e = pid_m - tl.sum(tl.where(is_e, ends_E - tiles_E, 0), 0)
+    off_m = row_lo + tile_in_e * BLOCK_M
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        x = x_desc.load([off_m, k0])
+        w = w_desc.load([e * N + tile_n * BLOCK_N, k0])
+        acc = tl.dot(x, w.T, acc, input_precision=PRECISION)
+    rows = off_m + tl.arange(0, BLOCK_M)
+    cols = tile_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    y_ptrs = y_ptr + rows[:, None].to(tl.int64) * stride_yr + cols[None, :]
+    tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=(rows[:, None] < row_hi) & (cols[None, :] < N))
+
+
 def grouped_linear(x_RK: torch.Tensor, w_ENK: torch.Tensor, group_offsets_E1: torch.Tensor) -> torch.Tensor:
     """y_RN[r] = x_RK[r] @ w_ENK[e]^T for rows r in [offsets[e], offsets[e+1]); rows sorted by expert."""
     R, K = x_RK.shape
@@ -251,6 +286,15 @@ def grouped_linear(x_RK: torch.Tensor, w_ENK: torch.Tensor, group_offsets_E1: to
         return y_RN
     t = GROUPED_TILES[x_RK.dtype]
     grid = (triton.cdiv(R, t.block_m) + E, triton.cdiv(N, t.block_n))
+    if t.tma and _tma_ok(x_RK, w_ENK):
+        w_2d = w_ENK.view(E * N, K)
+        _grouped_tma_kernel[grid](
+            TensorDescriptor.from_tensor(x_RK, [t.block_m, t.block_k]),
+            TensorDescriptor.from_tensor(w_2d, [t.block_n, t.block_k]), offsets, y_RN, N, K, E, y_RN.stride(0),
+            E_PAD=triton.next_power_of_2(E), BLOCK_M=t.block_m, BLOCK_N=t.block_n, BLOCK_K=t.block_k,
+            PRECISION=_dot_precision(x_RK.dtype), num_warps=t.num_warps, num_stages=t.num_stages,
+        )
+        return y_RN
     _grouped_kernel[grid](
         x_RK, w_ENK, offsets, y_RN, N, K, E,
         x_RK.stride(0), w_ENK.stride(0), w_ENK.stride(1), y_RN.stride(0),
