@@ -64,7 +64,7 @@ def attention(q_THD, k_cache_PSKD, v_cache_PSKD, meta: AttnMeta, scale: float):
     memory) loops over sequences.
     """
     T, H, D = q_THD.shape
-    if T > 0 and meta.max_q_len <= BATCHED_MAX_Q and T == meta.kv_lens.shape[0] * meta.max_q_len:
+    if T > 0 and 0 < meta.max_q_len <= BATCHED_MAX_Q and T == meta.kv_lens.shape[0] * meta.max_q_len:
         return _decode_attention(q_THD, k_cache_PSKD, v_cache_PSKD, meta, scale)
     K = k_cache_PSKD.shape[2]
     S = k_cache_PSKD.shape[1]

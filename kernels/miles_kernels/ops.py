@@ -174,6 +174,11 @@ def silu_mul(gate, up):
 
 # --- attention --------------------------------------------------------------------------
 
+def _paged_decode(q_THD, meta: AttnMeta) -> bool:
+    """Decode or a speculative verify: the same few queries for every sequence."""
+    return 0 < meta.max_q_len <= _ref.BATCHED_MAX_Q and q_THD.shape[0] == meta.kv_lens.shape[0] * meta.max_q_len
+
+
 def attention(q_THD, k_cache_PSKD, v_cache_PSKD, meta: AttnMeta, scale: float):
     """Causal GQA attention of packed queries over a paged KV cache.
 
@@ -184,6 +189,11 @@ def attention(q_THD, k_cache_PSKD, v_cache_PSKD, meta: AttnMeta, scale: float):
     bits for the same token.
     """
     if _fast():
+        if q_THD.is_cuda and _paged_decode(q_THD, meta) and not _needs_grad(q_THD, k_cache_PSKD, v_cache_PSKD):
+            # SDPA cannot read pages: _ref gathers them into a padded copy per layer, which costs
+            # more than the attention; the paged Triton kernel reads them in place
+            return _backend(q_THD).attention(q_THD, k_cache_PSKD, v_cache_PSKD, meta.cu_seqlens_q, meta.kv_lens,
+                                             meta.block_table, meta.max_q_len, scale)
         return _ref.attention(q_THD, k_cache_PSKD, v_cache_PSKD, meta, scale)
     backend = _backend(q_THD)
     if backend is _cpu:
