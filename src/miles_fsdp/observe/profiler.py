@@ -70,7 +70,7 @@ class StepProfiler:
         head = f"step {step}, rank {self.rank}: wall {wall_ms:.1f} ms (profiler on)"
         if cuda:  # a device busy far below the wall time: the step waits on the host (launches, syncs)
             busy_ms = sum(e.self_device_time_total for e in events) / 1e3
-            launches = sum(e.count for e in events if e.key in ("cudaLaunchKernel", "cuLaunchKernel", "cuLaunchKernelEx"))
+            launches = sum(e.count for e in events if e.key.startswith(("cudaLaunchKernel", "cuLaunchKernel")))
             head += f", device busy {busy_ms:.1f} ms ({100 * busy_ms / max(wall_ms, 1e-9):.0f}%), {launches} kernel launches"
         stem.with_suffix(".txt").write_text(f"{head}\n{events.table(sort_by=sort, row_limit=self.cfg.row_limit)}\n")
         logger.info("profiled %s: %s.json / .txt", head, stem)
