@@ -35,7 +35,8 @@ def parallelize(model: nn.Module, mesh: DeviceMesh, cfg: ParallelConfig, device:
         ignored = expert_params(model)
     if cfg.activation_checkpointing:
         apply_ac(model)
+    shard_size = mesh.size(mesh.ndim - 1)  # the shard dim (HSDP's second)
     return apply_fsdp(
         model, mesh, param_dtype=cfg.compute_dtype(device), reduce_dtype=torch.float32, cpu_offload=cfg.cpu_offload,
-        ignored_params=ignored,
+        ignored_params=ignored, per_block=not cfg.whole_model_unit(shard_size),
     )

@@ -3,7 +3,9 @@ distributed code).
 
 - One `fully_shard` unit per transformer block, then the root (embedding, final norm,
   lm_head): each block's parameters are all-gathered just before it runs and freed after,
-  so peak parameter memory is one block plus the root.
+  so peak parameter memory is one block plus the root. `per_block=False` makes the whole
+  model one unit (ParallelConfig.fsdp_units; the default where nothing is sharded, one rank
+  per replica: the per-block all-gather copies, casts and hooks then buy nothing).
 - The last block is not resharded after forward: backward starts with it, so freeing and
   re-gathering it would be wasted communication.
 - Each MTP draft module (`model.mtp`, models/mtp.py) is its own unit too, wrapped after the
@@ -48,6 +50,7 @@ def apply_fsdp(
     reduce_dtype: torch.dtype = torch.float32,
     cpu_offload: bool = False,
     ignored_params: set[nn.Parameter] | None = None,
+    per_block: bool = True,
 ) -> nn.Module:
     mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=reduce_dtype, cast_forward_inputs=False)
     kw = dict(mesh=mesh, mp_policy=mp, ignored_params=ignored_params or None)
@@ -55,11 +58,12 @@ def apply_fsdp(
         # pin_memory needs CUDA; on a CPU-only host pinned buffers are unavailable.
         kw["offload_policy"] = CPUOffloadPolicy(pin_memory=torch.cuda.is_available())
     blocks = blocks_of(model)
-    for i, block in enumerate(blocks):
-        fully_shard(block, reshard_after_forward=i < len(blocks) - 1, **kw)
-    for draft_module in getattr(model, "mtp", ()):
-        fully_shard(draft_module, **kw)
-        register_fsdp_forward_method(draft_module, "forward_normed")
+    if per_block:
+        for i, block in enumerate(blocks):
+            fully_shard(block, reshard_after_forward=i < len(blocks) - 1, **kw)
+        for draft_module in getattr(model, "mtp", ()):
+            fully_shard(draft_module, **kw)
+            register_fsdp_forward_method(draft_module, "forward_normed")
     fully_shard(model, **kw)
     for method in ("logits", "token_logprobs", "draft_forward", "draft_logits", "draft_token_logprobs"):
         if hasattr(model, method):

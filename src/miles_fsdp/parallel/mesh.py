@@ -37,6 +37,12 @@ class ParallelConfig:
     """Recompute each transformer block in backward (saves activations, ~+30% compute)."""
     cpu_offload: bool = False
     """Keep sharded parameters, grads and optimizer state on the CPU (FSDP2 CPUOffloadPolicy)."""
+    fsdp_units: str = "auto"
+    """FSDP2 units: "block" (one per transformer block and draft module, then the root: peak
+    parameter memory of one block), "model" (one unit: the whole model's compute-dtype
+    parameters stay gathered through forward and backward, and the per-block hooks, copies
+    and collectives are gone), "auto" ("model" when the parameters are not sharded at all,
+    i.e. one rank per replica and no cpu_offload; else "block")."""
 
     def __post_init__(self):
         if self.replicate < 1:
@@ -47,9 +53,20 @@ class ParallelConfig:
             raise ValueError("ParallelConfig.expert_parallel > 1 does not support cpu_offload=True; turn one off")
         if self.param_dtype not in ("auto", "bf16", "fp32"):
             raise ValueError(f"ParallelConfig.param_dtype={self.param_dtype!r}: use 'auto', 'bf16' or 'fp32'")
+        if self.fsdp_units not in ("auto", "block", "model"):
+            raise ValueError(f"ParallelConfig.fsdp_units={self.fsdp_units!r}: use 'auto', 'block' or 'model'")
+        if self.fsdp_units == "model" and self.cpu_offload:
+            raise ValueError("ParallelConfig.fsdp_units='model' keeps every parameter gathered on the device, which "
+                             "cpu_offload=True is there to avoid: use fsdp_units='block' (or 'auto')")
 
     def compute_dtype(self, device: torch.device) -> torch.dtype:
         return resolve_dtype(self.param_dtype, device)
+
+    def whole_model_unit(self, shard_size: int) -> bool:
+        """One FSDP unit for the whole model? (`fsdp_units`; shard_size: ranks a parameter is sharded over)."""
+        if self.fsdp_units == "auto":
+            return shard_size == 1 and not self.cpu_offload
+        return self.fsdp_units == "model"
 
 
 def init_distributed() -> torch.device:

@@ -1,0 +1,60 @@
+"""ParallelConfig.fsdp_units: one FSDP unit per block or one for the whole model trains the
+same bits (the unit only decides when parameters are gathered), the draft included; the
+default takes the whole-model unit where nothing is sharded; bad settings are refused."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.distributed.fsdp import FSDPModule
+
+from miles_fsdp.models import ModelArgs, Transformer
+from miles_fsdp.parallel import ParallelConfig
+from miles_fsdp.train.draft import DraftConfig
+from miles_fsdp.train.loss import sft_loss
+from miles_fsdp.train.optim import OptimConfig
+from miles_fsdp.train.packing import TrainSeq
+from miles_fsdp.train.trainer import Trainer, TrainerConfig
+
+HF = dict(architectures=["Qwen3ForCausalLM"], model_type="qwen3", vocab_size=256, hidden_size=64,
+          intermediate_size=128, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+          max_position_embeddings=512, rms_norm_eps=1e-6, rope_theta=1e6, tie_word_embeddings=True,
+          num_nextn_predict_layers=1)
+
+
+def _train(units: str) -> tuple[Trainer, dict[str, torch.Tensor], list[dict]]:
+    with torch.device("meta"):
+        model = Transformer(ModelArgs.from_hf(HF))
+    model.init_weights(seed=0)
+    trainer = Trainer(model, TrainerConfig(optim=OptimConfig(lr=1e-2), max_tokens_per_micro_batch=96,
+                                           parallel=ParallelConfig(fsdp_units=units)), draft=DraftConfig())
+    g = torch.Generator().manual_seed(1)
+    seqs = [TrainSeq(torch.randint(0, 256, (n,), generator=g).tolist(), [0] * 4 + [1] * (n - 4)) for n in (40, 33, 57)]
+    metrics = [trainer.train_step(trainer.pack(seqs), sft_loss) for _ in range(3)]
+    state = {k: (v.full_tensor() if hasattr(v, "full_tensor") else v).detach().clone()
+             for k, v in trainer.model.state_dict().items()}
+    return trainer, state, metrics
+
+
+def test_block_and_model_units_train_the_same_bits():
+    t_block, block, m_block = _train("block")
+    t_model, model, m_model = _train("model")
+    assert isinstance(t_block.model.layers[0], FSDPModule) and isinstance(t_block.model.mtp[0], FSDPModule)
+    assert not isinstance(t_model.model.layers[0], FSDPModule) and isinstance(t_model.model, FSDPModule)
+    assert block.keys() == model.keys() and any(k.startswith("mtp.") for k in block)
+    for k in block:
+        assert torch.equal(block[k], model[k]), f"{k} differs between fsdp_units='block' and 'model'"
+    for a, b in zip(m_block, m_model):
+        assert a["train/loss"] == b["train/loss"] and a["draft/loss"] == b["draft/loss"]
+
+
+def test_auto_units_and_refusals():
+    assert ParallelConfig().whole_model_unit(shard_size=1)
+    assert not ParallelConfig().whole_model_unit(shard_size=2)
+    assert not ParallelConfig(cpu_offload=True).whole_model_unit(shard_size=1)
+    assert not ParallelConfig(fsdp_units="block").whole_model_unit(shard_size=1)
+    assert ParallelConfig(fsdp_units="model").whole_model_unit(shard_size=4)
+    with pytest.raises(ValueError, match="fsdp_units='model'.*cpu_offload"):
+        ParallelConfig(fsdp_units="model", cpu_offload=True)
+    with pytest.raises(ValueError, match="fsdp_units='layer'"):
+        ParallelConfig(fsdp_units="layer")
