@@ -30,7 +30,11 @@ def _train(units: str) -> tuple[Trainer, dict[str, torch.Tensor], list[dict]]:
                                            parallel=ParallelConfig(fsdp_units=units)), draft=DraftConfig())
     g = torch.Generator().manual_seed(1)
     seqs = [TrainSeq(torch.randint(0, 256, (n,), generator=g).tolist(), [0] * 4 + [1] * (n - 4)) for n in (40, 33, 57)]
-    metrics = [trainer.train_step(trainer.pack(seqs), sft_loss) for _ in range(3)]
+    metrics = []
+    for _ in range(3):  # as the RL loop does: a no-grad scoring forward, then the train step
+        metrics.append({"logp": [t.clone() for t in trainer.forward_logprobs(trainer.pack(seqs))],
+                        **trainer.train_step(trainer.pack(seqs), sft_loss)})
+    metrics.append({"logp": trainer.forward_logprobs(trainer.pack(seqs))})  # after the last update
     state = {k: (v.full_tensor() if hasattr(v, "full_tensor") else v).detach().clone()
              for k, v in trainer.model.state_dict().items()}
     return trainer, state, metrics
@@ -44,8 +48,10 @@ def test_block_and_model_units_train_the_same_bits():
     assert block.keys() == model.keys() and any(k.startswith("mtp.") for k in block)
     for k in block:
         assert torch.equal(block[k], model[k]), f"{k} differs between fsdp_units='block' and 'model'"
-    for a, b in zip(m_block, m_model):
-        assert a["train/loss"] == b["train/loss"] and a["draft/loss"] == b["draft/loss"]
+    for step, (a, b) in enumerate(zip(m_block, m_model)):  # scoring never reads stale gathered params
+        assert all(torch.equal(x, y) for x, y in zip(a["logp"], b["logp"])), f"logprobs before update {step}"
+        assert a.get("train/loss") == b.get("train/loss") and a.get("draft/loss") == b.get("draft/loss")
+    assert not torch.equal(m_model[0]["logp"][0], m_model[-1]["logp"][0]), "the updates must show in the scores"
 
 
 def test_auto_units_and_refusals():
