@@ -421,10 +421,11 @@ class _GroupedLinear(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g_RN):
         x, w, sizes = ctx.saved_tensors
-        if hasattr(torch, "_grouped_mm"):
-            # torch's grouped GEMM (CUTLASS on sm90 for bf16): no host sync, one launch per
-            # product instead of two per expert; the backward need not be batch-invariant
-            offs = torch.cumsum(sizes.to(torch.int64), 0).to(torch.int32)
+        if hasattr(torch, "_grouped_mm") and x.shape[1] % 8 == 0 and g_RN.shape[1] % 8 == 0:
+            # torch's grouped GEMM (CUTLASS on sm90 for bf16; it wants 16-byte aligned rows): no
+            # host sync, one launch per product instead of two per expert; the backward need
+            # not be batch-invariant
+            offs = torch.cumsum(sizes.to(g_RN.device, torch.int64), 0).to(torch.int32)
             g = g_RN.contiguous()
             gx = torch._grouped_mm(g, w.to(g.dtype), offs=offs).to(x.dtype) if ctx.needs_input_grad[0] else None
             gw = torch._grouped_mm(g.t(), x.to(g.dtype), offs=offs).to(w.dtype) if ctx.needs_input_grad[1] else None
