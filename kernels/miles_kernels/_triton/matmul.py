@@ -190,6 +190,22 @@ def linear(x_MK: torch.Tensor, w_NK: torch.Tensor, b_N: torch.Tensor | None = No
 
 
 @triton.jit
+def _expert_tile(off_ptr, E, pid_m, E_PAD: tl.constexpr, BLOCK_M: tl.constexpr):
+    """(expert e, first row, end of e's rows) of row tile pid_m in expert order; e == E past the last."""
+    es = tl.arange(0, E_PAD)
+    lo_E = tl.load(off_ptr + es, mask=es < E, other=0)
+    hi_E = tl.load(off_ptr + es + 1, mask=es < E, other=0)
+    tiles_E = (hi_E - lo_E + BLOCK_M - 1) // BLOCK_M
+    ends_E = tl.cumsum(tiles_E, 0)
+    e = tl.sum((ends_E <= pid_m).to(tl.int32), 0)
+    is_e = es == e
+    row_lo = tl.sum(tl.where(is_e, lo_E, 0), 0)
+    row_hi = tl.sum(tl.where(is_e, hi_E, 0), 0)
+    tile_in_e = pid_m - tl.sum(tl.where(is_e, ends_E - tiles_E, 0), 0)
+    return e, row_lo + tile_in_e * BLOCK_M, row_hi
+
+
+@triton.jit
 def _grouped_kernel(
     x_ptr, w_ptr, off_ptr, y_ptr, N, K, E,
     stride_xr, stride_we, stride_wn, stride_yr,
@@ -199,22 +215,11 @@ def _grouped_kernel(
     # Program pid(0) is the pid-th row tile in expert order; an expert with n rows owns
     # cdiv(n, BLOCK_M) tiles, so a tile never mixes experts. The grid is an upper bound
     # (cdiv(R, BLOCK_M) + E) known on the host: no device sync, CUDA-graph safe.
-    pid_m = tl.program_id(0)
     tile_n = tl.program_id(1)
-    es = tl.arange(0, E_PAD)
-    lo_E = tl.load(off_ptr + es, mask=es < E, other=0)
-    hi_E = tl.load(off_ptr + es + 1, mask=es < E, other=0)
-    tiles_E = (hi_E - lo_E + BLOCK_M - 1) // BLOCK_M
-    ends_E = tl.cumsum(tiles_E, 0)
-    e = tl.sum((ends_E <= pid_m).to(tl.int32), 0)
+    e, off_m, row_hi = _expert_tile(off_ptr, E, tl.program_id(0), E_PAD, BLOCK_M)
     if e >= E:
         return
-    is_e = es == e
-    row_lo = tl.sum(tl.where(is_e, lo_E, 0), 0)
-    row_hi = tl.sum(tl.where(is_e, hi_E, 0), 0)
-    tile_in_e = pid_m - tl.sum(tl.where(is_e, ends_E - tiles_E, 0), 0)
-
-    rows = row_lo + tile_in_e * BLOCK_M + tl.arange(0, BLOCK_M)
+    rows = off_m + tl.arange(0, BLOCK_M)
     cols = tile_n * BLOCK_N + tl.arange(0, BLOCK_N)
     ks = tl.arange(0, BLOCK_K)
     x_ptrs = x_ptr + rows[:, None].to(tl.int64) * stride_xr + ks[None, :]
@@ -239,21 +244,10 @@ def _grouped_tma_kernel(
     # _grouped_kernel with TMA loads: x over [R, K], w over [E * N, K]. A tile's rows past its
     # expert (and columns past N) load the neighbour's data and are never stored; the K walk
     # and the fp32 accumulation are _grouped_kernel's, so every stored element has its bits.
-    pid_m = tl.program_id(0)
     tile_n = tl.program_id(1)
-    es = tl.arange(0, E_PAD)
-    lo_E = tl.load(off_ptr + es, mask=es < E, other=0)
-    hi_E = tl.load(off_ptr + es + 1, mask=es < E, other=0)
-    tiles_E = (hi_E - lo_E + BLOCK_M - 1) // BLOCK_M
-    ends_E = tl.cumsum(tiles_E, 0)
-    e = tl.sum((ends_E <= pid_m).to(tl.int32), 0)
+    e, off_m, row_hi = _expert_tile(off_ptr, E, tl.program_id(0), E_PAD, BLOCK_M)
     if e >= E:
         return
-    is_e = es == e
-    row_lo = tl.sum(tl.where(is_e, lo_E, 0), 0)
-    row_hi = tl.sum(tl.where(is_e, hi_E, 0), 0)
-    tile_in_e = pid_m - tl.sum(tl.where(is_e, ends_E - tiles_E, 0), 0)
-    off_m = row_lo + tile_in_e * BLOCK_M
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         x = x_desc.load([off_m, k0])
