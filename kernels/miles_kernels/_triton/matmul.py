@@ -206,6 +206,13 @@ def _expert_tile(off_ptr, E, pid_m, E_PAD: tl.constexpr, BLOCK_M: tl.constexpr):
 
 
 @triton.jit
+def _store_rows(y_ptr, acc, rows, cols, row_hi, N, stride_yr):
+    """Store a grouped tile: only its expert's rows (< row_hi) and columns < N."""
+    y_ptrs = y_ptr + rows[:, None].to(tl.int64) * stride_yr + cols[None, :]
+    tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=(rows[:, None] < row_hi) & (cols[None, :] < N))
+
+
+@triton.jit
 def _grouped_kernel(
     x_ptr, w_ptr, off_ptr, y_ptr, N, K, E,
     stride_xr, stride_we, stride_wn, stride_yr,
@@ -231,8 +238,7 @@ def _grouped_kernel(
         acc = tl.dot(x, w, acc, input_precision=PRECISION)
         x_ptrs += BLOCK_K
         w_ptrs += BLOCK_K
-    y_ptrs = y_ptr + rows[:, None].to(tl.int64) * stride_yr + cols[None, :]
-    tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=(rows[:, None] < row_hi) & (cols[None, :] < N))
+    _store_rows(y_ptr, acc, rows, cols, row_hi, N, stride_yr)
 
 
 @triton.jit
@@ -253,10 +259,8 @@ def _grouped_tma_kernel(
         x = x_desc.load([off_m, k0])
         w = w_desc.load([e * N + tile_n * BLOCK_N, k0])
         acc = tl.dot(x, w.T, acc, input_precision=PRECISION)
-    rows = off_m + tl.arange(0, BLOCK_M)
-    cols = tile_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    y_ptrs = y_ptr + rows[:, None].to(tl.int64) * stride_yr + cols[None, :]
-    tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=(rows[:, None] < row_hi) & (cols[None, :] < N))
+    _store_rows(y_ptr, acc, off_m + tl.arange(0, BLOCK_M), tile_n * BLOCK_N + tl.arange(0, BLOCK_N), row_hi, N,
+                stride_yr)
 
 
 def grouped_linear(x_RK: torch.Tensor, w_ENK: torch.Tensor, group_offsets_E1: torch.Tensor) -> torch.Tensor:
