@@ -16,8 +16,8 @@ at p0 and accepted j draft tokens (n = p0 + j + 1), with R = 1 + K rows per sequ
 
 The draft here samples without a top-k > 1 / top-p filter (a selection over the vocabulary
 is data-dependent work a graph cannot hold): it can propose a token outside the target's
-nucleus, which the target then rejects. Proposals only decide which positions a verify checks, never an output token
-or log-prob, so this costs acceptance, not exactness. Positions past a sequence's pages
+nucleus, which the target then rejects. Proposals only decide which positions a verify
+checks, never an output token or log-prob, so this costs acceptance, not exactness. Positions past a sequence's pages
 read and write the scratch page (their draft tokens are dropped by the caller).
 `capture=False` runs the same function on the same buffers without a graph (CPU tests).
 """
