@@ -239,7 +239,11 @@ def test_fast_mode_paged_decode_attention(kt):
                            pages[None].expand(B, -1).contiguous(), R)
         with mk.use_mode("fast"):
             got = mk.attention(q, kc, vc, meta, D**-0.5)
-        _accurate(got, _ref.attention(q, kc, vc, meta, D**-0.5), dtype, f"fast-mode paged attention, {R} queries")
+        # the kernel reads the NaN-filled cache (unused slots must never reach the output); the
+        # reference gathers whole pages and masks, and SDPA's 0 * NaN is NaN, so it reads a copy
+        # with the unused slots zeroed
+        ref = _ref.attention(q, kc.nan_to_num(0.0), vc.nan_to_num(0.0), meta, D**-0.5)
+        _accurate(got, ref, dtype, f"fast-mode paged attention, {R} queries")
 
 
 def test_cuda_graph_replay_decode_attention_and_linear(kt):
@@ -267,3 +271,135 @@ def test_cuda_graph_replay_decode_attention_and_linear(kt):
         graph.replay()
         _same(o_static, kt.attention(q, kc, vc, cu, kv, bt, 1, D**-0.5), f"graph replay attention step {step}")
         _same(y_static, kt.linear(x, w), f"graph replay linear step {step}")
+
+
+def _pow2_rms_rows(M, D, g):
+    """bf16 rows whose rms is a power of two (to ~1e-4): x * rsqrt(mean(x^2) + eps) then lands
+    within a tiny fraction of a bf16 step of x / 2^k, so its rounding to bf16 inside the gw rule
+    is the same in the kernel (fp32), the torch rule and float64 (no flipped roundings)."""
+    z = torch.randn(M, D, generator=g, device="cuda", dtype=torch.float64)
+    z = z / z.pow(2).mean(-1, keepdim=True).sqrt()
+    return (z * 2.0 ** torch.randint(-3, 4, (M, 1), generator=g, device="cuda")).to(torch.bfloat16)
+
+
+def _rms_norm_grads64(x, w, gy, eps):
+    """The rms_norm rule in float64, with the bf16 rounding of xhat that gw sees."""
+    xf = x.double()
+    r = torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    xhat = xf * r
+    ga = gy.double() * w.double()
+    gx = r * (ga - xhat * (ga * xhat).mean(-1, keepdim=True))
+    return gx, (gy.double() * xhat.to(x.dtype).double()).sum(0)
+
+
+def _no_torch_rule(name, monkeypatch):
+    """Make the torch twin of a _grads rule fail, so autograd on CUDA must take the kernel."""
+    from miles_kernels import _grads
+
+    def boom(*a, **k):
+        raise AssertionError(f"_grads.{name} ran the torch rule on CUDA")
+
+    monkeypatch.setattr(_grads, f"{name}_torch", boom)
+
+
+@pytest.mark.parametrize("w_dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("M,D", [(4096, 1024), (4096 * 16, 128)])  # hidden norm; q_norm over heads
+def test_rms_norm_grad_kernel(kt, M, D, w_dtype, monkeypatch):
+    """The backward kernel vs the torch rule and float64 (gw to fp32 precision when w is fp32),
+    deterministic, each need flag alone; mk.rms_norm's autograd vs float64 autograd through _ref."""
+    import miles_kernels as mk
+    from miles_kernels import _grads, _ref
+
+    g, eps = _gen(7), 1e-6
+    x = _pow2_rms_rows(M, D, g)
+    w = (1 + 0.1 * torch.randn(D, generator=g, device="cuda")).to(w_dtype)
+    gy = _randn(M, D, dtype=torch.result_type(x, w), g=g)
+    gx, gw = kt.rms_norm_grad(x, w, gy, eps, True, True)
+    assert gx.dtype == x.dtype and gw.dtype == w_dtype and gw.shape == (D,)
+    rx, rw = _grads.rms_norm_torch((x, w), (eps,), gy, (True, True))
+    rx64, rw64 = _rms_norm_grads64(x, w, gy, eps)
+    _accurate(gx, rx, torch.bfloat16, "rms_norm gx vs the torch rule")
+    _accurate(gx, rx64, torch.bfloat16, "rms_norm gx vs float64")
+    _accurate(gw, rw, w_dtype, "rms_norm gw vs the torch rule")
+    _accurate(gw, rw64, w_dtype, "rms_norm gw vs float64")
+    gx2, gw2 = kt.rms_norm_grad(x, w, gy, eps, True, True)
+    _same(gx2, gx, "rms_norm gx run to run")
+    _same(gw2, gw, "rms_norm gw run to run")
+    only_x, none_w = kt.rms_norm_grad(x, w, gy, eps, True, False)
+    none_x, only_w = kt.rms_norm_grad(x, w, gy, eps, False, True)
+    assert none_w is None and none_x is None
+    _accurate(only_x, gx, torch.bfloat16, "rms_norm gx alone")
+    _accurate(only_w, gw, w_dtype, "rms_norm gw alone")
+    _no_torch_rule("rms_norm", monkeypatch)
+    xr, wr = x.clone().requires_grad_(True), w.clone().requires_grad_(True)
+    with mk.use_mode("invariant"):
+        mk.rms_norm(xr, wr, eps).backward(gy)
+    x64, w64 = x.double().requires_grad_(True), w.double().requires_grad_(True)
+    _ref.rms_norm(x64, w64, eps).backward(gy.double())
+    _accurate(xr.grad, x64.grad, torch.bfloat16, "mk.rms_norm x grad vs float64 autograd")
+    _accurate(wr.grad, w64.grad, torch.bfloat16, "mk.rms_norm w grad vs float64 autograd")  # no xhat rounding there
+
+
+def test_apply_rope_grad_kernel(kt, monkeypatch):
+    """RoPE's backward kernel vs the torch rule and float64; mk.apply_rope's autograd vs float64
+    autograd through _ref."""
+    import miles_kernels as mk
+    from miles_kernels import _grads, _ref
+
+    g = _gen(8)
+    T, H, D = 4096, 16, 128
+    cos, sin = mk.rope_cos_sin(torch.arange(T, device="cuda"), 1.0 / 1e6 ** (torch.arange(0, D, 2, device="cuda") / D))
+    x = _randn(T, H, D, dtype=torch.bfloat16, g=g)
+    gy = _randn(T, H, D, dtype=torch.bfloat16, g=g)
+    got = kt.apply_rope_grad(gy, cos, sin, x.dtype)
+    assert got.dtype == x.dtype and got.shape == (T, H, D)
+    _accurate(got, _grads.apply_rope_torch((x, cos, sin), (), gy, (True, False, False))[0], torch.bfloat16,
+              "apply_rope grad vs the torch rule")
+    g1, g2 = gy.double()[..., : D // 2], gy.double()[..., D // 2:]
+    c, s = cos.double()[:, None], sin.double()[:, None]
+    _accurate(got, torch.cat([g1 * c + g2 * s, g2 * c - g1 * s], -1), torch.bfloat16, "apply_rope grad vs float64")
+    _same(kt.apply_rope_grad(gy, cos, sin, x.dtype), got, "apply_rope grad run to run")
+    _no_torch_rule("apply_rope", monkeypatch)
+    xr = x.clone().requires_grad_(True)
+    with mk.use_mode("invariant"):
+        mk.apply_rope(xr, cos, sin).backward(gy)
+    x64 = x.double().requires_grad_(True)
+    _ref.apply_rope(x64, cos.double(), sin.double()).backward(gy.double())
+    _accurate(xr.grad, x64.grad, torch.bfloat16, "mk.apply_rope grad vs float64 autograd")
+
+
+def test_silu_mul_grad_kernel(kt, monkeypatch):
+    """silu_mul's backward kernel on column slices of a fused gate_up vs the torch rule and
+    float64, each need flag alone; mk.silu_mul's autograd vs float64 autograd through _ref."""
+    import miles_kernels as mk
+    from miles_kernels import _grads, _ref
+
+    g = _gen(9)
+    M, F = 4096, 3072
+    gate_up = _randn(M, 2 * F, dtype=torch.bfloat16, g=g, scale=3)
+    a, u = gate_up[:, :F], gate_up[:, F:]
+    gy = _randn(M, F, dtype=torch.bfloat16, g=g)
+    ga, gu = kt.silu_mul_grad(a, u, gy, True, True)
+    assert ga.dtype == gu.dtype == torch.bfloat16 and ga.shape == gu.shape == (M, F)
+    ra, ru = _grads.silu_mul_torch((a, u), (), gy, (True, True))
+    _accurate(ga, ra, torch.bfloat16, "silu_mul ga vs the torch rule")
+    _accurate(gu, ru, torch.bfloat16, "silu_mul gu vs the torch rule")
+    ad, ud, gd = a.double(), u.double(), gy.double()
+    sig = torch.sigmoid(ad)
+    _accurate(ga, gd * ud * sig * (1 + ad * (1 - sig)), torch.bfloat16, "silu_mul ga vs float64")
+    _accurate(gu, gd * ad * sig, torch.bfloat16, "silu_mul gu vs float64")
+    ga2, gu2 = kt.silu_mul_grad(a, u, gy, True, True)
+    _same(ga2, ga, "silu_mul ga run to run")
+    _same(gu2, gu, "silu_mul gu run to run")
+    only_a, none_u = kt.silu_mul_grad(a, u, gy, True, False)
+    none_a, only_u = kt.silu_mul_grad(a, u, gy, False, True)
+    assert none_u is None and none_a is None
+    _accurate(only_a, ga, torch.bfloat16, "silu_mul ga alone")
+    _accurate(only_u, gu, torch.bfloat16, "silu_mul gu alone")
+    _no_torch_rule("silu_mul", monkeypatch)
+    gur = gate_up.clone().requires_grad_(True)
+    with mk.use_mode("invariant"):
+        mk.silu_mul(gur[:, :F], gur[:, F:]).backward(gy)
+    gu64 = gate_up.double().requires_grad_(True)
+    _ref.silu_mul(gu64[:, :F], gu64[:, F:]).backward(gy.double())
+    _accurate(gur.grad, gu64.grad, torch.bfloat16, "mk.silu_mul grad vs float64 autograd")
