@@ -5,6 +5,9 @@ formula, written out in fp32: no forward recompute and no autograd graph built i
 backward (fewer kernels and less host work per layer than recomputing through _ref). The
 backward need not be batch-invariant; tests compare these with autograd through _ref.
 Each rule: (saved tensors, extra args, output grad, needs_input_grad) -> input grads.
+On CUDA a rule runs the Triton kernels of _triton/elementwise_grads.py (one launch each,
+plus one sum for rms_norm's weight grad: far less host time than a dozen torch ops); on
+other devices it runs the torch code of its *_torch twin, the reference for those kernels.
 """
 
 from __future__ import annotations
@@ -13,6 +16,16 @@ import torch
 
 
 def rms_norm(saved, extra, g, needs):
+    """The Triton kernel on CUDA, else rms_norm_torch."""
+    x, w = saved
+    if x.is_cuda:
+        from . import _triton
+
+        return _triton.rms_norm_grad(x, w, g, extra[0], needs[0], needs[1])
+    return rms_norm_torch(saved, extra, g, needs)
+
+
+def rms_norm_torch(saved, extra, g, needs):
     """y = (x * r).to(dt) * w, r = rsqrt(mean(x^2) + eps), x in fp32."""
     x, w = saved
     (eps,) = extra
@@ -29,6 +42,16 @@ def rms_norm(saved, extra, g, needs):
 
 
 def apply_rope(saved, extra, g, needs):
+    """The Triton kernel on CUDA, else apply_rope_torch."""
+    x, cos_TF, sin_TF = saved
+    if x.is_cuda and needs[0]:
+        from . import _triton
+
+        return _triton.apply_rope_grad(g, cos_TF, sin_TF, x.dtype), None, None
+    return apply_rope_torch(saved, extra, g, needs)
+
+
+def apply_rope_torch(saved, extra, g, needs):
     """y = [x1 c - x2 s, x2 c + x1 s]: the transpose rotation [g1 c + g2 s, g2 c - g1 s]."""
     x, cos_TF, sin_TF = saved
     if not needs[0]:
@@ -41,6 +64,16 @@ def apply_rope(saved, extra, g, needs):
 
 
 def silu_mul(saved, extra, g, needs):
+    """The Triton kernel on CUDA, else silu_mul_torch."""
+    a, u = saved
+    if a.is_cuda:
+        from . import _triton
+
+        return _triton.silu_mul_grad(a, u, g, needs[0], needs[1])
+    return silu_mul_torch(saved, extra, g, needs)
+
+
+def silu_mul_torch(saved, extra, g, needs):
     """y = silu(a) * u: dy/da = u * sig(a) * (1 + a * (1 - sig(a))), dy/du = silu(a)."""
     a, u = saved
     af, uf, gf = a.float(), u.float(), g.float()

@@ -170,6 +170,116 @@ def check_silu_mul() -> None:
     _same(kt.silu_mul(gate[3:4], up[3:4]), y[3:4], "silu_mul row alone")
 
 
+def _close_rel(got: torch.Tensor, ref: torch.Tensor, what: str, rel: float = 1e-5) -> None:
+    """Every element within rel * max |ref| (fp32 math vs a float64 or fp32 reference)."""
+    assert got.shape == ref.shape, f"{what}: shape {list(got.shape)} vs {list(ref.shape)}"
+    scale = ref.double().abs().max().item() if ref.numel() else 1.0
+    _close(got, ref, what, atol=rel * (scale or 1.0), rtol=rel)
+
+
+def _autograd64(fn, ins, g):
+    """Grads of fn at ins (float64 copies) for the output grad g, via autograd."""
+    ins64 = [t.detach().double().requires_grad_(True) for t in ins]
+    return torch.autograd.grad(fn(*ins64), ins64, g.double())
+
+
+NEEDS = ((True, True), (True, False), (False, True), (False, False))
+
+
+def check_rms_norm_grad() -> None:
+    """rms_norm's backward kernel vs the torch rule and float64 autograd, with several row
+    blocks per program (the last one partial), both need flags, strided x and g; gx does not
+    depend on the row partition and gw only on the inputs (bitwise, run to run)."""
+    from miles_kernels import _grads, _ref
+    from miles_kernels._triton import elementwise_grads as eg
+
+    kt = _kt()
+    g = torch.Generator().manual_seed(20)
+    M, D, eps = 37, 40, 1e-6  # D not a power of two
+    x = torch.randn(M, D + 3, generator=g)[:, :D] * 3  # row stride != D
+    w = torch.randn(D, generator=g)
+    gy = torch.randn(D, M, generator=g).T  # column-major: contiguous().T in the wrapper
+    want64 = _autograd64(lambda a, b: _ref.rms_norm(a, b, eps), (x, w), gy)
+    saved = eg._GW_PARTIAL
+    try:
+        eg._GW_PARTIAL = 4 * 64  # 4 programs of 10 rows: 37 rows end inside the last one
+        for need_x, need_w in NEEDS:
+            what = f"rms_norm grad need_x={need_x} need_w={need_w}"
+            got = kt.rms_norm_grad(x, w, gy, eps, need_x, need_w)
+            want = _grads.rms_norm_torch((x, w), (eps,), gy, (need_x, need_w))
+            for a, b, b64, n in zip(got, want, want64, ("gx", "gw")):
+                assert (a is None) == (b is None), f"{what}: {n} is {a} vs the torch rule's {b}"
+                if a is not None:
+                    assert a.dtype == b.dtype, f"{what}: {n} dtype"
+                    _close_rel(a, b, f"{what}: {n} vs the torch rule")
+                    _close_rel(a, b64, f"{what}: {n} vs float64 autograd through _ref")
+        gx, gw = kt.rms_norm_grad(x, w, gy, eps, True, True)
+        kt.rms_norm_grad(x * 5, w - 1, gy + 2, eps, True, True)  # other data through the same buffers
+        gx2, gw2 = kt.rms_norm_grad(x.contiguous(), w, gy.contiguous(), eps, True, True)
+        _same(gx2, gx, "rms_norm gx run to run (contiguous copies)")
+        _same(gw2, gw, "rms_norm gw run to run (contiguous copies)")
+        _same(kt.rms_norm_grad(x, w, gy, eps, False, True)[1], gw, "rms_norm gw without gx")
+        eg._GW_PARTIAL = 1 << 20  # a row per program
+        gx1, gw1 = kt.rms_norm_grad(x, w, gy, eps, True, True)
+        _same(gx1, gx, "rms_norm gx with another row partition")
+        _close_rel(gw1, gw, "rms_norm gw with another row partition")
+        _same(kt.rms_norm_grad(x, w, gy, eps, True, False)[0], gx, "rms_norm gx without gw")
+    finally:
+        eg._GW_PARTIAL = saved
+    gx0, gw0 = kt.rms_norm_grad(x[:0], w, gy[:0], eps, True, True)
+    assert gx0.shape == (0, D) and torch.equal(gw0, torch.zeros(D)), "rms_norm grad of no rows"
+
+
+def check_apply_rope_grad() -> None:
+    """RoPE's backward (the forward kernel, rotated by -angle) vs the torch rule and float64
+    autograd, odd H and F, strided g; it inverts the forward (the rotation is orthogonal)."""
+    from miles_kernels import _grads, _ref
+
+    kt = _kt()
+    g = torch.Generator().manual_seed(21)
+    T, H, D = 7, 3, 20  # F = 10: not a power of two
+    cos, sin = _ref.rope_cos_sin(torch.arange(T) * 5, 1.0 / 100 ** (torch.arange(D // 2) * 2 / D))
+    x = torch.randn(T, H, D, generator=g)
+    gy = torch.randn(T, 2 * H, D, generator=g)[:, 1 : 2 * H : 2]  # head stride 2 * D
+    got = kt.apply_rope_grad(gy, cos, sin, x.dtype)
+    want = _grads.apply_rope_torch((x, cos, sin), (), gy, (True, False, False))
+    assert want[1:] == (None, None) and got.dtype == x.dtype
+    _close_rel(got, want[0], "apply_rope grad vs the torch rule")
+    (want64,) = _autograd64(lambda a: _ref.apply_rope(a, cos.double(), sin.double()), (x,), gy)
+    _close_rel(got, want64, "apply_rope grad vs float64 autograd through _ref")
+    _same(kt.apply_rope_grad(gy.contiguous(), cos, sin, x.dtype), got, "apply_rope grad run to run")
+    _close_rel(kt.apply_rope_grad(kt.apply_rope(x, cos, sin), cos, sin, x.dtype), x, "rope grad inverts rope")
+
+
+def check_silu_mul_grad() -> None:
+    """silu_mul's backward kernel vs the torch rule and float64 autograd, on column slices
+    of a fused gate_up wider than one block, saturated sigmoids included, both need flags."""
+    from miles_kernels import _grads, _ref
+
+    kt = _kt()
+    g = torch.Generator().manual_seed(22)
+    M, F = 5, 1100
+    gate_up = torch.randn(M, 2 * F, generator=g) * 4
+    gate_up[0, :6] = torch.tensor([-100.0, -30.0, -12.0, 12.0, 30.0, 100.0])
+    a, u = gate_up[:, :F], gate_up[:, F:]
+    gy = torch.randn(M, F + 5, generator=g)[:, 5:]
+    want64 = _autograd64(_ref.silu_mul, (a, u), gy)
+    for need_a, need_u in NEEDS:
+        what = f"silu_mul grad need_a={need_a} need_u={need_u}"
+        got = kt.silu_mul_grad(a, u, gy, need_a, need_u)
+        want = _grads.silu_mul_torch((a, u), (), gy, (need_a, need_u))
+        for p, q, q64, n in zip(got, want, want64, ("ga", "gu")):
+            assert (p is None) == (q is None), f"{what}: {n} is {p} vs the torch rule's {q}"
+            if p is not None:
+                assert p.dtype == q.dtype and p.shape == (M, F), f"{what}: {n} dtype/shape"
+                _close_rel(p, q, f"{what}: {n} vs the torch rule")
+                _close_rel(p, q64, f"{what}: {n} vs float64 autograd through _ref")
+    ga, gu = kt.silu_mul_grad(a, u, gy, True, True)
+    ga2, gu2 = kt.silu_mul_grad(a.contiguous(), u.contiguous(), gy.contiguous(), True, True)
+    _same(ga2, ga, "silu_mul ga run to run")
+    _same(gu2, gu, "silu_mul gu run to run")
+
+
 def check_logprobs() -> None:
     kt = _kt()
     g = torch.Generator().manual_seed(6)

@@ -45,7 +45,7 @@ def rms_norm(x_MD: torch.Tensor, w_D: torch.Tensor, eps: float) -> torch.Tensor:
 def _rope_kernel(
     x_ptr, cos_ptr, sin_ptr, y_ptr, H, F,
     stride_xt, stride_xh, stride_ct, stride_st, stride_yt, stride_yh,
-    BLOCK_H: tl.constexpr, BLOCK_F: tl.constexpr,
+    BLOCK_H: tl.constexpr, BLOCK_F: tl.constexpr, INVERSE: tl.constexpr,
 ):
     t = tl.program_id(0).to(tl.int64)
     hs = tl.arange(0, BLOCK_H)
@@ -53,6 +53,8 @@ def _rope_kernel(
     mask = (hs[:, None] < H) & (fs[None, :] < F)
     c = tl.load(cos_ptr + t * stride_ct + fs, mask=fs < F, other=0.0)[None, :]
     s = tl.load(sin_ptr + t * stride_st + fs, mask=fs < F, other=0.0)[None, :]
+    if INVERSE:  # the transpose rotation (RoPE's backward): rotate by -angle
+        s = -s
     x_ptrs = x_ptr + t * stride_xt + hs[:, None] * stride_xh + fs[None, :]
     x1 = tl.load(x_ptrs, mask=mask, other=0.0).to(tl.float32)
     x2 = tl.load(x_ptrs + F, mask=mask, other=0.0).to(tl.float32)
@@ -72,15 +74,21 @@ def apply_rope(x_THD: torch.Tensor, cos_TF: torch.Tensor, sin_TF: torch.Tensor) 
         )
     if cos_TF.dtype != torch.float32 or sin_TF.dtype != torch.float32:
         raise TypeError("miles_kernels apply_rope: cos/sin tables must be fp32 (build them with mk.rope_cos_sin)")
+    return rotate(x_THD, cos_TF, sin_TF, x_THD.dtype, inverse=False)
+
+
+def rotate(x_THD, cos_TF, sin_TF, dtype: torch.dtype, inverse: bool) -> torch.Tensor:
+    """The rotation of apply_rope (inverse: by -angle) on checked shapes, one rounding to dtype."""
+    T, H, D = x_THD.shape
     if x_THD.stride(-1) != 1:
         x_THD = x_THD.contiguous()
     cos_TF, sin_TF = cos_TF.contiguous(), sin_TF.contiguous()
-    y = torch.empty((T, H, D), dtype=x_THD.dtype, device=x_THD.device)
+    y = torch.empty((T, H, D), dtype=dtype, device=x_THD.device)
     if T > 0:
         _rope_kernel[(T,)](
-            x_THD, cos_TF, sin_TF, y, H, F,
+            x_THD, cos_TF, sin_TF, y, H, D // 2,
             x_THD.stride(0), x_THD.stride(1), cos_TF.stride(0), sin_TF.stride(0), y.stride(0), y.stride(1),
-            BLOCK_H=triton.next_power_of_2(H), BLOCK_F=triton.next_power_of_2(F), num_warps=4,
+            BLOCK_H=triton.next_power_of_2(H), BLOCK_F=triton.next_power_of_2(D // 2), INVERSE=inverse, num_warps=4,
         )
     return y
 
