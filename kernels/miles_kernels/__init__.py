@@ -7,19 +7,20 @@ So the engine's sampling log-probs equal the trainer's recomputed ones bit for b
 Call the ops directly; ``set_mode("fast")`` / ``use_mode("fast")`` switch to vendor kernels
 (cuBLAS, SDPA) for runs that accept a train/rollout mismatch. Each op's docstring states
 its numerics contract (dtypes in and out, cast points). Covered ops: linear, rms_norm,
-rope_cos_sin, apply_rope, silu_mul, attention, logprobs (and linear_logprobs, the lm_head
-and logprobs fused over row chunks), route_topk, grouped_linear.
+rope_cos_sin, apply_rope, silu_mul, attention (and kv_attention: write the new K/V, then
+attend), logprobs (and linear_logprobs, the lm_head and logprobs fused over row chunks),
+route_topk, grouped_linear.
 Anything else in a policy forward (embedding lookup, residual adds, reshapes) is exact.
 """
 
 from ._cpu import ATTN_BLOCK, CPU_ROW_TILE
 from ._mode import MODES, get_mode, set_mode, use_mode
 from .meta import AttnMeta, positions_from_cu_seqlens, varlen_meta, write_kv
-from .ops import (apply_rope, attention, filter_logits, grouped_linear, linear, linear_logprobs, logprobs,
-                  rms_norm, rope_cos_sin, route_topk, silu_mul)
+from .ops import (apply_rope, attention, filter_logits, grouped_linear, kv_attention, linear, linear_logprobs,
+                  logprobs, rms_norm, rope_cos_sin, route_topk, silu_mul)
 
 __all__ = [
     "ATTN_BLOCK", "CPU_ROW_TILE", "MODES", "AttnMeta", "apply_rope", "attention", "filter_logits",
-    "get_mode", "grouped_linear", "linear", "linear_logprobs", "logprobs", "positions_from_cu_seqlens", "rms_norm",
+    "get_mode", "grouped_linear", "kv_attention", "linear", "linear_logprobs", "logprobs", "positions_from_cu_seqlens", "rms_norm",
     "rope_cos_sin", "route_topk", "set_mode", "silu_mul", "use_mode", "varlen_meta", "write_kv",
 ]

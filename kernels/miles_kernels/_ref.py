@@ -92,6 +92,23 @@ def attention(q_THD, k_cache_PSKD, v_cache_PSKD, meta: AttnMeta, scale: float):
     return torch.cat(outs) if outs else q_THD.new_zeros(0, H, D)
 
 
+def packed_attention(q_THD, k_TKD, v_TKD, lens, scale: float):
+    """Causal GQA attention of whole sequences packed back to back (training), lens host ints:
+    the math of `attention` for q_len == kv_len, read from the packed K/V (no pages). split,
+    not slicing, so autograd joins the sequences' grads with one cat."""
+    H, D = q_THD.shape[1:]
+    G = H // k_TKD.shape[1]
+    outs = []
+    for q_LHD, k_LKD, v_LKD in zip(q_THD.split(lens), k_TKD.split(lens), v_TKD.split(lens)):
+        if q_LHD.shape[0] == 0:
+            continue
+        q4 = q_LHD.transpose(0, 1)[None]
+        k4 = k_LKD.transpose(0, 1).repeat_interleave(G, dim=0).to(q_THD.dtype)[None]
+        v4 = v_LKD.transpose(0, 1).repeat_interleave(G, dim=0).to(q_THD.dtype)[None]
+        outs.append(F.scaled_dot_product_attention(q4, k4, v4, is_causal=True, scale=scale)[0].transpose(0, 1))
+    return torch.cat(outs) if outs else q_THD.new_zeros(0, H, D)
+
+
 def _decode_attention(q_THD, k_cache_PSKD, v_cache_PSKD, meta: AttnMeta, scale: float):
     """R = max_q_len queries per sequence, query i at position kv_len - R + i: gather the
     table's pages into a padded [B, W*S] KV view, mask positions past each query, one SDPA

@@ -23,6 +23,8 @@ class AttnMeta:
     host:         optional (cu_seqlens_q, kv_lens) as host int tuples, where the builder has
                   them: per-sequence code (the SDPA reference, so the trainer's attention
                   backward) then loops without a device-to-host copy, a sync per layer
+    packed:       whole sequences packed for training (varlen_meta): each sequence's queries
+                  are all its tokens, so kv_attention's backward reads the packed K/V, not pages
 
     Example: two sequences, a 3-token prefill and a decode step at position 7 (page size 16):
     cu_seqlens_q=[0, 3, 4], kv_lens=[3, 8], block_table=[[0], [1]], max_q_len=3.
@@ -33,6 +35,7 @@ class AttnMeta:
     block_table: torch.Tensor
     max_q_len: int
     host: tuple[tuple[int, ...], tuple[int, ...]] | None = None
+    packed: bool = False
 
     def host_lists(self) -> tuple[tuple[int, ...], tuple[int, ...]]:
         """(cu_seqlens_q, kv_lens) as host ints: `host` if set, else copied (a sync on CUDA)."""
@@ -46,7 +49,7 @@ class AttnMeta:
 
     def to(self, device) -> "AttnMeta":
         return AttnMeta(self.cu_seqlens_q.to(device), self.kv_lens.to(device),
-                        self.block_table.to(device), self.max_q_len, self.host)
+                        self.block_table.to(device), self.max_q_len, self.host, self.packed)
 
 
 def varlen_meta(cu_seqlens: torch.Tensor, page_size: int, device=None) -> tuple[AttnMeta, torch.Tensor, int]:
@@ -74,6 +77,7 @@ def varlen_meta(cu_seqlens: torch.Tensor, page_size: int, device=None) -> tuple[
         block_table=block_table.to(device, torch.int32),
         max_q_len=int(lens.max()) if len(lens) else 0,
         host=(tuple(cu.tolist()), tuple(lens.tolist())),
+        packed=True,
     )
     return meta, slot.to(device), num_pages
 

@@ -3,8 +3,9 @@
 Forward: invariant mode runs the Triton kernel on CUDA and the tiled CPU implementation
 on CPU; fast mode runs plain torch (_ref). The forward values are identical with and
 without autograd. Backward uses an explicit rule (linear, logprobs, grouped_linear; the
-row-wise ops through _grads) or, for attention, recomputes through _ref (SDPA); the
-backward need not be invariant.
+row-wise ops through _grads) or, for attention, recomputes through _ref (SDPA; the packed
+training attention of kv_attention through flash's varlen kernels where torch has them);
+the backward need not be invariant.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import torch
 
 from . import _cpu, _grads, _ref
 from ._mode import get_mode
-from .meta import AttnMeta
+from .meta import AttnMeta, write_kv
 
 
 def _fast() -> bool:
@@ -50,17 +51,21 @@ class _Recompute(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, *grads):
-        tensors = ctx.saved_tensors
-        inputs = [t.detach().requires_grad_(t.requires_grad) for t in tensors]
-        with torch.enable_grad():
-            out = ctx.ref_fn(*inputs, *ctx.extra)
-        outs = out if isinstance(out, tuple) else (out,)
-        pairs = [(o, g) for o, g in zip(outs, grads) if g is not None and o.requires_grad]
-        wanted = [t for t in inputs if t.requires_grad]
-        got = iter(torch.autograd.grad([o for o, _ in pairs], wanted, [g for _, g in pairs],
-                                       allow_unused=True)) if pairs else iter([None] * len(wanted))
-        return (None, None, None, *[next(got) if t.requires_grad else None for t in inputs],
+        return (None, None, None, *_grads_through(ctx.ref_fn, ctx.saved_tensors, ctx.extra, grads),
                 *[None] * len(ctx.extra))
+
+
+def _grads_through(ref_fn, tensors, extra, grads):
+    """Input grads of ref_fn(*tensors, *extra) for the output grads, by autograd on detached copies."""
+    inputs = [t.detach().requires_grad_(t.requires_grad) for t in tensors]
+    with torch.enable_grad():
+        out = ref_fn(*inputs, *extra)
+    outs = out if isinstance(out, tuple) else (out,)
+    pairs = [(o, g) for o, g in zip(outs, grads) if g is not None and o.requires_grad]
+    wanted = [t for t in inputs if t.requires_grad]
+    got = iter(torch.autograd.grad([o for o, _ in pairs], wanted, [g for _, g in pairs],
+                                   allow_unused=True)) if pairs else iter([None] * len(wanted))
+    return [next(got) if t.requires_grad else None for t in inputs]
 
 
 class _Rule(torch.autograd.Function):
@@ -203,6 +208,73 @@ def attention(q_THD, k_cache_PSKD, v_cache_PSKD, meta: AttnMeta, scale: float):
             q, k, v, meta.cu_seqlens_q, meta.kv_lens, meta.block_table, meta.max_q_len, scale)
     ref = lambda q, k, v: _ref.attention(q, k, v, meta, scale)  # noqa: E731
     return _invariant(ref, inv, (q_THD, k_cache_PSKD, v_cache_PSKD))
+
+
+def kv_attention(q_THD, k_TKD, v_TKD, k_cache_PSKD, v_cache_PSKD, meta: AttnMeta, slot_T, scale: float):
+    """Store the new tokens' K/V at slot_T (write_kv), then `attention` over the cache.
+
+    Whole sequences packed for training (meta.packed, from varlen_meta) take a path whose
+    backward reads the packed q/k/v directly (SDPA per sequence): no page gather, no grad
+    through the cache, which is scratch space, written in place and reusable across layers.
+    The forward is `attention`'s, bit for bit. Otherwise (the engine, or a meta built by
+    hand) the write is differentiable and `attention` runs as it is.
+    """
+    if meta.packed and _fast():
+        return _ref.packed_attention(q_THD, k_TKD, v_TKD, list(meta.host_lists()[1]), scale)
+    if not (meta.packed and _needs_grad(q_THD, k_TKD, v_TKD)):
+        write_kv(k_cache_PSKD, v_cache_PSKD, k_TKD, v_TKD, slot_T)
+        return attention(q_THD, k_cache_PSKD, v_cache_PSKD, meta, scale)
+
+    def inv(q, k, v):
+        write_kv(k_cache_PSKD, v_cache_PSKD, k, v, slot_T)
+        return attention(q, k_cache_PSKD, v_cache_PSKD, meta, scale)
+
+    return _PackedAttention.apply(q_THD, k_TKD, v_TKD, inv, meta, scale)
+
+
+class _PackedAttention(torch.autograd.Function):
+    """Forward: the invariant kernel. Backward: flash attention over all the packed sequences
+    in one varlen call (GQA native, no per-sequence loop) where torch has it for these
+    tensors (CUDA, 16-bit, head_dim % 8 == 0 and <= 256), else autograd through the SDPA
+    reference per sequence. Like SDPA's, the flash backward is deterministic only under
+    torch.use_deterministic_algorithms(True)."""
+
+    @staticmethod
+    def forward(ctx, q_THD, k_TKD, v_TKD, inv_fn, meta, scale):
+        ctx.save_for_backward(q_THD, k_TKD, v_TKD)
+        ctx.meta, ctx.scale = meta, scale
+        with torch.no_grad():
+            return inv_fn(q_THD, k_TKD, v_TKD)
+
+    @staticmethod
+    def backward(ctx, g_THD):
+        q, k, v = ctx.saved_tensors
+        if _flash_varlen_ok(q, k, v):
+            grads = _flash_varlen_grads(q, k, v, g_THD, ctx.meta, ctx.scale)
+        else:
+            lens = list(ctx.meta.host_lists()[1])
+            ref = lambda q, k, v: _ref.packed_attention(q, k, v, lens, ctx.scale)  # noqa: E731
+            grads = _grads_through(ref, (q, k, v), (), (g_THD,))
+        return (*grads, None, None, None)
+
+
+def _flash_varlen_ok(q, k, v) -> bool:
+    avail = getattr(torch.backends.cuda, "is_flash_attention_available", lambda: True)
+    return (q.is_cuda and q.dtype in (torch.bfloat16, torch.float16) and k.dtype == v.dtype == q.dtype
+            and q.shape[0] > 0 and q.shape[-1] % 8 == 0 and q.shape[-1] <= 256
+            and torch.backends.cuda.flash_sdp_enabled() and avail()
+            and torch.cuda.get_device_capability(q.device) >= (8, 0))
+
+
+def _flash_varlen_grads(q, k, v, g, meta: AttnMeta, scale: float):
+    """(dq, dk, dv) of causal attention of the packed sequences: flash's forward recomputes the
+    output and log-sum-exp its backward needs (our forward's differ from them by rounding)."""
+    q, k, v, g = (t.contiguous() for t in (q, k, v, g))
+    cu, L = meta.cu_seqlens_q, meta.max_q_len
+    out, lse, rng, unused, _ = torch.ops.aten._flash_attention_forward(
+        q, k, v, cu, cu, L, L, 0.0, True, False, scale=scale)
+    return torch.ops.aten._flash_attention_backward(g, q, k, v, out, lse, cu, cu, L, L, 0.0, True, rng, unused,
+                                                    scale=scale)
 
 
 # --- logprobs ---------------------------------------------------------------------------

@@ -106,6 +106,35 @@ def test_varlen_training_path_matches_and_has_grads():
     assert torch.equal(_ref.attention(q, kc2, vc2, no_host, D ** -0.5), o2)
 
 
+@pytest.mark.parametrize("mode", ["invariant", "fast"])
+def test_kv_attention_packed_path_equals_the_cache_path(mode):
+    """kv_attention on packed training sequences (backward from the packed K/V, the cache
+    scratch space) gives the cache path's output bits and its grads; an empty sequence too."""
+    g = torch.Generator().manual_seed(8)
+    H, K, D = 4, 2, 8
+    cu = torch.tensor([0, 5, 5, 22, 55])  # lengths 5, 0, 17, 33
+    meta, slot, pages = mk.varlen_meta(cu, 16)
+    assert meta.packed and not dataclasses.replace(meta, packed=False).packed
+    T = int(cu[-1])
+    leaves = [torch.randn(T, n, D, generator=g, requires_grad=True) for n in (H, K, K)]
+    g_out = torch.randn(T, H, D, generator=g)
+    outs, grads = [], []
+    with mk.use_mode(mode):
+        for m in (dataclasses.replace(meta, packed=False), meta):
+            kc, vc = _cache(pages, 16, K, D, torch.float32)
+            o = mk.kv_attention(*leaves, kc, vc, m, slot, D ** -0.5)
+            outs.append(o.detach())
+            grads.append(torch.autograd.grad(o, leaves, g_out))
+            if m.packed and mode == "invariant":  # the cache got the K/V, but no grad path
+                assert not kc.requires_grad and torch.equal(kc.view(-1, K, D)[slot], leaves[1].detach())
+        with torch.no_grad():
+            kc, vc = _cache(pages, 16, K, D, torch.float32)
+            outs.append(mk.kv_attention(*leaves, kc, vc, meta, slot, D ** -0.5))
+    assert torch.equal(outs[0], outs[1]) and torch.equal(outs[1], outs[2])
+    for a, b in zip(*grads):
+        assert torch.allclose(a, b, rtol=1e-5, atol=1e-6), (a - b).abs().max()
+
+
 @pytest.mark.parametrize("rows", [1, 3])
 def test_ref_batched_path_matches_the_per_sequence_loop(rows):
     """Fast mode's (_ref) attention with `rows` queries per sequence (decode; the padded

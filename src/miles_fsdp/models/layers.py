@@ -66,8 +66,7 @@ class Attention(nn.Module):
             q_THD, k_TKD = self.q_norm(q_THD), self.k_norm(k_TKD)
         q_THD = mk.apply_rope(q_THD, cos_TF, sin_TF)
         k_TKD = mk.apply_rope(k_TKD, cos_TF, sin_TF)
-        mk.write_kv(k_cache_PSKD, v_cache_PSKD, k_TKD, v_TKD, slot_T)
-        o_THD = mk.attention(q_THD, k_cache_PSKD, v_cache_PSKD, meta, self.head_dim**-0.5)
+        o_THD = mk.kv_attention(q_THD, k_TKD, v_TKD, k_cache_PSKD, v_cache_PSKD, meta, slot_T, self.head_dim**-0.5)
         return self.wo(o_THD.reshape(T, self.n_heads * self.head_dim))
 
 

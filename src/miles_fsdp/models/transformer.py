@@ -1,8 +1,9 @@
 """The decoder-only Transformer (Qwen3 dense/MoE, Qwen2, Llama) and its MTP draft: architecture only.
 
 One class serves the trainer and the engine; only the attention metadata differs:
-- training: `kv_caches=None`, `meta`/`slot_T` from `packed_inputs(cu_seqlens)`; each layer
-  gets a scratch paged cache, K/V are written into it, then the same attention kernel runs;
+- training: `kv_caches=None`, `meta`/`slot_T` from `packed_inputs(cu_seqlens)`; the layers
+  share a scratch paged cache, K/V are written into it, then the same attention kernel runs
+  (mk.kv_attention; its backward reads the packed K/V, not the cache);
 - engine: `kv_caches` is the engine's per-layer (k_cache_PSKD, v_cache_PSKD) and `meta`
   carries its block tables.
 The draft (`mtp`, `args.n_mtp` modules, mtp.py) runs the same way through `draft_forward`;
@@ -60,7 +61,7 @@ class Transformer(nn.Module):
         h_TD = self.embed(ids_T)
         cos_TF, sin_TF = self._rope_cos_sin(pos_T)
         if kv_caches is None:
-            kv_caches = self._scratch_caches(ids_T.shape[0], meta.num_seqs, h_TD, self.args.n_layers)
+            kv_caches = self._scratch_caches(ids_T.shape[0], meta, h_TD, self.args.n_layers)
         if len(kv_caches) != len(self.layers):
             raise ValueError(f"kv_caches has {len(kv_caches)} entries, the model has {len(self.layers)} layers")
         for layer, (k_cache, v_cache) in zip(self.layers, kv_caches):
@@ -122,7 +123,7 @@ class Transformer(nn.Module):
         if not 0 <= module < len(self.mtp):
             raise ValueError(f"draft module {module} does not exist: the model has {len(self.mtp)} (args.n_mtp)")
         if kv_cache is None:
-            kv_cache = self._scratch_caches(pos_T.shape[0], meta.num_seqs, like_TD, 1)[0]
+            kv_cache = self._scratch_caches(pos_T.shape[0], meta, like_TD, 1)[0]
         return (*self._rope_cos_sin(pos_T), meta, slot_T, *kv_cache)
 
     def _rope_cos_sin(self, pos_T: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -136,14 +137,17 @@ class Transformer(nn.Module):
             self._rope_cache[device] = (inv_freq_F.to(device), scale)
         return self._rope_cache[device]
 
-    def _scratch_caches(self, T: int, B: int, like_TD: torch.Tensor, n: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    def _scratch_caches(self, T: int, meta: mk.AttnMeta, like_TD: torch.Tensor,
+                        n: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
         # packed_inputs puts each sequence on fresh pages: at most ceil(T / S) + B pages,
         # known from shapes alone (no device sync). Zeros, so unread slots are finite.
+        # Packed sequences (meta.packed): one cache for every layer, as kv_attention never
+        # differentiates through it and each layer overwrites the same slots.
         S = TRAIN_PAGE_SIZE
-        shape = (-(-T // S) + B, S, self.args.n_kv_heads, self.args.head_dim)
-        return [
-            (like_TD.new_zeros(shape), like_TD.new_zeros(shape)) for _ in range(n)
-        ]
+        shape = (-(-T // S) + meta.num_seqs, S, self.args.n_kv_heads, self.args.head_dim)
+        if meta.packed:
+            return [(like_TD.new_zeros(shape), like_TD.new_zeros(shape))] * n
+        return [(like_TD.new_zeros(shape), like_TD.new_zeros(shape)) for _ in range(n)]
 
     @torch.no_grad()
     def init_weights(self, seed: int = 0, device: str | torch.device = "cpu", std: float = 0.02) -> "Transformer":

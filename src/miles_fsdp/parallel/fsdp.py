@@ -64,7 +64,9 @@ def apply_fsdp(
         for draft_module in getattr(model, "mtp", ()):
             fully_shard(draft_module, **kw)
             register_fsdp_forward_method(draft_module, "forward_normed")
-    fully_shard(model, **kw)
+    # the whole model as one unit: say outright that it stays gathered from forward into
+    # backward (the root's default is only a heuristic of the torch version at hand)
+    fully_shard(model, **kw, **({} if per_block else {"reshard_after_forward": False}))
     for method in ("logits", "token_logprobs", "draft_forward", "draft_logits", "draft_token_logprobs"):
         if hasattr(model, method):
             register_fsdp_forward_method(model, method)
