@@ -112,15 +112,18 @@ def main() -> None:
                      "total_s": t_gen + t_reward + t_train + t_sync, "gen_tokens": gen_tokens,
                      "gen_tok_s": gen_tokens / t_gen, "train_tok_s": m["perf/tokens_per_s"],
                      "mfu": m.get("perf/mfu", 0.0), "logprob_abs_diff_max": float(loss.diff_max),
-                     "peak_mem_gib": m["perf/peak_mem_gib"]})
+                     "peak_mem_gib": m["perf/peak_mem_gib"], **engine.metrics()})
     timed_rows = rows[1:] or rows
     mean = {k: sum(r[k] for r in timed_rows) / len(timed_rows) for k in rows[0] if k != "step"}
+    e = rows[-1]
     print(f"{'phase':<10} {'seconds':>9}   ({a.prompts} prompts x {a.n} samples, {a.prompt_len}+{a.new} tokens,"
           f" mode {a.mode})")
     for k in ("generate_s", "reward_s", "train_s", "sync_s", "total_s"):
         print(f"{k[:-2]:<10} {mean[k]:>9.2f}")
     print(f"rollout {mean['gen_tok_s']:.0f} tok/s, train {mean['train_tok_s']:.0f} tok/s (MFU {mean['mfu']:.1%}), "
           f"logprob diff max {max(r['logprob_abs_diff_max'] for r in rows)}")
+    print(f"engine: {e['engine/preemptions_total']:.0f} preemptions in {a.steps} steps, "
+          f"decode from CUDA graphs: {e.get('engine/cuda_graphs_active', 0.0) == 1.0}")
     with open(a.out, "w") as f:
         json.dump({"device": torch.cuda.get_device_name() if CUDA else "cpu", "date": datetime.date.today().isoformat(),
                    "torch": torch.__version__, "args": vars(a), "mean": mean, "steps": rows}, f, indent=2)
