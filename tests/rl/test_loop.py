@@ -213,7 +213,10 @@ def test_profile_steps_write_traces_with_phases(setup):
     assert sorted(p.name for p in prof.iterdir()) == ["step_00002_rank0.json", "step_00002_rank0.txt"]
     names = {e.get("name") for e in json.loads((prof / "step_00002_rank0.json").read_text())["traceEvents"]}
     assert {"rollout", "train", "sync"} <= names  # the loop's phases are named ranges
-    assert "Self CPU" in (prof / "step_00002_rank0.txt").read_text()
+    txt = (prof / "step_00002_rank0.txt").read_text()
+    assert "Self CPU" in txt
+    # where the time went, per host thread; the loop's phases are the main thread's top level
+    assert "host thread" in txt and all(f"x  {phase}" in txt for phase in ("rollout", "train", "sync"))
     with pytest.raises(ValueError, match="1-based"):
         ProfileConfig(steps=(0,))
 

@@ -5,19 +5,23 @@ or chrome://tracing) and a table of the ops that took the most time:
 
     RUN_DIR/profile/step_00003_rank0.json   trace; the loop's phases (rollout, train, sync, ...)
                                             appear as named ranges (observe.metrics.Timers)
-    RUN_DIR/profile/step_00003_rank0.txt    the step's wall time and, on CUDA, device busy time and
-                                            kernel launches; top ops by device time (CPU time on CPU)
+    RUN_DIR/profile/step_00003_rank0.txt    the step's wall time; where it went (trace_summary.py:
+                                            device busy vs span, host time per thread by top-level
+                                            op); top ops by device time (CPU time on CPU)
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+
+from miles_fsdp.observe.trace_summary import format_summary, summarize
 
 logger = logging.getLogger(__name__)
 
@@ -68,9 +72,8 @@ class StepProfiler:
         events = prof.key_averages()
         sort = "self_cuda_time_total" if cuda else "self_cpu_time_total"
         head = f"step {step}, rank {self.rank}: wall {wall_ms:.1f} ms (profiler on)"
-        if cuda:  # a device busy far below the wall time: the step waits on the host (launches, syncs)
-            busy_ms = sum(e.self_device_time_total for e in events) / 1e3
-            launches = sum(e.count for e in events if e.key.startswith(("cudaLaunchKernel", "cuLaunchKernel")))
-            head += f", device busy {busy_ms:.1f} ms ({100 * busy_ms / max(wall_ms, 1e-9):.0f}%), {launches} kernel launches"
-        stem.with_suffix(".txt").write_text(f"{head}\n{events.table(sort_by=sort, row_limit=self.cfg.row_limit)}\n")
+        # a device busy far below its span: the step waits on the host (launches, syncs)
+        where = format_summary(summarize(json.loads(stem.with_suffix(".json").read_text())))
+        table = events.table(sort_by=sort, row_limit=self.cfg.row_limit)
+        stem.with_suffix(".txt").write_text(f"{head}\n{where}\n{table}\n")
         logger.info("profiled %s: %s.json / .txt", head, stem)
