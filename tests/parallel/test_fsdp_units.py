@@ -22,12 +22,14 @@ HF = dict(architectures=["Qwen3ForCausalLM"], model_type="qwen3", vocab_size=256
           num_nextn_predict_layers=1)
 
 
-def _train(units: str) -> tuple[Trainer, dict[str, torch.Tensor], list[dict]]:
+def _train(units: str, defer: bool = True) -> tuple[Trainer, dict[str, torch.Tensor], list[dict]]:
     with torch.device("meta"):
         model = Transformer(ModelArgs.from_hf(HF))
     model.init_weights(seed=0)
     trainer = Trainer(model, TrainerConfig(optim=OptimConfig(lr=1e-2), max_tokens_per_micro_batch=96,
                                            parallel=ParallelConfig(fsdp_units=units)), draft=DraftConfig())
+    assert trainer.defer_grad_sync  # one rank, no offload
+    trainer.defer_grad_sync = defer
     g = torch.Generator().manual_seed(1)
     seqs = [TrainSeq(torch.randint(0, 256, (n,), generator=g).tolist(), [0] * 4 + [1] * (n - 4)) for n in (40, 33, 57)]
     metrics = []
@@ -52,6 +54,27 @@ def test_block_and_model_units_train_the_same_bits():
         assert all(torch.equal(x, y) for x, y in zip(a["logp"], b["logp"])), f"logprobs before update {step}"
         assert a.get("train/loss") == b.get("train/loss") and a.get("draft/loss") == b.get("draft/loss")
     assert not torch.equal(m_model[0]["logp"][0], m_model[-1]["logp"][0]), "the updates must show in the scores"
+
+
+@pytest.mark.parametrize("units", ["block", "model"])
+def test_deferred_grad_sync_trains_the_same_bits(units, monkeypatch):
+    """One rank: FSDP reduces and reshards once, after the last micro-batch (2 per step here),
+    not after each; the grads, so the weights, the scores and the metrics, are the same bits."""
+    calls = []
+    real = FSDPModule.set_requires_gradient_sync
+    monkeypatch.setattr(FSDPModule, "set_requires_gradient_sync",
+                        lambda self, on, **kw: (calls.append(on), real(self, on, **kw))[1])
+    _, deferred, m_deferred = _train(units)
+    assert calls[:3] == [False, True, True]  # per step: first micro-batch, last, the reset after
+    calls.clear()
+    _, each, m_each = _train(units, defer=False)
+    assert not calls
+    for k in each:
+        assert torch.equal(each[k], deferred[k]), f"{k}: deferred grad sync changed the weights"
+    for a, b in zip(m_each, m_deferred):
+        assert all(torch.equal(x, y) for x, y in zip(a["logp"], b["logp"]))
+        assert {k: v for k, v in a.items() if k != "logp" and not k.startswith(("perf/", "time/"))} == \
+            {k: v for k, v in b.items() if k != "logp" and not k.startswith(("perf/", "time/"))}
 
 
 def test_auto_units_and_refusals():

@@ -133,6 +133,9 @@ class Trainer:
         if train_trunk:
             self.optimizer, self.scheduler = build_optimizer(self.trunk_params, cfg.optim)
         self.draft = DraftTrainer(self.model, draft, self.group) if draft is not None else None
+        # one rank: reduce (an identity) and reshard once per step, after the last micro-batch;
+        # FSDP accumulates the micro-batches' grads in fp32 meanwhile, the same sums bit for bit
+        self.defer_grad_sync = dist.get_world_size() == 1 and not cfg.parallel.cpu_offload
         self.step = 0  # optimizer steps taken
         self.peak_flops = cfg.peak_flops or self._lookup_peak_flops()
 
@@ -189,22 +192,36 @@ class Trainer:
         micro_batches = self._pad(micro_batches)
         if self.draft is not None:
             self.draft.begin(micro_batches)
-        for mb in micro_batches:
-            logp_T, ent_T, draft_loss = self._forward(mb, spec, entropy)
-            if mb.dummy:
-                loss_sum, stats = logp_T.sum() * 0.0, {}
-            else:
-                loss_sum, stats = loss_fn(logp_T, ent_T, mb)
-                n_tokens += mb.num_tokens
-            total = loss_sum * scale
-            if draft_loss is not None and draft_loss.requires_grad:
-                # one backward for both; the draft's term reaches the draft's parameters only
-                total = total + draft_loss * self.dp_size
-            total.backward()
-            loss_acc += loss_sum.detach()
-            for k, v in stats.items():
-                stats_acc[k] = stats_acc.get(k, 0.0) + torch.as_tensor(v, dtype=torch.float32, device=self.device)
+        try:
+            for i, mb in enumerate(micro_batches):
+                self._grad_sync(i == len(micro_batches) - 1)
+                n_tokens += self._micro_batch_backward(mb, loss_fn, spec, entropy, scale, loss_acc, stats_acc)
+        finally:
+            self._grad_sync(True)
         return {"denom": denom, "loss_sum": loss_acc, "stats": stats_acc, "tokens": n_tokens}
+
+    def _grad_sync(self, on: bool) -> None:
+        """FSDP reduces and reshards after this backward (always, unless defer_grad_sync)."""
+        if self.defer_grad_sync:
+            self.model.set_requires_gradient_sync(on)
+            self.model.set_reshard_after_backward(on)
+
+    def _micro_batch_backward(self, mb, loss_fn, spec, entropy, scale, loss_acc, stats_acc) -> int:
+        """Forward and backward of one micro-batch; adds to loss_acc / stats_acc; returns its tokens."""
+        logp_T, ent_T, draft_loss = self._forward(mb, spec, entropy)
+        if mb.dummy:
+            loss_sum, stats = logp_T.sum() * 0.0, {}
+        else:
+            loss_sum, stats = loss_fn(logp_T, ent_T, mb)
+        total = loss_sum * scale
+        if draft_loss is not None and draft_loss.requires_grad:
+            # one backward for both; the draft's term reaches the draft's parameters only
+            total = total + draft_loss * self.dp_size
+        total.backward()
+        loss_acc += loss_sum.detach()
+        for k, v in stats.items():
+            stats_acc[k] = stats_acc.get(k, 0.0) + torch.as_tensor(v, dtype=torch.float32, device=self.device)
+        return 0 if mb.dummy else mb.num_tokens
 
     def train_step(self, micro_batches: list[MicroBatch], loss_fn: LossFn, spec: ScoringSpec = ScoringSpec(),
                    norm: LossNorm = LossNorm.token_mean, norm_constant: float = 1.0,
