@@ -3,7 +3,7 @@
 Forward: invariant mode runs the Triton kernel on CUDA and the tiled CPU implementation
 on CPU; fast mode runs plain torch (_ref). The forward values are identical with and
 without autograd. Backward uses an explicit rule (linear, logprobs, grouped_linear; the
-row-wise ops through _grads) or, for attention, recomputes through _ref (SDPA; the packed
+row-wise ops through _grads, in both modes) or, for attention, recomputes through _ref (SDPA; the packed
 training attention of kv_attention through flash's varlen kernels where torch has them);
 the backward need not be invariant.
 """
@@ -141,11 +141,15 @@ def rms_norm(x, w, eps: float):
 
     x [..., D] any float dtype; statistics in fp32; the weight multiply in x's dtype.
     """
-    if _fast():
-        return _ref.rms_norm(x, w, eps)
     if x.dim() != 2:  # 2-D in, 2-D out with no view: FSDP hooks a root module's output
         return rms_norm(x.reshape(-1, x.shape[-1]), w, eps).reshape(x.shape)
-    return _with_rule(_grads.rms_norm, _backend(x).rms_norm, (x, w), (eps,))
+    return _with_rule(_grads.rms_norm, _row_impl(x, "rms_norm"), (x, w), (eps,))
+
+
+def _row_impl(x, name: str):
+    """A row-wise op's forward: _ref's torch ops in fast mode, else the invariant kernel. Both
+    modes take the closed-form backward (_grads): no autograd graph of fp32 temporaries."""
+    return getattr(_ref if _fast() else _backend(x), name)
 
 
 def rope_cos_sin(pos_T, inv_freq_F, scale: float = 1.0):
@@ -161,19 +165,14 @@ def rope_cos_sin(pos_T, inv_freq_F, scale: float = 1.0):
 
 def apply_rope(x_THD, cos_TF, sin_TF):
     """Rotate-half (neox) RoPE: x1*c - x2*s, x2*c + x1*s in fp32, one rounding to x's dtype."""
-    if _fast():
-        return _ref.apply_rope(x_THD, cos_TF, sin_TF)
-    impl = _backend(x_THD).apply_rope
-    return _with_rule(_grads.apply_rope, impl, (x_THD, cos_TF, sin_TF))
+    return _with_rule(_grads.apply_rope, _row_impl(x_THD, "apply_rope"), (x_THD, cos_TF, sin_TF))
 
 
 def silu_mul(gate, up):
     """silu(gate) * up in fp32, one rounding to gate's dtype. Any leading dims."""
-    if _fast():
-        return _ref.silu_mul(gate, up)
     lead = gate.shape[:-1]
     g2, u2 = gate.reshape(-1, gate.shape[-1]), up.reshape(-1, up.shape[-1])
-    y = _with_rule(_grads.silu_mul, _backend(gate).silu_mul, (g2, u2))
+    y = _with_rule(_grads.silu_mul, _row_impl(gate, "silu_mul"), (g2, u2))
     return y.reshape(*lead, gate.shape[-1])
 
 

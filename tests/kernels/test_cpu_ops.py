@@ -51,10 +51,12 @@ def test_elementwise_and_norm_invariant(dtype):
                           rtol=1e-5 if dtype == torch.float32 else 1e-2, atol=1e-5 if dtype == torch.float32 else 1e-2)
 
 
+@pytest.mark.parametrize("mode", ["invariant", "fast"])
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_row_op_grads_match_autograd_through_ref(dtype):
+def test_row_op_grads_match_autograd_through_ref(dtype, mode):
     """The closed-form backward rules (_grads) equal autograd through the _ref formulas, in
-    float64 exactly up to rounding, and in the run dtype within its precision."""
+    float64 exactly up to rounding, and in the run dtype within its precision. Fast mode runs
+    _ref's forward (the same bits) with the same rules."""
     g = torch.Generator().manual_seed(5)
     tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=3e-2, atol=3e-2)
     x = (torch.randn(40, 64, generator=g) * 2).to(dtype).requires_grad_(True)
@@ -67,7 +69,12 @@ def test_row_op_grads_match_autograd_through_ref(dtype):
              ("apply_rope", lambda f, a: f.apply_rope(a, cos, sin), (q,))]
     for name, fn, ins in cases:
         gy = torch.randn(fn(_ref, *ins).shape, generator=g).to(dtype)
-        got = torch.autograd.grad(fn(mk, *ins), ins, gy)
+        with mk.use_mode(mode):
+            y = fn(mk, *ins)
+        assert "_RuleBackward" in y.grad_fn.name() or "_RuleBackward" in str(y.grad_fn.next_functions), name
+        if mode == "fast":
+            assert torch.equal(y, fn(_ref, *ins)), f"fast {name} forward is _ref's"
+        got = torch.autograd.grad(y, ins, gy)
         want = torch.autograd.grad(fn(_ref, *ins), ins, gy)
         for a, b in zip(got, want):
             assert a.dtype == b.dtype and torch.allclose(a.float(), b.float(), **tol), f"{name} ({dtype})"
