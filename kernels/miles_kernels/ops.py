@@ -213,12 +213,15 @@ def kv_attention(q_THD, k_TKD, v_TKD, k_cache_PSKD, v_cache_PSKD, meta: AttnMeta
     """Store the new tokens' K/V at slot_T (write_kv), then `attention` over the cache.
 
     Whole sequences packed for training (meta.packed, from varlen_meta) take a path whose
-    backward reads the packed q/k/v directly (SDPA per sequence): no page gather, no grad
-    through the cache, which is scratch space, written in place and reusable across layers.
-    The forward is `attention`'s, bit for bit. Otherwise (the engine, or a meta built by
-    hand) the write is differentiable and `attention` runs as it is.
+    backward reads the packed q/k/v directly (flash varlen, else SDPA per sequence): no page
+    gather, no grad through the cache, which is scratch space, written in place and reusable
+    across layers. The forward is `attention`'s, bit for bit; fast mode's is flash's (or
+    SDPA's) on the packed tensors. Otherwise (the engine, or a meta built by hand) the write is
+    differentiable and `attention` runs as it is.
     """
     if meta.packed and _fast():
+        if _flash_varlen_ok(q_THD, k_TKD, v_TKD):
+            return _FlashPacked.apply(q_THD, k_TKD, v_TKD, meta, scale)
         return _ref.packed_attention(q_THD, k_TKD, v_TKD, list(meta.host_lists()[1]), scale)
     if not (meta.packed and _needs_grad(q_THD, k_TKD, v_TKD)):
         write_kv(k_cache_PSKD, v_cache_PSKD, k_TKD, v_TKD, slot_T)
@@ -257,6 +260,33 @@ class _PackedAttention(torch.autograd.Function):
         return (*grads, None, None, None)
 
 
+class _FlashPacked(torch.autograd.Function):
+    """Fast mode's packed training attention: flash varlen forward and backward, one call each
+    for all the sequences, the backward from the forward's saved output (no recompute)."""
+
+    @staticmethod
+    def forward(ctx, q_THD, k_TKD, v_TKD, meta, scale):
+        q, k, v = (t.contiguous() for t in (q_THD, k_TKD, v_TKD))
+        out, lse, rng, unused = _flash_varlen_forward(q, k, v, meta, scale)
+        ctx.save_for_backward(q, k, v, out, lse, rng, unused)
+        ctx.meta, ctx.scale = meta, scale
+        return out
+
+    @staticmethod
+    def backward(ctx, g_THD):
+        q, k, v, out, lse, rng, unused = ctx.saved_tensors
+        cu, L = ctx.meta.cu_seqlens_q, ctx.meta.max_q_len
+        grads = torch.ops.aten._flash_attention_backward(g_THD.contiguous(), q, k, v, out, lse, cu, cu, L, L, 0.0,
+                                                         True, rng, unused, scale=ctx.scale)
+        return (*grads, None, None)
+
+
+def _flash_varlen_forward(q, k, v, meta: AttnMeta, scale: float):
+    """(out, logsumexp, rng_state, unused) of causal flash attention over the packed sequences."""
+    cu, L = meta.cu_seqlens_q, meta.max_q_len
+    return torch.ops.aten._flash_attention_forward(q, k, v, cu, cu, L, L, 0.0, True, False, scale=scale)[:4]
+
+
 def _flash_varlen_ok(q, k, v) -> bool:
     avail = getattr(torch.backends.cuda, "is_flash_attention_available", lambda: True)
     return (q.is_cuda and q.dtype in (torch.bfloat16, torch.float16) and k.dtype == v.dtype == q.dtype
@@ -270,8 +300,7 @@ def _flash_varlen_grads(q, k, v, g, meta: AttnMeta, scale: float):
     output and log-sum-exp its backward needs (our forward's differ from them by rounding)."""
     q, k, v, g = (t.contiguous() for t in (q, k, v, g))
     cu, L = meta.cu_seqlens_q, meta.max_q_len
-    out, lse, rng, unused, _ = torch.ops.aten._flash_attention_forward(
-        q, k, v, cu, cu, L, L, 0.0, True, False, scale=scale)
+    out, lse, rng, unused = _flash_varlen_forward(q, k, v, meta, scale)
     return torch.ops.aten._flash_attention_backward(g, q, k, v, out, lse, cu, cu, L, L, 0.0, True, rng, unused,
                                                     scale=scale)
 

@@ -68,8 +68,9 @@ def test_no_host_sync_per_layer(mode):
 @pytest.mark.parametrize("mode", ["invariant", "fast"])
 def test_kv_attention_packed_path_at_real_shape(mode):
     """The training attention (mk.kv_attention on packed sequences: backward from the packed
-    K/V, through flash's varlen kernels in invariant mode) against the cache path it replaced (differentiable write_kv + attention), Qwen3-0.6B
-    heads, bf16, 4,096 tokens in sequences of 2,500 / 1 / 1,595: the same output bits, grads
+    K/V in one flash varlen call; fast mode's forward through flash too) against the cache
+    path it replaced (differentiable write_kv + attention), Qwen3-0.6B heads, bf16, 4,096
+    tokens in sequences of 2,500 / 1 / 1,595: invariant mode the same output bits, grads
     within bf16 rounding of each other."""
     import dataclasses
 
@@ -91,11 +92,13 @@ def test_kv_attention_packed_path_at_real_shape(mode):
             o = mk.kv_attention(*leaves, kc, vc, m, slot, D**-0.5)
             outs.append(o.detach())
             grads.append(torch.autograd.grad(o, leaves, g_out))
-    assert torch.equal(outs[0], outs[1])
-    if mode == "invariant":  # the packed backward is flash's one varlen call here
-        from miles_kernels import ops
+    from miles_kernels import ops
 
-        assert ops._flash_varlen_ok(*leaves)
+    assert ops._flash_varlen_ok(*leaves)  # the packed backward is flash's one varlen call here
+    if mode == "invariant":
+        assert torch.equal(outs[0], outs[1])
+    else:  # fast mode's packed forward is flash's too, the cache path's SDPA's own pick
+        assert (outs[0].double() - outs[1].double()).abs().max() <= 2e-2 * outs[0].double().abs().max()
     for a, b in zip(*grads):
         err = (a.double() - b.double()).abs().max().item()
         assert err <= 2e-2 * b.double().abs().max().item(), err
