@@ -22,12 +22,13 @@ HF = dict(architectures=["Qwen3ForCausalLM"], model_type="qwen3", vocab_size=256
           num_nextn_predict_layers=1)
 
 
-def _train(units: str, defer: bool = True) -> tuple[Trainer, dict[str, torch.Tensor], list[dict]]:
+def _train(units: str, defer: bool = True, ac: bool = False) -> tuple[Trainer, dict[str, torch.Tensor], list[dict]]:
     with torch.device("meta"):
         model = Transformer(ModelArgs.from_hf(HF))
     model.init_weights(seed=0)
+    parallel = ParallelConfig(fsdp_units=units, activation_checkpointing=ac)
     trainer = Trainer(model, TrainerConfig(optim=OptimConfig(lr=1e-2), max_tokens_per_micro_batch=96,
-                                           parallel=ParallelConfig(fsdp_units=units)), draft=DraftConfig())
+                                           parallel=parallel), draft=DraftConfig())
     assert trainer.defer_grad_sync  # one rank, no offload
     trainer.defer_grad_sync = defer
     g = torch.Generator().manual_seed(1)
@@ -75,6 +76,17 @@ def test_deferred_grad_sync_trains_the_same_bits(units, monkeypatch):
         assert all(torch.equal(x, y) for x, y in zip(a["logp"], b["logp"]))
         assert {k: v for k, v in a.items() if k != "logp" and not k.startswith(("perf/", "time/"))} == \
             {k: v for k, v in b.items() if k != "logp" and not k.startswith(("perf/", "time/"))}
+
+
+def test_activation_checkpointing_trains_the_same_bits():
+    """Recomputing each block in backward (its attention rewrites the layers' shared scratch KV
+    cache before reading it) gives the same weights and scores as keeping the activations."""
+    _, plain, m_plain = _train("model")
+    _, ac, m_ac = _train("model", ac=True)
+    for k in plain:
+        assert torch.equal(plain[k], ac[k]), f"{k}: activation checkpointing changed the weights"
+    for a, b in zip(m_plain, m_ac):
+        assert all(torch.equal(x, y) for x, y in zip(a["logp"], b["logp"]))
 
 
 def test_auto_units_and_refusals():
