@@ -3,9 +3,9 @@
 Forward: invariant mode runs the Triton kernel on CUDA and the tiled CPU implementation
 on CPU; fast mode runs plain torch (_ref). The forward values are identical with and
 without autograd. Backward uses an explicit rule (linear, logprobs, grouped_linear; the
-row-wise ops through _grads, in both modes) or, for attention, recomputes through _ref (SDPA; the packed
-training attention of kv_attention through flash's varlen kernels where torch has them);
-the backward need not be invariant.
+row-wise ops through _grads, in both modes) or, for attention, recomputes through _ref
+(SDPA; kv_attention's packed training attention through flash's varlen kernels where torch
+has them); the backward need not be invariant.
 """
 
 from __future__ import annotations
