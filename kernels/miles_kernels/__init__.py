@@ -21,6 +21,7 @@ from .ops import (apply_rope, attention, filter_logits, grouped_linear, kv_atten
 
 __all__ = [
     "ATTN_BLOCK", "CPU_ROW_TILE", "MODES", "AttnMeta", "apply_rope", "attention", "filter_logits",
-    "get_mode", "grouped_linear", "kv_attention", "linear", "linear_logprobs", "logprobs", "positions_from_cu_seqlens", "rms_norm",
-    "rope_cos_sin", "route_topk", "set_mode", "silu_mul", "use_mode", "varlen_meta", "write_kv",
+    "get_mode", "grouped_linear", "kv_attention", "linear", "linear_logprobs", "logprobs",
+    "positions_from_cu_seqlens", "rms_norm", "rope_cos_sin", "route_topk", "set_mode", "silu_mul", "use_mode",
+    "varlen_meta", "write_kv",
 ]
