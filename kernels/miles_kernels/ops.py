@@ -333,10 +333,7 @@ class _Logprobs(torch.autograd.Function):
     def backward(ctx, g_logp, g_ent):
         logits, ids, lse, ent = ctx.saved_tensors
         grad = torch.empty_like(logits)
-        for i in range(0, logits.shape[0], _BWD_ROWS):
-            sl = slice(i, i + _BWD_ROWS)
-            grad[sl] = _logprobs_grad(logits[sl], ids[sl], lse[sl], ent[sl], _rows(g_logp, sl), _rows(g_ent, sl),
-                                      *ctx.cfg)
+        _fill_logprobs_grad(grad, logits, ids, lse, ent, g_logp, g_ent, ctx.cfg)
         return grad, None, None, None, None, None, None
 
 
@@ -344,8 +341,27 @@ def _rows(t, sl):
     return None if t is None else t[sl]
 
 
-def _logprobs_grad(logits, ids, lse, ent, g_logp, g_ent, temperature, entropy, top_k, top_p):
-    """d(loss)/d(logits) for rows of logits, given the output grads of (logp, entropy)."""
+def _fill_logprobs_grad(grad, logits, ids, lse, ent, g_logp, g_ent, cfg):
+    """grad[:] = _logprobs_grad of all the rows: one kernel launch on CUDA without top-k/top-p,
+    else _BWD_ROWS rows at a time (bounds the fp32 temporaries of the filter and the torch rule)."""
+    top_k, top_p = cfg[2:]
+    one_pass = logits.is_cuda and not (top_k or top_p < 1.0)
+    step = max(1, logits.shape[0]) if one_pass else _BWD_ROWS
+    for i in range(0, logits.shape[0], step):
+        sl = slice(i, i + step)
+        _logprobs_grad(logits[sl], ids[sl], lse[sl], ent[sl], _rows(g_logp, sl), _rows(g_ent, sl), *cfg, out=grad[sl])
+
+
+def _logprobs_grad(logits, ids, lse, ent, g_logp, g_ent, temperature, entropy, top_k, top_p, out=None):
+    """d(loss)/d(logits) for rows of logits, given the output grads of (logp, entropy), in
+    logits' dtype (written into `out` when given). CUDA: one elementwise kernel pass."""
+    if logits.is_cuda:
+        out = torch.empty_like(logits) if out is None else out
+        z, t_in = logits, temperature
+        if top_k or top_p < 1.0:  # the forward's mask on the fp32 logits / T, read by the kernel at T = 1
+            z, t_in = filter_logits(logits.float() / temperature, top_k, top_p), 1.0
+        return _backend(logits).logprobs_grad(z, ids, lse, ent, g_logp, g_ent if entropy else None, t_in,
+                                              temperature, out)
     x = filter_logits(logits.float() / temperature, top_k, top_p)  # the forward's mask
     p = torch.exp(x - lse[:, None])
     g = torch.zeros_like(p)
@@ -358,7 +374,8 @@ def _logprobs_grad(logits, ids, lse, ent, g_logp, g_ent, temperature, entropy, t
         # dH/dx_j = -p_j (log p_j + H); masked tokens (p = 0) get 0
         logp_all = torch.where(p > 0, x - lse[:, None], torch.zeros_like(x))
         g = g - g_ent[:, None] * p * (logp_all + ent[:, None])
-    return (g / temperature).to(logits.dtype)
+    g = (g / temperature).to(logits.dtype)
+    return g if out is None else out.copy_(g)
 
 
 def logprobs(logits_TV, ids_T, temperature: float = 1.0, entropy: bool = False,
@@ -442,11 +459,7 @@ class _LinearLogprobs(torch.autograd.Function):
             with torch.no_grad():
                 logits = linear(x[sl], w)  # the forward's logits again
             g = torch.empty_like(logits)
-            for j in range(0, g.shape[0], _BWD_ROWS):  # fp32 temporaries for _BWD_ROWS rows at a time
-                e = min(j + _BWD_ROWS, g.shape[0])
-                t = slice(i + j, i + e)
-                g[j:e] = _logprobs_grad(logits[j:e], ids[t], lse[t], ent[t], _rows(g_logp, t), _rows(g_ent, t),
-                                        *ctx.cfg)
+            _fill_logprobs_grad(g, logits, ids[sl], lse[sl], ent[sl], _rows(g_logp, sl), _rows(g_ent, sl), ctx.cfg)
             if gx is not None:
                 gx[sl] = g @ w.to(g.dtype)
             if gw is not None:

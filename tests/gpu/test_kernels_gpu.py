@@ -403,3 +403,64 @@ def test_silu_mul_grad_kernel(kt, monkeypatch):
     gu64 = gate_up.double().requires_grad_(True)
     _ref.silu_mul(gu64[:, :F], gu64[:, F:]).backward(gy.double())
     _accurate(gur.grad, gu64.grad, torch.bfloat16, "mk.silu_mul grad vs float64 autograd")
+
+
+def _logprobs_grad64(z64_TV, ids_T, g_logp_T, g_ent_T, temperature):
+    """The logprobs backward rule in float64 on z = logits / T (masked tokens -inf): g_logp
+    (onehot - p), no one-hot term at a masked id, - g_ent p (log p + H), then the chain rule's 1 / T."""
+    lse = torch.logsumexp(z64_TV, -1, keepdim=True)
+    p = (z64_TV - lse).exp()
+    logp_all = torch.where(p > 0, z64_TV - lse, 0.0)
+    ent = -(p * logp_all).sum(-1, keepdim=True)
+    gl, ge = g_logp_T.double()[:, None], g_ent_T.double()[:, None]
+    onehot = torch.zeros_like(p).scatter_(-1, ids_T[:, None], 1.0) * torch.isfinite(z64_TV.gather(-1, ids_T[:, None]))
+    return (gl * (onehot - p) - ge * p * (logp_all + ent)) / temperature
+
+
+def test_logprobs_grad_kernel(kt, monkeypatch):
+    """ops._logprobs_grad on CUDA (one kernel pass over bf16 logits, the grad in bf16) vs the
+    rule in float64, unfiltered and top-k/top-p (the forward's mask, a masked id), entropy on;
+    mk.linear_logprobs' autograd (one kernel launch for the chunk) vs float64 autograd through _ref."""
+    import miles_kernels as mk
+    from miles_kernels import _ref, ops
+
+    calls, kernel = [], kt.logprobs_grad
+    monkeypatch.setattr(kt, "logprobs_grad", lambda *a: calls.append(a[0].shape[0]) or kernel(*a))
+    g, temp, T, V = _gen(10), 0.7, 300, 151936
+    logits = _randn(T, V, dtype=torch.bfloat16, g=g, scale=4)
+    g_logp, g_ent = torch.randn(T, generator=g, device="cuda"), torch.randn(T, generator=g, device="cuda")
+    for top_k, top_p in ((0, 1.0), (20, 0.9)):
+        what = f"logprobs grad kernel top_k={top_k} top_p={top_p}"
+        z = logits.float() / temp
+        ids = torch.randint(0, V, (T,), generator=g, device="cuda")
+        if top_k:
+            z = kt.filter_logits(z, top_k, top_p)  # the mask of the forward (invariant mode)
+            ids = z.argmax(-1)
+            ids[0] = z[0].argmin()  # a masked id: no one-hot term
+        _, ent, lse = kt.logprobs(logits, ids, temp, top_k, top_p)
+        calls.clear()
+        with mk.use_mode("invariant"):
+            got = ops._logprobs_grad(logits, ids, lse, ent, g_logp, g_ent, temp, True, top_k, top_p)
+            _same(ops._logprobs_grad(logits, ids, lse, ent, g_logp, g_ent, temp, True, top_k, top_p), got,
+                  f"{what}: run to run")
+        assert calls == [T, T], f"{what}: kernel calls {calls}"
+        assert got.dtype == torch.bfloat16 and got.shape == (T, V), what
+        z64 = (logits.double() / temp).masked_fill(torch.isinf(z), float("-inf"))
+        _accurate(got, _logprobs_grad64(z64, ids, g_logp, g_ent, temp), torch.bfloat16, what)
+        if top_k:
+            assert got[0, ids[0]] == 0, f"{what}: masked id got {got[0, ids[0]].item()}"
+
+    x = _randn(T, 1024, dtype=torch.bfloat16, g=g).requires_grad_(True)
+    w = _randn(V, 1024, dtype=torch.bfloat16, g=g, scale=0.02).requires_grad_(True)
+    ids = torch.randint(0, V, (T,), generator=g, device="cuda")
+    calls.clear()
+    with mk.use_mode("invariant"):
+        lp, ent = mk.linear_logprobs(x, w, ids, temp, entropy=True)
+        gx, gw = torch.autograd.grad((lp, ent), (x, w), (g_logp, g_ent))
+    assert calls == [T], f"linear_logprobs backward: kernel calls {calls}, want one of {T} rows"
+    x64, w64 = (t.detach().double().requires_grad_(True) for t in (x, w))
+    rl, re = _ref.logprobs(x64 @ w64.T, ids, temp, entropy=True)
+    rx, rw = torch.autograd.grad((rl, re), (x64, w64), (g_logp.double(), g_ent.double()))
+    assert gx.dtype == gw.dtype == torch.bfloat16
+    _accurate(gx, rx, torch.bfloat16, "linear_logprobs grad x vs float64 autograd")
+    _accurate(gw, rw, torch.bfloat16, "linear_logprobs grad w vs float64 autograd")

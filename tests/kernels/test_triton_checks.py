@@ -335,6 +335,62 @@ def check_logprobs_filtered() -> None:
                 _same(one[0][0], logp[2], f"{what}: row alone vs in batch")
 
 
+def _logprobs_grad_both(logits, ids, g_logp, g_ent, temp, entropy, top_k, top_p, out):
+    """(the Triton grad written into out, the torch rule's grad) for the forward's lse and
+    entropy; filtered rows go to the kernel as the forward's masked fp32 logits at T = 1."""
+    from miles_kernels import ops
+
+    kt = _kt()
+    _, ent, lse = ops._fast_logprobs(logits, ids, temp, True, top_k, top_p)
+    want = ops._logprobs_grad(logits, ids, lse, ent, g_logp, g_ent, temp, entropy, top_k, top_p)  # CPU: torch
+    z, t_in = logits, temp
+    if top_k or top_p < 1.0:
+        z, t_in = ops.filter_logits(logits.float() / temp, top_k, top_p), 1.0
+    got = kt.logprobs_grad(z, ids, lse, ent, g_logp, g_ent if entropy else None, t_in, temp, out)
+    return got, want
+
+
+def check_logprobs_grad() -> None:
+    """The logprobs backward kernel vs the torch rule (ops._logprobs_grad's CPU path): T = 1
+    and 0.7, entropy on and off, either output grad absent, top-k + top-p with a masked id;
+    strided logits, a row slice of a larger out (other rows untouched), vocab tiles with a
+    partial last one; bitwise equal run to run."""
+    import importlib
+
+    lg = importlib.import_module("miles_kernels._triton.logprobs_grad")  # the package's name is the function
+    g = torch.Generator().manual_seed(23)
+    T, V = 5, 1000
+    logits = (torch.randn(T, V + 24, generator=g) * 3)[:, :V]  # row stride != V
+    g_logp, g_ent = torch.randn(T, generator=g), torch.randn(T, generator=g)
+    saved = lg.GRAD_BLOCK
+    lg.GRAD_BLOCK = 256  # 4 tiles per row, the last one 232 wide
+    try:
+        cases = [(0, 1.0, True, True, True), (0, 1.0, False, True, True), (0, 1.0, True, False, True),
+                 (0, 1.0, True, True, False), (7, 0.8, True, True, True), (7, 0.8, True, False, False)]
+        for temp in (1.0, 0.7):
+            for top_k, top_p, has_logp, has_ent, entropy in cases:
+                what = (f"logprobs grad T={temp} top_k={top_k} top_p={top_p} g_logp={has_logp} "
+                        f"g_ent={has_ent} entropy={entropy}")
+                filtered = top_k > 0
+                ids = logits.argmax(-1) if filtered else torch.randint(0, V, (T,), generator=g)
+                if filtered:
+                    ids[1] = logits[1].argmin()  # outside top-k: no one-hot term
+                big = torch.full((T + 3, V), float("nan"))
+                gl, ge = (g_logp if has_logp else None), (g_ent if has_ent else None)
+                got, want = _logprobs_grad_both(logits, ids, gl, ge, temp, entropy, top_k, top_p, big[1: T + 1])
+                assert got.data_ptr() == big[1].data_ptr() and got.dtype == want.dtype, what
+                assert torch.isnan(big[0]).all() and torch.isnan(big[T + 1:]).all(), f"{what}: wrote outside out"
+                _close_rel(got, want, what, rel=1e-6)
+                if filtered:
+                    assert want[1, ids[1]].abs() < 1e-30, f"premise: {what}: masked id has no one-hot term"
+                again = _logprobs_grad_both(logits, ids, gl, ge, temp, entropy, top_k, top_p, torch.empty(T, V))[0]
+                _same(again, got, f"{what}: run to run")
+    finally:
+        lg.GRAD_BLOCK = saved
+    empty = torch.empty(0, V)
+    assert _kt().logprobs_grad(logits[:0], ids[:0], g_logp[:0], g_logp[:0], None, None, 1.0, 1.0, empty) is empty
+
+
 def check_top_p_cutoff() -> None:
     """The Triton top-p filter keeps exactly the tokens the sort-based reference keeps (rows
     with no token near the cut), ties included, and a row alone gets the bits it gets in a batch."""

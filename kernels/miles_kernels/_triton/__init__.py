@@ -5,13 +5,14 @@ with the same K walk in every bucket), no split-K, no autotune and no atomics, s
 result never depends on how many rows share the launch or where the row sits.
 The package is imported only for CUDA tensors in invariant mode (and by the interpreter
 tests under TRITON_INTERPRET=1). The row-local ops' backward rules (miles_kernels/_grads.py)
-run on CUDA as the kernels of elementwise_grads (deterministic, not batch-invariant); the
-other backward passes live in torch, in miles_kernels/ops.py.
+run on CUDA as the kernels of elementwise_grads (deterministic, not batch-invariant), and
+logprobs' as logprobs_grad; the other backward passes live in torch, in miles_kernels/ops.py.
 """
 
 from miles_kernels._triton.paged_attention import ATTN_BLOCK, KV_SPLIT, attention
 from miles_kernels._triton.elementwise import apply_rope, rms_norm, silu_mul
 from miles_kernels._triton.elementwise_grads import apply_rope_grad, rms_norm_grad, silu_mul_grad
+from miles_kernels._triton.logprobs_grad import logprobs_grad
 from miles_kernels._triton.matmul import GROUPED_TILES, LINEAR_TILES, grouped_linear, linear, linear_tile
 from miles_kernels._triton.rows import filter_logits, logprobs, route_topk, top_p_cutoff
 
@@ -28,6 +29,7 @@ __all__ = [
     "linear",
     "linear_tile",
     "logprobs",
+    "logprobs_grad",
     "rms_norm",
     "rms_norm_grad",
     "route_topk",
