@@ -10,6 +10,8 @@ has them); the backward need not be invariant.
 
 from __future__ import annotations
 
+import logging
+
 import torch
 
 from . import _cpu, _grads, _ref
@@ -221,7 +223,10 @@ def kv_attention(q_THD, k_TKD, v_TKD, k_cache_PSKD, v_cache_PSKD, meta: AttnMeta
     """
     if meta.packed and _fast():
         if _flash_varlen_ok(q_THD, k_TKD, v_TKD):
-            return _FlashPacked.apply(q_THD, k_TKD, v_TKD, meta, scale)
+            try:
+                return _FlashPacked.apply(q_THD, k_TKD, v_TKD, meta, scale)
+            except (RuntimeError, TypeError) as e:
+                _flash_unusable(e)
         return _ref.packed_attention(q_THD, k_TKD, v_TKD, list(meta.host_lists()[1]), scale)
     if not (meta.packed and _needs_grad(q_THD, k_TKD, v_TKD)):
         write_kv(k_cache_PSKD, v_cache_PSKD, k_TKD, v_TKD, slot_T)
@@ -251,13 +256,21 @@ class _PackedAttention(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g_THD):
         q, k, v = ctx.saved_tensors
+        grads = None
         if _flash_varlen_ok(q, k, v):
-            grads = _flash_varlen_grads(q, k, v, g_THD, ctx.meta, ctx.scale)
-        else:
-            lens = list(ctx.meta.host_lists()[1])
-            ref = lambda q, k, v: _ref.packed_attention(q, k, v, lens, ctx.scale)  # noqa: E731
-            grads = _grads_through(ref, (q, k, v), (), (g_THD,))
+            try:
+                grads = _flash_varlen_grads(q, k, v, g_THD, ctx.meta, ctx.scale)
+            except (RuntimeError, TypeError) as e:
+                _flash_unusable(e)
+        if grads is None:
+            grads = _sdpa_packed_grads(q, k, v, g_THD, ctx.meta, ctx.scale)
         return (*grads, None, None, None)
+
+
+def _sdpa_packed_grads(q, k, v, g, meta: AttnMeta, scale: float):
+    """(dq, dk, dv) by autograd through the SDPA reference, one sequence at a time."""
+    lens = list(meta.host_lists()[1])
+    return _grads_through(lambda q, k, v: _ref.packed_attention(q, k, v, lens, scale), (q, k, v), (), (g,))
 
 
 class _FlashPacked(torch.autograd.Function):
@@ -276,8 +289,12 @@ class _FlashPacked(torch.autograd.Function):
     def backward(ctx, g_THD):
         q, k, v, out, lse, rng, unused = ctx.saved_tensors
         cu, L = ctx.meta.cu_seqlens_q, ctx.meta.max_q_len
-        grads = torch.ops.aten._flash_attention_backward(g_THD.contiguous(), q, k, v, out, lse, cu, cu, L, L, 0.0,
-                                                         True, rng, unused, scale=ctx.scale)
+        try:
+            grads = torch.ops.aten._flash_attention_backward(g_THD.contiguous(), q, k, v, out, lse, cu, cu, L, L,
+                                                             0.0, True, rng, unused, scale=ctx.scale)
+        except (RuntimeError, TypeError) as e:
+            _flash_unusable(e)
+            grads = _sdpa_packed_grads(q, k, v, g_THD, ctx.meta, ctx.scale)
         return (*grads, None, None)
 
 
@@ -287,9 +304,24 @@ def _flash_varlen_forward(q, k, v, meta: AttnMeta, scale: float):
     return torch.ops.aten._flash_attention_forward(q, k, v, cu, cu, L, L, 0.0, True, False, scale=scale)[:4]
 
 
+_FLASH_FAILED: list[str] = []  # why a flash varlen call failed: the SDPA path from then on
+
+
+def _flash_unusable(e: Exception) -> None:
+    """A flash varlen call raised: out of memory is the caller's; anything else (this torch's
+    private flash signature moved, or its build lacks flash) is logged once, then SDPA serves."""
+    if isinstance(e, torch.OutOfMemoryError):
+        raise e
+    if not _FLASH_FAILED:
+        logging.getLogger(__name__).warning(
+            "miles_kernels: flash varlen attention failed (%s: %s); the packed training attention "
+            "runs SDPA per sequence from now on (same grads, more host work)", type(e).__name__, e)
+    _FLASH_FAILED.append(f"{type(e).__name__}: {e}")
+
+
 def _flash_varlen_ok(q, k, v) -> bool:
     avail = getattr(torch.backends.cuda, "is_flash_attention_available", lambda: True)
-    return (q.is_cuda and q.dtype in (torch.bfloat16, torch.float16) and k.dtype == v.dtype == q.dtype
+    return (not _FLASH_FAILED and q.is_cuda and q.dtype in (torch.bfloat16, torch.float16) and k.dtype == v.dtype == q.dtype
             and q.shape[0] > 0 and q.shape[-1] % 8 == 0 and q.shape[-1] <= 256
             and torch.backends.cuda.flash_sdp_enabled() and avail()
             and torch.cuda.get_device_capability(q.device) >= (8, 0))

@@ -153,3 +153,42 @@ def test_ref_batched_path_matches_the_per_sequence_loop(rows):
     loop = torch.cat([_ref.attention(q[b * rows:(b + 1) * rows], k_cache, v_cache,
                                      AttnMeta(cu[:2], kv[b:b + 1], table[b:b + 1], rows + 1), 0.3) for b in range(B)])
     torch.testing.assert_close(batched, loop, rtol=1e-5, atol=1e-5)
+
+
+def test_kv_attention_flash_failure_falls_back_once_with_a_warning(monkeypatch, caplog):
+    """A flash varlen call that raises (this torch's private signature moved, no flash in the
+    build) is logged once and the SDPA path serves from then on, with the same grads; out of
+    memory is not swallowed."""
+    from miles_kernels import ops
+
+    H, K, D = 4, 2, 8
+    cu = torch.tensor([0, 7, 20])
+    meta, slot, pages = mk.varlen_meta(cu, 16)
+    g = torch.Generator().manual_seed(9)
+    leaves = [torch.randn(20, n, D, generator=g, requires_grad=True) for n in (H, K, K)]
+
+    def grads():
+        kc, vc = _cache(pages, 16, K, D, torch.float32)
+        return torch.autograd.grad(mk.kv_attention(*leaves, kc, vc, meta, slot, D ** -0.5).sum(), leaves)
+
+    want = grads()
+    monkeypatch.setattr(ops, "_FLASH_FAILED", [])
+    monkeypatch.setattr(ops, "_flash_varlen_ok", lambda q, k, v: not ops._FLASH_FAILED)
+
+    def boom(*a):
+        raise TypeError("_flash_attention_forward() got an unexpected keyword argument 'scale'")
+
+    monkeypatch.setattr(ops, "_flash_varlen_grads", boom)
+    with caplog.at_level("WARNING", logger="miles_kernels.ops"):
+        for _ in range(2):
+            assert all(torch.equal(a, b) for a, b in zip(grads(), want))
+    assert ops._FLASH_FAILED and caplog.text.count("flash varlen attention failed") == 1
+    assert "unexpected keyword argument 'scale'" in caplog.text
+
+    def oom(*a):
+        raise torch.OutOfMemoryError("CUDA out of memory")
+
+    monkeypatch.setattr(ops, "_FLASH_FAILED", [])
+    monkeypatch.setattr(ops, "_flash_varlen_grads", oom)
+    with pytest.raises(torch.OutOfMemoryError):
+        grads()
