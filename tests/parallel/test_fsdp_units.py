@@ -29,8 +29,8 @@ def _train(units: str, defer: bool = True, ac: bool = False) -> tuple[Trainer, d
     parallel = ParallelConfig(fsdp_units=units, activation_checkpointing=ac)
     trainer = Trainer(model, TrainerConfig(optim=OptimConfig(lr=1e-2), max_tokens_per_micro_batch=96,
                                            parallel=parallel), draft=DraftConfig())
-    assert trainer.defer_grad_sync  # one rank, no offload
-    trainer.defer_grad_sync = defer
+    assert trainer.defer_grad_sync and trainer.defer_reshard == (units == "model")  # one rank, no offload
+    trainer.defer_grad_sync, trainer.defer_reshard = defer, defer and units == "model"
     g = torch.Generator().manual_seed(1)
     seqs = [TrainSeq(torch.randint(0, 256, (n,), generator=g).tolist(), [0] * 4 + [1] * (n - 4)) for n in (40, 33, 57)]
     metrics = []
@@ -59,8 +59,9 @@ def test_block_and_model_units_train_the_same_bits():
 
 @pytest.mark.parametrize("units", ["block", "model"])
 def test_deferred_grad_sync_trains_the_same_bits(units, monkeypatch):
-    """One rank: FSDP reduces and reshards once, after the last micro-batch (2 per step here),
-    not after each; the grads, so the weights, the scores and the metrics, are the same bits."""
+    """One rank: FSDP reduces once, after the last micro-batch (2 per step here), not after each
+    (and, one unit for the whole model, reshards then too); the grads, so the weights, the
+    scores and the metrics, are the same bits."""
     calls = []
     real = FSDPModule.set_requires_gradient_sync
     monkeypatch.setattr(FSDPModule, "set_requires_gradient_sync",

@@ -133,9 +133,11 @@ class Trainer:
         if train_trunk:
             self.optimizer, self.scheduler = build_optimizer(self.trunk_params, cfg.optim)
         self.draft = DraftTrainer(self.model, draft, self.group) if draft is not None else None
-        # one rank: reduce (an identity) and reshard once per step, after the last micro-batch;
-        # FSDP accumulates the micro-batches' grads in fp32 meanwhile, the same sums bit for bit
+        # one rank: reduce (an identity) once per step, after the last micro-batch (FSDP
+        # accumulates the micro-batches' grads in fp32 meanwhile: the same sums bit for bit), and
+        # under the whole-model unit reshard then too (per-block units keep their memory bound)
         self.defer_grad_sync = dist.get_world_size() == 1 and not cfg.parallel.cpu_offload
+        self.defer_reshard = self.defer_grad_sync and cfg.parallel.whole_model_unit(shard_size=1)
         self.step = 0  # optimizer steps taken
         self.peak_flops = cfg.peak_flops or self._lookup_peak_flops()
 
@@ -201,9 +203,10 @@ class Trainer:
         return {"denom": denom, "loss_sum": loss_acc, "stats": stats_acc, "tokens": n_tokens}
 
     def _grad_sync(self, on: bool) -> None:
-        """FSDP reduces and reshards after this backward (always, unless defer_grad_sync)."""
+        """FSDP reduces (and reshards) after this backward: always, unless deferred (__init__)."""
         if self.defer_grad_sync:
             self.model.set_requires_gradient_sync(on)
+        if self.defer_reshard:
             self.model.set_reshard_after_backward(on)
 
     def _micro_batch_backward(self, mb, loss_fn, spec, entropy, scale, loss_acc, stats_acc) -> int:
