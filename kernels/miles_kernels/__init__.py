@@ -17,11 +17,11 @@ from ._cpu import ATTN_BLOCK, CPU_ROW_TILE
 from ._mode import MODES, get_mode, set_mode, use_mode
 from .meta import AttnMeta, positions_from_cu_seqlens, varlen_meta, write_kv
 from .ops import (apply_rope, attention, filter_logits, grouped_linear, kv_attention, linear, linear_logprobs,
-                  logprobs, rms_norm, rope_cos_sin, route_topk, silu_mul)
+                  linears, logprobs, rms_norm, rope_cos_sin, route_topk, silu_mul)
 
 __all__ = [
     "ATTN_BLOCK", "CPU_ROW_TILE", "MODES", "AttnMeta", "apply_rope", "attention", "filter_logits",
-    "get_mode", "grouped_linear", "kv_attention", "linear", "linear_logprobs", "logprobs",
+    "get_mode", "grouped_linear", "kv_attention", "linear", "linear_logprobs", "linears", "logprobs",
     "positions_from_cu_seqlens", "rms_norm", "rope_cos_sin", "route_topk", "set_mode", "silu_mul", "use_mode",
     "varlen_meta", "write_kv",
 ]

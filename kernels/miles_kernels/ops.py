@@ -136,6 +136,57 @@ def linear(x, w_NK, b_N=None):
         return impl(x, w_NK, b_N)
 
 
+class _Linears(torch.autograd.Function):
+    """Several linears of one x as one autograd node: one launch forward at decode sizes, and
+    one Python call each way instead of one per weight (the trainer is host-bound)."""
+
+    @staticmethod
+    def forward(ctx, x_MK, impl, n, *wb):
+        ws, bs = wb[:n], wb[n:]
+        ctx.n, ctx.has_bias = n, bool(bs)
+        ctx.save_for_backward(x_MK, *ws)
+        return impl(x_MK, ws, bs or None)
+
+    @staticmethod
+    def backward(ctx, *gs):
+        x_MK, *ws = ctx.saved_tensors
+        need, n = ctx.needs_input_grad, ctx.n
+        gx = None
+        if need[0]:
+            for g, w in zip(gs, ws):
+                gx = g @ w.to(g.dtype) if gx is None else gx.addmm_(g, w.to(g.dtype))
+        gws = [(g.t() @ x_MK.to(g.dtype)).to(w.dtype) if need[3 + i] else None for i, (g, w) in enumerate(zip(gs, ws))]
+        gbs = [g.sum(0).to(w.dtype) if ctx.has_bias and need[3 + n + i] else None for i, (g, w) in enumerate(zip(gs, ws))]
+        return (gx, None, None, *gws, *gbs)
+
+
+def _linears_impl(backend):
+    if hasattr(backend, "linears"):
+        return backend.linears
+    return lambda x, ws, bs: tuple(backend.linear(x, w, None if bs is None else bs[i]) for i, w in enumerate(ws))
+
+
+def linears(x, ws, bs=None):
+    """(linear(x, ws[i], bs[i]) for each i): the same bits, one call (q/k/v; gate/up).
+
+    1-3 weights [N_i, K] of one K; bs None or one bias per weight. On CUDA at decode sizes
+    one kernel computes them all (miles_kernels._triton.matmul.linears).
+    """
+    ws, bs = tuple(ws), None if bs is None else tuple(bs)
+    if _fast():
+        return tuple(_ref.linear(x, w, None if bs is None else bs[i]) for i, w in enumerate(ws))
+    if x.dim() != 2:
+        lead = x.shape[:-1]
+        ys = linears(x.reshape(-1, x.shape[-1]), ws, bs)
+        return tuple(y.reshape(*lead, y.shape[-1]) for y in ys)
+    x = x.contiguous()
+    impl = _linears_impl(_backend(x))
+    if _needs_grad(x, *ws, *(bs or ())):
+        return _Linears.apply(x, impl, len(ws), *ws, *(bs or ()))
+    with torch.no_grad():
+        return impl(x, ws, bs)
+
+
 # --- elementwise and norms --------------------------------------------------------------
 
 def rms_norm(x, w, eps: float):

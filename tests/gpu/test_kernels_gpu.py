@@ -39,30 +39,47 @@ def _same(a, b, what):
     assert torch.equal(a, b), f"{what}: not bitwise equal, max diff {(a.double() - b.double()).abs().max().item():.3g}"
 
 
-@pytest.mark.parametrize("tma_always", [False, True])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
-def test_linear_every_tile_bucket_agrees(kt, dtype, tma_always, monkeypatch):
-    """Rows computed in each LINEAR_TILES bucket are bitwise equal to the same rows in every other,
-    whichever kernel (pointer or persistent TMA) a bucket's tile runs on."""
+def test_linear_every_tile_agrees(kt, dtype):
+    """Rows computed with each tile linear may pick (LINEAR_TILES and SMALL_M_TILES), on the
+    pointer and on the persistent TMA kernel, are bitwise equal to the same rows from linear
+    at M = 4096; linear itself at M sizes crossing every bucket too."""
     from miles_kernels._triton import matmul as lin
 
-    if tma_always:  # every tma tile on the TMA kernel, whatever the size
-        monkeypatch.setattr(lin, "_TMA_MIN_K", 0)
-        monkeypatch.setattr(lin, "_TMA_MIN_MN", 0)
     g = _gen(0)
-    K, N = 2056, 3000  # not tile multiples; 16-byte aligned rows (TMA); big enough for TMA at M >= 2048
-    buckets = kt.LINEAR_TILES[dtype]
-    sizes = sorted({1, 3} | {min(t.max_m, 4096) for t in buckets} | {t.max_m + 1 for t in buckets if t.max_m < 4096})
-    x = _randn(max(sizes), K, dtype=dtype, g=g)
+    K, N, M = 2056, 3000, 4096  # not tile multiples; 16-byte aligned rows (TMA)
+    x = _randn(M, K, dtype=dtype, g=g)
     w = _randn(N, K, dtype=dtype, g=g, scale=K**-0.5)
     b = _randn(N, dtype=dtype, g=g)
     y_full = kt.linear(x, w, b)
     _accurate(y_full, x.double() @ w.double().T + b.double(), dtype, "linear vs float64")
-    for m in sizes:
-        for start in (0, max(sizes) - m):
-            tile = kt.linear_tile(m, dtype)
-            _same(kt.linear(x[start : start + m], w, b), y_full[start : start + m],
-                  f"linear M={m} (tile {tile}) rows {start}: vs M={max(sizes)}")
+    for tile in lin.all_linear_tiles(dtype):
+        for t in (tile._replace(tma=False), tile._replace(tma=True)):
+            for start, m in ((0, 1), (5, 64), (100, 300), (0, M)):
+                y = torch.empty(m, N, dtype=dtype, device="cuda")
+                lin._launch_linear(x[start : start + m], w, b, y, t)
+                _same(y, y_full[start : start + m], f"tile {t} rows {start}:{start + m} vs linear at M={M}")
+    for m in (1, 3, 64, 65, 128, 256, 512, 513, 2048, 2049):
+        for n in (64, 1024, N):
+            tile = lin.linear_tile(m, dtype, n, x.device)
+            _same(kt.linear(x[7 : 7 + m], w[:n], b[:n]), y_full[7 : 7 + m, :n],
+                  f"linear M={m} N={n} (tile {tile}) vs M={M}")
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_linears_equal_linear(kt, dtype):
+    """linears (one launch at M <= SMALL_M) gives each weight linear's bits: 0.6B q/k/v with
+    biases and gate/up shapes, M across the small-M range and past it."""
+    g = _gen(3)
+    K = 1024
+    x = _randn(600, K, dtype=dtype, g=g)
+    for ns, bias in (((2048, 1024, 1024), True), ((3072, 3072), False)):
+        ws = tuple(_randn(n, K, dtype=dtype, g=g, scale=K**-0.5) for n in ns)
+        bs = tuple(_randn(n, dtype=dtype, g=g) for n in ns) if bias else None
+        for m in (1, 5, 64, 256, 512, 513):
+            ys = kt.linears(x[:m], ws, bs)
+            for i, (y, w) in enumerate(zip(ys, ws)):
+                _same(y, kt.linear(x[:m], w, None if bs is None else bs[i]), f"linears output {i}, M={m}, N={ns}")
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

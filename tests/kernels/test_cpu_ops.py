@@ -234,6 +234,29 @@ def test_linear_grad_and_fast_mode():
         mk.set_mode("turbo")
 
 
+@pytest.mark.parametrize("mode", ["invariant", "fast"])
+@pytest.mark.parametrize("bias", [False, True])
+def test_linears_equal_separate_linears(mode, bias):
+    """mk.linears (q/k/v, gate/up): each output, and every grad, as the separate linears give."""
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(2, 9, 16, generator=g, requires_grad=True)
+    ws = [torch.randn(n, 16, generator=g, requires_grad=True) for n in (12, 8, 8)]
+    bs = [torch.randn(w.shape[0], generator=g, requires_grad=True) for w in ws] if bias else None
+    with mk.use_mode(mode):
+        ys = mk.linears(x, ws, bs)
+        refs = [mk.linear(x, w, bs[i] if bias else None) for i, w in enumerate(ws)]
+    params = [x, *ws, *(bs or [])]
+    for y, r in zip(ys, refs):
+        assert y.shape == r.shape and torch.equal(y, r)
+    loss = sum((y * (i + 1)).square().sum() for i, y in enumerate(ys))
+    ref_loss = sum((r * (i + 1)).square().sum() for i, r in enumerate(refs))
+    for a, r in zip(torch.autograd.grad(loss, params), torch.autograd.grad(ref_loss, params)):
+        assert torch.allclose(a, r, rtol=1e-5, atol=1e-4)
+    with torch.no_grad(), mk.use_mode(mode):  # two weights, no autograd node
+        for y, w in zip(mk.linears(x, ws[:2]), ws[:2]):
+            assert torch.equal(y, mk.linear(x, w))
+
+
 def test_ops_take_zero_rows():
     """A micro-batch may have no trained position (the trainer then scores none)."""
     w = torch.randn(7, 5)

@@ -97,6 +97,40 @@ def check_linear_tma_buckets() -> None:
         lin.LINEAR_TILES[torch.float32] = saved
 
 
+def check_linears() -> None:
+    """linears (q/k/v, gate/up in one launch at small M): each output has linear's bits, with and
+    without biases, 2 and 3 weights, whichever small-M tile the summed N picks."""
+    from miles_kernels._triton import matmul as lin
+
+    saved = dict(lin.SMALL_M_TILES)
+    g = torch.Generator().manual_seed(11)
+    x = torch.randn(37, 72, generator=g)
+    ws = [torch.randn(n, 72, generator=g) for n in (40, 24, 24)]
+    bs = [torch.randn(w.shape[0], generator=g) for w in ws]
+    try:
+        for tiles in ((lin.Tile(64, 16, 16, 32, 1, 4, 2),), (lin.Tile(64, 32, 32, 32, 1, 4, 2), lin.Tile(64, 16, 16, 32, 1, 4, 2))):
+            lin.SMALL_M_TILES[torch.float32] = tiles
+            for k in (2, 3):
+                for with_b in (False, True):
+                    b = bs[:k] if with_b else None
+                    ys = lin.linears(x, tuple(ws[:k]), None if b is None else tuple(b))
+                    assert len(ys) == k
+                    for i in range(k):
+                        _same(ys[i], lin.linear(x, ws[i], None if b is None else b[i]),
+                              f"linears output {i} of {k} (bias {with_b}, tiles {tiles}) vs linear")
+                    _same(lin.linears(x[3:4], tuple(ws[:k]))[k - 1], lin.linears(x, tuple(ws[:k]))[k - 1][3:4],
+                          "linears row 3 alone vs in batch")
+    finally:
+        lin.SMALL_M_TILES.clear()
+        lin.SMALL_M_TILES.update(saved)
+    try:
+        lin.linears(x, (ws[0], torch.randn(5, 71)))
+    except ValueError as e:
+        assert "K=72" in str(e)
+    else:
+        raise AssertionError("linears accepted weights of different K")
+
+
 def check_grouped_linear() -> None:
     kt = _kt()
     g = torch.Generator().manual_seed(2)
@@ -504,15 +538,19 @@ def check_attention_odd_group() -> None:
 
 
 def check_attention_many_splits() -> None:
-    """Shrink KV_SPLIT so decode merges several split states; must still equal prefill."""
+    """Shrink KV_SPLIT so decode merges several split states; must still equal prefill, whether
+    each split has its own program, a program walks several (p, p + P, ...), or one program
+    walks them all (DECODE_PROGRAMS reached by the (sequence, kv head) pairs alone)."""
     from miles_kernels._triton import paged_attention as attn_mod
 
-    saved = attn_mod.KV_BLOCK, attn_mod.KV_SPLIT
+    saved = attn_mod.KV_BLOCK, attn_mod.KV_SPLIT, attn_mod.DECODE_PROGRAMS
     attn_mod.KV_BLOCK, attn_mod.KV_SPLIT = 16, 32
     try:
-        _check_attention_case(L=90, H=2, K=1, D=16, page=32, chunks=[40, 7, 43])
+        for programs in (1024, 2, 1):
+            attn_mod.DECODE_PROGRAMS = programs
+            _check_attention_case(L=90, H=2, K=1, D=16, page=32, chunks=[40, 7, 43])
     finally:
-        attn_mod.KV_BLOCK, attn_mod.KV_SPLIT = saved
+        attn_mod.KV_BLOCK, attn_mod.KV_SPLIT, attn_mod.DECODE_PROGRAMS = saved
 
 
 def check_attention_kv_block_spans_pages() -> None:

@@ -1,4 +1,8 @@
-"""Sweep paged-attention knobs (KV_BLOCK, KV_SPLIT, prefill tile): bitwise prefill == chunked == decode, then time."""
+"""Sweep paged-attention knobs (KV_BLOCK, KV_SPLIT, prefill tile): bitwise prefill == chunked == decode, then time.
+
+    python tools/bench/attn_sweep.py OUT.json              # the knob grid
+    python tools/bench/attn_sweep.py OUT.json --decode     # DECODE_PROGRAMS at the engine's decode shapes
+"""
 
 import json
 import sys
@@ -97,7 +101,49 @@ CFGS = [  # KV_BLOCK, KV_SPLIT, prefill BLOCK_M, prefill warps, prefill stages
     (32, 128, 128, 8, 3), (64, 256, 128, 8, 2), (64, 256, 128, 4, 3), (128, 256, 128, 8, 2),
 ]
 
+def decode_programs():
+    """Decode (0.6B heads: 16 q, 8 kv, D 128) from a CUDA graph for each DECODE_PROGRAMS, block
+    tables as wide as max_model_len 4096 and 40960 allow; bits must not change; SDPA on the same
+    KV laid out contiguously is the peer."""
+    H, K, D, page = 16, 8, 128, 64
+    res = []
+    for B, ctx in ((8, 544), (8, 4096), (64, 544), (64, 4096), (256, 544), (256, 1024)):
+        n = -(-ctx // page)
+        kc = torch.randn(B * n, page, K, D, device="cuda", dtype=DT)
+        vc = torch.randn_like(kc)
+        q = torch.randn(B, H, D, device="cuda", dtype=DT)
+        cu = torch.arange(B + 1, device="cuda", dtype=torch.int32)
+        kv = torch.full((B,), ctx, device="cuda", dtype=torch.int32)
+        gb = 2 * B * ctx * K * D * 2 / 1e6
+        qs = q[:, :, None]
+        ks = kc.view(B, n * page, K, D)[:, :ctx].transpose(1, 2).contiguous()
+        vs = vc.view(B, n * page, K, D)[:, :ctx].transpose(1, 2).contiguous()
+        sdpa = do_bench(lambda: F.scaled_dot_product_attention(qs, ks, vs, enable_gqa=True), return_mode="median")
+        ref = None
+        for width in (4096 // page, 40960 // page):
+            bt = torch.zeros(B, width, device="cuda", dtype=torch.int32)
+            bt[:, :n] = torch.arange(B * n, device="cuda", dtype=torch.int32).view(B, n)
+            for progs in (1, 264, 528, 1024, 2048, 1 << 30):
+                A.DECODE_PROGRAMS = progs
+                o = A.attention(q, kc, vc, cu, kv, bt, 1, D**-0.5)
+                same = ref is None or torch.equal(o, ref)
+                ref = o if ref is None else ref
+                g = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(g):
+                    A.attention(q, kc, vc, cu, kv, bt, 1, D**-0.5)
+                tg = do_bench(g.replay, warmup=10, rep=40, return_mode="median")
+                del g
+                res.append(dict(B=B, ctx=ctx, width=width, programs=progs, same=same, graph_ms=tg, gb_s=gb / tg,
+                                sdpa_ms=sdpa, x_sdpa=sdpa / tg))
+                print(f"B={B:4} ctx={ctx:5} width={width:4} programs={progs:10} same={int(same)} graph {tg * 1e3:7.1f} us "
+                      f"{gb / tg:6.0f} GB/s  sdpa {sdpa * 1e3:7.1f} us ({sdpa / tg:.2f}x)", flush=True)
+    return res
+
+
 if __name__ == "__main__":
+    if "--decode" in sys.argv:
+        json.dump(decode_programs(), open(sys.argv[1], "w"), indent=1)
+        sys.exit(0)
     res = []
     for kvb, split, bm, w, st in CFGS:
         A.KV_BLOCK, A.KV_SPLIT = kvb, split

@@ -261,8 +261,10 @@ def profile(out_dir: str, model_name: str = "qwen3-0.6b", batch: int = 64, plen:
                 eng.step()
             table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=40)
             cuda_us = sum(e.self_device_time_total for e in prof.key_averages())
+            trace = os.path.join(out_dir, f"trace_{mode}.json")
+            prof.export_chrome_trace(trace)
             with open(os.path.join(out_dir, f"profile_{mode}.txt"), "w") as f:
-                f.write(f"{n} decode steps\n{table}\n")
+                f.write(f"{n} decode steps, batch {batch}, prompt {plen}\n{table}\n")
             report[mode] = dict(step_ms=step_ms, init_s=init_s, gpu_ms_per_step=cuda_us / 1e3 / n,
                                 tok_s=batch / step_ms * 1e3, phases_ms=phases)
             print(mode, json.dumps(report[mode], indent=1), flush=True)
@@ -285,10 +287,11 @@ def main() -> None:
     ap.add_argument("--profile", metavar="DIR", help="only profile decode steps (0.6B); write DIR/profile*")
     ap.add_argument("--profile-new", type=int, default=64, help="--profile: new tokens per sample")
     ap.add_argument("--profile-batch", type=int, default=64, help="--profile: batch size")
+    ap.add_argument("--profile-prompt", type=int, default=128, help="--profile: prompt tokens per sample")
     ap.add_argument("--profile-modes", default="invariant,fast", help="--profile: comma-separated modes")
     a = ap.parse_args()
     if a.profile:
-        return profile(a.profile, batch=a.profile_batch, new=a.profile_new,
+        return profile(a.profile, batch=a.profile_batch, plen=a.profile_prompt, new=a.profile_new,
                        modes=tuple(a.profile_modes.split(",")))
     if not torch.cuda.is_available():
         raise SystemExit("tools/bench/engine.py needs a CUDA device (--profile also runs on CPU)")

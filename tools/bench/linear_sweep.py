@@ -41,6 +41,16 @@ SMALL_CFG = [T(0, 64, 32, 64, 1, 4, 6), T(0, 64, 16, 64, 1, 4, 8), T(0, 64, 32, 
              T(0, 16, 32, 64, 1, 4, 8), T(0, 16, 64, 64, 1, 4, 6), T(0, 16, 16, 64, 1, 2, 10),
              T(0, 64, 32, 64, 1, 4, 8, True), T(0, 64, 64, 64, 1, 4, 6, True), T(0, 64, 16, 64, 1, 4, 10, True)]
 
+# Engine decode and chunked prefill: 0.6B / 8B shapes (q, k|v, o, gate|up, down; qkv and gate_up as one weight) at
+# the batch sizes the engine runs; the tiles keep BLOCK_K=64 and trade CTAs for reuse.
+DECODE = [(m, n, k) for m in (64, 128, 256, 512) for (n, k) in (
+    (2048, 1024), (1024, 1024), (1024, 2048), (3072, 1024), (1024, 3072), (4096, 1024), (6144, 1024),
+    (4096, 4096), (1024, 4096), (12288, 4096), (4096, 12288), (6144, 4096), (24576, 4096))]
+DECODE_CFG = [T(0, 64, 32, 64, 1, 4, 8), T(0, 64, 16, 64, 1, 4, 8), T(0, 64, 64, 64, 1, 4, 6), T(0, 64, 64, 64, 8, 4, 4),
+              T(0, 64, 128, 64, 8, 4, 4), T(0, 128, 64, 64, 8, 4, 4), T(0, 128, 128, 64, 8, 8, 4),
+              T(0, 64, 32, 64, 1, 4, 8, True), T(0, 64, 64, 64, 8, 4, 6, True), T(0, 128, 64, 64, 8, 4, 4, True),
+              T(0, 128, 128, 64, 8, 8, 4, True)]
+
 
 def run(shapes, cfgs, peak, rows):
     for M, N, K in shapes:
@@ -56,8 +66,6 @@ def run(shapes, cfgs, peak, rows):
             try:
                 lin._launch_linear(xm, w, None, y, c)
                 torch.cuda.synchronize()
-                saved = lin._TMA_MIN_K, lin._TMA_MIN_MN
-                lin._TMA_MIN_K = lin._TMA_MIN_MN = 0  # sweep: the tile's own kernel, whatever the size
             except Exception as e:  # noqa: BLE001 - report and go on
                 rows.append(dict(M=M, N=N, K=K, cfg=list(c), err=str(e)[:200]))
                 print(f"M={M} N={N} K={K} {tuple(c)[1:]} ERROR {str(e)[:120]}", flush=True)
@@ -65,7 +73,6 @@ def run(shapes, cfgs, peak, rows):
             lin._launch_linear(xm, w, None, y, c)
             same = torch.equal(y, ref[:M])
             t, t_graph = timings(lambda: lin._launch_linear(xm, w, None, y, c))  # noqa: B023
-            lin._TMA_MIN_K, lin._TMA_MIN_MN = saved
             dev = t_graph or t
             tf = 2 * M * N * K / dev / 1e9
             gbs = 2 * (M * K + N * K + M * N) / dev / 1e6
@@ -89,7 +96,8 @@ def main():
     print(f"HBM copy peak {peak:.0f} GB/s", flush=True)
     rows = []
     for wh in a.which.split(","):
-        shapes, cfgs = dict(check=(CHECK, CHECK_CFG), small=(SMALL, SMALL_CFG), mid=(MID, MID_CFG), large=(LARGE, LARGE_CFG))[wh]
+        shapes, cfgs = dict(check=(CHECK, CHECK_CFG), small=(SMALL, SMALL_CFG), mid=(MID, MID_CFG), large=(LARGE, LARGE_CFG),
+                             decode=(DECODE, DECODE_CFG))[wh]
         run(shapes, cfgs, peak, rows)
         json.dump(rows, open(a.out, "w"), indent=1)
 

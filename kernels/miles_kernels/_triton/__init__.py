@@ -13,7 +13,7 @@ from miles_kernels._triton.paged_attention import ATTN_BLOCK, KV_SPLIT, attentio
 from miles_kernels._triton.elementwise import apply_rope, rms_norm, silu_mul
 from miles_kernels._triton.elementwise_grads import apply_rope_grad, rms_norm_grad, silu_mul_grad
 from miles_kernels._triton.logprobs_grad import logprobs_grad
-from miles_kernels._triton.matmul import GROUPED_TILES, LINEAR_TILES, grouped_linear, linear, linear_tile
+from miles_kernels._triton.matmul import GROUPED_TILES, LINEAR_TILES, grouped_linear, linear, linear_tile, linears
 from miles_kernels._triton.rows import filter_logits, logprobs, route_topk, top_p_cutoff
 
 __all__ = [
@@ -28,6 +28,7 @@ __all__ = [
     "grouped_linear",
     "linear",
     "linear_tile",
+    "linears",
     "logprobs",
     "logprobs_grad",
     "rms_norm",

@@ -2,9 +2,10 @@
 
 One output tile walks K from 0 in steps of BLOCK_K, accumulating tl.dot results in fp32
 (no split-K, no atomics), so every output element sums its K products in the same order
-whatever M is. LINEAR_TILES may pick a wider tile for larger M, but BLOCK_K is the same in
-every bucket of a dtype; tests/gpu/test_kernels_gpu.py checks every bucket against every
-other bitwise. If a GPU ever breaks that, collapse the table to one row.
+whatever M is. The tile may change with the shape (LINEAR_TILES by M; SMALL_M_TILES by how
+many tiles fill the GPU), but BLOCK_K is the same in every tile of a dtype;
+tests/gpu/test_kernels_gpu.py checks every tile against every other bitwise. If a GPU ever
+breaks that, collapse the tables to one row.
 """
 
 from typing import NamedTuple
@@ -35,6 +36,20 @@ _TILES_16 = (
     Tile(2048, 128, 128, 64, 8, 8, 5, True),
     Tile(_BIG, 128, 256, 64, 8, 8, 3, True),  # persistent TMA, grouped order: ~0.93-1.1x cuBLAS at M=4096
 )
+# M <= SMALL_M (engine decode, short prefill chunks): few row tiles, so the tile's width sets how
+# many CTAs stream the weight. Largest first; linear_tile takes the first that makes at least
+# FILL x SMs tiles, else the last (H200 sweep of 2026-12-02, docs/kernel_tuning.md: 1.0-2.3x the
+# M-bucket tile on the 0.6B / 8B shapes at M = 64-512).
+SMALL_M = 512
+FILL = 0.7
+_SMALL_16 = (
+    Tile(SMALL_M, 128, 128, 64, 8, 8, 4, True),
+    Tile(SMALL_M, 128, 64, 64, 8, 4, 4, True),
+    Tile(SMALL_M, 64, 64, 64, 1, 4, 6),
+    Tile(SMALL_M, 64, 32, 64, 1, 4, 8),
+    Tile(SMALL_M, 64, 16, 64, 1, 4, 8),
+)
+SMALL_M_TILES: dict[torch.dtype, tuple[Tile, ...]] = {torch.bfloat16: _SMALL_16, torch.float16: _SMALL_16}
 LINEAR_TILES: dict[torch.dtype, tuple[Tile, ...]] = {
     torch.bfloat16: _TILES_16,
     torch.float16: _TILES_16,
@@ -47,10 +62,38 @@ GROUPED_TILES: dict[torch.dtype, Tile] = {
 }
 
 
-def linear_tile(m: int, dtype: torch.dtype) -> Tile:
+_TILE_CACHE: dict[tuple, Tile] = {}
+
+
+def linear_tile(m: int, dtype: torch.dtype, n: int = 0, device: torch.device | None = None) -> Tile:
+    """The tile for an [m, K] x [n, K]^T product (n = 0: the M bucket of LINEAR_TILES alone)."""
+    key = (m, n, dtype, device, id(LINEAR_TILES.get(dtype)), id(SMALL_M_TILES.get(dtype)))  # tables swapped: new key
+    t = _TILE_CACHE.get(key)
+    if t is None:
+        if len(_TILE_CACHE) > 4096:  # packed trainer batches bring many M: keep the dict small
+            _TILE_CACHE.clear()
+        t = _TILE_CACHE[key] = _pick_tile(m, dtype, n, device)
+    return t
+
+
+def _pick_tile(m: int, dtype: torch.dtype, n: int, device: torch.device | None) -> Tile:
     if dtype not in LINEAR_TILES:
         raise TypeError(f"miles_kernels linear: dtype {dtype} is not supported on CUDA; use bf16, fp16 or fp32")
-    return next(t for t in LINEAR_TILES[dtype] if m <= t.max_m)
+    small = SMALL_M_TILES.get(dtype, ())
+    if n and small and m <= SMALL_M:
+        fits = [t for t in small if t.block_m <= max(m, 64)]  # no half-empty 128-row tiles at M <= 64
+        want = FILL * _num_programs(device or torch.device("cuda"))
+        return next((t for t in fits if triton.cdiv(m, t.block_m) * triton.cdiv(n, t.block_n) >= want), fits[-1])
+    t = next(t for t in LINEAR_TILES[dtype] if m <= t.max_m)
+    # Below about 4M outputs the pointer kernel is as fast (and its launch is cheaper): same bits.
+    # (The interpreter keeps the tile's kernel, so CPU tests run the TMA one.)
+    cuda = device is None or device.type == "cuda"
+    return t._replace(tma=False) if n and cuda and m * n < _TMA_MIN_MN else t
+
+
+def all_linear_tiles(dtype: torch.dtype) -> tuple[Tile, ...]:
+    """Every tile linear may pick for dtype (they must all give the same bits)."""
+    return LINEAR_TILES[dtype] + SMALL_M_TILES.get(dtype, ())
 
 
 def _dot_precision(dtype: torch.dtype) -> str:
@@ -137,10 +180,9 @@ def _num_programs(device: torch.device) -> int:
     return _NUM_SMS[idx]
 
 
-# The TMA kernel wins once the output is big (H100: 0.9-1.1x cuBLAS at M=4096, any K); below
-# about 4M outputs (M=1024 x N=1024) the pointer kernel is as fast or faster. Either kernel gives
-# the same bits for a tile, so this choice may look at any size.
-_TMA_MIN_K = 0
+# For LINEAR_TILES the TMA kernel wins once the output is big (H100: 0.9-1.1x cuBLAS at M=4096,
+# any K); below about 4M outputs (M=1024 x N=1024) the pointer kernel is as fast or faster.
+# Either kernel gives the same bits for a tile, so this choice may look at any size.
 _TMA_MIN_MN = 1 << 22
 
 
@@ -153,7 +195,7 @@ def _launch_linear(x_MK, w_NK, b_N, y_MN, t: Tile) -> None:
     M, K = x_MK.shape
     N = w_NK.shape[0]
     precision = _dot_precision(x_MK.dtype)
-    if t.tma and (K >= _TMA_MIN_K and M * N >= _TMA_MIN_MN or x_MK.device.type != "cuda") and _tma_ok(x_MK, w_NK, y_MN):
+    if t.tma and _tma_ok(x_MK, w_NK, y_MN):
         x_d = TensorDescriptor.from_tensor(x_MK, [t.block_m, t.block_k])
         w_d = TensorDescriptor.from_tensor(w_NK, [t.block_n, t.block_k])
         y_d = TensorDescriptor.from_tensor(y_MN, [t.block_m, t.block_n])
@@ -185,8 +227,84 @@ def linear(x_MK: torch.Tensor, w_NK: torch.Tensor, b_N: torch.Tensor | None = No
     y_MN = torch.empty((M, N), dtype=x_MK.dtype, device=x_MK.device)
     if M == 0 or N == 0:
         return y_MN
-    _launch_linear(x_MK, w_NK, b_N, y_MN, linear_tile(M, x_MK.dtype))
+    _launch_linear(x_MK, w_NK, b_N, y_MN, linear_tile(M, x_MK.dtype, N, x_MK.device))
     return y_MN
+
+
+@triton.jit
+def _linears_kernel(
+    x_ptr, w0_ptr, w1_ptr, w2_ptr, b0_ptr, b1_ptr, b2_ptr, y0_ptr, y1_ptr, y2_ptr,
+    M, K, N0, N1, N2, T1, T2, stride_xm,
+    HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    # Up to three linears of one x in one launch: column tiles [0, T1) are w0's, [T1, T2) w1's,
+    # [T2, ...) w2's (contiguous [N_i, K] weights, contiguous [M, N_i] outputs). A tile is
+    # computed exactly as in _linear_kernel (K from 0 in BLOCK_K steps, fp32 acc), so each
+    # output has the bits linear(x, w_i, b_i) gives.
+    pid = tl.program_id(0)
+    n_tiles_m = tl.cdiv(M, BLOCK_M)
+    tile_m = pid % n_tiles_m
+    tile_n = pid // n_tiles_m
+    in1 = tile_n >= T1
+    in2 = tile_n >= T2
+    w_ptr = tl.where(in2, w2_ptr, tl.where(in1, w1_ptr, w0_ptr))
+    y_ptr = tl.where(in2, y2_ptr, tl.where(in1, y1_ptr, y0_ptr))
+    N = tl.where(in2, N2, tl.where(in1, N1, N0))
+    tile_n -= tl.where(in2, T2, tl.where(in1, T1, 0))
+
+    rows = tile_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = tile_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    ks = tl.arange(0, BLOCK_K)
+    x_ptrs = x_ptr + rows[:, None].to(tl.int64) * stride_xm + ks[None, :]
+    w_ptrs = w_ptr + cols[None, :].to(tl.int64) * K + ks[:, None]
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        x = tl.load(x_ptrs, mask=(rows[:, None] < M) & (k0 + ks[None, :] < K), other=0.0)
+        w = tl.load(w_ptrs, mask=(cols[None, :] < N) & (k0 + ks[:, None] < K), other=0.0)
+        acc = tl.dot(x, w, acc, input_precision=PRECISION)
+        x_ptrs += BLOCK_K
+        w_ptrs += BLOCK_K
+    y = acc.to(y0_ptr.dtype.element_ty)
+    if HAS_BIAS:
+        b_ptr = tl.where(in2, b2_ptr, tl.where(in1, b1_ptr, b0_ptr))
+        b = tl.load(b_ptr + cols, mask=cols < N, other=0.0)
+        y = (y.to(tl.float32) + b.to(tl.float32)[None, :]).to(y0_ptr.dtype.element_ty)
+    y_ptrs = y_ptr + rows[:, None].to(tl.int64) * N + cols[None, :]
+    tl.store(y_ptrs, y, mask=(rows[:, None] < M) & (cols[None, :] < N))
+
+
+def linears(x_MK: torch.Tensor, ws: tuple[torch.Tensor, ...], bs: tuple[torch.Tensor, ...] | None = None
+            ) -> tuple[torch.Tensor, ...]:
+    """(linear(x, ws[i], bs[i]) for each i), bit for bit; 1-3 weights of one K (q/k/v, gate/up).
+
+    At M <= SMALL_M (decode) one launch covers them all, its tile chosen by the summed N (the
+    decode step's few, small linears are launch- and occupancy-bound); above, one linear each.
+    """
+    M, K = x_MK.shape
+    if not 1 <= len(ws) <= 3 or any(w.shape[1] != K for w in ws) or (bs is not None and len(bs) != len(ws)):
+        raise ValueError(f"miles_kernels linears: 1-3 weights [N_i, K={K}] (and as many biases), got "
+                         f"{[list(w.shape) for w in ws]} and {None if bs is None else len(bs)} biases")
+    small = SMALL_M_TILES.get(x_MK.dtype, ())
+    if M == 0 or M > SMALL_M or not small:
+        return tuple(linear(x_MK, w, None if bs is None else bs[i]) for i, w in enumerate(ws))
+    x_MK = x_MK.contiguous()
+    ws = tuple(w.contiguous() for w in ws)
+    ns = [w.shape[0] for w in ws]
+    ys = tuple(torch.empty((M, n), dtype=x_MK.dtype, device=x_MK.device) for n in ns)
+    t = linear_tile(M, x_MK.dtype, sum(ns), x_MK.device)
+    tiles = [triton.cdiv(n, t.block_n) for n in ns] + [0, 0]
+    pad = lambda seq, fill: tuple(seq) + (fill,) * (3 - len(seq))  # noqa: E731
+    w3, y3 = pad(ws, ws[-1]), pad(ys, ys[-1])
+    b3 = pad(bs, bs[-1]) if bs is not None else (x_MK,) * 3
+    n3 = pad(ns, 0)
+    grid = (triton.cdiv(M, t.block_m) * sum(tiles),)
+    _linears_kernel[grid](
+        x_MK, *w3, *b3, *y3, M, K, *n3, tiles[0], tiles[0] + tiles[1], x_MK.stride(0),
+        HAS_BIAS=bs is not None, BLOCK_M=t.block_m, BLOCK_N=t.block_n, BLOCK_K=t.block_k,
+        PRECISION=_dot_precision(x_MK.dtype), num_warps=t.num_warps, num_stages=t.num_stages,
+    )
+    return ys
 
 
 @triton.jit

@@ -8,9 +8,10 @@ A query row (one token x one query head) reduces its keys in a fixed order:
     splits merged left to right with _merge, then acc / l.
 
 Prefill (any q_len) runs it in one program per (q tile, sequence, kv head), looping over
-splits. When every sequence fits one q tile (decode, short verify chunks) the splits run
-in parallel programs that write their states, and _combine_kernel merges them in the
-same order with the same code, so decode == prefill bitwise while keeping the GPU busy.
+splits. When every sequence fits one q tile (decode, short verify chunks) and the
+(sequence, kv head) pairs are too few to fill the GPU, the splits run in parallel programs
+that write their states, and _combine_kernel merges them in the same order with the same
+code, so decode == prefill bitwise while keeping the GPU busy.
 The M tile packs the GQA group: row r is token r // G_PAD, query head kvh * G + r % G_PAD.
 Blocks past a row's position only add fully masked scores, which change nothing bitwise.
 """
@@ -23,6 +24,9 @@ from miles_kernels._cpu import ATTN_BLOCK  # KV walk granularity: one constant f
 
 KV_BLOCK = 64  # KV tokens per online-softmax step (multiple of ATTN_BLOCK); any page size works (gather)
 KV_SPLIT = 256  # tokens per split (multiple of KV_BLOCK): enough programs for decode, few merges
+# Split-parallel decode launches about this many programs ((sequence, kv head) pairs x split
+# programs): enough to fill an H100/H200 several times over; more is only empty programs.
+DECODE_PROGRAMS = 1024
 _BLOCK_M = {torch.bfloat16: 64, torch.float16: 64, torch.float32: 16}  # rows (token x head) per decode tile
 # Longer query chunks (the fused path) take a taller tile; a row's reduction is the same in both.
 _BLOCK_M_PREFILL = {torch.bfloat16: 64, torch.float16: 64, torch.float32: 16}
@@ -123,21 +127,20 @@ def _attn_kernel(
     )
     bt_row_ptr = bt_ptr + b.to(tl.int64) * stride_bt
     if SPLIT_PARALLEL:
-        split = tl.program_id(2)
-        blk_lo = split * SPLIT_BLOCKS
-        if blk_lo >= n_blocks:
-            return
-        m, l, acc = _split_state(
-            q, pos, kv_len, blk_lo, tl.minimum(blk_lo + SPLIT_BLOCKS, n_blocks), k_ptr, v_ptr, bt_row_ptr, kvh,
-            qk_scale, D, stride_kp, stride_ks, stride_kk, stride_vp, stride_vs, stride_vk,
-            BLOCK_M, BLOCK_D, PAGE, ATTN_BLK, PRECISION,
-        )
-        # Only the first PART_ROWS rows (max_q_len x G_PAD) can be real: keep the scratch small.
-        state = bk.to(tl.int64) * n_splits_max + split
-        keep = rows < PART_ROWS
-        tl.store(pm_ptr + state * PART_ROWS + rows, m, mask=keep)
-        tl.store(pl_ptr + state * PART_ROWS + rows, l, mask=keep)
-        tl.store(pacc_ptr + (state * PART_ROWS + rows[:, None]) * BLOCK_D + ds[None, :], acc, mask=keep[:, None])
+        # Program p of the P on axis 2 computes splits p, p + P, ...: the grid does not grow with
+        # the block table's width (a 40k-token max_model_len), only with the GPU's appetite.
+        keep = rows < PART_ROWS  # only the first PART_ROWS rows (max_q_len x G_PAD) can be real
+        for split in range(tl.program_id(2), tl.cdiv(n_blocks, SPLIT_BLOCKS), tl.num_programs(2)):
+            blk_lo = split * SPLIT_BLOCKS
+            m, l, acc = _split_state(
+                q, pos, kv_len, blk_lo, tl.minimum(blk_lo + SPLIT_BLOCKS, n_blocks), k_ptr, v_ptr, bt_row_ptr, kvh,
+                qk_scale, D, stride_kp, stride_ks, stride_kk, stride_vp, stride_vs, stride_vk,
+                BLOCK_M, BLOCK_D, PAGE, ATTN_BLK, PRECISION,
+            )
+            state = bk.to(tl.int64) * n_splits_max + split
+            tl.store(pm_ptr + state * PART_ROWS + rows, m, mask=keep)
+            tl.store(pl_ptr + state * PART_ROWS + rows, l, mask=keep)
+            tl.store(pacc_ptr + (state * PART_ROWS + rows[:, None]) * BLOCK_D + ds[None, :], acc, mask=keep[:, None])
     else:
         m = tl.full((BLOCK_M,), float("-inf"), tl.float32)
         l = tl.zeros((BLOCK_M,), tl.float32)
@@ -231,21 +234,24 @@ def attention(
     kv_lens = kv_lens_B.to(torch.int32).contiguous()
     bt = block_table_BP.to(torch.int32).contiguous()
     max_q_len = max(int(max_q_len), 1)
-    split_parallel = max_q_len <= block_m // g_pad
+    # Split-parallel decode only pays while (sequence, kv head) pairs alone leave the GPU idle;
+    # the one-program path merges the same split states in the same order (same bits).
+    n_splits = triton.cdiv(bt.shape[1] * S, KV_SPLIT)  # host-known upper bound: no sync, graph-safe
+    split_programs = min(n_splits, triton.cdiv(DECODE_PROGRAMS, B * K))
+    split_parallel = max_q_len <= block_m // g_pad and split_programs > 1
     num_warps, num_stages = 4, 3
     if not split_parallel:
         block_m = max(_BLOCK_M_PREFILL[q_THD.dtype], g_pad)
         num_warps, num_stages = _PREFILL_LAUNCH[q_THD.dtype]
     tok_per_tile = block_m // g_pad
     part_rows = triton.next_power_of_2(max_q_len * g_pad) if split_parallel else 1
-    # Split count from the block table's width (host-known): no device sync, graph-capturable.
-    n_splits = triton.cdiv(bt.shape[1] * S, KV_SPLIT) if split_parallel else 1
+    n_splits = n_splits if split_parallel else 1
     dev = q_THD.device
     pm = torch.empty((B * K, n_splits, part_rows), dtype=torch.float32, device=dev)
     pl = torch.empty_like(pm)
     pacc = torch.empty((B * K, n_splits, part_rows, block_d) if split_parallel else (1,), dtype=torch.float32, device=dev)
     consts = dict(G=G, G_PAD=g_pad, BLOCK_D=block_d, ATTN_BLK=KV_BLOCK, SPLIT_BLOCKS=KV_SPLIT // KV_BLOCK)
-    _attn_kernel[(triton.cdiv(max_q_len, tok_per_tile), B * K, n_splits)](
+    _attn_kernel[(triton.cdiv(max_q_len, tok_per_tile), B * K, split_programs if split_parallel else 1)](
         q_THD, k_cache_PSKD, v_cache_PSKD, o_THD, pm, pl, pacc, cu, kv_lens, bt,
         scale * _LOG2E, D, K, n_splits,
         q_THD.stride(0), q_THD.stride(1), o_THD.stride(0), o_THD.stride(1),

@@ -59,9 +59,12 @@ class Attention(nn.Module):
 
     def forward(self, x_TD, cos_TF, sin_TF, meta, slot_T, k_cache_PSKD, v_cache_PSKD):
         T = x_TD.shape[0]
-        q_THD = self.wq(x_TD).view(T, self.n_heads, self.head_dim)
-        k_TKD = self.wk(x_TD).view(T, self.n_kv_heads, self.head_dim)
-        v_TKD = self.wv(x_TD).view(T, self.n_kv_heads, self.head_dim)
+        proj = (self.wq, self.wk, self.wv)
+        q_TN, k_TN, v_TN = mk.linears(x_TD, [p.weight for p in proj],
+                                      [p.bias for p in proj] if self.wq.bias is not None else None)
+        q_THD = q_TN.view(T, self.n_heads, self.head_dim)
+        k_TKD = k_TN.view(T, self.n_kv_heads, self.head_dim)
+        v_TKD = v_TN.view(T, self.n_kv_heads, self.head_dim)
         if self.q_norm is not None:  # Qwen3: per-head RMSNorm before RoPE
             q_THD, k_TKD = self.q_norm(q_THD), self.k_norm(k_TKD)
         q_THD = mk.apply_rope(q_THD, cos_TF, sin_TF)
@@ -78,7 +81,8 @@ class MLP(nn.Module):
         self.w_down = Linear(ffn_dim, dim)
 
     def forward(self, x_TD: torch.Tensor) -> torch.Tensor:
-        return self.w_down(mk.silu_mul(self.w_gate(x_TD), self.w_up(x_TD)))
+        gate_TF, up_TF = mk.linears(x_TD, (self.w_gate.weight, self.w_up.weight))
+        return self.w_down(mk.silu_mul(gate_TF, up_TF))
 
 
 class Block(nn.Module):
