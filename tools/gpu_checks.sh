@@ -7,7 +7,8 @@
 #              tokens, temperature x top-k x top-p grid, dense and MoE (64 experts): diff == 0.0
 #   kernels engine engine_host train rl_step spec    the benchmarks of tools/bench
 #   profile    (not in the default list) torch.profiler of a 4k trainer step (ours and the peer)
-#              and of engine decode steps at batch 256; sweep: linear tiles, launched and graphed
+#              and of engine decode steps at batch 256 (prompt 512), host cost per launch (launch_cost);
+#              sweep: linear tiles (M <= 512 decode shapes too) launched and graphed, decode attention programs
 # Writes logs and JSON under OUT_DIR. Needs torch + triton; the project is used from the
 # source tree (no install), so it also runs on air-gapped images.
 set -uo pipefail
@@ -47,8 +48,10 @@ for step in $steps; do
         profile) run profile_train python3 tools/bench/train.py --seqs 4096 --modes invariant --steps 1 --warmup 2 \
                      --peer --profile "$out/profile" --out "$out/train_profile.json"
                  run profile_engine python3 tools/bench/engine.py --profile "$out/profile_engine" --profile-batch 256 \
-                     --profile-modes invariant ;;
-        sweep) run linear_sweep python3 tools/bench/linear_sweep.py --which check,small,mid --out "$out/linear_sweep.json" ;;
+                     --profile-prompt 512 --profile-modes invariant
+                 run launch_cost python3 tools/bench/launch_cost.py --cprofile 2000 --out "$out/launch_cost.json" ;;
+        sweep) run linear_sweep python3 tools/bench/linear_sweep.py --which check,decode,mid --out "$out/linear_sweep.json"
+               run attn_decode_sweep python3 tools/bench/attn_sweep.py "$out/attn_decode.json" --decode ;;
         *) echo "unknown step $step (tests scale kernels engine engine_host train rl_step spec profile sweep)"; exit 2 ;;
     esac
 done

@@ -5,8 +5,9 @@ where the row sits, or how a sequence was chunked (prefill / chunked prefill / d
 So the engine's sampling log-probs equal the trainer's recomputed ones bit for bit.
 
 Call the ops directly; ``set_mode("fast")`` / ``use_mode("fast")`` switch to vendor kernels
-(cuBLAS, SDPA) for runs that accept a train/rollout mismatch. Each op's docstring states
-its numerics contract (dtypes in and out, cast points). Covered ops: linear, rms_norm,
+(cuBLAS, SDPA; the Triton row-wise and logprobs kernels stay on CUDA) for runs that accept a
+train/rollout mismatch. Each op's docstring states its numerics contract (dtypes in and
+out, cast points). Covered ops: linear (and linears: several weights of one input), rms_norm,
 rope_cos_sin, apply_rope, silu_mul, attention (and kv_attention: write the new K/V, then
 attend), logprobs (and linear_logprobs, the lm_head and logprobs fused over row chunks),
 route_topk, grouped_linear.

@@ -1,7 +1,10 @@
 """Public ops: dispatch on (mode, device) and autograd rules.
 
 Forward: invariant mode runs the Triton kernel on CUDA and the tiled CPU implementation
-on CPU; fast mode runs plain torch (_ref). The forward values are identical with and
+on CPU; fast mode runs vendor kernels (cuBLAS, flash / SDPA: _ref) for matmuls and
+attention, and on CUDA our Triton kernels for the row-wise ops, filter_logits and logprobs
+(one launch instead of several torch ops; fast mode promises no bits), plain torch (_ref)
+elsewhere or without Triton. The forward values are identical with and
 without autograd. Backward uses an explicit rule (linear, logprobs, grouped_linear; the
 row-wise ops through _grads, in both modes) or, for attention, recomputes through _ref
 (SDPA; kv_attention's packed training attention through flash's varlen kernels where torch
@@ -34,6 +37,23 @@ def _backend(x: torch.Tensor):
                 f"train/rollout mismatch. Import error: {e}") from e
         return _triton
     return _cpu
+
+
+_FAST_CUDA = []  # [module]: fast mode's row-wise kernels on CUDA, looked up once
+
+
+def _fast_kernels(x: torch.Tensor):
+    """Fast mode's row-wise ops and logprobs: the Triton kernels for CUDA tensors when Triton
+    imports (fast mode needs no Triton otherwise), else _ref's torch ops."""
+    if not x.is_cuda:
+        return _ref
+    if not _FAST_CUDA:
+        try:
+            from . import _triton
+        except ImportError:  # pragma: no cover - depends on the install
+            _triton = _ref
+        _FAST_CUDA.append(_triton)
+    return _FAST_CUDA[0]
 
 
 def _needs_grad(*xs) -> bool:
@@ -200,9 +220,9 @@ def rms_norm(x, w, eps: float):
 
 
 def _row_impl(x, name: str):
-    """A row-wise op's forward: _ref's torch ops in fast mode, else the invariant kernel. Both
+    """A row-wise op's forward: the invariant kernel, or fast mode's pick (_fast_kernels). Both
     modes take the closed-form backward (_grads): no autograd graph of fp32 temporaries."""
-    return getattr(_ref if _fast() else _backend(x), name)
+    return getattr(_fast_kernels(x) if _fast() else _backend(x), name)
 
 
 def rope_cos_sin(pos_T, inv_freq_F, scale: float = 1.0):
@@ -396,9 +416,8 @@ def filter_logits(x_TV, top_k: int = 0, top_p: float = 1.0):
     probability mass strictly above them is below top_p. Rows are independent and, in
     invariant mode, computed in a batch-invariant way (CUDA: a per-row Triton bisection, no
     sort), so the sampler and the trainer mask the same tokens whatever batch they are in."""
-    if x_TV.is_cuda and not _fast():
-        return _backend(x_TV).filter_logits(x_TV, top_k, top_p)
-    return _ref.filter_logits(x_TV, top_k, top_p)
+    return (_fast_kernels(x_TV) if _fast() else _backend(x_TV) if x_TV.is_cuda else _ref).filter_logits(
+        x_TV, top_k, top_p)
 
 
 _BWD_ROWS = 1024  # rows per fp32 chunk in the logprobs backward
@@ -483,7 +502,7 @@ def logprobs(logits_TV, ids_T, temperature: float = 1.0, entropy: bool = False,
 
 def _logprobs_impl(logits_TV):
     if _fast():
-        return _fast_logprobs
+        return _fast_logprobs if _fast_kernels(logits_TV) is _ref else _cuda_logprobs
     return _cuda_logprobs if logits_TV.is_cuda else _cpu.logprobs
 
 

@@ -82,6 +82,31 @@ def test_linears_equal_linear(kt, dtype):
                 _same(y, kt.linear(x[:m], w, None if bs is None else bs[i]), f"linears output {i}, M={m}, N={ns}")
 
 
+def test_fast_mode_row_ops_run_the_kernels():
+    """Fast mode on CUDA runs the Triton kernels for the row-wise ops, filter_logits and
+    logprobs (one launch each), so those give invariant mode's bits for the same inputs."""
+    import miles_kernels as mk
+
+    g = _gen(5)
+    x = _randn(300, 1024, dtype=torch.bfloat16, g=g)
+    w = _randn(1024, dtype=torch.bfloat16, g=g)
+    cos, sin = torch.rand(300, 64, device="cuda", generator=g), torch.rand(300, 64, device="cuda", generator=g)
+    logits = _randn(64, 151936, dtype=torch.bfloat16, g=g, scale=4.0)
+    ids = torch.randint(0, 151936, (64,), device="cuda", generator=g)
+    cases = {
+        "rms_norm": lambda: mk.rms_norm(x, w, 1e-6),
+        "apply_rope": lambda: mk.apply_rope(x.view(300, 8, 128), cos, sin),
+        "silu_mul": lambda: mk.silu_mul(x, x.flip(0)),
+        "filter_logits": lambda: mk.filter_logits(logits.float() / 0.7, 20, 0.9),
+        "logprobs": lambda: torch.stack(mk.logprobs(logits, ids, 0.7, entropy=True, top_k=20)),
+    }
+    for name, fn in cases.items():
+        with mk.use_mode("invariant"):
+            want = fn()
+        with mk.use_mode("fast"):
+            _same(fn(), want, f"fast-mode {name} vs invariant")
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_grouped_linear_rows_independent(kt, dtype):
     g = _gen(1)
