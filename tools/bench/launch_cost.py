@@ -28,6 +28,7 @@ import triton.language as tl
 
 import miles_kernels as mk
 from miles_kernels._triton import matmul as lin
+from miles_kernels._triton.matmul import _grouped_order
 
 sys.path.insert(0, os.path.dirname(__file__))
 from kernels import timings  # noqa: E402
@@ -42,12 +43,9 @@ def _linear_devdesc_kernel(x_ptr, w_ptr, y_ptr, M, N, K, BLOCK_M: tl.constexpr, 
     y_desc = tl.make_tensor_descriptor(y_ptr, [M, N], [N, 1], [BLOCK_M, BLOCK_N])
     n_tiles_m = tl.cdiv(M, BLOCK_M)
     n_tiles_n = tl.cdiv(N, BLOCK_N)
-    per_group = GROUP_M * n_tiles_n
     for tile in tl.range(tl.program_id(0), n_tiles_m * n_tiles_n, NUM_PROGRAMS, flatten=True):
-        first_m = (tile // per_group) * GROUP_M
-        group_size = tl.minimum(n_tiles_m - first_m, GROUP_M)
-        off_m = (first_m + (tile % per_group) % group_size) * BLOCK_M
-        off_n = ((tile % per_group) // group_size) * BLOCK_N
+        tile_m, tile_n = _grouped_order(tile, n_tiles_m, n_tiles_n, GROUP_M)
+        off_m, off_n = tile_m * BLOCK_M, tile_n * BLOCK_N
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         for k0 in range(0, K, BLOCK_K):
             acc = tl.dot(x_desc.load([off_m, k0]), w_desc.load([off_n, k0]).T, acc)

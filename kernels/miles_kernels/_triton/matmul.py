@@ -102,40 +102,57 @@ def _dot_precision(dtype: torch.dtype) -> str:
 
 
 @triton.jit
+def _grouped_order(tile, n_tiles_m, n_tiles_n, GROUP_M: tl.constexpr):
+    """(row tile, column tile) of `tile` in grouped order: GROUP_M row tiles share a column band
+    in L2. The order only changes which tile runs when, never what a tile computes."""
+    per_group = GROUP_M * n_tiles_n
+    first_m = (tile // per_group) * GROUP_M
+    group_size = tl.minimum(n_tiles_m - first_m, GROUP_M)
+    return first_m + (tile % per_group) % group_size, (tile % per_group) // group_size
+
+
+@triton.jit
+def _k_walk(x_ptrs, w_ptrs, row_ok, col_ok, K, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+            BLOCK_K: tl.constexpr, PRECISION: tl.constexpr):
+    """A tile's x @ w^T: K from 0 in BLOCK_K steps, fp32 accumulation; the one K walk of every
+    pointer kernel here (x_ptrs [BLOCK_M, BLOCK_K] at k = 0, w_ptrs the [BLOCK_K, BLOCK_N] view of w^T)."""
+    ks = tl.arange(0, BLOCK_K)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        x = tl.load(x_ptrs, mask=row_ok[:, None] & (k0 + ks[None, :] < K), other=0.0)
+        w = tl.load(w_ptrs, mask=col_ok[None, :] & (k0 + ks[:, None] < K), other=0.0)
+        acc = tl.dot(x, w, acc, input_precision=PRECISION)
+        x_ptrs += BLOCK_K
+        w_ptrs += BLOCK_K
+    return acc
+
+
+@triton.jit
+def _bias_store(acc, b_ptr, y_ptr, rows, cols, M, N, stride_ym, HAS_BIAS: tl.constexpr):
+    """Round to y's dtype, then + b in fp32 and round again (torch's order, as _cpu.linear), store."""
+    y = acc.to(y_ptr.dtype.element_ty)
+    if HAS_BIAS:
+        b = tl.load(b_ptr + cols, mask=cols < N, other=0.0)
+        y = (y.to(tl.float32) + b.to(tl.float32)[None, :]).to(y_ptr.dtype.element_ty)
+    y_ptrs = y_ptr + rows[:, None].to(tl.int64) * stride_ym + cols[None, :]
+    tl.store(y_ptrs, y, mask=(rows[:, None] < M) & (cols[None, :] < N))
+
+
+@triton.jit
 def _linear_kernel(
     x_ptr, w_ptr, b_ptr, y_ptr, M, N, K,
     stride_xm, stride_wn, stride_ym,
     HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr, PRECISION: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    n_tiles_m = tl.cdiv(M, BLOCK_M)
-    n_tiles_n = tl.cdiv(N, BLOCK_N)
-    # Grouped order only changes which tile runs when, never what a tile computes.
-    per_group = GROUP_M * n_tiles_n
-    first_m = (pid // per_group) * GROUP_M
-    group_size = tl.minimum(n_tiles_m - first_m, GROUP_M)
-    tile_m = first_m + (pid % per_group) % group_size
-    tile_n = (pid % per_group) // group_size
-
+    tile_m, tile_n = _grouped_order(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N), GROUP_M)
     rows = tile_m * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = tile_n * BLOCK_N + tl.arange(0, BLOCK_N)
     ks = tl.arange(0, BLOCK_K)
     x_ptrs = x_ptr + rows[:, None].to(tl.int64) * stride_xm + ks[None, :]
-    w_ptrs = w_ptr + cols[None, :].to(tl.int64) * stride_wn + ks[:, None]  # [BLOCK_K, BLOCK_N] view of w^T
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        x = tl.load(x_ptrs, mask=(rows[:, None] < M) & (k0 + ks[None, :] < K), other=0.0)
-        w = tl.load(w_ptrs, mask=(cols[None, :] < N) & (k0 + ks[:, None] < K), other=0.0)
-        acc = tl.dot(x, w, acc, input_precision=PRECISION)
-        x_ptrs += BLOCK_K
-        w_ptrs += BLOCK_K
-    y = acc.to(y_ptr.dtype.element_ty)
-    if HAS_BIAS:  # torch order, as in _cpu.linear: round the matmul to x dtype, then add b
-        b = tl.load(b_ptr + cols, mask=cols < N, other=0.0)
-        y = (y.to(tl.float32) + b.to(tl.float32)[None, :]).to(y_ptr.dtype.element_ty)
-    y_ptrs = y_ptr + rows[:, None].to(tl.int64) * stride_ym + cols[None, :]
-    tl.store(y_ptrs, y, mask=(rows[:, None] < M) & (cols[None, :] < N))
+    w_ptrs = w_ptr + cols[None, :].to(tl.int64) * stride_wn + ks[:, None]
+    acc = _k_walk(x_ptrs, w_ptrs, rows < M, cols < N, K, BLOCK_M, BLOCK_N, BLOCK_K, PRECISION)
+    _bias_store(acc, b_ptr, y_ptr, rows, cols, M, N, stride_ym, HAS_BIAS)
 
 
 @triton.jit
@@ -149,12 +166,10 @@ def _linear_tma_kernel(
     # out-of-bounds rows and the K tail as the masked loads do, and clips the store.
     n_tiles_m = tl.cdiv(M, BLOCK_M)
     n_tiles_n = tl.cdiv(N, BLOCK_N)
-    per_group = GROUP_M * n_tiles_n
     for tile in tl.range(tl.program_id(0), n_tiles_m * n_tiles_n, NUM_PROGRAMS, flatten=True):
-        first_m = (tile // per_group) * GROUP_M
-        group_size = tl.minimum(n_tiles_m - first_m, GROUP_M)
-        off_m = (first_m + (tile % per_group) % group_size) * BLOCK_M
-        off_n = ((tile % per_group) // group_size) * BLOCK_N
+        tile_m, tile_n = _grouped_order(tile, n_tiles_m, n_tiles_n, GROUP_M)
+        off_m = tile_m * BLOCK_M
+        off_n = tile_n * BLOCK_N
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         for k0 in range(0, K, BLOCK_K):
             x = x_desc.load([off_m, k0])
@@ -258,20 +273,9 @@ def _linears_kernel(
     ks = tl.arange(0, BLOCK_K)
     x_ptrs = x_ptr + rows[:, None].to(tl.int64) * stride_xm + ks[None, :]
     w_ptrs = w_ptr + cols[None, :].to(tl.int64) * K + ks[:, None]
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        x = tl.load(x_ptrs, mask=(rows[:, None] < M) & (k0 + ks[None, :] < K), other=0.0)
-        w = tl.load(w_ptrs, mask=(cols[None, :] < N) & (k0 + ks[:, None] < K), other=0.0)
-        acc = tl.dot(x, w, acc, input_precision=PRECISION)
-        x_ptrs += BLOCK_K
-        w_ptrs += BLOCK_K
-    y = acc.to(y0_ptr.dtype.element_ty)
-    if HAS_BIAS:
-        b_ptr = tl.where(in2, b2_ptr, tl.where(in1, b1_ptr, b0_ptr))
-        b = tl.load(b_ptr + cols, mask=cols < N, other=0.0)
-        y = (y.to(tl.float32) + b.to(tl.float32)[None, :]).to(y0_ptr.dtype.element_ty)
-    y_ptrs = y_ptr + rows[:, None].to(tl.int64) * N + cols[None, :]
-    tl.store(y_ptrs, y, mask=(rows[:, None] < M) & (cols[None, :] < N))
+    acc = _k_walk(x_ptrs, w_ptrs, rows < M, cols < N, K, BLOCK_M, BLOCK_N, BLOCK_K, PRECISION)
+    b_ptr = tl.where(in2, b2_ptr, tl.where(in1, b1_ptr, b0_ptr))
+    _bias_store(acc, b_ptr, y_ptr, rows, cols, M, N, N, HAS_BIAS)
 
 
 def linears(x_MK: torch.Tensor, ws: tuple[torch.Tensor, ...], bs: tuple[torch.Tensor, ...] | None = None
@@ -349,13 +353,7 @@ def _grouped_kernel(
     ks = tl.arange(0, BLOCK_K)
     x_ptrs = x_ptr + rows[:, None].to(tl.int64) * stride_xr + ks[None, :]
     w_ptrs = w_ptr + e.to(tl.int64) * stride_we + cols[None, :].to(tl.int64) * stride_wn + ks[:, None]
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        x = tl.load(x_ptrs, mask=(rows[:, None] < row_hi) & (k0 + ks[None, :] < K), other=0.0)
-        w = tl.load(w_ptrs, mask=(cols[None, :] < N) & (k0 + ks[:, None] < K), other=0.0)
-        acc = tl.dot(x, w, acc, input_precision=PRECISION)
-        x_ptrs += BLOCK_K
-        w_ptrs += BLOCK_K
+    acc = _k_walk(x_ptrs, w_ptrs, rows < row_hi, cols < N, K, BLOCK_M, BLOCK_N, BLOCK_K, PRECISION)
     _store_rows(y_ptr, acc, rows, cols, row_hi, N, stride_yr)
 
 
