@@ -135,7 +135,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--seqs", type=int, nargs="+", default=[4096, 16384])
     p.add_argument("--modes", nargs="+", default=["invariant", "fast"])
-    p.add_argument("--steps", type=int, default=3)
+    p.add_argument("--steps", type=int, default=5, help="timed steps per case (host-bound steps vary: 5 or more)")
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--ac", action="store_true", help="activation checkpointing per block")
     p.add_argument("--peak-flops", type=float, default=0.0, help="per-GPU peak FLOP/s (0: look up H100/H200)")
