@@ -303,9 +303,12 @@ def kv_attention(q_THD, k_TKD, v_TKD, k_cache_PSKD, v_cache_PSKD, meta: AttnMeta
         write_kv(k_cache_PSKD, v_cache_PSKD, k_TKD, v_TKD, slot_T)
         return attention(q_THD, k_cache_PSKD, v_cache_PSKD, meta, scale)
 
-    def inv(q, k, v):
+    def inv(q, k, v, lse_HT=None):
         write_kv(k_cache_PSKD, v_cache_PSKD, k, v, slot_T)
-        return attention(q, k_cache_PSKD, v_cache_PSKD, meta, scale)
+        if lse_HT is None:
+            return attention(q, k_cache_PSKD, v_cache_PSKD, meta, scale)
+        return _backend(q).attention(q, k_cache_PSKD, v_cache_PSKD, meta.cu_seqlens_q, meta.kv_lens, meta.block_table,
+                                     meta.max_q_len, scale, lse_HT=lse_HT)  # `attention`'s CUDA path, + LSE
 
     return _PackedAttention.apply(q_THD, k_TKD, v_TKD, inv, meta, scale)
 
@@ -314,23 +317,29 @@ class _PackedAttention(torch.autograd.Function):
     """Forward: the invariant kernel. Backward: flash attention over all the packed sequences
     in one varlen call (GQA native, no per-sequence loop) where torch has it for these
     tensors (CUDA, 16-bit, head_dim % 8 == 0 and <= 256), else autograd through the SDPA
-    reference per sequence. Like SDPA's, the flash backward is deterministic only under
-    torch.use_deterministic_algorithms(True)."""
+    reference per sequence. Where flash serves, the forward also writes each row's
+    log-sum-exp, so the backward starts from our output and LSE instead of recomputing the
+    forward with flash (_flash_varlen_grads). Like SDPA's, the flash backward is
+    deterministic only under torch.use_deterministic_algorithms(True)."""
 
     @staticmethod
     def forward(ctx, q_THD, k_TKD, v_TKD, inv_fn, meta, scale):
-        ctx.save_for_backward(q_THD, k_TKD, v_TKD)
-        ctx.meta, ctx.scale = meta, scale
+        lse_HT = None
+        if _flash_varlen_ok(q_THD, k_TKD, v_TKD) and _backend(q_THD) is not _cpu and not _LSE_STATE.get("off"):
+            lse_HT = torch.empty(q_THD.shape[1], q_THD.shape[0], dtype=torch.float32, device=q_THD.device)
         with torch.no_grad():
-            return inv_fn(q_THD, k_TKD, v_TKD)
+            out = inv_fn(q_THD, k_TKD, v_TKD, lse_HT)
+        ctx.save_for_backward(q_THD, k_TKD, v_TKD, out if lse_HT is not None else None, lse_HT)
+        ctx.meta, ctx.scale = meta, scale
+        return out
 
     @staticmethod
     def backward(ctx, g_THD):
-        q, k, v = ctx.saved_tensors
+        q, k, v, out, lse = ctx.saved_tensors
         grads = None
         if _flash_varlen_ok(q, k, v):
             try:
-                grads = _flash_varlen_grads(q, k, v, g_THD, ctx.meta, ctx.scale)
+                grads = _flash_varlen_grads(q, k, v, g_THD, ctx.meta, ctx.scale, out, lse)
             except (RuntimeError, TypeError) as e:
                 _flash_unusable(e)
         if grads is None:
@@ -398,14 +407,42 @@ def _flash_varlen_ok(q, k, v) -> bool:
             and torch.cuda.get_device_capability(q.device) >= (8, 0))
 
 
-def _flash_varlen_grads(q, k, v, g, meta: AttnMeta, scale: float):
-    """(dq, dk, dv) of causal attention of the packed sequences: flash's forward recomputes the
-    output and log-sum-exp its backward needs (our forward's differ from them by rounding)."""
+# Whether flash's backward takes our forward's (out, LSE): checked once against flash's own
+# forward on the first backward ("ok": the check passed; "off": it failed, flash recomputes).
+_LSE_STATE: dict[str, object] = {}
+
+
+def _flash_varlen_grads(q, k, v, g, meta: AttnMeta, scale: float, out=None, lse=None):
+    """(dq, dk, dv) of causal attention of the packed sequences. Flash's backward needs the
+    forward's output and log-sum-exp: our forward's (out, lse) when given and checked, else
+    flash's forward recomputes them (they differ from ours by rounding only)."""
     q, k, v, g = (t.contiguous() for t in (q, k, v, g))
     cu, L = meta.cu_seqlens_q, meta.max_q_len
-    out, lse, rng, unused = _flash_varlen_forward(q, k, v, meta, scale)
+    if lse is None or "ok" not in _LSE_STATE:
+        f_out, f_lse, rng, unused = _flash_varlen_forward(q, k, v, meta, scale)
+        if lse is not None and not _LSE_STATE:
+            _check_lse(lse, f_lse, rng, unused)
+        if "ok" not in _LSE_STATE:
+            out, lse = f_out, f_lse
+    if "ok" in _LSE_STATE:
+        rng, unused = _LSE_STATE["ok"]
     return torch.ops.aten._flash_attention_backward(g, q, k, v, out, lse, cu, cu, L, L, 0.0, True, rng, unused,
                                                     scale=scale)
+
+
+def _check_lse(ours, flash, rng, unused) -> None:
+    """Use our LSE from now on if it has flash's layout and values (within fp32 rounding);
+    else say once why not (this torch's flash keeps another layout) and let flash recompute."""
+    same = ours.shape == flash.shape and ours.dtype == flash.dtype and bool(
+        (ours - flash).abs().max() <= 1e-3 * (1 + flash.abs().max()))
+    if same:  # dropout 0: the rng state is a placeholder, the same for every call
+        _LSE_STATE["ok"] = (rng, unused)
+        return
+    _LSE_STATE["off"] = True
+    logging.getLogger(__name__).warning(
+        "miles_kernels: the attention forward's log-sum-exp (%s %s) does not match flash's (%s %s); the training "
+        "backward recomputes the forward with flash (correct, slower)", ours.dtype, list(ours.shape),
+        flash.dtype, list(flash.shape))
 
 
 # --- logprobs ---------------------------------------------------------------------------

@@ -107,6 +107,43 @@ def test_fast_mode_row_ops_run_the_kernels():
             _same(fn(), want, f"fast-mode {name} vs invariant")
 
 
+def test_fast_launch_gives_tritons_bits_and_keys_alignment(kt, monkeypatch):
+    """Every kernel family through launch.FastKernel (repeat calls skip Triton's binding) gives
+    the bits of Triton's own launch path; a 16-byte-misaligned view after an aligned one (and
+    back) gets its own compiled kernel, not the aligned one's."""
+    import miles_kernels as mk
+    from miles_kernels._triton import launch
+
+    g = _gen(11)
+    buf = _randn(4096 * 1024 + 8, dtype=torch.bfloat16, g=g)
+    x_big, x_mis = buf[: 4096 * 1024].view(4096, 1024), buf[1: 256 * 1024 + 1].view(256, 1024)
+    w = _randn(3072, 1024, dtype=torch.bfloat16, g=g, scale=0.03)
+    nw = _randn(1024, dtype=torch.bfloat16, g=g)
+    logits = _randn(64, 151936, dtype=torch.bfloat16, g=g, scale=4.0)
+    ids = torch.randint(0, 151936, (64,), device="cuda", generator=g)
+    cases = {
+        "linear TMA": lambda: mk.linear(x_big, w),
+        "linear M=256": lambda: mk.linear(x_big[:256], w),
+        "linears M=64": lambda: torch.cat(mk.linears(x_big[:64], (w[:1024], w[1024:1536], w[1536:2048])), 1),
+        "rms_norm misaligned": lambda: mk.rms_norm(x_mis, nw, 1e-6),
+        "rms_norm aligned": lambda: mk.rms_norm(x_big[:256], nw, 1e-6),
+        "silu_mul misaligned": lambda: mk.silu_mul(x_mis[:, :512], x_mis[:, 512:]),
+        "logprobs": lambda: torch.stack(mk.logprobs(logits, ids, 0.7, entropy=True, top_k=20, top_p=0.9)),
+    }
+    with mk.use_mode("invariant"):
+        monkeypatch.setattr(launch, "ENABLED", False)
+        want = {name: fn() for name, fn in cases.items()}
+        monkeypatch.setattr(launch, "ENABLED", True)
+        for _ in range(3):  # first call keys, the next ones take the fast path
+            for name, fn in cases.items():
+                _same(fn(), want[name], f"fast launch {name}")
+    torch.cuda.synchronize()
+    from miles_kernels._triton import elementwise, matmul
+
+    assert len(elementwise._rms_norm_kernel.kernels) >= 2, "aligned and misaligned rows share one kernel"
+    assert matmul._linear_tma_kernel.kernels and matmul._linears_kernel.kernels
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_grouped_linear_rows_independent(kt, dtype):
     g = _gen(1)

@@ -65,6 +65,19 @@ def test_no_host_sync_per_layer(mode):
         f"(all syncs, torch's included: {len(shallow)} vs {len(deep)})")
 
 
+def packed_case(lens: list[int], H: int, K: int, D: int, seed: int):
+    """(meta, slots, pages, [q, k, v] leaves, output grad): packed bf16 sequences of `lens`."""
+    import miles_kernels as mk
+
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    cu = torch.tensor([0, *torch.tensor(lens).cumsum(0).tolist()])
+    meta, slot, pages = mk.varlen_meta(cu, mk.ATTN_BLOCK, "cuda")
+    T = int(cu[-1])
+    leaves = [torch.randn(T, n, D, generator=g, device="cuda", dtype=torch.bfloat16).requires_grad_()
+              for n in (H, K, K)]
+    return meta, slot, pages, leaves, torch.randn(T, H, D, generator=g, device="cuda", dtype=torch.bfloat16)
+
+
 @pytest.mark.parametrize("mode", ["invariant", "fast"])
 def test_kv_attention_packed_path_at_real_shape(mode):
     """The training attention (mk.kv_attention on packed sequences: backward from the packed
@@ -76,14 +89,8 @@ def test_kv_attention_packed_path_at_real_shape(mode):
 
     import miles_kernels as mk
 
-    g = torch.Generator(device="cuda").manual_seed(0)
-    lens, H, K, D = [2500, 1, 1595], 16, 8, 128
-    cu = torch.tensor([0, *torch.tensor(lens).cumsum(0).tolist()])
-    meta, slot, pages = mk.varlen_meta(cu, mk.ATTN_BLOCK, "cuda")
-    T = int(cu[-1])
-    leaves = [torch.randn(T, n, D, generator=g, device="cuda", dtype=torch.bfloat16).requires_grad_()
-              for n in (H, K, K)]
-    g_out = torch.randn(T, H, D, generator=g, device="cuda", dtype=torch.bfloat16)
+    H, K, D = 16, 8, 128
+    meta, slot, pages, leaves, g_out = packed_case([2500, 1, 1595], H, K, D, seed=0)
     outs, grads = [], []
     with mk.use_mode(mode):
         for m in (dataclasses.replace(meta, packed=False), meta):
@@ -96,6 +103,8 @@ def test_kv_attention_packed_path_at_real_shape(mode):
 
     # the packed backward is flash's one varlen call here, and it did not fail over to SDPA
     assert ops._flash_varlen_ok(*leaves) and not ops._FLASH_FAILED, ops._FLASH_FAILED
+    if mode == "invariant":  # and it started from our forward's output and LSE (no flash forward)
+        assert "ok" in ops._LSE_STATE, "the forward's LSE did not match flash's: the backward recomputes"
     if mode == "invariant":
         assert torch.equal(outs[0], outs[1])
     else:  # fast mode's packed forward is flash's too, the cache path's SDPA's own pick
@@ -103,3 +112,27 @@ def test_kv_attention_packed_path_at_real_shape(mode):
     for a, b in zip(*grads):
         err = (a.double() - b.double()).abs().max().item()
         assert err <= 2e-2 * b.double().abs().max().item(), err
+
+
+def test_packed_backward_from_our_lse_matches_flash_recompute(monkeypatch):
+    """Invariant training attention: the backward from our forward's output and LSE gives the
+    grads the flash-recompute backward gives, within bf16 rounding (4,096 tokens, Qwen3 heads)."""
+    import miles_kernels as mk
+    from miles_kernels import ops
+
+    H, K, D = 16, 8, 128
+    meta, slot, pages, leaves, g_out = packed_case([3000, 1096], H, K, D, seed=3)
+    grads = []
+    with mk.use_mode("invariant"):
+        for state in ({"off": True}, None):
+            if state is not None:
+                monkeypatch.setattr(ops, "_LSE_STATE", state)
+            kc = torch.zeros(pages, mk.ATTN_BLOCK, K, D, device="cuda", dtype=torch.bfloat16)
+            o = mk.kv_attention(*leaves, kc, torch.zeros_like(kc), meta, slot, D**-0.5)
+            grads.append(torch.autograd.grad(o, leaves, g_out))
+            if state is not None:
+                monkeypatch.undo()
+    assert "ok" in ops._LSE_STATE
+    for a, b, name in zip(*grads, "qkv"):
+        err = (a.double() - b.double()).abs().max().item()
+        assert err <= 1e-2 * b.double().abs().max().item(), f"d{name}: {err}"

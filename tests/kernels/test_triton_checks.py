@@ -565,6 +565,47 @@ def check_attention_kv_block_spans_pages() -> None:
         attn_mod.KV_BLOCK, attn_mod.KV_SPLIT = saved
 
 
+def check_attention_lse() -> None:
+    """lse_HT: each row's natural-log log-sum-exp of its scaled causal scores ([H, T], flash's
+    layout), from the fused path (a packed prefill of two sequences) and the split-parallel
+    path (decode rows, several splits); the output's bits are the same with or without it."""
+    from miles_kernels._triton import paged_attention as attn_mod
+
+    kt = _kt()
+    g = torch.Generator().manual_seed(21)
+    H, K, D, page = 4, 2, 16, 16
+    lens = [37, 20]
+    saved = attn_mod.KV_BLOCK, attn_mod.KV_SPLIT
+    attn_mod.KV_BLOCK, attn_mod.KV_SPLIT = 16, 32  # decode rows merge several split states
+    try:
+        for decode in (False, True):
+            qs, ks, vs, seqs, refs = [], [], [], [], []
+            for i, L in enumerate(lens):
+                q, k, v = (torch.randn(L, n, D, generator=g) for n in (H, K, K))
+                pages = list(range(i * 3, i * 3 + 3))
+                caches_i = _paged(k, v, page, pages, 6)
+                rows = slice(L - 1, L) if decode else slice(0, L)
+                qs.append(q[rows])
+                ks.append(caches_i[0][pages[0]: pages[-1] + 1])
+                vs.append(caches_i[1][pages[0]: pages[-1] + 1])
+                seqs.append((rows.stop - rows.start, L, pages))
+                s_ = torch.einsum("thd,lhd->htl", q.double(), k.double().repeat_interleave(H // K, 1)) * D**-0.5
+                s_ = s_.masked_fill(torch.arange(L)[None, None, :] > torch.arange(L)[None, :, None], float("-inf"))
+                refs.append(torch.logsumexp(s_, -1)[:, rows])
+            caches = (torch.cat(ks), torch.cat(vs))
+            q = torch.cat(qs)
+            lse = torch.full((H, q.shape[0]), float("nan"))
+            cu = torch.tensor([0, seqs[0][0], seqs[0][0] + seqs[1][0]], dtype=torch.int32)
+            kv = torch.tensor(lens, dtype=torch.int32)
+            bt = torch.tensor([s_[2] for s_ in seqs], dtype=torch.int32)
+            out = kt.attention(q, *caches, cu, kv, bt, max(s_[0] for s_ in seqs), D**-0.5, lse_HT=lse)
+            _same(out, kt.attention(q, *caches, cu, kv, bt, max(s_[0] for s_ in seqs), D**-0.5),
+                  "attention output with lse_HT vs without")
+            _close(lse, torch.cat(refs, 1), f"attention lse ({'decode' if decode else 'prefill'})", atol=1e-5)
+    finally:
+        attn_mod.KV_BLOCK, attn_mod.KV_SPLIT = saved
+
+
 def check_matches_cpu_reference() -> None:
     """Triton and the CPU implementation (miles_kernels._cpu) agree within fp32 tolerance."""
     from miles_kernels import _cpu

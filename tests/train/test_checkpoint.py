@@ -22,7 +22,8 @@ def _run(trainer, steps):
 
 
 def _weights(trainer):
-    return {k: v.full_tensor().clone() for k, v in trainer.model.state_dict().items()}
+    state = trainer.model.state_dict()
+    return {k: (v.full_tensor() if hasattr(v, "full_tensor") else v).clone() for k, v in state.items()}
 
 
 def _make():

@@ -46,7 +46,8 @@ def _trainer(path, draft: DraftConfig | None, n_mtp: int = 2, budget: int = 64, 
 
 
 def _full(trainer) -> dict[str, torch.Tensor]:
-    return {k: v.full_tensor().clone() for k, v in trainer.model.state_dict().items()}
+    state = trainer.model.state_dict()
+    return {k: (v.full_tensor() if hasattr(v, "full_tensor") else v).clone() for k, v in state.items()}
 
 
 def test_draft_stream_shifts_within_sequences_and_counts_response_pairs():
@@ -68,12 +69,16 @@ def test_draft_loss_reaches_no_trunk_parameter(ckpt):
     mbs = trainer._pad(trainer.pack(_rl_batch()))
     trainer.draft.begin(mbs)
     trainer.model.train()
-    for mb in mbs:
-        hidden_TD, meta, slot_T = packed_hidden(trainer.model, mb, trainer.device)  # with grad
-        trainer.draft.loss(trainer.model, hidden_TD, mb, meta, slot_T).backward()
+    with trainer.local.compute():
+        for mb in mbs:
+            hidden_TD, meta, slot_T = packed_hidden(trainer.model, mb, trainer.device)  # with grad
+            trainer.draft.loss(trainer.model, hidden_TD, mb, meta, slot_T).backward()
+            trainer.local.accumulate_grads()
+    trainer.local.flush_grads()
     touched = set()
     for name, p in trainer.model.named_parameters():
-        g = p.grad.full_tensor() if p.grad is not None else None
+        g = p.grad
+        g = g.full_tensor() if hasattr(g, "full_tensor") else g
         if name.startswith("mtp."):
             touched.add(name) if g is not None and g.abs().sum() > 0 else None
         else:  # embedding and lm_head included

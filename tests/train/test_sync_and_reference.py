@@ -22,13 +22,16 @@ def _seqs():
     return [TrainSeq(torch.randint(0, 300, (n,), generator=g).tolist()) for n in (9, 17, 5)]
 
 
-def test_weight_sync_and_reference(ckpt):
+@pytest.mark.parametrize("dtype,ref_offload", [("auto", True), ("bf16", True), ("bf16", False)])
+def test_weight_sync_and_reference(ckpt, dtype, ref_offload):
+    """One rank: the trainer runs without FSDP (bf16: on shadows of its fp32 parameters), the
+    reference under FSDP (ref_offload) or without: the same scores either way."""
     plain = load_model(ckpt)
     want = {k: v.to(torch.bfloat16) for k, v in plain.state_dict().items()}
     cfg = TrainerConfig(optim=OptimConfig(lr=1e-2), max_tokens_per_micro_batch=32,
-                        parallel=ParallelConfig(activation_checkpointing=True))
+                        parallel=ParallelConfig(activation_checkpointing=True, param_dtype=dtype))
     trainer = Trainer(load_model(ckpt), cfg)
-    ref = ReferencePolicy(load_model(ckpt), trainer, cpu_offload=True)
+    ref = ReferencePolicy(load_model(ckpt), trainer, cpu_offload=ref_offload)
 
     buckets = list(iter_weight_buckets(trainer.model, torch.bfloat16, bucket_bytes=64 * 1024))
     assert len(buckets) > 1

@@ -5,8 +5,9 @@
 Issues each call 300 times on a tiny problem (the GPU keeps up), times the host, then the
 same calls replayed from a CUDA graph (the GPU time). The kinds: cuBLAS F.linear, our linear
 on the pointer kernel, on the TMA kernel with host-built descriptors, and on a TMA kernel
-that builds its descriptors on the device (tl.make_tensor_descriptor), rms_norm, and a torch
-elementwise op. Prints a table and writes JSON; --cprofile N also prints where the host time
+that builds its descriptors on the device (tl.make_tensor_descriptor), mk.linear and
+rms_norm (each also through Triton's own launch path, which launch.FastKernel skips), and a
+torch elementwise op. Prints a table and writes JSON; --cprofile N also prints where the host time
 of N calls of mk.linear and of mk.rms_norm goes (cProfile, by own time).
 """
 
@@ -27,7 +28,7 @@ import triton
 import triton.language as tl
 
 import miles_kernels as mk
-from miles_kernels._triton import matmul as lin
+from miles_kernels._triton import launch, matmul as lin
 from miles_kernels._triton.matmul import _grouped_order
 
 sys.path.insert(0, os.path.dirname(__file__))
@@ -61,6 +62,17 @@ def devdesc_linear(x, w, t):
                                       GROUP_M=t.group_m, NUM_PROGRAMS=n_prog, num_warps=t.num_warps,
                                       num_stages=t.num_stages)
     return y
+
+
+def tritons_path(fn):
+    """fn with our kernels launched through Triton's JITFunction.run (launch.ENABLED off)."""
+    def f():
+        launch.ENABLED = False
+        try:
+            return fn()
+        finally:
+            launch.ENABLED = True
+    return f
 
 
 def host_us(fn, n=300) -> float:
@@ -103,7 +115,9 @@ def main() -> None:
         "mk linear, TMA, host descriptors": ours(tma),
         "mk linear, TMA, device descriptors": lambda: devdesc_linear(x, w, big),
         "mk.linear (the op, tile by shape)": lambda: mk.linear(x, w),
+        "mk.linear, Triton's launch path": tritons_path(lambda: mk.linear(x, w)),
         "mk.rms_norm": lambda: mk.rms_norm(x, norm_w, 1e-6),
+        "mk.rms_norm, Triton's launch path": tritons_path(lambda: mk.rms_norm(x, norm_w, 1e-6)),
         "torch x * 2": lambda: x * 2,
     }
     rows = []

@@ -8,7 +8,10 @@ import torch
 import triton
 import triton.language as tl
 
+from miles_kernels._triton.launch import fast_launch
 
+
+@fast_launch
 @triton.jit
 def _rms_norm_kernel(x_ptr, w_ptr, y_ptr, D, stride_x, stride_y, eps, BLOCK_D: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
@@ -41,6 +44,7 @@ def rms_norm(x_MD: torch.Tensor, w_D: torch.Tensor, eps: float) -> torch.Tensor:
     return y.view(x_MD.shape)
 
 
+@fast_launch
 @triton.jit
 def _rope_kernel(
     x_ptr, cos_ptr, sin_ptr, y_ptr, H, F,
@@ -96,6 +100,7 @@ def rotate(x_THD, cos_TF, sin_TF, dtype: torch.dtype, inverse: bool) -> torch.Te
 _SILU_BLOCK = 1024
 
 
+@fast_launch
 @triton.jit
 def _silu_mul_kernel(g_ptr, u_ptr, y_ptr, F, stride_g, stride_u, stride_y, BLOCK: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)

@@ -11,6 +11,7 @@ import triton
 import triton.language as tl
 
 from miles_kernels._triton.elementwise import _SILU_BLOCK, rotate
+from miles_kernels._triton.launch import fast_launch
 
 _GW_PARTIAL = 1 << 20
 """fp32 elements of rms_norm's weight-grad partials ([programs, D]) to aim for: sets rows per program."""
@@ -20,6 +21,7 @@ def _unit_stride(t: torch.Tensor) -> torch.Tensor:
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
+@fast_launch
 @triton.jit
 def _rms_norm_grad_kernel(
     x_ptr, w_ptr, g_ptr, gx_ptr, gw_ptr, M, D, rows, stride_x, stride_g, stride_gx, eps,
@@ -72,6 +74,7 @@ def apply_rope_grad(g_THD: torch.Tensor, cos_TF: torch.Tensor, sin_TF: torch.Ten
     return rotate(g_THD, cos_TF, sin_TF, dtype, inverse=True)
 
 
+@fast_launch
 @triton.jit
 def _silu_mul_grad_kernel(
     a_ptr, u_ptr, g_ptr, ga_ptr, gu_ptr, F, stride_a, stride_u, stride_g, stride_ga, stride_gu,

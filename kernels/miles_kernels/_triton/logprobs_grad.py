@@ -11,9 +11,12 @@ import torch
 import triton
 import triton.language as tl
 
+from miles_kernels._triton.launch import fast_launch
+
 GRAD_BLOCK = 4096  # vocab entries per program
 
 
+@fast_launch
 @triton.jit
 def _logprobs_grad_kernel(
     logits_ptr, ids_ptr, lse_ptr, ent_ptr, g_logp_ptr, g_ent_ptr, out_ptr, V, stride_x, stride_o,

@@ -15,6 +15,8 @@ import triton
 import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
+from miles_kernels._triton.launch import fast_launch
+
 
 class Tile(NamedTuple):
     max_m: int  # bucket upper bound on M (rows of x)
@@ -152,6 +154,7 @@ def _linear_tile(x_ptr, w_ptr, b_ptr, y_ptr, tile_m, tile_n, M, N, K, stride_xm,
     _bias_store(acc, b_ptr, y_ptr, rows, cols, M, N, stride_ym, HAS_BIAS)
 
 
+@fast_launch
 @triton.jit
 def _linear_kernel(
     x_ptr, w_ptr, b_ptr, y_ptr, M, N, K,
@@ -164,6 +167,7 @@ def _linear_kernel(
                  HAS_BIAS, BLOCK_M, BLOCK_N, BLOCK_K, PRECISION)
 
 
+@fast_launch
 @triton.jit
 def _linear_tma_kernel(
     x_desc, w_desc, y_desc, b_ptr, M, N, K,
@@ -255,6 +259,7 @@ def linear(x_MK: torch.Tensor, w_NK: torch.Tensor, b_N: torch.Tensor | None = No
     return y_MN
 
 
+@fast_launch
 @triton.jit
 def _linears_kernel(
     x_ptr, w0_ptr, w1_ptr, w2_ptr, b0_ptr, b1_ptr, b2_ptr, y0_ptr, y1_ptr, y2_ptr,
@@ -337,6 +342,7 @@ def _store_rows(y_ptr, acc, rows, cols, row_hi, N, stride_yr):
     tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=(rows[:, None] < row_hi) & (cols[None, :] < N))
 
 
+@fast_launch
 @triton.jit
 def _grouped_kernel(
     x_ptr, w_ptr, off_ptr, y_ptr, N, K, E,
@@ -360,6 +366,7 @@ def _grouped_kernel(
     _store_rows(y_ptr, acc, rows, cols, row_hi, N, stride_yr)
 
 
+@fast_launch
 @triton.jit
 def _grouped_tma_kernel(
     x_desc, w_desc, off_ptr, y_ptr, N, K, E, stride_yr,

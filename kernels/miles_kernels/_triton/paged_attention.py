@@ -20,6 +20,8 @@ import torch
 import triton
 import triton.language as tl
 
+from miles_kernels._triton.launch import fast_launch
+
 from miles_kernels._cpu import ATTN_BLOCK  # KV walk granularity: one constant for CPU and CUDA
 
 KV_BLOCK = 64  # KV tokens per online-softmax step (multiple of ATTN_BLOCK); any page size works (gather)
@@ -32,6 +34,7 @@ _BLOCK_M = {torch.bfloat16: 64, torch.float16: 64, torch.float32: 16}  # rows (t
 _BLOCK_M_PREFILL = {torch.bfloat16: 64, torch.float16: 64, torch.float32: 16}
 _PREFILL_LAUNCH = {torch.bfloat16: (4, 3), torch.float16: (4, 3), torch.float32: (4, 3)}  # num_warps, num_stages
 _LOG2E = 1.4426950408889634
+_LN2 = tl.constexpr(0.6931471805599453)
 
 
 @triton.jit
@@ -93,14 +96,29 @@ def _split_state(
 
 
 @triton.jit
+def _store_out(o_ptr, lse_ptr, m, l, acc, t_idx, head, ds, row_ok, D, stride_ot, stride_oh, stride_lh,
+               STORE_LSE: tl.constexpr):
+    """o = acc / l, rounded once; with STORE_LSE also each row's log-sum-exp of its scaled
+    scores in natural-log units ([H, T], what flash's backward takes): m and l are in log2 units."""
+    o = acc / l[:, None]
+    tl.store(
+        o_ptr + t_idx[:, None] * stride_ot + head[:, None] * stride_oh + ds[None, :],
+        o.to(o_ptr.dtype.element_ty), mask=row_ok[:, None] & (ds[None, :] < D),
+    )
+    if STORE_LSE:
+        tl.store(lse_ptr + head.to(tl.int64) * stride_lh + t_idx, (m + tl.log2(l)) * _LN2, mask=row_ok)
+
+
+@fast_launch
+@triton.jit
 def _attn_kernel(
-    q_ptr, k_ptr, v_ptr, o_ptr, pm_ptr, pl_ptr, pacc_ptr, cu_ptr, kv_lens_ptr, bt_ptr,
+    q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, pm_ptr, pl_ptr, pacc_ptr, cu_ptr, kv_lens_ptr, bt_ptr,
     qk_scale, D, n_kv_heads, n_splits_max,
-    stride_qt, stride_qh, stride_ot, stride_oh,
+    stride_qt, stride_qh, stride_ot, stride_oh, stride_lh,
     stride_kp, stride_ks, stride_kk, stride_vp, stride_vs, stride_vk, stride_bt,
     G: tl.constexpr, G_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
     PAGE: tl.constexpr, ATTN_BLK: tl.constexpr, SPLIT_BLOCKS: tl.constexpr, SPLIT_PARALLEL: tl.constexpr,
-    PART_ROWS: tl.constexpr, PRECISION: tl.constexpr,
+    PART_ROWS: tl.constexpr, PRECISION: tl.constexpr, STORE_LSE: tl.constexpr,
 ):
     TOK: tl.constexpr = BLOCK_M // G_PAD
     tile = tl.program_id(0)
@@ -152,18 +170,15 @@ def _attn_kernel(
                 BLOCK_M, BLOCK_D, PAGE, ATTN_BLK, PRECISION,
             )
             m, l, acc = _merge(m, l, acc, m_s, l_s, acc_s)
-        o = acc / l[:, None]
-        tl.store(
-            o_ptr + t_idx[:, None] * stride_ot + head[:, None] * stride_oh + ds[None, :],
-            o.to(o_ptr.dtype.element_ty), mask=row_ok[:, None] & (ds[None, :] < D),
-        )
+        _store_out(o_ptr, lse_ptr, m, l, acc, t_idx, head, ds, row_ok, D, stride_ot, stride_oh, stride_lh, STORE_LSE)
 
 
+@fast_launch
 @triton.jit
 def _combine_kernel(
-    o_ptr, pm_ptr, pl_ptr, pacc_ptr, cu_ptr, kv_lens_ptr, D, n_kv_heads, n_splits_max, stride_ot, stride_oh,
-    G: tl.constexpr, G_PAD: tl.constexpr, PART_ROWS: tl.constexpr, BLOCK_D: tl.constexpr,
-    ATTN_BLK: tl.constexpr, SPLIT_BLOCKS: tl.constexpr,
+    o_ptr, lse_ptr, pm_ptr, pl_ptr, pacc_ptr, cu_ptr, kv_lens_ptr, D, n_kv_heads, n_splits_max, stride_ot, stride_oh,
+    stride_lh, G: tl.constexpr, G_PAD: tl.constexpr, PART_ROWS: tl.constexpr, BLOCK_D: tl.constexpr,
+    ATTN_BLK: tl.constexpr, SPLIT_BLOCKS: tl.constexpr, STORE_LSE: tl.constexpr,
 ):
     # The merge is per row, so a PART_ROWS tile gives each row what the fused path gives it.
     bk = tl.program_id(0)
@@ -186,22 +201,22 @@ def _combine_kernel(
         l_s = tl.load(pl_ptr + state * PART_ROWS + rows)
         acc_s = tl.load(pacc_ptr + (state * PART_ROWS + rows[:, None]) * BLOCK_D + ds[None, :])
         m, l, acc = _merge(m, l, acc, m_s, l_s, acc_s)
-    o = acc / l[:, None]
     tok = rows // G_PAD
     head = kvh * G + rows % G_PAD
     row_ok = (rows % G_PAD < G) & (tok < q_len)
     t_idx = (q_lo + tok).to(tl.int64)
-    tl.store(
-        o_ptr + t_idx[:, None] * stride_ot + head[:, None] * stride_oh + ds[None, :],
-        o.to(o_ptr.dtype.element_ty), mask=row_ok[:, None] & (ds[None, :] < D),
-    )
+    _store_out(o_ptr, lse_ptr, m, l, acc, t_idx, head, ds, row_ok, D, stride_ot, stride_oh, stride_lh, STORE_LSE)
 
 
 def attention(
     q_THD: torch.Tensor, k_cache_PSKD: torch.Tensor, v_cache_PSKD: torch.Tensor, cu_seqlens_q_B1: torch.Tensor,
     kv_lens_B: torch.Tensor, block_table_BP: torch.Tensor, max_q_len: int, scale: float,
+    lse_HT: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Causal GQA attention over a paged KV cache (K/V of the new tokens already written)."""
+    """Causal GQA attention over a paged KV cache (K/V of the new tokens already written).
+    lse_HT: an fp32 [H, T] tensor to fill with each row's log-sum-exp of its scaled scores
+    (natural log, flash's layout: the training backward reuses it); the output's bits are
+    the same with or without it."""
     T, H, D = q_THD.shape
     P, S, K, Dk = k_cache_PSKD.shape
     B = kv_lens_B.shape[0]
@@ -221,6 +236,9 @@ def attention(
                          f"(got {list(cu_seqlens_q_B1.shape)}) and block_table [B, pages] (got {list(block_table_BP.shape)})")
     if k_cache_PSKD.stride(-1) != 1 or v_cache_PSKD.stride(-1) != 1:
         raise ValueError("miles_kernels attention: KV caches must have a contiguous last (head-dim) axis")
+    if lse_HT is not None and (lse_HT.shape != (H, T) or lse_HT.dtype != torch.float32 or lse_HT.stride(1) != 1):
+        raise ValueError(f"miles_kernels attention: lse_HT must be fp32 [H={H}, T={T}] with unit stride over T, "
+                         f"got {lse_HT.dtype} {list(lse_HT.shape)}")
     if q_THD.stride(-1) != 1:
         q_THD = q_THD.contiguous()
     o_THD = torch.empty((T, H, D), dtype=q_THD.dtype, device=q_THD.device)
@@ -251,18 +269,20 @@ def attention(
     pl = torch.empty_like(pm)
     pacc = torch.empty((B * K, n_splits, part_rows, block_d) if split_parallel else (1,), dtype=torch.float32, device=dev)
     consts = dict(G=G, G_PAD=g_pad, BLOCK_D=block_d, ATTN_BLK=KV_BLOCK, SPLIT_BLOCKS=KV_SPLIT // KV_BLOCK)
+    lse = lse_HT if lse_HT is not None else pm
     _attn_kernel[(triton.cdiv(max_q_len, tok_per_tile), B * K, split_programs if split_parallel else 1)](
-        q_THD, k_cache_PSKD, v_cache_PSKD, o_THD, pm, pl, pacc, cu, kv_lens, bt,
+        q_THD, k_cache_PSKD, v_cache_PSKD, o_THD, lse, pm, pl, pacc, cu, kv_lens, bt,
         scale * _LOG2E, D, K, n_splits,
-        q_THD.stride(0), q_THD.stride(1), o_THD.stride(0), o_THD.stride(1),
+        q_THD.stride(0), q_THD.stride(1), o_THD.stride(0), o_THD.stride(1), lse.stride(0),
         k_cache_PSKD.stride(0), k_cache_PSKD.stride(1), k_cache_PSKD.stride(2),
         v_cache_PSKD.stride(0), v_cache_PSKD.stride(1), v_cache_PSKD.stride(2), bt.stride(0),
         BLOCK_M=block_m, PAGE=S, SPLIT_PARALLEL=split_parallel, PART_ROWS=part_rows,
-        PRECISION="ieee" if q_THD.dtype == torch.float32 else "tf32", **consts, num_warps=num_warps, num_stages=num_stages,
+        PRECISION="ieee" if q_THD.dtype == torch.float32 else "tf32", STORE_LSE=lse_HT is not None, **consts,
+        num_warps=num_warps, num_stages=num_stages,
     )
     if split_parallel:
         _combine_kernel[(B * K,)](
-            o_THD, pm, pl, pacc, cu, kv_lens, D, K, n_splits, o_THD.stride(0), o_THD.stride(1),
-            PART_ROWS=part_rows, **consts, num_warps=4,
+            o_THD, lse, pm, pl, pacc, cu, kv_lens, D, K, n_splits, o_THD.stride(0), o_THD.stride(1), lse.stride(0),
+            PART_ROWS=part_rows, STORE_LSE=lse_HT is not None, **consts, num_warps=4,
         )
     return o_THD

@@ -9,10 +9,13 @@ import torch
 import triton
 import triton.language as tl
 
+from miles_kernels._triton.launch import fast_launch
+
 
 LOGPROB_CHUNK = 4096  # vocab entries per step of the online max / sum-exp walk
 
 
+@fast_launch
 @triton.jit
 def _logprobs_kernel(
     logits_ptr, ids_ptr, logp_ptr, ent_ptr, lse_ptr, V, stride_t, temperature,
@@ -87,6 +90,7 @@ def _key_float(k):
     return tl.where(k < 0, k ^ 0x7FFFFFFF, k).to(tl.float32, bitcast=True)
 
 
+@fast_launch
 @triton.jit
 def _top_p_cutoff_kernel(x_ptr, cut_ptr, V, stride_t, top_p, CHUNK: tl.constexpr):
     """cut[row] = the smallest v with sum_{x_i > v} exp(x_i - max) < top_p * sum_i exp(x_i - max):
@@ -140,6 +144,7 @@ def filter_logits(x_TV: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> tor
     return x_TV
 
 
+@fast_launch
 @triton.jit
 def _route_topk_kernel(
     logits_ptr, w_ptr, ids_ptr, E, stride_t,

@@ -34,6 +34,8 @@ try:  # pragma: no cover - depends on the install
     import triton
     import triton.language as tl
     from triton.language.extra import libdevice
+
+    from miles_kernels._triton.launch import fast_launch
 except ImportError:  # pragma: no cover
     triton = None
 
@@ -52,6 +54,7 @@ if triton is not None:
         x = _low32(x * 0x2C1B3C6D)
         return x ^ (x >> 16)
 
+    @fast_launch
     @triton.jit
     def _gumbel_kernel(keys_ptr, key_stride, out_ptr, V, BLOCK: tl.constexpr, LOGS: tl.constexpr):
         row = tl.program_id(0)
@@ -66,6 +69,7 @@ if triton is not None:
             u = -libdevice.log(-libdevice.log(u))
         tl.store(out_ptr + row.to(tl.int64) * V + tok, u, mask=tok < V)
 
+    @fast_launch
     @triton.jit
     def _logs_kernel(u_ptr, out_ptr, N, BLOCK: tl.constexpr):
         i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)

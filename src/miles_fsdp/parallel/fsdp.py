@@ -4,8 +4,9 @@ distributed code).
 - One `fully_shard` unit per transformer block, then the root (embedding, final norm,
   lm_head): each block's parameters are all-gathered just before it runs and freed after,
   so peak parameter memory is one block plus the root. `per_block=False` makes the whole
-  model one unit (ParallelConfig.fsdp_units; the default where nothing is sharded, one rank
-  per replica: the per-block all-gather copies, casts and hooks then buy nothing).
+  model one unit (ParallelConfig.fsdp_units "model"; the default where nothing is sharded
+  on several ranks, one rank per replica: the per-block all-gather copies, casts and hooks
+  then buy nothing). One rank alone runs without FSDP by default (parallel/local.py).
 - The last block is not resharded after forward: backward starts with it, so freeing and
   re-gathering it would be wasted communication.
 - Each MTP draft module (`model.mtp`, models/mtp.py) is its own unit too, wrapped after the

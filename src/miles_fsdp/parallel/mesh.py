@@ -41,8 +41,11 @@ class ParallelConfig:
     """FSDP2 units: "block" (one per transformer block and draft module, then the root: peak
     parameter memory of one block), "model" (one unit: the whole model's compute-dtype
     parameters stay gathered through forward and backward, and the per-block hooks, copies
-    and collectives are gone), "auto" ("model" when the parameters are not sharded at all,
-    i.e. one rank per replica and no cpu_offload; else "block")."""
+    and collectives are gone), "none" (no FSDP, one rank only: the plain model keeps its fp32
+    parameters and runs on compute-dtype copies of them, parallel/local.py; the bits of "model"
+    without FSDP's per-parameter work), "auto" ("none" on one rank without cpu_offload; else
+    "model" when the parameters are not sharded at all, i.e. one rank per replica and no
+    cpu_offload; else "block")."""
 
     def __post_init__(self):
         if self.replicate < 1:
@@ -53,20 +56,35 @@ class ParallelConfig:
             raise ValueError("ParallelConfig.expert_parallel > 1 does not support cpu_offload=True; turn one off")
         if self.param_dtype not in ("auto", "bf16", "fp32"):
             raise ValueError(f"ParallelConfig.param_dtype={self.param_dtype!r}: use 'auto', 'bf16' or 'fp32'")
-        if self.fsdp_units not in ("auto", "block", "model"):
-            raise ValueError(f"ParallelConfig.fsdp_units={self.fsdp_units!r}: use 'auto', 'block' or 'model'")
+        if self.fsdp_units not in ("auto", "block", "model", "none"):
+            raise ValueError(f"ParallelConfig.fsdp_units={self.fsdp_units!r}: use 'auto', 'block', 'model' or 'none'")
         if self.fsdp_units == "model" and self.cpu_offload:
             raise ValueError("ParallelConfig.fsdp_units='model' keeps every parameter gathered on the device, which "
                              "cpu_offload=True is there to avoid: use fsdp_units='block' (or 'auto')")
+        if self.fsdp_units == "none" and self.cpu_offload:
+            raise ValueError("ParallelConfig.fsdp_units='none' runs without FSDP, whose offload policy "
+                             "cpu_offload=True is: use fsdp_units='block' (or 'auto'), or turn cpu_offload off")
+        if self.fsdp_units == "none" and (self.expert_parallel > 1 or self.replicate > 1):
+            raise ValueError(f"ParallelConfig.fsdp_units='none' runs on one rank, without FSDP; expert_parallel="
+                             f"{self.expert_parallel} and replicate={self.replicate} need several: set both to 1, "
+                             f"or use fsdp_units='auto'")
 
     def compute_dtype(self, device: torch.device) -> torch.dtype:
         return resolve_dtype(self.param_dtype, device)
 
-    def whole_model_unit(self, shard_size: int) -> bool:
-        """One FSDP unit for the whole model? (`fsdp_units`; shard_size: ranks a parameter is sharded over)."""
-        if self.fsdp_units == "auto":
-            return shard_size == 1 and not self.cpu_offload
-        return self.fsdp_units == "model"
+    def units(self, ranks: int, shard_size: int) -> str:
+        """The FSDP units, "none", "model" or "block" (`fsdp_units`, "auto" resolved), on a mesh
+        of `ranks` ranks whose parameters are sharded over `shard_size` of them."""
+        if self.fsdp_units == "none" and ranks > 1:
+            raise ValueError(f"ParallelConfig.fsdp_units='none' trains without FSDP, so on one rank; this run has "
+                             f"{ranks}: use fsdp_units='auto' (or 'model' or 'block')")
+        if self.fsdp_units != "auto":
+            return self.fsdp_units
+        if self.cpu_offload:
+            return "block"
+        if ranks == 1 and self.expert_parallel == 1:
+            return "none"
+        return "model" if shard_size == 1 else "block"
 
 
 def init_distributed() -> torch.device:

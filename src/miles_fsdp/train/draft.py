@@ -141,6 +141,11 @@ class DraftTrainer:
         self._sums = s if self._sums is None else self._sums + s
         return total * (self.cfg.loss_coef / self.n_mtp)
 
+    def zero_grad(self) -> None:
+        """Drop the draft's gradients (a failed step's partial ones)."""
+        for p in self.params:
+            p.grad = None
+
     def step(self) -> dict[str, torch.Tensor | float]:
         """Clip the draft's gradients (alone), step its AdamW and schedule; the step's metrics
         as on-device sums for the caller's all-reduce: `sums` (per module: NLL, hits) and `denoms`."""

@@ -1,4 +1,4 @@
-"""AdamW on the (sharded, fp32) parameters and a warmup + constant/cosine LR schedule."""
+"""AdamW on the fp32 parameters (sharded under FSDP) and a warmup + constant/cosine LR schedule."""
 
 from __future__ import annotations
 
@@ -65,5 +65,8 @@ def build_optimizer(params: Iterable[torch.nn.Parameter], cfg: OptimConfig) -> t
         params, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, weight_decay=cfg.weight_decay,
         fused=fused or None, foreach=None if fused else False,
     )
+    # the fused kernel writes the parameters without bumping their version counters, which
+    # parallel/local.py reads to know when to refresh its compute-dtype copies: bump them
+    opt.register_step_post_hook(lambda *_: torch.autograd.graph.increment_version(params))
     sched = LambdaLR(opt, lambda step: lr_factor(step, cfg))
     return opt, sched

@@ -1,6 +1,7 @@
-"""Frozen reference policy for the KL term: a second copy of the initial weights, sharded
-on the trainer's mesh like the policy, optionally kept on the CPU between uses
-(FSDP2 CPUOffloadPolicy: each block is copied to the device only while it runs)."""
+"""Frozen reference policy for the KL term: a second copy of the initial weights, parallelized
+on the trainer's mesh like the policy (on one rank without FSDP: parallel/local.py), optionally
+kept on the CPU between uses (FSDP2 CPUOffloadPolicy: each block is copied to the device only
+while it runs)."""
 
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ class ReferencePolicy:
         cfg = ParallelConfig(replicate=trainer.cfg.parallel.replicate, param_dtype=trainer.cfg.parallel.param_dtype,
                              activation_checkpointing=False, cpu_offload=cpu_offload)
         model.requires_grad_(False)
-        self.model = parallelize(model, trainer.mesh, cfg, trainer.device)
+        self.model, self.local = parallelize(model, trainer.mesh, cfg, trainer.device)
         self.model.eval()
         self.device, self.group = trainer.device, trainer.group
 
@@ -29,8 +30,9 @@ class ReferencePolicy:
         scored as the policy is (`spec`: temperature, top-k/top-p, kernel mode), one [T] tensor per micro-batch.
         Collective: every rank must call it."""
         out = []
-        for mb in pad_micro_batches(micro_batches, self.group):
-            logp_T, _ = packed_logprobs(self.model, mb, self.device, spec, trained_only=True)
-            if not mb.dummy:
-                out.append(logp_T)
+        with self.local.compute():
+            for mb in pad_micro_batches(micro_batches, self.group):
+                logp_T, _ = packed_logprobs(self.model, mb, self.device, spec, trained_only=True)
+                if not mb.dummy:
+                    out.append(logp_T)
         return out

@@ -1,6 +1,8 @@
-"""The FSDP2 trainer: forward log-probs and one optimizer step over packed micro-batches.
+"""The trainer: forward log-probs and one optimizer step over packed micro-batches, under
+FSDP2, or on one rank on the plain model (ParallelConfig.fsdp_units "none", the default
+there: fp32 masters, forwards and backwards on compute-dtype copies, parallel/local.py).
 
-    trainer = Trainer(model, TrainerConfig(...))          # shards the model, builds AdamW
+    trainer = Trainer(model, TrainerConfig(...))          # parallelizes the model, builds AdamW
     mbs = trainer.pack(seqs)                              # this rank's sequences
     logp = trainer.forward_logprobs(mbs, spec)            # no grad; spec: temperature, top-k/p, kernel mode
     metrics = trainer.train_step(mbs, loss_fn, spec)      # accumulate, clip, step
@@ -126,18 +128,21 @@ class Trainer:
         self.group = dp_group(self.mesh)
         self.dp_size = self.mesh.size()
         self.n_flop_params = _flop_params(model)
-        self.model = parallelize(model, self.mesh, cfg.parallel, self.device)
+        # every forward and backward runs inside self.local.compute() (a no-op under FSDP)
+        self.model, self.local = parallelize(model, self.mesh, cfg.parallel, self.device)
         # the policy's optimizer and clipping see the trunk only: the draft has its own
         self.trunk_params = [p for name, p in self.model.named_parameters() if not name.startswith("mtp.")]
         self.optimizer = self.scheduler = None
         if train_trunk:
             self.optimizer, self.scheduler = build_optimizer(self.trunk_params, cfg.optim)
         self.draft = DraftTrainer(self.model, draft, self.group) if draft is not None else None
-        # one rank: reduce (an identity) once per step, after the last micro-batch (FSDP
+        # FSDP on one rank: reduce (an identity) once per step, after the last micro-batch (FSDP
         # accumulates the micro-batches' grads in fp32 meanwhile: the same sums bit for bit), and
-        # under the whole-model unit reshard then too (per-block units keep their memory bound)
-        self.defer_grad_sync = dist.get_world_size() == 1 and not cfg.parallel.cpu_offload
-        self.defer_reshard = self.defer_grad_sync and cfg.parallel.whole_model_unit(shard_size=1)
+        # under the whole-model unit reshard then too (per-block units keep their memory bound).
+        # Without FSDP, self.local accumulates and hands the grads over so.
+        units = cfg.parallel.units(self.mesh.size(), self.mesh.size(self.mesh.ndim - 1))
+        self.defer_grad_sync = units != "none" and dist.get_world_size() == 1 and not cfg.parallel.cpu_offload
+        self.defer_reshard = self.defer_grad_sync and units == "model"
         self.step = 0  # optimizer steps taken
         self.peak_flops = cfg.peak_flops or self._lookup_peak_flops()
 
@@ -173,11 +178,12 @@ class Trainer:
         With entropy=True returns (logps, entropies). Collective: every rank must call it."""
         self.model.eval()
         logps, ents = [], []
-        for mb in self._pad(micro_batches):
-            logp_T, ent_T = self._logprobs(mb, spec, entropy)
-            if not mb.dummy:
-                logps.append(logp_T)
-                ents.append(ent_T)
+        with self.local.compute():
+            for mb in self._pad(micro_batches):
+                logp_T, ent_T = self._logprobs(mb, spec, entropy)
+                if not mb.dummy:
+                    logps.append(logp_T)
+                    ents.append(ent_T)
         return (logps, ents) if entropy else logps
 
     def backward(self, micro_batches: list[MicroBatch], loss_fn: LossFn, spec: ScoringSpec = ScoringSpec(),
@@ -195,15 +201,21 @@ class Trainer:
         if self.draft is not None:
             self.draft.begin(micro_batches)
         try:
-            for i, mb in enumerate(micro_batches):
-                self._grad_sync(i == len(micro_batches) - 1)
-                n_tokens += self._micro_batch_backward(mb, loss_fn, spec, entropy, scale, loss_acc, stats_acc)
+            with self.local.compute():
+                for i, mb in enumerate(micro_batches):
+                    self._grad_sync(i == len(micro_batches) - 1)
+                    n_tokens += self._micro_batch_backward(mb, loss_fn, spec, entropy, scale, loss_acc, stats_acc)
+        except BaseException:
+            self.local.discard_grads()  # a failed step's partial grads never reach a later step
+            raise
         finally:
             self._grad_sync(True)
+        self.local.flush_grads()
         return {"denom": denom, "loss_sum": loss_acc, "stats": stats_acc, "tokens": n_tokens}
 
     def _grad_sync(self, on: bool) -> None:
-        """FSDP reduces (and reshards) after this backward: always, unless deferred (__init__)."""
+        """FSDP reduces (and reshards) after this backward: always, unless deferred (__init__);
+        nothing to do without FSDP."""
         if self.defer_grad_sync:
             self.model.set_requires_gradient_sync(on)
         if self.defer_reshard:
@@ -221,6 +233,7 @@ class Trainer:
             # one backward for both; the draft's term reaches the draft's parameters only
             total = total + draft_loss * self.dp_size
         total.backward()
+        self.local.accumulate_grads()  # without FSDP: the compute-dtype grads into fp32 sums
         loss_acc += loss_sum.detach()
         for k, v in stats.items():
             stats_acc[k] = stats_acc.get(k, 0.0) + torch.as_tensor(v, dtype=torch.float32, device=self.device)
@@ -236,8 +249,12 @@ class Trainer:
         t0 = time.perf_counter()
         try:
             acc = self.backward(micro_batches, loss_fn, spec, norm, norm_constant, entropy)
-        except RuntimeError as e:
-            if not is_oom(e):
+        except BaseException as e:
+            for p in self.trunk_params:  # the failed step's partial grads are dropped
+                p.grad = None
+            if self.draft is not None:
+                self.draft.zero_grad()
+            if not (isinstance(e, RuntimeError) and is_oom(e)):
                 raise
             c = self.cfg
             longest = max((mb.num_tokens for mb in micro_batches), default=0)
@@ -292,13 +309,21 @@ class Trainer:
         self.model.train()
         micro_batches = self._pad(micro_batches)
         self.draft.begin(micro_batches)
-        for mb in micro_batches:
-            with mk.use_mode(spec.kernel_mode):
-                with torch.no_grad():
-                    hidden_TD, meta, slot_T = packed_hidden(self.model, mb, self.device)
-                draft_loss = self.draft.loss(self.model, hidden_TD, mb, meta, slot_T)
-            if draft_loss.requires_grad:
-                (draft_loss * self.dp_size).backward()
+        try:
+            with self.local.compute():
+                for mb in micro_batches:
+                    with mk.use_mode(spec.kernel_mode):
+                        with torch.no_grad():
+                            hidden_TD, meta, slot_T = packed_hidden(self.model, mb, self.device)
+                        draft_loss = self.draft.loss(self.model, hidden_TD, mb, meta, slot_T)
+                    if draft_loss.requires_grad:
+                        (draft_loss * self.dp_size).backward()
+                        self.local.accumulate_grads()
+        except BaseException:
+            self.local.discard_grads()
+            self.draft.zero_grad()
+            raise
+        self.local.flush_grads()
         draft = self.draft.step()
         self.step += 1
         return {**self._draft_metrics(draft), "time/train_step_s": time.perf_counter() - t0}

@@ -1,7 +1,7 @@
 """Full-weight gathering for the rollout engine.
 
-The engine receives exactly `param.to(dtype)` (bf16 by default): each sharded fp32 master is
-cast on its shard (elementwise, so identical to casting the full tensor) and then
+The engine receives exactly `param.to(dtype)` (bf16 by default): under FSDP each sharded fp32
+master is cast on its shard (elementwise, so identical to casting the full tensor) and then
 all-gathered, which moves half the bytes of gathering fp32. Tensors come in buckets of about
 `bucket_bytes`, with the model's state-dict names; a consumer that drops each bucket before
 asking for the next (Engine.update_weights does) holds at most one bucket of extra memory.

@@ -1,0 +1,142 @@
+"""Launch compiled Triton kernels without Triton's per-call binding work.
+
+`kernel[grid](*args, **kw)` spends much of a small op's host time in Triton's
+`JITFunction.run`: binding the arguments, building the specialization key, parsing options
+(~40% of an op's host time, tools/bench/launch_cost.py --cprofile). `@fast_launch` above
+`@triton.jit` keeps each compiled kernel under a key of everything Triton specializes on:
+per tensor its dtype and 16-byte alignment, per int whether it is 1, a multiple of 16 and
+its width, per TMA descriptor its dtype and block shape, and the constexpr and launch
+options by value. A key's first call goes through Triton (compile or Triton's cache) and
+keeps the kernel it returns; later calls hand the arguments straight to that kernel's
+launcher, in the order and form `JITFunction.run` uses (Triton >= 3.3). The key is at
+least as fine as Triton's, so a call never runs a kernel compiled for other arguments.
+
+Triton's own path serves whenever the fast one cannot: the interpreter (TRITON_INTERPRET=1:
+the decorator returns the function as it is), a callable grid, an argument of a type not
+keyed here, and active launch hooks (profilers read their metadata); and everywhere with
+MILES_FAST_LAUNCH=0 in the environment (or `launch.ENABLED = False`), should a Triton
+release change how its launcher is called.
+"""
+
+from __future__ import annotations
+
+import inspect
+import os
+
+import torch
+import triton
+
+try:  # Triton >= 3.4
+    from triton import knobs as _knobs
+except ImportError:  # pragma: no cover - older Triton: Triton's own path only
+    _knobs = None
+try:
+    from triton.tools.tensor_descriptor import TensorDescriptor
+except ImportError:  # pragma: no cover
+    TensorDescriptor = ()
+
+_I32 = 1 << 31
+ENABLED = os.environ.get("MILES_FAST_LAUNCH", "1") != "0"
+
+
+class _Unkeyed(Exception):
+    """An argument this launcher does not key: Triton's path serves the call."""
+
+
+def arg_key(a):
+    """What Triton specializes on for one non-constexpr argument (or finer)."""
+    t = type(a)
+    if t is int:  # Triton: 1 is a constant, a multiple of 16 gets a hint; i32, i64 or u64
+        if -_I32 <= a < _I32:
+            return "1" if a == 1 else a & 15 == 0  # "1", not 1: True == 1 as a key
+        return "i64", a & 15 == 0, a >= 1 << 63
+    if isinstance(a, torch.Tensor):
+        return a.dtype, a.data_ptr() & 15 == 0
+    if t is float:
+        return "f"
+    if t is bool or a is None:
+        return t, a
+    if isinstance(a, TensorDescriptor):
+        return ("desc", a.base.dtype, a.base.data_ptr() & 15 == 0, tuple(a.block_shape), tuple(a.strides[-1:]),
+                getattr(a, "padding", None))
+    raise _Unkeyed(t.__name__)
+
+
+def _current_device():
+    return triton.runtime.driver.active.get_current_device()
+
+
+def _current_stream(device):
+    return triton.runtime.driver.active.get_current_stream(device)
+
+
+def _hooks_active() -> bool:
+    hook = _knobs.runtime.launch_enter_hook
+    return hook is not None and bool(getattr(hook, "calls", True))
+
+
+class FastKernel:
+    """A `triton.jit` kernel whose repeat launches skip Triton's binding (module docstring)."""
+
+    def __init__(self, fn):
+        self.fn = fn
+        self.names = [p.name for p in fn.params]
+        self.constexpr = {p.name for p in fn.params if p.is_constexpr}
+        self.const_pos = {i for i, p in enumerate(fn.params) if p.is_constexpr}
+        self.first_const = min(self.const_pos, default=len(self.names))
+        self.keyed = frozenset(self.names) - self.constexpr  # keywords keyed like positions; others by value
+        sig = inspect.signature(fn.fn).parameters
+        self.defaults = {n: sig[n].default for n in self.names if sig[n].default is not inspect.Parameter.empty}
+        self.kernels: dict = {}
+
+    def __getattr__(self, name):  # warmup, cache, src, ...: the Triton kernel's
+        return getattr(self.fn, name)
+
+    def __getitem__(self, grid):
+        return lambda *args, **kw: self.launch(grid, args, kw)
+
+    def key(self, args: tuple, kw: dict):
+        pos = tuple(map(arg_key, args))
+        if len(args) > self.first_const:  # constexprs passed by position: by value
+            pos = tuple(("c", args[i]) if i in self.const_pos else k for i, k in enumerate(pos))
+        if self.keyed.isdisjoint(kw):  # constexprs and launch options (num_warps, ...): by value
+            return pos, tuple(kw.items())
+        return pos, tuple((k, arg_key(v) if k in self.keyed else v) for k, v in kw.items())
+
+    def bound(self, args: tuple, kw: dict) -> list:
+        """Every parameter's value in declaration order (constexprs included), as Triton binds them."""
+        out = list(args)
+        for name in self.names[len(args):]:
+            out.append(kw[name] if name in kw else self.defaults[name])
+        return out
+
+    def launch(self, grid, args: tuple, kw: dict):
+        if not ENABLED or _knobs is None or callable(grid) or _hooks_active():
+            return self.fn.run(*args, grid=grid, warmup=False, **kw)
+        try:
+            key = (_current_device(), self.key(args, kw))
+        except _Unkeyed:
+            return self.fn.run(*args, grid=grid, warmup=False, **kw)
+        kernel = self.kernels.get(key)
+        if kernel is None:
+            kernel = self.fn.run(*args, grid=grid, warmup=False, **kw)
+            if hasattr(kernel, "result"):  # Triton's async compile mode hands back a future
+                kernel = kernel.result()
+            if kernel is not None and hasattr(kernel, "packed_metadata"):
+                self.kernels[key] = kernel
+            return kernel
+        device = key[0]
+        stream = _current_stream(device)
+        n = len(grid)
+        kernel.run(grid[0], grid[1] if n > 1 else 1, grid[2] if n > 2 else 1, stream, kernel.function,
+                   kernel.packed_metadata, None, _knobs.runtime.launch_enter_hook, _knobs.runtime.launch_exit_hook,
+                   *self.bound(args, kw))
+        return kernel
+
+
+def fast_launch(fn):
+    """Decorator above `@triton.jit`: the kernel launched by FastKernel; unchanged under the
+    interpreter (or any object that is not a compiled-kernel JITFunction)."""
+    if not isinstance(fn, triton.runtime.jit.JITFunction):
+        return fn
+    return FastKernel(fn)

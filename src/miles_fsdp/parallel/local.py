@@ -1,0 +1,123 @@
+"""fsdp_units="none": one rank, no FSDP. The model keeps its fp32 parameters (the masters:
+what the optimizer, checkpoints, weight sync and export see) and, with a bf16 compute
+dtype, runs forward and backward on bf16 shadows of them, as FSDP2 does at world size 1
+with param_dtype bf16 and reduce_dtype fp32, without its per-parameter hooks and DTensors:
+
+    masters (fp32)      in the modules outside `compute()`
+       | one foreach cast, only after a master changed (its _version moved)
+    shadows (bf16)      swapped into the modules inside `compute()`
+       | backward: bf16 grads
+    fp32 accumulators   `accumulate_grads()` after each backward: a copy, then fp32 adds
+       |                (FSDP2 between unsynced backwards; at one rank its reduce is a copy)
+    masters' .grad      `flush_grads()` after the step's last backward
+
+With fp32 compute (or under FSDP, whose all-gather casts) there are no shadows and every
+method does nothing.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Iterator
+
+import torch
+import torch.nn as nn
+
+
+class LocalParams:
+    def __init__(self, model: nn.Module, dtype: torch.dtype | None):
+        """dtype: the compute dtype of the shadows; None: no shadows (the modules compute on
+        their own parameters). A parameter shared by several modules (tied embeddings) is one
+        master with one shadow."""
+        self.masters: list[nn.Parameter] = []
+        self._slots: list[tuple[nn.Module, str, int]] = []  # (module, name, index into masters)
+        if dtype is not None:
+            index: dict[int, int] = {}
+            for module in model.modules():
+                for name, p in module._parameters.items():
+                    if p is None:
+                        continue
+                    if id(p) not in index:
+                        index[id(p)] = len(self.masters)
+                        self.masters.append(p)
+                    self._slots.append((module, name, index[id(p)]))
+        self.shadows = [nn.Parameter(torch.empty_like(m, dtype=dtype)) for m in self.masters]
+        self._versions = [None] * len(self.masters)  # the masters' _version at the last refresh
+        self._accs: list[torch.Tensor | None] = [None] * len(self.masters)
+        self._inside = False
+
+    @contextmanager
+    def compute(self) -> Iterator[None]:
+        """Inside, the modules hold the shadows (refreshed first where a master changed, each
+        requiring grad as its master does); at exit the masters again. Nested: no-op."""
+        if self._inside or not self._slots:
+            yield
+            return
+        self._refresh()
+        for shadow, master in zip(self.shadows, self.masters):
+            shadow.requires_grad_(master.requires_grad)
+        for module, name, i in self._slots:
+            if module._parameters[name] is not self.masters[i]:
+                raise RuntimeError(f"LocalParams: the parameter {name!r} of a {type(module).__name__} was replaced "
+                                   "after parallelize(); update it in place (copy_, load_state_dict) instead")
+            module._parameters[name] = self.shadows[i]
+        self._inside = True
+        try:
+            yield
+        finally:
+            self._inside = False
+            for module, name, i in self._slots:
+                module._parameters[name] = self.masters[i]
+
+    def accumulate_grads(self) -> None:
+        """Move the shadows' grads (one backward's, bf16) into the fp32 accumulators: the first
+        a copy, later ones an fp32 add of the upcast grad; the shadows' grads are cleared."""
+        first, first_g, later, later_g = [], [], [], []
+        for i, shadow in enumerate(self.shadows):
+            if shadow.grad is None:
+                continue
+            if self._accs[i] is None:
+                self._accs[i] = torch.empty_like(self.masters[i])
+                first.append(self._accs[i])
+                first_g.append(shadow.grad)
+            else:
+                later.append(self._accs[i])
+                later_g.append(shadow.grad)
+            shadow.grad = None
+        with torch.no_grad():
+            if first:
+                torch._foreach_copy_(first, first_g)
+            if later:
+                torch._foreach_add_(later, later_g)
+
+    def discard_grads(self) -> None:
+        """Drop what the backwards since the last flush accumulated (a failed step's partial grads)."""
+        for shadow in self.shadows:
+            shadow.grad = None
+        self._accs = [None] * len(self.masters)
+
+    def flush_grads(self) -> None:
+        """Hand what the backwards since the last flush accumulated to the masters' .grad
+        (added to a .grad already there, as FSDP's reduce does); call after the step's last
+        backward."""
+        self.accumulate_grads()
+        with torch.no_grad():
+            for master, acc in zip(self.masters, self._accs):
+                if acc is None:
+                    continue
+                if master.grad is None:
+                    master.grad = acc
+                else:
+                    master.grad += acc
+        self._accs = [None] * len(self.masters)
+
+    def _refresh(self) -> None:
+        """Cast the masters that changed since the last refresh into their shadows. In-place
+        updates bump a tensor's _version; fused optimizers do not, so train/optim.py bumps it."""
+        stale = [i for i, m in enumerate(self.masters) if m._version != self._versions[i]]
+        if not stale:
+            return
+        with torch.no_grad():
+            torch._foreach_copy_([self.shadows[i] for i in stale], [self.masters[i] for i in stale])
+        for i in stale:
+            self._versions[i] = self.masters[i]._version
