@@ -17,14 +17,14 @@ from torch.distributed.device_mesh import DeviceMesh
 
 from miles_fsdp.parallel.ac import apply_ac
 from miles_fsdp.parallel.ep import apply_ep, expert_params
-from miles_fsdp.parallel.fsdp import apply_fsdp, blocks_of
+from miles_fsdp.parallel.fsdp import apply_fsdp, blocks_of, drop_unsynced_grads
 from miles_fsdp.parallel.local import LocalParams
 from miles_fsdp.parallel.mesh import (ParallelConfig, build_mesh, check_expert_parallel, dp_group,
                                       init_distributed, shutdown_distributed)
 
 __all__ = [
     "LocalParams", "ParallelConfig", "apply_ac", "apply_ep", "apply_fsdp", "blocks_of", "build_mesh", "dp_group",
-    "expert_params", "init_distributed", "parallelize", "shutdown_distributed",
+    "drop_unsynced_grads", "expert_params", "init_distributed", "parallelize", "shutdown_distributed",
 ]
 
 

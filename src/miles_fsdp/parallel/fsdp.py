@@ -29,6 +29,7 @@ import torch.nn as nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import (
     CPUOffloadPolicy,
+    FSDPModule,
     MixedPrecisionPolicy,
     fully_shard,
     register_fsdp_forward_method,
@@ -72,3 +73,19 @@ def apply_fsdp(
         if hasattr(model, method):
             register_fsdp_forward_method(model, method)
     return model
+
+
+def drop_unsynced_grads(model: nn.Module) -> None:
+    """Forget the grads FSDP keeps between backwards without gradient sync (deferred sync: the
+    unsharded sums), so a failed step's partial sums never reach the next step's reduce. This
+    is FSDP2's private state: its attributes are looked up, never assumed."""
+    for module in model.modules():
+        if not isinstance(module, FSDPModule):
+            continue
+        group = getattr(module._get_fsdp_state(), "_fsdp_param_group", None)
+        for fsdp_param in getattr(group, "fsdp_params", ()):
+            if getattr(fsdp_param, "unsharded_accumulated_grad", None) is not None:
+                fsdp_param.unsharded_accumulated_grad = None
+            unsharded = getattr(fsdp_param, "_unsharded_param", None)
+            if unsharded is not None:
+                unsharded.grad = None

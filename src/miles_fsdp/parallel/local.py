@@ -5,7 +5,8 @@ with param_dtype bf16 and reduce_dtype fp32, without its per-parameter hooks and
 
     masters (fp32)      in the modules outside `compute()`
        | one foreach cast, only after a master changed (its _version moved)
-    shadows (bf16)      swapped into the modules inside `compute()`
+    shadows (bf16)      swapped into the modules inside `compute()`; freed after each
+       |                optimizer step (`free()`), allocated again by the next compute()
        | backward: bf16 grads
     fp32 accumulators   `accumulate_grads()` after each backward: a copy, then fp32 adds
        |                (FSDP2 between unsynced backwards; at one rank its reduce is a copy)
@@ -41,7 +42,8 @@ class LocalParams:
                         index[id(p)] = len(self.masters)
                         self.masters.append(p)
                     self._slots.append((module, name, index[id(p)]))
-        self.shadows = [nn.Parameter(torch.empty_like(m, dtype=dtype)) for m in self.masters]
+        # allocated by the first compute() and freed after each optimizer step (free())
+        self.shadows = [nn.Parameter(m.new_empty(0, dtype=dtype)) for m in self.masters]
         self._versions = [None] * len(self.masters)  # the masters' _version at the last refresh
         self._accs: list[torch.Tensor | None] = [None] * len(self.masters)
         self._inside = False
@@ -111,12 +113,23 @@ class LocalParams:
                     master.grad += acc
         self._accs = [None] * len(self.masters)
 
+    def free(self) -> None:
+        """Free the shadows' memory (after an optimizer step they are stale anyway): between
+        steps a colocated engine has it, as FSDP frees its gathered copy after backward. The
+        next compute() allocates and fills them again."""
+        for shadow in self.shadows:
+            shadow.data = shadow.data.new_empty(0)
+        self._versions = [None] * len(self.masters)
+
     def _refresh(self) -> None:
         """Cast the masters that changed since the last refresh into their shadows. In-place
         updates bump a tensor's _version; fused optimizers do not, so train/optim.py bumps it."""
         stale = [i for i, m in enumerate(self.masters) if m._version != self._versions[i]]
         if not stale:
             return
+        for i in stale:
+            if self.shadows[i].shape != self.masters[i].shape:  # freed: allocate again
+                self.shadows[i].data = torch.empty_like(self.masters[i], dtype=self.shadows[i].dtype)
         with torch.no_grad():
             torch._foreach_copy_([self.shadows[i] for i in stale], [self.masters[i] for i in stale])
         for i in stale:

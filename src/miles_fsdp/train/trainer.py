@@ -32,7 +32,8 @@ import torch.nn as nn
 import miles_kernels as mk
 from miles_fsdp.models import packed_inputs
 from miles_fsdp.observe.memory import is_oom, oom_error, peak_memory_gib, reset_peak_memory
-from miles_fsdp.parallel import ParallelConfig, build_mesh, dp_group, init_distributed, parallelize
+from miles_fsdp.parallel import (ParallelConfig, build_mesh, dp_group, drop_unsynced_grads, init_distributed,
+                                 parallelize)
 from miles_fsdp.parallel.reduce import all_reduce_max, all_reduce_sum
 from miles_fsdp.train.draft import DraftConfig, DraftTrainer, draft_metrics
 from miles_fsdp.train.loss import LossNorm, assign_weights
@@ -205,8 +206,10 @@ class Trainer:
                 for i, mb in enumerate(micro_batches):
                     self._grad_sync(i == len(micro_batches) - 1)
                     n_tokens += self._micro_batch_backward(mb, loss_fn, spec, entropy, scale, loss_acc, stats_acc)
-        except BaseException:
-            self.local.discard_grads()  # a failed step's partial grads never reach a later step
+        except BaseException:  # a failed step's partial grads never reach a later step
+            self.local.discard_grads()
+            if self.defer_grad_sync:
+                drop_unsynced_grads(self.model)
             raise
         finally:
             self._grad_sync(True)
@@ -269,6 +272,7 @@ class Trainer:
         if finite:  # a non-finite step is skipped (and reported), never applied
             self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
+        self.local.free()  # the compute-dtype copies are stale now: their memory goes back
         lr = self.scheduler.get_last_lr()[0]
         self.scheduler.step()
         draft = self.draft.step() if self.draft is not None else None
