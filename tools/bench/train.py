@@ -8,6 +8,7 @@ packed sequences at 4k and 16k tokens, invariant vs fast kernels.
     python tools/bench/train.py --seqs 4096 16384 --peer          # + plain transformers, same run
     python tools/bench/train.py --seqs 4096 --peer --profile prof  # + one profiled step per case
     python tools/bench/train.py --seqs 4096 --units none model     # one rank without FSDP vs one FSDP unit
+    python tools/bench/train.py --seqs 4096 --graphs off on        # the trunk eager vs from CUDA graphs
     torchrun --nproc-per-node 8 tools/bench/train.py --out b.json  # FSDP over 8 GPUs
 
 Each case: `--warmup` untimed steps, then `--steps` timed train_steps of one micro-batch of
@@ -54,14 +55,15 @@ MODELS = {"qwen3-0.6b": QWEN3_0_6B, "small": SMALL}
 
 
 def run_case(seq: int, mode: str, steps: int, warmup: int, ac: bool, peak_flops: float, model_name: str = "qwen3-0.6b",
-             fused: bool = True, n_mtp: int = 0, profile: str = "", units: str = "auto") -> dict:
+             fused: bool = True, n_mtp: int = 0, profile: str = "", units: str = "auto", graphs: bool = False) -> dict:
     hf = MODELS[model_name]
     with torch.device("meta"):
         model = Transformer(dataclasses.replace(ModelArgs.from_hf(hf), n_mtp=n_mtp))
     model.init_weights(seed=0)
+    parallel = ParallelConfig(param_dtype="auto", activation_checkpointing=ac, fsdp_units=units)
     cfg = TrainerConfig(optim=OptimConfig(lr=1e-5), max_tokens_per_micro_batch=seq, peak_flops=peak_flops,
-                        fused_logprobs=fused, parallel=ParallelConfig(param_dtype="auto", activation_checkpointing=ac,
-                                                                 fsdp_units=units))
+                        fused_logprobs=fused, cuda_graphs=graphs, parallel=parallel)
+    name = units + ("+graphs" if graphs else "")
     trainer = Trainer(model, cfg, draft=DraftConfig() if n_mtp else None)
     g = torch.Generator().manual_seed(0)
     seqs = [TrainSeq(torch.randint(0, hf["vocab_size"], (seq,), generator=g).tolist())]
@@ -73,7 +75,7 @@ def run_case(seq: int, mode: str, steps: int, warmup: int, ac: bool, peak_flops:
             if i >= warmup:
                 rows.append(m)
         if profile:  # one more step under torch.profiler, not timed
-            cfg = ProfileConfig(steps=(1,), dir=os.path.join(profile, f"train_{seq}_{mode}_draft{n_mtp}_{units}"))
+            cfg = ProfileConfig(steps=(1,), dir=os.path.join(profile, f"train_{seq}_{mode}_draft{n_mtp}_{name}"))
             with StepProfiler(cfg, profile)(1):
                 trainer.train_step(trainer.pack(seqs), sft_loss, spec)
     del trainer, model
@@ -81,7 +83,7 @@ def run_case(seq: int, mode: str, steps: int, warmup: int, ac: bool, peak_flops:
         torch.cuda.empty_cache()
     mean = lambda k: sum(r.get(k, 0.0) for r in rows) / len(rows)  # noqa: E731
     return {"seq": seq, "mode": mode, "ac": ac, "model": model_name, "fused_logprobs": fused, "draft": n_mtp,
-            "units": units, "tokens_per_s": mean("perf/tokens_per_s"), "mfu": mean("perf/mfu"),
+            "units": name, "tokens_per_s": mean("perf/tokens_per_s"), "mfu": mean("perf/mfu"),
             "step_s": mean("time/train_step_s"), "peak_mem_gib": max(r["perf/peak_mem_gib"] for r in rows),
             "loss": rows[-1]["train/loss"]}
 
@@ -149,6 +151,8 @@ def main() -> None:
                    help="MTP draft modules trained beside the policy (0 = none); one case per value")
     p.add_argument("--units", nargs="+", default=["auto"], choices=["auto", "none", "model", "block"],
                    help="ParallelConfig.fsdp_units; one case per value (none: one rank, no FSDP)")
+    p.add_argument("--graphs", nargs="+", default=["off"], choices=["off", "on"],
+                   help="TrainerConfig.cuda_graphs (the trunk from CUDA graphs); one case per value")
     p.add_argument("--peer", action="store_true",
                    help="also time plain transformers (SDPA, fp32 weights + bf16 autocast, fused AdamW)")
     p.add_argument("--profile", metavar="DIR", default="",
@@ -163,13 +167,14 @@ def main() -> None:
         for m in a.modes:
             for lp in a.logprobs:
                 for d in a.draft:
-                    for u in a.units:
+                    for u, gr in ((u, gr) for u in a.units for gr in a.graphs):
                         try:
                             results.append(run_case(s, m, a.steps, a.warmup, a.ac, a.peak_flops, a.model, lp == "fused",
-                                                    d, a.profile, u))
+                                                    d, a.profile, u, gr == "on"))
                         except torch.OutOfMemoryError as e:  # record the case, keep measuring the others
                             results.append({"seq": s, "mode": m, "ac": a.ac, "fused_logprobs": lp == "fused", "draft": d,
-                                            "units": u, "error": f"OOM: {str(e).splitlines()[0]}"})
+                                            "units": u + ("+graphs" if gr == "on" else ""),
+                                            "error": f"OOM: {str(e).splitlines()[0]}"})
                             torch.cuda.empty_cache()
                         print(results[-1], flush=True)
         if a.peer:
@@ -180,15 +185,15 @@ def main() -> None:
         if r["seq"] in peer and "error" not in r:
             r["vs_peer"] = r["tokens_per_s"] / peer[r["seq"]]
     if dist.get_rank() == 0:
-        print(f"{'seq':>6} {'mode':>10} {'units':>6} {'logprobs':>9} {'draft':>5} {'tok/s':>10} {'MFU':>6} "
+        print(f"{'seq':>6} {'mode':>10} {'units':>11} {'logprobs':>9} {'draft':>5} {'tok/s':>10} {'MFU':>6} "
               f"{'step s':>7} {'peak GiB':>9} {'vs peer':>8}")
         for r in results:
             lp = "fused" if r["fused_logprobs"] else "unfused"
             if "error" in r:
-                print(f"{r['seq']:>6} {r['mode']:>10} {r['units']:>6} {lp:>9} {r['draft']:>5} {r['error']}")
+                print(f"{r['seq']:>6} {r['mode']:>10} {r['units']:>11} {lp:>9} {r['draft']:>5} {r['error']}")
                 continue
             vs = f"{r['vs_peer']:>7.2f}x" if "vs_peer" in r else ""
-            print(f"{r['seq']:>6} {r['mode']:>10} {r['units']:>6} {lp:>9} {r['draft']:>5} {r['tokens_per_s']:>10.0f} "
+            print(f"{r['seq']:>6} {r['mode']:>10} {r['units']:>11} {lp:>9} {r['draft']:>5} {r['tokens_per_s']:>10.0f} "
                   f"{r['mfu']:>6.1%} "
                   f"{r['step_s']:>7.2f} {r['peak_mem_gib']:>9.2f} {vs}")
         meta = {"device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",

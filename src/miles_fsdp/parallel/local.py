@@ -47,6 +47,7 @@ class LocalParams:
         self._versions = [None] * len(self.masters)  # the masters' _version at the last refresh
         self._accs: list[torch.Tensor | None] = [None] * len(self.masters)
         self._inside = False
+        self.keep_shadows = False  # set while CUDA graphs read the shadows' storage (train/graphs.py)
 
     @contextmanager
     def compute(self) -> Iterator[None]:
@@ -116,7 +117,9 @@ class LocalParams:
     def free(self) -> None:
         """Free the shadows' memory (after an optimizer step they are stale anyway): between
         steps a colocated engine has it, as FSDP frees its gathered copy after backward. The
-        next compute() allocates and fills them again."""
+        next compute() allocates and fills them again. Not while keep_shadows."""
+        if self.keep_shadows:
+            return
         for shadow in self.shadows:
             shadow.data = shadow.data.new_empty(0)
         self._versions = [None] * len(self.masters)

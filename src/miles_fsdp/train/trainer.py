@@ -36,6 +36,7 @@ from miles_fsdp.parallel import (ParallelConfig, build_mesh, dp_group, drop_unsy
                                  parallelize)
 from miles_fsdp.parallel.reduce import all_reduce_max, all_reduce_sum
 from miles_fsdp.train.draft import DraftConfig, DraftTrainer, draft_metrics
+from miles_fsdp.train.graphs import TrunkGraphs
 from miles_fsdp.train.loss import LossNorm, assign_weights
 from miles_fsdp.train.optim import OptimConfig, build_optimizer
 from miles_fsdp.train.packing import MicroBatch, TrainSeq, dummy_like, pack
@@ -58,6 +59,10 @@ class TrainerConfig:
     the same values bit for bit, without the [T, V] logits in memory. Off: logits, then logprobs."""
     peak_flops: float = 0.0
     """Peak FLOP/s of one device for MFU; 0 = look up the CUDA device (H100/H200/A100), no MFU on CPU."""
+    cuda_graphs: bool = False
+    """Replay the trunk's forward and backward of each training micro-batch from CUDA graphs
+    (train/graphs.py: tokens padded to powers of two, one capture per size; the log-probs are
+    the same bits). Needs one rank on CUDA with parallel.fsdp_units "none" (or "auto")."""
 
     def __post_init__(self):
         if self.max_tokens_per_micro_batch < 2:
@@ -146,6 +151,15 @@ class Trainer:
         self.defer_reshard = self.defer_grad_sync and units == "model"
         self.step = 0  # optimizer steps taken
         self.peak_flops = cfg.peak_flops or self._lookup_peak_flops()
+        self.graphs = None
+        if cfg.cuda_graphs:
+            if units != "none" or self.device.type != "cuda":
+                raise ValueError(
+                    f"TrainerConfig.cuda_graphs=True (--trainer.cuda-graphs) needs one rank on CUDA with "
+                    f"parallel.fsdp_units 'none'; this run has {self.device.type}, {dist.get_world_size()} rank(s), "
+                    f"units '{units}': turn cuda_graphs off, or use one GPU with fsdp_units auto")
+            self.graphs = TrunkGraphs(self.model, self.device, cfg.max_tokens_per_micro_batch)
+            self.local.keep_shadows = True  # the graphs read the shadows' storage
 
     def _lookup_peak_flops(self) -> float:
         if self.device.type != "cuda":
@@ -163,7 +177,11 @@ class Trainer:
         """(logp_T, entropy_T, draft loss term or None): one trunk forward for the policy's
         scores and, with a draft trainer, the draft's loss on its hidden states."""
         with mk.use_mode(spec.kernel_mode):
-            hidden_TD, meta, slot_T = packed_hidden(self.model, mb, self.device)
+            hidden_TD = self.graphs.hidden(mb) if self.graphs is not None and torch.is_grad_enabled() else None
+            if hidden_TD is None:
+                hidden_TD, meta, slot_T = packed_hidden(self.model, mb, self.device)
+            elif self.draft is not None:  # the draft's own attention over the real packing
+                _, meta, slot_T = packed_inputs(mb.cu_seqlens, self.device)
             logp_T, ent_T = score_targets(self.model, hidden_TD, mb, spec, entropy, self.cfg.fused_logprobs,
                                           trained_only=True)  # the loss reads no other position
             draft = self.draft.loss(self.model, hidden_TD, mb, meta, slot_T) if self.draft is not None else None

@@ -1,0 +1,174 @@
+"""The trunk's forward and backward of a training micro-batch replayed from CUDA graphs.
+
+On one GPU the trainer is host-bound: a 4k-token step of a Qwen3-0.6B-shaped model launches
+~1,800 kernels, and Python issues them slower than the GPU runs them. With
+`TrainerConfig.cuda_graphs` (one rank, fsdp_units "none") the trunk (embedding, blocks,
+final norm: `model.forward`) of each micro-batch is one graph replay forward and one
+backward; the scoring tail (lm_head + logprobs), the loss and the draft stay eager.
+
+Shapes are fixed per bucket: the micro-batch's T tokens are padded to a power of two (at
+least MIN_TOKENS) by one extra padding sequence, and its B sequences (+ the padding one) to
+a power of two of sequences (zero-length ones). Real tokens never see padding: every
+sequence attends only to itself, and the kernels are batch-invariant, so the real rows'
+hidden states (so the log-probs) are the bits the eager trunk gives; the padding rows get a
+zero output grad, so the weight grads change only by the summation order of the matmuls.
+A bucket is warmed (Triton compiles, flash and the LSE check run) and captured on first use;
+all buckets share one memory pool (their forwards and backwards never interleave). The
+compute-dtype shadows (parallel/local.py) are the graphs' parameters: they keep their
+storage while graphs are on (refreshed in place), and their grads leave through autograd.
+
+A capture that fails (a sync or a CPU op inside the trunk, an op CUDA graphs refuse) is
+logged once and the trainer runs the trunk eagerly from then on. `capture=False` runs the
+same padded inputs eagerly (CPU tests of the padding).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+
+import miles_kernels as mk
+from miles_fsdp.models.transformer import TRAIN_PAGE_SIZE
+from miles_fsdp.train.packing import MicroBatch
+
+log = logging.getLogger(__name__)
+
+MIN_TOKENS = 256  # smallest token bucket
+MIN_SEQS = 8  # smallest sequence bucket (the padding sequence included)
+
+
+def _pow2_at_least(n: int, floor: int) -> int:
+    return max(floor, 1 << max(0, n - 1).bit_length())
+
+
+def padded_offsets(cu: list[int], t_bucket: int, b_bucket: int) -> list[int]:
+    """cu (B + 1 offsets of T real tokens) padded to b_bucket + 1 offsets over t_bucket tokens:
+    one padding sequence of the T_bucket - T extra tokens, then zero-length sequences."""
+    out = list(cu)
+    if out[-1] < t_bucket:
+        out.append(t_bucket)
+    return out + [t_bucket] * (b_bucket + 1 - len(out))
+
+
+@dataclass
+class _Bucket:
+    ids: torch.Tensor  # [T_b] int64
+    pos: torch.Tensor  # [T_b] int64
+    cu: torch.Tensor  # [B_b + 1] int32
+    kv_lens: torch.Tensor  # [B_b] int32
+    table: torch.Tensor  # [B_b, T_b / page] int32
+    slot: torch.Tensor  # [T_b] int64
+    params: list[nn.Parameter]
+    out: torch.Tensor | None = None  # [T_b, D]
+    grad_out: torch.Tensor | None = None
+    grads: tuple[torch.Tensor | None, ...] = ()
+    fwd: object = None  # torch.cuda.CUDAGraph
+    bwd: object = None
+
+
+class _Replay(torch.autograd.Function):
+    """hidden = the bucket's forward graph; its backward graph gives the parameters' grads."""
+
+    @staticmethod
+    def forward(ctx, bucket: _Bucket, *params):
+        bucket.fwd.replay()
+        ctx.bucket = bucket
+        return bucket.out.clone()  # the next replay rewrites bucket.out
+
+    @staticmethod
+    def backward(ctx, g_TD):
+        bucket = ctx.bucket
+        bucket.grad_out.copy_(g_TD)
+        bucket.bwd.replay()
+        return (None, *(None if g is None else g.clone() for g in bucket.grads))
+
+
+class TrunkGraphs:
+    def __init__(self, model: nn.Module, device: torch.device, max_tokens: int, capture: bool = True):
+        self.model, self.device, self.capture = model, device, capture
+        self.max_tokens = _pow2_at_least(max_tokens, MIN_TOKENS)
+        self.buckets: dict[tuple[str, int, int], _Bucket] = {}  # (kernel mode, tokens, sequences)
+        self.failed = ""  # why capture failed: the trunk runs eagerly from then on
+        self.pool = torch.cuda.graph_pool_handle() if capture else None
+
+    def hidden(self, mb: MicroBatch) -> torch.Tensor | None:
+        """The trunk's hidden states of mb's T tokens ([T, D], differentiable in the model's
+        parameters), from the bucket's graphs; None where graphs cannot serve (the caller
+        runs the trunk eagerly)."""
+        cu = [int(x) for x in mb.cu_seqlens.tolist()]  # CPU offsets: no device sync
+        T, B = cu[-1], len(cu) - 1
+        t_b = _pow2_at_least(T, MIN_TOKENS)
+        b_b = _pow2_at_least(B + 1, MIN_SEQS)
+        if self.failed or T == 0 or t_b > self.max_tokens:
+            return None
+        key = (mk.get_mode(), t_b, b_b)  # a graph keeps the kernels of the mode it was captured in
+        bucket = self.buckets.get(key)
+        if bucket is None:
+            bucket = self.buckets[key] = self._bucket(t_b, b_b)
+        self._fill(bucket, mb, padded_offsets(cu, t_b, b_b))
+        if not self.capture:
+            return self._trunk(bucket)[:T]
+        if bucket.fwd is None:
+            try:
+                self._record(bucket)
+            except Exception as e:  # noqa: BLE001 - any capture failure: run eagerly, say why once
+                self.failed = f"{type(e).__name__}: {e}"
+                log.warning("trainer.cuda_graphs: capturing the trunk failed (%s); the trunk runs eagerly",
+                            self.failed)
+                self.buckets.pop(key, None)
+                return None
+        return _Replay.apply(bucket, *bucket.params)[:T]
+
+    def _bucket(self, t_b: int, b_b: int) -> _Bucket:
+        dev, i32 = self.device, torch.int32
+        width = -(-t_b // TRAIN_PAGE_SIZE)
+        return _Bucket(
+            ids=torch.zeros(t_b, dtype=torch.int64, device=dev), pos=torch.zeros(t_b, dtype=torch.int64, device=dev),
+            cu=torch.zeros(b_b + 1, dtype=i32, device=dev), kv_lens=torch.zeros(b_b, dtype=i32, device=dev),
+            table=torch.zeros(b_b, width, dtype=i32, device=dev), slot=torch.zeros(t_b, dtype=torch.int64, device=dev),
+            params=[p for p in self.model.parameters() if p.requires_grad],
+        )
+
+    def _fill(self, bucket: _Bucket, mb: MicroBatch, cu: list[int]) -> None:
+        """Copy mb's tokens and positions and the padded packing into the bucket's static inputs
+        (padding tokens: id 0 at positions 0, 1, ... of their own sequence)."""
+        T = mb.num_tokens
+        cu_t = torch.tensor(cu, dtype=torch.int64)
+        meta, slot, _ = mk.varlen_meta(cu_t, TRAIN_PAGE_SIZE, "cpu")
+        ids = torch.zeros(bucket.ids.shape, dtype=torch.int64)
+        ids[:T] = mb.ids_T
+        pos = mk.positions_from_cu_seqlens(cu_t)
+        pos[:T] = mb.pos_T
+        table = torch.zeros(bucket.table.shape, dtype=torch.int32)
+        table[:, : meta.block_table.shape[1]] = meta.block_table
+        for dst, src in ((bucket.ids, ids), (bucket.pos, pos), (bucket.cu, meta.cu_seqlens_q),
+                         (bucket.kv_lens, meta.kv_lens), (bucket.table, table), (bucket.slot, slot)):
+            dst.copy_(src)
+
+    def _trunk(self, bucket: _Bucket) -> torch.Tensor:
+        t_b = bucket.ids.shape[0]
+        meta = mk.AttnMeta(cu_seqlens_q=bucket.cu, kv_lens=bucket.kv_lens, block_table=bucket.table,
+                           max_q_len=t_b, packed=True)  # no host lists: nothing may read them in a graph
+        return self.model(bucket.ids, bucket.pos, meta, bucket.slot)
+
+    def _record(self, bucket: _Bucket) -> None:
+        """Warm up (compiles, flash's first call, the LSE check) on a side stream, then capture
+        the forward and the backward (torch.autograd.grad into static grads)."""
+        side = torch.cuda.Stream(self.device)
+        side.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(side):
+            for _ in range(2):
+                out = self._trunk(bucket)
+                torch.autograd.grad(out, bucket.params, torch.zeros_like(out), allow_unused=True)
+        torch.cuda.current_stream(self.device).wait_stream(side)
+        del out
+        fwd, bwd = torch.cuda.CUDAGraph(), torch.cuda.CUDAGraph()
+        with torch.cuda.graph(fwd, pool=self.pool):
+            bucket.out = self._trunk(bucket)
+        bucket.grad_out = torch.empty_like(bucket.out)
+        with torch.cuda.graph(bwd, pool=self.pool):
+            bucket.grads = torch.autograd.grad(bucket.out, bucket.params, bucket.grad_out, allow_unused=True)
+        bucket.fwd, bucket.bwd = fwd, bwd

@@ -1,0 +1,70 @@
+"""train/graphs.py on CPU: the padded bucket inputs the CUDA graphs replay, run eagerly
+(capture=False), train like the plain trunk: the same log-probs and loss bits (padding is
+its own sequence; the kernels are batch-invariant), weights within rounding (the weight
+grads' sums see the zero padding rows). The capture itself is GPU-tested
+(tests/gpu/test_trainer_gpu.py)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from miles_fsdp.models import ModelArgs, Transformer
+from miles_fsdp.parallel import ParallelConfig
+from miles_fsdp.train.draft import DraftConfig
+from miles_fsdp.train.graphs import TrunkGraphs, padded_offsets
+from miles_fsdp.train.loss import sft_loss
+from miles_fsdp.train.optim import OptimConfig
+from miles_fsdp.train.packing import TrainSeq
+from miles_fsdp.train.trainer import Trainer, TrainerConfig
+
+HF = dict(architectures=["Qwen3ForCausalLM"], model_type="qwen3", vocab_size=256, hidden_size=64,
+          intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+          max_position_embeddings=1024, rms_norm_eps=1e-6, rope_theta=1e6, tie_word_embeddings=True,
+          num_nextn_predict_layers=1)
+
+
+def test_padded_offsets():
+    assert padded_offsets([0, 3, 10], 16, 8) == [0, 3, 10, 16, 16, 16, 16, 16, 16]  # one padding sequence
+    assert padded_offsets([0, 256], 256, 8) == [0, 256] + [256] * 7  # full: zero-length ones only
+
+
+def _trainer(graphs: bool, dtype: str) -> Trainer:
+    with torch.device("meta"):
+        model = Transformer(ModelArgs.from_hf(HF))
+    model.init_weights(seed=0)
+    t = Trainer(model, TrainerConfig(optim=OptimConfig(lr=1e-2), max_tokens_per_micro_batch=256,
+                                     parallel=ParallelConfig(param_dtype=dtype)), draft=DraftConfig())
+    if graphs:
+        t.graphs = TrunkGraphs(t.model, t.device, 256, capture=False)
+    return t
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+def test_padded_buckets_train_like_the_plain_trunk(dtype, monkeypatch):
+    g = torch.Generator().manual_seed(0)
+    # two micro-batches, one bucket: 256 tokens exactly (no padding sequence), and 3 sequences
+    # of 137 tokens (+ a padding sequence of 119)
+    seqs = [TrainSeq(torch.randint(0, 256, (n,), generator=g).tolist(), [0] * 5 + [1] * (n - 5))
+            for n in (256, 40, 60, 37)]
+    plain, graphed = _trainer(False, dtype), _trainer(True, dtype)
+    runs = []
+    trunk = TrunkGraphs._trunk
+    monkeypatch.setattr(TrunkGraphs, "_trunk", lambda self, b: runs.append(b.ids.shape[0]) or trunk(self, b))
+    m_plain = plain.train_step(plain.pack(seqs), sft_loss)
+    m_graph = graphed.train_step(graphed.pack(seqs), sft_loss)
+    assert len(graphed.pack(seqs)) == 2 and runs == [256, 256]
+    assert list(graphed.graphs.buckets) == [("invariant", 256, 8)]
+    assert m_plain["train/loss"] == m_graph["train/loss"] and m_plain["draft/loss"] == m_graph["draft/loss"]
+    assert m_graph["train/grad_norm"] == pytest.approx(m_plain["train/grad_norm"], rel=1e-4)
+    for (k, a), b in zip(plain.model.state_dict().items(), graphed.model.state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=k)
+    assert all(s.numel() == 0 for s in graphed.local.shadows)  # capture=False: shadows still freed
+
+
+def test_cuda_graphs_refused_where_they_cannot_run():
+    with torch.device("meta"):
+        model = Transformer(ModelArgs.from_hf(HF))
+    model.init_weights(seed=0)
+    with pytest.raises(ValueError, match="cuda-graphs"):
+        Trainer(model, TrainerConfig(cuda_graphs=True))
