@@ -70,6 +70,7 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=3, help="RL steps (the first is warmup)")
     p.add_argument("--mode", choices=mk.MODES, default="invariant")
     p.add_argument("--tiny", action="store_true", help="a tiny model, for a CPU smoke run")
+    p.add_argument("--cuda-graphs", action="store_true", help="TrainerConfig.cuda_graphs (the trunk from CUDA graphs)")
     p.add_argument("--out", required=True)
     a = p.parse_args()
     spec = ScoringSpec(kernel_mode=a.mode)
@@ -79,7 +80,7 @@ def main() -> None:
         policy = Transformer(args)
     policy.init_weights(seed=0)
     trainer = Trainer(policy, TrainerConfig(optim=OptimConfig(lr=1e-6), max_tokens_per_micro_batch=8192,
-                                            parallel=ParallelConfig(param_dtype="auto")))
+                                            parallel=ParallelConfig(param_dtype="auto"), cuda_graphs=a.cuda_graphs))
     with torch.device("meta"):
         replica = Transformer(args)
     replica.init_weights(seed=0, device=device)
