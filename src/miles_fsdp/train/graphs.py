@@ -115,6 +115,8 @@ class TrunkGraphs:
             try:
                 self._record(bucket)
             except Exception as e:  # noqa: BLE001 - any capture failure: run eagerly, say why once
+                if isinstance(e, torch.OutOfMemoryError):  # the trainer's OOM message says what to lower
+                    raise
                 self.failed = f"{type(e).__name__}: {e}"
                 log.warning("trainer.cuda_graphs: capturing the trunk failed (%s); the trunk runs eagerly",
                             self.failed)
