@@ -45,6 +45,7 @@ def test_weight_sync_and_reference(ckpt, dtype, ref_offload):
     ref_logp = ref.ref_logprobs(mbs, spec)  # the trained positions only, 0 at the others
     trained = [mb.mask_T > 0 for mb in mbs]
     assert all(torch.equal(a[m], b[m]) and not b[~m].any() for a, b, m in zip(logp_before, ref_logp, trained))
+    assert all(s.numel() == 0 for s in ref.local.shadows)  # no bf16 copy held between uses
     plain_logp = ref.ref_logprobs(mbs, ScoringSpec())
     assert not all(torch.equal(a, b) for a, b in zip(plain_logp, ref_logp))
 

@@ -35,4 +35,5 @@ class ReferencePolicy:
                 logp_T, _ = packed_logprobs(self.model, mb, self.device, spec, trained_only=True)
                 if not mb.dummy:
                     out.append(logp_T)
+        self.local.free()  # no compute-dtype copy held between uses (cast again next time)
         return out
