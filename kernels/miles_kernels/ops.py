@@ -288,8 +288,9 @@ def kv_attention(q_THD, k_TKD, v_TKD, k_cache_PSKD, v_cache_PSKD, meta: AttnMeta
     Whole sequences packed for training (meta.packed, from varlen_meta) take a path whose
     backward reads the packed q/k/v directly (flash varlen, else SDPA per sequence): no page
     gather, no grad through the cache, which is scratch space, written in place and reusable
-    across layers. The forward is `attention`'s, bit for bit; fast mode's is flash's (or
-    SDPA's) on the packed tensors. Otherwise (the engine, or a meta built by hand) the write is
+    across layers. The forward is `attention`'s, bit for bit (on CUDA the kernel reads the
+    packed K/V in place: packed_attention); fast mode's is flash's (or SDPA's) on the packed
+    tensors. Otherwise (the engine, or a meta built by hand) the write is
     differentiable and `attention` runs as it is.
     """
     if meta.packed and _fast():
@@ -299,16 +300,24 @@ def kv_attention(q_THD, k_TKD, v_TKD, k_cache_PSKD, v_cache_PSKD, meta: AttnMeta
             except (RuntimeError, TypeError) as e:
                 _flash_unusable(e)
         return _ref.packed_attention(q_THD, k_TKD, v_TKD, list(meta.host_lists()[1]), scale)
-    if not (meta.packed and _needs_grad(q_THD, k_TKD, v_TKD)):
-        write_kv(k_cache_PSKD, v_cache_PSKD, k_TKD, v_TKD, slot_T)
-        return attention(q_THD, k_cache_PSKD, v_cache_PSKD, meta, scale)
+    backend = _backend(q_THD)
+    direct = meta.packed and backend is not _cpu  # CUDA reads the packed K/V in place: the pages' bits
 
     def inv(q, k, v, lse_HT=None):
-        write_kv(k_cache_PSKD, v_cache_PSKD, k, v, slot_T)
+        write_kv(k_cache_PSKD, v_cache_PSKD, k, v, slot_T)  # the cache holds what it always held
+        if direct:
+            return backend.packed_attention(q, k, v, meta.cu_seqlens_q, meta.max_q_len, scale, lse_HT=lse_HT)
         if lse_HT is None:
             return attention(q, k_cache_PSKD, v_cache_PSKD, meta, scale)
-        return _backend(q).attention(q, k_cache_PSKD, v_cache_PSKD, meta.cu_seqlens_q, meta.kv_lens, meta.block_table,
-                                     meta.max_q_len, scale, lse_HT=lse_HT)  # `attention`'s CUDA path, + LSE
+        return backend.attention(q, k_cache_PSKD, v_cache_PSKD, meta.cu_seqlens_q, meta.kv_lens, meta.block_table,
+                                 meta.max_q_len, scale, lse_HT=lse_HT)  # `attention`'s CUDA path, + LSE
+
+    if not (meta.packed and _needs_grad(q_THD, k_TKD, v_TKD)):
+        if direct:
+            with torch.no_grad():
+                return inv(q_THD, k_TKD, v_TKD)
+        write_kv(k_cache_PSKD, v_cache_PSKD, k_TKD, v_TKD, slot_T)
+        return attention(q_THD, k_cache_PSKD, v_cache_PSKD, meta, scale)
 
     return _PackedAttention.apply(q_THD, k_TKD, v_TKD, inv, meta, scale)
 

@@ -267,12 +267,12 @@ def _paged_cache(k_LKD, v_LKD, page, g):
     return kc, vc, pages.to(torch.int32).cuda()
 
 
-def _attn(kt, q, kc, vc, seqs, scale):
+def _attn(kt, q, kc, vc, seqs, scale, lse=None):
     """seqs: (q_len, kv_len, pages) per sequence; q packed in that order."""
     cu = torch.tensor([0] + torch.tensor([s[0] for s in seqs]).cumsum(0).tolist(), dtype=torch.int32, device="cuda")
     kv = torch.tensor([s[1] for s in seqs], dtype=torch.int32, device="cuda")
     bt = torch.stack([s[2] for s in seqs])
-    return kt.attention(q, kc, vc, cu, kv, bt, max(s[0] for s in seqs), scale)
+    return kt.attention(q, kc, vc, cu, kv, bt, max(s[0] for s in seqs), scale, lse_HT=lse)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -294,11 +294,29 @@ def test_attention_prefill_chunked_decode_bitwise(kt, dtype, heads, page):
         _same(_attn(kt, q[start : start + n], kc, vc, [(n, start + n, pages)], scale), full[start : start + n],
               f"chunk {start}:{start + n} vs prefill")
         start += n
-    rows = [0, 15, 16, 255, 256, 257, 511, L - 1]
+    rows = [0, 15, 16, 63, 64, 255, 256, 257, 511, L - 1]
     dec = _attn(kt, q[rows], kc, vc, [(1, t + 1, pages) for t in rows], scale)
     _same(dec, full[rows], "decode batch vs prefill rows")
+    # the fp32 LSE shows rounding differences a 16-bit output can hide
+    lse_full, lse_dec = (torch.empty(H, n, device="cuda") for n in (L, len(rows)))
+    _attn(kt, q, kc, vc, [(L, L, pages)], scale, lse_full)
+    _attn(kt, q[rows], kc, vc, [(1, t + 1, pages) for t in rows], scale, lse_dec)
+    _same(lse_dec, lse_full[:, rows], "decode rows' LSE vs prefill rows'")
     for t in (0, 256, L - 1):
         _same(_attn(kt, q[t : t + 1], kc, vc, [(1, t + 1, pages)], scale)[0], full[t], f"decode alone at {t}")
+    # training reads the packed K/V in place: the same bits, also for several packed sequences
+    cu = torch.tensor([0, L], dtype=torch.int32, device="cuda")
+    lse_packed = torch.empty(H, L, device="cuda")
+    _same(kt.packed_attention(q, k, v, cu, L, scale, lse_packed), full, "packed_attention vs paged prefill")
+    _same(lse_packed, lse_full, "packed_attention LSE vs paged prefill's")
+    lens = [300, 1, 64, 335]
+    cu = torch.tensor([0] + torch.tensor(lens).cumsum(0).tolist(), dtype=torch.int32, device="cuda")
+    packed = kt.packed_attention(q, k, v, cu, max(lens), scale)
+    for b, n in enumerate(lens):
+        lo = int(cu[b])
+        kc_b, vc_b, pages_b = _paged_cache(k[lo: lo + n], v[lo: lo + n], page, g)
+        _same(packed[lo: lo + n], _attn(kt, q[lo: lo + n], kc_b, vc_b, [(n, n, pages_b)], scale),
+              f"packed sequence {b} ({n} tokens) vs its paged prefill")
 
 
 def test_fast_mode_paged_decode_attention(kt):

@@ -165,5 +165,6 @@ def test_cuda_graphs_train_like_the_eager_trunk(mode):
     assert not graphed.graphs.failed, graphed.graphs.failed
     assert sorted(k[1] for k in graphed.graphs.buckets) == [256, 512]
     assert all(bk.fwd is not None for bk in graphed.graphs.buckets.values())
+    assert len({id(bk.grads) for bk in graphed.graphs.buckets.values()}) == 1  # one set of grad outputs
     for (k, x), y in zip(eager.model.state_dict().items(), graphed.model.state_dict().values()):
         torch.testing.assert_close(x, y, rtol=1e-3, atol=1e-4, msg=k)

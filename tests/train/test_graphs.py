@@ -68,3 +68,4 @@ def test_cuda_graphs_refused_where_they_cannot_run():
     model.init_weights(seed=0)
     with pytest.raises(ValueError, match="cuda-graphs"):
         Trainer(model, TrainerConfig(cuda_graphs=True))
+    assert Trainer(model, TrainerConfig()).graphs is None  # the default: on only where they can run

@@ -2,6 +2,13 @@
 
     python tools/bench/attn_sweep.py OUT.json              # the knob grid
     python tools/bench/attn_sweep.py OUT.json --decode     # DECODE_PROGRAMS at the engine's decode shapes
+    python tools/bench/attn_sweep.py OUT.json --prefill    # training prefill (packed K/V) vs flash, per tile
+
+--prefill: for each (KV_BLOCK, prefill BLOCK_M, warps, stages) the bits are checked first
+(prefill == chunked == decode on pages of 16/64/32; packed == paged), then the training
+forward (packed_attention with the LSE, one causal sequence of L tokens) is timed against
+flash's varlen forward (SDPA's flash path, the same GQA heads) at L = 1k, 4k, 16k for the
+Qwen3-0.6B (16 q / 8 kv heads) and 8B (32 / 8) shapes, head_dim 128.
 """
 
 import json
@@ -140,15 +147,92 @@ def decode_programs():
     return res
 
 
+DEFAULT_TILES = A._PREFILL_TILES[DT]
+PREFILL_CFGS = [  # KV_BLOCK, prefill BLOCK_M (0: the default rule), warps, stages (KV_SPLIT stays 256)
+    (64, 0, 0, 0), (64, 64, 4, 3), (64, 128, 8, 3), (64, 128, 8, 4),
+]
+
+
+def packed_check() -> list[str]:
+    bad = []
+    g = torch.Generator(device="cuda").manual_seed(9)
+    H, K, D = 16, 8, 128
+    lens = [700, 1, 64, 333]
+    T = sum(lens)
+    q = torch.randn(T, H, D, generator=g, device="cuda").to(DT)
+    k = torch.randn(T, K, D, generator=g, device="cuda").to(DT)
+    v = torch.randn(T, K, D, generator=g, device="cuda").to(DT)
+    cu = torch.tensor([0] + torch.tensor(lens).cumsum(0).tolist(), dtype=torch.int32, device="cuda")
+    lse = torch.empty(H, T, device="cuda")
+    out = A.packed_attention(q, k, v, cu, max(lens), D**-0.5, lse_HT=lse)
+    for b, n in enumerate(lens):
+        lo = int(cu[b])
+        for page in (16, 64):
+            kc, vc, pages = paged(k[lo: lo + n], v[lo: lo + n], page, g)
+            if not torch.equal(attn(q[lo: lo + n], kc, vc, [(n, n, pages)], D**-0.5), out[lo: lo + n]):
+                bad.append(f"packed seq {b} vs paged (page {page})")
+            # decode rows: the fp32 LSE shows any rounding the bf16 output would hide
+            rows = [lo + t for t in (0, 63, 64, 200, 255, 256, 511, n - 1) if t < n]
+            cu_d = torch.arange(len(rows) + 1, dtype=torch.int32, device="cuda")
+            kv_d = torch.tensor([t - lo + 1 for t in rows], dtype=torch.int32, device="cuda")
+            lse_d = torch.empty(H, len(rows), device="cuda")
+            o_d = A.attention(q[rows], kc, vc, cu_d, kv_d, pages[None].expand(len(rows), -1).contiguous(), 1,
+                              D**-0.5, lse_HT=lse_d)
+            if not torch.equal(o_d, out[rows]) or not torch.equal(lse_d, lse[:, rows]):
+                bad.append(f"decode rows of seq {b} vs packed (page {page}: output or LSE)")
+    return bad
+
+
+def prefill_timings() -> dict:
+    out = {}
+    for name, (H, K) in (("0.6b", (16, 8)), ("8b", (32, 8))):
+        for L in (1024, 4096, 16384):
+            D = 128
+            q = torch.randn(L, H, D, device="cuda", dtype=DT)
+            k = torch.randn(L, K, D, device="cuda", dtype=DT)
+            v = torch.randn(L, K, D, device="cuda", dtype=DT)
+            cu = torch.tensor([0, L], dtype=torch.int32, device="cuda")
+            lse = torch.empty(H, L, device="cuda")
+            t = do_bench(lambda: A.packed_attention(q, k, v, cu, L, D**-0.5, lse_HT=lse), warmup=10, rep=50,
+                         return_mode="median")
+            fl = do_bench(lambda: torch.ops.aten._flash_attention_forward(q, k, v, cu, cu, L, L, 0.0, True, False,
+                                                                          scale=D**-0.5), warmup=10, rep=50,
+                          return_mode="median")
+            tflops = 2 * H * L * L * D / t / 1e9  # causal: half of 4 * H * L^2 * D
+            out[f"{name} L={L}"] = dict(ms=t, flash_ms=fl, x_flash=fl / t, tflops=tflops)
+    return out
+
+
+def prefill_sweep(path: str) -> None:
+    res = []
+    for kvb, bm, w, st in PREFILL_CFGS:
+        A.KV_BLOCK, A.KV_SPLIT = kvb, 256
+        A._PREFILL_TILES[DT] = DEFAULT_TILES if bm == 0 else ((bm, w, st),)
+        try:
+            bad = check() + packed_check()
+            tm = prefill_timings()
+        except Exception as e:  # noqa: BLE001 - a tile that does not compile (shared memory) is a row too
+            print(kvb, bm, w, st, "ERROR", str(e)[:200], flush=True)
+            res.append(dict(cfg=[kvb, bm, w, st], error=str(e)[:500]))
+            continue
+        res.append(dict(cfg=[kvb, bm, w, st], bad=bad, t=tm))
+        print(f"KV_BLOCK={kvb:3} BM={bm or 'rule':>4} w={w} s={st} bits_ok={int(not bad)} "
+              + " ".join(f"{k}: {v['ms'] * 1e3:.0f}us {v['x_flash']:.2f}x" for k, v in tm.items())
+              + (f" BAD {bad[:3]}" if bad else ""), flush=True)
+        json.dump(res, open(path, "w"), indent=1)
+
+
 if __name__ == "__main__":
+    if "--prefill" in sys.argv:
+        prefill_sweep(sys.argv[1])
+        sys.exit(0)
     if "--decode" in sys.argv:
         json.dump(decode_programs(), open(sys.argv[1], "w"), indent=1)
         sys.exit(0)
     res = []
     for kvb, split, bm, w, st in CFGS:
         A.KV_BLOCK, A.KV_SPLIT = kvb, split
-        A._BLOCK_M_PREFILL[DT] = bm
-        A._PREFILL_LAUNCH[DT] = (w, st)
+        A._PREFILL_TILES[DT] = ((bm, w, st),)
         try:
             bad = check()
             tm = timings()

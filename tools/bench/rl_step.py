@@ -70,7 +70,8 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=3, help="RL steps (the first is warmup)")
     p.add_argument("--mode", choices=mk.MODES, default="invariant")
     p.add_argument("--tiny", action="store_true", help="a tiny model, for a CPU smoke run")
-    p.add_argument("--cuda-graphs", action="store_true", help="TrainerConfig.cuda_graphs (the trunk from CUDA graphs)")
+    p.add_argument("--trainer-graphs", choices=["auto", "on", "off"], default="auto",
+                   help="TrainerConfig.cuda_graphs (the trunk from CUDA graphs); auto: the default (on one GPU)")
     p.add_argument("--out", required=True)
     a = p.parse_args()
     spec = ScoringSpec(kernel_mode=a.mode)
@@ -80,7 +81,8 @@ def main() -> None:
         policy = Transformer(args)
     policy.init_weights(seed=0)
     trainer = Trainer(policy, TrainerConfig(optim=OptimConfig(lr=1e-6), max_tokens_per_micro_batch=8192,
-                                            parallel=ParallelConfig(param_dtype="auto"), cuda_graphs=a.cuda_graphs))
+                                            parallel=ParallelConfig(param_dtype="auto"),
+                                            cuda_graphs={"auto": None, "on": True, "off": False}[a.trainer_graphs]))
     with torch.device("meta"):
         replica = Transformer(args)
     replica.init_weights(seed=0, device=device)
@@ -124,7 +126,8 @@ def main() -> None:
     print(f"rollout {mean['gen_tok_s']:.0f} tok/s, train {mean['train_tok_s']:.0f} tok/s (MFU {mean['mfu']:.1%}), "
           f"logprob diff max {max(r['logprob_abs_diff_max'] for r in rows)}")
     print(f"engine: {e['engine/preemptions_total']:.0f} preemptions in {a.steps} steps, "
-          f"decode from CUDA graphs: {e.get('engine/cuda_graphs_active', 0.0) == 1.0}")
+          f"decode from CUDA graphs: {e.get('engine/cuda_graphs_active', 0.0) == 1.0}; trainer trunk from CUDA "
+          f"graphs: {trainer.graphs is not None and not trainer.graphs.failed}")
     with open(a.out, "w") as f:
         json.dump({"device": torch.cuda.get_device_name() if CUDA else "cpu", "date": datetime.date.today().isoformat(),
                    "torch": torch.__version__, "args": vars(a), "mean": mean, "steps": rows}, f, indent=2)

@@ -24,6 +24,7 @@ our rows as a ratio to the peer at the same length.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import time
@@ -55,7 +56,7 @@ MODELS = {"qwen3-0.6b": QWEN3_0_6B, "small": SMALL}
 
 
 def run_case(seq: int, mode: str, steps: int, warmup: int, ac: bool, peak_flops: float, model_name: str = "qwen3-0.6b",
-             fused: bool = True, n_mtp: int = 0, profile: str = "", units: str = "auto", graphs: bool = False) -> dict:
+             fused: bool = True, n_mtp: int = 0, profile: str = "", units: str = "auto", graphs: bool | None = None) -> dict:
     hf = MODELS[model_name]
     with torch.device("meta"):
         model = Transformer(dataclasses.replace(ModelArgs.from_hf(hf), n_mtp=n_mtp))
@@ -63,8 +64,8 @@ def run_case(seq: int, mode: str, steps: int, warmup: int, ac: bool, peak_flops:
     parallel = ParallelConfig(param_dtype="auto", activation_checkpointing=ac, fsdp_units=units)
     cfg = TrainerConfig(optim=OptimConfig(lr=1e-5), max_tokens_per_micro_batch=seq, peak_flops=peak_flops,
                         fused_logprobs=fused, cuda_graphs=graphs, parallel=parallel)
-    name = units + ("+graphs" if graphs else "")
     trainer = Trainer(model, cfg, draft=DraftConfig() if n_mtp else None)
+    name = units + ("+graphs" if trainer.graphs is not None else "")  # graphs=None: the trainer's default
     g = torch.Generator().manual_seed(0)
     seqs = [TrainSeq(torch.randint(0, hf["vocab_size"], (seq,), generator=g).tolist())]
     rows = []
@@ -78,14 +79,29 @@ def run_case(seq: int, mode: str, steps: int, warmup: int, ac: bool, peak_flops:
             cfg = ProfileConfig(steps=(1,), dir=os.path.join(profile, f"train_{seq}_{mode}_draft{n_mtp}_{name}"))
             with StepProfiler(cfg, profile)(1):
                 trainer.train_step(trainer.pack(seqs), sft_loss, spec)
+    reserved = _reserved_gib()
     del trainer, model
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
+    _release()
     mean = lambda k: sum(r.get(k, 0.0) for r in rows) / len(rows)  # noqa: E731
     return {"seq": seq, "mode": mode, "ac": ac, "model": model_name, "fused_logprobs": fused, "draft": n_mtp,
             "units": name, "tokens_per_s": mean("perf/tokens_per_s"), "mfu": mean("perf/mfu"),
             "step_s": mean("time/train_step_s"), "peak_mem_gib": max(r["perf/peak_mem_gib"] for r in rows),
-            "loss": rows[-1]["train/loss"]}
+            "reserved_gib": reserved, "loss": rows[-1]["train/loss"]}
+
+
+def _reserved_gib() -> float:
+    """The allocator's peak reserved GiB (since the last step began for ours, whose trainer
+    resets the peaks each step; the whole run for the peer): CUDA graph pools included, which
+    allocated-memory peaks miss (a replay allocates nothing)."""
+    return torch.cuda.max_memory_reserved() / 2**30 if torch.cuda.is_available() else 0.0
+
+
+def _release() -> None:
+    """Give the next case an empty allocator (graphs hold their pools until collected)."""
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
 
 
 def run_peer(seq: int, steps: int, warmup: int, model_name: str = "qwen3-0.6b", profile: str = "") -> dict:
@@ -127,12 +143,13 @@ def run_peer(seq: int, steps: int, warmup: int, model_name: str = "qwen3-0.6b", 
         with StepProfiler(ProfileConfig(steps=(1,), dir=os.path.join(profile, f"train_{seq}_peer")), profile)(1):
             step()
     peak = torch.cuda.max_memory_allocated() / 2**30 if cuda else 0.0
+    reserved = _reserved_gib()
     del model, opt
-    if cuda:
-        torch.cuda.empty_cache()
+    _release()
     step = sum(times) / len(times)
     return {"seq": seq, "mode": "peer", "ac": False, "model": model_name, "fused_logprobs": False, "draft": 0,
-            "units": "-", "tokens_per_s": seq / step, "mfu": 0.0, "step_s": step, "peak_mem_gib": peak, "loss": float(loss)}
+            "units": "-", "tokens_per_s": seq / step, "mfu": 0.0, "step_s": step, "peak_mem_gib": peak,
+            "reserved_gib": reserved, "loss": float(loss)}
 
 
 def main() -> None:
@@ -151,8 +168,9 @@ def main() -> None:
                    help="MTP draft modules trained beside the policy (0 = none); one case per value")
     p.add_argument("--units", nargs="+", default=["auto"], choices=["auto", "none", "model", "block"],
                    help="ParallelConfig.fsdp_units; one case per value (none: one rank, no FSDP)")
-    p.add_argument("--graphs", nargs="+", default=["off"], choices=["off", "on"],
-                   help="TrainerConfig.cuda_graphs (the trunk from CUDA graphs); one case per value")
+    p.add_argument("--graphs", nargs="+", default=["auto"], choices=["auto", "off", "on"],
+                   help="TrainerConfig.cuda_graphs (the trunk from CUDA graphs; auto: the default, on where "
+                        "they can run); one case per value")
     p.add_argument("--peer", action="store_true",
                    help="also time plain transformers (SDPA, fp32 weights + bf16 autocast, fused AdamW)")
     p.add_argument("--profile", metavar="DIR", default="",
@@ -170,10 +188,10 @@ def main() -> None:
                     for u, gr in ((u, gr) for u in a.units for gr in a.graphs):
                         try:
                             results.append(run_case(s, m, a.steps, a.warmup, a.ac, a.peak_flops, a.model, lp == "fused",
-                                                    d, a.profile, u, gr == "on"))
+                                                    d, a.profile, u, {"auto": None, "on": True, "off": False}[gr]))
                         except torch.OutOfMemoryError as e:  # record the case, keep measuring the others
                             results.append({"seq": s, "mode": m, "ac": a.ac, "fused_logprobs": lp == "fused", "draft": d,
-                                            "units": u + ("+graphs" if gr == "on" else ""),
+                                            "units": u + {"auto": "", "on": "+graphs", "off": "-graphs"}[gr],
                                             "error": f"OOM: {str(e).splitlines()[0]}"})
                             torch.cuda.empty_cache()
                         print(results[-1], flush=True)
@@ -186,7 +204,7 @@ def main() -> None:
             r["vs_peer"] = r["tokens_per_s"] / peer[r["seq"]]
     if dist.get_rank() == 0:
         print(f"{'seq':>6} {'mode':>10} {'units':>11} {'logprobs':>9} {'draft':>5} {'tok/s':>10} {'MFU':>6} "
-              f"{'step s':>7} {'peak GiB':>9} {'vs peer':>8}")
+              f"{'step s':>7} {'peak GiB':>9} {'resv GiB':>9} {'vs peer':>8}")
         for r in results:
             lp = "fused" if r["fused_logprobs"] else "unfused"
             if "error" in r:
@@ -195,7 +213,7 @@ def main() -> None:
             vs = f"{r['vs_peer']:>7.2f}x" if "vs_peer" in r else ""
             print(f"{r['seq']:>6} {r['mode']:>10} {r['units']:>11} {lp:>9} {r['draft']:>5} {r['tokens_per_s']:>10.0f} "
                   f"{r['mfu']:>6.1%} "
-                  f"{r['step_s']:>7.2f} {r['peak_mem_gib']:>9.2f} {vs}")
+                  f"{r['step_s']:>7.2f} {r['peak_mem_gib']:>9.2f} {r.get('reserved_gib', 0.0):>9.2f} {vs}")
         meta = {"device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
                 "world_size": dist.get_world_size(), "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"),
                 "model": f"{a.model} shape, random weights", "wall_s": time.time() - t0}

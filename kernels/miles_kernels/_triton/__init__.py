@@ -9,7 +9,7 @@ run on CUDA as the kernels of elementwise_grads (deterministic, not batch-invari
 logprobs' as logprobs_grad; the other backward passes live in torch, in miles_kernels/ops.py.
 """
 
-from miles_kernels._triton.paged_attention import ATTN_BLOCK, KV_SPLIT, attention
+from miles_kernels._triton.paged_attention import ATTN_BLOCK, KV_SPLIT, attention, packed_attention
 from miles_kernels._triton.elementwise import apply_rope, rms_norm, silu_mul
 from miles_kernels._triton.elementwise_grads import apply_rope_grad, rms_norm_grad, silu_mul_grad
 from miles_kernels._triton.logprobs_grad import logprobs_grad
@@ -31,6 +31,7 @@ __all__ = [
     "linears",
     "logprobs",
     "logprobs_grad",
+    "packed_attention",
     "rms_norm",
     "rms_norm_grad",
     "route_topk",

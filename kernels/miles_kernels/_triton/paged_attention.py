@@ -30,9 +30,12 @@ KV_SPLIT = 256  # tokens per split (multiple of KV_BLOCK): enough programs for d
 # programs): enough to fill an H100/H200 several times over; more is only empty programs.
 DECODE_PROGRAMS = 1024
 _BLOCK_M = {torch.bfloat16: 64, torch.float16: 64, torch.float32: 16}  # rows (token x head) per decode tile
-# Longer query chunks (the fused path) take a taller tile; a row's reduction is the same in both.
-_BLOCK_M_PREFILL = {torch.bfloat16: 64, torch.float16: 64, torch.float32: 16}
-_PREFILL_LAUNCH = {torch.bfloat16: (4, 3), torch.float16: (4, 3), torch.float32: (4, 3)}  # num_warps, num_stages
+# (BLOCK_M, num_warps, num_stages) of the fused path: the tall tile where the longest query
+# chunk fills one and the grid still has PREFILL_FILL programs, else the short one (decode at
+# a large batch, short prompts); a row's reduction is the same in all.
+_PREFILL_TILES = {torch.bfloat16: ((128, 8, 3), (64, 4, 3)), torch.float16: ((128, 8, 3), (64, 4, 3)),
+                  torch.float32: ((16, 4, 3), (16, 4, 3))}
+PREFILL_FILL = 264  # programs (2 per SM on an H100/H200) the tall tile must still make
 _LOG2E = 1.4426950408889634
 _LN2 = tl.constexpr(0.6931471805599453)
 
@@ -50,48 +53,81 @@ def _merge(m, l, acc, m_s, l_s, acc_s):
 
 
 @triton.jit
+def _kv_block(
+    q, m, l, acc, j, pos, kv_len, kv_base, k_ptr, v_ptr, bt_row_ptr, kvh, qk_scale, D, offs, ds,
+    stride_kp, stride_ks, stride_kk, stride_vp, stride_vs, stride_vk,
+    PAGE: tl.constexpr, ATTN_BLK: tl.constexpr, PRECISION: tl.constexpr, CONTIG: tl.constexpr,
+    MASK: tl.constexpr,
+):
+    """One online-softmax step over KV block j. MASK=False only where every position of the
+    block is visible to every row (the causal and length masks would keep every score)."""
+    kv_pos = j * ATTN_BLK + offs
+    ok = kv_pos < kv_len
+    if CONTIG:  # packed K/V [T, K, D]: the sequence's tokens from kv_base on
+        k_off = (kv_base + kv_pos) * stride_ks
+        v_off = (kv_base + kv_pos) * stride_vs
+    elif PAGE % ATTN_BLK == 0:  # the block lies in one page
+        page = tl.load(bt_row_ptr + (j * ATTN_BLK) // PAGE).to(tl.int64)
+        slot = (j * ATTN_BLK) % PAGE + offs
+        k_off = page * stride_kp + slot * stride_ks
+        v_off = page * stride_vp + slot * stride_vs
+    else:  # the block spans pages: gather each token's page (same values, same bits)
+        page = tl.load(bt_row_ptr + kv_pos // PAGE, mask=ok, other=0).to(tl.int64)
+        slot = kv_pos % PAGE
+        k_off = page * stride_kp + slot * stride_ks
+        v_off = page * stride_vp + slot * stride_vs
+    if MASK:
+        kT = tl.load(k_ptr + kvh * stride_kk + k_off[None, :] + ds[:, None],
+                     mask=ok[None, :] & (ds[:, None] < D), other=0.0)
+        v = tl.load(v_ptr + kvh * stride_vk + v_off[:, None] + ds[None, :],
+                    mask=ok[:, None] & (ds[None, :] < D), other=0.0)
+    else:
+        kT = tl.load(k_ptr + kvh * stride_kk + k_off[None, :] + ds[:, None], mask=ds[:, None] < D, other=0.0)
+        v = tl.load(v_ptr + kvh * stride_vk + v_off[:, None] + ds[None, :], mask=ds[None, :] < D, other=0.0)
+    qk = tl.dot(q, kT, input_precision=PRECISION)
+    s = qk * qk_scale
+    if MASK:
+        keep = (kv_pos[None, :] <= pos[:, None]) & ok[None, :]
+        s = tl.where(keep, s, float("-inf"))
+    m_new = tl.maximum(m, tl.max(s, 1))
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    # an explicit fma: left to itself the compiler contracts qk * scale - m where no mask sits
+    # between them and not where one does, and the two paths would round differently
+    e = tl.fma(qk, qk_scale, -m_safe[:, None])
+    if MASK:
+        e = tl.where(keep, e, float("-inf"))
+    p = tl.exp2(e)
+    alpha = tl.exp2(m - m_safe)
+    l = tl.fma(l, alpha, tl.sum(p, 1))
+    acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=PRECISION)
+    return m_new, l, acc
+
+
+@triton.jit
 def _split_state(
-    q, pos, kv_len, blk_lo, blk_hi, k_ptr, v_ptr, bt_row_ptr, kvh, qk_scale, D,
+    q, pos, pos_min, kv_len, kv_base, blk_lo, blk_hi, k_ptr, v_ptr, bt_row_ptr, kvh, qk_scale, D,
     stride_kp, stride_ks, stride_kk, stride_vp, stride_vs, stride_vk,
     BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, PAGE: tl.constexpr, ATTN_BLK: tl.constexpr,
-    PRECISION: tl.constexpr,
+    PRECISION: tl.constexpr, CONTIG: tl.constexpr,
 ):
-    """Online softmax over KV blocks [blk_lo, blk_hi) from an empty state; scores in log2 units."""
+    """Online softmax over KV blocks [blk_lo, blk_hi) from an empty state; scores in log2 units.
+    Blocks every row sees whole (ending at or before the tile's first position pos_min, and
+    inside kv_len) skip the masks: masking would keep every score, so the bits are the same."""
     m = tl.full((BLOCK_M,), float("-inf"), tl.float32)
     l = tl.zeros((BLOCK_M,), tl.float32)
     acc = tl.zeros((BLOCK_M, BLOCK_D), tl.float32)
     offs = tl.arange(0, ATTN_BLK)
     ds = tl.arange(0, BLOCK_D)
-    for j in range(blk_lo, blk_hi):
-        kv_pos = j * ATTN_BLK + offs
-        ok = kv_pos < kv_len
-        if PAGE % ATTN_BLK == 0:  # the block lies in one page
-            page = tl.load(bt_row_ptr + (j * ATTN_BLK) // PAGE).to(tl.int64)
-            slot = (j * ATTN_BLK) % PAGE + offs
-            k_off = page * stride_kp + slot * stride_ks
-            v_off = page * stride_vp + slot * stride_vs
-        else:  # the block spans pages: gather each token's page (same values, same bits)
-            page = tl.load(bt_row_ptr + kv_pos // PAGE, mask=ok, other=0).to(tl.int64)
-            slot = kv_pos % PAGE
-            k_off = page * stride_kp + slot * stride_ks
-            v_off = page * stride_vp + slot * stride_vs
-        kT = tl.load(
-            k_ptr + kvh * stride_kk + k_off[None, :] + ds[:, None],
-            mask=ok[None, :] & (ds[:, None] < D), other=0.0,
-        )
-        v = tl.load(
-            v_ptr + kvh * stride_vk + v_off[:, None] + ds[None, :],
-            mask=ok[:, None] & (ds[None, :] < D), other=0.0,
-        )
-        s = tl.dot(q, kT, input_precision=PRECISION) * qk_scale
-        s = tl.where((kv_pos[None, :] <= pos[:, None]) & ok[None, :], s, float("-inf"))
-        m_new = tl.maximum(m, tl.max(s, 1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = tl.exp2(s - m_safe[:, None])
-        alpha = tl.exp2(m - m_safe)
-        l = tl.fma(l, alpha, tl.sum(p, 1))
-        acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=PRECISION)
-        m = m_new
+    n_full = tl.minimum((pos_min + 1) // ATTN_BLK, kv_len // ATTN_BLK)
+    full_hi = tl.maximum(tl.minimum(blk_hi, n_full), blk_lo)
+    for j in range(blk_lo, full_hi):
+        m, l, acc = _kv_block(q, m, l, acc, j, pos, kv_len, kv_base, k_ptr, v_ptr, bt_row_ptr, kvh, qk_scale, D,
+                              offs, ds, stride_kp, stride_ks, stride_kk, stride_vp, stride_vs, stride_vk,
+                              PAGE, ATTN_BLK, PRECISION, CONTIG, False)
+    for j in range(full_hi, blk_hi):
+        m, l, acc = _kv_block(q, m, l, acc, j, pos, kv_len, kv_base, k_ptr, v_ptr, bt_row_ptr, kvh, qk_scale, D,
+                              offs, ds, stride_kp, stride_ks, stride_kk, stride_vp, stride_vs, stride_vk,
+                              PAGE, ATTN_BLK, PRECISION, CONTIG, True)
     return m, l, acc
 
 
@@ -118,16 +154,20 @@ def _attn_kernel(
     stride_kp, stride_ks, stride_kk, stride_vp, stride_vs, stride_vk, stride_bt,
     G: tl.constexpr, G_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
     PAGE: tl.constexpr, ATTN_BLK: tl.constexpr, SPLIT_BLOCKS: tl.constexpr, SPLIT_PARALLEL: tl.constexpr,
-    PART_ROWS: tl.constexpr, PRECISION: tl.constexpr, STORE_LSE: tl.constexpr,
+    PART_ROWS: tl.constexpr, PRECISION: tl.constexpr, STORE_LSE: tl.constexpr, CONTIG: tl.constexpr,
 ):
     TOK: tl.constexpr = BLOCK_M // G_PAD
-    tile = tl.program_id(0)
+    tile = tl.num_programs(0) - 1 - tl.program_id(0)  # the longest (last) q tiles start first
     bk = tl.program_id(1)
     b = bk // n_kv_heads
     kvh = bk % n_kv_heads
     q_lo = tl.load(cu_ptr + b)
     q_len = tl.load(cu_ptr + b + 1) - q_lo
-    kv_len = tl.load(kv_lens_ptr + b)
+    if CONTIG:  # packed whole sequences: K/V rows are the queries' own
+        kv_len = q_len
+    else:
+        kv_len = tl.load(kv_lens_ptr + b)
+    kv_base = q_lo.to(tl.int64)
     t0 = tile * TOK
     if t0 >= q_len:
         return
@@ -136,6 +176,7 @@ def _attn_kernel(
     head = kvh * G + rows % G_PAD
     row_ok = (rows % G_PAD < G) & (tok < q_len)
     pos = kv_len - q_len + tok
+    pos_min = kv_len - q_len + t0
     n_blocks = (kv_len - q_len + tl.minimum(t0 + TOK, q_len) - 1) // ATTN_BLK + 1
     ds = tl.arange(0, BLOCK_D)
     t_idx = (q_lo + tok).to(tl.int64)
@@ -151,9 +192,9 @@ def _attn_kernel(
         for split in range(tl.program_id(2), tl.cdiv(n_blocks, SPLIT_BLOCKS), tl.num_programs(2)):
             blk_lo = split * SPLIT_BLOCKS
             m, l, acc = _split_state(
-                q, pos, kv_len, blk_lo, tl.minimum(blk_lo + SPLIT_BLOCKS, n_blocks), k_ptr, v_ptr, bt_row_ptr, kvh,
-                qk_scale, D, stride_kp, stride_ks, stride_kk, stride_vp, stride_vs, stride_vk,
-                BLOCK_M, BLOCK_D, PAGE, ATTN_BLK, PRECISION,
+                q, pos, pos_min, kv_len, kv_base, blk_lo, tl.minimum(blk_lo + SPLIT_BLOCKS, n_blocks), k_ptr, v_ptr,
+                bt_row_ptr, kvh, qk_scale, D, stride_kp, stride_ks, stride_kk, stride_vp, stride_vs, stride_vk,
+                BLOCK_M, BLOCK_D, PAGE, ATTN_BLK, PRECISION, CONTIG,
             )
             state = bk.to(tl.int64) * n_splits_max + split
             tl.store(pm_ptr + state * PART_ROWS + rows, m, mask=keep)
@@ -165,9 +206,9 @@ def _attn_kernel(
         acc = tl.zeros((BLOCK_M, BLOCK_D), tl.float32)
         for blk_lo in range(0, n_blocks, SPLIT_BLOCKS):
             m_s, l_s, acc_s = _split_state(
-                q, pos, kv_len, blk_lo, tl.minimum(blk_lo + SPLIT_BLOCKS, n_blocks), k_ptr, v_ptr, bt_row_ptr, kvh,
-                qk_scale, D, stride_kp, stride_ks, stride_kk, stride_vp, stride_vs, stride_vk,
-                BLOCK_M, BLOCK_D, PAGE, ATTN_BLK, PRECISION,
+                q, pos, pos_min, kv_len, kv_base, blk_lo, tl.minimum(blk_lo + SPLIT_BLOCKS, n_blocks), k_ptr, v_ptr,
+                bt_row_ptr, kvh, qk_scale, D, stride_kp, stride_ks, stride_kk, stride_vp, stride_vs, stride_vk,
+                BLOCK_M, BLOCK_D, PAGE, ATTN_BLK, PRECISION, CONTIG,
             )
             m, l, acc = _merge(m, l, acc, m_s, l_s, acc_s)
         _store_out(o_ptr, lse_ptr, m, l, acc, t_idx, head, ds, row_ok, D, stride_ot, stride_oh, stride_lh, STORE_LSE)
@@ -223,22 +264,61 @@ def attention(
     if Dk != D or v_cache_PSKD.shape != k_cache_PSKD.shape:
         raise ValueError(f"miles_kernels attention: q head dim {D}, k cache {list(k_cache_PSKD.shape)}, "
                          f"v cache {list(v_cache_PSKD.shape)}: caches must be [P, S, K, D] with q's D")
-    if H % K:
-        raise ValueError(f"miles_kernels attention: {H} query heads is not a multiple of {K} kv heads")
     if S % ATTN_BLOCK or KV_BLOCK % ATTN_BLOCK or KV_SPLIT % KV_BLOCK:
         raise ValueError(f"miles_kernels attention: page size {S} must be a multiple of ATTN_BLOCK={ATTN_BLOCK} "
                          f"(and KV_SPLIT={KV_SPLIT} of KV_BLOCK={KV_BLOCK}, KV_BLOCK of ATTN_BLOCK)")
-    if q_THD.dtype not in _BLOCK_M or k_cache_PSKD.dtype != q_THD.dtype or v_cache_PSKD.dtype != q_THD.dtype:
-        raise TypeError(f"miles_kernels attention: q {q_THD.dtype} and caches {k_cache_PSKD.dtype}/{v_cache_PSKD.dtype} "
-                        "must share one dtype of bf16, fp16, fp32")
     if cu_seqlens_q_B1.shape != (B + 1,) or block_table_BP.dim() != 2 or block_table_BP.shape[0] != B:
         raise ValueError(f"miles_kernels attention: with B={B} kv_lens, cu_seqlens_q must be [B+1] "
                          f"(got {list(cu_seqlens_q_B1.shape)}) and block_table [B, pages] (got {list(block_table_BP.shape)})")
-    if k_cache_PSKD.stride(-1) != 1 or v_cache_PSKD.stride(-1) != 1:
-        raise ValueError("miles_kernels attention: KV caches must have a contiguous last (head-dim) axis")
+    _check(q_THD, k_cache_PSKD, v_cache_PSKD, K, lse_HT)
+    bt = block_table_BP.to(torch.int32).contiguous()
+    n_splits = triton.cdiv(bt.shape[1] * S, KV_SPLIT)  # host-known upper bound: no sync, graph-safe
+    return _launch(q_THD, k_cache_PSKD, v_cache_PSKD, cu_seqlens_q_B1, kv_lens_B.to(torch.int32).contiguous(), bt,
+                   max_q_len, scale, lse_HT, S, n_splits, (k_cache_PSKD.stride(0), v_cache_PSKD.stride(0)))
+
+
+def packed_attention(
+    q_THD: torch.Tensor, k_TKD: torch.Tensor, v_TKD: torch.Tensor, cu_seqlens_B1: torch.Tensor, max_len: int,
+    scale: float, lse_HT: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """`attention` of whole packed sequences (training: each sequence's queries are all its
+    tokens) read straight from the packed K/V [T, K, D]: no cache, no pages. The same walk
+    and tiles as the paged kernel, so the same bits as writing K/V to any paged cache and
+    calling `attention` (tests/gpu checks it); lse_HT as there."""
+    T, H, D = q_THD.shape
+    Tk, K, Dk = k_TKD.shape
+    if Dk != D or Tk != T or v_TKD.shape != k_TKD.shape:
+        raise ValueError(f"miles_kernels packed_attention: q {list(q_THD.shape)}, k {list(k_TKD.shape)}, "
+                         f"v {list(v_TKD.shape)}: k and v must be [T, K, D] with q's T and D")
+    _check(q_THD, k_TKD, v_TKD, K, lse_HT)
+    cu = cu_seqlens_B1.to(torch.int32).contiguous()
+    # K/V as one "page" per token row: strides (token, head); PAGE/table unused (CONTIG)
+    return _launch(q_THD, k_TKD[None], v_TKD[None], cu, cu, cu[:, None], max_len, scale, lse_HT, KV_BLOCK, 1,
+                   (0, 0))
+
+
+def _check(q_THD, k, v, K: int, lse_HT) -> None:
+    T, H, D = q_THD.shape
+    if H % K:
+        raise ValueError(f"miles_kernels attention: {H} query heads is not a multiple of {K} kv heads")
+    if q_THD.dtype not in _BLOCK_M or k.dtype != q_THD.dtype or v.dtype != q_THD.dtype:
+        raise TypeError(f"miles_kernels attention: q {q_THD.dtype} and k/v {k.dtype}/{v.dtype} "
+                        "must share one dtype of bf16, fp16, fp32")
+    if k.stride(-1) != 1 or v.stride(-1) != 1:
+        raise ValueError("miles_kernels attention: K/V must have a contiguous last (head-dim) axis")
     if lse_HT is not None and (lse_HT.shape != (H, T) or lse_HT.dtype != torch.float32 or lse_HT.stride(1) != 1):
         raise ValueError(f"miles_kernels attention: lse_HT must be fp32 [H={H}, T={T}] with unit stride over T, "
                          f"got {lse_HT.dtype} {list(lse_HT.shape)}")
+
+
+def _launch(q_THD, k4, v4, cu_seqlens, kv_lens, bt, max_q_len: int, scale: float, lse_HT, page: int,
+            n_splits: int, page_strides: tuple[int, int]) -> torch.Tensor:
+    """Launch the kernel on k4/v4 = paged caches [P, S, K, D] (page_strides: their page
+    strides), or packed K/V [1, T, K, D] (page_strides (0, 0): the CONTIG walk)."""
+    contig = page_strides == (0, 0)
+    T, H, D = q_THD.shape
+    K = k4.shape[2]
+    B = cu_seqlens.shape[0] - 1
     if q_THD.stride(-1) != 1:
         q_THD = q_THD.contiguous()
     o_THD = torch.empty((T, H, D), dtype=q_THD.dtype, device=q_THD.device)
@@ -248,19 +328,19 @@ def attention(
     g_pad = triton.next_power_of_2(G)
     block_m = max(_BLOCK_M[q_THD.dtype], g_pad)
     block_d = triton.next_power_of_2(D)
-    cu = cu_seqlens_q_B1.to(torch.int32).contiguous()
-    kv_lens = kv_lens_B.to(torch.int32).contiguous()
-    bt = block_table_BP.to(torch.int32).contiguous()
+    cu = cu_seqlens.to(torch.int32).contiguous()
     max_q_len = max(int(max_q_len), 1)
     # Split-parallel decode only pays while (sequence, kv head) pairs alone leave the GPU idle;
     # the one-program path merges the same split states in the same order (same bits).
-    n_splits = triton.cdiv(bt.shape[1] * S, KV_SPLIT)  # host-known upper bound: no sync, graph-safe
     split_programs = min(n_splits, triton.cdiv(DECODE_PROGRAMS, B * K))
-    split_parallel = max_q_len <= block_m // g_pad and split_programs > 1
+    split_parallel = not contig and max_q_len <= block_m // g_pad and split_programs > 1
     num_warps, num_stages = 4, 3
     if not split_parallel:
-        block_m = max(_BLOCK_M_PREFILL[q_THD.dtype], g_pad)
-        num_warps, num_stages = _PREFILL_LAUNCH[q_THD.dtype]
+        for bm, num_warps, num_stages in _PREFILL_TILES[q_THD.dtype]:
+            block_m = max(bm, g_pad)
+            tok = block_m // g_pad  # a tall tile of a few real rows (decode at a large batch) is waste
+            if max_q_len >= tok and triton.cdiv(max_q_len, tok) * B * K >= PREFILL_FILL:
+                break
     tok_per_tile = block_m // g_pad
     part_rows = triton.next_power_of_2(max_q_len * g_pad) if split_parallel else 1
     n_splits = n_splits if split_parallel else 1
@@ -271,14 +351,13 @@ def attention(
     consts = dict(G=G, G_PAD=g_pad, BLOCK_D=block_d, ATTN_BLK=KV_BLOCK, SPLIT_BLOCKS=KV_SPLIT // KV_BLOCK)
     lse = lse_HT if lse_HT is not None else pm
     _attn_kernel[(triton.cdiv(max_q_len, tok_per_tile), B * K, split_programs if split_parallel else 1)](
-        q_THD, k_cache_PSKD, v_cache_PSKD, o_THD, lse, pm, pl, pacc, cu, kv_lens, bt,
+        q_THD, k4, v4, o_THD, lse, pm, pl, pacc, cu, kv_lens, bt,
         scale * _LOG2E, D, K, n_splits,
         q_THD.stride(0), q_THD.stride(1), o_THD.stride(0), o_THD.stride(1), lse.stride(0),
-        k_cache_PSKD.stride(0), k_cache_PSKD.stride(1), k_cache_PSKD.stride(2),
-        v_cache_PSKD.stride(0), v_cache_PSKD.stride(1), v_cache_PSKD.stride(2), bt.stride(0),
-        BLOCK_M=block_m, PAGE=S, SPLIT_PARALLEL=split_parallel, PART_ROWS=part_rows,
-        PRECISION="ieee" if q_THD.dtype == torch.float32 else "tf32", STORE_LSE=lse_HT is not None, **consts,
-        num_warps=num_warps, num_stages=num_stages,
+        page_strides[0], k4.stride(1), k4.stride(2), page_strides[1], v4.stride(1), v4.stride(2), bt.stride(0),
+        BLOCK_M=block_m, PAGE=page, SPLIT_PARALLEL=split_parallel, PART_ROWS=part_rows,
+        PRECISION="ieee" if q_THD.dtype == torch.float32 else "tf32", STORE_LSE=lse_HT is not None, CONTIG=contig,
+        **consts, num_warps=num_warps, num_stages=num_stages,
     )
     if split_parallel:
         _combine_kernel[(B * K,)](

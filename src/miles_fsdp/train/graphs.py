@@ -13,7 +13,9 @@ sequence attends only to itself, and the kernels are batch-invariant, so the rea
 hidden states (so the log-probs) are the bits the eager trunk gives; the padding rows get a
 zero output grad, so the weight grads change only by the summation order of the matmuls.
 A bucket is warmed (Triton compiles, flash and the LSE check run) and captured on first use;
-all buckets share one memory pool (their forwards and backwards never interleave). The
+all buckets share one memory pool (their forwards and backwards never interleave) and one
+set of grad outputs (the first bucket's; later buckets copy theirs in), so a new size costs
+its static inputs and output, not another copy of the grads. The
 compute-dtype shadows (parallel/local.py) are the graphs' parameters: they keep their
 storage while graphs are on (refreshed in place), and their grads leave through autograd.
 
@@ -93,6 +95,7 @@ class TrunkGraphs:
         self.buckets: dict[tuple[str, int, int], _Bucket] = {}  # (kernel mode, tokens, sequences)
         self.failed = ""  # why capture failed: the trunk runs eagerly from then on
         self.pool = torch.cuda.graph_pool_handle() if capture else None
+        self.grads: tuple[torch.Tensor | None, ...] | None = None  # every bucket's grad outputs
 
     def hidden(self, mb: MicroBatch) -> torch.Tensor | None:
         """The trunk's hidden states of mb's T tokens ([T, D], differentiable in the model's
@@ -159,6 +162,8 @@ class TrunkGraphs:
     def _record(self, bucket: _Bucket) -> None:
         """Warm up (compiles, flash's first call, the LSE check) on a side stream, then capture
         the forward and the backward (torch.autograd.grad into static grads)."""
+        # the shadows' AccumulateGrad nodes were made on the default stream; capture never runs them
+        torch.autograd.graph.set_warn_on_accumulate_grad_stream_mismatch(False)
         side = torch.cuda.Stream(self.device)
         side.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(side):
@@ -172,5 +177,11 @@ class TrunkGraphs:
             bucket.out = self._trunk(bucket)
         bucket.grad_out = torch.empty_like(bucket.out)
         with torch.cuda.graph(bwd, pool=self.pool):
-            bucket.grads = torch.autograd.grad(bucket.out, bucket.params, bucket.grad_out, allow_unused=True)
+            grads = torch.autograd.grad(bucket.out, bucket.params, bucket.grad_out, allow_unused=True)
+            if self.grads is None:
+                self.grads = grads
+            else:  # the same parameters: the same shapes, and the same unused ones
+                torch._foreach_copy_([a for a in self.grads if a is not None], [g for g in grads if g is not None])
+            del grads  # later buckets' own grads go back to the pool
+        bucket.grads = self.grads
         bucket.fwd, bucket.bwd = fwd, bwd

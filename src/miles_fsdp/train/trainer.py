@@ -59,10 +59,12 @@ class TrainerConfig:
     the same values bit for bit, without the [T, V] logits in memory. Off: logits, then logprobs."""
     peak_flops: float = 0.0
     """Peak FLOP/s of one device for MFU; 0 = look up the CUDA device (H100/H200/A100), no MFU on CPU."""
-    cuda_graphs: bool = False
+    cuda_graphs: bool | None = None
     """Replay the trunk's forward and backward of each training micro-batch from CUDA graphs
     (train/graphs.py: tokens padded to powers of two, one capture per size; the log-probs are
-    the same bits). Needs one rank on CUDA with parallel.fsdp_units "none" (or "auto")."""
+    the same bits). None: on where they can run (one rank on CUDA, parallel.fsdp_units "none",
+    the one-rank default), else off; True: required (refused elsewhere); False: off. The
+    graphs keep one memory pool as large as the largest micro-batch's activations."""
 
     def __post_init__(self):
         if self.max_tokens_per_micro_batch < 2:
@@ -152,12 +154,14 @@ class Trainer:
         self.step = 0  # optimizer steps taken
         self.peak_flops = cfg.peak_flops or self._lookup_peak_flops()
         self.graphs = None
-        if cfg.cuda_graphs:
-            if units != "none" or self.device.type != "cuda":
+        graphs_ok = units == "none" and self.device.type == "cuda" and train_trunk
+        if cfg.cuda_graphs or (cfg.cuda_graphs is None and graphs_ok):
+            if not graphs_ok:
                 raise ValueError(
                     f"TrainerConfig.cuda_graphs=True (--trainer.cuda-graphs) needs one rank on CUDA with "
-                    f"parallel.fsdp_units 'none'; this run has {self.device.type}, {dist.get_world_size()} rank(s), "
-                    f"units '{units}': turn cuda_graphs off, or use one GPU with fsdp_units auto")
+                    f"parallel.fsdp_units 'none' and a trained trunk; this run has {self.device.type}, "
+                    f"{dist.get_world_size()} rank(s), units '{units}', train_trunk={train_trunk}: turn "
+                    "cuda_graphs off (or leave it unset), or use one GPU with fsdp_units auto")
             self.graphs = TrunkGraphs(self.model, self.device, cfg.max_tokens_per_micro_batch)
             self.local.keep_shadows = True  # the graphs read the shadows' storage
 
