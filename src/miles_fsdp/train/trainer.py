@@ -290,8 +290,16 @@ class Trainer:
                 "trainer.fused_logprobs on; beside a colocated engine also lower engine.kv_memory_fraction "
                 "or set release_engine_memory") from e
         grad_norm = self._clip_grads()
-        finite = bool(torch.isfinite(grad_norm))
-        if finite:  # a non-finite step is skipped (and reported), never applied
+        finite_t = torch.isfinite(grad_norm)  # a non-finite step is skipped (and reported), never applied
+        if any(g.get("fused") for g in self.optimizer.param_groups):
+            # fused AdamW skips the update on the device where found_inf is set (params, moments
+            # and step count untouched): the host queues the step without waiting for the backward
+            self.optimizer.found_inf = (~finite_t).float()
+            try:
+                self.optimizer.step()
+            finally:
+                self.optimizer.found_inf = None
+        elif bool(finite_t):
             self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.local.free()  # the compute-dtype copies are stale now: their memory goes back
@@ -301,13 +309,15 @@ class Trainer:
         self.step += 1
 
         names = sorted(acc["stats"])
-        local = torch.stack([acc["loss_sum"], *[acc["stats"][k].reshape(()) for k in names]]).tolist()  # host sync
+        loss_sum = acc["loss_sum"]
+        *local, norm, finite = torch.stack([loss_sum, *[acc["stats"][k].reshape(()) for k in names],
+                                            grad_norm.to(loss_sum), finite_t.to(loss_sum)]).tolist()  # host sync
         red, denom = all_reduce_sum(local + [float(acc["tokens"])], group=self.group), acc["denom"]
         dt = time.perf_counter() - t0
         tokens = red[-1]
         metrics = {
             "train/loss": red[0] / denom,
-            "train/grad_norm": float(grad_norm),
+            "train/grad_norm": norm,
             "train/lr": lr,
             "train/tokens": tokens,
             "train/skipped_step": float(not finite),
