@@ -3,6 +3,7 @@
     python tools/bench/attn_sweep.py OUT.json              # the knob grid
     python tools/bench/attn_sweep.py OUT.json --decode     # DECODE_PROGRAMS at the engine's decode shapes
     python tools/bench/attn_sweep.py OUT.json --prefill    # training prefill (packed K/V) vs flash, per tile
+    python tools/bench/attn_sweep.py OUT.json --decode-tiles   # decode tile (rows, warps, stages) vs SDPA
 
 --prefill: for each (KV_BLOCK, prefill BLOCK_M, warps, stages) the bits are checked first
 (prefill == chunked == decode on pages of 16/64/32; packed == paged), then the training
@@ -231,7 +232,73 @@ def prefill_sweep(path: str) -> None:
         json.dump(res, open(path, "w"), indent=1)
 
 
+DECODE_TILES = [  # decode tile BLOCK_M, warps, stages (the first: the current default)
+    (64, 4, 3), (16, 1, 3), (16, 2, 3), (16, 4, 3), (16, 2, 4), (32, 2, 3), (32, 4, 3), (64, 4, 4), (64, 8, 3),
+]
+
+
+def decode_tile_check() -> list[str]:
+    """Decode rows of one 1,100-token sequence, in a batch of 256 (one program per row and kv
+    head) and of 16 (split-parallel), vs the packed prefill: output and fp32 LSE bitwise."""
+    bad = []
+    g = torch.Generator(device="cuda").manual_seed(11)
+    H, K, D, L, page = 16, 8, 128, 1100, 64
+    q = torch.randn(L, H, D, generator=g, device="cuda").to(DT)
+    k = torch.randn(L, K, D, generator=g, device="cuda").to(DT)
+    v = torch.randn(L, K, D, generator=g, device="cuda").to(DT)
+    lse = torch.empty(H, L, device="cuda")
+    full = A.packed_attention(q, k, v, torch.tensor([0, L], dtype=torch.int32, device="cuda"), L, D**-0.5, lse_HT=lse)
+    kc, vc, pages = paged(k, v, page, g)
+    for n in (256, 16):
+        rows = torch.linspace(0, L - 1, n).long().tolist()
+        lse_d = torch.empty(H, n, device="cuda")
+        o = A.attention(q[rows], kc, vc, torch.arange(n + 1, dtype=torch.int32, device="cuda"),
+                        torch.tensor([t + 1 for t in rows], dtype=torch.int32, device="cuda"),
+                        pages[None].expand(n, -1).contiguous(), 1, D**-0.5, lse_HT=lse_d)
+        if not torch.equal(o, full[rows]) or not torch.equal(lse_d, lse[:, rows]):
+            bad.append(f"decode batch {n} vs packed prefill (output or LSE)")
+    return bad
+
+
+def decode_tiles(path: str) -> None:
+    """Each decode tile: bits first (check(), decode_tile_check()), then decode (0.6B heads,
+    pages of 64) from CUDA graphs vs SDPA over the same KV laid out contiguously."""
+    H, K, D, page = 16, 8, 128, 64
+    res = []
+    for bm, w, st in DECODE_TILES:
+        A._BLOCK_M[DT], A._DECODE_LAUNCH[DT] = bm, (w, st)
+        try:
+            bad = check() + decode_tile_check()
+        except Exception as e:  # noqa: BLE001 - a tile that does not compile is a row too
+            print(bm, w, st, "ERROR", str(e)[:200], flush=True)
+            res.append(dict(cfg=[bm, w, st], error=str(e)[:500]))
+            continue
+        rows = []
+        for B, ctx in ((8, 544), (64, 544), (64, 4096), (256, 544), (256, 1024)):
+            n = -(-ctx // page)
+            kc = torch.randn(B * n, page, K, D, device="cuda", dtype=DT)
+            vc = torch.randn_like(kc)
+            q = torch.randn(B, H, D, device="cuda", dtype=DT)
+            cu = torch.arange(B + 1, device="cuda", dtype=torch.int32)
+            kv = torch.full((B,), ctx, device="cuda", dtype=torch.int32)
+            bt = torch.arange(B * n, device="cuda", dtype=torch.int32).view(B, n)
+            ks = kc.view(B, n * page, K, D)[:, :ctx].transpose(1, 2).contiguous()
+            vs = vc.view(B, n * page, K, D)[:, :ctx].transpose(1, 2).contiguous()
+            t = _graph_ms(lambda: A.attention(q, kc, vc, cu, kv, bt, 1, D**-0.5))
+            sdpa = _graph_ms(lambda: F.scaled_dot_product_attention(q[:, :, None], ks, vs, enable_gqa=True))
+            gb = 2 * B * ctx * K * D * 2 / 1e6
+            rows.append(dict(B=B, ctx=ctx, us=t * 1e3, gb_s=gb / t, sdpa_us=sdpa * 1e3, x_sdpa=sdpa / t))
+        res.append(dict(cfg=[bm, w, st], bad=bad, t=rows))
+        print(f"decode tile BM={bm:3} w={w} s={st} bits_ok={int(not bad)} "
+              + " ".join(f"B{r['B']}/{r['ctx']}: {r['us']:.0f}us {r['gb_s']:.0f}GB/s {r['x_sdpa']:.2f}x" for r in rows)
+              + (f" BAD {bad[:3]}" if bad else ""), flush=True)
+        json.dump(res, open(path, "w"), indent=1)
+
+
 if __name__ == "__main__":
+    if "--decode-tiles" in sys.argv:
+        decode_tiles(sys.argv[1])
+        sys.exit(0)
     if "--prefill" in sys.argv:
         prefill_sweep(sys.argv[1])
         sys.exit(0)

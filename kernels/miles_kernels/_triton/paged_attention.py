@@ -30,6 +30,7 @@ KV_SPLIT = 256  # tokens per split (multiple of KV_BLOCK): enough programs for d
 # programs): enough to fill an H100/H200 several times over; more is only empty programs.
 DECODE_PROGRAMS = 1024
 _BLOCK_M = {torch.bfloat16: 64, torch.float16: 64, torch.float32: 16}  # rows (token x head) per decode tile
+_DECODE_LAUNCH = {torch.bfloat16: (4, 3), torch.float16: (4, 3), torch.float32: (4, 3)}  # its num_warps, num_stages
 # (BLOCK_M, num_warps, num_stages) of the fused path: the tall tile where the longest query
 # chunk fills one and the grid still has PREFILL_FILL programs, else the short one (decode at
 # a large batch, short prompts); a row's reduction is the same in all.
@@ -333,9 +334,10 @@ def _launch(q_THD, k4, v4, cu_seqlens, kv_lens, bt, max_q_len: int, scale: float
     # Split-parallel decode only pays while (sequence, kv head) pairs alone leave the GPU idle;
     # the one-program path merges the same split states in the same order (same bits).
     split_programs = min(n_splits, triton.cdiv(DECODE_PROGRAMS, B * K))
-    split_parallel = not contig and max_q_len <= block_m // g_pad and split_programs > 1
-    num_warps, num_stages = 4, 3
-    if not split_parallel:
+    short = not contig and max_q_len <= block_m // g_pad  # decode, verify chunks: the decode tile
+    split_parallel = short and split_programs > 1
+    num_warps, num_stages = _DECODE_LAUNCH[q_THD.dtype]
+    if not short:
         for bm, num_warps, num_stages in _PREFILL_TILES[q_THD.dtype]:
             block_m = max(bm, g_pad)
             tok = block_m // g_pad  # a tall tile of a few real rows (decode at a large batch) is waste
