@@ -35,6 +35,7 @@ import dataclasses
 
 import miles_kernels as mk
 from miles_fsdp.models import ModelArgs, Transformer
+from miles_fsdp.observe.memory import reserved_memory_gib
 from miles_fsdp.observe.profiler import ProfileConfig, StepProfiler
 from miles_fsdp.parallel import ParallelConfig
 from miles_fsdp.train.draft import DraftConfig
@@ -79,21 +80,13 @@ def run_case(seq: int, mode: str, steps: int, warmup: int, ac: bool, peak_flops:
             cfg = ProfileConfig(steps=(1,), dir=os.path.join(profile, f"train_{seq}_{mode}_draft{n_mtp}_{name}"))
             with StepProfiler(cfg, profile)(1):
                 trainer.train_step(trainer.pack(seqs), sft_loss, spec)
-    reserved = _reserved_gib()
     del trainer, model
     _release()
     mean = lambda k: sum(r.get(k, 0.0) for r in rows) / len(rows)  # noqa: E731
     return {"seq": seq, "mode": mode, "ac": ac, "model": model_name, "fused_logprobs": fused, "draft": n_mtp,
             "units": name, "tokens_per_s": mean("perf/tokens_per_s"), "mfu": mean("perf/mfu"),
             "step_s": mean("time/train_step_s"), "peak_mem_gib": max(r["perf/peak_mem_gib"] for r in rows),
-            "reserved_gib": reserved, "loss": rows[-1]["train/loss"]}
-
-
-def _reserved_gib() -> float:
-    """The allocator's peak reserved GiB (since the last step began for ours, whose trainer
-    resets the peaks each step; the whole run for the peer): CUDA graph pools included, which
-    allocated-memory peaks miss (a replay allocates nothing)."""
-    return torch.cuda.max_memory_reserved() / 2**30 if torch.cuda.is_available() else 0.0
+            "reserved_gib": max(r.get("perf/reserved_gib", 0.0) for r in rows), "loss": rows[-1]["train/loss"]}
 
 
 def _release() -> None:
@@ -143,7 +136,7 @@ def run_peer(seq: int, steps: int, warmup: int, model_name: str = "qwen3-0.6b", 
         with StepProfiler(ProfileConfig(steps=(1,), dir=os.path.join(profile, f"train_{seq}_peer")), profile)(1):
             step()
     peak = torch.cuda.max_memory_allocated() / 2**30 if cuda else 0.0
-    reserved = _reserved_gib()
+    reserved = reserved_memory_gib(dev) or 0.0  # the whole run's peak reserve (graph pools included for ours)
     del model, opt
     _release()
     step = sum(times) / len(times)

@@ -24,6 +24,15 @@ def peak_memory_gib(device: torch.device) -> float:
     return rss / 2**30 if sys.platform == "darwin" else rss / 2**20  # bytes on macOS, KiB on Linux
 
 
+def reserved_memory_gib(device: torch.device) -> float | None:
+    """Peak GiB the CUDA allocator held since the last reset: what the process takes from the
+    GPU, CUDA graph pools included (a graph replay allocates nothing, so allocated peaks miss
+    them). None off CUDA."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_reserved(device) / 2**30
+    return None
+
+
 def is_oom(e: BaseException) -> bool:
     """A CUDA out-of-memory error, or the CPU allocator failing."""
     return isinstance(e, torch.OutOfMemoryError) or (

@@ -3,6 +3,7 @@ tensorboard, both in the run directory. Only rank 0 writes; other ranks get a no
 
 Metric names are API (the RL loop, dashboards and docs read them): `train/loss`,
 `train/grad_norm`, `train/lr`, `perf/tokens_per_s`, `perf/mfu`, `perf/peak_mem_gib`,
+`perf/reserved_gib` (CUDA: the allocator's peak reserve, CUDA graph pools included),
 `time/<phase>_s`.
 """
 

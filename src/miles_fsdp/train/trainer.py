@@ -31,7 +31,7 @@ import torch.nn as nn
 
 import miles_kernels as mk
 from miles_fsdp.models import packed_inputs
-from miles_fsdp.observe.memory import is_oom, oom_error, peak_memory_gib, reset_peak_memory
+from miles_fsdp.observe.memory import is_oom, oom_error, peak_memory_gib, reserved_memory_gib, reset_peak_memory
 from miles_fsdp.parallel import (ParallelConfig, build_mesh, dp_group, drop_unsynced_grads, init_distributed,
                                  parallelize)
 from miles_fsdp.parallel.reduce import all_reduce_max, all_reduce_sum
@@ -325,6 +325,9 @@ class Trainer:
             "perf/peak_mem_gib": peak_memory_gib(self.device),
             "time/train_step_s": dt,
         }
+        reserved = reserved_memory_gib(self.device)
+        if reserved is not None:
+            metrics["perf/reserved_gib"] = reserved
         if self.peak_flops > 0:
             metrics["perf/mfu"] = 6 * self.n_flop_params * tokens / dt / (self.peak_flops * dist.get_world_size())
         metrics.update({k: v / denom for k, v in zip(names, red[1:-1])})
