@@ -22,7 +22,7 @@ from miles_fsdp.models import ModelArgs, Transformer  # noqa: E402
 from miles_fsdp.parallel import ParallelConfig  # noqa: E402
 from miles_fsdp.train.loss import sft_loss  # noqa: E402
 from miles_fsdp.train.optim import OptimConfig  # noqa: E402
-from miles_fsdp.train.packing import TrainSeq  # noqa: E402
+from miles_fsdp.train.packing import TrainSeq, pack, pinned  # noqa: E402
 from miles_fsdp.train.scoring import ScoringSpec  # noqa: E402
 from miles_fsdp.train.trainer import Trainer, TrainerConfig  # noqa: E402
 
@@ -169,3 +169,18 @@ def test_cuda_graphs_train_like_the_eager_trunk(mode):
     assert len({id(bk.grads) for bk in graphed.graphs.buckets.values()}) == 1  # one set of grad outputs
     for (k, x), y in zip(eager.model.state_dict().items(), graphed.model.state_dict().values()):
         torch.testing.assert_close(x, y, rtol=1e-3, atol=1e-4, msg=k)
+
+
+def test_pinned_micro_batch_keeps_values():
+    """packing.pinned: per-token tensors pinned (non-blocking copies to the GPU), the same
+    values; cu_seqlens (read on the host) and the other fields as they were."""
+    seqs = [TrainSeq(list(range(3, 40)), [0] * 5 + [1] * 32), TrainSeq(list(range(7, 20)))]
+    mb = pack(seqs, 64)[0]
+    mb.weight_T = torch.rand(mb.num_tokens)
+    mb.fields["adv"] = torch.randn(mb.num_tokens)
+    p = pinned(mb)
+    for name in ("ids_T", "pos_T", "targets_T", "mask_T", "weight_T"):
+        assert getattr(p, name).is_pinned() and torch.equal(getattr(p, name), getattr(mb, name)), name
+    assert p.fields["adv"].is_pinned() and torch.equal(p.fields["adv"], mb.fields["adv"])
+    assert p.cu_seqlens is mb.cu_seqlens and p.seq_index == mb.seq_index and p.dummy == mb.dummy
+    assert torch.equal(p.mask_T.to("cuda", non_blocking=True).cpu(), mb.mask_T)

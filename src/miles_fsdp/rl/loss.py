@@ -40,10 +40,11 @@ class RLLoss:
 
     def __call__(self, logp_T: torch.Tensor, ent_T: torch.Tensor | None, mb: MicroBatch):
         dev = logp_T.device
-        mask_T = mb.mask_T.to(dev)
-        w_T = mb.weight_T.to(dev)
-        adv_T = mb.fields["adv"].to(dev)
-        rollout_T = mb.fields["rollout_logp"].to(dev)
+        # non-blocking: the trainer pins the micro-batch (packing.pinned), so no copy waits for the forward
+        mask_T = mb.mask_T.to(dev, non_blocking=True)
+        w_T = mb.weight_T.to(dev, non_blocking=True)
+        adv_T = mb.fields["adv"].to(dev, non_blocking=True)
+        rollout_T = mb.fields["rollout_logp"].to(dev, non_blocking=True)
         # off the loss mask (prompt tokens) a truncated (top-k/top-p) log-prob may be -inf
         logp_T = torch.where(mask_T > 0, logp_T, torch.zeros_like(logp_T))
         diff_T = (logp_T.detach() - rollout_T).abs() * mask_T
@@ -64,7 +65,7 @@ class RLLoss:
             pg_T = pg_T * self._correction(logp_T, rollout_T, mb, mask_T)
         kl_T = None
         if self.algo.kl_coef:
-            kl_T = kl_estimate(logp_T, mb.fields["ref_logp"].to(dev), self.algo.kl_estimator)
+            kl_T = kl_estimate(logp_T, mb.fields["ref_logp"].to(dev, non_blocking=True), self.algo.kl_estimator)
             self._add("kl", kl_T, mask_T)
         loss_T = token_loss(pg_T, mask_T, ent_T, self.algo.entropy_coef, kl_T, self.algo.kl_coef)
         if ent_T is not None:

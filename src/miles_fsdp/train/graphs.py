@@ -151,7 +151,8 @@ class TrunkGraphs:
         table[:, : meta.block_table.shape[1]] = meta.block_table
         for dst, src in ((bucket.ids, ids), (bucket.pos, pos), (bucket.cu, meta.cu_seqlens_q),
                          (bucket.kv_lens, meta.kv_lens), (bucket.table, table), (bucket.slot, slot)):
-            dst.copy_(src)
+            # pinned + non-blocking on CUDA: the host queues the replay without waiting for the GPU
+            dst.copy_(src.pin_memory() if dst.is_cuda else src, non_blocking=dst.is_cuda)
 
     def _trunk(self, bucket: _Bucket) -> torch.Tensor:
         t_b = bucket.ids.shape[0]

@@ -60,6 +60,6 @@ def assign_weights(
 
 def sft_loss(logp_T: torch.Tensor, entropy_T: torch.Tensor | None, mb: MicroBatch):
     """Negative log-likelihood of the masked targets, weighted for the global denominator."""
-    w_T = mb.weight_T.to(logp_T.device)
+    w_T = mb.weight_T.to(logp_T.device, non_blocking=True)
     loss_sum = -(logp_T * w_T).sum()
     return loss_sum, {"train/nll": loss_sum.detach()}

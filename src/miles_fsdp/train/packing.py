@@ -16,6 +16,7 @@ per-position tensor back into per-sequence token-aligned lists (entry 0 of each 
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 
 import torch
@@ -129,6 +130,18 @@ def pack(seqs: list[TrainSeq], max_tokens: int) -> list[MicroBatch]:
     """Pack `seqs` into micro-batches of at most `max_tokens` tokens (first-fit decreasing)."""
     _check(seqs)
     return [_collate(seqs, b) for b in first_fit_decreasing([len(s.tokens) for s in seqs], max_tokens)]
+
+
+def pinned(mb: MicroBatch) -> MicroBatch:
+    """mb with its per-token tensors in pinned host memory (cu_seqlens stays as it is: the host
+    reads it), so `.to(device, non_blocking=True)` copies without waiting for the GPU's queue:
+    a pageable copy issued after the trunk's forward would hold the host until that forward
+    ends, and the GPU would idle while the host then queues the loss and the backward. Needs
+    CUDA; the values and the dataclass's other fields are mb's."""
+    pin = lambda t: None if t is None else t.pin_memory()  # noqa: E731
+    return dataclasses.replace(mb, ids_T=pin(mb.ids_T), pos_T=pin(mb.pos_T), targets_T=pin(mb.targets_T),
+                               mask_T=pin(mb.mask_T), weight_T=pin(mb.weight_T),
+                               fields={k: pin(v) for k, v in mb.fields.items()})
 
 
 def dummy_like(mb: MicroBatch | None) -> MicroBatch:

@@ -39,7 +39,7 @@ from miles_fsdp.train.draft import DraftConfig, DraftTrainer, draft_metrics
 from miles_fsdp.train.graphs import TrunkGraphs
 from miles_fsdp.train.loss import LossNorm, assign_weights
 from miles_fsdp.train.optim import OptimConfig, build_optimizer
-from miles_fsdp.train.packing import MicroBatch, TrainSeq, dummy_like, pack
+from miles_fsdp.train.packing import MicroBatch, TrainSeq, dummy_like, pack, pinned
 from miles_fsdp.train.scoring import ScoringSpec
 
 LossFn = Callable[[torch.Tensor, torch.Tensor | None, MicroBatch], tuple[torch.Tensor, dict]]
@@ -84,7 +84,8 @@ def _flop_params(model: nn.Module) -> int:
 def packed_hidden(model: nn.Module, mb: MicroBatch, device):
     """(hidden_TD, meta, slot_T): the trunk's forward over mb's packed sequences."""
     _, meta, slot_T = packed_inputs(mb.cu_seqlens, device)
-    return model(mb.ids_T.to(device), mb.pos_T.to(device), meta, slot_T), meta, slot_T
+    ids_T, pos_T = mb.ids_T.to(device, non_blocking=True), mb.pos_T.to(device, non_blocking=True)
+    return model(ids_T, pos_T, meta, slot_T), meta, slot_T
 
 
 def score_targets(model: nn.Module, hidden_TD: torch.Tensor, mb: MicroBatch, spec: ScoringSpec,
@@ -95,8 +96,12 @@ def score_targets(model: nn.Module, hidden_TD: torch.Tensor, mb: MicroBatch, spe
     others: the lm_head and the log-softmax, the costliest part at a large vocabulary, skip
     the prompt. Row-wise ops: the scored positions get the same bits either way.
     """
-    targets_T = mb.targets_T.to(hidden_TD.device)
-    rows_R = (mb.mask_T > 0).nonzero()[:, 0].to(hidden_TD.device) if trained_only else None
+    dev = hidden_TD.device
+    targets_T = mb.targets_T.to(dev, non_blocking=True)  # non-blocking from pinned memory (packing.pinned)
+    rows_R = None
+    if trained_only:
+        rows_R = (mb.mask_T > 0).nonzero()[:, 0]
+        rows_R = (rows_R.pin_memory() if mb.mask_T.is_pinned() else rows_R).to(dev, non_blocking=True)
     h, tgt = (hidden_TD, targets_T) if rows_R is None else (hidden_TD[rows_R], targets_T[rows_R])
     t, k, p = spec.temperature, spec.top_k, spec.top_p
     if fused and hasattr(model, "token_logprobs"):  # fused lm_head + logprobs: no [T, V] logits alive
@@ -175,7 +180,11 @@ class Trainer:
         return pack(seqs, self.cfg.max_tokens_per_micro_batch)
 
     def _logprobs(self, mb: MicroBatch, spec: ScoringSpec, entropy: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
-        return packed_logprobs(self.model, mb, self.device, spec, entropy, self.cfg.fused_logprobs)
+        return packed_logprobs(self.model, self._pinned(mb), self.device, spec, entropy, self.cfg.fused_logprobs)
+
+    def _pinned(self, mb: MicroBatch) -> MicroBatch:
+        """On CUDA, mb in pinned memory: no copy to the device waits for the GPU's queue."""
+        return pinned(mb) if self.device.type == "cuda" else mb
 
     def _forward(self, mb: MicroBatch, spec: ScoringSpec, entropy: bool):
         """(logp_T, entropy_T, draft loss term or None): one trunk forward for the policy's
@@ -248,6 +257,7 @@ class Trainer:
 
     def _micro_batch_backward(self, mb, loss_fn, spec, entropy, scale, loss_acc, stats_acc) -> int:
         """Forward and backward of one micro-batch; adds to loss_acc / stats_acc; returns its tokens."""
+        mb = self._pinned(mb)
         logp_T, ent_T, draft_loss = self._forward(mb, spec, entropy)
         if mb.dummy:
             loss_sum, stats = logp_T.sum() * 0.0, {}
