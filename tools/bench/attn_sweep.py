@@ -110,6 +110,20 @@ CFGS = [  # KV_BLOCK, KV_SPLIT, prefill BLOCK_M, prefill warps, prefill stages
     (32, 128, 128, 8, 3), (64, 256, 128, 8, 2), (64, 256, 128, 4, 3), (128, 256, 128, 8, 2),
 ]
 
+def decode_case(B: int, ctx: int, H: int = 16, K: int = 8, D: int = 128, page: int = 64):
+    """One decode step's inputs (B sequences at ctx tokens, pages of `page` in order), the same
+    KV laid out contiguously for SDPA ([B, K, ctx, D]), and the KV bytes the step reads (MB)."""
+    n = -(-ctx // page)
+    kc = torch.randn(B * n, page, K, D, device="cuda", dtype=DT)
+    vc = torch.randn_like(kc)
+    q = torch.randn(B, H, D, device="cuda", dtype=DT)
+    cu = torch.arange(B + 1, device="cuda", dtype=torch.int32)
+    kv = torch.full((B,), ctx, device="cuda", dtype=torch.int32)
+    ks = kc.view(B, n * page, K, D)[:, :ctx].transpose(1, 2).contiguous()
+    vs = vc.view(B, n * page, K, D)[:, :ctx].transpose(1, 2).contiguous()
+    return q, kc, vc, cu, kv, n, ks, vs, 2 * B * ctx * K * D * 2 / 1e6
+
+
 def decode_programs():
     """Decode (0.6B heads: 16 q, 8 kv, D 128) from a CUDA graph for each DECODE_PROGRAMS, block
     tables as wide as max_model_len 4096 and 40960 allow; bits must not change; SDPA on the same
@@ -117,17 +131,9 @@ def decode_programs():
     H, K, D, page = 16, 8, 128, 64
     res = []
     for B, ctx in ((8, 544), (8, 4096), (64, 544), (64, 4096), (256, 544), (256, 1024)):
-        n = -(-ctx // page)
-        kc = torch.randn(B * n, page, K, D, device="cuda", dtype=DT)
-        vc = torch.randn_like(kc)
-        q = torch.randn(B, H, D, device="cuda", dtype=DT)
-        cu = torch.arange(B + 1, device="cuda", dtype=torch.int32)
-        kv = torch.full((B,), ctx, device="cuda", dtype=torch.int32)
-        gb = 2 * B * ctx * K * D * 2 / 1e6
-        qs = q[:, :, None]
-        ks = kc.view(B, n * page, K, D)[:, :ctx].transpose(1, 2).contiguous()
-        vs = vc.view(B, n * page, K, D)[:, :ctx].transpose(1, 2).contiguous()
-        sdpa = do_bench(lambda: F.scaled_dot_product_attention(qs, ks, vs, enable_gqa=True), return_mode="median")
+        q, kc, vc, cu, kv, n, ks, vs, gb = decode_case(B, ctx, H, K, D, page)
+        sdpa = do_bench(lambda: F.scaled_dot_product_attention(q[:, :, None], ks, vs, enable_gqa=True),
+                        return_mode="median")
         ref = None
         for width in (4096 // page, 40960 // page):
             bt = torch.zeros(B, width, device="cuda", dtype=torch.int32)
@@ -275,18 +281,10 @@ def decode_tiles(path: str) -> None:
             continue
         rows = []
         for B, ctx in ((8, 544), (64, 544), (64, 4096), (256, 544), (256, 1024)):
-            n = -(-ctx // page)
-            kc = torch.randn(B * n, page, K, D, device="cuda", dtype=DT)
-            vc = torch.randn_like(kc)
-            q = torch.randn(B, H, D, device="cuda", dtype=DT)
-            cu = torch.arange(B + 1, device="cuda", dtype=torch.int32)
-            kv = torch.full((B,), ctx, device="cuda", dtype=torch.int32)
+            q, kc, vc, cu, kv, n, ks, vs, gb = decode_case(B, ctx, H, K, D, page)
             bt = torch.arange(B * n, device="cuda", dtype=torch.int32).view(B, n)
-            ks = kc.view(B, n * page, K, D)[:, :ctx].transpose(1, 2).contiguous()
-            vs = vc.view(B, n * page, K, D)[:, :ctx].transpose(1, 2).contiguous()
             t = _graph_ms(lambda: A.attention(q, kc, vc, cu, kv, bt, 1, D**-0.5))
             sdpa = _graph_ms(lambda: F.scaled_dot_product_attention(q[:, :, None], ks, vs, enable_gqa=True))
-            gb = 2 * B * ctx * K * D * 2 / 1e6
             rows.append(dict(B=B, ctx=ctx, us=t * 1e3, gb_s=gb / t, sdpa_us=sdpa * 1e3, x_sdpa=sdpa / t))
         res.append(dict(cfg=[bm, w, st], bad=bad, t=rows))
         print(f"decode tile BM={bm:3} w={w} s={st} bits_ok={int(not bad)} "
