@@ -28,6 +28,7 @@ from typing import Callable
 import torch
 import torch.distributed as dist
 import torch.nn as nn
+from torch.distributed.tensor import DTensor
 
 import miles_kernels as mk
 from miles_fsdp.models import packed_inputs
@@ -301,7 +302,7 @@ class Trainer:
                 "or set release_engine_memory") from e
         grad_norm = self._clip_grads()
         finite_t = torch.isfinite(grad_norm)  # a non-finite step is skipped (and reported), never applied
-        if any(g.get("fused") for g in self.optimizer.param_groups):
+        if self._skips_on_device():
             # fused AdamW skips the update on the device where found_inf is set (params, moments
             # and step count untouched): the host queues the step without waiting for the backward
             self.optimizer.found_inf = (~finite_t).float()
@@ -376,6 +377,12 @@ class Trainer:
         draft = self.draft.step()
         self.step += 1
         return {**self._draft_metrics(draft), "time/train_step_s": time.perf_counter() - t0}
+
+    def _skips_on_device(self) -> bool:
+        """Fused AdamW on plain tensors (no FSDP): it takes found_inf. FSDP's DTensor parameters
+        keep the host check (a plain found_inf beside DTensors is not a dispatch we rely on)."""
+        return (any(g.get("fused") for g in self.optimizer.param_groups)
+                and not any(isinstance(p, DTensor) for p in self.trunk_params[:1]))
 
     def _clip_grads(self) -> torch.Tensor:
         grads = [p.grad for p in self.trunk_params if p.grad is not None]
