@@ -290,8 +290,8 @@ def kv_attention(q_THD, k_TKD, v_TKD, k_cache_PSKD, v_cache_PSKD, meta: AttnMeta
     gather, no grad through the cache, which is scratch space, written in place and reusable
     across layers. The forward is `attention`'s, bit for bit (on CUDA the kernel reads the
     packed K/V in place: packed_attention); fast mode's is flash's (or SDPA's) on the packed
-    tensors. Otherwise (the engine, or a meta built by hand) the write is
-    differentiable and `attention` runs as it is.
+    tensors; where the kernel reads the packed K/V, the cache is not written. Otherwise (the
+    engine, or a meta built by hand) the write is differentiable and `attention` runs as it is.
     """
     if meta.packed and _fast():
         if _flash_varlen_ok(q_THD, k_TKD, v_TKD):
@@ -304,9 +304,9 @@ def kv_attention(q_THD, k_TKD, v_TKD, k_cache_PSKD, v_cache_PSKD, meta: AttnMeta
     direct = meta.packed and backend is not _cpu  # CUDA reads the packed K/V in place: the pages' bits
 
     def inv(q, k, v, lse_HT=None):
-        write_kv(k_cache_PSKD, v_cache_PSKD, k, v, slot_T)  # the cache holds what it always held
-        if direct:
+        if direct:  # the cache is scratch nobody reads here: no write
             return backend.packed_attention(q, k, v, meta.cu_seqlens_q, meta.max_q_len, scale, lse_HT=lse_HT)
+        write_kv(k_cache_PSKD, v_cache_PSKD, k, v, slot_T)  # the cache holds what it always held
         if lse_HT is None:
             return attention(q, k_cache_PSKD, v_cache_PSKD, meta, scale)
         return backend.attention(q, k_cache_PSKD, v_cache_PSKD, meta.cu_seqlens_q, meta.kv_lens, meta.block_table,

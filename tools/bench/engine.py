@@ -221,6 +221,34 @@ def decode_step_ms(engine: Engine, ids: list[list[int]], new: int) -> float:
     return 1e3 * (time.perf_counter() - t) / max(n, 1)
 
 
+def replay_launch_us(engine: Engine, ids: list[list[int]], new: int) -> float:
+    """Host microseconds per decode-graph replay call (buffer upload + graph launches, no
+    sync): what the GPU waits for at the start of every decode step. 0 without graphs."""
+    g = engine.runner.graphs
+    if g is None or g.failed:
+        return 0.0
+    acc = []
+    replay = g.replay
+
+    def timed(*a, **k):
+        t = time.perf_counter()
+        out = replay(*a, **k)
+        acc.append(time.perf_counter() - t)
+        return out
+
+    g.replay = timed
+    try:
+        p = SamplingParams(temperature=1.0, max_new_tokens=new, ignore_eos=True, seed=0)
+        for x in ids:
+            engine.add_request(Request(x, p))
+        while engine.has_unfinished():
+            engine.step()
+    finally:
+        del g.replay
+    acc = sorted(acc)
+    return 1e6 * acc[len(acc) // 2] if acc else 0.0
+
+
 def profile(out_dir: str, model_name: str = "qwen3-0.6b", batch: int = 64, plen: int = 128, new: int = 64,
             modes: tuple[str, ...] = ("invariant", "fast")) -> None:
     os.makedirs(out_dir, exist_ok=True)
@@ -245,6 +273,7 @@ def profile(out_dir: str, model_name: str = "qwen3-0.6b", batch: int = 64, plen:
                 report[mode] = dict(step_ms=step_ms, tok_s=batch / step_ms * 1e3, phases_ms=phases)
                 print(mode, json.dumps(report[mode], indent=1), flush=True)
                 continue
+            launch_us = replay_launch_us(eng, ids, new)
             from torch.profiler import ProfilerActivity, profile as tprof
             p = SamplingParams(temperature=1.0, max_new_tokens=24, ignore_eos=True, seed=0)
             for x in ids:
@@ -266,7 +295,7 @@ def profile(out_dir: str, model_name: str = "qwen3-0.6b", batch: int = 64, plen:
             with open(os.path.join(out_dir, f"profile_{mode}.txt"), "w") as f:
                 f.write(f"{n} decode steps, batch {batch}, prompt {plen}\n{table}\n")
             report[mode] = dict(step_ms=step_ms, init_s=init_s, gpu_ms_per_step=cuda_us / 1e3 / n,
-                                tok_s=batch / step_ms * 1e3, phases_ms=phases)
+                                tok_s=batch / step_ms * 1e3, phases_ms=phases, replay_launch_us=launch_us)
             print(mode, json.dumps(report[mode], indent=1), flush=True)
             del eng
             gc.collect()

@@ -36,7 +36,7 @@ _DECODE_LAUNCH = {torch.bfloat16: (4, 3), torch.float16: (4, 3), torch.float32: 
 # a large batch, short prompts); a row's reduction is the same in all.
 _PREFILL_TILES = {torch.bfloat16: ((128, 8, 3), (64, 4, 3)), torch.float16: ((128, 8, 3), (64, 4, 3)),
                   torch.float32: ((16, 4, 3), (16, 4, 3))}
-PREFILL_FILL = 264  # programs (2 per SM on an H100/H200) the tall tile must still make
+PREFILL_FILL = 128  # programs (about one per SM on an H100/H200) the tall tile must still make
 _LOG2E = 1.4426950408889634
 _LN2 = tl.constexpr(0.6931471805599453)
 
