@@ -6,6 +6,7 @@ so a token's attention output does not depend on which path produced it.
 
 from __future__ import annotations
 
+import importlib.util
 from dataclasses import dataclass
 
 import torch
@@ -96,6 +97,24 @@ def write_kv(k_cache_PSKD, v_cache_PSKD, k_TKD, v_TKD, slot_T) -> None:
     Differentiable: when the cache is a scratch tensor built for training, autograd routes
     the attention's cache gradient back to k and v through this copy.
     """
+    if _one_launch(k_cache_PSKD, v_cache_PSKD, k_TKD, v_TKD, slot_T):
+        from miles_kernels._triton.kv_write import write_kv as write_kv_cuda
+
+        return write_kv_cuda(k_cache_PSKD, v_cache_PSKD, k_TKD, v_TKD, slot_T)
     P, S, K, D = k_cache_PSKD.shape
     k_cache_PSKD.view(P * S, K, D).index_copy_(0, slot_T, k_TKD.to(k_cache_PSKD.dtype))
     v_cache_PSKD.view(P * S, K, D).index_copy_(0, slot_T, v_TKD.to(v_cache_PSKD.dtype))
+
+
+def _one_launch(k_cache, v_cache, k, v, slot) -> bool:
+    """CUDA, nothing to differentiate, layouts the kernel takes, and Triton importable."""
+    if not (k.is_cuda and k_cache.is_contiguous() and v_cache.is_contiguous() and k.shape == v.shape
+            and k.stride(-1) == 1 and v.stride(-1) == 1 and slot.dtype in (torch.int32, torch.int64)
+            and slot.is_contiguous()):
+        return False
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (k_cache, v_cache, k, v)):
+        return False
+    return _HAS_TRITON
+
+
+_HAS_TRITON = importlib.util.find_spec("triton") is not None

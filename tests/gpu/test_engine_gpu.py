@@ -246,3 +246,23 @@ def test_speculation_is_exact_at_batch_64(tmp_path, arch):
     (want, _), (graphed, m), (eager, _) = run(0, True, reqs), run(3, True, reqs), run(3, False, reqs)
     assert want == graphed == eager and m["engine/spec_mean_accept_len"] >= 1.0
     assert run(3, True, plain)[1] == run(3, False, plain)[1], "the graphs drafted otherwise than the eager drafter"
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_write_kv_one_launch_equals_index_copy(dtype):
+    """mk.write_kv on CUDA (one Triton launch for K and V) stores what index_copy_ stores: the
+    decode step's K/V at Qwen3-0.6B's layout, v a column slice of the fused projection."""
+    from miles_kernels import meta
+
+    T, K, D, P, S = 256, 8, 128, 64, 64
+    qkv = torch.randn(T, (16 + 2 * K) * D, device="cuda", dtype=dtype)
+    k, v = qkv[:, 16 * D: (16 + K) * D].view(T, K, D), qkv[:, (16 + K) * D:].view(T, K, D)
+    slot = torch.randperm(P * S, device="cuda")[:T]
+    for idx in (slot, slot.int()):
+        caches = [torch.randn(P, S, K, D, device="cuda", dtype=dtype) for _ in range(2)]
+        want = [c.clone() for c in caches]
+        want[0].view(P * S, K, D).index_copy_(0, slot, k)
+        want[1].view(P * S, K, D).index_copy_(0, slot, v)
+        assert meta._one_launch(*caches, k, v, idx)
+        mk.write_kv(*caches, k, v, idx)
+        assert torch.equal(caches[0], want[0]) and torch.equal(caches[1], want[1])

@@ -204,6 +204,23 @@ def check_silu_mul() -> None:
     _same(kt.silu_mul(gate[3:4], up[3:4]), y[3:4], "silu_mul row alone")
 
 
+def check_write_kv() -> None:
+    from miles_kernels._triton.kv_write import write_kv
+
+    g = torch.Generator().manual_seed(5)
+    T, K, D, P, S = 7, 3, 20, 5, 4
+    kv = torch.randn(T, 2 * K * D + 6, generator=g)  # k and v as column slices of one row (linears' output)
+    k, v = kv[:, : K * D].view(T, K, D), kv[:, K * D + 6 :].view(T, K, D)
+    slot = torch.tensor([3, 17, 0, 8, 19, 4, 11])
+    caches = [torch.randn(P, S, K, D, generator=g) for _ in range(2)]
+    want = [c.clone() for c in caches]
+    want[0].view(P * S, K, D).index_copy_(0, slot, k)
+    want[1].view(P * S, K, D).index_copy_(0, slot, v)
+    write_kv(*caches, k, v, slot)
+    _same(caches[0], want[0], "write_kv k")
+    _same(caches[1], want[1], "write_kv v")
+
+
 def _close_rel(got: torch.Tensor, ref: torch.Tensor, what: str, rel: float = 1e-5) -> None:
     """Every element within rel * max |ref| (fp32 math vs a float64 or fp32 reference)."""
     assert got.shape == ref.shape, f"{what}: shape {list(got.shape)} vs {list(ref.shape)}"
