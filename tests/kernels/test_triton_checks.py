@@ -221,6 +221,24 @@ def check_write_kv() -> None:
     _same(caches[1], want[1], "write_kv v")
 
 
+def check_noisy_argmax() -> None:
+    from miles_fsdp.engine.sampler import noisy_argmax
+
+    g = torch.Generator().manual_seed(6)
+    x = torch.randn(5, 300, generator=g)
+    noise = torch.randn(5, 300, generator=g)
+    x[1, 250:] = float("-inf")  # masked tokens
+    x[2] = float("-inf")  # a row of -inf only: index 0, as torch
+    x[3], noise[3] = 1.0, 0.0  # ties across chunks: the first index
+    x[4, 7], x[4, 70] = 50.0, 50.0
+    for neg in (False, True):
+        want = (x - noise if neg else x + noise).argmax(-1)
+        for chunk in (16, 64, 512):  # chunk maxima merged in token order, partial last chunk
+            got = noisy_argmax(x, noise, neg, chunk=chunk)
+            _same(got, want, f"noisy_argmax neg={neg} chunk={chunk}")
+    _same(noisy_argmax(x[4:5], noise[4:5], False, 16), (x + noise).argmax(-1)[4:5], "noisy_argmax row alone")
+
+
 def _close_rel(got: torch.Tensor, ref: torch.Tensor, what: str, rel: float = 1e-5) -> None:
     """Every element within rel * max |ref| (fp32 math vs a float64 or fp32 reference)."""
     assert got.shape == ref.shape, f"{what}: shape {list(got.shape)} vs {list(ref.shape)}"

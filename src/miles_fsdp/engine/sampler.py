@@ -76,7 +76,34 @@ if triton is not None:
         u = tl.load(u_ptr + i, mask=i < N, other=0.5)
         tl.store(out_ptr + i, -libdevice.log(-libdevice.log(u)), mask=i < N)
 
+    @fast_launch
+    @triton.jit
+    def _noisy_argmax_kernel(x_ptr, n_ptr, max_ptr, idx_ptr, V, stride_x, n_chunks,
+                             NEG: tl.constexpr, CHUNK: tl.constexpr):
+        """Per (row, chunk of V): max and first index of x + n (NEG: x - n), x cast to fp32."""
+        row = tl.program_id(0).to(tl.int64)
+        c = tl.program_id(1)
+        tok = c * CHUNK + tl.arange(0, CHUNK)
+        mask = tok < V
+        x = tl.load(x_ptr + row * stride_x + tok, mask=mask, other=0.0).to(tl.float32)
+        n = tl.load(n_ptr + row * V + tok, mask=mask, other=0.0)
+        z = tl.where(mask, x - n if NEG else x + n, float("-inf"))
+        i = tl.argmax(z, 0, tie_break_left=True)
+        tl.store(max_ptr + row * n_chunks + c, tl.max(z, 0))
+        tl.store(idx_ptr + row * n_chunks + c, c * CHUNK + i)
+
+    @fast_launch
+    @triton.jit
+    def _argmax_merge_kernel(max_ptr, idx_ptr, out_ptr, n_chunks, BLOCK: tl.constexpr):
+        """Per row: the first chunk holding the row's max (chunks in token order), its index."""
+        row = tl.program_id(0).to(tl.int64)
+        c = tl.arange(0, BLOCK)
+        m = tl.load(max_ptr + row * n_chunks + c, mask=c < n_chunks, other=float("-inf"))
+        best = tl.argmax(m, 0, tie_break_left=True)
+        tl.store(out_ptr + row, tl.load(idx_ptr + row * n_chunks + best).to(tl.int64))
+
 _FUSED_LOGS: dict[torch.device, bool] = {}
+_ARGMAX_CHUNK = 4096  # tokens per program of the noisy argmax: ~38 programs a row at a 151,936 vocab
 
 
 def _logs_match(dev: torch.device) -> bool:
@@ -115,6 +142,41 @@ def gumbel_noise(seed_B: torch.Tensor, stream_B: torch.Tensor, pos_B: torch.Tens
         return out_BV
     h_B = _mix32(_mix32(_mix32(seed_B.long()) ^ stream_B.long()) ^ pos_B.long())
     return gumbel_noise_torch(h_B, vocab)
+
+
+def gumbel_argmax(logits_BV: torch.Tensor, temp: float, seed_B, stream_B, pos_B) -> torch.Tensor:
+    """argmax(logits / temp + gumbel_noise(...)) per row, bit for bit as the torch ops compute
+    it, in three launches (noise, chunk maxima, merge) instead of a pass per op: CUDA only.
+    The division is torch's (x times the fp32 reciprocal, one rounding), skipped at temp 1
+    where it is exact; the noise is gumbel_noise's; where the fused logs do not match torch's,
+    torch's ops leave t = log(-log(u)) and the kernel adds -t (x - t == x + (-t) exactly);
+    ties go to the first index, as torch's argmax. No NaN handling: logits must be finite or -inf."""
+    B, V = logits_BV.shape
+    dev = logits_BV.device
+    x = logits_BV if temp == 1.0 else logits_BV.float() / temp
+    if x.stride(-1) != 1:
+        x = x.contiguous()
+    keys_3B = torch.stack([seed_B.long(), stream_B.long(), pos_B.long()])
+    noise, logs = torch.empty(B, V, dtype=torch.float32, device=dev), _logs_match(dev)
+    _gumbel_kernel[(B, triton.cdiv(V, 2048))](keys_3B, B, noise, V, BLOCK=2048, LOGS=logs)
+    if not logs:
+        noise.log_().neg_().log_()  # t = log(-log(u)): the noise is -t
+    return noisy_argmax(x, noise, neg=not logs)
+
+
+def noisy_argmax(x_BV: torch.Tensor, noise_BV: torch.Tensor, neg: bool, chunk: int = 0) -> torch.Tensor:
+    """(x + noise).argmax(-1) (neg: x - noise), x cast to fp32, noise fp32 contiguous; in two
+    launches: each chunk's max and first index, then the first chunk holding the row's max."""
+    B, V = x_BV.shape
+    chunk = chunk or _ARGMAX_CHUNK
+    chunks = triton.cdiv(V, chunk)
+    maxes = torch.empty(B, chunks, dtype=torch.float32, device=x_BV.device)
+    idx = torch.empty(B, chunks, dtype=torch.int32, device=x_BV.device)
+    out = torch.empty(B, dtype=torch.int64, device=x_BV.device)
+    _noisy_argmax_kernel[(B, chunks)](x_BV, noise_BV, maxes, idx, V, x_BV.stride(0), chunks, NEG=neg, CHUNK=chunk,
+                                      num_warps=8)
+    _argmax_merge_kernel[(B,)](maxes, idx, out, chunks, BLOCK=max(16, triton.next_power_of_2(chunks)))
+    return out
 
 
 def gumbel_noise_torch(h_B: torch.Tensor, vocab: int) -> torch.Tensor:
@@ -175,9 +237,13 @@ def sample(logits_BV: torch.Tensor, rows: list[RowParams]) -> tuple[list[int], l
             lp_G, _ = mk.logprobs(logits_GV, chosen_G, 1.0, top_k=top_k, top_p=top_p)
         else:
             k3 = keys_4B[:3] if whole else keys_4B[:3].index_select(1, idx_G)
-            x_GV = mk.filter_logits(logits_GV.float() / temp, top_k, top_p)
-            chosen_G = (x_GV + gumbel_noise(k3[0], k3[1], k3[2], V)).argmax(-1)
-            if top_k or top_p < 1.0:
+            filtered = bool(top_k or top_p < 1.0)
+            if not filtered and logits_GV.is_cuda and triton is not None:
+                chosen_G = gumbel_argmax(logits_GV, temp, k3[0], k3[1], k3[2])
+            else:
+                x_GV = mk.filter_logits(logits_GV.float() / temp, top_k, top_p)
+                chosen_G = (x_GV + gumbel_noise(k3[0], k3[1], k3[2], V)).argmax(-1)
+            if filtered:
                 # mk.logprobs(logits, chosen, temp, top_k, top_p) filters logits / temp exactly as
                 # above, then takes log_softmax at T = 1: start from x_GV, not filter twice
                 lp_G, _ = mk.logprobs(x_GV, chosen_G, 1.0)
