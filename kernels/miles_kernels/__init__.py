@@ -8,7 +8,9 @@ Call the ops directly; ``set_mode("fast")`` / ``use_mode("fast")`` switch to ven
 (cuBLAS, SDPA; the Triton row-wise and logprobs kernels stay on CUDA) for runs that accept a
 train/rollout mismatch. Each op's docstring states its numerics contract (dtypes in and
 out, cast points). Covered ops: linear (and linears: several weights of one input), rms_norm,
-rope_cos_sin, apply_rope, silu_mul, attention (and kv_attention: write the new K/V, then
+rope_cos_sin, apply_rope, silu_mul, the fused add_rms_norm (residual add, then rms_norm) and
+qk_norm_rope (rms_norm of q's and k's heads, then apply_rope) with the bits of the ops they
+fuse, attention (and kv_attention: write the new K/V, then
 attend), logprobs (and linear_logprobs, the lm_head and logprobs fused over row chunks),
 route_topk, grouped_linear.
 Anything else in a policy forward (embedding lookup, residual adds, reshapes) is exact.
@@ -17,12 +19,12 @@ Anything else in a policy forward (embedding lookup, residual adds, reshapes) is
 from ._cpu import ATTN_BLOCK, CPU_ROW_TILE
 from ._mode import MODES, get_mode, set_mode, use_mode
 from .meta import AttnMeta, positions_from_cu_seqlens, varlen_meta, write_kv
-from .ops import (apply_rope, attention, filter_logits, grouped_linear, kv_attention, linear, linear_logprobs,
-                  linears, logprobs, rms_norm, rope_cos_sin, route_topk, silu_mul)
+from .ops import (add_rms_norm, apply_rope, attention, filter_logits, grouped_linear, kv_attention, linear,
+                  linear_logprobs, linears, logprobs, qk_norm_rope, rms_norm, rope_cos_sin, route_topk, silu_mul)
 
 __all__ = [
-    "ATTN_BLOCK", "CPU_ROW_TILE", "MODES", "AttnMeta", "apply_rope", "attention", "filter_logits",
+    "ATTN_BLOCK", "CPU_ROW_TILE", "MODES", "AttnMeta", "add_rms_norm", "apply_rope", "attention", "filter_logits",
     "get_mode", "grouped_linear", "kv_attention", "linear", "linear_logprobs", "linears", "logprobs",
-    "positions_from_cu_seqlens", "rms_norm", "rope_cos_sin", "route_topk", "set_mode", "silu_mul", "use_mode",
-    "varlen_meta", "write_kv",
+    "positions_from_cu_seqlens", "qk_norm_rope", "rms_norm", "rope_cos_sin", "route_topk", "set_mode", "silu_mul",
+    "use_mode", "varlen_meta", "write_kv",
 ]

@@ -84,6 +84,12 @@ def rms_norm(x_MD, w_D, eps: float):
     return _over_row_tiles(tile, _rows_per_tile(D + _COL_PAD), x_MD) * w_D
 
 
+def add_rms_norm(x_MD, r_MD, w_D, eps: float):
+    """(x + r, rms_norm(x + r)): the two ops as they are (the fusion saves launches on CUDA, not here)."""
+    h = x_MD + r_MD
+    return h, rms_norm(h, w_D, eps)
+
+
 def rope_cos_sin(pos_T, inv_freq_F, scale: float = 1.0):
     F_ = inv_freq_F.shape[0]
 
@@ -107,6 +113,16 @@ def silu_mul(gate_MF, up_MF):
 def apply_rope(x_THD, cos_TF, sin_TF):
     # only + and *: IEEE-exact elementwise ops give the same bits in any code path
     return _ref.apply_rope(x_THD, cos_TF, sin_TF)
+
+
+def qk_norm_rope(q_THD, k_TKD, q_w_D, k_w_D, cos_TF, sin_TF, eps: float):
+    """apply_rope(rms_norm(x, w)) of q and of k, the head rows normed as ops.rms_norm hands them over."""
+    D = q_THD.shape[-1]
+
+    def one(x, w):
+        return apply_rope(rms_norm(x.reshape(-1, D), w, eps).reshape(x.shape), cos_TF, sin_TF)
+
+    return one(q_THD, q_w_D), one(k_TKD, k_w_D)
 
 
 def logprobs(logits_TV, ids_T, temperature=1.0, entropy=False, top_k=0, top_p=1.0):

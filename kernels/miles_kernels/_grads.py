@@ -1,4 +1,4 @@
-"""Closed-form backward rules of the row-wise ops (rms_norm, apply_rope, silu_mul).
+"""Closed-form backward rules of the row-wise ops (rms_norm, apply_rope, silu_mul, qk_norm_rope).
 
 The forward comes from the invariant kernel; the backward is the derivative of the _ref
 formula, written out in fp32: no forward recompute and no autograd graph built inside the
@@ -56,11 +56,43 @@ def apply_rope_torch(saved, extra, g, needs):
     x, cos_TF, sin_TF = saved
     if not needs[0]:
         return None, None, None
+    return _rotate_back(g, cos_TF, sin_TF, x.dtype), None, None
+
+
+def _rotate_back(g, cos_TF, sin_TF, dtype):
     F_ = g.shape[-1] // 2
     gf = g.float()
     g1, g2 = gf[..., :F_], gf[..., F_:]
     c, s = cos_TF[:, None, :].float(), sin_TF[:, None, :].float()
-    return torch.cat([g1 * c + g2 * s, g2 * c - g1 * s], dim=-1).to(x.dtype), None, None
+    return torch.cat([g1 * c + g2 * s, g2 * c - g1 * s], dim=-1).to(dtype)
+
+
+def rope_grad(g, cos_TF, sin_TF, dtype):
+    """apply_rope's x grad for the output grad g, in dtype (x's): what its rule computes."""
+    if g.is_cuda:
+        from . import _triton
+
+        return _triton.apply_rope_grad(g, cos_TF, sin_TF, dtype)
+    return _rotate_back(g, cos_TF, sin_TF, dtype)
+
+
+def qk_norm_rope(saved, extra, gs, needs):
+    """q's and k's: apply_rope's rule, then rms_norm's on [rows, D] (as ops.rms_norm saw them),
+    each as the unfused ops' backward computes it. gs: the grads of (q_out, k_out)."""
+    q, k, q_w, k_w, cos_TF, sin_TF = saved
+    (eps,) = extra
+    gq, gq_w = _norm_rope_grad(q, q_w, cos_TF, sin_TF, eps, gs[0], needs[0], needs[2])
+    gk, gk_w = _norm_rope_grad(k, k_w, cos_TF, sin_TF, eps, gs[1], needs[1], needs[3])
+    return gq, gk, gq_w, gk_w, None, None
+
+
+def _norm_rope_grad(x, w, cos_TF, sin_TF, eps, g, need_x, need_w):
+    if g is None or not (need_x or need_w):
+        return None, None
+    D = x.shape[-1]
+    g_normed = rope_grad(g, cos_TF, sin_TF, torch.result_type(x, w))
+    gx, gw = rms_norm((x.reshape(-1, D), w), (eps,), g_normed.reshape(-1, D), (need_x, need_w))
+    return (None if gx is None else gx.reshape(x.shape)), gw
 
 
 def silu_mul(saved, extra, g, needs):

@@ -28,6 +28,11 @@ def rms_norm(x, w, eps: float):
     return y.to(x.dtype) * w
 
 
+def add_rms_norm(x, residual, w, eps: float):
+    h = x + residual
+    return h, rms_norm(h, w, eps)
+
+
 def rope_cos_sin(pos_T, inv_freq_F, scale: float = 1.0):
     f_TF = _f32(pos_T)[:, None] * _f32(inv_freq_F)[None, :]
     return f_TF.cos() * scale, f_TF.sin() * scale
@@ -39,6 +44,16 @@ def apply_rope(x_THD, cos_TF, sin_TF):
     x1, x2 = xf[..., :F_], xf[..., F_:]
     c, s = cos_TF[:, None, :], sin_TF[:, None, :]
     return torch.cat([x1 * c - x2 * s, x2 * c + x1 * s], dim=-1).to(x_THD.dtype)
+
+
+def qk_norm_rope(q_THD, k_TKD, q_w_D, k_w_D, cos_TF, sin_TF, eps: float):
+    """apply_rope(rms_norm(x, w)) of q and of k; rms_norm on [rows, D] as ops.rms_norm calls it."""
+    D = q_THD.shape[-1]
+
+    def one(x, w):
+        return apply_rope(rms_norm(x.reshape(-1, D), w, eps).reshape(x.shape), cos_TF, sin_TF)
+
+    return one(q_THD, q_w_D), one(k_TKD, k_w_D)
 
 
 def silu_mul(gate, up):

@@ -6,7 +6,7 @@ attention, and on CUDA our Triton kernels for the row-wise ops, filter_logits an
 (one launch instead of several torch ops; fast mode promises no bits), plain torch (_ref)
 elsewhere or without Triton. The forward values are identical with and
 without autograd. Backward uses an explicit rule (linear, logprobs, grouped_linear; the
-row-wise ops through _grads, in both modes) or, for attention, recomputes through _ref
+row-wise ops and their fusions through _grads, in both modes) or, for attention, recomputes through _ref
 (SDPA; kv_attention's packed training attention through flash's varlen kernels where torch
 has them); the backward need not be invariant.
 """
@@ -101,7 +101,8 @@ class _Rule(torch.autograd.Function):
             return inv_fn(*args)
 
     @staticmethod
-    def backward(ctx, g):
+    def backward(ctx, *gs):  # one grad per output; a rule of several outputs gets them as a tuple
+        g = gs[0] if len(gs) == 1 else gs
         grads = ctx.rule(ctx.saved_tensors, ctx.extra, g, ctx.needs_input_grad[3: 3 + ctx.n])
         return (None, None, None, *grads, *[None] * len(ctx.extra))
 
@@ -219,6 +220,54 @@ def rms_norm(x, w, eps: float):
     return _with_rule(_grads.rms_norm, _row_impl(x, "rms_norm"), (x, w), (eps,))
 
 
+class _AddRmsNorm(torch.autograd.Function):
+    """(h, y) = (x + residual, rms_norm(h)); saves h, as rms_norm alone would. Backward: rms_norm's
+    rule for y's grad, plus h's own grad (autograd's sum of h's two uses, unfused), to both inputs."""
+
+    @staticmethod
+    def forward(ctx, x, residual, w, eps, impl):
+        h, y = impl(x, residual, w, eps)
+        ctx.save_for_backward(h, w)
+        ctx.eps = eps
+        ctx.set_materialize_grads(False)
+        return h, y
+
+    @staticmethod
+    def backward(ctx, g_h, g_y):
+        h, w = ctx.saved_tensors
+        need_h, need_w = ctx.needs_input_grad[0] or ctx.needs_input_grad[1], ctx.needs_input_grad[2]
+        g, gw = (None, None) if g_y is None else _grads.rms_norm((h, w), (ctx.eps,), g_y, (need_h, need_w))
+        if g_h is not None and need_h:
+            g = g_h if g is None else g + g_h
+        return (g if ctx.needs_input_grad[0] else None), (g if ctx.needs_input_grad[1] else None), gw, None, None
+
+
+def add_rms_norm(x, residual, w, eps: float):
+    """(h, y) = (x + residual, rms_norm(h, w, eps)): a residual add and the norm after it, one
+    kernel on CUDA, the bits of the two ops (`x + residual` in torch, then `rms_norm`).
+
+    x, residual [..., D] of one shape; h in their dtype, y as rms_norm gives it. Where the dtypes
+    differ (torch would promote) the two ops run as they are.
+    """
+    if x.shape != residual.shape:
+        raise ValueError(f"miles_kernels add_rms_norm: x {list(x.shape)} and residual {list(residual.shape)} differ")
+    if x.dtype != residual.dtype:
+        h = x + residual
+        return h, rms_norm(h, w, eps)
+    if x.dim() != 2:  # 2-D in, 2-D out with no view: FSDP hooks a root module's output
+        D = x.shape[-1]
+        h, y = add_rms_norm(x.reshape(-1, D), residual.reshape(-1, D), w, eps)
+        return h.reshape(x.shape), y.reshape(x.shape)
+    if w.shape != (x.shape[-1],):
+        raise ValueError(f"miles_kernels add_rms_norm: weight shape {list(w.shape)} does not match last dim "
+                         f"{x.shape[-1]} of x")
+    impl = _row_impl(x, "add_rms_norm")
+    if _needs_grad(x, residual, w):
+        return _AddRmsNorm.apply(x, residual, w, eps, impl)
+    with torch.no_grad():
+        return impl(x, residual, w, eps)
+
+
 def _row_impl(x, name: str):
     """A row-wise op's forward: the invariant kernel, or fast mode's pick (_fast_kernels). Both
     modes take the closed-form backward (_grads): no autograd graph of fp32 temporaries."""
@@ -239,6 +288,28 @@ def rope_cos_sin(pos_T, inv_freq_F, scale: float = 1.0):
 def apply_rope(x_THD, cos_TF, sin_TF):
     """Rotate-half (neox) RoPE: x1*c - x2*s, x2*c + x1*s in fp32, one rounding to x's dtype."""
     return _with_rule(_grads.apply_rope, _row_impl(x_THD, "apply_rope"), (x_THD, cos_TF, sin_TF))
+
+
+def qk_norm_rope(q_THD, k_TKD, q_w_D, k_w_D, cos_TF, sin_TF, eps: float):
+    """(apply_rope(rms_norm(q, q_w, eps), cos, sin), apply_rope(rms_norm(k, k_w, eps), cos, sin)):
+    Qwen3's per-head q/k norm then RoPE, both tensors in one kernel on CUDA, the bits of the four ops.
+
+    q [T, H, D], k [T, K, D], weights [D], cos/sin fp32 [T, D/2] (rope_cos_sin); outputs in
+    rms_norm's dtype (that of q and q_w as torch promotes them; bf16 for bf16 both).
+    """
+    T, H, D = q_THD.shape
+    if k_TKD.dim() != 3 or k_TKD.shape[0] != T or k_TKD.shape[2] != D or D % 2:
+        raise ValueError(f"miles_kernels qk_norm_rope: q [T, H, D] = {list(q_THD.shape)} and k "
+                         f"{list(k_TKD.shape)} must be [T, K, D] of one T and one even D")
+    if q_w_D.shape != (D,) or k_w_D.shape != (D,):
+        raise ValueError(f"miles_kernels qk_norm_rope: weights {list(q_w_D.shape)}, {list(k_w_D.shape)} must be [D={D}]")
+    if cos_TF.shape != (T, D // 2) or sin_TF.shape != (T, D // 2):
+        raise ValueError(f"miles_kernels qk_norm_rope: cos/sin must be [T, D/2] = [{T}, {D // 2}], got "
+                         f"{list(cos_TF.shape)} and {list(sin_TF.shape)}")
+    if cos_TF.dtype != torch.float32 or sin_TF.dtype != torch.float32:
+        raise TypeError("miles_kernels qk_norm_rope: cos/sin tables must be fp32 (build them with mk.rope_cos_sin)")
+    return _with_rule(_grads.qk_norm_rope, _row_impl(q_THD, "qk_norm_rope"),
+                      (q_THD, k_TKD, q_w_D, k_w_D, cos_TF, sin_TF), (eps,))
 
 
 def silu_mul(gate, up):

@@ -370,6 +370,106 @@ def test_cuda_graph_replay_decode_attention_and_linear(kt):
         _same(y_static, kt.linear(x, w), f"graph replay linear step {step}")
 
 
+QWEN3_ROWS = {"0.6b": (1024, 16, 8, 128), "8b": (4096, 32, 8, 128)}  # hidden, q heads, kv heads, head dim
+
+
+def _qwen3_rows_inputs(T, hidden, H, K, D, w_dtype, g):
+    """A fused [T, (H + 2K) D] bf16 projection (q, k: views of it), weights near 1, RoPE tables of
+    scattered positions, and a residual pair x, r [T, hidden]."""
+    qkv = _randn(T, H + 2 * K, D, dtype=torch.bfloat16, g=g, scale=3)
+    q_w, k_w, w = ((1 + 0.1 * torch.randn(n, generator=g, device="cuda")).to(w_dtype) for n in (D, D, hidden))
+    pos = torch.randint(0, 32768, (T,), generator=g, device="cuda")
+    inv_freq = 1.0 / 1e6 ** (torch.arange(0, D, 2, device="cuda", dtype=torch.float32) / D)
+    cos, sin = torch.cos(pos.float()[:, None] * inv_freq), torch.sin(pos.float()[:, None] * inv_freq)
+    x, r = _randn(T, hidden, dtype=torch.bfloat16, g=g), _randn(T, hidden, dtype=torch.bfloat16, g=g, scale=4)
+    return qkv[:, :H], qkv[:, H: H + K], q_w, k_w, cos, sin, x, r, w
+
+
+@pytest.mark.parametrize("w_dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("model", QWEN3_ROWS)
+def test_fused_row_kernels_equal_unfused(kt, model, w_dtype):
+    """qk_norm_rope == apply_rope(rms_norm(.)) for q and k, and add_rms_norm == (x + r, rms_norm(x + r)),
+    bitwise in bf16 at Qwen3 shapes, decode to prefill row counts; q/k as separate tensors (the
+    model's) and as views of one projection; a token alone as in its batch. If this fails, the
+    fused kernel's reduction or contraction differs from the unfused kernels' (elementwise.py)."""
+    hidden, H, K, D = QWEN3_ROWS[model]
+    g, eps = _gen(12), 1e-6
+    for T in (1, 64, 256, 4096):
+        q, k, q_w, k_w, cos, sin, x, r, w = _qwen3_rows_inputs(T, hidden, H, K, D, w_dtype, g)
+        for layout, (qq, kk) in (("views", (q, k)), ("contiguous", (q.contiguous(), k.contiguous()))):
+            what = f"{model} T={T} w {w_dtype} q/k {layout}"
+            q_out, k_out = kt.qk_norm_rope(qq, kk, q_w, k_w, cos, sin, eps)
+            _same(q_out, kt.apply_rope(kt.rms_norm(qq, q_w, eps), cos, sin), f"qk_norm_rope q, {what}")
+            _same(k_out, kt.apply_rope(kt.rms_norm(kk, k_w, eps), cos, sin), f"qk_norm_rope k, {what}")
+        t = T // 2
+        one = kt.qk_norm_rope(q[t: t + 1], k[t: t + 1], q_w, k_w, cos[t: t + 1], sin[t: t + 1], eps)
+        _same(one[0], q_out[t: t + 1], f"qk_norm_rope q of token {t} alone, {what}")
+        _same(one[1], k_out[t: t + 1], f"qk_norm_rope k of token {t} alone, {what}")
+        h, y = kt.add_rms_norm(x, r, w, eps)
+        _same(h, x + r, f"add_rms_norm h vs torch's add, {model} T={T} w {w_dtype}")
+        _same(y, kt.rms_norm(x + r, w, eps), f"add_rms_norm y vs rms_norm of the sum, {model} T={T} w {w_dtype}")
+        _same(kt.add_rms_norm(x[t: t + 1], r[t: t + 1], w, eps)[1], y[t: t + 1], f"add_rms_norm row {t} alone")
+    n = q_out.float()  # accuracy, once: float64 of the same math (bf16 roundings aside)
+    qd = q.double()
+    nd = (qd * torch.rsqrt(qd.pow(2).mean(-1, keepdim=True) + eps) * q_w.double())
+    c, s_ = cos.double()[:, None], sin.double()[:, None]
+    want = torch.cat([nd[..., : D // 2] * c - nd[..., D // 2:] * s_, nd[..., D // 2:] * c + nd[..., : D // 2] * s_], -1)
+    _accurate(n, want, torch.bfloat16, f"qk_norm_rope vs float64, {model}")
+
+
+@pytest.mark.parametrize("mode", ["invariant", "fast"])
+def test_fused_row_ops_autograd_graphs_and_modes(mode):
+    """mk.qk_norm_rope / mk.add_rms_norm at 8B shapes, T = 4096: the forward with autograd equals
+    the one without and the unfused ops', every grad equals the unfused ops' grads bitwise (the
+    same backward kernels in the same order), in both modes; a CUDA graph replays the decode step's
+    fused ops (T = 64) with the eager bits."""
+    import miles_kernels as mk
+
+    hidden, H, K, D = QWEN3_ROWS["8b"]
+    g, eps = _gen(13), 1e-6
+    q, k, q_w, k_w, cos, sin, x, r, w = _qwen3_rows_inputs(4096, hidden, H, K, D, torch.bfloat16, g)
+    q, k = q.contiguous(), k.contiguous()
+
+    def fused(q, k, q_w, k_w, x, r, w):
+        return (*mk.qk_norm_rope(q, k, q_w, k_w, cos, sin, eps), *mk.add_rms_norm(x, r, w, eps))
+
+    def unfused(q, k, q_w, k_w, x, r, w):
+        h = x + r
+        return (mk.apply_rope(mk.rms_norm(q, q_w, eps), cos, sin), mk.apply_rope(mk.rms_norm(k, k_w, eps), cos, sin),
+                h, mk.rms_norm(h, w, eps))
+
+    ins = (q, k, q_w, k_w, x, r, w)
+    with mk.use_mode(mode):
+        with torch.no_grad():
+            plain = fused(*ins)
+        leaves = [[t.clone().requires_grad_(True) for t in ins] for _ in range(2)]
+        got, want = fused(*leaves[0]), unfused(*leaves[1])
+        gs = [_randn(*o.shape, dtype=o.dtype, g=g) for o in got]
+        grads = [torch.autograd.grad(o, lv, gs) for o, lv in zip((got, want), leaves)]
+    names = ("q_out", "k_out", "h", "y")
+    for a, b, c, n in zip(got, want, plain, names):
+        _same(a.detach(), b.detach(), f"{mode} {n} fused vs unfused")
+        _same(c, a.detach(), f"{mode} {n} without vs with autograd")
+    for a, b, n in zip(*grads, ("q", "k", "q_w", "k_w", "x", "r", "w")):
+        _same(a, b, f"{mode} grad of {n}, fused vs unfused")
+    T = 64
+    qs, ks, xs, rs = (t[:T].clone() for t in (q, k, x, r))
+    cs, ss = cos[:T].clone(), sin[:T].clone()
+    with mk.use_mode(mode), torch.no_grad():
+        step = lambda: (*mk.qk_norm_rope(qs, ks, q_w, k_w, cs, ss, eps), *mk.add_rms_norm(xs, rs, w, eps))  # noqa: E731
+        for _ in range(2):  # compile outside the graph
+            step()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            static = step()
+        for i in (1, 2):
+            for dst, src in ((qs, q), (ks, k), (xs, x), (rs, r), (cs, cos), (ss, sin)):
+                dst.copy_(src[i * T: (i + 1) * T])
+            graph.replay()
+            for a, b, n in zip(static, step(), names):
+                _same(a, b, f"{mode} graph replay {n}, step {i}")
+
+
 def _pow2_rms_rows(M, D, g):
     """bf16 rows whose rms is a power of two (to ~1e-4): x * rsqrt(mean(x^2) + eps) then lands
     within a tiny fraction of a bf16 step of x / 2^k, so its rounding to bf16 inside the gw rule

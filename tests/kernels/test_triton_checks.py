@@ -194,6 +194,61 @@ def check_apply_rope() -> None:
     _same(kt.apply_rope(x[2:3].contiguous(), cos[2:3], sin[2:3]), y[2:3], "apply_rope token alone")
 
 
+def _rope_tables(T: int, D: int):
+    f = (torch.arange(T, dtype=torch.float32) * 7)[:, None] * (1.0 / 100 ** (torch.arange(D // 2) * 2 / D))[None]
+    return f.cos(), f.sin()
+
+
+def check_qk_norm_rope() -> None:
+    """The fused kernel gives rms_norm's then apply_rope's kernel bits, q and k alike: GQA and odd
+    head counts, D and D/2 not powers of two, q/k views of a fused projection or contiguous, fp32
+    or fp32-promoting weights; accurate vs float64; a token alone as in its batch."""
+    kt = _kt()
+    g = torch.Generator().manual_seed(30)
+    for T, H, K, D in ((7, 4, 2, 16), (5, 3, 1, 20), (3, 6, 3, 40), (1, 2, 2, 8)):
+        qkv = torch.randn(T, H + 2 * K, D, generator=g) * 3
+        cos, sin = _rope_tables(T, D)
+        q_w, k_w = 1 + 0.1 * torch.randn(D, generator=g), 1 + 0.1 * torch.randn(D, generator=g)
+        for q, k in ((qkv[:, :H], qkv[:, H: H + K]), (qkv[:, :H].contiguous(), qkv[:, H + K:].contiguous())):
+            what = f"qk_norm_rope T={T} H={H} K={K} D={D} (contiguous {q.is_contiguous()})"
+            q_out, k_out = kt.qk_norm_rope(q, k, q_w, k_w, cos, sin, 1e-6)
+            _same(q_out, kt.apply_rope(kt.rms_norm(q, q_w, 1e-6), cos, sin), f"{what}: q vs rms_norm then apply_rope")
+            _same(k_out, kt.apply_rope(kt.rms_norm(k, k_w, 1e-6), cos, sin), f"{what}: k vs rms_norm then apply_rope")
+            kd = k.double()
+            n = kd * torch.rsqrt(kd.pow(2).mean(-1, keepdim=True) + 1e-6) * k_w.double()
+            c, s_ = cos.double()[:, None], sin.double()[:, None]
+            n1, n2 = n[..., : D // 2], n[..., D // 2:]
+            _close(k_out, torch.cat([n1 * c - n2 * s_, n2 * c + n1 * s_], -1), f"{what}: k vs float64")
+            t = T // 2
+            one = kt.qk_norm_rope(q[t: t + 1], k[t: t + 1], q_w, k_w, cos[t: t + 1], sin[t: t + 1], 1e-6)
+            _same(one[0], q_out[t: t + 1], f"{what}: q of token {t} alone")
+            _same(one[1], k_out[t: t + 1], f"{what}: k of token {t} alone")
+    q0, k0 = kt.qk_norm_rope(qkv[:0, :H], qkv[:0, H: H + K], q_w, k_w, cos[:0], sin[:0], 1e-6)
+    assert q0.shape == (0, H, D) and k0.shape == (0, K, D), "qk_norm_rope of no tokens"
+
+
+def check_add_rms_norm() -> None:
+    """The fused kernel: h is torch's x + r, y is rms_norm's kernel on h, bitwise; D not a power of
+    two and past one 128 block, strided and 16-byte-misaligned inputs (copied as rms_norm reads h)."""
+    kt = _kt()
+    g = torch.Generator().manual_seed(31)
+    for M, D in ((9, 40), (5, 72), (4, 130)):
+        buf = torch.randn(2 * M * D + 1, generator=g)
+        cases = {"contiguous": (buf[: M * D].view(M, D), buf[M * D: 2 * M * D].view(M, D)),
+                 "misaligned": (buf[1: M * D + 1].view(M, D), buf[: M * D].view(M, D)),
+                 "column slices": (buf[: 2 * M * D].view(M, 2 * D)[:, :D], buf[: 2 * M * D].view(M, 2 * D)[:, D:])}
+        w = 1 + 0.1 * torch.randn(D, generator=g)
+        for name, (x, r) in cases.items():
+            what = f"add_rms_norm M={M} D={D} {name}"
+            h, y = kt.add_rms_norm(x, r, w, 1e-6)
+            _same(h, x + r, f"{what}: h vs torch's add")
+            _same(y, kt.rms_norm(x + r, w, 1e-6), f"{what}: y vs rms_norm of the sum")
+            hd = (x + r).double()
+            _close(y, hd * torch.rsqrt(hd.pow(2).mean(-1, keepdim=True) + 1e-6) * w.double(), f"{what}: y vs float64")
+            h1, y1 = kt.add_rms_norm(x[2:3], r[2:3], w, 1e-6)
+            _same(y1, y[2:3], f"{what}: row alone")
+
+
 def check_silu_mul() -> None:
     kt = _kt()
     g = torch.Generator().manual_seed(5)
@@ -695,6 +750,13 @@ def check_matches_cpu_reference() -> None:
     x, w, b = torch.randn(19, 48, generator=g), torch.randn(30, 48, generator=g), torch.randn(30, generator=g)
     _close(kt.linear(x, w, b), _cpu.linear(x, w, b), "linear vs _cpu", atol=1e-4)
     _close(kt.rms_norm(x, x[0], 1e-5), _cpu.rms_norm(x, x[0], 1e-5), "rms_norm vs _cpu")
+    for a_, r_, n in zip(kt.add_rms_norm(x, x.flip(0), x[1], 1e-5), _cpu.add_rms_norm(x, x.flip(0), x[1], 1e-5), "hy"):
+        _close(a_, r_, f"add_rms_norm {n} vs _cpu")
+    q3, k3 = x[:, :32].reshape(19, 2, 16), x[:, 32:].reshape(19, 1, 16)
+    cos, sin = _rope_tables(19, 16)
+    for a_, r_, n in zip(kt.qk_norm_rope(q3, k3, x[2, :16], x[3, :16], cos, sin, 1e-5),
+                         _cpu.qk_norm_rope(q3, k3, x[2, :16], x[3, :16], cos, sin, 1e-5), "qk"):
+        _close(a_, r_, f"qk_norm_rope {n} vs _cpu")
     _close(kt.silu_mul(x, x.flip(0)), _cpu.silu_mul(x, x.flip(0)), "silu_mul vs _cpu")
     logits, ids = torch.randn(6, 5000, generator=g) * 4, torch.randint(0, 5000, (6,), generator=g)
     got, ref = kt.logprobs(logits, ids, 0.8), _cpu.logprobs(logits, ids, 0.8, entropy=True)

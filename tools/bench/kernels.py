@@ -147,6 +147,24 @@ def bench_prefill_attention(rows, name, cfg, peak, page, L):
          2 * (2 * L * H * D + 2 * L * K * D), peak)
 
 
+def bench_fused_rows(rows, name, cfg, peak):
+    """The fused row ops against the unfused kernels they replace (same bits), decode to prefill rows."""
+    h, H, K, D = cfg["hidden"], cfg["heads"], cfg["kv_heads"], cfg["head_dim"]
+    for M in (64, 256, 4096):
+        q, k = (torch.randn(M, n, D, device="cuda", dtype=DTYPE) for n in (H, K))
+        qw, kw = torch.randn(D, device="cuda", dtype=DTYPE), torch.randn(D, device="cuda", dtype=DTYPE)
+        cos, sin = torch.randn(M, D // 2, device="cuda"), torch.randn(M, D // 2, device="cuda")
+        unfused = lambda: (kt.apply_rope(kt.rms_norm(q, qw, 1e-6), cos, sin),  # noqa: E731
+                           kt.apply_rope(kt.rms_norm(k, kw, 1e-6), cos, sin))
+        _row(rows, f"qk_norm_rope/{name}", f"T={M} H={H} K={K} D={D}",
+             timings(lambda: kt.qk_norm_rope(q, k, qw, kw, cos, sin, 1e-6)), timings(unfused), "rms_norm+rope x2",
+             0, 2 * 2 * M * (H + K) * D + 2 * 4 * M * D // 2, peak)
+        x, r = torch.randn(M, h, device="cuda", dtype=DTYPE), torch.randn(M, h, device="cuda", dtype=DTYPE)
+        w = torch.randn(h, device="cuda", dtype=DTYPE)
+        _row(rows, f"add_rms_norm/{name}", f"M={M} D={h}", timings(lambda: kt.add_rms_norm(x, r, w, 1e-6)),
+             timings(lambda: kt.rms_norm(x + r, w, 1e-6)), "add+rms_norm", 0, 4 * 2 * M * h, peak)
+
+
 def bench_row_ops(rows, name, cfg, peak):
     h, inter, V = cfg["hidden"], cfg["inter"], cfg["vocab"]
     H, D, M = cfg["heads"], cfg["head_dim"], 4096
@@ -168,6 +186,7 @@ def bench_row_ops(rows, name, cfg, peak):
     sin = torch.randn(M, D // 2, device="cuda")
     _row(rows, f"apply_rope/{name}", f"T={M} H={H} D={D}", timings(lambda: kt.apply_rope(q, cos, sin)), None, "-",
          0, 2 * 2 * M * H * D + 2 * 4 * M * D // 2, peak)
+    bench_fused_rows(rows, name, cfg, peak)
     for T in (1, 1024, 4096):
         logits = torch.randn(T, V, device="cuda", dtype=DTYPE)
         ids = torch.randint(0, V, (T,), device="cuda")

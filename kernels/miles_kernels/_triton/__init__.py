@@ -10,7 +10,7 @@ logprobs' as logprobs_grad; the other backward passes live in torch, in miles_ke
 """
 
 from miles_kernels._triton.paged_attention import ATTN_BLOCK, KV_SPLIT, attention, packed_attention
-from miles_kernels._triton.elementwise import apply_rope, rms_norm, silu_mul
+from miles_kernels._triton.elementwise import add_rms_norm, apply_rope, qk_norm_rope, rms_norm, silu_mul
 from miles_kernels._triton.elementwise_grads import apply_rope_grad, rms_norm_grad, silu_mul_grad
 from miles_kernels._triton.logprobs_grad import logprobs_grad
 from miles_kernels._triton.matmul import GROUPED_TILES, LINEAR_TILES, grouped_linear, linear, linear_tile, linears
@@ -21,6 +21,7 @@ __all__ = [
     "GROUPED_TILES",
     "KV_SPLIT",
     "LINEAR_TILES",
+    "add_rms_norm",
     "apply_rope",
     "apply_rope_grad",
     "attention",
@@ -32,6 +33,7 @@ __all__ = [
     "logprobs",
     "logprobs_grad",
     "packed_attention",
+    "qk_norm_rope",
     "rms_norm",
     "rms_norm_grad",
     "route_topk",

@@ -1,7 +1,15 @@
-"""Row-local ops: rms_norm, apply_rope, silu_mul. One program per row (or row chunk).
+"""Row-local ops: rms_norm, apply_rope, silu_mul, and two fusions of them, add_rms_norm and
+qk_norm_rope. One program per row (or row chunk, or head).
 
 A row's reduction (rms_norm) runs over one fixed block of the whole row, so its order is
 the same in any batch; the elementwise math is in fp32 with one rounding at the store.
+
+The fused kernels give the unfused ops' bits: they are built from the same @triton.jit
+helpers (`_inv_rms`, `_normed`, `_rotate`), inlined into the same expressions, and launch
+with the same num_warps over the same row block. The statistics of a row come from a load
+of the whole row as rms_norm's kernel makes it, so the reduction gets rms_norm's layout,
+hence its order; the rest is elementwise, where only the expression matters (fma
+contraction included: `_rotate` is RoPE's one expression, contracted alike everywhere).
 """
 
 import torch
@@ -11,6 +19,34 @@ import triton.language as tl
 from miles_kernels._triton.launch import fast_launch
 
 
+@triton.jit
+def _inv_rms(x, D, eps):
+    """rsqrt(mean(x^2) + eps) of one fp32 row held whole (masked lanes 0): rms_norm's one reduction."""
+    return tl.rsqrt(tl.sum(x * x, 0) / D + eps)
+
+
+@triton.jit
+def _normed(x, inv_rms, w, x_ptr, y_ptr):
+    """rms_norm's output for fp32 x (any part of a row) and w: normalise in fp32, round to x's
+    dtype (x_ptr's), then multiply by w and round to y's (y_ptr's). That is HF's order; a product
+    of two 16-bit floats is exact in fp32, so the multiply equals torch's x*w."""
+    return ((x * inv_rms).to(x_ptr.dtype.element_ty).to(tl.float32) * w).to(y_ptr.dtype.element_ty)
+
+
+@triton.jit
+def _rms_norm_row(x, w_ptr, y_ptr, cols, mask, D, eps, x_ptr):
+    """Store rms_norm of the fp32 row x (loaded whole, x_ptr's dtype) at y_ptr + cols."""
+    inv_rms = _inv_rms(x, D, eps)
+    w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+    tl.store(y_ptr + cols, _normed(x, inv_rms, w, x_ptr, y_ptr), mask=mask)
+
+
+def _row_warps(block_d: int) -> int:
+    """Warps of a program holding a whole row of block_d: rms_norm's, and so its fusions' (the
+    warps shape the reduction's layout, hence its order)."""
+    return max(1, min(16, block_d // 256))
+
+
 @fast_launch
 @triton.jit
 def _rms_norm_kernel(x_ptr, w_ptr, y_ptr, D, stride_x, stride_y, eps, BLOCK_D: tl.constexpr):
@@ -18,12 +54,7 @@ def _rms_norm_kernel(x_ptr, w_ptr, y_ptr, D, stride_x, stride_y, eps, BLOCK_D: t
     cols = tl.arange(0, BLOCK_D)
     mask = cols < D
     x = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
-    inv_rms = tl.rsqrt(tl.sum(x * x, 0) / D + eps)
-    # HF order: normalise in fp32, round to x dtype, then multiply by w (one more rounding);
-    # a product of two 16-bit floats is exact in fp32, so this equals torch's x*w.
-    x_normed = (x * inv_rms).to(x_ptr.dtype.element_ty).to(tl.float32)
-    w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
-    tl.store(y_ptr + row * stride_y + cols, (x_normed * w).to(y_ptr.dtype.element_ty), mask=mask)
+    _rms_norm_row(x, w_ptr, y_ptr + row * stride_y, cols, mask, D, eps, x_ptr)
 
 
 def rms_norm(x_MD: torch.Tensor, w_D: torch.Tensor, eps: float) -> torch.Tensor:
@@ -39,9 +70,56 @@ def rms_norm(x_MD: torch.Tensor, w_D: torch.Tensor, eps: float) -> torch.Tensor:
         block_d = triton.next_power_of_2(D)
         _rms_norm_kernel[(x_2d.shape[0],)](
             x_2d, w_D.contiguous(), y, D, x_2d.stride(0), y.stride(0), eps,
-            BLOCK_D=block_d, num_warps=max(1, min(16, block_d // 256)),
+            BLOCK_D=block_d, num_warps=_row_warps(block_d),
         )
     return y.view(x_MD.shape)
+
+
+@fast_launch
+@triton.jit
+def _add_rms_norm_kernel(
+    x_ptr, r_ptr, w_ptr, h_ptr, y_ptr, D, stride_x, stride_r, stride_h, stride_y, eps, BLOCK_D: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.arange(0, BLOCK_D)
+    mask = cols < D
+    x = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
+    r = tl.load(r_ptr + row * stride_r + cols, mask=mask, other=0.0).to(tl.float32)
+    h = (x + r).to(h_ptr.dtype.element_ty)  # torch's x + r: the fp32 sum, one rounding
+    tl.store(h_ptr + row * stride_h + cols, h, mask=mask)
+    _rms_norm_row(h.to(tl.float32), w_ptr, y_ptr + row * stride_y, cols, mask, D, eps, h_ptr)
+
+
+def _aligned_rows(x_MD: torch.Tensor) -> torch.Tensor:
+    """x as rms_norm's kernel reads a fresh tensor: contiguous and 16-byte aligned (Triton keys its
+    load layout, and so the reduction's order, on both), else a copy."""
+    return x_MD if x_MD.is_contiguous() and x_MD.data_ptr() % 16 == 0 else x_MD.clone(
+        memory_format=torch.contiguous_format)
+
+
+def add_rms_norm(x_MD: torch.Tensor, r_MD: torch.Tensor, w_D: torch.Tensor, eps: float):
+    """(h, y) = (x + r, rms_norm(h, w, eps)) in one launch, the bits of torch's add then rms_norm.
+
+    x, r: [M, D] of one dtype (checked by miles_kernels.add_rms_norm); h in that dtype, y as
+    rms_norm gives it (torch's promotion of h and w).
+    """
+    M, D = x_MD.shape
+    x_MD, r_MD = _aligned_rows(x_MD), _aligned_rows(r_MD)
+    h = torch.empty((M, D), dtype=x_MD.dtype, device=x_MD.device)
+    y = torch.empty((M, D), dtype=torch.result_type(x_MD, w_D), device=x_MD.device)
+    if M > 0:
+        block_d = triton.next_power_of_2(D)
+        _add_rms_norm_kernel[(M,)](
+            x_MD, r_MD, w_D.contiguous(), h, y, D, x_MD.stride(0), r_MD.stride(0), h.stride(0), y.stride(0), eps,
+            BLOCK_D=block_d, num_warps=_row_warps(block_d),
+        )
+    return h, y
+
+
+@triton.jit
+def _rotate(x1, x2, c, s):
+    """Neox RoPE of the halves (x1, x2) of fp32 rows: (x1 c - x2 s, x2 c + x1 s), fp32."""
+    return x1 * c - x2 * s, x2 * c + x1 * s
 
 
 @fast_launch
@@ -62,9 +140,10 @@ def _rope_kernel(
     x_ptrs = x_ptr + t * stride_xt + hs[:, None] * stride_xh + fs[None, :]
     x1 = tl.load(x_ptrs, mask=mask, other=0.0).to(tl.float32)
     x2 = tl.load(x_ptrs + F, mask=mask, other=0.0).to(tl.float32)
+    y1, y2 = _rotate(x1, x2, c, s)
     y_ptrs = y_ptr + t * stride_yt + hs[:, None] * stride_yh + fs[None, :]
-    tl.store(y_ptrs, (x1 * c - x2 * s).to(y_ptr.dtype.element_ty), mask=mask)
-    tl.store(y_ptrs + F, (x2 * c + x1 * s).to(y_ptr.dtype.element_ty), mask=mask)
+    tl.store(y_ptrs, y1.to(y_ptr.dtype.element_ty), mask=mask)
+    tl.store(y_ptrs + F, y2.to(y_ptr.dtype.element_ty), mask=mask)
 
 
 def apply_rope(x_THD: torch.Tensor, cos_TF: torch.Tensor, sin_TF: torch.Tensor) -> torch.Tensor:
@@ -95,6 +174,70 @@ def rotate(x_THD, cos_TF, sin_TF, dtype: torch.dtype, inverse: bool) -> torch.Te
             BLOCK_H=triton.next_power_of_2(H), BLOCK_F=triton.next_power_of_2(D // 2), INVERSE=inverse, num_warps=4,
         )
     return y
+
+
+@triton.jit
+def _norm_rope_row(x_ptr, w_ptr, y_ptr, c, s, D, F, eps, BLOCK_D: tl.constexpr, BLOCK_F: tl.constexpr):
+    """Store apply_rope(rms_norm(x)) of the head row at x_ptr (D wide) at y_ptr, for the token's
+    cos/sin halves c, s: the statistics from a whole-row load as rms_norm's kernel makes it, then
+    each half normalised (`_normed`, rounded to y's dtype as rms_norm stores it) and rotated."""
+    cols = tl.arange(0, BLOCK_D)
+    inv_rms = _inv_rms(tl.load(x_ptr + cols, mask=cols < D, other=0.0).to(tl.float32), D, eps)
+    fs = tl.arange(0, BLOCK_F)
+    fm = fs < F
+    x1 = tl.load(x_ptr + fs, mask=fm, other=0.0).to(tl.float32)
+    x2 = tl.load(x_ptr + F + fs, mask=fm, other=0.0).to(tl.float32)
+    w1 = tl.load(w_ptr + fs, mask=fm, other=0.0).to(tl.float32)
+    w2 = tl.load(w_ptr + F + fs, mask=fm, other=0.0).to(tl.float32)
+    y1, y2 = _rotate(_normed(x1, inv_rms, w1, x_ptr, y_ptr).to(tl.float32),
+                     _normed(x2, inv_rms, w2, x_ptr, y_ptr).to(tl.float32), c, s)
+    tl.store(y_ptr + fs, y1.to(y_ptr.dtype.element_ty), mask=fm)
+    tl.store(y_ptr + F + fs, y2.to(y_ptr.dtype.element_ty), mask=fm)
+
+
+@fast_launch
+@triton.jit
+def _qk_norm_rope_kernel(
+    q_ptr, k_ptr, qw_ptr, kw_ptr, cos_ptr, sin_ptr, qo_ptr, ko_ptr, H, K, D, F,
+    stride_q, stride_k, stride_qo, stride_ko, stride_ct, stride_st, eps,
+    BLOCK_D: tl.constexpr, BLOCK_F: tl.constexpr,
+):
+    """Program (t, j): head j of token t, a q head for j < H, else k head j - H. q, k, and the
+    outputs are [T * heads, D] rows (stride_*: the row stride)."""
+    t = tl.program_id(0).to(tl.int64)
+    j = tl.program_id(1)
+    fs = tl.arange(0, BLOCK_F)
+    c = tl.load(cos_ptr + t * stride_ct + fs, mask=fs < F, other=0.0)
+    s = tl.load(sin_ptr + t * stride_st + fs, mask=fs < F, other=0.0)
+    if j < H:
+        row = t * H + j
+        _norm_rope_row(q_ptr + row * stride_q, qw_ptr, qo_ptr + row * stride_qo, c, s, D, F, eps, BLOCK_D, BLOCK_F)
+    else:
+        row = t * K + (j - H)
+        _norm_rope_row(k_ptr + row * stride_k, kw_ptr, ko_ptr + row * stride_ko, c, s, D, F, eps, BLOCK_D, BLOCK_F)
+
+
+def qk_norm_rope(q_THD: torch.Tensor, k_TKD: torch.Tensor, q_w_D: torch.Tensor, k_w_D: torch.Tensor,
+                 cos_TF: torch.Tensor, sin_TF: torch.Tensor, eps: float):
+    """(apply_rope(rms_norm(q, q_w, eps), cos, sin), the same of k with k_w) in one launch, one
+    program per (token, head), bit for bit the two ops' results. Shapes as checked by
+    miles_kernels.qk_norm_rope; outputs in rms_norm's dtype (torch's promotion of x and w)."""
+    T, H, D = q_THD.shape
+    K = k_TKD.shape[1]
+    # the head rows as rms_norm reads them: q.reshape(-1, D), unit stride (a copy where the view cannot be)
+    q_MD, k_MD = (x.reshape(-1, D) for x in (q_THD, k_TKD))
+    q_MD, k_MD = (x if x.stride(-1) == 1 else x.contiguous() for x in (q_MD, k_MD))
+    q_out = torch.empty((T, H, D), dtype=torch.result_type(q_THD, q_w_D), device=q_THD.device)
+    k_out = torch.empty((T, K, D), dtype=torch.result_type(k_TKD, k_w_D), device=k_TKD.device)
+    cos_TF, sin_TF = cos_TF.contiguous(), sin_TF.contiguous()
+    if T > 0:
+        block_d = triton.next_power_of_2(D)
+        _qk_norm_rope_kernel[(T, H + K)](
+            q_MD, k_MD, q_w_D.contiguous(), k_w_D.contiguous(), cos_TF, sin_TF, q_out, k_out, H, K, D, D // 2,
+            q_MD.stride(0), k_MD.stride(0), D, D, cos_TF.stride(0), sin_TF.stride(0), eps,
+            BLOCK_D=block_d, BLOCK_F=triton.next_power_of_2(D // 2), num_warps=_row_warps(block_d),
+        )
+    return q_out, k_out
 
 
 _SILU_BLOCK = 1024

@@ -34,6 +34,13 @@ class RMSNorm(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return mk.rms_norm(x, self.weight, self.eps)
 
+    def add_forward(self, delta_TD: torch.Tensor | None, x_TD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(h_TD, norm(h_TD)) for the residual stream h_TD = x_TD + delta_TD (x_TD alone when delta_TD
+        is None): the add and the norm in one kernel (mk.add_rms_norm), the bits of the two ops."""
+        if delta_TD is None:
+            return x_TD, self(x_TD)
+        return mk.add_rms_norm(delta_TD, x_TD, self.weight, self.eps)
+
 
 class Embedding(nn.Module):
     def __init__(self, vocab_size: int, dim: int):
@@ -65,10 +72,12 @@ class Attention(nn.Module):
         q_THD = q_TN.view(T, self.n_heads, self.head_dim)
         k_TKD = k_TN.view(T, self.n_kv_heads, self.head_dim)
         v_TKD = v_TN.view(T, self.n_kv_heads, self.head_dim)
-        if self.q_norm is not None:  # Qwen3: per-head RMSNorm before RoPE
-            q_THD, k_TKD = self.q_norm(q_THD), self.k_norm(k_TKD)
-        q_THD = mk.apply_rope(q_THD, cos_TF, sin_TF)
-        k_TKD = mk.apply_rope(k_TKD, cos_TF, sin_TF)
+        if self.q_norm is not None:  # Qwen3: per-head RMSNorm, then RoPE; q and k in one kernel
+            q_THD, k_TKD = mk.qk_norm_rope(q_THD, k_TKD, self.q_norm.weight, self.k_norm.weight, cos_TF, sin_TF,
+                                           self.q_norm.eps)
+        else:
+            q_THD = mk.apply_rope(q_THD, cos_TF, sin_TF)
+            k_TKD = mk.apply_rope(k_TKD, cos_TF, sin_TF)
         o_THD = mk.kv_attention(q_THD, k_TKD, v_TKD, k_cache_PSKD, v_cache_PSKD, meta, slot_T, self.head_dim**-0.5)
         return self.wo(o_THD.reshape(T, self.n_heads * self.head_dim))
 
@@ -97,7 +106,17 @@ class Block(nn.Module):
         else:
             self.mlp = MLP(args.dim, args.ffn_dim)
 
-    def forward(self, x_TD, cos_TF, sin_TF, meta, slot_T, k_cache_PSKD, v_cache_PSKD):
-        h_TD = x_TD + self.attn(self.attn_norm(x_TD), cos_TF, sin_TF, meta, slot_T, k_cache_PSKD, v_cache_PSKD)
+    def forward(self, x_TD, delta_TD, cos_TF, sin_TF, meta, slot_T, k_cache_PSKD, v_cache_PSKD):
+        """The residual stream comes in and goes out as a pair not yet summed: in, x_TD + delta_TD
+        (delta_TD None: x_TD alone); out, (h_TD, ffn_TD) with h_TD + ffn_TD the block's output. So
+        each residual add is one kernel with the norm that reads its sum (RMSNorm.add_forward):
+
+            x + delta -> attn_norm -> attn -> (+) -> mlp_norm -> mlp/moe -> ffn_TD
+               |                               |
+               '---------- x_TD -------------> h_TD ----------------------> h_TD
+        """
+        x_TD, a_TD = self.attn_norm.add_forward(delta_TD, x_TD)
+        attn_TD = self.attn(a_TD, cos_TF, sin_TF, meta, slot_T, k_cache_PSKD, v_cache_PSKD)
+        h_TD, m_TD = self.mlp_norm.add_forward(attn_TD, x_TD)
         ffn = self.moe if hasattr(self, "moe") else self.mlp
-        return h_TD + ffn(self.mlp_norm(h_TD))
+        return h_TD, ffn(m_TD)

@@ -58,14 +58,20 @@ class MTPLayer(nn.Module):
 
     def forward(self, hidden_TD, emb_TD, cos_TF, sin_TF, meta, slot_T, k_cache_PSKD, v_cache_PSKD) -> torch.Tensor:
         """g_TD: the block's output residual stream (before `norm`)."""
-        x_TD = self.eh_proj(torch.cat([self.enorm(emb_TD), self.hnorm(hidden_TD)], dim=-1))
-        return self.block(x_TD, cos_TF, sin_TF, meta, slot_T, k_cache_PSKD, v_cache_PSKD)
+        h_TD, ffn_TD = self._block(hidden_TD, emb_TD, cos_TF, sin_TF, meta, slot_T, k_cache_PSKD, v_cache_PSKD)
+        return h_TD + ffn_TD
 
     def forward_normed(self, hidden_TD, emb_TD, cos_TF, sin_TF, meta, slot_T, k_cache_PSKD, v_cache_PSKD):
         """(g_TD, norm(g_TD)) in one call: FSDP registers this as a forward method, so training
-        gathers the module's weights once for both (the lm_head input needs `norm`)."""
-        g_TD = self.forward(hidden_TD, emb_TD, cos_TF, sin_TF, meta, slot_T, k_cache_PSKD, v_cache_PSKD)
-        return g_TD, self.norm(g_TD)
+        gathers the module's weights once for both (the lm_head input needs `norm`); the block's
+        last add and `norm` are one kernel (RMSNorm.add_forward)."""
+        h_TD, ffn_TD = self._block(hidden_TD, emb_TD, cos_TF, sin_TF, meta, slot_T, k_cache_PSKD, v_cache_PSKD)
+        return self.norm.add_forward(ffn_TD, h_TD)
+
+    def _block(self, hidden_TD, emb_TD, cos_TF, sin_TF, meta, slot_T, k_cache_PSKD, v_cache_PSKD):
+        """The block's (h_TD, ffn_TD), whose sum is g_TD (Block.forward)."""
+        x_TD = self.eh_proj(torch.cat([self.enorm(emb_TD), self.hnorm(hidden_TD)], dim=-1))
+        return self.block(x_TD, None, cos_TF, sin_TF, meta, slot_T, k_cache_PSKD, v_cache_PSKD)
 
 
 @torch.no_grad()

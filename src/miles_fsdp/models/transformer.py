@@ -58,15 +58,15 @@ class Transformer(nn.Module):
         kv_caches: list[tuple[torch.Tensor, torch.Tensor]] | None = None,
     ) -> torch.Tensor:
         """Hidden states after the final norm, hidden_TD."""
-        h_TD = self.embed(ids_T)
+        h_TD, delta_TD = self.embed(ids_T), None  # the residual stream is h_TD + delta_TD (Block.forward)
         cos_TF, sin_TF = self._rope_cos_sin(pos_T)
         if kv_caches is None:
             kv_caches = self._scratch_caches(ids_T.shape[0], meta, h_TD, self.args.n_layers)
         if len(kv_caches) != len(self.layers):
             raise ValueError(f"kv_caches has {len(kv_caches)} entries, the model has {len(self.layers)} layers")
         for layer, (k_cache, v_cache) in zip(self.layers, kv_caches):
-            h_TD = layer(h_TD, cos_TF, sin_TF, meta, slot_T, k_cache, v_cache)
-        return self.norm(h_TD)
+            h_TD, delta_TD = layer(h_TD, delta_TD, cos_TF, sin_TF, meta, slot_T, k_cache, v_cache)
+        return self.norm.add_forward(delta_TD, h_TD)[1]
 
     def logits(self, hidden_TD: torch.Tensor) -> torch.Tensor:
         # untied: call the module, so FSDP's pre-forward hook unshards lm_head's weight
