@@ -30,15 +30,16 @@ _LOG2E = tl.constexpr(1.4426950408889634)
 
 
 class Tile(NamedTuple):
-    block_m: int  # query rows per step
-    block_n: int  # keys per step
+    block_m: int  # query rows: per step of a dK/dV program, per dQ program
+    block_n: int  # keys: per dK/dV program, per step of a dQ program
     num_warps: int
     num_stages: int
 
 
-# Per dtype: the tile for a full GPU, then the one for grids below FILL programs. The work of
-# a program is a triangle slice, so below ~2 programs per SM the longest program sets the time
-# and a smaller tile (more, shorter programs) finishes first. fp32 is the interpreter's (CPU).
+# Per dtype: the tile for a full GPU, then the one for grids below FILL programs. Causal work
+# is uneven (KV block 0 meets every query block, the last one a single block), so below ~2
+# programs per SM the longest program sets the time and a smaller tile (more, shorter
+# programs) finishes first. fp32 is the interpreter's (CPU).
 DKDV_TILES = {torch.bfloat16: (Tile(64, 128, 8, 2), Tile(64, 64, 4, 2)),
               torch.float16: (Tile(64, 128, 8, 2), Tile(64, 64, 4, 2)),
               torch.float32: (Tile(16, 16, 4, 1),)}
