@@ -39,9 +39,11 @@ class Tile(NamedTuple):
 # Per dtype: the tile for a full GPU, then the one for grids below FILL programs. Causal work
 # is uneven (KV block 0 meets every query block, the last one a single block), so below ~2
 # programs per SM the longest program sets the time and a smaller tile (more, shorter
-# programs) finishes first. fp32 is the interpreter's (CPU).
-DKDV_TILES = {torch.bfloat16: (Tile(64, 128, 8, 2), Tile(64, 64, 4, 2)),
-              torch.float16: (Tile(64, 128, 8, 2), Tile(64, 64, 4, 2)),
+# programs) finishes first. fp32 is the interpreter's (CPU). dK/dV holds two fp32 [BLOCK_N, D]
+# accumulators: compiled for sm_90 (triton 3.9, D = 128), FA2's 64 x 128 tile spills ~500 bytes
+# per thread, 32 x 128 ~150 and 32 x 64 (8 warps) ~20; dQ's tiles below do not spill.
+DKDV_TILES = {torch.bfloat16: (Tile(32, 128, 8, 3), Tile(32, 64, 8, 3)),
+              torch.float16: (Tile(32, 128, 8, 3), Tile(32, 64, 8, 3)),
               torch.float32: (Tile(16, 16, 4, 1),)}
 DQ_TILES = {torch.bfloat16: (Tile(128, 64, 8, 2), Tile(64, 64, 4, 2)),
             torch.float16: (Tile(128, 64, 8, 2), Tile(64, 64, 4, 2)),
