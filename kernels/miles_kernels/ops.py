@@ -8,12 +8,13 @@ elsewhere or without Triton. The forward values are identical with and
 without autograd. Backward uses an explicit rule (linear, logprobs, grouped_linear; the
 row-wise ops and their fusions through _grads, in both modes) or, for attention, recomputes through _ref
 (SDPA; kv_attention's packed training attention through flash's varlen kernels where torch
-has them); the backward need not be invariant.
+has them, or our Triton kernels with MILES_ATTN_BWD=triton); the backward need not be invariant.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 
 import torch
 
@@ -393,19 +394,35 @@ def kv_attention(q_THD, k_TKD, v_TKD, k_cache_PSKD, v_cache_PSKD, meta: AttnMeta
     return _PackedAttention.apply(q_THD, k_TKD, v_TKD, inv, meta, scale)
 
 
+# The packed training attention's backward: "flash" (torch's flash varlen backward) or "triton"
+# (_triton.packed_attention_bwd, from our forward's output and LSE). Read once, at import.
+ATTN_BWD = os.environ.get("MILES_ATTN_BWD", "flash")
+if ATTN_BWD not in ("flash", "triton"):
+    raise ValueError(f"MILES_ATTN_BWD={ATTN_BWD!r}: set it to flash (the default) or triton")
+
+
+def _triton_bwd_ok(q, k, v) -> bool:
+    """MILES_ATTN_BWD=triton and tensors its kernels take: CUDA, 16-bit, head dim 2^n <= 256."""
+    D = q.shape[-1]
+    return (ATTN_BWD == "triton" and q.is_cuda and q.dtype in (torch.bfloat16, torch.float16)
+            and k.dtype == v.dtype == q.dtype and q.shape[0] > 0 and 16 <= D <= 256 and D & (D - 1) == 0)
+
+
 class _PackedAttention(torch.autograd.Function):
-    """Forward: the invariant kernel. Backward: flash attention over all the packed sequences
+    """Forward: the invariant kernel. Backward: with MILES_ATTN_BWD=triton our Triton kernels
+    (_triton_bwd_ok tensors), else flash attention over all the packed sequences
     in one varlen call (GQA native, no per-sequence loop) where torch has it for these
     tensors (CUDA, 16-bit, head_dim % 8 == 0 and <= 256), else autograd through the SDPA
-    reference per sequence. Where flash serves, the forward also writes each row's
+    reference per sequence. Where Triton or flash serves, the forward also writes each row's
     log-sum-exp, so the backward starts from our output and LSE instead of recomputing the
     forward with flash (_flash_varlen_grads). Like SDPA's, the flash backward is
-    deterministic only under torch.use_deterministic_algorithms(True)."""
+    deterministic only under torch.use_deterministic_algorithms(True); ours always is."""
 
     @staticmethod
     def forward(ctx, q_THD, k_TKD, v_TKD, inv_fn, meta, scale):
         lse_HT = None
-        if _flash_varlen_ok(q_THD, k_TKD, v_TKD) and _backend(q_THD) is not _cpu and not _LSE_STATE.get("off"):
+        if _backend(q_THD) is not _cpu and (_triton_bwd_ok(q_THD, k_TKD, v_TKD) or (
+                _flash_varlen_ok(q_THD, k_TKD, v_TKD) and not _LSE_STATE.get("off"))):
             lse_HT = torch.empty(q_THD.shape[1], q_THD.shape[0], dtype=torch.float32, device=q_THD.device)
         with torch.no_grad():
             out = inv_fn(q_THD, k_TKD, v_TKD, lse_HT)
@@ -417,7 +434,10 @@ class _PackedAttention(torch.autograd.Function):
     def backward(ctx, g_THD):
         q, k, v, out, lse = ctx.saved_tensors
         grads = None
-        if _flash_varlen_ok(q, k, v):
+        if out is not None and _triton_bwd_ok(q, k, v):
+            grads = _backend(q).packed_attention_bwd(q, k, v, out, g_THD, lse, ctx.meta.cu_seqlens_q,
+                                                     ctx.meta.max_q_len, ctx.scale)
+        elif _flash_varlen_ok(q, k, v):
             try:
                 grads = _flash_varlen_grads(q, k, v, g_THD, ctx.meta, ctx.scale, out, lse)
             except (RuntimeError, TypeError) as e:

@@ -6,10 +6,12 @@ result never depends on how many rows share the launch or where the row sits.
 The package is imported only for CUDA tensors in invariant mode (and by the interpreter
 tests under TRITON_INTERPRET=1). The row-local ops' backward rules (miles_kernels/_grads.py)
 run on CUDA as the kernels of elementwise_grads (deterministic, not batch-invariant), and
-logprobs' as logprobs_grad; the other backward passes live in torch, in miles_kernels/ops.py.
+logprobs' as logprobs_grad, the packed training attention's (behind MILES_ATTN_BWD=triton) as
+attention_bwd; the other backward passes live in torch, in miles_kernels/ops.py.
 """
 
 from miles_kernels._triton.paged_attention import ATTN_BLOCK, KV_SPLIT, attention, packed_attention
+from miles_kernels._triton.attention_bwd import packed_attention_bwd
 from miles_kernels._triton.elementwise import add_rms_norm, apply_rope, qk_norm_rope, rms_norm, silu_mul
 from miles_kernels._triton.elementwise_grads import apply_rope_grad, rms_norm_grad, silu_mul_grad
 from miles_kernels._triton.logprobs_grad import logprobs_grad
@@ -33,6 +35,7 @@ __all__ = [
     "logprobs",
     "logprobs_grad",
     "packed_attention",
+    "packed_attention_bwd",
     "qk_norm_rope",
     "rms_norm",
     "rms_norm_grad",

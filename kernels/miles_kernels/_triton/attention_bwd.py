@@ -1,0 +1,262 @@
+"""Backward of the packed causal GQA training attention (FlashAttention-2's split).
+
+Inputs are the forward's: q [T, H, D], k/v [T, K, D] (whole sequences packed at cu_seqlens),
+its output o and each row's log-sum-exp of the scaled scores (natural log, [H, T]:
+paged_attention's lse_HT), and dout. With P = softmax(scale * q k^T) recomputed from the LSE:
+
+    delta = rowsum(o * dout)                    _delta_kernel: one program per (token block, head)
+    dV = P^T dout, dK = scale * dS^T q          _dkdv_kernel: one program per (KV block, kv head),
+                                                looping over its G query heads and the query
+                                                blocks at or after the KV block (causal)
+    dQ = scale * dS k                           _dq_kernel: one program per (Q block, query head),
+                                                looping over the KV blocks up to the diagonal
+    with dS = P * (dout v^T - delta)
+
+Each program owns its output rows and keeps them in fp32 registers: no atomics, no partial
+sums. Scores run in log2 units (log2(e) folded into the scale and the LSE, exp2). Only the
+blocks that cross the diagonal or a sequence's end are masked; a sequence's blocks start at
+its first token. Not batch-invariant (need not be): deterministic, one order per launch shape.
+"""
+
+from typing import NamedTuple
+
+import torch
+import triton
+import triton.language as tl
+
+from miles_kernels._triton.launch import fast_launch
+
+_LOG2E = tl.constexpr(1.4426950408889634)
+
+
+class Tile(NamedTuple):
+    block_m: int  # query rows: per step of a dK/dV program, per dQ program
+    block_n: int  # keys: per dK/dV program, per step of a dQ program
+    num_warps: int
+    num_stages: int
+
+
+# Per dtype: the tile for a full GPU, then the one for grids below FILL programs. Causal work
+# is uneven (KV block 0 meets every query block, the last one a single block), so below ~2
+# programs per SM the longest program sets the time and a smaller tile (more, shorter
+# programs) finishes first. fp32 is the interpreter's (CPU). dK/dV holds two fp32 [BLOCK_N, D]
+# accumulators: compiled for sm_90 (triton 3.9, D = 128), FA2's 64 x 128 tile spills ~500 bytes
+# per thread, 32 x 128 ~150 and 32 x 64 (8 warps) ~20; dQ's tiles below do not spill.
+DKDV_TILES = {torch.bfloat16: (Tile(32, 128, 8, 3), Tile(32, 64, 8, 3)),
+              torch.float16: (Tile(32, 128, 8, 3), Tile(32, 64, 8, 3)),
+              torch.float32: (Tile(16, 16, 4, 1),)}
+DQ_TILES = {torch.bfloat16: (Tile(128, 64, 8, 2), Tile(64, 64, 4, 2)),
+            torch.float16: (Tile(128, 64, 8, 2), Tile(64, 64, 4, 2)),
+            torch.float32: (Tile(16, 16, 4, 1),)}
+FILL = 264  # 2 programs per SM of an H100/H200
+_DELTA_ROWS = {torch.bfloat16: 64, torch.float16: 64, torch.float32: 16}  # tokens per delta program
+
+
+@fast_launch
+@triton.jit
+def _delta_kernel(o_ptr, do_ptr, delta_ptr, T, stride_t, stride_dh, D: tl.constexpr, BLOCK_T: tl.constexpr):
+    """delta[h, t] = sum_d o[t, h, d] * dout[t, h, d] in fp32."""
+    h = tl.program_id(1)
+    t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+    ds = tl.arange(0, D)
+    ok = t < T
+    off = t.to(tl.int64)[:, None] * stride_t + h * D + ds[None, :]
+    o = tl.load(o_ptr + off, mask=ok[:, None], other=0.0).to(tl.float32)
+    do = tl.load(do_ptr + off, mask=ok[:, None], other=0.0).to(tl.float32)
+    tl.store(delta_ptr + h * stride_dh + t, tl.sum(o * do, 1), mask=ok)
+
+
+@triton.jit
+def _dkdv_step(dk, dv, k, v, q_ptr, do_ptr, lse_ptr, delta_ptr, m0, kpos, q_len, qk_scale, stride_t,
+               BLOCK_M: tl.constexpr, D: tl.constexpr, PRECISION: tl.constexpr, MASK: tl.constexpr):
+    """Add query rows m0 .. m0 + BLOCK_M of one head to the KV block's dk, dv (pointers at the
+    sequence's first token and the head). MASK: the causal and sequence-end masks."""
+    qpos = m0 + tl.arange(0, BLOCK_M)
+    ds = tl.arange(0, D)
+    off = qpos[:, None] * stride_t + ds[None, :]
+    if MASK:
+        ok = qpos < q_len
+        q = tl.load(q_ptr + off, mask=ok[:, None], other=0.0)
+        do = tl.load(do_ptr + off, mask=ok[:, None], other=0.0)
+        lse = tl.load(lse_ptr + qpos, mask=ok, other=0.0)
+        delta = tl.load(delta_ptr + qpos, mask=ok, other=0.0)
+    else:
+        q = tl.load(q_ptr + off)
+        do = tl.load(do_ptr + off)
+        lse = tl.load(lse_ptr + qpos)
+        delta = tl.load(delta_ptr + qpos)
+    sT = tl.dot(k, tl.trans(q), input_precision=PRECISION)  # [BLOCK_N, BLOCK_M]
+    pT = tl.exp2(sT * qk_scale - lse[None, :] * _LOG2E)
+    if MASK:
+        pT = tl.where((kpos[:, None] <= qpos[None, :]) & ok[None, :], pT, 0.0)
+    dv = tl.dot(pT.to(do.dtype), do, dv, input_precision=PRECISION)
+    dpT = tl.dot(v, tl.trans(do), input_precision=PRECISION)
+    dsT = pT * (dpT - delta[None, :])
+    dk = tl.dot(dsT.to(q.dtype), q, dk, input_precision=PRECISION)
+    return dk, dv
+
+
+@fast_launch
+@triton.jit
+def _dkdv_kernel(q_ptr, k_ptr, v_ptr, do_ptr, dk_ptr, dv_ptr, lse_ptr, delta_ptr, cu_ptr,
+                 qk_scale, scale, n_kv_heads, n_bk, stride_qt, stride_kt, stride_lh, stride_dh,
+                 G: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                 PRECISION: tl.constexpr):
+    pid = tl.program_id(0)
+    j = pid // n_bk  # KV block: block 0 (every query block after it) starts first
+    b = (pid % n_bk) // n_kv_heads
+    kvh = pid % n_kv_heads
+    q_lo = tl.load(cu_ptr + b)
+    q_len = tl.load(cu_ptr + b + 1) - q_lo
+    n0 = j * BLOCK_N
+    if n0 >= q_len:
+        return
+    kpos = n0 + tl.arange(0, BLOCK_N)
+    ds = tl.arange(0, D)
+    kv_off = q_lo.to(tl.int64) * stride_kt + kvh * D + kpos[:, None] * stride_kt + ds[None, :]
+    k_ok = kpos[:, None] < q_len
+    k = tl.load(k_ptr + kv_off, mask=k_ok, other=0.0)
+    v = tl.load(v_ptr + kv_off, mask=k_ok, other=0.0)
+    dk = tl.zeros((BLOCK_N, D), tl.float32)
+    dv = tl.zeros((BLOCK_N, D), tl.float32)
+    i_lo = n0 // BLOCK_M
+    i_full = tl.cdiv(n0 + BLOCK_N - 1, BLOCK_M)  # query blocks from here on see every key whole
+    n_q = tl.cdiv(q_len, BLOCK_M)
+    n_q_full = q_len // BLOCK_M  # blocks before this one end inside the sequence
+    for g in range(G):
+        h = kvh * G + g
+        q_h = q_ptr + q_lo.to(tl.int64) * stride_qt + h * D
+        do_h = do_ptr + q_lo.to(tl.int64) * stride_qt + h * D
+        lse_h = lse_ptr + h.to(tl.int64) * stride_lh + q_lo
+        delta_h = delta_ptr + h.to(tl.int64) * stride_dh + q_lo
+        for i in range(i_lo, tl.minimum(i_full, n_q)):  # the diagonal
+            dk, dv = _dkdv_step(dk, dv, k, v, q_h, do_h, lse_h, delta_h, i * BLOCK_M, kpos, q_len, qk_scale,
+                                stride_qt, BLOCK_M, D, PRECISION, True)
+        for i in range(i_full, n_q_full):
+            dk, dv = _dkdv_step(dk, dv, k, v, q_h, do_h, lse_h, delta_h, i * BLOCK_M, kpos, q_len, qk_scale,
+                                stride_qt, BLOCK_M, D, PRECISION, False)
+        for i in range(tl.maximum(i_full, n_q_full), n_q):  # the sequence's last, partial block
+            dk, dv = _dkdv_step(dk, dv, k, v, q_h, do_h, lse_h, delta_h, i * BLOCK_M, kpos, q_len, qk_scale,
+                                stride_qt, BLOCK_M, D, PRECISION, True)
+    tl.store(dk_ptr + kv_off, (dk * scale).to(dk_ptr.dtype.element_ty), mask=k_ok)
+    tl.store(dv_ptr + kv_off, dv.to(dv_ptr.dtype.element_ty), mask=k_ok)
+
+
+@triton.jit
+def _dq_step(dq, q, do, lse2, delta, qpos, k_ptr, v_ptr, n0, q_len, qk_scale, stride_t,
+             BLOCK_N: tl.constexpr, D: tl.constexpr, PRECISION: tl.constexpr, MASK: tl.constexpr):
+    """Add keys n0 .. n0 + BLOCK_N to the Q block's dq (pointers at the sequence's first
+    token and the kv head). MASK: the causal and sequence-end masks."""
+    kpos = n0 + tl.arange(0, BLOCK_N)
+    ds = tl.arange(0, D)
+    off = kpos[:, None] * stride_t + ds[None, :]
+    if MASK:
+        k = tl.load(k_ptr + off, mask=kpos[:, None] < q_len, other=0.0)
+        v = tl.load(v_ptr + off, mask=kpos[:, None] < q_len, other=0.0)
+    else:
+        k = tl.load(k_ptr + off)
+        v = tl.load(v_ptr + off)
+    s = tl.dot(q, tl.trans(k), input_precision=PRECISION)  # [BLOCK_M, BLOCK_N]
+    p = tl.exp2(s * qk_scale - lse2[:, None])
+    if MASK:  # keys past the sequence's end sit past every real row: causal covers them
+        p = tl.where(kpos[None, :] <= qpos[:, None], p, 0.0)
+    dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
+    ds_ = p * (dp - delta[:, None])
+    return tl.dot(ds_.to(k.dtype), k, dq, input_precision=PRECISION)
+
+
+@fast_launch
+@triton.jit
+def _dq_kernel(q_ptr, k_ptr, v_ptr, do_ptr, dq_ptr, lse_ptr, delta_ptr, cu_ptr,
+               qk_scale, scale, n_heads, n_bh, n_blocks, stride_qt, stride_kt, stride_lh, stride_dh,
+               G: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+               PRECISION: tl.constexpr):
+    pid = tl.program_id(0)
+    i = n_blocks - 1 - pid // n_bh  # Q block: the last (longest: most KV blocks) start first
+    b = (pid % n_bh) // n_heads
+    h = pid % n_heads
+    q_lo = tl.load(cu_ptr + b)
+    q_len = tl.load(cu_ptr + b + 1) - q_lo
+    m0 = i * BLOCK_M
+    if m0 >= q_len:
+        return
+    qpos = m0 + tl.arange(0, BLOCK_M)
+    ok = qpos < q_len
+    ds = tl.arange(0, D)
+    q_off = q_lo.to(tl.int64) * stride_qt + h * D + qpos[:, None] * stride_qt + ds[None, :]
+    q = tl.load(q_ptr + q_off, mask=ok[:, None], other=0.0)
+    do = tl.load(do_ptr + q_off, mask=ok[:, None], other=0.0)
+    lse2 = tl.load(lse_ptr + h.to(tl.int64) * stride_lh + q_lo + qpos, mask=ok, other=0.0) * _LOG2E
+    delta = tl.load(delta_ptr + h.to(tl.int64) * stride_dh + q_lo + qpos, mask=ok, other=0.0)
+    kv_h = q_lo.to(tl.int64) * stride_kt + (h // G) * D
+    dq = tl.zeros((BLOCK_M, D), tl.float32)
+    n_full = (m0 + 1) // BLOCK_N  # KV blocks ending at or before the first row: no mask
+    n_kv = tl.cdiv(tl.minimum(m0 + BLOCK_M, q_len), BLOCK_N)
+    for j in range(0, n_full):
+        dq = _dq_step(dq, q, do, lse2, delta, qpos, k_ptr + kv_h, v_ptr + kv_h, j * BLOCK_N, q_len, qk_scale,
+                      stride_kt, BLOCK_N, D, PRECISION, False)
+    for j in range(n_full, n_kv):
+        dq = _dq_step(dq, q, do, lse2, delta, qpos, k_ptr + kv_h, v_ptr + kv_h, j * BLOCK_N, q_len, qk_scale,
+                      stride_kt, BLOCK_N, D, PRECISION, True)
+    tl.store(dq_ptr + q_off, (dq * scale).to(dq_ptr.dtype.element_ty), mask=ok[:, None])
+
+
+def _pick(tiles: tuple[Tile, ...], programs) -> Tile:
+    """The first tile whose grid (programs(tile) real programs) fills the GPU, else the last."""
+    return next((t for t in tiles if programs(t) >= FILL), tiles[-1])
+
+
+def packed_attention_bwd(
+    q_THD: torch.Tensor, k_TKD: torch.Tensor, v_TKD: torch.Tensor, out_THD: torch.Tensor, dout_THD: torch.Tensor,
+    lse_HT: torch.Tensor, cu_seqlens_B1: torch.Tensor, max_len: int, scale: float,
+    dkdv_tile: Tile | None = None, dq_tile: Tile | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dq, dk, dv) of causal attention over the packed sequences, from the forward's output
+    and LSE (natural log of the scaled scores, [H, T] with unit stride over T).
+    dkdv_tile / dq_tile override the per-dtype tile tables (benchmarks: tools/bench/attn_bwd.py)."""
+    T, H, D = q_THD.shape
+    K = k_TKD.shape[1]
+    dtype = q_THD.dtype
+    if k_TKD.shape != (T, K, D) or v_TKD.shape != k_TKD.shape or out_THD.shape != q_THD.shape \
+            or dout_THD.shape != q_THD.shape or H % K:
+        raise ValueError(f"miles_kernels packed_attention_bwd: q/out/dout {list(q_THD.shape)} must be [T, H, D], "
+                         f"k/v {list(k_TKD.shape)}/{list(v_TKD.shape)} [T, K, D] with H % K == 0")
+    if dtype not in DKDV_TILES or not all(t.dtype == dtype for t in (k_TKD, v_TKD, out_THD, dout_THD)):
+        raise TypeError(f"miles_kernels packed_attention_bwd: q, k, v, out, dout must share one dtype of bf16, "
+                        f"fp16, fp32; got {[t.dtype for t in (q_THD, k_TKD, v_TKD, out_THD, dout_THD)]}")
+    if D < 16 or D > 256 or D & (D - 1):
+        raise ValueError(f"miles_kernels packed_attention_bwd: head dim {D} must be a power of two in [16, 256]")
+    if lse_HT.shape != (H, T) or lse_HT.dtype != torch.float32 or lse_HT.stride(1) != 1:
+        raise ValueError(f"miles_kernels packed_attention_bwd: lse_HT must be fp32 [H={H}, T={T}] with unit "
+                         f"stride over T, got {lse_HT.dtype} {list(lse_HT.shape)}")
+    q, k, v, o, do = (t.contiguous() for t in (q_THD, k_TKD, v_TKD, out_THD, dout_THD))
+    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    B = cu_seqlens_B1.shape[0] - 1
+    if T == 0 or B == 0:
+        return dq, dk.zero_(), dv.zero_()
+    cu = cu_seqlens_B1.to(torch.int32).contiguous()
+    max_len = max(int(max_len), 1)
+    G = H // K
+    delta = torch.empty((H, T), dtype=torch.float32, device=q.device)
+    rows = _DELTA_ROWS[dtype]
+    _delta_kernel[(triton.cdiv(T, rows), H)](o, do, delta, T, H * D, T, D=D, BLOCK_T=rows, num_warps=4)
+    precision = "ieee" if dtype == torch.float32 else "tf32"  # tf32: unused by 16-bit dots
+    common = (cu, scale * 1.4426950408889634, scale)
+    strides = (H * D, K * D, lse_HT.stride(0), T)
+
+    # real programs ~ blocks over all tokens (+ one partial per sequence) x heads; no host sync
+    t = dkdv_tile or _pick(DKDV_TILES[dtype], lambda t: triton.cdiv(T, t.block_n) * K)
+    n_blocks = triton.cdiv(max_len, t.block_n)
+    _dkdv_kernel[(n_blocks * B * K,)](
+        q, k, v, do, dk, dv, lse_HT, delta, *common, K, B * K, *strides,
+        G=G, D=D, BLOCK_M=t.block_m, BLOCK_N=t.block_n, PRECISION=precision,
+        num_warps=t.num_warps, num_stages=t.num_stages,
+    )
+    t = dq_tile or _pick(DQ_TILES[dtype], lambda t: triton.cdiv(T, t.block_m) * H)
+    n_blocks = triton.cdiv(max_len, t.block_m)
+    _dq_kernel[(n_blocks * B * H,)](
+        q, k, v, do, dq, lse_HT, delta, *common, H, B * H, n_blocks, *strides,
+        G=G, D=D, BLOCK_M=t.block_m, BLOCK_N=t.block_n, PRECISION=precision,
+        num_warps=t.num_warps, num_stages=t.num_stages,
+    )
+    return dq, dk, dv
