@@ -522,9 +522,11 @@ def _flash_varlen_grads(q, k, v, g, meta: AttnMeta, scale: float, out=None, lse=
         f_out, f_lse, rng, unused = _flash_varlen_forward(q, k, v, meta, scale)
         if lse is not None and not _LSE_STATE:
             _check_lse(lse, f_lse, rng, unused)
-        if "ok" not in _LSE_STATE:
+        if lse is None or "ok" not in _LSE_STATE:  # flash's own forward serves the backward
             out, lse = f_out, f_lse
-    if "ok" in _LSE_STATE:
+        else:
+            rng, unused = _LSE_STATE["ok"]
+    else:
         rng, unused = _LSE_STATE["ok"]
     return torch.ops.aten._flash_attention_backward(g, q, k, v, out, lse, cu, cu, L, L, 0.0, True, rng, unused,
                                                     scale=scale)
