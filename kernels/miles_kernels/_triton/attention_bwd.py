@@ -96,18 +96,24 @@ def _dkdv_step(dk, dv, k, v, q_ptr, do_ptr, lse_ptr, delta_ptr, m0, kpos, q_len,
     return dk, dv
 
 
+@triton.jit
+def _program(per_rank, n_heads, cu_ptr):
+    """This program's (rank in launch order, head, sequence's first token, its length): the
+    grid runs rank-major over (rank, sequence, head), per_rank = sequences x heads."""
+    pid = tl.program_id(0)
+    b = (pid % per_rank) // n_heads
+    q_lo = tl.load(cu_ptr + b)
+    return pid // per_rank, pid % n_heads, q_lo, tl.load(cu_ptr + b + 1) - q_lo
+
+
 @fast_launch
 @triton.jit
 def _dkdv_kernel(q_ptr, k_ptr, v_ptr, do_ptr, dk_ptr, dv_ptr, lse_ptr, delta_ptr, cu_ptr,
                  qk_scale, scale, n_kv_heads, n_bk, stride_qt, stride_kt, stride_lh, stride_dh,
                  G: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                  PRECISION: tl.constexpr):
-    pid = tl.program_id(0)
-    j = pid // n_bk  # KV block: block 0 (every query block after it) starts first
-    b = (pid % n_bk) // n_kv_heads
-    kvh = pid % n_kv_heads
-    q_lo = tl.load(cu_ptr + b)
-    q_len = tl.load(cu_ptr + b + 1) - q_lo
+    # KV block j: block 0 (every query block after it) starts first
+    j, kvh, q_lo, q_len = _program(n_bk, n_kv_heads, cu_ptr)
     n0 = j * BLOCK_N
     if n0 >= q_len:
         return
@@ -171,12 +177,8 @@ def _dq_kernel(q_ptr, k_ptr, v_ptr, do_ptr, dq_ptr, lse_ptr, delta_ptr, cu_ptr,
                qk_scale, scale, n_heads, n_bh, n_blocks, stride_qt, stride_kt, stride_lh, stride_dh,
                G: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                PRECISION: tl.constexpr):
-    pid = tl.program_id(0)
-    i = n_blocks - 1 - pid // n_bh  # Q block: the last (longest: most KV blocks) start first
-    b = (pid % n_bh) // n_heads
-    h = pid % n_heads
-    q_lo = tl.load(cu_ptr + b)
-    q_len = tl.load(cu_ptr + b + 1) - q_lo
+    r, h, q_lo, q_len = _program(n_bh, n_heads, cu_ptr)
+    i = n_blocks - 1 - r  # Q block: the last (longest: most KV blocks) start first
     m0 = i * BLOCK_M
     if m0 >= q_len:
         return
