@@ -9,7 +9,8 @@
 #   profile    (not in the default list) torch.profiler of a 4k trainer step (ours and the peer)
 #              and of engine decode steps at batch 256 (prompt 512), host cost per launch (launch_cost);
 #              sweep: linear tiles (M <= 512 decode shapes too) launched and graphed, decode attention programs,
-#              decode attention tiles, the training attention forward per prefill tile vs flash
+#              decode attention tiles, the training attention forward per prefill tile vs flash,
+#              the Triton attention backward vs flash's per tile (attn_bwd --sweep), graph launch cost
 # Writes logs and JSON under OUT_DIR. Needs torch + triton; the project is used from the
 # source tree (no install), so it also runs on air-gapped images.
 set -uo pipefail
@@ -54,7 +55,9 @@ for step in $steps; do
         sweep) run linear_sweep python3 tools/bench/linear_sweep.py --which check,decode,mid --out "$out/linear_sweep.json"
                run attn_decode_sweep python3 tools/bench/attn_sweep.py "$out/attn_decode.json" --decode
                run attn_decode_tiles python3 tools/bench/attn_sweep.py "$out/attn_decode_tiles.json" --decode-tiles
-               run attn_prefill_sweep python3 tools/bench/attn_sweep.py "$out/attn_prefill.json" --prefill ;;
+               run attn_prefill_sweep python3 tools/bench/attn_sweep.py "$out/attn_prefill.json" --prefill
+               run attn_bwd_sweep python3 tools/bench/attn_bwd.py "$out/attn_bwd.json" --sweep
+               run graph_launch python3 tools/bench/graph_launch.py --out "$out/graph_launch.json" ;;
         *) echo "unknown step $step (tests scale kernels engine engine_host train rl_step spec profile sweep)"; exit 2 ;;
     esac
 done
