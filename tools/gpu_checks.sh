@@ -5,12 +5,14 @@
 #   tests      tests/gpu: kernel invariance, engine on-policy with CUDA graphs, sampler at 151k vocab
 #   scale      tests/gpu/test_on_policy_at_scale.py: run_rl, 151,936 vocab, 256 rows, 512 new
 #              tokens, temperature x top-k x top-p grid, dense and MoE (64 experts): diff == 0.0
-#   kernels engine engine_host train rl_step spec    the benchmarks of tools/bench
+#   kernels engine engine_host train rl_step spec    the benchmarks of tools/bench (train: the
+#              dense model vs the peer, and the 64-expert MoE's MFU vs the dense one's)
 #   profile    (not in the default list) torch.profiler of a 4k trainer step (ours and the peer)
 #              and of engine decode steps at batch 256 (prompt 512), host cost per launch (launch_cost);
 #              sweep: linear tiles (M <= 512 decode shapes too) launched and graphed, decode attention programs,
 #              decode attention tiles, the training attention forward per prefill tile vs flash,
-#              the Triton attention backward vs flash's per tile (attn_bwd --sweep), graph launch cost
+#              the Triton attention backward vs flash's per tile (attn_bwd --sweep), graph launch cost,
+#              grouped_linear's tiles vs a dense matmul and torch's grouped GEMM (grouped_sweep)
 # Writes logs and JSON under OUT_DIR. Needs torch + triton; the project is used from the
 # source tree (no install), so it also runs on air-gapped images.
 set -uo pipefail
@@ -44,7 +46,9 @@ for step in $steps; do
         kernels) run bench_kernels python3 tools/bench/kernels.py --out "$out/kernels.json" $q ;;
         engine) run bench_engine python3 tools/bench/engine.py --out "$out/engine.json" $q ;;
         engine_host) run bench_engine_host python3 tools/bench/engine_host.py --out "$out/engine_host.json" ;;
-        train) run bench_train python3 tools/bench/train.py --logprobs fused unfused --peer --out "$out/train.json" ;;
+        train) run bench_train python3 tools/bench/train.py --logprobs fused unfused --peer --out "$out/train.json"
+               run bench_train_moe python3 tools/bench/train.py --model qwen3-0.6b qwen3-moe-a0.6b --seqs 4096 \
+                   --modes invariant fast --peer --out "$out/train_moe.json" ;;
         rl_step) run bench_rl_step python3 tools/bench/rl_step.py --out "$out/rl_step.json" ;;
         spec) run bench_spec python3 tools/bench/spec.py --out "$out/spec.json" ;;
         profile) run profile_train python3 tools/bench/train.py --seqs 4096 --modes invariant --steps 1 --warmup 2 \
@@ -57,6 +61,7 @@ for step in $steps; do
                run attn_decode_tiles python3 tools/bench/attn_sweep.py "$out/attn_decode_tiles.json" --decode-tiles
                run attn_prefill_sweep python3 tools/bench/attn_sweep.py "$out/attn_prefill.json" --prefill
                run attn_bwd_sweep python3 tools/bench/attn_bwd.py "$out/attn_bwd.json" --sweep
+               run grouped_sweep python3 tools/bench/grouped_sweep.py --out "$out/grouped_sweep.json"
                run graph_launch python3 tools/bench/graph_launch.py --out "$out/graph_launch.json" ;;
         *) echo "unknown step $step (tests scale kernels engine engine_host train rl_step spec profile sweep)"; exit 2 ;;
     esac

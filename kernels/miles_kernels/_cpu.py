@@ -166,6 +166,10 @@ def route_topk(logits_TE, k: int, norm_topk_prob: bool):
     return _over_row_tiles(tile, _rows_per_tile(E + _COL_PAD), logits_TE)
 
 
+# fp32 products and sums of whole rows, slot by slot: elementwise, so invariant as it is
+moe_combine = _ref.moe_combine
+
+
 def grouped_linear(x_RK, w_ENK, group_sizes_E):
     outs, start = [], 0
     for e, n in enumerate(group_sizes_E.tolist()):

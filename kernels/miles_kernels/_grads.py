@@ -1,4 +1,4 @@
-"""Closed-form backward rules of the row-wise ops (rms_norm, apply_rope, silu_mul, qk_norm_rope).
+"""Closed-form backward rules of the row-wise ops (rms_norm, apply_rope, silu_mul, qk_norm_rope, moe_combine).
 
 The forward comes from the invariant kernel; the backward is the derivative of the _ref
 formula, written out in fp32: no forward recompute and no autograd graph built inside the
@@ -113,3 +113,18 @@ def silu_mul_torch(saved, extra, g, needs):
     ga = (gf * uf * sig * (1 + af * (1 - sig))).to(a.dtype) if needs[0] else None
     gu = (gf * af * sig).to(u.dtype) if needs[1] else None
     return ga, gu
+
+
+def moe_combine(saved, extra, g, needs):
+    """out[t] = sum_j w[t, j] * y[pos[t, j]] (fp32): dy[pos[t, j]] = g[t] * w[t, j], dw[t, j] = g[t] . y[pos[t, j]].
+    Torch ops on every device; each row of y gets its one slot's gradient (rows no slot reads: 0)."""
+    y, pos, w = saved
+    T, k = pos.shape
+    gf = g.float()
+    gy = gw = None
+    if needs[0]:
+        gy = torch.zeros_like(y)
+        gy.index_copy_(0, pos.reshape(-1), (gf[:, None, :] * w.float()[:, :, None]).to(y.dtype).view(T * k, -1))
+    if needs[2]:
+        gw = (y[pos.reshape(-1)].view(T, k, -1).float() * gf[:, None, :]).sum(-1).to(w.dtype)
+    return gy, None, gw

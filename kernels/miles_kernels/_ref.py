@@ -184,6 +184,15 @@ def route_topk(logits_TE, k: int, norm_topk_prob: bool):
     return w, ids
 
 
+def moe_combine(y_RD, pos_Tk, w_Tk):
+    T, k = pos_Tk.shape
+    y_TkD = y_RD[pos_Tk.reshape(-1)].view(T, k, -1)
+    out = _f32(y_TkD[:, 0]) * _f32(w_Tk[:, 0, None])
+    for j in range(1, k):
+        out = out + _f32(y_TkD[:, j]) * _f32(w_Tk[:, j, None])
+    return out.to(y_RD.dtype)
+
+
 def grouped_linear(x_RK, w_ENK, group_sizes_E):
     outs = []
     start = 0

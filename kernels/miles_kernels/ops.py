@@ -8,7 +8,8 @@ elsewhere or without Triton. The forward values are identical with and
 without autograd. Backward uses an explicit rule (linear, logprobs, grouped_linear; the
 row-wise ops and their fusions through _grads, in both modes) or, for attention, recomputes through _ref
 (SDPA; kv_attention's packed training attention through flash's varlen kernels where torch
-has them, or our Triton kernels with MILES_ATTN_BWD=triton); the backward need not be invariant.
+has them; our Triton kernels where they serve, MILES_ATTN_BWD=triton, the default); the backward
+need not be invariant.
 """
 
 from __future__ import annotations
@@ -361,11 +362,13 @@ def kv_attention(q_THD, k_TKD, v_TKD, k_cache_PSKD, v_cache_PSKD, meta: AttnMeta
     backward reads the packed q/k/v directly (flash varlen, else SDPA per sequence): no page
     gather, no grad through the cache, which is scratch space, written in place and reusable
     across layers. The forward is `attention`'s, bit for bit (on CUDA the kernel reads the
-    packed K/V in place: packed_attention); fast mode's is flash's (or SDPA's) on the packed
-    tensors; where the kernel reads the packed K/V, the cache is not written. Otherwise (the
+    packed K/V in place: packed_attention); fast mode runs the same kernels where our Triton
+    backward serves (MILES_ATTN_BWD=triton, the default: faster than flash's both ways on an
+    H200), else flash's (or SDPA's) on the packed tensors; where the kernel reads the packed
+    K/V, the cache is not written. Otherwise (the
     engine, or a meta built by hand) the write is differentiable and `attention` runs as it is.
     """
-    if meta.packed and _fast():
+    if meta.packed and _fast() and not _triton_bwd_ok(q_THD, k_TKD, v_TKD):
         if _flash_varlen_ok(q_THD, k_TKD, v_TKD):
             try:
                 return _FlashPacked.apply(q_THD, k_TKD, v_TKD, meta, scale)
@@ -394,11 +397,12 @@ def kv_attention(q_THD, k_TKD, v_TKD, k_cache_PSKD, v_cache_PSKD, meta: AttnMeta
     return _PackedAttention.apply(q_THD, k_TKD, v_TKD, inv, meta, scale)
 
 
-# The packed training attention's backward: "flash" (torch's flash varlen backward) or "triton"
-# (_triton.packed_attention_bwd, from our forward's output and LSE). Read once, at import.
-ATTN_BWD = os.environ.get("MILES_ATTN_BWD", "flash")
+# The packed training attention's backward: "triton" (_triton.packed_attention_bwd, from our
+# forward's output and LSE; 1.0-1.6x flash's on an H200) or "flash" (torch's flash varlen
+# backward). Read once, at import.
+ATTN_BWD = os.environ.get("MILES_ATTN_BWD", "triton")
 if ATTN_BWD not in ("flash", "triton"):
-    raise ValueError(f"MILES_ATTN_BWD={ATTN_BWD!r}: set it to flash (the default) or triton")
+    raise ValueError(f"MILES_ATTN_BWD={ATTN_BWD!r}: set it to triton (the default) or flash")
 
 
 def _triton_bwd_ok(q, k, v) -> bool:
@@ -766,6 +770,21 @@ class _RouteWeights(torch.autograd.Function):
         return gx.to(logits.dtype), None, None, None
 
 
+def moe_combine(y_RD, pos_Tk, w_Tk):
+    """A MoE layer's output: out[t] = sum_j w[t, j] * y[pos[t, j]] for the k slots j of token t.
+
+    y [R, D] (the experts' rows), pos [T, k] int (the row of token t's j-th expert), w [T, k]
+    (routing weights) -> [T, D] in y's dtype: products and sum in fp32, j ascending (on CUDA
+    an explicit fma from j = 1), one rounding. A token's row reads only its own k rows.
+    """
+    if pos_Tk.dim() != 2 or w_Tk.shape != pos_Tk.shape or y_RD.dim() != 2:
+        raise ValueError(f"miles_kernels moe_combine: y must be [R, D] and pos, w one [T, k]; got y "
+                         f"{list(y_RD.shape)}, pos {list(pos_Tk.shape)}, w {list(w_Tk.shape)}")
+    if pos_Tk.dtype.is_floating_point:
+        raise TypeError(f"miles_kernels moe_combine: pos must be an integer tensor, got {pos_Tk.dtype}")
+    return _with_rule(_grads.moe_combine, _row_impl(y_RD, "moe_combine"), (y_RD, pos_Tk, w_Tk))
+
+
 class _GroupedLinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x_RK, w_ENK, group_sizes_E, impl):
@@ -798,6 +817,17 @@ class _GroupedLinear(torch.autograd.Function):
         return gx, gw, None, None
 
 
+def _grouped_mm_ok(x_RK, w_ENK) -> bool:
+    # CUTLASS's grouped GEMM (sm90, bf16; 16-byte aligned rows)
+    return (hasattr(torch, "_grouped_mm") and x_RK.is_cuda and x_RK.dtype == w_ENK.dtype == torch.bfloat16
+            and x_RK.shape[1] % 8 == 0 and w_ENK.shape[1] % 8 == 0 and torch.cuda.get_device_capability(x_RK.device)[0] >= 9)
+
+
+def _grouped_mm(x_RK, w_ENK, group_sizes_E):
+    offs = torch.cumsum(group_sizes_E.to(x_RK.device, torch.int64), 0).to(torch.int32)
+    return torch._grouped_mm(x_RK.contiguous(), w_ENK.transpose(1, 2), offs=offs)
+
+
 def grouped_linear(x_RK, w_ENK, group_sizes_E):
     """Per-expert linear over rows sorted by expert: rows of group e use w[e] ([N, K]).
 
@@ -805,6 +835,8 @@ def grouped_linear(x_RK, w_ENK, group_sizes_E):
     computed like linear() computes it, independent of the other rows.
     """
     if _fast():
+        if _grouped_mm_ok(x_RK, w_ENK):  # torch's grouped GEMM: one launch, no host sync
+            return _GroupedLinear.apply(x_RK, w_ENK, group_sizes_E, _grouped_mm)
         return _ref.grouped_linear(x_RK, w_ENK, group_sizes_E)
     if x_RK.is_cuda:
         backend = _backend(x_RK)

@@ -161,12 +161,37 @@ def test_grouped_linear_rows_independent(kt, dtype):
     _same(row[0], y[o[6] + 7], "grouped_linear row alone vs in its expert group")
     from miles_kernels._triton import matmul
 
-    tile = matmul.GROUPED_TILES[dtype]
-    matmul.GROUPED_TILES[dtype] = tile._replace(tma=not tile.tma)  # the other kernel, same tile
-    try:
-        _same(kt.grouped_linear(x, w, offs.cuda()), y, "grouped_linear TMA vs pointer kernel")
-    finally:
-        matmul.GROUPED_TILES[dtype] = tile
+    for tile in matmul.GROUPED_TILES[dtype]:  # each tile grouped_tile may pick, both kernels: the same bits
+        for t in (tile._replace(tma=False), tile._replace(tma=True)):
+            got = torch.zeros_like(y)
+            matmul.launch_grouped(x, w, offs.cuda(), got, t)
+            _same(got, y, f"grouped_linear tile {tuple(t)[1:]} vs grouped_linear's pick")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_moe_combine_at_scale(dtype):
+    """mk.moe_combine at a training step's size (4,096 tokens, top-8, D 1024) and a decode
+    step's: close to float64, a token's row the same alone, in 64 tokens and in 4,096; grads."""
+    import miles_kernels as mk
+
+    g = _gen(7)
+    T, k, D = 4096, 8, 1024
+    pos = torch.randperm(T * k, generator=g, device="cuda").view(T, k)
+    y = _randn(T * k, D, dtype=dtype, g=g).requires_grad_(True)
+    w = torch.softmax(torch.randn(T, k, generator=g, device="cuda"), -1).requires_grad_(True)
+    out = mk.moe_combine(y, pos, w)
+    _accurate(out, (y.double()[pos] * w.double()[:, :, None]).sum(1), dtype, "moe_combine vs float64")
+    with torch.no_grad():
+        rows = pos[100:164].reshape(-1)
+        few = mk.moe_combine(y[rows], torch.arange(64 * k, device="cuda").view(64, k), w[100:164])
+        _same(few, out[100:164].detach(), "moe_combine 64 tokens vs 4096")
+        one = mk.moe_combine(y[pos[3000]], torch.arange(k, device="cuda")[None], w[3000:3001])
+        _same(one[0], out[3000].detach(), "moe_combine one token vs 4096")
+    gout = _randn(T, D, dtype=dtype, g=g)
+    gy, gw = torch.autograd.grad(out, (y, w), gout)
+    ry, rw = torch.autograd.grad((y.double()[pos] * w.double()[:, :, None]).sum(1), (y, w), gout.double())
+    _accurate(gy, ry, dtype, "moe_combine grad y")
+    _accurate(gw, rw, dtype, "moe_combine grad w")
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -189,6 +214,13 @@ def test_grouped_linear_grads(dtype):
     _accurate(gx, rx, dtype, "grouped_linear grad x")
     _accurate(gw, rw, dtype, "grouped_linear grad w")
     assert not gw[sizes.cuda() == 0].any(), "an expert without rows got a gradient"
+    with mk.use_mode("fast"):  # torch's grouped GEMM forward in bf16 (no per-expert host loop), else the loop
+        y = mk.grouped_linear(x, w, sizes.cuda())
+        _accurate(y, torch.cat([x[o[e]: o[e + 1]].double() @ w[e].double().T for e in range(E)]), dtype,
+                  "fast grouped_linear")
+        fx, fw = torch.autograd.grad(y, (x, w), gy)
+        _accurate(fx, rx, dtype, "fast grouped_linear grad x")
+        _accurate(fw, rw, dtype, "fast grouped_linear grad w")
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

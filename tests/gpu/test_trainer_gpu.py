@@ -78,17 +78,21 @@ def packed_case(lens: list[int], H: int, K: int, D: int, seed: int):
     return meta, slot, pages, leaves, torch.randn(T, H, D, generator=g, device="cuda", dtype=torch.bfloat16)
 
 
+@pytest.mark.parametrize("bwd", ["triton", "flash"])
 @pytest.mark.parametrize("mode", ["invariant", "fast"])
-def test_kv_attention_packed_path_at_real_shape(mode):
+def test_kv_attention_packed_path_at_real_shape(mode, bwd, monkeypatch):
     """The training attention (mk.kv_attention on packed sequences: backward from the packed
-    K/V in one flash varlen call; fast mode's forward through flash too) against the cache
-    path it replaced (differentiable write_kv + attention), Qwen3-0.6B heads, bf16, 4,096
-    tokens in sequences of 2,500 / 1 / 1,595: invariant mode the same output bits, grads
-    within bf16 rounding of each other."""
+    K/V in our Triton kernels (MILES_ATTN_BWD=triton, the default) or one flash varlen call;
+    with flash fast mode's forward is flash's too) against the cache path it replaced
+    (differentiable write_kv + attention), Qwen3-0.6B heads, bf16, 4,096 tokens in sequences
+    of 2,500 / 1 / 1,595: our forward the same output bits, grads within bf16 rounding."""
     import dataclasses
 
     import miles_kernels as mk
+    from miles_kernels import ops
 
+    monkeypatch.setattr(ops, "ATTN_BWD", bwd)
+    monkeypatch.setattr(ops, "_LSE_STATE", {})
     H, K, D = 16, 8, 128
     meta, slot, pages, leaves, g_out = packed_case([2500, 1, 1595], H, K, D, seed=0)
     outs, grads = [], []
@@ -99,15 +103,21 @@ def test_kv_attention_packed_path_at_real_shape(mode):
             o = mk.kv_attention(*leaves, kc, vc, m, slot, D**-0.5)
             outs.append(o.detach())
             grads.append(torch.autograd.grad(o, leaves, g_out))
-    from miles_kernels import ops
-
-    # the packed backward is flash's one varlen call here, and it did not fail over to SDPA
-    assert ops._flash_varlen_ok(*leaves) and not ops._FLASH_FAILED, ops._FLASH_FAILED
-    if mode == "invariant":  # and it started from our forward's output and LSE (no flash forward)
-        assert "ok" in ops._LSE_STATE, "the forward's LSE did not match flash's: the backward recomputes"
-    if mode == "invariant":
-        assert torch.equal(outs[0], outs[1])
-    else:  # fast mode's packed forward is flash's too, the cache path's SDPA's own pick
+    if bwd == "flash":
+        # the packed backward is flash's one varlen call here, and it did not fail over to SDPA
+        assert ops._flash_varlen_ok(*leaves) and not ops._FLASH_FAILED, ops._FLASH_FAILED
+        if mode == "invariant":  # and it started from our forward's output and LSE (no flash forward)
+            assert "ok" in ops._LSE_STATE, "the forward's LSE did not match flash's: the backward recomputes"
+    else:
+        assert ops._triton_bwd_ok(*leaves) and not ops._LSE_STATE  # no flash backward ran, nothing checked
+    if mode == "invariant" or bwd == "triton":  # our forward on both paths (fast mode too, with our backward)
+        with torch.no_grad(), mk.use_mode("invariant"):
+            kc = torch.zeros(pages, mk.ATTN_BLOCK, K, D, device="cuda", dtype=torch.bfloat16)
+            want = mk.kv_attention(*leaves, kc, torch.zeros_like(kc), meta, slot, D**-0.5)
+        assert torch.equal(outs[1], want)
+        if mode == "invariant":
+            assert torch.equal(outs[0], outs[1])
+    else:  # fast mode's packed forward is flash's, the cache path's SDPA's own pick
         assert (outs[0].double() - outs[1].double()).abs().max() <= 2e-2 * outs[0].double().abs().max()
     for a, b in zip(*grads):
         err = (a.double() - b.double()).abs().max().item()
@@ -115,23 +125,22 @@ def test_kv_attention_packed_path_at_real_shape(mode):
 
 
 def test_packed_backward_from_our_lse_matches_flash_recompute(monkeypatch):
-    """Invariant training attention: the backward from our forward's output and LSE gives the
-    grads the flash-recompute backward gives, within bf16 rounding (4,096 tokens, Qwen3 heads)."""
+    """Invariant training attention, MILES_ATTN_BWD=flash: the backward from our forward's
+    output and LSE gives the grads the flash-recompute backward gives, within bf16 rounding
+    (4,096 tokens, Qwen3 heads)."""
     import miles_kernels as mk
     from miles_kernels import ops
 
+    monkeypatch.setattr(ops, "ATTN_BWD", "flash")
     H, K, D = 16, 8, 128
     meta, slot, pages, leaves, g_out = packed_case([3000, 1096], H, K, D, seed=3)
     grads = []
     with mk.use_mode("invariant"):
-        for state in ({"off": True}, None):
-            if state is not None:
-                monkeypatch.setattr(ops, "_LSE_STATE", state)
+        for state in ({"off": True}, {}):
+            monkeypatch.setattr(ops, "_LSE_STATE", state)
             kc = torch.zeros(pages, mk.ATTN_BLOCK, K, D, device="cuda", dtype=torch.bfloat16)
             o = mk.kv_attention(*leaves, kc, torch.zeros_like(kc), meta, slot, D**-0.5)
             grads.append(torch.autograd.grad(o, leaves, g_out))
-            if state is not None:
-                monkeypatch.undo()
     assert "ok" in ops._LSE_STATE
     for a, b, name in zip(*grads, "qkv"):
         err = (a.double() - b.double()).abs().max().item()

@@ -218,6 +218,28 @@ def test_grouped_linear_rows_independent_and_grad(N, K):
     assert torch.allclose(gx, rx, atol=1e-4) and torch.allclose(gw, rw, atol=1e-4)
 
 
+@pytest.mark.parametrize("mode", ["invariant", "fast"])
+def test_moe_combine_rows_independent_and_grad(mode):
+    g = torch.Generator().manual_seed(6)
+    T, k, D = 9, 3, 20
+    pos = torch.randperm(T * k, generator=g).view(T, k)
+    y = torch.randn(T * k, D, generator=g, dtype=torch.float64).to(torch.bfloat16).requires_grad_(True)
+    w = torch.softmax(torch.randn(T, k, generator=g), -1).requires_grad_(True)
+    with mk.use_mode(mode):
+        out = mk.moe_combine(y, pos, w)
+        assert out.dtype == torch.bfloat16 and out.shape == (T, D)
+        ref = (y.double()[pos] * w.double()[:, :, None]).sum(1)
+        assert (out.double() - ref).abs().max() <= 2e-2 * ref.abs().max()
+        # a token alone (its k rows only) equals the same token in the batch
+        assert torch.equal(mk.moe_combine(y[pos[4]].detach(), torch.arange(k)[None], w[4:5].detach())[0], out[4].detach())
+        gout = torch.randn(T, D, generator=g).to(torch.bfloat16)
+        gy, gw = torch.autograd.grad(out, (y, w), gout)
+        ry, rw = torch.autograd.grad(_ref.moe_combine(y.double(), pos, w.double()), (y, w), gout.double())
+        assert torch.allclose(gy.double(), ry.double(), atol=1e-2) and torch.allclose(gw.double(), rw.double(), atol=1e-3)
+    with pytest.raises(ValueError, match="moe_combine"):
+        mk.moe_combine(y, pos, w[:, :2])
+
+
 def test_linear_grad_and_fast_mode():
     g = torch.Generator().manual_seed(4)
     x = torch.randn(5, 3, 12, generator=g, requires_grad=True)

@@ -150,7 +150,8 @@ def check_grouped_linear() -> None:
 
 def check_grouped_linear_tma() -> None:
     """The TMA grouped kernel (tile.tma) gives the pointer kernel's bits, rows of a tile past
-    its expert (and columns past N) loaded from the neighbour but never stored."""
+    its expert (and columns past N) loaded from the neighbour but never stored; so does any
+    tile order."""
     from miles_kernels._triton import matmul as lin
 
     saved = lin.GROUPED_TILES[torch.float32]
@@ -159,12 +160,46 @@ def check_grouped_linear_tma() -> None:
     w = torch.randn(4, 20, 32, generator=g)  # N = 20: a 16-wide column tile reads the next expert
     offs = torch.tensor([0, 10, 10, 43, 45], dtype=torch.int32)
     try:
-        lin.GROUPED_TILES[torch.float32] = lin.Tile(1 << 62, 16, 16, 32, 1, 4, 2)
+        lin.GROUPED_TILES[torch.float32] = (lin.Tile(1 << 62, 16, 16, 32, 1, 4, 2),)
         want = lin.grouped_linear(x, w, offs)
-        lin.GROUPED_TILES[torch.float32] = lin.Tile(1 << 62, 16, 16, 32, 1, 4, 2, True)
-        _same(lin.grouped_linear(x, w, offs), want, "grouped_linear tma vs pointer kernel")
+        for group_m in (1, 2, 3):  # the tile order (grouped; TMA: persistent, 4 programs here) moves no bit
+            for tma in (False, True):
+                lin.GROUPED_TILES[torch.float32] = (lin.Tile(1 << 62, 16, 16, 32, group_m, 4, 2, tma),)
+                _same(lin.grouped_linear(x, w, offs), want, f"grouped_linear tma={tma} group_m={group_m}")
+        # the tile by mean rows per expert: 45 rows / 4 experts -> 12 > 8: the second tile
+        lin.GROUPED_TILES[torch.float32] = (lin.Tile(8, 16, 16, 32, 1, 4, 2), lin.Tile(1 << 62, 32, 16, 32, 1, 4, 2, True))
+        assert lin.grouped_tile(45, 4, torch.float32).block_m == 32 and lin.grouped_tile(32, 4, torch.float32).block_m == 16
+        _same(lin.grouped_linear(x, w, offs), want, "grouped_linear 32-row TMA tile")
+        _same(lin.grouped_linear(x[:30], w, torch.tensor([0, 10, 10, 30, 30], dtype=torch.int32)), want[:30],
+              "grouped_linear 16-row tile (mean 8 rows an expert)")
+        # a later tile of the bucket whose width divides n: 24 takes the 8-wide one; 20 (none divides) the first
+        lin.GROUPED_TILES[torch.float32] = (lin.Tile(1 << 62, 16, 16, 32, 1, 4, 2), lin.Tile(1 << 62, 16, 8, 32, 1, 4, 2))
+        assert lin.grouped_tile(45, 4, torch.float32, 24).block_n == 8 and lin.grouped_tile(45, 4, torch.float32, 32).block_n == 16
+        assert lin.grouped_tile(45, 4, torch.float32, 20).block_n == 16  # none divides: the first
+        # rows before offsets[0] and after offsets[E] are zero (y starts uninitialised)
+        y = lin.grouped_linear(x, w, torch.tensor([3, 10, 10, 40, 40], dtype=torch.int32))
+        assert not y[:3].any() and not y[40:].any(), "rows outside the groups not zeroed"
+        _same(y[10:40], want[10:40], "grouped_linear rows inside offsets[0]..offsets[E]")
     finally:
         lin.GROUPED_TILES[torch.float32] = saved
+
+
+def check_moe_combine() -> None:
+    """The MoE combine kernel: fp32 slot sums close to float64, a token's row alone == in the batch,
+    bf16 output; D not a power of two (a masked column block)."""
+    kt = _kt()
+    g = torch.Generator().manual_seed(13)
+    T, k, D = 11, 4, 40
+    pos = torch.randperm(T * k, generator=g).view(T, k)
+    y = torch.randn(T * k, D, generator=g)
+    w = torch.softmax(torch.randn(T, k, generator=g), -1)
+    out = kt.moe_combine(y, pos, w)
+    _close(out, (y.double()[pos] * w.double()[:, :, None]).sum(1), "moe_combine", atol=1e-5)
+    _same(kt.moe_combine(y[pos[7]], torch.arange(k)[None], w[7:8])[0], out[7], "moe_combine token alone vs in batch")
+    yb = y.to(torch.bfloat16)
+    ob = kt.moe_combine(yb, pos, w)
+    assert ob.dtype == torch.bfloat16
+    _close(ob, (yb.double()[pos] * w.double()[:, :, None]).sum(1), "moe_combine bf16", atol=2e-2, rtol=1e-2)
 
 
 def check_rms_norm() -> None:

@@ -209,17 +209,9 @@ def bench_grouped(rows, peak):
     offs = torch.zeros(E + 1, dtype=torch.int32, device="cuda")
     offs[1:] = sizes.cumsum(0).cuda()
     base = timings(lambda: F.linear(x, w[0]))  # one dense matmul of the same FLOPs: an upper bound
-    from miles_kernels._triton import matmul
-
-    tile = matmul.GROUPED_TILES[DTYPE]
-    for name, variant in (("", tile), ("/tma", tile._replace(tma=True))):  # the TMA kernel: same bits
-        matmul.GROUPED_TILES[DTYPE] = variant
-        try:
-            t = timings(lambda: kt.grouped_linear(x, w, offs))
-        finally:
-            matmul.GROUPED_TILES[DTYPE] = tile
-        _row(rows, f"grouped_linear/30b-a3b/gate_up{name}", f"R={R} E={E} N={N} K={K}", t, base, "cublas dense",
-             2 * R * N * K, 2 * (R * K + E * N * K + R * N), peak)
+    t = timings(lambda: kt.grouped_linear(x, w, offs))  # tiles by shape: tools/bench/grouped_sweep.py
+    _row(rows, "grouped_linear/30b-a3b/gate_up", f"R={R} E={E} N={N} K={K}", t, base, "cublas dense",
+         2 * R * N * K, 2 * (R * K + E * N * K + R * N), peak)
 
 
 def print_table(rows):

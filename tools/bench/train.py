@@ -9,6 +9,7 @@ packed sequences at 4k and 16k tokens, invariant vs fast kernels.
     python tools/bench/train.py --seqs 4096 --peer --profile prof  # + one profiled step per case
     python tools/bench/train.py --seqs 4096 --units none model     # one rank without FSDP vs one FSDP unit
     python tools/bench/train.py --seqs 4096 --graphs off on        # the trunk eager vs from CUDA graphs
+    python tools/bench/train.py --model qwen3-0.6b qwen3-moe-a0.6b --seqs 4096 --modes invariant  # MoE vs dense MFU
     torchrun --nproc-per-node 8 tools/bench/train.py --out b.json  # FSDP over 8 GPUs
 
 Each case: `--warmup` untimed steps, then `--steps` timed train_steps of one micro-batch of
@@ -43,7 +44,7 @@ from miles_fsdp.train.loss import sft_loss
 from miles_fsdp.train.optim import OptimConfig
 from miles_fsdp.train.packing import TrainSeq
 from miles_fsdp.train.scoring import ScoringSpec
-from miles_fsdp.train.trainer import Trainer, TrainerConfig
+from miles_fsdp.train.trainer import PEAK_FLOPS, Trainer, TrainerConfig, _flop_params
 
 QWEN3_0_6B = dict(
     architectures=["Qwen3ForCausalLM"], model_type="qwen3", vocab_size=151936, hidden_size=1024,
@@ -53,7 +54,12 @@ QWEN3_0_6B = dict(
 # a CPU-sized model with a real vocabulary: the lm_head + logprobs memory shows at small cost
 SMALL = {**QWEN3_0_6B, "vocab_size": 32000, "hidden_size": 256, "intermediate_size": 512, "num_hidden_layers": 2,
          "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 64}
-MODELS = {"qwen3-0.6b": QWEN3_0_6B, "small": SMALL}
+# a Qwen3-MoE with the 0.6B's active parameters (8 of 64 experts of 384 = one 3072-wide MLP):
+# the issue's "MoE MFU >= half the dense model's at equal active parameters" compares it with qwen3-0.6b
+QWEN3_MOE_A0_6B = {**QWEN3_0_6B, "architectures": ["Qwen3MoeForCausalLM"], "model_type": "qwen3_moe",
+                   "num_experts": 64, "num_experts_per_tok": 8, "moe_intermediate_size": 384, "norm_topk_prob": True,
+                   "decoder_sparse_step": 1, "mlp_only_layers": []}
+MODELS = {"qwen3-0.6b": QWEN3_0_6B, "qwen3-moe-a0.6b": QWEN3_MOE_A0_6B, "small": SMALL}
 
 
 def run_case(seq: int, mode: str, steps: int, warmup: int, ac: bool, peak_flops: float, model_name: str = "qwen3-0.6b",
@@ -77,7 +83,7 @@ def run_case(seq: int, mode: str, steps: int, warmup: int, ac: bool, peak_flops:
             if i >= warmup:
                 rows.append(m)
         if profile:  # one more step under torch.profiler, not timed
-            cfg = ProfileConfig(steps=(1,), dir=os.path.join(profile, f"train_{seq}_{mode}_draft{n_mtp}_{name}"))
+            cfg = ProfileConfig(steps=(1,), dir=os.path.join(profile, f"train_{model_name}_{seq}_{mode}_draft{n_mtp}_{name}"))
             with StepProfiler(cfg, profile)(1):
                 trainer.train_step(trainer.pack(seqs), sft_loss, spec)
     del trainer, model
@@ -97,16 +103,20 @@ def _release() -> None:
         torch.cuda.reset_peak_memory_stats()
 
 
-def run_peer(seq: int, steps: int, warmup: int, model_name: str = "qwen3-0.6b", profile: str = "") -> dict:
+def run_peer(seq: int, steps: int, warmup: int, model_name: str = "qwen3-0.6b", profile: str = "",
+             peak_flops: float = 0.0) -> dict:
     """Plain transformers training steps (the peer): tokens/s and peak memory."""
     import transformers
 
     cuda = torch.cuda.is_available()
     dev = torch.device("cuda" if cuda else "cpu")
     hf = {k: v for k, v in MODELS[model_name].items() if k != "architectures"}
-    cfg = transformers.Qwen3Config(**hf, attn_implementation="sdpa")
+    moe = hf["model_type"] == "qwen3_moe"
+    config_cls = transformers.Qwen3MoeConfig if moe else transformers.Qwen3Config
+    model_cls = transformers.Qwen3MoeForCausalLM if moe else transformers.Qwen3ForCausalLM
+    cfg = config_cls(**{k: v for k, v in hf.items() if k != "model_type"}, attn_implementation="sdpa")
     torch.manual_seed(0)
-    model = transformers.Qwen3ForCausalLM(cfg).to(dev, torch.float32).train()
+    model = model_cls(cfg).to(dev, torch.float32).train()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=cuda)
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(0, hf["vocab_size"], (1, seq), generator=g).to(dev)
@@ -133,15 +143,19 @@ def run_peer(seq: int, steps: int, warmup: int, model_name: str = "qwen3-0.6b", 
         if i >= warmup:
             times.append(time.perf_counter() - t)
     if profile:
-        with StepProfiler(ProfileConfig(steps=(1,), dir=os.path.join(profile, f"train_{seq}_peer")), profile)(1):
+        with StepProfiler(ProfileConfig(steps=(1,), dir=os.path.join(profile, f"train_{model_name}_{seq}_peer")), profile)(1):
             step()
     peak = torch.cuda.max_memory_allocated() / 2**30 if cuda else 0.0
     reserved = reserved_memory_gib(dev) or 0.0  # the whole run's peak reserve (graph pools included for ours)
     del model, opt
     _release()
     step = sum(times) / len(times)
+    with torch.device("meta"):  # the peer's MFU counts our model's active parameters (the same shape)
+        n_flop = _flop_params(Transformer(ModelArgs.from_hf(MODELS[model_name])))
+    if not peak_flops and cuda:
+        peak_flops = next((v for k, v in PEAK_FLOPS.items() if k in torch.cuda.get_device_name()), 0.0)
     return {"seq": seq, "mode": "peer", "ac": False, "model": model_name, "fused_logprobs": False, "draft": 0,
-            "units": "-", "tokens_per_s": seq / step, "mfu": 0.0, "step_s": step, "peak_mem_gib": peak,
+            "units": "-", "tokens_per_s": seq / step, "mfu": 6 * n_flop * seq / step / peak_flops if peak_flops else 0.0, "step_s": step, "peak_mem_gib": peak,
             "reserved_gib": reserved, "loss": float(loss)}
 
 
@@ -153,8 +167,9 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--ac", action="store_true", help="activation checkpointing per block")
     p.add_argument("--peak-flops", type=float, default=0.0, help="per-GPU peak FLOP/s (0: look up H100/H200)")
-    p.add_argument("--model", choices=sorted(MODELS), default="qwen3-0.6b",
-                   help="small: 2 layers, d 256, vocab 32k (CPU-sized)")
+    p.add_argument("--model", nargs="+", choices=sorted(MODELS), default=["qwen3-0.6b"],
+                   help="one case set per model; small: 2 layers, d 256, vocab 32k (CPU-sized); qwen3-moe-a0.6b: "
+                        "64 experts top-8 with qwen3-0.6b's active parameters (the table adds MoE MFU / dense MFU)")
     p.add_argument("--logprobs", nargs="+", choices=["fused", "unfused"], default=["fused"],
                    help="TrainerConfig.fused_logprobs (CPU peak memory is per process: one value per run there)")
     p.add_argument("--draft", type=int, nargs="+", default=[0],
@@ -167,49 +182,58 @@ def main() -> None:
     p.add_argument("--peer", action="store_true",
                    help="also time plain transformers (SDPA, fp32 weights + bf16 autocast, fused AdamW)")
     p.add_argument("--profile", metavar="DIR", default="",
-                   help="also profile one extra step per case (torch.profiler): DIR/train_SEQ_MODE*/step_*.txt/.json")
+                   help="also profile one extra step per case (torch.profiler): DIR/train_MODEL_SEQ_MODE*/step_*.txt/.json")
     p.add_argument("--out", default="bench_train.json")
     a = p.parse_args()
     import torch.distributed as dist
 
     t0 = time.time()
     results = []
-    for s in a.seqs:
-        for m in a.modes:
-            for lp in a.logprobs:
-                for d in a.draft:
-                    for u, gr in ((u, gr) for u in a.units for gr in a.graphs):
-                        try:
-                            results.append(run_case(s, m, a.steps, a.warmup, a.ac, a.peak_flops, a.model, lp == "fused",
-                                                    d, a.profile, u, {"auto": None, "on": True, "off": False}[gr]))
-                        except torch.OutOfMemoryError as e:  # record the case, keep measuring the others
-                            results.append({"seq": s, "mode": m, "ac": a.ac, "fused_logprobs": lp == "fused", "draft": d,
-                                            "units": u + {"auto": "", "on": "+graphs", "off": "-graphs"}[gr],
-                                            "error": f"OOM: {str(e).splitlines()[0]}"})
-                            torch.cuda.empty_cache()
-                        print(results[-1], flush=True)
-        if a.peer:
-            results.append(run_peer(s, a.steps, a.warmup, a.model, a.profile))
-            print(results[-1], flush=True)
-    peer = {r["seq"]: r["tokens_per_s"] for r in results if r["mode"] == "peer"}
+    for model in a.model:
+        for s in a.seqs:
+            for m in a.modes:
+                for lp in a.logprobs:
+                    for d in a.draft:
+                        for u, gr in ((u, gr) for u in a.units for gr in a.graphs):
+                            try:
+                                results.append(run_case(s, m, a.steps, a.warmup, a.ac, a.peak_flops, model,
+                                                        lp == "fused", d, a.profile, u,
+                                                        {"auto": None, "on": True, "off": False}[gr]))
+                            except torch.OutOfMemoryError as e:  # record the case, keep measuring the others
+                                results.append({"seq": s, "mode": m, "ac": a.ac, "model": model, "fused_logprobs": lp == "fused",
+                                                "draft": d, "units": u + {"auto": "", "on": "+graphs", "off": "-graphs"}[gr],
+                                                "error": f"OOM: {str(e).splitlines()[0]}"})
+                                torch.cuda.empty_cache()
+                            print(results[-1], flush=True)
+            if a.peer:
+                results.append(run_peer(s, a.steps, a.warmup, model, a.profile, a.peak_flops))
+                print(results[-1], flush=True)
+    peer = {(r["model"], r["seq"]): r["tokens_per_s"] for r in results if r["mode"] == "peer"}
+    dense = {(r["seq"], r["mode"], r["units"]): r["mfu"] for r in results
+             if r.get("model") == "qwen3-0.6b" and "error" not in r}
     for r in results:
-        if r["seq"] in peer and "error" not in r:
-            r["vs_peer"] = r["tokens_per_s"] / peer[r["seq"]]
+        if "error" in r:
+            continue
+        if (r["model"], r["seq"]) in peer:
+            r["vs_peer"] = r["tokens_per_s"] / peer[r["model"], r["seq"]]
+        if r["model"] == "qwen3-moe-a0.6b" and dense.get((r["seq"], r["mode"], r["units"])):
+            r["mfu_vs_dense"] = r["mfu"] / dense[r["seq"], r["mode"], r["units"]]
     if dist.get_rank() == 0:
-        print(f"{'seq':>6} {'mode':>10} {'units':>11} {'logprobs':>9} {'draft':>5} {'tok/s':>10} {'MFU':>6} "
-              f"{'step s':>7} {'peak GiB':>9} {'resv GiB':>9} {'vs peer':>8}")
+        print(f"{'model':>15} {'seq':>6} {'mode':>10} {'units':>11} {'logprobs':>9} {'draft':>5} {'tok/s':>10} "
+              f"{'MFU':>6} {'step s':>7} {'peak GiB':>9} {'resv GiB':>9} {'vs peer':>8} {'MFU/dense':>9}")
         for r in results:
             lp = "fused" if r["fused_logprobs"] else "unfused"
+            head = f"{r['model']:>15} {r['seq']:>6} {r['mode']:>10} {r['units']:>11} {lp:>9} {r['draft']:>5}"
             if "error" in r:
-                print(f"{r['seq']:>6} {r['mode']:>10} {r['units']:>11} {lp:>9} {r['draft']:>5} {r['error']}")
+                print(f"{head} {r['error']}")
                 continue
             vs = f"{r['vs_peer']:>7.2f}x" if "vs_peer" in r else ""
-            print(f"{r['seq']:>6} {r['mode']:>10} {r['units']:>11} {lp:>9} {r['draft']:>5} {r['tokens_per_s']:>10.0f} "
-                  f"{r['mfu']:>6.1%} "
-                  f"{r['step_s']:>7.2f} {r['peak_mem_gib']:>9.2f} {r.get('reserved_gib', 0.0):>9.2f} {vs}")
+            md = f"{r['mfu_vs_dense']:>8.2f}x" if "mfu_vs_dense" in r else ""
+            print(f"{head} {r['tokens_per_s']:>10.0f} {r['mfu']:>6.1%} {r['step_s']:>7.2f} {r['peak_mem_gib']:>9.2f} "
+                  f"{r.get('reserved_gib', 0.0):>9.2f} {vs:>8} {md:>9}")
         meta = {"device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
                 "world_size": dist.get_world_size(), "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"),
-                "model": f"{a.model} shape, random weights", "wall_s": time.time() - t0}
+                "model": f"{', '.join(a.model)} shape, random weights", "wall_s": time.time() - t0}
         with open(a.out, "w") as f:
             json.dump({"meta": meta, "results": results}, f, indent=2)
         print(f"wrote {a.out}")

@@ -39,14 +39,15 @@ class Tile(NamedTuple):
 # Per dtype: the tile for a full GPU, then the one for grids below FILL programs. Causal work
 # is uneven (KV block 0 meets every query block, the last one a single block), so below ~2
 # programs per SM the longest program sets the time and a smaller tile (more, shorter
-# programs) finishes first. fp32 is the interpreter's (CPU). dK/dV holds two fp32 [BLOCK_N, D]
-# accumulators: compiled for sm_90 (triton 3.9, D = 128), FA2's 64 x 128 tile spills ~500 bytes
-# per thread, 32 x 128 ~150 and 32 x 64 (8 warps) ~20; dQ's tiles below do not spill.
-DKDV_TILES = {torch.bfloat16: (Tile(32, 128, 8, 3), Tile(32, 64, 8, 3)),
-              torch.float16: (Tile(32, 128, 8, 3), Tile(32, 64, 8, 3)),
+# programs) finishes first. fp32 is the interpreter's (CPU). From the H200 sweep of
+# 2026-12-02 (tools/bench/attn_bwd.py --sweep, docs/kernel_tuning.md): dK/dV at 64 keys x 64
+# query rows and 4 warps was 1.0-1.5x flash's whole backward where the first picks (32 x 128,
+# 8 warps, from sm_90 spill counts) were 0.72-1.06x; dQ at 3 stages +3-7% over 2.
+DKDV_TILES = {torch.bfloat16: (Tile(64, 64, 4, 2), Tile(32, 64, 4, 3)),
+              torch.float16: (Tile(64, 64, 4, 2), Tile(32, 64, 4, 3)),
               torch.float32: (Tile(16, 16, 4, 1),)}
-DQ_TILES = {torch.bfloat16: (Tile(128, 64, 8, 2), Tile(64, 64, 4, 2)),
-            torch.float16: (Tile(128, 64, 8, 2), Tile(64, 64, 4, 2)),
+DQ_TILES = {torch.bfloat16: (Tile(128, 64, 8, 3), Tile(64, 64, 4, 2)),
+            torch.float16: (Tile(128, 64, 8, 3), Tile(64, 64, 4, 2)),
             torch.float32: (Tile(16, 16, 4, 1),)}
 FILL = 264  # 2 programs per SM of an H100/H200
 _DELTA_ROWS = {torch.bfloat16: 64, torch.float16: 64, torch.float32: 16}  # tokens per delta program

@@ -57,11 +57,30 @@ LINEAR_TILES: dict[torch.dtype, tuple[Tile, ...]] = {
     torch.float16: _TILES_16,
     torch.float32: (Tile(_BIG, 64, 64, 32, 8, 4, 3),),
 }
-GROUPED_TILES: dict[torch.dtype, Tile] = {
-    torch.bfloat16: Tile(_BIG, 128, 128, 64, 1, 8, 4),
-    torch.float16: Tile(_BIG, 128, 128, 64, 1, 8, 4),
-    torch.float32: Tile(_BIG, 32, 64, 32, 1, 4, 3),
+# grouped_linear: by the mean rows per expert (max_m bounds cdiv(R, E)); every tile of a dtype
+# walks K in the same BLOCK_K steps, so all give the same bits (tests/gpu checks each against
+# each). H200 sweep of 2026-12-02 (tools/bench/grouped_sweep.py, docs/kernel_tuning.md): decode
+# (8-16 rows an expert) wants the 64-row pointer tile, training the persistent 128x256 TMA one.
+_GROUPED_16 = (
+    Tile(64, 64, 128, 64, 2, 4, 4),
+    Tile(_BIG, 128, 256, 64, 2, 8, 3, True),
+    Tile(_BIG, 128, 128, 64, 2, 8, 4, True),  # N not a multiple of 256 (e.g. 384: 1.15x the wide tile)
+)
+GROUPED_TILES: dict[torch.dtype, tuple[Tile, ...]] = {
+    torch.bfloat16: _GROUPED_16,
+    torch.float16: _GROUPED_16,
+    torch.float32: (Tile(_BIG, 32, 64, 32, 1, 4, 3),),
 }
+
+
+def grouped_tile(rows: int, experts: int, dtype: torch.dtype, n: int = 0) -> Tile:
+    """grouped_linear's tile for `rows` rows over `experts` experts (of n output columns): the
+    first tile of the mean rows' bucket, or a later one of that bucket whose width divides n."""
+    mean = triton.cdiv(rows, max(experts, 1))
+    tiles = GROUPED_TILES[dtype]
+    first = next((t for t in tiles if mean <= t.max_m), tiles[-1])
+    bucket = [t for t in tiles if t.max_m == first.max_m]
+    return next((t for t in bucket if n and n % t.block_n == 0), first)
 
 
 _TILE_CACHE: dict[tuple, Tile] = {}
@@ -345,16 +364,18 @@ def _store_rows(y_ptr, acc, rows, cols, row_hi, N, stride_yr):
 @fast_launch
 @triton.jit
 def _grouped_kernel(
-    x_ptr, w_ptr, off_ptr, y_ptr, N, K, E,
+    x_ptr, w_ptr, off_ptr, y_ptr, N, K, E, n_tiles_m,
     stride_xr, stride_we, stride_wn, stride_yr,
     E_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    PRECISION: tl.constexpr,
+    GROUP_M: tl.constexpr, PRECISION: tl.constexpr,
 ):
-    # Program pid(0) is the pid-th row tile in expert order; an expert with n rows owns
-    # cdiv(n, BLOCK_M) tiles, so a tile never mixes experts. The grid is an upper bound
-    # (cdiv(R, BLOCK_M) + E) known on the host: no device sync, CUDA-graph safe.
-    tile_n = tl.program_id(1)
-    e, off_m, row_hi = _expert_tile(off_ptr, E, tl.program_id(0), E_PAD, BLOCK_M)
+    # Row tile m is the m-th in expert order; an expert with n rows owns cdiv(n, BLOCK_M) of
+    # them, so a tile never mixes experts. The tile count is an upper bound known on the host
+    # ((cdiv(R, BLOCK_M) + E) x column tiles): no device sync, CUDA-graph safe. Tiles run in
+    # grouped order (the column tiles of GROUP_M row tiles together), so x's rows are read from
+    # HBM about once however many column tiles there are.
+    tile_m, tile_n = _grouped_order(tl.program_id(0), n_tiles_m, tl.cdiv(N, BLOCK_N), GROUP_M)
+    e, off_m, row_hi = _expert_tile(off_ptr, E, tile_m, E_PAD, BLOCK_M)
     if e >= E:
         return
     rows = off_m + tl.arange(0, BLOCK_M)
@@ -369,24 +390,30 @@ def _grouped_kernel(
 @fast_launch
 @triton.jit
 def _grouped_tma_kernel(
-    x_desc, w_desc, off_ptr, y_ptr, N, K, E, stride_yr,
+    x_desc, w_desc, off_ptr, y_ptr, N, K, E, n_tiles_m, stride_yr,
     E_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    PRECISION: tl.constexpr,
+    GROUP_M: tl.constexpr, PRECISION: tl.constexpr, NUM_PROGRAMS: tl.constexpr,
 ):
-    # _grouped_kernel with TMA loads: x over [R, K], w over [E * N, K]. A tile's rows past its
+    # _grouped_kernel with TMA loads (x over [R, K], w over [E * N, K]), persistent: program p
+    # takes tiles p, p + NUM_PROGRAMS, ... of the row tiles that hold rows (counted here from
+    # the offsets, not the host's upper bound n_tiles_m), in the same grouped order, one flat
+    # loop so loads of the next tile start during this one's epilogue. A tile's rows past its
     # expert (and columns past N) load the neighbour's data and are never stored; the K walk
     # and the fp32 accumulation are _grouped_kernel's, so every stored element has its bits.
-    tile_n = tl.program_id(1)
-    e, off_m, row_hi = _expert_tile(off_ptr, E, tl.program_id(0), E_PAD, BLOCK_M)
-    if e >= E:
-        return
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        x = x_desc.load([off_m, k0])
-        w = w_desc.load([e * N + tile_n * BLOCK_N, k0])
-        acc = tl.dot(x, w.T, acc, input_precision=PRECISION)
-    _store_rows(y_ptr, acc, off_m + tl.arange(0, BLOCK_M), tile_n * BLOCK_N + tl.arange(0, BLOCK_N), row_hi, N,
-                stride_yr)
+    es = tl.arange(0, E_PAD)
+    rows_E = tl.load(off_ptr + es + 1, mask=es < E, other=0) - tl.load(off_ptr + es, mask=es < E, other=0)
+    n_real_m = tl.minimum(tl.sum((rows_E + BLOCK_M - 1) // BLOCK_M, 0), n_tiles_m)
+    n_tiles_n = tl.cdiv(N, BLOCK_N)
+    for tile in tl.range(tl.program_id(0), n_real_m * n_tiles_n, NUM_PROGRAMS, flatten=True):
+        tile_m, tile_n = _grouped_order(tile, n_real_m, n_tiles_n, GROUP_M)
+        e, off_m, row_hi = _expert_tile(off_ptr, E, tile_m, E_PAD, BLOCK_M)
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            x = x_desc.load([off_m, k0])
+            w = w_desc.load([e * N + tile_n * BLOCK_N, k0])
+            acc = tl.dot(x, w.T, acc, input_precision=PRECISION)
+        _store_rows(y_ptr, acc, off_m + tl.arange(0, BLOCK_M), tile_n * BLOCK_N + tl.arange(0, BLOCK_N), row_hi, N,
+                    stride_yr)
 
 
 def grouped_linear(x_RK: torch.Tensor, w_ENK: torch.Tensor, group_offsets_E1: torch.Tensor) -> torch.Tensor:
@@ -404,25 +431,51 @@ def grouped_linear(x_RK: torch.Tensor, w_ENK: torch.Tensor, group_offsets_E1: to
     x_RK = x_RK.contiguous()
     w_ENK = w_ENK.contiguous()
     offsets = group_offsets_E1.to(torch.int32).contiguous()
-    # Rows outside [offsets[0], offsets[E]) stay zero rather than uninitialised.
-    y_RN = torch.zeros((R, N), dtype=x_RK.dtype, device=x_RK.device)
+    y_RN = torch.empty((R, N), dtype=x_RK.dtype, device=x_RK.device)
     if R == 0 or N == 0:
         return y_RN
-    t = GROUPED_TILES[x_RK.dtype]
-    grid = (triton.cdiv(R, t.block_m) + E, triton.cdiv(N, t.block_n))
-    if t.tma and _tma_ok(x_RK, w_ENK):
-        w_2d = w_ENK.view(E * N, K)
-        _grouped_tma_kernel[grid](
-            TensorDescriptor.from_tensor(x_RK, [t.block_m, t.block_k]),
-            TensorDescriptor.from_tensor(w_2d, [t.block_n, t.block_k]), offsets, y_RN, N, K, E, y_RN.stride(0),
-            E_PAD=triton.next_power_of_2(E), BLOCK_M=t.block_m, BLOCK_N=t.block_n, BLOCK_K=t.block_k,
-            PRECISION=_dot_precision(x_RK.dtype), num_warps=t.num_warps, num_stages=t.num_stages,
-        )
-        return y_RN
-    _grouped_kernel[grid](
-        x_RK, w_ENK, offsets, y_RN, N, K, E,
-        x_RK.stride(0), w_ENK.stride(0), w_ENK.stride(1), y_RN.stride(0),
-        E_PAD=triton.next_power_of_2(E), BLOCK_M=t.block_m, BLOCK_N=t.block_n, BLOCK_K=t.block_k,
-        PRECISION=_dot_precision(x_RK.dtype), num_warps=t.num_warps, num_stages=t.num_stages,
-    )
+    # rows outside [offsets[0], offsets[E]) are zero rather than uninitialised (a MoE covers all)
+    _zero_outside_kernel[(triton.cdiv(R, _ZERO_ROWS),)](y_RN, offsets, R, N, E, y_RN.stride(0), ROWS=_ZERO_ROWS,
+                                                          BLOCK_N=min(256, triton.next_power_of_2(N)))
+    launch_grouped(x_RK, w_ENK, offsets, y_RN, grouped_tile(R, E, x_RK.dtype, N))
     return y_RN
+
+
+_ZERO_ROWS = 64
+
+
+@fast_launch
+@triton.jit
+def _zero_outside_kernel(y_ptr, off_ptr, R, N, E, stride_yr, ROWS: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Zero y's rows outside [offsets[0], offsets[E]); a program whose rows are all inside stores nothing."""
+    rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
+    outside = ((rows < tl.load(off_ptr)) | (rows >= tl.load(off_ptr + E))) & (rows < R)
+    if tl.sum(outside.to(tl.int32), 0) > 0:
+        for n0 in range(0, N, BLOCK_N):
+            cols = n0 + tl.arange(0, BLOCK_N)
+            ptrs = y_ptr + rows[:, None].to(tl.int64) * stride_yr + cols[None, :]
+            tl.store(ptrs, tl.zeros((ROWS, BLOCK_N), dtype=y_ptr.dtype.element_ty),
+                     mask=outside[:, None] & (cols[None, :] < N))
+
+
+def launch_grouped(x_RK, w_ENK, offsets_E1, y_RN, t: Tile) -> None:
+    """grouped_linear's kernel for tile t into y_RN (rows outside the groups untouched)."""
+    R, K = x_RK.shape
+    E, N, _ = w_ENK.shape
+    n_tiles_m = triton.cdiv(R, t.block_m) + E  # an upper bound on the row tiles in expert order
+    n_tiles = n_tiles_m * triton.cdiv(N, t.block_n)
+    meta = dict(E_PAD=triton.next_power_of_2(E), BLOCK_M=t.block_m, BLOCK_N=t.block_n, BLOCK_K=t.block_k,
+                GROUP_M=t.group_m, PRECISION=_dot_precision(x_RK.dtype), num_warps=t.num_warps,
+                num_stages=t.num_stages)
+    if t.tma and _tma_ok(x_RK, w_ENK):
+        n_prog = min(_num_programs(x_RK.device), n_tiles)
+        _grouped_tma_kernel[(n_prog,)](
+            TensorDescriptor.from_tensor(x_RK, [t.block_m, t.block_k]),
+            TensorDescriptor.from_tensor(w_ENK.view(E * N, K), [t.block_n, t.block_k]), offsets_E1, y_RN,
+            N, K, E, n_tiles_m, y_RN.stride(0), NUM_PROGRAMS=n_prog, **meta,
+        )
+        return
+    _grouped_kernel[(n_tiles,)](
+        x_RK, w_ENK, offsets_E1, y_RN, N, K, E, n_tiles_m,
+        x_RK.stride(0), w_ENK.stride(0), w_ENK.stride(1), y_RN.stride(0), **meta,
+    )

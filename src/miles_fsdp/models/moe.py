@@ -3,7 +3,7 @@
     x_TD --router (mk.linear)--> logits_TE --mk.route_topk--> (w_Tk, ids_Tk)
     (t, j) pairs, R = T*k, stable-sorted by expert id --> x_RD = x_TD[token_R]
     expert_fn: grouped_linear gate/up -> mk.silu_mul -> grouped_linear down -> y_RD
-    unsort to y_TkD, then out_TD = sum_j w_Tk[:, j] * y_TkD[:, j] in fixed j order (fp32)
+    out_TD = mk.moe_combine: sum_j w_Tk[:, j] * y_RD[pos_Tk[t, j]] in fixed j order (fp32)
 
 Every routed row is computed independently of the others, and the combine order depends
 only on j, so a token's output does not depend on the rest of the batch. Experts are
@@ -68,18 +68,30 @@ class MoE(nn.Module):
         # host) searchsorted never syncs, so decode steps can be captured in CUDA graphs
         bounds_E1 = torch.searchsorted(ids_R[order_R], torch.arange(E + 1, device=ids_R.device))
         group_sizes_E = bounds_E1[1:] - bounds_E1[:-1]
-        # x_TD[order_R // k] by value; as k copies then a permutation, the backward sums each
-        # token's k gradients in a fixed order (indexing with repeats accumulates racily)
-        x_RD = x_TD[:, None, :].expand(T, k, D).reshape(T * k, D)[order_R]
+        pos_Tk = torch.empty_like(order_R)  # the sorted row of pair (t, j)
+        pos_Tk[order_R] = torch.arange(order_R.numel(), device=order_R.device)
+        pos_Tk = pos_Tk.view(T, k)
+        x_RD = _Dispatch.apply(x_TD, order_R, pos_Tk)
         y_RD = self.expert_fn(self, x_RD, group_sizes_E)
+        return mk.moe_combine(y_RD, pos_Tk, w_Tk)
 
-        unsort_R = torch.empty_like(order_R)
-        unsort_R[order_R] = torch.arange(order_R.numel(), device=order_R.device)
-        y_TkD = y_RD[unsort_R].view(T, k, D)
-        out_TD = y_TkD[:, 0].float() * w_Tk[:, 0, None]
-        for j in range(1, k):
-            out_TD = out_TD + y_TkD[:, j].float() * w_Tk[:, j, None]
-        return out_TD.to(x_TD.dtype)
+
+class _Dispatch(torch.autograd.Function):
+    """x_RD[r] = x_TD[order_R[r] // k]: each token's row once per slot, in expert order. The
+    backward gathers a token's k row gradients and sums them in fp32 (indexing with repeats
+    would accumulate them racily)."""
+
+    @staticmethod
+    def forward(ctx, x_TD, order_R, pos_Tk):
+        ctx.save_for_backward(pos_Tk)
+        return x_TD.index_select(0, order_R // pos_Tk.shape[1])
+
+    @staticmethod
+    def backward(ctx, g_RD):
+        (pos_Tk,) = ctx.saved_tensors
+        T, k = pos_Tk.shape
+        g_TkD = g_RD.index_select(0, pos_Tk.reshape(-1)).view(T, k, -1)
+        return g_TkD.sum(1, dtype=torch.float32).to(g_RD.dtype), None, None
 
 
 class Router(nn.Module):

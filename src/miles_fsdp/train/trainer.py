@@ -32,6 +32,7 @@ from torch.distributed.tensor import DTensor
 
 import miles_kernels as mk
 from miles_fsdp.models import packed_inputs
+from miles_fsdp.models.moe import MoE
 from miles_fsdp.observe.memory import is_oom, oom_error, peak_memory_gib, reserved_memory_gib, reset_peak_memory
 from miles_fsdp.parallel import (ParallelConfig, build_mesh, dp_group, drop_unsynced_grads, init_distributed,
                                  parallelize)
@@ -75,10 +76,15 @@ class TrainerConfig:
 def _flop_params(model: nn.Module) -> int:
     # 6 * N * tokens counts the trunk's matmul parameters: the embedding lookup is not a
     # matmul, unless the table is tied to the lm_head (then it is one).
+    # MoE experts count as active parameters: each token runs top_k of the n_experts.
     n = sum(p.numel() for name, p in model.named_parameters() if not name.startswith("mtp."))
     embed = getattr(model, "embed", None)
     if embed is not None and getattr(model, "lm_head", None) is not None:
         n -= sum(p.numel() for p in embed.parameters())
+    for name, m in model.named_modules():
+        if isinstance(m, MoE) and not name.startswith("mtp."):
+            experts = sum(p.numel() for p in (m.w_gate, m.w_up, m.w_down))  # a sharded DTensor's numel is global
+            n -= experts - experts * m.top_k // m.n_experts
     return n
 
 

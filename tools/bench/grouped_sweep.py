@@ -1,0 +1,112 @@
+"""Sweep grouped_linear (MoE experts) tiles on one GPU against two peers in the same run.
+
+    PYTHONPATH=src:kernels python tools/bench/grouped_sweep.py --out grouped.json
+
+Shapes: Qwen3-30B-A3B's experts (128 x [1536 | 2048, ...], top-8, 4,096 tokens) and the
+equal-active MoE of tools/bench/train.py (64 experts of 384, top-8, at 4,096 tokens and at a
+64-sequence decode step), routed uniformly and by a skewed router. Every candidate tile must
+give the reference tile's bits (same BLOCK_K walk) before it is timed. Peers: one dense
+cuBLAS matmul of the same FLOPs (what the issue's target is stated against) and torch's
+grouped GEMM (`torch._grouped_mm`, CUTLASS; not batch-invariant). Prints a table, writes JSON.
+"""
+
+import argparse
+import json
+import os
+import sys
+
+import torch
+import torch.nn.functional as F
+
+from miles_kernels._triton import matmul as lin
+
+sys.path.insert(0, os.path.dirname(__file__))
+from kernels import timings  # noqa: E402  (launched ms, CUDA-graph replay ms)
+
+T = lin.Tile
+REF = T(0, 128, 128, 64, 1, 8, 4)  # the only tile before 2026-12-02's seventh run
+CFGS = [
+    REF, T(0, 128, 256, 64, 2, 8, 3, True), T(0, 128, 256, 64, 1, 8, 3, True), T(0, 128, 256, 64, 4, 8, 3, True),
+    T(0, 128, 256, 64, 2, 8, 4, True), T(0, 128, 128, 64, 2, 8, 4, True), T(0, 128, 128, 64, 2, 4, 4, True),
+    T(0, 256, 128, 64, 2, 8, 3, True), T(0, 64, 256, 64, 2, 4, 3, True),
+    T(0, 64, 128, 64, 2, 4, 4), T(0, 64, 128, 64, 2, 4, 5), T(0, 64, 64, 64, 2, 4, 4), T(0, 64, 256, 64, 2, 8, 3),
+]
+# (name, E, N, K, tokens, top-k)
+SHAPES = [
+    ("30b-a3b/gate_up", 128, 1536, 2048, 4096, 8),
+    ("30b-a3b/down", 128, 2048, 768, 4096, 8),
+    ("a-0.6b/gate", 64, 384, 1024, 4096, 8),
+    ("a-0.6b/down", 64, 1024, 384, 4096, 8),
+    ("a-0.6b/gate/decode64", 64, 384, 1024, 64, 8),
+    ("a-0.6b/down/decode64", 64, 1024, 384, 64, 8),
+]
+
+
+def routed_sizes(E: int, tokens: int, k: int, skew: float, g: torch.Generator) -> torch.Tensor:
+    """Rows per expert of tokens x top-k routing; skew > 0 favours low expert ids (a real router's imbalance)."""
+    logits = torch.randn(tokens, E, generator=g) + skew * torch.linspace(1, 0, E)
+    ids = logits.topk(k, -1).indices.reshape(-1)
+    return torch.bincount(ids, minlength=E)
+
+
+def run(rows, shapes, cfgs):
+    g = torch.Generator().manual_seed(0)
+    for name, E, N, K, tokens, k in shapes:
+        for skew in (0.0, 2.0):
+            sizes = routed_sizes(E, tokens, k, skew, g)
+            R = int(sizes.sum())
+            x = torch.randn(R, K, device="cuda", dtype=torch.bfloat16)
+            w = torch.randn(E, N, K, device="cuda", dtype=torch.bfloat16) * K**-0.5
+            offs = torch.zeros(E + 1, dtype=torch.int32, device="cuda")
+            offs[1:] = sizes.cumsum(0).cuda()
+            dense = timings(lambda: F.linear(x, w[0]))  # noqa: B023  (same FLOPs, one weight: an upper bound)
+            gmm = timings(lambda: torch._grouped_mm(x, w.transpose(1, 2), offs=offs[1:]))  # noqa: B023
+            ref = torch.zeros(R, N, device="cuda", dtype=torch.bfloat16)
+            lin.launch_grouped(x, w, offs, ref, REF)
+            base = dict(shape=name, E=E, N=N, K=K, R=R, skew=skew, max_rows=int(sizes.max()),
+                        dense_ms=dense[1] or dense[0], grouped_mm_ms=gmm[1] or gmm[0])
+            for c in cfgs:
+                y = torch.zeros_like(ref)
+                try:
+                    lin.launch_grouped(x, w, offs, y, c)
+                    torch.cuda.synchronize()
+                except Exception as e:  # noqa: BLE001 - report and go on
+                    rows.append(dict(base, cfg=list(c), err=str(e)[:200]))
+                    print(f"{name} {tuple(c)[1:]} ERROR {str(e)[:120]}", flush=True)
+                    continue
+                same = torch.equal(y, ref)
+                t = timings(lambda: lin.launch_grouped(x, w, offs, y, c))  # noqa: B023
+                ms = t[1] or t[0]
+                tf = 2 * R * N * K / ms / 1e9
+                rows.append(dict(base, cfg=list(c), same=same, ms=ms, tflops=tf, x_dense=base["dense_ms"] / ms,
+                                 x_grouped_mm=base["grouped_mm_ms"] / ms))
+                print(f"{name:22} skew={skew:.0f} R={R:6} max={base['max_rows']:5} bm={c.block_m:3} bn={c.block_n:3} "
+                      f"g={c.group_m} w={c.num_warps} s={c.num_stages} tma={int(c.tma)} same={int(same)} "
+                      f"us={1e3 * ms:8.1f} TF={tf:6.1f} x_dense={base['dense_ms'] / ms:5.2f} "
+                      f"x_grouped_mm={base['grouped_mm_ms'] / ms:5.2f}", flush=True)
+            pick = lin.grouped_tile(R, E, torch.bfloat16, N)
+            t = timings(lambda: lin.grouped_linear(x, w, offs))  # noqa: B023  (the op: its pick + zero fill)
+            ms = t[1] or t[0]
+            rows.append(dict(base, cfg=["op", *list(pick)[1:]], same=True, ms=ms, tflops=2 * R * N * K / ms / 1e9,
+                             x_dense=base["dense_ms"] / ms, x_grouped_mm=base["grouped_mm_ms"] / ms))
+            print(f"{name:22} skew={skew:.0f} grouped_linear (tile {tuple(pick)[1:]}) us={1e3 * ms:8.1f} "
+                  f"x_dense={base['dense_ms'] / ms:5.2f} x_grouped_mm={base['grouped_mm_ms'] / ms:5.2f}", flush=True)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--shapes", default="", help="comma list of shape-name prefixes (default: all)")
+    a = ap.parse_args()
+    if not torch.cuda.is_available():
+        raise SystemExit("tools/bench/grouped_sweep.py needs a CUDA GPU")
+    shapes = [s for s in SHAPES if not a.shapes or any(s[0].startswith(p) for p in a.shapes.split(","))]
+    rows = []
+    run(rows, shapes, CFGS)
+    with open(a.out, "w") as f:
+        json.dump(dict(device=torch.cuda.get_device_name(), rows=rows), f, indent=1)
+    print(f"wrote {a.out}")
+
+
+if __name__ == "__main__":
+    main()
