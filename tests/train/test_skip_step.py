@@ -49,3 +49,30 @@ def test_non_finite_step_is_skipped(fused):
     m = trainer.train_step(trainer.pack(seqs), sft_loss)  # the next finite step applies
     assert m["train/skipped_step"] == 0.0
     assert any(not torch.equal(v, before[k]) for k, v in trainer.model.state_dict().items())
+
+
+@pytest.mark.parametrize("clip", [1e-3, 1e6])
+def test_fused_step_clips_through_grad_scale(clip, monkeypatch):
+    """Fused AdamW on plain tensors clips by dividing the grads as it reads them (grad_scale), not
+    by a pass over them first: within float rounding of the clipped-then-stepped parameters, the
+    same bits where the norm is under the limit (the scale is exactly 1); grads left unscaled."""
+    def run(on_device: bool):
+        with torch.device("meta"):
+            model = Transformer(ModelArgs.from_hf(HF))
+        model.init_weights(seed=0)
+        trainer = Trainer(model, TrainerConfig(optim=OptimConfig(lr=1e-2, grad_clip=clip)))
+        for group in trainer.optimizer.param_groups:
+            group["fused"], group["foreach"] = True, None
+        monkeypatch.setattr(trainer, "_skips_on_device", lambda: on_device)
+        seqs = [TrainSeq(list(range(3, 40)))]
+        norms = [trainer.train_step(trainer.pack(seqs), sft_loss)["train/grad_norm"] for _ in range(3)]
+        assert getattr(trainer.optimizer, "grad_scale", None) is None
+        return norms, {k: v.clone() for k, v in trainer.model.state_dict().items()}
+
+    (n_dev, p_dev), (n_host, p_host) = run(True), run(False)
+    assert n_dev[0] == n_host[0] and (clip > 1 or n_dev[0] > clip)  # clipping active at 1e-3
+    for k, v in p_dev.items():
+        if clip > 1:
+            assert torch.equal(v, p_host[k]), k
+        else:
+            assert torch.allclose(v, p_host[k], rtol=1e-5, atol=1e-6), (k, (v - p_host[k]).abs().max())

@@ -306,16 +306,19 @@ class Trainer:
                 "trainer.parallel.activation_checkpointing or trainer.parallel.cpu_offload, or keep "
                 "trainer.fused_logprobs on; beside a colocated engine also lower engine.kv_memory_fraction "
                 "or set release_engine_memory") from e
-        grad_norm = self._clip_grads()
+        on_device = self._skips_on_device()
+        grad_norm = self._clip_grads(scale_in_step=on_device)
         finite_t = torch.isfinite(grad_norm)  # a non-finite step is skipped (and reported), never applied
-        if self._skips_on_device():
+        if on_device:
             # fused AdamW skips the update on the device where found_inf is set (params, moments
-            # and step count untouched): the host queues the step without waiting for the backward
+            # and step count untouched): the host queues the step without waiting for the backward.
+            # It divides the grads by grad_scale as it reads them: the clipping, without a pass of its own.
             self.optimizer.found_inf = (~finite_t).float()
+            self.optimizer.grad_scale = self._clip_scale(grad_norm)
             try:
                 self.optimizer.step()
             finally:
-                self.optimizer.found_inf = None
+                self.optimizer.found_inf = self.optimizer.grad_scale = None
         elif bool(finite_t):
             self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
@@ -390,12 +393,20 @@ class Trainer:
         return (any(g.get("fused") for g in self.optimizer.param_groups)
                 and not any(isinstance(p, DTensor) for p in self.trunk_params[:1]))
 
-    def _clip_grads(self) -> torch.Tensor:
+    def _clip_scale(self, total: torch.Tensor) -> torch.Tensor | None:
+        """What fused AdamW divides the grads by to clip them as clip_grads_with_norm_ does
+        (within an ulp of its product; exactly 1 where the norm is under the limit)."""
+        if self.cfg.optim.grad_clip <= 0:
+            return None
+        return ((total.float() + 1e-6) / self.cfg.optim.grad_clip).clamp(min=1.0)
+
+    def _clip_grads(self, scale_in_step: bool = False) -> torch.Tensor:
+        """The trunk's global grad norm; clips the grads in place unless the step will (scale_in_step)."""
         grads = [p.grad for p in self.trunk_params if p.grad is not None]
         total = torch.nn.utils.get_total_norm(grads, norm_type=2.0)
         if hasattr(total, "full_tensor"):  # DTensor grads: the norm is a partial sum over shards
             total = total.full_tensor()
-        if self.cfg.optim.grad_clip > 0:
+        if self.cfg.optim.grad_clip > 0 and not scale_in_step:
             torch.nn.utils.clip_grads_with_norm_(
                 [p for p in self.trunk_params if p.grad is not None], self.cfg.optim.grad_clip, total
             )
