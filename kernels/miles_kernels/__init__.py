@@ -12,7 +12,8 @@ rope_cos_sin, apply_rope, silu_mul, the fused add_rms_norm (residual add, then r
 qk_norm_rope (rms_norm of q's and k's heads, then apply_rope) with the bits of the ops they
 fuse, attention (and kv_attention: write the new K/V, then
 attend), logprobs (and linear_logprobs, the lm_head and logprobs fused over row chunks),
-route_topk, grouped_linear, moe_combine (a MoE layer's weighted sum of its experts' rows).
+route_topk, grouped_linear, moe_dispatch and moe_combine (a MoE layer's rows to its experts
+and their weighted sum back).
 Anything else in a policy forward (embedding lookup, residual adds, reshapes) is exact.
 """
 
@@ -20,11 +21,12 @@ from ._cpu import ATTN_BLOCK, CPU_ROW_TILE
 from ._mode import MODES, get_mode, set_mode, use_mode
 from .meta import AttnMeta, positions_from_cu_seqlens, varlen_meta, write_kv
 from .ops import (add_rms_norm, apply_rope, attention, filter_logits, grouped_linear, kv_attention, linear,
-                  linear_logprobs, linears, logprobs, moe_combine, qk_norm_rope, rms_norm, rope_cos_sin, route_topk, silu_mul)
+                  linear_logprobs, linears, logprobs, moe_combine, moe_dispatch, qk_norm_rope, rms_norm, rope_cos_sin,
+                  route_topk, silu_mul)
 
 __all__ = [
     "ATTN_BLOCK", "CPU_ROW_TILE", "MODES", "AttnMeta", "add_rms_norm", "apply_rope", "attention", "filter_logits",
     "get_mode", "grouped_linear", "kv_attention", "linear", "linear_logprobs", "linears", "logprobs", "moe_combine",
-    "positions_from_cu_seqlens", "qk_norm_rope", "rms_norm", "rope_cos_sin", "route_topk", "set_mode", "silu_mul",
-    "use_mode", "varlen_meta", "write_kv",
+    "moe_dispatch", "positions_from_cu_seqlens", "qk_norm_rope", "rms_norm", "rope_cos_sin", "route_topk", "set_mode",
+    "silu_mul", "use_mode", "varlen_meta", "write_kv",
 ]

@@ -12,7 +12,16 @@ other devices it runs the torch code of its *_torch twin, the reference for thos
 
 from __future__ import annotations
 
+import os
+
 import torch
+
+# The MoE backward (moe_combine's and moe_dispatch's) on CUDA: "torch" (the torch rules below)
+# or "triton" (_triton/moe.py: one kernel each, no [T, k, D] fp32 temporaries). Read once, at
+# import. The default stays torch until the kernels have run on a GPU.
+MOE_BWD = os.environ.get("MILES_MOE_BWD", "torch")
+if MOE_BWD not in ("torch", "triton"):
+    raise ValueError(f"MILES_MOE_BWD={MOE_BWD!r}: set it to torch (the default) or triton")
 
 
 def rms_norm(saved, extra, g, needs):
@@ -116,8 +125,19 @@ def silu_mul_torch(saved, extra, g, needs):
 
 
 def moe_combine(saved, extra, g, needs):
+    """The Triton kernel on CUDA with MILES_MOE_BWD=triton (both grads in one pass), else moe_combine_torch."""
+    y, pos, w = saved
+    if y.is_cuda and MOE_BWD == "triton":
+        from . import _triton
+
+        gy, gw = _triton.moe_combine_grad(y, pos, w, g)
+        return gy if needs[0] else None, None, gw if needs[2] else None
+    return moe_combine_torch(saved, extra, g, needs)
+
+
+def moe_combine_torch(saved, extra, g, needs):
     """out[t] = sum_j w[t, j] * y[pos[t, j]] (fp32): dy[pos[t, j]] = g[t] * w[t, j], dw[t, j] = g[t] . y[pos[t, j]].
-    Torch ops on every device; each row of y gets its one slot's gradient (rows no slot reads: 0)."""
+    Each row of y gets its one slot's gradient (rows no slot reads: 0)."""
     y, pos, w = saved
     T, k = pos.shape
     gf = g.float()

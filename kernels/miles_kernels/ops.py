@@ -775,7 +775,9 @@ def moe_combine(y_RD, pos_Tk, w_Tk):
 
     y [R, D] (the experts' rows), pos [T, k] int (the row of token t's j-th expert), w [T, k]
     (routing weights) -> [T, D] in y's dtype: products and sum in fp32, j ascending (on CUDA
-    an explicit fma from j = 1), one rounding. A token's row reads only its own k rows.
+    an explicit fma from j = 1), one rounding. A token's row reads only its own k rows. The
+    backward gives each row of y the gradient of the one slot that reads it (a MoE's pos is a
+    permutation of y's rows; rows no slot reads get 0).
     """
     if pos_Tk.dim() != 2 or w_Tk.shape != pos_Tk.shape or y_RD.dim() != 2:
         raise ValueError(f"miles_kernels moe_combine: y must be [R, D] and pos, w one [T, k]; got y "
@@ -783,6 +785,39 @@ def moe_combine(y_RD, pos_Tk, w_Tk):
     if pos_Tk.dtype.is_floating_point:
         raise TypeError(f"miles_kernels moe_combine: pos must be an integer tensor, got {pos_Tk.dtype}")
     return _with_rule(_grads.moe_combine, _row_impl(y_RD, "moe_combine"), (y_RD, pos_Tk, w_Tk))
+
+
+class _MoeDispatch(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x_TD, order_R, pos_Tk):
+        ctx.save_for_backward(pos_Tk)
+        return x_TD.index_select(0, order_R // pos_Tk.shape[1])
+
+    @staticmethod
+    def backward(ctx, g_RD):
+        (pos_Tk,) = ctx.saved_tensors
+        kernels = _fast_kernels(g_RD)  # the Triton kernels for CUDA tensors where Triton imports
+        if kernels is not _ref and _grads.MOE_BWD == "triton":
+            return kernels.gather_sum(g_RD, pos_Tk), None, None
+        T, k = pos_Tk.shape
+        g_TkD = g_RD.index_select(0, pos_Tk.reshape(-1)).view(T, k, -1)
+        return g_TkD.sum(1, dtype=torch.float32).to(g_RD.dtype), None, None
+
+
+def moe_dispatch(x_TD, order_R, pos_Tk):
+    """A MoE layer's expert rows: x_RD[r] = x_TD[order_R[r] // k], k = pos_Tk.shape[1].
+
+    order_R [R = T*k] lists the (token, slot) pairs t * k + j in expert order; pos_Tk is its
+    inverse (pos[t, j] = the row of pair (t, j)). A copy of rows, so exact. The backward sums a
+    token's k row gradients in fp32 (a gather, no index accumulation; in slot order with
+    MILES_MOE_BWD=triton).
+    """
+    if pos_Tk.dim() != 2 or order_R.shape != (pos_Tk.numel(),) or x_TD.dim() != 2 or x_TD.shape[0] != pos_Tk.shape[0]:
+        raise ValueError(f"miles_kernels moe_dispatch: x must be [T, D], pos [T, k] and order [T*k]; got x "
+                         f"{list(x_TD.shape)}, order {list(order_R.shape)}, pos {list(pos_Tk.shape)}")
+    if _needs_grad(x_TD):
+        return _MoeDispatch.apply(x_TD, order_R, pos_Tk)
+    return x_TD.index_select(0, order_R // pos_Tk.shape[1])
 
 
 class _GroupedLinear(torch.autograd.Function):

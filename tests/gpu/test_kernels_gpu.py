@@ -171,7 +171,8 @@ def test_grouped_linear_rows_independent(kt, dtype):
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_moe_combine_at_scale(dtype):
     """mk.moe_combine at a training step's size (4,096 tokens, top-8, D 1024) and a decode
-    step's: close to float64, a token's row the same alone, in 64 tokens and in 4,096; grads."""
+    step's: close to float64, a token's row the same alone, in 64 tokens and in 4,096; grads
+    (the Triton backward kernels), and mk.moe_dispatch's rows and grad."""
     import miles_kernels as mk
 
     g = _gen(7)
@@ -188,10 +189,24 @@ def test_moe_combine_at_scale(dtype):
         one = mk.moe_combine(y[pos[3000]], torch.arange(k, device="cuda")[None], w[3000:3001])
         _same(one[0], out[3000].detach(), "moe_combine one token vs 4096")
     gout = _randn(T, D, dtype=dtype, g=g)
-    gy, gw = torch.autograd.grad(out, (y, w), gout)
     ry, rw = torch.autograd.grad((y.double()[pos] * w.double()[:, :, None]).sum(1), (y, w), gout.double())
-    _accurate(gy, ry, dtype, "moe_combine grad y")
-    _accurate(gw, rw, dtype, "moe_combine grad w")
+    from miles_kernels import _grads
+
+    for bwd in ("torch", "triton"):  # MILES_MOE_BWD's two backwards
+        _grads.MOE_BWD = bwd
+        try:
+            gy, gw = torch.autograd.grad(mk.moe_combine(y, pos, w), (y, w), gout)
+            _accurate(gy, ry, dtype, f"moe_combine grad y ({bwd})")
+            _accurate(gw, rw, dtype, f"moe_combine grad w ({bwd})")
+            order = torch.empty_like(pos.reshape(-1))  # the inverse of pos: the rows in expert order
+            order[pos.reshape(-1)] = torch.arange(T * k, device="cuda")
+            x = _randn(T, D, dtype=dtype, g=g).requires_grad_(True)
+            xr = mk.moe_dispatch(x, order, pos)
+            _same(xr.detach(), x.detach()[order // k], "moe_dispatch rows")
+            (gx,) = torch.autograd.grad(xr, x, gy)
+            _accurate(gx, gy.double()[pos].sum(1), dtype, f"moe_dispatch grad ({bwd})")
+        finally:
+            _grads.MOE_BWD = "torch"
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

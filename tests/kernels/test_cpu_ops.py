@@ -240,6 +240,45 @@ def test_moe_combine_rows_independent_and_grad(mode):
         mk.moe_combine(y, pos, w[:, :2])
 
 
+def test_moe_dispatch_rows_and_grad():
+    g = torch.Generator().manual_seed(7)
+    T, k, D = 6, 3, 10
+    ids = torch.stack([torch.randperm(8, generator=g)[:k] for _ in range(T)])
+    order = torch.argsort(ids.reshape(-1), stable=True)
+    pos = torch.empty_like(order)
+    pos[order] = torch.arange(T * k)
+    pos = pos.view(T, k)
+    x = torch.randn(T, D, generator=g, requires_grad=True)
+    xr = mk.moe_dispatch(x, order, pos)
+    assert torch.equal(xr.detach(), x.detach()[order // k])
+    gr = torch.randn(T * k, D, generator=g)
+    (gx,) = torch.autograd.grad(xr, x, gr)
+    (rx,) = torch.autograd.grad(x[:, None, :].expand(T, k, D).reshape(T * k, D)[order], x, gr)
+    assert torch.allclose(gx, rx, atol=1e-6)
+    with pytest.raises(ValueError, match="moe_dispatch"):
+        mk.moe_dispatch(x, order[:-1], pos)
+
+
+def test_moe_bwd_switch_is_checked_at_import():
+    """MILES_MOE_BWD: a value other than torch / triton fails the import with a message naming it;
+    triton changes nothing on CPU (the kernels take CUDA tensors)."""
+    import os
+    import subprocess
+    import sys
+
+    code = ("import torch, miles_kernels as mk; from miles_kernels import _grads; assert _grads.MOE_BWD == 'triton'; "
+            "x = torch.randn(3, 4, requires_grad=True); pos = torch.tensor([[1, 0], [2, 4], [5, 3]]); "
+            "order = torch.tensor([1, 0, 2, 5, 3, 4]); w = torch.rand(3, 2, requires_grad=True); "
+            "mk.moe_combine(mk.moe_dispatch(x, order, pos), pos, w).sum().backward(); "
+            "assert x.grad is not None and w.grad is not None")
+    for value, ok in (("bogus", False), ("triton", True)):
+        env = dict(os.environ, MILES_MOE_BWD=value)
+        proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+        assert (proc.returncode == 0) == ok, proc.stderr[-2000:]
+        if not ok:
+            assert "MILES_MOE_BWD='bogus'" in proc.stderr and "torch" in proc.stderr, proc.stderr[-2000:]
+
+
 def test_linear_grad_and_fast_mode():
     g = torch.Generator().manual_seed(4)
     x = torch.randn(5, 3, 12, generator=g, requires_grad=True)

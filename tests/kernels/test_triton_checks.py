@@ -202,6 +202,32 @@ def check_moe_combine() -> None:
     _close(ob, (yb.double()[pos] * w.double()[:, :, None]).sum(1), "moe_combine bf16", atol=2e-2, rtol=1e-2)
 
 
+def check_moe_backward() -> None:
+    """moe_combine's backward kernel (dy rows at pos, dw dot products over column chunks) and
+    moe_dispatch's (gather_sum: a token's k rows in slot order) against their torch twins; D
+    over one column chunk and not a power of two; rows no slot reads get zero."""
+    from miles_kernels import _grads
+
+    kt = _kt()
+    g = torch.Generator().manual_seed(14)
+    for T, k, D in ((5, 3, 40), (4, 2, 1100)):
+        R = T * k + 2  # two rows no slot reads
+        pos = torch.randperm(R, generator=g)[: T * k].view(T, k)
+        y = torch.randn(R, D, generator=g)
+        w = torch.softmax(torch.randn(T, k, generator=g), -1)
+        gout = torch.randn(T, D, generator=g)
+        gy, gw = kt.moe_combine_grad(y, pos, w, gout)
+        ry, _, rw = _grads.moe_combine_torch((y, pos, w), (), gout, (True, False, True))
+        _close(gy, ry, f"moe_combine dy D={D}", atol=1e-5)
+        _close(gw, rw, f"moe_combine dw D={D}", atol=1e-4)
+        unread = torch.ones(R, dtype=torch.bool)
+        unread[pos.reshape(-1)] = False
+        assert not gy[unread].any(), "moe_combine dy of rows no slot reads"
+        gx = torch.randn(T * k, D, generator=g)
+        p2 = torch.randperm(T * k, generator=g).view(T, k)
+        _close(kt.gather_sum(gx, p2), gx[p2].double().sum(1), f"gather_sum D={D}", atol=1e-5)
+
+
 def check_rms_norm() -> None:
     kt = _kt()
     g = torch.Generator().manual_seed(3)

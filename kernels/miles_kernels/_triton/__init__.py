@@ -7,7 +7,7 @@ The package is imported only for CUDA tensors in invariant mode (and by the inte
 tests under TRITON_INTERPRET=1). The row-local ops' backward rules (miles_kernels/_grads.py)
 run on CUDA as the kernels of elementwise_grads (deterministic, not batch-invariant), and
 logprobs' as logprobs_grad, the packed training attention's (behind MILES_ATTN_BWD=triton) as
-attention_bwd; moe_combine's as torch ops in miles_kernels/_grads.py; the other backward passes live in torch, in miles_kernels/ops.py.
+attention_bwd, moe_combine's and moe_dispatch's in moe; the other backward passes live in torch, in miles_kernels/ops.py.
 """
 
 from miles_kernels._triton.paged_attention import ATTN_BLOCK, KV_SPLIT, attention, packed_attention
@@ -15,7 +15,7 @@ from miles_kernels._triton.attention_bwd import packed_attention_bwd
 from miles_kernels._triton.elementwise import add_rms_norm, apply_rope, qk_norm_rope, rms_norm, silu_mul
 from miles_kernels._triton.elementwise_grads import apply_rope_grad, rms_norm_grad, silu_mul_grad
 from miles_kernels._triton.logprobs_grad import logprobs_grad
-from miles_kernels._triton.moe import moe_combine
+from miles_kernels._triton.moe import gather_sum, moe_combine, moe_combine_grad
 from miles_kernels._triton.matmul import (GROUPED_TILES, LINEAR_TILES, grouped_linear, grouped_tile, linear, linear_tile,
                                           linears)
 from miles_kernels._triton.rows import filter_logits, logprobs, route_topk, top_p_cutoff
@@ -30,6 +30,7 @@ __all__ = [
     "apply_rope_grad",
     "attention",
     "filter_logits",
+    "gather_sum",
     "grouped_linear",
     "grouped_tile",
     "linear",
@@ -38,6 +39,7 @@ __all__ = [
     "logprobs",
     "logprobs_grad",
     "moe_combine",
+    "moe_combine_grad",
     "packed_attention",
     "packed_attention_bwd",
     "qk_norm_rope",

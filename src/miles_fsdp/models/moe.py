@@ -1,7 +1,7 @@
 """Qwen3-MoE sparse MLP on batch-invariant kernels.
 
     x_TD --router (mk.linear)--> logits_TE --mk.route_topk--> (w_Tk, ids_Tk)
-    (t, j) pairs, R = T*k, stable-sorted by expert id --> x_RD = x_TD[token_R]
+    (t, j) pairs, R = T*k, stable-sorted by expert id --> x_RD = mk.moe_dispatch: x_TD[token_R]
     expert_fn: grouped_linear gate/up -> mk.silu_mul -> grouped_linear down -> y_RD
     out_TD = mk.moe_combine: sum_j w_Tk[:, j] * y_RD[pos_Tk[t, j]] in fixed j order (fp32)
 
@@ -71,27 +71,9 @@ class MoE(nn.Module):
         pos_Tk = torch.empty_like(order_R)  # the sorted row of pair (t, j)
         pos_Tk[order_R] = torch.arange(order_R.numel(), device=order_R.device)
         pos_Tk = pos_Tk.view(T, k)
-        x_RD = _Dispatch.apply(x_TD, order_R, pos_Tk)
+        x_RD = mk.moe_dispatch(x_TD, order_R, pos_Tk)
         y_RD = self.expert_fn(self, x_RD, group_sizes_E)
         return mk.moe_combine(y_RD, pos_Tk, w_Tk)
-
-
-class _Dispatch(torch.autograd.Function):
-    """x_RD[r] = x_TD[order_R[r] // k]: each token's row once per slot, in expert order. The
-    backward gathers a token's k row gradients and sums them in fp32 (indexing with repeats
-    would accumulate them racily)."""
-
-    @staticmethod
-    def forward(ctx, x_TD, order_R, pos_Tk):
-        ctx.save_for_backward(pos_Tk)
-        return x_TD.index_select(0, order_R // pos_Tk.shape[1])
-
-    @staticmethod
-    def backward(ctx, g_RD):
-        (pos_Tk,) = ctx.saved_tensors
-        T, k = pos_Tk.shape
-        g_TkD = g_RD.index_select(0, pos_Tk.reshape(-1)).view(T, k, -1)
-        return g_TkD.sum(1, dtype=torch.float32).to(g_RD.dtype), None, None
 
 
 class Router(nn.Module):
