@@ -7,6 +7,8 @@
 #              tokens, temperature x top-k x top-p grid, dense and MoE (64 experts): diff == 0.0
 #   kernels engine engine_host train rl_step spec    the benchmarks of tools/bench (train: the
 #              dense model vs the peer, and the 64-expert MoE's MFU vs the dense one's)
+#   moe        (not in the default list) the MoE kernels' GPU tests, the MoE vs dense trainer MFU with each
+#              MoE backward (MILES_MOE_BWD=torch / triton)
 #   profile    (not in the default list) torch.profiler of a 4k trainer step (ours and the peer)
 #              and of engine decode steps at batch 256 (prompt 512), host cost per launch (launch_cost);
 #              sweep: linear tiles (M <= 512 decode shapes too) launched and graphed, decode attention programs,
@@ -51,6 +53,11 @@ for step in $steps; do
                    --modes invariant fast --peer --out "$out/train_moe.json" ;;
         rl_step) run bench_rl_step python3 tools/bench/rl_step.py --out "$out/rl_step.json" ;;
         spec) run bench_spec python3 tools/bench/spec.py --out "$out/spec.json" ;;
+        moe) run gpu_moe_tests python3 -m pytest -q -o addopts="" tests/gpu/test_kernels_gpu.py -k "grouped or moe"
+             for bwd in torch triton; do
+                 run bench_train_moe_bwd_$bwd env MILES_MOE_BWD=$bwd python3 tools/bench/train.py --model qwen3-0.6b \
+                     qwen3-moe-a0.6b --seqs 4096 --modes invariant --out "$out/train_moe_bwd_$bwd.json"
+             done ;;
         profile) run profile_train python3 tools/bench/train.py --seqs 4096 --modes invariant --steps 1 --warmup 2 \
                      --peer --profile "$out/profile" --out "$out/train_profile.json"
                  run profile_engine python3 tools/bench/engine.py --profile "$out/profile_engine" --profile-batch 256 \
@@ -63,7 +70,7 @@ for step in $steps; do
                run attn_bwd_sweep python3 tools/bench/attn_bwd.py "$out/attn_bwd.json" --sweep
                run grouped_sweep python3 tools/bench/grouped_sweep.py --out "$out/grouped_sweep.json"
                run graph_launch python3 tools/bench/graph_launch.py --out "$out/graph_launch.json" ;;
-        *) echo "unknown step $step (tests scale kernels engine engine_host train rl_step spec profile sweep)"; exit 2 ;;
+        *) echo "unknown step $step (tests scale kernels engine engine_host train rl_step spec profile sweep moe)"; exit 2 ;;
     esac
 done
 exit $status
