@@ -33,17 +33,21 @@ def _combine_kernel(y_ptr, pos_ptr, w_ptr, out_ptr, D, stride_y, stride_out, K: 
     tl.store(out_ptr + t * stride_out + cols, acc.to(out_ptr.dtype.element_ty), mask=mask)
 
 
-def moe_combine(y_RD: torch.Tensor, pos_Tk: torch.Tensor, w_Tk: torch.Tensor) -> torch.Tensor:
+def _per_token(kernel, y_RD, pos_Tk, *extra):
+    """Launch kernel over (token, column block): y rows with unit stride in, [T, D] of y's dtype out."""
     T, k = pos_Tk.shape
     D = y_RD.shape[1]
     y = y_RD if y_RD.stride(-1) == 1 else y_RD.contiguous()
     out = torch.empty((T, D), dtype=y_RD.dtype, device=y_RD.device)
     if T and D:
         block = min(_BLOCK, triton.next_power_of_2(D))
-        _combine_kernel[(T, triton.cdiv(D, block))](
-            y, pos_Tk.contiguous(), w_Tk.contiguous(), out, D, y.stride(0), out.stride(0), K=k, BLOCK=block,
-            num_warps=4)
+        kernel[(T, triton.cdiv(D, block))](y, pos_Tk.contiguous(), *extra, out, D, y.stride(0), out.stride(0), K=k,
+                                            BLOCK=block, num_warps=4)
     return out
+
+
+def moe_combine(y_RD: torch.Tensor, pos_Tk: torch.Tensor, w_Tk: torch.Tensor) -> torch.Tensor:
+    return _per_token(_combine_kernel, y_RD, pos_Tk, w_Tk.contiguous())
 
 
 @fast_launch
@@ -98,12 +102,4 @@ def _gather_sum_kernel(x_ptr, pos_ptr, out_ptr, D, stride_x, stride_out, K: tl.c
 
 def gather_sum(x_RD, pos_Tk):
     """out[t] = sum_j x[pos[t, j]] in fp32, slot order, rounded to x's dtype: [T, D]."""
-    T, k = pos_Tk.shape
-    D = x_RD.shape[1]
-    x = x_RD if x_RD.stride(-1) == 1 else x_RD.contiguous()
-    out = torch.empty((T, D), dtype=x_RD.dtype, device=x_RD.device)
-    if T and D:
-        block = min(_BLOCK, triton.next_power_of_2(D))
-        _gather_sum_kernel[(T, triton.cdiv(D, block))](x, pos_Tk.contiguous(), out, D, x.stride(0), out.stride(0),
-                                                       K=k, BLOCK=block, num_warps=4)
-    return out
+    return _per_token(_gather_sum_kernel, x_RD, pos_Tk)
