@@ -59,7 +59,11 @@ SMALL = {**QWEN3_0_6B, "vocab_size": 32000, "hidden_size": 256, "intermediate_si
 QWEN3_MOE_A0_6B = {**QWEN3_0_6B, "architectures": ["Qwen3MoeForCausalLM"], "model_type": "qwen3_moe",
                    "num_experts": 64, "num_experts_per_tok": 8, "moe_intermediate_size": 384, "norm_topk_prob": True,
                    "decoder_sparse_step": 1, "mlp_only_layers": []}
-MODELS = {"qwen3-0.6b": QWEN3_0_6B, "qwen3-moe-a0.6b": QWEN3_MOE_A0_6B, "small": SMALL}
+SMALL_MOE = {**SMALL, **{k: QWEN3_MOE_A0_6B[k] for k in ("architectures", "model_type", "norm_topk_prob",
+                                                          "decoder_sparse_step", "mlp_only_layers")},
+             "num_experts": 8, "num_experts_per_tok": 2, "moe_intermediate_size": 256}  # small's active params
+MODELS = {"qwen3-0.6b": QWEN3_0_6B, "qwen3-moe-a0.6b": QWEN3_MOE_A0_6B, "small": SMALL, "small-moe": SMALL_MOE}
+DENSE_OF = {"qwen3-moe-a0.6b": "qwen3-0.6b", "small-moe": "small"}  # the MoE MFU / dense MFU pairs
 
 
 def run_case(seq: int, mode: str, steps: int, warmup: int, ac: bool, peak_flops: float, model_name: str = "qwen3-0.6b",
@@ -169,7 +173,8 @@ def main() -> None:
     p.add_argument("--peak-flops", type=float, default=0.0, help="per-GPU peak FLOP/s (0: look up H100/H200)")
     p.add_argument("--model", nargs="+", choices=sorted(MODELS), default=["qwen3-0.6b"],
                    help="one case set per model; small: 2 layers, d 256, vocab 32k (CPU-sized); qwen3-moe-a0.6b: "
-                        "64 experts top-8 with qwen3-0.6b's active parameters (the table adds MoE MFU / dense MFU)")
+                        "64 experts top-8 with qwen3-0.6b's active parameters, small-moe: 8 top-2 with small's (the "
+                        "table adds MoE MFU / dense MFU where both run)")
     p.add_argument("--logprobs", nargs="+", choices=["fused", "unfused"], default=["fused"],
                    help="TrainerConfig.fused_logprobs (CPU peak memory is per process: one value per run there)")
     p.add_argument("--draft", type=int, nargs="+", default=[0],
@@ -209,15 +214,15 @@ def main() -> None:
                 results.append(run_peer(s, a.steps, a.warmup, model, a.profile, a.peak_flops))
                 print(results[-1], flush=True)
     peer = {(r["model"], r["seq"]): r["tokens_per_s"] for r in results if r["mode"] == "peer"}
-    dense = {(r["seq"], r["mode"], r["units"]): r["mfu"] for r in results
-             if r.get("model") == "qwen3-0.6b" and "error" not in r}
+    mfu = {(r["model"], r["seq"], r["mode"], r["units"]): r["mfu"] for r in results if "error" not in r}
     for r in results:
         if "error" in r:
             continue
         if (r["model"], r["seq"]) in peer:
             r["vs_peer"] = r["tokens_per_s"] / peer[r["model"], r["seq"]]
-        if r["model"] == "qwen3-moe-a0.6b" and dense.get((r["seq"], r["mode"], r["units"])):
-            r["mfu_vs_dense"] = r["mfu"] / dense[r["seq"], r["mode"], r["units"]]
+        dense = mfu.get((DENSE_OF.get(r["model"]), r["seq"], r["mode"], r["units"]))
+        if dense:
+            r["mfu_vs_dense"] = r["mfu"] / dense
     if dist.get_rank() == 0:
         print(f"{'model':>15} {'seq':>6} {'mode':>10} {'units':>11} {'logprobs':>9} {'draft':>5} {'tok/s':>10} "
               f"{'MFU':>6} {'step s':>7} {'peak GiB':>9} {'resv GiB':>9} {'vs peer':>8} {'MFU/dense':>9}")

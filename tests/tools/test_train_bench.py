@@ -1,0 +1,27 @@
+"""tools/bench/train.py runs on CPU end to end with a MoE model and its peer (keeps the MoE
+bench and its transformers peer config from rotting, as the newest transformers moves): the
+MoE row's MFU is set against the dense model's."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_train_bench_moe_vs_dense_on_cpu(tmp_path):
+    out = tmp_path / "train.json"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), str(ROOT / "kernels")])}
+    cmd = [sys.executable, str(ROOT / "tools/bench/train.py"), "--model", "small", "small-moe", "--seqs", "64",
+           "--modes", "invariant", "--steps", "1", "--warmup", "1", "--peer", "--peak-flops", "1e12",
+           "--out", str(out)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = {(r["model"], r["mode"]): r for r in json.loads(out.read_text())["results"]}
+    assert set(rows) == {("small", "invariant"), ("small", "peer"), ("small-moe", "invariant"), ("small-moe", "peer")}
+    moe, dense = rows["small-moe", "invariant"], rows["small", "invariant"]
+    assert moe["tokens_per_s"] > 0 and rows["small-moe", "peer"]["tokens_per_s"] > 0
+    assert moe["mfu_vs_dense"] == moe["mfu"] / dense["mfu"]
+    assert "MFU/dense" in proc.stdout
