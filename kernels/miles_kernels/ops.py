@@ -809,8 +809,8 @@ def moe_dispatch(x_TD, order_R, pos_Tk):
 
     order_R [R = T*k] lists the (token, slot) pairs t * k + j in expert order; pos_Tk is its
     inverse (pos[t, j] = the row of pair (t, j)). A copy of rows, so exact. The backward sums a
-    token's k row gradients in fp32 (a gather, no index accumulation; in slot order with
-    MILES_MOE_BWD=triton).
+    token's k row gradients in fp32 (a gather, no index accumulation; in slot order unless
+    MILES_MOE_BWD=torch).
     """
     if pos_Tk.dim() != 2 or order_R.shape != (pos_Tk.numel(),) or x_TD.dim() != 2 or x_TD.shape[0] != pos_Tk.shape[0]:
         raise ValueError(f"miles_kernels moe_dispatch: x must be [T, D], pos [T, k] and order [T*k]; got x "

@@ -192,6 +192,7 @@ def test_moe_combine_at_scale(dtype):
     ry, rw = torch.autograd.grad((y.double()[pos] * w.double()[:, :, None]).sum(1), (y, w), gout.double())
     from miles_kernels import _grads
 
+    default = _grads.MOE_BWD
     for bwd in ("torch", "triton"):  # MILES_MOE_BWD's two backwards
         _grads.MOE_BWD = bwd
         try:
@@ -206,7 +207,7 @@ def test_moe_combine_at_scale(dtype):
             (gx,) = torch.autograd.grad(xr, x, gy)
             _accurate(gx, gy.double()[pos].sum(1), dtype, f"moe_dispatch grad ({bwd})")
         finally:
-            _grads.MOE_BWD = "torch"
+            _grads.MOE_BWD = default
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

@@ -261,15 +261,15 @@ def test_moe_dispatch_rows_and_grad():
 
 def test_moe_bwd_switch_is_checked_at_import():
     """MILES_MOE_BWD: a value other than torch / triton fails the import with a message naming it;
-    triton changes nothing on CPU (the kernels take CUDA tensors)."""
+    torch (the default is triton) changes nothing on CPU (the kernels take CUDA tensors)."""
     from import_switch import check_import_switch
 
-    code = ("import torch, miles_kernels as mk; from miles_kernels import _grads; assert _grads.MOE_BWD == 'triton'; "
+    code = ("import torch, miles_kernels as mk; from miles_kernels import _grads; assert _grads.MOE_BWD == 'torch'; "
             "x = torch.randn(3, 4, requires_grad=True); pos = torch.tensor([[1, 0], [2, 4], [5, 3]]); "
             "order = torch.tensor([1, 0, 2, 5, 3, 4]); w = torch.rand(3, 2, requires_grad=True); "
             "mk.moe_combine(mk.moe_dispatch(x, order, pos), pos, w).sum().backward(); "
             "assert x.grad is not None and w.grad is not None")
-    check_import_switch("MILES_MOE_BWD", code, "triton", "torch")
+    check_import_switch("MILES_MOE_BWD", code, "torch", "triton")
 
 
 def test_linear_grad_and_fast_mode():
