@@ -59,10 +59,28 @@ class PagedMockModel(torch.nn.Module):
         return self.logits(torch.tensor([[self.reference_hidden(tokens)]]))
 
 
-def mock_engine(num_pages: int = 64, page_size: int = 16, **cfg) -> tuple[Engine, PagedMockModel]:
+def mock_engine(num_pages: int = 64, page_size: int = 16, graphs: bool = False, **cfg) -> tuple[Engine, PagedMockModel]:
+    """graphs: decode on the CUDA-graph path without capture (graph_layout), overlap scheduling on."""
     model = PagedMockModel()
     config = EngineConfig(page_size=page_size, num_pages=num_pages, **{"max_prefill_tokens": 64, **cfg})
-    return Engine(model, config=config, eos_token_ids=[]), model
+    eng = Engine(model, config=config, eos_token_ids=[])
+    return (graph_layout(eng) if graphs else eng), model
+
+
+def graph_layout(eng: Engine) -> Engine:
+    """Decode steps take the CUDA-graph path (static buffers, padding, device-side input ids
+    under overlap scheduling) without capture, so that it runs on CPU."""
+    eng.runner.use_graphs, eng.runner.graph_capture = True, False
+    eng.runner.allocate(eng.num_pages)
+    return eng
+
+
+def count_overlapped(eng: Engine) -> list[int]:
+    """Wrap eng.runner.launch; the returned list grows by one per step launched with its
+    input ids on the device (overlap scheduling)."""
+    calls, launch = [], eng.runner.launch
+    eng.runner.launch = lambda batch, prev=None: (calls.append(1) if prev is not None else None) or launch(batch, prev)
+    return calls
 
 
 @pytest.fixture(scope="session")

@@ -5,7 +5,8 @@ the device: no files). Every sample generates exactly `new` tokens (temperature 
 ignored). Rows: our engine in invariant mode (the on-policy default) and in fast mode
 (mk.use_mode("fast"): cuBLAS/SDPA, no bitwise guarantee), transformers `generate`
 (static padded batch) and transformers continuous batching (`generate_batch`, if the
-installed version has it). Transformers and fast mode run on a subset (see `plan`).
+installed version has it), and our engine with EngineConfig.overlap_schedule off
+(`engine-no-overlap`). Transformers, fast mode and no-overlap run on a subset (see `plan`).
 roofline_tok_s: tokens/s if every decode step only streamed the weights plus the KV read
 by the step at the measured HBM bandwidth (prefill ignored): an upper bound for decode.
 
@@ -51,6 +52,7 @@ def plan(quick: bool) -> list[tuple[str, str, int, int, int]]:
         g = grid if model == "qwen3-0.6b" or quick else [x for x in grid if x[2] == 256]
         rows += [(model, "engine", *x) for x in g]
         rows += [(model, "engine-fast", *x) for x in g if x[2] == 256 and x[1] == 128]
+        rows += [(model, "engine-no-overlap", *x) for x in g if x[2] == 256 and x[1] == 128]
         rows += [(model, "hf-generate", 64, 128, 256), (model, "hf-generate-batch", 64, 128, 256)]
     return rows
 
@@ -171,12 +173,12 @@ def phase_times(engine: Engine, ids: list[list[int]], new: int) -> dict:
     dev, acc = engine.runner.device, collections.defaultdict(float)
     r, s = engine.runner, engine.scheduler
     saved = {(o, a): o.__dict__.get(a) for o, a in
-             ((s, "schedule"), (s, "postprocess"), (r, "run"), (r, "logits"), (r, "sample"))}
+             ((s, "schedule"), (s, "postprocess"), (r, "run"), (r, "logits"), (r, "sample_launch"))}
     _wrap(s, "schedule", "schedule", acc, dev)
     _wrap(r, "run", "run", acc, dev)
     _wrap(s, "postprocess", "postprocess", acc, dev)
     _wrap(r, "logits", "model", acc, dev)  # forward (graph replay or eager) + logits
-    _wrap(r, "sample", "sample", acc, dev)
+    _wrap(r, "sample_launch", "sample", acc, dev)
     p = SamplingParams(temperature=1.0, max_new_tokens=new, ignore_eos=True, seed=0)
     for x in ids:
         engine.add_request(Request(x, p))
@@ -268,9 +270,13 @@ def profile(out_dir: str, model_name: str = "qwen3-0.6b", batch: int = 64, plen:
             init_s = time.perf_counter() - t
             run_engine(eng, prompts(8, 64, 1000, seed=12345), 8)
             step_ms = decode_step_ms(eng, ids, new)
+            eng.config.overlap_schedule = False  # the phases are timed one after another
+            step_ms_sync = decode_step_ms(eng, ids, new)
             phases = phase_times(eng, ids, new)
+            eng.config.overlap_schedule = True
             if not cuda:
-                report[mode] = dict(step_ms=step_ms, tok_s=batch / step_ms * 1e3, phases_ms=phases)
+                report[mode] = dict(step_ms=step_ms, step_ms_no_overlap=step_ms_sync, tok_s=batch / step_ms * 1e3,
+                                    phases_ms=phases)
                 print(mode, json.dumps(report[mode], indent=1), flush=True)
                 continue
             launch_us = replay_launch_us(eng, ids, new)
@@ -294,7 +300,8 @@ def profile(out_dir: str, model_name: str = "qwen3-0.6b", batch: int = 64, plen:
             prof.export_chrome_trace(trace)
             with open(os.path.join(out_dir, f"profile_{mode}.txt"), "w") as f:
                 f.write(f"{n} decode steps, batch {batch}, prompt {plen}\n{table}\n")
-            report[mode] = dict(step_ms=step_ms, init_s=init_s, gpu_ms_per_step=cuda_us / 1e3 / n,
+            report[mode] = dict(step_ms=step_ms, step_ms_no_overlap=step_ms_sync, init_s=init_s,
+                                gpu_ms_per_step=cuda_us / 1e3 / n,
                                 tok_s=batch / step_ms * 1e3, phases_ms=phases, replay_launch_us=launch_us)
             print(mode, json.dumps(report[mode], indent=1), flush=True)
             del eng
@@ -354,10 +361,10 @@ def main() -> None:
                             torch.cuda.empty_cache()
                             engines[system] = Engine(model, config=EngineConfig(
                                 page_size=64, kv_memory_fraction=a.kv_fraction, max_model_len=4096,
-                                cuda_graph_by_width=a.graph_by_width))
+                                cuda_graph_by_width=a.graph_by_width, overlap_schedule=system != "engine-no-overlap"))
                             run_engine(engines[system], prompts(8, 64, 1000, seed=12345), 8)  # compile
                         row.update(run_engine(engines[system], ids, new))
-                        if system == "engine" and not a.no_warm:  # again, decode graphs now captured
+                        if system in ("engine", "engine-no-overlap") and not a.no_warm:  # again, decode graphs now captured
                             row["warm_tok_s"] = batch * new / run_engine(engines[system], ids, new)["wall_s"]
                 else:
                     engines.clear()

@@ -1,8 +1,9 @@
 """Host (Python) work per engine decode step, with the model and GPU taken out.
 
-On the GPU the decode step is a graph replay plus host work that does not overlap it:
-scheduling, filling the graph's input buffer, the sampler's launches and its one copy out,
-and postprocessing (append, stop checks, step outputs). This measures that host work on any
+On the GPU the decode step is a graph replay plus host work: scheduling, filling the graph's
+input buffer, the sampler's launches and its one copy out, and postprocessing (append, stop
+checks, step outputs). Without overlap scheduling the GPU waits for all of it; with it
+(the default) it runs while the GPU computes the next step, and must stay shorter than that. This measures that host work on any
 machine: a tiny model prefills real requests, then decode steps run through the real
 scheduler, the real graph-input fill (DecodeGraphs without capture, the model faked) and the real
 sampler on small logits.
@@ -64,7 +65,7 @@ def measure(batch: int, new: int = 128, plen: int = 128) -> dict:
             eng.step()  # prefill with the real model
         eng.runner.graphs = fake_graphs(max(256, batch), eng.runner.max_pages_per_seq)
         acc: dict[str, float] = collections.defaultdict(float)
-        for obj, name in ((eng.scheduler, "schedule"), (eng.runner, "logits"), (eng.runner, "sample"),
+        for obj, name in ((eng.scheduler, "schedule"), (eng.runner, "logits"), (eng.runner, "sample_launch"),
                           (eng.scheduler, "postprocess"), (eng, "step")):
             _timed(obj, name, acc)
         steps = 0
@@ -73,7 +74,7 @@ def measure(batch: int, new: int = 128, plen: int = 128) -> dict:
             steps += 1
     ms = {k: 1e3 * v / steps for k, v in acc.items()}
     return dict(batch=batch, steps=steps, step_ms=ms.pop("step"), schedule_ms=ms["schedule"],
-                fill_inputs_ms=ms["logits"], sample_ms=ms["sample"], postprocess_ms=ms["postprocess"])
+                fill_inputs_ms=ms["logits"], sample_ms=ms["sample_launch"], postprocess_ms=ms["postprocess"])
 
 
 def main() -> None:

@@ -45,6 +45,11 @@ class EngineConfig:
     cuda_graph_by_width: bool = False
     """Also key decode graphs by a power-of-two block-table width, captured on first use
     (less attention work on short sequences; each new width pays a capture)."""
+    overlap_schedule: bool = True
+    """Launch each decode step before post-processing the previous one (its input ids taken
+    from the previous step's samples on the device), so the host's scheduling and
+    bookkeeping run while the GPU computes. Decode steps on CUDA graphs without speculation
+    only; the same tokens and logprobs as without it."""
     weight_update: Literal["finish", "restart"] = "finish"
     """What update_weights does with samples already generating: 'finish' runs them to the
     end on the old weights first; 'restart' drops their tokens and restarts them on the new."""

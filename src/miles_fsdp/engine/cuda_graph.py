@@ -17,7 +17,8 @@ Attention reads only the pages under kv_len, so extra columns are unread padding
 invariant kernels give the same bits at any width.
 
 Inputs live in one static device byte buffer that the runner fills with a single
-host-to-device copy from a pinned twin (`host_view`). Capture runs a warm-up and
+host-to-device copy from one of two pinned twins (StepBuffers). Under overlap scheduling the
+input ids come from the previous step's sampled ids on the device (`replay(ids_from=...)`). Capture runs a warm-up and
 the capture on padding inputs.
 A forward that cannot be captured (e.g. a host sync) raises when `required`, else it logs a
 warning and decode runs eagerly (`failed`; the engine reports it as cuda_graphs_active).
@@ -47,29 +48,43 @@ def width_buckets(max_pages: int) -> list[int]:
 
 
 class StepBuffers:
-    """One byte buffer holding ids, pos, slot (int64 [B * rows]), kv_lens (int32 [B]) and the
-    block table (int32 [B, P]); `host` is pinned (on CUDA) and mirrors `dev`."""
+    """One byte buffer holding ids, pos, slot (int64 [B * rows]), src (int64 [B]), kv_lens
+    (int32 [B]) and the block table (int32 [B, P]). Two pinned host twins (on CUDA) take
+    turns mirroring `dev`: `np` / `host` is the one to fill next, so a step can be filled
+    while the previous step's upload may still be queued behind work in flight."""
 
     def __init__(self, max_batch: int, max_pages: int, device: torch.device, rows: int = 1):
         B, P = max_batch, max_pages
         self.B, self.P, self.R = B, P, rows
-        nbytes = 3 * 8 * B * rows + 4 * B + 4 * B * P
+        nbytes = 3 * 8 * B * rows + 8 * B + 4 * B + 4 * B * P
         pin = device.type == "cuda"
-        self.host_u8 = torch.zeros(nbytes, dtype=torch.uint8, pin_memory=pin)
+        self.twins = [torch.zeros(nbytes, dtype=torch.uint8, pin_memory=pin) for _ in range(2 if pin else 1)]
         self.dev_u8 = torch.zeros(nbytes, dtype=torch.uint8, device=device)
-        self.host = self._views(self.host_u8)
         self.dev = self._views(self.dev_u8)
-        self.np = {k: v.numpy() for k, v in self.host.items()}
+        self._views_np = [{k: v.numpy() for k, v in self._views(t).items()} for t in self.twins]
+        self._turn = 0
+
+    @property
+    def host_u8(self) -> torch.Tensor:
+        return self.twins[self._turn]
+
+    @property
+    def np(self) -> dict:
+        return self._views_np[self._turn]
 
     def _views(self, u8: torch.Tensor) -> dict[str, torch.Tensor]:
         B, P, N = self.B, self.P, self.B * self.R
-        i64 = u8[: 24 * N].view(torch.int64)
-        i32 = u8[24 * N :].view(torch.int32)
-        return dict(ids=i64[:N], pos=i64[N : 2 * N], slot=i64[2 * N :], kv_lens=i32[:B],
+        i64 = u8[: 24 * N + 8 * B].view(torch.int64)
+        i32 = u8[24 * N + 8 * B :].view(torch.int32)
+        return dict(ids=i64[:N], pos=i64[N : 2 * N], slot=i64[2 * N : 3 * N], src=i64[3 * N :], kv_lens=i32[:B],
                     table=i32[B:].view(B, P))
 
     def upload(self) -> None:
+        """Copy the filled twin to the device (queued on the stream), then turn to the other.
+        A twin is refilled two uploads later: by then the engine has waited for a step
+        queued after its copy."""
         self.dev_u8.copy_(self.host_u8, non_blocking=True)
+        self._turn = (self._turn + 1) % len(self.twins)
 
 
 class DecodeGraphs:
@@ -153,12 +168,17 @@ class DecodeGraphs:
             return None
         return key
 
-    def replay(self, key: tuple[int, int], n: int) -> tuple[torch.Tensor, ...]:
+    def replay(self, key: tuple[int, int], n: int, ids_from: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
         """Pad sequences [n, bucket), upload the buffer (one copy), replay; the outputs of the
-        n sequences' rows (views of the graph's static outputs: use before the next replay)."""
+        n sequences' rows (views of the graph's static outputs: use before the next replay).
+        ids_from: the input ids are ids_from[src[:n]] (the previous step's sampled tokens,
+        still on the device), not the uploaded ids (rows = 1 only)."""
         bs, w = key
         self._pad(n, bs, w)
         self.buf.upload()
+        if ids_from is not None:
+            d = self.buf.dev
+            torch.index_select(ids_from, 0, d["src"][:n], out=d["ids"][:n])
         if self.graphs[key] is None:  # capture=False
             out = self.forward(*self._args(bs, w))
         else:

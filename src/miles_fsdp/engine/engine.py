@@ -5,6 +5,12 @@
             out   = runner.run(batch)             token ids + logprobs, nothing else
             return scheduler.postprocess(...)     append, finish, free pages -> [StepOutput]
 
+Overlap scheduling (EngineConfig.overlap_schedule, decode steps on CUDA graphs): step() launches
+decode step n+1 (scheduler.schedule_next: its input ids are step n's sampled ids, still on the
+device) before it waits for step n and post-processes it, so the host's work hides behind
+the GPU's. The same tokens and logprobs either way; a sample that step n ends with a stop
+token is computed once more and that row dropped.
+
 One thread drives the engine: step(), add_request(), abort(), update_weights() and
 release()/resume() must all be called from it (the HTTP server runs step() in a
 background thread and hands it requests and aborts through a queue). `generate()` is the
@@ -27,7 +33,8 @@ import torch
 from miles_fsdp.engine.block_manager import BlockManager
 from miles_fsdp.engine.config import EngineConfig, cpu_kv_bytes
 from miles_fsdp.engine.runner import Runner, kv_bytes_per_page
-from miles_fsdp.engine.scheduler import Scheduler
+from miles_fsdp.engine.sampler import Sampled
+from miles_fsdp.engine.scheduler import Batch, Scheduler
 from miles_fsdp.engine.sequence import Request, Result, SamplingParams, Sequence, StepOutput
 from miles_fsdp.engine.speculative import Drafter
 from miles_fsdp.observe.memory import is_oom, oom_error
@@ -69,6 +76,7 @@ class Engine:
         self.weight_version = 0
         self._released = False
         self._pending: list[StepOutput] = []  # produced outside step() (abort, drain), returned by the next step()
+        self._inflight: tuple[Batch, Sampled] | None = None  # overlap: a launched decode step not yet seen
         self._requests: dict[str, list[Sequence]] = {}
         self._rng = random.Random(config.seed)
         self._awaited: dict[str, tuple[asyncio.Future, Callable[[], bool] | None]] = {}  # agenerate's calls
@@ -149,7 +157,7 @@ class Engine:
         self._pending += self.scheduler.abort(request_id)
 
     def has_unfinished(self) -> bool:
-        return self.scheduler.has_unfinished() or bool(self._pending)
+        return self.scheduler.has_unfinished() or bool(self._pending) or self._inflight is not None
 
     def step(self) -> list[StepOutput]:
         """Run one scheduled batch; return what each sample produced (for streaming)."""
@@ -163,23 +171,54 @@ class Engine:
     def _step(self) -> list[StepOutput]:
         if self._released:
             raise RuntimeError("Engine.step(): KV memory is released; call resume() first")
-        batch = self.scheduler.schedule()
-        if batch is None:
-            return []
+        batch = None
+        if self._inflight is None:
+            batch = self.scheduler.schedule()
+            if batch is None:
+                return []
         try:
             with mk.use_mode(self.kernel_mode):
-                tokens, logprobs = self.runner.run(batch)
-                outs = self.scheduler.postprocess(batch, tokens, logprobs, self.weight_version)
-                if self.drafter is not None:
-                    self.drafter.propose(batch)
+                if batch is not None and not self._overlaps(batch):
+                    tokens, logprobs = self.runner.run(batch)
+                    outs = self.scheduler.postprocess(batch, tokens, logprobs, self.weight_version)
+                    if self.drafter is not None:
+                        self.drafter.propose(batch)
+                    return outs
+                if batch is not None:
+                    self._inflight = (batch, self.runner.launch(batch))
+                return self._advance()
         except RuntimeError as e:
             if not is_oom(e):
                 raise
-            c, n = self.config, sum(it.q_len for it in batch.items)
-            raise oom_error(e, f"engine step ({len(batch.items)} sequences, {n} tokens)",
+            c, b = self.config, batch or (self._inflight or (Batch([], True),))[0]
+            self._inflight = None
+            n = sum(it.q_len for it in b.items)
+            raise oom_error(e, f"engine step ({len(b.items)} sequences, {n} tokens)",
                             f"lower EngineConfig.max_prefill_tokens (now {c.max_prefill_tokens}) or max_num_seqs "
                             f"(now {c.max_num_seqs}), or kv_memory_fraction to leave room for activations") from e
-        return outs
+
+    def _overlaps(self, batch: Batch) -> bool:
+        """Overlap scheduling applies: a plain decode batch (no speculation) on the graphs."""
+        return (self.config.overlap_schedule and batch.is_decode and self.drafter is None
+                and self.runner.can_launch(batch))
+
+    def _advance(self) -> list[StepOutput]:
+        """Launch the decode step after the one in flight (when the scheduler can decide it
+        unseen), then wait for the one in flight and post-process it while the next runs."""
+        batch, sampled = self._inflight
+        nxt = self.scheduler.schedule_next(batch)
+        self._inflight = None
+        if nxt is not None and self.runner.can_launch(nxt):
+            self._inflight = (nxt, self.runner.launch(nxt, sampled))
+        tokens, logprobs = sampled.wait()
+        return self.scheduler.postprocess(batch, tokens, logprobs, self.weight_version)
+
+    def _drain(self) -> None:
+        """Wait for and post-process a step still in flight (its outputs go to the next step())."""
+        if self._inflight is not None:
+            batch, sampled = self._inflight
+            self._inflight = None
+            self._pending += self.scheduler.postprocess(batch, *sampled.wait(), self.weight_version)
 
     def generate(self, requests: list[Request], stop: Callable[[], bool] | None = None) -> list[list[Result]]:
         """Blocking: run `requests` to completion; results[i][j] is sample j of requests[i].
@@ -267,6 +306,7 @@ class Engine:
             whole = dict(weights.state_dict() if isinstance(weights, torch.nn.Module) else weights)
             _check_bucket(whole, params, version, complete=True)
             buckets = iter([whole])
+        self._drain()
         self._settle_in_flight()
         done: set[str] = set()
         for bucket in buckets:
@@ -296,6 +336,7 @@ class Engine:
         try:
             while any(started(s) for s in (*sched.running, *sched.waiting)):
                 self._pending += self._step()
+            self._drain()
         finally:
             sched.only_started = False
 
@@ -303,6 +344,7 @@ class Engine:
         """Drop the KV cache and CUDA graphs; unfinished samples are kept and recompute after resume."""
         if self._released:
             return
+        self._drain()
         self.scheduler.preempt_all()
         self.blocks.invalidate_cache()
         self.runner.free()

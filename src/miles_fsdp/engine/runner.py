@@ -6,7 +6,7 @@ For each scheduled sequence the runner computes tokens [start, start + q) of it:
     meta.block_table    the sequence's pages, padded with the scratch page 0
     slot_T              page * S + offset where each new token's K/V is written
 Only the last row of a chunk that reaches the sequence's end goes through `model.logits`
-and the sampler: run(batch) = sample(logits(batch), rows); a speculative verify item (decode
+and the sampler: run(batch) = launch(batch).wait(), launch = sample_launch(logits(batch), rows); a speculative verify item (decode
 with `draft` tokens) samples at every one of its 1 + draft positions. The runner owns the KV
 cache tensors (with `draft_layers` extra layers for the MTP draft) and the decode CUDA graphs;
 with a draft it keeps the last forward's hidden states (`hidden_TD`) for it, and its decode
@@ -27,7 +27,7 @@ import torch
 
 from miles_fsdp.engine.cuda_graph import DecodeGraphs
 from miles_fsdp.engine.draft_graph import DraftGraphs
-from miles_fsdp.engine.sampler import RowParams, sample
+from miles_fsdp.engine.sampler import RowParams, Sampled, sample, sample_launch
 from miles_fsdp.engine.scheduler import Batch
 
 log = logging.getLogger(__name__)
@@ -59,7 +59,8 @@ class Runner:
         self.kv_caches: list[tuple[torch.Tensor, torch.Tensor]] | None = None
         self.graphs: DecodeGraphs | None = None
         self.draft_graphs: DraftGraphs | None = None  # the drafter's chain after a verify (draft_graph.py)
-        self.sample = sample  # (logits_BV, rows) -> (tokens, logprobs); a benchmark may wrap it to time it
+        self.sample = sample  # (logits_BV, rows) -> (tokens, logprobs): the drafter's
+        self.sample_launch = sample_launch  # (logits_BV, rows) -> Sampled; a benchmark may wrap it to time it
 
     def allocate(self, num_pages: int) -> None:
         a = self.model.args
@@ -105,18 +106,33 @@ class Runner:
     @torch.inference_mode()
     def run(self, batch: Batch) -> tuple[list[int], list[float]]:
         """Compute every scheduled chunk; return (token, logprob) per sampling item, in order."""
+        return self.launch(batch).wait()
+
+    @torch.inference_mode()
+    def launch(self, batch: Batch, prev: Sampled | None = None) -> Sampled:
+        """run() without waiting: the step and its sampling queued on the device. With `prev`
+        (overlap scheduling) the batch's input ids are prev's sampled ids at batch.src, which
+        the host has not seen yet; only a decode batch that fits the graphs (can_launch)."""
         # row i of a sampling item samples the token of position end - draft + i (decode: num_tokens)
         rows = [RowParams(it.seq.params.temperature, it.seq.params.top_k, it.seq.params.top_p, it.seq.seed,
                           it.seq.sample_index, it.start + it.q_len - it.draft + i)
                 for it in batch.items if it.sample for i in range(1 + it.draft)]
-        logits_BV = self.logits(batch)
+        logits_BV = self.logits(batch, prev)
         if logits_BV is None:
-            return [], []
-        return self.sample(logits_BV, rows)
+            return Sampled(torch.zeros(2, 0, dtype=torch.int64))
+        return self.sample_launch(logits_BV, rows)
 
-    def logits(self, batch: Batch) -> torch.Tensor | None:
+    def can_launch(self, batch: Batch) -> bool:
+        """Can this decode batch take its input ids from the device (a graph for its shape
+        exists or was just captured)? False after a failed capture."""
+        g, S = self.graphs, self.page_size
+        if g is None or self.draft_layers or not g.fits(len(batch.items)):
+            return False
+        return g.ensure(len(batch.items), max(it.start // S for it in batch.items) + 1) is not None
+
+    def logits(self, batch: Batch, prev: Sampled | None = None) -> torch.Tensor | None:
         """Logits of the sampling rows (None if there are none): a graph replay for decode
-        batches that fit, else eager."""
+        batches that fit, else eager. prev: see launch()."""
         items, S = batch.items, self.page_size
         if batch.is_decode and self.draft_layers and self.graphs is not None and self.graphs.fits(len(items)):
             logits_BV = self._replay_verify(items)
@@ -129,7 +145,10 @@ class Runner:
                 h, n = self.graphs.buf.np, len(items)
                 starts = [it.start for it in items]
                 tables = [it.seq.block_table for it in items]
-                h["ids"][:n] = [it.seq.token_ids[p] for it, p in zip(items, starts)]
+                if prev is None:
+                    h["ids"][:n] = [it.seq.token_ids[p] for it, p in zip(items, starts)]
+                else:
+                    h["src"][:n] = batch.src
                 h["pos"][:n] = starts
                 h["slot"][:n] = [t[p // S] * S + p % S for t, p in zip(tables, starts)]
                 h["kv_lens"][:n] = [p + 1 for p in starts]
@@ -138,7 +157,10 @@ class Runner:
                 for i, (t, p) in enumerate(zip(tables, starts)):
                     k = p // S + 1
                     tab[i, :k] = t[:k]
-                return self.graphs.replay(key, n)[0]
+                return self.graphs.replay(key, n, None if prev is None else prev.ids)[0]
+        if prev is not None:
+            raise RuntimeError("Runner.launch(prev=...): only a decode batch that fits the CUDA graphs "
+                               "takes its ids from the device; check can_launch(batch) first")
         return self._eager(batch)
 
     def _replay_verify(self, items) -> torch.Tensor | None:

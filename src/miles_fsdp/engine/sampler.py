@@ -18,7 +18,8 @@ int64 passes over [B, V]: the hash is the same int64 arithmetic, so it is exact;
 logs use libdevice's logf, which the first use checks against torch.log on every one of the
 2**23 possible u values (else the kernel returns u and torch takes the logs). Either way
 the noise is bit-for-bit what `gumbel_noise` computes. One step does one host<->device
-round trip: row parameters in (one copy), (ids, logprob bits) out (one copy).
+round trip: row parameters in (one copy), (ids, logprob bits) out (one copy, waited on
+only by Sampled.wait(), so the engine can launch its next step first).
 """
 
 from __future__ import annotations
@@ -208,12 +209,49 @@ def _to_device(host: torch.Tensor, dev: torch.device) -> torch.Tensor:
     return host.pin_memory().to(dev, non_blocking=True)
 
 
+class Sampled:
+    """A launched sample: (ids, logprob bits) on the device and their copy to the host in
+    flight; wait() blocks on that copy only and returns (token ids, fp32 logprobs)."""
+
+    __slots__ = ("dev_2B", "host_2B", "event", "_out")
+
+    def __init__(self, dev_2B: torch.Tensor):
+        self.dev_2B, self.event, self._out = dev_2B, None, None
+        if dev_2B.is_cuda:
+            self.host_2B = torch.empty(dev_2B.shape, dtype=dev_2B.dtype, pin_memory=True)
+            self.host_2B.copy_(dev_2B, non_blocking=True)
+            self.event = torch.cuda.Event()
+            self.event.record()
+        else:
+            self.host_2B = dev_2B
+
+    @property
+    def ids(self) -> torch.Tensor:
+        """The sampled ids, int64 [B], on the device (the next step's inputs under overlap)."""
+        return self.dev_2B[0]
+
+    def wait(self) -> tuple[list[int], list[float]]:
+        if self._out is None:
+            if self.event is not None:
+                self.event.synchronize()
+            out = self.host_2B
+            self._out = out[0].tolist(), out[1].to(torch.int32).view(torch.float32).tolist()
+        return self._out
+
+
 def sample(logits_BV: torch.Tensor, rows: list[RowParams]) -> tuple[list[int], list[float]]:
     """Sample one token per row; returns (token ids, fp32 logprobs as Python floats).
+    sample_launch(...).wait(): see there."""
+    return sample_launch(logits_BV, rows).wait()
+
+
+def sample_launch(logits_BV: torch.Tensor, rows: list[RowParams]) -> Sampled:
+    """Launch the sampling of one token per row; the result's wait() gives (token ids, fp32
+    logprobs as Python floats).
 
     Rows are grouped by (temperature, top_k, top_p); every row's result depends only on
     its own logits and keys. One copy in (the keys and group indices of all rows), one
-    copy out (ids and logprob bits), so one sync per call.
+    copy out (ids and logprob bits), so one sync per call, in wait().
     """
     B, V = logits_BV.shape
     dev = logits_BV.device
@@ -257,5 +295,4 @@ def sample(logits_BV: torch.Tensor, rows: list[RowParams]) -> tuple[list[int], l
             out_2B[0].index_copy_(0, idx_G, chosen_G)
             out_2B[1].index_copy_(0, idx_G, bits_G)
         off += G
-    out = out_2B.cpu()
-    return out[0].tolist(), out[1].to(torch.int32).view(torch.float32).tolist()
+    return Sampled(out_2B)

@@ -35,6 +35,7 @@ class Scheduled:
 class Batch:
     items: list[Scheduled]
     is_decode: bool
+    src: list[int] | None = None  # overlap: item i's input id is the previous step's sampled row src[i]
 
 
 class Scheduler:
@@ -130,6 +131,30 @@ class Scheduler:
                 self.preempt(seq)
         return Batch(items, is_decode=True) if items else None
 
+    def schedule_next(self, prev: Batch) -> Batch | None:
+        """Overlap scheduling: the decode step after `prev` (a plain decode batch whose tokens
+        are still on the device), decided before they are seen. Each sequence continues at
+        the position of its unseen token, its input id that token (Batch.src). Left out: a
+        sequence that prev ends by length; one that prev ends by a stop token is computed
+        once more and dropped in postprocess. None (the caller waits for prev, then the
+        normal schedule runs) when a waiting sequence could be admitted or a sequence needs
+        a page that only preemption would give."""
+        if self.waiting and len(self.running) < self.max_num_seqs:
+            return None
+        items, src, S = [], [], self.blocks.page_size
+        for i, it in enumerate(prev.items):
+            seq = it.seq
+            if seq.status is not SeqStatus.RUNNING:
+                continue
+            p = len(seq.token_ids)  # where prev's token goes
+            if p + 1 - seq.prompt_len >= seq.params.max_new_tokens:
+                continue
+            if p + 1 > len(seq.block_table) * S and not self.blocks.grow(seq, p + 1):
+                return None
+            items.append(Scheduled(seq, p, 1, True))
+            src.append(i)
+        return Batch(items, is_decode=True, src=src) if items else None
+
     def _scheduled(self, seq: Sequence, q: int) -> Scheduled:
         return Scheduled(seq, seq.num_computed, q, seq.num_computed + q == seq.num_tokens)
 
@@ -164,6 +189,9 @@ class Scheduler:
         S, register = self.blocks.page_size, self.blocks.register if self.blocks.cache is not None else None
         for it in batch.items:
             seq = it.seq
+            if seq.status is not SeqStatus.RUNNING:  # finished or aborted while the step ran (overlap)
+                k += (1 + it.draft) * it.sample
+                continue
             if not it.sample:
                 self._computed(seq, it.start + it.q_len, register, S)
                 continue
