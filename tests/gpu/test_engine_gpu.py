@@ -234,7 +234,7 @@ def test_speculation_is_exact_at_batch_64(tmp_path, arch):
         replays = []
         if graphs:
             replay = eng.runner.graphs.replay
-            eng.runner.graphs.replay = lambda key, n: replays.append(key) or replay(key, n)
+            eng.runner.graphs.replay = lambda key, *a: replays.append(key) or replay(key, *a)
         res = eng.generate([Request(list(r.prompt_ids), r.params) for r in requests])
         m = eng.metrics()
         if graphs:

@@ -157,7 +157,7 @@ class Runner:
                 for i, (t, p) in enumerate(zip(tables, starts)):
                     k = p // S + 1
                     tab[i, :k] = t[:k]
-                return self.graphs.replay(key, n, None if prev is None else prev.ids)[0]
+                return (self.graphs.replay(key, n) if prev is None else self.graphs.replay(key, n, prev.ids))[0]
         if prev is not None:
             raise RuntimeError("Runner.launch(prev=...): only a decode batch that fits the CUDA graphs "
                                "takes its ids from the device; check can_launch(batch) first")
