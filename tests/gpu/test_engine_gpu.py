@@ -92,7 +92,15 @@ def test_engine_bf16_cuda_graphs_on_policy(tmp_path, arch):
 
 
 def test_fused_gumbel_noise_equals_torch_ops():
-    from miles_fsdp.engine.sampler import _mix32, gumbel_noise, gumbel_noise_torch
+    """The kernel's noise == torch's ops bitwise, with the logs in the kernel (the few u where
+    Triton's logf differs from torch's come from the fix table), not torch's fallback passes."""
+    from miles_fsdp.engine.sampler import LOG_FIXES_MAX, _log_fixes, _mix32, gumbel_noise, gumbel_noise_torch
+
+    fixes = _log_fixes(torch.device("cuda"))
+    assert fixes is not None, f"more than {LOG_FIXES_MAX} u values where the kernel's logs differ from torch's"
+    fix_k, fix_v = fixes
+    u = (fix_k.float() + 0.5) * (1.0 / (1 << 23))
+    assert torch.equal(fix_v.view(torch.int32), (-torch.log(-torch.log(u))).view(torch.int32))
 
     g = torch.Generator().manual_seed(0)
     seed = torch.randint(0, 2**32, (37,), generator=g, dtype=torch.int64).cuda()

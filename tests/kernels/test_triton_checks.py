@@ -355,6 +355,29 @@ def check_noisy_argmax() -> None:
     _same(noisy_argmax(x[4:5], noise[4:5], False, 16), (x + noise).argmax(-1)[4:5], "noisy_argmax row alone")
 
 
+def check_gumbel_log_fixes() -> None:
+    """The noise kernel: the hash as gumbel_noise_torch's, the logs close to torch's, and the
+    u values of the fix table (where libdevice's logs differ from torch's) get the table's value."""
+    from miles_fsdp.engine.sampler import _gumbel_kernel, _mix32, gumbel_noise_torch
+
+    keys = torch.tensor([[3, 99], [0, 5], [17, 4000]])  # seed, stream, position of 2 rows
+    B, V = 2, 300
+    want = gumbel_noise_torch(_mix32(_mix32(_mix32(keys[0]) ^ keys[1]) ^ keys[2]), V)
+    k = _mix32(_mix32(_mix32(_mix32(keys[0]) ^ keys[1]) ^ keys[2])[:, None] ^ torch.arange(V)[None, :]) >> 9
+    fix_k = torch.stack([k[0, 7], k[1, 250]])
+    fix_v = torch.tensor([123.5, -7.25])
+    for nfix in (0, 2):
+        out = torch.empty(B, V)
+        _gumbel_kernel[(B, 3)](keys, B, out, V, fix_k, fix_v, BLOCK=128, LOGS=True, NFIX=nfix)
+        hit = (k[..., None] == fix_k).any(-1) if nfix else torch.zeros(B, V, dtype=torch.bool)
+        _close(out[~hit], want[~hit], f"gumbel noise, {nfix} fixes", atol=1e-5, rtol=1e-5)
+        if nfix:
+            assert out[0, 7] == 123.5 and out[1, 250] == -7.25 and (out[hit] != want[hit]).all()
+        u = torch.empty(B, V)
+        _gumbel_kernel[(B, 3)](keys, B, u, V, fix_k, fix_v, BLOCK=128, LOGS=False, NFIX=nfix)
+        _same(-torch.log(-torch.log(u)), want, "gumbel u, torch's logs")
+
+
 def _close_rel(got: torch.Tensor, ref: torch.Tensor, what: str, rel: float = 1e-5) -> None:
     """Every element within rel * max |ref| (fp32 math vs a float64 or fp32 reference)."""
     assert got.shape == ref.shape, f"{what}: shape {list(got.shape)} vs {list(ref.shape)}"

@@ -15,9 +15,10 @@ Temperature 0 is greedy argmax; its logprob is recorded at temperature 1 (same f
 
 On CUDA the noise comes from one fused Triton kernel (`_gumbel_kernel`) instead of ~20
 int64 passes over [B, V]: the hash is the same int64 arithmetic, so it is exact; the two
-logs use libdevice's logf, which the first use checks against torch.log on every one of the
-2**23 possible u values (else the kernel returns u and torch takes the logs). Either way
-the noise is bit-for-bit what `gumbel_noise` computes. One step does one host<->device
+logs use Triton's tl.log (libdevice's logf on CUDA), which the first use checks against torch.log on every one of the
+2**23 possible u values: the few that differ (one on an H200 with CUDA 13) get torch's value
+from a table in the kernel; were there many, the kernel returns u and torch takes the logs.
+Either way the noise is bit-for-bit what `gumbel_noise` computes. One step does one host<->device
 round trip: row parameters in (one copy), (ids, logprob bits) out (one copy, waited on
 only by Sampled.wait(), so the engine can launch its next step first).
 """
@@ -34,7 +35,6 @@ _M32 = 0xFFFFFFFF
 try:  # pragma: no cover - depends on the install
     import triton
     import triton.language as tl
-    from triton.language.extra import libdevice
 
     from miles_kernels._triton.launch import fast_launch
 except ImportError:  # pragma: no cover
@@ -57,17 +57,20 @@ if triton is not None:
 
     @fast_launch
     @triton.jit
-    def _gumbel_kernel(keys_ptr, key_stride, out_ptr, V, BLOCK: tl.constexpr, LOGS: tl.constexpr):
+    def _gumbel_kernel(keys_ptr, key_stride, out_ptr, V, fix_k_ptr, fix_v_ptr, BLOCK: tl.constexpr,
+                       LOGS: tl.constexpr, NFIX: tl.constexpr):
         row = tl.program_id(0)
         tok = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
         seed = tl.load(keys_ptr + row).to(tl.int64)
         stream = tl.load(keys_ptr + key_stride + row).to(tl.int64)
         pos = tl.load(keys_ptr + 2 * key_stride + row).to(tl.int64)
         h = _mix32_tl(_mix32_tl(_mix32_tl(seed) ^ stream) ^ pos)
-        x = _mix32_tl(h ^ tok.to(tl.int64))
-        u = ((x >> 9).to(tl.float32) + 0.5) * (1.0 / 8388608.0)
+        k = _mix32_tl(h ^ tok.to(tl.int64)) >> 9
+        u = (k.to(tl.float32) + 0.5) * (1.0 / 8388608.0)
         if LOGS:
-            u = -libdevice.log(-libdevice.log(u))
+            u = -tl.log(-tl.log(u))
+            for j in tl.static_range(NFIX):  # the few u whose logs differ from torch's: torch's value
+                u = tl.where(k == tl.load(fix_k_ptr + j), tl.load(fix_v_ptr + j), u)
         tl.store(out_ptr + row.to(tl.int64) * V + tok, u, mask=tok < V)
 
     @fast_launch
@@ -75,7 +78,7 @@ if triton is not None:
     def _logs_kernel(u_ptr, out_ptr, N, BLOCK: tl.constexpr):
         i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
         u = tl.load(u_ptr + i, mask=i < N, other=0.5)
-        tl.store(out_ptr + i, -libdevice.log(-libdevice.log(u)), mask=i < N)
+        tl.store(out_ptr + i, -tl.log(-tl.log(u)), mask=i < N)
 
     @fast_launch
     @triton.jit
@@ -103,20 +106,36 @@ if triton is not None:
         best = tl.argmax(m, 0, tie_break_left=True)
         tl.store(out_ptr + row, tl.load(idx_ptr + row * n_chunks + best).to(tl.int64))
 
-_FUSED_LOGS: dict[torch.device, bool] = {}
+_FUSED_LOGS: dict[torch.device, tuple[torch.Tensor, torch.Tensor] | None] = {}
 _ARGMAX_CHUNK = 4096  # tokens per program of the noisy argmax: ~38 programs a row at a 151,936 vocab
+LOG_FIXES_MAX = 16  # more u values than this where the kernel's logs differ: torch takes the logs
 
 
-def _logs_match(dev: torch.device) -> bool:
-    """Does the kernel's -log(-log(u)) equal torch's on every possible u (2**23 values)?"""
+def _log_fixes(dev: torch.device) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Where the kernel's -log(-log(u)) differs from torch's over all 2**23 possible u (Triton's
+    logf vs the one torch was built with: one value of 2**23 on an H200 with CUDA 13): (their
+    23-bit k, int64 [n]; torch's noise there, fp32 [n]), which the kernel substitutes; None if
+    more than LOG_FIXES_MAX differ (then torch's ops take the logs)."""
     if dev not in _FUSED_LOGS:
         u = uniform_from_bits(torch.arange(1 << 23, device=dev))
         want = -torch.log(-torch.log(u))
         got = torch.empty_like(u)
         _logs_kernel[(triton.cdiv(u.numel(), 4096),)](u, got, u.numel(), BLOCK=4096)
-        _FUSED_LOGS[dev] = bool(torch.equal(want.view(torch.int32), got.view(torch.int32)))
+        bad = torch.nonzero(want.view(torch.int32) != got.view(torch.int32)).flatten()
+        _FUSED_LOGS[dev] = (bad, want[bad].contiguous()) if bad.numel() <= LOG_FIXES_MAX else None
     return _FUSED_LOGS[dev]
 
+
+def _launch_gumbel(keys_3B: torch.Tensor, out_BV: torch.Tensor, block: int) -> bool:
+    """Fill out_BV with the noise of gumbel_noise (True) or, where the kernel's logs cannot be
+    made torch's, with u for torch's ops to take the logs of (False)."""
+    B, V = out_BV.shape
+    fixes = _log_fixes(out_BV.device)
+    n = 0 if fixes is None else len(fixes[0])
+    fix_k, fix_v = fixes if n else (keys_3B, out_BV)  # no table: any valid pointers, never read
+    _gumbel_kernel[(B, triton.cdiv(V, block))](keys_3B, B, out_BV, V, fix_k, fix_v, BLOCK=block,
+                                               LOGS=fixes is not None, NFIX=n)
+    return fixes is not None
 
 
 def _mix32(x: torch.Tensor) -> torch.Tensor:
@@ -136,9 +155,7 @@ def gumbel_noise(seed_B: torch.Tensor, stream_B: torch.Tensor, pos_B: torch.Tens
         out_BV = torch.empty(B, vocab, dtype=torch.float32, device=dev)
         if B:
             keys_3B = torch.stack([seed_B.long(), stream_B.long(), pos_B.long()])
-            logs = _logs_match(dev)
-            _gumbel_kernel[(B, triton.cdiv(vocab, block))](keys_3B, B, out_BV, vocab, BLOCK=block, LOGS=logs)
-            if not logs:  # same ops as gumbel_noise_torch, in place
+            if not _launch_gumbel(keys_3B, out_BV, block):  # same ops as gumbel_noise_torch, in place
                 out_BV.log_().neg_().log_().neg_()
         return out_BV
     h_B = _mix32(_mix32(_mix32(seed_B.long()) ^ stream_B.long()) ^ pos_B.long())
@@ -158,8 +175,8 @@ def gumbel_argmax(logits_BV: torch.Tensor, temp: float, seed_B, stream_B, pos_B)
     if x.stride(-1) != 1:
         x = x.contiguous()
     keys_3B = torch.stack([seed_B.long(), stream_B.long(), pos_B.long()])
-    noise, logs = torch.empty(B, V, dtype=torch.float32, device=dev), _logs_match(dev)
-    _gumbel_kernel[(B, triton.cdiv(V, 2048))](keys_3B, B, noise, V, BLOCK=2048, LOGS=logs)
+    noise = torch.empty(B, V, dtype=torch.float32, device=dev)
+    logs = _launch_gumbel(keys_3B, noise, 2048)
     if not logs:
         noise.log_().neg_().log_()  # t = log(-log(u)): the noise is -t
     return noisy_argmax(x, noise, neg=not logs)
