@@ -364,7 +364,7 @@ def main() -> None:
                                 cuda_graph_by_width=a.graph_by_width, overlap_schedule=system != "engine-no-overlap"))
                             run_engine(engines[system], prompts(8, 64, 1000, seed=12345), 8)  # compile
                         row.update(run_engine(engines[system], ids, new))
-                        if system in ("engine", "engine-no-overlap") and not a.no_warm:  # again, decode graphs now captured
+                        if not a.no_warm:  # again, decode graphs now captured
                             row["warm_tok_s"] = batch * new / run_engine(engines[system], ids, new)["wall_s"]
                 else:
                     engines.clear()
