@@ -357,8 +357,9 @@ def check_noisy_argmax() -> None:
 
 def check_gumbel_log_fixes() -> None:
     """The noise kernel: the hash as gumbel_noise_torch's, the logs close to torch's, and the
-    u values of the fix table (where libdevice's logs differ from torch's) get the table's value."""
-    from miles_fsdp.engine.sampler import _gumbel_kernel, _mix32, gumbel_noise_torch
+    u values of the fix table (where Triton's logs differ from torch's) get the table's value;
+    the argmax kernel that makes the noise itself picks what x + that noise picks."""
+    from miles_fsdp.engine.sampler import _gumbel_kernel, _mix32, gumbel_noise_torch, noisy_argmax
 
     keys = torch.tensor([[3, 99], [0, 5], [17, 4000]])  # seed, stream, position of 2 rows
     B, V = 2, 300
@@ -376,6 +377,13 @@ def check_gumbel_log_fixes() -> None:
         u = torch.empty(B, V)
         _gumbel_kernel[(B, 3)](keys, B, u, V, fix_k, fix_v, BLOCK=128, LOGS=False, NFIX=nfix)
         _same(-torch.log(-torch.log(u)), want, "gumbel u, torch's logs")
+        # the argmax that makes the noise itself: the argmax of x + the noise kernel's values
+        x = torch.randn(B, V, generator=torch.Generator().manual_seed(nfix))
+        fixes = (fix_k[:nfix], fix_v[:nfix]) if nfix else (fix_k[:0], fix_v[:0])
+        got = noisy_argmax(x, keys, neg=False, chunk=64, fixes=fixes)
+        _same(got, (x + out).argmax(-1), f"noisy_argmax with the noise made inside, {nfix} fixes")
+        if nfix:
+            assert got[0] == 7  # the fixed value (123.5) wins row 0
 
 
 def _close_rel(got: torch.Tensor, ref: torch.Tensor, what: str, rel: float = 1e-5) -> None:

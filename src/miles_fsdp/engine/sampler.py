@@ -55,12 +55,9 @@ if triton is not None:
         x = _low32(x * 0x2C1B3C6D)
         return x ^ (x >> 16)
 
-    @fast_launch
     @triton.jit
-    def _gumbel_kernel(keys_ptr, key_stride, out_ptr, V, fix_k_ptr, fix_v_ptr, BLOCK: tl.constexpr,
-                       LOGS: tl.constexpr, NFIX: tl.constexpr):
-        row = tl.program_id(0)
-        tok = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    def _noise(keys_ptr, key_stride, row, tok, fix_k_ptr, fix_v_ptr, LOGS: tl.constexpr, NFIX: tl.constexpr):
+        """gumbel_noise's value at (row, tok) (LOGS), or its u (not LOGS: torch takes the logs)."""
         seed = tl.load(keys_ptr + row).to(tl.int64)
         stream = tl.load(keys_ptr + key_stride + row).to(tl.int64)
         pos = tl.load(keys_ptr + 2 * key_stride + row).to(tl.int64)
@@ -71,6 +68,15 @@ if triton is not None:
             u = -tl.log(-tl.log(u))
             for j in tl.static_range(NFIX):  # the few u whose logs differ from torch's: torch's value
                 u = tl.where(k == tl.load(fix_k_ptr + j), tl.load(fix_v_ptr + j), u)
+        return u
+
+    @fast_launch
+    @triton.jit
+    def _gumbel_kernel(keys_ptr, key_stride, out_ptr, V, fix_k_ptr, fix_v_ptr, BLOCK: tl.constexpr,
+                       LOGS: tl.constexpr, NFIX: tl.constexpr):
+        row = tl.program_id(0)
+        tok = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+        u = _noise(keys_ptr, key_stride, row, tok, fix_k_ptr, fix_v_ptr, LOGS, NFIX)
         tl.store(out_ptr + row.to(tl.int64) * V + tok, u, mask=tok < V)
 
     @fast_launch
@@ -82,15 +88,19 @@ if triton is not None:
 
     @fast_launch
     @triton.jit
-    def _noisy_argmax_kernel(x_ptr, n_ptr, max_ptr, idx_ptr, V, stride_x, n_chunks,
-                             NEG: tl.constexpr, CHUNK: tl.constexpr):
-        """Per (row, chunk of V): max and first index of x + n (NEG: x - n), x cast to fp32."""
+    def _noisy_argmax_kernel(x_ptr, n_ptr, max_ptr, idx_ptr, V, stride_x, n_chunks, key_stride, fix_k_ptr, fix_v_ptr,
+                             NEG: tl.constexpr, CHUNK: tl.constexpr, KEYS: tl.constexpr, NFIX: tl.constexpr):
+        """Per (row, chunk of V): max and first index of x + n (NEG: x - n), x cast to fp32; n read
+        from n_ptr, or with KEYS computed here from the row keys at n_ptr (gumbel_noise's value)."""
         row = tl.program_id(0).to(tl.int64)
         c = tl.program_id(1)
         tok = c * CHUNK + tl.arange(0, CHUNK)
         mask = tok < V
         x = tl.load(x_ptr + row * stride_x + tok, mask=mask, other=0.0).to(tl.float32)
-        n = tl.load(n_ptr + row * V + tok, mask=mask, other=0.0)
+        if KEYS:
+            n = _noise(n_ptr, key_stride, row, tok, fix_k_ptr, fix_v_ptr, True, NFIX)
+        else:
+            n = tl.load(n_ptr + row * V + tok, mask=mask, other=0.0)
         z = tl.where(mask, x - n if NEG else x + n, float("-inf"))
         i = tl.argmax(z, 0, tie_break_left=True)
         tl.store(max_ptr + row * n_chunks + c, tl.max(z, 0))
@@ -126,13 +136,18 @@ def _log_fixes(dev: torch.device) -> tuple[torch.Tensor, torch.Tensor] | None:
     return _FUSED_LOGS[dev]
 
 
+def _fix_table(fixes, dummy: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """(fix k, fix values, their number) for the kernels; no table: any valid pointers, never read."""
+    n = 0 if fixes is None else len(fixes[0])
+    return (*(fixes if n else (dummy, dummy)), n)
+
+
 def _launch_gumbel(keys_3B: torch.Tensor, out_BV: torch.Tensor, block: int) -> bool:
     """Fill out_BV with the noise of gumbel_noise (True) or, where the kernel's logs cannot be
     made torch's, with u for torch's ops to take the logs of (False)."""
     B, V = out_BV.shape
     fixes = _log_fixes(out_BV.device)
-    n = 0 if fixes is None else len(fixes[0])
-    fix_k, fix_v = fixes if n else (keys_3B, out_BV)  # no table: any valid pointers, never read
+    fix_k, fix_v, n = _fix_table(fixes, out_BV)
     _gumbel_kernel[(B, triton.cdiv(V, block))](keys_3B, B, out_BV, V, fix_k, fix_v, BLOCK=block,
                                                LOGS=fixes is not None, NFIX=n)
     return fixes is not None
@@ -164,7 +179,8 @@ def gumbel_noise(seed_B: torch.Tensor, stream_B: torch.Tensor, pos_B: torch.Tens
 
 def gumbel_argmax(logits_BV: torch.Tensor, temp: float, seed_B, stream_B, pos_B) -> torch.Tensor:
     """argmax(logits / temp + gumbel_noise(...)) per row, bit for bit as the torch ops compute
-    it, in three launches (noise, chunk maxima, merge) instead of a pass per op: CUDA only.
+    it, in two launches (chunk maxima with the noise made in the kernel, merge) instead of a
+    pass per op: CUDA only.
     The division is torch's (x times the fp32 reciprocal, one rounding), skipped at temp 1
     where it is exact; the noise is gumbel_noise's; where the fused logs do not match torch's,
     torch's ops leave t = log(-log(u)) and the kernel adds -t (x - t == x + (-t) exactly);
@@ -175,24 +191,30 @@ def gumbel_argmax(logits_BV: torch.Tensor, temp: float, seed_B, stream_B, pos_B)
     if x.stride(-1) != 1:
         x = x.contiguous()
     keys_3B = torch.stack([seed_B.long(), stream_B.long(), pos_B.long()])
+    fixes = _log_fixes(dev)
+    if fixes is not None:  # the noise made inside the argmax kernel: no [B, V] noise in memory
+        return noisy_argmax(x, keys_3B, neg=False, fixes=fixes)
     noise = torch.empty(B, V, dtype=torch.float32, device=dev)
-    logs = _launch_gumbel(keys_3B, noise, 2048)
-    if not logs:
-        noise.log_().neg_().log_()  # t = log(-log(u)): the noise is -t
-    return noisy_argmax(x, noise, neg=not logs)
+    _launch_gumbel(keys_3B, noise, 2048)
+    noise.log_().neg_().log_()  # t = log(-log(u)): the noise is -t
+    return noisy_argmax(x, noise, neg=True)
 
 
-def noisy_argmax(x_BV: torch.Tensor, noise_BV: torch.Tensor, neg: bool, chunk: int = 0) -> torch.Tensor:
+def noisy_argmax(x_BV: torch.Tensor, noise_BV: torch.Tensor, neg: bool, chunk: int = 0,
+                 fixes: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     """(x + noise).argmax(-1) (neg: x - noise), x cast to fp32, noise fp32 contiguous; in two
-    launches: each chunk's max and first index, then the first chunk holding the row's max."""
+    launches: each chunk's max and first index, then the first chunk holding the row's max.
+    With `fixes` (_log_fixes' table) noise_BV is instead the [3, B] row keys, and the kernel
+    makes gumbel_noise's values itself."""
     B, V = x_BV.shape
     chunk = chunk or _ARGMAX_CHUNK
     chunks = triton.cdiv(V, chunk)
     maxes = torch.empty(B, chunks, dtype=torch.float32, device=x_BV.device)
     idx = torch.empty(B, chunks, dtype=torch.int32, device=x_BV.device)
     out = torch.empty(B, dtype=torch.int64, device=x_BV.device)
-    _noisy_argmax_kernel[(B, chunks)](x_BV, noise_BV, maxes, idx, V, x_BV.stride(0), chunks, NEG=neg, CHUNK=chunk,
-                                      num_warps=8)
+    fix_k, fix_v, n = _fix_table(fixes, maxes)
+    _noisy_argmax_kernel[(B, chunks)](x_BV, noise_BV, maxes, idx, V, x_BV.stride(0), chunks, B, fix_k, fix_v, NEG=neg,
+                                      CHUNK=chunk, KEYS=fixes is not None, NFIX=n, num_warps=8)
     _argmax_merge_kernel[(B,)](maxes, idx, out, chunks, BLOCK=max(16, triton.next_power_of_2(chunks)))
     return out
 
