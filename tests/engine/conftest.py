@@ -67,6 +67,38 @@ def mock_engine(num_pages: int = 64, page_size: int = 16, graphs: bool = False, 
     return (graph_layout(eng) if graphs else eng), model
 
 
+def finish_all(eng: Engine) -> dict:
+    """Step `eng` until nothing is unfinished; {(request_id, sample_index): Result} of every
+    sample that finished meanwhile."""
+    done = {}
+    while eng.has_unfinished():
+        for out in eng.step():
+            if out.finished:
+                done[(out.request_id, out.sample_index)] = out.result
+    return done
+
+
+GRID = [(t, k, p) for t in (0.0, 0.6, 1.0, 1.3) for k in (0, 1, 20) for p in (1.0, 0.9)]
+
+
+def grid_requests(n_req: int, seed: int, stops, new) -> list:
+    """Requests over GRID: random prompts (every third with a shared 40-token prefix), n of
+    1-3, stop_token_ids stops(i), max_new_tokens new(i), seed 100 + i."""
+    from miles_fsdp.engine import Request, SamplingParams
+
+    g = torch.Generator().manual_seed(seed)
+    shared = torch.randint(0, 256, (40,), generator=g).tolist()
+    reqs = []
+    for i in range(n_req):
+        t, k, p = GRID[(i * 5) % len(GRID)]
+        prompt = torch.randint(0, 256, (int(torch.randint(3, 60, (1,), generator=g)),), generator=g).tolist()
+        if i % 3 == 0:
+            prompt = shared + prompt[:8]  # prefix-cache hits
+        reqs.append(Request(prompt, SamplingParams(n=1 + i % 3, temperature=t, top_k=k, top_p=p,
+                                                   max_new_tokens=new(i), seed=100 + i, stop_token_ids=stops(i))))
+    return reqs
+
+
 def graph_layout(eng: Engine) -> Engine:
     """Decode steps take the CUDA-graph path (static buffers, padding, device-side input ids
     under overlap scheduling) without capture, so that it runs on CPU."""

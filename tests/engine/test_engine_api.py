@@ -7,7 +7,7 @@ import torch
 
 from miles_fsdp.engine import Engine, EngineConfig, FinishReason, Request, SamplingParams
 
-from conftest import load_tiny, mock_engine, trainer_logprobs
+from conftest import finish_all, load_tiny, mock_engine, trainer_logprobs
 
 
 def letters(ids: list[int]) -> str:
@@ -43,15 +43,11 @@ def test_abort_finishes_with_partial_output_and_frees_pages():
     eng, _ = mock_engine(num_pages=16)
     eng.add_request(Request([1, 2, 3], SamplingParams(n=2, max_new_tokens=40, seed=0), request_id="a"))
     eng.add_request(Request([4, 5, 6], SamplingParams(max_new_tokens=10, seed=0), request_id="b"))
-    done = {}
     for _ in range(4):
         eng.step()
     eng.abort("a")
     eng.abort("missing")  # unknown ids are a no-op (the request may have just finished)
-    while eng.has_unfinished():
-        for out in eng.step():
-            if out.finished:
-                done[(out.request_id, out.sample_index)] = out.result
+    done = finish_all(eng)
     assert {k: r.finish_reason for k, r in done.items()} == {
         ("a", 0): FinishReason.ABORT, ("a", 1): FinishReason.ABORT, ("b", 0): FinishReason.LENGTH}
     assert 0 < len(done[("a", 0)].token_ids) < 40 and len(done[("a", 0)].logprobs) == len(done[("a", 0)].token_ids)
@@ -64,7 +60,6 @@ def test_release_and_resume_keep_samples_exact():
     [want] = ref.generate(reqs)
     eng, _ = mock_engine(num_pages=16)
     eng.add_request(Request(list(reqs[0].prompt_ids), reqs[0].params, "x"))
-    got = {}
     for _ in range(3):
         eng.step()
     eng.release()
@@ -72,10 +67,7 @@ def test_release_and_resume_keep_samples_exact():
     with pytest.raises(RuntimeError, match="resume"):
         eng.step()
     eng.resume()
-    while eng.has_unfinished():
-        for out in eng.step():
-            if out.finished:
-                got[out.sample_index] = out.result
+    got = {i: r for (_, i), r in finish_all(eng).items()}
     for i, w in enumerate(want):
         assert got[i].token_ids == w.token_ids and torch.equal(got[i].logprobs, w.logprobs)
 

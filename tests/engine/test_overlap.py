@@ -7,15 +7,12 @@ release/resume and weight updates, on the CUDA-graph layout run without capture 
 from __future__ import annotations
 
 import pytest
-import torch
 
 from miles_fsdp.engine import Engine, EngineConfig, FinishReason, Request, SamplingParams
 from miles_fsdp.models import load_model
 from miles_fsdp.models.testing import build_tiny_checkpoint
 
-from conftest import count_overlapped, graph_layout, mock_engine
-
-GRID = [(t, k, p) for t in (0.0, 0.7, 1.0, 1.3) for k in (0, 1, 20) for p in (1.0, 0.9)]
+from conftest import count_overlapped, finish_all, graph_layout, grid_requests, mock_engine
 
 
 @pytest.fixture(scope="module")
@@ -27,18 +24,8 @@ def models(tmp_path_factory):
 
 
 def _requests(n_req: int = 12, seed: int = 0) -> list[Request]:
-    g = torch.Generator().manual_seed(seed)
-    shared = torch.randint(0, 256, (40,), generator=g).tolist()
-    reqs = []
-    for i in range(n_req):
-        t, k, p = GRID[(i * 5) % len(GRID)]
-        prompt = torch.randint(0, 256, (int(torch.randint(3, 60, (1,), generator=g)),), generator=g).tolist()
-        if i % 3 == 0:
-            prompt = shared + prompt[:8]  # prefix-cache hits
-        stops = list(range(8 * (i % 4)))  # 0-24 stop ids of 256: samples stop at scattered steps
-        reqs.append(Request(prompt, SamplingParams(n=1 + i % 3, temperature=t, top_k=k, top_p=p,
-                                                   max_new_tokens=10 + 4 * i, seed=100 + i, stop_token_ids=stops)))
-    return reqs
+    # 0-24 stop ids of 256: samples stop at scattered steps
+    return grid_requests(n_req, seed, stops=lambda i: list(range(8 * (i % 4))), new=lambda i: 10 + 4 * i)
 
 
 def _run(model, reqs, graphs: bool, **cfg):
@@ -85,11 +72,7 @@ def test_paged_kv_and_abort_in_flight(graphs):
         eng.step()
     assert graphs == (eng._inflight is not None)
     eng.abort("a")
-    done = {}
-    while eng.has_unfinished():
-        for out in eng.step():
-            if out.finished:
-                done[(out.request_id, out.sample_index)] = out.result
+    done = finish_all(eng)
     assert {k: r.finish_reason for k, r in done.items()} == {
         ("a", 0): FinishReason.ABORT, ("a", 1): FinishReason.ABORT, ("b", 0): FinishReason.LENGTH}
     a0 = done[("a", 0)]
@@ -116,9 +99,5 @@ def test_release_and_weight_update_drain_the_step_in_flight(models):
         else:
             eng.update_weights(models["qwen3"].state_dict(), version=1)
         assert eng._inflight is None
-        got = {}
-        while eng.has_unfinished():
-            for out in eng.step():
-                if out.finished:
-                    got[out.sample_index] = out.result
-        assert [(r.token_ids, r.logprobs.tolist(), r.finish_reason) for r in (got[0], got[1])] == want[0], action
+        got = finish_all(eng)
+        assert [(r.token_ids, r.logprobs.tolist(), r.finish_reason) for r in (got["x", 0], got["x", 1])] == want[0], action

@@ -14,7 +14,7 @@ from miles_fsdp.engine.scheduler import SpecCounts, accepted
 from miles_fsdp.models import load_model
 from miles_fsdp.models.testing import build_tiny_checkpoint
 
-GRID = [(t, k, p) for t in (0.0, 0.6, 1.0, 1.3) for k in (0, 1, 20) for p in (1.0, 0.9)]
+from conftest import GRID, grid_requests
 
 
 @pytest.fixture(scope="module")
@@ -30,18 +30,7 @@ def models(tmp_path_factory):
 
 
 def _requests(n_req: int = 10, seed: int = 0) -> list[Request]:
-    g = torch.Generator().manual_seed(seed)
-    shared = torch.randint(0, 256, (40,), generator=g).tolist()
-    reqs = []
-    for i in range(n_req):
-        t, k, p = GRID[(i * 5) % len(GRID)]
-        prompt = torch.randint(0, 256, (int(torch.randint(3, 60, (1,), generator=g)),), generator=g).tolist()
-        if i % 3 == 0:
-            prompt = shared + prompt[:8]  # prefix-cache hits
-        reqs.append(Request(prompt, SamplingParams(n=1 + i % 3, temperature=t, top_k=k, top_p=p,
-                                                   max_new_tokens=12 + 3 * i, seed=100 + i,
-                                                   stop_token_ids=[7] if i % 4 == 1 else [])))
-    return reqs
+    return grid_requests(n_req, seed, stops=lambda i: [7] if i % 4 == 1 else [], new=lambda i: 12 + 3 * i)
 
 
 def _run(model, k: int, reqs, **cfg) -> list:
