@@ -46,11 +46,12 @@ def test_overlap_changes_nothing(models, arch):
         assert got == want, f"{cfg}: overlap scheduling changed the output"
         # with waiting samples that may fit (tight pages, few slots) steps overlap less often
         assert len(calls) > (20 if not cfg else 0), f"{cfg}: decode steps did not overlap"
+        assert eng.metrics()["engine/overlap_steps_total"] == len(calls)
         assert eng.stats()["num_free_pages"] == eng.num_pages - 1  # cached pages count as free
         if "num_pages" in cfg:
             assert eng.stats()["num_preemptions"] > 0
-    got, _, calls = _run(models[arch], reqs, graphs=True, overlap_schedule=False)
-    assert got == want and not calls
+    got, eng, calls = _run(models[arch], reqs, graphs=True, overlap_schedule=False)
+    assert got == want and not calls and "engine/overlap_steps_total" not in eng.metrics()
 
 
 @pytest.mark.parametrize("graphs", [False, True])

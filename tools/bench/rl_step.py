@@ -126,7 +126,8 @@ def main() -> None:
     print(f"rollout {mean['gen_tok_s']:.0f} tok/s, train {mean['train_tok_s']:.0f} tok/s (MFU {mean['mfu']:.1%}), "
           f"logprob diff max {max(r['logprob_abs_diff_max'] for r in rows)}")
     print(f"engine: {e['engine/preemptions_total']:.0f} preemptions in {a.steps} steps, "
-          f"decode from CUDA graphs: {e.get('engine/cuda_graphs_active', 0.0) == 1.0}; trainer trunk from CUDA "
+          f"decode from CUDA graphs: {e.get('engine/cuda_graphs_active', 0.0) == 1.0} "
+          f"({e.get('engine/overlap_steps_total', 0.0):.0f} steps overlapped); trainer trunk from CUDA "
           f"graphs: {trainer.graphs is not None and not trainer.graphs.failed}")
     with open(a.out, "w") as f:
         json.dump({"device": torch.cuda.get_device_name() if CUDA else "cpu", "date": datetime.date.today().isoformat(),

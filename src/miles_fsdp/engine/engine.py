@@ -77,6 +77,7 @@ class Engine:
         self._released = False
         self._pending: list[StepOutput] = []  # produced outside step() (abort, drain), returned by the next step()
         self._inflight: tuple[Batch, Sampled] | None = None  # overlap: a launched decode step not yet seen
+        self._num_overlapped = 0  # decode steps launched before the previous one was seen
         self._requests: dict[str, list[Sequence]] = {}
         self._rng = random.Random(config.seed)
         self._awaited: dict[str, tuple[asyncio.Future, Callable[[], bool] | None]] = {}  # agenerate's calls
@@ -210,6 +211,7 @@ class Engine:
         self._inflight = None
         if nxt is not None and self.runner.can_launch(nxt):
             self._inflight = (nxt, self.runner.launch(nxt, sampled))
+            self._num_overlapped += 1
         tokens, logprobs = sampled.wait()
         return self.scheduler.postprocess(batch, tokens, logprobs, self.weight_version)
 
@@ -252,12 +254,16 @@ class Engine:
         0 once a capture failed and decode runs eagerly; absent on CPU or with graphs off) and
         engine/preemptions_total (samples preempted for KV space so far: raise the KV size if it climbs);
         engine/draft_graphs_active (with speculation and graphs: 1 while the drafter replays its graphs);
+        engine/overlap_steps_total (with graphs and overlap_schedule, no speculation: decode steps
+        launched before the previous one was post-processed, so far);
         with speculation, engine/spec_accept_rate(_i) and engine/spec_mean_accept_len since the last call."""
         out = {"engine/preemptions_total": float(self.scheduler.num_preemptions)}
         if self.cuda_graphs_active is not None:
             out["engine/cuda_graphs_active"] = float(self.cuda_graphs_active)
             if self.drafter is not None:
                 out["engine/draft_graphs_active"] = float(self.runner.draft_graphs is not None)
+            elif self.config.overlap_schedule:
+                out["engine/overlap_steps_total"] = float(self._num_overlapped)
         return out | self.scheduler.spec.take()
 
     async def agenerate(self, prompt_ids: list[int], params: SamplingParams,
