@@ -161,7 +161,8 @@ class Engine:
         return self.scheduler.has_unfinished() or bool(self._pending) or self._inflight is not None
 
     def step(self) -> list[StepOutput]:
-        """Run one scheduled batch; return what each sample produced (for streaming)."""
+        """Run one scheduled batch (under overlap scheduling: see the step in flight through and
+        launch the next); return what each sample produced (for streaming)."""
         outs, self._pending = self._pending, []
         outs += self._step()
         for out in outs:
