@@ -101,4 +101,5 @@ def test_release_and_weight_update_drain_the_step_in_flight(models):
             eng.update_weights(models["qwen3"].state_dict(), version=1)
         assert eng._inflight is None
         got = finish_all(eng)
-        assert [(r.token_ids, r.logprobs.tolist(), r.finish_reason) for r in (got["x", 0], got["x", 1])] == want[0], action
+        got = [(r.token_ids, r.logprobs.tolist(), r.finish_reason) for r in (got["x", 0], got["x", 1])]
+        assert got == want[0], action

@@ -3,10 +3,10 @@
 On the GPU the decode step is a graph replay plus host work: scheduling, filling the graph's
 input buffer, the sampler's launches and its one copy out, and postprocessing (append, stop
 checks, step outputs). Without overlap scheduling the GPU waits for all of it; with it
-(the default) it runs while the GPU computes the next step, and must stay shorter than that. This measures that host work on any
-machine: a tiny model prefills real requests, then decode steps run through the real
-scheduler, the real graph-input fill (DecodeGraphs without capture, the model faked) and the real
-sampler on small logits.
+(the default) it runs while the GPU computes the next step, and must stay shorter than that.
+This measures that host work on any machine: a tiny model prefills real requests, then
+decode steps run through the real scheduler, the real graph-input fill (DecodeGraphs
+without capture, the model faked) and the real sampler on small logits.
 
     python tools/bench/engine_host.py --batch 64,256 --out engine_host.json
 """

@@ -17,9 +17,9 @@ Attention reads only the pages under kv_len, so extra columns are unread padding
 invariant kernels give the same bits at any width.
 
 Inputs live in one static device byte buffer that the runner fills with a single
-host-to-device copy from one of two pinned twins (StepBuffers). Under overlap scheduling the
-input ids come from the previous step's sampled ids on the device (`replay(ids_from=...)`). Capture runs a warm-up and
-the capture on padding inputs.
+host-to-device copy from one of two pinned twins (StepBuffers). Under overlap scheduling
+the input ids come from the previous step's sampled ids on the device
+(`replay(ids_from=...)`). Capture runs a warm-up and the capture on padding inputs.
 A forward that cannot be captured (e.g. a host sync) raises when `required`, else it logs a
 warning and decode runs eagerly (`failed`; the engine reports it as cuda_graphs_active).
 """
@@ -50,7 +50,7 @@ def width_buckets(max_pages: int) -> list[int]:
 class StepBuffers:
     """One byte buffer holding ids, pos, slot (int64 [B * rows]), src (int64 [B]), kv_lens
     (int32 [B]) and the block table (int32 [B, P]). Two pinned host twins (on CUDA) take
-    turns mirroring `dev`: `np` / `host` is the one to fill next, so a step can be filled
+    turns mirroring `dev`: `np` / `host_u8` is the one to fill next, so a step can be filled
     while the previous step's upload may still be queued behind work in flight."""
 
     def __init__(self, max_batch: int, max_pages: int, device: torch.device, rows: int = 1):

@@ -178,6 +178,7 @@ class Engine:
             batch = self.scheduler.schedule()
             if batch is None:
                 return []
+        running = batch if batch is not None else self._inflight[0]  # named by an OOM message
         try:
             with mk.use_mode(self.kernel_mode):
                 if batch is not None and not self._overlaps(batch):
@@ -192,10 +193,9 @@ class Engine:
         except RuntimeError as e:
             if not is_oom(e):
                 raise
-            c, b = self.config, batch or (self._inflight or (Batch([], True),))[0]
+            c, n = self.config, sum(it.q_len for it in running.items)
             self._inflight = None
-            n = sum(it.q_len for it in b.items)
-            raise oom_error(e, f"engine step ({len(b.items)} sequences, {n} tokens)",
+            raise oom_error(e, f"engine step ({len(running.items)} sequences, {n} tokens)",
                             f"lower EngineConfig.max_prefill_tokens (now {c.max_prefill_tokens}) or max_num_seqs "
                             f"(now {c.max_num_seqs}), or kv_memory_fraction to leave room for activations") from e
 

@@ -6,8 +6,9 @@ For each scheduled sequence the runner computes tokens [start, start + q) of it:
     meta.block_table    the sequence's pages, padded with the scratch page 0
     slot_T              page * S + offset where each new token's K/V is written
 Only the last row of a chunk that reaches the sequence's end goes through `model.logits`
-and the sampler: run(batch) = launch(batch).wait(), launch = sample_launch(logits(batch), rows); a speculative verify item (decode
-with `draft` tokens) samples at every one of its 1 + draft positions. The runner owns the KV
+and the sampler: launch(batch) = sample_launch(logits(batch), rows), run(batch) = its wait();
+a speculative verify item (decode with `draft` tokens) samples at every one of its 1 + draft
+positions. The runner owns the KV
 cache tensors (with `draft_layers` extra layers for the MTP draft) and the decode CUDA graphs;
 with a draft it keeps the last forward's hidden states (`hidden_TD`) for it, and its decode
 graphs verify: each sequence gets `verify_rows` (1 + K) rows, the unused ones padding.

@@ -15,12 +15,14 @@ Temperature 0 is greedy argmax; its logprob is recorded at temperature 1 (same f
 
 On CUDA the noise comes from one fused Triton kernel (`_gumbel_kernel`) instead of ~20
 int64 passes over [B, V]: the hash is the same int64 arithmetic, so it is exact; the two
-logs use Triton's tl.log (libdevice's logf on CUDA), which the first use checks against torch.log on every one of the
-2**23 possible u values: the few that differ (one on an H200 with CUDA 13) get torch's value
-from a table in the kernel; were there many, the kernel returns u and torch takes the logs.
-Either way the noise is bit-for-bit what `gumbel_noise` computes. One step does one host<->device
-round trip: row parameters in (one copy), (ids, logprob bits) out (one copy, waited on
-only by Sampled.wait(), so the engine can launch its next step first).
+logs use Triton's tl.log (libdevice's logf on CUDA), which the first use checks against
+torch.log on every one of the 2**23 possible u values: the few that differ (one on an H200
+with CUDA 13) get torch's value from a table in the kernel; were there many, the kernel
+returns u and torch takes the logs. Where the logs stay in the kernel the argmax kernel
+makes the noise itself. Either way the noise is bit-for-bit what `gumbel_noise` computes.
+One step does one host<->device round trip: row parameters in (one copy), (ids, logprob
+bits) out (one copy, waited on only by Sampled.wait(), so the engine can launch its next
+step first).
 """
 
 from __future__ import annotations
