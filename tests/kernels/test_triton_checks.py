@@ -131,6 +131,77 @@ def check_linears() -> None:
         raise AssertionError("linears accepted weights of different K")
 
 
+def check_linear_k_chunks() -> None:
+    """A K-chunked weight (K_CHUNKS): y = 0 + each chunk's product from zero, in order (checked
+    against linear over each chunk alone), with every kernel: pointer, persistent TMA (a tile's
+    chunks in one flat loop), split (chunks side by side, then the ordered sum), rows alone or
+    in any batch; linears runs each weight's own chunks; an unchunked shape keeps one walk."""
+    from miles_kernels._triton import matmul as lin
+
+    saved = dict(lin.K_CHUNKS)
+    g = torch.Generator().manual_seed(21)
+    x = torch.randn(37, 200, generator=g)  # K = 200: chunks of 64, 64, 64 and 8 (BLOCK_K 32)
+    w = torch.randn(40, 200, generator=g)  # 40 * 4 bytes: TMA-aligned rows
+    b = torch.randn(40, generator=g)
+    try:
+        plain = lin.linear(x, w, b)
+        lin.K_CHUNKS[torch.float32] = lin.KChunks(48, 96, 64)
+        assert lin.k_chunk(40, 200, torch.float32) == 64 and lin.k_chunk(72, 200, torch.float32) == 200
+        assert lin.k_chunk(40, 64, torch.float32) == 64
+        y = lin.linear(x, w, b)
+        assert not torch.equal(y, plain), "the chunked sum gave the plain walk's bits: chunks not applied"
+        _close(y, x.double() @ w.double().T + b.double(), "chunked linear", atol=1e-4)
+        want = torch.zeros(37, 40)
+        for c0 in range(0, 200, 64):  # fp32 out: each chunk's walk comes back unrounded
+            want = want + lin.linear(x[:, c0 : c0 + 64].contiguous(), w[:, c0 : c0 + 64].contiguous())
+        _same(y, want + b, "chunked linear vs 0 + chunk sums in order, then + b")
+        tiles = (lin.Tile(0, 16, 16, 32, 1, 4, 2), lin.Tile(0, 32, 16, 32, 2, 4, 2, True),
+                 lin.Tile(0, 16, 32, 32, 1, 4, 2, True), lin.Tile(0, 16, 16, 32, 2, 4, 2, False, True),
+                 lin.Tile(0, 32, 32, 32, 1, 4, 2, False, True))
+        for t in tiles:
+            for rows in (slice(0, 37), slice(3, 4), slice(5, 29)):
+                out = torch.empty(rows.stop - rows.start, 40)
+                lin._launch_linear(x[rows], w, b, out, t)
+                _same(out, y[rows], f"chunked linear tile {t} rows {rows}")
+        w2 = torch.randn(72, 200, generator=g)  # N = 72: one chunk
+        for tiles_ in ((lin.Tile(64, 16, 16, 32, 1, 4, 2),), (lin.Tile(64, 32, 32, 32, 1, 4, 2),)):
+            saved_small = dict(lin.SMALL_M_TILES)
+            lin.SMALL_M_TILES[torch.float32] = tiles_
+            try:
+                ys = lin.linears(x, (w2, w), (torch.zeros(72), b))
+            finally:
+                lin.SMALL_M_TILES.clear()
+                lin.SMALL_M_TILES.update(saved_small)
+            _same(ys[1], y, f"linears' chunked weight vs linear (tiles {tiles_})")
+            _same(ys[0], lin.linear(x, w2, torch.zeros(72)), f"linears' unchunked weight vs linear (tiles {tiles_})")
+    finally:
+        lin.K_CHUNKS.clear()
+        lin.K_CHUNKS.update(saved)
+
+
+def check_linear_tile_pick() -> None:
+    """linear_tile on an H200-sized GPU (132 SMs): a decode-sized M of a chunked weight runs its
+    chunks side by side; big M keeps two accumulators within 128 x 128; other weights as before."""
+    from miles_kernels._triton import matmul as lin
+
+    saved = lin._num_programs
+    lin._num_programs = lambda device: 132
+    try:
+        bf = torch.bfloat16
+        assert lin.k_chunk(1024, 2048, bf) == 512 and lin.k_chunk(1024, 1024, bf) == 1024
+        assert lin.k_chunk(4096, 4096, bf) == 4096
+        o64 = lin.linear_tile(64, bf, 1024, None, 2048)
+        assert o64.split and o64.block_m == 64, o64
+        assert not lin.linear_tile(64, bf, 1024, None, 1024).split
+        assert not lin.linear_tile(64, bf, 1024).split  # k unknown: one chunk assumed
+        big = lin.linear_tile(4096, bf, 1024, None, 3072)
+        assert not big.split and big.block_m * big.block_n <= 128 * 128, big
+        assert lin.linear_tile(4096, bf, 4096, None, 4096).block_n == 256
+    finally:
+        lin._num_programs = saved
+        lin._TILE_CACHE.clear()
+
+
 def check_grouped_linear() -> None:
     kt = _kt()
     g = torch.Generator().manual_seed(2)
