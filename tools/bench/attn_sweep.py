@@ -238,8 +238,8 @@ def prefill_sweep(path: str) -> None:
         json.dump(res, open(path, "w"), indent=1)
 
 
-DECODE_TILES = [  # decode tile BLOCK_M, warps, stages (the first: the current default)
-    (64, 4, 3), (16, 1, 3), (16, 2, 3), (16, 4, 3), (16, 2, 4), (32, 2, 3), (32, 4, 3), (64, 4, 4), (64, 8, 3),
+DECODE_TILES = [  # decode tile BLOCK_M, warps, stages (the first: the current default; 2026-12-02 sixth run
+    (64, 4, 3), (64, 4, 2), (64, 4, 4), (64, 8, 2), (64, 8, 3),  # also swept BM 16 / 32: other bits, rejected)
 ]
 
 
@@ -280,7 +280,7 @@ def decode_tiles(path: str) -> None:
             res.append(dict(cfg=[bm, w, st], error=str(e)[:500]))
             continue
         rows = []
-        for B, ctx in ((8, 544), (64, 544), (64, 4096), (256, 544), (256, 1024)):
+        for B, ctx in ((8, 544), (64, 192), (64, 544), (64, 4096), (256, 192), (256, 544), (256, 1024)):
             q, kc, vc, cu, kv, n, ks, vs, gb = decode_case(B, ctx, H, K, D, page)
             bt = torch.arange(B * n, device="cuda", dtype=torch.int32).view(B, n)
             t = _graph_ms(lambda: A.attention(q, kc, vc, cu, kv, bt, 1, D**-0.5))
