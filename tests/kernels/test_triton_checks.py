@@ -567,7 +567,31 @@ def check_silu_mul_grad() -> None:
     _same(gu2, gu, "silu_mul gu run to run")
 
 
+def _each_part_size(check):
+    """Run check with the default LOGPROB_PART and with one chunk a part (several parts a row,
+    their states merged in order), restoring the default after."""
+    from miles_kernels._triton import rows
+
+    saved = rows.LOGPROB_PART
+    try:
+        for part in (saved, rows.LOGPROB_CHUNK):
+            rows.LOGPROB_PART = part
+            check()
+    finally:
+        rows.LOGPROB_PART = saved
+
+
 def check_logprobs() -> None:
+    _each_part_size(_check_logprobs)
+
+
+def check_logprobs_filtered() -> None:
+    """top-k / top-p act on logits / T (as the sampler's filter does), and a row whose first
+    vocab chunks (parts) are all masked stays finite (the online max starts at -inf)."""
+    _each_part_size(_check_logprobs_filtered)
+
+
+def _check_logprobs() -> None:
     kt = _kt()
     g = torch.Generator().manual_seed(6)
     logits = torch.randn(5, 9000, generator=g) * 5  # three vocab chunks, last one partial
@@ -584,9 +608,7 @@ def check_logprobs() -> None:
             _same(a[0], b_[2], f"{n} row alone vs in batch")
 
 
-def check_logprobs_filtered() -> None:
-    """top-k / top-p act on logits / T (as the sampler's filter does), and a row whose first
-    vocab chunks are all masked stays finite (the online max starts at -inf)."""
+def _check_logprobs_filtered() -> None:
     from miles_kernels._ref import filter_logits
     from miles_kernels._triton.rows import LOGPROB_CHUNK
 

@@ -1,7 +1,7 @@
 """Per-row reductions over a vocabulary or expert axis: logprobs and route_topk.
 
-One program per row; the row is walked in fixed chunks, so its reduction order never
-depends on the number of rows. Logits are read in their own dtype and upcast chunk by
+A row is walked in fixed chunks (logprobs: in fixed parts of chunks, one program each, the
+parts' states merged in order), so its reduction order never depends on the number of rows. Logits are read in their own dtype and upcast chunk by
 chunk: no fp32 copy of a [T, V] tensor is ever made.
 """
 
@@ -13,43 +13,83 @@ from miles_kernels._triton.launch import fast_launch
 
 
 LOGPROB_CHUNK = 4096  # vocab entries per step of the online max / sum-exp walk
+# A row's vocabulary in fixed parts of this many entries (a multiple of LOGPROB_CHUNK), one
+# program each, their states merged in order: a 151,936 vocab is 10 parts, so a decode-sized
+# batch keeps the GPU busy (one program a row was latency-bound: 57 us for 64 rows).
+LOGPROB_PART = 4 * LOGPROB_CHUNK
+
+
+@triton.jit
+def _lp_shift(m, s, m_new):
+    """(shift, alpha) that move a state (max m, sum s) to the max m_new: shift 0 for an empty state."""
+    shift = tl.where(s > 0.0, m - m_new, 0.0)
+    return shift, tl.exp(shift)
 
 
 @fast_launch
 @triton.jit
-def _logprobs_kernel(
-    logits_ptr, ids_ptr, logp_ptr, ent_ptr, lse_ptr, V, stride_t, temperature,
-    CHUNK: tl.constexpr,
-):
+def _logprobs_part_kernel(logits_ptr, state_ptr, V, stride_t, n_parts, temperature,
+                          PART: tl.constexpr, CHUNK: tl.constexpr):
+    # State of part p of a row, in units of z = logits / T, shifted by the running max m:
+    #   s = sum exp(z - m),  w = sum exp(z - m) * (z - m)   (entropy = log s - w / s)
     row = tl.program_id(0).to(tl.int64)
+    part = tl.program_id(1)
     base = logits_ptr + row * stride_t
     cols = tl.arange(0, CHUNK)
-    # State in units of z = logits / T, shifted by the running max m:
-    #   s = sum exp(z - m),  w = sum exp(z - m) * (z - m)   (entropy = log s - w / s)
+    v_hi = tl.minimum(part * PART + PART, V)
     m = tl.full([], float("-inf"), tl.float32)
     s = tl.zeros([], tl.float32)
     w = tl.zeros([], tl.float32)
-    for v0 in range(0, V, CHUNK):
-        z = tl.load(base + v0 + cols, mask=v0 + cols < V, other=float("-inf")).to(tl.float32) / temperature
+    for v0 in range(part * PART, v_hi, CHUNK):
+        z = tl.load(base + v0 + cols, mask=v0 + cols < v_hi, other=float("-inf")).to(tl.float32) / temperature
         m_new = tl.maximum(m, tl.max(z, 0))
         # every logit so far masked (top-k/top-p): m_new = -inf and z - m_new would be nan;
         # shifting by 0 instead gives e = 0 and leaves the state empty
         m_sub = tl.where(m_new == float("-inf"), 0.0, m_new)
         e = tl.exp(z - m_sub)
         zc = tl.where(e > 0.0, e * (z - m_sub), 0.0)
-        # rescale the old state to the new max; on the first chunk s == 0 and m == -inf
-        shift = tl.where(s > 0.0, m - m_new, 0.0)
-        alpha = tl.exp(shift)
+        shift, alpha = _lp_shift(m, s, m_new)  # on the first chunk s == 0 and m == -inf
         w = alpha * (w + shift * s) + tl.sum(zc, 0)
         s = alpha * s + tl.sum(e, 0)
         m = m_new
+    out = state_ptr + (row * n_parts + part) * 3
+    tl.store(out, m)
+    tl.store(out + 1, s)
+    tl.store(out + 2, w)
+
+
+@fast_launch
+@triton.jit
+def _logprobs_kernel(logits_ptr, ids_ptr, state_ptr, logp_ptr, ent_ptr, lse_ptr, T, n_parts, stride_t, temperature,
+                     ROWS: tl.constexpr):
+    """Merge each row's part states in order (from an empty state), then logp, entropy, lse."""
+    rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
+    ok = rows < T
+    st = state_ptr + rows.to(tl.int64) * n_parts * 3
+    m = tl.full((ROWS,), float("-inf"), tl.float32)
+    s = tl.zeros((ROWS,), tl.float32)
+    w = tl.zeros((ROWS,), tl.float32)
+    for _ in range(0, n_parts):
+        m_p = tl.load(st, mask=ok, other=float("-inf"))
+        s_p = tl.load(st + 1, mask=ok, other=0.0)
+        w_p = tl.load(st + 2, mask=ok, other=0.0)
+        m_new = tl.maximum(m, m_p)
+        shift, alpha = _lp_shift(m, s, m_new)
+        shift_p, alpha_p = _lp_shift(m_p, s_p, m_new)
+        w = alpha * (w + shift * s) + alpha_p * (w_p + shift_p * s_p)
+        s = alpha * s + alpha_p * s_p
+        m = m_new
+        st += 3
     log_s = tl.log(s)
     lse = m + log_s
-    tok = tl.load(ids_ptr + row)
-    z_tok = tl.load(base + tok).to(tl.float32) / temperature
-    tl.store(logp_ptr + row, z_tok - lse)
-    tl.store(ent_ptr + row, log_s - w / s)
-    tl.store(lse_ptr + row, lse)
+    tok = tl.load(ids_ptr + rows, mask=ok, other=0)
+    z_tok = tl.load(logits_ptr + rows.to(tl.int64) * stride_t + tok, mask=ok, other=0.0).to(tl.float32) / temperature
+    tl.store(logp_ptr + rows, z_tok - lse, mask=ok)
+    tl.store(ent_ptr + rows, log_s - w / s, mask=ok)
+    tl.store(lse_ptr + rows, lse, mask=ok)
+
+
+_MERGE_ROWS = 64
 
 
 def logprobs(
@@ -71,9 +111,15 @@ def logprobs(
         logits_TV = logits_TV.contiguous()
     out = torch.empty((3, T), dtype=torch.float32, device=logits_TV.device)
     if T > 0:
-        _logprobs_kernel[(T,)](
-            logits_TV, ids_T.contiguous(), out[0], out[1], out[2], V, logits_TV.stride(0), float(temperature),
-            CHUNK=LOGPROB_CHUNK, num_warps=8,
+        n_parts = max(triton.cdiv(V, LOGPROB_PART), 1)
+        states = torch.empty((T, n_parts, 3), dtype=torch.float32, device=logits_TV.device)
+        _logprobs_part_kernel[(T, n_parts)](
+            logits_TV, states, V, logits_TV.stride(0), n_parts, float(temperature),
+            PART=LOGPROB_PART, CHUNK=LOGPROB_CHUNK, num_warps=8,
+        )
+        _logprobs_kernel[(triton.cdiv(T, _MERGE_ROWS),)](
+            logits_TV, ids_T.contiguous(), states, out[0], out[1], out[2], T, n_parts, logits_TV.stride(0),
+            float(temperature), ROWS=_MERGE_ROWS, num_warps=2,
         )
     return out[0], out[1], out[2]
 
