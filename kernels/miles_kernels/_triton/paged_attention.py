@@ -27,8 +27,10 @@ from miles_kernels._cpu import ATTN_BLOCK  # KV walk granularity: one constant f
 KV_BLOCK = 64  # KV tokens per online-softmax step (multiple of ATTN_BLOCK); any page size works (gather)
 KV_SPLIT = 256  # tokens per split (multiple of KV_BLOCK): enough programs for decode, few merges
 # Split-parallel decode launches about this many programs ((sequence, kv head) pairs x split
-# programs): enough to fill an H100/H200 several times over; more is only empty programs.
-DECODE_PROGRAMS = 1024
+# programs): enough to fill an H200 several times over. From 512 pairs on (batch 64 at 8 kv
+# heads) the one-program path is faster (59.8 vs 63.4 us at B 64 ctx 544, 314.6 vs 319.5 at
+# ctx 4096; 2026-12-02 attn_sweep.py --decode) and drops the combine kernel.
+DECODE_PROGRAMS = 512
 _BLOCK_M = {torch.bfloat16: 64, torch.float16: 64, torch.float32: 16}  # rows (token x head) per decode tile
 _DECODE_LAUNCH = {torch.bfloat16: (4, 3), torch.float16: (4, 3), torch.float32: (4, 3)}  # its num_warps, num_stages
 # (BLOCK_M, num_warps, num_stages) of the fused path: the tall tile where the longest query
