@@ -87,8 +87,8 @@ def run(shapes, cfgs, peak, rows):
 
 # K-chunked weights (matmul.K_CHUNKS): 0.6B o / down, 8B k|v and a 2048-wide one, at decode and training M;
 # each chunk length is its own numerics, so every tile is checked against that length's first tile.
-CHUNKED = [(m, n, k) for (n, k) in ((1024, 2048), (1024, 3072), (1024, 4096))
-           for m in (64, 128, 256, 512, 4096, 16384)]
+CHUNKED = [(m, n, k) for (n, k) in ((1024, 2048), (1024, 3072), (1024, 4096), (2048, 4096))
+           for m in (64, 128, 256, 512, 1024, 4096, 16384)]
 CHUNK_LENS = (256, 512, 1024)
 SPLIT_CFG = [T(0, 64, 16, 64, 1, 4, 8, False, True), T(0, 64, 32, 64, 1, 4, 8, False, True),
              T(0, 64, 64, 64, 1, 4, 6, False, True), T(0, 128, 64, 64, 8, 4, 4, False, True),
