@@ -39,69 +39,41 @@ def _same(a, b, what):
     assert torch.equal(a, b), f"{what}: not bitwise equal, max diff {(a.double() - b.double()).abs().max().item():.3g}"
 
 
-@pytest.mark.parametrize("K, N", [(2056, 3000), (3080, 1000)], ids=["one-walk", "k-chunks"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
-def test_linear_every_tile_agrees(kt, dtype, K, N):
+def test_linear_every_tile_agrees(kt, dtype):
     """Rows computed with each tile linear may pick (LINEAR_TILES and SMALL_M_TILES), on the
-    pointer and on the persistent TMA kernel, and (K-chunked weights: N <= 2048, K >= 2048 in
-    16 bits) with the chunks side by side, are bitwise equal to the same rows from linear at
-    M = 4096; linear itself at M sizes crossing every bucket too."""
+    pointer and on the persistent TMA kernel, are bitwise equal to the same rows from linear
+    at M = 4096; linear itself at M sizes crossing every bucket too."""
     from miles_kernels._triton import matmul as lin
 
     g = _gen(0)
-    M = 4096  # K, N not tile multiples; 16-byte aligned rows (TMA)
-    chunked = lin.k_chunk(N, K, dtype) < K
-    assert chunked == (N == 1000 and dtype != torch.float32)
+    K, N, M = 2056, 3000, 4096  # not tile multiples; 16-byte aligned rows (TMA)
     x = _randn(M, K, dtype=dtype, g=g)
     w = _randn(N, K, dtype=dtype, g=g, scale=K**-0.5)
     b = _randn(N, dtype=dtype, g=g)
     y_full = kt.linear(x, w, b)
     _accurate(y_full, x.double() @ w.double().T + b.double(), dtype, "linear vs float64")
     for tile in lin.all_linear_tiles(dtype):
-        kinds = ((False, False), (True, False)) + (((False, True),) if chunked else ())
-        for t in (tile._replace(tma=tma, split=split) for tma, split in kinds):
+        for t in (tile._replace(tma=False), tile._replace(tma=True)):
             for start, m in ((0, 1), (5, 64), (100, 300), (0, M)):
-                if t.split and m == M:
-                    continue  # side-by-side chunks are a small-M plan ([chunks, M, N] fp32 partials)
                 y = torch.empty(m, N, dtype=dtype, device="cuda")
                 lin._launch_linear(x[start : start + m], w, b, y, t)
                 _same(y, y_full[start : start + m], f"tile {t} rows {start}:{start + m} vs linear at M={M}")
     for m in (1, 3, 64, 65, 128, 256, 512, 513, 2048, 2049):
         for n in (64, 1024, N):
-            tile = lin.linear_tile(m, dtype, n, x.device, K)
+            tile = lin.linear_tile(m, dtype, n, x.device)
             _same(kt.linear(x[7 : 7 + m], w[:n], b[:n]), y_full[7 : 7 + m, :n],
                   f"linear M={m} N={n} (tile {tile}) vs M={M}")
-
-
-def test_linear_k_chunks_are_the_numerics(kt):
-    """A K-chunked weight's linear is 0 + each 512-wide chunk's product (from zero), in order:
-    fp32 partials from linear over each chunk alone, summed in order in fp32, then rounded."""
-    from miles_kernels._triton import matmul as lin
-
-    g = _gen(4)
-    x = _randn(300, 3072, dtype=torch.bfloat16, g=g)
-    w = _randn(1024, 3072, dtype=torch.bfloat16, g=g, scale=3072**-0.5)
-    kc = lin.k_chunk(1024, 3072, torch.bfloat16)
-    assert kc == 512
-    want = torch.zeros(300, 1024, device="cuda")
-    for c0 in range(0, 3072, kc):
-        part = torch.empty(300, 1024, dtype=torch.float32, device="cuda")  # the bf16 walk, stored unrounded
-        lin._launch_linear(x[:, c0 : c0 + kc].contiguous(), w[:, c0 : c0 + kc].contiguous(), None, part,
-                           lin.Tile(0, 64, 64, 64, 1, 4, 4))
-        want += part
-    for m in (1, 64, 300):
-        _same(kt.linear(x[:m], w), want[:m].to(torch.bfloat16), f"chunked linear M={m} vs ordered chunk sums")
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_linears_equal_linear(kt, dtype):
     """linears (one launch at M <= SMALL_M) gives each weight linear's bits: 0.6B q/k/v with
-    biases and gate/up shapes, 8B q/k/v (k and v K-chunked, q not), M across the small-M range
-    and past it."""
+    biases and gate/up shapes, M across the small-M range and past it."""
     g = _gen(3)
-    for K, ns, bias in ((1024, (2048, 1024, 1024), True), (1024, (3072, 3072), False),
-                        (4096, (4096, 1024, 1024), True), (2048, (3072, 1024), False)):  # 8B q/k/v: k, v K-chunked
-        x = _randn(600, K, dtype=dtype, g=g)
+    K = 1024
+    x = _randn(600, K, dtype=dtype, g=g)
+    for ns, bias in (((2048, 1024, 1024), True), ((3072, 3072), False)):
         ws = tuple(_randn(n, K, dtype=dtype, g=g, scale=K**-0.5) for n in ns)
         bs = tuple(_randn(n, dtype=dtype, g=g) for n in ns) if bias else None
         for m in (1, 5, 64, 256, 512, 513):

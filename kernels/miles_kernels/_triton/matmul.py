@@ -1,14 +1,11 @@
 """Invariant matmuls: linear (x_MK @ w_NK^T + b_N) and grouped_linear (MoE experts).
 
 One output tile walks K from 0 in steps of BLOCK_K, accumulating tl.dot results in fp32
-(no atomics), so every output element sums its K products in the same order whatever M is.
-A small-N, long-K weight (K_CHUNKS, keyed by the weight's shape, never by M) sums K in fixed
-chunks instead: each chunk from zero in BLOCK_K steps, then the chunk sums in order; a kernel
-may run a tile's chunks in one program or side by side (then an ordered sum), same bits.
-The tile may change with the shape (LINEAR_TILES by M; SMALL_M_TILES by how many tiles fill
-the GPU), but BLOCK_K is the same in every tile of a dtype; tests/gpu/test_kernels_gpu.py
-checks every tile against every other bitwise. If a GPU ever breaks that, collapse the tables
-to one row.
+(no split-K, no atomics), so every output element sums its K products in the same order
+whatever M is. The tile may change with the shape (LINEAR_TILES by M; SMALL_M_TILES by how
+many tiles fill the GPU), but BLOCK_K is the same in every tile of a dtype;
+tests/gpu/test_kernels_gpu.py checks every tile against every other bitwise. If a GPU ever
+breaks that, collapse the tables to one row.
 """
 
 from typing import NamedTuple
@@ -30,7 +27,6 @@ class Tile(NamedTuple):
     num_warps: int
     num_stages: int
     tma: bool = False  # TMA descriptors (linear: a persistent grid too; aligned tensors): same bits as pointers
-    split: bool = False  # linear of a K-chunked weight: one program per (tile, chunk), then the ordered sum
 
 
 _BIG = 1 << 62
@@ -77,28 +73,6 @@ GROUPED_TILES: dict[torch.dtype, tuple[Tile, ...]] = {
 }
 
 
-
-class KChunks(NamedTuple):
-    max_n: int  # weights [N, K] with N <= max_n and K >= min_k sum K in chunks of `chunk`
-    min_k: int
-    chunk: int  # a multiple of every tile's BLOCK_K
-
-
-# The fixed K partition (numerics: keyed by the weight's shape, so every M gives the same bits).
-# With few output columns and a long K (0.6B o / down: N = 1024, K = 2048 / 3072) a decode-sized
-# M has too few tiles to stream the weight at HBM speed; chunks of K give 4-6x the programs.
-# Two fp32 accumulators per tile: big-M tiles of these weights stay at 128 x 128 (_CHUNKED_BIG).
-K_CHUNKS: dict[torch.dtype, KChunks] = {torch.bfloat16: KChunks(2048, 2048, 512),
-                                        torch.float16: KChunks(2048, 2048, 512)}
-_CHUNKED_BIG = Tile(_BIG, 128, 128, 64, 8, 8, 4, True)
-
-
-def k_chunk(n: int, k: int, dtype: torch.dtype) -> int:
-    """The K chunk of an [n, k] weight's products (k itself: one chunk, the plain K walk)."""
-    r = K_CHUNKS.get(dtype)
-    return r.chunk if r is not None and n <= r.max_n and k >= r.min_k and k > r.chunk else k
-
-
 def grouped_tile(rows: int, experts: int, dtype: torch.dtype, n: int = 0) -> Tile:
     """grouped_linear's tile for `rows` rows over `experts` experts (of n output columns): the
     first tile of the mean rows' bucket, or a later one of that bucket whose width divides n."""
@@ -112,37 +86,26 @@ def grouped_tile(rows: int, experts: int, dtype: torch.dtype, n: int = 0) -> Til
 _TILE_CACHE: dict[tuple, Tile] = {}
 
 
-def linear_tile(m: int, dtype: torch.dtype, n: int = 0, device: torch.device | None = None, k: int = 0) -> Tile:
-    """The tile for an [m, k] x [n, k]^T product (n = 0: the M bucket of LINEAR_TILES alone; k = 0:
-    as if the weight were one K chunk, so no split tile)."""
-    key = (m, n, k, dtype, device, id(LINEAR_TILES.get(dtype)), id(SMALL_M_TILES.get(dtype)),
-           K_CHUNKS.get(dtype))  # tables swapped: new key
+def linear_tile(m: int, dtype: torch.dtype, n: int = 0, device: torch.device | None = None) -> Tile:
+    """The tile for an [m, K] x [n, K]^T product (n = 0: the M bucket of LINEAR_TILES alone)."""
+    key = (m, n, dtype, device, id(LINEAR_TILES.get(dtype)), id(SMALL_M_TILES.get(dtype)))  # tables swapped: new key
     t = _TILE_CACHE.get(key)
     if t is None:
         if len(_TILE_CACHE) > 4096:  # packed trainer batches bring many M: keep the dict small
             _TILE_CACHE.clear()
-        t = _TILE_CACHE[key] = _pick_tile(m, dtype, n, device, k)
+        t = _TILE_CACHE[key] = _pick_tile(m, dtype, n, device)
     return t
 
 
-def _pick_tile(m: int, dtype: torch.dtype, n: int, device: torch.device | None, k: int = 0) -> Tile:
+def _pick_tile(m: int, dtype: torch.dtype, n: int, device: torch.device | None) -> Tile:
     if dtype not in LINEAR_TILES:
         raise TypeError(f"miles_kernels linear: dtype {dtype} is not supported on CUDA; use bf16, fp16 or fp32")
-    chunks = triton.cdiv(k, k_chunk(n, k, dtype)) if n and k else 1
     small = SMALL_M_TILES.get(dtype, ())
     if n and small and m <= SMALL_M:
         fits = [t for t in small if t.block_m <= max(m, 64)]  # no half-empty 128-row tiles at M <= 64
         want = FILL * _num_programs(device or torch.device("cuda"))
-        for t in fits:  # the widest tile that fills the GPU, with its chunks side by side if it must
-            tiles = triton.cdiv(m, t.block_m) * triton.cdiv(n, t.block_n)
-            if tiles >= want:
-                return t
-            if tiles * chunks >= want:
-                return t._replace(split=True)
-        return fits[-1]._replace(split=chunks > 1)
+        return next((t for t in fits if triton.cdiv(m, t.block_m) * triton.cdiv(n, t.block_n) >= want), fits[-1])
     t = next(t for t in LINEAR_TILES[dtype] if m <= t.max_m)
-    if chunks > 1 and t.block_m * t.block_n > _CHUNKED_BIG.block_m * _CHUNKED_BIG.block_n:
-        t = _CHUNKED_BIG  # two accumulators of a wider tile would spill
     # Below about 4M outputs the pointer kernel is as fast (and its launch is cheaper): same bits.
     # (The interpreter keeps the tile's kernel, so CPU tests run the TMA one.)
     cuda = device is None or device.type == "cuda"
@@ -170,35 +133,18 @@ def _grouped_order(tile, n_tiles_m, n_tiles_n, GROUP_M: tl.constexpr):
 
 
 @triton.jit
-def _k_walk(x_ptrs, w_ptrs, row_ok, col_ok, k_lo, k_hi, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+def _k_walk(x_ptrs, w_ptrs, row_ok, col_ok, K, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
             BLOCK_K: tl.constexpr, PRECISION: tl.constexpr):
-    """A tile's x @ w^T over K in [k_lo, k_hi): from k_lo in BLOCK_K steps, fp32 accumulation from
-    zero; the one K walk of every pointer kernel here (x_ptrs [BLOCK_M, BLOCK_K] at k = 0, w_ptrs
-    the [BLOCK_K, BLOCK_N] view of w^T)."""
+    """A tile's x @ w^T: K from 0 in BLOCK_K steps, fp32 accumulation; the one K walk of every
+    pointer kernel here (x_ptrs [BLOCK_M, BLOCK_K] at k = 0, w_ptrs the [BLOCK_K, BLOCK_N] view of w^T)."""
     ks = tl.arange(0, BLOCK_K)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    x_ptrs += k_lo
-    w_ptrs += k_lo
-    for k0 in range(k_lo, k_hi, BLOCK_K):
-        x = tl.load(x_ptrs, mask=row_ok[:, None] & (k0 + ks[None, :] < k_hi), other=0.0)
-        w = tl.load(w_ptrs, mask=col_ok[None, :] & (k0 + ks[:, None] < k_hi), other=0.0)
+    for k0 in range(0, K, BLOCK_K):
+        x = tl.load(x_ptrs, mask=row_ok[:, None] & (k0 + ks[None, :] < K), other=0.0)
+        w = tl.load(w_ptrs, mask=col_ok[None, :] & (k0 + ks[:, None] < K), other=0.0)
         acc = tl.dot(x, w, acc, input_precision=PRECISION)
         x_ptrs += BLOCK_K
         w_ptrs += BLOCK_K
-    return acc
-
-
-@triton.jit
-def _k_sum(x_ptrs, w_ptrs, row_ok, col_ok, K, K_CHUNK, CHUNKED: tl.constexpr, BLOCK_M: tl.constexpr,
-           BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr):
-    """A tile's x @ w^T over all of K: the plain walk, or (CHUNKED) 0 + the K_CHUNK chunks' walks in order."""
-    if CHUNKED:
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        for c0 in range(0, K, K_CHUNK):
-            acc += _k_walk(x_ptrs, w_ptrs, row_ok, col_ok, c0, tl.minimum(c0 + K_CHUNK, K),
-                           BLOCK_M, BLOCK_N, BLOCK_K, PRECISION)
-    else:
-        acc = _k_walk(x_ptrs, w_ptrs, row_ok, col_ok, 0, K, BLOCK_M, BLOCK_N, BLOCK_K, PRECISION)
     return acc
 
 
@@ -214,129 +160,59 @@ def _bias_store(acc, b_ptr, y_ptr, rows, cols, M, N, stride_ym, HAS_BIAS: tl.con
 
 
 @triton.jit
-def _tile_ptrs(x_ptr, w_ptr, tile_m, tile_n, stride_xm, stride_wn, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-               BLOCK_K: tl.constexpr):
-    """A tile's rows, columns and K-walk pointers at k = 0 (x [BLOCK_M, BLOCK_K], w^T [BLOCK_K, BLOCK_N])."""
+def _linear_tile(x_ptr, w_ptr, b_ptr, y_ptr, tile_m, tile_n, M, N, K, stride_xm, stride_wn, stride_ym,
+                 HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                 PRECISION: tl.constexpr):
+    """One output tile of y = x @ w^T (+ b) with pointer loads: the K walk, the bias, the store."""
     rows = tile_m * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = tile_n * BLOCK_N + tl.arange(0, BLOCK_N)
     ks = tl.arange(0, BLOCK_K)
     x_ptrs = x_ptr + rows[:, None].to(tl.int64) * stride_xm + ks[None, :]
     w_ptrs = w_ptr + cols[None, :].to(tl.int64) * stride_wn + ks[:, None]
-    return rows, cols, x_ptrs, w_ptrs
-
-
-@triton.jit
-def _linear_tile(x_ptr, w_ptr, b_ptr, y_ptr, tile_m, tile_n, M, N, K, K_CHUNK, stride_xm, stride_wn, stride_ym,
-                 HAS_BIAS: tl.constexpr, CHUNKED: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                 BLOCK_K: tl.constexpr, PRECISION: tl.constexpr):
-    """One output tile of y = x @ w^T (+ b) with pointer loads: the K sum, the bias, the store."""
-    rows, cols, x_ptrs, w_ptrs = _tile_ptrs(x_ptr, w_ptr, tile_m, tile_n, stride_xm, stride_wn,
-                                            BLOCK_M, BLOCK_N, BLOCK_K)
-    acc = _k_sum(x_ptrs, w_ptrs, rows < M, cols < N, K, K_CHUNK, CHUNKED, BLOCK_M, BLOCK_N, BLOCK_K, PRECISION)
+    acc = _k_walk(x_ptrs, w_ptrs, rows < M, cols < N, K, BLOCK_M, BLOCK_N, BLOCK_K, PRECISION)
     _bias_store(acc, b_ptr, y_ptr, rows, cols, M, N, stride_ym, HAS_BIAS)
 
 
 @fast_launch
 @triton.jit
 def _linear_kernel(
-    x_ptr, w_ptr, b_ptr, y_ptr, M, N, K, K_CHUNK,
+    x_ptr, w_ptr, b_ptr, y_ptr, M, N, K,
     stride_xm, stride_wn, stride_ym,
-    HAS_BIAS: tl.constexpr, CHUNKED: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, PRECISION: tl.constexpr,
+    HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr, PRECISION: tl.constexpr,
 ):
     tile_m, tile_n = _grouped_order(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N), GROUP_M)
-    _linear_tile(x_ptr, w_ptr, b_ptr, y_ptr, tile_m, tile_n, M, N, K, K_CHUNK, stride_xm, stride_wn, stride_ym,
-                 HAS_BIAS, CHUNKED, BLOCK_M, BLOCK_N, BLOCK_K, PRECISION)
-
-
-@fast_launch
-@triton.jit
-def _linear_part_kernel(
-    x_ptr, w_ptr, p_ptr, M, N, K, K_CHUNK, stride_xm, stride_wn,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-    PRECISION: tl.constexpr,
-):
-    # Program (t, c): chunk c's walk of tile t (from zero, as _k_sum does it) into p[c] in fp32;
-    # _chunk_sum_kernel then adds the chunks in order.
-    tile_m, tile_n = _grouped_order(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N), GROUP_M)
-    c = tl.program_id(1)
-    rows, cols, x_ptrs, w_ptrs = _tile_ptrs(x_ptr, w_ptr, tile_m, tile_n, stride_xm, stride_wn,
-                                            BLOCK_M, BLOCK_N, BLOCK_K)
-    k_lo = c * K_CHUNK
-    acc = _k_walk(x_ptrs, w_ptrs, rows < M, cols < N, k_lo, tl.minimum(k_lo + K_CHUNK, K),
-                  BLOCK_M, BLOCK_N, BLOCK_K, PRECISION)
-    p_ptrs = p_ptr + (c.to(tl.int64) * M + rows[:, None]) * N + cols[None, :]
-    tl.store(p_ptrs, acc, mask=(rows[:, None] < M) & (cols[None, :] < N))
-
-
-@fast_launch
-@triton.jit
-def _chunk_sum_kernel(p_ptr, b_ptr, y_ptr, M, N, n_chunks, stride_ym, HAS_BIAS: tl.constexpr,
-                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    """y = 0 + p[0] + p[1] + ... in fp32 (_k_sum's order), rounded, + b: a split linear's end."""
-    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-    ok = (rows[:, None] < M) & (cols[None, :] < N)
-    p_ptrs = p_ptr + rows[:, None].to(tl.int64) * N + cols[None, :]
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for _ in range(0, n_chunks):
-        acc += tl.load(p_ptrs, mask=ok, other=0.0)
-        p_ptrs += M * N
-    _bias_store(acc, b_ptr, y_ptr, rows, cols, M, N, stride_ym, HAS_BIAS)
-
-
-@triton.jit
-def _tma_store(y_desc, acc, b_ptr, off_m, off_n, N, HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr):
-    """_bias_store for a TMA tile: round, + b in fp32, round again; TMA clips at M and N."""
-    y = acc.to(y_desc.dtype)
-    if HAS_BIAS:
-        cols = off_n + tl.arange(0, BLOCK_N)
-        b = tl.load(b_ptr + cols, mask=cols < N, other=0.0)
-        y = (y.to(tl.float32) + b.to(tl.float32)[None, :]).to(y_desc.dtype)
-    y_desc.store([off_m, off_n], y)
+    _linear_tile(x_ptr, w_ptr, b_ptr, y_ptr, tile_m, tile_n, M, N, K, stride_xm, stride_wn, stride_ym,
+                 HAS_BIAS, BLOCK_M, BLOCK_N, BLOCK_K, PRECISION)
 
 
 @fast_launch
 @triton.jit
 def _linear_tma_kernel(
-    x_desc, w_desc, y_desc, b_ptr, M, N, K, K_CHUNK,
-    HAS_BIAS: tl.constexpr, CHUNKED: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, PRECISION: tl.constexpr, NUM_PROGRAMS: tl.constexpr,
+    x_desc, w_desc, y_desc, b_ptr, M, N, K,
+    HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr, PRECISION: tl.constexpr, NUM_PROGRAMS: tl.constexpr,
 ):
     # Persistent: program p computes tiles p, p + NUM_PROGRAMS, ... in grouped order. A tile is
     # computed exactly as in _linear_kernel (K from 0 in BLOCK_K steps, fp32 acc); TMA zero-fills
     # out-of-bounds rows and the K tail as the masked loads do, and clips the store.
     n_tiles_m = tl.cdiv(M, BLOCK_M)
     n_tiles_n = tl.cdiv(N, BLOCK_N)
-    if CHUNKED:
-        # One flat loop over this program's (tile, chunk) items, a tile's chunks in order, so the
-        # loads run on across chunk and tile ends; total = 0 + each chunk's walk from zero (_k_sum).
-        pid = tl.program_id(0)
-        n_chunks = tl.cdiv(K, K_CHUNK)
-        n_items = tl.cdiv(n_tiles_m * n_tiles_n - pid, NUM_PROGRAMS) * n_chunks
-        total = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        for item in tl.range(0, n_items, flatten=True):
-            c = item % n_chunks
-            tile_m, tile_n = _grouped_order(pid + (item // n_chunks) * NUM_PROGRAMS, n_tiles_m, n_tiles_n, GROUP_M)
-            off_m = tile_m * BLOCK_M
-            off_n = tile_n * BLOCK_N
-            acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-            for k0 in range(c * K_CHUNK, tl.minimum(c * K_CHUNK + K_CHUNK, K), BLOCK_K):
-                acc = tl.dot(x_desc.load([off_m, k0]), w_desc.load([off_n, k0]).T, acc, input_precision=PRECISION)
-            total = tl.where(c == 0, 0.0, total) + acc
-            if c == n_chunks - 1:
-                _tma_store(y_desc, total, b_ptr, off_m, off_n, N, HAS_BIAS, BLOCK_N)
-    else:
-        for tile in tl.range(tl.program_id(0), n_tiles_m * n_tiles_n, NUM_PROGRAMS, flatten=True):
-            tile_m, tile_n = _grouped_order(tile, n_tiles_m, n_tiles_n, GROUP_M)
-            off_m = tile_m * BLOCK_M
-            off_n = tile_n * BLOCK_N
-            acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-            for k0 in range(0, K, BLOCK_K):
-                x = x_desc.load([off_m, k0])
-                w = w_desc.load([off_n, k0])
-                acc = tl.dot(x, w.T, acc, input_precision=PRECISION)
-            _tma_store(y_desc, acc, b_ptr, off_m, off_n, N, HAS_BIAS, BLOCK_N)
+    for tile in tl.range(tl.program_id(0), n_tiles_m * n_tiles_n, NUM_PROGRAMS, flatten=True):
+        tile_m, tile_n = _grouped_order(tile, n_tiles_m, n_tiles_n, GROUP_M)
+        off_m = tile_m * BLOCK_M
+        off_n = tile_n * BLOCK_N
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            x = x_desc.load([off_m, k0])
+            w = w_desc.load([off_n, k0])
+            acc = tl.dot(x, w.T, acc, input_precision=PRECISION)
+        y = acc.to(y_desc.dtype)
+        if HAS_BIAS:
+            cols = off_n + tl.arange(0, BLOCK_N)
+            b = tl.load(b_ptr + cols, mask=cols < N, other=0.0)
+            y = (y.to(tl.float32) + b.to(tl.float32)[None, :]).to(y_desc.dtype)
+        y_desc.store([off_m, off_n], y)
 
 
 _NUM_SMS: dict[int, int] = {}
@@ -362,45 +238,27 @@ def _tma_ok(*ts: torch.Tensor) -> bool:
     return all(t.data_ptr() % 16 == 0 and (t.stride(0) * t.element_size()) % 16 == 0 for t in ts)
 
 
-_SUM_BLOCK = (8, 128)  # _chunk_sum_kernel's [rows, columns] block
-
-
 def _launch_linear(x_MK, w_NK, b_N, y_MN, t: Tile) -> None:
     M, K = x_MK.shape
     N = w_NK.shape[0]
     precision = _dot_precision(x_MK.dtype)
-    kc = k_chunk(N, K, x_MK.dtype)
-    chunked = kc < K
-    bias = b_N if b_N is not None else y_MN
-    if chunked and t.split:
-        parts = torch.empty((triton.cdiv(K, kc), M, N), dtype=torch.float32, device=x_MK.device)
-        _linear_part_kernel[(triton.cdiv(M, t.block_m) * triton.cdiv(N, t.block_n), parts.shape[0])](
-            x_MK, w_NK, parts, M, N, K, kc, x_MK.stride(0), w_NK.stride(0),
-            BLOCK_M=t.block_m, BLOCK_N=t.block_n, BLOCK_K=t.block_k, GROUP_M=t.group_m, PRECISION=precision,
-            num_warps=t.num_warps, num_stages=t.num_stages,
-        )
-        bm, bn = _SUM_BLOCK
-        _chunk_sum_kernel[(triton.cdiv(M, bm), triton.cdiv(N, bn))](
-            parts, bias, y_MN, M, N, parts.shape[0], y_MN.stride(0), HAS_BIAS=b_N is not None, BLOCK_M=bm, BLOCK_N=bn,
-        )
-        return
     if t.tma and _tma_ok(x_MK, w_NK, y_MN):
         x_d = TensorDescriptor.from_tensor(x_MK, [t.block_m, t.block_k])
         w_d = TensorDescriptor.from_tensor(w_NK, [t.block_n, t.block_k])
         y_d = TensorDescriptor.from_tensor(y_MN, [t.block_m, t.block_n])
         n_prog = min(_num_programs(x_MK.device), triton.cdiv(M, t.block_m) * triton.cdiv(N, t.block_n))
         _linear_tma_kernel[(n_prog,)](
-            x_d, w_d, y_d, bias, M, N, K, kc,
-            HAS_BIAS=b_N is not None, CHUNKED=chunked, BLOCK_M=t.block_m, BLOCK_N=t.block_n, BLOCK_K=t.block_k,
+            x_d, w_d, y_d, b_N if b_N is not None else y_MN, M, N, K,
+            HAS_BIAS=b_N is not None, BLOCK_M=t.block_m, BLOCK_N=t.block_n, BLOCK_K=t.block_k,
             GROUP_M=t.group_m, PRECISION=precision, NUM_PROGRAMS=n_prog,
             num_warps=t.num_warps, num_stages=t.num_stages,
         )
         return
     grid = (triton.cdiv(M, t.block_m) * triton.cdiv(N, t.block_n),)
     _linear_kernel[grid](
-        x_MK, w_NK, bias, y_MN, M, N, K, kc,
+        x_MK, w_NK, b_N if b_N is not None else y_MN, y_MN, M, N, K,
         x_MK.stride(0), w_NK.stride(0), y_MN.stride(0),
-        HAS_BIAS=b_N is not None, CHUNKED=chunked, BLOCK_M=t.block_m, BLOCK_N=t.block_n, BLOCK_K=t.block_k,
+        HAS_BIAS=b_N is not None, BLOCK_M=t.block_m, BLOCK_N=t.block_n, BLOCK_K=t.block_k,
         GROUP_M=t.group_m, PRECISION=precision, num_warps=t.num_warps, num_stages=t.num_stages,
     )
 
@@ -416,7 +274,7 @@ def linear(x_MK: torch.Tensor, w_NK: torch.Tensor, b_N: torch.Tensor | None = No
     y_MN = torch.empty((M, N), dtype=x_MK.dtype, device=x_MK.device)
     if M == 0 or N == 0:
         return y_MN
-    _launch_linear(x_MK, w_NK, b_N, y_MN, linear_tile(M, x_MK.dtype, N, x_MK.device, K))
+    _launch_linear(x_MK, w_NK, b_N, y_MN, linear_tile(M, x_MK.dtype, N, x_MK.device))
     return y_MN
 
 
@@ -424,14 +282,14 @@ def linear(x_MK: torch.Tensor, w_NK: torch.Tensor, b_N: torch.Tensor | None = No
 @triton.jit
 def _linears_kernel(
     x_ptr, w0_ptr, w1_ptr, w2_ptr, b0_ptr, b1_ptr, b2_ptr, y0_ptr, y1_ptr, y2_ptr,
-    M, K, N0, N1, N2, T1, T2, KC0, KC1, KC2, stride_xm,
-    HAS_BIAS: tl.constexpr, CHUNKED: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_K: tl.constexpr, PRECISION: tl.constexpr,
+    M, K, N0, N1, N2, T1, T2, stride_xm,
+    HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    PRECISION: tl.constexpr,
 ):
     # Up to three linears of one x in one launch: column tiles [0, T1) are w0's, [T1, T2) w1's,
     # [T2, ...) w2's (contiguous [N_i, K] weights, contiguous [M, N_i] outputs). A tile is
     # computed exactly as in _linear_kernel (K from 0 in BLOCK_K steps, fp32 acc), so each
-    # output has the bits linear(x, w_i, b_i) gives (w_i's K chunks KC_i one after another).
+    # output has the bits linear(x, w_i, b_i) gives.
     pid = tl.program_id(0)
     n_tiles_m = tl.cdiv(M, BLOCK_M)
     tile_m = pid % n_tiles_m
@@ -443,9 +301,8 @@ def _linears_kernel(
     N = tl.where(in2, N2, tl.where(in1, N1, N0))
     tile_n -= tl.where(in2, T2, tl.where(in1, T1, 0))
     b_ptr = tl.where(in2, b2_ptr, tl.where(in1, b1_ptr, b0_ptr))
-    kc = tl.where(in2, KC2, tl.where(in1, KC1, KC0))
-    _linear_tile(x_ptr, w_ptr, b_ptr, y_ptr, tile_m, tile_n, M, N, K, kc, stride_xm, K, N,
-                 HAS_BIAS, CHUNKED, BLOCK_M, BLOCK_N, BLOCK_K, PRECISION)
+    _linear_tile(x_ptr, w_ptr, b_ptr, y_ptr, tile_m, tile_n, M, N, K, stride_xm, K, N,
+                 HAS_BIAS, BLOCK_M, BLOCK_N, BLOCK_K, PRECISION)
 
 
 def linears(x_MK: torch.Tensor, ws: tuple[torch.Tensor, ...], bs: tuple[torch.Tensor, ...] | None = None
@@ -472,11 +329,10 @@ def linears(x_MK: torch.Tensor, ws: tuple[torch.Tensor, ...], bs: tuple[torch.Te
     w3, y3 = pad(ws, ws[-1]), pad(ys, ys[-1])
     b3 = pad(bs, bs[-1]) if bs is not None else (x_MK,) * 3
     n3 = pad(ns, 0)
-    kc3 = pad([k_chunk(n, K, x_MK.dtype) for n in ns], K)
     grid = (triton.cdiv(M, t.block_m) * sum(tiles),)
     _linears_kernel[grid](
-        x_MK, *w3, *b3, *y3, M, K, *n3, tiles[0], tiles[0] + tiles[1], *kc3, x_MK.stride(0),
-        HAS_BIAS=bs is not None, CHUNKED=min(kc3) < K, BLOCK_M=t.block_m, BLOCK_N=t.block_n, BLOCK_K=t.block_k,
+        x_MK, *w3, *b3, *y3, M, K, *n3, tiles[0], tiles[0] + tiles[1], x_MK.stride(0),
+        HAS_BIAS=bs is not None, BLOCK_M=t.block_m, BLOCK_N=t.block_n, BLOCK_K=t.block_k,
         PRECISION=_dot_precision(x_MK.dtype), num_warps=t.num_warps, num_stages=t.num_stages,
     )
     return ys
@@ -527,7 +383,7 @@ def _grouped_kernel(
     ks = tl.arange(0, BLOCK_K)
     x_ptrs = x_ptr + rows[:, None].to(tl.int64) * stride_xr + ks[None, :]
     w_ptrs = w_ptr + e.to(tl.int64) * stride_we + cols[None, :].to(tl.int64) * stride_wn + ks[:, None]
-    acc = _k_walk(x_ptrs, w_ptrs, rows < row_hi, cols < N, 0, K, BLOCK_M, BLOCK_N, BLOCK_K, PRECISION)
+    acc = _k_walk(x_ptrs, w_ptrs, rows < row_hi, cols < N, K, BLOCK_M, BLOCK_N, BLOCK_K, PRECISION)
     _store_rows(y_ptr, acc, rows, cols, row_hi, N, stride_yr)
 
 
