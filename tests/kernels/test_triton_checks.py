@@ -361,7 +361,7 @@ def check_gumbel_log_fixes() -> None:
     the argmax kernel that makes the noise itself picks what x + that noise picks."""
     from miles_fsdp.engine.sampler import _gumbel_kernel, _mix32, gumbel_noise_torch, noisy_argmax
 
-    keys = torch.tensor([[3, 99], [0, 5], [17, 4000]])  # seed, stream, position of 2 rows
+    keys = torch.tensor([[3, 2**32 - 7], [0, 2**31 + 5], [17, 4000]])  # seed, stream, position of 2 rows
     B, V = 2, 300
     want = gumbel_noise_torch(_mix32(_mix32(_mix32(keys[0]) ^ keys[1]) ^ keys[2]), V)
     k = _mix32(_mix32(_mix32(_mix32(keys[0]) ^ keys[1]) ^ keys[2])[:, None] ^ torch.arange(V)[None, :]) >> 9

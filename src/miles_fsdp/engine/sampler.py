@@ -58,13 +58,21 @@ if triton is not None:
         return x ^ (x >> 16)
 
     @triton.jit
+    def _mix32_u32(x):  # _mix32 on uint32 lanes (the per-token hash: int64 products cost 3-4x)
+        x = x ^ (x >> 16)
+        x = x * 0x7FEB352D  # wraps mod 2**32, as _mix32's mask does
+        x = x ^ (x >> 15)
+        x = x * 0x2C1B3C6D
+        return x ^ (x >> 16)
+
+    @triton.jit
     def _noise(keys_ptr, key_stride, row, tok, fix_k_ptr, fix_v_ptr, LOGS: tl.constexpr, NFIX: tl.constexpr):
         """gumbel_noise's value at (row, tok) (LOGS), or its u (not LOGS: torch takes the logs)."""
         seed = tl.load(keys_ptr + row).to(tl.int64)
         stream = tl.load(keys_ptr + key_stride + row).to(tl.int64)
         pos = tl.load(keys_ptr + 2 * key_stride + row).to(tl.int64)
         h = _mix32_tl(_mix32_tl(_mix32_tl(seed) ^ stream) ^ pos)
-        k = _mix32_tl(h ^ tok.to(tl.int64)) >> 9
+        k = (_mix32_u32((h ^ tok.to(tl.int64)).to(tl.uint32)) >> 9).to(tl.int32)  # h < 2**32, tok < 2**31
         u = (k.to(tl.float32) + 0.5) * (1.0 / 8388608.0)
         if LOGS:
             u = -tl.log(-tl.log(u))
