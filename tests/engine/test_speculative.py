@@ -15,6 +15,7 @@ from miles_fsdp.models import load_model
 from miles_fsdp.models.testing import build_tiny_checkpoint
 
 from conftest import GRID, grid_requests
+from draw_check import draw_vs_sampler
 
 
 @pytest.fixture(scope="module")
@@ -131,25 +132,6 @@ def test_compare_speculation_reports_identical_outputs_and_acceptance(models):
                                                eos_token_ids=[3]), reqs, k=2, repeats=1)
     assert out["outputs_identical"] is True and out["k"] == 2 and len(out["accept_rate_by_position"]) == 2
     assert out["tokens"] > 0 and out["speedup"] > 0 and out["mean_accept_length"] >= 1.0
-
-
-def draw_vs_sampler(device: str, V: int, B: int = 96) -> None:
-    """draft_graph.draw on bf16-rounded logits (ties at the maximum are common) picks the
-    sampler's token for every temperature, top-k 0 and 1: the graphed draft is the eager one."""
-    from miles_fsdp.engine.draft_graph import GREEDY, SAMPLE, TOP1, draw, temperature_scale
-    from miles_fsdp.engine.sampler import RowParams, gumbel_noise, sample
-
-    g = torch.Generator().manual_seed(3)
-    logits_BV = (torch.randn(B, V, generator=g) * 2).round().to(torch.bfloat16).to(device)  # few values: ties
-    rows = [RowParams(t, k, 1.0, 11, i % 3, 40 + i) for i, (t, k) in
-            enumerate([(t, k) for t in (0.0, 0.6, 1.0, 1.3) for k in (0, 1)] * (B // 8))]
-    want, _ = sample(logits_BV, rows)
-    mode = torch.tensor([GREEDY if r.temperature == 0 else TOP1 if r.top_k == 1 else SAMPLE for r in rows], device=device)
-    scale = torch.tensor([float(temperature_scale(r.temperature or 1.0, torch.device(device))) for r in rows],
-                         device=device)
-    keys = torch.tensor([[r.seed, r.stream, r.position] for r in rows], device=device).T
-    got = draw(logits_BV.float(), mode, scale, gumbel_noise(keys[0], keys[1], keys[2], V))
-    assert got.tolist() == want
 
 
 def test_graph_draw_is_the_sampler_choice():

@@ -211,7 +211,7 @@ def test_graph_draw_is_the_sampler_choice_at_real_vocab():
     from pathlib import Path
 
     sys.path.insert(0, str(Path(__file__).parents[1] / "engine"))
-    from test_speculative import draw_vs_sampler
+    from draw_check import draw_vs_sampler  # a plain module: test_speculative imports tests/engine's conftest
 
     draw_vs_sampler("cuda", 151_936, B=256)
 
