@@ -266,7 +266,7 @@ def profile(out_dir: str, model_name: str = "qwen3-0.6b", batch: int = 64, plen:
         with mk.use_mode(mode):
             t = time.perf_counter()
             eng = Engine(model, config=EngineConfig(page_size=64, kv_memory_fraction=0.5, max_model_len=4096,
-                                                    kv_memory_bytes=0 if cuda else 1 << 28))
+                                                    kv_memory_bytes=0 if cuda else 1 << 28), kernel_mode=mode)
             init_s = time.perf_counter() - t
             run_engine(eng, prompts(8, 64, 1000, seed=12345), 8)
             decode_step_ms(eng, ids, new)  # once at this batch first: kernels specialized for it compile here
@@ -362,7 +362,8 @@ def main() -> None:
                             torch.cuda.empty_cache()
                             engines[system] = Engine(model, config=EngineConfig(
                                 page_size=64, kv_memory_fraction=a.kv_fraction, max_model_len=4096,
-                                cuda_graph_by_width=a.graph_by_width, overlap_schedule=system != "engine-no-overlap"))
+                                cuda_graph_by_width=a.graph_by_width, overlap_schedule=system != "engine-no-overlap"),
+                                kernel_mode=mode)  # the engine runs its steps in its own mode, not the caller's
                             run_engine(engines[system], prompts(8, 64, 1000, seed=12345), 8)  # compile
                         row.update(run_engine(engines[system], ids, new))
                         if not a.no_warm:  # again, decode graphs now captured

@@ -57,7 +57,7 @@ def measure(batch: int, new: int = 128, plen: int = 128) -> dict:
     model = build("tiny", "cpu").float()
     with mk.use_mode("fast"):
         eng = Engine(model, config=EngineConfig(page_size=64, max_model_len=4096, kv_memory_bytes=1 << 28,
-                                                max_num_seqs=max(256, batch)))
+                                                max_num_seqs=max(256, batch)), kernel_mode="fast")
         params = SamplingParams(temperature=1.0, max_new_tokens=new, ignore_eos=True, seed=0)
         for ids in prompts(batch, plen, model.args.vocab_size, seed=0):
             eng.add_request(Request(ids, params))
