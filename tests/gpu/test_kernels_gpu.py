@@ -367,9 +367,10 @@ def test_attention_prefill_chunked_decode_bitwise(kt, dtype, heads, page):
               f"packed sequence {b} ({n} tokens) vs its paged prefill")
 
 
-def test_fast_mode_paged_decode_attention(kt):
-    """Fast mode's decode and verify attention (the paged Triton kernel: SDPA cannot read
-    pages) against fast mode's SDPA reference, 1 and 4 queries per sequence."""
+def test_fast_mode_paged_attention(kt):
+    """Fast mode's attention without autograd is the paged Triton kernel (SDPA cannot read
+    pages): decode, verify (4 queries a sequence) and prefill chunks of several lengths, against
+    fast mode's SDPA reference, and bitwise invariant mode's (the same kernel)."""
     import miles_kernels as mk
     from miles_kernels import _ref
 
@@ -377,18 +378,40 @@ def test_fast_mode_paged_decode_attention(kt):
     dtype, H, K, D, page, L, B = torch.bfloat16, 16, 8, 128, 64, 600, 8
     k, v = _randn(L, K, D, dtype=dtype, g=g), _randn(L, K, D, dtype=dtype, g=g)
     kc, vc, pages = _paged_cache(k, v, page, g)
-    for R in (1, 4):
-        q = _randn(B * R, H, D, dtype=dtype, g=g)
-        lens = torch.tensor([R + 37 * b for b in range(B)], dtype=torch.int32, device="cuda")
-        meta = mk.AttnMeta(torch.arange(B + 1, dtype=torch.int32, device="cuda") * R, lens,
-                           pages[None].expand(B, -1).contiguous(), R)
+    for q_lens in ([1] * B, [4] * B, [1, 37, 200, 5, 64, 3, 130, 9]):
+        cu = torch.tensor([0] + q_lens, dtype=torch.int32).cumsum(0).to(torch.int32).cuda()
+        q = _randn(int(cu[-1]), H, D, dtype=dtype, g=g)
+        lens = torch.tensor([n + 37 * b for b, n in enumerate(q_lens)], dtype=torch.int32, device="cuda")
+        meta = mk.AttnMeta(cu, lens, pages[None].expand(B, -1).contiguous(), max(q_lens))
         with mk.use_mode("fast"):
             got = mk.attention(q, kc, vc, meta, D**-0.5)
         # the kernel reads the NaN-filled cache (unused slots must never reach the output); the
         # reference gathers whole pages and masks, and SDPA's 0 * NaN is NaN, so it reads a copy
         # with the unused slots zeroed
         ref = _ref.attention(q, kc.nan_to_num(0.0), vc.nan_to_num(0.0), meta, D**-0.5)
-        _accurate(got, ref, dtype, f"fast-mode paged attention, {R} queries")
+        _accurate(got, ref, dtype, f"fast-mode paged attention, query lengths {q_lens}")
+        _same(got, mk.attention(q, kc, vc, meta, D**-0.5), f"fast vs invariant attention, query lengths {q_lens}")
+
+
+def test_fast_mode_linears(kt):
+    """Fast mode's linears: the fused kernel (invariant mode's bits) at decode sizes without
+    autograd; cuBLAS (F.linear's bits) above SMALL_M and under autograd."""
+    import miles_kernels as mk
+    from miles_kernels import _ref
+
+    g = _gen(8)
+    ws = tuple(_randn(n, 1024, dtype=torch.bfloat16, g=g, scale=1024**-0.5) for n in (2048, 1024, 1024))
+    for m in (64, 512, 600):
+        x = _randn(m, 1024, dtype=torch.bfloat16, g=g)
+        with mk.use_mode("fast"):
+            got = mk.linears(x, ws)
+        want = mk.linears(x, ws) if m <= kt.matmul.SMALL_M else tuple(_ref.linear(x, w) for w in ws)
+        for i in range(3):
+            _same(got[i], want[i], f"fast-mode linears output {i}, M={m}")
+    x = _randn(64, 1024, dtype=torch.bfloat16, g=g).requires_grad_(True)
+    with mk.use_mode("fast"):
+        got = mk.linears(x, ws)
+    _same(got[0].detach(), _ref.linear(x.detach(), ws[0]), "fast-mode linears under autograd: cuBLAS")
 
 
 def test_cuda_graph_replay_decode_attention_and_linear(kt):
