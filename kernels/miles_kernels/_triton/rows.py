@@ -1,8 +1,9 @@
 """Per-row reductions over a vocabulary or expert axis: logprobs and route_topk.
 
 A row is walked in fixed chunks (logprobs: in fixed parts of chunks, one program each, the
-parts' states merged in order), so its reduction order never depends on the number of rows. Logits are read in their own dtype and upcast chunk by
-chunk: no fp32 copy of a [T, V] tensor is ever made.
+parts' states merged in order), so its reduction order never depends on the number of rows.
+Logits are read in their own dtype and upcast chunk by chunk: no fp32 copy of a [T, V]
+tensor is ever made.
 """
 
 import torch
