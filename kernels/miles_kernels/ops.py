@@ -189,17 +189,15 @@ def _linears_impl(backend):
     return lambda x, ws, bs: tuple(backend.linear(x, w, None if bs is None else bs[i]) for i, w in enumerate(ws))
 
 
-_FAST_FUSED_MAX_M = 512  # = _triton.matmul.SMALL_M: the rows up to which linears is one launch
-
-
 def _fast_fused_linears(x, ws, bs) -> bool:
     """Fast mode takes the fused kernel where it beats one cuBLAS call a weight: CUDA, no
     autograd, decode-sized M (one launch for q/k/v or gate/up where cuBLAS's small-M GEMMs add
     split-K reduces; 0.6B b64 decode step 2.03 ms with the kernels vs 2.32 with cuBLAS, H200
-    2026-12-03). Triton missing: cuBLAS."""
-    rows = x.numel() // max(x.shape[-1], 1)
-    return (x.is_cuda and rows <= _FAST_FUSED_MAX_M and hasattr(_fast_kernels(x), "linears")
-            and not _needs_grad(x, *ws, *(bs or ())))
+    2026-12-03): up to the kernel's SMALL_M, where linears is one launch. Triton missing: cuBLAS."""
+    if not x.is_cuda or _needs_grad(x, *ws, *(bs or ())):
+        return False
+    kernels = _fast_kernels(x)
+    return hasattr(kernels, "linears") and x.numel() // max(x.shape[-1], 1) <= kernels.matmul.SMALL_M
 
 
 def linears(x, ws, bs=None):

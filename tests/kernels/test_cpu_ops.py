@@ -323,11 +323,3 @@ def test_ops_take_zero_rows():
     lp, _ = mk.linear_logprobs(torch.zeros(0, 5, requires_grad=True), w, torch.zeros(0, dtype=torch.long))
     assert lp.shape == (0,)
 
-
-def test_fast_fused_linears_bound_is_the_kernels_small_m():
-    """Fast mode hands linears to the fused kernel up to the rows where that kernel is one launch."""
-    pytest.importorskip("triton")
-    from miles_kernels import ops
-    from miles_kernels._triton import matmul
-
-    assert ops._FAST_FUSED_MAX_M == matmul.SMALL_M
