@@ -15,6 +15,7 @@ import triton
 import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
+from miles_kernels._triton.gdc import gdc_enter, prefetch_rows
 from miles_kernels._triton.launch import fast_launch
 
 
@@ -162,10 +163,16 @@ def _bias_store(acc, b_ptr, y_ptr, rows, cols, M, N, stride_ym, HAS_BIAS: tl.con
 @triton.jit
 def _linear_tile(x_ptr, w_ptr, b_ptr, y_ptr, tile_m, tile_n, M, N, K, stride_xm, stride_wn, stride_ym,
                  HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                 PRECISION: tl.constexpr):
-    """One output tile of y = x @ w^T (+ b) with pointer loads: the K walk, the bias, the store."""
+                 PRECISION: tl.constexpr, USE_GDC: tl.constexpr):
+    """One output tile of y = x @ w^T (+ b) with pointer loads: the K walk, the bias, the store.
+    With USE_GDC the first row tile's program asks L2 for the tile's weight rows before waiting
+    for the previous kernel (gdc.py): the weight streams in while that kernel finishes."""
     rows = tile_m * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = tile_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    if USE_GDC:
+        if tile_m == 0:
+            prefetch_rows(w_ptr, cols, N, stride_wn, K)
+    gdc_enter(USE_GDC)
     ks = tl.arange(0, BLOCK_K)
     x_ptrs = x_ptr + rows[:, None].to(tl.int64) * stride_xm + ks[None, :]
     w_ptrs = w_ptr + cols[None, :].to(tl.int64) * stride_wn + ks[:, None]
@@ -179,11 +186,11 @@ def _linear_kernel(
     x_ptr, w_ptr, b_ptr, y_ptr, M, N, K,
     stride_xm, stride_wn, stride_ym,
     HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    GROUP_M: tl.constexpr, PRECISION: tl.constexpr,
+    GROUP_M: tl.constexpr, PRECISION: tl.constexpr, USE_GDC: tl.constexpr = False,
 ):
     tile_m, tile_n = _grouped_order(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N), GROUP_M)
     _linear_tile(x_ptr, w_ptr, b_ptr, y_ptr, tile_m, tile_n, M, N, K, stride_xm, stride_wn, stride_ym,
-                 HAS_BIAS, BLOCK_M, BLOCK_N, BLOCK_K, PRECISION)
+                 HAS_BIAS, BLOCK_M, BLOCK_N, BLOCK_K, PRECISION, USE_GDC)
 
 
 @fast_launch
@@ -191,8 +198,9 @@ def _linear_kernel(
 def _linear_tma_kernel(
     x_desc, w_desc, y_desc, b_ptr, M, N, K,
     HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    GROUP_M: tl.constexpr, PRECISION: tl.constexpr, NUM_PROGRAMS: tl.constexpr,
+    GROUP_M: tl.constexpr, PRECISION: tl.constexpr, NUM_PROGRAMS: tl.constexpr, USE_GDC: tl.constexpr = False,
 ):
+    gdc_enter(USE_GDC)
     # Persistent: program p computes tiles p, p + NUM_PROGRAMS, ... in grouped order. A tile is
     # computed exactly as in _linear_kernel (K from 0 in BLOCK_K steps, fp32 acc); TMA zero-fills
     # out-of-bounds rows and the K tail as the masked loads do, and clips the store.
@@ -284,7 +292,7 @@ def _linears_kernel(
     x_ptr, w0_ptr, w1_ptr, w2_ptr, b0_ptr, b1_ptr, b2_ptr, y0_ptr, y1_ptr, y2_ptr,
     M, K, N0, N1, N2, T1, T2, stride_xm,
     HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    PRECISION: tl.constexpr,
+    PRECISION: tl.constexpr, USE_GDC: tl.constexpr = False,
 ):
     # Up to three linears of one x in one launch: column tiles [0, T1) are w0's, [T1, T2) w1's,
     # [T2, ...) w2's (contiguous [N_i, K] weights, contiguous [M, N_i] outputs). A tile is
@@ -302,7 +310,7 @@ def _linears_kernel(
     tile_n -= tl.where(in2, T2, tl.where(in1, T1, 0))
     b_ptr = tl.where(in2, b2_ptr, tl.where(in1, b1_ptr, b0_ptr))
     _linear_tile(x_ptr, w_ptr, b_ptr, y_ptr, tile_m, tile_n, M, N, K, stride_xm, K, N,
-                 HAS_BIAS, BLOCK_M, BLOCK_N, BLOCK_K, PRECISION)
+                 HAS_BIAS, BLOCK_M, BLOCK_N, BLOCK_K, PRECISION, USE_GDC)
 
 
 def linears(x_MK: torch.Tensor, ws: tuple[torch.Tensor, ...], bs: tuple[torch.Tensor, ...] | None = None
@@ -367,8 +375,9 @@ def _grouped_kernel(
     x_ptr, w_ptr, off_ptr, y_ptr, N, K, E, n_tiles_m,
     stride_xr, stride_we, stride_wn, stride_yr,
     E_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    GROUP_M: tl.constexpr, PRECISION: tl.constexpr,
+    GROUP_M: tl.constexpr, PRECISION: tl.constexpr, USE_GDC: tl.constexpr = False,
 ):
+    gdc_enter(USE_GDC)
     # Row tile m is the m-th in expert order; an expert with n rows owns cdiv(n, BLOCK_M) of
     # them, so a tile never mixes experts. The tile count is an upper bound known on the host
     # ((cdiv(R, BLOCK_M) + E) x column tiles): no device sync, CUDA-graph safe. Tiles run in
@@ -392,8 +401,9 @@ def _grouped_kernel(
 def _grouped_tma_kernel(
     x_desc, w_desc, off_ptr, y_ptr, N, K, E, n_tiles_m, stride_yr,
     E_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    GROUP_M: tl.constexpr, PRECISION: tl.constexpr, NUM_PROGRAMS: tl.constexpr,
+    GROUP_M: tl.constexpr, PRECISION: tl.constexpr, NUM_PROGRAMS: tl.constexpr, USE_GDC: tl.constexpr = False,
 ):
+    gdc_enter(USE_GDC)
     # _grouped_kernel with TMA loads (x over [R, K], w over [E * N, K]), persistent: program p
     # takes tiles p, p + NUM_PROGRAMS, ... of the row tiles that hold rows (counted here from
     # the offsets, not the host's upper bound n_tiles_m), in the same grouped order, one flat
@@ -446,8 +456,10 @@ _ZERO_ROWS = 64
 
 @fast_launch
 @triton.jit
-def _zero_outside_kernel(y_ptr, off_ptr, R, N, E, stride_yr, ROWS: tl.constexpr, BLOCK_N: tl.constexpr):
+def _zero_outside_kernel(y_ptr, off_ptr, R, N, E, stride_yr, ROWS: tl.constexpr, BLOCK_N: tl.constexpr,
+                         USE_GDC: tl.constexpr = False):
     """Zero y's rows outside [offsets[0], offsets[E]); a program whose rows are all inside stores nothing."""
+    gdc_enter(USE_GDC)
     rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
     outside = ((rows < tl.load(off_ptr)) | (rows >= tl.load(off_ptr + E))) & (rows < R)
     if tl.sum(outside.to(tl.int32), 0) > 0:

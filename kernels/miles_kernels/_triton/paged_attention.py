@@ -20,6 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
+from miles_kernels._triton.gdc import gdc_enter
 from miles_kernels._triton.launch import fast_launch
 
 from miles_kernels._cpu import ATTN_BLOCK  # KV walk granularity: one constant for CPU and CUDA
@@ -158,7 +159,9 @@ def _attn_kernel(
     G: tl.constexpr, G_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
     PAGE: tl.constexpr, ATTN_BLK: tl.constexpr, SPLIT_BLOCKS: tl.constexpr, SPLIT_PARALLEL: tl.constexpr,
     PART_ROWS: tl.constexpr, PRECISION: tl.constexpr, STORE_LSE: tl.constexpr, CONTIG: tl.constexpr,
+    USE_GDC: tl.constexpr = False,
 ):
+    gdc_enter(USE_GDC)
     TOK: tl.constexpr = BLOCK_M // G_PAD
     tile = tl.num_programs(0) - 1 - tl.program_id(0)  # the longest (last) q tiles start first
     bk = tl.program_id(1)
@@ -222,8 +225,9 @@ def _attn_kernel(
 def _combine_kernel(
     o_ptr, lse_ptr, pm_ptr, pl_ptr, pacc_ptr, cu_ptr, kv_lens_ptr, D, n_kv_heads, n_splits_max, stride_ot, stride_oh,
     stride_lh, G: tl.constexpr, G_PAD: tl.constexpr, PART_ROWS: tl.constexpr, BLOCK_D: tl.constexpr,
-    ATTN_BLK: tl.constexpr, SPLIT_BLOCKS: tl.constexpr, STORE_LSE: tl.constexpr,
+    ATTN_BLK: tl.constexpr, SPLIT_BLOCKS: tl.constexpr, STORE_LSE: tl.constexpr, USE_GDC: tl.constexpr = False,
 ):
+    gdc_enter(USE_GDC)
     # The merge is per row, so a PART_ROWS tile gives each row what the fused path gives it.
     bk = tl.program_id(0)
     b = bk // n_kv_heads
