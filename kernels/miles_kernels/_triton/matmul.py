@@ -163,15 +163,16 @@ def _bias_store(acc, b_ptr, y_ptr, rows, cols, M, N, stride_ym, HAS_BIAS: tl.con
 @triton.jit
 def _linear_tile(x_ptr, w_ptr, b_ptr, y_ptr, tile_m, tile_n, M, N, K, stride_xm, stride_wn, stride_ym,
                  HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                 PRECISION: tl.constexpr, USE_GDC: tl.constexpr):
+                 PRECISION: tl.constexpr, PREFETCH: tl.constexpr, USE_GDC: tl.constexpr):
     """One output tile of y = x @ w^T (+ b) with pointer loads: the K walk, the bias, the store.
     With USE_GDC the first row tile's program asks L2 for the tile's weight rows before waiting
     for the previous kernel (gdc.py): the weight streams in while that kernel finishes."""
     rows = tile_m * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = tile_n * BLOCK_N + tl.arange(0, BLOCK_N)
     if USE_GDC:
-        if tile_m == 0:
-            prefetch_rows(w_ptr, cols, N, stride_wn, K)
+        if PREFETCH:
+            if tile_m == 0:
+                prefetch_rows(w_ptr, cols, N, stride_wn, K)
     gdc_enter(USE_GDC)
     ks = tl.arange(0, BLOCK_K)
     x_ptrs = x_ptr + rows[:, None].to(tl.int64) * stride_xm + ks[None, :]
@@ -186,11 +187,11 @@ def _linear_kernel(
     x_ptr, w_ptr, b_ptr, y_ptr, M, N, K,
     stride_xm, stride_wn, stride_ym,
     HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    GROUP_M: tl.constexpr, PRECISION: tl.constexpr, USE_GDC: tl.constexpr = False,
+    GROUP_M: tl.constexpr, PRECISION: tl.constexpr, PREFETCH: tl.constexpr = False, USE_GDC: tl.constexpr = False,
 ):
     tile_m, tile_n = _grouped_order(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N), GROUP_M)
     _linear_tile(x_ptr, w_ptr, b_ptr, y_ptr, tile_m, tile_n, M, N, K, stride_xm, stride_wn, stride_ym,
-                 HAS_BIAS, BLOCK_M, BLOCK_N, BLOCK_K, PRECISION, USE_GDC)
+                 HAS_BIAS, BLOCK_M, BLOCK_N, BLOCK_K, PRECISION, PREFETCH, USE_GDC)
 
 
 @fast_launch
@@ -239,6 +240,9 @@ def _num_programs(device: torch.device) -> int:
 # any K); below about 4M outputs (M=1024 x N=1024) the pointer kernel is as fast or faster.
 # Either kernel gives the same bits for a tile, so this choice may look at any size.
 _TMA_MIN_MN = 1 << 22
+# Under programmatic dependent launch (gdc.py) the pointer kernels' first row tiles ask L2 for
+# their weight rows before waiting for the previous kernel. A hint: same bits either way.
+PREFETCH_WEIGHTS = True
 
 
 def _tma_ok(*ts: torch.Tensor) -> bool:
@@ -267,7 +271,8 @@ def _launch_linear(x_MK, w_NK, b_N, y_MN, t: Tile) -> None:
         x_MK, w_NK, b_N if b_N is not None else y_MN, y_MN, M, N, K,
         x_MK.stride(0), w_NK.stride(0), y_MN.stride(0),
         HAS_BIAS=b_N is not None, BLOCK_M=t.block_m, BLOCK_N=t.block_n, BLOCK_K=t.block_k,
-        GROUP_M=t.group_m, PRECISION=precision, num_warps=t.num_warps, num_stages=t.num_stages,
+        GROUP_M=t.group_m, PRECISION=precision, PREFETCH=PREFETCH_WEIGHTS, num_warps=t.num_warps,
+        num_stages=t.num_stages,
     )
 
 
@@ -292,7 +297,7 @@ def _linears_kernel(
     x_ptr, w0_ptr, w1_ptr, w2_ptr, b0_ptr, b1_ptr, b2_ptr, y0_ptr, y1_ptr, y2_ptr,
     M, K, N0, N1, N2, T1, T2, stride_xm,
     HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    PRECISION: tl.constexpr, USE_GDC: tl.constexpr = False,
+    PRECISION: tl.constexpr, PREFETCH: tl.constexpr = False, USE_GDC: tl.constexpr = False,
 ):
     # Up to three linears of one x in one launch: column tiles [0, T1) are w0's, [T1, T2) w1's,
     # [T2, ...) w2's (contiguous [N_i, K] weights, contiguous [M, N_i] outputs). A tile is
@@ -310,7 +315,7 @@ def _linears_kernel(
     tile_n -= tl.where(in2, T2, tl.where(in1, T1, 0))
     b_ptr = tl.where(in2, b2_ptr, tl.where(in1, b1_ptr, b0_ptr))
     _linear_tile(x_ptr, w_ptr, b_ptr, y_ptr, tile_m, tile_n, M, N, K, stride_xm, K, N,
-                 HAS_BIAS, BLOCK_M, BLOCK_N, BLOCK_K, PRECISION, USE_GDC)
+                 HAS_BIAS, BLOCK_M, BLOCK_N, BLOCK_K, PRECISION, PREFETCH, USE_GDC)
 
 
 def linears(x_MK: torch.Tensor, ws: tuple[torch.Tensor, ...], bs: tuple[torch.Tensor, ...] | None = None
@@ -341,7 +346,8 @@ def linears(x_MK: torch.Tensor, ws: tuple[torch.Tensor, ...], bs: tuple[torch.Te
     _linears_kernel[grid](
         x_MK, *w3, *b3, *y3, M, K, *n3, tiles[0], tiles[0] + tiles[1], x_MK.stride(0),
         HAS_BIAS=bs is not None, BLOCK_M=t.block_m, BLOCK_N=t.block_n, BLOCK_K=t.block_k,
-        PRECISION=_dot_precision(x_MK.dtype), num_warps=t.num_warps, num_stages=t.num_stages,
+        PRECISION=_dot_precision(x_MK.dtype), PREFETCH=PREFETCH_WEIGHTS, num_warps=t.num_warps,
+        num_stages=t.num_stages,
     )
     return ys
 
