@@ -144,64 +144,6 @@ def test_fast_launch_gives_tritons_bits_and_keys_alignment(kt, monkeypatch):
     assert matmul._linear_tma_kernel.kernels and matmul._linears_kernel.kernels
 
 
-def test_pdl_chain_in_a_cuda_graph_gives_the_bits_without_pdl(kt, monkeypatch):
-    """Programmatic dependent launch (gdc.py) lets a kernel start while the one before it
-    finishes: a decode-like chain of our kernels (norms, fused and plain linears with the L2
-    weight prefetch, q/k norm + RoPE, silu_mul, logprobs), captured in a CUDA graph with PDL
-    and replayed, gives bit for bit what it gives without PDL. A kernel that read or wrote
-    memory before its wait would race and show here."""
-    import miles_kernels as mk
-    from miles_kernels._triton import launch, matmul
-
-    if not launch.pdl_on(torch.cuda.current_device()):
-        pytest.skip("no programmatic dependent launch on this GPU / Triton")
-    g = _gen(12)
-    M, D, F, H, Kh, Dh, V = 64, 1024, 3072, 16, 8, 128, 151936
-    bf = torch.bfloat16
-    layers = [dict(n1=_randn(D, dtype=bf, g=g), n2=_randn(D, dtype=bf, g=g), qn=_randn(Dh, dtype=bf, g=g),
-                   q=_randn(H * Dh, D, dtype=bf, g=g, scale=0.03), k=_randn(Kh * Dh, D, dtype=bf, g=g, scale=0.03),
-                   v=_randn(Kh * Dh, D, dtype=bf, g=g, scale=0.03), o=_randn(D, H * Dh, dtype=bf, g=g, scale=0.03),
-                   gate=_randn(F, D, dtype=bf, g=g, scale=0.03), up=_randn(F, D, dtype=bf, g=g, scale=0.03),
-                   down=_randn(D, F, dtype=bf, g=g, scale=0.02)) for _ in range(4)]
-    head = _randn(V, D, dtype=bf, g=g, scale=0.03)
-    x0 = _randn(M, D, dtype=bf, g=g)
-    ids = torch.randint(0, V, (M,), device="cuda", generator=g)
-    cos, sin = torch.cos(torch.arange(M * 64, device="cuda").view(M, 64) * 0.01), torch.sin(
-        torch.arange(M * 64, device="cuda").view(M, 64) * 0.01)
-
-    def step(x):
-        r = torch.zeros_like(x)
-        for p in layers:
-            x, y = mk.add_rms_norm(x, r, p["n1"], 1e-6)
-            q, k, v = mk.linears(y, (p["q"], p["k"], p["v"]))
-            q, k = mk.qk_norm_rope(q.view(M, H, Dh), k.view(M, Kh, Dh), p["qn"], p["qn"], cos, sin, 1e-6)
-            r = mk.linear((q.float() + v.float().repeat(1, 2).view(M, H, Dh)).to(bf).view(M, H * Dh), p["o"])
-            x, y = mk.add_rms_norm(x, r, p["n2"], 1e-6)
-            gate, up = mk.linears(y, (p["gate"], p["up"]))
-            r = mk.linear(mk.silu_mul(gate, up), p["down"])
-        logits = mk.linear(mk.rms_norm(x + r, layers[0]["n1"], 1e-6), head)
-        return torch.cat([logits[:, :4096].float(), torch.stack(mk.logprobs(logits, ids, 0.7, entropy=True)).T], 1)
-
-    with mk.use_mode("invariant"):
-        monkeypatch.setattr(launch, "PDL", False)
-        want = step(x0)
-        monkeypatch.setattr(launch, "PDL", True)
-        _same(step(x0), want, "PDL, eager")
-        static_x = x0.clone()
-        s = torch.cuda.Stream()
-        s.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(s):
-            step(static_x)
-        torch.cuda.current_stream().wait_stream(s)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            out = step(static_x)
-        for i in range(20):
-            graph.replay()
-            _same(out, want, f"PDL in a CUDA graph, replay {i}")
-    assert any(k.metadata.launch_pdl for k in matmul._linears_kernel.kernels.values()), "no PDL kernel ran"
-
-
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_grouped_linear_rows_independent(kt, dtype):
     g = _gen(1)

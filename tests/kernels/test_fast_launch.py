@@ -31,34 +31,22 @@ class _Compiled:
         self.launches.append(a)
 
 
-@triton.jit
-def _gdc_demo_kernel(x_ptr, n, BLOCK: tl.constexpr, USE_GDC: tl.constexpr = False):
-    pass
-
-
-def _recorded(fn, monkeypatch):
-    """fast_launch(fn) on a fake driver; Triton's path records its calls in .slow."""
-    if not isinstance(fn, triton.runtime.jit.JITFunction):
+@pytest.fixture
+def kernel(monkeypatch):
+    if not isinstance(_demo_kernel, triton.runtime.jit.JITFunction):
         pytest.skip("TRITON_INTERPRET=1: kernels are interpreted, no launcher to skip to")
     monkeypatch.setattr(launch, "ENABLED", True)
-    monkeypatch.setattr(launch, "PDL", True)
-    monkeypatch.setattr(launch, "_PDL_DEVICES", {0: False})  # device 0: no PDL unless a test says so
     monkeypatch.setattr(launch, "_current_device", lambda: 0)
     monkeypatch.setattr(launch, "_current_stream", lambda device: 1234)
-    fk = launch.fast_launch(fn)
+    fk = launch.fast_launch(_demo_kernel)
     fk.slow = []
 
     def run(*args, grid, warmup, **kw):  # Triton's path: record, compile a new fake kernel
         fk.slow.append((grid, args, kw))
         return _Compiled()
 
-    monkeypatch.setattr(fn, "run", run)
-    return fk
-
-
-@pytest.fixture
-def kernel(monkeypatch):
-    yield _recorded(_demo_kernel, monkeypatch)
+    monkeypatch.setattr(_demo_kernel, "run", run)
+    yield fk
 
 
 def test_repeat_call_goes_to_the_launcher_with_triton_argument_order(kernel):
@@ -114,59 +102,3 @@ def test_active_launch_hooks_take_tritons_path(kernel, monkeypatch):
 def test_interpreted_functions_are_left_alone():
     fn = object()
     assert launch.fast_launch(fn) is fn
-
-
-def test_pdl_kernels_launch_with_use_gdc_where_the_device_has_pdl(monkeypatch):
-    fk = _recorded(_gdc_demo_kernel, monkeypatch)
-    x = torch.zeros(64)
-    fk[(1,)](x, 64, BLOCK=32)  # device without PDL: the kernel's default, no launch option
-    assert fk.slow[-1][2] == {"BLOCK": 32}
-    monkeypatch.setattr(launch, "_PDL_DEVICES", {0: True})
-    first = fk[(1,)](x, 64, BLOCK=32)
-    assert fk.slow[-1][2] == {"BLOCK": 32, "USE_GDC": True, "launch_pdl": True} and len(fk.slow) == 2
-    fk[(1,)](x, 64, BLOCK=32)  # the repeat goes to the PDL kernel's launcher with USE_GDC bound
-    assert len(fk.slow) == 2 and first.launches[-1][9:] == (x, 64, 32, True)
-    monkeypatch.setattr(launch, "PDL", False)  # MILES_PDL=0
-    fk[(1,)](x, 64, BLOCK=32)
-    assert len(fk.slow) == 2 and fk.slow[0][2] == {"BLOCK": 32}
-    demo = _recorded(_demo_kernel, monkeypatch)  # no USE_GDC parameter: never gets the option
-    monkeypatch.setattr(launch, "_PDL_DEVICES", {0: True})
-    demo[(1,)](x, x, 64, 0.5, BLOCK=32)
-    assert demo.slow[-1][2] == {"BLOCK": 32}
-
-
-def _kernels():
-    """(name, Python function) of every kernel the package and the engine launch."""
-    import importlib
-    import inspect
-    import pkgutil
-
-    import miles_kernels._triton as kt
-
-    mods = [importlib.import_module(f"miles_kernels._triton.{m.name}") for m in pkgutil.iter_modules(kt.__path__)]
-    mods.append(importlib.import_module("miles_fsdp.engine.sampler"))
-    for mod in mods:
-        for name, obj in vars(mod).items():
-            if name.endswith("_kernel") and hasattr(obj, "fn"):
-                fn = obj
-                while hasattr(fn, "fn"):  # FastKernel -> JITFunction (or the interpreter's) -> function
-                    fn = fn.fn
-                if inspect.isfunction(fn):
-                    yield f"{mod.__name__}.{name}", fn
-
-
-def test_every_kernel_waits_for_the_previous_kernel_before_touching_memory():
-    """PDL is only safe if a kernel launched early waits (gdc_enter) before its first load or
-    store: USE_GDC in every kernel, handed to gdc_enter or a helper before any memory access."""
-    import inspect
-    import re
-
-    found = list(_kernels())
-    assert len(found) >= 30
-    for name, fn in found:
-        assert "USE_GDC" in inspect.signature(fn).parameters, name
-        body = inspect.getsource(fn).split('):\n', 1)[1]
-        first_use = re.search(r"\bUSE_GDC\)", body)
-        first_access = re.search(r"tl\.(load|store|atomic_\w+)\(|_desc\.(load|store)\(", body)
-        assert first_use, f"{name}: USE_GDC is never used"
-        assert first_access is None or first_use.start() < first_access.start(), f"{name}: memory before gdc_enter"

@@ -24,7 +24,6 @@ import torch
 import triton
 import triton.language as tl
 
-from miles_kernels._triton.gdc import gdc_enter
 from miles_kernels._triton.launch import fast_launch
 
 _LOG2E = tl.constexpr(1.4426950408889634)
@@ -56,10 +55,8 @@ _DELTA_ROWS = {torch.bfloat16: 64, torch.float16: 64, torch.float32: 16}  # toke
 
 @fast_launch
 @triton.jit
-def _delta_kernel(o_ptr, do_ptr, delta_ptr, T, stride_t, stride_dh, D: tl.constexpr, BLOCK_T: tl.constexpr,
-                  USE_GDC: tl.constexpr = False):
+def _delta_kernel(o_ptr, do_ptr, delta_ptr, T, stride_t, stride_dh, D: tl.constexpr, BLOCK_T: tl.constexpr):
     """delta[h, t] = sum_d o[t, h, d] * dout[t, h, d] in fp32."""
-    gdc_enter(USE_GDC)
     h = tl.program_id(1)
     t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
     ds = tl.arange(0, D)
@@ -115,8 +112,7 @@ def _program(per_rank, n_heads, cu_ptr):
 def _dkdv_kernel(q_ptr, k_ptr, v_ptr, do_ptr, dk_ptr, dv_ptr, lse_ptr, delta_ptr, cu_ptr,
                  qk_scale, scale, n_kv_heads, n_bk, stride_qt, stride_kt, stride_lh, stride_dh,
                  G: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                 PRECISION: tl.constexpr, USE_GDC: tl.constexpr = False):
-    gdc_enter(USE_GDC)
+                 PRECISION: tl.constexpr):
     # KV block j: block 0 (every query block after it) starts first
     j, kvh, q_lo, q_len = _program(n_bk, n_kv_heads, cu_ptr)
     n0 = j * BLOCK_N
@@ -181,8 +177,7 @@ def _dq_step(dq, q, do, lse2, delta, qpos, k_ptr, v_ptr, n0, q_len, qk_scale, st
 def _dq_kernel(q_ptr, k_ptr, v_ptr, do_ptr, dq_ptr, lse_ptr, delta_ptr, cu_ptr,
                qk_scale, scale, n_heads, n_bh, n_blocks, stride_qt, stride_kt, stride_lh, stride_dh,
                G: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-               PRECISION: tl.constexpr, USE_GDC: tl.constexpr = False):
-    gdc_enter(USE_GDC)
+               PRECISION: tl.constexpr):
     r, h, q_lo, q_len = _program(n_bh, n_heads, cu_ptr)
     i = n_blocks - 1 - r  # Q block: the last (longest: most KV blocks) start first
     m0 = i * BLOCK_M

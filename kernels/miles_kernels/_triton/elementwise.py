@@ -16,7 +16,6 @@ import torch
 import triton
 import triton.language as tl
 
-from miles_kernels._triton.gdc import gdc_enter
 from miles_kernels._triton.launch import fast_launch
 
 
@@ -50,9 +49,7 @@ def _row_warps(block_d: int) -> int:
 
 @fast_launch
 @triton.jit
-def _rms_norm_kernel(x_ptr, w_ptr, y_ptr, D, stride_x, stride_y, eps, BLOCK_D: tl.constexpr,
-                     USE_GDC: tl.constexpr = False):
-    gdc_enter(USE_GDC)
+def _rms_norm_kernel(x_ptr, w_ptr, y_ptr, D, stride_x, stride_y, eps, BLOCK_D: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK_D)
     mask = cols < D
@@ -82,9 +79,7 @@ def rms_norm(x_MD: torch.Tensor, w_D: torch.Tensor, eps: float) -> torch.Tensor:
 @triton.jit
 def _add_rms_norm_kernel(
     x_ptr, r_ptr, w_ptr, h_ptr, y_ptr, D, stride_x, stride_r, stride_h, stride_y, eps, BLOCK_D: tl.constexpr,
-    USE_GDC: tl.constexpr = False,
 ):
-    gdc_enter(USE_GDC)
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK_D)
     mask = cols < D
@@ -132,9 +127,8 @@ def _rotate(x1, x2, c, s):
 def _rope_kernel(
     x_ptr, cos_ptr, sin_ptr, y_ptr, H, F,
     stride_xt, stride_xh, stride_ct, stride_st, stride_yt, stride_yh,
-    BLOCK_H: tl.constexpr, BLOCK_F: tl.constexpr, INVERSE: tl.constexpr, USE_GDC: tl.constexpr = False,
+    BLOCK_H: tl.constexpr, BLOCK_F: tl.constexpr, INVERSE: tl.constexpr,
 ):
-    gdc_enter(USE_GDC)
     t = tl.program_id(0).to(tl.int64)
     hs = tl.arange(0, BLOCK_H)
     fs = tl.arange(0, BLOCK_F)
@@ -206,11 +200,10 @@ def _norm_rope_row(x_ptr, w_ptr, y_ptr, c, s, D, F, eps, BLOCK_D: tl.constexpr, 
 def _qk_norm_rope_kernel(
     q_ptr, k_ptr, qw_ptr, kw_ptr, cos_ptr, sin_ptr, qo_ptr, ko_ptr, H, K, D, F,
     stride_q, stride_k, stride_qo, stride_ko, stride_ct, stride_st, eps,
-    BLOCK_D: tl.constexpr, BLOCK_F: tl.constexpr, USE_GDC: tl.constexpr = False,
+    BLOCK_D: tl.constexpr, BLOCK_F: tl.constexpr,
 ):
     """Program (t, j): head j of token t, a q head for j < H, else k head j - H. q, k, and the
     outputs are [T * heads, D] rows (stride_*: the row stride)."""
-    gdc_enter(USE_GDC)
     t = tl.program_id(0).to(tl.int64)
     j = tl.program_id(1)
     fs = tl.arange(0, BLOCK_F)
@@ -252,9 +245,7 @@ _SILU_BLOCK = 1024
 
 @fast_launch
 @triton.jit
-def _silu_mul_kernel(g_ptr, u_ptr, y_ptr, F, stride_g, stride_u, stride_y, BLOCK: tl.constexpr,
-                     USE_GDC: tl.constexpr = False):
-    gdc_enter(USE_GDC)
+def _silu_mul_kernel(g_ptr, u_ptr, y_ptr, F, stride_g, stride_u, stride_y, BLOCK: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = cols < F

@@ -11,7 +11,6 @@ import triton
 import triton.language as tl
 
 from miles_kernels._triton.elementwise import _SILU_BLOCK, rotate
-from miles_kernels._triton.gdc import gdc_enter
 from miles_kernels._triton.launch import fast_launch
 
 _GW_PARTIAL = 1 << 20
@@ -26,9 +25,8 @@ def _unit_stride(t: torch.Tensor) -> torch.Tensor:
 @triton.jit
 def _rms_norm_grad_kernel(
     x_ptr, w_ptr, g_ptr, gx_ptr, gw_ptr, M, D, rows, stride_x, stride_g, stride_gx, eps,
-    BLOCK_D: tl.constexpr, NEED_X: tl.constexpr, NEED_W: tl.constexpr, USE_GDC: tl.constexpr = False,
+    BLOCK_D: tl.constexpr, NEED_X: tl.constexpr, NEED_W: tl.constexpr,
 ):
-    gdc_enter(USE_GDC)
     pid = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK_D)
     in_row = cols < D
@@ -80,9 +78,8 @@ def apply_rope_grad(g_THD: torch.Tensor, cos_TF: torch.Tensor, sin_TF: torch.Ten
 @triton.jit
 def _silu_mul_grad_kernel(
     a_ptr, u_ptr, g_ptr, ga_ptr, gu_ptr, F, stride_a, stride_u, stride_g, stride_ga, stride_gu,
-    BLOCK: tl.constexpr, NEED_A: tl.constexpr, NEED_U: tl.constexpr, USE_GDC: tl.constexpr = False,
+    BLOCK: tl.constexpr, NEED_A: tl.constexpr, NEED_U: tl.constexpr,
 ):
-    gdc_enter(USE_GDC)
     row = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = cols < F

@@ -6,15 +6,13 @@ import torch
 import triton
 import triton.language as tl
 
-from miles_kernels._triton.gdc import gdc_enter
 from miles_kernels._triton.launch import fast_launch
 
 
 @fast_launch
 @triton.jit
 def _write_kv_kernel(k_ptr, v_ptr, kc_ptr, vc_ptr, slot_ptr, K, D, stride_kt, stride_kh, stride_vt, stride_vh,
-                     BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, USE_GDC: tl.constexpr = False):
-    gdc_enter(USE_GDC)
+                     BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr):
     t = tl.program_id(0).to(tl.int64)
     slot = tl.load(slot_ptr + t).to(tl.int64)
     hs = tl.arange(0, BLOCK_K)[:, None]

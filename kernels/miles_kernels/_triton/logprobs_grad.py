@@ -11,7 +11,6 @@ import torch
 import triton
 import triton.language as tl
 
-from miles_kernels._triton.gdc import gdc_enter
 from miles_kernels._triton.launch import fast_launch
 
 GRAD_BLOCK = 4096  # vocab entries per program
@@ -22,9 +21,8 @@ GRAD_BLOCK = 4096  # vocab entries per program
 def _logprobs_grad_kernel(
     logits_ptr, ids_ptr, lse_ptr, ent_ptr, g_logp_ptr, g_ent_ptr, out_ptr, V, stride_x, stride_o,
     temperature_in, temperature_out,
-    BLOCK: tl.constexpr, HAS_LOGP: tl.constexpr, HAS_ENT: tl.constexpr, USE_GDC: tl.constexpr = False,
+    BLOCK: tl.constexpr, HAS_LOGP: tl.constexpr, HAS_ENT: tl.constexpr,
 ):
-    gdc_enter(USE_GDC)
     row = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = cols < V

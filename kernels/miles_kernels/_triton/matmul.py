@@ -15,7 +15,6 @@ import triton
 import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
-from miles_kernels._triton.gdc import gdc_enter, prefetch_rows
 from miles_kernels._triton.launch import fast_launch
 
 
@@ -163,17 +162,10 @@ def _bias_store(acc, b_ptr, y_ptr, rows, cols, M, N, stride_ym, HAS_BIAS: tl.con
 @triton.jit
 def _linear_tile(x_ptr, w_ptr, b_ptr, y_ptr, tile_m, tile_n, M, N, K, stride_xm, stride_wn, stride_ym,
                  HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                 PRECISION: tl.constexpr, PREFETCH: tl.constexpr, USE_GDC: tl.constexpr):
-    """One output tile of y = x @ w^T (+ b) with pointer loads: the K walk, the bias, the store.
-    With USE_GDC the first row tile's program asks L2 for the tile's weight rows before waiting
-    for the previous kernel (gdc.py): the weight streams in while that kernel finishes."""
+                 PRECISION: tl.constexpr):
+    """One output tile of y = x @ w^T (+ b) with pointer loads: the K walk, the bias, the store."""
     rows = tile_m * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = tile_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    if USE_GDC:
-        if PREFETCH:
-            if tile_m == 0:
-                prefetch_rows(w_ptr, cols, N, stride_wn, K)
-    gdc_enter(USE_GDC)
     ks = tl.arange(0, BLOCK_K)
     x_ptrs = x_ptr + rows[:, None].to(tl.int64) * stride_xm + ks[None, :]
     w_ptrs = w_ptr + cols[None, :].to(tl.int64) * stride_wn + ks[:, None]
@@ -187,11 +179,11 @@ def _linear_kernel(
     x_ptr, w_ptr, b_ptr, y_ptr, M, N, K,
     stride_xm, stride_wn, stride_ym,
     HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    GROUP_M: tl.constexpr, PRECISION: tl.constexpr, PREFETCH: tl.constexpr = False, USE_GDC: tl.constexpr = False,
+    GROUP_M: tl.constexpr, PRECISION: tl.constexpr,
 ):
     tile_m, tile_n = _grouped_order(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N), GROUP_M)
     _linear_tile(x_ptr, w_ptr, b_ptr, y_ptr, tile_m, tile_n, M, N, K, stride_xm, stride_wn, stride_ym,
-                 HAS_BIAS, BLOCK_M, BLOCK_N, BLOCK_K, PRECISION, PREFETCH, USE_GDC)
+                 HAS_BIAS, BLOCK_M, BLOCK_N, BLOCK_K, PRECISION)
 
 
 @fast_launch
@@ -199,9 +191,8 @@ def _linear_kernel(
 def _linear_tma_kernel(
     x_desc, w_desc, y_desc, b_ptr, M, N, K,
     HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    GROUP_M: tl.constexpr, PRECISION: tl.constexpr, NUM_PROGRAMS: tl.constexpr, USE_GDC: tl.constexpr = False,
+    GROUP_M: tl.constexpr, PRECISION: tl.constexpr, NUM_PROGRAMS: tl.constexpr,
 ):
-    gdc_enter(USE_GDC)
     # Persistent: program p computes tiles p, p + NUM_PROGRAMS, ... in grouped order. A tile is
     # computed exactly as in _linear_kernel (K from 0 in BLOCK_K steps, fp32 acc); TMA zero-fills
     # out-of-bounds rows and the K tail as the masked loads do, and clips the store.
@@ -240,9 +231,6 @@ def _num_programs(device: torch.device) -> int:
 # any K); below about 4M outputs (M=1024 x N=1024) the pointer kernel is as fast or faster.
 # Either kernel gives the same bits for a tile, so this choice may look at any size.
 _TMA_MIN_MN = 1 << 22
-# Under programmatic dependent launch (gdc.py) the pointer kernels' first row tiles ask L2 for
-# their weight rows before waiting for the previous kernel. A hint: same bits either way.
-PREFETCH_WEIGHTS = True
 
 
 def _tma_ok(*ts: torch.Tensor) -> bool:
@@ -271,8 +259,7 @@ def _launch_linear(x_MK, w_NK, b_N, y_MN, t: Tile) -> None:
         x_MK, w_NK, b_N if b_N is not None else y_MN, y_MN, M, N, K,
         x_MK.stride(0), w_NK.stride(0), y_MN.stride(0),
         HAS_BIAS=b_N is not None, BLOCK_M=t.block_m, BLOCK_N=t.block_n, BLOCK_K=t.block_k,
-        GROUP_M=t.group_m, PRECISION=precision, PREFETCH=PREFETCH_WEIGHTS, num_warps=t.num_warps,
-        num_stages=t.num_stages,
+        GROUP_M=t.group_m, PRECISION=precision, num_warps=t.num_warps, num_stages=t.num_stages,
     )
 
 
@@ -297,7 +284,7 @@ def _linears_kernel(
     x_ptr, w0_ptr, w1_ptr, w2_ptr, b0_ptr, b1_ptr, b2_ptr, y0_ptr, y1_ptr, y2_ptr,
     M, K, N0, N1, N2, T1, T2, stride_xm,
     HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    PRECISION: tl.constexpr, PREFETCH: tl.constexpr = False, USE_GDC: tl.constexpr = False,
+    PRECISION: tl.constexpr,
 ):
     # Up to three linears of one x in one launch: column tiles [0, T1) are w0's, [T1, T2) w1's,
     # [T2, ...) w2's (contiguous [N_i, K] weights, contiguous [M, N_i] outputs). A tile is
@@ -315,7 +302,7 @@ def _linears_kernel(
     tile_n -= tl.where(in2, T2, tl.where(in1, T1, 0))
     b_ptr = tl.where(in2, b2_ptr, tl.where(in1, b1_ptr, b0_ptr))
     _linear_tile(x_ptr, w_ptr, b_ptr, y_ptr, tile_m, tile_n, M, N, K, stride_xm, K, N,
-                 HAS_BIAS, BLOCK_M, BLOCK_N, BLOCK_K, PRECISION, PREFETCH, USE_GDC)
+                 HAS_BIAS, BLOCK_M, BLOCK_N, BLOCK_K, PRECISION)
 
 
 def linears(x_MK: torch.Tensor, ws: tuple[torch.Tensor, ...], bs: tuple[torch.Tensor, ...] | None = None
@@ -346,8 +333,7 @@ def linears(x_MK: torch.Tensor, ws: tuple[torch.Tensor, ...], bs: tuple[torch.Te
     _linears_kernel[grid](
         x_MK, *w3, *b3, *y3, M, K, *n3, tiles[0], tiles[0] + tiles[1], x_MK.stride(0),
         HAS_BIAS=bs is not None, BLOCK_M=t.block_m, BLOCK_N=t.block_n, BLOCK_K=t.block_k,
-        PRECISION=_dot_precision(x_MK.dtype), PREFETCH=PREFETCH_WEIGHTS, num_warps=t.num_warps,
-        num_stages=t.num_stages,
+        PRECISION=_dot_precision(x_MK.dtype), num_warps=t.num_warps, num_stages=t.num_stages,
     )
     return ys
 
@@ -381,9 +367,8 @@ def _grouped_kernel(
     x_ptr, w_ptr, off_ptr, y_ptr, N, K, E, n_tiles_m,
     stride_xr, stride_we, stride_wn, stride_yr,
     E_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    GROUP_M: tl.constexpr, PRECISION: tl.constexpr, USE_GDC: tl.constexpr = False,
+    GROUP_M: tl.constexpr, PRECISION: tl.constexpr,
 ):
-    gdc_enter(USE_GDC)
     # Row tile m is the m-th in expert order; an expert with n rows owns cdiv(n, BLOCK_M) of
     # them, so a tile never mixes experts. The tile count is an upper bound known on the host
     # ((cdiv(R, BLOCK_M) + E) x column tiles): no device sync, CUDA-graph safe. Tiles run in
@@ -407,9 +392,8 @@ def _grouped_kernel(
 def _grouped_tma_kernel(
     x_desc, w_desc, off_ptr, y_ptr, N, K, E, n_tiles_m, stride_yr,
     E_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    GROUP_M: tl.constexpr, PRECISION: tl.constexpr, NUM_PROGRAMS: tl.constexpr, USE_GDC: tl.constexpr = False,
+    GROUP_M: tl.constexpr, PRECISION: tl.constexpr, NUM_PROGRAMS: tl.constexpr,
 ):
-    gdc_enter(USE_GDC)
     # _grouped_kernel with TMA loads (x over [R, K], w over [E * N, K]), persistent: program p
     # takes tiles p, p + NUM_PROGRAMS, ... of the row tiles that hold rows (counted here from
     # the offsets, not the host's upper bound n_tiles_m), in the same grouped order, one flat
@@ -462,10 +446,8 @@ _ZERO_ROWS = 64
 
 @fast_launch
 @triton.jit
-def _zero_outside_kernel(y_ptr, off_ptr, R, N, E, stride_yr, ROWS: tl.constexpr, BLOCK_N: tl.constexpr,
-                         USE_GDC: tl.constexpr = False):
+def _zero_outside_kernel(y_ptr, off_ptr, R, N, E, stride_yr, ROWS: tl.constexpr, BLOCK_N: tl.constexpr):
     """Zero y's rows outside [offsets[0], offsets[E]); a program whose rows are all inside stores nothing."""
-    gdc_enter(USE_GDC)
     rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
     outside = ((rows < tl.load(off_ptr)) | (rows >= tl.load(off_ptr + E))) & (rows < R)
     if tl.sum(outside.to(tl.int32), 0) > 0:

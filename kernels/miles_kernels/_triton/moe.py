@@ -13,7 +13,6 @@ import torch
 import triton
 import triton.language as tl
 
-from miles_kernels._triton.gdc import gdc_enter
 from miles_kernels._triton.launch import fast_launch
 
 _BLOCK = 1024
@@ -21,9 +20,7 @@ _BLOCK = 1024
 
 @fast_launch
 @triton.jit
-def _combine_kernel(y_ptr, pos_ptr, w_ptr, out_ptr, D, stride_y, stride_out, K: tl.constexpr, BLOCK: tl.constexpr,
-                    USE_GDC: tl.constexpr = False):
-    gdc_enter(USE_GDC)
+def _combine_kernel(y_ptr, pos_ptr, w_ptr, out_ptr, D, stride_y, stride_out, K: tl.constexpr, BLOCK: tl.constexpr):
     t = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = cols < D
@@ -56,8 +53,7 @@ def moe_combine(y_RD: torch.Tensor, pos_Tk: torch.Tensor, w_Tk: torch.Tensor) ->
 @fast_launch
 @triton.jit
 def _combine_grad_kernel(y_ptr, pos_ptr, w_ptr, g_ptr, gy_ptr, gw_ptr, D, stride_y, stride_g, stride_gy,
-                         K: tl.constexpr, K_PAD: tl.constexpr, BLOCK: tl.constexpr, USE_GDC: tl.constexpr = False):
-    gdc_enter(USE_GDC)
+                         K: tl.constexpr, K_PAD: tl.constexpr, BLOCK: tl.constexpr):
     t = tl.program_id(0).to(tl.int64)
     ks = tl.arange(0, K_PAD)
     gw = tl.zeros([K_PAD], dtype=tl.float32)
@@ -93,9 +89,7 @@ def moe_combine_grad(y_RD, pos_Tk, w_Tk, g_TD):
 
 @fast_launch
 @triton.jit
-def _gather_sum_kernel(x_ptr, pos_ptr, out_ptr, D, stride_x, stride_out, K: tl.constexpr, BLOCK: tl.constexpr,
-                       USE_GDC: tl.constexpr = False):
-    gdc_enter(USE_GDC)
+def _gather_sum_kernel(x_ptr, pos_ptr, out_ptr, D, stride_x, stride_out, K: tl.constexpr, BLOCK: tl.constexpr):
     t = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = cols < D

@@ -20,7 +20,6 @@ import torch
 import triton
 import triton.language as tl
 
-from miles_kernels._triton.gdc import gdc_enter, prefetch_lines
 from miles_kernels._triton.launch import fast_launch
 
 from miles_kernels._cpu import ATTN_BLOCK  # KV walk granularity: one constant for CPU and CUDA
@@ -32,9 +31,6 @@ KV_SPLIT = 256  # tokens per split (multiple of KV_BLOCK): enough programs for d
 # heads) the one-program path is faster (59.8 vs 63.4 us at B 64 ctx 544, 314.6 vs 319.5 at
 # ctx 4096; 2026-12-02 attn_sweep.py --decode) and drops the combine kernel.
 DECODE_PROGRAMS = 512
-# Under programmatic dependent launch (gdc.py) a one-program decode launch asks L2 for each
-# (sequence, kv head)'s K/V before waiting for the previous kernel. A hint: same bits either way.
-PREFETCH_KV = True
 _BLOCK_M = {torch.bfloat16: 64, torch.float16: 64, torch.float32: 16}  # rows (token x head) per decode tile
 _DECODE_LAUNCH = {torch.bfloat16: (4, 3), torch.float16: (4, 3), torch.float32: (4, 3)}  # its num_warps, num_stages
 # (BLOCK_M, num_warps, num_stages) of the fused path: the tall tile where the longest query
@@ -139,24 +135,6 @@ def _split_state(
 
 
 @triton.jit
-def _prefetch_kv(k_ptr, v_ptr, bt_row_ptr, kv_len_ptr, kvh, D, n_pages, stride_kp, stride_ks, stride_kk, stride_vp,
-                 stride_vs, stride_vk, PAGE: tl.constexpr):
-    """Ask L2 for one (sequence, kv head)'s cached K and V rows (the first 128 elements of
-    each), before the kernel's wait (gdc.py): the length and the block table are volatile
-    loads, the page ids clamped into the cache, so a table not yet written only misdirects a hint."""
-    TOK: tl.constexpr = 64
-    kv_len = tl.load(kv_len_ptr, volatile=True)
-    parts = tl.minimum(tl.arange(0, 2) * 64, D - 1)
-    for t0 in range(0, kv_len, TOK):
-        toks = t0 + tl.arange(0, TOK)
-        page = tl.load(bt_row_ptr + toks // PAGE, mask=toks < kv_len, other=0, volatile=True)
-        page = tl.minimum(tl.maximum(page, 0), n_pages - 1).to(tl.int64)
-        slot = toks % PAGE
-        prefetch_lines(k_ptr + kvh * stride_kk + (page * stride_kp + slot * stride_ks)[:, None] + parts[None, :])
-        prefetch_lines(v_ptr + kvh * stride_vk + (page * stride_vp + slot * stride_vs)[:, None] + parts[None, :])
-
-
-@triton.jit
 def _store_out(o_ptr, lse_ptr, m, l, acc, t_idx, head, ds, row_ok, D, stride_ot, stride_oh, stride_lh,
                STORE_LSE: tl.constexpr):
     """o = acc / l, rounded once; with STORE_LSE also each row's log-sum-exp of its scaled
@@ -180,15 +158,7 @@ def _attn_kernel(
     G: tl.constexpr, G_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
     PAGE: tl.constexpr, ATTN_BLK: tl.constexpr, SPLIT_BLOCKS: tl.constexpr, SPLIT_PARALLEL: tl.constexpr,
     PART_ROWS: tl.constexpr, PRECISION: tl.constexpr, STORE_LSE: tl.constexpr, CONTIG: tl.constexpr,
-    PREFETCH_KV: tl.constexpr = False, n_pages=1, USE_GDC: tl.constexpr = False,
 ):
-    if USE_GDC:
-        if PREFETCH_KV:  # decode: this program's whole K/V range into L2 while the last kernel ends
-            b_pf = tl.program_id(1) // n_kv_heads
-            _prefetch_kv(k_ptr, v_ptr, bt_ptr + b_pf.to(tl.int64) * stride_bt, kv_lens_ptr + b_pf,
-                         tl.program_id(1) % n_kv_heads, D, n_pages, stride_kp, stride_ks, stride_kk, stride_vp,
-                         stride_vs, stride_vk, PAGE)
-    gdc_enter(USE_GDC)
     TOK: tl.constexpr = BLOCK_M // G_PAD
     tile = tl.num_programs(0) - 1 - tl.program_id(0)  # the longest (last) q tiles start first
     bk = tl.program_id(1)
@@ -252,9 +222,8 @@ def _attn_kernel(
 def _combine_kernel(
     o_ptr, lse_ptr, pm_ptr, pl_ptr, pacc_ptr, cu_ptr, kv_lens_ptr, D, n_kv_heads, n_splits_max, stride_ot, stride_oh,
     stride_lh, G: tl.constexpr, G_PAD: tl.constexpr, PART_ROWS: tl.constexpr, BLOCK_D: tl.constexpr,
-    ATTN_BLK: tl.constexpr, SPLIT_BLOCKS: tl.constexpr, STORE_LSE: tl.constexpr, USE_GDC: tl.constexpr = False,
+    ATTN_BLK: tl.constexpr, SPLIT_BLOCKS: tl.constexpr, STORE_LSE: tl.constexpr,
 ):
-    gdc_enter(USE_GDC)
     # The merge is per row, so a PART_ROWS tile gives each row what the fused path gives it.
     bk = tl.program_id(0)
     b = bk // n_kv_heads
@@ -392,7 +361,6 @@ def _launch(q_THD, k4, v4, cu_seqlens, kv_lens, bt, max_q_len: int, scale: float
         page_strides[0], k4.stride(1), k4.stride(2), page_strides[1], v4.stride(1), v4.stride(2), bt.stride(0),
         BLOCK_M=block_m, PAGE=page, SPLIT_PARALLEL=split_parallel, PART_ROWS=part_rows,
         PRECISION="ieee" if q_THD.dtype == torch.float32 else "tf32", STORE_LSE=lse_HT is not None, CONTIG=contig,
-        PREFETCH_KV=PREFETCH_KV and short and not split_parallel, n_pages=k4.shape[0],
         **consts, num_warps=num_warps, num_stages=num_stages,
     )
     if split_parallel:

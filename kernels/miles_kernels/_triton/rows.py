@@ -10,7 +10,6 @@ import torch
 import triton
 import triton.language as tl
 
-from miles_kernels._triton.gdc import gdc_enter
 from miles_kernels._triton.launch import fast_launch
 
 
@@ -31,8 +30,7 @@ def _lp_shift(m, s, m_new):
 @fast_launch
 @triton.jit
 def _logprobs_part_kernel(logits_ptr, state_ptr, V, stride_t, n_parts, temperature,
-                          PART: tl.constexpr, CHUNK: tl.constexpr, USE_GDC: tl.constexpr = False):
-    gdc_enter(USE_GDC)
+                          PART: tl.constexpr, CHUNK: tl.constexpr):
     # State of part p of a row, in units of z = logits / T, shifted by the running max m:
     #   s = sum exp(z - m),  w = sum exp(z - m) * (z - m)   (entropy = log s - w / s)
     row = tl.program_id(0).to(tl.int64)
@@ -64,9 +62,8 @@ def _logprobs_part_kernel(logits_ptr, state_ptr, V, stride_t, n_parts, temperatu
 @fast_launch
 @triton.jit
 def _logprobs_kernel(logits_ptr, ids_ptr, state_ptr, logp_ptr, ent_ptr, lse_ptr, T, n_parts, stride_t, temperature,
-                     ROWS: tl.constexpr, USE_GDC: tl.constexpr = False):
+                     ROWS: tl.constexpr):
     """Merge each row's part states in order (from an empty state), then logp, entropy, lse."""
-    gdc_enter(USE_GDC)
     rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
     ok = rows < T
     st = state_ptr + rows.to(tl.int64) * n_parts * 3
@@ -142,11 +139,10 @@ def _key_float(k):
 
 @fast_launch
 @triton.jit
-def _top_p_cutoff_kernel(x_ptr, cut_ptr, V, stride_t, top_p, CHUNK: tl.constexpr, USE_GDC: tl.constexpr = False):
+def _top_p_cutoff_kernel(x_ptr, cut_ptr, V, stride_t, top_p, CHUNK: tl.constexpr):
     """cut[row] = the smallest v with sum_{x_i > v} exp(x_i - max) < top_p * sum_i exp(x_i - max):
     a token is kept iff the mass strictly above it is below top_p (ties kept). 32 bisection steps
     over the floats' order, each a fixed-order pass over the row: batch-invariant, no sort."""
-    gdc_enter(USE_GDC)
     row = tl.program_id(0).to(tl.int64)
     base = x_ptr + row * stride_t
     cols = tl.arange(0, CHUNK)
@@ -199,9 +195,8 @@ def filter_logits(x_TV: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> tor
 @triton.jit
 def _route_topk_kernel(
     logits_ptr, w_ptr, ids_ptr, E, stride_t,
-    TOPK: tl.constexpr, K_PAD: tl.constexpr, E_PAD: tl.constexpr, NORM: tl.constexpr, USE_GDC: tl.constexpr = False,
+    TOPK: tl.constexpr, K_PAD: tl.constexpr, E_PAD: tl.constexpr, NORM: tl.constexpr,
 ):
-    gdc_enter(USE_GDC)
     row = tl.program_id(0).to(tl.int64)
     es = tl.arange(0, E_PAD)
     x = tl.load(logits_ptr + row * stride_t + es, mask=es < E, other=float("-inf")).to(tl.float32)

@@ -38,7 +38,6 @@ try:  # pragma: no cover - depends on the install
     import triton
     import triton.language as tl
 
-    from miles_kernels._triton.gdc import gdc_enter
     from miles_kernels._triton.launch import fast_launch
 except ImportError:  # pragma: no cover
     triton = None
@@ -84,8 +83,7 @@ if triton is not None:
     @fast_launch
     @triton.jit
     def _gumbel_kernel(keys_ptr, key_stride, out_ptr, V, fix_k_ptr, fix_v_ptr, BLOCK: tl.constexpr,
-                       LOGS: tl.constexpr, NFIX: tl.constexpr, USE_GDC: tl.constexpr = False):
-        gdc_enter(USE_GDC)
+                       LOGS: tl.constexpr, NFIX: tl.constexpr):
         row = tl.program_id(0)
         tok = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
         u = _noise(keys_ptr, key_stride, row, tok, fix_k_ptr, fix_v_ptr, LOGS, NFIX)
@@ -93,8 +91,7 @@ if triton is not None:
 
     @fast_launch
     @triton.jit
-    def _logs_kernel(u_ptr, out_ptr, N, BLOCK: tl.constexpr, USE_GDC: tl.constexpr = False):
-        gdc_enter(USE_GDC)
+    def _logs_kernel(u_ptr, out_ptr, N, BLOCK: tl.constexpr):
         i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
         u = tl.load(u_ptr + i, mask=i < N, other=0.5)
         tl.store(out_ptr + i, -tl.log(-tl.log(u)), mask=i < N)
@@ -102,11 +99,9 @@ if triton is not None:
     @fast_launch
     @triton.jit
     def _noisy_argmax_kernel(x_ptr, n_ptr, max_ptr, idx_ptr, V, stride_x, n_chunks, key_stride, fix_k_ptr, fix_v_ptr,
-                             NEG: tl.constexpr, CHUNK: tl.constexpr, KEYS: tl.constexpr, NFIX: tl.constexpr,
-                             USE_GDC: tl.constexpr = False):
+                             NEG: tl.constexpr, CHUNK: tl.constexpr, KEYS: tl.constexpr, NFIX: tl.constexpr):
         """Per (row, chunk of V): max and first index of x + n (NEG: x - n), x cast to fp32; n read
         from n_ptr, or with KEYS computed here from the row keys at n_ptr (gumbel_noise's value)."""
-        gdc_enter(USE_GDC)
         row = tl.program_id(0).to(tl.int64)
         c = tl.program_id(1)
         tok = c * CHUNK + tl.arange(0, CHUNK)
@@ -123,9 +118,8 @@ if triton is not None:
 
     @fast_launch
     @triton.jit
-    def _argmax_merge_kernel(max_ptr, idx_ptr, out_ptr, n_chunks, BLOCK: tl.constexpr, USE_GDC: tl.constexpr = False):
+    def _argmax_merge_kernel(max_ptr, idx_ptr, out_ptr, n_chunks, BLOCK: tl.constexpr):
         """Per row: the first chunk holding the row's max (chunks in token order), its index."""
-        gdc_enter(USE_GDC)
         row = tl.program_id(0).to(tl.int64)
         c = tl.arange(0, BLOCK)
         m = tl.load(max_ptr + row * n_chunks + c, mask=c < n_chunks, other=float("-inf"))
