@@ -333,6 +333,30 @@ def silu_mul(gate, up):
     return y.reshape(*lead, gate.shape[-1])
 
 
+def swiglu(x, w_gate, w_up):
+    """silu_mul(*linears(x, (w_gate, w_up))), the bits of those two ops: an MLP's gate and up
+    projections and its activation. On CUDA outside autograd at decode sizes (rows <= the
+    kernel's SMALL_M, bf16/fp16, in either mode) one kernel (miles_kernels._triton.matmul.swiglu):
+    the gate and up products never reach memory. Elsewhere the two ops. Any leading dims."""
+    if x.dim() != 2:
+        return swiglu(x.reshape(-1, x.shape[-1]), w_gate, w_up).reshape(*x.shape[:-1], w_gate.shape[0])
+    kernels = _swiglu_kernels(x, w_gate, w_up)
+    if kernels is None:
+        return silu_mul(*linears(x, (w_gate, w_up)))
+    with torch.no_grad():
+        return kernels.swiglu(x, w_gate, w_up)
+
+
+def _swiglu_kernels(x, w_gate, w_up):
+    """The Triton module whose swiglu kernel serves this call, or None (the two ops serve it)."""
+    if not x.is_cuda or _needs_grad(x, w_gate, w_up) or not x.dtype == w_gate.dtype == w_up.dtype:
+        return None
+    kernels = _fast_kernels(x) if _fast() else _backend(x)
+    if not hasattr(kernels, "swiglu"):
+        return None
+    return kernels if x.shape[0] <= kernels.matmul.SMALL_M and x.dtype in kernels.matmul.SMALL_M_TILES else None
+
+
 # --- attention --------------------------------------------------------------------------
 
 def attention(q_THD, k_cache_PSKD, v_cache_PSKD, meta: AttnMeta, scale: float):

@@ -414,6 +414,28 @@ def test_fast_mode_linears(kt):
     _same(got[0].detach(), _ref.linear(x.detach(), ws[0]), "fast-mode linears under autograd: cuBLAS")
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_swiglu_is_silu_mul_of_linears(kt, dtype):
+    """The swiglu kernel (gate/up products and silu_mul in one launch at M <= SMALL_M) gives
+    silu_mul(*linears(...))'s bits on the 0.6B and 8B MLP shapes at every M the decode and
+    short prefill chunks bring, in both modes, and a row's bits alone equal its bits in a batch."""
+    import miles_kernels as mk
+
+    g = _gen(13)
+    for F, K in ((3072, 1024), (12288, 4096)):
+        wg = _randn(F, K, dtype=dtype, g=g, scale=K**-0.5)
+        wu = _randn(F, K, dtype=dtype, g=g, scale=K**-0.5)
+        x = _randn(kt.matmul.SMALL_M, K, dtype=dtype, g=g)
+        for m in (1, 7, 64, 65, 128, 256, 300, 512):
+            want = mk.silu_mul(*mk.linears(x[:m], (wg, wu)))
+            _same(kt.swiglu(x[:m], wg, wu), want, f"swiglu kernel F={F} M={m}")
+            for mode in ("invariant", "fast"):
+                with mk.use_mode(mode):
+                    _same(mk.swiglu(x[:m], wg, wu), want, f"mk.swiglu ({mode}) F={F} M={m}")
+        _same(kt.swiglu(x[5:6], wg, wu), kt.swiglu(x, wg, wu)[5:6], f"swiglu row alone vs in {len(x)} rows")
+    assert kt.matmul._swiglu_kernel.kernels, "the swiglu kernel never ran"
+
+
 def test_cuda_graph_replay_decode_attention_and_linear(kt):
     g = _gen(5)
     dtype, H, K, D, page, L, B = torch.bfloat16, 16, 8, 128, 16, 300, 4

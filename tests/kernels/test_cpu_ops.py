@@ -313,6 +313,21 @@ def test_linears_equal_separate_linears(mode, bias):
             assert torch.equal(y, mk.linear(x, w))
 
 
+@pytest.mark.parametrize("mode", ["invariant", "fast"])
+def test_swiglu_is_silu_mul_of_linears(mode):
+    """mk.swiglu: the value and the grads of silu_mul(*linears(x, (gate, up))), any leading dims."""
+    g = torch.Generator().manual_seed(6)
+    x = torch.randn(2, 9, 16, generator=g, requires_grad=True)
+    wg, wu = (torch.randn(24, 16, generator=g, requires_grad=True) for _ in range(2))
+    with mk.use_mode(mode):
+        y = mk.swiglu(x, wg, wu)
+        ref = mk.silu_mul(*mk.linears(x, (wg, wu)))
+    assert y.shape == (2, 9, 24) and torch.equal(y, ref)
+    for a, r in zip(torch.autograd.grad(y.square().sum(), (x, wg, wu)),
+                    torch.autograd.grad(ref.square().sum(), (x, wg, wu))):
+        assert torch.equal(a, r)
+
+
 def test_ops_take_zero_rows():
     """A micro-batch may have no trained position (the trainer then scores none)."""
     w = torch.randn(7, 5)

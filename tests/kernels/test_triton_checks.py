@@ -131,6 +131,35 @@ def check_linears() -> None:
         raise AssertionError("linears accepted weights of different K")
 
 
+def check_swiglu() -> None:
+    """swiglu (gate/up products and silu_mul in one launch at small M) has the bits of silu_mul
+    over linears' outputs, whichever small-M tile 2F picks (its width halved a weight); a row's
+    bits do not depend on the batch; shapes it cannot take are refused."""
+    from miles_kernels._triton import matmul as lin
+
+    kt = _kt()
+    saved = dict(lin.SMALL_M_TILES)
+    g = torch.Generator().manual_seed(12)
+    x = torch.randn(37, 72, generator=g)
+    wg, wu = torch.randn(40, 72, generator=g), torch.randn(40, 72, generator=g)
+    try:
+        for tiles in ((lin.Tile(64, 16, 32, 32, 1, 4, 2),), (lin.Tile(64, 32, 64, 32, 1, 4, 2), lin.Tile(64, 16, 32, 32, 1, 4, 2))):
+            lin.SMALL_M_TILES[torch.float32] = tiles
+            y = lin.swiglu(x, wg, wu)
+            _same(y, kt.silu_mul(*lin.linears(x, (wg, wu))), f"swiglu (tiles {tiles}) vs silu_mul(linears)")
+            _same(lin.swiglu(x[3:4], wg, wu), y[3:4], "swiglu row 3 alone vs in batch")
+        for bad, what in (((x, wg, wu[:, :71]), "K=72"), ((x.repeat(14, 1), wg, wu), "M <= ")):
+            try:
+                lin.swiglu(*bad)
+            except ValueError as e:
+                assert what in str(e), str(e)
+            else:
+                raise AssertionError(f"swiglu accepted {[list(t.shape) for t in bad]}")
+    finally:
+        lin.SMALL_M_TILES.clear()
+        lin.SMALL_M_TILES.update(saved)
+
+
 def check_grouped_linear() -> None:
     kt = _kt()
     g = torch.Generator().manual_seed(2)

@@ -17,7 +17,7 @@ from miles_kernels._triton.elementwise_grads import apply_rope_grad, rms_norm_gr
 from miles_kernels._triton.logprobs_grad import logprobs_grad
 from miles_kernels._triton.moe import gather_sum, moe_combine, moe_combine_grad
 from miles_kernels._triton.matmul import (GROUPED_TILES, LINEAR_TILES, grouped_linear, grouped_tile, linear, linear_tile,
-                                          linears)
+                                          linears, swiglu)
 from miles_kernels._triton.rows import filter_logits, logprobs, route_topk, top_p_cutoff
 
 __all__ = [
@@ -48,5 +48,6 @@ __all__ = [
     "route_topk",
     "silu_mul",
     "silu_mul_grad",
+    "swiglu",
     "top_p_cutoff",
 ]

@@ -243,6 +243,12 @@ def qk_norm_rope(q_THD: torch.Tensor, k_TKD: torch.Tensor, q_w_D: torch.Tensor, 
 _SILU_BLOCK = 1024
 
 
+@triton.jit
+def silu_times(g, u):
+    """silu(g) * u of fp32 values: silu_mul's one expression (matmul's swiglu epilogue uses it too)."""
+    return g / (1.0 + tl.exp(-g)) * u
+
+
 @fast_launch
 @triton.jit
 def _silu_mul_kernel(g_ptr, u_ptr, y_ptr, F, stride_g, stride_u, stride_y, BLOCK: tl.constexpr):
@@ -251,7 +257,7 @@ def _silu_mul_kernel(g_ptr, u_ptr, y_ptr, F, stride_g, stride_u, stride_y, BLOCK
     mask = cols < F
     g = tl.load(g_ptr + row * stride_g + cols, mask=mask, other=0.0).to(tl.float32)
     u = tl.load(u_ptr + row * stride_u + cols, mask=mask, other=0.0).to(tl.float32)
-    y = g / (1.0 + tl.exp(-g)) * u
+    y = silu_times(g, u)
     tl.store(y_ptr + row * stride_y + cols, y.to(y_ptr.dtype.element_ty), mask=mask)
 
 

@@ -15,6 +15,7 @@ import triton
 import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
+from miles_kernels._triton.elementwise import silu_times
 from miles_kernels._triton.launch import fast_launch
 
 
@@ -336,6 +337,62 @@ def linears(x_MK: torch.Tensor, ws: tuple[torch.Tensor, ...], bs: tuple[torch.Te
         PRECISION=_dot_precision(x_MK.dtype), num_warps=t.num_warps, num_stages=t.num_stages,
     )
     return ys
+
+
+@fast_launch
+@triton.jit
+def _swiglu_kernel(x_ptr, wg_ptr, wu_ptr, y_ptr, M, F, K, stride_xm, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                   BLOCK_K: tl.constexpr, PRECISION: tl.constexpr):
+    # One tile of silu(x @ wg^T) * (x @ wu^T) (contiguous [F, K] weights, contiguous [M, F] y):
+    # each product walks K as linear's tile does (from 0 in BLOCK_K steps, fp32 acc) and is
+    # rounded to y's dtype as linear stores it, then silu_mul's fp32 math and its one rounding.
+    pid = tl.program_id(0)
+    n_tiles_m = tl.cdiv(M, BLOCK_M)
+    rows = (pid % n_tiles_m) * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = (pid // n_tiles_m) * BLOCK_N + tl.arange(0, BLOCK_N)
+    ks = tl.arange(0, BLOCK_K)
+    row_ok, col_ok = rows < M, cols < F
+    x_ptrs = x_ptr + rows[:, None].to(tl.int64) * stride_xm + ks[None, :]
+    w_off = cols[None, :].to(tl.int64) * K + ks[:, None]
+    acc_g = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc_u = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        x = tl.load(x_ptrs, mask=row_ok[:, None] & (k0 + ks[None, :] < K), other=0.0)
+        w_ok = col_ok[None, :] & (k0 + ks[:, None] < K)
+        acc_g = tl.dot(x, tl.load(wg_ptr + w_off, mask=w_ok, other=0.0), acc_g, input_precision=PRECISION)
+        acc_u = tl.dot(x, tl.load(wu_ptr + w_off, mask=w_ok, other=0.0), acc_u, input_precision=PRECISION)
+        x_ptrs += BLOCK_K
+        w_off += BLOCK_K
+    dtype = y_ptr.dtype.element_ty
+    y = silu_times(acc_g.to(dtype).to(tl.float32), acc_u.to(dtype).to(tl.float32))
+    y_ptrs = y_ptr + rows[:, None].to(tl.int64) * F + cols[None, :]
+    tl.store(y_ptrs, y.to(dtype), mask=row_ok[:, None] & col_ok[None, :])
+
+
+def swiglu(x_MK: torch.Tensor, w_gate_FK: torch.Tensor, w_up_FK: torch.Tensor) -> torch.Tensor:
+    """silu_mul(linear(x, w_gate), linear(x, w_up)) bit for bit in one launch, for M <= SMALL_M
+    (decode): the gate and up products never leave the kernel. The tile is linears' for the
+    two weights (N = 2F) with half its width a weight, pointer loads: each program walks both
+    weights' rows of its columns, the weight bytes and registers of linears' tile."""
+    M, K = x_MK.shape
+    F = w_gate_FK.shape[0]
+    if w_gate_FK.shape != (F, K) or w_up_FK.shape != (F, K):
+        raise ValueError(f"miles_kernels swiglu: gate {list(w_gate_FK.shape)} and up {list(w_up_FK.shape)} must "
+                         f"both be [F, K={K}]")
+    if M > SMALL_M or x_MK.dtype not in SMALL_M_TILES:
+        raise ValueError(f"miles_kernels swiglu: one kernel for M <= {SMALL_M} rows of bf16/fp16 "
+                         f"(got M={M}, {x_MK.dtype}); above, silu_mul(*linears(...))")
+    x_MK, w_gate_FK, w_up_FK = x_MK.contiguous(), w_gate_FK.contiguous(), w_up_FK.contiguous()
+    y = torch.empty((M, F), dtype=x_MK.dtype, device=x_MK.device)
+    if M == 0 or F == 0:
+        return y
+    t = linear_tile(M, x_MK.dtype, 2 * F, x_MK.device)
+    block_n = max(t.block_n // 2, 16)
+    _swiglu_kernel[(triton.cdiv(M, t.block_m) * triton.cdiv(F, block_n),)](
+        x_MK, w_gate_FK, w_up_FK, y, M, F, K, x_MK.stride(0), BLOCK_M=t.block_m, BLOCK_N=block_n,
+        BLOCK_K=t.block_k, PRECISION=_dot_precision(x_MK.dtype), num_warps=t.num_warps, num_stages=t.num_stages,
+    )
+    return y
 
 
 @triton.jit
