@@ -296,14 +296,20 @@ def profile(out_dir: str, model_name: str = "qwen3-0.6b", batch: int = 64, plen:
             while eng.has_unfinished():
                 eng.step()
             table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=40)
-            cuda_us = sum(e.self_device_time_total for e in prof.key_averages())
+            events = prof.key_averages()
+            cuda_us = sum(e.self_device_time_total for e in events)
+            by_kernel = sorted((e for e in events if e.self_device_time_total > 0),
+                               key=lambda e: -e.self_device_time_total)
             trace = os.path.join(out_dir, f"trace_{mode}.json")
             prof.export_chrome_trace(trace)
             with open(os.path.join(out_dir, f"profile_{mode}.txt"), "w") as f:
                 f.write(f"{n} decode steps, batch {batch}, prompt {plen}\n{table}\n")
             report[mode] = dict(step_ms=step_ms, step_ms_no_overlap=step_ms_sync, init_s=init_s,
                                 gpu_ms_per_step=cuda_us / 1e3 / n,
-                                tok_s=batch / step_ms * 1e3, phases_ms=phases, replay_launch_us=launch_us)
+                                tok_s=batch / step_ms * 1e3, phases_ms=phases, replay_launch_us=launch_us,
+                                kernels_us_per_step={  # kernel: [GPU us, calls] a step
+                                    e.key: [round(e.self_device_time_total / n, 2), round(e.count / n, 2)]
+                                    for e in by_kernel[:30]})
             print(mode, json.dumps(report[mode], indent=1), flush=True)
             del eng
             gc.collect()
