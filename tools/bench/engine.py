@@ -295,8 +295,8 @@ def profile(out_dir: str, model_name: str = "qwen3-0.6b", batch: int = 64, plen:
                 torch.cuda.synchronize()
             while eng.has_unfinished():
                 eng.step()
-            table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=40)
             events = prof.key_averages()
+            table = events.table(sort_by="cuda_time_total", row_limit=40)
             cuda_us = sum(e.self_device_time_total for e in events)
             by_kernel = sorted((e for e in events if e.self_device_time_total > 0),
                                key=lambda e: -e.self_device_time_total)
