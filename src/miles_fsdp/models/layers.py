@@ -90,8 +90,7 @@ class MLP(nn.Module):
         self.w_down = Linear(ffn_dim, dim)
 
     def forward(self, x_TD: torch.Tensor) -> torch.Tensor:
-        gate_TF, up_TF = mk.linears(x_TD, (self.w_gate.weight, self.w_up.weight))
-        return self.w_down(mk.silu_mul(gate_TF, up_TF))
+        return self.w_down(mk.swiglu(x_TD, self.w_gate.weight, self.w_up.weight))
 
 
 class Block(nn.Module):
