@@ -310,6 +310,12 @@ def qk_norm_rope(q_THD, k_TKD, q_w_D, k_w_D, cos_TF, sin_TF, eps: float):
     q [T, H, D], k [T, K, D], weights [D], cos/sin fp32 [T, D/2] (rope_cos_sin); outputs in
     rms_norm's dtype (that of q and q_w as torch promotes them; bf16 for bf16 both).
     """
+    _check_qk_norm_rope(q_THD, k_TKD, q_w_D, k_w_D, cos_TF, sin_TF)
+    return _with_rule(_grads.qk_norm_rope, _row_impl(q_THD, "qk_norm_rope"),
+                      (q_THD, k_TKD, q_w_D, k_w_D, cos_TF, sin_TF), (eps,))
+
+
+def _check_qk_norm_rope(q_THD, k_TKD, q_w_D, k_w_D, cos_TF, sin_TF) -> None:
     T, H, D = q_THD.shape
     if k_TKD.dim() != 3 or k_TKD.shape[0] != T or k_TKD.shape[2] != D or D % 2:
         raise ValueError(f"miles_kernels qk_norm_rope: q [T, H, D] = {list(q_THD.shape)} and k "
@@ -321,8 +327,6 @@ def qk_norm_rope(q_THD, k_TKD, q_w_D, k_w_D, cos_TF, sin_TF, eps: float):
                          f"{list(cos_TF.shape)} and {list(sin_TF.shape)}")
     if cos_TF.dtype != torch.float32 or sin_TF.dtype != torch.float32:
         raise TypeError("miles_kernels qk_norm_rope: cos/sin tables must be fp32 (build them with mk.rope_cos_sin)")
-    return _with_rule(_grads.qk_norm_rope, _row_impl(q_THD, "qk_norm_rope"),
-                      (q_THD, k_TKD, q_w_D, k_w_D, cos_TF, sin_TF), (eps,))
 
 
 def silu_mul(gate, up):
@@ -427,6 +431,37 @@ def kv_attention(q_THD, k_TKD, v_TKD, k_cache_PSKD, v_cache_PSKD, meta: AttnMeta
         return attention(q_THD, k_cache_PSKD, v_cache_PSKD, meta, scale)
 
     return _PackedAttention.apply(q_THD, k_TKD, v_TKD, inv, meta, scale)
+
+
+def qk_norm_rope_kv_attention(q_THD, k_TKD, v_TKD, q_w_D, k_w_D, cos_TF, sin_TF, eps: float,
+                              k_cache_PSKD, v_cache_PSKD, meta: AttnMeta, slot_T, scale: float):
+    """kv_attention(*qk_norm_rope(q, k, q_w, k_w, cos, sin, eps), v, ...), bit for bit: Qwen3's
+    q/k norm and RoPE, the new K/V stored at slot_T, attention over the cache. Where
+    kv_attention would write the cache and read it (CUDA, a paged meta, outside autograd: the
+    engine) the norm/RoPE kernel stores K and V itself (qk_norm_rope_write_kv): one launch
+    and one K round trip fewer a layer."""
+    _check_qk_norm_rope(q_THD, k_TKD, q_w_D, k_w_D, cos_TF, sin_TF)
+    if _norm_rope_writes_cache(q_THD, k_TKD, v_TKD, q_w_D, k_w_D, k_cache_PSKD, v_cache_PSKD, meta, slot_T):
+        kernels = _fast_kernels(q_THD) if _fast() else _backend(q_THD)
+        with torch.no_grad():
+            q_THD = kernels.qk_norm_rope_write_kv(q_THD, k_TKD, v_TKD, q_w_D, k_w_D, cos_TF, sin_TF, eps,
+                                                  k_cache_PSKD, v_cache_PSKD, slot_T)
+        return attention(q_THD, k_cache_PSKD, v_cache_PSKD, meta, scale)
+    q_THD, k_TKD = qk_norm_rope(q_THD, k_TKD, q_w_D, k_w_D, cos_TF, sin_TF, eps)
+    return kv_attention(q_THD, k_TKD, v_TKD, k_cache_PSKD, v_cache_PSKD, meta, slot_T, scale)
+
+
+def _norm_rope_writes_cache(q, k, v, q_w, k_w, k_cache, v_cache, meta, slot) -> bool:
+    """The one-launch path's conditions: where kv_attention writes the cache (not a packed
+    meta) outside autograd, layouts write_kv's kernel takes, caches of k's and v's head shape,
+    and k's cache in the dtype qk_norm_rope rounds k to (then one rounding is the two ops')."""
+    if meta.packed or not q.is_cuda or _needs_grad(q, k, v, q_w, k_w, k_cache, v_cache):
+        return False
+    kernels = _fast_kernels(q) if _fast() else _backend(q)
+    return (hasattr(kernels, "qk_norm_rope_write_kv") and k_cache.is_contiguous() and v_cache.is_contiguous()
+            and k_cache.shape == v_cache.shape and k_cache.shape[2:] == k.shape[1:] and v.shape == k.shape
+            and v.stride(-1) == 1 and slot.dtype in (torch.int32, torch.int64) and slot.shape == (k.shape[0],)
+            and k_cache.dtype == torch.result_type(k, k_w))
 
 
 # The packed training attention's backward: "triton" (_triton.packed_attention_bwd, from our

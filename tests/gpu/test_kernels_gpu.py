@@ -436,6 +436,45 @@ def test_swiglu_is_silu_mul_of_linears(kt, dtype):
     assert kt.matmul._swiglu_kernel.kernels, "the swiglu kernel never ran"
 
 
+@pytest.mark.parametrize("mode", ["invariant", "fast"])
+def test_qk_norm_rope_kv_attention_one_launch(kt, mode):
+    """The engine's path of mk.qk_norm_rope_kv_attention (one kernel normalises and rotates q and
+    k and stores k and v in the cache) gives the two ops' bits: output and both caches, decode
+    and prefill chunks, Qwen3-0.6B / 8B heads, q/k/v as views of one fused projection."""
+    import dataclasses
+
+    import miles_kernels as mk
+    from miles_kernels.ops import _norm_rope_writes_cache
+
+    g = _gen(14)
+    dtype, D, page = torch.bfloat16, 128, 64
+    for H, K in ((16, 8), (32, 8)):
+        q_w, k_w = 1 + 0.1 * _randn(D, dtype=dtype, g=g), 1 + 0.1 * _randn(D, dtype=dtype, g=g)
+        for q_lens in ([1] * 64, [1, 37, 200, 5, 64, 3, 130, 9]):
+            B = len(q_lens)
+            cu = torch.tensor([0] + q_lens).cumsum(0)
+            meta, slot, n_pages = mk.varlen_meta(cu, page, device="cuda")
+            meta = dataclasses.replace(meta, packed=False)  # the engine's paged meta
+            T = int(cu[-1])
+            qkv = _randn(T, (H + 2 * K) * D, dtype=dtype, g=g)
+            q, k, v = (t.view(T, -1, D) for t in qkv.split((H * D, K * D, K * D), dim=1))
+            inv_freq = 1.0 / (1e6 ** (torch.arange(0, D, 2, device="cuda") / D))
+            cos, sin = mk.rope_cos_sin(torch.arange(T, device="cuda") * 7, inv_freq)
+            outs = []
+            for fused in (True, False):
+                kc, vc = (torch.full((n_pages, page, K, D), float("nan"), dtype=dtype, device="cuda") for _ in range(2))
+                with mk.use_mode(mode):
+                    if fused:
+                        assert _norm_rope_writes_cache(q, k, v, q_w, k_w, kc, vc, meta, slot), "not the one-launch path"
+                        o = mk.qk_norm_rope_kv_attention(q, k, v, q_w, k_w, cos, sin, 1e-6, kc, vc, meta, slot, D**-0.5)
+                    else:
+                        qn, kn = mk.qk_norm_rope(q, k, q_w, k_w, cos, sin, 1e-6)
+                        o = mk.kv_attention(qn, kn, v, kc, vc, meta, slot, D**-0.5)
+                outs.append((o, kc.nan_to_num(7.0), vc.nan_to_num(7.0)))
+            for a, b, what in zip(outs[0], outs[1], ("output", "k cache", "v cache")):
+                _same(a, b, f"{mode} H={H} K={K} B={B}: {what}")
+
+
 def test_cuda_graph_replay_decode_attention_and_linear(kt):
     g = _gen(5)
     dtype, H, K, D, page, L, B = torch.bfloat16, 16, 8, 128, 16, 300, 4

@@ -1,6 +1,8 @@
 """CPU: the fused row ops (mk.add_rms_norm, mk.qk_norm_rope) give the bits of the ops they fuse,
 forward and backward, in both modes, with and without autograd; rows stay batch-invariant."""
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -119,3 +121,38 @@ def test_fused_rows_reject_bad_shapes():
             call()
     assert [t.shape for t in mk.qk_norm_rope(q[:0], k[:0], q_w, k_w, cos[:0], sin[:0], EPS)] == [(0, 2, 16), (0, 1, 16)]
     assert [t.shape for t in mk.add_rms_norm(q[:0, 0], q[:0, 0], q_w, EPS)] == [(0, 16), (0, 16)]
+
+
+@pytest.mark.parametrize("mode", ["invariant", "fast"])
+def test_qk_norm_rope_kv_attention_is_the_two_ops(mode):
+    """mk.qk_norm_rope_kv_attention = kv_attention(*qk_norm_rope(...), v, ...): output, cache and
+    grads, for a paged meta (the engine's) and packed training sequences; it checks shapes as
+    qk_norm_rope does. (On CUDA the engine's path is one kernel: tests/gpu checks its bits.)"""
+    g = torch.Generator().manual_seed(9)
+    H, K, D, page = 4, 2, 16, 16
+    cu = torch.tensor([0, 5, 22, 30])
+    meta, slot, pages = mk.varlen_meta(cu, page)
+    T = int(cu[-1])
+    (q, k, q_w, k_w), (cos, sin) = _qk_inputs(T, H, K, D, torch.float32, torch.float32, g)
+    v = torch.randn(T, K, D, generator=g)
+    with mk.use_mode(mode):
+        for m in (meta, dataclasses.replace(meta, packed=False)):
+            assert m.packed == (m is meta)
+            outs, caches, grads = [], [], []
+            for fused in (True, False):
+                leaves = [t.detach().clone().requires_grad_(True) for t in (q, k, v)]
+                kc, vc = (torch.zeros(pages, page, K, D) for _ in range(2))
+                if fused:
+                    o = mk.qk_norm_rope_kv_attention(*leaves, q_w, k_w, cos, sin, EPS, kc, vc, m, slot, D**-0.5)
+                else:
+                    qn, kn = mk.qk_norm_rope(leaves[0], leaves[1], q_w, k_w, cos, sin, EPS)
+                    o = mk.kv_attention(qn, kn, leaves[2], kc, vc, m, slot, D**-0.5)
+                outs.append(o.detach())
+                caches.append((kc.detach(), vc.detach()))
+                grads.append(torch.autograd.grad(o.sum(), leaves))
+            what = f"{mode}, packed={m.packed}"
+            _same(outs[0], outs[1], f"{what}: output")
+            for a, b in zip(caches[0] + grads[0], caches[1] + grads[1]):
+                _same(a, b, f"{what}: cache or grad")
+        with pytest.raises(ValueError, match="one T"):
+            mk.qk_norm_rope_kv_attention(q, k[:3], v, q_w, k_w, cos, sin, EPS, kc, vc, meta, slot, D**-0.5)

@@ -317,6 +317,32 @@ def check_qk_norm_rope() -> None:
     assert q0.shape == (0, H, D) and k0.shape == (0, K, D), "qk_norm_rope of no tokens"
 
 
+def check_qk_norm_rope_write_kv() -> None:
+    """The one-launch norm/RoPE + K/V store: q is qk_norm_rope's q, and the caches hold what
+    qk_norm_rope's k then write_kv would leave, bitwise (other slots untouched); k and v as
+    column slices of one projection row, slots out of order, GQA."""
+    from miles_kernels._triton.kv_write import write_kv
+
+    kt = _kt()
+    g = torch.Generator().manual_seed(32)
+    for T, H, K, D in ((7, 4, 2, 16), (3, 6, 3, 40), (1, 2, 1, 8)):
+        P, S = 4, 4
+        qkv = torch.randn(T, H + 2 * K, D, generator=g) * 3
+        q, k, v = qkv[:, :H], qkv[:, H: H + K], qkv[:, H + K:]
+        cos, sin = _rope_tables(T, D)
+        q_w, k_w = 1 + 0.1 * torch.randn(D, generator=g), 1 + 0.1 * torch.randn(D, generator=g)
+        slot = torch.randperm(P * S, generator=g)[:T]
+        caches = [torch.randn(P, S, K, D, generator=g) for _ in range(2)]
+        want = [c.clone() for c in caches]
+        q_want, k_want = kt.qk_norm_rope(q, k, q_w, k_w, cos, sin, 1e-6)
+        write_kv(*want, k_want, v, slot)
+        q_out = kt.qk_norm_rope_write_kv(q, k, v, q_w, k_w, cos, sin, 1e-6, *caches, slot)
+        what = f"qk_norm_rope_write_kv T={T} H={H} K={K} D={D}"
+        _same(q_out, q_want, f"{what}: q")
+        _same(caches[0], want[0], f"{what}: k cache")
+        _same(caches[1], want[1], f"{what}: v cache")
+
+
 def check_add_rms_norm() -> None:
     """The fused kernel: h is torch's x + r, y is rms_norm's kernel on h, bitwise; D not a power of
     two and past one 128 block, strided and 16-byte-misaligned inputs (copied as rms_norm reads h)."""

@@ -12,7 +12,8 @@ attention_bwd, moe_combine's and moe_dispatch's in moe; the other backward passe
 
 from miles_kernels._triton.paged_attention import ATTN_BLOCK, KV_SPLIT, attention, packed_attention
 from miles_kernels._triton.attention_bwd import packed_attention_bwd
-from miles_kernels._triton.elementwise import add_rms_norm, apply_rope, qk_norm_rope, rms_norm, silu_mul
+from miles_kernels._triton.elementwise import (add_rms_norm, apply_rope, qk_norm_rope, qk_norm_rope_write_kv, rms_norm,
+                                              silu_mul)
 from miles_kernels._triton.elementwise_grads import apply_rope_grad, rms_norm_grad, silu_mul_grad
 from miles_kernels._triton.logprobs_grad import logprobs_grad
 from miles_kernels._triton.moe import gather_sum, moe_combine, moe_combine_grad
@@ -43,6 +44,7 @@ __all__ = [
     "packed_attention",
     "packed_attention_bwd",
     "qk_norm_rope",
+    "qk_norm_rope_write_kv",
     "rms_norm",
     "rms_norm_grad",
     "route_topk",

@@ -1,5 +1,6 @@
 """Row-local ops: rms_norm, apply_rope, silu_mul, and two fusions of them, add_rms_norm and
-qk_norm_rope. One program per row (or row chunk, or head).
+qk_norm_rope (which can also store K and V in the paged cache: qk_norm_rope_write_kv). One
+program per row (or row chunk, or head).
 
 A row's reduction (rms_norm) runs over one fixed block of the whole row, so its order is
 the same in any batch; the elementwise math is in fp32 with one rounding at the store.
@@ -198,23 +199,36 @@ def _norm_rope_row(x_ptr, w_ptr, y_ptr, c, s, D, F, eps, BLOCK_D: tl.constexpr, 
 @fast_launch
 @triton.jit
 def _qk_norm_rope_kernel(
-    q_ptr, k_ptr, qw_ptr, kw_ptr, cos_ptr, sin_ptr, qo_ptr, ko_ptr, H, K, D, F,
-    stride_q, stride_k, stride_qo, stride_ko, stride_ct, stride_st, eps,
-    BLOCK_D: tl.constexpr, BLOCK_F: tl.constexpr,
+    q_ptr, k_ptr, v_ptr, qw_ptr, kw_ptr, cos_ptr, sin_ptr, qo_ptr, ko_ptr, vo_ptr, slot_ptr, H, K, D, F,
+    stride_q, stride_k, stride_vt, stride_vh, stride_qo, stride_ko, stride_ct, stride_st, eps,
+    BLOCK_D: tl.constexpr, BLOCK_F: tl.constexpr, TO_CACHE: tl.constexpr,
 ):
     """Program (t, j): head j of token t, a q head for j < H, else k head j - H. q, k, and the
-    outputs are [T * heads, D] rows (stride_*: the row stride)."""
+    outputs are [T * heads, D] rows (stride_*: the row stride). TO_CACHE: k's rows go to the
+    contiguous cache ko [slots, K, D] at slot t's slot, and programs j >= H + K copy v's head
+    j - H - K there too (write_kv's copy, its cast to the cache's dtype)."""
     t = tl.program_id(0).to(tl.int64)
     j = tl.program_id(1)
     fs = tl.arange(0, BLOCK_F)
-    c = tl.load(cos_ptr + t * stride_ct + fs, mask=fs < F, other=0.0)
-    s = tl.load(sin_ptr + t * stride_st + fs, mask=fs < F, other=0.0)
-    if j < H:
-        row = t * H + j
-        _norm_rope_row(q_ptr + row * stride_q, qw_ptr, qo_ptr + row * stride_qo, c, s, D, F, eps, BLOCK_D, BLOCK_F)
+    if j < H + K:
+        c = tl.load(cos_ptr + t * stride_ct + fs, mask=fs < F, other=0.0)
+        s = tl.load(sin_ptr + t * stride_st + fs, mask=fs < F, other=0.0)
+        if j < H:
+            row = t * H + j
+            _norm_rope_row(q_ptr + row * stride_q, qw_ptr, qo_ptr + row * stride_qo, c, s, D, F, eps, BLOCK_D, BLOCK_F)
+        else:
+            row = t * K + (j - H)
+            if TO_CACHE:
+                dst = ko_ptr + (tl.load(slot_ptr + t).to(tl.int64) * K + (j - H)) * D
+            else:
+                dst = ko_ptr + row * stride_ko
+            _norm_rope_row(k_ptr + row * stride_k, kw_ptr, dst, c, s, D, F, eps, BLOCK_D, BLOCK_F)
     else:
-        row = t * K + (j - H)
-        _norm_rope_row(k_ptr + row * stride_k, kw_ptr, ko_ptr + row * stride_ko, c, s, D, F, eps, BLOCK_D, BLOCK_F)
+        h = j - H - K
+        cols = tl.arange(0, BLOCK_D)
+        v = tl.load(v_ptr + t * stride_vt + h * stride_vh + cols, mask=cols < D)
+        dst = vo_ptr + (tl.load(slot_ptr + t).to(tl.int64) * K + h) * D
+        tl.store(dst + cols, v.to(vo_ptr.dtype.element_ty), mask=cols < D)
 
 
 def qk_norm_rope(q_THD: torch.Tensor, k_TKD: torch.Tensor, q_w_D: torch.Tensor, k_w_D: torch.Tensor,
@@ -223,21 +237,40 @@ def qk_norm_rope(q_THD: torch.Tensor, k_TKD: torch.Tensor, q_w_D: torch.Tensor, 
     program per (token, head), bit for bit the two ops' results. Shapes as checked by
     miles_kernels.qk_norm_rope; outputs in rms_norm's dtype (torch's promotion of x and w)."""
     T, H, D = q_THD.shape
+    k_out = torch.empty((T, k_TKD.shape[1], D), dtype=torch.result_type(k_TKD, k_w_D), device=k_TKD.device)
+    return _launch_qk_norm_rope(q_THD, k_TKD, None, q_w_D, k_w_D, cos_TF, sin_TF, eps, k_out, None, None), k_out
+
+
+def qk_norm_rope_write_kv(q_THD: torch.Tensor, k_TKD: torch.Tensor, v_TKD: torch.Tensor, q_w_D: torch.Tensor,
+                          k_w_D: torch.Tensor, cos_TF: torch.Tensor, sin_TF: torch.Tensor, eps: float,
+                          k_cache_PSKD: torch.Tensor, v_cache_PSKD: torch.Tensor, slot_T: torch.Tensor) -> torch.Tensor:
+    """qk_norm_rope's q, with its k and v stored at slot_T in the caches as write_kv stores them,
+    all in one launch (one program per (token, head) of q, k and v). The caller checks what
+    miles_kernels.ops does: contiguous [P, S, K, D] caches, k's cache in rms_norm's dtype (one
+    rounding, as qk_norm_rope then write_kv round it), v with a unit last stride, slots int."""
+    return _launch_qk_norm_rope(q_THD, k_TKD, v_TKD, q_w_D, k_w_D, cos_TF, sin_TF, eps, k_cache_PSKD, v_cache_PSKD,
+                                slot_T.contiguous())
+
+
+def _launch_qk_norm_rope(q_THD, k_TKD, v_TKD, q_w_D, k_w_D, cos_TF, sin_TF, eps, k_out, v_out, slot_T):
+    T, H, D = q_THD.shape
     K = k_TKD.shape[1]
     # the head rows as rms_norm reads them: q.reshape(-1, D), unit stride (a copy where the view cannot be)
     q_MD, k_MD = (x.reshape(-1, D) for x in (q_THD, k_TKD))
     q_MD, k_MD = (x if x.stride(-1) == 1 else x.contiguous() for x in (q_MD, k_MD))
     q_out = torch.empty((T, H, D), dtype=torch.result_type(q_THD, q_w_D), device=q_THD.device)
-    k_out = torch.empty((T, K, D), dtype=torch.result_type(k_TKD, k_w_D), device=k_TKD.device)
     cos_TF, sin_TF = cos_TF.contiguous(), sin_TF.contiguous()
+    to_cache = v_TKD is not None
+    v = v_TKD if to_cache else q_out  # unused pointers where not to_cache
     if T > 0:
         block_d = triton.next_power_of_2(D)
-        _qk_norm_rope_kernel[(T, H + K)](
-            q_MD, k_MD, q_w_D.contiguous(), k_w_D.contiguous(), cos_TF, sin_TF, q_out, k_out, H, K, D, D // 2,
-            q_MD.stride(0), k_MD.stride(0), D, D, cos_TF.stride(0), sin_TF.stride(0), eps,
-            BLOCK_D=block_d, BLOCK_F=triton.next_power_of_2(D // 2), num_warps=_row_warps(block_d),
+        _qk_norm_rope_kernel[(T, H + 2 * K if to_cache else H + K)](
+            q_MD, k_MD, v, q_w_D.contiguous(), k_w_D.contiguous(), cos_TF, sin_TF, q_out, k_out,
+            v_out if to_cache else q_out, slot_T if to_cache else cos_TF, H, K, D, D // 2,
+            q_MD.stride(0), k_MD.stride(0), v.stride(0), v.stride(1), D, D, cos_TF.stride(0), sin_TF.stride(0), eps,
+            BLOCK_D=block_d, BLOCK_F=triton.next_power_of_2(D // 2), TO_CACHE=to_cache, num_warps=_row_warps(block_d),
         )
-    return q_out, k_out
+    return q_out
 
 
 _SILU_BLOCK = 1024

@@ -72,13 +72,14 @@ class Attention(nn.Module):
         q_THD = q_TN.view(T, self.n_heads, self.head_dim)
         k_TKD = k_TN.view(T, self.n_kv_heads, self.head_dim)
         v_TKD = v_TN.view(T, self.n_kv_heads, self.head_dim)
-        if self.q_norm is not None:  # Qwen3: per-head RMSNorm, then RoPE; q and k in one kernel
-            q_THD, k_TKD = mk.qk_norm_rope(q_THD, k_TKD, self.q_norm.weight, self.k_norm.weight, cos_TF, sin_TF,
-                                           self.q_norm.eps)
+        scale = self.head_dim**-0.5
+        if self.q_norm is not None:  # Qwen3: per-head RMSNorm, RoPE (and the engine's K/V store): one kernel
+            o_THD = mk.qk_norm_rope_kv_attention(q_THD, k_TKD, v_TKD, self.q_norm.weight, self.k_norm.weight, cos_TF,
+                                                 sin_TF, self.q_norm.eps, k_cache_PSKD, v_cache_PSKD, meta, slot_T, scale)
         else:
             q_THD = mk.apply_rope(q_THD, cos_TF, sin_TF)
             k_TKD = mk.apply_rope(k_TKD, cos_TF, sin_TF)
-        o_THD = mk.kv_attention(q_THD, k_TKD, v_TKD, k_cache_PSKD, v_cache_PSKD, meta, slot_T, self.head_dim**-0.5)
+            o_THD = mk.kv_attention(q_THD, k_TKD, v_TKD, k_cache_PSKD, v_cache_PSKD, meta, slot_T, scale)
         return self.wo(o_THD.reshape(T, self.n_heads * self.head_dim))
 
 
