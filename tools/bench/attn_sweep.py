@@ -4,6 +4,7 @@
     python tools/bench/attn_sweep.py OUT.json --decode     # DECODE_PROGRAMS at the engine's decode shapes
     python tools/bench/attn_sweep.py OUT.json --prefill    # training prefill (packed K/V) vs flash, per tile
     python tools/bench/attn_sweep.py OUT.json --decode-tiles   # decode tile (rows, warps, stages) vs SDPA
+    python tools/bench/attn_sweep.py OUT.json --swapped        # the swapped-operand decode candidate (attn_swapped.py)
 
 --prefill: for each (KV_BLOCK, prefill BLOCK_M, warps, stages) the bits are checked first
 (prefill == chunked == decode on pages of 16/64/32; packed == paged), then the training
@@ -293,7 +294,43 @@ def decode_tiles(path: str) -> None:
         json.dump(res, open(path, "w"), indent=1)
 
 
+SWAPPED_LAUNCH = ((4, 3), (4, 2), (4, 4), (8, 3))  # the swapped decode candidate's (num_warps, num_stages)
+
+
+def decode_swapped(path: str) -> None:
+    """The swapped-operand decode candidate (tools/bench/attn_swapped.py) vs the kernel's
+    decode tile and SDPA, 0.6B and 8B heads, from CUDA graphs; its max difference from the
+    kernel's output (its bits differ: it measures whether the tile is worth a new order)."""
+    from attn_swapped import swapped_decode
+
+    res = []
+    for name, (H, K) in (("0.6b", (16, 8)), ("8b", (32, 8))):
+        for B, ctx in ((8, 544), (64, 192), (64, 230), (64, 544), (64, 4096), (256, 192), (256, 544), (256, 1024)):
+            q, kc, vc, cu, kv, n, ks, vs, gb = decode_case(B, ctx, H, K, 128, 64)
+            bt = torch.arange(B * n, device="cuda", dtype=torch.int32).view(B, n)
+            ours = A.attention(q, kc, vc, cu, kv, bt, 1, 128**-0.5)
+            row = dict(model=name, B=B, ctx=ctx, gb=gb,
+                       kernel_us=_graph_ms(lambda: A.attention(q, kc, vc, cu, kv, bt, 1, 128**-0.5)) * 1e3,
+                       sdpa_us=_graph_ms(lambda: F.scaled_dot_product_attention(
+                           q[:, :, None], ks, vs, enable_gqa=True)) * 1e3)
+            for w, st in SWAPPED_LAUNCH:
+                o = swapped_decode(q, kc, vc, kv, bt, 128**-0.5, num_warps=w, num_stages=st)
+                row[f"swapped_w{w}s{st}"] = dict(
+                    us=_graph_ms(lambda: swapped_decode(q, kc, vc, kv, bt, 128**-0.5, num_warps=w, num_stages=st)) * 1e3,
+                    max_diff=(o.float() - ours.float()).abs().max().item(), same=torch.equal(o, ours))
+            res.append(row)
+            best = min((k for k in row if k.startswith("swapped")), key=lambda k: row[k]["us"])
+            print(f"{name} B={B:3} ctx={ctx:4} kernel {row['kernel_us']:6.1f} us  sdpa {row['sdpa_us']:6.1f} us  "
+                  + "  ".join(f"{k[8:]} {row[k]['us']:6.1f}" for k in row if k.startswith("swapped"))
+                  + f"  best {best[8:]} {gb / row[best]['us'] * 1e3:5.0f} GB/s, {row['sdpa_us'] / row[best]['us']:.2f}x sdpa,"
+                  f" max diff {row[best]['max_diff']:.2e} same {int(row[best]['same'])}", flush=True)
+            json.dump(res, open(path, "w"), indent=1)
+
+
 if __name__ == "__main__":
+    if "--swapped" in sys.argv:
+        decode_swapped(sys.argv[1])
+        sys.exit(0)
     if "--decode-tiles" in sys.argv:
         decode_tiles(sys.argv[1])
         sys.exit(0)
