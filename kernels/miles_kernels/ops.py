@@ -441,8 +441,8 @@ def qk_norm_rope_kv_attention(q_THD, k_TKD, v_TKD, q_w_D, k_w_D, cos_TF, sin_TF,
     engine) the norm/RoPE kernel stores K and V itself (qk_norm_rope_write_kv): one launch
     and one K round trip fewer a layer."""
     _check_qk_norm_rope(q_THD, k_TKD, q_w_D, k_w_D, cos_TF, sin_TF)
-    if _norm_rope_writes_cache(q_THD, k_TKD, v_TKD, q_w_D, k_w_D, k_cache_PSKD, v_cache_PSKD, meta, slot_T):
-        kernels = _fast_kernels(q_THD) if _fast() else _backend(q_THD)
+    kernels = _norm_rope_cache_kernels(q_THD, k_TKD, v_TKD, q_w_D, k_w_D, k_cache_PSKD, v_cache_PSKD, meta, slot_T)
+    if kernels is not None:
         with torch.no_grad():
             q_THD = kernels.qk_norm_rope_write_kv(q_THD, k_TKD, v_TKD, q_w_D, k_w_D, cos_TF, sin_TF, eps,
                                                   k_cache_PSKD, v_cache_PSKD, slot_T)
@@ -451,17 +451,19 @@ def qk_norm_rope_kv_attention(q_THD, k_TKD, v_TKD, q_w_D, k_w_D, cos_TF, sin_TF,
     return kv_attention(q_THD, k_TKD, v_TKD, k_cache_PSKD, v_cache_PSKD, meta, slot_T, scale)
 
 
-def _norm_rope_writes_cache(q, k, v, q_w, k_w, k_cache, v_cache, meta, slot) -> bool:
-    """The one-launch path's conditions: where kv_attention writes the cache (not a packed
-    meta) outside autograd, layouts write_kv's kernel takes, caches of k's and v's head shape,
-    and k's cache in the dtype qk_norm_rope rounds k to (then one rounding is the two ops')."""
+def _norm_rope_cache_kernels(q, k, v, q_w, k_w, k_cache, v_cache, meta, slot):
+    """The Triton module whose one-launch norm/RoPE + K/V store serves this call, or None: where
+    kv_attention writes the cache (not a packed meta) outside autograd, layouts write_kv's kernel
+    takes, caches of k's and v's head shape, and k's cache in the dtype qk_norm_rope rounds k to
+    (then one rounding is the two ops')."""
     if meta.packed or not q.is_cuda or _needs_grad(q, k, v, q_w, k_w, k_cache, v_cache):
-        return False
+        return None
     kernels = _fast_kernels(q) if _fast() else _backend(q)
-    return (hasattr(kernels, "qk_norm_rope_write_kv") and k_cache.is_contiguous() and v_cache.is_contiguous()
-            and k_cache.shape == v_cache.shape and k_cache.shape[2:] == k.shape[1:] and v.shape == k.shape
-            and v.stride(-1) == 1 and slot.dtype in (torch.int32, torch.int64) and slot.shape == (k.shape[0],)
-            and k_cache.dtype == torch.result_type(k, k_w))
+    ok = (hasattr(kernels, "qk_norm_rope_write_kv") and k_cache.is_contiguous() and v_cache.is_contiguous()
+          and k_cache.shape == v_cache.shape and k_cache.shape[2:] == k.shape[1:] and v.shape == k.shape
+          and v.stride(-1) == 1 and slot.dtype in (torch.int32, torch.int64) and slot.shape == (k.shape[0],)
+          and k_cache.dtype == torch.result_type(k, k_w))
+    return kernels if ok else None
 
 
 # The packed training attention's backward: "triton" (_triton.packed_attention_bwd, from our

@@ -444,7 +444,7 @@ def test_qk_norm_rope_kv_attention_one_launch(kt, mode):
     import dataclasses
 
     import miles_kernels as mk
-    from miles_kernels.ops import _norm_rope_writes_cache
+    from miles_kernels.ops import _norm_rope_cache_kernels
 
     g = _gen(14)
     dtype, D, page = torch.bfloat16, 128, 64
@@ -465,7 +465,8 @@ def test_qk_norm_rope_kv_attention_one_launch(kt, mode):
                 kc, vc = (torch.full((n_pages, page, K, D), float("nan"), dtype=dtype, device="cuda") for _ in range(2))
                 with mk.use_mode(mode):
                     if fused:
-                        assert _norm_rope_writes_cache(q, k, v, q_w, k_w, kc, vc, meta, slot), "not the one-launch path"
+                        path = _norm_rope_cache_kernels(q, k, v, q_w, k_w, kc, vc, meta, slot)
+                        assert path is kt, "not the one-launch path"
                         o = mk.qk_norm_rope_kv_attention(q, k, v, q_w, k_w, cos, sin, 1e-6, kc, vc, meta, slot, D**-0.5)
                     else:
                         qn, kn = mk.qk_norm_rope(q, k, q_w, k_w, cos, sin, 1e-6)
