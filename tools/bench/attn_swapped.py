@@ -27,7 +27,7 @@ def _swapped_decode_kernel(
     q_ptr, k_ptr, v_ptr, o_ptr, kv_lens_ptr, bt_ptr, qk_scale, n_kv_heads,
     stride_qt, stride_qh, stride_ot, stride_oh, stride_kp, stride_ks, stride_kk, stride_bt,
     G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, BLK: tl.constexpr, PAGE: tl.constexpr,
-    SPLIT_BLOCKS: tl.constexpr, PRECISION: tl.constexpr,
+    SPLIT_BLOCKS: tl.constexpr, PRECISION: tl.constexpr, L_DOT: tl.constexpr,
 ):
     """One program per (sequence, kv head), one query token a sequence; caches [P, PAGE, K, D]
     with PAGE a multiple of BLK; columns r < G of the [*, GP] tiles are the real query heads."""
@@ -46,6 +46,7 @@ def _swapped_decode_kernel(
     m = tl.full((GP,), float("-inf"), tl.float32)
     l = tl.zeros((GP,), tl.float32)
     acc = tl.zeros((D, GP), tl.float32)
+    one = tl.where((tl.arange(0, 64)[:, None] == 0) & (offs[None, :] >= 0), 1.0, 0.0).to(v_ptr.dtype.element_ty)
     for blk_lo in range(0, n_blocks, SPLIT_BLOCKS):
         m_s = tl.full((GP,), float("-inf"), tl.float32)
         l_s = tl.zeros((GP,), tl.float32)
@@ -65,8 +66,13 @@ def _swapped_decode_kernel(
             m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
             p = tl.exp2(tl.where(ok[:, None], tl.fma(qk, qk_scale, -m_safe[None, :]), float("-inf")))
             alpha = tl.exp2(m_s - m_safe)
-            l_s = tl.fma(l_s, alpha, tl.sum(p, 0))
-            acc_s = tl.dot(v_t, p.to(v_t.dtype), acc_s * alpha[None, :], input_precision=PRECISION)
+            pv = p.to(v_t.dtype)
+            if L_DOT:  # row 0 of one-hot @ p: the kernel's ROW_SUM_DOT sums in the same order
+                ps = tl.sum(tl.dot(one, pv, input_precision=PRECISION), 0)
+            else:
+                ps = tl.sum(p, 0)
+            l_s = tl.fma(l_s, alpha, ps)
+            acc_s = tl.dot(v_t, pv, acc_s * alpha[None, :], input_precision=PRECISION)
             m_s = m_new
         m_new = tl.maximum(m, m_s)
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -81,7 +87,7 @@ def _swapped_decode_kernel(
 
 
 def swapped_decode(q_BHD, k_cache_PSKD, v_cache_PSKD, kv_lens_B, block_table_BP, scale: float,
-                   num_warps: int = 4, num_stages: int = 3) -> torch.Tensor:
+                   num_warps: int = 4, num_stages: int = 3, l_dot: bool = False) -> torch.Tensor:
     """Decode attention of one query token a sequence over a paged cache (the token's K/V
     already written), in the swapped tile."""
     B, H, D = q_BHD.shape
@@ -96,7 +102,8 @@ def swapped_decode(q_BHD, k_cache_PSKD, v_cache_PSKD, kv_lens_B, block_table_BP,
         q_BHD.stride(0), q_BHD.stride(1), o.stride(0), o.stride(1),
         k_cache_PSKD.stride(0), k_cache_PSKD.stride(1), k_cache_PSKD.stride(2), bt.stride(0),
         G=G, GP=max(16, triton.next_power_of_2(G)), D=D, BLK=KV_BLOCK, PAGE=S, SPLIT_BLOCKS=KV_SPLIT // KV_BLOCK,
-        PRECISION="ieee" if q_BHD.dtype == torch.float32 else "tf32", num_warps=num_warps, num_stages=num_stages,
+        PRECISION="ieee" if q_BHD.dtype == torch.float32 else "tf32", L_DOT=l_dot, num_warps=num_warps,
+        num_stages=num_stages,
     )
     return o
 
@@ -129,9 +136,10 @@ def check() -> None:
         vc = torch.randn(B * width + 3, S, K, D, generator=g)
         q = torch.randn(B, H, D, generator=g)
         kv = torch.tensor(lens)
-        got = swapped_decode(q, kc, vc, kv, pages, D**-0.5)
-        err = (got.double() - reference(q, kc, vc, kv, pages, D**-0.5)).abs().max().item()
-        assert err < 1e-4, f"swapped_decode H={H} K={K} lens={lens}: max abs err {err}"
+        for l_dot in (False, True):
+            got = swapped_decode(q, kc, vc, kv, pages, D**-0.5, l_dot=l_dot)
+            err = (got.double() - reference(q, kc, vc, kv, pages, D**-0.5)).abs().max().item()
+            assert err < 1e-4, f"swapped_decode H={H} K={K} lens={lens} l_dot={l_dot}: max abs err {err}"
     print("swapped_decode: ok")
 
 

@@ -5,6 +5,7 @@
     python tools/bench/attn_sweep.py OUT.json --prefill    # training prefill (packed K/V) vs flash, per tile
     python tools/bench/attn_sweep.py OUT.json --decode-tiles   # decode tile (rows, warps, stages) vs SDPA
     python tools/bench/attn_sweep.py OUT.json --swapped        # the swapped-operand decode candidate (attn_swapped.py)
+    python tools/bench/attn_sweep.py OUT.json --rowsum         # ROW_SUM_DOT off / on: bits, prefill, decode, swapped
 
 --prefill: for each (KV_BLOCK, prefill BLOCK_M, warps, stages) the bits are checked first
 (prefill == chunked == decode on pages of 16/64/32; packed == paged), then the training
@@ -327,7 +328,56 @@ def decode_swapped(path: str) -> None:
             json.dump(res, open(path, "w"), indent=1)
 
 
+def rowsum(path: str) -> None:
+    """The kernel with each ROW_SUM_DOT: its bits checks (prefill == chunked == decode, packed
+    == paged), the training forward vs flash; then decode at 0.6B / 8B heads, kernel and the
+    swapped candidate (2 stages) with the same row sums: same bits (also with 4x sharper
+    scores) and time, SDPA the peer."""
+    from attn_swapped import swapped_decode
+
+    res = dict(prefill={}, decode=[])
+    for l_dot in (False, True):
+        A.ROW_SUM_DOT = l_dot
+        bad = check() + packed_check() + decode_tile_check()
+        tm = prefill_timings()
+        res["prefill"][str(l_dot)] = dict(bad=bad, t=tm)
+        print(f"ROW_SUM_DOT={int(l_dot)} bits_ok={int(not bad)} "
+              + " ".join(f"{k}: {v['ms'] * 1e3:.0f}us {v['x_flash']:.2f}x" for k, v in tm.items())
+              + (f" BAD {bad[:3]}" if bad else ""), flush=True)
+        json.dump(res, open(path, "w"), indent=1)
+    if "--prefill-only" in sys.argv:
+        return
+    for name, (H, K) in (("0.6b", (16, 8)), ("8b", (32, 8))):
+        for B, ctx in ((8, 544), (64, 192), (64, 544), (64, 4096), (256, 192), (256, 544), (256, 1024), (256, 2048)):
+            q, kc, vc, cu, kv, n, ks, vs, gb = decode_case(B, ctx, H, K, 128, 64)
+            bt = torch.arange(B * n, device="cuda", dtype=torch.int32).view(B, n)
+            row = dict(model=name, B=B, ctx=ctx, gb=gb, sdpa_us=_graph_ms(
+                lambda: F.scaled_dot_product_attention(q[:, :, None], ks, vs, enable_gqa=True)) * 1e3)
+            for l_dot in (False, True):
+                A.ROW_SUM_DOT = l_dot
+                for sharp in (1.0, 4.0):
+                    qs = q * sharp
+                    o = A.attention(qs, kc, vc, cu, kv, bt, 1, 128**-0.5)
+                    o2 = swapped_decode(qs, kc, vc, kv, bt, 128**-0.5, num_stages=2, l_dot=l_dot)
+                    row[f"same_{int(l_dot)}_x{sharp:g}"] = torch.equal(o, o2)
+                    row[f"diff_{int(l_dot)}_x{sharp:g}"] = (o.float() - o2.float()).abs().max().item()
+                row[f"kernel_{int(l_dot)}_us"] = _graph_ms(lambda: A.attention(q, kc, vc, cu, kv, bt, 1, 128**-0.5)) * 1e3
+                row[f"swapped_{int(l_dot)}_us"] = _graph_ms(
+                    lambda: swapped_decode(q, kc, vc, kv, bt, 128**-0.5, num_stages=2, l_dot=l_dot)) * 1e3
+            res["decode"].append(row)
+            print(f"{name} B={B:3} ctx={ctx:4} sdpa {row['sdpa_us']:6.1f}  kernel {row['kernel_0_us']:6.1f} / "
+                  f"{row['kernel_1_us']:6.1f} us  swapped {row['swapped_0_us']:6.1f} / {row['swapped_1_us']:6.1f} us "
+                  f"({gb / row['swapped_1_us'] * 1e3:5.0f} GB/s, {row['sdpa_us'] / row['swapped_1_us']:.2f}x sdpa)  same "
+                  + " ".join(f"{k[5:]}={int(v)}" for k, v in row.items() if k.startswith("same_"))
+                  + f"  diff(dot) {max(row['diff_1_x1'], row['diff_1_x4']):.1e}", flush=True)
+            json.dump(res, open(path, "w"), indent=1)
+    A.ROW_SUM_DOT = False
+
+
 if __name__ == "__main__":
+    if "--rowsum" in sys.argv:
+        rowsum(sys.argv[1])
+        sys.exit(0)
     if "--swapped" in sys.argv:
         decode_swapped(sys.argv[1])
         sys.exit(0)

@@ -39,6 +39,10 @@ _DECODE_LAUNCH = {torch.bfloat16: (4, 3), torch.float16: (4, 3), torch.float32: 
 _PREFILL_TILES = {torch.bfloat16: ((128, 8, 3), (64, 4, 3)), torch.float16: ((128, 8, 3), (64, 4, 3)),
                   torch.float32: ((16, 4, 3), (16, 4, 3))}
 PREFILL_FILL = 128  # programs (about one per SM on an H100/H200) the tall tile must still make
+# A block's row sums l from an MMA of the rounded p against a one-hot column (True) or from a
+# register reduction (False): the MMA sums in one order whichever operand p is, the reduction
+# in an order set by the tile's layout. Measured by tools/bench/attn_sweep.py --rowsum.
+ROW_SUM_DOT = False
 _LOG2E = 1.4426950408889634
 _LN2 = tl.constexpr(0.6931471805599453)
 
@@ -57,10 +61,10 @@ def _merge(m, l, acc, m_s, l_s, acc_s):
 
 @triton.jit
 def _kv_block(
-    q, m, l, acc, j, pos, kv_len, kv_base, k_ptr, v_ptr, bt_row_ptr, kvh, qk_scale, D, offs, ds,
+    q, m, l, acc, j, pos, kv_len, kv_base, k_ptr, v_ptr, bt_row_ptr, kvh, qk_scale, D, offs, ds, one,
     stride_kp, stride_ks, stride_kk, stride_vp, stride_vs, stride_vk,
     PAGE: tl.constexpr, ATTN_BLK: tl.constexpr, PRECISION: tl.constexpr, CONTIG: tl.constexpr,
-    MASK: tl.constexpr,
+    MASK: tl.constexpr, L_DOT: tl.constexpr,
 ):
     """One online-softmax step over KV block j. MASK=False only where every position of the
     block is visible to every row (the causal and length masks would keep every score)."""
@@ -101,8 +105,13 @@ def _kv_block(
         e = tl.where(keep, e, float("-inf"))
     p = tl.exp2(e)
     alpha = tl.exp2(m - m_safe)
-    l = tl.fma(l, alpha, tl.sum(p, 1))
-    acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=PRECISION)
+    pv = p.to(v.dtype)
+    if L_DOT:  # column 0 of p @ one-hot: the other columns add exact zeros
+        ps = tl.sum(tl.dot(pv, one, input_precision=PRECISION), 1)
+    else:
+        ps = tl.sum(p, 1)
+    l = tl.fma(l, alpha, ps)
+    acc = tl.dot(pv, v, acc * alpha[:, None], input_precision=PRECISION)
     return m_new, l, acc
 
 
@@ -111,7 +120,7 @@ def _split_state(
     q, pos, pos_min, kv_len, kv_base, blk_lo, blk_hi, k_ptr, v_ptr, bt_row_ptr, kvh, qk_scale, D,
     stride_kp, stride_ks, stride_kk, stride_vp, stride_vs, stride_vk,
     BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, PAGE: tl.constexpr, ATTN_BLK: tl.constexpr,
-    PRECISION: tl.constexpr, CONTIG: tl.constexpr,
+    PRECISION: tl.constexpr, CONTIG: tl.constexpr, L_DOT: tl.constexpr,
 ):
     """Online softmax over KV blocks [blk_lo, blk_hi) from an empty state; scores in log2 units.
     Blocks every row sees whole (ending at or before the tile's first position pos_min, and
@@ -121,16 +130,17 @@ def _split_state(
     acc = tl.zeros((BLOCK_M, BLOCK_D), tl.float32)
     offs = tl.arange(0, ATTN_BLK)
     ds = tl.arange(0, BLOCK_D)
+    one = tl.where((offs[:, None] >= 0) & (tl.arange(0, 16)[None, :] == 0), 1.0, 0.0).to(v_ptr.dtype.element_ty)
     n_full = tl.minimum((pos_min + 1) // ATTN_BLK, kv_len // ATTN_BLK)
     full_hi = tl.maximum(tl.minimum(blk_hi, n_full), blk_lo)
     for j in range(blk_lo, full_hi):
         m, l, acc = _kv_block(q, m, l, acc, j, pos, kv_len, kv_base, k_ptr, v_ptr, bt_row_ptr, kvh, qk_scale, D,
-                              offs, ds, stride_kp, stride_ks, stride_kk, stride_vp, stride_vs, stride_vk,
-                              PAGE, ATTN_BLK, PRECISION, CONTIG, False)
+                              offs, ds, one, stride_kp, stride_ks, stride_kk, stride_vp, stride_vs, stride_vk,
+                              PAGE, ATTN_BLK, PRECISION, CONTIG, False, L_DOT)
     for j in range(full_hi, blk_hi):
         m, l, acc = _kv_block(q, m, l, acc, j, pos, kv_len, kv_base, k_ptr, v_ptr, bt_row_ptr, kvh, qk_scale, D,
-                              offs, ds, stride_kp, stride_ks, stride_kk, stride_vp, stride_vs, stride_vk,
-                              PAGE, ATTN_BLK, PRECISION, CONTIG, True)
+                              offs, ds, one, stride_kp, stride_ks, stride_kk, stride_vp, stride_vs, stride_vk,
+                              PAGE, ATTN_BLK, PRECISION, CONTIG, True, L_DOT)
     return m, l, acc
 
 
@@ -158,6 +168,7 @@ def _attn_kernel(
     G: tl.constexpr, G_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
     PAGE: tl.constexpr, ATTN_BLK: tl.constexpr, SPLIT_BLOCKS: tl.constexpr, SPLIT_PARALLEL: tl.constexpr,
     PART_ROWS: tl.constexpr, PRECISION: tl.constexpr, STORE_LSE: tl.constexpr, CONTIG: tl.constexpr,
+    L_DOT: tl.constexpr,
 ):
     TOK: tl.constexpr = BLOCK_M // G_PAD
     tile = tl.num_programs(0) - 1 - tl.program_id(0)  # the longest (last) q tiles start first
@@ -197,7 +208,7 @@ def _attn_kernel(
             m, l, acc = _split_state(
                 q, pos, pos_min, kv_len, kv_base, blk_lo, tl.minimum(blk_lo + SPLIT_BLOCKS, n_blocks), k_ptr, v_ptr,
                 bt_row_ptr, kvh, qk_scale, D, stride_kp, stride_ks, stride_kk, stride_vp, stride_vs, stride_vk,
-                BLOCK_M, BLOCK_D, PAGE, ATTN_BLK, PRECISION, CONTIG,
+                BLOCK_M, BLOCK_D, PAGE, ATTN_BLK, PRECISION, CONTIG, L_DOT,
             )
             state = bk.to(tl.int64) * n_splits_max + split
             tl.store(pm_ptr + state * PART_ROWS + rows, m, mask=keep)
@@ -211,7 +222,7 @@ def _attn_kernel(
             m_s, l_s, acc_s = _split_state(
                 q, pos, pos_min, kv_len, kv_base, blk_lo, tl.minimum(blk_lo + SPLIT_BLOCKS, n_blocks), k_ptr, v_ptr,
                 bt_row_ptr, kvh, qk_scale, D, stride_kp, stride_ks, stride_kk, stride_vp, stride_vs, stride_vk,
-                BLOCK_M, BLOCK_D, PAGE, ATTN_BLK, PRECISION, CONTIG,
+                BLOCK_M, BLOCK_D, PAGE, ATTN_BLK, PRECISION, CONTIG, L_DOT,
             )
             m, l, acc = _merge(m, l, acc, m_s, l_s, acc_s)
         _store_out(o_ptr, lse_ptr, m, l, acc, t_idx, head, ds, row_ok, D, stride_ot, stride_oh, stride_lh, STORE_LSE)
@@ -361,7 +372,7 @@ def _launch(q_THD, k4, v4, cu_seqlens, kv_lens, bt, max_q_len: int, scale: float
         page_strides[0], k4.stride(1), k4.stride(2), page_strides[1], v4.stride(1), v4.stride(2), bt.stride(0),
         BLOCK_M=block_m, PAGE=page, SPLIT_PARALLEL=split_parallel, PART_ROWS=part_rows,
         PRECISION="ieee" if q_THD.dtype == torch.float32 else "tf32", STORE_LSE=lse_HT is not None, CONTIG=contig,
-        **consts, num_warps=num_warps, num_stages=num_stages,
+        L_DOT=ROW_SUM_DOT, **consts, num_warps=num_warps, num_stages=num_stages,
     )
     if split_parallel:
         _combine_kernel[(B * K,)](
