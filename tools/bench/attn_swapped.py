@@ -19,7 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
-from miles_kernels._triton.paged_attention import KV_BLOCK, KV_SPLIT, _LOG2E
+from miles_kernels._triton.paged_attention import KV_BLOCK, KV_SPLIT, _LOG2E, _exact_sum
 
 
 @triton.jit
@@ -27,7 +27,7 @@ def _swapped_decode_kernel(
     q_ptr, k_ptr, v_ptr, o_ptr, kv_lens_ptr, bt_ptr, qk_scale, n_kv_heads,
     stride_qt, stride_qh, stride_ot, stride_oh, stride_kp, stride_ks, stride_kk, stride_bt,
     G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, BLK: tl.constexpr, PAGE: tl.constexpr,
-    SPLIT_BLOCKS: tl.constexpr, PRECISION: tl.constexpr, L_DOT: tl.constexpr,
+    SPLIT_BLOCKS: tl.constexpr, PRECISION: tl.constexpr, L_SUM: tl.constexpr,
 ):
     """One program per (sequence, kv head), one query token a sequence; caches [P, PAGE, K, D]
     with PAGE a multiple of BLK; columns r < G of the [*, GP] tiles are the real query heads."""
@@ -67,8 +67,10 @@ def _swapped_decode_kernel(
             p = tl.exp2(tl.where(ok[:, None], tl.fma(qk, qk_scale, -m_safe[None, :]), float("-inf")))
             alpha = tl.exp2(m_s - m_safe)
             pv = p.to(v_t.dtype)
-            if L_DOT:  # row 0 of one-hot @ p: the kernel's ROW_SUM_DOT sums in the same order
+            if L_SUM == "dot":  # row 0 of one-hot @ p: the kernel's "dot" row sums, same order
                 ps = tl.sum(tl.dot(one, pv, input_precision=PRECISION), 0)
+            elif L_SUM == "exact":
+                ps = _exact_sum(p, 0)
             else:
                 ps = tl.sum(p, 0)
             l_s = tl.fma(l_s, alpha, ps)
@@ -87,7 +89,7 @@ def _swapped_decode_kernel(
 
 
 def swapped_decode(q_BHD, k_cache_PSKD, v_cache_PSKD, kv_lens_B, block_table_BP, scale: float,
-                   num_warps: int = 4, num_stages: int = 3, l_dot: bool = False) -> torch.Tensor:
+                   num_warps: int = 4, num_stages: int = 3, row_sum: str = "reduce") -> torch.Tensor:
     """Decode attention of one query token a sequence over a paged cache (the token's K/V
     already written), in the swapped tile."""
     B, H, D = q_BHD.shape
@@ -102,7 +104,7 @@ def swapped_decode(q_BHD, k_cache_PSKD, v_cache_PSKD, kv_lens_B, block_table_BP,
         q_BHD.stride(0), q_BHD.stride(1), o.stride(0), o.stride(1),
         k_cache_PSKD.stride(0), k_cache_PSKD.stride(1), k_cache_PSKD.stride(2), bt.stride(0),
         G=G, GP=max(16, triton.next_power_of_2(G)), D=D, BLK=KV_BLOCK, PAGE=S, SPLIT_BLOCKS=KV_SPLIT // KV_BLOCK,
-        PRECISION="ieee" if q_BHD.dtype == torch.float32 else "tf32", L_DOT=l_dot, num_warps=num_warps,
+        PRECISION="ieee" if q_BHD.dtype == torch.float32 else "tf32", L_SUM=row_sum, num_warps=num_warps,
         num_stages=num_stages,
     )
     return o
@@ -136,10 +138,10 @@ def check() -> None:
         vc = torch.randn(B * width + 3, S, K, D, generator=g)
         q = torch.randn(B, H, D, generator=g)
         kv = torch.tensor(lens)
-        for l_dot in (False, True):
-            got = swapped_decode(q, kc, vc, kv, pages, D**-0.5, l_dot=l_dot)
+        for row_sum in ("reduce", "dot", "exact"):
+            got = swapped_decode(q, kc, vc, kv, pages, D**-0.5, row_sum=row_sum)
             err = (got.double() - reference(q, kc, vc, kv, pages, D**-0.5)).abs().max().item()
-            assert err < 1e-4, f"swapped_decode H={H} K={K} lens={lens} l_dot={l_dot}: max abs err {err}"
+            assert err < 1e-4, f"swapped_decode H={H} K={K} lens={lens} row_sum={row_sum}: max abs err {err}"
     print("swapped_decode: ok")
 
 

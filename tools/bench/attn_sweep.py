@@ -3,9 +3,10 @@
     python tools/bench/attn_sweep.py OUT.json              # the knob grid
     python tools/bench/attn_sweep.py OUT.json --decode     # DECODE_PROGRAMS at the engine's decode shapes
     python tools/bench/attn_sweep.py OUT.json --prefill    # training prefill (packed K/V) vs flash, per tile
+    python tools/bench/attn_sweep.py OUT.json --prefill --tall  # the same for 2-stage and 256-row tiles
     python tools/bench/attn_sweep.py OUT.json --decode-tiles   # decode tile (rows, warps, stages) vs SDPA
     python tools/bench/attn_sweep.py OUT.json --swapped        # the swapped-operand decode candidate (attn_swapped.py)
-    python tools/bench/attn_sweep.py OUT.json --rowsum         # ROW_SUM_DOT off / on: bits, prefill, decode, swapped
+    python tools/bench/attn_sweep.py OUT.json --rowsum         # each ROW_SUM: bits, prefill, decode, swapped
 
 --prefill: for each (KV_BLOCK, prefill BLOCK_M, warps, stages) the bits are checked first
 (prefill == chunked == decode on pages of 16/64/32; packed == paged), then the training
@@ -161,6 +162,9 @@ DEFAULT_TILES = A._PREFILL_TILES[DT]
 PREFILL_CFGS = [  # KV_BLOCK, prefill BLOCK_M (0: the default rule), warps, stages (KV_SPLIT stays 256)
     (64, 0, 0, 0), (64, 64, 4, 3), (64, 128, 8, 3), (64, 128, 8, 4),
 ]
+PREFILL_TALL = [  # --prefill --tall: the default against 2-stage and 256-row tiles (8B: 64 tokens a tile)
+    (64, 0, 0, 0), (64, 128, 8, 2), (64, 128, 8, 4), (64, 256, 16, 2), (64, 256, 16, 3), (64, 256, 8, 2),
+]
 
 
 def packed_check() -> list[str]:
@@ -223,7 +227,7 @@ def prefill_timings() -> dict:
 
 def prefill_sweep(path: str) -> None:
     res = []
-    for kvb, bm, w, st in PREFILL_CFGS:
+    for kvb, bm, w, st in PREFILL_TALL if "--tall" in sys.argv else PREFILL_CFGS:
         A.KV_BLOCK, A.KV_SPLIT = kvb, 256
         A._PREFILL_TILES[DT] = DEFAULT_TILES if bm == 0 else ((bm, w, st),)
         try:
@@ -328,24 +332,28 @@ def decode_swapped(path: str) -> None:
             json.dump(res, open(path, "w"), indent=1)
 
 
+ROW_SUMS = ("reduce", "dot", "exact")
+
+
 def rowsum(path: str) -> None:
-    """The kernel with each ROW_SUM_DOT: its bits checks (prefill == chunked == decode, packed
-    == paged), the training forward vs flash; then decode at 0.6B / 8B heads, kernel and the
+    """The kernel with each ROW_SUM: its bits checks (prefill == chunked == decode, packed ==
+    paged) and the training forward vs flash; then decode at 0.6B / 8B heads, kernel and the
     swapped candidate (2 stages) with the same row sums: same bits (also with 4x sharper
-    scores) and time, SDPA the peer."""
+    scores; "reduce" is not expected to agree) and time, SDPA the peer."""
     from attn_swapped import swapped_decode
 
     res = dict(prefill={}, decode=[])
-    for l_dot in (False, True):
-        A.ROW_SUM_DOT = l_dot
+    for mode in ROW_SUMS:
+        A.ROW_SUM = mode
         bad = check() + packed_check() + decode_tile_check()
         tm = prefill_timings()
-        res["prefill"][str(l_dot)] = dict(bad=bad, t=tm)
-        print(f"ROW_SUM_DOT={int(l_dot)} bits_ok={int(not bad)} "
+        res["prefill"][mode] = dict(bad=bad, t=tm)
+        print(f"ROW_SUM={mode:6} bits_ok={int(not bad)} "
               + " ".join(f"{k}: {v['ms'] * 1e3:.0f}us {v['x_flash']:.2f}x" for k, v in tm.items())
               + (f" BAD {bad[:3]}" if bad else ""), flush=True)
         json.dump(res, open(path, "w"), indent=1)
     if "--prefill-only" in sys.argv:
+        A.ROW_SUM = "reduce"
         return
     for name, (H, K) in (("0.6b", (16, 8)), ("8b", (32, 8))):
         for B, ctx in ((8, 544), (64, 192), (64, 544), (64, 4096), (256, 192), (256, 544), (256, 1024), (256, 2048)):
@@ -353,25 +361,25 @@ def rowsum(path: str) -> None:
             bt = torch.arange(B * n, device="cuda", dtype=torch.int32).view(B, n)
             row = dict(model=name, B=B, ctx=ctx, gb=gb, sdpa_us=_graph_ms(
                 lambda: F.scaled_dot_product_attention(q[:, :, None], ks, vs, enable_gqa=True)) * 1e3)
-            for l_dot in (False, True):
-                A.ROW_SUM_DOT = l_dot
+            for mode in ROW_SUMS:
+                A.ROW_SUM = mode
                 for sharp in (1.0, 4.0):
                     qs = q * sharp
                     o = A.attention(qs, kc, vc, cu, kv, bt, 1, 128**-0.5)
-                    o2 = swapped_decode(qs, kc, vc, kv, bt, 128**-0.5, num_stages=2, l_dot=l_dot)
-                    row[f"same_{int(l_dot)}_x{sharp:g}"] = torch.equal(o, o2)
-                    row[f"diff_{int(l_dot)}_x{sharp:g}"] = (o.float() - o2.float()).abs().max().item()
-                row[f"kernel_{int(l_dot)}_us"] = _graph_ms(lambda: A.attention(q, kc, vc, cu, kv, bt, 1, 128**-0.5)) * 1e3
-                row[f"swapped_{int(l_dot)}_us"] = _graph_ms(
-                    lambda: swapped_decode(q, kc, vc, kv, bt, 128**-0.5, num_stages=2, l_dot=l_dot)) * 1e3
+                    o2 = swapped_decode(qs, kc, vc, kv, bt, 128**-0.5, num_stages=2, row_sum=mode)
+                    row[f"same_{mode}_x{sharp:g}"] = torch.equal(o, o2)
+                    row[f"diff_{mode}_x{sharp:g}"] = (o.float() - o2.float()).abs().max().item()
+                row[f"kernel_{mode}_us"] = _graph_ms(lambda: A.attention(q, kc, vc, cu, kv, bt, 1, 128**-0.5)) * 1e3
+                row[f"swapped_{mode}_us"] = _graph_ms(
+                    lambda: swapped_decode(q, kc, vc, kv, bt, 128**-0.5, num_stages=2, row_sum=mode)) * 1e3
             res["decode"].append(row)
-            print(f"{name} B={B:3} ctx={ctx:4} sdpa {row['sdpa_us']:6.1f}  kernel {row['kernel_0_us']:6.1f} / "
-                  f"{row['kernel_1_us']:6.1f} us  swapped {row['swapped_0_us']:6.1f} / {row['swapped_1_us']:6.1f} us "
-                  f"({gb / row['swapped_1_us'] * 1e3:5.0f} GB/s, {row['sdpa_us'] / row['swapped_1_us']:.2f}x sdpa)  same "
-                  + " ".join(f"{k[5:]}={int(v)}" for k, v in row.items() if k.startswith("same_"))
-                  + f"  diff(dot) {max(row['diff_1_x1'], row['diff_1_x4']):.1e}", flush=True)
+            print(f"{name} B={B:3} ctx={ctx:4} sdpa {row['sdpa_us']:6.1f}  kernel "
+                  + " / ".join(f"{row[f'kernel_{m}_us']:6.1f}" for m in ROW_SUMS) + "  swapped "
+                  + " / ".join(f"{row[f'swapped_{m}_us']:6.1f}" for m in ROW_SUMS)
+                  + f" us  same " + " ".join(f"{k[5:]}={int(v)}" for k, v in row.items() if k.startswith("same_")),
+                  flush=True)
             json.dump(res, open(path, "w"), indent=1)
-    A.ROW_SUM_DOT = False
+    A.ROW_SUM = "reduce"
 
 
 if __name__ == "__main__":

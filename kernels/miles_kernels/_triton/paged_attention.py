@@ -39,10 +39,10 @@ _DECODE_LAUNCH = {torch.bfloat16: (4, 3), torch.float16: (4, 3), torch.float32: 
 _PREFILL_TILES = {torch.bfloat16: ((128, 8, 3), (64, 4, 3)), torch.float16: ((128, 8, 3), (64, 4, 3)),
                   torch.float32: ((16, 4, 3), (16, 4, 3))}
 PREFILL_FILL = 128  # programs (about one per SM on an H100/H200) the tall tile must still make
-# A block's row sums l from an MMA of the rounded p against a one-hot column (True) or from a
-# register reduction (False): the MMA sums in one order whichever operand p is, the reduction
-# in an order set by the tile's layout. Measured by tools/bench/attn_sweep.py --rowsum.
-ROW_SUM_DOT = False
+# A block's row sums l: "reduce" (a register reduction, in an order set by the tile's layout),
+# "dot" (an MMA of the rounded p against a one-hot column: one order whichever operand p is) or
+# "exact" (_exact_sum: the same value in any order). Measured by attn_sweep.py --rowsum.
+ROW_SUM = "reduce"
 _LOG2E = 1.4426950408889634
 _LN2 = tl.constexpr(0.6931471805599453)
 
@@ -60,11 +60,23 @@ def _merge(m, l, acc, m_s, l_s, acc_s):
 
 
 @triton.jit
+def _exact_sum(p, AXIS: tl.constexpr):
+    """Sum of p in [0, 1] along AXIS (at most 64 terms) whose value does not depend on the
+    order: p = hi + lo + e with hi a multiple of 2**-18, lo of 2**-36 (|lo| <= 2**-19), |e| <=
+    2**-37; each part's partial sums fit fp32's 24 bits, so both sums are exact in any order."""
+    tl.static_assert(p.shape[AXIS] <= 64)
+    hi = (p + 48.0) - 48.0  # 48 = 1.5 * 2**5: the add rounds p to a multiple of 2**-18
+    r = p - hi  # exact
+    lo = (r + 0.00018310546875) - 0.00018310546875  # 1.5 * 2**-13: to a multiple of 2**-36
+    return tl.sum(hi, AXIS) + tl.sum(lo, AXIS)
+
+
+@triton.jit
 def _kv_block(
     q, m, l, acc, j, pos, kv_len, kv_base, k_ptr, v_ptr, bt_row_ptr, kvh, qk_scale, D, offs, ds, one,
     stride_kp, stride_ks, stride_kk, stride_vp, stride_vs, stride_vk,
     PAGE: tl.constexpr, ATTN_BLK: tl.constexpr, PRECISION: tl.constexpr, CONTIG: tl.constexpr,
-    MASK: tl.constexpr, L_DOT: tl.constexpr,
+    MASK: tl.constexpr, L_SUM: tl.constexpr,
 ):
     """One online-softmax step over KV block j. MASK=False only where every position of the
     block is visible to every row (the causal and length masks would keep every score)."""
@@ -106,8 +118,10 @@ def _kv_block(
     p = tl.exp2(e)
     alpha = tl.exp2(m - m_safe)
     pv = p.to(v.dtype)
-    if L_DOT:  # column 0 of p @ one-hot: the other columns add exact zeros
+    if L_SUM == "dot":  # column 0 of p @ one-hot: the other columns add exact zeros
         ps = tl.sum(tl.dot(pv, one, input_precision=PRECISION), 1)
+    elif L_SUM == "exact":
+        ps = _exact_sum(p, 1)
     else:
         ps = tl.sum(p, 1)
     l = tl.fma(l, alpha, ps)
@@ -120,7 +134,7 @@ def _split_state(
     q, pos, pos_min, kv_len, kv_base, blk_lo, blk_hi, k_ptr, v_ptr, bt_row_ptr, kvh, qk_scale, D,
     stride_kp, stride_ks, stride_kk, stride_vp, stride_vs, stride_vk,
     BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, PAGE: tl.constexpr, ATTN_BLK: tl.constexpr,
-    PRECISION: tl.constexpr, CONTIG: tl.constexpr, L_DOT: tl.constexpr,
+    PRECISION: tl.constexpr, CONTIG: tl.constexpr, L_SUM: tl.constexpr,
 ):
     """Online softmax over KV blocks [blk_lo, blk_hi) from an empty state; scores in log2 units.
     Blocks every row sees whole (ending at or before the tile's first position pos_min, and
@@ -136,11 +150,11 @@ def _split_state(
     for j in range(blk_lo, full_hi):
         m, l, acc = _kv_block(q, m, l, acc, j, pos, kv_len, kv_base, k_ptr, v_ptr, bt_row_ptr, kvh, qk_scale, D,
                               offs, ds, one, stride_kp, stride_ks, stride_kk, stride_vp, stride_vs, stride_vk,
-                              PAGE, ATTN_BLK, PRECISION, CONTIG, False, L_DOT)
+                              PAGE, ATTN_BLK, PRECISION, CONTIG, False, L_SUM)
     for j in range(full_hi, blk_hi):
         m, l, acc = _kv_block(q, m, l, acc, j, pos, kv_len, kv_base, k_ptr, v_ptr, bt_row_ptr, kvh, qk_scale, D,
                               offs, ds, one, stride_kp, stride_ks, stride_kk, stride_vp, stride_vs, stride_vk,
-                              PAGE, ATTN_BLK, PRECISION, CONTIG, True, L_DOT)
+                              PAGE, ATTN_BLK, PRECISION, CONTIG, True, L_SUM)
     return m, l, acc
 
 
@@ -168,7 +182,7 @@ def _attn_kernel(
     G: tl.constexpr, G_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
     PAGE: tl.constexpr, ATTN_BLK: tl.constexpr, SPLIT_BLOCKS: tl.constexpr, SPLIT_PARALLEL: tl.constexpr,
     PART_ROWS: tl.constexpr, PRECISION: tl.constexpr, STORE_LSE: tl.constexpr, CONTIG: tl.constexpr,
-    L_DOT: tl.constexpr,
+    L_SUM: tl.constexpr,
 ):
     TOK: tl.constexpr = BLOCK_M // G_PAD
     tile = tl.num_programs(0) - 1 - tl.program_id(0)  # the longest (last) q tiles start first
@@ -208,7 +222,7 @@ def _attn_kernel(
             m, l, acc = _split_state(
                 q, pos, pos_min, kv_len, kv_base, blk_lo, tl.minimum(blk_lo + SPLIT_BLOCKS, n_blocks), k_ptr, v_ptr,
                 bt_row_ptr, kvh, qk_scale, D, stride_kp, stride_ks, stride_kk, stride_vp, stride_vs, stride_vk,
-                BLOCK_M, BLOCK_D, PAGE, ATTN_BLK, PRECISION, CONTIG, L_DOT,
+                BLOCK_M, BLOCK_D, PAGE, ATTN_BLK, PRECISION, CONTIG, L_SUM,
             )
             state = bk.to(tl.int64) * n_splits_max + split
             tl.store(pm_ptr + state * PART_ROWS + rows, m, mask=keep)
@@ -222,7 +236,7 @@ def _attn_kernel(
             m_s, l_s, acc_s = _split_state(
                 q, pos, pos_min, kv_len, kv_base, blk_lo, tl.minimum(blk_lo + SPLIT_BLOCKS, n_blocks), k_ptr, v_ptr,
                 bt_row_ptr, kvh, qk_scale, D, stride_kp, stride_ks, stride_kk, stride_vp, stride_vs, stride_vk,
-                BLOCK_M, BLOCK_D, PAGE, ATTN_BLK, PRECISION, CONTIG, L_DOT,
+                BLOCK_M, BLOCK_D, PAGE, ATTN_BLK, PRECISION, CONTIG, L_SUM,
             )
             m, l, acc = _merge(m, l, acc, m_s, l_s, acc_s)
         _store_out(o_ptr, lse_ptr, m, l, acc, t_idx, head, ds, row_ok, D, stride_ot, stride_oh, stride_lh, STORE_LSE)
@@ -372,7 +386,7 @@ def _launch(q_THD, k4, v4, cu_seqlens, kv_lens, bt, max_q_len: int, scale: float
         page_strides[0], k4.stride(1), k4.stride(2), page_strides[1], v4.stride(1), v4.stride(2), bt.stride(0),
         BLOCK_M=block_m, PAGE=page, SPLIT_PARALLEL=split_parallel, PART_ROWS=part_rows,
         PRECISION="ieee" if q_THD.dtype == torch.float32 else "tf32", STORE_LSE=lse_HT is not None, CONTIG=contig,
-        L_DOT=ROW_SUM_DOT, **consts, num_warps=num_warps, num_stages=num_stages,
+        L_SUM=ROW_SUM, **consts, num_warps=num_warps, num_stages=num_stages,
     )
     if split_parallel:
         _combine_kernel[(B * K,)](
