@@ -367,6 +367,36 @@ def test_attention_prefill_chunked_decode_bitwise(kt, dtype, heads, page):
               f"packed sequence {b} ({n} tokens) vs its paged prefill")
 
 
+@pytest.mark.parametrize("row_sum", ["dot", "exact"])
+@pytest.mark.parametrize("heads", [(16, 8), (32, 8)])
+def test_attention_swapped_decode_bitwise(kt, monkeypatch, row_sum, heads):
+    """DECODE_TILE "swapped" (decode_attention.py) with a shared row sum: decode rows in a batch
+    of 256 (one program a pair), of 16 (split programs) and verify chunks of 3 and 8 tokens,
+    output and LSE bitwise == the packed prefill with the same ROW_SUM (wgmma's sums must not
+    depend on which operand a matrix is)."""
+    from miles_kernels._triton import paged_attention as A
+
+    monkeypatch.setattr(A, "ROW_SUM", row_sum)
+    g = _gen(6)
+    (H, K), D, L = heads, 128, 1100
+    q = _randn(L, H, D, dtype=torch.bfloat16, g=g) * 2
+    k, v = _randn(L, K, D, dtype=torch.bfloat16, g=g), _randn(L, K, D, dtype=torch.bfloat16, g=g)
+    kc, vc, pages = _paged_cache(k, v, 64, g)
+    scale = D**-0.5
+    lse = torch.empty(H, L, device="cuda")
+    full = kt.packed_attention(q, k, v, torch.tensor([0, L], dtype=torch.int32, device="cuda"), L, scale, lse)
+    monkeypatch.setattr(A, "DECODE_TILE", "swapped")
+    for n in (256, 16):
+        rows = torch.linspace(0, L - 1, n).long().tolist()
+        lse_d = torch.empty(H, n, device="cuda")
+        dec = _attn(kt, q[rows], kc, vc, [(1, t + 1, pages) for t in rows], scale, lse_d)
+        _same(dec, full[rows], f"swapped decode batch {n} vs prefill ({row_sum})")
+        _same(lse_d, lse[:, rows], f"swapped decode batch {n} LSE vs prefill ({row_sum})")
+    for n, end in ((3, 700), (8, 1100)):
+        _same(_attn(kt, q[end - n: end], kc, vc, [(n, end, pages)], scale), full[end - n: end],
+              f"swapped verify chunk of {n} vs prefill ({row_sum})")
+
+
 def test_fast_mode_paged_attention(kt):
     """Fast mode's attention without autograd is the paged Triton kernel (SDPA cannot read
     pages): decode, verify (4 queries a sequence) and prefill chunks of several lengths, against

@@ -824,6 +824,85 @@ def check_attention_kv_block_spans_pages() -> None:
         attn_mod.KV_BLOCK, attn_mod.KV_SPLIT = saved
 
 
+def check_exact_sum_order_free() -> None:
+    """attn_parts.exact_sum (ROW_SUM "exact"): the same bits for any order of the terms, within
+    64 * 2**-37 (+ one rounding) of the float64 sum, on softmax-like rows (one 1, the rest
+    spread over 40 binades: what a long context adds)."""
+    from _row_sums_kernel import row_sums
+
+    g = torch.Generator().manual_seed(0)
+    p = torch.exp2(-40 * torch.rand(64, 64, generator=g))
+    p[:, 0] = 1.0
+    outs = []
+    for perm in (torch.arange(64), torch.randperm(64, generator=g), torch.arange(63, -1, -1)):
+        o = torch.empty(64)
+        row_sums[(1,)](p[:, perm].contiguous(), o)
+        outs.append(o)
+    for o in outs[1:]:
+        _same(o, outs[0], "exact_sum of permuted terms")
+    err = (outs[0].double() - p.double().sum(1)).abs().max().item()
+    assert err <= 64 * 2.0**-37 + 2.0**-22, f"exact_sum vs float64: {err}"
+
+
+class _Launches:
+    """Counts launches of a Triton kernel (kernel[grid](...)) and passes them on."""
+
+    def __init__(self, kernel):
+        self.kernel, self.n = kernel, 0
+
+    def __getitem__(self, grid):
+        self.n += 1
+        return self.kernel[grid]
+
+
+def check_attention_swapped_decode() -> None:
+    """DECODE_TILE "swapped" (decode_attention.py) with each shared row sum (ROW_SUM "dot",
+    "exact"): prefill == chunked == decode, alone and batched, in one program, split programs
+    and programs walking several splits, LSE included (bitwise); "reduce" is refused."""
+    from miles_kernels._triton import paged_attention as attn_mod
+
+    kt = _kt()
+    saved = attn_mod.ROW_SUM, attn_mod.DECODE_TILE, attn_mod.decode_kernel, attn_mod.KV_BLOCK, attn_mod.KV_SPLIT, \
+        attn_mod.DECODE_PROGRAMS
+    launches = attn_mod.decode_kernel = _Launches(attn_mod.decode_kernel)
+    g = torch.Generator().manual_seed(5)
+    L, H, K, D, page = 90, 4, 2, 16, 16
+    q, k, v = (torch.randn(L, n, D, generator=g) * 2 for n in (H, K, K))
+    caches = _paged(k, v, page, list(range(L // page + 1)), L // page + 1)
+    pages = list(range(L // page + 1))
+    try:
+        attn_mod.DECODE_TILE, attn_mod.ROW_SUM = "swapped", "reduce"
+        try:
+            _run_attention(kt, q[:1], caches, [(1, 1, pages)], D**-0.5)
+            raise AssertionError("DECODE_TILE swapped with ROW_SUM reduce must be refused")
+        except ValueError as e:
+            assert "ROW_SUM" in str(e), e
+        for mode in ("dot", "exact"):
+            attn_mod.ROW_SUM = mode
+            check_attention_gqa()
+            check_attention_kv_block_spans_pages()
+            check_attention_many_splits()
+            attn_mod.KV_BLOCK, attn_mod.KV_SPLIT = 16, 32
+            cu = torch.tensor([0, L], dtype=torch.int32)
+            bt = torch.tensor([pages], dtype=torch.int32)
+            lse = torch.empty(H, L)
+            full = kt.attention(q, *caches, cu, torch.tensor([L], dtype=torch.int32), bt, L, D**-0.5, lse_HT=lse)
+            rows = [0, 15, 16, 47, 48, 89]
+            for programs in (1024, 2, 1):
+                attn_mod.DECODE_PROGRAMS = programs
+                lse_d = torch.empty(H, len(rows))
+                out = kt.attention(q[rows], *caches, torch.arange(len(rows) + 1, dtype=torch.int32),
+                                   torch.tensor([t + 1 for t in rows], dtype=torch.int32),
+                                   bt.expand(len(rows), -1).contiguous(), 1, D**-0.5, lse_HT=lse_d)
+                _same(out, full[rows], f"swapped decode ({mode}, DECODE_PROGRAMS {programs}) vs prefill rows")
+                _same(lse_d, lse[:, rows], f"swapped decode LSE ({mode}, DECODE_PROGRAMS {programs}) vs prefill")
+            attn_mod.KV_BLOCK, attn_mod.KV_SPLIT, attn_mod.DECODE_PROGRAMS = saved[3:]
+        assert launches.n > 0, "the swapped decode kernel never ran"
+    finally:
+        (attn_mod.ROW_SUM, attn_mod.DECODE_TILE, attn_mod.decode_kernel, attn_mod.KV_BLOCK, attn_mod.KV_SPLIT,
+         attn_mod.DECODE_PROGRAMS) = saved
+
+
 def check_attention_lse() -> None:
     """lse_HT: each row's natural-log log-sum-exp of its scaled causal scores ([H, T], flash's
     layout), from the fused path (a packed prefill of two sequences) and the split-parallel

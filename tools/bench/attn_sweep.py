@@ -5,8 +5,7 @@
     python tools/bench/attn_sweep.py OUT.json --prefill    # training prefill (packed K/V) vs flash, per tile
     python tools/bench/attn_sweep.py OUT.json --prefill --tall  # the same for 2-stage and 256-row tiles
     python tools/bench/attn_sweep.py OUT.json --decode-tiles   # decode tile (rows, warps, stages) vs SDPA
-    python tools/bench/attn_sweep.py OUT.json --swapped        # the swapped-operand decode candidate (attn_swapped.py)
-    python tools/bench/attn_sweep.py OUT.json --rowsum         # each ROW_SUM: bits, prefill, decode, swapped
+    python tools/bench/attn_sweep.py OUT.json --rowsum         # each ROW_SUM: bits, prefill; decode in both tiles
 
 --prefill: for each (KV_BLOCK, prefill BLOCK_M, warps, stages) the bits are checked first
 (prefill == chunked == decode on pages of 16/64/32; packed == paged), then the training
@@ -299,49 +298,14 @@ def decode_tiles(path: str) -> None:
         json.dump(res, open(path, "w"), indent=1)
 
 
-SWAPPED_LAUNCH = ((4, 3), (4, 2), (4, 4), (8, 3))  # the swapped decode candidate's (num_warps, num_stages)
-
-
-def decode_swapped(path: str) -> None:
-    """The swapped-operand decode candidate (tools/bench/attn_swapped.py) vs the kernel's
-    decode tile and SDPA, 0.6B and 8B heads, from CUDA graphs; its max difference from the
-    kernel's output (its bits differ: it measures whether the tile is worth a new order)."""
-    from attn_swapped import swapped_decode
-
-    res = []
-    for name, (H, K) in (("0.6b", (16, 8)), ("8b", (32, 8))):
-        for B, ctx in ((8, 544), (64, 192), (64, 230), (64, 544), (64, 4096), (256, 192), (256, 544), (256, 1024)):
-            q, kc, vc, cu, kv, n, ks, vs, gb = decode_case(B, ctx, H, K, 128, 64)
-            bt = torch.arange(B * n, device="cuda", dtype=torch.int32).view(B, n)
-            ours = A.attention(q, kc, vc, cu, kv, bt, 1, 128**-0.5)
-            row = dict(model=name, B=B, ctx=ctx, gb=gb,
-                       kernel_us=_graph_ms(lambda: A.attention(q, kc, vc, cu, kv, bt, 1, 128**-0.5)) * 1e3,
-                       sdpa_us=_graph_ms(lambda: F.scaled_dot_product_attention(
-                           q[:, :, None], ks, vs, enable_gqa=True)) * 1e3)
-            for w, st in SWAPPED_LAUNCH:
-                o = swapped_decode(q, kc, vc, kv, bt, 128**-0.5, num_warps=w, num_stages=st)
-                row[f"swapped_w{w}s{st}"] = dict(
-                    us=_graph_ms(lambda: swapped_decode(q, kc, vc, kv, bt, 128**-0.5, num_warps=w, num_stages=st)) * 1e3,
-                    max_diff=(o.float() - ours.float()).abs().max().item(), same=torch.equal(o, ours))
-            res.append(row)
-            best = min((k for k in row if k.startswith("swapped")), key=lambda k: row[k]["us"])
-            print(f"{name} B={B:3} ctx={ctx:4} kernel {row['kernel_us']:6.1f} us  sdpa {row['sdpa_us']:6.1f} us  "
-                  + "  ".join(f"{k[8:]} {row[k]['us']:6.1f}" for k in row if k.startswith("swapped"))
-                  + f"  best {best[8:]} {gb / row[best]['us'] * 1e3:5.0f} GB/s, {row['sdpa_us'] / row[best]['us']:.2f}x sdpa,"
-                  f" max diff {row[best]['max_diff']:.2e} same {int(row[best]['same'])}", flush=True)
-            json.dump(res, open(path, "w"), indent=1)
-
-
 ROW_SUMS = ("reduce", "dot", "exact")
 
 
 def rowsum(path: str) -> None:
     """The kernel with each ROW_SUM: its bits checks (prefill == chunked == decode, packed ==
-    paged) and the training forward vs flash; then decode at 0.6B / 8B heads, kernel and the
-    swapped candidate (2 stages) with the same row sums: same bits (also with 4x sharper
-    scores; "reduce" is not expected to agree) and time, SDPA the peer."""
-    from attn_swapped import swapped_decode
-
+    paged) and the training forward vs flash; then decode at 0.6B / 8B heads in the 64-row
+    tile and, with a shared row sum, in the swapped tile (DECODE_TILE "swapped",
+    decode_attention.py): same bits (also with 4x sharper scores) and time, SDPA the peer."""
     res = dict(prefill={}, decode=[])
     for mode in ROW_SUMS:
         A.ROW_SUM = mode
@@ -355,6 +319,7 @@ def rowsum(path: str) -> None:
     if "--prefill-only" in sys.argv:
         A.ROW_SUM = "reduce"
         return
+    run = lambda q, kc, vc, cu, kv, bt: A.attention(q, kc, vc, cu, kv, bt, 1, 128**-0.5)  # noqa: E731
     for name, (H, K) in (("0.6b", (16, 8)), ("8b", (32, 8))):
         for B, ctx in ((8, 544), (64, 192), (64, 544), (64, 4096), (256, 192), (256, 544), (256, 1024), (256, 2048)):
             q, kc, vc, cu, kv, n, ks, vs, gb = decode_case(B, ctx, H, K, 128, 64)
@@ -363,20 +328,21 @@ def rowsum(path: str) -> None:
                 lambda: F.scaled_dot_product_attention(q[:, :, None], ks, vs, enable_gqa=True)) * 1e3)
             for mode in ROW_SUMS:
                 A.ROW_SUM = mode
-                for sharp in (1.0, 4.0):
-                    qs = q * sharp
-                    o = A.attention(qs, kc, vc, cu, kv, bt, 1, 128**-0.5)
-                    o2 = swapped_decode(qs, kc, vc, kv, bt, 128**-0.5, num_stages=2, row_sum=mode)
-                    row[f"same_{mode}_x{sharp:g}"] = torch.equal(o, o2)
-                    row[f"diff_{mode}_x{sharp:g}"] = (o.float() - o2.float()).abs().max().item()
-                row[f"kernel_{mode}_us"] = _graph_ms(lambda: A.attention(q, kc, vc, cu, kv, bt, 1, 128**-0.5)) * 1e3
-                row[f"swapped_{mode}_us"] = _graph_ms(
-                    lambda: swapped_decode(q, kc, vc, kv, bt, 128**-0.5, num_stages=2, row_sum=mode)) * 1e3
+                for tile in ("rows", "swapped") if mode != "reduce" else ("rows",):
+                    A.DECODE_TILE = tile
+                    row[f"{tile}_{mode}_us"] = _graph_ms(lambda: run(q, kc, vc, cu, kv, bt)) * 1e3
+                    if tile == "swapped":
+                        for sharp in (1.0, 4.0):
+                            o2 = run(q * sharp, kc, vc, cu, kv, bt)
+                            A.DECODE_TILE = "rows"
+                            row[f"same_{mode}_x{sharp:g}"] = torch.equal(run(q * sharp, kc, vc, cu, kv, bt), o2)
+                            A.DECODE_TILE = "swapped"
+                A.DECODE_TILE = "rows"
             res["decode"].append(row)
-            print(f"{name} B={B:3} ctx={ctx:4} sdpa {row['sdpa_us']:6.1f}  kernel "
-                  + " / ".join(f"{row[f'kernel_{m}_us']:6.1f}" for m in ROW_SUMS) + "  swapped "
-                  + " / ".join(f"{row[f'swapped_{m}_us']:6.1f}" for m in ROW_SUMS)
-                  + f" us  same " + " ".join(f"{k[5:]}={int(v)}" for k, v in row.items() if k.startswith("same_")),
+            print(f"{name} B={B:3} ctx={ctx:4} sdpa {row['sdpa_us']:6.1f}  rows "
+                  + " / ".join(f"{row[f'rows_{m}_us']:6.1f}" for m in ROW_SUMS) + "  swapped "
+                  + " / ".join(f"{row[f'swapped_{m}_us']:6.1f}" for m in ROW_SUMS[1:])
+                  + " us  same " + " ".join(f"{k[5:]}={int(v)}" for k, v in row.items() if k.startswith("same_")),
                   flush=True)
             json.dump(res, open(path, "w"), indent=1)
     A.ROW_SUM = "reduce"
@@ -385,9 +351,6 @@ def rowsum(path: str) -> None:
 if __name__ == "__main__":
     if "--rowsum" in sys.argv:
         rowsum(sys.argv[1])
-        sys.exit(0)
-    if "--swapped" in sys.argv:
-        decode_swapped(sys.argv[1])
         sys.exit(0)
     if "--decode-tiles" in sys.argv:
         decode_tiles(sys.argv[1])

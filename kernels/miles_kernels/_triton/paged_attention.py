@@ -20,6 +20,8 @@ import torch
 import triton
 import triton.language as tl
 
+from miles_kernels._triton.attn_parts import LN2, exact_sum
+from miles_kernels._triton.decode_attention import decode_kernel
 from miles_kernels._triton.launch import fast_launch
 
 from miles_kernels._cpu import ATTN_BLOCK  # KV walk granularity: one constant for CPU and CUDA
@@ -41,10 +43,13 @@ _PREFILL_TILES = {torch.bfloat16: ((128, 8, 3), (64, 4, 3)), torch.float16: ((12
 PREFILL_FILL = 128  # programs (about one per SM on an H100/H200) the tall tile must still make
 # A block's row sums l: "reduce" (a register reduction, in an order set by the tile's layout),
 # "dot" (an MMA of the rounded p against a one-hot column: one order whichever operand p is) or
-# "exact" (_exact_sum: the same value in any order). Measured by attn_sweep.py --rowsum.
+# "exact" (attn_parts.exact_sum: the same value in any order). Measured by attn_sweep.py --rowsum.
 ROW_SUM = "reduce"
+# Short chunks (decode, verify) in the 64-row tile ("rows") or in decode_attention's swapped
+# tile ("swapped": the KV block as the MMA's M; needs ROW_SUM "dot" or "exact" for prefill's bits).
+DECODE_TILE = "rows"
+_SWAPPED_LAUNCH = (4, 2)  # its num_warps (4: one warpgroup, wgmma), num_stages (attn_sweep.py --swapped)
 _LOG2E = 1.4426950408889634
-_LN2 = tl.constexpr(0.6931471805599453)
 
 
 @triton.jit
@@ -57,18 +62,6 @@ def _merge(m, l, acc, m_s, l_s, acc_s):
     l = tl.fma(l, a, l_s * b)
     acc = tl.fma(acc, tl.broadcast_to(a[:, None], acc.shape), acc_s * b[:, None])
     return m_new, l, acc
-
-
-@triton.jit
-def _exact_sum(p, AXIS: tl.constexpr):
-    """Sum of p in [0, 1] along AXIS (at most 64 terms) whose value does not depend on the
-    order: p = hi + lo + e with hi a multiple of 2**-18, lo of 2**-36 (|lo| <= 2**-19), |e| <=
-    2**-37; each part's partial sums fit fp32's 24 bits, so both sums are exact in any order."""
-    tl.static_assert(p.shape[AXIS] <= 64)
-    hi = (p + 48.0) - 48.0  # 48 = 1.5 * 2**5: the add rounds p to a multiple of 2**-18
-    r = p - hi  # exact
-    lo = (r + 0.00018310546875) - 0.00018310546875  # 1.5 * 2**-13: to a multiple of 2**-36
-    return tl.sum(hi, AXIS) + tl.sum(lo, AXIS)
 
 
 @triton.jit
@@ -121,7 +114,7 @@ def _kv_block(
     if L_SUM == "dot":  # column 0 of p @ one-hot: the other columns add exact zeros
         ps = tl.sum(tl.dot(pv, one, input_precision=PRECISION), 1)
     elif L_SUM == "exact":
-        ps = _exact_sum(p, 1)
+        ps = exact_sum(p, 1)
     else:
         ps = tl.sum(p, 1)
     l = tl.fma(l, alpha, ps)
@@ -169,7 +162,7 @@ def _store_out(o_ptr, lse_ptr, m, l, acc, t_idx, head, ds, row_ok, D, stride_ot,
         o.to(o_ptr.dtype.element_ty), mask=row_ok[:, None] & (ds[None, :] < D),
     )
     if STORE_LSE:
-        tl.store(lse_ptr + head.to(tl.int64) * stride_lh + t_idx, (m + tl.log2(l)) * _LN2, mask=row_ok)
+        tl.store(lse_ptr + head.to(tl.int64) * stride_lh + t_idx, (m + tl.log2(l)) * LN2, mask=row_ok)
 
 
 @fast_launch
@@ -379,15 +372,29 @@ def _launch(q_THD, k4, v4, cu_seqlens, kv_lens, bt, max_q_len: int, scale: float
     pacc = torch.empty((B * K, n_splits, part_rows, block_d) if split_parallel else (1,), dtype=torch.float32, device=dev)
     consts = dict(G=G, G_PAD=g_pad, BLOCK_D=block_d, ATTN_BLK=KV_BLOCK, SPLIT_BLOCKS=KV_SPLIT // KV_BLOCK)
     lse = lse_HT if lse_HT is not None else pm
-    _attn_kernel[(triton.cdiv(max_q_len, tok_per_tile), B * K, split_programs if split_parallel else 1)](
-        q_THD, k4, v4, o_THD, lse, pm, pl, pacc, cu, kv_lens, bt,
-        scale * _LOG2E, D, K, n_splits,
-        q_THD.stride(0), q_THD.stride(1), o_THD.stride(0), o_THD.stride(1), lse.stride(0),
-        page_strides[0], k4.stride(1), k4.stride(2), page_strides[1], v4.stride(1), v4.stride(2), bt.stride(0),
-        BLOCK_M=block_m, PAGE=page, SPLIT_PARALLEL=split_parallel, PART_ROWS=part_rows,
-        PRECISION="ieee" if q_THD.dtype == torch.float32 else "tf32", STORE_LSE=lse_HT is not None, CONTIG=contig,
-        L_SUM=ROW_SUM, **consts, num_warps=num_warps, num_stages=num_stages,
-    )
+    if short and DECODE_TILE == "swapped" and D == block_d >= 16:
+        if ROW_SUM not in ("dot", "exact"):
+            raise ValueError(f"miles_kernels attention: DECODE_TILE 'swapped' needs ROW_SUM 'dot' or 'exact' "
+                             f"(got {ROW_SUM!r}): with 'reduce' its row sums would not be the prefill's bits")
+        decode_kernel[(B * K, split_programs if split_parallel else 1)](
+            q_THD, k4, v4, o_THD, lse, pm, pl, pacc, cu, kv_lens, bt, scale * _LOG2E, K, n_splits,
+            q_THD.stride(0), q_THD.stride(1), o_THD.stride(0), o_THD.stride(1), lse.stride(0),
+            page_strides[0], k4.stride(1), k4.stride(2), page_strides[1], v4.stride(1), v4.stride(2), bt.stride(0),
+            G=G, G_PAD=g_pad, ROWS=max(16, triton.next_power_of_2(max_q_len * g_pad)), BLOCK_D=block_d, PAGE=page,
+            ATTN_BLK=KV_BLOCK, SPLIT_BLOCKS=KV_SPLIT // KV_BLOCK, SPLIT_PARALLEL=split_parallel, PART_ROWS=part_rows,
+            PRECISION="ieee" if q_THD.dtype == torch.float32 else "tf32", STORE_LSE=lse_HT is not None,
+            L_SUM=ROW_SUM, num_warps=_SWAPPED_LAUNCH[0], num_stages=_SWAPPED_LAUNCH[1],
+        )
+    else:
+        _attn_kernel[(triton.cdiv(max_q_len, tok_per_tile), B * K, split_programs if split_parallel else 1)](
+            q_THD, k4, v4, o_THD, lse, pm, pl, pacc, cu, kv_lens, bt,
+            scale * _LOG2E, D, K, n_splits,
+            q_THD.stride(0), q_THD.stride(1), o_THD.stride(0), o_THD.stride(1), lse.stride(0),
+            page_strides[0], k4.stride(1), k4.stride(2), page_strides[1], v4.stride(1), v4.stride(2), bt.stride(0),
+            BLOCK_M=block_m, PAGE=page, SPLIT_PARALLEL=split_parallel, PART_ROWS=part_rows,
+            PRECISION="ieee" if q_THD.dtype == torch.float32 else "tf32", STORE_LSE=lse_HT is not None, CONTIG=contig,
+            L_SUM=ROW_SUM, **consts, num_warps=num_warps, num_stages=num_stages,
+        )
     if split_parallel:
         _combine_kernel[(B * K,)](
             o_THD, lse, pm, pl, pacc, cu, kv_lens, D, K, n_splits, o_THD.stride(0), o_THD.stride(1), lse.stride(0),

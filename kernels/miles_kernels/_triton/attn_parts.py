@@ -1,0 +1,18 @@
+"""Pieces the paged attention kernel and the swapped decode tile share."""
+
+import triton
+import triton.language as tl
+
+LN2 = tl.constexpr(0.6931471805599453)
+
+
+@triton.jit
+def exact_sum(p, AXIS: tl.constexpr):
+    """Sum of p in [0, 1] along AXIS (at most 64 terms) whose value does not depend on the
+    order: p = hi + lo + e with hi a multiple of 2**-18, lo of 2**-36 (|lo| <= 2**-19), |e| <=
+    2**-37; each part's partial sums fit fp32's 24 bits, so both sums are exact in any order."""
+    tl.static_assert(p.shape[AXIS] <= 64)
+    hi = (p + 48.0) - 48.0  # 48 = 1.5 * 2**5: the add rounds p to a multiple of 2**-18
+    r = p - hi  # exact
+    lo = (r + 0.00018310546875) - 0.00018310546875  # 1.5 * 2**-13: to a multiple of 2**-36
+    return tl.sum(hi, AXIS) + tl.sum(lo, AXIS)
