@@ -16,3 +16,13 @@ def exact_sum(p, AXIS: tl.constexpr):
     r = p - hi  # exact
     lo = (r + 0.00018310546875) - 0.00018310546875  # 1.5 * 2**-13: to a multiple of 2**-36
     return tl.sum(hi, AXIS) + tl.sum(lo, AXIS)
+
+
+@triton.jit
+def seq_and_head(cu_ptr, kv_lens_ptr, n_kv_heads):
+    """Program axis 0 as a (sequence, kv head) pair: (pair, sequence b, kv head, the chunk's
+    first query row, its length, the sequence's KV length)."""
+    bk = tl.program_id(0)
+    b = bk // n_kv_heads
+    q_lo = tl.load(cu_ptr + b)
+    return bk, b, bk % n_kv_heads, q_lo, tl.load(cu_ptr + b + 1) - q_lo, tl.load(kv_lens_ptr + b)

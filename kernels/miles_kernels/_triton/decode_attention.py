@@ -13,7 +13,7 @@ tools/bench/attn_sweep.py --rowsum; not the default).
 import triton
 import triton.language as tl
 
-from miles_kernels._triton.attn_parts import LN2, exact_sum
+from miles_kernels._triton.attn_parts import LN2, exact_sum, seq_and_head
 from miles_kernels._triton.launch import fast_launch
 
 
@@ -103,12 +103,7 @@ def decode_kernel(
     """One program per (sequence, kv head) (x split programs on axis 1): the chunk's q_len x
     G_PAD rows as the tile's columns. Split states go to the paged kernel's buffers for its
     combine kernel; otherwise the splits merge here as the paged kernel merges them."""
-    bk = tl.program_id(0)
-    b = bk // n_kv_heads
-    kvh = bk % n_kv_heads
-    q_lo = tl.load(cu_ptr + b)
-    q_len = tl.load(cu_ptr + b + 1) - q_lo
-    kv_len = tl.load(kv_lens_ptr + b)
+    bk, b, kvh, q_lo, q_len, kv_len = seq_and_head(cu_ptr, kv_lens_ptr, n_kv_heads)
     if q_len <= 0:
         return
     r = tl.arange(0, ROWS)

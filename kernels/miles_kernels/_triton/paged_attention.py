@@ -20,7 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
-from miles_kernels._triton.attn_parts import LN2, exact_sum
+from miles_kernels._triton.attn_parts import LN2, exact_sum, seq_and_head
 from miles_kernels._triton.decode_attention import decode_kernel
 from miles_kernels._triton.launch import fast_launch
 
@@ -243,12 +243,7 @@ def _combine_kernel(
     ATTN_BLK: tl.constexpr, SPLIT_BLOCKS: tl.constexpr, STORE_LSE: tl.constexpr,
 ):
     # The merge is per row, so a PART_ROWS tile gives each row what the fused path gives it.
-    bk = tl.program_id(0)
-    b = bk // n_kv_heads
-    kvh = bk % n_kv_heads
-    q_lo = tl.load(cu_ptr + b)
-    q_len = tl.load(cu_ptr + b + 1) - q_lo
-    kv_len = tl.load(kv_lens_ptr + b)
+    bk, b, kvh, q_lo, q_len, kv_len = seq_and_head(cu_ptr, kv_lens_ptr, n_kv_heads)
     if q_len <= 0:
         return
     n_blocks = (kv_len - 1) // ATTN_BLK + 1  # one q tile holds the whole chunk: last row is at kv_len - 1
