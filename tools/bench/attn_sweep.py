@@ -310,6 +310,10 @@ def rowsum(path: str) -> None:
     for mode in ROW_SUMS:
         A.ROW_SUM = mode
         bad = check() + packed_check() + decode_tile_check()
+        if mode != "reduce":  # decode and verify chunks in the swapped tile: the same bits
+            A.DECODE_TILE = "swapped"
+            bad += [f"swapped: {b}" for b in check() + decode_tile_check()]
+            A.DECODE_TILE = "rows"
         tm = prefill_timings()
         res["prefill"][mode] = dict(bad=bad, t=tm)
         print(f"ROW_SUM={mode:6} bits_ok={int(not bad)} "

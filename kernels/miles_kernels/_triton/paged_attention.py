@@ -48,7 +48,7 @@ ROW_SUM = "reduce"
 # Short chunks (decode, verify) in the 64-row tile ("rows") or in decode_attention's swapped
 # tile ("swapped": the KV block as the MMA's M; needs ROW_SUM "dot" or "exact" for prefill's bits).
 DECODE_TILE = "rows"
-_SWAPPED_LAUNCH = (4, 2)  # its num_warps (4: one warpgroup, wgmma), num_stages (attn_sweep.py --swapped)
+_SWAPPED_LAUNCH = (4, 2)  # its num_warps (4: one warpgroup, wgmma), num_stages (best of 2-4, 2026-12-03)
 _LOG2E = 1.4426950408889634
 
 
