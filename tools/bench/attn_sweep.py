@@ -299,6 +299,7 @@ def decode_tiles(path: str) -> None:
 
 
 ROW_SUMS = ("reduce", "dot", "exact")
+DECODE_PROGRAMS = A.DECODE_PROGRAMS
 
 
 def rowsum(path: str) -> None:
@@ -336,6 +337,10 @@ def rowsum(path: str) -> None:
                     A.DECODE_TILE = tile
                     row[f"{tile}_{mode}_us"] = _graph_ms(lambda: run(q, kc, vc, cu, kv, bt)) * 1e3
                     if tile == "swapped":
+                        for progs in (1024, 2048):  # more split programs: evener waves at 3 programs an SM?
+                            A.DECODE_PROGRAMS = progs
+                            row[f"swapped_{mode}_p{progs}_us"] = _graph_ms(lambda: run(q, kc, vc, cu, kv, bt)) * 1e3
+                            A.DECODE_PROGRAMS = DECODE_PROGRAMS
                         for sharp in (1.0, 4.0):
                             o2 = run(q * sharp, kc, vc, cu, kv, bt)
                             A.DECODE_TILE = "rows"
@@ -346,6 +351,8 @@ def rowsum(path: str) -> None:
             print(f"{name} B={B:3} ctx={ctx:4} sdpa {row['sdpa_us']:6.1f}  rows "
                   + " / ".join(f"{row[f'rows_{m}_us']:6.1f}" for m in ROW_SUMS) + "  swapped "
                   + " / ".join(f"{row[f'swapped_{m}_us']:6.1f}" for m in ROW_SUMS[1:])
+                  + " (exact at 1024 / 2048 programs " + " / ".join(
+                      f"{row[f'swapped_exact_p{p}_us']:6.1f}" for p in (1024, 2048)) + ")"
                   + " us  same " + " ".join(f"{k[5:]}={int(v)}" for k, v in row.items() if k.startswith("same_")),
                   flush=True)
             json.dump(res, open(path, "w"), indent=1)
