@@ -367,7 +367,7 @@ def test_attention_prefill_chunked_decode_bitwise(kt, dtype, heads, page):
               f"packed sequence {b} ({n} tokens) vs its paged prefill")
 
 
-@pytest.mark.parametrize("row_sum", ["dot", "exact"])
+@pytest.mark.parametrize("row_sum", ["dot", "exact", "fixed"])
 @pytest.mark.parametrize("heads", [(16, 8), (32, 8)])
 def test_attention_swapped_decode_bitwise(kt, monkeypatch, row_sum, heads):
     """DECODE_TILE "swapped" (decode_attention.py) with a shared row sum: decode rows in a batch

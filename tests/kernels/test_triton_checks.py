@@ -824,24 +824,31 @@ def check_attention_kv_block_spans_pages() -> None:
         attn_mod.KV_BLOCK, attn_mod.KV_SPLIT = saved
 
 
-def check_exact_sum_order_free() -> None:
-    """attn_parts.exact_sum (ROW_SUM "exact"): the same bits for any order of the terms, within
-    64 * 2**-37 (+ one rounding) of the float64 sum, on softmax-like rows (one 1, the rest
-    spread over 40 binades: what a long context adds)."""
+def check_row_sums_order_free() -> None:
+    """attn_parts.exact_sum and fixed_sum (ROW_SUM "exact", "fixed"): the same bits for any
+    order of the terms, within 64 * 2**-37 (exact) / 64 * 2**-24 (fixed) (+ one rounding) of
+    the float64 sum, on softmax-like rows (one 1, the rest spread over 40 binades: what a long
+    context adds); fixed_sum's terms are p rounded to a multiple of 2**-23, summed exactly."""
     from _row_sums_kernel import row_sums
 
     g = torch.Generator().manual_seed(0)
     p = torch.exp2(-40 * torch.rand(64, 64, generator=g))
     p[:, 0] = 1.0
-    outs = []
-    for perm in (torch.arange(64), torch.randperm(64, generator=g), torch.arange(63, -1, -1)):
-        o = torch.empty(64)
-        row_sums[(1,)](p[:, perm].contiguous(), o)
-        outs.append(o)
-    for o in outs[1:]:
-        _same(o, outs[0], "exact_sum of permuted terms")
-    err = (outs[0].double() - p.double().sum(1)).abs().max().item()
-    assert err <= 64 * 2.0**-37 + 2.0**-22, f"exact_sum vs float64: {err}"
+    p[1] = 1.0  # the largest sum, 64
+    p[2, 1:] = 2.0**-24  # ties: round half to even (to 0)
+    for fixed, tol in ((False, 64 * 2.0**-37), (True, 64 * 2.0**-24)):
+        outs = []
+        for perm in (torch.arange(64), torch.randperm(64, generator=g), torch.arange(63, -1, -1)):
+            o = torch.empty(64)
+            row_sums[(1,)](p[:, perm].contiguous(), o, fixed)
+            outs.append(o)
+        for o in outs[1:]:
+            _same(o, outs[0], f"{'fixed' if fixed else 'exact'}_sum of permuted terms")
+        err = (outs[0].double() - p.double().sum(1)).abs().max().item()
+        assert err <= tol + 2.0**-22, f"{'fixed' if fixed else 'exact'}_sum vs float64: {err}"
+        if fixed:
+            q = torch.round(p.double() * 2.0**23).sum(1) * 2.0**-23
+            _same(outs[0], q.float(), "fixed_sum vs the float64 sum of p rounded to 2**-23")
 
 
 class _Launches:
@@ -877,7 +884,7 @@ def check_attention_swapped_decode() -> None:
             raise AssertionError("DECODE_TILE swapped with ROW_SUM reduce must be refused")
         except ValueError as e:
             assert "ROW_SUM" in str(e), e
-        for mode in ("dot", "exact"):
+        for mode in ("dot", "exact", "fixed"):
             attn_mod.ROW_SUM = mode
             check_attention_gqa()
             check_attention_kv_block_spans_pages()

@@ -6,6 +6,7 @@
     python tools/bench/attn_sweep.py OUT.json --prefill --tall  # the same for 2-stage and 256-row tiles
     python tools/bench/attn_sweep.py OUT.json --decode-tiles   # decode tile (rows, warps, stages) vs SDPA
     python tools/bench/attn_sweep.py OUT.json --rowsum         # each ROW_SUM: bits, prefill; decode in both tiles
+    python tools/bench/attn_sweep.py OUT.json --rowsum --modes reduce,fixed   # only these ROW_SUMs
 
 --prefill: for each (KV_BLOCK, prefill BLOCK_M, warps, stages) the bits are checked first
 (prefill == chunked == decode on pages of 16/64/32; packed == paged), then the training
@@ -298,17 +299,29 @@ def decode_tiles(path: str) -> None:
         json.dump(res, open(path, "w"), indent=1)
 
 
-ROW_SUMS = ("reduce", "dot", "exact")
+ROW_SUMS = ("reduce", "dot", "exact", "fixed")
 DECODE_PROGRAMS = A.DECODE_PROGRAMS
+
+
+def _modes() -> list[str]:
+    if "--modes" not in sys.argv:
+        return list(ROW_SUMS)
+    modes = sys.argv[sys.argv.index("--modes") + 1].split(",")
+    if bad := [m for m in modes if m not in ROW_SUMS]:
+        sys.exit(f"attn_sweep.py --modes: unknown row sum(s) {bad}; choose from {', '.join(ROW_SUMS)}")
+    return modes
 
 
 def rowsum(path: str) -> None:
     """The kernel with each ROW_SUM: its bits checks (prefill == chunked == decode, packed ==
     paged) and the training forward vs flash; then decode at 0.6B / 8B heads in the 64-row
     tile and, with a shared row sum, in the swapped tile (DECODE_TILE "swapped",
-    decode_attention.py): same bits (also with 4x sharper scores) and time, SDPA the peer."""
+    decode_attention.py): same bits (also with 4x sharper scores) and time, SDPA the peer;
+    the last shared mode's swapped tile also at 1024 / 2048 decode programs."""
     res = dict(prefill={}, decode=[])
-    for mode in ROW_SUMS:
+    modes = _modes()
+    shared = [m for m in modes if m != "reduce"]
+    for mode in modes:
         A.ROW_SUM = mode
         bad = check() + packed_check() + decode_tile_check()
         if mode != "reduce":  # decode and verify chunks in the swapped tile: the same bits
@@ -331,13 +344,13 @@ def rowsum(path: str) -> None:
             bt = torch.arange(B * n, device="cuda", dtype=torch.int32).view(B, n)
             row = dict(model=name, B=B, ctx=ctx, gb=gb, sdpa_us=_graph_ms(
                 lambda: F.scaled_dot_product_attention(q[:, :, None], ks, vs, enable_gqa=True)) * 1e3)
-            for mode in ROW_SUMS:
+            for mode in modes:
                 A.ROW_SUM = mode
                 for tile in ("rows", "swapped") if mode != "reduce" else ("rows",):
                     A.DECODE_TILE = tile
                     row[f"{tile}_{mode}_us"] = _graph_ms(lambda: run(q, kc, vc, cu, kv, bt)) * 1e3
                     if tile == "swapped":
-                        for progs in (1024, 2048):  # more split programs: evener waves at 3 programs an SM?
+                        for progs in (1024, 2048) if mode == shared[-1] else ():  # more split programs: evener waves at 3 programs an SM?
                             A.DECODE_PROGRAMS = progs
                             row[f"swapped_{mode}_p{progs}_us"] = _graph_ms(lambda: run(q, kc, vc, cu, kv, bt)) * 1e3
                             A.DECODE_PROGRAMS = DECODE_PROGRAMS
@@ -348,11 +361,11 @@ def rowsum(path: str) -> None:
                             A.DECODE_TILE = "swapped"
                 A.DECODE_TILE = "rows"
             res["decode"].append(row)
-            print(f"{name} B={B:3} ctx={ctx:4} sdpa {row['sdpa_us']:6.1f}  rows "
-                  + " / ".join(f"{row[f'rows_{m}_us']:6.1f}" for m in ROW_SUMS) + "  swapped "
-                  + " / ".join(f"{row[f'swapped_{m}_us']:6.1f}" for m in ROW_SUMS[1:])
-                  + " (exact at 1024 / 2048 programs " + " / ".join(
-                      f"{row[f'swapped_exact_p{p}_us']:6.1f}" for p in (1024, 2048)) + ")"
+            print(f"{name} B={B:3} ctx={ctx:4} sdpa {row['sdpa_us']:6.1f}  rows ({'/'.join(modes)}) "
+                  + " / ".join(f"{row[f'rows_{m}_us']:6.1f}" for m in modes) + f"  swapped ({'/'.join(shared)}) "
+                  + " / ".join(f"{row[f'swapped_{m}_us']:6.1f}" for m in shared)
+                  + (f" ({shared[-1]} at 1024 / 2048 programs " + " / ".join(
+                      f"{row[f'swapped_{shared[-1]}_p{p}_us']:6.1f}" for p in (1024, 2048)) + ")" if shared else "")
                   + " us  same " + " ".join(f"{k[5:]}={int(v)}" for k, v in row.items() if k.startswith("same_")),
                   flush=True)
             json.dump(res, open(path, "w"), indent=1)

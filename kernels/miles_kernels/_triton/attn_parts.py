@@ -19,6 +19,16 @@ def exact_sum(p, AXIS: tl.constexpr):
 
 
 @triton.jit
+def fixed_sum(p, AXIS: tl.constexpr):
+    """Sum of p in [0, 1] along AXIS (at most 64 terms) in fixed point, so in any order the same
+    value: p + 1 lies in [1, 2], spaced 2**-23, so its bits minus 1.0's are round(p * 2**23);
+    those integers (<= 2**29 summed) add exactly. Each term is off by at most 2**-24."""
+    tl.static_assert(p.shape[AXIS] <= 64)
+    n = (p + 1.0).to(tl.int32, bitcast=True) - 0x3F800000
+    return tl.sum(n, AXIS).to(tl.float32) * 1.1920928955078125e-07  # 2**-23
+
+
+@triton.jit
 def seq_and_head(cu_ptr, kv_lens_ptr, n_kv_heads):
     """Program axis 0 as a (sequence, kv head) pair: (pair, sequence b, kv head, the chunk's
     first query row, its length, the sequence's KV length)."""

@@ -5,7 +5,7 @@ decode: its MMAs are 64 rows tall for 2-4 rows of work. Here the KV block's toke
 MMA's M and the chunk's query rows (padded to 16) its N: S^T = K Q^T, acc^T += V^T P^T, in the
 paged kernel's blocks, splits, masks and merges. Every product is summed in the kernel's
 order (wgmma gives one sum whichever operand a matrix is); the row sums l need a shared
-order (paged_attention.ROW_SUM "dot" or "exact"), so decode == prefill bitwise.
+order (paged_attention.ROW_SUM "dot", "exact" or "fixed"), so decode == prefill bitwise.
 paged_attention._launch takes this path when DECODE_TILE is "swapped" (measured by
 tools/bench/attn_sweep.py --rowsum; not the default).
 """
@@ -13,7 +13,7 @@ tools/bench/attn_sweep.py --rowsum; not the default).
 import triton
 import triton.language as tl
 
-from miles_kernels._triton.attn_parts import LN2, exact_sum, seq_and_head
+from miles_kernels._triton.attn_parts import LN2, exact_sum, fixed_sum, seq_and_head
 from miles_kernels._triton.launch import fast_launch
 
 
@@ -55,6 +55,8 @@ def _kv_block_t(
     pv = p.to(vT.dtype)
     if L_SUM == "dot":  # row 0 of one-hot @ p: the paged kernel's column 0 of p @ one-hot
         ps = tl.sum(tl.dot(one, pv, input_precision=PRECISION), 0)
+    elif L_SUM == "fixed":
+        ps = fixed_sum(p, 0)
     else:
         ps = exact_sum(p, 0)
     l = tl.fma(l, alpha, ps)

@@ -20,7 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
-from miles_kernels._triton.attn_parts import LN2, exact_sum, seq_and_head
+from miles_kernels._triton.attn_parts import LN2, exact_sum, fixed_sum, seq_and_head
 from miles_kernels._triton.decode_attention import decode_kernel
 from miles_kernels._triton.launch import fast_launch
 
@@ -42,11 +42,12 @@ _PREFILL_TILES = {torch.bfloat16: ((128, 8, 3), (64, 4, 3)), torch.float16: ((12
                   torch.float32: ((16, 4, 3), (16, 4, 3))}
 PREFILL_FILL = 128  # programs (about one per SM on an H100/H200) the tall tile must still make
 # A block's row sums l: "reduce" (a register reduction, in an order set by the tile's layout),
-# "dot" (an MMA of the rounded p against a one-hot column: one order whichever operand p is) or
-# "exact" (attn_parts.exact_sum: the same value in any order). Measured by attn_sweep.py --rowsum.
+# "dot" (an MMA of the rounded p against a one-hot column: one order whichever operand p is),
+# "exact" (attn_parts.exact_sum: the same value in any order) or "fixed" (attn_parts.fixed_sum:
+# int32 fixed point, also order-free, fewer operations). Measured by attn_sweep.py --rowsum.
 ROW_SUM = "reduce"
 # Short chunks (decode, verify) in the 64-row tile ("rows") or in decode_attention's swapped
-# tile ("swapped": the KV block as the MMA's M; needs ROW_SUM "dot" or "exact" for prefill's bits).
+# tile ("swapped": the KV block as the MMA's M; needs a shared ROW_SUM, not "reduce", for prefill's bits).
 DECODE_TILE = "rows"
 _SWAPPED_LAUNCH = (4, 2)  # its num_warps (4: one warpgroup, wgmma), num_stages (best of 2-4, 2026-12-03)
 _LOG2E = 1.4426950408889634
@@ -115,6 +116,8 @@ def _kv_block(
         ps = tl.sum(tl.dot(pv, one, input_precision=PRECISION), 1)
     elif L_SUM == "exact":
         ps = exact_sum(p, 1)
+    elif L_SUM == "fixed":
+        ps = fixed_sum(p, 1)
     else:
         ps = tl.sum(p, 1)
     l = tl.fma(l, alpha, ps)
@@ -368,8 +371,8 @@ def _launch(q_THD, k4, v4, cu_seqlens, kv_lens, bt, max_q_len: int, scale: float
     consts = dict(G=G, G_PAD=g_pad, BLOCK_D=block_d, ATTN_BLK=KV_BLOCK, SPLIT_BLOCKS=KV_SPLIT // KV_BLOCK)
     lse = lse_HT if lse_HT is not None else pm
     if short and DECODE_TILE == "swapped" and D == block_d >= 16:
-        if ROW_SUM not in ("dot", "exact"):
-            raise ValueError(f"miles_kernels attention: DECODE_TILE 'swapped' needs ROW_SUM 'dot' or 'exact' "
+        if ROW_SUM not in ("dot", "exact", "fixed"):
+            raise ValueError(f"miles_kernels attention: DECODE_TILE 'swapped' needs ROW_SUM 'dot', 'exact' or 'fixed' "
                              f"(got {ROW_SUM!r}): with 'reduce' its row sums would not be the prefill's bits")
         decode_kernel[(B * K, split_programs if split_parallel else 1)](
             q_THD, k4, v4, o_THD, lse, pm, pl, pacc, cu, kv_lens, bt, scale * _LOG2E, K, n_splits,
