@@ -884,6 +884,14 @@ def check_attention_swapped_decode() -> None:
             raise AssertionError("DECODE_TILE swapped with ROW_SUM reduce must be refused")
         except ValueError as e:
             assert "ROW_SUM" in str(e), e
+        for tile, mode in (("bogus", "fixed"), ("auto", "bogus")):
+            attn_mod.DECODE_TILE, attn_mod.ROW_SUM = tile, mode
+            try:
+                _run_attention(kt, q[:1], caches, [(1, 1, pages)], D**-0.5)
+                raise AssertionError(f"DECODE_TILE {tile!r}, ROW_SUM {mode!r} must be refused")
+            except ValueError as e:
+                assert "bogus" in str(e), e
+        attn_mod.DECODE_TILE = "swapped"
         for mode in ("dot", "exact", "fixed"):
             attn_mod.ROW_SUM = mode
             check_attention_gqa()
@@ -905,6 +913,20 @@ def check_attention_swapped_decode() -> None:
                 _same(lse_d, lse[:, rows], f"swapped decode LSE ({mode}, DECODE_PROGRAMS {programs}) vs prefill")
             attn_mod.KV_BLOCK, attn_mod.KV_SPLIT, attn_mod.DECODE_PROGRAMS = saved[3:]
         assert launches.n > 0, "the swapped decode kernel never ran"
+        # "auto": the swapped tile from SWAPPED_MIN_PAIRS (sequence, kv head) pairs on, same bits either way
+        attn_mod.DECODE_TILE, saved_min = "auto", attn_mod.SWAPPED_MIN_PAIRS
+        try:
+            for mode, min_pairs, swapped in (("fixed", 4, True), ("fixed", 5, False), ("reduce", 1, False)):
+                attn_mod.ROW_SUM, attn_mod.SWAPPED_MIN_PAIRS = mode, min_pairs
+                n0 = launches.n
+                out = _run_attention(kt, q[[30, 60]], caches, [(1, 31, pages), (1, 61, pages)], D**-0.5)
+                assert (launches.n > n0) == swapped, f"auto with {min_pairs} pairs, {mode}: swapped {not swapped}"
+                attn_mod.DECODE_TILE = "rows"
+                _same(out, _run_attention(kt, q[[30, 60]], caches, [(1, 31, pages), (1, 61, pages)], D**-0.5),
+                      f"auto ({mode}) vs rows")
+                attn_mod.DECODE_TILE = "auto"
+        finally:
+            attn_mod.SWAPPED_MIN_PAIRS = saved_min
     finally:
         (attn_mod.ROW_SUM, attn_mod.DECODE_TILE, attn_mod.decode_kernel, attn_mod.KV_BLOCK, attn_mod.KV_SPLIT,
          attn_mod.DECODE_PROGRAMS) = saved

@@ -46,9 +46,13 @@ PREFILL_FILL = 128  # programs (about one per SM on an H100/H200) the tall tile 
 # "exact" (attn_parts.exact_sum: the same value in any order) or "fixed" (attn_parts.fixed_sum:
 # int32 fixed point, also order-free, fewer operations). Measured by attn_sweep.py --rowsum.
 ROW_SUM = "reduce"
-# Short chunks (decode, verify) in the 64-row tile ("rows") or in decode_attention's swapped
-# tile ("swapped": the KV block as the MMA's M; needs a shared ROW_SUM, not "reduce", for prefill's bits).
+ROW_SUMS = ("reduce", "dot", "exact", "fixed")
+# Short chunks (decode, verify) in the 64-row tile ("rows"), in decode_attention's swapped tile
+# ("swapped": the KV block as the MMA's M; needs a shared ROW_SUM, not "reduce", for prefill's
+# bits), or "auto": swapped from SWAPPED_MIN_PAIRS (sequence, kv head) pairs on under a shared
+# ROW_SUM, else rows (the two tiles give the same bits then, so the choice is speed only).
 DECODE_TILE = "rows"
+SWAPPED_MIN_PAIRS = 512
 _SWAPPED_LAUNCH = (4, 2)  # its num_warps (4: one warpgroup, wgmma), num_stages (best of 2-4, 2026-12-03)
 _LOG2E = 1.4426950408889634
 
@@ -330,6 +334,22 @@ def _check(q_THD, k, v, K: int, lse_HT) -> None:
                          f"got {lse_HT.dtype} {list(lse_HT.shape)}")
 
 
+def _swapped_tile(pairs: int) -> bool:
+    """Whether short chunks run in the swapped tile (DECODE_TILE, ROW_SUM: see above)."""
+    if ROW_SUM not in ROW_SUMS:
+        raise ValueError(f"miles_kernels attention: ROW_SUM {ROW_SUM!r} is not one of {ROW_SUMS}")
+    if DECODE_TILE == "rows":
+        return False
+    if DECODE_TILE == "auto":
+        return ROW_SUM != "reduce" and pairs >= SWAPPED_MIN_PAIRS
+    if DECODE_TILE != "swapped":
+        raise ValueError(f"miles_kernels attention: DECODE_TILE {DECODE_TILE!r} is not 'rows', 'swapped' or 'auto'")
+    if ROW_SUM == "reduce":
+        raise ValueError("miles_kernels attention: DECODE_TILE 'swapped' needs ROW_SUM 'dot', 'exact' or 'fixed' "
+                         "(got 'reduce'): with 'reduce' its row sums would not be the prefill's bits")
+    return True
+
+
 def _launch(q_THD, k4, v4, cu_seqlens, kv_lens, bt, max_q_len: int, scale: float, lse_HT, page: int,
             n_splits: int, page_strides: tuple[int, int]) -> torch.Tensor:
     """Launch the kernel on k4/v4 = paged caches [P, S, K, D] (page_strides: their page
@@ -370,10 +390,7 @@ def _launch(q_THD, k4, v4, cu_seqlens, kv_lens, bt, max_q_len: int, scale: float
     pacc = torch.empty((B * K, n_splits, part_rows, block_d) if split_parallel else (1,), dtype=torch.float32, device=dev)
     consts = dict(G=G, G_PAD=g_pad, BLOCK_D=block_d, ATTN_BLK=KV_BLOCK, SPLIT_BLOCKS=KV_SPLIT // KV_BLOCK)
     lse = lse_HT if lse_HT is not None else pm
-    if short and DECODE_TILE == "swapped" and D == block_d >= 16:
-        if ROW_SUM not in ("dot", "exact", "fixed"):
-            raise ValueError(f"miles_kernels attention: DECODE_TILE 'swapped' needs ROW_SUM 'dot', 'exact' or 'fixed' "
-                             f"(got {ROW_SUM!r}): with 'reduce' its row sums would not be the prefill's bits")
+    if short and D == block_d >= 16 and _swapped_tile(B * K):
         decode_kernel[(B * K, split_programs if split_parallel else 1)](
             q_THD, k4, v4, o_THD, lse, pm, pl, pacc, cu, kv_lens, bt, scale * _LOG2E, K, n_splits,
             q_THD.stride(0), q_THD.stride(1), o_THD.stride(0), o_THD.stride(1), lse.stride(0),
