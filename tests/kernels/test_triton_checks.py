@@ -864,8 +864,9 @@ class _Launches:
 
 def check_attention_swapped_decode() -> None:
     """DECODE_TILE "swapped" (decode_attention.py) with each shared row sum (ROW_SUM "dot",
-    "exact"): prefill == chunked == decode, alone and batched, in one program, split programs
-    and programs walking several splits, LSE included (bitwise); "reduce" is refused."""
+    "exact", "fixed"): prefill == chunked == decode, alone and batched, in one program, split programs
+    and programs walking several splits, LSE included (bitwise); "reduce" is refused there (and
+    checked in the 64-row tile); "auto" picks the tile by (sequence, kv head) pairs."""
     from miles_kernels._triton import paged_attention as attn_mod
 
     kt = _kt()
@@ -891,6 +892,8 @@ def check_attention_swapped_decode() -> None:
                 raise AssertionError(f"DECODE_TILE {tile!r}, ROW_SUM {mode!r} must be refused")
             except ValueError as e:
                 assert "bogus" in str(e), e
+        attn_mod.DECODE_TILE, attn_mod.ROW_SUM = "rows", "reduce"  # the register row sums: 64-row tile only
+        check_attention_gqa()
         attn_mod.DECODE_TILE = "swapped"
         for mode in ("dot", "exact", "fixed"):
             attn_mod.ROW_SUM = mode

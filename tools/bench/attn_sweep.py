@@ -273,10 +273,11 @@ def decode_tile_check() -> list[str]:
 
 
 def decode_tiles(path: str) -> None:
-    """Each decode tile: bits first (check(), decode_tile_check()), then decode (0.6B heads,
-    pages of 64) from CUDA graphs vs SDPA over the same KV laid out contiguously."""
+    """Each 64-row decode tile (DECODE_TILE "rows"): bits first (check(), decode_tile_check()),
+    then decode (0.6B heads, pages of 64) from CUDA graphs vs SDPA over the same KV laid out contiguously."""
     H, K, D, page = 16, 8, 128, 64
     res = []
+    A.DECODE_TILE = "rows"  # the tile this sweep shapes
     for bm, w, st in DECODE_TILES:
         A._BLOCK_M[DT], A._DECODE_LAUNCH[DT] = bm, (w, st)
         try:
@@ -321,6 +322,8 @@ def rowsum(path: str) -> None:
     res = dict(prefill={}, decode=[])
     modes = _modes()
     shared = [m for m in modes if m != "reduce"]
+    defaults = A.ROW_SUM, A.DECODE_TILE
+    A.DECODE_TILE = "rows"  # each tile by name below
     for mode in modes:
         A.ROW_SUM = mode
         bad = check() + packed_check() + decode_tile_check()
@@ -335,7 +338,7 @@ def rowsum(path: str) -> None:
               + (f" BAD {bad[:3]}" if bad else ""), flush=True)
         json.dump(res, open(path, "w"), indent=1)
     if "--prefill-only" in sys.argv:
-        A.ROW_SUM = "reduce"
+        A.ROW_SUM, A.DECODE_TILE = defaults
         return
     run = lambda q, kc, vc, cu, kv, bt: A.attention(q, kc, vc, cu, kv, bt, 1, 128**-0.5)  # noqa: E731
     for name, (H, K) in (("0.6b", (16, 8)), ("8b", (32, 8))):
@@ -369,7 +372,7 @@ def rowsum(path: str) -> None:
                   + " us  same " + " ".join(f"{k[5:]}={int(v)}" for k, v in row.items() if k.startswith("same_")),
                   flush=True)
             json.dump(res, open(path, "w"), indent=1)
-    A.ROW_SUM = "reduce"
+    A.ROW_SUM, A.DECODE_TILE = defaults
 
 
 if __name__ == "__main__":

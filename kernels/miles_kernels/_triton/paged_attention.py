@@ -44,15 +44,17 @@ PREFILL_FILL = 128  # programs (about one per SM on an H100/H200) the tall tile 
 # A block's row sums l: "reduce" (a register reduction, in an order set by the tile's layout),
 # "dot" (an MMA of the rounded p against a one-hot column: one order whichever operand p is),
 # "exact" (attn_parts.exact_sum: the same value in any order) or "fixed" (attn_parts.fixed_sum:
-# int32 fixed point, also order-free, fewer operations). Measured by attn_sweep.py --rowsum.
-ROW_SUM = "reduce"
+# int32 fixed point, also order-free, fewer operations). "fixed" lets decode use the swapped tile
+# at the cost of 2-5% of the training forward (attn_sweep.py --rowsum, 2026-12-03, thirteenth run).
+ROW_SUM = "fixed"
 ROW_SUMS = ("reduce", "dot", "exact", "fixed")
 # Short chunks (decode, verify) in the 64-row tile ("rows"), in decode_attention's swapped tile
 # ("swapped": the KV block as the MMA's M; needs a shared ROW_SUM, not "reduce", for prefill's
 # bits), or "auto": swapped from SWAPPED_MIN_PAIRS (sequence, kv head) pairs on under a shared
 # ROW_SUM, else rows (the two tiles give the same bits then, so the choice is speed only).
-DECODE_TILE = "rows"
-SWAPPED_MIN_PAIRS = 512
+# Measured (same run): swapped 5-12% faster from 512 pairs (B 64, 256), equal at 64 (B 8).
+DECODE_TILE = "auto"
+SWAPPED_MIN_PAIRS = 64
 _SWAPPED_LAUNCH = (4, 2)  # its num_warps (4: one warpgroup, wgmma), num_stages (best of 2-4, 2026-12-03)
 _LOG2E = 1.4426950408889634
 
