@@ -14,6 +14,8 @@ that write their states, and _combine_kernel merges them in the same order with 
 code, so decode == prefill bitwise while keeping the GPU busy.
 The M tile packs the GQA group: row r is token r // G_PAD, query head kvh * G + r % G_PAD.
 Blocks past a row's position only add fully masked scores, which change nothing bitwise.
+A block's row sums (ROW_SUM "fixed" by default) are order-free, so decode may also run in
+decode_attention's swapped tile (DECODE_TILE) with the same bits.
 """
 
 import torch
