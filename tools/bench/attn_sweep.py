@@ -300,7 +300,7 @@ def decode_tiles(path: str) -> None:
         json.dump(res, open(path, "w"), indent=1)
 
 
-ROW_SUMS = ("reduce", "dot", "exact", "fixed")
+ROW_SUMS = A.ROW_SUMS
 DECODE_PROGRAMS = A.DECODE_PROGRAMS
 
 
@@ -353,7 +353,8 @@ def rowsum(path: str) -> None:
                     A.DECODE_TILE = tile
                     row[f"{tile}_{mode}_us"] = _graph_ms(lambda: run(q, kc, vc, cu, kv, bt)) * 1e3
                     if tile == "swapped":
-                        for progs in (1024, 2048) if mode == shared[-1] else ():  # more split programs: evener waves at 3 programs an SM?
+                        # more split programs: evener waves at 3 programs an SM?
+                        for progs in (1024, 2048) if mode == shared[-1] else ():
                             A.DECODE_PROGRAMS = progs
                             row[f"swapped_{mode}_p{progs}_us"] = _graph_ms(lambda: run(q, kc, vc, cu, kv, bt)) * 1e3
                             A.DECODE_PROGRAMS = DECODE_PROGRAMS

@@ -6,8 +6,8 @@ MMA's M and the chunk's query rows (padded to 16) its N: S^T = K Q^T, acc^T += V
 paged kernel's blocks, splits, masks and merges. Every product is summed in the kernel's
 order (wgmma gives one sum whichever operand a matrix is); the row sums l need a shared
 order (paged_attention.ROW_SUM "dot", "exact" or "fixed"), so decode == prefill bitwise.
-paged_attention._launch takes this path when DECODE_TILE is "swapped" (measured by
-tools/bench/attn_sweep.py --rowsum; not the default).
+paged_attention._launch takes this path under DECODE_TILE "swapped", or "auto" (the default)
+from SWAPPED_MIN_PAIRS (sequence, kv head) pairs on (measured by tools/bench/attn_sweep.py --rowsum).
 """
 
 import triton
