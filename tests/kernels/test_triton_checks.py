@@ -812,6 +812,40 @@ def check_attention_many_splits() -> None:
         attn_mod.KV_BLOCK, attn_mod.KV_SPLIT, attn_mod.DECODE_PROGRAMS = saved
 
 
+def check_prefill_walks_agree() -> None:
+    """PREFILL_WALK "one" (every split in one loop) and "splits" (a loop per split) give the
+    same bits: paged prefill and chunks (mask-free and masked blocks, a split cut short) and
+    packed training sequences with the LSE."""
+    from miles_kernels._triton import paged_attention as attn_mod
+
+    kt = _kt()
+    g = torch.Generator().manual_seed(11)
+    H, K, D, page = 4, 2, 16, 16
+    lens = [90, 1, 64, 33, 100]
+    T = sum(lens)
+    q, k, v = (torch.randn(T, n, D, generator=g) for n in (H, K, K))
+    cu = torch.tensor([0] + torch.tensor(lens).cumsum(0).tolist(), dtype=torch.int32)
+    L = lens[0]
+    pages = torch.randperm(-(-L // page) + 2, generator=g)[: -(-L // page)].tolist()
+    caches = _paged(k[:L], v[:L], page, pages, -(-L // page) + 2)
+    saved = attn_mod.KV_BLOCK, attn_mod.KV_SPLIT, attn_mod.PREFILL_WALK
+    attn_mod.KV_BLOCK, attn_mod.KV_SPLIT = 16, 32
+    out = {}
+    try:
+        for walk in ("one", "splits"):
+            attn_mod.PREFILL_WALK = walk
+            lse = torch.empty(H, T)
+            packed = kt.packed_attention(q, k, v, cu, max(lens), D**-0.5, lse_HT=lse)
+            full = _run_attention(kt, q[:L], caches, [(L, L, pages)], D**-0.5)
+            chunk = _run_attention(kt, q[40:L], caches, [(L - 40, L, pages)], D**-0.5)
+            out[walk] = packed, lse, full, chunk
+    finally:
+        attn_mod.KV_BLOCK, attn_mod.KV_SPLIT, attn_mod.PREFILL_WALK = saved
+    for name, a, b in zip(("packed", "lse", "paged prefill", "chunk"), out["one"], out["splits"]):
+        _same(a, b, f"PREFILL_WALK one vs splits: {name}")
+    _close(out["one"][2], _attn_ref(q[:L], k[:L], v[:L], list(range(L)), D**-0.5), "one-loop prefill", atol=1e-5)
+
+
 def check_attention_kv_block_spans_pages() -> None:
     """A KV block wider than a page gathers each token's page; still prefill == chunked == decode."""
     from miles_kernels._triton import paged_attention as attn_mod

@@ -7,6 +7,7 @@
     python tools/bench/attn_sweep.py OUT.json --decode-tiles   # decode tile (rows, warps, stages) vs SDPA
     python tools/bench/attn_sweep.py OUT.json --rowsum         # each ROW_SUM: bits, prefill; decode in both tiles
     python tools/bench/attn_sweep.py OUT.json --rowsum --modes reduce,fixed   # only these ROW_SUMs
+    python tools/bench/attn_sweep.py OUT.json --walk           # PREFILL_WALK splits vs one: bits, forward per tile
 
 --prefill: for each (KV_BLOCK, prefill BLOCK_M, warps, stages) the bits are checked first
 (prefill == chunked == decode on pages of 16/64/32; packed == paged), then the training
@@ -376,7 +377,44 @@ def rowsum(path: str) -> None:
     A.ROW_SUM, A.DECODE_TILE = defaults
 
 
+WALK_TILES = [(0, 0, 0), (128, 8, 2), (128, 8, 4)]  # prefill (BLOCK_M, warps, stages); 0: the rule
+
+
+def walk(path: str) -> None:
+    """PREFILL_WALK "splits" then "one" (the splits in one loop): the bits checks, the two walks'
+    training forward outputs and LSEs compared bitwise at 0.6B / 8B heads up to 16k, and the
+    forward vs flash per prefill tile (WALK_TILES)."""
+    res = dict(same={}, t=[])
+    defaults = A.PREFILL_WALK, A._PREFILL_TILES[DT]
+    g = torch.Generator(device="cuda").manual_seed(3)
+    for name, (H, K), L in (("0.6b", (16, 8), 16384), ("8b", (32, 8), 4096), ("8b", (32, 8), 777)):
+        q, k, v = (torch.randn(L, n, 128, generator=g, device="cuda").to(DT) for n in (H, K, K))
+        cu = torch.tensor([0, L], dtype=torch.int32, device="cuda")
+        outs = []
+        for w in ("splits", "one"):
+            A.PREFILL_WALK = w
+            lse = torch.empty(H, L, device="cuda")
+            outs.append((A.packed_attention(q, k, v, cu, L, 128**-0.5, lse_HT=lse), lse))
+        res["same"][f"{name} L={L}"] = same = bool(torch.equal(outs[0][0], outs[1][0]) and torch.equal(outs[0][1], outs[1][1]))
+        print(f"{name} L={L}: one == splits (output and LSE) {same}", flush=True)
+    for bm, w, st in WALK_TILES:
+        A._PREFILL_TILES[DT] = defaults[1] if bm == 0 else ((bm, w, st),)
+        for mode in ("splits", "one"):
+            A.PREFILL_WALK = mode
+            bad = check() + packed_check()
+            tm = prefill_timings()
+            res["t"].append(dict(walk=mode, tile=[bm, w, st], bad=bad, t=tm))
+            print(f"walk={mode:6} tile={bm or 'rule'},{w},{st} bits_ok={int(not bad)} "
+                  + " ".join(f"{k}: {v['ms'] * 1e3:.0f}us {v['x_flash']:.2f}x {v['tflops']:.0f}TF" for k, v in tm.items())
+                  + (f" BAD {bad[:3]}" if bad else ""), flush=True)
+            json.dump(res, open(path, "w"), indent=1)
+    A.PREFILL_WALK, A._PREFILL_TILES[DT] = defaults
+
+
 if __name__ == "__main__":
+    if "--walk" in sys.argv:
+        walk(sys.argv[1])
+        sys.exit(0)
     if "--rowsum" in sys.argv:
         rowsum(sys.argv[1])
         sys.exit(0)

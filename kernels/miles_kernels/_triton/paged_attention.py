@@ -58,6 +58,9 @@ ROW_SUMS = ("reduce", "dot", "exact", "fixed")
 DECODE_TILE = "auto"
 SWAPPED_MIN_PAIRS = 64
 _SWAPPED_LAUNCH = (4, 2)  # its num_warps (4: one warpgroup, wgmma), num_stages (best of 2-4, 2026-12-03)
+# A prefill tile walks its splits in one loop ("one": one software pipeline across them) or
+# a loop per split ("splits"); the same operations in the same order either way.
+PREFILL_WALK = "one"
 _LOG2E = 1.4426950408889634
 
 
@@ -163,6 +166,47 @@ def _split_state(
 
 
 @triton.jit
+def _walk(
+    q, pos, pos_min, kv_len, kv_base, n_blocks, k_ptr, v_ptr, bt_row_ptr, kvh, qk_scale, D,
+    stride_kp, stride_ks, stride_kk, stride_vp, stride_vs, stride_vk,
+    BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, PAGE: tl.constexpr, ATTN_BLK: tl.constexpr,
+    SPLIT_BLOCKS: tl.constexpr, PRECISION: tl.constexpr, CONTIG: tl.constexpr, L_SUM: tl.constexpr,
+):
+    """Every split of blocks [0, n_blocks) in one loop, so one software pipeline runs across
+    the splits: each split's state starts empty and is merged into the total at the split's
+    end, the operations and order of _split_state per split then _merge (the same bits)."""
+    m = tl.full((BLOCK_M,), float("-inf"), tl.float32)
+    l = tl.zeros((BLOCK_M,), tl.float32)
+    acc = tl.zeros((BLOCK_M, BLOCK_D), tl.float32)
+    m_s, l_s, acc_s = m, l, acc
+    offs = tl.arange(0, ATTN_BLK)
+    ds = tl.arange(0, BLOCK_D)
+    one = tl.where((offs[:, None] >= 0) & (tl.arange(0, 16)[None, :] == 0), 1.0, 0.0).to(v_ptr.dtype.element_ty)
+    full_hi = tl.minimum(tl.minimum((pos_min + 1) // ATTN_BLK, kv_len // ATTN_BLK), n_blocks)
+    for j in range(0, full_hi):
+        m_s, l_s, acc_s = _kv_block(q, m_s, l_s, acc_s, j, pos, kv_len, kv_base, k_ptr, v_ptr, bt_row_ptr, kvh,
+                                    qk_scale, D, offs, ds, one, stride_kp, stride_ks, stride_kk, stride_vp, stride_vs,
+                                    stride_vk, PAGE, ATTN_BLK, PRECISION, CONTIG, False, L_SUM)
+        if (j + 1) % SPLIT_BLOCKS == 0:
+            m, l, acc = _merge(m, l, acc, m_s, l_s, acc_s)
+            m_s = tl.full((BLOCK_M,), float("-inf"), tl.float32)
+            l_s = tl.zeros((BLOCK_M,), tl.float32)
+            acc_s = tl.zeros((BLOCK_M, BLOCK_D), tl.float32)
+    for j in range(full_hi, n_blocks):
+        m_s, l_s, acc_s = _kv_block(q, m_s, l_s, acc_s, j, pos, kv_len, kv_base, k_ptr, v_ptr, bt_row_ptr, kvh,
+                                    qk_scale, D, offs, ds, one, stride_kp, stride_ks, stride_kk, stride_vp, stride_vs,
+                                    stride_vk, PAGE, ATTN_BLK, PRECISION, CONTIG, True, L_SUM)
+        if (j + 1) % SPLIT_BLOCKS == 0:
+            m, l, acc = _merge(m, l, acc, m_s, l_s, acc_s)
+            m_s = tl.full((BLOCK_M,), float("-inf"), tl.float32)
+            l_s = tl.zeros((BLOCK_M,), tl.float32)
+            acc_s = tl.zeros((BLOCK_M, BLOCK_D), tl.float32)
+    if n_blocks % SPLIT_BLOCKS != 0:
+        m, l, acc = _merge(m, l, acc, m_s, l_s, acc_s)
+    return m, l, acc
+
+
+@triton.jit
 def _store_out(o_ptr, lse_ptr, m, l, acc, t_idx, head, ds, row_ok, D, stride_ot, stride_oh, stride_lh,
                STORE_LSE: tl.constexpr):
     """o = acc / l, rounded once; with STORE_LSE also each row's log-sum-exp of its scaled
@@ -186,7 +230,7 @@ def _attn_kernel(
     G: tl.constexpr, G_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
     PAGE: tl.constexpr, ATTN_BLK: tl.constexpr, SPLIT_BLOCKS: tl.constexpr, SPLIT_PARALLEL: tl.constexpr,
     PART_ROWS: tl.constexpr, PRECISION: tl.constexpr, STORE_LSE: tl.constexpr, CONTIG: tl.constexpr,
-    L_SUM: tl.constexpr,
+    L_SUM: tl.constexpr, ONE_LOOP: tl.constexpr,
 ):
     TOK: tl.constexpr = BLOCK_M // G_PAD
     tile = tl.num_programs(0) - 1 - tl.program_id(0)  # the longest (last) q tiles start first
@@ -232,6 +276,13 @@ def _attn_kernel(
             tl.store(pm_ptr + state * PART_ROWS + rows, m, mask=keep)
             tl.store(pl_ptr + state * PART_ROWS + rows, l, mask=keep)
             tl.store(pacc_ptr + (state * PART_ROWS + rows[:, None]) * BLOCK_D + ds[None, :], acc, mask=keep[:, None])
+    elif ONE_LOOP:
+        m, l, acc = _walk(
+            q, pos, pos_min, kv_len, kv_base, n_blocks, k_ptr, v_ptr, bt_row_ptr, kvh, qk_scale, D,
+            stride_kp, stride_ks, stride_kk, stride_vp, stride_vs, stride_vk,
+            BLOCK_M, BLOCK_D, PAGE, ATTN_BLK, SPLIT_BLOCKS, PRECISION, CONTIG, L_SUM,
+        )
+        _store_out(o_ptr, lse_ptr, m, l, acc, t_idx, head, ds, row_ok, D, stride_ot, stride_oh, stride_lh, STORE_LSE)
     else:
         m = tl.full((BLOCK_M,), float("-inf"), tl.float32)
         l = tl.zeros((BLOCK_M,), tl.float32)
@@ -412,7 +463,7 @@ def _launch(q_THD, k4, v4, cu_seqlens, kv_lens, bt, max_q_len: int, scale: float
             page_strides[0], k4.stride(1), k4.stride(2), page_strides[1], v4.stride(1), v4.stride(2), bt.stride(0),
             BLOCK_M=block_m, PAGE=page, SPLIT_PARALLEL=split_parallel, PART_ROWS=part_rows,
             PRECISION="ieee" if q_THD.dtype == torch.float32 else "tf32", STORE_LSE=lse_HT is not None, CONTIG=contig,
-            L_SUM=ROW_SUM, **consts, num_warps=num_warps, num_stages=num_stages,
+            L_SUM=ROW_SUM, ONE_LOOP=PREFILL_WALK == "one", **consts, num_warps=num_warps, num_stages=num_stages,
         )
     if split_parallel:
         _combine_kernel[(B * K,)](
