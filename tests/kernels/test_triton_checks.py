@@ -812,10 +812,10 @@ def check_attention_many_splits() -> None:
         attn_mod.KV_BLOCK, attn_mod.KV_SPLIT, attn_mod.DECODE_PROGRAMS = saved
 
 
-def check_prefill_walks_agree() -> None:
-    """PREFILL_WALK "one" (every split in one loop) and "splits" (a loop per split) give the
-    same bits: paged prefill and chunks (mask-free and masked blocks, a split cut short) and
-    packed training sequences with the LSE."""
+def check_walks_agree() -> None:
+    """WALK "one" (every split in one loop) and "splits" (a loop per split) give the same bits:
+    paged prefill and chunks (mask-free and masked blocks, a split cut short), packed training
+    sequences with the LSE, and one-program decode in both decode tiles."""
     from miles_kernels._triton import paged_attention as attn_mod
 
     kt = _kt()
@@ -828,22 +828,29 @@ def check_prefill_walks_agree() -> None:
     L = lens[0]
     pages = torch.randperm(-(-L // page) + 2, generator=g)[: -(-L // page)].tolist()
     caches = _paged(k[:L], v[:L], page, pages, -(-L // page) + 2)
-    saved = attn_mod.KV_BLOCK, attn_mod.KV_SPLIT, attn_mod.PREFILL_WALK
-    attn_mod.KV_BLOCK, attn_mod.KV_SPLIT = 16, 32
+    at = [L - 1, 3, 40, 63, 64, 70]  # decode rows at these positions: 1 to 3 splits, some cut short
+    saved = attn_mod.KV_BLOCK, attn_mod.KV_SPLIT, attn_mod.WALK, attn_mod.DECODE_PROGRAMS, attn_mod.DECODE_TILE
+    attn_mod.KV_BLOCK, attn_mod.KV_SPLIT, attn_mod.DECODE_PROGRAMS = 16, 32, 1  # decode: one program a pair
     out = {}
     try:
         for walk in ("one", "splits"):
-            attn_mod.PREFILL_WALK = walk
+            attn_mod.WALK = walk
             lse = torch.empty(H, T)
-            packed = kt.packed_attention(q, k, v, cu, max(lens), D**-0.5, lse_HT=lse)
-            full = _run_attention(kt, q[:L], caches, [(L, L, pages)], D**-0.5)
-            chunk = _run_attention(kt, q[40:L], caches, [(L - 40, L, pages)], D**-0.5)
-            out[walk] = packed, lse, full, chunk
+            got = [kt.packed_attention(q, k, v, cu, max(lens), D**-0.5, lse_HT=lse), lse,
+                   _run_attention(kt, q[:L], caches, [(L, L, pages)], D**-0.5),
+                   _run_attention(kt, q[40:L], caches, [(L - 40, L, pages)], D**-0.5)]
+            for tile in ("rows", "swapped"):
+                attn_mod.DECODE_TILE = tile
+                got.append(_run_attention(kt, q[at], caches, [(1, t + 1, pages) for t in at], D**-0.5))
+            out[walk] = got
     finally:
-        attn_mod.KV_BLOCK, attn_mod.KV_SPLIT, attn_mod.PREFILL_WALK = saved
-    for name, a, b in zip(("packed", "lse", "paged prefill", "chunk"), out["one"], out["splits"]):
-        _same(a, b, f"PREFILL_WALK one vs splits: {name}")
+        attn_mod.KV_BLOCK, attn_mod.KV_SPLIT, attn_mod.WALK, attn_mod.DECODE_PROGRAMS, attn_mod.DECODE_TILE = saved
+    names = ("packed", "lse", "paged prefill", "chunk", "decode (rows tile)", "decode (swapped tile)")
+    for name, a, b in zip(names, out["one"], out["splits"], strict=True):
+        _same(a, b, f"WALK one vs splits: {name}")
     _close(out["one"][2], _attn_ref(q[:L], k[:L], v[:L], list(range(L)), D**-0.5), "one-loop prefill", atol=1e-5)
+    for tile in (4, 5):
+        _same(out["one"][tile], out["one"][2][at], f"one-loop decode ({names[tile]}) vs prefill rows")
 
 
 def check_attention_kv_block_spans_pages() -> None:

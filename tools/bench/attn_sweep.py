@@ -7,7 +7,7 @@
     python tools/bench/attn_sweep.py OUT.json --decode-tiles   # decode tile (rows, warps, stages) vs SDPA
     python tools/bench/attn_sweep.py OUT.json --rowsum         # each ROW_SUM: bits, prefill; decode in both tiles
     python tools/bench/attn_sweep.py OUT.json --rowsum --modes reduce,fixed   # only these ROW_SUMs
-    python tools/bench/attn_sweep.py OUT.json --walk           # PREFILL_WALK splits vs one: bits, forward per tile
+    python tools/bench/attn_sweep.py OUT.json --walk           # WALK splits vs one: bits, decode, forward (--tiles: per tile)
 
 --prefill: for each (KV_BLOCK, prefill BLOCK_M, warps, stages) the bits are checked first
 (prefill == chunked == decode on pages of 16/64/32; packed == paged), then the training
@@ -377,30 +377,54 @@ def rowsum(path: str) -> None:
     A.ROW_SUM, A.DECODE_TILE = defaults
 
 
-WALK_TILES = [(0, 0, 0), (128, 8, 2), (128, 8, 4)]  # prefill (BLOCK_M, warps, stages); 0: the rule
+WALK_TILES = [(0, 0, 0), (128, 8, 2), (128, 8, 4)]  # --walk --tiles: prefill (BLOCK_M, warps, stages); 0: the rule
+WALK_DECODE = [(64, 1024), (64, 4096), (256, 544), (256, 1024), (256, 2048)]  # (B, ctx): one program a pair
 
 
 def walk(path: str) -> None:
-    """PREFILL_WALK "splits" then "one" (the splits in one loop): the bits checks, the two walks'
-    training forward outputs and LSEs compared bitwise at 0.6B / 8B heads up to 16k, and the
-    forward vs flash per prefill tile (WALK_TILES)."""
-    res = dict(same={}, t=[])
-    defaults = A.PREFILL_WALK, A._PREFILL_TILES[DT]
+    """WALK "splits" then "one" (the splits in one loop): the bits checks, the two walks'
+    training forward outputs and LSEs compared bitwise at 0.6B / 8B heads up to 16k, the
+    forward vs flash (per prefill tile of WALK_TILES with --tiles), and decode where one
+    program walks a pair's splits (B x 8 kv heads >= DECODE_PROGRAMS) in both decode tiles
+    (bits: one == splits == the 64-row tile; us, SDPA the peer)."""
+    res = dict(same={}, t=[], decode=[])
+    defaults = A.WALK, A._PREFILL_TILES[DT], A.DECODE_TILE
     g = torch.Generator(device="cuda").manual_seed(3)
     for name, (H, K), L in (("0.6b", (16, 8), 16384), ("8b", (32, 8), 4096), ("8b", (32, 8), 777)):
         q, k, v = (torch.randn(L, n, 128, generator=g, device="cuda").to(DT) for n in (H, K, K))
         cu = torch.tensor([0, L], dtype=torch.int32, device="cuda")
         outs = []
         for w in ("splits", "one"):
-            A.PREFILL_WALK = w
+            A.WALK = w
             lse = torch.empty(H, L, device="cuda")
             outs.append((A.packed_attention(q, k, v, cu, L, 128**-0.5, lse_HT=lse), lse))
         res["same"][f"{name} L={L}"] = same = bool(torch.equal(outs[0][0], outs[1][0]) and torch.equal(outs[0][1], outs[1][1]))
         print(f"{name} L={L}: one == splits (output and LSE) {same}", flush=True)
-    for bm, w, st in WALK_TILES:
+    run = lambda q, kc, vc, cu, kv, bt: A.attention(q, kc, vc, cu, kv, bt, 1, 128**-0.5)  # noqa: E731
+    for B, ctx in WALK_DECODE:
+        q, kc, vc, cu, kv, n, ks, vs, gb = decode_case(B, ctx)
+        bt = torch.arange(B * n, device="cuda", dtype=torch.int32).view(B, n)
+        row = dict(B=B, ctx=ctx, mb=gb, sdpa_us=_graph_ms(
+            lambda: F.scaled_dot_product_attention(q[:, :, None], ks, vs, enable_gqa=True)) * 1e3)
+        outs = []
+        for tile in ("rows", "swapped"):
+            A.DECODE_TILE = tile
+            for w in ("splits", "one"):
+                A.WALK = w
+                outs.append(run(q, kc, vc, cu, kv, bt))
+                row[f"{tile}_{w}_us"] = _graph_ms(lambda: run(q, kc, vc, cu, kv, bt)) * 1e3
+        row["same"] = same = all(torch.equal(outs[0], o) for o in outs[1:])
+        res["decode"].append(row)
+        print(f"decode B={B:3} ctx={ctx:4} ({gb:.0f} MB) sdpa {row['sdpa_us']:6.1f} us  rows splits/one "
+              f"{row['rows_splits_us']:6.1f} / {row['rows_one_us']:6.1f}  swapped splits/one "
+              f"{row['swapped_splits_us']:6.1f} / {row['swapped_one_us']:6.1f} ({gb / row['swapped_one_us'] * 1e3:.2f} TB/s)"
+              f"  same {int(same)}", flush=True)
+        json.dump(res, open(path, "w"), indent=1)
+    A.DECODE_TILE = defaults[2]
+    for bm, w, st in WALK_TILES if "--tiles" in sys.argv else WALK_TILES[:1]:
         A._PREFILL_TILES[DT] = defaults[1] if bm == 0 else ((bm, w, st),)
         for mode in ("splits", "one"):
-            A.PREFILL_WALK = mode
+            A.WALK = mode
             bad = check() + packed_check()
             tm = prefill_timings()
             res["t"].append(dict(walk=mode, tile=[bm, w, st], bad=bad, t=tm))
@@ -408,7 +432,7 @@ def walk(path: str) -> None:
                   + " ".join(f"{k}: {v['ms'] * 1e3:.0f}us {v['x_flash']:.2f}x {v['tflops']:.0f}TF" for k, v in tm.items())
                   + (f" BAD {bad[:3]}" if bad else ""), flush=True)
             json.dump(res, open(path, "w"), indent=1)
-    A.PREFILL_WALK, A._PREFILL_TILES[DT] = defaults
+    A.WALK, A._PREFILL_TILES[DT], A.DECODE_TILE = defaults
 
 
 if __name__ == "__main__":

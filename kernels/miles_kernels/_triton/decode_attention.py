@@ -91,6 +91,57 @@ def _split_state_t(
     return m, l, accT
 
 
+@triton.jit
+def _merge_t(m, l, accT, m_s, l_s, acc_s):
+    """paged_attention._merge along the other axis: the same elementwise operations."""
+    m_new = tl.maximum(m, m_s)
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    a = tl.exp2(m - m_safe)
+    c = tl.exp2(m_s - m_safe)
+    l = tl.fma(l, a, l_s * c)
+    accT = tl.fma(accT, tl.broadcast_to(a[None, :], accT.shape), acc_s * c[None, :])
+    return m_new, l, accT
+
+
+@triton.jit
+def _walk_t(
+    qT, pos, pos_min, kv_len, n_blocks, k_ptr, v_ptr, bt_row_ptr, kvh, qk_scale,
+    stride_kp, stride_ks, stride_kk, stride_vp, stride_vs, stride_vk,
+    ROWS: tl.constexpr, BLOCK_D: tl.constexpr, PAGE: tl.constexpr, ATTN_BLK: tl.constexpr,
+    SPLIT_BLOCKS: tl.constexpr, PRECISION: tl.constexpr, L_SUM: tl.constexpr,
+):
+    """paged_attention._walk, transposed: every split in one loop, merged at each split's end."""
+    m = tl.full((ROWS,), float("-inf"), tl.float32)
+    l = tl.zeros((ROWS,), tl.float32)
+    accT = tl.zeros((BLOCK_D, ROWS), tl.float32)
+    m_s, l_s, acc_s = m, l, accT
+    offs = tl.arange(0, ATTN_BLK)
+    ds = tl.arange(0, BLOCK_D)
+    one = tl.where((tl.arange(0, 64)[:, None] == 0) & (offs[None, :] >= 0), 1.0, 0.0).to(v_ptr.dtype.element_ty)
+    full_hi = tl.minimum(tl.minimum((pos_min + 1) // ATTN_BLK, kv_len // ATTN_BLK), n_blocks)
+    for j in range(0, full_hi):
+        m_s, l_s, acc_s = _kv_block_t(qT, m_s, l_s, acc_s, j, pos, kv_len, k_ptr, v_ptr, bt_row_ptr, kvh, qk_scale,
+                                      offs, ds, one, stride_kp, stride_ks, stride_kk, stride_vp, stride_vs, stride_vk,
+                                      PAGE, ATTN_BLK, PRECISION, False, L_SUM)
+        if (j + 1) % SPLIT_BLOCKS == 0:
+            m, l, accT = _merge_t(m, l, accT, m_s, l_s, acc_s)
+            m_s = tl.full((ROWS,), float("-inf"), tl.float32)
+            l_s = tl.zeros((ROWS,), tl.float32)
+            acc_s = tl.zeros((BLOCK_D, ROWS), tl.float32)
+    for j in range(full_hi, n_blocks):
+        m_s, l_s, acc_s = _kv_block_t(qT, m_s, l_s, acc_s, j, pos, kv_len, k_ptr, v_ptr, bt_row_ptr, kvh, qk_scale,
+                                      offs, ds, one, stride_kp, stride_ks, stride_kk, stride_vp, stride_vs, stride_vk,
+                                      PAGE, ATTN_BLK, PRECISION, True, L_SUM)
+        if (j + 1) % SPLIT_BLOCKS == 0:
+            m, l, accT = _merge_t(m, l, accT, m_s, l_s, acc_s)
+            m_s = tl.full((ROWS,), float("-inf"), tl.float32)
+            l_s = tl.zeros((ROWS,), tl.float32)
+            acc_s = tl.zeros((BLOCK_D, ROWS), tl.float32)
+    if n_blocks % SPLIT_BLOCKS != 0:
+        m, l, accT = _merge_t(m, l, accT, m_s, l_s, acc_s)
+    return m, l, accT
+
+
 @fast_launch
 @triton.jit
 def decode_kernel(
@@ -100,7 +151,7 @@ def decode_kernel(
     stride_kp, stride_ks, stride_kk, stride_vp, stride_vs, stride_vk, stride_bt,
     G: tl.constexpr, G_PAD: tl.constexpr, ROWS: tl.constexpr, BLOCK_D: tl.constexpr, PAGE: tl.constexpr,
     ATTN_BLK: tl.constexpr, SPLIT_BLOCKS: tl.constexpr, SPLIT_PARALLEL: tl.constexpr, PART_ROWS: tl.constexpr,
-    PRECISION: tl.constexpr, STORE_LSE: tl.constexpr, L_SUM: tl.constexpr,
+    PRECISION: tl.constexpr, STORE_LSE: tl.constexpr, L_SUM: tl.constexpr, ONE_LOOP: tl.constexpr,
 ):
     """One program per (sequence, kv head) (x split programs on axis 1): the chunk's q_len x
     G_PAD rows as the tile's columns. Split states go to the paged kernel's buffers for its
@@ -134,23 +185,23 @@ def decode_kernel(
             tl.store(pl_ptr + state * PART_ROWS + r, l, mask=keep)
             tl.store(pacc_ptr + (state * PART_ROWS + r[None, :]) * BLOCK_D + ds[:, None], accT, mask=keep[None, :])
     else:
-        m = tl.full((ROWS,), float("-inf"), tl.float32)
-        l = tl.zeros((ROWS,), tl.float32)
-        accT = tl.zeros((BLOCK_D, ROWS), tl.float32)
-        for blk_lo in range(0, n_blocks, SPLIT_BLOCKS):
-            m_s, l_s, acc_s = _split_state_t(
-                qT, pos, pos_min, kv_len, blk_lo, tl.minimum(blk_lo + SPLIT_BLOCKS, n_blocks), k_ptr, v_ptr,
-                bt_row_ptr, kvh, qk_scale, stride_kp, stride_ks, stride_kk, stride_vp, stride_vs, stride_vk,
-                ROWS, BLOCK_D, PAGE, ATTN_BLK, PRECISION, L_SUM,
+        if ONE_LOOP:
+            m, l, accT = _walk_t(
+                qT, pos, pos_min, kv_len, n_blocks, k_ptr, v_ptr, bt_row_ptr, kvh, qk_scale,
+                stride_kp, stride_ks, stride_kk, stride_vp, stride_vs, stride_vk,
+                ROWS, BLOCK_D, PAGE, ATTN_BLK, SPLIT_BLOCKS, PRECISION, L_SUM,
             )
-            # paged_attention._merge along the other axis: the same elementwise operations
-            m_new = tl.maximum(m, m_s)
-            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-            a = tl.exp2(m - m_safe)
-            c = tl.exp2(m_s - m_safe)
-            l = tl.fma(l, a, l_s * c)
-            accT = tl.fma(accT, tl.broadcast_to(a[None, :], accT.shape), acc_s * c[None, :])
-            m = m_new
+        else:
+            m = tl.full((ROWS,), float("-inf"), tl.float32)
+            l = tl.zeros((ROWS,), tl.float32)
+            accT = tl.zeros((BLOCK_D, ROWS), tl.float32)
+            for blk_lo in range(0, n_blocks, SPLIT_BLOCKS):
+                m_s, l_s, acc_s = _split_state_t(
+                    qT, pos, pos_min, kv_len, blk_lo, tl.minimum(blk_lo + SPLIT_BLOCKS, n_blocks), k_ptr, v_ptr,
+                    bt_row_ptr, kvh, qk_scale, stride_kp, stride_ks, stride_kk, stride_vp, stride_vs, stride_vk,
+                    ROWS, BLOCK_D, PAGE, ATTN_BLK, PRECISION, L_SUM,
+                )
+                m, l, accT = _merge_t(m, l, accT, m_s, l_s, acc_s)
         o = accT / l[None, :]
         tl.store(o_ptr + t_idx[None, :] * stride_ot + head[None, :] * stride_oh + ds[:, None],
                  o.to(o_ptr.dtype.element_ty), mask=row_ok[None, :])

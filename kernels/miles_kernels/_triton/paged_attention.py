@@ -58,9 +58,11 @@ ROW_SUMS = ("reduce", "dot", "exact", "fixed")
 DECODE_TILE = "auto"
 SWAPPED_MIN_PAIRS = 64
 _SWAPPED_LAUNCH = (4, 2)  # its num_warps (4: one warpgroup, wgmma), num_stages (best of 2-4, 2026-12-03)
-# A prefill tile walks its splits in one loop ("one": one software pipeline across them) or
-# a loop per split ("splits"); the same operations in the same order either way.
-PREFILL_WALK = "one"
+# A program that runs all of its tile's splits (prefill; decode from DECODE_PROGRAMS pairs on)
+# walks them in one loop ("one": one software pipeline across them) or a loop per split
+# ("splits"); the same operations in the same order either way. "one": training forward
+# 1.07-1.22x flash at 4k / 16k where "splits" gave 0.89-1.11x (attn_sweep.py --walk, 2026-12-03).
+WALK = "one"
 _LOG2E = 1.4426950408889634
 
 
@@ -453,7 +455,7 @@ def _launch(q_THD, k4, v4, cu_seqlens, kv_lens, bt, max_q_len: int, scale: float
             G=G, G_PAD=g_pad, ROWS=max(16, triton.next_power_of_2(max_q_len * g_pad)), BLOCK_D=block_d, PAGE=page,
             ATTN_BLK=KV_BLOCK, SPLIT_BLOCKS=KV_SPLIT // KV_BLOCK, SPLIT_PARALLEL=split_parallel, PART_ROWS=part_rows,
             PRECISION="ieee" if q_THD.dtype == torch.float32 else "tf32", STORE_LSE=lse_HT is not None,
-            L_SUM=ROW_SUM, num_warps=_SWAPPED_LAUNCH[0], num_stages=_SWAPPED_LAUNCH[1],
+            L_SUM=ROW_SUM, ONE_LOOP=WALK == "one", num_warps=_SWAPPED_LAUNCH[0], num_stages=_SWAPPED_LAUNCH[1],
         )
     else:
         _attn_kernel[(triton.cdiv(max_q_len, tok_per_tile), B * K, split_programs if split_parallel else 1)](
@@ -463,7 +465,7 @@ def _launch(q_THD, k4, v4, cu_seqlens, kv_lens, bt, max_q_len: int, scale: float
             page_strides[0], k4.stride(1), k4.stride(2), page_strides[1], v4.stride(1), v4.stride(2), bt.stride(0),
             BLOCK_M=block_m, PAGE=page, SPLIT_PARALLEL=split_parallel, PART_ROWS=part_rows,
             PRECISION="ieee" if q_THD.dtype == torch.float32 else "tf32", STORE_LSE=lse_HT is not None, CONTIG=contig,
-            L_SUM=ROW_SUM, ONE_LOOP=PREFILL_WALK == "one", **consts, num_warps=num_warps, num_stages=num_stages,
+            L_SUM=ROW_SUM, ONE_LOOP=WALK == "one", **consts, num_warps=num_warps, num_stages=num_stages,
         )
     if split_parallel:
         _combine_kernel[(B * K,)](
