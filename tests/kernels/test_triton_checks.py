@@ -813,7 +813,7 @@ def check_attention_many_splits() -> None:
 
 
 def check_walks_agree() -> None:
-    """WALK "one" (every split in one loop) and "splits" (a loop per split) give the same bits:
+    """WALK "one" (every split in one loop), "splits" (a loop per split) and "auto" give the same bits:
     paged prefill and chunks (mask-free and masked blocks, a split cut short), packed training
     sequences with the LSE, and one-program decode in both decode tiles."""
     from miles_kernels._triton import paged_attention as attn_mod
@@ -833,7 +833,7 @@ def check_walks_agree() -> None:
     attn_mod.KV_BLOCK, attn_mod.KV_SPLIT, attn_mod.DECODE_PROGRAMS = 16, 32, 1  # decode: one program a pair
     out = {}
     try:
-        for walk in ("one", "splits"):
+        for walk in ("one", "splits", "auto"):  # auto here: one, but splits in the swapped tile (12 pairs)
             attn_mod.WALK = walk
             lse = torch.empty(H, T)
             got = [kt.packed_attention(q, k, v, cu, max(lens), D**-0.5, lse_HT=lse), lse,
@@ -843,11 +843,18 @@ def check_walks_agree() -> None:
                 attn_mod.DECODE_TILE = tile
                 got.append(_run_attention(kt, q[at], caches, [(1, t + 1, pages) for t in at], D**-0.5))
             out[walk] = got
+        attn_mod.WALK = "bogus"
+        try:
+            kt.packed_attention(q, k, v, cu, max(lens), D**-0.5)
+            raise AssertionError("WALK 'bogus' was not refused")
+        except ValueError as e:
+            assert "WALK 'bogus'" in str(e), e
     finally:
         attn_mod.KV_BLOCK, attn_mod.KV_SPLIT, attn_mod.WALK, attn_mod.DECODE_PROGRAMS, attn_mod.DECODE_TILE = saved
     names = ("packed", "lse", "paged prefill", "chunk", "decode (rows tile)", "decode (swapped tile)")
-    for name, a, b in zip(names, out["one"], out["splits"], strict=True):
-        _same(a, b, f"WALK one vs splits: {name}")
+    for walk in ("one", "auto"):
+        for name, a, b in zip(names, out[walk], out["splits"], strict=True):
+            _same(a, b, f"WALK {walk} vs splits: {name}")
     _close(out["one"][2], _attn_ref(q[:L], k[:L], v[:L], list(range(L)), D**-0.5), "one-loop prefill", atol=1e-5)
     for tile in (4, 5):
         _same(out["one"][tile], out["one"][2][at], f"one-loop decode ({names[tile]}) vs prefill rows")

@@ -60,9 +60,14 @@ SWAPPED_MIN_PAIRS = 64
 _SWAPPED_LAUNCH = (4, 2)  # its num_warps (4: one warpgroup, wgmma), num_stages (best of 2-4, 2026-12-03)
 # A program that runs all of its tile's splits (prefill; decode from DECODE_PROGRAMS pairs on)
 # walks them in one loop ("one": one software pipeline across them) or a loop per split
-# ("splits"); the same operations in the same order either way. "one": training forward
-# 1.07-1.22x flash at 4k / 16k where "splits" gave 0.89-1.11x (attn_sweep.py --walk, 2026-12-03).
-WALK = "one"
+# ("splits"): the same operations in the same order, so the same bits. "auto": "one" except in
+# the swapped decode tile below WALK_SWAPPED_MIN_PAIRS (sequence, kv head) pairs. Measured
+# (attn_sweep.py --walk, 2026-12-03): training forward 1.06-1.22x flash at 4k / 16k with "one"
+# (0.90-1.12x with "splits"); decode in the swapped tile at 2048 pairs (B 256) 7-11% faster with
+# "one", at 512 (B 64) 8-10% slower; the 64-row tile 2-5% faster with "one" at both.
+WALK = "auto"
+WALKS = ("one", "splits", "auto")
+WALK_SWAPPED_MIN_PAIRS = 2048
 _LOG2E = 1.4426950408889634
 
 
@@ -407,6 +412,13 @@ def _swapped_tile(pairs: int) -> bool:
     return True
 
 
+def _one_loop(swapped: bool, pairs: int) -> bool:
+    """Whether a program that runs all of its splits walks them in one loop (WALK: see above)."""
+    if WALK not in WALKS:
+        raise ValueError(f"miles_kernels attention: WALK {WALK!r} is not one of {WALKS}")
+    return WALK == "one" or (WALK == "auto" and (not swapped or pairs >= WALK_SWAPPED_MIN_PAIRS))
+
+
 def _launch(q_THD, k4, v4, cu_seqlens, kv_lens, bt, max_q_len: int, scale: float, lse_HT, page: int,
             n_splits: int, page_strides: tuple[int, int]) -> torch.Tensor:
     """Launch the kernel on k4/v4 = paged caches [P, S, K, D] (page_strides: their page
@@ -455,7 +467,7 @@ def _launch(q_THD, k4, v4, cu_seqlens, kv_lens, bt, max_q_len: int, scale: float
             G=G, G_PAD=g_pad, ROWS=max(16, triton.next_power_of_2(max_q_len * g_pad)), BLOCK_D=block_d, PAGE=page,
             ATTN_BLK=KV_BLOCK, SPLIT_BLOCKS=KV_SPLIT // KV_BLOCK, SPLIT_PARALLEL=split_parallel, PART_ROWS=part_rows,
             PRECISION="ieee" if q_THD.dtype == torch.float32 else "tf32", STORE_LSE=lse_HT is not None,
-            L_SUM=ROW_SUM, ONE_LOOP=WALK == "one", num_warps=_SWAPPED_LAUNCH[0], num_stages=_SWAPPED_LAUNCH[1],
+            L_SUM=ROW_SUM, ONE_LOOP=_one_loop(True, B * K), num_warps=_SWAPPED_LAUNCH[0], num_stages=_SWAPPED_LAUNCH[1],
         )
     else:
         _attn_kernel[(triton.cdiv(max_q_len, tok_per_tile), B * K, split_programs if split_parallel else 1)](
@@ -465,7 +477,7 @@ def _launch(q_THD, k4, v4, cu_seqlens, kv_lens, bt, max_q_len: int, scale: float
             page_strides[0], k4.stride(1), k4.stride(2), page_strides[1], v4.stride(1), v4.stride(2), bt.stride(0),
             BLOCK_M=block_m, PAGE=page, SPLIT_PARALLEL=split_parallel, PART_ROWS=part_rows,
             PRECISION="ieee" if q_THD.dtype == torch.float32 else "tf32", STORE_LSE=lse_HT is not None, CONTIG=contig,
-            L_SUM=ROW_SUM, ONE_LOOP=WALK == "one", **consts, num_warps=num_warps, num_stages=num_stages,
+            L_SUM=ROW_SUM, ONE_LOOP=_one_loop(False, B * K), **consts, num_warps=num_warps, num_stages=num_stages,
         )
     if split_parallel:
         _combine_kernel[(B * K,)](
