@@ -7,8 +7,8 @@ A query row (one token x one query head) reduces its keys in a fixed order:
     blocks grouped in splits of KV_SPLIT tokens, each split started from an empty state,
     splits merged left to right with _merge, then acc / l.
 
-Prefill (any q_len) runs it in one program per (q tile, sequence, kv head), looping over
-splits. When every sequence fits one q tile (decode, short verify chunks) and the
+Prefill (any q_len) runs it in one program per (q tile, sequence, kv head), walking all the
+splits in one loop (WALK: each split's state merged into the total where the split ends). When every sequence fits one q tile (decode, short verify chunks) and the
 (sequence, kv head) pairs are too few to fill the GPU, the splits run in parallel programs
 that write their states, and _combine_kernel merges them in the same order with the same
 code, so decode == prefill bitwise while keeping the GPU busy.
