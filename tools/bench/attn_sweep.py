@@ -7,6 +7,7 @@
     python tools/bench/attn_sweep.py OUT.json --decode-tiles   # decode tile (rows, warps, stages) vs SDPA
     python tools/bench/attn_sweep.py OUT.json --rowsum         # each ROW_SUM: bits, prefill; decode in both tiles
     python tools/bench/attn_sweep.py OUT.json --rowsum --modes reduce,fixed   # only these ROW_SUMs
+    python tools/bench/attn_sweep.py OUT.json --swapped-launch # the swapped decode tile per (warps, stages), WALK
     python tools/bench/attn_sweep.py OUT.json --walk           # WALK splits vs one: bits, decode, forward (--tiles: per tile)
 
 --prefill: for each (KV_BLOCK, prefill BLOCK_M, warps, stages) the bits are checked first
@@ -435,19 +436,57 @@ def walk(path: str) -> None:
     A.WALK, A._PREFILL_TILES[DT], A.DECODE_TILE = defaults
 
 
+SWAPPED_LAUNCHES = [(4, 1), (4, 2), (4, 3), (4, 4), (8, 2)]  # --swapped-launch: (num_warps, num_stages)
+SWAPPED_SHAPES = [(8, 544), (8, 4096), (64, 192), (64, 544), (64, 1024), (64, 4096), (128, 544), (128, 1024),
+                  (256, 192), (256, 1024)]
+
+
+def swapped_launch(path: str) -> None:
+    """The swapped decode tile at each (num_warps, num_stages) of SWAPPED_LAUNCHES and each WALK,
+    0.6B heads (8 kv heads) at the engine's batches and contexts: us, TB/s, and bits equal
+    to the 64-row tile's (stages and walks reorder no arithmetic); SDPA the peer."""
+    res = []
+    defaults = A.WALK, A.DECODE_TILE, A._SWAPPED_LAUNCH
+    run = lambda q, kc, vc, cu, kv, bt: A.attention(q, kc, vc, cu, kv, bt, 1, 128**-0.5)  # noqa: E731
+    for B, ctx in SWAPPED_SHAPES:
+        q, kc, vc, cu, kv, n, ks, vs, mb = decode_case(B, ctx)
+        bt = torch.arange(B * n, device="cuda", dtype=torch.int32).view(B, n)
+        row = dict(B=B, ctx=ctx, mb=mb, t={}, sdpa_us=_graph_ms(
+            lambda: F.scaled_dot_product_attention(q[:, :, None], ks, vs, enable_gqa=True)) * 1e3)
+        A.DECODE_TILE = "rows"
+        ref = run(q, kc, vc, cu, kv, bt)
+        row["rows_us"] = _graph_ms(lambda: run(q, kc, vc, cu, kv, bt)) * 1e3
+        A.DECODE_TILE = "swapped"
+        same = True
+        for launch in SWAPPED_LAUNCHES:
+            A._SWAPPED_LAUNCH = launch
+            for w in ("splits", "one"):
+                A.WALK = w
+                try:
+                    same &= bool(torch.equal(run(q, kc, vc, cu, kv, bt), ref))
+                    row["t"][f"{launch[0]}w{launch[1]}s_{w}"] = _graph_ms(lambda: run(q, kc, vc, cu, kv, bt)) * 1e3
+                except Exception as e:  # noqa: BLE001 - a launch that does not fit (shared memory) is a row too
+                    row["t"][f"{launch[0]}w{launch[1]}s_{w}"] = str(e)[:200]
+        row["same"] = same
+        res.append(row)
+        best = min([(v, k) for k, v in row["t"].items() if isinstance(v, float)] or [(float("nan"), "none")])
+        print(f"B={B:3} ctx={ctx:4} ({mb:5.0f} MB) sdpa {row['sdpa_us']:6.1f} rows {row['rows_us']:6.1f}  best "
+              f"{best[1]} {best[0]:6.1f} us ({mb / best[0]:.2f} TB/s)  same {int(same)}  "
+              + " ".join(f"{k}={v:.1f}" if isinstance(v, float) else f"{k}=ERR" for k, v in row["t"].items()),
+              flush=True)
+        json.dump(res, open(path, "w"), indent=1)
+    A.WALK, A.DECODE_TILE, A._SWAPPED_LAUNCH = defaults
+
+
+SWEEPS = {"--swapped-launch": swapped_launch, "--walk": walk, "--rowsum": rowsum, "--decode-tiles": decode_tiles,
+          "--prefill": prefill_sweep}  # flag -> sweep(OUT.json); the first listed that is given runs
+
+
 if __name__ == "__main__":
-    if "--walk" in sys.argv:
-        walk(sys.argv[1])
-        sys.exit(0)
-    if "--rowsum" in sys.argv:
-        rowsum(sys.argv[1])
-        sys.exit(0)
-    if "--decode-tiles" in sys.argv:
-        decode_tiles(sys.argv[1])
-        sys.exit(0)
-    if "--prefill" in sys.argv:
-        prefill_sweep(sys.argv[1])
-        sys.exit(0)
+    for flag, sweep in SWEEPS.items():
+        if flag in sys.argv:
+            sweep(sys.argv[1])
+            sys.exit(0)
     if "--decode" in sys.argv:
         json.dump(decode_programs(), open(sys.argv[1], "w"), indent=1)
         sys.exit(0)

@@ -104,6 +104,14 @@ def _merge_t(m, l, accT, m_s, l_s, acc_s):
 
 
 @triton.jit
+def _end_split_t(m, l, accT, m_s, l_s, acc_s):
+    """Merge a finished split's state into the total; the next split starts empty."""
+    m, l, accT = _merge_t(m, l, accT, m_s, l_s, acc_s)
+    return m, l, accT, tl.full(m_s.shape, float("-inf"), tl.float32), tl.zeros(l_s.shape, tl.float32), \
+        tl.zeros(acc_s.shape, tl.float32)
+
+
+@triton.jit
 def _walk_t(
     qT, pos, pos_min, kv_len, n_blocks, k_ptr, v_ptr, bt_row_ptr, kvh, qk_scale,
     stride_kp, stride_ks, stride_kk, stride_vp, stride_vs, stride_vk,
@@ -124,19 +132,13 @@ def _walk_t(
                                       offs, ds, one, stride_kp, stride_ks, stride_kk, stride_vp, stride_vs, stride_vk,
                                       PAGE, ATTN_BLK, PRECISION, False, L_SUM)
         if (j + 1) % SPLIT_BLOCKS == 0:
-            m, l, accT = _merge_t(m, l, accT, m_s, l_s, acc_s)
-            m_s = tl.full((ROWS,), float("-inf"), tl.float32)
-            l_s = tl.zeros((ROWS,), tl.float32)
-            acc_s = tl.zeros((BLOCK_D, ROWS), tl.float32)
+            m, l, accT, m_s, l_s, acc_s = _end_split_t(m, l, accT, m_s, l_s, acc_s)
     for j in range(full_hi, n_blocks):
         m_s, l_s, acc_s = _kv_block_t(qT, m_s, l_s, acc_s, j, pos, kv_len, k_ptr, v_ptr, bt_row_ptr, kvh, qk_scale,
                                       offs, ds, one, stride_kp, stride_ks, stride_kk, stride_vp, stride_vs, stride_vk,
                                       PAGE, ATTN_BLK, PRECISION, True, L_SUM)
         if (j + 1) % SPLIT_BLOCKS == 0:
-            m, l, accT = _merge_t(m, l, accT, m_s, l_s, acc_s)
-            m_s = tl.full((ROWS,), float("-inf"), tl.float32)
-            l_s = tl.zeros((ROWS,), tl.float32)
-            acc_s = tl.zeros((BLOCK_D, ROWS), tl.float32)
+            m, l, accT, m_s, l_s, acc_s = _end_split_t(m, l, accT, m_s, l_s, acc_s)
     if n_blocks % SPLIT_BLOCKS != 0:
         m, l, accT = _merge_t(m, l, accT, m_s, l_s, acc_s)
     return m, l, accT

@@ -173,6 +173,14 @@ def _split_state(
 
 
 @triton.jit
+def _end_split(m, l, acc, m_s, l_s, acc_s):
+    """Merge a finished split's state into the total; the next split starts empty."""
+    m, l, acc = _merge(m, l, acc, m_s, l_s, acc_s)
+    return m, l, acc, tl.full(m_s.shape, float("-inf"), tl.float32), tl.zeros(l_s.shape, tl.float32), \
+        tl.zeros(acc_s.shape, tl.float32)
+
+
+@triton.jit
 def _walk(
     q, pos, pos_min, kv_len, kv_base, n_blocks, k_ptr, v_ptr, bt_row_ptr, kvh, qk_scale, D,
     stride_kp, stride_ks, stride_kk, stride_vp, stride_vs, stride_vk,
@@ -195,19 +203,13 @@ def _walk(
                                     qk_scale, D, offs, ds, one, stride_kp, stride_ks, stride_kk, stride_vp, stride_vs,
                                     stride_vk, PAGE, ATTN_BLK, PRECISION, CONTIG, False, L_SUM)
         if (j + 1) % SPLIT_BLOCKS == 0:
-            m, l, acc = _merge(m, l, acc, m_s, l_s, acc_s)
-            m_s = tl.full((BLOCK_M,), float("-inf"), tl.float32)
-            l_s = tl.zeros((BLOCK_M,), tl.float32)
-            acc_s = tl.zeros((BLOCK_M, BLOCK_D), tl.float32)
+            m, l, acc, m_s, l_s, acc_s = _end_split(m, l, acc, m_s, l_s, acc_s)
     for j in range(full_hi, n_blocks):
         m_s, l_s, acc_s = _kv_block(q, m_s, l_s, acc_s, j, pos, kv_len, kv_base, k_ptr, v_ptr, bt_row_ptr, kvh,
                                     qk_scale, D, offs, ds, one, stride_kp, stride_ks, stride_kk, stride_vp, stride_vs,
                                     stride_vk, PAGE, ATTN_BLK, PRECISION, CONTIG, True, L_SUM)
         if (j + 1) % SPLIT_BLOCKS == 0:
-            m, l, acc = _merge(m, l, acc, m_s, l_s, acc_s)
-            m_s = tl.full((BLOCK_M,), float("-inf"), tl.float32)
-            l_s = tl.zeros((BLOCK_M,), tl.float32)
-            acc_s = tl.zeros((BLOCK_M, BLOCK_D), tl.float32)
+            m, l, acc, m_s, l_s, acc_s = _end_split(m, l, acc, m_s, l_s, acc_s)
     if n_blocks % SPLIT_BLOCKS != 0:
         m, l, acc = _merge(m, l, acc, m_s, l_s, acc_s)
     return m, l, acc
