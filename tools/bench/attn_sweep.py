@@ -8,7 +8,8 @@
     python tools/bench/attn_sweep.py OUT.json --rowsum         # each ROW_SUM: bits, prefill; decode in both tiles
     python tools/bench/attn_sweep.py OUT.json --rowsum --modes reduce,fixed   # only these ROW_SUMs
     python tools/bench/attn_sweep.py OUT.json --swapped-launch # the swapped decode tile per (warps, stages), WALK
-    python tools/bench/attn_sweep.py OUT.json --walk           # WALK splits vs one: bits, decode, forward (--tiles: per tile)
+    python tools/bench/attn_sweep.py OUT.json --walk           # WALK splits vs one: bits, decode, forward
+    python tools/bench/attn_sweep.py OUT.json --walk --tiles   # the same, the forward per prefill tile
 
 --prefill: for each (KV_BLOCK, prefill BLOCK_M, warps, stages) the bits are checked first
 (prefill == chunked == decode on pages of 16/64/32; packed == paged), then the training
@@ -399,7 +400,8 @@ def walk(path: str) -> None:
             A.WALK = w
             lse = torch.empty(H, L, device="cuda")
             outs.append((A.packed_attention(q, k, v, cu, L, 128**-0.5, lse_HT=lse), lse))
-        res["same"][f"{name} L={L}"] = same = bool(torch.equal(outs[0][0], outs[1][0]) and torch.equal(outs[0][1], outs[1][1]))
+        same = bool(torch.equal(outs[0][0], outs[1][0]) and torch.equal(outs[0][1], outs[1][1]))
+        res["same"][f"{name} L={L}"] = same
         print(f"{name} L={L}: one == splits (output and LSE) {same}", flush=True)
     run = lambda q, kc, vc, cu, kv, bt: A.attention(q, kc, vc, cu, kv, bt, 1, 128**-0.5)  # noqa: E731
     for B, ctx in WALK_DECODE:
@@ -418,7 +420,8 @@ def walk(path: str) -> None:
         res["decode"].append(row)
         print(f"decode B={B:3} ctx={ctx:4} ({gb:.0f} MB) sdpa {row['sdpa_us']:6.1f} us  rows splits/one "
               f"{row['rows_splits_us']:6.1f} / {row['rows_one_us']:6.1f}  swapped splits/one "
-              f"{row['swapped_splits_us']:6.1f} / {row['swapped_one_us']:6.1f} ({gb / row['swapped_one_us'] * 1e3:.2f} TB/s)"
+              f"{row['swapped_splits_us']:6.1f} / {row['swapped_one_us']:6.1f} "
+              f"({gb / row['swapped_one_us'] * 1e3:.2f} TB/s)"
               f"  same {int(same)}", flush=True)
         json.dump(res, open(path, "w"), indent=1)
     A.DECODE_TILE = defaults[2]
@@ -430,7 +433,8 @@ def walk(path: str) -> None:
             tm = prefill_timings()
             res["t"].append(dict(walk=mode, tile=[bm, w, st], bad=bad, t=tm))
             print(f"walk={mode:6} tile={bm or 'rule'},{w},{st} bits_ok={int(not bad)} "
-                  + " ".join(f"{k}: {v['ms'] * 1e3:.0f}us {v['x_flash']:.2f}x {v['tflops']:.0f}TF" for k, v in tm.items())
+                  + " ".join(f"{k}: {v['ms'] * 1e3:.0f}us {v['x_flash']:.2f}x {v['tflops']:.0f}TF"
+                             for k, v in tm.items())
                   + (f" BAD {bad[:3]}" if bad else ""), flush=True)
             json.dump(res, open(path, "w"), indent=1)
     A.WALK, A._PREFILL_TILES[DT], A.DECODE_TILE = defaults

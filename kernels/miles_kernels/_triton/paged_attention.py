@@ -8,7 +8,8 @@ A query row (one token x one query head) reduces its keys in a fixed order:
     splits merged left to right with _merge, then acc / l.
 
 Prefill (any q_len) runs it in one program per (q tile, sequence, kv head), walking all the
-splits in one loop (WALK: each split's state merged into the total where the split ends). When every sequence fits one q tile (decode, short verify chunks) and the
+splits in one loop (WALK: each split's state merged into the total where the split ends).
+When every sequence fits one q tile (decode, short verify chunks) and the
 (sequence, kv head) pairs are too few to fill the GPU, the splits run in parallel programs
 that write their states, and _combine_kernel merges them in the same order with the same
 code, so decode == prefill bitwise while keeping the GPU busy.
@@ -469,7 +470,8 @@ def _launch(q_THD, k4, v4, cu_seqlens, kv_lens, bt, max_q_len: int, scale: float
             G=G, G_PAD=g_pad, ROWS=max(16, triton.next_power_of_2(max_q_len * g_pad)), BLOCK_D=block_d, PAGE=page,
             ATTN_BLK=KV_BLOCK, SPLIT_BLOCKS=KV_SPLIT // KV_BLOCK, SPLIT_PARALLEL=split_parallel, PART_ROWS=part_rows,
             PRECISION="ieee" if q_THD.dtype == torch.float32 else "tf32", STORE_LSE=lse_HT is not None,
-            L_SUM=ROW_SUM, ONE_LOOP=_one_loop(True, B * K), num_warps=_SWAPPED_LAUNCH[0], num_stages=_SWAPPED_LAUNCH[1],
+            L_SUM=ROW_SUM, ONE_LOOP=_one_loop(True, B * K),
+            num_warps=_SWAPPED_LAUNCH[0], num_stages=_SWAPPED_LAUNCH[1],
         )
     else:
         _attn_kernel[(triton.cdiv(max_q_len, tok_per_tile), B * K, split_programs if split_parallel else 1)](
