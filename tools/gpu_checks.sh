@@ -46,7 +46,7 @@ for step in $steps; do
                    --ignore=tests/gpu/test_on_policy_at_scale.py ;;
         scale) run gpu_on_policy_at_scale python3 -m pytest -q -o addopts="" -o timeout=900 \
                    --basetemp "$out/scale_runs" tests/gpu/test_on_policy_at_scale.py ;;
-        kernels) run bench_kernels python3 tools/bench/kernels.py --out "$out/kernels.json" $q ;;
+        kernels) run bench_kernels python3 tools/bench/kernel_ops.py --out "$out/kernels.json" $q ;;
         engine) run bench_engine python3 tools/bench/engine.py --out "$out/engine.json" $q ;;
         engine_host) run bench_engine_host python3 tools/bench/engine_host.py --out "$out/engine_host.json" ;;
         train) run bench_train python3 tools/bench/train.py --logprobs fused unfused --peer --out "$out/train.json"

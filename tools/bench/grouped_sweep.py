@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from miles_kernels._triton import matmul as lin
 
 sys.path.insert(0, os.path.dirname(__file__))
-from kernels import timings  # noqa: E402  (launched ms, CUDA-graph replay ms)
+from kernel_ops import timings  # noqa: E402  (launched ms, CUDA-graph replay ms)
 
 T = lin.Tile
 REF = T(0, 128, 128, 64, 1, 8, 4)  # the only tile before 2026-12-02's seventh run

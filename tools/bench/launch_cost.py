@@ -32,7 +32,7 @@ from miles_kernels._triton import launch, matmul as lin
 from miles_kernels._triton.matmul import _grouped_order
 
 sys.path.insert(0, os.path.dirname(__file__))
-from kernels import timings  # noqa: E402
+from kernel_ops import timings  # noqa: E402
 
 
 @triton.jit

@@ -19,7 +19,7 @@ from triton.testing import do_bench
 from miles_kernels._triton import matmul as lin
 
 sys.path.insert(0, os.path.dirname(__file__))
-from kernels import timings  # noqa: E402  (launched ms, CUDA-graph replay ms)
+from kernel_ops import timings  # noqa: E402  (launched ms, CUDA-graph replay ms)
 
 T = lin.Tile
 REF = T(0, 128, 256, 64, 8, 8, 3)

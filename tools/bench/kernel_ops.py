@@ -1,6 +1,6 @@
 """Benchmark miles_kernels' Triton (invariant) kernels against cuBLAS/SDPA/torch and the roofline.
 
-    python tools/bench/kernels.py --out bench_kernels.json [--models 0.6b,8b] [--quick]
+    python tools/bench/kernel_ops.py --out bench_kernels.json [--models 0.6b,8b] [--quick]
 
 Needs one CUDA GPU (written for an H100, bf16); finishes in under 4 minutes there. Peak
 TFLOP/s and HBM GB/s are measured first (a big cuBLAS matmul, a big device copy), so the
@@ -234,7 +234,7 @@ def main():
     ap.add_argument("--quick", action="store_true", help="fewer M values and decode shapes (smoke run)")
     args = ap.parse_args()
     if not torch.cuda.is_available():
-        raise SystemExit("tools/bench/kernels.py needs a CUDA GPU")
+        raise SystemExit("tools/bench/kernel_ops.py needs a CUDA GPU")
     models = [m for m in args.models.split(",") if m]
     for m in models:
         if m not in MODELS:
