@@ -812,6 +812,13 @@ def check_attention_many_splits() -> None:
         attn_mod.KV_BLOCK, attn_mod.KV_SPLIT, attn_mod.DECODE_PROGRAMS = saved
 
 
+def _packed_qkv(lens: list[int], H: int, K: int, D: int, g: torch.Generator):
+    """Random q [T, H, D], k / v [T, K, D] of sequences of `lens` packed, and their cu_seqlens."""
+    T = sum(lens)
+    q, k, v = (torch.randn(T, n, D, generator=g) for n in (H, K, K))
+    return T, q, k, v, torch.tensor([0] + torch.tensor(lens).cumsum(0).tolist(), dtype=torch.int32)
+
+
 def check_walks_agree() -> None:
     """WALK "one" (every split in one loop), "splits" (a loop per split) and "auto" give the same bits:
     paged prefill and chunks (mask-free and masked blocks, a split cut short), packed training
@@ -822,9 +829,7 @@ def check_walks_agree() -> None:
     g = torch.Generator().manual_seed(11)
     H, K, D, page = 4, 2, 16, 16
     lens = [90, 1, 64, 33, 100]
-    T = sum(lens)
-    q, k, v = (torch.randn(T, n, D, generator=g) for n in (H, K, K))
-    cu = torch.tensor([0] + torch.tensor(lens).cumsum(0).tolist(), dtype=torch.int32)
+    T, q, k, v, cu = _packed_qkv(lens, H, K, D, g)
     L = lens[0]
     pages = torch.randperm(-(-L // page) + 2, generator=g)[: -(-L // page)].tolist()
     caches = _paged(k[:L], v[:L], page, pages, -(-L // page) + 2)
@@ -1034,9 +1039,7 @@ def check_packed_attention() -> None:
     g = torch.Generator().manual_seed(5)
     H, K, D, page = 4, 2, 16, 16
     lens = [45, 1, 70, 16, 33]
-    T = sum(lens)
-    q, k, v = (torch.randn(T, n, D, generator=g) for n in (H, K, K))
-    cu = torch.tensor([0] + torch.tensor(lens).cumsum(0).tolist(), dtype=torch.int32)
+    T, q, k, v, cu = _packed_qkv(lens, H, K, D, g)
     saved = attn_mod.KV_BLOCK, attn_mod.KV_SPLIT
     attn_mod.KV_BLOCK, attn_mod.KV_SPLIT = 16, 32
     try:
