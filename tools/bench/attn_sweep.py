@@ -82,13 +82,8 @@ def timings():
     out = {}
     for B in (1, 64):
         ctx = 4096
-        n = ctx // page
-        kc = torch.randn(B * n, page, K, D, device="cuda", dtype=DT)
-        vc = torch.randn_like(kc)
-        bt = torch.arange(B * n, device="cuda", dtype=torch.int32).view(B, n)
-        q = torch.randn(B, H, D, device="cuda", dtype=DT)
-        cu = torch.arange(B + 1, device="cuda", dtype=torch.int32)
-        kv = torch.full((B,), ctx, device="cuda", dtype=torch.int32)
+        q, kc, vc, cu, kv, n, _, _, _ = decode_case(B, ctx, H, K, D, page)
+        bt = in_order(B, n)
         t = do_bench(lambda: A.attention(q, kc, vc, cu, kv, bt, 1, D**-0.5), warmup=10, rep=40, return_mode="median")
         g = torch.cuda.CUDAGraph()
         with torch.cuda.graph(g):
@@ -115,6 +110,11 @@ CFGS = [  # KV_BLOCK, KV_SPLIT, prefill BLOCK_M, prefill warps, prefill stages
     (64, 256, 64, 4, 3), (64, 256, 128, 8, 3), (64, 128, 128, 8, 3), (64, 64, 128, 8, 3),
     (32, 128, 128, 8, 3), (64, 256, 128, 8, 2), (64, 256, 128, 4, 3), (128, 256, 128, 8, 2),
 ]
+
+def in_order(B: int, n: int) -> torch.Tensor:
+    """The block table of decode_case's caches: sequence b on pages b * n .. b * n + n - 1."""
+    return torch.arange(B * n, device="cuda", dtype=torch.int32).view(B, n)
+
 
 def decode_case(B: int, ctx: int, H: int = 16, K: int = 8, D: int = 128, page: int = 64):
     """One decode step's inputs (B sequences at ctx tokens, pages of `page` in order), the same
@@ -143,7 +143,7 @@ def decode_programs():
         ref = None
         for width in (4096 // page, 40960 // page):
             bt = torch.zeros(B, width, device="cuda", dtype=torch.int32)
-            bt[:, :n] = torch.arange(B * n, device="cuda", dtype=torch.int32).view(B, n)
+            bt[:, :n] = in_order(B, n)
             for progs in (1, 264, 528, 1024, 2048, 1 << 30):
                 A.DECODE_PROGRAMS = progs
                 o = A.attention(q, kc, vc, cu, kv, bt, 1, D**-0.5)
@@ -292,7 +292,7 @@ def decode_tiles(path: str) -> None:
         rows = []
         for B, ctx in ((8, 544), (64, 192), (64, 544), (64, 4096), (256, 192), (256, 544), (256, 1024)):
             q, kc, vc, cu, kv, n, ks, vs, gb = decode_case(B, ctx, H, K, D, page)
-            bt = torch.arange(B * n, device="cuda", dtype=torch.int32).view(B, n)
+            bt = in_order(B, n)
             t = _graph_ms(lambda: A.attention(q, kc, vc, cu, kv, bt, 1, D**-0.5))
             sdpa = _graph_ms(lambda: F.scaled_dot_product_attention(q[:, :, None], ks, vs, enable_gqa=True))
             rows.append(dict(B=B, ctx=ctx, us=t * 1e3, gb_s=gb / t, sdpa_us=sdpa * 1e3, x_sdpa=sdpa / t))
@@ -347,7 +347,7 @@ def rowsum(path: str) -> None:
     for name, (H, K) in (("0.6b", (16, 8)), ("8b", (32, 8))):
         for B, ctx in ((8, 544), (64, 192), (64, 544), (64, 4096), (256, 192), (256, 544), (256, 1024), (256, 2048)):
             q, kc, vc, cu, kv, n, ks, vs, gb = decode_case(B, ctx, H, K, 128, 64)
-            bt = torch.arange(B * n, device="cuda", dtype=torch.int32).view(B, n)
+            bt = in_order(B, n)
             row = dict(model=name, B=B, ctx=ctx, gb=gb, sdpa_us=_graph_ms(
                 lambda: F.scaled_dot_product_attention(q[:, :, None], ks, vs, enable_gqa=True)) * 1e3)
             for mode in modes:
@@ -406,7 +406,7 @@ def walk(path: str) -> None:
     run = lambda q, kc, vc, cu, kv, bt: A.attention(q, kc, vc, cu, kv, bt, 1, 128**-0.5)  # noqa: E731
     for B, ctx in WALK_DECODE:
         q, kc, vc, cu, kv, n, ks, vs, gb = decode_case(B, ctx)
-        bt = torch.arange(B * n, device="cuda", dtype=torch.int32).view(B, n)
+        bt = in_order(B, n)
         row = dict(B=B, ctx=ctx, mb=gb, sdpa_us=_graph_ms(
             lambda: F.scaled_dot_product_attention(q[:, :, None], ks, vs, enable_gqa=True)) * 1e3)
         outs = []
@@ -454,7 +454,7 @@ def swapped_launch(path: str) -> None:
     run = lambda q, kc, vc, cu, kv, bt: A.attention(q, kc, vc, cu, kv, bt, 1, 128**-0.5)  # noqa: E731
     for B, ctx in SWAPPED_SHAPES:
         q, kc, vc, cu, kv, n, ks, vs, mb = decode_case(B, ctx)
-        bt = torch.arange(B * n, device="cuda", dtype=torch.int32).view(B, n)
+        bt = in_order(B, n)
         row = dict(B=B, ctx=ctx, mb=mb, t={}, sdpa_us=_graph_ms(
             lambda: F.scaled_dot_product_attention(q[:, :, None], ks, vs, enable_gqa=True)) * 1e3)
         A.DECODE_TILE = "rows"
