@@ -13,8 +13,10 @@
 #              and of engine decode steps at batch 256 (prompt 512), host cost per launch (launch_cost);
 #              sweep: linear tiles (M <= 512 decode shapes too) launched and graphed, decode attention programs,
 #              decode attention tiles, the training attention forward per prefill tile vs flash, the
-#              one-loop walk against the per-split one (WALK), the swapped decode tile's launches,
-#              the Triton attention backward vs flash's per tile (attn_bwd --sweep), graph launch cost,
+#              one-loop walk against the per-split one (WALK), packed K/V by TMA against pointers per
+#              prefill tile and the split merges' cost (--tma), the swapped decode tile's launches,
+#              the Triton attention backward vs flash's per tile, dK/dV by pointers then TMA (attn_bwd
+#              --sweep --tma), graph launch cost,
 #              grouped_linear's tiles vs a dense matmul and torch's grouped GEMM (grouped_sweep)
 # Writes logs and JSON under OUT_DIR. Needs torch + triton; the project is used from the
 # source tree (no install), so it also runs on air-gapped images.
@@ -69,8 +71,9 @@ for step in $steps; do
                run attn_decode_tiles python3 tools/bench/attn_sweep.py "$out/attn_decode_tiles.json" --decode-tiles
                run attn_prefill_sweep python3 tools/bench/attn_sweep.py "$out/attn_prefill.json" --prefill
                run attn_walk python3 tools/bench/attn_sweep.py "$out/attn_walk.json" --walk
+               run attn_tma python3 tools/bench/attn_sweep.py "$out/attn_tma.json" --tma --tiles
                run attn_swapped_launch python3 tools/bench/attn_sweep.py "$out/attn_swapped_launch.json" --swapped-launch
-               run attn_bwd_sweep python3 tools/bench/attn_bwd.py "$out/attn_bwd.json" --sweep
+               run attn_bwd_sweep python3 tools/bench/attn_bwd.py "$out/attn_bwd.json" --sweep --tma
                run grouped_sweep python3 tools/bench/grouped_sweep.py --out "$out/grouped_sweep.json"
                run graph_launch python3 tools/bench/graph_launch.py --out "$out/graph_launch.json" ;;
         *) echo "unknown step $step (tests scale kernels engine engine_host train rl_step spec profile sweep moe)"; exit 2 ;;

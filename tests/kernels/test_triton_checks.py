@@ -1032,7 +1032,8 @@ def check_attention_lse() -> None:
 def check_packed_attention() -> None:
     """packed_attention (training: whole sequences read from the packed K/V, no cache) gives
     the paged kernel's bits (each sequence on its own shuffled pages), LSE included, across
-    several splits and the mask-free / masked blocks; and is accurate."""
+    several splits and the mask-free / masked blocks, reading K/V by TMA descriptors (also
+    from views of a fused projection) or by pointers; and is accurate."""
     from miles_kernels._triton import paged_attention as attn_mod
 
     kt = _kt()
@@ -1040,7 +1041,7 @@ def check_packed_attention() -> None:
     H, K, D, page = 4, 2, 16, 16
     lens = [45, 1, 70, 16, 33]
     T, q, k, v, cu = _packed_qkv(lens, H, K, D, g)
-    saved = attn_mod.KV_BLOCK, attn_mod.KV_SPLIT
+    saved = attn_mod.KV_BLOCK, attn_mod.KV_SPLIT, attn_mod.KV_TMA
     attn_mod.KV_BLOCK, attn_mod.KV_SPLIT = 16, 32
     try:
         n_pages = sum(-(-L // page) for L in lens) + 2
@@ -1057,18 +1058,25 @@ def check_packed_attention() -> None:
             tables.append(pages)
         width = max(len(t) for t in tables)
         bt = torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.int32)
-        lse_p, lse_c = torch.full((H, T), float("nan")), torch.full((H, T), float("nan"))
+        lse_p = torch.full((H, T), float("nan"))
         paged = kt.attention(q, k_cache, v_cache, cu, torch.tensor(lens, dtype=torch.int32), bt, max(lens), D**-0.5,
                              lse_HT=lse_p)
-        packed = kt.packed_attention(q, k, v, cu, max(lens), D**-0.5, lse_HT=lse_c)
-        _same(packed, paged, "packed_attention vs the paged kernel")
-        _same(lse_c, lse_p, "packed_attention LSE vs the paged kernel's")
+        # K/V as views of one fused [T, (H + 2K) * D] projection (the row stride is not K * D)
+        qkv = torch.cat([q.reshape(T, -1), k.reshape(T, -1), v.reshape(T, -1)], 1)
+        k_view, v_view = qkv[:, H * D:(H + K) * D].view(T, K, D), qkv[:, (H + K) * D:].view(T, K, D)
+        for tma, kk, vv in ((True, k, v), (True, k_view, v_view), (False, k, v)):
+            attn_mod.KV_TMA = tma
+            assert (attn_mod._kv_descriptors(kk, vv) is not None) == tma, "the descriptor walk was not taken"
+            lse_c = torch.full((H, T), float("nan"))
+            packed = kt.packed_attention(q, kk, vv, cu, max(lens), D**-0.5, lse_HT=lse_c)
+            _same(packed, paged, f"packed_attention (KV_TMA {tma}, row stride {kk.stride(0)}) vs the paged kernel")
+            _same(lse_c, lse_p, f"packed_attention LSE (KV_TMA {tma}) vs the paged kernel's")
         for b, L in enumerate(lens):
             rows = slice(int(cu[b]), int(cu[b + 1]))
             _close(packed[rows], _attn_ref(q[rows], k[rows], v[rows], list(range(L)), D**-0.5),
                    f"packed_attention sequence {b} (L={L})", atol=1e-5)
     finally:
-        attn_mod.KV_BLOCK, attn_mod.KV_SPLIT = saved
+        attn_mod.KV_BLOCK, attn_mod.KV_SPLIT, attn_mod.KV_TMA = saved
 
 
 def _packed_attn64(lens: list[int], scale: float):
@@ -1101,6 +1109,14 @@ def _check_attention_bwd_case(lens: list[int], H: int, K: int, D: int, scale: fl
     for name, a, r in zip(("dq", "dk", "dv"), got, want):
         assert a.dtype == torch.float32 and a.shape == r.shape, f"{name}: {a.dtype} {list(a.shape)}"
         _close_rel(a, r, f"attention bwd {name} (lens {lens}, H={H}, K={K}, D={D}, tiles {tiles})", rel=5e-6)
+    saved = bwd_mod.DKDV_TMA
+    bwd_mod.DKDV_TMA = not saved  # q/dout by TMA descriptors or by pointers: the same math, the same bits
+    try:
+        other = bwd_mod.packed_attention_bwd(q, k, v, out, dout, lse, cu, max(lens), scale, **tiles)
+    finally:
+        bwd_mod.DKDV_TMA = saved
+    for name, a, b in zip(("dq", "dk", "dv"), got, other):
+        _same(a, b, f"attention bwd {name} with DKDV_TMA {saved} vs {not saved} (lens {lens})")
 
 
 def check_attention_bwd() -> None:

@@ -3,6 +3,7 @@
     python tools/bench/attn_bwd.py OUT.json                  # 0.6B and 8B heads at L = 1k, 4k, 16k
     python tools/bench/attn_bwd.py OUT.json --sweep          # also each candidate tile of both kernels
     python tools/bench/attn_bwd.py OUT.json --lens 4096 --models 8b
+    python tools/bench/attn_bwd.py OUT.json --tma            # dK/dV reading q/dout by pointers, then TMA
 
 One causal sequence of L tokens, bf16, head_dim 128, GQA (0.6B: 16 query / 8 kv heads; 8B:
 32 / 8). Ours starts from our forward's output and LSE (packed_attention), flash's backward
@@ -119,11 +120,24 @@ def main() -> None:
     ap.add_argument("--sweep", action="store_true", help="also time each candidate tile of both kernels")
     ap.add_argument("--models", default="0.6b,8b", help=f"comma-separated, of {sorted(MODELS)}")
     ap.add_argument("--lens", default="1024,4096,16384", help="comma-separated sequence lengths")
+    ap.add_argument("--tma", action="store_true",
+                    help="first the dK/dV kernel reading q/dout by pointers (DKDV_TMA off): grads bitwise equal?")
     args = ap.parse_args()
     cases = {(m, L): Case(*MODELS[m], L) for m in args.models.split(",") for L in map(int, args.lens.split(","))}
     res = dict(device=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
                date=datetime.date.today().isoformat(), dkdv_tiles={str(k): v for k, v in B.DKDV_TILES.items()},
-               dq_tiles={str(k): v for k, v in B.DQ_TILES.items()}, fill=B.FILL, compare=compare(cases))
+               dq_tiles={str(k): v for k, v in B.DQ_TILES.items()}, fill=B.FILL, dkdv_tma=B.DKDV_TMA)
+    if args.tma:
+        tma = B.DKDV_TMA
+        B.DKDV_TMA = False
+        print("DKDV_TMA off (pointers):")
+        res["compare_pointers"] = compare(cases)
+        ref = {key: c.ours() for key, c in cases.items()}
+        B.DKDV_TMA = tma
+        res["tma_same"] = {f"{m} L={L}": all(torch.equal(a, b) for a, b in zip(c.ours(), ref[m, L]))
+                           for (m, L), c in cases.items()}
+        print(f"DKDV_TMA {tma}: grads bitwise equal to the pointers' {res['tma_same']}")
+    res["compare"] = compare(cases)
     json.dump(res, open(args.out, "w"), indent=1)
     if args.sweep:
         res["sweep"] = sweep(cases, {(r["model"], r["L"]): r["flash_us"] for r in res["compare"]})

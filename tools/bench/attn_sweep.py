@@ -10,6 +10,7 @@
     python tools/bench/attn_sweep.py OUT.json --swapped-launch # the swapped decode tile per (warps, stages), WALK
     python tools/bench/attn_sweep.py OUT.json --walk           # WALK splits vs one: bits, decode, forward
     python tools/bench/attn_sweep.py OUT.json --walk --tiles   # the same, the forward per prefill tile
+    python tools/bench/attn_sweep.py OUT.json --tma [--tiles]  # packed K/V by TMA vs pointers; KV_SPLIT's cost
 
 --prefill: for each (KV_BLOCK, prefill BLOCK_M, warps, stages) the bits are checked first
 (prefill == chunked == decode on pages of 16/64/32; packed == paged), then the training
@@ -440,7 +441,58 @@ def walk(path: str) -> None:
     A.WALK, A._PREFILL_TILES[DT], A.DECODE_TILE = defaults
 
 
-SWAPPED_LAUNCHES = [(4, 1), (4, 2), (4, 3), (4, 4), (8, 2)]  # --swapped-launch: (num_warps, num_stages)
+TMA_TILES = [(0, 0, 0), (128, 8, 2), (128, 8, 4), (64, 4, 3), (64, 4, 4)]  # --tma: (BLOCK_M, warps, stages); 0: rule
+SPLIT_COST = [256, 512, 1024, 16384]  # --tma: KV_SPLIT, forward timing only (256 gives our bits)
+
+
+def tma(path: str) -> None:
+    """The training forward reading packed K/V by pointers vs TMA descriptors (KV_TMA): the
+    bits checks (packed == paged == decode, packed sequences back to back), both outputs and
+    LSEs compared bitwise at 0.6B 16k and 8B 4k / 777, then the forward vs flash (per prefill
+    tile of TMA_TILES with --tiles); last, what the split merges cost: the forward at each KV_SPLIT of
+    SPLIT_COST (timing only: any split but KV_SPLIT's own gives other bits)."""
+    res = dict(same={}, t=[], split=[])
+    defaults = A.KV_TMA, A._PREFILL_TILES[DT], A.KV_SPLIT
+    g = torch.Generator(device="cuda").manual_seed(3)
+    for name, (H, K), L in (("0.6b", (16, 8), 16384), ("8b", (32, 8), 4096), ("8b", (32, 8), 777)):
+        q, k, v = (torch.randn(L, n, 128, generator=g, device="cuda").to(DT) for n in (H, K, K))
+        cu = torch.tensor([0, L], dtype=torch.int32, device="cuda")
+        outs = []
+        for on in (False, True):
+            A.KV_TMA = on
+            lse = torch.empty(H, L, device="cuda")
+            outs.append((A.packed_attention(q, k, v, cu, L, 128**-0.5, lse_HT=lse), lse))
+        same = bool(torch.equal(outs[0][0], outs[1][0]) and torch.equal(outs[0][1], outs[1][1]))
+        res["same"][f"{name} L={L}"] = same
+        print(f"{name} L={L}: tma == pointers (output and LSE) {same}", flush=True)
+    for bm, w, st in TMA_TILES if "--tiles" in sys.argv else TMA_TILES[:1]:
+        A._PREFILL_TILES[DT] = defaults[1] if bm == 0 else ((bm, w, st),)
+        for on in (False, True):
+            A.KV_TMA = on
+            try:
+                bad = check() + packed_check()
+                tm = prefill_timings()
+            except Exception as e:  # noqa: BLE001 - a tile that does not fit is a row too
+                print(f"tma={int(on)} tile={bm or 'rule'},{w},{st} ERROR {str(e)[:200]}", flush=True)
+                continue
+            res["t"].append(dict(tma=on, tile=[bm, w, st], bad=bad, t=tm))
+            print(f"tma={int(on)} tile={bm or 'rule'},{w},{st} bits_ok={int(not bad)} "
+                  + " ".join(f"{k}: {v['ms'] * 1e3:.0f}us {v['x_flash']:.2f}x {v['tflops']:.0f}TF"
+                             for k, v in tm.items())
+                  + (f" BAD {bad[:3]}" if bad else ""), flush=True)
+            json.dump(res, open(path, "w"), indent=1)
+    A.KV_TMA, A._PREFILL_TILES[DT] = defaults[0], defaults[1]
+    for split in SPLIT_COST:
+        A.KV_SPLIT = split
+        tm = prefill_timings()
+        res["split"].append(dict(kv_split=split, t=tm))
+        print(f"KV_SPLIT={split:5} " + " ".join(f"{k}: {v['ms'] * 1e3:.0f}us {v['x_flash']:.2f}x {v['tflops']:.0f}TF"
+                                               for k, v in tm.items()), flush=True)
+        json.dump(res, open(path, "w"), indent=1)
+    A.KV_SPLIT = defaults[2]
+
+
+SWAPPED_LAUNCHES = [(4, 2), (4, 3), (4, 4), (8, 2)]  # --swapped-launch: (num_warps, num_stages); (4, 1): illegal address
 SWAPPED_SHAPES = [(8, 544), (8, 4096), (64, 192), (64, 544), (64, 1024), (64, 4096), (128, 544), (128, 1024),
                   (256, 192), (256, 1024)]
 
@@ -482,7 +534,7 @@ def swapped_launch(path: str) -> None:
     A.WALK, A.DECODE_TILE, A._SWAPPED_LAUNCH = defaults
 
 
-SWEEPS = {"--swapped-launch": swapped_launch, "--walk": walk, "--rowsum": rowsum, "--decode-tiles": decode_tiles,
+SWEEPS = {"--tma": tma, "--swapped-launch": swapped_launch, "--walk": walk, "--rowsum": rowsum, "--decode-tiles": decode_tiles,
           "--prefill": prefill_sweep}  # flag -> sweep(OUT.json); the first listed that is given runs
 
 

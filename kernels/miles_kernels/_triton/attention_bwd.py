@@ -23,6 +23,7 @@ from typing import NamedTuple
 import torch
 import triton
 import triton.language as tl
+from triton.tools.tensor_descriptor import TensorDescriptor
 
 from miles_kernels._triton.launch import fast_launch
 
@@ -50,6 +51,7 @@ DQ_TILES = {torch.bfloat16: (Tile(128, 64, 8, 3), Tile(64, 64, 4, 2)),
             torch.float16: (Tile(128, 64, 8, 3), Tile(64, 64, 4, 2)),
             torch.float32: (Tile(16, 16, 4, 1),)}
 FILL = 264  # 2 programs per SM of an H100/H200
+DKDV_TMA = True  # the dK/dV kernel reads q and dout by TMA descriptors (aligned rows; CUDA: 16-bit dtypes)
 _DELTA_ROWS = {torch.bfloat16: 64, torch.float16: 64, torch.float32: 16}  # tokens per delta program
 
 
@@ -68,22 +70,30 @@ def _delta_kernel(o_ptr, do_ptr, delta_ptr, T, stride_t, stride_dh, D: tl.conste
 
 
 @triton.jit
-def _dkdv_step(dk, dv, k, v, q_ptr, do_ptr, lse_ptr, delta_ptr, m0, kpos, q_len, qk_scale, stride_t,
-               BLOCK_M: tl.constexpr, D: tl.constexpr, PRECISION: tl.constexpr, MASK: tl.constexpr):
+def _dkdv_step(dk, dv, k, v, q_ptr, do_ptr, lse_ptr, delta_ptr, m0, kpos, q_len, qk_scale, stride_t, row0, col,
+               BLOCK_M: tl.constexpr, D: tl.constexpr, PRECISION: tl.constexpr, MASK: tl.constexpr,
+               TMA: tl.constexpr):
     """Add query rows m0 .. m0 + BLOCK_M of one head to the KV block's dk, dv (pointers at the
-    sequence's first token and the head). MASK: the causal and sequence-end masks."""
+    sequence's first token and the head; with TMA q_ptr/do_ptr are [T, H * D] descriptors and
+    the sequence's first token and the head's column are row0, col). MASK: the causal and
+    sequence-end masks (TMA reads the next sequence's rows there: their p is set to 0)."""
     qpos = m0 + tl.arange(0, BLOCK_M)
     ds = tl.arange(0, D)
     off = qpos[:, None] * stride_t + ds[None, :]
-    if MASK:
-        ok = qpos < q_len
+    ok = qpos < q_len
+    if TMA:
+        q = q_ptr.load([row0 + m0, col])
+        do = do_ptr.load([row0 + m0, col])
+    elif MASK:
         q = tl.load(q_ptr + off, mask=ok[:, None], other=0.0)
         do = tl.load(do_ptr + off, mask=ok[:, None], other=0.0)
-        lse = tl.load(lse_ptr + qpos, mask=ok, other=0.0)
-        delta = tl.load(delta_ptr + qpos, mask=ok, other=0.0)
     else:
         q = tl.load(q_ptr + off)
         do = tl.load(do_ptr + off)
+    if MASK:
+        lse = tl.load(lse_ptr + qpos, mask=ok, other=0.0)
+        delta = tl.load(delta_ptr + qpos, mask=ok, other=0.0)
+    else:
         lse = tl.load(lse_ptr + qpos)
         delta = tl.load(delta_ptr + qpos)
     sT = tl.dot(k, tl.trans(q), input_precision=PRECISION)  # [BLOCK_N, BLOCK_M]
@@ -112,7 +122,7 @@ def _program(per_rank, n_heads, cu_ptr):
 def _dkdv_kernel(q_ptr, k_ptr, v_ptr, do_ptr, dk_ptr, dv_ptr, lse_ptr, delta_ptr, cu_ptr,
                  qk_scale, scale, n_kv_heads, n_bk, stride_qt, stride_kt, stride_lh, stride_dh,
                  G: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                 PRECISION: tl.constexpr):
+                 PRECISION: tl.constexpr, TMA: tl.constexpr):
     # KV block j: block 0 (every query block after it) starts first
     j, kvh, q_lo, q_len = _program(n_bk, n_kv_heads, cu_ptr)
     n0 = j * BLOCK_N
@@ -132,19 +142,22 @@ def _dkdv_kernel(q_ptr, k_ptr, v_ptr, do_ptr, dk_ptr, dv_ptr, lse_ptr, delta_ptr
     n_q_full = q_len // BLOCK_M  # blocks before this one end inside the sequence
     for g in range(G):
         h = kvh * G + g
-        q_h = q_ptr + q_lo.to(tl.int64) * stride_qt + h * D
-        do_h = do_ptr + q_lo.to(tl.int64) * stride_qt + h * D
+        if TMA:
+            q_h, do_h = q_ptr, do_ptr
+        else:
+            q_h = q_ptr + q_lo.to(tl.int64) * stride_qt + h * D
+            do_h = do_ptr + q_lo.to(tl.int64) * stride_qt + h * D
         lse_h = lse_ptr + h.to(tl.int64) * stride_lh + q_lo
         delta_h = delta_ptr + h.to(tl.int64) * stride_dh + q_lo
         for i in range(i_lo, tl.minimum(i_full, n_q)):  # the diagonal
             dk, dv = _dkdv_step(dk, dv, k, v, q_h, do_h, lse_h, delta_h, i * BLOCK_M, kpos, q_len, qk_scale,
-                                stride_qt, BLOCK_M, D, PRECISION, True)
+                                stride_qt, q_lo, h * D, BLOCK_M, D, PRECISION, True, TMA)
         for i in range(i_full, n_q_full):
             dk, dv = _dkdv_step(dk, dv, k, v, q_h, do_h, lse_h, delta_h, i * BLOCK_M, kpos, q_len, qk_scale,
-                                stride_qt, BLOCK_M, D, PRECISION, False)
+                                stride_qt, q_lo, h * D, BLOCK_M, D, PRECISION, False, TMA)
         for i in range(tl.maximum(i_full, n_q_full), n_q):  # the sequence's last, partial block
             dk, dv = _dkdv_step(dk, dv, k, v, q_h, do_h, lse_h, delta_h, i * BLOCK_M, kpos, q_len, qk_scale,
-                                stride_qt, BLOCK_M, D, PRECISION, True)
+                                stride_qt, q_lo, h * D, BLOCK_M, D, PRECISION, True, TMA)
     tl.store(dk_ptr + kv_off, (dk * scale).to(dk_ptr.dtype.element_ty), mask=k_ok)
     tl.store(dv_ptr + kv_off, dv.to(dv_ptr.dtype.element_ty), mask=k_ok)
 
@@ -250,9 +263,13 @@ def packed_attention_bwd(
     # real programs ~ blocks over all tokens (+ one partial per sequence) x heads; no host sync
     t = dkdv_tile or _pick(DKDV_TILES[dtype], lambda t: triton.cdiv(T, t.block_n) * K)
     n_blocks = triton.cdiv(max_len, t.block_n)
+    # TMA: q and dout by tensor descriptors (the interpreter's in any dtype); same math
+    tma = DKDV_TMA and (q.device.type != "cuda" or q.element_size() == 2) and q.data_ptr() % 16 == 0 \
+        and do.data_ptr() % 16 == 0 and (H * D * q.element_size()) % 16 == 0
+    q_in, do_in = (TensorDescriptor(x, [T, H * D], [H * D, 1], [t.block_m, D]) for x in (q, do)) if tma else (q, do)
     _dkdv_kernel[(n_blocks * B * K,)](
-        q, k, v, do, dk, dv, lse_HT, delta, *common, K, B * K, *strides,
-        G=G, D=D, BLOCK_M=t.block_m, BLOCK_N=t.block_n, PRECISION=precision,
+        q_in, k, v, do_in, dk, dv, lse_HT, delta, *common, K, B * K, *strides,
+        G=G, D=D, BLOCK_M=t.block_m, BLOCK_N=t.block_n, PRECISION=precision, TMA=tma,
         num_warps=t.num_warps, num_stages=t.num_stages,
     )
     t = dq_tile or _pick(DQ_TILES[dtype], lambda t: triton.cdiv(T, t.block_m) * H)

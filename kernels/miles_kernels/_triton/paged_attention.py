@@ -22,6 +22,7 @@ decode_attention's swapped tile (DECODE_TILE) with the same bits.
 import torch
 import triton
 import triton.language as tl
+from triton.tools.tensor_descriptor import TensorDescriptor
 
 from miles_kernels._triton.attn_parts import LN2, exact_sum, fixed_sum, seq_and_head
 from miles_kernels._triton.decode_attention import decode_kernel
@@ -43,6 +44,10 @@ _DECODE_LAUNCH = {torch.bfloat16: (4, 3), torch.float16: (4, 3), torch.float32: 
 # a large batch, short prompts); a row's reduction is the same in all.
 _PREFILL_TILES = {torch.bfloat16: ((128, 8, 3), (64, 4, 3)), torch.float16: ((128, 8, 3), (64, 4, 3)),
                   torch.float32: ((16, 4, 3), (16, 4, 3))}
+# The same for packed K/V read by TMA (KV_TMA): 64 rows and one warpgroup beat 128 rows there
+# (attn_sweep.py --tma --tiles, 2026-12-03 fifteenth run: 0.6B / 8B 16k 1.21 / 1.20x flash vs
+# 1.12 / 1.11x; with pointer loads the same tile is 1.01 / 0.98x).
+_PREFILL_TILES_TMA = {torch.bfloat16: ((64, 4, 3),), torch.float16: ((64, 4, 3),), torch.float32: ((16, 4, 3),)}
 PREFILL_FILL = 128  # programs (about one per SM on an H100/H200) the tall tile must still make
 # A block's row sums l: "reduce" (a register reduction, in an order set by the tile's layout),
 # "dot" (an MMA of the rounded p against a one-hot column: one order whichever operand p is),
@@ -58,18 +63,28 @@ ROW_SUMS = ("reduce", "dot", "exact", "fixed")
 # Measured (same run): swapped 5-12% faster from 512 pairs (B 64, 256), equal at 64 (B 8).
 DECODE_TILE = "auto"
 SWAPPED_MIN_PAIRS = 64
-_SWAPPED_LAUNCH = (4, 2)  # its num_warps (4: one warpgroup, wgmma), num_stages (best of 2-4, 2026-12-03)
+# Its (num_warps, num_stages): None is the rule, one warpgroup (wgmma) and 3 stages where one
+# program walks a pair's splits in one loop at fewer than SWAPPED_DEEP_PAIRS pairs, else 2
+# (attn_sweep.py --swapped-launch, 2026-12-03 fifteenth run: B 64 ctx 1024 / 4096 83.4 / 275.7 us
+# at 3 stages vs 92.4 / 316.1 at 2; from B 128 2 stages best; 8 warps 1.5-1.9x slower).
+_SWAPPED_LAUNCH = None
+SWAPPED_DEEP_PAIRS = 1024
 # A program that runs all of its tile's splits (prefill; decode from DECODE_PROGRAMS pairs on)
 # walks them in one loop ("one": one software pipeline across them) or a loop per split
 # ("splits"): the same operations in the same order, so the same bits. "auto": "one" except in
 # the swapped decode tile below WALK_SWAPPED_MIN_PAIRS (sequence, kv head) pairs. Measured
 # (attn_sweep.py --walk, 2026-12-03): training forward 1.06-1.22x flash at 4k / 16k with "one"
 # (0.90-1.12x with "splits"); decode in the swapped tile at 2048 pairs (B 256) 7-11% faster with
-# "one", at 512 (B 64) 8-10% slower; the 64-row tile 2-5% faster with "one" at both.
+# "one"; at 512 (B 64) 8-10% slower at 2 stages, 2-4% faster at 3 (--swapped-launch, fifteenth
+# run); the 64-row tile 2-5% faster with "one" at both.
 WALK = "auto"
 WALKS = ("one", "splits", "auto")
-WALK_SWAPPED_MIN_PAIRS = 2048
+WALK_SWAPPED_MIN_PAIRS = 512
 _LOG2E = 1.4426950408889634
+# CONTIG, the K/V the kernel reads: paged caches, packed [T, K, D] by pointers, or packed by TMA
+# tensor descriptors (KV_TMA: bf16/fp16 with D a power of two, 16-byte aligned rows)
+PAGED, PACKED, PACKED_TMA = tl.constexpr(0), tl.constexpr(1), tl.constexpr(2)
+KV_TMA = True
 
 
 @triton.jit
@@ -85,16 +100,11 @@ def _merge(m, l, acc, m_s, l_s, acc_s):
 
 
 @triton.jit
-def _kv_block(
-    q, m, l, acc, j, pos, kv_len, kv_base, k_ptr, v_ptr, bt_row_ptr, kvh, qk_scale, D, offs, ds, one,
-    stride_kp, stride_ks, stride_kk, stride_vp, stride_vs, stride_vk,
-    PAGE: tl.constexpr, ATTN_BLK: tl.constexpr, PRECISION: tl.constexpr, CONTIG: tl.constexpr,
-    MASK: tl.constexpr, L_SUM: tl.constexpr,
-):
-    """One online-softmax step over KV block j. MASK=False only where every position of the
-    block is visible to every row (the causal and length masks would keep every score)."""
-    kv_pos = j * ATTN_BLK + offs
-    ok = kv_pos < kv_len
+def _kv_load(j, kv_pos, ok, kv_base, k_ptr, v_ptr, bt_row_ptr, kvh, D, offs, ds,
+             stride_kp, stride_ks, stride_kk, stride_vp, stride_vs, stride_vk,
+             PAGE: tl.constexpr, ATTN_BLK: tl.constexpr, CONTIG: tl.constexpr, MASK: tl.constexpr):
+    """K^T [BLOCK_D, ATTN_BLK] and V [ATTN_BLK, BLOCK_D] of KV block j by pointers (zeros
+    past kv_len and past D)."""
     if CONTIG:  # packed K/V [T, K, D]: the sequence's tokens from kv_base on
         k_off = (kv_base + kv_pos) * stride_ks
         v_off = (kv_base + kv_pos) * stride_vs
@@ -116,6 +126,29 @@ def _kv_block(
     else:
         kT = tl.load(k_ptr + kvh * stride_kk + k_off[None, :] + ds[:, None], mask=ds[:, None] < D, other=0.0)
         v = tl.load(v_ptr + kvh * stride_vk + v_off[:, None] + ds[None, :], mask=ds[None, :] < D, other=0.0)
+    return kT, v
+
+
+@triton.jit
+def _kv_block(
+    q, m, l, acc, j, pos, kv_len, kv_base, k_ptr, v_ptr, bt_row_ptr, kvh, qk_scale, D, offs, ds, one,
+    stride_kp, stride_ks, stride_kk, stride_vp, stride_vs, stride_vk,
+    PAGE: tl.constexpr, ATTN_BLK: tl.constexpr, PRECISION: tl.constexpr, CONTIG: tl.constexpr,
+    MASK: tl.constexpr, L_SUM: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """One online-softmax step over KV block j. MASK=False only where every position of the
+    block is visible to every row (the causal and length masks would keep every score)."""
+    kv_pos = j * ATTN_BLK + offs
+    ok = kv_pos < kv_len
+    if CONTIG == PACKED_TMA:  # k_ptr/v_ptr: descriptors of the packed K/V as [T, K * D], D == BLOCK_D
+        # Rows past the sequence hold the next one's tokens (past T: zeros), not zeros: their
+        # scores are masked to -inf below, so their p is 0 and p * v adds exact zeros.
+        row = (kv_base + j * ATTN_BLK).to(tl.int32)
+        kT = tl.trans(k_ptr.load([row, kvh * BLOCK_D]))
+        v = v_ptr.load([row, kvh * BLOCK_D])
+    else:
+        kT, v = _kv_load(j, kv_pos, ok, kv_base, k_ptr, v_ptr, bt_row_ptr, kvh, D, offs, ds,
+                         stride_kp, stride_ks, stride_kk, stride_vp, stride_vs, stride_vk, PAGE, ATTN_BLK, CONTIG, MASK)
     qk = tl.dot(q, kT, input_precision=PRECISION)
     s = qk * qk_scale
     if MASK:
@@ -159,17 +192,17 @@ def _split_state(
     acc = tl.zeros((BLOCK_M, BLOCK_D), tl.float32)
     offs = tl.arange(0, ATTN_BLK)
     ds = tl.arange(0, BLOCK_D)
-    one = tl.where((offs[:, None] >= 0) & (tl.arange(0, 16)[None, :] == 0), 1.0, 0.0).to(v_ptr.dtype.element_ty)
+    one = tl.where((offs[:, None] >= 0) & (tl.arange(0, 16)[None, :] == 0), 1.0, 0.0).to(q.dtype)
     n_full = tl.minimum((pos_min + 1) // ATTN_BLK, kv_len // ATTN_BLK)
     full_hi = tl.maximum(tl.minimum(blk_hi, n_full), blk_lo)
     for j in range(blk_lo, full_hi):
         m, l, acc = _kv_block(q, m, l, acc, j, pos, kv_len, kv_base, k_ptr, v_ptr, bt_row_ptr, kvh, qk_scale, D,
                               offs, ds, one, stride_kp, stride_ks, stride_kk, stride_vp, stride_vs, stride_vk,
-                              PAGE, ATTN_BLK, PRECISION, CONTIG, False, L_SUM)
+                              PAGE, ATTN_BLK, PRECISION, CONTIG, False, L_SUM, BLOCK_D)
     for j in range(full_hi, blk_hi):
         m, l, acc = _kv_block(q, m, l, acc, j, pos, kv_len, kv_base, k_ptr, v_ptr, bt_row_ptr, kvh, qk_scale, D,
                               offs, ds, one, stride_kp, stride_ks, stride_kk, stride_vp, stride_vs, stride_vk,
-                              PAGE, ATTN_BLK, PRECISION, CONTIG, True, L_SUM)
+                              PAGE, ATTN_BLK, PRECISION, CONTIG, True, L_SUM, BLOCK_D)
     return m, l, acc
 
 
@@ -197,18 +230,18 @@ def _walk(
     m_s, l_s, acc_s = m, l, acc
     offs = tl.arange(0, ATTN_BLK)
     ds = tl.arange(0, BLOCK_D)
-    one = tl.where((offs[:, None] >= 0) & (tl.arange(0, 16)[None, :] == 0), 1.0, 0.0).to(v_ptr.dtype.element_ty)
+    one = tl.where((offs[:, None] >= 0) & (tl.arange(0, 16)[None, :] == 0), 1.0, 0.0).to(q.dtype)
     full_hi = tl.minimum(tl.minimum((pos_min + 1) // ATTN_BLK, kv_len // ATTN_BLK), n_blocks)
     for j in range(0, full_hi):
         m_s, l_s, acc_s = _kv_block(q, m_s, l_s, acc_s, j, pos, kv_len, kv_base, k_ptr, v_ptr, bt_row_ptr, kvh,
                                     qk_scale, D, offs, ds, one, stride_kp, stride_ks, stride_kk, stride_vp, stride_vs,
-                                    stride_vk, PAGE, ATTN_BLK, PRECISION, CONTIG, False, L_SUM)
+                                    stride_vk, PAGE, ATTN_BLK, PRECISION, CONTIG, False, L_SUM, BLOCK_D)
         if (j + 1) % SPLIT_BLOCKS == 0:
             m, l, acc, m_s, l_s, acc_s = _end_split(m, l, acc, m_s, l_s, acc_s)
     for j in range(full_hi, n_blocks):
         m_s, l_s, acc_s = _kv_block(q, m_s, l_s, acc_s, j, pos, kv_len, kv_base, k_ptr, v_ptr, bt_row_ptr, kvh,
                                     qk_scale, D, offs, ds, one, stride_kp, stride_ks, stride_kk, stride_vp, stride_vs,
-                                    stride_vk, PAGE, ATTN_BLK, PRECISION, CONTIG, True, L_SUM)
+                                    stride_vk, PAGE, ATTN_BLK, PRECISION, CONTIG, True, L_SUM, BLOCK_D)
         if (j + 1) % SPLIT_BLOCKS == 0:
             m, l, acc, m_s, l_s, acc_s = _end_split(m, l, acc, m_s, l_s, acc_s)
     if n_blocks % SPLIT_BLOCKS != 0:
@@ -382,7 +415,20 @@ def packed_attention(
     cu = cu_seqlens_B1.to(torch.int32).contiguous()
     # K/V as one "page" per token row: strides (token, head); PAGE/table unused (CONTIG)
     return _launch(q_THD, k_TKD[None], v_TKD[None], cu, cu, cu[:, None], max_len, scale, lse_HT, KV_BLOCK, 1,
-                   (0, 0))
+                   (0, 0), _kv_descriptors(k_TKD, v_TKD))
+
+
+def _kv_descriptors(k_TKD: torch.Tensor, v_TKD: torch.Tensor) -> tuple | None:
+    """TMA descriptors of packed K/V as [T, K * D] (blocks of KV_BLOCK tokens x D), or None where
+    KV_TMA is off or the layout does not allow them: the pointer walk then (same bits)."""
+    T, K, D = k_TKD.shape
+    on_gpu = k_TKD.device.type == "cuda"
+    if not KV_TMA or D < 16 or D & (D - 1) or (on_gpu and k_TKD.element_size() != 2):
+        return None  # the interpreter (CPU) runs the descriptor walk in any dtype
+    for t in (k_TKD, v_TKD):
+        if t.stride(1) != D or t.stride(2) != 1 or (t.stride(0) * t.element_size()) % 16 or t.data_ptr() % 16:
+            return None
+    return tuple(TensorDescriptor(t, [T, K * D], [t.stride(0), 1], [KV_BLOCK, D]) for t in (k_TKD, v_TKD))
 
 
 def _check(q_THD, k, v, K: int, lse_HT) -> None:
@@ -422,10 +468,18 @@ def _one_loop(swapped: bool, pairs: int) -> bool:
     return WALK == "one" or (WALK == "auto" and (not swapped or pairs >= WALK_SWAPPED_MIN_PAIRS))
 
 
+def _swapped_launch(pairs: int, one_loop: bool) -> tuple[int, int]:
+    """(num_warps, num_stages) of the swapped decode tile: _SWAPPED_LAUNCH, or its rule."""
+    if _SWAPPED_LAUNCH is not None:
+        return _SWAPPED_LAUNCH
+    return (4, 3) if one_loop and pairs < SWAPPED_DEEP_PAIRS else (4, 2)
+
+
 def _launch(q_THD, k4, v4, cu_seqlens, kv_lens, bt, max_q_len: int, scale: float, lse_HT, page: int,
-            n_splits: int, page_strides: tuple[int, int]) -> torch.Tensor:
+            n_splits: int, page_strides: tuple[int, int], kv_descs: tuple | None = None) -> torch.Tensor:
     """Launch the kernel on k4/v4 = paged caches [P, S, K, D] (page_strides: their page
-    strides), or packed K/V [1, T, K, D] (page_strides (0, 0): the CONTIG walk)."""
+    strides), or packed K/V [1, T, K, D] (page_strides (0, 0): the CONTIG walk; kv_descs:
+    their TMA descriptors, read instead of the pointers)."""
     contig = page_strides == (0, 0)
     T, H, D = q_THD.shape
     K = k4.shape[2]
@@ -448,7 +502,7 @@ def _launch(q_THD, k4, v4, cu_seqlens, kv_lens, bt, max_q_len: int, scale: float
     split_parallel = short and split_programs > 1
     num_warps, num_stages = _DECODE_LAUNCH[q_THD.dtype]
     if not short:
-        for bm, num_warps, num_stages in _PREFILL_TILES[q_THD.dtype]:
+        for bm, num_warps, num_stages in (_PREFILL_TILES if kv_descs is None else _PREFILL_TILES_TMA)[q_THD.dtype]:
             block_m = max(bm, g_pad)
             tok = block_m // g_pad  # a tall tile of a few real rows (decode at a large batch) is waste
             if max_q_len >= tok and triton.cdiv(max_q_len, tok) * B * K >= PREFILL_FILL:
@@ -463,6 +517,8 @@ def _launch(q_THD, k4, v4, cu_seqlens, kv_lens, bt, max_q_len: int, scale: float
     consts = dict(G=G, G_PAD=g_pad, BLOCK_D=block_d, ATTN_BLK=KV_BLOCK, SPLIT_BLOCKS=KV_SPLIT // KV_BLOCK)
     lse = lse_HT if lse_HT is not None else pm
     if short and D == block_d >= 16 and _swapped_tile(B * K):
+        one_loop = _one_loop(True, B * K)
+        num_warps, num_stages = _swapped_launch(B * K, one_loop and not split_parallel)
         decode_kernel[(B * K, split_programs if split_parallel else 1)](
             q_THD, k4, v4, o_THD, lse, pm, pl, pacc, cu, kv_lens, bt, scale * _LOG2E, K, n_splits,
             q_THD.stride(0), q_THD.stride(1), o_THD.stride(0), o_THD.stride(1), lse.stride(0),
@@ -470,17 +526,18 @@ def _launch(q_THD, k4, v4, cu_seqlens, kv_lens, bt, max_q_len: int, scale: float
             G=G, G_PAD=g_pad, ROWS=max(16, triton.next_power_of_2(max_q_len * g_pad)), BLOCK_D=block_d, PAGE=page,
             ATTN_BLK=KV_BLOCK, SPLIT_BLOCKS=KV_SPLIT // KV_BLOCK, SPLIT_PARALLEL=split_parallel, PART_ROWS=part_rows,
             PRECISION="ieee" if q_THD.dtype == torch.float32 else "tf32", STORE_LSE=lse_HT is not None,
-            L_SUM=ROW_SUM, ONE_LOOP=_one_loop(True, B * K),
-            num_warps=_SWAPPED_LAUNCH[0], num_stages=_SWAPPED_LAUNCH[1],
+            L_SUM=ROW_SUM, ONE_LOOP=one_loop, num_warps=num_warps, num_stages=num_stages,
         )
     else:
+        kv = kv_descs if kv_descs is not None else (k4, v4)
         _attn_kernel[(triton.cdiv(max_q_len, tok_per_tile), B * K, split_programs if split_parallel else 1)](
-            q_THD, k4, v4, o_THD, lse, pm, pl, pacc, cu, kv_lens, bt,
+            q_THD, *kv, o_THD, lse, pm, pl, pacc, cu, kv_lens, bt,
             scale * _LOG2E, D, K, n_splits,
             q_THD.stride(0), q_THD.stride(1), o_THD.stride(0), o_THD.stride(1), lse.stride(0),
             page_strides[0], k4.stride(1), k4.stride(2), page_strides[1], v4.stride(1), v4.stride(2), bt.stride(0),
             BLOCK_M=block_m, PAGE=page, SPLIT_PARALLEL=split_parallel, PART_ROWS=part_rows,
-            PRECISION="ieee" if q_THD.dtype == torch.float32 else "tf32", STORE_LSE=lse_HT is not None, CONTIG=contig,
+            PRECISION="ieee" if q_THD.dtype == torch.float32 else "tf32", STORE_LSE=lse_HT is not None,
+            CONTIG=PAGED if not contig else PACKED if kv_descs is None else PACKED_TMA,
             L_SUM=ROW_SUM, ONE_LOOP=_one_loop(False, B * K), **consts, num_warps=num_warps, num_stages=num_stages,
         )
     if split_parallel:
