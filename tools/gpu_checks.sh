@@ -14,7 +14,8 @@
 #              sweep: linear tiles (M <= 512 decode shapes too) launched and graphed, decode attention programs,
 #              decode attention tiles, the training attention forward per prefill tile vs flash, the
 #              one-loop walk against the per-split one (WALK), packed K/V by TMA against pointers per
-#              prefill tile and the split merges' cost (--tma), the swapped decode tile's launches,
+#              prefill tile and the split merges' cost (--tma), the engine's paged caches by TMA
+#              (--tma-paged), the swapped decode tile's launches,
 #              the Triton attention backward vs flash's per tile, dK/dV by pointers then TMA (attn_bwd
 #              --sweep --tma), graph launch cost,
 #              grouped_linear's tiles vs a dense matmul and torch's grouped GEMM (grouped_sweep)
@@ -72,6 +73,7 @@ for step in $steps; do
                run attn_prefill_sweep python3 tools/bench/attn_sweep.py "$out/attn_prefill.json" --prefill
                run attn_walk python3 tools/bench/attn_sweep.py "$out/attn_walk.json" --walk
                run attn_tma python3 tools/bench/attn_sweep.py "$out/attn_tma.json" --tma --tiles
+               run attn_tma_paged python3 tools/bench/attn_sweep.py "$out/attn_tma_paged.json" --tma-paged
                run attn_swapped_launch python3 tools/bench/attn_sweep.py "$out/attn_swapped_launch.json" --swapped-launch
                run attn_bwd_sweep python3 tools/bench/attn_bwd.py "$out/attn_bwd.json" --sweep --tma
                run grouped_sweep python3 tools/bench/grouped_sweep.py --out "$out/grouped_sweep.json"

@@ -865,6 +865,57 @@ def check_walks_agree() -> None:
         _same(out["one"][tile], out["one"][2][at], f"one-loop decode ({names[tile]}) vs prefill rows")
 
 
+def check_kv_tma_agrees() -> None:
+    """K/V read by TMA descriptors (KV_TMA: packed; PAGED_KV_TMA: paged caches) give the pointer
+    walk's bits: packed sequences with the LSE, paged prefill and a chunk, decode in both tiles
+    with split programs and with one program a pair; the caches' unwritten slots hold NaN, which
+    the masked blocks must zero as the pointer loads do."""
+    from miles_kernels._triton import paged_attention as attn_mod
+
+    kt = _kt()
+    g = torch.Generator().manual_seed(12)
+    H, K, D, page = 4, 2, 16, 16
+    lens = [90, 1, 64, 33, 100]
+    T, q, k, v, cu = _packed_qkv(lens, H, K, D, g)
+    L = lens[0]
+    pages = torch.randperm(-(-L // page) + 2, generator=g)[: -(-L // page)].tolist()
+    caches = _paged(k[:L], v[:L], page, pages, -(-L // page) + 2)
+    at = [L - 1, 3, 40, 63, 64, 70]
+    names = ["packed", "lse", "paged prefill", "chunk"] + [f"decode ({tile}, {programs} programs)"
+                                                           for programs in (1024, 1) for tile in ("rows", "swapped")]
+    saved = (attn_mod.KV_BLOCK, attn_mod.KV_SPLIT, attn_mod.KV_TMA, attn_mod.PAGED_KV_TMA, attn_mod.DECODE_PROGRAMS,
+             attn_mod.DECODE_TILE, attn_mod._kv_descriptors)
+    made = []
+
+    def spy(k_, v_, enabled):
+        made.append(saved[-1](k_, v_, enabled))
+        return made[-1]
+
+    attn_mod.KV_BLOCK, attn_mod.KV_SPLIT, attn_mod._kv_descriptors = 16, 32, spy
+    out = {}
+    try:
+        for tma in (False, True):
+            attn_mod.KV_TMA = attn_mod.PAGED_KV_TMA = tma
+            made.clear()
+            lse = torch.empty(H, T)
+            got = [kt.packed_attention(q, k, v, cu, max(lens), D**-0.5, lse_HT=lse), lse,
+                   _run_attention(kt, q[:L], caches, [(L, L, pages)], D**-0.5),
+                   _run_attention(kt, q[40:L], caches, [(L - 40, L, pages)], D**-0.5)]
+            for programs in (1024, 1):
+                attn_mod.DECODE_PROGRAMS = programs
+                for tile in ("rows", "swapped"):
+                    attn_mod.DECODE_TILE = tile
+                    got.append(_run_attention(kt, q[at], caches, [(1, t + 1, pages) for t in at], D**-0.5))
+            assert all((d is not None) == tma for d in made) and len(made) == 7, "descriptors not made as asked"
+            out[tma] = got
+    finally:
+        (attn_mod.KV_BLOCK, attn_mod.KV_SPLIT, attn_mod.KV_TMA, attn_mod.PAGED_KV_TMA, attn_mod.DECODE_PROGRAMS,
+         attn_mod.DECODE_TILE, attn_mod._kv_descriptors) = saved
+    for name, a, b in zip(names, out[True], out[False], strict=True):
+        _same(a, b, f"TMA vs pointers: {name}")
+    assert not out[True][2].isnan().any(), "NaN from the cache's unwritten slots"
+
+
 def check_attention_kv_block_spans_pages() -> None:
     """A KV block wider than a page gathers each token's page; still prefill == chunked == decode."""
     from miles_kernels._triton import paged_attention as attn_mod
@@ -1066,7 +1117,8 @@ def check_packed_attention() -> None:
         k_view, v_view = qkv[:, H * D:(H + K) * D].view(T, K, D), qkv[:, (H + K) * D:].view(T, K, D)
         for tma, kk, vv in ((True, k, v), (True, k_view, v_view), (False, k, v)):
             attn_mod.KV_TMA = tma
-            assert (attn_mod._kv_descriptors(kk, vv) is not None) == tma, "the descriptor walk was not taken"
+            made = attn_mod._kv_descriptors(kk, vv, attn_mod.KV_TMA)
+            assert (made is not None) == tma, "the descriptor walk was not taken"
             lse_c = torch.full((H, T), float("nan"))
             packed = kt.packed_attention(q, kk, vv, cu, max(lens), D**-0.5, lse_HT=lse_c)
             _same(packed, paged, f"packed_attention (KV_TMA {tma}, row stride {kk.stride(0)}) vs the paged kernel")
@@ -1124,6 +1176,35 @@ def check_attention_bwd() -> None:
     token, partial blocks, mask-free blocks) vs float64 autograd, GQA 2 and 4."""
     _check_attention_bwd_case([1, 17, 45], H=4, K=2, D=16, scale=16**-0.5, seed=31)
     _check_attention_bwd_case([45, 1, 33], H=8, K=2, D=32, scale=0.3, seed=32)
+
+
+def check_attention_bwd_nan_neighbour() -> None:
+    """A sequence of NaNs packed after another leaves the first one's output (K/V read by TMA)
+    and grads finite, the grads the same with the dK/dV kernel's q/dout read by TMA (its masked
+    rows zeroed) or by pointers."""
+    from miles_kernels._triton import attention_bwd as bwd_mod
+
+    kt = _kt()
+    g = torch.Generator().manual_seed(35)
+    lens, H, K, D = [21, 40], 4, 2, 16
+    T, q, k, v, cu = _packed_qkv(lens, H, K, D, g)
+    dout = torch.randn(T, H, D, generator=g)
+    for x in (q, k, v, dout):
+        x[lens[0]:] = float("nan")
+    lse = torch.full((H, T), float("nan"))
+    out = kt.packed_attention(q, k, v, cu, max(lens), D**-0.5, lse_HT=lse)  # K/V by TMA (KV_TMA)
+    assert out[: lens[0]].isfinite().all(), "the forward took the NaN neighbour's K/V rows"
+    saved = bwd_mod.DKDV_TMA
+    grads = []
+    try:
+        for tma in (True, False):
+            bwd_mod.DKDV_TMA = tma
+            grads.append(bwd_mod.packed_attention_bwd(q, k, v, out, dout, lse, cu, max(lens), D**-0.5))
+    finally:
+        bwd_mod.DKDV_TMA = saved
+    for name, a, b in zip(("dq", "dk", "dv"), *grads):
+        assert a[: lens[0]].isfinite().all(), f"{name} of the first sequence took the NaN neighbour's rows"
+        _same(a[: lens[0]], b[: lens[0]], f"{name} of the first sequence, TMA vs pointers")
 
 
 def check_attention_bwd_uneven_tiles() -> None:

@@ -11,6 +11,7 @@
     python tools/bench/attn_sweep.py OUT.json --walk           # WALK splits vs one: bits, decode, forward
     python tools/bench/attn_sweep.py OUT.json --walk --tiles   # the same, the forward per prefill tile
     python tools/bench/attn_sweep.py OUT.json --tma [--tiles]  # packed K/V by TMA vs pointers; KV_SPLIT's cost
+    python tools/bench/attn_sweep.py OUT.json --tma-paged      # the engine's paged caches by TMA vs pointers
 
 --prefill: for each (KV_BLOCK, prefill BLOCK_M, warps, stages) the bits are checked first
 (prefill == chunked == decode on pages of 16/64/32; packed == paged), then the training
@@ -492,7 +493,54 @@ def tma(path: str) -> None:
     A.KV_SPLIT = defaults[2]
 
 
-SWAPPED_LAUNCHES = [(4, 2), (4, 3), (4, 4), (8, 2)]  # --swapped-launch: (num_warps, num_stages); (4, 1): illegal address
+TMA_PAGED_PREFILL = [(1, 4096), (8, 1024), (64, 128)]  # --tma-paged: (sequences, prompt) of an engine prefill
+
+
+def tma_paged(path: str) -> None:
+    """The engine's paged attention reading the caches by TMA (PAGED_KV_TMA) vs pointers: the
+    bits checks with it on, then decode at SWAPPED_SHAPES (the default tile, and the 64-row tile
+    at B 8) and a paged prefill of TMA_PAGED_PREFILL (0.6B heads, pages of 64, the tile rule of
+    each way), each compared bitwise between the two ways and timed from graphs."""
+    res = dict(bad=[], decode=[], prefill=[])
+    saved = A.PAGED_KV_TMA, A.DECODE_TILE
+    A.PAGED_KV_TMA = True
+    res["bad"] = check() + packed_check()
+    print(f"PAGED_KV_TMA on: bits_ok={int(not res['bad'])} {res['bad'][:3]}", flush=True)
+    run = lambda q, kc, vc, cu, kv, bt, n: A.attention(q, kc, vc, cu, kv, bt, n, 128**-0.5)  # noqa: E731
+
+    def both(row, args, n):
+        outs = []
+        for on in (False, True):
+            A.PAGED_KV_TMA = on
+            outs.append(run(*args, n))
+            row[f"{'tma' if on else 'ptr'}_us"] = _graph_ms(lambda: run(*args, n)) * 1e3
+        row["same"] = bool(torch.equal(*outs))
+
+    for B, ctx in SWAPPED_SHAPES:
+        q, kc, vc, cu, kv, n, _, _, mb = decode_case(B, ctx)
+        for tile in ("auto", "rows") if B == 8 else ("auto",):
+            A.DECODE_TILE = tile
+            row = dict(B=B, ctx=ctx, mb=mb, tile=tile)
+            both(row, (q, kc, vc, cu, kv, in_order(B, n)), 1)
+            res["decode"].append(row)
+            print(f"decode B={B:3} ctx={ctx:4} {tile:5} pointers {row['ptr_us']:6.1f} us  TMA {row['tma_us']:6.1f} us "
+                  f"({mb / row['tma_us']:.2f} TB/s)  same {int(row['same'])}", flush=True)
+    A.DECODE_TILE = saved[1]
+    for B, L in TMA_PAGED_PREFILL:
+        q, kc, vc, _, kv, n, _, _, _ = decode_case(B, L)
+        q = torch.randn(B * L, 16, 128, device="cuda", dtype=DT)
+        cu = torch.arange(B + 1, device="cuda", dtype=torch.int32) * L
+        row = dict(B=B, L=L)
+        both(row, (q, kc, vc, cu, kv, in_order(B, n)), L)
+        res["prefill"].append(row)
+        print(f"prefill {B:3} x {L:5} pointers {row['ptr_us']:7.1f} us  TMA {row['tma_us']:7.1f} us "
+              f"({row['ptr_us'] / row['tma_us']:.2f}x)  same {int(row['same'])}", flush=True)
+        json.dump(res, open(path, "w"), indent=1)
+    A.PAGED_KV_TMA = saved[0]
+
+
+# --swapped-launch: (num_warps, num_stages); (4, 1) faults with an illegal address (2026-12-03)
+SWAPPED_LAUNCHES = [(4, 2), (4, 3), (4, 4), (8, 2)]
 SWAPPED_SHAPES = [(8, 544), (8, 4096), (64, 192), (64, 544), (64, 1024), (64, 4096), (128, 544), (128, 1024),
                   (256, 192), (256, 1024)]
 
@@ -534,8 +582,9 @@ def swapped_launch(path: str) -> None:
     A.WALK, A.DECODE_TILE, A._SWAPPED_LAUNCH = defaults
 
 
-SWEEPS = {"--tma": tma, "--swapped-launch": swapped_launch, "--walk": walk, "--rowsum": rowsum, "--decode-tiles": decode_tiles,
-          "--prefill": prefill_sweep}  # flag -> sweep(OUT.json); the first listed that is given runs
+# flag -> sweep(OUT.json); the first listed that is given runs
+SWEEPS = {"--tma-paged": tma_paged, "--tma": tma, "--swapped-launch": swapped_launch, "--walk": walk,
+          "--rowsum": rowsum, "--decode-tiles": decode_tiles, "--prefill": prefill_sweep}
 
 
 if __name__ == "__main__":

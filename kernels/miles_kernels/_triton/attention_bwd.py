@@ -76,7 +76,7 @@ def _dkdv_step(dk, dv, k, v, q_ptr, do_ptr, lse_ptr, delta_ptr, m0, kpos, q_len,
     """Add query rows m0 .. m0 + BLOCK_M of one head to the KV block's dk, dv (pointers at the
     sequence's first token and the head; with TMA q_ptr/do_ptr are [T, H * D] descriptors and
     the sequence's first token and the head's column are row0, col). MASK: the causal and
-    sequence-end masks (TMA reads the next sequence's rows there: their p is set to 0)."""
+    sequence-end masks."""
     qpos = m0 + tl.arange(0, BLOCK_M)
     ds = tl.arange(0, D)
     off = qpos[:, None] * stride_t + ds[None, :]
@@ -84,6 +84,9 @@ def _dkdv_step(dk, dv, k, v, q_ptr, do_ptr, lse_ptr, delta_ptr, m0, kpos, q_len,
     if TMA:
         q = q_ptr.load([row0 + m0, col])
         do = do_ptr.load([row0 + m0, col])
+        if MASK:  # rows past the sequence: zeros, as the pointer loads read them
+            q = tl.where(ok[:, None], q, 0.0)
+            do = tl.where(ok[:, None], do, 0.0)
     elif MASK:
         q = tl.load(q_ptr + off, mask=ok[:, None], other=0.0)
         do = tl.load(do_ptr + off, mask=ok[:, None], other=0.0)

@@ -36,3 +36,22 @@ def seq_and_head(cu_ptr, kv_lens_ptr, n_kv_heads):
     b = bk // n_kv_heads
     q_lo = tl.load(cu_ptr + b)
     return bk, b, bk % n_kv_heads, q_lo, tl.load(cu_ptr + b + 1) - q_lo, tl.load(kv_lens_ptr + b)
+
+
+@triton.jit
+def kv_tma(j, kv_base, k_desc, v_desc, bt_row_ptr, kvh, ok, PAGE: tl.constexpr, ATTN_BLK: tl.constexpr,
+           CONTIG: tl.constexpr, MASK: tl.constexpr, BLOCK_D: tl.constexpr):
+    """K and V [ATTN_BLK, BLOCK_D] of KV block j by TMA: descriptors over packed K/V [T, K * D]
+    (CONTIG) or a paged cache [P * PAGE, K * D] (the block inside one page). With MASK the rows
+    past kv_len (the next sequence's tokens, a page's stale slots, zeros past the tensor) are
+    set to zero, as the pointer loads read them: the same values, so the same bits."""
+    if CONTIG:
+        row = kv_base + j * ATTN_BLK
+    else:
+        row = tl.load(bt_row_ptr + (j * ATTN_BLK) // PAGE).to(tl.int64) * PAGE + (j * ATTN_BLK) % PAGE
+    k = k_desc.load([row.to(tl.int32), kvh * BLOCK_D])
+    v = v_desc.load([row.to(tl.int32), kvh * BLOCK_D])
+    if MASK:
+        k = tl.where(ok[:, None], k, 0.0)
+        v = tl.where(ok[:, None], v, 0.0)
+    return k, v

@@ -13,19 +13,14 @@ from SWAPPED_MIN_PAIRS (sequence, kv head) pairs on (measured by tools/bench/att
 import triton
 import triton.language as tl
 
-from miles_kernels._triton.attn_parts import LN2, exact_sum, fixed_sum, seq_and_head
+from miles_kernels._triton.attn_parts import LN2, exact_sum, fixed_sum, kv_tma, seq_and_head
 from miles_kernels._triton.launch import fast_launch
 
 
 @triton.jit
-def _kv_block_t(
-    qT, m, l, accT, j, pos, kv_len, k_ptr, v_ptr, bt_row_ptr, kvh, qk_scale, offs, ds, one,
-    stride_kp, stride_ks, stride_kk, stride_vp, stride_vs, stride_vk,
-    PAGE: tl.constexpr, ATTN_BLK: tl.constexpr, PRECISION: tl.constexpr, MASK: tl.constexpr, L_SUM: tl.constexpr,
-):
-    """paged_attention._kv_block with the block's tokens along axis 0: same values."""
-    kv_pos = j * ATTN_BLK + offs
-    ok = kv_pos < kv_len
+def _kv_load_t(j, kv_pos, ok, k_ptr, v_ptr, bt_row_ptr, kvh, offs, ds, stride_kp, stride_ks, stride_kk, stride_vp,
+               stride_vs, stride_vk, PAGE: tl.constexpr, ATTN_BLK: tl.constexpr, MASK: tl.constexpr):
+    """K [ATTN_BLK, BLOCK_D] and V^T of KV block j by pointers (zeros past kv_len)."""
     if PAGE % ATTN_BLK == 0:  # the block lies in one page
         page = tl.load(bt_row_ptr + (j * ATTN_BLK) // PAGE).to(tl.int64)
         slot = (j * ATTN_BLK) % PAGE + offs
@@ -40,6 +35,25 @@ def _kv_block_t(
     else:
         k = tl.load(k_ptr + kvh * stride_kk + k_off[:, None] + ds[None, :])
         vT = tl.load(v_ptr + kvh * stride_vk + v_off[None, :] + ds[:, None])
+    return k, vT
+
+
+@triton.jit
+def _kv_block_t(
+    qT, m, l, accT, j, pos, kv_len, k_ptr, v_ptr, bt_row_ptr, kvh, qk_scale, offs, ds, one,
+    stride_kp, stride_ks, stride_kk, stride_vp, stride_vs, stride_vk,
+    PAGE: tl.constexpr, ATTN_BLK: tl.constexpr, PRECISION: tl.constexpr, MASK: tl.constexpr, L_SUM: tl.constexpr,
+    BLOCK_D: tl.constexpr, TMA: tl.constexpr,
+):
+    """paged_attention._kv_block with the block's tokens along axis 0: same values."""
+    kv_pos = j * ATTN_BLK + offs
+    ok = kv_pos < kv_len
+    if TMA:  # k_ptr/v_ptr: descriptors of the caches as [P * PAGE, K * D]
+        k, v = kv_tma(j, 0, k_ptr, v_ptr, bt_row_ptr, kvh, ok, PAGE, ATTN_BLK, False, MASK, BLOCK_D)
+        vT = tl.trans(v)
+    else:
+        k, vT = _kv_load_t(j, kv_pos, ok, k_ptr, v_ptr, bt_row_ptr, kvh, offs, ds,
+                           stride_kp, stride_ks, stride_kk, stride_vp, stride_vs, stride_vk, PAGE, ATTN_BLK, MASK)
     qk = tl.dot(k, qT, input_precision=PRECISION)  # [ATTN_BLK, ROWS]
     s = qk * qk_scale
     if MASK:
@@ -69,7 +83,7 @@ def _split_state_t(
     qT, pos, pos_min, kv_len, blk_lo, blk_hi, k_ptr, v_ptr, bt_row_ptr, kvh, qk_scale,
     stride_kp, stride_ks, stride_kk, stride_vp, stride_vs, stride_vk,
     ROWS: tl.constexpr, BLOCK_D: tl.constexpr, PAGE: tl.constexpr, ATTN_BLK: tl.constexpr,
-    PRECISION: tl.constexpr, L_SUM: tl.constexpr,
+    PRECISION: tl.constexpr, L_SUM: tl.constexpr, TMA: tl.constexpr,
 ):
     """paged_attention._split_state, transposed: blocks [blk_lo, blk_hi) from an empty state."""
     m = tl.full((ROWS,), float("-inf"), tl.float32)
@@ -77,17 +91,17 @@ def _split_state_t(
     accT = tl.zeros((BLOCK_D, ROWS), tl.float32)
     offs = tl.arange(0, ATTN_BLK)
     ds = tl.arange(0, BLOCK_D)
-    one = tl.where((tl.arange(0, 64)[:, None] == 0) & (offs[None, :] >= 0), 1.0, 0.0).to(v_ptr.dtype.element_ty)
+    one = tl.where((tl.arange(0, 64)[:, None] == 0) & (offs[None, :] >= 0), 1.0, 0.0).to(qT.dtype)
     n_full = tl.minimum((pos_min + 1) // ATTN_BLK, kv_len // ATTN_BLK)
     full_hi = tl.maximum(tl.minimum(blk_hi, n_full), blk_lo)
     for j in range(blk_lo, full_hi):
         m, l, accT = _kv_block_t(qT, m, l, accT, j, pos, kv_len, k_ptr, v_ptr, bt_row_ptr, kvh, qk_scale, offs, ds,
                                  one, stride_kp, stride_ks, stride_kk, stride_vp, stride_vs, stride_vk,
-                                 PAGE, ATTN_BLK, PRECISION, False, L_SUM)
+                                 PAGE, ATTN_BLK, PRECISION, False, L_SUM, BLOCK_D, TMA)
     for j in range(full_hi, blk_hi):
         m, l, accT = _kv_block_t(qT, m, l, accT, j, pos, kv_len, k_ptr, v_ptr, bt_row_ptr, kvh, qk_scale, offs, ds,
                                  one, stride_kp, stride_ks, stride_kk, stride_vp, stride_vs, stride_vk,
-                                 PAGE, ATTN_BLK, PRECISION, True, L_SUM)
+                                 PAGE, ATTN_BLK, PRECISION, True, L_SUM, BLOCK_D, TMA)
     return m, l, accT
 
 
@@ -116,7 +130,7 @@ def _walk_t(
     qT, pos, pos_min, kv_len, n_blocks, k_ptr, v_ptr, bt_row_ptr, kvh, qk_scale,
     stride_kp, stride_ks, stride_kk, stride_vp, stride_vs, stride_vk,
     ROWS: tl.constexpr, BLOCK_D: tl.constexpr, PAGE: tl.constexpr, ATTN_BLK: tl.constexpr,
-    SPLIT_BLOCKS: tl.constexpr, PRECISION: tl.constexpr, L_SUM: tl.constexpr,
+    SPLIT_BLOCKS: tl.constexpr, PRECISION: tl.constexpr, L_SUM: tl.constexpr, TMA: tl.constexpr,
 ):
     """paged_attention._walk, transposed: every split in one loop, merged at each split's end."""
     m = tl.full((ROWS,), float("-inf"), tl.float32)
@@ -125,18 +139,18 @@ def _walk_t(
     m_s, l_s, acc_s = m, l, accT
     offs = tl.arange(0, ATTN_BLK)
     ds = tl.arange(0, BLOCK_D)
-    one = tl.where((tl.arange(0, 64)[:, None] == 0) & (offs[None, :] >= 0), 1.0, 0.0).to(v_ptr.dtype.element_ty)
+    one = tl.where((tl.arange(0, 64)[:, None] == 0) & (offs[None, :] >= 0), 1.0, 0.0).to(qT.dtype)
     full_hi = tl.minimum(tl.minimum((pos_min + 1) // ATTN_BLK, kv_len // ATTN_BLK), n_blocks)
     for j in range(0, full_hi):
         m_s, l_s, acc_s = _kv_block_t(qT, m_s, l_s, acc_s, j, pos, kv_len, k_ptr, v_ptr, bt_row_ptr, kvh, qk_scale,
                                       offs, ds, one, stride_kp, stride_ks, stride_kk, stride_vp, stride_vs, stride_vk,
-                                      PAGE, ATTN_BLK, PRECISION, False, L_SUM)
+                                      PAGE, ATTN_BLK, PRECISION, False, L_SUM, BLOCK_D, TMA)
         if (j + 1) % SPLIT_BLOCKS == 0:
             m, l, accT, m_s, l_s, acc_s = _end_split_t(m, l, accT, m_s, l_s, acc_s)
     for j in range(full_hi, n_blocks):
         m_s, l_s, acc_s = _kv_block_t(qT, m_s, l_s, acc_s, j, pos, kv_len, k_ptr, v_ptr, bt_row_ptr, kvh, qk_scale,
                                       offs, ds, one, stride_kp, stride_ks, stride_kk, stride_vp, stride_vs, stride_vk,
-                                      PAGE, ATTN_BLK, PRECISION, True, L_SUM)
+                                      PAGE, ATTN_BLK, PRECISION, True, L_SUM, BLOCK_D, TMA)
         if (j + 1) % SPLIT_BLOCKS == 0:
             m, l, accT, m_s, l_s, acc_s = _end_split_t(m, l, accT, m_s, l_s, acc_s)
     if n_blocks % SPLIT_BLOCKS != 0:
@@ -154,6 +168,7 @@ def decode_kernel(
     G: tl.constexpr, G_PAD: tl.constexpr, ROWS: tl.constexpr, BLOCK_D: tl.constexpr, PAGE: tl.constexpr,
     ATTN_BLK: tl.constexpr, SPLIT_BLOCKS: tl.constexpr, SPLIT_PARALLEL: tl.constexpr, PART_ROWS: tl.constexpr,
     PRECISION: tl.constexpr, STORE_LSE: tl.constexpr, L_SUM: tl.constexpr, ONE_LOOP: tl.constexpr,
+    TMA: tl.constexpr,
 ):
     """One program per (sequence, kv head) (x split programs on axis 1): the chunk's q_len x
     G_PAD rows as the tile's columns. Split states go to the paged kernel's buffers for its
@@ -180,7 +195,7 @@ def decode_kernel(
             m, l, accT = _split_state_t(
                 qT, pos, pos_min, kv_len, blk_lo, tl.minimum(blk_lo + SPLIT_BLOCKS, n_blocks), k_ptr, v_ptr,
                 bt_row_ptr, kvh, qk_scale, stride_kp, stride_ks, stride_kk, stride_vp, stride_vs, stride_vk,
-                ROWS, BLOCK_D, PAGE, ATTN_BLK, PRECISION, L_SUM,
+                ROWS, BLOCK_D, PAGE, ATTN_BLK, PRECISION, L_SUM, TMA,
             )
             state = bk.to(tl.int64) * n_splits_max + split
             tl.store(pm_ptr + state * PART_ROWS + r, m, mask=keep)
@@ -191,7 +206,7 @@ def decode_kernel(
             m, l, accT = _walk_t(
                 qT, pos, pos_min, kv_len, n_blocks, k_ptr, v_ptr, bt_row_ptr, kvh, qk_scale,
                 stride_kp, stride_ks, stride_kk, stride_vp, stride_vs, stride_vk,
-                ROWS, BLOCK_D, PAGE, ATTN_BLK, SPLIT_BLOCKS, PRECISION, L_SUM,
+                ROWS, BLOCK_D, PAGE, ATTN_BLK, SPLIT_BLOCKS, PRECISION, L_SUM, TMA,
             )
         else:
             m = tl.full((ROWS,), float("-inf"), tl.float32)
@@ -201,7 +216,7 @@ def decode_kernel(
                 m_s, l_s, acc_s = _split_state_t(
                     qT, pos, pos_min, kv_len, blk_lo, tl.minimum(blk_lo + SPLIT_BLOCKS, n_blocks), k_ptr, v_ptr,
                     bt_row_ptr, kvh, qk_scale, stride_kp, stride_ks, stride_kk, stride_vp, stride_vs, stride_vk,
-                    ROWS, BLOCK_D, PAGE, ATTN_BLK, PRECISION, L_SUM,
+                    ROWS, BLOCK_D, PAGE, ATTN_BLK, PRECISION, L_SUM, TMA,
                 )
                 m, l, accT = _merge_t(m, l, accT, m_s, l_s, acc_s)
         o = accT / l[None, :]

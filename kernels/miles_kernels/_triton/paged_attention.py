@@ -19,12 +19,14 @@ A block's row sums (ROW_SUM "fixed" by default) are order-free, so decode may al
 decode_attention's swapped tile (DECODE_TILE) with the same bits.
 """
 
+import math
+
 import torch
 import triton
 import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
-from miles_kernels._triton.attn_parts import LN2, exact_sum, fixed_sum, seq_and_head
+from miles_kernels._triton.attn_parts import LN2, exact_sum, fixed_sum, kv_tma, seq_and_head
 from miles_kernels._triton.decode_attention import decode_kernel
 from miles_kernels._triton.launch import fast_launch
 
@@ -81,10 +83,12 @@ WALK = "auto"
 WALKS = ("one", "splits", "auto")
 WALK_SWAPPED_MIN_PAIRS = 512
 _LOG2E = 1.4426950408889634
-# CONTIG, the K/V the kernel reads: paged caches, packed [T, K, D] by pointers, or packed by TMA
-# tensor descriptors (KV_TMA: bf16/fp16 with D a power of two, 16-byte aligned rows)
-PAGED, PACKED, PACKED_TMA = tl.constexpr(0), tl.constexpr(1), tl.constexpr(2)
+# K/V read by TMA tensor descriptors instead of pointers (same values, same bits; D a power of
+# two, 16-byte aligned rows; on CUDA 16-bit dtypes): packed K/V (training: measured 2-4% faster,
+# and the 64-row tile it allows 1.20-1.35x flash, attn_sweep.py --tma, 2026-12-03 fifteenth run)
+# and paged caches (the engine: prefill and decode, the block inside one page; not yet measured).
 KV_TMA = True
+PAGED_KV_TMA = False
 
 
 @triton.jit
@@ -134,18 +138,15 @@ def _kv_block(
     q, m, l, acc, j, pos, kv_len, kv_base, k_ptr, v_ptr, bt_row_ptr, kvh, qk_scale, D, offs, ds, one,
     stride_kp, stride_ks, stride_kk, stride_vp, stride_vs, stride_vk,
     PAGE: tl.constexpr, ATTN_BLK: tl.constexpr, PRECISION: tl.constexpr, CONTIG: tl.constexpr,
-    MASK: tl.constexpr, L_SUM: tl.constexpr, BLOCK_D: tl.constexpr,
+    MASK: tl.constexpr, L_SUM: tl.constexpr, BLOCK_D: tl.constexpr, TMA: tl.constexpr,
 ):
     """One online-softmax step over KV block j. MASK=False only where every position of the
     block is visible to every row (the causal and length masks would keep every score)."""
     kv_pos = j * ATTN_BLK + offs
     ok = kv_pos < kv_len
-    if CONTIG == PACKED_TMA:  # k_ptr/v_ptr: descriptors of the packed K/V as [T, K * D], D == BLOCK_D
-        # Rows past the sequence hold the next one's tokens (past T: zeros), not zeros: their
-        # scores are masked to -inf below, so their p is 0 and p * v adds exact zeros.
-        row = (kv_base + j * ATTN_BLK).to(tl.int32)
-        kT = tl.trans(k_ptr.load([row, kvh * BLOCK_D]))
-        v = v_ptr.load([row, kvh * BLOCK_D])
+    if TMA:  # k_ptr/v_ptr: descriptors of K/V as [rows, K * D] (D == BLOCK_D)
+        kT, v = kv_tma(j, kv_base, k_ptr, v_ptr, bt_row_ptr, kvh, ok, PAGE, ATTN_BLK, CONTIG, MASK, BLOCK_D)
+        kT = tl.trans(kT)
     else:
         kT, v = _kv_load(j, kv_pos, ok, kv_base, k_ptr, v_ptr, bt_row_ptr, kvh, D, offs, ds,
                          stride_kp, stride_ks, stride_kk, stride_vp, stride_vs, stride_vk, PAGE, ATTN_BLK, CONTIG, MASK)
@@ -182,7 +183,7 @@ def _split_state(
     q, pos, pos_min, kv_len, kv_base, blk_lo, blk_hi, k_ptr, v_ptr, bt_row_ptr, kvh, qk_scale, D,
     stride_kp, stride_ks, stride_kk, stride_vp, stride_vs, stride_vk,
     BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, PAGE: tl.constexpr, ATTN_BLK: tl.constexpr,
-    PRECISION: tl.constexpr, CONTIG: tl.constexpr, L_SUM: tl.constexpr,
+    PRECISION: tl.constexpr, CONTIG: tl.constexpr, L_SUM: tl.constexpr, TMA: tl.constexpr,
 ):
     """Online softmax over KV blocks [blk_lo, blk_hi) from an empty state; scores in log2 units.
     Blocks every row sees whole (ending at or before the tile's first position pos_min, and
@@ -198,11 +199,11 @@ def _split_state(
     for j in range(blk_lo, full_hi):
         m, l, acc = _kv_block(q, m, l, acc, j, pos, kv_len, kv_base, k_ptr, v_ptr, bt_row_ptr, kvh, qk_scale, D,
                               offs, ds, one, stride_kp, stride_ks, stride_kk, stride_vp, stride_vs, stride_vk,
-                              PAGE, ATTN_BLK, PRECISION, CONTIG, False, L_SUM, BLOCK_D)
+                              PAGE, ATTN_BLK, PRECISION, CONTIG, False, L_SUM, BLOCK_D, TMA)
     for j in range(full_hi, blk_hi):
         m, l, acc = _kv_block(q, m, l, acc, j, pos, kv_len, kv_base, k_ptr, v_ptr, bt_row_ptr, kvh, qk_scale, D,
                               offs, ds, one, stride_kp, stride_ks, stride_kk, stride_vp, stride_vs, stride_vk,
-                              PAGE, ATTN_BLK, PRECISION, CONTIG, True, L_SUM, BLOCK_D)
+                              PAGE, ATTN_BLK, PRECISION, CONTIG, True, L_SUM, BLOCK_D, TMA)
     return m, l, acc
 
 
@@ -220,6 +221,7 @@ def _walk(
     stride_kp, stride_ks, stride_kk, stride_vp, stride_vs, stride_vk,
     BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, PAGE: tl.constexpr, ATTN_BLK: tl.constexpr,
     SPLIT_BLOCKS: tl.constexpr, PRECISION: tl.constexpr, CONTIG: tl.constexpr, L_SUM: tl.constexpr,
+    TMA: tl.constexpr,
 ):
     """Every split of blocks [0, n_blocks) in one loop, so one software pipeline runs across
     the splits: each split's state starts empty and is merged into the total at the split's
@@ -235,13 +237,13 @@ def _walk(
     for j in range(0, full_hi):
         m_s, l_s, acc_s = _kv_block(q, m_s, l_s, acc_s, j, pos, kv_len, kv_base, k_ptr, v_ptr, bt_row_ptr, kvh,
                                     qk_scale, D, offs, ds, one, stride_kp, stride_ks, stride_kk, stride_vp, stride_vs,
-                                    stride_vk, PAGE, ATTN_BLK, PRECISION, CONTIG, False, L_SUM, BLOCK_D)
+                                    stride_vk, PAGE, ATTN_BLK, PRECISION, CONTIG, False, L_SUM, BLOCK_D, TMA)
         if (j + 1) % SPLIT_BLOCKS == 0:
             m, l, acc, m_s, l_s, acc_s = _end_split(m, l, acc, m_s, l_s, acc_s)
     for j in range(full_hi, n_blocks):
         m_s, l_s, acc_s = _kv_block(q, m_s, l_s, acc_s, j, pos, kv_len, kv_base, k_ptr, v_ptr, bt_row_ptr, kvh,
                                     qk_scale, D, offs, ds, one, stride_kp, stride_ks, stride_kk, stride_vp, stride_vs,
-                                    stride_vk, PAGE, ATTN_BLK, PRECISION, CONTIG, True, L_SUM, BLOCK_D)
+                                    stride_vk, PAGE, ATTN_BLK, PRECISION, CONTIG, True, L_SUM, BLOCK_D, TMA)
         if (j + 1) % SPLIT_BLOCKS == 0:
             m, l, acc, m_s, l_s, acc_s = _end_split(m, l, acc, m_s, l_s, acc_s)
     if n_blocks % SPLIT_BLOCKS != 0:
@@ -273,7 +275,7 @@ def _attn_kernel(
     G: tl.constexpr, G_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
     PAGE: tl.constexpr, ATTN_BLK: tl.constexpr, SPLIT_BLOCKS: tl.constexpr, SPLIT_PARALLEL: tl.constexpr,
     PART_ROWS: tl.constexpr, PRECISION: tl.constexpr, STORE_LSE: tl.constexpr, CONTIG: tl.constexpr,
-    L_SUM: tl.constexpr, ONE_LOOP: tl.constexpr,
+    L_SUM: tl.constexpr, ONE_LOOP: tl.constexpr, TMA: tl.constexpr,
 ):
     TOK: tl.constexpr = BLOCK_M // G_PAD
     tile = tl.num_programs(0) - 1 - tl.program_id(0)  # the longest (last) q tiles start first
@@ -313,7 +315,7 @@ def _attn_kernel(
             m, l, acc = _split_state(
                 q, pos, pos_min, kv_len, kv_base, blk_lo, tl.minimum(blk_lo + SPLIT_BLOCKS, n_blocks), k_ptr, v_ptr,
                 bt_row_ptr, kvh, qk_scale, D, stride_kp, stride_ks, stride_kk, stride_vp, stride_vs, stride_vk,
-                BLOCK_M, BLOCK_D, PAGE, ATTN_BLK, PRECISION, CONTIG, L_SUM,
+                BLOCK_M, BLOCK_D, PAGE, ATTN_BLK, PRECISION, CONTIG, L_SUM, TMA,
             )
             state = bk.to(tl.int64) * n_splits_max + split
             tl.store(pm_ptr + state * PART_ROWS + rows, m, mask=keep)
@@ -323,7 +325,7 @@ def _attn_kernel(
         m, l, acc = _walk(
             q, pos, pos_min, kv_len, kv_base, n_blocks, k_ptr, v_ptr, bt_row_ptr, kvh, qk_scale, D,
             stride_kp, stride_ks, stride_kk, stride_vp, stride_vs, stride_vk,
-            BLOCK_M, BLOCK_D, PAGE, ATTN_BLK, SPLIT_BLOCKS, PRECISION, CONTIG, L_SUM,
+            BLOCK_M, BLOCK_D, PAGE, ATTN_BLK, SPLIT_BLOCKS, PRECISION, CONTIG, L_SUM, TMA,
         )
         _store_out(o_ptr, lse_ptr, m, l, acc, t_idx, head, ds, row_ok, D, stride_ot, stride_oh, stride_lh, STORE_LSE)
     else:
@@ -334,7 +336,7 @@ def _attn_kernel(
             m_s, l_s, acc_s = _split_state(
                 q, pos, pos_min, kv_len, kv_base, blk_lo, tl.minimum(blk_lo + SPLIT_BLOCKS, n_blocks), k_ptr, v_ptr,
                 bt_row_ptr, kvh, qk_scale, D, stride_kp, stride_ks, stride_kk, stride_vp, stride_vs, stride_vk,
-                BLOCK_M, BLOCK_D, PAGE, ATTN_BLK, PRECISION, CONTIG, L_SUM,
+                BLOCK_M, BLOCK_D, PAGE, ATTN_BLK, PRECISION, CONTIG, L_SUM, TMA,
             )
             m, l, acc = _merge(m, l, acc, m_s, l_s, acc_s)
         _store_out(o_ptr, lse_ptr, m, l, acc, t_idx, head, ds, row_ok, D, stride_ot, stride_oh, stride_lh, STORE_LSE)
@@ -395,7 +397,8 @@ def attention(
     bt = block_table_BP.to(torch.int32).contiguous()
     n_splits = triton.cdiv(bt.shape[1] * S, KV_SPLIT)  # host-known upper bound: no sync, graph-safe
     return _launch(q_THD, k_cache_PSKD, v_cache_PSKD, cu_seqlens_q_B1, kv_lens_B.to(torch.int32).contiguous(), bt,
-                   max_q_len, scale, lse_HT, S, n_splits, (k_cache_PSKD.stride(0), v_cache_PSKD.stride(0)))
+                   max_q_len, scale, lse_HT, S, n_splits, (k_cache_PSKD.stride(0), v_cache_PSKD.stride(0)),
+                   _kv_descriptors(k_cache_PSKD, v_cache_PSKD, PAGED_KV_TMA and S % KV_BLOCK == 0))
 
 
 def packed_attention(
@@ -415,20 +418,22 @@ def packed_attention(
     cu = cu_seqlens_B1.to(torch.int32).contiguous()
     # K/V as one "page" per token row: strides (token, head); PAGE/table unused (CONTIG)
     return _launch(q_THD, k_TKD[None], v_TKD[None], cu, cu, cu[:, None], max_len, scale, lse_HT, KV_BLOCK, 1,
-                   (0, 0), _kv_descriptors(k_TKD, v_TKD))
+                   (0, 0), _kv_descriptors(k_TKD, v_TKD, KV_TMA))
 
 
-def _kv_descriptors(k_TKD: torch.Tensor, v_TKD: torch.Tensor) -> tuple | None:
-    """TMA descriptors of packed K/V as [T, K * D] (blocks of KV_BLOCK tokens x D), or None where
-    KV_TMA is off or the layout does not allow them: the pointer walk then (same bits)."""
-    T, K, D = k_TKD.shape
-    on_gpu = k_TKD.device.type == "cuda"
-    if not KV_TMA or D < 16 or D & (D - 1) or (on_gpu and k_TKD.element_size() != 2):
+def _kv_descriptors(k: torch.Tensor, v: torch.Tensor, enabled: bool) -> tuple | None:
+    """TMA descriptors of K/V [..., K, D] (packed [T, K, D] or a paged cache [P, S, K, D]) as
+    [rows, K * D] in blocks of KV_BLOCK rows x D, or None where `enabled` is off or the layout
+    does not allow them: the pointer walk then (the same bits)."""
+    *lead, K, D = k.shape
+    if not enabled or D < 16 or D & (D - 1) or (k.device.type == "cuda" and k.element_size() != 2):
         return None  # the interpreter (CPU) runs the descriptor walk in any dtype
-    for t in (k_TKD, v_TKD):
-        if t.stride(1) != D or t.stride(2) != 1 or (t.stride(0) * t.element_size()) % 16 or t.data_ptr() % 16:
+    for t in (k, v):
+        if t.stride(-1) != 1 or t.stride(-2) != D or (t.stride(-3) * t.element_size()) % 16 or t.data_ptr() % 16 \
+                or (t.dim() == 4 and t.stride(0) != t.shape[1] * t.stride(1)):
             return None
-    return tuple(TensorDescriptor(t, [T, K * D], [t.stride(0), 1], [KV_BLOCK, D]) for t in (k_TKD, v_TKD))
+    rows = math.prod(lead)
+    return tuple(TensorDescriptor(t, [rows, K * D], [t.stride(-3), 1], [KV_BLOCK, D]) for t in (k, v))
 
 
 def _check(q_THD, k, v, K: int, lse_HT) -> None:
@@ -516,20 +521,20 @@ def _launch(q_THD, k4, v4, cu_seqlens, kv_lens, bt, max_q_len: int, scale: float
     pacc = torch.empty((B * K, n_splits, part_rows, block_d) if split_parallel else (1,), dtype=torch.float32, device=dev)
     consts = dict(G=G, G_PAD=g_pad, BLOCK_D=block_d, ATTN_BLK=KV_BLOCK, SPLIT_BLOCKS=KV_SPLIT // KV_BLOCK)
     lse = lse_HT if lse_HT is not None else pm
+    kv = kv_descs if kv_descs is not None else (k4, v4)
     if short and D == block_d >= 16 and _swapped_tile(B * K):
         one_loop = _one_loop(True, B * K)
         num_warps, num_stages = _swapped_launch(B * K, one_loop and not split_parallel)
         decode_kernel[(B * K, split_programs if split_parallel else 1)](
-            q_THD, k4, v4, o_THD, lse, pm, pl, pacc, cu, kv_lens, bt, scale * _LOG2E, K, n_splits,
+            q_THD, *kv, o_THD, lse, pm, pl, pacc, cu, kv_lens, bt, scale * _LOG2E, K, n_splits,
             q_THD.stride(0), q_THD.stride(1), o_THD.stride(0), o_THD.stride(1), lse.stride(0),
             page_strides[0], k4.stride(1), k4.stride(2), page_strides[1], v4.stride(1), v4.stride(2), bt.stride(0),
             G=G, G_PAD=g_pad, ROWS=max(16, triton.next_power_of_2(max_q_len * g_pad)), BLOCK_D=block_d, PAGE=page,
             ATTN_BLK=KV_BLOCK, SPLIT_BLOCKS=KV_SPLIT // KV_BLOCK, SPLIT_PARALLEL=split_parallel, PART_ROWS=part_rows,
             PRECISION="ieee" if q_THD.dtype == torch.float32 else "tf32", STORE_LSE=lse_HT is not None,
-            L_SUM=ROW_SUM, ONE_LOOP=one_loop, num_warps=num_warps, num_stages=num_stages,
+            L_SUM=ROW_SUM, ONE_LOOP=one_loop, TMA=kv_descs is not None, num_warps=num_warps, num_stages=num_stages,
         )
     else:
-        kv = kv_descs if kv_descs is not None else (k4, v4)
         _attn_kernel[(triton.cdiv(max_q_len, tok_per_tile), B * K, split_programs if split_parallel else 1)](
             q_THD, *kv, o_THD, lse, pm, pl, pacc, cu, kv_lens, bt,
             scale * _LOG2E, D, K, n_splits,
@@ -537,7 +542,7 @@ def _launch(q_THD, k4, v4, cu_seqlens, kv_lens, bt, max_q_len: int, scale: float
             page_strides[0], k4.stride(1), k4.stride(2), page_strides[1], v4.stride(1), v4.stride(2), bt.stride(0),
             BLOCK_M=block_m, PAGE=page, SPLIT_PARALLEL=split_parallel, PART_ROWS=part_rows,
             PRECISION="ieee" if q_THD.dtype == torch.float32 else "tf32", STORE_LSE=lse_HT is not None,
-            CONTIG=PAGED if not contig else PACKED if kv_descs is None else PACKED_TMA,
+            CONTIG=contig, TMA=kv_descs is not None,
             L_SUM=ROW_SUM, ONE_LOOP=_one_loop(False, B * K), **consts, num_warps=num_warps, num_stages=num_stages,
         )
     if split_parallel:
