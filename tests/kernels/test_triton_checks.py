@@ -819,6 +819,20 @@ def _packed_qkv(lens: list[int], H: int, K: int, D: int, g: torch.Generator):
     return T, q, k, v, torch.tensor([0] + torch.tensor(lens).cumsum(0).tolist(), dtype=torch.int32)
 
 
+def _walk_case(seed: int):
+    """Packed sequences (4 q heads, 2 kv heads, D 16), the first one also on shuffled pages of 16
+    (unwritten slots NaN), and decode positions in it: 1 to 3 splits of 32, some cut short.
+    Returns (H, K, D, lens, T, q, k, v, cu, L, pages, caches, at)."""
+    g = torch.Generator().manual_seed(seed)
+    H, K, D, page = 4, 2, 16, 16
+    lens = [90, 1, 64, 33, 100]
+    T, q, k, v, cu = _packed_qkv(lens, H, K, D, g)
+    L = lens[0]
+    pages = torch.randperm(-(-L // page) + 2, generator=g)[: -(-L // page)].tolist()
+    caches = _paged(k[:L], v[:L], page, pages, -(-L // page) + 2)
+    return H, K, D, lens, T, q, k, v, cu, L, pages, caches, [L - 1, 3, 40, 63, 64, 70]
+
+
 def check_walks_agree() -> None:
     """WALK "one" (every split in one loop), "splits" (a loop per split) and "auto" give the same bits:
     paged prefill and chunks (mask-free and masked blocks, a split cut short), packed training
@@ -826,14 +840,7 @@ def check_walks_agree() -> None:
     from miles_kernels._triton import paged_attention as attn_mod
 
     kt = _kt()
-    g = torch.Generator().manual_seed(11)
-    H, K, D, page = 4, 2, 16, 16
-    lens = [90, 1, 64, 33, 100]
-    T, q, k, v, cu = _packed_qkv(lens, H, K, D, g)
-    L = lens[0]
-    pages = torch.randperm(-(-L // page) + 2, generator=g)[: -(-L // page)].tolist()
-    caches = _paged(k[:L], v[:L], page, pages, -(-L // page) + 2)
-    at = [L - 1, 3, 40, 63, 64, 70]  # decode rows at these positions: 1 to 3 splits, some cut short
+    H, K, D, lens, T, q, k, v, cu, L, pages, caches, at = _walk_case(11)
     saved = attn_mod.KV_BLOCK, attn_mod.KV_SPLIT, attn_mod.WALK, attn_mod.DECODE_PROGRAMS, attn_mod.DECODE_TILE
     attn_mod.KV_BLOCK, attn_mod.KV_SPLIT, attn_mod.DECODE_PROGRAMS = 16, 32, 1  # decode: one program a pair
     out = {}
@@ -873,14 +880,7 @@ def check_kv_tma_agrees() -> None:
     from miles_kernels._triton import paged_attention as attn_mod
 
     kt = _kt()
-    g = torch.Generator().manual_seed(12)
-    H, K, D, page = 4, 2, 16, 16
-    lens = [90, 1, 64, 33, 100]
-    T, q, k, v, cu = _packed_qkv(lens, H, K, D, g)
-    L = lens[0]
-    pages = torch.randperm(-(-L // page) + 2, generator=g)[: -(-L // page)].tolist()
-    caches = _paged(k[:L], v[:L], page, pages, -(-L // page) + 2)
-    at = [L - 1, 3, 40, 63, 64, 70]
+    H, K, D, lens, T, q, k, v, cu, L, pages, caches, at = _walk_case(12)
     names = ["packed", "lse", "paged prefill", "chunk"] + [f"decode ({tile}, {programs} programs)"
                                                            for programs in (1024, 1) for tile in ("rows", "swapped")]
     saved = (attn_mod.KV_BLOCK, attn_mod.KV_SPLIT, attn_mod.KV_TMA, attn_mod.PAGED_KV_TMA, attn_mod.DECODE_PROGRAMS,
@@ -908,6 +908,8 @@ def check_kv_tma_agrees() -> None:
                     got.append(_run_attention(kt, q[at], caches, [(1, t + 1, pages) for t in at], D**-0.5))
             assert all((d is not None) == tma for d in made) and len(made) == 7, "descriptors not made as asked"
             out[tma] = got
+        empty = kt.packed_attention(q[:0], k[:0], v[:0], torch.zeros(2, dtype=torch.int32), 0, D**-0.5)
+        assert empty.shape == (0, H, D), "an empty pack with KV_TMA on"
     finally:
         (attn_mod.KV_BLOCK, attn_mod.KV_SPLIT, attn_mod.KV_TMA, attn_mod.PAGED_KV_TMA, attn_mod.DECODE_PROGRAMS,
          attn_mod.DECODE_TILE, attn_mod._kv_descriptors) = saved

@@ -230,6 +230,11 @@ def prefill_timings() -> dict:
     return out
 
 
+def fmt_prefill(tm: dict) -> str:
+    """prefill_timings() as one line: us, x flash, TFLOP/s per shape."""
+    return " ".join(f"{k}: {v['ms'] * 1e3:.0f}us {v['x_flash']:.2f}x {v['tflops']:.0f}TF" for k, v in tm.items())
+
+
 def prefill_sweep(path: str) -> None:
     res = []
     for kvb, bm, w, st in PREFILL_TALL if "--tall" in sys.argv else PREFILL_CFGS:
@@ -385,6 +390,24 @@ WALK_TILES = [(0, 0, 0), (128, 8, 2), (128, 8, 4)]  # --walk --tiles: prefill (B
 WALK_DECODE = [(64, 1024), (64, 4096), (256, 544), (256, 1024), (256, 2048)]  # (B, ctx): one program a pair
 
 
+def same_forward(set_way, ways: tuple, label: str) -> dict:
+    """The training forward's output and LSE under each of two ways (set_way(w) for w in ways)
+    compared bitwise at 0.6B 16k and 8B 4k / 777 heads; set_way(ways[-1]) stays."""
+    same = {}
+    g = torch.Generator(device="cuda").manual_seed(3)
+    for name, (H, K), L in (("0.6b", (16, 8), 16384), ("8b", (32, 8), 4096), ("8b", (32, 8), 777)):
+        q, k, v = (torch.randn(L, n, 128, generator=g, device="cuda").to(DT) for n in (H, K, K))
+        cu = torch.tensor([0, L], dtype=torch.int32, device="cuda")
+        outs = []
+        for w in ways:
+            set_way(w)
+            lse = torch.empty(H, L, device="cuda")
+            outs.append((A.packed_attention(q, k, v, cu, L, 128**-0.5, lse_HT=lse), lse))
+        same[f"{name} L={L}"] = ok = bool(torch.equal(outs[0][0], outs[1][0]) and torch.equal(outs[0][1], outs[1][1]))
+        print(f"{name} L={L}: {label} (output and LSE) {ok}", flush=True)
+    return same
+
+
 def walk(path: str) -> None:
     """WALK "splits" then "one" (the splits in one loop): the bits checks, the two walks'
     training forward outputs and LSEs compared bitwise at 0.6B / 8B heads up to 16k, the
@@ -393,18 +416,7 @@ def walk(path: str) -> None:
     (bits: one == splits == the 64-row tile; us, SDPA the peer)."""
     res = dict(same={}, t=[], decode=[])
     defaults = A.WALK, A._PREFILL_TILES[DT], A.DECODE_TILE
-    g = torch.Generator(device="cuda").manual_seed(3)
-    for name, (H, K), L in (("0.6b", (16, 8), 16384), ("8b", (32, 8), 4096), ("8b", (32, 8), 777)):
-        q, k, v = (torch.randn(L, n, 128, generator=g, device="cuda").to(DT) for n in (H, K, K))
-        cu = torch.tensor([0, L], dtype=torch.int32, device="cuda")
-        outs = []
-        for w in ("splits", "one"):
-            A.WALK = w
-            lse = torch.empty(H, L, device="cuda")
-            outs.append((A.packed_attention(q, k, v, cu, L, 128**-0.5, lse_HT=lse), lse))
-        same = bool(torch.equal(outs[0][0], outs[1][0]) and torch.equal(outs[0][1], outs[1][1]))
-        res["same"][f"{name} L={L}"] = same
-        print(f"{name} L={L}: one == splits (output and LSE) {same}", flush=True)
+    res["same"] = same_forward(lambda w: setattr(A, "WALK", w), ("splits", "one"), "one == splits")
     run = lambda q, kc, vc, cu, kv, bt: A.attention(q, kc, vc, cu, kv, bt, 1, 128**-0.5)  # noqa: E731
     for B, ctx in WALK_DECODE:
         q, kc, vc, cu, kv, n, ks, vs, gb = decode_case(B, ctx)
@@ -435,14 +447,13 @@ def walk(path: str) -> None:
             tm = prefill_timings()
             res["t"].append(dict(walk=mode, tile=[bm, w, st], bad=bad, t=tm))
             print(f"walk={mode:6} tile={bm or 'rule'},{w},{st} bits_ok={int(not bad)} "
-                  + " ".join(f"{k}: {v['ms'] * 1e3:.0f}us {v['x_flash']:.2f}x {v['tflops']:.0f}TF"
-                             for k, v in tm.items())
+                  + fmt_prefill(tm)
                   + (f" BAD {bad[:3]}" if bad else ""), flush=True)
             json.dump(res, open(path, "w"), indent=1)
     A.WALK, A._PREFILL_TILES[DT], A.DECODE_TILE = defaults
 
 
-TMA_TILES = [(0, 0, 0), (128, 8, 2), (128, 8, 4), (64, 4, 3), (64, 4, 4)]  # --tma: (BLOCK_M, warps, stages); 0: rule
+TMA_TILES = [(0, 0, 0), (128, 8, 3), (128, 8, 4), (64, 4, 2), (64, 4, 4)]  # --tma: (BLOCK_M, warps, stages); 0: rule
 SPLIT_COST = [256, 512, 1024, 16384]  # --tma: KV_SPLIT, forward timing only (256 gives our bits)
 
 
@@ -454,18 +465,7 @@ def tma(path: str) -> None:
     SPLIT_COST (timing only: any split but KV_SPLIT's own gives other bits)."""
     res = dict(same={}, t=[], split=[])
     defaults = A.KV_TMA, A._PREFILL_TILES[DT], A.KV_SPLIT
-    g = torch.Generator(device="cuda").manual_seed(3)
-    for name, (H, K), L in (("0.6b", (16, 8), 16384), ("8b", (32, 8), 4096), ("8b", (32, 8), 777)):
-        q, k, v = (torch.randn(L, n, 128, generator=g, device="cuda").to(DT) for n in (H, K, K))
-        cu = torch.tensor([0, L], dtype=torch.int32, device="cuda")
-        outs = []
-        for on in (False, True):
-            A.KV_TMA = on
-            lse = torch.empty(H, L, device="cuda")
-            outs.append((A.packed_attention(q, k, v, cu, L, 128**-0.5, lse_HT=lse), lse))
-        same = bool(torch.equal(outs[0][0], outs[1][0]) and torch.equal(outs[0][1], outs[1][1]))
-        res["same"][f"{name} L={L}"] = same
-        print(f"{name} L={L}: tma == pointers (output and LSE) {same}", flush=True)
+    res["same"] = same_forward(lambda on: setattr(A, "KV_TMA", on), (False, True), "tma == pointers")
     for bm, w, st in TMA_TILES if "--tiles" in sys.argv else TMA_TILES[:1]:
         A._PREFILL_TILES[DT] = defaults[1] if bm == 0 else ((bm, w, st),)
         for on in (False, True):
@@ -478,8 +478,7 @@ def tma(path: str) -> None:
                 continue
             res["t"].append(dict(tma=on, tile=[bm, w, st], bad=bad, t=tm))
             print(f"tma={int(on)} tile={bm or 'rule'},{w},{st} bits_ok={int(not bad)} "
-                  + " ".join(f"{k}: {v['ms'] * 1e3:.0f}us {v['x_flash']:.2f}x {v['tflops']:.0f}TF"
-                             for k, v in tm.items())
+                  + fmt_prefill(tm)
                   + (f" BAD {bad[:3]}" if bad else ""), flush=True)
             json.dump(res, open(path, "w"), indent=1)
     A.KV_TMA, A._PREFILL_TILES[DT] = defaults[0], defaults[1]
@@ -487,8 +486,7 @@ def tma(path: str) -> None:
         A.KV_SPLIT = split
         tm = prefill_timings()
         res["split"].append(dict(kv_split=split, t=tm))
-        print(f"KV_SPLIT={split:5} " + " ".join(f"{k}: {v['ms'] * 1e3:.0f}us {v['x_flash']:.2f}x {v['tflops']:.0f}TF"
-                                               for k, v in tm.items()), flush=True)
+        print(f"KV_SPLIT={split:5} " + fmt_prefill(tm), flush=True)
         json.dump(res, open(path, "w"), indent=1)
     A.KV_SPLIT = defaults[2]
 

@@ -433,6 +433,8 @@ def _kv_descriptors(k: torch.Tensor, v: torch.Tensor, enabled: bool) -> tuple | 
                 or (t.dim() == 4 and t.stride(0) != t.shape[1] * t.stride(1)):
             return None
     rows = math.prod(lead)
+    if rows == 0:
+        return None  # nothing to read (a descriptor needs a positive shape)
     return tuple(TensorDescriptor(t, [rows, K * D], [t.stride(-3), 1], [KV_BLOCK, D]) for t in (k, v))
 
 
