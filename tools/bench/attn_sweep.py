@@ -163,7 +163,14 @@ def decode_programs():
     return res
 
 
-DEFAULT_TILES = A._PREFILL_TILES[DT]
+DEFAULT_TILES = A._PREFILL_TILES[DT], A._PREFILL_TILES_TMA[DT]
+
+
+def set_prefill_tile(bm: int, w: int = 0, st: int = 0) -> None:
+    """The prefill tile (BLOCK_M, warps, stages) of both walks (K/V by pointers and by TMA);
+    bm 0: each walk's own rule."""
+    A._PREFILL_TILES[DT], A._PREFILL_TILES_TMA[DT] = DEFAULT_TILES if bm == 0 else (((bm, w, st),),) * 2
+
 PREFILL_CFGS = [  # KV_BLOCK, prefill BLOCK_M (0: the default rule), warps, stages (KV_SPLIT stays 256)
     (64, 0, 0, 0), (64, 64, 4, 3), (64, 128, 8, 3), (64, 128, 8, 4),
 ]
@@ -239,7 +246,7 @@ def prefill_sweep(path: str) -> None:
     res = []
     for kvb, bm, w, st in PREFILL_TALL if "--tall" in sys.argv else PREFILL_CFGS:
         A.KV_BLOCK, A.KV_SPLIT = kvb, 256
-        A._PREFILL_TILES[DT] = DEFAULT_TILES if bm == 0 else ((bm, w, st),)
+        set_prefill_tile(bm, w, st)
         try:
             bad = check() + packed_check()
             tm = prefill_timings()
@@ -415,7 +422,7 @@ def walk(path: str) -> None:
     program walks a pair's splits (B x 8 kv heads >= DECODE_PROGRAMS) in both decode tiles
     (bits: one == splits == the 64-row tile; us, SDPA the peer)."""
     res = dict(same={}, t=[], decode=[])
-    defaults = A.WALK, A._PREFILL_TILES[DT], A.DECODE_TILE
+    defaults = A.WALK, A.DECODE_TILE
     res["same"] = same_forward(lambda w: setattr(A, "WALK", w), ("splits", "one"), "one == splits")
     run = lambda q, kc, vc, cu, kv, bt: A.attention(q, kc, vc, cu, kv, bt, 1, 128**-0.5)  # noqa: E731
     for B, ctx in WALK_DECODE:
@@ -438,9 +445,9 @@ def walk(path: str) -> None:
               f"({gb / row['swapped_one_us'] * 1e3:.2f} TB/s)"
               f"  same {int(same)}", flush=True)
         json.dump(res, open(path, "w"), indent=1)
-    A.DECODE_TILE = defaults[2]
+    A.DECODE_TILE = defaults[1]
     for bm, w, st in WALK_TILES if "--tiles" in sys.argv else WALK_TILES[:1]:
-        A._PREFILL_TILES[DT] = defaults[1] if bm == 0 else ((bm, w, st),)
+        set_prefill_tile(bm, w, st)
         for mode in ("splits", "one"):
             A.WALK = mode
             bad = check() + packed_check()
@@ -450,7 +457,8 @@ def walk(path: str) -> None:
                   + fmt_prefill(tm)
                   + (f" BAD {bad[:3]}" if bad else ""), flush=True)
             json.dump(res, open(path, "w"), indent=1)
-    A.WALK, A._PREFILL_TILES[DT], A.DECODE_TILE = defaults
+    A.WALK, A.DECODE_TILE = defaults
+    set_prefill_tile(0)
 
 
 TMA_TILES = [(0, 0, 0), (128, 8, 3), (128, 8, 4), (64, 4, 2), (64, 4, 4)]  # --tma: (BLOCK_M, warps, stages); 0: rule
@@ -464,10 +472,10 @@ def tma(path: str) -> None:
     tile of TMA_TILES with --tiles); last, what the split merges cost: the forward at each KV_SPLIT of
     SPLIT_COST (timing only: any split but KV_SPLIT's own gives other bits)."""
     res = dict(same={}, t=[], split=[])
-    defaults = A.KV_TMA, A._PREFILL_TILES[DT], A.KV_SPLIT
+    defaults = A.KV_TMA, A.KV_SPLIT
     res["same"] = same_forward(lambda on: setattr(A, "KV_TMA", on), (False, True), "tma == pointers")
     for bm, w, st in TMA_TILES if "--tiles" in sys.argv else TMA_TILES[:1]:
-        A._PREFILL_TILES[DT] = defaults[1] if bm == 0 else ((bm, w, st),)
+        set_prefill_tile(bm, w, st)
         for on in (False, True):
             A.KV_TMA = on
             try:
@@ -481,14 +489,15 @@ def tma(path: str) -> None:
                   + fmt_prefill(tm)
                   + (f" BAD {bad[:3]}" if bad else ""), flush=True)
             json.dump(res, open(path, "w"), indent=1)
-    A.KV_TMA, A._PREFILL_TILES[DT] = defaults[0], defaults[1]
+    A.KV_TMA = defaults[0]
+    set_prefill_tile(0)
     for split in SPLIT_COST:
         A.KV_SPLIT = split
         tm = prefill_timings()
         res["split"].append(dict(kv_split=split, t=tm))
         print(f"KV_SPLIT={split:5} " + fmt_prefill(tm), flush=True)
         json.dump(res, open(path, "w"), indent=1)
-    A.KV_SPLIT = defaults[2]
+    A.KV_SPLIT = defaults[1]
 
 
 TMA_PAGED_PREFILL = [(1, 4096), (8, 1024), (64, 128)]  # --tma-paged: (sequences, prompt) of an engine prefill
@@ -523,6 +532,7 @@ def tma_paged(path: str) -> None:
             res["decode"].append(row)
             print(f"decode B={B:3} ctx={ctx:4} {tile:5} pointers {row['ptr_us']:6.1f} us  TMA {row['tma_us']:6.1f} us "
                   f"({mb / row['tma_us']:.2f} TB/s)  same {int(row['same'])}", flush=True)
+            json.dump(res, open(path, "w"), indent=1)
     A.DECODE_TILE = saved[1]
     for B, L in TMA_PAGED_PREFILL:
         q, kc, vc, _, kv, n, _, _, _ = decode_case(B, L)
@@ -596,7 +606,7 @@ if __name__ == "__main__":
     res = []
     for kvb, split, bm, w, st in CFGS:
         A.KV_BLOCK, A.KV_SPLIT = kvb, split
-        A._PREFILL_TILES[DT] = ((bm, w, st),)
+        set_prefill_tile(bm, w, st)
         try:
             bad = check()
             tm = timings()
