@@ -10,7 +10,8 @@
 #   moe        (not in the default list) the MoE kernels' GPU tests, the MoE vs dense trainer MFU with each
 #              MoE backward (MILES_MOE_BWD=torch / triton)
 #   profile    (not in the default list) torch.profiler of a 4k trainer step (ours and the peer)
-#              and of engine decode steps at batch 256 (prompt 512), host cost per launch (launch_cost);
+#              and of engine decode steps at batch 256 (prompt 512), host cost per launch (launch_cost),
+#              registers and spills of the compiled kernels (kernel_regs);
 #              sweep: linear tiles (M <= 512 decode shapes too) launched and graphed, decode attention programs,
 #              decode attention tiles, the training attention forward per prefill tile vs flash, the
 #              one-loop walk against the per-split one (WALK), packed K/V by TMA against pointers per
@@ -66,7 +67,8 @@ for step in $steps; do
                      --peer --profile "$out/profile" --out "$out/train_profile.json"
                  run profile_engine python3 tools/bench/engine.py --profile "$out/profile_engine" --profile-batch 256 \
                      --profile-prompt 512 --profile-modes invariant
-                 run launch_cost python3 tools/bench/launch_cost.py --cprofile 2000 --out "$out/launch_cost.json" ;;
+                 run launch_cost python3 tools/bench/launch_cost.py --cprofile 2000 --out "$out/launch_cost.json"
+                 run kernel_regs python3 tools/bench/kernel_regs.py "$out/kernel_regs.json" ;;
         sweep) run linear_sweep python3 tools/bench/linear_sweep.py --which check,decode,mid --out "$out/linear_sweep.json"
                run attn_decode_sweep python3 tools/bench/attn_sweep.py "$out/attn_decode.json" --decode
                run attn_decode_tiles python3 tools/bench/attn_sweep.py "$out/attn_decode_tiles.json" --decode-tiles
