@@ -1163,14 +1163,21 @@ def _check_attention_bwd_case(lens: list[int], H: int, K: int, D: int, scale: fl
     for name, a, r in zip(("dq", "dk", "dv"), got, want):
         assert a.dtype == torch.float32 and a.shape == r.shape, f"{name}: {a.dtype} {list(a.shape)}"
         _close_rel(a, r, f"attention bwd {name} (lens {lens}, H={H}, K={K}, D={D}, tiles {tiles})", rel=5e-6)
-    saved = bwd_mod.DKDV_TMA
-    bwd_mod.DKDV_TMA = not saved  # q/dout by TMA descriptors or by pointers: the same math, the same bits
+    for tma in (False, True):  # the loops' operands by TMA descriptors or by pointers: the same bits
+        for name, a, b in zip(("dq", "dk", "dv"), got, _bwd_tma(tma, q, k, v, out, dout, lse, cu, lens, scale, tiles)):
+            _same(a, b, f"attention bwd {name} with DKDV_TMA = DQ_TMA = {tma} vs the defaults (lens {lens})")
+
+
+def _bwd_tma(tma: bool, q, k, v, out, dout, lse, cu, lens, scale, tiles=None):
+    """packed_attention_bwd with DKDV_TMA = DQ_TMA = tma."""
+    from miles_kernels._triton import attention_bwd as bwd_mod
+
+    saved = bwd_mod.DKDV_TMA, bwd_mod.DQ_TMA
+    bwd_mod.DKDV_TMA = bwd_mod.DQ_TMA = tma
     try:
-        other = bwd_mod.packed_attention_bwd(q, k, v, out, dout, lse, cu, max(lens), scale, **tiles)
+        return bwd_mod.packed_attention_bwd(q, k, v, out, dout, lse, cu, max(lens), scale, **(tiles or {}))
     finally:
-        bwd_mod.DKDV_TMA = saved
-    for name, a, b in zip(("dq", "dk", "dv"), got, other):
-        _same(a, b, f"attention bwd {name} with DKDV_TMA {saved} vs {not saved} (lens {lens})")
+        bwd_mod.DKDV_TMA, bwd_mod.DQ_TMA = saved
 
 
 def check_attention_bwd() -> None:
@@ -1182,10 +1189,8 @@ def check_attention_bwd() -> None:
 
 def check_attention_bwd_nan_neighbour() -> None:
     """A sequence of NaNs packed after another leaves the first one's output (K/V read by TMA)
-    and grads finite, the grads the same with the dK/dV kernel's q/dout read by TMA (its masked
+    and grads finite, the grads the same with the backward's operands read by TMA (the masked
     rows zeroed) or by pointers."""
-    from miles_kernels._triton import attention_bwd as bwd_mod
-
     kt = _kt()
     g = torch.Generator().manual_seed(35)
     lens, H, K, D = [21, 40], 4, 2, 16
@@ -1196,14 +1201,7 @@ def check_attention_bwd_nan_neighbour() -> None:
     lse = torch.full((H, T), float("nan"))
     out = kt.packed_attention(q, k, v, cu, max(lens), D**-0.5, lse_HT=lse)  # K/V by TMA (KV_TMA)
     assert out[: lens[0]].isfinite().all(), "the forward took the NaN neighbour's K/V rows"
-    saved = bwd_mod.DKDV_TMA
-    grads = []
-    try:
-        for tma in (True, False):
-            bwd_mod.DKDV_TMA = tma
-            grads.append(bwd_mod.packed_attention_bwd(q, k, v, out, dout, lse, cu, max(lens), D**-0.5))
-    finally:
-        bwd_mod.DKDV_TMA = saved
+    grads = [_bwd_tma(tma, q, k, v, out, dout, lse, cu, lens, D**-0.5) for tma in (True, False)]
     for name, a, b in zip(("dq", "dk", "dv"), *grads):
         assert a[: lens[0]].isfinite().all(), f"{name} of the first sequence took the NaN neighbour's rows"
         _same(a[: lens[0]], b[: lens[0]], f"{name} of the first sequence, TMA vs pointers")

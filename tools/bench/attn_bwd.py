@@ -3,7 +3,7 @@
     python tools/bench/attn_bwd.py OUT.json                  # 0.6B and 8B heads at L = 1k, 4k, 16k
     python tools/bench/attn_bwd.py OUT.json --sweep          # also each candidate tile of both kernels
     python tools/bench/attn_bwd.py OUT.json --lens 4096 --models 8b
-    python tools/bench/attn_bwd.py OUT.json --tma            # dK/dV reading q/dout by pointers, then TMA
+    python tools/bench/attn_bwd.py OUT.json --tma            # operands by pointers, by TMA, then the defaults
 
 One causal sequence of L tokens, bf16, head_dim 128, GQA (0.6B: 16 query / 8 kv heads; 8B:
 32 / 8). Ours starts from our forward's output and LSE (packed_attention), flash's backward
@@ -32,7 +32,7 @@ D = 128
 DT = torch.bfloat16
 DKDV_SWEEP = [B.Tile(*t) for t in (  # BLOCK_M (query rows per step), BLOCK_N (keys), warps, stages
     (64, 128, 8, 2), (32, 128, 8, 2), (32, 128, 8, 3), (16, 128, 8, 3), (64, 64, 8, 2), (32, 64, 8, 3),
-    (64, 64, 4, 2), (32, 64, 4, 3))]
+    (64, 64, 4, 2), (64, 64, 4, 3), (32, 64, 4, 3))]
 DQ_SWEEP = [B.Tile(*t) for t in (
     (128, 64, 8, 2), (128, 64, 8, 3), (128, 32, 4, 3), (128, 64, 4, 2), (64, 64, 4, 2), (64, 64, 4, 3),
     (64, 32, 4, 3), (128, 128, 8, 2))]
@@ -121,22 +121,27 @@ def main() -> None:
     ap.add_argument("--models", default="0.6b,8b", help=f"comma-separated, of {sorted(MODELS)}")
     ap.add_argument("--lens", default="1024,4096,16384", help="comma-separated sequence lengths")
     ap.add_argument("--tma", action="store_true",
-                    help="first the dK/dV kernel reading q/dout by pointers (DKDV_TMA off): grads bitwise equal?")
+                    help="first every operand by pointers, then by TMA (DKDV_TMA, DQ_TMA): grads bitwise equal?")
     args = ap.parse_args()
     cases = {(m, L): Case(*MODELS[m], L) for m in args.models.split(",") for L in map(int, args.lens.split(","))}
     res = dict(device=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
                date=datetime.date.today().isoformat(), dkdv_tiles={str(k): v for k, v in B.DKDV_TILES.items()},
-               dq_tiles={str(k): v for k, v in B.DQ_TILES.items()}, fill=B.FILL, dkdv_tma=B.DKDV_TMA)
-    if args.tma:
-        tma = B.DKDV_TMA
-        B.DKDV_TMA = False
-        print("DKDV_TMA off (pointers):")
-        res["compare_pointers"] = compare(cases)
-        ref = {key: c.ours() for key, c in cases.items()}
-        B.DKDV_TMA = tma
-        res["tma_same"] = {f"{m} L={L}": all(torch.equal(a, b) for a, b in zip(c.ours(), ref[m, L]))
-                           for (m, L), c in cases.items()}
-        print(f"DKDV_TMA {tma}: grads bitwise equal to the pointers' {res['tma_same']}")
+               dq_tiles={str(k): v for k, v in B.DQ_TILES.items()}, fill=B.FILL, dkdv_tma=B.DKDV_TMA,
+               dq_tma=B.DQ_TMA)
+    if args.tma:  # every operand by pointers, then dK/dV's and dQ's both by TMA; the defaults last
+        saved = B.DKDV_TMA, B.DQ_TMA
+        ref = {}
+        for name, flags in (("pointers", (False, False)), ("tma", (True, True))):
+            B.DKDV_TMA, B.DQ_TMA = flags
+            print(f"DKDV_TMA, DQ_TMA = {flags}:")
+            res[f"compare_{name}"] = compare(cases)
+            grads = {key: c.ours() for key, c in cases.items()}
+            ref = ref or grads
+            res[f"same_{name}"] = {f"{m} L={L}": all(torch.equal(a, b) for a, b in zip(grads[m, L], ref[m, L]))
+                                   for (m, L) in cases}
+            print(f"  grads bitwise equal to the pointers' {res[f'same_{name}']}")
+        B.DKDV_TMA, B.DQ_TMA = saved
+        print(f"defaults DKDV_TMA, DQ_TMA = {saved}:")
     res["compare"] = compare(cases)
     json.dump(res, open(args.out, "w"), indent=1)
     if args.sweep:

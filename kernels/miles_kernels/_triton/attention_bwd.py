@@ -51,7 +51,11 @@ DQ_TILES = {torch.bfloat16: (Tile(128, 64, 8, 3), Tile(64, 64, 4, 2)),
             torch.float16: (Tile(128, 64, 8, 3), Tile(64, 64, 4, 2)),
             torch.float32: (Tile(16, 16, 4, 1),)}
 FILL = 264  # 2 programs per SM of an H100/H200
-DKDV_TMA = True  # the dK/dV kernel reads q and dout by TMA descriptors (aligned rows; CUDA: 16-bit dtypes)
+# The dK/dV kernel reads q and dout, the dQ kernel k and v, by TMA descriptors (aligned rows; on
+# CUDA 16-bit dtypes): the same values. dK/dV: the backward 2-8% faster (attn_bwd.py --tma,
+# 2026-12-03 fifteenth run); dQ: not yet timed.
+DKDV_TMA = True
+DQ_TMA = False
 _DELTA_ROWS = {torch.bfloat16: 64, torch.float16: 64, torch.float32: 16}  # tokens per delta program
 
 
@@ -166,14 +170,22 @@ def _dkdv_kernel(q_ptr, k_ptr, v_ptr, do_ptr, dk_ptr, dv_ptr, lse_ptr, delta_ptr
 
 
 @triton.jit
-def _dq_step(dq, q, do, lse2, delta, qpos, k_ptr, v_ptr, n0, q_len, qk_scale, stride_t,
-             BLOCK_N: tl.constexpr, D: tl.constexpr, PRECISION: tl.constexpr, MASK: tl.constexpr):
+def _dq_step(dq, q, do, lse2, delta, qpos, k_ptr, v_ptr, n0, q_len, qk_scale, stride_t, row0, col,
+             BLOCK_N: tl.constexpr, D: tl.constexpr, PRECISION: tl.constexpr, MASK: tl.constexpr,
+             TMA: tl.constexpr):
     """Add keys n0 .. n0 + BLOCK_N to the Q block's dq (pointers at the sequence's first
-    token and the kv head). MASK: the causal and sequence-end masks."""
+    token and the kv head; with TMA k_ptr/v_ptr are [T, K * D] descriptors and the sequence's
+    first token and the kv head's column are row0, col). MASK: the causal and sequence-end masks."""
     kpos = n0 + tl.arange(0, BLOCK_N)
     ds = tl.arange(0, D)
     off = kpos[:, None] * stride_t + ds[None, :]
-    if MASK:
+    if TMA:
+        k = k_ptr.load([row0 + n0, col])
+        v = v_ptr.load([row0 + n0, col])
+        if MASK:  # keys past the sequence: zeros, as the pointer loads read them
+            k = tl.where(kpos[:, None] < q_len, k, 0.0)
+            v = tl.where(kpos[:, None] < q_len, v, 0.0)
+    elif MASK:
         k = tl.load(k_ptr + off, mask=kpos[:, None] < q_len, other=0.0)
         v = tl.load(v_ptr + off, mask=kpos[:, None] < q_len, other=0.0)
     else:
@@ -193,7 +205,7 @@ def _dq_step(dq, q, do, lse2, delta, qpos, k_ptr, v_ptr, n0, q_len, qk_scale, st
 def _dq_kernel(q_ptr, k_ptr, v_ptr, do_ptr, dq_ptr, lse_ptr, delta_ptr, cu_ptr,
                qk_scale, scale, n_heads, n_bh, n_blocks, stride_qt, stride_kt, stride_lh, stride_dh,
                G: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-               PRECISION: tl.constexpr):
+               PRECISION: tl.constexpr, TMA: tl.constexpr):
     r, h, q_lo, q_len = _program(n_bh, n_heads, cu_ptr)
     i = n_blocks - 1 - r  # Q block: the last (longest: most KV blocks) start first
     m0 = i * BLOCK_M
@@ -207,17 +219,32 @@ def _dq_kernel(q_ptr, k_ptr, v_ptr, do_ptr, dq_ptr, lse_ptr, delta_ptr, cu_ptr,
     do = tl.load(do_ptr + q_off, mask=ok[:, None], other=0.0)
     lse2 = tl.load(lse_ptr + h.to(tl.int64) * stride_lh + q_lo + qpos, mask=ok, other=0.0) * _LOG2E
     delta = tl.load(delta_ptr + h.to(tl.int64) * stride_dh + q_lo + qpos, mask=ok, other=0.0)
-    kv_h = q_lo.to(tl.int64) * stride_kt + (h // G) * D
+    if TMA:
+        k_h, v_h = k_ptr, v_ptr
+    else:
+        kv_h = q_lo.to(tl.int64) * stride_kt + (h // G) * D
+        k_h, v_h = k_ptr + kv_h, v_ptr + kv_h
     dq = tl.zeros((BLOCK_M, D), tl.float32)
     n_full = (m0 + 1) // BLOCK_N  # KV blocks ending at or before the first row: no mask
     n_kv = tl.cdiv(tl.minimum(m0 + BLOCK_M, q_len), BLOCK_N)
     for j in range(0, n_full):
-        dq = _dq_step(dq, q, do, lse2, delta, qpos, k_ptr + kv_h, v_ptr + kv_h, j * BLOCK_N, q_len, qk_scale,
-                      stride_kt, BLOCK_N, D, PRECISION, False)
+        dq = _dq_step(dq, q, do, lse2, delta, qpos, k_h, v_h, j * BLOCK_N, q_len, qk_scale,
+                      stride_kt, q_lo, (h // G) * D, BLOCK_N, D, PRECISION, False, TMA)
     for j in range(n_full, n_kv):
-        dq = _dq_step(dq, q, do, lse2, delta, qpos, k_ptr + kv_h, v_ptr + kv_h, j * BLOCK_N, q_len, qk_scale,
-                      stride_kt, BLOCK_N, D, PRECISION, True)
+        dq = _dq_step(dq, q, do, lse2, delta, qpos, k_h, v_h, j * BLOCK_N, q_len, qk_scale,
+                      stride_kt, q_lo, (h // G) * D, BLOCK_N, D, PRECISION, True, TMA)
     tl.store(dq_ptr + q_off, (dq * scale).to(dq_ptr.dtype.element_ty), mask=ok[:, None])
+
+
+def _descriptors(enabled: bool, xs: tuple[torch.Tensor, ...], rows: int) -> tuple:
+    """TMA descriptors of contiguous [T, heads, D] tensors as [T, heads * D] in blocks of rows x D,
+    or the tensors themselves where `enabled` is off or the layout does not allow them (on CUDA:
+    16-bit dtypes; the interpreter takes any)."""
+    T, n, D = xs[0].shape
+    if not enabled or T == 0 or (xs[0].device.type == "cuda" and xs[0].element_size() != 2) \
+            or any(x.data_ptr() % 16 or (n * D * x.element_size()) % 16 for x in xs):
+        return xs
+    return tuple(TensorDescriptor(x, [T, n * D], [n * D, 1], [rows, D]) for x in xs)
 
 
 def _pick(tiles: tuple[Tile, ...], programs) -> Tile:
@@ -266,20 +293,19 @@ def packed_attention_bwd(
     # real programs ~ blocks over all tokens (+ one partial per sequence) x heads; no host sync
     t = dkdv_tile or _pick(DKDV_TILES[dtype], lambda t: triton.cdiv(T, t.block_n) * K)
     n_blocks = triton.cdiv(max_len, t.block_n)
-    # TMA: q and dout by tensor descriptors (the interpreter's in any dtype); same math
-    tma = DKDV_TMA and (q.device.type != "cuda" or q.element_size() == 2) and q.data_ptr() % 16 == 0 \
-        and do.data_ptr() % 16 == 0 and (H * D * q.element_size()) % 16 == 0
-    q_in, do_in = (TensorDescriptor(x, [T, H * D], [H * D, 1], [t.block_m, D]) for x in (q, do)) if tma else (q, do)
+    # TMA: the loop's operands by tensor descriptors over [T, heads * D] (same values, same math)
+    q_in, do_in = _descriptors(DKDV_TMA, (q, do), t.block_m)
     _dkdv_kernel[(n_blocks * B * K,)](
         q_in, k, v, do_in, dk, dv, lse_HT, delta, *common, K, B * K, *strides,
-        G=G, D=D, BLOCK_M=t.block_m, BLOCK_N=t.block_n, PRECISION=precision, TMA=tma,
+        G=G, D=D, BLOCK_M=t.block_m, BLOCK_N=t.block_n, PRECISION=precision, TMA=q_in is not q,
         num_warps=t.num_warps, num_stages=t.num_stages,
     )
     t = dq_tile or _pick(DQ_TILES[dtype], lambda t: triton.cdiv(T, t.block_m) * H)
     n_blocks = triton.cdiv(max_len, t.block_m)
+    k_in, v_in = _descriptors(DQ_TMA, (k, v), t.block_n)
     _dq_kernel[(n_blocks * B * H,)](
-        q, k, v, do, dq, lse_HT, delta, *common, H, B * H, n_blocks, *strides,
-        G=G, D=D, BLOCK_M=t.block_m, BLOCK_N=t.block_n, PRECISION=precision,
+        q, k_in, v_in, do, dq, lse_HT, delta, *common, H, B * H, n_blocks, *strides,
+        G=G, D=D, BLOCK_M=t.block_m, BLOCK_N=t.block_n, PRECISION=precision, TMA=k_in is not k,
         num_warps=t.num_warps, num_stages=t.num_stages,
     )
     return dq, dk, dv
