@@ -9,6 +9,8 @@
 #              dense model vs the peer, and the 64-expert MoE's MFU vs the dense one's)
 #   moe        (not in the default list) the MoE kernels' GPU tests, the MoE vs dense trainer MFU with each
 #              MoE backward (MILES_MOE_BWD=torch / triton)
+#   tma        (not in the default list) the TMA loads: the attention backward by pointers / TMA, the
+#              training forward per tile, the engine's paged caches, registers and spills (kernel_regs)
 #   profile    (not in the default list) torch.profiler of a 4k trainer step (ours and the peer)
 #              and of engine decode steps at batch 256 (prompt 512), host cost per launch (launch_cost),
 #              registers and spills of the compiled kernels (kernel_regs);
@@ -80,7 +82,12 @@ for step in $steps; do
                run attn_bwd_sweep python3 tools/bench/attn_bwd.py "$out/attn_bwd.json" --sweep --tma
                run grouped_sweep python3 tools/bench/grouped_sweep.py --out "$out/grouped_sweep.json"
                run graph_launch python3 tools/bench/graph_launch.py --out "$out/graph_launch.json" ;;
-        *) echo "unknown step $step (tests scale kernels engine engine_host train rl_step spec profile sweep moe)"; exit 2 ;;
+        tma) run attn_bwd_tma python3 tools/bench/attn_bwd.py "$out/attn_bwd_tma.json" --tma
+             run attn_tma python3 tools/bench/attn_sweep.py "$out/attn_tma.json" --tma --tiles
+             run attn_tma_paged python3 tools/bench/attn_sweep.py "$out/attn_tma_paged.json" --tma-paged
+             run kernel_regs python3 tools/bench/kernel_regs.py "$out/kernel_regs.json" ;;
+        *) echo "unknown step $step (tests scale kernels engine engine_host train rl_step spec profile sweep moe tma)"
+           exit 2 ;;
     esac
 done
 exit $status
