@@ -23,8 +23,8 @@ from typing import NamedTuple
 import torch
 import triton
 import triton.language as tl
-from triton.tools.tensor_descriptor import TensorDescriptor
 
+from miles_kernels._triton.attn_parts import tma_descriptors
 from miles_kernels._triton.launch import fast_launch
 
 _LOG2E = tl.constexpr(1.4426950408889634)
@@ -236,17 +236,6 @@ def _dq_kernel(q_ptr, k_ptr, v_ptr, do_ptr, dq_ptr, lse_ptr, delta_ptr, cu_ptr,
     tl.store(dq_ptr + q_off, (dq * scale).to(dq_ptr.dtype.element_ty), mask=ok[:, None])
 
 
-def _descriptors(enabled: bool, xs: tuple[torch.Tensor, ...], rows: int) -> tuple:
-    """TMA descriptors of contiguous [T, heads, D] tensors as [T, heads * D] in blocks of rows x D,
-    or the tensors themselves where `enabled` is off or the layout does not allow them (on CUDA:
-    16-bit dtypes; the interpreter takes any)."""
-    T, n, D = xs[0].shape
-    if not enabled or T == 0 or (xs[0].device.type == "cuda" and xs[0].element_size() != 2) \
-            or any(x.data_ptr() % 16 or (n * D * x.element_size()) % 16 for x in xs):
-        return xs
-    return tuple(TensorDescriptor(x, [T, n * D], [n * D, 1], [rows, D]) for x in xs)
-
-
 def _pick(tiles: tuple[Tile, ...], programs) -> Tile:
     """The first tile whose grid (programs(tile) real programs) fills the GPU, else the last."""
     return next((t for t in tiles if programs(t) >= FILL), tiles[-1])
@@ -294,7 +283,7 @@ def packed_attention_bwd(
     t = dkdv_tile or _pick(DKDV_TILES[dtype], lambda t: triton.cdiv(T, t.block_n) * K)
     n_blocks = triton.cdiv(max_len, t.block_n)
     # TMA: the loop's operands by tensor descriptors over [T, heads * D] (same values, same math)
-    q_in, do_in = _descriptors(DKDV_TMA, (q, do), t.block_m)
+    q_in, do_in = tma_descriptors((q, do), t.block_m, DKDV_TMA) or (q, do)
     _dkdv_kernel[(n_blocks * B * K,)](
         q_in, k, v, do_in, dk, dv, lse_HT, delta, *common, K, B * K, *strides,
         G=G, D=D, BLOCK_M=t.block_m, BLOCK_N=t.block_n, PRECISION=precision, TMA=q_in is not q,
@@ -302,7 +291,7 @@ def packed_attention_bwd(
     )
     t = dq_tile or _pick(DQ_TILES[dtype], lambda t: triton.cdiv(T, t.block_m) * H)
     n_blocks = triton.cdiv(max_len, t.block_m)
-    k_in, v_in = _descriptors(DQ_TMA, (k, v), t.block_n)
+    k_in, v_in = tma_descriptors((k, v), t.block_n, DQ_TMA) or (k, v)
     _dq_kernel[(n_blocks * B * H,)](
         q, k_in, v_in, do, dq, lse_HT, delta, *common, H, B * H, n_blocks, *strides,
         G=G, D=D, BLOCK_M=t.block_m, BLOCK_N=t.block_n, PRECISION=precision, TMA=k_in is not k,

@@ -1,7 +1,11 @@
-"""Pieces the paged attention kernel and the swapped decode tile share."""
+"""Pieces the attention kernels share (paged prefill, the swapped decode tile, the backward)."""
 
+import math
+
+import torch
 import triton
 import triton.language as tl
+from triton.tools.tensor_descriptor import TensorDescriptor
 
 LN2 = tl.constexpr(0.6931471805599453)
 
@@ -55,3 +59,21 @@ def kv_tma(j, kv_base, k_desc, v_desc, bt_row_ptr, kvh, ok, PAGE: tl.constexpr, 
         k = tl.where(ok[:, None], k, 0.0)
         v = tl.where(ok[:, None], v, 0.0)
     return k, v
+
+
+def tma_descriptors(xs: tuple[torch.Tensor, ...], rows: int, enabled: bool) -> tuple | None:
+    """Host TMA descriptors of tensors [..., n, D] (packed [T, n, D] or a paged cache [P, S, n, D])
+    as [rows of the leading axes, n * D] in blocks of `rows` x D, or None where `enabled` is off or
+    the layout does not allow them (D a power of two >= 16, unit last stride, heads D apart, 16-byte
+    aligned base and row stride, leading axes that flatten, any rows; on CUDA 16-bit dtypes, the
+    interpreter takes any)."""
+    *lead, n, D = xs[0].shape
+    total = math.prod(lead)
+    if not enabled or total == 0 or D < 16 or D & (D - 1) \
+            or (xs[0].device.type == "cuda" and xs[0].element_size() != 2):
+        return None
+    for t in xs:
+        if t.stride(-1) != 1 or t.stride(-2) != D or (t.stride(-3) * t.element_size()) % 16 or t.data_ptr() % 16 \
+                or (t.dim() == 4 and t.stride(0) != t.shape[1] * t.stride(1)):
+            return None
+    return tuple(TensorDescriptor(t, [total, n * D], [t.stride(-3), 1], [rows, D]) for t in xs)

@@ -19,14 +19,11 @@ A block's row sums (ROW_SUM "fixed" by default) are order-free, so decode may al
 decode_attention's swapped tile (DECODE_TILE) with the same bits.
 """
 
-import math
-
 import torch
 import triton
 import triton.language as tl
-from triton.tools.tensor_descriptor import TensorDescriptor
 
-from miles_kernels._triton.attn_parts import LN2, exact_sum, fixed_sum, kv_tma, seq_and_head
+from miles_kernels._triton.attn_parts import LN2, exact_sum, fixed_sum, kv_tma, seq_and_head, tma_descriptors
 from miles_kernels._triton.decode_attention import decode_kernel
 from miles_kernels._triton.launch import fast_launch
 
@@ -422,20 +419,9 @@ def packed_attention(
 
 
 def _kv_descriptors(k: torch.Tensor, v: torch.Tensor, enabled: bool) -> tuple | None:
-    """TMA descriptors of K/V [..., K, D] (packed [T, K, D] or a paged cache [P, S, K, D]) as
-    [rows, K * D] in blocks of KV_BLOCK rows x D, or None where `enabled` is off or the layout
-    does not allow them: the pointer walk then (the same bits)."""
-    *lead, K, D = k.shape
-    if not enabled or D < 16 or D & (D - 1) or (k.device.type == "cuda" and k.element_size() != 2):
-        return None  # the interpreter (CPU) runs the descriptor walk in any dtype
-    for t in (k, v):
-        if t.stride(-1) != 1 or t.stride(-2) != D or (t.stride(-3) * t.element_size()) % 16 or t.data_ptr() % 16 \
-                or (t.dim() == 4 and t.stride(0) != t.shape[1] * t.stride(1)):
-            return None
-    rows = math.prod(lead)
-    if rows == 0:
-        return None  # nothing to read (a descriptor needs a positive shape)
-    return tuple(TensorDescriptor(t, [rows, K * D], [t.stride(-3), 1], [KV_BLOCK, D]) for t in (k, v))
+    """TMA descriptors of K/V (packed [T, K, D] or a paged cache [P, S, K, D]) in blocks of
+    KV_BLOCK rows, or None: the pointer walk then (the same bits)."""
+    return tma_descriptors((k, v), KV_BLOCK, enabled)
 
 
 def _check(q_THD, k, v, K: int, lse_HT) -> None:
