@@ -894,8 +894,9 @@ def check_kv_tma_agrees() -> None:
     attn_mod.KV_BLOCK, attn_mod.KV_SPLIT, attn_mod._kv_descriptors = 16, 32, spy
     out = {}
     try:
-        for tma in (False, True):
-            attn_mod.KV_TMA = attn_mod.PAGED_KV_TMA = tma
+        for tma in (False, True, "prefill"):  # "prefill": the paged prefill walks by TMA, decode by pointers
+            attn_mod.KV_TMA = bool(tma)
+            attn_mod.PAGED_KV_TMA = {"prefill": bool(tma), "decode": tma is True}
             made.clear()
             lse = torch.empty(H, T)
             got = [kt.packed_attention(q, k, v, cu, max(lens), D**-0.5, lse_HT=lse), lse,
@@ -906,15 +907,17 @@ def check_kv_tma_agrees() -> None:
                 for tile in ("rows", "swapped"):
                     attn_mod.DECODE_TILE = tile
                     got.append(_run_attention(kt, q[at], caches, [(1, t + 1, pages) for t in at], D**-0.5))
-            assert all((d is not None) == tma for d in made) and len(made) == 7, "descriptors not made as asked"
+            asked = [bool(tma)] * 3 + [tma is True] * 4  # packed, paged prefill, chunk; the 4 decodes
+            assert [d is not None for d in made] == asked, f"descriptors not made as asked ({tma})"
             out[tma] = got
         empty = kt.packed_attention(q[:0], k[:0], v[:0], torch.zeros(2, dtype=torch.int32), 0, D**-0.5)
         assert empty.shape == (0, H, D), "an empty pack with KV_TMA on"
     finally:
         (attn_mod.KV_BLOCK, attn_mod.KV_SPLIT, attn_mod.KV_TMA, attn_mod.PAGED_KV_TMA, attn_mod.DECODE_PROGRAMS,
          attn_mod.DECODE_TILE, attn_mod._kv_descriptors) = saved
-    for name, a, b in zip(names, out[True], out[False], strict=True):
-        _same(a, b, f"TMA vs pointers: {name}")
+    for way in (True, "prefill"):
+        for name, a, b in zip(names, out[way], out[False], strict=True):
+            _same(a, b, f"TMA ({way}) vs pointers: {name}")
     assert not out[True][2].isnan().any(), "NaN from the cache's unwritten slots"
 
 

@@ -138,7 +138,7 @@ def decode_programs():
     KV laid out contiguously is the peer."""
     H, K, D, page = 16, 8, 128, 64
     res = []
-    for B, ctx in ((8, 544), (8, 4096), (64, 544), (64, 4096), (256, 544), (256, 1024)):
+    for B, ctx in ((8, 544), (8, 4096), (64, 544), (64, 1024), (64, 4096), (128, 1024), (256, 544), (256, 1024)):
         q, kc, vc, cu, kv, n, ks, vs, gb = decode_case(B, ctx, H, K, D, page)
         sdpa = do_bench(lambda: F.scaled_dot_product_attention(q[:, :, None], ks, vs, enable_gqa=True),
                         return_mode="median")
@@ -510,7 +510,7 @@ def tma_paged(path: str) -> None:
     each way), each compared bitwise between the two ways and timed from graphs."""
     res = dict(bad=[], decode=[], prefill=[])
     saved = A.PAGED_KV_TMA, A.DECODE_TILE
-    A.PAGED_KV_TMA = True
+    A.PAGED_KV_TMA = dict.fromkeys(saved[0], True)
     res["bad"] = check() + packed_check()
     print(f"PAGED_KV_TMA on: bits_ok={int(not res['bad'])} {res['bad'][:3]}", flush=True)
     run = lambda q, kc, vc, cu, kv, bt, n: A.attention(q, kc, vc, cu, kv, bt, n, 128**-0.5)  # noqa: E731
@@ -518,7 +518,7 @@ def tma_paged(path: str) -> None:
     def both(row, args, n):
         outs = []
         for on in (False, True):
-            A.PAGED_KV_TMA = on
+            A.PAGED_KV_TMA = dict.fromkeys(saved[0], on)
             outs.append(run(*args, n))
             row[f"{'tma' if on else 'ptr'}_us"] = _graph_ms(lambda: run(*args, n)) * 1e3
         row["same"] = bool(torch.equal(*outs))

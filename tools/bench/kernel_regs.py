@@ -32,10 +32,10 @@ def workload() -> None:
     L, H, K, D = 16384, 16, 8, 128
     q, k, v = (torch.randn(L, n, D, generator=g, device="cuda").to(DT) for n in (H, K, K))
     cu = torch.tensor([0, L], dtype=torch.int32, device="cuda")
-    saved = A.KV_TMA, AB.DKDV_TMA, A.PAGED_KV_TMA, A.DECODE_TILE
+    saved = A.KV_TMA, AB.DKDV_TMA, A.PAGED_KV_TMA, A.DECODE_TILE, AB.DQ_TMA
     try:
         for tma in (False, True):
-            A.KV_TMA = AB.DKDV_TMA = tma
+            A.KV_TMA = AB.DKDV_TMA = AB.DQ_TMA = tma
             lse = torch.empty(H, L, device="cuda")
             out = A.packed_attention(q, k, v, cu, L, D**-0.5, lse_HT=lse)
             AB.packed_attention_bwd(q, k, v, out, torch.randn_like(out), lse, cu, L, D**-0.5)
@@ -47,10 +47,10 @@ def workload() -> None:
             kv = torch.full((B,), ctx, device="cuda", dtype=torch.int32)
             for tile in ("rows", "swapped"):
                 for tma in (False, True):
-                    A.DECODE_TILE, A.PAGED_KV_TMA = tile, tma
+                    A.DECODE_TILE, A.PAGED_KV_TMA = tile, dict.fromkeys(saved[2], tma)
                     A.attention(qd, kc, kc, torch.arange(B + 1, device="cuda", dtype=torch.int32), kv, bt, 1, D**-0.5)
     finally:
-        A.KV_TMA, AB.DKDV_TMA, A.PAGED_KV_TMA, A.DECODE_TILE = saved
+        A.KV_TMA, AB.DKDV_TMA, A.PAGED_KV_TMA, A.DECODE_TILE, AB.DQ_TMA = saved
     w = torch.randn(4096, 1024, device="cuda", dtype=DT)
     for M in (64, 16384):
         matmul.linear(torch.randn(M, 1024, device="cuda", dtype=DT), w)

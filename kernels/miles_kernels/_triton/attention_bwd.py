@@ -53,9 +53,9 @@ DQ_TILES = {torch.bfloat16: (Tile(128, 64, 8, 3), Tile(64, 64, 4, 2)),
 FILL = 264  # 2 programs per SM of an H100/H200
 # The dK/dV kernel reads q and dout, the dQ kernel k and v, by TMA descriptors (aligned rows; on
 # CUDA 16-bit dtypes): the same values. dK/dV: the backward 2-8% faster (attn_bwd.py --tma,
-# 2026-12-03 fifteenth run); dQ: not yet timed.
+# 2026-12-03 fifteenth run); dQ: 0-3% more (0.6B 16k 6,788 -> 6,640 us; sixteenth run).
 DKDV_TMA = True
-DQ_TMA = False
+DQ_TMA = True
 _DELTA_ROWS = {torch.bfloat16: 64, torch.float16: 64, torch.float32: 16}  # tokens per delta program
 
 

@@ -83,9 +83,11 @@ _LOG2E = 1.4426950408889634
 # K/V read by TMA tensor descriptors instead of pointers (same values, same bits; D a power of
 # two, 16-byte aligned rows; on CUDA 16-bit dtypes): packed K/V (training: measured 2-4% faster,
 # and the 64-row tile it allows 1.20-1.35x flash, attn_sweep.py --tma, 2026-12-03 fifteenth run)
-# and paged caches (the engine: prefill and decode, the block inside one page; not yet measured).
+# and paged caches (the engine, the block inside one page), per walk: prefill 4-9% faster with
+# TMA and its tile; decode 9-12% slower at B 64 (ctx 1024 / 4096: 91.7 / 312.8 vs 84.0 / 278.5
+# us), 1-2% faster from B 128 (attn_sweep.py --tma-paged, 2026-12-03 sixteenth run).
 KV_TMA = True
-PAGED_KV_TMA = False
+PAGED_KV_TMA = {"prefill": True, "decode": False}
 
 
 @triton.jit
@@ -393,9 +395,10 @@ def attention(
     _check(q_THD, k_cache_PSKD, v_cache_PSKD, K, lse_HT)
     bt = block_table_BP.to(torch.int32).contiguous()
     n_splits = triton.cdiv(bt.shape[1] * S, KV_SPLIT)  # host-known upper bound: no sync, graph-safe
+    walk = "decode" if _short(max_q_len, q_THD.dtype, H // K) else "prefill"
     return _launch(q_THD, k_cache_PSKD, v_cache_PSKD, cu_seqlens_q_B1, kv_lens_B.to(torch.int32).contiguous(), bt,
                    max_q_len, scale, lse_HT, S, n_splits, (k_cache_PSKD.stride(0), v_cache_PSKD.stride(0)),
-                   _kv_descriptors(k_cache_PSKD, v_cache_PSKD, PAGED_KV_TMA and S % KV_BLOCK == 0))
+                   _kv_descriptors(k_cache_PSKD, v_cache_PSKD, PAGED_KV_TMA[walk] and S % KV_BLOCK == 0))
 
 
 def packed_attention(
@@ -436,6 +439,13 @@ def _check(q_THD, k, v, K: int, lse_HT) -> None:
     if lse_HT is not None and (lse_HT.shape != (H, T) or lse_HT.dtype != torch.float32 or lse_HT.stride(1) != 1):
         raise ValueError(f"miles_kernels attention: lse_HT must be fp32 [H={H}, T={T}] with unit stride over T, "
                          f"got {lse_HT.dtype} {list(lse_HT.shape)}")
+
+
+def _short(max_q_len: int, dtype: torch.dtype, G: int) -> bool:
+    """Whether chunks of max_q_len queries (G query heads a kv head) take a decode tile: all
+    of a chunk's rows fit one program's rows (decode, verify)."""
+    g_pad = triton.next_power_of_2(G)
+    return max(int(max_q_len), 1) <= max(_BLOCK_M[dtype], g_pad) // g_pad
 
 
 def _swapped_tile(pairs: int) -> bool:
@@ -491,7 +501,7 @@ def _launch(q_THD, k4, v4, cu_seqlens, kv_lens, bt, max_q_len: int, scale: float
     # Split-parallel decode only pays while (sequence, kv head) pairs alone leave the GPU idle;
     # the one-program path merges the same split states in the same order (same bits).
     split_programs = min(n_splits, triton.cdiv(DECODE_PROGRAMS, B * K))
-    short = not contig and max_q_len <= block_m // g_pad  # decode, verify chunks: the decode tile
+    short = not contig and _short(max_q_len, q_THD.dtype, G)  # decode, verify chunks: the decode tile
     split_parallel = short and split_programs > 1
     num_warps, num_stages = _DECODE_LAUNCH[q_THD.dtype]
     if not short:
