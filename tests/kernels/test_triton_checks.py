@@ -1097,7 +1097,7 @@ def check_packed_attention() -> None:
     H, K, D, page = 4, 2, 16, 16
     lens = [45, 1, 70, 16, 33]
     T, q, k, v, cu = _packed_qkv(lens, H, K, D, g)
-    saved = attn_mod.KV_BLOCK, attn_mod.KV_SPLIT, attn_mod.KV_TMA, attn_mod.PREFETCH_QK
+    saved = attn_mod.KV_BLOCK, attn_mod.KV_SPLIT, attn_mod.KV_TMA
     attn_mod.KV_BLOCK, attn_mod.KV_SPLIT = 16, 32
     try:
         n_pages = sum(-(-L // page) for L in lens) + 2
@@ -1117,28 +1117,23 @@ def check_packed_attention() -> None:
         lse_p = torch.full((H, T), float("nan"))
         paged = kt.attention(q, k_cache, v_cache, cu, torch.tensor(lens, dtype=torch.int32), bt, max(lens), D**-0.5,
                              lse_HT=lse_p)
-        attn_mod.PREFETCH_QK = True  # the paged prefill by TMA, scores one block ahead
-        _same(kt.attention(q, k_cache, v_cache, cu, torch.tensor(lens, dtype=torch.int32), bt, max(lens), D**-0.5),
-              paged, "the paged prefill with PREFETCH_QK vs without")
         # K/V as views of one fused [T, (H + 2K) * D] projection (the row stride is not K * D)
         qkv = torch.cat([q.reshape(T, -1), k.reshape(T, -1), v.reshape(T, -1)], 1)
         k_view, v_view = qkv[:, H * D:(H + K) * D].view(T, K, D), qkv[:, (H + K) * D:].view(T, K, D)
-        for tma, pf, kk, vv in ((True, False, k, v), (True, True, k, v), (True, True, k_view, v_view),
-                                (False, True, k, v)):
-            attn_mod.KV_TMA, attn_mod.PREFETCH_QK = tma, pf
+        for tma, kk, vv in ((True, k, v), (True, k_view, v_view), (False, k, v)):
+            attn_mod.KV_TMA = tma
             made = attn_mod._kv_descriptors(kk, vv, attn_mod.KV_TMA)
             assert (made is not None) == tma, "the descriptor walk was not taken"
             lse_c = torch.full((H, T), float("nan"))
             packed = kt.packed_attention(q, kk, vv, cu, max(lens), D**-0.5, lse_HT=lse_c)
-            way = f"KV_TMA {tma}, PREFETCH_QK {pf}, row stride {kk.stride(0)}"
-            _same(packed, paged, f"packed_attention ({way}) vs the paged kernel")
-            _same(lse_c, lse_p, f"packed_attention LSE ({way}) vs the paged kernel's")
+            _same(packed, paged, f"packed_attention (KV_TMA {tma}, row stride {kk.stride(0)}) vs the paged kernel")
+            _same(lse_c, lse_p, f"packed_attention LSE (KV_TMA {tma}) vs the paged kernel's")
         for b, L in enumerate(lens):
             rows = slice(int(cu[b]), int(cu[b + 1]))
             _close(packed[rows], _attn_ref(q[rows], k[rows], v[rows], list(range(L)), D**-0.5),
                    f"packed_attention sequence {b} (L={L})", atol=1e-5)
     finally:
-        attn_mod.KV_BLOCK, attn_mod.KV_SPLIT, attn_mod.KV_TMA, attn_mod.PREFETCH_QK = saved
+        attn_mod.KV_BLOCK, attn_mod.KV_SPLIT, attn_mod.KV_TMA = saved
 
 
 def _packed_attn64(lens: list[int], scale: float):

@@ -12,7 +12,6 @@
     python tools/bench/attn_sweep.py OUT.json --walk --tiles   # the same, the forward per prefill tile
     python tools/bench/attn_sweep.py OUT.json --tma [--tiles]  # packed K/V by TMA vs pointers; KV_SPLIT's cost
     python tools/bench/attn_sweep.py OUT.json --tma-paged      # the engine's paged caches by TMA vs pointers
-    python tools/bench/attn_sweep.py OUT.json --prefetch       # scores one block ahead (PREFETCH_QK) per tile
 
 --prefill: for each (KV_BLOCK, prefill BLOCK_M, warps, stages) the bits are checked first
 (prefill == chunked == decode on pages of 16/64/32; packed == paged), then the training
@@ -501,34 +500,6 @@ def tma(path: str) -> None:
     A.KV_SPLIT = defaults[1]
 
 
-PREFETCH_TILES = [(0, 0, 0), (128, 8, 3), (64, 4, 2)]  # --prefetch: (BLOCK_M, warps, stages); 0: the rule
-
-
-def prefetch(path: str) -> None:
-    """PREFETCH_QK off / on (each unmasked block's scores issued one block ahead, K/V by TMA): both
-    training forwards' outputs and LSEs compared bitwise at 0.6B 16k and 8B 4k / 777, then per
-    prefill tile of PREFETCH_TILES the bits checks and the forward vs flash."""
-    res = dict(same={}, t=[])
-    default = A.PREFETCH_QK
-    res["same"] = same_forward(lambda on: setattr(A, "PREFETCH_QK", on), (False, True), "prefetch == not")
-    for bm, w, st in PREFETCH_TILES:
-        set_prefill_tile(bm, w, st)
-        for on in (False, True):
-            A.PREFETCH_QK = on
-            try:
-                bad = check() + packed_check()
-                tm = prefill_timings()
-            except Exception as e:  # noqa: BLE001 - a tile that does not fit is a row too
-                print(f"prefetch={int(on)} tile={bm or 'rule'},{w},{st} ERROR {str(e)[:200]}", flush=True)
-                continue
-            res["t"].append(dict(prefetch=on, tile=[bm, w, st], bad=bad, t=tm))
-            print(f"prefetch={int(on)} tile={bm or 'rule'},{w},{st} bits_ok={int(not bad)} " + fmt_prefill(tm)
-                  + (f" BAD {bad[:3]}" if bad else ""), flush=True)
-            json.dump(res, open(path, "w"), indent=1)
-    A.PREFETCH_QK = default
-    set_prefill_tile(0)
-
-
 TMA_PAGED_PREFILL = [(1, 4096), (8, 1024), (64, 128)]  # --tma-paged: (sequences, prompt) of an engine prefill
 
 
@@ -620,7 +591,7 @@ def swapped_launch(path: str) -> None:
 
 
 # flag -> sweep(OUT.json); the first listed that is given runs
-SWEEPS = {"--prefetch": prefetch, "--tma-paged": tma_paged, "--tma": tma, "--swapped-launch": swapped_launch, "--walk": walk,
+SWEEPS = {"--tma-paged": tma_paged, "--tma": tma, "--swapped-launch": swapped_launch, "--walk": walk,
           "--rowsum": rowsum, "--decode-tiles": decode_tiles, "--prefill": prefill_sweep}
 
 

@@ -49,22 +49,16 @@ def kv_tma(j, kv_base, k_desc, v_desc, bt_row_ptr, kvh, ok, PAGE: tl.constexpr, 
     (CONTIG) or a paged cache [P * PAGE, K * D] (the block inside one page). With MASK the rows
     past kv_len (the next sequence's tokens, a page's stale slots, zeros past the tensor) are
     set to zero, as the pointer loads read them: the same values, so the same bits."""
-    return (kv_tile_tma(j, kv_base, k_desc, bt_row_ptr, kvh, ok, PAGE, ATTN_BLK, CONTIG, MASK, BLOCK_D),
-            kv_tile_tma(j, kv_base, v_desc, bt_row_ptr, kvh, ok, PAGE, ATTN_BLK, CONTIG, MASK, BLOCK_D))
-
-
-@triton.jit
-def kv_tile_tma(j, kv_base, desc, bt_row_ptr, kvh, ok, PAGE: tl.constexpr, ATTN_BLK: tl.constexpr,
-                CONTIG: tl.constexpr, MASK: tl.constexpr, BLOCK_D: tl.constexpr):
-    """kv_tma's load of one of K, V."""
     if CONTIG:
         row = kv_base + j * ATTN_BLK
     else:
         row = tl.load(bt_row_ptr + (j * ATTN_BLK) // PAGE).to(tl.int64) * PAGE + (j * ATTN_BLK) % PAGE
-    x = desc.load([row.to(tl.int32), kvh * BLOCK_D])
+    k = k_desc.load([row.to(tl.int32), kvh * BLOCK_D])
+    v = v_desc.load([row.to(tl.int32), kvh * BLOCK_D])
     if MASK:
-        x = tl.where(ok[:, None], x, 0.0)
-    return x
+        k = tl.where(ok[:, None], k, 0.0)
+        v = tl.where(ok[:, None], v, 0.0)
+    return k, v
 
 
 def tma_descriptors(xs: tuple[torch.Tensor, ...], rows: int, enabled: bool) -> tuple | None:

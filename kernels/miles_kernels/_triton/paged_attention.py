@@ -23,8 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
-from miles_kernels._triton.attn_parts import (LN2, exact_sum, fixed_sum, kv_tile_tma, kv_tma, seq_and_head,
-                                              tma_descriptors)
+from miles_kernels._triton.attn_parts import LN2, exact_sum, fixed_sum, kv_tma, seq_and_head, tma_descriptors
 from miles_kernels._triton.decode_attention import decode_kernel
 from miles_kernels._triton.launch import fast_launch
 
@@ -89,9 +88,6 @@ _LOG2E = 1.4426950408889634
 # us), 1-2% faster from B 128 (attn_sweep.py --tma-paged, 2026-12-03 sixteenth run).
 KV_TMA = True
 PAGED_KV_TMA = {"prefill": True, "decode": False}
-# With K/V by TMA, the prefill walk issues each unmasked block's scores q @ K^T one block ahead,
-# so the MMA can run under the previous block's softmax (_walk_full_prefetch; the same bits).
-PREFETCH_QK = False
 
 
 @triton.jit
@@ -154,13 +150,6 @@ def _kv_block(
         kT, v = _kv_load(j, kv_pos, ok, kv_base, k_ptr, v_ptr, bt_row_ptr, kvh, D, offs, ds,
                          stride_kp, stride_ks, stride_kk, stride_vp, stride_vs, stride_vk, PAGE, ATTN_BLK, CONTIG, MASK)
     qk = tl.dot(q, kT, input_precision=PRECISION)
-    return _kv_update(qk, v, m, l, acc, pos, kv_pos, ok, qk_scale, one, PRECISION, MASK, L_SUM)
-
-
-@triton.jit
-def _kv_update(qk, v, m, l, acc, pos, kv_pos, ok, qk_scale, one, PRECISION: tl.constexpr, MASK: tl.constexpr,
-               L_SUM: tl.constexpr):
-    """_kv_block's online-softmax step from the block's scores qk = q @ K^T and its V."""
     s = qk * qk_scale
     if MASK:
         keep = (kv_pos[None, :] <= pos[:, None]) & ok[None, :]
@@ -226,49 +215,16 @@ def _end_split(m, l, acc, m_s, l_s, acc_s):
 
 
 @triton.jit
-def _walk_full_prefetch(
-    q, m, l, acc, m_s, l_s, acc_s, full_hi, pos, kv_len, kv_base, k_desc, v_desc, bt_row_ptr, kvh, qk_scale, offs,
-    one, PAGE: tl.constexpr, ATTN_BLK: tl.constexpr, SPLIT_BLOCKS: tl.constexpr, PRECISION: tl.constexpr,
-    CONTIG: tl.constexpr, L_SUM: tl.constexpr, BLOCK_D: tl.constexpr,
-):
-    """_walk's unmasked blocks [0, full_hi) by TMA, block j + 1's scores q @ K^T issued before
-    block j's softmax, so the MMA can run under it (FA3's intra-warpgroup overlap): the same
-    operations on the same values as _kv_block's, so the same bits. Block 0's scores are
-    computed even when full_hi is 0 (unused then)."""
-    ok = offs >= 0
-    qk = tl.dot(q, tl.trans(kv_tile_tma(0, kv_base, k_desc, bt_row_ptr, kvh, ok, PAGE, ATTN_BLK, CONTIG, False,
-                                        BLOCK_D)), input_precision=PRECISION)
-    for j in range(0, full_hi - 1):
-        kT = tl.trans(kv_tile_tma(j + 1, kv_base, k_desc, bt_row_ptr, kvh, ok, PAGE, ATTN_BLK, CONTIG, False, BLOCK_D))
-        qk_next = tl.dot(q, kT, input_precision=PRECISION)
-        v = kv_tile_tma(j, kv_base, v_desc, bt_row_ptr, kvh, ok, PAGE, ATTN_BLK, CONTIG, False, BLOCK_D)
-        m_s, l_s, acc_s = _kv_update(qk, v, m_s, l_s, acc_s, pos, j * ATTN_BLK + offs, ok, qk_scale, one, PRECISION,
-                                     False, L_SUM)
-        if (j + 1) % SPLIT_BLOCKS == 0:
-            m, l, acc, m_s, l_s, acc_s = _end_split(m, l, acc, m_s, l_s, acc_s)
-        qk = qk_next
-    if full_hi > 0:
-        j = full_hi - 1
-        v = kv_tile_tma(j, kv_base, v_desc, bt_row_ptr, kvh, ok, PAGE, ATTN_BLK, CONTIG, False, BLOCK_D)
-        m_s, l_s, acc_s = _kv_update(qk, v, m_s, l_s, acc_s, pos, j * ATTN_BLK + offs, ok, qk_scale, one, PRECISION,
-                                     False, L_SUM)
-        if (j + 1) % SPLIT_BLOCKS == 0:
-            m, l, acc, m_s, l_s, acc_s = _end_split(m, l, acc, m_s, l_s, acc_s)
-    return m, l, acc, m_s, l_s, acc_s
-
-
-@triton.jit
 def _walk(
     q, pos, pos_min, kv_len, kv_base, n_blocks, k_ptr, v_ptr, bt_row_ptr, kvh, qk_scale, D,
     stride_kp, stride_ks, stride_kk, stride_vp, stride_vs, stride_vk,
     BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, PAGE: tl.constexpr, ATTN_BLK: tl.constexpr,
     SPLIT_BLOCKS: tl.constexpr, PRECISION: tl.constexpr, CONTIG: tl.constexpr, L_SUM: tl.constexpr,
-    TMA: tl.constexpr, PREFETCH: tl.constexpr = False,
+    TMA: tl.constexpr,
 ):
     """Every split of blocks [0, n_blocks) in one loop, so one software pipeline runs across
     the splits: each split's state starts empty and is merged into the total at the split's
-    end, the operations and order of _split_state per split then _merge (the same bits).
-    PREFETCH (TMA): the unmasked blocks by _walk_full_prefetch (the same bits)."""
+    end, the operations and order of _split_state per split then _merge (the same bits)."""
     m = tl.full((BLOCK_M,), float("-inf"), tl.float32)
     l = tl.zeros((BLOCK_M,), tl.float32)
     acc = tl.zeros((BLOCK_M, BLOCK_D), tl.float32)
@@ -277,14 +233,7 @@ def _walk(
     ds = tl.arange(0, BLOCK_D)
     one = tl.where((offs[:, None] >= 0) & (tl.arange(0, 16)[None, :] == 0), 1.0, 0.0).to(q.dtype)
     full_hi = tl.minimum(tl.minimum((pos_min + 1) // ATTN_BLK, kv_len // ATTN_BLK), n_blocks)
-    if PREFETCH:  # the unmasked blocks with the next block's scores in flight (TMA only)
-        m, l, acc, m_s, l_s, acc_s = _walk_full_prefetch(
-            q, m, l, acc, m_s, l_s, acc_s, full_hi, pos, kv_len, kv_base, k_ptr, v_ptr, bt_row_ptr, kvh, qk_scale,
-            offs, one, PAGE, ATTN_BLK, SPLIT_BLOCKS, PRECISION, CONTIG, L_SUM, BLOCK_D)
-        full_lo = full_hi
-    else:
-        full_lo = 0
-    for j in range(full_lo, full_hi):
+    for j in range(0, full_hi):
         m_s, l_s, acc_s = _kv_block(q, m_s, l_s, acc_s, j, pos, kv_len, kv_base, k_ptr, v_ptr, bt_row_ptr, kvh,
                                     qk_scale, D, offs, ds, one, stride_kp, stride_ks, stride_kk, stride_vp, stride_vs,
                                     stride_vk, PAGE, ATTN_BLK, PRECISION, CONTIG, False, L_SUM, BLOCK_D, TMA)
@@ -325,7 +274,7 @@ def _attn_kernel(
     G: tl.constexpr, G_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
     PAGE: tl.constexpr, ATTN_BLK: tl.constexpr, SPLIT_BLOCKS: tl.constexpr, SPLIT_PARALLEL: tl.constexpr,
     PART_ROWS: tl.constexpr, PRECISION: tl.constexpr, STORE_LSE: tl.constexpr, CONTIG: tl.constexpr,
-    L_SUM: tl.constexpr, ONE_LOOP: tl.constexpr, TMA: tl.constexpr, PREFETCH: tl.constexpr,
+    L_SUM: tl.constexpr, ONE_LOOP: tl.constexpr, TMA: tl.constexpr,
 ):
     TOK: tl.constexpr = BLOCK_M // G_PAD
     tile = tl.num_programs(0) - 1 - tl.program_id(0)  # the longest (last) q tiles start first
@@ -375,7 +324,7 @@ def _attn_kernel(
         m, l, acc = _walk(
             q, pos, pos_min, kv_len, kv_base, n_blocks, k_ptr, v_ptr, bt_row_ptr, kvh, qk_scale, D,
             stride_kp, stride_ks, stride_kk, stride_vp, stride_vs, stride_vk,
-            BLOCK_M, BLOCK_D, PAGE, ATTN_BLK, SPLIT_BLOCKS, PRECISION, CONTIG, L_SUM, TMA, PREFETCH,
+            BLOCK_M, BLOCK_D, PAGE, ATTN_BLK, SPLIT_BLOCKS, PRECISION, CONTIG, L_SUM, TMA,
         )
         _store_out(o_ptr, lse_ptr, m, l, acc, t_idx, head, ds, row_ok, D, stride_ot, stride_oh, stride_lh, STORE_LSE)
     else:
@@ -591,7 +540,7 @@ def _launch(q_THD, k4, v4, cu_seqlens, kv_lens, bt, max_q_len: int, scale: float
             page_strides[0], k4.stride(1), k4.stride(2), page_strides[1], v4.stride(1), v4.stride(2), bt.stride(0),
             BLOCK_M=block_m, PAGE=page, SPLIT_PARALLEL=split_parallel, PART_ROWS=part_rows,
             PRECISION="ieee" if q_THD.dtype == torch.float32 else "tf32", STORE_LSE=lse_HT is not None,
-            CONTIG=contig, TMA=kv_descs is not None, PREFETCH=PREFETCH_QK and kv_descs is not None,
+            CONTIG=contig, TMA=kv_descs is not None,
             L_SUM=ROW_SUM, ONE_LOOP=_one_loop(False, B * K), **consts, num_warps=num_warps, num_stages=num_stages,
         )
     if split_parallel:
