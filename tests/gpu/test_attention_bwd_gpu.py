@@ -106,3 +106,40 @@ def test_kv_attention_backward_switch(monkeypatch):
     want = kt.packed_attention_bwd(q, k, v, out, dout, lse, meta.cu_seqlens_q, meta.max_q_len, D**-0.5)
     for name, a, b in zip(("dq", "dk", "dv"), got, want):
         assert torch.equal(a, b), f"{name}: ops' triton backward differs from packed_attention_bwd"
+
+
+@pytest.mark.parametrize("model", sorted(HEADS))
+def test_dq_from_stored_ds(model, monkeypatch):
+    """DQ_FROM_DS: the dK/dV kernel stores dS, the dQ kernel sums dS k from it. dK and dV keep
+    their bits; dQ is as accurate as the recomputing kernel's (within bf16 rounding of it and
+    of the reference's error bounds), deterministic, and a sequence's dQ does not depend on
+    what is packed beside it (alone vs in the pack: the same bits)."""
+    from miles_kernels import _triton as kt
+    from miles_kernels._triton import attention_bwd as B
+
+    H, K = HEADS[model]
+    scale = D**-0.5
+    (q, k, v, dout), (meta, _, _) = _case(H, K, LENS, seed=3)
+    lse = torch.empty(H, q.shape[0], device="cuda")
+    out = kt.packed_attention(q, k, v, meta.cu_seqlens_q, meta.max_q_len, scale, lse_HT=lse)
+    args = (q, k, v, out, dout, lse, meta.cu_seqlens_q, meta.max_q_len, scale)
+    recomputed = kt.packed_attention_bwd(*args)
+    made = []
+    real = B._ds_scratch
+    monkeypatch.setattr(B, "_ds_scratch", lambda *a: made.append(real(*a)) or made[-1])
+    monkeypatch.setattr(B, "DQ_FROM_DS", True)
+    stored = kt.packed_attention_bwd(*args)
+    assert made and made[-1] is not None, "the stored-dS path was not taken"
+    assert torch.equal(stored[1], recomputed[1]) and torch.equal(stored[2], recomputed[2]), "dK / dV changed"
+    assert torch.equal(stored[0], kt.packed_attention_bwd(*args)[0]), "two runs differ"
+    ref = _reference(q, k, v, dout, LENS, scale)
+    (s_max, s_mean), (r_max, r_mean) = _errs(stored[:1], ref[:1])[0], _errs(recomputed[:1], ref[:1])[0]
+    assert s_max <= 1.5 * r_max + 1e-6 and s_mean <= 1.2 * r_mean + 1e-7, \
+        f"{model} dq: stored max {s_max:.3g} mean {s_mean:.3g}, recomputed max {r_max:.3g} mean {r_mean:.3g}"
+    lo, n = LENS[0], LENS[1]  # the second sequence alone
+    cu = torch.tensor([0, n], dtype=torch.int32, device="cuda")
+    rows = slice(lo, lo + n)
+    alone_out = kt.packed_attention(q[rows], k[rows], v[rows], cu, n, scale, lse_HT=(alone_lse := torch.empty(
+        H, n, device="cuda")))
+    alone = kt.packed_attention_bwd(q[rows], k[rows], v[rows], alone_out, dout[rows], alone_lse, cu, n, scale)
+    assert torch.equal(alone[0], stored[0][rows]), f"{model} dq of a sequence alone differs from it in the pack"
