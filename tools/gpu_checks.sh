@@ -12,7 +12,8 @@
 #   tma        (not in the default list) the TMA loads: the attention backward by pointers / TMA, the
 #              training forward per tile, the engine's paged caches, registers and spills (kernel_regs)
 #   ds         (not in the default list) dQ from the dS the dK/dV kernel stores (DQ_FROM_DS): the backward
-#              recomputing vs storing (timings, dK/dV bits, dQ's difference), its tiles at 4k / 16k, its GPU test
+#              recomputing vs storing (timings, dK/dV bits, dQ's difference), its tiles at 4k / 16k, its GPU test,
+#              the trainer at 4k / 16k with it vs the peer
 #   profile    (not in the default list) torch.profiler of a 4k trainer step (ours and the peer)
 #              and of engine decode steps at batch 256 (prompt 512), host cost per launch (launch_cost),
 #              registers and spills of the compiled kernels (kernel_regs);
@@ -87,7 +88,9 @@ for step in $steps; do
         ds) run attn_bwd_from_ds python3 tools/bench/attn_bwd.py "$out/attn_bwd_from_ds.json" --from-ds
             run attn_bwd_from_ds_sweep python3 tools/bench/attn_bwd.py "$out/attn_bwd_from_ds_sweep.json" --from-ds \
                 --sweep --lens 4096,16384
-            run gpu_from_ds_test python3 -m pytest -q -o addopts="" tests/gpu/test_attention_bwd_gpu.py -k from_stored_ds ;;
+            run gpu_from_ds_test python3 -m pytest -q -o addopts="" tests/gpu/test_attention_bwd_gpu.py -k from_stored_ds
+            run bench_train_from_ds python3 tools/bench/train.py --modes invariant --steps 3 --dq-from-ds --peer \
+                --out "$out/train_from_ds.json" ;;
         tma) run attn_bwd_tma python3 tools/bench/attn_bwd.py "$out/attn_bwd_tma.json" --tma
              run attn_tma python3 tools/bench/attn_sweep.py "$out/attn_tma.json" --tma --tiles
              run attn_tma_paged python3 tools/bench/attn_sweep.py "$out/attn_tma_paged.json" --tma-paged
