@@ -1202,7 +1202,7 @@ def _ds_tiles_fit(tiles) -> bool:
     """Whether the dK/dV and dQ tiles (overrides, else fp32's 16 x 16) can share dS tiles."""
     dkdv, dq = (tiles or {}).get("dkdv_tile"), (tiles or {}).get("dq_tile")
     S, m = (dkdv.block_n, dkdv.block_m) if dkdv else (16, 16)
-    return S % m == 0 and (dq.block_n if dq else 16) == S and (dq.block_m if dq else 16) % S == 0
+    return S % m == 0 and (dq.block_n if dq else 16) == S and (dq.block_m if dq else 16) == S
 
 
 def check_attention_bwd() -> None:
@@ -1244,9 +1244,11 @@ def check_attention_bwd_uneven_tiles() -> None:
                               tiles=dict(dkdv_tile=Tile(16, 32, 4, 1), dq_tile=Tile(32, 16, 4, 1)))
     _check_attention_bwd_case([40, 3, 21], H=6, K=2, D=16, scale=0.25, seed=33,
                               tiles=dict(dkdv_tile=Tile(32, 16, 4, 1), dq_tile=Tile(16, 32, 4, 1)))
-    # tiles that share the stored dS: dK/dV steps of half a tile, dQ rows spanning two tiles
+    # tiles that share the stored dS (dK/dV steps of half a tile), and a dQ tile that cannot read it
     _check_attention_bwd_case([40, 1, 37, 16], H=4, K=2, D=16, scale=0.25, seed=34,
-                              tiles=dict(dkdv_tile=Tile(8, 16, 4, 1), dq_tile=Tile(32, 16, 4, 1)))
+                              tiles=dict(dkdv_tile=Tile(8, 16, 4, 1), dq_tile=Tile(16, 16, 4, 1)))
+    _check_attention_bwd_case([40, 1, 37, 16], H=4, K=2, D=16, scale=0.25, seed=34,
+                              tiles=dict(dkdv_tile=Tile(16, 16, 4, 1), dq_tile=Tile(32, 16, 4, 1)))
     # a scratch above DS_SCRATCH_BYTES: dQ recomputes
     from miles_kernels._triton import attention_bwd as bwd_mod
 

@@ -64,6 +64,8 @@ DQ_TMA = True
 # (0.6B heads at one 16k sequence: 4.3 GB), else dQ recomputes. Not yet timed on a GPU.
 DQ_FROM_DS = False
 DS_SCRATCH_BYTES = 8 << 30
+DQ_DS_TILES = {torch.bfloat16: (Tile(64, 64, 4, 3),), torch.float16: (Tile(64, 64, 4, 3),),
+               torch.float32: (Tile(16, 16, 4, 1),)}  # the dQ kernel's tile from a stored dS (S x S)
 _DELTA_ROWS = {torch.bfloat16: 64, torch.float16: 64, torch.float32: 16}  # tokens per delta program
 
 
@@ -119,9 +121,9 @@ def _dkdv_step(dk, dv, k, v, q_ptr, do_ptr, lse_ptr, delta_ptr, m0, kpos, q_len,
     dv = tl.dot(pT.to(do.dtype), do, dv, input_precision=PRECISION)
     dpT = tl.dot(v, tl.trans(do), input_precision=PRECISION)
     dsT = (pT * (dpT - delta[None, :])).to(q.dtype)
-    if STORE_DS:
-        rows = m0 % S + tl.arange(0, BLOCK_M)
-        tl.store(_ds_tile(ds_ptr, m0 // S, kb, S) + rows[None, :] * S + (kpos % S)[:, None], dsT)
+    if STORE_DS:  # S == BLOCK_N: the block's keys are the tile's
+        rows = tl.multiple_of(m0 % S, BLOCK_M) + tl.arange(0, BLOCK_M)
+        tl.store(_ds_tile(ds_ptr, m0 // S, kb, S) + tl.arange(0, S)[:, None] * S + rows[None, :], dsT)
     dk = tl.dot(dsT, q, dk, input_precision=PRECISION)
     return dk, dv
 
@@ -129,7 +131,8 @@ def _dkdv_step(dk, dv, k, v, q_ptr, do_ptr, lse_ptr, delta_ptr, m0, kpos, q_len,
 @triton.jit
 def _ds_tile(ds_ptr, qb, kb, S: tl.constexpr):
     """Tile (query block qb, KV block kb <= qb) of a head's and sequence's dS, tiles of S x S
-    (query rows, keys; row-major) in causal order: (0, 0), (1, 0), (1, 1), (2, 0), ..."""
+    stored as dS^T (keys, query rows; row-major: the dK/dV kernel's dsT as its MMA holds it,
+    query rows adjacent) in causal order: (0, 0), (1, 0), (1, 1), (2, 0), ..."""
     return ds_ptr + (tl.cast(qb, tl.int64) * (qb + 1) // 2 + kb) * (S * S)
 
 
@@ -177,7 +180,7 @@ def _dkdv_kernel(q_ptr, k_ptr, v_ptr, do_ptr, dk_ptr, dv_ptr, lse_ptr, delta_ptr
         delta_h = delta_ptr + h.to(tl.int64) * stride_dh + q_lo
         ds_h = ds_ptr
         if STORE_DS:
-            ds_h = ds_ptr + h.to(tl.int64) * stride_dsh + tl.load(ds_off_ptr + b)
+            ds_h = ds_ptr + h.to(tl.int64) * stride_dsh + tl.multiple_of(tl.load(ds_off_ptr + b), 16)
         for i in range(i_lo, tl.minimum(i_full, n_q)):  # the diagonal
             dk, dv = _dkdv_step(dk, dv, k, v, q_h, do_h, lse_h, delta_h, i * BLOCK_M, kpos, q_len, qk_scale,
                                 stride_qt, q_lo, h * D, ds_h, j, BLOCK_M, D, PRECISION, True, TMA, STORE_DS, BLOCK_N)
@@ -230,15 +233,15 @@ def _key_rows(ptr, n0, q_len, stride_t, row0, col, BLOCK_N: tl.constexpr, D: tl.
 
 
 @triton.jit
-def _dq_from_ds(dq, ds_ptr, qpos, k_ptr, n0, q_len, stride_t, row0, col, BLOCK_N: tl.constexpr, D: tl.constexpr,
-                PRECISION: tl.constexpr, MASK: tl.constexpr, TMA: tl.constexpr, S: tl.constexpr):
-    """_dq_step from the stored dS (_ds_tile, tiles of S = BLOCK_N keys): rows whose query block
-    lies before the KV block have no tile (causal: zeros), nor rows past the sequence."""
+def _dq_from_ds(dq, ds_ptr, m0, q_len, k_ptr, n0, stride_t, row0, col, BLOCK_N: tl.constexpr, D: tl.constexpr,
+                PRECISION: tl.constexpr, MASK: tl.constexpr, TMA: tl.constexpr):
+    """_dq_step for query rows m0 .. m0 + BLOCK_N from the stored dS: tile (m0, n0) of _ds_tile
+    (tiles of BLOCK_N), read whole: a row past the sequence (zeros, or never written where the
+    dK/dV tile's rows are fewer) reaches only its own dq row, which is not stored."""
     k = _key_rows(k_ptr, n0, q_len, stride_t, row0, col, BLOCK_N, D, MASK, TMA)
-    qb = qpos // S
-    ptrs = _ds_tile(ds_ptr, qb, n0 // S, S)[:, None] + (qpos % S)[:, None] * S + tl.arange(0, BLOCK_N)[None, :]
-    ds_ = tl.load(ptrs, mask=((qb >= n0 // S) & (qpos < q_len))[:, None], other=0.0)
-    return tl.dot(ds_, k, dq, input_precision=PRECISION)
+    r = tl.arange(0, BLOCK_N)
+    dsT = tl.load(_ds_tile(ds_ptr, m0 // BLOCK_N, n0 // BLOCK_N, BLOCK_N) + r[:, None] * BLOCK_N + r[None, :])
+    return tl.dot(tl.trans(dsT), k, dq, input_precision=PRECISION)  # dsT: [keys, query rows]
 
 
 @fast_launch
@@ -265,13 +268,14 @@ def _dq_kernel(q_ptr, k_ptr, v_ptr, do_ptr, dq_ptr, lse_ptr, delta_ptr, cu_ptr, 
     n_full = (m0 + 1) // BLOCK_N  # KV blocks ending at or before the first row: no mask
     n_kv = tl.cdiv(tl.minimum(m0 + BLOCK_M, q_len), BLOCK_N)
     if FROM_DS:
-        ds_h = ds_ptr + h.to(tl.int64) * stride_dsh + tl.load(ds_off_ptr + b)
+        ds_h = ds_ptr + h.to(tl.int64) * stride_dsh + tl.multiple_of(tl.load(ds_off_ptr + b), 16)
+        tl.static_assert(BLOCK_M == BLOCK_N)  # one dS tile a step
         for j in range(0, n_full):
-            dq = _dq_from_ds(dq, ds_h, qpos, k_h, j * BLOCK_N, q_len, stride_kt, q_lo, (h // G) * D, BLOCK_N, D,
-                             PRECISION, False, TMA, BLOCK_N)
+            dq = _dq_from_ds(dq, ds_h, m0, q_len, k_h, j * BLOCK_N, stride_kt, q_lo, (h // G) * D, BLOCK_N, D,
+                             PRECISION, False, TMA)
         for j in range(n_full, n_kv):
-            dq = _dq_from_ds(dq, ds_h, qpos, k_h, j * BLOCK_N, q_len, stride_kt, q_lo, (h // G) * D, BLOCK_N, D,
-                             PRECISION, True, TMA, BLOCK_N)
+            dq = _dq_from_ds(dq, ds_h, m0, q_len, k_h, j * BLOCK_N, stride_kt, q_lo, (h // G) * D, BLOCK_N, D,
+                             PRECISION, True, TMA)
     else:
         q = tl.load(q_ptr + q_off, mask=ok[:, None], other=0.0)
         do = tl.load(do_ptr + q_off, mask=ok[:, None], other=0.0)
@@ -331,8 +335,11 @@ def packed_attention_bwd(
 
     # real programs ~ blocks over all tokens (+ one partial per sequence) x heads; no host sync
     t = dkdv_tile or _pick(DKDV_TILES[dtype], lambda t: triton.cdiv(T, t.block_n) * K)
-    tq = dq_tile or _pick(DQ_TILES[dtype], lambda t: triton.cdiv(T, t.block_m) * H)
+    fill = lambda t: triton.cdiv(T, t.block_m) * H  # noqa: E731
+    tq = dq_tile or _pick(DQ_DS_TILES[dtype], fill)
     ds, ds_off = _ds_scratch(cu, T, B, H, max_len, t, tq, q) or (dq, cu)
+    if ds is dq:
+        tq = dq_tile or _pick(DQ_TILES[dtype], fill)
     n_blocks = triton.cdiv(max_len, t.block_n)
     # TMA: the loop's operands by tensor descriptors over [T, heads * D] (same values, same math)
     q_in, do_in = tma_descriptors((q, do), t.block_m, DKDV_TMA) or (q, do)
@@ -354,11 +361,11 @@ def packed_attention_bwd(
 def _ds_scratch(cu: torch.Tensor, T: int, B: int, H: int, max_len: int, t: Tile, tq: Tile, q: torch.Tensor):
     """(scratch [H, tiles, S, S], each sequence's first element [B] int64) for DQ_FROM_DS, or
     None: off, a dK/dV tile that cannot fill S x S tiles (S = its keys; its query rows must
-    divide S), a dQ tile that cannot read them (its keys S, its rows a multiple of S), or more
-    than DS_SCRATCH_BYTES. The tile count is a host bound, no sync: the sequences' causal tiles,
+    divide S), a dQ tile that cannot read them (S keys and S rows), or more than
+    DS_SCRATCH_BYTES. The tile count is a host bound, no sync: the sequences' causal tiles,
     sum of n (n + 1) / 2 with n = ceil(L / S), <= (ceil(max_len / S) + 1) / 2 * (ceil(T / S) + B)."""
     S = t.block_n
-    if not DQ_FROM_DS or S % t.block_m or tq.block_n != S or tq.block_m % S:
+    if not DQ_FROM_DS or S % t.block_m or tq.block_n != S or tq.block_m != S:
         return None
     tiles = (triton.cdiv(max_len, S) + 1) * (triton.cdiv(T, S) + B) // 2
     if H * tiles * S * S * q.element_size() > DS_SCRATCH_BYTES:
