@@ -139,7 +139,7 @@ def test_dq_from_stored_ds(model, monkeypatch):
     lo, n = LENS[0], LENS[1]  # the second sequence alone
     cu = torch.tensor([0, n], dtype=torch.int32, device="cuda")
     rows = slice(lo, lo + n)
-    alone_out = kt.packed_attention(q[rows], k[rows], v[rows], cu, n, scale, lse_HT=(alone_lse := torch.empty(
-        H, n, device="cuda")))
+    alone_lse = torch.empty(H, n, device="cuda")
+    alone_out = kt.packed_attention(q[rows], k[rows], v[rows], cu, n, scale, lse_HT=alone_lse)
     alone = kt.packed_attention_bwd(q[rows], k[rows], v[rows], alone_out, dout[rows], alone_lse, cu, n, scale)
     assert torch.equal(alone[0], stored[0][rows]), f"{model} dq of a sequence alone differs from it in the pack"
