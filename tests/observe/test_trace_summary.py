@@ -37,6 +37,17 @@ def test_summary_counts_overlaps_once_and_top_level_ops_only():
     assert "host thread 1: top-level ops 0.2 ms" in text.splitlines()[1]
 
 
+def test_gaps_name_the_device_work_around_them_and_the_host_op_over_them():
+    trace = {"traceEvents": TRACE["traceEvents"] + [_x("k0", "kernel", 80, 5)]}
+    gaps = summarize(trace)["gaps"]
+    # [150, 300) idle between k2 and the copy; the host's forward [200, 230) covers more of it than
+    # backward [60, 160); then [85, 100) between k0 and k1 (k1 ends before k2: k2 is "before")
+    assert gaps == [{"ms": 0.15, "at_ms": 0.07, "before": "k2", "after": "memcpy", "host": "forward"},
+                    {"ms": 0.015, "at_ms": 0.005, "before": "k0", "after": "k1", "host": "backward"}]
+    assert summarize(trace, gaps=1)["gaps"] == gaps[:1]
+    assert "0.15 ms at     0.07: k2 -> memcpy; host: forward" in format_summary(summarize(trace))
+
+
 def test_cpu_only_trace_has_no_device_line(tmp_path):
     cpu = {"traceEvents": [e for e in TRACE["traceEvents"] if e.get("cat") not in ("kernel", "gpu_memcpy")]}
     assert summarize(cpu)["device"] is None and not format_summary(summarize(cpu)).startswith("device")
