@@ -7,6 +7,7 @@ packed sequences at 4k and 16k tokens, invariant vs fast kernels.
     python tools/bench/train.py --seqs 4096 16384 --modes invariant --draft 0 1   # cost of the MTP draft
     python tools/bench/train.py --seqs 4096 16384 --peer          # + plain transformers, same run
     python tools/bench/train.py --seqs 4096 --peer --profile prof  # + one profiled step per case
+    python tools/bench/train.py --seqs 16384 --modes invariant --host-profile 25  # + the host's Python, one step
     python tools/bench/train.py --seqs 4096 --units none model     # one rank without FSDP vs one FSDP unit
     python tools/bench/train.py --seqs 4096 --graphs off on        # the trunk eager vs from CUDA graphs
     python tools/bench/train.py --model qwen3-0.6b qwen3-moe-a0.6b --seqs 4096 --modes invariant  # MoE vs dense MFU
@@ -67,7 +68,8 @@ DENSE_OF = {"qwen3-moe-a0.6b": "qwen3-0.6b", "small-moe": "small"}  # the MoE MF
 
 
 def run_case(seq: int, mode: str, steps: int, warmup: int, ac: bool, peak_flops: float, model_name: str = "qwen3-0.6b",
-             fused: bool = True, n_mtp: int = 0, profile: str = "", units: str = "auto", graphs: bool | None = None) -> dict:
+             fused: bool = True, n_mtp: int = 0, profile: str = "", units: str = "auto", graphs: bool | None = None,
+             host_profile: int = 0) -> dict:
     hf = MODELS[model_name]
     with torch.device("meta"):
         model = Transformer(dataclasses.replace(ModelArgs.from_hf(hf), n_mtp=n_mtp))
@@ -90,6 +92,8 @@ def run_case(seq: int, mode: str, steps: int, warmup: int, ac: bool, peak_flops:
             cfg = ProfileConfig(steps=(1,), dir=os.path.join(profile, f"train_{model_name}_{seq}_{mode}_draft{n_mtp}_{name}"))
             with StepProfiler(cfg, profile)(1):
                 trainer.train_step(trainer.pack(seqs), sft_loss, spec)
+        if host_profile:  # one more step under cProfile: where the host's time goes (syncs show as waits)
+            print_host_profile(lambda: trainer.train_step(trainer.pack(seqs), sft_loss, spec), host_profile)
     del trainer, model
     _release()
     mean = lambda k: sum(r.get(k, 0.0) for r in rows) / len(rows)  # noqa: E731
@@ -97,6 +101,20 @@ def run_case(seq: int, mode: str, steps: int, warmup: int, ac: bool, peak_flops:
             "units": name, "tokens_per_s": mean("perf/tokens_per_s"), "mfu": mean("perf/mfu"),
             "step_s": mean("time/train_step_s"), "peak_mem_gib": max(r["perf/peak_mem_gib"] for r in rows),
             "reserved_gib": max(r.get("perf/reserved_gib", 0.0) for r in rows), "loss": rows[-1]["train/loss"]}
+
+
+def print_host_profile(step, top: int) -> None:
+    """Run step() under cProfile; print the top functions by cumulative and by own time."""
+    import cProfile
+    import pstats
+
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    prof = cProfile.Profile()
+    prof.runcall(step)
+    for key in ("cumulative", "tottime"):
+        print(f"host profile of one step, top {top} by {key}:")
+        pstats.Stats(prof).sort_stats(key).print_stats(top)
 
 
 def _release() -> None:
@@ -188,6 +206,8 @@ def main() -> None:
                    help="also time plain transformers (SDPA, fp32 weights + bf16 autocast, fused AdamW)")
     p.add_argument("--profile", metavar="DIR", default="",
                    help="also profile one extra step per case (torch.profiler): DIR/train_MODEL_SEQ_MODE*/step_*.txt/.json")
+    p.add_argument("--host-profile", type=int, default=0, metavar="N",
+                   help="also run one step per case under cProfile and print its top N functions")
     p.add_argument("--dq-from-ds", action="store_true",
                    help="the attention backward's dQ from the stored dS (miles_kernels attention_bwd.DQ_FROM_DS)")
     p.add_argument("--out", default="bench_train.json")
@@ -209,7 +229,8 @@ def main() -> None:
                             try:
                                 results.append(run_case(s, m, a.steps, a.warmup, a.ac, a.peak_flops, model,
                                                         lp == "fused", d, a.profile, u,
-                                                        {"auto": None, "on": True, "off": False}[gr]))
+                                                        {"auto": None, "on": True, "off": False}[gr],
+                                                        a.host_profile))
                             except torch.OutOfMemoryError as e:  # record the case, keep measuring the others
                                 results.append({"seq": s, "mode": m, "ac": a.ac, "model": model, "fused_logprobs": lp == "fused",
                                                 "draft": d, "units": u + {"auto": "", "on": "+graphs", "off": "-graphs"}[gr],
