@@ -11,9 +11,6 @@
 #              MoE backward (MILES_MOE_BWD=torch / triton)
 #   tma        (not in the default list) the TMA loads: the attention backward by pointers / TMA, the
 #              training forward per tile, the engine's paged caches, registers and spills (kernel_regs)
-#   ds         (not in the default list) dQ from the dS the dK/dV kernel stores (DQ_FROM_DS): the backward
-#              recomputing vs storing (timings, dK/dV bits, dQ's difference), its tiles at 4k / 16k, its GPU test,
-#              the trainer at 4k / 16k with it vs the peer
 #   ws         (not in the default list) whether Triton's Hopper warp specialization pays for an attention
 #              forward walked like ours (tools/bench/ws_probe.py: plain / specialized / specialized with
 #              2-block splits, vs flash)
@@ -88,18 +85,12 @@ for step in $steps; do
                run attn_bwd_sweep python3 tools/bench/attn_bwd.py "$out/attn_bwd.json" --sweep --tma
                run grouped_sweep python3 tools/bench/grouped_sweep.py --out "$out/grouped_sweep.json"
                run graph_launch python3 tools/bench/graph_launch.py --out "$out/graph_launch.json" ;;
-        ds) run attn_bwd_from_ds python3 tools/bench/attn_bwd.py "$out/attn_bwd_from_ds.json" --from-ds
-            run attn_bwd_from_ds_sweep python3 tools/bench/attn_bwd.py "$out/attn_bwd_from_ds_sweep.json" --from-ds \
-                --sweep --lens 4096,16384
-            run gpu_from_ds_test python3 -m pytest -q -o addopts="" tests/gpu/test_attention_bwd_gpu.py -k from_stored_ds
-            run bench_train_from_ds python3 tools/bench/train.py --modes invariant --steps 3 --dq-from-ds --peer \
-                --out "$out/train_from_ds.json" ;;
         ws) run ws_probe python3 tools/bench/ws_probe.py "$out/ws_probe.json" ;;
         tma) run attn_bwd_tma python3 tools/bench/attn_bwd.py "$out/attn_bwd_tma.json" --tma
              run attn_tma python3 tools/bench/attn_sweep.py "$out/attn_tma.json" --tma --tiles
              run attn_tma_paged python3 tools/bench/attn_sweep.py "$out/attn_tma_paged.json" --tma-paged
              run kernel_regs python3 tools/bench/kernel_regs.py "$out/kernel_regs.json" ;;
-        *) echo "unknown step $step (tests scale kernels engine engine_host train rl_step spec profile sweep moe tma ds ws)"
+        *) echo "unknown step $step (tests scale kernels engine engine_host train rl_step spec profile sweep moe tma ws)"
            exit 2 ;;
     esac
 done

@@ -1166,43 +1166,21 @@ def _check_attention_bwd_case(lens: list[int], H: int, K: int, D: int, scale: fl
     for name, a, r in zip(("dq", "dk", "dv"), got, want):
         assert a.dtype == torch.float32 and a.shape == r.shape, f"{name}: {a.dtype} {list(a.shape)}"
         _close_rel(a, r, f"attention bwd {name} (lens {lens}, H={H}, K={K}, D={D}, tiles {tiles})", rel=5e-6)
-    # the loops' operands by TMA descriptors or by pointers, dQ recomputed or from the stored dS:
-    # the same bits (under the interpreter's fixed-order dot both orientations of q k^T agree)
-    for tma, from_ds in ((False, False), (True, False), (False, True), (True, True)):
-        way = f"DKDV_TMA = DQ_TMA = {tma}, DQ_FROM_DS = {from_ds}"
-        for name, a, b in zip(("dq", "dk", "dv"), got,
-                              _bwd_tma(tma, q, k, v, out, dout, lse, cu, lens, scale, tiles, from_ds)):
-            _same(a, b, f"attention bwd {name} with {way} vs the defaults (lens {lens}, tiles {tiles})")
+    for tma in (False, True):  # the loops' operands by TMA descriptors or by pointers: the same bits
+        for name, a, b in zip(("dq", "dk", "dv"), got, _bwd_tma(tma, q, k, v, out, dout, lse, cu, lens, scale, tiles)):
+            _same(a, b, f"attention bwd {name} with DKDV_TMA = DQ_TMA = {tma} vs the defaults (lens {lens})")
 
 
-def _bwd_tma(tma: bool, q, k, v, out, dout, lse, cu, lens, scale, tiles=None, from_ds: bool = False):
-    """packed_attention_bwd with DKDV_TMA = DQ_TMA = tma and DQ_FROM_DS = from_ds; with from_ds
-    the stored dS must be used where the tiles allow it (_ds_tiles_fit)."""
+def _bwd_tma(tma: bool, q, k, v, out, dout, lse, cu, lens, scale, tiles=None):
+    """packed_attention_bwd with DKDV_TMA = DQ_TMA = tma."""
     from miles_kernels._triton import attention_bwd as bwd_mod
 
-    saved = bwd_mod.DKDV_TMA, bwd_mod.DQ_TMA, bwd_mod.DQ_FROM_DS, bwd_mod._ds_scratch
-    made = []
-
-    def spy(*args):
-        made.append(saved[-1](*args))
-        return made[-1]
-
+    saved = bwd_mod.DKDV_TMA, bwd_mod.DQ_TMA
     bwd_mod.DKDV_TMA = bwd_mod.DQ_TMA = tma
-    bwd_mod.DQ_FROM_DS, bwd_mod._ds_scratch = from_ds, spy
     try:
-        got = bwd_mod.packed_attention_bwd(q, k, v, out, dout, lse, cu, max(lens), scale, **(tiles or {}))
+        return bwd_mod.packed_attention_bwd(q, k, v, out, dout, lse, cu, max(lens), scale, **(tiles or {}))
     finally:
-        bwd_mod.DKDV_TMA, bwd_mod.DQ_TMA, bwd_mod.DQ_FROM_DS, bwd_mod._ds_scratch = saved
-    if made:  # not reached for an empty pack
-        assert (made[0] is not None) == (from_ds and _ds_tiles_fit(tiles)), f"stored dS used: {made[0] is not None}"
-    return got
-
-
-def _ds_tiles_fit(tiles) -> bool:
-    """Whether the dK/dV and dQ tiles (overrides, else fp32's 16 x 16) can share dS tiles."""
-    dkdv, dq = (tiles or {}).get("dkdv_tile"), (tiles or {}).get("dq_tile")
-    S, m = (dkdv.block_n, dkdv.block_m) if dkdv else (16, 16)
-    return S % m == 0 and (dq.block_n if dq else 16) == S and (dq.block_m if dq else 16) == S
+        bwd_mod.DKDV_TMA, bwd_mod.DQ_TMA = saved
 
 
 def check_attention_bwd() -> None:
@@ -1226,12 +1204,10 @@ def check_attention_bwd_nan_neighbour() -> None:
     lse = torch.full((H, T), float("nan"))
     out = kt.packed_attention(q, k, v, cu, max(lens), D**-0.5, lse_HT=lse)  # K/V by TMA (KV_TMA)
     assert out[: lens[0]].isfinite().all(), "the forward took the NaN neighbour's K/V rows"
-    grads = [_bwd_tma(tma, q, k, v, out, dout, lse, cu, lens, D**-0.5, from_ds=ds)
-             for tma, ds in ((True, False), (False, False), (True, True))]
-    for name, a, b, c in zip(("dq", "dk", "dv"), *grads):
+    grads = [_bwd_tma(tma, q, k, v, out, dout, lse, cu, lens, D**-0.5) for tma in (True, False)]
+    for name, a, b in zip(("dq", "dk", "dv"), *grads):
         assert a[: lens[0]].isfinite().all(), f"{name} of the first sequence took the NaN neighbour's rows"
         _same(a[: lens[0]], b[: lens[0]], f"{name} of the first sequence, TMA vs pointers")
-        _same(a[: lens[0]], c[: lens[0]], f"{name} of the first sequence, dQ from the stored dS vs recomputed")
 
 
 def check_attention_bwd_uneven_tiles() -> None:
@@ -1244,31 +1220,6 @@ def check_attention_bwd_uneven_tiles() -> None:
                               tiles=dict(dkdv_tile=Tile(16, 32, 4, 1), dq_tile=Tile(32, 16, 4, 1)))
     _check_attention_bwd_case([40, 3, 21], H=6, K=2, D=16, scale=0.25, seed=33,
                               tiles=dict(dkdv_tile=Tile(32, 16, 4, 1), dq_tile=Tile(16, 32, 4, 1)))
-    # tiles that share the stored dS (dK/dV steps of half a tile), and a dQ tile that cannot read it
-    _check_attention_bwd_case([40, 1, 37, 16], H=4, K=2, D=16, scale=0.25, seed=34,
-                              tiles=dict(dkdv_tile=Tile(8, 16, 4, 1), dq_tile=Tile(16, 16, 4, 1)))
-    _check_attention_bwd_case([40, 1, 37, 16], H=4, K=2, D=16, scale=0.25, seed=34,
-                              tiles=dict(dkdv_tile=Tile(16, 16, 4, 1), dq_tile=Tile(32, 16, 4, 1)))
-    # a scratch above DS_SCRATCH_BYTES: dQ recomputes
-    from miles_kernels._triton import attention_bwd as bwd_mod
-
-    g = torch.Generator().manual_seed(36)
-    lens, H, K, D = [30, 9], 4, 2, 16
-    T, q, k, v, cu = _packed_qkv(lens, H, K, D, g)
-    dout = torch.randn(T, H, D, generator=g)
-    lse = torch.empty(H, T)
-    out = _kt().packed_attention(q, k, v, cu, max(lens), 0.25, lse_HT=lse)
-    saved = bwd_mod.DQ_FROM_DS, bwd_mod.DS_SCRATCH_BYTES
-    bwd_mod.DQ_FROM_DS, bwd_mod.DS_SCRATCH_BYTES = True, H * 16 * 16 * 4 * 6  # the bound is 7 tiles (4 used)
-    try:
-        assert bwd_mod._ds_scratch(cu, T, 2, H, max(lens), Tile(16, 16, 4, 1), Tile(16, 16, 4, 1), q) is None, \
-            "a scratch over DS_SCRATCH_BYTES was made"
-        capped = bwd_mod.packed_attention_bwd(q, k, v, out, dout, lse, cu, max(lens), 0.25)
-    finally:
-        bwd_mod.DQ_FROM_DS, bwd_mod.DS_SCRATCH_BYTES = saved
-    for name, a, b in zip(("dq", "dk", "dv"), capped, bwd_mod.packed_attention_bwd(q, k, v, out, dout, lse, cu,
-                                                                                  max(lens), 0.25)):
-        _same(a, b, f"attention bwd {name} with the scratch capped vs the defaults")
 
 
 def check_matches_cpu_reference() -> None:

@@ -4,8 +4,6 @@
     python tools/bench/attn_bwd.py OUT.json --sweep          # also each candidate tile of both kernels
     python tools/bench/attn_bwd.py OUT.json --lens 4096 --models 8b
     python tools/bench/attn_bwd.py OUT.json --tma            # operands by pointers, by TMA, then the defaults
-    python tools/bench/attn_bwd.py OUT.json --from-ds        # dQ recomputed, then from the stored dS
-    python tools/bench/attn_bwd.py OUT.json --from-ds --sweep --lens 4096,16384  # its tiles
 
 One causal sequence of L tokens, bf16, head_dim 128, GQA (0.6B: 16 query / 8 kv heads; 8B:
 32 / 8). Ours starts from our forward's output and LSE (packed_attention), flash's backward
@@ -124,15 +122,12 @@ def main() -> None:
     ap.add_argument("--lens", default="1024,4096,16384", help="comma-separated sequence lengths")
     ap.add_argument("--tma", action="store_true",
                     help="first every operand by pointers, then by TMA (DKDV_TMA, DQ_TMA): grads bitwise equal?")
-    ap.add_argument("--from-ds", action="store_true",
-                    help="dQ recomputed, then from the dS the dK/dV kernel stores (DQ_FROM_DS): dK / dV bitwise "
-                         "equal, dQ's largest difference")
     args = ap.parse_args()
     cases = {(m, L): Case(*MODELS[m], L) for m in args.models.split(",") for L in map(int, args.lens.split(","))}
     res = dict(device=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
                date=datetime.date.today().isoformat(), dkdv_tiles={str(k): v for k, v in B.DKDV_TILES.items()},
                dq_tiles={str(k): v for k, v in B.DQ_TILES.items()}, fill=B.FILL, dkdv_tma=B.DKDV_TMA,
-               dq_tma=B.DQ_TMA, dq_from_ds=B.DQ_FROM_DS)
+               dq_tma=B.DQ_TMA)
     if args.tma:  # every operand by pointers, then dK/dV's and dQ's both by TMA; the defaults last
         saved = B.DKDV_TMA, B.DQ_TMA
         ref = {}
@@ -147,25 +142,9 @@ def main() -> None:
             print(f"  grads bitwise equal to the pointers' {res[f'same_{name}']}")
         B.DKDV_TMA, B.DQ_TMA = saved
         print(f"defaults DKDV_TMA, DQ_TMA = {saved}:")
-    if args.from_ds:
-        saved = B.DQ_FROM_DS
-        grads = {}
-        for on in (False, True):
-            B.DQ_FROM_DS = on
-            print(f"DQ_FROM_DS = {on}:")
-            res[f"compare_from_ds_{on}"] = compare(cases)
-            grads[on] = {key: c.ours() for key, c in cases.items()}
-        res["from_ds"] = {f"{m} L={L}": dict(
-            dkdv_same=all(torch.equal(a, b) for a, b in zip(grads[True][m, L][1:], grads[False][m, L][1:])),
-            dq_max_diff=(grads[True][m, L][0].double() - grads[False][m, L][0].double()).abs().max().item(),
-            dq_max=grads[False][m, L][0].double().abs().max().item()) for (m, L) in cases}
-        print(f"  stored dS vs recomputed: {res['from_ds']}")
-        B.DQ_FROM_DS = saved
-        print(f"defaults DQ_FROM_DS = {saved}:")
     res["compare"] = compare(cases)
     json.dump(res, open(args.out, "w"), indent=1)
-    if args.sweep:  # with --from-ds: the tiles with DQ_FROM_DS on
-        B.DQ_FROM_DS = B.DQ_FROM_DS or args.from_ds
+    if args.sweep:
         res["sweep"] = sweep(cases, {(r["model"], r["L"]): r["flash_us"] for r in res["compare"]})
         json.dump(res, open(args.out, "w"), indent=1)
 

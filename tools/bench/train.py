@@ -208,14 +208,8 @@ def main() -> None:
                    help="also profile one extra step per case (torch.profiler): DIR/train_MODEL_SEQ_MODE*/step_*.txt/.json")
     p.add_argument("--host-profile", type=int, default=0, metavar="N",
                    help="also run one step per case under cProfile and print its top N functions")
-    p.add_argument("--dq-from-ds", action="store_true",
-                   help="the attention backward's dQ from the stored dS (miles_kernels attention_bwd.DQ_FROM_DS)")
     p.add_argument("--out", default="bench_train.json")
     a = p.parse_args()
-    if a.dq_from_ds:
-        from miles_kernels._triton import attention_bwd
-
-        attention_bwd.DQ_FROM_DS = True
     import torch.distributed as dist
 
     t0 = time.time()
@@ -265,7 +259,7 @@ def main() -> None:
                   f"{r.get('reserved_gib', 0.0):>9.2f} {vs:>8} {md:>9}")
         meta = {"device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
                 "world_size": dist.get_world_size(), "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"),
-                "model": f"{', '.join(a.model)} shape, random weights", "dq_from_ds": a.dq_from_ds,
+                "model": f"{', '.join(a.model)} shape, random weights",
                 "wall_s": time.time() - t0}
         with open(a.out, "w") as f:
             json.dump({"meta": meta, "results": results}, f, indent=2)

@@ -12,9 +12,6 @@ paged_attention's lse_HT), and dout. With P = softmax(scale * q k^T) recomputed 
                                                 looping over the KV blocks up to the diagonal
     with dS = P * (dout v^T - delta)
 
-With DQ_FROM_DS the dK/dV kernel also writes dS (rounded to the inputs' dtype, the value its
-own dK MMA takes) in causal tiles to a scratch buffer, and the dQ kernel sums dS k from it
-instead of recomputing P and dS (three MMAs a block -> one).
 Each program owns its output rows and keeps them in fp32 registers: no atomics, no partial
 sums. Scores run in log2 units (log2(e) folded into the scale and the LSE, exp2). Only the
 blocks that cross the diagonal or a sequence's end are masked; a sequence's blocks start at
@@ -59,13 +56,6 @@ FILL = 264  # 2 programs per SM of an H100/H200
 # 2026-12-03 fifteenth run); dQ: 0-3% more (0.6B 16k 6,788 -> 6,640 us; sixteenth run).
 DKDV_TMA = True
 DQ_TMA = True
-# dQ from the dS the dK/dV kernel stores (module docstring): scratch of H x (causal S x S tiles)
-# in the inputs' dtype, S the dK/dV tile's keys; used where it stays under DS_SCRATCH_BYTES
-# (0.6B heads at one 16k sequence: 4.3 GB), else dQ recomputes. Not yet timed on a GPU.
-DQ_FROM_DS = False
-DS_SCRATCH_BYTES = 8 << 30
-DQ_DS_TILES = {torch.bfloat16: (Tile(64, 64, 4, 3),), torch.float16: (Tile(64, 64, 4, 3),),
-               torch.float32: (Tile(16, 16, 4, 1),)}  # the dQ kernel's tile from a stored dS (S x S)
 _DELTA_ROWS = {torch.bfloat16: 64, torch.float16: 64, torch.float32: 16}  # tokens per delta program
 
 
@@ -85,13 +75,12 @@ def _delta_kernel(o_ptr, do_ptr, delta_ptr, T, stride_t, stride_dh, D: tl.conste
 
 @triton.jit
 def _dkdv_step(dk, dv, k, v, q_ptr, do_ptr, lse_ptr, delta_ptr, m0, kpos, q_len, qk_scale, stride_t, row0, col,
-               ds_ptr, kb, BLOCK_M: tl.constexpr, D: tl.constexpr, PRECISION: tl.constexpr, MASK: tl.constexpr,
-               TMA: tl.constexpr, STORE_DS: tl.constexpr, S: tl.constexpr):
+               BLOCK_M: tl.constexpr, D: tl.constexpr, PRECISION: tl.constexpr, MASK: tl.constexpr,
+               TMA: tl.constexpr):
     """Add query rows m0 .. m0 + BLOCK_M of one head to the KV block's dk, dv (pointers at the
     sequence's first token and the head; with TMA q_ptr/do_ptr are [T, H * D] descriptors and
     the sequence's first token and the head's column are row0, col). MASK: the causal and
-    sequence-end masks. STORE_DS: dS of these rows and KV block kb also to ds_ptr (the head's
-    and sequence's causal S x S tiles, _ds_tile)."""
+    sequence-end masks."""
     qpos = m0 + tl.arange(0, BLOCK_M)
     ds = tl.arange(0, D)
     off = qpos[:, None] * stride_t + ds[None, :]
@@ -120,40 +109,29 @@ def _dkdv_step(dk, dv, k, v, q_ptr, do_ptr, lse_ptr, delta_ptr, m0, kpos, q_len,
         pT = tl.where((kpos[:, None] <= qpos[None, :]) & ok[None, :], pT, 0.0)
     dv = tl.dot(pT.to(do.dtype), do, dv, input_precision=PRECISION)
     dpT = tl.dot(v, tl.trans(do), input_precision=PRECISION)
-    dsT = (pT * (dpT - delta[None, :])).to(q.dtype)
-    if STORE_DS:  # S == BLOCK_N: the block's keys are the tile's
-        rows = tl.multiple_of(m0 % S, BLOCK_M) + tl.arange(0, BLOCK_M)
-        tl.store(_ds_tile(ds_ptr, m0 // S, kb, S) + tl.arange(0, S)[:, None] * S + rows[None, :], dsT)
-    dk = tl.dot(dsT, q, dk, input_precision=PRECISION)
+    dsT = pT * (dpT - delta[None, :])
+    dk = tl.dot(dsT.to(q.dtype), q, dk, input_precision=PRECISION)
     return dk, dv
 
 
 @triton.jit
-def _ds_tile(ds_ptr, qb, kb, S: tl.constexpr):
-    """Tile (query block qb, KV block kb <= qb) of a head's and sequence's dS, tiles of S x S
-    stored as dS^T (keys, query rows; row-major: the dK/dV kernel's dsT as its MMA holds it,
-    query rows adjacent) in causal order: (0, 0), (1, 0), (1, 1), (2, 0), ..."""
-    return ds_ptr + (tl.cast(qb, tl.int64) * (qb + 1) // 2 + kb) * (S * S)
-
-
-@triton.jit
 def _program(per_rank, n_heads, cu_ptr):
-    """This program's (rank in launch order, head, sequence, its first token, its length): the
+    """This program's (rank in launch order, head, sequence's first token, its length): the
     grid runs rank-major over (rank, sequence, head), per_rank = sequences x heads."""
     pid = tl.program_id(0)
     b = (pid % per_rank) // n_heads
     q_lo = tl.load(cu_ptr + b)
-    return pid // per_rank, pid % n_heads, b, q_lo, tl.load(cu_ptr + b + 1) - q_lo
+    return pid // per_rank, pid % n_heads, q_lo, tl.load(cu_ptr + b + 1) - q_lo
 
 
 @fast_launch
 @triton.jit
-def _dkdv_kernel(q_ptr, k_ptr, v_ptr, do_ptr, dk_ptr, dv_ptr, lse_ptr, delta_ptr, cu_ptr, ds_ptr, ds_off_ptr,
-                 qk_scale, scale, n_kv_heads, n_bk, stride_qt, stride_kt, stride_lh, stride_dh, stride_dsh,
+def _dkdv_kernel(q_ptr, k_ptr, v_ptr, do_ptr, dk_ptr, dv_ptr, lse_ptr, delta_ptr, cu_ptr,
+                 qk_scale, scale, n_kv_heads, n_bk, stride_qt, stride_kt, stride_lh, stride_dh,
                  G: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                 PRECISION: tl.constexpr, TMA: tl.constexpr, STORE_DS: tl.constexpr):
+                 PRECISION: tl.constexpr, TMA: tl.constexpr):
     # KV block j: block 0 (every query block after it) starts first
-    j, kvh, b, q_lo, q_len = _program(n_bk, n_kv_heads, cu_ptr)
+    j, kvh, q_lo, q_len = _program(n_bk, n_kv_heads, cu_ptr)
     n0 = j * BLOCK_N
     if n0 >= q_len:
         return
@@ -178,18 +156,15 @@ def _dkdv_kernel(q_ptr, k_ptr, v_ptr, do_ptr, dk_ptr, dv_ptr, lse_ptr, delta_ptr
             do_h = do_ptr + q_lo.to(tl.int64) * stride_qt + h * D
         lse_h = lse_ptr + h.to(tl.int64) * stride_lh + q_lo
         delta_h = delta_ptr + h.to(tl.int64) * stride_dh + q_lo
-        ds_h = ds_ptr
-        if STORE_DS:
-            ds_h = ds_ptr + h.to(tl.int64) * stride_dsh + tl.multiple_of(tl.load(ds_off_ptr + b), 16)
         for i in range(i_lo, tl.minimum(i_full, n_q)):  # the diagonal
             dk, dv = _dkdv_step(dk, dv, k, v, q_h, do_h, lse_h, delta_h, i * BLOCK_M, kpos, q_len, qk_scale,
-                                stride_qt, q_lo, h * D, ds_h, j, BLOCK_M, D, PRECISION, True, TMA, STORE_DS, BLOCK_N)
+                                stride_qt, q_lo, h * D, BLOCK_M, D, PRECISION, True, TMA)
         for i in range(i_full, n_q_full):
             dk, dv = _dkdv_step(dk, dv, k, v, q_h, do_h, lse_h, delta_h, i * BLOCK_M, kpos, q_len, qk_scale,
-                                stride_qt, q_lo, h * D, ds_h, j, BLOCK_M, D, PRECISION, False, TMA, STORE_DS, BLOCK_N)
+                                stride_qt, q_lo, h * D, BLOCK_M, D, PRECISION, False, TMA)
         for i in range(tl.maximum(i_full, n_q_full), n_q):  # the sequence's last, partial block
             dk, dv = _dkdv_step(dk, dv, k, v, q_h, do_h, lse_h, delta_h, i * BLOCK_M, kpos, q_len, qk_scale,
-                                stride_qt, q_lo, h * D, ds_h, j, BLOCK_M, D, PRECISION, True, TMA, STORE_DS, BLOCK_N)
+                                stride_qt, q_lo, h * D, BLOCK_M, D, PRECISION, True, TMA)
     tl.store(dk_ptr + kv_off, (dk * scale).to(dk_ptr.dtype.element_ty), mask=k_ok)
     tl.store(dv_ptr + kv_off, dv.to(dv_ptr.dtype.element_ty), mask=k_ok)
 
@@ -202,8 +177,20 @@ def _dq_step(dq, q, do, lse2, delta, qpos, k_ptr, v_ptr, n0, q_len, qk_scale, st
     token and the kv head; with TMA k_ptr/v_ptr are [T, K * D] descriptors and the sequence's
     first token and the kv head's column are row0, col). MASK: the causal and sequence-end masks."""
     kpos = n0 + tl.arange(0, BLOCK_N)
-    k = _key_rows(k_ptr, n0, q_len, stride_t, row0, col, BLOCK_N, D, MASK, TMA)
-    v = _key_rows(v_ptr, n0, q_len, stride_t, row0, col, BLOCK_N, D, MASK, TMA)
+    ds = tl.arange(0, D)
+    off = kpos[:, None] * stride_t + ds[None, :]
+    if TMA:
+        k = k_ptr.load([row0 + n0, col])
+        v = v_ptr.load([row0 + n0, col])
+        if MASK:  # keys past the sequence: zeros, as the pointer loads read them
+            k = tl.where(kpos[:, None] < q_len, k, 0.0)
+            v = tl.where(kpos[:, None] < q_len, v, 0.0)
+    elif MASK:
+        k = tl.load(k_ptr + off, mask=kpos[:, None] < q_len, other=0.0)
+        v = tl.load(v_ptr + off, mask=kpos[:, None] < q_len, other=0.0)
+    else:
+        k = tl.load(k_ptr + off)
+        v = tl.load(v_ptr + off)
     s = tl.dot(q, tl.trans(k), input_precision=PRECISION)  # [BLOCK_M, BLOCK_N]
     p = tl.exp2(s * qk_scale - lse2[:, None])
     if MASK:  # keys past the sequence's end sit past every real row: causal covers them
@@ -213,44 +200,13 @@ def _dq_step(dq, q, do, lse2, delta, qpos, k_ptr, v_ptr, n0, q_len, qk_scale, st
     return tl.dot(ds_.to(k.dtype), k, dq, input_precision=PRECISION)
 
 
-@triton.jit
-def _key_rows(ptr, n0, q_len, stride_t, row0, col, BLOCK_N: tl.constexpr, D: tl.constexpr, MASK: tl.constexpr,
-              TMA: tl.constexpr):
-    """Rows n0 .. n0 + BLOCK_N of the sequence's k or v for one kv head (pointers at the
-    sequence's first token and the head, or a [T, K * D] descriptor at row0, col); MASK: rows
-    past the sequence are zeros (what the pointer loads read)."""
-    kpos = n0 + tl.arange(0, BLOCK_N)
-    off = kpos[:, None] * stride_t + tl.arange(0, D)[None, :]
-    if TMA:
-        x = ptr.load([row0 + n0, col])
-        if MASK:
-            x = tl.where(kpos[:, None] < q_len, x, 0.0)
-    elif MASK:
-        x = tl.load(ptr + off, mask=kpos[:, None] < q_len, other=0.0)
-    else:
-        x = tl.load(ptr + off)
-    return x
-
-
-@triton.jit
-def _dq_from_ds(dq, ds_ptr, m0, q_len, k_ptr, n0, stride_t, row0, col, BLOCK_N: tl.constexpr, D: tl.constexpr,
-                PRECISION: tl.constexpr, MASK: tl.constexpr, TMA: tl.constexpr):
-    """_dq_step for query rows m0 .. m0 + BLOCK_N from the stored dS: tile (m0, n0) of _ds_tile
-    (tiles of BLOCK_N), read whole: a row past the sequence (zeros, or never written where the
-    dK/dV tile's rows are fewer) reaches only its own dq row, which is not stored."""
-    k = _key_rows(k_ptr, n0, q_len, stride_t, row0, col, BLOCK_N, D, MASK, TMA)
-    r = tl.arange(0, BLOCK_N)
-    dsT = tl.load(_ds_tile(ds_ptr, m0 // BLOCK_N, n0 // BLOCK_N, BLOCK_N) + r[:, None] * BLOCK_N + r[None, :])
-    return tl.dot(tl.trans(dsT), k, dq, input_precision=PRECISION)  # dsT: [keys, query rows]
-
-
 @fast_launch
 @triton.jit
-def _dq_kernel(q_ptr, k_ptr, v_ptr, do_ptr, dq_ptr, lse_ptr, delta_ptr, cu_ptr, ds_ptr, ds_off_ptr,
-               qk_scale, scale, n_heads, n_bh, n_blocks, stride_qt, stride_kt, stride_lh, stride_dh, stride_dsh,
+def _dq_kernel(q_ptr, k_ptr, v_ptr, do_ptr, dq_ptr, lse_ptr, delta_ptr, cu_ptr,
+               qk_scale, scale, n_heads, n_bh, n_blocks, stride_qt, stride_kt, stride_lh, stride_dh,
                G: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-               PRECISION: tl.constexpr, TMA: tl.constexpr, FROM_DS: tl.constexpr):
-    r, h, b, q_lo, q_len = _program(n_bh, n_heads, cu_ptr)
+               PRECISION: tl.constexpr, TMA: tl.constexpr):
+    r, h, q_lo, q_len = _program(n_bh, n_heads, cu_ptr)
     i = n_blocks - 1 - r  # Q block: the last (longest: most KV blocks) start first
     m0 = i * BLOCK_M
     if m0 >= q_len:
@@ -259,6 +215,10 @@ def _dq_kernel(q_ptr, k_ptr, v_ptr, do_ptr, dq_ptr, lse_ptr, delta_ptr, cu_ptr, 
     ok = qpos < q_len
     ds = tl.arange(0, D)
     q_off = q_lo.to(tl.int64) * stride_qt + h * D + qpos[:, None] * stride_qt + ds[None, :]
+    q = tl.load(q_ptr + q_off, mask=ok[:, None], other=0.0)
+    do = tl.load(do_ptr + q_off, mask=ok[:, None], other=0.0)
+    lse2 = tl.load(lse_ptr + h.to(tl.int64) * stride_lh + q_lo + qpos, mask=ok, other=0.0) * _LOG2E
+    delta = tl.load(delta_ptr + h.to(tl.int64) * stride_dh + q_lo + qpos, mask=ok, other=0.0)
     if TMA:
         k_h, v_h = k_ptr, v_ptr
     else:
@@ -267,26 +227,12 @@ def _dq_kernel(q_ptr, k_ptr, v_ptr, do_ptr, dq_ptr, lse_ptr, delta_ptr, cu_ptr, 
     dq = tl.zeros((BLOCK_M, D), tl.float32)
     n_full = (m0 + 1) // BLOCK_N  # KV blocks ending at or before the first row: no mask
     n_kv = tl.cdiv(tl.minimum(m0 + BLOCK_M, q_len), BLOCK_N)
-    if FROM_DS:
-        ds_h = ds_ptr + h.to(tl.int64) * stride_dsh + tl.multiple_of(tl.load(ds_off_ptr + b), 16)
-        tl.static_assert(BLOCK_M == BLOCK_N)  # one dS tile a step
-        for j in range(0, n_full):
-            dq = _dq_from_ds(dq, ds_h, m0, q_len, k_h, j * BLOCK_N, stride_kt, q_lo, (h // G) * D, BLOCK_N, D,
-                             PRECISION, False, TMA)
-        for j in range(n_full, n_kv):
-            dq = _dq_from_ds(dq, ds_h, m0, q_len, k_h, j * BLOCK_N, stride_kt, q_lo, (h // G) * D, BLOCK_N, D,
-                             PRECISION, True, TMA)
-    else:
-        q = tl.load(q_ptr + q_off, mask=ok[:, None], other=0.0)
-        do = tl.load(do_ptr + q_off, mask=ok[:, None], other=0.0)
-        lse2 = tl.load(lse_ptr + h.to(tl.int64) * stride_lh + q_lo + qpos, mask=ok, other=0.0) * _LOG2E
-        delta = tl.load(delta_ptr + h.to(tl.int64) * stride_dh + q_lo + qpos, mask=ok, other=0.0)
-        for j in range(0, n_full):
-            dq = _dq_step(dq, q, do, lse2, delta, qpos, k_h, v_h, j * BLOCK_N, q_len, qk_scale,
-                          stride_kt, q_lo, (h // G) * D, BLOCK_N, D, PRECISION, False, TMA)
-        for j in range(n_full, n_kv):
-            dq = _dq_step(dq, q, do, lse2, delta, qpos, k_h, v_h, j * BLOCK_N, q_len, qk_scale,
-                          stride_kt, q_lo, (h // G) * D, BLOCK_N, D, PRECISION, True, TMA)
+    for j in range(0, n_full):
+        dq = _dq_step(dq, q, do, lse2, delta, qpos, k_h, v_h, j * BLOCK_N, q_len, qk_scale,
+                      stride_kt, q_lo, (h // G) * D, BLOCK_N, D, PRECISION, False, TMA)
+    for j in range(n_full, n_kv):
+        dq = _dq_step(dq, q, do, lse2, delta, qpos, k_h, v_h, j * BLOCK_N, q_len, qk_scale,
+                      stride_kt, q_lo, (h // G) * D, BLOCK_N, D, PRECISION, True, TMA)
     tl.store(dq_ptr + q_off, (dq * scale).to(dq_ptr.dtype.element_ty), mask=ok[:, None])
 
 
@@ -330,46 +276,25 @@ def packed_attention_bwd(
     rows = _DELTA_ROWS[dtype]
     _delta_kernel[(triton.cdiv(T, rows), H)](o, do, delta, T, H * D, T, D=D, BLOCK_T=rows, num_warps=4)
     precision = "ieee" if dtype == torch.float32 else "tf32"  # tf32: unused by 16-bit dots
-    scales = (scale * 1.4426950408889634, scale)
+    common = (cu, scale * 1.4426950408889634, scale)
     strides = (H * D, K * D, lse_HT.stride(0), T)
 
     # real programs ~ blocks over all tokens (+ one partial per sequence) x heads; no host sync
     t = dkdv_tile or _pick(DKDV_TILES[dtype], lambda t: triton.cdiv(T, t.block_n) * K)
-    fill = lambda t: triton.cdiv(T, t.block_m) * H  # noqa: E731
-    tq = dq_tile or _pick(DQ_DS_TILES[dtype], fill)
-    ds, ds_off = _ds_scratch(cu, T, B, H, max_len, t, tq, q) or (dq, cu)
-    if ds is dq:
-        tq = dq_tile or _pick(DQ_TILES[dtype], fill)
     n_blocks = triton.cdiv(max_len, t.block_n)
     # TMA: the loop's operands by tensor descriptors over [T, heads * D] (same values, same math)
     q_in, do_in = tma_descriptors((q, do), t.block_m, DKDV_TMA) or (q, do)
     _dkdv_kernel[(n_blocks * B * K,)](
-        q_in, k, v, do_in, dk, dv, lse_HT, delta, cu, ds, ds_off, *scales, K, B * K, *strides,
-        ds.stride(0), G=G, D=D, BLOCK_M=t.block_m, BLOCK_N=t.block_n, PRECISION=precision, TMA=q_in is not q,
-        STORE_DS=ds is not dq, num_warps=t.num_warps, num_stages=t.num_stages,
+        q_in, k, v, do_in, dk, dv, lse_HT, delta, *common, K, B * K, *strides,
+        G=G, D=D, BLOCK_M=t.block_m, BLOCK_N=t.block_n, PRECISION=precision, TMA=q_in is not q,
+        num_warps=t.num_warps, num_stages=t.num_stages,
     )
-    n_blocks = triton.cdiv(max_len, tq.block_m)
-    k_in, v_in = tma_descriptors((k, v), tq.block_n, DQ_TMA) or (k, v)
+    t = dq_tile or _pick(DQ_TILES[dtype], lambda t: triton.cdiv(T, t.block_m) * H)
+    n_blocks = triton.cdiv(max_len, t.block_m)
+    k_in, v_in = tma_descriptors((k, v), t.block_n, DQ_TMA) or (k, v)
     _dq_kernel[(n_blocks * B * H,)](
-        q, k_in, v_in, do, dq, lse_HT, delta, cu, ds, ds_off, *scales, H, B * H, n_blocks, *strides,
-        ds.stride(0), G=G, D=D, BLOCK_M=tq.block_m, BLOCK_N=tq.block_n, PRECISION=precision, TMA=k_in is not k,
-        FROM_DS=ds is not dq, num_warps=tq.num_warps, num_stages=tq.num_stages,
+        q, k_in, v_in, do, dq, lse_HT, delta, *common, H, B * H, n_blocks, *strides,
+        G=G, D=D, BLOCK_M=t.block_m, BLOCK_N=t.block_n, PRECISION=precision, TMA=k_in is not k,
+        num_warps=t.num_warps, num_stages=t.num_stages,
     )
     return dq, dk, dv
-
-
-def _ds_scratch(cu: torch.Tensor, T: int, B: int, H: int, max_len: int, t: Tile, tq: Tile, q: torch.Tensor):
-    """(scratch [H, tiles, S, S], each sequence's first element [B] int64) for DQ_FROM_DS, or
-    None: off, a dK/dV tile that cannot fill S x S tiles (S = its keys; its query rows must
-    divide S), a dQ tile that cannot read them (S keys and S rows), or more than
-    DS_SCRATCH_BYTES. The tile count is a host bound, no sync: the sequences' causal tiles,
-    sum of n (n + 1) / 2 with n = ceil(L / S), <= (ceil(max_len / S) + 1) / 2 * (ceil(T / S) + B)."""
-    S = t.block_n
-    if not DQ_FROM_DS or S % t.block_m or tq.block_n != S or tq.block_m != S:
-        return None
-    tiles = (triton.cdiv(max_len, S) + 1) * (triton.cdiv(T, S) + B) // 2
-    if H * tiles * S * S * q.element_size() > DS_SCRATCH_BYTES:
-        return None
-    n = (cu[1:] - cu[:-1]).to(torch.int64).add_(S - 1).div_(S, rounding_mode="floor")
-    tri = n * (n + 1) // 2
-    return torch.empty((H, tiles, S, S), dtype=q.dtype, device=q.device), (tri.cumsum(0) - tri) * (S * S)
