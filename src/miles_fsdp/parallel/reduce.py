@@ -26,6 +26,6 @@ def sum_tensor(t: torch.Tensor) -> torch.Tensor:
 
 def _reduce(values: list[float], op, group) -> list[float]:
     t = torch.tensor([float(v) for v in values], dtype=torch.float64)
-    if dist.is_initialized():
+    if dist.is_initialized() and dist.get_world_size(group) > 1:  # one rank: nothing to exchange
         dist.all_reduce(t, op=op, group=group)
     return t.tolist()
