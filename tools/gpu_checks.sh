@@ -11,6 +11,10 @@
 #              MoE backward (MILES_MOE_BWD=torch / triton)
 #   tma        (not in the default list) the TMA loads: the attention backward by pointers / TMA, the
 #              training forward per tile, the engine's paged caches, registers and spills (kernel_regs)
+#   fused      (not in the default list) dQ made in the dK/dV kernel (DQ_FUSED): its GPU tests, the backward
+#              with the dQ kernel vs fused (timings, grads' differences), the fused tiles at 4k / 16k, the
+#              trainer at 4k / 16k with it vs the peer; each under a time limit (a wait that never ends
+#              would be a bug: the test or benchmark fails instead of the machine's whole call)
 #   ws         (not in the default list) whether Triton's Hopper warp specialization pays for an attention
 #              forward walked like ours (tools/bench/ws_probe.py: plain / specialized / specialized with
 #              2-block splits, vs flash)
@@ -85,12 +89,18 @@ for step in $steps; do
                run attn_bwd_sweep python3 tools/bench/attn_bwd.py "$out/attn_bwd.json" --sweep --tma
                run grouped_sweep python3 tools/bench/grouped_sweep.py --out "$out/grouped_sweep.json"
                run graph_launch python3 tools/bench/graph_launch.py --out "$out/graph_launch.json" ;;
+        fused) run gpu_fused_test timeout 600 python3 -m pytest -q -o addopts="" tests/gpu/test_attention_bwd_gpu.py -k fused
+               run attn_bwd_fused timeout 600 python3 tools/bench/attn_bwd.py "$out/attn_bwd_fused.json" --fused
+               run attn_bwd_fused_sweep timeout 600 python3 tools/bench/attn_bwd.py "$out/attn_bwd_fused_sweep.json" \
+                   --fused --sweep --lens 4096,16384
+               run bench_train_fused timeout 600 python3 tools/bench/train.py --modes invariant --steps 3 --dq-fused \
+                   --peer --out "$out/train_fused.json" ;;
         ws) run ws_probe python3 tools/bench/ws_probe.py "$out/ws_probe.json" ;;
         tma) run attn_bwd_tma python3 tools/bench/attn_bwd.py "$out/attn_bwd_tma.json" --tma
              run attn_tma python3 tools/bench/attn_sweep.py "$out/attn_tma.json" --tma --tiles
              run attn_tma_paged python3 tools/bench/attn_sweep.py "$out/attn_tma_paged.json" --tma-paged
              run kernel_regs python3 tools/bench/kernel_regs.py "$out/kernel_regs.json" ;;
-        *) echo "unknown step $step (tests scale kernels engine engine_host train rl_step spec profile sweep moe tma ws)"
+        *) echo "unknown step $step (tests scale kernels engine engine_host train rl_step spec profile sweep moe tma fused ws)"
            exit 2 ;;
     esac
 done

@@ -4,6 +4,8 @@
     python tools/bench/attn_bwd.py OUT.json --sweep          # also each candidate tile of both kernels
     python tools/bench/attn_bwd.py OUT.json --lens 4096 --models 8b
     python tools/bench/attn_bwd.py OUT.json --tma            # operands by pointers, by TMA, then the defaults
+    python tools/bench/attn_bwd.py OUT.json --fused          # the dQ kernel, then dQ in the dK/dV kernel
+    python tools/bench/attn_bwd.py OUT.json --fused --sweep  # and the fused kernel's tiles (FUSED_SWEEP)
 
 One causal sequence of L tokens, bf16, head_dim 128, GQA (0.6B: 16 query / 8 kv heads; 8B:
 32 / 8). Ours starts from our forward's output and LSE (packed_attention), flash's backward
@@ -14,6 +16,7 @@ is faster. TFLOP/s counts the causal backward as 2.5 x the forward's 4 * L^2 * D
 --sweep: the dK/dV kernel's tile candidates (DKDV_SWEEP) with the dQ kernel at its table's
 tile, then the dQ kernel's (DQ_SWEEP) with the dK/dV kernel at its table's; each checked
 against flash's grads first (within bf16 rounding). The table's own pick is the "table" row.
+With --fused the sweep is the fused kernel's tiles (DQ_FUSED on).
 """
 
 import argparse
@@ -36,6 +39,9 @@ DKDV_SWEEP = [B.Tile(*t) for t in (  # BLOCK_M (query rows per step), BLOCK_N (k
 DQ_SWEEP = [B.Tile(*t) for t in (
     (128, 64, 8, 2), (128, 64, 8, 3), (128, 32, 4, 3), (128, 64, 4, 2), (64, 64, 4, 2), (64, 64, 4, 3),
     (64, 32, 4, 3), (128, 128, 8, 2))]
+FUSED_SWEEP = [B.Tile(*t) for t in (  # DQ_FUSED's dK/dV/dQ kernel
+    (32, 128, 8, 2), (32, 128, 8, 3), (32, 64, 8, 2), (64, 64, 8, 2), (64, 128, 8, 2), (16, 128, 8, 2),
+    (32, 64, 4, 2), (64, 64, 4, 2))]
 
 
 def _graph_ms(fn) -> float:
@@ -91,14 +97,15 @@ def compare(cases: dict) -> list[dict]:
     return rows
 
 
-def sweep(cases: dict, flash_us: dict) -> list[dict]:
+def sweep(cases: dict, flash_us: dict, kernels) -> list[dict]:
     """Each candidate tile of one kernel, the other at its table's tile: total backward time
-    (flash_us: flash's time per case, from compare)."""
+    (flash_us: flash's time per case, from compare). kernels: (name, tiles) pairs; "fused"
+    passes its tile as dkdv_tile (DQ_FUSED on)."""
     rows = []
     flash = {key: c.flash() for key, c in cases.items()}
-    for kernel, tiles in (("dkdv", DKDV_SWEEP), ("dq", DQ_SWEEP)):
+    for kernel, tiles in kernels:
         for tile in [None, *tiles]:
-            kw = {f"{kernel}_tile": tile}
+            kw = {f"{'dkdv' if kernel == 'fused' else kernel}_tile": tile}
             row = dict(kernel=kernel, tile=list(tile) if tile else "table", t={})
             try:
                 for (model, L), c in cases.items():
@@ -122,12 +129,15 @@ def main() -> None:
     ap.add_argument("--lens", default="1024,4096,16384", help="comma-separated sequence lengths")
     ap.add_argument("--tma", action="store_true",
                     help="first every operand by pointers, then by TMA (DKDV_TMA, DQ_TMA): grads bitwise equal?")
+    ap.add_argument("--fused", action="store_true",
+                    help="first the dQ kernel, then dQ made in the dK/dV kernel (DQ_FUSED): timings, the grads' "
+                         "largest differences, two fused runs bitwise equal?; --sweep then times the fused tiles")
     args = ap.parse_args()
     cases = {(m, L): Case(*MODELS[m], L) for m in args.models.split(",") for L in map(int, args.lens.split(","))}
     res = dict(device=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
                date=datetime.date.today().isoformat(), dkdv_tiles={str(k): v for k, v in B.DKDV_TILES.items()},
                dq_tiles={str(k): v for k, v in B.DQ_TILES.items()}, fill=B.FILL, dkdv_tma=B.DKDV_TMA,
-               dq_tma=B.DQ_TMA)
+               dq_tma=B.DQ_TMA, dq_fused=B.DQ_FUSED, fused_tiles={str(k): v for k, v in B.FUSED_TILES.items()})
     if args.tma:  # every operand by pointers, then dK/dV's and dQ's both by TMA; the defaults last
         saved = B.DKDV_TMA, B.DQ_TMA
         ref = {}
@@ -142,10 +152,29 @@ def main() -> None:
             print(f"  grads bitwise equal to the pointers' {res[f'same_{name}']}")
         B.DKDV_TMA, B.DQ_TMA = saved
         print(f"defaults DKDV_TMA, DQ_TMA = {saved}:")
+    if args.fused:
+        saved = B.DQ_FUSED
+        grads = {}
+        for on in (False, True):
+            B.DQ_FUSED = on
+            print(f"DQ_FUSED = {on}:")
+            res[f"compare_fused_{on}"] = compare(cases)
+            grads[on] = {key: c.ours() for key, c in cases.items()}
+        res["fused"] = {f"{m} L={L}": dict(
+            again_same=all(torch.equal(a, b) for a, b in zip(cases[m, L].ours(), grads[True][m, L])),
+            **{f"{n}_max_diff": (a.double() - b.double()).abs().max().item()
+               for n, a, b in zip(("dq", "dk", "dv"), grads[True][m, L], grads[False][m, L])},
+            dq_max=grads[False][m, L][0].double().abs().max().item()) for (m, L) in cases}
+        print(f"  fused vs the dQ kernel: {res['fused']}")
+        B.DQ_FUSED = saved
+        print(f"defaults DQ_FUSED = {saved}:")
     res["compare"] = compare(cases)
     json.dump(res, open(args.out, "w"), indent=1)
     if args.sweep:
-        res["sweep"] = sweep(cases, {(r["model"], r["L"]): r["flash_us"] for r in res["compare"]})
+        if args.fused:
+            B.DQ_FUSED = True
+        kernels = (("fused", FUSED_SWEEP),) if args.fused else (("dkdv", DKDV_SWEEP), ("dq", DQ_SWEEP))
+        res["sweep"] = sweep(cases, {(r["model"], r["L"]): r["flash_us"] for r in res["compare"]}, kernels)
         json.dump(res, open(args.out, "w"), indent=1)
 
 

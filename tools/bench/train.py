@@ -8,6 +8,7 @@ packed sequences at 4k and 16k tokens, invariant vs fast kernels.
     python tools/bench/train.py --seqs 4096 16384 --peer          # + plain transformers, same run
     python tools/bench/train.py --seqs 4096 --peer --profile prof  # + one profiled step per case
     python tools/bench/train.py --seqs 16384 --modes invariant --host-profile 25  # + the host's Python, one step
+    python tools/bench/train.py --seqs 4096 16384 --modes invariant --dq-fused --peer  # dQ in the dK/dV kernel
     python tools/bench/train.py --seqs 4096 --units none model     # one rank without FSDP vs one FSDP unit
     python tools/bench/train.py --seqs 4096 --graphs off on        # the trunk eager vs from CUDA graphs
     python tools/bench/train.py --model qwen3-0.6b qwen3-moe-a0.6b --seqs 4096 --modes invariant  # MoE vs dense MFU
@@ -208,8 +209,14 @@ def main() -> None:
                    help="also profile one extra step per case (torch.profiler): DIR/train_MODEL_SEQ_MODE*/step_*.txt/.json")
     p.add_argument("--host-profile", type=int, default=0, metavar="N",
                    help="also run one step per case under cProfile and print its top N functions")
+    p.add_argument("--dq-fused", action="store_true",
+                   help="the attention backward's dQ made in its dK/dV kernel (miles_kernels attention_bwd.DQ_FUSED)")
     p.add_argument("--out", default="bench_train.json")
     a = p.parse_args()
+    if a.dq_fused:
+        from miles_kernels._triton import attention_bwd
+
+        attention_bwd.DQ_FUSED = True
     import torch.distributed as dist
 
     t0 = time.time()
@@ -259,7 +266,7 @@ def main() -> None:
                   f"{r.get('reserved_gib', 0.0):>9.2f} {vs:>8} {md:>9}")
         meta = {"device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
                 "world_size": dist.get_world_size(), "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"),
-                "model": f"{', '.join(a.model)} shape, random weights",
+                "model": f"{', '.join(a.model)} shape, random weights", "dq_fused": a.dq_fused,
                 "wall_s": time.time() - t0}
         with open(a.out, "w") as f:
             json.dump({"meta": meta, "results": results}, f, indent=2)
