@@ -1316,6 +1316,10 @@ def check_errors() -> None:
         (lambda: kt.rms_norm(torch.randn(2, 3), torch.randn(4), 1e-6), "weight shape"),
         (lambda: kt.route_topk(torch.randn(2, 3), 4, True), "k=4"),
         (lambda: kt.logprobs(torch.randn(2, 3), torch.zeros(3, dtype=torch.long)), "ids shape"),
+        (lambda: kt.packed_attention(torch.randn(4, 2, 16), torch.randn(4, 1, 16), torch.randn(4, 1, 16),
+                                     torch.tensor([0, 4], dtype=torch.int32), 4, -0.25), "scale -0.25"),
+        (lambda: kt.packed_attention(torch.randn(4, 2, 16), torch.randn(4, 1, 16), torch.randn(4, 1, 16),
+                                     torch.tensor([0, 4], dtype=torch.int32), 4, float("nan")), "scale nan"),
     ):
         try:
             call()

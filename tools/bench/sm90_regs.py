@@ -1,17 +1,21 @@
-"""Registers, spills and shared memory of the attention backward kernels compiled for sm_90 on
-a machine without a GPU (triton's own ptxas -v), to compare tiles before a GPU run.
+"""Registers, spills, shared memory and SASS instruction counts of the attention kernels compiled
+for sm_90 on a machine without a GPU (triton's own ptxas and cuobjdump), to compare tiles or two
+versions of a kernel before a GPU run.
 
-    python tools/bench/sm90_regs.py                       # the split and the fused kernels' tiles
+    python tools/bench/sm90_regs.py                       # every kernel below at its usual tiles
     python tools/bench/sm90_regs.py _dkdvq_kernel 32,128,8,2 64,64,8,2 --ptx DIR
 
-Use the GPU image's triton (3.6: `pip install triton==3.6.0` in a separate venv) for numbers that
-carry over. No runtime specializations (equal-to-1 arguments, alignment of every integer) are
-applied, so spills read higher than tools/bench/kernel_regs.py's on the GPU (the split dK/dV
-tile: 332 B here, 82 B there): compare tiles with each other, not with the GPU's figures.
-Operands q / dout (dK/dV kernels) or k / v (dQ kernel) by TMA, bf16, head dim 128, GQA 2.
+Kernels: the backward's `_dkdv_kernel`, `_dq_kernel`, `_dkdvq_kernel` (q / dout, or k / v for dQ,
+by TMA, GQA 2), the training forward `_attn_kernel` (packed K/V by TMA, ROW_SUM "fixed", one
+loop, the LSE) and the swapped-tile `decode_kernel` (16 rows, pages of 64 by pointers); bf16, head
+dim 128. Use the GPU image's triton (3.6: `pip install triton==3.6.0` in a separate venv) for
+numbers that carry over. No runtime specializations (equal-to-1 arguments, alignment of every
+integer) are applied, so spills read higher than tools/bench/kernel_regs.py's on the GPU (the
+split dK/dV tile: 332 B here, 82 B there): compare tiles or versions, not with the GPU's figures.
 """
 
 import argparse
+import collections
 import os
 import re
 import subprocess
@@ -22,20 +26,36 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 from miles_kernels._triton import attention_bwd as AB
+from miles_kernels._triton import decode_attention as DA
+from miles_kernels._triton import paged_attention as A
 
 DEFAULT = {"_dkdv_kernel": ["64,64,4,2"], "_dq_kernel": ["128,64,8,3"],
-           "_dkdvq_kernel": ["32,128,8,2", "32,128,8,3", "32,64,8,2", "64,64,8,2", "64,128,8,2"]}
+           "_dkdvq_kernel": ["32,128,8,2", "32,128,8,3", "32,64,8,2", "64,64,8,2", "64,128,8,2"],
+           "_attn_kernel": ["64,64,4,3"], "decode_kernel": ["16,64,4,3"]}
+OPS = ("HGMMA", "HMMA", "MUFU", "FMUL", "FFMA", "FADD", "FMNMX", "F2FP", "IADD3", "IMAD", "SEL", "FSEL", "SHFL", "BAR")
+_FWD = dict(G=2, G_PAD=2, BLOCK_D=128, SPLIT_BLOCKS=4, SPLIT_PARALLEL=False, PART_ROWS=1, PRECISION="tf32",
+            L_SUM="fixed", ONE_LOOP=True)
+
+
+def _setup(name: str, tile: tuple):
+    """(kernel, constexprs, TMA operand names, TMA block rows) for name at tile."""
+    bm, bn, warps, _ = tile
+    if name == "_attn_kernel":
+        return A._attn_kernel, dict(_FWD, BLOCK_M=bm, ATTN_BLK=bn, PAGE=1, CONTIG=True, STORE_LSE=True, TMA=True), \
+            ("k_ptr", "v_ptr"), bn
+    if name == "decode_kernel":
+        return DA.decode_kernel, dict(_FWD, ROWS=bm, ATTN_BLK=bn, PAGE=64, STORE_LSE=False, TMA=False), (), bn
+    consts = dict(G=2, D=128, BLOCK_M=bm, BLOCK_N=bn, PRECISION="tf32", TMA=True, WAIT=True, NT=32 * warps)
+    if name == "_dq_kernel":
+        return AB._dq_kernel, consts, ("k_ptr", "v_ptr"), bn
+    return getattr(AB, name), consts, ("q_ptr", "do_ptr"), bm
 
 
 def compile_one(name: str, tile: tuple, ptx_dir: str = "") -> dict:
-    BM, BN, warps, stages = tile
-    fn = getattr(AB, name)
+    fn, consts, tma, rows = _setup(name, tile)
     fn = getattr(fn, "fn", fn)  # FastKernel -> the JITFunction
     names = [p.name for p in fn.params]
-    consts = dict(G=2, D=128, BLOCK_M=BM, BLOCK_N=BN, PRECISION="tf32", TMA=True, WAIT=True, NT=32 * warps)
     consts = {k: v for k, v in consts.items() if k in names}
-    tma = ("k_ptr", "v_ptr") if name == "_dq_kernel" else ("q_ptr", "do_ptr")
-    rows = BN if name == "_dq_kernel" else BM
     sig = {}
     for n in names:
         if n in consts:
@@ -43,40 +63,45 @@ def compile_one(name: str, tile: tuple, ptx_dir: str = "") -> dict:
         elif n in tma:
             sig[n] = f"tensordesc<bf16[{rows}, 128]>"
         elif n.endswith("_ptr"):
-            sig[n] = "*i32" if n in ("cu_ptr", "turn_ptr") else "*fp32" if n in ("lse_ptr", "delta_ptr", "acc_ptr") \
-                else "*bf16"
+            sig[n] = "*i32" if n in ("cu_ptr", "turn_ptr", "kv_lens_ptr", "bt_ptr") else \
+                "*fp32" if n in ("lse_ptr", "delta_ptr", "acc_ptr", "pm_ptr", "pl_ptr", "pacc_ptr") else "*bf16"
         else:
             sig[n] = "fp32" if n in ("qk_scale", "scale") else "i32"
     attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(names)
              if sig[n].startswith("*") or n.startswith("stride")}
     src = ASTSource(fn=fn, signature=sig, constexprs={(names.index(k),): v for k, v in consts.items()}, attrs=attrs)
-    c = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps, "num_stages": stages})
+    c = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": tile[2], "num_stages": tile[3]})
+    tools = os.path.join(os.path.dirname(triton.__file__), "backends/nvidia/bin")
     with tempfile.TemporaryDirectory() as d:
         open(f"{d}/k.ptx", "w").write(c.asm["ptx"])
-        ptxas = os.path.join(os.path.dirname(triton.__file__), "backends/nvidia/bin/ptxas")
-        info = subprocess.run([ptxas, "-arch=sm_90a", "-v", f"{d}/k.ptx", "-o", f"{d}/k.o"],
+        info = subprocess.run([f"{tools}/ptxas", "-arch=sm_90a", "-v", f"{d}/k.ptx", "-o", f"{d}/k.o"],
                               capture_output=True, text=True, check=True).stderr
+        sass = subprocess.run([f"{tools}/cuobjdump", "-sass", f"{d}/k.o"], capture_output=True, text=True).stdout
     if ptx_dir:
         os.makedirs(ptx_dir, exist_ok=True)
-        open(os.path.join(ptx_dir, f"{name}_{BM}_{BN}_{warps}_{stages}.ptx"), "w").write(c.asm["ptx"])
+        open(os.path.join(ptx_dir, f"{name}_{'_'.join(map(str, tile))}.ptx"), "w").write(c.asm["ptx"])
+    ops = collections.Counter(m.group(1).split(".")[0] for m in re.finditer(
+        r"^\s+/\*[0-9a-f]+\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)", sass, re.M))
     spills = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", info)
     return dict(kernel=name, tile=tile, regs=int(re.search(r"Used (\d+) registers", info).group(1)),
-                spill_stores=int(spills.group(1)), spill_loads=int(spills.group(2)), shared=c.metadata.shared)
+                spill_stores=int(spills.group(1)), spill_loads=int(spills.group(2)), shared=c.metadata.shared,
+                sass=sum(ops.values()), ops={k: ops[k] for k in OPS if ops[k]})
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("kernel", nargs="?", help=f"one of {sorted(DEFAULT)} (default: all, their usual tiles)")
-    ap.add_argument("tiles", nargs="*", help="BLOCK_M,BLOCK_N,warps,stages ...")
+    ap.add_argument("tiles", nargs="*", help="BLOCK_M,BLOCK_N,warps,stages ... (decode: ROWS,ATTN_BLK,...)")
     ap.add_argument("--ptx", default="", help="also write each kernel's PTX to this folder")
     a = ap.parse_args()
     jobs = {a.kernel: a.tiles or DEFAULT[a.kernel]} if a.kernel else DEFAULT
-    print(f"triton {triton.__version__}, sm_90, bf16, D 128, G 2, TMA operands")
-    print(f"{'kernel':>14} {'tile':>16} {'regs':>5} {'spill st/ld B':>14} {'shared B':>9}")
+    print(f"triton {triton.__version__}, sm_90, bf16, head dim 128, GQA 2")
+    print(f"{'kernel':>14} {'tile':>11} {'regs':>5} {'spill st/ld B':>14} {'shared B':>9} {'SASS':>6}  ops")
     for name, tiles in jobs.items():
         for t in tiles:
             r = compile_one(name, tuple(int(x) for x in t.split(",")), a.ptx)
-            print(f"{name:>14} {t:>16} {r['regs']:>5} {r['spill_stores']:>6} / {r['spill_loads']:<5} {r['shared']:>9}")
+            print(f"{name:>14} {t:>11} {r['regs']:>5} {r['spill_stores']:>6} / {r['spill_loads']:<5} {r['shared']:>9} "
+                  f"{r['sass']:>6}  {r['ops']}")
 
 
 if __name__ == "__main__":

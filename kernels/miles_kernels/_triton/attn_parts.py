@@ -26,10 +26,13 @@ def exact_sum(p, AXIS: tl.constexpr):
 def fixed_sum(p, AXIS: tl.constexpr):
     """Sum of p in [0, 1] along AXIS (at most 64 terms) in fixed point, so in any order the same
     value: p + 1 lies in [1, 2], spaced 2**-23, so its bits minus 1.0's are round(p * 2**23);
-    those integers (<= 2**29 summed) add exactly. Each term is off by at most 2**-24."""
+    those integers (<= 2**29 summed) add exactly. Each term is off by at most 2**-24. The bits
+    are summed as they are and 1.0's taken off once: the same integer (int32 sums wrap mod 2**32
+    and the true sum fits), one subtraction a row instead of one a term."""
     tl.static_assert(p.shape[AXIS] <= 64)
-    n = (p + 1.0).to(tl.int32, bitcast=True) - 0x3F800000
-    return tl.sum(n, AXIS).to(tl.float32) * 1.1920928955078125e-07  # 2**-23
+    ONES: tl.constexpr = (p.shape[AXIS] * 0x3F800000 + 2**31) % 2**32 - 2**31  # N x 1.0's bits, as int32
+    n = tl.sum((p + 1.0).to(tl.int32, bitcast=True), AXIS) - ONES
+    return n.to(tl.float32) * 1.1920928955078125e-07  # 2**-23
 
 
 @triton.jit

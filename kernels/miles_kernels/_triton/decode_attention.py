@@ -55,11 +55,12 @@ def _kv_block_t(
         k, vT = _kv_load_t(j, kv_pos, ok, k_ptr, v_ptr, bt_row_ptr, kvh, offs, ds,
                            stride_kp, stride_ks, stride_kk, stride_vp, stride_vs, stride_vk, PAGE, ATTN_BLK, MASK)
     qk = tl.dot(k, qT, input_precision=PRECISION)  # [ATTN_BLK, ROWS]
-    s = qk * qk_scale
     if MASK:
         keep = (kv_pos[:, None] <= pos[None, :]) & ok[:, None]
-        s = tl.where(keep, s, float("-inf"))
-    m_new = tl.maximum(m, tl.max(s, 0))
+        qk_max = tl.max(tl.where(keep, qk, float("-inf")), 0)
+    else:
+        qk_max = tl.max(qk, 0)
+    m_new = tl.maximum(m, qk_max * qk_scale)  # as paged_attention._kv_block: the same bits
     m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
     e = tl.fma(qk, qk_scale, -m_safe[None, :])
     if MASK:

@@ -150,11 +150,14 @@ def _kv_block(
         kT, v = _kv_load(j, kv_pos, ok, kv_base, k_ptr, v_ptr, bt_row_ptr, kvh, D, offs, ds,
                          stride_kp, stride_ks, stride_kk, stride_vp, stride_vs, stride_vk, PAGE, ATTN_BLK, CONTIG, MASK)
     qk = tl.dot(q, kT, input_precision=PRECISION)
-    s = qk * qk_scale
     if MASK:
         keep = (kv_pos[None, :] <= pos[:, None]) & ok[None, :]
-        s = tl.where(keep, s, float("-inf"))
-    m_new = tl.maximum(m, tl.max(s, 1))
+        qk_max = tl.max(tl.where(keep, qk, float("-inf")), 1)
+    else:
+        qk_max = tl.max(qk, 1)
+    # max(qk * scale) == max(qk) * scale as rounding is monotone (qk_scale > 0, checked by the
+    # callers): one multiply a row instead of one a score, the same bits
+    m_new = tl.maximum(m, qk_max * qk_scale)
     m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
     # an explicit fma: left to itself the compiler contracts qk * scale - m where no mask sits
     # between them and not where one does, and the two paths would round differently
@@ -484,6 +487,9 @@ def _launch(q_THD, k4, v4, cu_seqlens, kv_lens, bt, max_q_len: int, scale: float
     strides), or packed K/V [1, T, K, D] (page_strides (0, 0): the CONTIG walk; kv_descs:
     their TMA descriptors, read instead of the pointers)."""
     contig = page_strides == (0, 0)
+    if not 0.0 < scale < float("inf"):  # the kernels take each row's max before scaling
+        raise ValueError(f"miles_kernels attention: scale {scale} must be a positive finite number "
+                         f"(softmax(scale * q k^T), usually head_dim ** -0.5)")
     T, H, D = q_THD.shape
     K = k4.shape[2]
     B = cu_seqlens.shape[0] - 1
