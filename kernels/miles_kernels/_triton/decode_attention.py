@@ -75,7 +75,8 @@ def _kv_block_t(
     else:
         ps = exact_sum(p, 0)
     l = tl.fma(l, alpha, ps)
-    accT = tl.dot(vT, pv, accT * alpha[None, :], input_precision=PRECISION)
+    accT = tl.dot(vT, pv, tl.fma(accT, tl.broadcast_to(alpha[None, :], accT.shape), 0.0),
+                  input_precision=PRECISION)  # as paged_attention._kv_block
     return m_new, l, accT
 
 
@@ -120,10 +121,9 @@ def _merge_t(m, l, accT, m_s, l_s, acc_s):
 
 @triton.jit
 def _end_split_t(m, l, accT, m_s, l_s, acc_s):
-    """Merge a finished split's state into the total; the next split starts empty."""
+    """paged_attention._end_split along the other axis (acc_s emptied by the next block's rescale)."""
     m, l, accT = _merge_t(m, l, accT, m_s, l_s, acc_s)
-    return m, l, accT, tl.full(m_s.shape, float("-inf"), tl.float32), tl.zeros(l_s.shape, tl.float32), \
-        tl.zeros(acc_s.shape, tl.float32)
+    return m, l, accT, tl.full(m_s.shape, float("-inf"), tl.float32), tl.zeros(l_s.shape, tl.float32), acc_s
 
 
 @triton.jit

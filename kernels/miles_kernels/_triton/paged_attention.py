@@ -176,7 +176,9 @@ def _kv_block(
     else:
         ps = tl.sum(p, 1)
     l = tl.fma(l, alpha, ps)
-    acc = tl.dot(pv, v, acc * alpha[:, None], input_precision=PRECISION)
+    # fma(acc, alpha, +0), not acc * alpha: the same value, but a split's first block (alpha 0,
+    # m = -inf) turns any finite acc into +0, as an empty one: _end_split need not zero acc
+    acc = tl.dot(pv, v, tl.fma(acc, tl.broadcast_to(alpha[:, None], acc.shape), 0.0), input_precision=PRECISION)
     return m_new, l, acc
 
 
@@ -211,10 +213,11 @@ def _split_state(
 
 @triton.jit
 def _end_split(m, l, acc, m_s, l_s, acc_s):
-    """Merge a finished split's state into the total; the next split starts empty."""
+    """Merge a finished split's state into the total; the next split starts empty: m_s -inf and
+    l_s 0 here, acc_s by the next block's rescale (_kv_block: alpha 0, fma(acc_s, 0, +0) = +0).
+    Zeroing acc_s here made ptxas serialize every wgmma of the one-loop walk (C7515)."""
     m, l, acc = _merge(m, l, acc, m_s, l_s, acc_s)
-    return m, l, acc, tl.full(m_s.shape, float("-inf"), tl.float32), tl.zeros(l_s.shape, tl.float32), \
-        tl.zeros(acc_s.shape, tl.float32)
+    return m, l, acc, tl.full(m_s.shape, float("-inf"), tl.float32), tl.zeros(l_s.shape, tl.float32), acc_s
 
 
 @triton.jit
