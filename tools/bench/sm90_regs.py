@@ -1,6 +1,8 @@
-"""Registers, spills, shared memory and SASS instruction counts of the attention kernels compiled
-for sm_90 on a machine without a GPU (triton's own ptxas and cuobjdump), to compare tiles or two
-versions of a kernel before a GPU run.
+"""Registers, spills, shared memory, SASS instruction counts and wgmma serialization of the
+attention kernels compiled for sm_90 on a machine without a GPU (triton's own ptxas and
+cuobjdump), to compare tiles or two versions of a kernel before a GPU run. "waits" counts the
+SASS waits for wgmma groups (WARPGROUP.DEPBAR) against the wgmma instructions (HGMMA): one wait
+per HGMMA means ptxas serialized them, and its "Potential Performance Loss" note (C75xx) says why.
 
     python tools/bench/sm90_regs.py                       # every kernel below at its usual tiles
     python tools/bench/sm90_regs.py _dkdvq_kernel 32,128,8,2 64,64,8,2 --ptx DIR
@@ -85,7 +87,8 @@ def compile_one(name: str, tile: tuple, ptx_dir: str = "") -> dict:
     spills = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", info)
     return dict(kernel=name, tile=tile, regs=int(re.search(r"Used (\d+) registers", info).group(1)),
                 spill_stores=int(spills.group(1)), spill_loads=int(spills.group(2)), shared=c.metadata.shared,
-                sass=sum(ops.values()), ops={k: ops[k] for k in OPS if ops[k]})
+                sass=sum(ops.values()), ops={k: ops[k] for k in OPS if ops[k]},
+                waits=sass.count("WARPGROUP.DEPBAR"), notes=sorted(set(re.findall(r"\((C75\d\d)\)", info))))
 
 
 def main() -> None:
@@ -96,12 +99,14 @@ def main() -> None:
     a = ap.parse_args()
     jobs = {a.kernel: a.tiles or DEFAULT[a.kernel]} if a.kernel else DEFAULT
     print(f"triton {triton.__version__}, sm_90, bf16, head dim 128, GQA 2")
-    print(f"{'kernel':>14} {'tile':>11} {'regs':>5} {'spill st/ld B':>14} {'shared B':>9} {'SASS':>6}  ops")
+    print(f"{'kernel':>14} {'tile':>11} {'regs':>5} {'spill st/ld B':>14} {'shared B':>9} {'SASS':>6} "
+          f"{'waits/HGMMA':>11}  ops")
     for name, tiles in jobs.items():
         for t in tiles:
             r = compile_one(name, tuple(int(x) for x in t.split(",")), a.ptx)
+            waits = f"{r['waits']}/{r['ops'].get('HGMMA', 0)}" + (f" {','.join(r['notes'])}" if r["notes"] else "")
             print(f"{name:>14} {t:>11} {r['regs']:>5} {r['spill_stores']:>6} / {r['spill_loads']:<5} {r['shared']:>9} "
-                  f"{r['sass']:>6}  {r['ops']}")
+                  f"{r['sass']:>6} {waits:>11}  {r['ops']}")
 
 
 if __name__ == "__main__":

@@ -214,8 +214,7 @@ def _split_state(
 @triton.jit
 def _end_split(m, l, acc, m_s, l_s, acc_s):
     """Merge a finished split's state into the total; the next split starts empty: m_s -inf and
-    l_s 0 here, acc_s by the next block's rescale (_kv_block: alpha 0, fma(acc_s, 0, +0) = +0).
-    Zeroing acc_s here made ptxas serialize every wgmma of the one-loop walk (C7515)."""
+    l_s 0 here, acc_s by the next block's rescale (_kv_block: alpha 0, fma(acc_s, 0, +0) = +0)."""
     m, l, acc = _merge(m, l, acc, m_s, l_s, acc_s)
     return m, l, acc, tl.full(m_s.shape, float("-inf"), tl.float32), tl.zeros(l_s.shape, tl.float32), acc_s
 
@@ -230,7 +229,10 @@ def _walk(
 ):
     """Every split of blocks [0, n_blocks) in one loop, so one software pipeline runs across
     the splits: each split's state starts empty and is merged into the total at the split's
-    end, the operations and order of _split_state per split then _merge (the same bits)."""
+    end, the operations and order of _split_state per split then _merge (the same bits). The
+    merge runs at the top of the next split's first step, not after the split's last block:
+    reading the split's accumulator right after its wgmma made ptxas serialize every wgmma of
+    the kernel (C7514; zeroing it there, C7515)."""
     m = tl.full((BLOCK_M,), float("-inf"), tl.float32)
     l = tl.zeros((BLOCK_M,), tl.float32)
     acc = tl.zeros((BLOCK_M, BLOCK_D), tl.float32)
@@ -240,19 +242,18 @@ def _walk(
     one = tl.where((offs[:, None] >= 0) & (tl.arange(0, 16)[None, :] == 0), 1.0, 0.0).to(q.dtype)
     full_hi = tl.minimum(tl.minimum((pos_min + 1) // ATTN_BLK, kv_len // ATTN_BLK), n_blocks)
     for j in range(0, full_hi):
+        if (j % SPLIT_BLOCKS == 0) & (j > 0):  # block j - 1 ended a split
+            m, l, acc, m_s, l_s, acc_s = _end_split(m, l, acc, m_s, l_s, acc_s)
         m_s, l_s, acc_s = _kv_block(q, m_s, l_s, acc_s, j, pos, kv_len, kv_base, k_ptr, v_ptr, bt_row_ptr, kvh,
                                     qk_scale, D, offs, ds, one, stride_kp, stride_ks, stride_kk, stride_vp, stride_vs,
                                     stride_vk, PAGE, ATTN_BLK, PRECISION, CONTIG, False, L_SUM, BLOCK_D, TMA)
-        if (j + 1) % SPLIT_BLOCKS == 0:
-            m, l, acc, m_s, l_s, acc_s = _end_split(m, l, acc, m_s, l_s, acc_s)
     for j in range(full_hi, n_blocks):
+        if (j % SPLIT_BLOCKS == 0) & (j > 0):  # block j - 1 ended a split
+            m, l, acc, m_s, l_s, acc_s = _end_split(m, l, acc, m_s, l_s, acc_s)
         m_s, l_s, acc_s = _kv_block(q, m_s, l_s, acc_s, j, pos, kv_len, kv_base, k_ptr, v_ptr, bt_row_ptr, kvh,
                                     qk_scale, D, offs, ds, one, stride_kp, stride_ks, stride_kk, stride_vp, stride_vs,
                                     stride_vk, PAGE, ATTN_BLK, PRECISION, CONTIG, True, L_SUM, BLOCK_D, TMA)
-        if (j + 1) % SPLIT_BLOCKS == 0:
-            m, l, acc, m_s, l_s, acc_s = _end_split(m, l, acc, m_s, l_s, acc_s)
-    if n_blocks % SPLIT_BLOCKS != 0:
-        m, l, acc = _merge(m, l, acc, m_s, l_s, acc_s)
+    m, l, acc = _merge(m, l, acc, m_s, l_s, acc_s)  # the last split (none: merging an empty state adds nothing)
     return m, l, acc
 
 
