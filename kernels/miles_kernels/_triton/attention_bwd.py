@@ -133,6 +133,16 @@ def _program(per_rank, n_heads, cu_ptr):
     return pid // per_rank, pid % n_heads, q_lo, tl.load(cu_ptr + b + 1) - q_lo, b
 
 
+@triton.jit
+def _kv_rows(k_ptr, v_ptr, n0, q_lo, q_len, kvh, stride_kt, D: tl.constexpr, BLOCK_N: tl.constexpr):
+    """A dK/dV program's KV block: its key positions, [BLOCK_N, D] offsets and row mask, k and v."""
+    kpos = n0 + tl.arange(0, BLOCK_N)
+    kv_off = q_lo.to(tl.int64) * stride_kt + kvh * D + kpos[:, None] * stride_kt + tl.arange(0, D)[None, :]
+    k_ok = kpos[:, None] < q_len
+    return kpos, kv_off, k_ok, tl.load(k_ptr + kv_off, mask=k_ok, other=0.0), tl.load(v_ptr + kv_off, mask=k_ok,
+                                                                                        other=0.0)
+
+
 @fast_launch
 @triton.jit
 def _dkdv_kernel(q_ptr, k_ptr, v_ptr, do_ptr, dk_ptr, dv_ptr, lse_ptr, delta_ptr, cu_ptr,
@@ -144,12 +154,7 @@ def _dkdv_kernel(q_ptr, k_ptr, v_ptr, do_ptr, dk_ptr, dv_ptr, lse_ptr, delta_ptr
     n0 = j * BLOCK_N
     if n0 >= q_len:
         return
-    kpos = n0 + tl.arange(0, BLOCK_N)
-    ds = tl.arange(0, D)
-    kv_off = q_lo.to(tl.int64) * stride_kt + kvh * D + kpos[:, None] * stride_kt + ds[None, :]
-    k_ok = kpos[:, None] < q_len
-    k = tl.load(k_ptr + kv_off, mask=k_ok, other=0.0)
-    v = tl.load(v_ptr + kv_off, mask=k_ok, other=0.0)
+    kpos, kv_off, k_ok, k, v = _kv_rows(k_ptr, v_ptr, n0, q_lo, q_len, kvh, stride_kt, D, BLOCK_N)
     dk = tl.zeros((BLOCK_N, D), tl.float32)
     dv = tl.zeros((BLOCK_N, D), tl.float32)
     i_lo = n0 // BLOCK_M
@@ -276,12 +281,7 @@ def _dkdvq_kernel(q_ptr, k_ptr, v_ptr, do_ptr, dk_ptr, dv_ptr, dq_ptr, acc_ptr, 
     n0 = j * BLOCK_N
     if n0 >= q_len:
         return
-    kpos = n0 + tl.arange(0, BLOCK_N)
-    ds = tl.arange(0, D)
-    kv_off = q_lo.to(tl.int64) * stride_kt + kvh * D + kpos[:, None] * stride_kt + ds[None, :]
-    k_ok = kpos[:, None] < q_len
-    k = tl.load(k_ptr + kv_off, mask=k_ok, other=0.0)
-    v = tl.load(v_ptr + kv_off, mask=k_ok, other=0.0)
+    kpos, kv_off, k_ok, k, v = _kv_rows(k_ptr, v_ptr, n0, q_lo, q_len, kvh, stride_kt, D, BLOCK_N)
     dk = tl.zeros((BLOCK_N, D), tl.float32)
     dv = tl.zeros((BLOCK_N, D), tl.float32)
     # a sequence's query blocks own turn counters q_lo // BLOCK_M + b + (0 .. cdiv(q_len, BLOCK_M) - 1)
