@@ -59,11 +59,12 @@ DKDV_TMA = True
 DQ_TMA = True
 # DQ_FUSED: the dK/dV kernel also makes dQ (_dkdvq_kernel: each step's dS k summed per query block
 # in KV-block order through an fp32 [T, H, D] buffer), five MMAs a step where the split runs seven.
-# Off until timed on the GPU; its tiles (first full-GPU, then small-grid) from sm_90 compiles on a
-# CPU (triton 3.6: 32 x 128 at 8 warps spills least).
+# Off: 2.4-2.5x the split's time on the H200 at its best tile (0.6B 16k 16.4 vs 6.8 ms), 2.0x
+# without its turn waits, so the kernel's body is what is slow (docs/kernel_tuning.md, 2026-12-04
+# nineteenth run). Its tile: the fastest measured at 4k and 16k (32 x 64 took twice as long).
 DQ_FUSED = False
-FUSED_TILES = {torch.bfloat16: (Tile(32, 128, 8, 2), Tile(32, 64, 8, 2)),
-               torch.float16: (Tile(32, 128, 8, 2), Tile(32, 64, 8, 2)),
+FUSED_TILES = {torch.bfloat16: (Tile(32, 128, 8, 2),),
+               torch.float16: (Tile(32, 128, 8, 2),),
                torch.float32: (Tile(16, 16, 4, 1),)}
 _DELTA_ROWS = {torch.bfloat16: 64, torch.float16: 64, torch.float32: 16}  # tokens per delta program
 
