@@ -24,14 +24,20 @@ if MOE_BWD not in ("torch", "triton"):
     raise ValueError(f"MILES_MOE_BWD={MOE_BWD!r}: set it to triton (the default) or torch")
 
 
-def rms_norm(saved, extra, g, needs):
-    """The Triton kernel on CUDA, else rms_norm_torch."""
+def rms_norm(saved, extra, g, needs, add=None):
+    """The Triton kernel on CUDA, else rms_norm_torch. add (x's dtype and shape, or None): x's
+    grad plus add, as torch's `gx + add` gives it (a residual's other grad), one pass on CUDA."""
     x, w = saved
+    fused = add is not None and add.dtype == x.dtype and add.shape == x.shape
     if x.is_cuda:
         from . import _triton
 
-        return _triton.rms_norm_grad(x, w, g, extra[0], needs[0], needs[1])
-    return rms_norm_torch(saved, extra, g, needs)
+        gx, gw = _triton.rms_norm_grad(x, w, g, extra[0], needs[0], needs[1], add if fused else None)
+        if fused:
+            return gx, gw
+    else:
+        gx, gw = rms_norm_torch(saved, extra, g, needs)
+    return (gx + add if gx is not None and add is not None else gx), gw
 
 
 def rms_norm_torch(saved, extra, g, needs):

@@ -557,7 +557,7 @@ def test_fused_row_kernels_equal_unfused(kt, model, w_dtype):
     fused kernel's reduction or contraction differs from the unfused kernels' (elementwise.py)."""
     hidden, H, K, D = QWEN3_ROWS[model]
     g, eps = _gen(12), 1e-6
-    for T in (1, 64, 256, 4096):
+    for T in (1, 64, 256, 2051, 4096):  # from 2,048 tokens on, 8 tokens a norm/RoPE program (2,051: a partial one)
         q, k, q_w, k_w, cos, sin, x, r, w = _qwen3_rows_inputs(T, hidden, H, K, D, w_dtype, g)
         for layout, (qq, kk) in (("views", (q, k)), ("contiguous", (q.contiguous(), k.contiguous()))):
             what = f"{model} T={T} w {w_dtype} q/k {layout}"
@@ -690,6 +690,10 @@ def test_rms_norm_grad_kernel(kt, M, D, w_dtype, monkeypatch):
     assert none_w is None and none_x is None
     _accurate(only_x, gx, torch.bfloat16, "rms_norm gx alone")
     _accurate(only_w, gw, w_dtype, "rms_norm gw alone")
+    add = _randn(M, D, dtype=x.dtype, g=g)  # add_rms_norm's residual grad, added in the same pass
+    gxa, gwa = kt.rms_norm_grad(x, w, gy, eps, True, True, add)
+    _same(gxa, gx + add, "rms_norm gx + add vs torch's add of gx")
+    _same(gwa, gw, "rms_norm gw with an add")
     _no_torch_rule("rms_norm", monkeypatch)
     xr, wr = x.clone().requires_grad_(True), w.clone().requires_grad_(True)
     with mk.use_mode("invariant"):
@@ -824,3 +828,8 @@ def test_logprobs_grad_kernel(kt, monkeypatch):
     assert gx.dtype == gw.dtype == torch.bfloat16
     _accurate(gx, rx, torch.bfloat16, "linear_logprobs grad x vs float64 autograd")
     _accurate(gw, rw, torch.bfloat16, "linear_logprobs grad w vs float64 autograd")
+    with mk.use_mode("invariant"):  # 3 chunks (the last partial): gw summed over chunks in fp32
+        lp, ent = mk.linear_logprobs(x, w, ids, temp, entropy=True, chunk_rows=128)
+        gx3, gw3 = torch.autograd.grad((lp, ent), (x, w), (g_logp, g_ent))
+    _accurate(gx3, rx, torch.bfloat16, "linear_logprobs grad x in 3 chunks vs float64 autograd")
+    _accurate(gw3, rw, torch.bfloat16, "linear_logprobs grad w in 3 chunks vs float64 autograd")

@@ -5,6 +5,8 @@ list CHECKS). Each check raises AssertionError with a message on failure; refere
 float64 torch. No test_ functions here: pytest collects nothing from this file.
 """
 
+import contextlib
+
 import torch
 
 TOL = dict(atol=2e-5, rtol=2e-5)
@@ -315,6 +317,36 @@ def check_qk_norm_rope() -> None:
             _same(one[1], k_out[t: t + 1], f"{what}: k of token {t} alone")
     q0, k0 = kt.qk_norm_rope(qkv[:0, :H], qkv[:0, H: H + K], q_w, k_w, cos[:0], sin[:0], 1e-6)
     assert q0.shape == (0, H, D) and k0.shape == (0, K, D), "qk_norm_rope of no tokens"
+    # several tokens a program (long inputs; forced here): each row's bits as with one a program,
+    # a partial last program (13 tokens, 8 a program) included
+    qkv = torch.randn(13, 6, 16, generator=g)
+    cos, sin = _rope_tables(13, 16)
+    q, k, v = qkv[:, :3], qkv[:, 3:4], qkv[:, 4:5]
+    q_w, k_w = 1 + 0.1 * torch.randn(16, generator=g), 1 + 0.1 * torch.randn(16, generator=g)
+    one = kt.qk_norm_rope(q, k, q_w, k_w, cos, sin, 1e-6)
+    slot = torch.randperm(16, generator=g)[:13]
+    caches_one = [torch.zeros(4, 4, 1, 16) for _ in range(2)]
+    q_one = kt.qk_norm_rope_write_kv(q, k, v, q_w, k_w, cos, sin, 1e-6, *caches_one, slot)
+    with _many_tokens_a_program():
+        many = kt.qk_norm_rope(q, k, q_w, k_w, cos, sin, 1e-6)
+        caches = [torch.zeros(4, 4, 1, 16) for _ in range(2)]
+        q_many = kt.qk_norm_rope_write_kv(q, k, v, q_w, k_w, cos, sin, 1e-6, *caches, slot)
+    for a, b, what in ((many[0], one[0], "q"), (many[1], one[1], "k"), (q_many, q_one, "write_kv q"),
+                       (caches[0], caches_one[0], "write_kv k cache"), (caches[1], caches_one[1], "write_kv v cache")):
+        _same(a, b, f"qk_norm_rope with 8 tokens a program vs one: {what}")
+
+
+@contextlib.contextmanager
+def _many_tokens_a_program():
+    """qk_norm_rope's programs take several tokens from the first token on (as from 2,048 on)."""
+    from miles_kernels._triton import elementwise
+
+    old = elementwise._ROWS_TOKENS
+    elementwise._ROWS_TOKENS = 1
+    try:
+        yield
+    finally:
+        elementwise._ROWS_TOKENS = old
 
 
 def check_qk_norm_rope_write_kv() -> None:
@@ -495,6 +527,11 @@ def check_rms_norm_grad() -> None:
         _same(gx1, gx, "rms_norm gx with another row partition")
         _close_rel(gw1, gw, "rms_norm gw with another row partition")
         _same(kt.rms_norm_grad(x, w, gy, eps, True, False)[0], gx, "rms_norm gx without gw")
+        add = torch.randn(D, M, generator=g).T  # a residual's other grad, strided: gx + add in the kernel's pass
+        gxa, gwa = kt.rms_norm_grad(x, w, gy, eps, True, True, add)
+        _same(gxa, gx + add, "rms_norm gx + add vs torch's add of gx")
+        _same(gwa, gw1, "rms_norm gw with an add")
+        assert kt.rms_norm_grad(x, w, gy, eps, False, True, add)[0] is None, "rms_norm add without gx"
     finally:
         eg._GW_PARTIAL = saved
     gx0, gw0 = kt.rms_norm_grad(x[:0], w, gy[:0], eps, True, True)

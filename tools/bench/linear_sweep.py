@@ -52,12 +52,20 @@ DECODE_CFG = [T(0, 64, 32, 64, 1, 4, 8), T(0, 64, 16, 64, 1, 4, 8), T(0, 64, 64,
               T(0, 128, 128, 64, 8, 8, 4, True)]
 
 
+# The trainer's 0.6B forward at 16k rows: q, k|v, gate|up one weight each and fused (qkv, gate_up), o, down.
+TRAIN = [(16384, n, k) for (n, k) in ((2048, 1024), (1024, 1024), (4096, 1024), (3072, 1024), (6144, 1024),
+                                       (1024, 2048), (1024, 3072))]
+TRAIN_CFG = [REF._replace(tma=True), T(0, 128, 256, 64, 8, 8, 4, True), T(0, 128, 128, 64, 8, 8, 4, True),
+             T(0, 128, 128, 64, 8, 8, 5, True), T(0, 256, 128, 64, 8, 8, 3, True), T(0, 128, 128, 64, 8, 4, 4, True),
+             T(0, 128, 256, 64, 1, 8, 3, True)]
+
+
 def run(shapes, cfgs, peak, rows):
     for M, N, K in shapes:
         torch.manual_seed(M + N + K)
-        x = torch.randn(4096, K, device="cuda", dtype=torch.bfloat16)
+        x = torch.randn(max(M, 4096), K, device="cuda", dtype=torch.bfloat16)
         w = torch.randn(N, K, device="cuda", dtype=torch.bfloat16) * K**-0.5
-        ref = torch.empty(4096, N, device="cuda", dtype=torch.bfloat16)
+        ref = torch.empty(x.shape[0], N, device="cuda", dtype=torch.bfloat16)
         lin._launch_linear(x, w, None, ref, REF)
         xm = x[:M]
         base, base_graph = timings(lambda: F.linear(xm, w))
@@ -97,7 +105,7 @@ def main():
     rows = []
     for wh in a.which.split(","):
         shapes, cfgs = dict(check=(CHECK, CHECK_CFG), small=(SMALL, SMALL_CFG), mid=(MID, MID_CFG), large=(LARGE, LARGE_CFG),
-                             decode=(DECODE, DECODE_CFG))[wh]
+                             decode=(DECODE, DECODE_CFG), train=(TRAIN, TRAIN_CFG))[wh]
         run(shapes, cfgs, peak, rows)
         json.dump(rows, open(a.out, "w"), indent=1)
 

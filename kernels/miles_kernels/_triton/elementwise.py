@@ -10,7 +10,7 @@ helpers (`_inv_rms`, `_normed`, `_rotate`), inlined into the same expressions, a
 with the same num_warps over the same row block. The statistics of a row come from a load
 of the whole row as rms_norm's kernel makes it, so the reduction gets rms_norm's layout,
 hence its order; the rest is elementwise, where only the expression matters (fma
-contraction included: `_rotate` is RoPE's one expression, contracted alike everywhere).
+contraction included: `_rotate` writes its fmas out, so no compiler choice enters).
 """
 
 import torch
@@ -119,8 +119,11 @@ def add_rms_norm(x_MD: torch.Tensor, r_MD: torch.Tensor, w_D: torch.Tensor, eps:
 
 @triton.jit
 def _rotate(x1, x2, c, s):
-    """Neox RoPE of the halves (x1, x2) of fp32 rows: (x1 c - x2 s, x2 c + x1 s), fp32."""
-    return x1 * c - x2 * s, x2 * c + x1 * s
+    """Neox RoPE of the halves (x1, x2) of fp32 rows: (x1 c - x2 s, x2 c + x1 s), fp32, with the
+    fma contraction written out (x1's products fused): left to the compiler, which product it
+    fuses changed with the code around it, and so the bits (the norm/RoPE kernel's k vs the
+    RoPE kernel's, by one ulp, once its rows were loaded ahead)."""
+    return tl.fma(x1, c, -(x2 * s)), tl.fma(x1, s, x2 * c)
 
 
 @fast_launch
@@ -178,18 +181,38 @@ def rotate(x_THD, cos_TF, sin_TF, dtype: torch.dtype, inverse: bool) -> torch.Te
 
 
 @triton.jit
-def _norm_rope_row(x_ptr, w_ptr, y_ptr, c, s, D, F, eps, BLOCK_D: tl.constexpr, BLOCK_F: tl.constexpr):
-    """Store apply_rope(rms_norm(x)) of the head row at x_ptr (D wide) at y_ptr, for the token's
-    cos/sin halves c, s: the statistics from a whole-row load as rms_norm's kernel makes it, then
-    each half normalised (`_normed`, rounded to y's dtype as rms_norm stores it) and rotated."""
+def _norm_rope_load(x_ptr, cos_ptr, sin_ptr, D, F, BLOCK_D: tl.constexpr, BLOCK_F: tl.constexpr):
+    """What one head row needs from memory: the whole row (for its statistics, loaded as rms_norm's
+    kernel loads it), its halves, and the token's cos/sin halves (cos_ptr, sin_ptr: the token's)."""
     cols = tl.arange(0, BLOCK_D)
-    inv_rms = _inv_rms(tl.load(x_ptr + cols, mask=cols < D, other=0.0).to(tl.float32), D, eps)
     fs = tl.arange(0, BLOCK_F)
     fm = fs < F
+    x = tl.load(x_ptr + cols, mask=cols < D, other=0.0).to(tl.float32)
     x1 = tl.load(x_ptr + fs, mask=fm, other=0.0).to(tl.float32)
     x2 = tl.load(x_ptr + F + fs, mask=fm, other=0.0).to(tl.float32)
-    w1 = tl.load(w_ptr + fs, mask=fm, other=0.0).to(tl.float32)
-    w2 = tl.load(w_ptr + F + fs, mask=fm, other=0.0).to(tl.float32)
+    c = tl.load(cos_ptr + fs, mask=fm, other=0.0)
+    s = tl.load(sin_ptr + fs, mask=fm, other=0.0)
+    return x, x1, x2, c, s
+
+
+@triton.jit
+def _norm_rope_weights(w_ptr, F, BLOCK_F: tl.constexpr):
+    """The norm weight's halves in fp32 (one load for all of a program's rows)."""
+    fs = tl.arange(0, BLOCK_F)
+    fm = fs < F
+    return tl.load(w_ptr + fs, mask=fm, other=0.0).to(tl.float32), tl.load(w_ptr + F + fs, mask=fm, other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _norm_rope_store(row, w, x_ptr, y_ptr, D, F, eps, BLOCK_F: tl.constexpr):
+    """Store apply_rope(rms_norm(x)) of a head row loaded by _norm_rope_load (`row`; x_ptr gives x's
+    dtype; w: _norm_rope_weights) at y_ptr: the statistics of the whole row, then each half
+    normalised (`_normed`, rounded to y's dtype as rms_norm stores it) and rotated."""
+    x, x1, x2, c, s = row
+    w1, w2 = w
+    inv_rms = _inv_rms(x, D, eps)
+    fs = tl.arange(0, BLOCK_F)
+    fm = fs < F
     y1, y2 = _rotate(_normed(x1, inv_rms, w1, x_ptr, y_ptr).to(tl.float32),
                      _normed(x2, inv_rms, w2, x_ptr, y_ptr).to(tl.float32), c, s)
     tl.store(y_ptr + fs, y1.to(y_ptr.dtype.element_ty), mask=fm)
@@ -199,36 +222,60 @@ def _norm_rope_row(x_ptr, w_ptr, y_ptr, c, s, D, F, eps, BLOCK_D: tl.constexpr, 
 @fast_launch
 @triton.jit
 def _qk_norm_rope_kernel(
-    q_ptr, k_ptr, v_ptr, qw_ptr, kw_ptr, cos_ptr, sin_ptr, qo_ptr, ko_ptr, vo_ptr, slot_ptr, H, K, D, F,
+    q_ptr, k_ptr, v_ptr, qw_ptr, kw_ptr, cos_ptr, sin_ptr, qo_ptr, ko_ptr, vo_ptr, slot_ptr, T, H, K, D, F,
     stride_q, stride_k, stride_vt, stride_vh, stride_qo, stride_ko, stride_ct, stride_st, eps,
-    BLOCK_D: tl.constexpr, BLOCK_F: tl.constexpr, TO_CACHE: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_F: tl.constexpr, TO_CACHE: tl.constexpr, TOKENS: tl.constexpr,
 ):
-    """Program (t, j): head j of token t, a q head for j < H, else k head j - H. q, k, and the
-    outputs are [T * heads, D] rows (stride_*: the row stride). TO_CACHE: k's rows go to the
-    contiguous cache ko [slots, K, D] at slot t's slot, and programs j >= H + K copy v's head
-    j - H - K there too (write_kv's copy, its cast to the cache's dtype)."""
-    t = tl.program_id(0).to(tl.int64)
+    """Program (i, j): head j of tokens i * TOKENS ... (i + 1) * TOKENS - 1, a q head for j < H,
+    else k head j - H. q, k, and the outputs are [T * heads, D] rows (stride_*: the row stride).
+    TO_CACHE: k's rows go to the contiguous cache ko [slots, K, D] at slot t's slot, and programs
+    j >= H + K copy v's head j - H - K there too (write_kv's copy, its cast to the cache's dtype).
+    A program loads all its rows before it stores any (a row's loads after an earlier row's
+    stores would wait for them: the compiler cannot rule out aliasing), then computes each with
+    the one-row code: a row's bits whatever TOKENS is (past T: the last token again, the same
+    bits stored twice)."""
     j = tl.program_id(1)
-    fs = tl.arange(0, BLOCK_F)
-    if j < H + K:
-        c = tl.load(cos_ptr + t * stride_ct + fs, mask=fs < F, other=0.0)
-        s = tl.load(sin_ptr + t * stride_st + fs, mask=fs < F, other=0.0)
-        if j < H:
-            row = t * H + j
-            _norm_rope_row(q_ptr + row * stride_q, qw_ptr, qo_ptr + row * stride_qo, c, s, D, F, eps, BLOCK_D, BLOCK_F)
-        else:
-            row = t * K + (j - H)
+    ts = ()
+    for i in tl.static_range(TOKENS):
+        ts = ts + (tl.minimum(tl.program_id(0) * TOKENS + i, T - 1).to(tl.int64),)
+    if j < H:
+        w = _norm_rope_weights(qw_ptr, F, BLOCK_F)
+        rows = ()
+        for i in tl.static_range(TOKENS):
+            rows = rows + (_norm_rope_load(q_ptr + (ts[i] * H + j) * stride_q, cos_ptr + ts[i] * stride_ct,
+                                           sin_ptr + ts[i] * stride_st, D, F, BLOCK_D, BLOCK_F),)
+        for i in tl.static_range(TOKENS):
+            _norm_rope_store(rows[i], w, q_ptr, qo_ptr + (ts[i] * H + j) * stride_qo, D, F, eps, BLOCK_F)
+    elif j < H + K:
+        w = _norm_rope_weights(kw_ptr, F, BLOCK_F)
+        rows = ()
+        dsts = ()
+        for i in tl.static_range(TOKENS):
+            rows = rows + (_norm_rope_load(k_ptr + (ts[i] * K + (j - H)) * stride_k, cos_ptr + ts[i] * stride_ct,
+                                           sin_ptr + ts[i] * stride_st, D, F, BLOCK_D, BLOCK_F),)
             if TO_CACHE:
-                dst = ko_ptr + (tl.load(slot_ptr + t).to(tl.int64) * K + (j - H)) * D
+                dsts = dsts + (ko_ptr + (tl.load(slot_ptr + ts[i]).to(tl.int64) * K + (j - H)) * D,)
             else:
-                dst = ko_ptr + row * stride_ko
-            _norm_rope_row(k_ptr + row * stride_k, kw_ptr, dst, c, s, D, F, eps, BLOCK_D, BLOCK_F)
+                dsts = dsts + (ko_ptr + (ts[i] * K + (j - H)) * stride_ko,)
+        for i in tl.static_range(TOKENS):
+            _norm_rope_store(rows[i], w, k_ptr, dsts[i], D, F, eps, BLOCK_F)
     else:
         h = j - H - K
         cols = tl.arange(0, BLOCK_D)
-        v = tl.load(v_ptr + t * stride_vt + h * stride_vh + cols, mask=cols < D)
-        dst = vo_ptr + (tl.load(slot_ptr + t).to(tl.int64) * K + h) * D
-        tl.store(dst + cols, v.to(vo_ptr.dtype.element_ty), mask=cols < D)
+        vs = ()
+        dsts = ()
+        for i in tl.static_range(TOKENS):
+            vs = vs + (tl.load(v_ptr + ts[i] * stride_vt + h * stride_vh + cols, mask=cols < D),)
+            dsts = dsts + (vo_ptr + (tl.load(slot_ptr + ts[i]).to(tl.int64) * K + h) * D,)
+        for i in tl.static_range(TOKENS):
+            tl.store(dsts[i] + cols, vs[i].to(vo_ptr.dtype.element_ty), mask=cols < D)
+
+
+# Tokens a program of _qk_norm_rope_kernel takes from this many tokens on: one (token, head)
+# row a program leaves each SM latency-bound (16k-token training forward: 238 us a layer on an
+# H200, ~5x the bytes' time); decode and short chunks keep one row a program (more programs).
+_ROWS_TOKENS = 2048
+_TOKENS_PER_PROGRAM = 4
 
 
 def qk_norm_rope(q_THD: torch.Tensor, k_TKD: torch.Tensor, q_w_D: torch.Tensor, k_w_D: torch.Tensor,
@@ -264,11 +311,13 @@ def _launch_qk_norm_rope(q_THD, k_TKD, v_TKD, q_w_D, k_w_D, cos_TF, sin_TF, eps,
     v = v_TKD if to_cache else q_out  # unused pointers where not to_cache
     if T > 0:
         block_d = triton.next_power_of_2(D)
-        _qk_norm_rope_kernel[(T, H + 2 * K if to_cache else H + K)](
+        tokens = _TOKENS_PER_PROGRAM if T >= _ROWS_TOKENS else 1
+        _qk_norm_rope_kernel[(triton.cdiv(T, tokens), H + 2 * K if to_cache else H + K)](
             q_MD, k_MD, v, q_w_D.contiguous(), k_w_D.contiguous(), cos_TF, sin_TF, q_out, k_out,
-            v_out if to_cache else q_out, slot_T if to_cache else cos_TF, H, K, D, D // 2,
+            v_out if to_cache else q_out, slot_T if to_cache else cos_TF, T, H, K, D, D // 2,
             q_MD.stride(0), k_MD.stride(0), v.stride(0), v.stride(1), D, D, cos_TF.stride(0), sin_TF.stride(0), eps,
-            BLOCK_D=block_d, BLOCK_F=triton.next_power_of_2(D // 2), TO_CACHE=to_cache, num_warps=_row_warps(block_d),
+            BLOCK_D=block_d, BLOCK_F=triton.next_power_of_2(D // 2), TO_CACHE=to_cache, TOKENS=tokens,
+            num_warps=_row_warps(block_d),
         )
     return q_out
 

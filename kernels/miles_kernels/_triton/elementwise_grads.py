@@ -24,8 +24,8 @@ def _unit_stride(t: torch.Tensor) -> torch.Tensor:
 @fast_launch
 @triton.jit
 def _rms_norm_grad_kernel(
-    x_ptr, w_ptr, g_ptr, gx_ptr, gw_ptr, M, D, rows, stride_x, stride_g, stride_gx, eps,
-    BLOCK_D: tl.constexpr, NEED_X: tl.constexpr, NEED_W: tl.constexpr,
+    x_ptr, w_ptr, g_ptr, add_ptr, gx_ptr, gw_ptr, M, D, rows, stride_x, stride_g, stride_add, stride_gx, eps,
+    BLOCK_D: tl.constexpr, NEED_X: tl.constexpr, NEED_W: tl.constexpr, HAS_ADD: tl.constexpr,
 ):
     pid = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK_D)
@@ -42,17 +42,27 @@ def _rms_norm_grad_kernel(
             gw += g * xhat.to(x_ptr.dtype.element_ty).to(tl.float32)
         if NEED_X:
             ga = g * w
-            gx = r * (ga - xhat * (tl.sum(ga * xhat, 0) / D))
-            tl.store(gx_ptr + row * stride_gx + cols, gx.to(gx_ptr.dtype.element_ty), mask=in_row)
+            gx = (r * (ga - xhat * (tl.sum(ga * xhat, 0) / D))).to(gx_ptr.dtype.element_ty)
+            if HAS_ADD:  # torch's gx + add after gx's rounding: the fp32 sum, one rounding
+                a = tl.load(add_ptr + row * stride_add + cols, mask=in_row, other=0.0).to(tl.float32)
+                gx = (gx.to(tl.float32) + a).to(gx_ptr.dtype.element_ty)
+            tl.store(gx_ptr + row * stride_gx + cols, gx, mask=in_row)
     if NEED_W:
         tl.store(gw_ptr + pid * D + cols, gw, mask=in_row)
 
 
 def rms_norm_grad(x_MD: torch.Tensor, w_D: torch.Tensor, g_MD: torch.Tensor, eps: float,
-                  need_x: bool, need_w: bool):
-    """(gx in x's dtype or None, gw in w's dtype or None) of y = rms_norm(x, w, eps), 2-D x."""
+                  need_x: bool, need_w: bool, add_MD: torch.Tensor | None = None):
+    """(gx in x's dtype or None, gw in w's dtype or None) of y = rms_norm(x, w, eps), 2-D x.
+    add_MD (x's dtype and shape): gx + add_MD in the same pass, as torch adds it to gx (a
+    residual's other grad: add_rms_norm's h), bit for bit."""
     M, D = x_MD.shape
     x_MD, g_MD = _unit_stride(x_MD), _unit_stride(g_MD)
+    has_add = add_MD is not None and need_x
+    if has_add and (add_MD.dtype != x_MD.dtype or add_MD.shape != x_MD.shape):
+        raise ValueError(f"rms_norm_grad: add_MD {add_MD.dtype} {list(add_MD.shape)} must be x's "
+                         f"{x_MD.dtype} {list(x_MD.shape)}")
+    add_MD = _unit_stride(add_MD) if has_add else x_MD  # unused pointer where no add
     gx = torch.empty((M, D), dtype=x_MD.dtype, device=x_MD.device) if need_x else None
     if M == 0 or not (need_x or need_w):
         return gx, torch.zeros(D, dtype=w_D.dtype, device=w_D.device) if need_w else None
@@ -61,9 +71,9 @@ def rms_norm_grad(x_MD: torch.Tensor, w_D: torch.Tensor, g_MD: torch.Tensor, eps
     n_programs = triton.cdiv(M, rows)
     part_PD = torch.empty((n_programs, D), dtype=torch.float32, device=x_MD.device) if need_w else None
     _rms_norm_grad_kernel[(n_programs,)](
-        x_MD, w_D.contiguous(), g_MD, gx if need_x else x_MD, part_PD if need_w else x_MD,
-        M, D, rows, x_MD.stride(0), g_MD.stride(0), D, eps,
-        BLOCK_D=block_d, NEED_X=need_x, NEED_W=need_w, num_warps=max(1, min(16, block_d // 256)),
+        x_MD, w_D.contiguous(), g_MD, add_MD, gx if need_x else x_MD, part_PD if need_w else x_MD,
+        M, D, rows, x_MD.stride(0), g_MD.stride(0), add_MD.stride(0), D, eps,
+        BLOCK_D=block_d, NEED_X=need_x, NEED_W=need_w, HAS_ADD=has_add, num_warps=max(1, min(16, block_d // 256)),
     )
     return gx, part_PD.sum(0).to(w_D.dtype) if need_w else None
 
