@@ -1,0 +1,533 @@
+"""Probe: dK/dV of the packed causal GQA attention backward as a Gluon kernel for Hopper (sm_90),
+FlashAttention-3 style, against our Triton `_dkdv_kernel` (kernels/miles_kernels/_triton/attention_bwd.py).
+
+Same math, grid and masks as `_dkdv_kernel`: one program per (KV block, kv head), looping over its
+G query heads and the query blocks at or after the KV block; dV = P^T dout, dK = scale * dS^T q with
+P recomputed from the LSE in log2 units and dS = P * (dout v^T - delta). What is Hopper-specific:
+
+    K, V       one TMA load each into shared memory, resident for the program
+    q, dout    TMA loads (descriptors over [T, H * D]) into a STAGES-deep shared-memory ring, one
+               mbarrier per slot; the (query head, query block) steps run as one flat loop, so the
+               ring prefetches across heads
+    MMAs       warpgroup_mma (wgmma), issued async: S^T = k q^T and dP^T = v dout^T together, then
+               dV += P^T dout and dK += dS^T q with P^T / dS^T from registers
+    dK, dV     fp32 accumulators in registers (NVMMADistributedLayout v3), masked stores at the end
+
+Two kernels: `_dkdv_tma_kernel` (one partition: the compute warps also issue the loads, STAGES - 1
+steps ahead) and `_dkdv_ws_kernel` (gl.warp_specialize: a 1-warp partition issues the TMA loads,
+the num_warps compute warps consume; empty/ready mbarrier pairs per ring slot).
+
+    PYTHONPATH=kernels python tools/bench/gluon_dkdv.py --compile-only   # CPU: sm_90 regs/spills
+    PYTHONPATH=kernels python tools/bench/gluon_dkdv.py --out OUT.json   # GPU: check, then time
+
+--compile-only needs no GPU (triton 3.6's ptxas, -arch=sm_90a). GPU mode checks both kernels'
+dK/dV against the Triton path (packed_attention_bwd) on lengths 4096, 16384 and a packed
+[1000, 3000, 77, 4096] (0.6B heads: H = 16, K = 8, D = 128, bf16), and on 4096 against an fp32
+torch reference, then times the Triton dK/dV kernel alone against each Gluon kernel (medians of
+triton.testing.do_bench of CUDA graph replays) over CONFIGS (--configs picks some). Exits nonzero
+when a Gluon result is wrong. Not yet run on a GPU: wrap the first run in `timeout` (a barrier bug
+hangs). A probe: not wired into the trainer until a GPU run shows it correct and faster.
+"""
+
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+
+import triton
+from triton.experimental import gluon
+from triton.experimental.gluon import language as gl
+from triton.experimental.gluon.language.nvidia.hopper import mbarrier, tma, warpgroup_mma, warpgroup_mma_wait
+
+_LOG2E = gl.constexpr(1.4426950408889634)
+LOAD_REGS = 24  # the warp-specialized kernel's load partition: registers a thread
+
+
+@gluon.constexpr_function
+def _mma_layout(cols, num_warps):
+    """wgmma accumulator layout of a [rows, cols] tile: warps stacked over the rows (16 each, rows
+    >= 16 * num_warps), one instruction as wide as the tile."""
+    return gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1], instr_shape=[16, min(cols, 256), 16])
+
+
+@gluon.jit
+def _program(cu_ptr, n_kv_heads, n_bk, BLOCK_N: gl.constexpr):
+    """As attention_bwd._program: (KV block's first key, kv head, sequence's first token, its length)
+    of this program; the grid runs rank-major over (KV block, sequence, kv head)."""
+    pid = gl.program_id(0)
+    b = (pid % n_bk) // n_kv_heads
+    q_lo = gl.load(cu_ptr + b)
+    return (pid // n_bk) * BLOCK_N, pid % n_kv_heads, q_lo, gl.load(cu_ptr + b + 1) - q_lo
+
+
+@gluon.jit
+def _load_q_do(q_desc, do_desc, q_smem, do_smem, bar, t, i_lo, n_i, q_lo, kvh, pred, G: gl.constexpr):
+    """TMA loads of step t's q and dout tiles (query head kvh * G + t // n_i, query block
+    i_lo + t % n_i) into one ring slot, signalling bar; nothing where pred is off."""
+    BLOCK_M: gl.constexpr = q_desc.block_type.shape[0]
+    D: gl.constexpr = q_desc.block_type.shape[1]
+    row = q_lo + (i_lo + t % n_i) * BLOCK_M
+    col = (kvh * G + t // n_i) * D
+    mbarrier.expect(bar, 2 * q_desc.block_type.nbytes, pred=pred)
+    tma.async_copy_global_to_shared(q_desc, [row, col], bar, q_smem, pred=pred)
+    tma.async_copy_global_to_shared(do_desc, [row, col], bar, do_smem, pred=pred)
+
+
+@gluon.jit
+def _step(dk, dv, k_smem, v_smem, q_s, do_s, lse_ptr, delta_ptr, t, i_lo, n_i, i_full, n_q_full, kpos, q_lo, q_len,
+          kvh, qk_scale, stride_lh, stride_dh, G: gl.constexpr):
+    """Add step t's query block (rows in q_s / do_s) to dk, dv (as attention_bwd._dkdv_step). Its
+    four wgmmas: S^T and dP^T issued together, dV's issued before dS^T is made, all waited here."""
+    BLOCK_M: gl.constexpr = q_s.type.shape[0]
+    BLOCK_N: gl.constexpr = k_smem.type.shape[0]
+    NW: gl.constexpr = gl.num_warps()
+    s_layout: gl.constexpr = _mma_layout(BLOCK_M, NW)  # S^T, dP^T: [BLOCK_N, BLOCK_M]
+    op_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=dk.type.layout, k_width=2)
+    h = kvh * G + t // n_i
+    i = i_lo + t % n_i
+    qpos = i * BLOCK_M + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(0, s_layout))
+    ok = qpos < q_len
+    lse = gl.load(lse_ptr + h.to(gl.int64) * stride_lh + q_lo + qpos, mask=ok, other=0.0)
+    delta = gl.load(delta_ptr + h.to(gl.int64) * stride_dh + q_lo + qpos, mask=ok, other=0.0)
+    zero = gl.zeros([BLOCK_N, BLOCK_M], gl.float32, s_layout)
+    sT = warpgroup_mma(k_smem, q_s.permute((1, 0)), zero, use_acc=False, is_async=True)
+    dpT = warpgroup_mma(v_smem, do_s.permute((1, 0)), zero, use_acc=False, is_async=True)
+    sT = warpgroup_mma_wait(num_outstanding=1, deps=(sT, ))
+    pT = gl.exp2(sT * qk_scale - (lse * _LOG2E)[None, :])
+    if (i < i_full) | (i >= n_q_full):  # the diagonal or the sequence's last, partial block
+        pT = gl.where((kpos[:, None] <= qpos[None, :]) & ok[None, :], pT, 0.0)
+    dv = warpgroup_mma(gl.convert_layout(pT.to(q_s.dtype), op_layout), do_s, dv, is_async=True)
+    dpT = warpgroup_mma_wait(num_outstanding=1, deps=(dpT, ))
+    dsT = pT * (dpT - delta[None, :])
+    dk = warpgroup_mma(gl.convert_layout(dsT.to(q_s.dtype), op_layout), q_s, dk, is_async=True)
+    return warpgroup_mma_wait(num_outstanding=0, deps=(dk, dv))
+
+
+@gluon.jit
+def _store_dkdv(dk, dv, dk_ptr, dv_ptr, n0, q_lo, q_len, kvh, scale, stride_kt):
+    """Rows n0 .. n0 + BLOCK_N of the kv head's dK (times scale) and dV, the rows inside the sequence."""
+    BLOCK_N: gl.constexpr = dk.type.shape[0]
+    D: gl.constexpr = dk.type.shape[1]
+    NW: gl.constexpr = gl.num_warps()
+    layout: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [NW, 1], [1, 0])  # 16-byte stores
+    rows = n0 + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, layout))
+    off = (q_lo + rows).to(gl.int64)[:, None] * stride_kt + kvh * D + gl.arange(0, D, layout=gl.SliceLayout(0, layout))[
+        None, :]
+    ok = rows[:, None] < q_len
+    gl.store(dk_ptr + off, gl.convert_layout((dk * scale).to(dk_ptr.dtype.element_ty), layout), mask=ok)
+    gl.store(dv_ptr + off, gl.convert_layout(dv.to(dv_ptr.dtype.element_ty), layout), mask=ok)
+
+
+@gluon.jit
+def _dkdv_tma_kernel(q_desc, do_desc, k_desc, v_desc, dk_ptr, dv_ptr, lse_ptr, delta_ptr, cu_ptr, qk_scale, scale,
+                     n_kv_heads, n_bk, stride_kt, stride_lh, stride_dh, G: gl.constexpr, STAGES: gl.constexpr):
+    """One partition: the compute warps issue each step's TMA loads STAGES - 1 steps ahead."""
+    BLOCK_M: gl.constexpr = q_desc.block_type.shape[0]
+    D: gl.constexpr = q_desc.block_type.shape[1]
+    BLOCK_N: gl.constexpr = k_desc.block_type.shape[0]
+    NW: gl.constexpr = gl.num_warps()
+    acc_layout: gl.constexpr = _mma_layout(D, NW)  # dK, dV: [BLOCK_N, D]
+    n0, kvh, q_lo, q_len = _program(cu_ptr, n_kv_heads, n_bk, BLOCK_N)
+    if n0 >= q_len:
+        return
+    k_smem = gl.allocate_shared_memory(k_desc.dtype, [BLOCK_N, D], k_desc.layout)
+    v_smem = gl.allocate_shared_memory(v_desc.dtype, [BLOCK_N, D], v_desc.layout)
+    q_smem = gl.allocate_shared_memory(q_desc.dtype, [STAGES, BLOCK_M, D], q_desc.layout)
+    do_smem = gl.allocate_shared_memory(do_desc.dtype, [STAGES, BLOCK_M, D], do_desc.layout)
+    ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    kv_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+    for s in gl.static_range(STAGES):
+        mbarrier.init(ready.index(s), count=1)
+    mbarrier.init(kv_bar, count=1)
+
+    mbarrier.expect(kv_bar, 2 * k_desc.block_type.nbytes)
+    tma.async_copy_global_to_shared(k_desc, [q_lo + n0, kvh * D], kv_bar, k_smem)
+    tma.async_copy_global_to_shared(v_desc, [q_lo + n0, kvh * D], kv_bar, v_smem)
+    i_lo = n0 // BLOCK_M
+    n_i = gl.cdiv(q_len, BLOCK_M) - i_lo  # query blocks a head: the diagonal's to the sequence's last
+    n_steps = G * n_i
+    i_full = gl.cdiv(n0 + BLOCK_N - 1, BLOCK_M)  # query blocks from here on see every key whole
+    n_q_full = q_len // BLOCK_M  # blocks before this one end inside the sequence
+    for s in gl.static_range(STAGES - 1):
+        _load_q_do(q_desc, do_desc, q_smem.index(s), do_smem.index(s), ready.index(s), s, i_lo, n_i, q_lo, kvh,
+                   s < n_steps, G)
+
+    kpos = n0 + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, _mma_layout(BLOCK_M, NW)))
+    dk = gl.zeros([BLOCK_N, D], gl.float32, acc_layout)
+    dv = gl.zeros([BLOCK_N, D], gl.float32, acc_layout)
+    mbarrier.wait(kv_bar, 0)
+    for t in range(n_steps):
+        # the slot step t - 1 used is free (its wgmmas were waited): step t + STAGES - 1 goes there.
+        # The barrier: every warp is past those waits before one thread issues the copy.
+        gl.thread_barrier()
+        nxt = t + STAGES - 1
+        _load_q_do(q_desc, do_desc, q_smem.index(nxt % STAGES), do_smem.index(nxt % STAGES),
+                   ready.index(nxt % STAGES), nxt, i_lo, n_i, q_lo, kvh, nxt < n_steps, G)
+        slot = t % STAGES
+        mbarrier.wait(ready.index(slot), (t // STAGES) & 1)
+        dk, dv = _step(dk, dv, k_smem, v_smem, q_smem.index(slot), do_smem.index(slot), lse_ptr, delta_ptr, t, i_lo,
+                       n_i, i_full, n_q_full, kpos, q_lo, q_len, kvh, qk_scale, stride_lh, stride_dh, G)
+    for s in gl.static_range(STAGES):
+        mbarrier.invalidate(ready.index(s))
+    mbarrier.invalidate(kv_bar)
+    _store_dkdv(dk, dv, dk_ptr, dv_ptr, n0, q_lo, q_len, kvh, scale, stride_kt)
+
+
+
+@gluon.jit
+def _ws_load(q_desc, do_desc, k_desc, v_desc, k_smem, v_smem, q_smem, do_smem, ready, empty, kv_bar, n0, kvh, q_lo,
+             q_len, G: gl.constexpr):
+    """Producer partition (1 warp): K, V once, then each step's q, dout into the ring as slots free up."""
+    BLOCK_M: gl.constexpr = q_desc.block_type.shape[0]
+    D: gl.constexpr = q_desc.block_type.shape[1]
+    STAGES: gl.constexpr = q_smem.type.shape[0]
+    mbarrier.expect(kv_bar, 2 * k_desc.block_type.nbytes)
+    tma.async_copy_global_to_shared(k_desc, [q_lo + n0, kvh * D], kv_bar, k_smem)
+    tma.async_copy_global_to_shared(v_desc, [q_lo + n0, kvh * D], kv_bar, v_smem)
+    i_lo = n0 // BLOCK_M
+    n_i = gl.cdiv(q_len, BLOCK_M) - i_lo
+    for t in range(G * n_i):
+        slot = t % STAGES
+        # empty barriers start with phase 1 complete: the first round of waits passes at once
+        mbarrier.wait(empty.index(slot), ((t // STAGES) & 1) ^ 1)
+        _load_q_do(q_desc, do_desc, q_smem.index(slot), do_smem.index(slot), ready.index(slot), t, i_lo, n_i, q_lo,
+                   kvh, True, G)
+
+
+@gluon.jit
+def _ws_compute(k_smem, v_smem, q_smem, do_smem, ready, empty, kv_bar, dk_ptr, dv_ptr, lse_ptr, delta_ptr, n0, kvh,
+                q_lo, q_len, qk_scale, scale, stride_kt, stride_lh, stride_dh, G: gl.constexpr):
+    """Default partition (num_warps compute warps): each step as _dkdv_tma_kernel's, releasing its
+    ring slot once its wgmmas are done; then the stores."""
+    BLOCK_M: gl.constexpr = q_smem.type.shape[1]
+    D: gl.constexpr = q_smem.type.shape[2]
+    BLOCK_N: gl.constexpr = k_smem.type.shape[0]
+    STAGES: gl.constexpr = q_smem.type.shape[0]
+    NW: gl.constexpr = gl.num_warps()
+    acc_layout: gl.constexpr = _mma_layout(D, NW)
+    i_lo = n0 // BLOCK_M
+    n_i = gl.cdiv(q_len, BLOCK_M) - i_lo
+    i_full = gl.cdiv(n0 + BLOCK_N - 1, BLOCK_M)
+    n_q_full = q_len // BLOCK_M
+    kpos = n0 + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, _mma_layout(BLOCK_M, NW)))
+    dk = gl.zeros([BLOCK_N, D], gl.float32, acc_layout)
+    dv = gl.zeros([BLOCK_N, D], gl.float32, acc_layout)
+    mbarrier.wait(kv_bar, 0)
+    for t in range(G * n_i):
+        slot = t % STAGES
+        mbarrier.wait(ready.index(slot), (t // STAGES) & 1)
+        dk, dv = _step(dk, dv, k_smem, v_smem, q_smem.index(slot), do_smem.index(slot), lse_ptr, delta_ptr, t, i_lo,
+                       n_i, i_full, n_q_full, kpos, q_lo, q_len, kvh, qk_scale, stride_lh, stride_dh, G)
+        # every warp is past its wgmma wait before the one arrive frees the slot
+        gl.thread_barrier()
+        mbarrier.arrive(empty.index(slot))
+    _store_dkdv(dk, dv, dk_ptr, dv_ptr, n0, q_lo, q_len, kvh, scale, stride_kt)
+
+
+@gluon.jit
+def _dkdv_ws_kernel(q_desc, do_desc, k_desc, v_desc, dk_ptr, dv_ptr, lse_ptr, delta_ptr, cu_ptr, qk_scale, scale,
+                    n_kv_heads, n_bk, stride_kt, stride_lh, stride_dh, G: gl.constexpr, STAGES: gl.constexpr,
+                    LOAD_REGS: gl.constexpr):
+    """Warp specialized: a 1-warp partition (LOAD_REGS registers) issues the TMA loads, the
+    num_warps warps of the default partition compute."""
+    BLOCK_M: gl.constexpr = q_desc.block_type.shape[0]
+    D: gl.constexpr = q_desc.block_type.shape[1]
+    BLOCK_N: gl.constexpr = k_desc.block_type.shape[0]
+    n0, kvh, q_lo, q_len = _program(cu_ptr, n_kv_heads, n_bk, BLOCK_N)
+    if n0 >= q_len:
+        return
+    k_smem = gl.allocate_shared_memory(k_desc.dtype, [BLOCK_N, D], k_desc.layout)
+    v_smem = gl.allocate_shared_memory(v_desc.dtype, [BLOCK_N, D], v_desc.layout)
+    q_smem = gl.allocate_shared_memory(q_desc.dtype, [STAGES, BLOCK_M, D], q_desc.layout)
+    do_smem = gl.allocate_shared_memory(do_desc.dtype, [STAGES, BLOCK_M, D], do_desc.layout)
+    ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    kv_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+    for s in gl.static_range(STAGES):
+        mbarrier.init(ready.index(s), count=1)
+        mbarrier.init(empty.index(s), count=1)
+    mbarrier.init(kv_bar, count=1)
+    gl.warp_specialize([
+        (_ws_compute, (k_smem, v_smem, q_smem, do_smem, ready, empty, kv_bar, dk_ptr, dv_ptr, lse_ptr, delta_ptr, n0,
+                       kvh, q_lo, q_len, qk_scale, scale, stride_kt, stride_lh, stride_dh, G)),
+        (_ws_load, (q_desc, do_desc, k_desc, v_desc, k_smem, v_smem, q_smem, do_smem, ready, empty, kv_bar, n0, kvh,
+                    q_lo, q_len, G)),
+    ], [1], [LOAD_REGS])
+
+
+# ---- compile only (CPU) ----
+
+def _desc_sig(rows: int, D: int) -> str:
+    layout = gl.NVMMASharedLayout.get_default_for([rows, D], gl.bfloat16)
+    return f"tensordesc<bf16[{rows}, {D}],{layout!r}>"
+
+
+def compile_sm90(kernel, block_m: int, block_n: int, num_warps: int, stages: int, G: int = 2, D: int = 128,
+                 maxnreg: int | None = None, ptx_dir: str = "") -> dict:
+    """Compile kernel for sm_90 without a GPU (bf16, descriptors as the GPU run makes them); its
+    registers, spills and shared memory from ptxas -v."""
+    from triton.backends.compiler import GPUTarget
+    from triton.experimental.gluon._runtime import GluonASTSource
+
+    fn = kernel
+    names = [p.name for p in fn.params]
+    consts = {k: v for k, v in dict(G=G, STAGES=stages, LOAD_REGS=LOAD_REGS).items() if k in names}
+    sig = {}
+    for n in names:
+        if n in consts:
+            sig[n] = "constexpr"
+        elif n in ("q_desc", "do_desc"):
+            sig[n] = _desc_sig(block_m, D)
+        elif n in ("k_desc", "v_desc"):
+            sig[n] = _desc_sig(block_n, D)
+        elif n.endswith("_ptr"):
+            sig[n] = "*i32" if n == "cu_ptr" else "*fp32" if n in ("lse_ptr", "delta_ptr") else "*bf16"
+        else:
+            sig[n] = "fp32" if n in ("qk_scale", "scale") else "i32"
+    attrs = {(i, ): [["tt.divisibility", 16]] for i, n in enumerate(names) if n.endswith("_ptr")}
+    src = GluonASTSource(fn=fn, signature=sig, constexprs={(names.index(k), ): v for k, v in consts.items()},
+                         attrs=attrs)
+    c = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps, "maxnreg": maxnreg})
+    tools = os.path.join(os.path.dirname(triton.__file__), "backends/nvidia/bin")
+    with tempfile.TemporaryDirectory() as d:
+        open(f"{d}/k.ptx", "w").write(c.asm["ptx"])
+        r = subprocess.run([f"{tools}/ptxas", "-arch=sm_90a", "-v", f"{d}/k.ptx", "-o", f"{d}/k.o"],
+                           capture_output=True, text=True)
+        if r.returncode:
+            raise RuntimeError(f"ptxas failed:\n{r.stderr}")
+        sass = subprocess.run([f"{tools}/cuobjdump", "-sass", f"{d}/k.o"], capture_output=True, text=True).stdout
+    if ptx_dir:
+        os.makedirs(ptx_dir, exist_ok=True)
+        for ext in ("ttgir", "ptx"):
+            open(os.path.join(ptx_dir, f"{fn.__name__}.{ext}"), "w").write(c.asm[ext])
+    spills = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", r.stderr)
+    return dict(kernel=fn.__name__, tile=[block_m, block_n, num_warps, stages],
+                regs=int(re.search(r"Used (\d+) registers", r.stderr).group(1)), spill_stores=int(spills.group(1)),
+                spill_loads=int(spills.group(2)), shared=c.metadata.shared, hgmma=sass.count("HGMMA"),
+                waits=sass.count("WARPGROUP.DEPBAR"), ptxas=" ".join(l.strip() for l in r.stderr.splitlines()
+                                                                       if "registers" in l or "spill" in l))
+
+
+# (name, kernel, BLOCK_M, BLOCK_N, num_warps, STAGES, maxnreg). Warps (and the wgmma tile) stack
+# over the keys: 64 keys a warpgroup. A warp-specialized kernel runs num_warps + 4 warps (the load
+# warp's group); maxnreg caps the launch: 168 x 12 warps fills an SM (compute warps then get 240),
+# 128 x 8 lets two CTAs share one (compute 232: ptxas spills ~100 B).
+CONFIGS = [
+    ("tma 64x64 w4 s2", "_dkdv_tma_kernel", 64, 64, 4, 2, None),
+    ("tma 64x64 w4 s3", "_dkdv_tma_kernel", 64, 64, 4, 3, None),
+    ("tma 64x128 w8 s2", "_dkdv_tma_kernel", 64, 128, 8, 2, None),
+    ("ws 64x128 w8 s2 r168", "_dkdv_ws_kernel", 64, 128, 8, 2, 168),
+    ("ws 64x128 w8 s3 r168", "_dkdv_ws_kernel", 64, 128, 8, 3, 168),
+    ("ws 64x64 w4 s2 r128", "_dkdv_ws_kernel", 64, 64, 4, 2, 128),
+    ("ws 64x64 w4 s3", "_dkdv_ws_kernel", 64, 64, 4, 3, None),
+]
+
+
+def compile_only(ptx_dir: str) -> None:
+    print(f"triton {triton.__version__}, sm_90a, bf16, D 128, G 2 (ptxas -v: the kernel's count; a warp-specialized "
+          f"kernel's compute warps get setmaxnreg's)")
+    print(f"{'config':>22} {'regs':>5} {'spill st/ld B':>14} {'shared B':>9} {'HGMMA':>6} {'waits':>6}")
+    for name, kernel, bm, bn, nw, stages, maxnreg in CONFIGS:
+        r = compile_sm90(globals()[kernel], bm, bn, nw, stages, maxnreg=maxnreg, ptx_dir=ptx_dir)
+        print(f"{name:>22} {r['regs']:>5} {r['spill_stores']:>6} / {r['spill_loads']:<5} {r['shared']:>9} "
+              f"{r['hgmma']:>6} {r['waits']:>6}   {r['ptxas']}")
+
+
+# ---- GPU: check and time ----
+
+H, K, D = 16, 8, 128  # Qwen3-0.6B
+CASES = {"4096": [4096], "16384": [16384], "packed": [1000, 3000, 77, 4096]}
+TOL = 2e-2  # max |diff| / max |ref| allowed (bf16 outputs)
+
+
+class Case:
+    """Random packed sequences, our forward's output and LSE, delta, the Triton dK/dV launch."""
+
+    def __init__(self, lens: list[int]):
+        import torch
+        from miles_kernels._triton import attention_bwd as AB
+        from miles_kernels._triton.paged_attention import packed_attention
+
+        self.lens, T = lens, sum(lens)
+        g = torch.Generator(device="cuda").manual_seed(T)
+        bf = torch.bfloat16
+        self.q, self.do = (torch.randn(T, H, D, generator=g, device="cuda").to(bf) for _ in range(2))
+        self.k, self.v = (torch.randn(T, K, D, generator=g, device="cuda").to(bf) for _ in range(2))
+        self.cu = torch.tensor([0] + [sum(lens[:i + 1]) for i in range(len(lens))], dtype=torch.int32, device="cuda")
+        self.max_len, self.scale, self.T = max(lens), D**-0.5, T
+        self.lse = torch.empty(H, T, device="cuda")
+        self.o = packed_attention(self.q, self.k, self.v, self.cu, self.max_len, self.scale, lse_HT=self.lse)
+        self.delta = torch.empty(H, T, device="cuda")
+        rows = AB._DELTA_ROWS[bf]
+        AB._delta_kernel[(triton.cdiv(T, rows), H)](self.o, self.do, self.delta, T, H * D, T, D=D, BLOCK_T=rows,
+                                                    num_warps=4)
+        # TFLOP: 4 MMAs of 2 * D flops per causal (query, key) pair, L^2 / 2 pairs per query head
+        self.tflop = 4 * 2 * D * H * sum(L * L / 2 for L in lens) / 1e12
+
+    def triton_bwd(self):
+        """(dk, dv) of the whole Triton backward (packed_attention_bwd)."""
+        from miles_kernels._triton.attention_bwd import packed_attention_bwd
+        _, dk, dv = packed_attention_bwd(self.q, self.k, self.v, self.o, self.do, self.lse, self.cu, self.max_len,
+                                         self.scale)
+        return dk, dv
+
+    def triton_dkdv(self, dk, dv):
+        """A launcher of the Triton `_dkdv_kernel` alone, as packed_attention_bwd launches it."""
+        import torch
+        from miles_kernels._triton import attention_bwd as AB
+        T, B = self.T, len(self.lens)
+        t = AB._pick(AB.DKDV_TILES[torch.bfloat16], lambda t: triton.cdiv(T, t.block_n) * K)
+        q_in, do_in = AB.tma_descriptors((self.q, self.do), t.block_m, AB.DKDV_TMA) or (self.q, self.do)
+        grid = (triton.cdiv(self.max_len, t.block_n) * B * K, )
+        args = (q_in, self.k, self.v, do_in, dk, dv, self.lse, self.delta, self.cu, self.scale * 1.4426950408889634,
+                self.scale, K, B * K, H * D, K * D, self.lse.stride(0), T)
+        meta = dict(G=H // K, D=D, BLOCK_M=t.block_m, BLOCK_N=t.block_n, PRECISION="tf32", TMA=q_in is not self.q,
+                    num_warps=t.num_warps, num_stages=t.num_stages)
+        return lambda: AB._dkdv_kernel[grid](*args, **meta)
+
+    def gluon_dkdv(self, config, dk, dv):
+        """A launcher of one Gluon config."""
+        from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+        _, kernel, bm, bn, nw, stages, maxnreg = config
+        T, B = self.T, len(self.lens)
+
+        def desc(x, rows):
+            x2 = x.view(T, -1)
+            layout = gl.NVMMASharedLayout.get_default_for([rows, D], gl.bfloat16)
+            return TensorDescriptor(x2, list(x2.shape), [x2.stride(0), 1], [rows, D], layout)
+
+        grid = (triton.cdiv(self.max_len, bn) * B * K, )
+        args = (desc(self.q, bm), desc(self.do, bm), desc(self.k, bn), desc(self.v, bn), dk, dv, self.lse, self.delta,
+                self.cu, self.scale * 1.4426950408889634, self.scale, K, B * K, K * D, self.lse.stride(0), T)
+        meta = dict(G=H // K, STAGES=stages, num_warps=nw)
+        if kernel == "_dkdv_ws_kernel":
+            meta["LOAD_REGS"] = LOAD_REGS
+        if maxnreg:
+            meta["maxnreg"] = maxnreg
+        fn = globals()[kernel]
+        return lambda: fn[grid](*args, **meta)
+
+
+def fp32_reference(c: Case):
+    """(dk, dv) of causal GQA attention in fp32 torch, one sequence at a time."""
+    import torch
+    dks, dvs = [], []
+    for lo, hi in zip(c.cu[:-1].tolist(), c.cu[1:].tolist()):
+        q, k, v, do = (x[lo:hi].float() for x in (c.q, c.k, c.v, c.do))
+        k.requires_grad_(True)
+        v.requires_grad_(True)
+        kk, vv = (x.repeat_interleave(H // K, dim=1) for x in (k, v))
+        s = torch.einsum("thd,shd->hts", q, kk) * c.scale
+        s = s.masked_fill(torch.ones(hi - lo, hi - lo, dtype=torch.bool, device=q.device).triu(1), float("-inf"))
+        o = torch.einsum("hts,shd->thd", s.softmax(-1), vv)
+        dk, dv = torch.autograd.grad(o, (k, v), do)
+        dks.append(dk)
+        dvs.append(dv)
+    return torch.cat(dks), torch.cat(dvs)
+
+
+def rel_err(x, ref) -> float:
+    return float((x.float() - ref.float()).abs().max() / ref.float().abs().max())
+
+
+def _bench_us(fn) -> float:
+    """Median us of fn replayed from a CUDA graph (the kernel's time, not the launch's)."""
+    import torch
+    from triton.testing import do_bench
+    fn()
+    torch.cuda.synchronize()
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        fn()
+    return do_bench(g.replay, warmup=10, rep=100, return_mode="median") * 1e3
+
+
+def gpu_run(out: str, configs: list) -> int:
+    import torch
+    dev = torch.cuda.get_device_name()
+    print(f"{dev}, triton {triton.__version__}, bf16, H {H}, K {K}, D {D}; TFLOP/s = 4 * 2 * D * H * sum(L^2 / 2) "
+          f"/ time (the dK/dV kernel's 4 MMAs over the causal half)")
+    results, failed = dict(device=dev, triton=triton.__version__, tol=TOL, cases={}), []
+    for case_name, lens in CASES.items():
+        c = Case(lens)
+        ref_dk, ref_dv = c.triton_bwd()
+        dk, dv = torch.empty_like(c.k), torch.empty_like(c.v)
+        run_triton = c.triton_dkdv(dk, dv)
+        run_triton()
+        r = dict(lens=lens, tflop=c.tflop, triton_split_vs_bwd=[rel_err(dk, ref_dk), rel_err(dv, ref_dv)])
+        if case_name == "4096":
+            f_dk, f_dv = fp32_reference(c)
+            r["triton_vs_fp32"] = [rel_err(ref_dk, f_dk), rel_err(ref_dv, f_dv)]
+        r["triton_us"] = _bench_us(run_triton)
+        r["gluon"] = {}
+        print(f"\n{case_name} {lens}: Triton _dkdv_kernel {r['triton_us']:.1f} us, "
+              f"{c.tflop / r['triton_us'] * 1e6:.0f} TFLOP/s" + (
+                  f"; Triton vs fp32 dk {r['triton_vs_fp32'][0]:.2e} dv {r['triton_vs_fp32'][1]:.2e}"
+                  if "triton_vs_fp32" in r else ""))
+        print(f"{'config':>22} {'err dk':>9} {'err dv':>9} {'vs fp32':>19} {'us':>9} {'x Triton':>8} {'TFLOP/s':>8} "
+              f"{'regs':>5} {'spills':>6}")
+        for cfg in configs:
+            g_dk, g_dv = torch.full_like(c.k, float("nan")), torch.full_like(c.v, float("nan"))
+            row = dict(config=cfg[0])
+            try:
+                run = c.gluon_dkdv(cfg, g_dk, g_dv)
+                compiled = run()
+                torch.cuda.synchronize()
+                row.update(regs=compiled.n_regs, spills=compiled.n_spills)
+            except Exception as e:  # a config that does not compile or launch: recorded, counted as failed
+                row["error"] = f"{type(e).__name__}: {e}"[:2000]
+                print(f"{cfg[0]:>22} FAILED: {row['error'][:300]}")
+                failed.append(f"{case_name} {cfg[0]}: {row['error'][:200]}")
+                r["gluon"][cfg[0]] = row
+                continue
+            row["err"] = [rel_err(g_dk, ref_dk), rel_err(g_dv, ref_dv)]
+            ok = all(e <= TOL for e in row["err"])  # (nan compares false: a row left unwritten fails)
+            if "triton_vs_fp32" in r:
+                row["vs_fp32"] = [rel_err(g_dk, f_dk), rel_err(g_dv, f_dv)]
+                ok = ok and all(e <= TOL for e in row["vs_fp32"])
+            row["ok"] = ok
+            if not ok:
+                failed.append(f"{case_name} {cfg[0]}: err {row['err']} vs_fp32 {row.get('vs_fp32')}")
+            row["us"] = _bench_us(run)
+            row["x_triton"] = r["triton_us"] / row["us"]
+            row["tflops"] = c.tflop / row["us"] * 1e6
+            fp = f"{row['vs_fp32'][0]:.2e} {row['vs_fp32'][1]:.2e}" if "vs_fp32" in row else ""
+            print(f"{cfg[0]:>22} {row['err'][0]:>9.2e} {row['err'][1]:>9.2e} {fp:>19} {row['us']:>9.1f} "
+                  f"{row['x_triton']:>8.3f} {row['tflops']:>8.0f} {row['regs']:>5} {row['spills']:>6}"
+                  + ("" if ok else "  WRONG"))
+            r["gluon"][cfg[0]] = row
+        results["cases"][case_name] = r
+        del c
+        torch.cuda.empty_cache()
+    results["failed"] = failed
+    with open(out, "w") as f:
+        json.dump(results, f, indent=1)
+    print(f"\nwrote {out}")
+    if failed:
+        print("FAILED:\n  " + "\n  ".join(failed), file=sys.stderr)
+        return 1
+    return 0
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--compile-only", action="store_true", help="compile for sm_90 on the CPU, print regs/spills")
+    ap.add_argument("--ptx", default="", help="with --compile-only: also write each kernel's ttgir and PTX here")
+    ap.add_argument("--out", default="", help="GPU mode: write the results here")
+    ap.add_argument("--configs", default="", help="GPU mode: comma-separated config names (default: all)")
+    a = ap.parse_args()
+    if a.compile_only:
+        compile_only(a.ptx)
+        return
+    if not a.out:
+        ap.error("give --compile-only or --out OUT.json")
+    names = [n.strip() for n in a.configs.split(",") if n.strip()]
+    configs = [c for c in CONFIGS if not names or c[0] in names]
+    sys.exit(gpu_run(a.out, configs))
+
+
+if __name__ == "__main__":
+    main()
