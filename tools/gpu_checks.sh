@@ -18,6 +18,9 @@
 #   ws         (not in the default list) whether Triton's Hopper warp specialization pays for an attention
 #              forward walked like ours (tools/bench/ws_probe.py: plain / specialized / specialized with
 #              2-block splits, vs flash)
+#   gluon      (not in the default list) the Gluon dK/dV probe (tools/bench/gluon_dkdv.py: a TMA ring +
+#              async wgmma kernel and a warp-specialized one, checked against our backward and fp32 at
+#              4k / 16k / packed, timed against _dkdv_kernel); under a time limit (a barrier bug hangs)
 #   profile    (not in the default list) torch.profiler of a 4k trainer step (ours and the peer)
 #              and of engine decode steps at batch 256 (prompt 512), host cost per launch (launch_cost),
 #              registers and spills of the compiled kernels (kernel_regs);
@@ -96,11 +99,12 @@ for step in $steps; do
                run bench_train_fused timeout 600 python3 tools/bench/train.py --modes invariant --steps 3 --dq-fused \
                    --peer --out "$out/train_fused.json" ;;
         ws) run ws_probe python3 tools/bench/ws_probe.py "$out/ws_probe.json" ;;
+        gluon) run gluon_dkdv timeout 300 python3 tools/bench/gluon_dkdv.py --out "$out/gluon_dkdv.json" ;;
         tma) run attn_bwd_tma python3 tools/bench/attn_bwd.py "$out/attn_bwd_tma.json" --tma
              run attn_tma python3 tools/bench/attn_sweep.py "$out/attn_tma.json" --tma --tiles
              run attn_tma_paged python3 tools/bench/attn_sweep.py "$out/attn_tma_paged.json" --tma-paged
              run kernel_regs python3 tools/bench/kernel_regs.py "$out/kernel_regs.json" ;;
-        *) echo "unknown step $step (tests scale kernels engine engine_host train rl_step spec profile sweep moe tma fused ws)"
+        *) echo "unknown step $step (tests scale kernels engine engine_host train rl_step spec profile sweep moe tma fused ws gluon)"
            exit 2 ;;
     esac
 done
