@@ -12,7 +12,9 @@ import torch
 from miles_fsdp.models import ModelArgs, Transformer
 from miles_fsdp.parallel import ParallelConfig
 from miles_fsdp.train.draft import DraftConfig
-from miles_fsdp.train.graphs import TrunkGraphs, padded_offsets
+import miles_kernels as mk
+from miles_fsdp.models.transformer import TRAIN_PAGE_SIZE
+from miles_fsdp.train.graphs import TrunkGraphs, fill_packing, padded_offsets
 from miles_fsdp.train.loss import sft_loss
 from miles_fsdp.train.optim import OptimConfig
 from miles_fsdp.train.packing import TrainSeq
@@ -27,6 +29,22 @@ HF = dict(architectures=["Qwen3ForCausalLM"], model_type="qwen3", vocab_size=256
 def test_padded_offsets():
     assert padded_offsets([0, 3, 10], 16, 8) == [0, 3, 10, 16, 16, 16, 16, 16, 16]  # one padding sequence
     assert padded_offsets([0, 256], 256, 8) == [0, 256] + [256] * 7  # full: zero-length ones only
+
+
+@pytest.mark.parametrize("cu", [[0, 3, 10], [0, 256], [0, 40, 100, 137], [0, 0, 5, 5, 300], [0, 64, 128, 129]])
+def test_fill_packing_is_varlen_meta(cu):
+    """The bucket's kv_lens, block table and slots made by tensor ops (fill_packing, as on the GPU)
+    equal varlen_meta's on the host, padded as the bucket pads them (zero-length sequences too)."""
+    t_b = max(256, 1 << (cu[-1] - 1).bit_length())
+    full = padded_offsets(cu, t_b, 8)
+    meta, slot_want, _ = mk.varlen_meta(torch.tensor(full), TRAIN_PAGE_SIZE, "cpu")
+    width = -(-t_b // TRAIN_PAGE_SIZE)
+    kv_lens, table = torch.full((8,), -1, dtype=torch.int32), torch.full((8, width), -1, dtype=torch.int32)
+    slot = torch.full((t_b,), -1, dtype=torch.int64)
+    fill_packing(torch.tensor(full, dtype=torch.int32), kv_lens, table, slot, TRAIN_PAGE_SIZE)
+    table_want = torch.zeros(8, width, dtype=torch.int32)
+    table_want[:, : meta.block_table.shape[1]] = meta.block_table
+    assert torch.equal(kv_lens, meta.kv_lens) and torch.equal(table, table_want) and torch.equal(slot, slot_want)
 
 
 def _trainer(graphs: bool, dtype: str) -> Trainer:
