@@ -720,66 +720,83 @@ def _logprobs_impl(logits_TV):
 
 
 LINEAR_LOGPROBS_ROWS = 4096  # rows of logits alive at once in linear_logprobs
+# With autograd on CUDA, the forward's logits stay for the backward (no recomputed lm_head) while
+# all of them fit in this fraction of the device's memory (the 0.6B's 16k tokens x 151,936: 4.6 GiB
+# of an H200's 140); above it the backward recomputes each chunk's logits. The same bits either way.
+LINEAR_LOGPROBS_KEEP = 0.04
 
 
 def linear_logprobs(x_TD, w_VD, ids_T, temperature: float = 1.0, entropy: bool = False,
-                    top_k: int = 0, top_p: float = 1.0, chunk_rows: int = LINEAR_LOGPROBS_ROWS):
-    """logprobs(linear(x, w), ids, ...) without holding the [T, V] logits: the lm_head and
-    the log-softmax run `chunk_rows` rows at a time, forward and backward (which recomputes
-    each chunk's logits). Same values as the two calls, bit for bit: both ops are row-wise
-    invariant, so chunking rows changes nothing. Gradients: x in x's dtype, w accumulated
-    in fp32 over chunks, then w's dtype.
+                    top_k: int = 0, top_p: float = 1.0, chunk_rows: int = LINEAR_LOGPROBS_ROWS,
+                    keep_bytes: int | None = None):
+    """logprobs(linear(x, w), ids, ...) without materialising the [T, V] logits at once: the
+    lm_head and the log-softmax run `chunk_rows` rows at a time. Same values as the two calls,
+    bit for bit: both ops are row-wise invariant, so chunking rows changes nothing. Gradients:
+    x in x's dtype, w accumulated in fp32 over chunks, then w's dtype. The backward reuses the
+    forward's logits chunks while they total at most keep_bytes (None: LINEAR_LOGPROBS_KEEP of
+    the device's memory on CUDA, 0 on the CPU), else recomputes them: the same grads bit for bit.
     """
     if temperature <= 0:
         raise ValueError(f"linear_logprobs: temperature must be > 0 (got {temperature})")
     if chunk_rows < 1:
         raise ValueError(f"linear_logprobs: chunk_rows must be >= 1 (got {chunk_rows})")
     if _needs_grad(x_TD, w_VD):
-        return _LinearLogprobs.apply(x_TD, w_VD, ids_T, temperature, entropy, top_k, top_p, chunk_rows)
+        if keep_bytes is None:
+            keep_bytes = int(LINEAR_LOGPROBS_KEEP * torch.cuda.get_device_properties(x_TD.device).total_memory) \
+                if x_TD.is_cuda else 0
+        keep = x_TD.shape[0] * w_VD.shape[0] * x_TD.element_size() <= keep_bytes
+        return _LinearLogprobs.apply(x_TD, w_VD, ids_T, temperature, entropy, top_k, top_p, chunk_rows, keep)
     with torch.no_grad():
-        logp, ent, _ = _linear_logprobs_fwd(x_TD, w_VD, ids_T, temperature, entropy, top_k, top_p, chunk_rows)
+        logp, ent, _, _ = _linear_logprobs_fwd(x_TD, w_VD, ids_T, temperature, entropy, top_k, top_p, chunk_rows)
     return logp, ent
 
 
-def _linear_logprobs_fwd(x_TD, w_VD, ids_T, temperature, entropy, top_k, top_p, chunk_rows):
-    outs = []
+def _linear_logprobs_fwd(x_TD, w_VD, ids_T, temperature, entropy, top_k, top_p, chunk_rows, keep=False):
+    """(logp, entropy or None, lse, the chunks' logits if keep else [])."""
+    outs, kept = [], []
     for i in range(0, x_TD.shape[0], chunk_rows):
         logits = linear(x_TD[i: i + chunk_rows], w_VD)
         logp, ent, lse = _logprobs_impl(logits)(logits, ids_T[i: i + chunk_rows], temperature, entropy, top_k, top_p)
         outs.append((logp, ent if entropy else lse, lse))
+        if keep:
+            kept.append(logits)
     if not outs:
         empty = x_TD.new_zeros(0, dtype=torch.float32)
-        return empty, (empty if entropy else None), empty
+        return empty, (empty if entropy else None), empty, kept
     logp, ent, lse = (torch.cat(t) for t in zip(*outs))
-    return logp, (ent if entropy else None), lse
+    return logp, (ent if entropy else None), lse, kept
 
 
 class _LinearLogprobs(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x_TD, w_VD, ids_T, temperature, entropy, top_k, top_p, chunk_rows):
+    def forward(ctx, x_TD, w_VD, ids_T, temperature, entropy, top_k, top_p, chunk_rows, keep):
         with torch.no_grad():
-            logp, ent, lse = _linear_logprobs_fwd(x_TD, w_VD, ids_T, temperature, entropy, top_k, top_p, chunk_rows)
-        ctx.save_for_backward(x_TD, w_VD, ids_T, lse, ent if ent is not None else lse)
+            logp, ent, lse, kept = _linear_logprobs_fwd(x_TD, w_VD, ids_T, temperature, entropy, top_k, top_p,
+                                                        chunk_rows, keep)
+        ctx.save_for_backward(x_TD, w_VD, ids_T, lse, ent if ent is not None else lse, *kept)
         ctx.cfg = (temperature, entropy, top_k, top_p)
         ctx.chunk_rows = chunk_rows
         return logp, ent
 
     @staticmethod
     def backward(ctx, g_logp, g_ent):
-        x, w, ids, lse, ent = ctx.saved_tensors
+        x, w, ids, lse, ent, *kept = ctx.saved_tensors
         gx = torch.empty_like(x) if ctx.needs_input_grad[0] else None
         gw = torch.zeros(w.shape, dtype=torch.float32, device=w.device) if ctx.needs_input_grad[1] else None
-        for i in range(0, x.shape[0], ctx.chunk_rows):
+        for n, i in enumerate(range(0, x.shape[0], ctx.chunk_rows)):
             sl = slice(i, i + ctx.chunk_rows)
-            with torch.no_grad():
-                logits = linear(x[sl], w)  # the forward's logits again
+            if kept:
+                logits = kept[n]
+            else:
+                with torch.no_grad():
+                    logits = linear(x[sl], w)  # the forward's logits again
             g = torch.empty_like(logits)
             _fill_logprobs_grad(g, logits, ids[sl], lse[sl], ent[sl], _rows(g_logp, sl), _rows(g_ent, sl), ctx.cfg)
             if gx is not None:
                 gx[sl] = g @ w.to(g.dtype)
             if gw is not None:
                 _add_product(gw, g.t(), x[sl].to(g.dtype))
-        return gx, (gw.to(w.dtype) if gw is not None else None), None, None, None, None, None, None
+        return gx, (gw.to(w.dtype) if gw is not None else None), None, None, None, None, None, None, None
 
 
 def _add_product(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:

@@ -833,3 +833,8 @@ def test_logprobs_grad_kernel(kt, monkeypatch):
         gx3, gw3 = torch.autograd.grad((lp, ent), (x, w), (g_logp, g_ent))
     _accurate(gx3, rx, torch.bfloat16, "linear_logprobs grad x in 3 chunks vs float64 autograd")
     _accurate(gw3, rw, torch.bfloat16, "linear_logprobs grad w in 3 chunks vs float64 autograd")
+    with mk.use_mode("invariant"):  # the forward's logits recomputed (keep_bytes=0) vs kept (the default here)
+        lp, ent = mk.linear_logprobs(x, w, ids, temp, entropy=True, chunk_rows=128, keep_bytes=0)
+        gxr, gwr = torch.autograd.grad((lp, ent), (x, w), (g_logp, g_ent))
+    _same(gxr, gx3, "linear_logprobs grad x, logits recomputed vs kept")
+    _same(gwr, gw3, "linear_logprobs grad w, logits recomputed vs kept")

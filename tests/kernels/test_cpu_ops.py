@@ -172,6 +172,10 @@ def test_linear_logprobs_equals_linear_then_logprobs(mode):
                 else:
                     assert torch.allclose(flp, lp, atol=1e-4) and torch.allclose(fent, ent, atol=1e-4)
                 gb = torch.autograd.grad((flp * wl + fent * we).sum(), (x, w))
+                # the forward's logits kept for the backward (as on CUDA) vs recomputed (the CPU's default)
+                klp, kent = mk.linear_logprobs(x, w, ids, 0.8, entropy=True, chunk_rows=rows, keep_bytes=1 << 40, **kw)
+                gk = torch.autograd.grad((klp * wl + kent * we).sum(), (x, w))
+                assert torch.equal(klp, flp) and all(torch.equal(a, b) for a, b in zip(gk, gb)), f"kept logits, {kw}"
                 # fast mode's matmuls are the host BLAS's, whose sum order may follow the chunk's
                 # rows; the softmax grads cancel, so compare at the grads' scale
                 assert all(torch.allclose(a, b, rtol=0, atol=1e-4 * float(a.abs().max())) for a, b in zip(ga, gb))

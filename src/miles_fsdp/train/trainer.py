@@ -58,7 +58,9 @@ class TrainerConfig:
     """Token budget of one packed micro-batch; the global batch is split into as many as needed."""
     fused_logprobs: bool = True
     """Score tokens with the lm_head and log-softmax fused over row chunks (mk.linear_logprobs):
-    the same values bit for bit, without the [T, V] logits in memory. Off: logits, then logprobs."""
+    the same values bit for bit, the [T, V] logits never made whole at once (kept from the forward
+    for the backward on CUDA only while they fit in 4% of the device's memory, else recomputed
+    there). Off: logits, then logprobs."""
     peak_flops: float = 0.0
     """Peak FLOP/s of one device for MFU; 0 = look up the CUDA device (H100/H200/A100), no MFU on CPU."""
     cuda_graphs: bool | None = None
