@@ -720,9 +720,9 @@ def _logprobs_impl(logits_TV):
 
 
 LINEAR_LOGPROBS_ROWS = 4096  # rows of logits alive at once in linear_logprobs
-# With autograd on CUDA, the forward's logits stay for the backward (no recomputed lm_head) while
-# all of them fit in this fraction of the device's memory (the 0.6B's 16k tokens x 151,936: 4.6 GiB
-# of an H200's 140); above it the backward recomputes each chunk's logits. The same bits either way.
+# With autograd on CUDA, a call's forward logits stay for its backward (no recomputed lm_head) while
+# they fit in this fraction of the device's memory (the 0.6B's 16k tokens x 151,936: 4.6 GiB of an
+# H200's 140); above it the backward recomputes each chunk's logits. The same bits either way.
 LINEAR_LOGPROBS_KEEP = 0.04
 
 
