@@ -122,6 +122,25 @@ def _store_dkdv(dk, dv, dk_ptr, dv_ptr, n0, q_lo, q_len, kvh, scale, stride_kt):
 
 
 @gluon.jit
+def _alloc(q_desc, do_desc, k_desc, v_desc, STAGES: gl.constexpr):
+    """Shared memory of a program: K and V tiles, the STAGES-slot q / dout ring, its ready
+    mbarriers and K/V's (initialised, count 1)."""
+    BLOCK_M: gl.constexpr = q_desc.block_type.shape[0]
+    D: gl.constexpr = q_desc.block_type.shape[1]
+    BLOCK_N: gl.constexpr = k_desc.block_type.shape[0]
+    k_smem = gl.allocate_shared_memory(k_desc.dtype, [BLOCK_N, D], k_desc.layout)
+    v_smem = gl.allocate_shared_memory(v_desc.dtype, [BLOCK_N, D], v_desc.layout)
+    q_smem = gl.allocate_shared_memory(q_desc.dtype, [STAGES, BLOCK_M, D], q_desc.layout)
+    do_smem = gl.allocate_shared_memory(do_desc.dtype, [STAGES, BLOCK_M, D], do_desc.layout)
+    ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    kv_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+    for s in gl.static_range(STAGES):
+        mbarrier.init(ready.index(s), count=1)
+    mbarrier.init(kv_bar, count=1)
+    return k_smem, v_smem, q_smem, do_smem, ready, kv_bar
+
+
+@gluon.jit
 def _dkdv_tma_kernel(q_desc, do_desc, k_desc, v_desc, dk_ptr, dv_ptr, lse_ptr, delta_ptr, cu_ptr, qk_scale, scale,
                      n_kv_heads, n_bk, stride_kt, stride_lh, stride_dh, G: gl.constexpr, STAGES: gl.constexpr):
     """One partition: the compute warps issue each step's TMA loads STAGES - 1 steps ahead."""
@@ -133,15 +152,7 @@ def _dkdv_tma_kernel(q_desc, do_desc, k_desc, v_desc, dk_ptr, dv_ptr, lse_ptr, d
     n0, kvh, q_lo, q_len = _program(cu_ptr, n_kv_heads, n_bk, BLOCK_N)
     if n0 >= q_len:
         return
-    k_smem = gl.allocate_shared_memory(k_desc.dtype, [BLOCK_N, D], k_desc.layout)
-    v_smem = gl.allocate_shared_memory(v_desc.dtype, [BLOCK_N, D], v_desc.layout)
-    q_smem = gl.allocate_shared_memory(q_desc.dtype, [STAGES, BLOCK_M, D], q_desc.layout)
-    do_smem = gl.allocate_shared_memory(do_desc.dtype, [STAGES, BLOCK_M, D], do_desc.layout)
-    ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-    kv_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
-    for s in gl.static_range(STAGES):
-        mbarrier.init(ready.index(s), count=1)
-    mbarrier.init(kv_bar, count=1)
+    k_smem, v_smem, q_smem, do_smem, ready, kv_bar = _alloc(q_desc, do_desc, k_desc, v_desc, STAGES)
 
     mbarrier.expect(kv_bar, 2 * k_desc.block_type.nbytes)
     tma.async_copy_global_to_shared(k_desc, [q_lo + n0, kvh * D], kv_bar, k_smem)
@@ -233,23 +244,14 @@ def _dkdv_ws_kernel(q_desc, do_desc, k_desc, v_desc, dk_ptr, dv_ptr, lse_ptr, de
                     LOAD_REGS: gl.constexpr):
     """Warp specialized: a 1-warp partition (LOAD_REGS registers) issues the TMA loads, the
     num_warps warps of the default partition compute."""
-    BLOCK_M: gl.constexpr = q_desc.block_type.shape[0]
-    D: gl.constexpr = q_desc.block_type.shape[1]
     BLOCK_N: gl.constexpr = k_desc.block_type.shape[0]
     n0, kvh, q_lo, q_len = _program(cu_ptr, n_kv_heads, n_bk, BLOCK_N)
     if n0 >= q_len:
         return
-    k_smem = gl.allocate_shared_memory(k_desc.dtype, [BLOCK_N, D], k_desc.layout)
-    v_smem = gl.allocate_shared_memory(v_desc.dtype, [BLOCK_N, D], v_desc.layout)
-    q_smem = gl.allocate_shared_memory(q_desc.dtype, [STAGES, BLOCK_M, D], q_desc.layout)
-    do_smem = gl.allocate_shared_memory(do_desc.dtype, [STAGES, BLOCK_M, D], do_desc.layout)
-    ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    k_smem, v_smem, q_smem, do_smem, ready, kv_bar = _alloc(q_desc, do_desc, k_desc, v_desc, STAGES)
     empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-    kv_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
     for s in gl.static_range(STAGES):
-        mbarrier.init(ready.index(s), count=1)
         mbarrier.init(empty.index(s), count=1)
-    mbarrier.init(kv_bar, count=1)
     gl.warp_specialize([
         (_ws_compute, (k_smem, v_smem, q_smem, do_smem, ready, empty, kv_bar, dk_ptr, dv_ptr, lse_ptr, delta_ptr, n0,
                        kvh, q_lo, q_len, qk_scale, scale, stride_kt, stride_lh, stride_dh, G)),
