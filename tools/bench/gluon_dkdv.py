@@ -122,22 +122,21 @@ def _store_dkdv(dk, dv, dk_ptr, dv_ptr, n0, q_lo, q_len, kvh, scale, stride_kt):
 
 
 @gluon.jit
-def _alloc(q_desc, do_desc, k_desc, v_desc, STAGES: gl.constexpr):
-    """Shared memory of a program: K and V tiles, the STAGES-slot q / dout ring, its ready
-    mbarriers and K/V's (initialised, count 1)."""
-    BLOCK_M: gl.constexpr = q_desc.block_type.shape[0]
-    D: gl.constexpr = q_desc.block_type.shape[1]
-    BLOCK_N: gl.constexpr = k_desc.block_type.shape[0]
-    k_smem = gl.allocate_shared_memory(k_desc.dtype, [BLOCK_N, D], k_desc.layout)
-    v_smem = gl.allocate_shared_memory(v_desc.dtype, [BLOCK_N, D], v_desc.layout)
-    q_smem = gl.allocate_shared_memory(q_desc.dtype, [STAGES, BLOCK_M, D], q_desc.layout)
-    do_smem = gl.allocate_shared_memory(do_desc.dtype, [STAGES, BLOCK_M, D], do_desc.layout)
+def _alloc(a_desc, b_desc, ring_a_desc, ring_b_desc, STAGES: gl.constexpr):
+    """Shared memory of a program: two resident tiles (a, b: K and V for dK/dV, q and dout for
+    dQ), a STAGES-slot ring of the other two, the ring's ready mbarriers and the resident tiles'
+    (initialised, count 1)."""
+    a_smem = gl.allocate_shared_memory(a_desc.dtype, a_desc.block_type.shape, a_desc.layout)
+    b_smem = gl.allocate_shared_memory(b_desc.dtype, b_desc.block_type.shape, b_desc.layout)
+    ring_shape: gl.constexpr = [STAGES, ring_a_desc.block_type.shape[0], ring_a_desc.block_type.shape[1]]
+    ring_a = gl.allocate_shared_memory(ring_a_desc.dtype, ring_shape, ring_a_desc.layout)
+    ring_b = gl.allocate_shared_memory(ring_b_desc.dtype, ring_shape, ring_b_desc.layout)
     ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-    kv_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+    bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
     for s in gl.static_range(STAGES):
         mbarrier.init(ready.index(s), count=1)
-    mbarrier.init(kv_bar, count=1)
-    return k_smem, v_smem, q_smem, do_smem, ready, kv_bar
+    mbarrier.init(bar, count=1)
+    return a_smem, b_smem, ring_a, ring_b, ready, bar
 
 
 @gluon.jit
@@ -152,7 +151,7 @@ def _dkdv_tma_kernel(q_desc, do_desc, k_desc, v_desc, dk_ptr, dv_ptr, lse_ptr, d
     n0, kvh, q_lo, q_len = _program(cu_ptr, n_kv_heads, n_bk, BLOCK_N)
     if n0 >= q_len:
         return
-    k_smem, v_smem, q_smem, do_smem, ready, kv_bar = _alloc(q_desc, do_desc, k_desc, v_desc, STAGES)
+    k_smem, v_smem, q_smem, do_smem, ready, kv_bar = _alloc(k_desc, v_desc, q_desc, do_desc, STAGES)
 
     mbarrier.expect(kv_bar, 2 * k_desc.block_type.nbytes)
     tma.async_copy_global_to_shared(k_desc, [q_lo + n0, kvh * D], kv_bar, k_smem)
@@ -248,7 +247,7 @@ def _dkdv_ws_kernel(q_desc, do_desc, k_desc, v_desc, dk_ptr, dv_ptr, lse_ptr, de
     n0, kvh, q_lo, q_len = _program(cu_ptr, n_kv_heads, n_bk, BLOCK_N)
     if n0 >= q_len:
         return
-    k_smem, v_smem, q_smem, do_smem, ready, kv_bar = _alloc(q_desc, do_desc, k_desc, v_desc, STAGES)
+    k_smem, v_smem, q_smem, do_smem, ready, kv_bar = _alloc(k_desc, v_desc, q_desc, do_desc, STAGES)
     empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     for s in gl.static_range(STAGES):
         mbarrier.init(empty.index(s), count=1)
@@ -328,14 +327,27 @@ CONFIGS = [
 ]
 
 
-def compile_only(ptx_dir: str) -> None:
+def compile_configs(configs: list, kernels: dict, ptx_dir: str) -> list:
+    """Compile each config's kernel (kernels: name -> Gluon function) for sm_90 and print its
+    registers, spills, shared memory, wgmma count and waits; the names of those that failed."""
     print(f"triton {triton.__version__}, sm_90a, bf16, D 128, G 2 (ptxas -v: the kernel's count; a warp-specialized "
           f"kernel's compute warps get setmaxnreg's)")
     print(f"{'config':>22} {'regs':>5} {'spill st/ld B':>14} {'shared B':>9} {'HGMMA':>6} {'waits':>6}")
-    for name, kernel, bm, bn, nw, stages, maxnreg in CONFIGS:
-        r = compile_sm90(globals()[kernel], bm, bn, nw, stages, maxnreg=maxnreg, ptx_dir=ptx_dir)
+    failed = []
+    for name, kernel, bm, bn, nw, stages, maxnreg in configs:
+        try:
+            r = compile_sm90(kernels[kernel], bm, bn, nw, stages, maxnreg=maxnreg, ptx_dir=ptx_dir)
+        except Exception as e:  # reported, the other configs still compiled
+            print(f"{name:>22} FAILED: {type(e).__name__}: {str(e)[:500]}")
+            failed.append(name)
+            continue
         print(f"{name:>22} {r['regs']:>5} {r['spill_stores']:>6} / {r['spill_loads']:<5} {r['shared']:>9} "
               f"{r['hgmma']:>6} {r['waits']:>6}   {r['ptxas']}")
+    return failed
+
+
+def compile_only(ptx_dir: str) -> list:
+    return compile_configs(CONFIGS, globals(), ptx_dir)
 
 
 # ---- GPU: check and time ----
@@ -392,43 +404,44 @@ class Case:
 
     def gluon_dkdv(self, config, dk, dv):
         """A launcher of one Gluon config."""
+        B = len(self.lens)
+        grid = (triton.cdiv(self.max_len, config[3]) * B * K, )
+        return self.gluon_launch(globals()[config[1]], config, grid, (dk, dv), (K, B * K, K * D))
+
+    def gluon_launch(self, fn, config, grid, outs, ints):
+        """A launcher of the Gluon kernel fn at config over grid, with both probes' argument order:
+        q, dout by descriptors of BLOCK_M rows, k, v of BLOCK_N, the outputs, the LSE, delta,
+        offsets and scales, the kernel's integers (ints), then the LSE's and delta's row strides."""
         from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
         _, kernel, bm, bn, nw, stages, maxnreg = config
-        T, B = self.T, len(self.lens)
 
         def desc(x, rows):
-            x2 = x.view(T, -1)
+            x2 = x.view(self.T, -1)
             layout = gl.NVMMASharedLayout.get_default_for([rows, D], gl.bfloat16)
             return TensorDescriptor(x2, list(x2.shape), [x2.stride(0), 1], [rows, D], layout)
 
-        grid = (triton.cdiv(self.max_len, bn) * B * K, )
-        args = (desc(self.q, bm), desc(self.do, bm), desc(self.k, bn), desc(self.v, bn), dk, dv, self.lse, self.delta,
-                self.cu, self.scale * 1.4426950408889634, self.scale, K, B * K, K * D, self.lse.stride(0), T)
+        args = (desc(self.q, bm), desc(self.do, bm), desc(self.k, bn), desc(self.v, bn), *outs, self.lse, self.delta,
+                self.cu, self.scale * 1.4426950408889634, self.scale, *ints, self.lse.stride(0), self.T)
         meta = dict(G=H // K, STAGES=stages, num_warps=nw)
-        if kernel == "_dkdv_ws_kernel":
+        if "_ws_" in kernel:
             meta["LOAD_REGS"] = LOAD_REGS
         if maxnreg:
             meta["maxnreg"] = maxnreg
-        fn = globals()[kernel]
         return lambda: fn[grid](*args, **meta)
 
 
 def fp32_reference(c: Case):
-    """(dk, dv) of causal GQA attention in fp32 torch, one sequence at a time."""
+    """(dq, dk, dv) of causal GQA attention in fp32 torch, one sequence at a time."""
     import torch
-    dks, dvs = [], []
+    grads = []
     for lo, hi in zip(c.cu[:-1].tolist(), c.cu[1:].tolist()):
-        q, k, v, do = (x[lo:hi].float() for x in (c.q, c.k, c.v, c.do))
-        k.requires_grad_(True)
-        v.requires_grad_(True)
+        q, k, v, do = (x[lo:hi].float().requires_grad_(True) for x in (c.q, c.k, c.v, c.do))
         kk, vv = (x.repeat_interleave(H // K, dim=1) for x in (k, v))
         s = torch.einsum("thd,shd->hts", q, kk) * c.scale
         s = s.masked_fill(torch.ones(hi - lo, hi - lo, dtype=torch.bool, device=q.device).triu(1), float("-inf"))
         o = torch.einsum("hts,shd->thd", s.softmax(-1), vv)
-        dk, dv = torch.autograd.grad(o, (k, v), do)
-        dks.append(dk)
-        dvs.append(dv)
-    return torch.cat(dks), torch.cat(dvs)
+        grads.append(torch.autograd.grad(o, (q, k, v), do))
+    return tuple(torch.cat(g) for g in zip(*grads))
 
 
 def rel_err(x, ref) -> float:
@@ -461,7 +474,7 @@ def gpu_run(out: str, configs: list) -> int:
         run_triton()
         r = dict(lens=lens, tflop=c.tflop, triton_split_vs_bwd=[rel_err(dk, ref_dk), rel_err(dv, ref_dv)])
         if case_name == "4096":
-            f_dk, f_dv = fp32_reference(c)
+            _, f_dk, f_dv = fp32_reference(c)
             r["triton_vs_fp32"] = [rel_err(ref_dk, f_dk), rel_err(ref_dv, f_dv)]
         r["triton_us"] = _bench_us(run_triton)
         r["gluon"] = {}
@@ -469,41 +482,55 @@ def gpu_run(out: str, configs: list) -> int:
               f"{c.tflop / r['triton_us'] * 1e6:.0f} TFLOP/s" + (
                   f"; Triton vs fp32 dk {r['triton_vs_fp32'][0]:.2e} dv {r['triton_vs_fp32'][1]:.2e}"
                   if "triton_vs_fp32" in r else ""))
-        print(f"{'config':>22} {'err dk':>9} {'err dv':>9} {'vs fp32':>19} {'us':>9} {'x Triton':>8} {'TFLOP/s':>8} "
+        print(f"{'config':>22} {'err dk, dv':>19} {'vs fp32':>19} {'us':>9} {'x Triton':>8} {'TFLOP/s':>8} "
               f"{'regs':>5} {'spills':>6}")
+        fp32s = (f_dk, f_dv) if case_name == "4096" else None
         for cfg in configs:
-            g_dk, g_dv = torch.full_like(c.k, float("nan")), torch.full_like(c.v, float("nan"))
-            row = dict(config=cfg[0])
-            try:
-                run = c.gluon_dkdv(cfg, g_dk, g_dv)
-                compiled = run()
-                torch.cuda.synchronize()
-                row.update(regs=compiled.n_regs, spills=compiled.n_spills)
-            except Exception as e:  # a config that does not compile or launch: recorded, counted as failed
-                row["error"] = f"{type(e).__name__}: {e}"[:2000]
-                print(f"{cfg[0]:>22} FAILED: {row['error'][:300]}")
-                failed.append(f"{case_name} {cfg[0]}: {row['error'][:200]}")
-                r["gluon"][cfg[0]] = row
-                continue
-            row["err"] = [rel_err(g_dk, ref_dk), rel_err(g_dv, ref_dv)]
-            ok = all(e <= TOL for e in row["err"])  # (nan compares false: a row left unwritten fails)
-            if "triton_vs_fp32" in r:
-                row["vs_fp32"] = [rel_err(g_dk, f_dk), rel_err(g_dv, f_dv)]
-                ok = ok and all(e <= TOL for e in row["vs_fp32"])
-            row["ok"] = ok
-            if not ok:
-                failed.append(f"{case_name} {cfg[0]}: err {row['err']} vs_fp32 {row.get('vs_fp32')}")
-            row["us"] = _bench_us(run)
-            row["x_triton"] = r["triton_us"] / row["us"]
-            row["tflops"] = c.tflop / row["us"] * 1e6
-            fp = f"{row['vs_fp32'][0]:.2e} {row['vs_fp32'][1]:.2e}" if "vs_fp32" in row else ""
-            print(f"{cfg[0]:>22} {row['err'][0]:>9.2e} {row['err'][1]:>9.2e} {fp:>19} {row['us']:>9.1f} "
-                  f"{row['x_triton']:>8.3f} {row['tflops']:>8.0f} {row['regs']:>5} {row['spills']:>6}"
-                  + ("" if ok else "  WRONG"))
-            r["gluon"][cfg[0]] = row
+            nan = (torch.full_like(c.k, float("nan")), torch.full_like(c.v, float("nan")))
+            r["gluon"][cfg[0]] = run_config(case_name, cfg, c.gluon_dkdv, nan, (ref_dk, ref_dv), fp32s, r, c.tflop,
+                                            failed)
         results["cases"][case_name] = r
         del c
         torch.cuda.empty_cache()
+    return finish(results, failed, out)
+
+
+def run_config(case_name: str, cfg, make_run, outs, refs, fp32s, r: dict, tflop: float, failed: list) -> dict:
+    """One Gluon config on one case: launch make_run(cfg, *outs) (outs start as NaN: a row left
+    unwritten fails), compare outs with the Triton backward's refs (and fp32s where given), time
+    it against r["triton_us"]; print the table row, add any failure to failed; the row."""
+    import torch
+    row = dict(config=cfg[0])
+    try:
+        run = make_run(cfg, *outs)
+        compiled = run()
+        torch.cuda.synchronize()
+        row.update(regs=compiled.n_regs, spills=compiled.n_spills)
+    except Exception as e:  # a config that does not compile or launch: recorded, counted as failed
+        row["error"] = f"{type(e).__name__}: {e}"[:2000]
+        print(f"{cfg[0]:>22} FAILED: {row['error'][:300]}")
+        failed.append(f"{case_name} {cfg[0]}: {row['error'][:200]}")
+        return row
+    row["err"] = [rel_err(o, ref) for o, ref in zip(outs, refs)]
+    ok = all(e <= TOL for e in row["err"])  # (nan compares false)
+    if fp32s is not None:
+        row["vs_fp32"] = [rel_err(o, ref) for o, ref in zip(outs, fp32s)]
+        ok = ok and all(e <= TOL for e in row["vs_fp32"])
+    row["ok"] = ok
+    if not ok:
+        failed.append(f"{case_name} {cfg[0]}: err {row['err']} vs_fp32 {row.get('vs_fp32')}")
+    row["us"] = _bench_us(run)
+    row["x_triton"] = r["triton_us"] / row["us"]
+    row["tflops"] = tflop / row["us"] * 1e6
+    errs = " ".join(f"{e:.2e}" for e in row["err"])
+    fp = " ".join(f"{e:.2e}" for e in row.get("vs_fp32", []))
+    print(f"{cfg[0]:>22} {errs:>19} {fp:>19} {row['us']:>9.1f} {row['x_triton']:>8.3f} {row['tflops']:>8.0f} "
+          f"{row['regs']:>5} {row['spills']:>6}" + ("" if ok else "  WRONG"))
+    return row
+
+
+def finish(results: dict, failed: list, out: str) -> int:
+    """Write the JSON; 1 (and the failures on stderr) where a config was wrong or did not run."""
     results["failed"] = failed
     with open(out, "w") as f:
         json.dump(results, f, indent=1)
@@ -514,22 +541,21 @@ def gpu_run(out: str, configs: list) -> int:
     return 0
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def cli(doc: str, configs: list, compile_only_fn, gpu_run_fn) -> None:
+    """Both probes' command line: --compile-only (CPU) or --out (GPU) over the configs."""
+    ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--compile-only", action="store_true", help="compile for sm_90 on the CPU, print regs/spills")
     ap.add_argument("--ptx", default="", help="with --compile-only: also write each kernel's ttgir and PTX here")
     ap.add_argument("--out", default="", help="GPU mode: write the results here")
     ap.add_argument("--configs", default="", help="GPU mode: comma-separated config names (default: all)")
     a = ap.parse_args()
     if a.compile_only:
-        compile_only(a.ptx)
-        return
+        sys.exit(1 if compile_only_fn(a.ptx) else 0)
     if not a.out:
         ap.error("give --compile-only or --out OUT.json")
     names = [n.strip() for n in a.configs.split(",") if n.strip()]
-    configs = [c for c in CONFIGS if not names or c[0] in names]
-    sys.exit(gpu_run(a.out, configs))
+    sys.exit(gpu_run_fn(a.out, [c for c in configs if not names or c[0] in names]))
 
 
 if __name__ == "__main__":
-    main()
+    cli(__doc__, CONFIGS, compile_only, gpu_run)
