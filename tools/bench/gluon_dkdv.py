@@ -131,12 +131,18 @@ def _alloc(a_desc, b_desc, ring_a_desc, ring_b_desc, STAGES: gl.constexpr):
     ring_shape: gl.constexpr = [STAGES, ring_a_desc.block_type.shape[0], ring_a_desc.block_type.shape[1]]
     ring_a = gl.allocate_shared_memory(ring_a_desc.dtype, ring_shape, ring_a_desc.layout)
     ring_b = gl.allocate_shared_memory(ring_b_desc.dtype, ring_shape, ring_b_desc.layout)
-    ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
-    for s in gl.static_range(STAGES):
-        mbarrier.init(ready.index(s), count=1)
     mbarrier.init(bar, count=1)
-    return a_smem, b_smem, ring_a, ring_b, ready, bar
+    return a_smem, b_smem, ring_a, ring_b, _slot_barriers(STAGES), bar
+
+
+@gluon.jit
+def _slot_barriers(STAGES: gl.constexpr):
+    """One mbarrier a ring slot (count 1, initialised): the ring's ready or empty signals."""
+    bars = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    for s in gl.static_range(STAGES):
+        mbarrier.init(bars.index(s), count=1)
+    return bars
 
 
 @gluon.jit
@@ -248,9 +254,7 @@ def _dkdv_ws_kernel(q_desc, do_desc, k_desc, v_desc, dk_ptr, dv_ptr, lse_ptr, de
     if n0 >= q_len:
         return
     k_smem, v_smem, q_smem, do_smem, ready, kv_bar = _alloc(k_desc, v_desc, q_desc, do_desc, STAGES)
-    empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-    for s in gl.static_range(STAGES):
-        mbarrier.init(empty.index(s), count=1)
+    empty = _slot_barriers(STAGES)
     gl.warp_specialize([
         (_ws_compute, (k_smem, v_smem, q_smem, do_smem, ready, empty, kv_bar, dk_ptr, dv_ptr, lse_ptr, delta_ptr, n0,
                        kvh, q_lo, q_len, qk_scale, scale, stride_kt, stride_lh, stride_dh, G)),

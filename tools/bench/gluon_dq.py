@@ -39,8 +39,8 @@ from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import mbarrier, tma, warpgroup_mma, warpgroup_mma_wait
 
-from gluon_dkdv import (CASES, D, H, K, TOL, Case, _alloc, _bench_us, _mma_layout, _program, cli, compile_configs,
-                        finish, fp32_reference, rel_err, run_config)
+from gluon_dkdv import (CASES, D, H, K, TOL, Case, _alloc, _bench_us, _mma_layout, _program, _slot_barriers, cli,
+                        compile_configs, finish, fp32_reference, rel_err, run_config)
 
 _LOG2E = gl.constexpr(1.4426950408889634)
 
@@ -212,9 +212,7 @@ def _dq_ws_kernel(q_desc, do_desc, k_desc, v_desc, dq_ptr, lse_ptr, delta_ptr, c
     if m0 >= q_len:
         return
     q_smem, do_smem, k_smem, v_smem, ready, q_bar = _alloc(q_desc, do_desc, k_desc, v_desc, STAGES)
-    empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-    for s in gl.static_range(STAGES):
-        mbarrier.init(empty.index(s), count=1)
+    empty = _slot_barriers(STAGES)
     gl.warp_specialize([
         (_ws_compute, (q_smem, do_smem, k_smem, v_smem, ready, empty, q_bar, dq_ptr, lse_ptr, delta_ptr, m0, h, q_lo,
                        q_len, qk_scale, scale, stride_qt, stride_lh, stride_dh)),
