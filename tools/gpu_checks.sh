@@ -18,10 +18,11 @@
 #   ws         (not in the default list) whether Triton's Hopper warp specialization pays for an attention
 #              forward walked like ours (tools/bench/ws_probe.py: plain / specialized / specialized with
 #              2-block splits, vs flash)
-#   gluon      (not in the default list) the Gluon backward probes (tools/bench/gluon_dkdv.py, gluon_dq.py:
+#   gluon      (not in the default list) the Gluon attention probes (tools/bench/gluon_dkdv.py, gluon_dq.py:
 #              TMA rings + async wgmma kernels and warp-specialized ones, checked against our backward
-#              and fp32 at 4k / 16k / packed, timed against _dkdv_kernel / _dq_kernel); under a time
-#              limit each (a barrier bug hangs)
+#              and fp32 at 4k / 16k / packed, timed against _dkdv_kernel / _dq_kernel; gluon_fwd.py: the
+#              training forward, bitwise against packed_attention, timed against it and flash); under a
+#              time limit each (a barrier bug hangs)
 #   profile    (not in the default list) torch.profiler of a 4k trainer step (ours and the peer)
 #              and of engine decode steps at batch 256 (prompt 512), host cost per launch (launch_cost),
 #              registers and spills of the compiled kernels (kernel_regs);
@@ -101,7 +102,8 @@ for step in $steps; do
                    --peer --out "$out/train_fused.json" ;;
         ws) run ws_probe python3 tools/bench/ws_probe.py "$out/ws_probe.json" ;;
         gluon) run gluon_dkdv timeout 300 python3 tools/bench/gluon_dkdv.py --out "$out/gluon_dkdv.json"
-               run gluon_dq timeout 300 python3 tools/bench/gluon_dq.py --out "$out/gluon_dq.json" ;;
+               run gluon_dq timeout 300 python3 tools/bench/gluon_dq.py --out "$out/gluon_dq.json"
+               run gluon_fwd timeout 300 python3 tools/bench/gluon_fwd.py --out "$out/gluon_fwd.json" ;;
         tma) run attn_bwd_tma python3 tools/bench/attn_bwd.py "$out/attn_bwd_tma.json" --tma
              run attn_tma python3 tools/bench/attn_sweep.py "$out/attn_tma.json" --tma --tiles
              run attn_tma_paged python3 tools/bench/attn_sweep.py "$out/attn_tma_paged.json" --tma-paged

@@ -42,15 +42,10 @@ from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import mbarrier, tma, warpgroup_mma, warpgroup_mma_wait
 
+from miles_kernels._triton.gluon_attention import _mma_layout, _slot_barriers  # noqa: F401 (gluon_dq takes them here)
+
 _LOG2E = gl.constexpr(1.4426950408889634)
 LOAD_REGS = 24  # the warp-specialized kernel's load partition: registers a thread
-
-
-@gluon.constexpr_function
-def _mma_layout(cols, num_warps):
-    """wgmma accumulator layout of a [rows, cols] tile: warps stacked over the rows (16 each, rows
-    >= 16 * num_warps), one instruction as wide as the tile."""
-    return gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1], instr_shape=[16, min(cols, 256), 16])
 
 
 @gluon.jit
@@ -134,15 +129,6 @@ def _alloc(a_desc, b_desc, ring_a_desc, ring_b_desc, STAGES: gl.constexpr):
     bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
     mbarrier.init(bar, count=1)
     return a_smem, b_smem, ring_a, ring_b, _slot_barriers(STAGES), bar
-
-
-@gluon.jit
-def _slot_barriers(STAGES: gl.constexpr):
-    """One mbarrier a ring slot (count 1, initialised): the ring's ready or empty signals."""
-    bars = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-    for s in gl.static_range(STAGES):
-        mbarrier.init(bars.index(s), count=1)
-    return bars
 
 
 @gluon.jit
@@ -279,7 +265,8 @@ def compile_sm90(kernel, block_m: int, block_n: int, num_warps: int, stages: int
 
     fn = kernel
     names = [p.name for p in fn.params]
-    consts = {k: v for k, v in dict(G=G, STAGES=stages, LOAD_REGS=LOAD_REGS).items() if k in names}
+    consts = {k: v for k, v in dict(G=G, STAGES=stages, LOAD_REGS=LOAD_REGS, BLOCK_M=block_m, G_PAD=G,
+                                    SPLIT_BLOCKS=4, STORE_LSE=True, CONSUMER_REGS=240).items() if k in names}
     sig = {}
     for n in names:
         if n in consts:

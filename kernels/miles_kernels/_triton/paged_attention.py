@@ -19,6 +19,8 @@ A block's row sums (ROW_SUM "fixed" by default) are order-free, so decode may al
 decode_attention's swapped tile (DECODE_TILE) with the same bits.
 """
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -88,6 +90,10 @@ _LOG2E = 1.4426950408889634
 # us), 1-2% faster from B 128 (attn_sweep.py --tma-paged, 2026-12-03 sixteenth run).
 KV_TMA = True
 PAGED_KV_TMA = {"prefill": True, "decode": False}
+# The packed training forward by gluon_attention's kernel on Hopper where it takes the tensors
+# (FA3's producer warp, two consumer warpgroups and overlapped wgmmas, the same bits): 1.05-1.11x
+# this module's kernel at 0.6B / 8B 4k-16k (tools/bench/gluon_fwd.py, 2026-12-04 twenty-first run).
+GLUON_FWD = True
 
 
 @triton.jit
@@ -414,8 +420,8 @@ def packed_attention(
 ) -> torch.Tensor:
     """`attention` of whole packed sequences (training: each sequence's queries are all its
     tokens) read straight from the packed K/V [T, K, D]: no cache, no pages. The same walk
-    and tiles as the paged kernel, so the same bits as writing K/V to any paged cache and
-    calling `attention` (tests/gpu checks it); lse_HT as there."""
+    as the paged kernel (on Hopper gluon_attention's kernel, GLUON_FWD), so the same bits as
+    writing K/V to any paged cache and calling `attention` (tests/gpu checks it); lse_HT as there."""
     T, H, D = q_THD.shape
     Tk, K, Dk = k_TKD.shape
     if Dk != D or Tk != T or v_TKD.shape != k_TKD.shape:
@@ -423,9 +429,30 @@ def packed_attention(
                          f"v {list(v_TKD.shape)}: k and v must be [T, K, D] with q's T and D")
     _check(q_THD, k_TKD, v_TKD, K, lse_HT)
     cu = cu_seqlens_B1.to(torch.int32).contiguous()
+    ga = _gluon_attention() if GLUON_FWD and ROW_SUM == "fixed" and q_THD.is_cuda and T and cu.shape[0] > 1 else None
+    if ga is not None and ga.supported(q_THD, k_TKD, v_TKD, KV_BLOCK):
+        _check_scale(scale)
+        return ga.packed_attention_fwd(q_THD, k_TKD, v_TKD, cu, max(int(max_len), 1), scale * _LOG2E, lse_HT, KV_BLOCK,
+                                       KV_SPLIT)
     # K/V as one "page" per token row: strides (token, head); PAGE/table unused (CONTIG)
     return _launch(q_THD, k_TKD[None], v_TKD[None], cu, cu, cu[:, None], max_len, scale, lse_HT, KV_BLOCK, 1,
                    (0, 0), _kv_descriptors(k_TKD, v_TKD, KV_TMA))
+
+
+@functools.cache
+def _gluon_attention():
+    """gluon_attention, or None where this Triton has no Gluon for Hopper."""
+    try:
+        from miles_kernels._triton import gluon_attention
+    except ImportError:
+        return None
+    return gluon_attention
+
+
+def _check_scale(scale: float) -> None:
+    if not 0.0 < scale < float("inf"):  # the kernels take each row's max before scaling
+        raise ValueError(f"miles_kernels attention: scale {scale} must be a positive finite number "
+                         f"(softmax(scale * q k^T), usually head_dim ** -0.5)")
 
 
 def _kv_descriptors(k: torch.Tensor, v: torch.Tensor, enabled: bool) -> tuple | None:
@@ -491,9 +518,7 @@ def _launch(q_THD, k4, v4, cu_seqlens, kv_lens, bt, max_q_len: int, scale: float
     strides), or packed K/V [1, T, K, D] (page_strides (0, 0): the CONTIG walk; kv_descs:
     their TMA descriptors, read instead of the pointers)."""
     contig = page_strides == (0, 0)
-    if not 0.0 < scale < float("inf"):  # the kernels take each row's max before scaling
-        raise ValueError(f"miles_kernels attention: scale {scale} must be a positive finite number "
-                         f"(softmax(scale * q k^T), usually head_dim ** -0.5)")
+    _check_scale(scale)
     T, H, D = q_THD.shape
     K = k4.shape[2]
     B = cu_seqlens.shape[0] - 1
