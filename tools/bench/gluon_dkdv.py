@@ -13,7 +13,8 @@ P recomputed from the LSE in log2 units and dS = P * (dout v^T - delta). What is
                dV += P^T dout and dK += dS^T q with P^T / dS^T from registers
     dK, dV     fp32 accumulators in registers (NVMMADistributedLayout v3), masked stores at the end
 
-Two kernels: `_dkdv_tma_kernel` (one partition: the compute warps also issue the loads, STAGES - 1
+Two kernels: `_dkdv_kernel` (kernels/miles_kernels/_triton/gluon_attention_bwd.py, which the
+backward runs on Hopper; one partition: the compute warps also issue the loads, STAGES - 1
 steps ahead) and `_dkdv_ws_kernel` (gl.warp_specialize: a 1-warp partition issues the TMA loads,
 the num_warps compute warps consume; empty/ready mbarrier pairs per ring slot).
 
@@ -25,8 +26,8 @@ dK/dV against the Triton path (packed_attention_bwd) on lengths 4096, 16384 and 
 [1000, 3000, 77, 4096] (0.6B heads: H = 16, K = 8, D = 128, bf16), and on 4096 against an fp32
 torch reference, then times the Triton dK/dV kernel alone against each Gluon kernel (medians of
 triton.testing.do_bench of CUDA graph replays) over CONFIGS (--configs picks some). Exits nonzero
-when a Gluon result is wrong. Not yet run on a GPU: wrap the first run in `timeout` (a barrier bug
-hangs). A probe: not wired into the trainer until a GPU run shows it correct and faster.
+when a Gluon result is wrong. Run it under `timeout` (a barrier bug hangs). The references are the
+Triton kernels' (GLUON_DKDV off).
 """
 
 import argparse
@@ -43,140 +44,11 @@ from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import mbarrier, tma, warpgroup_mma, warpgroup_mma_wait
 
 from miles_kernels._triton.gluon_attention import _mma_layout, _slot_barriers  # noqa: F401 (gluon_dq takes them here)
+from miles_kernels._triton.gluon_attention_bwd import (_alloc, _dkdv_kernel, _load_q_do, _program, _rows,  # noqa: F401
+                                                      _step, _store_dkdv)
 
 _LOG2E = gl.constexpr(1.4426950408889634)
 LOAD_REGS = 24  # the warp-specialized kernel's load partition: registers a thread
-
-
-@gluon.jit
-def _program(cu_ptr, n_kv_heads, n_bk, BLOCK_N: gl.constexpr):
-    """As attention_bwd._program: (KV block's first key, kv head, sequence's first token, its length)
-    of this program; the grid runs rank-major over (KV block, sequence, kv head)."""
-    pid = gl.program_id(0)
-    b = (pid % n_bk) // n_kv_heads
-    q_lo = gl.load(cu_ptr + b)
-    return (pid // n_bk) * BLOCK_N, pid % n_kv_heads, q_lo, gl.load(cu_ptr + b + 1) - q_lo
-
-
-@gluon.jit
-def _load_q_do(q_desc, do_desc, q_smem, do_smem, bar, t, i_lo, n_i, q_lo, kvh, pred, G: gl.constexpr):
-    """TMA loads of step t's q and dout tiles (query head kvh * G + t // n_i, query block
-    i_lo + t % n_i) into one ring slot, signalling bar; nothing where pred is off."""
-    BLOCK_M: gl.constexpr = q_desc.block_type.shape[0]
-    D: gl.constexpr = q_desc.block_type.shape[1]
-    row = q_lo + (i_lo + t % n_i) * BLOCK_M
-    col = (kvh * G + t // n_i) * D
-    mbarrier.expect(bar, 2 * q_desc.block_type.nbytes, pred=pred)
-    tma.async_copy_global_to_shared(q_desc, [row, col], bar, q_smem, pred=pred)
-    tma.async_copy_global_to_shared(do_desc, [row, col], bar, do_smem, pred=pred)
-
-
-@gluon.jit
-def _step(dk, dv, k_smem, v_smem, q_s, do_s, lse_ptr, delta_ptr, t, i_lo, n_i, i_full, n_q_full, kpos, q_lo, q_len,
-          kvh, qk_scale, stride_lh, stride_dh, G: gl.constexpr):
-    """Add step t's query block (rows in q_s / do_s) to dk, dv (as attention_bwd._dkdv_step). Its
-    four wgmmas: S^T and dP^T issued together, dV's issued before dS^T is made, all waited here."""
-    BLOCK_M: gl.constexpr = q_s.type.shape[0]
-    BLOCK_N: gl.constexpr = k_smem.type.shape[0]
-    NW: gl.constexpr = gl.num_warps()
-    s_layout: gl.constexpr = _mma_layout(BLOCK_M, NW)  # S^T, dP^T: [BLOCK_N, BLOCK_M]
-    op_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=dk.type.layout, k_width=2)
-    h = kvh * G + t // n_i
-    i = i_lo + t % n_i
-    qpos = i * BLOCK_M + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(0, s_layout))
-    ok = qpos < q_len
-    lse = gl.load(lse_ptr + h.to(gl.int64) * stride_lh + q_lo + qpos, mask=ok, other=0.0)
-    delta = gl.load(delta_ptr + h.to(gl.int64) * stride_dh + q_lo + qpos, mask=ok, other=0.0)
-    zero = gl.zeros([BLOCK_N, BLOCK_M], gl.float32, s_layout)
-    sT = warpgroup_mma(k_smem, q_s.permute((1, 0)), zero, use_acc=False, is_async=True)
-    dpT = warpgroup_mma(v_smem, do_s.permute((1, 0)), zero, use_acc=False, is_async=True)
-    sT = warpgroup_mma_wait(num_outstanding=1, deps=(sT, ))
-    pT = gl.exp2(sT * qk_scale - (lse * _LOG2E)[None, :])
-    if (i < i_full) | (i >= n_q_full):  # the diagonal or the sequence's last, partial block
-        pT = gl.where((kpos[:, None] <= qpos[None, :]) & ok[None, :], pT, 0.0)
-    dv = warpgroup_mma(gl.convert_layout(pT.to(q_s.dtype), op_layout), do_s, dv, is_async=True)
-    dpT = warpgroup_mma_wait(num_outstanding=1, deps=(dpT, ))
-    dsT = pT * (dpT - delta[None, :])
-    dk = warpgroup_mma(gl.convert_layout(dsT.to(q_s.dtype), op_layout), q_s, dk, is_async=True)
-    return warpgroup_mma_wait(num_outstanding=0, deps=(dk, dv))
-
-
-@gluon.jit
-def _store_dkdv(dk, dv, dk_ptr, dv_ptr, n0, q_lo, q_len, kvh, scale, stride_kt):
-    """Rows n0 .. n0 + BLOCK_N of the kv head's dK (times scale) and dV, the rows inside the sequence."""
-    BLOCK_N: gl.constexpr = dk.type.shape[0]
-    D: gl.constexpr = dk.type.shape[1]
-    NW: gl.constexpr = gl.num_warps()
-    layout: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [NW, 1], [1, 0])  # 16-byte stores
-    rows = n0 + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, layout))
-    off = (q_lo + rows).to(gl.int64)[:, None] * stride_kt + kvh * D + gl.arange(0, D, layout=gl.SliceLayout(0, layout))[
-        None, :]
-    ok = rows[:, None] < q_len
-    gl.store(dk_ptr + off, gl.convert_layout((dk * scale).to(dk_ptr.dtype.element_ty), layout), mask=ok)
-    gl.store(dv_ptr + off, gl.convert_layout(dv.to(dv_ptr.dtype.element_ty), layout), mask=ok)
-
-
-@gluon.jit
-def _alloc(a_desc, b_desc, ring_a_desc, ring_b_desc, STAGES: gl.constexpr):
-    """Shared memory of a program: two resident tiles (a, b: K and V for dK/dV, q and dout for
-    dQ), a STAGES-slot ring of the other two, the ring's ready mbarriers and the resident tiles'
-    (initialised, count 1)."""
-    a_smem = gl.allocate_shared_memory(a_desc.dtype, a_desc.block_type.shape, a_desc.layout)
-    b_smem = gl.allocate_shared_memory(b_desc.dtype, b_desc.block_type.shape, b_desc.layout)
-    ring_shape: gl.constexpr = [STAGES, ring_a_desc.block_type.shape[0], ring_a_desc.block_type.shape[1]]
-    ring_a = gl.allocate_shared_memory(ring_a_desc.dtype, ring_shape, ring_a_desc.layout)
-    ring_b = gl.allocate_shared_memory(ring_b_desc.dtype, ring_shape, ring_b_desc.layout)
-    bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
-    mbarrier.init(bar, count=1)
-    return a_smem, b_smem, ring_a, ring_b, _slot_barriers(STAGES), bar
-
-
-@gluon.jit
-def _dkdv_tma_kernel(q_desc, do_desc, k_desc, v_desc, dk_ptr, dv_ptr, lse_ptr, delta_ptr, cu_ptr, qk_scale, scale,
-                     n_kv_heads, n_bk, stride_kt, stride_lh, stride_dh, G: gl.constexpr, STAGES: gl.constexpr):
-    """One partition: the compute warps issue each step's TMA loads STAGES - 1 steps ahead."""
-    BLOCK_M: gl.constexpr = q_desc.block_type.shape[0]
-    D: gl.constexpr = q_desc.block_type.shape[1]
-    BLOCK_N: gl.constexpr = k_desc.block_type.shape[0]
-    NW: gl.constexpr = gl.num_warps()
-    acc_layout: gl.constexpr = _mma_layout(D, NW)  # dK, dV: [BLOCK_N, D]
-    n0, kvh, q_lo, q_len = _program(cu_ptr, n_kv_heads, n_bk, BLOCK_N)
-    if n0 >= q_len:
-        return
-    k_smem, v_smem, q_smem, do_smem, ready, kv_bar = _alloc(k_desc, v_desc, q_desc, do_desc, STAGES)
-
-    mbarrier.expect(kv_bar, 2 * k_desc.block_type.nbytes)
-    tma.async_copy_global_to_shared(k_desc, [q_lo + n0, kvh * D], kv_bar, k_smem)
-    tma.async_copy_global_to_shared(v_desc, [q_lo + n0, kvh * D], kv_bar, v_smem)
-    i_lo = n0 // BLOCK_M
-    n_i = gl.cdiv(q_len, BLOCK_M) - i_lo  # query blocks a head: the diagonal's to the sequence's last
-    n_steps = G * n_i
-    i_full = gl.cdiv(n0 + BLOCK_N - 1, BLOCK_M)  # query blocks from here on see every key whole
-    n_q_full = q_len // BLOCK_M  # blocks before this one end inside the sequence
-    for s in gl.static_range(STAGES - 1):
-        _load_q_do(q_desc, do_desc, q_smem.index(s), do_smem.index(s), ready.index(s), s, i_lo, n_i, q_lo, kvh,
-                   s < n_steps, G)
-
-    kpos = n0 + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, _mma_layout(BLOCK_M, NW)))
-    dk = gl.zeros([BLOCK_N, D], gl.float32, acc_layout)
-    dv = gl.zeros([BLOCK_N, D], gl.float32, acc_layout)
-    mbarrier.wait(kv_bar, 0)
-    for t in range(n_steps):
-        # the slot step t - 1 used is free (its wgmmas were waited): step t + STAGES - 1 goes there.
-        # The barrier: every warp is past those waits before one thread issues the copy.
-        gl.thread_barrier()
-        nxt = t + STAGES - 1
-        _load_q_do(q_desc, do_desc, q_smem.index(nxt % STAGES), do_smem.index(nxt % STAGES),
-                   ready.index(nxt % STAGES), nxt, i_lo, n_i, q_lo, kvh, nxt < n_steps, G)
-        slot = t % STAGES
-        mbarrier.wait(ready.index(slot), (t // STAGES) & 1)
-        dk, dv = _step(dk, dv, k_smem, v_smem, q_smem.index(slot), do_smem.index(slot), lse_ptr, delta_ptr, t, i_lo,
-                       n_i, i_full, n_q_full, kpos, q_lo, q_len, kvh, qk_scale, stride_lh, stride_dh, G)
-    for s in gl.static_range(STAGES):
-        mbarrier.invalidate(ready.index(s))
-    mbarrier.invalidate(kv_bar)
-    _store_dkdv(dk, dv, dk_ptr, dv_ptr, n0, q_lo, q_len, kvh, scale, stride_kt)
-
 
 
 @gluon.jit
@@ -202,7 +74,7 @@ def _ws_load(q_desc, do_desc, k_desc, v_desc, k_smem, v_smem, q_smem, do_smem, r
 @gluon.jit
 def _ws_compute(k_smem, v_smem, q_smem, do_smem, ready, empty, kv_bar, dk_ptr, dv_ptr, lse_ptr, delta_ptr, n0, kvh,
                 q_lo, q_len, qk_scale, scale, stride_kt, stride_lh, stride_dh, G: gl.constexpr):
-    """Default partition (num_warps compute warps): each step as _dkdv_tma_kernel's, releasing its
+    """Default partition (num_warps compute warps): each step as _dkdv_kernel's, releasing its
     ring slot once its wgmmas are done; then the stores."""
     BLOCK_M: gl.constexpr = q_smem.type.shape[1]
     D: gl.constexpr = q_smem.type.shape[2]
@@ -218,11 +90,16 @@ def _ws_compute(k_smem, v_smem, q_smem, do_smem, ready, empty, kv_bar, dk_ptr, d
     dk = gl.zeros([BLOCK_N, D], gl.float32, acc_layout)
     dv = gl.zeros([BLOCK_N, D], gl.float32, acc_layout)
     mbarrier.wait(kv_bar, 0)
+    lse2, delta = _rows(lse_ptr, delta_ptr, 0, i_lo, n_i, q_lo, q_len, kvh, stride_lh, stride_dh, True, BLOCK_M,
+                        BLOCK_N, G)
     for t in range(G * n_i):
+        lse2_n, delta_n = _rows(lse_ptr, delta_ptr, t + 1, i_lo, n_i, q_lo, q_len, kvh, stride_lh, stride_dh,
+                                t + 1 < G * n_i, BLOCK_M, BLOCK_N, G)
         slot = t % STAGES
         mbarrier.wait(ready.index(slot), (t // STAGES) & 1)
-        dk, dv = _step(dk, dv, k_smem, v_smem, q_smem.index(slot), do_smem.index(slot), lse_ptr, delta_ptr, t, i_lo,
-                       n_i, i_full, n_q_full, kpos, q_lo, q_len, kvh, qk_scale, stride_lh, stride_dh, G)
+        dk, dv = _step(dk, dv, k_smem, v_smem, q_smem.index(slot), do_smem.index(slot), lse2, delta, t, i_lo, n_i,
+                       i_full, n_q_full, kpos, q_len, qk_scale)
+        lse2, delta = lse2_n, delta_n
         # every warp is past its wgmma wait before the one arrive frees the slot
         gl.thread_barrier()
         mbarrier.arrive(empty.index(slot))
@@ -308,9 +185,9 @@ def compile_sm90(kernel, block_m: int, block_n: int, num_warps: int, stages: int
 # warp's group); maxnreg caps the launch: 168 x 12 warps fills an SM (compute warps then get 240),
 # 128 x 8 lets two CTAs share one (compute 232: ptxas spills ~100 B).
 CONFIGS = [
-    ("tma 64x64 w4 s2", "_dkdv_tma_kernel", 64, 64, 4, 2, None),
-    ("tma 64x64 w4 s3", "_dkdv_tma_kernel", 64, 64, 4, 3, None),
-    ("tma 64x128 w8 s2", "_dkdv_tma_kernel", 64, 128, 8, 2, None),
+    ("tma 64x64 w4 s2", "_dkdv_kernel", 64, 64, 4, 2, None),
+    ("tma 64x64 w4 s3", "_dkdv_kernel", 64, 64, 4, 3, None),
+    ("tma 64x128 w8 s2", "_dkdv_kernel", 64, 128, 8, 2, None),
     ("ws 64x128 w8 s2 r168", "_dkdv_ws_kernel", 64, 128, 8, 2, 168),
     ("ws 64x128 w8 s3 r168", "_dkdv_ws_kernel", 64, 128, 8, 3, 168),
     ("ws 64x64 w4 s2 r128", "_dkdv_ws_kernel", 64, 64, 4, 2, 128),
@@ -373,10 +250,14 @@ class Case:
         self.tflop = 4 * 2 * D * H * sum(L * L / 2 for L in lens) / 1e12
 
     def triton_bwd(self):
-        """(dk, dv) of the whole Triton backward (packed_attention_bwd)."""
-        from miles_kernels._triton.attention_bwd import packed_attention_bwd
-        _, dk, dv = packed_attention_bwd(self.q, self.k, self.v, self.o, self.do, self.lse, self.cu, self.max_len,
-                                         self.scale)
+        """(dk, dv) of the whole Triton backward (packed_attention_bwd, GLUON_DKDV off)."""
+        from miles_kernels._triton import attention_bwd as AB
+        AB.GLUON_DKDV = False
+        try:
+            _, dk, dv = AB.packed_attention_bwd(self.q, self.k, self.v, self.o, self.do, self.lse, self.cu,
+                                                self.max_len, self.scale)
+        finally:
+            AB.GLUON_DKDV = True
         return dk, dv
 
     def triton_dkdv(self, dk, dv):

@@ -19,6 +19,7 @@ blocks that cross the diagonal or a sequence's end are masked; a sequence's bloc
 its first token. Not batch-invariant (need not be): deterministic, one order per launch shape.
 """
 
+import functools
 from typing import NamedTuple
 
 import torch
@@ -67,6 +68,10 @@ FUSED_TILES = {torch.bfloat16: (Tile(32, 128, 8, 2),),
                torch.float16: (Tile(32, 128, 8, 2),),
                torch.float32: (Tile(16, 16, 4, 1),)}
 _DELTA_ROWS = {torch.bfloat16: 64, torch.float16: 64, torch.float32: 16}  # tokens per delta program
+# dK/dV by gluon_attention_bwd's kernel on Hopper where the full-GPU tile is picked (the same tile,
+# values and MMA order; LSE / delta loaded a step ahead): 1.09-1.23x _dkdv_kernel at 0.6B 4k-16k
+# (tools/bench/gluon_dkdv.py, 2026-12-04 twenty-first run).
+GLUON_DKDV = True
 
 
 @fast_launch
@@ -383,6 +388,16 @@ def _dq_kernel(q_ptr, k_ptr, v_ptr, do_ptr, dq_ptr, lse_ptr, delta_ptr, cu_ptr,
     tl.store(dq_ptr + q_off, (dq * scale).to(dq_ptr.dtype.element_ty), mask=ok[:, None])
 
 
+@functools.cache
+def _gluon_bwd():
+    """gluon_attention_bwd, or None where this Triton has no Gluon for Hopper."""
+    try:
+        from miles_kernels._triton import gluon_attention_bwd
+    except ImportError:
+        return None
+    return gluon_attention_bwd
+
+
 def _pick(tiles: tuple[Tile, ...], programs) -> Tile:
     """The first tile whose grid (programs(tile) real programs) fills the GPU, else the last."""
     return next((t for t in tiles if programs(t) >= FILL), tiles[-1])
@@ -441,7 +456,13 @@ def packed_attention_bwd(
                                            *strides, n_turns, NT=32 * t.num_warps, WAIT=q.device.type == "cuda",
                                            **meta)
         return dq, dk, dv
-    _dkdv_kernel[(n_blocks * B * K,)](q_in, k, v, do_in, dk, dv, lse_HT, delta, *common, K, B * K, *strides, **meta)
+    ga = _gluon_bwd() if GLUON_DKDV and dkdv_tile is None and t == DKDV_TILES[dtype][0] and q.is_cuda else None
+    if ga is not None and (t.block_m, t.block_n, t.num_warps, t.num_stages) == (ga.BLOCK_M, ga.BLOCK_N, ga.NUM_WARPS,
+                                                                              ga.STAGES) and ga.supported(q, k, v, do):
+        ga.dkdv(q, k, v, do, dk, dv, lse_HT, delta, cu, max_len, scale)
+    else:
+        _dkdv_kernel[(n_blocks * B * K,)](q_in, k, v, do_in, dk, dv, lse_HT, delta, *common, K, B * K, *strides,
+                                          **meta)
     t = dq_tile or _pick(DQ_TILES[dtype], lambda t: triton.cdiv(T, t.block_m) * H)
     n_blocks = triton.cdiv(max_len, t.block_m)
     k_in, v_in = tma_descriptors((k, v), t.block_n, DQ_TMA) or (k, v)

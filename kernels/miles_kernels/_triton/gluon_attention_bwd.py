@@ -1,0 +1,207 @@
+"""dK / dV of the packed causal GQA attention backward as a Gluon kernel for Hopper (sm_90):
+attention_bwd's `_dkdv_kernel` (same math, grid, masks and MMA shapes: the same values), 1.09-1.23x
+its speed (tools/bench/gluon_dkdv.py, 2026-12-04 twenty-first run).
+
+One program per (KV block of BLOCK_N keys, sequence, kv head), looping over its G query heads
+and the query blocks at or after the KV block as one flat loop of steps; dV = P^T dout,
+dK = scale * dS^T q, with P recomputed from the LSE in log2 units and dS = P * (dout v^T - delta):
+
+    K, V       one TMA load each into shared memory, resident for the program
+    q, dout    TMA loads into a STAGES-deep shared-memory ring, one mbarrier a slot, issued
+               STAGES - 1 steps ahead (the ring prefetches across heads)
+    LSE, delta each step's loaded a step ahead, one a thread (waiting on them at the step's exp2
+               made the first version 0.66x the Triton kernel)
+    MMAs       wgmma, async: S^T = k q^T and dP^T = v dout^T together, then dV += P^T dout and
+               dK += dS^T q with P^T / dS^T from registers; fp32 dK, dV in registers
+
+No interpreter runs Gluon: the CPU tests never reach this module's kernels.
+"""
+
+import torch
+import triton
+from triton.experimental import gluon
+from triton.experimental.gluon import language as gl
+from triton.experimental.gluon.language.nvidia.hopper import mbarrier, tma, warpgroup_mma, warpgroup_mma_wait
+from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+
+from miles_kernels._triton.gluon_attention import _mma_layout, _slot_barriers
+
+_LOG2E = gl.constexpr(1.4426950408889634)
+BLOCK_M, BLOCK_N, NUM_WARPS, STAGES = 64, 64, 4, 2  # attention_bwd's full-GPU dK/dV tile
+
+
+@gluon.jit
+def _program(cu_ptr, n_kv_heads, n_bk, BLOCK_N: gl.constexpr):
+    """As attention_bwd._program: (KV block's first key, kv head, sequence's first token, its length)
+    of this program; the grid runs rank-major over (KV block, sequence, kv head)."""
+    pid = gl.program_id(0)
+    b = (pid % n_bk) // n_kv_heads
+    q_lo = gl.load(cu_ptr + b)
+    return (pid // n_bk) * BLOCK_N, pid % n_kv_heads, q_lo, gl.load(cu_ptr + b + 1) - q_lo
+
+
+@gluon.jit
+def _load_q_do(q_desc, do_desc, q_smem, do_smem, bar, t, i_lo, n_i, q_lo, kvh, pred, G: gl.constexpr):
+    """TMA loads of step t's q and dout tiles (query head kvh * G + t // n_i, query block
+    i_lo + t % n_i) into one ring slot, signalling bar; nothing where pred is off."""
+    BLOCK_M: gl.constexpr = q_desc.block_type.shape[0]
+    D: gl.constexpr = q_desc.block_type.shape[1]
+    row = q_lo + (i_lo + t % n_i) * BLOCK_M
+    col = (kvh * G + t // n_i) * D
+    mbarrier.expect(bar, 2 * q_desc.block_type.nbytes, pred=pred)
+    tma.async_copy_global_to_shared(q_desc, [row, col], bar, q_smem, pred=pred)
+    tma.async_copy_global_to_shared(do_desc, [row, col], bar, do_smem, pred=pred)
+
+
+@gluon.jit
+def _rows(lse_ptr, delta_ptr, t, i_lo, n_i, q_lo, q_len, kvh, stride_lh, stride_dh, pred, BLOCK_M: gl.constexpr,
+          BLOCK_N: gl.constexpr, G: gl.constexpr):
+    """Step t's query rows' LSE (log2 units) and delta, loaded ahead of the step (pred off: zeros):
+    a load issued a step early is not waited on at the step's exp2. Held one a thread (the MMA
+    layout's slice would take 32 registers), moved into _step's layout there."""
+    NW: gl.constexpr = gl.num_warps()
+    qpos = (i_lo + t % n_i) * BLOCK_M + gl.arange(0, BLOCK_M, layout=gl.BlockedLayout([1], [32], [NW], [0]))
+    ok = (qpos < q_len) & pred
+    h = (kvh * G + t // n_i).to(gl.int64)
+    lse = gl.load(lse_ptr + h * stride_lh + q_lo + qpos, mask=ok, other=0.0)
+    delta = gl.load(delta_ptr + h * stride_dh + q_lo + qpos, mask=ok, other=0.0)
+    return lse * _LOG2E, delta
+
+
+@gluon.jit
+def _step(dk, dv, k_smem, v_smem, q_s, do_s, lse2, delta, t, i_lo, n_i, i_full, n_q_full, kpos, q_len, qk_scale):
+    """Add step t's query block (rows in q_s / do_s; their LSE in log2 units and delta from _rows)
+    to dk, dv (as attention_bwd._dkdv_step). Its four wgmmas: S^T and dP^T issued together, dV's
+    issued before dS^T is made, all waited here."""
+    BLOCK_M: gl.constexpr = q_s.type.shape[0]
+    BLOCK_N: gl.constexpr = k_smem.type.shape[0]
+    NW: gl.constexpr = gl.num_warps()
+    s_layout: gl.constexpr = _mma_layout(BLOCK_M, NW)  # S^T, dP^T: [BLOCK_N, BLOCK_M]
+    op_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=dk.type.layout, k_width=2)
+    i = i_lo + t % n_i
+    qpos = i * BLOCK_M + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(0, s_layout))
+    zero = gl.zeros([BLOCK_N, BLOCK_M], gl.float32, s_layout)
+    sT = warpgroup_mma(k_smem, q_s.permute((1, 0)), zero, use_acc=False, is_async=True)
+    dpT = warpgroup_mma(v_smem, do_s.permute((1, 0)), zero, use_acc=False, is_async=True)
+    sT = warpgroup_mma_wait(num_outstanding=1, deps=(sT, ))
+    pT = gl.exp2(sT * qk_scale - gl.convert_layout(lse2, gl.SliceLayout(0, s_layout))[None, :])
+    if (i < i_full) | (i >= n_q_full):  # the diagonal or the sequence's last, partial block
+        pT = gl.where((kpos[:, None] <= qpos[None, :]) & (qpos < q_len)[None, :], pT, 0.0)
+    dv = warpgroup_mma(gl.convert_layout(pT.to(q_s.dtype), op_layout), do_s, dv, is_async=True)
+    dpT = warpgroup_mma_wait(num_outstanding=1, deps=(dpT, ))
+    dsT = pT * (dpT - gl.convert_layout(delta, gl.SliceLayout(0, s_layout))[None, :])
+    dk = warpgroup_mma(gl.convert_layout(dsT.to(q_s.dtype), op_layout), q_s, dk, is_async=True)
+    return warpgroup_mma_wait(num_outstanding=0, deps=(dk, dv))
+
+
+@gluon.jit
+def _store_dkdv(dk, dv, dk_ptr, dv_ptr, n0, q_lo, q_len, kvh, scale, stride_kt):
+    """Rows n0 .. n0 + BLOCK_N of the kv head's dK (times scale) and dV, the rows inside the sequence."""
+    BLOCK_N: gl.constexpr = dk.type.shape[0]
+    D: gl.constexpr = dk.type.shape[1]
+    NW: gl.constexpr = gl.num_warps()
+    layout: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [NW, 1], [1, 0])  # 16-byte stores
+    rows = n0 + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, layout))
+    off = (q_lo + rows).to(gl.int64)[:, None] * stride_kt + kvh * D + gl.arange(0, D, layout=gl.SliceLayout(0, layout))[
+        None, :]
+    ok = rows[:, None] < q_len
+    gl.store(dk_ptr + off, gl.convert_layout((dk * scale).to(dk_ptr.dtype.element_ty), layout), mask=ok)
+    gl.store(dv_ptr + off, gl.convert_layout(dv.to(dv_ptr.dtype.element_ty), layout), mask=ok)
+
+
+@gluon.jit
+def _alloc(a_desc, b_desc, ring_a_desc, ring_b_desc, STAGES: gl.constexpr):
+    """Shared memory of a program: two resident tiles (a, b: K and V for dK/dV, q and dout for
+    dQ), a STAGES-slot ring of the other two, the ring's ready mbarriers and the resident tiles'
+    (initialised, count 1)."""
+    a_smem = gl.allocate_shared_memory(a_desc.dtype, a_desc.block_type.shape, a_desc.layout)
+    b_smem = gl.allocate_shared_memory(b_desc.dtype, b_desc.block_type.shape, b_desc.layout)
+    ring_shape: gl.constexpr = [STAGES, ring_a_desc.block_type.shape[0], ring_a_desc.block_type.shape[1]]
+    ring_a = gl.allocate_shared_memory(ring_a_desc.dtype, ring_shape, ring_a_desc.layout)
+    ring_b = gl.allocate_shared_memory(ring_b_desc.dtype, ring_shape, ring_b_desc.layout)
+    bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+    mbarrier.init(bar, count=1)
+    return a_smem, b_smem, ring_a, ring_b, _slot_barriers(STAGES), bar
+
+
+@gluon.jit
+def _dkdv_kernel(q_desc, do_desc, k_desc, v_desc, dk_ptr, dv_ptr, lse_ptr, delta_ptr, cu_ptr, qk_scale, scale,
+                     n_kv_heads, n_bk, stride_kt, stride_lh, stride_dh, G: gl.constexpr, STAGES: gl.constexpr):
+    """One program a (KV block, sequence, kv head): its G heads' query blocks from the diagonal on,
+    the compute warps issuing each step's q / dout TMA loads STAGES - 1 steps ahead."""
+    BLOCK_M: gl.constexpr = q_desc.block_type.shape[0]
+    D: gl.constexpr = q_desc.block_type.shape[1]
+    BLOCK_N: gl.constexpr = k_desc.block_type.shape[0]
+    NW: gl.constexpr = gl.num_warps()
+    acc_layout: gl.constexpr = _mma_layout(D, NW)  # dK, dV: [BLOCK_N, D]
+    n0, kvh, q_lo, q_len = _program(cu_ptr, n_kv_heads, n_bk, BLOCK_N)
+    if n0 >= q_len:
+        return
+    k_smem, v_smem, q_smem, do_smem, ready, kv_bar = _alloc(k_desc, v_desc, q_desc, do_desc, STAGES)
+
+    mbarrier.expect(kv_bar, 2 * k_desc.block_type.nbytes)
+    tma.async_copy_global_to_shared(k_desc, [q_lo + n0, kvh * D], kv_bar, k_smem)
+    tma.async_copy_global_to_shared(v_desc, [q_lo + n0, kvh * D], kv_bar, v_smem)
+    i_lo = n0 // BLOCK_M
+    n_i = gl.cdiv(q_len, BLOCK_M) - i_lo  # query blocks a head: the diagonal's to the sequence's last
+    n_steps = G * n_i
+    i_full = gl.cdiv(n0 + BLOCK_N - 1, BLOCK_M)  # query blocks from here on see every key whole
+    n_q_full = q_len // BLOCK_M  # blocks before this one end inside the sequence
+    for s in gl.static_range(STAGES - 1):
+        _load_q_do(q_desc, do_desc, q_smem.index(s), do_smem.index(s), ready.index(s), s, i_lo, n_i, q_lo, kvh,
+                   s < n_steps, G)
+
+    kpos = n0 + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, _mma_layout(BLOCK_M, NW)))
+    dk = gl.zeros([BLOCK_N, D], gl.float32, acc_layout)
+    dv = gl.zeros([BLOCK_N, D], gl.float32, acc_layout)
+    mbarrier.wait(kv_bar, 0)
+    lse2, delta = _rows(lse_ptr, delta_ptr, 0, i_lo, n_i, q_lo, q_len, kvh, stride_lh, stride_dh, True, BLOCK_M,
+                        BLOCK_N, G)
+    for t in range(n_steps):
+        # the slot step t - 1 used is free (its wgmmas were waited): step t + STAGES - 1 goes there.
+        # The barrier: every warp is past those waits before one thread issues the copy.
+        gl.thread_barrier()
+        nxt = t + STAGES - 1
+        _load_q_do(q_desc, do_desc, q_smem.index(nxt % STAGES), do_smem.index(nxt % STAGES),
+                   ready.index(nxt % STAGES), nxt, i_lo, n_i, q_lo, kvh, nxt < n_steps, G)
+        lse2_n, delta_n = _rows(lse_ptr, delta_ptr, t + 1, i_lo, n_i, q_lo, q_len, kvh, stride_lh, stride_dh,
+                                t + 1 < n_steps, BLOCK_M, BLOCK_N, G)
+        slot = t % STAGES
+        mbarrier.wait(ready.index(slot), (t // STAGES) & 1)
+        dk, dv = _step(dk, dv, k_smem, v_smem, q_smem.index(slot), do_smem.index(slot), lse2, delta, t, i_lo, n_i,
+                       i_full, n_q_full, kpos, q_len, qk_scale)
+        lse2, delta = lse2_n, delta_n
+    for s in gl.static_range(STAGES):
+        mbarrier.invalidate(ready.index(s))
+    mbarrier.invalidate(kv_bar)
+    _store_dkdv(dk, dv, dk_ptr, dv_ptr, n0, q_lo, q_len, kvh, scale, stride_kt)
+
+
+
+def supported(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, do: torch.Tensor) -> bool:
+    """Whether dkdv takes these contiguous tensors: CUDA sm_90, bf16 / fp16, head dim 64 or 128,
+    16-byte aligned."""
+    D = q.shape[2]
+    return (q.is_cuda and torch.cuda.get_device_capability(q.device) == (9, 0)
+            and q.dtype in (torch.bfloat16, torch.float16) and D in (64, 128)
+            and all(t.is_contiguous() and t.data_ptr() % 16 == 0 for t in (q, k, v, do)))
+
+
+def dkdv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, do: torch.Tensor, dk: torch.Tensor, dv: torch.Tensor,
+         lse_HT: torch.Tensor, delta_HT: torch.Tensor, cu: torch.Tensor, max_len: int, scale: float) -> None:
+    """dk, dv (contiguous [T, K, D], written) of contiguous q, dout [T, H, D] and k, v [T, K, D];
+    the caller checked `supported`."""
+    T, H, D = q.shape
+    K = k.shape[1]
+    B = cu.shape[0] - 1
+    dtype = gl.bfloat16 if q.dtype == torch.bfloat16 else gl.float16
+
+    def desc(x, rows):
+        x2 = x.view(T, -1)
+        layout = gl.NVMMASharedLayout.get_default_for([rows, D], dtype)
+        return TensorDescriptor(x2, list(x2.shape), [x2.stride(0), 1], [rows, D], layout)
+
+    grid = (triton.cdiv(max_len, BLOCK_N) * B * K, )
+    _dkdv_kernel[grid](desc(q, BLOCK_M), desc(do, BLOCK_M), desc(k, BLOCK_N), desc(v, BLOCK_N), dk, dv, lse_HT,
+                       delta_HT, cu, scale * 1.4426950408889634, scale, K, B * K, K * D, lse_HT.stride(0),
+                       delta_HT.stride(0), G=H // K, STAGES=STAGES, num_warps=NUM_WARPS)
