@@ -126,6 +126,97 @@ def _dkdv_ws_kernel(q_desc, do_desc, k_desc, v_desc, dk_ptr, dv_ptr, lse_ptr, de
     ], [1], [LOAD_REGS])
 
 
+@gluon.jit
+def _ws2_load(q_desc, do_desc, k_desc, v_desc, k0, v0, k1, v1, q_smem, do_smem, ready, empty, kv_bar, n0, kvh, q_lo,
+              i_lo, n_i, G: gl.constexpr):
+    """Producer (1 warp) of _dkdv_ws2_kernel: both halves' K, V once, then each step's q, dout
+    into the ring as both consumers free a slot."""
+    HALF: gl.constexpr = k_desc.block_type.shape[0]
+    D: gl.constexpr = k_desc.block_type.shape[1]
+    STAGES: gl.constexpr = q_smem.type.shape[0]
+    mbarrier.expect(kv_bar, 4 * k_desc.block_type.nbytes)
+    tma.async_copy_global_to_shared(k_desc, [q_lo + n0, kvh * D], kv_bar, k0)
+    tma.async_copy_global_to_shared(v_desc, [q_lo + n0, kvh * D], kv_bar, v0)
+    tma.async_copy_global_to_shared(k_desc, [q_lo + n0 + HALF, kvh * D], kv_bar, k1)
+    tma.async_copy_global_to_shared(v_desc, [q_lo + n0 + HALF, kvh * D], kv_bar, v1)
+    for t in range(G * n_i):
+        slot = t % STAGES
+        mbarrier.wait(empty.index(slot), ((t // STAGES) & 1) ^ 1)  # phase 1 starts complete
+        _load_q_do(q_desc, do_desc, q_smem.index(slot), do_smem.index(slot), ready.index(slot), t, i_lo, n_i, q_lo,
+                   kvh, True, G)
+
+
+@gluon.jit
+def _ws2_compute(k_smem, v_smem, q_smem, do_smem, ready, empty, kv_bar, dk_ptr, dv_ptr, lse_ptr, delta_ptr, n0, kvh,
+                 q_lo, q_len, i_lo, n_i, qk_scale, scale, stride_kt, stride_lh, stride_dh, G: gl.constexpr):
+    """One consumer (4 warps) of _dkdv_ws2_kernel: its 64 keys from n0 over every step of the
+    program, computing those whose query block reaches its keys, releasing every slot."""
+    BLOCK_M: gl.constexpr = q_smem.type.shape[1]
+    D: gl.constexpr = q_smem.type.shape[2]
+    BLOCK_N: gl.constexpr = k_smem.type.shape[0]
+    STAGES: gl.constexpr = q_smem.type.shape[0]
+    NW: gl.constexpr = gl.num_warps()
+    acc_layout: gl.constexpr = _mma_layout(D, NW)
+    i_full = gl.cdiv(n0 + BLOCK_N - 1, BLOCK_M)
+    n_q_full = q_len // BLOCK_M
+    first = gl.where(n0 < q_len, n0 // BLOCK_M, i_lo + n_i)  # keys all past the sequence: no block
+    kpos = n0 + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, _mma_layout(BLOCK_M, NW)))
+    dk = gl.zeros([BLOCK_N, D], gl.float32, acc_layout)
+    dv = gl.zeros([BLOCK_N, D], gl.float32, acc_layout)
+    mbarrier.wait(kv_bar, 0)
+    lse2, delta = _rows(lse_ptr, delta_ptr, 0, i_lo, n_i, q_lo, q_len, kvh, stride_lh, stride_dh, True, BLOCK_M,
+                        BLOCK_N, G)
+    for t in range(G * n_i):
+        lse2_n, delta_n = _rows(lse_ptr, delta_ptr, t + 1, i_lo, n_i, q_lo, q_len, kvh, stride_lh, stride_dh,
+                                t + 1 < G * n_i, BLOCK_M, BLOCK_N, G)
+        slot = t % STAGES
+        mbarrier.wait(ready.index(slot), (t // STAGES) & 1)
+        if i_lo + t % n_i >= first:
+            dk, dv = _step(dk, dv, k_smem, v_smem, q_smem.index(slot), do_smem.index(slot), lse2, delta, t, i_lo, n_i,
+                           i_full, n_q_full, kpos, q_len, qk_scale)
+        gl.thread_barrier()  # every warp is past its wgmma wait before the one arrive
+        mbarrier.arrive(empty.index(slot))
+        lse2, delta = lse2_n, delta_n
+    _store_dkdv(dk, dv, dk_ptr, dv_ptr, n0, q_lo, q_len, kvh, scale, stride_kt)
+
+
+@gluon.jit
+def _dkdv_ws2_kernel(q_desc, do_desc, k_desc, v_desc, dk_ptr, dv_ptr, lse_ptr, delta_ptr, cu_ptr, qk_scale, scale,
+                     n_kv_heads, n_bk, stride_kt, stride_lh, stride_dh, G: gl.constexpr, STAGES: gl.constexpr,
+                     LOAD_REGS: gl.constexpr):
+    """The forward's layout (gluon_attention._fwd_ws_kernel): a 1-warp producer, two 4-warp
+    consumers of 64 keys each (k / v descriptors of 64 rows, 128 keys a program) sharing every
+    q / dout tile, free of each other."""
+    HALF: gl.constexpr = k_desc.block_type.shape[0]
+    D: gl.constexpr = k_desc.block_type.shape[1]
+    BLOCK_M: gl.constexpr = q_desc.block_type.shape[0]
+    n0, kvh, q_lo, q_len = _program(cu_ptr, n_kv_heads, n_bk, 2 * HALF)
+    if n0 >= q_len:
+        return
+    k0 = gl.allocate_shared_memory(k_desc.dtype, [HALF, D], k_desc.layout)
+    v0 = gl.allocate_shared_memory(k_desc.dtype, [HALF, D], k_desc.layout)
+    k1 = gl.allocate_shared_memory(k_desc.dtype, [HALF, D], k_desc.layout)
+    v1 = gl.allocate_shared_memory(k_desc.dtype, [HALF, D], k_desc.layout)
+    ring_shape: gl.constexpr = [STAGES, BLOCK_M, D]
+    q_smem = gl.allocate_shared_memory(q_desc.dtype, ring_shape, q_desc.layout)
+    do_smem = gl.allocate_shared_memory(q_desc.dtype, ring_shape, q_desc.layout)
+    ready = _slot_barriers(STAGES)
+    empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    for s in gl.static_range(STAGES):
+        mbarrier.init(empty.index(s), count=2)  # both consumers
+    kv_bar = _slot_barriers(1).index(0)
+    i_lo = n0 // BLOCK_M
+    n_i = gl.cdiv(q_len, BLOCK_M) - i_lo
+    gl.warp_specialize([
+        (_ws2_compute, (k0, v0, q_smem, do_smem, ready, empty, kv_bar, dk_ptr, dv_ptr, lse_ptr, delta_ptr, n0, kvh,
+                        q_lo, q_len, i_lo, n_i, qk_scale, scale, stride_kt, stride_lh, stride_dh, G)),
+        (_ws2_compute, (k1, v1, q_smem, do_smem, ready, empty, kv_bar, dk_ptr, dv_ptr, lse_ptr, delta_ptr, n0 + HALF,
+                        kvh, q_lo, q_len, i_lo, n_i, qk_scale, scale, stride_kt, stride_lh, stride_dh, G)),
+        (_ws2_load, (q_desc, do_desc, k_desc, v_desc, k0, v0, k1, v1, q_smem, do_smem, ready, empty, kv_bar, n0, kvh,
+                     q_lo, i_lo, n_i, G)),
+    ], [4, 1], [240, LOAD_REGS])
+
+
 # ---- compile only (CPU) ----
 
 def _desc_sig(rows: int, D: int) -> str:
@@ -192,6 +283,9 @@ CONFIGS = [
     ("ws 64x128 w8 s3 r168", "_dkdv_ws_kernel", 64, 128, 8, 3, 168),
     ("ws 64x64 w4 s2 r128", "_dkdv_ws_kernel", 64, 64, 4, 2, 128),
     ("ws 64x64 w4 s3", "_dkdv_ws_kernel", 64, 64, 4, 3, None),
+    ("ws2 64x128 s2", "_dkdv_ws2_kernel", 64, 64, 4, 2, 168),
+    ("ws2 64x128 s3", "_dkdv_ws2_kernel", 64, 64, 4, 3, 168),
+    ("ws2 64x128 s4", "_dkdv_ws2_kernel", 64, 64, 4, 4, 168),
 ]
 
 
@@ -277,7 +371,8 @@ class Case:
     def gluon_dkdv(self, config, dk, dv):
         """A launcher of one Gluon config."""
         B = len(self.lens)
-        grid = (triton.cdiv(self.max_len, config[3]) * B * K, )
+        keys = config[3] * (2 if config[1] == "_dkdv_ws2_kernel" else 1)  # ws2: two KV tiles a program
+        grid = (triton.cdiv(self.max_len, keys) * B * K, )
         return self.gluon_launch(globals()[config[1]], config, grid, (dk, dv), (K, B * K, K * D))
 
     def gluon_launch(self, fn, config, grid, outs, ints):
@@ -295,7 +390,7 @@ class Case:
         args = (desc(self.q, bm), desc(self.do, bm), desc(self.k, bn), desc(self.v, bn), *outs, self.lse, self.delta,
                 self.cu, self.scale * 1.4426950408889634, self.scale, *ints, self.lse.stride(0), self.T)
         meta = dict(G=H // K, STAGES=stages, num_warps=nw)
-        if "_ws_" in kernel:
+        if "_ws" in kernel:
             meta["LOAD_REGS"] = LOAD_REGS
         if maxnreg:
             meta["maxnreg"] = maxnreg

@@ -221,6 +221,92 @@ def _dq_ws_kernel(q_desc, do_desc, k_desc, v_desc, dq_ptr, lse_ptr, delta_ptr, c
     ], [1], [LOAD_REGS])
 
 
+@gluon.jit
+def _ws2_load(q_desc, do_desc, k_desc, v_desc, q0, do0, q1, do1, k_smem, v_smem, ready, empty, q_bar, m0, h, q_lo,
+              n_kv, G: gl.constexpr):
+    """Producer (1 warp) of _dq_ws2_kernel: both halves' q, dout once, then the KV blocks both
+    consumers walk into the ring as both free a slot."""
+    HALF: gl.constexpr = q_desc.block_type.shape[0]
+    D: gl.constexpr = q_desc.block_type.shape[1]
+    STAGES: gl.constexpr = k_smem.type.shape[0]
+    mbarrier.expect(q_bar, 4 * q_desc.block_type.nbytes)
+    tma.async_copy_global_to_shared(q_desc, [q_lo + m0, h * D], q_bar, q0)
+    tma.async_copy_global_to_shared(do_desc, [q_lo + m0, h * D], q_bar, do0)
+    tma.async_copy_global_to_shared(q_desc, [q_lo + m0 + HALF, h * D], q_bar, q1)
+    tma.async_copy_global_to_shared(do_desc, [q_lo + m0 + HALF, h * D], q_bar, do1)
+    for j in range(n_kv):
+        slot = j % STAGES
+        mbarrier.wait(empty.index(slot), ((j // STAGES) & 1) ^ 1)  # phase 1 starts complete
+        _load_kv(k_desc, v_desc, k_smem.index(slot), v_smem.index(slot), ready.index(slot), j, q_lo, h // G, True)
+
+
+@gluon.jit
+def _ws2_compute(q_smem, do_smem, k_smem, v_smem, ready, empty, q_bar, dq_ptr, lse_ptr, delta_ptr, m0, h, q_lo,
+                 q_len, n_kv_all, qk_scale, scale, stride_qt, stride_lh, stride_dh):
+    """One consumer (4 warps) of _dq_ws2_kernel: its 64 rows from m0 over the KV blocks they meet,
+    then it releases the blocks only the other consumer needs."""
+    BLOCK_M: gl.constexpr = q_smem.type.shape[0]
+    D: gl.constexpr = q_smem.type.shape[1]
+    BLOCK_N: gl.constexpr = k_smem.type.shape[1]
+    STAGES: gl.constexpr = k_smem.type.shape[0]
+    NW: gl.constexpr = gl.num_warps()
+    qpos, lse2, delta, n_full, n_kv = _rows(lse_ptr, delta_ptr, h, q_lo, q_len, m0, stride_lh, stride_dh,
+                                            BLOCK_M, BLOCK_N)
+    n_kv = gl.where(m0 < q_len, n_kv, 0)  # rows all past the sequence: nothing to compute
+    dq = gl.zeros([BLOCK_M, D], gl.float32, _mma_layout(D, NW))
+    mbarrier.wait(q_bar, 0)
+    for j in range(n_kv):
+        slot = j % STAGES
+        mbarrier.wait(ready.index(slot), (j // STAGES) & 1)
+        dq = _step(dq, q_smem, do_smem, k_smem.index(slot), v_smem.index(slot), lse2, delta, qpos, j, n_full,
+                   qk_scale)
+        gl.thread_barrier()  # every warp is past its wgmma wait before the one arrive
+        mbarrier.arrive(empty.index(slot))
+    for j in range(n_kv, n_kv_all):
+        slot = j % STAGES
+        mbarrier.wait(ready.index(slot), (j // STAGES) & 1)
+        mbarrier.arrive(empty.index(slot))
+    _store_dq(dq, dq_ptr, m0, q_lo, q_len, h, scale, stride_qt)
+
+
+@gluon.jit
+def _dq_ws2_kernel(q_desc, do_desc, k_desc, v_desc, dq_ptr, lse_ptr, delta_ptr, cu_ptr, qk_scale, scale, n_heads,
+                   n_bh, n_blocks, stride_qt, stride_lh, stride_dh, G: gl.constexpr, STAGES: gl.constexpr,
+                   LOAD_REGS: gl.constexpr):
+    """The forward's layout (gluon_attention._fwd_ws_kernel): a 1-warp producer, two 4-warp
+    consumers of 64 query rows each (q / dout descriptors of 64 rows, 128 a program) sharing
+    every K/V block, free of each other."""
+    HALF: gl.constexpr = q_desc.block_type.shape[0]
+    D: gl.constexpr = q_desc.block_type.shape[1]
+    BLOCK_N: gl.constexpr = k_desc.block_type.shape[0]
+    r0, h, q_lo, q_len = _program(cu_ptr, n_heads, n_bh, 2 * HALF)
+    m0 = (n_blocks - 1) * 2 * HALF - r0
+    if m0 >= q_len:
+        return
+    q_layout: gl.constexpr = q_desc.layout
+    q0 = gl.allocate_shared_memory(q_desc.dtype, [HALF, D], q_layout)
+    do0 = gl.allocate_shared_memory(q_desc.dtype, [HALF, D], q_layout)
+    q1 = gl.allocate_shared_memory(q_desc.dtype, [HALF, D], q_layout)
+    do1 = gl.allocate_shared_memory(q_desc.dtype, [HALF, D], q_layout)
+    ring_shape: gl.constexpr = [STAGES, BLOCK_N, D]
+    k_smem = gl.allocate_shared_memory(k_desc.dtype, ring_shape, k_desc.layout)
+    v_smem = gl.allocate_shared_memory(k_desc.dtype, ring_shape, k_desc.layout)
+    ready = _slot_barriers(STAGES)
+    empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    for s in gl.static_range(STAGES):
+        mbarrier.init(empty.index(s), count=2)  # both consumers
+    q_bar = _slot_barriers(1).index(0)
+    n_kv = gl.cdiv(gl.minimum(m0 + 2 * HALF, q_len), BLOCK_N)
+    gl.warp_specialize([
+        (_ws2_compute, (q0, do0, k_smem, v_smem, ready, empty, q_bar, dq_ptr, lse_ptr, delta_ptr, m0, h, q_lo, q_len,
+                        n_kv, qk_scale, scale, stride_qt, stride_lh, stride_dh)),
+        (_ws2_compute, (q1, do1, k_smem, v_smem, ready, empty, q_bar, dq_ptr, lse_ptr, delta_ptr, m0 + HALF, h, q_lo,
+                        q_len, n_kv, qk_scale, scale, stride_qt, stride_lh, stride_dh)),
+        (_ws2_load, (q_desc, do_desc, k_desc, v_desc, q0, do0, q1, do1, k_smem, v_smem, ready, empty, q_bar, m0, h,
+                     q_lo, n_kv, G)),
+    ], [4, 1], [240, LOAD_REGS])
+
+
 # (name, kernel, BLOCK_M, BLOCK_N, num_warps, STAGES, maxnreg). Warps (and the wgmma tiles) stack
 # over the query rows: 64 rows a warpgroup. 128 x 64 with 8 warps is the Triton kernel's default
 # tile (DQ_TILES), 64 x 64 with 4 warps its small-grid one. A warp-specialized kernel runs
@@ -237,6 +323,9 @@ CONFIGS = [
     ("ws 64x64 w4 s2", "_dq_ws_kernel", 64, 64, 4, 2, None),
     ("ws 64x64 w4 s2 r128", "_dq_ws_kernel", 64, 64, 4, 2, 128),
     ("ws 64x64 w4 s3", "_dq_ws_kernel", 64, 64, 4, 3, None),
+    ("ws2 128x64 s2", "_dq_ws2_kernel", 64, 64, 4, 2, 168),
+    ("ws2 128x64 s3", "_dq_ws2_kernel", 64, 64, 4, 3, 168),
+    ("ws2 128x64 s4", "_dq_ws2_kernel", 64, 64, 4, 4, 168),
 ]
 
 
@@ -278,7 +367,8 @@ class DqCase(Case):
 
     def gluon_dq(self, config, dq):
         """A launcher of one Gluon config."""
-        B, n_blocks = len(self.lens), triton.cdiv(self.max_len, config[2])
+        rows = config[2] * (2 if config[1] == "_dq_ws2_kernel" else 1)  # ws2: two q tiles a program
+        B, n_blocks = len(self.lens), triton.cdiv(self.max_len, rows)
         return self.gluon_launch(globals()[config[1]], config, (n_blocks * B * H, ), (dq, ),
                                  (H, B * H, n_blocks, H * D))
 
