@@ -47,63 +47,30 @@ from miles_kernels._triton.gluon_attention import _mma_layout, _slot_barriers  #
 from miles_kernels._triton.gluon_attention_bwd import (_alloc, _dkdv_kernel, _load_q_do, _program, _rows,  # noqa: F401
                                                       _step, _store_dkdv)
 
-_LOG2E = gl.constexpr(1.4426950408889634)
 LOAD_REGS = 24  # the warp-specialized kernel's load partition: registers a thread
 
 
 @gluon.jit
 def _ws_load(q_desc, do_desc, k_desc, v_desc, k_smem, v_smem, q_smem, do_smem, ready, empty, kv_bar, n0, kvh, q_lo,
-             q_len, G: gl.constexpr):
+             i_lo, n_i, G: gl.constexpr):
     """Producer partition (1 warp): K, V once, then each step's q, dout into the ring as slots free up."""
-    BLOCK_M: gl.constexpr = q_desc.block_type.shape[0]
     D: gl.constexpr = q_desc.block_type.shape[1]
-    STAGES: gl.constexpr = q_smem.type.shape[0]
     mbarrier.expect(kv_bar, 2 * k_desc.block_type.nbytes)
     tma.async_copy_global_to_shared(k_desc, [q_lo + n0, kvh * D], kv_bar, k_smem)
     tma.async_copy_global_to_shared(v_desc, [q_lo + n0, kvh * D], kv_bar, v_smem)
-    i_lo = n0 // BLOCK_M
-    n_i = gl.cdiv(q_len, BLOCK_M) - i_lo
+    _ring_q_do(q_desc, do_desc, q_smem, do_smem, ready, empty, i_lo, n_i, q_lo, kvh, G)
+
+
+@gluon.jit
+def _ring_q_do(q_desc, do_desc, q_smem, do_smem, ready, empty, i_lo, n_i, q_lo, kvh, G: gl.constexpr):
+    """The producer's loop: step t's q, dout into slot t % STAGES once the consumers freed it."""
+    STAGES: gl.constexpr = q_smem.type.shape[0]
     for t in range(G * n_i):
         slot = t % STAGES
         # empty barriers start with phase 1 complete: the first round of waits passes at once
         mbarrier.wait(empty.index(slot), ((t // STAGES) & 1) ^ 1)
         _load_q_do(q_desc, do_desc, q_smem.index(slot), do_smem.index(slot), ready.index(slot), t, i_lo, n_i, q_lo,
                    kvh, True, G)
-
-
-@gluon.jit
-def _ws_compute(k_smem, v_smem, q_smem, do_smem, ready, empty, kv_bar, dk_ptr, dv_ptr, lse_ptr, delta_ptr, n0, kvh,
-                q_lo, q_len, qk_scale, scale, stride_kt, stride_lh, stride_dh, G: gl.constexpr):
-    """Default partition (num_warps compute warps): each step as _dkdv_kernel's, releasing its
-    ring slot once its wgmmas are done; then the stores."""
-    BLOCK_M: gl.constexpr = q_smem.type.shape[1]
-    D: gl.constexpr = q_smem.type.shape[2]
-    BLOCK_N: gl.constexpr = k_smem.type.shape[0]
-    STAGES: gl.constexpr = q_smem.type.shape[0]
-    NW: gl.constexpr = gl.num_warps()
-    acc_layout: gl.constexpr = _mma_layout(D, NW)
-    i_lo = n0 // BLOCK_M
-    n_i = gl.cdiv(q_len, BLOCK_M) - i_lo
-    i_full = gl.cdiv(n0 + BLOCK_N - 1, BLOCK_M)
-    n_q_full = q_len // BLOCK_M
-    kpos = n0 + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, _mma_layout(BLOCK_M, NW)))
-    dk = gl.zeros([BLOCK_N, D], gl.float32, acc_layout)
-    dv = gl.zeros([BLOCK_N, D], gl.float32, acc_layout)
-    mbarrier.wait(kv_bar, 0)
-    lse2, delta = _rows(lse_ptr, delta_ptr, 0, i_lo, n_i, q_lo, q_len, kvh, stride_lh, stride_dh, True, BLOCK_M,
-                        BLOCK_N, G)
-    for t in range(G * n_i):
-        lse2_n, delta_n = _rows(lse_ptr, delta_ptr, t + 1, i_lo, n_i, q_lo, q_len, kvh, stride_lh, stride_dh,
-                                t + 1 < G * n_i, BLOCK_M, BLOCK_N, G)
-        slot = t % STAGES
-        mbarrier.wait(ready.index(slot), (t // STAGES) & 1)
-        dk, dv = _step(dk, dv, k_smem, v_smem, q_smem.index(slot), do_smem.index(slot), lse2, delta, t, i_lo, n_i,
-                       i_full, n_q_full, kpos, q_len, qk_scale)
-        lse2, delta = lse2_n, delta_n
-        # every warp is past its wgmma wait before the one arrive frees the slot
-        gl.thread_barrier()
-        mbarrier.arrive(empty.index(slot))
-    _store_dkdv(dk, dv, dk_ptr, dv_ptr, n0, q_lo, q_len, kvh, scale, stride_kt)
 
 
 @gluon.jit
@@ -118,11 +85,13 @@ def _dkdv_ws_kernel(q_desc, do_desc, k_desc, v_desc, dk_ptr, dv_ptr, lse_ptr, de
         return
     k_smem, v_smem, q_smem, do_smem, ready, kv_bar = _alloc(k_desc, v_desc, q_desc, do_desc, STAGES)
     empty = _slot_barriers(STAGES)
+    i_lo = n0 // q_desc.block_type.shape[0]
+    n_i = gl.cdiv(q_len, q_desc.block_type.shape[0]) - i_lo
     gl.warp_specialize([
         (_ws_compute, (k_smem, v_smem, q_smem, do_smem, ready, empty, kv_bar, dk_ptr, dv_ptr, lse_ptr, delta_ptr, n0,
-                       kvh, q_lo, q_len, qk_scale, scale, stride_kt, stride_lh, stride_dh, G)),
+                       kvh, q_lo, q_len, i_lo, n_i, qk_scale, scale, stride_kt, stride_lh, stride_dh, G)),
         (_ws_load, (q_desc, do_desc, k_desc, v_desc, k_smem, v_smem, q_smem, do_smem, ready, empty, kv_bar, n0, kvh,
-                    q_lo, q_len, G)),
+                    q_lo, i_lo, n_i, G)),
     ], [1], [LOAD_REGS])
 
 
@@ -133,24 +102,20 @@ def _ws2_load(q_desc, do_desc, k_desc, v_desc, k0, v0, k1, v1, q_smem, do_smem, 
     into the ring as both consumers free a slot."""
     HALF: gl.constexpr = k_desc.block_type.shape[0]
     D: gl.constexpr = k_desc.block_type.shape[1]
-    STAGES: gl.constexpr = q_smem.type.shape[0]
     mbarrier.expect(kv_bar, 4 * k_desc.block_type.nbytes)
     tma.async_copy_global_to_shared(k_desc, [q_lo + n0, kvh * D], kv_bar, k0)
     tma.async_copy_global_to_shared(v_desc, [q_lo + n0, kvh * D], kv_bar, v0)
     tma.async_copy_global_to_shared(k_desc, [q_lo + n0 + HALF, kvh * D], kv_bar, k1)
     tma.async_copy_global_to_shared(v_desc, [q_lo + n0 + HALF, kvh * D], kv_bar, v1)
-    for t in range(G * n_i):
-        slot = t % STAGES
-        mbarrier.wait(empty.index(slot), ((t // STAGES) & 1) ^ 1)  # phase 1 starts complete
-        _load_q_do(q_desc, do_desc, q_smem.index(slot), do_smem.index(slot), ready.index(slot), t, i_lo, n_i, q_lo,
-                   kvh, True, G)
+    _ring_q_do(q_desc, do_desc, q_smem, do_smem, ready, empty, i_lo, n_i, q_lo, kvh, G)
 
 
 @gluon.jit
-def _ws2_compute(k_smem, v_smem, q_smem, do_smem, ready, empty, kv_bar, dk_ptr, dv_ptr, lse_ptr, delta_ptr, n0, kvh,
+def _ws_compute(k_smem, v_smem, q_smem, do_smem, ready, empty, kv_bar, dk_ptr, dv_ptr, lse_ptr, delta_ptr, n0, kvh,
                  q_lo, q_len, i_lo, n_i, qk_scale, scale, stride_kt, stride_lh, stride_dh, G: gl.constexpr):
-    """One consumer (4 warps) of _dkdv_ws2_kernel: its 64 keys from n0 over every step of the
-    program, computing those whose query block reaches its keys, releasing every slot."""
+    """A consumer (num_warps warps): its BLOCK_N keys from n0 (k_smem, v_smem) over every step of
+    the program, computing those whose query block reaches its keys (all but, in _dkdv_ws2_kernel,
+    the second consumer's first), each ring slot released once its wgmmas are done; then dK, dV."""
     BLOCK_M: gl.constexpr = q_smem.type.shape[1]
     D: gl.constexpr = q_smem.type.shape[2]
     BLOCK_N: gl.constexpr = k_smem.type.shape[0]
@@ -208,9 +173,9 @@ def _dkdv_ws2_kernel(q_desc, do_desc, k_desc, v_desc, dk_ptr, dv_ptr, lse_ptr, d
     i_lo = n0 // BLOCK_M
     n_i = gl.cdiv(q_len, BLOCK_M) - i_lo
     gl.warp_specialize([
-        (_ws2_compute, (k0, v0, q_smem, do_smem, ready, empty, kv_bar, dk_ptr, dv_ptr, lse_ptr, delta_ptr, n0, kvh,
+        (_ws_compute, (k0, v0, q_smem, do_smem, ready, empty, kv_bar, dk_ptr, dv_ptr, lse_ptr, delta_ptr, n0, kvh,
                         q_lo, q_len, i_lo, n_i, qk_scale, scale, stride_kt, stride_lh, stride_dh, G)),
-        (_ws2_compute, (k1, v1, q_smem, do_smem, ready, empty, kv_bar, dk_ptr, dv_ptr, lse_ptr, delta_ptr, n0 + HALF,
+        (_ws_compute, (k1, v1, q_smem, do_smem, ready, empty, kv_bar, dk_ptr, dv_ptr, lse_ptr, delta_ptr, n0 + HALF,
                         kvh, q_lo, q_len, i_lo, n_i, qk_scale, scale, stride_kt, stride_lh, stride_dh, G)),
         (_ws2_load, (q_desc, do_desc, k_desc, v_desc, k0, v0, k1, v1, q_smem, do_smem, ready, empty, kv_bar, n0, kvh,
                      q_lo, i_lo, n_i, G)),
@@ -462,10 +427,9 @@ def gpu_run(out: str, configs: list) -> int:
     return finish(results, failed, out)
 
 
-def run_config(case_name: str, cfg, make_run, outs, refs, fp32s, r: dict, tflop: float, failed: list) -> dict:
-    """One Gluon config on one case: launch make_run(cfg, *outs) (outs start as NaN: a row left
-    unwritten fails), compare outs with the Triton backward's refs (and fp32s where given), time
-    it against r["triton_us"]; print the table row, add any failure to failed; the row."""
+def launch(case_name: str, cfg, make_run, outs, failed: list):
+    """(the launcher make_run(cfg, *outs) returns, the config's row) after one launch; (None, the
+    row with its error) where the config does not compile or launch (added to failed)."""
     import torch
     row = dict(config=cfg[0])
     try:
@@ -477,6 +441,17 @@ def run_config(case_name: str, cfg, make_run, outs, refs, fp32s, r: dict, tflop:
         row["error"] = f"{type(e).__name__}: {e}"[:2000]
         print(f"{cfg[0]:>22} FAILED: {row['error'][:300]}")
         failed.append(f"{case_name} {cfg[0]}: {row['error'][:200]}")
+        return None, row
+    return run, row
+
+
+def run_config(case_name: str, cfg, make_run, outs, refs, fp32s, r: dict, tflop: float, failed: list) -> dict:
+    """One Gluon config on one case: launch make_run(cfg, *outs) (outs start as NaN: a row left
+    unwritten fails), compare outs with the Triton backward's refs (and fp32s where given), time
+    it against r["triton_us"]; print the table row, add any failure to failed; the row."""
+    import torch
+    run, row = launch(case_name, cfg, make_run, outs, failed)
+    if run is None:
         return row
     row["err"] = [rel_err(o, ref) for o, ref in zip(outs, refs)]
     ok = all(e <= TOL for e in row["err"])  # (nan compares false)

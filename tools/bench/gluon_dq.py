@@ -39,22 +39,11 @@ from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import mbarrier, tma, warpgroup_mma, warpgroup_mma_wait
 
+from miles_kernels._triton.gluon_attention import _load_kv
 from gluon_dkdv import (CASES, D, H, K, TOL, Case, _alloc, _bench_us, _mma_layout, _program, _slot_barriers, cli,
                         compile_configs, finish, fp32_reference, rel_err, run_config)
 
 _LOG2E = gl.constexpr(1.4426950408889634)
-
-
-@gluon.jit
-def _load_kv(k_desc, v_desc, k_smem, v_smem, bar, j, q_lo, kvh, pred):
-    """TMA loads of KV block j's k and v tiles (kv head kvh) into one ring slot, signalling bar;
-    nothing where pred is off. Rows past the sequence: the next sequence's keys (or TMA's zeros
-    past T), which the causal mask drops."""
-    BLOCK_N: gl.constexpr = k_desc.block_type.shape[0]
-    D: gl.constexpr = k_desc.block_type.shape[1]
-    mbarrier.expect(bar, 2 * k_desc.block_type.nbytes, pred=pred)
-    tma.async_copy_global_to_shared(k_desc, [q_lo + j * BLOCK_N, kvh * D], bar, k_smem, pred=pred)
-    tma.async_copy_global_to_shared(v_desc, [q_lo + j * BLOCK_N, kvh * D], bar, v_smem, pred=pred)
 
 
 @gluon.jit
@@ -176,31 +165,6 @@ def _ws_load(q_desc, do_desc, k_desc, v_desc, q_smem, do_smem, k_smem, v_smem, r
 
 
 @gluon.jit
-def _ws_compute(q_smem, do_smem, k_smem, v_smem, ready, empty, q_bar, dq_ptr, lse_ptr, delta_ptr, m0, h, q_lo,
-                q_len, qk_scale, scale, stride_qt, stride_lh, stride_dh):
-    """Default partition (num_warps compute warps): each step as _dq_tma_kernel's, releasing its
-    ring slot once its wgmmas are done; then the store."""
-    BLOCK_M: gl.constexpr = q_smem.type.shape[0]
-    D: gl.constexpr = q_smem.type.shape[1]
-    BLOCK_N: gl.constexpr = k_smem.type.shape[1]
-    STAGES: gl.constexpr = k_smem.type.shape[0]
-    NW: gl.constexpr = gl.num_warps()
-    qpos, lse2, delta, n_full, n_kv = _rows(lse_ptr, delta_ptr, h, q_lo, q_len, m0, stride_lh, stride_dh,
-                                            BLOCK_M, BLOCK_N)
-    dq = gl.zeros([BLOCK_M, D], gl.float32, _mma_layout(D, NW))
-    mbarrier.wait(q_bar, 0)
-    for j in range(n_kv):
-        slot = j % STAGES
-        mbarrier.wait(ready.index(slot), (j // STAGES) & 1)
-        dq = _step(dq, q_smem, do_smem, k_smem.index(slot), v_smem.index(slot), lse2, delta, qpos, j, n_full,
-                   qk_scale)
-        # every warp is past its wgmma wait before the one arrive frees the slot
-        gl.thread_barrier()
-        mbarrier.arrive(empty.index(slot))
-    _store_dq(dq, dq_ptr, m0, q_lo, q_len, h, scale, stride_qt)
-
-
-@gluon.jit
 def _dq_ws_kernel(q_desc, do_desc, k_desc, v_desc, dq_ptr, lse_ptr, delta_ptr, cu_ptr, qk_scale, scale, n_heads,
                   n_bh, n_blocks, stride_qt, stride_lh, stride_dh, G: gl.constexpr, STAGES: gl.constexpr,
                   LOAD_REGS: gl.constexpr):
@@ -215,7 +179,7 @@ def _dq_ws_kernel(q_desc, do_desc, k_desc, v_desc, dq_ptr, lse_ptr, delta_ptr, c
     empty = _slot_barriers(STAGES)
     gl.warp_specialize([
         (_ws_compute, (q_smem, do_smem, k_smem, v_smem, ready, empty, q_bar, dq_ptr, lse_ptr, delta_ptr, m0, h, q_lo,
-                       q_len, qk_scale, scale, stride_qt, stride_lh, stride_dh)),
+                       q_len, 0, qk_scale, scale, stride_qt, stride_lh, stride_dh)),
         (_ws_load, (q_desc, do_desc, k_desc, v_desc, q_smem, do_smem, k_smem, v_smem, ready, empty, q_bar, m0, h,
                     q_lo, q_len, G)),
     ], [1], [LOAD_REGS])
@@ -241,10 +205,11 @@ def _ws2_load(q_desc, do_desc, k_desc, v_desc, q0, do0, q1, do1, k_smem, v_smem,
 
 
 @gluon.jit
-def _ws2_compute(q_smem, do_smem, k_smem, v_smem, ready, empty, q_bar, dq_ptr, lse_ptr, delta_ptr, m0, h, q_lo,
+def _ws_compute(q_smem, do_smem, k_smem, v_smem, ready, empty, q_bar, dq_ptr, lse_ptr, delta_ptr, m0, h, q_lo,
                  q_len, n_kv_all, qk_scale, scale, stride_qt, stride_lh, stride_dh):
-    """One consumer (4 warps) of _dq_ws2_kernel: its 64 rows from m0 over the KV blocks they meet,
-    then it releases the blocks only the other consumer needs."""
+    """A consumer (num_warps warps): its BLOCK_M rows from m0 over the KV blocks they meet, each
+    ring slot released once its wgmmas are done, then the ring's blocks up to n_kv_all that only
+    another consumer needs (_dq_ws2_kernel)."""
     BLOCK_M: gl.constexpr = q_smem.type.shape[0]
     D: gl.constexpr = q_smem.type.shape[1]
     BLOCK_N: gl.constexpr = k_smem.type.shape[1]
@@ -298,9 +263,9 @@ def _dq_ws2_kernel(q_desc, do_desc, k_desc, v_desc, dq_ptr, lse_ptr, delta_ptr, 
     q_bar = _slot_barriers(1).index(0)
     n_kv = gl.cdiv(gl.minimum(m0 + 2 * HALF, q_len), BLOCK_N)
     gl.warp_specialize([
-        (_ws2_compute, (q0, do0, k_smem, v_smem, ready, empty, q_bar, dq_ptr, lse_ptr, delta_ptr, m0, h, q_lo, q_len,
+        (_ws_compute, (q0, do0, k_smem, v_smem, ready, empty, q_bar, dq_ptr, lse_ptr, delta_ptr, m0, h, q_lo, q_len,
                         n_kv, qk_scale, scale, stride_qt, stride_lh, stride_dh)),
-        (_ws2_compute, (q1, do1, k_smem, v_smem, ready, empty, q_bar, dq_ptr, lse_ptr, delta_ptr, m0 + HALF, h, q_lo,
+        (_ws_compute, (q1, do1, k_smem, v_smem, ready, empty, q_bar, dq_ptr, lse_ptr, delta_ptr, m0 + HALF, h, q_lo,
                         q_len, n_kv, qk_scale, scale, stride_qt, stride_lh, stride_dh)),
         (_ws2_load, (q_desc, do_desc, k_desc, v_desc, q0, do0, q1, do1, k_smem, v_smem, ready, empty, q_bar, m0, h,
                      q_lo, n_kv, G)),

@@ -26,7 +26,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 import triton
 from triton.experimental.gluon import language as gl
 
-from gluon_dkdv import _bench_us, cli, compile_configs, finish
+from gluon_dkdv import _bench_us, cli, compile_configs, finish, launch
 from miles_kernels._triton import gluon_attention as GA
 from miles_kernels._triton.gluon_attention import _fwd_kernel, _fwd_ws_kernel  # noqa: F401 (configs name them)
 
@@ -143,18 +143,10 @@ def gpu_run(out: str, configs: list) -> int:
         print(f"{'config':>18} {'differ o':>9} {'lse':>6} {'us':>9} {'x Triton':>8} {'x flash':>8} {'TFLOP/s':>8} "
               f"{'regs':>5} {'spills':>6}")
         for cfg in configs:
-            row = dict(config=cfg[0])
             o, lse = torch.full_like(c.o, float("nan")), torch.full_like(c.lse, float("nan"))
-            try:
-                run = c.gluon(cfg, o, lse)
-                compiled = run()
-                torch.cuda.synchronize()
-                row.update(regs=compiled.n_regs, spills=compiled.n_spills)
-            except Exception as e:  # a config that does not compile or launch: recorded, counted as failed
-                row["error"] = f"{type(e).__name__}: {e}"[:2000]
-                print(f"{cfg[0]:>18} FAILED: {row['error'][:300]}")
-                failed.append(f"{case_name} {cfg[0]}: {row['error'][:200]}")
-                r["gluon"][cfg[0]] = row
+            run, row = launch(case_name, cfg, c.gluon, (o, lse), failed)
+            r["gluon"][cfg[0]] = row
+            if run is None:
                 continue
             row["differ"] = [_differ(o, c.o), _differ(lse, c.lse)]
             row["max_abs"] = float((o.float() - c.o.float()).abs().nan_to_num(1e9).max())
@@ -166,7 +158,6 @@ def gpu_run(out: str, configs: list) -> int:
             print(f"{cfg[0]:>18} {row['differ'][0]:>9} {row['differ'][1]:>6} {row['us']:>9.1f} {row['x_triton']:>8.3f} "
                   f"{row['x_flash']:>8.3f} {row['tflops']:>8.0f} {row['regs']:>5} {row['spills']:>6}" +
                   ("" if not any(row["differ"]) else f"  DIFFERS (max |diff| {row['max_abs']:.2e})"))
-            r["gluon"][cfg[0]] = row
         results["cases"][case_name] = r
         del c
         torch.cuda.empty_cache()
