@@ -96,6 +96,24 @@ def _dkdv_ws_kernel(q_desc, do_desc, k_desc, v_desc, dk_ptr, dv_ptr, lse_ptr, de
 
 
 @gluon.jit
+def _alloc_pair(a_desc, b_desc, ring_a_desc, ring_b_desc, STAGES: gl.constexpr):
+    """Shared memory of a ws2 program: two resident tiles of a and of b (one pair a consumer), a
+    STAGES-slot ring of the other two, its ready barriers and its empty ones (count 2: both
+    consumers), and the resident tiles' barrier."""
+    a0 = gl.allocate_shared_memory(a_desc.dtype, a_desc.block_type.shape, a_desc.layout)
+    b0 = gl.allocate_shared_memory(b_desc.dtype, b_desc.block_type.shape, b_desc.layout)
+    a1 = gl.allocate_shared_memory(a_desc.dtype, a_desc.block_type.shape, a_desc.layout)
+    b1 = gl.allocate_shared_memory(b_desc.dtype, b_desc.block_type.shape, b_desc.layout)
+    ring_shape: gl.constexpr = [STAGES, ring_a_desc.block_type.shape[0], ring_a_desc.block_type.shape[1]]
+    ring_a = gl.allocate_shared_memory(ring_a_desc.dtype, ring_shape, ring_a_desc.layout)
+    ring_b = gl.allocate_shared_memory(ring_b_desc.dtype, ring_shape, ring_b_desc.layout)
+    empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    for s in gl.static_range(STAGES):
+        mbarrier.init(empty.index(s), count=2)
+    return a0, b0, a1, b1, ring_a, ring_b, _slot_barriers(STAGES), empty, _slot_barriers(1).index(0)
+
+
+@gluon.jit
 def _ws2_load(q_desc, do_desc, k_desc, v_desc, k0, v0, k1, v1, q_smem, do_smem, ready, empty, kv_bar, n0, kvh, q_lo,
               i_lo, n_i, G: gl.constexpr):
     """Producer (1 warp) of _dkdv_ws2_kernel: both halves' K, V once, then each step's q, dout
@@ -153,23 +171,11 @@ def _dkdv_ws2_kernel(q_desc, do_desc, k_desc, v_desc, dk_ptr, dv_ptr, lse_ptr, d
     consumers of 64 keys each (k / v descriptors of 64 rows, 128 keys a program) sharing every
     q / dout tile, free of each other."""
     HALF: gl.constexpr = k_desc.block_type.shape[0]
-    D: gl.constexpr = k_desc.block_type.shape[1]
     BLOCK_M: gl.constexpr = q_desc.block_type.shape[0]
     n0, kvh, q_lo, q_len = _program(cu_ptr, n_kv_heads, n_bk, 2 * HALF)
     if n0 >= q_len:
         return
-    k0 = gl.allocate_shared_memory(k_desc.dtype, [HALF, D], k_desc.layout)
-    v0 = gl.allocate_shared_memory(k_desc.dtype, [HALF, D], k_desc.layout)
-    k1 = gl.allocate_shared_memory(k_desc.dtype, [HALF, D], k_desc.layout)
-    v1 = gl.allocate_shared_memory(k_desc.dtype, [HALF, D], k_desc.layout)
-    ring_shape: gl.constexpr = [STAGES, BLOCK_M, D]
-    q_smem = gl.allocate_shared_memory(q_desc.dtype, ring_shape, q_desc.layout)
-    do_smem = gl.allocate_shared_memory(q_desc.dtype, ring_shape, q_desc.layout)
-    ready = _slot_barriers(STAGES)
-    empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-    for s in gl.static_range(STAGES):
-        mbarrier.init(empty.index(s), count=2)  # both consumers
-    kv_bar = _slot_barriers(1).index(0)
+    k0, v0, k1, v1, q_smem, do_smem, ready, empty, kv_bar = _alloc_pair(k_desc, v_desc, q_desc, do_desc, STAGES)
     i_lo = n0 // BLOCK_M
     n_i = gl.cdiv(q_len, BLOCK_M) - i_lo
     gl.warp_specialize([

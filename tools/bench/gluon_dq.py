@@ -40,8 +40,8 @@ from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import mbarrier, tma, warpgroup_mma, warpgroup_mma_wait
 
 from miles_kernels._triton.gluon_attention import _load_kv
-from gluon_dkdv import (CASES, D, H, K, TOL, Case, _alloc, _bench_us, _mma_layout, _program, _slot_barriers, cli,
-                        compile_configs, finish, fp32_reference, rel_err, run_config)
+from gluon_dkdv import (CASES, D, H, K, TOL, Case, _alloc, _alloc_pair, _bench_us, _mma_layout, _program,
+                        _slot_barriers, cli, compile_configs, finish, fp32_reference, rel_err, run_config)
 
 _LOG2E = gl.constexpr(1.4426950408889634)
 
@@ -242,25 +242,12 @@ def _dq_ws2_kernel(q_desc, do_desc, k_desc, v_desc, dq_ptr, lse_ptr, delta_ptr, 
     consumers of 64 query rows each (q / dout descriptors of 64 rows, 128 a program) sharing
     every K/V block, free of each other."""
     HALF: gl.constexpr = q_desc.block_type.shape[0]
-    D: gl.constexpr = q_desc.block_type.shape[1]
     BLOCK_N: gl.constexpr = k_desc.block_type.shape[0]
     r0, h, q_lo, q_len = _program(cu_ptr, n_heads, n_bh, 2 * HALF)
     m0 = (n_blocks - 1) * 2 * HALF - r0
     if m0 >= q_len:
         return
-    q_layout: gl.constexpr = q_desc.layout
-    q0 = gl.allocate_shared_memory(q_desc.dtype, [HALF, D], q_layout)
-    do0 = gl.allocate_shared_memory(q_desc.dtype, [HALF, D], q_layout)
-    q1 = gl.allocate_shared_memory(q_desc.dtype, [HALF, D], q_layout)
-    do1 = gl.allocate_shared_memory(q_desc.dtype, [HALF, D], q_layout)
-    ring_shape: gl.constexpr = [STAGES, BLOCK_N, D]
-    k_smem = gl.allocate_shared_memory(k_desc.dtype, ring_shape, k_desc.layout)
-    v_smem = gl.allocate_shared_memory(k_desc.dtype, ring_shape, k_desc.layout)
-    ready = _slot_barriers(STAGES)
-    empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-    for s in gl.static_range(STAGES):
-        mbarrier.init(empty.index(s), count=2)  # both consumers
-    q_bar = _slot_barriers(1).index(0)
+    q0, do0, q1, do1, k_smem, v_smem, ready, empty, q_bar = _alloc_pair(q_desc, do_desc, k_desc, v_desc, STAGES)
     n_kv = gl.cdiv(gl.minimum(m0 + 2 * HALF, q_len), BLOCK_N)
     gl.warp_specialize([
         (_ws_compute, (q0, do0, k_smem, v_smem, ready, empty, q_bar, dq_ptr, lse_ptr, delta_ptr, m0, h, q_lo, q_len,
