@@ -855,8 +855,8 @@ def test_gluon_forward_bitwise(kt, monkeypatch, heads, D, dtype, lens, q_mul):
     from miles_kernels._triton import gluon_attention as GA
     from miles_kernels._triton import paged_attention as A
 
-    if torch.cuda.get_device_capability() != (9, 0):
-        pytest.skip("the Gluon forward is sm_90's")
+    if torch.cuda.get_device_capability() != (9, 0) or not GA.usable():
+        pytest.skip("the Gluon forward runs on sm_90 with the Triton releases in GA.TESTED_TRITON")
     g = _gen(11)
     (H, K), T = heads, sum(lens)
     q = _randn(T, H, D, dtype=dtype, g=g) * q_mul

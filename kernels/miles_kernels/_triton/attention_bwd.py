@@ -390,12 +390,13 @@ def _dq_kernel(q_ptr, k_ptr, v_ptr, do_ptr, dq_ptr, lse_ptr, delta_ptr, cu_ptr,
 
 @functools.cache
 def _gluon_bwd():
-    """gluon_attention_bwd, or None where this Triton has no Gluon for Hopper."""
+    """gluon_attention_bwd, or None where this Triton has no Gluon for Hopper or is not a release
+    the Gluon kernels were tested with (gluon_attention.TESTED_TRITON)."""
     try:
-        from miles_kernels._triton import gluon_attention_bwd
+        from miles_kernels._triton import gluon_attention, gluon_attention_bwd
     except ImportError:
         return None
-    return gluon_attention_bwd
+    return gluon_attention_bwd if gluon_attention.usable() else None
 
 
 def _pick(tiles: tuple[Tile, ...], programs) -> Tile:

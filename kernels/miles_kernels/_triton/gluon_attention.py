@@ -36,10 +36,18 @@ from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
 _LN2 = gl.constexpr(0.6931471805599453)
+# Gluon is experimental: its API moves between Triton releases. The kernels here run with the
+# releases tests/gpu ran them on; with any other the callers keep the Triton kernels (same bits).
+TESTED_TRITON = ("3.6.",)
 BLOCK_M = 128  # rows (token x head) a program: 64 a consumer warpgroup
 STAGES = 3  # K/V ring slots (s3 and s4 equal at 0.6B 16k; s4 1-2% faster at 8B 4k; gluon_fwd.py, 2026-12-04)
 LOAD_REGS = 24  # registers a thread of the producer warp
 CONSUMER_REGS = 240  # and of the consumer warps (168 x 12 warps fill an SM's register file)
+
+
+def usable(version: str | None = None) -> bool:
+    """Whether this Triton (or `version`) is one the Gluon kernels were tested with."""
+    return (version or triton.__version__).startswith(TESTED_TRITON)
 
 
 @gluon.constexpr_function

@@ -441,12 +441,13 @@ def packed_attention(
 
 @functools.cache
 def _gluon_attention():
-    """gluon_attention, or None where this Triton has no Gluon for Hopper."""
+    """gluon_attention, or None where this Triton has no Gluon for Hopper or is not a release the
+    Gluon kernels were tested with (gluon_attention.TESTED_TRITON)."""
     try:
         from miles_kernels._triton import gluon_attention
     except ImportError:
         return None
-    return gluon_attention
+    return gluon_attention if gluon_attention.usable() else None
 
 
 def _check_scale(scale: float) -> None:
