@@ -170,24 +170,22 @@ def test_fused_dq_long_sequence(monkeypatch):
         assert torch.equal(f, a), f"{name}: two fused runs differ"
 
 
-@pytest.mark.parametrize("heads,hd,dtype,lens", [
+GLUON_CASES = [
     ((16, 8), 128, torch.bfloat16, [4096]),
     ((16, 8), 128, torch.bfloat16, [1000, 3000, 77, 4096, 1]),
     ((32, 8), 128, torch.float16, [2500]),
     ((12, 4), 128, torch.bfloat16, [3000, 1290]),
     ((8, 8), 64, torch.bfloat16, [2500, 63]),
-])
-def test_gluon_dkdv_bitwise(monkeypatch, heads, hd, dtype, lens):
-    """On Hopper the backward's dK/dV comes from gluon_attention_bwd's kernel: dq, dk, dv bitwise ==
-    the Triton kernels' (GLUON_DKDV off), GQA groups of 1 to 4 (3 too), head dims 64 and 128, bf16
-    and fp16, packs with 1-token and 63-token sequences; two runs the same bits."""
+]
+
+
+def _gluon_case(heads, hd, dtype, lens):
+    """(packed_attention_bwd's arguments) of random packed sequences, the forward's own output and LSE."""
     from miles_kernels import _triton as kt
-    from miles_kernels._triton import attention_bwd as AB
     from miles_kernels._triton import gluon_attention as GA
-    from miles_kernels._triton import gluon_attention_bwd as GB
 
     if torch.cuda.get_device_capability() != (9, 0) or not GA.usable():
-        pytest.skip("the Gluon dK/dV kernel runs on sm_90 with the Triton releases in GA.TESTED_TRITON")
+        pytest.skip("the Gluon kernels run on sm_90 with the Triton releases in GA.TESTED_TRITON")
     (H, K), T = heads, sum(lens)
     g = torch.Generator(device="cuda").manual_seed(T)
     q, dout = (torch.randn(T, H, hd, generator=g, device="cuda").to(dtype) for _ in range(2))
@@ -196,15 +194,50 @@ def test_gluon_dkdv_bitwise(monkeypatch, heads, hd, dtype, lens):
     scale = hd**-0.5
     lse = torch.empty(H, T, device="cuda")
     out = kt.packed_attention(q, k, v, cu, max(lens), scale, lse_HT=lse)
+    return q, k, v, out, dout, lse, cu, max(lens), scale
+
+
+def _same_grads(got, again, ref, what):
+    for name, a, b, c in zip(("dq", "dk", "dv"), got, again, ref):
+        assert torch.equal(a, b), f"{name}: two {what} runs differ"
+        assert torch.equal(a, c), f"{name}: {what} vs Triton, max diff {(a.float() - c.float()).abs().max()}"
+
+
+@pytest.mark.parametrize("heads,hd,dtype,lens", GLUON_CASES)
+def test_gluon_dkdv_bitwise(monkeypatch, heads, hd, dtype, lens):
+    """On Hopper the backward's dK/dV comes from gluon_attention_bwd's kernel: dq, dk, dv bitwise ==
+    the Triton kernels' (GLUON_DKDV off), GQA groups of 1 to 4 (3 too), head dims 64 and 128, bf16
+    and fp16, packs with 1-token and 63-token sequences; two runs the same bits."""
+    from miles_kernels import _triton as kt
+    from miles_kernels._triton import attention_bwd as AB
+    from miles_kernels._triton import gluon_attention_bwd as GB
+
+    args = _gluon_case(heads, hd, dtype, lens)
     calls = []
     real = GB.dkdv
     monkeypatch.setattr(GB, "dkdv", lambda *a: calls.append(1) or real(*a))
-    args = (q, k, v, out, dout, lse, cu, max(lens), scale)
     gluon, again = kt.packed_attention_bwd(*args), kt.packed_attention_bwd(*args)
     assert len(calls) == 2, "packed_attention_bwd did not take the Gluon dK/dV kernel"
     monkeypatch.setattr(AB, "GLUON_DKDV", False)
     ref = kt.packed_attention_bwd(*args)
     assert len(calls) == 2
-    for name, a, b, c in zip(("dq", "dk", "dv"), gluon, again, ref):
-        assert torch.equal(a, b), f"{name}: two Gluon runs differ"
-        assert torch.equal(a, c), f"{name}: Gluon dK/dV path vs Triton, max diff {(a.float() - c.float()).abs().max()}"
+    _same_grads(gluon, again, ref, "Gluon dK/dV")
+
+
+@pytest.mark.parametrize("heads,hd,dtype,lens", GLUON_CASES)
+def test_gluon_dq_bitwise(monkeypatch, heads, hd, dtype, lens):
+    """GLUON_DQ on: dQ from gluon_attention_bwd's dQ kernel, dq, dk, dv bitwise == with it off, two
+    runs the same bits (the cases of test_gluon_dkdv_bitwise)."""
+    from miles_kernels import _triton as kt
+    from miles_kernels._triton import attention_bwd as AB
+    from miles_kernels._triton import gluon_attention_bwd as GB
+
+    args = _gluon_case(heads, hd, dtype, lens)
+    calls = []
+    real = GB.dq
+    monkeypatch.setattr(GB, "dq", lambda *a: calls.append(1) or real(*a))
+    monkeypatch.setattr(AB, "GLUON_DQ", True)
+    gluon, again = kt.packed_attention_bwd(*args), kt.packed_attention_bwd(*args)
+    assert len(calls) == 2, "packed_attention_bwd did not take the Gluon dQ kernel"
+    monkeypatch.setattr(AB, "GLUON_DQ", False)
+    _same_grads(gluon, again, kt.packed_attention_bwd(*args), "Gluon dQ")

@@ -41,7 +41,7 @@ import tempfile
 import triton
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
-from triton.experimental.gluon.language.nvidia.hopper import mbarrier, tma, warpgroup_mma, warpgroup_mma_wait
+from triton.experimental.gluon.language.nvidia.hopper import mbarrier, tma
 
 from miles_kernels._triton.gluon_attention import _mma_layout, _slot_barriers  # noqa: F401 (gluon_dq takes them here)
 from miles_kernels._triton.gluon_attention_bwd import (_alloc, _dkdv_kernel, _load_q_do, _program, _rows,  # noqa: F401

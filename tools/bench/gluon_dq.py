@@ -14,7 +14,7 @@ What is Hopper-specific:
                dQ += dS k with dS from registers
     dQ         fp32 accumulator in registers (NVMMADistributedLayout v3), a masked store at the end
 
-Two kernels: `_dq_tma_kernel` (one partition: the compute warps also issue the loads, STAGES - 1
+Two kernels: `_dq_kernel` (one partition: the compute warps also issue the loads, STAGES - 1
 steps ahead) and `_dq_ws_kernel` (gl.warp_specialize: a 1-warp partition issues the TMA loads,
 the num_warps compute warps consume; empty/ready mbarrier pairs per ring slot).
 
@@ -37,117 +37,13 @@ sys.path.insert(0, os.path.dirname(__file__))
 import triton
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
-from triton.experimental.gluon.language.nvidia.hopper import mbarrier, tma, warpgroup_mma, warpgroup_mma_wait
+from triton.experimental.gluon.language.nvidia.hopper import mbarrier, tma
 
 from miles_kernels._triton.gluon_attention import _load_kv
+from miles_kernels._triton.gluon_attention_bwd import (_dq_kernel, _dq_rows, _dq_step, _load_q_do_once,  # noqa: F401
+                                                      _store_dq)
 from gluon_dkdv import (CASES, D, H, K, TOL, Case, _alloc, _alloc_pair, _bench_us, _mma_layout, _program,
                         _slot_barriers, cli, compile_configs, finish, fp32_reference, rel_err, run_config)
-
-_LOG2E = gl.constexpr(1.4426950408889634)
-
-
-@gluon.jit
-def _step(dq, q_smem, do_smem, k_s, v_s, lse2, delta, qpos, j, n_full, qk_scale):
-    """Add KV block j (keys in k_s / v_s) to dq (as attention_bwd._dq_step). Its three wgmmas:
-    S and dP issued together, dQ's after dS is made, all waited here."""
-    BLOCK_M: gl.constexpr = q_smem.type.shape[0]
-    BLOCK_N: gl.constexpr = k_s.type.shape[0]
-    NW: gl.constexpr = gl.num_warps()
-    s_layout: gl.constexpr = _mma_layout(BLOCK_N, NW)  # S, dP: [BLOCK_M, BLOCK_N]
-    op_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=dq.type.layout, k_width=2)
-    zero = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, s_layout)
-    s = warpgroup_mma(q_smem, k_s.permute((1, 0)), zero, use_acc=False, is_async=True)
-    dp = warpgroup_mma(do_smem, v_s.permute((1, 0)), zero, use_acc=False, is_async=True)
-    s = warpgroup_mma_wait(num_outstanding=1, deps=(s, ))
-    p = gl.exp2(s * qk_scale - lse2[:, None])
-    if j >= n_full:  # the diagonal's blocks: keys past the sequence's end sit past every real row
-        kpos = j * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s_layout))
-        p = gl.where(kpos[None, :] <= qpos[:, None], p, 0.0)
-    dp = warpgroup_mma_wait(num_outstanding=0, deps=(dp, ))
-    ds = p * (dp - delta[:, None])
-    dq = warpgroup_mma(gl.convert_layout(ds.to(k_s.dtype), op_layout), k_s, dq, is_async=True)
-    return warpgroup_mma_wait(num_outstanding=0, deps=(dq, ))
-
-
-@gluon.jit
-def _rows(lse_ptr, delta_ptr, h, q_lo, q_len, m0, stride_lh, stride_dh, BLOCK_M: gl.constexpr,
-          BLOCK_N: gl.constexpr):
-    """The query block's row positions (S's row layout), its LSE in log2 units and delta (0 past
-    the sequence), the count of KV blocks wholly before its first row (no mask) and of KV blocks
-    it meets."""
-    NW: gl.constexpr = gl.num_warps()
-    qpos = m0 + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, _mma_layout(BLOCK_N, NW)))
-    ok = qpos < q_len
-    lse2 = gl.load(lse_ptr + h.to(gl.int64) * stride_lh + q_lo + qpos, mask=ok, other=0.0) * _LOG2E
-    delta = gl.load(delta_ptr + h.to(gl.int64) * stride_dh + q_lo + qpos, mask=ok, other=0.0)
-    n_full = (m0 + 1) // BLOCK_N
-    n_kv = gl.cdiv(gl.minimum(m0 + BLOCK_M, q_len), BLOCK_N)
-    return qpos, lse2, delta, n_full, n_kv
-
-
-@gluon.jit
-def _store_dq(dq, dq_ptr, m0, q_lo, q_len, h, scale, stride_qt):
-    """Rows m0 .. m0 + BLOCK_M of the head's dQ (times scale), the rows inside the sequence."""
-    BLOCK_M: gl.constexpr = dq.type.shape[0]
-    D: gl.constexpr = dq.type.shape[1]
-    NW: gl.constexpr = gl.num_warps()
-    layout: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [NW, 1], [1, 0])  # 16-byte stores
-    rows = m0 + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, layout))
-    off = (q_lo + rows).to(gl.int64)[:, None] * stride_qt + h * D + gl.arange(0, D, layout=gl.SliceLayout(0, layout))[
-        None, :]
-    gl.store(dq_ptr + off, gl.convert_layout((dq * scale).to(dq_ptr.dtype.element_ty), layout),
-             mask=rows[:, None] < q_len)
-
-
-@gluon.jit
-def _load_q_do(q_desc, do_desc, q_smem, do_smem, q_bar, m0, q_lo, h):
-    """The query block's q and dout tiles, once (rows past the sequence: ignored, never stored)."""
-    D: gl.constexpr = q_desc.block_type.shape[1]
-    mbarrier.expect(q_bar, 2 * q_desc.block_type.nbytes)
-    tma.async_copy_global_to_shared(q_desc, [q_lo + m0, h * D], q_bar, q_smem)
-    tma.async_copy_global_to_shared(do_desc, [q_lo + m0, h * D], q_bar, do_smem)
-
-
-@gluon.jit
-def _dq_tma_kernel(q_desc, do_desc, k_desc, v_desc, dq_ptr, lse_ptr, delta_ptr, cu_ptr, qk_scale, scale, n_heads,
-                   n_bh, n_blocks, stride_qt, stride_lh, stride_dh, G: gl.constexpr, STAGES: gl.constexpr):
-    """One partition: the compute warps issue each KV block's TMA loads STAGES - 1 steps ahead."""
-    BLOCK_M: gl.constexpr = q_desc.block_type.shape[0]
-    D: gl.constexpr = q_desc.block_type.shape[1]
-    BLOCK_N: gl.constexpr = k_desc.block_type.shape[0]
-    NW: gl.constexpr = gl.num_warps()
-    # grid rank-major over (rank, sequence, query head) as _dq_kernel; rank r is query block
-    # n_blocks - 1 - r: the last (most KV blocks) start first
-    r0, h, q_lo, q_len = _program(cu_ptr, n_heads, n_bh, BLOCK_M)
-    m0 = (n_blocks - 1) * BLOCK_M - r0
-    if m0 >= q_len:
-        return
-    kvh = h // G
-    q_smem, do_smem, k_smem, v_smem, ready, q_bar = _alloc(q_desc, do_desc, k_desc, v_desc, STAGES)
-    _load_q_do(q_desc, do_desc, q_smem, do_smem, q_bar, m0, q_lo, h)
-    qpos, lse2, delta, n_full, n_kv = _rows(lse_ptr, delta_ptr, h, q_lo, q_len, m0, stride_lh, stride_dh,
-                                            BLOCK_M, BLOCK_N)
-    for s in gl.static_range(STAGES - 1):
-        _load_kv(k_desc, v_desc, k_smem.index(s), v_smem.index(s), ready.index(s), s, q_lo, kvh, s < n_kv)
-
-    dq = gl.zeros([BLOCK_M, D], gl.float32, _mma_layout(D, NW))
-    mbarrier.wait(q_bar, 0)
-    for j in range(n_kv):
-        # the slot step j - 1 used is free (its wgmmas were waited): step j + STAGES - 1 goes there.
-        # The barrier: every warp is past those waits before one thread issues the copy.
-        gl.thread_barrier()
-        nxt = j + STAGES - 1
-        _load_kv(k_desc, v_desc, k_smem.index(nxt % STAGES), v_smem.index(nxt % STAGES), ready.index(nxt % STAGES),
-                 nxt, q_lo, kvh, nxt < n_kv)
-        slot = j % STAGES
-        mbarrier.wait(ready.index(slot), (j // STAGES) & 1)
-        dq = _step(dq, q_smem, do_smem, k_smem.index(slot), v_smem.index(slot), lse2, delta, qpos, j, n_full,
-                   qk_scale)
-    for s in gl.static_range(STAGES):
-        mbarrier.invalidate(ready.index(s))
-    mbarrier.invalidate(q_bar)
-    _store_dq(dq, dq_ptr, m0, q_lo, q_len, h, scale, stride_qt)
-
 
 @gluon.jit
 def _ws_load(q_desc, do_desc, k_desc, v_desc, q_smem, do_smem, k_smem, v_smem, ready, empty, q_bar, m0, h, q_lo,
@@ -156,7 +52,7 @@ def _ws_load(q_desc, do_desc, k_desc, v_desc, q_smem, do_smem, k_smem, v_smem, r
     BLOCK_M: gl.constexpr = q_desc.block_type.shape[0]
     BLOCK_N: gl.constexpr = k_desc.block_type.shape[0]
     STAGES: gl.constexpr = k_smem.type.shape[0]
-    _load_q_do(q_desc, do_desc, q_smem, do_smem, q_bar, m0, q_lo, h)
+    _load_q_do_once(q_desc, do_desc, q_smem, do_smem, q_bar, m0, q_lo, h)
     for j in range(gl.cdiv(gl.minimum(m0 + BLOCK_M, q_len), BLOCK_N)):
         slot = j % STAGES
         # empty barriers start with phase 1 complete: the first round of waits passes at once
@@ -215,7 +111,7 @@ def _ws_compute(q_smem, do_smem, k_smem, v_smem, ready, empty, q_bar, dq_ptr, ls
     BLOCK_N: gl.constexpr = k_smem.type.shape[1]
     STAGES: gl.constexpr = k_smem.type.shape[0]
     NW: gl.constexpr = gl.num_warps()
-    qpos, lse2, delta, n_full, n_kv = _rows(lse_ptr, delta_ptr, h, q_lo, q_len, m0, stride_lh, stride_dh,
+    qpos, lse2, delta, n_full, n_kv = _dq_rows(lse_ptr, delta_ptr, h, q_lo, q_len, m0, stride_lh, stride_dh,
                                             BLOCK_M, BLOCK_N)
     n_kv = gl.where(m0 < q_len, n_kv, 0)  # rows all past the sequence: nothing to compute
     dq = gl.zeros([BLOCK_M, D], gl.float32, _mma_layout(D, NW))
@@ -223,7 +119,7 @@ def _ws_compute(q_smem, do_smem, k_smem, v_smem, ready, empty, q_bar, dq_ptr, ls
     for j in range(n_kv):
         slot = j % STAGES
         mbarrier.wait(ready.index(slot), (j // STAGES) & 1)
-        dq = _step(dq, q_smem, do_smem, k_smem.index(slot), v_smem.index(slot), lse2, delta, qpos, j, n_full,
+        dq = _dq_step(dq, q_smem, do_smem, k_smem.index(slot), v_smem.index(slot), lse2, delta, qpos, j, n_full,
                    qk_scale)
         gl.thread_barrier()  # every warp is past its wgmma wait before the one arrive
         mbarrier.arrive(empty.index(slot))
@@ -266,10 +162,10 @@ def _dq_ws2_kernel(q_desc, do_desc, k_desc, v_desc, dq_ptr, lse_ptr, delta_ptr, 
 # at 2 stages) whatever its registers; 64 x 64 at 2 stages (106 KB) fits two, which r128 allows
 # by registers (its compute warps then get 232).
 CONFIGS = [
-    ("tma 128x64 w8 s2", "_dq_tma_kernel", 128, 64, 8, 2, None),
-    ("tma 128x64 w8 s3", "_dq_tma_kernel", 128, 64, 8, 3, None),
-    ("tma 64x64 w4 s2", "_dq_tma_kernel", 64, 64, 4, 2, None),
-    ("tma 64x64 w4 s3", "_dq_tma_kernel", 64, 64, 4, 3, None),
+    ("tma 128x64 w8 s2", "_dq_kernel", 128, 64, 8, 2, None),
+    ("tma 128x64 w8 s3", "_dq_kernel", 128, 64, 8, 3, None),
+    ("tma 64x64 w4 s2", "_dq_kernel", 64, 64, 4, 2, None),
+    ("tma 64x64 w4 s3", "_dq_kernel", 64, 64, 4, 3, None),
     ("ws 128x64 w8 s2", "_dq_ws_kernel", 128, 64, 8, 2, None),
     ("ws 128x64 w8 s3", "_dq_ws_kernel", 128, 64, 8, 3, None),
     ("ws 64x64 w4 s2", "_dq_ws_kernel", 64, 64, 4, 2, None),
@@ -296,10 +192,14 @@ class DqCase(Case):
         self.tflop = 3 * 2 * D * H * sum(L * L / 2 for L in lens) / 1e12
 
     def triton_dq_bwd(self):
-        """dq of the whole Triton backward (packed_attention_bwd)."""
-        from miles_kernels._triton.attention_bwd import packed_attention_bwd
-        dq, _, _ = packed_attention_bwd(self.q, self.k, self.v, self.o, self.do, self.lse, self.cu, self.max_len,
-                                        self.scale)
+        """dq of the whole Triton backward (packed_attention_bwd, GLUON_DQ off)."""
+        from miles_kernels._triton import attention_bwd as AB
+        was, AB.GLUON_DQ = AB.GLUON_DQ, False
+        try:
+            dq, _, _ = AB.packed_attention_bwd(self.q, self.k, self.v, self.o, self.do, self.lse, self.cu,
+                                               self.max_len, self.scale)
+        finally:
+            AB.GLUON_DQ = was
         return dq
 
     def triton_dq(self, dq):

@@ -72,6 +72,10 @@ _DELTA_ROWS = {torch.bfloat16: 64, torch.float16: 64, torch.float32: 16}  # toke
 # values and MMA order; LSE / delta loaded a step ahead): 1.09-1.23x _dkdv_kernel at 0.6B 4k-16k
 # (tools/bench/gluon_dkdv.py, 2026-12-04 twenty-first run).
 GLUON_DKDV = True
+# dQ by gluon_attention_bwd's kernel (64 query rows, the same values; the probe: 1.02x _dq_kernel at
+# 0.6B 16k, 1.17-1.32x at 4k / packed). Off until tests/gpu's test_gluon_dq_bitwise has run on a GPU
+# (wired after the twenty-first run's device time ran out).
+GLUON_DQ = False
 
 
 @fast_launch
@@ -464,6 +468,10 @@ def packed_attention_bwd(
     else:
         _dkdv_kernel[(n_blocks * B * K,)](q_in, k, v, do_in, dk, dv, lse_HT, delta, *common, K, B * K, *strides,
                                           **meta)
+    gq = _gluon_bwd() if GLUON_DQ and dq_tile is None and q.is_cuda else None
+    if gq is not None and gq.supported(q, k, v, do):
+        gq.dq(q, k, v, do, dq, lse_HT, delta, cu, max_len, scale)
+        return dq, dk, dv
     t = dq_tile or _pick(DQ_TILES[dtype], lambda t: triton.cdiv(T, t.block_m) * H)
     n_blocks = triton.cdiv(max_len, t.block_m)
     k_in, v_in = tma_descriptors((k, v), t.block_n, DQ_TMA) or (k, v)

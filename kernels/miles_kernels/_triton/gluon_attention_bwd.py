@@ -1,8 +1,10 @@
-"""dK / dV of the packed causal GQA attention backward as a Gluon kernel for Hopper (sm_90):
-attention_bwd's `_dkdv_kernel` (same math, grid, masks and MMA shapes: the same values), 1.09-1.23x
-its speed (tools/bench/gluon_dkdv.py, 2026-12-04 twenty-first run).
+"""The packed causal GQA attention backward's dK / dV and dQ as Gluon kernels for Hopper (sm_90):
+attention_bwd's `_dkdv_kernel` and `_dq_kernel` (same math, grids, masks and MMA order: the same
+values). dK / dV 1.09-1.23x the Triton kernel (tools/bench/gluon_dkdv.py, 2026-12-04 twenty-first
+run); dQ (`_dq_kernel` here: q and dout resident, K / V through a TMA ring, S and dP wgmmas
+together, then dS k) 1.02-1.32x (tools/bench/gluon_dq.py), behind attention_bwd.GLUON_DQ.
 
-One program per (KV block of BLOCK_N keys, sequence, kv head), looping over its G query heads
+dK / dV: one program per (KV block of BLOCK_N keys, sequence, kv head), looping over its G query heads
 and the query blocks at or after the KV block as one flat loop of steps; dV = P^T dout,
 dK = scale * dS^T q, with P recomputed from the LSE in log2 units and dS = P * (dout v^T - delta):
 
@@ -24,10 +26,14 @@ from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import mbarrier, tma, warpgroup_mma, warpgroup_mma_wait
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
-from miles_kernels._triton.gluon_attention import _mma_layout, _slot_barriers
+from miles_kernels._triton.gluon_attention import _load_kv, _mma_layout, _slot_barriers
 
 _LOG2E = gl.constexpr(1.4426950408889634)
 BLOCK_M, BLOCK_N, NUM_WARPS, STAGES = 64, 64, 4, 2  # attention_bwd's full-GPU dK/dV tile
+# dQ's: 64 query rows and one warpgroup, a 2-slot K/V ring (tools/bench/gluon_dq.py, 2026-12-04
+# twenty-first run: 1.02x the Triton dQ kernel at 0.6B 16k, 1.17x at 4k, 1.32x packed; the same
+# values, any query tile: a row's sum runs over the KV blocks in order)
+DQ_BLOCK_M, DQ_NUM_WARPS, DQ_STAGES = 64, 4, 2
 
 
 @gluon.jit
@@ -178,6 +184,119 @@ def _dkdv_kernel(q_desc, do_desc, k_desc, v_desc, dk_ptr, dv_ptr, lse_ptr, delta
 
 
 
+@gluon.jit
+def _dq_step(dq, q_smem, do_smem, k_s, v_s, lse2, delta, qpos, j, n_full, qk_scale):
+    """Add KV block j (keys in k_s / v_s) to dq (as attention_bwd._dq_step). Its three wgmmas:
+    S and dP issued together, dQ's after dS is made, all waited here."""
+    BLOCK_M: gl.constexpr = q_smem.type.shape[0]
+    BLOCK_N: gl.constexpr = k_s.type.shape[0]
+    NW: gl.constexpr = gl.num_warps()
+    s_layout: gl.constexpr = _mma_layout(BLOCK_N, NW)  # S, dP: [BLOCK_M, BLOCK_N]
+    op_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=dq.type.layout, k_width=2)
+    zero = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, s_layout)
+    s = warpgroup_mma(q_smem, k_s.permute((1, 0)), zero, use_acc=False, is_async=True)
+    dp = warpgroup_mma(do_smem, v_s.permute((1, 0)), zero, use_acc=False, is_async=True)
+    s = warpgroup_mma_wait(num_outstanding=1, deps=(s, ))
+    p = gl.exp2(s * qk_scale - lse2[:, None])
+    if j >= n_full:  # the diagonal's blocks: keys past the sequence's end sit past every real row
+        kpos = j * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s_layout))
+        p = gl.where(kpos[None, :] <= qpos[:, None], p, 0.0)
+    dp = warpgroup_mma_wait(num_outstanding=0, deps=(dp, ))
+    ds = p * (dp - delta[:, None])
+    dq = warpgroup_mma(gl.convert_layout(ds.to(k_s.dtype), op_layout), k_s, dq, is_async=True)
+    return warpgroup_mma_wait(num_outstanding=0, deps=(dq, ))
+
+
+@gluon.jit
+def _dq_rows(lse_ptr, delta_ptr, h, q_lo, q_len, m0, stride_lh, stride_dh, BLOCK_M: gl.constexpr,
+          BLOCK_N: gl.constexpr):
+    """The query block's row positions (S's row layout), its LSE in log2 units and delta (0 past
+    the sequence), the count of KV blocks wholly before its first row (no mask) and of KV blocks
+    it meets."""
+    NW: gl.constexpr = gl.num_warps()
+    qpos = m0 + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, _mma_layout(BLOCK_N, NW)))
+    ok = qpos < q_len
+    lse2 = gl.load(lse_ptr + h.to(gl.int64) * stride_lh + q_lo + qpos, mask=ok, other=0.0) * _LOG2E
+    delta = gl.load(delta_ptr + h.to(gl.int64) * stride_dh + q_lo + qpos, mask=ok, other=0.0)
+    n_full = (m0 + 1) // BLOCK_N
+    n_kv = gl.cdiv(gl.minimum(m0 + BLOCK_M, q_len), BLOCK_N)
+    return qpos, lse2, delta, n_full, n_kv
+
+
+@gluon.jit
+def _store_dq(dq, dq_ptr, m0, q_lo, q_len, h, scale, stride_qt):
+    """Rows m0 .. m0 + BLOCK_M of the head's dQ (times scale), the rows inside the sequence."""
+    BLOCK_M: gl.constexpr = dq.type.shape[0]
+    D: gl.constexpr = dq.type.shape[1]
+    NW: gl.constexpr = gl.num_warps()
+    layout: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [NW, 1], [1, 0])  # 16-byte stores
+    rows = m0 + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, layout))
+    off = (q_lo + rows).to(gl.int64)[:, None] * stride_qt + h * D + gl.arange(0, D, layout=gl.SliceLayout(0, layout))[
+        None, :]
+    gl.store(dq_ptr + off, gl.convert_layout((dq * scale).to(dq_ptr.dtype.element_ty), layout),
+             mask=rows[:, None] < q_len)
+
+
+@gluon.jit
+def _load_q_do_once(q_desc, do_desc, q_smem, do_smem, q_bar, m0, q_lo, h):
+    """The query block's q and dout tiles, once (rows past the sequence: ignored, never stored)."""
+    D: gl.constexpr = q_desc.block_type.shape[1]
+    mbarrier.expect(q_bar, 2 * q_desc.block_type.nbytes)
+    tma.async_copy_global_to_shared(q_desc, [q_lo + m0, h * D], q_bar, q_smem)
+    tma.async_copy_global_to_shared(do_desc, [q_lo + m0, h * D], q_bar, do_smem)
+
+
+@gluon.jit
+def _dq_kernel(q_desc, do_desc, k_desc, v_desc, dq_ptr, lse_ptr, delta_ptr, cu_ptr, qk_scale, scale, n_heads,
+                   n_bh, n_blocks, stride_qt, stride_lh, stride_dh, G: gl.constexpr, STAGES: gl.constexpr):
+    """One program a (query block, sequence, query head), the last query blocks first: its q and
+    dout resident, the KV blocks up to the diagonal through a TMA ring the compute warps fill
+    STAGES - 1 steps ahead."""
+    BLOCK_M: gl.constexpr = q_desc.block_type.shape[0]
+    D: gl.constexpr = q_desc.block_type.shape[1]
+    BLOCK_N: gl.constexpr = k_desc.block_type.shape[0]
+    NW: gl.constexpr = gl.num_warps()
+    # grid rank-major over (rank, sequence, query head) as _dq_kernel; rank r is query block
+    # n_blocks - 1 - r: the last (most KV blocks) start first
+    r0, h, q_lo, q_len = _program(cu_ptr, n_heads, n_bh, BLOCK_M)
+    m0 = (n_blocks - 1) * BLOCK_M - r0
+    if m0 >= q_len:
+        return
+    kvh = h // G
+    q_smem, do_smem, k_smem, v_smem, ready, q_bar = _alloc(q_desc, do_desc, k_desc, v_desc, STAGES)
+    _load_q_do_once(q_desc, do_desc, q_smem, do_smem, q_bar, m0, q_lo, h)
+    qpos, lse2, delta, n_full, n_kv = _dq_rows(lse_ptr, delta_ptr, h, q_lo, q_len, m0, stride_lh, stride_dh,
+                                            BLOCK_M, BLOCK_N)
+    for s in gl.static_range(STAGES - 1):
+        _load_kv(k_desc, v_desc, k_smem.index(s), v_smem.index(s), ready.index(s), s, q_lo, kvh, s < n_kv)
+
+    dq = gl.zeros([BLOCK_M, D], gl.float32, _mma_layout(D, NW))
+    mbarrier.wait(q_bar, 0)
+    for j in range(n_kv):
+        # the slot step j - 1 used is free (its wgmmas were waited): step j + STAGES - 1 goes there.
+        # The barrier: every warp is past those waits before one thread issues the copy.
+        gl.thread_barrier()
+        nxt = j + STAGES - 1
+        _load_kv(k_desc, v_desc, k_smem.index(nxt % STAGES), v_smem.index(nxt % STAGES), ready.index(nxt % STAGES),
+                 nxt, q_lo, kvh, nxt < n_kv)
+        slot = j % STAGES
+        mbarrier.wait(ready.index(slot), (j // STAGES) & 1)
+        dq = _dq_step(dq, q_smem, do_smem, k_smem.index(slot), v_smem.index(slot), lse2, delta, qpos, j, n_full,
+                   qk_scale)
+    for s in gl.static_range(STAGES):
+        mbarrier.invalidate(ready.index(s))
+    mbarrier.invalidate(q_bar)
+    _store_dq(dq, dq_ptr, m0, q_lo, q_len, h, scale, stride_qt)
+
+
+def _desc(x: torch.Tensor, rows: int) -> TensorDescriptor:
+    """A TMA descriptor of contiguous x [T, n, D] as [T, n * D] in blocks of rows x D."""
+    x2 = x.view(x.shape[0], -1)
+    D = x.shape[2]
+    layout = gl.NVMMASharedLayout.get_default_for([rows, D], gl.bfloat16 if x.dtype == torch.bfloat16 else gl.float16)
+    return TensorDescriptor(x2, list(x2.shape), [x2.stride(0), 1], [rows, D], layout)
+
+
 def supported(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, do: torch.Tensor) -> bool:
     """Whether dkdv takes these contiguous tensors: CUDA sm_90, bf16 / fp16, head dim 64 or 128,
     16-byte aligned."""
@@ -194,14 +313,21 @@ def dkdv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, do: torch.Tensor, dk
     T, H, D = q.shape
     K = k.shape[1]
     B = cu.shape[0] - 1
-    dtype = gl.bfloat16 if q.dtype == torch.bfloat16 else gl.float16
-
-    def desc(x, rows):
-        x2 = x.view(T, -1)
-        layout = gl.NVMMASharedLayout.get_default_for([rows, D], dtype)
-        return TensorDescriptor(x2, list(x2.shape), [x2.stride(0), 1], [rows, D], layout)
-
     grid = (triton.cdiv(max_len, BLOCK_N) * B * K, )
-    _dkdv_kernel[grid](desc(q, BLOCK_M), desc(do, BLOCK_M), desc(k, BLOCK_N), desc(v, BLOCK_N), dk, dv, lse_HT,
+    _dkdv_kernel[grid](_desc(q, BLOCK_M), _desc(do, BLOCK_M), _desc(k, BLOCK_N), _desc(v, BLOCK_N), dk, dv, lse_HT,
                        delta_HT, cu, scale * 1.4426950408889634, scale, K, B * K, K * D, lse_HT.stride(0),
                        delta_HT.stride(0), G=H // K, STAGES=STAGES, num_warps=NUM_WARPS)
+
+
+def dq(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, do: torch.Tensor, dq_out: torch.Tensor, lse_HT: torch.Tensor,
+       delta_HT: torch.Tensor, cu: torch.Tensor, max_len: int, scale: float) -> None:
+    """dq_out (contiguous [T, H, D], written) of contiguous q, dout [T, H, D] and k, v [T, K, D];
+    the caller checked `supported`."""
+    T, H, D = q.shape
+    K = k.shape[1]
+    B = cu.shape[0] - 1
+    n_blocks = triton.cdiv(max_len, DQ_BLOCK_M)
+    _dq_kernel[(n_blocks * B * H, )](_desc(q, DQ_BLOCK_M), _desc(do, DQ_BLOCK_M), _desc(k, BLOCK_N), _desc(v, BLOCK_N),
+                                     dq_out, lse_HT, delta_HT, cu, scale * 1.4426950408889634, scale, H, B * H,
+                                     n_blocks, H * D, lse_HT.stride(0), delta_HT.stride(0), G=H // K,
+                                     STAGES=DQ_STAGES, num_warps=DQ_NUM_WARPS)
