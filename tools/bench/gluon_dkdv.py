@@ -196,7 +196,7 @@ def _desc_sig(rows: int, D: int) -> str:
 
 
 def compile_sm90(kernel, block_m: int, block_n: int, num_warps: int, stages: int, G: int = 2, D: int = 128,
-                 maxnreg: int | None = None, ptx_dir: str = "") -> dict:
+                 maxnreg: int | None = None, ptx_dir: str = "", late: bool = False) -> dict:
     """Compile kernel for sm_90 without a GPU (bf16, descriptors as the GPU run makes them); its
     registers, spills and shared memory from ptxas -v."""
     from triton.backends.compiler import GPUTarget
@@ -205,7 +205,7 @@ def compile_sm90(kernel, block_m: int, block_n: int, num_warps: int, stages: int
     fn = kernel
     names = [p.name for p in fn.params]
     consts = {k: v for k, v in dict(G=G, STAGES=stages, LOAD_REGS=LOAD_REGS, BLOCK_M=block_m, G_PAD=G,
-                                    SPLIT_BLOCKS=4, STORE_LSE=True, CONSUMER_REGS=240).items() if k in names}
+                                    SPLIT_BLOCKS=4, STORE_LSE=True, CONSUMER_REGS=240, LATE=late).items() if k in names}
     sig = {}
     for n in names:
         if n in consts:
@@ -269,7 +269,8 @@ def compile_configs(configs: list, kernels: dict, ptx_dir: str) -> list:
     failed = []
     for name, kernel, bm, bn, nw, stages, maxnreg in configs:
         try:
-            r = compile_sm90(kernels[kernel], bm, bn, nw, stages, maxnreg=maxnreg, ptx_dir=ptx_dir)
+            r = compile_sm90(kernels[kernel], bm, bn, nw, stages, maxnreg=maxnreg, ptx_dir=ptx_dir,
+                             late=" late " in name)
         except Exception as e:  # reported, the other configs still compiled
             print(f"{name:>22} FAILED: {type(e).__name__}: {str(e)[:500]}")
             failed.append(name)
