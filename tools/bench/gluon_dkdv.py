@@ -497,13 +497,20 @@ def cli(doc: str, configs: list, compile_only_fn, gpu_run_fn) -> None:
     ap.add_argument("--ptx", default="", help="with --compile-only: also write each kernel's ttgir and PTX here")
     ap.add_argument("--out", default="", help="GPU mode: write the results here")
     ap.add_argument("--configs", default="", help="GPU mode: comma-separated config names (default: all)")
+    ap.add_argument("--match", default="", help="GPU mode: only the configs whose name contains this")
+    ap.add_argument("--exclude", default="", help="GPU mode: not the configs whose name contains this")
     a = ap.parse_args()
     if a.compile_only:
         sys.exit(1 if compile_only_fn(a.ptx) else 0)
     if not a.out:
         ap.error("give --compile-only or --out OUT.json")
     names = [n.strip() for n in a.configs.split(",") if n.strip()]
-    sys.exit(gpu_run_fn(a.out, [c for c in configs if not names or c[0] in names]))
+    picked = [c for c in configs if (not names or c[0] in names) and a.match in c[0]
+              and not (a.exclude and a.exclude in c[0])]
+    if not picked:
+        ap.error(f"no config matches (--configs {a.configs!r} --match {a.match!r} --exclude {a.exclude!r}); "
+                 f"the configs: {[c[0] for c in configs]}")
+    sys.exit(gpu_run_fn(a.out, picked))
 
 
 if __name__ == "__main__":
