@@ -1,5 +1,5 @@
 """The packed training attention's forward as a Gluon kernel for Hopper (sm_90): the bits of
-paged_attention's `_attn_kernel` (CONTIG walk), ~1.05-1.10x its speed.
+paged_attention's `_attn_kernel` (CONTIG walk), 1.05-1.19x its speed (0.6B / 8B, 4k-16k; tools/bench/gluon_fwd.py).
 
 The engine's prefill / decode and the trainer give the same log-probs only while every path
 reduces a row's keys in one order, so this kernel does `_walk`'s operations in `_walk`'s order:

@@ -91,7 +91,7 @@ _LOG2E = 1.4426950408889634
 KV_TMA = True
 PAGED_KV_TMA = {"prefill": True, "decode": False}
 # The packed training forward by gluon_attention's kernel on Hopper where it takes the tensors
-# (FA3's producer warp, two consumer warpgroups and overlapped wgmmas, the same bits): 1.05-1.11x
+# (FA3's producer warp, two consumer warpgroups and overlapped wgmmas, the same bits): 1.05-1.19x
 # this module's kernel at 0.6B / 8B 4k-16k (tools/bench/gluon_fwd.py, 2026-12-04 twenty-first run).
 GLUON_FWD = True
 
