@@ -41,7 +41,7 @@ from triton.experimental.gluon.language.nvidia.hopper import mbarrier, tma
 
 from miles_kernels._triton.gluon_attention import _load_kv
 from miles_kernels._triton.gluon_attention_bwd import (_dq_kernel, _dq_rows, _dq_step, _load_q_do_once,  # noqa: F401
-                                                      _store_dq)
+                                                      _store_rows)
 from gluon_dkdv import (CASES, D, H, K, TOL, Case, _alloc, _alloc_pair, _bench_us, _mma_layout, _program,
                         _slot_barriers, cli, compile_configs, finish, fp32_reference, rel_err, run_config)
 
@@ -127,7 +127,7 @@ def _ws_compute(q_smem, do_smem, k_smem, v_smem, ready, empty, q_bar, dq_ptr, ls
         slot = j % STAGES
         mbarrier.wait(ready.index(slot), (j // STAGES) & 1)
         mbarrier.arrive(empty.index(slot))
-    _store_dq(dq, dq_ptr, m0, q_lo, q_len, h, scale, stride_qt)
+    _store_rows(dq, dq_ptr, m0, q_lo, q_len, h, scale, stride_qt)
 
 
 @gluon.jit

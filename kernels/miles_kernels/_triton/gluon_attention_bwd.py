@@ -101,18 +101,24 @@ def _step(dk, dv, k_smem, v_smem, q_s, do_s, lse2, delta, t, i_lo, n_i, i_full, 
 
 
 @gluon.jit
-def _store_dkdv(dk, dv, dk_ptr, dv_ptr, n0, q_lo, q_len, kvh, scale, stride_kt):
-    """Rows n0 .. n0 + BLOCK_N of the kv head's dK (times scale) and dV, the rows inside the sequence."""
-    BLOCK_N: gl.constexpr = dk.type.shape[0]
-    D: gl.constexpr = dk.type.shape[1]
+def _store_rows(acc, ptr, r0, q_lo, q_len, head, scale, stride_t):
+    """Rows r0 .. r0 + R of one head's grad (acc [R, D] times scale) into ptr [T, heads, D], the
+    rows inside the sequence."""
+    R: gl.constexpr = acc.type.shape[0]
+    D: gl.constexpr = acc.type.shape[1]
     NW: gl.constexpr = gl.num_warps()
     layout: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [NW, 1], [1, 0])  # 16-byte stores
-    rows = n0 + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, layout))
-    off = (q_lo + rows).to(gl.int64)[:, None] * stride_kt + kvh * D + gl.arange(0, D, layout=gl.SliceLayout(0, layout))[
+    rows = r0 + gl.arange(0, R, layout=gl.SliceLayout(1, layout))
+    off = (q_lo + rows).to(gl.int64)[:, None] * stride_t + head * D + gl.arange(0, D, layout=gl.SliceLayout(0, layout))[
         None, :]
-    ok = rows[:, None] < q_len
-    gl.store(dk_ptr + off, gl.convert_layout((dk * scale).to(dk_ptr.dtype.element_ty), layout), mask=ok)
-    gl.store(dv_ptr + off, gl.convert_layout(dv.to(dv_ptr.dtype.element_ty), layout), mask=ok)
+    gl.store(ptr + off, gl.convert_layout((acc * scale).to(ptr.dtype.element_ty), layout), mask=rows[:, None] < q_len)
+
+
+@gluon.jit
+def _store_dkdv(dk, dv, dk_ptr, dv_ptr, n0, q_lo, q_len, kvh, scale, stride_kt):
+    """Rows n0 .. n0 + BLOCK_N of the kv head's dK (times scale) and dV, the rows inside the sequence."""
+    _store_rows(dk, dk_ptr, n0, q_lo, q_len, kvh, scale, stride_kt)
+    _store_rows(dv, dv_ptr, n0, q_lo, q_len, kvh, 1.0, stride_kt)
 
 
 @gluon.jit
@@ -224,20 +230,6 @@ def _dq_rows(lse_ptr, delta_ptr, h, q_lo, q_len, m0, stride_lh, stride_dh, BLOCK
 
 
 @gluon.jit
-def _store_dq(dq, dq_ptr, m0, q_lo, q_len, h, scale, stride_qt):
-    """Rows m0 .. m0 + BLOCK_M of the head's dQ (times scale), the rows inside the sequence."""
-    BLOCK_M: gl.constexpr = dq.type.shape[0]
-    D: gl.constexpr = dq.type.shape[1]
-    NW: gl.constexpr = gl.num_warps()
-    layout: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [NW, 1], [1, 0])  # 16-byte stores
-    rows = m0 + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, layout))
-    off = (q_lo + rows).to(gl.int64)[:, None] * stride_qt + h * D + gl.arange(0, D, layout=gl.SliceLayout(0, layout))[
-        None, :]
-    gl.store(dq_ptr + off, gl.convert_layout((dq * scale).to(dq_ptr.dtype.element_ty), layout),
-             mask=rows[:, None] < q_len)
-
-
-@gluon.jit
 def _load_q_do_once(q_desc, do_desc, q_smem, do_smem, q_bar, m0, q_lo, h):
     """The query block's q and dout tiles, once (rows past the sequence: ignored, never stored)."""
     D: gl.constexpr = q_desc.block_type.shape[1]
@@ -286,7 +278,7 @@ def _dq_kernel(q_desc, do_desc, k_desc, v_desc, dq_ptr, lse_ptr, delta_ptr, cu_p
     for s in gl.static_range(STAGES):
         mbarrier.invalidate(ready.index(s))
     mbarrier.invalidate(q_bar)
-    _store_dq(dq, dq_ptr, m0, q_lo, q_len, h, scale, stride_qt)
+    _store_rows(dq, dq_ptr, m0, q_lo, q_len, h, scale, stride_qt)
 
 
 def _desc(x: torch.Tensor, rows: int) -> TensorDescriptor:
