@@ -45,7 +45,7 @@ from triton.experimental.gluon.language.nvidia.hopper import mbarrier, tma
 
 from miles_kernels._triton.gluon_attention import _mma_layout, _slot_barriers  # noqa: F401 (gluon_dq takes them here)
 from miles_kernels._triton.gluon_attention_bwd import (_alloc, _dkdv_kernel, _load_q_do, _program, _rows,  # noqa: F401
-                                                      _step, _store_dkdv)
+                                                      _start, _step, _store_dkdv)
 
 LOAD_REGS = 24  # the warp-specialized kernel's load partition: registers a thread
 
@@ -138,17 +138,9 @@ def _ws_compute(k_smem, v_smem, q_smem, do_smem, ready, empty, kv_bar, dk_ptr, d
     D: gl.constexpr = q_smem.type.shape[2]
     BLOCK_N: gl.constexpr = k_smem.type.shape[0]
     STAGES: gl.constexpr = q_smem.type.shape[0]
-    NW: gl.constexpr = gl.num_warps()
-    acc_layout: gl.constexpr = _mma_layout(D, NW)
-    i_full = gl.cdiv(n0 + BLOCK_N - 1, BLOCK_M)
-    n_q_full = q_len // BLOCK_M
     first = gl.where(n0 < q_len, n0 // BLOCK_M, i_lo + n_i)  # keys all past the sequence: no block
-    kpos = n0 + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, _mma_layout(BLOCK_M, NW)))
-    dk = gl.zeros([BLOCK_N, D], gl.float32, acc_layout)
-    dv = gl.zeros([BLOCK_N, D], gl.float32, acc_layout)
-    mbarrier.wait(kv_bar, 0)
-    lse2, delta = _rows(lse_ptr, delta_ptr, 0, i_lo, n_i, q_lo, q_len, kvh, stride_lh, stride_dh, True, BLOCK_M,
-                        BLOCK_N, G)
+    i_full, n_q_full, kpos, dk, dv, lse2, delta = _start(kv_bar, lse_ptr, delta_ptr, n0, i_lo, n_i, q_lo, q_len, kvh,
+                                                         stride_lh, stride_dh, BLOCK_M, BLOCK_N, D, G)
     for t in range(G * n_i):
         lse2_n, delta_n = _rows(lse_ptr, delta_ptr, t + 1, i_lo, n_i, q_lo, q_len, kvh, stride_lh, stride_dh,
                                 t + 1 < G * n_i, BLOCK_M, BLOCK_N, G)

@@ -137,6 +137,23 @@ def _alloc(a_desc, b_desc, ring_a_desc, ring_b_desc, STAGES: gl.constexpr):
 
 
 @gluon.jit
+def _start(kv_bar, lse_ptr, delta_ptr, n0, i_lo, n_i, q_lo, q_len, kvh, stride_lh, stride_dh, BLOCK_M: gl.constexpr,
+           BLOCK_N: gl.constexpr, D: gl.constexpr, G: gl.constexpr):
+    """The start of a dK / dV loop over keys n0 .. n0 + BLOCK_N: (the first query block that sees
+    every key whole, the count of blocks that end inside the sequence, the keys' positions, zeroed
+    dK and dV, step 0's LSE and delta), once K and V have landed (kv_bar)."""
+    NW: gl.constexpr = gl.num_warps()
+    acc_layout: gl.constexpr = _mma_layout(D, NW)  # dK, dV: [BLOCK_N, D]
+    kpos = n0 + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, _mma_layout(BLOCK_M, NW)))
+    dk = gl.zeros([BLOCK_N, D], gl.float32, acc_layout)
+    dv = gl.zeros([BLOCK_N, D], gl.float32, acc_layout)
+    mbarrier.wait(kv_bar, 0)
+    lse2, delta = _rows(lse_ptr, delta_ptr, 0, i_lo, n_i, q_lo, q_len, kvh, stride_lh, stride_dh, True, BLOCK_M,
+                        BLOCK_N, G)
+    return gl.cdiv(n0 + BLOCK_N - 1, BLOCK_M), q_len // BLOCK_M, kpos, dk, dv, lse2, delta
+
+
+@gluon.jit
 def _dkdv_kernel(q_desc, do_desc, k_desc, v_desc, dk_ptr, dv_ptr, lse_ptr, delta_ptr, cu_ptr, qk_scale, scale,
                      n_kv_heads, n_bk, stride_kt, stride_lh, stride_dh, G: gl.constexpr, STAGES: gl.constexpr):
     """One program a (KV block, sequence, kv head): its G heads' query blocks from the diagonal on,
@@ -144,8 +161,6 @@ def _dkdv_kernel(q_desc, do_desc, k_desc, v_desc, dk_ptr, dv_ptr, lse_ptr, delta
     BLOCK_M: gl.constexpr = q_desc.block_type.shape[0]
     D: gl.constexpr = q_desc.block_type.shape[1]
     BLOCK_N: gl.constexpr = k_desc.block_type.shape[0]
-    NW: gl.constexpr = gl.num_warps()
-    acc_layout: gl.constexpr = _mma_layout(D, NW)  # dK, dV: [BLOCK_N, D]
     n0, kvh, q_lo, q_len = _program(cu_ptr, n_kv_heads, n_bk, BLOCK_N)
     if n0 >= q_len:
         return
@@ -157,18 +172,11 @@ def _dkdv_kernel(q_desc, do_desc, k_desc, v_desc, dk_ptr, dv_ptr, lse_ptr, delta
     i_lo = n0 // BLOCK_M
     n_i = gl.cdiv(q_len, BLOCK_M) - i_lo  # query blocks a head: the diagonal's to the sequence's last
     n_steps = G * n_i
-    i_full = gl.cdiv(n0 + BLOCK_N - 1, BLOCK_M)  # query blocks from here on see every key whole
-    n_q_full = q_len // BLOCK_M  # blocks before this one end inside the sequence
     for s in gl.static_range(STAGES - 1):
         _load_q_do(q_desc, do_desc, q_smem.index(s), do_smem.index(s), ready.index(s), s, i_lo, n_i, q_lo, kvh,
                    s < n_steps, G)
-
-    kpos = n0 + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, _mma_layout(BLOCK_M, NW)))
-    dk = gl.zeros([BLOCK_N, D], gl.float32, acc_layout)
-    dv = gl.zeros([BLOCK_N, D], gl.float32, acc_layout)
-    mbarrier.wait(kv_bar, 0)
-    lse2, delta = _rows(lse_ptr, delta_ptr, 0, i_lo, n_i, q_lo, q_len, kvh, stride_lh, stride_dh, True, BLOCK_M,
-                        BLOCK_N, G)
+    i_full, n_q_full, kpos, dk, dv, lse2, delta = _start(kv_bar, lse_ptr, delta_ptr, n0, i_lo, n_i, q_lo, q_len, kvh,
+                                                         stride_lh, stride_dh, BLOCK_M, BLOCK_N, D, G)
     for t in range(n_steps):
         # the slot step t - 1 used is free (its wgmmas were waited): step t + STAGES - 1 goes there.
         # The barrier: every warp is past those waits before one thread issues the copy.
