@@ -101,12 +101,8 @@ for step in $steps; do
                run bench_train_fused timeout 600 python3 tools/bench/train.py --modes invariant --steps 3 --dq-fused \
                    --peer --out "$out/train_fused.json" ;;
         ws) run ws_probe python3 tools/bench/ws_probe.py "$out/ws_probe.json" ;;
-        gluon) for p in fwd dkdv dq; do  # the ws2 configs (not yet run on a GPU) apart, under a shorter limit
-                   run gluon_$p timeout 240 python3 tools/bench/gluon_$p.py --out "$out/gluon_$p.json" --exclude ws2
-               done
-               for p in dkdv dq; do
-                   run gluon_${p}_ws2 timeout 120 python3 tools/bench/gluon_$p.py --out "$out/gluon_${p}_ws2.json" \
-                       --match ws2
+        gluon) for p in fwd dkdv dq; do
+                   run gluon_$p timeout 300 python3 tools/bench/gluon_$p.py --out "$out/gluon_$p.json"
                done ;;
         tma) run attn_bwd_tma python3 tools/bench/attn_bwd.py "$out/attn_bwd_tma.json" --tma
              run attn_tma python3 tools/bench/attn_sweep.py "$out/attn_tma.json" --tma --tiles

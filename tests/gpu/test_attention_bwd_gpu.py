@@ -176,6 +176,7 @@ GLUON_CASES = [
     ((32, 8), 128, torch.float16, [2500]),
     ((12, 4), 128, torch.bfloat16, [3000, 1290]),
     ((8, 8), 64, torch.bfloat16, [2500, 63]),
+    ((16, 8), 128, torch.bfloat16, [2048, 65, 130, 191, 64]),  # a program's second half partial or empty
 ]
 
 
@@ -212,6 +213,7 @@ def test_gluon_dkdv_bitwise(monkeypatch, heads, hd, dtype, lens):
     from miles_kernels._triton import attention_bwd as AB
     from miles_kernels._triton import gluon_attention_bwd as GB
 
+    monkeypatch.setattr(AB, "GLUON_DQ", False)  # dQ by the Triton kernel throughout
     args = _gluon_case(heads, hd, dtype, lens)
     calls = []
     real = GB.dkdv
@@ -226,8 +228,8 @@ def test_gluon_dkdv_bitwise(monkeypatch, heads, hd, dtype, lens):
 
 @pytest.mark.parametrize("heads,hd,dtype,lens", GLUON_CASES)
 def test_gluon_dq_bitwise(monkeypatch, heads, hd, dtype, lens):
-    """GLUON_DQ on: dQ from gluon_attention_bwd's dQ kernel, dq, dk, dv bitwise == with it off, two
-    runs the same bits (the cases of test_gluon_dkdv_bitwise)."""
+    """On Hopper dQ comes from gluon_attention_bwd's dQ kernel: dq, dk, dv bitwise == with
+    GLUON_DQ off, two runs the same bits (the cases of test_gluon_dkdv_bitwise)."""
     from miles_kernels import _triton as kt
     from miles_kernels._triton import attention_bwd as AB
     from miles_kernels._triton import gluon_attention_bwd as GB

@@ -13,10 +13,12 @@ P recomputed from the LSE in log2 units and dS = P * (dout v^T - delta). What is
                dV += P^T dout and dK += dS^T q with P^T / dS^T from registers
     dK, dV     fp32 accumulators in registers (NVMMADistributedLayout v3), masked stores at the end
 
-Two kernels: `_dkdv_kernel` (kernels/miles_kernels/_triton/gluon_attention_bwd.py, which the
-backward runs on Hopper; one partition: the compute warps also issue the loads, STAGES - 1
-steps ahead) and `_dkdv_ws_kernel` (gl.warp_specialize: a 1-warp partition issues the TMA loads,
-the num_warps compute warps consume; empty/ready mbarrier pairs per ring slot).
+Three kernels: `_dkdv_tma_kernel` (one partition: the compute warps also issue the loads,
+STAGES - 1 steps ahead), `_dkdv_ws_kernel` (gl.warp_specialize: a 1-warp partition issues the TMA
+loads, the num_warps compute warps consume; empty/ready mbarrier pairs per ring slot) and the
+`ws2` configs' `_dkdv_kernel` (kernels/miles_kernels/_triton/gluon_attention_bwd.py, which the
+backward runs on Hopper: a producer warp, two 4-warp consumers of BLOCK_N keys each sharing every
+q / dout tile).
 
     PYTHONPATH=kernels python tools/bench/gluon_dkdv.py --compile-only   # CPU: sm_90 regs/spills
     PYTHONPATH=kernels python tools/bench/gluon_dkdv.py --out OUT.json   # GPU: check, then time
@@ -44,8 +46,9 @@ from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import mbarrier, tma
 
 from miles_kernels._triton.gluon_attention import _mma_layout, _slot_barriers  # noqa: F401 (gluon_dq takes them here)
-from miles_kernels._triton.gluon_attention_bwd import (_alloc, _dkdv_kernel, _load_q_do, _program, _rows,  # noqa: F401
-                                                      _start, _step, _store_dkdv)
+from miles_kernels._triton.gluon_attention_bwd import (_alloc_pair, _dkdv_consume, _dkdv_kernel,  # noqa: F401
+                                                      _load_q_do, _program, _ring_q_do, _rows, _start, _step,
+                                                      _store_dkdv)
 
 LOAD_REGS = 24  # the warp-specialized kernel's load partition: registers a thread
 
@@ -59,18 +62,6 @@ def _ws_load(q_desc, do_desc, k_desc, v_desc, k_smem, v_smem, q_smem, do_smem, r
     tma.async_copy_global_to_shared(k_desc, [q_lo + n0, kvh * D], kv_bar, k_smem)
     tma.async_copy_global_to_shared(v_desc, [q_lo + n0, kvh * D], kv_bar, v_smem)
     _ring_q_do(q_desc, do_desc, q_smem, do_smem, ready, empty, i_lo, n_i, q_lo, kvh, G)
-
-
-@gluon.jit
-def _ring_q_do(q_desc, do_desc, q_smem, do_smem, ready, empty, i_lo, n_i, q_lo, kvh, G: gl.constexpr):
-    """The producer's loop: step t's q, dout into slot t % STAGES once the consumers freed it."""
-    STAGES: gl.constexpr = q_smem.type.shape[0]
-    for t in range(G * n_i):
-        slot = t % STAGES
-        # empty barriers start with phase 1 complete: the first round of waits passes at once
-        mbarrier.wait(empty.index(slot), ((t // STAGES) & 1) ^ 1)
-        _load_q_do(q_desc, do_desc, q_smem.index(slot), do_smem.index(slot), ready.index(slot), t, i_lo, n_i, q_lo,
-                   kvh, True, G)
 
 
 @gluon.jit
@@ -88,7 +79,7 @@ def _dkdv_ws_kernel(q_desc, do_desc, k_desc, v_desc, dk_ptr, dv_ptr, lse_ptr, de
     i_lo = n0 // q_desc.block_type.shape[0]
     n_i = gl.cdiv(q_len, q_desc.block_type.shape[0]) - i_lo
     gl.warp_specialize([
-        (_ws_compute, (k_smem, v_smem, q_smem, do_smem, ready, empty, kv_bar, dk_ptr, dv_ptr, lse_ptr, delta_ptr, n0,
+        (_dkdv_consume, (k_smem, v_smem, q_smem, do_smem, ready, empty, kv_bar, dk_ptr, dv_ptr, lse_ptr, delta_ptr, n0,
                        kvh, q_lo, q_len, i_lo, n_i, qk_scale, scale, stride_kt, stride_lh, stride_dh, G)),
         (_ws_load, (q_desc, do_desc, k_desc, v_desc, k_smem, v_smem, q_smem, do_smem, ready, empty, kv_bar, n0, kvh,
                     q_lo, i_lo, n_i, G)),
@@ -96,88 +87,62 @@ def _dkdv_ws_kernel(q_desc, do_desc, k_desc, v_desc, dk_ptr, dv_ptr, lse_ptr, de
 
 
 @gluon.jit
-def _alloc_pair(a_desc, b_desc, ring_a_desc, ring_b_desc, STAGES: gl.constexpr):
-    """Shared memory of a ws2 program: two resident tiles of a and of b (one pair a consumer), a
-    STAGES-slot ring of the other two, its ready barriers and its empty ones (count 2: both
-    consumers), and the resident tiles' barrier."""
-    a0 = gl.allocate_shared_memory(a_desc.dtype, a_desc.block_type.shape, a_desc.layout)
-    b0 = gl.allocate_shared_memory(b_desc.dtype, b_desc.block_type.shape, b_desc.layout)
-    a1 = gl.allocate_shared_memory(a_desc.dtype, a_desc.block_type.shape, a_desc.layout)
-    b1 = gl.allocate_shared_memory(b_desc.dtype, b_desc.block_type.shape, b_desc.layout)
+def _alloc(a_desc, b_desc, ring_a_desc, ring_b_desc, STAGES: gl.constexpr):
+    """Shared memory of a program: two resident tiles (a, b: K and V for dK/dV, q and dout for
+    dQ), a STAGES-slot ring of the other two, the ring's ready mbarriers and the resident tiles'
+    (initialised, count 1)."""
+    a_smem = gl.allocate_shared_memory(a_desc.dtype, a_desc.block_type.shape, a_desc.layout)
+    b_smem = gl.allocate_shared_memory(b_desc.dtype, b_desc.block_type.shape, b_desc.layout)
     ring_shape: gl.constexpr = [STAGES, ring_a_desc.block_type.shape[0], ring_a_desc.block_type.shape[1]]
     ring_a = gl.allocate_shared_memory(ring_a_desc.dtype, ring_shape, ring_a_desc.layout)
     ring_b = gl.allocate_shared_memory(ring_b_desc.dtype, ring_shape, ring_b_desc.layout)
-    empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-    for s in gl.static_range(STAGES):
-        mbarrier.init(empty.index(s), count=2)
-    return a0, b0, a1, b1, ring_a, ring_b, _slot_barriers(STAGES), empty, _slot_barriers(1).index(0)
+    bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+    mbarrier.init(bar, count=1)
+    return a_smem, b_smem, ring_a, ring_b, _slot_barriers(STAGES), bar
 
 
 @gluon.jit
-def _ws2_load(q_desc, do_desc, k_desc, v_desc, k0, v0, k1, v1, q_smem, do_smem, ready, empty, kv_bar, n0, kvh, q_lo,
-              i_lo, n_i, G: gl.constexpr):
-    """Producer (1 warp) of _dkdv_ws2_kernel: both halves' K, V once, then each step's q, dout
-    into the ring as both consumers free a slot."""
-    HALF: gl.constexpr = k_desc.block_type.shape[0]
-    D: gl.constexpr = k_desc.block_type.shape[1]
-    mbarrier.expect(kv_bar, 4 * k_desc.block_type.nbytes)
-    tma.async_copy_global_to_shared(k_desc, [q_lo + n0, kvh * D], kv_bar, k0)
-    tma.async_copy_global_to_shared(v_desc, [q_lo + n0, kvh * D], kv_bar, v0)
-    tma.async_copy_global_to_shared(k_desc, [q_lo + n0 + HALF, kvh * D], kv_bar, k1)
-    tma.async_copy_global_to_shared(v_desc, [q_lo + n0 + HALF, kvh * D], kv_bar, v1)
-    _ring_q_do(q_desc, do_desc, q_smem, do_smem, ready, empty, i_lo, n_i, q_lo, kvh, G)
-
-
-@gluon.jit
-def _ws_compute(k_smem, v_smem, q_smem, do_smem, ready, empty, kv_bar, dk_ptr, dv_ptr, lse_ptr, delta_ptr, n0, kvh,
-                 q_lo, q_len, i_lo, n_i, qk_scale, scale, stride_kt, stride_lh, stride_dh, G: gl.constexpr):
-    """A consumer (num_warps warps): its BLOCK_N keys from n0 (k_smem, v_smem) over every step of
-    the program, computing those whose query block reaches its keys (all but, in _dkdv_ws2_kernel,
-    the second consumer's first), each ring slot released once its wgmmas are done; then dK, dV."""
-    BLOCK_M: gl.constexpr = q_smem.type.shape[1]
-    D: gl.constexpr = q_smem.type.shape[2]
-    BLOCK_N: gl.constexpr = k_smem.type.shape[0]
-    STAGES: gl.constexpr = q_smem.type.shape[0]
-    first = gl.where(n0 < q_len, n0 // BLOCK_M, i_lo + n_i)  # keys all past the sequence: no block
-    i_full, n_q_full, kpos, dk, dv, lse2, delta = _start(kv_bar, lse_ptr, delta_ptr, n0, i_lo, n_i, q_lo, q_len, kvh,
-                                                         stride_lh, stride_dh, BLOCK_M, BLOCK_N, D, G)
-    for t in range(G * n_i):
-        lse2_n, delta_n = _rows(lse_ptr, delta_ptr, t + 1, i_lo, n_i, q_lo, q_len, kvh, stride_lh, stride_dh,
-                                t + 1 < G * n_i, BLOCK_M, BLOCK_N, G)
-        slot = t % STAGES
-        mbarrier.wait(ready.index(slot), (t // STAGES) & 1)
-        if i_lo + t % n_i >= first:
-            dk, dv = _step(dk, dv, k_smem, v_smem, q_smem.index(slot), do_smem.index(slot), lse2, delta, t, i_lo, n_i,
-                           i_full, n_q_full, kpos, q_len, qk_scale)
-        gl.thread_barrier()  # every warp is past its wgmma wait before the one arrive
-        mbarrier.arrive(empty.index(slot))
-        lse2, delta = lse2_n, delta_n
-    _store_dkdv(dk, dv, dk_ptr, dv_ptr, n0, q_lo, q_len, kvh, scale, stride_kt)
-
-
-@gluon.jit
-def _dkdv_ws2_kernel(q_desc, do_desc, k_desc, v_desc, dk_ptr, dv_ptr, lse_ptr, delta_ptr, cu_ptr, qk_scale, scale,
-                     n_kv_heads, n_bk, stride_kt, stride_lh, stride_dh, G: gl.constexpr, STAGES: gl.constexpr,
-                     LOAD_REGS: gl.constexpr):
-    """The forward's layout (gluon_attention._fwd_ws_kernel): a 1-warp producer, two 4-warp
-    consumers of 64 keys each (k / v descriptors of 64 rows, 128 keys a program) sharing every
-    q / dout tile, free of each other."""
-    HALF: gl.constexpr = k_desc.block_type.shape[0]
+def _dkdv_tma_kernel(q_desc, do_desc, k_desc, v_desc, dk_ptr, dv_ptr, lse_ptr, delta_ptr, cu_ptr, qk_scale, scale,
+                     n_kv_heads, n_bk, stride_kt, stride_lh, stride_dh, G: gl.constexpr, STAGES: gl.constexpr):
+    """One program a (KV block, sequence, kv head): its G heads' query blocks from the diagonal on,
+    the compute warps issuing each step's q / dout TMA loads STAGES - 1 steps ahead."""
     BLOCK_M: gl.constexpr = q_desc.block_type.shape[0]
-    n0, kvh, q_lo, q_len = _program(cu_ptr, n_kv_heads, n_bk, 2 * HALF)
+    D: gl.constexpr = q_desc.block_type.shape[1]
+    BLOCK_N: gl.constexpr = k_desc.block_type.shape[0]
+    n0, kvh, q_lo, q_len = _program(cu_ptr, n_kv_heads, n_bk, BLOCK_N)
     if n0 >= q_len:
         return
-    k0, v0, k1, v1, q_smem, do_smem, ready, empty, kv_bar = _alloc_pair(k_desc, v_desc, q_desc, do_desc, STAGES)
+    k_smem, v_smem, q_smem, do_smem, ready, kv_bar = _alloc(k_desc, v_desc, q_desc, do_desc, STAGES)
+
+    mbarrier.expect(kv_bar, 2 * k_desc.block_type.nbytes)
+    tma.async_copy_global_to_shared(k_desc, [q_lo + n0, kvh * D], kv_bar, k_smem)
+    tma.async_copy_global_to_shared(v_desc, [q_lo + n0, kvh * D], kv_bar, v_smem)
     i_lo = n0 // BLOCK_M
-    n_i = gl.cdiv(q_len, BLOCK_M) - i_lo
-    gl.warp_specialize([
-        (_ws_compute, (k0, v0, q_smem, do_smem, ready, empty, kv_bar, dk_ptr, dv_ptr, lse_ptr, delta_ptr, n0, kvh,
-                        q_lo, q_len, i_lo, n_i, qk_scale, scale, stride_kt, stride_lh, stride_dh, G)),
-        (_ws_compute, (k1, v1, q_smem, do_smem, ready, empty, kv_bar, dk_ptr, dv_ptr, lse_ptr, delta_ptr, n0 + HALF,
-                        kvh, q_lo, q_len, i_lo, n_i, qk_scale, scale, stride_kt, stride_lh, stride_dh, G)),
-        (_ws2_load, (q_desc, do_desc, k_desc, v_desc, k0, v0, k1, v1, q_smem, do_smem, ready, empty, kv_bar, n0, kvh,
-                     q_lo, i_lo, n_i, G)),
-    ], [4, 1], [240, LOAD_REGS])
+    n_i = gl.cdiv(q_len, BLOCK_M) - i_lo  # query blocks a head: the diagonal's to the sequence's last
+    n_steps = G * n_i
+    for s in gl.static_range(STAGES - 1):
+        _load_q_do(q_desc, do_desc, q_smem.index(s), do_smem.index(s), ready.index(s), s, i_lo, n_i, q_lo, kvh,
+                   s < n_steps, G)
+    i_full, n_q_full, kpos, dk, dv, lse2, delta = _start(kv_bar, lse_ptr, delta_ptr, n0, i_lo, n_i, q_lo, q_len, kvh,
+                                                         stride_lh, stride_dh, BLOCK_M, BLOCK_N, D, G)
+    for t in range(n_steps):
+        # the slot step t - 1 used is free (its wgmmas were waited): step t + STAGES - 1 goes there.
+        # The barrier: every warp is past those waits before one thread issues the copy.
+        gl.thread_barrier()
+        nxt = t + STAGES - 1
+        _load_q_do(q_desc, do_desc, q_smem.index(nxt % STAGES), do_smem.index(nxt % STAGES),
+                   ready.index(nxt % STAGES), nxt, i_lo, n_i, q_lo, kvh, nxt < n_steps, G)
+        lse2_n, delta_n = _rows(lse_ptr, delta_ptr, t + 1, i_lo, n_i, q_lo, q_len, kvh, stride_lh, stride_dh,
+                                t + 1 < n_steps, BLOCK_M, BLOCK_N, G)
+        slot = t % STAGES
+        mbarrier.wait(ready.index(slot), (t // STAGES) & 1)
+        dk, dv = _step(dk, dv, k_smem, v_smem, q_smem.index(slot), do_smem.index(slot), lse2, delta, t, i_lo, n_i,
+                       i_full, n_q_full, kpos, q_len, qk_scale)
+        lse2, delta = lse2_n, delta_n
+    for s in gl.static_range(STAGES):
+        mbarrier.invalidate(ready.index(s))
+    mbarrier.invalidate(kv_bar)
+    _store_dkdv(dk, dv, dk_ptr, dv_ptr, n0, q_lo, q_len, kvh, scale, stride_kt)
 
 
 # ---- compile only (CPU) ----
@@ -188,7 +153,7 @@ def _desc_sig(rows: int, D: int) -> str:
 
 
 def compile_sm90(kernel, block_m: int, block_n: int, num_warps: int, stages: int, G: int = 2, D: int = 128,
-                 maxnreg: int | None = None, ptx_dir: str = "", late: bool = False) -> dict:
+                 maxnreg: int | None = None, ptx_dir: str = "") -> dict:
     """Compile kernel for sm_90 without a GPU (bf16, descriptors as the GPU run makes them); its
     registers, spills and shared memory from ptxas -v."""
     from triton.backends.compiler import GPUTarget
@@ -197,7 +162,7 @@ def compile_sm90(kernel, block_m: int, block_n: int, num_warps: int, stages: int
     fn = kernel
     names = [p.name for p in fn.params]
     consts = {k: v for k, v in dict(G=G, STAGES=stages, LOAD_REGS=LOAD_REGS, BLOCK_M=block_m, G_PAD=G,
-                                    SPLIT_BLOCKS=4, STORE_LSE=True, CONSUMER_REGS=240, LATE=late).items() if k in names}
+                                    SPLIT_BLOCKS=4, STORE_LSE=True, CONSUMER_REGS=240).items() if k in names}
     sig = {}
     for n in names:
         if n in consts:
@@ -239,16 +204,16 @@ def compile_sm90(kernel, block_m: int, block_n: int, num_warps: int, stages: int
 # warp's group); maxnreg caps the launch: 168 x 12 warps fills an SM (compute warps then get 240),
 # 128 x 8 lets two CTAs share one (compute 232: ptxas spills ~100 B).
 CONFIGS = [
-    ("tma 64x64 w4 s2", "_dkdv_kernel", 64, 64, 4, 2, None),
-    ("tma 64x64 w4 s3", "_dkdv_kernel", 64, 64, 4, 3, None),
-    ("tma 64x128 w8 s2", "_dkdv_kernel", 64, 128, 8, 2, None),
+    ("tma 64x64 w4 s2", "_dkdv_tma_kernel", 64, 64, 4, 2, None),
+    ("tma 64x64 w4 s3", "_dkdv_tma_kernel", 64, 64, 4, 3, None),
+    ("tma 64x128 w8 s2", "_dkdv_tma_kernel", 64, 128, 8, 2, None),
     ("ws 64x128 w8 s2 r168", "_dkdv_ws_kernel", 64, 128, 8, 2, 168),
     ("ws 64x128 w8 s3 r168", "_dkdv_ws_kernel", 64, 128, 8, 3, 168),
     ("ws 64x64 w4 s2 r128", "_dkdv_ws_kernel", 64, 64, 4, 2, 128),
     ("ws 64x64 w4 s3", "_dkdv_ws_kernel", 64, 64, 4, 3, None),
-    ("ws2 64x128 s2", "_dkdv_ws2_kernel", 64, 64, 4, 2, 168),
-    ("ws2 64x128 s3", "_dkdv_ws2_kernel", 64, 64, 4, 3, 168),
-    ("ws2 64x128 s4", "_dkdv_ws2_kernel", 64, 64, 4, 4, 168),
+    ("ws2 64x128 s2", "_dkdv_kernel", 64, 64, 4, 2, 168),
+    ("ws2 64x128 s3", "_dkdv_kernel", 64, 64, 4, 3, 168),
+    ("ws2 64x128 s4", "_dkdv_kernel", 64, 64, 4, 4, 168),
 ]
 
 
@@ -261,8 +226,7 @@ def compile_configs(configs: list, kernels: dict, ptx_dir: str) -> list:
     failed = []
     for name, kernel, bm, bn, nw, stages, maxnreg in configs:
         try:
-            r = compile_sm90(kernels[kernel], bm, bn, nw, stages, maxnreg=maxnreg, ptx_dir=ptx_dir,
-                             late=" late " in name)
+            r = compile_sm90(kernels[kernel], bm, bn, nw, stages, maxnreg=maxnreg, ptx_dir=ptx_dir)
         except Exception as e:  # reported, the other configs still compiled
             print(f"{name:>22} FAILED: {type(e).__name__}: {str(e)[:500]}")
             failed.append(name)
@@ -335,7 +299,7 @@ class Case:
     def gluon_dkdv(self, config, dk, dv):
         """A launcher of one Gluon config."""
         B = len(self.lens)
-        keys = config[3] * (2 if config[1] == "_dkdv_ws2_kernel" else 1)  # ws2: two KV tiles a program
+        keys = config[3] * (2 if config[1] == "_dkdv_kernel" else 1)  # ws2: two KV tiles a program
         grid = (triton.cdiv(self.max_len, keys) * B * K, )
         return self.gluon_launch(globals()[config[1]], config, grid, (dk, dv), (K, B * K, K * D))
 
@@ -354,8 +318,11 @@ class Case:
         args = (desc(self.q, bm), desc(self.do, bm), desc(self.k, bn), desc(self.v, bn), *outs, self.lse, self.delta,
                 self.cu, self.scale * 1.4426950408889634, self.scale, *ints, self.lse.stride(0), self.T)
         meta = dict(G=H // K, STAGES=stages, num_warps=nw)
-        if "_ws" in kernel:
+        params = [p.name for p in fn.params]
+        if "LOAD_REGS" in params:
             meta["LOAD_REGS"] = LOAD_REGS
+        if "CONSUMER_REGS" in params:
+            meta["CONSUMER_REGS"] = 240
         if maxnreg:
             meta["maxnreg"] = maxnreg
         return lambda: fn[grid](*args, **meta)

@@ -14,9 +14,11 @@ What is Hopper-specific:
                dQ += dS k with dS from registers
     dQ         fp32 accumulator in registers (NVMMADistributedLayout v3), a masked store at the end
 
-Two kernels: `_dq_kernel` (one partition: the compute warps also issue the loads, STAGES - 1
-steps ahead) and `_dq_ws_kernel` (gl.warp_specialize: a 1-warp partition issues the TMA loads,
-the num_warps compute warps consume; empty/ready mbarrier pairs per ring slot).
+Three kernels: `_dq_tma_kernel` (one partition: the compute warps also issue the loads, STAGES - 1
+steps ahead), `_dq_ws_kernel` (gl.warp_specialize: a 1-warp partition issues the TMA loads, the
+num_warps compute warps consume; empty/ready mbarrier pairs per ring slot) and the `ws2` configs'
+`_dq_kernel` (kernels/miles_kernels/_triton/gluon_attention_bwd.py, which the backward runs on
+Hopper: a producer warp, two 4-warp consumers of BLOCK_M rows each sharing every K/V block).
 
     PYTHONPATH=kernels python tools/bench/gluon_dq.py --compile-only   # CPU: sm_90 regs/spills
     PYTHONPATH=kernels python tools/bench/gluon_dq.py --out OUT.json   # GPU: check, then time
@@ -25,8 +27,8 @@ the num_warps compute warps consume; empty/ready mbarrier pairs per ring slot).
 against the Triton path (packed_attention_bwd) on gluon_dkdv's CASES and, on 4096, against an fp32
 torch reference, then times the Triton dQ kernel alone (as packed_attention_bwd launches it)
 against each Gluon config (medians of CUDA graph replays) over CONFIGS (--configs picks some).
-Exits nonzero when a Gluon result is wrong or does not compile / launch. Never yet run on a GPU:
-wrap the first run in `timeout` (a barrier bug hangs). A probe: not wired into the trainer.
+Exits nonzero when a Gluon result is wrong or does not compile / launch. Run it under `timeout`
+(a barrier bug hangs). The reference is the Triton kernel's (GLUON_DQ off).
 """
 
 import os
@@ -40,7 +42,7 @@ from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import mbarrier, tma
 
 from miles_kernels._triton.gluon_attention import _load_kv
-from miles_kernels._triton.gluon_attention_bwd import (_dq_kernel, _dq_rows, _dq_step, _load_q_do_once,  # noqa: F401
+from miles_kernels._triton.gluon_attention_bwd import (_dq_consume, _dq_kernel, _dq_rows, _dq_step,  # noqa: F401
                                                       _store_rows)
 from gluon_dkdv import (CASES, D, H, K, TOL, Case, _alloc, _alloc_pair, _bench_us, _mma_layout, _program,
                         _slot_barriers, cli, compile_configs, finish, fp32_reference, rel_err, run_config)
@@ -74,7 +76,7 @@ def _dq_ws_kernel(q_desc, do_desc, k_desc, v_desc, dq_ptr, lse_ptr, delta_ptr, c
     q_smem, do_smem, k_smem, v_smem, ready, q_bar = _alloc(q_desc, do_desc, k_desc, v_desc, STAGES)
     empty = _slot_barriers(STAGES)
     gl.warp_specialize([
-        (_ws_compute, (q_smem, do_smem, k_smem, v_smem, ready, empty, q_bar, dq_ptr, lse_ptr, delta_ptr, m0, h, q_lo,
+        (_dq_consume, (q_smem, do_smem, k_smem, v_smem, ready, empty, q_bar, dq_ptr, lse_ptr, delta_ptr, m0, h, q_lo,
                        q_len, 0, qk_scale, scale, stride_qt, stride_lh, stride_dh)),
         (_ws_load, (q_desc, do_desc, k_desc, v_desc, q_smem, do_smem, k_smem, v_smem, ready, empty, q_bar, m0, h,
                     q_lo, q_len, G)),
@@ -82,77 +84,55 @@ def _dq_ws_kernel(q_desc, do_desc, k_desc, v_desc, dq_ptr, lse_ptr, delta_ptr, c
 
 
 @gluon.jit
-def _ws2_load(q_desc, do_desc, k_desc, v_desc, q0, do0, q1, do1, k_smem, v_smem, ready, empty, q_bar, m0, h, q_lo,
-              n_kv, G: gl.constexpr):
-    """Producer (1 warp) of _dq_ws2_kernel: both halves' q, dout once, then the KV blocks both
-    consumers walk into the ring as both free a slot."""
-    HALF: gl.constexpr = q_desc.block_type.shape[0]
+def _load_q_do_once(q_desc, do_desc, q_smem, do_smem, q_bar, m0, q_lo, h):
+    """The query block's q and dout tiles, once (rows past the sequence: ignored, never stored)."""
     D: gl.constexpr = q_desc.block_type.shape[1]
-    STAGES: gl.constexpr = k_smem.type.shape[0]
-    mbarrier.expect(q_bar, 4 * q_desc.block_type.nbytes)
-    tma.async_copy_global_to_shared(q_desc, [q_lo + m0, h * D], q_bar, q0)
-    tma.async_copy_global_to_shared(do_desc, [q_lo + m0, h * D], q_bar, do0)
-    tma.async_copy_global_to_shared(q_desc, [q_lo + m0 + HALF, h * D], q_bar, q1)
-    tma.async_copy_global_to_shared(do_desc, [q_lo + m0 + HALF, h * D], q_bar, do1)
-    for j in range(n_kv):
-        slot = j % STAGES
-        mbarrier.wait(empty.index(slot), ((j // STAGES) & 1) ^ 1)  # phase 1 starts complete
-        _load_kv(k_desc, v_desc, k_smem.index(slot), v_smem.index(slot), ready.index(slot), j, q_lo, h // G, True)
+    mbarrier.expect(q_bar, 2 * q_desc.block_type.nbytes)
+    tma.async_copy_global_to_shared(q_desc, [q_lo + m0, h * D], q_bar, q_smem)
+    tma.async_copy_global_to_shared(do_desc, [q_lo + m0, h * D], q_bar, do_smem)
 
 
 @gluon.jit
-def _ws_compute(q_smem, do_smem, k_smem, v_smem, ready, empty, q_bar, dq_ptr, lse_ptr, delta_ptr, m0, h, q_lo,
-                 q_len, n_kv_all, qk_scale, scale, stride_qt, stride_lh, stride_dh):
-    """A consumer (num_warps warps): its BLOCK_M rows from m0 over the KV blocks they meet, each
-    ring slot released once its wgmmas are done, then the ring's blocks up to n_kv_all that only
-    another consumer needs (_dq_ws2_kernel)."""
-    BLOCK_M: gl.constexpr = q_smem.type.shape[0]
-    D: gl.constexpr = q_smem.type.shape[1]
-    BLOCK_N: gl.constexpr = k_smem.type.shape[1]
-    STAGES: gl.constexpr = k_smem.type.shape[0]
+def _dq_tma_kernel(q_desc, do_desc, k_desc, v_desc, dq_ptr, lse_ptr, delta_ptr, cu_ptr, qk_scale, scale, n_heads,
+                   n_bh, n_blocks, stride_qt, stride_lh, stride_dh, G: gl.constexpr, STAGES: gl.constexpr):
+    """One program a (query block, sequence, query head), the last query blocks first: its q and
+    dout resident, the KV blocks up to the diagonal through a TMA ring the compute warps fill
+    STAGES - 1 steps ahead."""
+    BLOCK_M: gl.constexpr = q_desc.block_type.shape[0]
+    D: gl.constexpr = q_desc.block_type.shape[1]
+    BLOCK_N: gl.constexpr = k_desc.block_type.shape[0]
     NW: gl.constexpr = gl.num_warps()
+    # grid rank-major over (rank, sequence, query head) as _dq_kernel; rank r is query block
+    # n_blocks - 1 - r: the last (most KV blocks) start first
+    r0, h, q_lo, q_len = _program(cu_ptr, n_heads, n_bh, BLOCK_M)
+    m0 = (n_blocks - 1) * BLOCK_M - r0
+    if m0 >= q_len:
+        return
+    kvh = h // G
+    q_smem, do_smem, k_smem, v_smem, ready, q_bar = _alloc(q_desc, do_desc, k_desc, v_desc, STAGES)
+    _load_q_do_once(q_desc, do_desc, q_smem, do_smem, q_bar, m0, q_lo, h)
     qpos, lse2, delta, n_full, n_kv = _dq_rows(lse_ptr, delta_ptr, h, q_lo, q_len, m0, stride_lh, stride_dh,
                                             BLOCK_M, BLOCK_N)
-    n_kv = gl.where(m0 < q_len, n_kv, 0)  # rows all past the sequence: nothing to compute
+    for s in gl.static_range(STAGES - 1):
+        _load_kv(k_desc, v_desc, k_smem.index(s), v_smem.index(s), ready.index(s), s, q_lo, kvh, s < n_kv)
+
     dq = gl.zeros([BLOCK_M, D], gl.float32, _mma_layout(D, NW))
     mbarrier.wait(q_bar, 0)
     for j in range(n_kv):
+        # the slot step j - 1 used is free (its wgmmas were waited): step j + STAGES - 1 goes there.
+        # The barrier: every warp is past those waits before one thread issues the copy.
+        gl.thread_barrier()
+        nxt = j + STAGES - 1
+        _load_kv(k_desc, v_desc, k_smem.index(nxt % STAGES), v_smem.index(nxt % STAGES), ready.index(nxt % STAGES),
+                 nxt, q_lo, kvh, nxt < n_kv)
         slot = j % STAGES
         mbarrier.wait(ready.index(slot), (j // STAGES) & 1)
         dq = _dq_step(dq, q_smem, do_smem, k_smem.index(slot), v_smem.index(slot), lse2, delta, qpos, j, n_full,
                    qk_scale)
-        gl.thread_barrier()  # every warp is past its wgmma wait before the one arrive
-        mbarrier.arrive(empty.index(slot))
-    for j in range(n_kv, n_kv_all):
-        slot = j % STAGES
-        mbarrier.wait(ready.index(slot), (j // STAGES) & 1)
-        mbarrier.arrive(empty.index(slot))
+    for s in gl.static_range(STAGES):
+        mbarrier.invalidate(ready.index(s))
+    mbarrier.invalidate(q_bar)
     _store_rows(dq, dq_ptr, m0, q_lo, q_len, h, scale, stride_qt)
-
-
-@gluon.jit
-def _dq_ws2_kernel(q_desc, do_desc, k_desc, v_desc, dq_ptr, lse_ptr, delta_ptr, cu_ptr, qk_scale, scale, n_heads,
-                   n_bh, n_blocks, stride_qt, stride_lh, stride_dh, G: gl.constexpr, STAGES: gl.constexpr,
-                   LOAD_REGS: gl.constexpr):
-    """The forward's layout (gluon_attention._fwd_ws_kernel): a 1-warp producer, two 4-warp
-    consumers of 64 query rows each (q / dout descriptors of 64 rows, 128 a program) sharing
-    every K/V block, free of each other."""
-    HALF: gl.constexpr = q_desc.block_type.shape[0]
-    BLOCK_N: gl.constexpr = k_desc.block_type.shape[0]
-    r0, h, q_lo, q_len = _program(cu_ptr, n_heads, n_bh, 2 * HALF)
-    m0 = (n_blocks - 1) * 2 * HALF - r0
-    if m0 >= q_len:
-        return
-    q0, do0, q1, do1, k_smem, v_smem, ready, empty, q_bar = _alloc_pair(q_desc, do_desc, k_desc, v_desc, STAGES)
-    n_kv = gl.cdiv(gl.minimum(m0 + 2 * HALF, q_len), BLOCK_N)
-    gl.warp_specialize([
-        (_ws_compute, (q0, do0, k_smem, v_smem, ready, empty, q_bar, dq_ptr, lse_ptr, delta_ptr, m0, h, q_lo, q_len,
-                        n_kv, qk_scale, scale, stride_qt, stride_lh, stride_dh)),
-        (_ws_compute, (q1, do1, k_smem, v_smem, ready, empty, q_bar, dq_ptr, lse_ptr, delta_ptr, m0 + HALF, h, q_lo,
-                        q_len, n_kv, qk_scale, scale, stride_qt, stride_lh, stride_dh)),
-        (_ws2_load, (q_desc, do_desc, k_desc, v_desc, q0, do0, q1, do1, k_smem, v_smem, ready, empty, q_bar, m0, h,
-                     q_lo, n_kv, G)),
-    ], [4, 1], [240, LOAD_REGS])
 
 
 # (name, kernel, BLOCK_M, BLOCK_N, num_warps, STAGES, maxnreg). Warps (and the wgmma tiles) stack
@@ -162,18 +142,18 @@ def _dq_ws2_kernel(q_desc, do_desc, k_desc, v_desc, dq_ptr, lse_ptr, delta_ptr, 
 # at 2 stages) whatever its registers; 64 x 64 at 2 stages (106 KB) fits two, which r128 allows
 # by registers (its compute warps then get 232).
 CONFIGS = [
-    ("tma 128x64 w8 s2", "_dq_kernel", 128, 64, 8, 2, None),
-    ("tma 128x64 w8 s3", "_dq_kernel", 128, 64, 8, 3, None),
-    ("tma 64x64 w4 s2", "_dq_kernel", 64, 64, 4, 2, None),
-    ("tma 64x64 w4 s3", "_dq_kernel", 64, 64, 4, 3, None),
+    ("tma 128x64 w8 s2", "_dq_tma_kernel", 128, 64, 8, 2, None),
+    ("tma 128x64 w8 s3", "_dq_tma_kernel", 128, 64, 8, 3, None),
+    ("tma 64x64 w4 s2", "_dq_tma_kernel", 64, 64, 4, 2, None),
+    ("tma 64x64 w4 s3", "_dq_tma_kernel", 64, 64, 4, 3, None),
     ("ws 128x64 w8 s2", "_dq_ws_kernel", 128, 64, 8, 2, None),
     ("ws 128x64 w8 s3", "_dq_ws_kernel", 128, 64, 8, 3, None),
     ("ws 64x64 w4 s2", "_dq_ws_kernel", 64, 64, 4, 2, None),
     ("ws 64x64 w4 s2 r128", "_dq_ws_kernel", 64, 64, 4, 2, 128),
     ("ws 64x64 w4 s3", "_dq_ws_kernel", 64, 64, 4, 3, None),
-    ("ws2 128x64 s2", "_dq_ws2_kernel", 64, 64, 4, 2, 168),
-    ("ws2 128x64 s3", "_dq_ws2_kernel", 64, 64, 4, 3, 168),
-    ("ws2 128x64 s4", "_dq_ws2_kernel", 64, 64, 4, 4, 168),
+    ("ws2 128x64 s2", "_dq_kernel", 64, 64, 4, 2, 168),
+    ("ws2 128x64 s3", "_dq_kernel", 64, 64, 4, 3, 168),
+    ("ws2 128x64 s4", "_dq_kernel", 64, 64, 4, 4, 168),
 ]
 
 
@@ -219,7 +199,7 @@ class DqCase(Case):
 
     def gluon_dq(self, config, dq):
         """A launcher of one Gluon config."""
-        rows = config[2] * (2 if config[1] == "_dq_ws2_kernel" else 1)  # ws2: two q tiles a program
+        rows = config[2] * (2 if config[1] == "_dq_kernel" else 1)  # ws2: two q tiles a program
         B, n_blocks = len(self.lens), triton.cdiv(self.max_len, rows)
         return self.gluon_launch(globals()[config[1]], config, (n_blocks * B * H, ), (dq, ),
                                  (H, B * H, n_blocks, H * D))

@@ -36,7 +36,6 @@ from miles_kernels._triton.gluon_attention import _fwd_kernel, _fwd_ws_kernel  #
 CONFIGS = [
     ("ws 128 s3", "_fwd_ws_kernel", 128, 64, 4, 3, 168),
     ("ws 128 s4", "_fwd_ws_kernel", 128, 64, 4, 4, 168),
-    ("ws late 128 s3", "_fwd_ws_kernel", 128, 64, 4, 3, 168),
     ("one 64 w4 s3", "_fwd_kernel", 64, 64, 4, 3, None),
     ("one 128 w8 s3", "_fwd_kernel", 128, 64, 8, 3, None),
 ]
@@ -114,8 +113,6 @@ class FwdCase:
                     num_warps=nw)
         if kernel == "_fwd_ws_kernel":
             meta.update(LOAD_REGS=GA.LOAD_REGS, CONSUMER_REGS=GA.CONSUMER_REGS)
-        if " late " in config[0]:
-            meta["LATE"] = True
         if maxnreg:
             meta["maxnreg"] = maxnreg
         fn = globals()[kernel]

@@ -8,7 +8,7 @@ tests under TRITON_INTERPRET=1). The row-local ops' backward rules (miles_kernel
 run on CUDA as the kernels of elementwise_grads (deterministic, not batch-invariant), and
 logprobs' as logprobs_grad, the packed training attention's (behind MILES_ATTN_BWD=triton) as
 attention_bwd, moe_combine's and moe_dispatch's in moe; the other backward passes live in torch, in miles_kernels/ops.py.
-On Hopper (sm_90) the packed training attention's forward and its backward's dK/dV run as Gluon
+On Hopper (sm_90) the packed training attention's forward and its backward's dK/dV and dQ run as Gluon
 kernels (gluon_attention.py, gluon_attention_bwd.py: Triton's explicit-layout dialect, with
 warp specialization and overlapped wgmmas) that give the Triton kernels' values exactly; no
 interpreter runs Gluon, so tests/gpu compares them with the Triton kernels bit for bit.

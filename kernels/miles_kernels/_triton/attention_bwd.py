@@ -68,14 +68,12 @@ FUSED_TILES = {torch.bfloat16: (Tile(32, 128, 8, 2),),
                torch.float16: (Tile(32, 128, 8, 2),),
                torch.float32: (Tile(16, 16, 4, 1),)}
 _DELTA_ROWS = {torch.bfloat16: 64, torch.float16: 64, torch.float32: 16}  # tokens per delta program
-# dK/dV by gluon_attention_bwd's kernel on Hopper where the full-GPU tile is picked (the same tile,
-# values and MMA order; LSE / delta loaded a step ahead): 1.09-1.23x _dkdv_kernel at 0.6B 4k-16k
-# (tools/bench/gluon_dkdv.py, 2026-12-04 twenty-first run).
+# dK/dV and dQ by gluon_attention_bwd's kernels on Hopper (the same values; dK/dV where the
+# full-GPU tile, whose query block it shares, is picked): dK/dV 1.13-1.23x _dkdv_kernel, dQ
+# 1.12-1.27x _dq_kernel at 0.6B 4k / 16k / packed (tools/bench/gluon_dkdv.py, gluon_dq.py,
+# 2026-12-04 twenty-second run).
 GLUON_DKDV = True
-# dQ by gluon_attention_bwd's kernel (64 query rows, the same values; the probe: 1.02x _dq_kernel at
-# 0.6B 16k, 1.17-1.32x at 4k / packed). Off until tests/gpu's test_gluon_dq_bitwise has run on a GPU
-# (wired after the twenty-first run's device time ran out).
-GLUON_DQ = False
+GLUON_DQ = True
 
 
 @fast_launch
@@ -462,8 +460,7 @@ def packed_attention_bwd(
                                            **meta)
         return dq, dk, dv
     ga = _gluon_bwd() if GLUON_DKDV and dkdv_tile is None and t == DKDV_TILES[dtype][0] and q.is_cuda else None
-    if ga is not None and (t.block_m, t.block_n, t.num_warps, t.num_stages) == (ga.BLOCK_M, ga.BLOCK_N, ga.NUM_WARPS,
-                                                                              ga.STAGES) and ga.supported(q, k, v, do):
+    if ga is not None and t.block_m == ga.BLOCK_M and ga.supported(q, k, v, do):  # a step's rows: the same sums
         ga.dkdv(q, k, v, do, dk, dv, lse_HT, delta, cu, max_len, scale)
     else:
         _dkdv_kernel[(n_blocks * B * K,)](q_in, k, v, do_in, dk, dv, lse_HT, delta, *common, K, B * K, *strides,

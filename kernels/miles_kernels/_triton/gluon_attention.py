@@ -192,14 +192,14 @@ def _store_lse(lse_ptr, m, l, q_lo, q_len, t0, kvh, stride_lh, G: gl.constexpr, 
 @gluon.jit
 def _consume(q_ptr, q_smem, k_smem, v_smem, ready, empty, k_desc, v_desc, o_ptr, lse_ptr, qk_scale, q_lo, q_len, t0,
              kvh, n_blocks, stride_qt, stride_ot, stride_lh, G: gl.constexpr, G_PAD: gl.constexpr,
-             SPLIT_BLOCKS: gl.constexpr, STORE_LSE: gl.constexpr, WS: gl.constexpr, LATE: gl.constexpr):
+             SPLIT_BLOCKS: gl.constexpr, STORE_LSE: gl.constexpr, WS: gl.constexpr):
     """One warpgroup's rows (those of q_smem, tokens from t0) over KV blocks 0 .. n_blocks - 1 of
     the ring (k_smem / v_smem, ready barriers), then their output. A block's ring slot is freed
     once every warp has waited its P V wgmma: by an arrive on empty (WS: a producer partition
     refills) or by issuing block j + STAGES's loads there itself. Block j + 1's S wgmma is issued
     with block j's P V and its softmax runs while P V does (FA3's intra-warpgroup overlap).
-    LATE: block j's rescale of acc_s runs after block j + 1's S wgmma is issued, as FA3 orders
-    it, not right after block j - 1's P V: the same operations on acc_s in the same order."""
+    Block j's rescale of acc_s runs right after block j - 1's P V (FA3 issues block j + 1's S
+    wgmma first: same values, 1-4% slower here; gluon_fwd.py, 2026-12-04)."""
     BLOCK_M: gl.constexpr = q_smem.type.shape[0]
     D: gl.constexpr = q_smem.type.shape[1]
     STAGES: gl.constexpr = k_smem.type.shape[0]
@@ -222,15 +222,13 @@ def _consume(q_ptr, q_smem, k_smem, v_smem, ready, empty, k_desc, v_desc, o_ptr,
     qk = warpgroup_mma(q_smem, k_smem.index(0).permute((1, 0)), zero, use_acc=False, is_async=True)
     qk = warpgroup_mma_wait(num_outstanding=0, deps=(qk, ))
     m_s, l_s, p, alpha = _block_softmax(qk, m, l, 0, n_full, pos, q_len, qk_scale, k_smem.dtype)
-    acc_s = acc if LATE else _rescale(acc, alpha)
+    acc_s = _rescale(acc, alpha)
     for j in range(n_blocks - 1):
         # block j's P V and block j + 1's S; block j + 1's softmax while P V runs
         nxt = j + 1
         mbarrier.wait(ready.index(nxt % STAGES), (nxt // STAGES) & 1)
         p_op = gl.convert_layout(p, op_layout)
         qk = warpgroup_mma(q_smem, k_smem.index(nxt % STAGES).permute((1, 0)), zero, use_acc=False, is_async=True)
-        if LATE:
-            acc_s = _rescale(acc_s, alpha)
         acc_s = warpgroup_mma(p_op, v_smem.index(j % STAGES), acc_s, is_async=True)
         qk = warpgroup_mma_wait(num_outstanding=1, deps=(qk, ))
         m_e, l_e = m_s, l_s
@@ -247,11 +245,8 @@ def _consume(q_ptr, q_smem, k_smem, v_smem, ready, empty, k_desc, v_desc, o_ptr,
                      j + STAGES, q_lo, kvh, j + STAGES < n_blocks)
         if nxt % SPLIT_BLOCKS == 0:
             m, l, acc = _merge(m, l, acc, m_e, l_e, acc_s)
-        if not LATE:
-            acc_s = _rescale(acc_s, alpha)
-    last = n_blocks - 1
-    if LATE:
         acc_s = _rescale(acc_s, alpha)
+    last = n_blocks - 1
     acc_s = warpgroup_mma(gl.convert_layout(p, op_layout), v_smem.index(last % STAGES), acc_s, is_async=True)
     acc_s = warpgroup_mma_wait(num_outstanding=0, deps=(acc_s, ))
     m, l, acc = _merge(m, l, acc, m_s, l_s, acc_s)
@@ -294,7 +289,7 @@ def _ws_produce(k_desc, v_desc, k_smem, v_smem, ready, empty, q_lo, kvh, n_block
 @gluon.jit
 def _fwd_kernel(q_ptr, k_desc, v_desc, o_ptr, lse_ptr, cu_ptr, qk_scale, n_kv_heads, stride_qt, stride_ot, stride_lh,
                 BLOCK_M: gl.constexpr, G: gl.constexpr, G_PAD: gl.constexpr, SPLIT_BLOCKS: gl.constexpr,
-                STAGES: gl.constexpr, STORE_LSE: gl.constexpr, LATE: gl.constexpr = False):
+                STAGES: gl.constexpr, STORE_LSE: gl.constexpr):
     """One partition of num_warps (4: BLOCK_M 64) that also issues the loads, STAGES blocks ahead
     (measured against the warp-specialized kernel by tools/bench/gluon_fwd.py)."""
     BLOCK_N: gl.constexpr = k_desc.block_type.shape[0]
@@ -308,14 +303,14 @@ def _fwd_kernel(q_ptr, k_desc, v_desc, o_ptr, lse_ptr, cu_ptr, qk_scale, n_kv_he
     for s in gl.static_range(STAGES):
         _load_kv(k_desc, v_desc, k_smem.index(s), v_smem.index(s), ready.index(s), s, q_lo, kvh, s < n_blocks)
     _consume(q_ptr, q_smem, k_smem, v_smem, ready, ready, k_desc, v_desc, o_ptr, lse_ptr, qk_scale, q_lo, q_len, t0,
-             kvh, n_blocks, stride_qt, stride_ot, stride_lh, G, G_PAD, SPLIT_BLOCKS, STORE_LSE, False, LATE)
+             kvh, n_blocks, stride_qt, stride_ot, stride_lh, G, G_PAD, SPLIT_BLOCKS, STORE_LSE, False)
 
 
 @gluon.jit
 def _fwd_ws_kernel(q_ptr, k_desc, v_desc, o_ptr, lse_ptr, cu_ptr, qk_scale, n_kv_heads, stride_qt, stride_ot,
                    stride_lh, BLOCK_M: gl.constexpr, G: gl.constexpr, G_PAD: gl.constexpr,
                    SPLIT_BLOCKS: gl.constexpr, STAGES: gl.constexpr, STORE_LSE: gl.constexpr,
-                   LOAD_REGS: gl.constexpr, CONSUMER_REGS: gl.constexpr, LATE: gl.constexpr = False):
+                   LOAD_REGS: gl.constexpr, CONSUMER_REGS: gl.constexpr):
     """Warp specialized (module docstring): the default partition and a 4-warp worker consume
     half of the BLOCK_M rows each, a 1-warp worker loads."""
     BLOCK_N: gl.constexpr = k_desc.block_type.shape[0]
@@ -335,9 +330,9 @@ def _fwd_ws_kernel(q_ptr, k_desc, v_desc, o_ptr, lse_ptr, cu_ptr, qk_scale, n_kv
     t1 = t0 + HALF // G_PAD
     gl.warp_specialize([
         (_consume, (q_ptr, q0, k_smem, v_smem, ready, empty, k_desc, v_desc, o_ptr, lse_ptr, qk_scale, q_lo, q_len, t0,
-                    kvh, n_blocks, stride_qt, stride_ot, stride_lh, G, G_PAD, SPLIT_BLOCKS, STORE_LSE, True, LATE)),
+                    kvh, n_blocks, stride_qt, stride_ot, stride_lh, G, G_PAD, SPLIT_BLOCKS, STORE_LSE, True)),
         (_consume, (q_ptr, q1, k_smem, v_smem, ready, empty, k_desc, v_desc, o_ptr, lse_ptr, qk_scale, q_lo, q_len, t1,
-                    kvh, n_blocks, stride_qt, stride_ot, stride_lh, G, G_PAD, SPLIT_BLOCKS, STORE_LSE, True, LATE)),
+                    kvh, n_blocks, stride_qt, stride_ot, stride_lh, G, G_PAD, SPLIT_BLOCKS, STORE_LSE, True)),
         (_ws_produce, (k_desc, v_desc, k_smem, v_smem, ready, empty, q_lo, kvh, n_blocks)),
     ], [4, 1], [CONSUMER_REGS, LOAD_REGS])
 

@@ -1,20 +1,29 @@
 """The packed causal GQA attention backward's dK / dV and dQ as Gluon kernels for Hopper (sm_90):
-attention_bwd's `_dkdv_kernel` and `_dq_kernel` (same math, grids, masks and MMA order: the same
-values). dK / dV 1.09-1.23x the Triton kernel (tools/bench/gluon_dkdv.py, 2026-12-04 twenty-first
-run); dQ (`_dq_kernel` here: q and dout resident, K / V through a TMA ring, S and dP wgmmas
-together, then dS k) 1.02-1.32x (tools/bench/gluon_dq.py), behind attention_bwd.GLUON_DQ.
+attention_bwd's `_dkdv_kernel` and `_dq_kernel` (same math, masks and MMA order: the same values),
+FlashAttention-3's schedule. dK / dV 1.13-1.23x the Triton kernel, dQ 1.12-1.27x
+(tools/bench/gluon_dkdv.py, gluon_dq.py, 2026-12-04 twenty-second run).
 
-dK / dV: one program per (KV block of BLOCK_N keys, sequence, kv head), looping over its G query heads
-and the query blocks at or after the KV block as one flat loop of steps; dV = P^T dout,
+Both kernels run the forward's partitions (gluon_attention._fwd_ws_kernel): a 1-warp producer
+issues the TMA loads into a STAGES-deep shared-memory ring (ready / empty mbarriers a slot), two
+4-warp consumers own half of the program's tile each, share every ring tile and run free of each
+other.
+
+dK / dV: one program per (2 x BLOCK_N keys, sequence, kv head), looping over its G query heads and
+the query blocks at or after its keys as one flat loop of steps; dV = P^T dout,
 dK = scale * dS^T q, with P recomputed from the LSE in log2 units and dS = P * (dout v^T - delta):
 
-    K, V       one TMA load each into shared memory, resident for the program
-    q, dout    TMA loads into a STAGES-deep shared-memory ring, one mbarrier a slot, issued
-               STAGES - 1 steps ahead (the ring prefetches across heads)
+    K, V       one TMA load each into shared memory, BLOCK_N keys a consumer, resident
+    q, dout    a step's tiles of BLOCK_M rows through the ring (it prefetches across heads); a
+               consumer skips the steps whose query block ends before its keys
     LSE, delta each step's loaded a step ahead, one a thread (waiting on them at the step's exp2
-               made the first version 0.66x the Triton kernel)
+               made a first version 0.66x the Triton kernel)
     MMAs       wgmma, async: S^T = k q^T and dP^T = v dout^T together, then dV += P^T dout and
                dK += dS^T q with P^T / dS^T from registers; fp32 dK, dV in registers
+
+dQ: one program per (2 x DQ_BLOCK_M query rows, sequence, query head), the last rows first, each
+consumer's rows resident (q, dout) and the KV blocks up to the diagonal through the ring: S and dP
+wgmmas together, then dQ += dS k. A row's dQ sums its KV blocks in order, as the Triton kernel's
+at any query tile.
 
 No interpreter runs Gluon: the CPU tests never reach this module's kernels.
 """
@@ -26,14 +35,17 @@ from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import mbarrier, tma, warpgroup_mma, warpgroup_mma_wait
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
-from miles_kernels._triton.gluon_attention import _load_kv, _mma_layout, _slot_barriers
+from miles_kernels._triton.gluon_attention import (CONSUMER_REGS, LOAD_REGS, _load_kv, _mma_layout,
+                                                   _slot_barriers)
 
 _LOG2E = gl.constexpr(1.4426950408889634)
-BLOCK_M, BLOCK_N, NUM_WARPS, STAGES = 64, 64, 4, 2  # attention_bwd's full-GPU dK/dV tile
-# dQ's: 64 query rows and one warpgroup, a 2-slot K/V ring (tools/bench/gluon_dq.py, 2026-12-04
-# twenty-first run: 1.02x the Triton dQ kernel at 0.6B 16k, 1.17x at 4k, 1.32x packed; the same
-# values, any query tile: a row's sum runs over the KV blocks in order)
-DQ_BLOCK_M, DQ_NUM_WARPS, DQ_STAGES = 64, 4, 2
+# dK/dV: query rows a step (attention_bwd's full-GPU tile: the same values), keys a consumer (two a
+# program), q / dout ring slots. s2 and s4 within 0.5% of each other at 0.6B 4k / 16k / packed,
+# s3 3-9% slower (spills); tools/bench/gluon_dkdv.py, 2026-12-04 twenty-second run.
+BLOCK_M, BLOCK_N, STAGES = 64, 64, 2
+# dQ: query rows a consumer (two a program), K / V ring slots (s4 1.7% faster than s2 at 16k,
+# within 0.7% at 4k / packed; tools/bench/gluon_dq.py, same run). Its KV blocks: BLOCK_N keys.
+DQ_BLOCK_M, DQ_STAGES = 64, 4
 
 
 @gluon.jit
@@ -122,21 +134,6 @@ def _store_dkdv(dk, dv, dk_ptr, dv_ptr, n0, q_lo, q_len, kvh, scale, stride_kt):
 
 
 @gluon.jit
-def _alloc(a_desc, b_desc, ring_a_desc, ring_b_desc, STAGES: gl.constexpr):
-    """Shared memory of a program: two resident tiles (a, b: K and V for dK/dV, q and dout for
-    dQ), a STAGES-slot ring of the other two, the ring's ready mbarriers and the resident tiles'
-    (initialised, count 1)."""
-    a_smem = gl.allocate_shared_memory(a_desc.dtype, a_desc.block_type.shape, a_desc.layout)
-    b_smem = gl.allocate_shared_memory(b_desc.dtype, b_desc.block_type.shape, b_desc.layout)
-    ring_shape: gl.constexpr = [STAGES, ring_a_desc.block_type.shape[0], ring_a_desc.block_type.shape[1]]
-    ring_a = gl.allocate_shared_memory(ring_a_desc.dtype, ring_shape, ring_a_desc.layout)
-    ring_b = gl.allocate_shared_memory(ring_b_desc.dtype, ring_shape, ring_b_desc.layout)
-    bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
-    mbarrier.init(bar, count=1)
-    return a_smem, b_smem, ring_a, ring_b, _slot_barriers(STAGES), bar
-
-
-@gluon.jit
 def _start(kv_bar, lse_ptr, delta_ptr, n0, i_lo, n_i, q_lo, q_len, kvh, stride_lh, stride_dh, BLOCK_M: gl.constexpr,
            BLOCK_N: gl.constexpr, D: gl.constexpr, G: gl.constexpr):
     """The start of a dK / dV loop over keys n0 .. n0 + BLOCK_N: (the first query block that sees
@@ -154,48 +151,100 @@ def _start(kv_bar, lse_ptr, delta_ptr, n0, i_lo, n_i, q_lo, q_len, kvh, stride_l
 
 
 @gluon.jit
-def _dkdv_kernel(q_desc, do_desc, k_desc, v_desc, dk_ptr, dv_ptr, lse_ptr, delta_ptr, cu_ptr, qk_scale, scale,
-                     n_kv_heads, n_bk, stride_kt, stride_lh, stride_dh, G: gl.constexpr, STAGES: gl.constexpr):
-    """One program a (KV block, sequence, kv head): its G heads' query blocks from the diagonal on,
-    the compute warps issuing each step's q / dout TMA loads STAGES - 1 steps ahead."""
-    BLOCK_M: gl.constexpr = q_desc.block_type.shape[0]
-    D: gl.constexpr = q_desc.block_type.shape[1]
-    BLOCK_N: gl.constexpr = k_desc.block_type.shape[0]
-    n0, kvh, q_lo, q_len = _program(cu_ptr, n_kv_heads, n_bk, BLOCK_N)
-    if n0 >= q_len:
-        return
-    k_smem, v_smem, q_smem, do_smem, ready, kv_bar = _alloc(k_desc, v_desc, q_desc, do_desc, STAGES)
+def _alloc_pair(a_desc, b_desc, ring_a_desc, ring_b_desc, STAGES: gl.constexpr):
+    """Shared memory of a program: two resident tiles of a and of b (one pair a consumer), a
+    STAGES-slot ring of the other two, its ready barriers and its empty ones (count 2: both
+    consumers), and the resident tiles' barrier."""
+    a0 = gl.allocate_shared_memory(a_desc.dtype, a_desc.block_type.shape, a_desc.layout)
+    b0 = gl.allocate_shared_memory(b_desc.dtype, b_desc.block_type.shape, b_desc.layout)
+    a1 = gl.allocate_shared_memory(a_desc.dtype, a_desc.block_type.shape, a_desc.layout)
+    b1 = gl.allocate_shared_memory(b_desc.dtype, b_desc.block_type.shape, b_desc.layout)
+    ring_shape: gl.constexpr = [STAGES, ring_a_desc.block_type.shape[0], ring_a_desc.block_type.shape[1]]
+    ring_a = gl.allocate_shared_memory(ring_a_desc.dtype, ring_shape, ring_a_desc.layout)
+    ring_b = gl.allocate_shared_memory(ring_b_desc.dtype, ring_shape, ring_b_desc.layout)
+    empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    for s in gl.static_range(STAGES):
+        mbarrier.init(empty.index(s), count=2)
+    return a0, b0, a1, b1, ring_a, ring_b, _slot_barriers(STAGES), empty, _slot_barriers(1).index(0)
 
-    mbarrier.expect(kv_bar, 2 * k_desc.block_type.nbytes)
-    tma.async_copy_global_to_shared(k_desc, [q_lo + n0, kvh * D], kv_bar, k_smem)
-    tma.async_copy_global_to_shared(v_desc, [q_lo + n0, kvh * D], kv_bar, v_smem)
-    i_lo = n0 // BLOCK_M
-    n_i = gl.cdiv(q_len, BLOCK_M) - i_lo  # query blocks a head: the diagonal's to the sequence's last
-    n_steps = G * n_i
-    for s in gl.static_range(STAGES - 1):
-        _load_q_do(q_desc, do_desc, q_smem.index(s), do_smem.index(s), ready.index(s), s, i_lo, n_i, q_lo, kvh,
-                   s < n_steps, G)
+
+@gluon.jit
+def _ring_q_do(q_desc, do_desc, q_smem, do_smem, ready, empty, i_lo, n_i, q_lo, kvh, G: gl.constexpr):
+    """The producer's loop: step t's q, dout into slot t % STAGES once the consumers freed it."""
+    STAGES: gl.constexpr = q_smem.type.shape[0]
+    for t in range(G * n_i):
+        slot = t % STAGES
+        # empty barriers start with phase 1 complete: the first round of waits passes at once
+        mbarrier.wait(empty.index(slot), ((t // STAGES) & 1) ^ 1)
+        _load_q_do(q_desc, do_desc, q_smem.index(slot), do_smem.index(slot), ready.index(slot), t, i_lo, n_i, q_lo,
+                   kvh, True, G)
+
+
+@gluon.jit
+def _dkdv_load(q_desc, do_desc, k_desc, v_desc, k0, v0, k1, v1, q_smem, do_smem, ready, empty, kv_bar, n0, kvh, q_lo,
+               i_lo, n_i, G: gl.constexpr):
+    """Producer (1 warp) of _dkdv_kernel: both halves' K, V once, then each step's q, dout
+    into the ring as both consumers free a slot."""
+    HALF: gl.constexpr = k_desc.block_type.shape[0]
+    D: gl.constexpr = k_desc.block_type.shape[1]
+    mbarrier.expect(kv_bar, 4 * k_desc.block_type.nbytes)
+    tma.async_copy_global_to_shared(k_desc, [q_lo + n0, kvh * D], kv_bar, k0)
+    tma.async_copy_global_to_shared(v_desc, [q_lo + n0, kvh * D], kv_bar, v0)
+    tma.async_copy_global_to_shared(k_desc, [q_lo + n0 + HALF, kvh * D], kv_bar, k1)
+    tma.async_copy_global_to_shared(v_desc, [q_lo + n0 + HALF, kvh * D], kv_bar, v1)
+    _ring_q_do(q_desc, do_desc, q_smem, do_smem, ready, empty, i_lo, n_i, q_lo, kvh, G)
+
+
+@gluon.jit
+def _dkdv_consume(k_smem, v_smem, q_smem, do_smem, ready, empty, kv_bar, dk_ptr, dv_ptr, lse_ptr, delta_ptr, n0, kvh,
+                  q_lo, q_len, i_lo, n_i, qk_scale, scale, stride_kt, stride_lh, stride_dh, G: gl.constexpr):
+    """A consumer (num_warps warps): its BLOCK_N keys from n0 (k_smem, v_smem) over every step of
+    the program, computing those whose query block reaches its keys (all but, in _dkdv_kernel,
+    the second consumer's first), each ring slot released once its wgmmas are done; then dK, dV."""
+    BLOCK_M: gl.constexpr = q_smem.type.shape[1]
+    D: gl.constexpr = q_smem.type.shape[2]
+    BLOCK_N: gl.constexpr = k_smem.type.shape[0]
+    STAGES: gl.constexpr = q_smem.type.shape[0]
+    first = gl.where(n0 < q_len, n0 // BLOCK_M, i_lo + n_i)  # keys all past the sequence: no block
     i_full, n_q_full, kpos, dk, dv, lse2, delta = _start(kv_bar, lse_ptr, delta_ptr, n0, i_lo, n_i, q_lo, q_len, kvh,
                                                          stride_lh, stride_dh, BLOCK_M, BLOCK_N, D, G)
-    for t in range(n_steps):
-        # the slot step t - 1 used is free (its wgmmas were waited): step t + STAGES - 1 goes there.
-        # The barrier: every warp is past those waits before one thread issues the copy.
-        gl.thread_barrier()
-        nxt = t + STAGES - 1
-        _load_q_do(q_desc, do_desc, q_smem.index(nxt % STAGES), do_smem.index(nxt % STAGES),
-                   ready.index(nxt % STAGES), nxt, i_lo, n_i, q_lo, kvh, nxt < n_steps, G)
+    for t in range(G * n_i):
         lse2_n, delta_n = _rows(lse_ptr, delta_ptr, t + 1, i_lo, n_i, q_lo, q_len, kvh, stride_lh, stride_dh,
-                                t + 1 < n_steps, BLOCK_M, BLOCK_N, G)
+                                t + 1 < G * n_i, BLOCK_M, BLOCK_N, G)
         slot = t % STAGES
         mbarrier.wait(ready.index(slot), (t // STAGES) & 1)
-        dk, dv = _step(dk, dv, k_smem, v_smem, q_smem.index(slot), do_smem.index(slot), lse2, delta, t, i_lo, n_i,
-                       i_full, n_q_full, kpos, q_len, qk_scale)
+        if i_lo + t % n_i >= first:
+            dk, dv = _step(dk, dv, k_smem, v_smem, q_smem.index(slot), do_smem.index(slot), lse2, delta, t, i_lo, n_i,
+                           i_full, n_q_full, kpos, q_len, qk_scale)
+        gl.thread_barrier()  # every warp is past its wgmma wait before the one arrive
+        mbarrier.arrive(empty.index(slot))
         lse2, delta = lse2_n, delta_n
-    for s in gl.static_range(STAGES):
-        mbarrier.invalidate(ready.index(s))
-    mbarrier.invalidate(kv_bar)
     _store_dkdv(dk, dv, dk_ptr, dv_ptr, n0, q_lo, q_len, kvh, scale, stride_kt)
 
+
+@gluon.jit
+def _dkdv_kernel(q_desc, do_desc, k_desc, v_desc, dk_ptr, dv_ptr, lse_ptr, delta_ptr, cu_ptr, qk_scale, scale,
+                 n_kv_heads, n_bk, stride_kt, stride_lh, stride_dh, G: gl.constexpr, STAGES: gl.constexpr,
+                 LOAD_REGS: gl.constexpr, CONSUMER_REGS: gl.constexpr):
+    """One program a (2 x BLOCK_N keys, sequence, kv head): a 1-warp producer, two 4-warp consumers
+    of BLOCK_N keys each (k / v descriptors of BLOCK_N rows) sharing every q / dout tile, free of
+    each other."""
+    HALF: gl.constexpr = k_desc.block_type.shape[0]
+    BLOCK_M: gl.constexpr = q_desc.block_type.shape[0]
+    n0, kvh, q_lo, q_len = _program(cu_ptr, n_kv_heads, n_bk, 2 * HALF)
+    if n0 >= q_len:
+        return
+    k0, v0, k1, v1, q_smem, do_smem, ready, empty, kv_bar = _alloc_pair(k_desc, v_desc, q_desc, do_desc, STAGES)
+    i_lo = n0 // BLOCK_M
+    n_i = gl.cdiv(q_len, BLOCK_M) - i_lo
+    gl.warp_specialize([
+        (_dkdv_consume, (k0, v0, q_smem, do_smem, ready, empty, kv_bar, dk_ptr, dv_ptr, lse_ptr, delta_ptr, n0, kvh,
+                         q_lo, q_len, i_lo, n_i, qk_scale, scale, stride_kt, stride_lh, stride_dh, G)),
+        (_dkdv_consume, (k1, v1, q_smem, do_smem, ready, empty, kv_bar, dk_ptr, dv_ptr, lse_ptr, delta_ptr, n0 + HALF,
+                         kvh, q_lo, q_len, i_lo, n_i, qk_scale, scale, stride_kt, stride_lh, stride_dh, G)),
+        (_dkdv_load, (q_desc, do_desc, k_desc, v_desc, k0, v0, k1, v1, q_smem, do_smem, ready, empty, kv_bar, n0, kvh,
+                      q_lo, i_lo, n_i, G)),
+    ], [4, 1], [CONSUMER_REGS, LOAD_REGS])
 
 
 @gluon.jit
@@ -223,7 +272,7 @@ def _dq_step(dq, q_smem, do_smem, k_s, v_s, lse2, delta, qpos, j, n_full, qk_sca
 
 @gluon.jit
 def _dq_rows(lse_ptr, delta_ptr, h, q_lo, q_len, m0, stride_lh, stride_dh, BLOCK_M: gl.constexpr,
-          BLOCK_N: gl.constexpr):
+             BLOCK_N: gl.constexpr):
     """The query block's row positions (S's row layout), its LSE in log2 units and delta (0 past
     the sequence), the count of KV blocks wholly before its first row (no mask) and of KV blocks
     it meets."""
@@ -238,55 +287,79 @@ def _dq_rows(lse_ptr, delta_ptr, h, q_lo, q_len, m0, stride_lh, stride_dh, BLOCK
 
 
 @gluon.jit
-def _load_q_do_once(q_desc, do_desc, q_smem, do_smem, q_bar, m0, q_lo, h):
-    """The query block's q and dout tiles, once (rows past the sequence: ignored, never stored)."""
+def _dq_load(q_desc, do_desc, k_desc, v_desc, q0, do0, q1, do1, k_smem, v_smem, ready, empty, q_bar, m0, h, q_lo,
+             n_kv, G: gl.constexpr):
+    """Producer (1 warp) of _dq_kernel: both halves' q, dout once, then the KV blocks both
+    consumers walk into the ring as both free a slot."""
+    HALF: gl.constexpr = q_desc.block_type.shape[0]
     D: gl.constexpr = q_desc.block_type.shape[1]
-    mbarrier.expect(q_bar, 2 * q_desc.block_type.nbytes)
-    tma.async_copy_global_to_shared(q_desc, [q_lo + m0, h * D], q_bar, q_smem)
-    tma.async_copy_global_to_shared(do_desc, [q_lo + m0, h * D], q_bar, do_smem)
+    STAGES: gl.constexpr = k_smem.type.shape[0]
+    mbarrier.expect(q_bar, 4 * q_desc.block_type.nbytes)
+    tma.async_copy_global_to_shared(q_desc, [q_lo + m0, h * D], q_bar, q0)
+    tma.async_copy_global_to_shared(do_desc, [q_lo + m0, h * D], q_bar, do0)
+    tma.async_copy_global_to_shared(q_desc, [q_lo + m0 + HALF, h * D], q_bar, q1)
+    tma.async_copy_global_to_shared(do_desc, [q_lo + m0 + HALF, h * D], q_bar, do1)
+    for j in range(n_kv):
+        slot = j % STAGES
+        mbarrier.wait(empty.index(slot), ((j // STAGES) & 1) ^ 1)  # phase 1 starts complete
+        _load_kv(k_desc, v_desc, k_smem.index(slot), v_smem.index(slot), ready.index(slot), j, q_lo, h // G, True)
 
 
 @gluon.jit
-def _dq_kernel(q_desc, do_desc, k_desc, v_desc, dq_ptr, lse_ptr, delta_ptr, cu_ptr, qk_scale, scale, n_heads,
-                   n_bh, n_blocks, stride_qt, stride_lh, stride_dh, G: gl.constexpr, STAGES: gl.constexpr):
-    """One program a (query block, sequence, query head), the last query blocks first: its q and
-    dout resident, the KV blocks up to the diagonal through a TMA ring the compute warps fill
-    STAGES - 1 steps ahead."""
-    BLOCK_M: gl.constexpr = q_desc.block_type.shape[0]
-    D: gl.constexpr = q_desc.block_type.shape[1]
-    BLOCK_N: gl.constexpr = k_desc.block_type.shape[0]
+def _dq_consume(q_smem, do_smem, k_smem, v_smem, ready, empty, q_bar, dq_ptr, lse_ptr, delta_ptr, m0, h, q_lo,
+                q_len, n_kv_all, qk_scale, scale, stride_qt, stride_lh, stride_dh):
+    """A consumer (num_warps warps): its BLOCK_M rows from m0 over the KV blocks they meet, each
+    ring slot released once its wgmmas are done, then the ring's blocks up to n_kv_all that only
+    another consumer needs (_dq_kernel)."""
+    BLOCK_M: gl.constexpr = q_smem.type.shape[0]
+    D: gl.constexpr = q_smem.type.shape[1]
+    BLOCK_N: gl.constexpr = k_smem.type.shape[1]
+    STAGES: gl.constexpr = k_smem.type.shape[0]
     NW: gl.constexpr = gl.num_warps()
-    # grid rank-major over (rank, sequence, query head) as _dq_kernel; rank r is query block
-    # n_blocks - 1 - r: the last (most KV blocks) start first
-    r0, h, q_lo, q_len = _program(cu_ptr, n_heads, n_bh, BLOCK_M)
-    m0 = (n_blocks - 1) * BLOCK_M - r0
-    if m0 >= q_len:
-        return
-    kvh = h // G
-    q_smem, do_smem, k_smem, v_smem, ready, q_bar = _alloc(q_desc, do_desc, k_desc, v_desc, STAGES)
-    _load_q_do_once(q_desc, do_desc, q_smem, do_smem, q_bar, m0, q_lo, h)
     qpos, lse2, delta, n_full, n_kv = _dq_rows(lse_ptr, delta_ptr, h, q_lo, q_len, m0, stride_lh, stride_dh,
-                                            BLOCK_M, BLOCK_N)
-    for s in gl.static_range(STAGES - 1):
-        _load_kv(k_desc, v_desc, k_smem.index(s), v_smem.index(s), ready.index(s), s, q_lo, kvh, s < n_kv)
-
+                                               BLOCK_M, BLOCK_N)
+    n_kv = gl.where(m0 < q_len, n_kv, 0)  # rows all past the sequence: nothing to compute
     dq = gl.zeros([BLOCK_M, D], gl.float32, _mma_layout(D, NW))
     mbarrier.wait(q_bar, 0)
     for j in range(n_kv):
-        # the slot step j - 1 used is free (its wgmmas were waited): step j + STAGES - 1 goes there.
-        # The barrier: every warp is past those waits before one thread issues the copy.
-        gl.thread_barrier()
-        nxt = j + STAGES - 1
-        _load_kv(k_desc, v_desc, k_smem.index(nxt % STAGES), v_smem.index(nxt % STAGES), ready.index(nxt % STAGES),
-                 nxt, q_lo, kvh, nxt < n_kv)
         slot = j % STAGES
         mbarrier.wait(ready.index(slot), (j // STAGES) & 1)
         dq = _dq_step(dq, q_smem, do_smem, k_smem.index(slot), v_smem.index(slot), lse2, delta, qpos, j, n_full,
-                   qk_scale)
-    for s in gl.static_range(STAGES):
-        mbarrier.invalidate(ready.index(s))
-    mbarrier.invalidate(q_bar)
+                      qk_scale)
+        gl.thread_barrier()  # every warp is past its wgmma wait before the one arrive
+        mbarrier.arrive(empty.index(slot))
+    for j in range(n_kv, n_kv_all):
+        slot = j % STAGES
+        mbarrier.wait(ready.index(slot), (j // STAGES) & 1)
+        mbarrier.arrive(empty.index(slot))
     _store_rows(dq, dq_ptr, m0, q_lo, q_len, h, scale, stride_qt)
+
+
+@gluon.jit
+def _dq_kernel(q_desc, do_desc, k_desc, v_desc, dq_ptr, lse_ptr, delta_ptr, cu_ptr, qk_scale, scale, n_heads, n_bh,
+               n_blocks, stride_qt, stride_lh, stride_dh, G: gl.constexpr, STAGES: gl.constexpr,
+               LOAD_REGS: gl.constexpr, CONSUMER_REGS: gl.constexpr):
+    """One program a (2 x DQ_BLOCK_M query rows, sequence, query head), the last rows first: a
+    1-warp producer, two 4-warp consumers of DQ_BLOCK_M rows each (q / dout descriptors of that
+    many rows) sharing every K/V block, free of each other."""
+    HALF: gl.constexpr = q_desc.block_type.shape[0]
+    BLOCK_N: gl.constexpr = k_desc.block_type.shape[0]
+    # grid rank-major over (rank, sequence, query head) as attention_bwd._dq_kernel; rank r is
+    # the row block n_blocks - 1 - r: the last (most KV blocks) start first
+    r0, h, q_lo, q_len = _program(cu_ptr, n_heads, n_bh, 2 * HALF)
+    m0 = (n_blocks - 1) * 2 * HALF - r0
+    if m0 >= q_len:
+        return
+    q0, do0, q1, do1, k_smem, v_smem, ready, empty, q_bar = _alloc_pair(q_desc, do_desc, k_desc, v_desc, STAGES)
+    n_kv = gl.cdiv(gl.minimum(m0 + 2 * HALF, q_len), BLOCK_N)
+    gl.warp_specialize([
+        (_dq_consume, (q0, do0, k_smem, v_smem, ready, empty, q_bar, dq_ptr, lse_ptr, delta_ptr, m0, h, q_lo, q_len,
+                       n_kv, qk_scale, scale, stride_qt, stride_lh, stride_dh)),
+        (_dq_consume, (q1, do1, k_smem, v_smem, ready, empty, q_bar, dq_ptr, lse_ptr, delta_ptr, m0 + HALF, h, q_lo,
+                       q_len, n_kv, qk_scale, scale, stride_qt, stride_lh, stride_dh)),
+        (_dq_load, (q_desc, do_desc, k_desc, v_desc, q0, do0, q1, do1, k_smem, v_smem, ready, empty, q_bar, m0, h,
+                    q_lo, n_kv, G)),
+    ], [4, 1], [CONSUMER_REGS, LOAD_REGS])
 
 
 def _desc(x: torch.Tensor, rows: int) -> TensorDescriptor:
@@ -313,10 +386,11 @@ def dkdv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, do: torch.Tensor, dk
     T, H, D = q.shape
     K = k.shape[1]
     B = cu.shape[0] - 1
-    grid = (triton.cdiv(max_len, BLOCK_N) * B * K, )
+    grid = (triton.cdiv(max_len, 2 * BLOCK_N) * B * K, )
     _dkdv_kernel[grid](_desc(q, BLOCK_M), _desc(do, BLOCK_M), _desc(k, BLOCK_N), _desc(v, BLOCK_N), dk, dv, lse_HT,
                        delta_HT, cu, scale * 1.4426950408889634, scale, K, B * K, K * D, lse_HT.stride(0),
-                       delta_HT.stride(0), G=H // K, STAGES=STAGES, num_warps=NUM_WARPS)
+                       delta_HT.stride(0), G=H // K, STAGES=STAGES, LOAD_REGS=LOAD_REGS, CONSUMER_REGS=CONSUMER_REGS,
+                       num_warps=4, maxnreg=168)
 
 
 def dq(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, do: torch.Tensor, dq_out: torch.Tensor, lse_HT: torch.Tensor,
@@ -326,8 +400,9 @@ def dq(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, do: torch.Tensor, dq_o
     T, H, D = q.shape
     K = k.shape[1]
     B = cu.shape[0] - 1
-    n_blocks = triton.cdiv(max_len, DQ_BLOCK_M)
+    n_blocks = triton.cdiv(max_len, 2 * DQ_BLOCK_M)
     _dq_kernel[(n_blocks * B * H, )](_desc(q, DQ_BLOCK_M), _desc(do, DQ_BLOCK_M), _desc(k, BLOCK_N), _desc(v, BLOCK_N),
                                      dq_out, lse_HT, delta_HT, cu, scale * 1.4426950408889634, scale, H, B * H,
                                      n_blocks, H * D, lse_HT.stride(0), delta_HT.stride(0), G=H // K,
-                                     STAGES=DQ_STAGES, num_warps=DQ_NUM_WARPS)
+                                     STAGES=DQ_STAGES, LOAD_REGS=LOAD_REGS, CONSUMER_REGS=CONSUMER_REGS, num_warps=4,
+                                     maxnreg=168)
