@@ -70,7 +70,7 @@ FUSED_TILES = {torch.bfloat16: (Tile(32, 128, 8, 2),),
 _DELTA_ROWS = {torch.bfloat16: 64, torch.float16: 64, torch.float32: 16}  # tokens per delta program
 # dK/dV and dQ by gluon_attention_bwd's kernels on Hopper (the same values; dK/dV where the
 # full-GPU tile, whose query block it shares, is picked): dK/dV 1.13-1.23x _dkdv_kernel, dQ
-# 1.12-1.27x _dq_kernel at 0.6B 4k / 16k / packed (tools/bench/gluon_dkdv.py, gluon_dq.py,
+# 1.14-1.27x _dq_kernel at 0.6B 4k / 16k / packed (tools/bench/gluon_dkdv.py, gluon_dq.py,
 # 2026-12-04 twenty-second run).
 GLUON_DKDV = True
 GLUON_DQ = True

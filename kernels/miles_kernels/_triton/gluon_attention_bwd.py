@@ -1,6 +1,6 @@
 """The packed causal GQA attention backward's dK / dV and dQ as Gluon kernels for Hopper (sm_90):
 attention_bwd's `_dkdv_kernel` and `_dq_kernel` (same math, masks and MMA order: the same values),
-FlashAttention-3's schedule. dK / dV 1.13-1.23x the Triton kernel, dQ 1.12-1.27x
+FlashAttention-3's schedule. dK / dV 1.13-1.23x the Triton kernel, dQ 1.14-1.27x
 (tools/bench/gluon_dkdv.py, gluon_dq.py, 2026-12-04 twenty-second run).
 
 Both kernels run the forward's partitions (gluon_attention._fwd_ws_kernel): a 1-warp producer
