@@ -169,6 +169,18 @@ def _alloc_pair(a_desc, b_desc, ring_a_desc, ring_b_desc, STAGES: gl.constexpr):
 
 
 @gluon.jit
+def _load_pair(a_desc, b_desc, a0, b0, a1, b1, bar, row, col):
+    """The two consumers' resident tiles, one barrier: a and b from row (a0, b0) and from the next
+    tile's rows (a1, b1), at column col."""
+    HALF: gl.constexpr = a_desc.block_type.shape[0]
+    mbarrier.expect(bar, 4 * a_desc.block_type.nbytes)
+    tma.async_copy_global_to_shared(a_desc, [row, col], bar, a0)
+    tma.async_copy_global_to_shared(b_desc, [row, col], bar, b0)
+    tma.async_copy_global_to_shared(a_desc, [row + HALF, col], bar, a1)
+    tma.async_copy_global_to_shared(b_desc, [row + HALF, col], bar, b1)
+
+
+@gluon.jit
 def _ring_q_do(q_desc, do_desc, q_smem, do_smem, ready, empty, i_lo, n_i, q_lo, kvh, G: gl.constexpr):
     """The producer's loop: step t's q, dout into slot t % STAGES once the consumers freed it."""
     STAGES: gl.constexpr = q_smem.type.shape[0]
@@ -185,13 +197,7 @@ def _dkdv_load(q_desc, do_desc, k_desc, v_desc, k0, v0, k1, v1, q_smem, do_smem,
                i_lo, n_i, G: gl.constexpr):
     """Producer (1 warp) of _dkdv_kernel: both halves' K, V once, then each step's q, dout
     into the ring as both consumers free a slot."""
-    HALF: gl.constexpr = k_desc.block_type.shape[0]
-    D: gl.constexpr = k_desc.block_type.shape[1]
-    mbarrier.expect(kv_bar, 4 * k_desc.block_type.nbytes)
-    tma.async_copy_global_to_shared(k_desc, [q_lo + n0, kvh * D], kv_bar, k0)
-    tma.async_copy_global_to_shared(v_desc, [q_lo + n0, kvh * D], kv_bar, v0)
-    tma.async_copy_global_to_shared(k_desc, [q_lo + n0 + HALF, kvh * D], kv_bar, k1)
-    tma.async_copy_global_to_shared(v_desc, [q_lo + n0 + HALF, kvh * D], kv_bar, v1)
+    _load_pair(k_desc, v_desc, k0, v0, k1, v1, kv_bar, q_lo + n0, kvh * k_desc.block_type.shape[1])
     _ring_q_do(q_desc, do_desc, q_smem, do_smem, ready, empty, i_lo, n_i, q_lo, kvh, G)
 
 
@@ -291,14 +297,8 @@ def _dq_load(q_desc, do_desc, k_desc, v_desc, q0, do0, q1, do1, k_smem, v_smem, 
              n_kv, G: gl.constexpr):
     """Producer (1 warp) of _dq_kernel: both halves' q, dout once, then the KV blocks both
     consumers walk into the ring as both free a slot."""
-    HALF: gl.constexpr = q_desc.block_type.shape[0]
-    D: gl.constexpr = q_desc.block_type.shape[1]
     STAGES: gl.constexpr = k_smem.type.shape[0]
-    mbarrier.expect(q_bar, 4 * q_desc.block_type.nbytes)
-    tma.async_copy_global_to_shared(q_desc, [q_lo + m0, h * D], q_bar, q0)
-    tma.async_copy_global_to_shared(do_desc, [q_lo + m0, h * D], q_bar, do0)
-    tma.async_copy_global_to_shared(q_desc, [q_lo + m0 + HALF, h * D], q_bar, q1)
-    tma.async_copy_global_to_shared(do_desc, [q_lo + m0 + HALF, h * D], q_bar, do1)
+    _load_pair(q_desc, do_desc, q0, do0, q1, do1, q_bar, q_lo + m0, h * q_desc.block_type.shape[1])
     for j in range(n_kv):
         slot = j % STAGES
         mbarrier.wait(empty.index(slot), ((j // STAGES) & 1) ^ 1)  # phase 1 starts complete
