@@ -21,7 +21,8 @@ writes JSON. MFU counts 6 * N * tokens (N excludes the embedding table and the d
 (train/draft.py); 0 = no draft. `--peer` also times what a user writes without us, on the
 same shape, sequences and device: transformers' Qwen3ForCausalLM with SDPA attention, fp32
 weights under bf16 autocast (on CUDA), its own loss, fused AdamW; the table gives each of
-our rows as a ratio to the peer at the same length.
+our rows as a ratio to the peer at the same length. `SM MHz`: the GPU's mean SM clock over the
+timed steps (gpu_clock.py: at the power cap it moves between runs, and kernels' times with it).
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ import torch
 import dataclasses
 
 import miles_kernels as mk
+from gpu_clock import ClockSampler
 from miles_fsdp.models import ModelArgs, Transformer
 from miles_fsdp.observe.memory import reserved_memory_gib
 from miles_fsdp.observe.profiler import ProfileConfig, StepProfiler
@@ -85,10 +87,11 @@ def run_case(seq: int, mode: str, steps: int, warmup: int, ac: bool, peak_flops:
     rows = []
     spec = ScoringSpec(kernel_mode=mode)  # the trainer's forward runs in the spec's mode
     with mk.use_mode(mode):
-        for i in range(warmup + steps):
-            m = trainer.train_step(trainer.pack(seqs), sft_loss, spec)
-            if i >= warmup:
-                rows.append(m)
+        for _ in range(warmup):
+            trainer.train_step(trainer.pack(seqs), sft_loss, spec)
+        with ClockSampler() as clock:
+            for _ in range(steps):
+                rows.append(trainer.train_step(trainer.pack(seqs), sft_loss, spec))
         if profile:  # one more step under torch.profiler, not timed
             cfg = ProfileConfig(steps=(1,), dir=os.path.join(profile, f"train_{model_name}_{seq}_{mode}_draft{n_mtp}_{name}"))
             with StepProfiler(cfg, profile)(1):
@@ -101,7 +104,13 @@ def run_case(seq: int, mode: str, steps: int, warmup: int, ac: bool, peak_flops:
     return {"seq": seq, "mode": mode, "ac": ac, "model": model_name, "fused_logprobs": fused, "draft": n_mtp,
             "units": name, "tokens_per_s": mean("perf/tokens_per_s"), "mfu": mean("perf/mfu"),
             "step_s": mean("time/train_step_s"), "peak_mem_gib": max(r["perf/peak_mem_gib"] for r in rows),
-            "reserved_gib": max(r.get("perf/reserved_gib", 0.0) for r in rows), "loss": rows[-1]["train/loss"]}
+            "reserved_gib": max(r.get("perf/reserved_gib", 0.0) for r in rows), "loss": rows[-1]["train/loss"],
+            **_clock(clock)}
+
+
+def _clock(clock: ClockSampler) -> dict:
+    """The timed steps' mean SM clock and power (gpu_clock.py), where nvidia-smi gave them."""
+    return {"sm_mhz": clock.result["sm_mhz"], "power_w": clock.result["power_w"]} if clock.result else {}
 
 
 def print_host_profile(step, top: int) -> None:
@@ -156,14 +165,16 @@ def run_peer(seq: int, steps: int, warmup: int, model_name: str = "qwen3-0.6b", 
         opt.zero_grad(set_to_none=True)
         return loss
 
-    for i in range(warmup + steps):
-        if cuda:
-            torch.cuda.synchronize()
-        t = time.perf_counter()
-        loss = step()
-        if cuda:
-            torch.cuda.synchronize()
-        if i >= warmup:
+    for _ in range(warmup):
+        step()
+    with ClockSampler() as clock:
+        for _ in range(steps):
+            if cuda:
+                torch.cuda.synchronize()
+            t = time.perf_counter()
+            loss = step()
+            if cuda:
+                torch.cuda.synchronize()
             times.append(time.perf_counter() - t)
     if profile:
         with StepProfiler(ProfileConfig(steps=(1,), dir=os.path.join(profile, f"train_{model_name}_{seq}_peer")), profile)(1):
@@ -179,7 +190,7 @@ def run_peer(seq: int, steps: int, warmup: int, model_name: str = "qwen3-0.6b", 
         peak_flops = next((v for k, v in PEAK_FLOPS.items() if k in torch.cuda.get_device_name()), 0.0)
     return {"seq": seq, "mode": "peer", "ac": False, "model": model_name, "fused_logprobs": False, "draft": 0,
             "units": "-", "tokens_per_s": seq / step, "mfu": 6 * n_flop * seq / step / peak_flops if peak_flops else 0.0, "step_s": step, "peak_mem_gib": peak,
-            "reserved_gib": reserved, "loss": float(loss)}
+            "reserved_gib": reserved, "loss": float(loss), **_clock(clock)}
 
 
 def main() -> None:
@@ -253,7 +264,7 @@ def main() -> None:
             r["mfu_vs_dense"] = r["mfu"] / dense
     if dist.get_rank() == 0:
         print(f"{'model':>15} {'seq':>6} {'mode':>10} {'units':>11} {'logprobs':>9} {'draft':>5} {'tok/s':>10} "
-              f"{'MFU':>6} {'step s':>7} {'peak GiB':>9} {'resv GiB':>9} {'vs peer':>8} {'MFU/dense':>9}")
+              f"{'MFU':>6} {'step s':>7} {'peak GiB':>9} {'resv GiB':>9} {'vs peer':>8} {'MFU/dense':>9} {'SM MHz':>6}")
         for r in results:
             lp = "fused" if r["fused_logprobs"] else "unfused"
             head = f"{r['model']:>15} {r['seq']:>6} {r['mode']:>10} {r['units']:>11} {lp:>9} {r['draft']:>5}"
@@ -262,8 +273,9 @@ def main() -> None:
                 continue
             vs = f"{r['vs_peer']:>7.2f}x" if "vs_peer" in r else ""
             md = f"{r['mfu_vs_dense']:>8.2f}x" if "mfu_vs_dense" in r else ""
+            mhz = f"{r['sm_mhz']:>6.0f}" if "sm_mhz" in r else f"{'-':>6}"
             print(f"{head} {r['tokens_per_s']:>10.0f} {r['mfu']:>6.1%} {r['step_s']:>7.2f} {r['peak_mem_gib']:>9.2f} "
-                  f"{r.get('reserved_gib', 0.0):>9.2f} {vs:>8} {md:>9}")
+                  f"{r.get('reserved_gib', 0.0):>9.2f} {vs:>8} {md:>9} {mhz}")
         meta = {"device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
                 "world_size": dist.get_world_size(), "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"),
                 "model": f"{', '.join(a.model)} shape, random weights", "dq_fused": a.dq_fused,
