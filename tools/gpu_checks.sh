@@ -23,6 +23,8 @@
 #              and fp32 at 4k / 16k / packed, timed against _dkdv_kernel / _dq_kernel; gluon_fwd.py: the
 #              training forward, bitwise against packed_attention, timed against it and flash); under a
 #              time limit each (a barrier bug hangs)
+#   optim      (not in the default list) the optimizer pass as one Triton kernel (tools/bench/optim_pass.py:
+#              bf16 grads in, AdamW on fp32 p / m / v, the bf16 shadow out) against today's four passes
 #   profile    (not in the default list) torch.profiler of a 4k trainer step (ours and the peer)
 #              and of engine decode steps at batch 256 (prompt 512), host cost per launch (launch_cost),
 #              registers and spills of the compiled kernels (kernel_regs);
@@ -104,11 +106,12 @@ for step in $steps; do
         gluon) for p in fwd dkdv dq; do
                    run gluon_$p timeout 300 python3 tools/bench/gluon_$p.py --out "$out/gluon_$p.json"
                done ;;
+        optim) run optim_pass python3 tools/bench/optim_pass.py --out "$out/optim_pass.json" ;;
         tma) run attn_bwd_tma python3 tools/bench/attn_bwd.py "$out/attn_bwd_tma.json" --tma
              run attn_tma python3 tools/bench/attn_sweep.py "$out/attn_tma.json" --tma --tiles
              run attn_tma_paged python3 tools/bench/attn_sweep.py "$out/attn_tma_paged.json" --tma-paged
              run kernel_regs python3 tools/bench/kernel_regs.py "$out/kernel_regs.json" ;;
-        *) echo "unknown step $step (tests scale kernels engine engine_host train rl_step spec profile sweep moe tma fused ws gluon)"
+        *) echo "unknown step $step (tests scale kernels engine engine_host train rl_step spec profile sweep moe tma fused ws gluon optim)"
            exit 2 ;;
     esac
 done
