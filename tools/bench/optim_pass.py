@@ -11,16 +11,19 @@ four passes over every parameter:
 
 ~48 B a parameter. The probe's pass reads the bf16 grads once for the norm and once in one
 kernel that updates p, m, v with torch's AdamW math (its fmas, IEEE sqrt and divisions) and
-writes the bf16 shadow: ~30 B. Over flat buffers (the trainer would need its masters, moments
-and shadows as views of flat storage); found_inf and grad_scale read on the device as torch's.
+writes the bf16 shadow: ~30 B; found_inf and grad_scale read on the device as torch's. Two
+forms of the kernel: over flat buffers (`adamw_pass`: the trainer would need its masters, moments
+and shadows as views of flat storage) and over lists of tensors by an address table
+(`adamw_table`: one launch for the model's tensors as the trainer holds them; 16-byte aligned).
 
     python tools/bench/optim_pass.py --out OUT.json             # GPU: 0.6B and the MoE bench's shapes
     TRITON_INTERPRET=1 python tools/bench/optim_pass.py --cpu-check   # CPU: the kernel's math
 
-GPU mode times both passes (CUDA events, median of --reps after warm-up) on the parameter
-shapes of tools/bench/train.py's models and compares one step's parameters with torch's
-(max relative difference; equal bits are the goal, not assumed). --cpu-check runs the kernel in
-the interpreter against a float64 AdamW and checks found_inf skips the step.
+GPU mode times the three passes (CUDA events, median of --reps after warm-up) on the parameter
+shapes of tools/bench/train.py's models and compares each kernel's first step with torch's
+(max relative difference and elements that differ: equal bits are the goal, not assumed).
+--cpu-check runs the kernels in the interpreter against a float64 AdamW, the table kernel against
+the flat one bitwise, and checks found_inf skips the step.
 """
 
 from __future__ import annotations
@@ -40,20 +43,17 @@ BLOCK = 4096
 
 
 @triton.jit
-def _adamw_pass_kernel(p_ptr, g_ptr, m_ptr, v_ptr, s_ptr, n, lr, beta1, beta2, weight_decay, eps, bc1, bc2_sqrt,
-                       scale_ptr, inf_ptr, BLOCK: tl.constexpr, HAS_SCALE: tl.constexpr, WRITE_SHADOW: tl.constexpr):
-    """One AdamW step of p, m, v (fp32) from g (any float dtype), torch's fused math
-    (aten/src/ATen/native/cuda/fused_adam_utils.cuh, ADAMW); the bf16 shadow of the new p."""
-    if tl.load(inf_ptr) != 0:  # found_inf: the step is skipped, nothing written
-        return
-    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    ok = offs < n
-    g = tl.load(g_ptr + offs, mask=ok, other=0.0).to(tl.float32)
+def _adamw_block(p_ptr, g_ptr, m_ptr, v_ptr, s_ptr, offs, ok, lr, beta1, beta2, weight_decay, eps, bc1, bc2_sqrt,
+                 scale_ptr, HAS_SCALE: tl.constexpr, WRITE_SHADOW: tl.constexpr):
+    """One AdamW step of p, m, v (fp32) at offs from g (any float dtype), torch's fused math
+    (aten/src/ATen/native/cuda/fused_adam_utils.cuh, ADAMW); the bf16 shadow of the new p.
+    ok: the mask, or None where the whole block is inside (unmasked accesses vectorize)."""
+    g = tl.load(g_ptr + offs, mask=ok).to(tl.float32)
     if HAS_SCALE:
         g = tl.div_rn(g, tl.load(scale_ptr))
-    p = tl.load(p_ptr + offs, mask=ok, other=0.0)
-    m = tl.load(m_ptr + offs, mask=ok, other=0.0)
-    v = tl.load(v_ptr + offs, mask=ok, other=0.0)
+    p = tl.load(p_ptr + offs, mask=ok)
+    m = tl.load(m_ptr + offs, mask=ok)
+    v = tl.load(v_ptr + offs, mask=ok)
     p = tl.fma(-(lr * weight_decay), p, p)  # param -= lr * weight_decay * param (nvcc contracts it)
     m = tl.fma(beta1, m, tl.fma(-beta1, g, g))
     gg = g * g
@@ -65,6 +65,46 @@ def _adamw_pass_kernel(p_ptr, g_ptr, m_ptr, v_ptr, s_ptr, n, lr, beta1, beta2, w
     tl.store(v_ptr + offs, v, mask=ok)
     if WRITE_SHADOW:
         tl.store(s_ptr + offs, p.to(s_ptr.dtype.element_ty, fp_downcast_rounding="rtne"), mask=ok)
+
+
+@triton.jit
+def _adamw_pass_kernel(p_ptr, g_ptr, m_ptr, v_ptr, s_ptr, n, lr, beta1, beta2, weight_decay, eps, bc1, bc2_sqrt,
+                       scale_ptr, inf_ptr, BLOCK: tl.constexpr, HAS_SCALE: tl.constexpr, WRITE_SHADOW: tl.constexpr):
+    """_adamw_block over flat buffers, BLOCK elements a program; nothing where found_inf is set."""
+    if tl.load(inf_ptr) != 0:  # found_inf: the step is skipped, nothing written
+        return
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    _adamw_block(p_ptr, g_ptr, m_ptr, v_ptr, s_ptr, offs, offs < n, lr, beta1, beta2, weight_decay, eps, bc1,
+                 bc2_sqrt, scale_ptr, HAS_SCALE, WRITE_SHADOW)
+
+
+@triton.jit
+def _adamw_table_kernel(tab_ptr, chunk_ptr, n_tensors, lr, beta1, beta2, weight_decay, eps, bc1, bc2_sqrt, scale_ptr,
+                        inf_ptr, CHUNK: tl.constexpr, BLOCK: tl.constexpr, G_DTYPE: tl.constexpr,
+                        HAS_SCALE: tl.constexpr, WRITE_SHADOW: tl.constexpr):
+    """_adamw_block over a list of tensors (no flat storage): program c takes CHUNK elements of
+    tensor chunk_ptr[2c] from element chunk_ptr[2c + 1]; tab_ptr [6, n_tensors] holds each
+    tensor's p, g, m, v and shadow addresses and its numel."""
+    if tl.load(inf_ptr) != 0:
+        return
+    c = tl.program_id(0)
+    i = tl.load(chunk_ptr + 2 * c)
+    start = tl.load(chunk_ptr + 2 * c + 1)
+    # every address 16-byte aligned (adamw_table checks): whole blocks load and store 16 bytes a thread
+    p_ptr = tl.multiple_of(tl.load(tab_ptr + i).to(tl.pointer_type(tl.float32)), 16)
+    g_ptr = tl.multiple_of(tl.load(tab_ptr + n_tensors + i).to(tl.pointer_type(G_DTYPE)), 16)
+    m_ptr = tl.multiple_of(tl.load(tab_ptr + 2 * n_tensors + i).to(tl.pointer_type(tl.float32)), 16)
+    v_ptr = tl.multiple_of(tl.load(tab_ptr + 3 * n_tensors + i).to(tl.pointer_type(tl.float32)), 16)
+    s_ptr = tl.multiple_of(tl.load(tab_ptr + 4 * n_tensors + i).to(tl.pointer_type(tl.bfloat16)), 16)
+    n = tl.load(tab_ptr + 5 * n_tensors + i)
+    for k in range(0, CHUNK, BLOCK):
+        offs = tl.multiple_of(start + k, BLOCK) + tl.arange(0, BLOCK)
+        if start + k + BLOCK <= n:
+            _adamw_block(p_ptr, g_ptr, m_ptr, v_ptr, s_ptr, offs, None, lr, beta1, beta2, weight_decay, eps, bc1,
+                         bc2_sqrt, scale_ptr, HAS_SCALE, WRITE_SHADOW)
+        elif start + k < n:
+            _adamw_block(p_ptr, g_ptr, m_ptr, v_ptr, s_ptr, offs, offs < n, lr, beta1, beta2, weight_decay, eps,
+                         bc1, bc2_sqrt, scale_ptr, HAS_SCALE, WRITE_SHADOW)
 
 
 def bias_corrections(beta1: float, beta2: float, step: int) -> tuple[float, float]:
@@ -88,6 +128,39 @@ def adamw_pass(p, g, m, v, shadow, step: int, lr: float, betas=(0.9, 0.999), wei
         p, g, m, v, shadow if shadow is not None else p, n, f32(lr), f32(betas[0]), f32(betas[1]),
         f32(weight_decay), f32(eps), bc1, bc2_sqrt, scale, inf, BLOCK=BLOCK, HAS_SCALE=grad_scale is not None,
         WRITE_SHADOW=shadow is not None, num_warps=8)
+
+
+CHUNK = 65536  # elements a program of the table kernel
+_CHUNKS: dict = {}
+
+
+def adamw_table(params, grads, exp_avgs, exp_avg_sqs, shadows, step: int, lr: float, betas=(0.9, 0.999),
+                weight_decay=0.0, eps=1e-8, grad_scale: torch.Tensor | None = None,
+                found_inf: torch.Tensor | None = None) -> None:
+    """adamw_pass over lists of tensors (fp32 params / moments, grads of one float dtype, bf16
+    shadows): one launch, their addresses in a table (rebuilt each call: grads are new tensors
+    each backward)."""
+    dev = params[0].device
+    numels = [p.numel() for p in params]
+    groups = (params, grads, exp_avgs, exp_avg_sqs, shadows)
+    if not all(x.is_contiguous() and x.data_ptr() % 16 == 0 for xs in groups for x in xs):
+        raise ValueError("adamw_table: every tensor must be contiguous and 16-byte aligned")
+    tab = torch.tensor([[x.data_ptr() for x in xs] for xs in groups]
+                       + [numels], dtype=torch.int64).to(dev, non_blocking=True)
+    key = (tuple(numels), dev)
+    if key not in _CHUNKS:  # (tensor, first element) a program: fixed by the shapes
+        _CHUNKS[key] = torch.tensor([(i, s) for i, n in enumerate(numels) for s in range(0, n, CHUNK)],
+                                    dtype=torch.int64).to(dev)
+    chunks = _CHUNKS[key]
+    bc1, bc2_sqrt = bias_corrections(betas[0], betas[1], step)
+    inf = found_inf if found_inf is not None else torch.zeros(1, device=dev)
+    scale = grad_scale if grad_scale is not None else inf
+    f32 = lambda x: float(torch.tensor(x, dtype=torch.float32))  # noqa: E731
+    g_dtype = {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16, torch.float32: tl.float32}[grads[0].dtype]
+    _adamw_table_kernel[(chunks.shape[0],)](
+        tab, chunks, len(params), f32(lr), f32(betas[0]), f32(betas[1]), f32(weight_decay), f32(eps), bc1, bc2_sqrt,
+        scale, inf, CHUNK=CHUNK, BLOCK=BLOCK, G_DTYPE=g_dtype, HAS_SCALE=grad_scale is not None, WRITE_SHADOW=True,
+        num_warps=8)
 
 
 def _is_bf16_of(shadow: torch.Tensor, p: torch.Tensor, exact: bool) -> bool:
@@ -121,6 +194,22 @@ def cpu_check() -> int:
         if not _is_bf16_of(shadow, p, exact=False):
             print("FAILED: the shadow is not the new p in bf16")
             return 1
+    # the table kernel over three tensors (chunk and block edges inside them) == the flat kernel
+    sizes = [CHUNK + 8, 8, 2 * BLOCK + 24]  # 16-byte aligned views of one buffer
+    flat = [torch.randn(sum(sizes)) for _ in range(3)]
+    fg = torch.randn(sum(sizes)).to(torch.bfloat16)
+    fs = torch.empty(sum(sizes), dtype=torch.bfloat16)
+    lists = [list(x.clone().split(sizes)) for x in flat]
+    ls = list(torch.empty(sum(sizes), dtype=torch.bfloat16).split(sizes))
+    flat[2].abs_()
+    lists[2] = [x.abs() for x in lists[2]]
+    adamw_pass(flat[0], fg, flat[1], flat[2], fs, 5, lr, betas, wd, eps, grad_scale=torch.tensor([3.0]))
+    adamw_table(lists[0], list(fg.split(sizes)), lists[1], lists[2], ls, 5, lr, betas, wd, eps,
+                grad_scale=torch.tensor([3.0]))
+    same = all(torch.equal(f, torch.cat(lst)) for f, lst in zip(flat, lists)) and torch.equal(fs, torch.cat(ls))
+    print(f"table kernel == flat kernel bitwise: {same}")
+    if not same:
+        return 1
     before = (p.clone(), m.clone(), v.clone())
     adamw_pass(p, torch.randn(n).to(torch.bfloat16), m, v, shadow, 4, lr, betas, wd, eps,
                found_inf=torch.tensor([1.0]))
@@ -205,34 +294,52 @@ def gpu_run(models: list[str], reps: int, out: str, device: str = "cuda", warmup
             adamw_pass(p, g, m, v, shadow, state["step"], lr, betas, grad_scale=((total + 1e-6) / clip).clamp(min=1.0),
                        found_inf=(~torch.isfinite(total)).float())
 
+        # the table kernel: the same buffers as per-parameter views (a list of tensors, as the trainer holds them)
+        views = [list(x.split(sizes)) for x in (p, g, m, v, shadow)]
+
+        def table(total=None):
+            state["step"] += 1
+            if total is None:
+                total = torch.linalg.vector_norm(g, dtype=torch.float32)
+            adamw_table(*views, state["step"], lr, betas, grad_scale=((total + 1e-6) / clip).clamp(min=1.0),
+                        found_inf=(~torch.isfinite(total)).float())
+
         # one step each from the same start and the same clip (today's norm): the parameters compared
         total = torch.nn.utils.get_total_norm([x.float() for x in grads], norm_type=2.0)
         today(total)
-        fused(total)
         got = torch.cat([x.detach().reshape(-1) for x in masters])
-        diff = float(((p - got).abs() / got.abs().clamp(min=1e-6)).max())
-        differ = int((p.view(torch.int32) != got.view(torch.int32)).sum())
-        shadow_ok = _is_bf16_of(shadow, p, exact=cuda)
-        t_today, t_fused = _time_ms(today, reps, cuda, warmup), _time_ms(fused, reps, cuda, warmup)
-        gb_today, gb_fused = n * 48 / 1e9, n * 30 / 1e9
-        if not shadow_ok:
-            failed = True
-        rows.append(dict(model=name, params=n, tensors=len(shapes), today_ms=t_today, fused_ms=t_fused,
-                         today_gbps=gb_today / t_today * 1e3, fused_gbps=gb_fused / t_fused * 1e3,
-                         first_step_max_rel_diff=diff, first_step_elements_differ=differ, shadow_is_p_in_bf16=shadow_ok))
-        del masters, grads, accs, shadows, opt, p, g, m, v, shadow
+        row = dict(model=name, params=n, tensors=len(shapes))
+        for kind, fn in (("flat", fused), ("table", table)):
+            p.copy_(p0)
+            m.zero_()
+            v.zero_()
+            state["step"] = 0
+            fn(total)
+            row[f"{kind}_step1_max_rel_diff"] = float(((p - got).abs() / got.abs().clamp(min=1e-6)).max())
+            row[f"{kind}_step1_elements_differ"] = int((p.view(torch.int32) != got.view(torch.int32)).sum())
+            row[f"{kind}_shadow_is_p_in_bf16"] = _is_bf16_of(shadow, p, exact=cuda)
+            failed |= not row[f"{kind}_shadow_is_p_in_bf16"]
+        row["today_ms"] = _time_ms(today, reps, cuda, warmup)
+        row["flat_ms"] = _time_ms(fused, reps, cuda, warmup)
+        row["table_ms"] = _time_ms(table, reps, cuda, warmup)
+        for kind, nbytes in (("today", 48), ("flat", 30), ("table", 30)):
+            row[f"{kind}_gbps"] = n * nbytes / 1e9 / row[f"{kind}_ms"] * 1e3
+        rows.append(row)
+        del masters, grads, accs, shadows, opt, p, g, m, v, shadow, views
         if cuda:
             torch.cuda.empty_cache()
     name = torch.cuda.get_device_name() if cuda else "cpu (Triton interpreter)"
     print(f"{name}, torch {torch.__version__}, triton {triton.__version__}")
-    print(f"{'model':>16} {'params':>12} {'tensors':>7} {'today ms':>9} {'fused ms':>9} {'x':>6} {'today GB/s':>10} "
-          f"{'fused GB/s':>10} {'step-1 rel diff':>15} {'differ':>8}")
+    print(f"{'model':>16} {'params':>12} {'tensors':>7} {'pass':>6} {'ms':>8} {'x today':>7} {'GB/s':>6} "
+          f"{'step-1 rel diff':>15} {'differ':>10}")
     for r in rows:
-        print(f"{r['model']:>16} {r['params']:>12,} {r['tensors']:>7} {r['today_ms']:>9.2f} {r['fused_ms']:>9.2f} "
-              f"{r['today_ms'] / r['fused_ms']:>5.2f}x {r['today_gbps']:>10.0f} {r['fused_gbps']:>10.0f} "
-              f"{r['first_step_max_rel_diff']:>15.2e} {r['first_step_elements_differ']:>8}")
+        for kind in ("today", "flat", "table"):
+            diff = (f"{r[kind + '_step1_max_rel_diff']:>15.2e} {r[kind + '_step1_elements_differ']:>10}"
+                    if kind != "today" else "")
+            print(f"{r['model']:>16} {r['params']:>12,} {r['tensors']:>7} {kind:>6} {r[kind + '_ms']:>8.2f} "
+                  f"{r['today_ms'] / r[kind + '_ms']:>6.2f}x {r[kind + '_gbps']:>6.0f} {diff}")
     with open(out, "w") as f:
-        json.dump({"device": name, "bytes_per_param": {"today": 48, "fused": 30},
+        json.dump({"device": name, "bytes_per_param": {"today": 48, "flat": 30, "table": 30},
                    "rows": rows}, f, indent=1)
     print(f"wrote {out}")
     if failed:
