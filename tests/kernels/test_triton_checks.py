@@ -1366,4 +1366,75 @@ def check_errors() -> None:
             raise AssertionError(f"no error raised (expected one mentioning {word!r})")
 
 
+def _adamw64(p, m, v, g, step, lr, betas, wd, eps, scale):
+    """torch's fused AdamW step in float64 from float hyperparameters (what its kernel rounds them to)."""
+    f = lambda x: float(torch.tensor(x, dtype=torch.float32))  # noqa: E731
+    lr, b1, b2, wd, eps = f(lr), f(betas[0]), f(betas[1]), f(wd), f(eps)
+    g = g.double() / scale
+    p = p - lr * wd * p
+    m = b1 * m + (1 - b1) * g
+    v = b2 * v + (1 - b2) * g * g
+    return p - lr / (1 - b1**step) * m / (v.sqrt() / (1 - b2**step) ** 0.5 + eps), m, v
+
+
+def check_adamw_step() -> None:
+    """The optimizer's one pass over tensors of several sizes (program and block edges inside
+    them) against a float64 AdamW, 3 steps; bf16 and fp32 grads; the shadows; found_inf skips
+    the step and writes nothing; bad inputs are refused."""
+    import miles_kernels._triton.adamw as ka
+
+    g = torch.Generator().manual_seed(31)
+    saved = ka.CHUNK, ka.BLOCK
+    ka.CHUNK, ka.BLOCK = 64, 32  # 2 blocks a program: whole, partial and empty blocks all run
+    try:
+        sizes = [64 * 3 + 40, 8, 1, 96]
+        for gdt in (torch.bfloat16, torch.float32):
+            ps = [torch.randn(n, generator=g) for n in sizes]
+            ms, vs = [torch.zeros(n) for n in sizes], [torch.zeros(n) for n in sizes]
+            steps = [torch.zeros(()) for _ in sizes]
+            shadows = [torch.empty(n, dtype=torch.bfloat16) for n in sizes]
+            ref = [(p.double(), m.double(), v.double()) for p, m, v in zip(ps, ms, vs)]
+            for step in (1, 2, 3):
+                grads = [torch.randn(n, generator=g).to(gdt) for n in sizes]
+                torch._foreach_add_(steps, 1)
+                ka.adamw_step(ps, grads, ms, vs, steps, shadows, lr=1e-2, beta1=0.9, beta2=0.99, weight_decay=0.1,
+                              eps=1e-8, grad_scale=torch.tensor(2.0), found_inf=torch.tensor(0.0))
+                ref = [_adamw64(*r, gr, step, 1e-2, (0.9, 0.99), 0.1, 1e-8, 2.0) for r, gr in zip(ref, grads)]
+                for i, (p, m, v, sh, (rp, rm, rv)) in enumerate(zip(ps, ms, vs, shadows, ref)):
+                    what = f"adamw step {step}, {gdt} grads, tensor {i} of {sizes[i]}"
+                    _close_rel(p, rp, f"{what}: params", 1e-5)
+                    _close_rel(m, rm, f"{what}: exp_avg", 1e-5)
+                    _close_rel(v, rv, f"{what}: exp_avg_sq", 1e-5)
+                    # the interpreter truncates to bf16 where the GPU rounds to nearest
+                    near = (sh == p.bfloat16()) | (sh == (p.view(torch.int32) & -65536).view(torch.float32).bfloat16())
+                    assert bool(near.all()), f"{what}: the shadow is not the new params in bf16"
+            before = [t.clone() for t in ps + ms + vs + shadows]
+            ka.adamw_step(ps, grads, ms, vs, steps, shadows, lr=1e-2, beta1=0.9, beta2=0.99, weight_decay=0.1,
+                          eps=1e-8, found_inf=torch.tensor(1.0))
+            assert all(torch.equal(a, b) for a, b in zip(before, ps + ms + vs + shadows)), "found_inf wrote"
+            ka.adamw_step(ps, grads, ms, vs, steps, None, lr=1e-2, beta1=0.9, beta2=0.99, weight_decay=0.0, eps=1e-8)
+            assert all(torch.equal(a, b) for a, b in zip(before[-len(sizes):], shadows)), "no shadows: none written"
+    finally:
+        ka.CHUNK, ka.BLOCK = saved
+    p, gr = torch.zeros(8), torch.zeros(8)
+    for call, word in (
+        (lambda: ka.adamw_step([p], [gr, gr], [p], [p], [torch.zeros(())], None, lr=1, beta1=0.9, beta2=0.9,
+                               weight_decay=0, eps=0), "2 grads"),
+        (lambda: ka.adamw_step([p], [torch.zeros(9)], [p], [p], [torch.zeros(())], None, lr=1, beta1=0.9,
+                               beta2=0.9, weight_decay=0, eps=0), "shaped"),
+        (lambda: ka.adamw_step([p], [torch.zeros(9)[1:]], [p], [p], [torch.zeros(())], None, lr=1, beta1=0.9,
+                               beta2=0.9, weight_decay=0, eps=0), "aligned"),
+        (lambda: ka.adamw_step([p.double()], [gr], [p], [p], [torch.zeros(())], None, lr=1, beta1=0.9,
+                               beta2=0.9, weight_decay=0, eps=0), "params must share"),
+        (lambda: ka.adamw_step([p], [gr], [p], [p], [torch.zeros(2)], None, lr=1, beta1=0.9, beta2=0.9,
+                               weight_decay=0, eps=0), "step count"),
+    ):
+        try:
+            call()
+        except ValueError as e:
+            assert word in str(e), f"message {e!r} should mention {word!r}"
+        else:
+            raise AssertionError(f"no error raised (expected one mentioning {word!r})")
+
+
 CHECKS = {name[len("check_") :]: fn for name, fn in dict(globals()).items() if name.startswith("check_")}

@@ -11,6 +11,7 @@ packed sequences at 4k and 16k tokens, invariant vs fast kernels.
     python tools/bench/train.py --seqs 4096 16384 --modes invariant --dq-fused --peer  # dQ in the dK/dV kernel
     python tools/bench/train.py --seqs 4096 --units none model     # one rank without FSDP vs one FSDP unit
     python tools/bench/train.py --seqs 4096 --graphs off on        # the trunk eager vs from CUDA graphs
+    python tools/bench/train.py --seqs 4096 16384 --one-pass off on  # torch's optimizer step vs the one pass
     python tools/bench/train.py --model qwen3-0.6b qwen3-moe-a0.6b --seqs 4096 --modes invariant  # MoE vs dense MFU
     torchrun --nproc-per-node 8 tools/bench/train.py --out b.json  # FSDP over 8 GPUs
 
@@ -72,13 +73,13 @@ DENSE_OF = {"qwen3-moe-a0.6b": "qwen3-0.6b", "small-moe": "small"}  # the MoE MF
 
 def run_case(seq: int, mode: str, steps: int, warmup: int, ac: bool, peak_flops: float, model_name: str = "qwen3-0.6b",
              fused: bool = True, n_mtp: int = 0, profile: str = "", units: str = "auto", graphs: bool | None = None,
-             host_profile: int = 0) -> dict:
+             host_profile: int = 0, one_pass: bool | None = None) -> dict:
     hf = MODELS[model_name]
     with torch.device("meta"):
         model = Transformer(dataclasses.replace(ModelArgs.from_hf(hf), n_mtp=n_mtp))
     model.init_weights(seed=0)
     parallel = ParallelConfig(param_dtype="auto", activation_checkpointing=ac, fsdp_units=units)
-    cfg = TrainerConfig(optim=OptimConfig(lr=1e-5), max_tokens_per_micro_batch=seq, peak_flops=peak_flops,
+    cfg = TrainerConfig(optim=OptimConfig(lr=1e-5, one_pass=one_pass), max_tokens_per_micro_batch=seq, peak_flops=peak_flops,
                         fused_logprobs=fused, cuda_graphs=graphs, parallel=parallel)
     trainer = Trainer(model, cfg, draft=DraftConfig() if n_mtp else None)
     name = units + ("+graphs" if trainer.graphs is not None else "")  # graphs=None: the trainer's default
@@ -98,11 +99,12 @@ def run_case(seq: int, mode: str, steps: int, warmup: int, ac: bool, peak_flops:
                 trainer.train_step(trainer.pack(seqs), sft_loss, spec)
         if host_profile:  # one more step under cProfile: where the host's time goes (syncs show as waits)
             print_host_profile(lambda: trainer.train_step(trainer.pack(seqs), sft_loss, spec), host_profile)
+    trainer_one_pass = trainer.one_pass
     del trainer, model
     _release()
     mean = lambda k: sum(r.get(k, 0.0) for r in rows) / len(rows)  # noqa: E731
     return {"seq": seq, "mode": mode, "ac": ac, "model": model_name, "fused_logprobs": fused, "draft": n_mtp,
-            "units": name, "tokens_per_s": mean("perf/tokens_per_s"), "mfu": mean("perf/mfu"),
+            "units": name, "optim": "one pass" if trainer_one_pass else "torch", "tokens_per_s": mean("perf/tokens_per_s"), "mfu": mean("perf/mfu"),
             "step_s": mean("time/train_step_s"), "peak_mem_gib": max(r["perf/peak_mem_gib"] for r in rows),
             "reserved_gib": max(r.get("perf/reserved_gib", 0.0) for r in rows), "loss": rows[-1]["train/loss"],
             **_clock(clock)}
@@ -214,6 +216,9 @@ def main() -> None:
     p.add_argument("--graphs", nargs="+", default=["auto"], choices=["auto", "off", "on"],
                    help="TrainerConfig.cuda_graphs (the trunk from CUDA graphs; auto: the default, on where "
                         "they can run); one case per value")
+    p.add_argument("--one-pass", nargs="+", default=["auto"], choices=["auto", "off", "on"],
+                   help="OptimConfig.one_pass (the optimizer step as one pass over the bf16 grads; auto: the "
+                        "default, on where it applies)")
     p.add_argument("--peer", action="store_true",
                    help="also time plain transformers (SDPA, fp32 weights + bf16 autocast, fused AdamW)")
     p.add_argument("--profile", metavar="DIR", default="",
@@ -237,12 +242,12 @@ def main() -> None:
             for m in a.modes:
                 for lp in a.logprobs:
                     for d in a.draft:
-                        for u, gr in ((u, gr) for u in a.units for gr in a.graphs):
+                        for u, gr, op in ((u, gr, op) for u in a.units for gr in a.graphs for op in a.one_pass):
+                            flag = {"auto": None, "on": True, "off": False}
                             try:
                                 results.append(run_case(s, m, a.steps, a.warmup, a.ac, a.peak_flops, model,
-                                                        lp == "fused", d, a.profile, u,
-                                                        {"auto": None, "on": True, "off": False}[gr],
-                                                        a.host_profile))
+                                                        lp == "fused", d, a.profile, u, flag[gr], a.host_profile,
+                                                        flag[op]))
                             except torch.OutOfMemoryError as e:  # record the case, keep measuring the others
                                 results.append({"seq": s, "mode": m, "ac": a.ac, "model": model, "fused_logprobs": lp == "fused",
                                                 "draft": d, "units": u + {"auto": "", "on": "+graphs", "off": "-graphs"}[gr],
@@ -263,11 +268,12 @@ def main() -> None:
         if dense:
             r["mfu_vs_dense"] = r["mfu"] / dense
     if dist.get_rank() == 0:
-        print(f"{'model':>15} {'seq':>6} {'mode':>10} {'units':>11} {'logprobs':>9} {'draft':>5} {'tok/s':>10} "
+        print(f"{'model':>15} {'seq':>6} {'mode':>10} {'units':>11} {'optim':>8} {'logprobs':>9} {'draft':>5} {'tok/s':>10} "
               f"{'MFU':>6} {'step s':>7} {'peak GiB':>9} {'resv GiB':>9} {'vs peer':>8} {'MFU/dense':>9} {'SM MHz':>6}")
         for r in results:
             lp = "fused" if r["fused_logprobs"] else "unfused"
-            head = f"{r['model']:>15} {r['seq']:>6} {r['mode']:>10} {r['units']:>11} {lp:>9} {r['draft']:>5}"
+            head = (f"{r['model']:>15} {r['seq']:>6} {r['mode']:>10} {r['units']:>11} {r.get('optim', '-'):>8} {lp:>9} "
+                    f"{r['draft']:>5}")
             if "error" in r:
                 print(f"{head} {r['error']}")
                 continue

@@ -8,9 +8,13 @@ with param_dtype bf16 and reduce_dtype fp32, without its per-parameter hooks and
     shadows (bf16)      swapped into the modules inside `compute()`; freed after each
        |                optimizer step (`free()`), allocated again by the next compute()
        | backward: bf16 grads
-    fp32 accumulators   `accumulate_grads()` after each backward: a copy, then fp32 adds
-       |                (FSDP2 between unsynced backwards; at one rank its reduce is a copy)
-    masters' .grad      `flush_grads()` after the step's last backward
+    accumulators        `accumulate_grads()` after each backward: the first backward's bf16
+       |                grads as they are; a second makes them fp32 and adds, as FSDP2 does
+       |                between unsynced backwards (at one rank its reduce is a copy)
+    masters' .grad      `flush_grads()` after the step's last backward: fp32 (the bf16 upcast);
+                        or, for the masters it is asked to keep, the accumulators as they are
+                        (train/optim.py's one-pass AdamW reads the bf16 grads directly and
+                        writes the shadows with the new masters: `refreshed()`)
 
 With fp32 compute (or under FSDP, whose all-gather casts) there are no shadows and every
 method does nothing.
@@ -19,7 +23,7 @@ method does nothing.
 from __future__ import annotations
 
 from contextlib import contextmanager
-from typing import Iterator
+from typing import Iterable, Iterator
 
 import torch
 import torch.nn as nn
@@ -73,23 +77,28 @@ class LocalParams:
                 module._parameters[name] = self.masters[i]
 
     def accumulate_grads(self) -> None:
-        """Move the shadows' grads (one backward's, bf16) into the fp32 accumulators: the first
-        a copy, later ones an fp32 add of the upcast grad; the shadows' grads are cleared."""
-        first, first_g, later, later_g = [], [], [], []
+        """Take the shadows' grads (one backward's, in the compute dtype) into the accumulators:
+        a master's first grad as it is; a second makes its accumulator fp32 (the first grad
+        upcast) and adds the upcast grad in fp32, as every later one. The shadows' grads are cleared."""
+        upcast, upcast_src, later, later_g = [], [], [], []
         for i, shadow in enumerate(self.shadows):
-            if shadow.grad is None:
+            g = shadow.grad
+            if g is None:
                 continue
-            if self._accs[i] is None:
-                self._accs[i] = torch.empty_like(self.masters[i])
-                first.append(self._accs[i])
-                first_g.append(shadow.grad)
-            else:
-                later.append(self._accs[i])
-                later_g.append(shadow.grad)
             shadow.grad = None
+            acc = self._accs[i]
+            if acc is None:
+                self._accs[i] = g
+                continue
+            if acc.dtype != self.masters[i].dtype:
+                upcast_src.append(acc)
+                acc = self._accs[i] = torch.empty_like(self.masters[i])
+                upcast.append(acc)
+            later.append(acc)
+            later_g.append(g)
         with torch.no_grad():
-            if first:
-                torch._foreach_copy_(first, first_g)
+            if upcast:
+                torch._foreach_copy_(upcast, upcast_src)
             if later:
                 torch._foreach_add_(later, later_g)
 
@@ -99,20 +108,58 @@ class LocalParams:
             shadow.grad = None
         self._accs = [None] * len(self.masters)
 
-    def flush_grads(self) -> None:
-        """Hand what the backwards since the last flush accumulated to the masters' .grad
-        (added to a .grad already there, as FSDP's reduce does); call after the step's last
-        backward."""
+    def flush_grads(self, keep: Iterable[nn.Parameter] = ()) -> dict[nn.Parameter, torch.Tensor]:
+        """Hand what the backwards since the last flush accumulated to the masters' .grad in
+        fp32 (added to a .grad already there, as FSDP's reduce does); call after the step's last
+        backward. The masters in `keep` whose .grad is None get none: their grads come back as
+        {master: grad}, in the dtype they were accumulated in (the compute dtype after one backward)."""
         self.accumulate_grads()
+        keep_ids = {id(p) for p in keep}
+        kept: dict[nn.Parameter, torch.Tensor] = {}
+        flush, upcast, upcast_src = [], [], []
+        for master, acc in zip(self.masters, self._accs):
+            if acc is None:
+                continue
+            if id(master) in keep_ids and master.grad is None:
+                kept[master] = acc
+                continue
+            if acc.dtype != master.dtype:
+                upcast_src.append(acc)
+                acc = torch.empty_like(master)
+                upcast.append(acc)
+            flush.append((master, acc))
         with torch.no_grad():
-            for master, acc in zip(self.masters, self._accs):
-                if acc is None:
-                    continue
+            if upcast:
+                torch._foreach_copy_(upcast, upcast_src)
+            for master, acc in flush:
                 if master.grad is None:
                     master.grad = acc
                 else:
                     master.grad += acc
         self._accs = [None] * len(self.masters)
+        return kept
+
+    def held_shadows(self, masters: Iterable[nn.Parameter]) -> dict[nn.Parameter, torch.Tensor] | None:
+        """{master: its shadow} when every one of these masters' shadows holds storage that stays
+        past the step (keep_shadows): what an optimizer may write the new masters into (then
+        `refreshed`); else None (the shadows are freed after the step and filled again later)."""
+        if not self.keep_shadows:
+            return None
+        index = {id(m): i for i, m in enumerate(self.masters)}
+        out = {}
+        for m in masters:
+            i = index.get(id(m))
+            if i is None or self.shadows[i].shape != m.shape:
+                return None
+            out[m] = self.shadows[i]
+        return out
+
+    def refreshed(self, masters: Iterable[nn.Parameter]) -> None:
+        """These masters' shadows hold their current values (an optimizer wrote both): no cast
+        at the next compute()."""
+        index = {id(m): i for i, m in enumerate(self.masters)}
+        for m in masters:
+            self._versions[index[id(m)]] = m._version
 
     def free(self) -> None:
         """Free the shadows' memory (after an optimizer step they are stale anyway): between

@@ -21,6 +21,7 @@ policy optimizer; `train_draft_step` then trains the draft alone (trunk forward 
 
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import dataclass, field
 from typing import Callable
@@ -40,7 +41,7 @@ from miles_fsdp.parallel.reduce import all_reduce_max, all_reduce_sum
 from miles_fsdp.train.draft import DraftConfig, DraftTrainer, draft_metrics
 from miles_fsdp.train.graphs import TrunkGraphs
 from miles_fsdp.train.loss import LossNorm, assign_weights
-from miles_fsdp.train.optim import OptimConfig, build_optimizer
+from miles_fsdp.train.optim import OptimConfig, build_optimizer, grad_norm as grad_norm_of
 from miles_fsdp.train.packing import MicroBatch, TrainSeq, dummy_like, pack, pinned
 from miles_fsdp.train.scoring import ScoringSpec
 
@@ -178,6 +179,24 @@ class Trainer:
                     "cuda_graphs off (or leave it unset), or use one GPU with fsdp_units auto")
             self.graphs = TrunkGraphs(self.model, self.device, cfg.max_tokens_per_micro_batch)
             self.local.keep_shadows = True  # the graphs read the shadows' storage
+        self.one_pass = self._one_pass(cfg.optim.one_pass, units)
+
+    def _one_pass(self, want: bool | None, units: str) -> bool:
+        """Whether train_step's optimizer step is AdamW.step_with over the backward's compute-dtype
+        grads (train/optim.py): one rank without FSDP, a compute dtype below fp32 (shadows), CUDA
+        (or Triton's interpreter on the CPU: tests)."""
+        if self.optimizer is None:  # train_draft_step only: no policy step
+            return False
+        interpreted = self.device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1"
+        ok = (units == "none" and bool(self.local.masters)
+              and (self.device.type == "cuda" or interpreted))
+        if want and not ok:
+            raise ValueError(
+                f"OptimConfig.one_pass=True (--trainer.optim.one-pass) needs one rank without FSDP "
+                f"(parallel.fsdp_units 'none'), a bf16 compute dtype and CUDA; this run has units '{units}', "
+                f"{'bf16' if self.local.masters else 'fp32'} compute, {self.device.type}: set one_pass to None "
+                "(or False)")
+        return ok if want is None else bool(want)
 
     def _lookup_peak_flops(self) -> float:
         if self.device.type != "cuda":
@@ -230,7 +249,14 @@ class Trainer:
     def backward(self, micro_batches: list[MicroBatch], loss_fn: LossFn, spec: ScoringSpec = ScoringSpec(),
                  norm: LossNorm = LossNorm.token_mean, norm_constant: float = 1.0, entropy: bool = False) -> dict:
         """Accumulate gradients of the loss, normalised by `norm` (see loss.py), over this
-        rank's micro-batches (no optimizer step). Returns on-device sums for `train_step`'s metrics."""
+        rank's micro-batches (no optimizer step): in the parameters' .grad (fp32). Returns
+        on-device sums for `train_step`'s metrics."""
+        acc = self._accumulate(micro_batches, loss_fn, spec, norm, norm_constant, entropy)
+        self.local.flush_grads()
+        return acc
+
+    def _accumulate(self, micro_batches, loss_fn, spec, norm, norm_constant, entropy) -> dict:
+        """backward() without the flush of a one-rank run's grads into .grad (train_step's one pass reads them)."""
         self.model.train()
         denom = assign_weights(micro_batches, norm, norm_constant, self.group)
         # FSDP averages gradients over dp ranks; scaling by dp_size makes it the global sum.
@@ -253,7 +279,6 @@ class Trainer:
             raise
         finally:
             self._grad_sync(True)
-        self.local.flush_grads()
         return {"denom": denom, "loss_sum": loss_acc, "stats": stats_acc, "tokens": n_tokens}
 
     def _grad_sync(self, on: bool) -> None:
@@ -292,7 +317,7 @@ class Trainer:
         reset_peak_memory(self.device)
         t0 = time.perf_counter()
         try:
-            acc = self.backward(micro_batches, loss_fn, spec, norm, norm_constant, entropy)
+            acc = self._accumulate(micro_batches, loss_fn, spec, norm, norm_constant, entropy)
         except BaseException as e:
             for p in self.trunk_params:  # the failed step's partial grads are dropped
                 p.grad = None
@@ -308,10 +333,22 @@ class Trainer:
                 "trainer.parallel.activation_checkpointing or trainer.parallel.cpu_offload, or keep "
                 "trainer.fused_logprobs on; beside a colocated engine also lower engine.kv_memory_fraction "
                 "or set release_engine_memory") from e
-        on_device = self._skips_on_device()
-        grad_norm = self._clip_grads(scale_in_step=on_device)
+        kept = self.local.flush_grads(keep=self.trunk_params if self.one_pass else ())
+        on_device = self.one_pass or self._skips_on_device()
+        if self.one_pass:  # the grads as the backward left them (bf16 after one); .grad where set
+            grads = {p: kept.get(p, p.grad) for p in self.trunk_params if kept.get(p, p.grad) is not None}
+            grad_norm = grad_norm_of(list(grads.values()))
+        else:
+            grad_norm = self._clip_grads(scale_in_step=on_device)
         finite_t = torch.isfinite(grad_norm)  # a non-finite step is skipped (and reported), never applied
-        if on_device:
+        if self.one_pass:
+            # AdamW and the next forward's bf16 parameters in one pass; clip and skip as below
+            shadows = self.local.held_shadows(grads)
+            self.optimizer.step_with(grads, shadows, self._clip_scale(grad_norm), (~finite_t).float())
+            if shadows is not None:
+                self.local.refreshed(grads)
+            del grads
+        elif on_device:
             # fused AdamW skips the update on the device where found_inf is set (params, moments
             # and step count untouched): the host queues the step without waiting for the backward.
             # It divides the grads by grad_scale as it reads them: the clipping, without a pass of its own.
