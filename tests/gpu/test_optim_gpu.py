@@ -43,7 +43,7 @@ def test_adamw_step_is_torch_fused_adamw(grad_dtype, weight_decay, clip):
                  for i, n in enumerate(SIZES)]
         inf = torch.tensor(float(step == 2), device="cuda")
         for p, gr in zip(ref, grads):
-            p.grad = gr.float()
+            p.grad = gr.float().clone()  # torch's step writes the unscaled grads back: not into ours
         opt.grad_scale, opt.found_inf = scale, inf
         opt.step()
         torch._foreach_add_(steps, 1)

@@ -65,7 +65,7 @@ def _adamw_kernel(tab_ptr, chunk_ptr, n_tensors, bc_ptr, scale_ptr, inf_ptr, lr,
         return
     c = tl.program_id(0)
     i = tl.load(chunk_ptr + 2 * c)
-    start = tl.load(chunk_ptr + 2 * c + 1).to(tl.int64)
+    start = tl.load(chunk_ptr + 2 * c + 1)
     p_ptr = _pointer(tab_ptr, 0, n_tensors, i, tl.float32)
     g_ptr = _pointer(tab_ptr, 1, n_tensors, i, G_DTYPE)
     m_ptr = _pointer(tab_ptr, 2, n_tensors, i, tl.float32)
@@ -93,7 +93,7 @@ def _chunks(numels: tuple[int, ...], device: torch.device) -> torch.Tensor:
     key = (numels, device, CHUNK)
     if key not in _CHUNKS:
         _CHUNKS[key] = torch.tensor([(i, s) for i, n in enumerate(numels) for s in range(0, n, CHUNK)],
-                                    dtype=torch.int32).to(device)
+                                    dtype=torch.int64).to(device)  # a tensor may pass 2**31 elements
     return _CHUNKS[key]
 
 
