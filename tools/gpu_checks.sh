@@ -23,8 +23,9 @@
 #              and fp32 at 4k / 16k / packed, timed against _dkdv_kernel / _dq_kernel; gluon_fwd.py: the
 #              training forward, bitwise against packed_attention, timed against it and flash); under a
 #              time limit each (a barrier bug hangs)
-#   optim      (not in the default list) the optimizer pass as one Triton kernel (tools/bench/optim_pass.py:
-#              bf16 grads in, AdamW on fp32 p / m / v, the bf16 shadow out) against today's four passes
+#   optim      (not in the default list) the trainer's one-pass optimizer step (tools/bench/optim_pass.py:
+#              bf16 grads in, torch's AdamW on fp32 p / m / v, the bf16 shadow out) against torch's four
+#              passes and the same kernel over one flat buffer, at the 0.6B and MoE bench shapes
 #   profile    (not in the default list) torch.profiler of a 4k trainer step (ours and the peer)
 #              and of engine decode steps at batch 256 (prompt 512), host cost per launch (launch_cost),
 #              registers and spills of the compiled kernels (kernel_regs);
