@@ -39,13 +39,16 @@ def _seqs() -> list[TrainSeq]:
     return [TrainSeq(torch.randint(0, 256, (n,), generator=g).tolist(), [0] * 4 + [1] * (n - 4)) for n in (40, 33, 57)]
 
 
-def _trainer(one_pass, dtype="bf16", units="none", budget=96, draft=True, weight_decay=0.01) -> Trainer:
+def _trainer(one_pass, dtype="bf16", units="none", budget=96, draft=True, weight_decay=0.01,
+             draft_one_pass="same") -> Trainer:
     with torch.device("meta"):
         model = Transformer(ModelArgs.from_hf(HF))
     model.init_weights(seed=0)
     cfg = TrainerConfig(optim=OptimConfig(lr=1e-2, weight_decay=weight_decay, one_pass=one_pass),
                         max_tokens_per_micro_batch=budget, parallel=ParallelConfig(fsdp_units=units, param_dtype=dtype))
-    return Trainer(model, cfg, draft=DraftConfig() if draft else None)
+    draft_cfg = DraftConfig(optim=OptimConfig(lr=1e-3, grad_clip=0.5,
+                                              one_pass=one_pass if draft_one_pass == "same" else draft_one_pass))
+    return Trainer(model, cfg, draft=draft_cfg if draft else None)
 
 
 def test_refused_where_it_cannot_run(monkeypatch):
@@ -54,7 +57,10 @@ def test_refused_where_it_cannot_run(monkeypatch):
         with pytest.raises(ValueError, match="one_pass") as e:
             _trainer(True, **kw)
         assert word in str(e.value), str(e.value)
+    with pytest.raises(ValueError, match="draft.optim.one_pass"):
+        _trainer(None, draft_one_pass=True)
     assert not _trainer(None).one_pass and not _trainer(False).one_pass  # auto: off on the CPU
+    assert not _trainer(None).draft_one_pass
 
 
 def test_grad_norm_is_get_total_norm():
@@ -108,7 +114,7 @@ def _child() -> None:
     torch.set_num_threads(1)
     for budget in (200, 96):  # one backward a step (bf16 grads), two (fp32)
         base, one = _trainer(False, budget=budget), _trainer(True, budget=budget)
-        assert one.one_pass and not base.one_pass
+        assert one.one_pass and not base.one_pass and one.draft_one_pass and not base.draft_one_pass
         # the first step within fp32 rounding of torch's; later ones drift apart as bf16 training
         # does (a flipped shadow bit moves bf16 grads by an ulp, which AdamW's normalisation
         # scales up where grads are small): compared loosely
@@ -125,6 +131,13 @@ def _child() -> None:
             if st_p:  # the trunk's: torch's state layout (the draft has its own optimizer)
                 assert st_q.keys() == st_p.keys() and float(st_q["step"]) == float(st_p["step"]) == 3.0
         assert all(q.grad is None for q in one.trunk_params)
+    # the draft alone (train_draft_step): its one pass against torch's step
+    base, one = _trainer(False, budget=96), _trainer(True, budget=96)
+    a, b = base.train_draft_step(base.pack(_seqs())), one.train_draft_step(one.pack(_seqs()))
+    assert abs(a["draft/loss"] - b["draft/loss"]) < 1e-6 and abs(a["draft/grad_norm"] - b["draft/grad_norm"]) < 1e-5
+    for (name, p), q in zip(base.model.named_parameters(), one.model.parameters()):
+        torch.testing.assert_close(q, p, rtol=1e-5, atol=1e-6, msg=lambda m: f"train_draft_step: {name}: {m}")
+        assert name.startswith("mtp.") or torch.equal(p, q), f"{name}: the trunk moved in a draft step"
     # kept shadows: written by the pass with the new masters, no cast before the next forward
     one = _trainer(True, budget=96)
     one.local.keep_shadows = True

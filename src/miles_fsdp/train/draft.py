@@ -29,7 +29,7 @@ import torch.nn as nn
 from miles_fsdp.errors import UserError
 from miles_fsdp.models import ModelArgs
 from miles_fsdp.parallel.reduce import all_reduce_sum
-from miles_fsdp.train.optim import OptimConfig, build_optimizer
+from miles_fsdp.train.optim import OptimConfig, build_optimizer, clip_scale, grad_norm
 from miles_fsdp.train.packing import MicroBatch
 
 
@@ -146,22 +146,31 @@ class DraftTrainer:
         for p in self.params:
             p.grad = None
 
-    def step(self) -> dict[str, torch.Tensor | float]:
+    def step(self, grads: dict | None = None, shadows: dict | None = None) -> dict[str, torch.Tensor | float]:
         """Clip the draft's gradients (alone), step its AdamW and schedule; the step's metrics
-        as on-device sums for the caller's all-reduce: `sums` (per module: NLL, hits) and `denoms`."""
+        as on-device sums for the caller's all-reduce: `sums` (per module: NLL, hits) and `denoms`.
+        grads ({param: grad} as the backward left them; the params' .grad unread) steps in one
+        pass (AdamW.step_with: the clip and a non-finite norm's skip on the device), writing
+        `shadows` too; None: torch's step from .grad."""
         out: dict = {"sums": self._sums, "denoms": self._denoms}
         if self.optimizer is None:
             out["lr"] = 0.0
             return out
-        grads = [p.grad for p in self.params if p.grad is not None]
-        norm = torch.nn.utils.get_total_norm(grads, norm_type=2.0) if grads else torch.zeros(())
-        if hasattr(norm, "full_tensor"):
-            norm = norm.full_tensor()
-        if self.cfg.optim.grad_clip > 0 and grads:
-            torch.nn.utils.clip_grads_with_norm_([p for p in self.params if p.grad is not None],
-                                                 self.cfg.optim.grad_clip, norm)
-        if bool(torch.isfinite(norm)):
-            self.optimizer.step()
+        if grads is not None:
+            norm = grad_norm(list(grads.values())) if grads else torch.zeros(())
+            if grads:
+                self.optimizer.step_with(grads, shadows, clip_scale(norm, self.cfg.optim.grad_clip),
+                                         (~torch.isfinite(norm)).float())
+        else:
+            grads_ = [p.grad for p in self.params if p.grad is not None]
+            norm = torch.nn.utils.get_total_norm(grads_, norm_type=2.0) if grads_ else torch.zeros(())
+            if hasattr(norm, "full_tensor"):
+                norm = norm.full_tensor()
+            if self.cfg.optim.grad_clip > 0 and grads_:
+                torch.nn.utils.clip_grads_with_norm_([p for p in self.params if p.grad is not None],
+                                                     self.cfg.optim.grad_clip, norm)
+            if bool(torch.isfinite(norm)):
+                self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         out["lr"] = self.scheduler.get_last_lr()[0]
         out["grad_norm"] = float(norm)

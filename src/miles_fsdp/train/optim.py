@@ -139,6 +139,15 @@ def _aligned(t: torch.Tensor) -> torch.Tensor:
     return t if _is_aligned(t) else torch.empty_like(t, memory_format=torch.contiguous_format).copy_(t)
 
 
+def clip_scale(norm: torch.Tensor, max_norm: float) -> torch.Tensor | None:
+    """What AdamW divides the grads by (grad_scale) to clip them to max_norm as
+    clip_grads_with_norm_ does (within an ulp of its product; exactly 1 under the limit); None
+    where max_norm <= 0 (no clipping)."""
+    if max_norm <= 0:
+        return None
+    return ((norm.float() + 1e-6) / max_norm).clamp(min=1.0)
+
+
 def grad_norm(grads: list[torch.Tensor]) -> torch.Tensor:
     """torch.nn.utils.get_total_norm (2-norm) of these grads as if they were fp32: each one's
     norm in fp32 (torch's foreach norm of the bf16 grads with dtype float32 gives the bits of

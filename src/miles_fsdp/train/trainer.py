@@ -41,7 +41,7 @@ from miles_fsdp.parallel.reduce import all_reduce_max, all_reduce_sum
 from miles_fsdp.train.draft import DraftConfig, DraftTrainer, draft_metrics
 from miles_fsdp.train.graphs import TrunkGraphs
 from miles_fsdp.train.loss import LossNorm, assign_weights
-from miles_fsdp.train.optim import OptimConfig, build_optimizer, grad_norm as grad_norm_of
+from miles_fsdp.train.optim import OptimConfig, build_optimizer, clip_scale, grad_norm as grad_norm_of
 from miles_fsdp.train.packing import MicroBatch, TrainSeq, dummy_like, pack, pinned
 from miles_fsdp.train.scoring import ScoringSpec
 
@@ -179,23 +179,24 @@ class Trainer:
                     "cuda_graphs off (or leave it unset), or use one GPU with fsdp_units auto")
             self.graphs = TrunkGraphs(self.model, self.device, cfg.max_tokens_per_micro_batch)
             self.local.keep_shadows = True  # the graphs read the shadows' storage
-        self.one_pass = self._one_pass(cfg.optim.one_pass, units)
+        self.one_pass = self._one_pass(self.optimizer, cfg.optim.one_pass, units, "trainer.optim.one_pass")
+        self.draft_one_pass = draft is not None and self._one_pass(self.draft.optimizer, draft.optim.one_pass, units,
+                                                                   "draft.optim.one_pass")
 
-    def _one_pass(self, want: bool | None, units: str) -> bool:
-        """Whether train_step's optimizer step is AdamW.step_with over the backward's compute-dtype
-        grads (train/optim.py): one rank without FSDP, a compute dtype below fp32 (shadows), CUDA
-        (or Triton's interpreter on the CPU: tests)."""
-        if self.optimizer is None:  # train_draft_step only: no policy step
+    def _one_pass(self, optimizer, want: bool | None, units: str, name: str) -> bool:
+        """Whether `optimizer` steps by AdamW.step_with over the backward's compute-dtype grads
+        (train/optim.py): one rank without FSDP, a compute dtype below fp32 (shadows), CUDA (or
+        Triton's interpreter on the CPU: tests). name: the config field, for the refusal."""
+        if optimizer is None:  # nothing to step (train_draft_step only, a frozen draft)
             return False
         interpreted = self.device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1"
         ok = (units == "none" and bool(self.local.masters)
               and (self.device.type == "cuda" or interpreted))
         if want and not ok:
             raise ValueError(
-                f"OptimConfig.one_pass=True (--trainer.optim.one-pass) needs one rank without FSDP "
-                f"(parallel.fsdp_units 'none'), a bf16 compute dtype and CUDA; this run has units '{units}', "
-                f"{'bf16' if self.local.masters else 'fp32'} compute, {self.device.type}: set one_pass to None "
-                "(or False)")
+                f"{name}=True (--{name.replace('_', '-')}) needs one rank without FSDP (parallel.fsdp_units "
+                f"'none'), a bf16 compute dtype and CUDA; this run has units '{units}', "
+                f"{'bf16' if self.local.masters else 'fp32'} compute, {self.device.type}: set it to None (or False)")
         return ok if want is None else bool(want)
 
     def _lookup_peak_flops(self) -> float:
@@ -333,10 +334,11 @@ class Trainer:
                 "trainer.parallel.activation_checkpointing or trainer.parallel.cpu_offload, or keep "
                 "trainer.fused_logprobs on; beside a colocated engine also lower engine.kv_memory_fraction "
                 "or set release_engine_memory") from e
-        kept = self.local.flush_grads(keep=self.trunk_params if self.one_pass else ())
+        kept = self.local.flush_grads(keep=(self.trunk_params if self.one_pass else [])
+                                      + (self.draft.params if self.draft_one_pass else []))
         on_device = self.one_pass or self._skips_on_device()
         if self.one_pass:  # the grads as the backward left them (bf16 after one); .grad where set
-            grads = {p: kept.get(p, p.grad) for p in self.trunk_params if kept.get(p, p.grad) is not None}
+            grads = self._kept(kept, self.trunk_params)
             grad_norm = grad_norm_of(list(grads.values()))
         else:
             grad_norm = self._clip_grads(scale_in_step=on_device)
@@ -364,7 +366,7 @@ class Trainer:
         self.local.free()  # the compute-dtype copies are stale now: their memory goes back
         lr = self.scheduler.get_last_lr()[0]
         self.scheduler.step()
-        draft = self.draft.step() if self.draft is not None else None
+        draft = self._draft_step(kept) if self.draft is not None else None
         self.step += 1
 
         names = sorted(acc["stats"])
@@ -421,8 +423,8 @@ class Trainer:
             self.local.discard_grads()
             self.draft.zero_grad()
             raise
-        self.local.flush_grads()
-        draft = self.draft.step()
+        kept = self.local.flush_grads(keep=self.draft.params if self.draft_one_pass else ())
+        draft = self._draft_step(kept)
         self.step += 1
         return {**self._draft_metrics(draft), "time/train_step_s": time.perf_counter() - t0}
 
@@ -433,11 +435,24 @@ class Trainer:
                 and not any(isinstance(p, DTensor) for p in self.trunk_params[:1]))
 
     def _clip_scale(self, total: torch.Tensor) -> torch.Tensor | None:
-        """What fused AdamW divides the grads by to clip them as clip_grads_with_norm_ does
-        (within an ulp of its product; exactly 1 where the norm is under the limit)."""
-        if self.cfg.optim.grad_clip <= 0:
-            return None
-        return ((total.float() + 1e-6) / self.cfg.optim.grad_clip).clamp(min=1.0)
+        """What fused AdamW divides the grads by to clip them as clip_grads_with_norm_ does."""
+        return clip_scale(total, self.cfg.optim.grad_clip)
+
+    @staticmethod
+    def _kept(kept: dict, params: list) -> dict:
+        """{param: grad} of params: the grad flush_grads kept, else .grad where one was set."""
+        return {p: kept.get(p, p.grad) for p in params if kept.get(p, p.grad) is not None}
+
+    def _draft_step(self, kept: dict) -> dict:
+        """The draft's step: over its kept grads in one pass (draft_one_pass), else from .grad."""
+        if not self.draft_one_pass:
+            return self.draft.step()
+        grads = self._kept(kept, self.draft.params)
+        shadows = self.local.held_shadows(grads)
+        out = self.draft.step(grads, shadows)
+        if shadows is not None:
+            self.local.refreshed(grads)
+        return out
 
     def _clip_grads(self, scale_in_step: bool = False) -> torch.Tensor:
         """The trunk's global grad norm; clips the grads in place unless the step will (scale_in_step)."""
