@@ -87,3 +87,66 @@ def test_cuda_graphs_refused_where_they_cannot_run():
     with pytest.raises(ValueError, match="cuda-graphs"):
         Trainer(model, TrainerConfig(cuda_graphs=True))
     assert Trainer(model, TrainerConfig()).graphs is None  # the default: on only where they can run
+
+
+class _Replayer:
+    """A stand-in for a captured CUDA graph: replay() runs the recorded function."""
+
+    def __init__(self, fn):
+        self.replay = fn
+
+
+def _stand_in_record(self, bucket) -> None:
+    """TrunkGraphs._record on the CPU: the forward and backward "graphs" run the trunk eagerly
+    into the bucket's static output and the shared static grads, as the captured ones write them."""
+    live = {}
+
+    def fwd():
+        with torch.enable_grad():
+            live["out"] = self._trunk(bucket)
+        bucket.out.copy_(live["out"].detach())
+
+    def bwd():
+        grads = torch.autograd.grad(live.pop("out"), bucket.params, bucket.grad_out, allow_unused=True)
+        for static, g in zip(self.grads, grads):
+            if static is not None:
+                static.copy_(g)
+
+    with torch.enable_grad():
+        out = self._trunk(bucket)
+        probe = torch.autograd.grad(out, bucket.params, torch.zeros_like(out), allow_unused=True)
+    bucket.out, bucket.grad_out = torch.empty_like(out), torch.empty_like(out)
+    if self.grads is None:
+        self.grads = tuple(None if g is None else torch.empty_like(g) for g in probe)
+    bucket.grads = self.grads
+    bucket.fwd, bucket.bwd = _Replayer(fwd), _Replayer(bwd)
+
+
+@pytest.mark.parametrize("budget", [512, 256])
+def test_lent_grads_train_the_bits_of_copies(budget, monkeypatch):
+    """LEND_GRADS: the backward graph's static grads lent to .grad (copied by LocalParams only
+    before the next backward replay rewrites them) train the bits of autograd's copies: one
+    micro-batch a step and two (the second replay rewrites the first's grads), the tied
+    embedding (the lm_head's eager grad added to the lent one), the draft beside."""
+    import miles_fsdp.train.graphs as graphs_mod
+
+    monkeypatch.setattr(TrunkGraphs, "_record", _stand_in_record)
+    g = torch.Generator().manual_seed(0)
+    seqs = [TrainSeq(torch.randint(0, 256, (n,), generator=g).tolist(), [0] * 5 + [1] * (n - 5))
+            for n in (200, 40, 60, 37)]
+    out = {}
+    for lend in (False, True):
+        monkeypatch.setattr(graphs_mod, "LEND_GRADS", lend)
+        t = _trainer(True, "bf16")
+        t.cfg.max_tokens_per_micro_batch = budget
+        t.graphs = TrunkGraphs(t.model, t.device, budget, capture=False)
+        t.graphs.capture = True  # the stand-in "captures"
+        t.graphs.before_backward = t.local.own_grads
+        t.local.keep_shadows = True
+        metrics = [t.train_step(t.pack(seqs), sft_loss) for _ in range(2)]
+        assert len(t.pack(seqs)) == (1 if budget == 512 else 2) and t.graphs.buckets
+        out[lend] = ([{k: v for k, v in m.items() if not k.startswith(("perf/", "time/"))} for m in metrics],
+                     {k: v.clone() for k, v in t.model.state_dict().items()})
+    assert out[False][0] == out[True][0]
+    for k, v in out[False][1].items():
+        assert torch.equal(v, out[True][1][k]), f"{k}: lent grads trained other bits"

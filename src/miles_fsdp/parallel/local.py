@@ -102,6 +102,22 @@ class LocalParams:
             if later:
                 torch._foreach_add_(later, later_g)
 
+    def own_grads(self, lent: tuple) -> None:
+        """Copy the grads that are `lent` tensors (a CUDA graph's static grads, rewritten by its
+        next backward replay: train/graphs.py LEND_GRADS) wherever they sit: an accumulator
+        becomes the fp32 upcast a second backward adds into, a shadow's .grad a copy."""
+        ids = {id(t) for t in lent if t is not None}
+        idx = [i for i, a in enumerate(self._accs) if a is not None and id(a) in ids]
+        if idx:
+            owned = [torch.empty_like(self.masters[i]) for i in idx]
+            with torch.no_grad():
+                torch._foreach_copy_(owned, [self._accs[i] for i in idx])
+            for i, a in zip(idx, owned):
+                self._accs[i] = a
+        for shadow in self.shadows:
+            if shadow.grad is not None and id(shadow.grad) in ids:
+                shadow.grad = shadow.grad.clone()
+
     def discard_grads(self) -> None:
         """Drop what the backwards since the last flush accumulated (a failed step's partial grads)."""
         for shadow in self.shadows:

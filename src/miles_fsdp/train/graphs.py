@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import torch.nn as nn
@@ -40,6 +41,12 @@ log = logging.getLogger(__name__)
 
 MIN_TOKENS = 256  # smallest token bucket
 MIN_SEQS = 8  # smallest sequence bucket (the padding sequence included)
+# LEND_GRADS: the backward graph's static grads go to the parameters' .grad as they are (lent
+# until the next backward replay, when TrunkGraphs.before_backward has their holder copy them)
+# instead of autograd's copy of each (the 16k step's 320 device copies, ~1.1 ms at 0.6B, and 310
+# AccumulateGrad calls on the host). Off until a GPU run shows the same bits as the copies
+# (tests/train/test_graphs.py checks the lending against copies on the CPU with stand-in graphs).
+LEND_GRADS = False
 
 
 def _pow2_at_least(n: int, floor: int) -> int:
@@ -88,20 +95,29 @@ class _Bucket:
 
 
 class _Replay(torch.autograd.Function):
-    """hidden = the bucket's forward graph; its backward graph gives the parameters' grads."""
+    """hidden = the bucket's forward graph; its backward graph gives the parameters' grads:
+    copies through autograd, or (LEND_GRADS) the static grads themselves in .grad."""
 
     @staticmethod
-    def forward(ctx, bucket: _Bucket, *params):
+    def forward(ctx, graphs: "TrunkGraphs", bucket: _Bucket, *params):
         bucket.fwd.replay()
-        ctx.bucket = bucket
+        ctx.graphs, ctx.bucket = graphs, bucket
         return bucket.out.clone()  # the next replay rewrites bucket.out
 
     @staticmethod
     def backward(ctx, g_TD):
-        bucket = ctx.bucket
+        graphs, bucket = ctx.graphs, ctx.bucket
+        lend = LEND_GRADS and graphs.before_backward is not None
+        if lend:  # the last replay's grads, wherever they went, are copied before this one rewrites them
+            graphs.before_backward(bucket.grads)
         bucket.grad_out.copy_(g_TD)
         bucket.bwd.replay()
-        return (None, *(None if g is None else g.clone() for g in bucket.grads))
+        if not lend:
+            return (None, None, *(None if g is None else g.clone() for g in bucket.grads))
+        for p, g in zip(bucket.params, bucket.grads):
+            if g is not None:  # lent; autograd adds a tied weight's other grads to it in place
+                p.grad = g if p.grad is None else p.grad + g
+        return (None, None, *(None for _ in bucket.grads))
 
 
 class TrunkGraphs:
@@ -112,6 +128,9 @@ class TrunkGraphs:
         self.failed = ""  # why capture failed: the trunk runs eagerly from then on
         self.pool = torch.cuda.graph_pool_handle() if capture else None
         self.grads: tuple[torch.Tensor | None, ...] | None = None  # every bucket's grad outputs
+        # LEND_GRADS: called with the static grads before each backward replay rewrites them; whoever
+        # holds them (parallel/local.py LocalParams.own_grads) copies them then
+        self.before_backward: Callable[[tuple], None] | None = None
 
     def hidden(self, mb: MicroBatch) -> torch.Tensor | None:
         """The trunk's hidden states of mb's T tokens ([T, D], differentiable in the model's
@@ -141,7 +160,7 @@ class TrunkGraphs:
                             self.failed)
                 self.buckets.pop(key, None)
                 return None
-        return _Replay.apply(bucket, *bucket.params)[:T]
+        return _Replay.apply(self, bucket, *bucket.params)[:T]
 
     def _bucket(self, t_b: int, b_b: int) -> _Bucket:
         dev, i32 = self.device, torch.int32
