@@ -17,6 +17,7 @@ per-position tensor back into per-sequence token-aligned lists (entry 0 of each 
 from __future__ import annotations
 
 import dataclasses
+import itertools
 from dataclasses import dataclass, field
 
 import torch
@@ -85,29 +86,32 @@ def first_fit_decreasing(lengths: list[int], max_tokens: int) -> list[list[int]]
     return [sorted(b) for b in bins]
 
 
+def _shifted(parts: list[torch.Tensor], ends: torch.Tensor, fill: float) -> torch.Tensor:
+    """The concatenated per-sequence values moved one token left, `fill` at each sequence's last
+    token (the targets' alignment)."""
+    out = torch.cat(parts).roll(-1)
+    out[ends] = fill
+    return out
+
+
 def _collate(seqs: list[TrainSeq], index: list[int]) -> MicroBatch:
-    ids, pos, tgt, mask, cu = [], [], [], [], [0]
     names = sorted(seqs[index[0]].fields) if index else []
-    fields: dict[str, list[float]] = {k: [] for k in names}
-    for i in index:
-        s = seqs[i]
-        n = len(s.tokens)
-        m = s.loss_mask if s.loss_mask is not None else [0] + [1] * (n - 1)
-        ids += s.tokens
-        pos += range(n)
-        tgt += list(s.tokens[1:]) + [0]
-        mask += list(m[1:]) + [0]
-        for k in names:
-            fields[k] += list(s.fields[k][1:]) + [0.0]
-        cu.append(cu[-1] + n)
+    lens = [len(seqs[i].tokens) for i in index]
+    cu = torch.tensor([0, *itertools.accumulate(lens)], dtype=torch.int64)
+    ends = cu[1:] - 1
+    tokens = [torch.tensor(seqs[i].tokens, dtype=torch.int64) for i in index]
+    masks = [torch.tensor(seqs[i].loss_mask, dtype=torch.float32) if seqs[i].loss_mask is not None
+             else torch.ones(n, dtype=torch.float32) for i, n in zip(index, lens)]
+    T = int(cu[-1])
     return MicroBatch(
-        ids_T=torch.tensor(ids, dtype=torch.int64),
-        pos_T=torch.tensor(pos, dtype=torch.int64),
-        targets_T=torch.tensor(tgt, dtype=torch.int64),
-        mask_T=torch.tensor(mask, dtype=torch.float32),
-        cu_seqlens=torch.tensor(cu, dtype=torch.int32),
+        ids_T=torch.cat(tokens) if tokens else torch.zeros(0, dtype=torch.int64),
+        pos_T=torch.arange(T, dtype=torch.int64) - torch.repeat_interleave(cu[:-1], torch.tensor(lens, dtype=torch.int64)),
+        targets_T=_shifted(tokens, ends, 0) if tokens else torch.zeros(0, dtype=torch.int64),
+        mask_T=_shifted(masks, ends, 0.0) if masks else torch.zeros(0),
+        cu_seqlens=cu.to(torch.int32),
         seq_index=list(index),
-        fields={k: torch.tensor(v, dtype=torch.float32) for k, v in fields.items()},
+        fields={k: _shifted([torch.tensor(seqs[i].fields[k], dtype=torch.float32) for i in index], ends, 0.0)
+                for k in names},
     )
 
 
