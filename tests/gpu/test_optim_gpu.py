@@ -75,8 +75,9 @@ def _train(one_pass: bool, budget: int, graphs: bool, monkeypatch=None, lend: bo
     model.init_weights(seed=0)
     cfg = TrainerConfig(optim=OptimConfig(lr=1e-3, weight_decay=0.01, one_pass=one_pass),
                         max_tokens_per_micro_batch=budget, cuda_graphs=graphs, parallel=ParallelConfig())
-    trainer = Trainer(model, cfg, draft=DraftConfig())
-    assert trainer.one_pass == one_pass
+    draft = DraftConfig(optim=OptimConfig(lr=1e-4, grad_clip=1.0, one_pass=one_pass))
+    trainer = Trainer(model, cfg, draft=draft)
+    assert trainer.one_pass == one_pass and trainer.draft_one_pass == one_pass
     gen = torch.Generator().manual_seed(0)
     seqs = [TrainSeq(torch.randint(0, 4096, (n,), generator=gen).tolist(), [0] * 8 + [1] * (n - 8))
             for n in (300, 200, 100)]
@@ -93,7 +94,8 @@ def _train(one_pass: bool, budget: int, graphs: bool, monkeypatch=None, lend: bo
 def test_one_pass_trains_the_bits_of_torch_adamw(budget, graphs):
     """3 steps (one or two micro-batches a step: bf16 or fp32 grads into the pass; CUDA graphs
     on: the pass writes the shadows the graphs read; off: they are cast again), weight decay,
-    the draft beside: weights, metrics and the scores after every step are the same bits."""
+    the draft's own AdamW in one pass too (draft.optim.one_pass): weights (the draft's included),
+    metrics and the scores after every step are the same bits."""
     w_torch, m_torch = _train(False, budget, graphs)
     w_one, m_one = _train(True, budget, graphs)
     for k in w_torch:

@@ -29,7 +29,7 @@ import torch.nn as nn
 from miles_fsdp.errors import UserError
 from miles_fsdp.models import ModelArgs
 from miles_fsdp.parallel.reduce import all_reduce_sum
-from miles_fsdp.train.optim import OptimConfig, build_optimizer, clip_scale, grad_norm
+from miles_fsdp.train.optim import OptimConfig, build_optimizer, clip_scale, grad_norm, skips_on_device
 from miles_fsdp.train.packing import MicroBatch
 
 
@@ -166,11 +166,19 @@ class DraftTrainer:
             norm = torch.nn.utils.get_total_norm(grads_, norm_type=2.0) if grads_ else torch.zeros(())
             if hasattr(norm, "full_tensor"):
                 norm = norm.full_tensor()
-            if self.cfg.optim.grad_clip > 0 and grads_:
-                torch.nn.utils.clip_grads_with_norm_([p for p in self.params if p.grad is not None],
-                                                     self.cfg.optim.grad_clip, norm)
-            if bool(torch.isfinite(norm)):
-                self.optimizer.step()
+            if skips_on_device(self.optimizer, self.params):  # as the policy's: clip and skip inside fused AdamW, no host wait
+                self.optimizer.grad_scale = clip_scale(norm, self.cfg.optim.grad_clip)
+                self.optimizer.found_inf = (~torch.isfinite(norm)).float()
+                try:
+                    self.optimizer.step()
+                finally:
+                    self.optimizer.grad_scale = self.optimizer.found_inf = None
+            else:
+                if self.cfg.optim.grad_clip > 0 and grads_:
+                    torch.nn.utils.clip_grads_with_norm_([p for p in self.params if p.grad is not None],
+                                                         self.cfg.optim.grad_clip, norm)
+                if bool(torch.isfinite(norm)):
+                    self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         out["lr"] = self.scheduler.get_last_lr()[0]
         out["grad_norm"] = float(norm)

@@ -139,6 +139,16 @@ def _aligned(t: torch.Tensor) -> torch.Tensor:
     return t if _is_aligned(t) else torch.empty_like(t, memory_format=torch.contiguous_format).copy_(t)
 
 
+def skips_on_device(optimizer: torch.optim.Optimizer, params: list[torch.nn.Parameter]) -> bool:
+    """Fused AdamW on plain tensors: it takes grad_scale (the clip) and found_inf (the skip) on
+    the device, no host wait. FSDP's DTensor parameters keep the host check (a plain found_inf
+    beside DTensors is not a dispatch we rely on)."""
+    from torch.distributed.tensor import DTensor
+
+    return (any(g.get("fused") for g in optimizer.param_groups)
+            and not any(isinstance(p, DTensor) for p in params[:1]))
+
+
 def clip_scale(norm: torch.Tensor, max_norm: float) -> torch.Tensor | None:
     """What AdamW divides the grads by (grad_scale) to clip them to max_norm as
     clip_grads_with_norm_ does (within an ulp of its product; exactly 1 under the limit); None

@@ -29,7 +29,6 @@ from typing import Callable
 import torch
 import torch.distributed as dist
 import torch.nn as nn
-from torch.distributed.tensor import DTensor
 
 import miles_kernels as mk
 from miles_fsdp.models import packed_inputs
@@ -41,7 +40,7 @@ from miles_fsdp.parallel.reduce import all_reduce_max, all_reduce_sum
 from miles_fsdp.train.draft import DraftConfig, DraftTrainer, draft_metrics
 from miles_fsdp.train.graphs import TrunkGraphs
 from miles_fsdp.train.loss import LossNorm, assign_weights
-from miles_fsdp.train.optim import OptimConfig, build_optimizer, clip_scale, grad_norm as grad_norm_of
+from miles_fsdp.train.optim import OptimConfig, build_optimizer, clip_scale, grad_norm as grad_norm_of, skips_on_device
 from miles_fsdp.train.packing import MicroBatch, TrainSeq, dummy_like, pack, pinned
 from miles_fsdp.train.scoring import ScoringSpec
 
@@ -430,10 +429,7 @@ class Trainer:
         return {**self._draft_metrics(draft), "time/train_step_s": time.perf_counter() - t0}
 
     def _skips_on_device(self) -> bool:
-        """Fused AdamW on plain tensors (no FSDP): it takes found_inf. FSDP's DTensor parameters
-        keep the host check (a plain found_inf beside DTensors is not a dispatch we rely on)."""
-        return (any(g.get("fused") for g in self.optimizer.param_groups)
-                and not any(isinstance(p, DTensor) for p in self.trunk_params[:1]))
+        return skips_on_device(self.optimizer, self.trunk_params)
 
     def _clip_scale(self, total: torch.Tensor) -> torch.Tensor | None:
         """What fused AdamW divides the grads by to clip them as clip_grads_with_norm_ does."""
