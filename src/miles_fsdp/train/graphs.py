@@ -44,8 +44,10 @@ MIN_SEQS = 8  # smallest sequence bucket (the padding sequence included)
 # LEND_GRADS: the backward graph's static grads go to the parameters' .grad as they are (lent
 # until the next backward replay, when TrunkGraphs.before_backward has their holder copy them)
 # instead of autograd's copy of each (the 16k step's 320 device copies, ~1.1 ms at 0.6B, and 310
-# AccumulateGrad calls on the host). Off until a GPU run shows the same bits as the copies
-# (tests/train/test_graphs.py checks the lending against copies on the CPU with stand-in graphs).
+# AccumulateGrad calls on the host), and the replay takes no autograd edge a parameter (~1 ms of
+# host time a micro-batch at 310 parameters). Off until a GPU run shows the same bits as the
+# copies (tests/train/test_graphs.py checks the lending against copies on the CPU with stand-in
+# graphs; tests/gpu/test_optim_gpu.py on the GPU).
 LEND_GRADS = False
 
 
@@ -99,9 +101,12 @@ class _Replay(torch.autograd.Function):
     copies through autograd, or (LEND_GRADS) the static grads themselves in .grad."""
 
     @staticmethod
-    def forward(ctx, graphs: "TrunkGraphs", bucket: _Bucket, *params):
+    def forward(ctx, graphs: "TrunkGraphs", bucket: _Bucket, *inputs):
+        """inputs: the parameters (their grads leave through autograd), or with LEND_GRADS one
+        anchor that only makes the output differentiable (the grads go to .grad in backward):
+        no autograd edge a parameter to record each micro-batch."""
         bucket.fwd.replay()
-        ctx.graphs, ctx.bucket = graphs, bucket
+        ctx.graphs, ctx.bucket, ctx.n_inputs = graphs, bucket, len(inputs)
         return bucket.out.clone()  # the next replay rewrites bucket.out
 
     @staticmethod
@@ -115,9 +120,9 @@ class _Replay(torch.autograd.Function):
         if not lend:
             return (None, None, *(None if g is None else g.clone() for g in bucket.grads))
         for p, g in zip(bucket.params, bucket.grads):
-            if g is not None:  # lent; autograd adds a tied weight's other grads to it in place
+            if g is not None:  # lent; a tied weight's eager grad is added, before or after (in place)
                 p.grad = g if p.grad is None else p.grad + g
-        return (None, None, *(None for _ in bucket.grads))
+        return (None, None, *(None for _ in range(ctx.n_inputs)))
 
 
 class TrunkGraphs:
@@ -131,6 +136,7 @@ class TrunkGraphs:
         # LEND_GRADS: called with the static grads before each backward replay rewrites them; whoever
         # holds them (parallel/local.py LocalParams.own_grads) copies them then
         self.before_backward: Callable[[tuple], None] | None = None
+        self._anchor = torch.zeros((), device=device, requires_grad=True)  # LEND_GRADS: see _Replay
 
     def hidden(self, mb: MicroBatch) -> torch.Tensor | None:
         """The trunk's hidden states of mb's T tokens ([T, D], differentiable in the model's
@@ -160,6 +166,8 @@ class TrunkGraphs:
                             self.failed)
                 self.buckets.pop(key, None)
                 return None
+        if LEND_GRADS and self.before_backward is not None:
+            return _Replay.apply(self, bucket, self._anchor)[:T]
         return _Replay.apply(self, bucket, *bucket.params)[:T]
 
     def _bucket(self, t_b: int, b_b: int) -> _Bucket:
