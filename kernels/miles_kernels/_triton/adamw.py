@@ -137,7 +137,8 @@ def adamw_step(params: list[torch.Tensor], grads: list[torch.Tensor], exp_avgs: 
     tab = _pointers(params, grads, exp_avgs, exp_avg_sqs, steps, shadows)  # p, g, m, v, shadow, numel rows
     numels = tuple(tab[-1])
     dev = params[0].device
-    tab = torch.tensor(tab, dtype=torch.int64).to(dev, non_blocking=True)
+    # pinned: the copy joins the stream's queue (a pageable one would wait for the queued backward)
+    tab = torch.tensor(tab, dtype=torch.int64, pin_memory=dev.type == "cuda").to(dev, non_blocking=True)
     # the bias corrections as torch's kernel makes them: 1 - pow(float(beta), step), the second's sqrt
     step = torch.stack([s if s.dim() == 0 else s.reshape(()) for s in steps])
     bc = torch.stack([1 - torch.full_like(step, beta1).pow(step), (1 - torch.full_like(step, beta2).pow(step)).sqrt()])
