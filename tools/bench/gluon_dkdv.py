@@ -415,7 +415,6 @@ def run_config(case_name: str, cfg, make_run, outs, refs, fp32s, r: dict, tflop:
     """One Gluon config on one case: launch make_run(cfg, *outs) (outs start as NaN: a row left
     unwritten fails), compare outs with the Triton backward's refs (and fp32s where given), time
     it against r["triton_us"]; print the table row, add any failure to failed; the row."""
-    import torch
     run, row = launch(case_name, cfg, make_run, outs, failed)
     if run is None:
         return row

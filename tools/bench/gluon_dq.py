@@ -44,7 +44,7 @@ from triton.experimental.gluon.language.nvidia.hopper import mbarrier, tma
 from miles_kernels._triton.gluon_attention import _load_kv
 from miles_kernels._triton.gluon_attention_bwd import (_dq_consume, _dq_kernel, _dq_rows, _dq_step,  # noqa: F401
                                                       _store_rows)
-from gluon_dkdv import (CASES, D, H, K, TOL, Case, _alloc, _alloc_pair, _bench_us, _mma_layout, _program,
+from gluon_dkdv import (CASES, D, H, K, TOL, Case, _alloc, _bench_us, _mma_layout, _program,
                         _slot_barriers, cli, compile_configs, finish, fp32_reference, rel_err, run_config)
 
 @gluon.jit
