@@ -80,40 +80,38 @@ class LocalParams:
         """Take the shadows' grads (one backward's, in the compute dtype) into the accumulators:
         a master's first grad as it is; a second makes its accumulator fp32 (the first grad
         upcast) and adds the upcast grad in fp32, as every later one. The shadows' grads are cleared."""
-        upcast, upcast_src, later, later_g = [], [], [], []
+        later, later_g = [], []
         for i, shadow in enumerate(self.shadows):
             g = shadow.grad
             if g is None:
                 continue
             shadow.grad = None
-            acc = self._accs[i]
-            if acc is None:
+            if self._accs[i] is None:
                 self._accs[i] = g
                 continue
-            if acc.dtype != self.masters[i].dtype:
-                upcast_src.append(acc)
-                acc = self._accs[i] = torch.empty_like(self.masters[i])
-                upcast.append(acc)
-            later.append(acc)
+            later.append(i)
             later_g.append(g)
+        self._upcast([i for i in later if self._accs[i].dtype != self.masters[i].dtype])
+        if later:
+            with torch.no_grad():
+                torch._foreach_add_([self._accs[i] for i in later], later_g)
+
+    def _upcast(self, idx: list[int]) -> None:
+        """These accumulators as fresh fp32 (the masters' dtype) copies, one foreach copy."""
+        if not idx:
+            return
+        owned = [torch.empty_like(self.masters[i]) for i in idx]
         with torch.no_grad():
-            if upcast:
-                torch._foreach_copy_(upcast, upcast_src)
-            if later:
-                torch._foreach_add_(later, later_g)
+            torch._foreach_copy_(owned, [self._accs[i] for i in idx])
+        for i, a in zip(idx, owned):
+            self._accs[i] = a
 
     def own_grads(self, lent: tuple) -> None:
         """Copy the grads that are `lent` tensors (a CUDA graph's static grads, rewritten by its
         next backward replay: train/graphs.py LEND_GRADS) wherever they sit: an accumulator
         becomes the fp32 upcast a second backward adds into, a shadow's .grad a copy."""
         ids = {id(t) for t in lent if t is not None}
-        idx = [i for i, a in enumerate(self._accs) if a is not None and id(a) in ids]
-        if idx:
-            owned = [torch.empty_like(self.masters[i]) for i in idx]
-            with torch.no_grad():
-                torch._foreach_copy_(owned, [self._accs[i] for i in idx])
-            for i, a in zip(idx, owned):
-                self._accs[i] = a
+        self._upcast([i for i, a in enumerate(self._accs) if a is not None and id(a) in ids])
         for shadow in self.shadows:
             if shadow.grad is not None and id(shadow.grad) in ids:
                 shadow.grad = shadow.grad.clone()
@@ -132,22 +130,17 @@ class LocalParams:
         self.accumulate_grads()
         keep_ids = {id(p) for p in keep}
         kept: dict[nn.Parameter, torch.Tensor] = {}
-        flush, upcast, upcast_src = [], [], []
-        for master, acc in zip(self.masters, self._accs):
+        flush = []
+        for i, (master, acc) in enumerate(zip(self.masters, self._accs)):
             if acc is None:
                 continue
             if id(master) in keep_ids and master.grad is None:
                 kept[master] = acc
-                continue
-            if acc.dtype != master.dtype:
-                upcast_src.append(acc)
-                acc = torch.empty_like(master)
-                upcast.append(acc)
-            flush.append((master, acc))
+            else:
+                flush.append(i)
+        self._upcast([i for i in flush if self._accs[i].dtype != self.masters[i].dtype])
         with torch.no_grad():
-            if upcast:
-                torch._foreach_copy_(upcast, upcast_src)
-            for master, acc in flush:
+            for master, acc in ((self.masters[i], self._accs[i]) for i in flush):
                 if master.grad is None:
                     master.grad = acc
                 else:
