@@ -107,7 +107,7 @@ def test_one_pass_trains_the_bits_of_torch_adamw(budget, graphs):
 
 @pytest.mark.parametrize("budget", [1024, 512])
 def test_lent_grads_train_the_bits_of_copies(budget, monkeypatch):
-    """train/graphs.py LEND_GRADS (off by default until this passes on a GPU): the backward
+    """train/graphs.py LEND_GRADS (on by default since it passed here, 2026-12-04): the backward
     graph's static grads lent to .grad, copied only before a second backward replay, train the
     bits of autograd's copies, with the one pass reading them (one or two micro-batches a step)."""
     w_copy, m_copy = _train(True, budget, True, monkeypatch, lend=False)

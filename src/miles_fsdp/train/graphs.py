@@ -45,10 +45,9 @@ MIN_SEQS = 8  # smallest sequence bucket (the padding sequence included)
 # until the next backward replay, when TrunkGraphs.before_backward has their holder copy them)
 # instead of autograd's copy of each (the 16k step's 320 device copies, ~1.1 ms at 0.6B, and 310
 # AccumulateGrad calls on the host), and the replay takes no autograd edge a parameter (~1 ms of
-# host time a micro-batch at 310 parameters). Off until a GPU run shows the same bits as the
-# copies (tests/train/test_graphs.py checks the lending against copies on the CPU with stand-in
-# graphs; tests/gpu/test_optim_gpu.py on the GPU).
-LEND_GRADS = False
+# host time a micro-batch at 310 parameters). The same bits as the copies: tests/train/test_graphs.py
+# (CPU, stand-in graphs) and tests/gpu/test_optim_gpu.py, test_trainer_gpu.py (H200, 2026-12-04).
+LEND_GRADS = True
 
 
 def _pow2_at_least(n: int, floor: int) -> int:
