@@ -168,6 +168,48 @@ def test_grouped_linear_rows_independent(kt, dtype):
             _same(got, y, f"grouped_linear tile {tuple(t)[1:]} vs grouped_linear's pick")
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_gluon_grouped_equals_triton(dtype, monkeypatch):
+    """matmul.GLUON_GROUPED: gluon_grouped's kernel gives the Triton TMA kernel's bits for every
+    row it stores and leaves the rest untouched: experts of 0, 1, 63, 64, 65, 127, 128, 129 and
+    ~288 rows (tails in either half), rows outside the groups, N a multiple of 256 / 128 / neither,
+    K not a multiple of 64, each ring depth, and in a CUDA graph."""
+    from miles_kernels._triton import gluon_grouped as GG
+    from miles_kernels._triton import matmul
+
+    if not GG.supported(torch.empty(1, 8, dtype=dtype, device="cuda"), torch.empty(1, 8, 8, dtype=dtype, device="cuda"),
+                        128, 256, 64):
+        pytest.skip("gluon_grouped runs on sm_90 only")
+    g = _gen(7)
+    cases = [  # (N, K, rows an expert, rows before the first expert)
+        (1536, 2048, [288] * 6 + [0, 1, 63, 64, 65, 127, 128, 129, 300, 955], 0),
+        (384, 1024, [570, 512, 0, 3, 64, 200], 5),
+        (1000, 104, [129, 64, 65, 1], 0),
+    ]
+    for N, K, sizes, lead in cases:
+        E = len(sizes)
+        x = _randn(lead + sum(sizes) + 7, K, dtype=dtype, g=g)
+        w = _randn(E, N, K, dtype=dtype, g=g, scale=K**-0.5)
+        offs = torch.tensor([lead] + [lead + sum(sizes[: i + 1]) for i in range(E)], dtype=torch.int32, device="cuda")
+        tile = matmul.grouped_tile(x.shape[0], E, dtype, N)._replace(tma=True)
+        monkeypatch.setattr(matmul, "GLUON_GROUPED", False)
+        ref = torch.full((x.shape[0], N), 7.0, dtype=dtype, device="cuda")
+        matmul.launch_grouped(x, w, offs, ref, tile)
+        monkeypatch.setattr(matmul, "GLUON_GROUPED", True)
+        for stages in (2, 3, 4):
+            monkeypatch.setattr(GG, "STAGES", stages)
+            got = torch.full_like(ref, 7.0)
+            matmul.launch_grouped(x, w, offs, got, tile)
+            _same(got, ref, f"gluon grouped N={N} K={K} stages={stages} vs the Triton kernel")
+        got = torch.full_like(ref, 7.0)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            matmul.launch_grouped(x, w, offs, got, tile)
+        graph.replay()
+        _same(got, ref, f"gluon grouped N={N} K={K} in a CUDA graph")
+        assert (got[:lead] == 7.0).all() and (got[offs[-1].item():] == 7.0).all(), "rows outside the groups written"
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_moe_combine_at_scale(dtype):
     """mk.moe_combine at a training step's size (4,096 tokens, top-8, D 1024) and a decode

@@ -1,4 +1,4 @@
-"""Where the Gluon attention kernels (Hopper only, GPU-tested in tests/gpu) may run: the Triton
+"""Where the Gluon kernels (attention, grouped_linear; Hopper only, GPU-tested in tests/gpu) may run: the Triton
 releases they were tested with, and never for CPU tensors. Runs on CPU: nothing is compiled."""
 
 from __future__ import annotations
@@ -19,16 +19,16 @@ def test_tested_triton_releases_only():
 
 
 def test_dispatch_follows_the_gate(monkeypatch):
-    from miles_kernels._triton import attention_bwd, paged_attention
+    from miles_kernels._triton import attention_bwd, matmul, paged_attention
 
-    for gate in (paged_attention._gluon_attention, attention_bwd._gluon_bwd):
+    gates = (paged_attention._gluon_attention, attention_bwd._gluon_bwd, matmul._gluon_grouped)
+    for gate in gates:
         gate.cache_clear()
     monkeypatch.setattr(gluon_attention, "TESTED_TRITON", ("0.0.",))
     try:
-        assert paged_attention._gluon_attention() is None
-        assert attention_bwd._gluon_bwd() is None
+        assert all(gate() is None for gate in gates)
     finally:
-        for gate in (paged_attention._gluon_attention, attention_bwd._gluon_bwd):
+        for gate in gates:
             gate.cache_clear()
 
 
@@ -36,3 +36,7 @@ def test_cpu_tensors_never_reach_gluon():
     q = torch.zeros(70, 4, 128, dtype=torch.bfloat16)
     k = torch.zeros(70, 2, 128, dtype=torch.bfloat16)
     assert not gluon_attention.supported(q, k, k, 64)
+    from miles_kernels._triton import gluon_grouped
+
+    x, w = torch.zeros(300, 128, dtype=torch.bfloat16), torch.zeros(4, 256, 128, dtype=torch.bfloat16)
+    assert not gluon_grouped.supported(x, w, 128, 256, 64)

@@ -7,7 +7,9 @@ equal-active MoE of tools/bench/train.py (64 experts of 384, top-8, at 4,096 tok
 64-sequence decode step), routed uniformly and by a skewed router. Every candidate tile must
 give the reference tile's bits (same BLOCK_K walk) before it is timed. Peers: one dense
 cuBLAS matmul of the same FLOPs (what the issue's target is stated against) and torch's
-grouped GEMM (`torch._grouped_mm`, CUTLASS; not batch-invariant). Prints a table, writes JSON.
+grouped GEMM (`torch._grouped_mm`, CUTLASS; not batch-invariant). Gluon rows: the TMA tiles by
+gluon_grouped's warp-specialized kernel (matmul.GLUON_GROUPED) at each ring depth, checked
+bitwise against the Triton kernel first. Prints a table, writes JSON.
 """
 
 import argparse
@@ -31,6 +33,9 @@ CFGS = [
     T(0, 256, 128, 64, 2, 8, 3, True), T(0, 64, 256, 64, 2, 4, 3, True),
     T(0, 64, 128, 64, 2, 4, 4), T(0, 64, 128, 64, 2, 4, 5), T(0, 64, 64, 64, 2, 4, 4), T(0, 64, 256, 64, 2, 8, 3),
 ]
+# the TMA tiles again by gluon_grouped's kernel, (tile, ring slots); the Triton rows run with GLUON_GROUPED off
+GLUON_CFGS = [(T(0, 128, 256, 64, g, 8, 3, True), s) for g in (1, 2, 4) for s in (2, 3, 4)] + [
+    (T(0, 128, 128, 64, 2, 8, 4, True), s) for s in (3, 4, 6)]
 # (name, E, N, K, tokens, top-k)
 SHAPES = [
     ("30b-a3b/gate_up", 128, 1536, 2048, 4096, 8),
@@ -49,7 +54,22 @@ def routed_sizes(E: int, tokens: int, k: int, skew: float, g: torch.Generator) -
     return torch.bincount(ids, minlength=E)
 
 
-def run(rows, shapes, cfgs):
+_OP: tuple | None = None  # the package's (GLUON_GROUPED, gluon_grouped.STAGES), read before the sweep sets them
+
+
+def set_gluon(stages) -> None:
+    """TMA tiles by gluon_grouped's kernel with `stages` ring slots; None: by the Triton kernel;
+    "op": the package's defaults."""
+    global _OP
+    from miles_kernels._triton import gluon_grouped as GG
+
+    if _OP is None:
+        _OP = (lin.GLUON_GROUPED, GG.STAGES)
+    lin.GLUON_GROUPED = _OP[0] if stages == "op" else stages is not None
+    GG.STAGES = _OP[1] if stages in (None, "op") else stages
+
+
+def run(rows, shapes, cfgs, gluon_cfgs, gluon: bool):
     g = torch.Generator().manual_seed(0)
     for name, E, N, K, tokens, k in shapes:
         for skew in (0.0, 2.0):
@@ -62,28 +82,34 @@ def run(rows, shapes, cfgs):
             dense = timings(lambda: F.linear(x, w[0]))  # noqa: B023  (same FLOPs, one weight: an upper bound)
             gmm = timings(lambda: torch._grouped_mm(x, w.transpose(1, 2), offs=offs[1:]))  # noqa: B023
             ref = torch.zeros(R, N, device="cuda", dtype=torch.bfloat16)
+            if gluon:
+                set_gluon(None)
             lin.launch_grouped(x, w, offs, ref, REF)
             base = dict(shape=name, E=E, N=N, K=K, R=R, skew=skew, max_rows=int(sizes.max()),
                         dense_ms=dense[1] or dense[0], grouped_mm_ms=gmm[1] or gmm[0])
-            for c in cfgs:
+            for c, stages in [(c, None) for c in cfgs] + (gluon_cfgs if gluon else []):
+                if gluon:
+                    set_gluon(stages)
                 y = torch.zeros_like(ref)
                 try:
                     lin.launch_grouped(x, w, offs, y, c)
                     torch.cuda.synchronize()
                 except Exception as e:  # noqa: BLE001 - report and go on
-                    rows.append(dict(base, cfg=list(c), err=str(e)[:200]))
-                    print(f"{name} {tuple(c)[1:]} ERROR {str(e)[:120]}", flush=True)
+                    rows.append(dict(base, cfg=list(c), gluon_stages=stages, err=str(e)[:200]))
+                    print(f"{name} {tuple(c)[1:]} gluon={stages} ERROR {str(e)[:120]}", flush=True)
                     continue
                 same = torch.equal(y, ref)
                 t = timings(lambda: lin.launch_grouped(x, w, offs, y, c))  # noqa: B023
                 ms = t[1] or t[0]
                 tf = 2 * R * N * K / ms / 1e9
-                rows.append(dict(base, cfg=list(c), same=same, ms=ms, tflops=tf, x_dense=base["dense_ms"] / ms,
-                                 x_grouped_mm=base["grouped_mm_ms"] / ms))
+                rows.append(dict(base, cfg=list(c), gluon_stages=stages, same=same, ms=ms, tflops=tf,
+                                 x_dense=base["dense_ms"] / ms, x_grouped_mm=base["grouped_mm_ms"] / ms))
                 print(f"{name:22} skew={skew:.0f} R={R:6} max={base['max_rows']:5} bm={c.block_m:3} bn={c.block_n:3} "
-                      f"g={c.group_m} w={c.num_warps} s={c.num_stages} tma={int(c.tma)} same={int(same)} "
+                      f"g={c.group_m} w={c.num_warps} s={c.num_stages} tma={int(c.tma)} gluon={stages or '-'} same={int(same)} "
                       f"us={1e3 * ms:8.1f} TF={tf:6.1f} x_dense={base['dense_ms'] / ms:5.2f} "
                       f"x_grouped_mm={base['grouped_mm_ms'] / ms:5.2f}", flush=True)
+            if gluon:
+                set_gluon("op")
             pick = lin.grouped_tile(R, E, torch.bfloat16, N)
             t = timings(lambda: lin.grouped_linear(x, w, offs))  # noqa: B023  (the op: its pick + zero fill)
             ms = t[1] or t[0]
@@ -97,12 +123,15 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", required=True)
     ap.add_argument("--shapes", default="", help="comma list of shape-name prefixes (default: all)")
+    ap.add_argument("--no-gluon", action="store_true", help="skip the Gluon rows (a Triton without Gluon for Hopper)")
+    ap.add_argument("--picks", action="store_true", help="Triton rows: only the tiles grouped_tile picks (not the sweep's)")
     a = ap.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("tools/bench/grouped_sweep.py needs a CUDA GPU")
     shapes = [s for s in SHAPES if not a.shapes or any(s[0].startswith(p) for p in a.shapes.split(","))]
     rows = []
-    run(rows, shapes, CFGS)
+    cfgs = [REF, *(t._replace(max_m=0) for t in lin.GROUPED_TILES[torch.bfloat16])] if a.picks else CFGS
+    run(rows, shapes, cfgs, GLUON_CFGS, not a.no_gluon)
     with open(a.out, "w") as f:
         json.dump(dict(device=torch.cuda.get_device_name(), rows=rows), f, indent=1)
     print(f"wrote {a.out}")

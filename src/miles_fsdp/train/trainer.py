@@ -258,7 +258,7 @@ class Trainer:
 
     def _accumulate(self, micro_batches, loss_fn, spec, norm, norm_constant, entropy) -> dict:
         """backward() without the flush of a one-rank run's grads into .grad (train_step's one pass reads them)."""
-        self.model.train()
+        self._train_mode()
         denom = assign_weights(micro_batches, norm, norm_constant, self.group)
         # FSDP averages gradients over dp ranks; scaling by dp_size makes it the global sum.
         scale = self.dp_size / denom
@@ -281,6 +281,12 @@ class Trainer:
         finally:
             self._grad_sync(True)
         return {"denom": denom, "loss_sum": loss_acc, "stats": stats_acc, "tokens": n_tokens}
+
+    def _train_mode(self) -> None:
+        """model.train() where forward_logprobs left it in eval mode: the call walks every module
+        (~400 at 0.6B, host time at each step's start while the GPU waits)."""
+        if not self.model.training:
+            self.model.train()
 
     def _grad_sync(self, on: bool) -> None:
         """FSDP reduces (and reshards) after this backward: always, unless deferred (__init__);
@@ -406,7 +412,7 @@ class Trainer:
         if self.draft is None:
             raise ValueError("Trainer.train_draft_step: built without a draft (pass draft=DraftConfig(...))")
         t0 = time.perf_counter()
-        self.model.train()
+        self._train_mode()
         micro_batches = self._pad(micro_batches)
         self.draft.begin(micro_batches)
         try:
