@@ -147,7 +147,8 @@ def _dkdv_tma_kernel(q_desc, do_desc, k_desc, v_desc, dk_ptr, dv_ptr, lse_ptr, d
 
 # ---- compile only (CPU) ----
 
-def _desc_sig(rows: int, D: int) -> str:
+def desc_sig(rows: int, D: int) -> str:
+    """The signature type of a bf16 TMA descriptor with [rows, D] blocks, as the launchers make it."""
     layout = gl.NVMMASharedLayout.get_default_for([rows, D], gl.bfloat16)
     return f"tensordesc<bf16[{rows}, {D}],{layout!r}>"
 
@@ -156,25 +157,32 @@ def compile_sm90(kernel, block_m: int, block_n: int, num_warps: int, stages: int
                  maxnreg: int | None = None, ptx_dir: str = "") -> dict:
     """Compile kernel for sm_90 without a GPU (bf16, descriptors as the GPU run makes them); its
     registers, spills and shared memory from ptxas -v."""
-    from triton.backends.compiler import GPUTarget
-    from triton.experimental.gluon._runtime import GluonASTSource
-
     fn = kernel
     names = [p.name for p in fn.params]
     consts = {k: v for k, v in dict(G=G, STAGES=stages, LOAD_REGS=LOAD_REGS, BLOCK_M=block_m, G_PAD=G,
                                     SPLIT_BLOCKS=4, STORE_LSE=True, CONSUMER_REGS=240).items() if k in names}
     sig = {}
-    for n in names:
-        if n in consts:
-            sig[n] = "constexpr"
-        elif n in ("q_desc", "do_desc"):
-            sig[n] = _desc_sig(block_m, D)
+    for n in (n for n in names if n not in consts):
+        if n in ("q_desc", "do_desc"):
+            sig[n] = desc_sig(block_m, D)
         elif n in ("k_desc", "v_desc"):
-            sig[n] = _desc_sig(block_n, D)
+            sig[n] = desc_sig(block_n, D)
         elif n.endswith("_ptr"):
             sig[n] = "*i32" if n == "cu_ptr" else "*fp32" if n in ("lse_ptr", "delta_ptr") else "*bf16"
         else:
             sig[n] = "fp32" if n in ("qk_scale", "scale") else "i32"
+    return dict(ptxas_report(fn, sig, consts, num_warps, maxnreg, ptx_dir), tile=[block_m, block_n, num_warps, stages])
+
+
+def ptxas_report(fn, sig: dict, consts: dict, num_warps: int, maxnreg: int | None, ptx_dir: str = "") -> dict:
+    """Compile the Gluon kernel fn for sm_90 without a GPU (sig: each non-constexpr parameter's
+    type; pointers 16-byte aligned) and read ptxas -v / the SASS: registers, spills, shared
+    memory, HGMMA and wgmma waits."""
+    from triton.backends.compiler import GPUTarget
+    from triton.experimental.gluon._runtime import GluonASTSource
+
+    names = [p.name for p in fn.params]
+    sig = {**sig, **{k: "constexpr" for k in consts}}
     attrs = {(i, ): [["tt.divisibility", 16]] for i, n in enumerate(names) if n.endswith("_ptr")}
     src = GluonASTSource(fn=fn, signature=sig, constexprs={(names.index(k), ): v for k, v in consts.items()},
                          attrs=attrs)
@@ -192,9 +200,8 @@ def compile_sm90(kernel, block_m: int, block_n: int, num_warps: int, stages: int
         for ext in ("ttgir", "ptx"):
             open(os.path.join(ptx_dir, f"{fn.__name__}.{ext}"), "w").write(c.asm[ext])
     spills = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", r.stderr)
-    return dict(kernel=fn.__name__, tile=[block_m, block_n, num_warps, stages],
-                regs=int(re.search(r"Used (\d+) registers", r.stderr).group(1)), spill_stores=int(spills.group(1)),
-                spill_loads=int(spills.group(2)), shared=c.metadata.shared, hgmma=sass.count("HGMMA"),
+    return dict(kernel=fn.__name__, regs=int(re.search(r"Used (\d+) registers", r.stderr).group(1)),
+                spill_stores=int(spills.group(1)), spill_loads=int(spills.group(2)), shared=c.metadata.shared, hgmma=sass.count("HGMMA"),
                 waits=sass.count("WARPGROUP.DEPBAR"), ptxas=" ".join(l.strip() for l in r.stderr.splitlines()
                                                                        if "registers" in l or "spill" in l))
 

@@ -1,6 +1,7 @@
 """Sweep grouped_linear (MoE experts) tiles on one GPU against two peers in the same run.
 
     PYTHONPATH=src:kernels python tools/bench/grouped_sweep.py --out grouped.json
+    PYTHONPATH=kernels python tools/bench/grouped_sweep.py --compile-only   # CPU, triton 3.6: the Gluon rows' sm_90 build
 
 Shapes: Qwen3-30B-A3B's experts (128 x [1536 | 2048, ...], top-8, 4,096 tokens) and the
 equal-active MoE of tools/bench/train.py (64 experts of 384, top-8, at 4,096 tokens and at a
@@ -119,15 +120,41 @@ def run(rows, shapes, cfgs, gluon_cfgs, gluon: bool):
                   f"x_dense={base['dense_ms'] / ms:5.2f} x_grouped_mm={base['grouped_mm_ms'] / ms:5.2f}", flush=True)
 
 
+def compile_only() -> int:
+    """Build the Gluon rows' kernels for sm_90 on the CPU (ptxas -v): registers, spills, shared
+    memory, HGMMA count. Returns how many failed."""
+    from gluon_dkdv import desc_sig, ptxas_report
+    from miles_kernels._triton import gluon_grouped as GG
+
+    sig = {"x_desc": desc_sig(GG.BLOCK_M // 2, GG.BLOCK_K), "off_ptr": "*i32", "y_ptr": "*bf16",
+           **{n: "i32" for n in ("N", "K", "E", "n_tiles_m", "stride_yr")}}
+    failed = 0
+    for block_n, stages in sorted({(t.block_n, s) for t, s in GLUON_CFGS}):
+        consts = {"E_PAD": 128, "GROUP_M": 2, "STAGES": stages, "NUM_PROGRAMS": 132, "LOAD_REGS": GG.LOAD_REGS,
+                  "CONSUMER_REGS": GG.CONSUMER_REGS}
+        try:
+            r = ptxas_report(GG._grouped_ws_kernel, {**sig, "w_desc": desc_sig(block_n, GG.BLOCK_K)}, consts, 4, 168)
+        except Exception as e:  # noqa: BLE001 - reported, the others still build
+            print(f"BLOCK_N {block_n} stages {stages}: FAILED {type(e).__name__}: {str(e)[:500]}")
+            failed += 1
+            continue
+        print(f"BLOCK_N {block_n:3} stages {stages}: regs {r['regs']} spills {r['spill_stores']} / {r['spill_loads']} B, "
+              f"shared {r['shared']} B, HGMMA {r['hgmma']}, waits {r['waits']}")
+    return failed
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--out", required=True)
+    ap.add_argument("--out", default="")
+    ap.add_argument("--compile-only", action="store_true", help="build the Gluon kernels for sm_90 here, no GPU")
     ap.add_argument("--shapes", default="", help="comma list of shape-name prefixes (default: all)")
     ap.add_argument("--no-gluon", action="store_true", help="skip the Gluon rows (a Triton without Gluon for Hopper)")
     ap.add_argument("--picks", action="store_true", help="Triton rows: only the tiles grouped_tile picks (not the sweep's)")
     a = ap.parse_args()
-    if not torch.cuda.is_available():
-        raise SystemExit("tools/bench/grouped_sweep.py needs a CUDA GPU")
+    if a.compile_only:
+        raise SystemExit(compile_only())
+    if not torch.cuda.is_available() or not a.out:
+        raise SystemExit("tools/bench/grouped_sweep.py needs a CUDA GPU and --out (or --compile-only)")
     shapes = [s for s in SHAPES if not a.shapes or any(s[0].startswith(p) for p in a.shapes.split(","))]
     rows = []
     cfgs = [REF, *(t._replace(max_m=0) for t in lin.GROUPED_TILES[torch.bfloat16])] if a.picks else CFGS
