@@ -19,17 +19,15 @@ def test_tested_triton_releases_only():
 
 
 def test_dispatch_follows_the_gate(monkeypatch):
-    from miles_kernels._triton import attention_bwd, matmul, paged_attention
+    from miles_kernels._triton.gluon_gate import gluon_module
 
-    gates = (paged_attention._gluon_attention, attention_bwd._gluon_bwd, matmul._gluon_grouped)
-    for gate in gates:
-        gate.cache_clear()
+    gluon_module.cache_clear()
     monkeypatch.setattr(gluon_attention, "TESTED_TRITON", ("0.0.",))
     try:
-        assert all(gate() is None for gate in gates)
+        for name in ("gluon_attention", "gluon_attention_bwd", "gluon_grouped"):  # every caller's module
+            assert gluon_module(name) is None, name
     finally:
-        for gate in gates:
-            gate.cache_clear()
+        gluon_module.cache_clear()
 
 
 def test_cpu_tensors_never_reach_gluon():

@@ -201,9 +201,9 @@ def ptxas_report(fn, sig: dict, consts: dict, num_warps: int, maxnreg: int | Non
             open(os.path.join(ptx_dir, f"{fn.__name__}.{ext}"), "w").write(c.asm[ext])
     spills = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", r.stderr)
     return dict(kernel=fn.__name__, regs=int(re.search(r"Used (\d+) registers", r.stderr).group(1)),
-                spill_stores=int(spills.group(1)), spill_loads=int(spills.group(2)), shared=c.metadata.shared, hgmma=sass.count("HGMMA"),
-                waits=sass.count("WARPGROUP.DEPBAR"), ptxas=" ".join(l.strip() for l in r.stderr.splitlines()
-                                                                       if "registers" in l or "spill" in l))
+                spill_stores=int(spills.group(1)), spill_loads=int(spills.group(2)), shared=c.metadata.shared,
+                hgmma=sass.count("HGMMA"), waits=sass.count("WARPGROUP.DEPBAR"),
+                ptxas=" ".join(l.strip() for l in r.stderr.splitlines() if "registers" in l or "spill" in l))
 
 
 # (name, kernel, BLOCK_M, BLOCK_N, num_warps, STAGES, maxnreg). Warps (and the wgmma tile) stack

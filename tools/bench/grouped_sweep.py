@@ -1,7 +1,7 @@
 """Sweep grouped_linear (MoE experts) tiles on one GPU against two peers in the same run.
 
     PYTHONPATH=src:kernels python tools/bench/grouped_sweep.py --out grouped.json
-    PYTHONPATH=kernels python tools/bench/grouped_sweep.py --compile-only   # CPU, triton 3.6: the Gluon rows' sm_90 build
+    PYTHONPATH=kernels python tools/bench/grouped_sweep.py --compile-only  # CPU, triton 3.6: sm_90 builds
 
 Shapes: Qwen3-30B-A3B's experts (128 x [1536 | 2048, ...], top-8, 4,096 tokens) and the
 equal-active MoE of tools/bench/train.py (64 experts of 384, top-8, at 4,096 tokens and at a
@@ -106,7 +106,8 @@ def run(rows, shapes, cfgs, gluon_cfgs, gluon: bool):
                 rows.append(dict(base, cfg=list(c), gluon_stages=stages, same=same, ms=ms, tflops=tf,
                                  x_dense=base["dense_ms"] / ms, x_grouped_mm=base["grouped_mm_ms"] / ms))
                 print(f"{name:22} skew={skew:.0f} R={R:6} max={base['max_rows']:5} bm={c.block_m:3} bn={c.block_n:3} "
-                      f"g={c.group_m} w={c.num_warps} s={c.num_stages} tma={int(c.tma)} gluon={stages or '-'} same={int(same)} "
+                      f"g={c.group_m} w={c.num_warps} s={c.num_stages} tma={int(c.tma)} gluon={stages or '-'} "
+                      f"same={int(same)} "
                       f"us={1e3 * ms:8.1f} TF={tf:6.1f} x_dense={base['dense_ms'] / ms:5.2f} "
                       f"x_grouped_mm={base['grouped_mm_ms'] / ms:5.2f}", flush=True)
             if gluon:
@@ -138,7 +139,8 @@ def compile_only() -> int:
             print(f"BLOCK_N {block_n} stages {stages}: FAILED {type(e).__name__}: {str(e)[:500]}")
             failed += 1
             continue
-        print(f"BLOCK_N {block_n:3} stages {stages}: regs {r['regs']} spills {r['spill_stores']} / {r['spill_loads']} B, "
+        print(f"BLOCK_N {block_n:3} stages {stages}: regs {r['regs']}, "
+              f"spills {r['spill_stores']} / {r['spill_loads']} B, "
               f"shared {r['shared']} B, HGMMA {r['hgmma']}, waits {r['waits']}")
     return failed
 
@@ -149,7 +151,8 @@ def main():
     ap.add_argument("--compile-only", action="store_true", help="build the Gluon kernels for sm_90 here, no GPU")
     ap.add_argument("--shapes", default="", help="comma list of shape-name prefixes (default: all)")
     ap.add_argument("--no-gluon", action="store_true", help="skip the Gluon rows (a Triton without Gluon for Hopper)")
-    ap.add_argument("--picks", action="store_true", help="Triton rows: only the tiles grouped_tile picks (not the sweep's)")
+    ap.add_argument("--picks", action="store_true",
+                    help="Triton rows: only the tiles grouped_tile picks (not the sweep's)")
     a = ap.parse_args()
     if a.compile_only:
         raise SystemExit(compile_only())

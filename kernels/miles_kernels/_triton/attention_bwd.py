@@ -19,7 +19,6 @@ blocks that cross the diagonal or a sequence's end are masked; a sequence's bloc
 its first token. Not batch-invariant (need not be): deterministic, one order per launch shape.
 """
 
-import functools
 from typing import NamedTuple
 
 import torch
@@ -27,6 +26,7 @@ import triton
 import triton.language as tl
 
 from miles_kernels._triton.attn_parts import tma_descriptors
+from miles_kernels._triton.gluon_gate import gluon_module
 from miles_kernels._triton.launch import fast_launch
 
 _LOG2E = tl.constexpr(1.4426950408889634)
@@ -390,17 +390,6 @@ def _dq_kernel(q_ptr, k_ptr, v_ptr, do_ptr, dq_ptr, lse_ptr, delta_ptr, cu_ptr,
     tl.store(dq_ptr + q_off, (dq * scale).to(dq_ptr.dtype.element_ty), mask=ok[:, None])
 
 
-@functools.cache
-def _gluon_bwd():
-    """gluon_attention_bwd, or None where this Triton has no Gluon for Hopper or is not a release
-    the Gluon kernels were tested with (gluon_attention.TESTED_TRITON)."""
-    try:
-        from miles_kernels._triton import gluon_attention, gluon_attention_bwd
-    except ImportError:
-        return None
-    return gluon_attention_bwd if gluon_attention.usable() else None
-
-
 def _pick(tiles: tuple[Tile, ...], programs) -> Tile:
     """The first tile whose grid (programs(tile) real programs) fills the GPU, else the last."""
     return next((t for t in tiles if programs(t) >= FILL), tiles[-1])
@@ -459,13 +448,14 @@ def packed_attention_bwd(
                                            *strides, n_turns, NT=32 * t.num_warps, WAIT=q.device.type == "cuda",
                                            **meta)
         return dq, dk, dv
-    ga = _gluon_bwd() if GLUON_DKDV and dkdv_tile is None and t == DKDV_TILES[dtype][0] and q.is_cuda else None
+    gluon = GLUON_DKDV and dkdv_tile is None and t == DKDV_TILES[dtype][0] and q.is_cuda
+    ga = gluon_module("gluon_attention_bwd") if gluon else None
     if ga is not None and t.block_m == ga.BLOCK_M and ga.supported(q, k, v, do):  # a step's rows: the same sums
         ga.dkdv(q, k, v, do, dk, dv, lse_HT, delta, cu, max_len, scale)
     else:
         _dkdv_kernel[(n_blocks * B * K,)](q_in, k, v, do_in, dk, dv, lse_HT, delta, *common, K, B * K, *strides,
                                           **meta)
-    gq = _gluon_bwd() if GLUON_DQ and dq_tile is None and q.is_cuda else None
+    gq = gluon_module("gluon_attention_bwd") if GLUON_DQ and dq_tile is None and q.is_cuda else None
     if gq is not None and gq.supported(q, k, v, do):
         gq.dq(q, k, v, do, dq, lse_HT, delta, cu, max_len, scale)
         return dq, dk, dv

@@ -34,22 +34,26 @@ def _add(a, b):
 
 
 @gluon.jit
-def _experts(off_ptr, E, n_tiles_m, E_PAD: gl.constexpr, BLOCK_M: gl.constexpr):
-    """Each expert's (first row, end row, row tiles, row tiles up to its end) and the row tiles
-    that hold rows (at most the host's bound n_tiles_m), as matmul._expert_tile counts them."""
+def _schedule(off_ptr, N, K, E, n_tiles_m, E_PAD: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
+              BLOCK_K: gl.constexpr):
+    """What every partition walks: each expert's (first row, end row, row tiles, row tiles up to
+    its end) as matmul._expert_tile counts them, the row tiles that hold rows (at most the host's
+    bound n_tiles_m), the column tiles and the K steps a tile."""
     layout: gl.constexpr = gl.BlockedLayout([1], [32], [gl.num_warps()], [0])
     es = gl.arange(0, E_PAD, layout=layout)
     lo = gl.load(off_ptr + es, mask=es < E, other=0)
     hi = gl.load(off_ptr + es + 1, mask=es < E, other=0)
     tiles = (hi - lo + BLOCK_M - 1) // BLOCK_M
     ends = gl.associative_scan(tiles, 0, _add)
-    return es, lo, hi, tiles, ends, gl.minimum(gl.sum(tiles, 0), n_tiles_m)
+    return (es, lo, hi, tiles, ends, gl.minimum(gl.sum(tiles, 0), n_tiles_m), gl.cdiv(N, BLOCK_N),
+            gl.cdiv(K, BLOCK_K))
 
 
 @gluon.jit
-def _tile(tile, es, lo, hi, tiles, ends, n_real_m, n_tiles_n, BLOCK_M: gl.constexpr, GROUP_M: gl.constexpr):
+def _tile(tile, sched, BLOCK_M: gl.constexpr, GROUP_M: gl.constexpr):
     """(expert, first row, end of the expert's rows, column tile) of tile number `tile` in
     matmul._grouped_order over the row tiles in expert order (matmul._expert_tile)."""
+    es, lo, hi, tiles, ends, n_real_m, n_tiles_n, _ = sched
     per_group = GROUP_M * n_tiles_n
     first_m = (tile // per_group) * GROUP_M
     group_size = gl.minimum(n_real_m - first_m, GROUP_M)
@@ -71,13 +75,11 @@ def _produce(x_desc, w_desc, x0, x1, w_smem, ready, empty, off_ptr, N, K, E, n_t
     BLOCK_K: gl.constexpr = w_desc.block_type.shape[1]
     STAGES: gl.constexpr = w_smem.type.shape[0]
     NBYTES: gl.constexpr = 2 * x_desc.block_type.nbytes + w_desc.block_type.nbytes
-    es, lo, hi, tiles, ends, n_real_m = _experts(off_ptr, E, n_tiles_m, E_PAD, 2 * HALF)
-    n_tiles_n = gl.cdiv(N, BLOCK_N)
-    n_k = gl.cdiv(K, BLOCK_K)
+    sched = _schedule(off_ptr, N, K, E, n_tiles_m, E_PAD, 2 * HALF, BLOCK_N, BLOCK_K)
     it = 0
-    for tile in range(gl.program_id(0), n_real_m * n_tiles_n, NUM_PROGRAMS):
-        e, off_m, _, tile_n = _tile(tile, es, lo, hi, tiles, ends, n_real_m, n_tiles_n, 2 * HALF, GROUP_M)
-        for kk in range(n_k):
+    for tile in range(gl.program_id(0), sched[5] * sched[6], NUM_PROGRAMS):  # real row tiles x column tiles
+        e, off_m, _, tile_n = _tile(tile, sched, 2 * HALF, GROUP_M)
+        for kk in range(sched[7]):
             s = it % STAGES
             # empty barriers start with phase 1 complete: the first round of waits passes at once
             mbarrier.wait(empty.index(s), ((it // STAGES) & 1) ^ 1)
@@ -115,12 +117,11 @@ def _consume(x_smem, w_smem, ready, empty, off_ptr, y_ptr, N, K, E, n_tiles_m, s
     BLOCK_K: gl.constexpr = w_smem.type.shape[2]
     STAGES: gl.constexpr = w_smem.type.shape[0]
     acc_layout: gl.constexpr = _mma_layout(BLOCK_N, gl.num_warps())
-    es, lo, hi, tiles, ends, n_real_m = _experts(off_ptr, E, n_tiles_m, E_PAD, 2 * HALF)
-    n_tiles_n = gl.cdiv(N, BLOCK_N)
-    n_k = gl.cdiv(K, BLOCK_K)
+    sched = _schedule(off_ptr, N, K, E, n_tiles_m, E_PAD, 2 * HALF, BLOCK_N, BLOCK_K)
+    n_k = sched[7]
     it = 0
-    for tile in range(gl.program_id(0), n_real_m * n_tiles_n, NUM_PROGRAMS):
-        _, off_m, row_hi, tile_n = _tile(tile, es, lo, hi, tiles, ends, n_real_m, n_tiles_n, 2 * HALF, GROUP_M)
+    for tile in range(gl.program_id(0), sched[5] * sched[6], NUM_PROGRAMS):  # real row tiles x column tiles
+        _, off_m, row_hi, tile_n = _tile(tile, sched, 2 * HALF, GROUP_M)
         row0 = off_m + HALF_IDX * HALF
         if row0 < row_hi:
             acc = gl.zeros([HALF, BLOCK_N], gl.float32, acc_layout)

@@ -8,7 +8,6 @@ tests/gpu/test_kernels_gpu.py checks every tile against every other bitwise. If 
 breaks that, collapse the tables to one row.
 """
 
-import functools
 from typing import NamedTuple
 
 import torch
@@ -17,6 +16,7 @@ import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
 from miles_kernels._triton.elementwise import silu_times
+from miles_kernels._triton.gluon_gate import gluon_module
 from miles_kernels._triton.launch import fast_launch
 
 
@@ -521,17 +521,6 @@ def _zero_outside_kernel(y_ptr, off_ptr, R, N, E, stride_yr, ROWS: tl.constexpr,
 GLUON_GROUPED = False
 
 
-@functools.cache
-def _gluon_grouped():
-    """gluon_grouped, or None where this Triton has no Gluon for Hopper or is not a release the
-    Gluon kernels were tested with (gluon_attention.TESTED_TRITON)."""
-    try:
-        from miles_kernels._triton import gluon_attention, gluon_grouped
-    except ImportError:
-        return None
-    return gluon_grouped if gluon_attention.usable() else None
-
-
 def launch_grouped(x_RK, w_ENK, offsets_E1, y_RN, t: Tile) -> None:
     """grouped_linear's kernel for tile t into y_RN (rows outside the groups untouched)."""
     R, K = x_RK.shape
@@ -543,7 +532,7 @@ def launch_grouped(x_RK, w_ENK, offsets_E1, y_RN, t: Tile) -> None:
                 num_stages=t.num_stages)
     if t.tma and _tma_ok(x_RK, w_ENK):
         n_prog = min(_num_programs(x_RK.device), n_tiles)
-        gg = _gluon_grouped() if GLUON_GROUPED and x_RK.is_cuda else None
+        gg = gluon_module("gluon_grouped") if GLUON_GROUPED and x_RK.is_cuda else None
         if gg is not None and gg.supported(x_RK, w_ENK, t.block_m, t.block_n, t.block_k):
             gg.launch(x_RK, w_ENK, offsets_E1, y_RN, t.block_n, t.group_m, n_tiles_m, n_prog)
             return

@@ -19,7 +19,6 @@ A block's row sums (ROW_SUM "fixed" by default) are order-free, so decode may al
 decode_attention's swapped tile (DECODE_TILE) with the same bits.
 """
 
-import functools
 
 import torch
 import triton
@@ -27,6 +26,7 @@ import triton.language as tl
 
 from miles_kernels._triton.attn_parts import LN2, exact_sum, fixed_sum, kv_tma, seq_and_head, tma_descriptors
 from miles_kernels._triton.decode_attention import decode_kernel
+from miles_kernels._triton.gluon_gate import gluon_module
 from miles_kernels._triton.launch import fast_launch
 
 from miles_kernels._cpu import ATTN_BLOCK  # KV walk granularity: one constant for CPU and CUDA
@@ -429,7 +429,8 @@ def packed_attention(
                          f"v {list(v_TKD.shape)}: k and v must be [T, K, D] with q's T and D")
     _check(q_THD, k_TKD, v_TKD, K, lse_HT)
     cu = cu_seqlens_B1.to(torch.int32).contiguous()
-    ga = _gluon_attention() if GLUON_FWD and ROW_SUM == "fixed" and q_THD.is_cuda and T and cu.shape[0] > 1 else None
+    gluon = GLUON_FWD and ROW_SUM == "fixed" and q_THD.is_cuda and T and cu.shape[0] > 1
+    ga = gluon_module("gluon_attention") if gluon else None
     if ga is not None and ga.supported(q_THD, k_TKD, v_TKD, KV_BLOCK):
         _check_scale(scale)
         return ga.packed_attention_fwd(q_THD, k_TKD, v_TKD, cu, max(int(max_len), 1), scale * _LOG2E, lse_HT, KV_BLOCK,
@@ -437,17 +438,6 @@ def packed_attention(
     # K/V as one "page" per token row: strides (token, head); PAGE/table unused (CONTIG)
     return _launch(q_THD, k_TKD[None], v_TKD[None], cu, cu, cu[:, None], max_len, scale, lse_HT, KV_BLOCK, 1,
                    (0, 0), _kv_descriptors(k_TKD, v_TKD, KV_TMA))
-
-
-@functools.cache
-def _gluon_attention():
-    """gluon_attention, or None where this Triton has no Gluon for Hopper or is not a release the
-    Gluon kernels were tested with (gluon_attention.TESTED_TRITON)."""
-    try:
-        from miles_kernels._triton import gluon_attention
-    except ImportError:
-        return None
-    return gluon_attention if gluon_attention.usable() else None
 
 
 def _check_scale(scale: float) -> None:
