@@ -12,6 +12,8 @@ On Hopper (sm_90) the packed training attention's forward and its backward's dK/
 kernels (gluon_attention.py, gluon_attention_bwd.py: Triton's explicit-layout dialect, with
 warp specialization and overlapped wgmmas) that give the Triton kernels' values exactly; no
 interpreter runs Gluon, so tests/gpu compares them with the Triton kernels bit for bit.
+gluon_grouped.py, grouped_linear's TMA tiles with half tiles at an expert's end, waits behind
+matmul.GLUON_GROUPED (off) for its first GPU check; gluon_gate.py decides where Gluon may run.
 Beside the ops: adamw.py, the trainer's optimizer step in one pass (torch's fused AdamW values,
 the bf16 grads in and the next forward's bf16 parameters out; train/optim.py).
 """
