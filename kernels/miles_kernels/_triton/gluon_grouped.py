@@ -22,10 +22,13 @@ from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import mbarrier, tma, warpgroup_mma, warpgroup_mma_wait
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
-from miles_kernels._triton.gluon_attention import CONSUMER_REGS, LOAD_REGS, _mma_layout, _slot_barriers
+from miles_kernels._triton.gluon_attention import CONSUMER_REGS, _mma_layout, _slot_barriers
 
 BLOCK_M, BLOCK_K = 128, 64  # the Triton TMA tiles' (64 rows a consumer); BLOCK_K fixes the bits
 STAGES = 3  # ring slots (x halves + w tile: 48 KB a slot at BLOCK_N 256)
+# registers a thread of the producer warp (its group of 4 warps): the experts' offsets take ~20 at
+# 128 experts (24 spilled 48 B on sm_90); with maxnreg 168 the first consumer then gets 232
+LOAD_REGS = 32
 
 
 @gluon.jit
@@ -69,7 +72,7 @@ def _tile(tile, sched, BLOCK_M: gl.constexpr, GROUP_M: gl.constexpr):
 def _produce(x_desc, w_desc, x0, x1, w_smem, ready, empty, off_ptr, N, K, E, n_tiles_m, E_PAD: gl.constexpr,
              GROUP_M: gl.constexpr, NUM_PROGRAMS: gl.constexpr):
     """Producer partition (1 warp): every K step of this program's tiles into the ring, a slot
-    once both consumers freed it. Rows past R (and columns past K) load as zeros."""
+    once both consumers freed it. Rows past R (and columns past K) of a box load as zeros."""
     HALF: gl.constexpr = x_desc.block_type.shape[0]
     BLOCK_N: gl.constexpr = w_desc.block_type.shape[0]
     BLOCK_K: gl.constexpr = w_desc.block_type.shape[1]
@@ -78,7 +81,10 @@ def _produce(x_desc, w_desc, x0, x1, w_smem, ready, empty, off_ptr, N, K, E, n_t
     sched = _schedule(off_ptr, N, K, E, n_tiles_m, E_PAD, 2 * HALF, BLOCK_N, BLOCK_K)
     it = 0
     for tile in range(gl.program_id(0), sched[5] * sched[6], NUM_PROGRAMS):  # real row tiles x column tiles
-        e, off_m, _, tile_n = _tile(tile, sched, 2 * HALF, GROUP_M)
+        e, off_m, row_hi, tile_n = _tile(tile, sched, 2 * HALF, GROUP_M)
+        # a second half with no row of the expert (its consumer reads nothing) loads the first
+        # half's rows again: no box wholly past x's last row
+        off_1 = off_m + HALF * (off_m + HALF < row_hi).to(gl.int32)
         for kk in range(sched[7]):
             s = it % STAGES
             # empty barriers start with phase 1 complete: the first round of waits passes at once
@@ -86,7 +92,7 @@ def _produce(x_desc, w_desc, x0, x1, w_smem, ready, empty, off_ptr, N, K, E, n_t
             bar = ready.index(s)
             mbarrier.expect(bar, NBYTES)
             tma.async_copy_global_to_shared(x_desc, [off_m, kk * BLOCK_K], bar, x0.index(s))
-            tma.async_copy_global_to_shared(x_desc, [off_m + HALF, kk * BLOCK_K], bar, x1.index(s))
+            tma.async_copy_global_to_shared(x_desc, [off_1, kk * BLOCK_K], bar, x1.index(s))
             tma.async_copy_global_to_shared(w_desc, [e * N + tile_n * BLOCK_N, kk * BLOCK_K], bar, w_smem.index(s))
             it += 1
 
