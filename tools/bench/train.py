@@ -97,6 +97,7 @@ def run_case(seq: int, mode: str, steps: int, warmup: int, ac: bool, peak_flops:
             cfg = ProfileConfig(steps=(1,), dir=os.path.join(profile, f"train_{model_name}_{seq}_{mode}_draft{n_mtp}_{name}"))
             with StepProfiler(cfg, profile)(1):
                 trainer.train_step(trainer.pack(seqs), sft_loss, spec)
+            print_profile_head(os.path.join(cfg.dir, "step_00001_rank0.txt"), os.path.basename(cfg.dir))
         if host_profile:  # one more step under cProfile: where the host's time goes (syncs show as waits)
             print_host_profile(lambda: trainer.train_step(trainer.pack(seqs), sft_loss, spec), host_profile)
     trainer_one_pass = trainer.one_pass
@@ -113,6 +114,14 @@ def run_case(seq: int, mode: str, steps: int, warmup: int, ac: bool, peak_flops:
 def _clock(clock: ClockSampler) -> dict:
     """The timed steps' mean SM clock and power (gpu_clock.py), where nvidia-smi gave them."""
     return {"sm_mhz": clock.result["sm_mhz"], "power_w": clock.result["power_w"]} if clock.result else {}
+
+
+def print_profile_head(path: str, case: str, lines: int = 12) -> None:
+    """The profiled step's wall, device busy / span and longest idle gaps (its .txt's head), so
+    the log holds every case's without the profile folder."""
+    if os.path.exists(path):
+        with open(path) as f:
+            print(f"profile of {case} ({path}):\n" + "".join(f.readlines()[:lines]), flush=True)
 
 
 def print_host_profile(step, top: int) -> None:
@@ -179,8 +188,10 @@ def run_peer(seq: int, steps: int, warmup: int, model_name: str = "qwen3-0.6b", 
                 torch.cuda.synchronize()
             times.append(time.perf_counter() - t)
     if profile:
-        with StepProfiler(ProfileConfig(steps=(1,), dir=os.path.join(profile, f"train_{model_name}_{seq}_peer")), profile)(1):
+        where = os.path.join(profile, f"train_{model_name}_{seq}_peer")
+        with StepProfiler(ProfileConfig(steps=(1,), dir=where), profile)(1):
             step()
+        print_profile_head(os.path.join(where, "step_00001_rank0.txt"), os.path.basename(where))
     peak = torch.cuda.max_memory_allocated() / 2**30 if cuda else 0.0
     reserved = reserved_memory_gib(dev) or 0.0  # the whole run's peak reserve (graph pools included for ours)
     del model, opt
