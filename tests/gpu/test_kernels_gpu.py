@@ -168,6 +168,35 @@ def test_grouped_linear_rows_independent(kt, dtype):
             _same(got, y, f"grouped_linear tile {tuple(t)[1:]} vs grouped_linear's pick")
 
 
+# one small launch of gluon_grouped's kernel (an expert's tail in each half, a box past x's rows)
+_GLUON_GROUPED_PROBE = """
+import torch
+from miles_kernels._triton import matmul
+matmul.GLUON_GROUPED = True
+x = torch.randn(300, 128, device="cuda", dtype=torch.bfloat16)
+w = torch.randn(3, 256, 128, device="cuda", dtype=torch.bfloat16)
+offs = torch.tensor([0, 129, 193, 290], dtype=torch.int32, device="cuda")
+y = torch.zeros(300, 256, device="cuda", dtype=torch.bfloat16)
+matmul.launch_grouped(x, w, offs, y, matmul.grouped_tile(300, 3, torch.bfloat16, 256)._replace(tma=True))
+torch.cuda.synchronize()
+"""
+
+
+def _launches_in_a_child(code: str, what: str, timeout_s: float = 180.0) -> None:
+    """Run code in a child process first: a kernel that never ends (a barrier protocol gone wrong)
+    fails the test there, killed, instead of holding this process and the GPU."""
+    import os
+    import subprocess
+    import sys
+
+    try:
+        r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=timeout_s,
+                           env=os.environ.copy())
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"{what} did not finish in {timeout_s:.0f} s in a child process (killed): a hang")
+    assert r.returncode == 0, f"{what} failed in a child process:\n{r.stderr[-3000:]}"
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_gluon_grouped_equals_triton(dtype, monkeypatch):
     """matmul.GLUON_GROUPED: gluon_grouped's kernel gives the Triton TMA kernel's bits for every
@@ -180,6 +209,7 @@ def test_gluon_grouped_equals_triton(dtype, monkeypatch):
     if not GG.supported(torch.empty(1, 8, dtype=dtype, device="cuda"), torch.empty(1, 8, 8, dtype=dtype, device="cuda"),
                         128, 256, 64):
         pytest.skip("gluon_grouped runs on sm_90 only")
+    _launches_in_a_child(_GLUON_GROUPED_PROBE, "gluon_grouped's kernel")
     g = _gen(7)
     cases = [  # (N, K, rows an expert, rows before the first expert)
         (1536, 2048, [288] * 6 + [0, 1, 63, 64, 65, 127, 128, 129, 300, 955], 0),
