@@ -11,7 +11,8 @@
 #              MoE backward (MILES_MOE_BWD=torch / triton)
 #   tma        (not in the default list) the TMA loads: the attention backward by pointers / TMA, the
 #              training forward per tile, the engine's paged caches, registers and spills (kernel_regs)
-#   fused      (not in the default list) dQ made in the dK/dV kernel (DQ_FUSED): its GPU tests, the backward
+#   fused      (not in the default list) dQ made in the dK/dV kernel (DQ_FUSED; on Hopper gluon_dkdvq's
+#              kernel, tested bitwise against the Triton one): its GPU tests, the backward
 #              with the dQ kernel vs fused (timings, grads' differences), the fused tiles at 4k / 16k, the
 #              trainer at 4k / 16k with it vs the peer; each under a time limit (a wait that never ends
 #              would be a bug: the test or benchmark fails instead of the machine's whole call)
@@ -97,8 +98,8 @@ for step in $steps; do
                run attn_bwd_sweep python3 tools/bench/attn_bwd.py "$out/attn_bwd.json" --sweep --tma
                run grouped_sweep python3 tools/bench/grouped_sweep.py --out "$out/grouped_sweep.json"
                run graph_launch python3 tools/bench/graph_launch.py --out "$out/graph_launch.json" ;;
-        fused) run gpu_fused_test timeout 600 python3 -m pytest -q -o addopts="" tests/gpu/test_attention_bwd_gpu.py -k fused
-               run attn_bwd_fused timeout 600 python3 tools/bench/attn_bwd.py "$out/attn_bwd_fused.json" --fused
+        fused) run gpu_fused_test timeout -s KILL 600 python3 -m pytest -q -o addopts="" tests/gpu/test_attention_bwd_gpu.py -k fused
+               run attn_bwd_fused timeout -s KILL 600 python3 tools/bench/attn_bwd.py "$out/attn_bwd_fused.json" --fused
                run attn_bwd_fused_sweep timeout 600 python3 tools/bench/attn_bwd.py "$out/attn_bwd_fused_sweep.json" \
                    --fused --sweep --lens 4096,16384
                run bench_train_fused timeout 600 python3 tools/bench/train.py --modes invariant --steps 3 --dq-fused \

@@ -243,3 +243,54 @@ def test_gluon_dq_bitwise(monkeypatch, heads, hd, dtype, lens):
     assert len(calls) == 2, "packed_attention_bwd did not take the Gluon dQ kernel"
     monkeypatch.setattr(AB, "GLUON_DQ", False)
     _same_grads(gluon, again, kt.packed_attention_bwd(*args), "Gluon dQ")
+
+
+# one small launch of gluon_dkdvq's kernel: two sequences, the first with 3 KV blocks (turns
+# passed on twice), partial query and KV blocks
+_GLUON_DKDVQ_PROBE = """
+import torch
+from miles_kernels import _triton as kt
+from miles_kernels._triton import attention_bwd as AB
+AB.DQ_FUSED = True
+lens, H, K, D = [300, 77], 4, 2, 128
+T = sum(lens)
+q, do = (torch.randn(T, H, D, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+k, v = (torch.randn(T, K, D, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+cu = torch.tensor([0, 300, 377], dtype=torch.int32, device="cuda")
+lse = torch.empty(H, T, device="cuda")
+out = kt.packed_attention(q, k, v, cu, 300, D**-0.5, lse_HT=lse)
+kt.packed_attention_bwd(q, k, v, out, do, lse, cu, 300, D**-0.5)
+torch.cuda.synchronize()
+"""
+_probed = []
+
+
+@pytest.mark.parametrize("heads,hd,dtype,lens", GLUON_CASES + [((16, 8), 128, torch.bfloat16, [16384])])
+def test_gluon_fused_dkdvq_bitwise(monkeypatch, heads, hd, dtype, lens):
+    """DQ_FUSED on Hopper runs gluon_dkdvq's kernel: dq, dk, dv bitwise == the Triton fused kernel's
+    at its tile (FUSED_TILES), two runs the same bits, in a CUDA graph too; the cases of
+    test_gluon_dkdv_bitwise and one 16k sequence (128 KV blocks a head in turn)."""
+    from test_kernels_gpu import _launches_in_a_child
+
+    from miles_kernels import _triton as kt
+    from miles_kernels._triton import attention_bwd as AB
+    from miles_kernels._triton import gluon_dkdvq as GF
+
+    args = _gluon_case(heads, hd, dtype, lens)
+    if not _probed:  # a hang (a turn or barrier protocol gone wrong) fails here, in a child
+        _launches_in_a_child(_GLUON_DKDVQ_PROBE, "gluon_dkdvq's kernel")
+        _probed.append(1)
+    monkeypatch.setattr(AB, "DQ_FUSED", True)
+    calls = []
+    real = GF.dkdvq
+    monkeypatch.setattr(GF, "dkdvq", lambda *a: calls.append(1) or real(*a))
+    gluon, again = kt.packed_attention_bwd(*args), kt.packed_attention_bwd(*args)
+    assert len(calls) == 2, "packed_attention_bwd did not take the Gluon fused kernel"
+    ref = kt.packed_attention_bwd(*args, dkdv_tile=AB.FUSED_TILES[dtype][0])  # the Triton fused kernel
+    assert len(calls) == 2
+    _same_grads(gluon, again, ref, "Gluon fused dK/dV/dQ")
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        replayed = kt.packed_attention_bwd(*args)
+    graph.replay()
+    _same_grads(replayed, gluon, ref, "Gluon fused dK/dV/dQ in a CUDA graph")

@@ -24,7 +24,7 @@ def test_dispatch_follows_the_gate(monkeypatch):
     gluon_module.cache_clear()
     monkeypatch.setattr(gluon_attention, "TESTED_TRITON", ("0.0.",))
     try:
-        for name in ("gluon_attention", "gluon_attention_bwd", "gluon_grouped"):  # every caller's module
+        for name in ("gluon_attention", "gluon_attention_bwd", "gluon_dkdvq", "gluon_grouped"):  # every caller's module
             assert gluon_module(name) is None, name
     finally:
         gluon_module.cache_clear()
@@ -38,3 +38,7 @@ def test_cpu_tensors_never_reach_gluon():
 
     x, w = torch.zeros(300, 128, dtype=torch.bfloat16), torch.zeros(4, 256, 128, dtype=torch.bfloat16)
     assert not gluon_grouped.supported(x, w, 128, 256, 64)
+    from miles_kernels._triton import gluon_attention_bwd, gluon_dkdvq
+
+    assert not gluon_attention_bwd.supported(q, k, k, q)
+    assert not gluon_dkdvq.supported(q, k, k, q)

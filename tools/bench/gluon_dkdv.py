@@ -49,6 +49,7 @@ from miles_kernels._triton.gluon_attention import _mma_layout, _slot_barriers  #
 from miles_kernels._triton.gluon_attention_bwd import (_alloc_pair, _dkdv_consume, _dkdv_kernel,  # noqa: F401
                                                       _load_q_do, _program, _ring_q_do, _rows, _start, _step,
                                                       _store_dkdv)
+from miles_kernels._triton.gluon_dkdvq import SIDE_REGS, _dkdvq_kernel  # noqa: F401
 
 LOAD_REGS = 24  # the warp-specialized kernel's load partition: registers a thread
 
@@ -160,7 +161,8 @@ def compile_sm90(kernel, block_m: int, block_n: int, num_warps: int, stages: int
     fn = kernel
     names = [p.name for p in fn.params]
     consts = {k: v for k, v in dict(G=G, STAGES=stages, LOAD_REGS=LOAD_REGS, BLOCK_M=block_m, G_PAD=G,
-                                    SPLIT_BLOCKS=4, STORE_LSE=True, CONSUMER_REGS=240).items() if k in names}
+                                    SPLIT_BLOCKS=4, STORE_LSE=True, CONSUMER_REGS=240,
+                                    SIDE_REGS=SIDE_REGS).items() if k in names}
     sig = {}
     for n in (n for n in names if n not in consts):
         if n in ("q_desc", "do_desc"):
@@ -168,7 +170,8 @@ def compile_sm90(kernel, block_m: int, block_n: int, num_warps: int, stages: int
         elif n in ("k_desc", "v_desc"):
             sig[n] = desc_sig(block_n, D)
         elif n.endswith("_ptr"):
-            sig[n] = "*i32" if n == "cu_ptr" else "*fp32" if n in ("lse_ptr", "delta_ptr") else "*bf16"
+            sig[n] = "*i32" if n in ("cu_ptr", "turn_ptr") else "*fp32" if n in ("lse_ptr", "delta_ptr", "acc_ptr") \
+                else "*bf16"
         else:
             sig[n] = "fp32" if n in ("qk_scale", "scale") else "i32"
     return dict(ptxas_report(fn, sig, consts, num_warps, maxnreg, ptx_dir), tile=[block_m, block_n, num_warps, stages])
@@ -221,6 +224,7 @@ CONFIGS = [
     ("ws2 64x128 s2", "_dkdv_kernel", 64, 64, 4, 2, 168),
     ("ws2 64x128 s3", "_dkdv_kernel", 64, 64, 4, 3, 168),
     ("ws2 64x128 s4", "_dkdv_kernel", 64, 64, 4, 4, 168),
+    ("fused 64x128 s2", "_dkdvq_kernel", 64, 64, 4, 2, 168),  # dQ too (gluon_dkdvq)
 ]
 
 

@@ -64,9 +64,13 @@ DQ_TMA = True
 # without its turn waits, so the kernel's body is what is slow (docs/kernel_tuning.md, 2026-12-04
 # nineteenth run). Its tile: the fastest measured at 4k and 16k (32 x 64 took twice as long).
 DQ_FUSED = False
-FUSED_TILES = {torch.bfloat16: (Tile(32, 128, 8, 2),),
-               torch.float16: (Tile(32, 128, 8, 2),),
+# 64 query rows x 128 keys: the tile gluon_dkdvq's kernel computes with these values on Hopper (the
+# Triton kernel's fastest was 32 x 128; 64 x 128 took 1.0-1.1x its time, nineteenth run).
+FUSED_TILES = {torch.bfloat16: (Tile(64, 128, 8, 2),),
+               torch.float16: (Tile(64, 128, 8, 2),),
                torch.float32: (Tile(16, 16, 4, 1),)}
+# With DQ_FUSED, dK/dV/dQ by gluon_dkdvq's kernel on Hopper at the full-GPU tile (the same values).
+GLUON_DKDVQ = True
 _DELTA_ROWS = {torch.bfloat16: 64, torch.float16: 64, torch.float32: 16}  # tokens per delta program
 # dK/dV and dQ by gluon_attention_bwd's kernels on Hopper (the same values; dK/dV where the
 # full-GPU tile, whose query block it shares, is picked): dK/dV 1.13-1.23x _dkdv_kernel, dQ
@@ -435,6 +439,10 @@ def packed_attention_bwd(
 
     # real programs ~ blocks over all tokens (+ one partial per sequence) x heads; no host sync
     t = dkdv_tile or _pick((FUSED_TILES if DQ_FUSED else DKDV_TILES)[dtype], lambda t: triton.cdiv(T, t.block_n) * K)
+    gf = gluon_module("gluon_dkdvq") if DQ_FUSED and GLUON_DKDVQ and dkdv_tile is None and q.is_cuda else None
+    if gf is not None and (t.block_m, t.block_n) == (gf.BLOCK_M, 2 * gf.HALF) and gf.supported(q, k, v, do):
+        gf.dkdvq(q, k, v, do, dq, dk, dv, lse_HT, delta, cu, max_len, scale)  # the same values
+        return dq, dk, dv
     n_blocks = triton.cdiv(max_len, t.block_n)
     # TMA: the loop's operands by tensor descriptors over [T, heads * D] (same values, same math)
     q_in, do_in = tma_descriptors((q, do), t.block_m, DKDV_TMA) or (q, do)

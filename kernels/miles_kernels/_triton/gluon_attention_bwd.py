@@ -74,13 +74,21 @@ def _load_q_do(q_desc, do_desc, q_smem, do_smem, bar, t, i_lo, n_i, q_lo, kvh, p
 @gluon.jit
 def _rows(lse_ptr, delta_ptr, t, i_lo, n_i, q_lo, q_len, kvh, stride_lh, stride_dh, pred, BLOCK_M: gl.constexpr,
           BLOCK_N: gl.constexpr, G: gl.constexpr):
-    """Step t's query rows' LSE (log2 units) and delta, loaded ahead of the step (pred off: zeros):
-    a load issued a step early is not waited on at the step's exp2. Held one a thread (the MMA
-    layout's slice would take 32 registers), moved into _step's layout there."""
+    """Step t's query rows' LSE (log2 units) and delta (_rows_at of its block and head)."""
+    return _rows_at(lse_ptr, delta_ptr, i_lo + t % n_i, kvh * G + t // n_i, q_lo, q_len, stride_lh, stride_dh, pred,
+                    BLOCK_M)
+
+
+@gluon.jit
+def _rows_at(lse_ptr, delta_ptr, i, h, q_lo, q_len, stride_lh, stride_dh, pred, BLOCK_M: gl.constexpr):
+    """Query block i's rows' LSE (log2 units) and delta in head h, loaded ahead of the step that
+    uses them (pred off: zeros): a load issued a step early is not waited on at the step's exp2.
+    Held one a thread (the MMA layout's slice would take 32 registers), moved into _step's layout
+    there."""
     NW: gl.constexpr = gl.num_warps()
-    qpos = (i_lo + t % n_i) * BLOCK_M + gl.arange(0, BLOCK_M, layout=gl.BlockedLayout([1], [32], [NW], [0]))
+    qpos = i * BLOCK_M + gl.arange(0, BLOCK_M, layout=gl.BlockedLayout([1], [32], [NW], [0]))
     ok = (qpos < q_len) & pred
-    h = (kvh * G + t // n_i).to(gl.int64)
+    h = h.to(gl.int64)
     lse = gl.load(lse_ptr + h * stride_lh + q_lo + qpos, mask=ok, other=0.0)
     delta = gl.load(delta_ptr + h * stride_dh + q_lo + qpos, mask=ok, other=0.0)
     return lse * _LOG2E, delta
@@ -91,12 +99,22 @@ def _step(dk, dv, k_smem, v_smem, q_s, do_s, lse2, delta, t, i_lo, n_i, i_full, 
     """Add step t's query block (rows in q_s / do_s; their LSE in log2 units and delta from _rows)
     to dk, dv (as attention_bwd._dkdv_step). Its four wgmmas: S^T and dP^T issued together, dV's
     issued before dS^T is made, all waited here."""
+    dv, dsT = _dv_ds(dv, k_smem, v_smem, q_s, do_s, lse2, delta, i_lo + t % n_i, i_full, n_q_full, kpos, q_len,
+                     qk_scale)
+    op_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=dk.type.layout, k_width=2)
+    dk = warpgroup_mma(gl.convert_layout(dsT.to(q_s.dtype), op_layout), q_s, dk, is_async=True)
+    return warpgroup_mma_wait(num_outstanding=0, deps=(dk, dv))
+
+
+@gluon.jit
+def _dv_ds(dv, k_smem, v_smem, q_s, do_s, lse2, delta, i, i_full, n_q_full, kpos, q_len, qk_scale):
+    """Query block i's part of a dK / dV step: S^T and dP^T wgmmas issued together, P^T, dV's wgmma
+    issued (dv returned in flight), dS^T (fp32, [BLOCK_N, BLOCK_M])."""
     BLOCK_M: gl.constexpr = q_s.type.shape[0]
     BLOCK_N: gl.constexpr = k_smem.type.shape[0]
     NW: gl.constexpr = gl.num_warps()
     s_layout: gl.constexpr = _mma_layout(BLOCK_M, NW)  # S^T, dP^T: [BLOCK_N, BLOCK_M]
-    op_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=dk.type.layout, k_width=2)
-    i = i_lo + t % n_i
+    op_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=dv.type.layout, k_width=2)
     qpos = i * BLOCK_M + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(0, s_layout))
     zero = gl.zeros([BLOCK_N, BLOCK_M], gl.float32, s_layout)
     sT = warpgroup_mma(k_smem, q_s.permute((1, 0)), zero, use_acc=False, is_async=True)
@@ -107,9 +125,7 @@ def _step(dk, dv, k_smem, v_smem, q_s, do_s, lse2, delta, t, i_lo, n_i, i_full, 
         pT = gl.where((kpos[:, None] <= qpos[None, :]) & (qpos < q_len)[None, :], pT, 0.0)
     dv = warpgroup_mma(gl.convert_layout(pT.to(q_s.dtype), op_layout), do_s, dv, is_async=True)
     dpT = warpgroup_mma_wait(num_outstanding=1, deps=(dpT, ))
-    dsT = pT * (dpT - gl.convert_layout(delta, gl.SliceLayout(0, s_layout))[None, :])
-    dk = warpgroup_mma(gl.convert_layout(dsT.to(q_s.dtype), op_layout), q_s, dk, is_async=True)
-    return warpgroup_mma_wait(num_outstanding=0, deps=(dk, dv))
+    return dv, pT * (dpT - gl.convert_layout(delta, gl.SliceLayout(0, s_layout))[None, :])
 
 
 @gluon.jit
@@ -136,18 +152,25 @@ def _store_dkdv(dk, dv, dk_ptr, dv_ptr, n0, q_lo, q_len, kvh, scale, stride_kt):
 @gluon.jit
 def _start(kv_bar, lse_ptr, delta_ptr, n0, i_lo, n_i, q_lo, q_len, kvh, stride_lh, stride_dh, BLOCK_M: gl.constexpr,
            BLOCK_N: gl.constexpr, D: gl.constexpr, G: gl.constexpr):
+    """_begin, then step 0's LSE and delta."""
+    i_full, n_q_full, kpos, dk, dv = _begin(kv_bar, n0, q_len, BLOCK_M, BLOCK_N, D)
+    lse2, delta = _rows(lse_ptr, delta_ptr, 0, i_lo, n_i, q_lo, q_len, kvh, stride_lh, stride_dh, True, BLOCK_M,
+                        BLOCK_N, G)
+    return i_full, n_q_full, kpos, dk, dv, lse2, delta
+
+
+@gluon.jit
+def _begin(kv_bar, n0, q_len, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, D: gl.constexpr):
     """The start of a dK / dV loop over keys n0 .. n0 + BLOCK_N: (the first query block that sees
     every key whole, the count of blocks that end inside the sequence, the keys' positions, zeroed
-    dK and dV, step 0's LSE and delta), once K and V have landed (kv_bar)."""
+    dK and dV), once K and V have landed (kv_bar)."""
     NW: gl.constexpr = gl.num_warps()
     acc_layout: gl.constexpr = _mma_layout(D, NW)  # dK, dV: [BLOCK_N, D]
     kpos = n0 + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, _mma_layout(BLOCK_M, NW)))
     dk = gl.zeros([BLOCK_N, D], gl.float32, acc_layout)
     dv = gl.zeros([BLOCK_N, D], gl.float32, acc_layout)
     mbarrier.wait(kv_bar, 0)
-    lse2, delta = _rows(lse_ptr, delta_ptr, 0, i_lo, n_i, q_lo, q_len, kvh, stride_lh, stride_dh, True, BLOCK_M,
-                        BLOCK_N, G)
-    return gl.cdiv(n0 + BLOCK_N - 1, BLOCK_M), q_len // BLOCK_M, kpos, dk, dv, lse2, delta
+    return gl.cdiv(n0 + BLOCK_N - 1, BLOCK_M), q_len // BLOCK_M, kpos, dk, dv
 
 
 @gluon.jit
