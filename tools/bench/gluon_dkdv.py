@@ -224,8 +224,10 @@ CONFIGS = [
     ("ws2 64x128 s2", "_dkdv_kernel", 64, 64, 4, 2, 168),
     ("ws2 64x128 s3", "_dkdv_kernel", 64, 64, 4, 3, 168),
     ("ws2 64x128 s4", "_dkdv_kernel", 64, 64, 4, 4, 168),
-    ("fused 64x128 s2", "_dkdvq_kernel", 64, 64, 4, 2, 168),  # dQ too (gluon_dkdvq)
 ]
+# compiled only (--compile-only): dK, dV and dQ in one kernel (gluon_dkdvq), which the backward runs
+# with DQ_FUSED; tools/bench/attn_bwd.py --fused times it against the split kernels
+COMPILE_ONLY = [("fused 64x128 s2", "_dkdvq_kernel", 64, 64, 4, 2, 168)]
 
 
 def compile_configs(configs: list, kernels: dict, ptx_dir: str) -> list:
@@ -247,8 +249,8 @@ def compile_configs(configs: list, kernels: dict, ptx_dir: str) -> list:
     return failed
 
 
-def compile_only(ptx_dir: str) -> list:
-    return compile_configs(CONFIGS, globals(), ptx_dir)
+def compile_only(ptx_dir: str, configs: list) -> list:
+    return compile_configs(configs, globals(), ptx_dir)
 
 
 # ---- GPU: check and time ----
@@ -459,28 +461,29 @@ def finish(results: dict, failed: list, out: str) -> int:
     return 0
 
 
-def cli(doc: str, configs: list, compile_only_fn, gpu_run_fn) -> None:
-    """Both probes' command line: --compile-only (CPU) or --out (GPU) over the configs."""
+def cli(doc: str, configs: list, compile_only_fn, gpu_run_fn, compile_extra: tuple = ()) -> None:
+    """The probes' command line: --compile-only (CPU; configs and compile_extra) or --out (GPU) over
+    the configs --configs / --match / --exclude pick."""
     ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--compile-only", action="store_true", help="compile for sm_90 on the CPU, print regs/spills")
     ap.add_argument("--ptx", default="", help="with --compile-only: also write each kernel's ttgir and PTX here")
     ap.add_argument("--out", default="", help="GPU mode: write the results here")
-    ap.add_argument("--configs", default="", help="GPU mode: comma-separated config names (default: all)")
-    ap.add_argument("--match", default="", help="GPU mode: only the configs whose name contains this")
-    ap.add_argument("--exclude", default="", help="GPU mode: not the configs whose name contains this")
+    ap.add_argument("--configs", default="", help="comma-separated config names (default: all)")
+    ap.add_argument("--match", default="", help="only the configs whose name contains this")
+    ap.add_argument("--exclude", default="", help="not the configs whose name contains this")
     a = ap.parse_args()
-    if a.compile_only:
-        sys.exit(1 if compile_only_fn(a.ptx) else 0)
-    if not a.out:
+    if not (a.compile_only or a.out):
         ap.error("give --compile-only or --out OUT.json")
+    pool = configs + list(compile_extra) if a.compile_only else configs
     names = [n.strip() for n in a.configs.split(",") if n.strip()]
-    picked = [c for c in configs if (not names or c[0] in names) and a.match in c[0]
+    picked = [c for c in pool if (not names or c[0] in names) and a.match in c[0]
               and not (a.exclude and a.exclude in c[0])]
     if not picked:
         ap.error(f"no config matches (--configs {a.configs!r} --match {a.match!r} --exclude {a.exclude!r}); "
-                 f"the configs: {[c[0] for c in configs]}")
+                 f"the configs: {[c[0] for c in pool]}")
+    if a.compile_only:
+        sys.exit(1 if compile_only_fn(a.ptx, picked) else 0)
     sys.exit(gpu_run_fn(a.out, picked))
 
-
 if __name__ == "__main__":
-    cli(__doc__, CONFIGS, compile_only, gpu_run)
+    cli(__doc__, CONFIGS, compile_only, gpu_run, COMPILE_ONLY)

@@ -41,8 +41,8 @@ CONFIGS = [
 ]
 
 
-def compile_only(ptx_dir: str) -> list:
-    return compile_configs(CONFIGS, globals(), ptx_dir)
+def compile_only(ptx_dir: str, configs: list) -> list:
+    return compile_configs(configs, globals(), ptx_dir)
 
 
 # ---- GPU: check and time ----
