@@ -179,14 +179,16 @@ def compile_sm90(kernel, block_m: int, block_n: int, num_warps: int, stages: int
 
 def ptxas_report(fn, sig: dict, consts: dict, num_warps: int, maxnreg: int | None, ptx_dir: str = "") -> dict:
     """Compile the Gluon kernel fn for sm_90 without a GPU (sig: each non-constexpr parameter's
-    type; pointers 16-byte aligned) and read ptxas -v / the SASS: registers, spills, shared
+    type; pointers 16-byte aligned, stride_qt / stride_kt multiples of 16) and read ptxas -v / the SASS: registers, spills, shared
     memory, HGMMA and wgmma waits."""
     from triton.backends.compiler import GPUTarget
     from triton.experimental.gluon._runtime import GluonASTSource
 
     names = [p.name for p in fn.params]
     sig = {**sig, **{k: "constexpr" for k in consts}}
-    attrs = {(i, ): [["tt.divisibility", 16]] for i, n in enumerate(names) if n.endswith("_ptr")}
+    # as the launch specializes them: pointers 16-byte aligned, the row strides of [T, heads * D]
+    attrs = {(i, ): [["tt.divisibility", 16]] for i, n in enumerate(names)
+             if n.endswith("_ptr") or n in ("stride_qt", "stride_kt")}
     src = GluonASTSource(fn=fn, signature=sig, constexprs={(names.index(k), ): v for k, v in consts.items()},
                          attrs=attrs)
     c = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps, "maxnreg": maxnreg})

@@ -40,7 +40,8 @@ from miles_kernels._triton.gluon_attention_bwd import (_begin, _desc, _dv_ds, _l
 
 BLOCK_M, HALF, STAGES = 64, 64, 2  # query rows a step, keys a consumer (128 a program), q / dout ring slots
 SIDE_REGS = 24  # registers a thread of the producer and writer warps (the third warpgroup's share)
-NT = gl.constexpr(32)  # turn arrivals a program: the writer warp's lanes
+NT = gl.constexpr(32)  # turn arrivals a program and writer: its warp's lanes
+DQ_ROWS = gl.constexpr(2)  # rows a writer's load: 4 floats a lane (its 24 registers)
 
 
 @gluon.jit
@@ -101,7 +102,7 @@ def _consume(k_smem, v_smem, k0, k1, q_smem, do_smem, ds_smem, dq_smem, ready, e
              dk_ptr, dv_ptr, lse_ptr, delta_ptr, n0, kvh, q_lo, q_len, n_q, n_steps, qk_scale, scale, stride_kt,
              stride_lh, stride_dh, G: gl.constexpr, C: gl.constexpr):
     """Consumer C: keys n0 + C * HALF .. + HALF (k_smem, v_smem) over every step; each step's dQ
-    columns to its rows of dq_smem once the writer freed it; then dK, dV."""
+    columns to dq_smem (its writer's) once that writer freed it; then dK, dV."""
     BM: gl.constexpr = q_smem.type.shape[1]
     D: gl.constexpr = q_smem.type.shape[2]
     BN: gl.constexpr = k_smem.type.shape[0]
@@ -121,8 +122,8 @@ def _consume(k_smem, v_smem, k0, k1, q_smem, do_smem, ds_smem, dq_smem, ready, e
         gl.thread_barrier()  # every warp is past its wgmma wait before the arrives
         mbarrier.arrive(empty.index(slot))
         mbarrier.wait(dq_free, (s & 1) ^ 1)  # the writer has read the last step's tile
-        rows = dq_smem._reinterpret(gl.float32, [2 * BM, D // 2], dq_smem.type.layout)  # the same bytes
-        rows.slice(C * BM, BM).store(dq)
+        rows_layout: gl.constexpr = gl.PaddedSharedLayout.with_identity_for([[D // 2, 4]], [BM, D // 2], [1, 0])
+        dq_smem._reinterpret(gl.float32, [BM, D // 2], rows_layout).store(dq)  # the same bytes
         gl.thread_barrier()
         mbarrier.arrive(dq_full)
         lse2, delta = lse2_n, delta_n
@@ -150,24 +151,31 @@ def _wait_turn(turn_ptr, target):
 
 
 @gluon.jit
-def _add_rows(part, acc_ptr, dq_ptr, r0, m0, j, j_last, q_lo, q_len, col0, scale, stride_qt):
-    """Rows r0 .. r0 + R of a step's dQ part (part [R, HD]: columns col0 .. col0 + HD) into the
-    query block's sum (as attention_bwd._dq_turn): KV block 0 stores, later ones add, the last
-    writes dq = (part + sum) * scale; only rows inside the sequence."""
-    R: gl.constexpr = part.type.shape[0]
-    HD: gl.constexpr = part.type.shape[1]
-    layout: gl.constexpr = part.type.layout
-    rows = m0 + r0 + gl.arange(0, R, layout=gl.SliceLayout(1, layout))
-    ok = (rows < q_len)[:, None]
-    off = (q_lo + rows).to(gl.int64)[:, None] * stride_qt + col0 + gl.arange(0, HD, layout=gl.SliceLayout(0, layout))[
-        None, :]
+def _add_part(dq_smem, acc_ptr, dq_ptr, off, tile_off, rows, m0, j, j_last, q_len, scale, stride_qt):
+    """A step's dQ part (dq_smem: [chunks, R, HD], rows m0 .. m0 + chunks * R from the scalar offset
+    off, tile_off the chunk's offsets) into the query block's sum as attention_bwd._dq_turn: KV block
+    0 stores, later ones add, the last writes dq = (part + sum) * scale; only rows inside the
+    sequence."""
+    CH: gl.constexpr = dq_smem.type.shape[0]
+    R: gl.constexpr = dq_smem.type.shape[1]
+    layout: gl.constexpr = tile_off.type.layout
     if j == j_last:
-        acc = gl.load(acc_ptr + off, mask=ok & (j > 0), other=0.0, cache_modifier=".cg")
-        gl.store(dq_ptr + off, ((part + acc) * scale).to(dq_ptr.dtype.element_ty), mask=ok)
+        for x in range(CH):
+            part = dq_smem.index(x).load(layout)
+            ok = (m0 + x * R + rows < q_len)[:, None]
+            o = off + x * R * stride_qt + tile_off
+            acc = gl.load(acc_ptr + o, mask=ok & (j > 0), other=0.0, cache_modifier=".cg")
+            gl.store(dq_ptr + o, ((part + acc) * scale).to(dq_ptr.dtype.element_ty), mask=ok)
     elif j == 0:
-        gl.store(acc_ptr + off, part, mask=ok)
+        for x in range(CH):
+            part = dq_smem.index(x).load(layout)
+            ok = (m0 + x * R + rows < q_len)[:, None]
+            gl.store(acc_ptr + off + x * R * stride_qt + tile_off, part, mask=ok)
     else:
-        _red_add(acc_ptr + off, part, ok & (off >= 0))
+        for x in range(CH):
+            part = dq_smem.index(x).load(layout)
+            ok = (m0 + x * R + rows < q_len)[:, None] & (tile_off >= 0)
+            _red_add(acc_ptr + off + x * R * stride_qt + tile_off, part, ok)
 
 
 @gluon.jit
@@ -191,15 +199,17 @@ def _red_add(ptr, val, ok):
 
 @gluon.jit
 def _write(dq_smem, dq_full, dq_free, acc_ptr, dq_ptr, turn_ptr, j, kvh, q_lo, q_len, n_q, n_steps, scale, stride_qt,
-           stride_sh, G: gl.constexpr, BN: gl.constexpr):
-    """Writer: each step's dQ part (dq_smem, both consumers') into its query block's sum in KV-block
-    order (KV block j of BN keys waits for its turn), then the turn passed on (but by the last)."""
+           stride_sh, G: gl.constexpr, BN: gl.constexpr, C: gl.constexpr):
+    """Writer C (1 warp): consumer C's dQ columns of each step (dq_smem) into the query block's sum
+    in KV-block order (KV block j of BN keys waits for its turn: both writers of each block below
+    passed it), then the turn passed on (but by the last)."""
     R: gl.constexpr = dq_smem.type.shape[1]
     HD: gl.constexpr = dq_smem.type.shape[2]
-    CH: gl.constexpr = dq_smem.type.shape[0] // 2  # chunks of R rows a consumer's columns
-    BM: gl.constexpr = CH * R
+    BM: gl.constexpr = dq_smem.type.shape[0] * R
     layout: gl.constexpr = gl.BlockedLayout([1, 4], [32 * 4 // HD, HD // 4], [gl.num_warps(), 1], [1, 0])
     lanes: gl.constexpr = gl.BlockedLayout([1], [32], [gl.num_warps()], [0])
+    rows = gl.arange(0, R, layout=gl.SliceLayout(1, layout))
+    tile_off = rows[:, None] * stride_qt + gl.arange(0, HD, layout=gl.SliceLayout(0, layout))[None, :]
     for s in range(n_steps):
         i, h = _step_at(s, n_q, kvh, G)
         m0 = i * BM
@@ -207,11 +217,9 @@ def _write(dq_smem, dq_full, dq_free, acc_ptr, dq_ptr, turn_ptr, j, kvh, q_lo, q
         turn = turn_ptr + h.to(gl.int64) * stride_sh + i
         mbarrier.wait(dq_full, s & 1)
         if j > 0:
-            _wait_turn(turn, j * NT)
-        for x in range(2 * CH):  # (consumer, R rows)
-            part = dq_smem.index(x).load(layout)
-            _add_rows(part, acc_ptr, dq_ptr, (x % CH) * R, m0, j, j_last, q_lo, q_len, (2 * h + x // CH) * HD, scale,
-                      stride_qt)
+            _wait_turn(turn, j * 2 * NT)
+        off = (q_lo + m0).to(gl.int64) * stride_qt + (2 * h + C) * HD
+        _add_part(dq_smem, acc_ptr, dq_ptr, off, tile_off, rows, m0, j, j_last, q_len, scale, stride_qt)
         if j < j_last:  # each lane releases its own adds
             one = gl.full([32 * gl.num_warps()], 1, gl.int32, lanes)
             gl.atomic_add(turn + one * 0, one, sem="release", scope="gpu")
@@ -239,9 +247,11 @@ def _dkdvq_kernel(q_desc, do_desc, k_desc, v_desc, dq_ptr, dk_ptr, dv_ptr, acc_p
     do_smem = gl.allocate_shared_memory(q_desc.dtype, [STAGES, BM, D], q_desc.layout)
     ds_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BN, BM], q_desc.dtype)
     ds_smem = gl.allocate_shared_memory(q_desc.dtype, [4, BN, BM], ds_layout)  # [step % 2, consumer]
-    # a consumer's columns each, in chunks of 4 rows (the writer's); 2 wavefronts a row-group store
-    dq_layout: gl.constexpr = gl.SwizzledSharedLayout(8, 1, 4, order=[1, 0])
-    dq_smem = gl.allocate_shared_memory(gl.float32, [2 * BM // 4, 4, D // 2], dq_layout)
+    # a consumer's dQ columns in chunks of DQ_ROWS rows (its writer's loads), 4 floats of padding a
+    # row: a store's 8 rows x 32 bytes land in 2 wavefronts, whatever rows a chunk holds
+    dq_layout: gl.constexpr = gl.PaddedSharedLayout.with_identity_for([[D // 2, 4]], [DQ_ROWS, D // 2], [1, 0])
+    dq0 = gl.allocate_shared_memory(gl.float32, [BM // DQ_ROWS, DQ_ROWS, D // 2], dq_layout)
+    dq1 = gl.allocate_shared_memory(gl.float32, [BM // DQ_ROWS, DQ_ROWS, D // 2], dq_layout)
     ready = _slot_barriers(STAGES)
     empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     for s in gl.static_range(STAGES):
@@ -249,25 +259,26 @@ def _dkdvq_kernel(q_desc, do_desc, k_desc, v_desc, dq_ptr, dk_ptr, dv_ptr, acc_p
     ds_bar = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
     for s in gl.static_range(2):
         mbarrier.init(ds_bar.index(s), count=2)
-    dq_full = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
-    mbarrier.init(dq_full, count=2)
-    dq_free = _slot_barriers(1).index(0)
+    dq_full = _slot_barriers(2)  # a consumer's tile written, for its writer
+    dq_free = _slot_barriers(2)  # and read
     kv_bar = _slot_barriers(1).index(0)
     n_q = gl.cdiv(q_len, BM)
     n_steps = G * (n_q - n0 // BM)
     turn_b = turn_ptr + q_lo // BM + b  # the sequence's query blocks' counters
     gl.warp_specialize([
-        (_consume, (k0, v0, k0, k1, q_smem, do_smem, ds_smem, dq_smem, ready, empty, ds_bar, dq_full, dq_free, kv_bar,
-                    dk_ptr, dv_ptr, lse_ptr, delta_ptr, n0, kvh, q_lo, q_len, n_q, n_steps, qk_scale, scale, stride_kt,
-                    stride_lh, stride_dh, G, 0)),
-        (_consume, (k1, v1, k0, k1, q_smem, do_smem, ds_smem, dq_smem, ready, empty, ds_bar, dq_full, dq_free, kv_bar,
-                    dk_ptr, dv_ptr, lse_ptr, delta_ptr, n0, kvh, q_lo, q_len, n_q, n_steps, qk_scale, scale, stride_kt,
-                    stride_lh, stride_dh, G, 1)),
+        (_consume, (k0, v0, k0, k1, q_smem, do_smem, ds_smem, dq0, ready, empty, ds_bar, dq_full.index(0),
+                    dq_free.index(0), kv_bar, dk_ptr, dv_ptr, lse_ptr, delta_ptr, n0, kvh, q_lo, q_len, n_q, n_steps,
+                    qk_scale, scale, stride_kt, stride_lh, stride_dh, G, 0)),
+        (_consume, (k1, v1, k0, k1, q_smem, do_smem, ds_smem, dq1, ready, empty, ds_bar, dq_full.index(1),
+                    dq_free.index(1), kv_bar, dk_ptr, dv_ptr, lse_ptr, delta_ptr, n0, kvh, q_lo, q_len, n_q, n_steps,
+                    qk_scale, scale, stride_kt, stride_lh, stride_dh, G, 1)),
         (_load, (q_desc, do_desc, k_desc, v_desc, k0, v0, k1, v1, q_smem, do_smem, ready, empty, kv_bar, n0, kvh, q_lo,
                  n_q, n_steps, G)),
-        (_write, (dq_smem, dq_full, dq_free, acc_ptr, dq_ptr, turn_b, n0 // (2 * BN), kvh, q_lo, q_len, n_q, n_steps,
-                  scale, stride_qt, stride_sh, G, 2 * BN)),
-    ], [4, 1, 1], [CONSUMER_REGS, SIDE_REGS, SIDE_REGS])
+        (_write, (dq0, dq_full.index(0), dq_free.index(0), acc_ptr, dq_ptr, turn_b, n0 // (2 * BN), kvh, q_lo, q_len,
+                  n_q, n_steps, scale, stride_qt, stride_sh, G, 2 * BN, 0)),
+        (_write, (dq1, dq_full.index(1), dq_free.index(1), acc_ptr, dq_ptr, turn_b, n0 // (2 * BN), kvh, q_lo, q_len,
+                  n_q, n_steps, scale, stride_qt, stride_sh, G, 2 * BN, 1)),
+    ], [4, 1, 1, 1], [CONSUMER_REGS, SIDE_REGS, SIDE_REGS, SIDE_REGS])
 
 
 def supported(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, do: torch.Tensor) -> bool:
