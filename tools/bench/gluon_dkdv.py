@@ -179,8 +179,8 @@ def compile_sm90(kernel, block_m: int, block_n: int, num_warps: int, stages: int
 
 def ptxas_report(fn, sig: dict, consts: dict, num_warps: int, maxnreg: int | None, ptx_dir: str = "") -> dict:
     """Compile the Gluon kernel fn for sm_90 without a GPU (sig: each non-constexpr parameter's
-    type; pointers 16-byte aligned, stride_qt / stride_kt multiples of 16) and read ptxas -v / the SASS: registers, spills, shared
-    memory, HGMMA and wgmma waits."""
+    type; pointers 16-byte aligned, stride_qt / stride_kt multiples of 16) and read ptxas -v / the
+    SASS: registers, spills, shared memory, HGMMA and wgmma waits."""
     from triton.backends.compiler import GPUTarget
     from triton.experimental.gluon._runtime import GluonASTSource
 

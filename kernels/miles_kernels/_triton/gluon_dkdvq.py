@@ -9,12 +9,12 @@ blocks from the sequence's last down to the diagonal, the G query heads inner. P
     consumers  2 x 4 warps, 64 keys each: S^T, dP^T, dV, dK as gluon_attention_bwd's dK / dV
                consumer; dS^T (bf16) to shared memory, and once both halves are there each makes
                64 of dQ's D columns: dS k over the 128 keys (two chained wgmmas, a half of the
-               keys each: one K-order, as the Triton kernel's dot), into a shared fp32 tile
-    writer     1 warp: that tile into its query block's fp32 sum in KV-block order, `_dq_turn`'s
-               operations: KV block 0 stores, each later one waits for its turn and adds with
-               atomics, the diagonal's (the last) adds the sum to its own part, scales and
-               writes dq. A turn is a counter a (query head, query block) the writer's 32 lanes
-               each add 1 to (release) after their own adds; KV block j waits for 32 j. A program
+               keys each: one K-order, as the Triton kernel's dot), into its writer's fp32 tile
+    writers    1 warp a consumer: its tile into the query block's fp32 sum in KV-block order,
+               `_dq_turn`'s operations: KV block 0 stores, each later one waits for its turn and
+               adds with atomics, the diagonal's (the last) adds the sum to its own part, scales
+               and writes dq. A turn is a counter a (query head, query block) each writer lane
+               adds 1 to (release) after its own adds; KV block j waits for 2 x 32 j. A program
                waits only for lower KV blocks of its sequence and head, which the rank-major grid
                starts before it: no deadlock.
 
@@ -39,7 +39,7 @@ from miles_kernels._triton.gluon_attention_bwd import (_begin, _desc, _dv_ds, _l
                                                       _store_dkdv)
 
 BLOCK_M, HALF, STAGES = 64, 64, 2  # query rows a step, keys a consumer (128 a program), q / dout ring slots
-SIDE_REGS = 24  # registers a thread of the producer and writer warps (the third warpgroup's share)
+SIDE_REGS = 24  # registers a thread of the producer and writers (the third warpgroup's share)
 NT = gl.constexpr(32)  # turn arrivals a program and writer: its warp's lanes
 DQ_ROWS = gl.constexpr(2)  # rows a writer's load: 4 floats a lane (its 24 registers)
 
@@ -193,8 +193,8 @@ def _red_add(ptr, val, ok):
         mov.b32 $1, 0;
         mov.b32 $2, 0;
         mov.b32 $3, 0;
-        }""", "=r,=r,=r,=r,l,l,l,l,f,f,f,f,r,r,r,r", [ptr.to(gl.int64), val, ok.to(gl.int32)], dtype=gl.int32, is_pure=False,
-        pack=4)
+        }""", "=r,=r,=r,=r,l,l,l,l,f,f,f,f,r,r,r,r", [ptr.to(gl.int64), val, ok.to(gl.int32)], dtype=gl.int32,
+        is_pure=False, pack=4)
 
 
 @gluon.jit
@@ -231,7 +231,7 @@ def _write(dq_smem, dq_full, dq_free, acc_ptr, dq_ptr, turn_ptr, j, kvh, q_lo, q
 def _dkdvq_kernel(q_desc, do_desc, k_desc, v_desc, dq_ptr, dk_ptr, dv_ptr, acc_ptr, turn_ptr, lse_ptr, delta_ptr,
                   cu_ptr, qk_scale, scale, n_kv_heads, n_bk, stride_qt, stride_kt, stride_lh, stride_dh, stride_sh,
                   G: gl.constexpr, STAGES: gl.constexpr, SIDE_REGS: gl.constexpr, CONSUMER_REGS: gl.constexpr):
-    """One program a (2 x HALF keys, sequence, kv head): producer, two consumers, writer."""
+    """One program a (2 x HALF keys, sequence, kv head): producer, two consumers, two writers."""
     BN: gl.constexpr = k_desc.block_type.shape[0]
     BM: gl.constexpr = q_desc.block_type.shape[0]
     D: gl.constexpr = q_desc.block_type.shape[1]
