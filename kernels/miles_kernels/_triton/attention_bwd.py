@@ -195,14 +195,8 @@ def _dkdv_kernel(q_ptr, k_ptr, v_ptr, do_ptr, dk_ptr, dv_ptr, lse_ptr, delta_ptr
     tl.store(dv_ptr + kv_off, dv.to(dv_ptr.dtype.element_ty), mask=k_ok)
 
 
-@triton.jit
-def _wait_turn(turn_ptr, turn, target):
-    """Spin until the counter at turn_ptr reaches target (turn: its value read before this step's
-    MMAs), then fence.acq_rel.gpu: the reads and adds after it come after the adds of the
-    threads that passed the turns. In PTX, so the loop is one op that Triton's pipeliner can
-    schedule around (an scf.while in the step stops it: no TMA prefetch)."""
-    return tl.inline_asm_elementwise(
-        """{
+# $0 = the counter at [$3] once it reaches $2 (from $1, a value read before), then fence.acq_rel.gpu
+WAIT_TURN_PTX = tl.constexpr("""{
         .reg .pred p;
         mov.u32 $0, $1;
         WAIT_TURN:
@@ -212,7 +206,17 @@ def _wait_turn(turn_ptr, turn, target):
         bra WAIT_TURN;
         TURN_DONE:
         fence.acq_rel.gpu;
-        }""", "=r,r,r,l", [turn, target, turn_ptr], dtype=tl.int32, is_pure=False, pack=1)
+        }""")
+
+
+@triton.jit
+def _wait_turn(turn_ptr, turn, target):
+    """Spin until the counter at turn_ptr reaches target (turn: its value read before this step's
+    MMAs), then fence.acq_rel.gpu: the reads and adds after it come after the adds of the
+    threads that passed the turns. In PTX, so the loop is one op that Triton's pipeliner can
+    schedule around (an scf.while in the step stops it: no TMA prefetch)."""
+    return tl.inline_asm_elementwise(WAIT_TURN_PTX, "=r,r,r,l", [turn, target, turn_ptr], dtype=tl.int32,
+                                     is_pure=False, pack=1)
 
 
 @triton.jit

@@ -34,9 +34,10 @@ from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, mbarrier, tma, warpgroup_mma,
                                                               warpgroup_mma_wait)
 
+from miles_kernels._triton.attention_bwd import WAIT_TURN_PTX
 from miles_kernels._triton.gluon_attention import CONSUMER_REGS, _mma_layout, _slot_barriers
 from miles_kernels._triton.gluon_attention_bwd import (_begin, _desc, _dv_ds, _load_pair, _program, _rows_at,
-                                                      _store_dkdv)
+                                                      _store_dkdv, supported)  # noqa: F401 (supported: re-exported)
 
 BLOCK_M, HALF, STAGES = 64, 64, 2  # query rows a step, keys a consumer (128 a program), q / dout ring slots
 SIDE_REGS = 24  # registers a thread of the producer and writers (the third warpgroup's share)
@@ -136,18 +137,8 @@ def _wait_turn(turn_ptr, target):
     reads and adds after it come after the adds of the lanes that passed the turns."""
     layout: gl.constexpr = gl.BlockedLayout([1], [32], [gl.num_warps()], [0])
     zero = gl.zeros([32 * gl.num_warps()], gl.int32, layout)
-    gl.inline_asm_elementwise(
-        """{
-        .reg .pred p;
-        mov.u32 $0, $1;
-        WAIT_TURN:
-        setp.ge.s32 p, $0, $2;
-        @p bra TURN_DONE;
-        ld.volatile.global.u32 $0, [$3];
-        bra WAIT_TURN;
-        TURN_DONE:
-        fence.acq_rel.gpu;
-        }""", "=r,r,r,l", [zero, zero + target, turn_ptr + zero], dtype=gl.int32, is_pure=False, pack=1)
+    gl.inline_asm_elementwise(WAIT_TURN_PTX, "=r,r,r,l", [zero, zero + target, turn_ptr + zero], dtype=gl.int32,
+                              is_pure=False, pack=1)
 
 
 @gluon.jit
@@ -281,20 +272,12 @@ def _dkdvq_kernel(q_desc, do_desc, k_desc, v_desc, dq_ptr, dk_ptr, dv_ptr, acc_p
     ], [4, 1, 1, 1], [CONSUMER_REGS, SIDE_REGS, SIDE_REGS, SIDE_REGS])
 
 
-def supported(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, do: torch.Tensor) -> bool:
-    """Whether dkdvq takes these contiguous tensors: CUDA sm_90, bf16 / fp16, head dim 64 or 128,
-    16-byte aligned."""
-    D = q.shape[2]
-    return (q.is_cuda and torch.cuda.get_device_capability(q.device) == (9, 0)
-            and q.dtype in (torch.bfloat16, torch.float16) and D in (64, 128)
-            and all(t.is_contiguous() and t.data_ptr() % 16 == 0 for t in (q, k, v, do)))
-
-
 def dkdvq(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, do: torch.Tensor, dq: torch.Tensor, dk: torch.Tensor,
           dv: torch.Tensor, lse_HT: torch.Tensor, delta_HT: torch.Tensor, cu: torch.Tensor, max_len: int,
           scale: float) -> None:
     """dq [T, H, D], dk, dv [T, K, D] (contiguous, written) of contiguous q, dout [T, H, D] and k, v
-    [T, K, D]; the caller checked `supported`. Scratch: an fp32 [T, H, D] sum and the turn counters."""
+    [T, K, D]; the caller checked `supported` (gluon_attention_bwd's conditions). Scratch: an fp32
+    [T, H, D] sum and the turn counters."""
     T, H, D = q.shape
     K = k.shape[1]
     B = cu.shape[0] - 1
