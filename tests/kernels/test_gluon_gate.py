@@ -42,3 +42,16 @@ def test_cpu_tensors_never_reach_gluon():
 
     assert not gluon_attention_bwd.supported(q, k, k, q)
     assert not gluon_dkdvq.supported(q, k, k, q)
+
+
+def test_gluon_tiles_are_the_tables_full_gpu_tiles():
+    """The Gluon backward kernels replace the Triton ones only at the tables' full-GPU tiles (the
+    same values there): a table edit that moves off them would silently drop the Gluon kernels."""
+    from miles_kernels._triton import attention_bwd as AB
+    from miles_kernels._triton import gluon_attention_bwd as GB
+    from miles_kernels._triton import gluon_dkdvq as GF
+
+    for dtype in (torch.bfloat16, torch.float16):
+        fused = AB.FUSED_TILES[dtype][0]
+        assert (fused.block_m, fused.block_n) == (GF.BLOCK_M, 2 * GF.HALF), dtype
+        assert AB.DKDV_TILES[dtype][0].block_m == GB.BLOCK_M, dtype
