@@ -60,9 +60,9 @@ DKDV_TMA = True
 DQ_TMA = True
 # DQ_FUSED: the dK/dV kernel also makes dQ (_dkdvq_kernel: each step's dS k summed per query block
 # in KV-block order through an fp32 [T, H, D] buffer), five MMAs a step where the split runs seven.
-# Off: 2.4-2.5x the split's time on the H200 at its best tile (0.6B 16k 16.4 vs 6.8 ms), 2.0x
-# without its turn waits, so the kernel's body is what is slow (docs/kernel_tuning.md, 2026-12-04
-# nineteenth run). Its tile: the fastest measured at 4k and 16k (32 x 64 took twice as long).
+# Off: the Triton kernel took 2.4-2.5x the split's time on the H200 at its best tile (0.6B 16k 16.4
+# vs 6.8 ms), 2.0x without its turn waits: its body is what is slow (docs/kernel_tuning.md,
+# 2026-12-04 nineteenth run). gluon_dkdvq's kernel (Hopper) has not run on a GPU yet.
 DQ_FUSED = False
 # 64 query rows x 128 keys: the tile gluon_dkdvq's kernel computes with these values on Hopper (the
 # Triton kernel's fastest was 32 x 128; 64 x 128 took 1.0-1.1x its time, nineteenth run).
