@@ -24,6 +24,11 @@
 #              and fp32 at 4k / 16k / packed, timed against _dkdv_kernel / _dq_kernel; gluon_fwd.py: the
 #              training forward, bitwise against packed_attention, timed against it and flash); under a
 #              time limit each (a barrier bug hangs)
+#   pending    (not in the default list) what no GPU has run yet, first and each under a KILL limit: the
+#              Gluon grouped_linear (its bitwise test, then its sweep rows), the Gluon dK/dV/dQ kernel (its
+#              tests, attn_bwd --fused), rms_norm's backward with rows loaded ahead (its test,
+#              tools/bench/norm_grad.py); then the 16k trainer with and without --dq-fused and the MoE
+#              bench with and without --gluon-grouped (the peer in the same call)
 #   optim      (not in the default list) the trainer's one-pass optimizer step (tools/bench/optim_pass.py:
 #              bf16 grads in, torch's AdamW on fp32 p / m / v, the bf16 shadow out) against torch's four
 #              passes and the same kernel over one flat buffer, at the 0.6B and MoE bench shapes
@@ -104,6 +109,26 @@ for step in $steps; do
                    --fused --sweep --lens 4096,16384
                run bench_train_fused timeout 600 python3 tools/bench/train.py --modes invariant --steps 3 --dq-fused \
                    --peer --out "$out/train_fused.json" ;;
+        pending) run gpu_gluon_grouped timeout -s KILL 300 python3 -m pytest -q -o addopts="" tests/gpu/test_kernels_gpu.py \
+                     -k gluon_grouped
+                 run grouped_picks timeout -s KILL 300 python3 tools/bench/grouped_sweep.py --picks \
+                     --shapes 30b,a-0.6b/gate,a-0.6b/down --out "$out/grouped_picks.json"
+                 run gpu_fused_test timeout -s KILL 420 python3 -m pytest -q -o addopts="" \
+                     tests/gpu/test_attention_bwd_gpu.py -k fused
+                 run attn_bwd_fused timeout -s KILL 300 python3 tools/bench/attn_bwd.py "$out/attn_bwd_fused.json" \
+                     --fused --lens 4096,16384
+                 run gpu_norm_grad timeout -s KILL 300 python3 -m pytest -q -o addopts="" tests/gpu/test_kernels_gpu.py \
+                     -k rms_norm_grad
+                 run norm_grad timeout -s KILL 300 python3 tools/bench/norm_grad.py --out "$out/norm_grad.json"
+                 run bench_train_16k timeout -s KILL 600 python3 tools/bench/train.py --seqs 16384 --modes invariant \
+                     --steps 8 --peer --out "$out/train_16k.json"
+                 run bench_train_16k_fused timeout -s KILL 600 python3 tools/bench/train.py --seqs 16384 \
+                     --modes invariant --steps 8 --dq-fused --out "$out/train_16k_fused.json"
+                 for gg in "" --gluon-grouped; do
+                     run bench_train_moe${gg:+_gluon} timeout -s KILL 600 python3 tools/bench/train.py \
+                         --model qwen3-0.6b qwen3-moe-a0.6b --seqs 4096 --modes invariant $gg \
+                         --out "$out/train_moe${gg:+_gluon}.json"
+                 done ;;
         ws) run ws_probe python3 tools/bench/ws_probe.py "$out/ws_probe.json" ;;
         gluon) for p in fwd dkdv dq; do
                    run gluon_$p timeout 300 python3 tools/bench/gluon_$p.py --out "$out/gluon_$p.json"
@@ -113,7 +138,7 @@ for step in $steps; do
              run attn_tma python3 tools/bench/attn_sweep.py "$out/attn_tma.json" --tma --tiles
              run attn_tma_paged python3 tools/bench/attn_sweep.py "$out/attn_tma_paged.json" --tma-paged
              run kernel_regs python3 tools/bench/kernel_regs.py "$out/kernel_regs.json" ;;
-        *) echo "unknown step $step (tests scale kernels engine engine_host train rl_step spec profile sweep moe tma fused ws gluon optim)"
+        *) echo "unknown step $step (tests scale kernels engine engine_host train rl_step spec profile sweep moe tma fused pending ws gluon optim)"
            exit 2 ;;
     esac
 done

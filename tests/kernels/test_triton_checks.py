@@ -522,12 +522,23 @@ def check_rms_norm_grad() -> None:
         _same(gx2, gx, "rms_norm gx run to run (contiguous copies)")
         _same(gw2, gw, "rms_norm gw run to run (contiguous copies)")
         _same(kt.rms_norm_grad(x, w, gy, eps, False, True)[1], gw, "rms_norm gw without gx")
+        add = torch.randn(D, M, generator=g).T  # a residual's other grad, strided: gx + add in the kernel's pass
+        with_add = kt.rms_norm_grad(x, w, gy, eps, True, True, add)
+        saved_ahead = eg.AHEAD_ELEMENTS
+        try:
+            for ahead in (1, 3, 16):  # rows loaded together: 3 ends 10 rows mid-group, 16 is capped at 10
+                eg.AHEAD_ELEMENTS = ahead * 64  # D 40's block
+                for got, want, what in ((kt.rms_norm_grad(x, w, gy, eps, True, True), (gx, gw), "no add"),
+                                        (kt.rms_norm_grad(x, w, gy, eps, True, True, add), with_add, "add")):
+                    for a, b, n in zip(got, want, ("gx", "gw")):
+                        _same(a, b, f"rms_norm {n} ({what}) with {ahead} rows' loads ahead vs the default")
+        finally:
+            eg.AHEAD_ELEMENTS = saved_ahead
         eg._GW_PARTIAL = 1 << 20  # a row per program
         gx1, gw1 = kt.rms_norm_grad(x, w, gy, eps, True, True)
         _same(gx1, gx, "rms_norm gx with another row partition")
         _close_rel(gw1, gw, "rms_norm gw with another row partition")
         _same(kt.rms_norm_grad(x, w, gy, eps, True, False)[0], gx, "rms_norm gx without gw")
-        add = torch.randn(D, M, generator=g).T  # a residual's other grad, strided: gx + add in the kernel's pass
         gxa, gwa = kt.rms_norm_grad(x, w, gy, eps, True, True, add)
         _same(gxa, gx + add, "rms_norm gx + add vs torch's add of gx")
         _same(gwa, gw1, "rms_norm gw with an add")

@@ -13,6 +13,7 @@ packed sequences at 4k and 16k tokens, invariant vs fast kernels.
     python tools/bench/train.py --seqs 4096 --graphs off on        # the trunk eager vs from CUDA graphs
     python tools/bench/train.py --seqs 4096 16384 --one-pass off on  # torch's optimizer step vs the one pass
     python tools/bench/train.py --model qwen3-0.6b qwen3-moe-a0.6b --seqs 4096 --modes invariant  # MoE vs dense MFU
+    python tools/bench/train.py --model qwen3-moe-a0.6b --seqs 4096 --modes invariant --gluon-grouped  # Gluon experts
     torchrun --nproc-per-node 8 tools/bench/train.py --out b.json  # FSDP over 8 GPUs
 
 Each case: `--warmup` untimed steps, then `--steps` timed train_steps of one micro-batch of
@@ -238,12 +239,18 @@ def main() -> None:
                    help="also run one step per case under cProfile and print its top N functions")
     p.add_argument("--dq-fused", action="store_true",
                    help="the attention backward's dQ made in its dK/dV kernel (miles_kernels attention_bwd.DQ_FUSED)")
+    p.add_argument("--gluon-grouped", action="store_true",
+                   help="the MoE experts' grouped_linear by the Gluon kernel on Hopper (miles_kernels matmul.GLUON_GROUPED)")
     p.add_argument("--out", default="bench_train.json")
     a = p.parse_args()
     if a.dq_fused:
         from miles_kernels._triton import attention_bwd
 
         attention_bwd.DQ_FUSED = True
+    if a.gluon_grouped:
+        from miles_kernels._triton import matmul
+
+        matmul.GLUON_GROUPED = True
     import torch.distributed as dist
 
     t0 = time.time()
@@ -296,6 +303,7 @@ def main() -> None:
         meta = {"device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
                 "world_size": dist.get_world_size(), "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"),
                 "model": f"{', '.join(a.model)} shape, random weights", "dq_fused": a.dq_fused,
+                "gluon_grouped": a.gluon_grouped,
                 "wall_s": time.time() - t0}
         with open(a.out, "w") as f:
             json.dump({"meta": meta, "results": results}, f, indent=2)

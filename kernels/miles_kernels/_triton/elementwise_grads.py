@@ -15,6 +15,10 @@ from miles_kernels._triton.launch import fast_launch
 
 _GW_PARTIAL = 1 << 20
 """fp32 elements of rms_norm's weight-grad partials ([programs, D]) to aim for: sets rows per program."""
+AHEAD_ELEMENTS = 512
+"""Row elements whose loads a program of _rms_norm_grad_kernel issues together: 4 rows of the q/k
+norms' 128 (one warp a row: its loads' latency is the kernel's time), 1 of a 1,024-wide hidden row
+(4 warps already keep its bytes moving; 4 rows there took 141 registers, not 64, on sm_90)."""
 
 
 def _unit_stride(t: torch.Tensor) -> torch.Tensor:
@@ -25,28 +29,42 @@ def _unit_stride(t: torch.Tensor) -> torch.Tensor:
 @triton.jit
 def _rms_norm_grad_kernel(
     x_ptr, w_ptr, g_ptr, add_ptr, gx_ptr, gw_ptr, M, D, rows, stride_x, stride_g, stride_add, stride_gx, eps,
-    BLOCK_D: tl.constexpr, NEED_X: tl.constexpr, NEED_W: tl.constexpr, HAS_ADD: tl.constexpr,
+    BLOCK_D: tl.constexpr, NEED_X: tl.constexpr, NEED_W: tl.constexpr, HAS_ADD: tl.constexpr, AHEAD: tl.constexpr,
 ):
+    """Program p: rows p * rows .. (p + 1) * rows - 1, one at a time (gw's partial in row order),
+    AHEAD rows' loads issued before the first of them is computed: a row's loads after an earlier
+    row's stores wait for those (the compiler cannot rule out aliasing), so one row at a time
+    leaves the loads' latency exposed. A row's bits do not depend on AHEAD."""
     pid = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK_D)
     in_row = cols < D
     w = tl.load(w_ptr + cols, mask=in_row, other=0.0).to(tl.float32)
     gw = tl.zeros([BLOCK_D], dtype=tl.float32)
     first = pid * rows
-    for row in range(first, tl.minimum(first + rows, M)):
-        x = tl.load(x_ptr + row * stride_x + cols, mask=in_row, other=0.0).to(tl.float32)
-        g = tl.load(g_ptr + row * stride_g + cols, mask=in_row, other=0.0).to(tl.float32)
-        r = tl.rsqrt(tl.sum(x * x, 0) / D + eps)  # the forward kernel's formulation
-        xhat = x * r
-        if NEED_W:
-            gw += g * xhat.to(x_ptr.dtype.element_ty).to(tl.float32)
-        if NEED_X:
-            ga = g * w
-            gx = (r * (ga - xhat * (tl.sum(ga * xhat, 0) / D))).to(gx_ptr.dtype.element_ty)
-            if HAS_ADD:  # torch's gx + add after gx's rounding: the fp32 sum, one rounding
-                a = tl.load(add_ptr + row * stride_add + cols, mask=in_row, other=0.0).to(tl.float32)
-                gx = (gx.to(tl.float32) + a).to(gx_ptr.dtype.element_ty)
-            tl.store(gx_ptr + row * stride_gx + cols, gx, mask=in_row)
+    end = tl.minimum(first + rows, M)
+    for base in range(first, end, AHEAD):
+        xs, gs, adds = (), (), ()
+        for i in tl.static_range(AHEAD):
+            row = tl.minimum(base + i, end - 1)  # past the program's rows: its last again, unused
+            xs = xs + (tl.load(x_ptr + row * stride_x + cols, mask=in_row, other=0.0),)
+            gs = gs + (tl.load(g_ptr + row * stride_g + cols, mask=in_row, other=0.0),)
+            if HAS_ADD:
+                adds = adds + (tl.load(add_ptr + row * stride_add + cols, mask=in_row, other=0.0),)
+        for i in tl.static_range(AHEAD):
+            row = base + i
+            if row < end:
+                x = xs[i].to(tl.float32)
+                g = gs[i].to(tl.float32)
+                r = tl.rsqrt(tl.sum(x * x, 0) / D + eps)  # the forward kernel's formulation
+                xhat = x * r
+                if NEED_W:
+                    gw += g * xhat.to(x_ptr.dtype.element_ty).to(tl.float32)
+                if NEED_X:
+                    ga = g * w
+                    gx = (r * (ga - xhat * (tl.sum(ga * xhat, 0) / D))).to(gx_ptr.dtype.element_ty)
+                    if HAS_ADD:  # torch's gx + add after gx's rounding: the fp32 sum, one rounding
+                        gx = (gx.to(tl.float32) + adds[i].to(tl.float32)).to(gx_ptr.dtype.element_ty)
+                    tl.store(gx_ptr + row * stride_gx + cols, gx, mask=in_row)
     if NEED_W:
         tl.store(gw_ptr + pid * D + cols, gw, mask=in_row)
 
@@ -73,7 +91,9 @@ def rms_norm_grad(x_MD: torch.Tensor, w_D: torch.Tensor, g_MD: torch.Tensor, eps
     _rms_norm_grad_kernel[(n_programs,)](
         x_MD, w_D.contiguous(), g_MD, add_MD, gx if need_x else x_MD, part_PD if need_w else x_MD,
         M, D, rows, x_MD.stride(0), g_MD.stride(0), add_MD.stride(0), D, eps,
-        BLOCK_D=block_d, NEED_X=need_x, NEED_W=need_w, HAS_ADD=has_add, num_warps=max(1, min(16, block_d // 256)),
+        BLOCK_D=block_d, NEED_X=need_x, NEED_W=need_w, HAS_ADD=has_add,
+        AHEAD=max(1, min(rows, AHEAD_ELEMENTS // block_d)),
+        num_warps=max(1, min(16, block_d // 256)),
     )
     return gx, part_PD.sum(0).to(w_D.dtype) if need_w else None
 
