@@ -245,12 +245,13 @@ def test_gluon_dq_bitwise(monkeypatch, heads, hd, dtype, lens):
     _same_grads(gluon, again, kt.packed_attention_bwd(*args), "Gluon dQ")
 
 
-# one small launch of gluon_dkdvq's kernel: two sequences, the first with 3 KV blocks (turns
-# passed on twice), partial query and KV blocks
+# one small launch of gluon_dkdvq's kernel in each diagonal variant: two sequences, the first with
+# 3 KV blocks (turns passed on twice), partial query and KV blocks
 _GLUON_DKDVQ_PROBE = """
 import torch
 from miles_kernels import _triton as kt
 from miles_kernels._triton import attention_bwd as AB
+from miles_kernels._triton import gluon_dkdvq as GF
 AB.DQ_FUSED = True
 lens, H, K, D = [300, 77], 4, 2, 128
 T = sum(lens)
@@ -259,17 +260,20 @@ k, v = (torch.randn(T, K, D, device="cuda", dtype=torch.bfloat16) for _ in range
 cu = torch.tensor([0, 300, 377], dtype=torch.int32, device="cuda")
 lse = torch.empty(H, T, device="cuda")
 out = kt.packed_attention(q, k, v, cu, 300, D**-0.5, lse_HT=lse)
-kt.packed_attention_bwd(q, k, v, out, do, lse, cu, 300, D**-0.5)
-torch.cuda.synchronize()
+for GF.DIAGONAL_IN_CONSUMER in (True, False):
+    kt.packed_attention_bwd(q, k, v, out, do, lse, cu, 300, D**-0.5)
+    torch.cuda.synchronize()
 """
 _probed = []
 
 
+@pytest.mark.parametrize("diag", [True, False], ids=["consumers_diagonal", "writers_diagonal"])
 @pytest.mark.parametrize("heads,hd,dtype,lens", GLUON_CASES + [((16, 8), 128, torch.bfloat16, [16384])])
-def test_gluon_fused_dkdvq_bitwise(monkeypatch, heads, hd, dtype, lens):
+def test_gluon_fused_dkdvq_bitwise(monkeypatch, heads, hd, dtype, lens, diag):
     """DQ_FUSED on Hopper runs gluon_dkdvq's kernel: dq, dk, dv bitwise == the Triton fused kernel's
     at its tile (FUSED_TILES), two runs the same bits, in a CUDA graph too; the cases of
-    test_gluon_dkdv_bitwise and one 16k sequence (128 KV blocks a head in turn)."""
+    test_gluon_dkdv_bitwise and one 16k sequence (128 KV blocks a head in turn), with the diagonal's
+    sums finished by the consumers or by the writers (DIAGONAL_IN_CONSUMER)."""
     from test_kernels_gpu import _launches_in_a_child
 
     from miles_kernels import _triton as kt
@@ -281,6 +285,7 @@ def test_gluon_fused_dkdvq_bitwise(monkeypatch, heads, hd, dtype, lens):
         _launches_in_a_child(_GLUON_DKDVQ_PROBE, "gluon_dkdvq's kernel")
         _probed.append(1)
     monkeypatch.setattr(AB, "DQ_FUSED", True)
+    monkeypatch.setattr(GF, "DIAGONAL_IN_CONSUMER", diag)
     calls = []
     real = GF.dkdvq
     monkeypatch.setattr(GF, "dkdvq", lambda *a: calls.append(1) or real(*a))

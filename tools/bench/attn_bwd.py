@@ -4,7 +4,8 @@
     python tools/bench/attn_bwd.py OUT.json --sweep          # also each candidate tile of both kernels
     python tools/bench/attn_bwd.py OUT.json --lens 4096 --models 8b
     python tools/bench/attn_bwd.py OUT.json --tma            # operands by pointers, by TMA, then the defaults
-    python tools/bench/attn_bwd.py OUT.json --fused          # the dQ kernel, then dQ in the dK/dV kernel
+    python tools/bench/attn_bwd.py OUT.json --fused          # the dQ kernel, then dQ in the dK/dV kernel (both
+                                                             # gluon_dkdvq diagonal variants on Hopper)
     python tools/bench/attn_bwd.py OUT.json --fused --sweep  # and the fused kernel's tiles (FUSED_SWEEP)
 
 One causal sequence of L tokens, bf16, head_dim 128, GQA (0.6B: 16 query / 8 kv heads; 8B:
@@ -28,6 +29,7 @@ import triton
 from triton.testing import do_bench
 
 from miles_kernels._triton import attention_bwd as B
+from miles_kernels._triton.gluon_gate import gluon_module
 from miles_kernels._triton.paged_attention import packed_attention
 
 MODELS = {"0.6b": (16, 8), "8b": (32, 8)}  # query heads, kv heads
@@ -152,22 +154,30 @@ def main() -> None:
             print(f"  grads bitwise equal to the pointers' {res[f'same_{name}']}")
         B.DKDV_TMA, B.DQ_TMA = saved
         print(f"defaults DKDV_TMA, DQ_TMA = {saved}:")
-    if args.fused:
-        saved = B.DQ_FUSED
+    if args.fused:  # the split kernels, then DQ_FUSED (on Hopper gluon_dkdvq's kernel, both diagonal variants)
+        gf = gluon_module("gluon_dkdvq")
+        saved = B.DQ_FUSED, gf.DIAGONAL_IN_CONSUMER if gf else None
         grads = {}
-        for on in (False, True):
+        variants = [("split", False, None), ("fused", True, True)] + ([("fused_wdiag", True, False)] if gf else [])
+        for name, on, diag in variants:
             B.DQ_FUSED = on
-            print(f"DQ_FUSED = {on}:")
-            res[f"compare_fused_{on}"] = compare(cases)
-            grads[on] = {key: c.ours() for key, c in cases.items()}
-        res["fused"] = {f"{m} L={L}": dict(
-            again_same=all(torch.equal(a, b) for a, b in zip(cases[m, L].ours(), grads[True][m, L])),
-            **{f"{n}_max_diff": (a.double() - b.double()).abs().max().item()
-               for n, a, b in zip(("dq", "dk", "dv"), grads[True][m, L], grads[False][m, L])},
-            dq_max=grads[False][m, L][0].double().abs().max().item()) for (m, L) in cases}
-        print(f"  fused vs the dQ kernel: {res['fused']}")
-        B.DQ_FUSED = saved
-        print(f"defaults DQ_FUSED = {saved}:")
+            if gf and diag is not None:
+                gf.DIAGONAL_IN_CONSUMER = diag
+            print(f"DQ_FUSED = {on}" + (f", gluon_dkdvq.DIAGONAL_IN_CONSUMER = {diag}" if gf and on else "") + ":")
+            res[f"compare_{name}"] = compare(cases)
+            grads[name] = {key: c.ours() for key, c in cases.items()}
+            if on:
+                res[name] = {f"{m} L={L}": dict(
+                    again_same=all(torch.equal(a, b) for a, b in zip(cases[m, L].ours(), grads[name][m, L])),
+                    same_as_fused=all(torch.equal(a, b) for a, b in zip(grads[name][m, L], grads["fused"][m, L])),
+                    **{f"{n}_max_diff": (a.double() - b.double()).abs().max().item()
+                       for n, a, b in zip(("dq", "dk", "dv"), grads[name][m, L], grads["split"][m, L])},
+                    dq_max=grads["split"][m, L][0].double().abs().max().item()) for (m, L) in cases}
+                print(f"  {name} vs the split kernels: {res[name]}")
+        B.DQ_FUSED = saved[0]
+        if gf:
+            gf.DIAGONAL_IN_CONSUMER = saved[1]
+        print(f"defaults DQ_FUSED = {saved[0]}:")
     res["compare"] = compare(cases)
     json.dump(res, open(args.out, "w"), indent=1)
     if args.sweep:

@@ -49,7 +49,7 @@ from miles_kernels._triton.gluon_attention import _mma_layout, _slot_barriers  #
 from miles_kernels._triton.gluon_attention_bwd import (_alloc_pair, _dkdv_consume, _dkdv_kernel,  # noqa: F401
                                                       _load_q_do, _program, _ring_q_do, _rows, _start, _step,
                                                       _store_dkdv)
-from miles_kernels._triton.gluon_dkdvq import SIDE_REGS, _dkdvq_kernel  # noqa: F401
+from miles_kernels._triton.gluon_dkdvq import DIAGONAL_IN_CONSUMER, SIDE_REGS, _dkdvq_kernel  # noqa: F401
 
 LOAD_REGS = 24  # the warp-specialized kernel's load partition: registers a thread
 
@@ -155,14 +155,14 @@ def desc_sig(rows: int, D: int) -> str:
 
 
 def compile_sm90(kernel, block_m: int, block_n: int, num_warps: int, stages: int, G: int = 2, D: int = 128,
-                 maxnreg: int | None = None, ptx_dir: str = "") -> dict:
+                 maxnreg: int | None = None, ptx_dir: str = "", extra: dict | None = None) -> dict:
     """Compile kernel for sm_90 without a GPU (bf16, descriptors as the GPU run makes them); its
-    registers, spills and shared memory from ptxas -v."""
+    registers, spills and shared memory from ptxas -v. extra: other constexprs (else the modules')."""
     fn = kernel
     names = [p.name for p in fn.params]
-    consts = {k: v for k, v in dict(G=G, STAGES=stages, LOAD_REGS=LOAD_REGS, BLOCK_M=block_m, G_PAD=G,
-                                    SPLIT_BLOCKS=4, STORE_LSE=True, CONSUMER_REGS=240,
-                                    SIDE_REGS=SIDE_REGS).items() if k in names}
+    consts = {k: v for k, v in {**dict(G=G, STAGES=stages, LOAD_REGS=LOAD_REGS, BLOCK_M=block_m, G_PAD=G,
+                                       SPLIT_BLOCKS=4, STORE_LSE=True, CONSUMER_REGS=240, SIDE_REGS=SIDE_REGS,
+                                       DIAG=DIAGONAL_IN_CONSUMER), **(extra or {})}.items() if k in names}
     sig = {}
     for n in (n for n in names if n not in consts):
         if n in ("q_desc", "do_desc"):
@@ -229,7 +229,8 @@ CONFIGS = [
 ]
 # compiled only (--compile-only): dK, dV and dQ in one kernel (gluon_dkdvq), which the backward runs
 # with DQ_FUSED; tools/bench/attn_bwd.py --fused times it against the split kernels
-COMPILE_ONLY = [("fused 64x128 s2", "_dkdvq_kernel", 64, 64, 4, 2, 168)]
+COMPILE_ONLY = [("fused 64x128 s2", "_dkdvq_kernel", 64, 64, 4, 2, 168, {"DIAG": True}),
+                ("fused 64x128 s2 wdiag", "_dkdvq_kernel", 64, 64, 4, 2, 168, {"DIAG": False})]  # writers' diagonal
 
 
 def compile_configs(configs: list, kernels: dict, ptx_dir: str) -> list:
@@ -239,9 +240,10 @@ def compile_configs(configs: list, kernels: dict, ptx_dir: str) -> list:
           f"kernel's compute warps get setmaxnreg's)")
     print(f"{'config':>22} {'regs':>5} {'spill st/ld B':>14} {'shared B':>9} {'HGMMA':>6} {'waits':>6}")
     failed = []
-    for name, kernel, bm, bn, nw, stages, maxnreg in configs:
+    for name, kernel, bm, bn, nw, stages, maxnreg, *extra in configs:
         try:
-            r = compile_sm90(kernels[kernel], bm, bn, nw, stages, maxnreg=maxnreg, ptx_dir=ptx_dir)
+            r = compile_sm90(kernels[kernel], bm, bn, nw, stages, maxnreg=maxnreg, ptx_dir=ptx_dir,
+                             extra=extra[0] if extra else None)
         except Exception as e:  # reported, the other configs still compiled
             print(f"{name:>22} FAILED: {type(e).__name__}: {str(e)[:500]}")
             failed.append(name)
