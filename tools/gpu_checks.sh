@@ -27,8 +27,11 @@
 #   pending    (not in the default list) what no GPU has run yet, first and each under a KILL limit: the
 #              Gluon grouped_linear (its bitwise test, then its sweep rows), the Gluon dK/dV/dQ kernel (its
 #              tests, attn_bwd --fused), rms_norm's backward with rows loaded ahead (its test,
-#              tools/bench/norm_grad.py); then the 16k trainer with and without --dq-fused and the MoE
-#              bench with and without --gluon-grouped (the peer in the same call)
+#              tools/bench/norm_grad.py)
+#   pending_train   (not in the default list) the 16k trainer with and without --dq-fused (the peer in
+#              the same call), the MoE bench with and without --gluon-grouped
+#   pending_engine  (not in the default list) the engine's rows with 4,096 prefill tokens a step (the old
+#              default) and with EngineConfig.max_prefill_tokens=0's choice
 #   optim      (not in the default list) the trainer's one-pass optimizer step (tools/bench/optim_pass.py:
 #              bf16 grads in, torch's AdamW on fp32 p / m / v, the bf16 shadow out) against torch's four
 #              passes and the same kernel over one flat buffer, at the 0.6B and MoE bench shapes
@@ -119,8 +122,8 @@ for step in $steps; do
                      --fused --lens 4096,16384
                  run gpu_norm_grad timeout -s KILL 300 python3 -m pytest -q -o addopts="" tests/gpu/test_kernels_gpu.py \
                      -k rms_norm_grad
-                 run norm_grad timeout -s KILL 300 python3 tools/bench/norm_grad.py --out "$out/norm_grad.json"
-                 run bench_train_16k timeout -s KILL 600 python3 tools/bench/train.py --seqs 16384 --modes invariant \
+                 run norm_grad timeout -s KILL 300 python3 tools/bench/norm_grad.py --out "$out/norm_grad.json" ;;
+        pending_train) run bench_train_16k timeout -s KILL 600 python3 tools/bench/train.py --seqs 16384 --modes invariant \
                      --steps 8 --peer --out "$out/train_16k.json"
                  run bench_train_16k_fused timeout -s KILL 600 python3 tools/bench/train.py --seqs 16384 \
                      --modes invariant --steps 8 --dq-fused --out "$out/train_16k_fused.json"
@@ -128,6 +131,10 @@ for step in $steps; do
                      run bench_train_moe${gg:+_gluon} timeout -s KILL 600 python3 tools/bench/train.py \
                          --model qwen3-0.6b qwen3-moe-a0.6b --seqs 4096 --modes invariant $gg \
                          --out "$out/train_moe${gg:+_gluon}.json"
+                 done ;;
+        pending_engine) for pt in 4096 0; do
+                     run bench_engine_prefill$pt timeout -s KILL 420 python3 tools/bench/engine.py --quick --only engine \
+                         --prefill-tokens $pt --out "$out/engine_prefill$pt.json"
                  done ;;
         ws) run ws_probe python3 tools/bench/ws_probe.py "$out/ws_probe.json" ;;
         gluon) for p in fwd dkdv dq; do
@@ -138,7 +145,7 @@ for step in $steps; do
              run attn_tma python3 tools/bench/attn_sweep.py "$out/attn_tma.json" --tma --tiles
              run attn_tma_paged python3 tools/bench/attn_sweep.py "$out/attn_tma_paged.json" --tma-paged
              run kernel_regs python3 tools/bench/kernel_regs.py "$out/kernel_regs.json" ;;
-        *) echo "unknown step $step (tests scale kernels engine engine_host train rl_step spec profile sweep moe tma fused pending ws gluon optim)"
+        *) echo "unknown step $step (tests scale kernels engine engine_host train rl_step spec profile sweep moe tma fused pending pending_train pending_engine ws gluon optim)"
            exit 2 ;;
     esac
 done

@@ -169,3 +169,46 @@ def test_request_validation_messages():
     eng.add_request(Request([1], SamplingParams(max_new_tokens=2), request_id="dup"))
     with pytest.raises(ValueError, match="still unfinished"):
         eng.add_request(Request([1], SamplingParams(max_new_tokens=2), request_id="dup"))
+
+
+def _args(**kw):
+    from miles_fsdp.models import ModelArgs
+
+    base = dict(arch="qwen3", vocab_size=151936, dim=1024, n_layers=28, n_heads=16, n_kv_heads=8, head_dim=128,
+                ffn_dim=3072, norm_eps=1e-6, max_position_embeddings=40960)
+    return ModelArgs(**{**base, **kw})
+
+
+def test_auto_prefill_tokens_fit_beside_the_kv_cache(monkeypatch):
+    """max_prefill_tokens=0: the largest of 16384 / 8192 / 4096 tokens whose estimated activations
+    fit in the memory the KV cache leaves (CUDA), 4096 on CPU; a given budget is used as given;
+    0 < budget < page_size and negatives are refused."""
+    from types import SimpleNamespace
+
+    from miles_fsdp.engine import Engine, EngineConfig
+    from miles_fsdp.engine.config import auto_prefill_tokens, prefill_bytes_per_token
+
+    small, large = _args(), _args(dim=5120, n_heads=64, ffn_dim=25600)  # 0.6B's and a 32B's widths
+    per = prefill_bytes_per_token(small, 2)
+    assert per == 2 * 2 * (4 * 1024 + (2 * 16 + 2 * 8) * 128 + 3 * 3072)
+    assert [auto_prefill_tokens(small, 2, free) for free in (20 * 2**30, 16384 * per - 1, 8192 * per - 1, 0)] == \
+        [16384, 8192, 4096, 4096]
+    assert auto_prefill_tokens(large, 2, 2 * 2**30) == 4096 and auto_prefill_tokens(large, 2, 20 * 2**30) == 16384
+    moe = _args(dim=2048, n_heads=32, n_kv_heads=4, ffn_dim=0, n_experts=128, n_experts_per_tok=8, moe_ffn_dim=768)
+    assert prefill_bytes_per_token(moe, 2) == 2 * 2 * (4 * 2048 + 72 * 128 + 8 * (2 * 2048 + 3 * 768))
+
+    eng, _ = mock_engine(max_prefill_tokens=0)  # CPU: the old fixed budget
+    assert eng.max_prefill_tokens == eng.scheduler.max_prefill_tokens == 4096
+    eng, _ = mock_engine(max_prefill_tokens=48)
+    assert eng.max_prefill_tokens == eng.scheduler.max_prefill_tokens == 48
+    for bad in (-1, 8):
+        with pytest.raises(ValueError, match=r"EngineConfig.max_prefill_tokens=.*0 \(chosen at start\) or >= page_size"):
+            EngineConfig(page_size=16, max_prefill_tokens=bad)
+
+    # the CUDA branch: free memory less the KV cache about to be allocated, no device needed
+    fake = SimpleNamespace(runner=SimpleNamespace(device=torch.device("cuda"), dtype=torch.bfloat16, draft_layers=0),
+                           model=SimpleNamespace(args=small), config=EngineConfig(page_size=64), num_pages=1000)
+    kv = 1000 * 2 * 28 * 64 * 8 * 128 * 2
+    for free, want in ((kv + 16384 * per, 16384), (kv + 16384 * per - 1, 8192), (kv, 4096)):
+        monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device, free=free: (free, 2 * free))
+        assert Engine._auto_prefill_tokens(fake) == want

@@ -325,6 +325,8 @@ def main() -> None:
     ap.add_argument("--budget-s", type=float, default=330.0, help="skip rows once this much time has passed")
     ap.add_argument("--kv-fraction", type=float, default=0.85, help="EngineConfig.kv_memory_fraction")
     ap.add_argument("--graph-by-width", action="store_true", help="EngineConfig.cuda_graph_by_width")
+    ap.add_argument("--prefill-tokens", type=int, default=0,
+                    help="EngineConfig.max_prefill_tokens (0: the engine's choice, 16384 where it fits on an H200)")
     ap.add_argument("--only", default="", help="comma-separated systems to run (e.g. engine)")
     ap.add_argument("--no-warm", action="store_true", help="skip the second (graphs captured) run of engine rows")
     ap.add_argument("--profile", metavar="DIR", help="only profile decode steps (0.6B); write DIR/profile*")
@@ -340,7 +342,7 @@ def main() -> None:
         raise SystemExit("tools/bench/engine.py needs a CUDA device (--profile also runs on CPU)")
     t0, bw = time.perf_counter(), hbm_bandwidth()
     meta = dict(device=torch.cuda.get_device_name(), torch=torch.__version__, host=platform.node(),
-                date=time.strftime("%Y-%m-%d"), hbm_gb_s=bw / 1e9, quick=a.quick)
+                date=time.strftime("%Y-%m-%d"), hbm_gb_s=bw / 1e9, quick=a.quick, prefill_tokens_arg=a.prefill_tokens)
     results = []
     rows = plan(a.quick)
     if a.only:
@@ -368,9 +370,11 @@ def main() -> None:
                             torch.cuda.empty_cache()
                             engines[system] = Engine(model, config=EngineConfig(
                                 page_size=64, kv_memory_fraction=a.kv_fraction, max_model_len=4096,
-                                cuda_graph_by_width=a.graph_by_width, overlap_schedule=system != "engine-no-overlap"),
+                                cuda_graph_by_width=a.graph_by_width, overlap_schedule=system != "engine-no-overlap",
+                                max_prefill_tokens=a.prefill_tokens),
                                 kernel_mode=mode)  # the engine runs its steps in its own mode, not the caller's
                             run_engine(engines[system], prompts(8, 64, 1000, seed=12345), 8)  # compile
+                        row["max_prefill_tokens"] = engines[system].max_prefill_tokens
                         row.update(run_engine(engines[system], ids, new))
                         if not a.no_warm:  # again, decode graphs now captured
                             row["warm_tok_s"] = batch * new / run_engine(engines[system], ids, new)["wall_s"]
@@ -409,6 +413,8 @@ def print_row(r: dict) -> None:
     note = r.get("skipped", f"preempt {r['preemptions']}" if "preemptions" in r else "")
     if "warm_tok_s" in r:
         note += f"; warm {r['warm_tok_s']:.0f} tok/s = {100 * r['warm_tok_s'] / r['roofline_tok_s']:.1f}%"
+    if "max_prefill_tokens" in r:
+        note += f"; prefill {r['max_prefill_tokens']} tokens a step"
     print(f"{r['model']:<11} {r['system']:<18} {r['batch']:>5} {r['prompt']:>6} {r['new']:>5} {wall} {tps} "
           f"{r['roofline_tok_s']:9.0f} {pct}  {note}", flush=True)
 

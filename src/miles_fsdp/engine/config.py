@@ -15,6 +15,28 @@ def cpu_kv_bytes() -> int:
     return min(CPU_KV_BYTES, os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 4)
 
 
+AUTO_PREFILL_TOKENS = (16384, 8192, 4096)  # max_prefill_tokens=0's choices, largest first
+
+
+def prefill_bytes_per_token(args, itemsize: int) -> int:
+    """A prefill step's activation bytes per token, estimated from the model's widths (ModelArgs):
+    one layer's live tensors (the residual stream and its norm 4 x dim; q, k, v and the attention
+    output; the MLP's gate, up and product, or a MoE layer's routed copies: k x (dim in + dim out
+    + 3 x moe_ffn_dim)), times 2 for the allocator's slack and the kernels' temporaries."""
+    attn = (2 * args.n_heads + 2 * args.n_kv_heads) * args.head_dim
+    mlp = 3 * args.ffn_dim
+    if args.n_experts:
+        mlp = max(mlp, args.n_experts_per_tok * (2 * args.dim + 3 * args.moe_ffn_dim))
+    return 2 * itemsize * (4 * args.dim + attn + mlp)
+
+
+def auto_prefill_tokens(args, itemsize: int, free_bytes: int) -> int:
+    """max_prefill_tokens=0: the largest of AUTO_PREFILL_TOKENS whose activations fit in free_bytes
+    (the device memory the KV cache leaves), else the smallest."""
+    per_token = prefill_bytes_per_token(args, itemsize)
+    return next((n for n in AUTO_PREFILL_TOKENS if n * per_token <= free_bytes), AUTO_PREFILL_TOKENS[-1])
+
+
 @dataclass
 class EngineConfig:
     page_size: int = 64
@@ -28,9 +50,13 @@ class EngineConfig:
     """Exact number of KV pages (page 0 is a scratch page); overrides both memory settings when > 0."""
     max_num_seqs: int = 256
     """Most sequences (samples) running at once."""
-    max_prefill_tokens: int = 4096
+    max_prefill_tokens: int = 0
     """Token budget of one prefill step; longer prompts are prefilled in chunks whose
-    boundaries fall on multiples of miles_kernels.ATTN_BLOCK."""
+    boundaries fall on multiples of miles_kernels.ATTN_BLOCK. 0: chosen when the engine starts
+    (Engine.max_prefill_tokens, logged): on CUDA the largest of 16384, 8192, 4096 whose
+    activations (estimated from the model's widths) fit beside the KV cache, 4096 on CPU.
+    Prefill runs eagerly, so each step costs the host its ~10 op launches a layer: with 4096
+    tokens a step a 0.6B model's prefill waits on the host."""
     max_model_len: int = 0
     """Longest prompt + completion; 0 means the model's max_position_embeddings (if known)."""
     prefix_cache: bool = True
@@ -75,8 +101,8 @@ class EngineConfig:
             bad("num_pages", "0 (size from memory) or >= 2")
         if self.max_num_seqs < 1:
             bad("max_num_seqs", ">= 1")
-        if self.max_prefill_tokens < self.page_size:
-            bad("max_prefill_tokens", f">= page_size ({self.page_size})")
+        if self.max_prefill_tokens < 0 or 0 < self.max_prefill_tokens < self.page_size:
+            bad("max_prefill_tokens", f"0 (chosen at start) or >= page_size ({self.page_size})")
         if self.max_model_len < 0:
             bad("max_model_len", ">= 0")
         if self.cuda_graph_max_batch < 1:

@@ -31,7 +31,8 @@ import miles_kernels as mk
 import torch
 
 from miles_fsdp.engine.block_manager import BlockManager
-from miles_fsdp.engine.config import EngineConfig, cpu_kv_bytes
+from miles_fsdp.engine.config import (AUTO_PREFILL_TOKENS, EngineConfig, auto_prefill_tokens, cpu_kv_bytes,
+                                      prefill_bytes_per_token)
 from miles_fsdp.engine.runner import Runner, kv_bytes_per_page
 from miles_fsdp.engine.sampler import Sampled
 from miles_fsdp.engine.scheduler import Batch, Scheduler
@@ -69,8 +70,9 @@ class Engine:
                              config.cuda_graph_by_width, config.cuda_graphs_required, draft_layers=1 if K else 0,
                              verify_rows=1 + K)
         self.num_pages = self._num_pages()
+        self.max_prefill_tokens = config.max_prefill_tokens or self._auto_prefill_tokens()
         self.blocks = BlockManager(self.num_pages, S, config.prefix_cache)
-        self.scheduler = Scheduler(self.blocks, config.max_num_seqs, config.max_prefill_tokens, mk.ATTN_BLOCK, detokenize)
+        self.scheduler = Scheduler(self.blocks, config.max_num_seqs, self.max_prefill_tokens, mk.ATTN_BLOCK, detokenize)
         self.drafter = Drafter(model, self.runner, self.blocks, K) if K else None
         self._allocate()
         self.weight_version = 0
@@ -118,6 +120,20 @@ class Engine:
                 "need at least 2 (raise kv_memory_bytes / kv_memory_fraction, or lower page_size)"
             )
         return pages
+
+    def _auto_prefill_tokens(self) -> int:
+        """EngineConfig.max_prefill_tokens=0: auto_prefill_tokens against the device memory free
+        now less the KV cache about to be allocated (CUDA); AUTO_PREFILL_TOKENS[-1] on CPU."""
+        r = self.runner
+        if r.device.type != "cuda":
+            return AUTO_PREFILL_TOKENS[-1]
+        free, _ = torch.cuda.mem_get_info(r.device)
+        left = free - self.num_pages * kv_bytes_per_page(self.model, self.config.page_size, r.dtype, r.draft_layers)
+        n = auto_prefill_tokens(self.model.args, r.dtype.itemsize, left)
+        need = n * prefill_bytes_per_token(self.model.args, r.dtype.itemsize)
+        log.info("EngineConfig.max_prefill_tokens=0: %d tokens a prefill step (~%.1f GiB of activations; "
+                 "%.1f GiB free beside the KV cache)", n, need / 2**30, left / 2**30)
+        return n
 
     # --- requests ------------------------------------------------------------------------
 
@@ -195,8 +211,9 @@ class Engine:
                 raise
             c, n = self.config, sum(it.q_len for it in running.items)
             self._inflight = None
+            now = f"{self.max_prefill_tokens}" + ("" if c.max_prefill_tokens else ", chosen at start")
             raise oom_error(e, f"engine step ({len(running.items)} sequences, {n} tokens)",
-                            f"lower EngineConfig.max_prefill_tokens (now {c.max_prefill_tokens}) or max_num_seqs "
+                            f"lower EngineConfig.max_prefill_tokens (now {now}) or max_num_seqs "
                             f"(now {c.max_num_seqs}), or kv_memory_fraction to leave room for activations") from e
 
     def _overlaps(self, batch: Batch) -> bool:
