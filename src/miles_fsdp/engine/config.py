@@ -55,8 +55,8 @@ class EngineConfig:
     boundaries fall on multiples of miles_kernels.ATTN_BLOCK. 0: chosen when the engine starts
     (Engine.max_prefill_tokens, logged): on CUDA the largest of 16384, 8192, 4096 whose
     activations (estimated from the model's widths) fit beside the KV cache, 4096 on CPU.
-    Prefill runs eagerly, so each step costs the host its ~10 op launches a layer: with 4096
-    tokens a step a 0.6B model's prefill waits on the host."""
+    Prefill steps run eagerly (~10 op launches a layer each), so fewer, larger steps cost the
+    host less."""
     max_model_len: int = 0
     """Longest prompt + completion; 0 means the model's max_position_embeddings (if known)."""
     prefix_cache: bool = True
