@@ -328,7 +328,7 @@ def main() -> None:
     ap.add_argument("--prefill-tokens", type=int, default=0,
                     help="EngineConfig.max_prefill_tokens (0: the engine's choice, 16384 where it fits on an H200)")
     ap.add_argument("--only", default="", help="comma-separated systems to run (e.g. engine)")
-    ap.add_argument("--no-warm", action="store_true", help="skip the second (graphs captured) run of engine rows")
+    ap.add_argument("--no-warm", action="store_true", help="skip the second run (graphs captured, new prompts)")
     ap.add_argument("--profile", metavar="DIR", help="only profile decode steps (0.6B); write DIR/profile*")
     ap.add_argument("--profile-new", type=int, default=64, help="--profile: new tokens per sample")
     ap.add_argument("--profile-batch", type=int, default=64, help="--profile: batch size")
@@ -376,8 +376,9 @@ def main() -> None:
                             run_engine(engines[system], prompts(8, 64, 1000, seed=12345), 8)  # compile
                         row["max_prefill_tokens"] = engines[system].max_prefill_tokens
                         row.update(run_engine(engines[system], ids, new))
-                        if not a.no_warm:  # again, decode graphs now captured
-                            row["warm_tok_s"] = batch * new / run_engine(engines[system], ids, new)["wall_s"]
+                        if not a.no_warm:  # again, decode graphs now captured; new prompts (no prefix-cache hits)
+                            fresh = prompts(batch, plen, model.args.vocab_size, seed=i + 1000)
+                            row["warm_tok_s"] = batch * new / run_engine(engines[system], fresh, new)["wall_s"]
                 else:
                     engines.clear()
                     gc.collect()

@@ -2,7 +2,7 @@
 [16384 x heads, 128] rows, the hidden norms over [16384, 1024] with the residual's grad added):
 rows loaded ahead (elementwise_grads.AHEAD_ELEMENTS) against one row at a time, and fewer weight-grad
 partials (_GW_PARTIAL: more rows a program), each variant checked against one row at a time at the
-default partials first (gx bitwise; gw bitwise where the partition is the same, else to 1e-5), then
+default partials first (gx bitwise; gw bitwise where the partition is the same, else to a bf16 rounding), then
 the whole call CUDA-graph timed; the partial sum (torch's sum over [programs, D]) timed alone too.
 
     PYTHONPATH=src:kernels python tools/bench/norm_grad.py --out norm_grad.json
@@ -25,6 +25,7 @@ from kernel_ops import timings  # noqa: E402  (launched ms, CUDA-graph replay ms
 SHAPES = {"q norm": (16384 * 16, 128, False), "k norm": (16384 * 8, 128, False), "hidden norm": (16384, 1024, True)}
 AHEAD = (1, 256, 512, 1024, 4096)  # AHEAD_ELEMENTS: 1 = a row at a time (4096: 4 hidden rows)
 PARTIALS = (1 << 20, 1 << 18, 1 << 16)  # _GW_PARTIAL: fp32 partial elements aimed at (the first: the default)
+GW_TOL = 2.0**-7  # gw in bf16 summed over another partition: one rounding of bf16 (2^-8 relative) each way
 
 
 def _bits(t: torch.Tensor) -> torch.Tensor:
@@ -54,7 +55,7 @@ def run(out: str, device: str = "cuda") -> int:
                     gx, gw = call()
                     same = torch.equal(_bits(gx), _bits(want[0])) and (
                         torch.equal(_bits(gw), _bits(want[1])) if partial == PARTIALS[0] else
-                        bool(((gw.float() - want[1].float()).abs() <= 1e-5 * want[1].float().abs().max()).all()))
+                        bool(((gw.float() - want[1].float()).abs() <= GW_TOL * want[1].float().abs()).all()))
                     failed += not same
                     launched, graph = timings(call) if same else (None, None)
                     r = {"shape": name, "M": M, "D": D, "add": add, "ahead_elements": ahead, "gw_partial": partial,

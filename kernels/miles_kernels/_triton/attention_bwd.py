@@ -62,7 +62,8 @@ DQ_TMA = True
 # in KV-block order through an fp32 [T, H, D] buffer), five MMAs a step where the split runs seven.
 # Off: the Triton kernel took 2.4-2.5x the split's time on the H200 at its best tile (0.6B 16k 16.4
 # vs 6.8 ms), 2.0x without its turn waits: its body is what is slow (docs/kernel_tuning.md,
-# 2026-12-04 nineteenth run). gluon_dkdvq's kernel (Hopper) has not run on a GPU yet.
+# 2026-12-04 nineteenth run). gluon_dkdvq's kernel (Hopper, FA3's five MMAs) has its values but
+# not the speed: 0.6B 16k 8.18 vs 5.95 ms for the split kernels (H200, 2026-12-05).
 DQ_FUSED = False
 # 64 query rows x 128 keys: the tile gluon_dkdvq's kernel computes with these values on Hopper (the
 # Triton kernel's fastest was 32 x 128; 64 x 128 took 1.0-1.1x its time, nineteenth run).

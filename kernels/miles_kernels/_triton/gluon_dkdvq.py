@@ -43,12 +43,12 @@ from miles_kernels._triton.gluon_attention_bwd import (_begin, _desc, _dv_ds, _l
 BLOCK_M, HALF, STAGES = 64, 64, 2  # query rows a step, keys a consumer (128 a program), q / dout ring slots
 SIDE_REGS = 24  # registers a thread of the producer and writers (the third warpgroup's share)
 NT = gl.constexpr(32)  # turn arrivals a program and writer: its warp's lanes
-DQ_ROWS = gl.constexpr(2)  # rows a writer's load: 4 floats a lane (its 24 registers)
+LANE_FLOATS = gl.constexpr(4)  # a writer lane's load, one 16-byte vector (its 24 registers)
 # Who finishes a query block's sum at its diagonal KV block (the program's last 2G steps): its
-# consumers, the tile's loads all in flight (True), or the writers, one 2-row chunk's load from L2
-# at a time (32 round trips a step, the consumer held a step behind); same values. The consumer's
-# version adds spill operations to its loop (sm_90 compile: 21 / 6 -> 38 / 34 a step); untimed.
-DIAGONAL_IN_CONSUMER = True
+# consumers, the tile's loads all in flight (True), or the writers, one chunk's load from L2 at a
+# time (False); same values. The writers' is faster: the consumers' version adds spills to their
+# loop (sm_90 compile: 21 / 6 -> 38 / 34 a step), 0.6B 16k 8.94 vs 8.18 ms (H200, 2026-12-05).
+DIAGONAL_IN_CONSUMER = False
 
 
 @gluon.jit
@@ -195,7 +195,8 @@ def _diagonal(dq, dq_smem, acc_ptr, dq_ptr, turn, j, m0, q_lo, q_len, col0, scal
     if j > 0:
         _wait_turn(turn, j * 2 * NT)
     gl.thread_barrier()
-    layout: gl.constexpr = gl.BlockedLayout([1, 4], [32 * 4 // HD, HD // 4], [NW, 1], [1, 0])
+    layout: gl.constexpr = gl.BlockedLayout([1, LANE_FLOATS], [32 * LANE_FLOATS // HD, HD // LANE_FLOATS], [NW, 1],
+                                            [1, 0])
     part = view.load(layout)
     rows = gl.arange(0, BM, layout=gl.SliceLayout(1, layout))
     tile = rows[:, None] * stride_qt + gl.arange(0, HD, layout=gl.SliceLayout(0, layout))[None, :]
@@ -274,7 +275,8 @@ def _write(dq_smem, dq_full, dq_free, acc_ptr, dq_ptr, turn_ptr, j, kvh, q_lo, q
     R: gl.constexpr = dq_smem.type.shape[1]
     HD: gl.constexpr = dq_smem.type.shape[2]
     BM: gl.constexpr = dq_smem.type.shape[0] * R
-    layout: gl.constexpr = gl.BlockedLayout([1, 4], [32 * 4 // HD, HD // 4], [gl.num_warps(), 1], [1, 0])
+    gl.static_assert(32 * LANE_FLOATS // HD == R, "a chunk is one warp's load: no lane repeats another's adds")
+    layout: gl.constexpr = gl.BlockedLayout([1, LANE_FLOATS], [R, HD // LANE_FLOATS], [gl.num_warps(), 1], [1, 0])
     lanes: gl.constexpr = gl.BlockedLayout([1], [32], [gl.num_warps()], [0])
     rows = gl.arange(0, R, layout=gl.SliceLayout(1, layout))
     tile_off = rows[:, None] * stride_qt + gl.arange(0, HD, layout=gl.SliceLayout(0, layout))[None, :]
@@ -316,11 +318,13 @@ def _dkdvq_kernel(q_desc, do_desc, k_desc, v_desc, dq_ptr, dk_ptr, dv_ptr, acc_p
     do_smem = gl.allocate_shared_memory(q_desc.dtype, [STAGES, BM, D], q_desc.layout)
     ds_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BN, BM], q_desc.dtype)
     ds_smem = gl.allocate_shared_memory(q_desc.dtype, [4, BN, BM], ds_layout)  # [step % 2, consumer]
-    # a consumer's dQ columns in chunks of DQ_ROWS rows (its writer's loads), 4 floats of padding a
-    # row: a store's 8 rows x 32 bytes land in 2 wavefronts, whatever rows a chunk holds
-    dq_layout: gl.constexpr = gl.PaddedSharedLayout.with_identity_for([[D // 2, 4]], [DQ_ROWS, D // 2], [1, 0])
-    dq0 = gl.allocate_shared_memory(gl.float32, [BM // DQ_ROWS, DQ_ROWS, D // 2], dq_layout)
-    dq1 = gl.allocate_shared_memory(gl.float32, [BM // DQ_ROWS, DQ_ROWS, D // 2], dq_layout)
+    # a consumer's dQ columns in chunks of R rows, one 32-lane writer load each (R = 2 at D = 128, 4
+    # at 64: no lane holds another's elements, whose red.add would count twice), 4 floats of
+    # padding a row: a store's 8 rows x 32 bytes land in 2 wavefronts, whatever rows a chunk holds
+    R: gl.constexpr = 32 * LANE_FLOATS // (D // 2)
+    dq_layout: gl.constexpr = gl.PaddedSharedLayout.with_identity_for([[D // 2, 4]], [R, D // 2], [1, 0])
+    dq0 = gl.allocate_shared_memory(gl.float32, [BM // R, R, D // 2], dq_layout)
+    dq1 = gl.allocate_shared_memory(gl.float32, [BM // R, R, D // 2], dq_layout)
     ready = _slot_barriers(STAGES)
     empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     for s in gl.static_range(STAGES):
