@@ -11,11 +11,6 @@
 #              MoE backward (MILES_MOE_BWD=torch / triton)
 #   tma        (not in the default list) the TMA loads: the attention backward by pointers / TMA, the
 #              training forward per tile, the engine's paged caches, registers and spills (kernel_regs)
-#   fused      (not in the default list) dQ made in the dK/dV kernel (DQ_FUSED; on Hopper gluon_dkdvq's
-#              kernel, tested bitwise against the Triton one): its GPU tests, the backward
-#              with the dQ kernel vs fused (timings, grads' differences), the fused tiles at 4k / 16k, the
-#              trainer at 4k / 16k with it vs the peer; each under a time limit (a wait that never ends
-#              would be a bug: the test or benchmark fails instead of the machine's whole call)
 #   ws         (not in the default list) whether Triton's Hopper warp specialization pays for an attention
 #              forward walked like ours (tools/bench/ws_probe.py: plain / specialized / specialized with
 #              2-block splits, vs flash)
@@ -25,11 +20,10 @@
 #              training forward, bitwise against packed_attention, timed against it and flash); under a
 #              time limit each (a barrier bug hangs)
 #   pending    (not in the default list) what no GPU has run yet, first and each under a KILL limit: the
-#              Gluon grouped_linear (its bitwise test, then its sweep rows), the Gluon dK/dV/dQ kernel (its
-#              tests, attn_bwd --fused), rms_norm's backward with rows loaded ahead (its test,
-#              tools/bench/norm_grad.py)
-#   pending_train   (not in the default list) the 16k trainer with and without --dq-fused (the peer in
-#              the same call), the MoE bench with and without --gluon-grouped
+#              Gluon grouped_linear (its bitwise test, then its sweep rows), rms_norm's backward with rows
+#              loaded ahead (its test, tools/bench/norm_grad.py)
+#   pending_train   (not in the default list) the 16k trainer (the peer in the same call), the MoE bench
+#              with and without --gluon-grouped
 #   pending_engine  (not in the default list) the engine's rows with 4,096 prefill tokens a step (the old
 #              default) and with EngineConfig.max_prefill_tokens=0's choice
 #   optim      (not in the default list) the trainer's one-pass optimizer step (tools/bench/optim_pass.py:
@@ -106,27 +100,15 @@ for step in $steps; do
                run attn_bwd_sweep python3 tools/bench/attn_bwd.py "$out/attn_bwd.json" --sweep --tma
                run grouped_sweep python3 tools/bench/grouped_sweep.py --out "$out/grouped_sweep.json"
                run graph_launch python3 tools/bench/graph_launch.py --out "$out/graph_launch.json" ;;
-        fused) run gpu_fused_test timeout -s KILL 600 python3 -m pytest -q -o addopts="" tests/gpu/test_attention_bwd_gpu.py -k fused
-               run attn_bwd_fused timeout -s KILL 600 python3 tools/bench/attn_bwd.py "$out/attn_bwd_fused.json" --fused
-               run attn_bwd_fused_sweep timeout 600 python3 tools/bench/attn_bwd.py "$out/attn_bwd_fused_sweep.json" \
-                   --fused --sweep --lens 4096,16384
-               run bench_train_fused timeout 600 python3 tools/bench/train.py --modes invariant --steps 3 --dq-fused \
-                   --peer --out "$out/train_fused.json" ;;
         pending) run gpu_gluon_grouped timeout -s KILL 300 python3 -m pytest -q -o addopts="" tests/gpu/test_kernels_gpu.py \
                      -k gluon_grouped
                  run grouped_picks timeout -s KILL 300 python3 tools/bench/grouped_sweep.py --picks \
                      --shapes 30b,a-0.6b/gate,a-0.6b/down --out "$out/grouped_picks.json"
-                 run gpu_fused_test timeout -s KILL 420 python3 -m pytest -q -o addopts="" \
-                     tests/gpu/test_attention_bwd_gpu.py -k fused
-                 run attn_bwd_fused timeout -s KILL 300 python3 tools/bench/attn_bwd.py "$out/attn_bwd_fused.json" \
-                     --fused --lens 4096,16384
                  run gpu_norm_grad timeout -s KILL 300 python3 -m pytest -q -o addopts="" tests/gpu/test_kernels_gpu.py \
                      -k rms_norm_grad
                  run norm_grad timeout -s KILL 300 python3 tools/bench/norm_grad.py --out "$out/norm_grad.json" ;;
         pending_train) run bench_train_16k timeout -s KILL 600 python3 tools/bench/train.py --seqs 16384 --modes invariant \
                      --steps 8 --peer --out "$out/train_16k.json"
-                 run bench_train_16k_fused timeout -s KILL 600 python3 tools/bench/train.py --seqs 16384 \
-                     --modes invariant --steps 8 --dq-fused --out "$out/train_16k_fused.json"
                  for gg in "" --gluon-grouped; do
                      run bench_train_moe${gg:+_gluon} timeout -s KILL 600 python3 tools/bench/train.py \
                          --model qwen3-0.6b qwen3-moe-a0.6b --seqs 4096 --modes invariant $gg \
@@ -145,7 +127,7 @@ for step in $steps; do
              run attn_tma python3 tools/bench/attn_sweep.py "$out/attn_tma.json" --tma --tiles
              run attn_tma_paged python3 tools/bench/attn_sweep.py "$out/attn_tma_paged.json" --tma-paged
              run kernel_regs python3 tools/bench/kernel_regs.py "$out/kernel_regs.json" ;;
-        *) echo "unknown step $step (tests scale kernels engine engine_host train rl_step spec profile sweep moe tma fused pending pending_train pending_engine ws gluon optim)"
+        *) echo "unknown step $step (tests scale kernels engine engine_host train rl_step spec profile sweep moe tma pending pending_train pending_engine ws gluon optim)"
            exit 2 ;;
     esac
 done

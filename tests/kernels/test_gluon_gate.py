@@ -24,7 +24,7 @@ def test_dispatch_follows_the_gate(monkeypatch):
     gluon_module.cache_clear()
     monkeypatch.setattr(gluon_attention, "TESTED_TRITON", ("0.0.",))
     try:
-        for name in ("gluon_attention", "gluon_attention_bwd", "gluon_dkdvq", "gluon_grouped"):  # every caller's module
+        for name in ("gluon_attention", "gluon_attention_bwd", "gluon_grouped"):  # every caller's module
             assert gluon_module(name) is None, name
     finally:
         gluon_module.cache_clear()
@@ -38,10 +38,9 @@ def test_cpu_tensors_never_reach_gluon():
 
     x, w = torch.zeros(300, 128, dtype=torch.bfloat16), torch.zeros(4, 256, 128, dtype=torch.bfloat16)
     assert not gluon_grouped.supported(x, w, 128, 256, 64)
-    from miles_kernels._triton import gluon_attention_bwd, gluon_dkdvq
+    from miles_kernels._triton import gluon_attention_bwd
 
     assert not gluon_attention_bwd.supported(q, k, k, q)
-    assert not gluon_dkdvq.supported(q, k, k, q)
 
 
 def test_gluon_tiles_are_the_tables_full_gpu_tiles():
@@ -49,9 +48,6 @@ def test_gluon_tiles_are_the_tables_full_gpu_tiles():
     same values there): a table edit that moves off them would silently drop the Gluon kernels."""
     from miles_kernels._triton import attention_bwd as AB
     from miles_kernels._triton import gluon_attention_bwd as GB
-    from miles_kernels._triton import gluon_dkdvq as GF
 
     for dtype in (torch.bfloat16, torch.float16):
-        fused = AB.FUSED_TILES[dtype][0]
-        assert (fused.block_m, fused.block_n) == (GF.BLOCK_M, 2 * GF.HALF), dtype
         assert AB.DKDV_TILES[dtype][0].block_m == GB.BLOCK_M, dtype

@@ -1270,53 +1270,6 @@ def check_attention_bwd_uneven_tiles() -> None:
                               tiles=dict(dkdv_tile=Tile(32, 16, 4, 1), dq_tile=Tile(16, 32, 4, 1)))
 
 
-class _Unlaunchable:
-    """Stands in for a kernel that must not run: launching it raises."""
-
-    def __init__(self, why: str):
-        self.why = why
-
-    def __getitem__(self, grid):
-        raise AssertionError(self.why)
-
-
-def check_attention_bwd_fused() -> None:
-    """DQ_FUSED (dQ made in the dK/dV kernel, each query block's parts summed in KV-block order
-    through turn counters): grads vs float64 autograd at tiles with BLOCK_M == / < / > BLOCK_N
-    (a query block meets one or several KV blocks, a KV block one or several query blocks),
-    packed sequences with a lone token, an empty one and partial blocks, GQA 2 and 3; TMA ==
-    pointers (in the case helper); two runs and a sequence alone give the same bits; the dQ
-    kernel never runs."""
-    from miles_kernels._triton import attention_bwd as bwd_mod
-    from miles_kernels._triton.attention_bwd import Tile
-
-    kt = _kt()
-    saved = bwd_mod.DQ_FUSED, bwd_mod._dq_kernel
-    bwd_mod.DQ_FUSED = True
-    bwd_mod._dq_kernel = _Unlaunchable("the dQ kernel ran with DQ_FUSED on")
-    try:
-        _check_attention_bwd_case([1, 17, 45], H=4, K=2, D=16, scale=16**-0.5, seed=31)
-        for tile in (Tile(16, 32, 4, 1), Tile(32, 16, 4, 1)):
-            lens, H, K, D, scale = [40, 0, 3, 21], 6, 2, 16, 0.25
-            _check_attention_bwd_case(lens, H=H, K=K, D=D, scale=scale, seed=33, tiles=dict(dkdv_tile=tile))
-            g = torch.Generator().manual_seed(36)
-            T, q, k, v, cu = _packed_qkv(lens, H, K, D, g)
-            dout = torch.randn(T, H, D, generator=g)
-            lse = torch.empty(H, T)
-            out = kt.packed_attention(q, k, v, cu, max(lens), scale, lse_HT=lse)
-            got = bwd_mod.packed_attention_bwd(q, k, v, out, dout, lse, cu, max(lens), scale, dkdv_tile=tile)
-            again = bwd_mod.packed_attention_bwd(q, k, v, out, dout, lse, cu, max(lens), scale, dkdv_tile=tile)
-            rows = slice(0, lens[0])  # the first sequence alone
-            one = torch.tensor([0, lens[0]], dtype=torch.int32)
-            alone = bwd_mod.packed_attention_bwd(q[rows], k[rows], v[rows], out[rows], dout[rows],
-                                                 lse[:, rows].contiguous(), one, lens[0], scale, dkdv_tile=tile)
-            for name, a, b, c in zip(("dq", "dk", "dv"), got, again, alone):
-                _same(a, b, f"fused attention bwd {name}, two runs (tile {tile})")
-                _same(c, a[rows], f"fused attention bwd {name}, a sequence alone vs in the pack (tile {tile})")
-    finally:
-        bwd_mod.DQ_FUSED, bwd_mod._dq_kernel = saved
-
-
 def check_matches_cpu_reference() -> None:
     """Triton and the CPU implementation (miles_kernels._cpu) agree within fp32 tolerance."""
     from miles_kernels import _cpu

@@ -4,9 +4,6 @@
     python tools/bench/attn_bwd.py OUT.json --sweep          # also each candidate tile of both kernels
     python tools/bench/attn_bwd.py OUT.json --lens 4096 --models 8b
     python tools/bench/attn_bwd.py OUT.json --tma            # operands by pointers, by TMA, then the defaults
-    python tools/bench/attn_bwd.py OUT.json --fused          # the dQ kernel, then dQ in the dK/dV kernel (both
-                                                             # gluon_dkdvq diagonal variants on Hopper)
-    python tools/bench/attn_bwd.py OUT.json --fused --sweep  # and the fused kernel's tiles (FUSED_SWEEP)
 
 One causal sequence of L tokens, bf16, head_dim 128, GQA (0.6B: 16 query / 8 kv heads; 8B:
 32 / 8). Ours starts from our forward's output and LSE (packed_attention), flash's backward
@@ -17,7 +14,6 @@ is faster. TFLOP/s counts the causal backward as 2.5 x the forward's 4 * L^2 * D
 --sweep: the dK/dV kernel's tile candidates (DKDV_SWEEP) with the dQ kernel at its table's
 tile, then the dQ kernel's (DQ_SWEEP) with the dK/dV kernel at its table's; each checked
 against flash's grads first (within bf16 rounding). The table's own pick is the "table" row.
-With --fused the sweep is the fused kernel's tiles (DQ_FUSED on).
 """
 
 import argparse
@@ -29,7 +25,6 @@ import triton
 from triton.testing import do_bench
 
 from miles_kernels._triton import attention_bwd as B
-from miles_kernels._triton.gluon_gate import gluon_module
 from miles_kernels._triton.paged_attention import packed_attention
 
 MODELS = {"0.6b": (16, 8), "8b": (32, 8)}  # query heads, kv heads
@@ -41,9 +36,6 @@ DKDV_SWEEP = [B.Tile(*t) for t in (  # BLOCK_M (query rows per step), BLOCK_N (k
 DQ_SWEEP = [B.Tile(*t) for t in (
     (128, 64, 8, 2), (128, 64, 8, 3), (128, 32, 4, 3), (128, 64, 4, 2), (64, 64, 4, 2), (64, 64, 4, 3),
     (64, 32, 4, 3), (128, 128, 8, 2))]
-FUSED_SWEEP = [B.Tile(*t) for t in (  # DQ_FUSED's dK/dV/dQ kernel
-    (32, 128, 8, 2), (32, 128, 8, 3), (32, 64, 8, 2), (64, 64, 8, 2), (64, 128, 8, 2), (16, 128, 8, 2),
-    (32, 64, 4, 2), (64, 64, 4, 2))]
 
 
 def _graph_ms(fn) -> float:
@@ -99,15 +91,14 @@ def compare(cases: dict) -> list[dict]:
     return rows
 
 
-def sweep(cases: dict, flash_us: dict, kernels) -> list[dict]:
+def sweep(cases: dict, flash_us: dict) -> list[dict]:
     """Each candidate tile of one kernel, the other at its table's tile: total backward time
-    (flash_us: flash's time per case, from compare). kernels: (name, tiles) pairs; "fused"
-    passes its tile as dkdv_tile (DQ_FUSED on)."""
+    (flash_us: flash's time per case, from compare)."""
     rows = []
     flash = {key: c.flash() for key, c in cases.items()}
-    for kernel, tiles in kernels:
+    for kernel, tiles in (("dkdv", DKDV_SWEEP), ("dq", DQ_SWEEP)):
         for tile in [None, *tiles]:
-            kw = {f"{'dkdv' if kernel == 'fused' else kernel}_tile": tile}
+            kw = {f"{kernel}_tile": tile}
             row = dict(kernel=kernel, tile=list(tile) if tile else "table", t={})
             try:
                 for (model, L), c in cases.items():
@@ -131,15 +122,12 @@ def main() -> None:
     ap.add_argument("--lens", default="1024,4096,16384", help="comma-separated sequence lengths")
     ap.add_argument("--tma", action="store_true",
                     help="first every operand by pointers, then by TMA (DKDV_TMA, DQ_TMA): grads bitwise equal?")
-    ap.add_argument("--fused", action="store_true",
-                    help="first the dQ kernel, then dQ made in the dK/dV kernel (DQ_FUSED): timings, the grads' "
-                         "largest differences, two fused runs bitwise equal?; --sweep then times the fused tiles")
     args = ap.parse_args()
     cases = {(m, L): Case(*MODELS[m], L) for m in args.models.split(",") for L in map(int, args.lens.split(","))}
     res = dict(device=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
                date=datetime.date.today().isoformat(), dkdv_tiles={str(k): v for k, v in B.DKDV_TILES.items()},
                dq_tiles={str(k): v for k, v in B.DQ_TILES.items()}, fill=B.FILL, dkdv_tma=B.DKDV_TMA,
-               dq_tma=B.DQ_TMA, dq_fused=B.DQ_FUSED, fused_tiles={str(k): v for k, v in B.FUSED_TILES.items()})
+               dq_tma=B.DQ_TMA)
     if args.tma:  # every operand by pointers, then dK/dV's and dQ's both by TMA; the defaults last
         saved = B.DKDV_TMA, B.DQ_TMA
         ref = {}
@@ -154,37 +142,10 @@ def main() -> None:
             print(f"  grads bitwise equal to the pointers' {res[f'same_{name}']}")
         B.DKDV_TMA, B.DQ_TMA = saved
         print(f"defaults DKDV_TMA, DQ_TMA = {saved}:")
-    if args.fused:  # the split kernels, then DQ_FUSED (on Hopper gluon_dkdvq's kernel, both diagonal variants)
-        gf = gluon_module("gluon_dkdvq")
-        saved = B.DQ_FUSED, gf.DIAGONAL_IN_CONSUMER if gf else None
-        grads = {}
-        variants = [("split", False, None), ("fused", True, True)] + ([("fused_wdiag", True, False)] if gf else [])
-        for name, on, diag in variants:
-            B.DQ_FUSED = on
-            if gf and diag is not None:
-                gf.DIAGONAL_IN_CONSUMER = diag
-            print(f"DQ_FUSED = {on}" + (f", gluon_dkdvq.DIAGONAL_IN_CONSUMER = {diag}" if gf and on else "") + ":")
-            res[f"compare_{name}"] = compare(cases)
-            grads[name] = {key: c.ours() for key, c in cases.items()}
-            if on:
-                res[name] = {f"{m} L={L}": dict(
-                    again_same=all(torch.equal(a, b) for a, b in zip(cases[m, L].ours(), grads[name][m, L])),
-                    same_as_fused=all(torch.equal(a, b) for a, b in zip(grads[name][m, L], grads["fused"][m, L])),
-                    **{f"{n}_max_diff": (a.double() - b.double()).abs().max().item()
-                       for n, a, b in zip(("dq", "dk", "dv"), grads[name][m, L], grads["split"][m, L])},
-                    dq_max=grads["split"][m, L][0].double().abs().max().item()) for (m, L) in cases}
-                print(f"  {name} vs the split kernels: {res[name]}")
-        B.DQ_FUSED = saved[0]
-        if gf:
-            gf.DIAGONAL_IN_CONSUMER = saved[1]
-        print(f"defaults DQ_FUSED = {saved[0]}:")
     res["compare"] = compare(cases)
     json.dump(res, open(args.out, "w"), indent=1)
     if args.sweep:
-        if args.fused:
-            B.DQ_FUSED = True
-        kernels = (("fused", FUSED_SWEEP),) if args.fused else (("dkdv", DKDV_SWEEP), ("dq", DQ_SWEEP))
-        res["sweep"] = sweep(cases, {(r["model"], r["L"]): r["flash_us"] for r in res["compare"]}, kernels)
+        res["sweep"] = sweep(cases, {(r["model"], r["L"]): r["flash_us"] for r in res["compare"]})
         json.dump(res, open(args.out, "w"), indent=1)
 
 

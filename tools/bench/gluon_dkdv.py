@@ -49,7 +49,6 @@ from miles_kernels._triton.gluon_attention import _mma_layout, _slot_barriers  #
 from miles_kernels._triton.gluon_attention_bwd import (_alloc_pair, _dkdv_consume, _dkdv_kernel,  # noqa: F401
                                                       _load_q_do, _program, _ring_q_do, _rows, _start, _step,
                                                       _store_dkdv)
-from miles_kernels._triton.gluon_dkdvq import DIAGONAL_IN_CONSUMER, SIDE_REGS, _dkdvq_kernel  # noqa: F401
 
 LOAD_REGS = 24  # the warp-specialized kernel's load partition: registers a thread
 
@@ -155,14 +154,13 @@ def desc_sig(rows: int, D: int) -> str:
 
 
 def compile_sm90(kernel, block_m: int, block_n: int, num_warps: int, stages: int, G: int = 2, D: int = 128,
-                 maxnreg: int | None = None, ptx_dir: str = "", extra: dict | None = None) -> dict:
+                 maxnreg: int | None = None, ptx_dir: str = "") -> dict:
     """Compile kernel for sm_90 without a GPU (bf16, descriptors as the GPU run makes them); its
-    registers, spills and shared memory from ptxas -v. extra: other constexprs (else the modules')."""
+    registers, spills and shared memory from ptxas -v."""
     fn = kernel
     names = [p.name for p in fn.params]
-    consts = {k: v for k, v in {**dict(G=G, STAGES=stages, LOAD_REGS=LOAD_REGS, BLOCK_M=block_m, G_PAD=G,
-                                       SPLIT_BLOCKS=4, STORE_LSE=True, CONSUMER_REGS=240, SIDE_REGS=SIDE_REGS,
-                                       DIAG=DIAGONAL_IN_CONSUMER), **(extra or {})}.items() if k in names}
+    consts = {k: v for k, v in dict(G=G, STAGES=stages, LOAD_REGS=LOAD_REGS, BLOCK_M=block_m, G_PAD=G,
+                                    SPLIT_BLOCKS=4, STORE_LSE=True, CONSUMER_REGS=240).items() if k in names}
     sig = {}
     for n in (n for n in names if n not in consts):
         if n in ("q_desc", "do_desc"):
@@ -170,8 +168,7 @@ def compile_sm90(kernel, block_m: int, block_n: int, num_warps: int, stages: int
         elif n in ("k_desc", "v_desc"):
             sig[n] = desc_sig(block_n, D)
         elif n.endswith("_ptr"):
-            sig[n] = "*i32" if n in ("cu_ptr", "turn_ptr") else "*fp32" if n in ("lse_ptr", "delta_ptr", "acc_ptr") \
-                else "*bf16"
+            sig[n] = "*i32" if n == "cu_ptr" else "*fp32" if n in ("lse_ptr", "delta_ptr") else "*bf16"
         else:
             sig[n] = "fp32" if n in ("qk_scale", "scale") else "i32"
     return dict(ptxas_report(fn, sig, consts, num_warps, maxnreg, ptx_dir), tile=[block_m, block_n, num_warps, stages])
@@ -227,10 +224,6 @@ CONFIGS = [
     ("ws2 64x128 s3", "_dkdv_kernel", 64, 64, 4, 3, 168),
     ("ws2 64x128 s4", "_dkdv_kernel", 64, 64, 4, 4, 168),
 ]
-# compiled only (--compile-only): dK, dV and dQ in one kernel (gluon_dkdvq), which the backward runs
-# with DQ_FUSED; tools/bench/attn_bwd.py --fused times it against the split kernels
-COMPILE_ONLY = [("fused 64x128 s2", "_dkdvq_kernel", 64, 64, 4, 2, 168, {"DIAG": True}),
-                ("fused 64x128 s2 wdiag", "_dkdvq_kernel", 64, 64, 4, 2, 168, {"DIAG": False})]  # writers' diagonal
 
 
 def compile_configs(configs: list, kernels: dict, ptx_dir: str) -> list:
@@ -240,10 +233,9 @@ def compile_configs(configs: list, kernels: dict, ptx_dir: str) -> list:
           f"kernel's compute warps get setmaxnreg's)")
     print(f"{'config':>22} {'regs':>5} {'spill st/ld B':>14} {'shared B':>9} {'HGMMA':>6} {'waits':>6}")
     failed = []
-    for name, kernel, bm, bn, nw, stages, maxnreg, *extra in configs:
+    for name, kernel, bm, bn, nw, stages, maxnreg in configs:
         try:
-            r = compile_sm90(kernels[kernel], bm, bn, nw, stages, maxnreg=maxnreg, ptx_dir=ptx_dir,
-                             extra=extra[0] if extra else None)
+            r = compile_sm90(kernels[kernel], bm, bn, nw, stages, maxnreg=maxnreg, ptx_dir=ptx_dir)
         except Exception as e:  # reported, the other configs still compiled
             print(f"{name:>22} FAILED: {type(e).__name__}: {str(e)[:500]}")
             failed.append(name)
@@ -465,9 +457,9 @@ def finish(results: dict, failed: list, out: str) -> int:
     return 0
 
 
-def cli(doc: str, configs: list, compile_only_fn, gpu_run_fn, compile_extra: tuple = ()) -> None:
-    """The probes' command line: --compile-only (CPU; configs and compile_extra) or --out (GPU) over
-    the configs --configs / --match / --exclude pick."""
+def cli(doc: str, configs: list, compile_only_fn, gpu_run_fn) -> None:
+    """The probes' command line: --compile-only (CPU) or --out (GPU) over the configs --configs /
+    --match / --exclude pick."""
     ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--compile-only", action="store_true", help="compile for sm_90 on the CPU, print regs/spills")
     ap.add_argument("--ptx", default="", help="with --compile-only: also write each kernel's ttgir and PTX here")
@@ -478,16 +470,15 @@ def cli(doc: str, configs: list, compile_only_fn, gpu_run_fn, compile_extra: tup
     a = ap.parse_args()
     if not (a.compile_only or a.out):
         ap.error("give --compile-only or --out OUT.json")
-    pool = configs + list(compile_extra) if a.compile_only else configs
     names = [n.strip() for n in a.configs.split(",") if n.strip()]
-    picked = [c for c in pool if (not names or c[0] in names) and a.match in c[0]
+    picked = [c for c in configs if (not names or c[0] in names) and a.match in c[0]
               and not (a.exclude and a.exclude in c[0])]
     if not picked:
         ap.error(f"no config matches (--configs {a.configs!r} --match {a.match!r} --exclude {a.exclude!r}); "
-                 f"the configs: {[c[0] for c in pool]}")
+                 f"the configs: {[c[0] for c in configs]}")
     if a.compile_only:
         sys.exit(1 if compile_only_fn(a.ptx, picked) else 0)
     sys.exit(gpu_run_fn(a.out, picked))
 
 if __name__ == "__main__":
-    cli(__doc__, CONFIGS, compile_only, gpu_run, COMPILE_ONLY)
+    cli(__doc__, CONFIGS, compile_only, gpu_run)

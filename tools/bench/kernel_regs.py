@@ -5,7 +5,7 @@ hints it loses vector loads and spills otherwise).
     python tools/bench/kernel_regs.py OUT.json
 
 Runs the attention kernels once at the shapes that matter (the training forward and backward,
-0.6B heads at 16k, K/V by TMA and by pointers, the backward with dQ in the dK/dV kernel too; decode at B 64 / 256, ctx 1024, in both decode
+0.6B heads at 16k, K/V by TMA and by pointers; decode at B 64 / 256, ctx 1024, in both decode
 tiles, paged caches by pointers and by TMA) and the linears at M = 64 and 16k (0.6B qkv shape),
 then lists every kernel FastKernel compiled: its constexprs, warps, stages, shared memory,
 registers per thread and spill bytes. Prints a table, writes JSON.
@@ -32,15 +32,13 @@ def workload() -> None:
     L, H, K, D = 16384, 16, 8, 128
     q, k, v = (torch.randn(L, n, D, generator=g, device="cuda").to(DT) for n in (H, K, K))
     cu = torch.tensor([0, L], dtype=torch.int32, device="cuda")
-    saved = A.KV_TMA, AB.DKDV_TMA, A.PAGED_KV_TMA, A.DECODE_TILE, AB.DQ_TMA, AB.DQ_FUSED
+    saved = A.KV_TMA, AB.DKDV_TMA, A.PAGED_KV_TMA, A.DECODE_TILE, AB.DQ_TMA
     try:
         for tma in (False, True):
             A.KV_TMA = AB.DKDV_TMA = AB.DQ_TMA = tma
             lse = torch.empty(H, L, device="cuda")
             out = A.packed_attention(q, k, v, cu, L, D**-0.5, lse_HT=lse)
             AB.packed_attention_bwd(q, k, v, out, torch.randn_like(out), lse, cu, L, D**-0.5)
-        AB.DQ_FUSED = True
-        AB.packed_attention_bwd(q, k, v, out, torch.randn_like(out), lse, cu, L, D**-0.5)
         for B, ctx, page in ((64, 1024, 64), (256, 1024, 64)):
             n = ctx // page
             kc = torch.randn(B * n, page, K, D, device="cuda", dtype=DT)
@@ -52,7 +50,7 @@ def workload() -> None:
                     A.DECODE_TILE, A.PAGED_KV_TMA = tile, dict.fromkeys(saved[2], tma)
                     A.attention(qd, kc, kc, torch.arange(B + 1, device="cuda", dtype=torch.int32), kv, bt, 1, D**-0.5)
     finally:
-        A.KV_TMA, AB.DKDV_TMA, A.PAGED_KV_TMA, A.DECODE_TILE, AB.DQ_TMA, AB.DQ_FUSED = saved
+        A.KV_TMA, AB.DKDV_TMA, A.PAGED_KV_TMA, A.DECODE_TILE, AB.DQ_TMA = saved
     w = torch.randn(4096, 1024, device="cuda", dtype=DT)
     for M in (64, 16384):
         matmul.linear(torch.randn(M, 1024, device="cuda", dtype=DT), w)

@@ -5,9 +5,9 @@ SASS waits for wgmma groups (WARPGROUP.DEPBAR) against the wgmma instructions (H
 per HGMMA means ptxas serialized them, and its "Potential Performance Loss" note (C75xx) says why.
 
     python tools/bench/sm90_regs.py                       # every kernel below at its usual tiles
-    python tools/bench/sm90_regs.py _dkdvq_kernel 32,128,8,2 64,64,8,2 --ptx DIR
+    python tools/bench/sm90_regs.py _dkdv_kernel 64,64,4,2 32,64,4,3 --ptx DIR
 
-Kernels: the backward's `_dkdv_kernel`, `_dq_kernel`, `_dkdvq_kernel` (q / dout, or k / v for dQ,
+Kernels: the backward's `_dkdv_kernel`, `_dq_kernel` (q / dout, or k / v for dQ,
 by TMA, GQA 2), the training forward `_attn_kernel` (packed K/V by TMA, ROW_SUM "fixed", one
 loop, the LSE) and the swapped-tile `decode_kernel` (16 rows, pages of 64 by pointers); bf16, head
 dim 128. Use the GPU image's triton (3.6: `pip install triton==3.6.0` in a separate venv) for
@@ -32,7 +32,6 @@ from miles_kernels._triton import decode_attention as DA
 from miles_kernels._triton import paged_attention as A
 
 DEFAULT = {"_dkdv_kernel": ["64,64,4,2"], "_dq_kernel": ["128,64,8,3"],
-           "_dkdvq_kernel": ["32,128,8,2", "32,128,8,3", "32,64,8,2", "64,64,8,2", "64,128,8,2"],
            "_attn_kernel": ["64,64,4,3"], "decode_kernel": ["16,64,4,3"]}
 OPS = ("HGMMA", "HMMA", "MUFU", "FMUL", "FFMA", "FADD", "FMNMX", "F2FP", "IADD3", "IMAD", "SEL", "FSEL", "SHFL", "BAR")
 _FWD = dict(G=2, G_PAD=2, BLOCK_D=128, SPLIT_BLOCKS=4, SPLIT_PARALLEL=False, PART_ROWS=1, PRECISION="tf32",
@@ -41,13 +40,13 @@ _FWD = dict(G=2, G_PAD=2, BLOCK_D=128, SPLIT_BLOCKS=4, SPLIT_PARALLEL=False, PAR
 
 def _setup(name: str, tile: tuple):
     """(kernel, constexprs, TMA operand names, TMA block rows) for name at tile."""
-    bm, bn, warps, _ = tile
+    bm, bn, _, _ = tile
     if name == "_attn_kernel":
         return A._attn_kernel, dict(_FWD, BLOCK_M=bm, ATTN_BLK=bn, PAGE=1, CONTIG=True, STORE_LSE=True, TMA=True), \
             ("k_ptr", "v_ptr"), bn
     if name == "decode_kernel":
         return DA.decode_kernel, dict(_FWD, ROWS=bm, ATTN_BLK=bn, PAGE=64, STORE_LSE=False, TMA=False), (), bn
-    consts = dict(G=2, D=128, BLOCK_M=bm, BLOCK_N=bn, PRECISION="tf32", TMA=True, WAIT=True, NT=32 * warps)
+    consts = dict(G=2, D=128, BLOCK_M=bm, BLOCK_N=bn, PRECISION="tf32", TMA=True)
     if name == "_dq_kernel":
         return AB._dq_kernel, consts, ("k_ptr", "v_ptr"), bn
     return getattr(AB, name), consts, ("q_ptr", "do_ptr"), bm
@@ -65,8 +64,8 @@ def compile_one(name: str, tile: tuple, ptx_dir: str = "") -> dict:
         elif n in tma:
             sig[n] = f"tensordesc<bf16[{rows}, 128]>"
         elif n.endswith("_ptr"):
-            sig[n] = "*i32" if n in ("cu_ptr", "turn_ptr", "kv_lens_ptr", "bt_ptr") else \
-                "*fp32" if n in ("lse_ptr", "delta_ptr", "acc_ptr", "pm_ptr", "pl_ptr", "pacc_ptr") else "*bf16"
+            sig[n] = "*i32" if n in ("cu_ptr", "kv_lens_ptr", "bt_ptr") else \
+                "*fp32" if n in ("lse_ptr", "delta_ptr", "pm_ptr", "pl_ptr", "pacc_ptr") else "*bf16"
         else:
             sig[n] = "fp32" if n in ("qk_scale", "scale") else "i32"
     attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(names)

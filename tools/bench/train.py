@@ -8,7 +8,6 @@ packed sequences at 4k and 16k tokens, invariant vs fast kernels.
     python tools/bench/train.py --seqs 4096 16384 --peer          # + plain transformers, same run
     python tools/bench/train.py --seqs 4096 --peer --profile prof  # + one profiled step per case
     python tools/bench/train.py --seqs 16384 --modes invariant --host-profile 25  # + the host's Python, one step
-    python tools/bench/train.py --seqs 4096 16384 --modes invariant --dq-fused --peer  # dQ in the dK/dV kernel
     python tools/bench/train.py --seqs 4096 --units none model     # one rank without FSDP vs one FSDP unit
     python tools/bench/train.py --seqs 4096 --graphs off on        # the trunk eager vs from CUDA graphs
     python tools/bench/train.py --seqs 4096 16384 --one-pass off on  # torch's optimizer step vs the one pass
@@ -237,16 +236,10 @@ def main() -> None:
                    help="also profile one extra step per case (torch.profiler): DIR/train_MODEL_SEQ_MODE*/step_*.txt/.json")
     p.add_argument("--host-profile", type=int, default=0, metavar="N",
                    help="also run one step per case under cProfile and print its top N functions")
-    p.add_argument("--dq-fused", action="store_true",
-                   help="the attention backward's dQ made in its dK/dV kernel (miles_kernels attention_bwd.DQ_FUSED)")
     p.add_argument("--gluon-grouped", action="store_true",
                    help="the MoE experts' grouped_linear by the Gluon kernel on Hopper (miles_kernels matmul.GLUON_GROUPED)")
     p.add_argument("--out", default="bench_train.json")
     a = p.parse_args()
-    if a.dq_fused:
-        from miles_kernels._triton import attention_bwd
-
-        attention_bwd.DQ_FUSED = True
     if a.gluon_grouped:
         from miles_kernels._triton import matmul
 
@@ -302,7 +295,7 @@ def main() -> None:
                   f"{r.get('reserved_gib', 0.0):>9.2f} {vs:>8} {md:>9} {mhz}")
         meta = {"device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
                 "world_size": dist.get_world_size(), "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"),
-                "model": f"{', '.join(a.model)} shape, random weights", "dq_fused": a.dq_fused,
+                "model": f"{', '.join(a.model)} shape, random weights",
                 "gluon_grouped": a.gluon_grouped,
                 "wall_s": time.time() - t0}
         with open(a.out, "w") as f:

@@ -13,8 +13,7 @@ paged_attention's lse_HT), and dout. With P = softmax(scale * q k^T) recomputed 
     with dS = P * (dout v^T - delta)
 
 Each program owns its output rows and keeps them in fp32 registers: no atomics, no partial
-sums. DQ_FUSED instead makes dQ in the dK/dV kernel (_dkdvq_kernel): each step's dS k goes to
-its query block's fp32 sum in KV-block order (turn counters, deterministic). Scores run in log2 units (log2(e) folded into the scale and the LSE, exp2). Only the
+sums. Scores run in log2 units (log2(e) folded into the scale and the LSE, exp2). Only the
 blocks that cross the diagonal or a sequence's end are masked; a sequence's blocks start at
 its first token. Not batch-invariant (need not be): deterministic, one order per launch shape.
 """
@@ -58,20 +57,6 @@ FILL = 264  # 2 programs per SM of an H100/H200
 # 2026-12-03 fifteenth run); dQ: 0-3% more (0.6B 16k 6,788 -> 6,640 us; sixteenth run).
 DKDV_TMA = True
 DQ_TMA = True
-# DQ_FUSED: the dK/dV kernel also makes dQ (_dkdvq_kernel: each step's dS k summed per query block
-# in KV-block order through an fp32 [T, H, D] buffer), five MMAs a step where the split runs seven.
-# Off: the Triton kernel took 2.4-2.5x the split's time on the H200 at its best tile (0.6B 16k 16.4
-# vs 6.8 ms), 2.0x without its turn waits: its body is what is slow (docs/kernel_tuning.md,
-# 2026-12-04 nineteenth run). gluon_dkdvq's kernel (Hopper, FA3's five MMAs) has its values but
-# not the speed: 0.6B 16k 8.18 vs 5.95 ms for the split kernels (H200, 2026-12-05).
-DQ_FUSED = False
-# 64 query rows x 128 keys: the tile gluon_dkdvq's kernel computes with these values on Hopper (the
-# Triton kernel's fastest was 32 x 128; 64 x 128 took 1.0-1.1x its time, nineteenth run).
-FUSED_TILES = {torch.bfloat16: (Tile(64, 128, 8, 2),),
-               torch.float16: (Tile(64, 128, 8, 2),),
-               torch.float32: (Tile(16, 16, 4, 1),)}
-# With DQ_FUSED, dK/dV/dQ by gluon_dkdvq's kernel on Hopper at the full-GPU tile (the same values).
-GLUON_DKDVQ = True
 _DELTA_ROWS = {torch.bfloat16: 64, torch.float16: 64, torch.float32: 16}  # tokens per delta program
 # dK/dV and dQ by gluon_attention_bwd's kernels on Hopper (the same values; dK/dV where the
 # full-GPU tile, whose query block it shares, is picked): dK/dV 1.13-1.23x _dkdv_kernel, dQ
@@ -133,17 +118,17 @@ def _dkdv_step(dk, dv, k, v, q_ptr, do_ptr, lse_ptr, delta_ptr, m0, kpos, q_len,
     dpT = tl.dot(v, tl.trans(do), input_precision=PRECISION)
     dsT = (pT * (dpT - delta[None, :])).to(q.dtype)
     dk = tl.dot(dsT, q, dk, input_precision=PRECISION)
-    return dk, dv, dsT
+    return dk, dv
 
 
 @triton.jit
 def _program(per_rank, n_heads, cu_ptr):
-    """This program's (rank in launch order, head, sequence's first token, its length, the
-    sequence): the grid runs rank-major over (rank, sequence, head), per_rank = sequences x heads."""
+    """This program's (rank in launch order, head, sequence's first token, its length): the
+    grid runs rank-major over (rank, sequence, head), per_rank = sequences x heads."""
     pid = tl.program_id(0)
     b = (pid % per_rank) // n_heads
     q_lo = tl.load(cu_ptr + b)
-    return pid // per_rank, pid % n_heads, q_lo, tl.load(cu_ptr + b + 1) - q_lo, b
+    return pid // per_rank, pid % n_heads, q_lo, tl.load(cu_ptr + b + 1) - q_lo
 
 
 @triton.jit
@@ -163,7 +148,7 @@ def _dkdv_kernel(q_ptr, k_ptr, v_ptr, do_ptr, dk_ptr, dv_ptr, lse_ptr, delta_ptr
                  G: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                  PRECISION: tl.constexpr, TMA: tl.constexpr):
     # KV block j: block 0 (every query block after it) starts first
-    j, kvh, q_lo, q_len, _ = _program(n_bk, n_kv_heads, cu_ptr)
+    j, kvh, q_lo, q_len = _program(n_bk, n_kv_heads, cu_ptr)
     n0 = j * BLOCK_N
     if n0 >= q_len:
         return
@@ -184,150 +169,14 @@ def _dkdv_kernel(q_ptr, k_ptr, v_ptr, do_ptr, dk_ptr, dv_ptr, lse_ptr, delta_ptr
         lse_h = lse_ptr + h.to(tl.int64) * stride_lh + q_lo
         delta_h = delta_ptr + h.to(tl.int64) * stride_dh + q_lo
         for i in range(i_lo, tl.minimum(i_full, n_q)):  # the diagonal
-            dk, dv, _dsT = _dkdv_step(dk, dv, k, v, q_h, do_h, lse_h, delta_h, i * BLOCK_M, kpos, q_len, qk_scale,
+            dk, dv = _dkdv_step(dk, dv, k, v, q_h, do_h, lse_h, delta_h, i * BLOCK_M, kpos, q_len, qk_scale,
                                 stride_qt, q_lo, h * D, BLOCK_M, D, PRECISION, True, TMA)
         for i in range(i_full, n_q_full):
-            dk, dv, _dsT = _dkdv_step(dk, dv, k, v, q_h, do_h, lse_h, delta_h, i * BLOCK_M, kpos, q_len, qk_scale,
+            dk, dv = _dkdv_step(dk, dv, k, v, q_h, do_h, lse_h, delta_h, i * BLOCK_M, kpos, q_len, qk_scale,
                                 stride_qt, q_lo, h * D, BLOCK_M, D, PRECISION, False, TMA)
         for i in range(tl.maximum(i_full, n_q_full), n_q):  # the sequence's last, partial block
-            dk, dv, _dsT = _dkdv_step(dk, dv, k, v, q_h, do_h, lse_h, delta_h, i * BLOCK_M, kpos, q_len, qk_scale,
+            dk, dv = _dkdv_step(dk, dv, k, v, q_h, do_h, lse_h, delta_h, i * BLOCK_M, kpos, q_len, qk_scale,
                                 stride_qt, q_lo, h * D, BLOCK_M, D, PRECISION, True, TMA)
-    tl.store(dk_ptr + kv_off, (dk * scale).to(dk_ptr.dtype.element_ty), mask=k_ok)
-    tl.store(dv_ptr + kv_off, dv.to(dv_ptr.dtype.element_ty), mask=k_ok)
-
-
-# $0 = the counter at [$3] once it reaches $2 (from $1, a value read before), then fence.acq_rel.gpu
-WAIT_TURN_PTX = tl.constexpr("""{
-        .reg .pred p;
-        mov.u32 $0, $1;
-        WAIT_TURN:
-        setp.ge.s32 p, $0, $2;
-        @p bra TURN_DONE;
-        ld.volatile.global.u32 $0, [$3];
-        bra WAIT_TURN;
-        TURN_DONE:
-        fence.acq_rel.gpu;
-        }""")
-
-
-@triton.jit
-def _wait_turn(turn_ptr, turn, target):
-    """Spin until the counter at turn_ptr reaches target (turn: its value read before this step's
-    MMAs), then fence.acq_rel.gpu: the reads and adds after it come after the adds of the
-    threads that passed the turns. In PTX, so the loop is one op that Triton's pipeliner can
-    schedule around (an scf.while in the step stops it: no TMA prefetch)."""
-    return tl.inline_asm_elementwise(WAIT_TURN_PTX, "=r,r,r,l", [turn, target, turn_ptr], dtype=tl.int32,
-                                     is_pure=False, pack=1)
-
-
-@triton.jit
-def _dq_turn(dq, dq_ptr, acc_ptr, turn_ptr, turn, j, j_last, scale, off, qpos, q_len, NT: tl.constexpr,
-             WAIT: tl.constexpr):
-    """Sum one query block's dQ over its KV blocks 0 .. j_last in that order; dq (fp32 [BLOCK_M, D])
-    is KV block j's part. Block 0 stores its part to acc, each next one waits for its turn and
-    adds its part there, the last (the diagonal's) adds acc to its own and writes dq. The counter
-    at turn_ptr counts the threads that passed the turn (NT a program, _pass_turn, each after
-    its own adds: no barrier); turn is its value read before this step's MMAs. A program waits
-    only for lower KV blocks of its sequence and head, which the rank-major grid starts before
-    it (CUDA starts a grid's programs in order): no deadlock. WAIT off (the interpreter: programs
-    one at a time in grid order): no wait; a turn not passed masks the adds off, so a mistake
-    shows as wrong sums. Branch-free (masks): a store under an `if` in the loop breaks triton
-    3.6's pipeliner."""
-    if WAIT:
-        turn = _wait_turn(turn_ptr, turn, j * NT)
-    go = turn >= j * NT  # (a thread of this program may pass the turn on before another saw it)
-    last = j == j_last
-    rows = qpos[:, None]
-    # from L2 (.cg): the other programs' adds never reach this SM's L1
-    acc = tl.load(acc_ptr + off, mask=rows < tl.where(go & last & (j > 0), q_len, 0), other=0.0,
-                  cache_modifier=".cg")
-    tl.store(dq_ptr + off, ((dq + acc) * scale).to(dq_ptr.dtype.element_ty), mask=rows < tl.where(go & last, q_len, 0))
-    tl.store(acc_ptr + off, dq, mask=rows < tl.where(go & (j == 0) & (j < j_last), q_len, 0))
-    tl.atomic_add(acc_ptr + off, dq, mask=rows < tl.where(go & (j > 0) & (j < j_last), q_len, 0), sem="relaxed",
-                  scope="gpu")
-
-
-@triton.jit
-def _pass_turn(turn_ptr, n, NT: tl.constexpr):
-    """Each of the program's NT threads adds n (0 or 1) to the turn counter, releasing its own
-    adds (no barrier: one would stop the pipeliner)."""
-    tl.atomic_add(turn_ptr + tl.zeros([NT], tl.int32), tl.full([NT], 1, tl.int32) * n, sem="release", scope="gpu")
-
-
-@triton.jit
-def _dkdvq_step(dk, dv, held_ptr, held, k, v, q_ptr, do_ptr, dq_ptr, acc_ptr, turn_ptr, lse_ptr, delta_ptr, i, g,
-                j, kvh, kpos, q_lo, q_len, qk_scale, scale, stride_qt, stride_lh, stride_dh, stride_sh,
-                G: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                PRECISION: tl.constexpr, MASK: tl.constexpr, TMA: tl.constexpr, NT: tl.constexpr,
-                WAIT: tl.constexpr):
-    """Query block i of query head kvh * G + g: its part of dk, dv (as _dkdv_step) and of dq (dS k,
-    summed in KV-block order by _dq_turn). held_ptr / held: the turn this program still holds
-    from its previous step (held 1) or none (0); returns the one it holds after this step."""
-    h = kvh * G + g
-    turn_h = turn_ptr + h.to(tl.int64) * stride_sh + i
-    turn = tl.load(turn_h, volatile=True)  # read now, needed after the MMAs
-    m0 = i * BLOCK_M
-    qpos = m0 + tl.arange(0, BLOCK_M)
-    if TMA:
-        q_h, do_h = q_ptr, do_ptr
-    else:
-        q_h = q_ptr + q_lo.to(tl.int64) * stride_qt + h * D
-        do_h = do_ptr + q_lo.to(tl.int64) * stride_qt + h * D
-    dk, dv, dsT = _dkdv_step(dk, dv, k, v, q_h, do_h, lse_ptr + h.to(tl.int64) * stride_lh + q_lo,
-                             delta_ptr + h.to(tl.int64) * stride_dh + q_lo, m0, kpos, q_len, qk_scale,
-                             stride_qt, q_lo, h * D, BLOCK_M, D, PRECISION, MASK, TMA)
-    dq = tl.dot(tl.trans(dsT), k, input_precision=PRECISION)  # [BLOCK_M, D]
-    _pass_turn(held_ptr, held, NT)
-    off = (q_lo + qpos).to(tl.int64)[:, None] * stride_qt + h * D + tl.arange(0, D)[None, :]
-    j_last = (tl.minimum(m0 + BLOCK_M, q_len) - 1) // BLOCK_N  # the KV block of the block's last row
-    _dq_turn(dq, dq_ptr, acc_ptr, turn_h, turn, j, j_last, scale, off, qpos, q_len, NT, WAIT)
-    return dk, dv, turn_h, (j < j_last).to(tl.int32)
-
-
-@fast_launch
-@triton.jit
-def _dkdvq_kernel(q_ptr, k_ptr, v_ptr, do_ptr, dk_ptr, dv_ptr, dq_ptr, acc_ptr, turn_ptr, lse_ptr, delta_ptr, cu_ptr,
-                  qk_scale, scale, n_kv_heads, n_bk, stride_qt, stride_kt, stride_lh, stride_dh, stride_sh,
-                  G: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                  PRECISION: tl.constexpr, TMA: tl.constexpr, NT: tl.constexpr, WAIT: tl.constexpr):
-    """_dkdv_kernel that also makes dq (DQ_FUSED): each step's dS k goes to its query block's sum
-    in KV-block order (_dq_turn), so no dQ kernel recomputes S and dP. The query blocks run from
-    the sequence's end down to the diagonal: every KV block starts at the sequence's last block,
-    so a program's turn comes about one step after the block below it."""
-    j, kvh, q_lo, q_len, b = _program(n_bk, n_kv_heads, cu_ptr)
-    n0 = j * BLOCK_N
-    if n0 >= q_len:
-        return
-    kpos, kv_off, k_ok, k, v = _kv_rows(k_ptr, v_ptr, n0, q_lo, q_len, kvh, stride_kt, D, BLOCK_N)
-    dk = tl.zeros((BLOCK_N, D), tl.float32)
-    dv = tl.zeros((BLOCK_N, D), tl.float32)
-    # a sequence's query blocks own turn counters q_lo // BLOCK_M + b + (0 .. cdiv(q_len, BLOCK_M) - 1)
-    turn_b = turn_ptr + q_lo // BLOCK_M + b
-    i_lo = n0 // BLOCK_M
-    i_full = tl.cdiv(n0 + BLOCK_N - 1, BLOCK_M)
-    n_q = tl.cdiv(q_len, BLOCK_M)
-    n_q_full = q_len // BLOCK_M
-    i_end = tl.maximum(i_full, n_q_full)
-    held_ptr = turn_b  # the turn this program holds (held 1) until its next step's MMAs are done
-    held = j * 0
-    # one flat loop per mask kind over (query block, query head), the blocks downwards
-    for t in range(i_end * G, n_q * G):  # the sequence's last, partial block
-        dk, dv, held_ptr, held = _dkdvq_step(
-            dk, dv, held_ptr, held, k, v, q_ptr, do_ptr, dq_ptr, acc_ptr, turn_b, lse_ptr, delta_ptr,
-            n_q - 1 - (t // G - i_end), t % G, j, kvh, kpos, q_lo, q_len, qk_scale, scale, stride_qt, stride_lh,
-            stride_dh, stride_sh, G, D, BLOCK_M, BLOCK_N, PRECISION, True, TMA, NT, WAIT)
-    for t in range(i_full * G, n_q_full * G):
-        dk, dv, held_ptr, held = _dkdvq_step(
-            dk, dv, held_ptr, held, k, v, q_ptr, do_ptr, dq_ptr, acc_ptr, turn_b, lse_ptr, delta_ptr,
-            n_q_full - 1 - (t // G - i_full), t % G, j, kvh, kpos, q_lo, q_len, qk_scale, scale, stride_qt,
-            stride_lh, stride_dh, stride_sh, G, D, BLOCK_M, BLOCK_N, PRECISION, False, TMA, NT, WAIT)
-    i_diag = tl.minimum(i_full, n_q)
-    for t in range(i_lo * G, i_diag * G):  # the diagonal
-        dk, dv, held_ptr, held = _dkdvq_step(
-            dk, dv, held_ptr, held, k, v, q_ptr, do_ptr, dq_ptr, acc_ptr, turn_b, lse_ptr, delta_ptr,
-            i_diag - 1 - (t // G - i_lo), t % G, j, kvh, kpos, q_lo, q_len, qk_scale, scale, stride_qt, stride_lh,
-            stride_dh, stride_sh, G, D, BLOCK_M, BLOCK_N, PRECISION, True, TMA, NT, WAIT)
-    _pass_turn(held_ptr, held, NT)
     tl.store(dk_ptr + kv_off, (dk * scale).to(dk_ptr.dtype.element_ty), mask=k_ok)
     tl.store(dv_ptr + kv_off, dv.to(dv_ptr.dtype.element_ty), mask=k_ok)
 
@@ -369,7 +218,7 @@ def _dq_kernel(q_ptr, k_ptr, v_ptr, do_ptr, dq_ptr, lse_ptr, delta_ptr, cu_ptr,
                qk_scale, scale, n_heads, n_bh, n_blocks, stride_qt, stride_kt, stride_lh, stride_dh,
                G: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                PRECISION: tl.constexpr, TMA: tl.constexpr):
-    r, h, q_lo, q_len, _ = _program(n_bh, n_heads, cu_ptr)
+    r, h, q_lo, q_len = _program(n_bh, n_heads, cu_ptr)
     i = n_blocks - 1 - r  # Q block: the last (longest: most KV blocks) start first
     m0 = i * BLOCK_M
     if m0 >= q_len:
@@ -443,24 +292,12 @@ def packed_attention_bwd(
     strides = (H * D, K * D, lse_HT.stride(0), T)
 
     # real programs ~ blocks over all tokens (+ one partial per sequence) x heads; no host sync
-    t = dkdv_tile or _pick((FUSED_TILES if DQ_FUSED else DKDV_TILES)[dtype], lambda t: triton.cdiv(T, t.block_n) * K)
-    gf = gluon_module("gluon_dkdvq") if DQ_FUSED and GLUON_DKDVQ and dkdv_tile is None and q.is_cuda else None
-    if gf is not None and (t.block_m, t.block_n) == (gf.BLOCK_M, 2 * gf.HALF) and gf.supported(q, k, v, do):
-        gf.dkdvq(q, k, v, do, dq, dk, dv, lse_HT, delta, cu, max_len, scale)  # the same values
-        return dq, dk, dv
+    t = dkdv_tile or _pick(DKDV_TILES[dtype], lambda t: triton.cdiv(T, t.block_n) * K)
     n_blocks = triton.cdiv(max_len, t.block_n)
     # TMA: the loop's operands by tensor descriptors over [T, heads * D] (same values, same math)
     q_in, do_in = tma_descriptors((q, do), t.block_m, DKDV_TMA) or (q, do)
     meta = dict(G=G, D=D, BLOCK_M=t.block_m, BLOCK_N=t.block_n, PRECISION=precision, TMA=q_in is not q,
                 num_warps=t.num_warps, num_stages=t.num_stages)
-    if DQ_FUSED:  # turn counters: a sequence's query blocks from q_lo // BLOCK_M + its index (_dkdvq_kernel)
-        n_turns = T // t.block_m + B + 1
-        acc = torch.empty((T, H, D), dtype=torch.float32, device=q.device)
-        turns = torch.zeros((H, n_turns), dtype=torch.int32, device=q.device)
-        _dkdvq_kernel[(n_blocks * B * K,)](q_in, k, v, do_in, dk, dv, dq, acc, turns, lse_HT, delta, *common, K, B * K,
-                                           *strides, n_turns, NT=32 * t.num_warps, WAIT=q.device.type == "cuda",
-                                           **meta)
-        return dq, dk, dv
     gluon = GLUON_DKDV and dkdv_tile is None and t == DKDV_TILES[dtype][0] and q.is_cuda
     ga = gluon_module("gluon_attention_bwd") if gluon else None
     if ga is not None and t.block_m == ga.BLOCK_M and ga.supported(q, k, v, do):  # a step's rows: the same sums
