@@ -9,6 +9,9 @@ installed version has it), and our engine with EngineConfig.overlap_schedule off
 (`engine-no-overlap`). Transformers, fast mode and no-overlap run on a subset (see `plan`).
 roofline_tok_s: tokens/s if every decode step only streamed the weights plus the KV read
 by the step at the measured HBM bandwidth (prefill ignored): an upper bound for decode.
+prefill_roofline_tok_s: the same with the prompts' prefill added at the measured bf16 matmul
+peak (the layers' linears and causal attention, 2 FLOPs a multiply-add): the bound for a run
+whose prompts the prefix cache has not seen.
 
     python tools/bench/engine.py --out bench_engine.json           # full sweep, ~6 min on an H100
     python tools/bench/engine.py --quick --out bench_engine.json   # smaller sweep
@@ -92,6 +95,28 @@ def roofline_tok_s(args: ModelArgs, weight_bytes: int, bw: float, batch: int, pr
     kv_tok = 2 * args.n_layers * args.n_kv_heads * args.head_dim * 2
     step_bytes = weight_bytes + batch * (prompt + new / 2) * kv_tok  # mean KV read per step
     return batch * bw / step_bytes
+
+
+def matmul_peak() -> float:
+    """bf16 FLOP/s of an 8192^3 cuBLAS matmul on this device."""
+    a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    a @ a
+    torch.cuda.synchronize()
+    t = time.perf_counter()
+    for _ in range(10):
+        a @ a
+    torch.cuda.synchronize()
+    return 10 * 2 * 8192**3 / (time.perf_counter() - t)
+
+
+def prefill_roofline_tok_s(args: ModelArgs, decode_tok_s: float, peak: float, batch: int, prompt: int,
+                           new: int) -> float:
+    """decode_tok_s (roofline_tok_s) with the prompts' prefill FLOPs added at `peak` FLOP/s: every
+    layer's linears on each prompt token, causal attention's two matmuls over prompt^2 / 2 pairs."""
+    q, kv = args.n_heads * args.head_dim, args.n_kv_heads * args.head_dim
+    linear = args.dim * (2 * q + 2 * kv) + 3 * args.dim * args.ffn_dim  # q, k, v, o; gate, up, down
+    flops = 2 * args.n_layers * batch * (prompt * linear + prompt * prompt * q)
+    return batch * new / (batch * new / decode_tok_s + flops / peak)
 
 
 def prompts(batch: int, length: int, vocab: int, seed: int) -> list[list[int]]:
@@ -340,9 +365,10 @@ def main() -> None:
                        modes=tuple(a.profile_modes.split(",")))
     if not torch.cuda.is_available():
         raise SystemExit("tools/bench/engine.py needs a CUDA device (--profile also runs on CPU)")
-    t0, bw = time.perf_counter(), hbm_bandwidth()
+    t0, bw, peak = time.perf_counter(), hbm_bandwidth(), matmul_peak()
     meta = dict(device=torch.cuda.get_device_name(), torch=torch.__version__, host=platform.node(),
-                date=time.strftime("%Y-%m-%d"), hbm_gb_s=bw / 1e9, quick=a.quick, prefill_tokens_arg=a.prefill_tokens)
+                date=time.strftime("%Y-%m-%d"), hbm_gb_s=bw / 1e9, matmul_tflops=peak / 1e12, quick=a.quick,
+                prefill_tokens_arg=a.prefill_tokens)
     results = []
     rows = plan(a.quick)
     if a.only:
@@ -356,6 +382,8 @@ def main() -> None:
                 continue
             row = dict(model=m, system=system, batch=batch, prompt=plen, new=new)
             row["roofline_tok_s"] = roofline_tok_s(model.args, weight_bytes, bw, batch, plen, new)
+            row["prefill_roofline_tok_s"] = prefill_roofline_tok_s(model.args, row["roofline_tok_s"], peak, batch,
+                                                                   plen, new)
             if time.perf_counter() - t0 > a.budget_s:
                 results.append({**row, "skipped": "time budget"})
                 continue
@@ -392,6 +420,7 @@ def main() -> None:
             if "wall_s" in row:
                 row["output_tok_s"] = batch * new / row["wall_s"]
                 row["pct_roofline"] = 100 * row["output_tok_s"] / row["roofline_tok_s"]
+                row["pct_prefill_roofline"] = 100 * row["output_tok_s"] / row["prefill_roofline_tok_s"]
             results.append(row)
             print_row(row)
         engines.clear()
@@ -413,7 +442,10 @@ def print_row(r: dict) -> None:
     pct = f"{r['pct_roofline']:5.1f}" if "pct_roofline" in r else f"{'-':>5}"
     note = r.get("skipped", f"preempt {r['preemptions']}" if "preemptions" in r else "")
     if "warm_tok_s" in r:
-        note += f"; warm {r['warm_tok_s']:.0f} tok/s = {100 * r['warm_tok_s'] / r['roofline_tok_s']:.1f}%"
+        note += (f"; warm {r['warm_tok_s']:.0f} tok/s = {100 * r['warm_tok_s'] / r['roofline_tok_s']:.1f}%"
+                 f" ({100 * r['warm_tok_s'] / r['prefill_roofline_tok_s']:.1f}% with prefill)")
+    elif "pct_prefill_roofline" in r:
+        note += f"; {r['pct_prefill_roofline']:.1f}% with prefill"
     if "max_prefill_tokens" in r:
         note += f"; prefill {r['max_prefill_tokens']} tokens a step"
     print(f"{r['model']:<11} {r['system']:<18} {r['batch']:>5} {r['prompt']:>6} {r['new']:>5} {wall} {tps} "

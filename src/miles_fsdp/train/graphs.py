@@ -47,7 +47,9 @@ MIN_SEQS = 8  # smallest sequence bucket (the padding sequence included)
 # AccumulateGrad calls on the host), and the replay takes no autograd edge a parameter (~1 ms of
 # host time a micro-batch at 310 parameters). The same bits as the copies: tests/train/test_graphs.py
 # (CPU, stand-in graphs) and tests/gpu/test_optim_gpu.py, test_trainer_gpu.py (H200, 2026-12-04).
-LEND_GRADS = True
+# Off: run_rl at scale (tests/gpu/test_on_policy_at_scale.py) gave a NaN grad norm on the H200
+# with it and rms_norm's rows ahead both on (2026-12-05); which one is not known yet.
+LEND_GRADS = False
 
 
 def _pow2_at_least(n: int, floor: int) -> int:
