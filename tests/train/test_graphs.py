@@ -122,18 +122,23 @@ def _stand_in_record(self, bucket) -> None:
     bucket.fwd, bucket.bwd = _Replayer(fwd), _Replayer(bwd)
 
 
-@pytest.mark.parametrize("budget", [512, 256])
-def test_lent_grads_train_the_bits_of_copies(budget, monkeypatch):
+# (budget, sequence lengths, micro-batches): one micro-batch a step; two; five over three
+# buckets of 8 / 16 / 64 sequences (run_rl's steps: many micro-batches, the buckets interleaved)
+LEND_CASES = [(512, (200, 40, 60, 37), 1), (256, (200, 40, 60, 37), 2),
+              (512, (500, 200, 250) + (10,) * 20 + (300, 150) + (7,) * 40 + (480, 30), 5)]
+
+
+@pytest.mark.parametrize("budget,lens,n_mb", LEND_CASES)
+def test_lent_grads_train_the_bits_of_copies(budget, lens, n_mb, monkeypatch):
     """LEND_GRADS: the backward graph's static grads lent to .grad (copied by LocalParams only
     before the next backward replay rewrites them) train the bits of autograd's copies: one
-    micro-batch a step and two (the second replay rewrites the first's grads), the tied
-    embedding (the lm_head's eager grad added to the lent one), the draft beside."""
+    micro-batch a step, two (the second replay rewrites the first's grads), five in three
+    buckets; the tied embedding (the lm_head's eager grad added to the lent one), the draft beside."""
     import miles_fsdp.train.graphs as graphs_mod
 
     monkeypatch.setattr(TrunkGraphs, "_record", _stand_in_record)
     g = torch.Generator().manual_seed(0)
-    seqs = [TrainSeq(torch.randint(0, 256, (n,), generator=g).tolist(), [0] * 5 + [1] * (n - 5))
-            for n in (200, 40, 60, 37)]
+    seqs = [TrainSeq(torch.randint(0, 256, (n,), generator=g).tolist(), [0] * 5 + [1] * (n - 5)) for n in lens]
     out = {}
     for lend in (False, True):
         monkeypatch.setattr(graphs_mod, "LEND_GRADS", lend)
@@ -144,7 +149,7 @@ def test_lent_grads_train_the_bits_of_copies(budget, monkeypatch):
         t.graphs.before_backward = t.local.own_grads
         t.local.keep_shadows = True
         metrics = [t.train_step(t.pack(seqs), sft_loss) for _ in range(2)]
-        assert len(t.pack(seqs)) == (1 if budget == 512 else 2) and t.graphs.buckets
+        assert len(t.pack(seqs)) == n_mb and len(t.graphs.buckets) == (3 if n_mb == 5 else 1)
         out[lend] = ([{k: v for k, v in m.items() if not k.startswith(("perf/", "time/"))} for m in metrics],
                      {k: v.clone() for k, v in t.model.state_dict().items()})
     assert out[False][0] == out[True][0]
