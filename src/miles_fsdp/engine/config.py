@@ -56,7 +56,7 @@ class EngineConfig:
     (Engine.max_prefill_tokens, logged): on CUDA the largest of 16384, 8192, 4096 whose
     activations (estimated from the model's widths) fit beside the KV cache, 4096 on CPU.
     Prefill steps run eagerly (~10 op launches a layer each), so fewer, larger steps cost the
-    host less."""
+    host less: 16384 against 4096 was +66% tok/s at 0.6B, 256 prompts of 1024 (H200, 2026-12-05)."""
     max_model_len: int = 0
     """Longest prompt + completion; 0 means the model's max_position_embeddings (if known)."""
     prefix_cache: bool = True
