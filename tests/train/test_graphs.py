@@ -102,6 +102,11 @@ def _stand_in_record(self, bucket) -> None:
     live = {}
 
     def fwd():
+        # a graph captured earlier may keep its temporaries where the static grads now live (the
+        # first bucket's forward: captured before the grads were allocated): any replay may rewrite them
+        for static in self.grads or ():
+            if static is not None:
+                static.fill_(float("nan"))
         with torch.enable_grad():
             live["out"] = self._trunk(bucket)
         bucket.out.copy_(live["out"].detach())
@@ -146,7 +151,7 @@ def test_lent_grads_train_the_bits_of_copies(budget, lens, n_mb, monkeypatch):
         t.cfg.max_tokens_per_micro_batch = budget
         t.graphs = TrunkGraphs(t.model, t.device, budget, capture=False)
         t.graphs.capture = True  # the stand-in "captures"
-        t.graphs.before_backward = t.local.own_grads
+        t.graphs.before_replay = t.local.own_grads
         t.local.keep_shadows = True
         metrics = [t.train_step(t.pack(seqs), sft_loss) for _ in range(2)]
         assert len(t.pack(seqs)) == n_mb and len(t.graphs.buckets) == (3 if n_mb == 5 else 1)

@@ -15,11 +15,11 @@ from miles_kernels._triton.launch import fast_launch
 
 _GW_PARTIAL = 1 << 20
 """fp32 elements of rms_norm's weight-grad partials ([programs, D]) to aim for: sets rows per program."""
-AHEAD_ELEMENTS = 1
-"""Row elements whose loads a program of _rms_norm_grad_kernel issues together (1: a row at a
-time). 512 (4 rows of the q/k norms' 128) was 83.8 -> 73.8 us a q-norm call on the H200 with the
-same bits, but the GPU test of run_rl at scale (tests/gpu/test_on_policy_at_scale.py) gave a NaN
-grad norm with it and LEND_GRADS both on (2026-12-05), not yet told apart: off until it is."""
+AHEAD_ELEMENTS = 512
+"""Row elements whose loads a program of _rms_norm_grad_kernel issues together: 4 rows of the q/k
+norms' 128 (one warp a row: its loads' latency is the kernel's time; q norm 83.8 -> 73.8 us a call
+on the H200, same bits), 1 of a 1,024-wide hidden row (4 warps already keep its bytes moving; 4 rows
+there took 141 registers, not 64, on sm_90). run_rl at scale passes with it (H200, 2026-12-05)."""
 
 
 def _unit_stride(t: torch.Tensor) -> torch.Tensor:

@@ -107,8 +107,8 @@ class LocalParams:
             self._accs[i] = a
 
     def own_grads(self, lent: tuple) -> None:
-        """Copy the grads that are `lent` tensors (a CUDA graph's static grads, rewritten by its
-        next backward replay: train/graphs.py LEND_GRADS) wherever they sit: an accumulator
+        """Copy the grads that are `lent` tensors (CUDA graphs' static grads, which the next replay
+        may rewrite: train/graphs.py LEND_GRADS) wherever they sit: an accumulator
         becomes the fp32 upcast a second backward adds into, a shadow's .grad a copy."""
         ids = {id(t) for t in lent if t is not None}
         self._upcast([i for i, a in enumerate(self._accs) if a is not None and id(a) in ids])

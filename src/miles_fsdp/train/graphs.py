@@ -41,15 +41,17 @@ log = logging.getLogger(__name__)
 
 MIN_TOKENS = 256  # smallest token bucket
 MIN_SEQS = 8  # smallest sequence bucket (the padding sequence included)
-# LEND_GRADS: the backward graph's static grads go to the parameters' .grad as they are (lent
-# until the next backward replay, when TrunkGraphs.before_backward has their holder copy them)
-# instead of autograd's copy of each (the 16k step's 320 device copies, ~1.1 ms at 0.6B, and 310
-# AccumulateGrad calls on the host), and the replay takes no autograd edge a parameter (~1 ms of
-# host time a micro-batch at 310 parameters). The same bits as the copies: tests/train/test_graphs.py
-# (CPU, stand-in graphs) and tests/gpu/test_optim_gpu.py, test_trainer_gpu.py (H200, 2026-12-04).
-# Off: run_rl at scale (tests/gpu/test_on_policy_at_scale.py) gave a NaN grad norm on the H200
-# with it and rms_norm's rows ahead both on (2026-12-05); which one is not known yet.
-LEND_GRADS = False
+# LEND_GRADS: the backward graph's static grads go to the parameters' .grad as they are, lent
+# until the next replay of any bucket's graph (TrunkGraphs.before_replay has their holder copy them
+# then), instead of autograd's copy of each (the 16k step's 320 device copies, ~1.1 ms at 0.6B,
+# and 310 AccumulateGrad calls on the host), and the replay takes no autograd edge a parameter
+# (~1 ms of host time a micro-batch at 310 parameters). Not only the next backward: the first
+# bucket's forward graph was captured before the grads were allocated, so its temporaries may lie
+# where they are (copied only before the next backward, the next micro-batch's forward replay of
+# that bucket overwrote them: a NaN grad norm in run_rl at scale, H200, 2026-12-05). The same bits
+# as the copies: tests/train/test_graphs.py (CPU, stand-in graphs whose forward rewrites them) and
+# tests/gpu/test_optim_gpu.py (one bucket replayed while they are lent), test_on_policy_at_scale.py.
+LEND_GRADS = True
 
 
 def _pow2_at_least(n: int, floor: int) -> int:
@@ -113,9 +115,8 @@ class _Replay(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g_TD):
         graphs, bucket = ctx.graphs, ctx.bucket
-        lend = LEND_GRADS and graphs.before_backward is not None
-        if lend:  # the last replay's grads, wherever they went, are copied before this one rewrites them
-            graphs.before_backward(bucket.grads)
+        lend = LEND_GRADS and graphs.before_replay is not None
+        graphs.own_lent()
         bucket.grad_out.copy_(g_TD)
         bucket.bwd.replay()
         if not lend:
@@ -123,6 +124,7 @@ class _Replay(torch.autograd.Function):
         for p, g in zip(bucket.params, bucket.grads):
             if g is not None:  # lent; a tied weight's eager grad is added, before or after (in place)
                 p.grad = g if p.grad is None else p.grad + g
+        graphs.lent = True
         return (None, None, *(None for _ in range(ctx.n_inputs)))
 
 
@@ -134,9 +136,10 @@ class TrunkGraphs:
         self.failed = ""  # why capture failed: the trunk runs eagerly from then on
         self.pool = torch.cuda.graph_pool_handle() if capture else None
         self.grads: tuple[torch.Tensor | None, ...] | None = None  # every bucket's grad outputs
-        # LEND_GRADS: called with the static grads before each backward replay rewrites them; whoever
-        # holds them (parallel/local.py LocalParams.own_grads) copies them then
-        self.before_backward: Callable[[tuple], None] | None = None
+        # LEND_GRADS: called with the static grads before the next replay (forward or backward, any
+        # bucket) may rewrite them; whoever holds them (parallel/local.py LocalParams.own_grads) copies them then
+        self.before_replay: Callable[[tuple], None] | None = None
+        self.lent = False  # static grads are lent out (since the last backward replay)
         self._anchor = torch.zeros((), device=device, requires_grad=True)  # LEND_GRADS: see _Replay
 
     def hidden(self, mb: MicroBatch) -> torch.Tensor | None:
@@ -153,6 +156,7 @@ class TrunkGraphs:
         bucket = self.buckets.get(key)
         if bucket is None:
             bucket = self.buckets[key] = self._bucket(t_b, b_b)
+        self.own_lent()  # before this micro-batch's graphs are captured or replayed
         self._fill(bucket, mb, padded_offsets(cu, t_b, b_b))
         if not self.capture:
             return self._trunk(bucket)[:T]
@@ -167,9 +171,15 @@ class TrunkGraphs:
                             self.failed)
                 self.buckets.pop(key, None)
                 return None
-        if LEND_GRADS and self.before_backward is not None:
+        if LEND_GRADS and self.before_replay is not None:
             return _Replay.apply(self, bucket, self._anchor)[:T]
         return _Replay.apply(self, bucket, *bucket.params)[:T]
+
+    def own_lent(self) -> None:
+        """Have the lent static grads' holder copy them before a replay may rewrite them."""
+        if self.lent:
+            self.lent = False
+            self.before_replay(self.grads)
 
     def _bucket(self, t_b: int, b_b: int) -> _Bucket:
         dev, i32 = self.device, torch.int32

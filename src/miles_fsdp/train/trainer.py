@@ -177,7 +177,7 @@ class Trainer:
                     f"{dist.get_world_size()} rank(s), units '{units}', train_trunk={train_trunk}: turn "
                     "cuda_graphs off (or leave it unset), or use one GPU with fsdp_units auto")
             self.graphs = TrunkGraphs(self.model, self.device, cfg.max_tokens_per_micro_batch)
-            self.graphs.before_backward = self.local.own_grads  # LEND_GRADS: the holder of lent grads
+            self.graphs.before_replay = self.local.own_grads  # LEND_GRADS: the holder of lent grads
             self.local.keep_shadows = True  # the graphs read the shadows' storage
         self.one_pass = self._one_pass(self.optimizer, cfg.optim.one_pass, units, "trainer.optim.one_pass")
         self.draft_one_pass = draft is not None and self._one_pass(self.draft.optimizer, draft.optim.one_pass, units,
