@@ -22,9 +22,6 @@
 #   pending    (not in the default list) each under a KILL limit: the Gluon grouped_linear (its bitwise
 #              test, then its sweep rows), rms_norm's backward with rows loaded ahead (its test,
 #              tools/bench/norm_grad.py); first run 2026-12-05, both off by default since
-#   nan_bisect (not in the default list) run_rl at scale (-k "1.0-20-0.9") as the tree is, then in a copy
-#              with graphs.LEND_GRADS on, then in one with elementwise_grads.AHEAD_ELEMENTS = 512: which
-#              of the two gave the NaN grad norm of 2026-12-05 (one at a time, each under a KILL limit)
 #   pending_train   (not in the default list) the 16k trainer (the peer in the same call), the MoE bench
 #              with and without --gluon-grouped
 #   pending_engine  (not in the default list) the engine's rows with 4,096 prefill tokens a step (the old
@@ -110,22 +107,6 @@ for step in $steps; do
                  run gpu_norm_grad timeout -s KILL 300 python3 -m pytest -q -o addopts="" tests/gpu/test_kernels_gpu.py \
                      -k rms_norm_grad
                  run norm_grad timeout -s KILL 300 python3 tools/bench/norm_grad.py --out "$out/norm_grad.json" ;;
-        nan_bisect) for v in head lend ahead; do
-                     tree=$PWD
-                     if [ $v != head ]; then
-                         tree=$(mktemp -d); cp -r src kernels tests tools pyproject.toml "$tree/"
-                         [ $v = lend ] && sed -i 's/^LEND_GRADS = False/LEND_GRADS = True/' \
-                             "$tree/src/miles_fsdp/train/graphs.py"
-                         [ $v = ahead ] && sed -i 's/^AHEAD_ELEMENTS = 1$/AHEAD_ELEMENTS = 512/' \
-                             "$tree/kernels/miles_kernels/_triton/elementwise_grads.py"
-                         grep -h "^LEND_GRADS\|^AHEAD_ELEMENTS" "$tree/src/miles_fsdp/train/graphs.py" \
-                             "$tree/kernels/miles_kernels/_triton/elementwise_grads.py" > "$out/nan_bisect_$v.txt"
-                     fi
-                     PYTHONPATH="$tree/src:$tree/kernels:$PYTHONPATH" run nan_bisect_$v timeout -s KILL 300 \
-                         python3 -m pytest -q -o addopts="" -o timeout=900 --basetemp "$out/nan_bisect_$v" \
-                         "$tree/tests/gpu/test_on_policy_at_scale.py" -k "1.0-20-0.9"
-                     pkill -f scale_worker.py
-                 done ;;
         pending_train) run bench_train_16k timeout -s KILL 600 python3 tools/bench/train.py --seqs 16384 --modes invariant \
                      --steps 8 --peer --out "$out/train_16k.json"
                  for gg in "" --gluon-grouped; do
@@ -146,7 +127,7 @@ for step in $steps; do
              run attn_tma python3 tools/bench/attn_sweep.py "$out/attn_tma.json" --tma --tiles
              run attn_tma_paged python3 tools/bench/attn_sweep.py "$out/attn_tma_paged.json" --tma-paged
              run kernel_regs python3 tools/bench/kernel_regs.py "$out/kernel_regs.json" ;;
-        *) echo "unknown step $step (tests scale kernels engine engine_host train rl_step spec profile sweep moe tma pending nan_bisect pending_train pending_engine ws gluon optim)"
+        *) echo "unknown step $step (tests scale kernels engine engine_host train rl_step spec profile sweep moe tma pending pending_train pending_engine ws gluon optim)"
            exit 2 ;;
     esac
 done
