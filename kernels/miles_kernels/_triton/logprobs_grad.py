@@ -21,12 +21,15 @@ GRAD_BLOCK = 4096  # vocab entries per program
 def _logprobs_grad_kernel(
     logits_ptr, ids_ptr, lse_ptr, ent_ptr, g_logp_ptr, g_ent_ptr, out_ptr, V, stride_x, stride_o,
     temperature_in, temperature_out,
-    BLOCK: tl.constexpr, HAS_LOGP: tl.constexpr, HAS_ENT: tl.constexpr,
+    BLOCK: tl.constexpr, HAS_LOGP: tl.constexpr, HAS_ENT: tl.constexpr, SCALED_IN: tl.constexpr,
+    SCALED_OUT: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = cols < V
-    z = tl.load(logits_ptr + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32) / temperature_in
+    z = tl.load(logits_ptr + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
+    if SCALED_IN:  # else T = 1: dividing by 1 changes no bit
+        z = z / temperature_in
     lse = tl.load(lse_ptr + row)
     p = tl.exp(z - lse)  # 0 where z = -inf (masked by top-k / top-p)
     g = tl.zeros([BLOCK], dtype=tl.float32)
@@ -42,7 +45,8 @@ def _logprobs_grad_kernel(
         ge = tl.load(g_ent_ptr + row)
         ent = tl.load(ent_ptr + row)
         g = g - ge * p * (logp_all + ent)
-    g = g / temperature_out
+    if SCALED_OUT:
+        g = g / temperature_out
     tl.store(out_ptr + row * stride_o + cols, g.to(out_ptr.dtype.element_ty), mask=mask)
 
 
@@ -82,7 +86,8 @@ def logprobs_grad(logits_TV: torch.Tensor, ids_T: torch.Tensor, lse_T: torch.Ten
     _logprobs_grad_kernel[grid](
         logits_TV, ids_T.contiguous(), lse_T, ent_T, g_logp_T, g_ent_T, out_TV, V,
         logits_TV.stride(0), out_TV.stride(0), float(temperature_in), float(temperature_out),
-        BLOCK=GRAD_BLOCK, HAS_LOGP=has_logp, HAS_ENT=has_ent, num_warps=8,
+        BLOCK=GRAD_BLOCK, HAS_LOGP=has_logp, HAS_ENT=has_ent, SCALED_IN=temperature_in != 1.0,
+        SCALED_OUT=temperature_out != 1.0, num_warps=8,
     )
     return out_TV
 

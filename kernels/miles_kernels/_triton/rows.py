@@ -30,7 +30,7 @@ def _lp_shift(m, s, m_new):
 @fast_launch
 @triton.jit
 def _logprobs_part_kernel(logits_ptr, state_ptr, V, stride_t, n_parts, temperature,
-                          PART: tl.constexpr, CHUNK: tl.constexpr):
+                          PART: tl.constexpr, CHUNK: tl.constexpr, SCALED: tl.constexpr):
     # State of part p of a row, in units of z = logits / T, shifted by the running max m:
     #   s = sum exp(z - m),  w = sum exp(z - m) * (z - m)   (entropy = log s - w / s)
     row = tl.program_id(0).to(tl.int64)
@@ -42,7 +42,9 @@ def _logprobs_part_kernel(logits_ptr, state_ptr, V, stride_t, n_parts, temperatu
     s = tl.zeros([], tl.float32)
     w = tl.zeros([], tl.float32)
     for v0 in range(part * PART, v_hi, CHUNK):
-        z = tl.load(base + v0 + cols, mask=v0 + cols < v_hi, other=float("-inf")).to(tl.float32) / temperature
+        z = tl.load(base + v0 + cols, mask=v0 + cols < v_hi, other=float("-inf")).to(tl.float32)
+        if SCALED:  # else T = 1: z / 1 is z exactly, and the division is a fifth of the loop's work
+            z = z / temperature
         m_new = tl.maximum(m, tl.max(z, 0))
         # every logit so far masked (top-k/top-p): m_new = -inf and z - m_new would be nan;
         # shifting by 0 instead gives e = 0 and leaves the state empty
@@ -62,7 +64,7 @@ def _logprobs_part_kernel(logits_ptr, state_ptr, V, stride_t, n_parts, temperatu
 @fast_launch
 @triton.jit
 def _logprobs_kernel(logits_ptr, ids_ptr, state_ptr, logp_ptr, ent_ptr, lse_ptr, T, n_parts, stride_t, temperature,
-                     ROWS: tl.constexpr):
+                     ROWS: tl.constexpr, SCALED: tl.constexpr):
     """Merge each row's part states in order (from an empty state), then logp, entropy, lse."""
     rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
     ok = rows < T
@@ -84,7 +86,9 @@ def _logprobs_kernel(logits_ptr, ids_ptr, state_ptr, logp_ptr, ent_ptr, lse_ptr,
     log_s = tl.log(s)
     lse = m + log_s
     tok = tl.load(ids_ptr + rows, mask=ok, other=0)
-    z_tok = tl.load(logits_ptr + rows.to(tl.int64) * stride_t + tok, mask=ok, other=0.0).to(tl.float32) / temperature
+    z_tok = tl.load(logits_ptr + rows.to(tl.int64) * stride_t + tok, mask=ok, other=0.0).to(tl.float32)
+    if SCALED:
+        z_tok = z_tok / temperature
     tl.store(logp_ptr + rows, z_tok - lse, mask=ok)
     tl.store(ent_ptr + rows, log_s - w / s, mask=ok)
     tl.store(lse_ptr + rows, lse, mask=ok)
@@ -116,11 +120,11 @@ def logprobs(
         states = torch.empty((T, n_parts, 3), dtype=torch.float32, device=logits_TV.device)
         _logprobs_part_kernel[(T, n_parts)](
             logits_TV, states, V, logits_TV.stride(0), n_parts, float(temperature),
-            PART=LOGPROB_PART, CHUNK=LOGPROB_CHUNK, num_warps=8,
+            PART=LOGPROB_PART, CHUNK=LOGPROB_CHUNK, SCALED=temperature != 1.0, num_warps=8,
         )
         _logprobs_kernel[(triton.cdiv(T, _MERGE_ROWS),)](
             logits_TV, ids_T.contiguous(), states, out[0], out[1], out[2], T, n_parts, logits_TV.stride(0),
-            float(temperature), ROWS=_MERGE_ROWS, num_warps=2,
+            float(temperature), ROWS=_MERGE_ROWS, SCALED=temperature != 1.0, num_warps=2,
         )
     return out[0], out[1], out[2]
 
