@@ -354,14 +354,15 @@ def main() -> None:
                     help="EngineConfig.max_prefill_tokens (0: the engine's choice, 16384 where it fits on an H200)")
     ap.add_argument("--only", default="", help="comma-separated systems to run (e.g. engine)")
     ap.add_argument("--no-warm", action="store_true", help="skip the second run (graphs captured, new prompts)")
-    ap.add_argument("--profile", metavar="DIR", help="only profile decode steps (0.6B); write DIR/profile*")
+    ap.add_argument("--profile", metavar="DIR", help="only profile decode steps; write DIR/profile*")
+    ap.add_argument("--profile-model", default="qwen3-0.6b", choices=sorted(SHAPES), help="--profile: model shape")
     ap.add_argument("--profile-new", type=int, default=64, help="--profile: new tokens per sample")
     ap.add_argument("--profile-batch", type=int, default=64, help="--profile: batch size")
     ap.add_argument("--profile-prompt", type=int, default=128, help="--profile: prompt tokens per sample")
     ap.add_argument("--profile-modes", default="invariant,fast", help="--profile: comma-separated modes")
     a = ap.parse_args()
     if a.profile:
-        return profile(a.profile, batch=a.profile_batch, plen=a.profile_prompt, new=a.profile_new,
+        return profile(a.profile, model_name=a.profile_model, batch=a.profile_batch, plen=a.profile_prompt, new=a.profile_new,
                        modes=tuple(a.profile_modes.split(",")))
     if not torch.cuda.is_available():
         raise SystemExit("tools/bench/engine.py needs a CUDA device (--profile also runs on CPU)")
