@@ -19,13 +19,10 @@
 #              and fp32 at 4k / 16k / packed, timed against _dkdv_kernel / _dq_kernel; gluon_fwd.py: the
 #              training forward, bitwise against packed_attention, timed against it and flash); under a
 #              time limit each (a barrier bug hangs)
-#   pending    (not in the default list) each under a KILL limit: the Gluon grouped_linear (its bitwise
-#              test, then its sweep rows), rms_norm's backward with rows loaded ahead (its test,
-#              tools/bench/norm_grad.py); first run 2026-12-05, both off by default since
-#   pending_train   (not in the default list) the 16k trainer (the peer in the same call), the MoE bench
-#              with and without --gluon-grouped
-#   pending_engine  (not in the default list) the engine's rows with 4,096 prefill tokens a step (the old
-#              default) and with EngineConfig.max_prefill_tokens=0's choice
+#   pending    (not in the default list) what no GPU has timed yet, each under a KILL limit: the trainer at
+#              4k / 16k, invariant and fast, with the peer (the logprob kernels without the division at
+#              T = 1), one profiled 16k step per mode (fast against invariant), the 8B b64 decode step's
+#              profile (engine.py --profile-model qwen3-8b), the RL step
 #   optim      (not in the default list) the trainer's one-pass optimizer step (tools/bench/optim_pass.py:
 #              bf16 grads in, torch's AdamW on fp32 p / m / v, the bf16 shadow out) against torch's four
 #              passes and the same kernel over one flat buffer, at the 0.6B and MoE bench shapes
@@ -100,24 +97,13 @@ for step in $steps; do
                run attn_bwd_sweep python3 tools/bench/attn_bwd.py "$out/attn_bwd.json" --sweep --tma
                run grouped_sweep python3 tools/bench/grouped_sweep.py --out "$out/grouped_sweep.json"
                run graph_launch python3 tools/bench/graph_launch.py --out "$out/graph_launch.json" ;;
-        pending) run gpu_gluon_grouped timeout -s KILL 300 python3 -m pytest -q -o addopts="" tests/gpu/test_kernels_gpu.py \
-                     -k gluon_grouped
-                 run grouped_picks timeout -s KILL 300 python3 tools/bench/grouped_sweep.py --picks \
-                     --shapes 30b,a-0.6b/gate,a-0.6b/down --out "$out/grouped_picks.json"
-                 run gpu_norm_grad timeout -s KILL 300 python3 -m pytest -q -o addopts="" tests/gpu/test_kernels_gpu.py \
-                     -k rms_norm_grad
-                 run norm_grad timeout -s KILL 300 python3 tools/bench/norm_grad.py --out "$out/norm_grad.json" ;;
-        pending_train) run bench_train_16k timeout -s KILL 600 python3 tools/bench/train.py --seqs 16384 --modes invariant \
-                     --steps 8 --peer --out "$out/train_16k.json"
-                 for gg in "" --gluon-grouped; do
-                     run bench_train_moe${gg:+_gluon} timeout -s KILL 600 python3 tools/bench/train.py \
-                         --model qwen3-0.6b qwen3-moe-a0.6b --seqs 4096 --modes invariant $gg \
-                         --out "$out/train_moe${gg:+_gluon}.json"
-                 done ;;
-        pending_engine) for pt in 4096 0; do
-                     run bench_engine_prefill$pt timeout -s KILL 420 python3 tools/bench/engine.py --quick --only engine \
-                         --prefill-tokens $pt --out "$out/engine_prefill$pt.json"
-                 done ;;
+        pending) run bench_train_modes timeout -s KILL 600 python3 tools/bench/train.py --seqs 4096 16384 \
+                     --modes invariant fast --steps 8 --peer --out "$out/train_modes.json"
+                 run profile_train_16k timeout -s KILL 300 python3 tools/bench/train.py --seqs 16384 \
+                     --modes invariant fast --steps 1 --warmup 2 --profile "$out/profile16k" --out "$out/train_profile16k.json"
+                 run profile_engine_8b timeout -s KILL 300 python3 tools/bench/engine.py --profile "$out/profile_engine_8b" \
+                     --profile-model qwen3-8b --profile-modes invariant
+                 run bench_rl_step timeout -s KILL 300 python3 tools/bench/rl_step.py --out "$out/rl_step.json" ;;
         ws) run ws_probe python3 tools/bench/ws_probe.py "$out/ws_probe.json" ;;
         gluon) for p in fwd dkdv dq; do
                    run gluon_$p timeout 300 python3 tools/bench/gluon_$p.py --out "$out/gluon_$p.json"
@@ -127,7 +113,7 @@ for step in $steps; do
              run attn_tma python3 tools/bench/attn_sweep.py "$out/attn_tma.json" --tma --tiles
              run attn_tma_paged python3 tools/bench/attn_sweep.py "$out/attn_tma_paged.json" --tma-paged
              run kernel_regs python3 tools/bench/kernel_regs.py "$out/kernel_regs.json" ;;
-        *) echo "unknown step $step (tests scale kernels engine engine_host train rl_step spec profile sweep moe tma pending pending_train pending_engine ws gluon optim)"
+        *) echo "unknown step $step (tests scale kernels engine engine_host train rl_step spec profile sweep moe tma pending ws gluon optim)"
            exit 2 ;;
     esac
 done
