@@ -21,7 +21,7 @@
 #              time limit each (a barrier bug hangs)
 #   pending    (not in the default list) what no GPU has timed yet, each under a KILL limit: the trainer at
 #              4k / 16k, invariant and fast, with the peer (the logprob kernels without the division at
-#              T = 1), one profiled 16k step per mode (fast against invariant), the 8B b64 decode step's
+#              T = 1), one profiled 4k and 16k step per mode (fast against invariant), the 8B b64 decode step's
 #              profile (engine.py --profile-model qwen3-8b), the RL step
 #   optim      (not in the default list) the trainer's one-pass optimizer step (tools/bench/optim_pass.py:
 #              bf16 grads in, torch's AdamW on fp32 p / m / v, the bf16 shadow out) against torch's four
@@ -99,8 +99,8 @@ for step in $steps; do
                run graph_launch python3 tools/bench/graph_launch.py --out "$out/graph_launch.json" ;;
         pending) run bench_train_modes timeout -s KILL 600 python3 tools/bench/train.py --seqs 4096 16384 \
                      --modes invariant fast --steps 8 --peer --out "$out/train_modes.json"
-                 run profile_train_16k timeout -s KILL 300 python3 tools/bench/train.py --seqs 16384 \
-                     --modes invariant fast --steps 1 --warmup 2 --profile "$out/profile16k" --out "$out/train_profile16k.json"
+                 run profile_train_modes timeout -s KILL 300 python3 tools/bench/train.py --seqs 4096 16384 \
+                     --modes invariant fast --steps 1 --warmup 2 --profile "$out/profile_modes" --out "$out/train_profile_modes.json"
                  run profile_engine_8b timeout -s KILL 300 python3 tools/bench/engine.py --profile "$out/profile_engine_8b" \
                      --profile-model qwen3-8b --profile-modes invariant
                  run bench_rl_step timeout -s KILL 300 python3 tools/bench/rl_step.py --out "$out/rl_step.json" ;;
