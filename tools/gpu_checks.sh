@@ -100,9 +100,10 @@ for step in $steps; do
         pending) run bench_train_modes timeout -s KILL 600 python3 tools/bench/train.py --seqs 4096 16384 \
                      --modes invariant fast --steps 8 --peer --out "$out/train_modes.json"
                  run profile_train_modes timeout -s KILL 300 python3 tools/bench/train.py --seqs 4096 16384 \
-                     --modes invariant fast --steps 1 --warmup 2 --profile "$out/profile_modes" --out "$out/train_profile_modes.json"
-                 run profile_engine_8b timeout -s KILL 300 python3 tools/bench/engine.py --profile "$out/profile_engine_8b" \
-                     --profile-model qwen3-8b --profile-modes invariant
+                     --modes invariant fast --steps 1 --warmup 2 --profile "$out/profile_modes" \
+                     --out "$out/train_profile_modes.json"
+                 run profile_engine_8b timeout -s KILL 300 python3 tools/bench/engine.py \
+                     --profile "$out/profile_engine_8b" --profile-model qwen3-8b --profile-modes invariant
                  run bench_rl_step timeout -s KILL 300 python3 tools/bench/rl_step.py --out "$out/rl_step.json" ;;
         ws) run ws_probe python3 tools/bench/ws_probe.py "$out/ws_probe.json" ;;
         gluon) for p in fwd dkdv dq; do
