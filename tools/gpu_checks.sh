@@ -22,7 +22,8 @@
 #   pending    (not in the default list) what no GPU has timed yet, each under a KILL limit: the trainer at
 #              4k / 16k, invariant and fast, with the peer (the logprob kernels without the division at
 #              T = 1), one profiled 4k and 16k step per mode (fast against invariant), the 8B b64 decode step's
-#              profile (engine.py --profile-model qwen3-8b), the RL step
+#              profile (engine.py --profile-model qwen3-8b), the decode linears with the weights out of L2
+#              (linear_sweep.py --which cold: deeper pipelines, BLOCK_K 128), the RL step
 #   optim      (not in the default list) the trainer's one-pass optimizer step (tools/bench/optim_pass.py:
 #              bf16 grads in, torch's AdamW on fp32 p / m / v, the bf16 shadow out) against torch's four
 #              passes and the same kernel over one flat buffer, at the 0.6B and MoE bench shapes
@@ -104,6 +105,8 @@ for step in $steps; do
                      --out "$out/train_profile_modes.json"
                  run profile_engine_8b timeout -s KILL 300 python3 tools/bench/engine.py \
                      --profile "$out/profile_engine_8b" --profile-model qwen3-8b --profile-modes invariant
+                 run linear_cold timeout -s KILL 400 python3 tools/bench/linear_sweep.py --which cold \
+                     --out "$out/linear_cold.json"
                  run bench_rl_step timeout -s KILL 300 python3 tools/bench/rl_step.py --out "$out/rl_step.json" ;;
         ws) run ws_probe python3 tools/bench/ws_probe.py "$out/ws_probe.json" ;;
         gluon) for p in fwd dkdv dq; do

@@ -1,6 +1,7 @@
 """Sweep invariant-linear tile configs on one GPU: bitwise check vs the reference tile, then time.
 
     PYTHONPATH=src:kernels python tools/bench/linear_sweep.py --out sweep.json
+    PYTHONPATH=src:kernels python tools/bench/linear_sweep.py --which cold --out cold.json  # decode, w out of L2
 
 Every candidate must give the reference tile's bits (same BLOCK_K walk); only those are timed,
 launched from Python (ms, what eager code pays) and replayed from a CUDA graph (graph_ms, the
@@ -51,6 +52,18 @@ DECODE_CFG = [T(0, 64, 32, 64, 1, 4, 8), T(0, 64, 16, 64, 1, 4, 8), T(0, 64, 64,
               T(0, 64, 32, 64, 1, 4, 8, True), T(0, 64, 64, 64, 8, 4, 6, True), T(0, 128, 64, 64, 8, 4, 4, True),
               T(0, 128, 128, 64, 8, 8, 4, True)]
 
+# Decode with the weights out of L2, as the engine's step reads them (each call a different copy of w,
+# >= COLD_BYTES of copies): deeper pipelines (12 / 16 stages) and BLOCK_K 128 (more bytes in flight a CTA)
+# against the decode tiles of today. BLOCK_K 128 keeps the bits only if the MMAs' K order is the same:
+# `same` says (vs REF's BLOCK_K 64).
+COLD = [(m, n, k) for m in (64, 256) for (n, k) in ((1024, 2048), (1024, 3072), (4096, 1024), (6144, 1024),
+                                                    (4096, 4096), (4096, 12288), (6144, 4096), (24576, 4096))]
+COLD_CFG = [T(0, 64, 16, 64, 1, 4, 8), T(0, 64, 16, 64, 1, 4, 12), T(0, 64, 16, 64, 1, 4, 16),
+            T(0, 64, 32, 64, 1, 4, 8), T(0, 64, 32, 64, 1, 4, 12), T(0, 64, 32, 64, 1, 4, 16),
+            T(0, 64, 64, 64, 1, 4, 6), T(0, 64, 64, 64, 1, 4, 10),
+            T(0, 64, 16, 128, 1, 4, 6), T(0, 64, 16, 128, 1, 4, 8), T(0, 64, 32, 128, 1, 4, 6),
+            T(0, 64, 32, 128, 1, 4, 8), T(0, 128, 64, 64, 8, 4, 4), T(0, 128, 128, 64, 8, 8, 4, True)]
+COLD_BYTES = 256 << 20  # five times the H200's L2
 
 # The trainer's 0.6B forward at 16k rows: q, k|v, gate|up one weight each and fused (qkv, gate_up), o, down.
 TRAIN = [(16384, n, k) for (n, k) in ((2048, 1024), (1024, 1024), (4096, 1024), (3072, 1024), (6144, 1024),
@@ -60,7 +73,18 @@ TRAIN_CFG = [REF._replace(tma=True), T(0, 128, 256, 64, 8, 8, 4, True), T(0, 128
              T(0, 128, 256, 64, 1, 8, 3, True)]
 
 
-def run(shapes, cfgs, peak, rows):
+def _cycled(ws: list):
+    """A function returning the next of ws on each call (round robin): each timed call reads a
+    weight the last calls did not leave in L2."""
+    at = [0]
+
+    def nxt():
+        at[0] = (at[0] + 1) % len(ws)
+        return ws[at[0]]
+    return nxt
+
+
+def run(shapes, cfgs, peak, rows, cold: bool = False):
     for M, N, K in shapes:
         torch.manual_seed(M + N + K)
         x = torch.randn(max(M, 4096), K, device="cuda", dtype=torch.bfloat16)
@@ -68,7 +92,9 @@ def run(shapes, cfgs, peak, rows):
         ref = torch.empty(x.shape[0], N, device="cuda", dtype=torch.bfloat16)
         lin._launch_linear(x, w, None, ref, REF)
         xm = x[:M]
-        base, base_graph = timings(lambda: F.linear(xm, w))
+        ws = [w] + [w.clone() for _ in range(-(-COLD_BYTES // w.nbytes) - 1)] if cold else [w]
+        wn = _cycled(ws)
+        base, base_graph = timings(lambda: F.linear(xm, wn()))
         for c in cfgs:
             y = torch.empty(M, N, device="cuda", dtype=torch.bfloat16)
             try:
@@ -80,14 +106,15 @@ def run(shapes, cfgs, peak, rows):
                 continue
             lin._launch_linear(xm, w, None, y, c)
             same = torch.equal(y, ref[:M])
-            t, t_graph = timings(lambda: lin._launch_linear(xm, w, None, y, c))  # noqa: B023
+            t, t_graph = timings(lambda: lin._launch_linear(xm, wn(), None, y, c))  # noqa: B023
             dev = t_graph or t
             tf = 2 * M * N * K / dev / 1e9
             gbs = 2 * (M * K + N * K + M * N) / dev / 1e6
-            rows.append(dict(M=M, N=N, K=K, cfg=list(c), same=same, ms=t, graph_ms=t_graph, base_ms=base,
+            rows.append(dict(M=M, N=N, K=K, cfg=list(c), cold=cold, same=same, ms=t, graph_ms=t_graph, base_ms=base,
                              base_graph_ms=base_graph, tflops=tf, gbps=gbs))
             xg = f"{base_graph / t_graph:.2f}" if base_graph and t_graph else "-"
-            print(f"M={M:5} N={N:6} K={K:6} bm={c.block_m:3} bn={c.block_n:3} w={c.num_warps} s={c.num_stages:2} "
+            print(f"M={M:5} N={N:6} K={K:6} bm={c.block_m:3} bn={c.block_n:3} bk={c.block_k:3} w={c.num_warps} "
+                  f"s={c.num_stages:2} "
                   f"tma={int(c.tma)} same={int(same)} ms={t:.4f} x_cublas={base / t:.2f} graph_ms={dev:.4f} "
                   f"x_cublas_graph={xg} TF={tf:6.1f} GB/s={gbs:6.0f} hbm%={100 * gbs / peak:4.0f}", flush=True)
 
@@ -105,8 +132,8 @@ def main():
     rows = []
     for wh in a.which.split(","):
         shapes, cfgs = dict(check=(CHECK, CHECK_CFG), small=(SMALL, SMALL_CFG), mid=(MID, MID_CFG), large=(LARGE, LARGE_CFG),
-                             decode=(DECODE, DECODE_CFG), train=(TRAIN, TRAIN_CFG))[wh]
-        run(shapes, cfgs, peak, rows)
+                             decode=(DECODE, DECODE_CFG), train=(TRAIN, TRAIN_CFG), cold=(COLD, COLD_CFG))[wh]
+        run(shapes, cfgs, peak, rows, cold=wh == "cold")
         json.dump(rows, open(a.out, "w"), indent=1)
 
 
