@@ -17,7 +17,8 @@ all buckets share one memory pool (their forwards and backwards never interleave
 set of grad outputs (the first bucket's; later buckets copy theirs in), so a new size costs
 its static inputs and output, not another copy of the grads. The
 compute-dtype shadows (parallel/local.py) are the graphs' parameters: they keep their
-storage while graphs are on (refreshed in place), and their grads leave through autograd.
+storage while graphs are on (refreshed in place); their grads are the backward graph's static
+grads, lent to .grad until the next replay (LEND_GRADS, below), or autograd's copies of them.
 
 A capture that fails (a sync or a CPU op inside the trunk, an op CUDA graphs refuse) is
 logged once and the trainer runs the trunk eagerly from then on. `capture=False` runs the
