@@ -20,7 +20,7 @@
 #              training forward, bitwise against packed_attention, timed against it and flash); under a
 #              time limit each (a barrier bug hangs)
 #   pending_train   (not in the default list) what no GPU has timed yet, each under a KILL limit (one
-#              call, under 10 min): the trainer at 4k / 16k, invariant and fast, with the peer (the
+#              call, under 10 min): the trainer at 4k / 16k, invariant and fast by turns, with the peer (the
 #              logprob kernels without the division at T = 1), one profiled 4k and 16k step per mode
 #   pending_engine  (not in the default list) the same for: the 8B b64 decode step's profile (engine.py
 #              --profile-model qwen3-8b), the decode linears with the weights out of L2 (linear_sweep.py
@@ -100,7 +100,7 @@ for step in $steps; do
                run grouped_sweep python3 tools/bench/grouped_sweep.py --out "$out/grouped_sweep.json"
                run graph_launch python3 tools/bench/graph_launch.py --out "$out/graph_launch.json" ;;
         pending_train) run bench_train_modes timeout -s KILL 330 python3 tools/bench/train.py --seqs 4096 16384 \
-                     --modes invariant fast --steps 8 --peer --out "$out/train_modes.json"
+                     --modes invariant fast --interleave --steps 12 --peer --out "$out/train_modes.json"
                  run profile_train_modes timeout -s KILL 240 python3 tools/bench/train.py --seqs 4096 16384 \
                      --modes invariant fast --steps 1 --warmup 2 --profile "$out/profile_modes" \
                      --out "$out/train_profile_modes.json" ;;

@@ -25,3 +25,18 @@ def test_train_bench_moe_vs_dense_on_cpu(tmp_path):
     assert moe["tokens_per_s"] > 0 and rows["small-moe", "peer"]["tokens_per_s"] > 0
     assert moe["mfu_vs_dense"] == moe["mfu"] / dense["mfu"]
     assert "MFU/dense" in proc.stdout
+
+
+def test_train_bench_interleaves_modes_on_cpu(tmp_path):
+    """--interleave: one trainer takes its steps in the two modes by turns; a row per mode, the
+    second with its median speed ratio to the first, and the ratio line printed."""
+    out = tmp_path / "train.json"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), str(ROOT / "kernels")])}
+    cmd = [sys.executable, str(ROOT / "tools/bench/train.py"), "--model", "small", "--seqs", "64",
+           "--modes", "invariant", "fast", "--interleave", "--steps", "3", "--warmup", "1", "--out", str(out)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = json.loads(out.read_text())["results"]
+    assert [(r["mode"], r["interleaved"]) for r in rows] == [("invariant", True), ("fast", True)]
+    assert rows[0]["vs_first"] == 1.0 and rows[1]["vs_first"] > 0 and rows[1]["tokens_per_s"] > 0
+    assert f"fast / invariant speed, median over 3 rounds: {rows[1]['vs_first']:.3f}x" in proc.stdout

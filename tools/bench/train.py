@@ -11,6 +11,7 @@ packed sequences at 4k and 16k tokens, invariant vs fast kernels.
     python tools/bench/train.py --seqs 4096 --units none model     # one rank without FSDP vs one FSDP unit
     python tools/bench/train.py --seqs 4096 --graphs off on        # the trunk eager vs from CUDA graphs
     python tools/bench/train.py --seqs 4096 16384 --one-pass off on  # torch's optimizer step vs the one pass
+    python tools/bench/train.py --seqs 4096 16384 --interleave --steps 16  # fast vs invariant by turns, one trainer
     python tools/bench/train.py --model qwen3-0.6b qwen3-moe-a0.6b --seqs 4096 --modes invariant  # MoE vs dense MFU
     python tools/bench/train.py --model qwen3-moe-a0.6b --seqs 4096 --modes invariant --gluon-grouped  # Gluon experts
     torchrun --nproc-per-node 8 tools/bench/train.py --out b.json  # FSDP over 8 GPUs
@@ -71,9 +72,9 @@ MODELS = {"qwen3-0.6b": QWEN3_0_6B, "qwen3-moe-a0.6b": QWEN3_MOE_A0_6B, "small":
 DENSE_OF = {"qwen3-moe-a0.6b": "qwen3-0.6b", "small-moe": "small"}  # the MoE MFU / dense MFU pairs
 
 
-def run_case(seq: int, mode: str, steps: int, warmup: int, ac: bool, peak_flops: float, model_name: str = "qwen3-0.6b",
-             fused: bool = True, n_mtp: int = 0, profile: str = "", units: str = "auto", graphs: bool | None = None,
-             host_profile: int = 0, one_pass: bool | None = None) -> dict:
+def _trainer(seq: int, ac: bool, peak_flops: float, model_name: str, fused: bool, n_mtp: int, units: str,
+             graphs: bool | None, one_pass: bool | None) -> tuple[Trainer, list, str]:
+    """(the case's trainer, its one sequence of seq tokens, its units column)."""
     hf = MODELS[model_name]
     with torch.device("meta"):
         model = Transformer(dataclasses.replace(ModelArgs.from_hf(hf), n_mtp=n_mtp))
@@ -84,7 +85,52 @@ def run_case(seq: int, mode: str, steps: int, warmup: int, ac: bool, peak_flops:
     trainer = Trainer(model, cfg, draft=DraftConfig() if n_mtp else None)
     name = units + ("+graphs" if trainer.graphs is not None else "")  # graphs=None: the trainer's default
     g = torch.Generator().manual_seed(0)
-    seqs = [TrainSeq(torch.randint(0, hf["vocab_size"], (seq,), generator=g).tolist())]
+    return trainer, [TrainSeq(torch.randint(0, hf["vocab_size"], (seq,), generator=g).tolist())], name
+
+
+def _summary(rows: list[dict]) -> dict:
+    mean = lambda k: sum(r.get(k, 0.0) for r in rows) / len(rows)  # noqa: E731
+    return {"tokens_per_s": mean("perf/tokens_per_s"), "mfu": mean("perf/mfu"), "step_s": mean("time/train_step_s"),
+            "peak_mem_gib": max(r["perf/peak_mem_gib"] for r in rows),
+            "reserved_gib": max(r.get("perf/reserved_gib", 0.0) for r in rows), "loss": rows[-1]["train/loss"]}
+
+
+def run_interleaved(seq: int, modes: list[str], steps: int, warmup: int, ac: bool, peak_flops: float,
+                    model_name: str = "qwen3-0.6b", fused: bool = True, n_mtp: int = 0, units: str = "auto",
+                    graphs: bool | None = None, one_pass: bool | None = None) -> list[dict]:
+    """One trainer, its steps taken in the modes by turns (invariant, fast, invariant, ...): the
+    modes see the same clock and power state, which moves between separate cases by a few percent.
+    One row per mode; `vs_first` is the median over rounds of its step time's ratio to the first
+    mode's in the same round (> 1: faster)."""
+    trainer, seqs, name = _trainer(seq, ac, peak_flops, model_name, fused, n_mtp, units, graphs, one_pass)
+    specs = {m: ScoringSpec(kernel_mode=m) for m in modes}
+    rows: dict[str, list[dict]] = {m: [] for m in modes}
+    for _ in range(warmup):
+        for m in modes:
+            with mk.use_mode(m):
+                trainer.train_step(trainer.pack(seqs), sft_loss, specs[m])
+    with ClockSampler() as clock:
+        for _ in range(steps):
+            for m in modes:
+                with mk.use_mode(m):
+                    rows[m].append(trainer.train_step(trainer.pack(seqs), sft_loss, specs[m]))
+    one_pass_used = trainer.one_pass
+    del trainer
+    _release()
+    first = rows[modes[0]]
+    out = []
+    for m in modes:
+        ratios = sorted(a["time/train_step_s"] / b["time/train_step_s"] for a, b in zip(first, rows[m]))
+        out.append({"seq": seq, "mode": m, "ac": ac, "model": model_name, "fused_logprobs": fused, "draft": n_mtp,
+                    "units": name, "optim": "one pass" if one_pass_used else "torch", "interleaved": True,
+                    **_summary(rows[m]), "vs_first": ratios[len(ratios) // 2], **_clock(clock)})
+    return out
+
+
+def run_case(seq: int, mode: str, steps: int, warmup: int, ac: bool, peak_flops: float, model_name: str = "qwen3-0.6b",
+             fused: bool = True, n_mtp: int = 0, profile: str = "", units: str = "auto", graphs: bool | None = None,
+             host_profile: int = 0, one_pass: bool | None = None) -> dict:
+    trainer, seqs, name = _trainer(seq, ac, peak_flops, model_name, fused, n_mtp, units, graphs, one_pass)
     rows = []
     spec = ScoringSpec(kernel_mode=mode)  # the trainer's forward runs in the spec's mode
     with mk.use_mode(mode):
@@ -101,14 +147,10 @@ def run_case(seq: int, mode: str, steps: int, warmup: int, ac: bool, peak_flops:
         if host_profile:  # one more step under cProfile: where the host's time goes (syncs show as waits)
             print_host_profile(lambda: trainer.train_step(trainer.pack(seqs), sft_loss, spec), host_profile)
     trainer_one_pass = trainer.one_pass
-    del trainer, model
+    del trainer
     _release()
-    mean = lambda k: sum(r.get(k, 0.0) for r in rows) / len(rows)  # noqa: E731
     return {"seq": seq, "mode": mode, "ac": ac, "model": model_name, "fused_logprobs": fused, "draft": n_mtp,
-            "units": name, "optim": "one pass" if trainer_one_pass else "torch", "tokens_per_s": mean("perf/tokens_per_s"), "mfu": mean("perf/mfu"),
-            "step_s": mean("time/train_step_s"), "peak_mem_gib": max(r["perf/peak_mem_gib"] for r in rows),
-            "reserved_gib": max(r.get("perf/reserved_gib", 0.0) for r in rows), "loss": rows[-1]["train/loss"],
-            **_clock(clock)}
+            "units": name, "optim": "one pass" if trainer_one_pass else "torch", **_summary(rows), **_clock(clock)}
 
 
 def _clock(clock: ClockSampler) -> dict:
@@ -238,6 +280,8 @@ def main() -> None:
                    help="also run one step per case under cProfile and print its top N functions")
     p.add_argument("--gluon-grouped", action="store_true",
                    help="the MoE experts' grouped_linear by the Gluon kernel on Hopper (miles_kernels matmul.GLUON_GROUPED)")
+    p.add_argument("--interleave", action="store_true",
+                   help="one trainer per case, its steps in --modes by turns (the modes compared in one clock state)")
     p.add_argument("--out", default="bench_train.json")
     a = p.parse_args()
     if a.gluon_grouped:
@@ -250,17 +294,21 @@ def main() -> None:
     results = []
     for model in a.model:
         for s in a.seqs:
-            for m in a.modes:
+            for m in ([a.modes] if a.interleave else a.modes):
                 for lp in a.logprobs:
                     for d in a.draft:
                         for u, gr, op in ((u, gr, op) for u in a.units for gr in a.graphs for op in a.one_pass):
                             flag = {"auto": None, "on": True, "off": False}
                             try:
-                                results.append(run_case(s, m, a.steps, a.warmup, a.ac, a.peak_flops, model,
-                                                        lp == "fused", d, a.profile, u, flag[gr], a.host_profile,
-                                                        flag[op]))
+                                if a.interleave:
+                                    results += run_interleaved(s, m, a.steps, a.warmup, a.ac, a.peak_flops, model,
+                                                               lp == "fused", d, u, flag[gr], flag[op])
+                                else:
+                                    results.append(run_case(s, m, a.steps, a.warmup, a.ac, a.peak_flops, model,
+                                                            lp == "fused", d, a.profile, u, flag[gr], a.host_profile,
+                                                            flag[op]))
                             except torch.OutOfMemoryError as e:  # record the case, keep measuring the others
-                                results.append({"seq": s, "mode": m, "ac": a.ac, "model": model, "fused_logprobs": lp == "fused",
+                                results.append({"seq": s, "mode": "/".join(m) if a.interleave else m, "ac": a.ac, "model": model, "fused_logprobs": lp == "fused",
                                                 "draft": d, "units": u + {"auto": "", "on": "+graphs", "off": "-graphs"}[gr],
                                                 "error": f"OOM: {str(e).splitlines()[0]}"})
                                 torch.cuda.empty_cache()
@@ -293,6 +341,10 @@ def main() -> None:
             mhz = f"{r['sm_mhz']:>6.0f}" if "sm_mhz" in r else f"{'-':>6}"
             print(f"{head} {r['tokens_per_s']:>10.0f} {r['mfu']:>6.1%} {r['step_s']:>7.2f} {r['peak_mem_gib']:>9.2f} "
                   f"{r.get('reserved_gib', 0.0):>9.2f} {vs:>8} {md:>9} {mhz}")
+        for r in results:
+            if r.get("interleaved") and r["mode"] != a.modes[0]:
+                print(f"interleaved {r['model']} {r['seq']}: {r['mode']} / {a.modes[0]} speed, median over "
+                      f"{a.steps} rounds: {r['vs_first']:.3f}x")
         meta = {"device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
                 "world_size": dist.get_world_size(), "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"),
                 "model": f"{', '.join(a.model)} shape, random weights",
