@@ -22,6 +22,10 @@ def linear(x, w_NK, b_N=None):
     return F.linear(x, w_NK, b_N)
 
 
+def linears(x, ws, bs=None):
+    return tuple(F.linear(x, w, None if bs is None else bs[i]) for i, w in enumerate(ws))
+
+
 def rms_norm(x, w, eps: float):
     xf = _f32(x)
     y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)

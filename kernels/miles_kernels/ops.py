@@ -207,15 +207,19 @@ def linears(x, ws, bs=None):
     one kernel computes them all (miles_kernels._triton.matmul.linears), in fast mode too.
     """
     ws, bs = tuple(ws), None if bs is None else tuple(bs)
-    if _fast() and not _fast_fused_linears(x, ws, bs):
-        return tuple(_ref.linear(x, w, None if bs is None else bs[i]) for i, w in enumerate(ws))
+    grad = _needs_grad(x, *ws, *(bs or ()))
+    ref = _fast() and not _fast_fused_linears(x, ws, bs)
+    if ref and not grad:
+        return _ref.linears(x, ws, bs)
     if x.dim() != 2:
         lead = x.shape[:-1]
         ys = linears(x.reshape(-1, x.shape[-1]), ws, bs)
         return tuple(y.reshape(*lead, y.shape[-1]) for y in ys)
     x = x.contiguous()
-    impl = _linears_impl(_backend(x))
-    if _needs_grad(x, *ws, *(bs or ())):
+    # fast mode with autograd: cuBLAS forward, and _Linears' backward (x's grads summed inside
+    # addmm, not by one add kernel a weight)
+    impl = _ref.linears if ref else _linears_impl(_backend(x))
+    if grad:
         return _Linears.apply(x, impl, len(ws), *ws, *(bs or ()))
     with torch.no_grad():
         return impl(x, ws, bs)

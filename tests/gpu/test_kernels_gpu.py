@@ -54,7 +54,9 @@ def test_linear_every_tile_agrees(kt, dtype):
     y_full = kt.linear(x, w, b)
     _accurate(y_full, x.double() @ w.double().T + b.double(), dtype, "linear vs float64")
     for tile in lin.all_linear_tiles(dtype):
-        for t in (tile._replace(tma=False), tile._replace(tma=True)):
+        # and the 64-row pointer tiles with two BLOCK_K steps an iteration (K: pairs, then a tail)
+        unrolled = (tile._replace(tma=False, k_unroll=2),) if tile.block_m == 64 else ()
+        for t in (tile._replace(tma=False), tile._replace(tma=True), *unrolled):
             for start, m in ((0, 1), (5, 64), (100, 300), (0, M)):
                 y = torch.empty(m, N, dtype=dtype, device="cuda")
                 lin._launch_linear(x[start : start + m], w, b, y, t)

@@ -308,6 +308,8 @@ def test_linears_equal_separate_linears(mode, bias):
     params = [x, *ws, *(bs or [])]
     for y, r in zip(ys, refs):
         assert y.shape == r.shape and torch.equal(y, r)
+    # one autograd node for all weights, in fast mode too (x's grads summed inside addmm)
+    assert len({y.grad_fn.next_functions[0][0] if y.dim() == 3 else y.grad_fn for y in ys}) == 1
     loss = sum((y * (i + 1)).square().sum() for i, y in enumerate(ys))
     ref_loss = sum((r * (i + 1)).square().sum() for i, r in enumerate(refs))
     for a, r in zip(torch.autograd.grad(loss, params), torch.autograd.grad(ref_loss, params)):

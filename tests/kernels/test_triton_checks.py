@@ -49,8 +49,8 @@ def check_linear_tile_buckets() -> None:
     saved = lin.LINEAR_TILES[torch.float32]
     lin.LINEAR_TILES[torch.float32] = (
         lin.Tile(2, 16, 16, 32, 1, 4, 2),
-        lin.Tile(8, 16, 64, 32, 2, 4, 2),
-        lin.Tile(1 << 62, 32, 32, 32, 4, 4, 2),
+        lin.Tile(8, 16, 64, 32, 2, 4, 2, k_unroll=2),  # K = 96: one pair of steps, then one step
+        lin.Tile(1 << 62, 32, 32, 32, 4, 4, 2, k_unroll=3),  # three steps, no rest
     )
     try:
         g = torch.Generator().manual_seed(1)
@@ -110,7 +110,8 @@ def check_linears() -> None:
     ws = [torch.randn(n, 72, generator=g) for n in (40, 24, 24)]
     bs = [torch.randn(w.shape[0], generator=g) for w in ws]
     try:
-        for tiles in ((lin.Tile(64, 16, 16, 32, 1, 4, 2),), (lin.Tile(64, 32, 32, 32, 1, 4, 2), lin.Tile(64, 16, 16, 32, 1, 4, 2))):
+        for tiles in ((lin.Tile(64, 16, 16, 32, 1, 4, 2),), (lin.Tile(64, 32, 32, 32, 1, 4, 2), lin.Tile(64, 16, 16, 32, 1, 4, 2)),
+                      (lin.Tile(64, 16, 16, 32, 1, 4, 2, k_unroll=2),)):  # K = 72: a pair, then the masked tail
             lin.SMALL_M_TILES[torch.float32] = tiles
             for k in (2, 3):
                 for with_b in (False, True):

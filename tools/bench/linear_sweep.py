@@ -2,6 +2,7 @@
 
     PYTHONPATH=src:kernels python tools/bench/linear_sweep.py --out sweep.json
     PYTHONPATH=src:kernels python tools/bench/linear_sweep.py --which cold --out cold.json  # decode, w out of L2
+    PYTHONPATH=src:kernels python tools/bench/linear_sweep.py --which unroll --out unroll.json  # the same, Tile.k_unroll
 
 Every candidate must give the reference tile's bits (same BLOCK_K walk); only those are timed,
 launched from Python (ms, what eager code pays) and replayed from a CUDA graph (graph_ms, the
@@ -64,6 +65,10 @@ COLD_CFG = [T(0, 64, 16, 64, 1, 4, 8), T(0, 64, 16, 64, 1, 4, 12), T(0, 64, 16, 
             T(0, 64, 16, 128, 1, 4, 6), T(0, 64, 16, 128, 1, 4, 8), T(0, 64, 32, 128, 1, 4, 6),
             T(0, 64, 32, 128, 1, 4, 8), T(0, 128, 64, 64, 8, 4, 4), T(0, 128, 128, 64, 8, 8, 4, True)]
 COLD_BYTES = 256 << 20  # five times the H200's L2
+# The cold shapes again, today's pointer tiles against the same tiles with two or four BLOCK_K steps a loop
+# iteration (Tile.k_unroll: the dots and their order unchanged, so `same` must be 1), at 4-8 stages.
+UNROLL_CFG = [T(0, 64, n, 64, 1, 4, s, False, u) for n in (16, 32, 64) for (u, s) in
+              ((1, 8 if n < 64 else 6), (2, 4), (2, 6), (2, 8), (4, 3), (4, 4))]
 
 # The trainer's 0.6B forward at 16k rows: q, k|v, gate|up one weight each and fused (qkv, gate_up), o, down.
 TRAIN = [(16384, n, k) for (n, k) in ((2048, 1024), (1024, 1024), (4096, 1024), (3072, 1024), (6144, 1024),
@@ -114,7 +119,7 @@ def run(shapes, cfgs, peak, rows, cold: bool = False):
                              base_graph_ms=base_graph, tflops=tf, gbps=gbs))
             xg = f"{base_graph / t_graph:.2f}" if base_graph and t_graph else "-"
             print(f"M={M:5} N={N:6} K={K:6} bm={c.block_m:3} bn={c.block_n:3} bk={c.block_k:3} w={c.num_warps} "
-                  f"s={c.num_stages:2} "
+                  f"s={c.num_stages:2} u={c.k_unroll} "
                   f"tma={int(c.tma)} same={int(same)} ms={t:.4f} x_cublas={base / t:.2f} graph_ms={dev:.4f} "
                   f"x_cublas_graph={xg} TF={tf:6.1f} GB/s={gbs:6.0f} hbm%={100 * gbs / peak:4.0f}", flush=True)
 
@@ -132,8 +137,8 @@ def main():
     rows = []
     for wh in a.which.split(","):
         shapes, cfgs = dict(check=(CHECK, CHECK_CFG), small=(SMALL, SMALL_CFG), mid=(MID, MID_CFG), large=(LARGE, LARGE_CFG),
-                             decode=(DECODE, DECODE_CFG), train=(TRAIN, TRAIN_CFG), cold=(COLD, COLD_CFG))[wh]
-        run(shapes, cfgs, peak, rows, cold=wh == "cold")
+                             decode=(DECODE, DECODE_CFG), train=(TRAIN, TRAIN_CFG), cold=(COLD, COLD_CFG), unroll=(COLD, UNROLL_CFG))[wh]
+        run(shapes, cfgs, peak, rows, cold=wh in ("cold", "unroll"))
         json.dump(rows, open(a.out, "w"), indent=1)
 
 

@@ -29,6 +29,7 @@ class Tile(NamedTuple):
     num_warps: int
     num_stages: int
     tma: bool = False  # TMA descriptors (linear: a persistent grid too; aligned tensors): same bits as pointers
+    k_unroll: int = 1  # pointer kernels: BLOCK_K steps a loop iteration (the same dots in the same order)
 
 
 _BIG = 1 << 62
@@ -136,12 +137,24 @@ def _grouped_order(tile, n_tiles_m, n_tiles_n, GROUP_M: tl.constexpr):
 
 @triton.jit
 def _k_walk(x_ptrs, w_ptrs, row_ok, col_ok, K, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-            BLOCK_K: tl.constexpr, PRECISION: tl.constexpr):
+            BLOCK_K: tl.constexpr, PRECISION: tl.constexpr, K_UNROLL: tl.constexpr = 1):
     """A tile's x @ w^T: K from 0 in BLOCK_K steps, fp32 accumulation; the one K walk of every
-    pointer kernel here (x_ptrs [BLOCK_M, BLOCK_K] at k = 0, w_ptrs the [BLOCK_K, BLOCK_N] view of w^T)."""
+    pointer kernel here (x_ptrs [BLOCK_M, BLOCK_K] at k = 0, w_ptrs the [BLOCK_K, BLOCK_N] view of w^T).
+    K_UNROLL > 1: K_UNROLL whole steps an iteration (fewer waits, more bytes in flight a pipeline
+    stage), then the rest one at a time: the same dots on the same acc, so the same bits."""
     ks = tl.arange(0, BLOCK_K)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
+    k_rest = 0
+    if K_UNROLL > 1:
+        k_rest = K - K % (BLOCK_K * K_UNROLL)
+        for k0 in range(0, k_rest, BLOCK_K * K_UNROLL):
+            for u in tl.static_range(K_UNROLL):
+                x = tl.load(x_ptrs + u * BLOCK_K, mask=row_ok[:, None], other=0.0)
+                w = tl.load(w_ptrs + u * BLOCK_K, mask=col_ok[None, :], other=0.0)
+                acc = tl.dot(x, w, acc, input_precision=PRECISION)
+            x_ptrs += BLOCK_K * K_UNROLL
+            w_ptrs += BLOCK_K * K_UNROLL
+    for k0 in range(k_rest, K, BLOCK_K):
         x = tl.load(x_ptrs, mask=row_ok[:, None] & (k0 + ks[None, :] < K), other=0.0)
         w = tl.load(w_ptrs, mask=col_ok[None, :] & (k0 + ks[:, None] < K), other=0.0)
         acc = tl.dot(x, w, acc, input_precision=PRECISION)
@@ -164,14 +177,14 @@ def _bias_store(acc, b_ptr, y_ptr, rows, cols, M, N, stride_ym, HAS_BIAS: tl.con
 @triton.jit
 def _linear_tile(x_ptr, w_ptr, b_ptr, y_ptr, tile_m, tile_n, M, N, K, stride_xm, stride_wn, stride_ym,
                  HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                 PRECISION: tl.constexpr):
+                 PRECISION: tl.constexpr, K_UNROLL: tl.constexpr):
     """One output tile of y = x @ w^T (+ b) with pointer loads: the K walk, the bias, the store."""
     rows = tile_m * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = tile_n * BLOCK_N + tl.arange(0, BLOCK_N)
     ks = tl.arange(0, BLOCK_K)
     x_ptrs = x_ptr + rows[:, None].to(tl.int64) * stride_xm + ks[None, :]
     w_ptrs = w_ptr + cols[None, :].to(tl.int64) * stride_wn + ks[:, None]
-    acc = _k_walk(x_ptrs, w_ptrs, rows < M, cols < N, K, BLOCK_M, BLOCK_N, BLOCK_K, PRECISION)
+    acc = _k_walk(x_ptrs, w_ptrs, rows < M, cols < N, K, BLOCK_M, BLOCK_N, BLOCK_K, PRECISION, K_UNROLL)
     _bias_store(acc, b_ptr, y_ptr, rows, cols, M, N, stride_ym, HAS_BIAS)
 
 
@@ -181,11 +194,11 @@ def _linear_kernel(
     x_ptr, w_ptr, b_ptr, y_ptr, M, N, K,
     stride_xm, stride_wn, stride_ym,
     HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    GROUP_M: tl.constexpr, PRECISION: tl.constexpr,
+    GROUP_M: tl.constexpr, PRECISION: tl.constexpr, K_UNROLL: tl.constexpr,
 ):
     tile_m, tile_n = _grouped_order(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N), GROUP_M)
     _linear_tile(x_ptr, w_ptr, b_ptr, y_ptr, tile_m, tile_n, M, N, K, stride_xm, stride_wn, stride_ym,
-                 HAS_BIAS, BLOCK_M, BLOCK_N, BLOCK_K, PRECISION)
+                 HAS_BIAS, BLOCK_M, BLOCK_N, BLOCK_K, PRECISION, K_UNROLL)
 
 
 @fast_launch
@@ -261,7 +274,8 @@ def _launch_linear(x_MK, w_NK, b_N, y_MN, t: Tile) -> None:
         x_MK, w_NK, b_N if b_N is not None else y_MN, y_MN, M, N, K,
         x_MK.stride(0), w_NK.stride(0), y_MN.stride(0),
         HAS_BIAS=b_N is not None, BLOCK_M=t.block_m, BLOCK_N=t.block_n, BLOCK_K=t.block_k,
-        GROUP_M=t.group_m, PRECISION=precision, num_warps=t.num_warps, num_stages=t.num_stages,
+        GROUP_M=t.group_m, PRECISION=precision, K_UNROLL=t.k_unroll, num_warps=t.num_warps,
+        num_stages=t.num_stages,
     )
 
 
@@ -286,7 +300,7 @@ def _linears_kernel(
     x_ptr, w0_ptr, w1_ptr, w2_ptr, b0_ptr, b1_ptr, b2_ptr, y0_ptr, y1_ptr, y2_ptr,
     M, K, N0, N1, N2, T1, T2, stride_xm,
     HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    PRECISION: tl.constexpr,
+    PRECISION: tl.constexpr, K_UNROLL: tl.constexpr,
 ):
     # Up to three linears of one x in one launch: column tiles [0, T1) are w0's, [T1, T2) w1's,
     # [T2, ...) w2's (contiguous [N_i, K] weights, contiguous [M, N_i] outputs). A tile is
@@ -304,7 +318,7 @@ def _linears_kernel(
     tile_n -= tl.where(in2, T2, tl.where(in1, T1, 0))
     b_ptr = tl.where(in2, b2_ptr, tl.where(in1, b1_ptr, b0_ptr))
     _linear_tile(x_ptr, w_ptr, b_ptr, y_ptr, tile_m, tile_n, M, N, K, stride_xm, K, N,
-                 HAS_BIAS, BLOCK_M, BLOCK_N, BLOCK_K, PRECISION)
+                 HAS_BIAS, BLOCK_M, BLOCK_N, BLOCK_K, PRECISION, K_UNROLL)
 
 
 def linears(x_MK: torch.Tensor, ws: tuple[torch.Tensor, ...], bs: tuple[torch.Tensor, ...] | None = None
@@ -335,7 +349,7 @@ def linears(x_MK: torch.Tensor, ws: tuple[torch.Tensor, ...], bs: tuple[torch.Te
     _linears_kernel[grid](
         x_MK, *w3, *b3, *y3, M, K, *n3, tiles[0], tiles[0] + tiles[1], x_MK.stride(0),
         HAS_BIAS=bs is not None, BLOCK_M=t.block_m, BLOCK_N=t.block_n, BLOCK_K=t.block_k,
-        PRECISION=_dot_precision(x_MK.dtype), num_warps=t.num_warps, num_stages=t.num_stages,
+        PRECISION=_dot_precision(x_MK.dtype), K_UNROLL=t.k_unroll, num_warps=t.num_warps, num_stages=t.num_stages,
     )
     return ys
 
