@@ -19,12 +19,11 @@
 #              and fp32 at 4k / 16k / packed, timed against _dkdv_kernel / _dq_kernel; gluon_fwd.py: the
 #              training forward, bitwise against packed_attention, timed against it and flash); under a
 #              time limit each (a barrier bug hangs)
-#   pending_train   (not in the default list) what no GPU has timed yet, each under a KILL limit (one
-#              call, under 10 min): the trainer at 4k / 16k, invariant and fast by turns, with the peer (the
-#              logprob kernels without the division at T = 1), one profiled 4k and 16k step per mode
-#   pending_engine  (not in the default list) the same for: the 8B b64 decode step's profile (engine.py
-#              --profile-model qwen3-8b), the decode linears with the weights out of L2 (linear_sweep.py
-#              --which cold: deeper pipelines, BLOCK_K 128), the RL step
+#   pending    (not in the default list) what no GPU has run yet (one call, under 10 min): the small-M
+#              tiles with Tile.k_unroll (bits: test_kernels_gpu -k "linear or swiglu"; linear_sweep.py
+#              --which unroll; the engine quick rows as they are and through with_tiles.py with the 64x32 /
+#              64x16 tiles unrolled, then 64x64 too), fast vs invariant by turns (fast mode's q/k/v and
+#              gate/up through one autograd node)
 #   optim      (not in the default list) the trainer's one-pass optimizer step (tools/bench/optim_pass.py:
 #              bf16 grads in, torch's AdamW on fp32 p / m / v, the bf16 shadow out) against torch's four
 #              passes and the same kernel over one flat buffer, at the 0.6B and MoE bench shapes
@@ -99,16 +98,18 @@ for step in $steps; do
                run attn_bwd_sweep python3 tools/bench/attn_bwd.py "$out/attn_bwd.json" --sweep --tma
                run grouped_sweep python3 tools/bench/grouped_sweep.py --out "$out/grouped_sweep.json"
                run graph_launch python3 tools/bench/graph_launch.py --out "$out/graph_launch.json" ;;
-        pending_train) run bench_train_modes timeout -s KILL 330 python3 tools/bench/train.py --seqs 4096 16384 \
-                     --modes invariant fast --interleave --steps 12 --peer --out "$out/train_modes.json"
-                 run profile_train_modes timeout -s KILL 240 python3 tools/bench/train.py --seqs 4096 16384 \
-                     --modes invariant fast --steps 1 --warmup 2 --profile "$out/profile_modes" \
-                     --out "$out/train_profile_modes.json" ;;
-        pending_engine) run profile_engine_8b timeout -s KILL 200 python3 tools/bench/engine.py \
-                     --profile "$out/profile_engine_8b" --profile-model qwen3-8b --profile-modes invariant
-                 run linear_cold timeout -s KILL 250 python3 tools/bench/linear_sweep.py --which cold \
-                     --out "$out/linear_cold.json"
-                 run bench_rl_step timeout -s KILL 150 python3 tools/bench/rl_step.py --out "$out/rl_step.json" ;;
+        pending) run pending_bits timeout -s KILL 120 python3 -m pytest -v -o addopts="" -p no:cacheprovider \
+                     tests/gpu/test_kernels_gpu.py -k "linear or swiglu"
+                 run linear_unroll timeout -s KILL 120 python3 tools/bench/linear_sweep.py --which unroll \
+                     --out "$out/linear_unroll.json"
+                 run engine_base timeout -s KILL 90 python3 tools/bench/engine.py --quick --only engine \
+                     --out "$out/engine_base.json"
+                 run engine_unroll timeout -s KILL 90 python3 tools/bench/with_tiles.py --unroll 64x32=2:6 \
+                     64x16=2:8 -- tools/bench/engine.py --quick --only engine --out "$out/engine_unroll.json"
+                 run engine_unroll64 timeout -s KILL 90 python3 tools/bench/with_tiles.py --unroll 64x32=2:6 \
+                     64x16=2:8 64x64=2:6 -- tools/bench/engine.py --quick --only engine --out "$out/engine_unroll64.json"
+                 run train_modes timeout -s KILL 120 python3 tools/bench/train.py --seqs 4096 16384 \
+                     --modes invariant fast --interleave --steps 12 --out "$out/train_modes.json" ;;
         ws) run ws_probe python3 tools/bench/ws_probe.py "$out/ws_probe.json" ;;
         gluon) for p in fwd dkdv dq; do
                    run gluon_$p timeout 300 python3 tools/bench/gluon_$p.py --out "$out/gluon_$p.json"
@@ -118,7 +119,7 @@ for step in $steps; do
              run attn_tma python3 tools/bench/attn_sweep.py "$out/attn_tma.json" --tma --tiles
              run attn_tma_paged python3 tools/bench/attn_sweep.py "$out/attn_tma_paged.json" --tma-paged
              run kernel_regs python3 tools/bench/kernel_regs.py "$out/kernel_regs.json" ;;
-        *) echo "unknown step $step (tests scale kernels engine engine_host train rl_step spec profile sweep moe tma pending_train pending_engine ws gluon optim)"
+        *) echo "unknown step $step (tests scale kernels engine engine_host train rl_step spec profile sweep moe tma pending ws gluon optim)"
            exit 2 ;;
     esac
 done

@@ -540,6 +540,34 @@ def test_swiglu_is_silu_mul_of_linears(kt, dtype):
     assert kt.matmul._swiglu_kernel.kernels, "the swiglu kernel never ran"
 
 
+@pytest.mark.parametrize("unroll", [2, 4])
+def test_unrolled_small_m_tiles_same_bits(kt, monkeypatch, unroll):
+    """The small-M pointer tiles with `unroll` BLOCK_K steps a loop iteration (Tile.k_unroll)
+    give linear's, linears' and swiglu's bits of the tiles as they are: 0.6B and 8B decode
+    shapes (K a multiple of the unrolled step or not), M across the small-M range."""
+    lin = kt.matmul
+    dtype = torch.bfloat16
+    g = _gen(14)
+    shapes = ((1024, 2048), (1024, 3072), (2048, 1024), (4096, 4096), (4096, 12288), (1000, 1088))
+    xs = {K: _randn(lin.SMALL_M, K, dtype=dtype, g=g) for K in {k for _, k in shapes}}
+    ws = {(N, K): _randn(N, K, dtype=dtype, g=g, scale=K**-0.5) for N, K in shapes}
+    ms = (1, 64, 65, 256, 512)
+    want = {(N, K, m): kt.linear(xs[K][:m], ws[N, K]) for N, K in shapes for m in ms}
+    glu = {(K, m): kt.swiglu(xs[K][:m], ws[N, K], ws[N, K].flip(0)) for N, K in shapes[:3] for m in ms}
+    qkv = {m: kt.linears(xs[1024][:m], (ws[2048, 1024], ws[1024, 2048][:, :1024].contiguous())) for m in ms}
+    tiles = tuple(t._replace(k_unroll=unroll, num_stages=max(2, t.num_stages * 2 // unroll)) if not t.tma else t
+                  for t in lin.SMALL_M_TILES[dtype])
+    monkeypatch.setitem(lin.SMALL_M_TILES, dtype, tiles)
+    for (N, K, m), y in want.items():
+        _same(kt.linear(xs[K][:m], ws[N, K]), y, f"linear N={N} K={K} M={m}, unroll {unroll}")
+    for N, K in shapes[:3]:
+        for m in ms:
+            _same(kt.swiglu(xs[K][:m], ws[N, K], ws[N, K].flip(0)), glu[K, m], f"swiglu K={K} M={m}, unroll {unroll}")
+    for m, ys in qkv.items():
+        for a, b in zip(kt.linears(xs[1024][:m], (ws[2048, 1024], ws[1024, 2048][:, :1024].contiguous())), ys):
+            _same(a, b, f"linears M={m}, unroll {unroll}")
+
+
 @pytest.mark.parametrize("mode", ["invariant", "fast"])
 def test_qk_norm_rope_kv_attention_one_launch(kt, mode):
     """The engine's path of mk.qk_norm_rope_kv_attention (one kernel normalises and rotates q and

@@ -2,7 +2,7 @@
 
     PYTHONPATH=src:kernels python tools/bench/linear_sweep.py --out sweep.json
     PYTHONPATH=src:kernels python tools/bench/linear_sweep.py --which cold --out cold.json  # decode, w out of L2
-    PYTHONPATH=src:kernels python tools/bench/linear_sweep.py --which unroll --out unroll.json  # the same, Tile.k_unroll
+    PYTHONPATH=src:kernels python tools/bench/linear_sweep.py --which unroll --out unroll.json  # Tile.k_unroll
 
 Every candidate must give the reference tile's bits (same BLOCK_K walk); only those are timed,
 launched from Python (ms, what eager code pays) and replayed from a CUDA graph (graph_ms, the
@@ -137,7 +137,8 @@ def main():
     rows = []
     for wh in a.which.split(","):
         shapes, cfgs = dict(check=(CHECK, CHECK_CFG), small=(SMALL, SMALL_CFG), mid=(MID, MID_CFG), large=(LARGE, LARGE_CFG),
-                             decode=(DECODE, DECODE_CFG), train=(TRAIN, TRAIN_CFG), cold=(COLD, COLD_CFG), unroll=(COLD, UNROLL_CFG))[wh]
+                             decode=(DECODE, DECODE_CFG), train=(TRAIN, TRAIN_CFG), cold=(COLD, COLD_CFG),
+                             unroll=(COLD, UNROLL_CFG))[wh]
         run(shapes, cfgs, peak, rows, cold=wh in ("cold", "unroll"))
         json.dump(rows, open(a.out, "w"), indent=1)
 

@@ -357,7 +357,7 @@ def linears(x_MK: torch.Tensor, ws: tuple[torch.Tensor, ...], bs: tuple[torch.Te
 @fast_launch
 @triton.jit
 def _swiglu_kernel(x_ptr, wg_ptr, wu_ptr, y_ptr, M, F, K, stride_xm, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                   BLOCK_K: tl.constexpr, PRECISION: tl.constexpr):
+                   BLOCK_K: tl.constexpr, PRECISION: tl.constexpr, K_UNROLL: tl.constexpr):
     # One tile of silu(x @ wg^T) * (x @ wu^T) (contiguous [F, K] weights, contiguous [M, F] y):
     # each product walks K as linear's tile does (from 0 in BLOCK_K steps, fp32 acc) and is
     # rounded to y's dtype as linear stores it, then silu_mul's fp32 math and its one rounding.
@@ -371,7 +371,19 @@ def _swiglu_kernel(x_ptr, wg_ptr, wu_ptr, y_ptr, M, F, K, stride_xm, BLOCK_M: tl
     w_off = cols[None, :].to(tl.int64) * K + ks[:, None]
     acc_g = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     acc_u = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
+    k_rest = 0
+    if K_UNROLL > 1:  # whole steps K_UNROLL an iteration, then the rest: the same dots (as _k_walk)
+        k_rest = K - K % (BLOCK_K * K_UNROLL)
+        for k0 in range(0, k_rest, BLOCK_K * K_UNROLL):
+            for u in tl.static_range(K_UNROLL):
+                x = tl.load(x_ptrs + u * BLOCK_K, mask=row_ok[:, None], other=0.0)
+                acc_g = tl.dot(x, tl.load(wg_ptr + w_off + u * BLOCK_K, mask=col_ok[None, :], other=0.0), acc_g,
+                               input_precision=PRECISION)
+                acc_u = tl.dot(x, tl.load(wu_ptr + w_off + u * BLOCK_K, mask=col_ok[None, :], other=0.0), acc_u,
+                               input_precision=PRECISION)
+            x_ptrs += BLOCK_K * K_UNROLL
+            w_off += BLOCK_K * K_UNROLL
+    for k0 in range(k_rest, K, BLOCK_K):
         x = tl.load(x_ptrs, mask=row_ok[:, None] & (k0 + ks[None, :] < K), other=0.0)
         w_ok = col_ok[None, :] & (k0 + ks[:, None] < K)
         acc_g = tl.dot(x, tl.load(wg_ptr + w_off, mask=w_ok, other=0.0), acc_g, input_precision=PRECISION)
@@ -405,7 +417,8 @@ def swiglu(x_MK: torch.Tensor, w_gate_FK: torch.Tensor, w_up_FK: torch.Tensor) -
     block_n = max(t.block_n // 2, 16)
     _swiglu_kernel[(triton.cdiv(M, t.block_m) * triton.cdiv(F, block_n),)](
         x_MK, w_gate_FK, w_up_FK, y, M, F, K, x_MK.stride(0), BLOCK_M=t.block_m, BLOCK_N=block_n,
-        BLOCK_K=t.block_k, PRECISION=_dot_precision(x_MK.dtype), num_warps=t.num_warps, num_stages=t.num_stages,
+        BLOCK_K=t.block_k, PRECISION=_dot_precision(x_MK.dtype), K_UNROLL=t.k_unroll, num_warps=t.num_warps,
+        num_stages=t.num_stages,
     )
     return y
 

@@ -1,0 +1,50 @@
+"""tools/bench/with_tiles.py: the script runs with the small-M tiles changed as asked (its argv
+passed on); malformed or unknown tiles are refused with a message naming the spec."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+ENV = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), str(ROOT / "kernels")])}
+SCRIPT = """
+import json, sys, torch
+from miles_kernels._triton import matmul
+json.dump({"argv": sys.argv, "tiles": [list(t) for t in matmul.SMALL_M_TILES[torch.float16]]}, open(sys.argv[1], "w"))
+"""
+
+
+def _run(tmp_path, *args):
+    return subprocess.run([sys.executable, str(ROOT / "tools/bench/with_tiles.py"), *args], capture_output=True,
+                          text=True, timeout=300, env=ENV)
+
+
+def test_script_sees_the_changed_tiles(tmp_path):
+    script, out = tmp_path / "show.py", tmp_path / "out.json"
+    script.write_text(SCRIPT)
+    proc = _run(tmp_path, "--unroll", "64x32=2:6", "64x16=4:3", "--", str(script), str(out), "--flag")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    got = json.loads(out.read_text())
+    assert got["argv"] == [str(script), str(out), "--flag"]
+    from miles_kernels._triton import matmul  # the table as shipped, for the tiles left alone
+
+    base = [list(t) for t in matmul.SMALL_M_TILES[matmul.torch.float16]]
+    changed = {(64, 32): (2, 6), (64, 16): (4, 3)}
+    assert len(got["tiles"]) == len(base)
+    for new, old in zip(got["tiles"], base):
+        key = (old[1], old[2])
+        if key in changed and not old[7]:
+            assert new[:6] == old[:6] and (new[8], new[6]) == changed[key]
+        else:
+            assert new == old
+
+
+def test_bad_specs_are_refused(tmp_path):
+    for args, msg in ((["--unroll", "64x32=2", "--", "x.py"], "write BMxBN=U:S"),
+                      (["--unroll", "64x48=2:6", "--", "x.py"], "no small-M pointer tile [(64, 48)]"),
+                      (["--unroll", "64x32=0:6", "--", "x.py"], "must be >= 1"),
+                      (["--unroll", "64x32=2:6"], "usage")):
+        proc = _run(tmp_path, *args)
+        assert proc.returncode != 0 and msg in proc.stderr, (args, proc.stderr[-500:])
