@@ -98,17 +98,17 @@ for step in $steps; do
                run attn_bwd_sweep python3 tools/bench/attn_bwd.py "$out/attn_bwd.json" --sweep --tma
                run grouped_sweep python3 tools/bench/grouped_sweep.py --out "$out/grouped_sweep.json"
                run graph_launch python3 tools/bench/graph_launch.py --out "$out/graph_launch.json" ;;
-        pending) run pending_bits timeout -s KILL 120 python3 -m pytest -v -o addopts="" -p no:cacheprovider \
+        pending) run pending_bits timeout -s KILL 100 python3 -m pytest -v -o addopts="" -p no:cacheprovider \
                      tests/gpu/test_kernels_gpu.py -k "linear or swiglu"
                  run linear_unroll timeout -s KILL 120 python3 tools/bench/linear_sweep.py --which unroll \
                      --out "$out/linear_unroll.json"
-                 run engine_base timeout -s KILL 90 python3 tools/bench/engine.py --quick --only engine \
+                 run engine_base timeout -s KILL 100 python3 tools/bench/engine.py --quick --only engine \
                      --out "$out/engine_base.json"
-                 run engine_unroll timeout -s KILL 90 python3 tools/bench/with_tiles.py --unroll 64x32=2:6 \
+                 run engine_unroll timeout -s KILL 80 python3 tools/bench/with_tiles.py --unroll 64x32=2:6 \
                      64x16=2:8 -- tools/bench/engine.py --quick --only engine --out "$out/engine_unroll.json"
-                 run engine_unroll64 timeout -s KILL 90 python3 tools/bench/with_tiles.py --unroll 64x32=2:6 \
+                 run engine_unroll64 timeout -s KILL 80 python3 tools/bench/with_tiles.py --unroll 64x32=2:6 \
                      64x16=2:8 64x64=2:6 -- tools/bench/engine.py --quick --only engine --out "$out/engine_unroll64.json"
-                 run train_modes timeout -s KILL 120 python3 tools/bench/train.py --seqs 4096 16384 \
+                 run train_modes timeout -s KILL 100 python3 tools/bench/train.py --seqs 4096 16384 \
                      --modes invariant fast --interleave --steps 12 --out "$out/train_modes.json" ;;
         ws) run ws_probe python3 tools/bench/ws_probe.py "$out/ws_probe.json" ;;
         gluon) for p in fwd dkdv dq; do
