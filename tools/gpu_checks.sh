@@ -24,6 +24,9 @@
 #              --which unroll; the engine quick rows as they are and through with_tiles.py with the 64x32 /
 #              64x16 tiles unrolled, then 64x64 too), fast vs invariant by turns (fast mode's q/k/v and
 #              gate/up through one autograd node)
+#   queued     (not in the default list) train_step_async (one call, under 10 min): the trainer's GPU tests
+#              (a queued step makes no host sync of ours; queued steps train train_step's bits), then the
+#              trainer queued vs waited for at every step, each beside the peer run the same way
 #   optim      (not in the default list) the trainer's one-pass optimizer step (tools/bench/optim_pass.py:
 #              bf16 grads in, torch's AdamW on fp32 p / m / v, the bf16 shadow out) against torch's four
 #              passes and the same kernel over one flat buffer, at the 0.6B and MoE bench shapes
@@ -110,6 +113,10 @@ for step in $steps; do
                      64x16=2:8 64x64=2:6 -- tools/bench/engine.py --quick --only engine --out "$out/engine_unroll64.json"
                  run train_modes timeout -s KILL 100 python3 tools/bench/train.py --seqs 4096 16384 \
                      --modes invariant fast --interleave --steps 12 --out "$out/train_modes.json" ;;
+        queued) run queued_tests timeout -s KILL 200 python3 -m pytest -v -o addopts="" -p no:cacheprovider \
+                     tests/gpu/test_trainer_gpu.py tests/gpu/test_optim_gpu.py
+                run train_wait timeout -s KILL 340 python3 tools/bench/train.py --seqs 4096 16384 \
+                     --modes invariant --wait no yes --peer --steps 10 --out "$out/train_wait.json" ;;
         ws) run ws_probe python3 tools/bench/ws_probe.py "$out/ws_probe.json" ;;
         gluon) for p in fwd dkdv dq; do
                    run gluon_$p timeout 300 python3 tools/bench/gluon_$p.py --out "$out/gluon_$p.json"
@@ -119,7 +126,7 @@ for step in $steps; do
              run attn_tma python3 tools/bench/attn_sweep.py "$out/attn_tma.json" --tma --tiles
              run attn_tma_paged python3 tools/bench/attn_sweep.py "$out/attn_tma_paged.json" --tma-paged
              run kernel_regs python3 tools/bench/kernel_regs.py "$out/kernel_regs.json" ;;
-        *) echo "unknown step $step (tests scale kernels engine engine_host train rl_step spec profile sweep moe tma pending ws gluon optim)"
+        *) echo "unknown step $step (tests scale kernels engine engine_host train rl_step spec profile sweep moe tma pending queued ws gluon optim)"
            exit 2 ;;
     esac
 done

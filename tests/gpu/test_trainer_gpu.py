@@ -3,8 +3,9 @@
 A device-to-host copy inside a layer (say a `.tolist()` of the attention metadata in the
 backward) makes the host wait for the GPU there, so the host's launches stop overlapping the
 GPU's work and every step pays both. Counted with torch's sync debug mode on a 2-layer and a
-6-layer model: the number of syncs must not grow with depth. Also: the training attention's
-packed backward against the cache path it replaced, at Qwen3-0.6B's head shape.
+6-layer model: the number of syncs must not grow with depth; a step queued with
+train_step_async makes none of ours at all. Also: the training attention's packed backward
+against the cache path it replaced, at Qwen3-0.6B's head shape.
 
 Run on a CUDA machine:  pytest -q tests/gpu/test_trainer_gpu.py
 """
@@ -178,6 +179,44 @@ def test_cuda_graphs_train_like_the_eager_trunk(mode):
     assert len({id(bk.grads) for bk in graphed.graphs.buckets.values()}) == 1  # one set of grad outputs
     for (k, x), y in zip(eager.model.state_dict().items(), graphed.model.state_dict().values()):
         torch.testing.assert_close(x, y, rtol=1e-3, atol=1e-4, msg=k)
+
+
+@pytest.mark.parametrize("graphs", [False, True])
+def test_queued_steps_never_wait_and_train_the_same_bits(graphs):
+    """Trainer.train_step_async (train/pending.py): once warm, queuing a step makes no host sync
+    of ours (sync debug mode), and three steps queued, their metrics read after the last, give
+    train_step's losses, grad norms and weights bit for bit."""
+    def trainer() -> Trainer:
+        with torch.device("meta"):
+            model = Transformer(ModelArgs.from_hf(dict(HF, num_hidden_layers=4)))
+        model.init_weights(seed=0)
+        return Trainer(model, TrainerConfig(optim=OptimConfig(lr=1e-4), max_tokens_per_micro_batch=512,
+                                            cuda_graphs=graphs, parallel=ParallelConfig(param_dtype="auto")))
+
+    g = torch.Generator().manual_seed(0)
+    seqs = [TrainSeq(torch.randint(0, 4096, (n,), generator=g).tolist(), [0] * 8 + [1] * (n - 8))
+            for n in (300, 200, 100)]
+    waited, queued = trainer(), trainer()
+    want = [waited.train_step(waited.pack(seqs), sft_loss) for _ in range(4)]
+    first = queued.train_step(queued.pack(seqs), sft_loss)  # warm: compiles, graph captures
+    torch.cuda.synchronize()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            pending = [queued.train_step_async(queued.pack(seqs), sft_loss) for _ in range(3)]
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    sites = ours([f"{w.filename}:{w.lineno}" for w in caught if "synchroniz" in str(w.message)])
+    assert not sites, f"queuing a step waited on the device at {sites}"
+    got = [first] + [p.result() for p in pending]
+    for step, (a, b) in enumerate(zip(want, got)):
+        for k in ("train/loss", "train/grad_norm", "train/tokens", "train/skipped_step"):
+            assert a[k] == b[k], f"step {step}: {k} {a[k]} vs {b[k]}"
+        assert b["time/train_step_s"] > 0 and b["perf/peak_mem_gib"] > 0
+    assert not graphs or not queued.graphs.failed, queued.graphs.failed
+    for (k, x), y in zip(waited.model.state_dict().items(), queued.model.state_dict().values()):
+        assert torch.equal(x, y), k
 
 
 def test_pinned_micro_batch_keeps_values():

@@ -1,6 +1,7 @@
 """tools/bench/train.py runs on CPU end to end with a MoE model and its peer (keeps the MoE
 bench and its transformers peer config from rotting, as the newest transformers moves): the
-MoE row's MFU is set against the dense model's."""
+MoE row's MFU is set against the dense model's, queued and waited-for steps each against the
+peer run the same way."""
 
 import json
 import os
@@ -15,15 +16,20 @@ def test_train_bench_moe_vs_dense_on_cpu(tmp_path):
     out = tmp_path / "train.json"
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), str(ROOT / "kernels")])}
     cmd = [sys.executable, str(ROOT / "tools/bench/train.py"), "--model", "small", "small-moe", "--seqs", "64",
-           "--modes", "invariant", "--steps", "1", "--warmup", "1", "--peer", "--peak-flops", "1e12",
-           "--out", str(out)]
+           "--modes", "invariant", "--steps", "2", "--warmup", "1", "--peer", "--peak-flops", "1e12",
+           "--wait", "no", "yes", "--out", str(out)]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    rows = {(r["model"], r["mode"]): r for r in json.loads(out.read_text())["results"]}
-    assert set(rows) == {("small", "invariant"), ("small", "peer"), ("small-moe", "invariant"), ("small-moe", "peer")}
-    moe, dense = rows["small-moe", "invariant"], rows["small", "invariant"]
-    assert moe["tokens_per_s"] > 0 and rows["small-moe", "peer"]["tokens_per_s"] > 0
-    assert moe["mfu_vs_dense"] == moe["mfu"] / dense["mfu"]
+    rows = {(r["model"], r["mode"], r["wait"]): r for r in json.loads(out.read_text())["results"]}
+    assert set(rows) == {(m, mode, w) for m in ("small", "small-moe") for mode in ("invariant", "peer")
+                         for w in (False, True)}
+    for w in (False, True):
+        moe, dense = rows["small-moe", "invariant", w], rows["small", "invariant", w]
+        peer = rows["small-moe", "peer", w]
+        assert moe["tokens_per_s"] > 0 and peer["tokens_per_s"] > 0 and moe["mfu"] > 0
+        assert moe["mfu_vs_dense"] == moe["mfu"] / dense["mfu"]
+        assert moe["vs_peer"] == moe["tokens_per_s"] / peer["tokens_per_s"]
+        assert abs(moe["step_s"] * moe["tokens_per_s"] - 64) < 1e-6  # a step is one 64-token sequence
     assert "MFU/dense" in proc.stdout
 
 

@@ -2,7 +2,8 @@
 
     torchrun --nproc-per-node 2 tests/train/dist_worker.py OUT.pt
 Rank r takes sequences r::world of the global batch. Writes {case: grads} and the losses
-of 3 training steps to OUT.pt (rank 0).
+of 3 training steps to OUT.pt (rank 0); exits non-zero where the same steps queued with
+train_step_async read other losses on any rank.
 """
 
 import os
@@ -33,7 +34,19 @@ def main(out: str) -> None:
             trainer.backward(trainer.pack(mine), pg_loss, norm=norm, norm_constant=NORM_CONSTANT)
             result[(norm, name)] = full_grads(trainer)
     trainer = make_trainer(TinyLM(), 2 * SEQ_LEN)
-    result["losses"] = [trainer.train_step(trainer.pack(mine), pg_loss)["train/loss"] for _ in range(3)]
+    steps = [trainer.train_step(trainer.pack(mine), pg_loss) for _ in range(3)]
+    result["losses"], result["tokens"] = [m["train/loss"] for m in steps], [m["train/tokens"] for m in steps]
+    # the same steps queued (train_step_async): rank 0 reads each step's metrics at once, rank 1
+    # only after all three, last first; the ranks' sums are made as queued, so both get train_step's
+    trainer = make_trainer(TinyLM(), 2 * SEQ_LEN)
+    pending = []
+    for _ in range(3):
+        pending.append(trainer.train_step_async(trainer.pack(mine), pg_loss))
+        if rank == 0:
+            pending[-1].result()
+    async_losses = [p.result()["train/loss"] for p in pending[::-1]][::-1]
+    if async_losses != result["losses"]:
+        raise SystemExit(f"rank {rank}: train_step_async losses {async_losses} != train_step's {result['losses']}")
     if rank == 0:
         torch.save(result, out)
     shutdown_distributed()

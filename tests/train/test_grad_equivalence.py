@@ -66,3 +66,8 @@ def test_two_ranks_match_one_rank(one_rank, tmp_path):
             _assert_close(one_rank[(norm, 1)], result[(norm, split)], f"{norm} 2 ranks split {split}")
     losses = result["losses"]
     assert losses[2] < losses[0], f"2-rank training did not reduce the loss: {losses}"
+    # the metrics are the global batch's (summed over the ranks): one rank's steps on all of it
+    trainer = make_trainer(TinyLM(), 2 * SEQ_LEN)
+    one = [trainer.train_step(trainer.pack(global_batch()), pg_loss) for _ in range(3)]
+    assert result["tokens"] == [m["train/tokens"] for m in one]
+    torch.testing.assert_close(losses, [m["train/loss"] for m in one], rtol=1e-5, atol=1e-6)

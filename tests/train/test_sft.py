@@ -115,6 +115,27 @@ def test_sft_rerun_continues_from_its_checkpoint_refuses_without_one_or_starts_o
     assert [r["step"] for r in read_metrics(old)] == [1, 2, 3]
 
 
+def test_sft_failure_keeps_the_steps_that_ran_in_the_log(ckpt, data, tmp_path, monkeypatch):
+    """Each step's metrics are read once the next step is queued: a step that fails still leaves
+    the one before it in the log."""
+    from miles_fsdp.train.trainer import Trainer
+
+    queue = Trainer.train_step_async
+
+    def third_fails(self, *a, **k):
+        if self.step == 2:
+            raise RuntimeError("step 3 failed")
+        return queue(self, *a, **k)
+
+    monkeypatch.setattr(Trainer, "train_step_async", third_fails)
+    out = tmp_path / "run"
+    cfg = SFTConfig(model=str(ckpt), data=str(data), out=str(out), steps=4, global_batch_size=4, max_seq_len=64,
+                    export_hf=False, trainer=TrainerConfig(max_tokens_per_micro_batch=64))
+    with pytest.raises(RuntimeError, match="step 3 failed"):
+        train_sft(cfg)
+    assert [r["step"] for r in read_metrics(out)] == [1, 2]
+
+
 def test_sft_on_chat_data_records_the_chat_prompt_format(ckpt, tmp_path):
     path = tmp_path / "chat.jsonl"
     path.write_text("\n".join(json.dumps(r) for r in ROWS if "messages" in r) + "\n")

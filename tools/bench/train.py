@@ -12,13 +12,15 @@ packed sequences at 4k and 16k tokens, invariant vs fast kernels.
     python tools/bench/train.py --seqs 4096 --graphs off on        # the trunk eager vs from CUDA graphs
     python tools/bench/train.py --seqs 4096 16384 --one-pass off on  # torch's optimizer step vs the one pass
     python tools/bench/train.py --seqs 4096 16384 --interleave --steps 16  # fast vs invariant by turns, one trainer
+    python tools/bench/train.py --seqs 4096 16384 --modes invariant --wait no yes --peer  # queued steps vs a sync each
     python tools/bench/train.py --model qwen3-0.6b qwen3-moe-a0.6b --seqs 4096 --modes invariant  # MoE vs dense MFU
     python tools/bench/train.py --model qwen3-moe-a0.6b --seqs 4096 --modes invariant --gluon-grouped  # Gluon experts
     torchrun --nproc-per-node 8 tools/bench/train.py --out b.json  # FSDP over 8 GPUs
 
-Each case: `--warmup` untimed steps, then `--steps` timed train_steps of one micro-batch of
-`seq` tokens (one sequence, so attention is the full causal seq^2 / 2). Prints a table and
-writes JSON. MFU counts 6 * N * tokens (N excludes the embedding table and the draft).
+Each case: `--warmup` untimed steps, then `--steps` timed train steps of one micro-batch of
+`seq` tokens (one sequence, so attention is the full causal seq^2 / 2), queued one after another
+(train_step_async, the metrics read after the last: tok/s of the wall time over them all) or
+with `--wait yes` each waited for (train_step). Prints a table and writes JSON. MFU counts 6 * N * tokens (N excludes the embedding table and the draft).
 `--draft N`: the model has N MTP draft modules trained beside the policy on the same forward
 (train/draft.py); 0 = no draft. `--peer` also times what a user writes without us, on the
 same shape, sequences and device: transformers' Qwen3ForCausalLM with SDPA attention, fp32
@@ -88,32 +90,48 @@ def _trainer(seq: int, ac: bool, peak_flops: float, model_name: str, fused: bool
     return trainer, [TrainSeq(torch.randint(0, hf["vocab_size"], (seq,), generator=g).tolist())], name
 
 
-def _summary(rows: list[dict]) -> dict:
-    mean = lambda k: sum(r.get(k, 0.0) for r in rows) / len(rows)  # noqa: E731
-    return {"tokens_per_s": mean("perf/tokens_per_s"), "mfu": mean("perf/mfu"), "step_s": mean("time/train_step_s"),
+def _summary(rows: list[dict], wall: float | None = None) -> dict:
+    """tokens/s, MFU and step time over the rows: of `wall` seconds for them all where given, else
+    of their own step times (the device queue's, train/pending.py)."""
+    total = sum(r["time/train_step_s"] for r in rows) if wall is None else wall
+    tokens = sum(r["train/tokens"] for r in rows)
+    flops_s = sum(r.get("perf/mfu", 0.0) * r["time/train_step_s"] for r in rows)  # MFU x seconds
+    return {"tokens_per_s": tokens / total, "mfu": flops_s / total,
+            "step_s": total / len(rows), "device_step_s": sum(r["time/train_step_s"] for r in rows) / len(rows),
             "peak_mem_gib": max(r["perf/peak_mem_gib"] for r in rows),
             "reserved_gib": max(r.get("perf/reserved_gib", 0.0) for r in rows), "loss": rows[-1]["train/loss"]}
 
 
+def _steps(trainer: Trainer, seqs: list, modes: list[str], wait: bool) -> tuple[list[dict], float]:
+    """One train step a mode in `modes`, in order: each waited for (train_step: the host syncs at every
+    step's end, as a loop that reads each step's loss at once does) or all queued (train_step_async,
+    the metrics read after the last is queued, as the SFT loop does); (their metrics, the wall seconds)."""
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    t = time.perf_counter()
+    out = []
+    for m in modes:
+        with mk.use_mode(m):
+            step = trainer.train_step if wait else trainer.train_step_async
+            out.append(step(trainer.pack(seqs), sft_loss, ScoringSpec(kernel_mode=m)))
+    out = [r if wait else r.result() for r in out]
+    return out, time.perf_counter() - t
+
+
 def run_interleaved(seq: int, modes: list[str], steps: int, warmup: int, ac: bool, peak_flops: float,
                     model_name: str = "qwen3-0.6b", fused: bool = True, n_mtp: int = 0, units: str = "auto",
-                    graphs: bool | None = None, one_pass: bool | None = None) -> list[dict]:
+                    graphs: bool | None = None, one_pass: bool | None = None, wait: bool = False) -> list[dict]:
     """One trainer, its steps taken in the modes by turns (invariant, fast, invariant, ...): the
     modes see the same clock and power state, which moves between separate cases by a few percent.
-    One row per mode; `vs_first` is the median over rounds of its step time's ratio to the first
-    mode's in the same round (> 1: faster)."""
+    One row per mode, its rates of its own step times (the device queue's); `vs_first` is the median
+    over rounds of its step time's ratio to the first mode's in the same round (> 1: faster)."""
     trainer, seqs, name = _trainer(seq, ac, peak_flops, model_name, fused, n_mtp, units, graphs, one_pass)
-    specs = {m: ScoringSpec(kernel_mode=m) for m in modes}
+    _steps(trainer, seqs, modes * warmup, wait)
     rows: dict[str, list[dict]] = {m: [] for m in modes}
-    for _ in range(warmup):
-        for m in modes:
-            with mk.use_mode(m):
-                trainer.train_step(trainer.pack(seqs), sft_loss, specs[m])
     with ClockSampler() as clock:
-        for _ in range(steps):
-            for m in modes:
-                with mk.use_mode(m):
-                    rows[m].append(trainer.train_step(trainer.pack(seqs), sft_loss, specs[m]))
+        done, _ = _steps(trainer, seqs, modes * steps, wait)
+    for i, r in enumerate(done):
+        rows[modes[i % len(modes)]].append(r)
     one_pass_used = trainer.one_pass
     del trainer
     _release()
@@ -122,23 +140,20 @@ def run_interleaved(seq: int, modes: list[str], steps: int, warmup: int, ac: boo
     for m in modes:
         ratios = sorted(a["time/train_step_s"] / b["time/train_step_s"] for a, b in zip(first, rows[m]))
         out.append({"seq": seq, "mode": m, "ac": ac, "model": model_name, "fused_logprobs": fused, "draft": n_mtp,
-                    "units": name, "optim": "one pass" if one_pass_used else "torch", "interleaved": True,
+                    "units": name, "optim": "one pass" if one_pass_used else "torch", "interleaved": True, "wait": wait,
                     **_summary(rows[m]), "vs_first": ratios[len(ratios) // 2], **_clock(clock)})
     return out
 
 
 def run_case(seq: int, mode: str, steps: int, warmup: int, ac: bool, peak_flops: float, model_name: str = "qwen3-0.6b",
              fused: bool = True, n_mtp: int = 0, profile: str = "", units: str = "auto", graphs: bool | None = None,
-             host_profile: int = 0, one_pass: bool | None = None) -> dict:
+             host_profile: int = 0, one_pass: bool | None = None, wait: bool = False) -> dict:
     trainer, seqs, name = _trainer(seq, ac, peak_flops, model_name, fused, n_mtp, units, graphs, one_pass)
-    rows = []
     spec = ScoringSpec(kernel_mode=mode)  # the trainer's forward runs in the spec's mode
+    _steps(trainer, seqs, [mode] * warmup, wait)
+    with ClockSampler() as clock:
+        rows, wall = _steps(trainer, seqs, [mode] * steps, wait)
     with mk.use_mode(mode):
-        for _ in range(warmup):
-            trainer.train_step(trainer.pack(seqs), sft_loss, spec)
-        with ClockSampler() as clock:
-            for _ in range(steps):
-                rows.append(trainer.train_step(trainer.pack(seqs), sft_loss, spec))
         if profile:  # one more step under torch.profiler, not timed
             cfg = ProfileConfig(steps=(1,), dir=os.path.join(profile, f"train_{model_name}_{seq}_{mode}_draft{n_mtp}_{name}"))
             with StepProfiler(cfg, profile)(1):
@@ -150,7 +165,8 @@ def run_case(seq: int, mode: str, steps: int, warmup: int, ac: bool, peak_flops:
     del trainer
     _release()
     return {"seq": seq, "mode": mode, "ac": ac, "model": model_name, "fused_logprobs": fused, "draft": n_mtp,
-            "units": name, "optim": "one pass" if trainer_one_pass else "torch", **_summary(rows), **_clock(clock)}
+            "units": name, "optim": "one pass" if trainer_one_pass else "torch", "wait": wait, **_summary(rows, wall),
+            **_clock(clock)}
 
 
 def _clock(clock: ClockSampler) -> dict:
@@ -189,8 +205,10 @@ def _release() -> None:
 
 
 def run_peer(seq: int, steps: int, warmup: int, model_name: str = "qwen3-0.6b", profile: str = "",
-             peak_flops: float = 0.0) -> dict:
-    """Plain transformers training steps (the peer): tokens/s and peak memory."""
+             peak_flops: float = 0.0, wait: bool = False) -> dict:
+    """Plain transformers training steps (the peer): tokens/s and peak memory. wait: a sync after
+    every step (each step's time); else the steps queued one after another (no read of the loss
+    between them) and timed together."""
     import transformers
 
     cuda = torch.cuda.is_available()
@@ -221,14 +239,18 @@ def run_peer(seq: int, steps: int, warmup: int, model_name: str = "qwen3-0.6b", 
     for _ in range(warmup):
         step()
     with ClockSampler() as clock:
+        if cuda:
+            torch.cuda.synchronize()
+        start = time.perf_counter()
         for _ in range(steps):
-            if cuda:
-                torch.cuda.synchronize()
             t = time.perf_counter()
             loss = step()
-            if cuda:
+            if cuda and wait:
                 torch.cuda.synchronize()
             times.append(time.perf_counter() - t)
+        if cuda:
+            torch.cuda.synchronize()
+        wall = time.perf_counter() - start
     if profile:
         where = os.path.join(profile, f"train_{model_name}_{seq}_peer")
         with StepProfiler(ProfileConfig(steps=(1,), dir=where), profile)(1):
@@ -238,14 +260,31 @@ def run_peer(seq: int, steps: int, warmup: int, model_name: str = "qwen3-0.6b", 
     reserved = reserved_memory_gib(dev) or 0.0  # the whole run's peak reserve (graph pools included for ours)
     del model, opt
     _release()
-    step = sum(times) / len(times)
+    step = sum(times) / len(times) if wait else wall / steps  # queued: the loop's wall over its steps
     with torch.device("meta"):  # the peer's MFU counts our model's active parameters (the same shape)
         n_flop = _flop_params(Transformer(ModelArgs.from_hf(MODELS[model_name])))
     if not peak_flops and cuda:
         peak_flops = next((v for k, v in PEAK_FLOPS.items() if k in torch.cuda.get_device_name()), 0.0)
     return {"seq": seq, "mode": "peer", "ac": False, "model": model_name, "fused_logprobs": False, "draft": 0,
-            "units": "-", "tokens_per_s": seq / step, "mfu": 6 * n_flop * seq / step / peak_flops if peak_flops else 0.0, "step_s": step, "peak_mem_gib": peak,
+            "units": "-", "wait": wait, "tokens_per_s": seq / step,
+            "mfu": 6 * n_flop * seq / step / peak_flops if peak_flops else 0.0, "step_s": step, "peak_mem_gib": peak,
             "reserved_gib": reserved, "loss": float(loss), **_clock(clock)}
+
+
+def _case(a, model: str, seq: int, modes, lp: str, d: int, u: str, gr: str, op: str, wait: bool) -> list[dict]:
+    """One case's rows (a row per mode where --interleave); an OOM is recorded as the case's row."""
+    flag = {"auto": None, "on": True, "off": False}
+    try:
+        if a.interleave:
+            return run_interleaved(seq, modes, a.steps, a.warmup, a.ac, a.peak_flops, model, lp == "fused", d, u,
+                                   flag[gr], flag[op], wait)
+        return [run_case(seq, modes, a.steps, a.warmup, a.ac, a.peak_flops, model, lp == "fused", d, a.profile, u,
+                         flag[gr], a.host_profile, flag[op], wait)]
+    except torch.OutOfMemoryError as e:  # record the case, keep measuring the others
+        torch.cuda.empty_cache()
+        return [{"seq": seq, "mode": "/".join(modes) if a.interleave else modes, "ac": a.ac, "model": model,
+                 "fused_logprobs": lp == "fused", "draft": d, "wait": wait,
+                 "units": u + {"auto": "", "on": "+graphs", "off": "-graphs"}[gr], "error": f"OOM: {str(e).splitlines()[0]}"}]
 
 
 def main() -> None:
@@ -282,6 +321,10 @@ def main() -> None:
                    help="the MoE experts' grouped_linear by the Gluon kernel on Hopper (miles_kernels matmul.GLUON_GROUPED)")
     p.add_argument("--interleave", action="store_true",
                    help="one trainer per case, its steps in --modes by turns (the modes compared in one clock state)")
+    p.add_argument("--wait", nargs="+", default=["no"], choices=["no", "yes"],
+                   help="yes: a host sync at every step's end (train_step; the peer synchronizes); no: the steps "
+                        "queued (train_step_async, as the SFT loop runs them; the peer's loop unsynced); one case "
+                        "per value, the peer too")
     p.add_argument("--out", default="bench_train.json")
     a = p.parse_args()
     if a.gluon_grouped:
@@ -294,45 +337,34 @@ def main() -> None:
     results = []
     for model in a.model:
         for s in a.seqs:
-            for m in ([a.modes] if a.interleave else a.modes):
-                for lp in a.logprobs:
-                    for d in a.draft:
-                        for u, gr, op in ((u, gr, op) for u in a.units for gr in a.graphs for op in a.one_pass):
-                            flag = {"auto": None, "on": True, "off": False}
-                            try:
-                                if a.interleave:
-                                    results += run_interleaved(s, m, a.steps, a.warmup, a.ac, a.peak_flops, model,
-                                                               lp == "fused", d, u, flag[gr], flag[op])
-                                else:
-                                    results.append(run_case(s, m, a.steps, a.warmup, a.ac, a.peak_flops, model,
-                                                            lp == "fused", d, a.profile, u, flag[gr], a.host_profile,
-                                                            flag[op]))
-                            except torch.OutOfMemoryError as e:  # record the case, keep measuring the others
-                                results.append({"seq": s, "mode": "/".join(m) if a.interleave else m, "ac": a.ac, "model": model, "fused_logprobs": lp == "fused",
-                                                "draft": d, "units": u + {"auto": "", "on": "+graphs", "off": "-graphs"}[gr],
-                                                "error": f"OOM: {str(e).splitlines()[0]}"})
-                                torch.cuda.empty_cache()
-                            print(results[-1], flush=True)
-            if a.peer:
-                results.append(run_peer(s, a.steps, a.warmup, model, a.profile, a.peak_flops))
-                print(results[-1], flush=True)
-    peer = {(r["model"], r["seq"]): r["tokens_per_s"] for r in results if r["mode"] == "peer"}
-    mfu = {(r["model"], r["seq"], r["mode"], r["units"]): r["mfu"] for r in results if "error" not in r}
+            for w in (x == "yes" for x in a.wait):
+                for m in ([a.modes] if a.interleave else a.modes):
+                    for lp in a.logprobs:
+                        for d in a.draft:
+                            for u, gr, op in ((u, gr, op) for u in a.units for gr in a.graphs for op in a.one_pass):
+                                results += _case(a, model, s, m, lp, d, u, gr, op, w)
+                                print(results[-1], flush=True)
+                if a.peer:
+                    results.append(run_peer(s, a.steps, a.warmup, model, a.profile, a.peak_flops, w))
+                    print(results[-1], flush=True)
+    peer = {(r["model"], r["seq"], r["wait"]): r["tokens_per_s"] for r in results if r["mode"] == "peer"}
+    mfu = {(r["model"], r["seq"], r["mode"], r["units"], r["wait"]): r["mfu"] for r in results if "error" not in r}
     for r in results:
         if "error" in r:
             continue
-        if (r["model"], r["seq"]) in peer:
-            r["vs_peer"] = r["tokens_per_s"] / peer[r["model"], r["seq"]]
-        dense = mfu.get((DENSE_OF.get(r["model"]), r["seq"], r["mode"], r["units"]))
+        if (r["model"], r["seq"], r["wait"]) in peer:
+            r["vs_peer"] = r["tokens_per_s"] / peer[r["model"], r["seq"], r["wait"]]
+        dense = mfu.get((DENSE_OF.get(r["model"]), r["seq"], r["mode"], r["units"], r["wait"]))
         if dense:
             r["mfu_vs_dense"] = r["mfu"] / dense
     if dist.get_rank() == 0:
-        print(f"{'model':>15} {'seq':>6} {'mode':>10} {'units':>11} {'optim':>8} {'logprobs':>9} {'draft':>5} {'tok/s':>10} "
+        print(f"{'model':>15} {'seq':>6} {'mode':>10} {'units':>11} {'optim':>8} {'logprobs':>9} {'draft':>5} {'wait':>4} "
+              f"{'tok/s':>10} "
               f"{'MFU':>6} {'step s':>7} {'peak GiB':>9} {'resv GiB':>9} {'vs peer':>8} {'MFU/dense':>9} {'SM MHz':>6}")
         for r in results:
             lp = "fused" if r["fused_logprobs"] else "unfused"
             head = (f"{r['model']:>15} {r['seq']:>6} {r['mode']:>10} {r['units']:>11} {r.get('optim', '-'):>8} {lp:>9} "
-                    f"{r['draft']:>5}")
+                    f"{r['draft']:>5} {'yes' if r.get('wait') else 'no':>4}")
             if "error" in r:
                 print(f"{head} {r['error']}")
                 continue

@@ -60,6 +60,8 @@ class StepProfiler:
     def _profile(self, step: int):
         cuda = torch.cuda.is_available()
         acts = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if cuda else [])
+        if cuda:  # steps queued before this one (train_step_async) end outside its trace
+            torch.cuda.synchronize()
         with torch.profiler.profile(activities=acts, profile_memory=self.cfg.memory) as prof:
             t0 = time.perf_counter()
             yield

@@ -13,6 +13,8 @@ uninterrupted run would have seen.
 
 from __future__ import annotations
 
+import contextlib
+
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -124,24 +126,42 @@ def train_sft(cfg: SFTConfig) -> list[dict]:
     stop = StopSignal()
     profiler = StepProfiler(cfg.profile, cfg.out, rank)
     history = []
+    pending = None  # (step, PendingMetrics) queued last: read once the next step is queued
+
+    def flush() -> None:
+        """The pending step's metrics into the history, the log and the progress bar."""
+        nonlocal pending
+        if pending is not None:
+            (step, queued), pending = pending, None
+            metrics = queued.result()
+            history.append(metrics)
+            logger.log(step, metrics)
+            progress.update(step, metrics)
+
     try:
         while trainer.step < cfg.steps:
             seqs = batch_for_step(examples, trainer.step, cfg.global_batch_size, cfg.seed)[rank::world]
             with profiler(trainer.step + 1):
-                metrics = trainer.train_step(trainer.pack(seqs), sft_loss, norm=cfg.loss_norm,
-                                             norm_constant=cfg.loss_norm_constant)
-            history.append(metrics)
-            logger.log(trainer.step, metrics)
-            progress.update(trainer.step, metrics)
+                # queued, not waited for: the host packs and launches the next step while this one runs
+                queued = trainer.train_step_async(trainer.pack(seqs), sft_loss, norm=cfg.loss_norm,
+                                                  norm_constant=cfg.loss_norm_constant)
+            flush()
+            pending = (trainer.step, queued)
             stopping = stop.requested()
             if stopping or (ck.interval and trainer.step % ck.interval == 0) or trainer.step == cfg.steps:
+                flush()  # the log holds a checkpoint's step before the checkpoint is written
                 save_checkpoint(trainer, ck_dir, extra={"data_step": trainer.step}, keep=ck.keep)
             if stopping:
                 break
+        flush()
         if cfg.export_hf and trainer.step == cfg.steps:
             export_hf(trainer.model, Path(cfg.out) / "hf")
             if rank == 0:  # `generate --prompt` then encodes text as this data did
                 record_prompt_format(Path(cfg.out) / "hf", formats.pop() if len(formats) == 1 else None)
+    except BaseException:
+        with contextlib.suppress(Exception):
+            flush()  # the last step that ran keeps its line in the log
+        raise
     finally:
         stop.restore()
         progress.close()

@@ -42,6 +42,7 @@ from miles_fsdp.train.graphs import TrunkGraphs
 from miles_fsdp.train.loss import LossNorm, assign_weights
 from miles_fsdp.train.optim import OptimConfig, build_optimizer, clip_scale, grad_norm as grad_norm_of, skips_on_device
 from miles_fsdp.train.packing import MicroBatch, TrainSeq, dummy_like, pack, pinned
+from miles_fsdp.train.pending import PendingMetrics, StepTimer, device_sums, float64_vector
 from miles_fsdp.train.scoring import ScoringSpec
 
 LossFn = Callable[[torch.Tensor, torch.Tensor | None, MicroBatch], tuple[torch.Tensor, dict]]
@@ -168,6 +169,7 @@ class Trainer:
         self.step = 0  # optimizer steps taken
         self.peak_flops = cfg.peak_flops or self._lookup_peak_flops()
         self.graphs = None
+        self.timer = StepTimer(self.device)
         graphs_ok = units == "none" and self.device.type == "cuda" and train_trunk
         if cfg.cuda_graphs or (cfg.cuda_graphs is None and graphs_ok):
             if not graphs_ok:
@@ -320,9 +322,20 @@ class Trainer:
                    entropy: bool = False) -> dict[str, float]:
         """One optimizer step over this rank's micro-batches: backward (accumulate), clip,
         AdamW, LR schedule. Tokens are scored as `spec` says; the loss is normalised by
-        `norm` (norm_constant for LossNorm.constant). Collective: every rank calls it."""
+        `norm` (norm_constant for LossNorm.constant). Collective: every rank calls it.
+        Waits for the step's end; train_step_async does not."""
+        return self.train_step_async(micro_batches, loss_fn, spec, norm, norm_constant, entropy).result()
+
+    def train_step_async(self, micro_batches: list[MicroBatch], loss_fn: LossFn, spec: ScoringSpec = ScoringSpec(),
+                         norm: LossNorm = LossNorm.token_mean, norm_constant: float = 1.0,
+                         entropy: bool = False) -> PendingMetrics:
+        """train_step, its work queued but not waited for: the metrics come from `.result()`
+        (train/pending.py), so the host packs and launches the next step while the device runs
+        this one. A rank may read its metrics whenever it likes (the ranks' sums are made on the
+        device); the step's effects (weights, optimizer state, `step`) are in order whether or not
+        they are read. Collective: every rank calls it."""
         reset_peak_memory(self.device)
-        t0 = time.perf_counter()
+        start = self.timer.start()
         try:
             acc = self._accumulate(micro_batches, loss_fn, spec, norm, norm_constant, entropy)
         except BaseException as e:
@@ -376,35 +389,38 @@ class Trainer:
         self.step += 1
 
         names = sorted(acc["stats"])
-        loss_sum = acc["loss_sum"]
-        *local, norm, finite = torch.stack([loss_sum, *[acc["stats"][k].reshape(()) for k in names],
-                                            grad_norm.to(loss_sum), finite_t.to(loss_sum)]).tolist()  # host sync
-        red, denom = all_reduce_sum(local + [float(acc["tokens"])], group=self.group), acc["denom"]
-        dt = time.perf_counter() - t0
-        tokens = red[-1]
-        metrics = {
-            "train/loss": red[0] / denom,
-            "train/grad_norm": norm,
-            "train/lr": lr,
-            "train/tokens": tokens,
-            "train/skipped_step": float(not finite),
-            "perf/tokens_per_s": tokens / dt,
-            "perf/peak_mem_gib": peak_memory_gib(self.device),
-            "time/train_step_s": dt,
-        }
+        summed = [acc["loss_sum"], *(acc["stats"][k] for k in names)]
+        n_draft = 0 if draft is None else draft["sums"].numel()
+        if n_draft:
+            summed.append(draft["sums"])
+        summed.append(torch.full((1,), float(acc["tokens"]), dtype=torch.float64, device=self.device))
+        once = [grad_norm, finite_t] + ([draft["grad_norm"]] if draft is not None and "grad_norm" in draft else [])
+        values = torch.cat([device_sums(summed, self.group), float64_vector(once)])
+        host = {"perf/peak_mem_gib": peak_memory_gib(self.device)}  # the allocator's peak, as queued
         reserved = reserved_memory_gib(self.device)
         if reserved is not None:
-            metrics["perf/reserved_gib"] = reserved
-        if self.peak_flops > 0:
-            metrics["perf/mfu"] = 6 * self.n_flop_params * tokens / dt / (self.peak_flops * dist.get_world_size())
-        metrics.update({k: v / denom for k, v in zip(names, red[1:-1])})
-        if draft is not None:
-            metrics.update(self._draft_metrics(draft))
-        return metrics
+            host["perf/reserved_gib"] = reserved
+        denom, world, n_stats = acc["denom"], dist.get_world_size(), len(names)
+
+        def finish(vals: list[float], dt: float) -> dict[str, float]:
+            loss, stats, sums = vals[0], vals[1:1 + n_stats], vals[1 + n_stats:1 + n_stats + n_draft]
+            tokens, norm, finite, *draft_norm = vals[1 + n_stats + n_draft:]
+            metrics = {"train/loss": loss / denom, "train/grad_norm": norm, "train/lr": lr,
+                       "train/tokens": tokens, "train/skipped_step": float(not finite),
+                       "perf/tokens_per_s": tokens / dt, **host, "time/train_step_s": dt}
+            if self.peak_flops > 0:
+                metrics["perf/mfu"] = 6 * self.n_flop_params * tokens / dt / (self.peak_flops * world)
+            metrics.update({k: v / denom for k, v in zip(names, stats)})
+            if draft is not None:
+                metrics.update(draft_metrics(sums, draft["denoms"], draft["lr"], draft_norm[0] if draft_norm else None))
+            return metrics
+
+        return PendingMetrics(values, finish, self.timer, start)
 
     def _draft_metrics(self, draft: dict) -> dict[str, float]:
         sums = all_reduce_sum(draft["sums"].tolist(), group=self.group)  # host sync
-        return draft_metrics(sums, draft["denoms"], draft["lr"], draft.get("grad_norm"))
+        norm = draft.get("grad_norm")
+        return draft_metrics(sums, draft["denoms"], draft["lr"], None if norm is None else float(norm))
 
     def train_draft_step(self, micro_batches: list[MicroBatch], spec: ScoringSpec = ScoringSpec()) -> dict[str, float]:
         """One step of the draft alone: the trunk's forward without grad, the draft's loss on its
