@@ -148,24 +148,29 @@ def test_packed_backward_from_our_lse_matches_flash_recompute(monkeypatch):
         assert err <= 1e-2 * b.double().abs().max().item(), f"d{name}: {err}"
 
 
+def _four_layers(graphs: bool) -> Trainer:
+    with torch.device("meta"):
+        model = Transformer(ModelArgs.from_hf(dict(HF, num_hidden_layers=4)))
+    model.init_weights(seed=0)
+    return Trainer(model, TrainerConfig(optim=OptimConfig(lr=1e-4), max_tokens_per_micro_batch=512,
+                                        cuda_graphs=graphs, parallel=ParallelConfig(param_dtype="auto")))
+
+
+def _three_seqs() -> list[TrainSeq]:
+    """Three sequences (300, 200, 100 tokens) that pack into a 500- and a 100-token micro-batch."""
+    g = torch.Generator().manual_seed(0)
+    return [TrainSeq(torch.randint(0, 4096, (n,), generator=g).tolist(), [0] * 8 + [1] * (n - 8))
+            for n in (300, 200, 100)]
+
+
 @pytest.mark.parametrize("mode", ["invariant", "fast"])
 def test_cuda_graphs_train_like_the_eager_trunk(mode):
     """TrainerConfig.cuda_graphs: the trunk's forward and backward replayed from CUDA graphs
     (two buckets: 500 tokens -> 512, 100 -> 256; captured, no fallback) trains like the eager
     trunk: invariant mode the same loss bits at the first step (the padded rows never reach the
     real ones), weights and later losses within rounding (the weight grads' sums differ)."""
-    def trainer(graphs: bool) -> Trainer:
-        with torch.device("meta"):
-            model = Transformer(ModelArgs.from_hf(dict(HF, num_hidden_layers=4)))
-        model.init_weights(seed=0)
-        return Trainer(model, TrainerConfig(optim=OptimConfig(lr=1e-4), max_tokens_per_micro_batch=512,
-                                            cuda_graphs=graphs, parallel=ParallelConfig(param_dtype="auto")))
-
-    g = torch.Generator().manual_seed(0)
-    seqs = [TrainSeq(torch.randint(0, 4096, (n,), generator=g).tolist(), [0] * 8 + [1] * (n - 8))
-            for n in (300, 200, 100)]
-    spec = ScoringSpec(kernel_mode=mode)
-    eager, graphed = trainer(False), trainer(True)
+    seqs, spec = _three_seqs(), ScoringSpec(kernel_mode=mode)
+    eager, graphed = _four_layers(False), _four_layers(True)
     for step in range(3):
         a = eager.train_step(eager.pack(seqs), sft_loss, spec)
         b = graphed.train_step(graphed.pack(seqs), sft_loss, spec)
@@ -186,17 +191,8 @@ def test_queued_steps_never_wait_and_train_the_same_bits(graphs):
     """Trainer.train_step_async (train/pending.py): once warm, queuing a step makes no host sync
     of ours (sync debug mode), and three steps queued, their metrics read after the last, give
     train_step's losses, grad norms and weights bit for bit."""
-    def trainer() -> Trainer:
-        with torch.device("meta"):
-            model = Transformer(ModelArgs.from_hf(dict(HF, num_hidden_layers=4)))
-        model.init_weights(seed=0)
-        return Trainer(model, TrainerConfig(optim=OptimConfig(lr=1e-4), max_tokens_per_micro_batch=512,
-                                            cuda_graphs=graphs, parallel=ParallelConfig(param_dtype="auto")))
-
-    g = torch.Generator().manual_seed(0)
-    seqs = [TrainSeq(torch.randint(0, 4096, (n,), generator=g).tolist(), [0] * 8 + [1] * (n - 8))
-            for n in (300, 200, 100)]
-    waited, queued = trainer(), trainer()
+    seqs = _three_seqs()
+    waited, queued = _four_layers(graphs), _four_layers(graphs)
     want = [waited.train_step(waited.pack(seqs), sft_loss) for _ in range(4)]
     first = queued.train_step(queued.pack(seqs), sft_loss)  # warm: compiles, graph captures
     torch.cuda.synchronize()
