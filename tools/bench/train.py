@@ -155,7 +155,8 @@ def run_case(seq: int, mode: str, steps: int, warmup: int, ac: bool, peak_flops:
         rows, wall = _steps(trainer, seqs, [mode] * steps, wait)
     with mk.use_mode(mode):
         if profile:  # one more step under torch.profiler, not timed
-            cfg = ProfileConfig(steps=(1,), dir=os.path.join(profile, f"train_{model_name}_{seq}_{mode}_draft{n_mtp}_{name}"))
+            case = f"train_{model_name}_{seq}_{mode}_draft{n_mtp}_{name}" + ("_wait" if wait else "")
+            cfg = ProfileConfig(steps=(1,), dir=os.path.join(profile, case))
             with StepProfiler(cfg, profile)(1):
                 trainer.train_step(trainer.pack(seqs), sft_loss, spec)
             print_profile_head(os.path.join(cfg.dir, "step_00001_rank0.txt"), os.path.basename(cfg.dir))
@@ -252,7 +253,7 @@ def run_peer(seq: int, steps: int, warmup: int, model_name: str = "qwen3-0.6b", 
             torch.cuda.synchronize()
         wall = time.perf_counter() - start
     if profile:
-        where = os.path.join(profile, f"train_{model_name}_{seq}_peer")
+        where = os.path.join(profile, f"train_{model_name}_{seq}_peer" + ("_wait" if wait else ""))
         with StepProfiler(ProfileConfig(steps=(1,), dir=where), profile)(1):
             step()
         print_profile_head(os.path.join(where, "step_00001_rank0.txt"), os.path.basename(where))
