@@ -27,6 +27,8 @@
 #   queued     (not in the default list) train_step_async (one call, under 10 min): the trainer's GPU tests
 #              (a queued step makes no host sync of ours; queued steps train train_step's bits), then the
 #              trainer queued vs waited for at every step, each beside the peer run the same way
+#   fill       (not in the default list) the engine's quick rows with matmul.FILL 0.7 (as shipped) and 0.75
+#              (with_tiles.py --fill: 8B q/k/v and 0.6B gate/up take the next narrower tile), in one call
 #   optim      (not in the default list) the trainer's one-pass optimizer step (tools/bench/optim_pass.py:
 #              bf16 grads in, torch's AdamW on fp32 p / m / v, the bf16 shadow out) against torch's four
 #              passes and the same kernel over one flat buffer, at the 0.6B and MoE bench shapes
@@ -117,6 +119,10 @@ for step in $steps; do
                      tests/gpu/test_trainer_gpu.py tests/gpu/test_optim_gpu.py
                 run train_wait timeout -s KILL 340 python3 tools/bench/train.py --seqs 4096 16384 \
                      --modes invariant --wait no yes --peer --steps 10 --out "$out/train_wait.json" ;;
+        fill) run engine_fill70 timeout -s KILL 100 python3 tools/bench/engine.py --quick --only engine \
+                  --out "$out/engine_fill70.json"
+              run engine_fill75 timeout -s KILL 100 python3 tools/bench/with_tiles.py --fill 0.75 -- \
+                  tools/bench/engine.py --quick --only engine --out "$out/engine_fill75.json" ;;
         ws) run ws_probe python3 tools/bench/ws_probe.py "$out/ws_probe.json" ;;
         gluon) for p in fwd dkdv dq; do
                    run gluon_$p timeout 300 python3 tools/bench/gluon_$p.py --out "$out/gluon_$p.json"
@@ -126,7 +132,7 @@ for step in $steps; do
              run attn_tma python3 tools/bench/attn_sweep.py "$out/attn_tma.json" --tma --tiles
              run attn_tma_paged python3 tools/bench/attn_sweep.py "$out/attn_tma_paged.json" --tma-paged
              run kernel_regs python3 tools/bench/kernel_regs.py "$out/kernel_regs.json" ;;
-        *) echo "unknown step $step (tests scale kernels engine engine_host train rl_step spec profile sweep moe tma pending queued ws gluon optim)"
+        *) echo "unknown step $step (tests scale kernels engine engine_host train rl_step spec profile sweep moe tma pending queued fill ws gluon optim)"
            exit 2 ;;
     esac
 done

@@ -1,5 +1,6 @@
 """tools/bench/with_tiles.py: the script runs with the small-M tiles changed as asked (its argv
-passed on); malformed or unknown tiles are refused with a message naming the spec."""
+passed on), or with another FILL; malformed or unknown tiles are refused with a message naming the
+spec."""
 
 import json
 import os
@@ -12,7 +13,8 @@ ENV = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), str(ROOT 
 SCRIPT = """
 import json, sys, torch
 from miles_kernels._triton import matmul
-json.dump({"argv": sys.argv, "tiles": [list(t) for t in matmul.SMALL_M_TILES[torch.float16]]}, open(sys.argv[1], "w"))
+json.dump({"argv": sys.argv, "tiles": [list(t) for t in matmul.SMALL_M_TILES[torch.float16]], "fill": matmul.FILL},
+          open(sys.argv[1], "w"))
 """
 
 
@@ -41,10 +43,24 @@ def test_script_sees_the_changed_tiles(tmp_path):
             assert new == old
 
 
+def test_fill_alone(tmp_path):
+    script, out = tmp_path / "show.py", tmp_path / "out.json"
+    script.write_text(SCRIPT)
+    proc = _run(tmp_path, "--fill", "0.75", "--", str(script), str(out))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    from miles_kernels._triton import matmul
+
+    got = json.loads(out.read_text())
+    assert got["fill"] == 0.75 != matmul.FILL
+    assert got["tiles"] == [list(t) for t in matmul.SMALL_M_TILES[matmul.torch.float16]]
+
+
 def test_bad_specs_are_refused(tmp_path):
     for args, msg in ((["--unroll", "64x32=2", "--", "x.py"], "write BMxBN=U:S"),
                       (["--unroll", "64x48=2:6", "--", "x.py"], "no small-M pointer tile [(64, 48)]"),
                       (["--unroll", "64x32=0:6", "--", "x.py"], "must be >= 1"),
-                      (["--unroll", "64x32=2:6"], "usage")):
+                      (["--unroll", "64x32=2:6"], "usage"),
+                      (["--", "x.py"], "nothing to change"),
+                      (["--fill", "0", "--", "x.py"], "must be in (0, 4]")):
         proc = _run(tmp_path, *args)
         assert proc.returncode != 0 and msg in proc.stderr, (args, proc.stderr[-500:])

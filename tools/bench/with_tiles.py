@@ -4,10 +4,14 @@
     PYTHONPATH=src:kernels python tools/bench/with_tiles.py --unroll 64x32=2:6 64x16=2:8 -- \\
         tools/bench/engine.py --quick --only engine --out unrolled.json
 
+    ... with_tiles.py --fill 0.75 -- tools/bench/engine.py --quick --only engine    # another FILL
+
 Each BMxBN=U:S sets the 16-bit SMALL_M_TILES pointer tile BLOCK_M x BLOCK_N to U BLOCK_K steps
 a loop iteration (Tile.k_unroll) and S pipeline stages. The dots and their order stay as they are,
-so the bits do too (tests/gpu/test_kernels_gpu.py::test_unrolled_small_m_tiles_same_bits). The
-script runs in this process (runpy), so its own subprocesses would not see the change.
+so the bits do too (tests/gpu/test_kernels_gpu.py::test_unrolled_small_m_tiles_same_bits).
+--fill F sets matmul.FILL, the share of the SMs a small-M tile's grid must fill before a wider
+tile is taken (every tile gives the same bits). The script runs in this process (runpy), so its
+own subprocesses would not see the change.
 """
 
 import argparse
@@ -49,17 +53,27 @@ def apply(changes: dict[tuple[int, int], tuple[int, int]]) -> tuple:
 
 def main() -> None:
     argv = sys.argv[1:]
+    usage = "with_tiles: usage: with_tiles.py [--unroll BMxBN=U:S ...] [--fill F] -- SCRIPT [ARGS ...]"
     if "--" not in argv:
-        raise SystemExit("with_tiles: usage: with_tiles.py --unroll BMxBN=U:S ... -- SCRIPT [ARGS ...]")
+        raise SystemExit(usage)
     cut = argv.index("--")
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--unroll", nargs="+", required=True, metavar="BMxBN=U:S")
+    ap.add_argument("--unroll", nargs="+", default=[], metavar="BMxBN=U:S")
+    ap.add_argument("--fill", type=float, default=None, metavar="F")
     a = ap.parse_args(argv[:cut])
+    if not a.unroll and a.fill is None:
+        raise SystemExit(f"{usage}: nothing to change (give --unroll or --fill)")
+    if a.fill is not None and not 0.0 < a.fill <= 4.0:
+        raise SystemExit(f"with_tiles: --fill {a.fill}: must be in (0, 4] (a share of the SMs)")
     script, *args = argv[cut + 1:] or [""]
     if not script:
         raise SystemExit("with_tiles: no script after --")
     tiles = apply(parse(a.unroll))
-    print("with_tiles: small-M tiles", [tuple(t) for t in tiles], flush=True)
+    if a.fill is not None:
+        from miles_kernels._triton import matmul
+
+        matmul.FILL = a.fill
+    print("with_tiles: small-M tiles", [tuple(t) for t in tiles], "FILL", a.fill, flush=True)
     sys.argv = [script, *args]
     runpy.run_path(script, run_name="__main__")
 
