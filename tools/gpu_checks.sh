@@ -27,8 +27,9 @@
 #   queued     (not in the default list) train_step_async (one call, under 10 min): the trainer's GPU tests
 #              (a queued step makes no host sync of ours; queued steps train train_step's bits), then the
 #              trainer queued vs waited for at every step, each beside the peer run the same way
-#   fill       (not in the default list) the engine's quick rows with matmul.FILL 0.7 (as shipped) and 0.75
-#              (with_tiles.py --fill: 8B q/k/v and 0.6B gate/up take the next narrower tile), in one call
+#   fill       (not in the default list) the engine's quick rows with matmul.FILL 0.7 (as shipped, with fast
+#              mode's rows: fast >= invariant) and 0.75 (with_tiles.py --fill: 8B q/k/v and 0.6B gate/up
+#              take the next narrower tile), in one call
 #   optim      (not in the default list) the trainer's one-pass optimizer step (tools/bench/optim_pass.py:
 #              bf16 grads in, torch's AdamW on fp32 p / m / v, the bf16 shadow out) against torch's four
 #              passes and the same kernel over one flat buffer, at the 0.6B and MoE bench shapes
@@ -119,7 +120,7 @@ for step in $steps; do
                      tests/gpu/test_trainer_gpu.py tests/gpu/test_optim_gpu.py
                 run train_wait timeout -s KILL 340 python3 tools/bench/train.py --seqs 4096 16384 \
                      --modes invariant --wait no yes --peer --steps 10 --out "$out/train_wait.json" ;;
-        fill) run engine_fill70 timeout -s KILL 100 python3 tools/bench/engine.py --quick --only engine \
+        fill) run engine_fill70 timeout -s KILL 170 python3 tools/bench/engine.py --quick --only engine,engine-fast \
                   --out "$out/engine_fill70.json"
               run engine_fill75 timeout -s KILL 100 python3 tools/bench/with_tiles.py --fill 0.75 -- \
                   tools/bench/engine.py --quick --only engine --out "$out/engine_fill75.json" ;;
