@@ -387,7 +387,12 @@ class Trainer:
         self.scheduler.step()
         draft = self._draft_step(kept) if self.draft is not None else None
         self.step += 1
+        return self._pending(acc, grad_norm, finite_t, lr, draft, start)
 
+    def _pending(self, acc: dict, grad_norm: torch.Tensor, finite_t: torch.Tensor, lr: float, draft: dict | None,
+                 start) -> PendingMetrics:
+        """The step's metrics, to be read later: its device values in one vector (the ranks' sums
+        made on the device), the host's (lr, the allocator's peak as queued) kept beside them."""
         names = sorted(acc["stats"])
         summed = [acc["loss_sum"], *(acc["stats"][k] for k in names)]
         n_draft = 0 if draft is None else draft["sums"].numel()
