@@ -53,6 +53,16 @@ class AttnMeta:
                         self.block_table.to(device), self.max_q_len, self.host, self.packed)
 
 
+def host_to_device(t: torch.Tensor, device, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """A host tensor on `device` (as `dtype`): on CUDA copied from pinned memory without a host
+    wait (a pageable or blocking copy waits for all the work queued before it); the caller must
+    not write t's storage afterwards."""
+    t = t if dtype is None else t.to(dtype)
+    if t.device.type == "cpu" and torch.device(device).type == "cuda":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
+
+
 def varlen_meta(cu_seqlens: torch.Tensor, page_size: int, device=None) -> tuple[AttnMeta, torch.Tensor, int]:
     """Metadata for packed training sequences: each sequence starts on a fresh page.
 
@@ -73,14 +83,14 @@ def varlen_meta(cu_seqlens: torch.Tensor, page_size: int, device=None) -> tuple[
     slot = first_page[seq_of_token] * page_size + pos
     device = cu_seqlens.device if device is None else device
     meta = AttnMeta(
-        cu_seqlens_q=cu.to(device, torch.int32),
-        kv_lens=lens.to(device, torch.int32),
-        block_table=block_table.to(device, torch.int32),
+        cu_seqlens_q=host_to_device(cu, device, torch.int32),
+        kv_lens=host_to_device(lens, device, torch.int32),
+        block_table=host_to_device(block_table, device, torch.int32),
         max_q_len=int(lens.max()) if len(lens) else 0,
         host=(tuple(cu.tolist()), tuple(lens.tolist())),
         packed=True,
     )
-    return meta, slot.to(device), num_pages
+    return meta, host_to_device(slot, device), num_pages
 
 
 def positions_from_cu_seqlens(cu_seqlens: torch.Tensor) -> torch.Tensor:

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import miles_kernels as mk
+from miles_kernels.meta import host_to_device
 from miles_fsdp.models.args import ModelArgs
 from miles_fsdp.models.layers import Attention, Block, Embedding, Linear, MLP, RMSNorm  # noqa: F401 (re-exported)
 from miles_fsdp.models.mtp import MTPLayer
@@ -34,7 +35,7 @@ def packed_inputs(cu_seqlens: torch.Tensor, device=None) -> tuple[torch.Tensor, 
     device = cu_seqlens.device if device is None else device
     cu = cu_seqlens.cpu()
     meta, slot_T, _ = mk.varlen_meta(cu, TRAIN_PAGE_SIZE, device)
-    return mk.positions_from_cu_seqlens(cu).to(device), meta, slot_T
+    return host_to_device(mk.positions_from_cu_seqlens(cu), device), meta, slot_T
 
 
 class Transformer(nn.Module):

@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn as nn
 
+from miles_kernels.meta import host_to_device
 from miles_fsdp.errors import UserError
 from miles_fsdp.models import ModelArgs
 from miles_fsdp.parallel.reduce import all_reduce_sum
@@ -126,13 +127,13 @@ class DraftTrainer:
         the policy's before backward; a dummy micro-batch gives a zero that still runs the
         draft's collectives). Accumulates draft/loss and draft/acc statistics."""
         dev = hidden_TD.device
-        pos_T = mb.pos_T.to(dev)
+        pos_T = host_to_device(mb.pos_T, dev)
         h_TD = shift_hidden(hidden_TD, pos_T)
         total = hidden_TD.new_zeros((), dtype=torch.float32)
         sums = []
         with torch.set_grad_enabled(torch.is_grad_enabled() and not self.cfg.frozen):
             for m in range(self.n_mtp):
-                ids_T, targets_T, counted_T = (t.to(dev) for t in draft_stream(mb, m))
+                ids_T, targets_T, counted_T = (host_to_device(t, dev) for t in draft_stream(mb, m))
                 logp_T, hit_T, h_TD = model.draft_token_logprobs(h_TD, ids_T, pos_T + m, meta, slot_T, targets_T, m)
                 nll_sum = -(torch.where(counted_T > 0, logp_T, torch.zeros_like(logp_T)) * counted_T).sum()
                 total = total + nll_sum / max(self._denoms[m], 1.0)
