@@ -31,6 +31,7 @@ import torch.distributed as dist
 import torch.nn as nn
 
 import miles_kernels as mk
+from miles_kernels.meta import host_to_device
 from miles_fsdp.models import packed_inputs
 from miles_fsdp.models.moe import MoE
 from miles_fsdp.observe.memory import is_oom, oom_error, peak_memory_gib, reserved_memory_gib, reset_peak_memory
@@ -110,8 +111,7 @@ def score_targets(model: nn.Module, hidden_TD: torch.Tensor, mb: MicroBatch, spe
     targets_T = mb.targets_T.to(dev, non_blocking=True)  # non-blocking from pinned memory (packing.pinned)
     rows_R = None
     if trained_only:
-        rows_R = (mb.mask_T > 0).nonzero()[:, 0]
-        rows_R = (rows_R.pin_memory() if mb.mask_T.is_pinned() else rows_R).to(dev, non_blocking=True)
+        rows_R = host_to_device((mb.mask_T > 0).nonzero()[:, 0], dev)
     h, tgt = (hidden_TD, targets_T) if rows_R is None else (hidden_TD[rows_R], targets_T[rows_R])
     t, k, p = spec.temperature, spec.top_k, spec.top_p
     if fused and hasattr(model, "token_logprobs"):  # fused lm_head + logprobs: no [T, V] logits alive
