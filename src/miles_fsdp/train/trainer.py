@@ -6,6 +6,7 @@ there: fp32 masters, forwards and backwards on compute-dtype copies, parallel/lo
     mbs = trainer.pack(seqs)                              # this rank's sequences
     logp = trainer.forward_logprobs(mbs, spec)            # no grad; spec: temperature, top-k/p, kernel mode
     metrics = trainer.train_step(mbs, loss_fn, spec)      # accumulate, clip, step
+    pending = trainer.train_step_async(mbs, loss_fn, spec)  # the same, not waited for: pending.result() later
 
 `loss_fn(logp_T, entropy_T, mb) -> (loss_sum, stats)` returns the weighted sum
 `sum(mb.weight_T * per_token_loss_T)` (see `loss.py`); stats are weighted sums too and are
