@@ -1,6 +1,8 @@
 """Trainer.train_step_async (train/pending.py): steps queued without waiting give the metrics and
 the weights train_step gives, whenever and in whatever order the metrics are read, with the
-draft too; two ranks reading their metrics at different times (tests/train/dist_worker.py)."""
+draft too, and train_draft_step_async train_draft_step's; two ranks reading their metrics at
+different times (tests/train/dist_worker.py); OneStepBehind hands each step over once the next
+is queued."""
 
 from __future__ import annotations
 
@@ -12,7 +14,7 @@ from miles_fsdp.train.draft import DraftConfig
 from miles_fsdp.train.loss import sft_loss
 from miles_fsdp.train.optim import OptimConfig
 from miles_fsdp.train.packing import TrainSeq
-from miles_fsdp.train.pending import PendingMetrics, StepTimer
+from miles_fsdp.train.pending import OneStepBehind, PendingMetrics, StepTimer
 from miles_fsdp.train.trainer import Trainer, TrainerConfig
 
 HF = dict(architectures=["Qwen3ForCausalLM"], model_type="qwen3", vocab_size=128, hidden_size=32,
@@ -23,12 +25,13 @@ HF = dict(architectures=["Qwen3ForCausalLM"], model_type="qwen3", vocab_size=128
 MEASURED = ("time/train_step_s", "perf/tokens_per_s", "perf/mfu", "perf/peak_mem_gib", "perf/reserved_gib")
 
 
-def _trainer(draft: bool) -> Trainer:
+def _trainer(draft: bool, train_trunk: bool = True) -> Trainer:
     with torch.device("meta"):
         model = Transformer(ModelArgs.from_hf(HF))
     model.init_weights(seed=0)
     cfg = TrainerConfig(optim=OptimConfig(lr=1e-2), max_tokens_per_micro_batch=64)
-    return Trainer(model, cfg, draft=DraftConfig(optim=OptimConfig(lr=1e-3)) if draft else None)
+    return Trainer(model, cfg, draft=DraftConfig(optim=OptimConfig(lr=1e-3)) if draft else None,
+                   train_trunk=train_trunk)
 
 
 def _batches(step: int) -> list[TrainSeq]:
@@ -57,6 +60,42 @@ def test_async_steps_equal_waited_steps(draft):
     assert queued.step == waited.step == 3
     for (name, p), q in zip(waited.model.named_parameters(), queued.model.parameters()):
         assert torch.equal(p, q), name
+
+
+def test_draft_steps_queued_equal_waited():
+    waited, queued = _trainer(True, train_trunk=False), _trainer(True, train_trunk=False)
+    want = [waited.train_draft_step(waited.pack(_batches(s))) for s in range(2)]
+    pending = [queued.train_draft_step_async(queued.pack(_batches(s))) for s in range(2)]
+    got = [p.result() for p in pending]
+    for s in range(2):
+        assert _without_clock(got[s]) == _without_clock(want[s]) and got[s].keys() == want[s].keys(), f"step {s}"
+    assert "draft/grad_norm" in got[0] and got[0]["draft/loss"] != got[1]["draft/loss"]
+    for (name, p), q in zip(waited.model.named_parameters(), queued.model.parameters()):
+        assert torch.equal(p, q), name
+
+
+def test_one_step_behind_hands_each_step_over_once_the_next_is_queued():
+    class Log:
+        def __init__(self):
+            self.rows = []
+
+        def log(self, step, m):
+            self.rows.append(("log", step, m["x"]))
+
+        def update(self, step, m):
+            self.rows.append(("bar", step, m["x"]))
+
+    timer, history, sink = StepTimer(torch.device("cpu")), [], Log()
+    steps = OneStepBehind(history, sink, sink)
+    step = lambda x: PendingMetrics(torch.tensor([x], dtype=torch.float64), lambda v, dt: {"x": v[0]},  # noqa: E731
+                                    timer, timer.start())
+    steps.push(1, step(1.0))
+    assert history == [] and sink.rows == []  # held until the next is queued
+    steps.push(2, step(2.0))
+    assert history == [{"x": 1.0}] and sink.rows == [("log", 1, 1.0), ("bar", 1, 1.0)]
+    steps.flush()
+    steps.flush()  # nothing held: nothing more
+    assert [h["x"] for h in history] == [1.0, 2.0] and sink.rows[2:] == [("log", 2, 2.0), ("bar", 2, 2.0)]
 
 
 def test_metrics_are_read_from_the_step_they_belong_to():

@@ -85,3 +85,26 @@ def device_sums(values: list[torch.Tensor], group) -> torch.Tensor:
     if dist.is_initialized() and dist.get_world_size(group) > 1:
         dist.all_reduce(t, group=group)
     return t
+
+
+class OneStepBehind:
+    """A train loop's queued steps: each step's metrics are read once the next step is queued
+    (push), or on flush() (before a checkpoint, at the end, on a failure), so the host never waits
+    for a step while it could queue the next; read, they go to `history`, `logger.log(step, m)`
+    and `progress.update(step, m)` (observe/metrics.py, observe/progress.py)."""
+
+    def __init__(self, history: list, logger, progress):
+        self._history, self._logger, self._progress = history, logger, progress
+        self._held: tuple[int, PendingMetrics] | None = None
+
+    def push(self, step: int, pending: PendingMetrics) -> None:
+        self.flush()
+        self._held = (step, pending)
+
+    def flush(self) -> None:
+        if self._held is not None:
+            (step, pending), self._held = self._held, None
+            metrics = pending.result()
+            self._history.append(metrics)
+            self._logger.log(step, metrics)
+            self._progress.update(step, metrics)

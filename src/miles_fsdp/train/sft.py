@@ -33,6 +33,7 @@ from miles_fsdp.train.draft import DraftConfig
 from miles_fsdp.train.export import export_hf
 from miles_fsdp.train.loss import LossNorm, sft_loss
 from miles_fsdp.train.packing import TrainSeq
+from miles_fsdp.train.pending import OneStepBehind
 from miles_fsdp.train.run_dir import prepare_run_dir
 from miles_fsdp.train.sft_data import load_sft_jsonl
 from miles_fsdp.train.trainer import Trainer, TrainerConfig
@@ -126,41 +127,29 @@ def train_sft(cfg: SFTConfig) -> list[dict]:
     stop = StopSignal()
     profiler = StepProfiler(cfg.profile, cfg.out, rank)
     history = []
-    pending = None  # (step, PendingMetrics) queued last: read once the next step is queued
-
-    def flush() -> None:
-        """The pending step's metrics into the history, the log and the progress bar."""
-        nonlocal pending
-        if pending is not None:
-            (step, queued), pending = pending, None
-            metrics = queued.result()
-            history.append(metrics)
-            logger.log(step, metrics)
-            progress.update(step, metrics)
-
+    steps = OneStepBehind(history, logger, progress)  # each step's metrics read once the next is queued
     try:
         while trainer.step < cfg.steps:
             seqs = batch_for_step(examples, trainer.step, cfg.global_batch_size, cfg.seed)[rank::world]
             with profiler(trainer.step + 1):
                 # queued, not waited for: the host packs and launches the next step while this one runs
-                queued = trainer.train_step_async(trainer.pack(seqs), sft_loss, norm=cfg.loss_norm,
-                                                  norm_constant=cfg.loss_norm_constant)
-            flush()
-            pending = (trainer.step, queued)
+                pending = trainer.train_step_async(trainer.pack(seqs), sft_loss, norm=cfg.loss_norm,
+                                                   norm_constant=cfg.loss_norm_constant)
+            steps.push(trainer.step, pending)
             stopping = stop.requested()
             if stopping or (ck.interval and trainer.step % ck.interval == 0) or trainer.step == cfg.steps:
-                flush()  # the log holds a checkpoint's step before the checkpoint is written
+                steps.flush()  # the log holds a checkpoint's step before the checkpoint is written
                 save_checkpoint(trainer, ck_dir, extra={"data_step": trainer.step}, keep=ck.keep)
             if stopping:
                 break
-        flush()
+        steps.flush()
         if cfg.export_hf and trainer.step == cfg.steps:
             export_hf(trainer.model, Path(cfg.out) / "hf")
             if rank == 0:  # `generate --prompt` then encodes text as this data did
                 record_prompt_format(Path(cfg.out) / "hf", formats.pop() if len(formats) == 1 else None)
     except BaseException:
         with contextlib.suppress(Exception):
-            flush()  # the last step that ran keeps its line in the log
+            steps.flush()  # the last step that ran keeps its line in the log
         raise
     finally:
         stop.restore()

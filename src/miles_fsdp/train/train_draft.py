@@ -15,6 +15,7 @@ sft's (a seeded permutation per epoch, sft.batch_for_step).
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -29,6 +30,7 @@ from miles_fsdp.parallel import ParallelConfig, init_distributed
 from miles_fsdp.train.draft import DraftConfig, DraftConfigError
 from miles_fsdp.train.export import export_hf
 from miles_fsdp.train.packing import TrainSeq
+from miles_fsdp.train.pending import OneStepBehind
 from miles_fsdp.train.run_dir import prepare_run_dir
 from miles_fsdp.train.sft import batch_for_step
 from miles_fsdp.train.sft_data import load_sft_jsonl
@@ -119,17 +121,21 @@ def train_draft(cfg: TrainDraftConfig) -> list[dict]:
     logger = MetricsLogger(cfg.out, enabled=rank == 0)
     progress = Progress(cfg.steps, desc="train-draft", enabled=rank == 0, keys=("draft/loss", "draft/acc"))
     history = []
+    steps = OneStepBehind(history, logger, progress)  # each step's metrics read once the next is queued
     try:
         while trainer.step < cfg.steps:
             seqs = batch_for_step(examples, trainer.step, cfg.global_batch_size, cfg.seed)[rank::world]
-            metrics = trainer.train_draft_step(trainer.pack(seqs))
-            history.append(metrics)
-            logger.log(trainer.step, metrics)
-            progress.update(trainer.step, metrics)
+            pending = trainer.train_draft_step_async(trainer.pack(seqs))  # queued, not waited for
+            steps.push(trainer.step, pending)
+        steps.flush()
         if cfg.export_hf:
             export_hf(trainer.model, Path(cfg.out) / "hf")
             if rank == 0:
                 record_prompt_format(Path(cfg.out) / "hf", formats.pop() if len(formats) == 1 else None)
+    except BaseException:
+        with contextlib.suppress(Exception):
+            steps.flush()  # the last step that ran keeps its line in the log
+        raise
     finally:
         progress.close()
         logger.close()

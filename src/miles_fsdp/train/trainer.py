@@ -23,7 +23,6 @@ policy optimizer; `train_draft_step` then trains the draft alone (trunk forward 
 from __future__ import annotations
 
 import os
-import time
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -38,7 +37,7 @@ from miles_fsdp.models.moe import MoE
 from miles_fsdp.observe.memory import is_oom, oom_error, peak_memory_gib, reserved_memory_gib, reset_peak_memory
 from miles_fsdp.parallel import (ParallelConfig, build_mesh, dp_group, drop_unsynced_grads, init_distributed,
                                  parallelize)
-from miles_fsdp.parallel.reduce import all_reduce_max, all_reduce_sum
+from miles_fsdp.parallel.reduce import all_reduce_max
 from miles_fsdp.train.draft import DraftConfig, DraftTrainer, draft_metrics
 from miles_fsdp.train.graphs import TrunkGraphs
 from miles_fsdp.train.loss import LossNorm, assign_weights
@@ -423,23 +422,25 @@ class Trainer:
 
         return PendingMetrics(values, finish, self.timer, start)
 
-    def _draft_metrics(self, draft: dict) -> dict[str, float]:
-        sums = all_reduce_sum(draft["sums"].tolist(), group=self.group)  # host sync
-        norm = draft.get("grad_norm")
-        return draft_metrics(sums, draft["denoms"], draft["lr"], None if norm is None else float(norm))
-
     def train_draft_step(self, micro_batches: list[MicroBatch], spec: ScoringSpec = ScoringSpec()) -> dict[str, float]:
         """One step of the draft alone: the trunk's forward without grad, the draft's loss on its
-        hidden states, backward through the draft, the draft's AdamW. Collective."""
+        hidden states, backward through the draft, the draft's AdamW. Collective. Waits for the
+        step's end; train_draft_step_async does not."""
+        return self.train_draft_step_async(micro_batches, spec).result()
+
+    def train_draft_step_async(self, micro_batches: list[MicroBatch],
+                               spec: ScoringSpec = ScoringSpec()) -> PendingMetrics:
+        """train_draft_step, queued: its metrics come from `.result()` (as train_step_async's)."""
         if self.draft is None:
             raise ValueError("Trainer.train_draft_step: built without a draft (pass draft=DraftConfig(...))")
-        t0 = time.perf_counter()
+        start = self.timer.start()
         self._train_mode()
         micro_batches = self._pad(micro_batches)
         self.draft.begin(micro_batches)
         try:
             with self.local.compute():
                 for mb in micro_batches:
+                    mb = self._pinned(mb)
                     with mk.use_mode(spec.kernel_mode):
                         with torch.no_grad():
                             hidden_TD, meta, slot_T = packed_hidden(self.model, mb, self.device)
@@ -454,7 +455,15 @@ class Trainer:
         kept = self.local.flush_grads(keep=self.draft.params if self.draft_one_pass else ())
         draft = self._draft_step(kept)
         self.step += 1
-        return {**self._draft_metrics(draft), "time/train_step_s": time.perf_counter() - t0}
+        n = draft["sums"].numel()
+        norm = [draft["grad_norm"]] if "grad_norm" in draft else []
+        values = torch.cat([device_sums([draft["sums"]], self.group), *([float64_vector(norm)] if norm else [])])
+
+        def finish(vals: list[float], dt: float) -> dict[str, float]:
+            grad_norm = vals[n] if norm else None
+            return {**draft_metrics(vals[:n], draft["denoms"], draft["lr"], grad_norm), "time/train_step_s": dt}
+
+        return PendingMetrics(values, finish, self.timer, start)
 
     def _skips_on_device(self) -> bool:
         return skips_on_device(self.optimizer, self.trunk_params)
