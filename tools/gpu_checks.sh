@@ -23,7 +23,7 @@
 #              tiles with Tile.k_unroll (bits: test_kernels_gpu -k "linear or swiglu"; linear_sweep.py
 #              --which unroll; the engine quick rows as they are and through with_tiles.py with the 64x32 /
 #              64x16 tiles unrolled, then 64x64 too), fast vs invariant by turns (fast mode's q/k/v and
-#              gate/up through one autograd node)
+#              gate/up through one autograd node; each step waited for, as the twenty-ninth run's were)
 #   queued     (not in the default list) train_step_async (one call, under 10 min): the trainer's GPU tests
 #              (a queued step makes no host sync of ours; queued steps train train_step's bits), then the
 #              trainer queued vs waited for at every step, each beside the peer run the same way
@@ -115,7 +115,7 @@ for step in $steps; do
                  run engine_unroll64 timeout -s KILL 80 python3 tools/bench/with_tiles.py --unroll 64x32=2:6 \
                      64x16=2:8 64x64=2:6 -- tools/bench/engine.py --quick --only engine --out "$out/engine_unroll64.json"
                  run train_modes timeout -s KILL 100 python3 tools/bench/train.py --seqs 4096 16384 \
-                     --modes invariant fast --interleave --steps 12 --out "$out/train_modes.json" ;;
+                     --modes invariant fast --interleave --steps 12 --wait yes --out "$out/train_modes.json" ;;
         queued) run queued_tests timeout -s KILL 200 python3 -m pytest -v -o addopts="" -p no:cacheprovider \
                      tests/gpu/test_trainer_gpu.py tests/gpu/test_optim_gpu.py
                 run train_wait timeout -s KILL 340 python3 tools/bench/train.py --seqs 4096 16384 \
