@@ -21,6 +21,7 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 
 from miles_fsdp.models import ModelArgs, Transformer  # noqa: E402
 from miles_fsdp.parallel import ParallelConfig  # noqa: E402
+from miles_fsdp.train.draft import DraftConfig  # noqa: E402
 from miles_fsdp.train.loss import sft_loss  # noqa: E402
 from miles_fsdp.train.optim import OptimConfig  # noqa: E402
 from miles_fsdp.train.packing import TrainSeq, pack, pinned  # noqa: E402
@@ -148,12 +149,14 @@ def test_packed_backward_from_our_lse_matches_flash_recompute(monkeypatch):
         assert err <= 1e-2 * b.double().abs().max().item(), f"d{name}: {err}"
 
 
-def _four_layers(graphs: bool) -> Trainer:
+def _four_layers(graphs: bool, draft: bool = False) -> Trainer:
+    """A 4-layer trainer (with an MTP draft trained beside it where `draft`)."""
     with torch.device("meta"):
-        model = Transformer(ModelArgs.from_hf(dict(HF, num_hidden_layers=4)))
+        model = Transformer(ModelArgs.from_hf(dict(HF, num_hidden_layers=4, num_nextn_predict_layers=int(draft))))
     model.init_weights(seed=0)
     return Trainer(model, TrainerConfig(optim=OptimConfig(lr=1e-4), max_tokens_per_micro_batch=512,
-                                        cuda_graphs=graphs, parallel=ParallelConfig(param_dtype="auto")))
+                                        cuda_graphs=graphs, parallel=ParallelConfig(param_dtype="auto")),
+                   draft=DraftConfig() if draft else None)
 
 
 def _three_seqs() -> list[TrainSeq]:
@@ -186,13 +189,13 @@ def test_cuda_graphs_train_like_the_eager_trunk(mode):
         torch.testing.assert_close(x, y, rtol=1e-3, atol=1e-4, msg=k)
 
 
-@pytest.mark.parametrize("graphs", [False, True])
-def test_queued_steps_never_wait_and_train_the_same_bits(graphs):
+@pytest.mark.parametrize("graphs,draft", [(False, False), (True, False), (True, True)])
+def test_queued_steps_never_wait_and_train_the_same_bits(graphs, draft):
     """Trainer.train_step_async (train/pending.py): once warm, queuing a step makes no host sync
     of ours (sync debug mode), and three steps queued, their metrics read after the last, give
-    train_step's losses, grad norms and weights bit for bit."""
+    train_step's losses, grad norms (the draft's too) and weights bit for bit."""
     seqs = _three_seqs()
-    waited, queued = _four_layers(graphs), _four_layers(graphs)
+    waited, queued = _four_layers(graphs, draft), _four_layers(graphs, draft)
     want = [waited.train_step(waited.pack(seqs), sft_loss) for _ in range(4)]
     first = queued.train_step(queued.pack(seqs), sft_loss)  # warm: compiles, graph captures
     torch.cuda.synchronize()
@@ -207,7 +210,8 @@ def test_queued_steps_never_wait_and_train_the_same_bits(graphs):
     assert not sites, f"queuing a step waited on the device at {sites}"
     got = [first] + [p.result() for p in pending]
     for step, (a, b) in enumerate(zip(want, got)):
-        for k in ("train/loss", "train/grad_norm", "train/tokens", "train/skipped_step"):
+        keys = ("train/loss", "train/grad_norm", "train/tokens", "train/skipped_step")
+        for k in keys + (("draft/loss", "draft/acc", "draft/grad_norm") if draft else ()):
             assert a[k] == b[k], f"step {step}: {k} {a[k]} vs {b[k]}"
         assert b["time/train_step_s"] > 0 and b["perf/peak_mem_gib"] > 0
     assert not graphs or not queued.graphs.failed, queued.graphs.failed
