@@ -44,6 +44,10 @@
 #              the Triton attention backward vs flash's per tile, dK/dV by pointers then TMA (attn_bwd
 #              --sweep --tma), graph launch cost,
 #              grouped_linear's tiles vs a dense matmul and torch's grouped GEMM (grouped_sweep)
+# Env: GPU_CHECKS_BUDGET=S: no run starts within 30 s of S seconds from the start (a lent machine's
+# call limit; the runs skipped are listed in OUT_DIR/skipped.txt); GPU_CHECKS_TAR=FILE (beside
+# OUT_DIR, not in it): OUT_DIR tarred to FILE after every run, so what ran comes back if the call
+# is cut off.
 # Writes logs and JSON under OUT_DIR. Needs torch + triton; the project is used from the
 # source tree (no install), so it also runs on air-gapped images.
 set -uo pipefail
@@ -54,6 +58,16 @@ if [ "${1:-}" = "--quick" ]; then q="--quick"; shift; fi
 steps=${*:-tests scale kernels engine engine_host train rl_step spec}
 mkdir -p "$out"
 out=$(cd "$out" && pwd)
+if [ -n "${GPU_CHECKS_BUDGET:-}" ] && ! [[ $GPU_CHECKS_BUDGET =~ ^[0-9]+$ ]]; then
+    echo "GPU_CHECKS_BUDGET=$GPU_CHECKS_BUDGET: give whole seconds, e.g. GPU_CHECKS_BUDGET=560"; exit 2
+fi
+if [ -n "${GPU_CHECKS_TAR:-}" ]; then
+    tar_dir=$(mkdir -p "$(dirname "$GPU_CHECKS_TAR")" && cd "$(dirname "$GPU_CHECKS_TAR")" && pwd)
+    case "$tar_dir/" in "$out"/*)
+        echo "GPU_CHECKS_TAR=$GPU_CHECKS_TAR lies inside OUT_DIR $out: put it beside OUT_DIR"; exit 2 ;;
+    esac
+    GPU_CHECKS_TAR="$tar_dir/$(basename "$GPU_CHECKS_TAR")"
+fi
 cd "$(dirname "$0")/.."
 export PYTHONPATH="$PWD/src:$PWD/kernels${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$out/device.txt" 2>&1
@@ -61,12 +75,20 @@ python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', tr
 status=0
 run() {  # name, command...
     local name=$1; shift
+    if [ -n "${GPU_CHECKS_BUDGET:-}" ] && [ $((GPU_CHECKS_BUDGET - SECONDS)) -lt 30 ]; then
+        echo "=== $name: skipped, $((GPU_CHECKS_BUDGET - SECONDS))s of GPU_CHECKS_BUDGET=${GPU_CHECKS_BUDGET}s left"
+        echo "$name" >> "$out/skipped.txt"; status=1; tar_out; return
+    fi
     echo "=== $name: $*"
     local t0=$SECONDS
     "$@" > "$out/$name.log" 2>&1
     local rc=$?
     echo "    rc=$rc in $((SECONDS - t0))s"; tail -n 25 "$out/$name.log"
     [ $rc -eq 0 ] || status=1
+    tar_out
+}
+tar_out() {  # OUT_DIR as it stands to GPU_CHECKS_TAR, if set
+    if [ -n "${GPU_CHECKS_TAR:-}" ]; then tar czf "$GPU_CHECKS_TAR" -C "$(dirname "$out")" "$(basename "$out")"; fi
 }
 for step in $steps; do
     case $step in

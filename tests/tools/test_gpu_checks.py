@@ -1,0 +1,39 @@
+"""tools/gpu_checks.sh's budget and tar (GPU_CHECKS_BUDGET, GPU_CHECKS_TAR): runs that would start
+too late are skipped and listed, OUT_DIR is tarred as it stands, and bad settings are refused with a
+message naming the variable. No step runs here (each needs a GPU)."""
+
+import os
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+SCRIPT = ROOT / "tools/gpu_checks.sh"
+
+
+def _run(out: Path, *steps: str, **env):
+    path = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])  # python3: this one
+    return subprocess.run(["bash", str(SCRIPT), str(out), *steps], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "PATH": path, **env})
+
+
+def test_spent_budget_skips_every_run_and_tars_what_there_is(tmp_path):
+    out, tgz = tmp_path / "r1", tmp_path / "r1.tgz"
+    proc = _run(out, "kernels", "engine", GPU_CHECKS_BUDGET="0", GPU_CHECKS_TAR=str(tgz))
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert "bench_kernels: skipped" in proc.stdout and "bench_engine: skipped" in proc.stdout
+    assert (out / "skipped.txt").read_text().split() == ["bench_kernels", "bench_engine"]
+    assert not (out / "kernels.json").exists()
+    with tarfile.open(tgz) as t:
+        names = set(t.getnames())
+    assert {"r1/skipped.txt", "r1/device.txt"} <= names, names
+
+
+def test_bad_budget_or_tar_inside_out_dir_is_refused(tmp_path):
+    out = tmp_path / "r2"
+    proc = _run(out, "kernels", GPU_CHECKS_BUDGET="ten")
+    assert proc.returncode == 2 and "GPU_CHECKS_BUDGET=ten: give whole seconds" in proc.stdout
+    proc = _run(out, "kernels", GPU_CHECKS_TAR=str(out / "r2.tgz"))
+    assert proc.returncode == 2 and "lies inside OUT_DIR" in proc.stdout
+    assert not (out / "r2.tgz").exists() and not (out / "device.txt").exists()
