@@ -54,9 +54,9 @@ def test_linear_every_tile_agrees(kt, dtype):
     y_full = kt.linear(x, w, b)
     _accurate(y_full, x.double() @ w.double().T + b.double(), dtype, "linear vs float64")
     for tile in lin.all_linear_tiles(dtype):
-        # and the 64-row pointer tiles with two BLOCK_K steps an iteration (K: pairs, then a tail)
-        unrolled = (tile._replace(tma=False, k_unroll=2),) if tile.block_m == 64 else ()
-        for t in (tile._replace(tma=False), tile._replace(tma=True), *unrolled):
+        # and the 64-row pointer tiles with one and two BLOCK_K steps an iteration (K: pairs, then a tail)
+        unrolled = tuple(tile._replace(tma=False, k_unroll=u) for u in (1, 2) if u != tile.k_unroll)
+        for t in (tile._replace(tma=False), tile._replace(tma=True), *(unrolled if tile.block_m == 64 else ())):
             for start, m in ((0, 1), (5, 64), (100, 300), (0, M)):
                 y = torch.empty(m, N, dtype=dtype, device="cuda")
                 lin._launch_linear(x[start : start + m], w, b, y, t)
@@ -543,10 +543,12 @@ def test_swiglu_is_silu_mul_of_linears(kt, dtype):
 @pytest.mark.parametrize("unroll", [2, 4])
 def test_unrolled_small_m_tiles_same_bits(kt, monkeypatch, unroll):
     """The small-M pointer tiles with `unroll` BLOCK_K steps a loop iteration (Tile.k_unroll)
-    give linear's, linears' and swiglu's bits of the tiles as they are: 0.6B and 8B decode
-    shapes (K a multiple of the unrolled step or not), M across the small-M range."""
+    give linear's, linears' and swiglu's bits of the same tiles at one step an iteration: 0.6B
+    and 8B decode shapes (K a multiple of the unrolled step or not), M across the small-M range."""
     lin = kt.matmul
     dtype = torch.bfloat16
+    one_step = tuple(t._replace(k_unroll=1) for t in lin.SMALL_M_TILES[dtype])
+    monkeypatch.setitem(lin.SMALL_M_TILES, dtype, one_step)
     g = _gen(14)
     shapes = ((1024, 2048), (1024, 3072), (2048, 1024), (4096, 4096), (4096, 12288), (1000, 1088))
     xs = {K: _randn(lin.SMALL_M, K, dtype=dtype, g=g) for K in {k for _, k in shapes}}
@@ -556,7 +558,7 @@ def test_unrolled_small_m_tiles_same_bits(kt, monkeypatch, unroll):
     glu = {(K, m): kt.swiglu(xs[K][:m], ws[N, K], ws[N, K].flip(0)) for N, K in shapes[:3] for m in ms}
     qkv = {m: kt.linears(xs[1024][:m], (ws[2048, 1024], ws[1024, 2048][:, :1024].contiguous())) for m in ms}
     tiles = tuple(t._replace(k_unroll=unroll, num_stages=max(2, t.num_stages * 2 // unroll)) if not t.tma else t
-                  for t in lin.SMALL_M_TILES[dtype])
+                  for t in one_step)
     monkeypatch.setitem(lin.SMALL_M_TILES, dtype, tiles)
     for (N, K, m), y in want.items():
         _same(kt.linear(xs[K][:m], ws[N, K]), y, f"linear N={N} K={K} M={m}, unroll {unroll}")
