@@ -19,11 +19,6 @@
 #              and fp32 at 4k / 16k / packed, timed against _dkdv_kernel / _dq_kernel; gluon_fwd.py: the
 #              training forward, bitwise against packed_attention, timed against it and flash); under a
 #              time limit each (a barrier bug hangs)
-#   pending    (not in the default list) what no GPU has run yet (one call, under 10 min): the small-M
-#              tiles with Tile.k_unroll (bits: test_kernels_gpu -k "linear or swiglu"; linear_sweep.py
-#              --which unroll; the engine quick rows as they are and through with_tiles.py with the 64x32 /
-#              64x16 tiles unrolled, then 64x64 too), fast vs invariant by turns (fast mode's q/k/v and
-#              gate/up through one autograd node; each step waited for, as the twenty-ninth run's were)
 #   queued     (not in the default list) train_step_async (one call, under 10 min): the trainer's GPU tests
 #              (a queued step makes no host sync of ours; queued steps train train_step's bits), then the
 #              trainer queued vs waited for at every step, each beside the peer run the same way
@@ -126,18 +121,6 @@ for step in $steps; do
                run attn_bwd_sweep python3 tools/bench/attn_bwd.py "$out/attn_bwd.json" --sweep --tma
                run grouped_sweep python3 tools/bench/grouped_sweep.py --out "$out/grouped_sweep.json"
                run graph_launch python3 tools/bench/graph_launch.py --out "$out/graph_launch.json" ;;
-        pending) run pending_bits timeout -s KILL 100 python3 -m pytest -v -o addopts="" -p no:cacheprovider \
-                     tests/gpu/test_kernels_gpu.py -k "linear or swiglu"
-                 run linear_unroll timeout -s KILL 120 python3 tools/bench/linear_sweep.py --which unroll \
-                     --out "$out/linear_unroll.json"
-                 run engine_base timeout -s KILL 100 python3 tools/bench/engine.py --quick --only engine \
-                     --out "$out/engine_base.json"
-                 run engine_unroll timeout -s KILL 80 python3 tools/bench/with_tiles.py --unroll 64x32=2:6 \
-                     64x16=2:8 -- tools/bench/engine.py --quick --only engine --out "$out/engine_unroll.json"
-                 run engine_unroll64 timeout -s KILL 80 python3 tools/bench/with_tiles.py --unroll 64x32=2:6 \
-                     64x16=2:8 64x64=2:6 -- tools/bench/engine.py --quick --only engine --out "$out/engine_unroll64.json"
-                 run train_modes timeout -s KILL 100 python3 tools/bench/train.py --seqs 4096 16384 \
-                     --modes invariant fast --interleave --steps 12 --wait yes --out "$out/train_modes.json" ;;
         queued) run queued_tests timeout -s KILL 200 python3 -m pytest -v -o addopts="" -p no:cacheprovider \
                      tests/gpu/test_trainer_gpu.py tests/gpu/test_optim_gpu.py
                 run train_wait timeout -s KILL 340 python3 tools/bench/train.py --seqs 4096 16384 \
@@ -155,7 +138,7 @@ for step in $steps; do
              run attn_tma python3 tools/bench/attn_sweep.py "$out/attn_tma.json" --tma --tiles
              run attn_tma_paged python3 tools/bench/attn_sweep.py "$out/attn_tma_paged.json" --tma-paged
              run kernel_regs python3 tools/bench/kernel_regs.py "$out/kernel_regs.json" ;;
-        *) echo "unknown step $step (tests scale kernels engine engine_host train rl_step spec profile sweep moe tma pending queued fill ws gluon optim)"
+        *) echo "unknown step $step (tests scale kernels engine engine_host train rl_step spec profile sweep moe tma queued fill ws gluon optim)"
            exit 2 ;;
     esac
 done
