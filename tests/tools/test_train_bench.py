@@ -45,4 +45,29 @@ def test_train_bench_interleaves_modes_on_cpu(tmp_path):
     rows = json.loads(out.read_text())["results"]
     assert [(r["mode"], r["interleaved"]) for r in rows] == [("invariant", True), ("fast", True)]
     assert rows[0]["vs_first"] == 1.0 and rows[1]["vs_first"] > 0 and rows[1]["tokens_per_s"] > 0
-    assert f"fast / invariant speed, median over 3 rounds: {rows[1]['vs_first']:.3f}x" in proc.stdout
+    assert f"fast / invariant speed, median over 1 pairs of rounds (one each order): {rows[1]['vs_first']:.3f}x" \
+        in proc.stdout
+
+
+def test_interleaved_rounds_alternate_and_pairs_cancel_the_order(monkeypatch):
+    """--interleave reverses the modes' order every other round, and vs_first pairs the rounds so
+    a cost of going second cancels: equal modes read 1.0 where the second step is 2% slower."""
+    sys.path.insert(0, str(ROOT / "tools/bench"))
+    try:
+        import train as bench
+    finally:
+        sys.path.remove(str(ROOT / "tools/bench"))
+    seen = []
+
+    def steps(trainer, seqs, modes, wait):  # a step 2% slower when second in its round, fast 10% faster
+        seen.append(list(modes))
+        out = [{"time/train_step_s": (1.02 if i % 2 else 1.0) * (0.9 if m == "fast" else 1.0), "train/tokens": 64,
+                "perf/peak_mem_gib": 0.0, "train/loss": 0.0} for i, m in enumerate(modes)]
+        return out, 0.0
+
+    monkeypatch.setattr(bench, "_trainer", lambda *a: (type("T", (), {"one_pass": True})(), [], "eager"))
+    monkeypatch.setattr(bench, "_steps", steps)
+    for n_steps in (4, 5):
+        rows = bench.run_interleaved(64, ["invariant", "fast"], n_steps, 1, False, 1.0)
+        assert seen[-1] == ["invariant", "fast", "fast", "invariant"] * 2 + ["invariant", "fast"] * (n_steps - 4)
+        assert rows[0]["vs_first"] == 1.0 and abs(rows[1]["vs_first"] - 1 / 0.9) < 1e-12

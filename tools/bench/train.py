@@ -34,7 +34,9 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import math
 import os
+import statistics
 import time
 
 import torch
@@ -121,28 +123,39 @@ def _steps(trainer: Trainer, seqs: list, modes: list[str], wait: bool) -> tuple[
 def run_interleaved(seq: int, modes: list[str], steps: int, warmup: int, ac: bool, peak_flops: float,
                     model_name: str = "qwen3-0.6b", fused: bool = True, n_mtp: int = 0, units: str = "auto",
                     graphs: bool | None = None, one_pass: bool | None = None, wait: bool = False) -> list[dict]:
-    """One trainer, its steps taken in the modes by turns (invariant, fast, invariant, ...): the
-    modes see the same clock and power state, which moves between separate cases by a few percent.
-    One row per mode, its rates of its own step times (the device queue's); `vs_first` is the median
-    over rounds of its step time's ratio to the first mode's in the same round (> 1: faster)."""
+    """One trainer, its steps taken in the modes by rounds, the order reversed every other round
+    (invariant, fast, fast, invariant, ...): the modes see the same clock and power state, which
+    moves between separate cases by a few percent, and each goes first as often (the mode second in
+    a round ran ~2% slower in either order: H100, 2026-12-05). One row per mode, its rates of its
+    own step times (the device queue's); `vs_first` is its speed over the first mode's, from the
+    same rounds (paired_ratio; > 1: faster)."""
     trainer, seqs, name = _trainer(seq, ac, peak_flops, model_name, fused, n_mtp, units, graphs, one_pass)
     _steps(trainer, seqs, modes * warmup, wait)
+    order = [m for r in range(steps) for m in (modes if r % 2 == 0 else modes[::-1])]
     rows: dict[str, list[dict]] = {m: [] for m in modes}
     with ClockSampler() as clock:
-        done, _ = _steps(trainer, seqs, modes * steps, wait)
-    for i, r in enumerate(done):
-        rows[modes[i % len(modes)]].append(r)
+        done, _ = _steps(trainer, seqs, order, wait)
+    for m, r in zip(order, done):
+        rows[m].append(r)
     one_pass_used = trainer.one_pass
     del trainer
     _release()
     first = rows[modes[0]]
     out = []
     for m in modes:
-        ratios = sorted(a["time/train_step_s"] / b["time/train_step_s"] for a, b in zip(first, rows[m]))
         out.append({"seq": seq, "mode": m, "ac": ac, "model": model_name, "fused_logprobs": fused, "draft": n_mtp,
                     "units": name, "optim": "one pass" if one_pass_used else "torch", "interleaved": True, "wait": wait,
-                    **_summary(rows[m]), "vs_first": ratios[len(ratios) // 2], **_clock(clock)})
+                    **_summary(rows[m]), "vs_first": paired_ratio(first, rows[m]), **_clock(clock)})
     return out
+
+
+def paired_ratio(first: list[dict], other: list[dict]) -> float:
+    """The median over pairs of rounds (one in each order) of the geometric mean of the pair's step
+    time ratios, first / other: a cost of going second in a round cancels within each pair. One
+    round: its ratio; an odd last round is left out."""
+    ratios = [a["time/train_step_s"] / b["time/train_step_s"] for a, b in zip(first, other)]
+    pairs = [math.sqrt(a * b) for a, b in zip(ratios[0::2], ratios[1::2])] or ratios[:1]
+    return statistics.median(pairs)
 
 
 def run_case(seq: int, mode: str, steps: int, warmup: int, ac: bool, peak_flops: float, model_name: str = "qwen3-0.6b",
@@ -321,7 +334,8 @@ def main() -> None:
     p.add_argument("--gluon-grouped", action="store_true",
                    help="the MoE experts' grouped_linear by the Gluon kernel on Hopper (miles_kernels matmul.GLUON_GROUPED)")
     p.add_argument("--interleave", action="store_true",
-                   help="one trainer per case, its steps in --modes by turns (the modes compared in one clock state)")
+                   help="one trainer per case, its steps in --modes by turns, the order reversed every other round "
+                        "(the modes compared in one clock state, each first as often)")
     p.add_argument("--wait", nargs="+", default=["no"], choices=["no", "yes"],
                    help="yes: a host sync at every step's end (train_step; the peer synchronizes); no: the steps "
                         "queued (train_step_async, as the SFT loop runs them; the peer's loop unsynced); one case "
@@ -377,7 +391,7 @@ def main() -> None:
         for r in results:
             if r.get("interleaved") and r["mode"] != a.modes[0]:
                 print(f"interleaved {r['model']} {r['seq']}: {r['mode']} / {a.modes[0]} speed, median over "
-                      f"{a.steps} rounds: {r['vs_first']:.3f}x")
+                      f"{max(a.steps // 2, 1)} pairs of rounds (one each order): {r['vs_first']:.3f}x")
         meta = {"device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
                 "world_size": dist.get_world_size(), "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"),
                 "model": f"{', '.join(a.model)} shape, random weights",
