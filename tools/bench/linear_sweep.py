@@ -3,6 +3,7 @@
     PYTHONPATH=src:kernels python tools/bench/linear_sweep.py --out sweep.json
     PYTHONPATH=src:kernels python tools/bench/linear_sweep.py --which cold --out cold.json  # decode, w out of L2
     PYTHONPATH=src:kernels python tools/bench/linear_sweep.py --which unroll --out unroll.json  # Tile.k_unroll
+    PYTHONPATH=src:kernels python tools/bench/linear_sweep.py --which mid_cold --out mid.json  # M 128-512
 
 Every candidate must give the reference tile's bits (same BLOCK_K walk); only those are timed,
 launched from Python (ms, what eager code pays) and replayed from a CUDA graph (graph_ms, the
@@ -69,6 +70,16 @@ COLD_BYTES = 256 << 20  # five times the H200's L2
 # iteration (Tile.k_unroll: the dots and their order unchanged, so `same` must be 1), at 4-8 stages.
 UNROLL_CFG = [T(0, 64, n, 64, 1, 4, s, False, u) for n in (16, 32, 64) for (u, s) in
               ((1, 8 if n < 64 else 6), (2, 4), (2, 6), (2, 8), (4, 3), (4, 4))]
+# M 128-512, where the fill rule takes the 128-row TMA tiles on wide N and the 64-row ones on N 1024
+# (0.61-0.91x cuBLAS at M 256 in the 2026-12-02 H200 sweep): those TMA tiles against the same tiles by
+# pointers at one and two BLOCK_K steps an iteration, and the 64-row tiles as shipped (weights cold).
+MID_COLD = [(m, n, k) for m in (128, 256, 512) for (n, k) in ((1024, 2048), (1024, 3072), (4096, 1024),
+                                                               (6144, 1024), (4096, 4096), (12288, 4096))]
+MID_COLD_CFG = [T(0, 128, 128, 64, 8, 8, 4, True), T(0, 128, 64, 64, 8, 4, 4, True),
+                T(0, 128, 128, 64, 8, 8, 4), T(0, 128, 128, 64, 8, 8, 3, False, 2),
+                T(0, 128, 64, 64, 8, 4, 4), T(0, 128, 64, 64, 8, 4, 3, False, 2), T(0, 128, 64, 64, 8, 4, 4, False, 2),
+                T(0, 64, 64, 64, 1, 4, 6), T(0, 64, 64, 64, 1, 4, 4, False, 2),
+                T(0, 64, 32, 64, 1, 4, 6, False, 2), T(0, 64, 16, 64, 1, 4, 8, False, 2)]
 
 # The trainer's 0.6B forward at 16k rows: q, k|v, gate|up one weight each and fused (qkv, gate_up), o, down.
 TRAIN = [(16384, n, k) for (n, k) in ((2048, 1024), (1024, 1024), (4096, 1024), (3072, 1024), (6144, 1024),
@@ -138,8 +149,8 @@ def main():
     for wh in a.which.split(","):
         shapes, cfgs = dict(check=(CHECK, CHECK_CFG), small=(SMALL, SMALL_CFG), mid=(MID, MID_CFG), large=(LARGE, LARGE_CFG),
                              decode=(DECODE, DECODE_CFG), train=(TRAIN, TRAIN_CFG), cold=(COLD, COLD_CFG),
-                             unroll=(COLD, UNROLL_CFG))[wh]
-        run(shapes, cfgs, peak, rows, cold=wh in ("cold", "unroll"))
+                             unroll=(COLD, UNROLL_CFG), mid_cold=(MID_COLD, MID_COLD_CFG))[wh]
+        run(shapes, cfgs, peak, rows, cold=wh in ("cold", "unroll", "mid_cold"))
         json.dump(rows, open(a.out, "w"), indent=1)
 
 
