@@ -72,14 +72,16 @@ UNROLL_CFG = [T(0, 64, n, 64, 1, 4, s, False, u) for n in (16, 32, 64) for (u, s
               ((1, 8 if n < 64 else 6), (2, 4), (2, 6), (2, 8), (4, 3), (4, 4))]
 # M 128-512, where the fill rule takes the 128-row TMA tiles on wide N and the 64-row ones on N 1024
 # (0.61-0.91x cuBLAS at M 256 in the 2026-12-02 H200 sweep): those TMA tiles against the same tiles by
-# pointers at one and two BLOCK_K steps an iteration, and the 64-row tiles as shipped (weights cold).
+# pointers at one and two BLOCK_K steps an iteration, and the 64-row tiles at one and two (the narrow
+# ones were adopted at two from M 64 / 256 reads: M 128 and 512 untimed), weights cold.
 MID_COLD = [(m, n, k) for m in (128, 256, 512) for (n, k) in ((1024, 2048), (1024, 3072), (4096, 1024),
                                                                (6144, 1024), (4096, 4096), (12288, 4096))]
 MID_COLD_CFG = [T(0, 128, 128, 64, 8, 8, 4, True), T(0, 128, 64, 64, 8, 4, 4, True),
                 T(0, 128, 128, 64, 8, 8, 4), T(0, 128, 128, 64, 8, 8, 3, False, 2),
                 T(0, 128, 64, 64, 8, 4, 4), T(0, 128, 64, 64, 8, 4, 3, False, 2), T(0, 128, 64, 64, 8, 4, 4, False, 2),
                 T(0, 64, 64, 64, 1, 4, 6), T(0, 64, 64, 64, 1, 4, 4, False, 2),
-                T(0, 64, 32, 64, 1, 4, 6, False, 2), T(0, 64, 16, 64, 1, 4, 8, False, 2)]
+                T(0, 64, 32, 64, 1, 4, 8), T(0, 64, 32, 64, 1, 4, 6, False, 2),
+                T(0, 64, 16, 64, 1, 4, 8), T(0, 64, 16, 64, 1, 4, 8, False, 2)]
 
 # The trainer's 0.6B forward at 16k rows: q, k|v, gate|up one weight each and fused (qkv, gate_up), o, down.
 TRAIN = [(16384, n, k) for (n, k) in ((2048, 1024), (1024, 1024), (4096, 1024), (3072, 1024), (6144, 1024),
