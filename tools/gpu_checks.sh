@@ -24,8 +24,9 @@
 #              trainer queued vs waited for at every step, each beside the peer run the same way
 #   fill       (not in the default list) the engine's quick rows with matmul.FILL 0.7 (as shipped, with fast
 #              mode's rows: fast >= invariant) and 0.75 (with_tiles.py --fill: 8B q/k/v and 0.6B gate/up
-#              take the next narrower tile), then linear_sweep.py --which mid_cold (M 128-512: the 128-row
-#              TMA tiles against pointer ones at one and two BLOCK_K steps an iteration), in one call
+#              take the next narrower tile), then linear_sweep.py --which mid_cold,check (M 128-512: the
+#              128-row TMA tiles against pointer ones at one and two BLOCK_K steps an iteration; M 1024 / 4096
+#              graph-timed against cuBLAS), in one call
 #   optim      (not in the default list) the trainer's one-pass optimizer step (tools/bench/optim_pass.py:
 #              bf16 grads in, torch's AdamW on fp32 p / m / v, the bf16 shadow out) against torch's four
 #              passes and the same kernel over one flat buffer, at the 0.6B and MoE bench shapes
@@ -130,8 +131,8 @@ for step in $steps; do
                   --out "$out/engine_fill70.json"
               run engine_fill75 timeout -s KILL 100 python3 tools/bench/with_tiles.py --fill 0.75 -- \
                   tools/bench/engine.py --quick --only engine --out "$out/engine_fill75.json"
-              run linear_mid_cold timeout -s KILL 120 python3 tools/bench/linear_sweep.py --which mid_cold \
-                  --out "$out/linear_mid_cold.json" ;;
+              run linear_mid timeout -s KILL 150 python3 tools/bench/linear_sweep.py --which mid_cold,check \
+                  --out "$out/linear_mid.json" ;;
         ws) run ws_probe python3 tools/bench/ws_probe.py "$out/ws_probe.json" ;;
         gluon) for p in fwd dkdv dq; do
                    run gluon_$p timeout 300 python3 tools/bench/gluon_$p.py --out "$out/gluon_$p.json"
