@@ -428,9 +428,30 @@ def main() -> None:
         del model
         gc.collect()
         torch.cuda.empty_cache()
+    for line in vs_peers(results):
+        print(line)
     with open(a.out, "w") as f:
         json.dump(dict(meta=meta, results=results), f, indent=1)
     print(f"\n{meta['device']}, HBM {meta['hbm_gb_s']:.0f} GB/s, {time.perf_counter() - t0:.0f} s; wrote {a.out}")
+
+
+def vs_peers(results: list[dict]) -> list[str]:
+    """Each engine row's speed over the transformers rows of its model, batch, prompt and new tokens
+    (the issue's ">= 40x generate" is read here): the warm run where there is one, else the cold. Sets
+    row["vs_" + peer] and returns one line a pair."""
+    lines = []
+    for r in results:
+        ours = r.get("warm_tok_s", r.get("output_tok_s"))
+        if not r["system"].startswith("engine") or ours is None:
+            continue
+        for p in results:
+            same = all(p[k] == r[k] for k in ("model", "batch", "prompt", "new"))
+            if same and p["system"].startswith("hf-") and p.get("output_tok_s"):
+                r["vs_" + p["system"]] = ours / p["output_tok_s"]
+                lines.append(f"{r['model']} b{r['batch']} p{r['prompt']}: {r['system']} "
+                             f"({'warm' if 'warm_tok_s' in r else 'cold'}) {ours:.0f} tok/s = "
+                             f"{r['vs_' + p['system']]:.1f}x {p['system']} ({p['output_tok_s']:.0f} tok/s)")
+    return lines
 
 
 def print_row(r: dict) -> None:
