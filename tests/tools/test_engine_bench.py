@@ -1,21 +1,7 @@
 """tools/bench/engine.py's ratio to the transformers peers (the issue's ">= 40x generate" row)."""
 
-import sys
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[2]
-
-
-def _bench():
-    sys.path.insert(0, str(ROOT / "tools/bench"))
-    try:
-        import engine
-    finally:
-        sys.path.remove(str(ROOT / "tools/bench"))
-    return engine
-
-
-def test_engine_rows_get_their_ratio_to_the_peer_of_the_same_shape():
+def test_engine_rows_get_their_ratio_to_the_peer_of_the_same_shape(bench_script):
     row = dict(batch=64, prompt=128, new=256)
     results = [
         dict(model="m", system="engine", output_tok_s=1000.0, warm_tok_s=4000.0, **row),
@@ -25,7 +11,7 @@ def test_engine_rows_get_their_ratio_to_the_peer_of_the_same_shape():
         dict(model="m", system="hf-generate-batch", skipped="transformers has no generate_batch", **row),
         dict(model="other", system="hf-generate", output_tok_s=1.0, **row),
     ]
-    lines = _bench().vs_peers(results)
+    lines = bench_script("engine").vs_peers(results)
     assert results[0]["vs_hf-generate"] == 40.0  # the warm run where there is one
     assert results[1]["vs_hf-generate"] == 30.0  # else the cold one
     assert "vs_hf-generate" not in results[2] and "vs_hf-generate-batch" not in results[0]

@@ -49,14 +49,10 @@ def test_train_bench_interleaves_modes_on_cpu(tmp_path):
         in proc.stdout
 
 
-def test_interleaved_rounds_alternate_and_pairs_cancel_the_order(monkeypatch):
+def test_interleaved_rounds_alternate_and_pairs_cancel_the_order(monkeypatch, bench_script):
     """--interleave reverses the modes' order every other round, and vs_first pairs the rounds so
     a cost of going second cancels: equal modes read 1.0 where the second step is 2% slower."""
-    sys.path.insert(0, str(ROOT / "tools/bench"))
-    try:
-        import train as bench
-    finally:
-        sys.path.remove(str(ROOT / "tools/bench"))
+    bench = bench_script("train")
     seen = []
 
     def steps(trainer, seqs, modes, wait):  # a step 2% slower when second in its round, fast 10% faster
