@@ -42,7 +42,8 @@
 #              --sweep --tma), graph launch cost,
 #              grouped_linear's tiles vs a dense matmul and torch's grouped GEMM (grouped_sweep)
 # Env: GPU_CHECKS_BUDGET=S: no run starts within 30 s of S seconds from the start (a lent machine's
-# call limit; the runs skipped are listed in OUT_DIR/skipped.txt); GPU_CHECKS_TAR=FILE (beside
+# call limit; the runs skipped are listed in OUT_DIR/skipped.txt), and a run still going 5 s before
+# S is killed (listed in OUT_DIR/killed.txt; its log so far is kept); GPU_CHECKS_TAR=FILE (beside
 # OUT_DIR, not in it): OUT_DIR tarred to FILE after every run, so what ran comes back if the call
 # is cut off.
 # Writes logs and JSON under OUT_DIR. Needs torch + triton; the project is used from the
@@ -77,9 +78,14 @@ run() {  # name, command...
         echo "$name" >> "$out/skipped.txt"; status=1; tar_out; return
     fi
     echo "=== $name: $*"
-    local t0=$SECONDS
-    "$@" > "$out/$name.log" 2>&1
+    local t0=$SECONDS cap=()
+    # under a budget a run that hangs is killed 5 s before it ends, so the tar still has its log
+    if [ -n "${GPU_CHECKS_BUDGET:-}" ]; then cap=(timeout -s KILL $((GPU_CHECKS_BUDGET - SECONDS - 5))); fi
+    "${cap[@]}" "$@" > "$out/$name.log" 2>&1
     local rc=$?
+    if [ ${#cap[@]} -gt 0 ] && [ $rc -eq 137 ]; then
+        echo "killed: GPU_CHECKS_BUDGET=${GPU_CHECKS_BUDGET}s ran out" >> "$out/$name.log"; echo "$name" >> "$out/killed.txt"
+    fi
     echo "    rc=$rc in $((SECONDS - t0))s"; tail -n 25 "$out/$name.log"
     [ $rc -eq 0 ] || status=1
     tar_out

@@ -151,6 +151,68 @@ def test_capture_failure_raises_when_required_else_warns_and_reports(tmp_path, c
     assert [[s.token_ids for s in r] for r in got] == [[s.token_ids for s in r] for r in want]
 
 
+def test_invalidated_capture_leaves_cuda_random_ops_working(tmp_path, caplog):
+    """A CUDA call a capture forbids invalidates the capture (capture_end fails too); torch < 2.13
+    then left the default generator marked as capturing, and every later CUDA random op raised
+    'Offset increment outside graph capture'. Required or not, the process goes on."""
+    from miles_fsdp.models.testing import build_tiny_checkpoint
+
+    model = load(build_tiny_checkpoint(tmp_path / "qwen3", "qwen3", seed=1, tokenizer=False,
+                                       max_position_embeddings=1024))
+    forward = model.forward
+
+    def device_syncing_forward(*args, **kw):  # cudaDeviceSynchronize: not capturable, no torch-side check
+        torch.cuda.synchronize()
+        return forward(*args, **kw)
+
+    model.forward = device_syncing_forward
+    cfg = dict(page_size=PAGE, num_pages=256, cuda_graph_max_batch=8)
+    torch.cuda.manual_seed(3)
+    want = torch.rand(5, device="cuda")
+    with pytest.raises(RuntimeError, match="CUDA graph capture of the decode step"):
+        Engine(model, config=EngineConfig(cuda_graphs_required=True, **cfg), eos_token_ids=[])
+    torch.cuda.manual_seed(3)
+    assert torch.equal(torch.rand(5, device="cuda"), want)
+    eng = Engine(model, config=EngineConfig(**cfg), eos_token_ids=[])
+    assert "CUDA graph capture failed" in caplog.text and eng.cuda_graphs_active is False
+    torch.randperm(1000, device="cuda")
+    got = eng.generate(requests()[:4])
+    model.forward = forward
+    want = Engine(model, config=EngineConfig(cuda_graphs=False, **cfg), eos_token_ids=[]).generate(requests()[:4])
+    assert [[s.token_ids for s in r] for r in got] == [[s.token_ids for s in r] for r in want]
+
+
+def test_capture_with_garbage_waiting(tmp_path):
+    """The 64-expert draft's capture failed on an H100 when other tests' garbage was waiting (a
+    collection inside the capture); here dead engines wait in reference cycles and the collector
+    would run at every allocation: every capture (decode and draft graphs, required) succeeds."""
+    import gc
+
+    from miles_fsdp.models import load_model
+    from miles_fsdp.models.testing import build_tiny_checkpoint
+
+    path = build_tiny_checkpoint(tmp_path / "moe", "qwen3_moe", seed=1, tokenizer=False, max_position_embeddings=1024)
+    model = load_model(path, torch.bfloat16, "cuda", n_mtp=1).eval()
+    cfg = EngineConfig(page_size=PAGE, num_pages=512, cuda_graph_max_batch=64, cuda_graphs_required=True,
+                       num_speculative_tokens=3)
+    reqs = [Request(list(range(5 + i, 40 + i)), SamplingParams(temperature=1.0, max_new_tokens=24, seed=i))
+            for i in range(48)]
+    want = None
+    threshold = gc.get_threshold()
+    try:
+        for _ in range(3):
+            eng = Engine(model, config=cfg, eos_token_ids=[])
+            got = [[(s.token_ids, s.logprobs.tolist()) for s in r] for r in eng.generate(reqs)]
+            assert eng.metrics()["engine/draft_graphs_active"] == 1.0
+            assert want is None or got == want
+            want = got
+            eng.cycle = eng  # garbage only the collector frees, with its graphs and pinned buffers
+            del eng
+            gc.set_threshold(1, 1, 1)
+    finally:
+        gc.set_threshold(*threshold)
+
+
 def _reference_logprobs(logits_BV, temperature, top_k, top_p):
     """float64 log softmax(filter(logits / T)), the distribution the sampler promises, and
     per row whether the top-p cut is clear of fp32 rounding (no token's mass-before within

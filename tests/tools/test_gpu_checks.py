@@ -37,3 +37,23 @@ def test_bad_budget_or_tar_inside_out_dir_is_refused(tmp_path):
     proc = _run(out, "kernels", GPU_CHECKS_TAR=str(out / "r2.tgz"))
     assert proc.returncode == 2 and "lies inside OUT_DIR" in proc.stdout
     assert not (out / "r2.tgz").exists() and not (out / "device.txt").exists()
+
+
+def test_run_past_the_budget_is_killed_and_its_log_tarred(tmp_path):
+    """A step that hangs (here a python3 that sleeps) is killed 5 s before GPU_CHECKS_BUDGET ends,
+    listed in killed.txt, and its log is in the tar: a lent machine's call limit never takes the
+    whole OUT_DIR with it."""
+    shim = tmp_path / "bin"
+    shim.mkdir()
+    (shim / "python3").write_text(f'#!/bin/sh\nif [ "$1" = "-c" ]; then exec {sys.executable} "$@"; fi\n'
+                                  'echo started; exec sleep 120\n')
+    (shim / "python3").chmod(0o755)
+    out, tgz = tmp_path / "r3", tmp_path / "r3.tgz"
+    proc = _run(out, "kernels", "engine", GPU_CHECKS_BUDGET="36", GPU_CHECKS_TAR=str(tgz),
+                PATH=os.pathsep.join([str(shim), os.environ.get("PATH", "")]))
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert (out / "killed.txt").read_text().split() == ["bench_kernels"]
+    assert (out / "skipped.txt").read_text().split() == ["bench_engine"]
+    with tarfile.open(tgz) as t:
+        log = t.extractfile("r3/bench_kernels.log").read().decode()
+    assert log.startswith("started") and "GPU_CHECKS_BUDGET=36s ran out" in log

@@ -31,6 +31,8 @@ import logging
 import miles_kernels as mk
 import torch
 
+from miles_fsdp.graph_capture import capture_graph
+
 log = logging.getLogger(__name__)
 
 
@@ -143,7 +145,7 @@ class DecodeGraphs:
             self.forward(*args)  # warm-up: Triton compiles, lazy inits settle
             torch.cuda.synchronize()
             graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=self.pool):
+            with capture_graph(graph, pool=self.pool):
                 self.outputs[key] = self.forward(*args)
             self.pool = graph.pool()
             self.graphs[key] = graph

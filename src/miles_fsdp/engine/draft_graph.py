@@ -30,6 +30,7 @@ import torch
 
 from miles_fsdp.engine.cuda_graph import batch_buckets
 from miles_fsdp.engine.sampler import gumbel_noise
+from miles_fsdp.graph_capture import capture_graph
 
 # per-sequence int64 fields after the N = B * R row fields (ids, pos, slot, hidden row)
 _SEQ_FIELDS = ("kv_lens", "last", "num_tokens", "seed", "stream", "mode", "scale_bits")
@@ -172,7 +173,7 @@ class DraftGraphs:
         self._chain(bs)  # warm-up: Triton compiles, the sampler's one-time log check runs
         torch.cuda.synchronize()
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self.pool):
+        with capture_graph(graph, pool=self.pool):
             self.out[bs] = self._chain(bs)
         self.pool = graph.pool()
         self.graphs[bs] = graph

@@ -35,6 +35,7 @@ import torch
 import torch.nn as nn
 
 import miles_kernels as mk
+from miles_fsdp.graph_capture import capture_graph
 from miles_fsdp.models.transformer import TRAIN_PAGE_SIZE
 from miles_fsdp.train.packing import MicroBatch
 
@@ -228,10 +229,10 @@ class TrunkGraphs:
         torch.cuda.current_stream(self.device).wait_stream(side)
         del out
         fwd, bwd = torch.cuda.CUDAGraph(), torch.cuda.CUDAGraph()
-        with torch.cuda.graph(fwd, pool=self.pool):
+        with capture_graph(fwd, pool=self.pool):
             bucket.out = self._trunk(bucket)
         bucket.grad_out = torch.empty_like(bucket.out)
-        with torch.cuda.graph(bwd, pool=self.pool):
+        with capture_graph(bwd, pool=self.pool):
             grads = torch.autograd.grad(bucket.out, bucket.params, bucket.grad_out, allow_unused=True)
             if self.grads is None:
                 self.grads = grads
