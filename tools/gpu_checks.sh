@@ -22,11 +22,10 @@
 #   queued     (not in the default list) train_step_async (one call, under 10 min): the trainer's GPU tests
 #              (a queued step makes no host sync of ours; queued steps train train_step's bits), then the
 #              trainer queued vs waited for at every step, each beside the peer run the same way
-#   fill       (not in the default list) the engine's quick rows with matmul.FILL 0.7 (as shipped, with fast
-#              mode's rows: fast >= invariant) and 0.75 (with_tiles.py --fill: 8B q/k/v and 0.6B gate/up
-#              take the next narrower tile), then linear_sweep.py --which mid_cold,check (M 128-512: the
-#              128-row TMA tiles against pointer ones at one and two BLOCK_K steps an iteration; M 1024 / 4096
-#              graph-timed against cuBLAS), in one call
+#   linears    (not in the default list) the engine's quick rows with fast mode's and transformers generate's
+#              beside (engine.py prints each row's ratio to generate; fast >= invariant), then
+#              linear_sweep.py --which upper,check (M 1,024 / 2,048: the fill rule's candidate tiles, weights
+#              cold; M 1,024 / 4,096 graph-timed against cuBLAS), in one call
 #   optim      (not in the default list) the trainer's one-pass optimizer step (tools/bench/optim_pass.py:
 #              bf16 grads in, torch's AdamW on fp32 p / m / v, the bf16 shadow out) against torch's four
 #              passes and the same kernel over one flat buffer, at the 0.6B and MoE bench shapes
@@ -133,12 +132,10 @@ for step in $steps; do
                      tests/gpu/test_trainer_gpu.py tests/gpu/test_optim_gpu.py
                 run train_wait timeout -s KILL 340 python3 tools/bench/train.py --seqs 4096 16384 \
                      --modes invariant --wait no yes --peer --steps 10 --out "$out/train_wait.json" ;;
-        fill) run engine_fill70 timeout -s KILL 170 python3 tools/bench/engine.py --quick --only engine,engine-fast \
-                  --out "$out/engine_fill70.json"
-              run engine_fill75 timeout -s KILL 100 python3 tools/bench/with_tiles.py --fill 0.75 -- \
-                  tools/bench/engine.py --quick --only engine --out "$out/engine_fill75.json"
-              run linear_mid timeout -s KILL 150 python3 tools/bench/linear_sweep.py --which mid_cold,check \
-                  --out "$out/linear_mid.json" ;;
+        linears) run engine_quick timeout -s KILL 240 python3 tools/bench/engine.py --quick \
+                     --only engine,engine-fast,hf-generate --out "$out/engine_quick.json"
+                 run linear_upper timeout -s KILL 200 python3 tools/bench/linear_sweep.py --which upper,check \
+                     --out "$out/linear_upper.json" ;;
         ws) run ws_probe python3 tools/bench/ws_probe.py "$out/ws_probe.json" ;;
         gluon) for p in fwd dkdv dq; do
                    run gluon_$p timeout 300 python3 tools/bench/gluon_$p.py --out "$out/gluon_$p.json"
@@ -148,7 +145,7 @@ for step in $steps; do
              run attn_tma python3 tools/bench/attn_sweep.py "$out/attn_tma.json" --tma --tiles
              run attn_tma_paged python3 tools/bench/attn_sweep.py "$out/attn_tma_paged.json" --tma-paged
              run kernel_regs python3 tools/bench/kernel_regs.py "$out/kernel_regs.json" ;;
-        *) echo "unknown step $step (tests scale kernels engine engine_host train rl_step spec profile sweep moe tma queued fill ws gluon optim)"
+        *) echo "unknown step $step (tests scale kernels engine engine_host train rl_step spec profile sweep moe tma queued linears ws gluon optim)"
            exit 2 ;;
     esac
 done
