@@ -24,7 +24,7 @@
 #              trainer queued vs waited for at every step, each beside the peer run the same way
 #   linears    (not in the default list) the engine's quick rows with fast mode's and transformers generate's
 #              beside (engine.py prints each row's ratio to generate; fast >= invariant), then
-#              linear_sweep.py --which upper,check (M 1,024 / 2,048: the fill rule's candidate tiles, weights
+#              linear_sweep.py --which upper,check (M 256-2,048: the fill rule's candidate tiles and 64x128, weights
 #              cold; M 1,024 / 4,096 graph-timed against cuBLAS), in one call
 #   optim      (not in the default list) the trainer's one-pass optimizer step (tools/bench/optim_pass.py:
 #              bf16 grads in, torch's AdamW on fp32 p / m / v, the bf16 shadow out) against torch's four

@@ -72,6 +72,18 @@ def test_release_and_resume_keep_samples_exact():
         assert got[i].token_ids == w.token_ids and torch.equal(got[i].logprobs, w.logprobs)
 
 
+def test_close_gives_the_kv_cache_back():
+    """close() (the rollout interface's end) releases the KV cache and graphs at once; the engine
+    says what to call before stepping again."""
+    eng, _ = mock_engine(num_pages=16, graphs=True)
+    eng.generate([Request([1, 2, 3], SamplingParams(max_new_tokens=4, seed=0))])
+    eng.close()
+    assert eng.runner.kv_caches is None and eng.runner.graphs is None
+    eng.add_request(Request([1, 2, 3], SamplingParams(max_new_tokens=4, seed=0)))
+    with pytest.raises(RuntimeError, match="resume"):
+        eng.step()
+
+
 def test_out_of_memory_names_the_settings(monkeypatch):
     eng, _ = mock_engine(num_pages=16)
 

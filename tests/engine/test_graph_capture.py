@@ -76,3 +76,34 @@ def test_failed_capture_resets_graph_and_generator(fake_cuda, monkeypatch, old_t
         assert gen.states == (["copy"] if old_torch else [])
     finally:
         (gc.enable if was else gc.disable)()
+
+
+@pytest.mark.parametrize("k", [0, 2])
+def test_dropped_engine_frees_its_caches_without_the_collector(tmp_path, k):
+    """The decode graphs' forward is a function of the model, not the runner's bound method: a
+    dropped engine's runner, KV cache and graph buffers go at once (the cycle runner <-> graphs kept
+    them for the collector, which on a GPU could run inside another engine's capture)."""
+    import weakref
+
+    from conftest import graph_layout
+
+    from miles_fsdp.engine import Engine, EngineConfig, Request, SamplingParams
+    from miles_fsdp.models import load_model
+    from miles_fsdp.models.testing import build_tiny_checkpoint
+
+    path = build_tiny_checkpoint(tmp_path / "qwen3", "qwen3", seed=1, tokenizer=False, max_position_embeddings=512)
+    model = load_model(path, torch.float32, "cpu", n_mtp=1 if k else 0).eval()
+    was = gc.isenabled()
+    gc.collect()
+    gc.disable()
+    try:
+        eng = graph_layout(Engine(model, config=EngineConfig(page_size=16, num_pages=64, num_speculative_tokens=k),
+                                  eos_token_ids=[]))
+        eng.generate([Request([1, 2, 3], SamplingParams(max_new_tokens=6))])
+        gone = [weakref.ref(o) for o in (eng.runner, eng.runner.graphs, eng.runner.kv_caches[0][0])]
+        if k:
+            gone.append(weakref.ref(eng.runner.draft_graphs))
+        del eng
+        assert [r() is None for r in gone] == [True] * len(gone)
+    finally:
+        (gc.enable if was else gc.disable)()

@@ -4,7 +4,7 @@
     PYTHONPATH=src:kernels python tools/bench/linear_sweep.py --which cold --out cold.json  # decode, w out of L2
     PYTHONPATH=src:kernels python tools/bench/linear_sweep.py --which unroll --out unroll.json  # Tile.k_unroll
     PYTHONPATH=src:kernels python tools/bench/linear_sweep.py --which mid_cold --out mid.json  # M 128-512
-    PYTHONPATH=src:kernels python tools/bench/linear_sweep.py --which upper --out upper.json  # M 1024 / 2048
+    PYTHONPATH=src:kernels python tools/bench/linear_sweep.py --which upper --out upper.json  # M 256-2048, wide tiles
 
 Every candidate must give the reference tile's bits (same BLOCK_K walk); only those are timed,
 launched from Python (ms, what eager code pays) and replayed from a CUDA graph (graph_ms, the
@@ -85,8 +85,10 @@ MID_COLD_CFG = [T(0, 128, 128, 64, 8, 8, 4, True), T(0, 128, 64, 64, 8, 4, 4, Tr
                 T(0, 64, 16, 64, 1, 4, 8), T(0, 64, 16, 64, 1, 4, 8, False, 2)]
 # M 1,024 / 2,048 (chunked prefill, short trainer micro-batches), where the M bucket's one tile (128x128 TMA)
 # fills few CTAs on N 1,024 (H100 thirty-third run: 0.74-0.76x cuBLAS) and 128x256 wins on wide N (1.03x at
-# 8B o): the fill rule's candidates (SMALL_M raised to 2,048 would pick among them), weights cold.
-UPPER = [(m, n, k) for m in (1024, 2048) for (n, k) in ((1024, 2048), (1024, 3072), (4096, 1024), (6144, 1024),
+# 8B o): the fill rule's candidates (SMALL_M raised to 2,048 would pick among them), weights cold. M 256 / 512
+# too, for the 64x128 TMA tile: at M 256 on N 12,288 the 128x128 tiles make 1.45 waves of 132 SMs (0.71x),
+# 64x128 would make 2.9.
+UPPER = [(m, n, k) for m in (256, 512, 1024, 2048) for (n, k) in ((1024, 2048), (1024, 3072), (4096, 1024), (6144, 1024),
                                                          (4096, 4096), (12288, 4096), (4096, 12288))]
 UPPER_CFG = [T(0, 128, 256, 64, 8, 8, 3, True), T(0, 128, 128, 64, 8, 8, 5, True), T(0, 128, 128, 64, 8, 8, 4, True),
              T(0, 128, 64, 64, 8, 4, 4, True), T(0, 128, 64, 64, 8, 4, 5, True), T(0, 64, 128, 64, 8, 4, 4, True),

@@ -366,6 +366,9 @@ class Engine:
 
     def release(self) -> None:
         """Drop the KV cache and CUDA graphs; unfinished samples are kept and recompute after resume."""
+        self._release()
+
+    def _release(self) -> None:
         if self._released:
             return
         self._drain()
@@ -381,7 +384,9 @@ class Engine:
             self._released = False
 
     def close(self) -> None:
-        """Nothing to close in-process (the rollout interface's close)."""
+        """The rollout interface's close: release() (the KV cache and CUDA graphs go back to the
+        device at once, not when the engine object is collected); resume() would rebuild them."""
+        self._release()
 
 
 def _check_bucket(bucket: dict, params: dict, version: int, complete: bool = False) -> None:

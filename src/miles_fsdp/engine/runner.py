@@ -39,6 +39,17 @@ def kv_bytes_per_page(model, page_size: int, dtype: torch.dtype, draft_layers: i
     return 2 * (a.n_layers + draft_layers) * page_size * a.n_kv_heads * a.head_dim * dtype.itemsize
 
 
+def graphed_forward(model, with_hidden: bool):
+    """The decode graphs' forward: (logits,) of every row; with a draft (logits, hidden states). A
+    function of the model alone: the runner's bound method made runner <-> graphs a reference cycle,
+    so a dropped engine's KV cache, graphs and pinned buffers waited for a garbage collection (which
+    could then come inside another engine's capture)."""
+    def forward(ids_T, pos_T, meta, slot_T, kv_caches) -> tuple[torch.Tensor, ...]:
+        hidden_TD = model.forward(ids_T, pos_T, meta, slot_T, kv_caches)
+        return (model.logits(hidden_TD), hidden_TD) if with_hidden else (model.logits(hidden_TD),)
+    return forward
+
+
 class Runner:
     def __init__(self, model, page_size: int, max_pages_per_seq: int, use_graphs: bool, graph_max_batch: int,
                  graph_by_width: bool = False, graphs_required: bool = False, draft_layers: int = 0,
@@ -75,7 +86,8 @@ class Runner:
         if self.use_graphs:
             R, S = self.verify_rows, self.page_size
             pages = -(-(self.max_pages_per_seq * S + R - 1) // S)  # a padded verify reaches R - 1 past the end
-            self.graphs = DecodeGraphs(self._forward_graphed, self.kv_caches, self.graph_max_batch, pages, self.device,
+            forward = graphed_forward(self.model, bool(self.draft_layers))
+            self.graphs = DecodeGraphs(forward, self.kv_caches, self.graph_max_batch, pages, self.device,
                                        self.graph_by_width, self.graphs_required, R, self.graph_capture)
             if self.draft_layers and not self.graphs.failed:
                 self.draft_graphs = self._draft_graphs(pages)
@@ -98,11 +110,6 @@ class Runner:
         self.kv_caches, self.draft_kv, self.hidden_TD = None, [], None
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
-
-    def _forward_graphed(self, ids_T, pos_T, meta, slot_T, kv_caches) -> tuple[torch.Tensor, ...]:
-        """(logits,) of every row; with a draft (logits, hidden states)."""
-        hidden_TD = self.model.forward(ids_T, pos_T, meta, slot_T, kv_caches)
-        return (self.model.logits(hidden_TD), hidden_TD) if self.draft_layers else (self.model.logits(hidden_TD),)
 
     @torch.inference_mode()
     def run(self, batch: Batch) -> tuple[list[int], list[float]]:
