@@ -13,8 +13,8 @@ ENV = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), str(ROOT 
 SCRIPT = """
 import json, sys, torch
 from miles_kernels._triton import matmul
-json.dump({"argv": sys.argv, "tiles": [list(t) for t in matmul.SMALL_M_TILES[torch.float16]], "fill": matmul.FILL},
-          open(sys.argv[1], "w"))
+json.dump({"argv": sys.argv, "tiles": [list(t) for t in matmul.SMALL_M_TILES[torch.float16]], "fill": matmul.FILL,
+           "fill_max_m": matmul.FILL_MAX_M}, open(sys.argv[1], "w"))
 """
 
 
@@ -51,8 +51,28 @@ def test_fill_alone(tmp_path):
     from miles_kernels._triton import matmul
 
     got = json.loads(out.read_text())
-    assert got["fill"] == 0.75 != matmul.FILL
+    assert got["fill"] == 0.75 != matmul.FILL and got["fill_max_m"] == matmul.FILL_MAX_M
     assert got["tiles"] == [list(t) for t in matmul.SMALL_M_TILES[matmul.torch.float16]]
+
+
+def test_fill_max_m_moves_the_picks_above_small_m(tmp_path):
+    """--fill-max-m 2048: the script's picker takes M 1,024 x N 1,024's tile by the fill rule (128x64 TMA
+    on 132 SMs, where the M bucket's 128x128 makes 64 tiles); as shipped it takes the bucket's."""
+    script, out = tmp_path / "show.py", tmp_path / "out.json"
+    script.write_text(SCRIPT + """
+matmul._num_programs = lambda device: 132
+got = json.load(open(sys.argv[1]))
+got["pick"] = list(matmul.linear_tile(1024, torch.bfloat16, 1024, torch.device("cuda")))
+json.dump(got, open(sys.argv[1], "w"))
+""")
+    proc = _run(tmp_path, "--fill-max-m", "2048", "--", str(script), str(out))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    from miles_kernels._triton import matmul
+
+    got = json.loads(out.read_text())
+    assert got["fill_max_m"] == 2048 and got["fill"] == matmul.FILL
+    assert got["pick"][1:3] == [128, 64] and got["pick"][7] is True
+    assert matmul.linear_tile(1024, matmul.torch.bfloat16, 1024, matmul.torch.device("cpu"))[1:3] == (128, 128)
 
 
 def test_bad_specs_are_refused(tmp_path):
@@ -61,6 +81,7 @@ def test_bad_specs_are_refused(tmp_path):
                       (["--unroll", "64x32=0:6", "--", "x.py"], "must be >= 1"),
                       (["--unroll", "64x32=2:6"], "usage"),
                       (["--", "x.py"], "nothing to change"),
-                      (["--fill", "0", "--", "x.py"], "must be in (0, 4]")):
+                      (["--fill", "0", "--", "x.py"], "must be in (0, 4]"),
+                      (["--fill-max-m", "0", "--", "x.py"], "must be >= 1")):
         proc = _run(tmp_path, *args)
         assert proc.returncode != 0 and msg in proc.stderr, (args, proc.stderr[-500:])

@@ -47,6 +47,10 @@ _TILES_16 = (
 # M-bucket tile on the 0.6B / 8B shapes at M = 64-512).
 SMALL_M = 512
 FILL = 0.7
+# M up to FILL_MAX_M takes its tile by the fill rule (linears and swiglu keep their one launch to SMALL_M).
+# At M 1,024 on N 1,024 the M bucket's 128x128 tile makes 64 tiles for 132 SMs (0.74-0.76x cuBLAS, H100
+# thirty-third run), where the rule would take 128x64; stays SMALL_M until linear_sweep --which upper reads it.
+FILL_MAX_M = SMALL_M
 _SMALL_16 = (
     Tile(SMALL_M, 128, 128, 64, 8, 8, 4, True),
     Tile(SMALL_M, 128, 64, 64, 8, 4, 4, True),
@@ -94,7 +98,8 @@ _TILE_CACHE: dict[tuple, Tile] = {}
 
 def linear_tile(m: int, dtype: torch.dtype, n: int = 0, device: torch.device | None = None) -> Tile:
     """The tile for an [m, K] x [n, K]^T product (n = 0: the M bucket of LINEAR_TILES alone)."""
-    key = (m, n, dtype, device, id(LINEAR_TILES.get(dtype)), id(SMALL_M_TILES.get(dtype)))  # tables swapped: new key
+    # tables swapped or the fill rule changed: a new key
+    key = (m, n, dtype, device, id(LINEAR_TILES.get(dtype)), id(SMALL_M_TILES.get(dtype)), FILL, FILL_MAX_M)
     t = _TILE_CACHE.get(key)
     if t is None:
         if len(_TILE_CACHE) > 4096:  # packed trainer batches bring many M: keep the dict small
@@ -107,7 +112,7 @@ def _pick_tile(m: int, dtype: torch.dtype, n: int, device: torch.device | None) 
     if dtype not in LINEAR_TILES:
         raise TypeError(f"miles_kernels linear: dtype {dtype} is not supported on CUDA; use bf16, fp16 or fp32")
     small = SMALL_M_TILES.get(dtype, ())
-    if n and small and m <= SMALL_M:
+    if n and small and m <= FILL_MAX_M:
         fits = [t for t in small if t.block_m <= max(m, 64)]  # no half-empty 128-row tiles at M <= 64
         want = FILL * _num_programs(device or torch.device("cuda"))
         return next((t for t in fits if triton.cdiv(m, t.block_m) * triton.cdiv(n, t.block_n) >= want), fits[-1])
