@@ -26,6 +26,10 @@
 #              beside (engine.py prints each row's ratio to generate; fast >= invariant), then
 #              linear_sweep.py --which upper,check (M 256-2,048: the fill rule's candidate tiles and 64x128, weights
 #              cold; M 1,024 / 4,096 graph-timed against cuBLAS), in one call
+#   capture    (not in the default list) the attention-backward and engine GPU tests in one process (the order
+#              that invalidated the 64-expert draft's capture in the thirty-third run), then again with
+#              graph_capture's collector guard taken out (a failure there and none with it: the collection
+#              inside a capture was the cause)
 #   optim      (not in the default list) the trainer's one-pass optimizer step (tools/bench/optim_pass.py:
 #              bf16 grads in, torch's AdamW on fp32 p / m / v, the bf16 shadow out) against torch's four
 #              passes and the same kernel over one flat buffer, at the 0.6B and MoE bench shapes
@@ -136,6 +140,12 @@ for step in $steps; do
                      --only engine,engine-fast,hf-generate --out "$out/engine_quick.json"
                  run linear_upper timeout -s KILL 200 python3 tools/bench/linear_sweep.py --which upper,check \
                      --out "$out/linear_upper.json" ;;
+        capture) run capture_guarded timeout -s KILL 240 python3 -m pytest -q -o addopts="" \
+                     tests/gpu/test_attention_bwd_gpu.py tests/gpu/test_engine_gpu.py
+                 run capture_unguarded timeout -s KILL 240 python3 -c "import gc, sys, types, pytest
+import miles_fsdp.graph_capture as g
+g.gc = types.SimpleNamespace(isenabled=gc.isenabled, disable=lambda: None, enable=gc.enable)
+sys.exit(pytest.main(['-q', '-o', 'addopts=', 'tests/gpu/test_attention_bwd_gpu.py', 'tests/gpu/test_engine_gpu.py']))" ;;
         ws) run ws_probe python3 tools/bench/ws_probe.py "$out/ws_probe.json" ;;
         gluon) for p in fwd dkdv dq; do
                    run gluon_$p timeout 300 python3 tools/bench/gluon_$p.py --out "$out/gluon_$p.json"
@@ -145,7 +155,7 @@ for step in $steps; do
              run attn_tma python3 tools/bench/attn_sweep.py "$out/attn_tma.json" --tma --tiles
              run attn_tma_paged python3 tools/bench/attn_sweep.py "$out/attn_tma_paged.json" --tma-paged
              run kernel_regs python3 tools/bench/kernel_regs.py "$out/kernel_regs.json" ;;
-        *) echo "unknown step $step (tests scale kernels engine engine_host train rl_step spec profile sweep moe tma queued linears ws gluon optim)"
+        *) echo "unknown step $step (tests scale kernels engine engine_host train rl_step spec profile sweep moe tma queued linears capture ws gluon optim)"
            exit 2 ;;
     esac
 done
