@@ -28,8 +28,8 @@
 #              cold; M 1,024 / 4,096 graph-timed against cuBLAS), in one call
 #   capture    (not in the default list) the attention-backward and engine GPU tests in one process (the order
 #              that invalidated the 64-expert draft's capture in the thirty-third run), then again with
-#              graph_capture's collector guard taken out (a failure there and none with it: the collection
-#              inside a capture was the cause)
+#              graph_capture's collector guard taken out (test_capture_with_garbage_waiting failing there and
+#              passing with it: a collection inside a capture was the cause)
 #   optim      (not in the default list) the trainer's one-pass optimizer step (tools/bench/optim_pass.py:
 #              bf16 grads in, torch's AdamW on fp32 p / m / v, the bf16 shadow out) against torch's four
 #              passes and the same kernel over one flat buffer, at the 0.6B and MoE bench shapes
