@@ -2,7 +2,8 @@
 # All GPU checks and benchmarks in one go, for a CUDA machine (one device is enough):
 #   bash tools/gpu_checks.sh OUT_DIR [--quick] [STEP ...]
 # STEPs (default: all, in this order):
-#   tests      tests/gpu: kernel invariance, engine on-policy with CUDA graphs, sampler at 151k vocab
+#   tests      tests/gpu: kernel invariance, engine on-policy with CUDA graphs, sampler at 151k vocab (a process
+#              a file, all at once: `capture` runs two files in one process)
 #   scale      tests/gpu/test_on_policy_at_scale.py: run_rl, 151,936 vocab, 256 rows, 512 new
 #              tokens, temperature x top-k x top-p grid, dense and MoE (64 experts): diff == 0.0
 #   kernels engine engine_host train rl_step spec    the benchmarks of tools/bench (train: the
@@ -96,13 +97,29 @@ run() {  # name, command...
     [ $rc -eq 0 ] || status=1
     tar_out
 }
+run_files() {  # prefix, pytest files: one process a file, all at once (a fresh machine's Triton cache is cold,
+               # and the compiles then run in parallel); each run as run() does, logged as PREFIX_FILE
+    local prefix=$1 f n; shift
+    local pids=()
+    for f in "$@"; do
+        n=${prefix}_$(basename "$f" .py)
+        ( status=0; run "$n" python3 -m pytest -q -o addopts="" -o timeout=300 "$f"; echo $status > "$out/.$n.rc" ) &
+        pids+=($!)
+    done
+    wait "${pids[@]}"
+    for f in "$@"; do
+        n=${prefix}_$(basename "$f" .py)
+        [ "$(cat "$out/.$n.rc" 2>/dev/null)" = 0 ] || status=1
+        rm -f "$out/.$n.rc"
+    done
+    tar_out
+}
 tar_out() {  # OUT_DIR as it stands to GPU_CHECKS_TAR, if set
     if [ -n "${GPU_CHECKS_TAR:-}" ]; then tar czf "$GPU_CHECKS_TAR" -C "$(dirname "$out")" "$(basename "$out")"; fi
 }
 for step in $steps; do
     case $step in
-        tests) run gpu_tests python3 -m pytest -q -o addopts="" -o timeout=300 tests/gpu \
-                   --ignore=tests/gpu/test_on_policy_at_scale.py ;;
+        tests) run_files gpu_tests $(ls tests/gpu/test_*.py | grep -v test_on_policy_at_scale) ;;
         scale) run gpu_on_policy_at_scale python3 -m pytest -q -o addopts="" -o timeout=900 \
                    --basetemp "$out/scale_runs" tests/gpu/test_on_policy_at_scale.py ;;
         kernels) run bench_kernels python3 tools/bench/kernel_ops.py --out "$out/kernels.json" $q ;;

@@ -57,3 +57,23 @@ def test_run_past_the_budget_is_killed_and_its_log_tarred(tmp_path):
     with tarfile.open(tgz) as t:
         log = t.extractfile("r3/bench_kernels.log").read().decode()
     assert log.startswith("started") and "GPU_CHECKS_BUDGET=36s ran out" in log
+
+
+def test_tests_step_runs_a_process_a_file_at_once(tmp_path):
+    """`tests`: every tests/gpu file but the at-scale one in its own pytest process, all started
+    together, a log each; one file failing fails the step, the others still run."""
+    shim = tmp_path / "bin"
+    shim.mkdir()
+    (shim / "python3").write_text(f'#!/bin/sh\nif [ "$1" = "-c" ]; then exec {sys.executable} "$@"; fi\n'
+                                  'for a in "$@"; do last=$a; done\necho "ran $last"; sleep 2\n'
+                                  'case "$last" in *test_optim_gpu.py) exit 1 ;; esac\n')
+    (shim / "python3").chmod(0o755)
+    out = tmp_path / "r4"
+    proc = _run(out, "tests", PATH=os.pathsep.join([str(shim), os.environ.get("PATH", "")]))
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    files = sorted(p.name for p in (ROOT / "tests/gpu").glob("test_*.py") if "at_scale" not in p.name)
+    assert len(files) >= 5
+    for f in files:
+        log = (out / f"gpu_tests_{f[:-3]}.log").read_text()
+        assert log.startswith(f"ran tests/gpu/{f}"), log
+    assert not list(out.glob(".*.rc"))
