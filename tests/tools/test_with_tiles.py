@@ -14,7 +14,7 @@ SCRIPT = """
 import json, sys, torch
 from miles_kernels._triton import matmul
 json.dump({"argv": sys.argv, "tiles": [list(t) for t in matmul.SMALL_M_TILES[torch.float16]], "fill": matmul.FILL,
-           "fill_max_m": matmul.FILL_MAX_M}, open(sys.argv[1], "w"))
+           "fill_max_m": matmul.FILL_MAX_M, "apart": matmul.LINEARS_APART_ON_TMA}, open(sys.argv[1], "w"))
 """
 
 
@@ -65,12 +65,12 @@ got = json.load(open(sys.argv[1]))
 got["pick"] = list(matmul.linear_tile(1024, torch.bfloat16, 1024, torch.device("cuda")))
 json.dump(got, open(sys.argv[1], "w"))
 """)
-    proc = _run(tmp_path, "--fill-max-m", "2048", "--", str(script), str(out))
+    proc = _run(tmp_path, "--fill-max-m", "2048", "--linears-apart", "--", str(script), str(out))
     assert proc.returncode == 0, proc.stderr[-2000:]
     from miles_kernels._triton import matmul
 
     got = json.loads(out.read_text())
-    assert got["fill_max_m"] == 2048 and got["fill"] == matmul.FILL
+    assert got["fill_max_m"] == 2048 and got["fill"] == matmul.FILL and got["apart"] is not matmul.LINEARS_APART_ON_TMA
     assert got["pick"][1:3] == [128, 64] and got["pick"][7] is True
     # as shipped: the M bucket's 128x128 tile, by TMA (the pointer kernel ran it under 4M outputs until the
     # thirty-third run: 0.51-0.52x cuBLAS against TMA's 0.74-0.76x at M 1,024 x N 1,024 on an H100)

@@ -47,6 +47,12 @@ _TILES_16 = (
 # M-bucket tile on the 0.6B / 8B shapes at M = 64-512).
 SMALL_M = 512
 FILL = 0.7
+# linears where the summed N picks a 128-row TMA tile: one linear a weight (each on its own pick, TMA where
+# that is) instead of the one pointer launch. The same 128-row tiles in linear read 0.02-0.19 of cuBLAS
+# faster by TMA than by pointers at M 128-512 (H100, thirty-third run); a TMA kernel over the weights in one
+# launch needs more shared memory than an SM has (docs/kernel_tuning.md). Off until GPU-timed
+# (with_tiles.py --linears-apart). Same bits either way.
+LINEARS_APART_ON_TMA = False
 # M up to FILL_MAX_M takes its tile by the fill rule (linears and swiglu keep their one launch to SMALL_M).
 # At M 1,024 on N 1,024 the M bucket's 128x128 tile makes 64 tiles for 132 SMs (0.74-0.76x cuBLAS, H100
 # thirty-third run), where the rule would take 128x64; stays SMALL_M until linear_sweep --which upper reads it.
@@ -339,8 +345,10 @@ def linears(x_MK: torch.Tensor, ws: tuple[torch.Tensor, ...], bs: tuple[torch.Te
     x_MK = x_MK.contiguous()
     ws = tuple(w.contiguous() for w in ws)
     ns = [w.shape[0] for w in ws]
-    ys = tuple(torch.empty((M, n), dtype=x_MK.dtype, device=x_MK.device) for n in ns)
     t = linear_tile(M, x_MK.dtype, sum(ns), x_MK.device)
+    if LINEARS_APART_ON_TMA and t.tma:
+        return tuple(linear(x_MK, w, None if bs is None else bs[i]) for i, w in enumerate(ws))
+    ys = tuple(torch.empty((M, n), dtype=x_MK.dtype, device=x_MK.device) for n in ns)
     tiles = [triton.cdiv(n, t.block_n) for n in ns] + [0, 0]
     pad = lambda seq, fill: tuple(seq) + (fill,) * (3 - len(seq))  # noqa: E731
     w3, y3 = pad(ws, ws[-1]), pad(ys, ys[-1])
