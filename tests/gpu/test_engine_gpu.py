@@ -184,8 +184,10 @@ def test_invalidated_capture_leaves_cuda_random_ops_working(tmp_path, caplog):
 
 def test_capture_with_garbage_waiting(tmp_path):
     """The 64-expert draft's capture failed on an H100 when other tests' garbage was waiting (a
-    collection inside the capture); here dead engines wait in reference cycles and the collector
-    would run at every allocation: every capture (decode and draft graphs, required) succeeds."""
+    collection inside the capture, which torch no longer prevents). Here dead engines wait in
+    reference cycles, and inside each decode-graph capture the forward makes the collector run
+    (threshold 1, a few allocations) if it is on: every capture (decode and draft graphs,
+    required) succeeds and decodes the same."""
     import gc
 
     from miles_fsdp.models import load_model
@@ -193,24 +195,33 @@ def test_capture_with_garbage_waiting(tmp_path):
 
     path = build_tiny_checkpoint(tmp_path / "moe", "qwen3_moe", seed=1, tokenizer=False, max_position_embeddings=1024)
     model = load_model(path, torch.bfloat16, "cuda", n_mtp=1).eval()
+    forward = model.forward
+
+    def collecting_forward(*args, **kw):
+        if torch.cuda.is_current_stream_capturing():
+            threshold = gc.get_threshold()
+            gc.set_threshold(1, 1, 1)
+            try:
+                junk = [[] for _ in range(3)]  # a full collection, if the collector is on
+            finally:
+                gc.set_threshold(*threshold)
+            del junk
+        return forward(*args, **kw)
+
+    model.forward = collecting_forward
     cfg = EngineConfig(page_size=PAGE, num_pages=512, cuda_graph_max_batch=64, cuda_graphs_required=True,
                        num_speculative_tokens=3)
     reqs = [Request(list(range(5 + i, 40 + i)), SamplingParams(temperature=1.0, max_new_tokens=24, seed=i))
             for i in range(48)]
     want = None
-    threshold = gc.get_threshold()
-    try:
-        for _ in range(3):
-            eng = Engine(model, config=cfg, eos_token_ids=[])
-            got = [[(s.token_ids, s.logprobs.tolist()) for s in r] for r in eng.generate(reqs)]
-            assert eng.metrics()["engine/draft_graphs_active"] == 1.0
-            assert want is None or got == want
-            want = got
-            eng.cycle = eng  # garbage only the collector frees, with its graphs and pinned buffers
-            del eng
-            gc.set_threshold(1, 1, 1)
-    finally:
-        gc.set_threshold(*threshold)
+    for _ in range(3):
+        eng = Engine(model, config=cfg, eos_token_ids=[])
+        got = [[(s.token_ids, s.logprobs.tolist()) for s in r] for r in eng.generate(reqs)]
+        assert eng.metrics()["engine/draft_graphs_active"] == 1.0
+        assert want is None or got == want
+        want = got
+        eng.cycle = eng  # garbage only the collector frees, with its graphs, KV cache and pinned buffers
+        del eng
 
 
 def _reference_logprobs(logits_BV, temperature, top_k, top_p):
