@@ -17,10 +17,12 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import logging
 from collections.abc import Iterator
 
 import torch
 
+log = logging.getLogger(__name__)
 _CAPTURE_FLAG_TORCH = tuple(int(x) for x in torch.__version__.split("+")[0].split(".")[:2]) < (2, 13)
 
 
@@ -43,7 +45,11 @@ def capture_graph(graph: torch.cuda.CUDAGraph, pool=None, stream: torch.cuda.Str
 def recover_from_failed_capture(graph: torch.cuda.CUDAGraph) -> None:
     """Drop what a failed capture left: the graph's state, and (torch < 2.13) the default
     generator's capturing mark."""
-    graph.reset()
-    if _CAPTURE_FLAG_TORCH and torch.cuda.is_available():
-        gen = torch.cuda.default_generators[torch.cuda.current_device()]
-        gen.graphsafe_set_state(gen.clone_state())
+    try:
+        graph.reset()
+        if _CAPTURE_FLAG_TORCH and torch.cuda.is_available():
+            gen = torch.cuda.default_generators[torch.cuda.current_device()]
+            gen.graphsafe_set_state(gen.clone_state())
+    except Exception as e:  # noqa: BLE001 - the capture's own error is the one to raise
+        log.warning("cleaning up after a failed CUDA graph capture raised %s: %s (CUDA random ops may fail "
+                    "from now on)", type(e).__name__, e)

@@ -107,3 +107,17 @@ def test_dropped_engine_frees_its_caches_without_the_collector(tmp_path, k):
         assert [r() is None for r in gone] == [True] * len(gone)
     finally:
         (gc.enable if was else gc.disable)()
+
+
+def test_a_failing_cleanup_is_logged_and_the_capture_error_raised(fake_cuda, monkeypatch, caplog):
+    seen, gen = fake_cuda
+    monkeypatch.setattr(graph_capture, "_CAPTURE_FLAG_TORCH", True)
+
+    class BrokenReset(FakeGraph):
+        def reset(self):
+            raise RuntimeError("reset failed")
+
+    with pytest.raises(RuntimeError, match="capture invalidated"):
+        with graph_capture.capture_graph(BrokenReset()):
+            raise RuntimeError("capture invalidated")
+    assert "cleaning up after a failed CUDA graph capture raised RuntimeError: reset failed" in caplog.text
