@@ -478,7 +478,7 @@ def _grouped_kernel(
     GROUP_M: tl.constexpr, PRECISION: tl.constexpr, SPLIT: tl.constexpr = 0,
 ):
     # Row tile m is the m-th in expert order; an expert with n rows owns cdiv(n, BLOCK_M) of
-    # them, so a tile never mixes experts. The tile count is an upper bound known on the host
+    # them (SPLIT 1 / 2: _expert_tiles), so a tile never mixes experts. The tile count is an upper bound known on the host
     # ((cdiv(R, BLOCK_M) + E) x column tiles): no device sync, CUDA-graph safe. Tiles run in
     # grouped order (the column tiles of GROUP_M row tiles together), so x's rows are read from
     # HBM about once however many column tiles there are.
