@@ -9,6 +9,8 @@ import torch
 
 from miles_fsdp import graph_capture
 
+from conftest import graph_layout  # tests/engine/conftest.py: imported at collection, as the other engine tests do
+
 
 class FakeGraph:
     resets = 0
@@ -84,8 +86,6 @@ def test_dropped_engine_frees_its_caches_without_the_collector(tmp_path, k):
     dropped engine's runner, KV cache and graph buffers go at once (the cycle runner <-> graphs kept
     them for the collector, which on a GPU could run inside another engine's capture)."""
     import weakref
-
-    from conftest import graph_layout
 
     from miles_fsdp.engine import Engine, EngineConfig, Request, SamplingParams
     from miles_fsdp.models import load_model
