@@ -104,7 +104,8 @@ run_files() {  # prefix, pytest files: one process a file, all at once (a fresh 
     local pids=()
     for f in "$@"; do
         n=${prefix}_$(basename "$f" .py)
-        ( status=0; run "$n" python3 -m pytest -q -o addopts="" -o timeout=300 "$f"; echo $status > "$out/.$n.rc" ) &
+        ( status=0; GPU_CHECKS_TAR=""  # one tar after all of them, not one writer each at once
+          run "$n" python3 -m pytest -q -o addopts="" -o timeout=300 "$f"; echo $status > "$out/.$n.rc" ) &
         pids+=($!)
     done
     wait "${pids[@]}"

@@ -68,8 +68,8 @@ def test_tests_step_runs_a_process_a_file_at_once(tmp_path):
                                   'for a in "$@"; do last=$a; done\necho "ran $last"; sleep 2\n'
                                   'case "$last" in *test_optim_gpu.py) exit 1 ;; esac\n')
     (shim / "python3").chmod(0o755)
-    out = tmp_path / "r4"
-    proc = _run(out, "tests", PATH=os.pathsep.join([str(shim), os.environ.get("PATH", "")]))
+    out, tgz = tmp_path / "r4", tmp_path / "r4.tgz"
+    proc = _run(out, "tests", GPU_CHECKS_TAR=str(tgz), PATH=os.pathsep.join([str(shim), os.environ.get("PATH", "")]))
     assert proc.returncode == 1, proc.stdout + proc.stderr
     files = sorted(p.name for p in (ROOT / "tests/gpu").glob("test_*.py") if "at_scale" not in p.name)
     assert len(files) >= 5
@@ -77,3 +77,5 @@ def test_tests_step_runs_a_process_a_file_at_once(tmp_path):
         log = (out / f"gpu_tests_{f[:-3]}.log").read_text()
         assert log.startswith(f"ran tests/gpu/{f}"), log
     assert not list(out.glob(".*.rc"))
+    with tarfile.open(tgz) as t:  # one tar after them all
+        assert {f"r4/gpu_tests_{f[:-3]}.log" for f in files} <= set(t.getnames())
