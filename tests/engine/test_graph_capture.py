@@ -121,3 +121,13 @@ def test_a_failing_cleanup_is_logged_and_the_capture_error_raised(fake_cuda, mon
         with graph_capture.capture_graph(BrokenReset()):
             raise RuntimeError("capture invalidated")
     assert "cleaning up after a failed CUDA graph capture raised RuntimeError: reset failed" in caplog.text
+
+
+def test_every_capture_of_the_framework_goes_through_capture_graph():
+    """A new capture site written with torch.cuda.graph directly would lose both guards."""
+    from pathlib import Path
+
+    src = Path(graph_capture.__file__).parent
+    direct = [str(p.relative_to(src)) for p in src.rglob("*.py")
+              if "torch.cuda.graph(" in p.read_text() and p.name != "graph_capture.py"]
+    assert direct == [], f"use miles_fsdp.graph_capture.capture_graph in {direct}"
