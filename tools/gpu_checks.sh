@@ -122,8 +122,12 @@ tar_out() {  # OUT_DIR as it stands to GPU_CHECKS_TAR, if set
 for step in $steps; do
     case $step in
         tests) run_files gpu_tests $(ls tests/gpu/test_*.py | grep -v test_on_policy_at_scale) ;;
-        scale) run gpu_on_policy_at_scale python3 -m pytest -q -o addopts="" -o timeout=900 \
-                   --basetemp "$out/scale_runs" tests/gpu/test_on_policy_at_scale.py ;;
+        scale) scale_tmp=$(mktemp -d)  # checkpoints stay out of OUT_DIR; their logs and metrics are copied in
+               run gpu_on_policy_at_scale python3 -m pytest -q -o addopts="" -o timeout=900 \
+                   --basetemp "$scale_tmp" tests/gpu/test_on_policy_at_scale.py
+               (cd "$scale_tmp" && find . \( -name "*.log" -o -name metrics.jsonl -o -name error.txt \) -print0 |
+                   xargs -0r cp --parents -t "$out" 2>/dev/null)
+               rm -rf "$scale_tmp"; tar_out ;;
         kernels) run bench_kernels python3 tools/bench/kernel_ops.py --out "$out/kernels.json" $q ;;
         engine) run bench_engine python3 tools/bench/engine.py --out "$out/engine.json" $q ;;
         engine_host) run bench_engine_host python3 tools/bench/engine_host.py --out "$out/engine_host.json" ;;

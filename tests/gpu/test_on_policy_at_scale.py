@@ -36,6 +36,7 @@ SIZE = dict(steps=3, prompts=32, n=8, max_new_tokens=512, max_prefill_tokens=128
             kv_pages=8192)  # 16-token pages: 131k tokens of KV for 256 x ~800 tokens -> preemption
 GRID = list(itertools.product((0.6, 1.0, 1.3), (0, 1, 20), (1.0, 0.9)))
 WORKERS = 9  # 36 runs, 4 per worker: ~5 min on one H200 (3 workers ran 3 runs in 110 s)
+WORKER_GIB = 12  # a worker's peak (H100, 2026-12-05: up to 11.4 GiB); 9 of them ran out of memory on 80 GB
 MODEL = dict(vocab_size=VOCAB, hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
              num_key_value_heads=2, head_dim=32, max_position_embeddings=2048)
 MOE = dict(num_experts=64, num_experts_per_tok=8, moe_intermediate_size=64)
@@ -64,6 +65,11 @@ def _write_inputs(root: Path) -> dict[str, str]:
     return models
 
 
+def _workers(free_bytes: int) -> int:
+    """As many workers as the free GPU memory holds, at most WORKERS (fewer only take longer)."""
+    return max(1, min(WORKERS, free_bytes // (WORKER_GIB << 30)))
+
+
 def _name(arch: str, t: float, k: int, p: float) -> str:
     return f"{arch}_T{t}_k{k}_p{p}"
 
@@ -78,13 +84,14 @@ def results(tmp_path_factory, request):
               for item in request.session.items if item.module is request.module}
     runs = [dict(name=_name(a, t, k, p), model=models[a], temperature=t, top_k=k, top_p=p)
             for a in ("moe", "dense") for t, k, p in GRID if a + str((t, k, p)) in chosen]
-    threads = str(max(1, (os.cpu_count() or WORKERS) // WORKERS))  # workers share the host's cores
+    workers = _workers(torch.cuda.mem_get_info()[0])
+    threads = str(max(1, (os.cpu_count() or workers) // workers))  # workers share the host's cores
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True",
            "OMP_NUM_THREADS": threads}
     procs = []
-    for w in range(WORKERS):
+    for w in range(workers):
         spec = root / f"spec{w}.json"
-        spec.write_text(json.dumps(dict(root=str(root), runs=runs[w::WORKERS], size=SIZE)))
+        spec.write_text(json.dumps(dict(root=str(root), runs=runs[w::workers], size=SIZE)))
         log = open(root / f"worker{w}.log", "w")
         procs.append((subprocess.Popen([sys.executable, str(Path(__file__).with_name("scale_worker.py")), str(spec)],
                                        stdout=log, stderr=subprocess.STDOUT, env=env), log))

@@ -79,3 +79,29 @@ def test_tests_step_runs_a_process_a_file_at_once(tmp_path):
     assert not list(out.glob(".*.rc"))
     with tarfile.open(tgz) as t:  # one tar after them all
         assert {f"r4/gpu_tests_{f[:-3]}.log" for f in files} <= set(t.getnames())
+
+
+def test_scale_step_keeps_logs_and_metrics_not_checkpoints(tmp_path):
+    """`scale`: the runs' checkpoints (tens of MB with the real vocabulary) stay out of OUT_DIR, so
+    the tar fits what a lent machine sends back; the workers' logs, metrics and errors are copied in."""
+    shim = tmp_path / "bin"
+    shim.mkdir()
+    (shim / "python3").write_text(
+        f'#!/bin/sh\nif [ "$1" = "-c" ]; then exec {sys.executable} "$@"; fi\n'
+        'while [ $# -gt 0 ]; do [ "$1" = "--basetemp" ] && base=$2; shift; done\n'
+        'mkdir -p "$base/scale0/dense" "$base/scale0/moe_T1.0_k1_p0.9"\n'
+        'echo w0 > "$base/scale0/worker0.log"; echo "{}" > "$base/scale0/moe_T1.0_k1_p0.9/metrics.jsonl"\n'
+        'echo boom > "$base/scale0/moe_T1.0_k1_p0.9/error.txt"; head -c 4096 /dev/zero > "$base/scale0/dense/w.bin"\n'
+        'echo "$base" > "$TMPDIR/base.txt"\n')
+    (shim / "python3").chmod(0o755)
+    out, tgz = tmp_path / "r5", tmp_path / "r5.tgz"
+    proc = _run(out, "scale", GPU_CHECKS_TAR=str(tgz), TMPDIR=str(tmp_path),
+                PATH=os.pathsep.join([str(shim), os.environ.get("PATH", "")]))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert (out / "scale0/worker0.log").read_text() == "w0\n"
+    assert (out / "scale0/moe_T1.0_k1_p0.9/error.txt").read_text() == "boom\n"
+    assert (out / "scale0/moe_T1.0_k1_p0.9/metrics.jsonl").exists()
+    assert not list(out.rglob("w.bin"))
+    assert not Path((tmp_path / "base.txt").read_text().strip()).exists()  # the run's temp dir is removed
+    with tarfile.open(tgz) as t:
+        assert "r5/scale0/worker0.log" in t.getnames()
