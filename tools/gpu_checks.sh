@@ -26,8 +26,8 @@
 #   linears    (not in the default list) the engine's quick rows with fast mode's and transformers generate's
 #              beside (engine.py prints each row's ratio to generate; fast >= invariant), then
 #              linear_sweep.py --which upper,check (M 256-2,048: the fill rule's candidate tiles and 64x128, weights
-#              cold; M 1,024 / 4,096 graph-timed against cuBLAS), then the engine's rows with q/k/v as one
-#              linear a weight where their summed N picks a TMA tile (with_tiles.py --linears-apart), in one call
+#              cold; M 1,024 / 4,096 graph-timed against cuBLAS), then the engine's rows with the M bucket's
+#              tile above M 512 (with_tiles.py --fill-max-m 512, the picks before the mid-M rule), in one call
 #   grouped    (not in the default list) grouped_linear's picked tiles with and without GROUPED_SPLIT (an
 #              expert's last tile of <= 64 rows in a second launch of 64-row tiles), vs a dense matmul
 #              (grouped_sweep.py --picks --no-gluon)
@@ -166,8 +166,8 @@ for step in $steps; do
                      --only engine,engine-fast,hf-generate --out "$out/engine_quick.json"
                  run linear_upper timeout -s KILL 200 python3 tools/bench/linear_sweep.py --which upper,check \
                      --out "$out/linear_upper.json"
-                 run engine_linears_apart timeout -s KILL 110 python3 tools/bench/with_tiles.py --linears-apart -- \
-                     tools/bench/engine.py --quick --only engine --out "$out/engine_linears_apart.json" ;;
+                 run engine_fill_max_512 timeout -s KILL 110 python3 tools/bench/with_tiles.py --fill-max-m 512 -- \
+                     tools/bench/engine.py --quick --only engine --out "$out/engine_fill_max_512.json" ;;
         grouped) run grouped_split timeout -s KILL 300 python3 tools/bench/grouped_sweep.py --picks --no-gluon \
                      --out "$out/grouped_split.json" ;;
         capture) run capture_guarded timeout -s KILL 240 python3 -m pytest -q -o addopts="" \

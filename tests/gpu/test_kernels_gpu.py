@@ -41,7 +41,7 @@ def _same(a, b, what):
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 def test_linear_every_tile_agrees(kt, dtype):
-    """Rows computed with each tile linear may pick (LINEAR_TILES and SMALL_M_TILES), on the
+    """Rows computed with each tile linear may pick (LINEAR_TILES, SMALL_M_TILES, MID_M_TILES), on the
     pointer and on the persistent TMA kernel, are bitwise equal to the same rows from linear
     at M = 4096; linear itself at M sizes crossing every bucket too."""
     from miles_kernels._triton import matmul as lin

@@ -110,12 +110,10 @@ def check_linears() -> None:
     ws = [torch.randn(n, 72, generator=g) for n in (40, 24, 24)]
     bs = [torch.randn(w.shape[0], generator=g) for w in ws]
     try:
-        for tiles, apart in (((lin.Tile(64, 16, 16, 32, 1, 4, 2),), False),
-                             ((lin.Tile(64, 32, 32, 32, 1, 4, 2), lin.Tile(64, 16, 16, 32, 1, 4, 2)), False),
-                             ((lin.Tile(64, 16, 16, 32, 1, 4, 2, k_unroll=2),), False),  # K = 72: a pair, then the tail
-                             ((lin.Tile(64, 16, 16, 32, 1, 4, 2, True),), True)):  # LINEARS_APART_ON_TMA: a linear each
+        for tiles in ((lin.Tile(64, 16, 16, 32, 1, 4, 2),),
+                      (lin.Tile(64, 32, 32, 32, 1, 4, 2), lin.Tile(64, 16, 16, 32, 1, 4, 2)),
+                      (lin.Tile(64, 16, 16, 32, 1, 4, 2, k_unroll=2),)):  # K = 72: a pair, then the tail
             lin.SMALL_M_TILES[torch.float32] = tiles
-            lin.LINEARS_APART_ON_TMA = apart
             for k in (2, 3):
                 for with_b in (False, True):
                     b = bs[:k] if with_b else None
@@ -129,7 +127,6 @@ def check_linears() -> None:
     finally:
         lin.SMALL_M_TILES.clear()
         lin.SMALL_M_TILES.update(saved)
-        lin.LINEARS_APART_ON_TMA = False
     try:
         lin.linears(x, (ws[0], torch.randn(5, 71)))
     except ValueError as e:

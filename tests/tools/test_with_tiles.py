@@ -14,7 +14,7 @@ SCRIPT = """
 import json, sys, torch
 from miles_kernels._triton import matmul
 json.dump({"argv": sys.argv, "tiles": [list(t) for t in matmul.SMALL_M_TILES[torch.float16]], "fill": matmul.FILL,
-           "fill_max_m": matmul.FILL_MAX_M, "apart": matmul.LINEARS_APART_ON_TMA}, open(sys.argv[1], "w"))
+           "fill_max_m": matmul.FILL_MAX_M}, open(sys.argv[1], "w"))
 """
 
 
@@ -56,8 +56,8 @@ def test_fill_alone(tmp_path):
 
 
 def test_fill_max_m_moves_the_picks_above_small_m(tmp_path):
-    """--fill-max-m 2048: the script's picker takes M 1,024 x N 1,024's tile by the fill rule (128x64 TMA
-    on 132 SMs, where the M bucket's 128x128 makes 64 tiles); as shipped it takes the bucket's."""
+    """--fill-max-m 512: the script's picker takes M 1,024 x N 1,024's tile from the M bucket (128x128 TMA,
+    64 tiles on 132 SMs); as shipped the fill rule takes 128x64 there."""
     script, out = tmp_path / "show.py", tmp_path / "out.json"
     script.write_text(SCRIPT + """
 matmul._num_programs = lambda device: 132
@@ -65,17 +65,13 @@ got = json.load(open(sys.argv[1]))
 got["pick"] = list(matmul.linear_tile(1024, torch.bfloat16, 1024, torch.device("cuda")))
 json.dump(got, open(sys.argv[1], "w"))
 """)
-    proc = _run(tmp_path, "--fill-max-m", "2048", "--linears-apart", "--", str(script), str(out))
+    proc = _run(tmp_path, "--fill-max-m", "512", "--", str(script), str(out))
     assert proc.returncode == 0, proc.stderr[-2000:]
     from miles_kernels._triton import matmul
 
     got = json.loads(out.read_text())
-    assert got["fill_max_m"] == 2048 and got["fill"] == matmul.FILL and got["apart"] is not matmul.LINEARS_APART_ON_TMA
-    assert got["pick"][1:3] == [128, 64] and got["pick"][7] is True
-    # as shipped: the M bucket's 128x128 tile, by TMA (the pointer kernel ran it under 4M outputs until the
-    # thirty-third run: 0.51-0.52x cuBLAS against TMA's 0.74-0.76x at M 1,024 x N 1,024 on an H100)
-    shipped = matmul.linear_tile(1024, matmul.torch.bfloat16, 1024, matmul.torch.device("cuda"))
-    assert shipped[1:3] == (128, 128) and shipped.tma
+    assert got["fill_max_m"] == 512 != matmul.FILL_MAX_M and got["fill"] == matmul.FILL
+    assert got["pick"][1:3] == [128, 128] and got["pick"][7] is True
 
 
 def test_bad_specs_are_refused(tmp_path):

@@ -5,18 +5,15 @@
         tools/bench/engine.py --quick --only engine --out unrolled.json
 
     ... with_tiles.py --fill 0.75 -- tools/bench/engine.py --quick --only engine    # another FILL
-    ... with_tiles.py --fill-max-m 2048 -- tools/bench/spec.py ...   # the fill rule up to M 2,048
-    ... with_tiles.py --linears-apart -- tools/bench/engine.py --quick --only engine   # q/k/v apart on TMA picks
+    ... with_tiles.py --fill-max-m 512 -- tools/bench/engine.py --quick   # the M bucket's tile above M 512
 
 Each BMxBN=U:S sets the 16-bit SMALL_M_TILES pointer tile BLOCK_M x BLOCK_N to U BLOCK_K steps
 a loop iteration (Tile.k_unroll) and S pipeline stages. The dots and their order stay as they are,
 so the bits do too (tests/gpu/test_kernels_gpu.py::test_unrolled_small_m_tiles_same_bits).
 --fill F sets matmul.FILL, the share of the SMs a small-M tile's grid must fill before a wider
 tile is taken (every tile gives the same bits); --fill-max-m M sets matmul.FILL_MAX_M, the largest
-M whose tile the fill rule picks (above, the M bucket's); --linears-apart sets
-matmul.LINEARS_APART_ON_TMA (q/k/v as one linear a weight where their summed N picks a TMA tile). The
-script runs in this process (runpy), so its
-own subprocesses would not see the change.
+M whose tile the fill rule picks (above, the M bucket's). The script runs in this process (runpy), so
+its own subprocesses would not see the change.
 """
 
 import argparse
@@ -58,7 +55,7 @@ def apply(changes: dict[tuple[int, int], tuple[int, int]]) -> tuple:
 
 def main() -> None:
     argv = sys.argv[1:]
-    usage = ("with_tiles: usage: with_tiles.py [--unroll BMxBN=U:S ...] [--fill F] [--fill-max-m M] [--linears-apart] "
+    usage = ("with_tiles: usage: with_tiles.py [--unroll BMxBN=U:S ...] [--fill F] [--fill-max-m M] "
              "-- SCRIPT [ARGS ...]")
     if "--" not in argv:
         raise SystemExit(usage)
@@ -67,10 +64,9 @@ def main() -> None:
     ap.add_argument("--unroll", nargs="+", default=[], metavar="BMxBN=U:S")
     ap.add_argument("--fill", type=float, default=None, metavar="F")
     ap.add_argument("--fill-max-m", type=int, default=None, metavar="M")
-    ap.add_argument("--linears-apart", action="store_true")
     a = ap.parse_args(argv[:cut])
-    if not a.unroll and a.fill is None and a.fill_max_m is None and not a.linears_apart:
-        raise SystemExit(f"{usage}: nothing to change (give --unroll, --fill, --fill-max-m or --linears-apart)")
+    if not a.unroll and a.fill is None and a.fill_max_m is None:
+        raise SystemExit(f"{usage}: nothing to change (give --unroll, --fill or --fill-max-m)")
     if a.fill_max_m is not None and a.fill_max_m < 1:
         raise SystemExit(f"with_tiles: --fill-max-m {a.fill_max_m}: must be >= 1 (rows)")
     if a.fill is not None and not 0.0 < a.fill <= 4.0:
@@ -85,9 +81,8 @@ def main() -> None:
         matmul.FILL = a.fill
     if a.fill_max_m is not None:
         matmul.FILL_MAX_M = a.fill_max_m
-    matmul.LINEARS_APART_ON_TMA = matmul.LINEARS_APART_ON_TMA or a.linears_apart
     print("with_tiles: small-M tiles", [tuple(t) for t in tiles], "FILL", matmul.FILL, "FILL_MAX_M", matmul.FILL_MAX_M,
-          "LINEARS_APART_ON_TMA", matmul.LINEARS_APART_ON_TMA, flush=True)
+          flush=True)
     sys.argv = [script, *args]
     runpy.run_path(script, run_name="__main__")
 

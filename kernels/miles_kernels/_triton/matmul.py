@@ -2,8 +2,8 @@
 
 One output tile walks K from 0 in steps of BLOCK_K, accumulating tl.dot results in fp32
 (no split-K, no atomics), so every output element sums its K products in the same order
-whatever M is. The tile may change with the shape (LINEAR_TILES by M; SMALL_M_TILES by how
-many tiles fill the GPU), but BLOCK_K is the same in every tile of a dtype;
+whatever M is. The tile may change with the shape (LINEAR_TILES by M; SMALL_M_TILES and MID_M_TILES
+by how many tiles fill the GPU), but BLOCK_K is the same in every tile of a dtype;
 tests/gpu/test_kernels_gpu.py checks every tile against every other bitwise. If a GPU ever
 breaks that, collapse the tables to one row.
 """
@@ -47,16 +47,6 @@ _TILES_16 = (
 # M-bucket tile on the 0.6B / 8B shapes at M = 64-512).
 SMALL_M = 512
 FILL = 0.7
-# linears where the summed N picks a 128-row TMA tile: one linear a weight (each on its own pick, TMA where
-# that is) instead of the one pointer launch. The same 128-row tiles in linear read 0.02-0.19 of cuBLAS
-# faster by TMA than by pointers at M 128-512 (H100, thirty-third run); a TMA kernel over the weights in one
-# launch needs more shared memory than an SM has (docs/kernel_tuning.md). Off until GPU-timed
-# (with_tiles.py --linears-apart). Same bits either way.
-LINEARS_APART_ON_TMA = False
-# M up to FILL_MAX_M takes its tile by the fill rule (linears and swiglu keep their one launch to SMALL_M).
-# At M 1,024 on N 1,024 the M bucket's 128x128 tile makes 64 tiles for 132 SMs (0.74-0.76x cuBLAS, H100
-# thirty-third run), where the rule would take 128x64; stays SMALL_M until linear_sweep --which upper reads it.
-FILL_MAX_M = SMALL_M
 _SMALL_16 = (
     Tile(SMALL_M, 128, 128, 64, 8, 8, 4, True),
     Tile(SMALL_M, 128, 64, 64, 8, 4, 4, True),
@@ -68,6 +58,19 @@ _SMALL_16 = (
     Tile(SMALL_M, 64, 16, 64, 1, 4, 8, k_unroll=2),
 )
 SMALL_M_TILES: dict[torch.dtype, tuple[Tile, ...]] = {torch.bfloat16: _SMALL_16, torch.float16: _SMALL_16}
+# M in (SMALL_M, FILL_MAX_M] (chunked prefill, short trainer micro-batches) takes its tile by the fill
+# rule over MID_M_TILES, where a tile that makes more than one wave must also fill WAVE_FILL of the
+# waves it makes (a 1.45-wave 128x256 grid read 0.78x cuBLAS at M 1,024 x N 6,144 against 128x128's
+# 0.95x). Graph-timed with cold weights on an H100 (thirty-fourth run, linear_sweep --which upper), 0.6B /
+# 8B shapes: the M bucket's one 128x128 tile read 0.73-0.98x at M 1,024-2,048, these picks 0.88-1.11x.
+FILL_MAX_M = 2048
+WAVE_FILL = 0.85
+_MID_16 = (
+    Tile(FILL_MAX_M, 128, 256, 64, 8, 8, 3, True),
+    Tile(FILL_MAX_M, 128, 128, 64, 8, 8, 5, True),
+    Tile(FILL_MAX_M, 128, 64, 64, 8, 4, 5, True),
+)
+MID_M_TILES: dict[torch.dtype, tuple[Tile, ...]] = {torch.bfloat16: _MID_16, torch.float16: _MID_16}
 LINEAR_TILES: dict[torch.dtype, tuple[Tile, ...]] = {
     torch.bfloat16: _TILES_16,
     torch.float16: _TILES_16,
@@ -105,7 +108,8 @@ _TILE_CACHE: dict[tuple, Tile] = {}
 def linear_tile(m: int, dtype: torch.dtype, n: int = 0, device: torch.device | None = None) -> Tile:
     """The tile for an [m, K] x [n, K]^T product (n = 0: the M bucket of LINEAR_TILES alone)."""
     # tables swapped or the fill rule changed: a new key
-    key = (m, n, dtype, device, id(LINEAR_TILES.get(dtype)), id(SMALL_M_TILES.get(dtype)), FILL, FILL_MAX_M)
+    key = (m, n, dtype, device, id(LINEAR_TILES.get(dtype)), id(SMALL_M_TILES.get(dtype)), id(MID_M_TILES.get(dtype)),
+           FILL, FILL_MAX_M, WAVE_FILL)
     t = _TILE_CACHE.get(key)
     if t is None:
         if len(_TILE_CACHE) > 4096:  # packed trainer batches bring many M: keep the dict small
@@ -117,20 +121,31 @@ def linear_tile(m: int, dtype: torch.dtype, n: int = 0, device: torch.device | N
 def _pick_tile(m: int, dtype: torch.dtype, n: int, device: torch.device | None) -> Tile:
     if dtype not in LINEAR_TILES:
         raise TypeError(f"miles_kernels linear: dtype {dtype} is not supported on CUDA; use bf16, fp16 or fp32")
-    small = SMALL_M_TILES.get(dtype, ())
-    if n and small and m <= FILL_MAX_M:
-        fits = [t for t in small if t.block_m <= max(m, 64)]  # no half-empty 128-row tiles at M <= 64
-        want = FILL * _num_programs(device or torch.device("cuda"))
-        return next((t for t in fits if triton.cdiv(m, t.block_m) * triton.cdiv(n, t.block_n) >= want), fits[-1])
+    small, mid = SMALL_M_TILES.get(dtype, ()), MID_M_TILES.get(dtype, ())
+    if n and small and m <= min(SMALL_M, FILL_MAX_M):  # no half-empty 128-row tiles at M <= 64
+        return _fill_pick(m, n, [t for t in small if t.block_m <= max(m, 64)], device, 0.0)
+    if n and mid and m <= FILL_MAX_M:
+        return _fill_pick(m, n, list(mid), device, WAVE_FILL)
     # The bucket's TMA tiles by TMA at every size: below 4M outputs the pointer kernel used to run them,
     # but at M 1,024 x N 1,024 (0.6B o / down, cold weights) it read 0.51-0.52x cuBLAS graph-timed
     # against TMA's 0.74-0.76x (launched: 0.56-0.63x vs 0.76-0.78x; H100, thirty-third run). Same bits.
     return next(t for t in LINEAR_TILES[dtype] if m <= t.max_m)
 
 
+def _fill_pick(m: int, n: int, tiles: list[Tile], device: torch.device | None, wave_fill: float) -> Tile:
+    """The first (widest) of tiles whose grid fills FILL x SMs, and past one wave wave_fill of the
+    waves it makes; else the last."""
+    sms = _num_programs(device or torch.device("cuda"))
+    for t in tiles:
+        grid = triton.cdiv(m, t.block_m) * triton.cdiv(n, t.block_n)
+        if grid >= FILL * sms and (grid <= sms or grid >= wave_fill * triton.cdiv(grid, sms) * sms):
+            return t
+    return tiles[-1]
+
+
 def all_linear_tiles(dtype: torch.dtype) -> tuple[Tile, ...]:
     """Every tile linear may pick for dtype (they must all give the same bits)."""
-    return LINEAR_TILES[dtype] + SMALL_M_TILES.get(dtype, ())
+    return LINEAR_TILES[dtype] + SMALL_M_TILES.get(dtype, ()) + MID_M_TILES.get(dtype, ())
 
 
 def _dot_precision(dtype: torch.dtype) -> str:
@@ -346,8 +361,6 @@ def linears(x_MK: torch.Tensor, ws: tuple[torch.Tensor, ...], bs: tuple[torch.Te
     ws = tuple(w.contiguous() for w in ws)
     ns = [w.shape[0] for w in ws]
     t = linear_tile(M, x_MK.dtype, sum(ns), x_MK.device)
-    if LINEARS_APART_ON_TMA and t.tma:
-        return tuple(linear(x_MK, w, None if bs is None else bs[i]) for i, w in enumerate(ws))
     ys = tuple(torch.empty((M, n), dtype=x_MK.dtype, device=x_MK.device) for n in ns)
     tiles = [triton.cdiv(n, t.block_n) for n in ns] + [0, 0]
     pad = lambda seq, fill: tuple(seq) + (fill,) * (3 - len(seq))  # noqa: E731
