@@ -28,9 +28,6 @@
 #              linear_sweep.py --which upper,check (M 256-2,048: the fill rule's candidate tiles and 64x128, weights
 #              cold; M 1,024 / 4,096 graph-timed against cuBLAS), then the engine's rows with the M bucket's
 #              tile above M 512 (with_tiles.py --fill-max-m 512, the picks before the mid-M rule), in one call
-#   grouped    (not in the default list) grouped_linear's picked tiles with and without GROUPED_SPLIT (an
-#              expert's last tile of <= 64 rows in a second launch of 64-row tiles), vs a dense matmul
-#              (grouped_sweep.py --picks --no-gluon)
 #   capture    (not in the default list) the attention-backward and engine GPU tests in one process (the order
 #              that invalidated the 64-expert draft's capture in the thirty-third run), then again with
 #              graph_capture's collector guard taken out (test_capture_with_garbage_waiting failing there and
@@ -168,8 +165,6 @@ for step in $steps; do
                      --out "$out/linear_upper.json"
                  run engine_fill_max_512 timeout -s KILL 110 python3 tools/bench/with_tiles.py --fill-max-m 512 -- \
                      tools/bench/engine.py --quick --only engine --out "$out/engine_fill_max_512.json" ;;
-        grouped) run grouped_split timeout -s KILL 300 python3 tools/bench/grouped_sweep.py --picks --no-gluon \
-                     --out "$out/grouped_split.json" ;;
         capture) run capture_guarded timeout -s KILL 240 python3 -m pytest -q -o addopts="" \
                      tests/gpu/test_attention_bwd_gpu.py tests/gpu/test_engine_gpu.py
                  run capture_unguarded timeout -s KILL 240 python3 -c "import gc, sys, types, pytest
@@ -185,7 +180,7 @@ sys.exit(pytest.main(['-q', '-o', 'addopts=', 'tests/gpu/test_attention_bwd_gpu.
              run attn_tma python3 tools/bench/attn_sweep.py "$out/attn_tma.json" --tma --tiles
              run attn_tma_paged python3 tools/bench/attn_sweep.py "$out/attn_tma_paged.json" --tma-paged
              run kernel_regs python3 tools/bench/kernel_regs.py "$out/kernel_regs.json" ;;
-        *) echo "unknown step $step (tests scale kernels engine engine_host train rl_step spec profile sweep moe tma queued linears grouped capture ws gluon optim)"
+        *) echo "unknown step $step (tests scale kernels engine engine_host train rl_step spec profile sweep moe tma queued linears capture ws gluon optim)"
            exit 2 ;;
     esac
 done

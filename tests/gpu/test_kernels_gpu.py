@@ -165,11 +165,9 @@ def test_grouped_linear_rows_independent(kt, dtype):
 
     for tile in matmul.GROUPED_TILES[dtype]:  # each tile grouped_tile may pick, both kernels: the same bits
         for t in (tile._replace(tma=False), tile._replace(tma=True)):
-            # split: a 128-row tile's short last tiles (experts of 1, 5, 12 and 130 / 300 rows) by GROUPED_REST
-            for split in (False, True) if t.block_m == 2 * matmul.GROUPED_REST.block_m else (False,):
-                got = torch.zeros_like(y)
-                matmul.launch_grouped(x, w, offs.cuda(), got, t, split=split)
-                _same(got, y, f"grouped_linear tile {tuple(t)[1:]} split={split} vs grouped_linear's pick")
+            got = torch.zeros_like(y)
+            matmul.launch_grouped(x, w, offs.cuda(), got, t)
+            _same(got, y, f"grouped_linear tile {tuple(t)[1:]} vs grouped_linear's pick")
 
 
 # one small launch of gluon_grouped's kernel (an expert's tail in each half, a box past x's rows)

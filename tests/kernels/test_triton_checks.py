@@ -220,44 +220,6 @@ def check_grouped_linear_tma() -> None:
         lin.GROUPED_TILES[torch.float32] = saved
 
 
-def check_grouped_linear_split() -> None:
-    """GROUPED_SPLIT: an expert's last partial tile of at most half a tile goes to a second launch of
-    half-height tiles (GROUPED_REST); every row keeps the one-launch bits, the main tile by pointers or
-    TMA, with remainders of 0, under and over half a tile, empty experts and rows outside the groups."""
-    from miles_kernels._triton import matmul as lin
-
-    saved = lin.GROUPED_TILES[torch.float32], lin.GROUPED_REST
-    g = torch.Generator().manual_seed(14)
-    x = torch.randn(130, 32, generator=g)
-    w = torch.randn(6, 24, 32, generator=g)
-    # rows 2..127 in experts of 32 (whole), 40 (8 over: the rest launch), 0, 3 (rest only), 50 (18 over:
-    # a main tile), 1 (rest only); rows 0-1 and 128-129 outside the groups
-    offs = torch.tensor([2, 34, 74, 74, 77, 127, 128], dtype=torch.int32)
-    try:
-        lin.GROUPED_TILES[torch.float32] = (lin.Tile(1 << 62, 32, 16, 32, 1, 4, 2),)
-        lin.GROUPED_REST = lin.Tile(0, 16, 16, 32, 1, 4, 2)
-        want = lin.grouped_linear(x, w, offs)
-        for tma in (False, True):
-            t = lin.Tile(1 << 62, 32, 16, 32, 2, 4, 2, tma)
-            y = torch.full_like(want, float("nan"))
-            y[:2], y[128:] = 0, 0  # launch_grouped leaves rows outside the groups alone
-            lin.launch_grouped(x, w, offs, y, t, split=True)
-            _same(y, want, f"grouped_linear split, main tile tma={tma}")
-            y.fill_(float("nan"))
-            lin._launch_grouped(x, w, offs, y, t, 1, None)  # the main launch alone leaves the short rests
-            short = torch.zeros(130, dtype=torch.bool)
-            short[66:77] = short[127] = True  # expert 1's last 8 rows, expert 3's 3, expert 5's 1
-            assert y[short].isnan().all() and not y[2:128][~short[2:128]].isnan().any(), f"split 1, tma={tma}"
-        lin.GROUPED_SPLIT = True
-        lin.GROUPED_TILES[torch.float32] = (lin.Tile(1 << 62, 32, 16, 32, 1, 4, 2, True),)
-        _same(lin.grouped_linear(x, w, offs), want, "grouped_linear with GROUPED_SPLIT on")
-        lin.GROUPED_TILES[torch.float32] = (lin.Tile(1 << 62, 16, 16, 32, 1, 4, 2),)  # not twice the rest: no split
-        _same(lin.grouped_linear(x, w, offs), want, "grouped_linear, a tile the split does not apply to")
-    finally:
-        lin.GROUPED_TILES[torch.float32], lin.GROUPED_REST = saved
-        lin.GROUPED_SPLIT = False
-
-
 def check_moe_combine() -> None:
     """The MoE combine kernel: fp32 slot sums close to float64, a token's row alone == in the batch,
     bf16 output; D not a power of two (a masked column block)."""

@@ -10,9 +10,7 @@ give the reference tile's bits (same BLOCK_K walk) before it is timed. Peers: on
 cuBLAS matmul of the same FLOPs (what the issue's target is stated against) and torch's
 grouped GEMM (`torch._grouped_mm`, CUTLASS; not batch-invariant). Gluon rows: the TMA tiles by
 gluon_grouped's warp-specialized kernel (matmul.GLUON_GROUPED) at each ring depth, checked
-bitwise against the Triton kernel first. Split rows: the 128-row tiles with each expert's last
-tile of at most 64 rows in a second launch of matmul.GROUPED_REST (matmul.GROUPED_SPLIT). Prints a
-table, writes JSON.
+bitwise against the Triton kernel first. Prints a table, writes JSON.
 """
 
 import argparse
@@ -90,28 +88,26 @@ def run(rows, shapes, cfgs, gluon_cfgs, gluon: bool):
             lin.launch_grouped(x, w, offs, ref, REF)
             base = dict(shape=name, E=E, N=N, K=K, R=R, skew=skew, max_rows=int(sizes.max()),
                         dense_ms=dense[1] or dense[0], grouped_mm_ms=gmm[1] or gmm[0])
-            # each tile as it is, the 128-row ones again with their short last tiles split off (GROUPED_SPLIT)
-            runs = [(c, None, False) for c in cfgs] + [(c, None, True) for c in cfgs if c.block_m == 128]
-            for c, stages, split in runs + [(c, s, False) for c, s in (gluon_cfgs if gluon else [])]:
+            for c, stages in [(c, None) for c in cfgs] + (gluon_cfgs if gluon else []):
                 if gluon:
                     set_gluon(stages)
                 y = torch.zeros_like(ref)
                 try:
-                    lin.launch_grouped(x, w, offs, y, c, split=split)
+                    lin.launch_grouped(x, w, offs, y, c)
                     torch.cuda.synchronize()
                 except Exception as e:  # noqa: BLE001 - report and go on
-                    rows.append(dict(base, cfg=list(c), gluon_stages=stages, split=split, err=str(e)[:200]))
-                    print(f"{name} {tuple(c)[1:]} gluon={stages} split={int(split)} ERROR {str(e)[:120]}", flush=True)
+                    rows.append(dict(base, cfg=list(c), gluon_stages=stages, err=str(e)[:200]))
+                    print(f"{name} {tuple(c)[1:]} gluon={stages} ERROR {str(e)[:120]}", flush=True)
                     continue
                 same = torch.equal(y, ref)
-                t = timings(lambda: lin.launch_grouped(x, w, offs, y, c, split=split))  # noqa: B023
+                t = timings(lambda: lin.launch_grouped(x, w, offs, y, c))  # noqa: B023
                 ms = t[1] or t[0]
                 tf = 2 * R * N * K / ms / 1e9
-                rows.append(dict(base, cfg=list(c), gluon_stages=stages, split=split, same=same, ms=ms, tflops=tf,
+                rows.append(dict(base, cfg=list(c), gluon_stages=stages, same=same, ms=ms, tflops=tf,
                                  x_dense=base["dense_ms"] / ms, x_grouped_mm=base["grouped_mm_ms"] / ms))
                 print(f"{name:22} skew={skew:.0f} R={R:6} max={base['max_rows']:5} bm={c.block_m:3} bn={c.block_n:3} "
                       f"g={c.group_m} w={c.num_warps} s={c.num_stages} tma={int(c.tma)} gluon={stages or '-'} "
-                      f"split={int(split)} same={int(same)} "
+                      f"same={int(same)} "
                       f"us={1e3 * ms:8.1f} TF={tf:6.1f} x_dense={base['dense_ms'] / ms:5.2f} "
                       f"x_grouped_mm={base['grouped_mm_ms'] / ms:5.2f}", flush=True)
             if gluon:

@@ -446,30 +446,16 @@ def swiglu(x_MK: torch.Tensor, w_gate_FK: torch.Tensor, w_up_FK: torch.Tensor) -
 
 
 @triton.jit
-def _expert_tiles(n_E, BLOCK_M: tl.constexpr, SPLIT: tl.constexpr):
-    """(row tiles, the first one's row offset in its expert) of experts with n_E rows. SPLIT 0: every
-    row in BLOCK_M tiles. SPLIT 1: whole tiles, and the last partial one only if it holds more than
-    BLOCK_M / 2 rows. SPLIT 2 (BLOCK_M half of SPLIT 1's): the partial rows SPLIT 1 left, one tile."""
-    if SPLIT == 2:
-        r = n_E % (2 * BLOCK_M)
-        return ((r > 0) & (r <= BLOCK_M)).to(tl.int32), n_E - r
-    elif SPLIT == 1:
-        return n_E // BLOCK_M + (n_E % BLOCK_M > BLOCK_M // 2).to(tl.int32), n_E * 0
-    else:
-        return (n_E + BLOCK_M - 1) // BLOCK_M, n_E * 0
-
-
-@triton.jit
-def _expert_tile(off_ptr, E, pid_m, E_PAD: tl.constexpr, BLOCK_M: tl.constexpr, SPLIT: tl.constexpr = 0):
+def _expert_tile(off_ptr, E, pid_m, E_PAD: tl.constexpr, BLOCK_M: tl.constexpr):
     """(expert e, first row, end of e's rows) of row tile pid_m in expert order; e == E past the last."""
     es = tl.arange(0, E_PAD)
     lo_E = tl.load(off_ptr + es, mask=es < E, other=0)
     hi_E = tl.load(off_ptr + es + 1, mask=es < E, other=0)
-    tiles_E, skip_E = _expert_tiles(hi_E - lo_E, BLOCK_M, SPLIT)
+    tiles_E = (hi_E - lo_E + BLOCK_M - 1) // BLOCK_M
     ends_E = tl.cumsum(tiles_E, 0)
     e = tl.sum((ends_E <= pid_m).to(tl.int32), 0)
     is_e = es == e
-    row_lo = tl.sum(tl.where(is_e, lo_E + skip_E, 0), 0)
+    row_lo = tl.sum(tl.where(is_e, lo_E, 0), 0)
     row_hi = tl.sum(tl.where(is_e, hi_E, 0), 0)
     tile_in_e = pid_m - tl.sum(tl.where(is_e, ends_E - tiles_E, 0), 0)
     return e, row_lo + tile_in_e * BLOCK_M, row_hi
@@ -488,15 +474,15 @@ def _grouped_kernel(
     x_ptr, w_ptr, off_ptr, y_ptr, N, K, E, n_tiles_m,
     stride_xr, stride_we, stride_wn, stride_yr,
     E_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    GROUP_M: tl.constexpr, PRECISION: tl.constexpr, SPLIT: tl.constexpr = 0,
+    GROUP_M: tl.constexpr, PRECISION: tl.constexpr,
 ):
     # Row tile m is the m-th in expert order; an expert with n rows owns cdiv(n, BLOCK_M) of
-    # them (SPLIT 1 / 2: _expert_tiles), so a tile never mixes experts. The tile count is an upper bound known on the host
+    # them, so a tile never mixes experts. The tile count is an upper bound known on the host
     # ((cdiv(R, BLOCK_M) + E) x column tiles): no device sync, CUDA-graph safe. Tiles run in
     # grouped order (the column tiles of GROUP_M row tiles together), so x's rows are read from
     # HBM about once however many column tiles there are.
     tile_m, tile_n = _grouped_order(tl.program_id(0), n_tiles_m, tl.cdiv(N, BLOCK_N), GROUP_M)
-    e, off_m, row_hi = _expert_tile(off_ptr, E, tile_m, E_PAD, BLOCK_M, SPLIT)
+    e, off_m, row_hi = _expert_tile(off_ptr, E, tile_m, E_PAD, BLOCK_M)
     if e >= E:
         return
     rows = off_m + tl.arange(0, BLOCK_M)
@@ -513,7 +499,7 @@ def _grouped_kernel(
 def _grouped_tma_kernel(
     x_desc, w_desc, off_ptr, y_ptr, N, K, E, n_tiles_m, stride_yr,
     E_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    GROUP_M: tl.constexpr, PRECISION: tl.constexpr, NUM_PROGRAMS: tl.constexpr, SPLIT: tl.constexpr = 0,
+    GROUP_M: tl.constexpr, PRECISION: tl.constexpr, NUM_PROGRAMS: tl.constexpr,
 ):
     # _grouped_kernel with TMA loads (x over [R, K], w over [E * N, K]), persistent: program p
     # takes tiles p, p + NUM_PROGRAMS, ... of the row tiles that hold rows (counted here from
@@ -523,11 +509,11 @@ def _grouped_tma_kernel(
     # and the fp32 accumulation are _grouped_kernel's, so every stored element has its bits.
     es = tl.arange(0, E_PAD)
     rows_E = tl.load(off_ptr + es + 1, mask=es < E, other=0) - tl.load(off_ptr + es, mask=es < E, other=0)
-    n_real_m = tl.minimum(tl.sum(_expert_tiles(rows_E, BLOCK_M, SPLIT)[0], 0), n_tiles_m)
+    n_real_m = tl.minimum(tl.sum((rows_E + BLOCK_M - 1) // BLOCK_M, 0), n_tiles_m)
     n_tiles_n = tl.cdiv(N, BLOCK_N)
     for tile in tl.range(tl.program_id(0), n_real_m * n_tiles_n, NUM_PROGRAMS, flatten=True):
         tile_m, tile_n = _grouped_order(tile, n_real_m, n_tiles_n, GROUP_M)
-        e, off_m, row_hi = _expert_tile(off_ptr, E, tile_m, E_PAD, BLOCK_M, SPLIT)
+        e, off_m, row_hi = _expert_tile(off_ptr, E, tile_m, E_PAD, BLOCK_M)
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         for k0 in range(0, K, BLOCK_K):
             x = x_desc.load([off_m, k0])
@@ -586,35 +572,18 @@ def _zero_outside_kernel(y_ptr, off_ptr, R, N, E, stride_yr, ROWS: tl.constexpr,
 GLUON_GROUPED = False
 
 
-# grouped_linear with 128-row tiles: an expert's last partial tile of at most 64 rows goes to a second
-# launch of 64-row tiles (GROUPED_REST), so fewer padded rows reach the MMAs (30B-A3B gate_up: 79% of the
-# rows a 128-row tile computes are real, 88% with the split; docs/kernel_tuning.md). Same bits (BLOCK_K
-# walk unchanged). Off until GPU-timed: grouped_sweep.py times each 128-row tile with and without it.
-GROUPED_SPLIT = False
-GROUPED_REST = Tile(0, 64, 128, 64, 2, 4, 4)  # the decode bucket's pointer tile
-
-
-def launch_grouped(x_RK, w_ENK, offsets_E1, y_RN, t: Tile, split: bool | None = None) -> None:
-    """grouped_linear's kernel for tile t into y_RN (rows outside the groups untouched); split
-    (default GROUPED_SPLIT, 128-row tiles only): the short last tiles by GROUPED_REST after."""
-    split = (GROUPED_SPLIT if split is None else split) and t.block_m == 2 * GROUPED_REST.block_m
-    gg = gluon_module("gluon_grouped") if GLUON_GROUPED and x_RK.is_cuda and t.tma and not split else None
-    _launch_grouped(x_RK, w_ENK, offsets_E1, y_RN, t, 1 if split else 0, gg)
-    if split:
-        _launch_grouped(x_RK, w_ENK, offsets_E1, y_RN, GROUPED_REST, 2, None)
-
-
-def _launch_grouped(x_RK, w_ENK, offsets_E1, y_RN, t: Tile, split: int, gg) -> None:
+def launch_grouped(x_RK, w_ENK, offsets_E1, y_RN, t: Tile) -> None:
+    """grouped_linear's kernel for tile t into y_RN (rows outside the groups untouched)."""
     R, K = x_RK.shape
     E, N, _ = w_ENK.shape
-    # an upper bound on the row tiles in expert order (split 2: at most one an expert)
-    n_tiles_m = E if split == 2 else triton.cdiv(R, t.block_m) + E
+    n_tiles_m = triton.cdiv(R, t.block_m) + E  # an upper bound on the row tiles in expert order
     n_tiles = n_tiles_m * triton.cdiv(N, t.block_n)
     meta = dict(E_PAD=triton.next_power_of_2(E), BLOCK_M=t.block_m, BLOCK_N=t.block_n, BLOCK_K=t.block_k,
                 GROUP_M=t.group_m, PRECISION=_dot_precision(x_RK.dtype), num_warps=t.num_warps,
-                num_stages=t.num_stages, SPLIT=split)
+                num_stages=t.num_stages)
     if t.tma and _tma_ok(x_RK, w_ENK):
         n_prog = min(_num_programs(x_RK.device), n_tiles)
+        gg = gluon_module("gluon_grouped") if GLUON_GROUPED and x_RK.is_cuda else None
         if gg is not None and gg.supported(x_RK, w_ENK, t.block_m, t.block_n, t.block_k):
             gg.launch(x_RK, w_ENK, offsets_E1, y_RN, t.block_n, t.group_m, n_tiles_m, n_prog)
             return
