@@ -4,8 +4,10 @@ graphs, the trainer's graphed trunk).
 - Python's cyclic garbage collector is off while a graph captures. torch no longer collects before
   a capture, so a collection could fire inside one and free a dead engine's or trainer's objects
   (pinned buffers, events, graphs) with CUDA calls a capture forbids: the capture is invalidated.
-  Seen on an H100 (2026-12-05): the 64-expert draft's capture failed when other tests had run first
-  in the process (their garbage, we think, collected inside it). Garbage waits for the capture's end.
+  Seen on an H100 (2026-12-05): a draft's capture failed when other tests had run first in the
+  process. With this guard taken out the failure comes back, with CUDA's "operation not permitted
+  when stream is capturing" from dead graphs' reset inside the capture; with it, the same order
+  passes (tools/gpu_checks.sh capture). Garbage waits for the capture's end.
 - A failed capture leaves torch's default CUDA generator marked as capturing (torch < 2.13 clears
   the mark only in a successful capture_end), and every later random op on that device raised
   "Offset increment outside graph capture". The failed graph is reset and, on those releases, the
