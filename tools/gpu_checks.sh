@@ -27,7 +27,9 @@
 #              beside (engine.py prints each row's ratio to generate; fast >= invariant), then
 #              linear_sweep.py --which upper,check (M 256-2,048: the fill rule's candidate tiles and 64x128, weights
 #              cold; M 1,024 / 4,096 graph-timed against cuBLAS), then the engine's rows with the M bucket's
-#              tile above M 512 (with_tiles.py --fill-max-m 512, the picks before the mid-M rule), in one call
+#              tile above M 512 (with_tiles.py --fill-max-m 512, the picks before the mid-M rule), the small-M
+#              128-row tiles at 4 and 5 stages by TMA and by pointers (linear_sweep.py --which stages), and
+#              the engine with them at 5 (with_tiles.py --tma-stages), in one call
 #   capture    (not in the default list) the attention-backward and engine GPU tests in one process (the order
 #              that invalidated the 64-expert draft's capture in the thirty-third run), then again with
 #              graph_capture's collector guard taken out: test_capture_with_garbage_waiting alone, which must
@@ -164,7 +166,11 @@ for step in $steps; do
                  run linear_upper timeout -s KILL 200 python3 tools/bench/linear_sweep.py --which upper,check \
                      --out "$out/linear_upper.json"
                  run engine_fill_max_512 timeout -s KILL 110 python3 tools/bench/with_tiles.py --fill-max-m 512 -- \
-                     tools/bench/engine.py --quick --only engine --out "$out/engine_fill_max_512.json" ;;
+                     tools/bench/engine.py --quick --only engine --out "$out/engine_fill_max_512.json"
+                 run linear_stages timeout -s KILL 120 python3 tools/bench/linear_sweep.py --which stages \
+                     --out "$out/linear_stages.json"
+                 run engine_tma_stages_5 timeout -s KILL 110 python3 tools/bench/with_tiles.py --tma-stages 128x128=5 \
+                     128x64=5 -- tools/bench/engine.py --quick --only engine --out "$out/engine_tma_stages_5.json" ;;
         capture) run capture_guarded timeout -s KILL 240 python3 -m pytest -q -o addopts="" \
                      tests/gpu/test_attention_bwd_gpu.py tests/gpu/test_engine_gpu.py
                  run capture_unguarded timeout -s KILL 240 python3 -c "import gc, sys, types, pytest

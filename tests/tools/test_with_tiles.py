@@ -43,6 +43,25 @@ def test_script_sees_the_changed_tiles(tmp_path):
             assert new == old
 
 
+def test_tma_stages(tmp_path):
+    """--tma-stages: the small-M TMA tiles named get S stages, every other tile stays as shipped."""
+    script, out = tmp_path / "show.py", tmp_path / "out.json"
+    script.write_text(SCRIPT)
+    proc = _run(tmp_path, "--tma-stages", "128x128=5", "128x64=6", "--", str(script), str(out))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    from miles_kernels._triton import matmul
+
+    base = [list(t) for t in matmul.SMALL_M_TILES[matmul.torch.float16]]
+    got = json.loads(out.read_text())["tiles"]
+    want = {(128, 128): 5, (128, 64): 6}
+    assert len(got) == len(base) and sum(old[7] for old in base) == 2
+    for new, old in zip(got, base):
+        if old[7]:
+            assert new[:6] == old[:6] and new[7:] == old[7:] and new[6] == want[old[1], old[2]]
+        else:
+            assert new == old
+
+
 def test_fill_alone(tmp_path):
     script, out = tmp_path / "show.py", tmp_path / "out.json"
     script.write_text(SCRIPT)
@@ -81,6 +100,9 @@ def test_bad_specs_are_refused(tmp_path):
                       (["--unroll", "64x32=2:6"], "usage"),
                       (["--", "x.py"], "nothing to change"),
                       (["--fill", "0", "--", "x.py"], "must be in (0, 4]"),
-                      (["--fill-max-m", "0", "--", "x.py"], "must be >= 1")):
+                      (["--fill-max-m", "0", "--", "x.py"], "must be >= 1"),
+                      (["--tma-stages", "64x64=5", "--", "x.py"], "no small-M TMA tile [(64, 64)]"),
+                      (["--tma-stages", "128x128", "--", "x.py"], "write BMxBN=S"),
+                      (["--tma-stages", "128x128=0", "--", "x.py"], "S must be >= 1")):
         proc = _run(tmp_path, *args)
         assert proc.returncode != 0 and msg in proc.stderr, (args, proc.stderr[-500:])

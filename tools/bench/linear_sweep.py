@@ -5,6 +5,7 @@
     PYTHONPATH=src:kernels python tools/bench/linear_sweep.py --which unroll --out unroll.json  # Tile.k_unroll
     PYTHONPATH=src:kernels python tools/bench/linear_sweep.py --which mid_cold --out mid.json  # M 128-512
     PYTHONPATH=src:kernels python tools/bench/linear_sweep.py --which upper --out upper.json  # M 256-2048, wide tiles
+    PYTHONPATH=src:kernels python tools/bench/linear_sweep.py --which stages --out stages.json  # M 128-512, 4 vs 5
 
 Every candidate must give the reference tile's bits (same BLOCK_K walk); only those are timed,
 launched from Python (ms, what eager code pays) and replayed from a CUDA graph (graph_ms, the
@@ -94,6 +95,14 @@ UPPER_CFG = [T(0, 128, 256, 64, 8, 8, 3, True), T(0, 128, 128, 64, 8, 8, 5, True
              T(0, 128, 64, 64, 8, 4, 4, True), T(0, 128, 64, 64, 8, 4, 5, True), T(0, 64, 128, 64, 8, 4, 4, True),
              T(0, 64, 64, 64, 1, 4, 6), T(0, 64, 64, 64, 8, 4, 6, True)]
 
+# M 128-512, the small-M rule's 128-row tiles at 4 and 5 stages, by TMA (linear) and by pointers (what linears and
+# swiglu run for q|k|v and gate|up at M <= SMALL_M, summed N here), weights cold: 5 stages read 0.02-0.10 of cuBLAS
+# faster by TMA in the H100 thirty-fourth run; the pointer launches at 5 were not timed.
+STAGES = [(m, n, k) for m in (128, 256, 512) for (n, k) in ((4096, 1024), (6144, 1024), (1024, 3072), (6144, 4096),
+                                                           (24576, 4096), (4096, 4096), (4096, 12288))]
+STAGES_CFG = [T(0, bm, bn, 64, 8, w, s, tma) for (bm, bn, w) in ((128, 128, 8), (128, 64, 4)) for s in (4, 5)
+              for tma in (False, True)]
+
 # The trainer's 0.6B forward at 16k rows: q, k|v, gate|up one weight each and fused (qkv, gate_up), o, down.
 TRAIN = [(16384, n, k) for (n, k) in ((2048, 1024), (1024, 1024), (4096, 1024), (3072, 1024), (6144, 1024),
                                        (1024, 2048), (1024, 3072))]
@@ -162,8 +171,9 @@ def main():
     for wh in a.which.split(","):
         shapes, cfgs = dict(check=(CHECK, CHECK_CFG), small=(SMALL, SMALL_CFG), mid=(MID, MID_CFG), large=(LARGE, LARGE_CFG),
                              decode=(DECODE, DECODE_CFG), train=(TRAIN, TRAIN_CFG), cold=(COLD, COLD_CFG),
-                             unroll=(COLD, UNROLL_CFG), mid_cold=(MID_COLD, MID_COLD_CFG), upper=(UPPER, UPPER_CFG))[wh]
-        run(shapes, cfgs, peak, rows, cold=wh in ("cold", "unroll", "mid_cold", "upper"))
+                             unroll=(COLD, UNROLL_CFG), mid_cold=(MID_COLD, MID_COLD_CFG), upper=(UPPER, UPPER_CFG),
+                             stages=(STAGES, STAGES_CFG))[wh]
+        run(shapes, cfgs, peak, rows, cold=wh in ("cold", "unroll", "mid_cold", "upper", "stages"))
         json.dump(rows, open(a.out, "w"), indent=1)
 
 

@@ -6,10 +6,13 @@
 
     ... with_tiles.py --fill 0.75 -- tools/bench/engine.py --quick --only engine    # another FILL
     ... with_tiles.py --fill-max-m 512 -- tools/bench/engine.py --quick   # the M bucket's tile above M 512
+    ... with_tiles.py --tma-stages 128x128=5 128x64=5 -- tools/bench/engine.py --quick   # 5 stages
 
 Each BMxBN=U:S sets the 16-bit SMALL_M_TILES pointer tile BLOCK_M x BLOCK_N to U BLOCK_K steps
 a loop iteration (Tile.k_unroll) and S pipeline stages. The dots and their order stay as they are,
 so the bits do too (tests/gpu/test_kernels_gpu.py::test_unrolled_small_m_tiles_same_bits).
+Each BMxBN=S of --tma-stages sets the small-M TMA tile BLOCK_M x BLOCK_N to S stages (also what
+linears and swiglu run it with, by pointers).
 --fill F sets matmul.FILL, the share of the SMs a small-M tile's grid must fill before a wider
 tile is taken (every tile gives the same bits); --fill-max-m M sets matmul.FILL_MAX_M, the largest
 M whose tile the fill rule picks (above, the M bucket's). The script runs in this process (runpy), so
@@ -38,16 +41,35 @@ def parse(specs: list[str]) -> dict[tuple[int, int], tuple[int, int]]:
     return out
 
 
-def apply(changes: dict[tuple[int, int], tuple[int, int]]) -> tuple:
+def parse_stages(specs: list[str]) -> dict[tuple[int, int], int]:
+    out = {}
+    for spec in specs:
+        try:
+            shape, stages = spec.split("=")
+            bm, bn = (int(v) for v in shape.lower().split("x"))
+            out[bm, bn] = int(stages)
+        except ValueError:
+            raise SystemExit(f"with_tiles: --tma-stages {spec!r}: write BMxBN=S, e.g. 128x128=5") from None
+        if out[bm, bn] < 1:
+            raise SystemExit(f"with_tiles: --tma-stages {spec!r}: S must be >= 1")
+    return out
+
+
+def apply(changes: dict[tuple[int, int], tuple[int, int]], tma_stages: dict[tuple[int, int], int] | None = None
+          ) -> tuple:
     from miles_kernels._triton import matmul
 
+    tma_stages = tma_stages or {}
     old = matmul.SMALL_M_TILES[torch.bfloat16]
-    have = {(t.block_m, t.block_n) for t in old if not t.tma}
-    missing = sorted(set(changes) - have)
-    if missing:
-        raise SystemExit(f"with_tiles: no small-M pointer tile {missing}; the table has {sorted(have)}")
+    for kind, asked, tma in (("pointer", changes, False), ("TMA", tma_stages, True)):
+        have = {(t.block_m, t.block_n) for t in old if t.tma == tma}
+        missing = sorted(set(asked) - have)
+        if missing:
+            raise SystemExit(f"with_tiles: no small-M {kind} tile {missing}; the table has {sorted(have)}")
     new = tuple(t._replace(k_unroll=changes[t.block_m, t.block_n][0], num_stages=changes[t.block_m, t.block_n][1])
-                if not t.tma and (t.block_m, t.block_n) in changes else t for t in old)
+                if not t.tma and (t.block_m, t.block_n) in changes else
+                t._replace(num_stages=tma_stages[t.block_m, t.block_n])
+                if t.tma and (t.block_m, t.block_n) in tma_stages else t for t in old)
     for dtype in (torch.bfloat16, torch.float16):
         matmul.SMALL_M_TILES[dtype] = new
     return new
@@ -55,18 +77,19 @@ def apply(changes: dict[tuple[int, int], tuple[int, int]]) -> tuple:
 
 def main() -> None:
     argv = sys.argv[1:]
-    usage = ("with_tiles: usage: with_tiles.py [--unroll BMxBN=U:S ...] [--fill F] [--fill-max-m M] "
-             "-- SCRIPT [ARGS ...]")
+    usage = ("with_tiles: usage: with_tiles.py [--unroll BMxBN=U:S ...] [--tma-stages BMxBN=S ...] [--fill F] "
+             "[--fill-max-m M] -- SCRIPT [ARGS ...]")
     if "--" not in argv:
         raise SystemExit(usage)
     cut = argv.index("--")
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--unroll", nargs="+", default=[], metavar="BMxBN=U:S")
+    ap.add_argument("--tma-stages", nargs="+", default=[], metavar="BMxBN=S")
     ap.add_argument("--fill", type=float, default=None, metavar="F")
     ap.add_argument("--fill-max-m", type=int, default=None, metavar="M")
     a = ap.parse_args(argv[:cut])
-    if not a.unroll and a.fill is None and a.fill_max_m is None:
-        raise SystemExit(f"{usage}: nothing to change (give --unroll, --fill or --fill-max-m)")
+    if not a.unroll and not a.tma_stages and a.fill is None and a.fill_max_m is None:
+        raise SystemExit(f"{usage}: nothing to change (give --unroll, --tma-stages, --fill or --fill-max-m)")
     if a.fill_max_m is not None and a.fill_max_m < 1:
         raise SystemExit(f"with_tiles: --fill-max-m {a.fill_max_m}: must be >= 1 (rows)")
     if a.fill is not None and not 0.0 < a.fill <= 4.0:
@@ -74,7 +97,7 @@ def main() -> None:
     script, *args = argv[cut + 1:] or [""]
     if not script:
         raise SystemExit("with_tiles: no script after --")
-    tiles = apply(parse(a.unroll))
+    tiles = apply(parse(a.unroll), parse_stages(a.tma_stages))
     from miles_kernels._triton import matmul
 
     if a.fill is not None:
