@@ -30,6 +30,8 @@
 #              tile above M 512 (with_tiles.py --fill-max-m 512, the picks before the mid-M rule), the small-M
 #              128-row tiles at 4 and 5 stages by TMA and by pointers (linear_sweep.py --which stages), and
 #              the engine with them at 5 (with_tiles.py --tma-stages), in one call
+#   grouped    (not in the default list) grouped_linear's picked tiles against a dense matmul, torch's grouped
+#              GEMM and the roofline (the routed experts' weight bytes; grouped_sweep.py --picks --no-gluon)
 #   capture    (not in the default list) the attention-backward and engine GPU tests in one process (the order
 #              that invalidated the 64-expert draft's capture in the thirty-third run), then again with
 #              graph_capture's collector guard taken out: test_capture_with_garbage_waiting alone, which must
@@ -171,6 +173,8 @@ for step in $steps; do
                      --out "$out/linear_stages.json"
                  run engine_tma_stages_5 timeout -s KILL 110 python3 tools/bench/with_tiles.py --tma-stages 128x128=5 \
                      128x64=5 -- tools/bench/engine.py --quick --only engine --out "$out/engine_tma_stages_5.json" ;;
+        grouped) run grouped_picks timeout -s KILL 200 python3 tools/bench/grouped_sweep.py --picks --no-gluon \
+                     --out "$out/grouped_picks.json" ;;
         capture) run capture_guarded timeout -s KILL 240 python3 -m pytest -q -o addopts="" \
                      tests/gpu/test_attention_bwd_gpu.py tests/gpu/test_engine_gpu.py
                  run capture_unguarded timeout -s KILL 240 python3 -c "import gc, sys, types, pytest
@@ -187,7 +191,7 @@ print('guard out: the capture test must fail (rc 1), rc', int(rc)); sys.exit(0 i
              run attn_tma python3 tools/bench/attn_sweep.py "$out/attn_tma.json" --tma --tiles
              run attn_tma_paged python3 tools/bench/attn_sweep.py "$out/attn_tma_paged.json" --tma-paged
              run kernel_regs python3 tools/bench/kernel_regs.py "$out/kernel_regs.json" ;;
-        *) echo "unknown step $step (tests scale kernels engine engine_host train rl_step spec profile sweep moe tma queued linears capture ws gluon optim)"
+        *) echo "unknown step $step (tests scale kernels engine engine_host train rl_step spec profile sweep moe tma queued linears grouped capture ws gluon optim)"
            exit 2 ;;
     esac
 done

@@ -8,7 +8,10 @@ equal-active MoE of tools/bench/train.py (64 experts of 384, top-8, at 4,096 tok
 64-sequence decode step), routed uniformly and by a skewed router. Every candidate tile must
 give the reference tile's bits (same BLOCK_K walk) before it is timed. Peers: one dense
 cuBLAS matmul of the same FLOPs (what the issue's target is stated against) and torch's
-grouped GEMM (`torch._grouped_mm`, CUTLASS; not batch-invariant). Gluon rows: the TMA tiles by
+grouped GEMM (`torch._grouped_mm`, CUTLASS; not batch-invariant). The roofline too: the op must read
+every routed expert's weights, which the dense peer does not (30B-A3B down on an H100: 196 us of
+bytes at the measured copy rate against the peer's 152 us), so x_roof (roofline time / ours, from the
+measured matmul and copy peaks) says how far a tile is from what the GPU allows. Gluon rows: the TMA tiles by
 gluon_grouped's warp-specialized kernel (matmul.GLUON_GROUPED) at each ring depth, checked
 bitwise against the Triton kernel first. Prints a table, writes JSON.
 """
@@ -24,7 +27,7 @@ import torch.nn.functional as F
 from miles_kernels._triton import matmul as lin
 
 sys.path.insert(0, os.path.dirname(__file__))
-from kernel_ops import timings  # noqa: E402  (launched ms, CUDA-graph replay ms)
+from kernel_ops import measure_peaks, timings  # noqa: E402  (launched ms, CUDA-graph replay ms)
 
 T = lin.Tile
 REF = T(0, 128, 128, 64, 1, 8, 4)  # the only tile before 2026-12-02's seventh run
@@ -70,7 +73,15 @@ def set_gluon(stages) -> None:
     GG.STAGES = _OP[1] if stages in (None, "op") else stages
 
 
-def run(rows, shapes, cfgs, gluon_cfgs, gluon: bool):
+def roof_ms(sizes: torch.Tensor, N: int, K: int, peak: dict) -> float:
+    """The op's roofline: its FLOPs at the matmul peak or its bytes (the routed experts' weights, x
+    and y, bf16) at the copy peak, whichever takes longer."""
+    R = int(sizes.sum())
+    bytes_ = 2 * (int((sizes > 0).sum()) * N * K + R * K + R * N)
+    return max(2 * R * N * K / peak["tflops"] / 1e9, bytes_ / peak["hbm_gbps"] / 1e6)
+
+
+def run(rows, shapes, cfgs, gluon_cfgs, gluon: bool, peak: dict):
     g = torch.Generator().manual_seed(0)
     for name, E, N, K, tokens, k in shapes:
         for skew in (0.0, 2.0):
@@ -87,7 +98,8 @@ def run(rows, shapes, cfgs, gluon_cfgs, gluon: bool):
                 set_gluon(None)
             lin.launch_grouped(x, w, offs, ref, REF)
             base = dict(shape=name, E=E, N=N, K=K, R=R, skew=skew, max_rows=int(sizes.max()),
-                        dense_ms=dense[1] or dense[0], grouped_mm_ms=gmm[1] or gmm[0])
+                        dense_ms=dense[1] or dense[0], grouped_mm_ms=gmm[1] or gmm[0],
+                        roof_ms=roof_ms(sizes, N, K, peak))
             for c, stages in [(c, None) for c in cfgs] + (gluon_cfgs if gluon else []):
                 if gluon:
                     set_gluon(stages)
@@ -104,21 +116,24 @@ def run(rows, shapes, cfgs, gluon_cfgs, gluon: bool):
                 ms = t[1] or t[0]
                 tf = 2 * R * N * K / ms / 1e9
                 rows.append(dict(base, cfg=list(c), gluon_stages=stages, same=same, ms=ms, tflops=tf,
-                                 x_dense=base["dense_ms"] / ms, x_grouped_mm=base["grouped_mm_ms"] / ms))
+                                 x_dense=base["dense_ms"] / ms, x_grouped_mm=base["grouped_mm_ms"] / ms,
+                                 x_roof=base["roof_ms"] / ms))
                 print(f"{name:22} skew={skew:.0f} R={R:6} max={base['max_rows']:5} bm={c.block_m:3} bn={c.block_n:3} "
                       f"g={c.group_m} w={c.num_warps} s={c.num_stages} tma={int(c.tma)} gluon={stages or '-'} "
                       f"same={int(same)} "
                       f"us={1e3 * ms:8.1f} TF={tf:6.1f} x_dense={base['dense_ms'] / ms:5.2f} "
-                      f"x_grouped_mm={base['grouped_mm_ms'] / ms:5.2f}", flush=True)
+                      f"x_grouped_mm={base['grouped_mm_ms'] / ms:5.2f} x_roof={base['roof_ms'] / ms:5.2f}", flush=True)
             if gluon:
                 set_gluon("op")
             pick = lin.grouped_tile(R, E, torch.bfloat16, N)
             t = timings(lambda: lin.grouped_linear(x, w, offs))  # noqa: B023  (the op: its pick + zero fill)
             ms = t[1] or t[0]
             rows.append(dict(base, cfg=["op", *list(pick)[1:]], same=True, ms=ms, tflops=2 * R * N * K / ms / 1e9,
-                             x_dense=base["dense_ms"] / ms, x_grouped_mm=base["grouped_mm_ms"] / ms))
+                             x_dense=base["dense_ms"] / ms, x_grouped_mm=base["grouped_mm_ms"] / ms,
+                             x_roof=base["roof_ms"] / ms))
             print(f"{name:22} skew={skew:.0f} grouped_linear (tile {tuple(pick)[1:]}) us={1e3 * ms:8.1f} "
-                  f"x_dense={base['dense_ms'] / ms:5.2f} x_grouped_mm={base['grouped_mm_ms'] / ms:5.2f}", flush=True)
+                  f"x_dense={base['dense_ms'] / ms:5.2f} x_grouped_mm={base['grouped_mm_ms'] / ms:5.2f} "
+                  f"x_roof={base['roof_ms'] / ms:5.2f} (roofline {1e3 * base['roof_ms']:.1f} us)", flush=True)
 
 
 def compile_only() -> int:
@@ -161,9 +176,11 @@ def main():
     shapes = [s for s in SHAPES if not a.shapes or any(s[0].startswith(p) for p in a.shapes.split(","))]
     rows = []
     cfgs = [REF, *(t._replace(max_m=0) for t in lin.GROUPED_TILES[torch.bfloat16])] if a.picks else CFGS
-    run(rows, shapes, cfgs, GLUON_CFGS, not a.no_gluon)
+    peak = measure_peaks()
+    print(f"peaks: {peak['tflops']:.0f} TFLOP/s (cuBLAS), {peak['hbm_gbps']:.0f} GB/s (copy)", flush=True)
+    run(rows, shapes, cfgs, GLUON_CFGS, not a.no_gluon, peak)
     with open(a.out, "w") as f:
-        json.dump(dict(device=torch.cuda.get_device_name(), rows=rows), f, indent=1)
+        json.dump(dict(device=torch.cuda.get_device_name(), peak=peak, rows=rows), f, indent=1)
     print(f"wrote {a.out}")
 
 
