@@ -137,7 +137,7 @@ for step in $steps; do
                    --modes invariant fast --peer --out "$out/train_moe.json" ;;
         rl_step) run bench_rl_step python3 tools/bench/rl_step.py --out "$out/rl_step.json" ;;
         spec) run bench_spec python3 tools/bench/spec.py --out "$out/spec.json" ;;
-        moe) run gpu_moe_tests timeout -s KILL 600 python3 -m pytest -q -o addopts="" tests/gpu/test_kernels_gpu.py -k "grouped or moe"
+        moe) run gpu_moe_tests timeout -s KILL 600 python3 -m pytest -q -o addopts="" tests/gpu/test_matmul_gpu.py -k "grouped or moe"
              for bwd in torch triton; do
                  run bench_train_moe_bwd_$bwd env MILES_MOE_BWD=$bwd python3 tools/bench/train.py --model qwen3-0.6b \
                      qwen3-moe-a0.6b --seqs 4096 --modes invariant --out "$out/train_moe_bwd_$bwd.json"

@@ -10,7 +10,7 @@
 
 Each BMxBN=U:S sets the 16-bit SMALL_M_TILES pointer tile BLOCK_M x BLOCK_N to U BLOCK_K steps
 a loop iteration (Tile.k_unroll) and S pipeline stages. The dots and their order stay as they are,
-so the bits do too (tests/gpu/test_kernels_gpu.py::test_unrolled_small_m_tiles_same_bits).
+so the bits do too (tests/gpu/test_matmul_gpu.py::test_unrolled_small_m_tiles_same_bits).
 Each BMxBN=S of --tma-stages sets the small-M TMA tile BLOCK_M x BLOCK_N to S stages (also what
 linears and swiglu run it with, by pointers).
 --fill F sets matmul.FILL, the share of the SMs a small-M tile's grid must fill before a wider

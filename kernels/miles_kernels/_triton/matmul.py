@@ -4,7 +4,7 @@ One output tile walks K from 0 in steps of BLOCK_K, accumulating tl.dot results 
 (no split-K, no atomics), so every output element sums its K products in the same order
 whatever M is. The tile may change with the shape (LINEAR_TILES by M; SMALL_M_TILES and MID_M_TILES
 by how many tiles fill the GPU), but BLOCK_K is the same in every tile of a dtype;
-tests/gpu/test_kernels_gpu.py checks every tile against every other bitwise. If a GPU ever
+tests/gpu/test_matmul_gpu.py checks every tile against every other bitwise. If a GPU ever
 breaks that, collapse the tables to one row.
 """
 
