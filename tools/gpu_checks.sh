@@ -24,12 +24,11 @@
 #              (a queued step makes no host sync of ours; queued steps train train_step's bits), then the
 #              trainer queued vs waited for at every step, each beside the peer run the same way
 #   linears    (not in the default list) the engine's quick rows with fast mode's and transformers generate's
-#              beside (engine.py prints each row's ratio to generate; fast >= invariant), then
-#              linear_sweep.py --which upper,check (M 256-2,048: the fill rule's candidate tiles and 64x128, weights
-#              cold; M 1,024 / 4,096 graph-timed against cuBLAS), then the engine's rows with the M bucket's
-#              tile above M 512 (with_tiles.py --fill-max-m 512, the picks before the mid-M rule), the small-M
-#              128-row tiles at 4 and 5 stages by TMA and by pointers (linear_sweep.py --which stages), and
-#              the engine with them at 5 (with_tiles.py --tma-stages), in one call
+#              beside (engine.py prints each row's ratio to generate; fast >= invariant), then linears and
+#              swiglu with the 128-row small-M tiles by TMA against the same tiles by pointers and cuBLAS
+#              (fused_linears.py, weights cold, graph-timed, bits compared), the engine with them by pointers
+#              (with_tiles.py --small-tma off) and with the 128-row tiles at 4 stages (--tma-stages), and
+#              kernel_ops.py's linear rows through linear's own picks, in one call
 #   grouped    (not in the default list) grouped_linear's picked tiles against a dense matmul, torch's grouped
 #              GEMM and the roofline (the routed experts' weight bytes; grouped_sweep.py --picks --no-gluon)
 #   capture    (not in the default list) the attention-backward and engine GPU tests in one process (the order
@@ -165,14 +164,12 @@ for step in $steps; do
                      --modes invariant --wait no yes --peer --steps 10 --out "$out/train_wait.json" ;;
         linears) run engine_quick timeout -s KILL 240 python3 tools/bench/engine.py --quick \
                      --only engine,engine-fast,hf-generate --out "$out/engine_quick.json"
-                 run linear_upper timeout -s KILL 200 python3 tools/bench/linear_sweep.py --which upper,check \
-                     --out "$out/linear_upper.json"
-                 run engine_fill_max_512 timeout -s KILL 110 python3 tools/bench/with_tiles.py --fill-max-m 512 -- \
-                     tools/bench/engine.py --quick --only engine --out "$out/engine_fill_max_512.json"
-                 run linear_stages timeout -s KILL 120 python3 tools/bench/linear_sweep.py --which stages \
-                     --out "$out/linear_stages.json"
-                 run engine_tma_stages_5 timeout -s KILL 110 python3 tools/bench/with_tiles.py --tma-stages 128x128=5 \
-                     128x64=5 -- tools/bench/engine.py --quick --only engine --out "$out/engine_tma_stages_5.json" ;;
+                 run fused_linears timeout -s KILL 200 python3 tools/bench/fused_linears.py --out "$out/fused_linears.json"
+                 run engine_small_ptr timeout -s KILL 110 python3 tools/bench/with_tiles.py --small-tma off -- \
+                     tools/bench/engine.py --quick --only engine --out "$out/engine_small_ptr.json"
+                 run engine_tma_stages_4 timeout -s KILL 110 python3 tools/bench/with_tiles.py --tma-stages 128x128=4 \
+                     128x64=4 -- tools/bench/engine.py --quick --only engine --out "$out/engine_tma_stages_4.json"
+                 run kernel_ops timeout -s KILL 150 python3 tools/bench/kernel_ops.py --out "$out/kernel_ops.json" ;;
         grouped) run grouped_picks timeout -s KILL 200 python3 tools/bench/grouped_sweep.py --picks --no-gluon \
                      --out "$out/grouped_picks.json" ;;
         capture) run capture_guarded timeout -s KILL 240 python3 -m pytest -q -o addopts="" \

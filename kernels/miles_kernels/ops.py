@@ -204,7 +204,7 @@ def linears(x, ws, bs=None):
     """(linear(x, ws[i], bs[i]) for each i): the same bits, one call (q/k/v; gate/up).
 
     1-3 weights [N_i, K] of one K; bs None or one bias per weight. On CUDA at decode sizes
-    one kernel computes them all (miles_kernels._triton.matmul.linears), in fast mode too.
+    one kernel computes them all (miles_kernels._triton.fused_linears.linears), in fast mode too.
     """
     ws, bs = tuple(ws), None if bs is None else tuple(bs)
     grad = _needs_grad(x, *ws, *(bs or ()))
@@ -345,7 +345,7 @@ def silu_mul(gate, up):
 def swiglu(x, w_gate, w_up):
     """silu_mul(*linears(x, (w_gate, w_up))), the bits of those two ops: an MLP's gate and up
     projections and its activation. On CUDA outside autograd at decode sizes (rows <= the
-    kernel's SMALL_M, bf16/fp16, in either mode) one kernel (miles_kernels._triton.matmul.swiglu):
+    kernel's SMALL_M, bf16/fp16, in either mode) one kernel (miles_kernels._triton.fused_linears.swiglu):
     the gate and up products never reach memory. Elsewhere the two ops. Any leading dims."""
     if x.dim() != 2:
         return swiglu(x.reshape(-1, x.shape[-1]), w_gate, w_up).reshape(*x.shape[:-1], w_gate.shape[0])

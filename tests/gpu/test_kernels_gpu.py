@@ -62,6 +62,8 @@ def test_fast_launch_gives_tritons_bits_and_keys_alignment(kt, monkeypatch):
         "linear TMA": lambda: mk.linear(x_big, w),
         "linear M=256": lambda: mk.linear(x_big[:256], w),
         "linears M=64": lambda: torch.cat(mk.linears(x_big[:64], (w[:1024], w[1024:1536], w[1536:2048])), 1),
+        "linears M=512 TMA": lambda: torch.cat(mk.linears(x_big[:512], (w, w[:1024])), 1),
+        "swiglu M=512 TMA": lambda: mk.swiglu(x_big[:512], w, w),
         "rms_norm misaligned": lambda: mk.rms_norm(x_mis, nw, 1e-6),
         "rms_norm aligned": lambda: mk.rms_norm(x_big[:256], nw, 1e-6),
         "silu_mul misaligned": lambda: mk.silu_mul(x_mis[:, :512], x_mis[:, 512:]),
@@ -75,10 +77,11 @@ def test_fast_launch_gives_tritons_bits_and_keys_alignment(kt, monkeypatch):
             for name, fn in cases.items():
                 _same(fn(), want[name], f"fast launch {name}")
     torch.cuda.synchronize()
-    from miles_kernels._triton import elementwise, matmul
+    from miles_kernels._triton import elementwise, fused_linears, matmul
 
     assert len(elementwise._rms_norm_kernel.kernels) >= 2, "aligned and misaligned rows share one kernel"
-    assert matmul._linear_tma_kernel.kernels and matmul._linears_kernel.kernels
+    assert matmul._linear_tma_kernel.kernels and fused_linears._linears_kernel.kernels
+    assert fused_linears._linears_tma_kernel.kernels and fused_linears._swiglu_tma_kernel.kernels
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

@@ -50,19 +50,26 @@ def test_linear_every_tile_agrees(kt, dtype):
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_linears_equal_linear(kt, dtype):
+def test_linears_equal_linear(kt, monkeypatch, dtype):
     """linears (one launch at M <= SMALL_M) gives each weight linear's bits: 0.6B q/k/v with
-    biases and gate/up shapes, M across the small-M range and past it."""
+    biases, gate/up shapes and widths that end in part tiles, M across the small-M range (partial
+    row tiles too) and past it, with the 128-row tiles by TMA (the default) and by pointers."""
+    from miles_kernels._triton import fused_linears
+
     g = _gen(3)
     K = 1024
     x = _randn(600, K, dtype=dtype, g=g)
-    for ns, bias in (((2048, 1024, 1024), True), ((3072, 3072), False)):
-        ws = tuple(_randn(n, K, dtype=dtype, g=g, scale=K**-0.5) for n in ns)
-        bs = tuple(_randn(n, dtype=dtype, g=g) for n in ns) if bias else None
-        for m in (1, 5, 64, 256, 512, 513):
-            ys = kt.linears(x[:m], ws, bs)
-            for i, (y, w) in enumerate(zip(ys, ws)):
-                _same(y, kt.linear(x[:m], w, None if bs is None else bs[i]), f"linears output {i}, M={m}, N={ns}")
+    for by_tma in (True, False):
+        monkeypatch.setattr(fused_linears, "SMALL_M_TMA", by_tma)
+        for ns, bias in (((2048, 1024, 1024), True), ((3072, 3072), False), ((1000, 520, 136), True)):
+            ws = tuple(_randn(n, K, dtype=dtype, g=g, scale=K**-0.5) for n in ns)
+            bs = tuple(_randn(n, dtype=dtype, g=g) for n in ns) if bias else None
+            for m in (1, 5, 64, 128, 256, 300, 512, 513):
+                ys = kt.linears(x[:m], ws, bs)
+                for i, (y, w) in enumerate(zip(ys, ws)):
+                    _same(y, kt.linear(x[:m], w, None if bs is None else bs[i]),
+                          f"linears output {i}, M={m}, N={ns}, TMA {by_tma}")
+    assert fused_linears._linears_tma_kernel.kernels, "the TMA linears kernel never ran"
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -254,25 +261,33 @@ def test_fast_mode_linears(kt):
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_swiglu_is_silu_mul_of_linears(kt, dtype):
+def test_swiglu_is_silu_mul_of_linears(kt, monkeypatch, dtype):
     """The swiglu kernel (gate/up products and silu_mul in one launch at M <= SMALL_M) gives
     silu_mul(*linears(...))'s bits on the 0.6B and 8B MLP shapes at every M the decode and
-    short prefill chunks bring, in both modes, and a row's bits alone equal its bits in a batch."""
+    short prefill chunks bring, in both modes, and a row's bits alone equal its bits in a batch;
+    the 128-row tiles by TMA (the default) and by pointers."""
     import miles_kernels as mk
+    from miles_kernels._triton import fused_linears
 
     g = _gen(13)
     for F, K in ((3072, 1024), (12288, 4096)):
         wg = _randn(F, K, dtype=dtype, g=g, scale=K**-0.5)
         wu = _randn(F, K, dtype=dtype, g=g, scale=K**-0.5)
         x = _randn(kt.matmul.SMALL_M, K, dtype=dtype, g=g)
+        wants = {}
         for m in (1, 7, 64, 65, 128, 256, 300, 512):
-            want = mk.silu_mul(*mk.linears(x[:m], (wg, wu)))
+            want = wants[m] = mk.silu_mul(*mk.linears(x[:m], (wg, wu)))
             _same(kt.swiglu(x[:m], wg, wu), want, f"swiglu kernel F={F} M={m}")
             for mode in ("invariant", "fast"):
                 with mk.use_mode(mode):
                     _same(mk.swiglu(x[:m], wg, wu), want, f"mk.swiglu ({mode}) F={F} M={m}")
         _same(kt.swiglu(x[5:6], wg, wu), kt.swiglu(x, wg, wu)[5:6], f"swiglu row alone vs in {len(x)} rows")
-    assert kt.matmul._swiglu_kernel.kernels, "the swiglu kernel never ran"
+        monkeypatch.setattr(fused_linears, "SMALL_M_TMA", False)  # the 128-row tiles by pointers: the same bits
+        for m in (128, 300, 512):
+            _same(kt.swiglu(x[:m], wg, wu), wants[m], f"swiglu by pointers M={m} vs by TMA")
+        monkeypatch.setattr(fused_linears, "SMALL_M_TMA", True)
+    assert fused_linears._swiglu_kernel.kernels and fused_linears._swiglu_tma_kernel.kernels, \
+        "the swiglu kernels (pointer and TMA) did not both run"
 
 
 @pytest.mark.parametrize("unroll", [2, 4])

@@ -39,10 +39,11 @@ def test_mid_m_picks(sms_132, m, n, want):
     assert _pick(m, n) == want
 
 
-def test_small_m_and_large_m_picks_unchanged(sms_132):
+def test_small_m_and_large_m_picks(sms_132):
     assert _pick(64, 1024)[:2] == (64, 16)   # decode: the narrowest that streams the weight
-    assert _pick(256, 4096)[:2] == (128, 64)
-    assert _pick(512, 12288)[:2] == (128, 128)  # no wave rule at M <= SMALL_M
+    assert _pick(256, 4096) == (128, 64, 5, True)  # the 128-row tiles at 5 stages by TMA (thirty-fifth run)
+    assert _pick(256, 6144) == (128, 128, 5, True)
+    assert _pick(512, 12288) == (128, 128, 5, True)  # no wave rule at M <= SMALL_M
     assert _pick(4096, 1024) == (128, 256, 3, True)  # the M bucket past FILL_MAX_M
 
 

@@ -101,7 +101,9 @@ def check_linear_tma_buckets() -> None:
 
 def check_linears() -> None:
     """linears (q/k/v, gate/up in one launch at small M): each output has linear's bits, with and
-    without biases, 2 and 3 weights, whichever small-M tile the summed N picks."""
+    without biases, 2 and 3 weights, whichever small-M tile the summed N picks, by pointers and
+    (TMA tiles) by TMA in a persistent grid; a misaligned x falls back to pointers."""
+    from miles_kernels._triton import fused_linears as fl
     from miles_kernels._triton import matmul as lin
 
     saved = dict(lin.SMALL_M_TILES)
@@ -112,23 +114,28 @@ def check_linears() -> None:
     try:
         for tiles in ((lin.Tile(64, 16, 16, 32, 1, 4, 2),),
                       (lin.Tile(64, 32, 32, 32, 1, 4, 2), lin.Tile(64, 16, 16, 32, 1, 4, 2)),
-                      (lin.Tile(64, 16, 16, 32, 1, 4, 2, k_unroll=2),)):  # K = 72: a pair, then the tail
+                      (lin.Tile(64, 16, 16, 32, 1, 4, 2, k_unroll=2),),  # K = 72: a pair, then the tail
+                      (lin.Tile(64, 16, 16, 32, 1, 4, 2, True),),  # 3 row tiles x 6 column tiles on 4 programs
+                      (lin.Tile(64, 32, 32, 32, 1, 4, 2, True), lin.Tile(64, 16, 16, 32, 1, 4, 2))):
             lin.SMALL_M_TILES[torch.float32] = tiles
             for k in (2, 3):
                 for with_b in (False, True):
                     b = bs[:k] if with_b else None
-                    ys = lin.linears(x, tuple(ws[:k]), None if b is None else tuple(b))
+                    ys = fl.linears(x, tuple(ws[:k]), None if b is None else tuple(b))
                     assert len(ys) == k
                     for i in range(k):
                         _same(ys[i], lin.linear(x, ws[i], None if b is None else b[i]),
                               f"linears output {i} of {k} (bias {with_b}, tiles {tiles}) vs linear")
-                    _same(lin.linears(x[3:4], tuple(ws[:k]))[k - 1], lin.linears(x, tuple(ws[:k]))[k - 1][3:4],
+                    _same(fl.linears(x[3:4], tuple(ws[:k]))[k - 1], fl.linears(x, tuple(ws[:k]))[k - 1][3:4],
                           "linears row 3 alone vs in batch")
+        x70, ws70 = x[:, :70].contiguous(), [w[:, :70].contiguous() for w in ws]  # 280-byte rows: pointers
+        for y, w in zip(fl.linears(x70, tuple(ws70)), ws70):
+            _same(y, lin.linear(x70, w), "linears with misaligned rows (TMA tile, pointer fallback) vs linear")
     finally:
         lin.SMALL_M_TILES.clear()
         lin.SMALL_M_TILES.update(saved)
     try:
-        lin.linears(x, (ws[0], torch.randn(5, 71)))
+        fl.linears(x, (ws[0], torch.randn(5, 71)))
     except ValueError as e:
         assert "K=72" in str(e)
     else:
@@ -137,8 +144,9 @@ def check_linears() -> None:
 
 def check_swiglu() -> None:
     """swiglu (gate/up products and silu_mul in one launch at small M) has the bits of silu_mul
-    over linears' outputs, whichever small-M tile 2F picks (its width halved a weight); a row's
-    bits do not depend on the batch; shapes it cannot take are refused."""
+    over linears' outputs, whichever small-M tile 2F picks (its width halved a weight), by pointers
+    and by TMA; a row's bits do not depend on the batch; shapes it cannot take are refused."""
+    from miles_kernels._triton import fused_linears as fl
     from miles_kernels._triton import matmul as lin
 
     kt = _kt()
@@ -148,16 +156,17 @@ def check_swiglu() -> None:
     wg, wu = torch.randn(40, 72, generator=g), torch.randn(40, 72, generator=g)
     try:
         for tiles in ((lin.Tile(64, 16, 32, 32, 1, 4, 2),), (lin.Tile(64, 32, 64, 32, 1, 4, 2), lin.Tile(64, 16, 32, 32, 1, 4, 2)),
-                      (lin.Tile(64, 16, 32, 32, 1, 4, 2, k_unroll=2),)):  # K = 72: a pair of steps, then the tail
-            lin.SMALL_M_TILES[torch.float32] = tuple(t._replace(k_unroll=1) for t in tiles)
-            ref = kt.silu_mul(*lin.linears(x, (wg, wu)))
+                      (lin.Tile(64, 16, 32, 32, 1, 4, 2, k_unroll=2),),  # K = 72: a pair of steps, then the tail
+                      (lin.Tile(64, 16, 32, 32, 1, 4, 2, True),)):  # by TMA: 3 x 3 tiles on 4 programs
+            lin.SMALL_M_TILES[torch.float32] = tuple(t._replace(k_unroll=1, tma=False) for t in tiles)
+            ref = kt.silu_mul(*fl.linears(x, (wg, wu)))
             lin.SMALL_M_TILES[torch.float32] = tiles
-            y = lin.swiglu(x, wg, wu)
+            y = fl.swiglu(x, wg, wu)
             _same(y, ref, f"swiglu (tiles {tiles}) vs silu_mul(linears)")
-            _same(lin.swiglu(x[3:4], wg, wu), y[3:4], "swiglu row 3 alone vs in batch")
+            _same(fl.swiglu(x[3:4], wg, wu), y[3:4], "swiglu row 3 alone vs in batch")
         for bad, what in (((x, wg, wu[:, :71]), "K=72"), ((x.repeat(14, 1), wg, wu), "M <= ")):
             try:
-                lin.swiglu(*bad)
+                fl.swiglu(*bad)
             except ValueError as e:
                 assert what in str(e), str(e)
             else:

@@ -12,9 +12,9 @@ ROOT = Path(__file__).resolve().parents[2]
 ENV = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), str(ROOT / "kernels")])}
 SCRIPT = """
 import json, sys, torch
-from miles_kernels._triton import matmul
+from miles_kernels._triton import fused_linears, matmul
 json.dump({"argv": sys.argv, "tiles": [list(t) for t in matmul.SMALL_M_TILES[torch.float16]], "fill": matmul.FILL,
-           "fill_max_m": matmul.FILL_MAX_M}, open(sys.argv[1], "w"))
+           "fill_max_m": matmul.FILL_MAX_M, "small_tma": fused_linears.SMALL_M_TMA}, open(sys.argv[1], "w"))
 """
 
 
@@ -74,6 +74,19 @@ def test_fill_alone(tmp_path):
     assert got["tiles"] == [list(t) for t in matmul.SMALL_M_TILES[matmul.torch.float16]]
 
 
+def test_small_tma_off(tmp_path):
+    """--small-tma off: linears and swiglu run the 128-row tiles by pointers; the tiles stay as shipped."""
+    script, out = tmp_path / "show.py", tmp_path / "out.json"
+    script.write_text(SCRIPT)
+    proc = _run(tmp_path, "--small-tma", "off", "--", str(script), str(out))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    from miles_kernels._triton import fused_linears, matmul
+
+    got = json.loads(out.read_text())
+    assert got["small_tma"] is False and fused_linears.SMALL_M_TMA is True
+    assert got["tiles"] == [list(t) for t in matmul.SMALL_M_TILES[matmul.torch.float16]]
+
+
 def test_fill_max_m_moves_the_picks_above_small_m(tmp_path):
     """--fill-max-m 512: the script's picker takes M 1,024 x N 1,024's tile from the M bucket (128x128 TMA,
     64 tiles on 132 SMs); as shipped the fill rule takes 128x64 there."""
@@ -103,6 +116,7 @@ def test_bad_specs_are_refused(tmp_path):
                       (["--fill-max-m", "0", "--", "x.py"], "must be >= 1"),
                       (["--tma-stages", "64x64=5", "--", "x.py"], "no small-M TMA tile [(64, 64)]"),
                       (["--tma-stages", "128x128", "--", "x.py"], "write BMxBN=S"),
-                      (["--tma-stages", "128x128=0", "--", "x.py"], "S must be >= 1")):
+                      (["--tma-stages", "128x128=0", "--", "x.py"], "S must be >= 1"),
+                      (["--small-tma", "yes", "--", "x.py"], "invalid choice")):
         proc = _run(tmp_path, *args)
         assert proc.returncode != 0 and msg in proc.stderr, (args, proc.stderr[-500:])

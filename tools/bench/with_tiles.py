@@ -6,13 +6,15 @@
 
     ... with_tiles.py --fill 0.75 -- tools/bench/engine.py --quick --only engine    # another FILL
     ... with_tiles.py --fill-max-m 512 -- tools/bench/engine.py --quick   # the M bucket's tile above M 512
-    ... with_tiles.py --tma-stages 128x128=5 128x64=5 -- tools/bench/engine.py --quick   # 5 stages
+    ... with_tiles.py --tma-stages 128x128=4 128x64=4 -- tools/bench/engine.py --quick   # 4 stages
+    ... with_tiles.py --small-tma off -- tools/bench/engine.py --quick   # linears / swiglu by pointers
 
 Each BMxBN=U:S sets the 16-bit SMALL_M_TILES pointer tile BLOCK_M x BLOCK_N to U BLOCK_K steps
 a loop iteration (Tile.k_unroll) and S pipeline stages. The dots and their order stay as they are,
 so the bits do too (tests/gpu/test_matmul_gpu.py::test_unrolled_small_m_tiles_same_bits).
 Each BMxBN=S of --tma-stages sets the small-M TMA tile BLOCK_M x BLOCK_N to S stages (also what
-linears and swiglu run it with, by pointers).
+linears and swiglu run it with). --small-tma off runs those tiles in linears and swiglu by pointers
+(fused_linears.SMALL_M_TMA; same bits).
 --fill F sets matmul.FILL, the share of the SMs a small-M tile's grid must fill before a wider
 tile is taken (every tile gives the same bits); --fill-max-m M sets matmul.FILL_MAX_M, the largest
 M whose tile the fill rule picks (above, the M bucket's). The script runs in this process (runpy), so
@@ -78,7 +80,7 @@ def apply(changes: dict[tuple[int, int], tuple[int, int]], tma_stages: dict[tupl
 def main() -> None:
     argv = sys.argv[1:]
     usage = ("with_tiles: usage: with_tiles.py [--unroll BMxBN=U:S ...] [--tma-stages BMxBN=S ...] [--fill F] "
-             "[--fill-max-m M] -- SCRIPT [ARGS ...]")
+             "[--fill-max-m M] [--small-tma on|off] -- SCRIPT [ARGS ...]")
     if "--" not in argv:
         raise SystemExit(usage)
     cut = argv.index("--")
@@ -87,9 +89,11 @@ def main() -> None:
     ap.add_argument("--tma-stages", nargs="+", default=[], metavar="BMxBN=S")
     ap.add_argument("--fill", type=float, default=None, metavar="F")
     ap.add_argument("--fill-max-m", type=int, default=None, metavar="M")
+    ap.add_argument("--small-tma", choices=("on", "off"), default=None)
     a = ap.parse_args(argv[:cut])
-    if not a.unroll and not a.tma_stages and a.fill is None and a.fill_max_m is None:
-        raise SystemExit(f"{usage}: nothing to change (give --unroll, --tma-stages, --fill or --fill-max-m)")
+    if not a.unroll and not a.tma_stages and a.fill is None and a.fill_max_m is None and a.small_tma is None:
+        raise SystemExit(f"{usage}: nothing to change (give --unroll, --tma-stages, --fill, --fill-max-m or "
+                         "--small-tma)")
     if a.fill_max_m is not None and a.fill_max_m < 1:
         raise SystemExit(f"with_tiles: --fill-max-m {a.fill_max_m}: must be >= 1 (rows)")
     if a.fill is not None and not 0.0 < a.fill <= 4.0:
@@ -98,14 +102,16 @@ def main() -> None:
     if not script:
         raise SystemExit("with_tiles: no script after --")
     tiles = apply(parse(a.unroll), parse_stages(a.tma_stages))
-    from miles_kernels._triton import matmul
+    from miles_kernels._triton import fused_linears, matmul
 
+    if a.small_tma is not None:
+        fused_linears.SMALL_M_TMA = a.small_tma == "on"
     if a.fill is not None:
         matmul.FILL = a.fill
     if a.fill_max_m is not None:
         matmul.FILL_MAX_M = a.fill_max_m
     print("with_tiles: small-M tiles", [tuple(t) for t in tiles], "FILL", matmul.FILL, "FILL_MAX_M", matmul.FILL_MAX_M,
-          flush=True)
+          "SMALL_M_TMA", fused_linears.SMALL_M_TMA, flush=True)
     sys.argv = [script, *args]
     runpy.run_path(script, run_name="__main__")
 

@@ -14,6 +14,7 @@ warp specialization and overlapped wgmmas) that give the Triton kernels' values 
 interpreter runs Gluon, so tests/gpu compares them with the Triton kernels bit for bit.
 gluon_grouped.py, grouped_linear's TMA tiles with half tiles at an expert's end, waits behind
 matmul.GLUON_GROUPED (off) for its first GPU check; gluon_gate.py decides where Gluon may run.
+fused_linears.py holds the decode step's fused linears (q|k|v, gate|up with silu_mul) on matmul's tiles.
 Beside the ops: adamw.py, the trainer's optimizer step in one pass (torch's fused AdamW values,
 the bf16 grads in and the next forward's bf16 parameters out; train/optim.py).
 """
@@ -25,8 +26,8 @@ from miles_kernels._triton.elementwise import (add_rms_norm, apply_rope, qk_norm
 from miles_kernels._triton.elementwise_grads import apply_rope_grad, rms_norm_grad, silu_mul_grad
 from miles_kernels._triton.logprobs_grad import logprobs_grad
 from miles_kernels._triton.moe import gather_sum, moe_combine, moe_combine_grad
-from miles_kernels._triton.matmul import (GROUPED_TILES, LINEAR_TILES, grouped_linear, grouped_tile, linear, linear_tile,
-                                          linears, swiglu)
+from miles_kernels._triton.matmul import GROUPED_TILES, LINEAR_TILES, grouped_linear, grouped_tile, linear, linear_tile
+from miles_kernels._triton.fused_linears import linears, swiglu
 from miles_kernels._triton.rows import filter_logits, logprobs, route_topk, top_p_cutoff
 
 __all__ = [

@@ -15,7 +15,6 @@ import triton
 import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
-from miles_kernels._triton.elementwise import silu_times
 from miles_kernels._triton.gluon_gate import gluon_module
 from miles_kernels._triton.launch import fast_launch
 
@@ -47,9 +46,12 @@ _TILES_16 = (
 # M-bucket tile on the 0.6B / 8B shapes at M = 64-512).
 SMALL_M = 512
 FILL = 0.7
+# The 128-row TMA tiles at 5 stages: up to 0.11 of cuBLAS above 4 stages on 41 of 42 shapes at M 128-512
+# (H100, thirty-fifth run, linear_sweep --which stages, graph-timed, cold weights; 128x128 at M 512 x N 24,576
+# lost 0.10).
 _SMALL_16 = (
-    Tile(SMALL_M, 128, 128, 64, 8, 8, 4, True),
-    Tile(SMALL_M, 128, 64, 64, 8, 4, 4, True),
+    Tile(SMALL_M, 128, 128, 64, 8, 8, 5, True),
+    Tile(SMALL_M, 128, 64, 64, 8, 4, 5, True),
     Tile(SMALL_M, 64, 64, 64, 1, 4, 6),
     # Two BLOCK_K steps an iteration on the narrow tiles (same bits): graph-timed with cold weights
     # on an H100 (2026-12-05), 0.6B / 8B decode linears at M 64 went 0.89-0.93x -> 0.92-1.07x cuBLAS,
@@ -229,6 +231,17 @@ def _linear_kernel(
                  HAS_BIAS, BLOCK_M, BLOCK_N, BLOCK_K, PRECISION, K_UNROLL)
 
 
+@triton.jit
+def _tma_k_walk(x_desc, w_desc, off_m, off_n, K, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                BLOCK_K: tl.constexpr, PRECISION: tl.constexpr):
+    """_k_walk by TMA: the tile at (off_m, off_n), K from 0 in BLOCK_K steps, fp32 acc. TMA zero-fills
+    rows past the end and the K tail as the masked loads do, so the bits are the pointer walk's."""
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        acc = tl.dot(x_desc.load([off_m, k0]), w_desc.load([off_n, k0]).T, acc, input_precision=PRECISION)
+    return acc
+
+
 @fast_launch
 @triton.jit
 def _linear_tma_kernel(
@@ -245,11 +258,7 @@ def _linear_tma_kernel(
         tile_m, tile_n = _grouped_order(tile, n_tiles_m, n_tiles_n, GROUP_M)
         off_m = tile_m * BLOCK_M
         off_n = tile_n * BLOCK_N
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        for k0 in range(0, K, BLOCK_K):
-            x = x_desc.load([off_m, k0])
-            w = w_desc.load([off_n, k0])
-            acc = tl.dot(x, w.T, acc, input_precision=PRECISION)
+        acc = _tma_k_walk(x_desc, w_desc, off_m, off_n, K, BLOCK_M, BLOCK_N, BLOCK_K, PRECISION)
         y = acc.to(y_desc.dtype)
         if HAS_BIAS:
             cols = off_n + tl.arange(0, BLOCK_N)
@@ -314,135 +323,6 @@ def linear(x_MK: torch.Tensor, w_NK: torch.Tensor, b_N: torch.Tensor | None = No
         return y_MN
     _launch_linear(x_MK, w_NK, b_N, y_MN, linear_tile(M, x_MK.dtype, N, x_MK.device))
     return y_MN
-
-
-@fast_launch
-@triton.jit
-def _linears_kernel(
-    x_ptr, w0_ptr, w1_ptr, w2_ptr, b0_ptr, b1_ptr, b2_ptr, y0_ptr, y1_ptr, y2_ptr,
-    M, K, N0, N1, N2, T1, T2, stride_xm,
-    HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    PRECISION: tl.constexpr, K_UNROLL: tl.constexpr,
-):
-    # Up to three linears of one x in one launch: column tiles [0, T1) are w0's, [T1, T2) w1's,
-    # [T2, ...) w2's (contiguous [N_i, K] weights, contiguous [M, N_i] outputs). A tile is
-    # computed exactly as in _linear_kernel (K from 0 in BLOCK_K steps, fp32 acc), so each
-    # output has the bits linear(x, w_i, b_i) gives.
-    pid = tl.program_id(0)
-    n_tiles_m = tl.cdiv(M, BLOCK_M)
-    tile_m = pid % n_tiles_m
-    tile_n = pid // n_tiles_m
-    in1 = tile_n >= T1
-    in2 = tile_n >= T2
-    w_ptr = tl.where(in2, w2_ptr, tl.where(in1, w1_ptr, w0_ptr))
-    y_ptr = tl.where(in2, y2_ptr, tl.where(in1, y1_ptr, y0_ptr))
-    N = tl.where(in2, N2, tl.where(in1, N1, N0))
-    tile_n -= tl.where(in2, T2, tl.where(in1, T1, 0))
-    b_ptr = tl.where(in2, b2_ptr, tl.where(in1, b1_ptr, b0_ptr))
-    _linear_tile(x_ptr, w_ptr, b_ptr, y_ptr, tile_m, tile_n, M, N, K, stride_xm, K, N,
-                 HAS_BIAS, BLOCK_M, BLOCK_N, BLOCK_K, PRECISION, K_UNROLL)
-
-
-def linears(x_MK: torch.Tensor, ws: tuple[torch.Tensor, ...], bs: tuple[torch.Tensor, ...] | None = None
-            ) -> tuple[torch.Tensor, ...]:
-    """(linear(x, ws[i], bs[i]) for each i), bit for bit; 1-3 weights of one K (q/k/v, gate/up).
-
-    At M <= SMALL_M (decode) one launch covers them all, its tile chosen by the summed N (the
-    decode step's few, small linears are launch- and occupancy-bound); above, one linear each.
-    """
-    M, K = x_MK.shape
-    if not 1 <= len(ws) <= 3 or any(w.shape[1] != K for w in ws) or (bs is not None and len(bs) != len(ws)):
-        raise ValueError(f"miles_kernels linears: 1-3 weights [N_i, K={K}] (and as many biases), got "
-                         f"{[list(w.shape) for w in ws]} and {None if bs is None else len(bs)} biases")
-    small = SMALL_M_TILES.get(x_MK.dtype, ())
-    if M == 0 or M > SMALL_M or not small:
-        return tuple(linear(x_MK, w, None if bs is None else bs[i]) for i, w in enumerate(ws))
-    x_MK = x_MK.contiguous()
-    ws = tuple(w.contiguous() for w in ws)
-    ns = [w.shape[0] for w in ws]
-    t = linear_tile(M, x_MK.dtype, sum(ns), x_MK.device)
-    ys = tuple(torch.empty((M, n), dtype=x_MK.dtype, device=x_MK.device) for n in ns)
-    tiles = [triton.cdiv(n, t.block_n) for n in ns] + [0, 0]
-    pad = lambda seq, fill: tuple(seq) + (fill,) * (3 - len(seq))  # noqa: E731
-    w3, y3 = pad(ws, ws[-1]), pad(ys, ys[-1])
-    b3 = pad(bs, bs[-1]) if bs is not None else (x_MK,) * 3
-    n3 = pad(ns, 0)
-    grid = (triton.cdiv(M, t.block_m) * sum(tiles),)
-    _linears_kernel[grid](
-        x_MK, *w3, *b3, *y3, M, K, *n3, tiles[0], tiles[0] + tiles[1], x_MK.stride(0),
-        HAS_BIAS=bs is not None, BLOCK_M=t.block_m, BLOCK_N=t.block_n, BLOCK_K=t.block_k,
-        PRECISION=_dot_precision(x_MK.dtype), K_UNROLL=t.k_unroll, num_warps=t.num_warps, num_stages=t.num_stages,
-    )
-    return ys
-
-
-@fast_launch
-@triton.jit
-def _swiglu_kernel(x_ptr, wg_ptr, wu_ptr, y_ptr, M, F, K, stride_xm, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                   BLOCK_K: tl.constexpr, PRECISION: tl.constexpr, K_UNROLL: tl.constexpr):
-    # One tile of silu(x @ wg^T) * (x @ wu^T) (contiguous [F, K] weights, contiguous [M, F] y):
-    # each product walks K as linear's tile does (from 0 in BLOCK_K steps, fp32 acc) and is
-    # rounded to y's dtype as linear stores it, then silu_mul's fp32 math and its one rounding.
-    pid = tl.program_id(0)
-    n_tiles_m = tl.cdiv(M, BLOCK_M)
-    rows = (pid % n_tiles_m) * BLOCK_M + tl.arange(0, BLOCK_M)
-    cols = (pid // n_tiles_m) * BLOCK_N + tl.arange(0, BLOCK_N)
-    ks = tl.arange(0, BLOCK_K)
-    row_ok, col_ok = rows < M, cols < F
-    x_ptrs = x_ptr + rows[:, None].to(tl.int64) * stride_xm + ks[None, :]
-    w_off = cols[None, :].to(tl.int64) * K + ks[:, None]
-    acc_g = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    acc_u = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    k_rest = 0
-    if K_UNROLL > 1:  # whole steps K_UNROLL an iteration, then the rest: the same dots (as _k_walk)
-        k_rest = K - K % (BLOCK_K * K_UNROLL)
-        for k0 in range(0, k_rest, BLOCK_K * K_UNROLL):
-            for u in tl.static_range(K_UNROLL):
-                x = tl.load(x_ptrs + u * BLOCK_K, mask=row_ok[:, None], other=0.0)
-                acc_g = tl.dot(x, tl.load(wg_ptr + w_off + u * BLOCK_K, mask=col_ok[None, :], other=0.0), acc_g,
-                               input_precision=PRECISION)
-                acc_u = tl.dot(x, tl.load(wu_ptr + w_off + u * BLOCK_K, mask=col_ok[None, :], other=0.0), acc_u,
-                               input_precision=PRECISION)
-            x_ptrs += BLOCK_K * K_UNROLL
-            w_off += BLOCK_K * K_UNROLL
-    for k0 in range(k_rest, K, BLOCK_K):
-        x = tl.load(x_ptrs, mask=row_ok[:, None] & (k0 + ks[None, :] < K), other=0.0)
-        w_ok = col_ok[None, :] & (k0 + ks[:, None] < K)
-        acc_g = tl.dot(x, tl.load(wg_ptr + w_off, mask=w_ok, other=0.0), acc_g, input_precision=PRECISION)
-        acc_u = tl.dot(x, tl.load(wu_ptr + w_off, mask=w_ok, other=0.0), acc_u, input_precision=PRECISION)
-        x_ptrs += BLOCK_K
-        w_off += BLOCK_K
-    dtype = y_ptr.dtype.element_ty
-    y = silu_times(acc_g.to(dtype).to(tl.float32), acc_u.to(dtype).to(tl.float32))
-    y_ptrs = y_ptr + rows[:, None].to(tl.int64) * F + cols[None, :]
-    tl.store(y_ptrs, y.to(dtype), mask=row_ok[:, None] & col_ok[None, :])
-
-
-def swiglu(x_MK: torch.Tensor, w_gate_FK: torch.Tensor, w_up_FK: torch.Tensor) -> torch.Tensor:
-    """silu_mul(linear(x, w_gate), linear(x, w_up)) bit for bit in one launch, for M <= SMALL_M
-    (decode): the gate and up products never leave the kernel. The tile is linears' for the
-    two weights (N = 2F) with half its width a weight, pointer loads: each program walks both
-    weights' rows of its columns, the weight bytes and registers of linears' tile."""
-    M, K = x_MK.shape
-    F = w_gate_FK.shape[0]
-    if w_gate_FK.shape != (F, K) or w_up_FK.shape != (F, K):
-        raise ValueError(f"miles_kernels swiglu: gate {list(w_gate_FK.shape)} and up {list(w_up_FK.shape)} must "
-                         f"both be [F, K={K}]")
-    if M > SMALL_M or x_MK.dtype not in SMALL_M_TILES:
-        raise ValueError(f"miles_kernels swiglu: one kernel for M <= {SMALL_M} rows of bf16/fp16 "
-                         f"(got M={M}, {x_MK.dtype}); above, silu_mul(*linears(...))")
-    x_MK, w_gate_FK, w_up_FK = x_MK.contiguous(), w_gate_FK.contiguous(), w_up_FK.contiguous()
-    y = torch.empty((M, F), dtype=x_MK.dtype, device=x_MK.device)
-    if M == 0 or F == 0:
-        return y
-    t = linear_tile(M, x_MK.dtype, 2 * F, x_MK.device)
-    block_n = max(t.block_n // 2, 16)
-    _swiglu_kernel[(triton.cdiv(M, t.block_m) * triton.cdiv(F, block_n),)](
-        x_MK, w_gate_FK, w_up_FK, y, M, F, K, x_MK.stride(0), BLOCK_M=t.block_m, BLOCK_N=block_n,
-        BLOCK_K=t.block_k, PRECISION=_dot_precision(x_MK.dtype), K_UNROLL=t.k_unroll, num_warps=t.num_warps,
-        num_stages=t.num_stages,
-    )
-    return y
 
 
 @triton.jit
