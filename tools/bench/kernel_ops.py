@@ -15,6 +15,7 @@ import platform
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from triton.testing import do_bench
 
 from miles_kernels import _triton as kt
@@ -132,7 +133,7 @@ def bench_decode_attention(rows, name, cfg, peak, page, batches, ctxs):
             torch.cuda.empty_cache()
 
 
-def bench_prefill_attention(rows, name, cfg, peak, page, L):
+def bench_prefill_attention(rows, name, cfg, peak, page, L, peers: bool = False):
     H, K, D = cfg["heads"], cfg["kv_heads"], cfg["head_dim"]
     q, kc, vc, _, _, bt = _decode_inputs(cfg, 1, L, page)
     q = torch.randn(L, H, D, device="cuda", dtype=DTYPE)
@@ -142,9 +143,27 @@ def bench_prefill_attention(rows, name, cfg, peak, page, L):
     qs = q.transpose(0, 1)[None]
     ks = kc.view(-1, K, D)[:L].transpose(0, 1)[None].contiguous()
     vs = vc.view(-1, K, D)[:L].transpose(0, 1)[None].contiguous()
-    base = timings(lambda: F.scaled_dot_product_attention(qs, ks, vs, is_causal=True, enable_gqa=True))
-    _row(rows, f"attn_prefill/{name}", f"L={L} page={page}", t, base, "sdpa", 2 * H * L * L * D,
-         2 * (2 * L * H * D + 2 * L * K * D), peak)
+    sdpa = lambda: F.scaled_dot_product_attention(qs, ks, vs, is_causal=True, enable_gqa=True)  # noqa: E731
+    base = timings(sdpa)
+    flops, bytes_ = 2 * H * L * L * D, 2 * (2 * L * H * D + 2 * L * K * D)
+    _row(rows, f"attn_prefill/{name}", f"L={L} page={page}", t, base, "sdpa", flops, bytes_, peak)
+    if not peers:
+        return
+    # the trainer's packed forward (on Hopper the Gluon kernel) on the same q / K / V, and which backend SDPA's
+    # default is: each backend's time against the default's ("x base" > 1: faster than the default)
+    k_p, v_p = ks[0].transpose(0, 1).contiguous(), vs[0].transpose(0, 1).contiguous()
+    _row(rows, f"attn_packed/{name}", f"L={L}", timings(lambda: kt.packed_attention(q, k_p, v_p, cu, L, D**-0.5)),
+         base, "sdpa", flops, bytes_, peak)
+    for backend in (SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.CUDNN_ATTENTION):
+        def one():
+            with sdpa_kernel([backend]):  # noqa: B023
+                return sdpa()
+        try:
+            one()
+        except RuntimeError as e:  # a backend that does not take these shapes: reported, not timed
+            print(f"  sdpa {backend.name} at {name} L={L}: {str(e).splitlines()[0][:100]}")
+            continue
+        _row(rows, f"sdpa_{backend.name.lower()}/{name}", f"L={L}", timings(one), base, "sdpa", flops, bytes_, peak)
 
 
 def bench_fused_rows(rows, name, cfg, peak):
@@ -250,7 +269,7 @@ def main():
         bench_linear(rows, m, cfg, peak, ms_list)
         bench_decode_attention(rows, m, cfg, peak, args.page_size, batches, ctxs)
         for L in (4096,) if args.quick else (1024, 4096, 16384):
-            bench_prefill_attention(rows, m, cfg, peak, args.page_size, L)
+            bench_prefill_attention(rows, m, cfg, peak, args.page_size, L, peers=True)
             if args.page_size != 16:  # the trainer's scratch layout (TRAIN_PAGE_SIZE): KV blocks span pages
                 bench_prefill_attention(rows, m, cfg, peak, 16, L)
         bench_row_ops(rows, m, cfg, peak)
