@@ -154,13 +154,14 @@ def desc_sig(rows: int, D: int) -> str:
 
 
 def compile_sm90(kernel, block_m: int, block_n: int, num_warps: int, stages: int, G: int = 2, D: int = 128,
-                 maxnreg: int | None = None, ptx_dir: str = "") -> dict:
-    """Compile kernel for sm_90 without a GPU (bf16, descriptors as the GPU run makes them); its
-    registers, spills and shared memory from ptxas -v."""
+                 maxnreg: int | None = None, ptx_dir: str = "", page: int = 0) -> dict:
+    """Compile kernel for sm_90 without a GPU (bf16, descriptors as the GPU run makes them; page: the
+    forward's PAGE, 0 packed); its registers, spills and shared memory from ptxas -v."""
     fn = kernel
     names = [p.name for p in fn.params]
     consts = {k: v for k, v in dict(G=G, STAGES=stages, LOAD_REGS=LOAD_REGS, BLOCK_M=block_m, G_PAD=G,
-                                    SPLIT_BLOCKS=4, STORE_LSE=True, CONSUMER_REGS=240).items() if k in names}
+                                    SPLIT_BLOCKS=4, STORE_LSE=True, CONSUMER_REGS=240, PAGE=page).items()
+              if k in names}
     sig = {}
     for n in (n for n in names if n not in consts):
         if n in ("q_desc", "do_desc"):
@@ -168,7 +169,8 @@ def compile_sm90(kernel, block_m: int, block_n: int, num_warps: int, stages: int
         elif n in ("k_desc", "v_desc"):
             sig[n] = desc_sig(block_n, D)
         elif n.endswith("_ptr"):
-            sig[n] = "*i32" if n == "cu_ptr" else "*fp32" if n in ("lse_ptr", "delta_ptr") else "*bf16"
+            sig[n] = "*i32" if n in ("cu_ptr", "kv_ptr", "bt_ptr") else "*fp32" if n in ("lse_ptr", "delta_ptr") \
+                else "*bf16"
         else:
             sig[n] = "fp32" if n in ("qk_scale", "scale") else "i32"
     return dict(ptxas_report(fn, sig, consts, num_warps, maxnreg, ptx_dir), tile=[block_m, block_n, num_warps, stages])
@@ -233,9 +235,10 @@ def compile_configs(configs: list, kernels: dict, ptx_dir: str) -> list:
           f"kernel's compute warps get setmaxnreg's)")
     print(f"{'config':>22} {'regs':>5} {'spill st/ld B':>14} {'shared B':>9} {'HGMMA':>6} {'waits':>6}")
     failed = []
-    for name, kernel, bm, bn, nw, stages, maxnreg in configs:
+    for name, kernel, bm, bn, nw, stages, maxnreg, *page in configs:  # page: the forward's PAGE (0: packed)
         try:
-            r = compile_sm90(kernels[kernel], bm, bn, nw, stages, maxnreg=maxnreg, ptx_dir=ptx_dir)
+            r = compile_sm90(kernels[kernel], bm, bn, nw, stages, maxnreg=maxnreg, ptx_dir=ptx_dir,
+                             page=page[0] if page else 0)
         except Exception as e:  # reported, the other configs still compiled
             print(f"{name:>22} FAILED: {type(e).__name__}: {str(e)[:500]}")
             failed.append(name)

@@ -42,7 +42,8 @@ CONFIGS = [
 
 
 def compile_only(ptx_dir: str, configs: list) -> list:
-    return compile_configs(configs, globals(), ptx_dir)
+    """The configs as the packed forward, then over a paged cache (pages of 64: the engine's prefill)."""
+    return compile_configs(configs + [(f"{c[0]} paged", *c[1:], 64) for c in configs], globals(), ptx_dir)
 
 
 # ---- GPU: check and time ----
@@ -110,14 +111,14 @@ class FwdCase:
         k_desc, v_desc = (TensorDescriptor(x, list(x.shape), [x.stride(0), 1], [bn, D], layout) for x in kv2)
         grid = (triton.cdiv(self.max_len, bm // g_pad), len(self.lens) * K)
         meta = dict(BLOCK_M=bm, G=G, G_PAD=g_pad, SPLIT_BLOCKS=KV_SPLIT // KV_BLOCK, STAGES=stages, STORE_LSE=True,
-                    num_warps=nw)
+                    PAGE=0, num_warps=nw)
         if kernel == "_fwd_ws_kernel":
             meta.update(LOAD_REGS=GA.LOAD_REGS, CONSUMER_REGS=GA.CONSUMER_REGS)
         if maxnreg:
             meta["maxnreg"] = maxnreg
         fn = globals()[kernel]
-        args = (self.q, k_desc, v_desc, o, lse, self.cu, self.scale * 1.4426950408889634, K, self.q.stride(0),
-                o.stride(0), lse.stride(0))
+        args = (self.q, k_desc, v_desc, o, lse, self.cu, self.cu, self.cu, self.scale * 1.4426950408889634, K,
+                self.q.stride(0), o.stride(0), lse.stride(0), 0)  # packed: kv lens, table and its stride unused
         return lambda: fn[grid](*args, **meta)
 
 

@@ -154,6 +154,16 @@ def bench_prefill_attention(rows, name, cfg, peak, page, L, peers: bool = False)
     k_p, v_p = ks[0].transpose(0, 1).contiguous(), vs[0].transpose(0, 1).contiguous()
     _row(rows, f"attn_packed/{name}", f"L={L}", timings(lambda: kt.packed_attention(q, k_p, v_p, cu, L, D**-0.5)),
          base, "sdpa", flops, bytes_, peak)
+    from miles_kernels._triton import paged_attention as A
+    from miles_kernels._triton.gluon_gate import gluon_module
+
+    if gluon_module("gluon_attention") is not None and torch.cuda.get_device_capability() == (9, 0):
+        saved, A.GLUON_PAGED = A.GLUON_PAGED, True  # the same prefill by the Gluon kernel (paged_attention.GLUON_PAGED)
+        try:
+            _row(rows, f"attn_prefill_gluon/{name}", f"L={L} page={page}", timings(lambda: kt.attention(
+                q, kc, vc, cu, kv, bt, L, D**-0.5)), base, "sdpa", flops, bytes_, peak)
+        finally:
+            A.GLUON_PAGED = saved
     for backend in (SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.CUDNN_ATTENTION):
         def one():
             with sdpa_kernel([backend]):  # noqa: B023

@@ -94,6 +94,12 @@ PAGED_KV_TMA = {"prefill": True, "decode": False}
 # (FA3's producer warp, two consumer warpgroups and overlapped wgmmas, the same bits): 1.05-1.19x
 # this module's kernel at 0.6B / 8B 4k-16k (tools/bench/gluon_fwd.py, 2026-12-04 twenty-first run).
 GLUON_FWD = True
+# The engine's prefill (chunks over a paged cache, cached prefixes included) by the same Gluon kernel
+# on Hopper (gluon_attention.paged_attention_fwd: block-table rows for the TMA loads, positions from
+# kv_len - q_len, a boundary block's stale V rows zeroed in shared memory): the paged Triton kernel's
+# bits. Off until tests/gpu/test_attention_gpu.py::test_gluon_paged_prefill_bitwise has run on a GPU and
+# kernel_ops.py has timed it (the paged Triton prefill read 0.57-0.65x SDPA's default on an H100).
+GLUON_PAGED = False
 
 
 @triton.jit
@@ -409,6 +415,12 @@ def attention(
     bt = block_table_BP.to(torch.int32).contiguous()
     n_splits = triton.cdiv(bt.shape[1] * S, KV_SPLIT)  # host-known upper bound: no sync, graph-safe
     walk = "decode" if _short(max_q_len, q_THD.dtype, H // K) else "prefill"
+    if walk == "prefill" and GLUON_PAGED and ROW_SUM == "fixed" and q_THD.is_cuda and T and B:
+        ga = gluon_module("gluon_attention")
+        if ga is not None and ga.paged_supported(q_THD, k_cache_PSKD, v_cache_PSKD, KV_BLOCK):
+            _check_scale(scale)
+            return ga.paged_attention_fwd(q_THD, k_cache_PSKD, v_cache_PSKD, cu_seqlens_q_B1, kv_lens_B, bt,
+                                          max(int(max_q_len), 1), scale * _LOG2E, lse_HT, KV_BLOCK, KV_SPLIT)
     return _launch(q_THD, k_cache_PSKD, v_cache_PSKD, cu_seqlens_q_B1, kv_lens_B.to(torch.int32).contiguous(), bt,
                    max_q_len, scale, lse_HT, S, n_splits, (k_cache_PSKD.stride(0), v_cache_PSKD.stride(0)),
                    _kv_descriptors(k_cache_PSKD, v_cache_PSKD, PAGED_KV_TMA[walk] and S % KV_BLOCK == 0))
