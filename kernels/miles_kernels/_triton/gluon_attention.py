@@ -24,6 +24,12 @@ Triton kernel zeroes them: their scores are masked and their p is exactly 0, so 
 (the same sums unless those rows hold inf / NaN). tests/gpu compare every output and LSE bit
 with the Triton kernel's (tools/bench/gluon_fwd.py times it; docs/kernel_tuning.md).
 
+The same kernels take a paged cache (PAGE > 0, paged_attention_fwd: the engine's prefill chunks,
+a cached prefix before them): a KV block's TMA row comes from the sequence's block-table entry, the
+rows sit at positions kv_len - q_len + t, and a block reaching past kv_len has its stale V rows
+zeroed in shared memory before the P V wgmma (the Triton kernel reads them as zeros; K's need
+nothing: their scores are masked). Behind paged_attention.GLUON_PAGED until a GPU has checked it.
+
 No interpreter runs Gluon: the CPU tests never reach this module's kernels.
 """
 
