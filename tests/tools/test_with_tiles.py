@@ -23,6 +23,15 @@ def _run(tmp_path, *args):
                           text=True, timeout=300, env=ENV)
 
 
+def _show(tmp_path, *args) -> dict:
+    """Run SCRIPT under with_tiles.py with args (then `-- SCRIPT OUT`) and return what it saw."""
+    script, out = tmp_path / "show.py", tmp_path / "out.json"
+    script.write_text(SCRIPT)
+    proc = _run(tmp_path, *args, "--", str(script), str(out))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return json.loads(out.read_text())
+
+
 def test_script_sees_the_changed_tiles(tmp_path):
     script, out = tmp_path / "show.py", tmp_path / "out.json"
     script.write_text(SCRIPT)
@@ -45,14 +54,10 @@ def test_script_sees_the_changed_tiles(tmp_path):
 
 def test_tma_stages(tmp_path):
     """--tma-stages: the small-M TMA tiles named get S stages, every other tile stays as shipped."""
-    script, out = tmp_path / "show.py", tmp_path / "out.json"
-    script.write_text(SCRIPT)
-    proc = _run(tmp_path, "--tma-stages", "128x128=5", "128x64=6", "--", str(script), str(out))
-    assert proc.returncode == 0, proc.stderr[-2000:]
+    got = _show(tmp_path, "--tma-stages", "128x128=5", "128x64=6")["tiles"]
     from miles_kernels._triton import matmul
 
     base = [list(t) for t in matmul.SMALL_M_TILES[matmul.torch.float16]]
-    got = json.loads(out.read_text())["tiles"]
     want = {(128, 128): 5, (128, 64): 6}
     assert len(got) == len(base) and sum(old[7] for old in base) == 2
     for new, old in zip(got, base):
@@ -63,26 +68,18 @@ def test_tma_stages(tmp_path):
 
 
 def test_fill_alone(tmp_path):
-    script, out = tmp_path / "show.py", tmp_path / "out.json"
-    script.write_text(SCRIPT)
-    proc = _run(tmp_path, "--fill", "0.75", "--", str(script), str(out))
-    assert proc.returncode == 0, proc.stderr[-2000:]
+    got = _show(tmp_path, "--fill", "0.75")
     from miles_kernels._triton import matmul
 
-    got = json.loads(out.read_text())
     assert got["fill"] == 0.75 != matmul.FILL and got["fill_max_m"] == matmul.FILL_MAX_M
     assert got["tiles"] == [list(t) for t in matmul.SMALL_M_TILES[matmul.torch.float16]]
 
 
 def test_small_tma_off(tmp_path):
     """--small-tma off: linears and swiglu run the 128-row tiles by pointers; the tiles stay as shipped."""
-    script, out = tmp_path / "show.py", tmp_path / "out.json"
-    script.write_text(SCRIPT)
-    proc = _run(tmp_path, "--small-tma", "off", "--", str(script), str(out))
-    assert proc.returncode == 0, proc.stderr[-2000:]
+    got = _show(tmp_path, "--small-tma", "off")
     from miles_kernels._triton import fused_linears, matmul
 
-    got = json.loads(out.read_text())
     assert got["small_tma"] is False and fused_linears.SMALL_M_TMA is True
     assert got["tiles"] == [list(t) for t in matmul.SMALL_M_TILES[matmul.torch.float16]]
 
