@@ -19,7 +19,7 @@ from miles_kernels._triton.matmul import _bias_store, _linear_tile, _tma_k_walk
 
 # The small-M TMA tiles by TMA here too (False: by pointers, as before 2026-12-05). On an H100
 # (thirty-fifth run, linear_sweep --which stages, graph-timed, cold weights) the 128-row tiles read
-# 0.06-0.25 of cuBLAS more by TMA than by pointers at M 128-512 on the summed q|k|v and gate|up shapes.
+# 0.03-0.28 of cuBLAS more by TMA than by pointers at M 128-512 on the summed q|k|v and gate|up shapes.
 SMALL_M_TMA = True
 
 
@@ -59,7 +59,7 @@ def _tma_segment(x_desc, w_desc, b_ptr, y_ptr, lo, hi, n_tiles_m, M, N, K,
         tile_m = (tile - lo) % n_tiles_m
         tile_n = (tile - lo) // n_tiles_m
         acc = _tma_k_walk(x_desc, w_desc, tile_m * BLOCK_M, tile_n * BLOCK_N, K, BLOCK_M, BLOCK_N, BLOCK_K,
-                             PRECISION)
+                          PRECISION)
         rows = tile_m * BLOCK_M + tl.arange(0, BLOCK_M)
         cols = tile_n * BLOCK_N + tl.arange(0, BLOCK_N)
         _bias_store(acc, b_ptr, y_ptr, rows, cols, M, N, N, HAS_BIAS)
