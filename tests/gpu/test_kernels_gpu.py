@@ -49,8 +49,9 @@ def test_fast_launch_gives_tritons_bits_and_keys_alignment(kt, monkeypatch):
     the bits of Triton's own launch path; a 16-byte-misaligned view after an aligned one (and
     back) gets its own compiled kernel, not the aligned one's."""
     import miles_kernels as mk
-    from miles_kernels._triton import launch
+    from miles_kernels._triton import fused_linears, launch
 
+    monkeypatch.setattr(fused_linears, "SMALL_M_TMA", True)  # the TMA cases below take the TMA kernels
     g = _gen(11)
     buf = _randn(4096 * 1024 + 8, dtype=torch.bfloat16, g=g)
     x_big, x_mis = buf[: 4096 * 1024].view(4096, 1024), buf[1: 256 * 1024 + 1].view(256, 1024)

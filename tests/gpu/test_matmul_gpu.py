@@ -89,6 +89,7 @@ def test_grouped_linear_rows_independent(kt, dtype):
     _same(row[0], y[o[6] + 7], "grouped_linear row alone vs in its expert group")
     from miles_kernels._triton import matmul
 
+    saved = matmul.GROUPED_TILE_TABLE
     try:
         for tile in matmul.GROUPED_TILES[dtype]:  # each tile grouped_tile may pick, both kernels: the same bits
             for t, table in ((tile._replace(tma=False), True), (tile._replace(tma=True), True),
@@ -98,7 +99,7 @@ def test_grouped_linear_rows_independent(kt, dtype):
                 matmul.launch_grouped(x, w, offs.cuda(), got, t)
                 _same(got, y, f"grouped_linear tile {tuple(t)[1:]} (table {table}) vs grouped_linear's pick")
     finally:
-        matmul.GROUPED_TILE_TABLE = True
+        matmul.GROUPED_TILE_TABLE = saved
 
 
 # one small launch of gluon_grouped's kernel (an expert's tail in each half, a box past x's rows)
@@ -275,6 +276,7 @@ def test_swiglu_is_silu_mul_of_linears(kt, monkeypatch, dtype):
     from miles_kernels._triton import fused_linears
 
     g = _gen(13)
+    monkeypatch.setattr(fused_linears, "SMALL_M_TMA", True)
     for F, K in ((3072, 1024), (12288, 4096)):
         wg = _randn(F, K, dtype=dtype, g=g, scale=K**-0.5)
         wu = _randn(F, K, dtype=dtype, g=g, scale=K**-0.5)

@@ -106,7 +106,8 @@ def check_linears() -> None:
     from miles_kernels._triton import fused_linears as fl
     from miles_kernels._triton import matmul as lin
 
-    saved = dict(lin.SMALL_M_TILES)
+    saved, saved_tma = dict(lin.SMALL_M_TILES), fl.SMALL_M_TMA
+    fl.SMALL_M_TMA = True  # the TMA tiles below by TMA
     g = torch.Generator().manual_seed(11)
     x = torch.randn(37, 72, generator=g)
     ws = [torch.randn(n, 72, generator=g) for n in (40, 24, 24)]
@@ -134,6 +135,7 @@ def check_linears() -> None:
     finally:
         lin.SMALL_M_TILES.clear()
         lin.SMALL_M_TILES.update(saved)
+        fl.SMALL_M_TMA = saved_tma
     try:
         fl.linears(x, (ws[0], torch.randn(5, 71)))
     except ValueError as e:
@@ -150,7 +152,8 @@ def check_swiglu() -> None:
     from miles_kernels._triton import matmul as lin
 
     kt = _kt()
-    saved = dict(lin.SMALL_M_TILES)
+    saved, saved_tma = dict(lin.SMALL_M_TILES), fl.SMALL_M_TMA
+    fl.SMALL_M_TMA = True  # the TMA tile below by TMA
     g = torch.Generator().manual_seed(12)
     x = torch.randn(37, 72, generator=g)
     wg, wu = torch.randn(40, 72, generator=g), torch.randn(40, 72, generator=g)
@@ -174,6 +177,7 @@ def check_swiglu() -> None:
     finally:
         lin.SMALL_M_TILES.clear()
         lin.SMALL_M_TILES.update(saved)
+        fl.SMALL_M_TMA = saved_tma
 
 
 def check_grouped_linear() -> None:
@@ -199,7 +203,7 @@ def check_grouped_linear_tma() -> None:
     tile order."""
     from miles_kernels._triton import matmul as lin
 
-    saved = lin.GROUPED_TILES[torch.float32]
+    saved, saved_table = lin.GROUPED_TILES[torch.float32], lin.GROUPED_TILE_TABLE
     g = torch.Generator().manual_seed(12)
     x = torch.randn(45, 32, generator=g)
     w = torch.randn(4, 20, 32, generator=g)  # N = 20: a 16-wide column tile reads the next expert
@@ -212,7 +216,7 @@ def check_grouped_linear_tma() -> None:
                 lin.GROUPED_TILE_TABLE = table
                 lin.GROUPED_TILES[torch.float32] = (lin.Tile(1 << 62, 16, 16, 32, group_m, 4, 2, tma),)
                 _same(lin.grouped_linear(x, w, offs), want, f"grouped_linear tma={tma} table={table} group_m={group_m}")
-        lin.GROUPED_TILE_TABLE = True
+        lin.GROUPED_TILE_TABLE = saved_table
         # the tile by mean rows per expert: 45 rows / 4 experts -> 12 > 8: the second tile
         lin.GROUPED_TILES[torch.float32] = (lin.Tile(8, 16, 16, 32, 1, 4, 2), lin.Tile(1 << 62, 32, 16, 32, 1, 4, 2, True))
         assert lin.grouped_tile(45, 4, torch.float32).block_m == 32 and lin.grouped_tile(32, 4, torch.float32).block_m == 16
@@ -229,7 +233,7 @@ def check_grouped_linear_tma() -> None:
         _same(y[10:40], want[10:40], "grouped_linear rows inside offsets[0]..offsets[E]")
     finally:
         lin.GROUPED_TILES[torch.float32] = saved
-        lin.GROUPED_TILE_TABLE = True
+        lin.GROUPED_TILE_TABLE = saved_table
 
 
 def check_grouped_tile_table() -> None:

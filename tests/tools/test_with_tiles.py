@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[2]
 ENV = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), str(ROOT / "kernels")])}
 SCRIPT = """
@@ -75,12 +77,14 @@ def test_fill_alone(tmp_path):
     assert got["tiles"] == [list(t) for t in matmul.SMALL_M_TILES[matmul.torch.float16]]
 
 
-def test_small_tma_off(tmp_path):
-    """--small-tma off: linears and swiglu run the 128-row tiles by pointers; the tiles stay as shipped."""
-    got = _show(tmp_path, "--small-tma", "off")
-    from miles_kernels._triton import fused_linears, matmul
+@pytest.mark.parametrize("flag,want", [("on", True), ("off", False)])
+def test_small_tma(tmp_path, flag, want):
+    """--small-tma on / off: linears and swiglu run the 128-row tiles by TMA / by pointers; the tiles stay
+    as shipped."""
+    got = _show(tmp_path, "--small-tma", flag)
+    from miles_kernels._triton import matmul
 
-    assert got["small_tma"] is False and fused_linears.SMALL_M_TMA is True
+    assert got["small_tma"] is want
     assert got["tiles"] == [list(t) for t in matmul.SMALL_M_TILES[matmul.torch.float16]]
 
 

@@ -1,5 +1,5 @@
 """linears (q|k|v) and swiglu (gate|up with silu_mul) at decode sizes: the 128-row small-M tiles by TMA
-(fused_linears.SMALL_M_TMA, the default) against the same tiles by pointers, and cuBLAS's one GEMM of the
+(fused_linears.SMALL_M_TMA on) against the same tiles by pointers, and cuBLAS's one GEMM of the
 summed N (the peer: what fast mode's fused weight would cost), weights cold (each call reads a copy the
 last calls did not leave in L2) and graph-timed, the way the engine's decode graphs run them. TMA and
 pointer outputs must be bitwise equal; a row that is not is marked and counts as a failure.
@@ -54,14 +54,14 @@ def run_shape(model: str, op: str, ns: tuple, K: int, M: int) -> dict:
     tile = matmul.linear_tile(M, x.dtype, sum(ns), x.device)
     row = dict(model=model, op=op, M=M, N=list(ns), K=K, tile=list(tile))
     w0 = ws()
-    outs = {}
+    outs, saved = {}, fl.SMALL_M_TMA
     for by_tma in (True, False):
         fl.SMALL_M_TMA = by_tma
         try:
             outs[by_tma] = call(w0)
             launched, graph = timings(lambda: call(ws()))
         finally:
-            fl.SMALL_M_TMA = True
+            fl.SMALL_M_TMA = saved
         row["tma_ms" if by_tma else "ptr_ms"] = graph or launched
     row["same"] = bool(torch.equal(outs[True], outs[False]))
     launched, graph = timings(lambda: F.linear(x, cat()[0]))

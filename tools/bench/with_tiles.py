@@ -7,14 +7,14 @@
     ... with_tiles.py --fill 0.75 -- tools/bench/engine.py --quick --only engine    # another FILL
     ... with_tiles.py --fill-max-m 512 -- tools/bench/engine.py --quick   # the M bucket's tile above M 512
     ... with_tiles.py --tma-stages 128x128=4 128x64=4 -- tools/bench/engine.py --quick   # 4 stages
-    ... with_tiles.py --small-tma off -- tools/bench/engine.py --quick   # linears / swiglu by pointers
+    ... with_tiles.py --small-tma on -- tools/bench/engine.py --quick   # linears / swiglu by TMA
 
 Each BMxBN=U:S sets the 16-bit SMALL_M_TILES pointer tile BLOCK_M x BLOCK_N to U BLOCK_K steps
 a loop iteration (Tile.k_unroll) and S pipeline stages. The dots and their order stay as they are,
 so the bits do too (tests/gpu/test_matmul_gpu.py::test_unrolled_small_m_tiles_same_bits).
 Each BMxBN=S of --tma-stages sets the small-M TMA tile BLOCK_M x BLOCK_N to S stages (also what
-linears and swiglu run it with). --small-tma off runs those tiles in linears and swiglu by pointers
-(fused_linears.SMALL_M_TMA; same bits).
+linears and swiglu run it with). --small-tma on / off runs those tiles in linears and swiglu by TMA /
+by pointers (fused_linears.SMALL_M_TMA; same bits).
 --fill F sets matmul.FILL, the share of the SMs a small-M tile's grid must fill before a wider
 tile is taken (every tile gives the same bits); --fill-max-m M sets matmul.FILL_MAX_M, the largest
 M whose tile the fill rule picks (above, the M bucket's). The script runs in this process (runpy), so

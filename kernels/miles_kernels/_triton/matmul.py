@@ -374,11 +374,12 @@ def _grouped_kernel(
     _store_rows(y_ptr, acc, rows, cols, row_hi, N, stride_yr)
 
 
-# grouped_linear's TMA kernel reads each row tile's (expert, first row, end row) from a table that
-# _tile_table_kernel writes first, where each tile used to derive them from the offsets (a cumsum
-# over the experts and its barriers between tiles, 68 against 20 in the sm_90 build). The lookup only
-# places tiles: same bits. Off: the per-tile derivation (A/B: tools/bench/grouped_sweep.py --no-table).
-GROUPED_TILE_TABLE = True
+# With the table, grouped_linear's TMA kernel reads each row tile's (expert, first row, end row) from
+# what _tile_table_kernel writes first; without, each tile derives them from the offsets (a cumsum over
+# the experts and its barriers between tiles: 68 against 18 in the sm_90 build). The lookup only
+# places tiles: same bits. Off (the per-tile derivation) until the table has run on a GPU
+# (tests/gpu/test_matmul_gpu.py, tools/bench/grouped_sweep.py --picks times the op both ways).
+GROUPED_TILE_TABLE = False
 _TABLE_ROWS = 64  # row tiles _tile_table_kernel places a step
 
 
