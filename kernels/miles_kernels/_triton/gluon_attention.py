@@ -268,9 +268,6 @@ def _consume(q_ptr, q_smem, k_smem, v_smem, ready, empty, k_desc, v_desc, o_ptr,
         # block j's P V and block j + 1's S; block j + 1's softmax while P V runs
         nxt = j + 1
         mbarrier.wait(ready.index(nxt % STAGES), (nxt // STAGES) & 1)
-        if PAGE != 0:
-            if (j + 1) * BLOCK_N > kv_len:
-                _zero_stale_v(v_smem.index(j % STAGES), j, kv_len)
         p_op = gl.convert_layout(p, op_layout)
         qk = warpgroup_mma(q_smem, k_smem.index(nxt % STAGES).permute((1, 0)), zero, use_acc=False, is_async=True)
         acc_s = warpgroup_mma(p_op, v_smem.index(j % STAGES), acc_s, is_async=True)
@@ -292,7 +289,7 @@ def _consume(q_ptr, q_smem, k_smem, v_smem, ready, empty, k_desc, v_desc, o_ptr,
             m, l, acc = _merge(m, l, acc, m_e, l_e, acc_s)
         acc_s = _rescale(acc_s, alpha)
     last = n_blocks - 1
-    if PAGE != 0:
+    if PAGE != 0:  # only the tile's last block can reach past kv_len
         if (last + 1) * BLOCK_N > kv_len:
             _zero_stale_v(v_smem.index(last % STAGES), last, kv_len)
     acc_s = warpgroup_mma(gl.convert_layout(p, op_layout), v_smem.index(last % STAGES), acc_s, is_async=True)
