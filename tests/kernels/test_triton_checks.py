@@ -246,16 +246,16 @@ def check_grouped_tile_table() -> None:
     offs = torch.tensor([0] + sizes, dtype=torch.int32).cumsum(0).to(torch.int32)
     E, bm = len(sizes), 16
     n_tiles_m = -(-sum(sizes) // bm) + E
-    tab = torch.full((n_tiles_m + 1, 4), -1, dtype=torch.int32)
-    lin._tile_table_kernel[(1,)](offs, tab, E, n_tiles_m, E_PAD=128, BLOCK_M=bm, ROWS=lin._TABLE_ROWS)
-    real, m = 0, 0
-    for e, n in enumerate(sizes):
-        for i in range(-(-n // bm)):
-            assert tab[m, :3].tolist() == [e, int(offs[e]) + i * bm, int(offs[e + 1])], (m, tab[m].tolist())
-            m += 1
-    real = m
-    assert (tab[real:n_tiles_m, 0] >= E).all(), "a spare tile past the last was given an expert"
-    assert int(tab[n_tiles_m, 0]) == real, f"counted {int(tab[n_tiles_m, 0])} tiles with rows, want {real}"
+    for e_pad, rows in ((128, lin._TABLE_ROWS), (512, 16)):  # launch_grouped's steps for 128 and 512 experts
+        tab = torch.full((n_tiles_m + 1, 4), -1, dtype=torch.int32)
+        lin._tile_table_kernel[(1,)](offs, tab, E, n_tiles_m, E_PAD=e_pad, BLOCK_M=bm, ROWS=rows)
+        m = 0
+        for e, n in enumerate(sizes):
+            for i in range(-(-n // bm)):
+                assert tab[m, :3].tolist() == [e, int(offs[e]) + i * bm, int(offs[e + 1])], (m, tab[m].tolist())
+                m += 1
+        assert (tab[m:n_tiles_m, 0] >= E).all(), "a spare tile past the last was given an expert"
+        assert int(tab[n_tiles_m, 0]) == m, f"counted {int(tab[n_tiles_m, 0])} tiles with rows, want {m}"
 
 
 def check_moe_combine() -> None:

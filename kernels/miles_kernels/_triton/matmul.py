@@ -380,7 +380,7 @@ def _grouped_kernel(
 # places tiles: same bits. Off (the per-tile derivation) until the table has run on a GPU
 # (tests/gpu/test_matmul_gpu.py, tools/bench/grouped_sweep.py --picks times the op both ways).
 GROUPED_TILE_TABLE = False
-_TABLE_ROWS = 64  # row tiles _tile_table_kernel places a step
+_TABLE_ROWS = 64  # row tiles _tile_table_kernel places a step (fewer past 128 experts: [rows, E_PAD] in registers)
 
 
 @fast_launch
@@ -514,7 +514,7 @@ def launch_grouped(x_RK, w_ENK, offsets_E1, y_RN, t: Tile) -> None:
         if GROUPED_TILE_TABLE:
             tab = torch.empty((n_tiles_m + 1, 4), dtype=torch.int32, device=x_RK.device)
             _tile_table_kernel[(1,)](offsets_E1, tab, E, n_tiles_m, E_PAD=meta["E_PAD"], BLOCK_M=t.block_m,
-                                     ROWS=_TABLE_ROWS)
+                                     ROWS=max(16, min(_TABLE_ROWS, 8192 // meta["E_PAD"])))
         _grouped_tma_kernel[(n_prog,)](
             TensorDescriptor.from_tensor(x_RK, [t.block_m, t.block_k]),
             TensorDescriptor.from_tensor(w_ENK.view(E * N, K), [t.block_n, t.block_k]), offsets_E1, tab, y_RN,
