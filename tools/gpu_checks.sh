@@ -27,8 +27,8 @@
 #              beside (engine.py prints each row's ratio to generate; fast >= invariant), then linears and
 #              swiglu with the 128-row small-M tiles by TMA against the same tiles by pointers and cuBLAS
 #              (fused_linears.py, weights cold, graph-timed, bits compared), the engine with them by TMA
-#              (with_tiles.py --small-tma on; off as shipped until this step has run) and with the 128-row
-#              tiles at 4 stages (--tma-stages), and
+#              (with_tiles.py --small-tma on; off as shipped until this step has run), with the 128-row
+#              tiles at 4 stages (--tma-stages), with the prefill by the Gluon kernel (--gluon-paged on), and
 #              kernel_ops.py's linear rows through linear's own picks, in one call
 #   grouped    (not in the default list) grouped_linear's picked tiles (and 128x256 at 4 stages) against a dense
 #              matmul, torch's grouped GEMM and the roofline (the routed experts' weight bytes), and the op with
@@ -171,6 +171,8 @@ for step in $steps; do
                      tools/bench/engine.py --quick --only engine --out "$out/engine_small_tma.json"
                  run engine_tma_stages_4 timeout -s KILL 110 python3 tools/bench/with_tiles.py --tma-stages 128x128=4 \
                      128x64=4 -- tools/bench/engine.py --quick --only engine --out "$out/engine_tma_stages_4.json"
+                 run engine_gluon_paged timeout -s KILL 110 python3 tools/bench/with_tiles.py --gluon-paged on -- \
+                     tools/bench/engine.py --quick --only engine --out "$out/engine_gluon_paged.json"
                  run kernel_ops timeout -s KILL 150 python3 tools/bench/kernel_ops.py --out "$out/kernel_ops.json" ;;
         grouped) run grouped_picks timeout -s KILL 200 python3 tools/bench/grouped_sweep.py --picks --no-gluon \
                      --out "$out/grouped_picks.json" ;;

@@ -14,9 +14,11 @@ ROOT = Path(__file__).resolve().parents[2]
 ENV = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), str(ROOT / "kernels")])}
 SCRIPT = """
 import json, sys, torch
-from miles_kernels._triton import fused_linears, matmul
+from miles_kernels._triton import fused_linears, matmul, paged_attention
 json.dump({"argv": sys.argv, "tiles": [list(t) for t in matmul.SMALL_M_TILES[torch.float16]], "fill": matmul.FILL,
-           "fill_max_m": matmul.FILL_MAX_M, "small_tma": fused_linears.SMALL_M_TMA}, open(sys.argv[1], "w"))
+           "fill_max_m": matmul.FILL_MAX_M, "small_tma": fused_linears.SMALL_M_TMA,
+           "grouped_table": matmul.GROUPED_TILE_TABLE, "gluon_paged": paged_attention.GLUON_PAGED},
+          open(sys.argv[1], "w"))
 """
 
 
@@ -77,14 +79,19 @@ def test_fill_alone(tmp_path):
     assert got["tiles"] == [list(t) for t in matmul.SMALL_M_TILES[matmul.torch.float16]]
 
 
+@pytest.mark.parametrize("switch", ["small-tma", "grouped-table", "gluon-paged"])
 @pytest.mark.parametrize("flag,want", [("on", True), ("off", False)])
-def test_small_tma(tmp_path, flag, want):
-    """--small-tma on / off: linears and swiglu run the 128-row tiles by TMA / by pointers; the tiles stay
-    as shipped."""
-    got = _show(tmp_path, "--small-tma", flag)
-    from miles_kernels._triton import matmul
+def test_switches(tmp_path, switch, flag, want):
+    """--small-tma / --grouped-table / --gluon-paged on|off set fused_linears.SMALL_M_TMA,
+    matmul.GROUPED_TILE_TABLE, paged_attention.GLUON_PAGED for the script; the rest stays as shipped."""
+    got = _show(tmp_path, f"--{switch}", flag)
+    from miles_kernels._triton import fused_linears, matmul, paged_attention
 
-    assert got["small_tma"] is want
+    shipped = {"small_tma": fused_linears.SMALL_M_TMA, "grouped_table": matmul.GROUPED_TILE_TABLE,
+               "gluon_paged": paged_attention.GLUON_PAGED}
+    key = switch.replace("-", "_")
+    assert got[key] is want
+    assert {k: got[k] for k in shipped if k != key} == {k: v for k, v in shipped.items() if k != key}
     assert got["tiles"] == [list(t) for t in matmul.SMALL_M_TILES[matmul.torch.float16]]
 
 
@@ -118,6 +125,7 @@ def test_bad_specs_are_refused(tmp_path):
                       (["--tma-stages", "64x64=5", "--", "x.py"], "no small-M TMA tile [(64, 64)]"),
                       (["--tma-stages", "128x128", "--", "x.py"], "write BMxBN=S"),
                       (["--tma-stages", "128x128=0", "--", "x.py"], "S must be >= 1"),
-                      (["--small-tma", "yes", "--", "x.py"], "invalid choice")):
+                      (["--small-tma", "yes", "--", "x.py"], "invalid choice"),
+                      (["--gluon-paged", "1", "--", "x.py"], "invalid choice")):
         proc = _run(tmp_path, *args)
         assert proc.returncode != 0 and msg in proc.stderr, (args, proc.stderr[-500:])

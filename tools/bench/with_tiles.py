@@ -8,13 +8,16 @@
     ... with_tiles.py --fill-max-m 512 -- tools/bench/engine.py --quick   # the M bucket's tile above M 512
     ... with_tiles.py --tma-stages 128x128=4 128x64=4 -- tools/bench/engine.py --quick   # 4 stages
     ... with_tiles.py --small-tma on -- tools/bench/engine.py --quick   # linears / swiglu by TMA
+    ... with_tiles.py --gluon-paged on -- tools/bench/engine.py --quick   # the prefill by the Gluon kernel
 
 Each BMxBN=U:S sets the 16-bit SMALL_M_TILES pointer tile BLOCK_M x BLOCK_N to U BLOCK_K steps
 a loop iteration (Tile.k_unroll) and S pipeline stages. The dots and their order stay as they are,
 so the bits do too (tests/gpu/test_matmul_gpu.py::test_unrolled_small_m_tiles_same_bits).
 Each BMxBN=S of --tma-stages sets the small-M TMA tile BLOCK_M x BLOCK_N to S stages (also what
 linears and swiglu run it with). --small-tma on / off runs those tiles in linears and swiglu by TMA /
-by pointers (fused_linears.SMALL_M_TMA; same bits).
+by pointers (fused_linears.SMALL_M_TMA); --grouped-table and --gluon-paged set matmul.GROUPED_TILE_TABLE
+and paged_attention.GLUON_PAGED (grouped_linear's tiles placed from a table; the paged prefill by the
+Gluon kernel). Each gives the same bits either way.
 --fill F sets matmul.FILL, the share of the SMs a small-M tile's grid must fill before a wider
 tile is taken (every tile gives the same bits); --fill-max-m M sets matmul.FILL_MAX_M, the largest
 M whose tile the fill rule picks (above, the M bucket's). The script runs in this process (runpy), so
@@ -80,7 +83,7 @@ def apply(changes: dict[tuple[int, int], tuple[int, int]], tma_stages: dict[tupl
 def main() -> None:
     argv = sys.argv[1:]
     usage = ("with_tiles: usage: with_tiles.py [--unroll BMxBN=U:S ...] [--tma-stages BMxBN=S ...] [--fill F] "
-             "[--fill-max-m M] [--small-tma on|off] -- SCRIPT [ARGS ...]")
+             "[--fill-max-m M] [--small-tma|--grouped-table|--gluon-paged on|off] -- SCRIPT [ARGS ...]")
     if "--" not in argv:
         raise SystemExit(usage)
     cut = argv.index("--")
@@ -89,11 +92,15 @@ def main() -> None:
     ap.add_argument("--tma-stages", nargs="+", default=[], metavar="BMxBN=S")
     ap.add_argument("--fill", type=float, default=None, metavar="F")
     ap.add_argument("--fill-max-m", type=int, default=None, metavar="M")
-    ap.add_argument("--small-tma", choices=("on", "off"), default=None)
+    switches = {"small_tma": ("fused_linears", "SMALL_M_TMA"), "grouped_table": ("matmul", "GROUPED_TILE_TABLE"),
+                "gluon_paged": ("paged_attention", "GLUON_PAGED")}  # --NAME on|off: the module's flag
+    for name in switches:
+        ap.add_argument("--" + name.replace("_", "-"), choices=("on", "off"), default=None)
     a = ap.parse_args(argv[:cut])
-    if not a.unroll and not a.tma_stages and a.fill is None and a.fill_max_m is None and a.small_tma is None:
-        raise SystemExit(f"{usage}: nothing to change (give --unroll, --tma-stages, --fill, --fill-max-m or "
-                         "--small-tma)")
+    flags = {switches[n]: getattr(a, n) == "on" for n in switches if getattr(a, n) is not None}
+    if not a.unroll and not a.tma_stages and a.fill is None and a.fill_max_m is None and not flags:
+        raise SystemExit(f"{usage}: nothing to change (give --unroll, --tma-stages, --fill, --fill-max-m, "
+                         "--small-tma, --grouped-table or --gluon-paged)")
     if a.fill_max_m is not None and a.fill_max_m < 1:
         raise SystemExit(f"with_tiles: --fill-max-m {a.fill_max_m}: must be >= 1 (rows)")
     if a.fill is not None and not 0.0 < a.fill <= 4.0:
@@ -102,16 +109,18 @@ def main() -> None:
     if not script:
         raise SystemExit("with_tiles: no script after --")
     tiles = apply(parse(a.unroll), parse_stages(a.tma_stages))
-    from miles_kernels._triton import fused_linears, matmul
+    import importlib
 
-    if a.small_tma is not None:
-        fused_linears.SMALL_M_TMA = a.small_tma == "on"
+    from miles_kernels._triton import matmul
+
+    for (module, flag), on in flags.items():
+        setattr(importlib.import_module(f"miles_kernels._triton.{module}"), flag, on)
     if a.fill is not None:
         matmul.FILL = a.fill
     if a.fill_max_m is not None:
         matmul.FILL_MAX_M = a.fill_max_m
     print("with_tiles: small-M tiles", [tuple(t) for t in tiles], "FILL", matmul.FILL, "FILL_MAX_M", matmul.FILL_MAX_M,
-          "SMALL_M_TMA", fused_linears.SMALL_M_TMA, flush=True)
+          *(f"{flag} {on}" for (_, flag), on in flags.items()), flush=True)
     sys.argv = [script, *args]
     runpy.run_path(script, run_name="__main__")
 
