@@ -26,9 +26,9 @@
 #   linears    (not in the default list) the engine's quick rows with fast mode's and transformers generate's
 #              beside (engine.py prints each row's ratio to generate; fast >= invariant), then linears and
 #              swiglu with the 128-row small-M tiles by TMA against the same tiles by pointers and cuBLAS
-#              (fused_linears.py, weights cold, graph-timed, bits compared), the engine with them by TMA
-#              (with_tiles.py --small-tma on; off as shipped until this step has run), with the 128-row
-#              tiles at 4 stages (--tma-stages), with the prefill by the Gluon kernel (--gluon-paged on), and
+#              (fused_linears.py, weights cold, graph-timed, bits compared), the engine with them by pointers
+#              (with_tiles.py --small-tma off; TMA as shipped), with the 128-row tiles at 4 stages
+#              (--tma-stages), with the prefill by the paged Triton kernel (--gluon-paged off), and
 #              kernel_ops.py's linear rows through linear's own picks, in one call
 #   grouped    (not in the default list) grouped_linear's picked tiles (and 128x256 at 4 stages) against a dense
 #              matmul, torch's grouped GEMM and the roofline (the routed experts' weight bytes), and the op with
@@ -167,12 +167,12 @@ for step in $steps; do
         linears) run engine_quick timeout -s KILL 240 python3 tools/bench/engine.py --quick \
                      --only engine,engine-fast,hf-generate --out "$out/engine_quick.json"
                  run fused_linears timeout -s KILL 200 python3 tools/bench/fused_linears.py --out "$out/fused_linears.json"
-                 run engine_small_tma timeout -s KILL 110 python3 tools/bench/with_tiles.py --small-tma on -- \
-                     tools/bench/engine.py --quick --only engine --out "$out/engine_small_tma.json"
+                 run engine_small_ptr timeout -s KILL 110 python3 tools/bench/with_tiles.py --small-tma off -- \
+                     tools/bench/engine.py --quick --only engine --out "$out/engine_small_ptr.json"
                  run engine_tma_stages_4 timeout -s KILL 110 python3 tools/bench/with_tiles.py --tma-stages 128x128=4 \
                      128x64=4 -- tools/bench/engine.py --quick --only engine --out "$out/engine_tma_stages_4.json"
-                 run engine_gluon_paged timeout -s KILL 110 python3 tools/bench/with_tiles.py --gluon-paged on -- \
-                     tools/bench/engine.py --quick --only engine --out "$out/engine_gluon_paged.json"
+                 run engine_triton_paged timeout -s KILL 110 python3 tools/bench/with_tiles.py --gluon-paged off -- \
+                     tools/bench/engine.py --quick --only engine --out "$out/engine_triton_paged.json"
                  run kernel_ops timeout -s KILL 150 python3 tools/bench/kernel_ops.py --out "$out/kernel_ops.json" ;;
         grouped) run grouped_picks timeout -s KILL 200 python3 tools/bench/grouped_sweep.py --picks --no-gluon \
                      --out "$out/grouped_picks.json" ;;

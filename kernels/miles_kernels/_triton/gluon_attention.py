@@ -28,7 +28,8 @@ The same kernels take a paged cache (PAGE > 0, paged_attention_fwd: the engine's
 a cached prefix before them): a KV block's TMA row comes from the sequence's block-table entry, the
 rows sit at positions kv_len - q_len + t, and a block reaching past kv_len has its stale V rows
 zeroed in shared memory before the P V wgmma (the Triton kernel reads them as zeros; K's need
-nothing: their scores are masked). Behind paged_attention.GLUON_PAGED until a GPU has checked it.
+nothing: their scores are masked). On by default on Hopper (paged_attention.GLUON_PAGED), bit-tested
+against the paged Triton kernel by tests/gpu/test_attention_gpu.py.
 
 No interpreter runs Gluon: the CPU tests never reach this module's kernels.
 """

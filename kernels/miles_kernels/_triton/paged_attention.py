@@ -97,9 +97,10 @@ GLUON_FWD = True
 # The engine's prefill (chunks over a paged cache, cached prefixes included) by the same Gluon kernel
 # on Hopper (gluon_attention.paged_attention_fwd: block-table rows for the TMA loads, positions from
 # kv_len - q_len, a boundary block's stale V rows zeroed in shared memory): the paged Triton kernel's
-# bits. Off until tests/gpu/test_attention_gpu.py::test_gluon_paged_prefill_bitwise has run on a GPU and
-# kernel_ops.py has timed it (the paged Triton prefill read 0.57-0.65x SDPA's default on an H100).
-GLUON_PAGED = False
+# bits (tests/gpu/test_attention_gpu.py::test_gluon_paged_prefill_bitwise). H200, thirty-sixth run
+# (kernel_ops.py): 8B L=16384 page 64 4.49 ms against the paged Triton kernel's 5.70, SDPA's default
+# (cuDNN) 3.54.
+GLUON_PAGED = True
 
 
 @triton.jit
