@@ -31,8 +31,8 @@
 #              (--tma-stages), with the prefill by the paged Triton kernel (--gluon-paged off), and
 #              kernel_ops.py's linear rows through linear's own picks, in one call
 #   grouped    (not in the default list) grouped_linear's picked tiles (and 128x256 at 4 stages) against a dense
-#              matmul, torch's grouped GEMM and the roofline (the routed experts' weight bytes), and the op with
-#              its TMA tiles placed by the tile table and without it (grouped_sweep.py --picks --no-gluon)
+#              matmul, torch's grouped GEMM and the roofline (the routed experts' weight bytes), and the op
+#              itself (grouped_sweep.py --picks --no-gluon)
 #   capture    (not in the default list) the attention-backward and engine GPU tests in one process (the order
 #              that invalidated the 64-expert draft's capture in the thirty-third run), then again with
 #              graph_capture's collector guard taken out: test_capture_with_garbage_waiting alone, which must

@@ -89,17 +89,11 @@ def test_grouped_linear_rows_independent(kt, dtype):
     _same(row[0], y[o[6] + 7], "grouped_linear row alone vs in its expert group")
     from miles_kernels._triton import matmul
 
-    saved = matmul.GROUPED_TILE_TABLE
-    try:
-        for tile in matmul.GROUPED_TILES[dtype]:  # each tile grouped_tile may pick, both kernels: the same bits
-            for t, table in ((tile._replace(tma=False), True), (tile._replace(tma=True), True),
-                             (tile._replace(tma=True), False)):  # TMA tiles placed by the table, or each by itself
-                matmul.GROUPED_TILE_TABLE = table
-                got = torch.zeros_like(y)
-                matmul.launch_grouped(x, w, offs.cuda(), got, t)
-                _same(got, y, f"grouped_linear tile {tuple(t)[1:]} (table {table}) vs grouped_linear's pick")
-    finally:
-        matmul.GROUPED_TILE_TABLE = saved
+    for tile in matmul.GROUPED_TILES[dtype]:  # each tile grouped_tile may pick, both kernels: the same bits
+        for t in (tile._replace(tma=False), tile._replace(tma=True)):
+            got = torch.zeros_like(y)
+            matmul.launch_grouped(x, w, offs.cuda(), got, t)
+            _same(got, y, f"grouped_linear tile {tuple(t)[1:]} vs grouped_linear's pick")
 
 
 # one small launch of gluon_grouped's kernel (an expert's tail in each half, a box past x's rows)

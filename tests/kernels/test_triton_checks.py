@@ -203,7 +203,7 @@ def check_grouped_linear_tma() -> None:
     tile order."""
     from miles_kernels._triton import matmul as lin
 
-    saved, saved_table = lin.GROUPED_TILES[torch.float32], lin.GROUPED_TILE_TABLE
+    saved = lin.GROUPED_TILES[torch.float32]
     g = torch.Generator().manual_seed(12)
     x = torch.randn(45, 32, generator=g)
     w = torch.randn(4, 20, 32, generator=g)  # N = 20: a 16-wide column tile reads the next expert
@@ -212,11 +212,9 @@ def check_grouped_linear_tma() -> None:
         lin.GROUPED_TILES[torch.float32] = (lin.Tile(1 << 62, 16, 16, 32, 1, 4, 2),)
         want = lin.grouped_linear(x, w, offs)
         for group_m in (1, 2, 3):  # the tile order (grouped; TMA: persistent, 4 programs here) moves no bit
-            for tma, table in ((False, True), (True, True), (True, False)):  # TMA: tiles placed by table or not
-                lin.GROUPED_TILE_TABLE = table
+            for tma in (False, True):
                 lin.GROUPED_TILES[torch.float32] = (lin.Tile(1 << 62, 16, 16, 32, group_m, 4, 2, tma),)
-                _same(lin.grouped_linear(x, w, offs), want, f"grouped_linear tma={tma} table={table} group_m={group_m}")
-        lin.GROUPED_TILE_TABLE = saved_table
+                _same(lin.grouped_linear(x, w, offs), want, f"grouped_linear tma={tma} group_m={group_m}")
         # the tile by mean rows per expert: 45 rows / 4 experts -> 12 > 8: the second tile
         lin.GROUPED_TILES[torch.float32] = (lin.Tile(8, 16, 16, 32, 1, 4, 2), lin.Tile(1 << 62, 32, 16, 32, 1, 4, 2, True))
         assert lin.grouped_tile(45, 4, torch.float32).block_m == 32 and lin.grouped_tile(32, 4, torch.float32).block_m == 16
@@ -233,29 +231,6 @@ def check_grouped_linear_tma() -> None:
         _same(y[10:40], want[10:40], "grouped_linear rows inside offsets[0]..offsets[E]")
     finally:
         lin.GROUPED_TILES[torch.float32] = saved
-        lin.GROUPED_TILE_TABLE = saved_table
-
-
-def check_grouped_tile_table() -> None:
-    """_tile_table_kernel places every row tile where _expert_tile does (empty experts, an expert of
-    several tiles, more tiles than one step of the table kernel, the host's spare tiles past the
-    last: e >= E), and counts the tiles that hold rows."""
-    from miles_kernels._triton import matmul as lin
-
-    sizes = [10, 0, 33, 2] + [5] * 60 + [0, 129]  # 66 experts: more than _TABLE_ROWS tiles of 16 rows
-    offs = torch.tensor([0] + sizes, dtype=torch.int32).cumsum(0).to(torch.int32)
-    E, bm = len(sizes), 16
-    n_tiles_m = -(-sum(sizes) // bm) + E
-    for e_pad, rows in ((128, lin._TABLE_ROWS), (512, 16)):  # launch_grouped's steps for 128 and 512 experts
-        tab = torch.full((n_tiles_m + 1, 4), -1, dtype=torch.int32)
-        lin._tile_table_kernel[(1,)](offs, tab, E, n_tiles_m, E_PAD=e_pad, BLOCK_M=bm, ROWS=rows)
-        m = 0
-        for e, n in enumerate(sizes):
-            for i in range(-(-n // bm)):
-                assert tab[m, :3].tolist() == [e, int(offs[e]) + i * bm, int(offs[e + 1])], (m, tab[m].tolist())
-                m += 1
-        assert (tab[m:n_tiles_m, 0] >= E).all(), "a spare tile past the last was given an expert"
-        assert int(tab[n_tiles_m, 0]) == m, f"counted {int(tab[n_tiles_m, 0])} tiles with rows, want {m}"
 
 
 def check_moe_combine() -> None:

@@ -15,9 +15,8 @@ a loop iteration (Tile.k_unroll) and S pipeline stages. The dots and their order
 so the bits do too (tests/gpu/test_matmul_gpu.py::test_unrolled_small_m_tiles_same_bits).
 Each BMxBN=S of --tma-stages sets the small-M TMA tile BLOCK_M x BLOCK_N to S stages (also what
 linears and swiglu run it with). --small-tma on / off runs those tiles in linears and swiglu by TMA /
-by pointers (fused_linears.SMALL_M_TMA); --grouped-table and --gluon-paged set matmul.GROUPED_TILE_TABLE
-and paged_attention.GLUON_PAGED (grouped_linear's tiles placed from a table; the paged prefill by the
-Gluon kernel). Each gives the same bits either way.
+by pointers (fused_linears.SMALL_M_TMA); --gluon-paged sets paged_attention.GLUON_PAGED (the paged
+prefill by the Gluon kernel). Each gives the same bits either way.
 --fill F sets matmul.FILL, the share of the SMs a small-M tile's grid must fill before a wider
 tile is taken (every tile gives the same bits); --fill-max-m M sets matmul.FILL_MAX_M, the largest
 M whose tile the fill rule picks (above, the M bucket's). The script runs in this process (runpy), so
@@ -83,7 +82,7 @@ def apply(changes: dict[tuple[int, int], tuple[int, int]], tma_stages: dict[tupl
 def main() -> None:
     argv = sys.argv[1:]
     usage = ("with_tiles: usage: with_tiles.py [--unroll BMxBN=U:S ...] [--tma-stages BMxBN=S ...] [--fill F] "
-             "[--fill-max-m M] [--small-tma|--grouped-table|--gluon-paged on|off] -- SCRIPT [ARGS ...]")
+             "[--fill-max-m M] [--small-tma|--gluon-paged on|off] -- SCRIPT [ARGS ...]")
     if "--" not in argv:
         raise SystemExit(usage)
     cut = argv.index("--")
@@ -92,7 +91,7 @@ def main() -> None:
     ap.add_argument("--tma-stages", nargs="+", default=[], metavar="BMxBN=S")
     ap.add_argument("--fill", type=float, default=None, metavar="F")
     ap.add_argument("--fill-max-m", type=int, default=None, metavar="M")
-    switches = {"small_tma": ("fused_linears", "SMALL_M_TMA"), "grouped_table": ("matmul", "GROUPED_TILE_TABLE"),
+    switches = {"small_tma": ("fused_linears", "SMALL_M_TMA"),
                 "gluon_paged": ("paged_attention", "GLUON_PAGED")}  # --NAME on|off: the module's flag
     for name in switches:
         ap.add_argument("--" + name.replace("_", "-"), choices=("on", "off"), default=None)
@@ -100,7 +99,7 @@ def main() -> None:
     flags = {switches[n]: getattr(a, n) == "on" for n in switches if getattr(a, n) is not None}
     if not a.unroll and not a.tma_stages and a.fill is None and a.fill_max_m is None and not flags:
         raise SystemExit(f"{usage}: nothing to change (give --unroll, --tma-stages, --fill, --fill-max-m, "
-                         "--small-tma, --grouped-table or --gluon-paged)")
+                         "--small-tma or --gluon-paged)")
     if a.fill_max_m is not None and a.fill_max_m < 1:
         raise SystemExit(f"with_tiles: --fill-max-m {a.fill_max_m}: must be >= 1 (rows)")
     if a.fill is not None and not 0.0 < a.fill <= 4.0:

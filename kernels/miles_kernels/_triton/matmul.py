@@ -374,46 +374,12 @@ def _grouped_kernel(
     _store_rows(y_ptr, acc, rows, cols, row_hi, N, stride_yr)
 
 
-# With the table, grouped_linear's TMA kernel reads each row tile's (expert, first row, end row) from
-# what _tile_table_kernel writes first; without, each tile derives them from the offsets (a cumsum over
-# the experts and its barriers between tiles: 68 against 18 in the sm_90 build). The lookup only
-# places tiles: same bits. Off (the per-tile derivation) until the table has run on a GPU
-# (tests/gpu/test_matmul_gpu.py, tools/bench/grouped_sweep.py --picks times the op both ways).
-GROUPED_TILE_TABLE = False
-_TABLE_ROWS = 64  # row tiles _tile_table_kernel places a step (fewer past 128 experts: [rows, E_PAD] in registers)
-
-
-@fast_launch
-@triton.jit
-def _tile_table_kernel(off_ptr, tab_ptr, E, n_tiles_m, E_PAD: tl.constexpr, BLOCK_M: tl.constexpr,
-                       ROWS: tl.constexpr):
-    """tab[m, :3] = _expert_tile(m) for the row tiles m < n_tiles_m (e >= E past the last), and
-    tab[n_tiles_m, 0] = how many row tiles hold rows. One program."""
-    es = tl.arange(0, E_PAD)
-    lo_E = tl.load(off_ptr + es, mask=es < E, other=0)
-    hi_E = tl.load(off_ptr + es + 1, mask=es < E, other=0)
-    tiles_E = (hi_E - lo_E + BLOCK_M - 1) // BLOCK_M
-    ends_E = tl.cumsum(tiles_E, 0)
-    for m0 in range(0, n_tiles_m, ROWS):
-        ms = m0 + tl.arange(0, ROWS)
-        e = tl.sum((ends_E[None, :] <= ms[:, None]).to(tl.int32), 1)
-        is_e = es[None, :] == e[:, None]
-        row_lo = tl.sum(tl.where(is_e, lo_E[None, :], 0), 1)
-        row_hi = tl.sum(tl.where(is_e, hi_E[None, :], 0), 1)
-        tile_in_e = ms - tl.sum(tl.where(is_e, (ends_E - tiles_E)[None, :], 0), 1)
-        ok = ms < n_tiles_m
-        tl.store(tab_ptr + ms * 4, e, mask=ok)
-        tl.store(tab_ptr + ms * 4 + 1, row_lo + tile_in_e * BLOCK_M, mask=ok)
-        tl.store(tab_ptr + ms * 4 + 2, row_hi, mask=ok)
-    tl.store(tab_ptr + n_tiles_m * 4, tl.sum(tiles_E, 0))
-
-
 @fast_launch
 @triton.jit
 def _grouped_tma_kernel(
-    x_desc, w_desc, off_ptr, tab_ptr, y_ptr, N, K, E, n_tiles_m, stride_yr,
+    x_desc, w_desc, off_ptr, y_ptr, N, K, E, n_tiles_m, stride_yr,
     E_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    GROUP_M: tl.constexpr, PRECISION: tl.constexpr, NUM_PROGRAMS: tl.constexpr, TABLE: tl.constexpr,
+    GROUP_M: tl.constexpr, PRECISION: tl.constexpr, NUM_PROGRAMS: tl.constexpr,
 ):
     # _grouped_kernel with TMA loads (x over [R, K], w over [E * N, K]), persistent: program p
     # takes tiles p, p + NUM_PROGRAMS, ... of the row tiles that hold rows (counted from the
@@ -421,22 +387,13 @@ def _grouped_tma_kernel(
     # loop so loads of the next tile start during this one's epilogue. A tile's rows past its
     # expert (and columns past N) load the neighbour's data and are never stored; the K walk
     # and the fp32 accumulation are _grouped_kernel's, so every stored element has its bits.
-    # TABLE: the tiles' places (and their count) from _tile_table_kernel's tab_ptr.
-    if TABLE:
-        n_real_m = tl.minimum(tl.load(tab_ptr + n_tiles_m * 4), n_tiles_m)
-    else:
-        es = tl.arange(0, E_PAD)
-        rows_E = tl.load(off_ptr + es + 1, mask=es < E, other=0) - tl.load(off_ptr + es, mask=es < E, other=0)
-        n_real_m = tl.minimum(tl.sum((rows_E + BLOCK_M - 1) // BLOCK_M, 0), n_tiles_m)
+    es = tl.arange(0, E_PAD)
+    rows_E = tl.load(off_ptr + es + 1, mask=es < E, other=0) - tl.load(off_ptr + es, mask=es < E, other=0)
+    n_real_m = tl.minimum(tl.sum((rows_E + BLOCK_M - 1) // BLOCK_M, 0), n_tiles_m)
     n_tiles_n = tl.cdiv(N, BLOCK_N)
     for tile in tl.range(tl.program_id(0), n_real_m * n_tiles_n, NUM_PROGRAMS, flatten=True):
         tile_m, tile_n = _grouped_order(tile, n_real_m, n_tiles_n, GROUP_M)
-        if TABLE:
-            e = tl.load(tab_ptr + tile_m * 4)
-            off_m = tl.load(tab_ptr + tile_m * 4 + 1)
-            row_hi = tl.load(tab_ptr + tile_m * 4 + 2)
-        else:
-            e, off_m, row_hi = _expert_tile(off_ptr, E, tile_m, E_PAD, BLOCK_M)
+        e, off_m, row_hi = _expert_tile(off_ptr, E, tile_m, E_PAD, BLOCK_M)
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         for k0 in range(0, K, BLOCK_K):
             x = x_desc.load([off_m, k0])
@@ -510,15 +467,10 @@ def launch_grouped(x_RK, w_ENK, offsets_E1, y_RN, t: Tile) -> None:
         if gg is not None and gg.supported(x_RK, w_ENK, t.block_m, t.block_n, t.block_k):
             gg.launch(x_RK, w_ENK, offsets_E1, y_RN, t.block_n, t.group_m, n_tiles_m, n_prog)
             return
-        tab = offsets_E1  # unused without the table
-        if GROUPED_TILE_TABLE:
-            tab = torch.empty((n_tiles_m + 1, 4), dtype=torch.int32, device=x_RK.device)
-            _tile_table_kernel[(1,)](offsets_E1, tab, E, n_tiles_m, E_PAD=meta["E_PAD"], BLOCK_M=t.block_m,
-                                     ROWS=max(16, min(_TABLE_ROWS, 8192 // meta["E_PAD"])))
         _grouped_tma_kernel[(n_prog,)](
             TensorDescriptor.from_tensor(x_RK, [t.block_m, t.block_k]),
-            TensorDescriptor.from_tensor(w_ENK.view(E * N, K), [t.block_n, t.block_k]), offsets_E1, tab, y_RN,
-            N, K, E, n_tiles_m, y_RN.stride(0), NUM_PROGRAMS=n_prog, TABLE=GROUPED_TILE_TABLE, **meta,
+            TensorDescriptor.from_tensor(w_ENK.view(E * N, K), [t.block_n, t.block_k]), offsets_E1, y_RN,
+            N, K, E, n_tiles_m, y_RN.stride(0), NUM_PROGRAMS=n_prog, **meta,
         )
         return
     _grouped_kernel[(n_tiles,)](
