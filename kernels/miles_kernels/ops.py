@@ -2,7 +2,8 @@
 
 Forward: invariant mode runs the Triton kernel on CUDA and the tiled CPU implementation
 on CPU; fast mode runs vendor kernels (cuBLAS, flash / SDPA: _ref) for matmuls and
-attention, and on CUDA our Triton kernels for the row-wise ops, filter_logits and logprobs
+attention (a linear by the invariant kernel where that timed faster at its shape: _fast_pick),
+and on CUDA our Triton kernels for the row-wise ops, filter_logits and logprobs
 (one launch instead of several torch ops; fast mode promises no bits), plain torch (_ref)
 elsewhere or without Triton. The forward values are identical with and
 without autograd. Backward uses an explicit rule (linear, logprobs, grouped_linear; the
@@ -19,7 +20,7 @@ import os
 
 import torch
 
-from . import _cpu, _grads, _ref
+from . import _cpu, _fast_pick, _grads, _ref
 from ._mode import get_mode
 from .meta import AttnMeta, write_kv
 
@@ -147,12 +148,18 @@ def linear(x, w_NK, b_N=None):
     Numerics: operands in their own dtype (bf16 or fp32), fp32 accumulation, one rounding
     to x's dtype; the bias is added after that rounding (as F.linear on bf16 does not).
     """
-    if _fast():
-        return _ref.linear(x, w_NK, b_N)
     if x.dim() != 2:  # 2-D in, 2-D out with no view: FSDP hooks a root module's output
         return linear(x.reshape(-1, x.shape[-1]), w_NK, b_N).reshape(*x.shape[:-1], w_NK.shape[0])
     x = x.contiguous()
-    impl = _backend(x).linear
+    if _fast():
+        bs = None if b_N is None else (b_N,)
+        kernels = _fast_pick_kernels(x, (w_NK,), bs)
+        mine = lambda x, ws, bs: (kernels.linear(x, ws[0], None if bs is None else bs[0]),)  # noqa: E731
+        if kernels is None or not _fast_pick.ours("linear", x, (w_NK,), bs, _ref.linears, mine):
+            return _ref.linear(x, w_NK, b_N)
+        impl = kernels.linear  # faster than cuBLAS at this shape (_fast_pick)
+    else:
+        impl = _backend(x).linear
     if _needs_grad(x, w_NK, b_N):
         return _Linear.apply(x, w_NK, b_N, impl)
     with torch.no_grad():
@@ -200,6 +207,22 @@ def _fast_fused_linears(x, ws, bs) -> bool:
     return hasattr(kernels, "linears") and x.numel() // max(x.shape[-1], 1) <= kernels.matmul.SMALL_M
 
 
+def _fast_pick_kernels(x, ws, bs):
+    """The Triton module whose linear kernels fast mode may pick for these operands (CUDA, Triton
+    imported, one dtype the kernels take), else None (cuBLAS)."""
+    kernels = _fast_kernels(x)
+    if kernels is _ref or x.dtype not in kernels.LINEAR_TILES:
+        return None
+    return kernels if all(t.dtype == x.dtype for t in (*ws, *(bs or ()))) else None
+
+
+def _fast_ours_linears(x, ws, bs) -> bool:
+    """Fast mode elsewhere: the invariant kernels where they beat one cuBLAS call a weight at
+    this shape (_fast_pick times both once)."""
+    kernels = _fast_pick_kernels(x, ws, bs)
+    return kernels is not None and _fast_pick.ours("linears", x, ws, bs, _ref.linears, _linears_impl(kernels))
+
+
 def linears(x, ws, bs=None):
     """(linear(x, ws[i], bs[i]) for each i): the same bits, one call (q/k/v; gate/up).
 
@@ -207,18 +230,18 @@ def linears(x, ws, bs=None):
     one kernel computes them all (miles_kernels._triton.fused_linears.linears), in fast mode too.
     """
     ws, bs = tuple(ws), None if bs is None else tuple(bs)
-    grad = _needs_grad(x, *ws, *(bs or ()))
-    ref = _fast() and not _fast_fused_linears(x, ws, bs)
-    if ref and not grad:
-        return _ref.linears(x, ws, bs)
     if x.dim() != 2:
         lead = x.shape[:-1]
         ys = linears(x.reshape(-1, x.shape[-1]), ws, bs)
         return tuple(y.reshape(*lead, y.shape[-1]) for y in ys)
     x = x.contiguous()
-    # fast mode with autograd: cuBLAS forward, and _Linears' backward (x's grads summed inside
-    # addmm, not by one add kernel a weight)
-    impl = _ref.linears if ref else _linears_impl(_backend(x))
+    grad = _needs_grad(x, *ws, *(bs or ()))
+    ref = _fast() and not _fast_fused_linears(x, ws, bs) and not _fast_ours_linears(x, ws, bs)
+    if ref and not grad:
+        return _ref.linears(x, ws, bs)
+    # fast mode with autograd: cuBLAS forward (or the invariant kernel where _fast_pick found it
+    # faster), and _Linears' backward (x's grads summed inside addmm, not by one add kernel a weight)
+    impl = _ref.linears if ref else _linears_impl(_fast_kernels(x) if _fast() else _backend(x))
     if grad:
         return _Linears.apply(x, impl, len(ws), *ws, *(bs or ()))
     with torch.no_grad():

@@ -44,6 +44,56 @@ def test_fast_mode_row_ops_run_the_kernels():
             _same(fn(), want, f"fast-mode {name} vs invariant")
 
 
+def test_fast_mode_linears_take_the_faster_kernel(kt, monkeypatch):
+    """Fast mode's linears (_fast_pick): a kept choice runs that kernel (the invariant kernel's bits
+    or F.linear's), with autograd too; a new key is timed once eagerly and its choice kept and run;
+    under CUDA graph capture nothing is timed or kept and cuBLAS serves."""
+    import miles_kernels as mk
+    import torch.nn.functional as F
+    from miles_kernels import _fast_pick as fp
+
+    monkeypatch.setattr(fp, "_CHOICE", {})
+    g = _gen(21)
+    x = _randn(1000, 1024, dtype=torch.bfloat16, g=g)  # above SMALL_M: fast mode's decode rule stays out
+    wq, wk = _randn(2048, 1024, dtype=torch.bfloat16, g=g, scale=0.03), _randn(1024, 1024, dtype=torch.bfloat16, g=g,
+                                                                             scale=0.03)
+    with mk.use_mode("fast"):
+        for pick in (True, False):
+            fp._CHOICE.clear()
+            fp._CHOICE[fp.key("linear", x, (wq,), None)] = pick
+            fp._CHOICE[fp.key("linears", x, (wq, wk), None)] = pick
+            want = (kt.linear(x, wq), kt.linear(x, wk)) if pick else (F.linear(x, wq), F.linear(x, wk))
+            _same(mk.linear(x, wq), want[0], f"fast linear, kept choice {pick}")
+            for got, w in zip(mk.linears(x, (wq, wk)), want):
+                _same(got, w, f"fast linears, kept choice {pick}")
+            xg = x.clone().requires_grad_()
+            yq, yk = mk.linears(xg, (wq, wk))
+            _same(yq.detach(), want[0], f"fast linears with autograd, kept choice {pick}")
+            (yq.float().square().sum() + yk.float().sum()).backward()
+            ref = x.clone().requires_grad_()
+            (F.linear(ref, wq).float().square().sum() + F.linear(ref, wk).float().sum()).backward()
+            torch.testing.assert_close(xg.grad, ref.grad, rtol=2e-2, atol=2e-2)
+        fp._CHOICE.clear()
+        y = mk.linear(x, wk)  # timed now
+        k = fp.key("linear", x, (wk,), None)
+        assert k in fp._CHOICE, "a new key was not timed"
+        _same(y, kt.linear(x, wk) if fp._CHOICE[k] else F.linear(x, wk), "fast linear after its timing")
+        x2 = _randn(3000, 1024, dtype=torch.bfloat16, g=g)
+        k2 = fp.key("linear", x2, (wk,), None)
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            F.linear(x2, wk)  # cuBLAS warm before the capture, outside mk (no key timed)
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            y2 = mk.linear(x2, wk)
+        assert k2 not in fp._CHOICE, "a key was timed or kept during capture"
+        graph.replay()
+        torch.cuda.synchronize()
+        _same(y2, F.linear(x2, wk), "fast linear captured before its timing (cuBLAS)")
+
+
 def test_fast_launch_gives_tritons_bits_and_keys_alignment(kt, monkeypatch):
     """Every kernel family through launch.FastKernel (repeat calls skip Triton's binding) gives
     the bits of Triton's own launch path; a 16-byte-misaligned view after an aligned one (and

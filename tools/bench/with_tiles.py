@@ -7,8 +7,9 @@
     ... with_tiles.py --fill 0.75 -- tools/bench/engine.py --quick --only engine    # another FILL
     ... with_tiles.py --fill-max-m 512 -- tools/bench/engine.py --quick   # the M bucket's tile above M 512
     ... with_tiles.py --tma-stages 128x128=4 128x64=4 -- tools/bench/engine.py --quick   # 4 stages
-    ... with_tiles.py --small-tma on -- tools/bench/engine.py --quick   # linears / swiglu by TMA
-    ... with_tiles.py --gluon-paged on -- tools/bench/engine.py --quick   # the prefill by the Gluon kernel
+    ... with_tiles.py --small-tma off -- tools/bench/engine.py --quick   # linears / swiglu by pointers
+    ... with_tiles.py --gluon-paged off -- tools/bench/engine.py --quick   # the prefill by the Triton kernel
+    ... with_tiles.py --fast-pick off -- tools/bench/train.py --modes fast   # fast mode's linears by cuBLAS only
 
 Each BMxBN=U:S sets the 16-bit SMALL_M_TILES pointer tile BLOCK_M x BLOCK_N to U BLOCK_K steps
 a loop iteration (Tile.k_unroll) and S pipeline stages. The dots and their order stay as they are,
@@ -16,7 +17,8 @@ so the bits do too (tests/gpu/test_matmul_gpu.py::test_unrolled_small_m_tiles_sa
 Each BMxBN=S of --tma-stages sets the small-M TMA tile BLOCK_M x BLOCK_N to S stages (also what
 linears and swiglu run it with). --small-tma on / off runs those tiles in linears and swiglu by TMA /
 by pointers (fused_linears.SMALL_M_TMA); --gluon-paged sets paged_attention.GLUON_PAGED (the paged
-prefill by the Gluon kernel). Each gives the same bits either way.
+prefill by the Gluon kernel). Each gives the same bits either way. --fast-pick sets _fast_pick.PICK
+(fast mode's linears by the faster of cuBLAS and the invariant kernel, timed per shape; off: cuBLAS).
 --fill F sets matmul.FILL, the share of the SMs a small-M tile's grid must fill before a wider
 tile is taken (every tile gives the same bits); --fill-max-m M sets matmul.FILL_MAX_M, the largest
 M whose tile the fill rule picks (above, the M bucket's). The script runs in this process (runpy), so
@@ -82,7 +84,7 @@ def apply(changes: dict[tuple[int, int], tuple[int, int]], tma_stages: dict[tupl
 def main() -> None:
     argv = sys.argv[1:]
     usage = ("with_tiles: usage: with_tiles.py [--unroll BMxBN=U:S ...] [--tma-stages BMxBN=S ...] [--fill F] "
-             "[--fill-max-m M] [--small-tma|--gluon-paged on|off] -- SCRIPT [ARGS ...]")
+             "[--fill-max-m M] [--small-tma|--gluon-paged|--fast-pick on|off] -- SCRIPT [ARGS ...]")
     if "--" not in argv:
         raise SystemExit(usage)
     cut = argv.index("--")
@@ -91,15 +93,16 @@ def main() -> None:
     ap.add_argument("--tma-stages", nargs="+", default=[], metavar="BMxBN=S")
     ap.add_argument("--fill", type=float, default=None, metavar="F")
     ap.add_argument("--fill-max-m", type=int, default=None, metavar="M")
-    switches = {"small_tma": ("fused_linears", "SMALL_M_TMA"),
-                "gluon_paged": ("paged_attention", "GLUON_PAGED")}  # --NAME on|off: the module's flag
+    switches = {"small_tma": ("miles_kernels._triton.fused_linears", "SMALL_M_TMA"),  # --NAME on|off: a module's flag
+                "gluon_paged": ("miles_kernels._triton.paged_attention", "GLUON_PAGED"),
+                "fast_pick": ("miles_kernels._fast_pick", "PICK")}
     for name in switches:
         ap.add_argument("--" + name.replace("_", "-"), choices=("on", "off"), default=None)
     a = ap.parse_args(argv[:cut])
     flags = {switches[n]: getattr(a, n) == "on" for n in switches if getattr(a, n) is not None}
     if not a.unroll and not a.tma_stages and a.fill is None and a.fill_max_m is None and not flags:
         raise SystemExit(f"{usage}: nothing to change (give --unroll, --tma-stages, --fill, --fill-max-m, "
-                         "--small-tma or --gluon-paged)")
+                         "--small-tma, --gluon-paged or --fast-pick)")
     if a.fill_max_m is not None and a.fill_max_m < 1:
         raise SystemExit(f"with_tiles: --fill-max-m {a.fill_max_m}: must be >= 1 (rows)")
     if a.fill is not None and not 0.0 < a.fill <= 4.0:
@@ -113,7 +116,7 @@ def main() -> None:
     from miles_kernels._triton import matmul
 
     for (module, flag), on in flags.items():
-        setattr(importlib.import_module(f"miles_kernels._triton.{module}"), flag, on)
+        setattr(importlib.import_module(module), flag, on)
     if a.fill is not None:
         matmul.FILL = a.fill
     if a.fill_max_m is not None:
