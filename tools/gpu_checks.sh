@@ -33,6 +33,9 @@
 #   grouped    (not in the default list) grouped_linear's picked tiles (and 128x256 at 4 stages) against a dense
 #              matmul, torch's grouped GEMM and the roofline (the routed experts' weight bytes), and the op
 #              itself (grouped_sweep.py --picks --no-gluon)
+#   fast       (not in the default list) fast mode's linears by the faster of cuBLAS and the invariant kernel
+#              (_fast_pick): its GPU test, the trainer's fast / invariant by paired rounds with the pick and
+#              with cuBLAS only (with_tiles.py --fast-pick off), and the engine's fast rows both ways
 #   capture    (not in the default list) the attention-backward and engine GPU tests in one process (the order
 #              that invalidated the 64-expert draft's capture in the thirty-third run), then again with
 #              graph_capture's collector guard taken out: test_capture_with_garbage_waiting alone, which must
@@ -176,6 +179,17 @@ for step in $steps; do
                  run kernel_ops timeout -s KILL 150 python3 tools/bench/kernel_ops.py --out "$out/kernel_ops.json" ;;
         grouped) run grouped_picks timeout -s KILL 200 python3 tools/bench/grouped_sweep.py --picks --no-gluon \
                      --out "$out/grouped_picks.json" ;;
+        fast) run fast_pick_test timeout -s KILL 200 python3 -m pytest -q -o addopts="" tests/gpu/test_kernels_gpu.py \
+                  -k "fast_mode"
+              run train_fast_pick timeout -s KILL 200 python3 tools/bench/train.py --seqs 4096 16384 --modes invariant \
+                  fast --interleave --steps 8 --wait yes --out "$out/train_fast_pick.json"
+              run train_fast_cublas timeout -s KILL 200 python3 tools/bench/with_tiles.py --fast-pick off -- \
+                  tools/bench/train.py --seqs 4096 16384 --modes invariant fast --interleave --steps 8 --wait yes \
+                  --out "$out/train_fast_cublas.json"
+              run engine_fast_pick timeout -s KILL 110 python3 tools/bench/engine.py --quick --only engine,engine-fast \
+                  --out "$out/engine_fast_pick.json"
+              run engine_fast_cublas timeout -s KILL 110 python3 tools/bench/with_tiles.py --fast-pick off -- \
+                  tools/bench/engine.py --quick --only engine-fast --out "$out/engine_fast_cublas.json" ;;
         capture) run capture_guarded timeout -s KILL 240 python3 -m pytest -q -o addopts="" \
                      tests/gpu/test_attention_bwd_gpu.py tests/gpu/test_engine_gpu.py
                  run capture_unguarded timeout -s KILL 240 python3 -c "import gc, sys, types, pytest
@@ -192,7 +206,7 @@ print('guard out: the capture test must fail (rc 1), rc', int(rc)); sys.exit(0 i
              run attn_tma python3 tools/bench/attn_sweep.py "$out/attn_tma.json" --tma --tiles
              run attn_tma_paged python3 tools/bench/attn_sweep.py "$out/attn_tma_paged.json" --tma-paged
              run kernel_regs python3 tools/bench/kernel_regs.py "$out/kernel_regs.json" ;;
-        *) echo "unknown step $step (tests scale kernels engine engine_host train rl_step spec profile sweep moe tma queued linears grouped capture ws gluon optim)"
+        *) echo "unknown step $step (tests scale kernels engine engine_host train rl_step spec profile sweep moe tma queued linears grouped fast capture ws gluon optim)"
            exit 2 ;;
     esac
 done
