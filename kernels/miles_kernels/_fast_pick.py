@@ -6,17 +6,20 @@ invariant mode's by more than a timing's noise. Each key (the op, M rounded up t
 two, the weights' widths, K, dtype, bias, device) is timed once, eagerly: both forwards after a
 warm call each (which also compiles the kernel), interleaved, the median of REPS CUDA-event
 reads each. Nothing is timed while a CUDA graph is being captured (cuBLAS, the choice not kept:
-the next eager call times it), nor where the outputs pass MAX_TIMED_BYTES or timing runs out of
-memory (cuBLAS, kept: large GEMMs, where the two read within a few percent, and where a second
-output could run a full GPU out of memory).
+the next eager call times it), nor where the outputs pass MAX_TIMED_BYTES, timing runs out of
+memory or the invariant kernel raises (cuBLAS, kept: large GEMMs, where the two read within a few
+percent and a second output could run a full GPU out of memory; a kernel error is logged).
 """
 
 from __future__ import annotations
 
+import logging
 import statistics
 from typing import Callable
 
 import torch
+
+log = logging.getLogger(__name__)
 
 PICK = True  # False: fast mode's linears by cuBLAS only (the A/B: tools/bench/with_tiles.py --fast-pick off)
 REPS = 5
@@ -27,7 +30,7 @@ _CHOICE: dict[tuple, bool] = {}  # key -> the invariant kernel serves it
 def ours(op: str, x_MK: torch.Tensor, ws, bs, vendor: Callable, mine: Callable) -> bool:
     """Whether fast mode runs `mine(x, ws, bs)` (the invariant kernel) rather than `vendor(x, ws,
     bs)` (cuBLAS) for this 2-D x and these weights: the faster at this key, timed on first use."""
-    if not PICK or not x_MK.is_cuda:
+    if not PICK or not x_MK.is_cuda or x_MK.shape[0] == 0:
         return False
     out_bytes = x_MK.shape[0] * sum(w.shape[0] for w in ws) * x_MK.element_size()
     return choose(key(op, x_MK, ws, bs), out_bytes, lambda: vendor(x_MK, ws, bs), lambda: mine(x_MK, ws, bs),
@@ -57,6 +60,10 @@ def choose(key: tuple, out_bytes: int, vendor: Callable, mine: Callable, capturi
             t_vendor, t_mine = _times(vendor, mine)
         pick = t_mine <= t_vendor
     except torch.cuda.OutOfMemoryError:
+        pick = False
+    except Exception as e:  # noqa: BLE001 - fast mode promises speed: cuBLAS serves, and the error is told
+        log.warning("fast mode: the invariant linear kernel raised %s: %s at %s; cuBLAS serves this shape",
+                    type(e).__name__, e, key)
         pick = False
     _CHOICE[key] = pick
     return pick

@@ -55,6 +55,14 @@ def test_large_outputs_and_oom_keep_cublas(timed):
     assert fp._CHOICE[("oom",)] is False
 
 
+def test_a_kernel_error_keeps_cublas_and_is_told(timed, caplog):
+    timed["times"] = ValueError("no tile for this shape")
+    with caplog.at_level("WARNING", logger="miles_kernels._fast_pick"):
+        assert fp.choose(("bad",), 1 << 20, lambda: None, lambda: None, capturing=False) is False
+    assert fp._CHOICE[("bad",)] is False
+    assert "no tile for this shape" in caplog.text and "cuBLAS serves" in caplog.text
+
+
 def test_keys_bucket_m_and_tell_ops_widths_and_bias_apart():
     x = lambda m: torch.zeros(m, 64)  # noqa: E731
     w1, w2, b = torch.zeros(128, 64), torch.zeros(32, 64), torch.zeros(128)
