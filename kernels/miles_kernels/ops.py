@@ -209,9 +209,9 @@ def _fast_fused_linears(x, ws, bs) -> bool:
 
 def _fast_pick_kernels(x, ws, bs):
     """The Triton module whose linear kernels fast mode may pick for these operands (CUDA, Triton
-    imported, one dtype the kernels take), else None (cuBLAS)."""
+    imported, one dtype the kernels take, 1-3 weights), else None (cuBLAS)."""
     kernels = _fast_kernels(x)
-    if kernels is _ref or x.dtype not in kernels.LINEAR_TILES:
+    if kernels is _ref or x.dtype not in kernels.LINEAR_TILES or not 1 <= len(ws) <= 3:
         return None
     return kernels if all(t.dtype == x.dtype for t in (*ws, *(bs or ()))) else None
 
