@@ -37,6 +37,10 @@
 #   fast       (not in the default list) fast mode's linears by the faster of cuBLAS and the invariant kernel
 #              (_fast_pick): its GPU test, the trainer's fast / invariant by paired rounds with the pick and
 #              with cuBLAS only (with_tiles.py --fast-pick off), and the engine's fast rows both ways
+#   sampler    (not in the default list) the sampler's GPU tests (the screened noisy argmax's fast noise against
+#              torch's at all 2**23 u; our draw == the torch ops' at 151,936 x 256, filtered and not, screen on
+#              and off), tools/bench/sampler.py (ours screened / exact logs, torch ops, multinomial), and the
+#              engine's quick rows as shipped and with every token's exact logs (with_tiles --sampler-screen off)
 #   capture    (not in the default list) the attention-backward and engine GPU tests in one process (the order
 #              that invalidated the 64-expert draft's capture in the thirty-third run), then again with
 #              graph_capture's collector guard taken out: test_capture_with_garbage_waiting alone, which must
@@ -196,6 +200,13 @@ for step in $steps; do
                   --out "$out/engine_fast_pick.json"
               run engine_fast_cublas timeout -s KILL 110 python3 tools/bench/with_tiles.py --fast-pick off -- \
                   tools/bench/engine.py --quick --only engine-fast --out "$out/engine_fast_cublas.json" ;;
+        sampler) run sampler_tests timeout -s KILL 240 python3 -m pytest -q -o addopts="" tests/gpu/test_engine_gpu.py \
+                     -k "gumbel or screen or sampler or draw"
+                 run bench_sampler timeout -s KILL 150 python3 tools/bench/sampler.py --out "$out/sampler.json"
+                 run engine_screen timeout -s KILL 110 python3 tools/bench/engine.py --quick --only engine \
+                     --out "$out/engine_screen.json"
+                 run engine_exact_logs timeout -s KILL 110 python3 tools/bench/with_tiles.py --sampler-screen off -- \
+                     tools/bench/engine.py --quick --only engine --out "$out/engine_exact_logs.json" ;;
         capture) run capture_guarded timeout -s KILL 240 python3 -m pytest -q -o addopts="" \
                      tests/gpu/test_attention_bwd_gpu.py tests/gpu/test_engine_gpu.py
                  run capture_unguarded timeout -s KILL 240 python3 -c "import gc, sys, types, pytest
@@ -212,7 +223,7 @@ print('guard out: the capture test must fail (rc 1), rc', int(rc)); sys.exit(0 i
              run attn_tma python3 tools/bench/attn_sweep.py "$out/attn_tma.json" --tma --tiles
              run attn_tma_paged python3 tools/bench/attn_sweep.py "$out/attn_tma_paged.json" --tma-paged
              run kernel_regs python3 tools/bench/kernel_regs.py "$out/kernel_regs.json" ;;
-        *) echo "unknown step $step (tests scale kernels engine engine_host train rl_step spec profile sweep moe tma queued linears grouped fast capture ws gluon optim)"
+        *) echo "unknown step $step (tests scale kernels engine engine_host train rl_step spec profile sweep moe tma queued linears grouped fast sampler capture ws gluon optim)"
            exit 2 ;;
     esac
 done

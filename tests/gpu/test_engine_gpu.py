@@ -344,26 +344,45 @@ def test_write_kv_one_launch_equals_index_copy(dtype):
         assert torch.equal(caches[0], want[0]) and torch.equal(caches[1], want[1])
 
 
+def test_screen_noise_within_its_bound_everywhere():
+    """The screened argmax's fast noise (the GPU's lg2.approx, the series near u = 1) is within
+    NOISE_BOUND / 8 of torch's -log(-log(u)) at every one of the 2**23 u values."""
+    from miles_fsdp.engine.sampler import NOISE_BOUND, fast_noise, uniform_from_bits
+
+    k = torch.arange(1 << 23, device="cuda")
+    err = (fast_noise(k).double() - (-torch.log(-torch.log(uniform_from_bits(k))))).abs().max().item()
+    assert err < NOISE_BOUND / 8, f"fast noise off by {err:.3g}"
+
+
+@pytest.mark.parametrize("screen", [True, False])
 @pytest.mark.parametrize("temp", [1.0, 0.7])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
-def test_fused_gumbel_argmax_equals_torch_ops(temp, dtype):
-    """The sampler's fused path (noise, chunk maxima, merge) picks the token of the torch ops
-    it replaces, (logits.float() / T + gumbel_noise).argmax(-1), at a 151,936 vocab and 256
-    rows; and sample() records that token's logprob."""
+def test_fused_gumbel_argmax_equals_torch_ops(temp, dtype, screen, monkeypatch):
+    """The sampler's fused path (noise, chunk maxima, merge), screened by fast logs or not, picks
+    the token of the torch ops it replaces, (filter(logits.float() / T) + gumbel_noise).argmax(-1),
+    at a 151,936 vocab and 256 rows, with and without top-k / top-p (rows of near ties included);
+    and sample() records that token's logprob."""
+    from miles_fsdp.engine import sampler
     from miles_fsdp.engine.sampler import RowParams, gumbel_argmax, gumbel_noise, sample
 
+    monkeypatch.setattr(sampler, "SCREEN", screen)
     B, V = 256, 151936
     g = torch.Generator().manual_seed(1)
     logits = (torch.randn(B, V, generator=g) * 4).to(dtype).cuda()
     seed = torch.randint(0, 2**32, (B,), generator=g, dtype=torch.int64).cuda()
     stream, pos = torch.randint(0, 8, (B,), generator=g).cuda(), torch.randint(0, 40000, (B,), generator=g).cuda()
-    want = (logits.float() / temp + gumbel_noise(seed, stream, pos, V)).argmax(-1)
+    noise = gumbel_noise(seed, stream, pos, V)
+    logits[:8] = (2.0 - noise[:8] * temp).to(dtype)  # z within rounding of 2 / T across the row: the exact path
+    want = (logits.float() / temp + noise).argmax(-1)
     assert torch.equal(gumbel_argmax(logits, temp, seed, stream, pos), want)
-    rows = [RowParams(temp, 0, 1.0, int(seed[i]), int(stream[i]), int(pos[i])) for i in range(B)]
-    ids, lps = sample(logits, rows)
-    assert ids == want.tolist()
-    lp, _ = mk.logprobs(logits, want, temp)
-    assert lps == lp.tolist()
+    for top_k, top_p in ((0, 1.0), (20, 1.0), (0, 0.9), (50, 0.95)):
+        x = mk.filter_logits(logits.float() / temp, top_k, top_p)
+        want = (x + noise).argmax(-1)
+        rows = [RowParams(temp, top_k, top_p, int(seed[i]), int(stream[i]), int(pos[i])) for i in range(B)]
+        ids, lps = sample(logits, rows)
+        assert ids == want.tolist(), f"top_k={top_k} top_p={top_p}"
+        lp, _ = mk.logprobs(logits, want, temp, top_k=top_k, top_p=top_p)
+        assert lps == lp.tolist()
 
 
 @pytest.mark.parametrize("arch", ["qwen3", "qwen3_moe"])

@@ -475,6 +475,7 @@ def check_gumbel_log_fixes() -> None:
     """The noise kernel: the hash as gumbel_noise_torch's, the logs close to torch's, and the
     u values of the fix table (where Triton's logs differ from torch's) get the table's value;
     the argmax kernel that makes the noise itself picks what x + that noise picks."""
+    from miles_fsdp.engine import sampler
     from miles_fsdp.engine.sampler import _gumbel_kernel, _mix32, gumbel_noise_torch, noisy_argmax
 
     keys = torch.tensor([[3, 2**32 - 7], [0, 2**31 + 5], [17, 4000]])  # seed, stream, position of 2 rows
@@ -493,13 +494,56 @@ def check_gumbel_log_fixes() -> None:
         u = torch.empty(B, V)
         _gumbel_kernel[(B, 3)](keys, B, u, V, fix_k, fix_v, BLOCK=128, LOGS=False, NFIX=nfix)
         _same(-torch.log(-torch.log(u)), want, "gumbel u, torch's logs")
-        # the argmax that makes the noise itself: the argmax of x + the noise kernel's values
+        # the argmax that makes the noise itself: the argmax of x + the noise kernel's values (the
+        # exact logs everywhere: these fixes are far from the logs' values, which the screen assumes)
         x = torch.randn(B, V, generator=torch.Generator().manual_seed(nfix))
         fixes = (fix_k[:nfix], fix_v[:nfix]) if nfix else (fix_k[:0], fix_v[:0])
-        got = noisy_argmax(x, keys, neg=False, chunk=64, fixes=fixes)
+        sampler.SCREEN = False
+        try:
+            got = noisy_argmax(x, keys, neg=False, chunk=64, fixes=fixes)
+        finally:
+            sampler.SCREEN = True
         _same(got, (x + out).argmax(-1), f"noisy_argmax with the noise made inside, {nfix} fixes")
         if nfix:
             assert got[0] == 7  # the fixed value (123.5) wins row 0
+
+
+def check_noisy_argmax_screen() -> None:
+    """The screened argmax (fast logs, then the exact logs of a clear winner only): per chunk the
+    exact max of x + noise and its first index, bitwise, whether the chunk has one clear winner
+    (the exact value is recomputed), near ties (every token's exact logs), or only -inf (token 0);
+    and the fast noise within NOISE_BOUND of torch's at u near 0, 1 and between."""
+    from miles_fsdp.engine import sampler
+
+    keys = torch.tensor([[3, 9, 11, 5], [1, 2, 3, 4], [100, 7, 0, 2**31 + 9]])  # 4 rows' seed, stream, position
+    B, V, chunk = 4, 320, 64
+    noise = torch.empty(B, V)  # the exact path's noise (the interpreter's logs, not torch's)
+    sampler._gumbel_kernel[(B, 5)](keys, B, noise, V, noise, noise, BLOCK=64, LOGS=True, NFIX=0)
+    g = torch.Generator().manual_seed(7)
+    x = torch.randn(B, V, generator=g) * 3
+    x[1, :64] = 2.0 - noise[1, :64]  # chunk 0 of row 1: every z within rounding of 2 (near ties)
+    x[1, 64:128] = 2.0 - noise[1, 64:128] - 1e-7 * torch.arange(64)  # a hair apart: rounding ties some
+    x[2, :200] = float("-inf")  # -inf-only chunks, then one with its first 8 tokens masked
+    x[3] = float("-inf")
+    x[3, [5, 70, 300]] = torch.tensor([1.0, 4.0, 2.0])  # top-k-like: 3 live tokens in 320
+    z = x + noise
+    n_chunks = -(-V // chunk)
+    for screen in (True, False):
+        maxes = torch.empty(B, n_chunks)
+        idx = torch.empty(B, n_chunks, dtype=torch.int32)
+        sampler._noisy_argmax_kernel[(B, n_chunks)](
+            x, keys, maxes, idx, V, x.stride(0), n_chunks, B, maxes, maxes, NEG=False, CHUNK=chunk, KEYS=True,
+            NFIX=0, SCREEN=screen, ASM=False, BOUND=sampler.NOISE_BOUND)
+        zc = torch.nn.functional.pad(z, (0, n_chunks * chunk - V), value=float("-inf")).view(B, n_chunks, chunk)
+        _same(maxes, zc.max(-1).values, f"screen={screen}: chunk maxima")
+        _same(idx.long(), zc.argmax(-1) + torch.arange(n_chunks) * chunk, f"screen={screen}: chunk argmax")
+    got = sampler.noisy_argmax(x, keys, neg=False, chunk=chunk, fixes=(keys[0, :0], x[0, :0]))
+    _same(got, z.argmax(-1), "screened noisy_argmax")
+    k = torch.cat([torch.arange(4096),
+                   torch.arange(2**23 - 4096, 2**23), torch.randint(0, 2**23, (8192,), generator=g)])
+    want = -torch.log(-torch.log(sampler.uniform_from_bits(k)))
+    err = (sampler.fast_noise(k) - want).abs().max().item()
+    assert err < sampler.NOISE_BOUND / 8, f"fast noise off by {err}"
 
 
 def _close_rel(got: torch.Tensor, ref: torch.Tensor, what: str, rel: float = 1e-5) -> None:

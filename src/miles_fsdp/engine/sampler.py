@@ -4,8 +4,9 @@ token = argmax(filter(logits / T) + g), g = -log(-log(u)), u = hash(seed, sample
 position, token id) mapped to (0, 1) as (23 hash bits + 0.5) / 2**23: exact in fp32 and
 never 1, so g is always finite. (With 24 bits, 2**24 - 0.5 rounded to 2**24, u to 1 and g to
 +inf: that token won whatever its probability, and a masked one gave -inf + inf = nan.)
-The noise is a pure function of those four integers, computed on device with int64 ops kept to 32 bits (every product < 2**63, no overflow), so
-a sample depends neither on the batch nor on the device's RNG state: any sample can be
+The noise is a pure function of those four integers, computed on device with int64 ops kept to
+32 bits (every product < 2**63, no overflow), so a sample depends neither on the batch nor on
+the device's RNG state: any sample can be
 replayed from (seed, sample index). argmax over filter(logits / T) + Gumbel noise is an exact
 draw from softmax(filter(logits / T)); `filter` is mk.filter_logits, the top-k/top-p mask
 that mk.logprobs applies too. So the recorded logprob, mk.logprobs(logits, id, T, top_k,
@@ -20,6 +21,11 @@ torch.log on every one of the 2**23 possible u values: the few that differ (one 
 with CUDA 13) get torch's value from a table in the kernel; were there many, the kernel
 returns u and torch takes the logs. Where the logs stay in the kernel the argmax kernel
 makes the noise itself. Either way the noise is bit-for-bit what `gumbel_noise` computes.
+That kernel ranks each chunk by a fast approximation first (SCREEN: two lg2.approx, within
+NOISE_BOUND of the exact noise at every u, which a GPU test checks): where one token leads the
+rest by more than that error it is the exact argmax, and only its exact logs are taken; near
+ties take every token's exact logs. The same token and value either way, at about a third of
+the work per token. Filtered rows (top-k / top-p) go through the same kernel, their -inf kept.
 One step does one host<->device round trip: row parameters in (one copy), (ids, logprob
 bits) out (one copy, waited on only by Sampled.wait(), so the engine can launch its next
 step first).
@@ -66,13 +72,18 @@ if triton is not None:
         return x ^ (x >> 16)
 
     @triton.jit
-    def _noise(keys_ptr, key_stride, row, tok, fix_k_ptr, fix_v_ptr, LOGS: tl.constexpr, NFIX: tl.constexpr):
-        """gumbel_noise's value at (row, tok) (LOGS), or its u (not LOGS: torch takes the logs)."""
+    def _hash_k(keys_ptr, key_stride, row, tok):
+        """The 23 hash bits of (row's keys, tok) that _noise maps to u."""
         seed = tl.load(keys_ptr + row).to(tl.int64)
         stream = tl.load(keys_ptr + key_stride + row).to(tl.int64)
         pos = tl.load(keys_ptr + 2 * key_stride + row).to(tl.int64)
         h = _mix32_tl(_mix32_tl(_mix32_tl(seed) ^ stream) ^ pos)
-        k = (_mix32_u32((h ^ tok.to(tl.int64)).to(tl.uint32)) >> 9).to(tl.int32)  # h < 2**32, tok < 2**31
+        return (_mix32_u32((h ^ tok.to(tl.int64)).to(tl.uint32)) >> 9).to(tl.int32)  # h < 2**32, tok < 2**31
+
+    @triton.jit
+    def _noise(keys_ptr, key_stride, row, tok, fix_k_ptr, fix_v_ptr, LOGS: tl.constexpr, NFIX: tl.constexpr):
+        """gumbel_noise's value at (row, tok) (LOGS), or its u (not LOGS: torch takes the logs)."""
+        k = _hash_k(keys_ptr, key_stride, row, tok)
         u = (k.to(tl.float32) + 0.5) * (1.0 / 8388608.0)
         if LOGS:
             u = -tl.log(-tl.log(u))
@@ -96,24 +107,75 @@ if triton is not None:
         u = tl.load(u_ptr + i, mask=i < N, other=0.5)
         tl.store(out_ptr + i, -tl.log(-tl.log(u)), mask=i < N)
 
+    @triton.jit
+    def _lg2(x, ASM: tl.constexpr):
+        """log2: the GPU's one-instruction approximation (ASM), else tl.log2 (the interpreter)."""
+        if ASM:
+            return tl.inline_asm_elementwise("lg2.approx.f32 $0, $1;", "=f,f", [x], dtype=tl.float32,
+                                             is_pure=True, pack=1)
+        return tl.log2(x)
+
+    @triton.jit
+    def _fast_noise(k, ASM: tl.constexpr):
+        """-log(-log(u)), u = (k + 0.5) / 2**23, within NOISE_BOUND of _noise's value: two fast
+        logs; from u = 0.75 on, -log(u) = 2 atanh(w / (2 - w)) by its series in w = 1 - u (exact),
+        where the log of u would cancel."""
+        kf = k.to(tl.float32)
+        u = (kf + 0.5) * (1.0 / 8388608.0)
+        w = (8388607.5 - kf) * (1.0 / 8388608.0)
+        s = w / (2.0 - w)
+        s2 = s * s
+        series = 2.0 * s * (1.0 + s2 * (1.0 / 3.0 + s2 * (1.0 / 5.0 + s2 * (1.0 / 7.0 + s2 * (1.0 / 9.0)))))
+        t = tl.where(w < 0.25, series, _lg2(u, ASM) * -0.6931471805599453)
+        return _lg2(t, ASM) * -0.6931471805599453
+
     @fast_launch
     @triton.jit
-    def _noisy_argmax_kernel(x_ptr, n_ptr, max_ptr, idx_ptr, V, stride_x, n_chunks, key_stride, fix_k_ptr, fix_v_ptr,
-                             NEG: tl.constexpr, CHUNK: tl.constexpr, KEYS: tl.constexpr, NFIX: tl.constexpr):
-        """Per (row, chunk of V): max and first index of x + n (NEG: x - n), x cast to fp32; n read
-        from n_ptr, or with KEYS computed here from the row keys at n_ptr (gumbel_noise's value)."""
-        row = tl.program_id(0).to(tl.int64)
-        c = tl.program_id(1)
-        tok = c * CHUNK + tl.arange(0, CHUNK)
-        mask = tok < V
-        x = tl.load(x_ptr + row * stride_x + tok, mask=mask, other=0.0).to(tl.float32)
+    def _fast_noise_kernel(k_ptr, out_ptr, N, BLOCK: tl.constexpr, ASM: tl.constexpr):
+        i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        k = tl.load(k_ptr + i, mask=i < N, other=0)
+        tl.store(out_ptr + i, _fast_noise(k, ASM), mask=i < N)
+
+    @triton.jit
+    def _chunk_argmax(x, mask, n_ptr, key_stride, row, tok, V, fix_k_ptr, fix_v_ptr, NEG: tl.constexpr,
+                      KEYS: tl.constexpr, NFIX: tl.constexpr):
+        """(max, first index) of the chunk's x + n (NEG: x - n), masked tokens -inf."""
         if KEYS:
             n = _noise(n_ptr, key_stride, row, tok, fix_k_ptr, fix_v_ptr, True, NFIX)
         else:
             n = tl.load(n_ptr + row * V + tok, mask=mask, other=0.0)
         z = tl.where(mask, x - n if NEG else x + n, float("-inf"))
-        i = tl.argmax(z, 0, tie_break_left=True)
-        tl.store(max_ptr + row * n_chunks + c, tl.max(z, 0))
+        return tl.max(z, 0), tl.argmax(z, 0, tie_break_left=True)
+
+    @fast_launch
+    @triton.jit
+    def _noisy_argmax_kernel(x_ptr, n_ptr, max_ptr, idx_ptr, V, stride_x, n_chunks, key_stride, fix_k_ptr, fix_v_ptr,
+                             NEG: tl.constexpr, CHUNK: tl.constexpr, KEYS: tl.constexpr, NFIX: tl.constexpr,
+                             SCREEN: tl.constexpr, ASM: tl.constexpr, BOUND: tl.constexpr):
+        """Per (row, chunk of V): max and first index of x + n (NEG: x - n), x cast to fp32; n read
+        from n_ptr, or with KEYS computed here from the row keys at n_ptr (gumbel_noise's value).
+        SCREEN (with KEYS): the chunk's z = x + n with _fast_noise first; where one token leads
+        all others by more than the noise's and the sums' error, it is the exact argmax, and only
+        its exact n is computed; otherwise (and for a chunk of -inf only, token 0) as without."""
+        row = tl.program_id(0).to(tl.int64)
+        c = tl.program_id(1)
+        tok = c * CHUNK + tl.arange(0, CHUNK)
+        mask = tok < V
+        x = tl.load(x_ptr + row * stride_x + tok, mask=mask, other=0.0).to(tl.float32)
+        if KEYS and SCREEN:  # |z~ - z| <= BOUND + 2**-22 |z|: a lead of 2 BOUND + 2**-18 (|m| + 1) is safe
+            zf = tl.where(mask, x + _fast_noise(_hash_k(n_ptr, key_stride, row, tok), ASM), float("-inf"))
+            best = tl.max(zf, 0)
+            i = tl.argmax(zf, 0, tie_break_left=True)
+            near = tl.sum((zf >= best - (2.0 * BOUND + (tl.abs(best) + 1.0) * 3.814697265625e-06)).to(tl.int32), 0)
+            if (best > float("-inf")) & (near == 1):
+                t1 = c * CHUNK + i
+                best = tl.load(x_ptr + row * stride_x + t1).to(tl.float32) + _noise(
+                    n_ptr, key_stride, row, t1, fix_k_ptr, fix_v_ptr, True, NFIX)
+            elif near > 1:
+                best, i = _chunk_argmax(x, mask, n_ptr, key_stride, row, tok, V, fix_k_ptr, fix_v_ptr, NEG, KEYS, NFIX)
+        else:
+            best, i = _chunk_argmax(x, mask, n_ptr, key_stride, row, tok, V, fix_k_ptr, fix_v_ptr, NEG, KEYS, NFIX)
+        tl.store(max_ptr + row * n_chunks + c, best)
         tl.store(idx_ptr + row * n_chunks + c, c * CHUNK + i)
 
     @fast_launch
@@ -128,6 +190,11 @@ if triton is not None:
 
 _FUSED_LOGS: dict[torch.device, tuple[torch.Tensor, torch.Tensor] | None] = {}
 _ARGMAX_CHUNK = 4096  # tokens per program of the noisy argmax: ~38 programs a row at a 151,936 vocab
+# The noisy argmax ranks a chunk by fast logs first and takes the exact logs of its winner only
+# (same token, same value: see _noisy_argmax_kernel); False: the exact logs of every token.
+SCREEN = True
+# |_fast_noise - gumbel_noise| never exceeds this: the GPU test checks all 2**23 u (~1e-6 there).
+NOISE_BOUND = 2.0**-14
 LOG_FIXES_MAX = 16  # more u values than this where the kernel's logs differ: torch takes the logs
 
 
@@ -161,6 +228,15 @@ def _launch_gumbel(keys_3B: torch.Tensor, out_BV: torch.Tensor, block: int) -> b
     _gumbel_kernel[(B, triton.cdiv(V, block))](keys_3B, B, out_BV, V, fix_k, fix_v, BLOCK=block,
                                                LOGS=fixes is not None, NFIX=n)
     return fixes is not None
+
+
+def fast_noise(k_N: torch.Tensor) -> torch.Tensor:
+    """The screen's approximate noise (_fast_noise) at 23-bit values k, fp32 [N]: the tests hold it
+    to NOISE_BOUND of gumbel_noise's value -log(-log(uniform_from_bits(k)))."""
+    k = k_N.to(torch.int32).contiguous()
+    out = torch.empty(k.shape, dtype=torch.float32, device=k.device)
+    _fast_noise_kernel[(triton.cdiv(k.numel(), 4096),)](k, out, k.numel(), BLOCK=4096, ASM=k.is_cuda)
+    return out
 
 
 def _mix32(x: torch.Tensor) -> torch.Tensor:
@@ -224,7 +300,8 @@ def noisy_argmax(x_BV: torch.Tensor, noise_BV: torch.Tensor, neg: bool, chunk: i
     out = torch.empty(B, dtype=torch.int64, device=x_BV.device)
     fix_k, fix_v, n = _fix_table(fixes, maxes)
     _noisy_argmax_kernel[(B, chunks)](x_BV, noise_BV, maxes, idx, V, x_BV.stride(0), chunks, B, fix_k, fix_v, NEG=neg,
-                                      CHUNK=chunk, KEYS=fixes is not None, NFIX=n, num_warps=8)
+                                      CHUNK=chunk, KEYS=fixes is not None, NFIX=n, SCREEN=SCREEN, ASM=x_BV.is_cuda,
+                                      BOUND=NOISE_BOUND, num_warps=8)
     _argmax_merge_kernel[(B,)](maxes, idx, out, chunks, BLOCK=max(16, triton.next_power_of_2(chunks)))
     return out
 
@@ -325,11 +402,13 @@ def sample_launch(logits_BV: torch.Tensor, rows: list[RowParams]) -> Sampled:
         else:
             k3 = keys_4B[:3] if whole else keys_4B[:3].index_select(1, idx_G)
             filtered = bool(top_k or top_p < 1.0)
-            if not filtered and logits_GV.is_cuda and triton is not None:
-                chosen_G = gumbel_argmax(logits_GV, temp, k3[0], k3[1], k3[2])
-            else:
+            if filtered:
                 x_GV = mk.filter_logits(logits_GV.float() / temp, top_k, top_p)
-                chosen_G = (x_GV + gumbel_noise(k3[0], k3[1], k3[2], V)).argmax(-1)
+            if logits_GV.is_cuda and triton is not None:  # argmax(x + noise) in two launches
+                chosen_G = gumbel_argmax(x_GV, 1.0, *k3) if filtered else gumbel_argmax(logits_GV, temp, *k3)
+            else:
+                x = x_GV if filtered else mk.filter_logits(logits_GV.float() / temp, top_k, top_p)
+                chosen_G = (x + gumbel_noise(k3[0], k3[1], k3[2], V)).argmax(-1)
             if filtered:
                 # mk.logprobs(logits, chosen, temp, top_k, top_p) filters logits / temp exactly as
                 # above, then takes log_softmax at T = 1: start from x_GV, not filter twice
