@@ -41,6 +41,9 @@
 #              torch's at all 2**23 u; our draw == the torch ops' at 151,936 x 256, filtered and not, screen on
 #              and off), tools/bench/sampler.py (ours screened / exact logs, torch ops, multinomial), and the
 #              engine's quick rows as shipped and with every token's exact logs (with_tiles --sampler-screen off)
+#   persistent (not in the default list) tools/bench/persistent_probe.py: a decode step's four projections at
+#              M 64 (0.6B, 8B) as four launches against one persistent launch with grid barriers (and without
+#              them), beside miles_kernels' linear and cuBLAS, weights cold: whether fewer, longer kernels pay
 #   capture    (not in the default list) the attention-backward and engine GPU tests in one process (the order
 #              that invalidated the 64-expert draft's capture in the thirty-third run), then again with
 #              graph_capture's collector guard taken out: test_capture_with_garbage_waiting alone, which must
@@ -207,6 +210,8 @@ for step in $steps; do
                      --out "$out/engine_screen.json"
                  run engine_exact_logs timeout -s KILL 110 python3 tools/bench/with_tiles.py --sampler-screen off -- \
                      tools/bench/engine.py --quick --only engine --out "$out/engine_exact_logs.json" ;;
+        persistent) run persistent_probe timeout -s KILL 200 python3 tools/bench/persistent_probe.py \
+                        --out "$out/persistent_probe.json" ;;
         capture) run capture_guarded timeout -s KILL 240 python3 -m pytest -q -o addopts="" \
                      tests/gpu/test_attention_bwd_gpu.py tests/gpu/test_engine_gpu.py
                  run capture_unguarded timeout -s KILL 240 python3 -c "import gc, sys, types, pytest
@@ -223,7 +228,7 @@ print('guard out: the capture test must fail (rc 1), rc', int(rc)); sys.exit(0 i
              run attn_tma python3 tools/bench/attn_sweep.py "$out/attn_tma.json" --tma --tiles
              run attn_tma_paged python3 tools/bench/attn_sweep.py "$out/attn_tma_paged.json" --tma-paged
              run kernel_regs python3 tools/bench/kernel_regs.py "$out/kernel_regs.json" ;;
-        *) echo "unknown step $step (tests scale kernels engine engine_host train rl_step spec profile sweep moe tma queued linears grouped fast sampler capture ws gluon optim)"
+        *) echo "unknown step $step (tests scale kernels engine engine_host train rl_step spec profile sweep moe tma queued linears grouped fast sampler persistent capture ws gluon optim)"
            exit 2 ;;
     esac
 done

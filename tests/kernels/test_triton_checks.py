@@ -546,6 +546,27 @@ def check_noisy_argmax_screen() -> None:
     assert err < sampler.NOISE_BOUND / 8, f"fast noise off by {err}"
 
 
+def check_persistent_probe() -> None:
+    """tools/bench/persistent_probe.py's one-launch chain (one program: its barriers pass at once)
+    equals the four separate launches bitwise and the float64 chain closely, and leaves its
+    counters at zero for the next launch."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[2] / "tools" / "bench" / "persistent_probe.py"
+    spec = importlib.util.spec_from_file_location("persistent_probe", path)
+    probe = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(probe)
+    ch = probe.Chain([(128, 64), (64, 128), (128, 64), (32, 128)], 64, "cpu", copies=2)
+    for c in range(2):
+        ch.separate(c)
+        want = ch.ys[3].clone()
+        ch.ys[3].zero_()
+        ch.persistent(c, 1)
+        _same(ch.ys[3], want, f"persistent == separate, weights {c}")
+        assert ch.count.tolist() == [0, 0], f"counters left at {ch.count.tolist()}"
+        _close(want.double(), ch.reference(c), f"chain vs float64, weights {c}", atol=1e-4, rtol=1e-4)
+
 def _close_rel(got: torch.Tensor, ref: torch.Tensor, what: str, rel: float = 1e-5) -> None:
     """Every element within rel * max |ref| (fp32 math vs a float64 or fp32 reference)."""
     assert got.shape == ref.shape, f"{what}: shape {list(got.shape)} vs {list(ref.shape)}"
