@@ -39,8 +39,8 @@
 #              with cuBLAS only (with_tiles.py --fast-pick off), and the engine's fast rows both ways
 #   sampler    (not in the default list) the sampler's GPU tests (the screened noisy argmax's fast noise against
 #              torch's at all 2**23 u; our draw == the torch ops' at 151,936 x 256, filtered and not, screen on
-#              and off), tools/bench/sampler.py (ours screened / exact logs, torch ops, multinomial), and the
-#              engine's quick rows as shipped and with every token's exact logs (with_tiles --sampler-screen off)
+#              and off), tools/bench/sampler.py (ours screened / exact logs, torch ops, multinomial), the top-k /
+#              top-p filter and logprobs with it at 64 / 256 / 4,096 rows (filter.py), and the engine's quick rows as shipped and with every token's exact logs (with_tiles --sampler-screen off)
 #   persistent (not in the default list) tools/bench/persistent_probe.py: a decode step's four projections at
 #              M 64 (0.6B, 8B) as four launches against one persistent launch with grid barriers (and without
 #              them), beside miles_kernels' linear and cuBLAS, weights cold: whether fewer, longer kernels pay
@@ -206,6 +206,8 @@ for step in $steps; do
         sampler) run sampler_tests timeout -s KILL 240 python3 -m pytest -q -o addopts="" tests/gpu/test_engine_gpu.py \
                      -k "gumbel or screen or sampler or draw"
                  run bench_sampler timeout -s KILL 150 python3 tools/bench/sampler.py --out "$out/sampler.json"
+                 run bench_filter timeout -s KILL 120 python3 tools/bench/filter.py --rows 64 256 4096 \
+                     --out "$out/filter.json"
                  run engine_screen timeout -s KILL 110 python3 tools/bench/engine.py --quick --only engine \
                      --out "$out/engine_screen.json"
                  run engine_exact_logs timeout -s KILL 110 python3 tools/bench/with_tiles.py --sampler-screen off -- \

@@ -1,5 +1,6 @@
 """Cost of the sampling filter (mk.filter_logits: top-k / top-p) and of mk.logprobs with it,
-at the real vocabulary, for the engine's decode batch and the trainer's row chunk.
+at the real vocabulary, for the engine's decode batch and the trainer's row chunk; beside the
+peer, transformers' top-k / top-p warpers (torch.topk; torch.sort, softmax, cumsum) on the same rows.
 
     python tools/bench/filter.py --out filter.json
 """
@@ -11,6 +12,18 @@ import torch
 import triton.testing
 
 import miles_kernels as mk
+
+
+def hf_filter(x: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
+    """The peer: transformers' TopKLogitsWarper then TopPLogitsWarper (sort, softmax, cumsum)."""
+    if top_k:
+        x = x.masked_fill(x < torch.topk(x, top_k)[0][..., -1, None], float("-inf"))
+    if top_p < 1.0:
+        sorted_x, order = torch.sort(x, descending=False)
+        remove = sorted_x.softmax(-1).cumsum(-1) <= 1 - top_p
+        remove[..., -1:] = False
+        x = x.masked_fill(remove.scatter(1, order, remove), float("-inf"))
+    return x
 
 
 def main() -> None:
@@ -27,8 +40,10 @@ def main() -> None:
         for k, p in ((0, 1.0), (20, 1.0), (0, 0.9), (20, 0.9)):
             f_ms = triton.testing.do_bench(lambda: mk.filter_logits(logits.float() / 0.7, k, p), return_mode="median")
             l_ms = triton.testing.do_bench(lambda: mk.logprobs(logits, ids, 0.7, top_k=k, top_p=p), return_mode="median")
-            res.append(dict(rows=B, top_k=k, top_p=p, filter_ms=f_ms, logprobs_ms=l_ms))
-            print(f"rows {B:5d} top_k {k:2d} top_p {p:.1f}: filter {f_ms:8.2f} ms  logprobs {l_ms:8.2f} ms")
+            h_ms = triton.testing.do_bench(lambda: hf_filter(logits.float() / 0.7, k, p), return_mode="median")
+            res.append(dict(rows=B, top_k=k, top_p=p, filter_ms=f_ms, logprobs_ms=l_ms, hf_filter_ms=h_ms))
+            print(f"rows {B:5d} top_k {k:2d} top_p {p:.1f}: filter {f_ms:8.2f} ms  logprobs {l_ms:8.2f} ms  "
+                  f"transformers' warpers {h_ms:8.2f} ms")
     if a.out:
         with open(a.out, "w") as f:
             json.dump(dict(device=torch.cuda.get_device_name(), vocab=a.vocab, results=res), f, indent=1)
