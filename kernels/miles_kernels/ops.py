@@ -654,7 +654,7 @@ def filter_logits(x_TV, top_k: int = 0, top_p: float = 1.0):
     """Mask (to -inf) the tokens outside top-k / the top-p nucleus of fp32 rows x (the
     temperature-scaled logits): keep the k largest (ties kept), then the tokens whose
     probability mass strictly above them is below top_p. Rows are independent and, in
-    invariant mode, computed in a batch-invariant way (CUDA: a per-row Triton bisection, no
+    invariant mode, computed in a batch-invariant way (CUDA: a per-row Triton search, no
     sort), so the sampler and the trainer mask the same tokens whatever batch they are in."""
     return (_fast_kernels(x_TV) if _fast() else _backend(x_TV) if x_TV.is_cuda else _ref).filter_logits(
         x_TV, top_k, top_p)

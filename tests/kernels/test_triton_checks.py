@@ -849,6 +849,11 @@ def check_top_p_cutoff() -> None:
         assert torch.equal(torch.isfinite(got[rows]), torch.isfinite(want[rows])), f"top_k={top_k} top_p={top_p}"
         assert torch.equal(got[torch.isfinite(got)], x[torch.isfinite(got)]), "kept logits are unchanged"
         _same(kt.filter_logits(x[3:4], top_k, top_p)[0], got[3], f"top_p={top_p}: row alone vs in batch")
+        if top_p < 1.0:  # the cut is the smallest value kept: a token's value, not a float between two
+            z = kt.filter_logits(x, top_k, 1.0)
+            cut = kt.top_p_cutoff(z, top_p)
+            kept_min = torch.where(z >= cut[:, None], z, float("inf")).amin(-1)
+            _same(cut, kept_min, f"top_k={top_k} top_p={top_p}: cut == smallest kept value")
     assert torch.isfinite(kt.filter_logits(x, 0, 0.9)[1, :50]).all(), "ties at the top are all kept"
 
 
