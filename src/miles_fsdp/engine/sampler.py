@@ -263,31 +263,46 @@ def gumbel_noise(seed_B: torch.Tensor, stream_B: torch.Tensor, pos_B: torch.Tens
     return gumbel_noise_torch(h_B, vocab)
 
 
-def gumbel_argmax(logits_BV: torch.Tensor, temp: float, seed_B, stream_B, pos_B) -> torch.Tensor:
+def gumbel_argmax(logits_BV: torch.Tensor, temp: float, seed_B, stream_B, pos_B,
+                  out_B: torch.Tensor | None = None) -> torch.Tensor:
     """argmax(logits / temp + gumbel_noise(...)) per row, bit for bit as the torch ops compute
     it, in two launches (chunk maxima with the noise made in the kernel, merge) instead of a
     pass per op: CUDA only.
     The division is torch's (x times the fp32 reciprocal, one rounding), skipped at temp 1
     where it is exact; the noise is gumbel_noise's; where the fused logs do not match torch's,
     torch's ops leave t = log(-log(u)) and the kernel adds -t (x - t == x + (-t) exactly);
-    ties go to the first index, as torch's argmax. No NaN handling: logits must be finite or -inf."""
+    ties go to the first index, as torch's argmax. No NaN handling: logits must be finite or -inf.
+    seed_B, stream_B, pos_B: int64 rows, taken as they are where they are the rows of one
+    contiguous [3, B] tensor (no stack). out_B: int64 [B] to write the ids into (else a new one)."""
     B, V = logits_BV.shape
     dev = logits_BV.device
     x = logits_BV if temp == 1.0 else logits_BV.float() / temp
     if x.stride(-1) != 1:
         x = x.contiguous()
-    keys_3B = torch.stack([seed_B.long(), stream_B.long(), pos_B.long()])
+    keys_3B = _key_rows(seed_B, stream_B, pos_B)
     fixes = _log_fixes(dev)
     if fixes is not None:  # the noise made inside the argmax kernel: no [B, V] noise in memory
-        return noisy_argmax(x, keys_3B, neg=False, fixes=fixes)
+        return noisy_argmax(x, keys_3B, neg=False, fixes=fixes, out=out_B)
     noise = torch.empty(B, V, dtype=torch.float32, device=dev)
     _launch_gumbel(keys_3B, noise, 2048)
     noise.log_().neg_().log_()  # t = log(-log(u)): the noise is -t
-    return noisy_argmax(x, noise, neg=True)
+    return noisy_argmax(x, noise, neg=True, out=out_B)
+
+
+def _key_rows(seed_B: torch.Tensor, stream_B: torch.Tensor, pos_B: torch.Tensor) -> torch.Tensor:
+    """The [3, B] int64 keys: a view where the three rows lie one after another in memory (the
+    rows of one [3, B] or [4, B] tensor, as sample_launch passes them), else a stacked copy."""
+    B = seed_B.shape[0]
+    rows = (seed_B, stream_B, pos_B)
+    if (all(r.dtype == torch.int64 and r.dim() == 1 and r.shape[0] == B and (B < 2 or r.stride(0) == 1) for r in rows)
+            and [r.data_ptr() for r in rows] == [seed_B.data_ptr() + i * B * 8 for i in range(3)]):
+        return seed_B.as_strided((3, B), (B, 1))
+    return torch.stack([seed_B.long(), stream_B.long(), pos_B.long()])
 
 
 def noisy_argmax(x_BV: torch.Tensor, noise_BV: torch.Tensor, neg: bool, chunk: int = 0,
-                 fixes: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+                 fixes: tuple[torch.Tensor, torch.Tensor] | None = None, out: torch.Tensor | None = None
+                 ) -> torch.Tensor:
     """(x + noise).argmax(-1) (neg: x - noise), x cast to fp32, noise fp32 contiguous; in two
     launches: each chunk's max and first index, then the first chunk holding the row's max.
     With `fixes` (_log_fixes' table) noise_BV is instead the [3, B] row keys, and the kernel
@@ -297,7 +312,7 @@ def noisy_argmax(x_BV: torch.Tensor, noise_BV: torch.Tensor, neg: bool, chunk: i
     chunks = triton.cdiv(V, chunk)
     maxes = torch.empty(B, chunks, dtype=torch.float32, device=x_BV.device)
     idx = torch.empty(B, chunks, dtype=torch.int32, device=x_BV.device)
-    out = torch.empty(B, dtype=torch.int64, device=x_BV.device)
+    out = torch.empty(B, dtype=torch.int64, device=x_BV.device) if out is None else out
     fix_k, fix_v, n = _fix_table(fixes, maxes)
     _noisy_argmax_kernel[(B, chunks)](x_BV, noise_BV, maxes, idx, V, x_BV.stride(0), chunks, B, fix_k, fix_v, NEG=neg,
                                       CHUNK=chunk, KEYS=fixes is not None, NFIX=n, SCREEN=SCREEN, ASM=x_BV.is_cuda,
@@ -405,7 +420,8 @@ def sample_launch(logits_BV: torch.Tensor, rows: list[RowParams]) -> Sampled:
             if filtered:
                 x_GV = mk.filter_logits(logits_GV.float() / temp, top_k, top_p)
             if logits_GV.is_cuda and triton is not None:  # argmax(x + noise) in two launches
-                chosen_G = gumbel_argmax(x_GV, 1.0, *k3) if filtered else gumbel_argmax(logits_GV, temp, *k3)
+                into = out_2B[0] if whole else None  # the ids straight into the copied-out buffer
+                chosen_G = gumbel_argmax(x_GV if filtered else logits_GV, 1.0 if filtered else temp, *k3, out_B=into)
             else:
                 x = x_GV if filtered else mk.filter_logits(logits_GV.float() / temp, top_k, top_p)
                 chosen_G = (x + gumbel_noise(k3[0], k3[1], k3[2], V)).argmax(-1)
@@ -415,12 +431,13 @@ def sample_launch(logits_BV: torch.Tensor, rows: list[RowParams]) -> Sampled:
                 lp_G, _ = mk.logprobs(x_GV, chosen_G, 1.0)
             else:  # unfiltered, the kernel divides by T itself (as the trainer's call does)
                 lp_G, _ = mk.logprobs(logits_GV, chosen_G, temp)
-        bits_G = lp_G.float().view(torch.int32).long()
+        bits_G = lp_G.float().view(torch.int32)  # widened to int64 by the copy
         if whole:
-            out_2B[0].copy_(chosen_G)
+            if chosen_G.data_ptr() != out_2B[0].data_ptr():
+                out_2B[0].copy_(chosen_G)
             out_2B[1].copy_(bits_G)
         else:
             out_2B[0].index_copy_(0, idx_G, chosen_G)
-            out_2B[1].index_copy_(0, idx_G, bits_G)
+            out_2B[1].index_copy_(0, idx_G, bits_G.long())
         off += G
     return Sampled(out_2B)
