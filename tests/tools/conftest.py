@@ -23,3 +23,17 @@ def bench_script():
         return module
 
     return load
+
+
+@pytest.fixture
+def bench_refusal(bench_script, monkeypatch):
+    """Run tools/bench/NAME.py's main() with `--out x.json` and args; the message it exits with."""
+
+    def run(name: str, *args: str) -> str:
+        mod = bench_script(name)
+        monkeypatch.setattr(sys, "argv", [f"{name}.py", "--out", "x.json", *args])
+        with pytest.raises(SystemExit) as e:
+            mod.main()
+        return str(e.value)
+
+    return run
