@@ -24,8 +24,9 @@ makes the noise itself. Either way the noise is bit-for-bit what `gumbel_noise` 
 That kernel ranks each chunk by a fast approximation first (SCREEN: two lg2.approx, within
 NOISE_BOUND of the exact noise at every u, which a GPU test checks): where one token leads the
 rest by more than that error it is the exact argmax, and only its exact logs are taken; near
-ties take every token's exact logs. The same token and value either way, at about a third of
-the work per token. Filtered rows (top-k / top-p) go through the same kernel, their -inf kept.
+ties take every token's exact logs. The same token and value either way, with two one-
+instruction logs a token in place of two libdevice polynomials. Filtered rows (top-k / top-p)
+go through the same kernel, their -inf kept.
 One step does one host<->device round trip: row parameters in (one copy), (ids, logprob
 bits) out (one copy, waited on only by Sampled.wait(), so the engine can launch its next
 step first).
