@@ -149,23 +149,33 @@ def _decode_attention(q_THD, k_cache_PSKD, v_cache_PSKD, meta: AttnMeta, scale: 
     return o_BKQD.reshape(B, K, R, G, D).transpose(1, 2).reshape(T, H, D)
 
 
+def filter_floor(x_TV, top_k: int = 0, top_p: float = 1.0):
+    """Per row the smallest value filter_logits keeps (-inf: no filter), fp32 [T]: the k-th value,
+    or with top_p the smallest token whose mass strictly above it is below top_p (>= the k-th)."""
+    floor = torch.full(x_TV.shape[:1], float("-inf"), dtype=x_TV.dtype, device=x_TV.device)
+    if top_k and top_k < x_TV.shape[-1]:
+        floor = torch.topk(x_TV, top_k, dim=-1).values[:, -1]
+        if top_p < 1.0:
+            x_TV = x_TV.masked_fill(x_TV < floor[:, None], float("-inf"))
+    if top_p < 1.0:
+        sorted_x, _ = torch.sort(x_TV, dim=-1, descending=True)
+        probs = torch.softmax(sorted_x, dim=-1)
+        before = torch.cumsum(probs, dim=-1) - probs  # mass strictly above each token
+        keep = before < top_p
+        cut = torch.where(keep, sorted_x, torch.full_like(sorted_x, float("inf"))).amin(-1)
+        floor = torch.maximum(floor, cut)  # the top-k mask stays where rounding keeps a -inf token
+    return floor
+
+
 def filter_logits(x_TV, top_k: int = 0, top_p: float = 1.0):
     """Mask (to -inf) tokens outside top-k / the top-p nucleus; fp32 in, fp32 out.
 
     Ties at the k-th value are kept. Rows are independent, so the mask a token gets does
     not depend on the batch (the sampler and the trainer apply this same function).
     """
-    if top_k and top_k < x_TV.shape[-1]:
-        kth = torch.topk(x_TV, top_k, dim=-1).values[..., -1:]
-        x_TV = x_TV.masked_fill(x_TV < kth, float("-inf"))
-    if top_p < 1.0:
-        sorted_x, _ = torch.sort(x_TV, dim=-1, descending=True)
-        probs = torch.softmax(sorted_x, dim=-1)
-        before = torch.cumsum(probs, dim=-1) - probs  # mass strictly above each token
-        keep = before < top_p
-        cutoff = torch.where(keep, sorted_x, torch.full_like(sorted_x, float("inf"))).amin(-1, keepdim=True)
-        x_TV = x_TV.masked_fill(x_TV < cutoff, float("-inf"))
-    return x_TV
+    if not (top_k and top_k < x_TV.shape[-1]) and not top_p < 1.0:
+        return x_TV
+    return x_TV.masked_fill(x_TV < filter_floor(x_TV, top_k, top_p)[:, None], float("-inf"))
 
 
 def logprobs(logits_TV, ids_T, temperature: float = 1.0, entropy: bool = False,

@@ -650,14 +650,31 @@ def _check_lse(ours, flash, rng, unused) -> None:
 
 # --- logprobs ---------------------------------------------------------------------------
 
+def _filter_impl(x_TV):
+    return _fast_kernels(x_TV) if _fast() else _backend(x_TV) if x_TV.is_cuda else _ref
+
+
 def filter_logits(x_TV, top_k: int = 0, top_p: float = 1.0):
     """Mask (to -inf) the tokens outside top-k / the top-p nucleus of fp32 rows x (the
     temperature-scaled logits): keep the k largest (ties kept), then the tokens whose
     probability mass strictly above them is below top_p. Rows are independent and, in
     invariant mode, computed in a batch-invariant way (CUDA: a per-row Triton search, no
     sort), so the sampler and the trainer mask the same tokens whatever batch they are in."""
-    return (_fast_kernels(x_TV) if _fast() else _backend(x_TV) if x_TV.is_cuda else _ref).filter_logits(
-        x_TV, top_k, top_p)
+    return _filter_impl(x_TV).filter_logits(x_TV, top_k, top_p)
+
+
+def _prefiltered(logits_TV, temperature: float, top_k: int, top_p: float):
+    """(filter_logits(logits.float() / T), its floor [T]): the tokens under each row's floor are the
+    mask, so the backward masks from the floor instead of filtering (top-k, top-p's cut) again."""
+    x = logits_TV.float() / temperature  # a new tensor (the division): masked in place
+    floor = _filter_impl(x).filter_floor(x, top_k, top_p)
+    return x.masked_fill_(x < floor[:, None], float("-inf")), floor
+
+
+def _keeps_floor(logits_TV, top_k: int, top_p: float) -> bool:
+    """Whether the logprobs' autograd filters once and keeps the floor for the backward: CUDA rows
+    with a filter (CPU rows are filtered a tile at a time, with no [T, V] fp32 copy)."""
+    return logits_TV.is_cuda and bool(top_k or top_p < 1.0)
 
 
 _BWD_ROWS = 1024  # rows per fp32 chunk in the logprobs backward
@@ -666,16 +683,23 @@ _BWD_ROWS = 1024  # rows per fp32 chunk in the logprobs backward
 class _Logprobs(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits_TV, ids_T, temperature, entropy, top_k, top_p, impl):
-        logp, ent, lse = impl(logits_TV, ids_T, temperature, entropy, top_k, top_p)
-        ctx.save_for_backward(logits_TV, ids_T, lse, ent if ent is not None else lse)
-        ctx.cfg = (temperature, entropy, top_k, top_p)
+        floor = None
+        if _keeps_floor(logits_TV, top_k, top_p):  # the same rows, filtered here: impl runs at T = 1
+            z, floor = _prefiltered(logits_TV, temperature, top_k, top_p)
+            logp, ent, lse = impl(z, ids_T, 1.0, entropy, 0, 1.0)
+            del z
+        else:
+            logp, ent, lse = impl(logits_TV, ids_T, temperature, entropy, top_k, top_p)
+        ctx.save_for_backward(logits_TV, ids_T, lse, ent if ent is not None else lse,
+                              floor if floor is not None else lse)
+        ctx.cfg, ctx.has_floor = (temperature, entropy, top_k, top_p), floor is not None
         return logp, ent
 
     @staticmethod
     def backward(ctx, g_logp, g_ent):
-        logits, ids, lse, ent = ctx.saved_tensors
+        logits, ids, lse, ent, floor = ctx.saved_tensors
         grad = torch.empty_like(logits)
-        _fill_logprobs_grad(grad, logits, ids, lse, ent, g_logp, g_ent, ctx.cfg)
+        _fill_logprobs_grad(grad, logits, ids, lse, ent, g_logp, g_ent, ctx.cfg, floor if ctx.has_floor else None)
         return grad, None, None, None, None, None, None
 
 
@@ -683,28 +707,36 @@ def _rows(t, sl):
     return None if t is None else t[sl]
 
 
-def _fill_logprobs_grad(grad, logits, ids, lse, ent, g_logp, g_ent, cfg):
+def _fill_logprobs_grad(grad, logits, ids, lse, ent, g_logp, g_ent, cfg, floor=None):
     """grad[:] = _logprobs_grad of all the rows: one kernel launch on CUDA without top-k/top-p,
-    else _BWD_ROWS rows at a time (bounds the fp32 temporaries of the filter and the torch rule)."""
+    else _BWD_ROWS rows at a time (bounds the fp32 temporaries of the filter and the torch rule).
+    floor: the forward's filter floors (_prefiltered), else the filter runs again."""
     top_k, top_p = cfg[2:]
     one_pass = logits.is_cuda and not (top_k or top_p < 1.0)
     step = max(1, logits.shape[0]) if one_pass else _BWD_ROWS
     for i in range(0, logits.shape[0], step):
         sl = slice(i, i + step)
-        _logprobs_grad(logits[sl], ids[sl], lse[sl], ent[sl], _rows(g_logp, sl), _rows(g_ent, sl), *cfg, out=grad[sl])
+        _logprobs_grad(logits[sl], ids[sl], lse[sl], ent[sl], _rows(g_logp, sl), _rows(g_ent, sl), *cfg, out=grad[sl],
+                       floor=_rows(floor, sl))
 
 
-def _logprobs_grad(logits, ids, lse, ent, g_logp, g_ent, temperature, entropy, top_k, top_p, out=None):
+def _masked(logits, temperature, top_k, top_p, floor):
+    """The forward's filtered fp32 logits / T: from its floors where kept, else filtered again."""
+    x = logits.float() / temperature  # a new tensor (the division): masked in place
+    return filter_logits(x, top_k, top_p) if floor is None else x.masked_fill_(x < floor[:, None], float("-inf"))
+
+
+def _logprobs_grad(logits, ids, lse, ent, g_logp, g_ent, temperature, entropy, top_k, top_p, out=None, floor=None):
     """d(loss)/d(logits) for rows of logits, given the output grads of (logp, entropy), in
     logits' dtype (written into `out` when given). CUDA: one elementwise kernel pass."""
     if logits.is_cuda:
         out = torch.empty_like(logits) if out is None else out
         z, t_in = logits, temperature
         if top_k or top_p < 1.0:  # the forward's mask on the fp32 logits / T, read by the kernel at T = 1
-            z, t_in = filter_logits(logits.float() / temperature, top_k, top_p), 1.0
+            z, t_in = _masked(logits, temperature, top_k, top_p, floor), 1.0
         return _backend(logits).logprobs_grad(z, ids, lse, ent, g_logp, g_ent if entropy else None, t_in,
                                               temperature, out)
-    x = filter_logits(logits.float() / temperature, top_k, top_p)  # the forward's mask
+    x = _masked(logits, temperature, top_k, top_p, floor)  # the forward's mask
     p = torch.exp(x - lse[:, None])
     g = torch.zeros_like(p)
     if g_logp is not None:
@@ -778,12 +810,21 @@ def linear_logprobs(x_TD, w_VD, ids_T, temperature: float = 1.0, entropy: bool =
     return logp, ent
 
 
-def _linear_logprobs_fwd(x_TD, w_VD, ids_T, temperature, entropy, top_k, top_p, chunk_rows, keep=False):
-    """(logp, entropy or None, lse, the chunks' logits if keep else [])."""
+def _linear_logprobs_fwd(x_TD, w_VD, ids_T, temperature, entropy, top_k, top_p, chunk_rows, keep=False,
+                         floors=None):
+    """(logp, entropy or None, lse, the chunks' logits if keep else []); with a list `floors`, CUDA
+    chunks with a filter are filtered here once and their floors appended to it (_prefiltered)."""
     outs, kept = [], []
     for i in range(0, x_TD.shape[0], chunk_rows):
         logits = linear(x_TD[i: i + chunk_rows], w_VD)
-        logp, ent, lse = _logprobs_impl(logits)(logits, ids_T[i: i + chunk_rows], temperature, entropy, top_k, top_p)
+        ids = ids_T[i: i + chunk_rows]
+        if floors is not None and _keeps_floor(logits, top_k, top_p):
+            z, floor = _prefiltered(logits, temperature, top_k, top_p)
+            logp, ent, lse = _logprobs_impl(logits)(z, ids, 1.0, entropy, 0, 1.0)
+            floors.append(floor)
+            del z
+        else:
+            logp, ent, lse = _logprobs_impl(logits)(logits, ids, temperature, entropy, top_k, top_p)
         outs.append((logp, ent if entropy else lse, lse))
         if keep:
             kept.append(logits)
@@ -797,17 +838,21 @@ def _linear_logprobs_fwd(x_TD, w_VD, ids_T, temperature, entropy, top_k, top_p, 
 class _LinearLogprobs(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x_TD, w_VD, ids_T, temperature, entropy, top_k, top_p, chunk_rows, keep):
+        floors: list[torch.Tensor] = []
         with torch.no_grad():
             logp, ent, lse, kept = _linear_logprobs_fwd(x_TD, w_VD, ids_T, temperature, entropy, top_k, top_p,
-                                                        chunk_rows, keep)
-        ctx.save_for_backward(x_TD, w_VD, ids_T, lse, ent if ent is not None else lse, *kept)
+                                                        chunk_rows, keep, floors)
+        ctx.has_floor = bool(floors)  # every chunk's or none (one device, one filter)
+        floor = torch.cat(floors) if floors else lse
+        ctx.save_for_backward(x_TD, w_VD, ids_T, lse, ent if ent is not None else lse, floor, *kept)
         ctx.cfg = (temperature, entropy, top_k, top_p)
         ctx.chunk_rows = chunk_rows
         return logp, ent
 
     @staticmethod
     def backward(ctx, g_logp, g_ent):
-        x, w, ids, lse, ent, *kept = ctx.saved_tensors
+        x, w, ids, lse, ent, floor, *kept = ctx.saved_tensors
+        floor = floor if ctx.has_floor else None
         gx = torch.empty_like(x) if ctx.needs_input_grad[0] else None
         gw = torch.zeros(w.shape, dtype=torch.float32, device=w.device) if ctx.needs_input_grad[1] else None
         for n, i in enumerate(range(0, x.shape[0], ctx.chunk_rows)):
@@ -818,7 +863,8 @@ class _LinearLogprobs(torch.autograd.Function):
                 with torch.no_grad():
                     logits = linear(x[sl], w)  # the forward's logits again
             g = torch.empty_like(logits)
-            _fill_logprobs_grad(g, logits, ids[sl], lse[sl], ent[sl], _rows(g_logp, sl), _rows(g_ent, sl), ctx.cfg)
+            _fill_logprobs_grad(g, logits, ids[sl], lse[sl], ent[sl], _rows(g_logp, sl), _rows(g_ent, sl), ctx.cfg,
+                                _rows(floor, sl))
             if gx is not None:
                 gx[sl] = g @ w.to(g.dtype)
             if gw is not None:

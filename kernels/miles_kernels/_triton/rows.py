@@ -196,15 +196,27 @@ def top_p_cutoff(x_TV: torch.Tensor, top_p: float) -> torch.Tensor:
     return cut_T
 
 
-def filter_logits(x_TV: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
-    """The top-k / top-p mask of fp32 rows, batch-invariant on the GPU: top-k by the k-th
-    value (a selection: exact), top-p by `top_p_cutoff`. Same rule as the CPU filter."""
+def filter_floor(x_TV: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
+    """Per row of fp32 x the smallest value the top-k / top-p filter keeps: the k-th value (a
+    selection: exact), or with top_p the `top_p_cutoff` of the top-k-masked row, which is a kept
+    value and so >= the k-th. Every token under its row's floor is masked, none above: one [T]
+    tensor says the whole mask (the trainer keeps it from forward to backward)."""
+    floor = torch.full(x_TV.shape[:1], float("-inf"), dtype=torch.float32, device=x_TV.device)
     if top_k and top_k < x_TV.shape[-1]:
-        kth = torch.topk(x_TV, top_k, dim=-1).values[..., -1:]
-        x_TV = x_TV.masked_fill(x_TV < kth, float("-inf"))
+        floor = torch.topk(x_TV, top_k, dim=-1).values[:, -1].float()
+        if top_p < 1.0:
+            x_TV = x_TV.masked_fill(x_TV < floor[:, None], float("-inf"))
     if top_p < 1.0:
-        x_TV = x_TV.masked_fill(x_TV < top_p_cutoff(x_TV, top_p)[:, None], float("-inf"))
-    return x_TV
+        floor = torch.maximum(floor, top_p_cutoff(x_TV, top_p))
+    return floor
+
+
+def filter_logits(x_TV: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
+    """The top-k / top-p mask of fp32 rows, batch-invariant on the GPU: the tokens under
+    `filter_floor` at -inf. Same rule as the CPU filter."""
+    if not (top_k and top_k < x_TV.shape[-1]) and not top_p < 1.0:
+        return x_TV
+    return x_TV.masked_fill(x_TV < filter_floor(x_TV, top_k, top_p)[:, None], float("-inf"))
 
 
 @fast_launch
