@@ -152,7 +152,7 @@ def _decode_attention(q_THD, k_cache_PSKD, v_cache_PSKD, meta: AttnMeta, scale: 
 def filter_floor(x_TV, top_k: int = 0, top_p: float = 1.0):
     """Per row the smallest value filter_logits keeps (-inf: no filter), fp32 [T]: the k-th value,
     or with top_p the smallest token whose mass strictly above it is below top_p (>= the k-th)."""
-    floor = torch.full(x_TV.shape[:1], float("-inf"), dtype=x_TV.dtype, device=x_TV.device)
+    floor = None
     if top_k and top_k < x_TV.shape[-1]:
         floor = torch.topk(x_TV, top_k, dim=-1).values[:, -1]
         if top_p < 1.0:
@@ -163,8 +163,8 @@ def filter_floor(x_TV, top_k: int = 0, top_p: float = 1.0):
         before = torch.cumsum(probs, dim=-1) - probs  # mass strictly above each token
         keep = before < top_p
         cut = torch.where(keep, sorted_x, torch.full_like(sorted_x, float("inf"))).amin(-1)
-        floor = torch.maximum(floor, cut)  # the top-k mask stays where rounding keeps a -inf token
-    return floor
+        floor = cut if floor is None else torch.maximum(floor, cut)  # top-k's mask stays where rounding keeps a -inf
+    return torch.full(x_TV.shape[:1], float("-inf"), dtype=x_TV.dtype, device=x_TV.device) if floor is None else floor
 
 
 def filter_logits(x_TV, top_k: int = 0, top_p: float = 1.0):

@@ -201,14 +201,15 @@ def filter_floor(x_TV: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> torc
     selection: exact), or with top_p the `top_p_cutoff` of the top-k-masked row, which is a kept
     value and so >= the k-th. Every token under its row's floor is masked, none above: one [T]
     tensor says the whole mask (the trainer keeps it from forward to backward)."""
-    floor = torch.full(x_TV.shape[:1], float("-inf"), dtype=torch.float32, device=x_TV.device)
+    floor = None
     if top_k and top_k < x_TV.shape[-1]:
         floor = torch.topk(x_TV, top_k, dim=-1).values[:, -1].float()
         if top_p < 1.0:
             x_TV = x_TV.masked_fill(x_TV < floor[:, None], float("-inf"))
     if top_p < 1.0:
-        floor = torch.maximum(floor, top_p_cutoff(x_TV, top_p))
-    return floor
+        cut = top_p_cutoff(x_TV, top_p)
+        floor = cut if floor is None else torch.maximum(floor, cut)
+    return torch.full(x_TV.shape[:1], float("-inf"), device=x_TV.device) if floor is None else floor
 
 
 def filter_logits(x_TV: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
