@@ -510,9 +510,12 @@ def check_gumbel_log_fixes() -> None:
 
 def check_noisy_argmax_screen() -> None:
     """The screened argmax (fast logs, then the exact logs of a clear winner only): per chunk the
-    exact max of x + noise and its first index, bitwise, whether the chunk has one clear winner
+    exact max of x + noise (x scaled by torch's CUDA 1 / T or not) and its first index, bitwise,
+    whether the chunk has one clear winner
     (the exact value is recomputed), near ties (every token's exact logs), or only -inf (token 0);
     and the fast noise within NOISE_BOUND of torch's at u near 0, 1 and between."""
+    import numpy as np
+
     from miles_fsdp.engine import sampler
 
     keys = torch.tensor([[3, 9, 11, 5], [1, 2, 3, 4], [100, 7, 0, 2**31 + 9]])  # 4 rows' seed, stream, position
@@ -526,17 +529,20 @@ def check_noisy_argmax_screen() -> None:
     x[2, :200] = float("-inf")  # -inf-only chunks, then one with its first 8 tokens masked
     x[3] = float("-inf")
     x[3, [5, 70, 300]] = torch.tensor([1.0, 4.0, 2.0])  # top-k-like: 3 live tokens in 320
-    z = x + noise
     n_chunks = -(-V // chunk)
-    for screen in (True, False):
+    scale = float(np.float32(1.0) / np.float32(0.7))  # what torch's CUDA x / 0.7 multiplies by
+    for screen, scaled in ((True, False), (False, False), (True, True), (False, True)):
+        z = (x * torch.tensor(scale) if scaled else x) + noise
         maxes = torch.empty(B, n_chunks)
         idx = torch.empty(B, n_chunks, dtype=torch.int32)
         sampler._noisy_argmax_kernel[(B, n_chunks)](
-            x, keys, maxes, idx, V, x.stride(0), n_chunks, B, maxes, maxes, NEG=False, CHUNK=chunk, KEYS=True,
-            NFIX=0, SCREEN=screen, ASM=False, BOUND=sampler.NOISE_BOUND)
+            x, keys, maxes, idx, V, x.stride(0), n_chunks, B, maxes, maxes, scale if scaled else 1.0, NEG=False,
+            CHUNK=chunk, KEYS=True, NFIX=0, SCREEN=screen, ASM=False, BOUND=sampler.NOISE_BOUND, SCALED=scaled)
         zc = torch.nn.functional.pad(z, (0, n_chunks * chunk - V), value=float("-inf")).view(B, n_chunks, chunk)
-        _same(maxes, zc.max(-1).values, f"screen={screen}: chunk maxima")
-        _same(idx.long(), zc.argmax(-1) + torch.arange(n_chunks) * chunk, f"screen={screen}: chunk argmax")
+        what = f"screen={screen} scaled={scaled}"
+        _same(maxes, zc.max(-1).values, f"{what}: chunk maxima")
+        _same(idx.long(), zc.argmax(-1) + torch.arange(n_chunks) * chunk, f"{what}: chunk argmax")
+    z = x + noise
     got = sampler.noisy_argmax(x, keys, neg=False, chunk=chunk, fixes=(keys[0, :0], x[0, :0]))
     _same(got, z.argmax(-1), "screened noisy_argmax")
     k = torch.cat([torch.arange(4096),

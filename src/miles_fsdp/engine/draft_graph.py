@@ -29,21 +29,15 @@ import numpy as np
 import torch
 
 from miles_fsdp.engine.cuda_graph import batch_buckets
-from miles_fsdp.engine.sampler import gumbel_noise
+from miles_fsdp.engine.sampler import gumbel_noise, temperature_scale
 from miles_fsdp.graph_capture import capture_graph
 
 # per-sequence int64 fields after the N = B * R row fields (ids, pos, slot, hidden row)
 _SEQ_FIELDS = ("kv_lens", "last", "num_tokens", "seed", "stream", "mode", "scale_bits")
 SAMPLE, GREEDY, TOP1 = 0, 1, 2  # per-sequence draw modes
 
-# torch divides a CUDA tensor by a Python float as a * fl32(1 / b) (BinaryDivTrueKernel.cu) and
-# a CPU tensor by true division; the sampler writes `logits / temperature`, so the graph
-# multiplies by that reciprocal on CUDA and divides on CPU to draw bitwise as it does.
-
-
-def temperature_scale(temperature: float, device: torch.device) -> np.float32:
-    t = np.float32(temperature)
-    return np.float32(1.0) / t if device.type == "cuda" else t
+# The sampler writes `logits / temperature`, so the graph multiplies by its reciprocal on CUDA
+# and divides on the CPU (sampler.temperature_scale) to draw bitwise as it does.
 
 
 def draw(logits_BV: torch.Tensor, mode_B: torch.Tensor, scale_B: torch.Tensor, noise_BV: torch.Tensor) -> torch.Tensor:

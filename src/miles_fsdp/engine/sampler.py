@@ -37,6 +37,7 @@ from __future__ import annotations
 from typing import NamedTuple
 
 import miles_kernels as mk
+import numpy as np
 import torch
 
 _M32 = 0xFFFFFFFF
@@ -151,18 +152,22 @@ if triton is not None:
     @fast_launch
     @triton.jit
     def _noisy_argmax_kernel(x_ptr, n_ptr, max_ptr, idx_ptr, V, stride_x, n_chunks, key_stride, fix_k_ptr, fix_v_ptr,
-                             NEG: tl.constexpr, CHUNK: tl.constexpr, KEYS: tl.constexpr, NFIX: tl.constexpr,
-                             SCREEN: tl.constexpr, ASM: tl.constexpr, BOUND: tl.constexpr):
+                             scale, NEG: tl.constexpr, CHUNK: tl.constexpr, KEYS: tl.constexpr, NFIX: tl.constexpr,
+                             SCREEN: tl.constexpr, ASM: tl.constexpr, BOUND: tl.constexpr, SCALED: tl.constexpr):
         """Per (row, chunk of V): max and first index of x + n (NEG: x - n), x cast to fp32; n read
         from n_ptr, or with KEYS computed here from the row keys at n_ptr (gumbel_noise's value).
         SCREEN (with KEYS): the chunk's z = x + n with _fast_noise first; where one token leads
         all others by more than the noise's and the sums' error, it is the exact argmax, and only
-        its exact n is computed; otherwise (and for a chunk of -inf only, token 0) as without."""
+        its exact n is computed; otherwise (and for a chunk of -inf only, token 0) as without.
+        SCALED: x is the logit times `scale` (fp32, one rounding: torch's CUDA x / T), launched
+        without FMA contraction so x * scale + n rounds twice, as torch's two ops do."""
         row = tl.program_id(0).to(tl.int64)
         c = tl.program_id(1)
         tok = c * CHUNK + tl.arange(0, CHUNK)
         mask = tok < V
         x = tl.load(x_ptr + row * stride_x + tok, mask=mask, other=0.0).to(tl.float32)
+        if SCALED:
+            x = x * scale
         if KEYS and SCREEN:  # |z~ - z| <= BOUND + 2**-22 |z|: a lead of 2 BOUND + 2**-18 (|m| + 1) is safe
             zf = tl.where(mask, x + _fast_noise(_hash_k(n_ptr, key_stride, row, tok), ASM), float("-inf"))
             best = tl.max(zf, 0)
@@ -170,8 +175,10 @@ if triton is not None:
             near = tl.sum((zf >= best - (2.0 * BOUND + (tl.abs(best) + 1.0) * 3.814697265625e-06)).to(tl.int32), 0)
             if (best > float("-inf")) & (near == 1):
                 t1 = c * CHUNK + i
-                best = tl.load(x_ptr + row * stride_x + t1).to(tl.float32) + _noise(
-                    n_ptr, key_stride, row, t1, fix_k_ptr, fix_v_ptr, True, NFIX)
+                x1 = tl.load(x_ptr + row * stride_x + t1).to(tl.float32)
+                if SCALED:
+                    x1 = x1 * scale
+                best = x1 + _noise(n_ptr, key_stride, row, t1, fix_k_ptr, fix_v_ptr, True, NFIX)
             elif near > 1:
                 best, i = _chunk_argmax(x, mask, n_ptr, key_stride, row, tok, V, fix_k_ptr, fix_v_ptr, NEG, KEYS, NFIX)
         else:
@@ -264,6 +271,13 @@ def gumbel_noise(seed_B: torch.Tensor, stream_B: torch.Tensor, pos_B: torch.Tens
     return gumbel_noise_torch(h_B, vocab)
 
 
+def temperature_scale(temperature: float, device: torch.device) -> np.float32:
+    """What torch multiplies or divides by in `logits / temperature`: a CUDA tensor by a Python
+    float is a * fp32(1 / fp32(b)) (BinaryDivTrueKernel.cu), a CPU one a true division by b."""
+    t = np.float32(temperature)
+    return np.float32(1.0) / t if device.type == "cuda" else t
+
+
 def gumbel_argmax(logits_BV: torch.Tensor, temp: float, seed_B, stream_B, pos_B,
                   out_B: torch.Tensor | None = None) -> torch.Tensor:
     """argmax(logits / temp + gumbel_noise(...)) per row, bit for bit as the torch ops compute
@@ -277,13 +291,12 @@ def gumbel_argmax(logits_BV: torch.Tensor, temp: float, seed_B, stream_B, pos_B,
     contiguous [3, B] tensor (no stack). out_B: int64 [B] to write the ids into (else a new one)."""
     B, V = logits_BV.shape
     dev = logits_BV.device
-    x = logits_BV if temp == 1.0 else logits_BV.float() / temp
-    if x.stride(-1) != 1:
-        x = x.contiguous()
+    x = logits_BV if logits_BV.stride(-1) == 1 else logits_BV.contiguous()
     keys_3B = _key_rows(seed_B, stream_B, pos_B)
     fixes = _log_fixes(dev)
     if fixes is not None:  # the noise made inside the argmax kernel: no [B, V] noise in memory
-        return noisy_argmax(x, keys_3B, neg=False, fixes=fixes, out=out_B)
+        return noisy_argmax(x, keys_3B, neg=False, fixes=fixes, out=out_B, temp=temp)
+    x = x if temp == 1.0 else x.float() / temp
     noise = torch.empty(B, V, dtype=torch.float32, device=dev)
     _launch_gumbel(keys_3B, noise, 2048)
     noise.log_().neg_().log_()  # t = log(-log(u)): the noise is -t
@@ -295,19 +308,22 @@ def _key_rows(seed_B: torch.Tensor, stream_B: torch.Tensor, pos_B: torch.Tensor)
     rows of one [3, B] or [4, B] tensor, as sample_launch passes them), else a stacked copy."""
     B = seed_B.shape[0]
     rows = (seed_B, stream_B, pos_B)
-    if (all(r.dtype == torch.int64 and r.dim() == 1 and r.shape[0] == B and (B < 2 or r.stride(0) == 1) for r in rows)
+    store = seed_B.untyped_storage().data_ptr()
+    if (all(r.dtype == torch.int64 and r.dim() == 1 and r.shape[0] == B and (B < 2 or r.stride(0) == 1)
+            and r.untyped_storage().data_ptr() == store for r in rows)  # one tensor's rows, not neighbours
             and [r.data_ptr() for r in rows] == [seed_B.data_ptr() + i * B * 8 for i in range(3)]):
         return seed_B.as_strided((3, B), (B, 1))
     return torch.stack([seed_B.long(), stream_B.long(), pos_B.long()])
 
 
 def noisy_argmax(x_BV: torch.Tensor, noise_BV: torch.Tensor, neg: bool, chunk: int = 0,
-                 fixes: tuple[torch.Tensor, torch.Tensor] | None = None, out: torch.Tensor | None = None
-                 ) -> torch.Tensor:
+                 fixes: tuple[torch.Tensor, torch.Tensor] | None = None, out: torch.Tensor | None = None,
+                 temp: float = 1.0) -> torch.Tensor:
     """(x + noise).argmax(-1) (neg: x - noise), x cast to fp32, noise fp32 contiguous; in two
     launches: each chunk's max and first index, then the first chunk holding the row's max.
     With `fixes` (_log_fixes' table) noise_BV is instead the [3, B] row keys, and the kernel
-    makes gumbel_noise's values itself."""
+    makes gumbel_noise's values itself; then temp != 1 takes x as torch's x.float() / temp on
+    the device (x times fp32(1 / fp32(temp)) on CUDA, true division on the CPU), in the kernel."""
     B, V = x_BV.shape
     chunk = chunk or _ARGMAX_CHUNK
     chunks = triton.cdiv(V, chunk)
@@ -315,9 +331,15 @@ def noisy_argmax(x_BV: torch.Tensor, noise_BV: torch.Tensor, neg: bool, chunk: i
     idx = torch.empty(B, chunks, dtype=torch.int32, device=x_BV.device)
     out = torch.empty(B, dtype=torch.int64, device=x_BV.device) if out is None else out
     fix_k, fix_v, n = _fix_table(fixes, maxes)
-    _noisy_argmax_kernel[(B, chunks)](x_BV, noise_BV, maxes, idx, V, x_BV.stride(0), chunks, B, fix_k, fix_v, NEG=neg,
+    scaled = temp != 1.0
+    if scaled and fixes is None:
+        raise ValueError("noisy_argmax: a temperature needs the noise made in the kernel (fixes)")
+    if scaled and not x_BV.is_cuda:  # the interpreter: torch's CPU x / T is a true division
+        x_BV, scaled = x_BV.float() / temp, False
+    _noisy_argmax_kernel[(B, chunks)](x_BV, noise_BV, maxes, idx, V, x_BV.stride(0), chunks, B, fix_k, fix_v,
+                                      float(temperature_scale(temp, x_BV.device)) if scaled else 1.0, NEG=neg,
                                       CHUNK=chunk, KEYS=fixes is not None, NFIX=n, SCREEN=SCREEN, ASM=x_BV.is_cuda,
-                                      BOUND=NOISE_BOUND, num_warps=8)
+                                      BOUND=NOISE_BOUND, SCALED=scaled, num_warps=8, enable_fp_fusion=not scaled)
     _argmax_merge_kernel[(B,)](maxes, idx, out, chunks, BLOCK=max(16, triton.next_power_of_2(chunks)))
     return out
 
