@@ -141,6 +141,18 @@ def _key_float(k):
     return tl.where(k < 0, k ^ 0x7FFFFFFF, k).to(tl.float32, bitcast=True)
 
 
+@triton.jit
+def _row_chunk(base, v0, cols, V):
+    return tl.load(base + v0 + cols, mask=v0 + cols < V, other=float("-inf"))
+
+
+@triton.jit
+def _masses(x, m, v1, v2, v3, a1, a2, a3):
+    """Each lane's terms exp(x - m) above each cut point, added to its running sums."""
+    e = tl.exp(x - m)
+    return a1 + tl.where(x > v1, e, 0.0), a2 + tl.where(x > v2, e, 0.0), a3 + tl.where(x > v3, e, 0.0)
+
+
 @fast_launch
 @triton.jit
 def _top_p_cutoff_kernel(x_ptr, cut_ptr, V, stride_t, top_p, CHUNK: tl.constexpr):
@@ -148,17 +160,26 @@ def _top_p_cutoff_kernel(x_ptr, cut_ptr, V, stride_t, top_p, CHUNK: tl.constexpr
     a token is kept iff the mass strictly above it is below top_p (ties kept). A search over the
     floats' order, three cut points a pass (16 passes narrow 2**32 keys to one), no sort. Every
     sum is summed alike, fixed by the row alone (batch-invariant): each lane adds its tokens'
-    terms chunk after chunk, then one tree over the lanes; the masses above v fall as v rises."""
+    terms chunk after chunk, then one tree over the lanes; the masses above v fall as v rises.
+    Four chunks are loaded at a time (a lane's adds stay in chunk order): one program a row is
+    latency-bound, and four loads a lane in flight hide more of it."""
     row = tl.program_id(0).to(tl.int64)
     base = x_ptr + row * stride_t
     cols = tl.arange(0, CHUNK)
     mv = tl.full([CHUNK], float("-inf"), tl.float32)
-    for v0 in range(0, V, CHUNK):
-        mv = tl.maximum(mv, tl.load(base + v0 + cols, mask=v0 + cols < V, other=float("-inf")))
+    for v0 in range(0, V, 4 * CHUNK):
+        xa, xb = _row_chunk(base, v0, cols, V), _row_chunk(base, v0 + CHUNK, cols, V)
+        xc, xd = _row_chunk(base, v0 + 2 * CHUNK, cols, V), _row_chunk(base, v0 + 3 * CHUNK, cols, V)
+        mv = tl.maximum(tl.maximum(tl.maximum(tl.maximum(mv, xa), xb), xc), xd)
     m = tl.max(mv, 0)
     acc = tl.zeros([CHUNK], tl.float32)
-    for v0 in range(0, V, CHUNK):
-        acc += tl.exp(tl.load(base + v0 + cols, mask=v0 + cols < V, other=float("-inf")) - m)
+    for v0 in range(0, V, 4 * CHUNK):
+        xa, xb = _row_chunk(base, v0, cols, V), _row_chunk(base, v0 + CHUNK, cols, V)
+        xc, xd = _row_chunk(base, v0 + 2 * CHUNK, cols, V), _row_chunk(base, v0 + 3 * CHUNK, cols, V)
+        acc = acc + tl.exp(xa - m)
+        acc = acc + tl.exp(xb - m)
+        acc = acc + tl.exp(xc - m)
+        acc = acc + tl.exp(xd - m)
     target = top_p * tl.sum(acc, 0)  # the mass above -inf: the same sum as every pass's at its lowest v
     lo = _float_key(tl.full([], float("-inf"), tl.float32)).to(tl.int64)  # P(lo) is false: all mass is above -inf
     hi = _float_key(m).to(tl.int64)  # P(max) is true: no mass above the max
@@ -170,12 +191,13 @@ def _top_p_cutoff_kernel(x_ptr, cut_ptr, V, stride_t, top_p, CHUNK: tl.constexpr
         a1 = tl.zeros([CHUNK], tl.float32)
         a2 = tl.zeros([CHUNK], tl.float32)
         a3 = tl.zeros([CHUNK], tl.float32)
-        for v0 in range(0, V, CHUNK):
-            x = tl.load(base + v0 + cols, mask=v0 + cols < V, other=float("-inf"))
-            e = tl.exp(x - m)
-            a1 += tl.where(x > v1, e, 0.0)
-            a2 += tl.where(x > v2, e, 0.0)
-            a3 += tl.where(x > v3, e, 0.0)
+        for v0 in range(0, V, 4 * CHUNK):
+            xa, xb = _row_chunk(base, v0, cols, V), _row_chunk(base, v0 + CHUNK, cols, V)
+            xc, xd = _row_chunk(base, v0 + 2 * CHUNK, cols, V), _row_chunk(base, v0 + 3 * CHUNK, cols, V)
+            a1, a2, a3 = _masses(xa, m, v1, v2, v3, a1, a2, a3)
+            a1, a2, a3 = _masses(xb, m, v1, v2, v3, a1, a2, a3)
+            a1, a2, a3 = _masses(xc, m, v1, v2, v3, a1, a2, a3)
+            a1, a2, a3 = _masses(xd, m, v1, v2, v3, a1, a2, a3)
         p1 = tl.sum(a1, 0) < target  # P at each cut point: monotone, so one of four spans holds the change
         p2 = tl.sum(a2, 0) < target
         p3 = tl.sum(a3, 0) < target
