@@ -836,6 +836,7 @@ def check_top_p_cutoff() -> None:
     """The Triton top-p filter keeps exactly the tokens the sort-based reference keeps (rows
     with no token near the cut), ties included, and a row alone gets the bits it gets in a batch."""
     from miles_kernels._ref import filter_logits as ref_filter
+    from miles_kernels._triton import rows as rows_mod
     from miles_kernels._triton.rows import LOGPROB_CHUNK
 
     kt = _kt()
@@ -860,6 +861,10 @@ def check_top_p_cutoff() -> None:
             cut = kt.top_p_cutoff(z, top_p)
             kept_min = torch.where(z >= cut[:, None], z, float("inf")).amin(-1)
             _same(cut, kept_min, f"top_k={top_k} top_p={top_p}: cut == smallest kept value")
+            one = torch.empty_like(cut)  # a chunk a loop step: the same sums, the same cut
+            rows_mod._top_p_cutoff_kernel[(z.shape[0],)](z, one, V, z.stride(0), float(top_p), CHUNK=LOGPROB_CHUNK,
+                                                         UNROLL=1)
+            _same(one, cut, f"top_k={top_k} top_p={top_p}: UNROLL 1 == 4")
     assert torch.isfinite(kt.filter_logits(x, 0, 0.9)[1, :50]).all(), "ties at the top are all kept"
 
 
