@@ -677,19 +677,22 @@ def _keeps_floor(logits_TV, top_k: int, top_p: float) -> bool:
     return logits_TV.is_cuda and bool(top_k or top_p < 1.0)
 
 
+def _logprobs_keeping_floor(impl, logits_TV, ids_T, temperature, entropy, top_k, top_p):
+    """impl's (logp, entropy, lse) and, where _keeps_floor, the filter's floor (else None): the rows
+    filtered here once, impl run on them at T = 1 without a filter (what it runs after filtering)."""
+    if not _keeps_floor(logits_TV, top_k, top_p):
+        return (*impl(logits_TV, ids_T, temperature, entropy, top_k, top_p), None)
+    z, floor = _prefiltered(logits_TV, temperature, top_k, top_p)
+    return (*impl(z, ids_T, 1.0, entropy, 0, 1.0), floor)
+
+
 _BWD_ROWS = 1024  # rows per fp32 chunk in the logprobs backward
 
 
 class _Logprobs(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits_TV, ids_T, temperature, entropy, top_k, top_p, impl):
-        floor = None
-        if _keeps_floor(logits_TV, top_k, top_p):  # the same rows, filtered here: impl runs at T = 1
-            z, floor = _prefiltered(logits_TV, temperature, top_k, top_p)
-            logp, ent, lse = impl(z, ids_T, 1.0, entropy, 0, 1.0)
-            del z
-        else:
-            logp, ent, lse = impl(logits_TV, ids_T, temperature, entropy, top_k, top_p)
+        logp, ent, lse, floor = _logprobs_keeping_floor(impl, logits_TV, ids_T, temperature, entropy, top_k, top_p)
         ctx.save_for_backward(logits_TV, ids_T, lse, ent if ent is not None else lse,
                               floor if floor is not None else lse)
         ctx.cfg, ctx.has_floor = (temperature, entropy, top_k, top_p), floor is not None
@@ -817,14 +820,13 @@ def _linear_logprobs_fwd(x_TD, w_VD, ids_T, temperature, entropy, top_k, top_p, 
     outs, kept = [], []
     for i in range(0, x_TD.shape[0], chunk_rows):
         logits = linear(x_TD[i: i + chunk_rows], w_VD)
-        ids = ids_T[i: i + chunk_rows]
-        if floors is not None and _keeps_floor(logits, top_k, top_p):
-            z, floor = _prefiltered(logits, temperature, top_k, top_p)
-            logp, ent, lse = _logprobs_impl(logits)(z, ids, 1.0, entropy, 0, 1.0)
-            floors.append(floor)
-            del z
+        ids, impl = ids_T[i: i + chunk_rows], _logprobs_impl(logits)
+        if floors is None:
+            logp, ent, lse = impl(logits, ids, temperature, entropy, top_k, top_p)
         else:
-            logp, ent, lse = _logprobs_impl(logits)(logits, ids, temperature, entropy, top_k, top_p)
+            logp, ent, lse, floor = _logprobs_keeping_floor(impl, logits, ids, temperature, entropy, top_k, top_p)
+            if floor is not None:
+                floors.append(floor)
         outs.append((logp, ent if entropy else lse, lse))
         if keep:
             kept.append(logits)
