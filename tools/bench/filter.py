@@ -3,6 +3,7 @@ at the real vocabulary, for the engine's decode batch and the trainer's row chun
 peer, transformers' top-k / top-p warpers (torch.topk; torch.sort, softmax, cumsum) on the same rows.
 
     python tools/bench/filter.py --out filter.json
+    python tools/bench/filter.py --rows 64 512 4096 --unroll-rows 0   # the cut one chunk a loop step at every row count
 """
 
 import argparse
@@ -30,8 +31,13 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--vocab", type=int, default=151_936)
     ap.add_argument("--rows", type=int, nargs="+", default=[256, 4096])
+    ap.add_argument("--unroll-rows", type=int, default=None, metavar="T",
+                    help="top_p_cutoff takes four chunks a loop step up to T rows, one above (rows.TOP_P_UNROLL_ROWS)")
     ap.add_argument("--out", default="")
     a = ap.parse_args()
+    if a.unroll_rows is not None:
+        from miles_kernels._triton import rows
+        rows.TOP_P_UNROLL_ROWS = a.unroll_rows
     res = []
     g = torch.Generator(device="cuda").manual_seed(0)
     for B in a.rows:
@@ -46,7 +52,7 @@ def main() -> None:
                   f"transformers' warpers {h_ms:8.2f} ms")
     if a.out:
         with open(a.out, "w") as f:
-            json.dump(dict(device=torch.cuda.get_device_name(), vocab=a.vocab, results=res), f, indent=1)
+            json.dump(dict(device=torch.cuda.get_device_name(), vocab=a.vocab, unroll_rows=a.unroll_rows, results=res), f, indent=1)
 
 
 if __name__ == "__main__":
