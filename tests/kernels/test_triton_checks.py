@@ -863,7 +863,7 @@ def check_top_p_cutoff() -> None:
             _same(cut, kept_min, f"top_k={top_k} top_p={top_p}: cut == smallest kept value")
             one = torch.empty_like(cut)  # a chunk a loop step: the same sums, the same cut
             rows_mod._top_p_cutoff_kernel[(z.shape[0],)](z, one, V, z.stride(0), float(top_p), CHUNK=LOGPROB_CHUNK,
-                                                         UNROLL=1)
+                                                         LOG=LOGPROB_CHUNK.bit_length() - 1, UNROLL=1)
             _same(one, cut, f"top_k={top_k} top_p={top_p}: UNROLL 1 == 4")
     assert torch.isfinite(kt.filter_logits(x, 0, 0.9)[1, :50]).all(), "ties at the top are all kept"
 
@@ -1117,6 +1117,32 @@ def check_row_sums_order_free() -> None:
             q = torch.round(p.double() * 2.0**23).sum(1) * 2.0**-23
             _same(outs[0], q.float(), "fixed_sum vs the float64 sum of p rounded to 2**-23")
 
+
+
+def pair_tree_sum(x: torch.Tensor) -> torch.Tensor:
+    """Rows of fp32 x [R, 2**k] summed as rows._tree_sum sums them: adjacent pairs, level by level."""
+    while x.shape[-1] > 1:
+        x = x[:, 0::2] + x[:, 1::2]
+    return x[:, 0]
+
+
+def check_tree_sum() -> None:
+    """rows._tree_sum (the top-p cut's sums over its lanes) is the adjacent-pair tree, bit for bit,
+    on terms spread over 60 binades (where other orders give other sums: checked)."""
+    from _row_sums_kernel import tree_sums
+
+    g = torch.Generator().manual_seed(3)
+    x = torch.exp2(60 * torch.rand(8, 4096, generator=g) - 50) * (torch.rand(8, 4096, generator=g) + 0.5)
+    x[1, ::7] = 0.0
+    o = torch.empty(8)
+    tree_sums[(8,)](x, o, 12)
+    want = pair_tree_sum(x)
+    _same(o, want, "_tree_sum vs the adjacent-pair tree")
+    halves = x.clone()
+    while halves.shape[-1] > 1:  # another fixed tree (first half + second half): other bits on these rows
+        n = halves.shape[-1] // 2
+        halves = halves[:, :n] + halves[:, n:]
+    assert not torch.equal(halves[:, 0], want), "the rows do not tell one tree from another"
 
 class _Launches:
     """Counts launches of a Triton kernel (kernel[grid](...)) and passes them on."""

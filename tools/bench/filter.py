@@ -3,16 +3,19 @@ at the real vocabulary, for the engine's decode batch and the trainer's row chun
 peer, transformers' top-k / top-p warpers (torch.topk; torch.sort, softmax, cumsum) on the same rows.
 
     python tools/bench/filter.py --out filter.json
-    python tools/bench/filter.py --rows 64 512 4096 --unroll-rows 0   # the cut one chunk a loop step at every row count
+    python tools/bench/filter.py --rows 64 512 4096 --launch 16:4   # the cut's kernel at 16 warps, 4 chunks a step
 """
 
 import argparse
+import functools
+import hashlib
 import json
 
 import torch
 import triton.testing
 
 import miles_kernels as mk
+from miles_kernels._triton import rows
 
 
 def hf_filter(x: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
@@ -31,28 +34,43 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--vocab", type=int, default=151_936)
     ap.add_argument("--rows", type=int, nargs="+", default=[256, 4096])
-    ap.add_argument("--unroll-rows", type=int, default=None, metavar="T",
-                    help="top_p_cutoff takes four chunks a loop step up to T rows, one above (rows.TOP_P_UNROLL_ROWS)")
+    ap.add_argument("--launch", default=None, metavar="WARPS:UNROLL",
+                    help="top_p_cutoff's launch at every row count (rows.TOP_P_LAUNCH; same bits): e.g. 16:4")
+    ap.add_argument("--cut-only", action="store_true", help="time the top-p 0.9 filter alone (a launch sweep)")
     ap.add_argument("--out", default="")
     a = ap.parse_args()
-    if a.unroll_rows is not None:
-        from miles_kernels._triton import rows
-        rows.TOP_P_UNROLL_ROWS = a.unroll_rows
+    if a.launch is not None:
+        try:
+            warps, unroll = (int(v) for v in a.launch.split(":"))
+        except ValueError:
+            raise SystemExit(f"filter.py: --launch {a.launch!r}: want WARPS:UNROLL, e.g. 16:4") from None
+        if warps not in (1, 2, 4, 8, 16, 32) or unroll < 1:
+            raise SystemExit(f"filter.py: --launch {a.launch!r}: warps must be a power of two up to 32, unroll >= 1")
+        rows.TOP_P_LAUNCH = ((1 << 62, warps, unroll),)
     res = []
     g = torch.Generator(device="cuda").manual_seed(0)
     for B in a.rows:
         logits = torch.randn(B, a.vocab, generator=g, device="cuda").to(torch.bfloat16)
         ids = torch.randint(0, a.vocab, (B,), generator=g, device="cuda")
-        for k, p in ((0, 1.0), (20, 1.0), (0, 0.9), (20, 0.9)):
-            f_ms = triton.testing.do_bench(lambda: mk.filter_logits(logits.float() / 0.7, k, p), return_mode="median")
-            l_ms = triton.testing.do_bench(lambda: mk.logprobs(logits, ids, 0.7, top_k=k, top_p=p), return_mode="median")
-            h_ms = triton.testing.do_bench(lambda: hf_filter(logits.float() / 0.7, k, p), return_mode="median")
+        for k, p in ((0, 0.9),) if a.cut_only else ((0, 1.0), (20, 1.0), (0, 0.9), (20, 0.9)):
+            ms = functools.partial(triton.testing.do_bench, return_mode="median")
+            f_ms = ms(lambda: mk.filter_logits(logits.float() / 0.7, k, p))
+            if a.cut_only:  # the cut's digest: every launch must give the same bits
+                floor = rows.filter_floor(logits.float() / 0.7, k, p)
+                cut = hashlib.sha1(floor.cpu().numpy().tobytes()).hexdigest()[:12]
+                res.append(dict(rows=B, top_k=k, top_p=p, filter_ms=f_ms, cut_sha1=cut))
+                print(f"rows {B:5d} top_p {p:.1f} launch {a.launch or 'shipped'}: filter {f_ms:8.3f} ms  cut {cut}",
+                      flush=True)
+                continue
+            l_ms = ms(lambda: mk.logprobs(logits, ids, 0.7, top_k=k, top_p=p))
+            h_ms = ms(lambda: hf_filter(logits.float() / 0.7, k, p))
             res.append(dict(rows=B, top_k=k, top_p=p, filter_ms=f_ms, logprobs_ms=l_ms, hf_filter_ms=h_ms))
             print(f"rows {B:5d} top_k {k:2d} top_p {p:.1f}: filter {f_ms:8.2f} ms  logprobs {l_ms:8.2f} ms  "
                   f"transformers' warpers {h_ms:8.2f} ms")
     if a.out:
         with open(a.out, "w") as f:
-            json.dump(dict(device=torch.cuda.get_device_name(), vocab=a.vocab, unroll_rows=a.unroll_rows, results=res), f, indent=1)
+            json.dump(dict(device=torch.cuda.get_device_name(), vocab=a.vocab, launch=a.launch, results=res), f,
+                      indent=1)
 
 
 if __name__ == "__main__":

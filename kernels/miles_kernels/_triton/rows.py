@@ -142,6 +142,16 @@ def _key_float(k):
 
 
 @triton.jit
+def _tree_sum(x, LOG: tl.constexpr):
+    """x [2**LOG] summed as one fixed binary tree (adjacent pairs, level by level), so the bits do
+    not follow the layout (tl.sum's order does: its lanes per thread, warps): any num_warps gives
+    the same sum, and a program holding a run of 2**k lanes holds one subtree."""
+    for _ in tl.static_range(LOG):
+        x = tl.sum(tl.reshape(x, (x.shape[0] // 2, 2)), 1)  # one add a pair: the same either way round
+    return tl.sum(x, 0)
+
+
+@triton.jit
 def _masses(x, m, v1, v2, v3, a1, a2, a3):
     """Each lane's terms exp(x - m) above each cut point, added to its running sums."""
     e = tl.exp(x - m)
@@ -150,14 +160,16 @@ def _masses(x, m, v1, v2, v3, a1, a2, a3):
 
 @fast_launch
 @triton.jit
-def _top_p_cutoff_kernel(x_ptr, cut_ptr, V, stride_t, top_p, CHUNK: tl.constexpr, UNROLL: tl.constexpr):
+def _top_p_cutoff_kernel(x_ptr, cut_ptr, V, stride_t, top_p, CHUNK: tl.constexpr, LOG: tl.constexpr,
+                         UNROLL: tl.constexpr):
     """cut[row] = the smallest v with sum_{x_i > v} exp(x_i - max) < top_p * sum_i exp(x_i - max):
     a token is kept iff the mass strictly above it is below top_p (ties kept). A search over the
     floats' order, three cut points a pass (16 passes narrow 2**32 keys to one), no sort. Every
-    sum is summed alike, fixed by the row alone (batch-invariant): each lane adds its tokens'
-    terms chunk after chunk, then one tree over the lanes; the masses above v fall as v rises.
-    UNROLL chunks a loop step (a lane's adds in the same chunk order, so the same bits): a few
-    rows are latency-bound, one program a row, and more loads in flight hide more of it."""
+    sum is summed alike, fixed by the row alone (batch-invariant): each of the CHUNK = 2**LOG
+    lanes adds its tokens' terms chunk after chunk, then one fixed tree over the lanes
+    (_tree_sum); the masses above v fall as v rises. UNROLL chunks a loop step (a lane's adds in
+    the same chunk order) and num_warps change no bit: a few rows are latency-bound, one program
+    a row, and more loads and warps in flight hide more of it (TOP_P_LAUNCH)."""
     row = tl.program_id(0).to(tl.int64)
     base = x_ptr + row * stride_t
     cols = tl.arange(0, CHUNK)
@@ -172,7 +184,7 @@ def _top_p_cutoff_kernel(x_ptr, cut_ptr, V, stride_t, top_p, CHUNK: tl.constexpr
         for j in tl.static_range(UNROLL):
             c = v0 + j * CHUNK + cols
             acc = acc + tl.exp(tl.load(base + c, mask=c < V, other=float("-inf")) - m)
-    target = top_p * tl.sum(acc, 0)  # the mass above -inf: the same sum as every pass's at its lowest v
+    target = top_p * _tree_sum(acc, LOG)  # the mass above -inf: the same sum as every pass's at its lowest v
     lo = _float_key(tl.full([], float("-inf"), tl.float32)).to(tl.int64)  # P(lo) is false: all mass is above -inf
     hi = _float_key(m).to(tl.int64)  # P(max) is true: no mass above the max
     for _ in range(16):
@@ -188,19 +200,28 @@ def _top_p_cutoff_kernel(x_ptr, cut_ptr, V, stride_t, top_p, CHUNK: tl.constexpr
                 c = v0 + j * CHUNK + cols
                 x = tl.load(base + c, mask=c < V, other=float("-inf"))
                 a1, a2, a3 = _masses(x, m, v1, v2, v3, a1, a2, a3)
-        p1 = tl.sum(a1, 0) < target  # P at each cut point: monotone, so one of four spans holds the change
-        p2 = tl.sum(a2, 0) < target
-        p3 = tl.sum(a3, 0) < target
+        p1 = _tree_sum(a1, LOG) < target  # P at each cut point: monotone, so one of four spans holds the change
+        p2 = _tree_sum(a2, LOG) < target
+        p3 = _tree_sum(a3, LOG) < target
         new_lo = tl.where(p1, lo, tl.where(p2, q1, tl.where(p3, q2, q3)))
         hi = tl.where(p1, q1, tl.where(p2, q2, tl.where(p3, q3, hi)))
         lo = new_lo
     tl.store(cut_ptr + row, _key_float(hi.to(tl.int32)))
 
 
-# Chunks a loop step of the cut's passes, by rows: H100 (thirty-seventh run, filter.py, top-p 0.9), 4 against 1:
-# 64 rows 0.73 vs 0.85 ms, 256 rows 1.91 vs 2.01, 4,096 rows 29.2 vs 26.6 (154 registers a thread against 128
-# cost the full GPU its second program an SM). Same bits either way.
-TOP_P_UNROLL_ROWS = 512
+# (rows up to, num_warps, chunks a loop step) of the cut's launch, the first that holds its rows; more rows: 8, 1.
+# Same bits in every launch (see the kernel). H100 (thirty-seventh run, filter.py, top-p 0.9, 8 warps), 4 chunks
+# against 1: 64 rows 0.73 vs 0.85 ms, 256 rows 1.91 vs 2.01, 4,096 rows 29.2 vs 26.6 (154 registers a thread
+# against 128 cost the full GPU its second program an SM).
+TOP_P_LAUNCH = ((512, 8, 4),)
+
+
+def _top_p_launch(T: int) -> tuple[int, int]:
+    """(num_warps, UNROLL) of the cut's kernel for T rows (TOP_P_LAUNCH)."""
+    for rows, num_warps, unroll in TOP_P_LAUNCH:
+        if T <= rows:
+            return num_warps, unroll
+    return 8, 1
 
 
 def top_p_cutoff(x_TV: torch.Tensor, top_p: float) -> torch.Tensor:
@@ -210,8 +231,9 @@ def top_p_cutoff(x_TV: torch.Tensor, top_p: float) -> torch.Tensor:
     T, V = x_TV.shape
     cut_T = torch.empty(T, dtype=torch.float32, device=x_TV.device)
     if T > 0:
+        num_warps, unroll = _top_p_launch(T)
         _top_p_cutoff_kernel[(T,)](x_TV, cut_T, V, x_TV.stride(0), float(top_p), CHUNK=LOGPROB_CHUNK,
-                                   UNROLL=4 if T <= TOP_P_UNROLL_ROWS else 1, num_warps=8)
+                                   LOG=LOGPROB_CHUNK.bit_length() - 1, UNROLL=unroll, num_warps=num_warps)
     return cut_T
 
 
