@@ -182,15 +182,15 @@ def test_logprobs_and_route_topk(kt, dtype):
 
 
 
-def test_top_p_cut_same_bits_in_every_launch(kt):
-    """The top-p cut is fixed by the row alone: every (num_warps, chunks a step) launch, which
-    rows.TOP_P_LAUNCH picks by the row count, gives the same bits as the shipped rule and a row
-    alone; rows._tree_sum is the adjacent-pair tree on the GPU at any num_warps (tl.sum's order
-    follows the layout)."""
+def test_top_p_cut_same_bits_in_every_launch(kt, monkeypatch):
+    """The top-p cut is fixed by the row alone: every launch (num_warps, chunks a step, programs a
+    row with the passes as launches), which top_p.TOP_P_LAUNCH picks by the row count, gives the
+    shipped rule's bits and a row alone's; top_p._tree_sum is the adjacent-pair tree on the GPU at
+    any num_warps (tl.sum's order follows the layout)."""
     import os
     import sys
 
-    from miles_kernels._triton import rows
+    from miles_kernels._triton import top_p as tp
 
     sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "kernels"))
     from _row_sums_kernel import tree_sums
@@ -206,19 +206,19 @@ def test_top_p_cut_same_bits_in_every_launch(kt):
         _same(o, want[:, 0], f"_tree_sum at {nw} warps vs the adjacent-pair tree")
     z = _randn(300, 151936, dtype=torch.float32, g=g, scale=4.0) / 0.7
     z[7, :4000] = 9.0  # a tie block at the top
+    z[9, 100:] = float("-inf")  # a top-k-like row
     for top_p in (0.9, 0.95, 0.5):
-        cut = rows.top_p_cutoff(z, top_p)
-        _same(rows.top_p_cutoff(z[7:8], top_p), cut[7:8], f"top_p {top_p}: row alone vs 300 rows")
+        cut = kt.top_p_cutoff(z, top_p)
+        _same(kt.top_p_cutoff(z[7:8], top_p), cut[7:8], f"top_p {top_p}: row alone vs 300 rows")
         kept_min = torch.where(z >= cut[:, None], z, float("inf")).amin(-1)
         _same(cut, kept_min, f"top_p {top_p}: the cut is the smallest kept value")
-        for nw in (4, 8, 16, 32):
-            for unroll in (1, 2, 4):
-                one = torch.empty_like(cut)
-                rows._top_p_cutoff_kernel[(z.shape[0],)](z, one, z.shape[1], z.stride(0), top_p,
-                                                         CHUNK=rows.LOGPROB_CHUNK,
-                                                         LOG=rows.LOGPROB_CHUNK.bit_length() - 1, UNROLL=unroll,
-                                                         num_warps=nw)
-                _same(one, cut, f"top_p {top_p}: cut at {nw} warps, {unroll} chunks a step vs the shipped launch")
+        for nw, unroll, split in ((4, 1, 1), (8, 1, 1), (16, 4, 1), (32, 2, 1), (32, 4, 1), (4, 2, 4), (8, 4, 8),
+                                  (8, 1, 16), (4, 4, 32)):
+            monkeypatch.setattr(tp, "TOP_P_LAUNCH", ((1 << 30, nw, unroll, split),))
+            _same(kt.top_p_cutoff(z, top_p), cut, f"top_p {top_p}: cut at {nw} warps, {unroll} chunks a step, "
+                                                  f"{split} programs a row vs the shipped launch")
+        monkeypatch.undo()
+
 
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_linear_logprobs_bitwise_equals_linear_then_logprobs(dtype):

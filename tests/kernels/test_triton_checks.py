@@ -836,12 +836,11 @@ def check_top_p_cutoff() -> None:
     """The Triton top-p filter keeps exactly the tokens the sort-based reference keeps (rows
     with no token near the cut), ties included, and a row alone gets the bits it gets in a batch."""
     from miles_kernels._ref import filter_logits as ref_filter
-    from miles_kernels._triton import rows as rows_mod
-    from miles_kernels._triton.rows import LOGPROB_CHUNK
+    from miles_kernels._triton import top_p as top_p_mod
 
     kt = _kt()
     g = torch.Generator().manual_seed(17)
-    V = LOGPROB_CHUNK + 300
+    V = top_p_mod.CHUNK + 300
     x = torch.randn(6, V, generator=g) * 3
     x[1, :50] = 4.0  # a tie block at the top
     x[2] = float("-inf")
@@ -861,10 +860,13 @@ def check_top_p_cutoff() -> None:
             cut = kt.top_p_cutoff(z, top_p)
             kept_min = torch.where(z >= cut[:, None], z, float("inf")).amin(-1)
             _same(cut, kept_min, f"top_k={top_k} top_p={top_p}: cut == smallest kept value")
-            one = torch.empty_like(cut)  # a chunk a loop step: the same sums, the same cut
-            rows_mod._top_p_cutoff_kernel[(z.shape[0],)](z, one, V, z.stride(0), float(top_p), CHUNK=LOGPROB_CHUNK,
-                                                         LOG=LOGPROB_CHUNK.bit_length() - 1, UNROLL=1)
-            _same(one, cut, f"top_k={top_k} top_p={top_p}: UNROLL 1 == 4")
+            shipped = top_p_mod.TOP_P_LAUNCH
+            try:  # (two of the cases: the interpreter is slow) a chunk a loop step, a row over 2 / 8 programs (its passes as launches): the same cut
+                for unroll, split in ((1, 1), (4, 2), (1, 8)) if top_p in (0.9, 0.5) and not top_k else ():
+                    top_p_mod.TOP_P_LAUNCH = ((1 << 30, 8, unroll, split),)
+                    _same(kt.top_p_cutoff(z, top_p), cut, f"top_k={top_k} top_p={top_p}: UNROLL {unroll}, SPLIT {split}")
+            finally:
+                top_p_mod.TOP_P_LAUNCH = shipped
     assert torch.isfinite(kt.filter_logits(x, 0, 0.9)[1, :50]).all(), "ties at the top are all kept"
 
 
@@ -1120,14 +1122,14 @@ def check_row_sums_order_free() -> None:
 
 
 def pair_tree_sum(x: torch.Tensor) -> torch.Tensor:
-    """Rows of fp32 x [R, 2**k] summed as rows._tree_sum sums them: adjacent pairs, level by level."""
+    """Rows of fp32 x [R, 2**k] summed as top_p._tree_sum sums them: adjacent pairs, level by level."""
     while x.shape[-1] > 1:
         x = x[:, 0::2] + x[:, 1::2]
     return x[:, 0]
 
 
 def check_tree_sum() -> None:
-    """rows._tree_sum (the top-p cut's sums over its lanes) is the adjacent-pair tree, bit for bit,
+    """top_p._tree_sum (the top-p cut's sums over its lanes) is the adjacent-pair tree, bit for bit,
     on terms spread over 60 binades (where other orders give other sums: checked)."""
     from _row_sums_kernel import tree_sums
 

@@ -3,7 +3,8 @@ at the real vocabulary, for the engine's decode batch and the trainer's row chun
 peer, transformers' top-k / top-p warpers (torch.topk; torch.sort, softmax, cumsum) on the same rows.
 
     python tools/bench/filter.py --out filter.json
-    python tools/bench/filter.py --rows 64 512 4096 --launch 16:4   # the cut's kernel at 16 warps, 4 chunks a step
+    python tools/bench/filter.py --cut-only --rows 64 512 --launch 16:4:8   # the cut at 16 warps, 4 chunks a step,
+                                                                           # 8 programs a row
 """
 
 import argparse
@@ -15,7 +16,7 @@ import torch
 import triton.testing
 
 import miles_kernels as mk
-from miles_kernels._triton import rows
+from miles_kernels._triton import rows, top_p
 
 
 def hf_filter(x: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
@@ -34,19 +35,21 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--vocab", type=int, default=151_936)
     ap.add_argument("--rows", type=int, nargs="+", default=[256, 4096])
-    ap.add_argument("--launch", default=None, metavar="WARPS:UNROLL",
-                    help="top_p_cutoff's launch at every row count (rows.TOP_P_LAUNCH; same bits): e.g. 16:4")
+    ap.add_argument("--launch", default=None, metavar="WARPS:UNROLL[:SPLIT]",
+                    help="the top-p cut's launch at every row count (top_p.TOP_P_LAUNCH; same bits): e.g. 16:4:8")
     ap.add_argument("--cut-only", action="store_true", help="time the top-p 0.9 filter alone (a launch sweep)")
     ap.add_argument("--out", default="")
     a = ap.parse_args()
     if a.launch is not None:
         try:
-            warps, unroll = (int(v) for v in a.launch.split(":"))
+            warps, unroll, *split = (int(v) for v in a.launch.split(":"))
+            split = split[0] if split else 1
         except ValueError:
-            raise SystemExit(f"filter.py: --launch {a.launch!r}: want WARPS:UNROLL, e.g. 16:4") from None
-        if warps not in (1, 2, 4, 8, 16, 32) or unroll < 1:
-            raise SystemExit(f"filter.py: --launch {a.launch!r}: warps must be a power of two up to 32, unroll >= 1")
-        rows.TOP_P_LAUNCH = ((1 << 62, warps, unroll),)
+            raise SystemExit(f"filter.py: --launch {a.launch!r}: want WARPS:UNROLL[:SPLIT], e.g. 16:4:8") from None
+        if warps not in (1, 2, 4, 8, 16, 32) or unroll < 1 or split < 1 or split & (split - 1):
+            raise SystemExit(f"filter.py: --launch {a.launch!r}: warps a power of two up to 32, unroll >= 1, "
+                             "split a power of two")
+        top_p.TOP_P_LAUNCH = ((1 << 62, warps, unroll, split),)
     res = []
     g = torch.Generator(device="cuda").manual_seed(0)
     for B in a.rows:

@@ -1,4 +1,5 @@
-"""Per-row reductions over a vocabulary or expert axis: logprobs and route_topk.
+"""Per-row reductions over a vocabulary or expert axis: logprobs, the top-k / top-p filter (its
+top-p cut: top_p.py) and route_topk.
 
 A row is walked in fixed chunks (logprobs: in fixed parts of chunks, one program each, the
 parts' states merged in order), so its reduction order never depends on the number of rows.
@@ -11,6 +12,7 @@ import triton
 import triton.language as tl
 
 from miles_kernels._triton.launch import fast_launch
+from miles_kernels._triton.top_p import top_p_cutoff
 
 
 LOGPROB_CHUNK = 4096  # vocab entries per step of the online max / sum-exp walk
@@ -127,114 +129,6 @@ def logprobs(
             float(temperature), ROWS=_MERGE_ROWS, SCALED=temperature != 1.0, num_warps=2,
         )
     return out[0], out[1], out[2]
-
-
-@triton.jit
-def _float_key(x):
-    """fp32 -> int32 whose order is the floats' order (negative floats: flip the low 31 bits)."""
-    b = x.to(tl.int32, bitcast=True)
-    return tl.where(b < 0, b ^ 0x7FFFFFFF, b)
-
-
-@triton.jit
-def _key_float(k):
-    return tl.where(k < 0, k ^ 0x7FFFFFFF, k).to(tl.float32, bitcast=True)
-
-
-@triton.jit
-def _tree_sum(x, LOG: tl.constexpr):
-    """x [2**LOG] summed as one fixed binary tree (adjacent pairs, level by level), so the bits do
-    not follow the layout (tl.sum's order does: its lanes per thread, warps): any num_warps gives
-    the same sum, and a program holding a run of 2**k lanes holds one subtree."""
-    for _ in tl.static_range(LOG):
-        x = tl.sum(tl.reshape(x, (x.shape[0] // 2, 2)), 1)  # one add a pair: the same either way round
-    return tl.sum(x, 0)
-
-
-@triton.jit
-def _masses(x, m, v1, v2, v3, a1, a2, a3):
-    """Each lane's terms exp(x - m) above each cut point, added to its running sums."""
-    e = tl.exp(x - m)
-    return a1 + tl.where(x > v1, e, 0.0), a2 + tl.where(x > v2, e, 0.0), a3 + tl.where(x > v3, e, 0.0)
-
-
-@fast_launch
-@triton.jit
-def _top_p_cutoff_kernel(x_ptr, cut_ptr, V, stride_t, top_p, CHUNK: tl.constexpr, LOG: tl.constexpr,
-                         UNROLL: tl.constexpr):
-    """cut[row] = the smallest v with sum_{x_i > v} exp(x_i - max) < top_p * sum_i exp(x_i - max):
-    a token is kept iff the mass strictly above it is below top_p (ties kept). A search over the
-    floats' order, three cut points a pass (16 passes narrow 2**32 keys to one), no sort. Every
-    sum is summed alike, fixed by the row alone (batch-invariant): each of the CHUNK = 2**LOG
-    lanes adds its tokens' terms chunk after chunk, then one fixed tree over the lanes
-    (_tree_sum); the masses above v fall as v rises. UNROLL chunks a loop step (a lane's adds in
-    the same chunk order) and num_warps change no bit: a few rows are latency-bound, one program
-    a row, and more loads and warps in flight hide more of it (TOP_P_LAUNCH)."""
-    row = tl.program_id(0).to(tl.int64)
-    base = x_ptr + row * stride_t
-    cols = tl.arange(0, CHUNK)
-    mv = tl.full([CHUNK], float("-inf"), tl.float32)
-    for v0 in range(0, V, UNROLL * CHUNK):
-        for j in tl.static_range(UNROLL):
-            c = v0 + j * CHUNK + cols
-            mv = tl.maximum(mv, tl.load(base + c, mask=c < V, other=float("-inf")))
-    m = tl.max(mv, 0)
-    acc = tl.zeros([CHUNK], tl.float32)
-    for v0 in range(0, V, UNROLL * CHUNK):
-        for j in tl.static_range(UNROLL):
-            c = v0 + j * CHUNK + cols
-            acc = acc + tl.exp(tl.load(base + c, mask=c < V, other=float("-inf")) - m)
-    target = top_p * _tree_sum(acc, LOG)  # the mass above -inf: the same sum as every pass's at its lowest v
-    lo = _float_key(tl.full([], float("-inf"), tl.float32)).to(tl.int64)  # P(lo) is false: all mass is above -inf
-    hi = _float_key(m).to(tl.int64)  # P(max) is true: no mass above the max
-    for _ in range(16):
-        q1 = lo + (hi - lo) // 4
-        q2 = lo + (hi - lo) // 2
-        q3 = lo + (hi - lo) * 3 // 4
-        v1, v2, v3 = _key_float(q1.to(tl.int32)), _key_float(q2.to(tl.int32)), _key_float(q3.to(tl.int32))
-        a1 = tl.zeros([CHUNK], tl.float32)
-        a2 = tl.zeros([CHUNK], tl.float32)
-        a3 = tl.zeros([CHUNK], tl.float32)
-        for v0 in range(0, V, UNROLL * CHUNK):
-            for j in tl.static_range(UNROLL):
-                c = v0 + j * CHUNK + cols
-                x = tl.load(base + c, mask=c < V, other=float("-inf"))
-                a1, a2, a3 = _masses(x, m, v1, v2, v3, a1, a2, a3)
-        p1 = _tree_sum(a1, LOG) < target  # P at each cut point: monotone, so one of four spans holds the change
-        p2 = _tree_sum(a2, LOG) < target
-        p3 = _tree_sum(a3, LOG) < target
-        new_lo = tl.where(p1, lo, tl.where(p2, q1, tl.where(p3, q2, q3)))
-        hi = tl.where(p1, q1, tl.where(p2, q2, tl.where(p3, q3, hi)))
-        lo = new_lo
-    tl.store(cut_ptr + row, _key_float(hi.to(tl.int32)))
-
-
-# (rows up to, num_warps, chunks a loop step) of the cut's launch, the first that holds its rows; more rows: 8, 1.
-# Same bits in every launch (see the kernel). H100 (thirty-seventh run, filter.py, top-p 0.9, 8 warps), 4 chunks
-# against 1: 64 rows 0.73 vs 0.85 ms, 256 rows 1.91 vs 2.01, 4,096 rows 29.2 vs 26.6 (154 registers a thread
-# against 128 cost the full GPU its second program an SM).
-TOP_P_LAUNCH = ((512, 8, 4),)
-
-
-def _top_p_launch(T: int) -> tuple[int, int]:
-    """(num_warps, UNROLL) of the cut's kernel for T rows (TOP_P_LAUNCH)."""
-    for rows, num_warps, unroll in TOP_P_LAUNCH:
-        if T <= rows:
-            return num_warps, unroll
-    return 8, 1
-
-
-def top_p_cutoff(x_TV: torch.Tensor, top_p: float) -> torch.Tensor:
-    """Per row of fp32 x (temperature-scaled, top-k already masked), the smallest value a
-    top-p filter keeps: keep x >= cut. One program per row (see the kernel)."""
-    x_TV = x_TV.contiguous()
-    T, V = x_TV.shape
-    cut_T = torch.empty(T, dtype=torch.float32, device=x_TV.device)
-    if T > 0:
-        num_warps, unroll = _top_p_launch(T)
-        _top_p_cutoff_kernel[(T,)](x_TV, cut_T, V, x_TV.stride(0), float(top_p), CHUNK=LOGPROB_CHUNK,
-                                   LOG=LOGPROB_CHUNK.bit_length() - 1, UNROLL=unroll, num_warps=num_warps)
-    return cut_T
 
 
 def filter_floor(x_TV: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:

@@ -1,0 +1,228 @@
+"""The top-p cut of fp32 rows: per row the smallest value a top-p filter keeps, batch-invariant.
+
+cut[row] = the smallest v with sum_{x_i > v} exp(x_i - max) < top_p * sum_i exp(x_i - max): a
+token is kept iff the mass strictly above it is below top_p (ties kept). A search over the
+floats' order, three cut points a pass (16 passes narrow 2**32 keys to one), no sort.
+
+Every sum is summed alike, fixed by the row alone: each of the CHUNK = 2**LOG lanes adds its
+tokens' terms (token v0 + lane of each chunk) chunk after chunk, then one fixed tree sums the
+lanes (_tree_sum: adjacent pairs, level by level). The masses above v fall as v rises
+(non-negative terms dropped from a fixed-order sum), so the search finds one key whatever its
+bracket. Nothing in a launch changes a bit: chunks a loop step (UNROLL), num_warps, or how many
+programs share a row (SPLIT: program s holds lanes [s L, (s + 1) L), one subtree of the tree;
+its passes are launches, the row's state between them in small buffers). TOP_P_LAUNCH picks
+the launch by the row count.
+"""
+
+import torch
+import triton
+import triton.language as tl
+
+from miles_kernels._triton.launch import fast_launch
+
+CHUNK = 4096  # lanes of a row: a lane adds the tokens lane, lane + CHUNK, ...
+PASSES = 16  # three cut points a pass: 4**16 = 2**32 keys
+
+
+@triton.jit
+def _float_key(x):
+    """fp32 -> int32 whose order is the floats' order (negative floats: flip the low 31 bits)."""
+    b = x.to(tl.int32, bitcast=True)
+    return tl.where(b < 0, b ^ 0x7FFFFFFF, b)
+
+
+@triton.jit
+def _key_float(k):
+    return tl.where(k < 0, k ^ 0x7FFFFFFF, k).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _tree_sum(x, LOG: tl.constexpr):
+    """x [2**LOG] summed as one fixed binary tree (adjacent pairs, level by level), so the bits do
+    not follow the layout (tl.sum's order does: its lanes per thread, warps): any num_warps gives
+    the same sum, and a program holding a run of 2**k lanes holds one subtree."""
+    for _ in tl.static_range(LOG):
+        x = tl.sum(tl.reshape(x, (x.shape[0] // 2, 2)), 1)  # one add a pair: the same either way round
+    return tl.sum(x, 0)
+
+
+@triton.jit
+def _lane_max(base, lanes, V, CHUNK: tl.constexpr, UNROLL: tl.constexpr):
+    mv = tl.full(lanes.shape, float("-inf"), tl.float32)
+    for v0 in range(0, V, UNROLL * CHUNK):
+        for j in tl.static_range(UNROLL):
+            c = v0 + j * CHUNK + lanes
+            mv = tl.maximum(mv, tl.load(base + c, mask=c < V, other=float("-inf")))
+    return tl.max(mv, 0)
+
+
+@triton.jit
+def _lane_total(base, lanes, V, m, CHUNK: tl.constexpr, UNROLL: tl.constexpr):
+    """Each lane's sum of exp(x - m), chunk after chunk."""
+    acc = tl.zeros(lanes.shape, tl.float32)
+    for v0 in range(0, V, UNROLL * CHUNK):
+        for j in tl.static_range(UNROLL):
+            c = v0 + j * CHUNK + lanes
+            acc = acc + tl.exp(tl.load(base + c, mask=c < V, other=float("-inf")) - m)
+    return acc
+
+
+@triton.jit
+def _cut_points(lo, hi):
+    """The pass's three cut points, quartering the key bracket (lo, hi]: keys and their floats."""
+    q1 = lo + (hi - lo) // 4
+    q2 = lo + (hi - lo) // 2
+    q3 = lo + (hi - lo) * 3 // 4
+    return q1, q2, q3, _key_float(q1.to(tl.int32)), _key_float(q2.to(tl.int32)), _key_float(q3.to(tl.int32))
+
+
+@triton.jit
+def _lane_masses(base, lanes, V, m, v1, v2, v3, CHUNK: tl.constexpr, UNROLL: tl.constexpr):
+    """Each lane's sums of exp(x - m) over its tokens above each cut point, chunk after chunk."""
+    a1 = tl.zeros(lanes.shape, tl.float32)
+    a2 = tl.zeros(lanes.shape, tl.float32)
+    a3 = tl.zeros(lanes.shape, tl.float32)
+    for v0 in range(0, V, UNROLL * CHUNK):
+        for j in tl.static_range(UNROLL):
+            c = v0 + j * CHUNK + lanes
+            x = tl.load(base + c, mask=c < V, other=float("-inf"))
+            e = tl.exp(x - m)
+            a1 = a1 + tl.where(x > v1, e, 0.0)
+            a2 = a2 + tl.where(x > v2, e, 0.0)
+            a3 = a3 + tl.where(x > v3, e, 0.0)
+    return a1, a2, a3
+
+
+@triton.jit
+def _narrow(lo, hi, q1, q2, q3, s1, s2, s3, target):
+    """The bracket after a pass: P(v) = mass above v < target is monotone, so one of the four
+    spans holds its change; (lo, hi] keeps P(lo) false and P(hi) true."""
+    p1 = s1 < target
+    p2 = s2 < target
+    p3 = s3 < target
+    new_lo = tl.where(p1, lo, tl.where(p2, q1, tl.where(p3, q2, q3)))
+    return new_lo, tl.where(p1, q1, tl.where(p2, q2, tl.where(p3, q3, hi)))
+
+
+@triton.jit
+def _start(m):
+    """The first bracket: P(-inf) is false (all mass is above -inf), P(max) true (none above it)."""
+    return _float_key(tl.full([], float("-inf"), tl.float32)).to(tl.int64), _float_key(m).to(tl.int64)
+
+
+@fast_launch
+@triton.jit
+def _top_p_cutoff_kernel(x_ptr, cut_ptr, V, stride_t, top_p, CHUNK: tl.constexpr, LOG: tl.constexpr,
+                         UNROLL: tl.constexpr):
+    """One program a row, all passes in one launch (see the module)."""
+    base = x_ptr + tl.program_id(0).to(tl.int64) * stride_t
+    lanes = tl.arange(0, CHUNK)
+    m = _lane_max(base, lanes, V, CHUNK, UNROLL)
+    target = top_p * _tree_sum(_lane_total(base, lanes, V, m, CHUNK, UNROLL), LOG)
+    lo, hi = _start(m)
+    for _ in range(16):
+        q1, q2, q3, v1, v2, v3 = _cut_points(lo, hi)
+        a1, a2, a3 = _lane_masses(base, lanes, V, m, v1, v2, v3, CHUNK, UNROLL)
+        lo, hi = _narrow(lo, hi, q1, q2, q3, _tree_sum(a1, LOG), _tree_sum(a2, LOG), _tree_sum(a3, LOG), target)
+    tl.store(cut_ptr + tl.program_id(0), _key_float(hi.to(tl.int32)))
+
+
+@fast_launch
+@triton.jit
+def _top_p_pass_kernel(x_ptr, part_max_ptr, part_ptr, state_ptr, target_ptr, cut_ptr, V, stride_t, top_p, step,
+                       CHUNK: tl.constexpr, SPLIT: tl.constexpr, LOG_L: tl.constexpr, LOG_S: tl.constexpr,
+                       UNROLL: tl.constexpr, PHASE: tl.constexpr):
+    """One launch of the cut over SPLIT programs a row (grid [T, SPLIT]; program s: lanes
+    [s L, (s + 1) L), L = CHUNK / SPLIT). PHASE 0: each program's max. PHASE 1, step k of 16: the
+    decision of pass k - 1 from its SPLIT subtree sums (the tree's top levels; at k = 1 the target
+    from pass 0's total), then pass k's lane sums as subtrees into part[k % 2] (pass 0 also the
+    total); program 0 keeps the bracket in state[k % 2] and the target. PHASE 2 (one program a
+    row): pass 15's decision, the cut. By parity, a launch reads what the one before it wrote and
+    never what it writes itself."""
+    row = tl.program_id(0).to(tl.int64)
+    s = tl.program_id(1)
+    base = x_ptr + row * stride_t
+    lanes = s * (CHUNK // SPLIT) + tl.arange(0, CHUNK // SPLIT)
+    if PHASE == 0:
+        tl.store(part_max_ptr + row * SPLIT + s, _lane_max(base, lanes, V, CHUNK, UNROLL))
+        return
+    m = tl.max(tl.load(part_max_ptr + row * SPLIT + tl.arange(0, SPLIT)), 0)
+    rows = tl.num_programs(0)
+    ss = tl.arange(0, SPLIT)
+    if step == 0:
+        lo, hi = _start(m)
+    else:
+        prev = part_ptr + (((step - 1) % 2 * rows + row) * 4) * SPLIT + ss  # [total, above v1, v2, v3] x SPLIT
+        if step == 1:
+            target = top_p * _tree_sum(tl.load(prev), LOG_S)
+        else:
+            target = tl.load(target_ptr + row)
+        lo = tl.load(state_ptr + row * 4 + (step - 1) % 2 * 2)
+        hi = tl.load(state_ptr + row * 4 + (step - 1) % 2 * 2 + 1)
+        q1, q2, q3, _, _, _ = _cut_points(lo, hi)
+        lo, hi = _narrow(lo, hi, q1, q2, q3, _tree_sum(tl.load(prev + SPLIT), LOG_S),
+                         _tree_sum(tl.load(prev + 2 * SPLIT), LOG_S), _tree_sum(tl.load(prev + 3 * SPLIT), LOG_S),
+                         target)
+        if PHASE == 1:
+            if (step == 1) & (s == 0):
+                tl.store(target_ptr + row, target)
+    if PHASE == 2:
+        tl.store(cut_ptr + row, _key_float(hi.to(tl.int32)))
+    else:
+        if s == 0:
+            tl.store(state_ptr + row * 4 + step % 2 * 2, lo)
+            tl.store(state_ptr + row * 4 + step % 2 * 2 + 1, hi)
+        _, _, _, v1, v2, v3 = _cut_points(lo, hi)
+        a1, a2, a3 = _lane_masses(base, lanes, V, m, v1, v2, v3, CHUNK, UNROLL)
+        out = part_ptr + ((step % 2 * rows + row) * 4) * SPLIT + s
+        if step == 0:
+            tl.store(out, _tree_sum(_lane_total(base, lanes, V, m, CHUNK, UNROLL), LOG_L))
+        tl.store(out + SPLIT, _tree_sum(a1, LOG_L))
+        tl.store(out + 2 * SPLIT, _tree_sum(a2, LOG_L))
+        tl.store(out + 3 * SPLIT, _tree_sum(a3, LOG_L))
+
+
+# (rows up to, num_warps, chunks a loop step, programs a row) of the cut, the first that holds its
+# rows; more rows: 8, 1, 1. Same bits in every launch. H100 (thirty-seventh run, filter.py, top-p 0.9,
+# 8 warps, one program a row), 4 chunks against 1: 64 rows 0.73 vs 0.85 ms, 256 rows 1.91 vs 2.01,
+# 4,096 rows 29.2 vs 26.6 (154 registers a thread against 128 cost the full GPU its second program an SM).
+TOP_P_LAUNCH = ((512, 8, 4, 1),)
+
+
+def _launch(T: int) -> tuple[int, int, int]:
+    """(num_warps, UNROLL, SPLIT) of the cut for T rows (TOP_P_LAUNCH)."""
+    for rows, num_warps, unroll, split in TOP_P_LAUNCH:
+        if T <= rows:
+            return num_warps, unroll, split
+    return 8, 1, 1
+
+
+def top_p_cutoff(x_TV: torch.Tensor, top_p: float) -> torch.Tensor:
+    """Per row of fp32 x (temperature-scaled, top-k already masked), the smallest value a
+    top-p filter keeps: keep x >= cut (see the module)."""
+    x_TV = x_TV.contiguous()
+    T, V = x_TV.shape
+    cut_T = torch.empty(T, dtype=torch.float32, device=x_TV.device)
+    if T == 0:
+        return cut_T
+    num_warps, unroll, split = _launch(T)
+    log = CHUNK.bit_length() - 1
+    if split == 1:
+        _top_p_cutoff_kernel[(T,)](x_TV, cut_T, V, x_TV.stride(0), float(top_p), CHUNK=CHUNK, LOG=log,
+                                   UNROLL=unroll, num_warps=num_warps)
+        return cut_T
+    if split & (split - 1) or not 1 < split <= CHUNK:
+        raise ValueError(f"miles_kernels top_p_cutoff: {split} programs a row: want a power of two up to {CHUNK}")
+    dev = x_TV.device
+    part_max = torch.empty((T, split), dtype=torch.float32, device=dev)
+    part = torch.empty((2, T, 4, split), dtype=torch.float32, device=dev)
+    state = torch.empty((T, 4), dtype=torch.int64, device=dev)  # the bracket (lo, hi] by parity
+    target = torch.empty(T, dtype=torch.float32, device=dev)
+    log_s = split.bit_length() - 1
+    consts = dict(CHUNK=CHUNK, SPLIT=split, LOG_L=log - log_s, LOG_S=log_s, UNROLL=unroll, num_warps=num_warps)
+    args = (x_TV, part_max, part, state, target, cut_T, V, x_TV.stride(0), float(top_p))
+    _top_p_pass_kernel[(T, split)](*args, 0, PHASE=0, **consts)
+    for step in range(PASSES):
+        _top_p_pass_kernel[(T, split)](*args, step, PHASE=1, **consts)
+    _top_p_pass_kernel[(T, 1)](*args, PASSES, PHASE=2, **consts)
+    return cut_T
