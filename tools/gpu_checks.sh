@@ -44,6 +44,9 @@
 #   persistent (not in the default list) tools/bench/persistent_probe.py: a decode step's four projections at
 #              M 64 (0.6B, 8B) as four launches against one persistent launch with grid barriers (and without
 #              them), beside miles_kernels' linear and cuBLAS, weights cold: whether fewer, longer kernels pay
+#   topp       (not in the default list) the top-p cut: its GPU test (every launch the same bits), then
+#              filter.py --cut-only at 64 / 256 / 1,024 / 4,096 rows for each launch (warps:unroll[:programs a
+#              row]) beside the shipped rule, to place top_p.TOP_P_LAUNCH
 #   capture    (not in the default list) the attention-backward and engine GPU tests in one process (the order
 #              that invalidated the 64-expert draft's capture in the thirty-third run), then again with
 #              graph_capture's collector guard taken out: test_capture_with_garbage_waiting alone, which must
@@ -214,6 +217,12 @@ for step in $steps; do
                      tools/bench/engine.py --quick --only engine --out "$out/engine_exact_logs.json" ;;
         persistent) run persistent_probe timeout -s KILL 200 python3 tools/bench/persistent_probe.py \
                         --out "$out/persistent_probe.json" ;;
+        topp) run topp_test timeout -s KILL 200 python3 -m pytest -q -o addopts="" tests/gpu/test_kernels_gpu.py \
+                  -k "top_p or logprobs"
+              for l in shipped 8:1 8:4 16:4 32:2 32:4 8:4:4 4:2:8 8:2:16 4:1:32; do
+                  run "cut_${l//:/_}" timeout -s KILL 120 python3 tools/bench/filter.py --cut-only \
+                      --rows 64 256 1024 4096 $([ "$l" = shipped ] || echo "--launch $l") --out "$out/cut_${l//:/_}.json"
+              done ;;
         capture) run capture_guarded timeout -s KILL 240 python3 -m pytest -q -o addopts="" \
                      tests/gpu/test_attention_bwd_gpu.py tests/gpu/test_engine_gpu.py
                  run capture_unguarded timeout -s KILL 240 python3 -c "import gc, sys, types, pytest
@@ -230,7 +239,7 @@ print('guard out: the capture test must fail (rc 1), rc', int(rc)); sys.exit(0 i
              run attn_tma python3 tools/bench/attn_sweep.py "$out/attn_tma.json" --tma --tiles
              run attn_tma_paged python3 tools/bench/attn_sweep.py "$out/attn_tma_paged.json" --tma-paged
              run kernel_regs python3 tools/bench/kernel_regs.py "$out/kernel_regs.json" ;;
-        *) echo "unknown step $step (tests scale kernels engine engine_host train rl_step spec profile sweep moe tma queued linears grouped fast sampler persistent capture ws gluon optim)"
+        *) echo "unknown step $step (tests scale kernels engine engine_host train rl_step spec profile sweep moe tma queued linears grouped fast sampler persistent topp capture ws gluon optim)"
            exit 2 ;;
     esac
 done

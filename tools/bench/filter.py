@@ -50,6 +50,8 @@ def main() -> None:
             raise SystemExit(f"filter.py: --launch {a.launch!r}: warps a power of two up to 32, unroll >= 1, "
                              "split a power of two")
         top_p.TOP_P_LAUNCH = ((1 << 62, warps, unroll, split),)
+    if not torch.cuda.is_available():
+        raise SystemExit("tools/bench/filter.py needs a CUDA device (the filter's kernels are Triton on CUDA)")
     res = []
     g = torch.Generator(device="cuda").manual_seed(0)
     for B in a.rows:

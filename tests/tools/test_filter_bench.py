@@ -1,0 +1,18 @@
+"""tools/bench/filter.py refuses a malformed --launch and a machine without a GPU, with a message naming the fix."""
+
+import pytest
+
+pytest.importorskip("triton")
+
+
+@pytest.mark.parametrize("launch", ["8", "8:x", "12:4", "8:0", "8:4:3"])
+def test_bad_launch_is_refused(bench_refusal, launch):
+    msg = bench_refusal("filter", "--launch", launch)
+    assert "--launch" in msg and "WARPS:UNROLL" in msg or "power of two" in msg, msg
+
+
+def test_needs_a_gpu(bench_refusal, monkeypatch):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert "needs a CUDA device" in bench_refusal("filter", "--launch", "8:4:8")
