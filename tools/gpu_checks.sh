@@ -44,9 +44,11 @@
 #   persistent (not in the default list) tools/bench/persistent_probe.py: a decode step's four projections at
 #              M 64 (0.6B, 8B) as four launches against one persistent launch with grid barriers (and without
 #              them), beside miles_kernels' linear and cuBLAS, weights cold: whether fewer, longer kernels pay
-#   topp       (not in the default list) the top-p cut: its GPU test (every launch the same bits), then
-#              filter.py --cut-only at 64 / 256 / 1,024 / 4,096 rows for each launch (warps:unroll[:programs a
-#              row]) beside the shipped rule, to place top_p.TOP_P_LAUNCH
+#   topp       (not in the default list) the filter's cuts (cut.py): their GPU test (every launch the same
+#              bits; top-k's value == torch.topk's), then filter.py --cut-only (top-p 0.9, top-k 20) at 64 /
+#              256 / 1,024 / 4,096 rows as shipped (top-k by torch.topk) and for each launch (warps:unroll[:
+#              programs a row], top-k by the cut: with_tiles --topk-cut on), to place cut.CUT_LAUNCH and
+#              rows.TOPK_BY_CUT
 #   capture    (not in the default list) the attention-backward and engine GPU tests in one process (the order
 #              that invalidated the 64-expert draft's capture in the thirty-third run), then again with
 #              graph_capture's collector guard taken out: test_capture_with_garbage_waiting alone, which must
@@ -218,10 +220,12 @@ for step in $steps; do
         persistent) run persistent_probe timeout -s KILL 200 python3 tools/bench/persistent_probe.py \
                         --out "$out/persistent_probe.json" ;;
         topp) run topp_test timeout -s KILL 200 python3 -m pytest -q -o addopts="" tests/gpu/test_kernels_gpu.py \
-                  -k "top_p or logprobs"
-              for l in shipped 8:1 8:4 16:4 32:2 32:4 8:4:4 4:2:8 8:2:16 4:1:32; do
-                  run "cut_${l//:/_}" timeout -s KILL 120 python3 tools/bench/filter.py --cut-only \
-                      --rows 64 256 1024 4096 $([ "$l" = shipped ] || echo "--launch $l") --out "$out/cut_${l//:/_}.json"
+                  -k "filter_cuts or logprobs or fast_mode"
+              run cut_shipped timeout -s KILL 120 python3 tools/bench/filter.py --cut-only --rows 64 256 1024 4096 \
+                  --out "$out/cut_shipped.json"
+              for l in 8:1 8:4 16:4 32:2 32:4 8:4:4 4:2:8 8:2:16 4:1:32; do  # top-k by the cut's search here
+                  run "cut_${l//:/_}" timeout -s KILL 120 python3 tools/bench/with_tiles.py --topk-cut on -- \
+                      tools/bench/filter.py --cut-only --rows 64 256 1024 4096 --launch $l --out "$out/cut_${l//:/_}.json"
               done ;;
         capture) run capture_guarded timeout -s KILL 240 python3 -m pytest -q -o addopts="" \
                      tests/gpu/test_attention_bwd_gpu.py tests/gpu/test_engine_gpu.py

@@ -182,15 +182,16 @@ def test_logprobs_and_route_topk(kt, dtype):
 
 
 
-def test_top_p_cut_same_bits_in_every_launch(kt, monkeypatch):
-    """The top-p cut is fixed by the row alone: every launch (num_warps, chunks a step, programs a
-    row with the passes as launches), which top_p.TOP_P_LAUNCH picks by the row count, gives the
-    shipped rule's bits and a row alone's; top_p._tree_sum is the adjacent-pair tree on the GPU at
-    any num_warps (tl.sum's order follows the layout)."""
+def test_filter_cuts_same_bits_in_every_launch(kt, monkeypatch):
+    """The filter's cuts are fixed by the row alone: every launch (num_warps, chunks a step, programs
+    a row with the passes as launches), which cut.CUT_LAUNCH picks by the row count, gives the
+    shipped rule's bits and a row alone's, for the top-p cut and top-k's k-th value (== torch.topk's);
+    cut._tree_sum is the adjacent-pair tree on the GPU at any num_warps (tl.sum's order follows the
+    layout)."""
     import os
     import sys
 
-    from miles_kernels._triton import top_p as tp
+    from miles_kernels._triton import cut as tp
 
     sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "kernels"))
     from _row_sums_kernel import tree_sums
@@ -207,16 +208,24 @@ def test_top_p_cut_same_bits_in_every_launch(kt, monkeypatch):
     z = _randn(300, 151936, dtype=torch.float32, g=g, scale=4.0) / 0.7
     z[7, :4000] = 9.0  # a tie block at the top
     z[9, 100:] = float("-inf")  # a top-k-like row
-    for top_p in (0.9, 0.95, 0.5):
-        cut = kt.top_p_cutoff(z, top_p)
-        _same(kt.top_p_cutoff(z[7:8], top_p), cut[7:8], f"top_p {top_p}: row alone vs 300 rows")
-        kept_min = torch.where(z >= cut[:, None], z, float("inf")).amin(-1)
-        _same(cut, kept_min, f"top_p {top_p}: the cut is the smallest kept value")
-        for nw, unroll, split in ((4, 1, 1), (8, 1, 1), (16, 4, 1), (32, 2, 1), (32, 4, 1), (4, 2, 4), (8, 4, 8),
-                                  (8, 1, 16), (4, 4, 32)):
-            monkeypatch.setattr(tp, "TOP_P_LAUNCH", ((1 << 30, nw, unroll, split),))
-            _same(kt.top_p_cutoff(z, top_p), cut, f"top_p {top_p}: cut at {nw} warps, {unroll} chunks a step, "
-                                                  f"{split} programs a row vs the shipped launch")
+    z[11, 30:] = float("-inf")  # fewer finite values than k = 50
+    z[12] = torch.round(z[12])  # ties everywhere
+    launches = ((4, 1, 1), (8, 1, 1), (16, 4, 1), (32, 2, 1), (32, 4, 1), (4, 2, 4), (8, 4, 8), (8, 1, 16), (4, 4, 32))
+    cases = [(f"top_p {p}", lambda p=p: kt.top_p_cutoff(z, p), lambda p=p: kt.top_p_cutoff(z[7:8], p))
+             for p in (0.9, 0.95, 0.5)]
+    cases += [(f"top_k {k}", lambda k=k: kt.top_k_floor(z, k), lambda k=k: kt.top_k_floor(z[7:8], k))
+              for k in (1, 20, 50)]
+    for what, run, alone in cases:
+        cut = run()
+        _same(alone(), cut[7:8], f"{what}: row alone vs 300 rows")
+        if what.startswith("top_k"):
+            _same(cut, torch.topk(z, int(what.split()[1]), dim=-1).values[:, -1], f"{what} vs torch.topk")
+        else:
+            kept_min = torch.where(z >= cut[:, None], z, float("inf")).amin(-1)
+            _same(cut, kept_min, f"{what}: the cut is the smallest kept value")
+        for nw, unroll, split in launches:
+            monkeypatch.setattr(tp, "CUT_LAUNCH", ((1 << 30, nw, unroll, split),))
+            _same(run(), cut, f"{what}: at {nw} warps, {unroll} chunks a step, {split} programs a row vs shipped")
         monkeypatch.undo()
 
 

@@ -4,7 +4,7 @@ import triton
 import triton.language as tl
 
 from miles_kernels._triton.attn_parts import exact_sum, fixed_sum
-from miles_kernels._triton.top_p import _tree_sum
+from miles_kernels._triton.cut import _tree_sum
 
 
 @triton.jit
@@ -17,6 +17,6 @@ def row_sums(p_ptr, o_ptr, FIXED: tl.constexpr):
 
 @triton.jit
 def tree_sums(x_ptr, o_ptr, LOG: tl.constexpr):
-    """o[r] = top_p._tree_sum of row r of an [R, 2**LOG] fp32 x (one program a row)."""
+    """o[r] = cut._tree_sum of row r of an [R, 2**LOG] fp32 x (one program a row)."""
     r = tl.program_id(0)
     tl.store(o_ptr + r, _tree_sum(tl.load(x_ptr + r * (1 << LOG) + tl.arange(0, 1 << LOG)), LOG))

@@ -836,11 +836,11 @@ def check_top_p_cutoff() -> None:
     """The Triton top-p filter keeps exactly the tokens the sort-based reference keeps (rows
     with no token near the cut), ties included, and a row alone gets the bits it gets in a batch."""
     from miles_kernels._ref import filter_logits as ref_filter
-    from miles_kernels._triton import top_p as top_p_mod
+    from miles_kernels._triton import cut as cut_mod
 
     kt = _kt()
     g = torch.Generator().manual_seed(17)
-    V = top_p_mod.CHUNK + 300
+    V = cut_mod.CHUNK + 300
     x = torch.randn(6, V, generator=g) * 3
     x[1, :50] = 4.0  # a tie block at the top
     x[2] = float("-inf")
@@ -860,14 +860,54 @@ def check_top_p_cutoff() -> None:
             cut = kt.top_p_cutoff(z, top_p)
             kept_min = torch.where(z >= cut[:, None], z, float("inf")).amin(-1)
             _same(cut, kept_min, f"top_k={top_k} top_p={top_p}: cut == smallest kept value")
-            shipped = top_p_mod.TOP_P_LAUNCH
-            try:  # (two of the cases: the interpreter is slow) a chunk a loop step, a row over 2 / 8 programs (its passes as launches): the same cut
-                for unroll, split in ((1, 1), (4, 2), (1, 8)) if top_p in (0.9, 0.5) and not top_k else ():
-                    top_p_mod.TOP_P_LAUNCH = ((1 << 30, 8, unroll, split),)
-                    _same(kt.top_p_cutoff(z, top_p), cut, f"top_k={top_k} top_p={top_p}: UNROLL {unroll}, SPLIT {split}")
-            finally:
-                top_p_mod.TOP_P_LAUNCH = shipped
+            if top_p in (0.9, 0.5) and not top_k:  # two of the cases: the interpreter is slow
+                _each_cut_launch(lambda: kt.top_p_cutoff(z, top_p), cut, f"top_p={top_p}")
     assert torch.isfinite(kt.filter_logits(x, 0, 0.9)[1, :50]).all(), "ties at the top are all kept"
+
+
+def _each_cut_launch(run, want, what: str) -> None:
+    """run() under a chunk a loop step and a row over 2 / 8 programs (passes as launches) == want."""
+    from miles_kernels._triton import cut as cut_mod
+
+    shipped = cut_mod.CUT_LAUNCH
+    try:
+        for unroll, split in ((1, 1), (4, 2), (1, 8)):
+            cut_mod.CUT_LAUNCH = ((1 << 30, 8, unroll, split),)
+            _same(run(), want, f"{what}: UNROLL {unroll}, SPLIT {split}")
+    finally:
+        cut_mod.CUT_LAUNCH = shipped
+
+
+def check_top_k_floor() -> None:
+    """cut.top_k_floor (the cut's search with counts) is torch.topk's k-th value bitwise: ties, a
+    masked tail, a row with fewer than k finite values (-inf), k = 1; in every launch; and the
+    filter with rows.TOPK_BY_CUT masks what torch.topk's floor masks."""
+    from miles_kernels._triton import cut as cut_mod
+    from miles_kernels._triton import rows as rows_mod
+
+    kt = _kt()
+    g = torch.Generator().manual_seed(29)
+    V = cut_mod.CHUNK + 300
+    x = torch.randn(5, V, generator=g) * 3
+    x[1, 100:160] = 5.0  # a tie block across the k-th place
+    x[2, 10:] = float("-inf")  # 10 finite values
+    x[3, 2000:] = float("-inf")
+    x[4] = torch.round(x[4])  # many ties everywhere
+    for k in (1, 20, 50):
+        want = torch.topk(x, k, dim=-1).values[:, -1]
+        got = kt.top_k_floor(x, k)
+        _same(got, want, f"top_k_floor k={k} vs torch.topk")
+        if k == 20:
+            _each_cut_launch(lambda: kt.top_k_floor(x, k), want, f"top_k_floor k={k}")
+            _same(kt.top_k_floor(x[1:2], k), want[1:2], f"top_k_floor k={k}: row alone vs in batch")
+    assert got[2] == float("-inf"), "fewer than k finite values: -inf (keep them all)"
+    shipped = rows_mod.TOPK_BY_CUT
+    try:
+        rows_mod.TOPK_BY_CUT = True
+        on = kt.filter_logits(x, 20, 0.9)
+    finally:
+        rows_mod.TOPK_BY_CUT = shipped
+    _same(on, kt.filter_logits(x, 20, 0.9), "filter top_k=20 top_p=0.9 with TOPK_BY_CUT vs torch.topk")
 
 
 def check_route_topk() -> None:
@@ -1122,14 +1162,14 @@ def check_row_sums_order_free() -> None:
 
 
 def pair_tree_sum(x: torch.Tensor) -> torch.Tensor:
-    """Rows of fp32 x [R, 2**k] summed as top_p._tree_sum sums them: adjacent pairs, level by level."""
+    """Rows of fp32 x [R, 2**k] summed as cut._tree_sum sums them: adjacent pairs, level by level."""
     while x.shape[-1] > 1:
         x = x[:, 0::2] + x[:, 1::2]
     return x[:, 0]
 
 
 def check_tree_sum() -> None:
-    """top_p._tree_sum (the top-p cut's sums over its lanes) is the adjacent-pair tree, bit for bit,
+    """cut._tree_sum (the top-p cut's sums over its lanes) is the adjacent-pair tree, bit for bit,
     on terms spread over 60 binades (where other orders give other sums: checked)."""
     from _row_sums_kernel import tree_sums
 

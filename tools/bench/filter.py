@@ -16,7 +16,7 @@ import torch
 import triton.testing
 
 import miles_kernels as mk
-from miles_kernels._triton import rows, top_p
+from miles_kernels._triton import cut, rows
 
 
 def hf_filter(x: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
@@ -36,8 +36,9 @@ def main() -> None:
     ap.add_argument("--vocab", type=int, default=151_936)
     ap.add_argument("--rows", type=int, nargs="+", default=[256, 4096])
     ap.add_argument("--launch", default=None, metavar="WARPS:UNROLL[:SPLIT]",
-                    help="the top-p cut's launch at every row count (top_p.TOP_P_LAUNCH; same bits): e.g. 16:4:8")
-    ap.add_argument("--cut-only", action="store_true", help="time the top-p 0.9 filter alone (a launch sweep)")
+                    help="the top-p cut's launch at every row count (cut.CUT_LAUNCH; same bits): e.g. 16:4:8")
+    ap.add_argument("--cut-only", action="store_true", help="time the top-p 0.9 and top-k 20 filters alone (a launch "
+                    "sweep)")
     ap.add_argument("--out", default="")
     a = ap.parse_args()
     if a.launch is not None:
@@ -49,7 +50,7 @@ def main() -> None:
         if warps not in (1, 2, 4, 8, 16, 32) or unroll < 1 or split < 1 or split & (split - 1):
             raise SystemExit(f"filter.py: --launch {a.launch!r}: warps a power of two up to 32, unroll >= 1, "
                              "split a power of two")
-        top_p.TOP_P_LAUNCH = ((1 << 62, warps, unroll, split),)
+        cut.CUT_LAUNCH = ((1 << 62, warps, unroll, split),)
     if not torch.cuda.is_available():
         raise SystemExit("tools/bench/filter.py needs a CUDA device (the filter's kernels are Triton on CUDA)")
     res = []
@@ -57,14 +58,15 @@ def main() -> None:
     for B in a.rows:
         logits = torch.randn(B, a.vocab, generator=g, device="cuda").to(torch.bfloat16)
         ids = torch.randint(0, a.vocab, (B,), generator=g, device="cuda")
-        for k, p in ((0, 0.9),) if a.cut_only else ((0, 1.0), (20, 1.0), (0, 0.9), (20, 0.9)):
+        for k, p in ((0, 0.9), (20, 1.0)) if a.cut_only else ((0, 1.0), (20, 1.0), (0, 0.9), (20, 0.9)):
             ms = functools.partial(triton.testing.do_bench, return_mode="median")
             f_ms = ms(lambda: mk.filter_logits(logits.float() / 0.7, k, p))
             if a.cut_only:  # the cut's digest: every launch must give the same bits
                 floor = rows.filter_floor(logits.float() / 0.7, k, p)
-                cut = hashlib.sha1(floor.cpu().numpy().tobytes()).hexdigest()[:12]
-                res.append(dict(rows=B, top_k=k, top_p=p, filter_ms=f_ms, cut_sha1=cut))
-                print(f"rows {B:5d} top_p {p:.1f} launch {a.launch or 'shipped'}: filter {f_ms:8.3f} ms  cut {cut}",
+                digest = hashlib.sha1(floor.cpu().numpy().tobytes()).hexdigest()[:12]
+                res.append(dict(rows=B, top_k=k, top_p=p, filter_ms=f_ms, cut_sha1=digest))
+                print(f"rows {B:5d} top_k {k:2d} top_p {p:.1f} launch {a.launch or 'shipped'}: filter {f_ms:8.3f} ms  "
+                      f"cut {digest}",
                       flush=True)
                 continue
             l_ms = ms(lambda: mk.logprobs(logits, ids, 0.7, top_k=k, top_p=p))

@@ -11,6 +11,7 @@
     ... with_tiles.py --gluon-paged off -- tools/bench/engine.py --quick   # the prefill by the Triton kernel
     ... with_tiles.py --fast-pick off -- tools/bench/train.py --modes fast   # fast mode's linears by cuBLAS only
     ... with_tiles.py --sampler-screen off -- tools/bench/engine.py --quick   # every token's exact logs
+    ... with_tiles.py --topk-cut on -- tools/bench/filter.py --cut-only   # top-k's value by the cut's search
 
 Each BMxBN=U:S sets the 16-bit SMALL_M_TILES pointer tile BLOCK_M x BLOCK_N to U BLOCK_K steps
 a loop iteration (Tile.k_unroll) and S pipeline stages. The dots and their order stay as they are,
@@ -22,6 +23,7 @@ prefill by the Gluon kernel). Each gives the same bits either way. --fast-pick s
 (fast mode's linears by the faster of cuBLAS and the invariant kernel, timed per shape; off: cuBLAS);
 --grouped-tails sets matmul.GROUPED_TAILS (grouped_linear's short expert tails in half-height tiles).
 --sampler-screen sets engine.sampler.SCREEN (the noisy argmax ranked by fast logs first; same tokens).
+--topk-cut sets rows.TOPK_BY_CUT (top-k's k-th value by cut.top_k_floor in place of torch.topk; same values).
 --fill F sets matmul.FILL, the share of the SMs a small-M tile's grid must fill before a wider
 tile is taken (every tile gives the same bits); --fill-max-m M sets matmul.FILL_MAX_M, the largest
 M whose tile the fill rule picks (above, the M bucket's). The script runs in this process (runpy), so
@@ -87,7 +89,8 @@ def apply(changes: dict[tuple[int, int], tuple[int, int]], tma_stages: dict[tupl
 def main() -> None:
     argv = sys.argv[1:]
     usage = ("with_tiles: usage: with_tiles.py [--unroll BMxBN=U:S ...] [--tma-stages BMxBN=S ...] [--fill F] "
-             "[--fill-max-m M] [--small-tma|--gluon-paged|--fast-pick|--grouped-tails|--sampler-screen on|off] "
+             "[--fill-max-m M] [--small-tma|--gluon-paged|--fast-pick|--grouped-tails|--sampler-screen|--topk-cut "
+             "on|off] "
              "-- SCRIPT [ARGS ...]")
     if "--" not in argv:
         raise SystemExit(usage)
@@ -101,14 +104,15 @@ def main() -> None:
                 "gluon_paged": ("miles_kernels._triton.paged_attention", "GLUON_PAGED"),
                 "fast_pick": ("miles_kernels._fast_pick", "PICK"),
                 "grouped_tails": ("miles_kernels._triton.matmul", "GROUPED_TAILS"),
-                "sampler_screen": ("miles_fsdp.engine.sampler", "SCREEN")}
+                "sampler_screen": ("miles_fsdp.engine.sampler", "SCREEN"),
+                "topk_cut": ("miles_kernels._triton.rows", "TOPK_BY_CUT")}
     for name in switches:
         ap.add_argument("--" + name.replace("_", "-"), choices=("on", "off"), default=None)
     a = ap.parse_args(argv[:cut])
     flags = {switches[n]: getattr(a, n) == "on" for n in switches if getattr(a, n) is not None}
     if not a.unroll and not a.tma_stages and a.fill is None and a.fill_max_m is None and not flags:
         raise SystemExit(f"{usage}: nothing to change (give --unroll, --tma-stages, --fill, --fill-max-m, "
-                         "--small-tma, --gluon-paged, --fast-pick, --grouped-tails or --sampler-screen)")
+                         "--small-tma, --gluon-paged, --fast-pick, --grouped-tails, --sampler-screen or --topk-cut)")
     if a.fill_max_m is not None and a.fill_max_m < 1:
         raise SystemExit(f"with_tiles: --fill-max-m {a.fill_max_m}: must be >= 1 (rows)")
     if a.fill is not None and not 0.0 < a.fill <= 4.0:

@@ -29,7 +29,7 @@ from miles_kernels._triton.moe import gather_sum, moe_combine, moe_combine_grad
 from miles_kernels._triton.matmul import GROUPED_TILES, LINEAR_TILES, grouped_linear, grouped_tile, linear, linear_tile
 from miles_kernels._triton.fused_linears import linears, swiglu
 from miles_kernels._triton.rows import filter_floor, filter_logits, logprobs, route_topk
-from miles_kernels._triton.top_p import top_p_cutoff
+from miles_kernels._triton.cut import top_k_floor, top_p_cutoff
 
 __all__ = [
     "ATTN_BLOCK",
@@ -62,5 +62,6 @@ __all__ = [
     "silu_mul",
     "silu_mul_grad",
     "swiglu",
+    "top_k_floor",
     "top_p_cutoff",
 ]

@@ -12,7 +12,7 @@ import triton
 import triton.language as tl
 
 from miles_kernels._triton.launch import fast_launch
-from miles_kernels._triton.top_p import top_p_cutoff
+from miles_kernels._triton.cut import top_k_floor, top_p_cutoff
 
 
 LOGPROB_CHUNK = 4096  # vocab entries per step of the online max / sum-exp walk
@@ -131,14 +131,20 @@ def logprobs(
     return out[0], out[1], out[2]
 
 
+# The k-th value by cut.top_k_floor (the cut's search with counts) in place of torch.topk: the same
+# values (both exact selections). Off until timed on a GPU (gpu_checks.sh OUT topp).
+TOPK_BY_CUT = False
+
+
 def filter_floor(x_TV: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
     """Per row of fp32 x the smallest value the top-k / top-p filter keeps: the k-th value (a
-    selection: exact), or with top_p the `top_p_cutoff` of the top-k-masked row, which is a kept
+    selection: exact; TOPK_BY_CUT), or with top_p the `top_p_cutoff` of the top-k-masked row, which is a kept
     value and so >= the k-th. Every token under its row's floor is masked, none above: one [T]
     tensor says the whole mask (the trainer keeps it from forward to backward)."""
     floor = None
     if top_k and top_k < x_TV.shape[-1]:
-        floor = torch.topk(x_TV, top_k, dim=-1).values[:, -1].float()
+        floor = (top_k_floor(x_TV.float(), top_k) if TOPK_BY_CUT
+                 else torch.topk(x_TV, top_k, dim=-1).values[:, -1].float())
         if top_p < 1.0:
             x_TV = x_TV.masked_fill(x_TV < floor[:, None], float("-inf"))
     if top_p < 1.0:

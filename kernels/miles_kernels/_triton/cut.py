@@ -1,8 +1,10 @@
-"""The top-p cut of fp32 rows: per row the smallest value a top-p filter keeps, batch-invariant.
+"""The filter's cuts of fp32 rows, batch-invariant: per row the smallest value top-p / top-k keeps.
 
-cut[row] = the smallest v with sum_{x_i > v} exp(x_i - max) < top_p * sum_i exp(x_i - max): a
-token is kept iff the mass strictly above it is below top_p (ties kept). A search over the
-floats' order, three cut points a pass (16 passes narrow 2**32 keys to one), no sort.
+top-p: cut[row] = the smallest v with sum_{x_i > v} exp(x_i - max) < top_p * sum_i exp(x_i - max):
+a token is kept iff the mass strictly above it is below top_p (ties kept). top-k (COUNT): the
+smallest v with fewer than k values above it, the k-th largest value (torch.topk's, ties
+counted), its counts exact in fp32 whatever their order. A search over the floats' order, three
+cut points a pass (16 passes narrow 2**32 keys to one), no sort.
 
 Every sum is summed alike, fixed by the row alone: each of the CHUNK = 2**LOG lanes adds its
 tokens' terms (token v0 + lane of each chunk) chunk after chunk, then one fixed tree sums the
@@ -10,7 +12,7 @@ lanes (_tree_sum: adjacent pairs, level by level). The masses above v fall as v 
 (non-negative terms dropped from a fixed-order sum), so the search finds one key whatever its
 bracket. Nothing in a launch changes a bit: chunks a loop step (UNROLL), num_warps, or how many
 programs share a row (SPLIT: program s holds lanes [s L, (s + 1) L), one subtree of the tree;
-its passes are launches, the row's state between them in small buffers). TOP_P_LAUNCH picks
+its passes are launches, the row's state between them in small buffers). CUT_LAUNCH picks
 the launch by the row count.
 """
 
@@ -57,13 +59,17 @@ def _lane_max(base, lanes, V, CHUNK: tl.constexpr, UNROLL: tl.constexpr):
 
 
 @triton.jit
-def _lane_total(base, lanes, V, m, CHUNK: tl.constexpr, UNROLL: tl.constexpr):
-    """Each lane's sum of exp(x - m), chunk after chunk."""
+def _lane_total(base, lanes, V, m, CHUNK: tl.constexpr, UNROLL: tl.constexpr, COUNT: tl.constexpr):
+    """Each lane's sum of exp(x - m) (COUNT: of 1 a finite x), chunk after chunk."""
     acc = tl.zeros(lanes.shape, tl.float32)
     for v0 in range(0, V, UNROLL * CHUNK):
         for j in tl.static_range(UNROLL):
             c = v0 + j * CHUNK + lanes
-            acc = acc + tl.exp(tl.load(base + c, mask=c < V, other=float("-inf")) - m)
+            x = tl.load(base + c, mask=c < V, other=float("-inf"))
+            if COUNT:
+                acc = acc + tl.where(x > float("-inf"), 1.0, 0.0)
+            else:
+                acc = acc + tl.exp(x - m)
     return acc
 
 
@@ -77,8 +83,8 @@ def _cut_points(lo, hi):
 
 
 @triton.jit
-def _lane_masses(base, lanes, V, m, v1, v2, v3, CHUNK: tl.constexpr, UNROLL: tl.constexpr):
-    """Each lane's sums of exp(x - m) over its tokens above each cut point, chunk after chunk."""
+def _lane_masses(base, lanes, V, m, v1, v2, v3, CHUNK: tl.constexpr, UNROLL: tl.constexpr, COUNT: tl.constexpr):
+    """Each lane's sums of exp(x - m) (COUNT: 1) over its tokens above each cut point, chunk after chunk."""
     a1 = tl.zeros(lanes.shape, tl.float32)
     a2 = tl.zeros(lanes.shape, tl.float32)
     a3 = tl.zeros(lanes.shape, tl.float32)
@@ -86,7 +92,10 @@ def _lane_masses(base, lanes, V, m, v1, v2, v3, CHUNK: tl.constexpr, UNROLL: tl.
         for j in tl.static_range(UNROLL):
             c = v0 + j * CHUNK + lanes
             x = tl.load(base + c, mask=c < V, other=float("-inf"))
-            e = tl.exp(x - m)
+            if COUNT:
+                e = 1.0
+            else:
+                e = tl.exp(x - m)
             a1 = a1 + tl.where(x > v1, e, 0.0)
             a2 = a2 + tl.where(x > v2, e, 0.0)
             a3 = a3 + tl.where(x > v3, e, 0.0)
@@ -105,6 +114,23 @@ def _narrow(lo, hi, q1, q2, q3, s1, s2, s3, target):
 
 
 @triton.jit
+def _target(level, total, COUNT: tl.constexpr):
+    """P(v) is `above v < target`: top-p, level x the row's mass; COUNT (top-k), level = k."""
+    if COUNT:
+        return level + 0.0 * total
+    return level * total
+
+
+@triton.jit
+def _cut(hi, total, level, COUNT: tl.constexpr):
+    """The cut's value; a top-k row with fewer than k finite values keeps them all (-inf)."""
+    cut = _key_float(hi.to(tl.int32))
+    if COUNT:
+        cut = tl.where(total < level, float("-inf"), cut)
+    return cut
+
+
+@triton.jit
 def _start(m):
     """The first bracket: P(-inf) is false (all mass is above -inf), P(max) true (none above it)."""
     return _float_key(tl.full([], float("-inf"), tl.float32)).to(tl.int64), _float_key(m).to(tl.int64)
@@ -112,31 +138,32 @@ def _start(m):
 
 @fast_launch
 @triton.jit
-def _top_p_cutoff_kernel(x_ptr, cut_ptr, V, stride_t, top_p, CHUNK: tl.constexpr, LOG: tl.constexpr,
-                         UNROLL: tl.constexpr):
+def _cut_kernel(x_ptr, cut_ptr, V, stride_t, level, CHUNK: tl.constexpr, LOG: tl.constexpr,
+                         UNROLL: tl.constexpr, COUNT: tl.constexpr):
     """One program a row, all passes in one launch (see the module)."""
     base = x_ptr + tl.program_id(0).to(tl.int64) * stride_t
     lanes = tl.arange(0, CHUNK)
     m = _lane_max(base, lanes, V, CHUNK, UNROLL)
-    target = top_p * _tree_sum(_lane_total(base, lanes, V, m, CHUNK, UNROLL), LOG)
+    total = _tree_sum(_lane_total(base, lanes, V, m, CHUNK, UNROLL, COUNT), LOG)
+    target = _target(level, total, COUNT)
     lo, hi = _start(m)
     for _ in range(16):
         q1, q2, q3, v1, v2, v3 = _cut_points(lo, hi)
-        a1, a2, a3 = _lane_masses(base, lanes, V, m, v1, v2, v3, CHUNK, UNROLL)
+        a1, a2, a3 = _lane_masses(base, lanes, V, m, v1, v2, v3, CHUNK, UNROLL, COUNT)
         lo, hi = _narrow(lo, hi, q1, q2, q3, _tree_sum(a1, LOG), _tree_sum(a2, LOG), _tree_sum(a3, LOG), target)
-    tl.store(cut_ptr + tl.program_id(0), _key_float(hi.to(tl.int32)))
+    tl.store(cut_ptr + tl.program_id(0), _cut(hi, total, level, COUNT))
 
 
 @fast_launch
 @triton.jit
-def _top_p_pass_kernel(x_ptr, part_max_ptr, part_ptr, state_ptr, target_ptr, cut_ptr, V, stride_t, top_p, step,
+def _cut_pass_kernel(x_ptr, part_max_ptr, part_ptr, state_ptr, total_ptr, cut_ptr, V, stride_t, level, step,
                        CHUNK: tl.constexpr, SPLIT: tl.constexpr, LOG_L: tl.constexpr, LOG_S: tl.constexpr,
-                       UNROLL: tl.constexpr, PHASE: tl.constexpr):
+                       UNROLL: tl.constexpr, PHASE: tl.constexpr, COUNT: tl.constexpr):
     """One launch of the cut over SPLIT programs a row (grid [T, SPLIT]; program s: lanes
     [s L, (s + 1) L), L = CHUNK / SPLIT). PHASE 0: each program's max. PHASE 1, step k of 16: the
-    decision of pass k - 1 from its SPLIT subtree sums (the tree's top levels; at k = 1 the target
-    from pass 0's total), then pass k's lane sums as subtrees into part[k % 2] (pass 0 also the
-    total); program 0 keeps the bracket in state[k % 2] and the target. PHASE 2 (one program a
+    decision of pass k - 1 from its SPLIT subtree sums (the tree's top levels; at k = 1 the total
+    from pass 0's), then pass k's lane sums as subtrees into part[k % 2] (pass 0 also the total);
+    program 0 keeps the bracket in state[k % 2] and the total. PHASE 2 (one program a
     row): pass 15's decision, the cut. By parity, a launch reads what the one before it wrote and
     never what it writes itself."""
     row = tl.program_id(0).to(tl.int64)
@@ -151,12 +178,14 @@ def _top_p_pass_kernel(x_ptr, part_max_ptr, part_ptr, state_ptr, target_ptr, cut
     ss = tl.arange(0, SPLIT)
     if step == 0:
         lo, hi = _start(m)
+        total = tl.zeros([], tl.float32)  # (known from step 1 on)
     else:
         prev = part_ptr + (((step - 1) % 2 * rows + row) * 4) * SPLIT + ss  # [total, above v1, v2, v3] x SPLIT
         if step == 1:
-            target = top_p * _tree_sum(tl.load(prev), LOG_S)
+            total = _tree_sum(tl.load(prev), LOG_S)
         else:
-            target = tl.load(target_ptr + row)
+            total = tl.load(total_ptr + row)
+        target = _target(level, total, COUNT)
         lo = tl.load(state_ptr + row * 4 + (step - 1) % 2 * 2)
         hi = tl.load(state_ptr + row * 4 + (step - 1) % 2 * 2 + 1)
         q1, q2, q3, _, _, _ = _cut_points(lo, hi)
@@ -165,18 +194,18 @@ def _top_p_pass_kernel(x_ptr, part_max_ptr, part_ptr, state_ptr, target_ptr, cut
                          target)
         if PHASE == 1:
             if (step == 1) & (s == 0):
-                tl.store(target_ptr + row, target)
+                tl.store(total_ptr + row, total)
     if PHASE == 2:
-        tl.store(cut_ptr + row, _key_float(hi.to(tl.int32)))
+        tl.store(cut_ptr + row, _cut(hi, total, level, COUNT))
     else:
         if s == 0:
             tl.store(state_ptr + row * 4 + step % 2 * 2, lo)
             tl.store(state_ptr + row * 4 + step % 2 * 2 + 1, hi)
         _, _, _, v1, v2, v3 = _cut_points(lo, hi)
-        a1, a2, a3 = _lane_masses(base, lanes, V, m, v1, v2, v3, CHUNK, UNROLL)
+        a1, a2, a3 = _lane_masses(base, lanes, V, m, v1, v2, v3, CHUNK, UNROLL, COUNT)
         out = part_ptr + ((step % 2 * rows + row) * 4) * SPLIT + s
         if step == 0:
-            tl.store(out, _tree_sum(_lane_total(base, lanes, V, m, CHUNK, UNROLL), LOG_L))
+            tl.store(out, _tree_sum(_lane_total(base, lanes, V, m, CHUNK, UNROLL, COUNT), LOG_L))
         tl.store(out + SPLIT, _tree_sum(a1, LOG_L))
         tl.store(out + 2 * SPLIT, _tree_sum(a2, LOG_L))
         tl.store(out + 3 * SPLIT, _tree_sum(a3, LOG_L))
@@ -186,20 +215,18 @@ def _top_p_pass_kernel(x_ptr, part_max_ptr, part_ptr, state_ptr, target_ptr, cut
 # rows; more rows: 8, 1, 1. Same bits in every launch. H100 (thirty-seventh run, filter.py, top-p 0.9,
 # 8 warps, one program a row), 4 chunks against 1: 64 rows 0.73 vs 0.85 ms, 256 rows 1.91 vs 2.01,
 # 4,096 rows 29.2 vs 26.6 (154 registers a thread against 128 cost the full GPU its second program an SM).
-TOP_P_LAUNCH = ((512, 8, 4, 1),)
+CUT_LAUNCH = ((512, 8, 4, 1),)
 
 
 def _launch(T: int) -> tuple[int, int, int]:
-    """(num_warps, UNROLL, SPLIT) of the cut for T rows (TOP_P_LAUNCH)."""
-    for rows, num_warps, unroll, split in TOP_P_LAUNCH:
+    """(num_warps, UNROLL, SPLIT) of the cut for T rows (CUT_LAUNCH)."""
+    for rows, num_warps, unroll, split in CUT_LAUNCH:
         if T <= rows:
             return num_warps, unroll, split
     return 8, 1, 1
 
 
-def top_p_cutoff(x_TV: torch.Tensor, top_p: float) -> torch.Tensor:
-    """Per row of fp32 x (temperature-scaled, top-k already masked), the smallest value a
-    top-p filter keeps: keep x >= cut (see the module)."""
+def _floor(x_TV: torch.Tensor, level: float, count: bool) -> torch.Tensor:
     x_TV = x_TV.contiguous()
     T, V = x_TV.shape
     cut_T = torch.empty(T, dtype=torch.float32, device=x_TV.device)
@@ -208,21 +235,37 @@ def top_p_cutoff(x_TV: torch.Tensor, top_p: float) -> torch.Tensor:
     num_warps, unroll, split = _launch(T)
     log = CHUNK.bit_length() - 1
     if split == 1:
-        _top_p_cutoff_kernel[(T,)](x_TV, cut_T, V, x_TV.stride(0), float(top_p), CHUNK=CHUNK, LOG=log,
-                                   UNROLL=unroll, num_warps=num_warps)
+        _cut_kernel[(T,)](x_TV, cut_T, V, x_TV.stride(0), float(level), CHUNK=CHUNK, LOG=log,
+                                   UNROLL=unroll, COUNT=count, num_warps=num_warps)
         return cut_T
     if split & (split - 1) or not 1 < split <= CHUNK:
-        raise ValueError(f"miles_kernels top_p_cutoff: {split} programs a row: want a power of two up to {CHUNK}")
+        raise ValueError(f"miles_kernels filter cut: {split} programs a row: want a power of two up to {CHUNK}")
     dev = x_TV.device
     part_max = torch.empty((T, split), dtype=torch.float32, device=dev)
     part = torch.empty((2, T, 4, split), dtype=torch.float32, device=dev)
     state = torch.empty((T, 4), dtype=torch.int64, device=dev)  # the bracket (lo, hi] by parity
-    target = torch.empty(T, dtype=torch.float32, device=dev)
+    total = torch.empty(T, dtype=torch.float32, device=dev)
     log_s = split.bit_length() - 1
-    consts = dict(CHUNK=CHUNK, SPLIT=split, LOG_L=log - log_s, LOG_S=log_s, UNROLL=unroll, num_warps=num_warps)
-    args = (x_TV, part_max, part, state, target, cut_T, V, x_TV.stride(0), float(top_p))
-    _top_p_pass_kernel[(T, split)](*args, 0, PHASE=0, **consts)
+    consts = dict(CHUNK=CHUNK, SPLIT=split, LOG_L=log - log_s, LOG_S=log_s, UNROLL=unroll, COUNT=count,
+                  num_warps=num_warps)
+    args = (x_TV, part_max, part, state, total, cut_T, V, x_TV.stride(0), float(level))
+    _cut_pass_kernel[(T, split)](*args, 0, PHASE=0, **consts)
     for step in range(PASSES):
-        _top_p_pass_kernel[(T, split)](*args, step, PHASE=1, **consts)
-    _top_p_pass_kernel[(T, 1)](*args, PASSES, PHASE=2, **consts)
+        _cut_pass_kernel[(T, split)](*args, step, PHASE=1, **consts)
+    _cut_pass_kernel[(T, 1)](*args, PASSES, PHASE=2, **consts)
     return cut_T
+
+
+def top_p_cutoff(x_TV: torch.Tensor, top_p: float) -> torch.Tensor:
+    """Per row of fp32 x (temperature-scaled, top-k already masked), the smallest value a
+    top-p filter keeps: keep x >= cut (see the module)."""
+    return _floor(x_TV, top_p, False)
+
+
+def top_k_floor(x_TV: torch.Tensor, k: int) -> torch.Tensor:
+    """Per row of fp32 x the k-th largest value (torch.topk(x, k).values[:, -1], ties counted; -inf
+    where fewer than k are finite): the smallest v with fewer than k values above it, by the same
+    search with counts for masses (exact, so any order gives it). 1 <= k < 2**24."""
+    if not 1 <= k < 1 << 24:
+        raise ValueError(f"miles_kernels top_k_floor: k={k}: want 1 <= k < 2**24 (counts are exact in fp32)")
+    return _floor(x_TV, k, True)
