@@ -901,6 +901,13 @@ def check_top_k_floor() -> None:
             _each_cut_launch(lambda: kt.top_k_floor(x, k), want, f"top_k_floor k={k}")
             _same(kt.top_k_floor(x[1:2], k), want[1:2], f"top_k_floor k={k}: row alone vs in batch")
     assert got[2] == float("-inf"), "fewer than k finite values: -inf (keep them all)"
+    for bad in (0, 1 << 24):
+        try:
+            kt.top_k_floor(x, bad)
+        except ValueError as e:
+            assert "top_k_floor" in str(e) and "k=" in str(e), str(e)
+        else:
+            raise AssertionError(f"top_k_floor k={bad} was not refused")
     shipped = rows_mod.TOPK_BY_CUT
     try:
         rows_mod.TOPK_BY_CUT = True
