@@ -60,17 +60,10 @@ def _lane_max(base, lanes, V, CHUNK: tl.constexpr, UNROLL: tl.constexpr):
 
 @triton.jit
 def _lane_total(base, lanes, V, m, CHUNK: tl.constexpr, UNROLL: tl.constexpr, COUNT: tl.constexpr):
-    """Each lane's sum of exp(x - m) (COUNT: of 1 a finite x), chunk after chunk."""
-    acc = tl.zeros(lanes.shape, tl.float32)
-    for v0 in range(0, V, UNROLL * CHUNK):
-        for j in tl.static_range(UNROLL):
-            c = v0 + j * CHUNK + lanes
-            x = tl.load(base + c, mask=c < V, other=float("-inf"))
-            if COUNT:
-                acc = acc + tl.where(x > float("-inf"), 1.0, 0.0)
-            else:
-                acc = acc + tl.exp(x - m)
-    return acc
+    """Each lane's sum of exp(x - m) (COUNT: of 1 a finite x): its masses above -inf."""
+    neg = tl.full([], float("-inf"), tl.float32)
+    total, _, _ = _lane_masses(base, lanes, V, m, neg, neg, neg, CHUNK, UNROLL, COUNT)
+    return total
 
 
 @triton.jit
