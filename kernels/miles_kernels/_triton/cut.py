@@ -131,8 +131,8 @@ def _start(m):
 
 @fast_launch
 @triton.jit
-def _cut_kernel(x_ptr, cut_ptr, V, stride_t, level, CHUNK: tl.constexpr, LOG: tl.constexpr,
-                         UNROLL: tl.constexpr, COUNT: tl.constexpr):
+def _cut_kernel(x_ptr, cut_ptr, V, stride_t, level, CHUNK: tl.constexpr, LOG: tl.constexpr, UNROLL: tl.constexpr,
+                COUNT: tl.constexpr):
     """One program a row, all passes in one launch (see the module)."""
     base = x_ptr + tl.program_id(0).to(tl.int64) * stride_t
     lanes = tl.arange(0, CHUNK)
@@ -150,8 +150,8 @@ def _cut_kernel(x_ptr, cut_ptr, V, stride_t, level, CHUNK: tl.constexpr, LOG: tl
 @fast_launch
 @triton.jit
 def _cut_pass_kernel(x_ptr, part_max_ptr, part_ptr, state_ptr, total_ptr, cut_ptr, V, stride_t, level, step,
-                       CHUNK: tl.constexpr, SPLIT: tl.constexpr, LOG_L: tl.constexpr, LOG_S: tl.constexpr,
-                       UNROLL: tl.constexpr, PHASE: tl.constexpr, COUNT: tl.constexpr):
+                     CHUNK: tl.constexpr, SPLIT: tl.constexpr, LOG_L: tl.constexpr, LOG_S: tl.constexpr,
+                     UNROLL: tl.constexpr, PHASE: tl.constexpr, COUNT: tl.constexpr):
     """One launch of the cut over SPLIT programs a row (grid [T, SPLIT]; program s: lanes
     [s L, (s + 1) L), L = CHUNK / SPLIT). PHASE 0: each program's max. PHASE 1, step k of 16: the
     decision of pass k - 1 from its SPLIT subtree sums (the tree's top levels; at k = 1 the total
@@ -207,7 +207,7 @@ def _cut_pass_kernel(x_ptr, part_max_ptr, part_ptr, state_ptr, total_ptr, cut_pt
 # (rows up to, num_warps, chunks a loop step, programs a row) of the cut, the first that holds its
 # rows; more rows: 8, 1, 1. Same bits in every launch. H100 (thirty-seventh run, filter.py, top-p 0.9,
 # 8 warps, one program a row), 4 chunks against 1: 64 rows 0.73 vs 0.85 ms, 256 rows 1.91 vs 2.01,
-# 4,096 rows 29.2 vs 26.6 (154 registers a thread against 128 cost the full GPU its second program an SM).
+# 4,096 rows 29.2 vs 26.6 (154 registers a thread against 128 then: the full GPU lost its second program an SM).
 CUT_LAUNCH = ((512, 8, 4, 1),)
 
 
