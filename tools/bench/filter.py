@@ -50,7 +50,7 @@ def main() -> None:
         if warps not in (1, 2, 4, 8, 16, 32) or unroll < 1 or split < 1 or split & (split - 1):
             raise SystemExit(f"filter.py: --launch {a.launch!r}: warps a power of two up to 32, unroll >= 1, "
                              "split a power of two")
-        cut.CUT_LAUNCH = ((1 << 62, warps, unroll, split),)
+        cut.CUT_LAUNCH = ((0, warps, unroll, split),)
     if not torch.cuda.is_available():
         raise SystemExit("tools/bench/filter.py needs a CUDA device (the filter's kernels are Triton on CUDA)")
     res = []

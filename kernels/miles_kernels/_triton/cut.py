@@ -204,19 +204,21 @@ def _cut_pass_kernel(x_ptr, part_max_ptr, part_ptr, state_ptr, total_ptr, cut_pt
         tl.store(out + 3 * SPLIT, _tree_sum(a3, LOG_L))
 
 
-# (rows up to, num_warps, chunks a loop step, programs a row) of the cut, the first that holds its
-# rows; more rows: 8, 1, 1. Same bits in every launch. H100 (thirty-seventh run, filter.py, top-p 0.9,
-# 8 warps, one program a row), 4 chunks against 1: 64 rows 0.73 vs 0.85 ms, 256 rows 1.91 vs 2.01,
-# 4,096 rows 29.2 vs 26.6 (154 registers a thread against 128 then: the full GPU lost its second program an SM).
-CUT_LAUNCH = ((512, 8, 4, 1),)
+# (from rows, num_warps, chunks a loop step, programs a row) of the cut: the last entry whose rows
+# <= T. Same bits in every launch. H100 (thirty-eighth run, filter.py --cut-only, top-p 0.9, 64 / 256 /
+# 1,024 / 4,096 rows): 32 warps, 4 chunks 0.47 / 1.58 / 6.14 / 23.8 ms; the launch before (8 warps, 4
+# chunks up to 512 rows, 1 above) 0.69 / 1.63 / 7.91 / 31.2; 4 programs a row (8 warps, 4 chunks) 0.58 /
+# 1.68 / 6.05 / 23.1. One read each.
+CUT_LAUNCH = ((0, 32, 4, 1),)
 
 
 def _launch(T: int) -> tuple[int, int, int]:
     """(num_warps, UNROLL, SPLIT) of the cut for T rows (CUT_LAUNCH)."""
+    pick = CUT_LAUNCH[0][1:]
     for rows, num_warps, unroll, split in CUT_LAUNCH:
-        if T <= rows:
-            return num_warps, unroll, split
-    return 8, 1, 1
+        if T >= rows:
+            pick = num_warps, unroll, split
+    return pick
 
 
 def _floor(x_TV: torch.Tensor, level: float, count: bool) -> torch.Tensor:
