@@ -865,6 +865,34 @@ def check_top_p_cutoff() -> None:
     assert torch.isfinite(kt.filter_logits(x, 0, 0.9)[1, :50]).all(), "ties at the top are all kept"
 
 
+def check_top_p_narrow_start() -> None:
+    """One program a row starts top-p's search from the bound near the max (cut._narrow_start): it
+    takes fewer than the split launch's 16 passes where the max is high (PASSES_OUT), never more, and
+    finds the split launch's cut, from the whole range, bitwise. A row whose V - 1
+    tokens sit 10 under its max puts a bound without its 1 / V inside (0, max): at top-p 0.9 that
+    bracket would cut them all."""
+    from miles_kernels._triton import cut as cut_mod
+
+    g = torch.Generator().manual_seed(41)
+    V = cut_mod.CHUNK + 300
+    x = torch.randn(4, V, generator=g) * 3
+    x[0] += 20.0  # max ~30: the bound brackets ~2 binades
+    x[2] = 0.0
+    x[2, 5] = 10.0  # Z = 1.2 (rel. to the max), cut 0: every token kept
+    x[3] = torch.round(x[3])  # ties at the cut
+    for top_p in (0.9, 0.5):
+        passes = torch.zeros(4, dtype=torch.int32)
+        cut = cut_mod.top_p_cutoff(x, top_p, passes)
+        shipped = cut_mod.CUT_LAUNCH
+        try:
+            cut_mod.CUT_LAUNCH = ((0, 8, 4, 2),)
+            _same(cut_mod.top_p_cutoff(x, top_p), cut, f"top_p={top_p}: narrowed start vs the whole range")
+        finally:
+            cut_mod.CUT_LAUNCH = shipped
+        assert cut[2] == (0.0 if top_p == 0.9 else 10.0), f"top_p={top_p}: row 2's cut {cut[2]}"
+        assert passes[0] <= 13 and passes.max() <= 16, f"top_p={top_p}: passes {passes.tolist()} (16 unnarrowed)"
+
+
 def _each_cut_launch(run, want, what: str) -> None:
     """run() under a chunk a loop step and a row over 2 / 8 programs (passes as launches) == want."""
     from miles_kernels._triton import cut as cut_mod

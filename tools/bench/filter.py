@@ -5,6 +5,11 @@ peer, transformers' top-k / top-p warpers (torch.topk; torch.sort, softmax, cums
     python tools/bench/filter.py --out filter.json
     python tools/bench/filter.py --cut-only --rows 64 512 --launch 16:4:8   # the cut at 16 warps, 4 chunks a step,
                                                                            # 8 programs a row
+    python tools/bench/filter.py --cut-only --logits lm    # rows shaped like an LM's (a head ~15 above the bulk)
+
+--logits randn (default): N(0, 1) rows; lm: a bulk N(0, 2.5^2) and a head of 32 tokens at 15 +- 3, as an
+LM's logits sit; the top-p search's passes follow the rows (its first bracket starts ~15 under the max),
+so --cut-only prints the passes a row took.
 """
 
 import argparse
@@ -39,6 +44,7 @@ def main() -> None:
                     help="the top-p cut's launch at every row count (cut.CUT_LAUNCH; same bits): e.g. 16:4:8")
     ap.add_argument("--cut-only", action="store_true", help="time the top-p 0.9 and top-k 20 filters alone (a launch "
                     "sweep)")
+    ap.add_argument("--logits", choices=("randn", "lm"), default="randn", help="the rows' shape (see the module)")
     ap.add_argument("--out", default="")
     a = ap.parse_args()
     if a.launch is not None:
@@ -56,7 +62,11 @@ def main() -> None:
     res = []
     g = torch.Generator(device="cuda").manual_seed(0)
     for B in a.rows:
-        logits = torch.randn(B, a.vocab, generator=g, device="cuda").to(torch.bfloat16)
+        logits = torch.randn(B, a.vocab, generator=g, device="cuda")
+        if a.logits == "lm":
+            head = torch.randint(0, a.vocab, (B, 32), generator=g, device="cuda")
+            logits = (logits * 2.5).scatter(1, head, 15 + 3 * torch.randn(B, 32, generator=g, device="cuda"))
+        logits = logits.to(torch.bfloat16)
         ids = torch.randint(0, a.vocab, (B,), generator=g, device="cuda")
         for k, p in ((0, 0.9), (20, 1.0)) if a.cut_only else ((0, 1.0), (20, 1.0), (0, 0.9), (20, 0.9)):
             ms = functools.partial(triton.testing.do_bench, return_mode="median")
@@ -64,10 +74,13 @@ def main() -> None:
             if a.cut_only:  # the cut's digest: every launch must give the same bits
                 floor = rows.filter_floor(logits.float() / 0.7, k, p)
                 digest = hashlib.sha1(floor.cpu().numpy().tobytes()).hexdigest()[:12]
-                res.append(dict(rows=B, top_k=k, top_p=p, filter_ms=f_ms, cut_sha1=digest))
+                passes = torch.zeros(B, dtype=torch.int32, device="cuda")
+                if p < 1.0 and cut._launch(B)[2] == 1:  # the passes one program a row took
+                    cut.top_p_cutoff(logits.float() / 0.7, p, passes)
+                passes_mean = passes.float().mean().item()
+                res.append(dict(rows=B, top_k=k, top_p=p, filter_ms=f_ms, cut_sha1=digest, passes_mean=passes_mean))
                 print(f"rows {B:5d} top_k {k:2d} top_p {p:.1f} launch {a.launch or 'shipped'}: filter {f_ms:8.3f} ms  "
-                      f"cut {digest}",
-                      flush=True)
+                      f"cut {digest}  passes {passes_mean:5.2f}", flush=True)
                 continue
             l_ms = ms(lambda: mk.logprobs(logits, ids, 0.7, top_k=k, top_p=p))
             h_ms = ms(lambda: hf_filter(logits.float() / 0.7, k, p))
@@ -76,7 +89,8 @@ def main() -> None:
                   f"transformers' warpers {h_ms:8.2f} ms")
     if a.out:
         with open(a.out, "w") as f:
-            json.dump(dict(device=torch.cuda.get_device_name(), vocab=a.vocab, launch=a.launch, results=res), f,
+            json.dump(dict(device=torch.cuda.get_device_name(), vocab=a.vocab, launch=a.launch, logits=a.logits,
+                           results=res), f,
                       indent=1)
 
 

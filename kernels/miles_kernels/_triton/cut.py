@@ -4,7 +4,11 @@ top-p: cut[row] = the smallest v with sum_{x_i > v} exp(x_i - max) < top_p * sum
 a token is kept iff the mass strictly above it is below top_p (ties kept). top-k (COUNT): the
 smallest v with fewer than k values above it, the k-th largest value (torch.topk's, ties
 counted), its counts exact in fp32 whatever their order. A search over the floats' order, three
-cut points a pass (16 passes narrow 2**32 keys to one), no sort.
+cut points a pass (16 passes narrow 2**32 keys to one), no sort. P(v) (`above v < target`) is
+monotone in v and the answer is the key where it turns true, so any bracket (lo, hi] with P(lo)
+false and P(hi) true finds the same key: one program a row starts top-p from a bound near the max
+and stops when one key is left (11-13 passes where the max is well above the bound's ~15 under
+it), the split launch searches the whole range in 16.
 
 Every sum is summed alike, fixed by the row alone: each of the CHUNK = 2**LOG lanes adds its
 tokens' terms (token v0 + lane of each chunk) chunk after chunk, then one fixed tree sums the
@@ -129,22 +133,41 @@ def _start(m):
     return _float_key(tl.full([], float("-inf"), tl.float32)).to(tl.int64), _float_key(m).to(tl.int64)
 
 
+@triton.jit
+def _narrow_start(m, total, level, V, COUNT: tl.constexpr):
+    """A first bracket for one program's search: top-p's (lo, max] with lo = max + ln((1 - top_p) Z / V) - 1.
+    The mass at or below lo is at most V exp(lo - max) = (1 - top_p) Z / e, so the mass above lo is at
+    least Z (1 - (1 - top_p) / e) > top_p Z (a margin of 0.63 (1 - top_p) Z over the sums' rounding, kept
+    for top_p <= 0.9999): P(lo) is false. Otherwise (top-k, an empty row) _start's."""
+    lo, hi = _start(m)
+    if not COUNT:
+        b = m + tl.log((1.0 - level) * total / V) - 1.0
+        ok = (level <= 0.9999) & (b > float("-inf")) & (b < m)
+        lo = tl.where(ok, _float_key(tl.where(ok, b, m)).to(tl.int64), lo)
+    return lo, hi
+
+
 @fast_launch
 @triton.jit
-def _cut_kernel(x_ptr, cut_ptr, V, stride_t, level, CHUNK: tl.constexpr, LOG: tl.constexpr, UNROLL: tl.constexpr,
-                COUNT: tl.constexpr):
-    """One program a row, all passes in one launch (see the module)."""
+def _cut_kernel(x_ptr, cut_ptr, passes_ptr, V, stride_t, level, CHUNK: tl.constexpr, LOG: tl.constexpr,
+                UNROLL: tl.constexpr, COUNT: tl.constexpr, PASSES_OUT: tl.constexpr):
+    """One program a row, all passes in one launch (see the module): top-p's search starts from
+    _narrow_start's bracket and ends when one key is left (PASSES_OUT: the passes a row took)."""
     base = x_ptr + tl.program_id(0).to(tl.int64) * stride_t
     lanes = tl.arange(0, CHUNK)
     m = _lane_max(base, lanes, V, CHUNK, UNROLL)
     total = _tree_sum(_lane_total(base, lanes, V, m, CHUNK, UNROLL, COUNT), LOG)
     target = _target(level, total, COUNT)
-    lo, hi = _start(m)
-    for _ in range(16):
+    lo, hi = _narrow_start(m, total, level, V, COUNT)
+    i = 0
+    while hi - lo > 1:
         q1, q2, q3, v1, v2, v3 = _cut_points(lo, hi)
         a1, a2, a3 = _lane_masses(base, lanes, V, m, v1, v2, v3, CHUNK, UNROLL, COUNT)
         lo, hi = _narrow(lo, hi, q1, q2, q3, _tree_sum(a1, LOG), _tree_sum(a2, LOG), _tree_sum(a3, LOG), target)
+        i += 1
     tl.store(cut_ptr + tl.program_id(0), _cut(hi, total, level, COUNT))
+    if PASSES_OUT:
+        tl.store(passes_ptr + tl.program_id(0), i)
 
 
 @fast_launch
@@ -221,7 +244,8 @@ def _launch(T: int) -> tuple[int, int, int]:
     return pick
 
 
-def _floor(x_TV: torch.Tensor, level: float, count: bool) -> torch.Tensor:
+def _floor(x_TV: torch.Tensor, level: float, count: bool, passes_T: torch.Tensor | None = None) -> torch.Tensor:
+    """The cut of each row (passes_T, int32 [T]: the passes each row's search took, one program a row)."""
     x_TV = x_TV.contiguous()
     T, V = x_TV.shape
     cut_T = torch.empty(T, dtype=torch.float32, device=x_TV.device)
@@ -230,8 +254,9 @@ def _floor(x_TV: torch.Tensor, level: float, count: bool) -> torch.Tensor:
     num_warps, unroll, split = _launch(T)
     log = CHUNK.bit_length() - 1
     if split == 1:
-        _cut_kernel[(T,)](x_TV, cut_T, V, x_TV.stride(0), float(level), CHUNK=CHUNK, LOG=log,
-                                   UNROLL=unroll, COUNT=count, num_warps=num_warps)
+        _cut_kernel[(T,)](x_TV, cut_T, passes_T if passes_T is not None else cut_T, V, x_TV.stride(0),
+                          float(level), CHUNK=CHUNK, LOG=log, UNROLL=unroll, COUNT=count,
+                          PASSES_OUT=passes_T is not None, num_warps=num_warps)
         return cut_T
     if split & (split - 1) or not 1 < split <= CHUNK:
         raise ValueError(f"miles_kernels filter cut: {split} programs a row: want a power of two up to {CHUNK}")
@@ -251,10 +276,10 @@ def _floor(x_TV: torch.Tensor, level: float, count: bool) -> torch.Tensor:
     return cut_T
 
 
-def top_p_cutoff(x_TV: torch.Tensor, top_p: float) -> torch.Tensor:
+def top_p_cutoff(x_TV: torch.Tensor, top_p: float, passes_T: torch.Tensor | None = None) -> torch.Tensor:
     """Per row of fp32 x (temperature-scaled, top-k already masked), the smallest value a
-    top-p filter keeps: keep x >= cut (see the module)."""
-    return _floor(x_TV, top_p, False)
+    top-p filter keeps: keep x >= cut (see the module). passes_T: see _floor."""
+    return _floor(x_TV, top_p, False, passes_T)
 
 
 def top_k_floor(x_TV: torch.Tensor, k: int) -> torch.Tensor:
