@@ -548,9 +548,13 @@ def tma_paged(path: str) -> None:
 
 
 # --swapped-launch: (num_warps, num_stages); (4, 1) faults with an illegal address (2026-12-03)
-SWAPPED_LAUNCHES = [(4, 2), (4, 3), (4, 4), (8, 2)]
+SWAPPED_LAUNCHES = [(4, 2), (4, 3), (4, 4), (8, 2), (4, 3, 168), (4, 2, 128), (4, 3, 128)]  # (warps, stages[, maxnreg])
 SWAPPED_SHAPES = [(8, 544), (8, 4096), (64, 192), (64, 544), (64, 1024), (64, 4096), (128, 544), (128, 1024),
                   (256, 192), (256, 1024)]
+
+
+def _launch_name(launch: tuple, walk: str) -> str:
+    return f"{launch[0]}w{launch[1]}s" + (f"{launch[2]}r" if len(launch) > 2 else "") + f"_{walk}"
 
 
 def swapped_launch(path: str) -> None:
@@ -576,9 +580,9 @@ def swapped_launch(path: str) -> None:
                 A.WALK = w
                 try:
                     same &= bool(torch.equal(run(q, kc, vc, cu, kv, bt), ref))
-                    row["t"][f"{launch[0]}w{launch[1]}s_{w}"] = _graph_ms(lambda: run(q, kc, vc, cu, kv, bt)) * 1e3
+                    row["t"][_launch_name(launch, w)] = _graph_ms(lambda: run(q, kc, vc, cu, kv, bt)) * 1e3
                 except Exception as e:  # noqa: BLE001 - a launch that does not fit (shared memory) is a row too
-                    row["t"][f"{launch[0]}w{launch[1]}s_{w}"] = str(e)[:200]
+                    row["t"][_launch_name(launch, w)] = str(e)[:200]
         row["same"] = same
         res.append(row)
         best = min([(v, k) for k, v in row["t"].items() if isinstance(v, float)] or [(float("nan"), "none")])

@@ -67,7 +67,8 @@ SWAPPED_MIN_PAIRS = 64
 # Its (num_warps, num_stages): None is the rule, one warpgroup (wgmma) and 3 stages where one
 # program walks a pair's splits in one loop at fewer than SWAPPED_DEEP_PAIRS pairs, else 2
 # (attn_sweep.py --swapped-launch, 2026-12-03 fifteenth run: B 64 ctx 1024 / 4096 83.4 / 275.7 us
-# at 3 stages vs 92.4 / 316.1 at 2; from B 128 2 stages best; 8 warps 1.5-1.9x slower).
+# at 3 stages vs 92.4 / 316.1 at 2; from B 128 2 stages best; 8 warps 1.5-1.9x slower). A third
+# entry caps the registers a thread (maxnreg: more programs an SM; the same bits).
 _SWAPPED_LAUNCH = None
 SWAPPED_DEEP_PAIRS = 1024
 # A program that runs all of its tile's splits (prefill; decode from DECODE_PROGRAMS pairs on)
@@ -509,11 +510,12 @@ def _one_loop(swapped: bool, pairs: int) -> bool:
     return WALK == "one" or (WALK == "auto" and (not swapped or pairs >= WALK_SWAPPED_MIN_PAIRS))
 
 
-def _swapped_launch(pairs: int, one_loop: bool) -> tuple[int, int]:
-    """(num_warps, num_stages) of the swapped decode tile: _SWAPPED_LAUNCH, or its rule."""
+def _swapped_launch(pairs: int, one_loop: bool) -> dict:
+    """The swapped decode tile's launch options (num_warps, num_stages, maybe maxnreg):
+    _SWAPPED_LAUNCH, or its rule."""
     if _SWAPPED_LAUNCH is not None:
-        return _SWAPPED_LAUNCH
-    return (4, 3) if one_loop and pairs < SWAPPED_DEEP_PAIRS else (4, 2)
+        return dict(zip(("num_warps", "num_stages", "maxnreg"), _SWAPPED_LAUNCH))
+    return dict(num_warps=4, num_stages=3 if one_loop and pairs < SWAPPED_DEEP_PAIRS else 2)
 
 
 def _launch(q_THD, k4, v4, cu_seqlens, kv_lens, bt, max_q_len: int, scale: float, lse_HT, page: int,
@@ -561,7 +563,7 @@ def _launch(q_THD, k4, v4, cu_seqlens, kv_lens, bt, max_q_len: int, scale: float
     kv = kv_descs if kv_descs is not None else (k4, v4)
     if short and D == block_d >= 16 and _swapped_tile(B * K):
         one_loop = _one_loop(True, B * K)
-        num_warps, num_stages = _swapped_launch(B * K, one_loop and not split_parallel)
+        launch = _swapped_launch(B * K, one_loop and not split_parallel)
         decode_kernel[(B * K, split_programs if split_parallel else 1)](
             q_THD, *kv, o_THD, lse, pm, pl, pacc, cu, kv_lens, bt, scale * _LOG2E, K, n_splits,
             q_THD.stride(0), q_THD.stride(1), o_THD.stride(0), o_THD.stride(1), lse.stride(0),
@@ -569,7 +571,7 @@ def _launch(q_THD, k4, v4, cu_seqlens, kv_lens, bt, max_q_len: int, scale: float
             G=G, G_PAD=g_pad, ROWS=max(16, triton.next_power_of_2(max_q_len * g_pad)), BLOCK_D=block_d, PAGE=page,
             ATTN_BLK=KV_BLOCK, SPLIT_BLOCKS=KV_SPLIT // KV_BLOCK, SPLIT_PARALLEL=split_parallel, PART_ROWS=part_rows,
             PRECISION="ieee" if q_THD.dtype == torch.float32 else "tf32", STORE_LSE=lse_HT is not None,
-            L_SUM=ROW_SUM, ONE_LOOP=one_loop, TMA=kv_descs is not None, num_warps=num_warps, num_stages=num_stages,
+            L_SUM=ROW_SUM, ONE_LOOP=one_loop, TMA=kv_descs is not None, **launch,
         )
     else:
         _attn_kernel[(triton.cdiv(max_q_len, tok_per_tile), B * K, split_programs if split_parallel else 1)](
