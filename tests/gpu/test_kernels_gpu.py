@@ -184,7 +184,7 @@ def test_logprobs_and_route_topk(kt, dtype):
 
 def test_filter_cuts_same_bits_in_every_launch(kt, monkeypatch):
     """The filter's cuts are fixed by the row alone: every launch (num_warps, chunks a step, programs
-    a row with the passes as launches), which cut.CUT_LAUNCH picks by the row count, gives the
+    a row with the passes as launches, loads ahead), which cut.CUT_LAUNCH picks by the row count, gives the
     shipped rule's bits and a row alone's, for the top-p cut and top-k's k-th value (== torch.topk's);
     cut._tree_sum is the adjacent-pair tree on the GPU at any num_warps (tl.sum's order follows the
     layout)."""
@@ -210,7 +210,8 @@ def test_filter_cuts_same_bits_in_every_launch(kt, monkeypatch):
     z[9, 100:] = float("-inf")  # a top-k-like row
     z[11, 30:] = float("-inf")  # fewer finite values than k = 50
     z[12] = torch.round(z[12])  # ties everywhere
-    launches = ((4, 1, 1), (8, 1, 1), (16, 4, 1), (32, 2, 1), (32, 4, 1), (4, 2, 4), (8, 4, 8), (8, 1, 16), (4, 4, 32))
+    launches = ((4, 1, 1, 1), (8, 1, 1, 1), (16, 4, 1, 1), (32, 2, 1, 1), (32, 4, 1, 1), (4, 2, 4, 1), (8, 4, 8, 1),
+                (8, 1, 16, 1), (4, 4, 32, 1), (32, 2, 1, 3), (32, 4, 1, 2), (32, 1, 1, 4), (16, 2, 1, 3), (8, 4, 4, 2))
     cases = [(f"top_p {p}", lambda p=p: kt.top_p_cutoff(z, p), lambda p=p: kt.top_p_cutoff(z[7:8], p))
              for p in (0.9, 0.95, 0.5)]
     cases += [(f"top_k {k}", lambda k=k: kt.top_k_floor(z, k), lambda k=k: kt.top_k_floor(z[7:8], k))
@@ -223,9 +224,10 @@ def test_filter_cuts_same_bits_in_every_launch(kt, monkeypatch):
         else:
             kept_min = torch.where(z >= cut[:, None], z, float("inf")).amin(-1)
             _same(cut, kept_min, f"{what}: the cut is the smallest kept value")
-        for nw, unroll, split in launches:
-            monkeypatch.setattr(tp, "CUT_LAUNCH", ((0, nw, unroll, split),))
-            _same(run(), cut, f"{what}: at {nw} warps, {unroll} chunks a step, {split} programs a row vs shipped")
+        for nw, unroll, split, stages in launches:
+            monkeypatch.setattr(tp, "CUT_LAUNCH", ((0, nw, unroll, split, stages),))
+            _same(run(), cut, f"{what}: at {nw} warps, {unroll} chunks a step, {split} programs a row, {stages} "
+                  "stages vs shipped")
         monkeypatch.undo()
 
 

@@ -885,7 +885,7 @@ def check_top_p_narrow_start() -> None:
         cut = cut_mod.top_p_cutoff(x, top_p, passes)
         shipped = cut_mod.CUT_LAUNCH
         try:
-            cut_mod.CUT_LAUNCH = ((0, 8, 4, 2),)
+            cut_mod.CUT_LAUNCH = ((0, 8, 4, 2, 1),)
             _same(cut_mod.top_p_cutoff(x, top_p), cut, f"top_p={top_p}: narrowed start vs the whole range")
         finally:
             cut_mod.CUT_LAUNCH = shipped
@@ -894,14 +894,14 @@ def check_top_p_narrow_start() -> None:
 
 
 def _each_cut_launch(run, want, what: str) -> None:
-    """run() under a chunk a loop step and a row over 2 / 8 programs (passes as launches) == want."""
+    """run() under a chunk a loop step, loads ahead, and a row over 2 / 8 programs (passes as launches) == want."""
     from miles_kernels._triton import cut as cut_mod
 
     shipped = cut_mod.CUT_LAUNCH
     try:
-        for unroll, split in ((1, 1), (4, 2), (1, 8)):
-            cut_mod.CUT_LAUNCH = ((0, 8, unroll, split),)
-            _same(run(), want, f"{what}: UNROLL {unroll}, SPLIT {split}")
+        for unroll, split, stages in ((1, 1, 3), (4, 2, 2), (1, 8, 1)):
+            cut_mod.CUT_LAUNCH = ((0, 8, unroll, split, stages),)
+            _same(run(), want, f"{what}: UNROLL {unroll}, SPLIT {split}, STAGES {stages}")
     finally:
         cut_mod.CUT_LAUNCH = shipped
 

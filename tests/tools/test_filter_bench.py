@@ -5,7 +5,7 @@ import pytest
 pytest.importorskip("triton")
 
 
-@pytest.mark.parametrize("launch", ["8", "8:x", "12:4", "8:0", "8:4:3"])
+@pytest.mark.parametrize("launch", ["8", "8:x", "12:4", "8:0", "8:4:3", "8:4:1:0", "8:4:1:2:5"])
 def test_bad_launch_is_refused(bench_refusal, launch):
     msg = bench_refusal("filter", "--launch", launch)
     assert "--launch" in msg and "WARPS:UNROLL" in msg or "power of two" in msg, msg

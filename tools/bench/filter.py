@@ -5,6 +5,7 @@ peer, transformers' top-k / top-p warpers (torch.topk; torch.sort, softmax, cums
     python tools/bench/filter.py --out filter.json
     python tools/bench/filter.py --cut-only --rows 64 512 --launch 16:4:8   # the cut at 16 warps, 4 chunks a step,
                                                                            # 8 programs a row
+    python tools/bench/filter.py --cut-only --launch 32:2:1:3   # loads 2 steps ahead (3 stages)
     python tools/bench/filter.py --cut-only --logits lm    # rows shaped like an LM's (a head ~15 above the bulk)
 
 --logits randn (default): N(0, 1) rows; lm: a bulk N(0, 2.5^2) and a head of 32 tokens at 15 +- 3, as an
@@ -40,8 +41,8 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--vocab", type=int, default=151_936)
     ap.add_argument("--rows", type=int, nargs="+", default=[256, 4096])
-    ap.add_argument("--launch", default=None, metavar="WARPS:UNROLL[:SPLIT]",
-                    help="the top-p cut's launch at every row count (cut.CUT_LAUNCH; same bits): e.g. 16:4:8")
+    ap.add_argument("--launch", default=None, metavar="WARPS:UNROLL[:SPLIT[:STAGES]]",
+                    help="the top-p cut's launch at every row count (cut.CUT_LAUNCH; same bits): e.g. 16:4:8, 32:2:1:3")
     ap.add_argument("--cut-only", action="store_true", help="time the top-p 0.9 and top-k 20 filters alone (a launch "
                     "sweep)")
     ap.add_argument("--logits", choices=("randn", "lm"), default="randn", help="the rows' shape (see the module)")
@@ -49,14 +50,17 @@ def main() -> None:
     a = ap.parse_args()
     if a.launch is not None:
         try:
-            warps, unroll, *split = (int(v) for v in a.launch.split(":"))
-            split = split[0] if split else 1
+            warps, unroll, *rest = (int(v) for v in a.launch.split(":"))
+            split, stages = (rest + [1, 1])[:2]
+            if len(rest) > 2:
+                raise ValueError
         except ValueError:
-            raise SystemExit(f"filter.py: --launch {a.launch!r}: want WARPS:UNROLL[:SPLIT], e.g. 16:4:8") from None
-        if warps not in (1, 2, 4, 8, 16, 32) or unroll < 1 or split < 1 or split & (split - 1):
+            raise SystemExit(f"filter.py: --launch {a.launch!r}: want WARPS:UNROLL[:SPLIT[:STAGES]], "
+                             "e.g. 16:4:8") from None
+        if warps not in (1, 2, 4, 8, 16, 32) or unroll < 1 or split < 1 or split & (split - 1) or stages < 1:
             raise SystemExit(f"filter.py: --launch {a.launch!r}: warps a power of two up to 32, unroll >= 1, "
-                             "split a power of two")
-        cut.CUT_LAUNCH = ((0, warps, unroll, split),)
+                             "split a power of two, stages >= 1")
+        cut.CUT_LAUNCH = ((0, warps, unroll, split, stages),)
     if not torch.cuda.is_available():
         raise SystemExit("tools/bench/filter.py needs a CUDA device (the filter's kernels are Triton on CUDA)")
     res = []

@@ -14,7 +14,7 @@ Every sum is summed alike, fixed by the row alone: each of the CHUNK = 2**LOG la
 tokens' terms (token v0 + lane of each chunk) chunk after chunk, then one fixed tree sums the
 lanes (_tree_sum: adjacent pairs, level by level). The masses above v fall as v rises
 (non-negative terms dropped from a fixed-order sum), so the search finds one key whatever its
-bracket. Nothing in a launch changes a bit: chunks a loop step (UNROLL), num_warps, or how many
+bracket. Nothing in a launch changes a bit: chunks a loop step (UNROLL), loads ahead (STAGES), num_warps, or how many
 programs share a row (SPLIT: program s holds lanes [s L, (s + 1) L), one subtree of the tree;
 its passes are launches, the row's state between them in small buffers). CUT_LAUNCH picks
 the launch by the row count.
@@ -53,9 +53,9 @@ def _tree_sum(x, LOG: tl.constexpr):
 
 
 @triton.jit
-def _lane_max(base, lanes, V, CHUNK: tl.constexpr, UNROLL: tl.constexpr):
+def _lane_max(base, lanes, V, CHUNK: tl.constexpr, UNROLL: tl.constexpr, STAGES: tl.constexpr):
     mv = tl.full(lanes.shape, float("-inf"), tl.float32)
-    for v0 in range(0, V, UNROLL * CHUNK):
+    for v0 in tl.range(0, V, UNROLL * CHUNK, num_stages=STAGES):
         for j in tl.static_range(UNROLL):
             c = v0 + j * CHUNK + lanes
             mv = tl.maximum(mv, tl.load(base + c, mask=c < V, other=float("-inf")))
@@ -63,10 +63,11 @@ def _lane_max(base, lanes, V, CHUNK: tl.constexpr, UNROLL: tl.constexpr):
 
 
 @triton.jit
-def _lane_total(base, lanes, V, m, CHUNK: tl.constexpr, UNROLL: tl.constexpr, COUNT: tl.constexpr):
+def _lane_total(base, lanes, V, m, CHUNK: tl.constexpr, UNROLL: tl.constexpr, COUNT: tl.constexpr,
+                STAGES: tl.constexpr):
     """Each lane's sum of exp(x - m) (COUNT: of 1 a finite x): its masses above -inf."""
     neg = tl.full([], float("-inf"), tl.float32)
-    total, _, _ = _lane_masses(base, lanes, V, m, neg, neg, neg, CHUNK, UNROLL, COUNT)
+    total, _, _ = _lane_masses(base, lanes, V, m, neg, neg, neg, CHUNK, UNROLL, COUNT, STAGES)
     return total
 
 
@@ -80,12 +81,13 @@ def _cut_points(lo, hi):
 
 
 @triton.jit
-def _lane_masses(base, lanes, V, m, v1, v2, v3, CHUNK: tl.constexpr, UNROLL: tl.constexpr, COUNT: tl.constexpr):
+def _lane_masses(base, lanes, V, m, v1, v2, v3, CHUNK: tl.constexpr, UNROLL: tl.constexpr, COUNT: tl.constexpr,
+                 STAGES: tl.constexpr):
     """Each lane's sums of exp(x - m) (COUNT: 1) over its tokens above each cut point, chunk after chunk."""
     a1 = tl.zeros(lanes.shape, tl.float32)
     a2 = tl.zeros(lanes.shape, tl.float32)
     a3 = tl.zeros(lanes.shape, tl.float32)
-    for v0 in range(0, V, UNROLL * CHUNK):
+    for v0 in tl.range(0, V, UNROLL * CHUNK, num_stages=STAGES):
         for j in tl.static_range(UNROLL):
             c = v0 + j * CHUNK + lanes
             x = tl.load(base + c, mask=c < V, other=float("-inf"))
@@ -150,19 +152,19 @@ def _narrow_start(m, total, level, V, COUNT: tl.constexpr):
 @fast_launch
 @triton.jit
 def _cut_kernel(x_ptr, cut_ptr, passes_ptr, V, stride_t, level, CHUNK: tl.constexpr, LOG: tl.constexpr,
-                UNROLL: tl.constexpr, COUNT: tl.constexpr, PASSES_OUT: tl.constexpr):
+                UNROLL: tl.constexpr, COUNT: tl.constexpr, PASSES_OUT: tl.constexpr, STAGES: tl.constexpr):
     """One program a row, all passes in one launch (see the module): top-p's search starts from
     _narrow_start's bracket and ends when one key is left (PASSES_OUT: the passes a row took)."""
     base = x_ptr + tl.program_id(0).to(tl.int64) * stride_t
     lanes = tl.arange(0, CHUNK)
-    m = _lane_max(base, lanes, V, CHUNK, UNROLL)
-    total = _tree_sum(_lane_total(base, lanes, V, m, CHUNK, UNROLL, COUNT), LOG)
+    m = _lane_max(base, lanes, V, CHUNK, UNROLL, STAGES)
+    total = _tree_sum(_lane_total(base, lanes, V, m, CHUNK, UNROLL, COUNT, STAGES), LOG)
     target = _target(level, total, COUNT)
     lo, hi = _narrow_start(m, total, level, V, COUNT)
     i = 0
     while hi - lo > 1:
         q1, q2, q3, v1, v2, v3 = _cut_points(lo, hi)
-        a1, a2, a3 = _lane_masses(base, lanes, V, m, v1, v2, v3, CHUNK, UNROLL, COUNT)
+        a1, a2, a3 = _lane_masses(base, lanes, V, m, v1, v2, v3, CHUNK, UNROLL, COUNT, STAGES)
         lo, hi = _narrow(lo, hi, q1, q2, q3, _tree_sum(a1, LOG), _tree_sum(a2, LOG), _tree_sum(a3, LOG), target)
         i += 1
     tl.store(cut_ptr + tl.program_id(0), _cut(hi, total, level, COUNT))
@@ -174,7 +176,7 @@ def _cut_kernel(x_ptr, cut_ptr, passes_ptr, V, stride_t, level, CHUNK: tl.conste
 @triton.jit
 def _cut_pass_kernel(x_ptr, part_max_ptr, part_ptr, state_ptr, total_ptr, cut_ptr, V, stride_t, level, step,
                      CHUNK: tl.constexpr, SPLIT: tl.constexpr, LOG_L: tl.constexpr, LOG_S: tl.constexpr,
-                     UNROLL: tl.constexpr, PHASE: tl.constexpr, COUNT: tl.constexpr):
+                     UNROLL: tl.constexpr, PHASE: tl.constexpr, COUNT: tl.constexpr, STAGES: tl.constexpr):
     """One launch of the cut over SPLIT programs a row (grid [T, SPLIT]; program s: lanes
     [s L, (s + 1) L), L = CHUNK / SPLIT). PHASE 0: each program's max. PHASE 1, step k of 16: the
     decision of pass k - 1 from its SPLIT subtree sums (the tree's top levels; at k = 1 the total
@@ -187,7 +189,7 @@ def _cut_pass_kernel(x_ptr, part_max_ptr, part_ptr, state_ptr, total_ptr, cut_pt
     base = x_ptr + row * stride_t
     lanes = s * (CHUNK // SPLIT) + tl.arange(0, CHUNK // SPLIT)
     if PHASE == 0:
-        tl.store(part_max_ptr + row * SPLIT + s, _lane_max(base, lanes, V, CHUNK, UNROLL))
+        tl.store(part_max_ptr + row * SPLIT + s, _lane_max(base, lanes, V, CHUNK, UNROLL, STAGES))
         return
     m = tl.max(tl.load(part_max_ptr + row * SPLIT + tl.arange(0, SPLIT)), 0)
     rows = tl.num_programs(0)
@@ -218,29 +220,30 @@ def _cut_pass_kernel(x_ptr, part_max_ptr, part_ptr, state_ptr, total_ptr, cut_pt
             tl.store(state_ptr + row * 4 + step % 2 * 2, lo)
             tl.store(state_ptr + row * 4 + step % 2 * 2 + 1, hi)
         _, _, _, v1, v2, v3 = _cut_points(lo, hi)
-        a1, a2, a3 = _lane_masses(base, lanes, V, m, v1, v2, v3, CHUNK, UNROLL, COUNT)
+        a1, a2, a3 = _lane_masses(base, lanes, V, m, v1, v2, v3, CHUNK, UNROLL, COUNT, STAGES)
         out = part_ptr + ((step % 2 * rows + row) * 4) * SPLIT + s
         if step == 0:
-            tl.store(out, _tree_sum(_lane_total(base, lanes, V, m, CHUNK, UNROLL, COUNT), LOG_L))
+            tl.store(out, _tree_sum(_lane_total(base, lanes, V, m, CHUNK, UNROLL, COUNT, STAGES), LOG_L))
         tl.store(out + SPLIT, _tree_sum(a1, LOG_L))
         tl.store(out + 2 * SPLIT, _tree_sum(a2, LOG_L))
         tl.store(out + 3 * SPLIT, _tree_sum(a3, LOG_L))
 
 
-# (from rows, num_warps, chunks a loop step, programs a row) of the cut: the last entry whose rows
-# <= T. Same bits in every launch. H100 (thirty-eighth run, filter.py --cut-only, top-p 0.9, 64 / 256 /
-# 1,024 / 4,096 rows): 32 warps, 4 chunks 0.47 / 1.58 / 6.14 / 23.8 ms; the launch before (8 warps, 4
-# chunks up to 512 rows, 1 above) 0.69 / 1.63 / 7.91 / 31.2; 4 programs a row (8 warps, 4 chunks) 0.58 /
-# 1.68 / 6.05 / 23.1. One read each.
-CUT_LAUNCH = ((0, 32, 4, 1),)
+# (from rows, num_warps, chunks a loop step, programs a row, stages) of the cut: the last entry whose
+# rows <= T. stages > 1: the lane loops' loads run that many chunk steps ahead (tl.range's pipeline,
+# through shared memory). Same bits in every launch. H100 (thirty-eighth run, filter.py --cut-only,
+# top-p 0.9, 64 / 256 / 1,024 / 4,096 rows): 32 warps, 4 chunks 0.47 / 1.58 / 6.14 / 23.8 ms; the launch
+# before (8 warps, 4 chunks up to 512 rows, 1 above) 0.69 / 1.63 / 7.91 / 31.2; 4 programs a row (8
+# warps, 4 chunks) 0.58 / 1.68 / 6.05 / 23.1. One read each.
+CUT_LAUNCH = ((0, 32, 4, 1, 1),)
 
 
-def _launch(T: int) -> tuple[int, int, int]:
-    """(num_warps, UNROLL, SPLIT) of the cut for T rows (CUT_LAUNCH)."""
+def _launch(T: int) -> tuple[int, int, int, int]:
+    """(num_warps, UNROLL, SPLIT, STAGES) of the cut for T rows (CUT_LAUNCH)."""
     pick = CUT_LAUNCH[0][1:]
-    for rows, num_warps, unroll, split in CUT_LAUNCH:
+    for rows, *launch in CUT_LAUNCH:
         if T >= rows:
-            pick = num_warps, unroll, split
+            pick = tuple(launch)
     return pick
 
 
@@ -251,12 +254,12 @@ def _floor(x_TV: torch.Tensor, level: float, count: bool, passes_T: torch.Tensor
     cut_T = torch.empty(T, dtype=torch.float32, device=x_TV.device)
     if T == 0:
         return cut_T
-    num_warps, unroll, split = _launch(T)
+    num_warps, unroll, split, stages = _launch(T)
     log = CHUNK.bit_length() - 1
     if split == 1:
         _cut_kernel[(T,)](x_TV, cut_T, passes_T if passes_T is not None else cut_T, V, x_TV.stride(0),
                           float(level), CHUNK=CHUNK, LOG=log, UNROLL=unroll, COUNT=count,
-                          PASSES_OUT=passes_T is not None, num_warps=num_warps)
+                          PASSES_OUT=passes_T is not None, STAGES=stages, num_warps=num_warps)
         return cut_T
     if split & (split - 1) or not 1 < split <= CHUNK:
         raise ValueError(f"miles_kernels filter cut: {split} programs a row: want a power of two up to {CHUNK}")
@@ -267,7 +270,7 @@ def _floor(x_TV: torch.Tensor, level: float, count: bool, passes_T: torch.Tensor
     total = torch.empty(T, dtype=torch.float32, device=dev)
     log_s = split.bit_length() - 1
     consts = dict(CHUNK=CHUNK, SPLIT=split, LOG_L=log - log_s, LOG_S=log_s, UNROLL=unroll, COUNT=count,
-                  num_warps=num_warps)
+                  STAGES=stages, num_warps=num_warps)
     args = (x_TV, part_max, part, state, total, cut_T, V, x_TV.stride(0), float(level))
     _cut_pass_kernel[(T, split)](*args, 0, PHASE=0, **consts)
     for step in range(PASSES):
