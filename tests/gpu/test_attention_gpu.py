@@ -88,9 +88,9 @@ def test_attention_prefill_chunked_decode_bitwise(kt, dtype, heads, page):
 @pytest.mark.parametrize("heads", [(16, 8), (32, 8)])
 def test_attention_swapped_decode_bitwise(kt, monkeypatch, row_sum, heads):
     """DECODE_TILE "swapped" (decode_attention.py) with a shared row sum: decode rows in a batch
-    of 256 (one program a pair), of 16 (split programs) and verify chunks of 3 and 8 tokens,
-    output and LSE bitwise == the packed prefill with the same ROW_SUM (wgmma's sums must not
-    depend on which operand a matrix is)."""
+    of 256 (one program a pair; also under a register cap), of 16 (split programs) and verify chunks
+    of 3 and 8 tokens, output and LSE bitwise == the packed prefill with the same ROW_SUM (wgmma's
+    sums must not depend on which operand a matrix is)."""
     from miles_kernels._triton import paged_attention as A
 
     monkeypatch.setattr(A, "ROW_SUM", row_sum)
@@ -112,6 +112,11 @@ def test_attention_swapped_decode_bitwise(kt, monkeypatch, row_sum, heads):
     for n, end in ((3, 700), (8, 1100)):
         _same(_attn(kt, q[end - n: end], kc, vc, [(n, end, pages)], scale), full[end - n: end],
               f"swapped verify chunk of {n} vs prefill ({row_sum})")
+    rows = torch.linspace(0, L - 1, 256).long().tolist()
+    for launch in ((4, 3, 168), (4, 2, 128)):  # a register cap: more programs an SM, the same bits
+        monkeypatch.setattr(A, "_SWAPPED_LAUNCH", launch)
+        _same(_attn(kt, q[rows], kc, vc, [(1, t + 1, pages) for t in rows], scale), full[rows],
+              f"swapped decode batch 256 at launch {launch} vs prefill ({row_sum})")
 
 
 def test_fast_mode_paged_attention(kt):
