@@ -231,11 +231,12 @@ def _cut_pass_kernel(x_ptr, part_max_ptr, part_ptr, state_ptr, total_ptr, cut_pt
 
 # (from rows, num_warps, chunks a loop step, programs a row, stages) of the cut: the last entry whose
 # rows <= T. stages > 1: the lane loops' loads run that many chunk steps ahead (tl.range's pipeline,
-# through shared memory). Same bits in every launch. H100 (thirty-eighth run, filter.py --cut-only,
-# top-p 0.9, 64 / 256 / 1,024 / 4,096 rows): 32 warps, 4 chunks 0.47 / 1.58 / 6.14 / 23.8 ms; the launch
-# before (8 warps, 4 chunks up to 512 rows, 1 above) 0.69 / 1.63 / 7.91 / 31.2; 4 programs a row (8
-# warps, 4 chunks) 0.58 / 1.68 / 6.05 / 23.1. One read each.
-CUT_LAUNCH = ((0, 32, 4, 1, 1),)
+# through shared memory). Same bits in every launch. H200 (thirty-ninth run, filter.py --cut-only --logits
+# lm, top-p 0.9, 64 / 1,024 / 4,096 rows, the narrowed search): 32 warps, 4 chunks 0.337 / 4.396 / 17.09 ms;
+# with 2 stages 0.394 / 4.054 / 15.97; 2 chunks, 3 stages 0.407 / 4.106 / 16.16; 1 chunk, 4 stages 0.437 /
+# 4.297 / 16.93 (the search before the narrowed start, 32 warps, 4 chunks: 0.402 / 5.206 / 20.32). One read
+# each. H100 (thirty-eighth run): 32 warps, 4 chunks 1.03-1.47x 8 warps; 4 programs a row no faster.
+CUT_LAUNCH = ((0, 32, 4, 1, 1), (1024, 32, 4, 1, 2))
 
 
 def _launch(T: int) -> tuple[int, int, int, int]:
