@@ -14,10 +14,10 @@ Every sum is summed alike, fixed by the row alone: each of the CHUNK = 2**LOG la
 tokens' terms (token v0 + lane of each chunk) chunk after chunk, then one fixed tree sums the
 lanes (_tree_sum: adjacent pairs, level by level). The masses above v fall as v rises
 (non-negative terms dropped from a fixed-order sum), so the search finds one key whatever its
-bracket. Nothing in a launch changes a bit: chunks a loop step (UNROLL), loads ahead (STAGES), num_warps, or how many
-programs share a row (SPLIT: program s holds lanes [s L, (s + 1) L), one subtree of the tree;
-its passes are launches, the row's state between them in small buffers). CUT_LAUNCH picks
-the launch by the row count.
+bracket. Nothing in a launch changes a bit: chunks a loop step (UNROLL), loads ahead (STAGES),
+num_warps, or how many programs share a row (SPLIT: program s holds lanes [s L, (s + 1) L), one
+subtree of the tree; its passes are launches, the row's state between them in small buffers).
+CUT_LAUNCH picks the launch by the row count.
 """
 
 import torch

@@ -68,7 +68,8 @@ SWAPPED_MIN_PAIRS = 64
 # program walks a pair's splits in one loop at fewer than SWAPPED_DEEP_PAIRS pairs, else 2
 # (attn_sweep.py --swapped-launch, 2026-12-03 fifteenth run: B 64 ctx 1024 / 4096 83.4 / 275.7 us
 # at 3 stages vs 92.4 / 316.1 at 2; from B 128 2 stages best; 8 warps 1.5-1.9x slower). A third
-# entry caps the registers a thread (maxnreg: more programs an SM; the same bits).
+# entry caps the registers a thread (maxnreg: more programs an SM; the same bits): no gain on the
+# H200 (thirty-ninth run: 168 level at B 64 ctx 192, 8-15% slower at 544-4,096; 128 slower).
 _SWAPPED_LAUNCH = None
 SWAPPED_DEEP_PAIRS = 1024
 # A program that runs all of its tile's splits (prefill; decode from DECODE_PROGRAMS pairs on)
