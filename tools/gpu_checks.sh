@@ -32,8 +32,7 @@
 #              kernel_ops.py's linear rows through linear's own picks, in one call
 #   grouped    (not in the default list) grouped_linear's picked tiles (and 128x256 at 4 stages) against a dense
 #              matmul, torch's grouped GEMM and the roofline (the routed experts' weight bytes), and the op
-#              itself with its tails in half tiles and without (grouped_sweep.py --picks --no-gluon), then the
-#              64-expert MoE trainer as shipped and with the tails (with_tiles.py --grouped-tails on)
+#              itself (grouped_sweep.py --picks --no-gluon)
 #   fast       (not in the default list) fast mode's linears by the faster of cuBLAS and the invariant kernel
 #              (_fast_pick): its GPU test, the trainer's fast / invariant by paired rounds with the pick and
 #              with cuBLAS only (with_tiles.py --fast-pick off), and the engine's fast rows both ways
@@ -191,12 +190,7 @@ for step in $steps; do
                      tools/bench/engine.py --quick --only engine --out "$out/engine_triton_paged.json"
                  run kernel_ops timeout -s KILL 150 python3 tools/bench/kernel_ops.py --out "$out/kernel_ops.json" ;;
         grouped) run grouped_picks timeout -s KILL 200 python3 tools/bench/grouped_sweep.py --picks --no-gluon \
-                     --out "$out/grouped_picks.json"
-                 run moe_train timeout -s KILL 200 python3 tools/bench/train.py --model qwen3-moe-a0.6b --seqs 4096 \
-                     --modes invariant --steps 8 --wait yes --out "$out/moe_train.json"
-                 run moe_train_tails timeout -s KILL 200 python3 tools/bench/with_tiles.py --grouped-tails on -- \
-                     tools/bench/train.py --model qwen3-moe-a0.6b --seqs 4096 --modes invariant --steps 8 --wait yes \
-                     --out "$out/moe_train_tails.json" ;;
+                     --out "$out/grouped_picks.json" ;;
         fast) run fast_pick_test timeout -s KILL 200 python3 -m pytest -q -o addopts="" tests/gpu/test_kernels_gpu.py \
                   -k "fast_mode"
               run train_fast_pick timeout -s KILL 200 python3 tools/bench/train.py --seqs 4096 16384 --modes invariant \

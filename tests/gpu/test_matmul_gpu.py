@@ -96,36 +96,6 @@ def test_grouped_linear_rows_independent(kt, dtype):
             _same(got, y, f"grouped_linear tile {tuple(t)[1:]} vs grouped_linear's pick")
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
-def test_grouped_tails_same_bits(kt, dtype, monkeypatch):
-    """GROUPED_TAILS: each TMA tile of >= 32 rows leaves an expert's tail of 1 .. BLOCK_M / 2 rows to a
-    half-height tile (half the warps): every row's bits stay those of the tiles without tails. Tails
-    of 5, 2, 1, 64 (the boundary), 44, 12 rows; 72 rows past 128 (a full tile's), none at 128; empty experts."""
-    from miles_kernels._triton import matmul
-
-    g = _gen(2)
-    sizes = torch.tensor([0, 5, 130, 1, 64, 0, 300, 12, 200, 128])
-    E, N, K = len(sizes), 768, 512
-    x = _randn(int(sizes.sum()), K, dtype=dtype, g=g)
-    w = _randn(E, N, K, dtype=dtype, g=g, scale=K**-0.5)
-    offs = torch.zeros(E + 1, dtype=torch.int32)
-    offs[1:] = sizes.cumsum(0)
-    offs = offs.cuda()
-    want = kt.grouped_linear(x, w, offs)
-    for tile in matmul.GROUPED_TILES[dtype]:
-        if not tile.tma or tile.block_m < 32:
-            continue
-        for tails in (False, True):
-            monkeypatch.setattr(matmul, "GROUPED_TAILS", tails)
-            got = torch.full_like(want, float("nan"))
-            matmul.launch_grouped(x, w, offs, got, tile)
-            _same(got, want, f"grouped_linear tile {tuple(tile)[1:]} tails={tails}")
-    monkeypatch.setattr(matmul, "GROUPED_TAILS", True)
-    for cut in (384, 700):  # narrower N (700: the 128x256 tile, none divides): columns past N never stored
-        sub = kt.grouped_linear(x, w[:, :cut].contiguous(), offs)
-        _same(sub, want[:, :cut], f"grouped_linear N={cut} with tails")
-
-
 # one small launch of gluon_grouped's kernel (an expert's tail in each half, a box past x's rows)
 _GLUON_GROUPED_PROBE = """
 import torch

@@ -203,7 +203,7 @@ def check_grouped_linear_tma() -> None:
     tile order."""
     from miles_kernels._triton import matmul as lin
 
-    saved, saved_tails = lin.GROUPED_TILES[torch.float32], lin.GROUPED_TAILS
+    saved = lin.GROUPED_TILES[torch.float32]
     g = torch.Generator().manual_seed(12)
     x = torch.randn(45, 32, generator=g)
     w = torch.randn(4, 20, 32, generator=g)  # N = 20: a 16-wide column tile reads the next expert
@@ -215,17 +215,6 @@ def check_grouped_linear_tma() -> None:
             for tma in (False, True):
                 lin.GROUPED_TILES[torch.float32] = (lin.Tile(1 << 62, 16, 16, 32, group_m, 4, 2, tma),)
                 _same(lin.grouped_linear(x, w, offs), want, f"grouped_linear tma={tma} group_m={group_m}")
-        # GROUPED_TAILS: a 32-row TMA tile leaves each expert's tail of 1-16 rows to a 16-row tile (tails of
-        # 10, 1, 2 rows; of 16, 7, 2 beside an expert of 20 rows, whose 32-row tile keeps its own)
-        for o in (offs, torch.tensor([0, 20, 36, 43, 45], dtype=torch.int32)):
-            lin.GROUPED_TAILS = False
-            lin.GROUPED_TILES[torch.float32] = (lin.Tile(1 << 62, 32, 16, 32, 1, 4, 2),)
-            ref = lin.grouped_linear(x, w, o)
-            lin.GROUPED_TAILS = True
-            for group_m in (1, 2):
-                lin.GROUPED_TILES[torch.float32] = (lin.Tile(1 << 62, 32, 16, 32, group_m, 4, 2, True),)
-                _same(lin.grouped_linear(x, w, o), ref, f"grouped_linear with tails, offsets {o.tolist()}")
-        lin.GROUPED_TAILS = saved_tails
         # the tile by mean rows per expert: 45 rows / 4 experts -> 12 > 8: the second tile
         lin.GROUPED_TILES[torch.float32] = (lin.Tile(8, 16, 16, 32, 1, 4, 2), lin.Tile(1 << 62, 32, 16, 32, 1, 4, 2, True))
         assert lin.grouped_tile(45, 4, torch.float32).block_m == 32 and lin.grouped_tile(32, 4, torch.float32).block_m == 16
@@ -241,7 +230,7 @@ def check_grouped_linear_tma() -> None:
         assert not y[:3].any() and not y[40:].any(), "rows outside the groups not zeroed"
         _same(y[10:40], want[10:40], "grouped_linear rows inside offsets[0]..offsets[E]")
     finally:
-        lin.GROUPED_TILES[torch.float32], lin.GROUPED_TAILS = saved, saved_tails
+        lin.GROUPED_TILES[torch.float32] = saved
 
 
 def check_moe_combine() -> None:

@@ -19,8 +19,7 @@ from miles_kernels._triton import fused_linears, matmul, paged_attention
 from miles_fsdp.engine import sampler
 json.dump({"argv": sys.argv, "tiles": [list(t) for t in matmul.SMALL_M_TILES[torch.float16]], "fill": matmul.FILL,
            "fill_max_m": matmul.FILL_MAX_M, "small_tma": fused_linears.SMALL_M_TMA,
-           "gluon_paged": paged_attention.GLUON_PAGED, "fast_pick": _fast_pick.PICK,
-           "grouped_tails": matmul.GROUPED_TAILS, "sampler_screen": sampler.SCREEN},
+           "gluon_paged": paged_attention.GLUON_PAGED, "fast_pick": _fast_pick.PICK, "sampler_screen": sampler.SCREEN},
           open(sys.argv[1], "w"))
 """
 
@@ -82,12 +81,12 @@ def test_fill_alone(tmp_path):
     assert got["tiles"] == [list(t) for t in matmul.SMALL_M_TILES[matmul.torch.float16]]
 
 
-@pytest.mark.parametrize("switch", ["small-tma", "gluon-paged", "fast-pick", "grouped-tails", "sampler-screen"])
+@pytest.mark.parametrize("switch", ["small-tma", "gluon-paged", "fast-pick", "sampler-screen"])
 @pytest.mark.parametrize("flag,want", [("on", True), ("off", False)])
 def test_switches(tmp_path, switch, flag, want):
-    """--small-tma / --gluon-paged / --fast-pick / --grouped-tails / --sampler-screen on|off set
-    fused_linears.SMALL_M_TMA, paged_attention.GLUON_PAGED, _fast_pick.PICK, matmul.GROUPED_TAILS,
-    sampler.SCREEN for the script; the rest stays as shipped."""
+    """--small-tma / --gluon-paged / --fast-pick / --sampler-screen on|off set
+    fused_linears.SMALL_M_TMA, paged_attention.GLUON_PAGED, _fast_pick.PICK, sampler.SCREEN for the
+    script; the rest stays as shipped."""
     got = _show(tmp_path, f"--{switch}", flag)
     from miles_kernels import _fast_pick
     from miles_kernels._triton import fused_linears, matmul, paged_attention
@@ -95,7 +94,7 @@ def test_switches(tmp_path, switch, flag, want):
     from miles_fsdp.engine import sampler
 
     shipped = {"small_tma": fused_linears.SMALL_M_TMA, "gluon_paged": paged_attention.GLUON_PAGED,
-               "fast_pick": _fast_pick.PICK, "grouped_tails": matmul.GROUPED_TAILS, "sampler_screen": sampler.SCREEN}
+               "fast_pick": _fast_pick.PICK, "sampler_screen": sampler.SCREEN}
     key = switch.replace("-", "_")
     assert got[key] is want
     assert {k: got[k] for k in shipped if k != key} == {k: v for k, v in shipped.items() if k != key}

@@ -12,9 +12,9 @@ grouped GEMM (`torch._grouped_mm`, CUTLASS; not batch-invariant). The roofline t
 every routed expert's weights, which the dense peer does not (30B-A3B down on an H100: 196 us of
 bytes at the measured copy rate against the peer's 152 us), so x_roof (roofline time / ours, from the
 measured matmul and copy peaks) says how far a tile is from what the GPU allows. The op's row: grouped_linear
-itself (its pick and the zero fill; a TMA pick with matmul.GROUPED_TAILS on and off). Gluon rows:
-the TMA tiles by gluon_grouped's warp-specialized kernel (matmul.GLUON_GROUPED) at each ring depth,
-checked bitwise against the Triton kernel first. Prints a table, writes JSON.
+itself (its pick and the zero fill). Gluon rows: the TMA tiles by gluon_grouped's warp-specialized
+kernel (matmul.GLUON_GROUPED) at each ring depth, checked bitwise against the Triton kernel first.
+Prints a table, writes JSON.
 """
 
 import argparse
@@ -127,24 +127,17 @@ def run(rows, shapes, cfgs, gluon_cfgs, gluon: bool, peak: dict):
             if gluon:
                 set_gluon("op")
             pick = lin.grouped_tile(R, E, torch.bfloat16, N)
-            # the op (its pick and the zero fill); a TMA pick again with the tails the other way (GROUPED_TAILS)
-            saved = lin.GROUPED_TAILS
-            for tails in (saved, not saved) if pick.tma else (saved,):
-                lin.GROUPED_TAILS = tails
-                try:
-                    same = torch.equal(lin.grouped_linear(x, w, offs), ref)
-                    t = timings(lambda: lin.grouped_linear(x, w, offs))  # noqa: B023
-                finally:
-                    lin.GROUPED_TAILS = saved
-                ms = t[1] or t[0]
-                rows.append(dict(base, cfg=["op", *list(pick)[1:]], tails=tails, same=same, ms=ms,
-                                 tflops=2 * R * N * K / ms / 1e9, x_dense=base["dense_ms"] / ms,
-                                 x_grouped_mm=base["grouped_mm_ms"] / ms, x_roof=base["roof_ms"] / ms))
-                how = "on" if tails else "off"
-                print(f"{name:22} skew={skew:.0f} grouped_linear (tile {tuple(pick)[1:]}, tails {how}) "
-                      f"same={int(same)} us={1e3 * ms:8.1f} x_dense={base['dense_ms'] / ms:5.2f} "
-                      f"x_grouped_mm={base['grouped_mm_ms'] / ms:5.2f} x_roof={base['roof_ms'] / ms:5.2f} "
-                      f"(roofline {1e3 * base['roof_ms']:.1f} us)", flush=True)
+            # the op: its pick and the zero fill
+            same = torch.equal(lin.grouped_linear(x, w, offs), ref)
+            t = timings(lambda: lin.grouped_linear(x, w, offs))  # noqa: B023
+            ms = t[1] or t[0]
+            rows.append(dict(base, cfg=["op", *list(pick)[1:]], same=same, ms=ms,
+                             tflops=2 * R * N * K / ms / 1e9, x_dense=base["dense_ms"] / ms,
+                             x_grouped_mm=base["grouped_mm_ms"] / ms, x_roof=base["roof_ms"] / ms))
+            print(f"{name:22} skew={skew:.0f} grouped_linear (tile {tuple(pick)[1:]}) "
+                  f"same={int(same)} us={1e3 * ms:8.1f} x_dense={base['dense_ms'] / ms:5.2f} "
+                  f"x_grouped_mm={base['grouped_mm_ms'] / ms:5.2f} x_roof={base['roof_ms'] / ms:5.2f} "
+                  f"(roofline {1e3 * base['roof_ms']:.1f} us)", flush=True)
 
 
 def compile_only() -> int:

@@ -20,8 +20,7 @@ Each BMxBN=S of --tma-stages sets the small-M TMA tile BLOCK_M x BLOCK_N to S st
 linears and swiglu run it with). --small-tma on / off runs those tiles in linears and swiglu by TMA /
 by pointers (fused_linears.SMALL_M_TMA); --gluon-paged sets paged_attention.GLUON_PAGED (the paged
 prefill by the Gluon kernel). Each gives the same bits either way. --fast-pick sets _fast_pick.PICK
-(fast mode's linears by the faster of cuBLAS and the invariant kernel, timed per shape; off: cuBLAS);
---grouped-tails sets matmul.GROUPED_TAILS (grouped_linear's short expert tails in half-height tiles).
+(fast mode's linears by the faster of cuBLAS and the invariant kernel, timed per shape; off: cuBLAS).
 --sampler-screen sets engine.sampler.SCREEN (the noisy argmax ranked by fast logs first; same tokens).
 --topk-cut sets rows.TOPK_BY_CUT (top-k's k-th value by cut.top_k_floor in place of torch.topk; same values).
 --fill F sets matmul.FILL, the share of the SMs a small-M tile's grid must fill before a wider
@@ -89,7 +88,7 @@ def apply(changes: dict[tuple[int, int], tuple[int, int]], tma_stages: dict[tupl
 def main() -> None:
     argv = sys.argv[1:]
     usage = ("with_tiles: usage: with_tiles.py [--unroll BMxBN=U:S ...] [--tma-stages BMxBN=S ...] [--fill F] "
-             "[--fill-max-m M] [--small-tma|--gluon-paged|--fast-pick|--grouped-tails|--sampler-screen|--topk-cut "
+             "[--fill-max-m M] [--small-tma|--gluon-paged|--fast-pick|--sampler-screen|--topk-cut "
              "on|off] "
              "-- SCRIPT [ARGS ...]")
     if "--" not in argv:
@@ -103,7 +102,6 @@ def main() -> None:
     switches = {"small_tma": ("miles_kernels._triton.fused_linears", "SMALL_M_TMA"),  # --NAME on|off: a module's flag
                 "gluon_paged": ("miles_kernels._triton.paged_attention", "GLUON_PAGED"),
                 "fast_pick": ("miles_kernels._fast_pick", "PICK"),
-                "grouped_tails": ("miles_kernels._triton.matmul", "GROUPED_TAILS"),
                 "sampler_screen": ("miles_fsdp.engine.sampler", "SCREEN"),
                 "topk_cut": ("miles_kernels._triton.rows", "TOPK_BY_CUT")}
     for name in switches:
@@ -112,7 +110,7 @@ def main() -> None:
     flags = {switches[n]: getattr(a, n) == "on" for n in switches if getattr(a, n) is not None}
     if not a.unroll and not a.tma_stages and a.fill is None and a.fill_max_m is None and not flags:
         raise SystemExit(f"{usage}: nothing to change (give --unroll, --tma-stages, --fill, --fill-max-m, "
-                         "--small-tma, --gluon-paged, --fast-pick, --grouped-tails, --sampler-screen or --topk-cut)")
+                         "--small-tma, --gluon-paged, --fast-pick, --sampler-screen or --topk-cut)")
     if a.fill_max_m is not None and a.fill_max_m < 1:
         raise SystemExit(f"with_tiles: --fill-max-m {a.fill_max_m}: must be >= 1 (rows)")
     if a.fill is not None and not 0.0 < a.fill <= 4.0:

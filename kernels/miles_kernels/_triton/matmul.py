@@ -326,35 +326,16 @@ def linear(x_MK: torch.Tensor, w_NK: torch.Tensor, b_N: torch.Tensor | None = No
 
 
 @triton.jit
-def _expert_part(lo_E, hi_E, BLOCK_M: tl.constexpr, PART: tl.constexpr):
-    """(first row, row tiles) of each expert's part: PART 0 all its rows in BLOCK_M tiles; 1 all but
-    a tail of 1 .. BLOCK_M / 2 rows (rows % BLOCK_M); 2 that tail alone, in one tile of BLOCK_M rows
-    (then the half of the main tile's)."""
-    n_E = hi_E - lo_E
-    first_E = lo_E
-    if PART == 0:
-        tiles_E = (n_E + BLOCK_M - 1) // BLOCK_M
-    elif PART == 1:
-        tiles_E = n_E // BLOCK_M + ((n_E % BLOCK_M) > BLOCK_M // 2).to(tl.int32)
-    else:
-        rem_E = n_E % (2 * BLOCK_M)
-        first_E = hi_E - rem_E
-        tiles_E = ((rem_E > 0) & (rem_E <= BLOCK_M)).to(tl.int32)
-    return first_E, tiles_E
-
-
-@triton.jit
-def _expert_tile(off_ptr, E, pid_m, E_PAD: tl.constexpr, BLOCK_M: tl.constexpr, PART: tl.constexpr = 0):
-    """(expert e, first row, end of e's rows) of row tile pid_m in expert order over the experts'
-    PART (_expert_part); e == E past the last."""
+def _expert_tile(off_ptr, E, pid_m, E_PAD: tl.constexpr, BLOCK_M: tl.constexpr):
+    """(expert e, first row, end of e's rows) of row tile pid_m in expert order; e == E past the last."""
     es = tl.arange(0, E_PAD)
     lo_E = tl.load(off_ptr + es, mask=es < E, other=0)
     hi_E = tl.load(off_ptr + es + 1, mask=es < E, other=0)
-    first_E, tiles_E = _expert_part(lo_E, hi_E, BLOCK_M, PART)
+    tiles_E = (hi_E - lo_E + BLOCK_M - 1) // BLOCK_M
     ends_E = tl.cumsum(tiles_E, 0)
     e = tl.sum((ends_E <= pid_m).to(tl.int32), 0)
     is_e = es == e
-    row_lo = tl.sum(tl.where(is_e, first_E, 0), 0)
+    row_lo = tl.sum(tl.where(is_e, lo_E, 0), 0)
     row_hi = tl.sum(tl.where(is_e, hi_E, 0), 0)
     tile_in_e = pid_m - tl.sum(tl.where(is_e, ends_E - tiles_E, 0), 0)
     return e, row_lo + tile_in_e * BLOCK_M, row_hi
@@ -398,7 +379,7 @@ def _grouped_kernel(
 def _grouped_tma_kernel(
     x_desc, w_desc, off_ptr, y_ptr, N, K, E, n_tiles_m, stride_yr,
     E_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    GROUP_M: tl.constexpr, PRECISION: tl.constexpr, NUM_PROGRAMS: tl.constexpr, PART: tl.constexpr,
+    GROUP_M: tl.constexpr, PRECISION: tl.constexpr, NUM_PROGRAMS: tl.constexpr,
 ):
     # _grouped_kernel with TMA loads (x over [R, K], w over [E * N, K]), persistent: program p
     # takes tiles p, p + NUM_PROGRAMS, ... of the row tiles that hold rows (counted from the
@@ -406,15 +387,13 @@ def _grouped_tma_kernel(
     # loop so loads of the next tile start during this one's epilogue. A tile's rows past its
     # expert (and columns past N) load the neighbour's data and are never stored; the K walk
     # and the fp32 accumulation are _grouped_kernel's, so every stored element has its bits.
-    # PART (_expert_part): every row, or the experts' rows but their short tails, or the tails.
     es = tl.arange(0, E_PAD)
-    _, tiles_E = _expert_part(tl.load(off_ptr + es, mask=es < E, other=0), tl.load(off_ptr + es + 1, mask=es < E,
-                                                                                    other=0), BLOCK_M, PART)
-    n_real_m = tl.minimum(tl.sum(tiles_E, 0), n_tiles_m)
+    rows_E = tl.load(off_ptr + es + 1, mask=es < E, other=0) - tl.load(off_ptr + es, mask=es < E, other=0)
+    n_real_m = tl.minimum(tl.sum((rows_E + BLOCK_M - 1) // BLOCK_M, 0), n_tiles_m)
     n_tiles_n = tl.cdiv(N, BLOCK_N)
     for tile in tl.range(tl.program_id(0), n_real_m * n_tiles_n, NUM_PROGRAMS, flatten=True):
         tile_m, tile_n = _grouped_order(tile, n_real_m, n_tiles_n, GROUP_M)
-        e, off_m, row_hi = _expert_tile(off_ptr, E, tile_m, E_PAD, BLOCK_M, PART)
+        e, off_m, row_hi = _expert_tile(off_ptr, E, tile_m, E_PAD, BLOCK_M)
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         for k0 in range(0, K, BLOCK_K):
             x = x_desc.load([off_m, k0])
@@ -471,13 +450,6 @@ def _zero_outside_kernel(y_ptr, off_ptr, R, N, E, stride_yr, ROWS: tl.constexpr,
 # Off: no faster than the Triton tile (30B-A3B gate_up 410-430 vs 400 us, down 229 vs 244-249 us;
 # the MoE bench 44.8k vs 45.1k tok/s; H200, 2026-12-05).
 GLUON_GROUPED = False
-# The TMA tiles leave each expert's tail of 1 .. BLOCK_M / 2 rows (rows % BLOCK_M) to a second
-# launch of the same kernel in tiles of half the rows (and half the warps): the same K walk, so the
-# same bits, and an expert costs its rows in half-tile units past its full tiles. Padding at 30B-A3B
-# gate_up (4,096 tokens, top-8 of 128 experts, 128-row tiles): 21% of the computed rows, 12% with the
-# tails (docs/kernel_tuning.md, thirty-third run's arithmetic). Off until a GPU has run it
-# (tests/gpu/test_matmul_gpu.py; tools/bench/grouped_sweep.py --picks times the op both ways).
-GROUPED_TAILS = False
 
 
 def launch_grouped(x_RK, w_ENK, offsets_E1, y_RN, t: Tile) -> None:
@@ -495,19 +467,11 @@ def launch_grouped(x_RK, w_ENK, offsets_E1, y_RN, t: Tile) -> None:
         if gg is not None and gg.supported(x_RK, w_ENK, t.block_m, t.block_n, t.block_k):
             gg.launch(x_RK, w_ENK, offsets_E1, y_RN, t.block_n, t.group_m, n_tiles_m, n_prog)
             return
-        w_desc = TensorDescriptor.from_tensor(w_ENK.view(E * N, K), [t.block_n, t.block_k])
-        tails = GROUPED_TAILS and t.block_m >= 32
         _grouped_tma_kernel[(n_prog,)](
-            TensorDescriptor.from_tensor(x_RK, [t.block_m, t.block_k]), w_desc, offsets_E1, y_RN,
-            N, K, E, n_tiles_m, y_RN.stride(0), NUM_PROGRAMS=n_prog, PART=1 if tails else 0, **meta,
+            TensorDescriptor.from_tensor(x_RK, [t.block_m, t.block_k]),
+            TensorDescriptor.from_tensor(w_ENK.view(E * N, K), [t.block_n, t.block_k]), offsets_E1, y_RN,
+            N, K, E, n_tiles_m, y_RN.stride(0), NUM_PROGRAMS=n_prog, **meta,
         )
-        if tails:  # at most one half tile an expert
-            half = dict(meta, BLOCK_M=t.block_m // 2, num_warps=max(t.num_warps // 2, 4))
-            n_prog = min(_num_programs(x_RK.device), E * triton.cdiv(N, t.block_n))
-            _grouped_tma_kernel[(n_prog,)](
-                TensorDescriptor.from_tensor(x_RK, [t.block_m // 2, t.block_k]), w_desc, offsets_E1, y_RN,
-                N, K, E, E, y_RN.stride(0), NUM_PROGRAMS=n_prog, PART=2, **half,
-            )
         return
     _grouped_kernel[(n_tiles,)](
         x_RK, w_ENK, offsets_E1, y_RN, N, K, E, n_tiles_m,
