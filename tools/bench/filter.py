@@ -78,13 +78,15 @@ def main() -> None:
             if a.cut_only:  # the cut's digest: every launch must give the same bits
                 floor = rows.filter_floor(logits.float() / 0.7, k, p)
                 digest = hashlib.sha1(floor.cpu().numpy().tobytes()).hexdigest()[:12]
-                passes = torch.zeros(B, dtype=torch.int32, device="cuda")
+                passes_mean = None  # top-k, or the split launch (16 passes as launches): not counted
                 if p < 1.0 and cut._launch(B)[2] == 1:  # the passes one program a row took
+                    passes = torch.zeros(B, dtype=torch.int32, device="cuda")
                     cut.top_p_cutoff(logits.float() / 0.7, p, passes)
-                passes_mean = passes.float().mean().item()
+                    passes_mean = passes.float().mean().item()
                 res.append(dict(rows=B, top_k=k, top_p=p, filter_ms=f_ms, cut_sha1=digest, passes_mean=passes_mean))
+                shown = "-" if passes_mean is None else f"{passes_mean:.2f}"
                 print(f"rows {B:5d} top_k {k:2d} top_p {p:.1f} launch {a.launch or 'shipped'}: filter {f_ms:8.3f} ms  "
-                      f"cut {digest}  passes {passes_mean:5.2f}", flush=True)
+                      f"cut {digest}  passes {shown}", flush=True)
                 continue
             l_ms = ms(lambda: mk.logprobs(logits, ids, 0.7, top_k=k, top_p=p))
             h_ms = ms(lambda: hf_filter(logits.float() / 0.7, k, p))
