@@ -231,6 +231,28 @@ def test_filter_cuts_same_bits_in_every_launch(kt, monkeypatch):
         monkeypatch.undo()
 
 
+def test_filter_cut_ptx_same_bits(kt, monkeypatch):
+    """The cut's lane loops in PTX (cut.ASM: ex2's .ftz form, predicated adds) give Triton's ops' bits,
+    on rows whose tokens reach far under the max (their terms under 2**-126 flushed to 0: never a
+    mass's bits), in one program a row and over programs, top-p and top-k."""
+    from miles_kernels._triton import cut as tp
+
+    g = _gen(29)
+    z = _randn(96, 151936, dtype=torch.float32, g=g, scale=4.0) / 0.7
+    z[:32] = z[:32] * 8.0  # logits over +-150: terms far under 2**-126
+    z[40] = torch.linspace(-300.0, 20.0, 151936, device="cuda")
+    z[41, 1000:] = float("-inf")
+    z[42] = torch.round(z[42])
+    for launch in ((0, 32, 4, 1, 1), (0, 32, 4, 1, 2), (0, 8, 1, 4, 1)):
+        monkeypatch.setattr(tp, "CUT_LAUNCH", (launch,))
+        for what, run in [(f"top_p {p}", lambda p=p: kt.top_p_cutoff(z, p)) for p in (0.9, 0.95, 0.5)] + [
+                ("top_k 20", lambda: kt.top_k_floor(z, 20))]:
+            monkeypatch.setattr(tp, "ASM", True)
+            ptx = run()
+            monkeypatch.setattr(tp, "ASM", False)
+            _same(ptx, run(), f"{what} at launch {launch}: PTX lane loops vs Triton's ops")
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_linear_logprobs_bitwise_equals_linear_then_logprobs(dtype):
     import miles_kernels as mk

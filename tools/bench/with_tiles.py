@@ -12,6 +12,7 @@
     ... with_tiles.py --fast-pick off -- tools/bench/train.py --modes fast   # fast mode's linears by cuBLAS only
     ... with_tiles.py --sampler-screen off -- tools/bench/engine.py --quick   # every token's exact logs
     ... with_tiles.py --topk-cut on -- tools/bench/filter.py --cut-only   # top-k's value by the cut's search
+    ... with_tiles.py --cut-asm off -- tools/bench/filter.py --cut-only   # the cut's lane loops by Triton's ops
 
 Each BMxBN=U:S sets the 16-bit SMALL_M_TILES pointer tile BLOCK_M x BLOCK_N to U BLOCK_K steps
 a loop iteration (Tile.k_unroll) and S pipeline stages. The dots and their order stay as they are,
@@ -23,6 +24,7 @@ prefill by the Gluon kernel). Each gives the same bits either way. --fast-pick s
 (fast mode's linears by the faster of cuBLAS and the invariant kernel, timed per shape; off: cuBLAS).
 --sampler-screen sets engine.sampler.SCREEN (the noisy argmax ranked by fast logs first; same tokens).
 --topk-cut sets rows.TOPK_BY_CUT (top-k's k-th value by cut.top_k_floor in place of torch.topk; same values).
+--cut-asm sets cut.ASM (the cut's lane loops in PTX; same bits).
 --fill F sets matmul.FILL, the share of the SMs a small-M tile's grid must fill before a wider
 tile is taken (every tile gives the same bits); --fill-max-m M sets matmul.FILL_MAX_M, the largest
 M whose tile the fill rule picks (above, the M bucket's). The script runs in this process (runpy), so
@@ -88,7 +90,7 @@ def apply(changes: dict[tuple[int, int], tuple[int, int]], tma_stages: dict[tupl
 def main() -> None:
     argv = sys.argv[1:]
     usage = ("with_tiles: usage: with_tiles.py [--unroll BMxBN=U:S ...] [--tma-stages BMxBN=S ...] [--fill F] "
-             "[--fill-max-m M] [--small-tma|--gluon-paged|--fast-pick|--sampler-screen|--topk-cut "
+             "[--fill-max-m M] [--small-tma|--gluon-paged|--fast-pick|--sampler-screen|--topk-cut|--cut-asm "
              "on|off] "
              "-- SCRIPT [ARGS ...]")
     if "--" not in argv:
@@ -103,14 +105,15 @@ def main() -> None:
                 "gluon_paged": ("miles_kernels._triton.paged_attention", "GLUON_PAGED"),
                 "fast_pick": ("miles_kernels._fast_pick", "PICK"),
                 "sampler_screen": ("miles_fsdp.engine.sampler", "SCREEN"),
-                "topk_cut": ("miles_kernels._triton.rows", "TOPK_BY_CUT")}
+                "topk_cut": ("miles_kernels._triton.rows", "TOPK_BY_CUT"),
+                "cut_asm": ("miles_kernels._triton.cut", "ASM")}
     for name in switches:
         ap.add_argument("--" + name.replace("_", "-"), choices=("on", "off"), default=None)
     a = ap.parse_args(argv[:cut])
     flags = {switches[n]: getattr(a, n) == "on" for n in switches if getattr(a, n) is not None}
     if not a.unroll and not a.tma_stages and a.fill is None and a.fill_max_m is None and not flags:
         raise SystemExit(f"{usage}: nothing to change (give --unroll, --tma-stages, --fill, --fill-max-m, "
-                         "--small-tma, --gluon-paged, --fast-pick, --sampler-screen or --topk-cut)")
+                         "--small-tma, --gluon-paged, --fast-pick, --sampler-screen, --topk-cut or --cut-asm)")
     if a.fill_max_m is not None and a.fill_max_m < 1:
         raise SystemExit(f"with_tiles: --fill-max-m {a.fill_max_m}: must be >= 1 (rows)")
     if a.fill is not None and not 0.0 < a.fill <= 4.0:

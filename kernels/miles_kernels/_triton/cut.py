@@ -17,8 +17,10 @@ lanes (_tree_sum: adjacent pairs, level by level). The masses above v fall as v 
 bracket. Nothing in a launch changes a bit: chunks a loop step (UNROLL), loads ahead (STAGES),
 num_warps, or how many programs share a row (SPLIT: program s holds lanes [s L, (s + 1) L), one
 subtree of the tree; its passes are launches, the row's state between them in small buffers).
-CUT_LAUNCH picks the launch by the row count.
+CUT_LAUNCH picks the launch by the row count. Nor does ASM (a token's step in PTX on NVIDIA GPUs).
 """
+
+import os
 
 import torch
 import triton
@@ -28,6 +30,10 @@ from miles_kernels._triton.launch import fast_launch
 
 CHUNK = 4096  # lanes of a row: a lane adds the tokens lane, lane + CHUNK, ...
 PASSES = 16  # three cut points a pass: 4**16 = 2**32 keys
+# The lane loops' token step in PTX on NVIDIA GPUs (_exp, _add_above): 10 instructions a token a pass
+# where Triton's ops take 16 (sm_90 SASS), the same sums; H100 (fortieth run) 64 rows 0.342 vs 0.379 ms,
+# level from 256 rows (not issue-bound there). Off: Triton's ops (always so in the interpreter).
+ASM = True
 
 
 @triton.jit
@@ -53,6 +59,34 @@ def _tree_sum(x, LOG: tl.constexpr):
 
 
 @triton.jit
+def _exp(d, ASM: tl.constexpr):
+    """exp(d) as tl.exp computes it (ex2.approx of d log2 e); under ASM ex2's .ftz form, whose results
+    under 2**-126 are 0 (no denormal fix-up: 3 instructions fewer). Such a term never moves a mass: a
+    mass above a cut point holds the max's term, 1, and a denormal added to 1 rounds away."""
+    if ASM:
+        return tl.inline_asm_elementwise("ex2.approx.ftz.f32 $0, $1;", "=f,f", [d * 1.4426950408889634],
+                                         dtype=tl.float32, is_pure=True, pack=1)
+    else:
+        return tl.exp(d)
+
+
+@triton.jit
+def _add_above(a1, a2, a3, x, e, v1, v2, v3, ASM: tl.constexpr):
+    """a_i + (e where x > v_i else 0): under ASM a compare and a predicated add each (no select; adding
+    0 leaves a sum as it is, so the same bits)."""
+    if ASM:
+        return tl.inline_asm_elementwise(
+            "{ .reg .pred p; "
+            "setp.gt.f32 p, $6, $8; @p add.rn.f32 $0, $0, $7; "
+            "setp.gt.f32 p, $6, $9; @p add.rn.f32 $1, $1, $7; "
+            "setp.gt.f32 p, $6, $10; @p add.rn.f32 $2, $2, $7; }",
+            "=f,=f,=f,0,1,2,f,f,f,f,f", [a1, a2, a3, x, e, v1, v2, v3],
+            dtype=(tl.float32, tl.float32, tl.float32), is_pure=True, pack=1)
+    else:
+        return a1 + tl.where(x > v1, e, 0.0), a2 + tl.where(x > v2, e, 0.0), a3 + tl.where(x > v3, e, 0.0)
+
+
+@triton.jit
 def _lane_max(base, lanes, V, CHUNK: tl.constexpr, UNROLL: tl.constexpr, STAGES: tl.constexpr):
     mv = tl.full(lanes.shape, float("-inf"), tl.float32)
     for v0 in tl.range(0, V, UNROLL * CHUNK, num_stages=STAGES):
@@ -64,10 +98,10 @@ def _lane_max(base, lanes, V, CHUNK: tl.constexpr, UNROLL: tl.constexpr, STAGES:
 
 @triton.jit
 def _lane_total(base, lanes, V, m, CHUNK: tl.constexpr, UNROLL: tl.constexpr, COUNT: tl.constexpr,
-                STAGES: tl.constexpr):
+                STAGES: tl.constexpr, ASM: tl.constexpr):
     """Each lane's sum of exp(x - m) (COUNT: of 1 a finite x): its masses above -inf."""
     neg = tl.full([], float("-inf"), tl.float32)
-    total, _, _ = _lane_masses(base, lanes, V, m, neg, neg, neg, CHUNK, UNROLL, COUNT, STAGES)
+    total, _, _ = _lane_masses(base, lanes, V, m, neg, neg, neg, CHUNK, UNROLL, COUNT, STAGES, ASM)
     return total
 
 
@@ -82,23 +116,32 @@ def _cut_points(lo, hi):
 
 @triton.jit
 def _lane_masses(base, lanes, V, m, v1, v2, v3, CHUNK: tl.constexpr, UNROLL: tl.constexpr, COUNT: tl.constexpr,
-                 STAGES: tl.constexpr):
+                 STAGES: tl.constexpr, ASM: tl.constexpr):
     """Each lane's sums of exp(x - m) (COUNT: 1) over its tokens above each cut point, chunk after chunk."""
     a1 = tl.zeros(lanes.shape, tl.float32)
     a2 = tl.zeros(lanes.shape, tl.float32)
     a3 = tl.zeros(lanes.shape, tl.float32)
-    for v0 in tl.range(0, V, UNROLL * CHUNK, num_stages=STAGES):
+    full = V // (UNROLL * CHUNK) * (UNROLL * CHUNK)  # whole loop steps unmasked, then the rest chunk by chunk
+    for v0 in tl.range(0, full, UNROLL * CHUNK, num_stages=STAGES):
         for j in tl.static_range(UNROLL):
-            c = v0 + j * CHUNK + lanes
-            x = tl.load(base + c, mask=c < V, other=float("-inf"))
-            if COUNT:
-                e = 1.0
-            else:
-                e = tl.exp(x - m)
-            a1 = a1 + tl.where(x > v1, e, 0.0)
-            a2 = a2 + tl.where(x > v2, e, 0.0)
-            a3 = a3 + tl.where(x > v3, e, 0.0)
+            x = tl.load(base + v0 + j * CHUNK + lanes)
+            a1, a2, a3 = _token_step(a1, a2, a3, x, m, v1, v2, v3, COUNT, ASM)
+    for v0 in range(full, V, CHUNK):
+        c = v0 + lanes
+        x = tl.load(base + c, mask=c < V, other=float("-inf"))
+        a1, a2, a3 = _token_step(a1, a2, a3, x, m, v1, v2, v3, COUNT, ASM)
     return a1, a2, a3
+
+
+@triton.jit
+def _token_step(a1, a2, a3, x, m, v1, v2, v3, COUNT: tl.constexpr, ASM: tl.constexpr):
+    """A lane's next token into its three sums (lanes add their tokens chunk after chunk, however
+    the loop steps are cut, so the same sums)."""
+    if COUNT:
+        e = tl.full(x.shape, 1.0, tl.float32)
+    else:
+        e = _exp(x - m, ASM)
+    return _add_above(a1, a2, a3, x, e, v1, v2, v3, ASM)
 
 
 @triton.jit
@@ -152,19 +195,20 @@ def _narrow_start(m, total, level, V, COUNT: tl.constexpr):
 @fast_launch
 @triton.jit
 def _cut_kernel(x_ptr, cut_ptr, passes_ptr, V, stride_t, level, CHUNK: tl.constexpr, LOG: tl.constexpr,
-                UNROLL: tl.constexpr, COUNT: tl.constexpr, PASSES_OUT: tl.constexpr, STAGES: tl.constexpr):
+                UNROLL: tl.constexpr, COUNT: tl.constexpr, PASSES_OUT: tl.constexpr, STAGES: tl.constexpr,
+                ASM: tl.constexpr):
     """One program a row, all passes in one launch (see the module): top-p's search starts from
     _narrow_start's bracket and ends when one key is left (PASSES_OUT: the passes a row took)."""
     base = x_ptr + tl.program_id(0).to(tl.int64) * stride_t
     lanes = tl.arange(0, CHUNK)
     m = _lane_max(base, lanes, V, CHUNK, UNROLL, STAGES)
-    total = _tree_sum(_lane_total(base, lanes, V, m, CHUNK, UNROLL, COUNT, STAGES), LOG)
+    total = _tree_sum(_lane_total(base, lanes, V, m, CHUNK, UNROLL, COUNT, STAGES, ASM), LOG)
     target = _target(level, total, COUNT)
     lo, hi = _narrow_start(m, total, level, V, COUNT)
     i = 0
     while hi - lo > 1:
         q1, q2, q3, v1, v2, v3 = _cut_points(lo, hi)
-        a1, a2, a3 = _lane_masses(base, lanes, V, m, v1, v2, v3, CHUNK, UNROLL, COUNT, STAGES)
+        a1, a2, a3 = _lane_masses(base, lanes, V, m, v1, v2, v3, CHUNK, UNROLL, COUNT, STAGES, ASM)
         lo, hi = _narrow(lo, hi, q1, q2, q3, _tree_sum(a1, LOG), _tree_sum(a2, LOG), _tree_sum(a3, LOG), target)
         i += 1
     tl.store(cut_ptr + tl.program_id(0), _cut(hi, total, level, COUNT))
@@ -176,7 +220,8 @@ def _cut_kernel(x_ptr, cut_ptr, passes_ptr, V, stride_t, level, CHUNK: tl.conste
 @triton.jit
 def _cut_pass_kernel(x_ptr, part_max_ptr, part_ptr, state_ptr, total_ptr, cut_ptr, V, stride_t, level, step,
                      CHUNK: tl.constexpr, SPLIT: tl.constexpr, LOG_L: tl.constexpr, LOG_S: tl.constexpr,
-                     UNROLL: tl.constexpr, PHASE: tl.constexpr, COUNT: tl.constexpr, STAGES: tl.constexpr):
+                     UNROLL: tl.constexpr, PHASE: tl.constexpr, COUNT: tl.constexpr, STAGES: tl.constexpr,
+                     ASM: tl.constexpr):
     """One launch of the cut over SPLIT programs a row (grid [T, SPLIT]; program s: lanes
     [s L, (s + 1) L), L = CHUNK / SPLIT). PHASE 0: each program's max. PHASE 1, step k of 16: the
     decision of pass k - 1 from its SPLIT subtree sums (the tree's top levels; at k = 1 the total
@@ -220,10 +265,10 @@ def _cut_pass_kernel(x_ptr, part_max_ptr, part_ptr, state_ptr, total_ptr, cut_pt
             tl.store(state_ptr + row * 4 + step % 2 * 2, lo)
             tl.store(state_ptr + row * 4 + step % 2 * 2 + 1, hi)
         _, _, _, v1, v2, v3 = _cut_points(lo, hi)
-        a1, a2, a3 = _lane_masses(base, lanes, V, m, v1, v2, v3, CHUNK, UNROLL, COUNT, STAGES)
+        a1, a2, a3 = _lane_masses(base, lanes, V, m, v1, v2, v3, CHUNK, UNROLL, COUNT, STAGES, ASM)
         out = part_ptr + ((step % 2 * rows + row) * 4) * SPLIT + s
         if step == 0:
-            tl.store(out, _tree_sum(_lane_total(base, lanes, V, m, CHUNK, UNROLL, COUNT, STAGES), LOG_L))
+            tl.store(out, _tree_sum(_lane_total(base, lanes, V, m, CHUNK, UNROLL, COUNT, STAGES, ASM), LOG_L))
         tl.store(out + SPLIT, _tree_sum(a1, LOG_L))
         tl.store(out + 2 * SPLIT, _tree_sum(a2, LOG_L))
         tl.store(out + 3 * SPLIT, _tree_sum(a3, LOG_L))
@@ -235,8 +280,10 @@ def _cut_pass_kernel(x_ptr, part_max_ptr, part_ptr, state_ptr, total_ptr, cut_pt
 # lm, top-p 0.9, 64 / 1,024 / 4,096 rows, the narrowed search): 32 warps, 4 chunks 0.337 / 4.396 / 17.09 ms;
 # with 2 stages 0.394 / 4.054 / 15.97; 2 chunks, 3 stages 0.407 / 4.106 / 16.16; 1 chunk, 4 stages 0.437 /
 # 4.297 / 16.93 (the search before the narrowed start, 32 warps, 4 chunks: 0.402 / 5.206 / 20.32). One read
-# each. H100 (thirty-eighth run): 32 warps, 4 chunks 1.03-1.47x 8 warps; 4 programs a row no faster.
-CUT_LAUNCH = ((0, 32, 4, 1, 1), (1024, 32, 4, 1, 2))
+# each. H100 (thirty-eighth run): 32 warps, 4 chunks 1.03-1.47x 8 warps; 4 programs a row no faster. H100
+# (fortieth run, lane loops in PTX): 1 / 2 stages 0.341 / 0.367 ms at 64 rows, 0.687 / 0.641 at 128, 1.341 /
+# 1.254 at 256, 5.166 / 4.886 at 1,024 (before the PTX, 256 / 512 rows: 1.38 / 2.70 vs 1.29 / 2.54): 2 from 128.
+CUT_LAUNCH = ((0, 32, 4, 1, 1), (128, 32, 4, 1, 2))
 
 
 def _launch(T: int) -> tuple[int, int, int, int]:
@@ -248,6 +295,12 @@ def _launch(T: int) -> tuple[int, int, int, int]:
     return pick
 
 
+def _asm(x_TV: torch.Tensor) -> bool:
+    """Whether the lane loops run ASM's PTX: on an NVIDIA GPU, outside the interpreter."""
+    return (ASM and x_TV.is_cuda and torch.version.hip is None
+            and os.environ.get("TRITON_INTERPRET", "0") in ("", "0"))
+
+
 def _floor(x_TV: torch.Tensor, level: float, count: bool, passes_T: torch.Tensor | None = None) -> torch.Tensor:
     """The cut of each row (passes_T, int32 [T]: the passes each row's search took, one program a row)."""
     x_TV = x_TV.contiguous()
@@ -257,10 +310,11 @@ def _floor(x_TV: torch.Tensor, level: float, count: bool, passes_T: torch.Tensor
         return cut_T
     num_warps, unroll, split, stages = _launch(T)
     log = CHUNK.bit_length() - 1
+    asm = _asm(x_TV)
     if split == 1:
         _cut_kernel[(T,)](x_TV, cut_T, passes_T if passes_T is not None else cut_T, V, x_TV.stride(0),
                           float(level), CHUNK=CHUNK, LOG=log, UNROLL=unroll, COUNT=count,
-                          PASSES_OUT=passes_T is not None, STAGES=stages, num_warps=num_warps)
+                          PASSES_OUT=passes_T is not None, STAGES=stages, ASM=asm, num_warps=num_warps)
         return cut_T
     if split & (split - 1) or not 1 < split <= CHUNK:
         raise ValueError(f"miles_kernels filter cut: {split} programs a row: want a power of two up to {CHUNK}")
@@ -271,7 +325,7 @@ def _floor(x_TV: torch.Tensor, level: float, count: bool, passes_T: torch.Tensor
     total = torch.empty(T, dtype=torch.float32, device=dev)
     log_s = split.bit_length() - 1
     consts = dict(CHUNK=CHUNK, SPLIT=split, LOG_L=log - log_s, LOG_S=log_s, UNROLL=unroll, COUNT=count,
-                  STAGES=stages, num_warps=num_warps)
+                  STAGES=stages, ASM=asm, num_warps=num_warps)
     args = (x_TV, part_max, part, state, total, cut_T, V, x_TV.stride(0), float(level))
     _cut_pass_kernel[(T, split)](*args, 0, PHASE=0, **consts)
     for step in range(PASSES):
