@@ -855,11 +855,13 @@ def check_top_p_cutoff() -> None:
 
 
 def check_top_p_narrow_start() -> None:
-    """One program a row starts top-p's search from the bound near the max (cut._narrow_start): it
-    takes fewer than the split launch's 16 passes where the max is high (PASSES_OUT), never more, and
-    finds the split launch's cut, from the whole range, bitwise. A row whose V - 1
-    tokens sit 10 under its max puts a bound without its 1 / V inside (0, max): at top-p 0.9 that
-    bracket would cut them all."""
+    """Top-p's search starts from the bound near the max (cut._narrow_start): one program a row takes
+    fewer than the whole range's 16 passes where the max is high (PASSES_OUT), never more, and finds the
+    cut the search over the whole range finds, bitwise; so does the split launch, its passes as launches
+    that end once one key is left. A row whose V - 1 tokens sit 10 under its max puts a bound without
+    its 1 / V inside (0, max): at top-p 0.9 that bracket would cut them all."""
+    from _row_sums_kernel import whole_range
+
     from miles_kernels._triton import cut as cut_mod
 
     g = torch.Generator().manual_seed(41)
@@ -872,12 +874,17 @@ def check_top_p_narrow_start() -> None:
     for top_p in (0.9, 0.5):
         passes = torch.zeros(4, dtype=torch.int32)
         cut = cut_mod.top_p_cutoff(x, top_p, passes)
-        shipped = cut_mod.CUT_LAUNCH
+        whole_passes = torch.zeros(4, dtype=torch.int32)
+        narrow, shipped = cut_mod._narrow_start, cut_mod.CUT_LAUNCH
         try:
+            cut_mod._narrow_start = whole_range
+            _same(cut_mod.top_p_cutoff(x, top_p, whole_passes), cut, f"top_p={top_p}: narrowed vs the whole range")
+            cut_mod._narrow_start = narrow
             cut_mod.CUT_LAUNCH = ((0, 8, 4, 2, 1),)
-            _same(cut_mod.top_p_cutoff(x, top_p), cut, f"top_p={top_p}: narrowed start vs the whole range")
+            _same(cut_mod.top_p_cutoff(x, top_p), cut, f"top_p={top_p}: the split launch vs one program a row")
         finally:
-            cut_mod.CUT_LAUNCH = shipped
+            cut_mod._narrow_start, cut_mod.CUT_LAUNCH = narrow, shipped
+        assert whole_passes.tolist() == [16] * 4, f"top_p={top_p}: whole-range passes {whole_passes.tolist()}"
         assert cut[2] == (0.0 if top_p == 0.9 else 10.0), f"top_p={top_p}: row 2's cut {cut[2]}"
         assert passes[0] <= 13 and passes.max() <= 16, f"top_p={top_p}: passes {passes.tolist()} (16 unnarrowed)"
 

@@ -6,9 +6,9 @@ smallest v with fewer than k values above it, the k-th largest value (torch.topk
 counted), its counts exact in fp32 whatever their order. A search over the floats' order, three
 cut points a pass (16 passes narrow 2**32 keys to one), no sort. P(v) (`above v < target`) is
 monotone in v and the answer is the key where it turns true, so any bracket (lo, hi] with P(lo)
-false and P(hi) true finds the same key: one program a row starts top-p from a bound near the max
-and stops when one key is left (11-13 passes where the max is well above the bound's ~15 under
-it), the split launch searches the whole range in 16.
+false and P(hi) true finds the same key: top-p starts from a bound near the max and stops when one
+key is left (11-13 passes where the max is well above the bound's ~15 under it; the split launch's
+16 pass launches end at once from there).
 
 Every sum is summed alike, fixed by the row alone: each of the CHUNK = 2**LOG lanes adds its
 tokens' terms (token v0 + lane of each chunk) chunk after chunk, then one fixed tree sums the
@@ -223,12 +223,13 @@ def _cut_pass_kernel(x_ptr, part_max_ptr, part_ptr, state_ptr, total_ptr, cut_pt
                      UNROLL: tl.constexpr, PHASE: tl.constexpr, COUNT: tl.constexpr, STAGES: tl.constexpr,
                      ASM: tl.constexpr):
     """One launch of the cut over SPLIT programs a row (grid [T, SPLIT]; program s: lanes
-    [s L, (s + 1) L), L = CHUNK / SPLIT). PHASE 0: each program's max. PHASE 1, step k of 16: the
-    decision of pass k - 1 from its SPLIT subtree sums (the tree's top levels; at k = 1 the total
-    from pass 0's), then pass k's lane sums as subtrees into part[k % 2] (pass 0 also the total);
-    program 0 keeps the bracket in state[k % 2] and the total. PHASE 2 (one program a
-    row): pass 15's decision, the cut. By parity, a launch reads what the one before it wrote and
-    never what it writes itself."""
+    [s L, (s + 1) L), L = CHUNK / SPLIT). PHASE 0: each program's max. PHASE 1, step 0: the lanes'
+    total as subtrees into part[0]; step k >= 1: the bracket (k = 1: _narrow_start's, from the total
+    by the tree's top levels; then pass k - 1's decision from its SPLIT subtree sums), then, while it
+    holds more than one key, pass k's lane sums as subtrees into part[k % 2]; program 0 keeps the
+    bracket in state[k % 2] and the total. PHASE 2 (one program a row): the last decision, the cut. By
+    parity, a launch reads what the one before it wrote and never what it writes itself; a bracket of
+    one key stays, so the launches after it end after a few loads (one program a row's passes)."""
     row = tl.program_id(0).to(tl.int64)
     s = tl.program_id(1)
     base = x_ptr + row * stride_t
@@ -238,40 +239,38 @@ def _cut_pass_kernel(x_ptr, part_max_ptr, part_ptr, state_ptr, total_ptr, cut_pt
         return
     m = tl.max(tl.load(part_max_ptr + row * SPLIT + tl.arange(0, SPLIT)), 0)
     rows = tl.num_programs(0)
-    ss = tl.arange(0, SPLIT)
     if step == 0:
-        lo, hi = _start(m)
-        total = tl.zeros([], tl.float32)  # (known from step 1 on)
+        tl.store(part_ptr + row * 4 * SPLIT + s,
+                 _tree_sum(_lane_total(base, lanes, V, m, CHUNK, UNROLL, COUNT, STAGES, ASM), LOG_L))
+        return
+    prev = part_ptr + (((step - 1) % 2 * rows + row) * 4) * SPLIT + tl.arange(0, SPLIT)  # [total, above v1..v3]
+    if step == 1:
+        total = _tree_sum(tl.load(prev), LOG_S)
+        lo, hi = _narrow_start(m, total, level, V, COUNT)
+        if (PHASE == 1) & (s == 0):
+            tl.store(total_ptr + row, total)
     else:
-        prev = part_ptr + (((step - 1) % 2 * rows + row) * 4) * SPLIT + ss  # [total, above v1, v2, v3] x SPLIT
-        if step == 1:
-            total = _tree_sum(tl.load(prev), LOG_S)
-        else:
-            total = tl.load(total_ptr + row)
-        target = _target(level, total, COUNT)
+        total = tl.load(total_ptr + row)
         lo = tl.load(state_ptr + row * 4 + (step - 1) % 2 * 2)
         hi = tl.load(state_ptr + row * 4 + (step - 1) % 2 * 2 + 1)
-        q1, q2, q3, _, _, _ = _cut_points(lo, hi)
-        lo, hi = _narrow(lo, hi, q1, q2, q3, _tree_sum(tl.load(prev + SPLIT), LOG_S),
-                         _tree_sum(tl.load(prev + 2 * SPLIT), LOG_S), _tree_sum(tl.load(prev + 3 * SPLIT), LOG_S),
-                         target)
-        if PHASE == 1:
-            if (step == 1) & (s == 0):
-                tl.store(total_ptr + row, total)
+        if hi - lo > 1:
+            q1, q2, q3, _, _, _ = _cut_points(lo, hi)
+            lo, hi = _narrow(lo, hi, q1, q2, q3, _tree_sum(tl.load(prev + SPLIT), LOG_S),
+                             _tree_sum(tl.load(prev + 2 * SPLIT), LOG_S),
+                             _tree_sum(tl.load(prev + 3 * SPLIT), LOG_S), _target(level, total, COUNT))
     if PHASE == 2:
         tl.store(cut_ptr + row, _cut(hi, total, level, COUNT))
     else:
         if s == 0:
             tl.store(state_ptr + row * 4 + step % 2 * 2, lo)
             tl.store(state_ptr + row * 4 + step % 2 * 2 + 1, hi)
-        _, _, _, v1, v2, v3 = _cut_points(lo, hi)
-        a1, a2, a3 = _lane_masses(base, lanes, V, m, v1, v2, v3, CHUNK, UNROLL, COUNT, STAGES, ASM)
-        out = part_ptr + ((step % 2 * rows + row) * 4) * SPLIT + s
-        if step == 0:
-            tl.store(out, _tree_sum(_lane_total(base, lanes, V, m, CHUNK, UNROLL, COUNT, STAGES, ASM), LOG_L))
-        tl.store(out + SPLIT, _tree_sum(a1, LOG_L))
-        tl.store(out + 2 * SPLIT, _tree_sum(a2, LOG_L))
-        tl.store(out + 3 * SPLIT, _tree_sum(a3, LOG_L))
+        if hi - lo > 1:
+            _, _, _, v1, v2, v3 = _cut_points(lo, hi)
+            a1, a2, a3 = _lane_masses(base, lanes, V, m, v1, v2, v3, CHUNK, UNROLL, COUNT, STAGES, ASM)
+            out = part_ptr + ((step % 2 * rows + row) * 4) * SPLIT + s
+            tl.store(out + SPLIT, _tree_sum(a1, LOG_L))
+            tl.store(out + 2 * SPLIT, _tree_sum(a2, LOG_L))
+            tl.store(out + 3 * SPLIT, _tree_sum(a3, LOG_L))
 
 
 # (from rows, num_warps, chunks a loop step, programs a row, stages) of the cut: the last entry whose
@@ -328,9 +327,9 @@ def _floor(x_TV: torch.Tensor, level: float, count: bool, passes_T: torch.Tensor
                   STAGES=stages, ASM=asm, num_warps=num_warps)
     args = (x_TV, part_max, part, state, total, cut_T, V, x_TV.stride(0), float(level))
     _cut_pass_kernel[(T, split)](*args, 0, PHASE=0, **consts)
-    for step in range(PASSES):
+    for step in range(PASSES + 1):  # the total, then PASSES passes (a bracket of one key: launches that end)
         _cut_pass_kernel[(T, split)](*args, step, PHASE=1, **consts)
-    _cut_pass_kernel[(T, 1)](*args, PASSES, PHASE=2, **consts)
+    _cut_pass_kernel[(T, 1)](*args, PASSES + 1, PHASE=2, **consts)
     return cut_T
 
 
