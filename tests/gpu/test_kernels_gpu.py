@@ -184,10 +184,10 @@ def test_logprobs_and_route_topk(kt, dtype):
 
 def test_filter_cuts_same_bits_in_every_launch(kt, monkeypatch):
     """The filter's cuts are fixed by the row alone: every launch (num_warps, chunks a step, programs
-    a row with the passes as launches, loads ahead), which cut.CUT_LAUNCH picks by the row count, gives the
-    shipped rule's bits and a row alone's, for the top-p cut and top-k's k-th value (== torch.topk's);
-    cut._tree_sum is the adjacent-pair tree on the GPU at any num_warps (tl.sum's order follows the
-    layout)."""
+    a row with the passes as launches, loads ahead, brackets snapped to tokens), which cut.CUT_LAUNCH
+    picks by the row count, gives the shipped rule's bits and a row alone's, for the top-p cut and
+    top-k's k-th value (== torch.topk's); cut._tree_sum is the adjacent-pair tree on the GPU at any
+    num_warps (tl.sum's order follows the layout)."""
     import os
     import sys
 
@@ -211,7 +211,8 @@ def test_filter_cuts_same_bits_in_every_launch(kt, monkeypatch):
     z[11, 30:] = float("-inf")  # fewer finite values than k = 50
     z[12] = torch.round(z[12])  # ties everywhere
     launches = ((4, 1, 1, 1), (8, 1, 1, 1), (16, 4, 1, 1), (32, 2, 1, 1), (32, 4, 1, 1), (4, 2, 4, 1), (8, 4, 8, 1),
-                (8, 1, 16, 1), (4, 4, 32, 1), (32, 2, 1, 3), (32, 4, 1, 2), (32, 1, 1, 4), (16, 2, 1, 3), (8, 4, 4, 2))
+                (8, 1, 16, 1), (4, 4, 32, 1), (32, 2, 1, 3), (32, 4, 1, 2), (32, 1, 1, 4), (16, 2, 1, 3), (8, 4, 4, 2),
+                (16, 4, 1, 1, 1), (16, 4, 1, 2, 1), (32, 4, 1, 1, 1), (8, 2, 1, 1, 1))  # the last four: snapped
     cases = [(f"top_p {p}", lambda p=p: kt.top_p_cutoff(z, p), lambda p=p: kt.top_p_cutoff(z[7:8], p))
              for p in (0.9, 0.95, 0.5)]
     cases += [(f"top_k {k}", lambda k=k: kt.top_k_floor(z, k), lambda k=k: kt.top_k_floor(z[7:8], k))
@@ -224,10 +225,10 @@ def test_filter_cuts_same_bits_in_every_launch(kt, monkeypatch):
         else:
             kept_min = torch.where(z >= cut[:, None], z, float("inf")).amin(-1)
             _same(cut, kept_min, f"{what}: the cut is the smallest kept value")
-        for nw, unroll, split, stages in launches:
-            monkeypatch.setattr(tp, "CUT_LAUNCH", ((0, nw, unroll, split, stages),))
-            _same(run(), cut, f"{what}: at {nw} warps, {unroll} chunks a step, {split} programs a row, {stages} "
-                  "stages vs shipped")
+        for launch in launches:
+            monkeypatch.setattr(tp, "CUT_LAUNCH", ((0, *launch),))
+            _same(run().view(torch.int32), cut.view(torch.int32), f"{what}: at launch (warps, chunks a step, "
+                  f"programs a row, stages[, snap]) {launch} vs shipped")
         monkeypatch.undo()
 
 
@@ -243,7 +244,7 @@ def test_filter_cut_ptx_same_bits(kt, monkeypatch):
     z[40] = torch.linspace(-300.0, 20.0, 151936, device="cuda")
     z[41, 1000:] = float("-inf")
     z[42] = torch.round(z[42])
-    for launch in ((0, 32, 4, 1, 1), (0, 32, 4, 1, 2), (0, 8, 1, 4, 1)):
+    for launch in ((0, 32, 4, 1, 1), (0, 32, 4, 1, 2), (0, 8, 1, 4, 1), (0, 16, 4, 1, 1, 1)):
         monkeypatch.setattr(tp, "CUT_LAUNCH", (launch,))
         for what, run in [(f"top_p {p}", lambda p=p: kt.top_p_cutoff(z, p)) for p in (0.9, 0.95, 0.5)] + [
                 ("top_k 20", lambda: kt.top_k_floor(z, 20))]:

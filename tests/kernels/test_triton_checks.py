@@ -889,6 +889,51 @@ def check_top_p_narrow_start() -> None:
         assert passes[0] <= 13 and passes.max() <= 16, f"top_p={top_p}: passes {passes.tolist()} (16 unnarrowed)"
 
 
+def check_cut_snap() -> None:
+    """A snapping launch (CUT_LAUNCH's sixth field: each pass's bracket pulled in to the tokens nearest
+    its cut points) finds the same cut bits in fewer passes, top-p and top-k: a high max, ties, an
+    LM-shaped row, signed zeros at the cut (the cut is -0.0's key), a row of one finite value,
+    quarter-step values; a snapping launch over programs a row is refused."""
+    from miles_kernels._triton import cut as cut_mod
+
+    g = torch.Generator().manual_seed(43)
+    V = cut_mod.CHUNK + 300
+    x = torch.randn(6, V, generator=g) * 3
+    x[0] += 20.0
+    x[1] = torch.round(x[1])  # ties everywhere
+    x[2] = torch.randn(V, generator=g) * 2.5
+    x[2, :32] = 15 + 3 * torch.randn(32, generator=g)  # a head ~15 over the bulk
+    x[3] = 0.0
+    x[3, : V // 2] = -0.0
+    x[3, :10] = 5.0  # top-p 0.9's cut falls on the zeros
+    x[4] = float("-inf")
+    x[4, 7] = 1.0
+    x[5] = torch.round(x[5] * 4) / 4
+    shipped = cut_mod.CUT_LAUNCH
+    try:
+        for level, count in ((0.9, False), (0.5, False), (0.95, False), (20, True), (1, True)):
+            got = {}
+            for snap in (0, 1):
+                cut_mod.CUT_LAUNCH = ((0, 8, 4, 1, 1, snap),)
+                passes = torch.zeros(6, dtype=torch.int32)
+                got[snap] = cut_mod._floor(x, level, count, passes), passes
+            (plain, plain_passes), (snapped, snap_passes) = got[0], got[1]
+            _same(snapped.view(torch.int32), plain.view(torch.int32), f"level {level}: the cut's bits, snapped or not")
+            more = f"level {level}: passes {snap_passes.tolist()} snapped vs {plain_passes.tolist()}"
+            assert (snap_passes <= plain_passes).all(), more
+            assert snap_passes.sum() < plain_passes.sum(), f"level {level}: no fewer passes {snap_passes.tolist()}"
+        negative_zero = torch.tensor(-0.0).view(torch.int32).item()
+        assert cut_mod.top_p_cutoff(x[3:4], 0.9).view(torch.int32).item() == negative_zero, "the cut on the zeros"
+        cut_mod.CUT_LAUNCH = ((0, 8, 4, 2, 1, 1),)
+        try:
+            cut_mod.top_p_cutoff(x, 0.9)
+            raise AssertionError("a snapping launch over 2 programs a row ran")
+        except ValueError as e:
+            assert "one program a row" in str(e), e
+    finally:
+        cut_mod.CUT_LAUNCH = shipped
+
+
 def _each_cut_launch(run, want, what: str) -> None:
     """run() under a chunk a loop step, loads ahead, and a row over 2 / 8 programs (passes as launches) == want."""
     from miles_kernels._triton import cut as cut_mod

@@ -7,6 +7,7 @@ peer, transformers' top-k / top-p warpers (torch.topk; torch.sort, softmax, cums
                                                                            # 8 programs a row
     python tools/bench/filter.py --cut-only --launch 32:2:1:3   # loads 2 steps ahead (3 stages)
     python tools/bench/filter.py --cut-only --logits lm    # rows shaped like an LM's (a head ~15 above the bulk)
+    python tools/bench/filter.py --cut-only --logits lm --launch 16:4:1:1:1   # brackets snapped to tokens
 
 --logits randn (default): N(0, 1) rows; lm: a bulk N(0, 2.5^2) and a head of 32 tokens at 15 +- 3, as an
 LM's logits sit; the top-p search's passes follow the rows (its first bracket starts ~15 under the max),
@@ -41,8 +42,9 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--vocab", type=int, default=151_936)
     ap.add_argument("--rows", type=int, nargs="+", default=[256, 4096])
-    ap.add_argument("--launch", default=None, metavar="WARPS:UNROLL[:SPLIT[:STAGES]]",
-                    help="the top-p cut's launch at every row count (cut.CUT_LAUNCH; same bits): e.g. 16:4:8, 32:2:1:3")
+    ap.add_argument("--launch", default=None, metavar="WARPS:UNROLL[:SPLIT[:STAGES[:SNAP]]]",
+                    help="the top-p cut's launch at every row count (cut.CUT_LAUNCH; same bits): e.g. 16:4:8, "
+                    "32:2:1:3, 16:4:1:1:1")
     ap.add_argument("--cut-only", action="store_true", help="time the top-p 0.9 and top-k 20 filters alone (a launch "
                     "sweep)")
     ap.add_argument("--logits", choices=("randn", "lm"), default="randn", help="the rows' shape (see the module)")
@@ -51,16 +53,17 @@ def main() -> None:
     if a.launch is not None:
         try:
             warps, unroll, *rest = (int(v) for v in a.launch.split(":"))
-            split, stages = (rest + [1, 1])[:2]
-            if len(rest) > 2:
+            split, stages, snap = (rest + [1, 1, 0])[:3]
+            if len(rest) > 3:
                 raise ValueError
         except ValueError:
-            raise SystemExit(f"filter.py: --launch {a.launch!r}: want WARPS:UNROLL[:SPLIT[:STAGES]], "
+            raise SystemExit(f"filter.py: --launch {a.launch!r}: want WARPS:UNROLL[:SPLIT[:STAGES[:SNAP]]], "
                              "e.g. 16:4:8") from None
-        if warps not in (1, 2, 4, 8, 16, 32) or unroll < 1 or split < 1 or split & (split - 1) or stages < 1:
+        if (warps not in (1, 2, 4, 8, 16, 32) or unroll < 1 or split < 1 or split & (split - 1) or stages < 1
+                or snap not in (0, 1) or (snap and split != 1)):
             raise SystemExit(f"filter.py: --launch {a.launch!r}: warps a power of two up to 32, unroll >= 1, "
-                             "split a power of two, stages >= 1")
-        cut.CUT_LAUNCH = ((0, warps, unroll, split, stages),)
+                             "split a power of two, stages >= 1, snap 0 or 1 (1 only with split 1)")
+        cut.CUT_LAUNCH = ((0, warps, unroll, split, stages, snap),)
     if not torch.cuda.is_available():
         raise SystemExit("tools/bench/filter.py needs a CUDA device (the filter's kernels are Triton on CUDA)")
     res = []
@@ -78,10 +81,10 @@ def main() -> None:
             if a.cut_only:  # the cut's digest: every launch must give the same bits
                 floor = rows.filter_floor(logits.float() / 0.7, k, p)
                 digest = hashlib.sha1(floor.cpu().numpy().tobytes()).hexdigest()[:12]
-                passes_mean = None  # top-k, or the split launch (16 passes as launches): not counted
-                if p < 1.0 and cut._launch(B)[2] == 1:  # the passes one program a row took
+                passes_mean = None  # top-k by torch.topk, or the split launch (passes as launches): not counted
+                if (p < 1.0 or rows.TOPK_BY_CUT) and cut._launch(B)[2] == 1:  # the passes one program a row took
                     passes = torch.zeros(B, dtype=torch.int32, device="cuda")
-                    cut.top_p_cutoff(logits.float() / 0.7, p, passes)
+                    cut._floor(logits.float() / 0.7, p if p < 1.0 else k, p >= 1.0, passes)
                     passes_mean = passes.float().mean().item()
                 res.append(dict(rows=B, top_k=k, top_p=p, filter_ms=f_ms, cut_sha1=digest, passes_mean=passes_mean))
                 shown = "-" if passes_mean is None else f"{passes_mean:.2f}"

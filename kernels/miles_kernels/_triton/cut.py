@@ -118,30 +118,67 @@ def _cut_points(lo, hi):
 def _lane_masses(base, lanes, V, m, v1, v2, v3, CHUNK: tl.constexpr, UNROLL: tl.constexpr, COUNT: tl.constexpr,
                  STAGES: tl.constexpr, ASM: tl.constexpr):
     """Each lane's sums of exp(x - m) (COUNT: 1) over its tokens above each cut point, chunk after chunk."""
-    a1 = tl.zeros(lanes.shape, tl.float32)
-    a2 = tl.zeros(lanes.shape, tl.float32)
-    a3 = tl.zeros(lanes.shape, tl.float32)
-    full = V // (UNROLL * CHUNK) * (UNROLL * CHUNK)  # whole loop steps unmasked, then the rest chunk by chunk
-    for v0 in tl.range(0, full, UNROLL * CHUNK, num_stages=STAGES):
-        for j in tl.static_range(UNROLL):
-            x = tl.load(base + v0 + j * CHUNK + lanes)
-            a1, a2, a3 = _token_step(a1, a2, a3, x, m, v1, v2, v3, COUNT, ASM)
-    for v0 in range(full, V, CHUNK):
-        c = v0 + lanes
-        x = tl.load(base + c, mask=c < V, other=float("-inf"))
-        a1, a2, a3 = _token_step(a1, a2, a3, x, m, v1, v2, v3, COUNT, ASM)
+    a1, a2, a3, n1, n2, n3, b1, b2, b3 = _lane_search(base, lanes, V, m, v1, v2, v3, CHUNK, UNROLL, COUNT, STAGES,
+                                                      ASM, False)
     return a1, a2, a3
 
 
 @triton.jit
-def _token_step(a1, a2, a3, x, m, v1, v2, v3, COUNT: tl.constexpr, ASM: tl.constexpr):
+def _lane_search(base, lanes, V, m, v1, v2, v3, CHUNK: tl.constexpr, UNROLL: tl.constexpr, COUNT: tl.constexpr,
+                 STAGES: tl.constexpr, ASM: tl.constexpr, SNAP: tl.constexpr):
+    """_lane_masses, and under SNAP each lane's smallest token above each cut point (n, +inf if none)
+    and largest at or below it (b, -inf if none)."""
+    a1 = tl.zeros(lanes.shape, tl.float32)
+    a2 = tl.zeros(lanes.shape, tl.float32)
+    a3 = tl.zeros(lanes.shape, tl.float32)
+    n1 = tl.full(lanes.shape, float("inf"), tl.float32)
+    n2 = n1
+    n3 = n1
+    b1 = tl.full(lanes.shape, float("-inf"), tl.float32)
+    b2 = b1
+    b3 = b1
+    full = V // (UNROLL * CHUNK) * (UNROLL * CHUNK)  # whole loop steps unmasked, then the rest chunk by chunk
+    for v0 in tl.range(0, full, UNROLL * CHUNK, num_stages=STAGES):
+        for j in tl.static_range(UNROLL):
+            x = tl.load(base + v0 + j * CHUNK + lanes)
+            a1, a2, a3, n1, n2, n3, b1, b2, b3 = _token_step(a1, a2, a3, n1, n2, n3, b1, b2, b3, x, m, v1, v2, v3,
+                                                             COUNT, ASM, SNAP)
+    for v0 in range(full, V, CHUNK):
+        c = v0 + lanes
+        x = tl.load(base + c, mask=c < V, other=float("-inf"))
+        a1, a2, a3, n1, n2, n3, b1, b2, b3 = _token_step(a1, a2, a3, n1, n2, n3, b1, b2, b3, x, m, v1, v2, v3,
+                                                         COUNT, ASM, SNAP)
+    return a1, a2, a3, n1, n2, n3, b1, b2, b3
+
+
+@triton.jit
+def _token_step(a1, a2, a3, n1, n2, n3, b1, b2, b3, x, m, v1, v2, v3, COUNT: tl.constexpr, ASM: tl.constexpr,
+                SNAP: tl.constexpr):
     """A lane's next token into its three sums (lanes add their tokens chunk after chunk, however
-    the loop steps are cut, so the same sums)."""
+    the loop steps are cut, so the same sums) and, under SNAP, its nearest tokens above (n) and at or
+    below (b) each cut point."""
     if COUNT:
         e = tl.full(x.shape, 1.0, tl.float32)
     else:
         e = _exp(x - m, ASM)
-    return _add_above(a1, a2, a3, x, e, v1, v2, v3, ASM)
+    if SNAP and ASM:  # the compares shared: a predicated add, min and max each
+        return tl.inline_asm_elementwise(
+            "{ .reg .pred p; "
+            "setp.gt.f32 p, $18, $20; @p add.rn.f32 $0, $0, $19; @p min.f32 $3, $3, $18; @!p max.f32 $6, $6, $18; "
+            "setp.gt.f32 p, $18, $21; @p add.rn.f32 $1, $1, $19; @p min.f32 $4, $4, $18; @!p max.f32 $7, $7, $18; "
+            "setp.gt.f32 p, $18, $22; @p add.rn.f32 $2, $2, $19; @p min.f32 $5, $5, $18; @!p max.f32 $8, $8, $18; }",
+            "=f,=f,=f,=f,=f,=f,=f,=f,=f,0,1,2,3,4,5,6,7,8,f,f,f,f,f",
+            [a1, a2, a3, n1, n2, n3, b1, b2, b3, x, e, v1, v2, v3], dtype=(tl.float32,) * 9, is_pure=True, pack=1)
+    else:
+        a1, a2, a3 = _add_above(a1, a2, a3, x, e, v1, v2, v3, ASM)
+        if SNAP:
+            n1 = tl.where(x > v1, tl.minimum(n1, x), n1)
+            n2 = tl.where(x > v2, tl.minimum(n2, x), n2)
+            n3 = tl.where(x > v3, tl.minimum(n3, x), n3)
+            b1 = tl.where(x > v1, b1, tl.maximum(b1, x))
+            b2 = tl.where(x > v2, b2, tl.maximum(b2, x))
+            b3 = tl.where(x > v3, b3, tl.maximum(b3, x))
+        return a1, a2, a3, n1, n2, n3, b1, b2, b3
 
 
 @triton.jit
@@ -153,6 +190,20 @@ def _narrow(lo, hi, q1, q2, q3, s1, s2, s3, target):
     p3 = s3 < target
     new_lo = tl.where(p1, lo, tl.where(p2, q1, tl.where(p3, q2, q3)))
     return new_lo, tl.where(p1, q1, tl.where(p2, q2, tl.where(p3, q3, hi)))
+
+
+@triton.jit
+def _snap(lo, hi, new_lo, new_hi, p1, p2, p3, n1, n2, n3, b1, b2, b3):
+    """The bracket after a pass, pulled in to tokens. P changes only at a token's value, so the answer
+    is one: a false cut point q (new_lo != lo) moves lo to just under the smallest token above q (P
+    there is P(q): no token between), a true one (new_hi != hi) moves hi to the largest token at or below
+    it (P there is P(q) too). Zeros: lo goes under -0.0 (both zeros are one value to P)."""
+    n = tl.where(p2, n1, tl.where(p3, n2, n3))  # above the largest false cut point (used where p1 is false)
+    b = tl.where(p1, b1, tl.where(p2, b2, b3))  # at or below the smallest true one (used where p3 is true)
+    kn = tl.where(n == 0.0, -1, _float_key(n)).to(tl.int64)  # -1: -0.0's key
+    lo = tl.where((new_lo != lo) & (n < float("inf")), tl.maximum(kn - 1, new_lo), new_lo)
+    hi = tl.where((new_hi != hi) & (b > float("-inf")), tl.minimum(_float_key(b).to(tl.int64), new_hi), new_hi)
+    return lo, hi
 
 
 @triton.jit
@@ -196,9 +247,10 @@ def _narrow_start(m, total, level, V, COUNT: tl.constexpr):
 @triton.jit
 def _cut_kernel(x_ptr, cut_ptr, passes_ptr, V, stride_t, level, CHUNK: tl.constexpr, LOG: tl.constexpr,
                 UNROLL: tl.constexpr, COUNT: tl.constexpr, PASSES_OUT: tl.constexpr, STAGES: tl.constexpr,
-                ASM: tl.constexpr):
+                ASM: tl.constexpr, SNAP: tl.constexpr):
     """One program a row, all passes in one launch (see the module): top-p's search starts from
-    _narrow_start's bracket and ends when one key is left (PASSES_OUT: the passes a row took)."""
+    _narrow_start's bracket and ends when one key is left (PASSES_OUT: the passes a row took); SNAP:
+    each pass's bracket pulled in to tokens (_snap; the same key in fewer passes)."""
     base = x_ptr + tl.program_id(0).to(tl.int64) * stride_t
     lanes = tl.arange(0, CHUNK)
     m = _lane_max(base, lanes, V, CHUNK, UNROLL, STAGES)
@@ -208,8 +260,14 @@ def _cut_kernel(x_ptr, cut_ptr, passes_ptr, V, stride_t, level, CHUNK: tl.conste
     i = 0
     while hi - lo > 1:
         q1, q2, q3, v1, v2, v3 = _cut_points(lo, hi)
-        a1, a2, a3 = _lane_masses(base, lanes, V, m, v1, v2, v3, CHUNK, UNROLL, COUNT, STAGES, ASM)
-        lo, hi = _narrow(lo, hi, q1, q2, q3, _tree_sum(a1, LOG), _tree_sum(a2, LOG), _tree_sum(a3, LOG), target)
+        a1, a2, a3, n1, n2, n3, b1, b2, b3 = _lane_search(base, lanes, V, m, v1, v2, v3, CHUNK, UNROLL, COUNT,
+                                                          STAGES, ASM, SNAP)
+        s1, s2, s3 = _tree_sum(a1, LOG), _tree_sum(a2, LOG), _tree_sum(a3, LOG)
+        new_lo, new_hi = _narrow(lo, hi, q1, q2, q3, s1, s2, s3, target)
+        if SNAP:
+            new_lo, new_hi = _snap(lo, hi, new_lo, new_hi, s1 < target, s2 < target, s3 < target, tl.min(n1, 0),
+                                   tl.min(n2, 0), tl.min(n3, 0), tl.max(b1, 0), tl.max(b2, 0), tl.max(b3, 0))
+        lo, hi = new_lo, new_hi
         i += 1
     tl.store(cut_ptr + tl.program_id(0), _cut(hi, total, level, COUNT))
     if PASSES_OUT:
@@ -273,25 +331,30 @@ def _cut_pass_kernel(x_ptr, part_max_ptr, part_ptr, state_ptr, total_ptr, cut_pt
             tl.store(out + 3 * SPLIT, _tree_sum(a3, LOG_L))
 
 
-# (from rows, num_warps, chunks a loop step, programs a row, stages) of the cut: the last entry whose
-# rows <= T. stages > 1: the lane loops' loads run that many chunk steps ahead (tl.range's pipeline,
-# through shared memory). Same bits in every launch. H200 (thirty-ninth run, filter.py --cut-only --logits
-# lm, top-p 0.9, 64 / 1,024 / 4,096 rows, the narrowed search): 32 warps, 4 chunks 0.337 / 4.396 / 17.09 ms;
-# with 2 stages 0.394 / 4.054 / 15.97; 2 chunks, 3 stages 0.407 / 4.106 / 16.16; 1 chunk, 4 stages 0.437 /
-# 4.297 / 16.93 (the search before the narrowed start, 32 warps, 4 chunks: 0.402 / 5.206 / 20.32). One read
-# each. H100 (thirty-eighth run): 32 warps, 4 chunks 1.03-1.47x 8 warps; 4 programs a row no faster. H100
-# (fortieth run, lane loops in PTX): 1 / 2 stages 0.341 / 0.367 ms at 64 rows, 0.687 / 0.641 at 128, 1.341 /
-# 1.254 at 256, 5.166 / 4.886 at 1,024 (before the PTX, 256 / 512 rows: 1.38 / 2.70 vs 1.29 / 2.54): 2 from 128.
+# (from rows, num_warps, chunks a loop step, programs a row, stages[, snap]) of the cut: the last entry whose rows <=
+# T. stages > 1: the lane loops' loads run that many chunk steps ahead (tl.range's pipeline, through shared memory).
+# snap 1 (one program a row only): each pass's bracket pulled in to the tokens nearest its cut points (_snap; CPU
+# count on filter.py's lm rows: top-p 0.9 / 0.95 12 -> 2.6-4.0 passes, top-k 16 -> 6), six more min / max a token, 126
+# registers a thread (16 warps; 32 spill): written in the fortieth session, not yet timed, so no entry snaps. Same
+# bits in every launch. H200 (thirty-ninth run, filter.py --cut-only --logits lm, top-p 0.9, 64 / 1,024 / 4,096 rows,
+# the narrowed search): 32 warps, 4 chunks 0.337 / 4.396 / 17.09 ms; with 2 stages 0.394 / 4.054 / 15.97; 2 chunks, 3
+# stages 0.407 / 4.106 / 16.16; 1 chunk, 4 stages 0.437 / 4.297 / 16.93 (the search before the narrowed start, 32
+# warps, 4 chunks: 0.402 / 5.206 / 20.32). One read each. H100 (thirty-eighth run): 32 warps, 4 chunks 1.03-1.47x 8
+# warps; 4 programs a row no faster. H100 (fortieth run, lane loops in PTX): 1 / 2 stages 0.341 / 0.367 ms at 64 rows,
+# 0.687 / 0.641 at 128, 1.341 / 1.254 at 256, 5.166 / 4.886 at 1,024 (before the PTX, 256 / 512 rows: 1.38 / 2.70 vs
+# 1.29 / 2.54): 2 from 128.
 CUT_LAUNCH = ((0, 32, 4, 1, 1), (128, 32, 4, 1, 2))
 
 
-def _launch(T: int) -> tuple[int, int, int, int]:
-    """(num_warps, UNROLL, SPLIT, STAGES) of the cut for T rows (CUT_LAUNCH)."""
-    pick = CUT_LAUNCH[0][1:]
-    for rows, *launch in CUT_LAUNCH:
-        if T >= rows:
-            pick = tuple(launch)
-    return pick
+def _launch(T: int) -> tuple[int, int, int, int, bool]:
+    """(num_warps, UNROLL, SPLIT, STAGES, SNAP) of the cut for T rows (CUT_LAUNCH; SNAP off where an
+    entry has five fields)."""
+    pick = CUT_LAUNCH[0]
+    for entry in CUT_LAUNCH:
+        if T >= entry[0]:
+            pick = entry
+    rows, num_warps, unroll, split, stages, *snap = pick
+    return num_warps, unroll, split, stages, bool(snap and snap[0])
 
 
 def _asm(x_TV: torch.Tensor) -> bool:
@@ -307,13 +370,16 @@ def _floor(x_TV: torch.Tensor, level: float, count: bool, passes_T: torch.Tensor
     cut_T = torch.empty(T, dtype=torch.float32, device=x_TV.device)
     if T == 0:
         return cut_T
-    num_warps, unroll, split, stages = _launch(T)
+    num_warps, unroll, split, stages, snap = _launch(T)
     log = CHUNK.bit_length() - 1
     asm = _asm(x_TV)
+    if snap and split != 1:
+        raise ValueError(f"miles_kernels filter cut: CUT_LAUNCH snaps with {split} programs a row: snapping "
+                         "runs in one program a row (programs a row 1)")
     if split == 1:
         _cut_kernel[(T,)](x_TV, cut_T, passes_T if passes_T is not None else cut_T, V, x_TV.stride(0),
                           float(level), CHUNK=CHUNK, LOG=log, UNROLL=unroll, COUNT=count,
-                          PASSES_OUT=passes_T is not None, STAGES=stages, ASM=asm, num_warps=num_warps)
+                          PASSES_OUT=passes_T is not None, STAGES=stages, ASM=asm, SNAP=snap, num_warps=num_warps)
         return cut_T
     if split & (split - 1) or not 1 < split <= CHUNK:
         raise ValueError(f"miles_kernels filter cut: {split} programs a row: want a power of two up to {CHUNK}")
