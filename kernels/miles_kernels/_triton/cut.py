@@ -8,7 +8,8 @@ cut points a pass (16 passes narrow 2**32 keys to one), no sort. P(v) (`above v 
 monotone in v and the answer is the key where it turns true, so any bracket (lo, hi] with P(lo)
 false and P(hi) true finds the same key: top-p starts from a bound near the max and stops when one
 key is left (11-13 passes where the max is well above the bound's ~15 under it; the split launch's
-16 pass launches end at once from there).
+passes are 16 launches, those after the last key's found ending at once). A snapping launch also
+pulls each pass's bracket in to the tokens nearest its cut points (_snap): the same key, fewer passes.
 
 Every sum is summed alike, fixed by the row alone: each of the CHUNK = 2**LOG lanes adds its
 tokens' terms (token v0 + lane of each chunk) chunk after chunk, then one fixed tree sums the
