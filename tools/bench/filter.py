@@ -53,9 +53,9 @@ def main() -> None:
     if a.launch is not None:
         try:
             warps, unroll, *rest = (int(v) for v in a.launch.split(":"))
-            split, stages, snap = (rest + [1, 1, 0])[:3]
             if len(rest) > 3:
                 raise ValueError
+            split, stages, snap = rest + [1, 1, 0][len(rest):]  # the fields not given: 1, 1, 0
         except ValueError:
             raise SystemExit(f"filter.py: --launch {a.launch!r}: want WARPS:UNROLL[:SPLIT[:STAGES[:SNAP]]], "
                              "e.g. 16:4:8") from None
