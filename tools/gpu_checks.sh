@@ -43,11 +43,11 @@
 #   persistent (not in the default list) tools/bench/persistent_probe.py: a decode step's four projections at
 #              M 64 (0.6B, 8B) as four launches against one persistent launch with grid barriers (and without
 #              them), beside miles_kernels' linear and cuBLAS, weights cold: whether fewer, longer kernels pay
-#   topp       (not in the default list) the filter's cuts (cut.py): their GPU test (every launch the same
-#              bits; top-k's value == torch.topk's), then filter.py --cut-only (top-p 0.9, top-k 20) at 64 /
-#              256 / 1,024 / 4,096 rows as shipped (top-k by torch.topk) and for each launch (warps:unroll[:
-#              programs a row[:stages]], top-k by the cut: with_tiles --topk-cut on), to place cut.CUT_LAUNCH
-#              and rows.TOPK_BY_CUT
+#   topp       (not in the default list) the filter's cuts (cut.py): their GPU tests (every launch the same
+#              bits, the PTX token step's too; top-k's value == torch.topk's), then filter.py --cut-only --logits
+#              lm (top-p 0.9, top-k 20) at 64 / 128 / 256 / 1,024 / 4,096 rows as shipped (top-k by torch.topk)
+#              and for each launch (warps:unroll[:programs a row[:stages[:snap]]], top-k by the cut: with_tiles
+#              --topk-cut on), to place cut.CUT_LAUNCH (snapped brackets, the split launch) and rows.TOPK_BY_CUT
 #   capture    (not in the default list) the attention-backward and engine GPU tests in one process (the order
 #              that invalidated the 64-expert draft's capture in the thirty-third run), then again with
 #              graph_capture's collector guard taken out: test_capture_with_garbage_waiting alone, which must
@@ -214,12 +214,14 @@ for step in $steps; do
         persistent) run persistent_probe timeout -s KILL 200 python3 tools/bench/persistent_probe.py \
                         --out "$out/persistent_probe.json" ;;
         topp) run topp_test timeout -s KILL 200 python3 -m pytest -q -o addopts="" tests/gpu/test_kernels_gpu.py \
-                  -k "filter_cuts or logprobs or fast_mode"
-              run cut_shipped timeout -s KILL 120 python3 tools/bench/filter.py --cut-only --rows 64 256 1024 4096 \
-                  --out "$out/cut_shipped.json"
-              for l in 8:1 8:4 16:4 32:2 32:4 8:4:4 4:2:8 8:2:16 4:1:32 32:2:1:3 32:4:1:2 32:1:1:4 16:2:1:3; do  # top-k by the cut's search here
+                  -k "filter_cut or logprobs or fast_mode"
+              run cut_shipped timeout -s KILL 120 python3 tools/bench/filter.py --cut-only --rows 64 128 256 1024 4096 \
+                  --logits lm --out "$out/cut_shipped.json"
+              for l in 16:4:1:1:1 16:2:1:1:1 16:2:1:2:1 8:2:1:1:1 32:4:1:1:1 32:4:2:1 16:4:2:1 32:4:4:1 32:4:1:1 \
+                       32:4:1:2; do  # snapped, split from the narrowed start, shipped; top-k by the cut's search here
                   run "cut_${l//:/_}" timeout -s KILL 120 python3 tools/bench/with_tiles.py --topk-cut on -- \
-                      tools/bench/filter.py --cut-only --rows 64 256 1024 4096 --launch $l --out "$out/cut_${l//:/_}.json"
+                      tools/bench/filter.py --cut-only --rows 64 128 256 1024 4096 --logits lm --launch $l \
+                      --out "$out/cut_${l//:/_}.json"
               done ;;
         capture) run capture_guarded timeout -s KILL 240 python3 -m pytest -q -o addopts="" \
                      tests/gpu/test_attention_bwd_gpu.py tests/gpu/test_engine_gpu.py
