@@ -873,10 +873,11 @@ def check_top_p_narrow_start() -> None:
     x[3] = torch.round(x[3])  # ties at the cut
     for top_p in (0.9, 0.5):
         passes = torch.zeros(4, dtype=torch.int32)
-        cut = cut_mod.top_p_cutoff(x, top_p, passes)
         whole_passes = torch.zeros(4, dtype=torch.int32)
         narrow, shipped = cut_mod._narrow_start, cut_mod.CUT_LAUNCH
         try:
+            cut_mod.CUT_LAUNCH = ((0, 8, 4, 1, 1),)  # unsnapped: the passes bisect the bracket
+            cut = cut_mod.top_p_cutoff(x, top_p, passes)
             cut_mod._narrow_start = whole_range
             _same(cut_mod.top_p_cutoff(x, top_p, whole_passes), cut, f"top_p={top_p}: narrowed vs the whole range")
             cut_mod._narrow_start = narrow
@@ -884,6 +885,7 @@ def check_top_p_narrow_start() -> None:
             _same(cut_mod.top_p_cutoff(x, top_p), cut, f"top_p={top_p}: the split launch vs one program a row")
         finally:
             cut_mod._narrow_start, cut_mod.CUT_LAUNCH = narrow, shipped
+        _same(cut_mod.top_p_cutoff(x, top_p), cut, f"top_p={top_p}: the shipped launch vs unsnapped")
         assert whole_passes.tolist() == [16] * 4, f"top_p={top_p}: whole-range passes {whole_passes.tolist()}"
         assert cut[2] == (0.0 if top_p == 0.9 else 10.0), f"top_p={top_p}: row 2's cut {cut[2]}"
         assert passes[0] <= 13 and passes.max() <= 16, f"top_p={top_p}: passes {passes.tolist()} (16 unnarrowed)"
@@ -977,13 +979,14 @@ def check_top_k_floor() -> None:
             assert "top_k_floor" in str(e) and "k=" in str(e), str(e)
         else:
             raise AssertionError(f"top_k_floor k={bad} was not refused")
-    shipped = rows_mod.TOPK_BY_CUT
+    shipped, masks = rows_mod.TOPK_BY_CUT, {}
     try:
-        rows_mod.TOPK_BY_CUT = True
-        on = kt.filter_logits(x, 20, 0.9)
+        for by_cut in (True, False):
+            rows_mod.TOPK_BY_CUT = by_cut
+            masks[by_cut] = kt.filter_logits(x, 20, 0.9)
     finally:
         rows_mod.TOPK_BY_CUT = shipped
-    _same(on, kt.filter_logits(x, 20, 0.9), "filter top_k=20 top_p=0.9 with TOPK_BY_CUT vs torch.topk")
+    _same(masks[True], masks[False], "filter top_k=20 top_p=0.9 with TOPK_BY_CUT vs torch.topk")
 
 
 def check_route_topk() -> None:
@@ -1266,11 +1269,69 @@ class _Launches:
     """Counts launches of a Triton kernel (kernel[grid](...)) and passes them on."""
 
     def __init__(self, kernel):
-        self.kernel, self.n = kernel, 0
+        self.kernel, self.n, self.grids = kernel, 0, []
 
     def __getitem__(self, grid):
         self.n += 1
+        self.grids.append(grid)
         return self.kernel[grid]
+
+
+def check_attention_decode_pairs() -> None:
+    """DECODE_PAIRS 2 (a swapped-tile decode program walks two (sequence, kv head) pairs in one loop)
+    == one pair a program, output and LSE bitwise, and == the prefill's rows: decode rows over several
+    splits and pages, verify chunks, an empty chunk, an odd count of pairs (the last program's second
+    pair absent); half the programs launched; DECODE_PAIRS 3 refused."""
+    from miles_kernels._triton import paged_attention as attn_mod
+
+    kt = _kt()
+    names = ("DECODE_TILE", "ROW_SUM", "KV_BLOCK", "KV_SPLIT", "DECODE_PROGRAMS", "WALK", "DECODE_PAIRS",
+             "DECODE_PAIRS_MIN", "decode_kernel", "decode_pairs_kernel")
+    saved = {n: getattr(attn_mod, n) for n in names}
+    launches = {1: _Launches(attn_mod.decode_kernel), 2: _Launches(attn_mod.decode_pairs_kernel)}
+    attn_mod.decode_kernel, attn_mod.decode_pairs_kernel = launches[1], launches[2]
+    attn_mod.DECODE_TILE, attn_mod.ROW_SUM, attn_mod.KV_BLOCK, attn_mod.KV_SPLIT = "swapped", "fixed", 16, 32
+    attn_mod.DECODE_PROGRAMS, attn_mod.WALK, attn_mod.DECODE_PAIRS_MIN = 1, "one", 1
+    g = torch.Generator().manual_seed(17)
+    L, D, page = 90, 16, 16
+    pages = torch.randperm(L // page + 3, generator=g)[: L // page + 1].tolist()
+    try:
+        for H, K in ((4, 2), (3, 1)):
+            q, k, v = (torch.randn(L, n, D, generator=g) * 2 for n in (H, K, K))
+            caches = _paged(k, v, page, pages, L // page + 3)
+            bt1 = torch.tensor([pages], dtype=torch.int32)
+            lse_full = torch.empty(H, L)
+            cu1, kv1 = torch.tensor([0, L], dtype=torch.int32), torch.tensor([L], dtype=torch.int32)
+            full = kt.attention(q, *caches, cu1, kv1, bt1, L, D**-0.5, lse_HT=lse_full)
+            for chunks in (((1, 1), (1, 17), (1, 32), (1, 33), (1, 90)), ((3, 50), (0, 20), (1, 90), (2, 64))):
+                rows = [t for n, end in chunks for t in range(end - n, end)]
+                cu = torch.tensor([0] + [n for n, _ in chunks], dtype=torch.int32).cumsum(0).to(torch.int32)
+                kv = torch.tensor([end for _, end in chunks], dtype=torch.int32)
+                bt = bt1.expand(len(chunks), -1).contiguous()
+                got = {}
+                for pairs in (1, 2):
+                    attn_mod.DECODE_PAIRS = pairs
+                    lse = torch.empty(H, len(rows))
+                    n0 = len(launches[pairs].grids)
+                    out = kt.attention(q[rows], *caches, cu, kv, bt, max(n for n, _ in chunks), D**-0.5, lse_HT=lse)
+                    grids = launches[pairs].grids[n0:]
+                    assert [gr[0] for gr in grids] == [-(-len(chunks) * K // pairs)], (pairs, grids)
+                    got[pairs] = out, lse
+                what = f"H {H} K {K} chunks {chunks}"
+                _same(got[2][0], got[1][0], f"decode two pairs a program vs one: {what}")
+                _same(got[2][1], got[1][1], f"decode two pairs a program vs one, LSE: {what}")
+                _same(got[2][0], full[rows], f"decode two pairs a program vs prefill rows: {what}")
+                _same(got[2][1], lse_full[:, rows], f"decode two pairs a program vs prefill LSE: {what}")
+        attn_mod.DECODE_PAIRS = 3
+        try:
+            _run_attention(kt, q[:1], caches, [(1, 1, pages)], D**-0.5)
+        except ValueError as e:
+            assert "DECODE_PAIRS 3" in str(e), e
+        else:
+            raise AssertionError("DECODE_PAIRS 3 was not refused")
+    finally:
+        for n, val in saved.items():
+            setattr(attn_mod, n, val)
 
 
 def check_attention_swapped_decode() -> None:

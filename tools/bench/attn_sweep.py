@@ -9,6 +9,7 @@
     python tools/bench/attn_sweep.py OUT.json --rowsum --modes reduce,fixed   # only these ROW_SUMs
     python tools/bench/attn_sweep.py OUT.json --swapped-launch # the swapped decode tile per (warps, stages), WALK
     python tools/bench/attn_sweep.py OUT.json --walk           # WALK splits vs one: bits, decode, forward
+    python tools/bench/attn_sweep.py OUT.json --pairs          # decode with one / two pairs a program (DECODE_PAIRS)
     python tools/bench/attn_sweep.py OUT.json --walk --tiles   # the same, the forward per prefill tile
     python tools/bench/attn_sweep.py OUT.json --tma [--tiles]  # packed K/V by TMA vs pointers; KV_SPLIT's cost
     python tools/bench/attn_sweep.py OUT.json --tma-paged      # the engine's paged caches by TMA vs pointers
@@ -594,8 +595,44 @@ def swapped_launch(path: str) -> None:
     A.WALK, A.DECODE_TILE, A._SWAPPED_LAUNCH = defaults
 
 
+PAIRS_SHAPES = [(32, 192), (64, 128), (64, 192), (64, 384), (64, 544), (64, 1024), (64, 4096), (128, 192),
+                (128, 1024), (256, 192), (256, 1024)]
+
+
+def pairs_sweep(path: str) -> None:
+    """The swapped decode tile with one and two (sequence, kv head) pairs a program (DECODE_PAIRS, at any
+    pair count here), at 2 and 3 stages, 0.6B heads: us, TB/s, bits equal to one pair a program's; SDPA
+    over the same K/V laid out contiguously the peer."""
+    res = []
+    defaults = A.DECODE_PAIRS, A.DECODE_PAIRS_MIN, A._SWAPPED_LAUNCH
+    run = lambda q, kc, vc, cu, kv, bt: A.attention(q, kc, vc, cu, kv, bt, 1, 128**-0.5)  # noqa: E731
+    A.DECODE_PAIRS_MIN = 1
+    for B, ctx in PAIRS_SHAPES:
+        q, kc, vc, cu, kv, n, ks, vs, mb = decode_case(B, ctx)
+        bt = in_order(B, n)
+        row = dict(B=B, ctx=ctx, mb=mb, t={}, sdpa_us=_graph_ms(
+            lambda: F.scaled_dot_product_attention(q[:, :, None], ks, vs, enable_gqa=True)) * 1e3)
+        A.DECODE_PAIRS, A._SWAPPED_LAUNCH = defaults[0], defaults[2]
+        ref = run(q, kc, vc, cu, kv, bt)
+        row["shipped_us"] = _graph_ms(lambda: run(q, kc, vc, cu, kv, bt)) * 1e3
+        same = True
+        for pairs in (1, 2):
+            for stages in (2, 3):
+                A.DECODE_PAIRS, A._SWAPPED_LAUNCH = pairs, (4, stages)
+                same &= bool(torch.equal(run(q, kc, vc, cu, kv, bt), ref))
+                row["t"][f"{pairs}p{stages}s"] = _graph_ms(lambda: run(q, kc, vc, cu, kv, bt)) * 1e3
+        row["same"] = same
+        res.append(row)
+        print(f"B={B:3} ctx={ctx:4} ({mb:5.1f} MB) sdpa {row['sdpa_us']:6.1f} shipped {row['shipped_us']:6.1f} us "
+              f"({mb / row['shipped_us']:.2f} TB/s)  " + " ".join(f"{k}={v:.1f}" for k, v in row["t"].items())
+              + f"  same {int(same)}", flush=True)
+        json.dump(res, open(path, "w"), indent=1)
+    A.DECODE_PAIRS, A.DECODE_PAIRS_MIN, A._SWAPPED_LAUNCH = defaults
+
+
 # flag -> sweep(OUT.json); the first listed that is given runs
 SWEEPS = {"--tma-paged": tma_paged, "--tma": tma, "--swapped-launch": swapped_launch, "--walk": walk,
+          "--pairs": pairs_sweep,
           "--rowsum": rowsum, "--decode-tiles": decode_tiles, "--prefill": prefill_sweep}
 
 

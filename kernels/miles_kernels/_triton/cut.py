@@ -343,8 +343,11 @@ def _cut_pass_kernel(x_ptr, part_max_ptr, part_ptr, state_ptr, total_ptr, cut_pt
 # warps, 4 chunks: 0.402 / 5.206 / 20.32). One read each. H100 (thirty-eighth run): 32 warps, 4 chunks 1.03-1.47x 8
 # warps; 4 programs a row no faster. H100 (fortieth run, lane loops in PTX): 1 / 2 stages 0.341 / 0.367 ms at 64 rows,
 # 0.687 / 0.641 at 128, 1.341 / 1.254 at 256, 5.166 / 4.886 at 1,024 (before the PTX, 256 / 512 rows: 1.38 / 2.70 vs
-# 1.29 / 2.54): 2 from 128.
-CUT_LAUNCH = ((0, 32, 4, 1, 1), (128, 32, 4, 1, 2))
+# 1.29 / 2.54): 2 from 128. H100 (forty-first run, snapped brackets, top-p 0.9 / top-k 20 by the cut): 32 warps, 4
+# chunks, 1 stage 0.251 / 0.455 / 0.848 / 3.08 / 11.97 ms at 64 / 128 / 256 / 1,024 / 4,096 rows against the unsnapped
+# 2-stage launch's 0.342 / 0.641 / 1.255 / 4.89 / 19.38 (passes 12 -> 2.4); 16 warps 2 stages 0.276-12.70, 8 warps
+# slower; two and four programs a row 1.04-1.9x slower than one.
+CUT_LAUNCH = ((0, 32, 4, 1, 1, 1),)
 
 
 def _launch(T: int) -> tuple[int, int, int, int, bool]:

@@ -220,8 +220,86 @@ def decode_kernel(
                     ROWS, BLOCK_D, PAGE, ATTN_BLK, PRECISION, L_SUM, TMA,
                 )
                 m, l, accT = _merge_t(m, l, accT, m_s, l_s, acc_s)
-        o = accT / l[None, :]
-        tl.store(o_ptr + t_idx[None, :] * stride_ot + head[None, :] * stride_oh + ds[:, None],
-                 o.to(o_ptr.dtype.element_ty), mask=row_ok[None, :])
-        if STORE_LSE:
-            tl.store(lse_ptr + head.to(tl.int64) * stride_lh + t_idx, (m + tl.log2(l)) * LN2, mask=row_ok)
+        _store_t(o_ptr, lse_ptr, m, l, accT, t_idx, head, row_ok, stride_ot, stride_oh, stride_lh, BLOCK_D, STORE_LSE)
+
+
+@triton.jit
+def _pair_rows(bk, n_pairs, cu_ptr, kv_lens_ptr, n_kv_heads, q_ptr, stride_qt, stride_qh,
+               G: tl.constexpr, G_PAD: tl.constexpr, ROWS: tl.constexpr, BLOCK_D: tl.constexpr,
+               ATTN_BLK: tl.constexpr):
+    """Pair bk's sequence, kv head, KV length, blocks (0 past the last pair or for an empty chunk),
+    its rows' positions, tokens, heads and mask, and its queries as the tile's columns."""
+    valid = bk < n_pairs
+    bk = tl.minimum(bk, n_pairs - 1)
+    b = bk // n_kv_heads
+    q_lo = tl.load(cu_ptr + b)
+    q_len = tl.load(cu_ptr + b + 1) - q_lo
+    kv_len = tl.load(kv_lens_ptr + b)
+    n_blocks = tl.where(valid & (q_len > 0), (kv_len - 1) // ATTN_BLK + 1, 0)
+    r = tl.arange(0, ROWS)
+    tok = r // G_PAD
+    head = (bk % n_kv_heads) * G + r % G_PAD
+    row_ok = (r % G_PAD < G) & (tok < q_len)
+    t_idx = (q_lo + tok).to(tl.int64)
+    ds = tl.arange(0, BLOCK_D)
+    qT = tl.load(q_ptr + t_idx[None, :] * stride_qt + head[None, :] * stride_qh + ds[:, None],
+                 mask=row_ok[None, :], other=0.0)  # [BLOCK_D, ROWS]
+    return b, bk % n_kv_heads, kv_len, n_blocks, kv_len - q_len + tok, t_idx, head, row_ok, qT
+
+
+@triton.jit
+def _store_t(o_ptr, lse_ptr, m, l, accT, t_idx, head, row_ok, stride_ot, stride_oh, stride_lh,
+             BLOCK_D: tl.constexpr, STORE_LSE: tl.constexpr):
+    """A pair's output rows (and their LSE) from its merged state."""
+    ds = tl.arange(0, BLOCK_D)
+    o = accT / l[None, :]
+    tl.store(o_ptr + t_idx[None, :] * stride_ot + head[None, :] * stride_oh + ds[:, None],
+             o.to(o_ptr.dtype.element_ty), mask=row_ok[None, :])
+    if STORE_LSE:
+        tl.store(lse_ptr + head.to(tl.int64) * stride_lh + t_idx, (m + tl.log2(l)) * LN2, mask=row_ok)
+
+
+@fast_launch
+@triton.jit
+def decode_pairs_kernel(
+    q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, cu_ptr, kv_lens_ptr, bt_ptr, qk_scale, n_kv_heads, n_pairs,
+    stride_qt, stride_qh, stride_ot, stride_oh, stride_lh,
+    stride_kp, stride_ks, stride_kk, stride_vp, stride_vs, stride_vk, stride_bt,
+    G: tl.constexpr, G_PAD: tl.constexpr, ROWS: tl.constexpr, BLOCK_D: tl.constexpr, PAGE: tl.constexpr,
+    ATTN_BLK: tl.constexpr, SPLIT_BLOCKS: tl.constexpr, PRECISION: tl.constexpr, STORE_LSE: tl.constexpr,
+    L_SUM: tl.constexpr, TMA: tl.constexpr,
+):
+    """decode_kernel's one-loop walk (no split programs) over pairs 2 p and 2 p + 1 in one loop: each
+    pair's blocks, splits and merges as _walk_t walks them (every block through the masked step,
+    which keeps a full block's values), so the same bits; the second pair's first loads overlap the
+    first pair's last blocks, and half the programs make one wave where one pair a program makes two."""
+    bk = tl.program_id(0) * 2
+    bA, hA, kvA, nA, posA, tA, headA, okA, qA = _pair_rows(bk, n_pairs, cu_ptr, kv_lens_ptr, n_kv_heads, q_ptr,
+                                                           stride_qt, stride_qh, G, G_PAD, ROWS, BLOCK_D, ATTN_BLK)
+    bB, hB, kvB, nB, posB, tB, headB, okB, qB = _pair_rows(bk + 1, n_pairs, cu_ptr, kv_lens_ptr, n_kv_heads,
+                                                           q_ptr, stride_qt, stride_qh, G, G_PAD, ROWS, BLOCK_D,
+                                                           ATTN_BLK)
+    m = tl.full((ROWS,), float("-inf"), tl.float32)
+    l = tl.zeros((ROWS,), tl.float32)
+    accT = tl.zeros((BLOCK_D, ROWS), tl.float32)
+    m_s, l_s, acc_s = m, l, accT
+    offs = tl.arange(0, ATTN_BLK)
+    ds = tl.arange(0, BLOCK_D)
+    one = tl.where((tl.arange(0, 64)[:, None] == 0) & (offs[None, :] >= 0), 1.0, 0.0).to(qA.dtype)
+    for it in range(0, nA + nB):
+        second = it >= nA
+        j = tl.where(second, it - nA, it)
+        n = tl.where(second, nB, nA)
+        bt_row_ptr = bt_ptr + tl.where(second, bB, bA).to(tl.int64) * stride_bt
+        m_s, l_s, acc_s = _kv_block_t(tl.where(second, qB, qA), m_s, l_s, acc_s, j, tl.where(second, posB, posA),
+                                      tl.where(second, kvB, kvA), k_ptr, v_ptr, bt_row_ptr, tl.where(second, hB, hA),
+                                      qk_scale, offs, ds, one, stride_kp, stride_ks, stride_kk, stride_vp, stride_vs,
+                                      stride_vk, PAGE, ATTN_BLK, PRECISION, True, L_SUM, BLOCK_D, TMA)
+        if ((j + 1) % SPLIT_BLOCKS == 0) | (j == n - 1):  # a split's end, or the pair's (_walk_t's last merge)
+            m, l, accT, m_s, l_s, acc_s = _end_split_t(m, l, accT, m_s, l_s, acc_s)
+        if j == n - 1:
+            _store_t(o_ptr, lse_ptr, m, l, accT, tl.where(second, tB, tA), tl.where(second, headB, headA),
+                     tl.where(second, okB, okA), stride_ot, stride_oh, stride_lh, BLOCK_D, STORE_LSE)
+            m = tl.full((ROWS,), float("-inf"), tl.float32)
+            l = tl.zeros((ROWS,), tl.float32)
+            accT = tl.zeros((BLOCK_D, ROWS), tl.float32)

@@ -25,7 +25,7 @@ import triton
 import triton.language as tl
 
 from miles_kernels._triton.attn_parts import LN2, exact_sum, fixed_sum, kv_tma, seq_and_head, tma_descriptors
-from miles_kernels._triton.decode_attention import decode_kernel
+from miles_kernels._triton.decode_attention import decode_kernel, decode_pairs_kernel
 from miles_kernels._triton.gluon_gate import gluon_module
 from miles_kernels._triton.launch import fast_launch
 
@@ -83,6 +83,13 @@ SWAPPED_DEEP_PAIRS = 1024
 WALK = "auto"
 WALKS = ("one", "splits", "auto")
 WALK_SWAPPED_MIN_PAIRS = 512
+# (sequence, kv head) pairs a swapped-tile decode program walks in one loop (1 or 2), from
+# DECODE_PAIRS_MIN pairs on where a program walks all of a pair's splits in one loop
+# (decode_attention.decode_pairs_kernel: each pair's walk unchanged, the same bits): half the programs,
+# so B 64 at 8 kv heads makes one wave of two programs an SM, and the second pair's first loads
+# overlap the first pair's last blocks.
+DECODE_PAIRS = 1
+DECODE_PAIRS_MIN = 512
 _LOG2E = 1.4426950408889634
 # K/V read by TMA tensor descriptors instead of pointers (same values, same bits; D a power of
 # two, 16-byte aligned rows; on CUDA 16-bit dtypes): packed K/V (training: measured 2-4% faster,
@@ -511,6 +518,13 @@ def _one_loop(swapped: bool, pairs: int) -> bool:
     return WALK == "one" or (WALK == "auto" and (not swapped or pairs >= WALK_SWAPPED_MIN_PAIRS))
 
 
+def _decode_pairs(pairs: int) -> int:
+    """(sequence, kv head) pairs a one-loop swapped decode program walks (DECODE_PAIRS: see above)."""
+    if DECODE_PAIRS not in (1, 2):
+        raise ValueError(f"miles_kernels attention: DECODE_PAIRS {DECODE_PAIRS!r}: want 1 or 2 pairs a decode program")
+    return DECODE_PAIRS if pairs >= DECODE_PAIRS_MIN else 1
+
+
 def _swapped_launch(pairs: int, one_loop: bool) -> dict:
     """The swapped decode tile's launch options (num_warps, num_stages, maybe maxnreg):
     _SWAPPED_LAUNCH, or its rule."""
@@ -565,6 +579,17 @@ def _launch(q_THD, k4, v4, cu_seqlens, kv_lens, bt, max_q_len: int, scale: float
     if short and D == block_d >= 16 and _swapped_tile(B * K):
         one_loop = _one_loop(True, B * K)
         launch = _swapped_launch(B * K, one_loop and not split_parallel)
+        if one_loop and not split_parallel and _decode_pairs(B * K) == 2:
+            decode_pairs_kernel[(triton.cdiv(B * K, 2),)](
+                q_THD, *kv, o_THD, lse, cu, kv_lens, bt, scale * _LOG2E, K, B * K,
+                q_THD.stride(0), q_THD.stride(1), o_THD.stride(0), o_THD.stride(1), lse.stride(0),
+                page_strides[0], k4.stride(1), k4.stride(2), page_strides[1], v4.stride(1), v4.stride(2), bt.stride(0),
+                G=G, G_PAD=g_pad, ROWS=max(16, triton.next_power_of_2(max_q_len * g_pad)), BLOCK_D=block_d, PAGE=page,
+                ATTN_BLK=KV_BLOCK, SPLIT_BLOCKS=KV_SPLIT // KV_BLOCK,
+                PRECISION="ieee" if q_THD.dtype == torch.float32 else "tf32", STORE_LSE=lse_HT is not None,
+                L_SUM=ROW_SUM, TMA=kv_descs is not None, **launch,
+            )
+            return o_THD
         decode_kernel[(B * K, split_programs if split_parallel else 1)](
             q_THD, *kv, o_THD, lse, pm, pl, pacc, cu, kv_lens, bt, scale * _LOG2E, K, n_splits,
             q_THD.stride(0), q_THD.stride(1), o_THD.stride(0), o_THD.stride(1), lse.stride(0),

@@ -132,10 +132,10 @@ def logprobs(
 
 
 # The k-th value by cut.top_k_floor (the cut's search with counts) in place of torch.topk: the same
-# values (both exact selections). Off: slower but at a few rows (H100, thirty-eighth run, filter.py
-# --cut-only, top-k 20, 32 warps: 0.34 / 1.47 / 5.74 / 22.5 ms at 64 / 256 / 1,024 / 4,096 rows against
-# torch.topk's 0.37 / 1.20 / 4.11 / 15.9).
-TOPK_BY_CUT = False
+# values (both exact selections). H100 (forty-first run, filter.py --cut-only --logits lm, top-k 20, the
+# snapped cut): 0.318 / 0.565 / 1.093 / 4.03 / 15.49 ms at 64 / 128 / 256 / 1,024 / 4,096 rows against
+# torch.topk's 0.363 / 0.718 / 1.188 / 4.10 / 15.84 (unsnapped, thirty-eighth run: slower from 256 rows).
+TOPK_BY_CUT = True
 
 
 def filter_floor(x_TV: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
