@@ -272,7 +272,9 @@ def decode_pairs_kernel(
     """decode_kernel's one-loop walk (no split programs) over pairs 2 p and 2 p + 1 in one loop: each
     pair's blocks, splits and merges as _walk_t walks them (every block through the masked step,
     which keeps a full block's values), so the same bits; the second pair's first loads overlap the
-    first pair's last blocks, and half the programs make one wave where one pair a program makes two."""
+    first pair's last blocks, and half the programs make one wave where one pair a program makes two.
+    Both pairs are stored after the loop (a store inside it, under a condition, gave wrong rows and
+    illegal addresses on the H100 at two programs an SM; forty-first run)."""
     bk = tl.program_id(0) * 2
     bA, hA, kvA, nA, posA, tA, headA, okA, qA = _pair_rows(bk, n_pairs, cu_ptr, kv_lens_ptr, n_kv_heads, q_ptr,
                                                            stride_qt, stride_qh, G, G_PAD, ROWS, BLOCK_D, ATTN_BLK)
@@ -283,6 +285,7 @@ def decode_pairs_kernel(
     l = tl.zeros((ROWS,), tl.float32)
     accT = tl.zeros((BLOCK_D, ROWS), tl.float32)
     m_s, l_s, acc_s = m, l, accT
+    mA, lA, accA = m, l, accT
     offs = tl.arange(0, ATTN_BLK)
     ds = tl.arange(0, BLOCK_D)
     one = tl.where((tl.arange(0, 64)[:, None] == 0) & (offs[None, :] >= 0), 1.0, 0.0).to(qA.dtype)
@@ -297,9 +300,11 @@ def decode_pairs_kernel(
                                       stride_vk, PAGE, ATTN_BLK, PRECISION, True, L_SUM, BLOCK_D, TMA)
         if ((j + 1) % SPLIT_BLOCKS == 0) | (j == n - 1):  # a split's end, or the pair's (_walk_t's last merge)
             m, l, accT, m_s, l_s, acc_s = _end_split_t(m, l, accT, m_s, l_s, acc_s)
-        if j == n - 1:
-            _store_t(o_ptr, lse_ptr, m, l, accT, tl.where(second, tB, tA), tl.where(second, headB, headA),
-                     tl.where(second, okB, okA), stride_ot, stride_oh, stride_lh, BLOCK_D, STORE_LSE)
+        if it == nA - 1:  # the first pair's state kept, the second's started as _walk_t starts one
+            mA, lA, accA = m, l, accT
             m = tl.full((ROWS,), float("-inf"), tl.float32)
             l = tl.zeros((ROWS,), tl.float32)
             accT = tl.zeros((BLOCK_D, ROWS), tl.float32)
+    _store_t(o_ptr, lse_ptr, mA, lA, accA, tA, headA, okA, stride_ot, stride_oh, stride_lh, BLOCK_D, STORE_LSE)
+    _store_t(o_ptr, lse_ptr, m, l, accT, tB, headB, tl.where(nB > 0, okB, False), stride_ot, stride_oh, stride_lh, BLOCK_D,
+             STORE_LSE)  # the second pair absent (past the last): nothing stored
