@@ -224,11 +224,10 @@ def decode_kernel(
 
 
 @triton.jit
-def _pair_rows(bk, n_pairs, cu_ptr, kv_lens_ptr, n_kv_heads, q_ptr, stride_qt, stride_qh,
-               G: tl.constexpr, G_PAD: tl.constexpr, ROWS: tl.constexpr, BLOCK_D: tl.constexpr,
-               ATTN_BLK: tl.constexpr):
+def _pair_rows(bk, n_pairs, cu_ptr, kv_lens_ptr, n_kv_heads, G: tl.constexpr, G_PAD: tl.constexpr,
+               ROWS: tl.constexpr, ATTN_BLK: tl.constexpr):
     """Pair bk's sequence, kv head, KV length, blocks (0 past the last pair or for an empty chunk),
-    its rows' positions, tokens, heads and mask, and its queries as the tile's columns."""
+    and its rows' positions, tokens, heads and mask."""
     valid = bk < n_pairs
     bk = tl.minimum(bk, n_pairs - 1)
     b = bk // n_kv_heads
@@ -241,10 +240,7 @@ def _pair_rows(bk, n_pairs, cu_ptr, kv_lens_ptr, n_kv_heads, q_ptr, stride_qt, s
     head = (bk % n_kv_heads) * G + r % G_PAD
     row_ok = (r % G_PAD < G) & (tok < q_len)
     t_idx = (q_lo + tok).to(tl.int64)
-    ds = tl.arange(0, BLOCK_D)
-    qT = tl.load(q_ptr + t_idx[None, :] * stride_qt + head[None, :] * stride_qh + ds[:, None],
-                 mask=row_ok[None, :], other=0.0)  # [BLOCK_D, ROWS]
-    return b, bk % n_kv_heads, kv_len, n_blocks, kv_len - q_len + tok, t_idx, head, row_ok, qT
+    return b, bk % n_kv_heads, kv_len, n_blocks, kv_len - q_len + tok, t_idx, head, row_ok
 
 
 @triton.jit
@@ -273,14 +269,14 @@ def decode_pairs_kernel(
     pair's blocks, splits and merges as _walk_t walks them (every block through the masked step,
     which keeps a full block's values), so the same bits; the second pair's first loads overlap the
     first pair's last blocks, and half the programs make one wave where one pair a program makes two.
-    Both pairs are stored after the loop (a store inside it, under a condition, gave wrong rows and
-    illegal addresses on the H100 at two programs an SM; forty-first run)."""
+    Both pairs are stored after the loop, and the queries are loaded each block (held in registers
+    for both pairs and picked a block, they gave wrong rows and illegal addresses on the H100 from
+    256 programs; forty-first run)."""
     bk = tl.program_id(0) * 2
-    bA, hA, kvA, nA, posA, tA, headA, okA, qA = _pair_rows(bk, n_pairs, cu_ptr, kv_lens_ptr, n_kv_heads, q_ptr,
-                                                           stride_qt, stride_qh, G, G_PAD, ROWS, BLOCK_D, ATTN_BLK)
-    bB, hB, kvB, nB, posB, tB, headB, okB, qB = _pair_rows(bk + 1, n_pairs, cu_ptr, kv_lens_ptr, n_kv_heads,
-                                                           q_ptr, stride_qt, stride_qh, G, G_PAD, ROWS, BLOCK_D,
-                                                           ATTN_BLK)
+    bA, hA, kvA, nA, posA, tA, headA, okA = _pair_rows(bk, n_pairs, cu_ptr, kv_lens_ptr, n_kv_heads, G, G_PAD,
+                                                       ROWS, ATTN_BLK)
+    bB, hB, kvB, nB, posB, tB, headB, okB = _pair_rows(bk + 1, n_pairs, cu_ptr, kv_lens_ptr, n_kv_heads, G, G_PAD,
+                                                       ROWS, ATTN_BLK)
     m = tl.full((ROWS,), float("-inf"), tl.float32)
     l = tl.zeros((ROWS,), tl.float32)
     accT = tl.zeros((BLOCK_D, ROWS), tl.float32)
@@ -288,13 +284,15 @@ def decode_pairs_kernel(
     mA, lA, accA = m, l, accT
     offs = tl.arange(0, ATTN_BLK)
     ds = tl.arange(0, BLOCK_D)
-    one = tl.where((tl.arange(0, 64)[:, None] == 0) & (offs[None, :] >= 0), 1.0, 0.0).to(qA.dtype)
+    one = tl.where((tl.arange(0, 64)[:, None] == 0) & (offs[None, :] >= 0), 1.0, 0.0).to(q_ptr.dtype.element_ty)
     for it in range(0, nA + nB):
         second = it >= nA
         j = tl.where(second, it - nA, it)
         n = tl.where(second, nB, nA)
         bt_row_ptr = bt_ptr + tl.where(second, bB, bA).to(tl.int64) * stride_bt
-        m_s, l_s, acc_s = _kv_block_t(tl.where(second, qB, qA), m_s, l_s, acc_s, j, tl.where(second, posB, posA),
+        qT = tl.load(q_ptr + tl.where(second, tB, tA)[None, :] * stride_qt + tl.where(second, headB, headA)[None, :]
+                     * stride_qh + ds[:, None], mask=tl.where(second, okB, okA)[None, :], other=0.0)  # a load a block
+        m_s, l_s, acc_s = _kv_block_t(qT, m_s, l_s, acc_s, j, tl.where(second, posB, posA),
                                       tl.where(second, kvB, kvA), k_ptr, v_ptr, bt_row_ptr, tl.where(second, hB, hA),
                                       qk_scale, offs, ds, one, stride_kp, stride_ks, stride_kk, stride_vp, stride_vs,
                                       stride_vk, PAGE, ATTN_BLK, PRECISION, True, L_SUM, BLOCK_D, TMA)
@@ -306,5 +304,5 @@ def decode_pairs_kernel(
             l = tl.zeros((ROWS,), tl.float32)
             accT = tl.zeros((BLOCK_D, ROWS), tl.float32)
     _store_t(o_ptr, lse_ptr, mA, lA, accA, tA, headA, okA, stride_ot, stride_oh, stride_lh, BLOCK_D, STORE_LSE)
-    _store_t(o_ptr, lse_ptr, m, l, accT, tB, headB, tl.where(nB > 0, okB, False), stride_ot, stride_oh, stride_lh, BLOCK_D,
-             STORE_LSE)  # the second pair absent (past the last): nothing stored
+    okB = tl.where(nB > 0, okB, False)  # the second pair absent (past the last): nothing stored
+    _store_t(o_ptr, lse_ptr, m, l, accT, tB, headB, okB, stride_ot, stride_oh, stride_lh, BLOCK_D, STORE_LSE)
