@@ -89,7 +89,7 @@ def test_attention_prefill_chunked_decode_bitwise(kt, dtype, heads, page):
 def test_attention_swapped_decode_bitwise(kt, monkeypatch, row_sum, heads):
     """DECODE_TILE "swapped" (decode_attention.py) with a shared row sum: decode rows in a batch
     of 256 (one program a pair; also under a register cap), of 16 (split programs) and verify chunks
-    of 3 and 8 tokens, and of 256 / 63 two pairs a program (DECODE_PAIRS), output and LSE bitwise ==
+    of 3 and 8 tokens, and of 256 / 65 two pairs a program (DECODE_PAIRS), output and LSE bitwise ==
     the packed prefill with the same ROW_SUM (wgmma's sums must not depend on which operand a
     matrix is)."""
     from miles_kernels._triton import paged_attention as A
@@ -119,18 +119,18 @@ def test_attention_swapped_decode_bitwise(kt, monkeypatch, row_sum, heads):
         _same(_attn(kt, q[rows], kc, vc, [(1, t + 1, pages) for t in rows], scale), full[rows],
               f"swapped decode batch 256 at launch {launch} vs prefill ({row_sum})")
     monkeypatch.setattr(A, "_SWAPPED_LAUNCH", None)
-    for name, value in (("DECODE_PAIRS", 2), ("DECODE_PAIRS_MIN", 1), ("WALK", "one")):  # two pairs a program
+    for name, value in (("DECODE_PAIRS", 2), ("DECODE_PAIRS_MIN", 1), ("DECODE_PAIRS_MAX", 1 << 30), ("WALK", "one")):
         monkeypatch.setattr(A, name, value)
     grids, pairs_kernel = [], A.decode_pairs_kernel
     counted = type("Count", (), {"__getitem__": lambda self, grid: grids.append(grid) or pairs_kernel[grid]})
     monkeypatch.setattr(A, "decode_pairs_kernel", counted())
-    for n in (256, 63):
+    for n in (256, 65):  # 65: pairs from DECODE_PROGRAMS on, one program walking all of a pair's splits
         rows = torch.linspace(0, L - 1, n).long().tolist()
         lse_d = torch.empty(H, n, device="cuda")
         _same(_attn(kt, q[rows], kc, vc, [(1, t + 1, pages) for t in rows], scale, lse_d), full[rows],
               f"swapped decode batch {n}, two pairs a program, vs prefill ({row_sum})")
         _same(lse_d, lse[:, rows], f"swapped decode batch {n}, two pairs a program, LSE vs prefill ({row_sum})")
-    assert [g[0] for g in grids] == [256 * K // 2, 63 * K // 2], grids
+    assert [g[0] for g in grids] == [256 * K // 2, 65 * K // 2], grids
 
 
 def test_fast_mode_paged_attention(kt):

@@ -1286,12 +1286,12 @@ def check_attention_decode_pairs() -> None:
 
     kt = _kt()
     names = ("DECODE_TILE", "ROW_SUM", "KV_BLOCK", "KV_SPLIT", "DECODE_PROGRAMS", "WALK", "DECODE_PAIRS",
-             "DECODE_PAIRS_MIN", "decode_kernel", "decode_pairs_kernel")
+             "DECODE_PAIRS_MIN", "DECODE_PAIRS_MAX", "decode_kernel", "decode_pairs_kernel")
     saved = {n: getattr(attn_mod, n) for n in names}
     launches = {1: _Launches(attn_mod.decode_kernel), 2: _Launches(attn_mod.decode_pairs_kernel)}
     attn_mod.decode_kernel, attn_mod.decode_pairs_kernel = launches[1], launches[2]
     attn_mod.DECODE_TILE, attn_mod.ROW_SUM, attn_mod.KV_BLOCK, attn_mod.KV_SPLIT = "swapped", "fixed", 16, 32
-    attn_mod.DECODE_PROGRAMS, attn_mod.WALK, attn_mod.DECODE_PAIRS_MIN = 1, "one", 1
+    attn_mod.DECODE_PROGRAMS, attn_mod.WALK, attn_mod.DECODE_PAIRS_MIN, attn_mod.DECODE_PAIRS_MAX = 1, "one", 1, 1 << 30
     g = torch.Generator().manual_seed(17)
     L, D, page = 90, 16, 16
     pages = torch.randperm(L // page + 3, generator=g)[: L // page + 1].tolist()

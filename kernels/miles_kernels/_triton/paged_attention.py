@@ -83,13 +83,17 @@ SWAPPED_DEEP_PAIRS = 1024
 WALK = "auto"
 WALKS = ("one", "splits", "auto")
 WALK_SWAPPED_MIN_PAIRS = 512
-# (sequence, kv head) pairs a swapped-tile decode program walks in one loop (1 or 2), from
-# DECODE_PAIRS_MIN pairs on where a program walks all of a pair's splits in one loop
-# (decode_attention.decode_pairs_kernel: each pair's walk unchanged, the same bits): half the programs,
-# so B 64 at 8 kv heads makes one wave of two programs an SM, and the second pair's first loads
-# overlap the first pair's last blocks.
-DECODE_PAIRS = 1
+# (sequence, kv head) pairs a swapped-tile decode program walks in one loop (1 or 2), at
+# DECODE_PAIRS_MIN <= pairs < DECODE_PAIRS_MAX where a program walks all of a pair's splits in one
+# loop (decode_attention.decode_pairs_kernel: each pair's walk unchanged, the same bits), at 2
+# stages: half the programs, so B 64 at 8 kv heads makes one wave of two programs an SM, and the
+# second pair's loads overlap the first pair's last blocks. H100 (forty-first run, attn_sweep.py
+# --pairs, 0.6B heads, graph-timed): B 64 ctx 128 / 192 / 384 / 544 / 1,024 23.2 / 30.4 / 50.6 /
+# 65.3 / 104.8 us against one pair a program's 25.4 / 33.0 / 52.0 / 67.2 / 106.5 (1.02-1.09x; SDPA
+# 24.0 / 31.9 / 49.6 / 65.0 / 103.9), ctx 4,096 368.0 vs 362.1; B 128 level; B 256 ctx 192 86.2 vs 84.3.
+DECODE_PAIRS = 2
 DECODE_PAIRS_MIN = 512
+DECODE_PAIRS_MAX = 1024
 _LOG2E = 1.4426950408889634
 # K/V read by TMA tensor descriptors instead of pointers (same values, same bits; D a power of
 # two, 16-byte aligned rows; on CUDA 16-bit dtypes): packed K/V (training: measured 2-4% faster,
@@ -522,7 +526,7 @@ def _decode_pairs(pairs: int) -> int:
     """(sequence, kv head) pairs a one-loop swapped decode program walks (DECODE_PAIRS: see above)."""
     if DECODE_PAIRS not in (1, 2):
         raise ValueError(f"miles_kernels attention: DECODE_PAIRS {DECODE_PAIRS!r}: want 1 or 2 pairs a decode program")
-    return DECODE_PAIRS if pairs >= DECODE_PAIRS_MIN else 1
+    return DECODE_PAIRS if DECODE_PAIRS_MIN <= pairs < DECODE_PAIRS_MAX else 1
 
 
 def _swapped_launch(pairs: int, one_loop: bool) -> dict:
@@ -580,6 +584,7 @@ def _launch(q_THD, k4, v4, cu_seqlens, kv_lens, bt, max_q_len: int, scale: float
         one_loop = _one_loop(True, B * K)
         launch = _swapped_launch(B * K, one_loop and not split_parallel)
         if one_loop and not split_parallel and _decode_pairs(B * K) == 2:
+            launch = launch if _SWAPPED_LAUNCH is not None else dict(num_warps=4, num_stages=2)
             decode_pairs_kernel[(triton.cdiv(B * K, 2),)](
                 q_THD, *kv, o_THD, lse, cu, kv_lens, bt, scale * _LOG2E, K, B * K,
                 q_THD.stride(0), q_THD.stride(1), o_THD.stride(0), o_THD.stride(1), lse.stride(0),
