@@ -48,6 +48,9 @@
 #              lm (top-p 0.9, top-k 20) at 64 / 128 / 256 / 1,024 / 4,096 rows as shipped (top-k by torch.topk)
 #              and for each launch (warps:unroll[:programs a row[:stages[:snap]]], top-k by the cut: with_tiles
 #              --topk-cut on), to place cut.CUT_LAUNCH (snapped brackets, the split launch) and rows.TOPK_BY_CUT
+#   pairs      (not in the default list) decode attention with one and two (sequence, kv head) pairs a program
+#              (paged_attention.DECODE_PAIRS; attn_sweep.py --pairs: us, bits, SDPA beside), then the engine's quick
+#              rows with two pairs (as shipped, at 512-1,023 pairs) and with one (with_tiles --decode-pairs on / off)
 #   capture    (not in the default list) the attention-backward and engine GPU tests in one process (the order
 #              that invalidated the 64-expert draft's capture in the thirty-third run), then again with
 #              graph_capture's collector guard taken out: test_capture_with_garbage_waiting alone, which must
@@ -218,11 +221,16 @@ for step in $steps; do
               run cut_shipped timeout -s KILL 120 python3 tools/bench/filter.py --cut-only --rows 64 128 256 1024 4096 \
                   --logits lm --out "$out/cut_shipped.json"
               for l in 16:4:1:1:1 16:2:1:1:1 16:2:1:2:1 8:2:1:1:1 32:4:1:1:1 32:4:2:1 16:4:2:1 32:4:4:1 32:4:1:1 \
-                       32:4:1:2; do  # snapped, split from the narrowed start, shipped; top-k by the cut's search here
+                       32:4:1:2; do  # snapped (32:4:1:1:1 shipped), split from the narrowed start, unsnapped
                   run "cut_${l//:/_}" timeout -s KILL 120 python3 tools/bench/with_tiles.py --topk-cut on -- \
                       tools/bench/filter.py --cut-only --rows 64 128 256 1024 4096 --logits lm --launch $l \
                       --out "$out/cut_${l//:/_}.json"
               done ;;
+        pairs) run attn_pairs python3 tools/bench/attn_sweep.py "$out/attn_pairs.json" --pairs
+               for o in on off; do
+                   run engine_pairs_$o timeout -s KILL 120 python3 tools/bench/with_tiles.py --decode-pairs $o -- \
+                       tools/bench/engine.py --quick --only engine --out "$out/engine_pairs_$o.json"
+               done ;;
         capture) run capture_guarded timeout -s KILL 240 python3 -m pytest -q -o addopts="" \
                      tests/gpu/test_attention_bwd_gpu.py tests/gpu/test_engine_gpu.py
                  run capture_unguarded timeout -s KILL 240 python3 -c "import gc, sys, types, pytest
@@ -239,7 +247,7 @@ print('guard out: the capture test must fail (rc 1), rc', int(rc)); sys.exit(0 i
              run attn_tma python3 tools/bench/attn_sweep.py "$out/attn_tma.json" --tma --tiles
              run attn_tma_paged python3 tools/bench/attn_sweep.py "$out/attn_tma_paged.json" --tma-paged
              run kernel_regs python3 tools/bench/kernel_regs.py "$out/kernel_regs.json" ;;
-        *) echo "unknown step $step (tests scale kernels engine engine_host train rl_step spec profile sweep moe tma queued linears grouped fast sampler persistent topp capture ws gluon optim)"
+        *) echo "unknown step $step (tests scale kernels engine engine_host train rl_step spec profile sweep moe tma queued linears grouped fast sampler persistent topp pairs capture ws gluon optim)"
            exit 2 ;;
     esac
 done
