@@ -554,6 +554,15 @@ SWAPPED_SHAPES = [(8, 544), (8, 4096), (64, 192), (64, 544), (64, 1024), (64, 40
                   (256, 192), (256, 1024)]
 
 
+def _decode_row(B: int, ctx: int, H: int = 16):
+    """decode_case's paged inputs (q, caches, cu, kv lens, block table) and a result row with SDPA's time
+    over the same K/V laid out contiguously."""
+    q, kc, vc, cu, kv, n, ks, vs, mb = decode_case(B, ctx, H)
+    row = dict(B=B, ctx=ctx, H=H, mb=mb, t={}, sdpa_us=_graph_ms(
+        lambda: F.scaled_dot_product_attention(q[:, :, None], ks, vs, enable_gqa=True)) * 1e3)
+    return (q, kc, vc, cu, kv, in_order(B, n)), row
+
+
 def _launch_name(launch: tuple, walk: str) -> str:
     return f"{launch[0]}w{launch[1]}s" + (f"{launch[2]}r" if len(launch) > 2 else "") + f"_{walk}"
 
@@ -566,10 +575,8 @@ def swapped_launch(path: str) -> None:
     defaults = A.WALK, A.DECODE_TILE, A._SWAPPED_LAUNCH
     run = lambda q, kc, vc, cu, kv, bt: A.attention(q, kc, vc, cu, kv, bt, 1, 128**-0.5)  # noqa: E731
     for B, ctx in SWAPPED_SHAPES:
-        q, kc, vc, cu, kv, n, ks, vs, mb = decode_case(B, ctx)
-        bt = in_order(B, n)
-        row = dict(B=B, ctx=ctx, mb=mb, t={}, sdpa_us=_graph_ms(
-            lambda: F.scaled_dot_product_attention(q[:, :, None], ks, vs, enable_gqa=True)) * 1e3)
+        (q, kc, vc, cu, kv, bt), row = _decode_row(B, ctx)
+        mb = row["mb"]
         A.DECODE_TILE = "rows"
         ref = run(q, kc, vc, cu, kv, bt)
         row["rows_us"] = _graph_ms(lambda: run(q, kc, vc, cu, kv, bt)) * 1e3
@@ -596,21 +603,19 @@ def swapped_launch(path: str) -> None:
 
 
 PAIRS_SHAPES = [(32, 192), (64, 128), (64, 192), (64, 384), (64, 544), (64, 1024), (64, 4096), (128, 192),
-                (128, 1024), (256, 192), (256, 1024)]
+                (128, 1024), (256, 192), (256, 1024), (64, 192, 32), (64, 1024, 32)]  # (B, ctx[, q heads: 8B's])
 
 
 def pairs_sweep(path: str) -> None:
     """The swapped decode tile with one and two (sequence, kv head) pairs a program (DECODE_PAIRS, at any
-    pair count here), at 2 and 3 stages, 0.6B heads: us, TB/s, bits equal to one pair a program's; SDPA
-    over the same K/V laid out contiguously the peer."""
+    pair count here), at 2 and 3 stages, 0.6B heads (and 8B's, 32 q heads): us, TB/s, bits equal to one
+    pair a program's; SDPA over the same K/V laid out contiguously the peer."""
     res = []
     defaults = A.DECODE_PAIRS, A.DECODE_PAIRS_MIN, A.DECODE_PAIRS_MAX, A._SWAPPED_LAUNCH
     run = lambda q, kc, vc, cu, kv, bt: A.attention(q, kc, vc, cu, kv, bt, 1, 128**-0.5)  # noqa: E731
-    for B, ctx in PAIRS_SHAPES:
-        q, kc, vc, cu, kv, n, ks, vs, mb = decode_case(B, ctx)
-        bt = in_order(B, n)
-        row = dict(B=B, ctx=ctx, mb=mb, t={}, sdpa_us=_graph_ms(
-            lambda: F.scaled_dot_product_attention(q[:, :, None], ks, vs, enable_gqa=True)) * 1e3)
+    for B, ctx, *H in PAIRS_SHAPES:
+        (q, kc, vc, cu, kv, bt), row = _decode_row(B, ctx, *H)
+        mb = row["mb"]
         A.DECODE_PAIRS, A.DECODE_PAIRS_MIN, A.DECODE_PAIRS_MAX, A._SWAPPED_LAUNCH = defaults
         ref = run(q, kc, vc, cu, kv, bt)
         row["shipped_us"] = _graph_ms(lambda: run(q, kc, vc, cu, kv, bt)) * 1e3
@@ -623,7 +628,8 @@ def pairs_sweep(path: str) -> None:
                 row["t"][f"{pairs}p{stages}s"] = _graph_ms(lambda: run(q, kc, vc, cu, kv, bt)) * 1e3
         row["same"] = same
         res.append(row)
-        print(f"B={B:3} ctx={ctx:4} ({mb:5.1f} MB) sdpa {row['sdpa_us']:6.1f} shipped {row['shipped_us']:6.1f} us "
+        print(f"B={B:3} ctx={ctx:4} H={row['H']} ({mb:5.1f} MB) sdpa {row['sdpa_us']:6.1f} shipped "
+              f"{row['shipped_us']:6.1f} us "
               f"({mb / row['shipped_us']:.2f} TB/s)  " + " ".join(f"{k}={v:.1f}" for k, v in row["t"].items())
               + f"  same {int(same)}", flush=True)
         json.dump(res, open(path, "w"), indent=1)
