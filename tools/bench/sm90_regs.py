@@ -45,9 +45,8 @@ def _setup(name: str, tile: tuple):
         return A._attn_kernel, dict(_FWD, BLOCK_M=bm, ATTN_BLK=bn, PAGE=1, CONTIG=True, STORE_LSE=True, TMA=True), \
             ("k_ptr", "v_ptr"), bn
     if name == "decode_kernel":
-        kernel = DA.decode_pairs_kernel if tile[4:5] == (2,) else DA.decode_kernel  # a fifth field 2: two pairs
-        ahead = bool(tile[5]) if len(tile) > 5 else True  # a sixth: 0 for each page loaded in its block (PAGE_AHEAD)
-        return kernel, dict(_FWD, ROWS=bm, ATTN_BLK=bn, PAGE=64, STORE_LSE=False, TMA=False, AHEAD=ahead), (), bn
+        kernel = DA.decode_pairs_kernel if tile[4:] == (2,) else DA.decode_kernel  # a fifth field 2: two pairs
+        return kernel, dict(_FWD, ROWS=bm, ATTN_BLK=bn, PAGE=64, STORE_LSE=False, TMA=False), (), bn
     consts = dict(G=2, D=128, BLOCK_M=bm, BLOCK_N=bn, PRECISION="tf32", TMA=True)
     if name == "_dq_kernel":
         return AB._dq_kernel, consts, ("k_ptr", "v_ptr"), bn
@@ -96,8 +95,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("kernel", nargs="?", help=f"one of {sorted(DEFAULT)} (default: all, their usual tiles)")
     ap.add_argument("tiles", nargs="*",
-                    help="BLOCK_M,BLOCK_N,warps,stages ... "
-                         "(decode: ROWS,ATTN_BLK,warps,stages[,pairs a program[,page ahead 1/0]])")
+                    help="BLOCK_M,BLOCK_N,warps,stages ... (decode: ROWS,ATTN_BLK,warps,stages[,2 pairs a program])")
     ap.add_argument("--ptx", default="", help="also write each kernel's PTX to this folder")
     a = ap.parse_args()
     jobs = {a.kernel: a.tiles or DEFAULT[a.kernel]} if a.kernel else DEFAULT

@@ -56,12 +56,6 @@ def kv_tma(j, kv_base, k_desc, v_desc, bt_row_ptr, kvh, ok, PAGE: tl.constexpr, 
         row = kv_base + j * ATTN_BLK
     else:
         row = tl.load(bt_row_ptr + (j * ATTN_BLK) // PAGE).to(tl.int64) * PAGE + (j * ATTN_BLK) % PAGE
-    return kv_tma_at(row, k_desc, v_desc, kvh, ok, MASK, BLOCK_D)
-
-
-@triton.jit
-def kv_tma_at(row, k_desc, v_desc, kvh, ok, MASK: tl.constexpr, BLOCK_D: tl.constexpr):
-    """kv_tma's loads of the block whose first token is the descriptors' row `row`."""
     k = k_desc.load([row.to(tl.int32), kvh * BLOCK_D])
     v = v_desc.load([row.to(tl.int32), kvh * BLOCK_D])
     if MASK:

@@ -13,16 +13,16 @@ from SWAPPED_MIN_PAIRS (sequence, kv head) pairs on (measured by tools/bench/att
 import triton
 import triton.language as tl
 
-from miles_kernels._triton.attn_parts import LN2, exact_sum, fixed_sum, kv_tma_at, seq_and_head
+from miles_kernels._triton.attn_parts import LN2, exact_sum, fixed_sum, kv_tma, seq_and_head
 from miles_kernels._triton.launch import fast_launch
 
 
 @triton.jit
-def _kv_load_t(j, kv_pos, ok, k_ptr, v_ptr, bt_row_ptr, page, kvh, offs, ds, stride_kp, stride_ks, stride_kk,
-               stride_vp, stride_vs, stride_vk, PAGE: tl.constexpr, ATTN_BLK: tl.constexpr, MASK: tl.constexpr):
-    """K [ATTN_BLK, BLOCK_D] and V^T of KV block j by pointers (zeros past kv_len); page: the
-    block's page (_page_of) where the block lies in one page."""
+def _kv_load_t(j, kv_pos, ok, k_ptr, v_ptr, bt_row_ptr, kvh, offs, ds, stride_kp, stride_ks, stride_kk, stride_vp,
+               stride_vs, stride_vk, PAGE: tl.constexpr, ATTN_BLK: tl.constexpr, MASK: tl.constexpr):
+    """K [ATTN_BLK, BLOCK_D] and V^T of KV block j by pointers (zeros past kv_len)."""
     if PAGE % ATTN_BLK == 0:  # the block lies in one page
+        page = tl.load(bt_row_ptr + (j * ATTN_BLK) // PAGE).to(tl.int64)
         slot = (j * ATTN_BLK) % PAGE + offs
     else:  # the block spans pages: gather each token's page
         page = tl.load(bt_row_ptr + kv_pos // PAGE, mask=ok, other=0).to(tl.int64)
@@ -39,44 +39,20 @@ def _kv_load_t(j, kv_pos, ok, k_ptr, v_ptr, bt_row_ptr, page, kvh, offs, ds, str
 
 
 @triton.jit
-def _page_of(bt_row_ptr, j, n_blocks, PAGE: tl.constexpr, ATTN_BLK: tl.constexpr):
-    """The page holding KV block j (0 from n_blocks on, and where a block spans pages: _kv_load_t
-    gathers each token's)."""
-    page = tl.full([], 0, tl.int64)
-    if PAGE % ATTN_BLK == 0:
-        page = tl.load(bt_row_ptr + (j * ATTN_BLK) // PAGE, mask=j < n_blocks, other=0).to(tl.int64)
-    return page
-
-
-@triton.jit
-def _pages(page_next, bt_row_ptr, j, n_blocks, PAGE: tl.constexpr, ATTN_BLK: tl.constexpr, AHEAD: tl.constexpr):
-    """(block j's page, the next call's page_next). AHEAD: j's page was loaded a block before
-    (page_next) and block j + 1's loads now, so no block's K/V loads wait on a load of its page;
-    else j's page loads here."""
-    if AHEAD:
-        page = page_next
-        page_next = _page_of(bt_row_ptr, j + 1, n_blocks, PAGE, ATTN_BLK)
-    else:
-        page = _page_of(bt_row_ptr, j, n_blocks, PAGE, ATTN_BLK)
-    return page, page_next
-
-
-@triton.jit
 def _kv_block_t(
-    qT, m, l, accT, j, pos, kv_len, k_ptr, v_ptr, bt_row_ptr, page, kvh, qk_scale, offs, ds, one,
+    qT, m, l, accT, j, pos, kv_len, k_ptr, v_ptr, bt_row_ptr, kvh, qk_scale, offs, ds, one,
     stride_kp, stride_ks, stride_kk, stride_vp, stride_vs, stride_vk,
     PAGE: tl.constexpr, ATTN_BLK: tl.constexpr, PRECISION: tl.constexpr, MASK: tl.constexpr, L_SUM: tl.constexpr,
     BLOCK_D: tl.constexpr, TMA: tl.constexpr,
 ):
-    """paged_attention._kv_block with the block's tokens along axis 0: same values (page:
-    _page_of's)."""
+    """paged_attention._kv_block with the block's tokens along axis 0: same values."""
     kv_pos = j * ATTN_BLK + offs
     ok = kv_pos < kv_len
-    if TMA:  # k_ptr/v_ptr: descriptors of the caches as [P * PAGE, K * D] (a block in one page)
-        k, v = kv_tma_at(page * PAGE + (j * ATTN_BLK) % PAGE, k_ptr, v_ptr, kvh, ok, MASK, BLOCK_D)
+    if TMA:  # k_ptr/v_ptr: descriptors of the caches as [P * PAGE, K * D]
+        k, v = kv_tma(j, 0, k_ptr, v_ptr, bt_row_ptr, kvh, ok, PAGE, ATTN_BLK, False, MASK, BLOCK_D)
         vT = tl.trans(v)
     else:
-        k, vT = _kv_load_t(j, kv_pos, ok, k_ptr, v_ptr, bt_row_ptr, page, kvh, offs, ds,
+        k, vT = _kv_load_t(j, kv_pos, ok, k_ptr, v_ptr, bt_row_ptr, kvh, offs, ds,
                            stride_kp, stride_ks, stride_kk, stride_vp, stride_vs, stride_vk, PAGE, ATTN_BLK, MASK)
     qk = tl.dot(k, qT, input_precision=PRECISION)  # [ATTN_BLK, ROWS]
     if MASK:
@@ -109,7 +85,7 @@ def _split_state_t(
     qT, pos, pos_min, kv_len, blk_lo, blk_hi, k_ptr, v_ptr, bt_row_ptr, kvh, qk_scale,
     stride_kp, stride_ks, stride_kk, stride_vp, stride_vs, stride_vk,
     ROWS: tl.constexpr, BLOCK_D: tl.constexpr, PAGE: tl.constexpr, ATTN_BLK: tl.constexpr,
-    PRECISION: tl.constexpr, L_SUM: tl.constexpr, TMA: tl.constexpr, AHEAD: tl.constexpr,
+    PRECISION: tl.constexpr, L_SUM: tl.constexpr, TMA: tl.constexpr,
 ):
     """paged_attention._split_state, transposed: blocks [blk_lo, blk_hi) from an empty state."""
     m = tl.full((ROWS,), float("-inf"), tl.float32)
@@ -120,17 +96,12 @@ def _split_state_t(
     one = tl.where((tl.arange(0, 64)[:, None] == 0) & (offs[None, :] >= 0), 1.0, 0.0).to(qT.dtype)
     n_full = tl.minimum((pos_min + 1) // ATTN_BLK, kv_len // ATTN_BLK)
     full_hi = tl.maximum(tl.minimum(blk_hi, n_full), blk_lo)
-    page_next = _page_of(bt_row_ptr, blk_lo, blk_hi, PAGE, ATTN_BLK)
     for j in range(blk_lo, full_hi):
-        page, page_next = _pages(page_next, bt_row_ptr, j, blk_hi, PAGE, ATTN_BLK, AHEAD)
-        m, l, accT = _kv_block_t(qT, m, l, accT, j, pos, kv_len, k_ptr, v_ptr, bt_row_ptr, page, kvh, qk_scale, offs,
-                                 ds,
+        m, l, accT = _kv_block_t(qT, m, l, accT, j, pos, kv_len, k_ptr, v_ptr, bt_row_ptr, kvh, qk_scale, offs, ds,
                                  one, stride_kp, stride_ks, stride_kk, stride_vp, stride_vs, stride_vk,
                                  PAGE, ATTN_BLK, PRECISION, False, L_SUM, BLOCK_D, TMA)
     for j in range(full_hi, blk_hi):
-        page, page_next = _pages(page_next, bt_row_ptr, j, blk_hi, PAGE, ATTN_BLK, AHEAD)
-        m, l, accT = _kv_block_t(qT, m, l, accT, j, pos, kv_len, k_ptr, v_ptr, bt_row_ptr, page, kvh, qk_scale, offs,
-                                 ds,
+        m, l, accT = _kv_block_t(qT, m, l, accT, j, pos, kv_len, k_ptr, v_ptr, bt_row_ptr, kvh, qk_scale, offs, ds,
                                  one, stride_kp, stride_ks, stride_kk, stride_vp, stride_vs, stride_vk,
                                  PAGE, ATTN_BLK, PRECISION, True, L_SUM, BLOCK_D, TMA)
     return m, l, accT
@@ -161,7 +132,6 @@ def _walk_t(
     stride_kp, stride_ks, stride_kk, stride_vp, stride_vs, stride_vk,
     ROWS: tl.constexpr, BLOCK_D: tl.constexpr, PAGE: tl.constexpr, ATTN_BLK: tl.constexpr,
     SPLIT_BLOCKS: tl.constexpr, PRECISION: tl.constexpr, L_SUM: tl.constexpr, TMA: tl.constexpr,
-    AHEAD: tl.constexpr,
 ):
     """paged_attention._walk, transposed: every split in one loop, merged at each split's end."""
     m = tl.full((ROWS,), float("-inf"), tl.float32)
@@ -172,19 +142,14 @@ def _walk_t(
     ds = tl.arange(0, BLOCK_D)
     one = tl.where((tl.arange(0, 64)[:, None] == 0) & (offs[None, :] >= 0), 1.0, 0.0).to(qT.dtype)
     full_hi = tl.minimum(tl.minimum((pos_min + 1) // ATTN_BLK, kv_len // ATTN_BLK), n_blocks)
-    page_next = _page_of(bt_row_ptr, 0, n_blocks, PAGE, ATTN_BLK)
     for j in range(0, full_hi):
-        page, page_next = _pages(page_next, bt_row_ptr, j, n_blocks, PAGE, ATTN_BLK, AHEAD)
-        m_s, l_s, acc_s = _kv_block_t(qT, m_s, l_s, acc_s, j, pos, kv_len, k_ptr, v_ptr, bt_row_ptr, page, kvh,
-                                      qk_scale,
+        m_s, l_s, acc_s = _kv_block_t(qT, m_s, l_s, acc_s, j, pos, kv_len, k_ptr, v_ptr, bt_row_ptr, kvh, qk_scale,
                                       offs, ds, one, stride_kp, stride_ks, stride_kk, stride_vp, stride_vs, stride_vk,
                                       PAGE, ATTN_BLK, PRECISION, False, L_SUM, BLOCK_D, TMA)
         if (j + 1) % SPLIT_BLOCKS == 0:
             m, l, accT, m_s, l_s, acc_s = _end_split_t(m, l, accT, m_s, l_s, acc_s)
     for j in range(full_hi, n_blocks):
-        page, page_next = _pages(page_next, bt_row_ptr, j, n_blocks, PAGE, ATTN_BLK, AHEAD)
-        m_s, l_s, acc_s = _kv_block_t(qT, m_s, l_s, acc_s, j, pos, kv_len, k_ptr, v_ptr, bt_row_ptr, page, kvh,
-                                      qk_scale,
+        m_s, l_s, acc_s = _kv_block_t(qT, m_s, l_s, acc_s, j, pos, kv_len, k_ptr, v_ptr, bt_row_ptr, kvh, qk_scale,
                                       offs, ds, one, stride_kp, stride_ks, stride_kk, stride_vp, stride_vs, stride_vk,
                                       PAGE, ATTN_BLK, PRECISION, True, L_SUM, BLOCK_D, TMA)
         if (j + 1) % SPLIT_BLOCKS == 0:
@@ -204,12 +169,11 @@ def decode_kernel(
     G: tl.constexpr, G_PAD: tl.constexpr, ROWS: tl.constexpr, BLOCK_D: tl.constexpr, PAGE: tl.constexpr,
     ATTN_BLK: tl.constexpr, SPLIT_BLOCKS: tl.constexpr, SPLIT_PARALLEL: tl.constexpr, PART_ROWS: tl.constexpr,
     PRECISION: tl.constexpr, STORE_LSE: tl.constexpr, L_SUM: tl.constexpr, ONE_LOOP: tl.constexpr,
-    TMA: tl.constexpr, AHEAD: tl.constexpr,
+    TMA: tl.constexpr,
 ):
     """One program per (sequence, kv head) (x split programs on axis 1): the chunk's q_len x
     G_PAD rows as the tile's columns. Split states go to the paged kernel's buffers for its
-    combine kernel; otherwise the splits merge here as the paged kernel merges them. AHEAD: each
-    block's page loaded a block ahead (_pages)."""
+    combine kernel; otherwise the splits merge here as the paged kernel merges them."""
     bk, b, kvh, q_lo, q_len, kv_len = seq_and_head(cu_ptr, kv_lens_ptr, n_kv_heads)
     if q_len <= 0:
         return
@@ -232,7 +196,7 @@ def decode_kernel(
             m, l, accT = _split_state_t(
                 qT, pos, pos_min, kv_len, blk_lo, tl.minimum(blk_lo + SPLIT_BLOCKS, n_blocks), k_ptr, v_ptr,
                 bt_row_ptr, kvh, qk_scale, stride_kp, stride_ks, stride_kk, stride_vp, stride_vs, stride_vk,
-                ROWS, BLOCK_D, PAGE, ATTN_BLK, PRECISION, L_SUM, TMA, AHEAD,
+                ROWS, BLOCK_D, PAGE, ATTN_BLK, PRECISION, L_SUM, TMA,
             )
             state = bk.to(tl.int64) * n_splits_max + split
             tl.store(pm_ptr + state * PART_ROWS + r, m, mask=keep)
@@ -243,7 +207,7 @@ def decode_kernel(
             m, l, accT = _walk_t(
                 qT, pos, pos_min, kv_len, n_blocks, k_ptr, v_ptr, bt_row_ptr, kvh, qk_scale,
                 stride_kp, stride_ks, stride_kk, stride_vp, stride_vs, stride_vk,
-                ROWS, BLOCK_D, PAGE, ATTN_BLK, SPLIT_BLOCKS, PRECISION, L_SUM, TMA, AHEAD,
+                ROWS, BLOCK_D, PAGE, ATTN_BLK, SPLIT_BLOCKS, PRECISION, L_SUM, TMA,
             )
         else:
             m = tl.full((ROWS,), float("-inf"), tl.float32)
@@ -252,8 +216,8 @@ def decode_kernel(
             for blk_lo in range(0, n_blocks, SPLIT_BLOCKS):
                 m_s, l_s, acc_s = _split_state_t(
                     qT, pos, pos_min, kv_len, blk_lo, tl.minimum(blk_lo + SPLIT_BLOCKS, n_blocks), k_ptr, v_ptr,
-                    bt_row_ptr, kvh, qk_scale, stride_kp, stride_ks, stride_kk, stride_vp, stride_vs,
-                    stride_vk, ROWS, BLOCK_D, PAGE, ATTN_BLK, PRECISION, L_SUM, TMA, AHEAD,
+                    bt_row_ptr, kvh, qk_scale, stride_kp, stride_ks, stride_kk, stride_vp, stride_vs, stride_vk,
+                    ROWS, BLOCK_D, PAGE, ATTN_BLK, PRECISION, L_SUM, TMA,
                 )
                 m, l, accT = _merge_t(m, l, accT, m_s, l_s, acc_s)
         _store_t(o_ptr, lse_ptr, m, l, accT, t_idx, head, row_ok, stride_ot, stride_oh, stride_lh, BLOCK_D, STORE_LSE)
@@ -299,7 +263,7 @@ def decode_pairs_kernel(
     stride_kp, stride_ks, stride_kk, stride_vp, stride_vs, stride_vk, stride_bt,
     G: tl.constexpr, G_PAD: tl.constexpr, ROWS: tl.constexpr, BLOCK_D: tl.constexpr, PAGE: tl.constexpr,
     ATTN_BLK: tl.constexpr, SPLIT_BLOCKS: tl.constexpr, PRECISION: tl.constexpr, STORE_LSE: tl.constexpr,
-    L_SUM: tl.constexpr, TMA: tl.constexpr, AHEAD: tl.constexpr,
+    L_SUM: tl.constexpr, TMA: tl.constexpr,
 ):
     """decode_kernel's one-loop walk (no split programs) over pairs 2 p and 2 p + 1 in one loop: each
     pair's blocks, splits and merges as _walk_t walks them (every block through the masked step,
@@ -307,7 +271,7 @@ def decode_pairs_kernel(
     first pair's last blocks, and half the programs make one wave where one pair a program makes two.
     Both pairs are stored after the loop, and the queries are loaded each block (held in registers
     for both pairs and picked a block, they gave wrong rows and illegal addresses on the H100 from
-    256 programs; forty-first run). AHEAD: each block's page loaded a block ahead (_pages)."""
+    256 programs; forty-first run)."""
     bk = tl.program_id(0) * 2
     bA, hA, kvA, nA, posA, tA, headA, okA = _pair_rows(bk, n_pairs, cu_ptr, kv_lens_ptr, n_kv_heads, G, G_PAD,
                                                        ROWS, ATTN_BLK)
@@ -321,26 +285,15 @@ def decode_pairs_kernel(
     offs = tl.arange(0, ATTN_BLK)
     ds = tl.arange(0, BLOCK_D)
     one = tl.where((tl.arange(0, 64)[:, None] == 0) & (offs[None, :] >= 0), 1.0, 0.0).to(q_ptr.dtype.element_ty)
-    btA_ptr = bt_ptr + bA.to(tl.int64) * stride_bt
-    btB_ptr = bt_ptr + bB.to(tl.int64) * stride_bt
-    page_next = _page_of(tl.where(nA > 0, btA_ptr, btB_ptr), 0, tl.where(nA > 0, nA, nB), PAGE, ATTN_BLK)
     for it in range(0, nA + nB):
         second = it >= nA
         j = tl.where(second, it - nA, it)
         n = tl.where(second, nB, nA)
-        bt_row_ptr = tl.where(second, btB_ptr, btA_ptr)
-        if AHEAD:  # block it + 1's page: this pair's next block or the second pair's first
-            page = page_next
-            nxt = it + 1 >= nA
-            page_next = _page_of(tl.where(nxt, btB_ptr, btA_ptr), tl.where(nxt, it + 1 - nA, it + 1),
-                                 tl.where(nxt, nB, nA), PAGE, ATTN_BLK)
-        else:
-            page = _page_of(bt_row_ptr, j, n, PAGE, ATTN_BLK)
+        bt_row_ptr = bt_ptr + tl.where(second, bB, bA).to(tl.int64) * stride_bt
         qT = tl.load(q_ptr + tl.where(second, tB, tA)[None, :] * stride_qt + tl.where(second, headB, headA)[None, :]
                      * stride_qh + ds[:, None], mask=tl.where(second, okB, okA)[None, :], other=0.0)  # a load a block
         m_s, l_s, acc_s = _kv_block_t(qT, m_s, l_s, acc_s, j, tl.where(second, posB, posA),
-                                      tl.where(second, kvB, kvA), k_ptr, v_ptr, bt_row_ptr, page,
-                                      tl.where(second, hB, hA),
+                                      tl.where(second, kvB, kvA), k_ptr, v_ptr, bt_row_ptr, tl.where(second, hB, hA),
                                       qk_scale, offs, ds, one, stride_kp, stride_ks, stride_kk, stride_vp, stride_vs,
                                       stride_vk, PAGE, ATTN_BLK, PRECISION, True, L_SUM, BLOCK_D, TMA)
         if ((j + 1) % SPLIT_BLOCKS == 0) | (j == n - 1):  # a split's end, or the pair's (_walk_t's last merge)

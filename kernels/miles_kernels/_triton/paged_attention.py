@@ -94,9 +94,6 @@ WALK_SWAPPED_MIN_PAIRS = 512
 DECODE_PAIRS = 2
 DECODE_PAIRS_MIN = 512
 DECODE_PAIRS_MAX = 1024
-# A swapped decode program loads each KV block's page a block ahead, so no block's K/V loads wait
-# on a load of its page (False: in the block). The same bits.
-PAGE_AHEAD = True
 _LOG2E = 1.4426950408889634
 # K/V read by TMA tensor descriptors instead of pointers (same values, same bits; D a power of
 # two, 16-byte aligned rows; on CUDA 16-bit dtypes): packed K/V (training: measured 2-4% faster,
@@ -595,7 +592,7 @@ def _launch(q_THD, k4, v4, cu_seqlens, kv_lens, bt, max_q_len: int, scale: float
                 G=G, G_PAD=g_pad, ROWS=max(16, triton.next_power_of_2(max_q_len * g_pad)), BLOCK_D=block_d, PAGE=page,
                 ATTN_BLK=KV_BLOCK, SPLIT_BLOCKS=KV_SPLIT // KV_BLOCK,
                 PRECISION="ieee" if q_THD.dtype == torch.float32 else "tf32", STORE_LSE=lse_HT is not None,
-                L_SUM=ROW_SUM, TMA=kv_descs is not None, AHEAD=PAGE_AHEAD, **launch,
+                L_SUM=ROW_SUM, TMA=kv_descs is not None, **launch,
             )
             return o_THD
         decode_kernel[(B * K, split_programs if split_parallel else 1)](
@@ -605,7 +602,7 @@ def _launch(q_THD, k4, v4, cu_seqlens, kv_lens, bt, max_q_len: int, scale: float
             G=G, G_PAD=g_pad, ROWS=max(16, triton.next_power_of_2(max_q_len * g_pad)), BLOCK_D=block_d, PAGE=page,
             ATTN_BLK=KV_BLOCK, SPLIT_BLOCKS=KV_SPLIT // KV_BLOCK, SPLIT_PARALLEL=split_parallel, PART_ROWS=part_rows,
             PRECISION="ieee" if q_THD.dtype == torch.float32 else "tf32", STORE_LSE=lse_HT is not None,
-            L_SUM=ROW_SUM, ONE_LOOP=one_loop, TMA=kv_descs is not None, AHEAD=PAGE_AHEAD, **launch,
+            L_SUM=ROW_SUM, ONE_LOOP=one_loop, TMA=kv_descs is not None, **launch,
         )
     else:
         _attn_kernel[(triton.cdiv(max_q_len, tok_per_tile), B * K, split_programs if split_parallel else 1)](
