@@ -472,12 +472,6 @@ def qk_norm_rope_kv_attention(q_THD, k_TKD, v_TKD, q_w_D, k_w_D, cos_TF, sin_TF,
     kernels = _norm_rope_cache_kernels(q_THD, k_TKD, v_TKD, q_w_D, k_w_D, k_cache_PSKD, v_cache_PSKD, meta, slot_T)
     if kernels is not None:
         with torch.no_grad():
-            if hasattr(kernels, "norm_rope_attention"):  # all in the decode launch where it takes them
-                o_THD = kernels.norm_rope_attention(q_THD, k_TKD, v_TKD, q_w_D, k_w_D, cos_TF, sin_TF, eps,
-                                                    k_cache_PSKD, v_cache_PSKD, meta.cu_seqlens_q, meta.kv_lens,
-                                                    meta.block_table, meta.max_q_len, scale, slot_T)
-                if o_THD is not None:
-                    return o_THD
             q_THD = kernels.qk_norm_rope_write_kv(q_THD, k_TKD, v_TKD, q_w_D, k_w_D, cos_TF, sin_TF, eps,
                                                   k_cache_PSKD, v_cache_PSKD, slot_T)
         return attention(q_THD, k_cache_PSKD, v_cache_PSKD, meta, scale)

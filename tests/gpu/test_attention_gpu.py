@@ -199,51 +199,6 @@ def test_qk_norm_rope_kv_attention_one_launch(kt, mode):
                 _same(a, b, f"{mode} H={H} K={K} B={B}: {what}")
 
 
-@pytest.mark.parametrize("heads", [(16, 8), (32, 8)])
-@pytest.mark.parametrize("q_len", [1, 4])
-def test_norm_rope_in_decode_launch(kt, monkeypatch, heads, q_len):
-    """NORM_IN_DECODE (the q/k norm, RoPE and K/V store inside the two-pairs decode launch) ==
-    the norm/RoPE kernel then the attention, bitwise: output and both caches, at B 64 over
-    contexts of 100-500 tokens already cached (decode rows and 4-token verify chunks), Qwen3-0.6B /
-    8B heads, q/k/v views of one fused projection; the fused path ran (not None)."""
-    import miles_kernels as mk
-    from miles_kernels._triton import paged_attention as A
-
-    g = _gen(41)
-    H, K = heads
-    dtype, D, page, B = torch.bfloat16, 128, 64, 64
-    kv_lens = torch.randint(100, 500, (B,), generator=torch.Generator().manual_seed(3))
-    n_pages = int(sum(-(-int(n) // page) for n in kv_lens)) + 8
-    order = torch.randperm(n_pages, generator=torch.Generator().manual_seed(4))
-    bt, at = torch.zeros(B, 8, dtype=torch.int32), 0
-    for b, n in enumerate(kv_lens.tolist()):
-        bt[b, : -(-n // page)] = order[at: at + -(-n // page)].to(torch.int32)
-        at += -(-n // page)
-    cu = torch.arange(B + 1, dtype=torch.int32) * q_len
-    pos = torch.cat([torch.arange(n - q_len, n) for n in kv_lens.tolist()])
-    seq = torch.arange(B).repeat_interleave(q_len).tolist()
-    slot = torch.tensor([int(bt[b, p // page]) * page + p % page for b, p in zip(seq, pos.tolist())]).cuda()
-    meta = mk.AttnMeta(cu.cuda(), kv_lens.to(torch.int32).cuda(), bt.cuda(), q_len)
-    T = B * q_len
-    qkv = _randn(T, (H + 2 * K) * D, dtype=dtype, g=g, scale=3.0)
-    q, k, v = (t.view(T, -1, D) for t in qkv.split((H * D, K * D, K * D), dim=1))
-    q_w, k_w = 1 + 0.1 * _randn(D, dtype=dtype, g=g), 1 + 0.1 * _randn(D, dtype=dtype, g=g)
-    inv_freq = 1.0 / (1e6 ** (torch.arange(0, D, 2, device="cuda") / D))
-    cos, sin = mk.rope_cos_sin(pos.cuda(), inv_freq)
-    caches = [_randn(n_pages, page, K, D, dtype=dtype, g=g) for _ in range(2)]
-    outs = []
-    for on in (True, False):
-        monkeypatch.setattr(A, "NORM_IN_DECODE", on)
-        kc, vc = (c.clone() for c in caches)
-        if on:
-            assert kt.norm_rope_attention(q, k, v, q_w, k_w, cos, sin, 1e-6, kc.clone(), vc.clone(), meta.cu_seqlens_q,
-                                          meta.kv_lens, meta.block_table, q_len, D**-0.5, slot) is not None
-        o = mk.qk_norm_rope_kv_attention(q, k, v, q_w, k_w, cos, sin, 1e-6, kc, vc, meta, slot, D**-0.5)
-        outs.append((o, kc, vc))
-    for a, b, what in zip(outs[0], outs[1], ("output", "k cache", "v cache")):
-        _same(a, b, f"H={H} K={K} q_len={q_len}: {what}")
-
-
 def test_cuda_graph_replay_decode_attention_and_linear(kt):
     g = _gen(5)
     dtype, H, K, D, page, L, B = torch.bfloat16, 16, 8, 128, 16, 300, 4

@@ -1335,61 +1335,6 @@ def check_attention_decode_pairs() -> None:
             setattr(attn_mod, n, val)
 
 
-def check_attention_norm_rope_decode() -> None:
-    """norm_rope_attention (the q/k norm, RoPE and K/V store inside the two-pairs decode launch) ==
-    qk_norm_rope_write_kv then attention, bitwise: output, K and V caches, at decode rows and verify
-    chunks, an empty chunk and an odd count of pairs, fp16 and fp32, head dims 16 and 32; None (the
-    caller's two launches) where the launch is one pair a program, reads K/V by TMA, or is off."""
-    from miles_kernels._triton import paged_attention as attn_mod
-
-    kt = _kt()
-    names = ("DECODE_TILE", "ROW_SUM", "KV_BLOCK", "KV_SPLIT", "DECODE_PROGRAMS", "WALK", "DECODE_PAIRS",
-             "DECODE_PAIRS_MIN", "DECODE_PAIRS_MAX", "PAGED_KV_TMA", "NORM_IN_DECODE", "decode_pairs_kernel")
-    saved = {n: getattr(attn_mod, n) for n in names}
-    launches = attn_mod.decode_pairs_kernel = _Launches(attn_mod.decode_pairs_kernel)
-    attn_mod.DECODE_TILE, attn_mod.ROW_SUM, attn_mod.KV_BLOCK, attn_mod.KV_SPLIT = "swapped", "fixed", 16, 32
-    attn_mod.DECODE_PROGRAMS, attn_mod.WALK, attn_mod.DECODE_PAIRS_MIN, attn_mod.DECODE_PAIRS_MAX = 1, "one", 1, 1 << 30
-    attn_mod.PAGED_KV_TMA = {"prefill": False, "decode": False}
-    g = torch.Generator().manual_seed(29)
-    page, P = 16, 40
-    try:
-        for (H, K, D), dtype in (((4, 2, 16), torch.float16), ((3, 1, 32), torch.float32), ((8, 2, 16), torch.float32)):
-            for chunks in (((1, 1), (1, 17), (1, 40), (1, 90)), ((3, 50), (0, 20), (1, 33), (2, 64))):
-                B, T = len(chunks), sum(n for n, _ in chunks)
-                qkv = (torch.randn(T, H + 2 * K, D, generator=g) * 3).to(dtype)
-                q, k, v = qkv[:, :H], qkv[:, H:H + K], qkv[:, H + K:]
-                q_w, k_w = (torch.rand(D, generator=g) + 0.5).to(dtype), (torch.rand(D, generator=g) + 0.5).to(dtype)
-                cos, sin = _rope_tables(96, D)
-                order = torch.randperm(P, generator=g).tolist()
-                bt = torch.tensor([order[6 * b:6 * b + 6] for b in range(B)], dtype=torch.int32)
-                pos = [end - n + i for n, end in chunks for i in range(n)]
-                seq = [b for b, (n, _) in enumerate(chunks) for _ in range(n)]
-                slot = torch.tensor([int(bt[b, p // page]) * page + p % page for b, p in zip(seq, pos)])
-                cu = torch.tensor([0] + [n for n, _ in chunks]).cumsum(0).to(torch.int32)
-                kv = torch.tensor([end for _, end in chunks], dtype=torch.int32)
-                caches = [(torch.randn(P, page, K, D, generator=g) * 2).to(dtype) for _ in range(2)]
-                max_q = max(n for n, _ in chunks)
-                args = (q_w, k_w, cos[pos], sin[pos], 1e-6)
-                ref_caches = [c.clone() for c in caches]
-                qn = kt.qk_norm_rope_write_kv(q, k, v, *args, *ref_caches, slot)
-                want = kt.attention(qn, *ref_caches, cu, kv, bt, max_q, D**-0.5)
-                n0 = launches.n
-                got = kt.norm_rope_attention(q, k, v, *args, *caches, cu, kv, bt, max_q, D**-0.5, slot)
-                what = f"H {H} K {K} D {D} {dtype} chunks {chunks}"
-                assert got is not None and launches.n == n0 + 1, f"norm_rope_attention did not take one launch: {what}"
-                _same(got, want, f"norm_rope_attention vs the two launches: {what}")
-                _same(caches[0], ref_caches[0], f"norm_rope_attention's K cache: {what}")
-                _same(caches[1], ref_caches[1], f"norm_rope_attention's V cache: {what}")
-        for name, value in (("DECODE_PAIRS", 1), ("PAGED_KV_TMA", {"prefill": False, "decode": True}),
-                            ("NORM_IN_DECODE", False)):
-            setattr(attn_mod, name, value)
-            assert kt.norm_rope_attention(q, k, v, *args, *caches, cu, kv, bt, max_q, D**-0.5, slot) is None, name
-            setattr(attn_mod, name, saved[name])
-    finally:
-        for n, val in saved.items():
-            setattr(attn_mod, n, val)
-
-
 def check_attention_swapped_decode() -> None:
     """DECODE_TILE "swapped" (decode_attention.py) with each shared row sum (ROW_SUM "dot",
     "exact", "fixed"): prefill == chunked == decode, alone and batched, in one program, split programs

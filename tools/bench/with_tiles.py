@@ -26,7 +26,6 @@ prefill by the Gluon kernel). Each gives the same bits either way. --fast-pick s
 --topk-cut sets rows.TOPK_BY_CUT (top-k's k-th value by cut.top_k_floor in place of torch.topk; same values).
 --cut-asm sets cut.ASM (the cut's lane loops in PTX; same bits).
 --decode-pairs sets paged_attention.DECODE_PAIRS to 2 / 1 (two (sequence, kv head) pairs a decode program; same bits).
---norm-in-decode sets paged_attention.NORM_IN_DECODE (the q/k norm, RoPE and K/V store inside that launch; same bits).
 --fill F sets matmul.FILL, the share of the SMs a small-M tile's grid must fill before a wider
 tile is taken (every tile gives the same bits); --fill-max-m M sets matmul.FILL_MAX_M, the largest
 M whose tile the fill rule picks (above, the M bucket's). The script runs in this process (runpy), so
@@ -93,7 +92,7 @@ def main() -> None:
     argv = sys.argv[1:]
     usage = ("with_tiles: usage: with_tiles.py [--unroll BMxBN=U:S ...] [--tma-stages BMxBN=S ...] [--fill F] "
              "[--fill-max-m M] [--small-tma|--gluon-paged|--fast-pick|--sampler-screen|--topk-cut|--cut-asm|"
-             "--decode-pairs|--norm-in-decode on|off] "
+             "--decode-pairs on|off] "
              "-- SCRIPT [ARGS ...]")
     if "--" not in argv:
         raise SystemExit(usage)
@@ -109,8 +108,7 @@ def main() -> None:
                 "sampler_screen": ("miles_fsdp.engine.sampler", "SCREEN"),
                 "topk_cut": ("miles_kernels._triton.rows", "TOPK_BY_CUT"),
                 "cut_asm": ("miles_kernels._triton.cut", "ASM"),
-                "decode_pairs": ("miles_kernels._triton.paged_attention", "DECODE_PAIRS"),
-                "norm_in_decode": ("miles_kernels._triton.paged_attention", "NORM_IN_DECODE")}
+                "decode_pairs": ("miles_kernels._triton.paged_attention", "DECODE_PAIRS")}
     values = {"DECODE_PAIRS": (2, 1)}  # a flag whose on / off are not True / False
     for name in switches:
         ap.add_argument("--" + name.replace("_", "-"), choices=("on", "off"), default=None)
@@ -119,7 +117,7 @@ def main() -> None:
     if not a.unroll and not a.tma_stages and a.fill is None and a.fill_max_m is None and not flags:
         raise SystemExit(f"{usage}: nothing to change (give --unroll, --tma-stages, --fill, --fill-max-m, "
                          "--small-tma, --gluon-paged, --fast-pick, --sampler-screen, --topk-cut, --cut-asm or "
-                         "--decode-pairs or --norm-in-decode)")
+                         "--decode-pairs)")
     if a.fill_max_m is not None and a.fill_max_m < 1:
         raise SystemExit(f"with_tiles: --fill-max-m {a.fill_max_m}: must be >= 1 (rows)")
     if a.fill is not None and not 0.0 < a.fill <= 4.0:

@@ -19,7 +19,7 @@ Beside the ops: adamw.py, the trainer's optimizer step in one pass (torch's fuse
 the bf16 grads in and the next forward's bf16 parameters out; train/optim.py).
 """
 
-from miles_kernels._triton.paged_attention import ATTN_BLOCK, KV_SPLIT, attention, norm_rope_attention, packed_attention
+from miles_kernels._triton.paged_attention import ATTN_BLOCK, KV_SPLIT, attention, packed_attention
 from miles_kernels._triton.attention_bwd import packed_attention_bwd
 from miles_kernels._triton.elementwise import (add_rms_norm, apply_rope, qk_norm_rope, qk_norm_rope_write_kv, rms_norm,
                                               silu_mul)
@@ -52,7 +52,6 @@ __all__ = [
     "logprobs_grad",
     "moe_combine",
     "moe_combine_grad",
-    "norm_rope_attention",
     "packed_attention",
     "packed_attention_bwd",
     "qk_norm_rope",

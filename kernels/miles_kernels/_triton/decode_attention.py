@@ -14,7 +14,6 @@ import triton
 import triton.language as tl
 
 from miles_kernels._triton.attn_parts import LN2, exact_sum, fixed_sum, kv_tma, seq_and_head
-from miles_kernels._triton.elementwise import norm_rope_rows
 from miles_kernels._triton.launch import fast_launch
 
 
@@ -256,53 +255,15 @@ def _store_t(o_ptr, lse_ptr, m, l, accT, t_idx, head, row_ok, stride_ot, stride_
         tl.store(lse_ptr + head.to(tl.int64) * stride_lh + t_idx, (m + tl.log2(l)) * LN2, mask=row_ok)
 
 
-@triton.jit
-def _norm_rope_pairs(qr_ptr, kr_ptr, vr_ptr, qw_ptr, kw_ptr, cos_ptr, sin_ptr, slot_ptr, qn_ptr, kc_ptr, vc_ptr,
-                     kvhA, kvhB, q_loA, q_loB, q_lenA, q_lenB, n_kv_heads, D, eps, stride_rqt, stride_rqh, stride_rkt,
-                     stride_rkh, stride_rvt, stride_rvh, stride_cs, stride_qt, stride_qh, G: tl.constexpr,
-                     G_PAD: tl.constexpr, TOK: tl.constexpr, NR: tl.constexpr, BLOCK_D: tl.constexpr):
-    """qk_norm_rope_write_kv's work for a program's two (sequence, kv head) pairs A and B (their kv
-    heads, first tokens and token counts, <= TOK, 0 for none), its bits: the pairs' q rows
-    normalised and rotated into qn, their tokens' k rows the same into the K cache, and their v rows
-    copied into the V cache at their slots. The q and k rows go through one NR-row tile (one pass
-    of reductions), rows 2 TOK G_PAD q's, then 2 TOK k's."""
-    RQ: tl.constexpr = TOK * G_PAD
-    r = tl.arange(0, NR)
-    is_q = r < 2 * RQ
-    second = tl.where(is_q, r // RQ, (r - 2 * RQ) // TOK) == 1
-    within = tl.where(is_q, r % RQ, (r - 2 * RQ) % TOK)
-    tok = tl.where(is_q, within // G_PAD, within)
-    head = tl.where(second, kvhB, kvhA)
-    t = (tl.where(second, q_loB, q_loA) + tok).to(tl.int64)
-    ok = (r < 2 * RQ + 2 * TOK) & (tok < tl.where(second, q_lenB, q_lenA)) & ((within % G_PAD < G) | ~is_q)
-    qh = head * G + within % G_PAD
-    slot = tl.load(slot_ptr + t, mask=ok & ~is_q, other=0).to(tl.int64)
-    x_rows = tl.where(is_q, qr_ptr + t * stride_rqt + qh * stride_rqh, kr_ptr + t * stride_rkt + head * stride_rkh)
-    norm_rope_rows(x_rows, ok, cos_ptr + t * stride_cs, sin_ptr + t * stride_cs, tl.where(is_q, qw_ptr, kw_ptr),
-                   tl.where(is_q, qn_ptr + t * stride_qt + qh * stride_qh, kc_ptr + (slot * n_kv_heads + head) * D),
-                   D, eps, BLOCK_D)
-    rv = tl.arange(0, 2 * TOK)
-    sv = rv >= TOK
-    tv = (tl.where(sv, q_loB, q_loA) + rv % TOK).to(tl.int64)
-    hv = tl.where(sv, kvhB, kvhA)
-    okv = rv % TOK < tl.where(sv, q_lenB, q_lenA)
-    dst = (tl.load(slot_ptr + tv, mask=okv, other=0).to(tl.int64) * n_kv_heads + hv) * D
-    ds = tl.arange(0, BLOCK_D)[None, :]
-    v = tl.load(vr_ptr + (tv * stride_rvt + hv * stride_rvh)[:, None] + ds, mask=okv[:, None])
-    tl.store(vc_ptr + dst[:, None] + ds, v.to(vc_ptr.dtype.element_ty), mask=okv[:, None])
-
-
 @fast_launch
 @triton.jit
 def decode_pairs_kernel(
     q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, cu_ptr, kv_lens_ptr, bt_ptr, qk_scale, n_kv_heads, n_pairs,
     stride_qt, stride_qh, stride_ot, stride_oh, stride_lh,
     stride_kp, stride_ks, stride_kk, stride_vp, stride_vs, stride_vk, stride_bt,
-    qr_ptr, kr_ptr, vr_ptr, qw_ptr, kw_ptr, cos_ptr, sin_ptr, slot_ptr, eps, D,
-    stride_rqt, stride_rqh, stride_rkt, stride_rkh, stride_rvt, stride_rvh, stride_cs,
     G: tl.constexpr, G_PAD: tl.constexpr, ROWS: tl.constexpr, BLOCK_D: tl.constexpr, PAGE: tl.constexpr,
     ATTN_BLK: tl.constexpr, SPLIT_BLOCKS: tl.constexpr, PRECISION: tl.constexpr, STORE_LSE: tl.constexpr,
-    L_SUM: tl.constexpr, TMA: tl.constexpr, NORM: tl.constexpr, TOK: tl.constexpr, NR: tl.constexpr,
+    L_SUM: tl.constexpr, TMA: tl.constexpr,
 ):
     """decode_kernel's one-loop walk (no split programs) over pairs 2 p and 2 p + 1 in one loop: each
     pair's blocks, splits and merges as _walk_t walks them (every block through the masked step,
@@ -310,23 +271,12 @@ def decode_pairs_kernel(
     first pair's last blocks, and half the programs make one wave where one pair a program makes two.
     Both pairs are stored after the loop, and the queries are loaded each block (held in registers
     for both pairs and picked a block, they gave wrong rows and illegal addresses on the H100 from
-    256 programs; forty-first run). NORM: the program first does qk_norm_rope_write_kv's work for its
-    pairs (_norm_rope_pairs: q from the raw qr into q_ptr's buffer, K and V into the caches k_ptr /
-    v_ptr by pointers), then a barrier, so its walk reads them as it reads them from those kernels."""
+    256 programs; forty-first run)."""
     bk = tl.program_id(0) * 2
     bA, hA, kvA, nA, posA, tA, headA, okA = _pair_rows(bk, n_pairs, cu_ptr, kv_lens_ptr, n_kv_heads, G, G_PAD,
                                                        ROWS, ATTN_BLK)
     bB, hB, kvB, nB, posB, tB, headB, okB = _pair_rows(bk + 1, n_pairs, cu_ptr, kv_lens_ptr, n_kv_heads, G, G_PAD,
                                                        ROWS, ATTN_BLK)
-    if NORM:
-        q_loA = tl.load(cu_ptr + bA)
-        q_loB = tl.load(cu_ptr + bB)
-        q_lenB = tl.where(bk + 1 < n_pairs, tl.load(cu_ptr + bB + 1) - q_loB, 0)  # past the last pair: none
-        _norm_rope_pairs(qr_ptr, kr_ptr, vr_ptr, qw_ptr, kw_ptr, cos_ptr, sin_ptr, slot_ptr, q_ptr, k_ptr, v_ptr,
-                         hA, hB, q_loA, q_loB, tl.load(cu_ptr + bA + 1) - q_loA, q_lenB, n_kv_heads, D, eps,
-                         stride_rqt, stride_rqh, stride_rkt, stride_rkh, stride_rvt, stride_rvh, stride_cs, stride_qt,
-                         stride_qh, G, G_PAD, TOK, NR, BLOCK_D)
-        tl.debug_barrier()  # the stores above before any thread's loads below
     m = tl.full((ROWS,), float("-inf"), tl.float32)
     l = tl.zeros((ROWS,), tl.float32)
     accT = tl.zeros((BLOCK_D, ROWS), tl.float32)

@@ -20,43 +20,10 @@ import triton.language as tl
 from miles_kernels._triton.launch import fast_launch
 
 
-# Rows of at most this many (padded) values sum their squares in the written-out order of
-# _sum_sq_rows; longer rows (several warps) by tl.sum, whose order is their layout's.
-TREE_MAX = tl.constexpr(256)
-
-
-@triton.jit
-def _sum_sq_rows(x):
-    """Each row's sum of squares of fp32 x [R, BLOCK_D] (BLOCK_D a power of two <= TREE_MAX) in one
-    fixed order, the order tl.sum takes in a one-warp row of BLOCK_D: lane l holds C = BLOCK_D / 32
-    neighbours (at least one), adds them in order, then lanes pair up as butterflies, 16 apart, 8,
-    ... 1. Written out it gives those bits in any layout: a column is picked by a sum that adds
-    zeros to it (exact), each butterfly is a sum of two (one add, either order). Squares of 16-bit
-    floats are exact in fp32, so fma contraction of a square and a sum changes nothing."""
-    R: tl.constexpr = x.shape[0]
-    BLOCK_D: tl.constexpr = x.shape[1]
-    LANES: tl.constexpr = 32 if BLOCK_D >= 32 else BLOCK_D
-    C: tl.constexpr = BLOCK_D // LANES
-    q = tl.reshape(x * x, (R, LANES, C))
-    cs = tl.arange(0, C)[None, None, :]
-    s = tl.sum(tl.where(cs == 0, q, 0.0), 2)
-    for c in tl.static_range(1, C):
-        s = s + tl.sum(tl.where(cs == c, q, 0.0), 2)
-    for k in tl.static_range(5):  # lane l + lane l + n, n = 16, 8, 4, 2, 1: a sum of two
-        if (LANES >> (k + 1)) >= 1:
-            s = tl.sum(tl.reshape(s, (R, 2, LANES >> (k + 1))), 1)
-    return tl.sum(s, 1)  # [R, 1]: the one value a row
-
-
 @triton.jit
 def _inv_rms(x, D, eps):
-    """rsqrt(mean(x^2) + eps) of one fp32 row held whole (masked lanes 0): rms_norm's one reduction
-    (_sum_sq_rows' order up to TREE_MAX values)."""
-    if x.shape[0] <= TREE_MAX:
-        ss = tl.sum(_sum_sq_rows(tl.reshape(x, (1, x.shape[0]))), 0)  # the one row's value
-    else:
-        ss = tl.sum(x * x, 0)
-    return tl.rsqrt(ss / D + eps)
+    """rsqrt(mean(x^2) + eps) of one fp32 row held whole (masked lanes 0): rms_norm's one reduction."""
+    return tl.rsqrt(tl.sum(x * x, 0) / D + eps)
 
 
 @triton.jit
@@ -250,31 +217,6 @@ def _norm_rope_store(row, w, x_ptr, y_ptr, D, F, eps, BLOCK_F: tl.constexpr):
                      _normed(x2, inv_rms, w2, x_ptr, y_ptr).to(tl.float32), c, s)
     tl.store(y_ptr + fs, y1.to(y_ptr.dtype.element_ty), mask=fm)
     tl.store(y_ptr + F + fs, y2.to(y_ptr.dtype.element_ty), mask=fm)
-
-
-@triton.jit
-def norm_rope_rows(x_rows, ok, cs_rows, sn_rows, w_rows, y_rows, D, eps, BLOCK_D: tl.constexpr):
-    """_norm_rope_load then _norm_rope_store of R whole head rows (BLOCK_D == D) at once, in any
-    layout: row r from the pointer x_rows[r] (its token's cos / sin at cs_rows[r] / sn_rows[r], its
-    norm weight at w_rows[r]) stored at y_rows[r] where ok[r]. A row is loaded once and its halves
-    split off (the same values); its statistics take _sum_sq_rows' order (BLOCK_D <= TREE_MAX), so
-    its bits are _qk_norm_rope_kernel's."""
-    tl.static_assert(BLOCK_D <= TREE_MAX)
-    BLOCK_F: tl.constexpr = BLOCK_D // 2
-    R: tl.constexpr = ok.shape[0]
-    fs = tl.arange(0, BLOCK_F)[None, :]
-    m = ok[:, None]
-    x = tl.load(x_rows[:, None] + tl.arange(0, BLOCK_D)[None, :], mask=m, other=0.0).to(tl.float32)
-    x1, x2 = tl.split(tl.permute(tl.reshape(x, (R, 2, BLOCK_F)), (0, 2, 1)))
-    c = tl.load(cs_rows[:, None] + fs, mask=m, other=0.0)
-    s = tl.load(sn_rows[:, None] + fs, mask=m, other=0.0)
-    w1 = tl.load(w_rows[:, None] + fs, mask=m, other=0.0).to(tl.float32)
-    w2 = tl.load(w_rows[:, None] + BLOCK_F + fs, mask=m, other=0.0).to(tl.float32)
-    inv_rms = tl.rsqrt(_sum_sq_rows(x) / D + eps)[:, None]  # _inv_rms's expression
-    y1, y2 = _rotate(_normed(x1, inv_rms, w1, x_rows, y_rows).to(tl.float32),
-                     _normed(x2, inv_rms, w2, x_rows, y_rows).to(tl.float32), c, s)
-    tl.store(y_rows[:, None] + fs, y1.to(y_rows.dtype.element_ty), mask=m)
-    tl.store(y_rows[:, None] + BLOCK_F + fs, y2.to(y_rows.dtype.element_ty), mask=m)
 
 
 @fast_launch

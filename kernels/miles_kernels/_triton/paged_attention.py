@@ -26,7 +26,6 @@ import triton.language as tl
 
 from miles_kernels._triton.attn_parts import LN2, exact_sum, fixed_sum, kv_tma, seq_and_head, tma_descriptors
 from miles_kernels._triton.decode_attention import decode_kernel, decode_pairs_kernel
-from miles_kernels._triton.elementwise import TREE_MAX
 from miles_kernels._triton.gluon_gate import gluon_module
 from miles_kernels._triton.launch import fast_launch
 
@@ -95,9 +94,6 @@ WALK_SWAPPED_MIN_PAIRS = 512
 DECODE_PAIRS = 2
 DECODE_PAIRS_MIN = 512
 DECODE_PAIRS_MAX = 1024
-# Where decode runs decode_pairs_kernel by pointers, the q/k norm, RoPE and the K/V store of its
-# pairs run inside it (norm_rope_attention): one launch a layer fewer, the same bits.
-NORM_IN_DECODE = True
 _LOG2E = 1.4426950408889634
 # K/V read by TMA tensor descriptors instead of pointers (same values, same bits; D a power of
 # two, 16-byte aligned rows; on CUDA 16-bit dtypes): packed K/V (training: measured 2-4% faster,
@@ -417,34 +413,6 @@ def attention(
     lse_HT: an fp32 [H, T] tensor to fill with each row's log-sum-exp of its scaled scores
     (natural log, flash's layout: the training backward reuses it); the output's bits are
     the same with or without it."""
-    return _attention(q_THD, k_cache_PSKD, v_cache_PSKD, cu_seqlens_q_B1, kv_lens_B, block_table_BP, max_q_len,
-                      scale, lse_HT)
-
-
-def norm_rope_attention(
-    q_THD: torch.Tensor, k_TKD: torch.Tensor, v_TKD: torch.Tensor, q_w_D: torch.Tensor, k_w_D: torch.Tensor,
-    cos_TF: torch.Tensor, sin_TF: torch.Tensor, eps: float, k_cache_PSKD: torch.Tensor, v_cache_PSKD: torch.Tensor,
-    cu_seqlens_q_B1: torch.Tensor, kv_lens_B: torch.Tensor, block_table_BP: torch.Tensor, max_q_len: int,
-    scale: float, slot_T: torch.Tensor,
-) -> torch.Tensor | None:
-    """elementwise.qk_norm_rope_write_kv then `attention`, bit for bit, in one launch where the
-    decode takes two (sequence, kv head) pairs a program with the caches read by pointers
-    (NORM_IN_DECODE): each program first normalises, rotates and stores its pairs' q, k and v.
-    None elsewhere (the caller runs the two). The caller checks what qk_norm_rope_write_kv needs."""
-    D = q_THD.shape[2]
-    if not NORM_IN_DECODE or D != triton.next_power_of_2(D) or D > TREE_MAX:
-        return None
-    norm = (q_THD, k_TKD, v_TKD, q_w_D.contiguous(), k_w_D.contiguous(), cos_TF.contiguous(), sin_TF.contiguous(),
-            eps, slot_T.contiguous())
-    return _attention(torch.empty(q_THD.shape, dtype=torch.result_type(q_THD, q_w_D), device=q_THD.device),
-                      k_cache_PSKD, v_cache_PSKD, cu_seqlens_q_B1, kv_lens_B, block_table_BP, max_q_len, scale, None,
-                      norm)
-
-
-def _attention(q_THD, k_cache_PSKD, v_cache_PSKD, cu_seqlens_q_B1, kv_lens_B, block_table_BP, max_q_len: int,
-               scale: float, lse_HT, norm: tuple | None = None):
-    """`attention`; with norm (norm_rope_attention's tensors; q_THD the buffer its q goes to) the
-    one-launch path, or None where the launch is not two pairs a program by pointers."""
     T, H, D = q_THD.shape
     P, S, K, Dk = k_cache_PSKD.shape
     B = kv_lens_B.shape[0]
@@ -461,8 +429,6 @@ def _attention(q_THD, k_cache_PSKD, v_cache_PSKD, cu_seqlens_q_B1, kv_lens_B, bl
     bt = block_table_BP.to(torch.int32).contiguous()
     n_splits = triton.cdiv(bt.shape[1] * S, KV_SPLIT)  # host-known upper bound: no sync, graph-safe
     walk = "decode" if _short(max_q_len, q_THD.dtype, H // K) else "prefill"
-    if norm is not None and (walk != "decode" or PAGED_KV_TMA["decode"] or not _takes_pairs(True, D, B, K, n_splits)):
-        return None
     if walk == "prefill" and GLUON_PAGED and ROW_SUM == "fixed" and q_THD.is_cuda and T and B:
         ga = gluon_module("gluon_attention")
         if ga is not None and ga.paged_supported(q_THD, k_cache_PSKD, v_cache_PSKD, KV_BLOCK):
@@ -471,7 +437,7 @@ def _attention(q_THD, k_cache_PSKD, v_cache_PSKD, cu_seqlens_q_B1, kv_lens_B, bl
                                           max(int(max_q_len), 1), scale * _LOG2E, lse_HT, KV_BLOCK, KV_SPLIT)
     return _launch(q_THD, k_cache_PSKD, v_cache_PSKD, cu_seqlens_q_B1, kv_lens_B.to(torch.int32).contiguous(), bt,
                    max_q_len, scale, lse_HT, S, n_splits, (k_cache_PSKD.stride(0), v_cache_PSKD.stride(0)),
-                   _kv_descriptors(k_cache_PSKD, v_cache_PSKD, PAGED_KV_TMA[walk] and S % KV_BLOCK == 0), norm)
+                   _kv_descriptors(k_cache_PSKD, v_cache_PSKD, PAGED_KV_TMA[walk] and S % KV_BLOCK == 0))
 
 
 def packed_attention(
@@ -563,15 +529,6 @@ def _decode_pairs(pairs: int) -> int:
     return DECODE_PAIRS if DECODE_PAIRS_MIN <= pairs < DECODE_PAIRS_MAX else 1
 
 
-def _takes_pairs(short: bool, D: int, B: int, K: int, n_splits: int) -> bool:
-    """Whether _launch runs decode_pairs_kernel: short chunks in the swapped tile, all of a pair's
-    splits in one program walked in one loop, and DECODE_PAIRS 2 at this many pairs."""
-    if not (short and D == triton.next_power_of_2(D) >= 16 and _swapped_tile(B * K)):
-        return False
-    split_parallel = min(n_splits, triton.cdiv(DECODE_PROGRAMS, B * K)) > 1
-    return _one_loop(True, B * K) and not split_parallel and _decode_pairs(B * K) == 2
-
-
 def _swapped_launch(pairs: int, one_loop: bool) -> dict:
     """The swapped decode tile's launch options (num_warps, num_stages, maybe maxnreg):
     _SWAPPED_LAUNCH, or its rule."""
@@ -581,12 +538,10 @@ def _swapped_launch(pairs: int, one_loop: bool) -> dict:
 
 
 def _launch(q_THD, k4, v4, cu_seqlens, kv_lens, bt, max_q_len: int, scale: float, lse_HT, page: int,
-            n_splits: int, page_strides: tuple[int, int], kv_descs: tuple | None = None,
-            norm: tuple | None = None) -> torch.Tensor:
+            n_splits: int, page_strides: tuple[int, int], kv_descs: tuple | None = None) -> torch.Tensor:
     """Launch the kernel on k4/v4 = paged caches [P, S, K, D] (page_strides: their page
     strides), or packed K/V [1, T, K, D] (page_strides (0, 0): the CONTIG walk; kv_descs:
-    their TMA descriptors, read instead of the pointers); norm: _attention's (the decode pairs
-    kernel then fills q_THD itself)."""
+    their TMA descriptors, read instead of the pointers)."""
     contig = page_strides == (0, 0)
     _check_scale(scale)
     T, H, D = q_THD.shape
@@ -628,21 +583,16 @@ def _launch(q_THD, k4, v4, cu_seqlens, kv_lens, bt, max_q_len: int, scale: float
     if short and D == block_d >= 16 and _swapped_tile(B * K):
         one_loop = _one_loop(True, B * K)
         launch = _swapped_launch(B * K, one_loop and not split_parallel)
-        if _takes_pairs(short, D, B, K, n_splits):
+        if one_loop and not split_parallel and _decode_pairs(B * K) == 2:
             launch = launch if _SWAPPED_LAUNCH is not None else dict(num_warps=4, num_stages=2)
-            qr, kr, vr, qw, kw, cos, sin, eps, slot = norm if norm is not None else (q_THD,) * 7 + (0.0, cu)
             decode_pairs_kernel[(triton.cdiv(B * K, 2),)](
                 q_THD, *kv, o_THD, lse, cu, kv_lens, bt, scale * _LOG2E, K, B * K,
                 q_THD.stride(0), q_THD.stride(1), o_THD.stride(0), o_THD.stride(1), lse.stride(0),
                 page_strides[0], k4.stride(1), k4.stride(2), page_strides[1], v4.stride(1), v4.stride(2), bt.stride(0),
-                qr, kr, vr, qw, kw, cos, sin, slot, eps, D, qr.stride(0), qr.stride(1), kr.stride(0),
-                kr.stride(1), vr.stride(0), vr.stride(1), cos.stride(0),
                 G=G, G_PAD=g_pad, ROWS=max(16, triton.next_power_of_2(max_q_len * g_pad)), BLOCK_D=block_d, PAGE=page,
                 ATTN_BLK=KV_BLOCK, SPLIT_BLOCKS=KV_SPLIT // KV_BLOCK,
                 PRECISION="ieee" if q_THD.dtype == torch.float32 else "tf32", STORE_LSE=lse_HT is not None,
-                L_SUM=ROW_SUM, TMA=kv_descs is not None, NORM=norm is not None,
-                TOK=triton.next_power_of_2(max_q_len),
-                NR=triton.next_power_of_2(2 * triton.next_power_of_2(max_q_len) * (g_pad + 1)), **launch,
+                L_SUM=ROW_SUM, TMA=kv_descs is not None, **launch,
             )
             return o_THD
         decode_kernel[(B * K, split_programs if split_parallel else 1)](
