@@ -602,14 +602,16 @@ def swapped_launch(path: str) -> None:
     A.WALK, A.DECODE_TILE, A._SWAPPED_LAUNCH = defaults
 
 
-PAIRS_SHAPES = [(32, 192), (64, 128), (64, 192), (64, 384), (64, 544), (64, 1024), (64, 4096), (128, 192),
+PAIRS_SHAPES = [(32, 192), (64, 64), (64, 128), (64, 192), (64, 384), (64, 544), (64, 1024), (64, 4096), (128, 192),
                 (128, 1024), (256, 192), (256, 1024), (64, 192, 32), (64, 1024, 32)]  # (B, ctx[, q heads: 8B's])
 
 
 def pairs_sweep(path: str) -> None:
     """The swapped decode tile with one and two (sequence, kv head) pairs a program (DECODE_PAIRS, at any
     pair count here), at 2 and 3 stages, 0.6B heads (and 8B's, 32 q heads): us, TB/s, bits equal to one
-    pair a program's; SDPA over the same K/V laid out contiguously the peer."""
+    pair a program's; SDPA over the same K/V laid out contiguously the peer. Then a line fitted to the
+    shipped launch's time at B 64 (0.6B heads) at the short contexts (ctx <= 384): us a launch that no
+    block removes (the intercept) and us per 64 tokens of context (the slope), and the same for SDPA."""
     res = []
     defaults = A.DECODE_PAIRS, A.DECODE_PAIRS_MIN, A.DECODE_PAIRS_MAX, A._SWAPPED_LAUNCH
     run = lambda q, kc, vc, cu, kv, bt: A.attention(q, kc, vc, cu, kv, bt, 1, 128**-0.5)  # noqa: E731
@@ -634,6 +636,21 @@ def pairs_sweep(path: str) -> None:
               + f"  same {int(same)}", flush=True)
         json.dump(res, open(path, "w"), indent=1)
     A.DECODE_PAIRS, A.DECODE_PAIRS_MIN, A.DECODE_PAIRS_MAX, A._SWAPPED_LAUNCH = defaults
+    fit = {}
+    pts = [(r["ctx"], r["shipped_us"], r["sdpa_us"]) for r in res if r["B"] == 64 and r["H"] == 16 and r["ctx"] <= 384]
+    for i, name in ((1, "shipped"), (2, "sdpa")):
+        slope, icpt = _line([p[0] / 64 for p in pts], [p[i] for p in pts])
+        fit[name] = {"us_a_launch": icpt, "us_per_64_tokens": slope}
+        print(f"B=64 {name}: {icpt:.1f} us a launch + {slope:.2f} us per 64 tokens of context", flush=True)
+    json.dump({"rows": res, "fit_b64": fit}, open(path, "w"), indent=1)
+
+
+def _line(xs: list[float], ys: list[float]) -> tuple[float, float]:
+    """Least-squares (slope, intercept) of ys on xs."""
+    n = len(xs)
+    mx, my = sum(xs) / n, sum(ys) / n
+    slope = sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sum((x - mx) ** 2 for x in xs)
+    return slope, my - slope * mx
 
 
 # flag -> sweep(OUT.json); the first listed that is given runs
