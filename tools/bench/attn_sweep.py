@@ -23,6 +23,7 @@ Qwen3-0.6B (16 q / 8 kv heads) and 8B (32 / 8) shapes, head_dim 128.
 """
 
 import json
+import statistics
 import sys
 
 import torch
@@ -634,23 +635,15 @@ def pairs_sweep(path: str) -> None:
               f"{row['shipped_us']:6.1f} us "
               f"({mb / row['shipped_us']:.2f} TB/s)  " + " ".join(f"{k}={v:.1f}" for k, v in row["t"].items())
               + f"  same {int(same)}", flush=True)
-        json.dump(res, open(path, "w"), indent=1)
+        json.dump({"rows": res}, open(path, "w"), indent=1)
     A.DECODE_PAIRS, A.DECODE_PAIRS_MIN, A.DECODE_PAIRS_MAX, A._SWAPPED_LAUNCH = defaults
     fit = {}
     pts = [(r["ctx"], r["shipped_us"], r["sdpa_us"]) for r in res if r["B"] == 64 and r["H"] == 16 and r["ctx"] <= 384]
     for i, name in ((1, "shipped"), (2, "sdpa")):
-        slope, icpt = _line([p[0] / 64 for p in pts], [p[i] for p in pts])
+        slope, icpt = statistics.linear_regression([p[0] / 64 for p in pts], [p[i] for p in pts])
         fit[name] = {"us_a_launch": icpt, "us_per_64_tokens": slope}
         print(f"B=64 {name}: {icpt:.1f} us a launch + {slope:.2f} us per 64 tokens of context", flush=True)
     json.dump({"rows": res, "fit_b64": fit}, open(path, "w"), indent=1)
-
-
-def _line(xs: list[float], ys: list[float]) -> tuple[float, float]:
-    """Least-squares (slope, intercept) of ys on xs."""
-    n = len(xs)
-    mx, my = sum(xs) / n, sum(ys) / n
-    slope = sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sum((x - mx) ** 2 for x in xs)
-    return slope, my - slope * mx
 
 
 # flag -> sweep(OUT.json); the first listed that is given runs
