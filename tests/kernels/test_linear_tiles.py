@@ -26,11 +26,6 @@ def _pick(m: int, n: int) -> tuple:
     return t.block_m, t.block_n, t.num_stages, t.tma
 
 
-def _rows(m: int, n: int) -> tuple:
-    t = matmul.linear_tile(m, torch.bfloat16, n, CUDA)
-    return t.block_m, t.block_n, matmul.tile_rows(t)
-
-
 @pytest.mark.parametrize("m,n,want", [
     (1024, 1024, (128, 64, 5, True)),    # 0.6B o / down: 128 tiles (128x128 makes 64)
     (1024, 4096, (128, 256, 3, True)),   # 128 tiles, one wave
@@ -45,11 +40,7 @@ def test_mid_m_picks(sms_132, m, n, want):
 
 
 def test_small_m_and_large_m_picks(sms_132):
-    assert _rows(64, 1024) == (64, 16, 32)   # decode, 0.6B o / down: 128 CTAs of 32 rows
-    assert _rows(32, 1024) == (64, 16, 16)
-    assert _rows(64, 4096) == (64, 32, 64)   # 8B o / down: 64x32 makes 128 CTAs already
-    assert _rows(64, 6144) == (64, 64, 64)
-    assert _rows(1, 1024)[2] == 16           # nothing fills: the last tile (one row tile, as 64x16)
+    assert _pick(64, 1024)[:2] == (64, 16)   # decode: the narrowest that streams the weight
     assert _pick(256, 4096) == (128, 64, 5, True)  # the 128-row tiles at 5 stages by TMA (thirty-fifth run)
     assert _pick(256, 6144) == (128, 128, 5, True)
     assert _pick(512, 12288) == (128, 128, 5, True)  # no wave rule at M <= SMALL_M

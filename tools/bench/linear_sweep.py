@@ -6,7 +6,6 @@
     PYTHONPATH=src:kernels python tools/bench/linear_sweep.py --which mid_cold --out mid.json  # M 128-512
     PYTHONPATH=src:kernels python tools/bench/linear_sweep.py --which upper --out upper.json  # M 256-2048, wide tiles
     PYTHONPATH=src:kernels python tools/bench/linear_sweep.py --which stages --out stages.json  # M 128-512, 4 vs 5
-    PYTHONPATH=src:kernels python tools/bench/linear_sweep.py --which rows --out rows.json  # Tile.rows, M 16-128
 
 Every candidate must give the reference tile's bits (same BLOCK_K walk); only those are timed,
 launched from Python (ms, what eager code pays) and replayed from a CUDA graph (graph_ms, the
@@ -104,13 +103,6 @@ STAGES = [(m, n, k) for m in (128, 256, 512) for (n, k) in ((4096, 1024), (6144,
 STAGES_CFG = [T(0, bm, bn, 64, 8, w, s, tma) for (bm, bn, w) in ((128, 128, 8), (128, 64, 4)) for s in (4, 5)
               for tma in (False, True)]
 
-# M 16-128 (decode at batch 16-128), the small-M pointer tiles computing all 64 of their rows, 32 or 16
-# (Tile.rows: more CTAs, each reading part of x; the same dots a row, so `same` must be 1), weights cold.
-ROWS = [(m, n, k) for m in (16, 32, 64, 128) for (n, k) in ((1024, 2048), (1024, 3072), (4096, 1024), (6144, 1024),
-                                                             (4096, 4096), (4096, 12288))]
-ROWS_CFG = [T(0, 64, n, 64, 1, 4, s, False, u, r) for (n, s, u) in ((16, 8, 2), (32, 6, 2), (64, 6, 1))
-            for r in (64, 32, 16)]
-
 # The trainer's 0.6B forward at 16k rows: q, k|v, gate|up one weight each and fused (qkv, gate_up), o, down.
 TRAIN = [(16384, n, k) for (n, k) in ((2048, 1024), (1024, 1024), (4096, 1024), (3072, 1024), (6144, 1024),
                                        (1024, 2048), (1024, 3072))]
@@ -160,7 +152,7 @@ def run(shapes, cfgs, peak, rows, cold: bool = False):
                              base_graph_ms=base_graph, tflops=tf, gbps=gbs))
             xg = f"{base_graph / t_graph:.2f}" if base_graph and t_graph else "-"
             print(f"M={M:5} N={N:6} K={K:6} bm={c.block_m:3} bn={c.block_n:3} bk={c.block_k:3} w={c.num_warps} "
-                  f"s={c.num_stages:2} u={c.k_unroll} r={lin.tile_rows(c):2} "
+                  f"s={c.num_stages:2} u={c.k_unroll} "
                   f"tma={int(c.tma)} same={int(same)} ms={t:.4f} x_cublas={base / t:.2f} graph_ms={dev:.4f} "
                   f"x_cublas_graph={xg} TF={tf:6.1f} GB/s={gbs:6.0f} hbm%={100 * gbs / peak:4.0f}", flush=True)
 
@@ -180,8 +172,8 @@ def main():
         shapes, cfgs = dict(check=(CHECK, CHECK_CFG), small=(SMALL, SMALL_CFG), mid=(MID, MID_CFG), large=(LARGE, LARGE_CFG),
                              decode=(DECODE, DECODE_CFG), train=(TRAIN, TRAIN_CFG), cold=(COLD, COLD_CFG),
                              unroll=(COLD, UNROLL_CFG), mid_cold=(MID_COLD, MID_COLD_CFG), upper=(UPPER, UPPER_CFG),
-                             stages=(STAGES, STAGES_CFG), rows=(ROWS, ROWS_CFG))[wh]
-        run(shapes, cfgs, peak, rows, cold=wh in ("cold", "unroll", "mid_cold", "upper", "stages", "rows"))
+                             stages=(STAGES, STAGES_CFG))[wh]
+        run(shapes, cfgs, peak, rows, cold=wh in ("cold", "unroll", "mid_cold", "upper", "stages"))
         json.dump(rows, open(a.out, "w"), indent=1)
 
 

@@ -26,7 +26,6 @@ prefill by the Gluon kernel). Each gives the same bits either way. --fast-pick s
 --topk-cut sets rows.TOPK_BY_CUT (top-k's k-th value by cut.top_k_floor in place of torch.topk; same values).
 --cut-asm sets cut.ASM (the cut's lane loops in PTX; same bits).
 --decode-pairs sets paged_attention.DECODE_PAIRS to 2 / 1 (two (sequence, kv head) pairs a decode program; same bits).
---row-split off drops the small-M tiles that compute fewer rows than their height (Tile.rows; same bits).
 --fill F sets matmul.FILL, the share of the SMs a small-M tile's grid must fill before a wider
 tile is taken (every tile gives the same bits); --fill-max-m M sets matmul.FILL_MAX_M, the largest
 M whose tile the fill rule picks (above, the M bucket's). The script runs in this process (runpy), so
@@ -93,7 +92,7 @@ def main() -> None:
     argv = sys.argv[1:]
     usage = ("with_tiles: usage: with_tiles.py [--unroll BMxBN=U:S ...] [--tma-stages BMxBN=S ...] [--fill F] "
              "[--fill-max-m M] [--small-tma|--gluon-paged|--fast-pick|--sampler-screen|--topk-cut|--cut-asm|"
-             "--decode-pairs|--row-split on|off] "
+             "--decode-pairs on|off] "
              "-- SCRIPT [ARGS ...]")
     if "--" not in argv:
         raise SystemExit(usage)
@@ -113,14 +112,12 @@ def main() -> None:
     values = {"DECODE_PAIRS": (2, 1)}  # a flag whose on / off are not True / False
     for name in switches:
         ap.add_argument("--" + name.replace("_", "-"), choices=("on", "off"), default=None)
-    ap.add_argument("--row-split", choices=("on", "off"), default=None)
     a = ap.parse_args(argv[:cut])
     flags = {switches[n]: getattr(a, n) == "on" for n in switches if getattr(a, n) is not None}
-    if (not a.unroll and not a.tma_stages and a.fill is None and a.fill_max_m is None and not flags
-            and a.row_split is None):
+    if not a.unroll and not a.tma_stages and a.fill is None and a.fill_max_m is None and not flags:
         raise SystemExit(f"{usage}: nothing to change (give --unroll, --tma-stages, --fill, --fill-max-m, "
-                         "--small-tma, --gluon-paged, --fast-pick, --sampler-screen, --topk-cut, --cut-asm, "
-                         "--decode-pairs or --row-split)")
+                         "--small-tma, --gluon-paged, --fast-pick, --sampler-screen, --topk-cut, --cut-asm or "
+                         "--decode-pairs)")
     if a.fill_max_m is not None and a.fill_max_m < 1:
         raise SystemExit(f"with_tiles: --fill-max-m {a.fill_max_m}: must be >= 1 (rows)")
     if a.fill is not None and not 0.0 < a.fill <= 4.0:
@@ -132,11 +129,6 @@ def main() -> None:
     import importlib
 
     from miles_kernels._triton import matmul
-
-    if a.row_split == "off":
-        tiles = tuple(t for t in tiles if not t.rows)
-        for dtype in (torch.bfloat16, torch.float16):
-            matmul.SMALL_M_TILES[dtype] = tiles
 
     for (module, flag), on in flags.items():
         setattr(importlib.import_module(module), flag, values.get(flag, (True, False))[0 if on else 1])

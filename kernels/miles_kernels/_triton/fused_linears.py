@@ -15,7 +15,7 @@ from triton.tools.tensor_descriptor import TensorDescriptor
 from miles_kernels._triton import matmul as mm
 from miles_kernels._triton.elementwise import silu_times
 from miles_kernels._triton.launch import fast_launch
-from miles_kernels._triton.matmul import _bias_store, _linear_tile, _tile_rows, _tma_k_walk
+from miles_kernels._triton.matmul import _bias_store, _linear_tile, _tma_k_walk
 
 # The small-M TMA tiles by TMA here too (False: by pointers). On an H100 (thirty-fifth run,
 # linear_sweep --which stages, graph-timed, cold weights) the 128-row tiles read 0.03-0.28 of cuBLAS
@@ -30,12 +30,12 @@ def _linears_kernel(
     x_ptr, w0_ptr, w1_ptr, w2_ptr, b0_ptr, b1_ptr, b2_ptr, y0_ptr, y1_ptr, y2_ptr,
     M, K, N0, N1, N2, T1, T2, stride_xm,
     HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    PRECISION: tl.constexpr, K_UNROLL: tl.constexpr, ROWS: tl.constexpr,
+    PRECISION: tl.constexpr, K_UNROLL: tl.constexpr,
 ):
     # Column tiles [0, T1) are w0's, [T1, T2) w1's, [T2, ...) w2's (contiguous [N_i, K] weights,
-    # contiguous [M, N_i] outputs); ROWS rows of x a tile (matmul.Tile.rows).
+    # contiguous [M, N_i] outputs).
     pid = tl.program_id(0)
-    n_tiles_m = tl.cdiv(M, ROWS)
+    n_tiles_m = tl.cdiv(M, BLOCK_M)
     tile_m = pid % n_tiles_m
     tile_n = pid // n_tiles_m
     in1 = tile_n >= T1
@@ -46,7 +46,7 @@ def _linears_kernel(
     tile_n -= tl.where(in2, T2, tl.where(in1, T1, 0))
     b_ptr = tl.where(in2, b2_ptr, tl.where(in1, b1_ptr, b0_ptr))
     _linear_tile(x_ptr, w_ptr, b_ptr, y_ptr, tile_m, tile_n, M, N, K, stride_xm, K, N,
-                 HAS_BIAS, BLOCK_M, BLOCK_N, BLOCK_K, PRECISION, K_UNROLL, ROWS)
+                    HAS_BIAS, BLOCK_M, BLOCK_N, BLOCK_K, PRECISION, K_UNROLL)
 
 
 @triton.jit
@@ -125,22 +125,22 @@ def linears(x_MK: torch.Tensor, ws: tuple[torch.Tensor, ...], bs: tuple[torch.Te
             TensorDescriptor.from_tensor(x_MK, [t.block_m, t.block_k]), *pad(wd, wd[-1]), *b3, *y3, M, K, *n3, *ends,
             NUM_PROGRAMS=n_prog, **consts)
         return ys
-    _linears_kernel[(triton.cdiv(M, mm.tile_rows(t)) * sum(tiles),)](
+    _linears_kernel[(n_tiles_m * sum(tiles),)](
         x_MK, *pad(ws, ws[-1]), *b3, *y3, M, K, *n3, tiles[0], tiles[0] + tiles[1], x_MK.stride(0),
-        K_UNROLL=t.k_unroll, ROWS=mm.tile_rows(t), **consts)
+        K_UNROLL=t.k_unroll, **consts)
     return ys
 
 
 @fast_launch
 @triton.jit
 def _swiglu_kernel(x_ptr, wg_ptr, wu_ptr, y_ptr, M, F, K, stride_xm, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                   BLOCK_K: tl.constexpr, PRECISION: tl.constexpr, K_UNROLL: tl.constexpr, ROWS: tl.constexpr):
+                   BLOCK_K: tl.constexpr, PRECISION: tl.constexpr, K_UNROLL: tl.constexpr):
     # One tile of silu(x @ wg^T) * (x @ wu^T) (contiguous [F, K] weights, contiguous [M, F] y):
     # each product walks K as linear's tile does (from 0 in BLOCK_K steps, fp32 acc) and is
     # rounded to y's dtype as linear stores it, then silu_mul's fp32 math and its one rounding.
     pid = tl.program_id(0)
-    n_tiles_m = tl.cdiv(M, ROWS)
-    rows = _tile_rows(pid % n_tiles_m, M, BLOCK_M, ROWS)
+    n_tiles_m = tl.cdiv(M, BLOCK_M)
+    rows = (pid % n_tiles_m) * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = (pid // n_tiles_m) * BLOCK_N + tl.arange(0, BLOCK_N)
     ks = tl.arange(0, BLOCK_K)
     row_ok, col_ok = rows < M, cols < F
@@ -216,8 +216,8 @@ def swiglu(x_MK: torch.Tensor, w_gate_FK: torch.Tensor, w_up_FK: torch.Tensor) -
     block_n = max(t.block_n // 2, 16)
     consts = dict(BLOCK_M=t.block_m, BLOCK_N=block_n, BLOCK_K=t.block_k, PRECISION=mm._dot_precision(x_MK.dtype),
                   num_warps=t.num_warps, num_stages=t.num_stages)
+    n_tiles = triton.cdiv(M, t.block_m) * triton.cdiv(F, block_n)
     if _by_tma(t, x_MK, w_gate_FK, w_up_FK, y):
-        n_tiles = triton.cdiv(M, t.block_m) * triton.cdiv(F, block_n)
         n_prog = min(mm._num_programs(x_MK.device), n_tiles)
         _swiglu_tma_kernel[(n_prog,)](
             TensorDescriptor.from_tensor(x_MK, [t.block_m, t.block_k]),
@@ -225,6 +225,5 @@ def swiglu(x_MK: torch.Tensor, w_gate_FK: torch.Tensor, w_up_FK: torch.Tensor) -
             TensorDescriptor.from_tensor(w_up_FK, [block_n, t.block_k]),
             TensorDescriptor.from_tensor(y, [t.block_m, block_n]), M, F, K, NUM_PROGRAMS=n_prog, **consts)
         return y
-    _swiglu_kernel[(triton.cdiv(M, mm.tile_rows(t)) * triton.cdiv(F, block_n),)](
-        x_MK, w_gate_FK, w_up_FK, y, M, F, K, x_MK.stride(0), K_UNROLL=t.k_unroll, ROWS=mm.tile_rows(t), **consts)
+    _swiglu_kernel[(n_tiles,)](x_MK, w_gate_FK, w_up_FK, y, M, F, K, x_MK.stride(0), K_UNROLL=t.k_unroll, **consts)
     return y

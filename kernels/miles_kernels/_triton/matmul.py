@@ -29,8 +29,6 @@ class Tile(NamedTuple):
     num_stages: int
     tma: bool = False  # TMA descriptors (linear: a persistent grid too; aligned tensors): same bits as pointers
     k_unroll: int = 1  # pointer kernels: BLOCK_K steps a loop iteration (the same dots in the same order)
-    rows: int = 0  # pointer kernels: rows of x a tile computes (0: block_m); fewer leave the tile's last
-    # rows as masked padding, so more CTAs share a small M (each row's dots unchanged: the same bits)
 
 
 _BIG = 1 << 62
@@ -60,10 +58,6 @@ _SMALL_16 = (
     # and M 256 N 1024 (64x32) 0.75-0.78x -> 0.95-0.97x; 64x64 stays at one step (u2 no faster).
     Tile(SMALL_M, 64, 32, 64, 1, 4, 6, k_unroll=2),
     Tile(SMALL_M, 64, 16, 64, 1, 4, 8, k_unroll=2),
-    # 32 / 16 rows a 64-row tile: at M 64 (32) x N 1,024 (0.6B o / down) twice the 64 CTAs of 64x16,
-    # each reading half of x
-    Tile(SMALL_M, 64, 16, 64, 1, 4, 8, k_unroll=2, rows=32),
-    Tile(SMALL_M, 64, 16, 64, 1, 4, 8, k_unroll=2, rows=16),
 )
 SMALL_M_TILES: dict[torch.dtype, tuple[Tile, ...]] = {torch.bfloat16: _SMALL_16, torch.float16: _SMALL_16}
 # M in (SMALL_M, FILL_MAX_M] (chunked prefill, short trainer micro-batches) takes its tile by the fill
@@ -145,15 +139,10 @@ def _fill_pick(m: int, n: int, tiles: list[Tile], device: torch.device | None, w
     waves it makes; else the last."""
     sms = _num_programs(device or torch.device("cuda"))
     for t in tiles:
-        grid = triton.cdiv(m, tile_rows(t)) * triton.cdiv(n, t.block_n)
+        grid = triton.cdiv(m, t.block_m) * triton.cdiv(n, t.block_n)
         if grid >= FILL * sms and (grid <= sms or grid >= wave_fill * triton.cdiv(grid, sms) * sms):
             return t
     return tiles[-1]
-
-
-def tile_rows(t: Tile) -> int:
-    """Rows of x a tile computes (by pointers; the TMA kernels take block_m)."""
-    return t.rows or t.block_m
 
 
 def all_linear_tiles(dtype: torch.dtype) -> tuple[Tile, ...]:
@@ -205,15 +194,6 @@ def _k_walk(x_ptrs, w_ptrs, row_ok, col_ok, K, BLOCK_M: tl.constexpr, BLOCK_N: t
 
 
 @triton.jit
-def _tile_rows(tile_m, M, BLOCK_M: tl.constexpr, ROWS: tl.constexpr):
-    """Row ids of row tile tile_m at ROWS rows a tile: lanes past ROWS are padding, given row M (masked)."""
-    lanes = tl.arange(0, BLOCK_M)
-    if ROWS < BLOCK_M:
-        return tl.where(lanes < ROWS, tile_m * ROWS + lanes, M)
-    return tile_m * BLOCK_M + lanes
-
-
-@triton.jit
 def _bias_store(acc, b_ptr, y_ptr, rows, cols, M, N, stride_ym, HAS_BIAS: tl.constexpr):
     """Round to y's dtype, then + b in fp32 and round again (torch's order, as _cpu.linear), store."""
     y = acc.to(y_ptr.dtype.element_ty)
@@ -227,9 +207,9 @@ def _bias_store(acc, b_ptr, y_ptr, rows, cols, M, N, stride_ym, HAS_BIAS: tl.con
 @triton.jit
 def _linear_tile(x_ptr, w_ptr, b_ptr, y_ptr, tile_m, tile_n, M, N, K, stride_xm, stride_wn, stride_ym,
                  HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                 PRECISION: tl.constexpr, K_UNROLL: tl.constexpr, ROWS: tl.constexpr):
-    """One output tile of y = x @ w^T (+ b) with pointer loads (ROWS rows of x): the K walk, the bias, the store."""
-    rows = _tile_rows(tile_m, M, BLOCK_M, ROWS)
+                 PRECISION: tl.constexpr, K_UNROLL: tl.constexpr):
+    """One output tile of y = x @ w^T (+ b) with pointer loads: the K walk, the bias, the store."""
+    rows = tile_m * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = tile_n * BLOCK_N + tl.arange(0, BLOCK_N)
     ks = tl.arange(0, BLOCK_K)
     x_ptrs = x_ptr + rows[:, None].to(tl.int64) * stride_xm + ks[None, :]
@@ -244,11 +224,11 @@ def _linear_kernel(
     x_ptr, w_ptr, b_ptr, y_ptr, M, N, K,
     stride_xm, stride_wn, stride_ym,
     HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    GROUP_M: tl.constexpr, PRECISION: tl.constexpr, K_UNROLL: tl.constexpr, ROWS: tl.constexpr,
+    GROUP_M: tl.constexpr, PRECISION: tl.constexpr, K_UNROLL: tl.constexpr,
 ):
-    tile_m, tile_n = _grouped_order(tl.program_id(0), tl.cdiv(M, ROWS), tl.cdiv(N, BLOCK_N), GROUP_M)
+    tile_m, tile_n = _grouped_order(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N), GROUP_M)
     _linear_tile(x_ptr, w_ptr, b_ptr, y_ptr, tile_m, tile_n, M, N, K, stride_xm, stride_wn, stride_ym,
-                 HAS_BIAS, BLOCK_M, BLOCK_N, BLOCK_K, PRECISION, K_UNROLL, ROWS)
+                 HAS_BIAS, BLOCK_M, BLOCK_N, BLOCK_K, PRECISION, K_UNROLL)
 
 
 @triton.jit
@@ -320,12 +300,12 @@ def _launch_linear(x_MK, w_NK, b_N, y_MN, t: Tile) -> None:
             num_warps=t.num_warps, num_stages=t.num_stages,
         )
         return
-    grid = (triton.cdiv(M, tile_rows(t)) * triton.cdiv(N, t.block_n),)
+    grid = (triton.cdiv(M, t.block_m) * triton.cdiv(N, t.block_n),)
     _linear_kernel[grid](
         x_MK, w_NK, b_N if b_N is not None else y_MN, y_MN, M, N, K,
         x_MK.stride(0), w_NK.stride(0), y_MN.stride(0),
         HAS_BIAS=b_N is not None, BLOCK_M=t.block_m, BLOCK_N=t.block_n, BLOCK_K=t.block_k,
-        GROUP_M=t.group_m, PRECISION=precision, K_UNROLL=t.k_unroll, ROWS=tile_rows(t), num_warps=t.num_warps,
+        GROUP_M=t.group_m, PRECISION=precision, K_UNROLL=t.k_unroll, num_warps=t.num_warps,
         num_stages=t.num_stages,
     )
 
