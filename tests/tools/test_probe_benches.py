@@ -1,0 +1,67 @@
+"""The decode-step probes in tools/bench (split_probe, step_peer, prefetch_probe) refuse a machine without a
+GPU with a message saying so; on CPU, split_probe's layer-at-a-time trunk gives Transformer.forward's bits
+(its two-stream variants rest on that) and step_peer's torch step runs (right shape, finite logits)."""
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+
+@pytest.mark.parametrize("name", ["split_probe", "step_peer", "prefetch_probe"])
+def test_needs_a_gpu(bench_refusal, monkeypatch, name):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert "needs a CUDA GPU" in bench_refusal(name)
+
+
+def test_step_peer_shapes_are_checked(bench_refusal, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert "write BxCTX" in bench_refusal("step_peer", "--shapes", "64by256")
+
+
+def _tiny(bench_script):
+    engine = bench_script("engine")
+    from miles_fsdp.models.args import ModelArgs
+
+    return engine, ModelArgs.from_hf(dict(engine.TINY))
+
+
+def test_trunk_layers_is_the_forward(bench_script):
+    import miles_kernels as mk
+
+    engine, _ = _tiny(bench_script)
+    probe = bench_script("split_probe")
+    model = engine.build("tiny", device="cpu").float()
+    B, ctx, page = 3, 20, 16
+    a = model.args
+    g = torch.Generator().manual_seed(0)
+    per_seq = (ctx + 1 + page - 1) // page
+    caches = [(torch.randn(1 + B * per_seq, page, a.n_kv_heads, a.head_dim, generator=g),
+               torch.randn(1 + B * per_seq, page, a.n_kv_heads, a.head_dim, generator=g)) for _ in range(a.n_layers)]
+    table = (1 + torch.arange(B * per_seq)).view(B, per_seq).to(torch.int32)
+    pos = torch.full((B,), ctx)
+    slot = table[:, ctx // page].long() * page + ctx % page
+    ids = torch.randint(0, a.vocab_size, (B,), generator=g)
+    meta = mk.AttnMeta(torch.arange(B + 1, dtype=torch.int32), torch.full((B,), ctx + 1, dtype=torch.int32), table,
+                       max_q_len=1)
+    with torch.no_grad():
+        want = model.forward(ids, pos, meta, slot, caches)
+        steps = probe.trunk_layers(model, ids, pos, meta, slot, caches)
+        n = 0
+        while True:
+            try:
+                next(steps)
+                n += 1
+            except StopIteration as stop:
+                got = stop.value
+                break
+    assert n == a.n_layers
+    assert torch.equal(got, want)
+
+
+def test_step_peer_torch_step_runs_on_cpu(bench_script):
+    _, args = _tiny(bench_script)
+    peer = bench_script("step_peer")
+    logits = peer.torch_step(args, 4, 10, dev="cpu")()
+    assert logits.shape == (4, args.vocab_size)
+    assert bool(logits.isfinite().all())

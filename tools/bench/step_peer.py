@@ -1,0 +1,157 @@
+"""Our decode step against the same step built from torch's own ops: what an engine on vendor kernels
+pays for one decode step at the same shapes. Both are CUDA graphs, so neither pays host launches:
+
+    ours   the engine's decode graph body (miles_fsdp Transformer.forward on a paged KV cache, then
+           the logits), as tools/bench/split_probe.py's `whole`
+    torch  a Qwen3 layer from torch ops: F.rms_norm, one q|k|v F.linear (cuBLAS), the q / k norms,
+           RoPE (rotate-half), the new K/V written into a contiguous [B, kv heads, ctx, D] cache,
+           F.scaled_dot_product_attention (GQA) over it, o / gate|up / down by F.linear, SiLU,
+           the residual adds; the final norm and the lm_head by F.linear
+
+    compiled  (--compile) the same torch step through torch.compile (Inductor fuses the norms, RoPE,
+           SiLU and the adds; gpt-fast's recipe with the graph replayed as ours is)
+
+and the memory roofline of the step (weights + the KV read, at the measured copy rate). Where ours is
+level with or under `torch`, the step's distance from the roofline is not ours alone: each op is at
+its vendor kernel's speed, and the step is what those kernels cost at these sizes.
+
+    PYTHONPATH=src:kernels python tools/bench/step_peer.py --out step_peer.json
+"""
+
+import argparse
+import json
+import statistics
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from engine import SHAPES, build, hbm_bandwidth  # noqa: E402
+from split_probe import decode_inputs, graphed, make_forwards  # noqa: E402
+
+
+def torch_step(args, batch: int, ctx: int, dev: str = "cuda"):
+    """A decode step of torch ops on random weights: returns the step function (the [B, V] logits)."""
+    dt, B = torch.bfloat16, batch
+    D, H, KV, Hd, Fd, V = args.dim, args.n_heads, args.n_kv_heads, args.head_dim, args.ffn_dim, args.vocab_size
+    g = torch.Generator(device=dev).manual_seed(1)
+
+    def w(*shape):
+        return (torch.randn(*shape, generator=g, device=dev) * shape[-1] ** -0.5).to(dt)
+
+    layers = [dict(n1=torch.ones(D, device=dev, dtype=dt), n2=torch.ones(D, device=dev, dtype=dt),
+                   qn=torch.ones(Hd, device=dev, dtype=dt), kn=torch.ones(Hd, device=dev, dtype=dt),
+                   qkv=w((H + 2 * KV) * Hd, D), o=w(D, H * Hd), gu=w(2 * Fd, D), down=w(D, Fd),
+                   k=torch.randn(B, KV, ctx + 1, Hd, generator=g, device=dev).to(dt),
+                   v=torch.randn(B, KV, ctx + 1, Hd, generator=g, device=dev).to(dt))
+              for _ in range(args.n_layers)]
+    emb, norm = w(V, D), torch.ones(D, device=dev, dtype=dt)
+    ids = torch.randint(0, V, (B,), generator=g, device=dev)
+    pos = torch.full((B,), ctx, dtype=torch.long, device=dev)
+    inv = 1.0 / (1e6 ** (torch.arange(0, Hd, 2, device=dev, dtype=torch.float32) / Hd))
+    rows = torch.arange(B, device=dev)
+    eps = args.norm_eps
+
+    def rope(x, cos, sin):  # x [B, heads, Hd]
+        x1, x2 = x[..., : Hd // 2], x[..., Hd // 2:]
+        return x * cos + torch.cat((-x2, x1), -1) * sin
+
+    def step():
+        freqs = pos[:, None].float() * inv[None]
+        emb_f = torch.cat((freqs, freqs), -1)
+        cos, sin = emb_f.cos().to(dt)[:, None], emb_f.sin().to(dt)[:, None]
+        h = F.embedding(ids, emb)
+        for L in layers:
+            x = F.rms_norm(h, (D,), L["n1"], eps)
+            q, k, v = F.linear(x, L["qkv"]).split((H * Hd, KV * Hd, KV * Hd), -1)
+            q = rope(F.rms_norm(q.view(B, H, Hd), (Hd,), L["qn"], eps), cos, sin)
+            k = rope(F.rms_norm(k.view(B, KV, Hd), (Hd,), L["kn"], eps), cos, sin)
+            L["k"][rows, :, pos] = k
+            L["v"][rows, :, pos] = v.view(B, KV, Hd)
+            a = F.scaled_dot_product_attention(q[:, :, None], L["k"], L["v"], enable_gqa=True)
+            h = h + F.linear(a.reshape(B, H * Hd), L["o"])
+            gt, up = F.linear(F.rms_norm(h, (D,), L["n2"], eps), L["gu"]).chunk(2, -1)
+            h = h + F.linear(F.silu(gt) * up, L["down"])
+        return F.linear(F.rms_norm(h, (D,), norm, eps), emb)
+
+    return step
+
+
+def replay_us(graph, reps: int, rounds: int) -> list[float]:
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    out = []
+    for _ in range(rounds):
+        start.record()
+        for _ in range(reps):
+            graph.replay()
+        end.record()
+        end.synchronize()
+        out.append(1e3 * start.elapsed_time(end) / reps)
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", nargs="+", default=["qwen3-0.6b"], choices=sorted(SHAPES))
+    ap.add_argument("--shapes", nargs="+", default=["64x256", "64x1024", "256x256"], metavar="BxCTX",
+                    help="batch x context (tokens cached a sequence)")
+    ap.add_argument("--compile", action="store_true", help="also time the torch step through torch.compile")
+    ap.add_argument("--reps", type=int, default=30)
+    ap.add_argument("--rounds", type=int, default=7)
+    ap.add_argument("--out", default="step_peer.json")
+    a = ap.parse_args()
+    if not torch.cuda.is_available():
+        raise SystemExit("step_peer: needs a CUDA GPU (it times CUDA graph replays)")
+    try:
+        shapes = [tuple(int(v) for v in s.lower().split("x")) for s in a.shapes]
+    except ValueError:
+        raise SystemExit(f"step_peer: --shapes {a.shapes}: write BxCTX, e.g. 64x256") from None
+    bw = hbm_bandwidth()
+    rows = []
+    print(f"HBM copy {bw / 1e9:.0f} GB/s\n{'model':<11} {'B':>4} {'ctx':>5} {'ours us':>8} {'torch us':>9} "
+          f"{'x torch':>8} {'roofline us':>12} {'ours %':>7} {'torch %':>8}")
+    for name in a.model:
+        model = build(name)
+        args = model.args
+        wbytes = sum(p.numel() * p.element_size() for p in model.parameters())
+        if not args.tie_embeddings:  # the embedding's rows are gathered, not streamed
+            wbytes -= model.embed.weight.numel() * model.embed.weight.element_size()
+        for batch, ctx in shapes:
+            inputs = decode_inputs(model, batch, ctx, 64)
+            ours, peer = make_forwards(model, *inputs, 1)["whole"], torch_step(args, batch, ctx)
+            g_ours, _ = graphed(ours)  # the functions (and the tensors they hold) live while the graphs replay
+            g_torch, _ = graphed(peer)
+            graphs = dict(ours=g_ours, torch=g_torch)
+            if a.compile:
+                compiled = torch.compile(peer, dynamic=False)
+                graphs["compiled"] = graphed(compiled)[0]
+            times = {k: [] for k in graphs}
+            for _ in range(a.rounds):  # in turn, so drift hits all
+                for k, g in graphs.items():
+                    times[k] += replay_us(g, a.reps, 1)
+            t_ours, t_torch = times["ours"], times["torch"]
+            kv = 2 * args.n_layers * batch * (ctx + 1) * args.n_kv_heads * args.head_dim * 2
+            roof = 1e6 * (wbytes + kv) / bw
+            r = dict(model=name, batch=batch, ctx=ctx, ours_us=statistics.median(t_ours),
+                     torch_us=statistics.median(t_torch), roofline_us=roof)
+            if "compiled" in times:
+                r["compiled_us"] = statistics.median(times["compiled"])
+            rows.append(r)
+            print(f"{name:<11} {batch:>4} {ctx:>5} {r['ours_us']:8.1f} {r['torch_us']:9.1f} "
+                  f"{r['torch_us'] / r['ours_us']:7.2f}x {roof:12.1f} {100 * roof / r['ours_us']:6.1f}% "
+                  f"{100 * roof / r['torch_us']:7.1f}%"
+                  + (f"  compiled {r['compiled_us']:8.1f} us ({r['compiled_us'] / r['ours_us']:.2f}x ours, "
+                     f"{100 * roof / r['compiled_us']:.1f}%)" if "compiled_us" in r else ""), flush=True)
+            del g_ours, g_torch, graphs, ours, peer, inputs
+            torch.cuda.empty_cache()
+            Path(a.out).write_text(json.dumps(dict(device=torch.cuda.get_device_name(), hbm_b_s=bw, rows=rows),
+                                              indent=1))
+        del model
+        torch.cuda.empty_cache()
+    print(f"wrote {a.out}")
+
+
+if __name__ == "__main__":
+    main()
