@@ -20,7 +20,6 @@ its vendor kernel's speed, and the step is what those kernels cost at these size
 
 import argparse
 import json
-import statistics
 import sys
 from pathlib import Path
 
@@ -29,7 +28,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from engine import SHAPES, build, hbm_bandwidth  # noqa: E402
-from split_probe import decode_inputs, graphed, make_forwards  # noqa: E402
+from split_probe import decode_inputs, graphed, make_forwards, time_rounds  # noqa: E402
 
 
 def torch_step(args, batch: int, ctx: int, dev: str = "cuda"):
@@ -79,19 +78,6 @@ def torch_step(args, batch: int, ctx: int, dev: str = "cuda"):
     return step
 
 
-def replay_us(graph, reps: int, rounds: int) -> list[float]:
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    out = []
-    for _ in range(rounds):
-        start.record()
-        for _ in range(reps):
-            graph.replay()
-        end.record()
-        end.synchronize()
-        out.append(1e3 * start.elapsed_time(end) / reps)
-    return out
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", nargs="+", default=["qwen3-0.6b"], choices=sorted(SHAPES))
@@ -127,17 +113,12 @@ def main() -> None:
             if a.compile:
                 compiled = torch.compile(peer, dynamic=False)
                 graphs["compiled"] = graphed(compiled)[0]
-            times = {k: [] for k in graphs}
-            for _ in range(a.rounds):  # in turn, so drift hits all
-                for k, g in graphs.items():
-                    times[k] += replay_us(g, a.reps, 1)
-            t_ours, t_torch = times["ours"], times["torch"]
+            us = time_rounds(graphs, a.reps, a.rounds)  # medians of rounds taken in turn, so drift hits all
             kv = 2 * args.n_layers * batch * (ctx + 1) * args.n_kv_heads * args.head_dim * 2
             roof = 1e6 * (wbytes + kv) / bw
-            r = dict(model=name, batch=batch, ctx=ctx, ours_us=statistics.median(t_ours),
-                     torch_us=statistics.median(t_torch), roofline_us=roof)
-            if "compiled" in times:
-                r["compiled_us"] = statistics.median(times["compiled"])
+            r = dict(model=name, batch=batch, ctx=ctx, ours_us=us["ours"], torch_us=us["torch"], roofline_us=roof)
+            if "compiled" in us:
+                r["compiled_us"] = us["compiled"]
             rows.append(r)
             print(f"{name:<11} {batch:>4} {ctx:>5} {r['ours_us']:8.1f} {r['torch_us']:9.1f} "
                   f"{r['torch_us'] / r['ours_us']:7.2f}x {roof:12.1f} {100 * roof / r['ours_us']:6.1f}% "
