@@ -1,0 +1,117 @@
+"""Can a CUDA C++ kernel give our Triton linears' bits? The lever left for the small-batch decode step
+(docs/kernel_tuning.md, forty-third run) is CUDA C++ built on the GPU machine: a persistent decode kernel,
+cluster-multicast TMA. It must reproduce miles_kernels' linear bit for bit (the trainer's numerics). This
+probe compiles, with NVRTC through torch.cuda._compile_kernel, the plainest wgmma kernel: a 64 x 16 output
+tile a CTA (one warpgroup), K in steps of 64, each step four `wgmma.mma_async m64n16k16.f32.bf16.bf16` in k
+order from shared memory (no swizzle, core matrices of 8 rows x 16 bytes), fp32 accumulation, one rounding
+to bf16 at the end: the K walk of the Triton tiles. Both assignments of the two descriptor strides (the
+K-direction core-matrix stride as the leading byte offset, or as the stride byte offset) are run; the
+right one matches a float64 reference, and the question is whether it equals `linear`'s output exactly.
+
+    PYTHONPATH=src:kernels python tools/bench/wgmma_probe.py --out wgmma.json
+"""
+
+import argparse
+import json
+
+import torch
+
+SOURCE = r"""
+__device__ __forceinline__ unsigned long long gmma_desc(const void* p, unsigned lbo, unsigned sbo) {
+    unsigned addr;
+    asm("{ .reg .u64 t; cvta.to.shared.u64 t, %1; cvt.u32.u64 %0, t; }" : "=r"(addr) : "l"(p));
+    return (unsigned long long)((addr & 0x3FFFF) >> 4) | ((unsigned long long)((lbo & 0x3FFFF) >> 4) << 16)
+        | ((unsigned long long)((sbo & 0x3FFFF) >> 4) << 32);  // base offset 0, no swizzle
+}
+
+__device__ __forceinline__ unsigned short to_bf16(float f) {  // round to nearest even (finite inputs)
+    unsigned u = __float_as_uint(f);
+    return (unsigned short)((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);
+}
+
+// y[M, N] = x[M, K] @ w[N, K]^T (bf16 as unsigned short), a 64 x 16 tile a CTA of 128 threads, K % 64 == 0.
+extern "C" __global__ void __launch_bounds__(128) wgmma_linear(
+    const unsigned short* __restrict__ x, const unsigned short* __restrict__ w, unsigned short* __restrict__ y,
+    int M, int N, int K, int lbo_k) {
+    __shared__ __align__(128) uint4 xs[64 * 8];  // row group g, k chunk c, row r % 8: ((g * 8 + c) * 8 + r % 8)
+    __shared__ __align__(128) uint4 ws[16 * 8];
+    const int tid = threadIdx.x;
+    const int m0 = blockIdx.y * 64, n0 = blockIdx.x * 16;
+    float d[8];
+    for (int i = 0; i < 8; ++i) d[i] = 0.f;
+    const unsigned kstride = 128, gstride = 8 * 128;  // bytes to the next k chunk, to the next 8-row group
+    const unsigned lbo = lbo_k ? kstride : gstride, sbo = lbo_k ? gstride : kstride;
+    for (int k0 = 0; k0 < K; k0 += 64) {
+        for (int j = 0; j < 4; ++j) {
+            int q = tid + 128 * j, r = q / 8, c = q % 8;
+            uint4 v = make_uint4(0, 0, 0, 0);
+            if (m0 + r < M) v = *reinterpret_cast<const uint4*>(x + (unsigned long long)(m0 + r) * K + k0 + c * 8);
+            xs[((r / 8) * 8 + c) * 8 + r % 8] = v;
+        }
+        {
+            int r = tid / 8, c = tid % 8;
+            uint4 v = make_uint4(0, 0, 0, 0);
+            if (n0 + r < N) v = *reinterpret_cast<const uint4*>(w + (unsigned long long)(n0 + r) * K + k0 + c * 8);
+            ws[((r / 8) * 8 + c) * 8 + r % 8] = v;
+        }
+        __syncthreads();
+        asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+        asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory");
+        for (int kk = 0; kk < 4; ++kk) {
+            unsigned long long da = gmma_desc(&xs[2 * kk * 8], lbo, sbo), db = gmma_desc(&ws[2 * kk * 8], lbo, sbo);
+            asm volatile(
+                "wgmma.mma_async.sync.aligned.m64n16k16.f32.bf16.bf16 "
+                "{%0, %1, %2, %3, %4, %5, %6, %7}, %8, %9, 1, 1, 1, 0, 0;\n"
+                : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7])
+                : "l"(da), "l"(db));
+        }
+        asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory");
+        asm volatile("wgmma.wait_group.sync.aligned 0;\n" ::: "memory");
+        __syncthreads();
+    }
+    const int warp = tid / 32, lane = tid % 32;
+    for (int i = 0; i < 8; ++i) {  // the m64nNk16 f32 fragment: 8-column blocks of (row, row + 8) x 2 columns
+        int row = m0 + 16 * warp + lane / 4 + 8 * ((i / 2) % 2);
+        int col = n0 + (lane % 4) * 2 + (i % 2) + 8 * (i / 4);
+        if (row < M && col < N) y[(unsigned long long)row * N + col] = to_bf16(d[i]);
+    }
+}
+"""
+
+SHAPES = [(64, 1024, 2048), (37, 1024, 2048), (64, 1024, 3072), (64, 4096, 1024), (128, 4096, 4096),
+          (256, 6144, 1024), (1, 4096, 12288)]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", default="wgmma_probe.json")
+    a = ap.parse_args()
+    if not torch.cuda.is_available() or torch.cuda.get_device_capability() < (9, 0):
+        raise SystemExit("wgmma_probe: needs a CUDA GPU of compute capability 9.0 (Hopper: wgmma)")
+    import miles_kernels as mk
+
+    kernel = torch.cuda._compile_kernel(SOURCE, "wgmma_linear", compute_capability="90a")
+    rows = []
+    for M, N, K in SHAPES:
+        g = torch.Generator(device="cuda").manual_seed(M + N + K)
+        x = torch.randn(M, K, generator=g, device="cuda").to(torch.bfloat16)
+        w = (torch.randn(N, K, generator=g, device="cuda") * K**-0.5).to(torch.bfloat16)
+        want = mk.linear(x, w)
+        ref = x.double() @ w.double().T
+        row = dict(M=M, N=N, K=K, linear_err=(want.double() - ref).abs().max().item())
+        for lbo_k in (1, 0):
+            y = torch.full_like(want, float("nan"))
+            kernel(grid=(N // 16, (M + 63) // 64, 1), block=(128, 1, 1),
+                   args=[x.view(torch.int16), w.view(torch.int16), y.view(torch.int16), M, N, K, lbo_k])
+            torch.cuda.synchronize()
+            row[f"lbo_k{lbo_k}"] = dict(err=(y.double() - ref).abs().max().item(), same=bool(torch.equal(y, want)),
+                                        differ=int((y != want).sum().item()))
+        rows.append(row)
+        print(f"M={M:4} N={N:5} K={K:5}: linear vs fp64 {row['linear_err']:.3g}; "
+              + "; ".join(f"{k}: vs fp64 {v['err']:.3g}, same bits {int(v['same'])} ({v['differ']} differ)"
+                          for k, v in row.items() if k.startswith("lbo")), flush=True)
+        json.dump(dict(device=torch.cuda.get_device_name(), rows=rows), open(a.out, "w"), indent=1)
+
+
+if __name__ == "__main__":
+    main()
