@@ -1,5 +1,5 @@
-"""The decode-step probes in tools/bench (split_probe, step_peer, prefetch_probe) refuse a machine without a
-GPU with a message saying so; on CPU, split_probe's layer-at-a-time trunk gives Transformer.forward's bits
+"""The decode-step probes in tools/bench (split_probe, step_peer, prefetch_probe, wgmma_probe) refuse a machine
+without a GPU with a message saying so; on CPU, split_probe's layer-at-a-time trunk gives Transformer.forward's bits
 (its two-stream variants rest on that) and step_peer's torch step runs (right shape, finite logits)."""
 
 import pytest
@@ -65,3 +65,8 @@ def test_step_peer_torch_step_runs_on_cpu(bench_script):
     logits = peer.torch_step(args, 4, 10, dev="cpu")()
     assert logits.shape == (4, args.vocab_size)
     assert bool(logits.isfinite().all())
+
+
+def test_wgmma_probe_needs_a_hopper(bench_refusal, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert "compute capability 9.0" in bench_refusal("wgmma_probe")
