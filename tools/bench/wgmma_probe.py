@@ -7,6 +7,9 @@ order from shared memory (no swizzle, core matrices of 8 rows x 16 bytes), fp32 
 to bf16 at the end: the K walk of the Triton tiles. Both assignments of the two descriptor strides (the
 K-direction core-matrix stride as the leading byte offset, or as the stride byte offset) are run; the
 right one matches a float64 reference, and the question is whether it equals `linear`'s output exactly.
+The tile's first wgmma either adds A B to the zeroed accumulator or writes D = A B (`first_ab`); they differ
+only on a dot product of -0.0 (0.0 + -0.0 = +0.0), so x's row 1 is all -0.0 and w's first 16 rows positive
+(every product -0.0) to tell which one `linear` does (the count of -0.0 in that row of its output).
 
     PYTHONPATH=src:kernels python tools/bench/wgmma_probe.py --out wgmma.json
 """
@@ -32,7 +35,7 @@ __device__ __forceinline__ unsigned short to_bf16(float f) {  // round to neares
 // y[M, N] = x[M, K] @ w[N, K]^T (bf16 as unsigned short), a 64 x 16 tile a CTA of 128 threads, K % 64 == 0.
 extern "C" __global__ void __launch_bounds__(128) wgmma_linear(
     const unsigned short* __restrict__ x, const unsigned short* __restrict__ w, unsigned short* __restrict__ y,
-    int M, int N, int K, int lbo_k) {
+    int M, int N, int K, int lbo_k, int first_ab) {
     __shared__ __align__(128) uint4 xs[64 * 8];  // row group g, k chunk c, row r % 8: ((g * 8 + c) * 8 + r % 8)
     __shared__ __align__(128) uint4 ws[16 * 8];
     const int tid = threadIdx.x;
@@ -59,11 +62,13 @@ extern "C" __global__ void __launch_bounds__(128) wgmma_linear(
         asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory");
         for (int kk = 0; kk < 4; ++kk) {
             unsigned long long da = gmma_desc(&xs[2 * kk * 8], lbo, sbo), db = gmma_desc(&ws[2 * kk * 8], lbo, sbo);
+            int acc = !(first_ab && k0 == 0 && kk == 0);  // first_ab: the tile's first wgmma is D = A B
             asm volatile(
+                "{ .reg .pred p; setp.ne.b32 p, %10, 0;\n"
                 "wgmma.mma_async.sync.aligned.m64n16k16.f32.bf16.bf16 "
-                "{%0, %1, %2, %3, %4, %5, %6, %7}, %8, %9, 1, 1, 1, 0, 0;\n"
+                "{%0, %1, %2, %3, %4, %5, %6, %7}, %8, %9, p, 1, 1, 0, 0; }\n"
                 : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7])
-                : "l"(da), "l"(db));
+                : "l"(da), "l"(db), "r"(acc));
         }
         asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory");
         asm volatile("wgmma.wait_group.sync.aligned 0;\n" ::: "memory");
@@ -95,19 +100,26 @@ def main() -> None:
     for M, N, K in SHAPES:
         g = torch.Generator(device="cuda").manual_seed(M + N + K)
         x = torch.randn(M, K, generator=g, device="cuda").to(torch.bfloat16)
+        if M > 1:  # row 1 all -0.0 against 16 all-positive weight rows: products -0.0, sums -0.0 or +0.0
+            x[1] = -0.0
+            w[:16] = w[:16].abs()
         w = (torch.randn(N, K, generator=g, device="cuda") * K**-0.5).to(torch.bfloat16)
         want = mk.linear(x, w)
         ref = x.double() @ w.double().T
         row = dict(M=M, N=N, K=K, linear_err=(want.double() - ref).abs().max().item())
-        for lbo_k in (1, 0):
+        if M > 1:
+            row["linear_row1_negative_zeros"] = int(torch.signbit(want[1, :16]).sum().item())
+        for lbo_k, first_ab in ((1, 0), (0, 0), (1, 1)):
             y = torch.full_like(want, float("nan"))
             kernel(grid=(N // 16, (M + 63) // 64, 1), block=(128, 1, 1),
-                   args=[x.view(torch.int16), w.view(torch.int16), y.view(torch.int16), M, N, K, lbo_k])
+                   args=[x.view(torch.int16), w.view(torch.int16), y.view(torch.int16), M, N, K, lbo_k, first_ab])
             torch.cuda.synchronize()
-            row[f"lbo_k{lbo_k}"] = dict(err=(y.double() - ref).abs().max().item(), same=bool(torch.equal(y, want)),
-                                        differ=int((y != want).sum().item()))
+            bits = y.view(torch.int16) != want.view(torch.int16)  # -0.0 vs +0.0 counts
+            row[f"lbo_k{lbo_k}_first_ab{first_ab}"] = dict(
+                err=(y.double() - ref).abs().max().item(), same=not bool(bits.any()), differ=int(bits.sum().item()))
         rows.append(row)
-        print(f"M={M:4} N={N:5} K={K:5}: linear vs fp64 {row['linear_err']:.3g}; "
+        print(f"M={M:4} N={N:5} K={K:5}: linear vs fp64 {row['linear_err']:.3g}, row 1's -0.0s "
+              f"{row.get('linear_row1_negative_zeros', '-')}; "
               + "; ".join(f"{k}: vs fp64 {v['err']:.3g}, same bits {int(v['same'])} ({v['differ']} differ)"
                           for k, v in row.items() if k.startswith("lbo")), flush=True)
         json.dump(dict(device=torch.cuda.get_device_name(), rows=rows), open(a.out, "w"), indent=1)
