@@ -100,10 +100,10 @@ def main() -> None:
     for M, N, K in SHAPES:
         g = torch.Generator(device="cuda").manual_seed(M + N + K)
         x = torch.randn(M, K, generator=g, device="cuda").to(torch.bfloat16)
+        w = (torch.randn(N, K, generator=g, device="cuda") * K**-0.5).to(torch.bfloat16)
         if M > 1:  # row 1 all -0.0 against 16 all-positive weight rows: products -0.0, sums -0.0 or +0.0
             x[1] = -0.0
             w[:16] = w[:16].abs()
-        w = (torch.randn(N, K, generator=g, device="cuda") * K**-0.5).to(torch.bfloat16)
         want = mk.linear(x, w)
         ref = x.double() @ w.double().T
         row = dict(M=M, N=N, K=K, linear_err=(want.double() - ref).abs().max().item())
