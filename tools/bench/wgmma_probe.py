@@ -97,6 +97,19 @@ __device__ __forceinline__ void cp_async16(void* dst, const void* src, int bytes
     asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" :: "r"(a), "l"(src), "r"(bytes) : "memory");
 }
 
+// One K step's x [64 x 64] and w [16 x 64] into a stage (x, then w; core-matrix layout), rows past M / N zeroed.
+__device__ __forceinline__ void load_stage(uint4* xs, const unsigned short* x, const unsigned short* w, int m0,
+                                           int n0, int M, int N, int K, int k0, int tid) {
+    for (int j = 0; j < 4; ++j) {
+        int q = tid + 128 * j, r = q / 8, c = q % 8, ok = m0 + r < M;
+        cp_async16(&xs[((r / 8) * 8 + c) * 8 + r % 8], x + (ok ? (unsigned long long)(m0 + r) * K + k0 + c * 8 : 0),
+                   ok ? 16 : 0);
+    }
+    int r = tid / 8, c = tid % 8, ok = n0 + r < N;
+    cp_async16(&xs[64 * 8 + ((r / 8) * 8 + c) * 8 + r % 8],
+               w + (ok ? (unsigned long long)(n0 + r) * K + k0 + c * 8 : 0), ok ? 16 : 0);
+}
+
 // wgmma_linear's tile and K walk with the loads in a ring of `stages` cp.async stages (the Triton tile's
 // pipeline): x [64 x 64] and w [16 x 64] a stage in the same core-matrix layout, dynamic shared memory.
 template <int stages>
@@ -111,17 +124,7 @@ __device__ __forceinline__ void pipe_tile(
     float d[8];
     for (int i = 0; i < 8; ++i) d[i] = 0.f;
     for (int s = 0; s < stages - 1; ++s) {
-        if (s < nk) {
-            uint4* xs = smem + s * SS;
-            for (int j = 0; j < 4; ++j) {
-                int q = tid + 128 * j, r = q / 8, c = q % 8, ok = m0 + r < M;
-                cp_async16(&xs[((r / 8) * 8 + c) * 8 + r % 8],
-                           x + (ok ? (unsigned long long)(m0 + r) * K + s * 64 + c * 8 : 0), ok ? 16 : 0);
-            }
-            int r = tid / 8, c = tid % 8, ok = n0 + r < N;
-            cp_async16(&xs[XS + ((r / 8) * 8 + c) * 8 + r % 8],
-                       w + (ok ? (unsigned long long)(n0 + r) * K + s * 64 + c * 8 : 0), ok ? 16 : 0);
-        }
+        if (s < nk) load_stage(smem + s * SS, x, w, m0, n0, M, N, K, s * 64, tid);
         asm volatile("cp.async.commit_group;\n" ::: "memory");
     }
     for (int ks = 0; ks < nk; ++ks) {
@@ -129,17 +132,7 @@ __device__ __forceinline__ void pipe_tile(
         asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
         __syncthreads();  // stage ks loaded by all; stage ks - 1's wgmmas done by all (waited below)
         int nxt = ks + stages - 1;
-        if (nxt < nk) {
-            uint4* xs = smem + (nxt % stages) * SS;
-            for (int j = 0; j < 4; ++j) {
-                int q = tid + 128 * j, r = q / 8, c = q % 8, ok = m0 + r < M;
-                cp_async16(&xs[((r / 8) * 8 + c) * 8 + r % 8],
-                           x + (ok ? (unsigned long long)(m0 + r) * K + nxt * 64 + c * 8 : 0), ok ? 16 : 0);
-            }
-            int r = tid / 8, c = tid % 8, ok = n0 + r < N;
-            cp_async16(&xs[XS + ((r / 8) * 8 + c) * 8 + r % 8],
-                       w + (ok ? (unsigned long long)(n0 + r) * K + nxt * 64 + c * 8 : 0), ok ? 16 : 0);
-        }
+        if (nxt < nk) load_stage(smem + (nxt % stages) * SS, x, w, m0, n0, M, N, K, nxt * 64, tid);
         asm volatile("cp.async.commit_group;\n" ::: "memory");
         const uint4* xs = smem + (ks % stages) * SS;
         asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory");
