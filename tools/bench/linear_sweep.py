@@ -122,6 +122,12 @@ def _cycled(ws: list):
     return nxt
 
 
+def cold_weights(w: torch.Tensor):
+    """_cycled over w and copies of it filling COLD_BYTES: timed calls meet their weight cold, as the
+    decode step does (the probes in tools/bench use it too)."""
+    return _cycled([w] + [w.clone() for _ in range(-(-COLD_BYTES // w.nbytes) - 1)])
+
+
 def run(shapes, cfgs, peak, rows, cold: bool = False):
     for M, N, K in shapes:
         torch.manual_seed(M + N + K)
@@ -130,8 +136,7 @@ def run(shapes, cfgs, peak, rows, cold: bool = False):
         ref = torch.empty(x.shape[0], N, device="cuda", dtype=torch.bfloat16)
         lin._launch_linear(x, w, None, ref, REF)
         xm = x[:M]
-        ws = [w] + [w.clone() for _ in range(-(-COLD_BYTES // w.nbytes) - 1)] if cold else [w]
-        wn = _cycled(ws)
+        wn = cold_weights(w) if cold else _cycled([w])
         base, base_graph = timings(lambda: F.linear(xm, wn()))
         for c in cfgs:
             y = torch.empty(M, N, device="cuda", dtype=torch.bfloat16)

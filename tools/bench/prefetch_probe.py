@@ -22,10 +22,10 @@ from miles_kernels._triton import matmul as lin
 
 sys.path.insert(0, os.path.dirname(__file__))
 from kernel_ops import timings  # noqa: E402  (launched ms, CUDA-graph replay ms)
+from linear_sweep import cold_weights  # noqa: E402
 
 SHAPES = [(m, n, k) for m in (32, 64) for (n, k) in ((1024, 2048), (1024, 3072), (4096, 1024), (6144, 1024),
                                                     (4096, 4096), (4096, 12288))]
-COLD_BYTES = 256 << 20  # several times L2
 
 
 @triton.jit
@@ -75,12 +75,7 @@ def main() -> None:
         torch.manual_seed(M + N + K)
         x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
         w = torch.randn(N, K, device="cuda", dtype=torch.bfloat16) * K**-0.5
-        ws = [w] + [w.clone() for _ in range(-(-COLD_BYTES // w.nbytes) - 1)]
-        at = [0]
-
-        def nxt():
-            at[0] = (at[0] + 1) % len(ws)
-            return ws[at[0]]
+        nxt = cold_weights(w)
 
         t = lin.linear_tile(M, x.dtype, N, x.device)
         if t.tma:

@@ -27,6 +27,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(__file__))
 from kernel_ops import timings  # noqa: E402  (launched ms, CUDA-graph replay ms)
+from linear_sweep import cold_weights  # noqa: E402
 
 SOURCE = r"""
 __device__ __forceinline__ unsigned long long gmma_desc(const void* p, unsigned lbo, unsigned sbo) {
@@ -164,7 +165,6 @@ PIPE(8)
 """
 
 TIMED = [(64, 1024, 2048), (64, 1024, 3072), (64, 4096, 1024), (64, 6144, 1024), (64, 4096, 4096), (64, 4096, 12288)]
-COLD_BYTES = 256 << 20  # weights cycled past L2, as the decode step meets them
 STAGE_BYTES = (64 + 16) * 64 * 2  # x and w of one K step
 SHAPES = [(64, 1024, 2048), (37, 1024, 2048), (64, 1024, 3072), (64, 4096, 1024), (128, 4096, 4096),
           (256, 6144, 1024), (1, 4096, 12288)]
@@ -220,26 +220,20 @@ def main() -> None:
         g = torch.Generator(device="cuda").manual_seed(M + N + K)
         x = torch.randn(M, K, generator=g, device="cuda").to(torch.bfloat16)
         w = (torch.randn(N, K, generator=g, device="cuda") * K**-0.5).to(torch.bfloat16)
-        ws = [w] + [w.clone() for _ in range(-(-COLD_BYTES // w.nbytes) - 1)]
-        at = [0]
-
-        def nxt():
-            at[0] = (at[0] + 1) % len(ws)
-            return ws[at[0]]
+        nxt = cold_weights(w)
 
         want = mk.linear(x, w)
         y = torch.empty_like(want)
         row = dict(M=M, N=N, K=K, cublas_us=1e3 * timings(lambda: F.linear(x, nxt()))[1],  # noqa: B023
                    triton_us=1e3 * timings(lambda: mk.linear(x, nxt()))[1])  # noqa: B023
         for stages, kern in pipes.items():
-            def run(kern=kern, stages=stages):
+            def run(wt, kern=kern, stages=stages):
                 kern(grid=(N // 16, (M + 63) // 64, 1), block=(128, 1, 1), shared_mem=stages * STAGE_BYTES,
-                     args=[x.view(torch.int16), nxt().view(torch.int16), y.view(torch.int16), M, N, K])  # noqa: B023
-            at[0] = len(ws) - 1  # the next call reads w itself
-            run()
+                     args=[x.view(torch.int16), wt.view(torch.int16), y.view(torch.int16), M, N, K])  # noqa: B023
+            run(w)
             torch.cuda.synchronize()
             row[f"pipe{stages}_same"] = bool(torch.equal(y.view(torch.int16), want.view(torch.int16)))
-            row[f"pipe{stages}_us"] = 1e3 * timings(run)[1]
+            row[f"pipe{stages}_us"] = 1e3 * timings(lambda run=run: run(nxt()))[1]  # noqa: B023
         timed.append(row)
         print(f"M={M} N={N:5} K={K:5} (graph-timed, weights cold): cuBLAS {row['cublas_us']:6.1f} us, Triton "
               f"{row['triton_us']:6.1f}, " + ", ".join(
