@@ -1,6 +1,7 @@
-"""The decode-step probes in tools/bench (split_probe, step_peer, prefetch_probe, wgmma_probe) refuse a machine
-without a GPU with a message saying so; on CPU, split_probe's layer-at-a-time trunk gives Transformer.forward's bits
-(its two-stream variants rest on that) and step_peer's torch step runs (right shape, finite logits)."""
+"""The decode-step probes in tools/bench (split_probe, step_peer, prefetch_probe, wgmma_probe,
+tma_linear_probe) refuse a machine without a GPU with a message saying so; on CPU, split_probe's
+layer-at-a-time trunk gives Transformer.forward's bits (its two-stream variants rest on that), step_peer's
+torch step runs (right shape, finite logits), and tma_linear_probe's kernel source is well formed."""
 
 import pytest
 import torch
@@ -8,7 +9,7 @@ import torch
 pytest.importorskip("triton")
 
 
-@pytest.mark.parametrize("name", ["split_probe", "step_peer", "prefetch_probe"])
+@pytest.mark.parametrize("name", ["split_probe", "step_peer", "prefetch_probe", "wgmma_probe", "tma_linear_probe"])
 def test_needs_a_gpu(bench_refusal, monkeypatch, name):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert "needs a CUDA GPU" in bench_refusal(name)
@@ -70,3 +71,17 @@ def test_step_peer_torch_step_runs_on_cpu(bench_script):
 def test_wgmma_probe_needs_a_hopper(bench_refusal, monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert "compute capability 9.0" in bench_refusal("wgmma_probe")
+
+
+@pytest.mark.parametrize("bn", [16, 32, 64, 128])
+def test_tma_linear_source_names_every_accumulator(bench_script, bn):
+    """Each config's kernel: one wgmma of shape m64n{bn}k16 whose operands are the bn / 2 accumulators and the
+    two descriptors, and a fence on each accumulator (a missing one lets ptxas serialize the wgmmas)."""
+    probe = bench_script("tma_linear_probe")
+    src, name = probe.source(1, bn, 2, 4)
+    assert name == f"tma_linear_wg1_n{bn}_c2_s4" and "void __launch_bounds__(WG * 128 + 32) __cluster_dims__" in src
+    asm = probe.wgmma_asm(bn)
+    assert f"m64n{bn}k16" in asm and f"%{bn // 2 - 1}}}, %{bn // 2}, %{bn // 2 + 1}," in asm
+    assert asm.count('"+f"') == bn // 2 and f"d[{bn // 2}]" not in asm
+    assert src.count(f'asm volatile("" : "+f"(d[{bn // 2 - 1}]) :: "memory");') == 3
+    assert probe.smem_bytes(1, bn, 4) == 4 * (8192 + bn * 128) + 64 + 1024

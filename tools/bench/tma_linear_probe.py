@@ -1,0 +1,298 @@
+"""A CUDA C++ linear with TMA loads and cluster multicast of x, checked bit for bit against miles_kernels'
+linear and timed beside it (Triton) and cuBLAS. Why: at M 64 (the decode step) every CTA of the Triton tile
+reads all of x through L2 (0.6B down: 64 CTAs x 384 KB = 24 MB of L2 reads for 6 MB of weights), and Triton
+3.6 has no multicast. Here a cluster of C CTAs along N reads each x tile once from L2 and multicasts it into
+all C CTAs' shared memory. Each CTA keeps the Triton tiles' K walk (K in steps of 64, four wgmma
+m64nBNk16 a step, in k order, fp32 accumulate from zero, one rounding to bf16), so the bits must equal
+`linear`'s (wgmma_probe.py showed a hand-written wgmma tile does).
+
+Kernel: WG consumer warpgroups (a 64-row slice each, BM = 64 WG) and one producer warp that issues the TMA
+loads into a ring of S stages (full / empty mbarriers; a stage is refilled once every CTA of the cluster
+has released it, since the multicast writes into all of them). Shared memory tiles in the 128-byte swizzle
+that TMA writes and wgmma reads. Compiled on the GPU by NVRTC (torch.cuda._compile_kernel); the tensor maps
+are encoded by the driver (cuTensorMapEncodeTiled) and passed by value.
+
+    PYTHONPATH=src:kernels python tools/bench/tma_linear_probe.py --out tma.json [--quick]
+"""
+
+import argparse
+import ctypes
+import itertools
+import json
+import os
+import sys
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.dirname(__file__))
+from kernel_ops import timings  # noqa: E402  (launched ms, CUDA-graph replay ms)
+from linear_sweep import cold_weights  # noqa: E402
+
+COMMON = r"""
+struct __align__(64) TMap { unsigned long long v[16]; };
+
+__device__ __forceinline__ unsigned smem_u32(const void* p) {
+    unsigned a;
+    asm("{ .reg .u64 t; cvta.to.shared.u64 t, %1; cvt.u32.u64 %0, t; }" : "=r"(a) : "l"(p));
+    return a;
+}
+__device__ __forceinline__ void mbar_init(unsigned bar, unsigned count) {
+    asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" :: "r"(bar), "r"(count) : "memory");
+}
+__device__ __forceinline__ void mbar_expect_tx(unsigned bar, unsigned bytes) {
+    asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" :: "r"(bar), "r"(bytes) : "memory");
+}
+__device__ __forceinline__ void mbar_wait(unsigned bar, unsigned parity) {
+    asm volatile("{ .reg .pred p;\nWAIT:\n"
+                 "mbarrier.try_wait.parity.shared::cta.b64 p, [%0], %1;\n"
+                 "@!p bra WAIT;\n}\n" :: "r"(bar), "r"(parity) : "memory");
+}
+// Arrive on bar's twin in cluster CTA `cta` where `pred` (a predicate, not a branch: no divergence near wgmma).
+__device__ __forceinline__ void mbar_arrive_cta(unsigned bar, unsigned cta, int pred) {
+    asm volatile("{ .reg .b32 r; .reg .pred p;\nsetp.ne.b32 p, %2, 0;\nmapa.shared::cluster.u32 r, %0, %1;\n"
+                 "@p mbarrier.arrive.release.cluster.shared::cluster.b64 _, [r];\n}\n"
+                 :: "r"(bar), "r"(cta), "r"(pred) : "memory");
+}
+__device__ __forceinline__ void cluster_sync() {
+    asm volatile("barrier.cluster.arrive.release.aligned;\nbarrier.cluster.wait.acquire.aligned;\n" ::: "memory");
+}
+__device__ __forceinline__ void tma_load(unsigned dst, const TMap* map, unsigned bar, int c0, int c1) {
+    asm volatile("cp.async.bulk.tensor.2d.shared::cluster.global.mbarrier::complete_tx::bytes"
+                 " [%0], [%1, {%3, %4}], [%2];\n"
+                 :: "r"(dst), "l"(map), "r"(bar), "r"(c0), "r"(c1) : "memory");
+}
+__device__ __forceinline__ void tma_load_mc(unsigned dst, const TMap* map, unsigned bar, int c0, int c1,
+                                            unsigned short mask) {
+    asm volatile("cp.async.bulk.tensor.2d.shared::cluster.global.mbarrier::complete_tx::bytes.multicast::cluster"
+                 " [%0], [%1, {%3, %4}], [%2], %5;\n"
+                 :: "r"(dst), "l"(map), "r"(bar), "r"(c0), "r"(c1), "h"(mask) : "memory");
+}
+// wgmma smem descriptor: K-major tile in the 128-byte swizzle, 8-row groups 1024 bytes apart.
+__device__ __forceinline__ unsigned long long desc128(unsigned addr) {
+    return (unsigned long long)((addr & 0x3FFFF) >> 4) | (1ull << 16) | ((unsigned long long)(1024 >> 4) << 32)
+        | (1ull << 62);
+}
+__device__ __forceinline__ unsigned short to_bf16(float f) {  // round to nearest even (finite inputs)
+    unsigned u = __float_as_uint(f);
+    return (unsigned short)((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);
+}
+"""
+
+KERNEL = r"""
+// y[M, N] = x[M, K] @ w[N, K]^T, bf16; a BM x BN tile a CTA, clusters of C CTAs along N share x by multicast.
+extern "C" __global__ void __launch_bounds__(WG * 128 + 32) __cluster_dims__(C, 1, 1) NAME(
+    const __grid_constant__ TMap xmap, const __grid_constant__ TMap wmap, unsigned short* __restrict__ y,
+    int M, int N, int K) {
+    constexpr int BM = 64 * WG, XB = BM * 128, WB = BN * 128, SB = XB + WB;
+    extern __shared__ __align__(1024) unsigned char smem_raw[];
+    const unsigned base = (smem_u32(smem_raw) + 1023) & ~1023u;  // the swizzle wants 1024-byte aligned tiles
+    const unsigned full0 = base + S * SB, empty0 = full0 + 8 * S;
+    const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
+    const int n0 = blockIdx.x * BN, m0 = blockIdx.y * BM;
+    unsigned rank;
+    asm("mov.u32 %0, %%cluster_ctarank;" : "=r"(rank));
+    const int nk = (K + 63) / 64;
+    if (tid == 0) {
+        for (int s = 0; s < S; ++s) { mbar_init(full0 + 8 * s, 1); mbar_init(empty0 + 8 * s, C * WG); }
+        asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
+    }
+    cluster_sync();
+    if (warp == WG * 4) {  // producer
+        if (lane == 0) {
+            for (int ks = 0; ks < nk; ++ks) {
+                const int s = ks % S;
+                const unsigned full = full0 + 8 * s, st = base + s * SB;
+                if (ks >= S) mbar_wait(empty0 + 8 * s, ((ks / S) - 1) & 1);
+                mbar_expect_tx(full, SB);
+                tma_load(st + XB, &wmap, full, ks * 64, n0);
+                if (C > 1)
+                    tma_load_mc(st + rank * (XB / C), &xmap, full, ks * 64, m0 + rank * (BM / C), (1 << C) - 1);
+                else
+                    tma_load(st, &xmap, full, ks * 64, m0);
+            }
+        }
+    } else {
+        const int g = warp / 4;
+        float d[BN / 2];
+#pragma unroll
+        for (int i = 0; i < BN / 2; ++i) d[i] = 0.f;
+        for (int ks = 0; ks < nk; ++ks) {
+            const int s = ks % S;
+            const unsigned st = base + s * SB;
+            mbar_wait(full0 + 8 * s, (ks / S) & 1);
+            FENCE_D
+            asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory");
+#pragma unroll
+            for (int kk = 0; kk < 4; ++kk) {
+                const unsigned long long da = desc128(st + g * 8192 + kk * 32), db = desc128(st + XB + kk * 32);
+                WGMMA
+            }
+            asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory");
+            asm volatile("wgmma.wait_group.sync.aligned 1;\n" ::: "memory");
+            FENCE_D
+            // step ks - 1's wgmmas are done: its stage is free, cluster-wide (thread c tells CTA c)
+            mbar_arrive_cta(empty0 + 8 * ((ks + S - 1) % S), tid % 128, ks > 0 && tid % 128 < C);
+        }
+        asm volatile("wgmma.wait_group.sync.aligned 0;\n" ::: "memory");
+        FENCE_D
+        const int wl = warp % 4;
+#pragma unroll
+        for (int i = 0; i < BN / 2; i += 2) {  // the m64nNk16 f32 fragment: (row, col) and (row, col + 1)
+            const int row = m0 + g * 64 + 16 * wl + lane / 4 + 8 * ((i / 2) % 2);
+            const int col = n0 + (lane % 4) * 2 + 8 * (i / 4);
+            if (row < M && col < N) {
+                unsigned v = (unsigned)to_bf16(d[i]) | ((unsigned)to_bf16(d[i + 1]) << 16);
+                if (col + 1 < N) *reinterpret_cast<unsigned*>(y + (unsigned long long)row * N + col) = v;
+                else y[(unsigned long long)row * N + col] = (unsigned short)v;
+            }
+        }
+    }
+    cluster_sync();  // no CTA leaves while a peer may still multicast into it or arrive on its barriers
+}
+"""
+
+
+def wgmma_asm(bn: int) -> str:
+    """The inline asm of one wgmma m64n{bn}k16 (bf16 in, f32 accumulate into d[0 .. bn / 2))."""
+    n = bn // 2
+    regs = ", ".join(f"%{i}" for i in range(n))
+    outs = ", ".join(f'"+f"(d[{i}])' for i in range(n))
+    return (f'asm volatile("wgmma.mma_async.sync.aligned.m64n{bn}k16.f32.bf16.bf16 {{{regs}}}, %{n}, %{n + 1}, '
+            f'1, 1, 1, 0, 0;\\n" : {outs} : "l"(da), "l"(db));')
+
+
+def source(wg: int, bn: int, c: int, s: int) -> tuple[str, str]:
+    name = f"tma_linear_wg{wg}_n{bn}_c{c}_s{s}"
+    fence = " ".join(f'asm volatile("" : "+f"(d[{i}]) :: "memory");' for i in range(bn // 2))
+    body = KERNEL.replace("WGMMA", wgmma_asm(bn)).replace("NAME", name).replace("FENCE_D", fence)
+    head = f"#define WG {wg}\n#define BN {bn}\n#define C {c}\n#define S {s}\n"
+    return COMMON + head + body, name
+
+
+def smem_bytes(wg: int, bn: int, s: int) -> int:
+    return s * (64 * wg * 128 + bn * 128) + 16 * s + 1024
+
+
+class TMALinear:
+    """One compiled config: call(x, w, y) runs y = x @ w^T (bf16, K-contiguous rows)."""
+
+    def __init__(self, wg: int, bn: int, c: int, s: int):
+        from torch.cuda._utils import _get_gpu_runtime_library
+
+        self.wg, self.bn, self.c, self.s = wg, bn, c, s
+        src, name = source(wg, bn, c, s)
+        self.kernel = torch.cuda._compile_kernel(src, name, compute_capability="90a")
+        self.smem = smem_bytes(wg, bn, s)
+        self.kernel.set_shared_memory_config(self.smem)
+        self.cuda = _get_gpu_runtime_library()
+        self.maps: dict[tuple, ctypes.Array] = {}
+
+    def tmap(self, t: torch.Tensor, box_rows: int) -> ctypes.Array:
+        key = (t.data_ptr(), tuple(t.shape), tuple(t.stride()), box_rows)
+        m = self.maps.get(key)
+        if m is None:
+            buf = (ctypes.c_uint8 * 192)()  # the map wants 64-byte alignment
+            m = (ctypes.c_uint64 * 16).from_buffer(buf, -ctypes.addressof(buf) % 64)
+            rows, cols = t.shape
+            dims = (ctypes.c_uint64 * 2)(cols, rows)
+            strides = (ctypes.c_uint64 * 1)(t.stride(0) * t.element_size())
+            box = (ctypes.c_uint32 * 2)(64, box_rows)
+            ones = (ctypes.c_uint32 * 2)(1, 1)
+            # bf16 = 9, no interleave, 128-byte swizzle = 3, L2 promotion 256 B = 3, out-of-bounds zeros = 0
+            rc = self.cuda.cuTensorMapEncodeTiled(m, 9, 2, ctypes.c_void_p(t.data_ptr()), dims, strides, box, ones,
+                                                  0, 3, 3, 0)
+            if rc != 0:
+                raise RuntimeError(f"cuTensorMapEncodeTiled failed ({rc}) for shape {tuple(t.shape)}")
+            self.maps[key] = m
+        return m
+
+    def __call__(self, x: torch.Tensor, w: torch.Tensor, y: torch.Tensor) -> None:
+        M, K = x.shape
+        N = w.shape[0]
+        bm = 64 * self.wg
+        xm, wm = self.tmap(x, bm // self.c), self.tmap(w, self.bn)
+        yp, mi, ni, ki = ctypes.c_void_p(y.data_ptr()), ctypes.c_int(M), ctypes.c_int(N), ctypes.c_int(K)
+        args = (ctypes.c_void_p * 6)(*[ctypes.cast(ctypes.pointer(a), ctypes.c_void_p)
+                                       for a in (xm, wm, yp, mi, ni, ki)])
+        gx = -(-N // self.bn)
+        gx = -(-gx // self.c) * self.c
+        rc = self.cuda.cuLaunchKernel(self.kernel.func, gx, -(-M // bm), 1, self.wg * 128 + 32, 1, 1, self.smem,
+                                      torch.cuda.current_stream()._as_parameter_, args, None)
+        if rc != 0:
+            raise RuntimeError(f"cuLaunchKernel failed ({rc})")
+
+
+SHAPES_06 = [(1024 * 4, 1024), (1024, 2048), (6144, 1024), (1024, 3072)]  # qkv, o, gate_up, down (N, K)
+SHAPES_8 = [(6144, 4096), (4096, 4096), (24576, 4096), (4096, 12288)]
+
+
+def configs(m: int, quick: bool):
+    if m <= 64:
+        grid = itertools.product([1], [16, 32, 64], [1, 2, 4], [6, 12] if quick else [4, 8, 12])
+    else:
+        grid = itertools.product([1, 2], [32, 64, 128], [1, 2, 4], [4, 6] if quick else [4, 6, 8])
+    return [cfg for cfg in grid if smem_bytes(cfg[0], cfg[1], cfg[3]) <= 227 << 10]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", default="tma_linear_probe.json")
+    ap.add_argument("--ms", type=int, nargs="+", default=[64, 1, 37, 128, 256, 512])
+    ap.add_argument("--quick", action="store_true")
+    a = ap.parse_args()
+    if not torch.cuda.is_available() or torch.cuda.get_device_capability() < (9, 0):
+        raise SystemExit("tma_linear_probe: needs a CUDA GPU of compute capability 9.0 (Hopper: TMA, wgmma)")
+    import miles_kernels as mk
+
+    kernels: dict[tuple, TMALinear] = {}
+    rows = []
+    for M in a.ms:
+        for N, K in SHAPES_06 + SHAPES_8:
+            g = torch.Generator(device="cuda").manual_seed(M + N + K)
+            x = torch.randn(M, K, generator=g, device="cuda").to(torch.bfloat16)
+            w = (torch.randn(N, K, generator=g, device="cuda") * K**-0.5).to(torch.bfloat16)
+            want = mk.linear(x, w)
+            timed = M in (64, 128, 256, 512)
+            nxt = cold_weights(w) if timed else None
+            row = dict(M=M, N=N, K=K)
+            if timed:
+                row["cublas_us"] = 1e3 * timings(lambda: F.linear(x, nxt()))[1]  # noqa: B023
+                row["triton_us"] = 1e3 * timings(lambda: mk.linear(x, nxt()))[1]  # noqa: B023
+            res = {}
+            for cfg in configs(M, a.quick):
+                if (-(-N // cfg[1])) < cfg[2]:
+                    continue
+                try:
+                    kern = kernels.get(cfg) or kernels.setdefault(cfg, TMALinear(*cfg))
+                    y = torch.full_like(want, float("nan"))
+                    kern(x, w, y)
+                    torch.cuda.synchronize()
+                    same = bool(torch.equal(y.view(torch.int16), want.view(torch.int16)))
+                    r = dict(same=same)
+                    if not same:
+                        r["differ"] = int((y.view(torch.int16) != want.view(torch.int16)).sum().item())
+                        r["err"] = (y.float() - want.float()).abs().max().item()
+                    if timed and same:
+                        r["us"] = 1e3 * timings(lambda kern=kern, y=y: kern(x, nxt(), y))[1]  # noqa: B023
+                except Exception as e:  # noqa: BLE001 - a failed config is a result
+                    r = dict(error=f"{type(e).__name__}: {str(e)[:300]}")
+                    torch.cuda.synchronize()
+                res["wg{}_n{}_c{}_s{}".format(*cfg)] = r
+            row["cfgs"] = res
+            rows.append(row)
+            best = min(((k, v["us"]) for k, v in res.items() if "us" in v), key=lambda t: t[1], default=None)
+            bad = [k for k, v in res.items() if not v.get("same")]
+            msg = f"M={M:4} N={N:5} K={K:5}: {len(res) - len(bad)}/{len(res)} configs same bits"
+            if bad:
+                msg += f" (not: {bad[:4]} {res[bad[0]]})"
+            if timed:
+                msg += f"; cuBLAS {row['cublas_us']:.1f} us, Triton {row['triton_us']:.1f}"
+                if best:
+                    msg += f", best CUDA {best[0]} {best[1]:.1f} ({row['cublas_us'] / best[1]:.2f}x cuBLAS)"
+            print(msg, flush=True)
+            json.dump(dict(device=torch.cuda.get_device_name(), rows=rows), open(a.out, "w"), indent=1)
+
+
+if __name__ == "__main__":
+    main()
