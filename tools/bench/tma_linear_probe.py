@@ -229,9 +229,9 @@ SHAPES_8 = [(6144, 4096), (4096, 4096), (24576, 4096), (4096, 12288)]
 
 def configs(m: int, quick: bool):
     if m <= 64:
-        grid = itertools.product([1], [16, 32, 64], [1, 2, 4], [6, 12] if quick else [4, 8, 12])
+        grid = itertools.product([1], [16, 32, 64], [1, 2, 4], [8] if quick else [4, 8, 12])
     else:
-        grid = itertools.product([1, 2], [32, 64, 128], [1, 2, 4], [4, 6] if quick else [4, 6, 8])
+        grid = itertools.product([1, 2], [64, 128] if quick else [32, 64, 128], [1, 2, 4], [4] if quick else [4, 6])
     return [cfg for cfg in grid if smem_bytes(cfg[0], cfg[1], cfg[3]) <= 227 << 10]
 
 
