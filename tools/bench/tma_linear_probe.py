@@ -100,7 +100,7 @@ extern "C" __global__ void __launch_bounds__(WG * 128 + 32) __cluster_dims__(C, 
     cluster_sync();
     if (warp == WG * 4) {  // producer
         if (lane == 0) {
-            for (int ks = 0; ks < nk; ++ks) {
+            for (int ks = 0; ks < (CHAIN ? (nk < S ? nk : S) : nk); ++ks) {
                 const int s = ks % S;
                 const unsigned full = full0 + 8 * s, st = base + s * SB;
                 if (ks >= S) mbar_wait(empty0 + 8 * s, ((ks / S) - 1) & 1);
@@ -120,7 +120,7 @@ extern "C" __global__ void __launch_bounds__(WG * 128 + 32) __cluster_dims__(C, 
         for (int ks = 0; ks < nk; ++ks) {
             const int s = ks % S;
             const unsigned st = base + s * SB;
-            mbar_wait(full0 + 8 * s, (ks / S) & 1);
+            if (!CHAIN || ks < S) mbar_wait(full0 + 8 * s, (ks / S) & 1);
             FENCE_D
             asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory");
 #pragma unroll
@@ -162,11 +162,13 @@ def wgmma_asm(bn: int) -> str:
             f'1, 1, 1, 0, 0;\\n" : {outs} : "l"(da), "l"(db));')
 
 
-def source(wg: int, bn: int, c: int, s: int) -> tuple[str, str]:
-    name = f"tma_linear_wg{wg}_n{bn}_c{c}_s{s}"
+def source(wg: int, bn: int, c: int, s: int, chain: bool = False) -> tuple[str, str]:
+    """The kernel of one config; chain: the first S stages loaded once and walked round and round (wrong
+    values; the time of the K chain itself, loads taken away)."""
+    name = f"tma_linear_wg{wg}_n{bn}_c{c}_s{s}" + ("_chain" if chain else "")
     fence = " ".join(f'asm volatile("" : "+f"(d[{i}]) :: "memory");' for i in range(bn // 2))
     body = KERNEL.replace("WGMMA", wgmma_asm(bn)).replace("NAME", name).replace("FENCE_D", fence)
-    head = f"#define WG {wg}\n#define BN {bn}\n#define C {c}\n#define S {s}\n"
+    head = f"#define WG {wg}\n#define BN {bn}\n#define C {c}\n#define S {s}\n#define CHAIN {int(chain)}\n"
     return COMMON + head + body, name
 
 
@@ -177,11 +179,11 @@ def smem_bytes(wg: int, bn: int, s: int) -> int:
 class TMALinear:
     """One compiled config: call(x, w, y) runs y = x @ w^T (bf16, K-contiguous rows)."""
 
-    def __init__(self, wg: int, bn: int, c: int, s: int):
+    def __init__(self, wg: int, bn: int, c: int, s: int, chain: bool = False):
         from torch.cuda._utils import _get_gpu_runtime_library
 
         self.wg, self.bn, self.c, self.s = wg, bn, c, s
-        src, name = source(wg, bn, c, s)
+        src, name = source(wg, bn, c, s, chain)
         self.kernel = torch.cuda._compile_kernel(src, name, compute_capability="90a")
         self.smem = smem_bytes(wg, bn, s)
         self.kernel.set_shared_memory_config(self.smem)
@@ -279,10 +281,21 @@ def main() -> None:
                     r = dict(error=f"{type(e).__name__}: {str(e)[:300]}")
                     torch.cuda.synchronize()
                 res["wg{}_n{}_c{}_s{}".format(*cfg)] = r
+            if timed and M <= 64:  # the K chain alone (no loads after the first S stages), C = 1
+                for bn in (16, 32, 64):
+                    cfg = (1, bn, 1, 8, True)
+                    try:
+                        kern = kernels.get(cfg) or kernels.setdefault(cfg, TMALinear(*cfg))
+                        y = torch.empty_like(want)
+                        res[f"chain_n{bn}"] = dict(us=1e3 * timings(lambda kern=kern, y=y: kern(x, w, y))[1])  # noqa: B023
+                    except Exception as e:  # noqa: BLE001
+                        res[f"chain_n{bn}"] = dict(error=f"{type(e).__name__}: {str(e)[:300]}")
             row["cfgs"] = res
             rows.append(row)
-            best = min(((k, v["us"]) for k, v in res.items() if "us" in v), key=lambda t: t[1], default=None)
-            bad = [k for k, v in res.items() if not v.get("same")]
+            best = min(((k, v["us"]) for k, v in res.items() if "us" in v and v.get("same")), key=lambda t: t[1],
+                       default=None)
+            bad = [k for k, v in res.items() if not v.get("same") and not k.startswith("chain")]
+            chain = {k: round(v["us"], 1) for k, v in res.items() if k.startswith("chain") and "us" in v}
             msg = f"M={M:4} N={N:5} K={K:5}: {len(res) - len(bad)}/{len(res)} configs same bits"
             if bad:
                 msg += f" (not: {bad[:4]} {res[bad[0]]})"
@@ -290,6 +303,8 @@ def main() -> None:
                 msg += f"; cuBLAS {row['cublas_us']:.1f} us, Triton {row['triton_us']:.1f}"
                 if best:
                     msg += f", best CUDA {best[0]} {best[1]:.1f} ({row['cublas_us'] / best[1]:.2f}x cuBLAS)"
+                if chain:
+                    msg += f"; K chain alone {chain}"
             print(msg, flush=True)
             json.dump(dict(device=torch.cuda.get_device_name(), rows=rows), open(a.out, "w"), indent=1)
 
