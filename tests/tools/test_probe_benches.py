@@ -1,7 +1,10 @@
 """The decode-step probes in tools/bench (split_probe, step_peer, prefetch_probe, wgmma_probe,
 tma_linear_probe) refuse a machine without a GPU with a message saying so; on CPU, split_probe's
 layer-at-a-time trunk gives Transformer.forward's bits (its two-stream variants rest on that), step_peer's
-torch step runs (right shape, finite logits), and tma_linear_probe's kernel source is well formed."""
+torch step runs (right shape, finite logits), tma_linear_probe's kernel source is well formed, and
+with_cuda_linear picks configs from a probe output as it says."""
+
+import json
 
 import pytest
 import torch
@@ -85,3 +88,28 @@ def test_tma_linear_source_names_every_accumulator(bench_script, bn):
     assert asm.count('"+f"') == bn // 2 and f"d[{bn // 2}]" not in asm
     assert src.count(f'asm volatile("" : "+f"(d[{bn // 2 - 1}]) :: "memory");') == 3
     assert probe.smem_bytes(1, bn, 4) == 4 * (8192 + bn * 128) + 64 + 1024
+
+
+def test_with_cuda_linear_takes_the_fastest_same_bits_config(bench_script, tmp_path, monkeypatch):
+    """Per (N, K) at M 64: the fastest config that gave linear's bits, only where it beat Triton; a file that is
+    not a probe output, or one with no such config, is refused with a message naming it."""
+    tool = bench_script("with_cuda_linear")
+    rows = [dict(M=64, N=1024, K=2048, triton_us=6.0, cfgs={"wg1_n16_c4_s8": dict(same=True, us=4.0),
+                                                             "wg1_n32_c2_s12": dict(same=True, us=3.5),
+                                                             "wg1_n64_c1_s8": dict(same=False, differ=3)}),
+            dict(M=64, N=4096, K=1024, triton_us=3.0, cfgs={"wg1_n16_c4_s8": dict(same=True, us=4.0)}),
+            dict(M=37, N=1024, K=2048, cfgs={"wg1_n16_c4_s8": dict(same=True)})]
+    assert tool.best_configs(rows) == {(1024, 2048): (1, 32, 2, 12)}
+    bad = tmp_path / "bad.json"
+    bad.write_text("{}")
+    monkeypatch.setattr("sys.argv", ["with_cuda_linear.py", str(bad), "--", "engine.py"])
+    with pytest.raises(SystemExit, match="not a tma_linear_probe output"):
+        tool.main()
+    slow = tmp_path / "slow.json"
+    slow.write_text(json.dumps(dict(rows=rows[1:])))
+    monkeypatch.setattr("sys.argv", ["with_cuda_linear.py", str(slow), "--", "engine.py"])
+    with pytest.raises(SystemExit, match="no M 64 shape"):
+        tool.main()
+    monkeypatch.setattr("sys.argv", ["with_cuda_linear.py", str(slow)])
+    with pytest.raises(SystemExit, match="usage"):
+        tool.main()
