@@ -242,12 +242,25 @@ def main() -> None:
     ap.add_argument("--out", default="tma_linear_probe.json")
     ap.add_argument("--ms", type=int, nargs="+", default=[64, 1, 37, 128, 256, 512])
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--smoke", action="store_true", help="clusters of 1, 2, 4 at one shape, bits only (a hang shows "
+                    "early)")
     a = ap.parse_args()
     if not torch.cuda.is_available() or torch.cuda.get_device_capability() < (9, 0):
         raise SystemExit("tma_linear_probe: needs a CUDA GPU of compute capability 9.0 (Hopper: TMA, wgmma)")
     import miles_kernels as mk
 
     kernels: dict[tuple, TMALinear] = {}
+    if a.smoke:
+        x = torch.randn(64, 2048, device="cuda").to(torch.bfloat16)
+        w = (torch.randn(1024, 2048, device="cuda") * 2048**-0.5).to(torch.bfloat16)
+        want = mk.linear(x, w)
+        for c in (1, 2, 4):
+            y = torch.full_like(want, float("nan"))
+            TMALinear(1, 16, c, 8)(x, w, y)
+            torch.cuda.synchronize()
+            print(f"smoke: cluster {c}: same bits {torch.equal(y.view(torch.int16), want.view(torch.int16))}, "
+                  f"max diff {(y.float() - want.float()).abs().max().item():.3g}", flush=True)
+        return
     rows = []
     for M in a.ms:
         for N, K in SHAPES_06 + SHAPES_8:
