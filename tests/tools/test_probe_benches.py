@@ -88,6 +88,19 @@ def test_tma_linear_source_names_every_accumulator(bench_script, bn):
     assert asm.count('"+f"') == bn // 2 and f"d[{bn // 2}]" not in asm
     assert src.count(f'asm volatile("" : "+f"(d[{bn // 2 - 1}]) :: "memory");') == 3
     assert probe.smem_bytes(1, bn, 4) == 4 * (8192 + bn * 128) + 64 + 1024
+    assert "#define SWIGLU 0" in src and "e[i] = 0.f;" not in src and 'asm volatile("" : "+f"(e[' not in src
+
+
+def test_tma_swiglu_source_walks_both_products(bench_script):
+    """The swiglu kernel: a second accumulator (up) with its own wgmmas and fences, both products rounded to bf16
+    before silu_times (Triton's swiglu), and a stage holding x and both weights' tiles."""
+    probe = bench_script("tma_linear_probe")
+    src, name = probe.source(1, 32, 2, 8, swiglu=True)
+    assert name == "tma_swiglu_wg1_n32_c2_s8" and "#define SWIGLU 1" in src and "e[i] = 0.f;" in src
+    assert probe.wgmma_asm(32, "e") in src and probe.wgmma_asm(32) in src
+    assert src.count('asm volatile("" : "+f"(e[15]) :: "memory");') == 3
+    assert "silu_times(bf16_round(d[i]), bf16_round(e[i]))" in src and "div.full.f32 t, %1, t" in src
+    assert probe.smem_bytes(1, 32, 8, swiglu=True) == 8 * (8192 + 2 * 32 * 128) + 128 + 1024
 
 
 def test_with_cuda_linear_takes_the_fastest_same_bits_config(bench_script, tmp_path, monkeypatch):
@@ -100,6 +113,13 @@ def test_with_cuda_linear_takes_the_fastest_same_bits_config(bench_script, tmp_p
             dict(M=64, N=4096, K=1024, triton_us=3.0, cfgs={"wg1_n16_c4_s8": dict(same=True, us=4.0)}),
             dict(M=37, N=1024, K=2048, cfgs={"wg1_n16_c4_s8": dict(same=True)})]
     assert tool.best_configs(rows) == {(1024, 2048): (1, 32, 2, 12)}
+    fused = [dict(M=64, op="swiglu", N=[3072, 3072], K=1024, triton_us=8.0, cfgs={"wg1_n32_c2_s8": dict(same=True,
+                                                                                                    us=5.0)}),
+             dict(M=64, op="linears", N=[2048, 1024, 1024], K=1024, triton_us=6.0,
+                  cfgs={"wg1_n16_c4_s8": dict(same=True, us=6.5)})]
+    assert tool.best_configs(rows + fused) == {(1024, 2048): (1, 32, 2, 12)}
+    assert tool.best_configs(rows + fused, op="swiglu") == {((3072, 3072), 1024): (1, 32, 2, 8)}
+    assert tool.best_configs(rows + fused, op="linears") == {}
     bad = tmp_path / "bad.json"
     bad.write_text("{}")
     monkeypatch.setattr("sys.argv", ["with_cuda_linear.py", str(bad), "--", "engine.py"])

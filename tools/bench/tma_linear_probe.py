@@ -49,9 +49,10 @@ __device__ __forceinline__ void mbar_wait(unsigned bar, unsigned parity) {
                  "@!p bra WAIT;\n}\n" :: "r"(bar), "r"(parity) : "memory");
 }
 // Arrive on bar's twin in cluster CTA `cta` where `pred` (a predicate, not a branch: no divergence near wgmma).
+// Default .release.cta as CUTLASS's ClusterBarrier::arrive: .release.cluster puts a MEMBAR.ALL.GPU in every K step.
 __device__ __forceinline__ void mbar_arrive_cta(unsigned bar, unsigned cta, int pred) {
     asm volatile("{ .reg .b32 r; .reg .pred p;\nsetp.ne.b32 p, %2, 0;\nmapa.shared::cluster.u32 r, %0, %1;\n"
-                 "@p mbarrier.arrive.release.cluster.shared::cluster.b64 _, [r];\n}\n"
+                 "@p mbarrier.arrive.shared::cluster.b64 _, [r];\n}\n"
                  :: "r"(bar), "r"(cta), "r"(pred) : "memory");
 }
 __device__ __forceinline__ void cluster_sync() {
@@ -73,23 +74,40 @@ __device__ __forceinline__ unsigned long long desc128(unsigned addr) {
     return (unsigned long long)((addr & 0x3FFFF) >> 4) | (1ull << 16) | ((unsigned long long)(1024 >> 4) << 32)
         | (1ull << 62);
 }
-__device__ __forceinline__ unsigned short to_bf16(float f) {  // round to nearest even (finite inputs)
-    unsigned u = __float_as_uint(f);
-    return (unsigned short)((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);
+__device__ __forceinline__ unsigned short to_bf16(float f) {
+    unsigned short h;
+    asm("cvt.rn.bf16.f32 %0, %1;" : "=h"(h) : "f"(f));
+    return h;
+}
+__device__ __forceinline__ float bf16_round(float f) { return __uint_as_float((unsigned)to_bf16(f) << 16); }
+// silu(g) * u as Triton 3.6 lowers silu_times (g / (1 + exp(-g)) * u) on sm_90: the same instructions in the
+// same order, so the same bits (no pair of them can contract into an FMA).
+__device__ __forceinline__ float silu_times(float g, float u) {
+    float y;
+    asm("{ .reg .f32 t;\nsub.f32 t, 0f00000000, %1;\nmul.f32 t, t, 0f3FB8AA3B;\nex2.approx.f32 t, t;\n"
+        "add.f32 t, t, 0f3F800000;\ndiv.full.f32 t, %1, t;\nmul.f32 %0, t, %2;\n}" : "=f"(y) : "f"(g), "f"(u));
+    return y;
 }
 """
 
 KERNEL = r"""
-// y[M, N] = x[M, K] @ w[N, K]^T, bf16; a BM x BN tile a CTA, clusters of C CTAs along N share x by multicast.
+// Linears (SWIGLU 0): y_i[M, N_i] = x[M, K] @ w_i[N_i, K]^T for up to three weights, column tiles [0, T1) w0's,
+// [T1, T2) w1's, the rest w2's. SWIGLU 1: y0[M, N0] = silu(x @ w0^T) * (x @ w1^T), each product rounded to bf16
+// first (the Triton swiglu's bits). bf16; a BM x BN tile a CTA; clusters of C CTAs along N share x by multicast.
 extern "C" __global__ void __launch_bounds__(WG * 128 + 32) __cluster_dims__(C, 1, 1) NAME(
-    const __grid_constant__ TMap xmap, const __grid_constant__ TMap wmap, unsigned short* __restrict__ y,
-    int M, int N, int K) {
-    constexpr int BM = 64 * WG, XB = BM * 128, WB = BN * 128, SB = XB + WB;
+    const __grid_constant__ TMap xmap, const __grid_constant__ TMap wmap0, const __grid_constant__ TMap wmap1,
+    const __grid_constant__ TMap wmap2, unsigned short* __restrict__ y0, unsigned short* __restrict__ y1,
+    unsigned short* __restrict__ y2, int M, int K, int N0, int N1, int N2, int T1, int T2) {
+    constexpr int BM = 64 * WG, XB = BM * 128, WB = BN * 128, SB = XB + (1 + SWIGLU) * WB;
     extern __shared__ __align__(1024) unsigned char smem_raw[];
     const unsigned base = (smem_u32(smem_raw) + 1023) & ~1023u;  // the swizzle wants 1024-byte aligned tiles
     const unsigned full0 = base + S * SB, empty0 = full0 + 8 * S;
     const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
-    const int n0 = blockIdx.x * BN, m0 = blockIdx.y * BM;
+    const int bx = blockIdx.x, seg = SWIGLU ? 0 : (bx >= T2 ? 2 : bx >= T1 ? 1 : 0);
+    const int n0 = (bx - (seg == 2 ? T2 : seg == 1 ? T1 : 0)) * BN, m0 = blockIdx.y * BM;
+    const int N = seg == 2 ? N2 : seg == 1 ? N1 : N0;
+    const TMap* wmap = seg == 2 ? &wmap2 : seg == 1 ? &wmap1 : &wmap0;
+    unsigned short* y = seg == 2 ? y2 : seg == 1 ? y1 : y0;
     unsigned rank;
     asm("mov.u32 %0, %%cluster_ctarank;" : "=r"(rank));
     const int nk = (K + 63) / 64;
@@ -97,7 +115,7 @@ extern "C" __global__ void __launch_bounds__(WG * 128 + 32) __cluster_dims__(C, 
         for (int s = 0; s < S; ++s) { mbar_init(full0 + 8 * s, 1); mbar_init(empty0 + 8 * s, C * WG); }
         asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
     }
-    cluster_sync();
+    if (C > 1) cluster_sync(); else __syncthreads();
     if (warp == WG * 4) {  // producer
         if (lane == 0) {
             for (int ks = 0; ks < (CHAIN ? (nk < S ? nk : S) : nk); ++ks) {
@@ -105,7 +123,8 @@ extern "C" __global__ void __launch_bounds__(WG * 128 + 32) __cluster_dims__(C, 
                 const unsigned full = full0 + 8 * s, st = base + s * SB;
                 if (ks >= S) mbar_wait(empty0 + 8 * s, ((ks / S) - 1) & 1);
                 mbar_expect_tx(full, SB);
-                tma_load(st + XB, &wmap, full, ks * 64, n0);
+                tma_load(st + XB, wmap, full, ks * 64, n0);
+                if (SWIGLU) tma_load(st + XB + WB, &wmap1, full, ks * 64, n0);
                 if (C > 1)
                     tma_load_mc(st + rank * (XB / C), &xmap, full, ks * 64, m0 + rank * (BM / C), (1 << C) - 1);
                 else
@@ -115,8 +134,11 @@ extern "C" __global__ void __launch_bounds__(WG * 128 + 32) __cluster_dims__(C, 
     } else {
         const int g = warp / 4;
         float d[BN / 2];
+#if SWIGLU
+        float e[BN / 2];
+#endif
 #pragma unroll
-        for (int i = 0; i < BN / 2; ++i) d[i] = 0.f;
+        for (int i = 0; i < BN / 2; ++i) { d[i] = 0.f; E_ZERO }
         for (int ks = 0; ks < nk; ++ks) {
             const int s = ks % S;
             const unsigned st = base + s * SB;
@@ -128,6 +150,13 @@ extern "C" __global__ void __launch_bounds__(WG * 128 + 32) __cluster_dims__(C, 
                 const unsigned long long da = desc128(st + g * 8192 + kk * 32), db = desc128(st + XB + kk * 32);
                 WGMMA
             }
+#if SWIGLU
+#pragma unroll
+            for (int kk = 0; kk < 4; ++kk) {
+                const unsigned long long da = desc128(st + g * 8192 + kk * 32), db = desc128(st + XB + WB + kk * 32);
+                WGMMA_E
+            }
+#endif
             asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory");
             asm volatile("wgmma.wait_group.sync.aligned 1;\n" ::: "memory");
             FENCE_D
@@ -141,51 +170,61 @@ extern "C" __global__ void __launch_bounds__(WG * 128 + 32) __cluster_dims__(C, 
         for (int i = 0; i < BN / 2; i += 2) {  // the m64nNk16 f32 fragment: (row, col) and (row, col + 1)
             const int row = m0 + g * 64 + 16 * wl + lane / 4 + 8 * ((i / 2) % 2);
             const int col = n0 + (lane % 4) * 2 + 8 * (i / 4);
+#if SWIGLU
+            const float v0 = silu_times(bf16_round(d[i]), bf16_round(e[i]));
+            const float v1 = silu_times(bf16_round(d[i + 1]), bf16_round(e[i + 1]));
+#else
+            const float v0 = d[i], v1 = d[i + 1];
+#endif
             if (row < M && col < N) {
-                unsigned v = (unsigned)to_bf16(d[i]) | ((unsigned)to_bf16(d[i + 1]) << 16);
+                unsigned v = (unsigned)to_bf16(v0) | ((unsigned)to_bf16(v1) << 16);
                 if (col + 1 < N) *reinterpret_cast<unsigned*>(y + (unsigned long long)row * N + col) = v;
                 else y[(unsigned long long)row * N + col] = (unsigned short)v;
             }
         }
     }
-    cluster_sync();  // no CTA leaves while a peer may still multicast into it or arrive on its barriers
+    if (C > 1) cluster_sync();  // no CTA leaves while a peer may still multicast into it or arrive on its barriers
 }
 """
 
 
-def wgmma_asm(bn: int) -> str:
-    """The inline asm of one wgmma m64n{bn}k16 (bf16 in, f32 accumulate into d[0 .. bn / 2))."""
+def wgmma_asm(bn: int, acc: str = "d") -> str:
+    """The inline asm of one wgmma m64n{bn}k16 (bf16 in, f32 accumulate into acc[0 .. bn / 2))."""
     n = bn // 2
     regs = ", ".join(f"%{i}" for i in range(n))
-    outs = ", ".join(f'"+f"(d[{i}])' for i in range(n))
+    outs = ", ".join(f'"+f"({acc}[{i}])' for i in range(n))
     return (f'asm volatile("wgmma.mma_async.sync.aligned.m64n{bn}k16.f32.bf16.bf16 {{{regs}}}, %{n}, %{n + 1}, '
             f'1, 1, 1, 0, 0;\\n" : {outs} : "l"(da), "l"(db));')
 
 
-def source(wg: int, bn: int, c: int, s: int, chain: bool = False) -> tuple[str, str]:
+def source(wg: int, bn: int, c: int, s: int, chain: bool = False, swiglu: bool = False) -> tuple[str, str]:
     """The kernel of one config; chain: the first S stages loaded once and walked round and round (wrong
-    values; the time of the K chain itself, loads taken away)."""
-    name = f"tma_linear_wg{wg}_n{bn}_c{c}_s{s}" + ("_chain" if chain else "")
-    fence = " ".join(f'asm volatile("" : "+f"(d[{i}]) :: "memory");' for i in range(bn // 2))
-    body = KERNEL.replace("WGMMA", wgmma_asm(bn)).replace("NAME", name).replace("FENCE_D", fence)
-    head = f"#define WG {wg}\n#define BN {bn}\n#define C {c}\n#define S {s}\n#define CHAIN {int(chain)}\n"
+    values; the time of the K chain itself, loads taken away); swiglu: gate and up products, silu_times."""
+    name = f"tma_{'swiglu' if swiglu else 'linear'}_wg{wg}_n{bn}_c{c}_s{s}" + ("_chain" if chain else "")
+    accs = ("d", "e") if swiglu else ("d",)
+    fence = " ".join(f'asm volatile("" : "+f"({a}[{i}]) :: "memory");' for a in accs for i in range(bn // 2))
+    body = (KERNEL.replace("WGMMA_E", wgmma_asm(bn, "e")).replace("WGMMA", wgmma_asm(bn)).replace("NAME", name)
+            .replace("FENCE_D", fence).replace("E_ZERO", "e[i] = 0.f;" if swiglu else ""))
+    head = (f"#define WG {wg}\n#define BN {bn}\n#define C {c}\n#define S {s}\n#define CHAIN {int(chain)}\n"
+            f"#define SWIGLU {int(swiglu)}\n")
     return COMMON + head + body, name
 
 
-def smem_bytes(wg: int, bn: int, s: int) -> int:
-    return s * (64 * wg * 128 + bn * 128) + 16 * s + 1024
+def smem_bytes(wg: int, bn: int, s: int, swiglu: bool = False) -> int:
+    return s * (64 * wg * 128 + (1 + swiglu) * bn * 128) + 16 * s + 1024
 
 
 class TMALinear:
-    """One compiled config: call(x, w, y) runs y = x @ w^T (bf16, K-contiguous rows)."""
+    """One compiled config. linears: call(x, ws, ys) runs ys[i] = x @ ws[i]^T for 1-3 weights (a tensor for
+    one); swiglu: call(x, (w_gate, w_up), y) runs y = silu(x @ w_gate^T) * (x @ w_up^T). bf16, K-contiguous."""
 
-    def __init__(self, wg: int, bn: int, c: int, s: int, chain: bool = False):
+    def __init__(self, wg: int, bn: int, c: int, s: int, chain: bool = False, swiglu: bool = False):
         from torch.cuda._utils import _get_gpu_runtime_library
 
-        self.wg, self.bn, self.c, self.s = wg, bn, c, s
-        src, name = source(wg, bn, c, s, chain)
+        self.wg, self.bn, self.c, self.s, self.swiglu = wg, bn, c, s, swiglu
+        src, name = source(wg, bn, c, s, chain, swiglu)
         self.kernel = torch.cuda._compile_kernel(src, name, compute_capability="90a")
-        self.smem = smem_bytes(wg, bn, s)
+        self.smem = smem_bytes(wg, bn, s, swiglu)
         self.kernel.set_shared_memory_config(self.smem)
         self.cuda = _get_gpu_runtime_library()
         self.maps: dict[tuple, ctypes.Array] = {}
@@ -209,32 +248,109 @@ class TMALinear:
             self.maps[key] = m
         return m
 
-    def __call__(self, x: torch.Tensor, w: torch.Tensor, y: torch.Tensor) -> None:
+    def __call__(self, x: torch.Tensor, ws, ys) -> None:
+        ws = (ws,) if isinstance(ws, torch.Tensor) else tuple(ws)
+        ys = (ys,) if isinstance(ys, torch.Tensor) else tuple(ys)
         M, K = x.shape
-        N = w.shape[0]
-        bm = 64 * self.wg
-        xm, wm = self.tmap(x, bm // self.c), self.tmap(w, self.bn)
-        yp, mi, ni, ki = ctypes.c_void_p(y.data_ptr()), ctypes.c_int(M), ctypes.c_int(N), ctypes.c_int(K)
-        args = (ctypes.c_void_p * 6)(*[ctypes.cast(ctypes.pointer(a), ctypes.c_void_p)
-                                       for a in (xm, wm, yp, mi, ni, ki)])
-        gx = -(-N // self.bn)
-        gx = -(-gx // self.c) * self.c
-        rc = self.cuda.cuLaunchKernel(self.kernel.func, gx, -(-M // bm), 1, self.wg * 128 + 32, 1, 1, self.smem,
-                                      torch.cuda.current_stream()._as_parameter_, args, None)
+        if self.swiglu:  # segment 0 only: gate in map 0, up in map 1
+            ws, ys, tiles = (ws[0], ws[1], ws[0]), ys * 3, [-(-ws[0].shape[0] // self.bn), 0, 0]
+        else:  # right-aligned in the three segments, so the cluster's padding CTAs fall past the last weight's N
+            pad = 3 - len(ws)
+            tiles = [0] * pad + [-(-w.shape[0] // self.bn) for w in ws]
+            ws, ys = (ws[0],) * pad + ws, (ys[0],) * pad + ys
+        t1, t2 = tiles[0], tiles[0] + tiles[1]
+        vals = (self.tmap(x, 64 * self.wg // self.c), *[self.tmap(w, self.bn) for w in ws],
+                *[ctypes.c_void_p(y.data_ptr()) for y in ys],
+                *[ctypes.c_int(v) for v in (M, K, *[w.shape[0] for w in ws], t1, t2)])
+        args = (ctypes.c_void_p * len(vals))(*[ctypes.cast(ctypes.pointer(a), ctypes.c_void_p) for a in vals])
+        gx = -(-sum(tiles) // self.c) * self.c
+        rc = self.cuda.cuLaunchKernel(self.kernel.func, gx, -(-M // (64 * self.wg)), 1, self.wg * 128 + 32, 1, 1,
+                                      self.smem, torch.cuda.current_stream()._as_parameter_, args, None)
         if rc != 0:
             raise RuntimeError(f"cuLaunchKernel failed ({rc})")
 
 
 SHAPES_06 = [(1024 * 4, 1024), (1024, 2048), (6144, 1024), (1024, 3072)]  # qkv, o, gate_up, down (N, K)
 SHAPES_8 = [(6144, 4096), (4096, 4096), (24576, 4096), (4096, 12288)]
+# The decode step's fused linears (--fused): q|k|v as three weights (linears), gate|up with the SiLU (swiglu).
+FUSED = [("linears", (2048, 1024, 1024), 1024), ("swiglu", (3072, 3072), 1024),
+         ("linears", (4096, 1024, 1024), 4096), ("swiglu", (12288, 12288), 4096)]
 
 
-def configs(m: int, quick: bool):
+def configs(m: int, quick: bool, swiglu: bool = False):
     if m <= 64:
         grid = itertools.product([1], [16, 32, 64], [1, 2, 4], [8] if quick else [4, 8, 12])
     else:
         grid = itertools.product([1, 2], [64, 128] if quick else [32, 64, 128], [1, 2, 4], [4] if quick else [4, 6])
-    return [cfg for cfg in grid if smem_bytes(cfg[0], cfg[1], cfg[3]) <= 227 << 10]
+    return [cfg for cfg in grid if smem_bytes(cfg[0], cfg[1], cfg[3], swiglu) <= 227 << 10]
+
+
+def probe_row(mk, kernels: dict, M: int, op: str, ns: tuple, K: int, quick: bool) -> dict:
+    """Bits of every config against miles_kernels (linear / linears / swiglu) at one shape; graph times of
+    the same-bits ones beside Triton and (linear only) cuBLAS at M 64 / 128 / 256 / 512, weights cold."""
+    g = torch.Generator(device="cuda").manual_seed(M + sum(ns) + K)
+    x = torch.randn(M, K, generator=g, device="cuda").to(torch.bfloat16)
+    ws = [(torch.randn(n, K, generator=g, device="cuda") * K**-0.5).to(torch.bfloat16) for n in ns]
+    swiglu = op == "swiglu"
+    ours = {"linear": lambda ws: (mk.linear(x, ws[0]),), "linears": lambda ws: mk.linears(x, ws),
+            "swiglu": lambda ws: (mk.swiglu(x, *ws),)}[op]
+    want = ours(ws)
+    timed = M in (64, 128, 256, 512)
+    nxts = [cold_weights(w) for w in ws] if timed else None
+    cold = (lambda: [n() for n in nxts]) if timed else None  # noqa: E731
+    row = dict(M=M, N=ns[0] if op == "linear" else list(ns), K=K, op=op)
+    if timed:
+        if op == "linear":
+            row["cublas_us"] = 1e3 * timings(lambda: F.linear(x, nxts[0]()))[1]
+        row["triton_us"] = 1e3 * timings(lambda: ours(cold()))[1]
+    res = {}
+    for cfg in configs(M, quick, swiglu):
+        if -(-sum(ns[:1 if swiglu else 3]) // cfg[1]) < cfg[2]:
+            continue
+        try:
+            key = (*cfg, False, swiglu)
+            kern = kernels.get(key) or kernels.setdefault(key, TMALinear(*key))
+            ys = [torch.full_like(y, float("nan")) for y in want]
+            kern(x, ws, ys)
+            torch.cuda.synchronize()
+            same = all(torch.equal(y.view(torch.int16), w.view(torch.int16)) for y, w in zip(ys, want))
+            r = dict(same=same)
+            if not same:
+                r["differ"] = sum(int((y.view(torch.int16) != w.view(torch.int16)).sum()) for y, w in zip(ys, want))
+                r["err"] = max((y.float() - w.float()).abs().max().item() for y, w in zip(ys, want))
+            if timed and same:
+                r["us"] = 1e3 * timings(lambda kern=kern, ys=ys: kern(x, cold(), ys))[1]  # noqa: B023
+        except Exception as e:  # noqa: BLE001 - a failed config is a result
+            r = dict(error=f"{type(e).__name__}: {str(e)[:300]}")
+            torch.cuda.synchronize()
+        res["wg{}_n{}_c{}_s{}".format(*cfg)] = r
+    if timed and M <= 64 and op == "linear":  # the K chain alone (no loads after the first S stages), C = 1
+        for bn in (16, 32, 64):
+            key = (1, bn, 1, 8, True, False)
+            try:
+                kern = kernels.get(key) or kernels.setdefault(key, TMALinear(*key))
+                ys = [torch.empty_like(want[0])]
+                res[f"chain_n{bn}"] = dict(us=1e3 * timings(lambda kern=kern, ys=ys: kern(x, ws, ys))[1])  # noqa: B023
+            except Exception as e:  # noqa: BLE001
+                res[f"chain_n{bn}"] = dict(error=f"{type(e).__name__}: {str(e)[:300]}")
+    row["cfgs"] = res
+    best = min(((k, v["us"]) for k, v in res.items() if "us" in v and v.get("same") and not k.startswith("chain")),
+               key=lambda t: t[1], default=None)
+    bad = [k for k, v in res.items() if not v.get("same") and not k.startswith("chain")]
+    chain = {k: round(v["us"], 1) for k, v in res.items() if k.startswith("chain") and "us" in v}
+    n_cfg = len(res) - len(chain)
+    msg = f"{op:7} M={M:4} N={str(row['N']):18} K={K:5}: {n_cfg - len(bad)}/{n_cfg} same bits"
+    if bad:
+        msg += f" (not: {bad[:4]} {res[bad[0]]})"
+    if timed:
+        msg += f"; cuBLAS {row['cublas_us']:.1f} us," if "cublas_us" in row else ";"
+        msg += f" Triton {row['triton_us']:.1f}"
+        if best:
+            msg += f", best CUDA {best[0]} {best[1]:.1f} ({row['triton_us'] / best[1]:.2f}x Triton)"
+        if chain:
+            msg += f"; K chain alone {chain}"
+    print(msg, flush=True)
+    return row
 
 
 def main() -> None:
@@ -242,6 +358,7 @@ def main() -> None:
     ap.add_argument("--out", default="tma_linear_probe.json")
     ap.add_argument("--ms", type=int, nargs="+", default=[64, 1, 37, 128, 256, 512])
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--fused", action="store_true", help="also q|k|v (linears) and gate|up (swiglu) at M <= 64")
     ap.add_argument("--smoke", action="store_true", help="clusters of 1, 2, 4 at one shape, bits only (a hang shows "
                     "early)")
     a = ap.parse_args()
@@ -263,62 +380,11 @@ def main() -> None:
         return
     rows = []
     for M in a.ms:
-        for N, K in SHAPES_06 + SHAPES_8:
-            g = torch.Generator(device="cuda").manual_seed(M + N + K)
-            x = torch.randn(M, K, generator=g, device="cuda").to(torch.bfloat16)
-            w = (torch.randn(N, K, generator=g, device="cuda") * K**-0.5).to(torch.bfloat16)
-            want = mk.linear(x, w)
-            timed = M in (64, 128, 256, 512)
-            nxt = cold_weights(w) if timed else None
-            row = dict(M=M, N=N, K=K)
-            if timed:
-                row["cublas_us"] = 1e3 * timings(lambda: F.linear(x, nxt()))[1]  # noqa: B023
-                row["triton_us"] = 1e3 * timings(lambda: mk.linear(x, nxt()))[1]  # noqa: B023
-            res = {}
-            for cfg in configs(M, a.quick):
-                if (-(-N // cfg[1])) < cfg[2]:
-                    continue
-                try:
-                    kern = kernels.get(cfg) or kernels.setdefault(cfg, TMALinear(*cfg))
-                    y = torch.full_like(want, float("nan"))
-                    kern(x, w, y)
-                    torch.cuda.synchronize()
-                    same = bool(torch.equal(y.view(torch.int16), want.view(torch.int16)))
-                    r = dict(same=same)
-                    if not same:
-                        r["differ"] = int((y.view(torch.int16) != want.view(torch.int16)).sum().item())
-                        r["err"] = (y.float() - want.float()).abs().max().item()
-                    if timed and same:
-                        r["us"] = 1e3 * timings(lambda kern=kern, y=y: kern(x, nxt(), y))[1]  # noqa: B023
-                except Exception as e:  # noqa: BLE001 - a failed config is a result
-                    r = dict(error=f"{type(e).__name__}: {str(e)[:300]}")
-                    torch.cuda.synchronize()
-                res["wg{}_n{}_c{}_s{}".format(*cfg)] = r
-            if timed and M <= 64:  # the K chain alone (no loads after the first S stages), C = 1
-                for bn in (16, 32, 64):
-                    cfg = (1, bn, 1, 8, True)
-                    try:
-                        kern = kernels.get(cfg) or kernels.setdefault(cfg, TMALinear(*cfg))
-                        y = torch.empty_like(want)
-                        res[f"chain_n{bn}"] = dict(us=1e3 * timings(lambda kern=kern, y=y: kern(x, w, y))[1])  # noqa: B023
-                    except Exception as e:  # noqa: BLE001
-                        res[f"chain_n{bn}"] = dict(error=f"{type(e).__name__}: {str(e)[:300]}")
-            row["cfgs"] = res
-            rows.append(row)
-            best = min(((k, v["us"]) for k, v in res.items() if "us" in v and v.get("same")), key=lambda t: t[1],
-                       default=None)
-            bad = [k for k, v in res.items() if not v.get("same") and not k.startswith("chain")]
-            chain = {k: round(v["us"], 1) for k, v in res.items() if k.startswith("chain") and "us" in v}
-            msg = f"M={M:4} N={N:5} K={K:5}: {len(res) - len(bad)}/{len(res)} configs same bits"
-            if bad:
-                msg += f" (not: {bad[:4]} {res[bad[0]]})"
-            if timed:
-                msg += f"; cuBLAS {row['cublas_us']:.1f} us, Triton {row['triton_us']:.1f}"
-                if best:
-                    msg += f", best CUDA {best[0]} {best[1]:.1f} ({row['cublas_us'] / best[1]:.2f}x cuBLAS)"
-                if chain:
-                    msg += f"; K chain alone {chain}"
-            print(msg, flush=True)
+        todo = [("linear", (n,), k) for n, k in SHAPES_06 + SHAPES_8]
+        if a.fused and M <= 64:
+            todo += FUSED
+        for op, ns, K in todo:
+            rows.append(probe_row(mk, kernels, M, op, ns, K, a.quick))
             json.dump(dict(device=torch.cuda.get_device_name(), rows=rows), open(a.out, "w"), indent=1)
 
 

@@ -1,7 +1,8 @@
 """Run a bench script with the plain linears at M <= 64 (o, down: matmul.linear) by tma_linear_probe's CUDA
-kernel: the end-to-end A/B of that kernel before it goes into miles_kernels. Each (N, K) gets the fastest
-config that gave `linear`'s bits at M 64 in a tma_linear_probe output; other shapes, biases, the fused
-linears (q|k|v, gate|up) and M > 64 stay on the Triton kernels.
+kernel, and q|k|v (linears) and gate|up (swiglu) too where the probe ran with --fused: the end-to-end A/B of
+that kernel before it goes into miles_kernels. Each shape gets the fastest config that gave miles_kernels'
+bits at M 64 in a tma_linear_probe output, where it beat Triton; other shapes, biases and M > 64 stay on the
+Triton kernels.
 
     PYTHONPATH=src:kernels python tools/bench/with_cuda_linear.py tma.json -- tools/bench/engine.py --quick \\
         --only engine --out cuda.json
@@ -17,36 +18,64 @@ import torch
 sys.path.insert(0, os.path.dirname(__file__))
 
 
-def best_configs(rows: list[dict], m: int = 64) -> dict[tuple[int, int], tuple[int, ...]]:
-    """(N, K) -> (wg, bn, c, s) of the fastest same-bits config at M == m that beats the Triton time."""
+def best_configs(rows: list[dict], m: int = 64, op: str = "linear") -> dict[tuple, tuple[int, ...]]:
+    """(N, K) -> (wg, bn, c, s) of the fastest same-bits config at M == m that beats the Triton time, for one op
+    of the probe (linear; linears: N is the weights' N tuple; swiglu: N is (F, F))."""
     out = {}
     for row in rows:
-        if row["M"] != m or "triton_us" not in row:
+        if row["M"] != m or "triton_us" not in row or row.get("op", "linear") != op:
             continue
         timed = [(v["us"], k) for k, v in row["cfgs"].items() if v.get("same") and "us" in v]
         if timed and min(timed)[0] < row["triton_us"]:
             name = min(timed)[1]  # wg1_n16_c4_s8
-            out[row["N"], row["K"]] = tuple(int(p[1:] if p[0] != "w" else p[2:]) for p in name.split("_"))
+            n = row["N"] if op == "linear" else tuple(row["N"])
+            out[n, row["K"]] = tuple(int(p[1:] if p[0] != "w" else p[2:]) for p in name.split("_"))
     return out
 
 
-def install(picks: dict[tuple[int, int], tuple[int, ...]]) -> None:
+def install(picks: dict[str, dict[tuple, tuple[int, ...]]]) -> None:
+    """Route the picked shapes to the CUDA kernels: linear through matmul._launch_linear, q|k|v and gate|up
+    through miles_kernels._triton's linears / swiglu (what ops calls), at M <= 64, bf16, no bias."""
     from tma_linear_probe import TMALinear
 
+    import miles_kernels._triton as tri
     from miles_kernels._triton import matmul
 
-    kernels = {cfg: TMALinear(*cfg) for cfg in set(picks.values())}
-    triton_launch = matmul._launch_linear
+    kernels = {(cfg, op == "swiglu"): TMALinear(*cfg, swiglu=op == "swiglu")
+               for op, p in picks.items() for cfg in p.values()}
+
+    def ours(x, op, key):
+        cfg = picks.get(op, {}).get(key)
+        ok = (cfg is not None and x.is_cuda and x.dtype == torch.bfloat16 and 0 < x.shape[0] <= 64
+              and x.is_contiguous())
+        return kernels[cfg, op == "swiglu"] if ok else None
+
+    triton_launch, triton_linears, triton_swiglu = matmul._launch_linear, tri.linears, tri.swiglu
 
     def launch(x, w, b, y, t):
-        cfg = picks.get((w.shape[0], x.shape[1]))
-        if (cfg is not None and b is None and x.is_cuda and x.dtype == torch.bfloat16 and x.shape[0] <= 64
-                and matmul._tma_ok(x, w) and y.is_contiguous()):
-            kernels[cfg](x, w, y)
+        kern = ours(x, "linear", (w.shape[0], x.shape[1])) if b is None and y.is_contiguous() else None
+        if kern is not None and matmul._tma_ok(x, w):
+            kern(x, w, y)
         else:
             triton_launch(x, w, b, y, t)
 
-    matmul._launch_linear = launch
+    def linears(x, ws, bs=None):
+        kern = ours(x, "linears", (tuple(w.shape[0] for w in ws), x.shape[1])) if bs is None else None
+        if kern is None or not all(w.is_contiguous() for w in ws):
+            return triton_linears(x, ws, bs)
+        ys = tuple(torch.empty(x.shape[0], w.shape[0], dtype=x.dtype, device=x.device) for w in ws)
+        kern(x, ws, ys)
+        return ys
+
+    def swiglu(x, w_gate, w_up):
+        kern = ours(x, "swiglu", ((w_gate.shape[0], w_up.shape[0]), x.shape[1]))
+        if kern is None or not (w_gate.is_contiguous() and w_up.is_contiguous()):
+            return triton_swiglu(x, w_gate, w_up)
+        y = torch.empty(x.shape[0], w_gate.shape[0], dtype=x.dtype, device=x.device)
+        kern(x, (w_gate, w_up), y)
+        return y
+
+    matmul._launch_linear, tri.linears, tri.swiglu = launch, linears, swiglu
 
 
 def main() -> None:
@@ -58,11 +87,11 @@ def main() -> None:
         rows = json.load(open(path))["rows"]
     except (OSError, ValueError, KeyError) as e:
         raise SystemExit(f"with_cuda_linear: {path}: not a tma_linear_probe output ({e})") from None
-    picks = best_configs(rows)
+    picks = {op: p for op in ("linear", "linears", "swiglu") if (p := best_configs(rows, op=op))}
     if not picks:
         raise SystemExit(f"with_cuda_linear: {path}: no M 64 shape where a same-bits CUDA config beat Triton")
     install(picks)
-    print("with_cuda_linear: (N, K) -> (wg, bn, cluster, stages)", picks, flush=True)
+    print("with_cuda_linear: op: (N, K) -> (wg, bn, cluster, stages)", picks, flush=True)
     sys.argv = [script, *args]
     runpy.run_path(script, run_name="__main__")
 
