@@ -7,7 +7,9 @@ keeps `linear`'s numerics; its dependent latency sets the new floor.
 Kernel: a warp a 16 x 8 output tile, K in steps of 16 in k order, fp32 from zero, one rounding to bf16
 (`cvt.rn`); fragments loaded from global memory (slow: bits only). `chain`: fragments loaded once and the
 K steps' mma.sync run on them (wrong values; the time of the dependent chain alone), beside the same chain
-of wgmma from tma_linear_probe.
+of wgmma from tma_linear_probe. Then a pipelined kernel of such chains (`PIPE`: cp.async stages, ldmatrix,
+warps tiled over 16-row and 8-column tiles; 64-row tiles for M 64, 16-row ones for M <= 16): its bits at
+every M, and its time beside Triton's at M 16 and 64 (graph-timed, weights cold).
 
     PYTHONPATH=src:kernels python tools/bench/mma_probe.py --out mma.json
 """
@@ -21,6 +23,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
 from kernel_ops import timings  # noqa: E402  (launched ms, CUDA-graph replay ms)
+from linear_sweep import cold_weights  # noqa: E402
 
 SOURCE = r"""
 // y[M, N] = x[M, K] @ w[N, K]^T, bf16 (K % 16 == 0); block of 4 warps, warp j: rows 16 blockIdx.y .., cols
@@ -62,13 +65,123 @@ extern "C" __global__ void __launch_bounds__(128) mma_linear(
 }
 """
 
+
+PIPE = r"""
+__device__ __forceinline__ unsigned smem_u32(const void* p) {
+    unsigned a;
+    asm("{ .reg .u64 t; cvta.to.shared.u64 t, %1; cvt.u32.u64 %0, t; }" : "=r"(a) : "l"(p));
+    return a;
+}
+// 16 bytes global -> shared, zeros where !ok (src-size 0)
+__device__ __forceinline__ void cp16(unsigned dst, const void* src, bool ok) {
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" :: "r"(dst), "l"(src), "r"(ok ? 16 : 0) : "memory");
+}
+// y[M, N] = x[M, K] @ w[N, K]^T, bf16, K % 64 == 0. A CTA: WM x WN warps, warp (i, j) rows 16 MT i .., cols
+// 8 NT j ..; K in steps of 64 through a ring of S cp.async stages (rows padded to 72 elements: ldmatrix without
+// bank conflicts); each step four k16 slices in order, an mma.sync a (m16, n8) tile a slice.
+extern "C" __global__ void __launch_bounds__(WM * WN * 32) NAME(
+    const unsigned short* __restrict__ x, const unsigned short* __restrict__ w, unsigned short* __restrict__ y,
+    int M, int N, int K) {
+    constexpr int BM = 16 * MT * WM, BN = 8 * NT * WN, P = 72, XS = BM * P, SS = (BM + BN) * P, T = WM * WN * 32;
+    extern __shared__ __align__(16) unsigned short sm[];
+    const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32, wi = warp / WN, wj = warp % WN;
+    const int m0 = blockIdx.y * BM, n0 = blockIdx.x * BN, nk = K / 64;
+    const unsigned base = smem_u32(sm);
+    float c[MT][NT][4];
+#pragma unroll
+    for (int i = 0; i < MT; ++i)
+#pragma unroll
+        for (int j = 0; j < NT; ++j) c[i][j][0] = c[i][j][1] = c[i][j][2] = c[i][j][3] = 0.f;
+    auto load = [&](int ks) {
+        const int st = (ks % S) * SS, k0 = ks * 64;
+        for (int q = tid; q < (BM + BN) * 8; q += T) {
+            const int r = q / 8, ch = q % 8;
+            if (r < BM) cp16(base + 2 * (st + r * P + ch * 8), x + (long long)min(m0 + r, M - 1) * K + k0 + ch * 8,
+                             m0 + r < M);
+            else cp16(base + 2 * (st + r * P + ch * 8), w + (long long)min(n0 + r - BM, N - 1) * K + k0 + ch * 8,
+                      n0 + r - BM < N);
+        }
+    };
+#pragma unroll
+    for (int s = 0; s < S - 1; ++s) {
+        if (s < nk) load(s);
+        asm volatile("cp.async.commit_group;\n" ::: "memory");
+    }
+    for (int ks = 0; ks < nk; ++ks) {
+        asm volatile("cp.async.wait_group %0;\n" :: "n"(S - 2) : "memory");
+        __syncthreads();
+        if (ks + S - 1 < nk) load(ks + S - 1);
+        asm volatile("cp.async.commit_group;\n" ::: "memory");
+        const unsigned st = base + 2 * (ks % S) * SS;
+#pragma unroll
+        for (int kk = 0; kk < 4; ++kk) {
+            unsigned a[MT][4], b[NT][2];
+#pragma unroll
+            for (int i = 0; i < MT; ++i) {
+                const unsigned addr = st + 2 * ((16 * (MT * wi + i) + lane % 16) * P + kk * 16 + (lane / 16) * 8);
+                asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+                             : "=r"(a[i][0]), "=r"(a[i][1]), "=r"(a[i][2]), "=r"(a[i][3]) : "r"(addr));
+            }
+#pragma unroll
+            for (int j = 0; j < NT; ++j) {
+                const unsigned addr = st + 2 * XS + 2 * ((8 * (NT * wj + j) + lane % 8) * P + kk * 16
+                                                        + ((lane / 8) % 2) * 8);
+                asm volatile("ldmatrix.sync.aligned.m8n8.x2.shared.b16 {%0, %1}, [%2];\n"
+                             : "=r"(b[j][0]), "=r"(b[j][1]) : "r"(addr));
+            }
+#pragma unroll
+            for (int i = 0; i < MT; ++i)
+#pragma unroll
+                for (int j = 0; j < NT; ++j)
+                    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, "
+                                 "{%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};\n"
+                                 : "+f"(c[i][j][0]), "+f"(c[i][j][1]), "+f"(c[i][j][2]), "+f"(c[i][j][3])
+                                 : "r"(a[i][0]), "r"(a[i][1]), "r"(a[i][2]), "r"(a[i][3]), "r"(b[j][0]),
+                                   "r"(b[j][1]));
+        }
+    }
+    const int g = lane / 4, t = lane % 4;
+#pragma unroll
+    for (int i = 0; i < MT; ++i)
+#pragma unroll
+        for (int j = 0; j < NT; ++j)
+#pragma unroll
+            for (int h = 0; h < 2; ++h) {
+                const int row = m0 + 16 * (MT * wi + i) + g + 8 * h, col = n0 + 8 * (NT * wj + j) + 2 * t;
+                if (row < M && col < N) {
+                    unsigned short lo, hi;
+                    asm("cvt.rn.bf16.f32 %0, %1;" : "=h"(lo) : "f"(c[i][j][2 * h]));
+                    asm("cvt.rn.bf16.f32 %0, %1;" : "=h"(hi) : "f"(c[i][j][2 * h + 1]));
+                    const unsigned v = (unsigned)lo | ((unsigned)hi << 16);
+                    if (col + 1 < N) *reinterpret_cast<unsigned*>(y + (long long)row * N + col) = v;
+                    else y[(long long)row * N + col] = lo;
+                }
+            }
+}
+"""
+
+
+def pipe_source(wm: int, mt: int, wn: int, nt: int, s: int) -> tuple[str, str]:
+    name = f"mma_pipe_wm{wm}_mt{mt}_wn{wn}_nt{nt}_s{s}"
+    head = f"#define WM {wm}\n#define MT {mt}\n#define WN {wn}\n#define NT {nt}\n#define S {s}\n"
+    return head + PIPE.replace("NAME", name), name
+
+
+def pipe_smem(wm: int, mt: int, wn: int, nt: int, s: int) -> int:
+    return s * (16 * mt * wm + 8 * nt * wn) * 72 * 2
+
+
+# (WM, MT, WN, NT, S): 64-row tiles (M 64) and 16-row ones (M <= 16)
+PIPE_CFGS = [(1, 4, 4, 1, 4), (1, 4, 4, 2, 4), (2, 2, 4, 1, 4), (4, 1, 4, 1, 4), (2, 2, 2, 2, 4), (1, 4, 8, 1, 4),
+             (1, 4, 4, 1, 6), (1, 1, 4, 1, 4), (1, 1, 8, 1, 4), (1, 1, 4, 2, 6)]
+
 SHAPES = [(4096, 1024), (1024, 2048), (6144, 1024), (1024, 3072), (6144, 4096), (4096, 4096), (4096, 12288)]
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default="mma_probe.json")
-    ap.add_argument("--ms", type=int, nargs="+", default=[64, 1, 37, 256])
+    ap.add_argument("--ms", type=int, nargs="+", default=[64, 16, 1, 37, 256])
     a = ap.parse_args()
     if not torch.cuda.is_available() or torch.cuda.get_device_capability() < (9, 0):
         raise SystemExit("mma_probe: needs a CUDA GPU of compute capability 9.0 (Hopper)")
@@ -76,6 +189,11 @@ def main() -> None:
     from tma_linear_probe import TMALinear
 
     kern = torch.cuda._compile_kernel(SOURCE, "mma_linear", compute_capability="90a")
+    pipes = {}
+    for cfg in PIPE_CFGS:
+        src, name = pipe_source(*cfg)
+        pipes[cfg] = torch.cuda._compile_kernel(src, name, compute_capability="90a")
+        pipes[cfg].set_shared_memory_config(pipe_smem(*cfg))
     rows = []
     for M in a.ms:
         for N, K in SHAPES:
@@ -102,6 +220,32 @@ def main() -> None:
                 row["triton_us"] = 1e3 * timings(lambda: mk.linear(x, w))[1]  # noqa: B023
                 msg += (f"; chain alone: mma.sync {row['mma_chain_us']:.1f} us, wgmma n16 {row['wgmma_chain_us']:.1f}"
                         f" (Triton's whole linear {row['triton_us']:.1f}, weights warm)")
+            nxt = cold_weights(w) if M in (16, 64) else None
+            if nxt is not None:
+                row["triton_cold_us"] = 1e3 * timings(lambda: mk.linear(x, nxt()))[1]  # noqa: B023
+            pipe_res, bad = {}, []
+            for cfg, pk in pipes.items():
+                wm, mt, wn, nt, _ = cfg
+                bm, bn = 16 * mt * wm, 8 * nt * wn
+
+                def launch(y, w, pk=pk, cfg=cfg, bm=bm, bn=bn, x=x, M=M, N=N, K=K):
+                    pk(grid=(-(-N // bn), -(-M // bm), 1), block=(32 * cfg[0] * cfg[2], 1, 1), args=[x, w, y, M, N, K],
+                       shared_mem=pipe_smem(*cfg))
+
+                y = torch.full_like(want, float("nan"))
+                launch(y, w)
+                torch.cuda.synchronize()
+                r = dict(same=bool(torch.equal(y.view(torch.int16), want.view(torch.int16))))
+                if not r["same"]:
+                    bad.append(cfg)
+                elif nxt is not None and (bm == 16) == (M == 16):
+                    r["us"] = 1e3 * timings(lambda launch=launch, y=y: launch(y, nxt()))[1]  # noqa: B023
+                pipe_res["wm{}_mt{}_wn{}_nt{}_s{}".format(*cfg)] = r
+            row["pipe"] = pipe_res
+            msg += f"; pipelined mma.sync: {len(pipes) - len(bad)}/{len(pipes)} configs same bits"
+            timed = sorted((v["us"], k) for k, v in pipe_res.items() if "us" in v)
+            if timed:
+                msg += f", best {timed[0][1]} {timed[0][0]:.1f} us vs Triton {row['triton_cold_us']:.1f} (weights cold)"
             print(msg, flush=True)
             rows.append(row)
             json.dump(dict(device=torch.cuda.get_device_name(), rows=rows), open(a.out, "w"), indent=1)
