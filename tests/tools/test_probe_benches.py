@@ -109,17 +109,17 @@ def test_with_cuda_linear_takes_the_fastest_same_bits_config(bench_script, tmp_p
     not a probe output, or one with no such config, is refused with a message naming it."""
     tool = bench_script("with_cuda_linear")
     rows = [dict(M=64, N=1024, K=2048, triton_us=6.0, cfgs={"wg1_n16_c4_s8": dict(same=True, us=4.0),
-                                                             "wg1_n32_c2_s12": dict(same=True, us=3.5),
+                                                             "wg1_n32_c2_s8_m4": dict(same=True, us=3.5),
                                                              "wg1_n64_c1_s8": dict(same=False, differ=3)}),
             dict(M=64, N=4096, K=1024, triton_us=3.0, cfgs={"wg1_n16_c4_s8": dict(same=True, us=4.0)}),
             dict(M=37, N=1024, K=2048, cfgs={"wg1_n16_c4_s8": dict(same=True)})]
-    assert tool.best_configs(rows) == {(1024, 2048): (1, 32, 2, 12)}
+    assert tool.best_configs(rows) == {(1024, 2048): (1, 32, 2, 8, 4)}
     fused = [dict(M=64, op="swiglu", N=[3072, 3072], K=1024, triton_us=8.0, cfgs={"wg1_n32_c2_s8": dict(same=True,
                                                                                                     us=5.0)}),
              dict(M=64, op="linears", N=[2048, 1024, 1024], K=1024, triton_us=6.0,
                   cfgs={"wg1_n16_c4_s8": dict(same=True, us=6.5)})]
-    assert tool.best_configs(rows + fused) == {(1024, 2048): (1, 32, 2, 12)}
-    assert tool.best_configs(rows + fused, op="swiglu") == {((3072, 3072), 1024): (1, 32, 2, 8)}
+    assert tool.best_configs(rows + fused) == {(1024, 2048): (1, 32, 2, 8, 4)}
+    assert tool.best_configs(rows + fused, op="swiglu") == {((3072, 3072), 1024): (1, 32, 2, 8, 0)}
     assert tool.best_configs(rows + fused, op="linears") == {}
     bad = tmp_path / "bad.json"
     bad.write_text("{}")

@@ -88,6 +88,28 @@ __device__ __forceinline__ float silu_times(float g, float u) {
         "add.f32 t, t, 0f3F800000;\ndiv.full.f32 t, %1, t;\nmul.f32 %0, t, %2;\n}" : "=f"(y) : "f"(g), "f"(u));
     return y;
 }
+__device__ __forceinline__ void store2(unsigned short* y, int row, int col, int M, int N, float v0, float v1) {
+    if (row < M && col < N) {
+        const unsigned v = (unsigned)to_bf16(v0) | ((unsigned)to_bf16(v1) << 16);
+        if (col + 1 < N) *reinterpret_cast<unsigned*>(y + (unsigned long long)row * N + col) = v;
+        else y[(unsigned long long)row * N + col] = (unsigned short)v;
+    }
+}
+__device__ __forceinline__ void ldsm4(unsigned* a, unsigned addr) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+                 : "=r"(a[0]), "=r"(a[1]), "=r"(a[2]), "=r"(a[3]) : "r"(addr) : "memory");
+}
+__device__ __forceinline__ void ldsm2(unsigned* b, unsigned addr) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x2.shared.b16 {%0, %1}, [%2];\n" : "=r"(b[0]), "=r"(b[1]) : "r"(addr)
+                 : "memory");
+}
+// c += a b over one k16 slice (the m16n8k16 bf16 mma; the same bits as wgmma's k16: mma_probe.py)
+__device__ __forceinline__ void mma16816(float* c, const unsigned* a, const unsigned* b) {
+    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, "
+                 "{%8, %9}, {%0, %1, %2, %3};\n"
+                 : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+}
 """
 
 KERNEL = r"""
@@ -98,7 +120,7 @@ extern "C" __global__ void __launch_bounds__(WG * 128 + 32) __cluster_dims__(C, 
     const __grid_constant__ TMap xmap, const __grid_constant__ TMap wmap0, const __grid_constant__ TMap wmap1,
     const __grid_constant__ TMap wmap2, unsigned short* __restrict__ y0, unsigned short* __restrict__ y1,
     unsigned short* __restrict__ y2, int M, int K, int N0, int N1, int N2, int T1, int T2) {
-    constexpr int BM = 64 * WG, XB = BM * 128, WB = BN * 128, SB = XB + (1 + SWIGLU) * WB;
+    constexpr int BM = MT ? 16 * MT : 64 * WG, XB = BM * 128, WB = BN * 128, SB = XB + (1 + SWIGLU) * WB;
     extern __shared__ __align__(1024) unsigned char smem_raw[];
     const unsigned base = (smem_u32(smem_raw) + 1023) & ~1023u;  // the swizzle wants 1024-byte aligned tiles
     const unsigned full0 = base + S * SB, empty0 = full0 + 8 * S;
@@ -112,7 +134,7 @@ extern "C" __global__ void __launch_bounds__(WG * 128 + 32) __cluster_dims__(C, 
     asm("mov.u32 %0, %%cluster_ctarank;" : "=r"(rank));
     const int nk = (K + 63) / 64;
     if (tid == 0) {
-        for (int s = 0; s < S; ++s) { mbar_init(full0 + 8 * s, 1); mbar_init(empty0 + 8 * s, C * WG); }
+        for (int s = 0; s < S; ++s) { mbar_init(full0 + 8 * s, 1); mbar_init(empty0 + 8 * s, C * WG * (MT ? 4 : 1)); }
         asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
     }
     if (C > 1) cluster_sync(); else __syncthreads();
@@ -131,6 +153,91 @@ extern "C" __global__ void __launch_bounds__(WG * 128 + 32) __cluster_dims__(C, 
                     tma_load(st, &xmap, full, ks * 64, m0);
             }
         }
+#if MT
+    } else {  // mma.sync consumers: warp j has cols n0 + 8 NT j .. of all BM rows, MT x NT (m16, n8) tiles
+        constexpr int NT = BN / (32 * WG);
+        float c[MT][NT][4];
+#if SWIGLU
+        float e[MT][NT][4];
+#endif
+#pragma unroll
+        for (int i = 0; i < MT; ++i)
+#pragma unroll
+            for (int t = 0; t < NT; ++t)
+#pragma unroll
+                for (int q = 0; q < 4; ++q) { c[i][t][q] = 0.f; E_ZERO_MMA }
+        // A K step's fragments (x: MT m16 tiles, w: NT n8 tiles, SWIGLU: the up weight's too) for its four k16
+        // slices; step ks + 1's are loaded before step ks's mma chains run, so no mma waits on an ldmatrix.
+        struct Frag { unsigned a[4][MT][4], b[4][NT][2], u[4][NT][SWIGLU ? 2 : 1]; };
+        auto fetch = [&](Frag& f, int ks) {
+            const int s = ks % S;
+            const unsigned st = base + s * SB;
+            if (!CHAIN || ks < S) mbar_wait(full0 + 8 * s, (ks / S) & 1);
+#pragma unroll
+            for (int kk = 0; kk < 4; ++kk) {  // 16-byte chunk ch of row r sits at r 128 + (ch ^ r % 8) 16
+#pragma unroll
+                for (int i = 0; i < MT; ++i) {
+                    const int r = 16 * i + lane % 16, ch = 2 * kk + lane / 16;
+                    ldsm4(f.a[kk][i], st + r * 128 + ((ch ^ (r & 7)) << 4));
+                }
+#pragma unroll
+                for (int t = 0; t < NT; ++t) {
+                    const int r = 8 * (NT * warp + t) + lane % 8, ch = 2 * kk + (lane / 8) % 2;
+                    ldsm2(f.b[kk][t], st + XB + r * 128 + ((ch ^ (r & 7)) << 4));
+                    if (SWIGLU) ldsm2(f.u[kk][t], st + XB + WB + r * 128 + ((ch ^ (r & 7)) << 4));
+                }
+            }
+            __syncwarp();
+            // this warp's reads of stage s are done (ldmatrix has returned): lane c tells CTA c
+            mbar_arrive_cta(empty0 + 8 * s, lane, lane < C);
+        };
+        auto chains = [&](const Frag& f) {
+#pragma unroll
+            for (int kk = 0; kk < 4; ++kk) {  // k16 slices in order
+#pragma unroll
+                for (int i = 0; i < MT; ++i)
+#pragma unroll
+                    for (int t = 0; t < NT; ++t) {
+                        mma16816(c[i][t], f.a[kk][i], f.b[kk][t]);
+#if SWIGLU
+                        mma16816(e[i][t], f.a[kk][i], f.u[kk][t]);
+#endif
+                    }
+            }
+        };
+        Frag f0, f1;
+        fetch(f0, 0);
+        int ks = 0;
+        for (; ks + 2 < nk; ks += 2) {
+            fetch(f1, ks + 1);
+            chains(f0);
+            fetch(f0, ks + 2);
+            chains(f1);
+        }
+        if (ks + 1 < nk) {
+            fetch(f1, ks + 1);
+            chains(f0);
+            chains(f1);
+        } else {
+            chains(f0);
+        }
+#pragma unroll
+        for (int i = 0; i < MT; ++i)
+#pragma unroll
+            for (int t = 0; t < NT; ++t)
+#pragma unroll
+                for (int h = 0; h < 2; ++h) {  // the m16n8 f32 fragment: (row, col) and (row, col + 1)
+                    const int row = m0 + 16 * i + lane / 4 + 8 * h, col = n0 + 8 * (NT * warp + t) + 2 * (lane % 4);
+#if SWIGLU
+                    const float v0 = silu_times(bf16_round(c[i][t][2 * h]), bf16_round(e[i][t][2 * h]));
+                    const float v1 = silu_times(bf16_round(c[i][t][2 * h + 1]), bf16_round(e[i][t][2 * h + 1]));
+#else
+                    const float v0 = c[i][t][2 * h], v1 = c[i][t][2 * h + 1];
+#endif
+                    store2(y, row, col, M, N, v0, v1);
+                }
+    }
+#else
     } else {
         const int g = warp / 4;
         float d[BN / 2];
@@ -176,13 +283,10 @@ extern "C" __global__ void __launch_bounds__(WG * 128 + 32) __cluster_dims__(C, 
 #else
             const float v0 = d[i], v1 = d[i + 1];
 #endif
-            if (row < M && col < N) {
-                unsigned v = (unsigned)to_bf16(v0) | ((unsigned)to_bf16(v1) << 16);
-                if (col + 1 < N) *reinterpret_cast<unsigned*>(y + (unsigned long long)row * N + col) = v;
-                else y[(unsigned long long)row * N + col] = (unsigned short)v;
-            }
+            store2(y, row, col, M, N, v0, v1);
         }
     }
+#endif
     if (C > 1) cluster_sync();  // no CTA leaves while a peer may still multicast into it or arrive on its barriers
 }
 """
@@ -197,34 +301,39 @@ def wgmma_asm(bn: int, acc: str = "d") -> str:
             f'1, 1, 1, 0, 0;\\n" : {outs} : "l"(da), "l"(db));')
 
 
-def source(wg: int, bn: int, c: int, s: int, chain: bool = False, swiglu: bool = False) -> tuple[str, str]:
+def source(wg: int, bn: int, c: int, s: int, chain: bool = False, swiglu: bool = False,
+           mt: int = 0) -> tuple[str, str]:
     """The kernel of one config; chain: the first S stages loaded once and walked round and round (wrong
-    values; the time of the K chain itself, loads taken away); swiglu: gate and up products, silu_times."""
-    name = f"tma_{'swiglu' if swiglu else 'linear'}_wg{wg}_n{bn}_c{c}_s{s}" + ("_chain" if chain else "")
+    values; the time of the K chain itself, loads taken away); swiglu: gate and up products, silu_times;
+    mt > 0: mma.sync consumers over 16 mt rows (4 wg warps along N), else wgmma ones over 64 wg rows."""
+    kind = ("swiglu" if swiglu else "linear") + ("_mma" if mt else "")
+    name = f"tma_{kind}_wg{wg}_n{bn}_c{c}_s{s}" + (f"_m{mt}" if mt else "") + ("_chain" if chain else "")
     accs = ("d", "e") if swiglu else ("d",)
     fence = " ".join(f'asm volatile("" : "+f"({a}[{i}]) :: "memory");' for a in accs for i in range(bn // 2))
     body = (KERNEL.replace("WGMMA_E", wgmma_asm(bn, "e")).replace("WGMMA", wgmma_asm(bn)).replace("NAME", name)
-            .replace("FENCE_D", fence).replace("E_ZERO", "e[i] = 0.f;" if swiglu else ""))
+            .replace("FENCE_D", fence).replace("E_ZERO_MMA", "e[i][t][q] = 0.f;" if swiglu else "")
+            .replace("E_ZERO", "e[i] = 0.f;" if swiglu else ""))
     head = (f"#define WG {wg}\n#define BN {bn}\n#define C {c}\n#define S {s}\n#define CHAIN {int(chain)}\n"
-            f"#define SWIGLU {int(swiglu)}\n")
+            f"#define SWIGLU {int(swiglu)}\n#define MT {mt}\n")
     return COMMON + head + body, name
 
 
-def smem_bytes(wg: int, bn: int, s: int, swiglu: bool = False) -> int:
-    return s * (64 * wg * 128 + (1 + swiglu) * bn * 128) + 16 * s + 1024
+def smem_bytes(wg: int, bn: int, s: int, swiglu: bool = False, mt: int = 0) -> int:
+    return s * ((16 * mt if mt else 64 * wg) * 128 + (1 + swiglu) * bn * 128) + 16 * s + 1024
 
 
 class TMALinear:
     """One compiled config. linears: call(x, ws, ys) runs ys[i] = x @ ws[i]^T for 1-3 weights (a tensor for
     one); swiglu: call(x, (w_gate, w_up), y) runs y = silu(x @ w_gate^T) * (x @ w_up^T). bf16, K-contiguous."""
 
-    def __init__(self, wg: int, bn: int, c: int, s: int, chain: bool = False, swiglu: bool = False):
+    def __init__(self, wg: int, bn: int, c: int, s: int, chain: bool = False, swiglu: bool = False, mt: int = 0):
         from torch.cuda._utils import _get_gpu_runtime_library
 
         self.wg, self.bn, self.c, self.s, self.swiglu = wg, bn, c, s, swiglu
-        src, name = source(wg, bn, c, s, chain, swiglu)
+        self.bm = 16 * mt if mt else 64 * wg
+        src, name = source(wg, bn, c, s, chain, swiglu, mt)
         self.kernel = torch.cuda._compile_kernel(src, name, compute_capability="90a")
-        self.smem = smem_bytes(wg, bn, s, swiglu)
+        self.smem = smem_bytes(wg, bn, s, swiglu, mt)
         self.kernel.set_shared_memory_config(self.smem)
         self.cuda = _get_gpu_runtime_library()
         self.maps: dict[tuple, ctypes.Array] = {}
@@ -259,12 +368,12 @@ class TMALinear:
             tiles = [0] * pad + [-(-w.shape[0] // self.bn) for w in ws]
             ws, ys = (ws[0],) * pad + ws, (ys[0],) * pad + ys
         t1, t2 = tiles[0], tiles[0] + tiles[1]
-        vals = (self.tmap(x, 64 * self.wg // self.c), *[self.tmap(w, self.bn) for w in ws],
+        vals = (self.tmap(x, self.bm // self.c), *[self.tmap(w, self.bn) for w in ws],
                 *[ctypes.c_void_p(y.data_ptr()) for y in ys],
                 *[ctypes.c_int(v) for v in (M, K, *[w.shape[0] for w in ws], t1, t2)])
         args = (ctypes.c_void_p * len(vals))(*[ctypes.cast(ctypes.pointer(a), ctypes.c_void_p) for a in vals])
         gx = -(-sum(tiles) // self.c) * self.c
-        rc = self.cuda.cuLaunchKernel(self.kernel.func, gx, -(-M // (64 * self.wg)), 1, self.wg * 128 + 32, 1, 1,
+        rc = self.cuda.cuLaunchKernel(self.kernel.func, gx, -(-M // self.bm), 1, self.wg * 128 + 32, 1, 1,
                                       self.smem, torch.cuda.current_stream()._as_parameter_, args, None)
         if rc != 0:
             raise RuntimeError(f"cuLaunchKernel failed ({rc})")
@@ -278,11 +387,22 @@ FUSED = [("linears", (2048, 1024, 1024), 1024), ("swiglu", (3072, 3072), 1024),
 
 
 def configs(m: int, quick: bool, swiglu: bool = False):
+    """(wg, bn, c, s, mt): the wgmma kernels (mt 0) and, at m <= 64, the mma.sync ones (16 mt-row tiles, one n8
+    column tile a warp and 4 wg warps, or two a warp at bn 64 and wg 1)."""
     if m <= 64:
-        grid = itertools.product([1], [16, 32, 64], [1, 2, 4], [8] if quick else [4, 8, 12])
+        grid = itertools.product([1], [16, 32, 64], [1, 2, 4], [8] if quick else [4, 8, 12], [0])
+        mts = [1] if m <= 16 else [1, 2] if m <= 32 else [1, 2, 4]
+        mma = [(1, 32, c, 8, mt) for mt in mts for c in (1, 2, 4)] + [(1, 64, c, 8, mt) for mt in mts[:2]
+                                                                    for c in (1, 2)]
+        grid = [*grid, *(cfg for cfg in mma if 16 * cfg[4] // cfg[2] >= 8 and not (swiglu and cfg[1] == 64))]
     else:
-        grid = itertools.product([1, 2], [64, 128] if quick else [32, 64, 128], [1, 2, 4], [4] if quick else [4, 6])
-    return [cfg for cfg in grid if smem_bytes(cfg[0], cfg[1], cfg[3], swiglu) <= 227 << 10]
+        grid = itertools.product([1, 2], [64, 128] if quick else [32, 64, 128], [1, 2, 4], [4] if quick else [4, 6],
+                                 [0])
+    return [cfg for cfg in grid if smem_bytes(cfg[0], cfg[1], cfg[3], swiglu, cfg[4]) <= 227 << 10]
+
+
+def config_name(cfg) -> str:
+    return "wg{}_n{}_c{}_s{}".format(*cfg[:4]) + (f"_m{cfg[4]}" if cfg[4] else "")
 
 
 def probe_row(mk, kernels: dict, M: int, op: str, ns: tuple, K: int, quick: bool) -> dict:
@@ -295,7 +415,7 @@ def probe_row(mk, kernels: dict, M: int, op: str, ns: tuple, K: int, quick: bool
     ours = {"linear": lambda ws: (mk.linear(x, ws[0]),), "linears": lambda ws: mk.linears(x, ws),
             "swiglu": lambda ws: (mk.swiglu(x, *ws),)}[op]
     want = ours(ws)
-    timed = M in (64, 128, 256, 512)
+    timed = M in (16, 64, 128, 256, 512)
     nxts = [cold_weights(w) for w in ws] if timed else None
     cold = (lambda: [n() for n in nxts]) if timed else None  # noqa: E731
     row = dict(M=M, N=ns[0] if op == "linear" else list(ns), K=K, op=op)
@@ -308,7 +428,7 @@ def probe_row(mk, kernels: dict, M: int, op: str, ns: tuple, K: int, quick: bool
         if -(-sum(ns[:1 if swiglu else 3]) // cfg[1]) < cfg[2]:
             continue
         try:
-            key = (*cfg, False, swiglu)
+            key = (*cfg[:4], False, swiglu, cfg[4])
             kern = kernels.get(key) or kernels.setdefault(key, TMALinear(*key))
             ys = [torch.full_like(y, float("nan")) for y in want]
             kern(x, ws, ys)
@@ -323,19 +443,20 @@ def probe_row(mk, kernels: dict, M: int, op: str, ns: tuple, K: int, quick: bool
         except Exception as e:  # noqa: BLE001 - a failed config is a result
             r = dict(error=f"{type(e).__name__}: {str(e)[:300]}")
             torch.cuda.synchronize()
-        res["wg{}_n{}_c{}_s{}".format(*cfg)] = r
-    if timed and M <= 64 and op == "linear":  # the K chain alone (no loads after the first S stages), C = 1
-        for bn in (16, 32, 64):
-            key = (1, bn, 1, 8, True, False)
+        res[config_name(cfg)] = r
+    if timed and M == 64 and op == "linear":  # the K chains alone (no loads after the first S stages), C = 1
+        for tag, key in [(f"chain_n{bn}", (1, bn, 1, 8, True, False, 0)) for bn in (16, 32, 64)] + [
+                ("chain_mma_m4", (1, 32, 1, 8, True, False, 4))]:
             try:
                 kern = kernels.get(key) or kernels.setdefault(key, TMALinear(*key))
                 ys = [torch.empty_like(want[0])]
-                res[f"chain_n{bn}"] = dict(us=1e3 * timings(lambda kern=kern, ys=ys: kern(x, ws, ys))[1])  # noqa: B023
+                res[tag] = dict(us=1e3 * timings(lambda kern=kern, ys=ys: kern(x, ws, ys))[1])  # noqa: B023
             except Exception as e:  # noqa: BLE001
-                res[f"chain_n{bn}"] = dict(error=f"{type(e).__name__}: {str(e)[:300]}")
+                res[tag] = dict(error=f"{type(e).__name__}: {str(e)[:300]}")
     row["cfgs"] = res
-    best = min(((k, v["us"]) for k, v in res.items() if "us" in v and v.get("same") and not k.startswith("chain")),
-               key=lambda t: t[1], default=None)
+    timed_ok = [(v["us"], k) for k, v in res.items() if "us" in v and v.get("same") and not k.startswith("chain")]
+    best = {kind: min(((u, k) for u, k in timed_ok if ("_m" in k) == (kind == "mma.sync")), default=None)
+            for kind in ("wgmma", "mma.sync")}
     bad = [k for k, v in res.items() if not v.get("same") and not k.startswith("chain")]
     chain = {k: round(v["us"], 1) for k, v in res.items() if k.startswith("chain") and "us" in v}
     n_cfg = len(res) - len(chain)
@@ -345,8 +466,9 @@ def probe_row(mk, kernels: dict, M: int, op: str, ns: tuple, K: int, quick: bool
     if timed:
         msg += f"; cuBLAS {row['cublas_us']:.1f} us," if "cublas_us" in row else ";"
         msg += f" Triton {row['triton_us']:.1f}"
-        if best:
-            msg += f", best CUDA {best[0]} {best[1]:.1f} ({row['triton_us'] / best[1]:.2f}x Triton)"
+        for kind, b in best.items():
+            if b:
+                msg += f", {kind} {b[1]} {b[0]:.1f} ({row['triton_us'] / b[0]:.2f}x Triton)"
         if chain:
             msg += f"; K chain alone {chain}"
     print(msg, flush=True)
@@ -371,12 +493,13 @@ def main() -> None:
         x = torch.randn(64, 2048, device="cuda").to(torch.bfloat16)
         w = (torch.randn(1024, 2048, device="cuda") * 2048**-0.5).to(torch.bfloat16)
         want = mk.linear(x, w)
-        for c in (1, 2, 4):
+        for c, mt in itertools.product((1, 2, 4), (0, 4)):
             y = torch.full_like(want, float("nan"))
-            TMALinear(1, 16, c, 8)(x, w, y)
+            TMALinear(1, 32 if mt else 16, c, 8, mt=mt)(x, w, y)
             torch.cuda.synchronize()
-            print(f"smoke: cluster {c}: same bits {torch.equal(y.view(torch.int16), want.view(torch.int16))}, "
-                  f"max diff {(y.float() - want.float()).abs().max().item():.3g}", flush=True)
+            same = torch.equal(y.view(torch.int16), want.view(torch.int16))
+            print(f"smoke: {'mma.sync' if mt else 'wgmma'} cluster {c}: same bits {same}, max diff"
+                  f" {(y.float() - want.float()).abs().max().item():.3g}", flush=True)
         return
     rows = []
     for M in a.ms:

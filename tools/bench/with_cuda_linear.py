@@ -19,7 +19,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 
 
 def best_configs(rows: list[dict], m: int = 64, op: str = "linear") -> dict[tuple, tuple[int, ...]]:
-    """(N, K) -> (wg, bn, c, s) of the fastest same-bits config at M == m that beats the Triton time, for one op
+    """(N, K) -> (wg, bn, c, s, mt) of the fastest same-bits config at M == m that beats the Triton time, for one op
     of the probe (linear; linears: N is the weights' N tuple; swiglu: N is (F, F))."""
     out = {}
     for row in rows:
@@ -27,9 +27,10 @@ def best_configs(rows: list[dict], m: int = 64, op: str = "linear") -> dict[tupl
             continue
         timed = [(v["us"], k) for k, v in row["cfgs"].items() if v.get("same") and "us" in v]
         if timed and min(timed)[0] < row["triton_us"]:
-            name = min(timed)[1]  # wg1_n16_c4_s8
+            name = min(timed)[1]
             n = row["N"] if op == "linear" else tuple(row["N"])
-            out[n, row["K"]] = tuple(int(p[1:] if p[0] != "w" else p[2:]) for p in name.split("_"))
+            wg, bn, c, st, *mt = (int(p[2:] if p[0] == "w" else p[1:]) for p in name.split("_"))  # wg1_n16_c4_s8[_m4]
+            out[n, row["K"]] = (wg, bn, c, st, *(mt or [0]))
     return out
 
 
@@ -41,7 +42,7 @@ def install(picks: dict[str, dict[tuple, tuple[int, ...]]]) -> None:
     import miles_kernels._triton as tri
     from miles_kernels._triton import matmul
 
-    kernels = {(cfg, op == "swiglu"): TMALinear(*cfg, swiglu=op == "swiglu")
+    kernels = {(cfg, op == "swiglu"): TMALinear(*cfg[:4], swiglu=op == "swiglu", mt=cfg[4])
                for op, p in picks.items() for cfg in p.values()}
 
     def ours(x, op, key):
@@ -91,7 +92,7 @@ def main() -> None:
     if not picks:
         raise SystemExit(f"with_cuda_linear: {path}: no M 64 shape where a same-bits CUDA config beat Triton")
     install(picks)
-    print("with_cuda_linear: op: (N, K) -> (wg, bn, cluster, stages)", picks, flush=True)
+    print("with_cuda_linear: op: (N, K) -> (wg, bn, cluster, stages, mma.sync m16 tiles or 0)", picks, flush=True)
     sys.argv = [script, *args]
     runpy.run_path(script, run_name="__main__")
 
