@@ -104,6 +104,25 @@ def test_tma_swiglu_source_walks_both_products(bench_script):
     assert probe.smem_bytes(1, 32, 8, swiglu=True) == 8 * (8192 + 2 * 32 * 128) + 128 + 1024
 
 
+def test_tma_mma_configs_and_source(bench_script):
+    """The mma.sync consumers: 16 MT-row tiles, each cluster CTA's x slice at least 8 rows (one 1,024-byte
+    swizzle period), four empty-barrier arrivals a warpgroup, the stage's fragments loaded before the
+    previous step's mma chains, and the shared memory of 16 MT x rows."""
+    probe = bench_script("tma_linear_probe")
+    for m, mts in ((1, {1}), (16, {1}), (32, {1, 2}), (64, {1, 2, 4})):
+        mma = [cfg for cfg in probe.configs(m, True) if cfg[4]]
+        assert {cfg[4] for cfg in mma} == mts and all(16 * cfg[4] // cfg[2] >= 8 for cfg in mma)
+    assert not [cfg for cfg in probe.configs(64, True, swiglu=True) if cfg[4] and cfg[1] == 64]
+    assert not [cfg for cfg in probe.configs(128, True) if cfg[4]]
+    src, name = probe.source(1, 32, 2, 8, mt=4)
+    assert name == "tma_linear_mma_wg1_n32_c2_s8_m4" and "#define MT 4" in src
+    assert "mbar_init(empty0 + 8 * s, C * WG * (MT ? 4 : 1))" in src
+    assert src.index("fetch(f1, ks + 1);") < src.index("chains(f0);")
+    assert probe.config_name((1, 32, 2, 8, 4)) == "wg1_n32_c2_s8_m4" and probe.config_name((1, 16, 1, 8, 0)) == (
+        "wg1_n16_c1_s8")
+    assert probe.smem_bytes(1, 32, 8, mt=2) == 8 * (32 * 128 + 32 * 128) + 128 + 1024
+
+
 def test_with_cuda_linear_takes_the_fastest_same_bits_config(bench_script, tmp_path, monkeypatch):
     """Per (N, K) at M 64: the fastest config that gave linear's bits, only where it beat Triton; a file that is
     not a probe output, or one with no such config, is refused with a message naming it."""
