@@ -24,6 +24,7 @@ import torch
 sys.path.insert(0, os.path.dirname(__file__))
 from kernel_ops import timings  # noqa: E402  (launched ms, CUDA-graph replay ms)
 from linear_sweep import cold_weights  # noqa: E402
+from tma_linear_probe import COMMON  # noqa: E402  (smem_u32, ldsm4 / ldsm2, mma16816, store2)
 
 SOURCE = r"""
 // y[M, N] = x[M, K] @ w[N, K]^T, bf16 (K % 16 == 0); block of 4 warps, warp j: rows 16 blockIdx.y .., cols
@@ -46,32 +47,16 @@ extern "C" __global__ void __launch_bounds__(128) mma_linear(
             b[0] = n < N ? w[(long long)n * k2 + p] : 0u;
             b[1] = n < N ? w[(long long)n * k2 + p + 4] : 0u;
         }
-        asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, "
-                     "{%8, %9}, {%0, %1, %2, %3};\n"
-                     : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-                     : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+        mma16816(c, a, b);
     }
     const int col = n0 + 2 * t;
-    for (int h = 0; h < 2; ++h) {
-        const int row = h ? r1 : r0;
-        if (row < M && col < N) {
-            unsigned short lo, hi;
-            asm("cvt.rn.bf16.f32 %0, %1;" : "=h"(lo) : "f"(c[2 * h]));
-            asm("cvt.rn.bf16.f32 %0, %1;" : "=h"(hi) : "f"(c[2 * h + 1]));
-            y[(long long)row * N + col] = lo;
-            if (col + 1 < N) y[(long long)row * N + col + 1] = hi;
-        }
-    }
+    store2(y, r0, col, M, N, c[0], c[1]);
+    store2(y, r1, col, M, N, c[2], c[3]);
 }
 """
 
 
 PIPE = r"""
-__device__ __forceinline__ unsigned smem_u32(const void* p) {
-    unsigned a;
-    asm("{ .reg .u64 t; cvta.to.shared.u64 t, %1; cvt.u32.u64 %0, t; }" : "=r"(a) : "l"(p));
-    return a;
-}
 // 16 bytes global -> shared, zeros where !ok (src-size 0)
 __device__ __forceinline__ void cp16(unsigned dst, const void* src, bool ok) {
     asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" :: "r"(dst), "l"(src), "r"(ok ? 16 : 0) : "memory");
@@ -119,25 +104,19 @@ extern "C" __global__ void __launch_bounds__(WM * WN * 32) NAME(
 #pragma unroll
             for (int i = 0; i < MT; ++i) {
                 const unsigned addr = st + 2 * ((16 * (MT * wi + i) + lane % 16) * P + kk * 16 + (lane / 16) * 8);
-                asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
-                             : "=r"(a[i][0]), "=r"(a[i][1]), "=r"(a[i][2]), "=r"(a[i][3]) : "r"(addr));
+                ldsm4(a[i], addr);
             }
 #pragma unroll
             for (int j = 0; j < NT; ++j) {
                 const unsigned addr = st + 2 * XS + 2 * ((8 * (NT * wj + j) + lane % 8) * P + kk * 16
                                                         + ((lane / 8) % 2) * 8);
-                asm volatile("ldmatrix.sync.aligned.m8n8.x2.shared.b16 {%0, %1}, [%2];\n"
-                             : "=r"(b[j][0]), "=r"(b[j][1]) : "r"(addr));
+                ldsm2(b[j], addr);
             }
 #pragma unroll
             for (int i = 0; i < MT; ++i)
 #pragma unroll
                 for (int j = 0; j < NT; ++j)
-                    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, "
-                                 "{%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};\n"
-                                 : "+f"(c[i][j][0]), "+f"(c[i][j][1]), "+f"(c[i][j][2]), "+f"(c[i][j][3])
-                                 : "r"(a[i][0]), "r"(a[i][1]), "r"(a[i][2]), "r"(a[i][3]), "r"(b[j][0]),
-                                   "r"(b[j][1]));
+                    mma16816(c[i][j], a[i], b[j]);
         }
     }
     const int g = lane / 4, t = lane % 4;
@@ -148,14 +127,7 @@ extern "C" __global__ void __launch_bounds__(WM * WN * 32) NAME(
 #pragma unroll
             for (int h = 0; h < 2; ++h) {
                 const int row = m0 + 16 * (MT * wi + i) + g + 8 * h, col = n0 + 8 * (NT * wj + j) + 2 * t;
-                if (row < M && col < N) {
-                    unsigned short lo, hi;
-                    asm("cvt.rn.bf16.f32 %0, %1;" : "=h"(lo) : "f"(c[i][j][2 * h]));
-                    asm("cvt.rn.bf16.f32 %0, %1;" : "=h"(hi) : "f"(c[i][j][2 * h + 1]));
-                    const unsigned v = (unsigned)lo | ((unsigned)hi << 16);
-                    if (col + 1 < N) *reinterpret_cast<unsigned*>(y + (long long)row * N + col) = v;
-                    else y[(long long)row * N + col] = lo;
-                }
+                store2(y, row, col, M, N, c[i][j][2 * h], c[i][j][2 * h + 1]);
             }
 }
 """
@@ -164,7 +136,7 @@ extern "C" __global__ void __launch_bounds__(WM * WN * 32) NAME(
 def pipe_source(wm: int, mt: int, wn: int, nt: int, s: int) -> tuple[str, str]:
     name = f"mma_pipe_wm{wm}_mt{mt}_wn{wn}_nt{nt}_s{s}"
     head = f"#define WM {wm}\n#define MT {mt}\n#define WN {wn}\n#define NT {nt}\n#define S {s}\n"
-    return head + PIPE.replace("NAME", name), name
+    return COMMON + head + PIPE.replace("NAME", name), name
 
 
 def pipe_smem(wm: int, mt: int, wn: int, nt: int, s: int) -> int:
@@ -188,7 +160,7 @@ def main() -> None:
     import miles_kernels as mk
     from tma_linear_probe import TMALinear
 
-    kern = torch.cuda._compile_kernel(SOURCE, "mma_linear", compute_capability="90a")
+    kern = torch.cuda._compile_kernel(COMMON + SOURCE, "mma_linear", compute_capability="90a")
     pipes = {}
     for cfg in PIPE_CFGS:
         src, name = pipe_source(*cfg)
