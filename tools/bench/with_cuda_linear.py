@@ -16,33 +16,31 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
+from tma_linear_probe import TMALinear, parse_config  # noqa: E402
 
 
-def best_configs(rows: list[dict], m: int = 64, op: str = "linear") -> dict[tuple, tuple[int, ...]]:
-    """(N, K) -> (wg, bn, c, s, mt) of the fastest same-bits config at M == m that beats the Triton time, for one op
-    of the probe (linear; linears: N is the weights' N tuple; swiglu: N is (F, F))."""
+def best_configs(rows: list[dict], m: int = 64, op: str = "linear", beat: bool = True) -> dict[tuple, tuple[int, ...]]:
+    """(N, K) -> (wg, bn, c, s, mt, wm) of the fastest same-bits config at M == m (that beats the Triton time where
+    beat), for one op of the probe (linear; linears: N is the weights' N tuple; swiglu: N is (F, F))."""
     out = {}
     for row in rows:
         if row["M"] != m or "triton_us" not in row or row.get("op", "linear") != op:
             continue
         timed = [(v["us"], k) for k, v in row["cfgs"].items() if v.get("same") and "us" in v]
-        if timed and min(timed)[0] < row["triton_us"]:
+        if timed and (min(timed)[0] < row["triton_us"] or not beat):
             name = min(timed)[1]
             n = row["N"] if op == "linear" else tuple(row["N"])
-            wg, bn, c, st, *mt = (int(p[2:] if p[0] == "w" else p[1:]) for p in name.split("_"))  # wg1_n16_c4_s8[_m4]
-            out[n, row["K"]] = (wg, bn, c, st, *(mt or [0]))
+            out[n, row["K"]] = parse_config(name)
     return out
 
 
 def install(picks: dict[str, dict[tuple, tuple[int, ...]]]) -> None:
     """Route the picked shapes to the CUDA kernels: linear through matmul._launch_linear, q|k|v and gate|up
     through miles_kernels._triton's linears / swiglu (what ops calls), at M <= 64, bf16, no bias."""
-    from tma_linear_probe import TMALinear
-
     import miles_kernels._triton as tri
     from miles_kernels._triton import matmul
 
-    kernels = {(cfg, op == "swiglu"): TMALinear(*cfg[:4], swiglu=op == "swiglu", mt=cfg[4])
+    kernels = {(cfg, op == "swiglu"): TMALinear(*cfg[:4], swiglu=op == "swiglu", mt=cfg[4], wm=cfg[5])
                for op, p in picks.items() for cfg in p.values()}
 
     def ours(x, op, key):
@@ -92,7 +90,8 @@ def main() -> None:
     if not picks:
         raise SystemExit(f"with_cuda_linear: {path}: no M 64 shape where a same-bits CUDA config beat Triton")
     install(picks)
-    print("with_cuda_linear: op: (N, K) -> (wg, bn, cluster, stages, mma.sync m16 tiles or 0)", picks, flush=True)
+    print("with_cuda_linear: op: (N, K) -> (wg, bn, cluster, stages, mma.sync m16 tiles or 0, warps along M)", picks,
+          flush=True)
     sys.argv = [script, *args]
     runpy.run_path(script, run_name="__main__")
 
