@@ -1,8 +1,8 @@
 """The decode-step probes in tools/bench (split_probe, step_peer, prefetch_probe, wgmma_probe, mma_probe,
-tma_linear_probe) refuse a machine without a GPU with a message saying so; on CPU, split_probe's
+tma_linear_probe, linear_chain_probe) refuse a machine without a GPU with a message saying so; on CPU, split_probe's
 layer-at-a-time trunk gives Transformer.forward's bits (its two-stream variants rest on that), step_peer's
 torch step runs (right shape, finite logits), tma_linear_probe's kernel source is well formed, and
-with_cuda_linear picks configs from a probe output as it says."""
+with_cuda_linear and linear_chain_probe pick configs from a probe output as they say."""
 
 import json
 
@@ -17,6 +17,24 @@ pytest.importorskip("triton")
 def test_needs_a_gpu(bench_refusal, monkeypatch, name):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert "needs a CUDA GPU" in bench_refusal(name)
+
+
+def test_linear_chain_probe_refusals(bench_refusal, monkeypatch, tmp_path):
+    """A file that is not a probe output, one without a config for every op of the model, and a machine
+    without a GPU are refused with a message naming what is missing."""
+    bad = tmp_path / "bad.json"
+    bad.write_text("[]")
+    assert "not a tma_linear_probe output" in bench_refusal("linear_chain_probe", str(bad))
+    rows = [dict(M=64, op="linear", N=1024, K=2048, triton_us=6.0, cfgs={"wg1_n16_c1_s8": dict(same=True, us=7.0)})]
+    part = tmp_path / "part.json"
+    part.write_text(json.dumps(dict(rows=rows)))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert "needs a CUDA GPU" in bench_refusal("linear_chain_probe", str(part))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda: (9, 0))
+    msg = bench_refusal("linear_chain_probe", str(part))
+    assert "no same-bits M 64 config for qwen3-0.6b" in msg and "linears ((2048, 1024, 1024), 1024)" in msg
+    assert "linear (1024, 2048)" not in msg  # o has one (slower than Triton: the chain takes it anyway)
 
 
 def test_step_peer_shapes_are_checked(bench_refusal, monkeypatch):
@@ -111,16 +129,50 @@ def test_tma_mma_configs_and_source(bench_script):
     probe = bench_script("tma_linear_probe")
     for m, mts in ((1, {1}), (16, {1}), (32, {1, 2}), (64, {1, 2, 4})):
         mma = [cfg for cfg in probe.configs(m, True) if cfg[4]]
-        assert {cfg[4] for cfg in mma} == mts and all(16 * cfg[4] // cfg[2] >= 8 for cfg in mma)
+        assert {cfg[4] for cfg in mma} == mts and all(16 * cfg[4] * cfg[5] // cfg[2] >= 8 for cfg in mma)
+        assert {cfg[5] for cfg in mma} == ({1} if m <= 16 else {1, 4})  # warps along M only where M fills them
+    assert (1, 8, 8, 8, 1, 4) in probe.configs(64, True)  # 8-row x slices of a 64-row tile: a cluster of 8
     assert not [cfg for cfg in probe.configs(64, True, swiglu=True) if cfg[4] and cfg[1] == 64]
     assert not [cfg for cfg in probe.configs(128, True) if cfg[4]]
     src, name = probe.source(1, 32, 2, 8, mt=4)
     assert name == "tma_linear_mma_wg1_n32_c2_s8_m4" and "#define MT 4" in src
     assert "mbar_init(empty0 + 8 * s, C * WG * (MT ? 4 : 1))" in src
     assert src.index("fetch(f1, ks + 1);") < src.index("chains(f0);")
+    # a stage goes back to the producer a chain after its ldmatrix, behind the generic -> async proxy fence
+    loop = src[src.index("for (; ks + 2 < nk; ks += 2)"):]
+    assert loop.index("release(ks);") < loop.index("fetch(f1, ks + 1);") < loop.index("chains(f0);") < loop.index(
+        "release(ks + 1);") < loop.index("fetch(f0, ks + 2);")
+    rel = src[src.index("auto release"):]
+    assert rel.index("fence.proxy.async.shared::cta") < rel.index("mbar_arrive_cta(")
     assert probe.config_name((1, 32, 2, 8, 4)) == "wg1_n32_c2_s8_m4" and probe.config_name((1, 16, 1, 8, 0)) == (
         "wg1_n16_c1_s8")
+    assert probe.config_name((1, 8, 8, 8, 1, 4)) == "wg1_n8_c8_s8_m1_w4"
+    for cfg in [(1, 16, 1, 8, 0, 1), (1, 32, 2, 8, 4, 1), (1, 8, 8, 12, 1, 4)]:
+        assert probe.parse_config(probe.config_name(cfg)) == cfg
     assert probe.smem_bytes(1, 32, 8, mt=2) == 8 * (32 * 128 + 32 * 128) + 128 + 1024
+    assert probe.smem_bytes(1, 8, 8, mt=1, wm=4) == 8 * (64 * 128 + 8 * 128) + 128 + 1024
+    src, name = probe.source(1, 8, 8, 8, mt=1, wm=4)
+    assert name == "tma_linear_mma_wg1_n8_c8_s8_m1_w4" and "#define WM 4" in src and "#define PDL 0" in src
+
+
+def test_tma_pdl_source_and_launch_structs(bench_script):
+    """PDL: the producer loads the first S stages' weights, then waits for the previous kernel, then loads their
+    x; consumers wait before any store; mode 1 lets the next kernel launch at once. The launch structs have the
+    driver's layout (CUlaunchAttribute 72 bytes, CUlaunchConfig 56 with the stream at 32)."""
+    import ctypes
+
+    probe = bench_script("tma_linear_probe")
+    src, name = probe.source(1, 16, 2, 8, pdl=1)
+    assert name == "tma_linear_wg1_n16_c2_s8_pdl1" and "#define PDL 1" in src
+    prod = src[src.index("if (warp == WG * 4)"):]
+    assert prod.index("tma_load(st + XB, wmap, full, ks * 64, n0);") < prod.index("pdl_wait();") < prod.index(
+        "tma_load(st, &xmap, full, ks * 64, m0);")
+    assert src.index("if (PDL == 1) pdl_launch_next();") < src.index("if (warp == WG * 4)")
+    for part in src.split("} else {  // mma.sync consumers")[1], src.split("const int g = warp / 4;")[0][-200:]:
+        assert "if (PDL) pdl_wait();" in part
+    assert ctypes.sizeof(probe.LaunchAttribute) == 72 and probe.LaunchAttribute.value.offset == 8
+    assert ctypes.sizeof(probe.LaunchConfig) == 56 and probe.LaunchConfig.stream.offset == 32
+    assert probe.LaunchConfig.attrs.offset == 40 and probe.LaunchConfig.n_attrs.offset == 48
 
 
 def test_with_cuda_linear_takes_the_fastest_same_bits_config(bench_script, tmp_path, monkeypatch):
@@ -132,13 +184,14 @@ def test_with_cuda_linear_takes_the_fastest_same_bits_config(bench_script, tmp_p
                                                              "wg1_n64_c1_s8": dict(same=False, differ=3)}),
             dict(M=64, N=4096, K=1024, triton_us=3.0, cfgs={"wg1_n16_c4_s8": dict(same=True, us=4.0)}),
             dict(M=37, N=1024, K=2048, cfgs={"wg1_n16_c4_s8": dict(same=True)})]
-    assert tool.best_configs(rows) == {(1024, 2048): (1, 32, 2, 8, 4)}
+    assert tool.best_configs(rows) == {(1024, 2048): (1, 32, 2, 8, 4, 1)}
+    assert tool.best_configs(rows, beat=False) == {(1024, 2048): (1, 32, 2, 8, 4, 1), (4096, 1024): (1, 16, 4, 8, 0, 1)}
     fused = [dict(M=64, op="swiglu", N=[3072, 3072], K=1024, triton_us=8.0, cfgs={"wg1_n32_c2_s8": dict(same=True,
                                                                                                     us=5.0)}),
              dict(M=64, op="linears", N=[2048, 1024, 1024], K=1024, triton_us=6.0,
                   cfgs={"wg1_n16_c4_s8": dict(same=True, us=6.5)})]
-    assert tool.best_configs(rows + fused) == {(1024, 2048): (1, 32, 2, 8, 4)}
-    assert tool.best_configs(rows + fused, op="swiglu") == {((3072, 3072), 1024): (1, 32, 2, 8, 0)}
+    assert tool.best_configs(rows + fused) == {(1024, 2048): (1, 32, 2, 8, 4, 1)}
+    assert tool.best_configs(rows + fused, op="swiglu") == {((3072, 3072), 1024): (1, 32, 2, 8, 0, 1)}
     assert tool.best_configs(rows + fused, op="linears") == {}
     bad = tmp_path / "bad.json"
     bad.write_text("{}")

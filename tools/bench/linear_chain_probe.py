@@ -160,7 +160,7 @@ def main() -> None:
     a = ap.parse_args()
     try:
         rows = json.load(open(a.probe))["rows"]
-    except (OSError, ValueError, KeyError) as e:
+    except (OSError, ValueError, KeyError, TypeError) as e:
         raise SystemExit(f"linear_chain_probe: {a.probe}: not a tma_linear_probe output ({e})") from None
     picks = {op: best_configs(rows, op=op, beat=False) for op in ("linear", "linears", "swiglu")}
     if not torch.cuda.is_available() or torch.cuda.get_device_capability() < (9, 0):

@@ -84,7 +84,7 @@ def main() -> None:
     path, script, *args = argv[0], *argv[2:]
     try:
         rows = json.load(open(path))["rows"]
-    except (OSError, ValueError, KeyError) as e:
+    except (OSError, ValueError, KeyError, TypeError) as e:
         raise SystemExit(f"with_cuda_linear: {path}: not a tma_linear_probe output ({e})") from None
     picks = {op: p for op in ("linear", "linears", "swiglu") if (p := best_configs(rows, op=op))}
     if not picks:
