@@ -8,7 +8,7 @@ CUDA graph of all layers, replayed by turns; the outputs are checked bit for bit
     PYTHONPATH=src:kernels python tools/bench/linear_chain_probe.py TMA.json --model qwen3-0.6b qwen3-8b \
         --out chain.json
 
-TMA.json is a `tma_linear_probe.py --fused` output: each shape takes its fastest same-bits config at M 64.
+TMA.json is a `tma_linear_probe.py --fused` output: each shape takes its fastest same-bits config at M (64).
 Variants: triton; cuda (no PDL); cuda_pdl1 (each kernel lets the next launch at its start); cuda_pdl2 (the next
 launches when this one exits: what a Triton kernel before ours gives without `gdc_launch_dependents`).
 """
@@ -153,7 +153,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("probe", help="tma_linear_probe.py --fused output (JSON)")
     ap.add_argument("--model", nargs="+", default=["qwen3-0.6b"], choices=sorted(MODELS))
-    ap.add_argument("--m", type=int, default=64)
+    ap.add_argument("--m", type=int, default=64, help="rows (the batch); configs from the probe's rows at this M")
     ap.add_argument("--layers", type=int, default=None, help="default: the model's")
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--out", default="linear_chain_probe.json")
@@ -162,7 +162,7 @@ def main() -> None:
         rows = json.load(open(a.probe))["rows"]
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise SystemExit(f"linear_chain_probe: {a.probe}: not a tma_linear_probe output ({e})") from None
-    picks = {op: best_configs(rows, op=op, beat=False) for op in ("linear", "linears", "swiglu")}
+    picks = {op: best_configs(rows, m=a.m, op=op, beat=False) for op in ("linear", "linears", "swiglu")}
     if not torch.cuda.is_available() or torch.cuda.get_device_capability() < (9, 0):
         raise SystemExit("linear_chain_probe: needs a CUDA GPU of compute capability 9.0 (Hopper: TMA, PDL)")
     import miles_kernels as mk
@@ -174,7 +174,7 @@ def main() -> None:
         missing = [f"{op} {key}" for op, key in need if key not in picks[op]]
         if missing:
             raise SystemExit(f"linear_chain_probe: {a.probe} has no same-bits M {a.m} config for {name}: {missing} "
-                             "(run tma_linear_probe.py --fused --ms 64)")
+                             f"(run tma_linear_probe.py --fused --ms {a.m})")
         out.append(run_model(mk, name, picks, a.m, a.rounds, a.layers))
         json.dump(dict(device=torch.cuda.get_device_name(), rows=out), open(a.out, "w"), indent=1)
     print(f"wrote {a.out}")
