@@ -12,6 +12,11 @@ has released it, since the multicast writes into all of them). Shared memory til
 that TMA writes and wgmma reads. Compiled on the GPU by NVRTC (torch.cuda._compile_kernel); the tensor maps
 are encoded by the driver (cuTensorMapEncodeTiled) and passed by value.
 
+At M <= 64 the probe also builds mma.sync consumers (`_m` configs; m16n8k16 sums a k16 slice with wgmma's bits,
+mma_probe.py): four warps along N (16 MT-row tiles) or along M (`_w4`: a 64-row tile), fragments loaded by
+ldmatrix a K step ahead of the chains. A PDL build (`pdl`, for linear_chain_probe.py) loads the first S steps'
+weights before waiting for the kernel ahead of it in the stream.
+
     PYTHONPATH=src:kernels python tools/bench/tma_linear_probe.py --out tma.json [--quick]
 """
 
