@@ -165,8 +165,8 @@ def test_tma_pdl_source_and_launch_structs(bench_script):
     src, name = probe.source(1, 16, 2, 8, pdl=1)
     assert name == "tma_linear_wg1_n16_c2_s8_pdl1" and "#define PDL 1" in src
     prod = src[src.index("if (warp == WG * 4)"):]
-    assert prod.index("tma_load(st + XB, wmap, full, ks * 64, n0);") < prod.index("pdl_wait();") < prod.index(
-        "tma_load(st, &xmap, full, ks * 64, m0);")
+    assert prod.index("for (int ks = 0; ks < ks0; ++ks) load_w(ks);") < prod.index("pdl_wait();") < prod.index(
+        "for (int ks = 0; ks < ks0; ++ks) load_x(ks);")
     assert src.index("if (PDL == 1) pdl_launch_next();") < src.index("if (warp == WG * 4)")
     for part in src.split("} else {  // mma.sync consumers")[1], src.split("const int g = warp / 4;")[0][-200:]:
         assert "if (PDL) pdl_wait();" in part

@@ -149,35 +149,30 @@ extern "C" __global__ void __launch_bounds__(WG * 128 + 32) __cluster_dims__(C, 
     if (PDL == 1) pdl_launch_next();
     if (warp == WG * 4) {  // producer
         if (lane == 0) {
-            int ks0 = 0;
-            if (PDL) {  // the weights of the first S steps load while the previous kernel runs; x after it is done
-                ks0 = nk < S ? nk : S;
-                for (int ks = 0; ks < ks0; ++ks) {
-                    const unsigned full = full0 + 8 * ks, st = base + ks * SB;
-                    mbar_expect_tx(full, SB);
-                    tma_load(st + XB, wmap, full, ks * 64, n0);
-                    if (SWIGLU) tma_load(st + XB + WB, &wmap1, full, ks * 64, n0);
-                }
-                pdl_wait();
-                for (int ks = 0; ks < ks0; ++ks) {
-                    const unsigned full = full0 + 8 * ks, st = base + ks * SB;
-                    if (C > 1)
-                        tma_load_mc(st + rank * (XB / C), &xmap, full, ks * 64, m0 + rank * (BM / C), (1 << C) - 1);
-                    else
-                        tma_load(st, &xmap, full, ks * 64, m0);
-                }
-            }
-            for (int ks = ks0; ks < (CHAIN ? (nk < S ? nk : S) : nk); ++ks) {
-                const int s = ks % S;
-                const unsigned full = full0 + 8 * s, st = base + s * SB;
-                if (ks >= S) mbar_wait(empty0 + 8 * s, ((ks / S) - 1) & 1);
+            auto load_w = [&](int ks) {  // step ks's stage: expect its bytes, load the weight tile(s)
+                const unsigned full = full0 + 8 * (ks % S), st = base + (ks % S) * SB;
                 mbar_expect_tx(full, SB);
                 tma_load(st + XB, wmap, full, ks * 64, n0);
                 if (SWIGLU) tma_load(st + XB + WB, &wmap1, full, ks * 64, n0);
+            };
+            auto load_x = [&](int ks) {  // this CTA's slice of step ks's x, multicast to the cluster
+                const unsigned full = full0 + 8 * (ks % S), st = base + (ks % S) * SB;
                 if (C > 1)
                     tma_load_mc(st + rank * (XB / C), &xmap, full, ks * 64, m0 + rank * (BM / C), (1 << C) - 1);
                 else
                     tma_load(st, &xmap, full, ks * 64, m0);
+            };
+            int ks0 = 0;
+            if (PDL) {  // the weights of the first S steps load while the previous kernel runs; x after it is done
+                ks0 = nk < S ? nk : S;
+                for (int ks = 0; ks < ks0; ++ks) load_w(ks);
+                pdl_wait();
+                for (int ks = 0; ks < ks0; ++ks) load_x(ks);
+            }
+            for (int ks = ks0; ks < (CHAIN ? (nk < S ? nk : S) : nk); ++ks) {
+                if (ks >= S) mbar_wait(empty0 + 8 * (ks % S), ((ks / S) - 1) & 1);
+                load_w(ks);
+                load_x(ks);
             }
         }
 #if MT
