@@ -16,12 +16,12 @@ launches when this one exits: what a Triton kernel before ours gives without `gd
 import argparse
 import json
 import os
-import statistics
 import sys
 
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
+from split_probe import graphed, time_rounds  # noqa: E402  (capture once; replays by turns, median us)
 from tma_linear_probe import TMALinear  # noqa: E402
 from with_cuda_linear import best_configs  # noqa: E402
 
@@ -72,31 +72,6 @@ class CudaChain:
         return outs
 
 
-def graph_of(fn) -> torch.cuda.CUDAGraph:
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        fn()  # warm (compiles, tensor maps)
-    torch.cuda.current_stream().wait_stream(side)
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
-    torch.cuda.synchronize()
-    return graph
-
-
-def replay_us(graph: torch.cuda.CUDAGraph, reps: int) -> float:
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    graph.replay()
-    start.record()
-    for _ in range(reps):
-        graph.replay()
-    end.record()
-    end.synchronize()
-    return 1e3 * start.elapsed_time(end) / reps
-
-
 def run_model(mk, name: str, picks: dict, m: int, rounds: int, n_layers: int | None) -> dict:
     dims = MODELS[name]
     d, q, kv, f, nl = dims
@@ -106,7 +81,7 @@ def run_model(mk, name: str, picks: dict, m: int, rounds: int, n_layers: int | N
     x = torch.randn(m, d, generator=g, device="cuda").to(torch.bfloat16)
     want = triton_chain(mk, layers, x)
     graphs, row = {}, dict(model=name, M=m, layers=nl)
-    graphs["triton"] = graph_of(lambda: triton_chain(mk, layers, x))
+    graphs["triton"] = graphed(lambda: triton_chain(mk, layers, x))[0]
     for pdl in (0, 1, 2):
         tag = "cuda" + (f"_pdl{pdl}" if pdl else "")
         try:
@@ -116,7 +91,7 @@ def run_model(mk, name: str, picks: dict, m: int, rounds: int, n_layers: int | N
             chain(layers, x, outs)
             torch.cuda.synchronize()
             eager_same = all(torch.equal(o.view(torch.int16), w.view(torch.int16)) for o, w in zip(outs, want))
-            graphs[tag] = graph_of(lambda chain=chain, outs=outs: chain(layers, x, outs))
+            graphs[tag] = graphed(lambda chain=chain, outs=outs: chain(layers, x, outs))[0]
             for o in outs:
                 o.fill_(float("nan"))
             graphs[tag].replay()
@@ -127,14 +102,11 @@ def run_model(mk, name: str, picks: dict, m: int, rounds: int, n_layers: int | N
             row[tag] = dict(error=f"{type(e).__name__}: {str(e)[:300]}")
             torch.cuda.synchronize()
             graphs.pop(tag, None)
-    times: dict[str, list[float]] = {t: [] for t in graphs}
-    reps = max(5, round(20e3 / max(replay_us(graphs["triton"], 3), 1.0)))  # ~20 ms a read
-    for _ in range(rounds):
-        for tag, graph in graphs.items():
-            times[tag].append(replay_us(graph, reps))
+    one = time_rounds({"triton": graphs["triton"]}, 1, 1)["triton"]
+    reps = max(5, round(20e3 / max(one, 1.0)))  # ~20 ms a read
     row.setdefault("triton", {})
-    for tag, ts in times.items():
-        row[tag].update(us=statistics.median(ts), reads=ts, us_per_layer=statistics.median(ts) / nl)
+    for tag, us in time_rounds(graphs, reps, rounds).items():
+        row[tag].update(us=us, us_per_layer=us / nl)
     base = row["triton"]["us"]
     msg = f"{name} M={m} {nl} layers: triton {base:.1f} us ({base / nl:.2f} a layer)"
     for tag in graphs:
