@@ -2,10 +2,12 @@
 kernel, and q|k|v (linears) and gate|up (swiglu) too where the probe ran with --fused: the end-to-end A/B of
 that kernel before it goes into miles_kernels. Each shape gets the fastest config that gave miles_kernels'
 bits at M 64 in a tma_linear_probe output, where it beat Triton; other shapes, biases and M > 64 stay on the
-Triton kernels.
+Triton kernels. `--pdl 1` / `--pdl 2` launch the CUDA kernels with programmatic dependent launch (each loads its
+first stages' weights before waiting for the kernel ahead of it; 1: it lets the next kernel launch at its start,
+2: at its exit).
 
-    PYTHONPATH=src:kernels python tools/bench/with_cuda_linear.py tma.json -- tools/bench/engine.py --quick \\
-        --only engine --out cuda.json
+    PYTHONPATH=src:kernels python tools/bench/with_cuda_linear.py tma.json [--pdl 1] -- tools/bench/engine.py \\
+        --quick --only engine --out cuda.json
 """
 
 import json
@@ -34,13 +36,13 @@ def best_configs(rows: list[dict], m: int = 64, op: str = "linear", beat: bool =
     return out
 
 
-def install(picks: dict[str, dict[tuple, tuple[int, ...]]]) -> None:
+def install(picks: dict[str, dict[tuple, tuple[int, ...]]], pdl: int = 0) -> None:
     """Route the picked shapes to the CUDA kernels: linear through matmul._launch_linear, q|k|v and gate|up
     through miles_kernels._triton's linears / swiglu (what ops calls), at M <= 64, bf16, no bias."""
     import miles_kernels._triton as tri
     from miles_kernels._triton import matmul
 
-    kernels = {(cfg, op == "swiglu"): TMALinear(*cfg[:4], swiglu=op == "swiglu", mt=cfg[4], wm=cfg[5])
+    kernels = {(cfg, op == "swiglu"): TMALinear(*cfg[:4], swiglu=op == "swiglu", mt=cfg[4], wm=cfg[5], pdl=pdl)
                for op, p in picks.items() for cfg in p.values()}
 
     def ours(x, op, key):
@@ -78,10 +80,16 @@ def install(picks: dict[str, dict[tuple, tuple[int, ...]]]) -> None:
 
 
 def main() -> None:
-    argv = sys.argv[1:]
-    if "--" not in argv or argv.index("--") != 1 or len(argv) < 3:
-        raise SystemExit("with_cuda_linear: usage: with_cuda_linear.py PROBE.json -- SCRIPT [ARGS ...]")
-    path, script, *args = argv[0], *argv[2:]
+    argv, usage = sys.argv[1:], "with_cuda_linear: usage: with_cuda_linear.py PROBE.json [--pdl 0|1|2] -- SCRIPT [ARGS]"
+    if "--" not in argv or len(argv) < argv.index("--") + 2:
+        raise SystemExit(usage)
+    ours, (script, *args) = argv[:argv.index("--")], argv[argv.index("--") + 1:]
+    pdl = 0
+    if len(ours) == 3 and ours[1] == "--pdl" and ours[2] in ("0", "1", "2"):
+        pdl = int(ours[2])
+    elif len(ours) != 1:
+        raise SystemExit(f"{usage} (got {' '.join(ours)!r} before --)")
+    path = ours[0]
     try:
         rows = json.load(open(path))["rows"]
     except (OSError, ValueError, KeyError, TypeError) as e:
@@ -89,9 +97,9 @@ def main() -> None:
     picks = {op: p for op in ("linear", "linears", "swiglu") if (p := best_configs(rows, op=op))}
     if not picks:
         raise SystemExit(f"with_cuda_linear: {path}: no M 64 shape where a same-bits CUDA config beat Triton")
-    install(picks)
-    print("with_cuda_linear: op: (N, K) -> (wg, bn, cluster, stages, mma.sync m16 tiles or 0, warps along M)", picks,
-          flush=True)
+    install(picks, pdl)
+    print(f"with_cuda_linear (pdl {pdl}): op: (N, K) -> (wg, bn, cluster, stages, mma.sync m16 tiles or 0, "
+          "warps along M)", picks, flush=True)
     sys.argv = [script, *args]
     runpy.run_path(script, run_name="__main__")
 
