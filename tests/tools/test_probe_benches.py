@@ -170,6 +170,12 @@ def test_tma_pdl_source_and_launch_structs(bench_script):
     assert src.index("if (PDL == 1) pdl_launch_next();") < src.index("if (warp == WG * 4)")
     for part in src.split("} else {  // mma.sync consumers")[1], src.split("const int g = warp / 4;")[0][-200:]:
         assert "if (PDL) pdl_wait();" in part
+    # mode 3: the producer triggers after its last load, each consumer after its K walk, before its stores
+    late = "if (PDL == 3) pdl_launch_next();"
+    assert src.count(late) == 3 and prod.index("load_x(ks);\n            }") < prod.index(late)
+    mma, wg = src.split("} else {  // mma.sync consumers")[1].split("const int g = warp / 4;")
+    for part, walked in (mma, "chains(f0);\n        }"), (wg, "wgmma.wait_group.sync.aligned 0;"):
+        assert part.index(walked) < part.index(late) < part.index("store2(")
     assert ctypes.sizeof(probe.LaunchAttribute) == 72 and probe.LaunchAttribute.value.offset == 8
     assert ctypes.sizeof(probe.LaunchConfig) == 56 and probe.LaunchConfig.stream.offset == 32
     assert probe.LaunchConfig.attrs.offset == 40 and probe.LaunchConfig.n_attrs.offset == 48

@@ -10,7 +10,8 @@ CUDA graph of all layers, replayed by turns; the outputs are checked bit for bit
 
 TMA.json is a `tma_linear_probe.py --fused` output: each shape takes its fastest same-bits config at M (64).
 Variants: triton; cuda (no PDL); cuda_pdl1 (each kernel lets the next launch at its start); cuda_pdl2 (the next
-launches when this one exits: what a Triton kernel before ours gives without `gdc_launch_dependents`).
+launches when this one exits: what a Triton kernel before ours gives without `gdc_launch_dependents`); cuda_pdl3
+(the next launches once this one's last loads are issued and its K walks done).
 """
 
 import argparse
@@ -26,6 +27,7 @@ from tma_linear_probe import TMALinear  # noqa: E402
 from with_cuda_linear import best_configs  # noqa: E402
 
 # hidden, q (heads x 128), kv, intermediate, layers
+VARIANTS = ("cuda", "cuda_pdl1", "cuda_pdl2", "cuda_pdl3")
 MODELS = {"qwen3-0.6b": (1024, 2048, 1024, 3072, 28), "qwen3-8b": (4096, 4096, 1024, 12288, 36)}
 
 
@@ -72,7 +74,7 @@ class CudaChain:
         return outs
 
 
-def run_model(mk, name: str, picks: dict, m: int, rounds: int, n_layers: int | None) -> dict:
+def run_model(mk, name: str, picks: dict, m: int, rounds: int, n_layers: int | None, variants: list[str]) -> dict:
     dims = MODELS[name]
     d, q, kv, f, nl = dims
     nl = n_layers or nl
@@ -82,8 +84,8 @@ def run_model(mk, name: str, picks: dict, m: int, rounds: int, n_layers: int | N
     want = triton_chain(mk, layers, x)
     graphs, row = {}, dict(model=name, M=m, layers=nl)
     graphs["triton"] = graphed(lambda: triton_chain(mk, layers, x))[0]
-    for pdl in (0, 1, 2):
-        tag = "cuda" + (f"_pdl{pdl}" if pdl else "")
+    for tag in variants:
+        pdl = int(tag[-1]) if tag != "cuda" else 0
         try:
             chain = CudaChain(picks, dims, m, pdl)
             row["configs"] = {op: list(c) for op, c in chain.cfg.items()}
@@ -114,7 +116,7 @@ def run_model(mk, name: str, picks: dict, m: int, rounds: int, n_layers: int | N
             r = row[tag]
             msg += (f"; {tag} {r['us']:.1f} ({r['us'] / nl:.2f}, {base / r['us']:.3f}x triton, bits "
                     f"{'same' if r['eager_same'] and r['graph_same'] else 'DIFFER'})")
-    for tag in ("cuda", "cuda_pdl1", "cuda_pdl2"):
+    for tag in variants:
         if "error" in row.get(tag, {}):
             msg += f"; {tag} failed: {row[tag]['error'][:160]}"
     print(msg, flush=True)
@@ -128,6 +130,7 @@ def main() -> None:
     ap.add_argument("--m", type=int, default=64, help="rows (the batch); configs from the probe's rows at this M")
     ap.add_argument("--layers", type=int, default=None, help="default: the model's")
     ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
     ap.add_argument("--out", default="linear_chain_probe.json")
     a = ap.parse_args()
     try:
@@ -147,7 +150,7 @@ def main() -> None:
         if missing:
             raise SystemExit(f"linear_chain_probe: {a.probe} has no same-bits M {a.m} config for {name}: {missing} "
                              f"(run tma_linear_probe.py --fused --ms {a.m})")
-        out.append(run_model(mk, name, picks, a.m, a.rounds, a.layers))
+        out.append(run_model(mk, name, picks, a.m, a.rounds, a.layers, a.variants))
         json.dump(dict(device=torch.cuda.get_device_name(), rows=out), open(a.out, "w"), indent=1)
     print(f"wrote {a.out}")
 

@@ -174,6 +174,7 @@ extern "C" __global__ void __launch_bounds__(WG * 128 + 32) __cluster_dims__(C, 
                 load_w(ks);
                 load_x(ks);
             }
+            if (PDL == 3) pdl_launch_next();  // the last loads are issued: the next kernel may launch
         }
 #if MT
     } else {  // mma.sync consumers: 4 WG warps as WM along M x WN along N, each MT x NT (m16, n8) tiles
@@ -253,6 +254,7 @@ extern "C" __global__ void __launch_bounds__(WG * 128 + 32) __cluster_dims__(C, 
         } else {
             chains(f0);
         }
+        if (PDL == 3) pdl_launch_next();
 #pragma unroll
         for (int i = 0; i < MT; ++i)
 #pragma unroll
@@ -306,6 +308,7 @@ extern "C" __global__ void __launch_bounds__(WG * 128 + 32) __cluster_dims__(C, 
         }
         asm volatile("wgmma.wait_group.sync.aligned 0;\n" ::: "memory");
         FENCE_D
+        if (PDL == 3) pdl_launch_next();
         const int wl = warp % 4;
 #pragma unroll
         for (int i = 0; i < BN / 2; i += 2) {  // the m64nNk16 f32 fragment: (row, col) and (row, col + 1)
@@ -341,7 +344,8 @@ def source(wg: int, bn: int, c: int, s: int, chain: bool = False, swiglu: bool =
     values; the time of the K chain itself, loads taken away); swiglu: gate and up products, silu_times;
     mt > 0: mma.sync consumers, the 4 wg warps as wm along M (16 mt rows each) by 4 wg / wm along N, else
     wgmma ones over 64 wg rows; pdl (for a launch with programmatic stream serialization): the first S steps'
-    weights load before the wait for the previous kernel, 1: and the next kernel may launch at once, 2: at exit."""
+    weights load before the wait for the previous kernel, and the next kernel may launch 1: at once, 2: at exit,
+    3: once this CTA's last loads are issued (its producer) or its K walk is done (its consumers)."""
     kind = ("swiglu" if swiglu else "linear") + ("_mma" if mt else "")
     name = f"tma_{kind}_{config_name((wg, bn, c, s, mt, wm))}" + ("_chain" if chain else "") + (
         f"_pdl{pdl}" if pdl else "")
