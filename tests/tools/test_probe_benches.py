@@ -35,6 +35,7 @@ def test_linear_chain_probe_refusals(bench_refusal, monkeypatch, tmp_path):
     msg = bench_refusal("linear_chain_probe", str(part))
     assert "no same-bits M 64 config for qwen3-0.6b" in msg and "linears ((2048, 1024, 1024), 1024)" in msg
     assert "linear (1024, 2048)" not in msg  # o has one (slower than Triton: the chain takes it anyway)
+    assert "linear (1024, 2048)" in bench_refusal("linear_chain_probe", str(part), "--only", "_w4")  # o's is not _w4
 
 
 def test_step_peer_shapes_are_checked(bench_refusal, monkeypatch):

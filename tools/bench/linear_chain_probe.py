@@ -82,14 +82,16 @@ def run_model(mk, name: str, picks: dict, m: int, rounds: int, n_layers: int | N
     layers = [layer_weights(d, q, kv, f, g) for _ in range(nl)]
     x = torch.randn(m, d, generator=g, device="cuda").to(torch.bfloat16)
     want = triton_chain(mk, layers, x)
-    graphs, row = {}, dict(model=name, M=m, layers=nl)
-    graphs["triton"] = graphed(lambda: triton_chain(mk, layers, x))[0]
+    graphs, row, keep = {}, dict(model=name, M=m, layers=nl), []  # keep: what a graph's kernels read and write
+    graphs["triton"], triton_outs = graphed(lambda: triton_chain(mk, layers, x))
+    keep.append(triton_outs)
     for tag in variants:
         pdl = int(tag[-1]) if tag != "cuda" else 0
         try:
             chain = CudaChain(picks, dims, m, pdl)
             row["configs"] = {op: list(c) for op, c in chain.cfg.items()}
             outs = [torch.empty(m, d, device="cuda", dtype=torch.bfloat16) for _ in range(nl)]
+            keep.append((chain, outs))
             chain(layers, x, outs)
             torch.cuda.synchronize()
             eager_same = all(torch.equal(o.view(torch.int16), w.view(torch.int16)) for o, w in zip(outs, want))
@@ -130,6 +132,7 @@ def main() -> None:
     ap.add_argument("--m", type=int, default=64, help="rows (the batch); configs from the probe's rows at this M")
     ap.add_argument("--layers", type=int, default=None, help="default: the model's")
     ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--only", default="", help="pick among the configs whose names contain this (e.g. _w4)")
     ap.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
     ap.add_argument("--out", default="linear_chain_probe.json")
     a = ap.parse_args()
@@ -137,6 +140,8 @@ def main() -> None:
         rows = json.load(open(a.probe))["rows"]
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise SystemExit(f"linear_chain_probe: {a.probe}: not a tma_linear_probe output ({e})") from None
+    if a.only:  # keep the configs whose names hold the string (e.g. _w4: mma.sync warps along M)
+        rows = [dict(r, cfgs={k: v for k, v in r.get("cfgs", {}).items() if a.only in k}) for r in rows]
     picks = {op: best_configs(rows, m=a.m, op=op, beat=False) for op in ("linear", "linears", "swiglu")}
     if not torch.cuda.is_available() or torch.cuda.get_device_capability() < (9, 0):
         raise SystemExit("linear_chain_probe: needs a CUDA GPU of compute capability 9.0 (Hopper: TMA, PDL)")
