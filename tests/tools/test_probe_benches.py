@@ -213,9 +213,9 @@ def test_with_cuda_linear_takes_the_fastest_same_bits_config(bench_script, tmp_p
     monkeypatch.setattr("sys.argv", ["with_cuda_linear.py", str(slow)])
     with pytest.raises(SystemExit, match="usage"):
         tool.main()
-    monkeypatch.setattr("sys.argv", ["with_cuda_linear.py", str(slow), "--pdl", "3", "--", "engine.py"])
-    with pytest.raises(SystemExit, match="got .*--pdl 3"):
+    monkeypatch.setattr("sys.argv", ["with_cuda_linear.py", str(slow), "--pdl", "4", "--", "engine.py"])
+    with pytest.raises(SystemExit, match="got .*--pdl 4"):
         tool.main()
-    monkeypatch.setattr("sys.argv", ["with_cuda_linear.py", str(slow), "--pdl", "1", "--", "engine.py"])
+    monkeypatch.setattr("sys.argv", ["with_cuda_linear.py", str(slow), "--pdl", "3", "--", "engine.py"])
     with pytest.raises(SystemExit, match="no M 64 shape"):
         tool.main()

@@ -26,8 +26,8 @@ from split_probe import graphed, time_rounds  # noqa: E402  (capture once; repla
 from tma_linear_probe import TMALinear  # noqa: E402
 from with_cuda_linear import best_configs  # noqa: E402
 
-# hidden, q (heads x 128), kv, intermediate, layers
 VARIANTS = ("cuda", "cuda_pdl1", "cuda_pdl2", "cuda_pdl3")
+# hidden, q (heads x 128), kv, intermediate, layers
 MODELS = {"qwen3-0.6b": (1024, 2048, 1024, 3072, 28), "qwen3-8b": (4096, 4096, 1024, 12288, 36)}
 
 

@@ -2,9 +2,9 @@
 kernel, and q|k|v (linears) and gate|up (swiglu) too where the probe ran with --fused: the end-to-end A/B of
 that kernel before it goes into miles_kernels. Each shape gets the fastest config that gave miles_kernels'
 bits at M 64 in a tma_linear_probe output, where it beat Triton; other shapes, biases and M > 64 stay on the
-Triton kernels. `--pdl 1` / `--pdl 2` launch the CUDA kernels with programmatic dependent launch (each loads its
-first stages' weights before waiting for the kernel ahead of it; 1: it lets the next kernel launch at its start,
-2: at its exit).
+Triton kernels. `--pdl 1|2|3` launch the CUDA kernels with programmatic dependent launch (each loads its first
+stages' weights before waiting for the kernel ahead of it; it lets the next kernel launch 1: at its start, 2: at
+its exit, 3: once its loads are issued and its K walk done).
 
     PYTHONPATH=src:kernels python tools/bench/with_cuda_linear.py tma.json [--pdl 1] -- tools/bench/engine.py \\
         --quick --only engine --out cuda.json
@@ -80,12 +80,13 @@ def install(picks: dict[str, dict[tuple, tuple[int, ...]]], pdl: int = 0) -> Non
 
 
 def main() -> None:
-    argv, usage = sys.argv[1:], "with_cuda_linear: usage: with_cuda_linear.py PROBE.json [--pdl 0|1|2] -- SCRIPT [ARGS]"
+    argv = sys.argv[1:]
+    usage = "with_cuda_linear: usage: with_cuda_linear.py PROBE.json [--pdl 0|1|2|3] -- SCRIPT [ARGS]"
     if "--" not in argv or len(argv) < argv.index("--") + 2:
         raise SystemExit(usage)
     ours, (script, *args) = argv[:argv.index("--")], argv[argv.index("--") + 1:]
     pdl = 0
-    if len(ours) == 3 and ours[1] == "--pdl" and ours[2] in ("0", "1", "2"):
+    if len(ours) == 3 and ours[1] == "--pdl" and ours[2] in ("0", "1", "2", "3"):
         pdl = int(ours[2])
     elif len(ours) != 1:
         raise SystemExit(f"{usage} (got {' '.join(ours)!r} before --)")
