@@ -102,3 +102,88 @@ def test_active_launch_hooks_take_tritons_path(kernel, monkeypatch):
 def test_interpreted_functions_are_left_alone():
     fn = object()
     assert launch.fast_launch(fn) is fn
+
+
+@triton.jit
+def _gdc_demo_kernel(x_ptr, n, BLOCK: tl.constexpr, USE_GDC: tl.constexpr = False):
+    pass
+
+
+def test_kernels_with_use_gdc_launch_with_pdl_only_while_it_is_on(kernel, monkeypatch):
+    """launch.PDL on and a device with PDL: a kernel with a USE_GDC parameter gets USE_GDC=True and
+    launch_pdl=True (its own compiled kernel, repeats included); off, or no PDL on the device, or
+    no USE_GDC parameter: neither."""
+    fk = launch.fast_launch(_gdc_demo_kernel)
+    fk.slow = []
+    monkeypatch.setattr(_gdc_demo_kernel, "run", lambda *a, grid, warmup, **kw: fk.slow.append((grid, a, kw))
+                        or _Compiled())
+    x = torch.zeros(64)
+    monkeypatch.setattr(launch, "PDL", False)
+    fk[(1,)](x, 64, BLOCK=32)
+    assert fk.slow[-1][2] == {"BLOCK": 32}
+    monkeypatch.setattr(launch, "PDL", True)
+    monkeypatch.setattr(launch, "_PDL_DEVICES", {0: False})  # a device without PDL
+    fk[(1,)](x, 64, BLOCK=32)
+    assert len(fk.slow) == 1
+    monkeypatch.setattr(launch, "_PDL_DEVICES", {0: True})
+    first = fk[(1,)](x, 64, BLOCK=32)
+    assert len(fk.slow) == 2 and fk.slow[-1][2] == {"BLOCK": 32, "USE_GDC": True, "launch_pdl": True}
+    fk[(1,)](x, 64, BLOCK=32)  # the repeat: the PDL kernel's launcher, USE_GDC bound True
+    assert len(fk.slow) == 2 and first.launches[-1][-4:] == (x, 64, 32, True)
+    kernel[(1,)](x, x, 64, 0.5, BLOCK=32)  # no USE_GDC parameter: never the option
+    assert kernel.slow[-1][2] == {"BLOCK": 32}
+
+
+def _jit_source(obj):
+    """(source, module globals) of a @triton.jit function, under FastKernel or the interpreter too."""
+    import inspect
+
+    fn = obj
+    while hasattr(fn, "fn"):
+        fn = fn.fn
+    return inspect.getsource(fn), fn.__globals__
+
+
+def _waits_first(obj, name: str) -> tuple[bool, bool]:
+    """(waits before any memory access, releases after its wait) for a kernel or a helper it hands USE_GDC."""
+    import re
+
+    src, glb = _jit_source(obj)
+    body = src.split("):\n", 1)[1]
+    access = re.search(r"tl\.(load|store|atomic_\w+)\(|_desc\.(load|store)\(", body)
+    wait = re.search(r"\bgdc_wait\(USE_GDC\)", body)
+    handed = re.search(r"\b(\w+)\([^()]*(?:\([^()]*\)[^()]*)*\bUSE_GDC\)", body)  # a helper given USE_GDC last
+    if wait is None and handed is not None and handed.group(1) not in ("gdc_wait", "gdc_release", "prefetch_rows"):
+        first_access_ok = access is None or handed.start() < access.start()
+        inner_wait, inner_release = _waits_first(glb[handed.group(1)], name)
+        return first_access_ok and inner_wait, inner_release
+    assert wait is not None, f"{name}: takes USE_GDC but never waits (gdc_wait)"
+    release = re.search(r"\bgdc_release\(USE_GDC\)", body[wait.end():])
+    return access is None or wait.start() < access.start(), release is not None
+
+
+def test_every_pdl_kernel_waits_before_its_first_memory_access():
+    """PDL is safe only if a kernel launched early waits for the kernel before it (gdc_wait) before
+    its first load or store (L2 prefetches of weights excepted: they load nothing), and releases the
+    next one (gdc_release) after the wait. Checked in the source of every kernel with USE_GDC."""
+    import importlib
+    import inspect
+    import pkgutil
+
+    import miles_kernels._triton as kt
+
+    found = {}
+    for m in pkgutil.iter_modules(kt.__path__):
+        mod = importlib.import_module(f"miles_kernels._triton.{m.name}")
+        for name, obj in vars(mod).items():
+            if name.endswith("_kernel") and hasattr(obj, "fn") and "USE_GDC" in _jit_source(obj)[0].split(":\n")[0]:
+                found[f"{m.name}.{name}"] = obj
+    want = {"matmul._linear_kernel", "fused_linears._linears_kernel", "fused_linears._swiglu_kernel",
+            "elementwise._rms_norm_kernel", "elementwise._add_rms_norm_kernel", "elementwise._qk_norm_rope_kernel",
+            "decode_attention.decode_kernel", "decode_attention.decode_pairs_kernel"}
+    assert want <= set(found), f"the decode step's kernels without USE_GDC: {sorted(want - set(found))}"
+    for name, obj in found.items():
+        waits, releases = _waits_first(obj, name)
+        assert waits, f"{name}: loads or stores before gdc_wait"
+        assert releases, f"{name}: never releases the next kernel (gdc_release after the wait)"
+    assert "def gdc_wait" in inspect.getsource(importlib.import_module("miles_kernels._triton.gdc"))

@@ -14,6 +14,7 @@ import triton
 import triton.language as tl
 
 from miles_kernels._triton.attn_parts import LN2, exact_sum, fixed_sum, kv_tma, seq_and_head
+from miles_kernels._triton.gdc import gdc_release, gdc_wait
 from miles_kernels._triton.launch import fast_launch
 
 
@@ -169,11 +170,13 @@ def decode_kernel(
     G: tl.constexpr, G_PAD: tl.constexpr, ROWS: tl.constexpr, BLOCK_D: tl.constexpr, PAGE: tl.constexpr,
     ATTN_BLK: tl.constexpr, SPLIT_BLOCKS: tl.constexpr, SPLIT_PARALLEL: tl.constexpr, PART_ROWS: tl.constexpr,
     PRECISION: tl.constexpr, STORE_LSE: tl.constexpr, L_SUM: tl.constexpr, ONE_LOOP: tl.constexpr,
-    TMA: tl.constexpr,
+    TMA: tl.constexpr, USE_GDC: tl.constexpr = False,
 ):
     """One program per (sequence, kv head) (x split programs on axis 1): the chunk's q_len x
     G_PAD rows as the tile's columns. Split states go to the paged kernel's buffers for its
-    combine kernel; otherwise the splits merge here as the paged kernel merges them."""
+    combine kernel; otherwise the splits merge here as the paged kernel merges them. USE_GDC (PDL,
+    gdc.py): the kernel before waited for first, the next released after the walk."""
+    gdc_wait(USE_GDC)
     bk, b, kvh, q_lo, q_len, kv_len = seq_and_head(cu_ptr, kv_lens_ptr, n_kv_heads)
     if q_len <= 0:
         return
@@ -202,6 +205,7 @@ def decode_kernel(
             tl.store(pm_ptr + state * PART_ROWS + r, m, mask=keep)
             tl.store(pl_ptr + state * PART_ROWS + r, l, mask=keep)
             tl.store(pacc_ptr + (state * PART_ROWS + r[None, :]) * BLOCK_D + ds[:, None], accT, mask=keep[None, :])
+        gdc_release(USE_GDC)
     else:
         if ONE_LOOP:
             m, l, accT = _walk_t(
@@ -220,6 +224,7 @@ def decode_kernel(
                     ROWS, BLOCK_D, PAGE, ATTN_BLK, PRECISION, L_SUM, TMA,
                 )
                 m, l, accT = _merge_t(m, l, accT, m_s, l_s, acc_s)
+        gdc_release(USE_GDC)
         _store_t(o_ptr, lse_ptr, m, l, accT, t_idx, head, row_ok, stride_ot, stride_oh, stride_lh, BLOCK_D, STORE_LSE)
 
 
@@ -263,7 +268,7 @@ def decode_pairs_kernel(
     stride_kp, stride_ks, stride_kk, stride_vp, stride_vs, stride_vk, stride_bt,
     G: tl.constexpr, G_PAD: tl.constexpr, ROWS: tl.constexpr, BLOCK_D: tl.constexpr, PAGE: tl.constexpr,
     ATTN_BLK: tl.constexpr, SPLIT_BLOCKS: tl.constexpr, PRECISION: tl.constexpr, STORE_LSE: tl.constexpr,
-    L_SUM: tl.constexpr, TMA: tl.constexpr,
+    L_SUM: tl.constexpr, TMA: tl.constexpr, USE_GDC: tl.constexpr = False,
 ):
     """decode_kernel's one-loop walk (no split programs) over pairs 2 p and 2 p + 1 in one loop: each
     pair's blocks, splits and merges as _walk_t walks them (every block through the masked step,
@@ -271,7 +276,9 @@ def decode_pairs_kernel(
     first pair's last blocks, and half the programs make one wave where one pair a program makes two.
     Both pairs are stored after the loop, and the queries are loaded each block (held in registers
     for both pairs and picked a block, they gave wrong rows and illegal addresses on the H100 from
-    256 programs; forty-first run)."""
+    256 programs; forty-first run). USE_GDC (PDL, gdc.py): the kernel before waited for first, the
+    next released after the walk."""
+    gdc_wait(USE_GDC)
     bk = tl.program_id(0) * 2
     bA, hA, kvA, nA, posA, tA, headA, okA = _pair_rows(bk, n_pairs, cu_ptr, kv_lens_ptr, n_kv_heads, G, G_PAD,
                                                        ROWS, ATTN_BLK)
@@ -303,6 +310,7 @@ def decode_pairs_kernel(
             m = tl.full((ROWS,), float("-inf"), tl.float32)
             l = tl.zeros((ROWS,), tl.float32)
             accT = tl.zeros((BLOCK_D, ROWS), tl.float32)
+    gdc_release(USE_GDC)
     _store_t(o_ptr, lse_ptr, mA, lA, accA, tA, headA, okA, stride_ot, stride_oh, stride_lh, BLOCK_D, STORE_LSE)
     okB = tl.where(nB > 0, okB, False)  # the second pair absent (past the last): nothing stored
     _store_t(o_ptr, lse_ptr, m, l, accT, tB, headB, okB, stride_ot, stride_oh, stride_lh, BLOCK_D, STORE_LSE)

@@ -17,6 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
+from miles_kernels._triton.gdc import gdc_release, gdc_wait
 from miles_kernels._triton.launch import fast_launch
 
 
@@ -50,11 +51,14 @@ def _row_warps(block_d: int) -> int:
 
 @fast_launch
 @triton.jit
-def _rms_norm_kernel(x_ptr, w_ptr, y_ptr, D, stride_x, stride_y, eps, BLOCK_D: tl.constexpr):
+def _rms_norm_kernel(x_ptr, w_ptr, y_ptr, D, stride_x, stride_y, eps, BLOCK_D: tl.constexpr,
+                     USE_GDC: tl.constexpr = False):
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK_D)
     mask = cols < D
+    gdc_wait(USE_GDC)  # PDL (gdc.py): the kernel before done; the next released once the row is loaded
     x = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
+    gdc_release(USE_GDC)
     _rms_norm_row(x, w_ptr, y_ptr + row * stride_y, cols, mask, D, eps, x_ptr)
 
 
@@ -80,12 +84,15 @@ def rms_norm(x_MD: torch.Tensor, w_D: torch.Tensor, eps: float) -> torch.Tensor:
 @triton.jit
 def _add_rms_norm_kernel(
     x_ptr, r_ptr, w_ptr, h_ptr, y_ptr, D, stride_x, stride_r, stride_h, stride_y, eps, BLOCK_D: tl.constexpr,
+    USE_GDC: tl.constexpr = False,
 ):
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK_D)
     mask = cols < D
+    gdc_wait(USE_GDC)  # PDL (gdc.py), as in _rms_norm_kernel
     x = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
     r = tl.load(r_ptr + row * stride_r + cols, mask=mask, other=0.0).to(tl.float32)
+    gdc_release(USE_GDC)
     h = (x + r).to(h_ptr.dtype.element_ty)  # torch's x + r: the fp32 sum, one rounding
     tl.store(h_ptr + row * stride_h + cols, h, mask=mask)
     _rms_norm_row(h.to(tl.float32), w_ptr, y_ptr + row * stride_y, cols, mask, D, eps, h_ptr)
@@ -225,6 +232,7 @@ def _qk_norm_rope_kernel(
     q_ptr, k_ptr, v_ptr, qw_ptr, kw_ptr, cos_ptr, sin_ptr, qo_ptr, ko_ptr, vo_ptr, slot_ptr, T, H, K, D, F,
     stride_q, stride_k, stride_vt, stride_vh, stride_qo, stride_ko, stride_ct, stride_st, eps,
     BLOCK_D: tl.constexpr, BLOCK_F: tl.constexpr, TO_CACHE: tl.constexpr, TOKENS: tl.constexpr,
+    USE_GDC: tl.constexpr = False,
 ):
     """Program (i, j): head j of tokens i * TOKENS ... (i + 1) * TOKENS - 1, a q head for j < H,
     else k head j - H. q, k, and the outputs are [T * heads, D] rows (stride_*: the row stride).
@@ -233,7 +241,9 @@ def _qk_norm_rope_kernel(
     A program loads all its rows before it stores any (a row's loads after an earlier row's
     stores would wait for them: the compiler cannot rule out aliasing), then computes each with
     the one-row code: a row's bits whatever TOKENS is (past T: the last token again, the same
-    bits stored twice)."""
+    bits stored twice). USE_GDC (PDL, gdc.py): the kernel before waited for first; the next released
+    once a program's rows are loaded."""
+    gdc_wait(USE_GDC)
     j = tl.program_id(1)
     ts = ()
     for i in tl.static_range(TOKENS):
@@ -244,6 +254,7 @@ def _qk_norm_rope_kernel(
         for i in tl.static_range(TOKENS):
             rows = rows + (_norm_rope_load(q_ptr + (ts[i] * H + j) * stride_q, cos_ptr + ts[i] * stride_ct,
                                            sin_ptr + ts[i] * stride_st, D, F, BLOCK_D, BLOCK_F),)
+        gdc_release(USE_GDC)
         for i in tl.static_range(TOKENS):
             _norm_rope_store(rows[i], w, q_ptr, qo_ptr + (ts[i] * H + j) * stride_qo, D, F, eps, BLOCK_F)
     elif j < H + K:
@@ -257,6 +268,7 @@ def _qk_norm_rope_kernel(
                 dsts = dsts + (ko_ptr + (tl.load(slot_ptr + ts[i]).to(tl.int64) * K + (j - H)) * D,)
             else:
                 dsts = dsts + (ko_ptr + (ts[i] * K + (j - H)) * stride_ko,)
+        gdc_release(USE_GDC)
         for i in tl.static_range(TOKENS):
             _norm_rope_store(rows[i], w, k_ptr, dsts[i], D, F, eps, BLOCK_F)
     else:
@@ -267,6 +279,7 @@ def _qk_norm_rope_kernel(
         for i in tl.static_range(TOKENS):
             vs = vs + (tl.load(v_ptr + ts[i] * stride_vt + h * stride_vh + cols, mask=cols < D),)
             dsts = dsts + (vo_ptr + (tl.load(slot_ptr + ts[i]).to(tl.int64) * K + h) * D,)
+        gdc_release(USE_GDC)
         for i in tl.static_range(TOKENS):
             tl.store(dsts[i] + cols, vs[i].to(vo_ptr.dtype.element_ty), mask=cols < D)
 

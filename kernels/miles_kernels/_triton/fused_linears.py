@@ -14,6 +14,7 @@ from triton.tools.tensor_descriptor import TensorDescriptor
 
 from miles_kernels._triton import matmul as mm
 from miles_kernels._triton.elementwise import silu_times
+from miles_kernels._triton.gdc import gdc_release, gdc_wait, prefetch_rows
 from miles_kernels._triton.launch import fast_launch
 from miles_kernels._triton.matmul import _bias_store, _linear_tile, _tma_k_walk
 
@@ -30,7 +31,7 @@ def _linears_kernel(
     x_ptr, w0_ptr, w1_ptr, w2_ptr, b0_ptr, b1_ptr, b2_ptr, y0_ptr, y1_ptr, y2_ptr,
     M, K, N0, N1, N2, T1, T2, stride_xm,
     HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    PRECISION: tl.constexpr, K_UNROLL: tl.constexpr,
+    PRECISION: tl.constexpr, K_UNROLL: tl.constexpr, USE_GDC: tl.constexpr = False,
 ):
     # Column tiles [0, T1) are w0's, [T1, T2) w1's, [T2, ...) w2's (contiguous [N_i, K] weights,
     # contiguous [M, N_i] outputs).
@@ -46,7 +47,7 @@ def _linears_kernel(
     tile_n -= tl.where(in2, T2, tl.where(in1, T1, 0))
     b_ptr = tl.where(in2, b2_ptr, tl.where(in1, b1_ptr, b0_ptr))
     _linear_tile(x_ptr, w_ptr, b_ptr, y_ptr, tile_m, tile_n, M, N, K, stride_xm, K, N,
-                    HAS_BIAS, BLOCK_M, BLOCK_N, BLOCK_K, PRECISION, K_UNROLL)
+                    HAS_BIAS, BLOCK_M, BLOCK_N, BLOCK_K, PRECISION, K_UNROLL, USE_GDC)
 
 
 @triton.jit
@@ -134,7 +135,8 @@ def linears(x_MK: torch.Tensor, ws: tuple[torch.Tensor, ...], bs: tuple[torch.Te
 @fast_launch
 @triton.jit
 def _swiglu_kernel(x_ptr, wg_ptr, wu_ptr, y_ptr, M, F, K, stride_xm, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                   BLOCK_K: tl.constexpr, PRECISION: tl.constexpr, K_UNROLL: tl.constexpr):
+                   BLOCK_K: tl.constexpr, PRECISION: tl.constexpr, K_UNROLL: tl.constexpr,
+                   USE_GDC: tl.constexpr = False):
     # One tile of silu(x @ wg^T) * (x @ wu^T) (contiguous [F, K] weights, contiguous [M, F] y):
     # each product walks K as linear's tile does (from 0 in BLOCK_K steps, fp32 acc) and is
     # rounded to y's dtype as linear stores it, then silu_mul's fp32 math and its one rounding.
@@ -142,6 +144,9 @@ def _swiglu_kernel(x_ptr, wg_ptr, wu_ptr, y_ptr, M, F, K, stride_xm, BLOCK_M: tl
     n_tiles_m = tl.cdiv(M, BLOCK_M)
     rows = (pid % n_tiles_m) * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = (pid // n_tiles_m) * BLOCK_N + tl.arange(0, BLOCK_N)
+    prefetch_rows(wg_ptr, cols, F, K, K, 256, USE_GDC)  # PDL (gdc.py): weights asked of L2, then the wait
+    prefetch_rows(wu_ptr, cols, F, K, K, 256, USE_GDC)
+    gdc_wait(USE_GDC)
     ks = tl.arange(0, BLOCK_K)
     row_ok, col_ok = rows < M, cols < F
     x_ptrs = x_ptr + rows[:, None].to(tl.int64) * stride_xm + ks[None, :]
@@ -167,6 +172,7 @@ def _swiglu_kernel(x_ptr, wg_ptr, wu_ptr, y_ptr, M, F, K, stride_xm, BLOCK_M: tl
         acc_u = tl.dot(x, tl.load(wu_ptr + w_off, mask=w_ok, other=0.0), acc_u, input_precision=PRECISION)
         x_ptrs += BLOCK_K
         w_off += BLOCK_K
+    gdc_release(USE_GDC)
     dtype = y_ptr.dtype.element_ty
     y = silu_times(acc_g.to(dtype).to(tl.float32), acc_u.to(dtype).to(tl.float32))
     y_ptrs = y_ptr + rows[:, None].to(tl.int64) * F + cols[None, :]

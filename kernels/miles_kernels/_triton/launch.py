@@ -16,6 +16,9 @@ the decorator returns the function as it is), a callable grid, an argument of a 
 keyed here, and active launch hooks (profilers read their metadata); and everywhere with
 MILES_FAST_LAUNCH=0 in the environment (or `launch.ENABLED = False`), should a Triton
 release change how its launcher is called.
+
+A kernel with a `USE_GDC` constexpr gets USE_GDC=True and launch_pdl=True while `PDL` is on, on a
+GPU with programmatic dependent launch (compute capability 9.0+): gdc.py.
 """
 
 from __future__ import annotations
@@ -37,6 +40,11 @@ except ImportError:  # pragma: no cover
 
 _I32 = 1 << 31
 ENABLED = os.environ.get("MILES_FAST_LAUNCH", "1") != "0"
+# Programmatic dependent launch with late triggers for the kernels that take USE_GDC (gdc.py). Off until
+# timed against the step without it (tools/bench/with_tiles.py --pdl on).
+PDL = False
+_PDL_KW = {"USE_GDC": True, "launch_pdl": True}
+_PDL_DEVICES: dict[int, bool] = {}
 
 
 class _Unkeyed(Exception):
@@ -70,6 +78,16 @@ def _current_stream(device):
     return triton.runtime.driver.active.get_current_stream(device)
 
 
+def pdl_on(device: int) -> bool:
+    """Whether kernels that take USE_GDC launch with PDL on this device (module docstring)."""
+    if not PDL:
+        return False
+    on = _PDL_DEVICES.get(device)
+    if on is None:
+        on = _PDL_DEVICES[device] = torch.cuda.get_device_capability(device)[0] >= 9
+    return on
+
+
 def _hooks_active() -> bool:
     hook = _knobs.runtime.launch_enter_hook
     return hook is not None and bool(getattr(hook, "calls", True))
@@ -85,6 +103,7 @@ class FastKernel:
         self.const_pos = {i for i, p in enumerate(fn.params) if p.is_constexpr}
         self.first_const = min(self.const_pos, default=len(self.names))
         self.keyed = frozenset(self.names) - self.constexpr  # keywords keyed like positions; others by value
+        self.gdc = "USE_GDC" in self.constexpr
         sig = inspect.signature(fn.fn).parameters
         self.defaults = {n: sig[n].default for n in self.names if sig[n].default is not inspect.Parameter.empty}
         self.kernels: dict = {}
@@ -111,10 +130,13 @@ class FastKernel:
         return out
 
     def launch(self, grid, args: tuple, kw: dict):
+        device = _current_device()
+        if self.gdc and pdl_on(device):
+            kw = {**kw, **_PDL_KW}
         if not ENABLED or _knobs is None or callable(grid) or _hooks_active():
             return self.fn.run(*args, grid=grid, warmup=False, **kw)
         try:
-            key = (_current_device(), self.key(args, kw))
+            key = (device, self.key(args, kw))
         except _Unkeyed:
             return self.fn.run(*args, grid=grid, warmup=False, **kw)
         kernel = self.kernels.get(key)
@@ -125,7 +147,6 @@ class FastKernel:
             if kernel is not None and hasattr(kernel, "packed_metadata"):
                 self.kernels[key] = kernel
             return kernel
-        device = key[0]
         stream = _current_stream(device)
         n = len(grid)
         kernel.run(grid[0], grid[1] if n > 1 else 1, grid[2] if n > 2 else 1, stream, kernel.function,

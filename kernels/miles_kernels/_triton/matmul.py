@@ -15,6 +15,7 @@ import triton
 import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
+from miles_kernels._triton.gdc import gdc_release, gdc_wait, prefetch_rows
 from miles_kernels._triton.gluon_gate import gluon_module
 from miles_kernels._triton.launch import fast_launch
 
@@ -207,14 +208,20 @@ def _bias_store(acc, b_ptr, y_ptr, rows, cols, M, N, stride_ym, HAS_BIAS: tl.con
 @triton.jit
 def _linear_tile(x_ptr, w_ptr, b_ptr, y_ptr, tile_m, tile_n, M, N, K, stride_xm, stride_wn, stride_ym,
                  HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                 PRECISION: tl.constexpr, K_UNROLL: tl.constexpr):
-    """One output tile of y = x @ w^T (+ b) with pointer loads: the K walk, the bias, the store."""
+                 PRECISION: tl.constexpr, K_UNROLL: tl.constexpr, USE_GDC: tl.constexpr = False,
+                 PREFETCH_K: tl.constexpr = 256):
+    """One output tile of y = x @ w^T (+ b) with pointer loads: the K walk, the bias, the store.
+    With USE_GDC (gdc.py): the tile's first PREFETCH_K weight columns asked of L2, then the wait for
+    the kernel before; the next kernel released once the K walk is done."""
     rows = tile_m * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = tile_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    prefetch_rows(w_ptr, cols, N, stride_wn, K, PREFETCH_K, USE_GDC)
+    gdc_wait(USE_GDC)
     ks = tl.arange(0, BLOCK_K)
     x_ptrs = x_ptr + rows[:, None].to(tl.int64) * stride_xm + ks[None, :]
     w_ptrs = w_ptr + cols[None, :].to(tl.int64) * stride_wn + ks[:, None]
     acc = _k_walk(x_ptrs, w_ptrs, rows < M, cols < N, K, BLOCK_M, BLOCK_N, BLOCK_K, PRECISION, K_UNROLL)
+    gdc_release(USE_GDC)
     _bias_store(acc, b_ptr, y_ptr, rows, cols, M, N, stride_ym, HAS_BIAS)
 
 
@@ -224,11 +231,11 @@ def _linear_kernel(
     x_ptr, w_ptr, b_ptr, y_ptr, M, N, K,
     stride_xm, stride_wn, stride_ym,
     HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    GROUP_M: tl.constexpr, PRECISION: tl.constexpr, K_UNROLL: tl.constexpr,
+    GROUP_M: tl.constexpr, PRECISION: tl.constexpr, K_UNROLL: tl.constexpr, USE_GDC: tl.constexpr = False,
 ):
     tile_m, tile_n = _grouped_order(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N), GROUP_M)
     _linear_tile(x_ptr, w_ptr, b_ptr, y_ptr, tile_m, tile_n, M, N, K, stride_xm, stride_wn, stride_ym,
-                 HAS_BIAS, BLOCK_M, BLOCK_N, BLOCK_K, PRECISION, K_UNROLL)
+                 HAS_BIAS, BLOCK_M, BLOCK_N, BLOCK_K, PRECISION, K_UNROLL, USE_GDC)
 
 
 @triton.jit
