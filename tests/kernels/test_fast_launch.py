@@ -187,3 +187,18 @@ def test_every_pdl_kernel_waits_before_its_first_memory_access():
         assert waits, f"{name}: loads or stores before gdc_wait"
         assert releases, f"{name}: never releases the next kernel (gdc_release after the wait)"
     assert "def gdc_wait" in inspect.getsource(importlib.import_module("miles_kernels._triton.gdc"))
+
+
+def test_miles_pdl_environment_value_is_honoured_or_refused():
+    import os
+    import subprocess
+    import sys
+
+    code = "from miles_kernels._triton import launch; print(launch.PDL)"
+    for value, want in (("1", "True"), ("0", "False")):
+        out = subprocess.run([sys.executable, "-c", code], env={**os.environ, "MILES_PDL": value},
+                             capture_output=True, text=True)
+        assert out.stdout.strip() == want, out.stderr
+    bad = subprocess.run([sys.executable, "-c", code], env={**os.environ, "MILES_PDL": "yes"},
+                         capture_output=True, text=True)
+    assert bad.returncode != 0 and "MILES_PDL='yes'" in bad.stderr and "set 1" in bad.stderr

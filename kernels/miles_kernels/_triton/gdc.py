@@ -17,8 +17,9 @@ after the wait. Sized to the first stages, it stays in L2 (the tenth run's whole
 evicted before use at 8B).
 
 `launch.FastKernel` passes USE_GDC=True and launch_pdl=True to kernels with a USE_GDC parameter
-while `launch.PDL` is on (off by default until timed; `tools/bench/with_tiles.py --pdl on`) on GPUs
-with PDL (compute capability 9.0+). Under the interpreter USE_GDC stays False.
+while `launch.PDL` is on (off by default until timed; MILES_PDL=1 in the environment or
+`tools/bench/with_tiles.py --pdl on` turn it on) on GPUs with PDL (compute capability 9.0+). Under the
+interpreter USE_GDC stays False.
 """
 
 import triton
