@@ -152,7 +152,7 @@ def _waits_first(obj, name: str) -> tuple[bool, bool]:
     body = src.split("):\n", 1)[1]
     access = re.search(r"tl\.(load|store|atomic_\w+)\(|_desc\.(load|store)\(", body)
     wait = re.search(r"\bgdc_wait\(USE_GDC\)", body)
-    handed = re.search(r"\b(\w+)\([^()]*(?:\([^()]*\)[^()]*)*\bUSE_GDC\)", body)  # a helper given USE_GDC last
+    handed = re.search(r"\b(\w+)\((?:[^()]|\([^()]*\))*\bUSE_GDC\b", body)  # the first call given USE_GDC
     if wait is None and handed is not None and handed.group(1) not in ("gdc_wait", "gdc_release", "prefetch_rows"):
         first_access_ok = access is None or handed.start() < access.start()
         inner_wait, inner_release = _waits_first(glb[handed.group(1)], name)

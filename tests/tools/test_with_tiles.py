@@ -135,3 +135,27 @@ def test_bad_specs_are_refused(tmp_path):
                       (["--gluon-paged", "1", "--", "x.py"], "invalid choice")):
         proc = _run(tmp_path, *args)
         assert proc.returncode != 0 and msg in proc.stderr, (args, proc.stderr[-500:])
+
+
+def test_pdl_and_its_early_release(tmp_path):
+    """--pdl on sets launch.PDL for the script, --pdl-early R matmul.PDL_EARLY (only with --pdl on);
+    as shipped both are off."""
+    script, out = tmp_path / "show.py", tmp_path / "out.json"
+    script.write_text(SCRIPT + """
+from miles_kernels._triton import launch
+got = json.load(open(sys.argv[1]))
+got.update(pdl=launch.PDL, early=matmul.PDL_EARLY)
+json.dump(got, open(sys.argv[1], "w"))
+""")
+    from miles_kernels._triton import launch, matmul
+
+    assert launch.PDL is False and matmul.PDL_EARLY == 0
+    for args, want in ((["--pdl", "on"], (True, 0)), (["--pdl", "on", "--pdl-early", "4"], (True, 4)),
+                       (["--pdl", "off"], (False, 0))):
+        proc = _run(tmp_path, *args, "--", str(script), str(out))
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        got = json.loads(out.read_text())
+        assert (got["pdl"], got["early"]) == want and got["fill"] == matmul.FILL
+    for args in (["--pdl-early", "4"], ["--pdl", "off", "--pdl-early", "4"], ["--pdl", "on", "--pdl-early", "-1"]):
+        proc = _run(tmp_path, *args, "--", str(script), str(out))
+        assert proc.returncode != 0 and "--pdl-early" in proc.stderr and "only with --pdl on" in proc.stderr, args

@@ -42,6 +42,19 @@ def gdc_release(USE_GDC: tl.constexpr):
 
 
 @triton.jit
+def gdc_release_near_end(k0, STEP: tl.constexpr, K, STEPS_LEFT: tl.constexpr, BLOCK_K: tl.constexpr,
+                         USE_GDC: tl.constexpr):
+    """In a K loop (this iteration walks [k0, k0 + STEP)): release the next kernel at the iteration
+    holding the step STEPS_LEFT BLOCK_K steps before K's end (0: never here; the caller releases
+    after the loop). A release past the first has no effect."""
+    if USE_GDC:
+        if STEPS_LEFT > 0:
+            at = tl.maximum(K - STEPS_LEFT * BLOCK_K, 0)
+            if (k0 <= at) & (at < k0 + STEP):
+                gdc_release(USE_GDC)
+
+
+@triton.jit
 def prefetch_rows(ptr, rows, n_rows, stride, K, COLS: tl.constexpr, USE_GDC: tl.constexpr):
     """With USE_GDC, ask L2 for columns [0, min(COLS, K)) of the given rows of a row-major 16-bit
     matrix: one `prefetch.global.L2` a 128-byte line (64 elements). A hint: nothing is loaded."""
