@@ -195,10 +195,10 @@ def test_miles_pdl_environment_value_is_honoured_or_refused():
     import sys
 
     code = "from miles_kernels._triton import launch; print(launch.PDL)"
-    for value, want in (("1", "True"), ("0", "False")):
-        out = subprocess.run([sys.executable, "-c", code], env={**os.environ, "MILES_PDL": value},
-                             capture_output=True, text=True)
-        assert out.stdout.strip() == want, out.stderr
+    unset = {k: v for k, v in os.environ.items() if k != "MILES_PDL"}
+    for env, want in (({**unset, "MILES_PDL": "1"}, "True"), ({**unset, "MILES_PDL": "0"}, "False"), (unset, "True")):
+        out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+        assert out.stdout.strip() == want, (env.get("MILES_PDL"), out.stderr)  # unset: on, as shipped
     bad = subprocess.run([sys.executable, "-c", code], env={**os.environ, "MILES_PDL": "yes"},
                          capture_output=True, text=True)
     assert bad.returncode != 0 and "MILES_PDL='yes'" in bad.stderr and "set 1" in bad.stderr

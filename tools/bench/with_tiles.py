@@ -14,7 +14,6 @@
     ... with_tiles.py --topk-cut on -- tools/bench/filter.py --cut-only   # top-k's value by the cut's search
     ... with_tiles.py --cut-asm off -- tools/bench/filter.py --cut-only   # the cut's lane loops by Triton's ops
     ... with_tiles.py --pdl on -- tools/bench/step_peer.py --shapes 64x256   # the decode kernels with PDL
-    ... with_tiles.py --pdl on --pdl-early 4 -- ...   # the linears release 4 K steps before their walk's end
 
 Each BMxBN=U:S sets the 16-bit SMALL_M_TILES pointer tile BLOCK_M x BLOCK_N to U BLOCK_K steps
 a loop iteration (Tile.k_unroll) and S pipeline stages. The dots and their order stay as they are,
@@ -28,8 +27,7 @@ prefill by the Gluon kernel). Each gives the same bits either way. --fast-pick s
 --topk-cut sets rows.TOPK_BY_CUT (top-k's k-th value by cut.top_k_floor in place of torch.topk; same values).
 --cut-asm sets cut.ASM (the cut's lane loops in PTX; same bits).
 --decode-pairs sets paged_attention.DECODE_PAIRS to 2 / 1 (two (sequence, kv head) pairs a decode program; same bits).
---pdl sets launch.PDL (the kernels with USE_GDC launched with programmatic dependent launch, late triggers; gdc.py);
---pdl-early R sets matmul.PDL_EARLY (under PDL the pointer linears release the next kernel R K steps before the end).
+--pdl sets launch.PDL (the kernels with USE_GDC launched with programmatic dependent launch, late triggers; gdc.py).
 --fill F sets matmul.FILL, the share of the SMs a small-M tile's grid must fill before a wider
 tile is taken (every tile gives the same bits); --fill-max-m M sets matmul.FILL_MAX_M, the largest
 M whose tile the fill rule picks (above, the M bucket's). The script runs in this process (runpy), so
@@ -95,8 +93,8 @@ def apply(changes: dict[tuple[int, int], tuple[int, int]], tma_stages: dict[tupl
 def main() -> None:
     argv = sys.argv[1:]
     usage = ("with_tiles: usage: with_tiles.py [--unroll BMxBN=U:S ...] [--tma-stages BMxBN=S ...] [--fill F] "
-             "[--fill-max-m M] [--pdl-early R] [--small-tma|--gluon-paged|--fast-pick|--sampler-screen|--topk-cut|"
-             "--cut-asm|--decode-pairs|--pdl on|off] "
+             "[--fill-max-m M] [--small-tma|--gluon-paged|--fast-pick|--sampler-screen|--topk-cut|--cut-asm|"
+             "--decode-pairs|--pdl on|off] "
              "-- SCRIPT [ARGS ...]")
     if "--" not in argv:
         raise SystemExit(usage)
@@ -106,7 +104,6 @@ def main() -> None:
     ap.add_argument("--tma-stages", nargs="+", default=[], metavar="BMxBN=S")
     ap.add_argument("--fill", type=float, default=None, metavar="F")
     ap.add_argument("--fill-max-m", type=int, default=None, metavar="M")
-    ap.add_argument("--pdl-early", type=int, default=None, metavar="R")
     switches = {"small_tma": ("miles_kernels._triton.fused_linears", "SMALL_M_TMA"),  # --NAME on|off: a module's flag
                 "gluon_paged": ("miles_kernels._triton.paged_attention", "GLUON_PAGED"),
                 "fast_pick": ("miles_kernels._fast_pick", "PICK"),
@@ -120,15 +117,12 @@ def main() -> None:
         ap.add_argument("--" + name.replace("_", "-"), choices=("on", "off"), default=None)
     a = ap.parse_args(argv[:cut])
     flags = {switches[n]: getattr(a, n) == "on" for n in switches if getattr(a, n) is not None}
-    if not a.unroll and not a.tma_stages and a.fill is None and a.fill_max_m is None and a.pdl_early is None \
-            and not flags:
+    if not a.unroll and not a.tma_stages and a.fill is None and a.fill_max_m is None and not flags:
         raise SystemExit(f"{usage}: nothing to change (give --unroll, --tma-stages, --fill, --fill-max-m, "
                          "--small-tma, --gluon-paged, --fast-pick, --sampler-screen, --topk-cut, --cut-asm, "
-                         "--decode-pairs, --pdl or --pdl-early)")
+                         "--decode-pairs or --pdl)")
     if a.fill_max_m is not None and a.fill_max_m < 1:
         raise SystemExit(f"with_tiles: --fill-max-m {a.fill_max_m}: must be >= 1 (rows)")
-    if a.pdl_early is not None and (a.pdl_early < 0 or flags.get(("miles_kernels._triton.launch", "PDL")) is not True):
-        raise SystemExit(f"with_tiles: --pdl-early {a.pdl_early}: K steps >= 0, and only with --pdl on")
     if a.fill is not None and not 0.0 < a.fill <= 4.0:
         raise SystemExit(f"with_tiles: --fill {a.fill}: must be in (0, 4] (a share of the SMs)")
     script, *args = argv[cut + 1:] or [""]
@@ -145,10 +139,8 @@ def main() -> None:
         matmul.FILL = a.fill
     if a.fill_max_m is not None:
         matmul.FILL_MAX_M = a.fill_max_m
-    if a.pdl_early is not None:
-        matmul.PDL_EARLY = a.pdl_early
     print("with_tiles: small-M tiles", [tuple(t) for t in tiles], "FILL", matmul.FILL, "FILL_MAX_M", matmul.FILL_MAX_M,
-          "PDL_EARLY", matmul.PDL_EARLY, *(f"{flag} {on}" for (_, flag), on in flags.items()), flush=True)
+          *(f"{flag} {on}" for (_, flag), on in flags.items()), flush=True)
     sys.argv = [script, *args]
     runpy.run_path(script, run_name="__main__")
 

@@ -14,7 +14,7 @@ from triton.tools.tensor_descriptor import TensorDescriptor
 
 from miles_kernels._triton import matmul as mm
 from miles_kernels._triton.elementwise import silu_times
-from miles_kernels._triton.gdc import gdc_release, gdc_release_near_end, gdc_wait, prefetch_rows
+from miles_kernels._triton.gdc import gdc_release, gdc_wait, prefetch_rows
 from miles_kernels._triton.launch import fast_launch
 from miles_kernels._triton.matmul import _bias_store, _linear_tile, _tma_k_walk
 
@@ -31,7 +31,7 @@ def _linears_kernel(
     x_ptr, w0_ptr, w1_ptr, w2_ptr, b0_ptr, b1_ptr, b2_ptr, y0_ptr, y1_ptr, y2_ptr,
     M, K, N0, N1, N2, T1, T2, stride_xm,
     HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    PRECISION: tl.constexpr, K_UNROLL: tl.constexpr, PDL_EARLY: tl.constexpr = 0, USE_GDC: tl.constexpr = False,
+    PRECISION: tl.constexpr, K_UNROLL: tl.constexpr, USE_GDC: tl.constexpr = False,
 ):
     # Column tiles [0, T1) are w0's, [T1, T2) w1's, [T2, ...) w2's (contiguous [N_i, K] weights,
     # contiguous [M, N_i] outputs).
@@ -47,7 +47,7 @@ def _linears_kernel(
     tile_n -= tl.where(in2, T2, tl.where(in1, T1, 0))
     b_ptr = tl.where(in2, b2_ptr, tl.where(in1, b1_ptr, b0_ptr))
     _linear_tile(x_ptr, w_ptr, b_ptr, y_ptr, tile_m, tile_n, M, N, K, stride_xm, K, N,
-                    HAS_BIAS, BLOCK_M, BLOCK_N, BLOCK_K, PRECISION, K_UNROLL, USE_GDC, PDL_EARLY)
+                    HAS_BIAS, BLOCK_M, BLOCK_N, BLOCK_K, PRECISION, K_UNROLL, USE_GDC)
 
 
 @triton.jit
@@ -128,7 +128,7 @@ def linears(x_MK: torch.Tensor, ws: tuple[torch.Tensor, ...], bs: tuple[torch.Te
         return ys
     _linears_kernel[(n_tiles_m * sum(tiles),)](
         x_MK, *pad(ws, ws[-1]), *b3, *y3, M, K, *n3, tiles[0], tiles[0] + tiles[1], x_MK.stride(0),
-        K_UNROLL=t.k_unroll, PDL_EARLY=mm.PDL_EARLY, **consts)
+        K_UNROLL=t.k_unroll, **consts)
     return ys
 
 
@@ -136,7 +136,7 @@ def linears(x_MK: torch.Tensor, ws: tuple[torch.Tensor, ...], bs: tuple[torch.Te
 @triton.jit
 def _swiglu_kernel(x_ptr, wg_ptr, wu_ptr, y_ptr, M, F, K, stride_xm, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                    BLOCK_K: tl.constexpr, PRECISION: tl.constexpr, K_UNROLL: tl.constexpr,
-                   PDL_EARLY: tl.constexpr = 0, USE_GDC: tl.constexpr = False):
+                   USE_GDC: tl.constexpr = False):
     # One tile of silu(x @ wg^T) * (x @ wu^T) (contiguous [F, K] weights, contiguous [M, F] y):
     # each product walks K as linear's tile does (from 0 in BLOCK_K steps, fp32 acc) and is
     # rounded to y's dtype as linear stores it, then silu_mul's fp32 math and its one rounding.
@@ -157,7 +157,6 @@ def _swiglu_kernel(x_ptr, wg_ptr, wu_ptr, y_ptr, M, F, K, stride_xm, BLOCK_M: tl
     if K_UNROLL > 1:  # whole steps K_UNROLL an iteration, then the rest: the same dots (as _k_walk)
         k_rest = K - K % (BLOCK_K * K_UNROLL)
         for k0 in range(0, k_rest, BLOCK_K * K_UNROLL):
-            gdc_release_near_end(k0, BLOCK_K * K_UNROLL, K, PDL_EARLY, BLOCK_K, USE_GDC)
             for u in tl.static_range(K_UNROLL):
                 x = tl.load(x_ptrs + u * BLOCK_K, mask=row_ok[:, None], other=0.0)
                 acc_g = tl.dot(x, tl.load(wg_ptr + w_off + u * BLOCK_K, mask=col_ok[None, :], other=0.0), acc_g,
@@ -167,7 +166,6 @@ def _swiglu_kernel(x_ptr, wg_ptr, wu_ptr, y_ptr, M, F, K, stride_xm, BLOCK_M: tl
             x_ptrs += BLOCK_K * K_UNROLL
             w_off += BLOCK_K * K_UNROLL
     for k0 in range(k_rest, K, BLOCK_K):
-        gdc_release_near_end(k0, BLOCK_K, K, PDL_EARLY, BLOCK_K, USE_GDC)
         x = tl.load(x_ptrs, mask=row_ok[:, None] & (k0 + ks[None, :] < K), other=0.0)
         w_ok = col_ok[None, :] & (k0 + ks[:, None] < K)
         acc_g = tl.dot(x, tl.load(wg_ptr + w_off, mask=w_ok, other=0.0), acc_g, input_precision=PRECISION)
@@ -233,6 +231,5 @@ def swiglu(x_MK: torch.Tensor, w_gate_FK: torch.Tensor, w_up_FK: torch.Tensor) -
             TensorDescriptor.from_tensor(w_up_FK, [block_n, t.block_k]),
             TensorDescriptor.from_tensor(y, [t.block_m, block_n]), M, F, K, NUM_PROGRAMS=n_prog, **consts)
         return y
-    _swiglu_kernel[(n_tiles,)](x_MK, w_gate_FK, w_up_FK, y, M, F, K, x_MK.stride(0), K_UNROLL=t.k_unroll,
-                               PDL_EARLY=mm.PDL_EARLY, **consts)
+    _swiglu_kernel[(n_tiles,)](x_MK, w_gate_FK, w_up_FK, y, M, F, K, x_MK.stride(0), K_UNROLL=t.k_unroll, **consts)
     return y

@@ -15,7 +15,7 @@ import triton
 import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
-from miles_kernels._triton.gdc import gdc_release, gdc_release_near_end, gdc_wait, prefetch_rows
+from miles_kernels._triton.gdc import gdc_release, gdc_wait, prefetch_rows
 from miles_kernels._triton.gluon_gate import gluon_module
 from miles_kernels._triton.launch import fast_launch
 
@@ -47,9 +47,6 @@ _TILES_16 = (
 # M-bucket tile on the 0.6B / 8B shapes at M = 64-512).
 SMALL_M = 512
 FILL = 0.7
-# Under PDL (launch.PDL, gdc.py) the pointer linears and swiglu release the next kernel this many K steps
-# before their walk's end (0: after the walk). Same bits either way (the release only lets a kernel launch).
-PDL_EARLY = 0
 # The 128-row TMA tiles at 5 stages: up to 0.11 of cuBLAS above 4 stages on 41 of 42 shapes at M 128-512
 # (H100, thirty-fifth run, linear_sweep --which stages, graph-timed, cold weights; 128x128 at M 512 x N 24,576
 # lost 0.10).
@@ -171,20 +168,17 @@ def _grouped_order(tile, n_tiles_m, n_tiles_n, GROUP_M: tl.constexpr):
 
 @triton.jit
 def _k_walk(x_ptrs, w_ptrs, row_ok, col_ok, K, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-            BLOCK_K: tl.constexpr, PRECISION: tl.constexpr, K_UNROLL: tl.constexpr = 1,
-            USE_GDC: tl.constexpr = False, PDL_EARLY: tl.constexpr = 0):
+            BLOCK_K: tl.constexpr, PRECISION: tl.constexpr, K_UNROLL: tl.constexpr = 1):
     """A tile's x @ w^T: K from 0 in BLOCK_K steps, fp32 accumulation; the one K walk of every
     pointer kernel here (x_ptrs [BLOCK_M, BLOCK_K] at k = 0, w_ptrs the [BLOCK_K, BLOCK_N] view of w^T).
     K_UNROLL > 1: K_UNROLL whole steps an iteration (fewer waits, more bytes in flight a pipeline
-    stage), then the rest one at a time: the same dots on the same acc, so the same bits.
-    USE_GDC and PDL_EARLY > 0: the next kernel released PDL_EARLY steps before the end (gdc.py)."""
+    stage), then the rest one at a time: the same dots on the same acc, so the same bits."""
     ks = tl.arange(0, BLOCK_K)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     k_rest = 0
     if K_UNROLL > 1:
         k_rest = K - K % (BLOCK_K * K_UNROLL)
         for k0 in range(0, k_rest, BLOCK_K * K_UNROLL):
-            gdc_release_near_end(k0, BLOCK_K * K_UNROLL, K, PDL_EARLY, BLOCK_K, USE_GDC)
             for u in tl.static_range(K_UNROLL):
                 x = tl.load(x_ptrs + u * BLOCK_K, mask=row_ok[:, None], other=0.0)
                 w = tl.load(w_ptrs + u * BLOCK_K, mask=col_ok[None, :], other=0.0)
@@ -192,7 +186,6 @@ def _k_walk(x_ptrs, w_ptrs, row_ok, col_ok, K, BLOCK_M: tl.constexpr, BLOCK_N: t
             x_ptrs += BLOCK_K * K_UNROLL
             w_ptrs += BLOCK_K * K_UNROLL
     for k0 in range(k_rest, K, BLOCK_K):
-        gdc_release_near_end(k0, BLOCK_K, K, PDL_EARLY, BLOCK_K, USE_GDC)
         x = tl.load(x_ptrs, mask=row_ok[:, None] & (k0 + ks[None, :] < K), other=0.0)
         w = tl.load(w_ptrs, mask=col_ok[None, :] & (k0 + ks[:, None] < K), other=0.0)
         acc = tl.dot(x, w, acc, input_precision=PRECISION)
@@ -216,10 +209,10 @@ def _bias_store(acc, b_ptr, y_ptr, rows, cols, M, N, stride_ym, HAS_BIAS: tl.con
 def _linear_tile(x_ptr, w_ptr, b_ptr, y_ptr, tile_m, tile_n, M, N, K, stride_xm, stride_wn, stride_ym,
                  HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                  PRECISION: tl.constexpr, K_UNROLL: tl.constexpr, USE_GDC: tl.constexpr = False,
-                 PDL_EARLY: tl.constexpr = 0, PREFETCH_K: tl.constexpr = 256):
+                 PREFETCH_K: tl.constexpr = 256):
     """One output tile of y = x @ w^T (+ b) with pointer loads: the K walk, the bias, the store.
     With USE_GDC (gdc.py): the tile's first PREFETCH_K weight columns asked of L2, then the wait for
-    the kernel before; the next kernel released PDL_EARLY K steps before the walk's end, or after it."""
+    the kernel before; the next kernel released once the K walk is done."""
     rows = tile_m * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = tile_n * BLOCK_N + tl.arange(0, BLOCK_N)
     prefetch_rows(w_ptr, cols, N, stride_wn, K, PREFETCH_K, USE_GDC)
@@ -227,8 +220,7 @@ def _linear_tile(x_ptr, w_ptr, b_ptr, y_ptr, tile_m, tile_n, M, N, K, stride_xm,
     ks = tl.arange(0, BLOCK_K)
     x_ptrs = x_ptr + rows[:, None].to(tl.int64) * stride_xm + ks[None, :]
     w_ptrs = w_ptr + cols[None, :].to(tl.int64) * stride_wn + ks[:, None]
-    acc = _k_walk(x_ptrs, w_ptrs, rows < M, cols < N, K, BLOCK_M, BLOCK_N, BLOCK_K, PRECISION, K_UNROLL, USE_GDC,
-                  PDL_EARLY)
+    acc = _k_walk(x_ptrs, w_ptrs, rows < M, cols < N, K, BLOCK_M, BLOCK_N, BLOCK_K, PRECISION, K_UNROLL)
     gdc_release(USE_GDC)
     _bias_store(acc, b_ptr, y_ptr, rows, cols, M, N, stride_ym, HAS_BIAS)
 
@@ -239,12 +231,11 @@ def _linear_kernel(
     x_ptr, w_ptr, b_ptr, y_ptr, M, N, K,
     stride_xm, stride_wn, stride_ym,
     HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    GROUP_M: tl.constexpr, PRECISION: tl.constexpr, K_UNROLL: tl.constexpr, PDL_EARLY: tl.constexpr = 0,
-    USE_GDC: tl.constexpr = False,
+    GROUP_M: tl.constexpr, PRECISION: tl.constexpr, K_UNROLL: tl.constexpr, USE_GDC: tl.constexpr = False,
 ):
     tile_m, tile_n = _grouped_order(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N), GROUP_M)
     _linear_tile(x_ptr, w_ptr, b_ptr, y_ptr, tile_m, tile_n, M, N, K, stride_xm, stride_wn, stride_ym,
-                 HAS_BIAS, BLOCK_M, BLOCK_N, BLOCK_K, PRECISION, K_UNROLL, USE_GDC, PDL_EARLY)
+                 HAS_BIAS, BLOCK_M, BLOCK_N, BLOCK_K, PRECISION, K_UNROLL, USE_GDC)
 
 
 @triton.jit
@@ -321,7 +312,7 @@ def _launch_linear(x_MK, w_NK, b_N, y_MN, t: Tile) -> None:
         x_MK, w_NK, b_N if b_N is not None else y_MN, y_MN, M, N, K,
         x_MK.stride(0), w_NK.stride(0), y_MN.stride(0),
         HAS_BIAS=b_N is not None, BLOCK_M=t.block_m, BLOCK_N=t.block_n, BLOCK_K=t.block_k,
-        GROUP_M=t.group_m, PRECISION=precision, K_UNROLL=t.k_unroll, PDL_EARLY=PDL_EARLY, num_warps=t.num_warps,
+        GROUP_M=t.group_m, PRECISION=precision, K_UNROLL=t.k_unroll, num_warps=t.num_warps,
         num_stages=t.num_stages,
     )
 
