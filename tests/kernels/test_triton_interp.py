@@ -25,15 +25,31 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import test_triton_checks as checks_mod  # noqa: E402  (sibling module: torch only, no triton)
 
 
+# Checks that take the interpreter longest (~1 min each on one core), started first so the children end together.
+SLOW_FIRST = ("top_p_cutoff", "top_k_floor", "logprobs_filtered", "cut_snap", "top_p_narrow_start", "linears")
+
+
 @pytest.fixture(scope="module")
 def results(tmp_path_factory) -> dict[str, str]:
-    out = tmp_path_factory.mktemp("triton_interp") / "results.json"  # all checks: ~4 min on 2 cores
+    """All checks, in one child a CPU core (at most 4): each child claims the next unclaimed check
+    (a file created exclusively), so the cores share the work; ~6 min on one core."""
+    work = tmp_path_factory.mktemp("triton_interp")
+    (work / "claims").mkdir()
     env = dict(os.environ, TRITON_INTERPRET="1")
-    proc = subprocess.run(
-        [sys.executable, __file__, str(out)], env=env, capture_output=True, text=True, timeout=540,
-    )
-    assert proc.returncode == 0 and out.exists(), f"interpreter child failed:\n{proc.stdout}\n{proc.stderr}"
-    return json.loads(out.read_text())
+    outs = [work / f"results{i}.json" for i in range(max(1, min(4, os.cpu_count() or 1)))]
+    procs = [subprocess.Popen([sys.executable, __file__, str(out), str(work / "claims")], env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for out in outs]
+    res = {}
+    for proc, out in zip(procs, outs):
+        try:
+            stdout, stderr = proc.communicate(timeout=540)
+        except subprocess.TimeoutExpired:
+            for p in procs:
+                p.kill()
+            raise
+        assert proc.returncode == 0 and out.exists(), f"interpreter child failed:\n{stdout}\n{stderr}"
+        res.update(json.loads(out.read_text()))
+    return res
 
 
 @pytest.mark.parametrize("name", sorted(checks_mod.CHECKS))
@@ -83,12 +99,25 @@ def _use_fixed_order_dot() -> None:
     interpreter.InterpreterBuilder.create_dot = create_dot
 
 
-def _main(out_path: str) -> None:
+def _claim(claims: str, name: str) -> bool:
+    """True for the one child whose exclusive create of claims/name succeeds."""
+    try:
+        os.close(os.open(os.path.join(claims, name), os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+        return True
+    except FileExistsError:
+        return False
+
+
+def _main(out_path: str, claims: str) -> None:
     assert os.environ.get("TRITON_INTERPRET") == "1", "run with TRITON_INTERPRET=1"
     torch.set_num_threads(1)
     _use_fixed_order_dot()
     res = {}
-    for name, fn in checks_mod.CHECKS.items():
+    order = [n for n in SLOW_FIRST if n in checks_mod.CHECKS] + [n for n in checks_mod.CHECKS if n not in SLOW_FIRST]
+    for name in order:
+        if not _claim(claims, name):
+            continue
+        fn = checks_mod.CHECKS[name]
         try:
             fn()
             res[name] = "ok"
@@ -99,4 +128,4 @@ def _main(out_path: str) -> None:
 
 
 if __name__ == "__main__":
-    _main(sys.argv[1])
+    _main(sys.argv[1], sys.argv[2])
