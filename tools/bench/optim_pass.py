@@ -15,7 +15,7 @@ fused AdamW values and writes the bf16 shadow: ~30 B. `flat` is the same math ov
 (one tensor each, no address table): the floor the per-tensor pass is measured against.
 
     python tools/bench/optim_pass.py --out OUT.json             # GPU: 0.6B and the MoE bench's shapes
-    TRITON_INTERPRET=1 python tools/bench/optim_pass.py --device cpu --models small   # CPU smoke run
+    TRITON_INTERPRET=1 python tools/bench/optim_pass.py --device cpu --models tiny   # CPU smoke run
 
 Times are CUDA-event medians of --reps after warm-up, host work included (the trainer's host
 runs ahead of the GPU, so its share there is less); each pass's first step is compared with
@@ -187,7 +187,7 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=10)
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--device", default="cuda", help="cpu: a smoke run of the GPU mode's code (TRITON_INTERPRET=1, "
-                    "model small), its times meaningless")
+                    "model tiny), its times meaningless")
     ap.add_argument("--out", default="bench_optim_pass.json")
     a = ap.parse_args()
     if a.device == "cuda" and not torch.cuda.is_available():

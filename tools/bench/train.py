@@ -72,7 +72,9 @@ QWEN3_MOE_A0_6B = {**QWEN3_0_6B, "architectures": ["Qwen3MoeForCausalLM"], "mode
 SMALL_MOE = {**SMALL, **{k: QWEN3_MOE_A0_6B[k] for k in ("architectures", "model_type", "norm_topk_prob",
                                                           "decoder_sparse_step", "mlp_only_layers")},
              "num_experts": 8, "num_experts_per_tok": 2, "moe_intermediate_size": 256}  # small's active params
-MODELS = {"qwen3-0.6b": QWEN3_0_6B, "qwen3-moe-a0.6b": QWEN3_MOE_A0_6B, "small": SMALL, "small-moe": SMALL_MOE}
+TINY = {**SMALL, "vocab_size": 2048}  # small's layers with a short vocabulary: CPU smoke runs under the interpreter
+MODELS = {"qwen3-0.6b": QWEN3_0_6B, "qwen3-moe-a0.6b": QWEN3_MOE_A0_6B, "small": SMALL, "small-moe": SMALL_MOE,
+          "tiny": TINY}
 DENSE_OF = {"qwen3-moe-a0.6b": "qwen3-0.6b", "small-moe": "small"}  # the MoE MFU / dense MFU pairs
 
 
