@@ -39,14 +39,13 @@ def results(tmp_path_factory) -> dict[str, str]:
     outs = [work / f"results{i}.json" for i in range(max(1, min(4, os.cpu_count() or 1)))]
     procs = [subprocess.Popen([sys.executable, __file__, str(out), str(work / "claims")], env=env,
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for out in outs]
+    try:
+        logs = [proc.communicate(timeout=540) for proc in procs]
+    finally:  # a timeout or an interrupt leaves no child running
+        for proc in procs:
+            proc.kill()
     res = {}
-    for proc, out in zip(procs, outs):
-        try:
-            stdout, stderr = proc.communicate(timeout=540)
-        except subprocess.TimeoutExpired:
-            for p in procs:
-                p.kill()
-            raise
+    for proc, out, (stdout, stderr) in zip(procs, outs, logs):
         assert proc.returncode == 0 and out.exists(), f"interpreter child failed:\n{stdout}\n{stderr}"
         res.update(json.loads(out.read_text()))
     return res
@@ -78,8 +77,6 @@ def fixed_order_dot(a, b, acc):
     Every output element gets the same sequence of roundings whatever M, N or the row's
     place in the tile: row-invariant by construction, independent of numpy's BLAS.
     """
-    import numpy as np
-
     a, b = a.astype(acc.dtype, copy=False), b.astype(acc.dtype, copy=False)
     out = a[..., :, 0:1] * b[..., 0:1, :]
     for k in range(1, a.shape[-1]):

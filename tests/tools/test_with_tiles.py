@@ -24,9 +24,9 @@ json.dump({"argv": sys.argv, "tiles": [list(t) for t in matmul.SMALL_M_TILES[tor
 """
 
 
-def _run(tmp_path, *args):
+def _run(tmp_path, *args, env=ENV):
     return subprocess.run([sys.executable, str(ROOT / "tools/bench/with_tiles.py"), *args], capture_output=True,
-                          text=True, timeout=300, env=ENV)
+                          text=True, timeout=300, env=env)
 
 
 def _show(tmp_path, *args) -> dict:
@@ -147,8 +147,7 @@ json.dump({"pdl": launch.PDL}, open(sys.argv[1], "w"))
 """)
     env = {k: v for k, v in ENV.items() if k != "MILES_PDL"}
     for args, want in ((["--pdl", "off"], False), (["--pdl", "on"], True)):
-        proc = subprocess.run([sys.executable, str(ROOT / "tools/bench/with_tiles.py"), *args, "--", str(script),
-                               str(out)], capture_output=True, text=True, timeout=300, env=env)
+        proc = _run(tmp_path, *args, "--", str(script), str(out), env=env)
         assert proc.returncode == 0, proc.stderr[-2000:]
         assert json.loads(out.read_text())["pdl"] is want, args
     shipped = subprocess.run([sys.executable, str(script), str(out)], capture_output=True, text=True, env=env)
