@@ -1,6 +1,6 @@
 """Every command of README.md's "Using it" block, run on the quickstart's outputs (CPU).
 
-One `miles-fsdp quickstart --short` per module gives the model and the data; each README line
+The session's `miles-fsdp quickstart --short` (tests/conftest.py) gives the model and the data; each README line
 then runs as written, with these substitutions (and nothing else changed):
     /ckpt/Qwen3-0.6B, DIR          -> RUN/rl/hf (the quickstart's exported checkpoint)
     train.jsonl, test.jsonl        -> RUN/data/rl.jsonl, RUN/data/heldout.jsonl
@@ -87,11 +87,9 @@ def _free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def qs(tmp_path_factory) -> Path:
-    """The quickstart's run directory (data/, rl/hf, rl/checkpoints), made once per module."""
-    run = tmp_path_factory.mktemp("readme") / "quickstart"
-    _run("miles-fsdp", "quickstart", "--short", "--run-dir", str(run), cwd=run.parent, timeout=900)
-    return run
+def qs(quickstart_short) -> Path:
+    """The quickstart's run directory (data/, rl/hf, rl/checkpoints): tests/conftest.py's run."""
+    return quickstart_short[0]
 
 
 @pytest.fixture

@@ -1,16 +1,12 @@
 """Shared by the tests/parallel tests and their torchrun workers.
 
-Workers are launched with `run_workers`: 2 gloo processes on CPU, a free master port per
-launch (so test files never collide), a hard timeout, and each rank writes
+Workers are launched with `run_workers`: 2 gloo processes on CPU (tests/torchrun.py: a free
+port per launch, a hard timeout, each rank's own log in a failure), and each rank writes
 `out_dir/rank<r>.pt`, read back by `load_ranks`.
 """
 
 from __future__ import annotations
 
-import os
-import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import torch
@@ -84,18 +80,10 @@ def forward_outputs(trainer: Trainer, mbs) -> list[dict[str, torch.Tensor]]:
     return out
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def run_workers(script: str, *args, nproc: int = 2, timeout: int = 120) -> None:
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc-per-node", str(nproc),
-           "--master-addr", "127.0.0.1", "--master-port", str(_free_port()), str(HERE / script), *map(str, args)]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    from torchrun import torchrun  # tests/, on the test process's path (workers import this module too)
+
+    torchrun([HERE / script, *args], nproc=nproc, timeout=timeout)
 
 
 def load_ranks(out_dir: Path, nproc: int = 2) -> list[dict]:

@@ -1,35 +1,25 @@
 """The README's first command, shortened: SFT then RL through the console script, on CPU.
 
-~45 s on an idle 2-core machine, ~110 s with a busy-loop process beside it (over 14 min
-before miles_fsdp/threads.py bounded OpenMP's spin-waits). The run gets RUN_TIMEOUT_S,
-inside pytest's limit, so a slow run fails here with the log of where it got to.
+The run is tests/conftest.py's `quickstart_short` (shared with tests/cli/test_readme_commands.py):
+~45 s on an idle 2-core machine, ~110 s with a busy-loop process beside it (over 14 min before
+miles_fsdp/threads.py bounded OpenMP's spin-waits). It gets a timeout inside pytest's limit, so a
+slow run fails with the log of where it got to.
 """
 
 import json
-import subprocess
 
 import pytest
 
 from miles_fsdp.observe.metrics import read_metrics
 
-RUN_TIMEOUT_S = 540
-"""Under the test's pytest timeout (600 s), leaving time to kill the run and report."""
 
-
-@pytest.mark.timeout(RUN_TIMEOUT_S + 60)
-def test_quickstart_short_runs_end_to_end_and_rl_improves(tmp_path):
-    run = tmp_path / "qs"
-    cmd = ["miles-fsdp", "quickstart", "--short", "--run-dir", str(run)]
-    try:
-        out = subprocess.run(cmd, capture_output=True, text=True, timeout=RUN_TIMEOUT_S)
-    except subprocess.TimeoutExpired as e:
-        pytest.fail(f"quickstart --short took over {RUN_TIMEOUT_S} s; its log ends:\n{_tail(e.stdout)}{_tail(e.stderr)}")
-    assert out.returncode == 0, out.stderr[-3000:]
-    assert "held-out accuracy after RL" in out.stdout
+def test_quickstart_short_runs_end_to_end_and_rl_improves(quickstart_short):
+    run, stdout = quickstart_short
+    assert "held-out accuracy after RL" in stdout
     summary = json.loads((run / "summary.json").read_text())
     spec = summary["speculation"]  # the draft trained in SFT and RL; the final eval with it on vs off
     assert spec["outputs_identical"] is True and summary["mean_accept_length"] == spec["mean_accept_length"] > 1.2
-    assert "draft mean accept length" in out.stdout
+    assert "draft mean accept length" in stdout
     for key in ("sft_accuracy", "rl_accuracy", "logprob_abs_diff_max", "wall_seconds"):
         assert key in summary
     assert summary["logprob_abs_diff_max"] == 0.0
@@ -40,12 +30,6 @@ def test_quickstart_short_runs_end_to_end_and_rl_improves(tmp_path):
     assert mean(last) > mean(first)  # training reward rises
     assert all(r["train/logprob_abs_diff_max"] == 0.0 for r in rows)
     assert (run / "rl" / "hf" / "model.safetensors").is_file() and any((run / "rl" / "tb").iterdir())
-
-
-def _tail(text: str | bytes | None, n: int = 3000) -> str:
-    if isinstance(text, bytes):  # TimeoutExpired keeps bytes even for text=True runs
-        text = text.decode(errors="replace")
-    return (text or "")[-n:]
 
 
 def test_rerun_into_a_used_run_dir_refuses_or_moves_the_old_run_aside(tmp_path, monkeypatch):

@@ -1,15 +1,13 @@
 """Training the MTP draft (train/draft.py): targets, gradient isolation, the policy update
 unchanged bit for bit, frozen, the draft learning, exact resume."""
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
 from draft_worker import draft_batch, draft_grads, draft_only_losses
+from torchrun import torchrun
 
 from miles_fsdp.models import load_model
 from miles_fsdp.train.checkpoint import load_checkpoint, save_checkpoint
@@ -172,10 +170,7 @@ def test_two_ranks_match_one_rank(ckpt, tmp_path):
     want = draft_grads(str(ckpt), draft_batch(), 128)
     want["draft_only_losses"] = torch.tensor(draft_only_losses(str(ckpt), draft_batch(), 128))
     out = tmp_path / "grads.pt"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-           str(Path(__file__).parent / "draft_worker.py"), str(ckpt), str(out)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    torchrun([Path(__file__).parent / "draft_worker.py", ckpt, out], timeout=300)
     got = torch.load(out)
     assert got.keys() == want.keys()
     for k in want:  # the draft's loss is normalised over the global batch, like the policy's

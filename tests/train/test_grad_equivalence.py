@@ -1,9 +1,6 @@
 """One global batch gives the same gradients however it is split into micro-batches
 (gradient accumulation) and data-parallel ranks, for every loss normalisation."""
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -11,6 +8,7 @@ import torch
 
 from common import NORM_CONSTANT, SEQ_LEN, full_grads, global_batch, make_trainer, pg_loss
 from tiny_model import TinyLM
+from torchrun import torchrun
 
 NORMS = ("token_mean", "seq_mean", "constant")
 
@@ -55,11 +53,7 @@ def test_norms_differ(one_rank):
 def test_two_ranks_match_one_rank(one_rank, tmp_path):
     out = tmp_path / "dist.pt"
     here = Path(__file__).parent
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-           str(here / "dist_worker.py"), str(out)]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=180, env=env)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    torchrun([here / "dist_worker.py", out], timeout=180)
     result = torch.load(out)
     for norm in NORMS:
         for split in ("1", "2", "4", "uneven"):

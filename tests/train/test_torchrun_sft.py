@@ -2,22 +2,18 @@
 second launch resumes from the checkpoint instead of starting over."""
 
 import json
-import os
-import subprocess
-import sys
+
+from torchrun import torchrun
 
 from miles_fsdp.models.testing import build_tiny_checkpoint
 from miles_fsdp.observe.metrics import read_metrics
 
 
 def _launch(ckpt, data, out, steps):
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-           "-m", "miles_fsdp.commands.sft", "--model", str(ckpt), "--data", str(data), "--out", str(out),
-           "--steps", str(steps), "--global-batch-size", "4", "--max-seq-len", "64",
-           "--trainer.max-tokens-per-micro-batch", "64", "--trainer.optim.lr", "0.003",
-           "--trainer.parallel.activation-checkpointing", "--no-export-hf"]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    torchrun(["-m", "miles_fsdp.commands.sft", "--model", str(ckpt), "--data", str(data), "--out", str(out),
+              "--steps", str(steps), "--global-batch-size", "4", "--max-seq-len", "64",
+              "--trainer.max-tokens-per-micro-batch", "64", "--trainer.optim.lr", "0.003",
+              "--trainer.parallel.activation-checkpointing", "--no-export-hf"], timeout=240)
 
 
 def test_two_process_sft_and_resume(tmp_path):
