@@ -424,14 +424,16 @@ def test_overlap_schedule_at_scale(tmp_path, arch):
     assert runs["overlap"] == runs["sync"] == runs["eager"], f"{arch}: overlap scheduling changed outputs"
 
 
-def test_pdl_gives_the_same_tokens_and_logprobs_at_batch_64(tmp_path, monkeypatch):
+@pytest.mark.parametrize("batch,tma", [(64, False), (256, True)], ids=["b64", "b256-tma"])
+def test_pdl_gives_the_same_tokens_and_logprobs(tmp_path, monkeypatch, batch, tma):
     """Programmatic dependent launch (launch.PDL, gdc.py): a kernel may start while the one before
     it finishes and waits for it before touching memory. A kernel that read or wrote too early would
-    race and show here: 64 requests x 256 new tokens on Qwen3-0.6B's layer shapes (4 layers) with the
-    real vocabulary, sampled (temperature, top-k, top-p), decoded from CUDA graphs and eagerly, with
-    PDL on give the tokens and log-probs of PDL off, and the trainer's recompute."""
+    race and show here: `batch` requests x 256 new tokens on Qwen3-0.6B's layer shapes (4 layers) with
+    the real vocabulary, sampled (temperature, top-k, top-p), decoded from CUDA graphs and eagerly,
+    with PDL on give the tokens and log-probs of PDL off, and the trainer's recompute. b256-tma: the
+    persistent TMA linears with PDL too (launch.PDL_TMA; the decode step's 128-row tiles, the prefill's)."""
     from miles_fsdp.models.testing import build_tiny_checkpoint
-    from miles_kernels._triton import decode_attention, fused_linears, launch
+    from miles_kernels._triton import decode_attention, fused_linears, launch, matmul
 
     if torch.cuda.get_device_capability()[0] < 9:
         pytest.skip("programmatic dependent launch needs compute capability 9.0+")
@@ -443,12 +445,14 @@ def test_pdl_gives_the_same_tokens_and_logprobs_at_batch_64(tmp_path, monkeypatc
     grid = [(t, k, p) for t in (0.6, 1.0) for k in (0, 20) for p in (1.0, 0.9)]
     reqs = [Request(torch.randint(0, 151_936, (int(torch.randint(16, 300, (1,), generator=g)),), generator=g).tolist(),
                     SamplingParams(temperature=grid[i % 8][0], top_k=grid[i % 8][1], top_p=grid[i % 8][2],
-                                   max_new_tokens=256, seed=i)) for i in range(64)]
+                                   max_new_tokens=256, seed=i)) for i in range(batch)]
 
     def run(pdl, graphs):
         monkeypatch.setattr(launch, "PDL", pdl)
-        eng = Engine(model, config=EngineConfig(page_size=PAGE, num_pages=1024, cuda_graph_max_batch=64,
-                                                cuda_graphs=graphs, cuda_graphs_required=graphs), eos_token_ids=[])
+        monkeypatch.setattr(launch, "PDL_TMA", pdl and tma)
+        eng = Engine(model, config=EngineConfig(page_size=PAGE, num_pages=max(1024, 10 * batch),
+                                                cuda_graph_max_batch=batch, cuda_graphs=graphs,
+                                                cuda_graphs_required=graphs), eos_token_ids=[])
         res = eng.generate([Request(list(r.prompt_ids), r.params) for r in reqs])
         return [(s.token_ids, s.logprobs) for rs in res for s in rs]
 
@@ -457,8 +461,12 @@ def test_pdl_gives_the_same_tokens_and_logprobs_at_batch_64(tmp_path, monkeypatc
         got = run(True, graphs)
         for i, ((t, lp), (wt, wlp)) in enumerate(zip(got, want)):
             assert t == wt and torch.equal(lp, wlp), f"request {i}: PDL ({'graphs' if graphs else 'eager'}) changed it"
-    for k in (fused_linears._linears_kernel, fused_linears._swiglu_kernel, decode_attention.decode_pairs_kernel):
+    pdl_kernels = [decode_attention.decode_pairs_kernel] + (
+        [matmul._linear_tma_kernel, fused_linears._linears_tma_kernel, fused_linears._swiglu_tma_kernel] if tma
+        else [fused_linears._linears_kernel, fused_linears._swiglu_kernel])
+    for k in pdl_kernels:
         assert any(c.metadata.launch_pdl for c in k.kernels.values()), f"{k.fn.__name__}: no launch with PDL"
     monkeypatch.setattr(launch, "PDL", True)
+    monkeypatch.setattr(launch, "PDL_TMA", False)
     recompute = trainer_logprobs(model, [(r.prompt_ids, t) for r, (t, _) in zip(reqs, want)], [r.params for r in reqs])
     assert all(torch.equal(lp.cpu(), w) for (_, lp), w in zip(want, recompute)), "engine != trainer recompute"

@@ -130,6 +130,8 @@ def test_kernels_with_use_gdc_launch_with_pdl_only_while_it_is_on(kernel, monkey
     assert len(fk.slow) == 2 and fk.slow[-1][2] == {"BLOCK": 32, "USE_GDC": True, "launch_pdl": True}
     fk[(1,)](x, 64, BLOCK=32)  # the repeat: the PDL kernel's launcher, USE_GDC bound True
     assert len(fk.slow) == 2 and first.launches[-1][-4:] == (x, 64, 32, True)
+    fk[(1,)](x, 64, BLOCK=32, USE_GDC=False)  # a caller's explicit False (the TMA linears, PDL_TMA off) stays
+    assert len(fk.slow) == 3 and fk.slow[-1][2] == {"BLOCK": 32, "USE_GDC": False}
     kernel[(1,)](x, x, 64, 0.5, BLOCK=32)  # no USE_GDC parameter: never the option
     assert kernel.slow[-1][2] == {"BLOCK": 32}
 
@@ -158,8 +160,22 @@ def _waits_first(obj, name: str) -> tuple[bool, bool]:
         inner_wait, inner_release = _waits_first(glb[handed.group(1)], name)
         return first_access_ok and inner_wait, inner_release
     assert wait is not None, f"{name}: takes USE_GDC but never waits (gdc_wait)"
-    release = re.search(r"\bgdc_release\(USE_GDC\)", body[wait.end():])
-    return access is None or wait.start() < access.start(), release is not None
+    return access is None or wait.start() < access.start(), _releases(body[wait.end():], glb)
+
+
+def _releases(code: str, glb: dict) -> bool:
+    """Whether code releases the next kernel: gdc_release(USE_GDC), release_after_last(..., USE_GDC), or a
+    helper handed USE_GDC that does."""
+    import re
+
+    if re.search(r"\bgdc_release\(USE_GDC\)|\brelease_after_last\(", code):
+        return True
+    for call in re.finditer(r"\b(\w+)\((?:[^()]|\([^()]*\))*\bUSE_GDC\b", code):
+        if call.group(1) not in ("gdc_wait", "prefetch_rows") and call.group(1) in glb:
+            src, inner = _jit_source(glb[call.group(1)])
+            if _releases(src.split("):\n", 1)[1], inner):
+                return True
+    return False
 
 
 def test_every_pdl_kernel_waits_before_its_first_memory_access():
@@ -180,7 +196,8 @@ def test_every_pdl_kernel_waits_before_its_first_memory_access():
                 found[f"{m.name}.{name}"] = obj
     want = {"matmul._linear_kernel", "fused_linears._linears_kernel", "fused_linears._swiglu_kernel",
             "elementwise._rms_norm_kernel", "elementwise._add_rms_norm_kernel", "elementwise._qk_norm_rope_kernel",
-            "decode_attention.decode_kernel", "decode_attention.decode_pairs_kernel"}
+            "decode_attention.decode_kernel", "decode_attention.decode_pairs_kernel",
+            "matmul._linear_tma_kernel", "fused_linears._linears_tma_kernel", "fused_linears._swiglu_tma_kernel"}
     assert want <= set(found), f"the decode step's kernels without USE_GDC: {sorted(want - set(found))}"
     for name, obj in found.items():
         waits, releases = _waits_first(obj, name)
@@ -189,16 +206,19 @@ def test_every_pdl_kernel_waits_before_its_first_memory_access():
     assert "def gdc_wait" in inspect.getsource(importlib.import_module("miles_kernels._triton.gdc"))
 
 
-def test_miles_pdl_environment_value_is_honoured_or_refused():
+@pytest.mark.parametrize("name,shipped", [("MILES_PDL", "True"), ("MILES_PDL_TMA", "False")])
+def test_pdl_environment_values_are_honoured_or_refused(name, shipped):
+    """MILES_PDL (PDL, on as shipped) and MILES_PDL_TMA (the TMA linears' PDL, off as shipped): 1 on,
+    0 off, unset the shipped value, anything else refused with the variable named."""
     import os
     import subprocess
     import sys
 
-    code = "from miles_kernels._triton import launch; print(launch.PDL)"
-    unset = {k: v for k, v in os.environ.items() if k != "MILES_PDL"}
-    for env, want in (({**unset, "MILES_PDL": "1"}, "True"), ({**unset, "MILES_PDL": "0"}, "False"), (unset, "True")):
+    attr = {"MILES_PDL": "PDL", "MILES_PDL_TMA": "PDL_TMA"}[name]
+    code = f"from miles_kernels._triton import launch; print(launch.{attr})"
+    unset = {k: v for k, v in os.environ.items() if k != name}
+    for env, want in (({**unset, name: "1"}, "True"), ({**unset, name: "0"}, "False"), (unset, shipped)):
         out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
-        assert out.stdout.strip() == want, (env.get("MILES_PDL"), out.stderr)  # unset: on, as shipped
-    bad = subprocess.run([sys.executable, "-c", code], env={**os.environ, "MILES_PDL": "yes"},
-                         capture_output=True, text=True)
-    assert bad.returncode != 0 and "MILES_PDL='yes'" in bad.stderr and "set 1" in bad.stderr
+        assert out.stdout.strip() == want, (env.get(name), out.stderr)
+    bad = subprocess.run([sys.executable, "-c", code], env={**os.environ, name: "yes"}, capture_output=True, text=True)
+    assert bad.returncode != 0 and f"{name}='yes'" in bad.stderr and "set 1" in bad.stderr

@@ -137,18 +137,20 @@ def test_bad_specs_are_refused(tmp_path):
         assert proc.returncode != 0 and msg in proc.stderr, (args, proc.stderr[-500:])
 
 
-def test_pdl_switch(tmp_path):
-    """--pdl on|off sets launch.PDL for the script; as shipped it is on (MILES_PDL unset)."""
+@pytest.mark.parametrize("flag,attr,shipped", [("--pdl", "PDL", True), ("--pdl-tma", "PDL_TMA", False)])
+def test_pdl_switches(tmp_path, flag, attr, shipped):
+    """--pdl / --pdl-tma on|off set launch.PDL / launch.PDL_TMA for the script; as shipped PDL is on
+    and PDL_TMA off (MILES_PDL and MILES_PDL_TMA unset)."""
     script, out = tmp_path / "show.py", tmp_path / "out.json"
-    script.write_text("""
+    script.write_text(f"""
 import json, sys
 from miles_kernels._triton import launch
-json.dump({"pdl": launch.PDL}, open(sys.argv[1], "w"))
+json.dump({{"on": launch.{attr}}}, open(sys.argv[1], "w"))
 """)
-    env = {k: v for k, v in ENV.items() if k != "MILES_PDL"}
-    for args, want in ((["--pdl", "off"], False), (["--pdl", "on"], True)):
+    env = {k: v for k, v in ENV.items() if k not in ("MILES_PDL", "MILES_PDL_TMA")}
+    for args, want in (([flag, "off"], False), ([flag, "on"], True)):
         proc = _run(tmp_path, *args, "--", str(script), str(out), env=env)
         assert proc.returncode == 0, proc.stderr[-2000:]
-        assert json.loads(out.read_text())["pdl"] is want, args
-    shipped = subprocess.run([sys.executable, str(script), str(out)], capture_output=True, text=True, env=env)
-    assert shipped.returncode == 0 and json.loads(out.read_text())["pdl"] is True, shipped.stderr[-2000:]
+        assert json.loads(out.read_text())["on"] is want, args
+    plain = subprocess.run([sys.executable, str(script), str(out)], capture_output=True, text=True, env=env)
+    assert plain.returncode == 0 and json.loads(out.read_text())["on"] is shipped, plain.stderr[-2000:]

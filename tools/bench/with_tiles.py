@@ -14,6 +14,7 @@
     ... with_tiles.py --topk-cut on -- tools/bench/filter.py --cut-only   # top-k's value by the cut's search
     ... with_tiles.py --cut-asm off -- tools/bench/filter.py --cut-only   # the cut's lane loops by Triton's ops
     ... with_tiles.py --pdl on -- tools/bench/step_peer.py --shapes 64x256   # the decode kernels with PDL
+    ... with_tiles.py --pdl-tma on -- tools/bench/step_peer.py --shapes 256x256   # the TMA linears too
 
 Each BMxBN=U:S sets the 16-bit SMALL_M_TILES pointer tile BLOCK_M x BLOCK_N to U BLOCK_K steps
 a loop iteration (Tile.k_unroll) and S pipeline stages. The dots and their order stay as they are,
@@ -28,6 +29,7 @@ prefill by the Gluon kernel). Each gives the same bits either way. --fast-pick s
 --cut-asm sets cut.ASM (the cut's lane loops in PTX; same bits).
 --decode-pairs sets paged_attention.DECODE_PAIRS to 2 / 1 (two (sequence, kv head) pairs a decode program; same bits).
 --pdl sets launch.PDL (the kernels with USE_GDC launched with programmatic dependent launch, late triggers; gdc.py).
+--pdl-tma sets launch.PDL_TMA (the persistent TMA linears with PDL too, while --pdl is on; same bits).
 --fill F sets matmul.FILL, the share of the SMs a small-M tile's grid must fill before a wider
 tile is taken (every tile gives the same bits); --fill-max-m M sets matmul.FILL_MAX_M, the largest
 M whose tile the fill rule picks (above, the M bucket's). The script runs in this process (runpy), so
@@ -94,7 +96,7 @@ def main() -> None:
     argv = sys.argv[1:]
     usage = ("with_tiles: usage: with_tiles.py [--unroll BMxBN=U:S ...] [--tma-stages BMxBN=S ...] [--fill F] "
              "[--fill-max-m M] [--small-tma|--gluon-paged|--fast-pick|--sampler-screen|--topk-cut|--cut-asm|"
-             "--decode-pairs|--pdl on|off] "
+             "--decode-pairs|--pdl|--pdl-tma on|off] "
              "-- SCRIPT [ARGS ...]")
     if "--" not in argv:
         raise SystemExit(usage)
@@ -111,7 +113,8 @@ def main() -> None:
                 "topk_cut": ("miles_kernels._triton.rows", "TOPK_BY_CUT"),
                 "cut_asm": ("miles_kernels._triton.cut", "ASM"),
                 "decode_pairs": ("miles_kernels._triton.paged_attention", "DECODE_PAIRS"),
-                "pdl": ("miles_kernels._triton.launch", "PDL")}
+                "pdl": ("miles_kernels._triton.launch", "PDL"),
+                "pdl_tma": ("miles_kernels._triton.launch", "PDL_TMA")}
     values = {"DECODE_PAIRS": (2, 1)}  # a flag whose on / off are not True / False
     for name in switches:
         ap.add_argument("--" + name.replace("_", "-"), choices=("on", "off"), default=None)
@@ -120,7 +123,7 @@ def main() -> None:
     if not a.unroll and not a.tma_stages and a.fill is None and a.fill_max_m is None and not flags:
         raise SystemExit(f"{usage}: nothing to change (give --unroll, --tma-stages, --fill, --fill-max-m, "
                          "--small-tma, --gluon-paged, --fast-pick, --sampler-screen, --topk-cut, --cut-asm, "
-                         "--decode-pairs or --pdl)")
+                         "--decode-pairs, --pdl or --pdl-tma)")
     if a.fill_max_m is not None and a.fill_max_m < 1:
         raise SystemExit(f"with_tiles: --fill-max-m {a.fill_max_m}: must be >= 1 (rows)")
     if a.fill is not None and not 0.0 < a.fill <= 4.0:

@@ -12,9 +12,10 @@ import triton
 import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
+from miles_kernels._triton import launch
 from miles_kernels._triton import matmul as mm
 from miles_kernels._triton.elementwise import silu_times
-from miles_kernels._triton.gdc import gdc_release, gdc_wait, prefetch_rows
+from miles_kernels._triton.gdc import gdc_release, gdc_wait, prefetch_rows, release_after_last
 from miles_kernels._triton.launch import fast_launch
 from miles_kernels._triton.matmul import _bias_store, _linear_tile, _tma_k_walk
 
@@ -51,17 +52,19 @@ def _linears_kernel(
 
 
 @triton.jit
-def _tma_segment(x_desc, w_desc, b_ptr, y_ptr, lo, hi, n_tiles_m, M, N, K,
+def _tma_segment(x_desc, w_desc, b_ptr, y_ptr, lo, hi, end, n_tiles_m, M, N, K,
                  HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                 PRECISION: tl.constexpr, NUM_PROGRAMS: tl.constexpr):
+                 PRECISION: tl.constexpr, NUM_PROGRAMS: tl.constexpr, USE_GDC: tl.constexpr):
     """This program's tiles of one weight: global tiles [lo, hi) that are its own (tile = program
-    mod NUM_PROGRAMS), row tiles fastest."""
+    mod NUM_PROGRAMS), row tiles fastest. `end`: the last weight's hi (USE_GDC: the release after
+    the program's last K walk of all)."""
     first = lo + (tl.program_id(0) - lo % NUM_PROGRAMS + NUM_PROGRAMS) % NUM_PROGRAMS
     for tile in tl.range(first, hi, NUM_PROGRAMS, flatten=True):
         tile_m = (tile - lo) % n_tiles_m
         tile_n = (tile - lo) // n_tiles_m
         acc = _tma_k_walk(x_desc, w_desc, tile_m * BLOCK_M, tile_n * BLOCK_N, K, BLOCK_M, BLOCK_N, BLOCK_K,
                           PRECISION)
+        release_after_last(tile, end, NUM_PROGRAMS, USE_GDC)
         rows = tile_m * BLOCK_M + tl.arange(0, BLOCK_M)
         cols = tile_n * BLOCK_N + tl.arange(0, BLOCK_N)
         _bias_store(acc, b_ptr, y_ptr, rows, cols, M, N, N, HAS_BIAS)
@@ -73,17 +76,19 @@ def _linears_tma_kernel(
     x_desc, w0_desc, w1_desc, w2_desc, b0_ptr, b1_ptr, b2_ptr, y0_ptr, y1_ptr, y2_ptr,
     M, K, N0, N1, N2, T1, T2, T3,
     HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    PRECISION: tl.constexpr, NUM_PROGRAMS: tl.constexpr,
+    PRECISION: tl.constexpr, NUM_PROGRAMS: tl.constexpr, USE_GDC: tl.constexpr = False,
 ):
     # Persistent: the tiles of w0, then w1's, then w2's ([0, T1), [T1, T2), [T2, T3) of one tile
     # sequence), dealt round robin over the programs; a weight's tiles in one pipelined loop.
+    # USE_GDC (PDL, gdc.py; launch.PDL_TMA): the wait first, the release after the last K walk.
     n_tiles_m = tl.cdiv(M, BLOCK_M)
-    _tma_segment(x_desc, w0_desc, b0_ptr, y0_ptr, 0, T1, n_tiles_m, M, N0, K, HAS_BIAS, BLOCK_M, BLOCK_N, BLOCK_K,
-                 PRECISION, NUM_PROGRAMS)
-    _tma_segment(x_desc, w1_desc, b1_ptr, y1_ptr, T1, T2, n_tiles_m, M, N1, K, HAS_BIAS, BLOCK_M, BLOCK_N,
-                 BLOCK_K, PRECISION, NUM_PROGRAMS)
-    _tma_segment(x_desc, w2_desc, b2_ptr, y2_ptr, T2, T3, n_tiles_m, M, N2, K, HAS_BIAS, BLOCK_M, BLOCK_N,
-                 BLOCK_K, PRECISION, NUM_PROGRAMS)
+    gdc_wait(USE_GDC)
+    _tma_segment(x_desc, w0_desc, b0_ptr, y0_ptr, 0, T1, T3, n_tiles_m, M, N0, K, HAS_BIAS, BLOCK_M, BLOCK_N,
+                 BLOCK_K, PRECISION, NUM_PROGRAMS, USE_GDC)
+    _tma_segment(x_desc, w1_desc, b1_ptr, y1_ptr, T1, T2, T3, n_tiles_m, M, N1, K, HAS_BIAS, BLOCK_M, BLOCK_N,
+                 BLOCK_K, PRECISION, NUM_PROGRAMS, USE_GDC)
+    _tma_segment(x_desc, w2_desc, b2_ptr, y2_ptr, T2, T3, T3, n_tiles_m, M, N2, K, HAS_BIAS, BLOCK_M, BLOCK_N,
+                 BLOCK_K, PRECISION, NUM_PROGRAMS, USE_GDC)
 
 
 def _by_tma(t: mm.Tile, *ts: torch.Tensor) -> bool:
@@ -124,7 +129,7 @@ def linears(x_MK: torch.Tensor, ws: tuple[torch.Tensor, ...], bs: tuple[torch.Te
         ends = [n_tiles_m * sum(tiles[:i + 1]) for i in range(3)]
         _linears_tma_kernel[(n_prog,)](
             TensorDescriptor.from_tensor(x_MK, [t.block_m, t.block_k]), *pad(wd, wd[-1]), *b3, *y3, M, K, *n3, *ends,
-            NUM_PROGRAMS=n_prog, **consts)
+            NUM_PROGRAMS=n_prog, USE_GDC=launch.PDL_TMA and x_MK.is_cuda, **consts)
         return ys
     _linears_kernel[(n_tiles_m * sum(tiles),)](
         x_MK, *pad(ws, ws[-1]), *b3, *y3, M, K, *n3, tiles[0], tiles[0] + tiles[1], x_MK.stride(0),
@@ -182,12 +187,16 @@ def _swiglu_kernel(x_ptr, wg_ptr, wu_ptr, y_ptr, M, F, K, stride_xm, BLOCK_M: tl
 @fast_launch
 @triton.jit
 def _swiglu_tma_kernel(x_desc, wg_desc, wu_desc, y_desc, M, F, K, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                       BLOCK_K: tl.constexpr, PRECISION: tl.constexpr, NUM_PROGRAMS: tl.constexpr):
+                       BLOCK_K: tl.constexpr, PRECISION: tl.constexpr, NUM_PROGRAMS: tl.constexpr,
+                       USE_GDC: tl.constexpr = False):
     # _swiglu_kernel's tiles by TMA in a persistent grid (program p: tiles p, p + NUM_PROGRAMS, ...,
     # row tiles fastest); the same dots in the same order, the same epilogue. The store is clipped.
     # Not flattened: flattened, ptxas (triton 3.6, sm_90) serialized the two accumulators' wgmmas (C7515).
+    # USE_GDC (PDL, gdc.py; launch.PDL_TMA): the wait first, the release after the program's last K walk.
     n_tiles_m = tl.cdiv(M, BLOCK_M)
-    for tile in tl.range(tl.program_id(0), n_tiles_m * tl.cdiv(F, BLOCK_N), NUM_PROGRAMS, flatten=False):
+    n_tiles = n_tiles_m * tl.cdiv(F, BLOCK_N)
+    gdc_wait(USE_GDC)
+    for tile in tl.range(tl.program_id(0), n_tiles, NUM_PROGRAMS, flatten=False):
         off_m = (tile % n_tiles_m) * BLOCK_M
         off_n = (tile // n_tiles_m) * BLOCK_N
         acc_g = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
@@ -196,6 +205,7 @@ def _swiglu_tma_kernel(x_desc, wg_desc, wu_desc, y_desc, M, F, K, BLOCK_M: tl.co
             x = x_desc.load([off_m, k0])
             acc_g = tl.dot(x, wg_desc.load([off_n, k0]).T, acc_g, input_precision=PRECISION)
             acc_u = tl.dot(x, wu_desc.load([off_n, k0]).T, acc_u, input_precision=PRECISION)
+        release_after_last(tile, n_tiles, NUM_PROGRAMS, USE_GDC)
         dtype = y_desc.dtype
         y = silu_times(acc_g.to(dtype).to(tl.float32), acc_u.to(dtype).to(tl.float32))
         y_desc.store([off_m, off_n], y.to(dtype))
@@ -229,7 +239,8 @@ def swiglu(x_MK: torch.Tensor, w_gate_FK: torch.Tensor, w_up_FK: torch.Tensor) -
             TensorDescriptor.from_tensor(x_MK, [t.block_m, t.block_k]),
             TensorDescriptor.from_tensor(w_gate_FK, [block_n, t.block_k]),
             TensorDescriptor.from_tensor(w_up_FK, [block_n, t.block_k]),
-            TensorDescriptor.from_tensor(y, [t.block_m, block_n]), M, F, K, NUM_PROGRAMS=n_prog, **consts)
+            TensorDescriptor.from_tensor(y, [t.block_m, block_n]), M, F, K, NUM_PROGRAMS=n_prog,
+            USE_GDC=launch.PDL_TMA and x_MK.is_cuda, **consts)
         return y
     _swiglu_kernel[(n_tiles,)](x_MK, w_gate_FK, w_up_FK, y, M, F, K, x_MK.stride(0), K_UNROLL=t.k_unroll, **consts)
     return y

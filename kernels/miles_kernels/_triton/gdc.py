@@ -16,6 +16,9 @@ loads nothing into registers, so it cannot hand back stale data; it only shorten
 after the wait. Sized to the first stages, it stays in L2 (the tenth run's whole-slice prefetch was
 evicted before use at 8B).
 
+The persistent TMA linears wait before their tile loop and release after each program's last K walk
+(`release_after_last`); their callers pass USE_GDC=launch.PDL_TMA, off by default until timed.
+
 `launch.FastKernel` passes USE_GDC=True and launch_pdl=True to kernels with a USE_GDC parameter
 while `launch.PDL` is on (the default: the forty-ninth run, H100, timed the 0.6B b64 decode step 1.017x
 and the engine's warm quick rows 1.00-1.04x with it; MILES_PDL=0 in the environment or
@@ -40,6 +43,15 @@ def gdc_release(USE_GDC: tl.constexpr):
     if USE_GDC:
         tl.inline_asm_elementwise("griddepcontrol.launch_dependents; // $0", "=r", [], dtype=tl.int32,
                                   is_pure=False, pack=1)
+
+
+@triton.jit
+def release_after_last(tile, n_tiles, NUM_PROGRAMS: tl.constexpr, USE_GDC: tl.constexpr):
+    """In a persistent kernel's tile loop (program p: tiles p, p + NUM_PROGRAMS, ... < n_tiles):
+    gdc_release once this program's last tile is past its K walk."""
+    if USE_GDC:
+        if tile + NUM_PROGRAMS >= n_tiles:
+            gdc_release(USE_GDC)
 
 
 @triton.jit

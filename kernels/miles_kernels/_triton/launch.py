@@ -18,7 +18,8 @@ MILES_FAST_LAUNCH=0 in the environment (or `launch.ENABLED = False`), should a T
 release change how its launcher is called.
 
 A kernel with a `USE_GDC` constexpr gets USE_GDC=True and launch_pdl=True while `PDL` is on, on a
-GPU with programmatic dependent launch (compute capability 9.0+): gdc.py.
+GPU with programmatic dependent launch (compute capability 9.0+): gdc.py. A call that passes
+USE_GDC=False keeps it, and no launch_pdl (the TMA linears while `PDL_TMA` is off).
 """
 
 from __future__ import annotations
@@ -40,11 +41,22 @@ except ImportError:  # pragma: no cover
 
 _I32 = 1 << 31
 ENABLED = os.environ.get("MILES_FAST_LAUNCH", "1") != "0"
+
+
+def _switch(name: str, default: str, what: str) -> bool:
+    value = os.environ.get(name, default)
+    if value not in ("0", "1"):
+        raise ValueError(f"{name}={value!r}: set 1 ({what} on) or 0 (off)")
+    return value == "1"
+
+
 # Programmatic dependent launch with late triggers for the kernels that take USE_GDC (gdc.py): on by default
 # (H100, forty-ninth run: the 0.6B b64 decode step 1.017x, the engine's warm rows 1.00-1.04x); MILES_PDL=0 turns it off.
-PDL = os.environ.get("MILES_PDL", "1") == "1"
-if os.environ.get("MILES_PDL", "1") not in ("0", "1"):
-    raise ValueError(f"MILES_PDL={os.environ['MILES_PDL']!r}: set 1 (programmatic dependent launch on) or 0 (off)")
+PDL = _switch("MILES_PDL", "1", "programmatic dependent launch")
+# The persistent TMA linears (linear, linears, swiglu at M past the pointer tiles) with PDL too: on trial, off by
+# default until a GPU run times it (docs/kernel_tuning.md, Next steps); MILES_PDL_TMA=1 or with_tiles --pdl-tma on.
+# Their callers pass USE_GDC=PDL_TMA, and an explicit USE_GDC=False is never overridden.
+PDL_TMA = _switch("MILES_PDL_TMA", "0", "PDL for the TMA linears")
 _PDL_KW = {"USE_GDC": True, "launch_pdl": True}
 _PDL_DEVICES: dict[int, bool] = {}
 
@@ -133,7 +145,7 @@ class FastKernel:
 
     def launch(self, grid, args: tuple, kw: dict):
         device = _current_device()
-        if self.gdc and pdl_on(device):
+        if self.gdc and kw.get("USE_GDC", True) and pdl_on(device):
             kw = {**kw, **_PDL_KW}
         if not ENABLED or _knobs is None or callable(grid) or _hooks_active():
             return self.fn.run(*args, grid=grid, warmup=False, **kw)

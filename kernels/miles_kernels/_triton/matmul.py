@@ -15,8 +15,9 @@ import triton
 import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
-from miles_kernels._triton.gdc import gdc_release, gdc_wait, prefetch_rows
+from miles_kernels._triton.gdc import gdc_release, gdc_wait, prefetch_rows, release_after_last
 from miles_kernels._triton.gluon_gate import gluon_module
+from miles_kernels._triton import launch
 from miles_kernels._triton.launch import fast_launch
 
 
@@ -254,18 +255,21 @@ def _tma_k_walk(x_desc, w_desc, off_m, off_n, K, BLOCK_M: tl.constexpr, BLOCK_N:
 def _linear_tma_kernel(
     x_desc, w_desc, y_desc, b_ptr, M, N, K,
     HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    GROUP_M: tl.constexpr, PRECISION: tl.constexpr, NUM_PROGRAMS: tl.constexpr,
+    GROUP_M: tl.constexpr, PRECISION: tl.constexpr, NUM_PROGRAMS: tl.constexpr, USE_GDC: tl.constexpr = False,
 ):
     # Persistent: program p computes tiles p, p + NUM_PROGRAMS, ... in grouped order. A tile is
     # computed exactly as in _linear_kernel (K from 0 in BLOCK_K steps, fp32 acc); TMA zero-fills
-    # out-of-bounds rows and the K tail as the masked loads do, and clips the store.
+    # out-of-bounds rows and the K tail as the masked loads do, and clips the store. USE_GDC (PDL,
+    # gdc.py; launch.PDL_TMA): the wait before the loop, the release after the program's last K walk.
     n_tiles_m = tl.cdiv(M, BLOCK_M)
     n_tiles_n = tl.cdiv(N, BLOCK_N)
+    gdc_wait(USE_GDC)
     for tile in tl.range(tl.program_id(0), n_tiles_m * n_tiles_n, NUM_PROGRAMS, flatten=True):
         tile_m, tile_n = _grouped_order(tile, n_tiles_m, n_tiles_n, GROUP_M)
         off_m = tile_m * BLOCK_M
         off_n = tile_n * BLOCK_N
         acc = _tma_k_walk(x_desc, w_desc, off_m, off_n, K, BLOCK_M, BLOCK_N, BLOCK_K, PRECISION)
+        release_after_last(tile, n_tiles_m * n_tiles_n, NUM_PROGRAMS, USE_GDC)
         y = acc.to(y_desc.dtype)
         if HAS_BIAS:
             cols = off_n + tl.arange(0, BLOCK_N)
@@ -303,7 +307,7 @@ def _launch_linear(x_MK, w_NK, b_N, y_MN, t: Tile) -> None:
         _linear_tma_kernel[(n_prog,)](
             x_d, w_d, y_d, b_N if b_N is not None else y_MN, M, N, K,
             HAS_BIAS=b_N is not None, BLOCK_M=t.block_m, BLOCK_N=t.block_n, BLOCK_K=t.block_k,
-            GROUP_M=t.group_m, PRECISION=precision, NUM_PROGRAMS=n_prog,
+            GROUP_M=t.group_m, PRECISION=precision, NUM_PROGRAMS=n_prog, USE_GDC=launch.PDL_TMA and x_MK.is_cuda,
             num_warps=t.num_warps, num_stages=t.num_stages,
         )
         return
