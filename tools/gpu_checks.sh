@@ -51,6 +51,9 @@
 #   pairs      (not in the default list) decode attention with one and two (sequence, kv head) pairs a program
 #              (paged_attention.DECODE_PAIRS; attn_sweep.py --pairs: us, bits, SDPA beside), then the engine's quick
 #              rows with two pairs (as shipped, at 512-1,023 pairs) and with one (with_tiles --decode-pairs on / off)
+#   pdltma     (not in the default list) the persistent TMA linears with PDL (launch.PDL_TMA, off as shipped):
+#              the PDL GPU tests (b64; b256 with PDL_TMA: on == off == the recompute), then step_peer.py at 0.6B
+#              and 8B b256 ctx 256 and the engine's quick rows with with_tiles --pdl-tma on / off by turns
 #   capture    (not in the default list) the attention-backward and engine GPU tests in one process (the order
 #              that invalidated the 64-expert draft's capture in the thirty-third run), then again with
 #              graph_capture's collector guard taken out: test_capture_with_garbage_waiting alone, which must
@@ -231,6 +234,16 @@ for step in $steps; do
                    run engine_pairs_$o timeout -s KILL 120 python3 tools/bench/with_tiles.py --decode-pairs $o -- \
                        tools/bench/engine.py --quick --only engine --out "$out/engine_pairs_$o.json"
                done ;;
+        pdltma) run pdl_tests timeout -s KILL 300 python3 -m pytest -q -o addopts="" tests/gpu/test_engine_gpu.py -k pdl
+                for i in 1 2; do for o in on off; do  # by turns
+                    run step_pdltma_$o$i timeout -s KILL 150 python3 tools/bench/with_tiles.py --pdl-tma $o -- \
+                        tools/bench/step_peer.py --model qwen3-0.6b qwen3-8b --shapes 256x256 \
+                        --out "$out/step_pdltma_$o$i.json"
+                done; done
+                for o in on off; do
+                    run engine_pdltma_$o timeout -s KILL 150 python3 tools/bench/with_tiles.py --pdl-tma $o -- \
+                        tools/bench/engine.py --quick --only engine --out "$out/engine_pdltma_$o.json"
+                done ;;
         capture) run capture_guarded timeout -s KILL 240 python3 -m pytest -q -o addopts="" \
                      tests/gpu/test_attention_bwd_gpu.py tests/gpu/test_engine_gpu.py
                  run capture_unguarded timeout -s KILL 240 python3 -c "import gc, sys, types, pytest
@@ -247,7 +260,7 @@ print('guard out: the capture test must fail (rc 1), rc', int(rc)); sys.exit(0 i
              run attn_tma python3 tools/bench/attn_sweep.py "$out/attn_tma.json" --tma --tiles
              run attn_tma_paged python3 tools/bench/attn_sweep.py "$out/attn_tma_paged.json" --tma-paged
              run kernel_regs python3 tools/bench/kernel_regs.py "$out/kernel_regs.json" ;;
-        *) echo "unknown step $step (tests scale kernels engine engine_host train rl_step spec profile sweep moe tma queued linears grouped fast sampler persistent topp pairs capture ws gluon optim)"
+        *) echo "unknown step $step (tests scale kernels engine engine_host train rl_step spec profile sweep moe tma queued linears grouped fast sampler persistent topp pairs pdltma capture ws gluon optim)"
            exit 2 ;;
     esac
 done
