@@ -19,16 +19,22 @@ import sys
 import tempfile
 import warnings
 from pathlib import Path
+from typing import Callable
 
 TAIL = 4000  # characters of each rank's log in a failure message
 
 
-def torchrun(args: list, nproc: int = 2, timeout: int = 300) -> subprocess.CompletedProcess:
-    """`python -m torch.distributed.run --standalone --nproc-per-node nproc *args`; asserts it exits 0."""
+def torchrun(args: list, nproc: int = 2, timeout: int = 300, retry: bool = True,
+             before_retry: Callable[[], None] | None = None) -> subprocess.CompletedProcess:
+    """`python -m torch.distributed.run --standalone --nproc-per-node nproc *args`; asserts it exits 0.
+    retry: a launch whose rank was killed by a signal runs once more (module docstring), after
+    `before_retry` (which clears what the first attempt left, a run directory say)."""
     proc, report = _launch(args, nproc, timeout)
-    signal = _root_cause_signal(proc.stderr) if proc.returncode else None
+    signal = _root_cause_signal(proc.stderr) if proc.returncode and retry else None
     if signal is not None:
         warnings.warn(f"a rank was killed by signal {signal}; launching once more. The first attempt:\n{report}")
+        if before_retry is not None:
+            before_retry()
         proc, report = _launch(args, nproc, timeout)
     assert proc.returncode == 0, report
     return proc
