@@ -132,6 +132,9 @@ def test_kernels_with_use_gdc_launch_with_pdl_only_while_it_is_on(kernel, monkey
     assert len(fk.slow) == 2 and first.launches[-1][-4:] == (x, 64, 32, True)
     fk[(1,)](x, 64, BLOCK=32, USE_GDC=False)  # a caller's explicit False (the TMA linears, PDL_TMA off) stays
     assert len(fk.slow) == 3 and fk.slow[-1][2] == {"BLOCK": 32, "USE_GDC": False}
+    monkeypatch.setattr(launch, "PDL", False)
+    fk[(1,)](x, 64, BLOCK=32, USE_GDC=True)  # a caller's True while PDL is off: the kernel without PDL
+    assert len(fk.slow) == 3 and fk.slow[-1][2] == {"BLOCK": 32, "USE_GDC": False}  # that launcher, reused
     kernel[(1,)](x, x, 64, 0.5, BLOCK=32)  # no USE_GDC parameter: never the option
     assert kernel.slow[-1][2] == {"BLOCK": 32}
 

@@ -19,7 +19,8 @@ release change how its launcher is called.
 
 A kernel with a `USE_GDC` constexpr gets USE_GDC=True and launch_pdl=True while `PDL` is on, on a
 GPU with programmatic dependent launch (compute capability 9.0+): gdc.py. A call that passes
-USE_GDC=False keeps it, and no launch_pdl (the TMA linears while `PDL_TMA` is off).
+USE_GDC=False keeps it, and no launch_pdl (the TMA linears while `PDL_TMA` is off); one that passes
+USE_GDC=True gets False where PDL is off or the device has none.
 """
 
 from __future__ import annotations
@@ -145,8 +146,11 @@ class FastKernel:
 
     def launch(self, grid, args: tuple, kw: dict):
         device = _current_device()
-        if self.gdc and kw.get("USE_GDC", True) and pdl_on(device):
-            kw = {**kw, **_PDL_KW}
+        if self.gdc:
+            if kw.get("USE_GDC", True) and pdl_on(device):  # a caller's USE_GDC=False stays off
+                kw = {**kw, **_PDL_KW}
+            elif kw.get("USE_GDC"):  # asked for while PDL is off, or on a device without it
+                kw = {**kw, "USE_GDC": False}
         if not ENABLED or _knobs is None or callable(grid) or _hooks_active():
             return self.fn.run(*args, grid=grid, warmup=False, **kw)
         try:
