@@ -29,9 +29,9 @@ def _case(H: int, K: int, lens: list[int], seed: int):
 def _flash(q, k, v, dout, meta, scale):
     """(dq, dk, dv) of flash's varlen backward from flash's own forward (what ops runs when
     our LSE is not used), called directly: no ops state shared with other tests."""
-    from miles_kernels import ops
+    from miles_kernels import _train_attention
 
-    out, lse, rng, unused = ops._flash_varlen_forward(q, k, v, meta, scale)
+    out, lse, rng, unused = _train_attention._flash_varlen_forward(q, k, v, meta, scale)
     cu, L = meta.cu_seqlens_q, meta.max_q_len
     return torch.ops.aten._flash_attention_backward(dout, q, k, v, out, lse, cu, cu, L, L, 0.0, True, rng, unused,
                                                     scale=scale)[:3]
@@ -89,7 +89,7 @@ def test_kv_attention_backward_switch(monkeypatch):
     attention's grads are packed_attention_bwd's, from the forward's own output and LSE."""
     import miles_kernels as mk
     from miles_kernels import _triton as kt
-    from miles_kernels import ops
+    from miles_kernels import _train_attention as ops
 
     H, K = HEADS["0.6b"]
     lens = [700, 1, 300]

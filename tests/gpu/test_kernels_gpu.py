@@ -521,11 +521,12 @@ def _logprobs_grad64(z64_TV, ids_T, g_logp_T, g_ent_T, temperature):
 
 
 def test_logprobs_grad_kernel(kt, monkeypatch):
-    """ops._logprobs_grad on CUDA (one kernel pass over bf16 logits, the grad in bf16) vs the
+    """_logprobs._logprobs_grad on CUDA (one kernel pass over bf16 logits, the grad in bf16) vs the
     rule in float64, unfiltered and top-k/top-p (the forward's mask, a masked id), entropy on;
     mk.linear_logprobs' autograd (one kernel launch for the chunk) vs float64 autograd through _ref."""
     import miles_kernels as mk
-    from miles_kernels import _ref, ops
+    from miles_kernels import _logprobs as ops
+    from miles_kernels import _ref
 
     calls, kernel = [], kt.logprobs_grad
     monkeypatch.setattr(kt, "logprobs_grad", lambda *a: calls.append(a[0].shape[0]) or kernel(*a))

@@ -91,7 +91,7 @@ def test_kv_attention_packed_path_at_real_shape(mode, bwd, monkeypatch):
     import dataclasses
 
     import miles_kernels as mk
-    from miles_kernels import ops
+    from miles_kernels import _train_attention as ops
 
     monkeypatch.setattr(ops, "ATTN_BWD", bwd)
     monkeypatch.setattr(ops, "_LSE_STATE", {})
@@ -131,7 +131,7 @@ def test_packed_backward_from_our_lse_matches_flash_recompute(monkeypatch):
     output and LSE gives the grads the flash-recompute backward gives, within bf16 rounding
     (4,096 tokens, Qwen3 heads)."""
     import miles_kernels as mk
-    from miles_kernels import ops
+    from miles_kernels import _train_attention as ops
 
     monkeypatch.setattr(ops, "ATTN_BWD", "flash")
     H, K, D = 16, 8, 128

@@ -159,7 +159,7 @@ def test_kv_attention_flash_failure_falls_back_once_with_a_warning(monkeypatch, 
     """A flash varlen call that raises (this torch's private signature moved, no flash in the
     build) is logged once and the SDPA path serves from then on, with the same grads; out of
     memory is not swallowed."""
-    from miles_kernels import ops
+    from miles_kernels import _train_attention as ta
 
     H, K, D = 4, 2, 8
     cu = torch.tensor([0, 7, 20])
@@ -172,24 +172,24 @@ def test_kv_attention_flash_failure_falls_back_once_with_a_warning(monkeypatch, 
         return torch.autograd.grad(mk.kv_attention(*leaves, kc, vc, meta, slot, D ** -0.5).sum(), leaves)
 
     want = grads()
-    monkeypatch.setattr(ops, "_FLASH_FAILED", [])
-    monkeypatch.setattr(ops, "_flash_varlen_ok", lambda q, k, v: not ops._FLASH_FAILED)
+    monkeypatch.setattr(ta, "_FLASH_FAILED", [])
+    monkeypatch.setattr(ta, "_flash_varlen_ok", lambda q, k, v: not ta._FLASH_FAILED)
 
     def boom(*a):
         raise TypeError("_flash_attention_forward() got an unexpected keyword argument 'scale'")
 
-    monkeypatch.setattr(ops, "_flash_varlen_grads", boom)
-    with caplog.at_level("WARNING", logger="miles_kernels.ops"):
+    monkeypatch.setattr(ta, "_flash_varlen_grads", boom)
+    with caplog.at_level("WARNING", logger="miles_kernels._train_attention"):
         for _ in range(2):
             assert all(torch.equal(a, b) for a, b in zip(grads(), want))
-    assert ops._FLASH_FAILED and caplog.text.count("flash varlen attention failed") == 1
+    assert ta._FLASH_FAILED and caplog.text.count("flash varlen attention failed") == 1
     assert "unexpected keyword argument 'scale'" in caplog.text
 
     def oom(*a):
         raise torch.OutOfMemoryError("CUDA out of memory")
 
-    monkeypatch.setattr(ops, "_FLASH_FAILED", [])
-    monkeypatch.setattr(ops, "_flash_varlen_grads", oom)
+    monkeypatch.setattr(ta, "_FLASH_FAILED", [])
+    monkeypatch.setattr(ta, "_flash_varlen_grads", oom)
     with pytest.raises(torch.OutOfMemoryError):
         grads()
 
@@ -199,9 +199,9 @@ def test_attn_bwd_switch_is_checked_at_import_and_cpu_keeps_its_path():
     it; triton changes nothing on CPU (the Triton backward takes CUDA 16-bit tensors only)."""
     from import_switch import check_import_switch
 
-    code = ("import torch, miles_kernels as mk; from miles_kernels import ops; "
+    code = ("import torch, miles_kernels as mk; from miles_kernels import _train_attention as ta; "
             "q, k, v = (torch.randn(9, n, 16, requires_grad=True) for n in (4, 2, 2)); "
-            "assert ops.ATTN_BWD == 'triton' and not ops._triton_bwd_ok(q, k, v); "
+            "assert ta.ATTN_BWD == 'triton' and not ta._triton_bwd_ok(q, k, v); "
             "meta, slot, pages = mk.varlen_meta(torch.tensor([0, 4, 9]), 16); "
             "kc, vc = torch.zeros(pages, 16, 2, 16), torch.zeros(pages, 16, 2, 16); "
             "mk.kv_attention(q, k, v, kc, vc, meta, slot, 0.25).sum().backward(); "

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import miles_kernels as mk
-from miles_kernels import _ref, ops
+from miles_kernels import _logprobs, _ref
 
 
 def _run(fn, *leaves):
@@ -28,11 +28,11 @@ def test_kept_floor_gives_the_bits_of_filtering_again(monkeypatch, top_k, top_p)
     plain_lin = [_run(lambda: mk.linear_logprobs(x, w, ids, 0.7, True, top_k, top_p, chunk_rows=16, keep_bytes=kb),
                       x, w) for kb in (0, 1 << 30)]
     calls = []
-    prefiltered = ops._prefiltered
-    monkeypatch.setattr(ops, "_keeps_floor", lambda logits_TV, k, p: bool(k or p < 1.0))
-    monkeypatch.setattr(ops, "_prefiltered", lambda *a: calls.append(1) or prefiltered(*a))
+    prefiltered = _logprobs._prefiltered
+    monkeypatch.setattr(_logprobs, "_keeps_floor", lambda logits_TV, k, p: bool(k or p < 1.0))
+    monkeypatch.setattr(_logprobs, "_prefiltered", lambda *a: calls.append(1) or prefiltered(*a))
     refilters = []
-    monkeypatch.setattr(ops, "filter_logits", lambda *a: refilters.append(1) or _ref.filter_logits(*a))
+    monkeypatch.setattr(_logprobs, "filter_logits", lambda *a: refilters.append(1) or _ref.filter_logits(*a))
     kept = _run(lambda: mk.logprobs(logits, ids, 0.7, entropy=True, top_k=top_k, top_p=top_p), logits)
     assert calls, "the floor path did not run"
     for a, b in zip(plain, kept):

@@ -768,7 +768,7 @@ def _check_logprobs_filtered() -> None:
 def _logprobs_grad_both(logits, ids, g_logp, g_ent, temp, entropy, top_k, top_p, out):
     """(the Triton grad written into out, the torch rule's grad) for the forward's lse and
     entropy; filtered rows go to the kernel as the forward's masked fp32 logits at T = 1."""
-    from miles_kernels import ops
+    from miles_kernels import _logprobs as ops
 
     kt = _kt()
     _, ent, lse = ops._fast_logprobs(logits, ids, temp, True, top_k, top_p)
@@ -781,7 +781,7 @@ def _logprobs_grad_both(logits, ids, g_logp, g_ent, temp, entropy, top_k, top_p,
 
 
 def check_logprobs_grad() -> None:
-    """The logprobs backward kernel vs the torch rule (ops._logprobs_grad's CPU path): T = 1
+    """The logprobs backward kernel vs the torch rule (_logprobs._logprobs_grad's CPU path): T = 1
     and 0.7, entropy on and off, either output grad absent, top-k + top-p with a masked id;
     strided logits, a row slice of a larger out (other rows untouched), vocab tiles with a
     partial last one; bitwise equal run to run."""

@@ -1,6 +1,6 @@
 """Backward of logprobs (log-softmax at ids, and entropy) over the vocabulary: one pass.
 
-The math is that of the torch rule ops._logprobs_grad (fp32 inside, one rounding to the
+The math is that of the torch rule _logprobs._logprobs_grad (fp32 inside, one rounding to the
 output's dtype), elementwise given each row's lse (and entropy) from the forward: no
 reduction, so a program per (row, vocab tile). The logits are read once in their own
 dtype and the grad written once; no fp32 [T, V] temporary. Deterministic, like every
