@@ -51,7 +51,7 @@
 #   pairs      (not in the default list) decode attention with one and two (sequence, kv head) pairs a program
 #              (paged_attention.DECODE_PAIRS; attn_sweep.py --pairs: us, bits, SDPA beside), then the engine's quick
 #              rows with two pairs (as shipped, at 512-1,023 pairs) and with one (with_tiles --decode-pairs on / off)
-#   pdltma     (not in the default list) the persistent TMA linears with PDL (launch.PDL_TMA, off as shipped):
+#   pdltma     (not in the default list) the persistent TMA linears with PDL (launch.PDL_TMA, on as shipped):
 #              the PDL GPU tests (b64; b256 with PDL_TMA: on == off == the recompute), then step_peer.py at 0.6B
 #              and 8B b256 ctx 256 and the engine's quick rows with with_tiles --pdl-tma on / off by turns
 #   capture    (not in the default list) the attention-backward and engine GPU tests in one process (the order

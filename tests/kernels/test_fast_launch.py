@@ -209,9 +209,9 @@ def test_every_pdl_kernel_waits_before_its_first_memory_access():
     assert "def gdc_wait" in inspect.getsource(importlib.import_module("miles_kernels._triton.gdc"))
 
 
-@pytest.mark.parametrize("name,shipped", [("MILES_PDL", "True"), ("MILES_PDL_TMA", "False")])
+@pytest.mark.parametrize("name,shipped", [("MILES_PDL", "True"), ("MILES_PDL_TMA", "True")])
 def test_pdl_environment_values_are_honoured_or_refused(name, shipped):
-    """MILES_PDL (PDL, on as shipped) and MILES_PDL_TMA (the TMA linears' PDL, off as shipped): 1 on,
+    """MILES_PDL (PDL, on as shipped) and MILES_PDL_TMA (the TMA linears' PDL, on as shipped): 1 on,
     0 off, unset the shipped value, anything else refused with the variable named."""
     import os
     import subprocess

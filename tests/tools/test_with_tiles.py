@@ -137,10 +137,10 @@ def test_bad_specs_are_refused(tmp_path):
         assert proc.returncode != 0 and msg in proc.stderr, (args, proc.stderr[-500:])
 
 
-@pytest.mark.parametrize("flag,attr,shipped", [("--pdl", "PDL", True), ("--pdl-tma", "PDL_TMA", False)])
+@pytest.mark.parametrize("flag,attr,shipped", [("--pdl", "PDL", True), ("--pdl-tma", "PDL_TMA", True)])
 def test_pdl_switches(tmp_path, flag, attr, shipped):
-    """--pdl / --pdl-tma on|off set launch.PDL / launch.PDL_TMA for the script; as shipped PDL is on
-    and PDL_TMA off (MILES_PDL and MILES_PDL_TMA unset)."""
+    """--pdl / --pdl-tma on|off set launch.PDL / launch.PDL_TMA for the script; as shipped both are
+    on (MILES_PDL and MILES_PDL_TMA unset)."""
     script, out = tmp_path / "show.py", tmp_path / "out.json"
     script.write_text(f"""
 import json, sys

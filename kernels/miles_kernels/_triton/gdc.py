@@ -17,7 +17,8 @@ after the wait. Sized to the first stages, it stays in L2 (the tenth run's whole
 evicted before use at 8B).
 
 The persistent TMA linears wait before their tile loop and release after each program's last K walk
-(`release_after_last`); their callers pass USE_GDC=launch.PDL_TMA, off by default until timed.
+(`release_after_last`); their callers pass USE_GDC=launch.PDL_TMA (on by default since the fifty-first run: H100,
+the decode step at 0.6B b256 1.012x, 8B b256 0.998x; MILES_PDL_TMA=0 turns it off).
 
 `launch.FastKernel` passes USE_GDC=True and launch_pdl=True to kernels with a USE_GDC parameter
 while `launch.PDL` is on (the default: the forty-ninth run, H100, timed the 0.6B b64 decode step 1.017x
