@@ -1,6 +1,6 @@
 """The packed training attention's autograd: the invariant forward with our Triton backward, flash's
 varlen backward or SDPA's per sequence (_PackedAttention), and fast mode's flash forward and backward
-(_FlashPacked)."""
+(_FlashPacked, through fast_packed_attention where our backward does not serve)."""
 
 from __future__ import annotations
 
