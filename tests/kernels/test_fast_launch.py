@@ -7,6 +7,8 @@ launch itself is GPU-tested (tests/gpu/test_kernels_gpu.py: fast and Triton's pa
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 
@@ -225,3 +227,22 @@ def test_pdl_environment_values_are_honoured_or_refused(name, shipped):
         assert out.stdout.strip() == want, (env.get(name), out.stderr)
     bad = subprocess.run([sys.executable, "-c", code], env={**os.environ, name: "yes"}, capture_output=True, text=True)
     assert bad.returncode != 0 and f"{name}='yes'" in bad.stderr and "set 1" in bad.stderr
+
+
+def test_row_wise_kernels_take_pdl_up_to_the_row_limit(monkeypatch):
+    """gdc_rows: USE_GDC on a CUDA tensor at rows <= PDL_MAX_ROWS, never past it or on the CPU."""
+    cuda, cpu = SimpleNamespace(is_cuda=True), torch.zeros(1)
+    monkeypatch.setattr(launch, "PDL_MAX_ROWS", 64)
+    assert launch.gdc_rows(cuda, 1) and launch.gdc_rows(cuda, 64)
+    assert not launch.gdc_rows(cuda, 65) and not launch.gdc_rows(cpu, 1)
+    monkeypatch.setattr(launch, "PDL_MAX_ROWS", 0)
+    assert not launch.gdc_rows(cuda, 1)
+
+
+@pytest.mark.parametrize("value", ["-1", "64k", ""])
+def test_a_bad_pdl_row_limit_is_refused_by_name(value, monkeypatch):
+    monkeypatch.setenv("MILES_PDL_MAX_ROWS", value)
+    with pytest.raises(ValueError, match="MILES_PDL_MAX_ROWS"):
+        launch._rows_limit("MILES_PDL_MAX_ROWS", "64")
+    monkeypatch.setenv("MILES_PDL_MAX_ROWS", "128")
+    assert launch._rows_limit("MILES_PDL_MAX_ROWS", "64") == 128

@@ -1335,6 +1335,65 @@ def check_attention_decode_pairs() -> None:
             setattr(attn_mod, n, val)
 
 
+def check_pdl_rows_reach_each_row_kernel() -> None:
+    """Every kernel that takes USE_GDC but the TMA linears asks launch.gdc_rows with its launch's rows
+    (tokens; sequences for decode attention), and gets False on the CPU: rms_norm, add_rms_norm,
+    qk_norm_rope, and by pointers linear, linears and swiglu; decode attention one and two pairs a program."""
+    from miles_kernels._triton import fused_linears as fl
+    from miles_kernels._triton import launch
+    from miles_kernels._triton import matmul as lin
+    from miles_kernels._triton import paged_attention as attn_mod
+
+    kt = _kt()
+    asked, gdc_rows = [], launch.gdc_rows
+
+    def ask(x, rows):
+        got = gdc_rows(x, rows)
+        assert got is False, f"gdc_rows gave {got} for a CPU tensor"
+        asked.append(rows)
+        return got
+
+    names = ("DECODE_TILE", "ROW_SUM", "KV_BLOCK", "KV_SPLIT", "DECODE_PROGRAMS", "WALK", "DECODE_PAIRS",
+             "DECODE_PAIRS_MIN", "DECODE_PAIRS_MAX", "PAGED_KV_TMA")
+    saved = {n: getattr(attn_mod, n) for n in names}
+    saved_tiles, saved_tma = dict(lin.SMALL_M_TILES), fl.SMALL_M_TMA
+    launch.gdc_rows, fl.SMALL_M_TMA = ask, False
+    lin.SMALL_M_TILES[torch.float32] = (lin.Tile(64, 16, 16, 32, 1, 4, 2),)
+    attn_mod.DECODE_TILE, attn_mod.ROW_SUM, attn_mod.KV_BLOCK, attn_mod.KV_SPLIT = "swapped", "fixed", 16, 32
+    attn_mod.DECODE_PROGRAMS, attn_mod.WALK, attn_mod.DECODE_PAIRS_MIN, attn_mod.DECODE_PAIRS_MAX = 1, "one", 1, 1 << 30
+    attn_mod.PAGED_KV_TMA = {"prefill": False, "decode": False}
+    g = torch.Generator().manual_seed(23)
+    x, w = torch.randn(5, 32, generator=g), 1 + 0.1 * torch.randn(32, generator=g)
+    ws = [torch.randn(n, 32, generator=g) for n in (24, 16, 16)]
+    q, k = torch.randn(3, 4, 16, generator=g), torch.randn(3, 2, 16, generator=g)
+    cos, sin = _rope_tables(3, 16)
+    L, page = 40, 16
+    pages = [2, 0, 3]
+    caches = _paged(torch.randn(L, 2, 16, generator=g), torch.randn(L, 2, 16, generator=g), page, pages, 4)
+    decode = [(1, end, pages) for end in (17, 40, 33)]
+    calls = {"rms_norm": (lambda: kt.rms_norm(x, w, 1e-6), [5]),
+             "add_rms_norm": (lambda: kt.add_rms_norm(x, x, w, 1e-6), [5]),
+             "qk_norm_rope": (lambda: kt.qk_norm_rope(q, k, w[:16], w[16:], cos, sin, 1e-6), [3]),
+             "linear": (lambda: lin.linear(x, ws[0]), [5]),
+             "linears": (lambda: fl.linears(x, tuple(ws)), [5]),
+             "swiglu": (lambda: fl.swiglu(x, ws[1], ws[2]), [5])}
+    for pairs in (1, 2):
+        calls[f"decode attention, {pairs} pairs a program"] = (
+            lambda pairs=pairs: (setattr(attn_mod, "DECODE_PAIRS", pairs),
+                                 _run_attention(kt, torch.randn(3, 4, 16, generator=g), caches, decode, 0.25)), [3])
+    try:
+        for what, (call, rows) in calls.items():
+            asked.clear()
+            call()
+            assert asked == rows, f"{what}: gdc_rows asked for {asked} rows, want {rows}"
+    finally:
+        launch.gdc_rows, fl.SMALL_M_TMA = gdc_rows, saved_tma
+        lin.SMALL_M_TILES.clear()
+        lin.SMALL_M_TILES.update(saved_tiles)
+        for n, val in saved.items():
+            setattr(attn_mod, n, val)
+
+
 def check_attention_swapped_decode() -> None:
     """DECODE_TILE "swapped" (decode_attention.py) with each shared row sum (ROW_SUM "dot",
     "exact", "fixed"): prefill == chunked == decode, alone and batched, in one program, split programs

@@ -107,11 +107,11 @@ def test_scale_step_keeps_logs_and_metrics_not_checkpoints(tmp_path):
         assert "r5/scale0/worker0.log" in t.getnames()
 
 
-def test_pdltma_step_runs_the_tests_then_on_and_off_by_turns(tmp_path):
-    """The pdltma step's runs, in order (all skipped here: a spent budget)."""
+def test_pdlrows_step_runs_the_tests_then_each_limit_by_turns(tmp_path):
+    """The pdlrows step's runs, in order (all skipped here: a spent budget)."""
     out = tmp_path / "r4"
-    proc = _run(out, "pdltma", GPU_CHECKS_BUDGET="0")
+    proc = _run(out, "pdlrows", GPU_CHECKS_BUDGET="0")
     assert proc.returncode == 1, proc.stdout + proc.stderr
     assert (out / "skipped.txt").read_text().split() == [
-        "pdl_tests", "step_pdltma_on1", "step_pdltma_off1", "step_pdltma_on2", "step_pdltma_off2",
-        "engine_pdltma_on", "engine_pdltma_off"]
+        "pdl_tests", "step_pdlrows_641", "step_pdlrows_all1", "step_pdlrows_off1", "step_pdlrows_642",
+        "step_pdlrows_all2", "step_pdlrows_off2", "engine_pdlrows_64", "engine_pdlrows_all", "engine_pdlrows_off"]

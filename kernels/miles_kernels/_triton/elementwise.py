@@ -18,6 +18,7 @@ import triton
 import triton.language as tl
 
 from miles_kernels._triton.gdc import gdc_release, gdc_wait
+from miles_kernels._triton import launch
 from miles_kernels._triton.launch import fast_launch
 
 
@@ -75,7 +76,7 @@ def rms_norm(x_MD: torch.Tensor, w_D: torch.Tensor, eps: float) -> torch.Tensor:
         block_d = triton.next_power_of_2(D)
         _rms_norm_kernel[(x_2d.shape[0],)](
             x_2d, w_D.contiguous(), y, D, x_2d.stride(0), y.stride(0), eps,
-            BLOCK_D=block_d, num_warps=_row_warps(block_d),
+            BLOCK_D=block_d, USE_GDC=launch.gdc_rows(x_2d, x_2d.shape[0]), num_warps=_row_warps(block_d),
         )
     return y.view(x_MD.shape)
 
@@ -119,7 +120,7 @@ def add_rms_norm(x_MD: torch.Tensor, r_MD: torch.Tensor, w_D: torch.Tensor, eps:
         block_d = triton.next_power_of_2(D)
         _add_rms_norm_kernel[(M,)](
             x_MD, r_MD, w_D.contiguous(), h, y, D, x_MD.stride(0), r_MD.stride(0), h.stride(0), y.stride(0), eps,
-            BLOCK_D=block_d, num_warps=_row_warps(block_d),
+            BLOCK_D=block_d, USE_GDC=launch.gdc_rows(x_MD, M), num_warps=_row_warps(block_d),
         )
     return h, y
 
@@ -330,7 +331,7 @@ def _launch_qk_norm_rope(q_THD, k_TKD, v_TKD, q_w_D, k_w_D, cos_TF, sin_TF, eps,
             v_out if to_cache else q_out, slot_T if to_cache else cos_TF, T, H, K, D, D // 2,
             q_MD.stride(0), k_MD.stride(0), v.stride(0), v.stride(1), D, D, cos_TF.stride(0), sin_TF.stride(0), eps,
             BLOCK_D=block_d, BLOCK_F=triton.next_power_of_2(D // 2), TO_CACHE=to_cache, TOKENS=tokens,
-            num_warps=_row_warps(block_d),
+            USE_GDC=launch.gdc_rows(q_MD, T), num_warps=_row_warps(block_d),
         )
     return q_out
 

@@ -133,7 +133,7 @@ def linears(x_MK: torch.Tensor, ws: tuple[torch.Tensor, ...], bs: tuple[torch.Te
         return ys
     _linears_kernel[(n_tiles_m * sum(tiles),)](
         x_MK, *pad(ws, ws[-1]), *b3, *y3, M, K, *n3, tiles[0], tiles[0] + tiles[1], x_MK.stride(0),
-        K_UNROLL=t.k_unroll, **consts)
+        K_UNROLL=t.k_unroll, USE_GDC=launch.gdc_rows(x_MK, M), **consts)
     return ys
 
 
@@ -242,5 +242,6 @@ def swiglu(x_MK: torch.Tensor, w_gate_FK: torch.Tensor, w_up_FK: torch.Tensor) -
             TensorDescriptor.from_tensor(y, [t.block_m, block_n]), M, F, K, NUM_PROGRAMS=n_prog,
             USE_GDC=launch.PDL_TMA and x_MK.is_cuda, **consts)
         return y
-    _swiglu_kernel[(n_tiles,)](x_MK, w_gate_FK, w_up_FK, y, M, F, K, x_MK.stride(0), K_UNROLL=t.k_unroll, **consts)
+    _swiglu_kernel[(n_tiles,)](x_MK, w_gate_FK, w_up_FK, y, M, F, K, x_MK.stride(0), K_UNROLL=t.k_unroll,
+                               USE_GDC=launch.gdc_rows(x_MK, M), **consts)
     return y

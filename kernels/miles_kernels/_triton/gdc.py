@@ -23,8 +23,10 @@ the decode step at 0.6B b256 1.012x, 8B b256 0.998x; MILES_PDL_TMA=0 turns it of
 `launch.FastKernel` passes USE_GDC=True and launch_pdl=True to kernels with a USE_GDC parameter
 while `launch.PDL` is on (the default: the forty-ninth run, H100, timed the 0.6B b64 decode step 1.017x
 and the engine's warm quick rows 1.00-1.04x with it; MILES_PDL=0 in the environment or
-`tools/bench/with_tiles.py --pdl off` turn it off) on GPUs with PDL (compute capability 9.0+). Under the
-interpreter USE_GDC stays False.
+`tools/bench/with_tiles.py --pdl off` turn it off) on GPUs with PDL (compute capability 9.0+). Their callers
+pass USE_GDC=launch.gdc_rows(x, rows): PDL at launches over at most launch.PDL_MAX_ROWS rows (64; the
+fifty-second run, H100: at b128-256 the 8B decode step lost 2-4% with it). On the CPU
+(the interpreter) USE_GDC stays False.
 """
 
 import triton

@@ -20,7 +20,9 @@ release change how its launcher is called.
 A kernel with a `USE_GDC` constexpr gets USE_GDC=True and launch_pdl=True while `PDL` is on, on a
 GPU with programmatic dependent launch (compute capability 9.0+): gdc.py. A call that passes
 USE_GDC=False keeps it, and no launch_pdl (the TMA linears with `PDL_TMA` off); one that passes
-USE_GDC=True gets False where PDL is off or the device has none.
+USE_GDC=True gets False where PDL is off or the device has none. The row-wise callers pass
+USE_GDC=gdc_rows(x, rows): PDL at decode batches up to PDL_MAX_ROWS only (past it, kernels of several
+waves lost 1-4% a decode step with it).
 """
 
 from __future__ import annotations
@@ -51,6 +53,13 @@ def _switch(name: str, default: str, what: str) -> bool:
     return value == "1"
 
 
+def _rows_limit(name: str, default: str) -> int:
+    value = os.environ.get(name, default)
+    if not value.isdigit():
+        raise ValueError(f"{name}={value!r}: give a row count, a whole number >= 0 (0: no PDL for these kernels)")
+    return int(value)
+
+
 # Programmatic dependent launch with late triggers for the kernels that take USE_GDC (gdc.py): on by default
 # (H100, forty-ninth run: the 0.6B b64 decode step 1.017x, the engine's warm rows 1.00-1.04x); MILES_PDL=0 turns it off.
 PDL = _switch("MILES_PDL", "1", "programmatic dependent launch")
@@ -59,6 +68,11 @@ PDL = _switch("MILES_PDL", "1", "programmatic dependent launch")
 # --pdl-tma off turns it off.
 # Their callers pass USE_GDC=PDL_TMA, and an explicit USE_GDC=False is never overridden.
 PDL_TMA = _switch("MILES_PDL_TMA", "1", "PDL for the TMA linears")
+# The other kernels that take USE_GDC (the pointer linears, the norms, decode attention) get PDL only at launches
+# over at most PDL_MAX_ROWS rows (tokens; sequences for decode attention). H100, fifty-second run, step_peer ctx 256
+# by turns, the decode step with this limit at 64 against PDL at every size: b64 level, b128 0.983x (0.6B) / 1.039x
+# (8B), b256 1.003x / 1.021x; against PDL off: b64 1.018x / 1.003x. MILES_PDL_MAX_ROWS=N moves it.
+PDL_MAX_ROWS = _rows_limit("MILES_PDL_MAX_ROWS", "64")
 _PDL_KW = {"USE_GDC": True, "launch_pdl": True}
 _PDL_DEVICES: dict[int, bool] = {}
 
@@ -102,6 +116,12 @@ def pdl_on(device: int) -> bool:
     if on is None:
         on = _PDL_DEVICES[device] = torch.cuda.get_device_capability(device)[0] >= 9
     return on
+
+
+def gdc_rows(x: torch.Tensor, rows: int) -> bool:
+    """USE_GDC for a launch on x's device over `rows` rows: on CUDA where rows <= PDL_MAX_ROWS (FastKernel
+    still needs PDL on and a device with it)."""
+    return x.is_cuda and rows <= PDL_MAX_ROWS
 
 
 def _hooks_active() -> bool:

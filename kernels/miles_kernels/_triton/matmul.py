@@ -316,8 +316,8 @@ def _launch_linear(x_MK, w_NK, b_N, y_MN, t: Tile) -> None:
         x_MK, w_NK, b_N if b_N is not None else y_MN, y_MN, M, N, K,
         x_MK.stride(0), w_NK.stride(0), y_MN.stride(0),
         HAS_BIAS=b_N is not None, BLOCK_M=t.block_m, BLOCK_N=t.block_n, BLOCK_K=t.block_k,
-        GROUP_M=t.group_m, PRECISION=precision, K_UNROLL=t.k_unroll, num_warps=t.num_warps,
-        num_stages=t.num_stages,
+        GROUP_M=t.group_m, PRECISION=precision, K_UNROLL=t.k_unroll, USE_GDC=launch.gdc_rows(x_MK, M),
+        num_warps=t.num_warps, num_stages=t.num_stages,
     )
 
 

@@ -27,6 +27,7 @@ import triton.language as tl
 from miles_kernels._triton.attn_parts import LN2, exact_sum, fixed_sum, kv_tma, seq_and_head, tma_descriptors
 from miles_kernels._triton.decode_attention import decode_kernel, decode_pairs_kernel
 from miles_kernels._triton.gluon_gate import gluon_module
+from miles_kernels._triton import launch
 from miles_kernels._triton.launch import fast_launch
 
 from miles_kernels._cpu import ATTN_BLOCK  # KV walk granularity: one constant for CPU and CUDA
@@ -582,9 +583,9 @@ def _launch(q_THD, k4, v4, cu_seqlens, kv_lens, bt, max_q_len: int, scale: float
     kv = kv_descs if kv_descs is not None else (k4, v4)
     if short and D == block_d >= 16 and _swapped_tile(B * K):
         one_loop = _one_loop(True, B * K)
-        launch = _swapped_launch(B * K, one_loop and not split_parallel)
+        opts = _swapped_launch(B * K, one_loop and not split_parallel)
         if one_loop and not split_parallel and _decode_pairs(B * K) == 2:
-            launch = launch if _SWAPPED_LAUNCH is not None else dict(num_warps=4, num_stages=2)
+            opts = opts if _SWAPPED_LAUNCH is not None else dict(num_warps=4, num_stages=2)
             decode_pairs_kernel[(triton.cdiv(B * K, 2),)](
                 q_THD, *kv, o_THD, lse, cu, kv_lens, bt, scale * _LOG2E, K, B * K,
                 q_THD.stride(0), q_THD.stride(1), o_THD.stride(0), o_THD.stride(1), lse.stride(0),
@@ -592,7 +593,7 @@ def _launch(q_THD, k4, v4, cu_seqlens, kv_lens, bt, max_q_len: int, scale: float
                 G=G, G_PAD=g_pad, ROWS=max(16, triton.next_power_of_2(max_q_len * g_pad)), BLOCK_D=block_d, PAGE=page,
                 ATTN_BLK=KV_BLOCK, SPLIT_BLOCKS=KV_SPLIT // KV_BLOCK,
                 PRECISION="ieee" if q_THD.dtype == torch.float32 else "tf32", STORE_LSE=lse_HT is not None,
-                L_SUM=ROW_SUM, TMA=kv_descs is not None, **launch,
+                L_SUM=ROW_SUM, TMA=kv_descs is not None, USE_GDC=launch.gdc_rows(q_THD, B), **opts,
             )
             return o_THD
         decode_kernel[(B * K, split_programs if split_parallel else 1)](
@@ -602,7 +603,7 @@ def _launch(q_THD, k4, v4, cu_seqlens, kv_lens, bt, max_q_len: int, scale: float
             G=G, G_PAD=g_pad, ROWS=max(16, triton.next_power_of_2(max_q_len * g_pad)), BLOCK_D=block_d, PAGE=page,
             ATTN_BLK=KV_BLOCK, SPLIT_BLOCKS=KV_SPLIT // KV_BLOCK, SPLIT_PARALLEL=split_parallel, PART_ROWS=part_rows,
             PRECISION="ieee" if q_THD.dtype == torch.float32 else "tf32", STORE_LSE=lse_HT is not None,
-            L_SUM=ROW_SUM, ONE_LOOP=one_loop, TMA=kv_descs is not None, **launch,
+            L_SUM=ROW_SUM, ONE_LOOP=one_loop, TMA=kv_descs is not None, USE_GDC=launch.gdc_rows(q_THD, B), **opts,
         )
     else:
         _attn_kernel[(triton.cdiv(max_q_len, tok_per_tile), B * K, split_programs if split_parallel else 1)](
