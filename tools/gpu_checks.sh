@@ -54,7 +54,8 @@
 #   pdlrows    (not in the default list) PDL's row limit (launch.PDL_MAX_ROWS, 64 as shipped): the PDL GPU tests (b64;
 #              b256 with PDL_TMA: on == off == the recompute), then step_peer.py at 0.6B and 8B, b64 / b128 / b256 ctx
 #              256, and the engine's quick rows, each with the limit at 64, with PDL at every size (MILES_PDL_MAX_ROWS=
-#              100000) and with PDL off (MILES_PDL=0), by turns
+#              100000) and with PDL off (MILES_PDL=0), by turns; then the 8B b128 step's kernel times (step_peer
+#              --profile) with the limit and with PDL at every size
 #   capture    (not in the default list) the attention-backward and engine GPU tests in one process (the order
 #              that invalidated the 64-expert draft's capture in the thirty-third run), then again with
 #              graph_capture's collector guard taken out: test_capture_with_garbage_waiting alone, which must
@@ -247,6 +248,10 @@ for step in $steps; do
                  for v in 64 all off; do
                      run engine_pdlrows_$v timeout -s KILL 150 env $(pdl_env $v) python3 tools/bench/engine.py --quick \
                          --only engine --out "$out/engine_pdlrows_$v.json"
+                 done
+                 for v in 64 all; do  # which kernels PDL slows at 8B b128
+                     run profile_pdlrows_$v timeout -s KILL 150 env $(pdl_env $v) python3 tools/bench/step_peer.py \
+                         --model qwen3-8b --shapes 128x256 --rounds 3 --profile 20 --out "$out/profile_pdlrows_$v.json"
                  done ;;
         capture) run capture_guarded timeout -s KILL 240 python3 -m pytest -q -o addopts="" \
                      tests/gpu/test_attention_bwd_gpu.py tests/gpu/test_engine_gpu.py

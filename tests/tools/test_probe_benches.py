@@ -219,3 +219,8 @@ def test_with_cuda_linear_takes_the_fastest_same_bits_config(bench_script, tmp_p
     monkeypatch.setattr("sys.argv", ["with_cuda_linear.py", str(slow), "--pdl", "3", "--", "engine.py"])
     with pytest.raises(SystemExit, match="no M 64 shape"):
         tool.main()
+
+
+def test_step_peer_profile_count_is_checked(bench_refusal, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert "--profile -2: give a count of replays" in bench_refusal("step_peer", "--profile", "-2")

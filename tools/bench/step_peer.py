@@ -11,7 +11,10 @@ pays for one decode step at the same shapes. Both are CUDA graphs, so neither pa
     compiled  (--compile) the same torch step through torch.compile (Inductor fuses the norms, RoPE,
            SiLU and the adds; gpt-fast's recipe with the graph replayed as ours is)
 
-and the memory roofline of the step (weights + the KV read, at the measured copy rate). Where ours is
+and the memory roofline of the step (weights + the KV read, at the measured copy rate). With
+`--profile N`, N more replays of ours under torch.profiler give each kernel's device time and launches a
+step (`kernels` in the JSON, the top ones printed): under PDL a kernel's time runs from its early start, so
+its wait is in it. Where ours is
 level with or under `torch`, the step's distance from the roofline is not ours alone: each op is at
 its vendor kernel's speed, and the step is what those kernels cost at these sizes.
 
@@ -78,6 +81,19 @@ def torch_step(args, batch: int, ctx: int, dev: str = "cuda"):
     return step
 
 
+def kernel_times(graph, steps: int) -> dict[str, list[float]]:
+    """{kernel: [device us a step, launches a step]} over `steps` replays of graph under torch.profiler."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            graph.replay()
+        torch.cuda.synchronize()
+    events = sorted((e for e in prof.key_averages() if e.self_device_time_total > 0),
+                    key=lambda e: -e.self_device_time_total)
+    return {e.key: [round(e.self_device_time_total / steps, 2), round(e.count / steps, 2)] for e in events}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", nargs="+", default=["qwen3-0.6b"], choices=sorted(SHAPES))
@@ -86,8 +102,12 @@ def main() -> None:
     ap.add_argument("--compile", action="store_true", help="also time the torch step through torch.compile")
     ap.add_argument("--reps", type=int, default=30)
     ap.add_argument("--rounds", type=int, default=7)
+    ap.add_argument("--profile", type=int, default=0, metavar="N",
+                    help="N more replays of ours under torch.profiler: each kernel's device us and launches a step")
     ap.add_argument("--out", default="step_peer.json")
     a = ap.parse_args()
+    if a.profile < 0:
+        raise SystemExit(f"step_peer: --profile {a.profile}: give a count of replays >= 1 (0, the default, is off)")
     if not torch.cuda.is_available():
         raise SystemExit("step_peer: needs a CUDA GPU (it times CUDA graph replays)")
     try:
@@ -119,12 +139,16 @@ def main() -> None:
             r = dict(model=name, batch=batch, ctx=ctx, ours_us=us["ours"], torch_us=us["torch"], roofline_us=roof)
             if "compiled" in us:
                 r["compiled_us"] = us["compiled"]
+            if a.profile:
+                r["kernels"] = kernel_times(g_ours, a.profile)
             rows.append(r)
             print(f"{name:<11} {batch:>4} {ctx:>5} {r['ours_us']:8.1f} {r['torch_us']:9.1f} "
                   f"{r['torch_us'] / r['ours_us']:7.2f}x {roof:12.1f} {100 * roof / r['ours_us']:6.1f}% "
                   f"{100 * roof / r['torch_us']:7.1f}%"
                   + (f"  compiled {r['compiled_us']:8.1f} us ({r['compiled_us'] / r['ours_us']:.2f}x ours, "
                      f"{100 * roof / r['compiled_us']:.1f}%)" if "compiled_us" in r else ""), flush=True)
+            for kname, (k_us, k_n) in list(r.get("kernels", {}).items())[:8]:
+                print(f"    {k_us:9.1f} us {k_n:6.1f}x  {kname[:90]}")
             del g_ours, g_torch, graphs, ours, peer, inputs
             torch.cuda.empty_cache()
             Path(a.out).write_text(json.dumps(dict(device=torch.cuda.get_device_name(), hbm_b_s=bw, rows=rows),
