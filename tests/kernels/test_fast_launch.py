@@ -246,3 +246,41 @@ def test_a_bad_pdl_row_limit_is_refused_by_name(value, monkeypatch):
         launch._rows_limit("MILES_PDL_MAX_ROWS", "64")
     monkeypatch.setenv("MILES_PDL_MAX_ROWS", "128")
     assert launch._rows_limit("MILES_PDL_MAX_ROWS", "64") == 128
+
+
+def test_one_wave_counts_blocks_an_sm_by_registers_shared_memory_and_threads(monkeypatch):
+    monkeypatch.setattr(launch, "_sm_limits", lambda device: (132, 65536, 233472, 2048))
+
+    def compiled(regs, warps, shared):
+        return SimpleNamespace(_init_handles=lambda: None, n_regs=regs, metadata=SimpleNamespace(num_warps=warps,
+                                                                                                  shared=shared))
+    k = compiled(128, 4, 50_000)  # registers: 4 blocks; shared memory: 233472 // 51024 = 4; threads: 16
+    assert launch.one_wave(k, 132 * 4, 0) and not launch.one_wave(k, 132 * 4 + 1, 0)
+    k = compiled(90, 8, 0)  # 90 registers -> 2,880 a warp, allocated 3,072: 65536 // 24576 = 2 blocks
+    assert launch.one_wave(k, 264, 0) and not launch.one_wave(k, 265, 0)
+    k = compiled(16, 1, 0)  # at most 32 blocks an SM
+    assert launch.one_wave(k, 132 * 32, 0) and not launch.one_wave(k, 132 * 32 + 1, 0)
+
+
+def test_pdl_waves_keeps_pdl_for_launches_of_one_wave(monkeypatch):
+    """PDL_WAVES on: a launch whose programs fit one wave gets PDL, a bigger one the kernel without it; a new
+    PDL kernel is compiled (warmup, not launched) to count its blocks an SM; each key and grid decided once."""
+    if not isinstance(_gdc_demo_kernel, triton.runtime.jit.JITFunction):
+        pytest.skip("TRITON_INTERPRET=1: kernels are interpreted, no launcher to skip to")
+    for name, value in (("ENABLED", True), ("PDL", True), ("PDL_WAVES", True), ("_PDL_DEVICES", {0: True})):
+        monkeypatch.setattr(launch, name, value)
+    monkeypatch.setattr(launch, "_current_device", lambda: 0)
+    monkeypatch.setattr(launch, "_current_stream", lambda device: 1234)
+    monkeypatch.setattr(launch, "one_wave", lambda kernel, programs, device: programs <= 8)
+    fk = launch.fast_launch(_gdc_demo_kernel)
+    ran, warmed = [], []
+    monkeypatch.setattr(_gdc_demo_kernel, "run", lambda *a, grid, warmup, **kw: ran.append(kw) or _Compiled())
+    monkeypatch.setattr(_gdc_demo_kernel, "warmup", lambda *a, grid, **kw: warmed.append(grid) or _Compiled())
+    x = torch.zeros(64)
+    fk[(8,)](x, 64, BLOCK=32)
+    assert ran[-1] == {"BLOCK": 32, "USE_GDC": True, "launch_pdl": True} and warmed == [(8,)]
+    fk[(3, 3)](x, 64, BLOCK=32)  # 9 programs: counted on the PDL kernel compiled above
+    assert ran[-1] == {"BLOCK": 32, "USE_GDC": False} and warmed == [(8,)]
+    fk[(3, 3)](x, 64, BLOCK=32)  # decided once: the launcher of the kernel without PDL
+    fk[(8,)](x, 64, BLOCK=32)
+    assert len(ran) == 2 and warmed == [(8,)]
