@@ -51,12 +51,11 @@
 #   pairs      (not in the default list) decode attention with one and two (sequence, kv head) pairs a program
 #              (paged_attention.DECODE_PAIRS; attn_sweep.py --pairs: us, bits, SDPA beside), then the engine's quick
 #              rows with two pairs (as shipped, at 512-1,023 pairs) and with one (with_tiles --decode-pairs on / off)
-#   pdlrows    (not in the default list) PDL's limits (launch.PDL_MAX_ROWS, 64 as shipped; launch.PDL_WAVES, off): the
-#              PDL GPU tests (b64; b256 with PDL_TMA: on == off == the recompute), then step_peer.py at 0.6B and 8B,
-#              b64 / b128 / b256 ctx 256, with the row limit at 64, with PDL at every size (MILES_PDL_MAX_ROWS=100000),
-#              PDL off (MILES_PDL=0) and PDL for one-wave launches only (MILES_PDL_WAVES=1), by turns; the 8B b128
-#              step's kernel times (step_peer --profile) with the limit and with PDL at every size; the engine's
-#              quick rows with each
+#   pdlrows    (not in the default list) PDL's row limit (launch.PDL_MAX_ROWS, 64 as shipped): the PDL GPU tests (b64;
+#              b256 with PDL_TMA: on == off == the recompute), then step_peer.py at 0.6B and 8B, b64 / b128 / b256 ctx
+#              256, and the engine's quick rows, each with the limit at 64, with PDL at every size (MILES_PDL_MAX_ROWS=
+#              100000) and with PDL off (MILES_PDL=0), by turns; then the 8B b128 step's kernel times (step_peer
+#              --profile) with the limit and with PDL at every size
 #   capture    (not in the default list) the attention-backward and engine GPU tests in one process (the order
 #              that invalidated the 64-expert draft's capture in the thirty-third run), then again with
 #              graph_capture's collector guard taken out: test_capture_with_garbage_waiting alone, which must
@@ -142,9 +141,8 @@ run_files() {  # prefix, pytest files: one process a file, all at once (a fresh 
     done
     tar_out
 }
-pdl_env() {  # the pdlrows step's variants: the row limit at 64, PDL at every size, PDL off, PDL by waves
-    case $1 in 64) echo MILES_PDL_MAX_ROWS=64 ;; all) echo MILES_PDL_MAX_ROWS=100000 ;; off) echo MILES_PDL=0 ;;
-               waves) echo MILES_PDL_MAX_ROWS=100000 MILES_PDL_WAVES=1 ;; esac
+pdl_env() {  # the pdlrows step's variants: the row limit at 64, PDL at every size, PDL off
+    case $1 in 64) echo MILES_PDL_MAX_ROWS=64 ;; all) echo MILES_PDL_MAX_ROWS=100000 ;; off) echo MILES_PDL=0 ;; esac
 }
 tar_out() {  # OUT_DIR as it stands to GPU_CHECKS_TAR, if set
     if [ -n "${GPU_CHECKS_TAR:-}" ]; then tar czf "$GPU_CHECKS_TAR" -C "$(dirname "$out")" "$(basename "$out")"; fi
@@ -242,18 +240,18 @@ for step in $steps; do
                        tools/bench/engine.py --quick --only engine --out "$out/engine_pairs_$o.json"
                done ;;
         pdlrows) run pdl_tests timeout -s KILL 300 python3 -m pytest -q -o addopts="" tests/gpu/test_engine_gpu.py -k pdl
-                 for i in 1 2; do for v in 64 all off waves; do  # by turns
+                 for i in 1 2; do for v in 64 all off; do  # by turns
                      run step_pdlrows_$v$i timeout -s KILL 150 env $(pdl_env $v) python3 tools/bench/step_peer.py \
                          --model qwen3-0.6b qwen3-8b --shapes 64x256 128x256 256x256 --rounds 5 \
                          --out "$out/step_pdlrows_$v$i.json"
                  done; done
+                 for v in 64 all off; do
+                     run engine_pdlrows_$v timeout -s KILL 150 env $(pdl_env $v) python3 tools/bench/engine.py --quick \
+                         --only engine --out "$out/engine_pdlrows_$v.json"
+                 done
                  for v in 64 all; do  # which kernels PDL slows at 8B b128
                      run profile_pdlrows_$v timeout -s KILL 150 env $(pdl_env $v) python3 tools/bench/step_peer.py \
                          --model qwen3-8b --shapes 128x256 --rounds 3 --profile 20 --out "$out/profile_pdlrows_$v.json"
-                 done
-                 for v in 64 all off waves; do
-                     run engine_pdlrows_$v timeout -s KILL 150 env $(pdl_env $v) python3 tools/bench/engine.py --quick \
-                         --only engine --out "$out/engine_pdlrows_$v.json"
                  done ;;
         capture) run capture_guarded timeout -s KILL 240 python3 -m pytest -q -o addopts="" \
                      tests/gpu/test_attention_bwd_gpu.py tests/gpu/test_engine_gpu.py
@@ -271,7 +269,7 @@ print('guard out: the capture test must fail (rc 1), rc', int(rc)); sys.exit(0 i
              run attn_tma python3 tools/bench/attn_sweep.py "$out/attn_tma.json" --tma --tiles
              run attn_tma_paged python3 tools/bench/attn_sweep.py "$out/attn_tma_paged.json" --tma-paged
              run kernel_regs python3 tools/bench/kernel_regs.py "$out/kernel_regs.json" ;;
-        *) echo "unknown step $step (tests scale kernels engine engine_host train rl_step spec profile sweep moe tma queued linears grouped fast sampler persistent topp pairs pdltma capture ws gluon optim)"
+        *) echo "unknown step $step (tests scale kernels engine engine_host train rl_step spec profile sweep moe tma queued linears grouped fast sampler persistent topp pairs pdlrows capture ws gluon optim)"
            exit 2 ;;
     esac
 done

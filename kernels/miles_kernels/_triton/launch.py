@@ -22,14 +22,14 @@ GPU with programmatic dependent launch (compute capability 9.0+): gdc.py. A call
 USE_GDC=False keeps it, and no launch_pdl (the TMA linears with `PDL_TMA` off); one that passes
 USE_GDC=True gets False where PDL is off or the device has none. The row-wise callers pass
 USE_GDC=gdc_rows(x, rows): PDL at decode batches up to PDL_MAX_ROWS only (past it, the 8B decode step
-lost 2-4% with it). With PDL_WAVES (an experiment, off) a launch keeps PDL only where its programs fit
-one wave, counted on the compiled PDL kernel (compiled without a launch if new).
+lost 2-4% with it). A limit by waves (PDL only where a launch's programs fit one wave, counted on the
+compiled kernel) was timed against it in the fifty-third run and dropped: 0.6B b128-256 1.1-2.0% faster,
+8B b64-128 1.2-2.7% slower.
 """
 
 from __future__ import annotations
 
 import inspect
-import math
 import os
 
 import torch
@@ -73,11 +73,9 @@ PDL_TMA = _switch("MILES_PDL_TMA", "1", "PDL for the TMA linears")
 # The other kernels that take USE_GDC (the pointer linears, the norms, decode attention) get PDL only at launches
 # over at most PDL_MAX_ROWS rows (tokens; sequences for decode attention). H100, fifty-second run, step_peer ctx 256
 # by turns, the decode step with this limit at 64 against PDL at every size: b64 level, b128 0.983x (0.6B) / 1.039x
-# (8B), b256 1.003x / 1.021x; against PDL off: b64 1.018x / 1.003x. MILES_PDL_MAX_ROWS=N moves it.
+# (8B), b256 1.003x / 1.021x; against PDL off: b64 1.018x / 1.003x (fifty-third run: b64 1.019x / 1.001x, b128
+# 0.997x / 0.995x, b256 0.998x / 1.000x). MILES_PDL_MAX_ROWS=N moves it.
 PDL_MAX_ROWS = _rows_limit("MILES_PDL_MAX_ROWS", "64")
-# Experiment, off by default (gpu_checks.sh pdlrows times it): PDL also only where a launch's programs fit one
-# wave (programs <= SMs x the compiled kernel's blocks an SM, by its registers, shared memory and warps).
-PDL_WAVES = _switch("MILES_PDL_WAVES", "0", "PDL only for launches of one wave")
 _PDL_KW = {"USE_GDC": True, "launch_pdl": True}
 _PDL_DEVICES: dict[int, bool] = {}
 
@@ -129,24 +127,6 @@ def gdc_rows(x: torch.Tensor, rows: int) -> bool:
     return x.is_cuda and rows <= PDL_MAX_ROWS
 
 
-def _sm_limits(device: int) -> tuple[int, int, int, int]:
-    """SMs, and an SM's registers, shared memory bytes and threads."""
-    p = torch.cuda.get_device_properties(device)
-    return (p.multi_processor_count, getattr(p, "regs_per_multiprocessor", 65536),
-            getattr(p, "shared_memory_per_multiprocessor", 233472), p.max_threads_per_multi_processor)
-
-
-def one_wave(kernel, programs: int, device: int) -> bool:
-    """Whether `programs` programs of a compiled kernel are resident at once: <= SMs x blocks an SM (registers
-    allocated 256 a warp at a time, 1 KiB of shared memory a block reserved, at most 32 blocks an SM)."""
-    kernel._init_handles()  # loads the binary: n_regs
-    sms, regs, smem, threads = _sm_limits(device)
-    warps = kernel.metadata.num_warps
-    per_warp = -(-max(kernel.n_regs, 1) * 32 // 256) * 256
-    blocks = min(regs // (per_warp * warps), smem // (kernel.metadata.shared + 1024), threads // (32 * warps), 32)
-    return programs <= sms * blocks
-
-
 def _hooks_active() -> bool:
     hook = _knobs.runtime.launch_enter_hook
     return hook is not None and bool(getattr(hook, "calls", True))
@@ -166,7 +146,6 @@ class FastKernel:
         sig = inspect.signature(fn.fn).parameters
         self.defaults = {n: sig[n].default for n in self.names if sig[n].default is not inspect.Parameter.empty}
         self.kernels: dict = {}
-        self.waves: dict = {}  # (device, key, programs) -> fits one wave (PDL_WAVES)
 
     def __getattr__(self, name):  # warmup, cache, src, ...: the Triton kernel's
         return getattr(self.fn, name)
@@ -189,31 +168,11 @@ class FastKernel:
             out.append(kw[name] if name in kw else self.defaults[name])
         return out
 
-    def _one_wave(self, grid, args: tuple, kw: dict, device: int) -> bool:
-        """PDL_WAVES: whether this launch of the PDL kernel fits one wave (compiled, not launched, if new)."""
-        if callable(grid):
-            return False
-        try:
-            key = (device, self.key(args, kw), math.prod(grid))
-        except _Unkeyed:
-            key = None
-        fits = self.waves.get(key)
-        if fits is None:
-            kernel = self.kernels.get(key[:2] if key else None) or self.fn.warmup(*args, grid=grid, **kw)
-            if hasattr(kernel, "result"):  # Triton's async compile mode hands back a future
-                kernel = kernel.result()
-            fits = one_wave(kernel, math.prod(grid), device)
-            if key is not None:
-                self.waves[key] = fits
-        return fits
-
     def launch(self, grid, args: tuple, kw: dict):
         device = _current_device()
         if self.gdc:
             if kw.get("USE_GDC", True) and pdl_on(device):  # a caller's USE_GDC=False stays off
                 kw = {**kw, **_PDL_KW}
-                if PDL_WAVES and not self._one_wave(grid, args, kw, device):
-                    kw = {k: v for k, v in kw.items() if k != "launch_pdl"} | {"USE_GDC": False}
             elif kw.get("USE_GDC"):  # asked for while PDL is off, or on a device without it
                 kw = {**kw, "USE_GDC": False}
         if not ENABLED or _knobs is None or callable(grid) or _hooks_active():
