@@ -87,7 +87,7 @@ def test_scale_step_keeps_logs_and_metrics_not_checkpoints(tmp_path):
     shim = tmp_path / "bin"
     shim.mkdir()
     (shim / "python3").write_text(
-        f'#!/bin/sh\nif [ "$1" = "-c" ]; then exec {sys.executable} "$@"; fi\n'
+        f'#!/bin/sh\ncase "$1" in -c|*.py) exec {sys.executable} "$@" ;; esac\n'  # the points' summary runs
         'while [ $# -gt 0 ]; do [ "$1" = "--basetemp" ] && base=$2; shift; done\n'
         'mkdir -p "$base/scale0/dense" "$base/scale0/moe_T1.0_k1_p0.9"\n'
         'echo w0 > "$base/scale0/worker0.log"; echo "{}" > "$base/scale0/moe_T1.0_k1_p0.9/metrics.jsonl"\n'
@@ -102,6 +102,8 @@ def test_scale_step_keeps_logs_and_metrics_not_checkpoints(tmp_path):
     assert (out / "scale0/moe_T1.0_k1_p0.9/error.txt").read_text() == "boom\n"
     assert (out / "scale0/moe_T1.0_k1_p0.9/metrics.jsonl").exists()
     assert not list(out.rglob("w.bin"))
+    points = (out / "scale_points.txt").read_text()  # each point's verdict from the copied metrics
+    assert "moe_T1.0_k1_p0.9         FAILED: boom" in points and points.endswith("0 of 36 points passed\n")
     assert not Path((tmp_path / "base.txt").read_text().strip()).exists()  # the run's temp dir is removed
     with tarfile.open(tgz) as t:
         assert "r5/scale0/worker0.log" in t.getnames()
