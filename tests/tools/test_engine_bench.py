@@ -17,3 +17,16 @@ def test_engine_rows_get_their_ratio_to_the_peer_of_the_same_shape(bench_script)
     assert "vs_hf-generate" not in results[2] and "vs_hf-generate-batch" not in results[0]
     assert lines == ["m b64 p128: engine (warm) 4000 tok/s = 40.0x hf-generate (100 tok/s)",
                      "m b64 p128: engine-fast (cold) 3000 tok/s = 30.0x hf-generate (100 tok/s)"]
+
+
+def test_warm_row_splits_into_the_first_token_and_each_decode_step(bench_script, capsys):
+    engine = bench_script("engine")
+    row = dict(model="m", system="engine", batch=64, prompt=128, new=256, wall_s=1.0, output_tok_s=16384.0,
+               pct_roofline=20.0, roofline_tok_s=81920.0, prefill_roofline_tok_s=65536.0, preemptions=0)
+    row.update(engine.warm_split(64, 256, 0.524, 0.014))
+    assert row["warm_tok_s"] == 64 * 256 / 0.524
+    assert row["warm_first_ms"] == 14.0 and abs(row["warm_decode_ms"] - 2.0) < 1e-9  # (524 - 14) / 255
+    engine.print_row(row)
+    assert "warm 31267 tok/s = 38.2% (47.7% with prefill): prefill + first token 14.0 ms, then 2.000 ms a step" \
+        in capsys.readouterr().out
+    assert engine.warm_split(64, 1, 0.02, None) == dict(warm_tok_s=3200.0)  # one new token: nothing to split

@@ -11,7 +11,9 @@ roofline_tok_s: tokens/s if every decode step only streamed the weights plus the
 by the step at the measured HBM bandwidth (prefill ignored): an upper bound for decode.
 prefill_roofline_tok_s: the same with the prompts' prefill added at the measured bf16 matmul
 peak (the layers' linears and causal attention, 2 FLOPs a multiply-add): the bound for a run
-whose prompts the prefix cache has not seen.
+whose prompts the prefix cache has not seen. An engine row's warm run (graphs captured, new prompts) is
+split by a run to the first token only: its ms, then the ms of each later decode step (wall, host work
+included), to set beside tools/bench/step_peer.py's graph-only step.
 
     python tools/bench/engine.py --out bench_engine.json           # full sweep, ~6 min on an H100
     python tools/bench/engine.py --quick --out bench_engine.json   # smaller sweep
@@ -407,7 +409,10 @@ def main() -> None:
                         row.update(run_engine(engines[system], ids, new))
                         if not a.no_warm:  # again, decode graphs now captured; new prompts (no prefix-cache hits)
                             fresh = prompts(batch, plen, model.args.vocab_size, seed=i + 1000)
-                            row["warm_tok_s"] = batch * new / run_engine(engines[system], fresh, new)["wall_s"]
+                            warm_s = run_engine(engines[system], fresh, new)["wall_s"]
+                            first = prompts(batch, plen, model.args.vocab_size, seed=i + 2000)
+                            first_s = run_engine(engines[system], first, 1)["wall_s"] if new > 1 else None
+                            row.update(warm_split(batch, new, warm_s, first_s))
                 else:
                     engines.clear()
                     gc.collect()
@@ -433,6 +438,15 @@ def main() -> None:
     with open(a.out, "w") as f:
         json.dump(dict(meta=meta, results=results), f, indent=1)
     print(f"\n{meta['device']}, HBM {meta['hbm_gb_s']:.0f} GB/s, {time.perf_counter() - t0:.0f} s; wrote {a.out}")
+
+
+def warm_split(batch: int, new: int, warm_s: float, first_s: float | None) -> dict:
+    """The warm run's tok/s and, given a run of the same shape to the first token only (prefill + one
+    sampling step), its split: that run's ms, then ms per decode step over the other new - 1 tokens."""
+    out = dict(warm_tok_s=batch * new / warm_s)
+    if first_s is not None and new > 1:
+        out.update(warm_first_ms=1e3 * first_s, warm_decode_ms=1e3 * (warm_s - first_s) / (new - 1))
+    return out
 
 
 def vs_peers(results: list[dict]) -> list[str]:
@@ -466,6 +480,8 @@ def print_row(r: dict) -> None:
     if "warm_tok_s" in r:
         note += (f"; warm {r['warm_tok_s']:.0f} tok/s = {100 * r['warm_tok_s'] / r['roofline_tok_s']:.1f}%"
                  f" ({100 * r['warm_tok_s'] / r['prefill_roofline_tok_s']:.1f}% with prefill)")
+        if "warm_decode_ms" in r:
+            note += f": prefill + first token {r['warm_first_ms']:.1f} ms, then {r['warm_decode_ms']:.3f} ms a step"
     elif "pct_prefill_roofline" in r:
         note += f"; {r['pct_prefill_roofline']:.1f}% with prefill"
     if "max_prefill_tokens" in r:
