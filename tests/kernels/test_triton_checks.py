@@ -6,6 +6,7 @@ float64 torch. No test_ functions here: pytest collects nothing from this file.
 """
 
 import contextlib
+import sys
 
 import torch
 
@@ -21,6 +22,18 @@ def _kt():
 def _close(got: torch.Tensor, ref: torch.Tensor, what: str, atol=TOL["atol"], rtol=TOL["rtol"]) -> None:
     err = (got.double() - ref.double()).abs().max().item() if got.numel() else 0.0
     assert torch.allclose(got.double(), ref.double(), atol=atol, rtol=rtol), f"{what}: max abs err {err}"
+
+
+def _bench_module(name: str):
+    """tools/bench/NAME.py, loaded as a module."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[2] / "tools" / "bench" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def _same(a: torch.Tensor, b: torch.Tensor, what: str) -> None:
@@ -545,13 +558,7 @@ def check_persistent_probe() -> None:
     """tools/bench/persistent_probe.py's one-launch chain (one program: its barriers pass at once)
     equals the four separate launches bitwise and the float64 chain closely, and leaves its
     counters at zero for the next launch."""
-    import importlib.util
-    from pathlib import Path
-
-    path = Path(__file__).resolve().parents[2] / "tools" / "bench" / "persistent_probe.py"
-    spec = importlib.util.spec_from_file_location("persistent_probe", path)
-    probe = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(probe)
+    probe = _bench_module("persistent_probe")
     ch = probe.Chain([(128, 64), (64, 128), (128, 64), (32, 128)], 64, "cpu", copies=2)
     for c in range(2):
         ch.separate(c)
@@ -1345,12 +1352,14 @@ def check_pdl_rows_reach_each_row_kernel() -> None:
     from miles_kernels._triton import paged_attention as attn_mod
 
     kt = _kt()
-    asked, gdc_rows = [], launch.gdc_rows
+    asked, sites, gdc_rows = [], [], launch.gdc_rows
+    site_of = _bench_module("pdl_sites").site_of  # the launcher each site limit of tools/bench/pdl_sites.py names
 
     def ask(x, rows):
         got = gdc_rows(x, rows)
         assert got is False, f"gdc_rows gave {got} for a CPU tensor"
         asked.append(rows)
+        sites.append(site_of(sys._getframe(1)))
         return got
 
     names = ("DECODE_TILE", "ROW_SUM", "KV_BLOCK", "KV_SPLIT", "DECODE_PROGRAMS", "WALK", "DECODE_PAIRS",
@@ -1384,8 +1393,11 @@ def check_pdl_rows_reach_each_row_kernel() -> None:
     try:
         for what, (call, rows) in calls.items():
             asked.clear()
+            sites.clear()
             call()
             assert asked == rows, f"{what}: gdc_rows asked for {asked} rows, want {rows}"
+            site = "attention" if what.startswith("decode attention") else what
+            assert sites == [site] * len(rows), f"{what}: pdl_sites.py reads the site as {sites}, want {site}"
     finally:
         launch.gdc_rows, fl.SMALL_M_TMA = gdc_rows, saved_tma
         lin.SMALL_M_TILES.clear()
