@@ -30,3 +30,25 @@ def test_warm_row_splits_into_the_first_token_and_each_decode_step(bench_script,
     assert "warm 31267 tok/s = 38.2% (47.7% with prefill): prefill + first token 14.0 ms, then 2.000 ms a step" \
         in capsys.readouterr().out
     assert engine.warm_split(64, 1, 0.02, None) == dict(warm_tok_s=3200.0)  # one new token: nothing to split
+
+
+def test_prefill_profile_times_new_prompts(bench_script):
+    """--profile's prefill part on a tiny CPU engine: every prompt prefilled in the steps it counts, on
+    prompts the prefix cache has not seen (two prefills of new prompts), the engine left with nothing."""
+    engine = bench_script("engine")
+    from miles_fsdp.engine import Engine, EngineConfig
+
+    model = engine.build("tiny", "cpu").float()
+    eng = Engine(model, config=EngineConfig(page_size=16, max_model_len=256, kv_memory_bytes=1 << 24))
+    engine.run_engine(eng, engine.prompts(4, 40, model.args.vocab_size, seed=0), 2)  # the cache holds these
+    cached, step = [], eng.step
+
+    def counted():
+        step()
+        cached.extend(q.num_cached_prompt_tokens for q in eng.scheduler.running)
+
+    eng.step = counted
+    out = engine.prefill_profile(eng, 4, 40, model.args.vocab_size, 3)
+    assert out["prefill_steps"] >= 1 and out["prefill_ms"] > 0
+    assert out["prefill_gpu_ms"] == 0.0 and out["prefill_kernels_us"] == {}  # no device kernels on the CPU
+    assert not eng.has_unfinished() and len(cached) >= 8 and set(cached) == {0}

@@ -17,7 +17,8 @@ included), to set beside tools/bench/step_peer.py's graph-only step.
 
     python tools/bench/engine.py --out bench_engine.json           # full sweep, ~6 min on an H100
     python tools/bench/engine.py --quick --out bench_engine.json   # smaller sweep
-    python tools/bench/engine.py --profile DIR                      # per-phase step times + torch.profiler
+    python tools/bench/engine.py --profile DIR                      # per-phase step times + torch.profiler;
+                                                                    # a prefill of new prompts: wall ms + kernels
 """
 
 from __future__ import annotations
@@ -172,7 +173,7 @@ def run_hf(model, system: str, ids: list[list[int]], new: int) -> dict:
     return dict(wall_s=time.perf_counter() - t)
 
 
-# --- profile: where a decode step's time goes ---------------------------------------------
+# --- profile: where a decode step's (and a prefill's) time goes ---------------------------------------------
 
 def _sync(dev) -> None:
     if dev.type == "cuda":
@@ -234,13 +235,50 @@ def phase_times(engine: Engine, ids: list[list[int]], new: int) -> dict:
     return out
 
 
-def decode_step_ms(engine: Engine, ids: list[list[int]], new: int) -> float:
-    """Un-instrumented wall ms per decode step (no extra syncs)."""
+def prefill(engine: Engine, ids: list[list[int]], new: int) -> int:
+    """Add the requests and step until every prompt is prefilled (decode steps left); the steps taken."""
     p = SamplingParams(temperature=1.0, max_new_tokens=new, ignore_eos=True, seed=0)
     for x in ids:
         engine.add_request(Request(x, p))
+    n = 0
     while engine.scheduler.waiting or any(q.num_uncomputed > 1 for q in engine.scheduler.running):
         engine.step()
+        n += 1
+    return n
+
+
+def finish(engine: Engine) -> None:
+    while engine.has_unfinished():
+        engine.step()
+
+
+def prefill_profile(engine: Engine, batch: int, plen: int, vocab: int, new: int) -> dict:
+    """A prefill of `batch` new prompts of `plen` tokens (up to the first decode step; prompts no run has
+    seen, so the prefix cache holds none): synced wall ms, then another such prefill's kernels under
+    torch.profiler (GPU us and calls, the whole prefill)."""
+    from torch.profiler import ProfilerActivity, profile as tprof
+
+    dev = engine.runner.device
+    _sync(dev)
+    t = time.perf_counter()
+    steps = prefill(engine, prompts(batch, plen, vocab, seed=3001), new)
+    _sync(dev)
+    wall_ms = 1e3 * (time.perf_counter() - t)
+    finish(engine)
+    with tprof(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        prefill(engine, prompts(batch, plen, vocab, seed=3002), new)
+        _sync(dev)
+    finish(engine)
+    events = sorted((e for e in prof.key_averages() if e.self_device_time_total > 0),
+                    key=lambda e: -e.self_device_time_total)
+    return dict(prefill_ms=wall_ms, prefill_steps=steps,
+                prefill_gpu_ms=sum(e.self_device_time_total for e in events) / 1e3,
+                prefill_kernels_us={e.key: [round(e.self_device_time_total, 1), e.count] for e in events[:20]})
+
+
+def decode_step_ms(engine: Engine, ids: list[list[int]], new: int) -> float:
+    """Un-instrumented wall ms per decode step (no extra syncs)."""
+    prefill(engine, ids, new)
     _sync(engine.runner.device)
     t, n = time.perf_counter(), 0
     while engine.has_unfinished():
@@ -308,20 +346,16 @@ def profile(out_dir: str, model_name: str = "qwen3-0.6b", batch: int = 64, plen:
                 print(mode, json.dumps(report[mode], indent=1), flush=True)
                 continue
             launch_us = replay_launch_us(eng, ids, new)
+            pre = prefill_profile(eng, batch, plen, model.args.vocab_size, new)
             from torch.profiler import ProfilerActivity, profile as tprof
-            p = SamplingParams(temperature=1.0, max_new_tokens=24, ignore_eos=True, seed=0)
-            for x in ids:
-                eng.add_request(Request(x, p))
-            while eng.scheduler.waiting or any(q.num_uncomputed > 1 for q in eng.scheduler.running):
-                eng.step()
+            prefill(eng, ids, 24)
             with tprof(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
                 n = 0
                 while eng.has_unfinished() and n < 16:
                     eng.step()
                     n += 1
                 torch.cuda.synchronize()
-            while eng.has_unfinished():
-                eng.step()
+            finish(eng)
             events = prof.key_averages()
             table = events.table(sort_by="cuda_time_total", row_limit=40)
             cuda_us = sum(e.self_device_time_total for e in events)
@@ -336,7 +370,7 @@ def profile(out_dir: str, model_name: str = "qwen3-0.6b", batch: int = 64, plen:
                                 tok_s=batch / step_ms * 1e3, phases_ms=phases, replay_launch_us=launch_us,
                                 kernels_us_per_step={  # kernel: [GPU us, calls] a step
                                     e.key: [round(e.self_device_time_total / n, 2), round(e.count / n, 2)]
-                                    for e in by_kernel[:30]})
+                                    for e in by_kernel[:30]}, **pre)
             print(mode, json.dumps(report[mode], indent=1), flush=True)
             del eng
             gc.collect()
@@ -356,7 +390,7 @@ def main() -> None:
                     help="EngineConfig.max_prefill_tokens (0: the engine's choice, 16384 where it fits on an H200)")
     ap.add_argument("--only", default="", help="comma-separated systems to run (e.g. engine)")
     ap.add_argument("--no-warm", action="store_true", help="skip the second run (graphs captured, new prompts)")
-    ap.add_argument("--profile", metavar="DIR", help="only profile decode steps; write DIR/profile*")
+    ap.add_argument("--profile", metavar="DIR", help="only profile decode steps and one prefill; write DIR/profile*")
     ap.add_argument("--profile-model", default="qwen3-0.6b", choices=sorted(SHAPES), help="--profile: model shape")
     ap.add_argument("--profile-new", type=int, default=64, help="--profile: new tokens per sample")
     ap.add_argument("--profile-batch", type=int, default=64, help="--profile: batch size")
