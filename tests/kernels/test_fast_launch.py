@@ -237,6 +237,9 @@ def test_row_wise_kernels_take_pdl_up_to_the_row_limit(monkeypatch):
     assert not launch.gdc_rows(cuda, 65) and not launch.gdc_rows(cpu, 1)
     monkeypatch.setattr(launch, "PDL_MAX_ROWS", 0)
     assert not launch.gdc_rows(cuda, 1)
+    assert launch.gdc_rows(cuda, 256, 256) and not launch.gdc_rows(cuda, 257, 256)  # a site's own limit
+    assert not launch.gdc_rows(cpu, 1, launch.ALL_ROWS)
+    assert launch.PDL_NORM_MAX_ROWS == 256  # the norms' shipped limit (MILES_PDL_NORM_MAX_ROWS unset in tests)
 
 
 @pytest.mark.parametrize("value", ["-1", "64k", ""])
@@ -246,3 +249,5 @@ def test_a_bad_pdl_row_limit_is_refused_by_name(value, monkeypatch):
         launch._rows_limit("MILES_PDL_MAX_ROWS", "64")
     monkeypatch.setenv("MILES_PDL_MAX_ROWS", "128")
     assert launch._rows_limit("MILES_PDL_MAX_ROWS", "64") == 128
+    monkeypatch.setenv("MILES_PDL_MAX_ROWS", "all")
+    assert launch._rows_limit("MILES_PDL_MAX_ROWS", "64") == launch.ALL_ROWS

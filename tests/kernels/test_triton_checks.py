@@ -1344,21 +1344,23 @@ def check_attention_decode_pairs() -> None:
 
 def check_pdl_rows_reach_each_row_kernel() -> None:
     """Every kernel that takes USE_GDC but the TMA linears asks launch.gdc_rows with its launch's rows
-    (tokens; sequences for decode attention), and gets False on the CPU: rms_norm, add_rms_norm,
-    qk_norm_rope, and by pointers linear, linears and swiglu; decode attention one and two pairs a program."""
+    (tokens; sequences for decode attention) and its limit (the norms PDL_NORM_MAX_ROWS), and gets False on
+    the CPU: rms_norm, add_rms_norm, qk_norm_rope, and by pointers linear, linears and swiglu; decode attention
+    one and two pairs a program."""
     from miles_kernels._triton import fused_linears as fl
     from miles_kernels._triton import launch
     from miles_kernels._triton import matmul as lin
     from miles_kernels._triton import paged_attention as attn_mod
 
     kt = _kt()
-    asked, sites, gdc_rows = [], [], launch.gdc_rows
+    asked, sites, limits, gdc_rows = [], [], [], launch.gdc_rows
     site_of = _bench_module("pdl_sites").site_of  # the launcher each site limit of tools/bench/pdl_sites.py names
 
-    def ask(x, rows):
-        got = gdc_rows(x, rows)
+    def ask(x, rows, limit=None):
+        got = gdc_rows(x, rows, limit)
         assert got is False, f"gdc_rows gave {got} for a CPU tensor"
         asked.append(rows)
+        limits.append(limit)
         sites.append(site_of(sys._getframe(1)))
         return got
 
@@ -1394,8 +1396,11 @@ def check_pdl_rows_reach_each_row_kernel() -> None:
         for what, (call, rows) in calls.items():
             asked.clear()
             sites.clear()
+            limits.clear()
             call()
             assert asked == rows, f"{what}: gdc_rows asked for {asked} rows, want {rows}"
+            limit = launch.PDL_NORM_MAX_ROWS if what in ("rms_norm", "add_rms_norm") else None  # None: PDL_MAX_ROWS
+            assert limits == [limit] * len(rows), f"{what}: gdc_rows asked with limit {limits}, want {limit}"
             site = "attention" if what.startswith("decode attention") else what
             assert sites == [site] * len(rows), f"{what}: pdl_sites.py reads the site as {sites}, want {site}"
     finally:

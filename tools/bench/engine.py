@@ -129,14 +129,23 @@ def prompts(batch: int, length: int, vocab: int, seed: int) -> list[list[int]]:
 
 def run_engine(engine: Engine, ids: list[list[int]], new: int) -> dict:
     p = SamplingParams(temperature=1.0, max_new_tokens=new, ignore_eos=True, seed=0)
-    before = engine.stats()["num_preemptions"]
+    before, retries = engine.stats()["num_preemptions"], alloc_retries(engine.runner.device)
+    overlapped = engine.metrics().get("engine/overlap_steps_total", 0.0)
     _sync(engine.runner.device)
     t = time.perf_counter()
     res = engine.generate([Request(x, p) for x in ids])
     _sync(engine.runner.device)
     wall = time.perf_counter() - t
     assert all(len(r[0].token_ids) == new for r in res)
-    return dict(wall_s=wall, preemptions=engine.stats()["num_preemptions"] - before)
+    return dict(wall_s=wall, preemptions=engine.stats()["num_preemptions"] - before,
+                alloc_retries=alloc_retries(engine.runner.device) - retries,
+                overlapped=int(engine.metrics().get("engine/overlap_steps_total", 0.0) - overlapped))
+
+
+def alloc_retries(dev: torch.device) -> int:
+    """The CUDA caching allocator's retries so far (a malloc that failed, freed the cache and synced):
+    a run that has them is short of memory beside the KV cache."""
+    return torch.cuda.memory_stats(dev).get("num_alloc_retries", 0) if dev.type == "cuda" else 0
 
 
 def hf_model(name: str):
@@ -443,7 +452,9 @@ def main() -> None:
                         row.update(run_engine(engines[system], ids, new))
                         if not a.no_warm:  # again, decode graphs now captured; new prompts (no prefix-cache hits)
                             fresh = prompts(batch, plen, model.args.vocab_size, seed=i + 1000)
-                            warm_s = run_engine(engines[system], fresh, new)["wall_s"]
+                            warm = run_engine(engines[system], fresh, new)
+                            warm_s, row["warm_alloc_retries"] = warm["wall_s"], warm["alloc_retries"]
+                            row["warm_overlapped"] = warm["overlapped"]  # decode steps launched ahead
                             first = prompts(batch, plen, model.args.vocab_size, seed=i + 2000)
                             first_s = run_engine(engines[system], first, 1)["wall_s"] if new > 1 else None
                             row.update(warm_split(batch, new, warm_s, first_s))
@@ -511,11 +522,15 @@ def print_row(r: dict) -> None:
     tps = f"{r['output_tok_s']:9.0f}" if "output_tok_s" in r else f"{'-':>9}"
     pct = f"{r['pct_roofline']:5.1f}" if "pct_roofline" in r else f"{'-':>5}"
     note = r.get("skipped", f"preempt {r['preemptions']}" if "preemptions" in r else "")
+    if r.get("alloc_retries") or r.get("warm_alloc_retries"):
+        note += f"; allocator retries {r['alloc_retries']} cold, {r.get('warm_alloc_retries', 0)} warm"
     if "warm_tok_s" in r:
         note += (f"; warm {r['warm_tok_s']:.0f} tok/s = {100 * r['warm_tok_s'] / r['roofline_tok_s']:.1f}%"
                  f" ({100 * r['warm_tok_s'] / r['prefill_roofline_tok_s']:.1f}% with prefill)")
         if "warm_decode_ms" in r:
             note += f": prefill + first token {r['warm_first_ms']:.1f} ms, then {r['warm_decode_ms']:.3f} ms a step"
+        if "warm_overlapped" in r:
+            note += f" ({r['warm_overlapped']} launched ahead)"
     elif "pct_prefill_roofline" in r:
         note += f"; {r['pct_prefill_roofline']:.1f}% with prefill"
     if "max_prefill_tokens" in r:

@@ -5,8 +5,9 @@ launch.PDL_MAX_ROWS and which lose.
         tools/bench/step_peer.py --shapes 128x256 --out step.json
 
 Sites (the kernels that ask launch.gdc_rows): rms_norm, add_rms_norm, qk_norm_rope, linear (the pointer
-linears), linears (q|k|v), swiglu, attention (decode attention); `default` covers any site not named. A
-limit is a row count or `all`. The script runs in this process (runpy) after launch.gdc_rows is replaced.
+linears), linears (q|k|v), swiglu, attention (decode attention). A limit is a row count or `all`; a site not
+named keeps its shipped limit (launch.PDL_MAX_ROWS; launch.PDL_NORM_MAX_ROWS for the norms), or takes
+`default` where that is given. The script runs in this process (runpy) after launch.gdc_rows is replaced.
 """
 
 import argparse
@@ -31,12 +32,13 @@ NAMES = sorted(set(SITES.values()) | {"default"})
 
 
 def parse_limits(items: list[str]) -> dict[str, int]:
-    limits = {"default": launch.PDL_MAX_ROWS}
+    """The limits given ({site: rows}); a site not given keeps its shipped limit, unless `default` is given."""
+    limits = {}
     for item in items:
         name, _, value = item.partition("=")
         if name not in NAMES or not (value == "all" or value.isdigit()):
             raise SystemExit(f"--limits {item!r}: give SITE=ROWS or SITE=all, SITE one of {', '.join(NAMES)}")
-        limits[name] = 1 << 62 if value == "all" else int(value)
+        limits[name] = launch.ALL_ROWS if value == "all" else int(value)
     return limits
 
 
@@ -49,10 +51,11 @@ def site_of(frame) -> str:
 def site_rows(limits: dict[str, int], asked: dict[str, int]):
     """A gdc_rows that applies the caller's site limit; `asked` counts the calls per site."""
 
-    def gdc_rows(x, rows: int) -> bool:
+    def gdc_rows(x, rows: int, limit: int | None = None) -> bool:
         site = site_of(sys._getframe(1))
         asked[site] = asked.get(site, 0) + 1
-        return x.is_cuda and rows <= limits.get(site, limits["default"])
+        shipped = launch.PDL_MAX_ROWS if limit is None else limit
+        return x.is_cuda and rows <= limits.get(site, limits.get("default", shipped))
 
     return gdc_rows
 
@@ -70,7 +73,8 @@ def main() -> None:
         raise SystemExit("pdl_sites.py: name the script to run after --")
     limits, asked = parse_limits(args.limits), {}
     launch.gdc_rows = site_rows(limits, asked)
-    print("pdl_sites limits:", {k: ("all" if v >= 1 << 62 else v) for k, v in limits.items()}, flush=True)
+    print("pdl_sites limits (the rest as shipped):", {k: ("all" if v >= launch.ALL_ROWS else v)
+                                                       for k, v in limits.items()}, flush=True)
     sys.argv = script
     try:
         runpy.run_path(script[0], run_name="__main__")

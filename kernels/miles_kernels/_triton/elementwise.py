@@ -76,7 +76,8 @@ def rms_norm(x_MD: torch.Tensor, w_D: torch.Tensor, eps: float) -> torch.Tensor:
         block_d = triton.next_power_of_2(D)
         _rms_norm_kernel[(x_2d.shape[0],)](
             x_2d, w_D.contiguous(), y, D, x_2d.stride(0), y.stride(0), eps,
-            BLOCK_D=block_d, USE_GDC=launch.gdc_rows(x_2d, x_2d.shape[0]), num_warps=_row_warps(block_d),
+            BLOCK_D=block_d, USE_GDC=launch.gdc_rows(x_2d, x_2d.shape[0], launch.PDL_NORM_MAX_ROWS),
+            num_warps=_row_warps(block_d),
         )
     return y.view(x_MD.shape)
 
@@ -120,7 +121,8 @@ def add_rms_norm(x_MD: torch.Tensor, r_MD: torch.Tensor, w_D: torch.Tensor, eps:
         block_d = triton.next_power_of_2(D)
         _add_rms_norm_kernel[(M,)](
             x_MD, r_MD, w_D.contiguous(), h, y, D, x_MD.stride(0), r_MD.stride(0), h.stride(0), y.stride(0), eps,
-            BLOCK_D=block_d, USE_GDC=launch.gdc_rows(x_MD, M), num_warps=_row_warps(block_d),
+            BLOCK_D=block_d, USE_GDC=launch.gdc_rows(x_MD, M, launch.PDL_NORM_MAX_ROWS),
+            num_warps=_row_warps(block_d),
         )
     return h, y
 

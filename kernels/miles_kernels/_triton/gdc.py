@@ -25,7 +25,8 @@ while `launch.PDL` is on (the default: the forty-ninth run, H100, timed the 0.6B
 and the engine's warm quick rows 1.00-1.04x with it; MILES_PDL=0 in the environment or
 `tools/bench/with_tiles.py --pdl off` turn it off) on GPUs with PDL (compute capability 9.0+). Their callers
 pass USE_GDC=launch.gdc_rows(x, rows): PDL at launches over at most launch.PDL_MAX_ROWS rows (64; the
-fifty-second run, H100: at b128-256 the 8B decode step lost 2-4% with it). On the CPU
+fifty-second run, H100: at b128-256 the 8B decode step lost 2-4% with it); rms_norm and add_rms_norm up to 256
+rows (launch.PDL_NORM_MAX_ROWS; the fifty-fourth run, H100: the step at b128-256 1.000-1.011x). On the CPU
 (the interpreter) USE_GDC stays False.
 """
 

@@ -22,9 +22,9 @@ GPU with programmatic dependent launch (compute capability 9.0+): gdc.py. A call
 USE_GDC=False keeps it, and no launch_pdl (the TMA linears with `PDL_TMA` off); one that passes
 USE_GDC=True gets False where PDL is off or the device has none. The row-wise callers pass
 USE_GDC=gdc_rows(x, rows): PDL at decode batches up to PDL_MAX_ROWS only (past it, the 8B decode step
-lost 2-4% with it). A limit by waves (PDL only where a launch's programs fit one wave, counted on the
-compiled kernel) was timed against it in the fifty-third run and dropped: 0.6B b128-256 1.1-2.0% faster,
-8B b64-128 1.2-2.7% slower.
+lost 2-4% with it); the norms pass PDL_NORM_MAX_ROWS (256: they gained up to 1.1% at b128-256). A limit by
+waves (PDL only where a launch's programs fit one wave, counted on the compiled kernel) was timed against it
+in the fifty-third run and dropped: 0.6B b128-256 1.1-2.0% faster, 8B b64-128 1.2-2.7% slower.
 """
 
 from __future__ import annotations
@@ -55,10 +55,16 @@ def _switch(name: str, default: str, what: str) -> bool:
     return value == "1"
 
 
+ALL_ROWS = 1 << 62  # a row limit of "all": PDL at every launch size
+
+
 def _rows_limit(name: str, default: str) -> int:
     value = os.environ.get(name, default)
+    if value == "all":
+        return ALL_ROWS
     if not value.isdigit():
-        raise ValueError(f"{name}={value!r}: give a row count, a whole number >= 0 (0: no PDL for these kernels)")
+        raise ValueError(f"{name}={value!r}: give a row count, a whole number >= 0 (0: no PDL for these kernels), "
+                         "or all (PDL at every size)")
     return int(value)
 
 
@@ -76,6 +82,11 @@ PDL_TMA = _switch("MILES_PDL_TMA", "1", "PDL for the TMA linears")
 # (8B), b256 1.003x / 1.021x; against PDL off: b64 1.018x / 1.003x (fifty-third run: b64 1.019x / 1.001x, b128
 # 0.997x / 0.995x, b256 0.998x / 1.000x). MILES_PDL_MAX_ROWS=N moves it.
 PDL_MAX_ROWS = _rows_limit("MILES_PDL_MAX_ROWS", "64")
+# rms_norm and add_rms_norm take PDL up to 256 rows (the decode batches timed; the trainer's and the prefill's
+# thousands of rows stay without): H100, fifty-fourth run, step_peer ctx 256 by turns (tools/bench/pdl_sites.py),
+# the norms with PDL against the 64-row limit: 0.6B b128 1.005x, b256 1.011x, 8B b128 1.008x, b256 1.000x.
+# MILES_PDL_NORM_MAX_ROWS=N (or all) moves it.
+PDL_NORM_MAX_ROWS = _rows_limit("MILES_PDL_NORM_MAX_ROWS", "256")
 _PDL_KW = {"USE_GDC": True, "launch_pdl": True}
 _PDL_DEVICES: dict[int, bool] = {}
 
@@ -121,10 +132,10 @@ def pdl_on(device: int) -> bool:
     return on
 
 
-def gdc_rows(x: torch.Tensor, rows: int) -> bool:
-    """USE_GDC for a launch on x's device over `rows` rows: on CUDA where rows <= PDL_MAX_ROWS (FastKernel
-    still needs PDL on and a device with it)."""
-    return x.is_cuda and rows <= PDL_MAX_ROWS
+def gdc_rows(x: torch.Tensor, rows: int, limit: int | None = None) -> bool:
+    """USE_GDC for a launch on x's device over `rows` rows: on CUDA where rows <= limit (PDL_MAX_ROWS if None;
+    FastKernel still needs PDL on and a device with it)."""
+    return x.is_cuda and rows <= (PDL_MAX_ROWS if limit is None else limit)
 
 
 def _hooks_active() -> bool:
