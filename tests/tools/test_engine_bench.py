@@ -52,3 +52,16 @@ def test_prefill_profile_times_new_prompts(bench_script):
     assert out["prefill_steps"] >= 1 and out["prefill_ms"] > 0
     assert out["prefill_gpu_ms"] == 0.0 and out["prefill_kernels_us"] == {}  # no device kernels on the CPU
     assert not eng.has_unfinished() and len(cached) >= 8 and set(cached) == {0}
+
+
+def test_gc_pauses_add_up_the_collector_runs(bench_script):
+    import gc
+
+    pauses = bench_script("engine").GcPauses()
+    gc.callbacks.append(pauses)
+    try:
+        gc.collect()
+        gc.collect()
+    finally:
+        gc.callbacks.remove(pauses)
+    assert pauses.runs == 2 and pauses.seconds > 0

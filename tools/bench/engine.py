@@ -131,15 +131,35 @@ def run_engine(engine: Engine, ids: list[list[int]], new: int) -> dict:
     p = SamplingParams(temperature=1.0, max_new_tokens=new, ignore_eos=True, seed=0)
     before, retries = engine.stats()["num_preemptions"], alloc_retries(engine.runner.device)
     overlapped = engine.metrics().get("engine/overlap_steps_total", 0.0)
+    pauses = GcPauses()
+    gc.callbacks.append(pauses)
     _sync(engine.runner.device)
     t = time.perf_counter()
-    res = engine.generate([Request(x, p) for x in ids])
-    _sync(engine.runner.device)
+    try:
+        res = engine.generate([Request(x, p) for x in ids])
+        _sync(engine.runner.device)
+    finally:
+        gc.callbacks.remove(pauses)
     wall = time.perf_counter() - t
     assert all(len(r[0].token_ids) == new for r in res)
     return dict(wall_s=wall, preemptions=engine.stats()["num_preemptions"] - before,
                 alloc_retries=alloc_retries(engine.runner.device) - retries,
-                overlapped=int(engine.metrics().get("engine/overlap_steps_total", 0.0) - overlapped))
+                overlapped=int(engine.metrics().get("engine/overlap_steps_total", 0.0) - overlapped),
+                gc_ms=1e3 * pauses.seconds, gc_runs=pauses.runs)
+
+
+class GcPauses:
+    """A gc.callbacks entry that adds up the collector's pauses (seconds) and counts its runs."""
+
+    def __init__(self):
+        self.seconds, self.runs, self._t = 0.0, 0, None
+
+    def __call__(self, phase: str, info: dict) -> None:
+        if phase == "start":
+            self._t = time.perf_counter()
+        elif self._t is not None:
+            self.seconds += time.perf_counter() - self._t
+            self.runs, self._t = self.runs + 1, None
 
 
 def alloc_retries(dev: torch.device) -> int:
@@ -455,6 +475,7 @@ def main() -> None:
                             warm = run_engine(engines[system], fresh, new)
                             warm_s, row["warm_alloc_retries"] = warm["wall_s"], warm["alloc_retries"]
                             row["warm_overlapped"] = warm["overlapped"]  # decode steps launched ahead
+                            row["warm_gc_ms"], row["warm_gc_runs"] = warm["gc_ms"], warm["gc_runs"]
                             first = prompts(batch, plen, model.args.vocab_size, seed=i + 2000)
                             first_s = run_engine(engines[system], first, 1)["wall_s"] if new > 1 else None
                             row.update(warm_split(batch, new, warm_s, first_s))
@@ -530,7 +551,7 @@ def print_row(r: dict) -> None:
         if "warm_decode_ms" in r:
             note += f": prefill + first token {r['warm_first_ms']:.1f} ms, then {r['warm_decode_ms']:.3f} ms a step"
         if "warm_overlapped" in r:
-            note += f" ({r['warm_overlapped']} launched ahead)"
+            note += f" ({r['warm_overlapped']} launched ahead; GC {r['warm_gc_runs']} runs, {r['warm_gc_ms']:.1f} ms)"
     elif "pct_prefill_roofline" in r:
         note += f"; {r['pct_prefill_roofline']:.1f}% with prefill"
     if "max_prefill_tokens" in r:
