@@ -52,11 +52,11 @@
 #   pairs      (not in the default list) decode attention with one and two (sequence, kv head) pairs a program
 #              (paged_attention.DECODE_PAIRS; attn_sweep.py --pairs: us, bits, SDPA beside), then the engine's quick
 #              rows with two pairs (as shipped, at 512-1,023 pairs) and with one (with_tiles --decode-pairs on / off)
-#   pdlrows    (not in the default list) PDL's row limit (launch.PDL_MAX_ROWS, 64 as shipped): the PDL GPU tests (b64;
-#              b256 with PDL_TMA: on == off == the recompute), then step_peer.py at 0.6B and 8B, b64 / b128 / b256 ctx
-#              256, and the engine's quick rows, each with the limit at 64, with PDL at every size (MILES_PDL_MAX_ROWS=
-#              100000) and with PDL off (MILES_PDL=0), by turns; then the 8B b128 step's kernel times (step_peer
-#              --profile) with the limit and with PDL at every size
+#   pdlrows    (not in the default list) PDL's row limits (launch.PDL_MAX_ROWS 64, PDL_NORM_MAX_ROWS 256 as shipped):
+#              the PDL GPU tests (b64; b256 with PDL_TMA: on == off == the recompute), then step_peer.py at 0.6B and
+#              8B, b64 / b128 / b256 ctx 256, and the engine's quick rows, each as shipped (`64`), with the norms at 64
+#              rows too (`norm64`: MILES_PDL_NORM_MAX_ROWS=64), with PDL at every size (`all`: both limits all) and
+#              with PDL off (`off`: MILES_PDL=0), by turns
 #   capture    (not in the default list) the attention-backward and engine GPU tests in one process (the order
 #              that invalidated the 64-expert draft's capture in the thirty-third run), then again with
 #              graph_capture's collector guard taken out: test_capture_with_garbage_waiting alone, which must
@@ -142,8 +142,13 @@ run_files() {  # prefix, pytest files: one process a file, all at once (a fresh 
     done
     tar_out
 }
-pdl_env() {  # the pdlrows step's variants: the row limit at 64, PDL at every size, PDL off
-    case $1 in 64) echo MILES_PDL_MAX_ROWS=64 ;; all) echo MILES_PDL_MAX_ROWS=100000 ;; off) echo MILES_PDL=0 ;; esac
+pdl_env() {  # the pdlrows step's variants: as shipped, the norms at 64 rows too, PDL at every size, PDL off
+    case $1 in
+        64) echo MILES_PDL_MAX_ROWS=64 MILES_PDL_NORM_MAX_ROWS=256 ;;
+        norm64) echo MILES_PDL_MAX_ROWS=64 MILES_PDL_NORM_MAX_ROWS=64 ;;
+        all) echo MILES_PDL_MAX_ROWS=all MILES_PDL_NORM_MAX_ROWS=all ;;
+        off) echo MILES_PDL=0 ;;
+    esac
 }
 tar_out() {  # OUT_DIR as it stands to GPU_CHECKS_TAR, if set
     if [ -n "${GPU_CHECKS_TAR:-}" ]; then tar czf "$GPU_CHECKS_TAR" -C "$(dirname "$out")" "$(basename "$out")"; fi
@@ -244,18 +249,14 @@ for step in $steps; do
                        tools/bench/engine.py --quick --only engine --out "$out/engine_pairs_$o.json"
                done ;;
         pdlrows) run pdl_tests timeout -s KILL 300 python3 -m pytest -q -o addopts="" tests/gpu/test_engine_gpu.py -k pdl
-                 for i in 1 2; do for v in 64 all off; do  # by turns
+                 for i in 1 2; do for v in 64 norm64 all off; do  # by turns
                      run step_pdlrows_$v$i timeout -s KILL 150 env $(pdl_env $v) python3 tools/bench/step_peer.py \
                          --model qwen3-0.6b qwen3-8b --shapes 64x256 128x256 256x256 --rounds 5 \
                          --out "$out/step_pdlrows_$v$i.json"
                  done; done
-                 for v in 64 all off; do
+                 for v in 64 norm64 all off; do
                      run engine_pdlrows_$v timeout -s KILL 150 env $(pdl_env $v) python3 tools/bench/engine.py --quick \
                          --only engine --out "$out/engine_pdlrows_$v.json"
-                 done
-                 for v in 64 all; do  # which kernels PDL slows at 8B b128
-                     run profile_pdlrows_$v timeout -s KILL 150 env $(pdl_env $v) python3 tools/bench/step_peer.py \
-                         --model qwen3-8b --shapes 128x256 --rounds 3 --profile 20 --out "$out/profile_pdlrows_$v.json"
                  done ;;
         capture) run capture_guarded timeout -s KILL 240 python3 -m pytest -q -o addopts="" \
                      tests/gpu/test_attention_bwd_gpu.py tests/gpu/test_engine_gpu.py

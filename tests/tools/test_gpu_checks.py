@@ -115,6 +115,6 @@ def test_pdlrows_step_runs_the_tests_then_each_limit_by_turns(tmp_path):
     proc = _run(out, "pdlrows", GPU_CHECKS_BUDGET="0")
     assert proc.returncode == 1, proc.stdout + proc.stderr
     assert (out / "skipped.txt").read_text().split() == [
-        "pdl_tests", "step_pdlrows_641", "step_pdlrows_all1", "step_pdlrows_off1", "step_pdlrows_642",
-        "step_pdlrows_all2", "step_pdlrows_off2", "engine_pdlrows_64", "engine_pdlrows_all", "engine_pdlrows_off",
-        "profile_pdlrows_64", "profile_pdlrows_all"]
+        "pdl_tests", "step_pdlrows_641", "step_pdlrows_norm641", "step_pdlrows_all1", "step_pdlrows_off1",
+        "step_pdlrows_642", "step_pdlrows_norm642", "step_pdlrows_all2", "step_pdlrows_off2", "engine_pdlrows_64",
+        "engine_pdlrows_norm64", "engine_pdlrows_all", "engine_pdlrows_off"]
