@@ -294,7 +294,8 @@ def prefill_profile(engine: Engine, batch: int, plen: int, vocab: int, new: int)
     _sync(dev)
     wall_ms = 1e3 * (time.perf_counter() - t)
     finish(engine)
-    with tprof(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if dev.type == "cuda" else [])
+    with tprof(activities=activities) as prof:
         prefill(engine, prompts(batch, plen, vocab, seed=3002), new)
         _sync(dev)
     finish(engine)
