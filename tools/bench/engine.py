@@ -236,9 +236,7 @@ def phase_times(engine: Engine, ids: list[list[int]], new: int) -> dict:
     _wrap(s, "postprocess", "postprocess", acc, dev)
     _wrap(r, "logits", "model", acc, dev)  # forward (graph replay or eager) + logits
     _wrap(r, "sample_launch", "sample", acc, dev)
-    p = SamplingParams(temperature=1.0, max_new_tokens=new, ignore_eos=True, seed=0)
-    for x in ids:
-        engine.add_request(Request(x, p))
+    add_requests(engine, ids, new)
     steps, t_all = 0, 0.0
     while engine.has_unfinished():
         before = dict(acc)
@@ -264,11 +262,16 @@ def phase_times(engine: Engine, ids: list[list[int]], new: int) -> dict:
     return out
 
 
-def prefill(engine: Engine, ids: list[list[int]], new: int) -> int:
-    """Add the requests and step until every prompt is prefilled (decode steps left); the steps taken."""
+def add_requests(engine: Engine, ids: list[list[int]], new: int) -> None:
+    """Queue one request a prompt: `new` tokens each, temperature 1, eos ignored."""
     p = SamplingParams(temperature=1.0, max_new_tokens=new, ignore_eos=True, seed=0)
     for x in ids:
         engine.add_request(Request(x, p))
+
+
+def prefill(engine: Engine, ids: list[list[int]], new: int) -> int:
+    """Add the requests and step until every prompt is prefilled (decode steps left); the steps taken."""
+    add_requests(engine, ids, new)
     n = 0
     while engine.scheduler.waiting or any(q.num_uncomputed > 1 for q in engine.scheduler.running):
         engine.step()
@@ -335,11 +338,8 @@ def replay_launch_us(engine: Engine, ids: list[list[int]], new: int) -> float:
 
     g.replay = timed
     try:
-        p = SamplingParams(temperature=1.0, max_new_tokens=new, ignore_eos=True, seed=0)
-        for x in ids:
-            engine.add_request(Request(x, p))
-        while engine.has_unfinished():
-            engine.step()
+        add_requests(engine, ids, new)
+        finish(engine)
     finally:
         del g.replay
     acc = sorted(acc)
