@@ -30,6 +30,12 @@ def test_warm_row_splits_into_the_first_token_and_each_decode_step(bench_script,
     assert "warm 31267 tok/s = 38.2% (47.7% with prefill): prefill + first token 14.0 ms, then 2.000 ms a step" \
         in capsys.readouterr().out
     assert engine.warm_split(64, 1, 0.02, None) == dict(warm_tok_s=3200.0)  # one new token: nothing to split
+    row.update(warm_overlapped=254, warm_gc_runs=0, warm_gc_ms=0.0, warm_clock=dict(sm_mhz=1754.6, power_w=412.2))
+    engine.print_row(row)
+    assert "then 2.000 ms a step (254 launched ahead; GC 0 runs, 0.0 ms; SM 1755 MHz, 412 W)" in capsys.readouterr().out
+    row["warm_clock"] = None  # no nvidia-smi sample
+    engine.print_row(row)
+    assert capsys.readouterr().out.endswith("(254 launched ahead; GC 0 runs, 0.0 ms)\n")
 
 
 def test_prefill_profile_times_new_prompts(bench_script):

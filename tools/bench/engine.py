@@ -35,6 +35,7 @@ import traceback
 import torch
 
 import miles_kernels as mk
+from gpu_clock import ClockSampler
 from miles_fsdp.engine import Engine, EngineConfig, Request, SamplingParams
 from miles_fsdp.models import ModelArgs, Transformer
 
@@ -132,20 +133,21 @@ def run_engine(engine: Engine, ids: list[list[int]], new: int) -> dict:
     before, retries = engine.stats()["num_preemptions"], alloc_retries(engine.runner.device)
     overlapped = engine.metrics().get("engine/overlap_steps_total", 0.0)
     pauses = GcPauses()
-    gc.callbacks.append(pauses)
-    _sync(engine.runner.device)
-    t = time.perf_counter()
-    try:
-        res = engine.generate([Request(x, p) for x in ids])
+    with ClockSampler(period_ms=50) as clock:  # started and stopped outside the timed part
+        gc.callbacks.append(pauses)
         _sync(engine.runner.device)
-    finally:
-        gc.callbacks.remove(pauses)
-    wall = time.perf_counter() - t
+        t = time.perf_counter()
+        try:
+            res = engine.generate([Request(x, p) for x in ids])
+            _sync(engine.runner.device)
+        finally:
+            gc.callbacks.remove(pauses)
+        wall = time.perf_counter() - t
     assert all(len(r[0].token_ids) == new for r in res)
     return dict(wall_s=wall, preemptions=engine.stats()["num_preemptions"] - before,
                 alloc_retries=alloc_retries(engine.runner.device) - retries,
                 overlapped=int(engine.metrics().get("engine/overlap_steps_total", 0.0) - overlapped),
-                gc_ms=1e3 * pauses.seconds, gc_runs=pauses.runs)
+                gc_ms=1e3 * pauses.seconds, gc_runs=pauses.runs, clock=clock.result)
 
 
 class GcPauses:
@@ -477,6 +479,7 @@ def main() -> None:
                             warm_s, row["warm_alloc_retries"] = warm["wall_s"], warm["alloc_retries"]
                             row["warm_overlapped"] = warm["overlapped"]  # decode steps launched ahead
                             row["warm_gc_ms"], row["warm_gc_runs"] = warm["gc_ms"], warm["gc_runs"]
+                            row["warm_clock"] = warm["clock"]  # mean SM MHz and W (None without nvidia-smi)
                             first = prompts(batch, plen, model.args.vocab_size, seed=i + 2000)
                             first_s = run_engine(engines[system], first, 1)["wall_s"] if new > 1 else None
                             row.update(warm_split(batch, new, warm_s, first_s))
@@ -552,7 +555,9 @@ def print_row(r: dict) -> None:
         if "warm_decode_ms" in r:
             note += f": prefill + first token {r['warm_first_ms']:.1f} ms, then {r['warm_decode_ms']:.3f} ms a step"
         if "warm_overlapped" in r:
-            note += f" ({r['warm_overlapped']} launched ahead; GC {r['warm_gc_runs']} runs, {r['warm_gc_ms']:.1f} ms)"
+            note += f" ({r['warm_overlapped']} launched ahead; GC {r['warm_gc_runs']} runs, {r['warm_gc_ms']:.1f} ms"
+            clock = r.get("warm_clock")
+            note += f"; SM {clock['sm_mhz']:.0f} MHz, {clock['power_w']:.0f} W)" if clock else ")"
     elif "pct_prefill_roofline" in r:
         note += f"; {r['pct_prefill_roofline']:.1f}% with prefill"
     if "max_prefill_tokens" in r:
