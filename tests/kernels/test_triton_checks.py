@@ -569,6 +569,54 @@ def check_persistent_probe() -> None:
         assert ch.count.tolist() == [0, 0], f"counters left at {ch.count.tolist()}"
         _close(want.double(), ch.reference(c), f"chain vs float64, weights {c}", atol=1e-4, rtol=1e-4)
 
+def check_fold_probe() -> None:
+    """tools/bench/fold_probe.py's kernels: each chunk's partial sum (one program a tile and chunk, a short
+    last chunk included) and the ordered sum close to float64; the folded add_rms_norm equals the shipped
+    add_rms_norm of the rounded sum bitwise (h and y), a row alone as in the batch."""
+    kt = _kt()
+    probe = _bench_module("fold_probe")
+    g = torch.Generator().manual_seed(41)
+    for M, N, K, chunk, block_n in ((5, 48, 256, 64, 16), (9, 40, 200, 64, 32), (3, 72, 384, 128, 64)):
+        what = f"fold_probe M={M} N={N} K={K} chunk {chunk} n{block_n}"
+        x, w = torch.randn(M, K, generator=g), torch.randn(N, K, generator=g) / K ** 0.5
+        parts = probe.partials(x, w, chunk, block_n)
+        n_chunks = -(-K // chunk)
+        assert parts.p.shape == (n_chunks, M, N), f"{what}: partials {list(parts.p.shape)}"
+        for c in range(n_chunks):
+            ks = slice(c * chunk, min(K, (c + 1) * chunk))
+            _close(parts.p[c], x[:, ks].double() @ w[:, ks].double().T, f"{what}: chunk {c}")
+        total = probe.chunk_sum(parts)
+        want = torch.zeros(M, N)
+        for c in range(n_chunks):
+            want = want + parts.p[c]
+        _same(total, want, f"{what}: the ordered sum")
+        _close(total, x.double() @ w.double().T, f"{what}: the sum vs float64")
+        r, nw = torch.randn(M, N, generator=g), 1 + 0.1 * torch.randn(N, generator=g)
+        h, y = probe.fold_add_rms_norm(parts, r, nw, 1e-6)
+        h_want, y_want = kt.add_rms_norm(total, r, nw, 1e-6)
+        _same(h, h_want, f"{what}: folded h")
+        _same(y, y_want, f"{what}: folded y")
+        h1, y1 = probe.fold_add_rms_norm(probe.Partials(parts.p[:, 1:2].contiguous(), parts.dtype), r[1:2], nw, 1e-6)
+        _same(y1, y[1:2], f"{what}: a row alone")
+    # Through a model: the tiny Qwen3's down projections (K 128, two chunks of 64) return partials inside
+    # `patched`, and its norms take them; both modes close to the model as it is, and the model restored after.
+    from miles_fsdp.models import layers
+    from miles_fsdp.models.transformer import packed_inputs
+
+    model = _bench_module("engine").build("tiny", "cpu").float()
+    mods = probe.partitioned(model, 64, 64, 64)
+    assert len(mods) == model.args.n_layers, f"fold_probe: {len(mods)} partitioned projections"
+    ids = torch.randint(0, model.args.vocab_size, (20,), generator=g)
+    pos, meta, slot = packed_inputs(torch.tensor([0, 12, 20]))
+    forward, want = layers.Linear.forward, model.forward(ids, pos, meta, slot)
+    got = {}
+    for mode in ("split", "fold"):
+        with probe.patched(model, mode, {tuple(m.weight.shape): 16 for m in mods}, 64, mods):
+            got[mode] = model.forward(ids, pos, meta, slot)
+        assert layers.Linear.forward is forward, f"fold_probe: {mode} left Linear.forward patched"
+        _close(got[mode], want, f"fold_probe tiny model, {mode}", atol=1e-4, rtol=1e-4)
+
+
 def _close_rel(got: torch.Tensor, ref: torch.Tensor, what: str, rel: float = 1e-5) -> None:
     """Every element within rel * max |ref| (fp32 math vs a float64 or fp32 reference)."""
     assert got.shape == ref.shape, f"{what}: shape {list(got.shape)} vs {list(ref.shape)}"

@@ -1,8 +1,9 @@
 """The decode-step probes in tools/bench (split_probe, step_peer, prefetch_probe, wgmma_probe, mma_probe,
-tma_linear_probe, linear_chain_probe) refuse a machine without a GPU with a message saying so; on CPU, split_probe's
-layer-at-a-time trunk gives Transformer.forward's bits (its two-stream variants rest on that), step_peer's
-torch step runs (right shape, finite logits), tma_linear_probe's kernel source is well formed, and
-with_cuda_linear and linear_chain_probe pick configs from a probe output as they say."""
+tma_linear_probe, linear_chain_probe, fold_probe) refuse a machine without a GPU with a message saying so; on
+CPU, split_probe's layer-at-a-time trunk gives Transformer.forward's bits (its two-stream variants rest on
+that), step_peer's torch step runs (right shape, finite logits), tma_linear_probe's kernel source is well
+formed, with_cuda_linear and linear_chain_probe pick configs from a probe output as they say, and fold_probe
+checks its arguments (its kernels: tests/kernels, check_fold_probe)."""
 
 import json
 
@@ -13,7 +14,7 @@ pytest.importorskip("triton")
 
 
 @pytest.mark.parametrize("name", ["split_probe", "step_peer", "prefetch_probe", "wgmma_probe", "tma_linear_probe",
-                                  "mma_probe"])
+                                  "mma_probe", "fold_probe"])
 def test_needs_a_gpu(bench_refusal, monkeypatch, name):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert "needs a CUDA GPU" in bench_refusal(name)
@@ -36,6 +37,14 @@ def test_linear_chain_probe_refusals(bench_refusal, monkeypatch, tmp_path):
     assert "no same-bits M 64 config for qwen3-0.6b" in msg and "linears ((2048, 1024, 1024), 1024)" in msg
     assert "linear (1024, 2048)" not in msg  # o has one (slower than Triton: the chain takes it anyway)
     assert "linear (1024, 2048)" in bench_refusal("linear_chain_probe", str(part), "--only", "_w4")  # o's is not _w4
+
+
+def test_fold_probe_arguments_are_checked(bench_refusal):
+    """Shapes past the decode batch, chunks off the 64-step grid and unknown widths are refused by name."""
+    assert "write BxCTX" in bench_refusal("fold_probe", "--shapes", "64by256")
+    assert "the batch must be 1..64" in bench_refusal("fold_probe", "--shapes", "128x256")
+    assert "multiples of 64" in bench_refusal("fold_probe", "--chunk", "500")
+    assert "multiples of 64" in bench_refusal("fold_probe", "--block-n", "24")
 
 
 def test_step_peer_shapes_are_checked(bench_refusal, monkeypatch):
