@@ -44,6 +44,9 @@
 #   persistent (not in the default list) tools/bench/persistent_probe.py: a decode step's four projections at
 #              M 64 (0.6B, 8B) as four launches against one persistent launch with grid barriers (and without
 #              them), beside miles_kernels' linear and cuBLAS, weights cold: whether fewer, longer kernels pay
+#   fold       (not in the default list) tools/bench/fold_probe.py: the decode step at b64 ctx 256 with o / down in fixed K
+#              chunks whose sum is folded into the next add_rms_norm, against the shipped step and a separate sum
+#              launch (0.6B: N <= 2048, chunks of 512 / 1024; 8B with --max-n 4096, chunks of 1,024 / 2,048)
 #   topp       (not in the default list) the filter's cuts (cut.py): their GPU tests (every launch the same
 #              bits, the PTX token step's too; top-k's value == torch.topk's), then filter.py --cut-only --logits
 #              lm (top-p 0.9, top-k 20) at 64 / 128 / 256 / 1,024 / 4,096 rows as shipped (top-k by torch.topk)
@@ -233,6 +236,10 @@ for step in $steps; do
                      tools/bench/engine.py --quick --only engine --out "$out/engine_exact_logs.json" ;;
         persistent) run persistent_probe timeout -s KILL 200 python3 tools/bench/persistent_probe.py \
                         --out "$out/persistent_probe.json" ;;
+        fold) run fold_probe timeout -s KILL 240 python3 tools/bench/fold_probe.py --model qwen3-0.6b \
+                  --shapes 64x256 --out "$out/fold_probe.json"
+              run fold_probe_8b timeout -s KILL 240 python3 tools/bench/fold_probe.py --model qwen3-8b \
+                  --shapes 64x256 --max-n 4096 --chunk 1024 2048 --out "$out/fold_probe_8b.json" ;;
         topp) run topp_test timeout -s KILL 200 python3 -m pytest -q -o addopts="" tests/gpu/test_kernels_gpu.py \
                   -k "filter_cut or logprobs or fast_mode"
               run cut_shipped timeout -s KILL 120 python3 tools/bench/filter.py --cut-only --rows 64 128 256 1024 4096 \
