@@ -43,7 +43,7 @@ from miles_kernels._triton import launch  # noqa: E402
 from miles_kernels._triton.elementwise import _rms_norm_row, _row_warps  # noqa: E402
 from miles_kernels._triton.gdc import gdc_release, gdc_wait, prefetch_rows  # noqa: E402
 from miles_kernels._triton.launch import fast_launch  # noqa: E402
-from miles_kernels._triton.matmul import _k_walk  # noqa: E402
+from miles_kernels._triton.matmul import _dot_precision, _k_walk  # noqa: E402
 
 MAX_M = 64  # rows up to which a partitioned projection returns partials (the decode step at b <= 64)
 
@@ -135,7 +135,7 @@ def partials(x: torch.Tensor, w: torch.Tensor, chunk: int, block_n: int) -> Part
     p = torch.empty((n_chunks, M, N), dtype=torch.float32, device=x.device)
     grid = (triton.cdiv(M, 64) * triton.cdiv(N, block_n), n_chunks)
     _part_kernel[grid](x, w, p, M, N, K, chunk, x.stride(0), w.stride(0), BLOCK_M=64, BLOCK_N=block_n, BLOCK_K=64,
-                       PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
+                       PRECISION=_dot_precision(x.dtype),
                        K_UNROLL=2 if block_n <= 32 else 1, USE_GDC=launch.gdc_rows(x, M),
                        num_warps=4, num_stages=8 if block_n <= 16 else 6)
     return Partials(p, x.dtype)
