@@ -119,10 +119,6 @@ class Partials:
     def __init__(self, p: torch.Tensor, dtype: torch.dtype):
         self.p, self.dtype = p, dtype
 
-    @property
-    def shape(self) -> torch.Size:
-        return self.p.shape[1:]
-
 
 def partials(x: torch.Tensor, w: torch.Tensor, chunk: int, block_n: int) -> Partials:
     """x [M, K] @ w [N, K]^T as the chunks' fp32 sums: one program a (64 x block_n tile, chunk)."""
