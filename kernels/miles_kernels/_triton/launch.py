@@ -85,6 +85,7 @@ PDL_MAX_ROWS = _rows_limit("MILES_PDL_MAX_ROWS", "64")
 # rms_norm and add_rms_norm take PDL up to 256 rows (the decode batches timed; the trainer's and the prefill's
 # thousands of rows stay without): H100, fifty-fourth run, step_peer ctx 256 by turns (tools/bench/pdl_sites.py),
 # the norms with PDL against the 64-row limit: 0.6B b128 1.006x, b256 1.011x, 8B b128 1.008x, b256 1.000x.
+# Fifty-fifth run (H100): every GPU test and the 36 at-scale points pass with it; engine rows 1.000-1.007x.
 # MILES_PDL_NORM_MAX_ROWS=N (or all) moves it.
 PDL_NORM_MAX_ROWS = _rows_limit("MILES_PDL_NORM_MAX_ROWS", "256")
 _PDL_KW = {"USE_GDC": True, "launch_pdl": True}
