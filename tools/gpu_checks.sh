@@ -47,6 +47,9 @@
 #   fold       (not in the default list) tools/bench/fold_probe.py: the decode step at b64 ctx 256 with o / down in fixed K
 #              chunks whose sum is folded into the next add_rms_norm, against the shipped step and a separate sum
 #              launch (0.6B: N <= 2048, chunks of 512 / 1024; 8B with --max-n 4096, chunks of 1,024 / 2,048)
+#   ablate     (not in the default list) tools/bench/ablate_probe.py: the decode step (0.6B and 8B, b64 and b256, ctx
+#              256) with the norms, the attention or the linears taken out or their launches made stubs, and
+#              every op a stub: what each kind of op costs in the graph, and the floor of one launch an op
 #   topp       (not in the default list) the filter's cuts (cut.py): their GPU tests (every launch the same
 #              bits, the PTX token step's too; top-k's value == torch.topk's), then filter.py --cut-only --logits
 #              lm (top-p 0.9, top-k 20) at 64 / 128 / 256 / 1,024 / 4,096 rows as shipped (top-k by torch.topk)
@@ -240,6 +243,8 @@ for step in $steps; do
                   --shapes 64x256 --out "$out/fold_probe.json"
               run fold_probe_8b timeout -s KILL 240 python3 tools/bench/fold_probe.py --model qwen3-8b \
                   --shapes 64x256 --max-n 4096 --chunk 1024 2048 --out "$out/fold_probe_8b.json" ;;
+        ablate) run ablate_probe timeout -s KILL 300 python3 tools/bench/ablate_probe.py \
+                    --model qwen3-0.6b qwen3-8b --shapes 64x256 256x256 --out "$out/ablate_probe.json" ;;
         topp) run topp_test timeout -s KILL 200 python3 -m pytest -q -o addopts="" tests/gpu/test_kernels_gpu.py \
                   -k "filter_cut or logprobs or fast_mode"
               run cut_shipped timeout -s KILL 120 python3 tools/bench/filter.py --cut-only --rows 64 128 256 1024 4096 \

@@ -617,6 +617,40 @@ def check_fold_probe() -> None:
         _close(got[mode], want, f"fold_probe tiny model, {mode}", atol=1e-4, rtol=1e-4)
 
 
+def check_ablate_probe() -> None:
+    """tools/bench/ablate_probe.py's patching, through the tiny model: every variant's logits keep their shape,
+    each stub variant launches the stub once for each of its kind's launches (counted from the model's layers),
+    shipped is the model as it is, and the ops are restored after each variant."""
+    import miles_kernels as mk
+    from miles_fsdp.models.transformer import packed_inputs
+
+    probe = _bench_module("ablate_probe")
+
+    model = _bench_module("engine").build("tiny", "cpu").float()
+    n = model.args.n_layers
+    g = torch.Generator().manual_seed(43)
+    ids = torch.randint(0, model.args.vocab_size, (20,), generator=g)
+    pos, meta, slot = packed_inputs(torch.tensor([0, 12, 20]))
+    ops = {name: getattr(mk, name) for names in probe.KINDS.values() for name in names}
+    want = model.logits(model.forward(ids, pos, meta, slot))
+    # a layer: two norms, q|k|v + o + gate|up + down, one attention (two launches); then the final norm and the lm head
+    launches = dict(norms=2 * n + 1, attn=2 * n, linears=4 * n + 1)
+    launches["all"] = sum(launches.values())
+    for variant in probe.VARIANTS:
+        with probe.patched(variant) as stubs:
+            got = model.logits(model.forward(ids, pos, meta, slot))
+        assert got.shape == want.shape, f"ablate_probe {variant}: logits {list(got.shape)}"
+        assert all(getattr(mk, k) is f for k, f in ops.items()), f"ablate_probe: {variant} left an op patched"
+        kind = variant.split("_")[1] if variant != "shipped" else None
+        if variant == "shipped":
+            _same(got, want, "ablate_probe shipped")
+        elif variant.startswith("stub"):
+            assert stubs.launched == launches[kind], f"ablate_probe {variant}: {stubs.launched} stub launches, " \
+                f"want {launches[kind]}"
+        else:
+            assert stubs.launched == 0, f"ablate_probe {variant}: {stubs.launched} stub launches"
+
+
 def _close_rel(got: torch.Tensor, ref: torch.Tensor, what: str, rel: float = 1e-5) -> None:
     """Every element within rel * max |ref| (fp32 math vs a float64 or fp32 reference)."""
     assert got.shape == ref.shape, f"{what}: shape {list(got.shape)} vs {list(ref.shape)}"

@@ -1,9 +1,10 @@
 """The decode-step probes in tools/bench (split_probe, step_peer, prefetch_probe, wgmma_probe, mma_probe,
-tma_linear_probe, linear_chain_probe, fold_probe) refuse a machine without a GPU with a message saying so; on
-CPU, split_probe's layer-at-a-time trunk gives Transformer.forward's bits (its two-stream variants rest on
-that), step_peer's torch step runs (right shape, finite logits), tma_linear_probe's kernel source is well
-formed, with_cuda_linear and linear_chain_probe pick configs from a probe output as they say, and fold_probe
-checks its arguments (its kernels: tests/kernels, check_fold_probe)."""
+tma_linear_probe, linear_chain_probe, fold_probe, ablate_probe) refuse a machine without a GPU with a message
+saying so; on CPU, split_probe's layer-at-a-time trunk gives Transformer.forward's bits (its two-stream variants
+rest on that), step_peer's torch step runs (right shape, finite logits), tma_linear_probe's kernel source is well
+formed, with_cuda_linear and linear_chain_probe pick configs from a probe output as they say, and fold_probe and
+ablate_probe check their arguments (their kernels and patching: tests/kernels, check_fold_probe and
+check_ablate_probe)."""
 
 import json
 
@@ -14,7 +15,7 @@ pytest.importorskip("triton")
 
 
 @pytest.mark.parametrize("name", ["split_probe", "step_peer", "prefetch_probe", "wgmma_probe", "tma_linear_probe",
-                                  "mma_probe", "fold_probe"])
+                                  "mma_probe", "fold_probe", "ablate_probe"])
 def test_needs_a_gpu(bench_refusal, monkeypatch, name):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert "needs a CUDA GPU" in bench_refusal(name)
@@ -45,6 +46,14 @@ def test_fold_probe_arguments_are_checked(bench_refusal):
     assert "the batch must be 1..64" in bench_refusal("fold_probe", "--shapes", "128x256")
     assert "multiples of 64" in bench_refusal("fold_probe", "--chunk", "500")
     assert "multiples of 64" in bench_refusal("fold_probe", "--block-n", "24")
+
+
+def test_ablate_probe_arguments_are_checked(bench_refusal):
+    """Malformed shapes and unknown variants are refused by name."""
+    assert "write BxCTX" in bench_refusal("ablate_probe", "--shapes", "64by256")
+    assert "must be positive" in bench_refusal("ablate_probe", "--shapes", "0x256")
+    msg = bench_refusal("ablate_probe", "--variants", "no_sampler")
+    assert "no_sampler" in msg and "stub_norms" in msg
 
 
 def test_step_peer_shapes_are_checked(bench_refusal, monkeypatch):
