@@ -260,28 +260,6 @@ def _store_t(o_ptr, lse_ptr, m, l, accT, t_idx, head, row_ok, stride_ot, stride_
         tl.store(lse_ptr + head.to(tl.int64) * stride_lh + t_idx, (m + tl.log2(l)) * LN2, mask=row_ok)
 
 
-@triton.jit
-def _pair_block_prefetch(it, nA, nB, bA, bB, hA, hB, bt_ptr, stride_bt, k_ptr, v_ptr, offs,
-                         stride_kp, stride_ks, stride_kk, stride_vp, stride_vs, stride_vk,
-                         PAGE: tl.constexpr, ATTN_BLK: tl.constexpr, BLOCK_D: tl.constexpr):
-    """Ask L2 for the K and V lines of decode_pairs_kernel's step `it` (pair A's blocks, then pair B's; past the
-    last step, block 0 of a row, which every row has): one `prefetch.global.L2` a 128-byte line. A hint that
-    loads nothing, so it cannot change a value. Blocks inside one page only (PAGE % ATTN_BLK == 0)."""
-    second = it >= nA
-    j = tl.where(it < nA + nB, tl.where(second, it - nA, it), 0)
-    page = tl.load(bt_ptr + tl.where(second, bB, bA).to(tl.int64) * stride_bt + (j * ATTN_BLK) // PAGE).to(tl.int64)
-    slot = (j * ATTN_BLK) % PAGE + offs
-    kvh = tl.where(second, hB, hA)
-    LINES: tl.constexpr = BLOCK_D // 64  # 16-bit elements
-    cols = (tl.arange(0, LINES) * 64)[None, :]
-    k_lines = k_ptr + kvh * stride_kk + page * stride_kp + slot[:, None] * stride_ks + cols
-    v_lines = v_ptr + kvh * stride_vk + page * stride_vp + slot[:, None] * stride_vs + cols
-    tl.inline_asm_elementwise("prefetch.global.L2 [$1]; mov.u32 $0, 0;", "=r,l", [k_lines], dtype=tl.int32,
-                              is_pure=False, pack=1)
-    tl.inline_asm_elementwise("prefetch.global.L2 [$1]; mov.u32 $0, 0;", "=r,l", [v_lines], dtype=tl.int32,
-                              is_pure=False, pack=1)
-
-
 @fast_launch
 @triton.jit
 def decode_pairs_kernel(
@@ -290,7 +268,7 @@ def decode_pairs_kernel(
     stride_kp, stride_ks, stride_kk, stride_vp, stride_vs, stride_vk, stride_bt,
     G: tl.constexpr, G_PAD: tl.constexpr, ROWS: tl.constexpr, BLOCK_D: tl.constexpr, PAGE: tl.constexpr,
     ATTN_BLK: tl.constexpr, SPLIT_BLOCKS: tl.constexpr, PRECISION: tl.constexpr, STORE_LSE: tl.constexpr,
-    L_SUM: tl.constexpr, TMA: tl.constexpr, USE_GDC: tl.constexpr = False, AHEAD: tl.constexpr = False,
+    L_SUM: tl.constexpr, TMA: tl.constexpr, USE_GDC: tl.constexpr = False,
 ):
     """decode_kernel's one-loop walk (no split programs) over pairs 2 p and 2 p + 1 in one loop: each
     pair's blocks, splits and merges as _walk_t walks them (every block through the masked step,
@@ -299,9 +277,7 @@ def decode_pairs_kernel(
     Both pairs are stored after the loop, and the queries are loaded each block (held in registers
     for both pairs and picked a block, they gave wrong rows and illegal addresses on the H100 from
     256 programs; forty-first run). USE_GDC (PDL, gdc.py): the kernel before waited for first, the
-    next released after the walk. AHEAD (CUDA, pointers, blocks inside one page): each step first asks L2
-    for the next step's K / V lines, where the pipeliner's cp.async for the next block is issued after this
-    block's arithmetic and waited for at the loop's head (SASS, fifty-sixth run); values untouched."""
+    next released after the walk."""
     gdc_wait(USE_GDC)
     bk = tl.program_id(0) * 2
     bA, hA, kvA, nA, posA, tA, headA, okA = _pair_rows(bk, n_pairs, cu_ptr, kv_lens_ptr, n_kv_heads, G, G_PAD,
@@ -323,9 +299,6 @@ def decode_pairs_kernel(
         bt_row_ptr = bt_ptr + tl.where(second, bB, bA).to(tl.int64) * stride_bt
         qT = tl.load(q_ptr + tl.where(second, tB, tA)[None, :] * stride_qt + tl.where(second, headB, headA)[None, :]
                      * stride_qh + ds[:, None], mask=tl.where(second, okB, okA)[None, :], other=0.0)  # a load a block
-        if AHEAD:
-            _pair_block_prefetch(it + 1, nA, nB, bA, bB, hA, hB, bt_ptr, stride_bt, k_ptr, v_ptr, offs, stride_kp,
-                                 stride_ks, stride_kk, stride_vp, stride_vs, stride_vk, PAGE, ATTN_BLK, BLOCK_D)
         m_s, l_s, acc_s = _kv_block_t(qT, m_s, l_s, acc_s, j, tl.where(second, posB, posA),
                                       tl.where(second, kvB, kvA), k_ptr, v_ptr, bt_row_ptr, tl.where(second, hB, hA),
                                       qk_scale, offs, ds, one, stride_kp, stride_ks, stride_kk, stride_vp, stride_vs,

@@ -95,10 +95,6 @@ WALK_SWAPPED_MIN_PAIRS = 512
 DECODE_PAIRS = 2
 DECODE_PAIRS_MIN = 512
 DECODE_PAIRS_MAX = 1024
-# decode_pairs_kernel asking L2 for the next step's K / V lines at each step's start (AHEAD), where the
-# pipeliner's cp.async for the next block is issued after a block's arithmetic and waited for at the loop's
-# head (SASS, fifty-sixth run). A hint: the same bits. Off until timed; MILES_DECODE_AHEAD=1 turns it on.
-DECODE_AHEAD = launch._switch("MILES_DECODE_AHEAD", "0", "decode K/V asked of L2 a step ahead")
 _LOG2E = 1.4426950408889634
 # K/V read by TMA tensor descriptors instead of pointers (same values, same bits; D a power of
 # two, 16-byte aligned rows; on CUDA 16-bit dtypes): packed K/V (training: measured 2-4% faster,
@@ -590,7 +586,6 @@ def _launch(q_THD, k4, v4, cu_seqlens, kv_lens, bt, max_q_len: int, scale: float
         opts = _swapped_launch(B * K, one_loop and not split_parallel)
         if one_loop and not split_parallel and _decode_pairs(B * K) == 2:
             opts = opts if _SWAPPED_LAUNCH is not None else dict(num_warps=4, num_stages=2)
-            ahead = DECODE_AHEAD and kv_descs is None and q_THD.is_cuda and page % KV_BLOCK == 0
             decode_pairs_kernel[(triton.cdiv(B * K, 2),)](
                 q_THD, *kv, o_THD, lse, cu, kv_lens, bt, scale * _LOG2E, K, B * K,
                 q_THD.stride(0), q_THD.stride(1), o_THD.stride(0), o_THD.stride(1), lse.stride(0),
@@ -598,7 +593,7 @@ def _launch(q_THD, k4, v4, cu_seqlens, kv_lens, bt, max_q_len: int, scale: float
                 G=G, G_PAD=g_pad, ROWS=max(16, triton.next_power_of_2(max_q_len * g_pad)), BLOCK_D=block_d, PAGE=page,
                 ATTN_BLK=KV_BLOCK, SPLIT_BLOCKS=KV_SPLIT // KV_BLOCK,
                 PRECISION="ieee" if q_THD.dtype == torch.float32 else "tf32", STORE_LSE=lse_HT is not None,
-                L_SUM=ROW_SUM, TMA=kv_descs is not None, USE_GDC=launch.gdc_rows(q_THD, B), AHEAD=ahead, **opts,
+                L_SUM=ROW_SUM, TMA=kv_descs is not None, USE_GDC=launch.gdc_rows(q_THD, B), **opts,
             )
             return o_THD
         decode_kernel[(B * K, split_programs if split_parallel else 1)](
