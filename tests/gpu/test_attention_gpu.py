@@ -318,3 +318,52 @@ def test_gluon_paged_prefill_bitwise(kt, monkeypatch, heads, D, dtype, page):
     _same(out_g, out_t, "Gluon paged prefill vs Triton")
     _same(out_g2, out_t, "Gluon paged prefill without LSE vs Triton")
     _same(lse_g, lse_t, "Gluon paged prefill LSE vs Triton")
+
+
+@pytest.mark.parametrize("heads,q_len", [((16, 8), 1), ((32, 8), 1), ((12, 4), 1), ((16, 8), 4)])
+def test_gluon_decode_bitwise(kt, monkeypatch, heads, q_len):
+    """Decode (and verify) chunks by the Gluon kernel's one-partition form (GLUON_DECODE): output and LSE
+    bitwise == the Triton decode kernels' (decode_pairs_kernel at B 64), 64 sequences whose KV lengths run from
+    one token to several splits, ending mid-block and on block and split edges, pages of 64 in random order and
+    every slot no sequence owns NaN."""
+    from miles_kernels._triton import gluon_attention as GA
+    from miles_kernels._triton import paged_attention as A
+
+    if torch.cuda.get_device_capability() != (9, 0) or not GA.usable():
+        pytest.skip("the Gluon kernels run on sm_90 with the Triton releases in GA.TESTED_TRITON")
+    g = _gen(13)
+    (H, K), D, page, B = heads, 128, 64, 64
+    kv_lens = [max(q_len, n) for n in (1, 2, 63, 64, 65, 129, 256, 257, 300, 511, 512, 513, 700, 1000)]
+    kv_lens = (kv_lens * (B // len(kv_lens) + 1))[:B]
+    n_pages = sum(-(-kv // page) for kv in kv_lens) + 3
+    order = torch.randperm(n_pages, generator=torch.Generator().manual_seed(5)).tolist()
+    kc = torch.full((n_pages, page, K, D), float("nan"), dtype=torch.bfloat16, device="cuda")
+    vc = kc.clone()
+    width = max(-(-kv // page) for kv in kv_lens)
+    table = torch.zeros(B, width, dtype=torch.int32)
+    for b, kv in enumerate(kv_lens):
+        pages = [order.pop() for _ in range(-(-kv // page))]
+        table[b, : len(pages)] = torch.tensor(pages)
+        pos = torch.arange(kv)
+        pg = torch.tensor(pages)[pos // page].cuda()
+        kc[pg, (pos % page).cuda()] = _randn(kv, K, D, dtype=torch.bfloat16, g=g)
+        vc[pg, (pos % page).cuda()] = _randn(kv, K, D, dtype=torch.bfloat16, g=g)
+    T = B * q_len
+    q = _randn(T, H, D, dtype=torch.bfloat16, g=g)
+    cu = torch.arange(0, T + 1, q_len, dtype=torch.int32, device="cuda")
+    kv = torch.tensor(kv_lens, dtype=torch.int32, device="cuda")
+    bt, scale = table.cuda(), D**-0.5
+    calls = []
+    real = GA.paged_attention_fwd
+    monkeypatch.setattr(GA, "paged_attention_fwd", lambda *a: calls.append(a[-1]) or real(*a))
+    monkeypatch.setattr(A, "GLUON_DECODE", True)
+    lse_g = torch.full((H, T), float("nan"), device="cuda")
+    out_g = kt.attention(q, kc, vc, cu, kv, bt, q_len, scale, lse_HT=lse_g)
+    assert calls == [True], f"decode did not take the Gluon kernel's one-partition form: {calls}"
+    monkeypatch.setattr(A, "GLUON_DECODE", False)
+    lse_t = torch.full((H, T), float("nan"), device="cuda")
+    out_t = kt.attention(q, kc, vc, cu, kv, bt, q_len, scale, lse_HT=lse_t)
+    assert calls == [True], "GLUON_DECODE off still took the Gluon kernel"
+    assert not out_t.isnan().any(), "the Triton decode read a stale NaN slot"
+    _same(out_g, out_t, "Gluon decode vs Triton")
+    _same(lse_g, lse_t, "Gluon decode LSE vs Triton")

@@ -115,6 +115,12 @@ GLUON_FWD = True
 # (kernel_ops.py): 8B L=16384 page 64 4.49 ms against the paged Triton kernel's 5.70, SDPA's default
 # (cuDNN) 3.54.
 GLUON_PAGED = True
+# Decode chunks (the short walk) by the same Gluon kernel in its one-partition form (gluon_attention._fwd_kernel,
+# 64 rows, 4 warps issuing each ring slot's TMA loads STAGES blocks ahead), where decode_pairs_kernel's pipeliner
+# issues the next block's copies after the block's arithmetic and drains them at the loop's head (ncu, H100
+# fifty-sixth run: 32% of the stall samples). The same bits (the Gluon kernel's 1-token chunks are bit-tested).
+# Off until timed against the Triton decode (attn_sweep.py --pairs, `gl`); MILES_GLUON_DECODE=1 turns it on.
+GLUON_DECODE = launch._switch("MILES_GLUON_DECODE", "0", "decode attention by the Gluon kernel")
 
 
 @triton.jit
@@ -430,12 +436,14 @@ def attention(
     bt = block_table_BP.to(torch.int32).contiguous()
     n_splits = triton.cdiv(bt.shape[1] * S, KV_SPLIT)  # host-known upper bound: no sync, graph-safe
     walk = "decode" if _short(max_q_len, q_THD.dtype, H // K) else "prefill"
-    if walk == "prefill" and GLUON_PAGED and ROW_SUM == "fixed" and q_THD.is_cuda and T and B:
+    gluon = GLUON_PAGED if walk == "prefill" else GLUON_DECODE
+    if gluon and ROW_SUM == "fixed" and q_THD.is_cuda and T and B:
         ga = gluon_module("gluon_attention")
         if ga is not None and ga.paged_supported(q_THD, k_cache_PSKD, v_cache_PSKD, KV_BLOCK):
             _check_scale(scale)
             return ga.paged_attention_fwd(q_THD, k_cache_PSKD, v_cache_PSKD, cu_seqlens_q_B1, kv_lens_B, bt,
-                                          max(int(max_q_len), 1), scale * _LOG2E, lse_HT, KV_BLOCK, KV_SPLIT)
+                                          max(int(max_q_len), 1), scale * _LOG2E, lse_HT, KV_BLOCK, KV_SPLIT,
+                                          walk == "decode")
     return _launch(q_THD, k_cache_PSKD, v_cache_PSKD, cu_seqlens_q_B1, kv_lens_B.to(torch.int32).contiguous(), bt,
                    max_q_len, scale, lse_HT, S, n_splits, (k_cache_PSKD.stride(0), v_cache_PSKD.stride(0)),
                    _kv_descriptors(k_cache_PSKD, v_cache_PSKD, PAGED_KV_TMA[walk] and S % KV_BLOCK == 0))
