@@ -49,9 +49,14 @@ def test_fold_probe_arguments_are_checked(bench_refusal):
 
 
 def test_ablate_probe_arguments_are_checked(bench_refusal):
-    """Malformed shapes and unknown variants are refused by name."""
+    """Malformed shapes, unknown models and unknown variants are refused by name (the shapes and models by
+    split_probe's parse_shapes / check_models, which fold_probe and step_peer share)."""
     assert "write BxCTX" in bench_refusal("ablate_probe", "--shapes", "64by256")
+    assert "write BxCTX" in bench_refusal("ablate_probe", "--shapes", "64x256x2")
     assert "must be positive" in bench_refusal("ablate_probe", "--shapes", "0x256")
+    assert "must be positive" in bench_refusal("fold_probe", "--shapes", "64x0")
+    msg = bench_refusal("ablate_probe", "--model", "qwen9")
+    assert "--model ['qwen9']" in msg and "qwen3-0.6b" in msg
     msg = bench_refusal("ablate_probe", "--variants", "no_sampler")
     assert "no_sampler" in msg and "stub_norms" in msg
 

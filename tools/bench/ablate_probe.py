@@ -134,24 +134,19 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=7)
     ap.add_argument("--out", default="ablate_probe.json")
     a = ap.parse_args()
-    try:
-        shapes = [tuple(int(v) for v in s.lower().split("x")) for s in a.shapes]
-    except ValueError:
-        raise SystemExit(f"ablate_probe: --shapes {a.shapes}: write BxCTX, e.g. 64x256") from None
-    if any(b < 1 or c < 1 for b, c in shapes):
-        raise SystemExit(f"ablate_probe: --shapes {a.shapes}: batch and context must be positive")
+    from split_probe import check_models, parse_shapes
+
+    shapes = parse_shapes("ablate_probe", a.shapes)
+    check_models("ablate_probe", a.model)
     bad = [v for v in a.variants if v not in VARIANTS]
     if bad:
         raise SystemExit(f"ablate_probe: --variants {bad}: choose from {VARIANTS}")
     if not torch.cuda.is_available():
         raise SystemExit("ablate_probe: needs a CUDA GPU (it times CUDA graph replays); its patching is checked "
                          "on the CPU by tests/kernels (check_ablate_probe)")
-    from engine import SHAPES, build
+    from engine import build
     from split_probe import decode_inputs, graphed, make_forwards, time_rounds
 
-    unknown = [m for m in a.model if m not in SHAPES]
-    if unknown:
-        raise SystemExit(f"ablate_probe: --model {unknown}: choose from {sorted(SHAPES)}")
     variants = ["shipped"] + [v for v in a.variants if v != "shipped"]
     rows = []
     for name in a.model:

@@ -229,11 +229,11 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=7)
     ap.add_argument("--out", default="fold_probe.json")
     a = ap.parse_args()
-    try:
-        shapes = [tuple(int(v) for v in s.lower().split("x")) for s in a.shapes]
-    except ValueError:
-        raise SystemExit(f"fold_probe: --shapes {a.shapes}: write BxCTX, e.g. 64x256") from None
-    if any(b > MAX_M or b < 1 for b, _ in shapes):
+    from split_probe import check_models, parse_shapes
+
+    shapes = parse_shapes("fold_probe", a.shapes)
+    check_models("fold_probe", a.model)
+    if any(b > MAX_M for b, _ in shapes):
         raise SystemExit(f"fold_probe: --shapes {a.shapes}: the batch must be 1..{MAX_M} (partials are for decode)")
     if any(c % 64 or c <= 0 for c in a.chunk) or any(bn not in (16, 32, 64, 128) for bn in a.block_n):
         raise SystemExit(f"fold_probe: --chunk {a.chunk} must be multiples of 64; --block-n {a.block_n} of "
@@ -241,12 +241,9 @@ def main() -> None:
     if not torch.cuda.is_available():
         raise SystemExit("fold_probe: needs a CUDA GPU (it times CUDA graph replays); its kernels are checked "
                          "on the CPU by tests/kernels (check_fold_probe)")
-    from engine import SHAPES, build
+    from engine import build
     from split_probe import decode_inputs, graphed, make_forwards, time_rounds
 
-    unknown = [m for m in a.model if m not in SHAPES]
-    if unknown:
-        raise SystemExit(f"fold_probe: --model {unknown}: choose from {sorted(SHAPES)}")
     rows = []
     for name in a.model:
         model = build(name)

@@ -39,6 +39,27 @@ from engine import SHAPES, build  # noqa: E402
 from miles_fsdp.graph_capture import capture_graph  # noqa: E402
 
 
+def parse_shapes(tool: str, shapes: list[str]) -> list[tuple[int, int]]:
+    """A decode probe's --shapes (BxCTX) as (batch, context) pairs; a malformed or non-positive one refused,
+    the tool named."""
+    try:
+        out = [tuple(int(v) for v in s.lower().split("x")) for s in shapes]
+    except ValueError:
+        out = []
+    if len(out) != len(shapes) or any(len(s) != 2 for s in out):
+        raise SystemExit(f"{tool}: --shapes {shapes}: write BxCTX, e.g. 64x256")
+    if any(min(s) < 1 for s in out):
+        raise SystemExit(f"{tool}: --shapes {shapes}: batch and context must be positive (BxCTX, e.g. 64x256)")
+    return out
+
+
+def check_models(tool: str, models: list[str]) -> None:
+    """Refuse a --model that engine.SHAPES does not know, naming the tool and the choices."""
+    unknown = [m for m in models if m not in SHAPES]
+    if unknown:
+        raise SystemExit(f"{tool}: --model {unknown}: choose from {sorted(SHAPES)}")
+
+
 def decode_inputs(model, batch: int, ctx: int, page: int, seed: int = 0):
     """ids, pos, slot, kv_lens, table, caches: every sequence holds ctx tokens and decodes one more
     (its K/V written at position ctx); pages handed out in a shuffled order, page 0 left as scratch."""

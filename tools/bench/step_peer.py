@@ -31,7 +31,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from engine import SHAPES, build, hbm_bandwidth  # noqa: E402
-from split_probe import decode_inputs, graphed, make_forwards, time_rounds  # noqa: E402
+from split_probe import decode_inputs, graphed, make_forwards, parse_shapes, time_rounds  # noqa: E402
 
 
 def torch_step(args, batch: int, ctx: int, dev: str = "cuda"):
@@ -110,10 +110,7 @@ def main() -> None:
         raise SystemExit(f"step_peer: --profile {a.profile}: give a count of replays >= 1 (0, the default, is off)")
     if not torch.cuda.is_available():
         raise SystemExit("step_peer: needs a CUDA GPU (it times CUDA graph replays)")
-    try:
-        shapes = [tuple(int(v) for v in s.lower().split("x")) for s in a.shapes]
-    except ValueError:
-        raise SystemExit(f"step_peer: --shapes {a.shapes}: write BxCTX, e.g. 64x256") from None
+    shapes = parse_shapes("step_peer", a.shapes)
     bw = hbm_bandwidth()
     rows = []
     print(f"HBM copy {bw / 1e9:.0f} GB/s\n{'model':<11} {'B':>4} {'ctx':>5} {'ours us':>8} {'torch us':>9} "
