@@ -58,9 +58,11 @@
 #   pairs      (not in the default list) decode attention with one and two (sequence, kv head) pairs a program
 #              (paged_attention.DECODE_PAIRS; attn_sweep.py --pairs: us, bits, SDPA beside), then the engine's quick
 #              rows with two pairs (as shipped, at 512-1,023 pairs) and with one (with_tiles --decode-pairs on / off)
-#   gldecode   (not in the default list) decode attention by the Gluon kernel (paged_attention.GLUON_DECODE, off as
-#              shipped): its bits test, attn_sweep.py --pairs (`gl` beside the Triton decode), then step_peer.py at
-#              0.6B and 8B b64 / b256 ctx 256 with MILES_GLUON_DECODE off / on, by turns, twice
+#   decodeab   (not in the default list) two decode attention forms, off as shipped: the Gluon kernel
+#              (paged_attention.GLUON_DECODE) and decode_pairs_kernel with its pages read a step ahead at 3 stages
+#              (DECODE_PAGE_AHEAD): their bits tests, attn_sweep.py --pairs (`gl`, `2pP3s`, `2pP4s` beside the
+#              shipped decode), then step_peer.py at 0.6B and 8B b64 / b256 ctx 256 as shipped, with
+#              MILES_DECODE_PAGE_AHEAD=1 and with MILES_GLUON_DECODE=1, by turns, twice
 #   pdlrows    (not in the default list) PDL's row limits (launch.PDL_MAX_ROWS 64, PDL_NORM_MAX_ROWS 256 as shipped):
 #              the PDL GPU tests (b64; b256 with PDL_TMA: on == off == the recompute), then step_peer.py at 0.6B and
 #              8B, b64 / b128 / b256 ctx 256, and the engine's quick rows, each as shipped (`64`), with the norms at 64
@@ -263,12 +265,12 @@ for step in $steps; do
                    run engine_pairs_$o timeout -s KILL 120 python3 tools/bench/with_tiles.py --decode-pairs $o -- \
                        tools/bench/engine.py --quick --only engine --out "$out/engine_pairs_$o.json"
                done ;;
-        gldecode) run gluon_decode_test timeout -s KILL 200 python3 -m pytest -q -o addopts="" \
-                      tests/gpu/test_attention_gpu.py -k gluon_decode
+        decodeab) run decode_forms_test timeout -s KILL 200 python3 -m pytest -q -o addopts="" \
+                      tests/gpu/test_attention_gpu.py -k decode_forms
                   run attn_pairs timeout -s KILL 150 python3 tools/bench/attn_sweep.py "$out/attn_pairs.json" --pairs
-                  for i in 1 2; do for v in 0 1; do
-                      run step_gl${v}_$i timeout -s KILL 90 env MILES_GLUON_DECODE=$v python3 tools/bench/step_peer.py \
-                          --model qwen3-0.6b qwen3-8b --shapes 64x256 256x256 --rounds 5 --out "$out/step_gl${v}_$i.json"
+                  for i in 1 2; do for v in shipped MILES_DECODE_PAGE_AHEAD MILES_GLUON_DECODE; do  # shipped=1: no switch
+                      run step_${v}_$i timeout -s KILL 90 env "$v=1" python3 tools/bench/step_peer.py \
+                          --model qwen3-0.6b qwen3-8b --shapes 64x256 256x256 --rounds 5 --out "$out/step_${v}_$i.json"
                   done; done ;;
         pdlrows) run pdl_tests timeout -s KILL 300 python3 -m pytest -q -o addopts="" tests/gpu/test_engine_gpu.py -k pdl
                  for i in 1 2; do for v in 64 norm64 all off; do  # by turns

@@ -321,15 +321,17 @@ def test_gluon_paged_prefill_bitwise(kt, monkeypatch, heads, D, dtype, page):
 
 
 @pytest.mark.parametrize("heads,q_len", [((16, 8), 1), ((32, 8), 1), ((12, 4), 1), ((16, 8), 4)])
-def test_gluon_decode_bitwise(kt, monkeypatch, heads, q_len):
-    """Decode (and verify) chunks by the Gluon kernel's one-partition form (GLUON_DECODE): output and LSE
-    bitwise == the Triton decode kernels' (decode_pairs_kernel at B 64), 64 sequences whose KV lengths run from
-    one token to several splits, ending mid-block and on block and split edges, pages of 64 in random order and
-    every slot no sequence owns NaN."""
+@pytest.mark.parametrize("form", ["gluon", "page_ahead"])
+def test_decode_forms_bitwise(kt, monkeypatch, form, heads, q_len):
+    """Decode (and verify) chunks by the Gluon kernel's one-partition form (GLUON_DECODE) or by decode_pairs_kernel
+    with each step's page read a step ahead at 3 stages (DECODE_PAGE_AHEAD): output and LSE bitwise == the shipped
+    Triton decode (decode_pairs_kernel at B 64), 64 sequences whose KV lengths run from one token to several
+    splits, ending mid-block and on block and split edges, pages of 64 in random order and every slot no sequence
+    owns NaN."""
     from miles_kernels._triton import gluon_attention as GA
     from miles_kernels._triton import paged_attention as A
 
-    if torch.cuda.get_device_capability() != (9, 0) or not GA.usable():
+    if form == "gluon" and (torch.cuda.get_device_capability() != (9, 0) or not GA.usable()):
         pytest.skip("the Gluon kernels run on sm_90 with the Triton releases in GA.TESTED_TRITON")
     g = _gen(13)
     (H, K), D, page, B = heads, 128, 64, 64
@@ -354,16 +356,28 @@ def test_gluon_decode_bitwise(kt, monkeypatch, heads, q_len):
     kv = torch.tensor(kv_lens, dtype=torch.int32, device="cuda")
     bt, scale = table.cuda(), D**-0.5
     calls = []
-    real = GA.paged_attention_fwd
-    monkeypatch.setattr(GA, "paged_attention_fwd", lambda *a: calls.append(a[-1]) or real(*a))
-    monkeypatch.setattr(A, "GLUON_DECODE", True)
-    lse_g = torch.full((H, T), float("nan"), device="cuda")
-    out_g = kt.attention(q, kc, vc, cu, kv, bt, q_len, scale, lse_HT=lse_g)
-    assert calls == [True], f"decode did not take the Gluon kernel's one-partition form: {calls}"
-    monkeypatch.setattr(A, "GLUON_DECODE", False)
+    if form == "gluon":
+        real = GA.paged_attention_fwd
+        monkeypatch.setattr(GA, "paged_attention_fwd", lambda *a: calls.append(a[-1]) or real(*a))
+    else:  # every head shape through decode_pairs_kernel (the check_attention_decode_pairs settings)
+        for name, value in (("WALK", "one"), ("DECODE_PROGRAMS", 1), ("DECODE_PAIRS_MIN", 1),
+                            ("DECODE_PAIRS_MAX", 1 << 30)):
+            monkeypatch.setattr(A, name, value)
+        real_kernel = A.decode_pairs_kernel
+
+        class Spy:  # records PAGE_AHEAD of each decode_pairs_kernel launch
+            def __getitem__(self, grid):
+                return lambda *a, **kw: calls.append(kw["PAGE_AHEAD"]) or real_kernel[grid](*a, **kw)
+        monkeypatch.setattr(A, "decode_pairs_kernel", Spy())
+    switch = "GLUON_DECODE" if form == "gluon" else "DECODE_PAGE_AHEAD"
+    monkeypatch.setattr(A, switch, True)
+    lse_n = torch.full((H, T), float("nan"), device="cuda")
+    out_n = kt.attention(q, kc, vc, cu, kv, bt, q_len, scale, lse_HT=lse_n)
+    assert calls[:1] == [True], f"{switch} on did not take its form: {calls}"
+    monkeypatch.setattr(A, switch, False)
     lse_t = torch.full((H, T), float("nan"), device="cuda")
     out_t = kt.attention(q, kc, vc, cu, kv, bt, q_len, scale, lse_HT=lse_t)
-    assert calls == [True], "GLUON_DECODE off still took the Gluon kernel"
+    assert True not in calls[1:], f"{switch} off still took its form: {calls}"
     assert not out_t.isnan().any(), "the Triton decode read a stale NaN slot"
-    _same(out_g, out_t, "Gluon decode vs Triton")
-    _same(lse_g, lse_t, "Gluon decode LSE vs Triton")
+    _same(out_n, out_t, f"decode by {form} vs the shipped Triton decode")
+    _same(lse_n, lse_t, f"decode LSE by {form} vs the shipped Triton decode")

@@ -212,14 +212,15 @@ def test_every_pdl_kernel_waits_before_its_first_memory_access():
 
 
 SWITCHES = [("MILES_PDL", "launch", "PDL", "True"), ("MILES_PDL_TMA", "launch", "PDL_TMA", "True"),
-            ("MILES_GLUON_DECODE", "paged_attention", "GLUON_DECODE", "False")]
+            ("MILES_GLUON_DECODE", "paged_attention", "GLUON_DECODE", "False"),
+            ("MILES_DECODE_PAGE_AHEAD", "paged_attention", "DECODE_PAGE_AHEAD", "False")]
 
 
 @pytest.mark.parametrize("name,module,attr,shipped", SWITCHES)
 def test_switch_environment_values_are_honoured_or_refused(name, module, attr, shipped):
-    """MILES_PDL (PDL, on as shipped), MILES_PDL_TMA (the TMA linears' PDL, on as shipped) and MILES_GLUON_DECODE
-    (decode attention by the Gluon kernel, off as shipped): 1 on, 0 off, unset the shipped value, anything else
-    refused with the variable named."""
+    """MILES_PDL (PDL, on as shipped), MILES_PDL_TMA (the TMA linears' PDL, on as shipped), MILES_GLUON_DECODE
+    (decode attention by the Gluon kernel) and MILES_DECODE_PAGE_AHEAD (decode pages read a step ahead), both off
+    as shipped: 1 on, 0 off, unset the shipped value, anything else refused with the variable named."""
     import os
     import subprocess
     import sys

@@ -18,6 +18,7 @@ split dK/dV tile: 332 B here, 82 B there): compare tiles or versions, not with t
 
 import argparse
 import collections
+import inspect
 import os
 import re
 import subprocess
@@ -58,6 +59,8 @@ def compile_one(name: str, tile: tuple, ptx_dir: str = "") -> dict:
     fn = getattr(fn, "fn", fn)  # FastKernel -> the JITFunction
     names = [p.name for p in fn.params]
     consts = {k: v for k, v in consts.items() if k in names}
+    consts.update({p.name: p.default for p in fn.params  # constexprs left at their defaults (USE_GDC, ...)
+                   if p.is_constexpr and p.name not in consts and p.default is not inspect.Parameter.empty})
     sig = {}
     for n in names:
         if n in consts:

@@ -23,13 +23,21 @@ def _kv_load_t(j, kv_pos, ok, k_ptr, v_ptr, bt_row_ptr, kvh, offs, ds, stride_kp
                stride_vs, stride_vk, PAGE: tl.constexpr, ATTN_BLK: tl.constexpr, MASK: tl.constexpr):
     """K [ATTN_BLK, BLOCK_D] and V^T of KV block j by pointers (zeros past kv_len)."""
     if PAGE % ATTN_BLK == 0:  # the block lies in one page
-        page = tl.load(bt_row_ptr + (j * ATTN_BLK) // PAGE).to(tl.int64)
+        page = tl.load(bt_row_ptr + (j * ATTN_BLK) // PAGE)
         slot = (j * ATTN_BLK) % PAGE + offs
     else:  # the block spans pages: gather each token's page
-        page = tl.load(bt_row_ptr + kv_pos // PAGE, mask=ok, other=0).to(tl.int64)
+        page = tl.load(bt_row_ptr + kv_pos // PAGE, mask=ok, other=0)
         slot = kv_pos % PAGE
-    k_off = page * stride_kp + slot * stride_ks
-    v_off = page * stride_vp + slot * stride_vs
+    return _kv_slots_t(page, slot, ok, k_ptr, v_ptr, kvh, ds, stride_kp, stride_ks, stride_kk, stride_vp, stride_vs,
+                       stride_vk, MASK)
+
+
+@triton.jit
+def _kv_slots_t(page, slot, ok, k_ptr, v_ptr, kvh, ds, stride_kp, stride_ks, stride_kk, stride_vp, stride_vs,
+                stride_vk, MASK: tl.constexpr):
+    """K and V^T of the tokens at (page, slot) of kv head kvh (zeros where not ok, under MASK)."""
+    k_off = page.to(tl.int64) * stride_kp + slot * stride_ks
+    v_off = page.to(tl.int64) * stride_vp + slot * stride_vs
     if MASK:
         k = tl.load(k_ptr + kvh * stride_kk + k_off[:, None] + ds[None, :], mask=ok[:, None], other=0.0)
         vT = tl.load(v_ptr + kvh * stride_vk + v_off[None, :] + ds[:, None], mask=ok[None, :], other=0.0)
@@ -55,6 +63,13 @@ def _kv_block_t(
     else:
         k, vT = _kv_load_t(j, kv_pos, ok, k_ptr, v_ptr, bt_row_ptr, kvh, offs, ds,
                            stride_kp, stride_ks, stride_kk, stride_vp, stride_vs, stride_vk, PAGE, ATTN_BLK, MASK)
+    return _kv_step_t(qT, m, l, accT, k, vT, kv_pos, ok, pos, qk_scale, one, PRECISION, MASK, L_SUM)
+
+
+@triton.jit
+def _kv_step_t(qT, m, l, accT, k, vT, kv_pos, ok, pos, qk_scale, one, PRECISION: tl.constexpr, MASK: tl.constexpr,
+               L_SUM: tl.constexpr):
+    """_kv_block_t's arithmetic on a loaded block (k [ATTN_BLK, BLOCK_D], vT [BLOCK_D, ATTN_BLK])."""
     qk = tl.dot(k, qT, input_precision=PRECISION)  # [ATTN_BLK, ROWS]
     if MASK:
         keep = (kv_pos[:, None] <= pos[None, :]) & ok[:, None]
@@ -260,6 +275,15 @@ def _store_t(o_ptr, lse_ptr, m, l, accT, t_idx, head, row_ok, stride_ot, stride_
         tl.store(lse_ptr + head.to(tl.int64) * stride_lh + t_idx, (m + tl.log2(l)) * LN2, mask=row_ok)
 
 
+@triton.jit
+def _step_page(it, nA, nB, bA, bB, bt_ptr, stride_bt, PAGE: tl.constexpr, ATTN_BLK: tl.constexpr):
+    """The page of decode_pairs_kernel's step `it` (pair A's blocks, then pair B's; past the last step, the
+    page of block 0 of a row, which every row has). Blocks inside one page (PAGE % ATTN_BLK == 0)."""
+    second = it >= nA
+    j = tl.where(it < nA + nB, tl.where(second, it - nA, it), 0)
+    return tl.load(bt_ptr + tl.where(second, bB, bA).to(tl.int64) * stride_bt + (j * ATTN_BLK) // PAGE)
+
+
 @fast_launch
 @triton.jit
 def decode_pairs_kernel(
@@ -268,7 +292,7 @@ def decode_pairs_kernel(
     stride_kp, stride_ks, stride_kk, stride_vp, stride_vs, stride_vk, stride_bt,
     G: tl.constexpr, G_PAD: tl.constexpr, ROWS: tl.constexpr, BLOCK_D: tl.constexpr, PAGE: tl.constexpr,
     ATTN_BLK: tl.constexpr, SPLIT_BLOCKS: tl.constexpr, PRECISION: tl.constexpr, STORE_LSE: tl.constexpr,
-    L_SUM: tl.constexpr, TMA: tl.constexpr, USE_GDC: tl.constexpr = False,
+    L_SUM: tl.constexpr, TMA: tl.constexpr, USE_GDC: tl.constexpr = False, PAGE_AHEAD: tl.constexpr = False,
 ):
     """decode_kernel's one-loop walk (no split programs) over pairs 2 p and 2 p + 1 in one loop: each
     pair's blocks, splits and merges as _walk_t walks them (every block through the masked step,
@@ -277,7 +301,9 @@ def decode_pairs_kernel(
     Both pairs are stored after the loop, and the queries are loaded each block (held in registers
     for both pairs and picked a block, they gave wrong rows and illegal addresses on the H100 from
     256 programs; forty-first run). USE_GDC (PDL, gdc.py): the kernel before waited for first, the
-    next released after the walk."""
+    next released after the walk. PAGE_AHEAD (pointers, blocks inside one page): each step's page read a
+    step ahead, so no load inside the loop feeds the K / V addresses and the pipeliner can issue the K / V
+    copies a step ahead (the block-table load otherwise takes a stage of its own; fifty-sixth session)."""
     gdc_wait(USE_GDC)
     bk = tl.program_id(0) * 2
     bA, hA, kvA, nA, posA, tA, headA, okA = _pair_rows(bk, n_pairs, cu_ptr, kv_lens_ptr, n_kv_heads, G, G_PAD,
@@ -292,6 +318,8 @@ def decode_pairs_kernel(
     offs = tl.arange(0, ATTN_BLK)
     ds = tl.arange(0, BLOCK_D)
     one = tl.where((tl.arange(0, 64)[:, None] == 0) & (offs[None, :] >= 0), 1.0, 0.0).to(q_ptr.dtype.element_ty)
+    if PAGE_AHEAD:
+        page_next = _step_page(0, nA, nB, bA, bB, bt_ptr, stride_bt, PAGE, ATTN_BLK)
     for it in range(0, nA + nB):
         second = it >= nA
         j = tl.where(second, it - nA, it)
@@ -299,10 +327,21 @@ def decode_pairs_kernel(
         bt_row_ptr = bt_ptr + tl.where(second, bB, bA).to(tl.int64) * stride_bt
         qT = tl.load(q_ptr + tl.where(second, tB, tA)[None, :] * stride_qt + tl.where(second, headB, headA)[None, :]
                      * stride_qh + ds[:, None], mask=tl.where(second, okB, okA)[None, :], other=0.0)  # a load a block
-        m_s, l_s, acc_s = _kv_block_t(qT, m_s, l_s, acc_s, j, tl.where(second, posB, posA),
-                                      tl.where(second, kvB, kvA), k_ptr, v_ptr, bt_row_ptr, tl.where(second, hB, hA),
-                                      qk_scale, offs, ds, one, stride_kp, stride_ks, stride_kk, stride_vp, stride_vs,
-                                      stride_vk, PAGE, ATTN_BLK, PRECISION, True, L_SUM, BLOCK_D, TMA)
+        if PAGE_AHEAD:
+            page = page_next
+            page_next = _step_page(it + 1, nA, nB, bA, bB, bt_ptr, stride_bt, PAGE, ATTN_BLK)
+            kv_pos = j * ATTN_BLK + offs
+            ok = kv_pos < tl.where(second, kvB, kvA)
+            k, vT = _kv_slots_t(page, (j * ATTN_BLK) % PAGE + offs, ok, k_ptr, v_ptr, tl.where(second, hB, hA), ds,
+                                stride_kp, stride_ks, stride_kk, stride_vp, stride_vs, stride_vk, True)
+            m_s, l_s, acc_s = _kv_step_t(qT, m_s, l_s, acc_s, k, vT, kv_pos, ok, tl.where(second, posB, posA),
+                                         qk_scale, one, PRECISION, True, L_SUM)
+        else:
+            m_s, l_s, acc_s = _kv_block_t(qT, m_s, l_s, acc_s, j, tl.where(second, posB, posA),
+                                          tl.where(second, kvB, kvA), k_ptr, v_ptr, bt_row_ptr,
+                                          tl.where(second, hB, hA), qk_scale, offs, ds, one, stride_kp, stride_ks,
+                                          stride_kk, stride_vp, stride_vs, stride_vk, PAGE, ATTN_BLK, PRECISION, True,
+                                          L_SUM, BLOCK_D, TMA)
         if ((j + 1) % SPLIT_BLOCKS == 0) | (j == n - 1):  # a split's end, or the pair's (_walk_t's last merge)
             m, l, accT, m_s, l_s, acc_s = _end_split_t(m, l, accT, m_s, l_s, acc_s)
         if it == nA - 1:  # the first pair's state kept, the second's started as _walk_t starts one

@@ -95,6 +95,13 @@ WALK_SWAPPED_MIN_PAIRS = 512
 DECODE_PAIRS = 2
 DECODE_PAIRS_MIN = 512
 DECODE_PAIRS_MAX = 1024
+# decode_pairs_kernel with each step's page read a step ahead (PAGE_AHEAD; pointers, pages of whole KV blocks),
+# launched at 3 stages: the block-table load then no longer takes a pipeline stage, so the K / V copies run a full
+# step ahead with three buffers (112,896 B shared, two programs an SM) where today's are issued after a block's
+# arithmetic and drained at the loop's head (SASS compiled offline with triton 3.6, fifty-sixth session; ncu on the
+# H100: 32% of the stall samples there). The same bits. Off until timed (gpu_checks.sh decodeab; attn_sweep.py
+# --pairs, `2pP3s`); MILES_DECODE_PAGE_AHEAD=1 turns it on.
+DECODE_PAGE_AHEAD = launch._switch("MILES_DECODE_PAGE_AHEAD", "0", "decode pages read a step ahead")
 _LOG2E = 1.4426950408889634
 # K/V read by TMA tensor descriptors instead of pointers (same values, same bits; D a power of
 # two, 16-byte aligned rows; on CUDA 16-bit dtypes): packed K/V (training: measured 2-4% faster,
@@ -119,7 +126,7 @@ GLUON_PAGED = True
 # 64 rows, 4 warps issuing each ring slot's TMA loads STAGES blocks ahead), where decode_pairs_kernel's pipeliner
 # issues the next block's copies after the block's arithmetic and drains them at the loop's head (ncu, H100
 # fifty-sixth run: 32% of the stall samples). The same bits (the Gluon kernel's 1-token chunks are bit-tested).
-# Off until timed against the Triton decode (attn_sweep.py --pairs, `gl`); MILES_GLUON_DECODE=1 turns it on.
+# Off until timed against the Triton decode (gpu_checks.sh decodeab; attn_sweep.py --pairs, `gl`); MILES_GLUON_DECODE=1.
 GLUON_DECODE = launch._switch("MILES_GLUON_DECODE", "0", "decode attention by the Gluon kernel")
 
 
@@ -593,7 +600,8 @@ def _launch(q_THD, k4, v4, cu_seqlens, kv_lens, bt, max_q_len: int, scale: float
         one_loop = _one_loop(True, B * K)
         opts = _swapped_launch(B * K, one_loop and not split_parallel)
         if one_loop and not split_parallel and _decode_pairs(B * K) == 2:
-            opts = opts if _SWAPPED_LAUNCH is not None else dict(num_warps=4, num_stages=2)
+            page_ahead = DECODE_PAGE_AHEAD and kv_descs is None and page % KV_BLOCK == 0
+            opts = opts if _SWAPPED_LAUNCH is not None else dict(num_warps=4, num_stages=3 if page_ahead else 2)
             decode_pairs_kernel[(triton.cdiv(B * K, 2),)](
                 q_THD, *kv, o_THD, lse, cu, kv_lens, bt, scale * _LOG2E, K, B * K,
                 q_THD.stride(0), q_THD.stride(1), o_THD.stride(0), o_THD.stride(1), lse.stride(0),
@@ -601,7 +609,8 @@ def _launch(q_THD, k4, v4, cu_seqlens, kv_lens, bt, max_q_len: int, scale: float
                 G=G, G_PAD=g_pad, ROWS=max(16, triton.next_power_of_2(max_q_len * g_pad)), BLOCK_D=block_d, PAGE=page,
                 ATTN_BLK=KV_BLOCK, SPLIT_BLOCKS=KV_SPLIT // KV_BLOCK,
                 PRECISION="ieee" if q_THD.dtype == torch.float32 else "tf32", STORE_LSE=lse_HT is not None,
-                L_SUM=ROW_SUM, TMA=kv_descs is not None, USE_GDC=launch.gdc_rows(q_THD, B), **opts,
+                L_SUM=ROW_SUM, TMA=kv_descs is not None, USE_GDC=launch.gdc_rows(q_THD, B), PAGE_AHEAD=page_ahead,
+                **opts,
             )
             return o_THD
         decode_kernel[(B * K, split_programs if split_parallel else 1)](
