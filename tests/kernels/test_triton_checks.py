@@ -1376,7 +1376,8 @@ def check_attention_decode_pairs() -> None:
     == one pair a program, output and LSE bitwise, and == the prefill's rows: decode rows over several
     splits and pages, verify chunks, an empty chunk, an odd count of pairs (the last program's second
     pair absent), the caches read by TMA too, and with each step's page read a step ahead (DECODE_PAGE_AHEAD, at
-    3 stages); half the programs launched; DECODE_PAIRS 3 refused."""
+    3 stages: decode_pairs_kernel and decode_kernel's one-loop walk); half the programs launched; DECODE_PAIRS 3
+    refused."""
     from miles_kernels._triton import paged_attention as attn_mod
 
     kt = _kt()
@@ -1406,7 +1407,8 @@ def check_attention_decode_pairs() -> None:
                 bt = bt1.expand(len(chunks), -1).contiguous()
                 got = {}
                 # TMA: the caches read by descriptors; ahead: pages read a step ahead (pointers only)
-                for pairs, tma, ahead in ((1, False, False), (2, False, False), (2, True, False), (2, False, True)):
+                for pairs, tma, ahead in ((1, False, False), (1, False, True), (2, False, False), (2, True, False),
+                                          (2, False, True)):
                     attn_mod.DECODE_PAIRS, attn_mod.PAGED_KV_TMA = pairs, {"prefill": False, "decode": tma}
                     attn_mod.DECODE_PAGE_AHEAD = ahead
                     lse = torch.empty(H, len(rows))
@@ -1414,13 +1416,12 @@ def check_attention_decode_pairs() -> None:
                     out = kt.attention(q[rows], *caches, cu, kv, bt, max(n for n, _ in chunks), D**-0.5, lse_HT=lse)
                     grids = launches[pairs].grids[n0:]
                     assert [gr[0] for gr in grids] == [-(-len(chunks) * K // pairs)], (pairs, grids)
-                    if pairs == 2:
-                        kw = launches[2].kwargs[-1]
-                        assert kw["PAGE_AHEAD"] == ahead and kw["num_stages"] == (3 if ahead else 2), kw
+                    kw = launches[pairs].kwargs[-1]
+                    assert kw["PAGE_AHEAD"] == ahead and (kw["num_stages"] == 3 if ahead else True), kw
                     got[pairs, tma, ahead] = out, lse
                 what = f"H {H} K {K} chunks {chunks}"
                 ref = got[1, False, False]
-                for key in ((2, False, False), (2, True, False), (2, False, True)):
+                for key in ((1, False, True), (2, False, False), (2, True, False), (2, False, True)):
                     _same(got[key][0], ref[0], f"decode two pairs a program {key} vs one: {what}")
                     _same(got[key][1], ref[1], f"decode two pairs a program {key} vs one, LSE: {what}")
                 _same(got[2, False, True][0], full[rows], f"decode, two pairs, pages ahead, vs prefill rows: {what}")

@@ -610,12 +610,12 @@ PAIRS_SHAPES = [(32, 192), (64, 64), (64, 128), (64, 192), (64, 384), (64, 544),
 
 def pairs_sweep(path: str) -> None:
     """The swapped decode tile with one and two (sequence, kv head) pairs a program (DECODE_PAIRS, at any
-    pair count here), at 2 and 3 stages, two pairs with each step's page read a step ahead (DECODE_PAGE_AHEAD,
-    `2pP3s`, `2pP4s`), and by the Gluon kernel (GLUON_DECODE, `gl`; on sm_90 with a tested Triton), 0.6B heads
-    (and 8B's, 32 q heads): us, TB/s, bits equal to one pair a program's; SDPA over the same K/V laid out
-    contiguously the peer. Then a line fitted to the shipped launch's time at B 64 (0.6B
-    heads) at the short contexts (ctx <= 384): us a launch that no block removes (the intercept) and us per
-    64 tokens of context (the slope), and the same for SDPA."""
+    pair count here), at 2 and 3 stages, one and two pairs with each step's page read a step ahead
+    (DECODE_PAGE_AHEAD: `1pP3s`, `2pP3s`, `2pP4s`), and by the Gluon kernel (GLUON_DECODE, `gl`; on sm_90 with
+    a tested Triton), 0.6B heads (and 8B's, 32 q heads): us, TB/s, bits equal to one pair a program's; SDPA over
+    the same K/V laid out contiguously the peer. Then a line fitted to the shipped launch's time at B 64 (0.6B
+    heads) at the short contexts (ctx <= 384): us a launch that no block removes (the intercept) and us per 64
+    tokens of context (the slope), and the same for SDPA."""
     res = []
     defaults = A.DECODE_PAIRS, A.DECODE_PAIRS_MIN, A.DECODE_PAIRS_MAX, A._SWAPPED_LAUNCH, A.GLUON_DECODE, \
         A.DECODE_PAGE_AHEAD
@@ -634,10 +634,10 @@ def pairs_sweep(path: str) -> None:
                 A.DECODE_PAIRS_MIN, A.DECODE_PAIRS_MAX = 1, 1 << 30
                 same &= bool(torch.equal(run(q, kc, vc, cu, kv, bt), ref))
                 row["t"][f"{pairs}p{stages}s"] = _graph_ms(lambda: run(q, kc, vc, cu, kv, bt)) * 1e3
-        for stages in (3, 4):
-            A.DECODE_PAIRS, A._SWAPPED_LAUNCH, A.DECODE_PAGE_AHEAD = 2, (4, stages), True
+        for pairs, stages in ((1, 3), (2, 3), (2, 4)):
+            A.DECODE_PAIRS, A._SWAPPED_LAUNCH, A.DECODE_PAGE_AHEAD = pairs, (4, stages), True
             same &= bool(torch.equal(run(q, kc, vc, cu, kv, bt), ref))
-            row["t"][f"2pP{stages}s"] = _graph_ms(lambda: run(q, kc, vc, cu, kv, bt)) * 1e3
+            row["t"][f"{pairs}pP{stages}s"] = _graph_ms(lambda: run(q, kc, vc, cu, kv, bt)) * 1e3
         (A.DECODE_PAIRS, A.DECODE_PAIRS_MIN, A.DECODE_PAIRS_MAX, A._SWAPPED_LAUNCH, A.GLUON_DECODE,
          A.DECODE_PAGE_AHEAD) = defaults
         if gluon_module("gluon_attention") is not None and torch.cuda.get_device_capability() == (9, 0):

@@ -148,8 +148,10 @@ def _walk_t(
     stride_kp, stride_ks, stride_kk, stride_vp, stride_vs, stride_vk,
     ROWS: tl.constexpr, BLOCK_D: tl.constexpr, PAGE: tl.constexpr, ATTN_BLK: tl.constexpr,
     SPLIT_BLOCKS: tl.constexpr, PRECISION: tl.constexpr, L_SUM: tl.constexpr, TMA: tl.constexpr,
+    PAGE_AHEAD: tl.constexpr = False,
 ):
-    """paged_attention._walk, transposed: every split in one loop, merged at each split's end."""
+    """paged_attention._walk, transposed: every split in one loop, merged at each split's end. PAGE_AHEAD
+    (pointers, blocks inside one page): each block's page read a block ahead (decode_pairs_kernel's docstring)."""
     m = tl.full((ROWS,), float("-inf"), tl.float32)
     l = tl.zeros((ROWS,), tl.float32)
     accT = tl.zeros((BLOCK_D, ROWS), tl.float32)
@@ -158,21 +160,49 @@ def _walk_t(
     ds = tl.arange(0, BLOCK_D)
     one = tl.where((tl.arange(0, 64)[:, None] == 0) & (offs[None, :] >= 0), 1.0, 0.0).to(qT.dtype)
     full_hi = tl.minimum(tl.minimum((pos_min + 1) // ATTN_BLK, kv_len // ATTN_BLK), n_blocks)
+    if PAGE_AHEAD:
+        page_next = tl.load(bt_row_ptr)  # block 0's page (every row has one)
     for j in range(0, full_hi):
-        m_s, l_s, acc_s = _kv_block_t(qT, m_s, l_s, acc_s, j, pos, kv_len, k_ptr, v_ptr, bt_row_ptr, kvh, qk_scale,
-                                      offs, ds, one, stride_kp, stride_ks, stride_kk, stride_vp, stride_vs, stride_vk,
-                                      PAGE, ATTN_BLK, PRECISION, False, L_SUM, BLOCK_D, TMA)
+        if PAGE_AHEAD:
+            page = page_next
+            page_next = tl.load(bt_row_ptr + (tl.minimum(j + 1, n_blocks - 1) * ATTN_BLK) // PAGE)
+            m_s, l_s, acc_s = _kv_page_step_t(qT, m_s, l_s, acc_s, page, j, pos, kv_len, k_ptr, v_ptr, kvh, qk_scale,
+                                              offs, ds, one, stride_kp, stride_ks, stride_kk, stride_vp, stride_vs,
+                                              stride_vk, PAGE, ATTN_BLK, PRECISION, False, L_SUM)
+        else:
+            m_s, l_s, acc_s = _kv_block_t(qT, m_s, l_s, acc_s, j, pos, kv_len, k_ptr, v_ptr, bt_row_ptr, kvh,
+                                          qk_scale, offs, ds, one, stride_kp, stride_ks, stride_kk, stride_vp,
+                                          stride_vs, stride_vk, PAGE, ATTN_BLK, PRECISION, False, L_SUM, BLOCK_D, TMA)
         if (j + 1) % SPLIT_BLOCKS == 0:
             m, l, accT, m_s, l_s, acc_s = _end_split_t(m, l, accT, m_s, l_s, acc_s)
     for j in range(full_hi, n_blocks):
-        m_s, l_s, acc_s = _kv_block_t(qT, m_s, l_s, acc_s, j, pos, kv_len, k_ptr, v_ptr, bt_row_ptr, kvh, qk_scale,
-                                      offs, ds, one, stride_kp, stride_ks, stride_kk, stride_vp, stride_vs, stride_vk,
-                                      PAGE, ATTN_BLK, PRECISION, True, L_SUM, BLOCK_D, TMA)
+        if PAGE_AHEAD:
+            page = page_next
+            page_next = tl.load(bt_row_ptr + (tl.minimum(j + 1, n_blocks - 1) * ATTN_BLK) // PAGE)
+            m_s, l_s, acc_s = _kv_page_step_t(qT, m_s, l_s, acc_s, page, j, pos, kv_len, k_ptr, v_ptr, kvh, qk_scale,
+                                              offs, ds, one, stride_kp, stride_ks, stride_kk, stride_vp, stride_vs,
+                                              stride_vk, PAGE, ATTN_BLK, PRECISION, True, L_SUM)
+        else:
+            m_s, l_s, acc_s = _kv_block_t(qT, m_s, l_s, acc_s, j, pos, kv_len, k_ptr, v_ptr, bt_row_ptr, kvh,
+                                          qk_scale, offs, ds, one, stride_kp, stride_ks, stride_kk, stride_vp,
+                                          stride_vs, stride_vk, PAGE, ATTN_BLK, PRECISION, True, L_SUM, BLOCK_D, TMA)
         if (j + 1) % SPLIT_BLOCKS == 0:
             m, l, accT, m_s, l_s, acc_s = _end_split_t(m, l, accT, m_s, l_s, acc_s)
     if n_blocks % SPLIT_BLOCKS != 0:
         m, l, accT = _merge_t(m, l, accT, m_s, l_s, acc_s)
     return m, l, accT
+
+
+@triton.jit
+def _kv_page_step_t(qT, m, l, accT, page, j, pos, kv_len, k_ptr, v_ptr, kvh, qk_scale, offs, ds, one,
+                    stride_kp, stride_ks, stride_kk, stride_vp, stride_vs, stride_vk, PAGE: tl.constexpr,
+                    ATTN_BLK: tl.constexpr, PRECISION: tl.constexpr, MASK: tl.constexpr, L_SUM: tl.constexpr):
+    """_kv_block_t for block j inside one page whose page id is given (read ahead by the caller)."""
+    kv_pos = j * ATTN_BLK + offs
+    ok = kv_pos < kv_len
+    k, vT = _kv_slots_t(page, (j * ATTN_BLK) % PAGE + offs, ok, k_ptr, v_ptr, kvh, ds, stride_kp, stride_ks,
+                        stride_kk, stride_vp, stride_vs, stride_vk, MASK)
+    return _kv_step_t(qT, m, l, accT, k, vT, kv_pos, ok, pos, qk_scale, one, PRECISION, MASK, L_SUM)
 
 
 @fast_launch
@@ -185,12 +215,13 @@ def decode_kernel(
     G: tl.constexpr, G_PAD: tl.constexpr, ROWS: tl.constexpr, BLOCK_D: tl.constexpr, PAGE: tl.constexpr,
     ATTN_BLK: tl.constexpr, SPLIT_BLOCKS: tl.constexpr, SPLIT_PARALLEL: tl.constexpr, PART_ROWS: tl.constexpr,
     PRECISION: tl.constexpr, STORE_LSE: tl.constexpr, L_SUM: tl.constexpr, ONE_LOOP: tl.constexpr,
-    TMA: tl.constexpr, USE_GDC: tl.constexpr = False,
+    TMA: tl.constexpr, USE_GDC: tl.constexpr = False, PAGE_AHEAD: tl.constexpr = False,
 ):
     """One program per (sequence, kv head) (x split programs on axis 1): the chunk's q_len x
     G_PAD rows as the tile's columns. Split states go to the paged kernel's buffers for its
     combine kernel; otherwise the splits merge here as the paged kernel merges them. USE_GDC (PDL,
-    gdc.py): the kernel before waited for first, the next released after the walk."""
+    gdc.py): the kernel before waited for first, the next released after the walk. PAGE_AHEAD: the one-loop
+    walk (ONE_LOOP) reads each block's page a block ahead (decode_pairs_kernel's docstring)."""
     gdc_wait(USE_GDC)
     bk, b, kvh, q_lo, q_len, kv_len = seq_and_head(cu_ptr, kv_lens_ptr, n_kv_heads)
     if q_len <= 0:
@@ -226,7 +257,7 @@ def decode_kernel(
             m, l, accT = _walk_t(
                 qT, pos, pos_min, kv_len, n_blocks, k_ptr, v_ptr, bt_row_ptr, kvh, qk_scale,
                 stride_kp, stride_ks, stride_kk, stride_vp, stride_vs, stride_vk,
-                ROWS, BLOCK_D, PAGE, ATTN_BLK, SPLIT_BLOCKS, PRECISION, L_SUM, TMA,
+                ROWS, BLOCK_D, PAGE, ATTN_BLK, SPLIT_BLOCKS, PRECISION, L_SUM, TMA, PAGE_AHEAD,
             )
         else:
             m = tl.full((ROWS,), float("-inf"), tl.float32)
@@ -330,12 +361,10 @@ def decode_pairs_kernel(
         if PAGE_AHEAD:
             page = page_next
             page_next = _step_page(it + 1, nA, nB, bA, bB, bt_ptr, stride_bt, PAGE, ATTN_BLK)
-            kv_pos = j * ATTN_BLK + offs
-            ok = kv_pos < tl.where(second, kvB, kvA)
-            k, vT = _kv_slots_t(page, (j * ATTN_BLK) % PAGE + offs, ok, k_ptr, v_ptr, tl.where(second, hB, hA), ds,
-                                stride_kp, stride_ks, stride_kk, stride_vp, stride_vs, stride_vk, True)
-            m_s, l_s, acc_s = _kv_step_t(qT, m_s, l_s, acc_s, k, vT, kv_pos, ok, tl.where(second, posB, posA),
-                                         qk_scale, one, PRECISION, True, L_SUM)
+            m_s, l_s, acc_s = _kv_page_step_t(qT, m_s, l_s, acc_s, page, j, tl.where(second, posB, posA),
+                                              tl.where(second, kvB, kvA), k_ptr, v_ptr, tl.where(second, hB, hA),
+                                              qk_scale, offs, ds, one, stride_kp, stride_ks, stride_kk, stride_vp,
+                                              stride_vs, stride_vk, PAGE, ATTN_BLK, PRECISION, True, L_SUM)
         else:
             m_s, l_s, acc_s = _kv_block_t(qT, m_s, l_s, acc_s, j, tl.where(second, posB, posA),
                                           tl.where(second, kvB, kvA), k_ptr, v_ptr, bt_row_ptr,

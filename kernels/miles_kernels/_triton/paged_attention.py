@@ -95,12 +95,13 @@ WALK_SWAPPED_MIN_PAIRS = 512
 DECODE_PAIRS = 2
 DECODE_PAIRS_MIN = 512
 DECODE_PAIRS_MAX = 1024
-# decode_pairs_kernel with each step's page read a step ahead (PAGE_AHEAD; pointers, pages of whole KV blocks),
-# launched at 3 stages: the block-table load then no longer takes a pipeline stage, so the K / V copies run a full
-# step ahead with three buffers (112,896 B shared, two programs an SM) where today's are issued after a block's
-# arithmetic and drained at the loop's head (SASS compiled offline with triton 3.6, fifty-sixth session; ncu on the
-# H100: 32% of the stall samples there). The same bits. Off until timed (gpu_checks.sh decodeab; attn_sweep.py
-# --pairs, `2pP3s`); MILES_DECODE_PAGE_AHEAD=1 turns it on.
+# decode_pairs_kernel (and decode_kernel's one-loop walk, B >= 128) with each step's page read a step ahead
+# (PAGE_AHEAD; pointers, pages of whole KV blocks), launched at 3 stages: the block-table load then takes no
+# pipeline stage of its own, so the K / V copies run a full step ahead with three buffers (decode_pairs_kernel:
+# 112,896 B shared, two programs an SM) where today's are issued after a block's arithmetic and drained at the
+# loop's head (SASS compiled offline with triton 3.6, fifty-sixth session; ncu on the H100: 32% of the stall
+# samples there). The same bits. Off until timed (gpu_checks.sh decodeab; attn_sweep.py --pairs, `2pP3s`);
+# MILES_DECODE_PAGE_AHEAD=1 turns it on.
 DECODE_PAGE_AHEAD = launch._switch("MILES_DECODE_PAGE_AHEAD", "0", "decode pages read a step ahead")
 _LOG2E = 1.4426950408889634
 # K/V read by TMA tensor descriptors instead of pointers (same values, same bits; D a power of
@@ -545,12 +546,12 @@ def _decode_pairs(pairs: int) -> int:
     return DECODE_PAIRS if DECODE_PAIRS_MIN <= pairs < DECODE_PAIRS_MAX else 1
 
 
-def _swapped_launch(pairs: int, one_loop: bool) -> dict:
+def _swapped_launch(pairs: int, one_loop: bool, page_ahead: bool = False) -> dict:
     """The swapped decode tile's launch options (num_warps, num_stages, maybe maxnreg):
-    _SWAPPED_LAUNCH, or its rule."""
+    _SWAPPED_LAUNCH, or its rule (3 stages for DECODE_PAGE_AHEAD's walk: three K / V buffers)."""
     if _SWAPPED_LAUNCH is not None:
         return dict(zip(("num_warps", "num_stages", "maxnreg"), _SWAPPED_LAUNCH))
-    return dict(num_warps=4, num_stages=3 if one_loop and pairs < SWAPPED_DEEP_PAIRS else 2)
+    return dict(num_warps=4, num_stages=3 if page_ahead or (one_loop and pairs < SWAPPED_DEEP_PAIRS) else 2)
 
 
 def _launch(q_THD, k4, v4, cu_seqlens, kv_lens, bt, max_q_len: int, scale: float, lse_HT, page: int,
@@ -598,9 +599,10 @@ def _launch(q_THD, k4, v4, cu_seqlens, kv_lens, bt, max_q_len: int, scale: float
     kv = kv_descs if kv_descs is not None else (k4, v4)
     if short and D == block_d >= 16 and _swapped_tile(B * K):
         one_loop = _one_loop(True, B * K)
-        opts = _swapped_launch(B * K, one_loop and not split_parallel)
+        page_ahead = (DECODE_PAGE_AHEAD and one_loop and not split_parallel and kv_descs is None
+                      and page % KV_BLOCK == 0)
+        opts = _swapped_launch(B * K, one_loop and not split_parallel, page_ahead)
         if one_loop and not split_parallel and _decode_pairs(B * K) == 2:
-            page_ahead = DECODE_PAGE_AHEAD and kv_descs is None and page % KV_BLOCK == 0
             opts = opts if _SWAPPED_LAUNCH is not None else dict(num_warps=4, num_stages=3 if page_ahead else 2)
             decode_pairs_kernel[(triton.cdiv(B * K, 2),)](
                 q_THD, *kv, o_THD, lse, cu, kv_lens, bt, scale * _LOG2E, K, B * K,
@@ -620,7 +622,8 @@ def _launch(q_THD, k4, v4, cu_seqlens, kv_lens, bt, max_q_len: int, scale: float
             G=G, G_PAD=g_pad, ROWS=max(16, triton.next_power_of_2(max_q_len * g_pad)), BLOCK_D=block_d, PAGE=page,
             ATTN_BLK=KV_BLOCK, SPLIT_BLOCKS=KV_SPLIT // KV_BLOCK, SPLIT_PARALLEL=split_parallel, PART_ROWS=part_rows,
             PRECISION="ieee" if q_THD.dtype == torch.float32 else "tf32", STORE_LSE=lse_HT is not None,
-            L_SUM=ROW_SUM, ONE_LOOP=one_loop, TMA=kv_descs is not None, USE_GDC=launch.gdc_rows(q_THD, B), **opts,
+            L_SUM=ROW_SUM, ONE_LOOP=one_loop, TMA=kv_descs is not None, USE_GDC=launch.gdc_rows(q_THD, B),
+            PAGE_AHEAD=page_ahead, **opts,
         )
     else:
         _attn_kernel[(triton.cdiv(max_q_len, tok_per_tile), B * K, split_programs if split_parallel else 1)](
