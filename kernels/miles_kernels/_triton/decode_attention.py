@@ -160,37 +160,43 @@ def _walk_t(
     ds = tl.arange(0, BLOCK_D)
     one = tl.where((tl.arange(0, 64)[:, None] == 0) & (offs[None, :] >= 0), 1.0, 0.0).to(qT.dtype)
     full_hi = tl.minimum(tl.minimum((pos_min + 1) // ATTN_BLK, kv_len // ATTN_BLK), n_blocks)
-    if PAGE_AHEAD:
-        page_next = tl.load(bt_row_ptr)  # block 0's page (every row has one)
+    page_next = tl.load(bt_row_ptr) if PAGE_AHEAD else 0  # block 0's page (every row has one)
     for j in range(0, full_hi):
-        if PAGE_AHEAD:
-            page = page_next
-            page_next = tl.load(bt_row_ptr + (tl.minimum(j + 1, n_blocks - 1) * ATTN_BLK) // PAGE)
-            m_s, l_s, acc_s = _kv_page_step_t(qT, m_s, l_s, acc_s, page, j, pos, kv_len, k_ptr, v_ptr, kvh, qk_scale,
-                                              offs, ds, one, stride_kp, stride_ks, stride_kk, stride_vp, stride_vs,
-                                              stride_vk, PAGE, ATTN_BLK, PRECISION, False, L_SUM)
-        else:
-            m_s, l_s, acc_s = _kv_block_t(qT, m_s, l_s, acc_s, j, pos, kv_len, k_ptr, v_ptr, bt_row_ptr, kvh,
-                                          qk_scale, offs, ds, one, stride_kp, stride_ks, stride_kk, stride_vp,
-                                          stride_vs, stride_vk, PAGE, ATTN_BLK, PRECISION, False, L_SUM, BLOCK_D, TMA)
+        m_s, l_s, acc_s, page_next = _walk_step_t(
+            qT, m_s, l_s, acc_s, page_next, j, n_blocks, pos, kv_len, k_ptr, v_ptr, bt_row_ptr, kvh, qk_scale, offs,
+            ds, one, stride_kp, stride_ks, stride_kk, stride_vp, stride_vs, stride_vk, PAGE, ATTN_BLK, PRECISION,
+            False, L_SUM, BLOCK_D, TMA, PAGE_AHEAD)
         if (j + 1) % SPLIT_BLOCKS == 0:
             m, l, accT, m_s, l_s, acc_s = _end_split_t(m, l, accT, m_s, l_s, acc_s)
     for j in range(full_hi, n_blocks):
-        if PAGE_AHEAD:
-            page = page_next
-            page_next = tl.load(bt_row_ptr + (tl.minimum(j + 1, n_blocks - 1) * ATTN_BLK) // PAGE)
-            m_s, l_s, acc_s = _kv_page_step_t(qT, m_s, l_s, acc_s, page, j, pos, kv_len, k_ptr, v_ptr, kvh, qk_scale,
-                                              offs, ds, one, stride_kp, stride_ks, stride_kk, stride_vp, stride_vs,
-                                              stride_vk, PAGE, ATTN_BLK, PRECISION, True, L_SUM)
-        else:
-            m_s, l_s, acc_s = _kv_block_t(qT, m_s, l_s, acc_s, j, pos, kv_len, k_ptr, v_ptr, bt_row_ptr, kvh,
-                                          qk_scale, offs, ds, one, stride_kp, stride_ks, stride_kk, stride_vp,
-                                          stride_vs, stride_vk, PAGE, ATTN_BLK, PRECISION, True, L_SUM, BLOCK_D, TMA)
+        m_s, l_s, acc_s, page_next = _walk_step_t(
+            qT, m_s, l_s, acc_s, page_next, j, n_blocks, pos, kv_len, k_ptr, v_ptr, bt_row_ptr, kvh, qk_scale, offs,
+            ds, one, stride_kp, stride_ks, stride_kk, stride_vp, stride_vs, stride_vk, PAGE, ATTN_BLK, PRECISION,
+            True, L_SUM, BLOCK_D, TMA, PAGE_AHEAD)
         if (j + 1) % SPLIT_BLOCKS == 0:
             m, l, accT, m_s, l_s, acc_s = _end_split_t(m, l, accT, m_s, l_s, acc_s)
     if n_blocks % SPLIT_BLOCKS != 0:
         m, l, accT = _merge_t(m, l, accT, m_s, l_s, acc_s)
     return m, l, accT
+
+
+@triton.jit
+def _walk_step_t(qT, m_s, l_s, acc_s, page_next, j, n_blocks, pos, kv_len, k_ptr, v_ptr, bt_row_ptr, kvh, qk_scale,
+                 offs, ds, one, stride_kp, stride_ks, stride_kk, stride_vp, stride_vs, stride_vk, PAGE: tl.constexpr,
+                 ATTN_BLK: tl.constexpr, PRECISION: tl.constexpr, MASK: tl.constexpr, L_SUM: tl.constexpr,
+                 BLOCK_D: tl.constexpr, TMA: tl.constexpr, PAGE_AHEAD: tl.constexpr):
+    """Block j of _walk_t; with PAGE_AHEAD its page is page_next, and block j + 1's is read here (returned)."""
+    if PAGE_AHEAD:
+        page = page_next
+        page_next = tl.load(bt_row_ptr + (tl.minimum(j + 1, n_blocks - 1) * ATTN_BLK) // PAGE)
+        m_s, l_s, acc_s = _kv_page_step_t(qT, m_s, l_s, acc_s, page, j, pos, kv_len, k_ptr, v_ptr, kvh, qk_scale,
+                                          offs, ds, one, stride_kp, stride_ks, stride_kk, stride_vp, stride_vs,
+                                          stride_vk, PAGE, ATTN_BLK, PRECISION, MASK, L_SUM)
+    else:
+        m_s, l_s, acc_s = _kv_block_t(qT, m_s, l_s, acc_s, j, pos, kv_len, k_ptr, v_ptr, bt_row_ptr, kvh, qk_scale,
+                                      offs, ds, one, stride_kp, stride_ks, stride_kk, stride_vp, stride_vs, stride_vk,
+                                      PAGE, ATTN_BLK, PRECISION, MASK, L_SUM, BLOCK_D, TMA)
+    return m_s, l_s, acc_s, page_next
 
 
 @triton.jit
