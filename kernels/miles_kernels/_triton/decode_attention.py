@@ -186,6 +186,7 @@ def _walk_step_t(qT, m_s, l_s, acc_s, page_next, j, n_blocks, pos, kv_len, k_ptr
                  ATTN_BLK: tl.constexpr, PRECISION: tl.constexpr, MASK: tl.constexpr, L_SUM: tl.constexpr,
                  BLOCK_D: tl.constexpr, TMA: tl.constexpr, PAGE_AHEAD: tl.constexpr):
     """Block j of _walk_t; with PAGE_AHEAD its page is page_next, and block j + 1's is read here (returned)."""
+    tl.static_assert(not PAGE_AHEAD or (not TMA and PAGE % ATTN_BLK == 0), "PAGE_AHEAD: pointers, blocks in a page")
     if PAGE_AHEAD:
         page = page_next
         page_next = tl.load(bt_row_ptr + (tl.minimum(j + 1, n_blocks - 1) * ATTN_BLK) // PAGE)
@@ -355,6 +356,7 @@ def decode_pairs_kernel(
     offs = tl.arange(0, ATTN_BLK)
     ds = tl.arange(0, BLOCK_D)
     one = tl.where((tl.arange(0, 64)[:, None] == 0) & (offs[None, :] >= 0), 1.0, 0.0).to(q_ptr.dtype.element_ty)
+    tl.static_assert(not PAGE_AHEAD or (not TMA and PAGE % ATTN_BLK == 0), "PAGE_AHEAD: pointers, blocks in a page")
     if PAGE_AHEAD:
         page_next = _step_page(0, nA, nB, bA, bB, bt_ptr, stride_bt, PAGE, ATTN_BLK)
     for it in range(0, nA + nB):
