@@ -13,6 +13,8 @@
 #              MoE backward (MILES_MOE_BWD=torch / triton)
 #   tma        (not in the default list) the TMA loads: the attention backward by pointers / TMA, the
 #              training forward per tile, the engine's paged caches, registers and spills (kernel_regs)
+#   cublas     (not in the default list) the kernels cuBLAS runs for the decode linears at M 64-512 (split-K,
+#              tiles; tools/bench/cublas_kernels.py), ours beside them, weights cold
 #   ws         (not in the default list) whether Triton's Hopper warp specialization pays for an attention
 #              forward walked like ours (tools/bench/ws_probe.py: plain / specialized / specialized with
 #              2-block splits, vs flash)
@@ -58,11 +60,6 @@
 #   pairs      (not in the default list) decode attention with one and two (sequence, kv head) pairs a program
 #              (paged_attention.DECODE_PAIRS; attn_sweep.py --pairs: us, bits, SDPA beside), then the engine's quick
 #              rows with two pairs (as shipped, at 512-1,023 pairs) and with one (with_tiles --decode-pairs on / off)
-#   decodeab   (not in the default list) two decode attention forms, off as shipped: the Gluon kernel
-#              (paged_attention.GLUON_DECODE) and decode_pairs_kernel with its pages read a step ahead at 3 stages
-#              (DECODE_PAGE_AHEAD): their bits tests, attn_sweep.py --pairs (`gl`, `2pP3s`, `2pP4s` beside the
-#              shipped decode), then step_peer.py at 0.6B and 8B b64 / b256 ctx 256 as shipped, with
-#              MILES_DECODE_PAGE_AHEAD=1 and with MILES_GLUON_DECODE=1, by turns, twice
 #   pdlrows    (not in the default list) PDL's row limits (launch.PDL_MAX_ROWS 64, PDL_NORM_MAX_ROWS 256 as shipped):
 #              the PDL GPU tests (b64; b256 with PDL_TMA: on == off == the recompute), then step_peer.py at 0.6B and
 #              8B, b64 / b128 / b256 ctx 256, and the engine's quick rows, each as shipped (`64`), with the norms at 64
@@ -265,13 +262,6 @@ for step in $steps; do
                    run engine_pairs_$o timeout -s KILL 120 python3 tools/bench/with_tiles.py --decode-pairs $o -- \
                        tools/bench/engine.py --quick --only engine --out "$out/engine_pairs_$o.json"
                done ;;
-        decodeab) run decode_forms_test timeout -s KILL 200 python3 -m pytest -q -o addopts="" \
-                      tests/gpu/test_attention_gpu.py -k decode_forms
-                  run attn_pairs timeout -s KILL 150 python3 tools/bench/attn_sweep.py "$out/attn_pairs.json" --pairs
-                  for i in 1 2; do for v in shipped MILES_DECODE_PAGE_AHEAD MILES_GLUON_DECODE; do  # shipped=1: no switch
-                      run step_${v}_$i timeout -s KILL 90 env "$v=1" python3 tools/bench/step_peer.py \
-                          --model qwen3-0.6b qwen3-8b --shapes 64x256 256x256 --rounds 5 --out "$out/step_${v}_$i.json"
-                  done; done ;;
         pdlrows) run pdl_tests timeout -s KILL 300 python3 -m pytest -q -o addopts="" tests/gpu/test_engine_gpu.py -k pdl
                  for i in 1 2; do for v in 64 norm64 all off; do  # by turns
                      run step_pdlrows_$v$i timeout -s KILL 150 env $(pdl_env $v) python3 tools/bench/step_peer.py \
@@ -289,6 +279,7 @@ import miles_fsdp.graph_capture as g
 g.gc = types.SimpleNamespace(isenabled=gc.isenabled, disable=lambda: None, enable=gc.enable)
 rc = pytest.main(['-q', '-o', 'addopts=', 'tests/gpu/test_engine_gpu.py', '-k', 'garbage_waiting'])
 print('guard out: the capture test must fail (rc 1), rc', int(rc)); sys.exit(0 if rc == 1 else 1)" ;;
+        cublas) run cublas_kernels python3 tools/bench/cublas_kernels.py --out "$out/cublas_kernels.json" ;;
         ws) run ws_probe python3 tools/bench/ws_probe.py "$out/ws_probe.json" ;;
         gluon) for p in fwd dkdv dq; do
                    run gluon_$p timeout 300 python3 tools/bench/gluon_$p.py --out "$out/gluon_$p.json"
@@ -298,7 +289,7 @@ print('guard out: the capture test must fail (rc 1), rc', int(rc)); sys.exit(0 i
              run attn_tma python3 tools/bench/attn_sweep.py "$out/attn_tma.json" --tma --tiles
              run attn_tma_paged python3 tools/bench/attn_sweep.py "$out/attn_tma_paged.json" --tma-paged
              run kernel_regs python3 tools/bench/kernel_regs.py "$out/kernel_regs.json" ;;
-        *) echo "unknown step $step (tests scale kernels engine engine_host train rl_step spec profile sweep moe tma queued linears grouped fast sampler persistent topp pairs pdlrows capture ws gluon optim)"
+        *) echo "unknown step $step (tests scale kernels engine engine_host train rl_step spec profile sweep moe tma queued linears grouped fast sampler persistent topp pairs pdlrows capture cublas ws gluon optim)"
            exit 2 ;;
     esac
 done

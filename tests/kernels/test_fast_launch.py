@@ -211,21 +211,16 @@ def test_every_pdl_kernel_waits_before_its_first_memory_access():
     assert "def gdc_wait" in inspect.getsource(importlib.import_module("miles_kernels._triton.gdc"))
 
 
-SWITCHES = [("MILES_PDL", "launch", "PDL", "True"), ("MILES_PDL_TMA", "launch", "PDL_TMA", "True"),
-            ("MILES_GLUON_DECODE", "paged_attention", "GLUON_DECODE", "False"),
-            ("MILES_DECODE_PAGE_AHEAD", "paged_attention", "DECODE_PAGE_AHEAD", "False")]
-
-
-@pytest.mark.parametrize("name,module,attr,shipped", SWITCHES)
-def test_switch_environment_values_are_honoured_or_refused(name, module, attr, shipped):
-    """MILES_PDL (PDL, on as shipped), MILES_PDL_TMA (the TMA linears' PDL, on as shipped), MILES_GLUON_DECODE
-    (decode attention by the Gluon kernel) and MILES_DECODE_PAGE_AHEAD (decode pages read a step ahead), both off
-    as shipped: 1 on, 0 off, unset the shipped value, anything else refused with the variable named."""
+@pytest.mark.parametrize("name,shipped", [("MILES_PDL", "True"), ("MILES_PDL_TMA", "True")])
+def test_pdl_environment_values_are_honoured_or_refused(name, shipped):
+    """MILES_PDL (PDL, on as shipped) and MILES_PDL_TMA (the TMA linears' PDL, on as shipped): 1 on,
+    0 off, unset the shipped value, anything else refused with the variable named."""
     import os
     import subprocess
     import sys
 
-    code = f"from miles_kernels._triton import {module}; print({module}.{attr})"
+    attr = {"MILES_PDL": "PDL", "MILES_PDL_TMA": "PDL_TMA"}[name]
+    code = f"from miles_kernels._triton import launch; print(launch.{attr})"
     unset = {k: v for k, v in os.environ.items() if k != name}
     for env, want in (({**unset, name: "1"}, "True"), ({**unset, name: "0"}, "False"), (unset, shipped)):
         out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)

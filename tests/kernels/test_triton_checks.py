@@ -1355,35 +1355,27 @@ def check_tree_sum() -> None:
     assert not torch.equal(halves[:, 0], want), "the rows do not tell one tree from another"
 
 class _Launches:
-    """Counts launches of a Triton kernel (kernel[grid](...)), keeps each one's grid and keyword arguments, and
-    passes them on."""
+    """Counts launches of a Triton kernel (kernel[grid](...)) and passes them on."""
 
     def __init__(self, kernel):
-        self.kernel, self.n, self.grids, self.kwargs = kernel, 0, [], []
+        self.kernel, self.n, self.grids = kernel, 0, []
 
     def __getitem__(self, grid):
         self.n += 1
         self.grids.append(grid)
-
-        def call(*args, **kwargs):
-            self.kwargs.append(kwargs)
-            return self.kernel[grid](*args, **kwargs)
-        return call
+        return self.kernel[grid]
 
 
 def check_attention_decode_pairs() -> None:
     """DECODE_PAIRS 2 (a swapped-tile decode program walks two (sequence, kv head) pairs in one loop)
     == one pair a program, output and LSE bitwise, and == the prefill's rows: decode rows over several
     splits and pages, verify chunks, an empty chunk, an odd count of pairs (the last program's second
-    pair absent), the caches read by TMA too, and with each step's page read a step ahead (DECODE_PAGE_AHEAD, at
-    3 stages: decode_pairs_kernel and decode_kernel's one-loop walk); half the programs launched; DECODE_PAIRS 3
-    refused."""
+    pair absent), the caches read by TMA too; half the programs launched; DECODE_PAIRS 3 refused."""
     from miles_kernels._triton import paged_attention as attn_mod
 
     kt = _kt()
     names = ("DECODE_TILE", "ROW_SUM", "KV_BLOCK", "KV_SPLIT", "DECODE_PROGRAMS", "WALK", "DECODE_PAIRS",
-             "DECODE_PAIRS_MIN", "DECODE_PAIRS_MAX", "PAGED_KV_TMA", "DECODE_PAGE_AHEAD", "decode_kernel",
-             "decode_pairs_kernel")
+             "DECODE_PAIRS_MIN", "DECODE_PAIRS_MAX", "PAGED_KV_TMA", "decode_kernel", "decode_pairs_kernel")
     saved = {n: getattr(attn_mod, n) for n in names}
     launches = {1: _Launches(attn_mod.decode_kernel), 2: _Launches(attn_mod.decode_pairs_kernel)}
     attn_mod.decode_kernel, attn_mod.decode_pairs_kernel = launches[1], launches[2]
@@ -1406,26 +1398,20 @@ def check_attention_decode_pairs() -> None:
                 kv = torch.tensor([end for _, end in chunks], dtype=torch.int32)
                 bt = bt1.expand(len(chunks), -1).contiguous()
                 got = {}
-                # TMA: the caches read by descriptors; ahead: pages read a step ahead (pointers only)
-                for pairs, tma, ahead in ((1, False, False), (1, False, True), (2, False, False), (2, True, False),
-                                          (2, False, True)):
+                for pairs, tma in ((1, False), (2, False), (2, True)):  # TMA: the caches read by descriptors
                     attn_mod.DECODE_PAIRS, attn_mod.PAGED_KV_TMA = pairs, {"prefill": False, "decode": tma}
-                    attn_mod.DECODE_PAGE_AHEAD = ahead
                     lse = torch.empty(H, len(rows))
                     n0 = len(launches[pairs].grids)
                     out = kt.attention(q[rows], *caches, cu, kv, bt, max(n for n, _ in chunks), D**-0.5, lse_HT=lse)
                     grids = launches[pairs].grids[n0:]
                     assert [gr[0] for gr in grids] == [-(-len(chunks) * K // pairs)], (pairs, grids)
-                    kw = launches[pairs].kwargs[-1]
-                    assert kw["PAGE_AHEAD"] == ahead and (kw["num_stages"] == 3 if ahead else True), kw
-                    got[pairs, tma, ahead] = out, lse
+                    got[pairs, tma] = out, lse
                 what = f"H {H} K {K} chunks {chunks}"
-                ref = got[1, False, False]
-                for key in ((1, False, True), (2, False, False), (2, True, False), (2, False, True)):
-                    _same(got[key][0], ref[0], f"decode two pairs a program {key} vs one: {what}")
-                    _same(got[key][1], ref[1], f"decode two pairs a program {key} vs one, LSE: {what}")
-                _same(got[2, False, True][0], full[rows], f"decode, two pairs, pages ahead, vs prefill rows: {what}")
-                _same(got[2, False, True][1], lse_full[:, rows], f"decode, pages ahead, vs prefill LSE: {what}")
+                for key in ((2, False), (2, True)):
+                    _same(got[key][0], got[1, False][0], f"decode two pairs a program {key} vs one: {what}")
+                    _same(got[key][1], got[1, False][1], f"decode two pairs a program {key} vs one, LSE: {what}")
+                _same(got[2, False][0], full[rows], f"decode two pairs a program vs prefill rows: {what}")
+                _same(got[2, False][1], lse_full[:, rows], f"decode two pairs a program vs prefill LSE: {what}")
         attn_mod.DECODE_PAIRS = 3
         try:
             _run_attention(kt, q[:1], caches, [(1, 1, pages)], D**-0.5)

@@ -1,5 +1,5 @@
 """The decode-step probes in tools/bench (split_probe, step_peer, prefetch_probe, wgmma_probe, mma_probe,
-tma_linear_probe, linear_chain_probe, fold_probe, ablate_probe) refuse a machine without a GPU with a message
+tma_linear_probe, linear_chain_probe, fold_probe, ablate_probe, cublas_kernels) refuse a machine without a GPU with a message
 saying so; on CPU, split_probe's layer-at-a-time trunk gives Transformer.forward's bits (its two-stream variants
 rest on that), step_peer's torch step runs (right shape, finite logits), tma_linear_probe's kernel source is well
 formed, with_cuda_linear and linear_chain_probe pick configs from a probe output as they say, and fold_probe and
@@ -15,7 +15,7 @@ pytest.importorskip("triton")
 
 
 @pytest.mark.parametrize("name", ["split_probe", "step_peer", "prefetch_probe", "wgmma_probe", "tma_linear_probe",
-                                  "mma_probe", "fold_probe", "ablate_probe"])
+                                  "mma_probe", "fold_probe", "ablate_probe", "cublas_kernels"])
 def test_needs_a_gpu(bench_refusal, monkeypatch, name):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert "needs a CUDA GPU" in bench_refusal(name)
@@ -46,6 +46,10 @@ def test_fold_probe_arguments_are_checked(bench_refusal):
     assert "the batch must be 1..64" in bench_refusal("fold_probe", "--shapes", "128x256")
     assert "multiples of 64" in bench_refusal("fold_probe", "--chunk", "500")
     assert "multiples of 64" in bench_refusal("fold_probe", "--block-n", "24")
+
+
+def test_cublas_kernels_rows_are_checked(bench_refusal):
+    assert "--ms must be positive" in bench_refusal("cublas_kernels", "--ms", "64", "0")
 
 
 def test_ablate_probe_arguments_are_checked(bench_refusal):

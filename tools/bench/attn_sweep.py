@@ -31,7 +31,6 @@ import torch.nn.functional as F
 from triton.testing import do_bench
 
 from miles_kernels._triton import paged_attention as A
-from miles_kernels._triton.gluon_gate import gluon_module
 
 DT = torch.bfloat16
 
@@ -610,21 +609,17 @@ PAIRS_SHAPES = [(32, 192), (64, 64), (64, 128), (64, 192), (64, 384), (64, 544),
 
 def pairs_sweep(path: str) -> None:
     """The swapped decode tile with one and two (sequence, kv head) pairs a program (DECODE_PAIRS, at any
-    pair count here), at 2 and 3 stages, one and two pairs with each step's page read a step ahead
-    (DECODE_PAGE_AHEAD: `1pP3s`, `2pP3s`, `2pP4s`), and by the Gluon kernel (GLUON_DECODE, `gl`; on sm_90 with
-    a tested Triton), 0.6B heads (and 8B's, 32 q heads): us, TB/s, bits equal to one pair a program's; SDPA over
-    the same K/V laid out contiguously the peer. Then a line fitted to the shipped launch's time at B 64 (0.6B
-    heads) at the short contexts (ctx <= 384): us a launch that no block removes (the intercept) and us per 64
-    tokens of context (the slope), and the same for SDPA."""
+    pair count here), at 2 and 3 stages, 0.6B heads (and 8B's, 32 q heads): us, TB/s, bits equal to one
+    pair a program's; SDPA over the same K/V laid out contiguously the peer. Then a line fitted to the
+    shipped launch's time at B 64 (0.6B heads) at the short contexts (ctx <= 384): us a launch that no
+    block removes (the intercept) and us per 64 tokens of context (the slope), and the same for SDPA."""
     res = []
-    defaults = A.DECODE_PAIRS, A.DECODE_PAIRS_MIN, A.DECODE_PAIRS_MAX, A._SWAPPED_LAUNCH, A.GLUON_DECODE, \
-        A.DECODE_PAGE_AHEAD
+    defaults = A.DECODE_PAIRS, A.DECODE_PAIRS_MIN, A.DECODE_PAIRS_MAX, A._SWAPPED_LAUNCH
     run = lambda q, kc, vc, cu, kv, bt: A.attention(q, kc, vc, cu, kv, bt, 1, 128**-0.5)  # noqa: E731
     for B, ctx, *H in PAIRS_SHAPES:
         (q, kc, vc, cu, kv, bt), row = _decode_row(B, ctx, *H)
         mb = row["mb"]
-        (A.DECODE_PAIRS, A.DECODE_PAIRS_MIN, A.DECODE_PAIRS_MAX, A._SWAPPED_LAUNCH, A.GLUON_DECODE,
-         A.DECODE_PAGE_AHEAD) = defaults
+        A.DECODE_PAIRS, A.DECODE_PAIRS_MIN, A.DECODE_PAIRS_MAX, A._SWAPPED_LAUNCH = defaults
         ref = run(q, kc, vc, cu, kv, bt)
         row["shipped_us"] = _graph_ms(lambda: run(q, kc, vc, cu, kv, bt)) * 1e3
         same = True
@@ -634,16 +629,6 @@ def pairs_sweep(path: str) -> None:
                 A.DECODE_PAIRS_MIN, A.DECODE_PAIRS_MAX = 1, 1 << 30
                 same &= bool(torch.equal(run(q, kc, vc, cu, kv, bt), ref))
                 row["t"][f"{pairs}p{stages}s"] = _graph_ms(lambda: run(q, kc, vc, cu, kv, bt)) * 1e3
-        for pairs, stages in ((1, 3), (2, 3), (2, 4)):
-            A.DECODE_PAIRS, A._SWAPPED_LAUNCH, A.DECODE_PAGE_AHEAD = pairs, (4, stages), True
-            same &= bool(torch.equal(run(q, kc, vc, cu, kv, bt), ref))
-            row["t"][f"{pairs}pP{stages}s"] = _graph_ms(lambda: run(q, kc, vc, cu, kv, bt)) * 1e3
-        (A.DECODE_PAIRS, A.DECODE_PAIRS_MIN, A.DECODE_PAIRS_MAX, A._SWAPPED_LAUNCH, A.GLUON_DECODE,
-         A.DECODE_PAGE_AHEAD) = defaults
-        if gluon_module("gluon_attention") is not None and torch.cuda.get_device_capability() == (9, 0):
-            A.GLUON_DECODE = True
-            same &= bool(torch.equal(run(q, kc, vc, cu, kv, bt), ref))
-            row["t"]["gl"] = _graph_ms(lambda: run(q, kc, vc, cu, kv, bt)) * 1e3
         row["same"] = same
         res.append(row)
         print(f"B={B:3} ctx={ctx:4} H={row['H']} ({mb:5.1f} MB) sdpa {row['sdpa_us']:6.1f} shipped "
@@ -651,8 +636,7 @@ def pairs_sweep(path: str) -> None:
               f"({mb / row['shipped_us']:.2f} TB/s)  " + " ".join(f"{k}={v:.1f}" for k, v in row["t"].items())
               + f"  same {int(same)}", flush=True)
         json.dump({"rows": res}, open(path, "w"), indent=1)
-    (A.DECODE_PAIRS, A.DECODE_PAIRS_MIN, A.DECODE_PAIRS_MAX, A._SWAPPED_LAUNCH, A.GLUON_DECODE,
-     A.DECODE_PAGE_AHEAD) = defaults
+    A.DECODE_PAIRS, A.DECODE_PAIRS_MIN, A.DECODE_PAIRS_MAX, A._SWAPPED_LAUNCH = defaults
     fit = {}
     pts = [(r["ctx"], r["shipped_us"], r["sdpa_us"]) for r in res if r["B"] == 64 and r["H"] == 16 and r["ctx"] <= 384]
     for i, name in ((1, "shipped"), (2, "sdpa")):

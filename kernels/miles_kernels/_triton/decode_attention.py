@@ -23,21 +23,13 @@ def _kv_load_t(j, kv_pos, ok, k_ptr, v_ptr, bt_row_ptr, kvh, offs, ds, stride_kp
                stride_vs, stride_vk, PAGE: tl.constexpr, ATTN_BLK: tl.constexpr, MASK: tl.constexpr):
     """K [ATTN_BLK, BLOCK_D] and V^T of KV block j by pointers (zeros past kv_len)."""
     if PAGE % ATTN_BLK == 0:  # the block lies in one page
-        page = tl.load(bt_row_ptr + (j * ATTN_BLK) // PAGE)
+        page = tl.load(bt_row_ptr + (j * ATTN_BLK) // PAGE).to(tl.int64)
         slot = (j * ATTN_BLK) % PAGE + offs
     else:  # the block spans pages: gather each token's page
-        page = tl.load(bt_row_ptr + kv_pos // PAGE, mask=ok, other=0)
+        page = tl.load(bt_row_ptr + kv_pos // PAGE, mask=ok, other=0).to(tl.int64)
         slot = kv_pos % PAGE
-    return _kv_slots_t(page, slot, ok, k_ptr, v_ptr, kvh, ds, stride_kp, stride_ks, stride_kk, stride_vp, stride_vs,
-                       stride_vk, MASK)
-
-
-@triton.jit
-def _kv_slots_t(page, slot, ok, k_ptr, v_ptr, kvh, ds, stride_kp, stride_ks, stride_kk, stride_vp, stride_vs,
-                stride_vk, MASK: tl.constexpr):
-    """K and V^T of the tokens at (page, slot) of kv head kvh (zeros where not ok, under MASK)."""
-    k_off = page.to(tl.int64) * stride_kp + slot * stride_ks
-    v_off = page.to(tl.int64) * stride_vp + slot * stride_vs
+    k_off = page * stride_kp + slot * stride_ks
+    v_off = page * stride_vp + slot * stride_vs
     if MASK:
         k = tl.load(k_ptr + kvh * stride_kk + k_off[:, None] + ds[None, :], mask=ok[:, None], other=0.0)
         vT = tl.load(v_ptr + kvh * stride_vk + v_off[None, :] + ds[:, None], mask=ok[None, :], other=0.0)
@@ -63,13 +55,6 @@ def _kv_block_t(
     else:
         k, vT = _kv_load_t(j, kv_pos, ok, k_ptr, v_ptr, bt_row_ptr, kvh, offs, ds,
                            stride_kp, stride_ks, stride_kk, stride_vp, stride_vs, stride_vk, PAGE, ATTN_BLK, MASK)
-    return _kv_step_t(qT, m, l, accT, k, vT, kv_pos, ok, pos, qk_scale, one, PRECISION, MASK, L_SUM)
-
-
-@triton.jit
-def _kv_step_t(qT, m, l, accT, k, vT, kv_pos, ok, pos, qk_scale, one, PRECISION: tl.constexpr, MASK: tl.constexpr,
-               L_SUM: tl.constexpr):
-    """_kv_block_t's arithmetic on a loaded block (k [ATTN_BLK, BLOCK_D], vT [BLOCK_D, ATTN_BLK])."""
     qk = tl.dot(k, qT, input_precision=PRECISION)  # [ATTN_BLK, ROWS]
     if MASK:
         keep = (kv_pos[:, None] <= pos[None, :]) & ok[:, None]
@@ -148,10 +133,8 @@ def _walk_t(
     stride_kp, stride_ks, stride_kk, stride_vp, stride_vs, stride_vk,
     ROWS: tl.constexpr, BLOCK_D: tl.constexpr, PAGE: tl.constexpr, ATTN_BLK: tl.constexpr,
     SPLIT_BLOCKS: tl.constexpr, PRECISION: tl.constexpr, L_SUM: tl.constexpr, TMA: tl.constexpr,
-    PAGE_AHEAD: tl.constexpr = False,
 ):
-    """paged_attention._walk, transposed: every split in one loop, merged at each split's end. PAGE_AHEAD
-    (pointers, blocks inside one page): each block's page read a block ahead (decode_pairs_kernel's docstring)."""
+    """paged_attention._walk, transposed: every split in one loop, merged at each split's end."""
     m = tl.full((ROWS,), float("-inf"), tl.float32)
     l = tl.zeros((ROWS,), tl.float32)
     accT = tl.zeros((BLOCK_D, ROWS), tl.float32)
@@ -160,56 +143,21 @@ def _walk_t(
     ds = tl.arange(0, BLOCK_D)
     one = tl.where((tl.arange(0, 64)[:, None] == 0) & (offs[None, :] >= 0), 1.0, 0.0).to(qT.dtype)
     full_hi = tl.minimum(tl.minimum((pos_min + 1) // ATTN_BLK, kv_len // ATTN_BLK), n_blocks)
-    page_next = tl.load(bt_row_ptr) if PAGE_AHEAD else 0  # block 0's page (every row has one)
     for j in range(0, full_hi):
-        m_s, l_s, acc_s, page_next = _walk_step_t(
-            qT, m_s, l_s, acc_s, page_next, j, n_blocks, pos, kv_len, k_ptr, v_ptr, bt_row_ptr, kvh, qk_scale, offs,
-            ds, one, stride_kp, stride_ks, stride_kk, stride_vp, stride_vs, stride_vk, PAGE, ATTN_BLK, PRECISION,
-            False, L_SUM, BLOCK_D, TMA, PAGE_AHEAD)
+        m_s, l_s, acc_s = _kv_block_t(qT, m_s, l_s, acc_s, j, pos, kv_len, k_ptr, v_ptr, bt_row_ptr, kvh, qk_scale,
+                                      offs, ds, one, stride_kp, stride_ks, stride_kk, stride_vp, stride_vs, stride_vk,
+                                      PAGE, ATTN_BLK, PRECISION, False, L_SUM, BLOCK_D, TMA)
         if (j + 1) % SPLIT_BLOCKS == 0:
             m, l, accT, m_s, l_s, acc_s = _end_split_t(m, l, accT, m_s, l_s, acc_s)
     for j in range(full_hi, n_blocks):
-        m_s, l_s, acc_s, page_next = _walk_step_t(
-            qT, m_s, l_s, acc_s, page_next, j, n_blocks, pos, kv_len, k_ptr, v_ptr, bt_row_ptr, kvh, qk_scale, offs,
-            ds, one, stride_kp, stride_ks, stride_kk, stride_vp, stride_vs, stride_vk, PAGE, ATTN_BLK, PRECISION,
-            True, L_SUM, BLOCK_D, TMA, PAGE_AHEAD)
+        m_s, l_s, acc_s = _kv_block_t(qT, m_s, l_s, acc_s, j, pos, kv_len, k_ptr, v_ptr, bt_row_ptr, kvh, qk_scale,
+                                      offs, ds, one, stride_kp, stride_ks, stride_kk, stride_vp, stride_vs, stride_vk,
+                                      PAGE, ATTN_BLK, PRECISION, True, L_SUM, BLOCK_D, TMA)
         if (j + 1) % SPLIT_BLOCKS == 0:
             m, l, accT, m_s, l_s, acc_s = _end_split_t(m, l, accT, m_s, l_s, acc_s)
     if n_blocks % SPLIT_BLOCKS != 0:
         m, l, accT = _merge_t(m, l, accT, m_s, l_s, acc_s)
     return m, l, accT
-
-
-@triton.jit
-def _walk_step_t(qT, m_s, l_s, acc_s, page_next, j, n_blocks, pos, kv_len, k_ptr, v_ptr, bt_row_ptr, kvh, qk_scale,
-                 offs, ds, one, stride_kp, stride_ks, stride_kk, stride_vp, stride_vs, stride_vk, PAGE: tl.constexpr,
-                 ATTN_BLK: tl.constexpr, PRECISION: tl.constexpr, MASK: tl.constexpr, L_SUM: tl.constexpr,
-                 BLOCK_D: tl.constexpr, TMA: tl.constexpr, PAGE_AHEAD: tl.constexpr):
-    """Block j of _walk_t; with PAGE_AHEAD its page is page_next, and block j + 1's is read here (returned)."""
-    tl.static_assert(not PAGE_AHEAD or (not TMA and PAGE % ATTN_BLK == 0), "PAGE_AHEAD: pointers, blocks in a page")
-    if PAGE_AHEAD:
-        page = page_next
-        page_next = tl.load(bt_row_ptr + (tl.minimum(j + 1, n_blocks - 1) * ATTN_BLK) // PAGE)
-        m_s, l_s, acc_s = _kv_page_step_t(qT, m_s, l_s, acc_s, page, j, pos, kv_len, k_ptr, v_ptr, kvh, qk_scale,
-                                          offs, ds, one, stride_kp, stride_ks, stride_kk, stride_vp, stride_vs,
-                                          stride_vk, PAGE, ATTN_BLK, PRECISION, MASK, L_SUM)
-    else:
-        m_s, l_s, acc_s = _kv_block_t(qT, m_s, l_s, acc_s, j, pos, kv_len, k_ptr, v_ptr, bt_row_ptr, kvh, qk_scale,
-                                      offs, ds, one, stride_kp, stride_ks, stride_kk, stride_vp, stride_vs, stride_vk,
-                                      PAGE, ATTN_BLK, PRECISION, MASK, L_SUM, BLOCK_D, TMA)
-    return m_s, l_s, acc_s, page_next
-
-
-@triton.jit
-def _kv_page_step_t(qT, m, l, accT, page, j, pos, kv_len, k_ptr, v_ptr, kvh, qk_scale, offs, ds, one,
-                    stride_kp, stride_ks, stride_kk, stride_vp, stride_vs, stride_vk, PAGE: tl.constexpr,
-                    ATTN_BLK: tl.constexpr, PRECISION: tl.constexpr, MASK: tl.constexpr, L_SUM: tl.constexpr):
-    """_kv_block_t for block j inside one page whose page id is given (read ahead by the caller)."""
-    kv_pos = j * ATTN_BLK + offs
-    ok = kv_pos < kv_len
-    k, vT = _kv_slots_t(page, (j * ATTN_BLK) % PAGE + offs, ok, k_ptr, v_ptr, kvh, ds, stride_kp, stride_ks,
-                        stride_kk, stride_vp, stride_vs, stride_vk, MASK)
-    return _kv_step_t(qT, m, l, accT, k, vT, kv_pos, ok, pos, qk_scale, one, PRECISION, MASK, L_SUM)
 
 
 @fast_launch
@@ -222,13 +170,12 @@ def decode_kernel(
     G: tl.constexpr, G_PAD: tl.constexpr, ROWS: tl.constexpr, BLOCK_D: tl.constexpr, PAGE: tl.constexpr,
     ATTN_BLK: tl.constexpr, SPLIT_BLOCKS: tl.constexpr, SPLIT_PARALLEL: tl.constexpr, PART_ROWS: tl.constexpr,
     PRECISION: tl.constexpr, STORE_LSE: tl.constexpr, L_SUM: tl.constexpr, ONE_LOOP: tl.constexpr,
-    TMA: tl.constexpr, USE_GDC: tl.constexpr = False, PAGE_AHEAD: tl.constexpr = False,
+    TMA: tl.constexpr, USE_GDC: tl.constexpr = False,
 ):
     """One program per (sequence, kv head) (x split programs on axis 1): the chunk's q_len x
     G_PAD rows as the tile's columns. Split states go to the paged kernel's buffers for its
     combine kernel; otherwise the splits merge here as the paged kernel merges them. USE_GDC (PDL,
-    gdc.py): the kernel before waited for first, the next released after the walk. PAGE_AHEAD: the one-loop
-    walk (ONE_LOOP) reads each block's page a block ahead (decode_pairs_kernel's docstring)."""
+    gdc.py): the kernel before waited for first, the next released after the walk."""
     gdc_wait(USE_GDC)
     bk, b, kvh, q_lo, q_len, kv_len = seq_and_head(cu_ptr, kv_lens_ptr, n_kv_heads)
     if q_len <= 0:
@@ -264,7 +211,7 @@ def decode_kernel(
             m, l, accT = _walk_t(
                 qT, pos, pos_min, kv_len, n_blocks, k_ptr, v_ptr, bt_row_ptr, kvh, qk_scale,
                 stride_kp, stride_ks, stride_kk, stride_vp, stride_vs, stride_vk,
-                ROWS, BLOCK_D, PAGE, ATTN_BLK, SPLIT_BLOCKS, PRECISION, L_SUM, TMA, PAGE_AHEAD,
+                ROWS, BLOCK_D, PAGE, ATTN_BLK, SPLIT_BLOCKS, PRECISION, L_SUM, TMA,
             )
         else:
             m = tl.full((ROWS,), float("-inf"), tl.float32)
@@ -313,15 +260,6 @@ def _store_t(o_ptr, lse_ptr, m, l, accT, t_idx, head, row_ok, stride_ot, stride_
         tl.store(lse_ptr + head.to(tl.int64) * stride_lh + t_idx, (m + tl.log2(l)) * LN2, mask=row_ok)
 
 
-@triton.jit
-def _step_page(it, nA, nB, bA, bB, bt_ptr, stride_bt, PAGE: tl.constexpr, ATTN_BLK: tl.constexpr):
-    """The page of decode_pairs_kernel's step `it` (pair A's blocks, then pair B's; past the last step, the
-    page of block 0 of a row, which every row has). Blocks inside one page (PAGE % ATTN_BLK == 0)."""
-    second = it >= nA
-    j = tl.where(it < nA + nB, tl.where(second, it - nA, it), 0)
-    return tl.load(bt_ptr + tl.where(second, bB, bA).to(tl.int64) * stride_bt + (j * ATTN_BLK) // PAGE)
-
-
 @fast_launch
 @triton.jit
 def decode_pairs_kernel(
@@ -330,7 +268,7 @@ def decode_pairs_kernel(
     stride_kp, stride_ks, stride_kk, stride_vp, stride_vs, stride_vk, stride_bt,
     G: tl.constexpr, G_PAD: tl.constexpr, ROWS: tl.constexpr, BLOCK_D: tl.constexpr, PAGE: tl.constexpr,
     ATTN_BLK: tl.constexpr, SPLIT_BLOCKS: tl.constexpr, PRECISION: tl.constexpr, STORE_LSE: tl.constexpr,
-    L_SUM: tl.constexpr, TMA: tl.constexpr, USE_GDC: tl.constexpr = False, PAGE_AHEAD: tl.constexpr = False,
+    L_SUM: tl.constexpr, TMA: tl.constexpr, USE_GDC: tl.constexpr = False,
 ):
     """decode_kernel's one-loop walk (no split programs) over pairs 2 p and 2 p + 1 in one loop: each
     pair's blocks, splits and merges as _walk_t walks them (every block through the masked step,
@@ -339,9 +277,7 @@ def decode_pairs_kernel(
     Both pairs are stored after the loop, and the queries are loaded each block (held in registers
     for both pairs and picked a block, they gave wrong rows and illegal addresses on the H100 from
     256 programs; forty-first run). USE_GDC (PDL, gdc.py): the kernel before waited for first, the
-    next released after the walk. PAGE_AHEAD (pointers, blocks inside one page): each step's page read a
-    step ahead, so no load inside the loop feeds the K / V addresses and the pipeliner can issue the K / V
-    copies a step ahead (the block-table load otherwise takes a stage of its own; fifty-sixth session)."""
+    next released after the walk."""
     gdc_wait(USE_GDC)
     bk = tl.program_id(0) * 2
     bA, hA, kvA, nA, posA, tA, headA, okA = _pair_rows(bk, n_pairs, cu_ptr, kv_lens_ptr, n_kv_heads, G, G_PAD,
@@ -356,9 +292,6 @@ def decode_pairs_kernel(
     offs = tl.arange(0, ATTN_BLK)
     ds = tl.arange(0, BLOCK_D)
     one = tl.where((tl.arange(0, 64)[:, None] == 0) & (offs[None, :] >= 0), 1.0, 0.0).to(q_ptr.dtype.element_ty)
-    tl.static_assert(not PAGE_AHEAD or (not TMA and PAGE % ATTN_BLK == 0), "PAGE_AHEAD: pointers, blocks in a page")
-    if PAGE_AHEAD:
-        page_next = _step_page(0, nA, nB, bA, bB, bt_ptr, stride_bt, PAGE, ATTN_BLK)
     for it in range(0, nA + nB):
         second = it >= nA
         j = tl.where(second, it - nA, it)
@@ -366,19 +299,10 @@ def decode_pairs_kernel(
         bt_row_ptr = bt_ptr + tl.where(second, bB, bA).to(tl.int64) * stride_bt
         qT = tl.load(q_ptr + tl.where(second, tB, tA)[None, :] * stride_qt + tl.where(second, headB, headA)[None, :]
                      * stride_qh + ds[:, None], mask=tl.where(second, okB, okA)[None, :], other=0.0)  # a load a block
-        if PAGE_AHEAD:
-            page = page_next
-            page_next = _step_page(it + 1, nA, nB, bA, bB, bt_ptr, stride_bt, PAGE, ATTN_BLK)
-            m_s, l_s, acc_s = _kv_page_step_t(qT, m_s, l_s, acc_s, page, j, tl.where(second, posB, posA),
-                                              tl.where(second, kvB, kvA), k_ptr, v_ptr, tl.where(second, hB, hA),
-                                              qk_scale, offs, ds, one, stride_kp, stride_ks, stride_kk, stride_vp,
-                                              stride_vs, stride_vk, PAGE, ATTN_BLK, PRECISION, True, L_SUM)
-        else:
-            m_s, l_s, acc_s = _kv_block_t(qT, m_s, l_s, acc_s, j, tl.where(second, posB, posA),
-                                          tl.where(second, kvB, kvA), k_ptr, v_ptr, bt_row_ptr,
-                                          tl.where(second, hB, hA), qk_scale, offs, ds, one, stride_kp, stride_ks,
-                                          stride_kk, stride_vp, stride_vs, stride_vk, PAGE, ATTN_BLK, PRECISION, True,
-                                          L_SUM, BLOCK_D, TMA)
+        m_s, l_s, acc_s = _kv_block_t(qT, m_s, l_s, acc_s, j, tl.where(second, posB, posA),
+                                      tl.where(second, kvB, kvA), k_ptr, v_ptr, bt_row_ptr, tl.where(second, hB, hA),
+                                      qk_scale, offs, ds, one, stride_kp, stride_ks, stride_kk, stride_vp, stride_vs,
+                                      stride_vk, PAGE, ATTN_BLK, PRECISION, True, L_SUM, BLOCK_D, TMA)
         if ((j + 1) % SPLIT_BLOCKS == 0) | (j == n - 1):  # a split's end, or the pair's (_walk_t's last merge)
             m, l, accT, m_s, l_s, acc_s = _end_split_t(m, l, accT, m_s, l_s, acc_s)
         if it == nA - 1:  # the first pair's state kept, the second's started as _walk_t starts one

@@ -29,9 +29,7 @@ a cached prefix before them): a KV block's TMA row comes from the sequence's blo
 rows sit at positions kv_len - q_len + t, and a block reaching past kv_len has its stale V rows
 zeroed in shared memory before the P V wgmma (the Triton kernel reads them as zeros; K's need
 nothing: their scores are masked). On by default on Hopper (paged_attention.GLUON_PAGED), bit-tested
-against the paged Triton kernel by tests/gpu/test_attention_gpu.py. Decode chunks can take `_fwd_kernel`'s
-64-row tile, whose 4 warps issue each slot's loads STAGES blocks ahead (paged_attention.GLUON_DECODE, off
-until timed against the Triton decode kernels; test_gluon_decode_bitwise).
+against the paged Triton kernel by tests/gpu/test_attention_gpu.py.
 
 No interpreter runs Gluon: the CPU tests never reach this module's kernels.
 """
@@ -49,7 +47,6 @@ _LN2 = gl.constexpr(0.6931471805599453)
 # releases tests/gpu ran them on; with any other the callers keep the Triton kernels (same bits).
 TESTED_TRITON = ("3.6.",)
 BLOCK_M = 128  # rows (token x head) a program: 64 a consumer warpgroup
-DECODE_BLOCK_M = 64  # rows of a decode program (paged_attention.GLUON_DECODE): `_fwd_kernel`, one warpgroup
 STAGES = 3  # K/V ring slots (s3 and s4 equal at 0.6B 16k; s4 1-2% faster at 8B 4k; gluon_fwd.py, 2026-12-04)
 LOAD_REGS = 24  # registers a thread of the producer warp
 CONSUMER_REGS = 240  # and of the consumer warps (168 x 12 warps fill an SM's register file)
@@ -435,17 +432,10 @@ def packed_attention_fwd(q_THD: torch.Tensor, k_TKD: torch.Tensor, v_TKD: torch.
 
 
 def _launch(q_THD, k_desc, v_desc, o, lse_HT, cu, kv_lens, table, stride_bt, max_q_len, qk_scale, K, split_blocks,
-            page, one_partition=False):
+            page):
     G = q_THD.shape[1] // K
     g_pad = triton.next_power_of_2(G)
     lse = lse_HT if lse_HT is not None else o  # unused without STORE_LSE
-    if one_partition:  # 64 rows, 4 warps that also issue the loads STAGES blocks ahead (decode's few rows)
-        grid = (triton.cdiv(max_q_len, DECODE_BLOCK_M // g_pad), (cu.shape[0] - 1) * K)
-        _fwd_kernel[grid](q_THD, k_desc, v_desc, o, lse, cu, kv_lens, table, qk_scale, K, q_THD.stride(0), o.stride(0),
-                          lse.stride(0), stride_bt, BLOCK_M=DECODE_BLOCK_M, G=G, G_PAD=g_pad,
-                          SPLIT_BLOCKS=split_blocks, STAGES=STAGES, STORE_LSE=lse_HT is not None, PAGE=page,
-                          num_warps=4)
-        return
     grid = (triton.cdiv(max_q_len, BLOCK_M // g_pad), (cu.shape[0] - 1) * K)
     _fwd_ws_kernel[grid](q_THD, k_desc, v_desc, o, lse, cu, kv_lens, table, qk_scale, K, q_THD.stride(0), o.stride(0),
                          lse.stride(0), stride_bt, BLOCK_M=BLOCK_M, G=G, G_PAD=g_pad, SPLIT_BLOCKS=split_blocks,
@@ -467,12 +457,11 @@ def paged_supported(q_THD: torch.Tensor, k_cache_PSKD: torch.Tensor, v_cache_PSK
 def paged_attention_fwd(q_THD: torch.Tensor, k_cache_PSKD: torch.Tensor, v_cache_PSKD: torch.Tensor,
                         cu_seqlens_q_B1: torch.Tensor, kv_lens_B: torch.Tensor, block_table_BP: torch.Tensor,
                         max_q_len: int, qk_scale: float, lse_HT: torch.Tensor | None, kv_block: int,
-                        kv_split: int, one_partition: bool = False) -> torch.Tensor:
+                        kv_split: int) -> torch.Tensor:
     """o [T, H, D] of causal GQA attention of query chunks over a paged K/V cache (the chunk of
     sequence b: queries cu[b] .. cu[b + 1], at positions kv_len - q_len + i; its keys the first
     kv_len of its pages), paged_attention's bits; lse_HT as packed_attention_fwd. The caller checked
-    `paged_supported`. one_partition: `_fwd_kernel`'s 64-row tile (decode) in place of the
-    warp-specialized 128-row one."""
+    `paged_supported`."""
     T, H, D = q_THD.shape
     P, S, K, _ = k_cache_PSKD.shape
     o = torch.empty((T, H, D), dtype=q_THD.dtype, device=q_THD.device)
@@ -485,5 +474,5 @@ def paged_attention_fwd(q_THD: torch.Tensor, k_cache_PSKD: torch.Tensor, v_cache
     table = block_table_BP.to(torch.int32).contiguous()
     _launch(q_THD, k_desc, v_desc, o, lse_HT, cu_seqlens_q_B1.to(torch.int32).contiguous(),
             kv_lens_B.to(torch.int32).contiguous(), table, table.stride(0), max(int(max_q_len), 1), qk_scale, K,
-            kv_split // kv_block, S, one_partition)
+            kv_split // kv_block, S)
     return o

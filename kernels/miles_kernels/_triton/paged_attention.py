@@ -95,14 +95,6 @@ WALK_SWAPPED_MIN_PAIRS = 512
 DECODE_PAIRS = 2
 DECODE_PAIRS_MIN = 512
 DECODE_PAIRS_MAX = 1024
-# decode_pairs_kernel (and decode_kernel's one-loop walk, B >= 128) with each step's page read a step ahead
-# (PAGE_AHEAD; pointers, pages of whole KV blocks), launched at 3 stages: the block-table load then takes no
-# pipeline stage of its own, so the K / V copies run a full step ahead with three buffers (decode_pairs_kernel:
-# 112,896 B shared, two programs an SM) where today's are issued after a block's arithmetic and drained at the
-# loop's head (SASS compiled offline with triton 3.6, fifty-sixth session; ncu on the H100: 32% of the stall
-# samples there). The same bits. Off until timed (gpu_checks.sh decodeab; attn_sweep.py --pairs, `2pP3s`);
-# MILES_DECODE_PAGE_AHEAD=1 turns it on.
-DECODE_PAGE_AHEAD = launch._switch("MILES_DECODE_PAGE_AHEAD", "0", "decode pages read a step ahead")
 _LOG2E = 1.4426950408889634
 # K/V read by TMA tensor descriptors instead of pointers (same values, same bits; D a power of
 # two, 16-byte aligned rows; on CUDA 16-bit dtypes): packed K/V (training: measured 2-4% faster,
@@ -123,12 +115,6 @@ GLUON_FWD = True
 # (kernel_ops.py): 8B L=16384 page 64 4.49 ms against the paged Triton kernel's 5.70, SDPA's default
 # (cuDNN) 3.54.
 GLUON_PAGED = True
-# Decode chunks (the short walk) by the same Gluon kernel in its one-partition form (gluon_attention._fwd_kernel,
-# 64 rows, 4 warps issuing each ring slot's TMA loads STAGES blocks ahead), where decode_pairs_kernel's pipeliner
-# issues the next block's copies after the block's arithmetic and drains them at the loop's head (ncu, H100
-# fifty-sixth run: 32% of the stall samples). The same bits (the Gluon kernel's 1-token chunks are bit-tested).
-# Off until timed against the Triton decode (gpu_checks.sh decodeab; attn_sweep.py --pairs, `gl`); MILES_GLUON_DECODE=1.
-GLUON_DECODE = launch._switch("MILES_GLUON_DECODE", "0", "decode attention by the Gluon kernel")
 
 
 @triton.jit
@@ -444,14 +430,12 @@ def attention(
     bt = block_table_BP.to(torch.int32).contiguous()
     n_splits = triton.cdiv(bt.shape[1] * S, KV_SPLIT)  # host-known upper bound: no sync, graph-safe
     walk = "decode" if _short(max_q_len, q_THD.dtype, H // K) else "prefill"
-    gluon = GLUON_PAGED if walk == "prefill" else GLUON_DECODE
-    if gluon and ROW_SUM == "fixed" and q_THD.is_cuda and T and B:
+    if walk == "prefill" and GLUON_PAGED and ROW_SUM == "fixed" and q_THD.is_cuda and T and B:
         ga = gluon_module("gluon_attention")
         if ga is not None and ga.paged_supported(q_THD, k_cache_PSKD, v_cache_PSKD, KV_BLOCK):
             _check_scale(scale)
             return ga.paged_attention_fwd(q_THD, k_cache_PSKD, v_cache_PSKD, cu_seqlens_q_B1, kv_lens_B, bt,
-                                          max(int(max_q_len), 1), scale * _LOG2E, lse_HT, KV_BLOCK, KV_SPLIT,
-                                          walk == "decode")
+                                          max(int(max_q_len), 1), scale * _LOG2E, lse_HT, KV_BLOCK, KV_SPLIT)
     return _launch(q_THD, k_cache_PSKD, v_cache_PSKD, cu_seqlens_q_B1, kv_lens_B.to(torch.int32).contiguous(), bt,
                    max_q_len, scale, lse_HT, S, n_splits, (k_cache_PSKD.stride(0), v_cache_PSKD.stride(0)),
                    _kv_descriptors(k_cache_PSKD, v_cache_PSKD, PAGED_KV_TMA[walk] and S % KV_BLOCK == 0))
@@ -546,12 +530,12 @@ def _decode_pairs(pairs: int) -> int:
     return DECODE_PAIRS if DECODE_PAIRS_MIN <= pairs < DECODE_PAIRS_MAX else 1
 
 
-def _swapped_launch(pairs: int, one_loop: bool, page_ahead: bool = False) -> dict:
+def _swapped_launch(pairs: int, one_loop: bool) -> dict:
     """The swapped decode tile's launch options (num_warps, num_stages, maybe maxnreg):
-    _SWAPPED_LAUNCH, or its rule (3 stages for DECODE_PAGE_AHEAD's walk: three K / V buffers)."""
+    _SWAPPED_LAUNCH, or its rule."""
     if _SWAPPED_LAUNCH is not None:
         return dict(zip(("num_warps", "num_stages", "maxnreg"), _SWAPPED_LAUNCH))
-    return dict(num_warps=4, num_stages=3 if page_ahead or (one_loop and pairs < SWAPPED_DEEP_PAIRS) else 2)
+    return dict(num_warps=4, num_stages=3 if one_loop and pairs < SWAPPED_DEEP_PAIRS else 2)
 
 
 def _launch(q_THD, k4, v4, cu_seqlens, kv_lens, bt, max_q_len: int, scale: float, lse_HT, page: int,
@@ -599,11 +583,9 @@ def _launch(q_THD, k4, v4, cu_seqlens, kv_lens, bt, max_q_len: int, scale: float
     kv = kv_descs if kv_descs is not None else (k4, v4)
     if short and D == block_d >= 16 and _swapped_tile(B * K):
         one_loop = _one_loop(True, B * K)
-        page_ahead = (DECODE_PAGE_AHEAD and one_loop and not split_parallel and kv_descs is None
-                      and page % KV_BLOCK == 0)
-        opts = _swapped_launch(B * K, one_loop and not split_parallel, page_ahead)
+        opts = _swapped_launch(B * K, one_loop and not split_parallel)
         if one_loop and not split_parallel and _decode_pairs(B * K) == 2:
-            opts = opts if _SWAPPED_LAUNCH is not None else dict(num_warps=4, num_stages=3 if page_ahead else 2)
+            opts = opts if _SWAPPED_LAUNCH is not None else dict(num_warps=4, num_stages=2)
             decode_pairs_kernel[(triton.cdiv(B * K, 2),)](
                 q_THD, *kv, o_THD, lse, cu, kv_lens, bt, scale * _LOG2E, K, B * K,
                 q_THD.stride(0), q_THD.stride(1), o_THD.stride(0), o_THD.stride(1), lse.stride(0),
@@ -611,8 +593,7 @@ def _launch(q_THD, k4, v4, cu_seqlens, kv_lens, bt, max_q_len: int, scale: float
                 G=G, G_PAD=g_pad, ROWS=max(16, triton.next_power_of_2(max_q_len * g_pad)), BLOCK_D=block_d, PAGE=page,
                 ATTN_BLK=KV_BLOCK, SPLIT_BLOCKS=KV_SPLIT // KV_BLOCK,
                 PRECISION="ieee" if q_THD.dtype == torch.float32 else "tf32", STORE_LSE=lse_HT is not None,
-                L_SUM=ROW_SUM, TMA=kv_descs is not None, USE_GDC=launch.gdc_rows(q_THD, B), PAGE_AHEAD=page_ahead,
-                **opts,
+                L_SUM=ROW_SUM, TMA=kv_descs is not None, USE_GDC=launch.gdc_rows(q_THD, B), **opts,
             )
             return o_THD
         decode_kernel[(B * K, split_programs if split_parallel else 1)](
@@ -622,8 +603,7 @@ def _launch(q_THD, k4, v4, cu_seqlens, kv_lens, bt, max_q_len: int, scale: float
             G=G, G_PAD=g_pad, ROWS=max(16, triton.next_power_of_2(max_q_len * g_pad)), BLOCK_D=block_d, PAGE=page,
             ATTN_BLK=KV_BLOCK, SPLIT_BLOCKS=KV_SPLIT // KV_BLOCK, SPLIT_PARALLEL=split_parallel, PART_ROWS=part_rows,
             PRECISION="ieee" if q_THD.dtype == torch.float32 else "tf32", STORE_LSE=lse_HT is not None,
-            L_SUM=ROW_SUM, ONE_LOOP=one_loop, TMA=kv_descs is not None, USE_GDC=launch.gdc_rows(q_THD, B),
-            PAGE_AHEAD=page_ahead, **opts,
+            L_SUM=ROW_SUM, ONE_LOOP=one_loop, TMA=kv_descs is not None, USE_GDC=launch.gdc_rows(q_THD, B), **opts,
         )
     else:
         _attn_kernel[(triton.cdiv(max_q_len, tok_per_tile), B * K, split_programs if split_parallel else 1)](
