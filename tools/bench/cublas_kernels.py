@@ -36,9 +36,10 @@ def kernels_of(fn) -> list[dict]:
             fn()
         torch.cuda.synchronize()
     seen: dict[str, list[float]] = {}
-    for e in prof.events():
-        if e.device_type == torch.autograd.DeviceType.CUDA and e.device_time > 0 and "memcpy" not in e.name.lower():
-            seen.setdefault(e.name, []).append(e.device_time)
+    for e in prof.events():  # the kernels themselves (device-side events), not the CPU ops that launched them
+        us = e.time_range.elapsed_us()
+        if e.device_type == torch.autograd.DeviceType.CUDA and us > 0 and "memcpy" not in e.name.lower():
+            seen.setdefault(e.name, []).append(us)
     return [dict(name=n, calls=len(t), us=sorted(t)[len(t) // 2]) for n, t in seen.items()]
 
 
@@ -63,6 +64,8 @@ def main() -> None:
                 row = dict(model=model, M=m, N=n, K=k, cublas=kernels_of(lambda: F.linear(x, nxt())),  # noqa: B023
                            ours=kernels_of(lambda: mk.linear(x, nxt())))  # noqa: B023
                 for side in ("cublas", "ours"):
+                    if not row[side]:
+                        raise SystemExit(f"cublas_kernels: the profiler saw no {side} kernel at M {m} N {n} K {k}")
                     row[f"{side}_us"] = sum(kk["us"] * kk["calls"] / CALLS for kk in row[side])
                 rows.append(row)
                 print(f"{model:4} M={m:4} N={n:5} K={k:5}  cuBLAS {row['cublas_us']:6.1f} us"
