@@ -6,6 +6,7 @@
     PYTHONPATH=src:kernels python tools/bench/linear_sweep.py --which mid_cold --out mid.json  # M 128-512
     PYTHONPATH=src:kernels python tools/bench/linear_sweep.py --which upper --out upper.json  # M 256-2048, wide tiles
     PYTHONPATH=src:kernels python tools/bench/linear_sweep.py --which stages --out stages.json  # M 128-512, 4 vs 5
+    PYTHONPATH=src:kernels python tools/bench/linear_sweep.py --which warps --out warps.json  # M 128-512, 128x64 w8
 
 Every candidate must give the reference tile's bits (same BLOCK_K walk); only those are timed,
 launched from Python (ms, what eager code pays) and replayed from a CUDA graph (graph_ms, the
@@ -95,6 +96,13 @@ UPPER_CFG = [T(0, 128, 256, 64, 8, 8, 3, True), T(0, 128, 128, 64, 8, 8, 5, True
              T(0, 128, 64, 64, 8, 4, 4, True), T(0, 128, 64, 64, 8, 4, 5, True), T(0, 64, 128, 64, 8, 4, 4, True),
              T(0, 64, 64, 64, 1, 4, 6), T(0, 64, 64, 64, 8, 4, 6, True)]
 
+# M 128-512 on the shapes still short of cuBLAS (8B: 0.70-0.86x, fifty-second run): the 128x64 TMA tile, which
+# makes ~one wave at N 4,096, with two consumer warpgroups (8 warps, a 64 x 64 wgmma each) against the shipped one
+# (4 warps: one warpgroup, two m64 wgmmas a k step), beside the shipped 128x128; weights cold.
+WARPS = [(m, n, k) for m in (128, 256, 512) for (n, k) in ((4096, 1024), (6144, 1024), (6144, 4096), (4096, 4096),
+                                                           (24576, 4096), (4096, 12288))]
+WARPS_CFG = [T(0, 128, 64, 64, 8, w, s, True) for w in (4, 8) for s in (4, 5, 6)] + [T(0, 128, 128, 64, 8, 8, 5, True)]
+
 # M 128-512, the small-M rule's 128-row tiles at 4 and 5 stages, by TMA (linear) and by pointers (what linears and
 # swiglu run for q|k|v and gate|up at M <= SMALL_M, summed N here), weights cold: 5 stages read 0.02-0.10 of cuBLAS
 # faster by TMA in the H100 thirty-fourth run; the pointer launches at 5 were not timed.
@@ -177,8 +185,8 @@ def main():
         shapes, cfgs = dict(check=(CHECK, CHECK_CFG), small=(SMALL, SMALL_CFG), mid=(MID, MID_CFG), large=(LARGE, LARGE_CFG),
                              decode=(DECODE, DECODE_CFG), train=(TRAIN, TRAIN_CFG), cold=(COLD, COLD_CFG),
                              unroll=(COLD, UNROLL_CFG), mid_cold=(MID_COLD, MID_COLD_CFG), upper=(UPPER, UPPER_CFG),
-                             stages=(STAGES, STAGES_CFG))[wh]
-        run(shapes, cfgs, peak, rows, cold=wh in ("cold", "unroll", "mid_cold", "upper", "stages"))
+                             stages=(STAGES, STAGES_CFG), warps=(WARPS, WARPS_CFG))[wh]
+        run(shapes, cfgs, peak, rows, cold=wh in ("cold", "unroll", "mid_cold", "upper", "stages", "warps"))
         json.dump(rows, open(a.out, "w"), indent=1)
 
 
