@@ -15,6 +15,8 @@
 #              training forward per tile, the engine's paged caches, registers and spills (kernel_regs)
 #   cublas     (not in the default list) the kernels cuBLAS runs for the decode linears at M 64-512 (split-K,
 #              tiles; tools/bench/cublas_kernels.py), ours beside them, weights cold
+#   warps      (not in the default list) the 128x64 TMA linear tile with 8 warps against 4 at M 128-512
+#              (linear_sweep.py --which warps: bits against the reference tile, graph-timed, weights cold)
 #   ws         (not in the default list) whether Triton's Hopper warp specialization pays for an attention
 #              forward walked like ours (tools/bench/ws_probe.py: plain / specialized / specialized with
 #              2-block splits, vs flash)
@@ -280,6 +282,7 @@ g.gc = types.SimpleNamespace(isenabled=gc.isenabled, disable=lambda: None, enabl
 rc = pytest.main(['-q', '-o', 'addopts=', 'tests/gpu/test_engine_gpu.py', '-k', 'garbage_waiting'])
 print('guard out: the capture test must fail (rc 1), rc', int(rc)); sys.exit(0 if rc == 1 else 1)" ;;
         cublas) run cublas_kernels python3 tools/bench/cublas_kernels.py --out "$out/cublas_kernels.json" ;;
+        warps) run linear_warps python3 tools/bench/linear_sweep.py --which warps --out "$out/linear_warps.json" ;;
         ws) run ws_probe python3 tools/bench/ws_probe.py "$out/ws_probe.json" ;;
         gluon) for p in fwd dkdv dq; do
                    run gluon_$p timeout 300 python3 tools/bench/gluon_$p.py --out "$out/gluon_$p.json"
@@ -289,7 +292,7 @@ print('guard out: the capture test must fail (rc 1), rc', int(rc)); sys.exit(0 i
              run attn_tma python3 tools/bench/attn_sweep.py "$out/attn_tma.json" --tma --tiles
              run attn_tma_paged python3 tools/bench/attn_sweep.py "$out/attn_tma_paged.json" --tma-paged
              run kernel_regs python3 tools/bench/kernel_regs.py "$out/kernel_regs.json" ;;
-        *) echo "unknown step $step (tests scale kernels engine engine_host train rl_step spec profile sweep moe tma queued linears grouped fast sampler persistent topp pairs pdlrows capture cublas ws gluon optim)"
+        *) echo "unknown step $step (tests scale kernels engine engine_host train rl_step spec profile sweep moe tma queued linears grouped fast sampler persistent topp pairs pdlrows capture cublas warps ws gluon optim)"
            exit 2 ;;
     esac
 done
