@@ -2,7 +2,7 @@
 
 Our linear walks all of K in one program a tile (no split-K: the K order must not change with M). Where it is
 short of cuBLAS at M 128-512 the question is what cuBLAS does there: split-K (a reduce kernel after the GEMM, or
-a split in the kernel's name), a stream-K schedule, clusters, which tile. This profiles one call of each with the
+a split in the kernel's name), a stream-K schedule, clusters, which tile. This profiles eight calls of each with the
 weights cold (each call reads a copy the last calls left out of L2, as the decode step meets them) and prints,
 a shape a line, the kernels of each side with their device us, then writes JSON.
 
