@@ -85,8 +85,8 @@ def check_linear_tile_buckets() -> None:
 
 def check_linear_tma_buckets() -> None:
     """The persistent TMA kernel (tile.tma): accurate, rows invariant across its buckets, and a
-    misaligned tensor falls back to the pointer kernel, and TMA and pointer kernels with the
-    same K walk give the same bits (the harness's dot sums K in a fixed order)."""
+    misaligned tensor falls back to the pointer kernel, and TMA (its K walk warp-specialized or not)
+    and pointer kernels with the same K walk give the same bits (the harness's dot sums K in a fixed order)."""
     from miles_kernels._triton import matmul as lin
 
     saved = lin.LINEAR_TILES[torch.float32]
@@ -95,6 +95,7 @@ def check_linear_tma_buckets() -> None:
         lin.Tile(8, 16, 32, 32, 2, 4, 2, True),
         lin.Tile(1 << 62, 32, 16, 32, 2, 4, 2, True),
     )
+    saved_tiles = lin.LINEAR_TILES[torch.float32]
     try:
         g = torch.Generator().manual_seed(9)
         x = torch.randn(40, 96, generator=g)
@@ -106,7 +107,9 @@ def check_linear_tma_buckets() -> None:
             _same(lin.linear(x[rows], w, b), y[rows], f"tma linear rows {rows} in another bucket")
         w70 = w[:70].contiguous()  # 280-byte rows: not TMA-aligned, pointer fallback
         _close(lin.linear(x, w70), x.double() @ w70.double().T, "tma tile, misaligned fallback", atol=1e-4)
-        lin.LINEAR_TILES[torch.float32] = tuple(t._replace(tma=False) for t in lin.LINEAR_TILES[torch.float32])
+        lin.LINEAR_TILES[torch.float32] = tuple(t._replace(ws=True) for t in saved_tiles)
+        _same(lin.linear(x, w, b), y, "tma kernel with its K walk warp-specialized (Tile.ws)")
+        lin.LINEAR_TILES[torch.float32] = tuple(t._replace(tma=False) for t in saved_tiles)
         _same(lin.linear(x, w, b), y, "pointer kernel vs tma kernel, same tiles")
     finally:
         lin.LINEAR_TILES[torch.float32] = saved

@@ -7,6 +7,7 @@
     PYTHONPATH=src:kernels python tools/bench/linear_sweep.py --which upper --out upper.json  # M 256-2048, wide tiles
     PYTHONPATH=src:kernels python tools/bench/linear_sweep.py --which stages --out stages.json  # M 128-512, 4 vs 5
     PYTHONPATH=src:kernels python tools/bench/linear_sweep.py --which warps --out warps.json  # M 128-512, 128x64 w8
+    PYTHONPATH=src:kernels python tools/bench/linear_sweep.py --which wslin --out wslin.json  # M 64-512, Tile.ws
 
 Every candidate must give the reference tile's bits (same BLOCK_K walk); only those are timed,
 launched from Python (ms, what eager code pays) and replayed from a CUDA graph (graph_ms, the
@@ -101,7 +102,22 @@ UPPER_CFG = [T(0, 128, 256, 64, 8, 8, 3, True), T(0, 128, 128, 64, 8, 8, 5, True
 # (4 warps: one warpgroup, two m64 wgmmas a k step), beside the shipped 128x128; weights cold.
 WARPS = [(m, n, k) for m in (128, 256, 512) for (n, k) in ((4096, 1024), (6144, 1024), (6144, 4096), (4096, 4096),
                                                            (24576, 4096), (4096, 12288))]
-WARPS_CFG = [T(0, 128, 64, 64, 8, w, s, True) for w in (4, 8) for s in (4, 5, 6)] + [T(0, 128, 128, 64, 8, 8, 5, True)]
+# The 256-row tiles (8 warps, a 128-row half a warpgroup) read x once a column tile at M 256: half the L2 bytes a
+# FLOP of the 128-row ones, at half the CTAs (gate|up at M 256: 192-384 CTAs; q|k|v, o, down 48-96). Offline
+# (triton 3.6, sm_90a): 256x64 at 4 stages 196,640 B shared, 256x128 at 3 213,016 B; one stage more passes 227 KB.
+WARPS_CFG = ([T(0, 128, 64, 64, 8, w, s, True) for w in (4, 8) for s in (4, 5, 6)] + [T(0, 128, 128, 64, 8, 8, 5, True)]
+             + [T(0, 256, 64, 64, 8, 8, s, True) for s in (3, 4)] + [T(0, 256, 128, 64, 8, 8, 3, True)])
+
+# Triton's warp specialization of the TMA linear's K walk (Tile.ws: a TMA producer and two consumer warpgroups,
+# 12 warps; triton 3.6 specializes 64-row tiles at 4 warps, not 128-row ones) at M 64-512 on the 0.6B / 8B
+# shapes, beside the shipped picks (M 64: the 64-row pointer tiles at two BLOCK_K steps an iteration; M 128-512:
+# the 128-row TMA tiles); weights cold. The same dots in the same order, so `same` must read 1.
+WSLIN = [(m, n, k) for m in (64, 128, 256, 512) for (n, k) in ((4096, 1024), (1024, 2048), (6144, 1024), (1024, 3072),
+                                                                (6144, 4096), (4096, 4096), (24576, 4096), (4096, 12288))]
+WSLIN_CFG = ([T(0, 64, 32, 64, 1, 4, 6, k_unroll=2), T(0, 64, 16, 64, 1, 4, 8, k_unroll=2),
+              T(0, 128, 64, 64, 8, 4, 5, True), T(0, 128, 128, 64, 8, 8, 5, True)]
+             + [T(0, 64, n, 64, 8, 4, s, True, ws=True) for (n, s) in ((16, 8), (32, 6), (64, 4), (64, 6), (128, 3),
+                                                                       (128, 4))])
 
 # M 128-512, the small-M rule's 128-row tiles at 4 and 5 stages, by TMA (linear) and by pointers (what linears and
 # swiglu run for q|k|v and gate|up at M <= SMALL_M, summed N here), weights cold: 5 stages read 0.02-0.10 of cuBLAS
@@ -165,7 +181,7 @@ def run(shapes, cfgs, peak, rows, cold: bool = False):
                              base_graph_ms=base_graph, tflops=tf, gbps=gbs))
             xg = f"{base_graph / t_graph:.2f}" if base_graph and t_graph else "-"
             print(f"M={M:5} N={N:6} K={K:6} bm={c.block_m:3} bn={c.block_n:3} bk={c.block_k:3} w={c.num_warps} "
-                  f"s={c.num_stages:2} u={c.k_unroll} "
+                  f"s={c.num_stages:2} u={c.k_unroll} ws={int(c.ws)} "
                   f"tma={int(c.tma)} same={int(same)} ms={t:.4f} x_cublas={base / t:.2f} graph_ms={dev:.4f} "
                   f"x_cublas_graph={xg} TF={tf:6.1f} GB/s={gbs:6.0f} hbm%={100 * gbs / peak:4.0f}", flush=True)
 
@@ -185,8 +201,8 @@ def main():
         shapes, cfgs = dict(check=(CHECK, CHECK_CFG), small=(SMALL, SMALL_CFG), mid=(MID, MID_CFG), large=(LARGE, LARGE_CFG),
                              decode=(DECODE, DECODE_CFG), train=(TRAIN, TRAIN_CFG), cold=(COLD, COLD_CFG),
                              unroll=(COLD, UNROLL_CFG), mid_cold=(MID_COLD, MID_COLD_CFG), upper=(UPPER, UPPER_CFG),
-                             stages=(STAGES, STAGES_CFG), warps=(WARPS, WARPS_CFG))[wh]
-        run(shapes, cfgs, peak, rows, cold=wh in ("cold", "unroll", "mid_cold", "upper", "stages", "warps"))
+                             stages=(STAGES, STAGES_CFG), warps=(WARPS, WARPS_CFG), wslin=(WSLIN, WSLIN_CFG))[wh]
+        run(shapes, cfgs, peak, rows, cold=wh in ("cold", "unroll", "mid_cold", "upper", "stages", "warps", "wslin"))
         json.dump(rows, open(a.out, "w"), indent=1)
 
 

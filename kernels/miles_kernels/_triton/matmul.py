@@ -31,6 +31,7 @@ class Tile(NamedTuple):
     num_stages: int
     tma: bool = False  # TMA descriptors (linear: a persistent grid too; aligned tensors): same bits as pointers
     k_unroll: int = 1  # pointer kernels: BLOCK_K steps a loop iteration (the same dots in the same order)
+    ws: bool = False  # TMA linear: Triton's warp specialization of the K walk (a TMA producer, two consumers)
 
 
 _BIG = 1 << 62
@@ -241,11 +242,11 @@ def _linear_kernel(
 
 @triton.jit
 def _tma_k_walk(x_desc, w_desc, off_m, off_n, K, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                BLOCK_K: tl.constexpr, PRECISION: tl.constexpr):
+                BLOCK_K: tl.constexpr, PRECISION: tl.constexpr, WS: tl.constexpr = False):
     """_k_walk by TMA: the tile at (off_m, off_n), K from 0 in BLOCK_K steps, fp32 acc. TMA zero-fills
     rows past the end and the K tail as the masked loads do, so the bits are the pointer walk's."""
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
+    for k0 in tl.range(0, K, BLOCK_K, warp_specialize=WS):
         acc = tl.dot(x_desc.load([off_m, k0]), w_desc.load([off_n, k0]).T, acc, input_precision=PRECISION)
     return acc
 
@@ -256,19 +257,22 @@ def _linear_tma_kernel(
     x_desc, w_desc, y_desc, b_ptr, M, N, K,
     HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr, PRECISION: tl.constexpr, NUM_PROGRAMS: tl.constexpr, USE_GDC: tl.constexpr = False,
+    WS: tl.constexpr = False,
 ):
     # Persistent: program p computes tiles p, p + NUM_PROGRAMS, ... in grouped order. A tile is
     # computed exactly as in _linear_kernel (K from 0 in BLOCK_K steps, fp32 acc); TMA zero-fills
     # out-of-bounds rows and the K tail as the masked loads do, and clips the store. USE_GDC (PDL,
     # gdc.py; launch.PDL_TMA): the wait before the loop, the release after the program's last K walk.
+    # WS: the K walk warp-specialized (Triton 3.6 specializes it at 64-row tiles and 4 warps: a TMA producer
+    # and two consumer warpgroups); the tile loop is then not flattened. The same dots in the same order.
     n_tiles_m = tl.cdiv(M, BLOCK_M)
     n_tiles_n = tl.cdiv(N, BLOCK_N)
     gdc_wait(USE_GDC)
-    for tile in tl.range(tl.program_id(0), n_tiles_m * n_tiles_n, NUM_PROGRAMS, flatten=True):
+    for tile in tl.range(tl.program_id(0), n_tiles_m * n_tiles_n, NUM_PROGRAMS, flatten=not WS):
         tile_m, tile_n = _grouped_order(tile, n_tiles_m, n_tiles_n, GROUP_M)
         off_m = tile_m * BLOCK_M
         off_n = tile_n * BLOCK_N
-        acc = _tma_k_walk(x_desc, w_desc, off_m, off_n, K, BLOCK_M, BLOCK_N, BLOCK_K, PRECISION)
+        acc = _tma_k_walk(x_desc, w_desc, off_m, off_n, K, BLOCK_M, BLOCK_N, BLOCK_K, PRECISION, WS)
         release_after_last(tile, n_tiles_m * n_tiles_n, NUM_PROGRAMS, USE_GDC)
         y = acc.to(y_desc.dtype)
         if HAS_BIAS:
@@ -308,7 +312,7 @@ def _launch_linear(x_MK, w_NK, b_N, y_MN, t: Tile) -> None:
             x_d, w_d, y_d, b_N if b_N is not None else y_MN, M, N, K,
             HAS_BIAS=b_N is not None, BLOCK_M=t.block_m, BLOCK_N=t.block_n, BLOCK_K=t.block_k,
             GROUP_M=t.group_m, PRECISION=precision, NUM_PROGRAMS=n_prog, USE_GDC=launch.PDL_TMA and x_MK.is_cuda,
-            num_warps=t.num_warps, num_stages=t.num_stages,
+            WS=t.ws, num_warps=t.num_warps, num_stages=t.num_stages,
         )
         return
     grid = (triton.cdiv(M, t.block_m) * triton.cdiv(N, t.block_n),)
