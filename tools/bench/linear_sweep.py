@@ -7,7 +7,7 @@
     PYTHONPATH=src:kernels python tools/bench/linear_sweep.py --which upper --out upper.json  # M 256-2048, wide tiles
     PYTHONPATH=src:kernels python tools/bench/linear_sweep.py --which stages --out stages.json  # M 128-512, 4 vs 5
     PYTHONPATH=src:kernels python tools/bench/linear_sweep.py --which warps --out warps.json  # M 128-512, 128x64 w8
-    PYTHONPATH=src:kernels python tools/bench/linear_sweep.py --which wslin --out wslin.json  # M 64-512, Tile.ws
+    PYTHONPATH=src:kernels python tools/bench/linear_sweep.py --which wslin,wslin64 --out wslin.json  # Tile.ws
 
 Every candidate must give the reference tile's bits (same BLOCK_K walk); only those are timed,
 launched from Python (ms, what eager code pays) and replayed from a CUDA graph (graph_ms, the
@@ -108,16 +108,19 @@ WARPS = [(m, n, k) for m in (128, 256, 512) for (n, k) in ((4096, 1024), (6144, 
 WARPS_CFG = ([T(0, 128, 64, 64, 8, w, s, True) for w in (4, 8) for s in (4, 5, 6)] + [T(0, 128, 128, 64, 8, 8, 5, True)]
              + [T(0, 256, 64, 64, 8, 8, s, True) for s in (3, 4)] + [T(0, 256, 128, 64, 8, 8, 3, True)])
 
-# Triton's warp specialization of the TMA linear's K walk (Tile.ws: a TMA producer and two consumer warpgroups,
-# 12 warps; triton 3.6 specializes 64-row tiles at 4 warps, not 128-row ones) at M 64-512 on the 0.6B / 8B
-# shapes, beside the shipped picks (M 64: the 64-row pointer tiles at two BLOCK_K steps an iteration; M 128-512:
-# the 128-row TMA tiles); weights cold. The same dots in the same order, so `same` must read 1.
-WSLIN = [(m, n, k) for m in (64, 128, 256, 512) for (n, k) in ((4096, 1024), (1024, 2048), (6144, 1024), (1024, 3072),
-                                                                (6144, 4096), (4096, 4096), (24576, 4096), (4096, 12288))]
-WSLIN_CFG = ([T(0, 64, 32, 64, 1, 4, 6, k_unroll=2), T(0, 64, 16, 64, 1, 4, 8, k_unroll=2),
-              T(0, 128, 64, 64, 8, 4, 5, True), T(0, 128, 128, 64, 8, 8, 5, True)]
-             + [T(0, 64, n, 64, 8, 4, s, True, ws=True) for (n, s) in ((16, 8), (32, 6), (64, 4), (64, 6), (128, 3),
-                                                                       (128, 4))])
+# The warp-specialized TMA linear (Tile.ws: _linear_ws_kernel, a TMA producer and two consumer warpgroups, 12
+# warps from num_warps=4; offline every tile below specializes) against the shipped picks, weights cold: M 128-512
+# (shipped: 128x64 w4 s5 and 128x128 w8 s5 by TMA) on the 0.6B / 8B shapes, and M 64 (shipped: the 64-row pointer
+# tiles at two BLOCK_K steps an iteration) with the 64-row ones. The same dots in the same order: `same` must read 1.
+_WS_SHAPES = ((4096, 1024), (1024, 2048), (6144, 1024), (1024, 3072), (6144, 4096), (4096, 4096), (24576, 4096),
+              (4096, 12288))
+WSLIN = [(m, n, k) for m in (128, 256, 512) for (n, k) in _WS_SHAPES]
+WSLIN_CFG = ([T(0, 128, 64, 64, 8, 4, 5, True), T(0, 128, 128, 64, 8, 8, 5, True)]
+             + [T(0, bm, bn, 64, 8, 4, s, True, ws=True) for (bm, bn, s) in ((64, 64, 6), (128, 64, 5), (128, 64, 6),
+                                                                             (128, 128, 4), (128, 128, 5), (128, 256, 3))])
+WSLIN64 = [(64, n, k) for (n, k) in _WS_SHAPES]
+WSLIN64_CFG = ([T(0, 64, 32, 64, 1, 4, 6, k_unroll=2), T(0, 64, 16, 64, 1, 4, 8, k_unroll=2)]
+               + [T(0, 64, bn, 64, 1, 4, s, True, ws=True) for (bn, s) in ((16, 8), (32, 8), (64, 6))])
 
 # M 128-512, the small-M rule's 128-row tiles at 4 and 5 stages, by TMA (linear) and by pointers (what linears and
 # swiglu run for q|k|v and gate|up at M <= SMALL_M, summed N here), weights cold: 5 stages read 0.02-0.10 of cuBLAS
@@ -201,8 +204,10 @@ def main():
         shapes, cfgs = dict(check=(CHECK, CHECK_CFG), small=(SMALL, SMALL_CFG), mid=(MID, MID_CFG), large=(LARGE, LARGE_CFG),
                              decode=(DECODE, DECODE_CFG), train=(TRAIN, TRAIN_CFG), cold=(COLD, COLD_CFG),
                              unroll=(COLD, UNROLL_CFG), mid_cold=(MID_COLD, MID_COLD_CFG), upper=(UPPER, UPPER_CFG),
-                             stages=(STAGES, STAGES_CFG), warps=(WARPS, WARPS_CFG), wslin=(WSLIN, WSLIN_CFG))[wh]
-        run(shapes, cfgs, peak, rows, cold=wh in ("cold", "unroll", "mid_cold", "upper", "stages", "warps", "wslin"))
+                             stages=(STAGES, STAGES_CFG), warps=(WARPS, WARPS_CFG), wslin=(WSLIN, WSLIN_CFG),
+                             wslin64=(WSLIN64, WSLIN64_CFG))[wh]
+        run(shapes, cfgs, peak, rows, cold=wh in ("cold", "unroll", "mid_cold", "upper", "stages", "warps", "wslin",
+                                                  "wslin64"))
         json.dump(rows, open(a.out, "w"), indent=1)
 
 

@@ -31,7 +31,7 @@ class Tile(NamedTuple):
     num_stages: int
     tma: bool = False  # TMA descriptors (linear: a persistent grid too; aligned tensors): same bits as pointers
     k_unroll: int = 1  # pointer kernels: BLOCK_K steps a loop iteration (the same dots in the same order)
-    ws: bool = False  # TMA linear: Triton's warp specialization of the K walk (a TMA producer, two consumers)
+    ws: bool = False  # with tma: the warp-specialized persistent kernel (_linear_ws_kernel), the same dots
 
 
 _BIG = 1 << 62
@@ -242,11 +242,11 @@ def _linear_kernel(
 
 @triton.jit
 def _tma_k_walk(x_desc, w_desc, off_m, off_n, K, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                BLOCK_K: tl.constexpr, PRECISION: tl.constexpr, WS: tl.constexpr = False):
+                BLOCK_K: tl.constexpr, PRECISION: tl.constexpr):
     """_k_walk by TMA: the tile at (off_m, off_n), K from 0 in BLOCK_K steps, fp32 acc. TMA zero-fills
     rows past the end and the K tail as the masked loads do, so the bits are the pointer walk's."""
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in tl.range(0, K, BLOCK_K, warp_specialize=WS):
+    for k0 in range(0, K, BLOCK_K):
         acc = tl.dot(x_desc.load([off_m, k0]), w_desc.load([off_n, k0]).T, acc, input_precision=PRECISION)
     return acc
 
@@ -257,22 +257,19 @@ def _linear_tma_kernel(
     x_desc, w_desc, y_desc, b_ptr, M, N, K,
     HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr, PRECISION: tl.constexpr, NUM_PROGRAMS: tl.constexpr, USE_GDC: tl.constexpr = False,
-    WS: tl.constexpr = False,
 ):
     # Persistent: program p computes tiles p, p + NUM_PROGRAMS, ... in grouped order. A tile is
     # computed exactly as in _linear_kernel (K from 0 in BLOCK_K steps, fp32 acc); TMA zero-fills
     # out-of-bounds rows and the K tail as the masked loads do, and clips the store. USE_GDC (PDL,
     # gdc.py; launch.PDL_TMA): the wait before the loop, the release after the program's last K walk.
-    # WS: the K walk warp-specialized (Triton 3.6 specializes it at 64-row tiles and 4 warps: a TMA producer
-    # and two consumer warpgroups); the tile loop is then not flattened. The same dots in the same order.
     n_tiles_m = tl.cdiv(M, BLOCK_M)
     n_tiles_n = tl.cdiv(N, BLOCK_N)
     gdc_wait(USE_GDC)
-    for tile in tl.range(tl.program_id(0), n_tiles_m * n_tiles_n, NUM_PROGRAMS, flatten=not WS):
+    for tile in tl.range(tl.program_id(0), n_tiles_m * n_tiles_n, NUM_PROGRAMS, flatten=True):
         tile_m, tile_n = _grouped_order(tile, n_tiles_m, n_tiles_n, GROUP_M)
         off_m = tile_m * BLOCK_M
         off_n = tile_n * BLOCK_N
-        acc = _tma_k_walk(x_desc, w_desc, off_m, off_n, K, BLOCK_M, BLOCK_N, BLOCK_K, PRECISION, WS)
+        acc = _tma_k_walk(x_desc, w_desc, off_m, off_n, K, BLOCK_M, BLOCK_N, BLOCK_K, PRECISION)
         release_after_last(tile, n_tiles_m * n_tiles_n, NUM_PROGRAMS, USE_GDC)
         y = acc.to(y_desc.dtype)
         if HAS_BIAS:
@@ -280,6 +277,42 @@ def _linear_tma_kernel(
             b = tl.load(b_ptr + cols, mask=cols < N, other=0.0)
             y = (y.to(tl.float32) + b.to(tl.float32)[None, :]).to(y_desc.dtype)
         y_desc.store([off_m, off_n], y)
+
+
+@fast_launch
+@triton.jit
+def _linear_ws_kernel(
+    x_ptr, w_ptr, y_ptr, b_ptr, M, N, K, stride_x, stride_w, stride_y,
+    HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr, PRECISION: tl.constexpr, NUM_PROGRAMS: tl.constexpr, USE_GDC: tl.constexpr = False,
+):
+    # _linear_tma_kernel with its tile loop warp-specialized by Triton (Hopper: a TMA producer partition and
+    # two consumer warpgroups, each 64 rows of a 128-row tile, from num_warps=4; the loop not flattened and
+    # the descriptors built on the device, as triton's persistent-matmul tutorial needs on Hopper). A tile's
+    # dots are _tma_k_walk's, in its order, so the same bits. The PDL release after the tile loop.
+    x_desc = tl.make_tensor_descriptor(x_ptr, [M, K], [stride_x, 1], [BLOCK_M, BLOCK_K])
+    w_desc = tl.make_tensor_descriptor(w_ptr, [N, K], [stride_w, 1], [BLOCK_N, BLOCK_K])
+    y_desc = tl.make_tensor_descriptor(y_ptr, [M, N], [stride_y, 1], [BLOCK_M, BLOCK_N])
+    n_tiles_m = tl.cdiv(M, BLOCK_M)
+    n_tiles_n = tl.cdiv(N, BLOCK_N)
+    gdc_wait(USE_GDC)
+    for tile in tl.range(tl.program_id(0), n_tiles_m * n_tiles_n, NUM_PROGRAMS, flatten=False, warp_specialize=True):
+        tile_m, tile_n = _grouped_order(tile, n_tiles_m, n_tiles_n, GROUP_M)
+        off_m = tile_m * BLOCK_M
+        off_n = tile_n * BLOCK_N
+        acc = _tma_k_walk(x_desc, w_desc, off_m, off_n, K, BLOCK_M, BLOCK_N, BLOCK_K, PRECISION)
+        y = acc.to(y_desc.dtype)
+        if HAS_BIAS:
+            cols = off_n + tl.arange(0, BLOCK_N)
+            b = tl.load(b_ptr + cols, mask=cols < N, other=0.0)
+            y = (y.to(tl.float32) + b.to(tl.float32)[None, :]).to(y_desc.dtype)
+        y_desc.store([off_m, off_n], y)
+    gdc_release(USE_GDC)
+
+
+def _scratch(size: int, alignment: int, stream) -> torch.Tensor:
+    """Global scratch for descriptors built on the device (_linear_ws_kernel)."""
+    return torch.empty(size, dtype=torch.int8, device="cuda" if torch.cuda.is_available() else "cpu")
 
 
 _NUM_SMS: dict[int, int] = {}
@@ -303,6 +336,16 @@ def _launch_linear(x_MK, w_NK, b_N, y_MN, t: Tile) -> None:
     M, K = x_MK.shape
     N = w_NK.shape[0]
     precision = _dot_precision(x_MK.dtype)
+    if t.tma and t.ws and _tma_ok(x_MK, w_NK, y_MN):
+        triton.set_allocator(_scratch)
+        n_prog = min(_num_programs(x_MK.device), triton.cdiv(M, t.block_m) * triton.cdiv(N, t.block_n))
+        _linear_ws_kernel[(n_prog,)](
+            x_MK, w_NK, y_MN, b_N if b_N is not None else y_MN, M, N, K, x_MK.stride(0), w_NK.stride(0), y_MN.stride(0),
+            HAS_BIAS=b_N is not None, BLOCK_M=t.block_m, BLOCK_N=t.block_n, BLOCK_K=t.block_k,
+            GROUP_M=t.group_m, PRECISION=precision, NUM_PROGRAMS=n_prog, USE_GDC=launch.PDL_TMA and x_MK.is_cuda,
+            num_warps=t.num_warps, num_stages=t.num_stages,
+        )
+        return
     if t.tma and _tma_ok(x_MK, w_NK, y_MN):
         x_d = TensorDescriptor.from_tensor(x_MK, [t.block_m, t.block_k])
         w_d = TensorDescriptor.from_tensor(w_NK, [t.block_n, t.block_k])
@@ -312,7 +355,7 @@ def _launch_linear(x_MK, w_NK, b_N, y_MN, t: Tile) -> None:
             x_d, w_d, y_d, b_N if b_N is not None else y_MN, M, N, K,
             HAS_BIAS=b_N is not None, BLOCK_M=t.block_m, BLOCK_N=t.block_n, BLOCK_K=t.block_k,
             GROUP_M=t.group_m, PRECISION=precision, NUM_PROGRAMS=n_prog, USE_GDC=launch.PDL_TMA and x_MK.is_cuda,
-            WS=t.ws, num_warps=t.num_warps, num_stages=t.num_stages,
+            num_warps=t.num_warps, num_stages=t.num_stages,
         )
         return
     grid = (triton.cdiv(M, t.block_m) * triton.cdiv(N, t.block_n),)
