@@ -7,7 +7,7 @@
     PYTHONPATH=src:kernels python tools/bench/linear_sweep.py --which upper --out upper.json  # M 256-2048, wide tiles
     PYTHONPATH=src:kernels python tools/bench/linear_sweep.py --which stages --out stages.json  # M 128-512, 4 vs 5
     PYTHONPATH=src:kernels python tools/bench/linear_sweep.py --which warps --out warps.json  # M 128-512, 128x64 w8
-    PYTHONPATH=src:kernels python tools/bench/linear_sweep.py --which wslin,wslin64 --out wslin.json  # Tile.ws
+    PYTHONPATH=src:kernels python tools/bench/linear_sweep.py --which wslin,wslin64,wslarge --out wslin.json  # Tile.ws
 
 Every candidate must give the reference tile's bits (same BLOCK_K walk); only those are timed,
 launched from Python (ms, what eager code pays) and replayed from a CUDA graph (graph_ms, the
@@ -121,6 +121,11 @@ WSLIN_CFG = ([T(0, 128, 64, 64, 8, 4, 5, True), T(0, 128, 128, 64, 8, 8, 5, True
 WSLIN64 = [(64, n, k) for (n, k) in _WS_SHAPES]
 WSLIN64_CFG = ([T(0, 64, 32, 64, 1, 4, 6, k_unroll=2), T(0, 64, 16, 64, 1, 4, 8, k_unroll=2)]
                + [T(0, 64, bn, 64, 1, 4, s, True, ws=True) for (bn, s) in ((16, 8), (32, 8), (64, 6))])
+# M 1,024-4,096 (prefill chunks, the trainer): the bucket's 128x256 w8 s3 TMA tile against the ws ones.
+WSLARGE = [(m, n, k) for m in (1024, 4096) for (n, k) in ((24576, 4096), (4096, 4096), (6144, 4096), (4096, 12288),
+                                                          (6144, 1024), (1024, 3072))]
+WSLARGE_CFG = ([T(0, 128, 256, 64, 8, 8, 3, True), T(0, 128, 128, 64, 8, 8, 5, True)]
+               + [T(0, 128, bn, 64, 8, 4, s, True, ws=True) for (bn, s) in ((256, 3), (128, 4), (128, 5))])
 
 # M 128-512, the small-M rule's 128-row tiles at 4 and 5 stages, by TMA (linear) and by pointers (what linears and
 # swiglu run for q|k|v and gate|up at M <= SMALL_M, summed N here), weights cold: 5 stages read 0.02-0.10 of cuBLAS
@@ -205,7 +210,7 @@ def main():
                              decode=(DECODE, DECODE_CFG), train=(TRAIN, TRAIN_CFG), cold=(COLD, COLD_CFG),
                              unroll=(COLD, UNROLL_CFG), mid_cold=(MID_COLD, MID_COLD_CFG), upper=(UPPER, UPPER_CFG),
                              stages=(STAGES, STAGES_CFG), warps=(WARPS, WARPS_CFG), wslin=(WSLIN, WSLIN_CFG),
-                             wslin64=(WSLIN64, WSLIN64_CFG))[wh]
+                             wslin64=(WSLIN64, WSLIN64_CFG), wslarge=(WSLARGE, WSLARGE_CFG))[wh]
         run(shapes, cfgs, peak, rows, cold=wh in ("cold", "unroll", "mid_cold", "upper", "stages", "warps", "wslin",
                                                   "wslin64"))
         json.dump(rows, open(a.out, "w"), indent=1)
