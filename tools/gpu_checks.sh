@@ -17,8 +17,9 @@
 #              tiles; tools/bench/cublas_kernels.py), ours beside them, weights cold
 #   warps      (not in the default list) the 128x64 TMA linear tile with 8 warps against 4 at M 128-512
 #              (linear_sweep.py --which warps: bits against the reference tile, graph-timed, weights cold)
-#   wslin      (not in the default list) the warp-specialized TMA linear (Tile.ws: a TMA producer, two consumer
-#              warpgroups) against the shipped picks at M 64-512, weights cold, and 1,024-4,096 (linear_sweep.py
+#   wslin      (not in the default list) the warp-specialized TMA kernels (Tile.ws: a TMA producer, two consumer
+#              warpgroups): linears (q|k|v) and swiglu at M 64-512 with the shipped TMA tile and ws (fused_linears.py),
+#              then linear against the shipped picks at M 64-512, weights cold, and 1,024-4,096 (linear_sweep.py
 #              --which wslin,wslin64,wslarge: bits, graph-timed)
 #   ws         (not in the default list) whether Triton's Hopper warp specialization pays for an attention
 #              forward walked like ours (tools/bench/ws_probe.py: plain / specialized / specialized with
@@ -286,7 +287,8 @@ rc = pytest.main(['-q', '-o', 'addopts=', 'tests/gpu/test_engine_gpu.py', '-k', 
 print('guard out: the capture test must fail (rc 1), rc', int(rc)); sys.exit(0 if rc == 1 else 1)" ;;
         cublas) run cublas_kernels python3 tools/bench/cublas_kernels.py --out "$out/cublas_kernels.json" ;;
         warps) run linear_warps python3 tools/bench/linear_sweep.py --which warps --out "$out/linear_warps.json" ;;
-        wslin) run linear_ws python3 tools/bench/linear_sweep.py --which wslin,wslin64,wslarge --out "$out/linear_ws.json" ;;
+        wslin) run fused_ws python3 tools/bench/fused_linears.py --m 64 128 256 512 --out "$out/fused_ws.json"
+               run linear_ws python3 tools/bench/linear_sweep.py --which wslin,wslin64,wslarge --out "$out/linear_ws.json" ;;
         ws) run ws_probe python3 tools/bench/ws_probe.py "$out/ws_probe.json" ;;
         gluon) for p in fwd dkdv dq; do
                    run gluon_$p timeout 300 python3 tools/bench/gluon_$p.py --out "$out/gluon_$p.json"

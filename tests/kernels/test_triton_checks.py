@@ -118,7 +118,7 @@ def check_linear_tma_buckets() -> None:
 def check_linears() -> None:
     """linears (q/k/v, gate/up in one launch at small M): each output has linear's bits, with and
     without biases, 2 and 3 weights, whichever small-M tile the summed N picks, by pointers and
-    (TMA tiles) by TMA in a persistent grid; a misaligned x falls back to pointers."""
+    (TMA tiles) by TMA in a persistent grid, warp-specialized or not; a misaligned x falls back to pointers."""
     from miles_kernels._triton import fused_linears as fl
     from miles_kernels._triton import matmul as lin
 
@@ -133,7 +133,8 @@ def check_linears() -> None:
                       (lin.Tile(64, 32, 32, 32, 1, 4, 2), lin.Tile(64, 16, 16, 32, 1, 4, 2)),
                       (lin.Tile(64, 16, 16, 32, 1, 4, 2, k_unroll=2),),  # K = 72: a pair, then the tail
                       (lin.Tile(64, 16, 16, 32, 1, 4, 2, True),),  # 3 row tiles x 6 column tiles on 4 programs
-                      (lin.Tile(64, 32, 32, 32, 1, 4, 2, True), lin.Tile(64, 16, 16, 32, 1, 4, 2))):
+                      (lin.Tile(64, 32, 32, 32, 1, 4, 2, True), lin.Tile(64, 16, 16, 32, 1, 4, 2)),
+                      (lin.Tile(64, 16, 16, 32, 1, 4, 2, True, ws=True),)):  # warp-specialized, one loop
             lin.SMALL_M_TILES[torch.float32] = tiles
             for k in (2, 3):
                 for with_b in (False, True):
@@ -163,7 +164,7 @@ def check_linears() -> None:
 def check_swiglu() -> None:
     """swiglu (gate/up products and silu_mul in one launch at small M) has the bits of silu_mul
     over linears' outputs, whichever small-M tile 2F picks (its width halved a weight), by pointers
-    and by TMA; a row's bits do not depend on the batch; shapes it cannot take are refused."""
+    and by TMA (warp-specialized or not); a row's bits do not depend on the batch; shapes it cannot take are refused."""
     from miles_kernels._triton import fused_linears as fl
     from miles_kernels._triton import matmul as lin
 
@@ -176,8 +177,9 @@ def check_swiglu() -> None:
     try:
         for tiles in ((lin.Tile(64, 16, 32, 32, 1, 4, 2),), (lin.Tile(64, 32, 64, 32, 1, 4, 2), lin.Tile(64, 16, 32, 32, 1, 4, 2)),
                       (lin.Tile(64, 16, 32, 32, 1, 4, 2, k_unroll=2),),  # K = 72: a pair of steps, then the tail
-                      (lin.Tile(64, 16, 32, 32, 1, 4, 2, True),)):  # by TMA: 3 x 3 tiles on 4 programs
-            lin.SMALL_M_TILES[torch.float32] = tuple(t._replace(k_unroll=1, tma=False) for t in tiles)
+                      (lin.Tile(64, 16, 32, 32, 1, 4, 2, True),),  # by TMA: 3 x 3 tiles on 4 programs
+                      (lin.Tile(64, 16, 32, 32, 1, 4, 2, True, ws=True),)):  # warp-specialized
+            lin.SMALL_M_TILES[torch.float32] = tuple(t._replace(k_unroll=1, tma=False, ws=False) for t in tiles)
             ref = kt.silu_mul(*fl.linears(x, (wg, wu)))
             lin.SMALL_M_TILES[torch.float32] = tiles
             y = fl.swiglu(x, wg, wu)
