@@ -161,7 +161,7 @@ def linears(x_MK: torch.Tensor, ws: tuple[torch.Tensor, ...], bs: tuple[torch.Te
         n_prog = min(mm._num_programs(x_MK.device), total)
         ends = [n_tiles_m * sum(tiles[:i + 1]) for i in range(3)]
         if t.ws:
-            triton.set_allocator(mm._scratch)
+            mm.ensure_allocator()
             _linears_ws_kernel[(n_prog,)](x_MK, *pad(ws, ws[-1]), *b3, *y3, M, K, *n3, *ends, NUM_PROGRAMS=n_prog,
                                           USE_GDC=launch.PDL_TMA and x_MK.is_cuda, **consts)
             return ys
@@ -304,7 +304,7 @@ def swiglu(x_MK: torch.Tensor, w_gate_FK: torch.Tensor, w_up_FK: torch.Tensor) -
     if _by_tma(t, x_MK, w_gate_FK, w_up_FK, y):
         n_prog = min(mm._num_programs(x_MK.device), n_tiles)
         if t.ws:
-            triton.set_allocator(mm._scratch)
+            mm.ensure_allocator()
             _swiglu_ws_kernel[(n_prog,)](x_MK, w_gate_FK, w_up_FK, y, M, F, K, NUM_PROGRAMS=n_prog,
                                          USE_GDC=launch.PDL_TMA and x_MK.is_cuda, **consts)
             return y

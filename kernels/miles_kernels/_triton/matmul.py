@@ -311,8 +311,18 @@ def _linear_ws_kernel(
 
 
 def _scratch(size: int, alignment: int, stream) -> torch.Tensor:
-    """Global scratch for descriptors built on the device (_linear_ws_kernel)."""
+    """Global scratch for descriptors built on the device (the ws kernels), from torch's caching allocator."""
     return torch.empty(size, dtype=torch.int8, device="cuda" if torch.cuda.is_available() else "cpu")
+
+
+def ensure_allocator() -> None:
+    """Before a ws kernel: triton needs an allocator for its device-built descriptors. One the caller set
+    (triton.set_allocator, per thread) is kept; else _scratch."""
+    from triton.runtime import _allocation
+
+    current = getattr(_allocation, "_allocator", None)
+    if current is None or isinstance(current.get(), _allocation.NullAllocator):
+        triton.set_allocator(_scratch)
 
 
 _NUM_SMS: dict[int, int] = {}
@@ -337,7 +347,7 @@ def _launch_linear(x_MK, w_NK, b_N, y_MN, t: Tile) -> None:
     N = w_NK.shape[0]
     precision = _dot_precision(x_MK.dtype)
     if t.tma and t.ws and _tma_ok(x_MK, w_NK, y_MN):
-        triton.set_allocator(_scratch)
+        ensure_allocator()
         n_prog = min(_num_programs(x_MK.device), triton.cdiv(M, t.block_m) * triton.cdiv(N, t.block_n))
         _linear_ws_kernel[(n_prog,)](
             x_MK, w_NK, y_MN, b_N if b_N is not None else y_MN, M, N, K, x_MK.stride(0), w_NK.stride(0), y_MN.stride(0),
