@@ -21,6 +21,9 @@
 #              warpgroups): linears (q|k|v) and swiglu at M 64-512 with the shipped TMA tile and ws (fused_linears.py),
 #              then linear against the shipped picks at M 64-512, weights cold, and 1,024-4,096 (linear_sweep.py
 #              --which wslin,wslin64,wslarge: bits, graph-timed)
+#   wsstep     (not in the default list) the ws tiles' GPU tests (every tile's ws form, linears and swiglu with ws
+#              tables: linear's bits), then the decode step (step_peer.py, 0.6B / 8B, b64 / b256 ctx 256) with the
+#              small-M TMA tiles as shipped and warp-specialized (with_tiles.py --ws small), by turns
 #   ws         (not in the default list) whether Triton's Hopper warp specialization pays for an attention
 #              forward walked like ours (tools/bench/ws_probe.py: plain / specialized / specialized with
 #              2-block splits, vs flash)
@@ -289,6 +292,13 @@ print('guard out: the capture test must fail (rc 1), rc', int(rc)); sys.exit(0 i
         warps) run linear_warps python3 tools/bench/linear_sweep.py --which warps --out "$out/linear_warps.json" ;;
         wslin) run fused_ws python3 tools/bench/fused_linears.py --m 64 128 256 512 --out "$out/fused_ws.json"
                run linear_ws python3 tools/bench/linear_sweep.py --which wslin,wslin64,wslarge --out "$out/linear_ws.json" ;;
+        wsstep) run ws_tests timeout -s KILL 300 python3 -m pytest -q -o addopts="" tests/gpu/test_matmul_gpu.py \
+                    -k "every_tile or linears_equal or swiglu"
+                for i in 1 2; do for v in off small; do  # by turns: the decode step with the TMA tiles ws or not
+                    pre=(); [ $v = off ] || pre=(tools/bench/with_tiles.py --ws $v --)
+                    run step_ws_$v$i timeout -s KILL 150 python3 ${pre[@]+"${pre[@]}"} tools/bench/step_peer.py \
+                        --model qwen3-0.6b qwen3-8b --shapes 64x256 256x256 --rounds 5 --out "$out/step_ws_$v$i.json"
+                done; done ;;
         ws) run ws_probe python3 tools/bench/ws_probe.py "$out/ws_probe.json" ;;
         gluon) for p in fwd dkdv dq; do
                    run gluon_$p timeout 300 python3 tools/bench/gluon_$p.py --out "$out/gluon_$p.json"
@@ -298,7 +308,7 @@ print('guard out: the capture test must fail (rc 1), rc', int(rc)); sys.exit(0 i
              run attn_tma python3 tools/bench/attn_sweep.py "$out/attn_tma.json" --tma --tiles
              run attn_tma_paged python3 tools/bench/attn_sweep.py "$out/attn_tma_paged.json" --tma-paged
              run kernel_regs python3 tools/bench/kernel_regs.py "$out/kernel_regs.json" ;;
-        *) echo "unknown step $step (tests scale kernels engine engine_host train rl_step spec profile sweep moe tma queued linears grouped fast sampler persistent fold ablate topp pairs pdlrows capture cublas warps wslin ws gluon optim)"
+        *) echo "unknown step $step (tests scale kernels engine engine_host train rl_step spec profile sweep moe tma queued linears grouped fast sampler persistent fold ablate topp pairs pdlrows capture cublas warps wslin wsstep ws gluon optim)"
            exit 2 ;;
     esac
 done
