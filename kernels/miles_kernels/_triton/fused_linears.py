@@ -41,15 +41,17 @@ def _linears_kernel(
     n_tiles_m = tl.cdiv(M, BLOCK_M)
     tile_m = pid % n_tiles_m
     tile_n = pid // n_tiles_m
-    in1 = tile_n >= T1
-    in2 = tile_n >= T2
-    w_ptr = tl.where(in2, w2_ptr, tl.where(in1, w1_ptr, w0_ptr))
-    y_ptr = tl.where(in2, y2_ptr, tl.where(in1, y1_ptr, y0_ptr))
-    N = tl.where(in2, N2, tl.where(in1, N1, N0))
-    tile_n -= tl.where(in2, T2, tl.where(in1, T1, 0))
-    b_ptr = tl.where(in2, b2_ptr, tl.where(in1, b1_ptr, b0_ptr))
-    _linear_tile(x_ptr, w_ptr, b_ptr, y_ptr, tile_m, tile_n, M, N, K, stride_xm, K, N,
-                    HAS_BIAS, BLOCK_M, BLOCK_N, BLOCK_K, PRECISION, K_UNROLL, USE_GDC)
+    N = _of_three(tile_n, T1, T2, N0, N1, N2)
+    y_ptr = _of_three(tile_n, T1, T2, y0_ptr, y1_ptr, y2_ptr)
+    _linear_tile(x_ptr, _of_three(tile_n, T1, T2, w0_ptr, w1_ptr, w2_ptr), _of_three(tile_n, T1, T2, b0_ptr, b1_ptr,
+                 b2_ptr), y_ptr, tile_m, tile_n - _of_three(tile_n, T1, T2, 0, T1, T2), M, N, K, stride_xm, K, N,
+                 HAS_BIAS, BLOCK_M, BLOCK_N, BLOCK_K, PRECISION, K_UNROLL, USE_GDC)
+
+
+@triton.jit
+def _of_three(i, T1, T2, a0, a1, a2):
+    """a0, a1 or a2 as i lies in [0, T1), [T1, T2) or [T2, ...): which weight's a tile is."""
+    return tl.where(i >= T2, a2, tl.where(i >= T1, a1, a0))
 
 
 @triton.jit
@@ -108,20 +110,18 @@ def _linears_ws_kernel(
     n_tiles_m = tl.cdiv(M, BLOCK_M)
     gdc_wait(USE_GDC)
     for tile in tl.range(tl.program_id(0), T3, NUM_PROGRAMS, flatten=False, warp_specialize=True):
-        in1 = tile >= T1
-        in2 = tile >= T2
-        w_ptr = tl.where(in2, w2_ptr, tl.where(in1, w1_ptr, w0_ptr))
-        N = tl.where(in2, N2, tl.where(in1, N1, N0))
-        lo = tl.where(in2, T2, tl.where(in1, T1, 0))
-        w_desc = tl.make_tensor_descriptor(w_ptr, [N, K], [K, 1], [BLOCK_N, BLOCK_K])
+        N = _of_three(tile, T1, T2, N0, N1, N2)
+        lo = _of_three(tile, T1, T2, 0, T1, T2)
+        w_desc = tl.make_tensor_descriptor(_of_three(tile, T1, T2, w0_ptr, w1_ptr, w2_ptr), [N, K], [K, 1],
+                                           [BLOCK_N, BLOCK_K])
         tile_m = (tile - lo) % n_tiles_m
         tile_n = (tile - lo) // n_tiles_m
         acc = _tma_k_walk(x_desc, w_desc, tile_m * BLOCK_M, tile_n * BLOCK_N, K, BLOCK_M, BLOCK_N, BLOCK_K,
                           PRECISION)
         rows = tile_m * BLOCK_M + tl.arange(0, BLOCK_M)
         cols = tile_n * BLOCK_N + tl.arange(0, BLOCK_N)
-        _bias_store(acc, tl.where(in2, b2_ptr, tl.where(in1, b1_ptr, b0_ptr)),
-                    tl.where(in2, y2_ptr, tl.where(in1, y1_ptr, y0_ptr)), rows, cols, M, N, N, HAS_BIAS)
+        _bias_store(acc, _of_three(tile, T1, T2, b0_ptr, b1_ptr, b2_ptr), _of_three(tile, T1, T2, y0_ptr, y1_ptr,
+                    y2_ptr), rows, cols, M, N, N, HAS_BIAS)
     gdc_release(USE_GDC)
 
 
@@ -223,6 +223,27 @@ def _swiglu_kernel(x_ptr, wg_ptr, wu_ptr, y_ptr, M, F, K, stride_xm, BLOCK_M: tl
     tl.store(y_ptrs, y.to(dtype), mask=row_ok[:, None] & col_ok[None, :])
 
 
+@triton.jit
+def _swiglu_tma_walk(x_desc, wg_desc, wu_desc, off_m, off_n, K, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                     BLOCK_K: tl.constexpr, PRECISION: tl.constexpr):
+    """A swiglu tile's gate and up products by TMA: _swiglu_kernel's K walk (one x load for both dots)."""
+    acc_g = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc_u = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        x = x_desc.load([off_m, k0])
+        acc_g = tl.dot(x, wg_desc.load([off_n, k0]).T, acc_g, input_precision=PRECISION)
+        acc_u = tl.dot(x, wu_desc.load([off_n, k0]).T, acc_u, input_precision=PRECISION)
+    return acc_g, acc_u
+
+
+@triton.jit
+def _swiglu_tma_store(y_desc, off_m, off_n, acc_g, acc_u):
+    """_swiglu_kernel's epilogue (each product rounded as linear stores it, silu_mul's math) by TMA."""
+    dtype = y_desc.dtype
+    y = silu_times(acc_g.to(dtype).to(tl.float32), acc_u.to(dtype).to(tl.float32))
+    y_desc.store([off_m, off_n], y.to(dtype))
+
+
 @fast_launch
 @triton.jit
 def _swiglu_tma_kernel(x_desc, wg_desc, wu_desc, y_desc, M, F, K, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -238,16 +259,10 @@ def _swiglu_tma_kernel(x_desc, wg_desc, wu_desc, y_desc, M, F, K, BLOCK_M: tl.co
     for tile in tl.range(tl.program_id(0), n_tiles, NUM_PROGRAMS, flatten=False):
         off_m = (tile % n_tiles_m) * BLOCK_M
         off_n = (tile // n_tiles_m) * BLOCK_N
-        acc_g = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        acc_u = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        for k0 in range(0, K, BLOCK_K):
-            x = x_desc.load([off_m, k0])
-            acc_g = tl.dot(x, wg_desc.load([off_n, k0]).T, acc_g, input_precision=PRECISION)
-            acc_u = tl.dot(x, wu_desc.load([off_n, k0]).T, acc_u, input_precision=PRECISION)
+        acc_g, acc_u = _swiglu_tma_walk(x_desc, wg_desc, wu_desc, off_m, off_n, K, BLOCK_M, BLOCK_N, BLOCK_K,
+                                        PRECISION)
         release_after_last(tile, n_tiles, NUM_PROGRAMS, USE_GDC)
-        dtype = y_desc.dtype
-        y = silu_times(acc_g.to(dtype).to(tl.float32), acc_u.to(dtype).to(tl.float32))
-        y_desc.store([off_m, off_n], y.to(dtype))
+        _swiglu_tma_store(y_desc, off_m, off_n, acc_g, acc_u)
 
 
 @fast_launch
@@ -267,15 +282,9 @@ def _swiglu_ws_kernel(x_ptr, wg_ptr, wu_ptr, y_ptr, M, F, K, BLOCK_M: tl.constex
     for tile in tl.range(tl.program_id(0), n_tiles, NUM_PROGRAMS, flatten=False, warp_specialize=True):
         off_m = (tile % n_tiles_m) * BLOCK_M
         off_n = (tile // n_tiles_m) * BLOCK_N
-        acc_g = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        acc_u = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        for k0 in range(0, K, BLOCK_K):
-            x = x_desc.load([off_m, k0])
-            acc_g = tl.dot(x, wg_desc.load([off_n, k0]).T, acc_g, input_precision=PRECISION)
-            acc_u = tl.dot(x, wu_desc.load([off_n, k0]).T, acc_u, input_precision=PRECISION)
-        dtype = y_desc.dtype
-        y = silu_times(acc_g.to(dtype).to(tl.float32), acc_u.to(dtype).to(tl.float32))
-        y_desc.store([off_m, off_n], y.to(dtype))
+        acc_g, acc_u = _swiglu_tma_walk(x_desc, wg_desc, wu_desc, off_m, off_n, K, BLOCK_M, BLOCK_N, BLOCK_K,
+                                        PRECISION)
+        _swiglu_tma_store(y_desc, off_m, off_n, acc_g, acc_u)
     gdc_release(USE_GDC)
 
 

@@ -251,6 +251,17 @@ def _tma_k_walk(x_desc, w_desc, off_m, off_n, K, BLOCK_M: tl.constexpr, BLOCK_N:
     return acc
 
 
+@triton.jit
+def _tma_bias_store(acc, b_ptr, y_desc, off_m, off_n, N, HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr):
+    """_bias_store by TMA (the store clipped at the edges): round, + b in fp32, round again."""
+    y = acc.to(y_desc.dtype)
+    if HAS_BIAS:
+        cols = off_n + tl.arange(0, BLOCK_N)
+        b = tl.load(b_ptr + cols, mask=cols < N, other=0.0)
+        y = (y.to(tl.float32) + b.to(tl.float32)[None, :]).to(y_desc.dtype)
+    y_desc.store([off_m, off_n], y)
+
+
 @fast_launch
 @triton.jit
 def _linear_tma_kernel(
@@ -271,12 +282,7 @@ def _linear_tma_kernel(
         off_n = tile_n * BLOCK_N
         acc = _tma_k_walk(x_desc, w_desc, off_m, off_n, K, BLOCK_M, BLOCK_N, BLOCK_K, PRECISION)
         release_after_last(tile, n_tiles_m * n_tiles_n, NUM_PROGRAMS, USE_GDC)
-        y = acc.to(y_desc.dtype)
-        if HAS_BIAS:
-            cols = off_n + tl.arange(0, BLOCK_N)
-            b = tl.load(b_ptr + cols, mask=cols < N, other=0.0)
-            y = (y.to(tl.float32) + b.to(tl.float32)[None, :]).to(y_desc.dtype)
-        y_desc.store([off_m, off_n], y)
+        _tma_bias_store(acc, b_ptr, y_desc, off_m, off_n, N, HAS_BIAS, BLOCK_N)
 
 
 @fast_launch
@@ -301,12 +307,7 @@ def _linear_ws_kernel(
         off_m = tile_m * BLOCK_M
         off_n = tile_n * BLOCK_N
         acc = _tma_k_walk(x_desc, w_desc, off_m, off_n, K, BLOCK_M, BLOCK_N, BLOCK_K, PRECISION)
-        y = acc.to(y_desc.dtype)
-        if HAS_BIAS:
-            cols = off_n + tl.arange(0, BLOCK_N)
-            b = tl.load(b_ptr + cols, mask=cols < N, other=0.0)
-            y = (y.to(tl.float32) + b.to(tl.float32)[None, :]).to(y_desc.dtype)
-        y_desc.store([off_m, off_n], y)
+        _tma_bias_store(acc, b_ptr, y_desc, off_m, off_n, N, HAS_BIAS, BLOCK_N)
     gdc_release(USE_GDC)
 
 
