@@ -347,27 +347,21 @@ def _launch_linear(x_MK, w_NK, b_N, y_MN, t: Tile) -> None:
     M, K = x_MK.shape
     N = w_NK.shape[0]
     precision = _dot_precision(x_MK.dtype)
-    if t.tma and t.ws and _tma_ok(x_MK, w_NK, y_MN):
-        ensure_allocator()
-        n_prog = min(_num_programs(x_MK.device), triton.cdiv(M, t.block_m) * triton.cdiv(N, t.block_n))
-        _linear_ws_kernel[(n_prog,)](
-            x_MK, w_NK, y_MN, b_N if b_N is not None else y_MN, M, N, K, x_MK.stride(0), w_NK.stride(0), y_MN.stride(0),
-            HAS_BIAS=b_N is not None, BLOCK_M=t.block_m, BLOCK_N=t.block_n, BLOCK_K=t.block_k,
-            GROUP_M=t.group_m, PRECISION=precision, NUM_PROGRAMS=n_prog, USE_GDC=launch.PDL_TMA and x_MK.is_cuda,
-            num_warps=t.num_warps, num_stages=t.num_stages,
-        )
-        return
     if t.tma and _tma_ok(x_MK, w_NK, y_MN):
-        x_d = TensorDescriptor.from_tensor(x_MK, [t.block_m, t.block_k])
-        w_d = TensorDescriptor.from_tensor(w_NK, [t.block_n, t.block_k])
-        y_d = TensorDescriptor.from_tensor(y_MN, [t.block_m, t.block_n])
         n_prog = min(_num_programs(x_MK.device), triton.cdiv(M, t.block_m) * triton.cdiv(N, t.block_n))
+        meta = dict(HAS_BIAS=b_N is not None, BLOCK_M=t.block_m, BLOCK_N=t.block_n, BLOCK_K=t.block_k,
+                    GROUP_M=t.group_m, PRECISION=precision, NUM_PROGRAMS=n_prog,
+                    USE_GDC=launch.PDL_TMA and x_MK.is_cuda, num_warps=t.num_warps, num_stages=t.num_stages)
+        b = b_N if b_N is not None else y_MN
+        if t.ws:
+            ensure_allocator()
+            _linear_ws_kernel[(n_prog,)](x_MK, w_NK, y_MN, b, M, N, K, x_MK.stride(0), w_NK.stride(0), y_MN.stride(0),
+                                         **meta)
+            return
         _linear_tma_kernel[(n_prog,)](
-            x_d, w_d, y_d, b_N if b_N is not None else y_MN, M, N, K,
-            HAS_BIAS=b_N is not None, BLOCK_M=t.block_m, BLOCK_N=t.block_n, BLOCK_K=t.block_k,
-            GROUP_M=t.group_m, PRECISION=precision, NUM_PROGRAMS=n_prog, USE_GDC=launch.PDL_TMA and x_MK.is_cuda,
-            num_warps=t.num_warps, num_stages=t.num_stages,
-        )
+            TensorDescriptor.from_tensor(x_MK, [t.block_m, t.block_k]),
+            TensorDescriptor.from_tensor(w_NK, [t.block_n, t.block_k]),
+            TensorDescriptor.from_tensor(y_MN, [t.block_m, t.block_n]), b, M, N, K, **meta)
         return
     grid = (triton.cdiv(M, t.block_m) * triton.cdiv(N, t.block_n),)
     _linear_kernel[grid](
