@@ -17,13 +17,10 @@
 #              tiles; tools/bench/cublas_kernels.py), ours beside them, weights cold
 #   warps      (not in the default list) the 128x64 TMA linear tile with 8 warps against 4 at M 128-512
 #              (linear_sweep.py --which warps: bits against the reference tile, graph-timed, weights cold)
-#   wslin      (not in the default list) the warp-specialized TMA kernels (Tile.ws: a TMA producer, two consumer
-#              warpgroups): linears (q|k|v) and swiglu at M 64-512 with the shipped TMA tile and ws (fused_linears.py),
-#              then linear against the shipped picks at M 64-512, weights cold, and 1,024-4,096 (linear_sweep.py
-#              --which wslin,wslin64,wslarge: bits, graph-timed)
-#   wsstep     (not in the default list) the ws tiles' GPU tests (every tile's ws form, linears and swiglu with ws
-#              tables: linear's bits), then the decode step (step_peer.py, 0.6B / 8B, b64 / b256 ctx 256) with the
-#              small-M TMA tiles as shipped and warp-specialized (with_tiles.py --ws small), by turns
+#   deep       (not in the default list) the small-M tiles with deeper TMA pipelines (linear_sweep.py --which deep:
+#              linear_tile's pick against the 128-row TMA tiles at 5-8 stages and the 64-row ones at up to 12, M
+#              64-512, bits, graph-timed, weights cold), then the decode step (step_peer.py, 0.6B / 8B, b128-512
+#              ctx 256) with the 128x64 TMA tile at 5 (shipped), 6 and 8 stages (with_tiles.py --tma-stages), by turns
 #   ws         (not in the default list) whether Triton's Hopper warp specialization pays for an attention
 #              forward walked like ours (tools/bench/ws_probe.py: plain / specialized / specialized with
 #              2-block splits, vs flash)
@@ -290,15 +287,13 @@ rc = pytest.main(['-q', '-o', 'addopts=', 'tests/gpu/test_engine_gpu.py', '-k', 
 print('guard out: the capture test must fail (rc 1), rc', int(rc)); sys.exit(0 if rc == 1 else 1)" ;;
         cublas) run cublas_kernels python3 tools/bench/cublas_kernels.py --out "$out/cublas_kernels.json" ;;
         warps) run linear_warps python3 tools/bench/linear_sweep.py --which warps --out "$out/linear_warps.json" ;;
-        wslin) run fused_ws python3 tools/bench/fused_linears.py --m 64 128 256 512 --out "$out/fused_ws.json"
-               run linear_ws python3 tools/bench/linear_sweep.py --which wslin,wslin64,wslarge --out "$out/linear_ws.json" ;;
-        wsstep) run ws_tests timeout -s KILL 300 python3 -m pytest -q -o addopts="" tests/gpu/test_matmul_gpu.py \
-                    -k "every_tile or linears_equal or swiglu"
-                for i in 1 2; do for v in off small; do  # by turns: the decode step with the TMA tiles ws or not
-                    pre=(); [ $v = off ] || pre=(tools/bench/with_tiles.py --ws $v --)
-                    run step_ws_$v$i timeout -s KILL 150 python3 ${pre[@]+"${pre[@]}"} tools/bench/step_peer.py \
-                        --model qwen3-0.6b qwen3-8b --shapes 64x256 256x256 --rounds 5 --out "$out/step_ws_$v$i.json"
-                done; done ;;
+        deep) run linear_deep python3 tools/bench/linear_sweep.py --which deep --out "$out/linear_deep.json"
+              for i in 1 2; do for v in off 6 8; do  # by turns: the decode step with the 128x64 TMA tile at 5 / 6 / 8
+                  pre=(); [ $v = off ] || pre=(tools/bench/with_tiles.py --tma-stages 128x64=$v --)
+                  run step_deep_$v$i timeout -s KILL 150 python3 ${pre[@]+"${pre[@]}"} tools/bench/step_peer.py \
+                      --model qwen3-0.6b qwen3-8b --shapes 128x256 256x256 512x256 --rounds 5 \
+                      --out "$out/step_deep_$v$i.json"
+              done; done ;;
         ws) run ws_probe python3 tools/bench/ws_probe.py "$out/ws_probe.json" ;;
         gluon) for p in fwd dkdv dq; do
                    run gluon_$p timeout 300 python3 tools/bench/gluon_$p.py --out "$out/gluon_$p.json"
@@ -308,7 +303,7 @@ print('guard out: the capture test must fail (rc 1), rc', int(rc)); sys.exit(0 i
              run attn_tma python3 tools/bench/attn_sweep.py "$out/attn_tma.json" --tma --tiles
              run attn_tma_paged python3 tools/bench/attn_sweep.py "$out/attn_tma_paged.json" --tma-paged
              run kernel_regs python3 tools/bench/kernel_regs.py "$out/kernel_regs.json" ;;
-        *) echo "unknown step $step (tests scale kernels engine engine_host train rl_step spec profile sweep moe tma queued linears grouped fast sampler persistent fold ablate topp pairs pdlrows capture cublas warps wslin wsstep ws gluon optim)"
+        *) echo "unknown step $step (tests scale kernels engine engine_host train rl_step spec profile sweep moe tma queued linears grouped fast sampler persistent fold ablate topp pairs pdlrows capture cublas warps deep ws gluon optim)"
            exit 2 ;;
     esac
 done

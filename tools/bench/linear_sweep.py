@@ -7,7 +7,7 @@
     PYTHONPATH=src:kernels python tools/bench/linear_sweep.py --which upper --out upper.json  # M 256-2048, wide tiles
     PYTHONPATH=src:kernels python tools/bench/linear_sweep.py --which stages --out stages.json  # M 128-512, 4 vs 5
     PYTHONPATH=src:kernels python tools/bench/linear_sweep.py --which warps --out warps.json  # M 128-512, 128x64 w8
-    PYTHONPATH=src:kernels python tools/bench/linear_sweep.py --which wslin,wslin64,wslarge --out wslin.json  # Tile.ws
+    PYTHONPATH=src:kernels python tools/bench/linear_sweep.py --which deep --out deep.json  # M 64-512, stages
 
 Every candidate must give the reference tile's bits (same BLOCK_K walk); only those are timed,
 launched from Python (ms, what eager code pays) and replayed from a CUDA graph (graph_ms, the
@@ -108,24 +108,17 @@ WARPS = [(m, n, k) for m in (128, 256, 512) for (n, k) in ((4096, 1024), (6144, 
 WARPS_CFG = ([T(0, 128, 64, 64, 8, w, s, True) for w in (4, 8) for s in (4, 5, 6)] + [T(0, 128, 128, 64, 8, 8, 5, True)]
              + [T(0, 256, 64, 64, 8, 8, s, True) for s in (3, 4)] + [T(0, 256, 128, 64, 8, 8, 3, True)])
 
-# The warp-specialized TMA linear (Tile.ws: _linear_ws_kernel, a TMA producer and two consumer warpgroups, 12
-# warps from num_warps=4; offline every tile below specializes) against the shipped picks, weights cold: M 128-512
-# (shipped: 128x64 w4 s5 and 128x128 w8 s5 by TMA) on the 0.6B / 8B shapes, and M 64 (shipped: the 64-row pointer
-# tiles at two BLOCK_K steps an iteration) with the 64-row ones. The same dots in the same order: `same` must read 1.
-_WS_SHAPES = ((4096, 1024), (1024, 2048), (6144, 1024), (1024, 3072), (6144, 4096), (4096, 4096), (24576, 4096),
-              (4096, 12288))
-WSLIN = [(m, n, k) for m in (128, 256, 512) for (n, k) in _WS_SHAPES]
-WSLIN_CFG = ([T(0, 128, 64, 64, 8, 4, 5, True), T(0, 128, 128, 64, 8, 8, 5, True)]
-             + [T(0, bm, bn, 64, 8, 4, s, True, ws=True) for (bm, bn, s) in ((64, 64, 6), (128, 64, 5), (128, 64, 6),
-                                                                             (128, 128, 4), (128, 128, 5), (128, 256, 3))])
-WSLIN64 = [(64, n, k) for (n, k) in _WS_SHAPES]
-WSLIN64_CFG = ([T(0, 64, 32, 64, 1, 4, 6, k_unroll=2), T(0, 64, 16, 64, 1, 4, 8, k_unroll=2)]
-               + [T(0, 64, bn, 64, 1, 4, s, True, ws=True) for (bn, s) in ((16, 8), (32, 8), (64, 6))])
-# M 1,024-4,096 (prefill chunks, the trainer): the bucket's 128x256 w8 s3 TMA tile against the ws ones.
-WSLARGE = [(m, n, k) for m in (1024, 4096) for (n, k) in ((24576, 4096), (4096, 4096), (6144, 4096), (4096, 12288),
-                                                          (6144, 1024), (1024, 3072))]
-WSLARGE_CFG = ([T(0, 128, 256, 64, 8, 8, 3, True), T(0, 128, 128, 64, 8, 8, 5, True)]
-               + [T(0, 128, bn, 64, 8, 4, s, True, ws=True) for (bn, s) in ((256, 3), (128, 4), (128, 5))])
+# M 64-512, deeper TMA pipelines: cuBLAS runs 64x64 tiles at 13 stages and 128x64 at 8 here (cublas_kernels.py,
+# H100 fifty-ninth run), and the 128x64 TMA tile read 0.02-0.07 of cuBLAS faster at 6 stages than the shipped 5 on
+# all 18 shapes of `warps`. The shipped pick first (linear_tile's, marked pick=1), then the 128-row TMA tiles at 5-8
+# stages (128x128 at 6: one stage more than its shared memory may hold, reported if so) and the 64-row TMA tiles at
+# up to 12; weights cold. Only tiles with BLOCK_M <= max(M, 64) (the pick's own rule).
+_DEEP_SHAPES = ((4096, 1024), (1024, 2048), (6144, 1024), (1024, 3072), (6144, 4096), (4096, 4096), (24576, 4096),
+                (4096, 12288))
+DEEP = [(m, n, k) for m in (64, 128, 256, 512) for (n, k) in _DEEP_SHAPES]
+DEEP_CFG = ([T(0, 128, 64, 64, 8, 4, s, True) for s in (5, 6, 7, 8)] + [T(0, 128, 128, 64, 8, 8, s, True) for s in (5, 6)]
+            + [T(0, 64, 64, 64, 8, 4, s, True) for s in (6, 9, 12)] + [T(0, 64, 128, 64, 8, 4, s, True) for s in (5, 8)]
+            + [T(0, 64, 32, 64, 8, 4, s, True) for s in (8, 12)])
 
 # M 128-512, the small-M rule's 128-row tiles at 4 and 5 stages, by TMA (linear) and by pointers (what linears and
 # swiglu run for q|k|v and gate|up at M <= SMALL_M, summed N here), weights cold: 5 stages read 0.02-0.10 of cuBLAS
@@ -160,8 +153,12 @@ def cold_weights(w: torch.Tensor):
     return _cycled([w] + [w.clone() for _ in range(-(-COLD_BYTES // w.nbytes) - 1)])
 
 
-def run(shapes, cfgs, peak, rows, cold: bool = False):
+def run(shapes, cfgs, peak, rows, cold: bool = False, pick: bool = False):
+    every = cfgs
     for M, N, K in shapes:
+        if pick:  # linear_tile's own pick first, then the candidates its rule would allow at M
+            shipped = lin.linear_tile(M, torch.bfloat16, N, torch.device("cuda"))
+            cfgs = [shipped] + [c for c in every if c.block_m <= max(M, 64) and c != shipped._replace(max_m=0)]
         torch.manual_seed(M + N + K)
         x = torch.randn(max(M, 4096), K, device="cuda", dtype=torch.bfloat16)
         w = torch.randn(N, K, device="cuda", dtype=torch.bfloat16) * K**-0.5
@@ -185,11 +182,11 @@ def run(shapes, cfgs, peak, rows, cold: bool = False):
             dev = t_graph or t
             tf = 2 * M * N * K / dev / 1e9
             gbs = 2 * (M * K + N * K + M * N) / dev / 1e6
-            rows.append(dict(M=M, N=N, K=K, cfg=list(c), cold=cold, same=same, ms=t, graph_ms=t_graph, base_ms=base,
-                             base_graph_ms=base_graph, tflops=tf, gbps=gbs))
+            rows.append(dict(M=M, N=N, K=K, cfg=list(c), pick=pick and c is cfgs[0], cold=cold, same=same, ms=t,
+                             graph_ms=t_graph, base_ms=base, base_graph_ms=base_graph, tflops=tf, gbps=gbs))
             xg = f"{base_graph / t_graph:.2f}" if base_graph and t_graph else "-"
             print(f"M={M:5} N={N:6} K={K:6} bm={c.block_m:3} bn={c.block_n:3} bk={c.block_k:3} w={c.num_warps} "
-                  f"s={c.num_stages:2} u={c.k_unroll} ws={int(c.ws)} "
+                  f"s={c.num_stages:2} u={c.k_unroll} pick={int(pick and c is cfgs[0])} "
                   f"tma={int(c.tma)} same={int(same)} ms={t:.4f} x_cublas={base / t:.2f} graph_ms={dev:.4f} "
                   f"x_cublas_graph={xg} TF={tf:6.1f} GB/s={gbs:6.0f} hbm%={100 * gbs / peak:4.0f}", flush=True)
 
@@ -209,10 +206,9 @@ def main():
         shapes, cfgs = dict(check=(CHECK, CHECK_CFG), small=(SMALL, SMALL_CFG), mid=(MID, MID_CFG), large=(LARGE, LARGE_CFG),
                              decode=(DECODE, DECODE_CFG), train=(TRAIN, TRAIN_CFG), cold=(COLD, COLD_CFG),
                              unroll=(COLD, UNROLL_CFG), mid_cold=(MID_COLD, MID_COLD_CFG), upper=(UPPER, UPPER_CFG),
-                             stages=(STAGES, STAGES_CFG), warps=(WARPS, WARPS_CFG), wslin=(WSLIN, WSLIN_CFG),
-                             wslin64=(WSLIN64, WSLIN64_CFG), wslarge=(WSLARGE, WSLARGE_CFG))[wh]
-        run(shapes, cfgs, peak, rows, cold=wh in ("cold", "unroll", "mid_cold", "upper", "stages", "warps", "wslin",
-                                                  "wslin64"))
+                             stages=(STAGES, STAGES_CFG), warps=(WARPS, WARPS_CFG), deep=(DEEP, DEEP_CFG))[wh]
+        run(shapes, cfgs, peak, rows, cold=wh in ("cold", "unroll", "mid_cold", "upper", "stages", "warps", "deep"),
+            pick=wh == "deep")
         json.dump(rows, open(a.out, "w"), indent=1)
 
 
