@@ -23,7 +23,7 @@ def kt():
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 def test_linear_every_tile_agrees(kt, dtype):
     """Rows computed with each tile linear may pick (LINEAR_TILES, SMALL_M_TILES, MID_M_TILES), on the
-    pointer and on the persistent TMA kernel (warp-specialized too), are bitwise equal to the same rows from linear
+    pointer and on the persistent TMA kernel, are bitwise equal to the same rows from linear
     at M = 4096; linear itself at M sizes crossing every bucket too."""
     from miles_kernels._triton import matmul as lin
 
@@ -37,9 +37,7 @@ def test_linear_every_tile_agrees(kt, dtype):
     for tile in lin.all_linear_tiles(dtype):
         # and the 64-row pointer tiles with one and two BLOCK_K steps an iteration (K: pairs, then a tail)
         unrolled = tuple(tile._replace(tma=False, k_unroll=u) for u in (1, 2) if u != tile.k_unroll)
-        # and each tile warp-specialized (Tile.ws: _linear_ws_kernel, 4 warps a partition)
-        ws = tile._replace(tma=True, ws=True, num_warps=4)
-        for t in (tile._replace(tma=False), tile._replace(tma=True), ws, *(unrolled if tile.block_m == 64 else ())):
+        for t in (tile._replace(tma=False), tile._replace(tma=True), *(unrolled if tile.block_m == 64 else ())):
             for start, m in ((0, 1), (5, 64), (100, 300), (0, M)):
                 y = torch.empty(m, N, dtype=dtype, device="cuda")
                 lin._launch_linear(x[start : start + m], w, b, y, t)
@@ -55,20 +53,14 @@ def test_linear_every_tile_agrees(kt, dtype):
 def test_linears_equal_linear(kt, monkeypatch, dtype):
     """linears (one launch at M <= SMALL_M) gives each weight linear's bits: 0.6B q/k/v with
     biases, gate/up shapes and widths that end in part tiles, M across the small-M range (partial
-    row tiles too) and past it, with the 128-row tiles by TMA (the default), by pointers and
-    warp-specialized (Tile.ws; linear then runs the ws tiles too, so both sides move together)."""
+    row tiles too) and past it, with the 128-row tiles by TMA (the default) and by pointers."""
     from miles_kernels._triton import fused_linears
 
     g = _gen(3)
     K = 1024
     x = _randn(600, K, dtype=dtype, g=g)
-    from miles_kernels._triton import matmul
-
-    shipped = matmul.SMALL_M_TILES[dtype]
-    for by_tma, ws in ((True, False), (False, False), (True, True)):
+    for by_tma in (True, False):
         monkeypatch.setattr(fused_linears, "SMALL_M_TMA", by_tma)
-        monkeypatch.setitem(matmul.SMALL_M_TILES, dtype, tuple(t._replace(ws=True, num_warps=4) if ws and t.tma else t
-                                                               for t in shipped))
         for ns, bias in (((2048, 1024, 1024), True), ((3072, 3072), False), ((1000, 520, 136), True)):
             ws = tuple(_randn(n, K, dtype=dtype, g=g, scale=K**-0.5) for n in ns)
             bs = tuple(_randn(n, dtype=dtype, g=g) for n in ns) if bias else None
@@ -76,9 +68,8 @@ def test_linears_equal_linear(kt, monkeypatch, dtype):
                 ys = kt.linears(x[:m], ws, bs)
                 for i, (y, w) in enumerate(zip(ys, ws)):
                     _same(y, kt.linear(x[:m], w, None if bs is None else bs[i]),
-                          f"linears output {i}, M={m}, N={ns}, TMA {by_tma}, ws {ws}")
+                          f"linears output {i}, M={m}, N={ns}, TMA {by_tma}")
     assert fused_linears._linears_tma_kernel.kernels, "the TMA linears kernel never ran"
-    assert fused_linears._linears_ws_kernel.kernels, "the warp-specialized linears kernel never ran"
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -274,7 +265,7 @@ def test_swiglu_is_silu_mul_of_linears(kt, monkeypatch, dtype):
     """The swiglu kernel (gate/up products and silu_mul in one launch at M <= SMALL_M) gives
     silu_mul(*linears(...))'s bits on the 0.6B and 8B MLP shapes at every M the decode and
     short prefill chunks bring, in both modes, and a row's bits alone equal its bits in a batch;
-    the 128-row tiles by TMA (the default), by pointers and warp-specialized (Tile.ws)."""
+    the 128-row tiles by TMA (the default) and by pointers."""
     import miles_kernels as mk
     from miles_kernels._triton import fused_linears
 
@@ -296,15 +287,8 @@ def test_swiglu_is_silu_mul_of_linears(kt, monkeypatch, dtype):
         for m in (128, 300, 512):
             _same(kt.swiglu(x[:m], wg, wu), wants[m], f"swiglu by pointers M={m} vs by TMA")
         monkeypatch.setattr(fused_linears, "SMALL_M_TMA", True)
-        shipped = kt.matmul.SMALL_M_TILES[dtype]  # the TMA tiles warp-specialized (Tile.ws): the same bits
-        monkeypatch.setitem(kt.matmul.SMALL_M_TILES, dtype, tuple(t._replace(ws=True, num_warps=4) if t.tma else t
-                                                                  for t in shipped))
-        for m in (128, 300, 512):
-            _same(kt.swiglu(x[:m], wg, wu), wants[m], f"swiglu warp-specialized M={m} vs by TMA")
-        monkeypatch.setitem(kt.matmul.SMALL_M_TILES, dtype, shipped)
     assert fused_linears._swiglu_kernel.kernels and fused_linears._swiglu_tma_kernel.kernels, \
         "the swiglu kernels (pointer and TMA) did not both run"
-    assert fused_linears._swiglu_ws_kernel.kernels, "the warp-specialized swiglu kernel never ran"
 
 
 @pytest.mark.parametrize("unroll", [2, 4])

@@ -55,23 +55,3 @@ def test_fill_max_m_at_small_m_gives_the_bucket_above(sms_132, monkeypatch):
 def test_every_mid_tile_is_listed_for_the_bit_checks():
     tiles = matmul.all_linear_tiles(torch.bfloat16)
     assert all(t in tiles for t in matmul.MID_M_TILES[torch.bfloat16])
-
-
-def test_ensure_allocator_keeps_the_callers(monkeypatch):
-    """The ws kernels' descriptors need triton's allocator: ensure_allocator sets matmul's only where none is
-    set, and keeps one the caller set."""
-    import contextvars
-
-    import triton
-    from triton.runtime import _allocation
-
-    monkeypatch.setattr(_allocation, "_allocator", contextvars.ContextVar("t", default=_allocation.NullAllocator()))
-    matmul.ensure_allocator()
-    assert _allocation._allocator.get() is matmul._scratch
-
-    def mine(size, alignment, stream):
-        return torch.empty(size, dtype=torch.int8)
-
-    triton.set_allocator(mine)
-    matmul.ensure_allocator()
-    assert _allocation._allocator.get() is mine

@@ -85,8 +85,8 @@ def check_linear_tile_buckets() -> None:
 
 def check_linear_tma_buckets() -> None:
     """The persistent TMA kernel (tile.tma): accurate, rows invariant across its buckets, and a
-    misaligned tensor falls back to the pointer kernel, and TMA (its K walk warp-specialized or not)
-    and pointer kernels with the same K walk give the same bits (the harness's dot sums K in a fixed order)."""
+    misaligned tensor falls back to the pointer kernel, and TMA and pointer kernels with the
+    same K walk give the same bits (the harness's dot sums K in a fixed order)."""
     from miles_kernels._triton import matmul as lin
 
     saved = lin.LINEAR_TILES[torch.float32]
@@ -95,7 +95,6 @@ def check_linear_tma_buckets() -> None:
         lin.Tile(8, 16, 32, 32, 2, 4, 2, True),
         lin.Tile(1 << 62, 32, 16, 32, 2, 4, 2, True),
     )
-    saved_tiles = lin.LINEAR_TILES[torch.float32]
     try:
         g = torch.Generator().manual_seed(9)
         x = torch.randn(40, 96, generator=g)
@@ -107,9 +106,7 @@ def check_linear_tma_buckets() -> None:
             _same(lin.linear(x[rows], w, b), y[rows], f"tma linear rows {rows} in another bucket")
         w70 = w[:70].contiguous()  # 280-byte rows: not TMA-aligned, pointer fallback
         _close(lin.linear(x, w70), x.double() @ w70.double().T, "tma tile, misaligned fallback", atol=1e-4)
-        lin.LINEAR_TILES[torch.float32] = tuple(t._replace(ws=True) for t in saved_tiles)
-        _same(lin.linear(x, w, b), y, "tma kernel with its K walk warp-specialized (Tile.ws)")
-        lin.LINEAR_TILES[torch.float32] = tuple(t._replace(tma=False) for t in saved_tiles)
+        lin.LINEAR_TILES[torch.float32] = tuple(t._replace(tma=False) for t in lin.LINEAR_TILES[torch.float32])
         _same(lin.linear(x, w, b), y, "pointer kernel vs tma kernel, same tiles")
     finally:
         lin.LINEAR_TILES[torch.float32] = saved
@@ -118,7 +115,7 @@ def check_linear_tma_buckets() -> None:
 def check_linears() -> None:
     """linears (q/k/v, gate/up in one launch at small M): each output has linear's bits, with and
     without biases, 2 and 3 weights, whichever small-M tile the summed N picks, by pointers and
-    (TMA tiles) by TMA in a persistent grid, warp-specialized or not; a misaligned x falls back to pointers."""
+    (TMA tiles) by TMA in a persistent grid; a misaligned x falls back to pointers."""
     from miles_kernels._triton import fused_linears as fl
     from miles_kernels._triton import matmul as lin
 
@@ -133,8 +130,7 @@ def check_linears() -> None:
                       (lin.Tile(64, 32, 32, 32, 1, 4, 2), lin.Tile(64, 16, 16, 32, 1, 4, 2)),
                       (lin.Tile(64, 16, 16, 32, 1, 4, 2, k_unroll=2),),  # K = 72: a pair, then the tail
                       (lin.Tile(64, 16, 16, 32, 1, 4, 2, True),),  # 3 row tiles x 6 column tiles on 4 programs
-                      (lin.Tile(64, 32, 32, 32, 1, 4, 2, True), lin.Tile(64, 16, 16, 32, 1, 4, 2)),
-                      (lin.Tile(64, 16, 16, 32, 1, 4, 2, True, ws=True),)):  # warp-specialized, one loop
+                      (lin.Tile(64, 32, 32, 32, 1, 4, 2, True), lin.Tile(64, 16, 16, 32, 1, 4, 2))):
             lin.SMALL_M_TILES[torch.float32] = tiles
             for k in (2, 3):
                 for with_b in (False, True):
@@ -164,7 +160,7 @@ def check_linears() -> None:
 def check_swiglu() -> None:
     """swiglu (gate/up products and silu_mul in one launch at small M) has the bits of silu_mul
     over linears' outputs, whichever small-M tile 2F picks (its width halved a weight), by pointers
-    and by TMA (warp-specialized or not); a row's bits do not depend on the batch; shapes it cannot take are refused."""
+    and by TMA; a row's bits do not depend on the batch; shapes it cannot take are refused."""
     from miles_kernels._triton import fused_linears as fl
     from miles_kernels._triton import matmul as lin
 
@@ -177,9 +173,8 @@ def check_swiglu() -> None:
     try:
         for tiles in ((lin.Tile(64, 16, 32, 32, 1, 4, 2),), (lin.Tile(64, 32, 64, 32, 1, 4, 2), lin.Tile(64, 16, 32, 32, 1, 4, 2)),
                       (lin.Tile(64, 16, 32, 32, 1, 4, 2, k_unroll=2),),  # K = 72: a pair of steps, then the tail
-                      (lin.Tile(64, 16, 32, 32, 1, 4, 2, True),),  # by TMA: 3 x 3 tiles on 4 programs
-                      (lin.Tile(64, 16, 32, 32, 1, 4, 2, True, ws=True),)):  # warp-specialized
-            lin.SMALL_M_TILES[torch.float32] = tuple(t._replace(k_unroll=1, tma=False, ws=False) for t in tiles)
+                      (lin.Tile(64, 16, 32, 32, 1, 4, 2, True),)):  # by TMA: 3 x 3 tiles on 4 programs
+            lin.SMALL_M_TILES[torch.float32] = tuple(t._replace(k_unroll=1, tma=False) for t in tiles)
             ref = kt.silu_mul(*fl.linears(x, (wg, wu)))
             lin.SMALL_M_TILES[torch.float32] = tiles
             y = fl.swiglu(x, wg, wu)

@@ -18,8 +18,6 @@ from miles_kernels import _fast_pick
 from miles_kernels._triton import fused_linears, matmul, paged_attention
 from miles_fsdp.engine import sampler
 json.dump({"argv": sys.argv, "tiles": [list(t) for t in matmul.SMALL_M_TILES[torch.float16]], "fill": matmul.FILL,
-           "mid": [list(t) for t in matmul.MID_M_TILES[torch.bfloat16]],
-           "large": [list(t) for t in matmul.LINEAR_TILES[torch.bfloat16]],
            "fill_max_m": matmul.FILL_MAX_M, "small_tma": fused_linears.SMALL_M_TMA,
            "gluon_paged": paged_attention.GLUON_PAGED, "fast_pick": _fast_pick.PICK, "sampler_screen": sampler.SCREEN},
           open(sys.argv[1], "w"))
@@ -156,18 +154,3 @@ json.dump({{"on": launch.{attr}}}, open(sys.argv[1], "w"))
         assert json.loads(out.read_text())["on"] is want, args
     plain = subprocess.run([sys.executable, str(script), str(out)], capture_output=True, text=True, env=env)
     assert plain.returncode == 0 and json.loads(out.read_text())["on"] is shipped, plain.stderr[-2000:]
-
-
-@pytest.mark.parametrize("which", ["small", "all"])
-def test_ws(tmp_path, which):
-    """--ws: the TMA tiles of the small-M table (and with "all" the others) as ws tiles at 4 warps; the
-    pointer tiles, shapes and stages unchanged."""
-    from miles_kernels._triton import matmul
-
-    got = _show(tmp_path, "--ws", which)
-    for key, table in (("tiles", matmul.SMALL_M_TILES), ("mid", matmul.MID_M_TILES), ("large", matmul.LINEAR_TILES)):
-        moved = key == "tiles" or which == "all"
-        for new, old in zip(got[key], table[matmul.torch.float16 if key == "tiles" else matmul.torch.bfloat16]):
-            want = old._replace(ws=True, num_warps=4) if moved and old.tma else old
-            assert new == list(want), (key, new, want)
-    assert any(t[9] for t in got["tiles"]), "no small-M tile is ws"

@@ -1,9 +1,8 @@
 """linears (q|k|v) and swiglu (gate|up with silu_mul) at decode sizes: the 128-row small-M tiles by TMA
 (fused_linears.SMALL_M_TMA on) against the same tiles by pointers, and cuBLAS's one GEMM of the
 summed N (the peer: what fast mode's fused weight would cost), weights cold (each call reads a copy the
-last calls did not leave in L2) and graph-timed, the way the engine's decode graphs run them; a TMA tile also
-warp-specialized (`ws`: Tile.ws at 4 warps a partition). TMA, ws and pointer outputs must be bitwise equal; a
-row that is not is marked and counts as a failure.
+last calls did not leave in L2) and graph-timed, the way the engine's decode graphs run them. TMA and
+pointer outputs must be bitwise equal; a row that is not is marked and counts as a failure.
 
     PYTHONPATH=src:kernels python tools/bench/fused_linears.py --out fused_linears.json
 """
@@ -65,23 +64,11 @@ def run_shape(model: str, op: str, ns: tuple, K: int, M: int) -> dict:
             fl.SMALL_M_TMA = saved
         row["tma_ms" if by_tma else "ptr_ms"] = graph or launched
     row["same"] = bool(torch.equal(outs[True], outs[False]))
-    if tile.tma:  # the same tile warp-specialized (Tile.ws: 4 warps a partition, 12 in all)
-        saved_tiles = dict(matmul.SMALL_M_TILES)
-        matmul.SMALL_M_TILES[x.dtype] = tuple(t._replace(ws=True, num_warps=4) if t.tma else t
-                                              for t in saved_tiles[x.dtype])
-        try:
-            row["same"] &= bool(torch.equal(call(w0), outs[True]))
-            launched, graph = timings(lambda: call(ws()))
-        finally:
-            matmul.SMALL_M_TILES.clear()
-            matmul.SMALL_M_TILES.update(saved_tiles)
-        row["ws_ms"] = graph or launched
     launched, graph = timings(lambda: F.linear(x, cat()[0]))
     row["cublas_ms"] = graph or launched
     row["x_cublas_tma"] = row["cublas_ms"] / row["tma_ms"]
     row["x_cublas_ptr"] = row["cublas_ms"] / row["ptr_ms"]
     row["tma_vs_ptr"] = row["ptr_ms"] / row["tma_ms"]
-    row["x_cublas_ws"] = row["cublas_ms"] / row["ws_ms"] if "ws_ms" in row else None
     row["hbm_gbs_tma"] = (w_bytes + M * K * 2 + M * sum(ns) * 2) / row["tma_ms"] / 1e6
     return row
 
@@ -98,7 +85,7 @@ def main() -> int:
         raise SystemExit("fused_linears: needs a CUDA device")
     rows = []
     print(f"{'model':6} {'op':8} {'M':>4} {'tile':>12} {'TMA ms':>8} {'ptr ms':>8} {'cuBLAS':>8} "
-          f"{'x cuBLAS':>8} {'(ptr)':>6} {'TMA/ptr':>7} {'GB/s':>6} {'ws ms':>8} {'(x cuB)':>7} same", flush=True)
+          f"{'x cuBLAS':>8} {'(ptr)':>6} {'TMA/ptr':>7} {'GB/s':>6} same", flush=True)
     for model, op, ns, K in SHAPES:
         for M in a.m:
             r = run_shape(model, op, ns, K, M)
@@ -106,8 +93,7 @@ def main() -> int:
             t = r["tile"]
             print(f"{model:6} {op:8} {M:4} {f'{t[1]}x{t[2]} s{t[6]}' + (' T' if t[7] else ''):>12} "
                   f"{r['tma_ms']:8.4f} {r['ptr_ms']:8.4f} {r['cublas_ms']:8.4f} {r['x_cublas_tma']:8.2f} "
-                  f"{r['x_cublas_ptr']:6.2f} {r['tma_vs_ptr']:7.2f} {r['hbm_gbs_tma']:6.0f} "
-                  f"{r.get('ws_ms') or float('nan'):8.4f} {r['x_cublas_ws'] or float('nan'):7.2f} {int(r['same'])}",
+                  f"{r['x_cublas_ptr']:6.2f} {r['tma_vs_ptr']:7.2f} {r['hbm_gbs_tma']:6.0f} {int(r['same'])}",
                   flush=True)
     dev = torch.cuda.get_device_name()
     json.dump(dict(device=dev, rows=rows), open(a.out, "w"), indent=1)

@@ -15,7 +15,6 @@
     ... with_tiles.py --cut-asm off -- tools/bench/filter.py --cut-only   # the cut's lane loops by Triton's ops
     ... with_tiles.py --pdl on -- tools/bench/step_peer.py --shapes 64x256   # the decode kernels with PDL
     ... with_tiles.py --pdl-tma on -- tools/bench/step_peer.py --shapes 256x256   # the TMA linears too
-    ... with_tiles.py --ws small -- tools/bench/step_peer.py --shapes 256x256   # the TMA tiles warp-specialized
 
 Each BMxBN=U:S sets the 16-bit SMALL_M_TILES pointer tile BLOCK_M x BLOCK_N to U BLOCK_K steps
 a loop iteration (Tile.k_unroll) and S pipeline stages. The dots and their order stay as they are,
@@ -31,8 +30,6 @@ prefill by the Gluon kernel). Each gives the same bits either way. --fast-pick s
 --decode-pairs sets paged_attention.DECODE_PAIRS to 2 / 1 (two (sequence, kv head) pairs a decode program; same bits).
 --pdl sets launch.PDL (the kernels with USE_GDC launched with programmatic dependent launch, late triggers; gdc.py).
 --pdl-tma sets launch.PDL_TMA (the persistent TMA linears with PDL too, while --pdl is on; same bits).
---ws small runs the small-M TMA tiles warp-specialized (Tile.ws at 4 warps a partition: linear, linears,
-swiglu; same bits); --ws all the M buckets' and the mid-M TMA tiles too (prefill chunks, the trainer).
 --fill F sets matmul.FILL, the share of the SMs a small-M tile's grid must fill before a wider
 tile is taken (every tile gives the same bits); --fill-max-m M sets matmul.FILL_MAX_M, the largest
 M whose tile the fill rule picks (above, the M bucket's). The script runs in this process (runpy), so
@@ -95,22 +92,10 @@ def apply(changes: dict[tuple[int, int], tuple[int, int]], tma_stages: dict[tupl
     return new
 
 
-def warp_specialize(which: str) -> None:
-    """The 16-bit TMA tiles of SMALL_M_TILES (which "small") or of every table linear picks from ("all") as
-    Tile.ws tiles, 4 warps a partition (Triton's specialization adds the producer's)."""
-    from miles_kernels._triton import matmul
-
-    tables = [matmul.SMALL_M_TILES] + ([matmul.MID_M_TILES, matmul.LINEAR_TILES] if which == "all" else [])
-    for table in tables:
-        for dtype in (torch.bfloat16, torch.float16):
-            table[dtype] = tuple(t._replace(ws=True, num_warps=4) if t.tma else t for t in table[dtype])
-
-
 def main() -> None:
     argv = sys.argv[1:]
     usage = ("with_tiles: usage: with_tiles.py [--unroll BMxBN=U:S ...] [--tma-stages BMxBN=S ...] [--fill F] "
-             "[--fill-max-m M] [--ws small|all] "
-             "[--small-tma|--gluon-paged|--fast-pick|--sampler-screen|--topk-cut|--cut-asm|"
+             "[--fill-max-m M] [--small-tma|--gluon-paged|--fast-pick|--sampler-screen|--topk-cut|--cut-asm|"
              "--decode-pairs|--pdl|--pdl-tma on|off] "
              "-- SCRIPT [ARGS ...]")
     if "--" not in argv:
@@ -121,7 +106,6 @@ def main() -> None:
     ap.add_argument("--tma-stages", nargs="+", default=[], metavar="BMxBN=S")
     ap.add_argument("--fill", type=float, default=None, metavar="F")
     ap.add_argument("--fill-max-m", type=int, default=None, metavar="M")
-    ap.add_argument("--ws", choices=("small", "all"), default=None)
     switches = {"small_tma": ("miles_kernels._triton.fused_linears", "SMALL_M_TMA"),  # --NAME on|off: a module's flag
                 "gluon_paged": ("miles_kernels._triton.paged_attention", "GLUON_PAGED"),
                 "fast_pick": ("miles_kernels._fast_pick", "PICK"),
@@ -136,8 +120,8 @@ def main() -> None:
         ap.add_argument("--" + name.replace("_", "-"), choices=("on", "off"), default=None)
     a = ap.parse_args(argv[:cut])
     flags = {switches[n]: getattr(a, n) == "on" for n in switches if getattr(a, n) is not None}
-    if not a.unroll and not a.tma_stages and a.fill is None and a.fill_max_m is None and not flags and not a.ws:
-        raise SystemExit(f"{usage}: nothing to change (give --unroll, --tma-stages, --fill, --fill-max-m, --ws, "
+    if not a.unroll and not a.tma_stages and a.fill is None and a.fill_max_m is None and not flags:
+        raise SystemExit(f"{usage}: nothing to change (give --unroll, --tma-stages, --fill, --fill-max-m, "
                          "--small-tma, --gluon-paged, --fast-pick, --sampler-screen, --topk-cut, --cut-asm, "
                          "--decode-pairs, --pdl or --pdl-tma)")
     if a.fill_max_m is not None and a.fill_max_m < 1:
@@ -147,9 +131,7 @@ def main() -> None:
     script, *args = argv[cut + 1:] or [""]
     if not script:
         raise SystemExit("with_tiles: no script after --")
-    apply(parse(a.unroll), parse_stages(a.tma_stages))
-    if a.ws:
-        warp_specialize(a.ws)
+    tiles = apply(parse(a.unroll), parse_stages(a.tma_stages))
     import importlib
 
     from miles_kernels._triton import matmul
@@ -160,9 +142,7 @@ def main() -> None:
         matmul.FILL = a.fill
     if a.fill_max_m is not None:
         matmul.FILL_MAX_M = a.fill_max_m
-    tiles = matmul.SMALL_M_TILES[torch.bfloat16]
-    print("with_tiles: small-M tiles", [tuple(t) for t in tiles], "ws", a.ws, "FILL", matmul.FILL,
-          "FILL_MAX_M", matmul.FILL_MAX_M,
+    print("with_tiles: small-M tiles", [tuple(t) for t in tiles], "FILL", matmul.FILL, "FILL_MAX_M", matmul.FILL_MAX_M,
           *(f"{flag} {on}" for (_, flag), on in flags.items()), flush=True)
     sys.argv = [script, *args]
     runpy.run_path(script, run_name="__main__")

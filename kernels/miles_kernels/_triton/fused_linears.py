@@ -4,8 +4,7 @@ swiglu (gate and up products and silu_mul in one launch), both for M <= matmul.S
 Each output tile walks K as linear's does (from 0 in BLOCK_K steps, fp32 acc), so every output has
 linear's bits. The tile is linear_tile's for the summed N; where it is a TMA tile (the 128-row
 small-M tiles) and SMALL_M_TMA is on, the weights and x come in by TMA in a persistent grid, as
-linear's TMA kernel does (the default; a `ws` tile: warp-specialized, as matmul._linear_ws_kernel); else by
-pointers.
+linear's TMA kernel does (the default); else by pointers.
 """
 
 import torch
@@ -41,17 +40,15 @@ def _linears_kernel(
     n_tiles_m = tl.cdiv(M, BLOCK_M)
     tile_m = pid % n_tiles_m
     tile_n = pid // n_tiles_m
-    N = _of_three(tile_n, T1, T2, N0, N1, N2)
-    y_ptr = _of_three(tile_n, T1, T2, y0_ptr, y1_ptr, y2_ptr)
-    _linear_tile(x_ptr, _of_three(tile_n, T1, T2, w0_ptr, w1_ptr, w2_ptr), _of_three(tile_n, T1, T2, b0_ptr, b1_ptr,
-                 b2_ptr), y_ptr, tile_m, tile_n - _of_three(tile_n, T1, T2, 0, T1, T2), M, N, K, stride_xm, K, N,
-                 HAS_BIAS, BLOCK_M, BLOCK_N, BLOCK_K, PRECISION, K_UNROLL, USE_GDC)
-
-
-@triton.jit
-def _of_three(i, T1, T2, a0, a1, a2):
-    """a0, a1 or a2 as i lies in [0, T1), [T1, T2) or [T2, ...): which weight's a tile is."""
-    return tl.where(i >= T2, a2, tl.where(i >= T1, a1, a0))
+    in1 = tile_n >= T1
+    in2 = tile_n >= T2
+    w_ptr = tl.where(in2, w2_ptr, tl.where(in1, w1_ptr, w0_ptr))
+    y_ptr = tl.where(in2, y2_ptr, tl.where(in1, y1_ptr, y0_ptr))
+    N = tl.where(in2, N2, tl.where(in1, N1, N0))
+    tile_n -= tl.where(in2, T2, tl.where(in1, T1, 0))
+    b_ptr = tl.where(in2, b2_ptr, tl.where(in1, b1_ptr, b0_ptr))
+    _linear_tile(x_ptr, w_ptr, b_ptr, y_ptr, tile_m, tile_n, M, N, K, stride_xm, K, N,
+                    HAS_BIAS, BLOCK_M, BLOCK_N, BLOCK_K, PRECISION, K_UNROLL, USE_GDC)
 
 
 @triton.jit
@@ -94,37 +91,6 @@ def _linears_tma_kernel(
                  BLOCK_K, PRECISION, NUM_PROGRAMS, USE_GDC)
 
 
-@fast_launch
-@triton.jit
-def _linears_ws_kernel(
-    x_ptr, w0_ptr, w1_ptr, w2_ptr, b0_ptr, b1_ptr, b2_ptr, y0_ptr, y1_ptr, y2_ptr,
-    M, K, N0, N1, N2, T1, T2, T3,
-    HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    PRECISION: tl.constexpr, NUM_PROGRAMS: tl.constexpr, USE_GDC: tl.constexpr = False,
-):
-    # _linears_tma_kernel's tiles in one loop warp-specialized by Triton (matmul._linear_ws_kernel: a TMA
-    # producer, two consumer warpgroups). A tile's weight descriptor is built on the device from the weight
-    # its index falls in: three specialized loops would take three sets of buffers (300+ KB at 128x64).
-    # The same dots in the same order and _tma_segment's epilogue, so linear's bits.
-    x_desc = tl.make_tensor_descriptor(x_ptr, [M, K], [K, 1], [BLOCK_M, BLOCK_K])
-    n_tiles_m = tl.cdiv(M, BLOCK_M)
-    gdc_wait(USE_GDC)
-    for tile in tl.range(tl.program_id(0), T3, NUM_PROGRAMS, flatten=False, warp_specialize=True):
-        N = _of_three(tile, T1, T2, N0, N1, N2)
-        lo = _of_three(tile, T1, T2, 0, T1, T2)
-        w_desc = tl.make_tensor_descriptor(_of_three(tile, T1, T2, w0_ptr, w1_ptr, w2_ptr), [N, K], [K, 1],
-                                           [BLOCK_N, BLOCK_K])
-        tile_m = (tile - lo) % n_tiles_m
-        tile_n = (tile - lo) // n_tiles_m
-        acc = _tma_k_walk(x_desc, w_desc, tile_m * BLOCK_M, tile_n * BLOCK_N, K, BLOCK_M, BLOCK_N, BLOCK_K,
-                          PRECISION)
-        rows = tile_m * BLOCK_M + tl.arange(0, BLOCK_M)
-        cols = tile_n * BLOCK_N + tl.arange(0, BLOCK_N)
-        _bias_store(acc, _of_three(tile, T1, T2, b0_ptr, b1_ptr, b2_ptr), _of_three(tile, T1, T2, y0_ptr, y1_ptr,
-                    y2_ptr), rows, cols, M, N, N, HAS_BIAS)
-    gdc_release(USE_GDC)
-
-
 def _by_tma(t: mm.Tile, *ts: torch.Tensor) -> bool:
     return t.tma and SMALL_M_TMA and mm._tma_ok(*ts)
 
@@ -159,13 +125,8 @@ def linears(x_MK: torch.Tensor, ws: tuple[torch.Tensor, ...], bs: tuple[torch.Te
     if min(ns) > 0 and _by_tma(t, x_MK, *ws):
         total = n_tiles_m * sum(tiles)
         n_prog = min(mm._num_programs(x_MK.device), total)
-        ends = [n_tiles_m * sum(tiles[:i + 1]) for i in range(3)]
-        if t.ws:
-            mm.ensure_allocator()
-            _linears_ws_kernel[(n_prog,)](x_MK, *pad(ws, ws[-1]), *b3, *y3, M, K, *n3, *ends, NUM_PROGRAMS=n_prog,
-                                          USE_GDC=launch.PDL_TMA and x_MK.is_cuda, **consts)
-            return ys
         wd = [TensorDescriptor.from_tensor(w, [t.block_n, t.block_k]) for w in ws]
+        ends = [n_tiles_m * sum(tiles[:i + 1]) for i in range(3)]
         _linears_tma_kernel[(n_prog,)](
             TensorDescriptor.from_tensor(x_MK, [t.block_m, t.block_k]), *pad(wd, wd[-1]), *b3, *y3, M, K, *n3, *ends,
             NUM_PROGRAMS=n_prog, USE_GDC=launch.PDL_TMA and x_MK.is_cuda, **consts)
@@ -223,27 +184,6 @@ def _swiglu_kernel(x_ptr, wg_ptr, wu_ptr, y_ptr, M, F, K, stride_xm, BLOCK_M: tl
     tl.store(y_ptrs, y.to(dtype), mask=row_ok[:, None] & col_ok[None, :])
 
 
-@triton.jit
-def _swiglu_tma_walk(x_desc, wg_desc, wu_desc, off_m, off_n, K, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                     BLOCK_K: tl.constexpr, PRECISION: tl.constexpr):
-    """A swiglu tile's gate and up products by TMA: _swiglu_kernel's K walk (one x load for both dots)."""
-    acc_g = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    acc_u = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        x = x_desc.load([off_m, k0])
-        acc_g = tl.dot(x, wg_desc.load([off_n, k0]).T, acc_g, input_precision=PRECISION)
-        acc_u = tl.dot(x, wu_desc.load([off_n, k0]).T, acc_u, input_precision=PRECISION)
-    return acc_g, acc_u
-
-
-@triton.jit
-def _swiglu_tma_store(y_desc, off_m, off_n, acc_g, acc_u):
-    """_swiglu_kernel's epilogue (each product rounded as linear stores it, silu_mul's math) by TMA."""
-    dtype = y_desc.dtype
-    y = silu_times(acc_g.to(dtype).to(tl.float32), acc_u.to(dtype).to(tl.float32))
-    y_desc.store([off_m, off_n], y.to(dtype))
-
-
 @fast_launch
 @triton.jit
 def _swiglu_tma_kernel(x_desc, wg_desc, wu_desc, y_desc, M, F, K, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -259,33 +199,16 @@ def _swiglu_tma_kernel(x_desc, wg_desc, wu_desc, y_desc, M, F, K, BLOCK_M: tl.co
     for tile in tl.range(tl.program_id(0), n_tiles, NUM_PROGRAMS, flatten=False):
         off_m = (tile % n_tiles_m) * BLOCK_M
         off_n = (tile // n_tiles_m) * BLOCK_N
-        acc_g, acc_u = _swiglu_tma_walk(x_desc, wg_desc, wu_desc, off_m, off_n, K, BLOCK_M, BLOCK_N, BLOCK_K,
-                                        PRECISION)
+        acc_g = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        acc_u = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            x = x_desc.load([off_m, k0])
+            acc_g = tl.dot(x, wg_desc.load([off_n, k0]).T, acc_g, input_precision=PRECISION)
+            acc_u = tl.dot(x, wu_desc.load([off_n, k0]).T, acc_u, input_precision=PRECISION)
         release_after_last(tile, n_tiles, NUM_PROGRAMS, USE_GDC)
-        _swiglu_tma_store(y_desc, off_m, off_n, acc_g, acc_u)
-
-
-@fast_launch
-@triton.jit
-def _swiglu_ws_kernel(x_ptr, wg_ptr, wu_ptr, y_ptr, M, F, K, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                      BLOCK_K: tl.constexpr, PRECISION: tl.constexpr, NUM_PROGRAMS: tl.constexpr,
-                      USE_GDC: tl.constexpr = False):
-    # _swiglu_tma_kernel's tile loop warp-specialized by Triton (matmul._linear_ws_kernel's form: descriptors
-    # built on the device, the loop not flattened); the same dots in the same order, the same epilogue.
-    x_desc = tl.make_tensor_descriptor(x_ptr, [M, K], [K, 1], [BLOCK_M, BLOCK_K])
-    wg_desc = tl.make_tensor_descriptor(wg_ptr, [F, K], [K, 1], [BLOCK_N, BLOCK_K])
-    wu_desc = tl.make_tensor_descriptor(wu_ptr, [F, K], [K, 1], [BLOCK_N, BLOCK_K])
-    y_desc = tl.make_tensor_descriptor(y_ptr, [M, F], [F, 1], [BLOCK_M, BLOCK_N])
-    n_tiles_m = tl.cdiv(M, BLOCK_M)
-    n_tiles = n_tiles_m * tl.cdiv(F, BLOCK_N)
-    gdc_wait(USE_GDC)
-    for tile in tl.range(tl.program_id(0), n_tiles, NUM_PROGRAMS, flatten=False, warp_specialize=True):
-        off_m = (tile % n_tiles_m) * BLOCK_M
-        off_n = (tile // n_tiles_m) * BLOCK_N
-        acc_g, acc_u = _swiglu_tma_walk(x_desc, wg_desc, wu_desc, off_m, off_n, K, BLOCK_M, BLOCK_N, BLOCK_K,
-                                        PRECISION)
-        _swiglu_tma_store(y_desc, off_m, off_n, acc_g, acc_u)
-    gdc_release(USE_GDC)
+        dtype = y_desc.dtype
+        y = silu_times(acc_g.to(dtype).to(tl.float32), acc_u.to(dtype).to(tl.float32))
+        y_desc.store([off_m, off_n], y.to(dtype))
 
 
 def swiglu(x_MK: torch.Tensor, w_gate_FK: torch.Tensor, w_up_FK: torch.Tensor) -> torch.Tensor:
@@ -312,11 +235,6 @@ def swiglu(x_MK: torch.Tensor, w_gate_FK: torch.Tensor, w_up_FK: torch.Tensor) -
     n_tiles = triton.cdiv(M, t.block_m) * triton.cdiv(F, block_n)
     if _by_tma(t, x_MK, w_gate_FK, w_up_FK, y):
         n_prog = min(mm._num_programs(x_MK.device), n_tiles)
-        if t.ws:
-            mm.ensure_allocator()
-            _swiglu_ws_kernel[(n_prog,)](x_MK, w_gate_FK, w_up_FK, y, M, F, K, NUM_PROGRAMS=n_prog,
-                                         USE_GDC=launch.PDL_TMA and x_MK.is_cuda, **consts)
-            return y
         _swiglu_tma_kernel[(n_prog,)](
             TensorDescriptor.from_tensor(x_MK, [t.block_m, t.block_k]),
             TensorDescriptor.from_tensor(w_gate_FK, [block_n, t.block_k]),

@@ -31,7 +31,6 @@ class Tile(NamedTuple):
     num_stages: int
     tma: bool = False  # TMA descriptors (linear: a persistent grid too; aligned tensors): same bits as pointers
     k_unroll: int = 1  # pointer kernels: BLOCK_K steps a loop iteration (the same dots in the same order)
-    ws: bool = False  # with tma: the warp-specialized persistent kernel (_linear_ws_kernel), the same dots
 
 
 _BIG = 1 << 62
@@ -251,17 +250,6 @@ def _tma_k_walk(x_desc, w_desc, off_m, off_n, K, BLOCK_M: tl.constexpr, BLOCK_N:
     return acc
 
 
-@triton.jit
-def _tma_bias_store(acc, b_ptr, y_desc, off_m, off_n, N, HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr):
-    """_bias_store by TMA (the store clipped at the edges): round, + b in fp32, round again."""
-    y = acc.to(y_desc.dtype)
-    if HAS_BIAS:
-        cols = off_n + tl.arange(0, BLOCK_N)
-        b = tl.load(b_ptr + cols, mask=cols < N, other=0.0)
-        y = (y.to(tl.float32) + b.to(tl.float32)[None, :]).to(y_desc.dtype)
-    y_desc.store([off_m, off_n], y)
-
-
 @fast_launch
 @triton.jit
 def _linear_tma_kernel(
@@ -282,48 +270,12 @@ def _linear_tma_kernel(
         off_n = tile_n * BLOCK_N
         acc = _tma_k_walk(x_desc, w_desc, off_m, off_n, K, BLOCK_M, BLOCK_N, BLOCK_K, PRECISION)
         release_after_last(tile, n_tiles_m * n_tiles_n, NUM_PROGRAMS, USE_GDC)
-        _tma_bias_store(acc, b_ptr, y_desc, off_m, off_n, N, HAS_BIAS, BLOCK_N)
-
-
-@fast_launch
-@triton.jit
-def _linear_ws_kernel(
-    x_ptr, w_ptr, y_ptr, b_ptr, M, N, K, stride_x, stride_w, stride_y,
-    HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    GROUP_M: tl.constexpr, PRECISION: tl.constexpr, NUM_PROGRAMS: tl.constexpr, USE_GDC: tl.constexpr = False,
-):
-    # _linear_tma_kernel with its tile loop warp-specialized by Triton (Hopper: a TMA producer partition and
-    # two consumer warpgroups, each 64 rows of a 128-row tile, from num_warps=4; the loop not flattened and
-    # the descriptors built on the device, as triton's persistent-matmul tutorial needs on Hopper). A tile's
-    # dots are _tma_k_walk's, in its order, so the same bits. The PDL release after the tile loop.
-    x_desc = tl.make_tensor_descriptor(x_ptr, [M, K], [stride_x, 1], [BLOCK_M, BLOCK_K])
-    w_desc = tl.make_tensor_descriptor(w_ptr, [N, K], [stride_w, 1], [BLOCK_N, BLOCK_K])
-    y_desc = tl.make_tensor_descriptor(y_ptr, [M, N], [stride_y, 1], [BLOCK_M, BLOCK_N])
-    n_tiles_m = tl.cdiv(M, BLOCK_M)
-    n_tiles_n = tl.cdiv(N, BLOCK_N)
-    gdc_wait(USE_GDC)
-    for tile in tl.range(tl.program_id(0), n_tiles_m * n_tiles_n, NUM_PROGRAMS, flatten=False, warp_specialize=True):
-        tile_m, tile_n = _grouped_order(tile, n_tiles_m, n_tiles_n, GROUP_M)
-        off_m = tile_m * BLOCK_M
-        off_n = tile_n * BLOCK_N
-        acc = _tma_k_walk(x_desc, w_desc, off_m, off_n, K, BLOCK_M, BLOCK_N, BLOCK_K, PRECISION)
-        _tma_bias_store(acc, b_ptr, y_desc, off_m, off_n, N, HAS_BIAS, BLOCK_N)
-    gdc_release(USE_GDC)
-
-
-def _scratch(size: int, alignment: int, stream) -> torch.Tensor:
-    """Global scratch for descriptors built on the device (the ws kernels), from torch's caching allocator."""
-    return torch.empty(size, dtype=torch.int8, device="cuda" if torch.cuda.is_available() else "cpu")
-
-
-def ensure_allocator() -> None:
-    """Before a ws kernel: triton needs an allocator for its device-built descriptors. One the caller set
-    (triton.set_allocator, per thread) is kept; else _scratch."""
-    from triton.runtime import _allocation
-
-    current = getattr(_allocation, "_allocator", None)
-    if current is None or isinstance(current.get(), _allocation.NullAllocator):
-        triton.set_allocator(_scratch)
+        y = acc.to(y_desc.dtype)
+        if HAS_BIAS:
+            cols = off_n + tl.arange(0, BLOCK_N)
+            b = tl.load(b_ptr + cols, mask=cols < N, other=0.0)
+            y = (y.to(tl.float32) + b.to(tl.float32)[None, :]).to(y_desc.dtype)
+        y_desc.store([off_m, off_n], y)
 
 
 _NUM_SMS: dict[int, int] = {}
@@ -348,20 +300,16 @@ def _launch_linear(x_MK, w_NK, b_N, y_MN, t: Tile) -> None:
     N = w_NK.shape[0]
     precision = _dot_precision(x_MK.dtype)
     if t.tma and _tma_ok(x_MK, w_NK, y_MN):
+        x_d = TensorDescriptor.from_tensor(x_MK, [t.block_m, t.block_k])
+        w_d = TensorDescriptor.from_tensor(w_NK, [t.block_n, t.block_k])
+        y_d = TensorDescriptor.from_tensor(y_MN, [t.block_m, t.block_n])
         n_prog = min(_num_programs(x_MK.device), triton.cdiv(M, t.block_m) * triton.cdiv(N, t.block_n))
-        meta = dict(HAS_BIAS=b_N is not None, BLOCK_M=t.block_m, BLOCK_N=t.block_n, BLOCK_K=t.block_k,
-                    GROUP_M=t.group_m, PRECISION=precision, NUM_PROGRAMS=n_prog,
-                    USE_GDC=launch.PDL_TMA and x_MK.is_cuda, num_warps=t.num_warps, num_stages=t.num_stages)
-        b = b_N if b_N is not None else y_MN
-        if t.ws:
-            ensure_allocator()
-            _linear_ws_kernel[(n_prog,)](x_MK, w_NK, y_MN, b, M, N, K, x_MK.stride(0), w_NK.stride(0), y_MN.stride(0),
-                                         **meta)
-            return
         _linear_tma_kernel[(n_prog,)](
-            TensorDescriptor.from_tensor(x_MK, [t.block_m, t.block_k]),
-            TensorDescriptor.from_tensor(w_NK, [t.block_n, t.block_k]),
-            TensorDescriptor.from_tensor(y_MN, [t.block_m, t.block_n]), b, M, N, K, **meta)
+            x_d, w_d, y_d, b_N if b_N is not None else y_MN, M, N, K,
+            HAS_BIAS=b_N is not None, BLOCK_M=t.block_m, BLOCK_N=t.block_n, BLOCK_K=t.block_k,
+            GROUP_M=t.group_m, PRECISION=precision, NUM_PROGRAMS=n_prog, USE_GDC=launch.PDL_TMA and x_MK.is_cuda,
+            num_warps=t.num_warps, num_stages=t.num_stages,
+        )
         return
     grid = (triton.cdiv(M, t.block_m) * triton.cdiv(N, t.block_n),)
     _linear_kernel[grid](
