@@ -19,8 +19,9 @@
 #              (linear_sweep.py --which warps: bits against the reference tile, graph-timed, weights cold)
 #   deep       (not in the default list) the small-M tiles with deeper TMA pipelines (linear_sweep.py --which deep:
 #              linear_tile's pick against the 128-row TMA tiles at 5-8 stages and the 64-row ones at up to 12, M
-#              64-512, bits, graph-timed, weights cold), then the decode step (step_peer.py, 0.6B / 8B, b128-512
-#              ctx 256) with the 128x64 TMA tile at 5 (shipped), 6 and 8 stages (with_tiles.py --tma-stages), by turns
+#              64-512, bits, graph-timed, weights cold), then the decode step (step_peer.py, 0.6B / 8B, b64-512
+#              ctx 256) with the 128x64 TMA tile at 5 (shipped), 6 and 8 stages (with_tiles.py --tma-stages), and at 6
+#              with the 64x64 pointer tile by TMA at 12 (--as-tma), by turns
 #   ws         (not in the default list) whether Triton's Hopper warp specialization pays for an attention
 #              forward walked like ours (tools/bench/ws_probe.py: plain / specialized / specialized with
 #              2-block splits, vs flash)
@@ -288,10 +289,12 @@ print('guard out: the capture test must fail (rc 1), rc', int(rc)); sys.exit(0 i
         cublas) run cublas_kernels python3 tools/bench/cublas_kernels.py --out "$out/cublas_kernels.json" ;;
         warps) run linear_warps python3 tools/bench/linear_sweep.py --which warps --out "$out/linear_warps.json" ;;
         deep) run linear_deep python3 tools/bench/linear_sweep.py --which deep --out "$out/linear_deep.json"
-              for i in 1 2; do for v in off 6 8; do  # by turns: the decode step with the 128x64 TMA tile at 5 / 6 / 8
-                  pre=(); [ $v = off ] || pre=(tools/bench/with_tiles.py --tma-stages 128x64=$v --)
+              for i in 1 2; do for v in off s6 s8 t12; do  # by turns: shipped, 128x64 at 6 / 8, + 64x64 by TMA at 12
+                  case $v in off) pre=() ;; s6) pre=(--tma-stages 128x64=6) ;; s8) pre=(--tma-stages 128x64=8) ;;
+                             t12) pre=(--tma-stages 128x64=6 --as-tma 64x64=12) ;; esac
+                  [ $v = off ] || pre=(tools/bench/with_tiles.py "${pre[@]}" --)
                   run step_deep_$v$i timeout -s KILL 150 python3 ${pre[@]+"${pre[@]}"} tools/bench/step_peer.py \
-                      --model qwen3-0.6b qwen3-8b --shapes 128x256 256x256 512x256 --rounds 5 \
+                      --model qwen3-0.6b qwen3-8b --shapes 64x256 128x256 256x256 512x256 --rounds 5 \
                       --out "$out/step_deep_$v$i.json"
               done; done ;;
         ws) run ws_probe python3 tools/bench/ws_probe.py "$out/ws_probe.json" ;;

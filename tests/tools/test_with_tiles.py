@@ -73,6 +73,21 @@ def test_tma_stages(tmp_path):
             assert new == old
 
 
+def test_as_tma(tmp_path):
+    """--as-tma: the small-M pointer tile named runs by TMA at S stages (one BLOCK_K step an iteration), the
+    rest as shipped."""
+    got = _show(tmp_path, "--as-tma", "64x64=9")["tiles"]
+    from miles_kernels._triton import matmul
+
+    base = [list(t) for t in matmul.SMALL_M_TILES[matmul.torch.float16]]
+    assert len(got) == len(base) and any(old[1:3] == [64, 64] and not old[7] for old in base)
+    for new, old in zip(got, base):
+        if old[1:3] == [64, 64] and not old[7]:
+            assert new[:4] == old[:4] and new[5] == old[5] and (new[4], new[6], new[7], new[8]) == (8, 9, True, 1)
+        else:
+            assert new == old
+
+
 def test_fill_alone(tmp_path):
     got = _show(tmp_path, "--fill", "0.75")
     from miles_kernels._triton import matmul
@@ -131,6 +146,9 @@ def test_bad_specs_are_refused(tmp_path):
                       (["--tma-stages", "64x64=5", "--", "x.py"], "no small-M TMA tile [(64, 64)]"),
                       (["--tma-stages", "128x128", "--", "x.py"], "write BMxBN=S"),
                       (["--tma-stages", "128x128=0", "--", "x.py"], "S must be >= 1"),
+                      (["--as-tma", "128x128=5", "--", "x.py"], "no small-M pointer tile [(128, 128)]"),
+                      (["--as-tma", "64x64", "--", "x.py"], "--as-tma '64x64': write BMxBN=S"),
+                      (["--as-tma", "64x32=8", "--unroll", "64x32=2:6", "--", "x.py"], "in both --unroll and --as-tma"),
                       (["--small-tma", "yes", "--", "x.py"], "invalid choice"),
                       (["--gluon-paged", "1", "--", "x.py"], "invalid choice")):
         proc = _run(tmp_path, *args)

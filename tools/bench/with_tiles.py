@@ -7,6 +7,7 @@
     ... with_tiles.py --fill 0.75 -- tools/bench/engine.py --quick --only engine    # another FILL
     ... with_tiles.py --fill-max-m 512 -- tools/bench/engine.py --quick   # the M bucket's tile above M 512
     ... with_tiles.py --tma-stages 128x128=4 128x64=4 -- tools/bench/engine.py --quick   # 4 stages
+    ... with_tiles.py --as-tma 64x64=9 -- tools/bench/step_peer.py --shapes 128x256   # a pointer tile by TMA
     ... with_tiles.py --small-tma off -- tools/bench/engine.py --quick   # linears / swiglu by pointers
     ... with_tiles.py --gluon-paged off -- tools/bench/engine.py --quick   # the prefill by the Triton kernel
     ... with_tiles.py --fast-pick off -- tools/bench/train.py --modes fast   # fast mode's linears by cuBLAS only
@@ -20,10 +21,12 @@ Each BMxBN=U:S sets the 16-bit SMALL_M_TILES pointer tile BLOCK_M x BLOCK_N to U
 a loop iteration (Tile.k_unroll) and S pipeline stages. The dots and their order stay as they are,
 so the bits do too (tests/gpu/test_matmul_gpu.py::test_unrolled_small_m_tiles_same_bits).
 Each BMxBN=S of --tma-stages sets the small-M TMA tile BLOCK_M x BLOCK_N to S stages (also what
-linears and swiglu run it with). --small-tma on / off runs those tiles in linears and swiglu by TMA /
-by pointers (fused_linears.SMALL_M_TMA); --gluon-paged sets paged_attention.GLUON_PAGED (the paged
-prefill by the Gluon kernel). Each gives the same bits either way. --fast-pick sets _fast_pick.PICK
-(fast mode's linears by the faster of cuBLAS and the invariant kernel, timed per shape; off: cuBLAS).
+linears and swiglu run it with). Each BMxBN=S of --as-tma runs the small-M pointer tile BLOCK_M x BLOCK_N by
+TMA (the persistent kernel, one BLOCK_K step an iteration, grouped order) at S stages. --small-tma on / off
+runs those tiles in linears and swiglu by TMA / by pointers (fused_linears.SMALL_M_TMA); --gluon-paged sets
+paged_attention.GLUON_PAGED (the paged prefill by the Gluon kernel). Each gives the same bits either way.
+--fast-pick sets _fast_pick.PICK (fast mode's linears by the faster of cuBLAS and the invariant kernel, timed
+per shape; off: cuBLAS).
 --sampler-screen sets engine.sampler.SCREEN (the noisy argmax ranked by fast logs first; same tokens).
 --topk-cut sets rows.TOPK_BY_CUT (top-k's k-th value by cut.top_k_floor in place of torch.topk; same values).
 --cut-asm sets cut.ASM (the cut's lane loops in PTX; same bits).
@@ -58,7 +61,7 @@ def parse(specs: list[str]) -> dict[tuple[int, int], tuple[int, int]]:
     return out
 
 
-def parse_stages(specs: list[str]) -> dict[tuple[int, int], int]:
+def parse_stages(specs: list[str], flag: str = "--tma-stages") -> dict[tuple[int, int], int]:
     out = {}
     for spec in specs:
         try:
@@ -66,27 +69,36 @@ def parse_stages(specs: list[str]) -> dict[tuple[int, int], int]:
             bm, bn = (int(v) for v in shape.lower().split("x"))
             out[bm, bn] = int(stages)
         except ValueError:
-            raise SystemExit(f"with_tiles: --tma-stages {spec!r}: write BMxBN=S, e.g. 128x128=5") from None
+            raise SystemExit(f"with_tiles: {flag} {spec!r}: write BMxBN=S, e.g. 128x128=5") from None
         if out[bm, bn] < 1:
-            raise SystemExit(f"with_tiles: --tma-stages {spec!r}: S must be >= 1")
+            raise SystemExit(f"with_tiles: {flag} {spec!r}: S must be >= 1")
     return out
 
 
-def apply(changes: dict[tuple[int, int], tuple[int, int]], tma_stages: dict[tuple[int, int], int] | None = None
-          ) -> tuple:
+def apply(changes: dict[tuple[int, int], tuple[int, int]], tma_stages: dict[tuple[int, int], int] | None = None,
+          as_tma: dict[tuple[int, int], int] | None = None) -> tuple:
     from miles_kernels._triton import matmul
 
-    tma_stages = tma_stages or {}
+    tma_stages, as_tma = tma_stages or {}, as_tma or {}
     old = matmul.SMALL_M_TILES[torch.bfloat16]
-    for kind, asked, tma in (("pointer", changes, False), ("TMA", tma_stages, True)):
+    for kind, asked, tma in (("pointer", changes, False), ("TMA", tma_stages, True), ("pointer", as_tma, False)):
         have = {(t.block_m, t.block_n) for t in old if t.tma == tma}
         missing = sorted(set(asked) - have)
         if missing:
             raise SystemExit(f"with_tiles: no small-M {kind} tile {missing}; the table has {sorted(have)}")
-    new = tuple(t._replace(k_unroll=changes[t.block_m, t.block_n][0], num_stages=changes[t.block_m, t.block_n][1])
-                if not t.tma and (t.block_m, t.block_n) in changes else
-                t._replace(num_stages=tma_stages[t.block_m, t.block_n])
-                if t.tma and (t.block_m, t.block_n) in tma_stages else t for t in old)
+    both = sorted(set(changes) & set(as_tma))
+    if both:
+        raise SystemExit(f"with_tiles: {both} in both --unroll and --as-tma; give one")
+
+    def changed(t):
+        key = (t.block_m, t.block_n)
+        if t.tma:
+            return t._replace(num_stages=tma_stages[key]) if key in tma_stages else t
+        if key in as_tma:
+            return t._replace(tma=True, k_unroll=1, group_m=8, num_stages=as_tma[key])
+        return t._replace(k_unroll=changes[key][0], num_stages=changes[key][1]) if key in changes else t
+
+    new = tuple(changed(t) for t in old)
     for dtype in (torch.bfloat16, torch.float16):
         matmul.SMALL_M_TILES[dtype] = new
     return new
@@ -94,9 +106,10 @@ def apply(changes: dict[tuple[int, int], tuple[int, int]], tma_stages: dict[tupl
 
 def main() -> None:
     argv = sys.argv[1:]
-    usage = ("with_tiles: usage: with_tiles.py [--unroll BMxBN=U:S ...] [--tma-stages BMxBN=S ...] [--fill F] "
-             "[--fill-max-m M] [--small-tma|--gluon-paged|--fast-pick|--sampler-screen|--topk-cut|--cut-asm|"
-             "--decode-pairs|--pdl|--pdl-tma on|off] "
+    usage = ("with_tiles: usage: with_tiles.py [--unroll BMxBN=U:S ...] [--tma-stages BMxBN=S ...] "
+             "[--as-tma BMxBN=S ...] [--fill F] [--fill-max-m M] "
+             "[--small-tma|--gluon-paged|--fast-pick|--sampler-screen|--topk-cut|--cut-asm|--decode-pairs|--pdl|"
+             "--pdl-tma on|off] "
              "-- SCRIPT [ARGS ...]")
     if "--" not in argv:
         raise SystemExit(usage)
@@ -104,6 +117,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--unroll", nargs="+", default=[], metavar="BMxBN=U:S")
     ap.add_argument("--tma-stages", nargs="+", default=[], metavar="BMxBN=S")
+    ap.add_argument("--as-tma", nargs="+", default=[], metavar="BMxBN=S")
     ap.add_argument("--fill", type=float, default=None, metavar="F")
     ap.add_argument("--fill-max-m", type=int, default=None, metavar="M")
     switches = {"small_tma": ("miles_kernels._triton.fused_linears", "SMALL_M_TMA"),  # --NAME on|off: a module's flag
@@ -120,8 +134,8 @@ def main() -> None:
         ap.add_argument("--" + name.replace("_", "-"), choices=("on", "off"), default=None)
     a = ap.parse_args(argv[:cut])
     flags = {switches[n]: getattr(a, n) == "on" for n in switches if getattr(a, n) is not None}
-    if not a.unroll and not a.tma_stages and a.fill is None and a.fill_max_m is None and not flags:
-        raise SystemExit(f"{usage}: nothing to change (give --unroll, --tma-stages, --fill, --fill-max-m, "
+    if not a.unroll and not a.tma_stages and not a.as_tma and a.fill is None and a.fill_max_m is None and not flags:
+        raise SystemExit(f"{usage}: nothing to change (give --unroll, --tma-stages, --as-tma, --fill, --fill-max-m, "
                          "--small-tma, --gluon-paged, --fast-pick, --sampler-screen, --topk-cut, --cut-asm, "
                          "--decode-pairs, --pdl or --pdl-tma)")
     if a.fill_max_m is not None and a.fill_max_m < 1:
@@ -131,7 +145,7 @@ def main() -> None:
     script, *args = argv[cut + 1:] or [""]
     if not script:
         raise SystemExit("with_tiles: no script after --")
-    tiles = apply(parse(a.unroll), parse_stages(a.tma_stages))
+    tiles = apply(parse(a.unroll), parse_stages(a.tma_stages), parse_stages(a.as_tma, "--as-tma"))
     import importlib
 
     from miles_kernels._triton import matmul
