@@ -112,13 +112,15 @@ WARPS_CFG = ([T(0, 128, 64, 64, 8, w, s, True) for w in (4, 8) for s in (4, 5, 6
 # H100 fifty-ninth run), and the 128x64 TMA tile read 0.02-0.07 of cuBLAS faster at 6 stages than the shipped 5 on
 # all 18 shapes of `warps`. The shipped pick first (linear_tile's, marked pick=1), then the 128-row TMA tiles at 5-8
 # stages (128x128 at 6: one stage more than its shared memory may hold, reported if so) and the 64-row TMA tiles at
-# up to 12; weights cold. Only tiles with BLOCK_M <= max(M, 64) (the pick's own rule).
+# up to 12 (and the 64x64 pointer tile, shipped at 6, at 9 and 12); weights cold. Only tiles with
+# BLOCK_M <= max(M, 64) (the pick's own rule).
 _DEEP_SHAPES = ((4096, 1024), (1024, 2048), (6144, 1024), (1024, 3072), (6144, 4096), (4096, 4096), (24576, 4096),
                 (4096, 12288))
 DEEP = [(m, n, k) for m in (64, 128, 256, 512) for (n, k) in _DEEP_SHAPES]
-DEEP_CFG = ([T(0, 128, 64, 64, 8, 4, s, True) for s in (5, 6, 7, 8)] + [T(0, 128, 128, 64, 8, 8, s, True) for s in (5, 6)]
+DEEP_CFG = ([T(0, 128, 64, 64, 8, 4, s, True) for s in (5, 6, 7, 8)]
+            + [T(0, 128, 128, 64, 8, 8, s, True) for s in (5, 6)]
             + [T(0, 64, 64, 64, 8, 4, s, True) for s in (6, 9, 12)] + [T(0, 64, 128, 64, 8, 4, s, True) for s in (5, 8)]
-            + [T(0, 64, 32, 64, 8, 4, s, True) for s in (8, 12)])
+            + [T(0, 64, 32, 64, 8, 4, s, True) for s in (8, 12)] + [T(0, 64, 64, 64, 1, 4, s) for s in (9, 12)])
 
 # M 128-512, the small-M rule's 128-row tiles at 4 and 5 stages, by TMA (linear) and by pointers (what linears and
 # swiglu run for q|k|v and gate|up at M <= SMALL_M, summed N here), weights cold: 5 stages read 0.02-0.10 of cuBLAS
