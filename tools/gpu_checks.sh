@@ -21,7 +21,8 @@
 #              linear_tile's pick against the 128-row TMA tiles at 5-8 stages and the 64-row ones at up to 12, M
 #              64-512, bits, graph-timed, weights cold), then the decode step (step_peer.py, 0.6B / 8B, b64-512
 #              ctx 256) with the 128x64 TMA tile at 5 (shipped), 6 and 8 stages (with_tiles.py --tma-stages), and at 6
-#              with the 64x64 pointer tile by TMA at 12 (--as-tma), by turns
+#              with the 64x64 pointer tile by TMA at 12 (--as-tma), by turns; then the linear / linears / swiglu bits
+#              GPU tests with 128x64 at 8 and 64x64 by TMA at 12
 #   ws         (not in the default list) whether Triton's Hopper warp specialization pays for an attention
 #              forward walked like ours (tools/bench/ws_probe.py: plain / specialized / specialized with
 #              2-block splits, vs flash)
@@ -296,7 +297,10 @@ print('guard out: the capture test must fail (rc 1), rc', int(rc)); sys.exit(0 i
                   run step_deep_$v$i timeout -s KILL 150 python3 ${pre[@]+"${pre[@]}"} tools/bench/step_peer.py \
                       --model qwen3-0.6b qwen3-8b --shapes 64x256 128x256 256x256 512x256 --rounds 5 \
                       --out "$out/step_deep_$v$i.json"
-              done; done ;;
+              done; done  # then linear / linears / swiglu's bits GPU tests with the deepest candidate table
+              run deep_tests timeout -s KILL 240 python3 tools/bench/with_tiles.py --tma-stages 128x64=8 --as-tma \
+                  64x64=12 -- "$(python3 -c 'import os, pytest; print(os.path.dirname(pytest.__file__))')/__main__.py" \
+                  -q -o addopts="" tests/gpu/test_matmul_gpu.py -k "every_tile or linears_equal or swiglu" ;;
         ws) run ws_probe python3 tools/bench/ws_probe.py "$out/ws_probe.json" ;;
         gluon) for p in fwd dkdv dq; do
                    run gluon_$p timeout 300 python3 tools/bench/gluon_$p.py --out "$out/gluon_$p.json"
