@@ -19,10 +19,12 @@
 #              (linear_sweep.py --which warps: bits against the reference tile, graph-timed, weights cold)
 #   deep       (not in the default list) the small-M tiles with deeper TMA pipelines (linear_sweep.py --which deep:
 #              linear_tile's pick against the 128-row TMA tiles at 5-8 stages and the 64-row ones at up to 12, M
-#              64-512, bits, graph-timed, weights cold), then the decode step (step_peer.py, 0.6B / 8B, b64-512
-#              ctx 256) with the 128x64 TMA tile at 5 (shipped), 6 and 8 stages (with_tiles.py --tma-stages), and at 6
-#              with the 64x64 pointer tile by TMA at 12 (--as-tma), by turns; then the linear / linears / swiglu bits
-#              GPU tests with 128x64 at 8 and 64x64 by TMA at 12
+#              64-512, bits, graph-timed, weights cold)
+#   deepstep   (not in the default list) the candidate small-M table from `deep` (64x128 by TMA at 8 stages for
+#              128x64 at 5, 64x64 by TMA at 6 for the pointer tile; with_tiles.py --small-table): linear / linears /
+#              swiglu's bits GPU tests with it, fused_linears.py with it and as shipped, the decode step (step_peer.py,
+#              0.6B / 8B, b64-512 ctx 256) shipped / candidate / candidate with 64x64 at 9 by turns, the engine's
+#              quick rows shipped / candidate
 #   ws         (not in the default list) whether Triton's Hopper warp specialization pays for an attention
 #              forward walked like ours (tools/bench/ws_probe.py: plain / specialized / specialized with
 #              2-block splits, vs flash)
@@ -289,18 +291,28 @@ rc = pytest.main(['-q', '-o', 'addopts=', 'tests/gpu/test_engine_gpu.py', '-k', 
 print('guard out: the capture test must fail (rc 1), rc', int(rc)); sys.exit(0 if rc == 1 else 1)" ;;
         cublas) run cublas_kernels python3 tools/bench/cublas_kernels.py --out "$out/cublas_kernels.json" ;;
         warps) run linear_warps python3 tools/bench/linear_sweep.py --which warps --out "$out/linear_warps.json" ;;
-        deep) run linear_deep python3 tools/bench/linear_sweep.py --which deep --out "$out/linear_deep.json"
-              for i in 1 2; do for v in off s6 s8 t12; do  # by turns: shipped, 128x64 at 6 / 8, + 64x64 by TMA at 12
-                  case $v in off) pre=() ;; s6) pre=(--tma-stages 128x64=6) ;; s8) pre=(--tma-stages 128x64=8) ;;
-                             t12) pre=(--tma-stages 128x64=6 --as-tma 64x64=12) ;; esac
-                  [ $v = off ] || pre=(tools/bench/with_tiles.py "${pre[@]}" --)
-                  run step_deep_$v$i timeout -s KILL 150 python3 ${pre[@]+"${pre[@]}"} tools/bench/step_peer.py \
-                      --model qwen3-0.6b qwen3-8b --shapes 64x256 128x256 256x256 512x256 --rounds 5 \
-                      --out "$out/step_deep_$v$i.json"
-              done; done  # then linear / linears / swiglu's bits GPU tests with the deepest candidate table
-              run deep_tests timeout -s KILL 240 python3 tools/bench/with_tiles.py --tma-stages 128x64=8 --as-tma \
-                  64x64=12 -- "$(python3 -c 'import os, pytest; print(os.path.dirname(pytest.__file__))')/__main__.py" \
-                  -q -o addopts="" tests/gpu/test_matmul_gpu.py -k "every_tile or linears_equal or swiglu" ;;
+        deep) run linear_deep python3 tools/bench/linear_sweep.py --which deep --out "$out/linear_deep.json" ;;
+        deepstep) cand="128x128:tma:8:5 64x128:tma:4:8 64x64:tma:4:6 64x32:ptr:4:6:2 64x16:ptr:4:8:2"
+                  run deep_tests timeout -s KILL 240 python3 tools/bench/with_tiles.py --small-table $cand -- \
+                      "$(python3 -c 'import os, pytest; print(os.path.dirname(pytest.__file__))')/__main__.py" \
+                      -q -o addopts="" tests/gpu/test_matmul_gpu.py -k "every_tile or linears_equal or swiglu"
+                  run fused_deep timeout -s KILL 120 python3 tools/bench/with_tiles.py --small-table $cand -- \
+                      tools/bench/fused_linears.py --m 64 128 256 512 --out "$out/fused_deep.json"
+                  run fused_shipped timeout -s KILL 120 python3 tools/bench/fused_linears.py --m 64 128 256 512 \
+                      --out "$out/fused_shipped.json"
+                  for i in 1 2; do for v in off c6 c9; do  # by turns: shipped, the candidate, its 64x64 at 9 stages
+                      case $v in off) pre=() ;; c6) pre=(tools/bench/with_tiles.py --small-table $cand --) ;;
+                                 c9) pre=(tools/bench/with_tiles.py --small-table ${cand/64x64:tma:4:6/64x64:tma:4:9} --) ;;
+                      esac
+                      run step_deep_$v$i timeout -s KILL 150 python3 ${pre[@]+"${pre[@]}"} tools/bench/step_peer.py \
+                          --model qwen3-0.6b qwen3-8b --shapes 64x256 128x256 256x256 512x256 --rounds 5 \
+                          --out "$out/step_deep_$v$i.json"
+                  done; done
+                  for v in off c6; do
+                      pre=(); [ $v = off ] || pre=(tools/bench/with_tiles.py --small-table $cand --)
+                      run engine_deep_$v timeout -s KILL 150 python3 ${pre[@]+"${pre[@]}"} tools/bench/engine.py \
+                          --quick --only engine --out "$out/engine_deep_$v.json"
+                  done ;;
         ws) run ws_probe python3 tools/bench/ws_probe.py "$out/ws_probe.json" ;;
         gluon) for p in fwd dkdv dq; do
                    run gluon_$p timeout 300 python3 tools/bench/gluon_$p.py --out "$out/gluon_$p.json"
@@ -310,7 +322,7 @@ print('guard out: the capture test must fail (rc 1), rc', int(rc)); sys.exit(0 i
              run attn_tma python3 tools/bench/attn_sweep.py "$out/attn_tma.json" --tma --tiles
              run attn_tma_paged python3 tools/bench/attn_sweep.py "$out/attn_tma_paged.json" --tma-paged
              run kernel_regs python3 tools/bench/kernel_regs.py "$out/kernel_regs.json" ;;
-        *) echo "unknown step $step (tests scale kernels engine engine_host train rl_step spec profile sweep moe tma queued linears grouped fast sampler persistent fold ablate topp pairs pdlrows capture cublas warps deep ws gluon optim)"
+        *) echo "unknown step $step (tests scale kernels engine engine_host train rl_step spec profile sweep moe tma queued linears grouped fast sampler persistent fold ablate topp pairs pdlrows capture cublas warps deep deepstep ws gluon optim)"
            exit 2 ;;
     esac
 done

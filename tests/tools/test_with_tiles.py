@@ -88,6 +88,13 @@ def test_as_tma(tmp_path):
             assert new == old
 
 
+def test_small_table(tmp_path):
+    """--small-table: the whole small-M table as given, in that order (BLOCK_K 64, group 8 for TMA tiles)."""
+    got = _show(tmp_path, "--small-table", "128x128:tma:8:5", "64x128:tma:4:8", "64x16:ptr:4:8:2")["tiles"]
+    assert got == [[512, 128, 128, 64, 8, 8, 5, True, 1], [512, 64, 128, 64, 8, 4, 8, True, 1],
+                   [512, 64, 16, 64, 1, 4, 8, False, 2]]
+
+
 def test_fill_alone(tmp_path):
     got = _show(tmp_path, "--fill", "0.75")
     from miles_kernels._triton import matmul
@@ -149,6 +156,12 @@ def test_bad_specs_are_refused(tmp_path):
                       (["--as-tma", "128x128=5", "--", "x.py"], "no small-M pointer tile [(128, 128)]"),
                       (["--as-tma", "64x64", "--", "x.py"], "--as-tma '64x64': write BMxBN=S"),
                       (["--as-tma", "64x32=8", "--unroll", "64x32=2:6", "--", "x.py"], "in both --unroll and --as-tma"),
+                      (["--small-table", "64x128:tma:4:8:2", "--", "x.py"], "write BMxBN:tma:W:S"),
+                      (["--small-table", "64x128:tmx:4:8", "--", "x.py"], "write BMxBN:tma:W:S"),
+                      (["--small-table", "96x128:tma:4:8", "--", "x.py"], "BM 64 or 128"),
+                      (["--small-table", "64x48:ptr:4:8", "--", "x.py"], "BN a power of two"),
+                      (["--small-table", "64x64:ptr:4:6", "--as-tma", "64x64=6", "--", "x.py"],
+                       "give one or the other"),
                       (["--small-tma", "yes", "--", "x.py"], "invalid choice"),
                       (["--gluon-paged", "1", "--", "x.py"], "invalid choice")):
         proc = _run(tmp_path, *args)

@@ -8,6 +8,8 @@
     ... with_tiles.py --fill-max-m 512 -- tools/bench/engine.py --quick   # the M bucket's tile above M 512
     ... with_tiles.py --tma-stages 128x128=4 128x64=4 -- tools/bench/engine.py --quick   # 4 stages
     ... with_tiles.py --as-tma 64x64=9 -- tools/bench/step_peer.py --shapes 128x256   # a pointer tile by TMA
+    ... with_tiles.py --small-table 128x128:tma:8:5 64x128:tma:4:8 64x64:tma:4:6 64x32:ptr:4:6:2 \
+        64x16:ptr:4:8:2 -- tools/bench/step_peer.py   # a whole small-M table, widest first
     ... with_tiles.py --small-tma off -- tools/bench/engine.py --quick   # linears / swiglu by pointers
     ... with_tiles.py --gluon-paged off -- tools/bench/engine.py --quick   # the prefill by the Triton kernel
     ... with_tiles.py --fast-pick off -- tools/bench/train.py --modes fast   # fast mode's linears by cuBLAS only
@@ -22,7 +24,10 @@ a loop iteration (Tile.k_unroll) and S pipeline stages. The dots and their order
 so the bits do too (tests/gpu/test_matmul_gpu.py::test_unrolled_small_m_tiles_same_bits).
 Each BMxBN=S of --tma-stages sets the small-M TMA tile BLOCK_M x BLOCK_N to S stages (also what
 linears and swiglu run it with). Each BMxBN=S of --as-tma runs the small-M pointer tile BLOCK_M x BLOCK_N by
-TMA (the persistent kernel, one BLOCK_K step an iteration, grouped order) at S stages. --small-tma on / off
+TMA (the persistent kernel, one BLOCK_K step an iteration, grouped order) at S stages. --small-table replaces
+the whole small-M table (linear_tile's fill rule takes the first tile, in the order given, whose grid fills
+matmul.FILL of the SMs): each BMxBN:tma:W:S or BMxBN:ptr:W:S[:U] one tile, W warps, S stages, U BLOCK_K steps an
+iteration (pointer tiles), BLOCK_K 64 as every table tile (so the bits stay). --small-tma on / off
 runs those tiles in linears and swiglu by TMA / by pointers (fused_linears.SMALL_M_TMA); --gluon-paged sets
 paged_attention.GLUON_PAGED (the paged prefill by the Gluon kernel). Each gives the same bits either way.
 --fast-pick sets _fast_pick.PICK (fast mode's linears by the faster of cuBLAS and the invariant kernel, timed
@@ -75,6 +80,28 @@ def parse_stages(specs: list[str], flag: str = "--tma-stages") -> dict[tuple[int
     return out
 
 
+def parse_table(specs: list[str]) -> tuple:
+    from miles_kernels._triton import matmul
+
+    out = []
+    for spec in specs:
+        try:
+            shape, kind, *nums = spec.split(":")
+            bm, bn = (int(v) for v in shape.lower().split("x"))
+            warps, stages, *unroll = (int(v) for v in nums)
+            if kind not in ("tma", "ptr") or len(unroll) > (kind == "ptr"):
+                raise ValueError
+        except ValueError:
+            raise SystemExit(f"with_tiles: --small-table {spec!r}: write BMxBN:tma:W:S or BMxBN:ptr:W:S[:U], "
+                             "e.g. 64x128:tma:4:8 or 64x32:ptr:4:6:2") from None
+        if bm not in (64, 128) or bn < 16 or bn & (bn - 1) or min(warps, stages, *unroll) < 1:
+            raise SystemExit(f"with_tiles: --small-table {spec!r}: BM 64 or 128, BN a power of two >= 16, "
+                             "W, S, U >= 1")
+        out.append(matmul.Tile(matmul.SMALL_M, bm, bn, 64, 8 if kind == "tma" else 1, warps, stages, kind == "tma",
+                               unroll[0] if unroll else 1))
+    return tuple(out)
+
+
 def apply(changes: dict[tuple[int, int], tuple[int, int]], tma_stages: dict[tuple[int, int], int] | None = None,
           as_tma: dict[tuple[int, int], int] | None = None) -> tuple:
     from miles_kernels._triton import matmul
@@ -107,7 +134,7 @@ def apply(changes: dict[tuple[int, int], tuple[int, int]], tma_stages: dict[tupl
 def main() -> None:
     argv = sys.argv[1:]
     usage = ("with_tiles: usage: with_tiles.py [--unroll BMxBN=U:S ...] [--tma-stages BMxBN=S ...] "
-             "[--as-tma BMxBN=S ...] [--fill F] [--fill-max-m M] "
+             "[--as-tma BMxBN=S ...] [--small-table BMxBN:KIND:W:S[:U] ...] [--fill F] [--fill-max-m M] "
              "[--small-tma|--gluon-paged|--fast-pick|--sampler-screen|--topk-cut|--cut-asm|--decode-pairs|--pdl|"
              "--pdl-tma on|off] "
              "-- SCRIPT [ARGS ...]")
@@ -118,6 +145,7 @@ def main() -> None:
     ap.add_argument("--unroll", nargs="+", default=[], metavar="BMxBN=U:S")
     ap.add_argument("--tma-stages", nargs="+", default=[], metavar="BMxBN=S")
     ap.add_argument("--as-tma", nargs="+", default=[], metavar="BMxBN=S")
+    ap.add_argument("--small-table", nargs="+", default=[], metavar="BMxBN:KIND:W:S[:U]")
     ap.add_argument("--fill", type=float, default=None, metavar="F")
     ap.add_argument("--fill-max-m", type=int, default=None, metavar="M")
     switches = {"small_tma": ("miles_kernels._triton.fused_linears", "SMALL_M_TMA"),  # --NAME on|off: a module's flag
@@ -134,10 +162,14 @@ def main() -> None:
         ap.add_argument("--" + name.replace("_", "-"), choices=("on", "off"), default=None)
     a = ap.parse_args(argv[:cut])
     flags = {switches[n]: getattr(a, n) == "on" for n in switches if getattr(a, n) is not None}
-    if not a.unroll and not a.tma_stages and not a.as_tma and a.fill is None and a.fill_max_m is None and not flags:
-        raise SystemExit(f"{usage}: nothing to change (give --unroll, --tma-stages, --as-tma, --fill, --fill-max-m, "
-                         "--small-tma, --gluon-paged, --fast-pick, --sampler-screen, --topk-cut, --cut-asm, "
-                         "--decode-pairs, --pdl or --pdl-tma)")
+    if a.small_table and (a.unroll or a.tma_stages or a.as_tma):
+        raise SystemExit("with_tiles: --small-table gives the whole table; --unroll, --tma-stages and --as-tma "
+                         "change the shipped one: give one or the other")
+    tables = a.unroll or a.tma_stages or a.as_tma or a.small_table
+    if not tables and a.fill is None and a.fill_max_m is None and not flags:
+        raise SystemExit(f"{usage}: nothing to change (give --unroll, --tma-stages, --as-tma, --small-table, --fill, "
+                         "--fill-max-m, --small-tma, --gluon-paged, --fast-pick, --sampler-screen, --topk-cut, "
+                         "--cut-asm, --decode-pairs, --pdl or --pdl-tma)")
     if a.fill_max_m is not None and a.fill_max_m < 1:
         raise SystemExit(f"with_tiles: --fill-max-m {a.fill_max_m}: must be >= 1 (rows)")
     if a.fill is not None and not 0.0 < a.fill <= 4.0:
@@ -145,7 +177,14 @@ def main() -> None:
     script, *args = argv[cut + 1:] or [""]
     if not script:
         raise SystemExit("with_tiles: no script after --")
-    tiles = apply(parse(a.unroll), parse_stages(a.tma_stages), parse_stages(a.as_tma, "--as-tma"))
+    if a.small_table:
+        from miles_kernels._triton import matmul
+
+        tiles = parse_table(a.small_table)
+        for dtype in (torch.bfloat16, torch.float16):
+            matmul.SMALL_M_TILES[dtype] = tiles
+    else:
+        tiles = apply(parse(a.unroll), parse_stages(a.tma_stages), parse_stages(a.as_tma, "--as-tma"))
     import importlib
 
     from miles_kernels._triton import matmul
