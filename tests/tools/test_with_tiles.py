@@ -73,21 +73,6 @@ def test_tma_stages(tmp_path):
             assert new == old
 
 
-def test_as_tma(tmp_path):
-    """--as-tma: the small-M pointer tile named runs by TMA at S stages (one BLOCK_K step an iteration), the
-    rest as shipped."""
-    got = _show(tmp_path, "--as-tma", "64x64=9")["tiles"]
-    from miles_kernels._triton import matmul
-
-    base = [list(t) for t in matmul.SMALL_M_TILES[matmul.torch.float16]]
-    assert len(got) == len(base) and any(old[1:3] == [64, 64] and not old[7] for old in base)
-    for new, old in zip(got, base):
-        if old[1:3] == [64, 64] and not old[7]:
-            assert new[:4] == old[:4] and new[5] == old[5] and (new[4], new[6], new[7], new[8]) == (8, 9, True, 1)
-        else:
-            assert new == old
-
-
 def test_small_table(tmp_path):
     """--small-table: the whole small-M table as given, in that order (BLOCK_K 64, group 8 for TMA tiles)."""
     got = _show(tmp_path, "--small-table", "128x128:tma:8:5", "64x128:tma:4:8", "64x16:ptr:4:8:2")["tiles"]
@@ -153,14 +138,11 @@ def test_bad_specs_are_refused(tmp_path):
                       (["--tma-stages", "64x64=5", "--", "x.py"], "no small-M TMA tile [(64, 64)]"),
                       (["--tma-stages", "128x128", "--", "x.py"], "write BMxBN=S"),
                       (["--tma-stages", "128x128=0", "--", "x.py"], "S must be >= 1"),
-                      (["--as-tma", "128x128=5", "--", "x.py"], "no small-M pointer tile [(128, 128)]"),
-                      (["--as-tma", "64x64", "--", "x.py"], "--as-tma '64x64': write BMxBN=S"),
-                      (["--as-tma", "64x32=8", "--unroll", "64x32=2:6", "--", "x.py"], "in both --unroll and --as-tma"),
                       (["--small-table", "64x128:tma:4:8:2", "--", "x.py"], "write BMxBN:tma:W:S"),
                       (["--small-table", "64x128:tmx:4:8", "--", "x.py"], "write BMxBN:tma:W:S"),
                       (["--small-table", "96x128:tma:4:8", "--", "x.py"], "BM 64 or 128"),
                       (["--small-table", "64x48:ptr:4:8", "--", "x.py"], "BN a power of two"),
-                      (["--small-table", "64x64:ptr:4:6", "--as-tma", "64x64=6", "--", "x.py"],
+                      (["--small-table", "64x64:ptr:4:6", "--tma-stages", "128x64=6", "--", "x.py"],
                        "give one or the other"),
                       (["--small-tma", "yes", "--", "x.py"], "invalid choice"),
                       (["--gluon-paged", "1", "--", "x.py"], "invalid choice")):

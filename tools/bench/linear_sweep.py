@@ -111,7 +111,7 @@ WARPS_CFG = ([T(0, 128, 64, 64, 8, w, s, True) for w in (4, 8) for s in (4, 5, 6
 # M 64-512, deeper TMA pipelines: cuBLAS runs 64x64 tiles at 13 stages and 128x64 at 8 here (cublas_kernels.py,
 # H100 fifty-ninth run), and the 128x64 TMA tile read 0.02-0.07 of cuBLAS faster at 6 stages than the shipped 5 on
 # all 18 shapes of `warps`. The shipped pick first (linear_tile's, marked pick=1), then the 128-row TMA tiles at 5-8
-# stages (128x128 at 6: one stage more than its shared memory may hold, reported if so) and the 64-row TMA tiles at
+# stages (128x128 at 6: 192 KB of stages) and the 64-row TMA tiles at
 # up to 12 (and the 64x64 pointer tile, shipped at 6, at 9 and 12); weights cold. Only tiles with
 # BLOCK_M <= max(M, 64) (the pick's own rule).
 _DEEP_SHAPES = ((4096, 1024), (1024, 2048), (6144, 1024), (1024, 3072), (6144, 4096), (4096, 4096), (24576, 4096),

@@ -7,7 +7,6 @@
     ... with_tiles.py --fill 0.75 -- tools/bench/engine.py --quick --only engine    # another FILL
     ... with_tiles.py --fill-max-m 512 -- tools/bench/engine.py --quick   # the M bucket's tile above M 512
     ... with_tiles.py --tma-stages 128x128=4 128x64=4 -- tools/bench/engine.py --quick   # 4 stages
-    ... with_tiles.py --as-tma 64x64=9 -- tools/bench/step_peer.py --shapes 128x256   # a pointer tile by TMA
     ... with_tiles.py --small-table 128x128:tma:8:5 64x128:tma:4:8 64x64:tma:4:6 64x32:ptr:4:6:2 \
         64x16:ptr:4:8:2 -- tools/bench/step_peer.py   # a whole small-M table, widest first
     ... with_tiles.py --small-tma off -- tools/bench/engine.py --quick   # linears / swiglu by pointers
@@ -23,8 +22,7 @@ Each BMxBN=U:S sets the 16-bit SMALL_M_TILES pointer tile BLOCK_M x BLOCK_N to U
 a loop iteration (Tile.k_unroll) and S pipeline stages. The dots and their order stay as they are,
 so the bits do too (tests/gpu/test_matmul_gpu.py::test_unrolled_small_m_tiles_same_bits).
 Each BMxBN=S of --tma-stages sets the small-M TMA tile BLOCK_M x BLOCK_N to S stages (also what
-linears and swiglu run it with). Each BMxBN=S of --as-tma runs the small-M pointer tile BLOCK_M x BLOCK_N by
-TMA (the persistent kernel, one BLOCK_K step an iteration, grouped order) at S stages. --small-table replaces
+linears and swiglu run it with). --small-table replaces
 the whole small-M table (linear_tile's fill rule takes the first tile, in the order given, whose grid fills
 matmul.FILL of the SMs): each BMxBN:tma:W:S or BMxBN:ptr:W:S[:U] one tile, W warps, S stages, U BLOCK_K steps an
 iteration (pointer tiles), BLOCK_K 64 as every table tile (so the bits stay). --small-tma on / off
@@ -66,7 +64,7 @@ def parse(specs: list[str]) -> dict[tuple[int, int], tuple[int, int]]:
     return out
 
 
-def parse_stages(specs: list[str], flag: str = "--tma-stages") -> dict[tuple[int, int], int]:
+def parse_stages(specs: list[str]) -> dict[tuple[int, int], int]:
     out = {}
     for spec in specs:
         try:
@@ -74,9 +72,9 @@ def parse_stages(specs: list[str], flag: str = "--tma-stages") -> dict[tuple[int
             bm, bn = (int(v) for v in shape.lower().split("x"))
             out[bm, bn] = int(stages)
         except ValueError:
-            raise SystemExit(f"with_tiles: {flag} {spec!r}: write BMxBN=S, e.g. 128x128=5") from None
+            raise SystemExit(f"with_tiles: --tma-stages {spec!r}: write BMxBN=S, e.g. 128x128=5") from None
         if out[bm, bn] < 1:
-            raise SystemExit(f"with_tiles: {flag} {spec!r}: S must be >= 1")
+            raise SystemExit(f"with_tiles: --tma-stages {spec!r}: S must be >= 1")
     return out
 
 
@@ -102,39 +100,37 @@ def parse_table(specs: list[str]) -> tuple:
     return tuple(out)
 
 
-def apply(changes: dict[tuple[int, int], tuple[int, int]], tma_stages: dict[tuple[int, int], int] | None = None,
-          as_tma: dict[tuple[int, int], int] | None = None) -> tuple:
+def install(tiles: tuple) -> tuple:
+    """tiles as the 16-bit SMALL_M_TILES."""
     from miles_kernels._triton import matmul
 
-    tma_stages, as_tma = tma_stages or {}, as_tma or {}
+    for dtype in (torch.bfloat16, torch.float16):
+        matmul.SMALL_M_TILES[dtype] = tiles
+    return tiles
+
+
+def apply(changes: dict[tuple[int, int], tuple[int, int]], tma_stages: dict[tuple[int, int], int] | None = None
+          ) -> tuple:
+    from miles_kernels._triton import matmul
+
+    tma_stages = tma_stages or {}
     old = matmul.SMALL_M_TILES[torch.bfloat16]
-    for kind, asked, tma in (("pointer", changes, False), ("TMA", tma_stages, True), ("pointer", as_tma, False)):
+    for kind, asked, tma in (("pointer", changes, False), ("TMA", tma_stages, True)):
         have = {(t.block_m, t.block_n) for t in old if t.tma == tma}
         missing = sorted(set(asked) - have)
         if missing:
             raise SystemExit(f"with_tiles: no small-M {kind} tile {missing}; the table has {sorted(have)}")
-    both = sorted(set(changes) & set(as_tma))
-    if both:
-        raise SystemExit(f"with_tiles: {both} in both --unroll and --as-tma; give one")
-
-    def changed(t):
-        key = (t.block_m, t.block_n)
-        if t.tma:
-            return t._replace(num_stages=tma_stages[key]) if key in tma_stages else t
-        if key in as_tma:
-            return t._replace(tma=True, k_unroll=1, group_m=8, num_stages=as_tma[key])
-        return t._replace(k_unroll=changes[key][0], num_stages=changes[key][1]) if key in changes else t
-
-    new = tuple(changed(t) for t in old)
-    for dtype in (torch.bfloat16, torch.float16):
-        matmul.SMALL_M_TILES[dtype] = new
-    return new
+    return install(tuple(
+        t._replace(k_unroll=changes[t.block_m, t.block_n][0], num_stages=changes[t.block_m, t.block_n][1])
+        if not t.tma and (t.block_m, t.block_n) in changes else
+        t._replace(num_stages=tma_stages[t.block_m, t.block_n])
+        if t.tma and (t.block_m, t.block_n) in tma_stages else t for t in old))
 
 
 def main() -> None:
     argv = sys.argv[1:]
     usage = ("with_tiles: usage: with_tiles.py [--unroll BMxBN=U:S ...] [--tma-stages BMxBN=S ...] "
-             "[--as-tma BMxBN=S ...] [--small-table BMxBN:KIND:W:S[:U] ...] [--fill F] [--fill-max-m M] "
+             "[--small-table BMxBN:KIND:W:S[:U] ...] [--fill F] [--fill-max-m M] "
              "[--small-tma|--gluon-paged|--fast-pick|--sampler-screen|--topk-cut|--cut-asm|--decode-pairs|--pdl|"
              "--pdl-tma on|off] "
              "-- SCRIPT [ARGS ...]")
@@ -144,7 +140,6 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--unroll", nargs="+", default=[], metavar="BMxBN=U:S")
     ap.add_argument("--tma-stages", nargs="+", default=[], metavar="BMxBN=S")
-    ap.add_argument("--as-tma", nargs="+", default=[], metavar="BMxBN=S")
     ap.add_argument("--small-table", nargs="+", default=[], metavar="BMxBN:KIND:W:S[:U]")
     ap.add_argument("--fill", type=float, default=None, metavar="F")
     ap.add_argument("--fill-max-m", type=int, default=None, metavar="M")
@@ -162,12 +157,12 @@ def main() -> None:
         ap.add_argument("--" + name.replace("_", "-"), choices=("on", "off"), default=None)
     a = ap.parse_args(argv[:cut])
     flags = {switches[n]: getattr(a, n) == "on" for n in switches if getattr(a, n) is not None}
-    if a.small_table and (a.unroll or a.tma_stages or a.as_tma):
-        raise SystemExit("with_tiles: --small-table gives the whole table; --unroll, --tma-stages and --as-tma "
-                         "change the shipped one: give one or the other")
-    tables = a.unroll or a.tma_stages or a.as_tma or a.small_table
+    if a.small_table and (a.unroll or a.tma_stages):
+        raise SystemExit("with_tiles: --small-table gives the whole table; --unroll and --tma-stages change the "
+                         "shipped one: give one or the other")
+    tables = a.unroll or a.tma_stages or a.small_table
     if not tables and a.fill is None and a.fill_max_m is None and not flags:
-        raise SystemExit(f"{usage}: nothing to change (give --unroll, --tma-stages, --as-tma, --small-table, --fill, "
+        raise SystemExit(f"{usage}: nothing to change (give --unroll, --tma-stages, --small-table, --fill, "
                          "--fill-max-m, --small-tma, --gluon-paged, --fast-pick, --sampler-screen, --topk-cut, "
                          "--cut-asm, --decode-pairs, --pdl or --pdl-tma)")
     if a.fill_max_m is not None and a.fill_max_m < 1:
@@ -177,14 +172,7 @@ def main() -> None:
     script, *args = argv[cut + 1:] or [""]
     if not script:
         raise SystemExit("with_tiles: no script after --")
-    if a.small_table:
-        from miles_kernels._triton import matmul
-
-        tiles = parse_table(a.small_table)
-        for dtype in (torch.bfloat16, torch.float16):
-            matmul.SMALL_M_TILES[dtype] = tiles
-    else:
-        tiles = apply(parse(a.unroll), parse_stages(a.tma_stages), parse_stages(a.as_tma, "--as-tma"))
+    tiles = install(parse_table(a.small_table)) if a.small_table else apply(parse(a.unroll), parse_stages(a.tma_stages))
     import importlib
 
     from miles_kernels._triton import matmul
