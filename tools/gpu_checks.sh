@@ -22,9 +22,9 @@
 #              64-512, bits, graph-timed, weights cold)
 #   deepstep   (not in the default list) the candidate small-M table from `deep` (64x128 by TMA at 8 stages for
 #              128x64 at 5, 64x64 by TMA at 6 for the pointer tile; with_tiles.py --small-table): linear / linears /
-#              swiglu's bits GPU tests with it, fused_linears.py with it and as shipped, the decode step (step_peer.py,
-#              0.6B / 8B, b64-512 ctx 256) shipped / candidate / candidate with 64x64 at 9 by turns, the engine's
-#              quick rows shipped / candidate
+#              swiglu's bits GPU tests with it, the decode step (step_peer.py, 0.6B / 8B, b64-512 ctx 256) shipped /
+#              candidate / candidate with 64x64 at 9 by turns (two rounds, c9 in the first), the engine's quick rows
+#              shipped / candidate, then fused_linears.py with it and as shipped
 #   ws         (not in the default list) whether Triton's Hopper warp specialization pays for an attention
 #              forward walked like ours (tools/bench/ws_probe.py: plain / specialized / specialized with
 #              2-block splits, vs flash)
@@ -296,11 +296,8 @@ print('guard out: the capture test must fail (rc 1), rc', int(rc)); sys.exit(0 i
                   run deep_tests timeout -s KILL 240 python3 tools/bench/with_tiles.py --small-table $cand -- \
                       "$(python3 -c 'import os, pytest; print(os.path.dirname(pytest.__file__))')/__main__.py" \
                       -q -o addopts="" tests/gpu/test_matmul_gpu.py -k "every_tile or linears_equal or swiglu"
-                  run fused_deep timeout -s KILL 120 python3 tools/bench/with_tiles.py --small-table $cand -- \
-                      tools/bench/fused_linears.py --m 64 128 256 512 --out "$out/fused_deep.json"
-                  run fused_shipped timeout -s KILL 120 python3 tools/bench/fused_linears.py --m 64 128 256 512 \
-                      --out "$out/fused_shipped.json"
                   for i in 1 2; do for v in off c6 c9; do  # by turns: shipped, the candidate, its 64x64 at 9 stages
+                      [ $i = 2 ] && [ $v = c9 ] && continue  # one c9 read: the deeper 64x64 is the side bet
                       case $v in off) pre=() ;; c6) pre=(tools/bench/with_tiles.py --small-table $cand --) ;;
                                  c9) pre=(tools/bench/with_tiles.py --small-table ${cand/64x64:tma:4:6/64x64:tma:4:9} --) ;;
                       esac
@@ -312,7 +309,11 @@ print('guard out: the capture test must fail (rc 1), rc', int(rc)); sys.exit(0 i
                       pre=(); [ $v = off ] || pre=(tools/bench/with_tiles.py --small-table $cand --)
                       run engine_deep_$v timeout -s KILL 150 python3 ${pre[@]+"${pre[@]}"} tools/bench/engine.py \
                           --quick --only engine --out "$out/engine_deep_$v.json"
-                  done ;;
+                  done
+                  run fused_deep timeout -s KILL 120 python3 tools/bench/with_tiles.py --small-table $cand -- \
+                      tools/bench/fused_linears.py --m 64 128 256 512 --out "$out/fused_deep.json"
+                  run fused_shipped timeout -s KILL 120 python3 tools/bench/fused_linears.py --m 64 128 256 512 \
+                      --out "$out/fused_shipped.json" ;;
         ws) run ws_probe python3 tools/bench/ws_probe.py "$out/ws_probe.json" ;;
         gluon) for p in fwd dkdv dq; do
                    run gluon_$p timeout 300 python3 tools/bench/gluon_$p.py --out "$out/gluon_$p.json"
