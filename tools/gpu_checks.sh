@@ -25,6 +25,9 @@
 #              swiglu's bits GPU tests with it, the decode step (step_peer.py, 0.6B / 8B, b64-512 ctx 256) shipped /
 #              candidate / candidate with 64x64 at 9 by turns (two rounds, c9 in the first), the engine's quick rows
 #              shipped / candidate, then fused_linears.py with it and as shipped
+#   wide       (not in the default list) tools/bench/wide_probe.py: three-part tiles (BM x 3*64 side by side, 3*64 x BN
+#              stacked) against linear's pick and cuBLAS at M 256-512 (8B q|k|v / o / down, 0.6B gate|up / q|k|v; the
+#              128x128 picks on N 6,144 make 1.45 waves), bits against the reference tile, graph-timed, weights cold
 #   ws         (not in the default list) whether Triton's Hopper warp specialization pays for an attention
 #              forward walked like ours (tools/bench/ws_probe.py: plain / specialized / specialized with
 #              2-block splits, vs flash)
@@ -314,6 +317,7 @@ print('guard out: the capture test must fail (rc 1), rc', int(rc)); sys.exit(0 i
                       tools/bench/fused_linears.py --m 64 128 256 512 --out "$out/fused_deep.json"
                   run fused_shipped timeout -s KILL 120 python3 tools/bench/fused_linears.py --m 64 128 256 512 \
                       --out "$out/fused_shipped.json" ;;
+        wide) run wide_probe timeout -s KILL 300 python3 tools/bench/wide_probe.py --out "$out/wide_probe.json" ;;
         ws) run ws_probe python3 tools/bench/ws_probe.py "$out/ws_probe.json" ;;
         gluon) for p in fwd dkdv dq; do
                    run gluon_$p timeout 300 python3 tools/bench/gluon_$p.py --out "$out/gluon_$p.json"
@@ -323,7 +327,7 @@ print('guard out: the capture test must fail (rc 1), rc', int(rc)); sys.exit(0 i
              run attn_tma python3 tools/bench/attn_sweep.py "$out/attn_tma.json" --tma --tiles
              run attn_tma_paged python3 tools/bench/attn_sweep.py "$out/attn_tma_paged.json" --tma-paged
              run kernel_regs python3 tools/bench/kernel_regs.py "$out/kernel_regs.json" ;;
-        *) echo "unknown step $step (tests scale kernels engine engine_host train rl_step spec profile sweep moe tma queued linears grouped fast sampler persistent fold ablate topp pairs pdlrows capture cublas warps deep deepstep ws gluon optim)"
+        *) echo "unknown step $step (tests scale kernels engine engine_host train rl_step spec profile sweep moe tma queued linears grouped fast sampler persistent fold ablate topp pairs pdlrows capture cublas warps deep deepstep wide ws gluon optim)"
            exit 2 ;;
     esac
 done

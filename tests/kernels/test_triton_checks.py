@@ -569,6 +569,22 @@ def check_persistent_probe() -> None:
         assert ch.count.tolist() == [0, 0], f"counters left at {ch.count.tolist()}"
         _close(want.double(), ch.reference(c), f"chain vs float64, weights {c}", atol=1e-4, rtol=1e-4)
 
+def check_wide_probe() -> None:
+    """tools/bench/wide_probe.py's three-part tiles (side by side and stacked, edges partial, more tiles than
+    programs) give linear's bits from a one-part tile of the same BLOCK_K walk, and close to float64."""
+    from miles_kernels._triton import matmul as lin
+
+    probe = _bench_module("wide_probe")
+    g = torch.Generator().manual_seed(43)
+    x, w = torch.randn(37, 72, generator=g), torch.randn(100, 72, generator=g) / 72 ** 0.5
+    want = torch.empty(37, 100)
+    lin._launch_linear(x, w, None, want, lin.Tile(0, 16, 16, 32, 1, 4, 2))
+    _close(want.double(), x.double() @ w.double().T, "reference tile vs float64", atol=1e-4)
+    for split, bm, bn in (("n3", 16, 16), ("m3", 16, 16), ("n3", 32, 16), ("m3", 16, 32)):
+        y = torch.full_like(want, float("nan"))
+        probe.wide_linear(x, w, y, split, bm, bn, 4, 2, block_k=32)
+        _same(y, want, f"wide_probe {split} {bm}x{bn} vs linear")
+
 def check_fold_probe() -> None:
     """tools/bench/fold_probe.py's kernels: each chunk's partial sum (one program a tile and chunk, a short
     last chunk included) and the ordered sum close to float64; the folded add_rms_norm equals the shipped
