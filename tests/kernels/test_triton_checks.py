@@ -570,8 +570,8 @@ def check_persistent_probe() -> None:
         _close(want.double(), ch.reference(c), f"chain vs float64, weights {c}", atol=1e-4, rtol=1e-4)
 
 def check_wide_probe() -> None:
-    """tools/bench/wide_probe.py's three-part tiles (side by side and stacked, edges partial, more tiles than
-    programs) give linear's bits from a one-part tile of the same BLOCK_K walk, and close to float64."""
+    """tools/bench/wide_probe.py's multi-part tiles (three parts or a part and a half, side by side and stacked,
+    edges partial, more tiles than programs) give linear's bits from a one-part tile of the same BLOCK_K walk, and close to float64."""
     from miles_kernels._triton import matmul as lin
 
     probe = _bench_module("wide_probe")
@@ -580,7 +580,8 @@ def check_wide_probe() -> None:
     want = torch.empty(37, 100)
     lin._launch_linear(x, w, None, want, lin.Tile(0, 16, 16, 32, 1, 4, 2))
     _close(want.double(), x.double() @ w.double().T, "reference tile vs float64", atol=1e-4)
-    for split, bm, bn in (("n3", 16, 16), ("m3", 16, 16), ("n3", 32, 16), ("m3", 16, 32)):
+    for split, bm, bn in (("n3", 16, 16), ("m3", 16, 16), ("n3", 32, 16), ("m3", 16, 32), ("n2", 16, 32),
+                          ("m2", 32, 16), ("n2", 32, 16)):
         y = torch.full_like(want, float("nan"))
         probe.wide_linear(x, w, y, split, bm, bn, 4, 2, block_k=32)
         _same(y, want, f"wide_probe {split} {bm}x{bn} vs linear")
