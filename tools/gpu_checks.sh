@@ -26,8 +26,9 @@
 #              candidate / candidate with 64x64 at 9 by turns (two rounds, c9 in the first), the engine's quick rows
 #              shipped / candidate, then fused_linears.py with it and as shipped
 #   wide       (not in the default list) tools/bench/wide_probe.py: multi-part tiles (three parts or a part and a half,
-#              side by side or stacked: 128x192, 64x192, 192x128) against linear's pick and cuBLAS at M 256-512 (8B q|k|v / o / down, 0.6B gate|up / q|k|v; the
-#              128x128 picks on N 6,144 make 1.45 waves), bits against the reference tile, graph-timed, weights cold
+#              side by side or stacked: 128x192, 64x192, 192x128) against linear's pick and cuBLAS at M 256-512
+#              (8B q|k|v / o / down, 0.6B gate|up / q|k|v; the 128x128 picks on N 6,144 make 1.45 waves), bits
+#              against the reference tile, graph-timed, weights cold
 #   ws         (not in the default list) whether Triton's Hopper warp specialization pays for an attention
 #              forward walked like ours (tools/bench/ws_probe.py: plain / specialized / specialized with
 #              2-block splits, vs flash)
