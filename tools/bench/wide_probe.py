@@ -30,10 +30,12 @@ CFGS = {
     "n3_128x64_w8_s4": ("n3", 128, 64, 8, 4), "n3_128x64_w8_s5": ("n3", 128, 64, 8, 5),
     "n3_64x64_w4_s6": ("n3", 64, 64, 4, 6), "m3_64x128_w4_s3": ("m3", 64, 128, 4, 3),
     "m3_64x128_w8_s4": ("m3", 64, 128, 8, 4),
-    "n2_128x128_w8_s4": ("n2", 128, 128, 8, 4), "n2_128x128_w8_s5": ("n2", 128, 128, 8, 5),
-    "n2_64x128_w4_s6": ("n2", 64, 128, 4, 6), "n2_64x128_w4_s8": ("n2", 64, 128, 4, 8),
-    "m2_128x128_w8_s4": ("m2", 128, 128, 8, 4), "m2_128x128_w8_s5": ("m2", 128, 128, 8, 5),
+    "n2_128x128_w8_s3": ("n2", 128, 128, 8, 3), "n2_128x128_w8_s4": ("n2", 128, 128, 8, 4),
+    "n2_64x128_w4_s4": ("n2", 64, 128, 4, 4), "n2_64x128_w4_s6": ("n2", 64, 128, 4, 6),
+    "m2_128x128_w8_s3": ("m2", 128, 128, 8, 3), "m2_128x128_w8_s4": ("m2", 128, 128, 8, 4),
 }
+# Compiled for sm_90a offline (triton 3.6's ptxas, tools/bench/sm90_regs.py wide_probe): no spills, 122-218
+# registers, 139-221 KB of shared memory (the limit is 227 KB: n2 / m2 at 5 stages need 254 KB).
 # 8B q|k|v (6,144 x 4,096), 0.6B gate|up (6,144 x 1,024), 8B o / down, 0.6B q|k|v at the step's batches
 SHAPES = [(m, n, k) for m in (256, 384, 512) for (n, k) in ((6144, 4096), (6144, 1024), (4096, 4096),
                                                              (4096, 12288), (4096, 1024))]
@@ -50,7 +52,8 @@ def _wide_kernel(x_desc, w_desc, y_desc, M, N, K, SPLIT_M: tl.constexpr, BLOCK_M
     else:
         n_tiles_m = tl.cdiv(M, BLOCK_M)
         n_tiles_n = tl.cdiv(N, 3 * BLOCK_N)
-    for tile in tl.range(tl.program_id(0), n_tiles_m * n_tiles_n, NUM_PROGRAMS, flatten=True):
+    # not flattened: flattened, ptxas serializes the parts' wgmmas (C7515), as in fused_linears' swiglu
+    for tile in tl.range(tl.program_id(0), n_tiles_m * n_tiles_n, NUM_PROGRAMS):
         tile_m, tile_n = _grouped_order(tile, n_tiles_m, n_tiles_n, GROUP_M)
         if SPLIT_M:
             m0, m1, m2 = tile_m * 3 * BLOCK_M, tile_m * 3 * BLOCK_M + BLOCK_M, tile_m * 3 * BLOCK_M + 2 * BLOCK_M
@@ -89,7 +92,8 @@ def _wide2_kernel(x_desc, xh_desc, w_desc, wh_desc, y_desc, yh_desc, M, N, K, AL
     else:
         n_tiles_m = tl.cdiv(M, BLOCK_M + BLOCK_M // 2)
         n_tiles_n = tl.cdiv(N, BLOCK_N)
-    for tile in tl.range(tl.program_id(0), n_tiles_m * n_tiles_n, NUM_PROGRAMS, flatten=True):
+    # not flattened: flattened, ptxas serializes the parts' wgmmas (C7515), as in fused_linears' swiglu
+    for tile in tl.range(tl.program_id(0), n_tiles_m * n_tiles_n, NUM_PROGRAMS):
         tile_m, tile_n = _grouped_order(tile, n_tiles_m, n_tiles_n, GROUP_M)
         if ALONG_N:
             m0, n0 = tile_m * BLOCK_M, tile_n * (BLOCK_N + BLOCK_N // 2)
