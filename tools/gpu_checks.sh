@@ -29,6 +29,9 @@
 #              side by side or stacked: 128x192, 64x192, 192x128) against linear's pick and cuBLAS at M 256-512
 #              (8B q|k|v / o / down, 0.6B gate|up / q|k|v; the 128x128 picks on N 6,144 make 1.45 waves), bits
 #              against the reference tile, graph-timed, weights cold
+#   streamk    (not in the default list) tools/bench/streamk_probe.py: stream-K with the K walk handed on in order
+#              (a tile's tail resumes its head's fp32 accumulator: linear's bits) at 1.1-3 waves of 128x128 (M
+#              384-2,048), against the same tile launched by linear, linear's pick and cuBLAS, graph-timed, cold
 #   ws         (not in the default list) whether Triton's Hopper warp specialization pays for an attention
 #              forward walked like ours (tools/bench/ws_probe.py: plain / specialized / specialized with
 #              2-block splits, vs flash)
@@ -319,6 +322,7 @@ print('guard out: the capture test must fail (rc 1), rc', int(rc)); sys.exit(0 i
                   run fused_shipped timeout -s KILL 120 python3 tools/bench/fused_linears.py --m 64 128 256 512 \
                       --out "$out/fused_shipped.json" ;;
         wide) run wide_probe timeout -s KILL 300 python3 tools/bench/wide_probe.py --out "$out/wide_probe.json" ;;
+        streamk) run streamk_probe timeout -s KILL 300 python3 tools/bench/streamk_probe.py --out "$out/streamk_probe.json" ;;
         ws) run ws_probe python3 tools/bench/ws_probe.py "$out/ws_probe.json" ;;
         gluon) for p in fwd dkdv dq; do
                    run gluon_$p timeout 300 python3 tools/bench/gluon_$p.py --out "$out/gluon_$p.json"
@@ -328,7 +332,7 @@ print('guard out: the capture test must fail (rc 1), rc', int(rc)); sys.exit(0 i
              run attn_tma python3 tools/bench/attn_sweep.py "$out/attn_tma.json" --tma --tiles
              run attn_tma_paged python3 tools/bench/attn_sweep.py "$out/attn_tma_paged.json" --tma-paged
              run kernel_regs python3 tools/bench/kernel_regs.py "$out/kernel_regs.json" ;;
-        *) echo "unknown step $step (tests scale kernels engine engine_host train rl_step spec profile sweep moe tma queued linears grouped fast sampler persistent fold ablate topp pairs pdlrows capture cublas warps deep deepstep wide ws gluon optim)"
+        *) echo "unknown step $step (tests scale kernels engine engine_host train rl_step spec profile sweep moe tma queued linears grouped fast sampler persistent fold ablate topp pairs pdlrows capture cublas warps deep deepstep wide streamk ws gluon optim)"
            exit 2 ;;
     esac
 done

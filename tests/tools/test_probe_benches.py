@@ -1,10 +1,10 @@
 """The decode-step probes in tools/bench (split_probe, step_peer, prefetch_probe, wgmma_probe, mma_probe,
-tma_linear_probe, linear_chain_probe, fold_probe, ablate_probe, cublas_kernels, wide_probe) refuse a machine
-without a GPU with a message saying so; on CPU, split_probe's layer-at-a-time trunk gives Transformer.forward's
-bits (its two-stream variants rest on that), step_peer's torch step runs (right shape, finite logits),
-tma_linear_probe's kernel source is well formed, with_cuda_linear and linear_chain_probe pick configs from a
-probe output as they say, and fold_probe and ablate_probe check their arguments (their kernels and patching:
-tests/kernels, check_fold_probe and check_ablate_probe)."""
+tma_linear_probe, linear_chain_probe, fold_probe, ablate_probe, cublas_kernels, wide_probe, streamk_probe) refuse
+a machine without a GPU with a message saying so; on CPU, split_probe's layer-at-a-time trunk gives
+Transformer.forward's bits (its two-stream variants rest on that), step_peer's torch step runs (right shape,
+finite logits), tma_linear_probe's kernel source is well formed, with_cuda_linear and linear_chain_probe pick
+configs from a probe output as they say, and fold_probe and ablate_probe check their arguments (their kernels and
+patching: tests/kernels, check_fold_probe and check_ablate_probe)."""
 
 import json
 
@@ -15,7 +15,8 @@ pytest.importorskip("triton")
 
 
 @pytest.mark.parametrize("name", ["split_probe", "step_peer", "prefetch_probe", "wgmma_probe", "tma_linear_probe",
-                                  "mma_probe", "fold_probe", "ablate_probe", "cublas_kernels", "wide_probe"])
+                                  "mma_probe", "fold_probe", "ablate_probe", "cublas_kernels", "wide_probe",
+                                  "streamk_probe"])
 def test_needs_a_gpu(bench_refusal, monkeypatch, name):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert "needs a CUDA GPU" in bench_refusal(name)
