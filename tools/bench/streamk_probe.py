@@ -26,10 +26,10 @@ from triton.tools.tensor_descriptor import TensorDescriptor
 from miles_kernels._triton import matmul as lin
 from miles_kernels._triton.matmul import _grouped_order
 
-# M x N x K: 8B q|k|v, o, down and 0.6B gate|up at M 512 / 384 (128x128: 1.09-1.45 waves), M 1,024-2,048 (the
-# mid-M rule's 128x256 / 128x128 at 1.5-3 waves)
-SHAPES = [(512, 6144, 4096), (512, 6144, 1024), (384, 6144, 4096), (384, 4096, 4096), (512, 4096, 12288),
-          (1024, 6144, 4096), (1024, 4096, 4096), (2048, 6144, 4096), (1024, 1024, 3072)]
+# M x N x K where 128x128 makes at least a wave: 8B q|k|v and 0.6B gate|up at M 384 / 512 (1.09 / 1.45 waves),
+# 8B o at M 640 / 768 / 1,024 (chunked prefill: 1.21 / 1.45 / 1.94), M 1,536 (4.36) and 8B gate|up at M 512 (5.8)
+SHAPES = [(384, 6144, 4096), (384, 6144, 1024), (512, 6144, 4096), (512, 6144, 1024), (640, 4096, 4096),
+          (768, 4096, 4096), (1024, 4096, 4096), (1536, 6144, 4096), (512, 24576, 4096)]
 SPIN = 1 << 22  # polls before a tail gives up (counted in flags[P]: the host refuses that result)
 
 
