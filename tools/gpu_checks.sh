@@ -30,8 +30,9 @@
 #              (8B q|k|v / o / down, 0.6B gate|up / q|k|v; the 128x128 picks on N 6,144 make 1.45 waves), bits
 #              against the reference tile, graph-timed, weights cold
 #   streamk    (not in the default list) tools/bench/streamk_probe.py: stream-K with the K walk handed on in order
-#              (a tile's tail resumes its head's fp32 accumulator: linear's bits) at 1.1-5.8 waves of 128x128 (M
-#              384-1,536), against the same tile launched by linear, linear's pick and cuBLAS, graph-timed, cold
+#              (a tile's tail resumes its head's fp32 accumulator: linear's bits) at 1.1-5.8 waves of 128x128
+#              (64x128 at M 256; M 256-1,536), against the same tile launched by linear, linear's pick and cuBLAS,
+#              graph-timed, weights cold
 #   ws         (not in the default list) whether Triton's Hopper warp specialization pays for an attention
 #              forward walked like ours (tools/bench/ws_probe.py: plain / specialized / specialized with
 #              2-block splits, vs flash)

@@ -26,10 +26,13 @@ from triton.tools.tensor_descriptor import TensorDescriptor
 from miles_kernels._triton import matmul as lin
 from miles_kernels._triton.matmul import _grouped_order
 
-# M x N x K where 128x128 makes at least a wave: 8B q|k|v and 0.6B gate|up at M 384 / 512 (1.09 / 1.45 waves),
-# 8B o at M 640 / 768 / 1,024 (chunked prefill: 1.21 / 1.45 / 1.94), M 1,536 (4.36) and 8B gate|up at M 512 (5.8)
-SHAPES = [(384, 6144, 4096), (384, 6144, 1024), (512, 6144, 4096), (512, 6144, 1024), (640, 4096, 4096),
-          (768, 4096, 4096), (1024, 4096, 4096), (1536, 6144, 4096), (512, 24576, 4096)]
+# M x N x K where 128x128 (or 64x128 at M 256) makes at least a wave: 8B q|k|v and 0.6B gate|up at M 256-512
+# (1.45 / 1.09 / 1.45 waves), 8B o at M 640 / 768 / 1,024 (chunked prefill: 1.21 / 1.45 / 1.94), M 1,536 (4.36)
+# and 8B gate|up at M 512 (5.8)
+SHAPES = [(256, 6144, 4096), (256, 6144, 1024), (384, 6144, 4096), (384, 6144, 1024), (512, 6144, 4096),
+          (512, 6144, 1024), (640, 4096, 4096), (768, 4096, 4096), (1024, 4096, 4096), (1536, 6144, 4096),
+          (512, 24576, 4096)]
+SMALL = lin.Tile(0, 64, 128, 64, 8, 4, 8, True)  # the deep sweep's 64x128: 1.45 waves at M 256 x N 6,144
 SPIN = 1 << 22  # polls before a tail gives up (counted in flags[P]: the host refuses that result)
 
 
@@ -116,7 +119,7 @@ class StreamK:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", required=True)
-    ap.add_argument("--stages", type=int, nargs="*", default=[5, 4], help="128x128 tile stages to try")
+    ap.add_argument("--stages", type=int, nargs="*", default=[5, 4], help="128x128 tile stages to try (and 64x128 s8)")
     a = ap.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("streamk_probe: needs a CUDA GPU (the kernel is checked on CPU in tests/kernels)")
@@ -138,15 +141,16 @@ def main() -> None:
         wn = cold_weights(w)
         _, base = timings(lambda: F.linear(x, wn()))
         y = torch.empty_like(ref)
-        tiles = [lin.Tile(0, 128, 128, 64, 8, 8, s, True) for s in a.stages]
+        tiles = [lin.Tile(0, 128, 128, 64, 8, 8, s, True) for s in a.stages] + [SMALL]
         runs = [(f"pick_{pick.block_m}x{pick.block_n}_s{pick.num_stages}",
                  lambda wt: lin._launch_linear(x, wt, None, y, pick), None)]
-        runs += [(f"plain_128x128_s{t.num_stages}", (lambda wt, t=t: lin._launch_linear(x, wt, None, y, t)), None)
+        runs += [(f"plain_{t.block_m}x{t.block_n}_s{t.num_stages}",
+                  (lambda wt, t=t: lin._launch_linear(x, wt, None, y, t)), None)
                  for t in tiles if t != pick._replace(max_m=0)]
-        runs += [(f"streamk_128x128_s{t.num_stages}", sk, sk) for t in tiles for sk in [StreamK(t, sms, dev)]
-                 if sk.tiles(M, N) >= sms]
-        if pick.tma and pick.block_n != 128 and triton.cdiv(M, pick.block_m) * triton.cdiv(N, pick.block_n) >= sms:
-            sk = StreamK(pick._replace(max_m=0), sms, dev)
+        runs += [(f"streamk_{t.block_m}x{t.block_n}_s{t.num_stages}", sk, sk)
+                 for t in tiles for sk in [StreamK(t, sms, dev)] if sk.tiles(M, N) >= sms]
+        sk = StreamK(pick._replace(max_m=0), sms, dev)
+        if pick.tma and sk.t not in tiles and sk.tiles(M, N) >= sms:
             runs.append((f"streamk_pick_s{pick.num_stages}", sk, sk))
         for name, fn, sk in runs:
             y.zero_()
