@@ -323,7 +323,8 @@ print('guard out: the capture test must fail (rc 1), rc', int(rc)); sys.exit(0 i
                   run fused_shipped timeout -s KILL 120 python3 tools/bench/fused_linears.py --m 64 128 256 512 \
                       --out "$out/fused_shipped.json" ;;
         wide) run wide_probe timeout -s KILL 300 python3 tools/bench/wide_probe.py --out "$out/wide_probe.json" ;;
-        streamk) run streamk_probe timeout -s KILL 300 python3 tools/bench/streamk_probe.py --out "$out/streamk_probe.json" ;;
+        streamk) run streamk_probe timeout -s KILL 300 python3 tools/bench/streamk_probe.py \
+                     --out "$out/streamk_probe.json" ;;
         ws) run ws_probe python3 tools/bench/ws_probe.py "$out/ws_probe.json" ;;
         gluon) for p in fwd dkdv dq; do
                    run gluon_$p timeout 300 python3 tools/bench/gluon_$p.py --out "$out/gluon_$p.json"
