@@ -155,12 +155,14 @@ def main() -> None:
                     help="BLOCK_M,BLOCK_N,warps,stages ... (decode: ROWS,ATTN_BLK,warps,stages[,2 pairs a program])")
     ap.add_argument("--ptx", default="", help="also write each kernel's PTX to this folder")
     a = ap.parse_args()
+    if a.kernel and a.kernel not in DEFAULT and a.kernel not in LINEAR:
+        raise SystemExit(f"sm90_regs: kernel {a.kernel!r}: pick from {sorted(DEFAULT) + list(LINEAR)}")
+    if a.kernel in LINEAR and not a.tiles:
+        raise SystemExit(f"sm90_regs: {a.kernel}: name its tiles (BM,BN,warps,stages, or wide_probe's config names)")
     jobs = {a.kernel: a.tiles or DEFAULT[a.kernel]} if a.kernel else DEFAULT
     print(f"triton {triton.__version__}, sm_90, bf16, head dim 128, GQA 2")
     print(f"{'kernel':>14} {'tile':>11} {'regs':>5} {'spill st/ld B':>14} {'shared B':>9} {'SASS':>6} "
           f"{'waits/HGMMA':>11}  ops")
-    if a.kernel in LINEAR and not a.tiles:
-        raise SystemExit(f"sm90_regs: {a.kernel}: name its tiles (BM,BN,warps,stages, or wide_probe's config names)")
     for name, tiles in jobs.items():
         for t in tiles:
             r = compile_one(name, t if name == "wide_probe" else tuple(int(x) for x in t.split(",")), a.ptx)
