@@ -252,3 +252,17 @@ def test_with_cuda_linear_takes_the_fastest_same_bits_config(bench_script, tmp_p
 def test_step_peer_profile_count_is_checked(bench_refusal, monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     assert "--profile -2: give a count of replays" in bench_refusal("step_peer", "--profile", "-2")
+
+
+def test_sm90_regs_refusals(bench_script, monkeypatch):
+    """sm90_regs.py (offline sm_90a compiles) refuses a kernel it does not know, a linear kernel without tiles and
+    a wide_probe config that does not exist, naming the choices; nothing is compiled for these."""
+    import sys
+
+    mod = bench_script("sm90_regs")
+    for args, msg in ((["foo"], "kernel 'foo': pick from"), (["streamk_probe"], "name its tiles"),
+                      (["wide_probe", "nope"], "wide_probe config 'nope': pick from")):
+        monkeypatch.setattr(sys, "argv", ["sm90_regs.py", *args])
+        with pytest.raises(SystemExit) as e:
+            mod.main()
+        assert msg in str(e.value), (args, str(e.value))
