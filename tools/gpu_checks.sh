@@ -33,6 +33,10 @@
 #              (a tile's tail resumes its head's fp32 accumulator: linear's bits) at 1.1-5.8 waves of 128x128
 #              (64x128 at M 256; M 256-1,536), against the same tile launched by linear, linear's pick and cuBLAS,
 #              graph-timed, weights cold
+#   streamkstep (not in the default list) stream-K in linear and swiglu (streamk.py, MILES_STREAM_K=1; off as
+#              shipped): its bits GPU tests (tests/gpu/test_streamk_gpu.py), the decode step at b256-512 ctx 256
+#              (step_peer.py, 0.6B / 8B) off / on by turns (two rounds), the engine's quick rows off / on,
+#              fused_linears.py's swiglu rows at M 256-512 off / on
 #   ws         (not in the default list) whether Triton's Hopper warp specialization pays for an attention
 #              forward walked like ours (tools/bench/ws_probe.py: plain / specialized / specialized with
 #              2-block splits, vs flash)
@@ -325,6 +329,18 @@ print('guard out: the capture test must fail (rc 1), rc', int(rc)); sys.exit(0 i
         wide) run wide_probe timeout -s KILL 300 python3 tools/bench/wide_probe.py --out "$out/wide_probe.json" ;;
         streamk) run streamk_probe timeout -s KILL 300 python3 tools/bench/streamk_probe.py \
                      --out "$out/streamk_probe.json" ;;
+        streamkstep) run streamk_tests timeout -s KILL 240 python3 -m pytest -q -o addopts="" tests/gpu/test_streamk_gpu.py
+                     for i in 1 2; do for v in 0 1; do  # by turns: off (as shipped), on
+                         run step_sk_$v$i env MILES_STREAM_K=$v timeout -s KILL 150 python3 tools/bench/step_peer.py \
+                             --model qwen3-0.6b qwen3-8b --shapes 256x256 384x256 512x256 --rounds 5 \
+                             --out "$out/step_sk_$v$i.json"
+                     done; done
+                     for v in 0 1; do
+                         run engine_sk_$v env MILES_STREAM_K=$v timeout -s KILL 150 python3 tools/bench/engine.py \
+                             --quick --only engine --out "$out/engine_sk_$v.json"
+                         run fused_sk_$v env MILES_STREAM_K=$v timeout -s KILL 120 python3 tools/bench/fused_linears.py \
+                             --m 256 384 512 --out "$out/fused_sk_$v.json"
+                     done ;;
         ws) run ws_probe python3 tools/bench/ws_probe.py "$out/ws_probe.json" ;;
         gluon) for p in fwd dkdv dq; do
                    run gluon_$p timeout 300 python3 tools/bench/gluon_$p.py --out "$out/gluon_$p.json"
@@ -334,7 +350,7 @@ print('guard out: the capture test must fail (rc 1), rc', int(rc)); sys.exit(0 i
              run attn_tma python3 tools/bench/attn_sweep.py "$out/attn_tma.json" --tma --tiles
              run attn_tma_paged python3 tools/bench/attn_sweep.py "$out/attn_tma_paged.json" --tma-paged
              run kernel_regs python3 tools/bench/kernel_regs.py "$out/kernel_regs.json" ;;
-        *) echo "unknown step $step (tests scale kernels engine engine_host train rl_step spec profile sweep moe tma queued linears grouped fast sampler persistent fold ablate topp pairs pdlrows capture cublas warps deep deepstep wide streamk ws gluon optim)"
+        *) echo "unknown step $step (tests scale kernels engine engine_host train rl_step spec profile sweep moe tma queued linears grouped fast sampler persistent fold ablate topp pairs pdlrows capture cublas warps deep deepstep wide streamk streamkstep ws gluon optim)"
            exit 2 ;;
     esac
 done

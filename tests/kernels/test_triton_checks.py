@@ -193,6 +193,72 @@ def check_swiglu() -> None:
         fl.SMALL_M_TMA = saved_tma
 
 
+def check_streamk() -> None:
+    """Stream-K (streamk.py; MILES_STREAM_K) in linear and swiglu: grids whose K-step ranges end inside tiles (the
+    tail resumes the head's accumulator) give the plain persistent kernels' bits, with and without bias; the flags
+    are zero again after each launch (a graph replays it); a grid of whole waves, or with fewer tiles than
+    programs, keeps the plain launch."""
+    from miles_kernels._triton import fused_linears as fl
+    from miles_kernels._triton import matmul as lin
+    from miles_kernels._triton import streamk
+
+    kt = _kt()
+    saved = lin.LINEAR_TILES[torch.float32], dict(lin.SMALL_M_TILES), fl.SMALL_M_TMA, streamk.STREAM_K
+    launched = []  # a name a stream-K launch
+    kernels = lin._linear_streamk_kernel, fl._swiglu_streamk_kernel
+
+    class Counted:
+        def __init__(self, kernel, name):
+            self.kernel, self.name = kernel, name
+
+        def __getitem__(self, grid):
+            launched.append(self.name)
+            return self.kernel[grid]
+
+    lin._linear_streamk_kernel = Counted(kernels[0], "linear")
+    fl._swiglu_streamk_kernel = Counted(kernels[1], "swiglu")
+    g = torch.Generator().manual_seed(48)
+    try:
+        fl.SMALL_M_TMA = True
+        lin.LINEAR_TILES[torch.float32] = (lin.Tile(1 << 62, 16, 16, 32, 1, 4, 2, True),)
+        # M 37 x N 68 x K 200: 3 x 5 tiles of 7 K-steps on the interpreter's 4 programs (ranges end inside
+        # tiles); N 64: 3 x 4 tiles (whole waves: plain); M 9: 1 x 5 tiles (T >= P, 5 % 4: stream-K); N 48 at
+        # M 9: 3 tiles (fewer than the programs: plain)
+        for M, N in ((37, 68), (37, 64), (9, 68), (9, 48)):
+            x, w = torch.randn(M, 200, generator=g), torch.randn(N, 200, generator=g) / 200 ** 0.5
+            b = torch.randn(N, generator=g)
+            for bias in (None, b):
+                streamk.STREAM_K = False
+                want = lin.linear(x, w, bias)
+                streamk.STREAM_K = True
+                before = len(launched)
+                for _ in range(2):
+                    _same(lin.linear(x, w, bias), want, f"stream-K linear M {M} N {N} bias {bias is not None}")
+                tiles = -(-M // 16) * -(-N // 16)
+                want_sk = ["linear"] * 2 if tiles >= 4 and tiles % 4 != 0 else []
+                assert launched[before:] == want_sk, f"M {M} N {N}: {tiles} tiles on 4 programs, {launched[before:]}"
+        # swiglu: 3 x 3 tiles of 16 x 16 (the 16 x 32 tile halved a weight) and 3 K-steps on 4 programs
+        lin.SMALL_M_TILES[torch.float32] = (lin.Tile(64, 16, 32, 32, 1, 4, 2, True),)
+        x = torch.randn(37, 72, generator=g)
+        wg, wu = torch.randn(40, 72, generator=g), torch.randn(40, 72, generator=g)
+        streamk.STREAM_K = False
+        want = fl.swiglu(x, wg, wu)
+        _same(want, kt.silu_mul(lin.linear(x, wg), lin.linear(x, wu)), "swiglu vs silu_mul(linear, linear)")
+        streamk.STREAM_K = True
+        before = len(launched)
+        for _ in range(2):
+            _same(fl.swiglu(x, wg, wu), want, "stream-K swiglu")
+        assert launched[before:] == ["swiglu"] * 2, launched[before:]
+        for (_, _, programs), (_, flags) in streamk._WORKSPACE.items():
+            assert flags.tolist() == [0] * programs, f"flags left set after the launches: {flags.tolist()}"
+    finally:
+        lin.LINEAR_TILES[torch.float32] = saved[0]
+        lin.SMALL_M_TILES.clear()
+        lin.SMALL_M_TILES.update(saved[1])
+        fl.SMALL_M_TMA, streamk.STREAM_K = saved[2], saved[3]
+        lin._linear_streamk_kernel, fl._swiglu_streamk_kernel = kernels
+
+
 def check_grouped_linear() -> None:
     kt = _kt()
     g = torch.Generator().manual_seed(2)

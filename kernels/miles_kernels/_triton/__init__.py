@@ -1,8 +1,10 @@
 """Triton (CUDA) kernels of miles_kernels: forwards batch-invariant by construction.
 
 Every kernel uses one fixed tile configuration per dtype (linear: per dtype and M bucket,
-with the same K walk in every bucket), no split-K, no autotune and no atomics, so a row's
-result never depends on how many rows share the launch or where the row sits.
+with the same K walk in every bucket), no split-K, no autotune and no atomic sums, so a row's
+result never depends on how many rows share the launch or where the row sits (stream-K, streamk.py,
+off by default, hands a tile's fp32 accumulator from one program to the next behind a flag: the
+same sums in the same order).
 The package is imported only for CUDA tensors in invariant mode (and by the interpreter
 tests under TRITON_INTERPRET=1). The row-local ops' backward rules (miles_kernels/_grads.py)
 run on CUDA as the kernels of elementwise_grads (deterministic, not batch-invariant), and

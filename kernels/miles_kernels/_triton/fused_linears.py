@@ -4,7 +4,8 @@ swiglu (gate and up products and silu_mul in one launch), both for M <= matmul.S
 Each output tile walks K as linear's does (from 0 in BLOCK_K steps, fp32 acc), so every output has
 linear's bits. The tile is linear_tile's for the summed N; where it is a TMA tile (the 128-row
 small-M tiles) and SMALL_M_TMA is on, the weights and x come in by TMA in a persistent grid, as
-linear's TMA kernel does (the default); else by pointers.
+linear's TMA kernel does (the default); else by pointers. swiglu's persistent grid takes stream-K
+where linear's would (streamk.py; off unless MILES_STREAM_K=1).
 """
 
 import torch
@@ -12,7 +13,7 @@ import triton
 import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
-from miles_kernels._triton import launch
+from miles_kernels._triton import launch, streamk
 from miles_kernels._triton import matmul as mm
 from miles_kernels._triton.elementwise import silu_times
 from miles_kernels._triton.gdc import gdc_release, gdc_wait, prefetch_rows, release_after_last
@@ -206,9 +207,67 @@ def _swiglu_tma_kernel(x_desc, wg_desc, wu_desc, y_desc, M, F, K, BLOCK_M: tl.co
             acc_g = tl.dot(x, wg_desc.load([off_n, k0]).T, acc_g, input_precision=PRECISION)
             acc_u = tl.dot(x, wu_desc.load([off_n, k0]).T, acc_u, input_precision=PRECISION)
         release_after_last(tile, n_tiles, NUM_PROGRAMS, USE_GDC)
-        dtype = y_desc.dtype
-        y = silu_times(acc_g.to(dtype).to(tl.float32), acc_u.to(dtype).to(tl.float32))
-        y_desc.store([off_m, off_n], y.to(dtype))
+        _swiglu_store(acc_g, acc_u, y_desc, off_m, off_n)
+
+
+@triton.jit
+def _swiglu_store(acc_g, acc_u, y_desc, off_m, off_n):
+    """Each product rounded to y's dtype as linear stores it, silu_mul's fp32 math, one rounding; by TMA."""
+    dtype = y_desc.dtype
+    y = silu_times(acc_g.to(dtype).to(tl.float32), acc_u.to(dtype).to(tl.float32))
+    y_desc.store([off_m, off_n], y.to(dtype))
+
+
+@triton.jit
+def _swiglu_k_range(x_desc, wg_desc, wu_desc, off_m, off_n, k_lo, k_hi, acc_g, acc_u, BLOCK_K: tl.constexpr,
+                    PRECISION: tl.constexpr):
+    """K-steps [k_lo, k_hi) of both products of the tile at (off_m, off_n): _swiglu_tma_kernel's dots."""
+    for ki in range(k_lo, k_hi):
+        x = x_desc.load([off_m, ki * BLOCK_K])
+        acc_g = tl.dot(x, wg_desc.load([off_n, ki * BLOCK_K]).T, acc_g, input_precision=PRECISION)
+        acc_u = tl.dot(x, wu_desc.load([off_n, ki * BLOCK_K]).T, acc_u, input_precision=PRECISION)
+    return acc_g, acc_u
+
+
+@fast_launch
+@triton.jit
+def _swiglu_streamk_kernel(x_desc, wg_desc, wu_desc, y_desc, ws_ptr, flag_ptr, M, F, K, BLOCK_M: tl.constexpr,
+                           BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr,
+                           NUM_PROGRAMS: tl.constexpr, SLOT: tl.constexpr, USE_GDC: tl.constexpr = False):
+    # _swiglu_tma_kernel's tiles in stream-K order (streamk.py): the head piece's two accumulators parked as
+    # the slot's parts 0 and 1, the whole tiles, the tail resumed from both. Loops not flattened (C7515, above).
+    n_tiles_m = tl.cdiv(M, BLOCK_M)
+    n_ki = tl.cdiv(K, BLOCK_K)
+    head, kb, first, end, tail, ka = streamk.split(tl.program_id(0), n_tiles_m * tl.cdiv(F, BLOCK_N), n_ki,
+                                                   NUM_PROGRAMS)
+    zero = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    slot_g, slot_u = streamk.slots(ws_ptr, 0, BLOCK_M, BLOCK_N), streamk.slots(ws_ptr, 1, BLOCK_M, BLOCK_N)
+    gdc_wait(USE_GDC)
+    if kb != 0:
+        acc_g, acc_u = _swiglu_k_range(x_desc, wg_desc, wu_desc, (head % n_tiles_m) * BLOCK_M,
+                                       (head // n_tiles_m) * BLOCK_N, 0, kb, zero, zero, BLOCK_K, PRECISION)
+        streamk.park(acc_g, slot_g, SLOT)
+        streamk.park(acc_u, slot_u, SLOT)
+        streamk.publish(flag_ptr)
+    for tile in tl.range(first, end, flatten=False):
+        off_m = (tile % n_tiles_m) * BLOCK_M
+        off_n = (tile // n_tiles_m) * BLOCK_N
+        acc_g, acc_u = _swiglu_k_range(x_desc, wg_desc, wu_desc, off_m, off_n, 0, n_ki, zero, zero, BLOCK_K,
+                                       PRECISION)
+        if (ka == 0) & (tile == end - 1):
+            gdc_release(USE_GDC)
+        _swiglu_store(acc_g, acc_u, y_desc, off_m, off_n)
+    if ka != 0:
+        streamk.await_head(flag_ptr)
+        acc_g = streamk.resume(slot_g, SLOT)
+        acc_u = streamk.resume(slot_u, SLOT)
+        streamk.clear(flag_ptr)
+        off_m = (tail % n_tiles_m) * BLOCK_M
+        off_n = (tail // n_tiles_m) * BLOCK_N
+        acc_g, acc_u = _swiglu_k_range(x_desc, wg_desc, wu_desc, off_m, off_n, ka, n_ki, acc_g, acc_u, BLOCK_K,
+                                       PRECISION)
+        gdc_release(USE_GDC)
+        _swiglu_store(acc_g, acc_u, y_desc, off_m, off_n)
 
 
 def swiglu(x_MK: torch.Tensor, w_gate_FK: torch.Tensor, w_up_FK: torch.Tensor) -> torch.Tensor:
@@ -235,12 +294,16 @@ def swiglu(x_MK: torch.Tensor, w_gate_FK: torch.Tensor, w_up_FK: torch.Tensor) -
     n_tiles = triton.cdiv(M, t.block_m) * triton.cdiv(F, block_n)
     if _by_tma(t, x_MK, w_gate_FK, w_up_FK, y):
         n_prog = min(mm._num_programs(x_MK.device), n_tiles)
-        _swiglu_tma_kernel[(n_prog,)](
-            TensorDescriptor.from_tensor(x_MK, [t.block_m, t.block_k]),
-            TensorDescriptor.from_tensor(w_gate_FK, [block_n, t.block_k]),
-            TensorDescriptor.from_tensor(w_up_FK, [block_n, t.block_k]),
-            TensorDescriptor.from_tensor(y, [t.block_m, block_n]), M, F, K, NUM_PROGRAMS=n_prog,
-            USE_GDC=launch.PDL_TMA and x_MK.is_cuda, **consts)
+        descs = (TensorDescriptor.from_tensor(x_MK, [t.block_m, t.block_k]),
+                 TensorDescriptor.from_tensor(w_gate_FK, [block_n, t.block_k]),
+                 TensorDescriptor.from_tensor(w_up_FK, [block_n, t.block_k]),
+                 TensorDescriptor.from_tensor(y, [t.block_m, block_n]))
+        gdc = launch.PDL_TMA and x_MK.is_cuda
+        if streamk.takes(n_tiles, n_prog) and (ws := streamk.workspace(x_MK.device, n_prog, 2 * t.block_m * block_n)):
+            _swiglu_streamk_kernel[(n_prog,)](*descs, *ws, M, F, K, NUM_PROGRAMS=n_prog, SLOT=streamk.SLOT,
+                                              USE_GDC=gdc, **consts)
+        else:
+            _swiglu_tma_kernel[(n_prog,)](*descs, M, F, K, NUM_PROGRAMS=n_prog, USE_GDC=gdc, **consts)
         return y
     _swiglu_kernel[(n_tiles,)](x_MK, w_gate_FK, w_up_FK, y, M, F, K, x_MK.stride(0), K_UNROLL=t.k_unroll,
                                USE_GDC=launch.gdc_rows(x_MK, M), **consts)

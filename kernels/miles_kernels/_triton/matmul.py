@@ -5,7 +5,9 @@ One output tile walks K from 0 in steps of BLOCK_K, accumulating tl.dot results 
 whatever M is. The tile may change with the shape (LINEAR_TILES by M; SMALL_M_TILES and MID_M_TILES
 by how many tiles fill the GPU), but BLOCK_K is the same in every tile of a dtype;
 tests/gpu/test_matmul_gpu.py checks every tile against every other bitwise. If a GPU ever
-breaks that, collapse the tables to one row.
+breaks that, collapse the tables to one row. Stream-K (streamk.py; off unless MILES_STREAM_K=1) runs the
+persistent TMA kernel's tiles with the K walk of a tile split between two programs handed on through
+a workspace, in order, so its bits are the plain launch's (tests/gpu/test_streamk_gpu.py).
 """
 
 from typing import NamedTuple
@@ -17,7 +19,7 @@ from triton.tools.tensor_descriptor import TensorDescriptor
 
 from miles_kernels._triton.gdc import gdc_release, gdc_wait, prefetch_rows, release_after_last
 from miles_kernels._triton.gluon_gate import gluon_module
-from miles_kernels._triton import launch
+from miles_kernels._triton import launch, streamk
 from miles_kernels._triton.launch import fast_launch
 
 
@@ -270,12 +272,59 @@ def _linear_tma_kernel(
         off_n = tile_n * BLOCK_N
         acc = _tma_k_walk(x_desc, w_desc, off_m, off_n, K, BLOCK_M, BLOCK_N, BLOCK_K, PRECISION)
         release_after_last(tile, n_tiles_m * n_tiles_n, NUM_PROGRAMS, USE_GDC)
-        y = acc.to(y_desc.dtype)
-        if HAS_BIAS:
-            cols = off_n + tl.arange(0, BLOCK_N)
-            b = tl.load(b_ptr + cols, mask=cols < N, other=0.0)
-            y = (y.to(tl.float32) + b.to(tl.float32)[None, :]).to(y_desc.dtype)
-        y_desc.store([off_m, off_n], y)
+        _tma_bias_store(acc, y_desc, b_ptr, off_m, off_n, N, HAS_BIAS, BLOCK_N)
+
+
+@triton.jit
+def _tma_bias_store(acc, y_desc, b_ptr, off_m, off_n, N, HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr):
+    """_bias_store by TMA (the store clipped at the edges): round to y's dtype, + b in fp32, round again."""
+    y = acc.to(y_desc.dtype)
+    if HAS_BIAS:
+        cols = off_n + tl.arange(0, BLOCK_N)
+        b = tl.load(b_ptr + cols, mask=cols < N, other=0.0)
+        y = (y.to(tl.float32) + b.to(tl.float32)[None, :]).to(y_desc.dtype)
+    y_desc.store([off_m, off_n], y)
+
+
+@fast_launch
+@triton.jit
+def _linear_streamk_kernel(
+    x_desc, w_desc, y_desc, b_ptr, ws_ptr, flag_ptr, M, N, K,
+    HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr, PRECISION: tl.constexpr, NUM_PROGRAMS: tl.constexpr, SLOT: tl.constexpr,
+    USE_GDC: tl.constexpr = False,
+):
+    # _linear_tma_kernel's tiles in stream-K order (streamk.py): this program's head piece, its whole tiles,
+    # then its tail piece, resumed from the head the program before parked. Each tile's K-steps from 0 in
+    # order on one fp32 acc, so the bits are the plain kernel's. USE_GDC: the wait first, the release after
+    # the program's last K walk.
+    n_tiles_m = tl.cdiv(M, BLOCK_M)
+    n_tiles_n = tl.cdiv(N, BLOCK_N)
+    n_ki = tl.cdiv(K, BLOCK_K)
+    head, kb, first, end, tail, ka = streamk.split(tl.program_id(0), n_tiles_m * n_tiles_n, n_ki, NUM_PROGRAMS)
+    slot = streamk.slots(ws_ptr, 0, BLOCK_M, BLOCK_N)
+    gdc_wait(USE_GDC)
+    if kb != 0:
+        tile_m, tile_n = _grouped_order(head, n_tiles_m, n_tiles_n, GROUP_M)
+        acc = streamk.k_range(x_desc, w_desc, tile_m * BLOCK_M, tile_n * BLOCK_N, 0, kb,
+                              tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), BLOCK_K, PRECISION)
+        streamk.park(acc, slot, SLOT)
+        streamk.publish(flag_ptr)
+    for tile in range(first, end):
+        tile_m, tile_n = _grouped_order(tile, n_tiles_m, n_tiles_n, GROUP_M)
+        acc = streamk.k_range(x_desc, w_desc, tile_m * BLOCK_M, tile_n * BLOCK_N, 0, n_ki,
+                              tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), BLOCK_K, PRECISION)
+        if (ka == 0) & (tile == end - 1):
+            gdc_release(USE_GDC)
+        _tma_bias_store(acc, y_desc, b_ptr, tile_m * BLOCK_M, tile_n * BLOCK_N, N, HAS_BIAS, BLOCK_N)
+    if ka != 0:
+        streamk.await_head(flag_ptr)
+        acc = streamk.resume(slot, SLOT)
+        streamk.clear(flag_ptr)
+        tile_m, tile_n = _grouped_order(tail, n_tiles_m, n_tiles_n, GROUP_M)
+        acc = streamk.k_range(x_desc, w_desc, tile_m * BLOCK_M, tile_n * BLOCK_N, ka, n_ki, acc, BLOCK_K, PRECISION)
+        gdc_release(USE_GDC)
+        _tma_bias_store(acc, y_desc, b_ptr, tile_m * BLOCK_M, tile_n * BLOCK_N, N, HAS_BIAS, BLOCK_N)
 
 
 _NUM_SMS: dict[int, int] = {}
@@ -303,7 +352,16 @@ def _launch_linear(x_MK, w_NK, b_N, y_MN, t: Tile) -> None:
         x_d = TensorDescriptor.from_tensor(x_MK, [t.block_m, t.block_k])
         w_d = TensorDescriptor.from_tensor(w_NK, [t.block_n, t.block_k])
         y_d = TensorDescriptor.from_tensor(y_MN, [t.block_m, t.block_n])
-        n_prog = min(_num_programs(x_MK.device), triton.cdiv(M, t.block_m) * triton.cdiv(N, t.block_n))
+        n_tiles = triton.cdiv(M, t.block_m) * triton.cdiv(N, t.block_n)
+        n_prog = min(_num_programs(x_MK.device), n_tiles)
+        if streamk.takes(n_tiles, n_prog) and (ws := streamk.workspace(x_MK.device, n_prog, t.block_m * t.block_n)):
+            _linear_streamk_kernel[(n_prog,)](
+                x_d, w_d, y_d, b_N if b_N is not None else y_MN, *ws, M, N, K,
+                HAS_BIAS=b_N is not None, BLOCK_M=t.block_m, BLOCK_N=t.block_n, BLOCK_K=t.block_k,
+                GROUP_M=t.group_m, PRECISION=precision, NUM_PROGRAMS=n_prog, SLOT=streamk.SLOT,
+                USE_GDC=launch.PDL_TMA and x_MK.is_cuda, num_warps=t.num_warps, num_stages=t.num_stages,
+            )
+            return
         _linear_tma_kernel[(n_prog,)](
             x_d, w_d, y_d, b_N if b_N is not None else y_MN, M, N, K,
             HAS_BIAS=b_N is not None, BLOCK_M=t.block_m, BLOCK_N=t.block_n, BLOCK_K=t.block_k,
