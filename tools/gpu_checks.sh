@@ -34,9 +34,9 @@
 #              (64x128 at M 256; M 256-1,536), against the same tile launched by linear, linear's pick and cuBLAS,
 #              graph-timed, weights cold
 #   streamkstep (not in the default list) stream-K in linear and swiglu (streamk.py, MILES_STREAM_K=1; off as
-#              shipped): its bits GPU tests (tests/gpu/test_streamk_gpu.py), the decode step at b256-512 ctx 256
+#              shipped): its bits GPU tests (tests/gpu/test_streamk_gpu.py), the decode step at b128-512 ctx 256
 #              (step_peer.py, 0.6B / 8B) off / on by turns (two rounds), the engine's quick rows off / on,
-#              fused_linears.py's swiglu rows at M 256-512 off / on
+#              fused_linears.py's linears and swiglu rows at M 256-512 off / on
 #   ws         (not in the default list) whether Triton's Hopper warp specialization pays for an attention
 #              forward walked like ours (tools/bench/ws_probe.py: plain / specialized / specialized with
 #              2-block splits, vs flash)
@@ -332,7 +332,7 @@ print('guard out: the capture test must fail (rc 1), rc', int(rc)); sys.exit(0 i
         streamkstep) run streamk_tests timeout -s KILL 240 python3 -m pytest -q -o addopts="" tests/gpu/test_streamk_gpu.py
                      for i in 1 2; do for v in 0 1; do  # by turns: off (as shipped), on
                          run step_sk_$v$i env MILES_STREAM_K=$v timeout -s KILL 150 python3 tools/bench/step_peer.py \
-                             --model qwen3-0.6b qwen3-8b --shapes 256x256 384x256 512x256 --rounds 5 \
+                             --model qwen3-0.6b qwen3-8b --shapes 128x256 256x256 384x256 512x256 --rounds 5 \
                              --out "$out/step_sk_$v$i.json"
                      done; done
                      for v in 0 1; do

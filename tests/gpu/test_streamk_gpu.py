@@ -80,8 +80,8 @@ def test_linear_streamk_every_tma_tile(monkeypatch):
 
 
 def test_swiglu_streamk_same_bits(monkeypatch):
-    """swiglu with stream-K == without, on the 0.6B and 8B MLP shapes at M 256-512 (where its grids make
-    1.09-5.8 waves)."""
+    """swiglu with stream-K == without, on the 0.6B and 8B MLP shapes at M 128-512 (8B from M 65, 0.6B from
+    M 257: grids of 1.09-5.8 waves)."""
     from miles_kernels._triton import fused_linears as fl
     from miles_kernels._triton import streamk
 
@@ -90,7 +90,7 @@ def test_swiglu_streamk_same_bits(monkeypatch):
         wg = _randn(F, K, dtype=torch.bfloat16, g=g, scale=K**-0.5)
         wu = _randn(F, K, dtype=torch.bfloat16, g=g, scale=K**-0.5)
         x = _randn(512, K, dtype=torch.bfloat16, g=g)
-        for m in (256, 300, 384, 512):
+        for m in (128, 256, 300, 384, 512):
             monkeypatch.setattr(streamk, "STREAM_K", False)
             want = fl.swiglu(x[:m], wg, wu)
             monkeypatch.setattr(streamk, "STREAM_K", True)

@@ -8,6 +8,7 @@ bits are linear's. The hand-off costs no wait: each program computes its head pi
 nothing), then its whole tiles, then its tail piece, whose head the previous program finished first thing. Needs
 T >= P (each range at least one tile long; below that a tile would pass through several programs in a chain).
 Timed beside linear's own launch of the same tile and cuBLAS, graph-timed, weights cold; bits against linear.
+`linear_streamk` rows: linear's shipped stream-K kernel (streamk.py, MILES_STREAM_K) on its pick, where it applies.
 
     PYTHONPATH=src:kernels python tools/bench/streamk_probe.py --out streamk.json
 """
@@ -24,6 +25,7 @@ import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
 from miles_kernels._triton import matmul as lin
+from miles_kernels._triton import streamk
 from miles_kernels._triton.matmul import _grouped_order
 
 # M x N x K where 128x128 (or 64x128 at M 256) makes at least a wave: 8B q|k|v and 0.6B gate|up at M 256-512
@@ -116,6 +118,15 @@ class StreamK:
         return int(self.flags[self.programs].item())
 
 
+def _shipped_streamk(x: torch.Tensor, w: torch.Tensor, y: torch.Tensor) -> None:
+    """linear's launch of its pick with its stream-K kernel on (matmul._linear_streamk_kernel)."""
+    on, streamk.STREAM_K = streamk.STREAM_K, True
+    try:
+        lin._launch_linear(x, w, None, y, lin.linear_tile(x.shape[0], x.dtype, w.shape[0], x.device))
+    finally:
+        streamk.STREAM_K = on
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", required=True)
@@ -152,6 +163,8 @@ def main() -> None:
         sk = StreamK(pick._replace(max_m=0), sms, dev)
         if pick.tma and sk.t not in tiles and sk.tiles(M, N) >= sms:
             runs.append((f"streamk_pick_s{pick.num_stages}", sk, sk))
+        if pick.tma and streamk.takes(sk.tiles(M, N), sms):  # linear's own stream-K kernel (MILES_STREAM_K)
+            runs.append(("linear_streamk", lambda wt: _shipped_streamk(x, wt, y), None))
         for name, fn, sk in runs:
             y.zero_()
             call = (lambda wt, fn=fn: fn(x, wt, y)) if sk else fn
