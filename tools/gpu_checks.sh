@@ -33,10 +33,11 @@
 #              (a tile's tail resumes its head's fp32 accumulator: linear's bits) at 1.1-5.8 waves of 128x128
 #              (64x128 at M 256; M 256-1,536), against the same tile launched by linear, linear's pick and cuBLAS,
 #              graph-timed, weights cold
-#   streamkstep (not in the default list) stream-K in linear and swiglu (streamk.py, MILES_STREAM_K=1; off as
-#              shipped): its bits GPU tests (tests/gpu/test_streamk_gpu.py), the decode step at b128-512 ctx 256
-#              (step_peer.py, 0.6B / 8B) off / on by turns (two rounds), the engine's quick rows off / on,
-#              fused_linears.py's linears and swiglu rows at M 256-512 off / on
+#   streamkstep (not in the default list) two changes off as shipped, each against the shipped kernels: stream-K in
+#              linear and swiglu (streamk.py, MILES_STREAM_K=1; sk) and linears' q|k|v tiles stored by TMA
+#              (fused_linears.TMA_STORE, with_tiles.py --linears-tma-store on; st): their bits GPU tests, the
+#              decode step at b128-512 ctx 256 (step_peer.py, 0.6B / 8B) off / sk / st by turns (two rounds),
+#              the engine's quick rows off / sk / st, fused_linears.py at M 128-512 off / st
 #   ws         (not in the default list) whether Triton's Hopper warp specialization pays for an attention
 #              forward walked like ours (tools/bench/ws_probe.py: plain / specialized / specialized with
 #              2-block splits, vs flash)
@@ -171,6 +172,9 @@ run_files() {  # prefix, pytest files: one process a file, all at once (a fresh 
         rm -f "$out/.$n.rc"
     done
     tar_out
+}
+sk_pre() {  # streamkstep's variants: the script's prefix (st: linears' outputs stored by TMA, with_tiles.py)
+    [ "$1" = st ] && echo tools/bench/with_tiles.py --linears-tma-store on --
 }
 pdl_env() {  # the pdlrows step's variants: as shipped, the norms at 64 rows too, PDL at every size, PDL off
     case $1 in
@@ -329,17 +333,20 @@ print('guard out: the capture test must fail (rc 1), rc', int(rc)); sys.exit(0 i
         wide) run wide_probe timeout -s KILL 300 python3 tools/bench/wide_probe.py --out "$out/wide_probe.json" ;;
         streamk) run streamk_probe timeout -s KILL 300 python3 tools/bench/streamk_probe.py \
                      --out "$out/streamk_probe.json" ;;
-        streamkstep) run streamk_tests timeout -s KILL 240 python3 -m pytest -q -o addopts="" tests/gpu/test_streamk_gpu.py
-                     for i in 1 2; do for v in 0 1; do  # by turns: off (as shipped), on
-                         run step_sk_$v$i env MILES_STREAM_K=$v timeout -s KILL 150 python3 tools/bench/step_peer.py \
-                             --model qwen3-0.6b qwen3-8b --shapes 128x256 256x256 384x256 512x256 --rounds 5 \
-                             --out "$out/step_sk_$v$i.json"
+        streamkstep) run streamk_tests timeout -s KILL 240 python3 -m pytest -q -o addopts="" \
+                         tests/gpu/test_streamk_gpu.py tests/gpu/test_matmul_gpu.py -k "streamk or linears_equal"
+                     for i in 1 2; do for v in off sk st; do  # by turns: as shipped, stream-K, linears' TMA stores
+                         run step_$v$i env MILES_STREAM_K=$([ $v = sk ] && echo 1 || echo 0) timeout -s KILL 150 \
+                             python3 $(sk_pre $v) tools/bench/step_peer.py --model qwen3-0.6b qwen3-8b \
+                             --shapes 128x256 256x256 512x256 --rounds 5 --out "$out/step_$v$i.json"
                      done; done
-                     for v in 0 1; do
-                         run engine_sk_$v env MILES_STREAM_K=$v timeout -s KILL 150 python3 tools/bench/engine.py \
-                             --quick --only engine --out "$out/engine_sk_$v.json"
-                         run fused_sk_$v env MILES_STREAM_K=$v timeout -s KILL 120 python3 tools/bench/fused_linears.py \
-                             --m 256 384 512 --out "$out/fused_sk_$v.json"
+                     for v in off sk st; do
+                         run engine_$v env MILES_STREAM_K=$([ $v = sk ] && echo 1 || echo 0) timeout -s KILL 150 \
+                             python3 $(sk_pre $v) tools/bench/engine.py --quick --only engine --out "$out/engine_$v.json"
+                     done
+                     for v in off st; do
+                         run fused_$v timeout -s KILL 120 python3 $(sk_pre $v) tools/bench/fused_linears.py \
+                             --m 128 256 512 --out "$out/fused_$v.json"
                      done ;;
         ws) run ws_probe python3 tools/bench/ws_probe.py "$out/ws_probe.json" ;;
         gluon) for p in fwd dkdv dq; do

@@ -53,14 +53,16 @@ def test_linear_every_tile_agrees(kt, dtype):
 def test_linears_equal_linear(kt, monkeypatch, dtype):
     """linears (one launch at M <= SMALL_M) gives each weight linear's bits: 0.6B q/k/v with
     biases, gate/up shapes and widths that end in part tiles, M across the small-M range (partial
-    row tiles too) and past it, with the 128-row tiles by TMA (the default) and by pointers."""
+    row tiles too) and past it, with the 128-row tiles by TMA (the default) and by pointers, and by TMA with
+    the outputs stored by TMA (fused_linears.TMA_STORE)."""
     from miles_kernels._triton import fused_linears
 
     g = _gen(3)
     K = 1024
     x = _randn(600, K, dtype=dtype, g=g)
-    for by_tma in (True, False):
+    for by_tma, store in ((True, False), (False, False), (True, True)):
         monkeypatch.setattr(fused_linears, "SMALL_M_TMA", by_tma)
+        monkeypatch.setattr(fused_linears, "TMA_STORE", store)
         for ns, bias in (((2048, 1024, 1024), True), ((3072, 3072), False), ((1000, 520, 136), True)):
             ws = tuple(_randn(n, K, dtype=dtype, g=g, scale=K**-0.5) for n in ns)
             bs = tuple(_randn(n, dtype=dtype, g=g) for n in ns) if bias else None
@@ -68,7 +70,7 @@ def test_linears_equal_linear(kt, monkeypatch, dtype):
                 ys = kt.linears(x[:m], ws, bs)
                 for i, (y, w) in enumerate(zip(ys, ws)):
                     _same(y, kt.linear(x[:m], w, None if bs is None else bs[i]),
-                          f"linears output {i}, M={m}, N={ns}, TMA {by_tma}")
+                          f"linears output {i}, M={m}, N={ns}, TMA {by_tma}, TMA store {store}")
     assert fused_linears._linears_tma_kernel.kernels, "the TMA linears kernel never ran"
 
 

@@ -115,23 +115,25 @@ def check_linear_tma_buckets() -> None:
 def check_linears() -> None:
     """linears (q/k/v, gate/up in one launch at small M): each output has linear's bits, with and
     without biases, 2 and 3 weights, whichever small-M tile the summed N picks, by pointers and
-    (TMA tiles) by TMA in a persistent grid; a misaligned x falls back to pointers."""
+    (TMA tiles) by TMA in a persistent grid, its stores by pointers and by TMA (TMA_STORE); a misaligned x
+    falls back to pointers."""
     from miles_kernels._triton import fused_linears as fl
     from miles_kernels._triton import matmul as lin
 
-    saved, saved_tma = dict(lin.SMALL_M_TILES), fl.SMALL_M_TMA
+    saved, saved_tma, saved_store = dict(lin.SMALL_M_TILES), fl.SMALL_M_TMA, fl.TMA_STORE
     fl.SMALL_M_TMA = True  # the TMA tiles below by TMA
     g = torch.Generator().manual_seed(11)
     x = torch.randn(37, 72, generator=g)
     ws = [torch.randn(n, 72, generator=g) for n in (40, 24, 24)]
     bs = [torch.randn(w.shape[0], generator=g) for w in ws]
     try:
-        for tiles in ((lin.Tile(64, 16, 16, 32, 1, 4, 2),),
-                      (lin.Tile(64, 32, 32, 32, 1, 4, 2), lin.Tile(64, 16, 16, 32, 1, 4, 2)),
-                      (lin.Tile(64, 16, 16, 32, 1, 4, 2, k_unroll=2),),  # K = 72: a pair, then the tail
-                      (lin.Tile(64, 16, 16, 32, 1, 4, 2, True),),  # 3 row tiles x 6 column tiles on 4 programs
-                      (lin.Tile(64, 32, 32, 32, 1, 4, 2, True), lin.Tile(64, 16, 16, 32, 1, 4, 2))):
-            lin.SMALL_M_TILES[torch.float32] = tiles
+        tma = ((lin.Tile(64, 16, 16, 32, 1, 4, 2, True),),  # 3 row tiles x 6 column tiles on 4 programs
+               (lin.Tile(64, 32, 32, 32, 1, 4, 2, True), lin.Tile(64, 16, 16, 32, 1, 4, 2)))
+        for tiles, store in (((lin.Tile(64, 16, 16, 32, 1, 4, 2),), False),
+                             ((lin.Tile(64, 32, 32, 32, 1, 4, 2), lin.Tile(64, 16, 16, 32, 1, 4, 2)), False),
+                             ((lin.Tile(64, 16, 16, 32, 1, 4, 2, k_unroll=2),), False),  # K = 72: a pair, the tail
+                             *((t, store) for t in tma for store in (False, True))):
+            lin.SMALL_M_TILES[torch.float32], fl.TMA_STORE = tiles, store
             for k in (2, 3):
                 for with_b in (False, True):
                     b = bs[:k] if with_b else None
@@ -139,16 +141,21 @@ def check_linears() -> None:
                     assert len(ys) == k
                     for i in range(k):
                         _same(ys[i], lin.linear(x, ws[i], None if b is None else b[i]),
-                              f"linears output {i} of {k} (bias {with_b}, tiles {tiles}) vs linear")
+                              f"linears output {i} of {k} (bias {with_b}, tiles {tiles}, TMA store {store}) vs linear")
                     _same(fl.linears(x[3:4], tuple(ws[:k]))[k - 1], fl.linears(x, tuple(ws[:k]))[k - 1][3:4],
                           "linears row 3 alone vs in batch")
+        fl.TMA_STORE = True  # an output of 22 columns (88-byte rows): the TMA kernel stores by pointers
+        lin.SMALL_M_TILES[torch.float32] = tma[0]
+        w22 = ws[2][:22].contiguous()
+        for y, w in zip(fl.linears(x, (ws[0], ws[1], w22)), (ws[0], ws[1], w22)):
+            _same(y, lin.linear(x, w), "linears with an output of 22 columns (TMA store asked) vs linear")
         x70, ws70 = x[:, :70].contiguous(), [w[:, :70].contiguous() for w in ws]  # 280-byte rows: pointers
         for y, w in zip(fl.linears(x70, tuple(ws70)), ws70):
             _same(y, lin.linear(x70, w), "linears with misaligned rows (TMA tile, pointer fallback) vs linear")
     finally:
         lin.SMALL_M_TILES.clear()
         lin.SMALL_M_TILES.update(saved)
-        fl.SMALL_M_TMA = saved_tma
+        fl.SMALL_M_TMA, fl.TMA_STORE = saved_tma, saved_store
     try:
         fl.linears(x, (ws[0], torch.randn(5, 71)))
     except ValueError as e:

@@ -19,8 +19,8 @@ from miles_kernels._triton import fused_linears, matmul, paged_attention
 from miles_fsdp.engine import sampler
 json.dump({"argv": sys.argv, "tiles": [list(t) for t in matmul.SMALL_M_TILES[torch.float16]], "fill": matmul.FILL,
            "fill_max_m": matmul.FILL_MAX_M, "small_tma": fused_linears.SMALL_M_TMA,
-           "gluon_paged": paged_attention.GLUON_PAGED, "fast_pick": _fast_pick.PICK, "sampler_screen": sampler.SCREEN},
-          open(sys.argv[1], "w"))
+           "gluon_paged": paged_attention.GLUON_PAGED, "fast_pick": _fast_pick.PICK, "sampler_screen": sampler.SCREEN,
+           "linears_tma_store": fused_linears.TMA_STORE}, open(sys.argv[1], "w"))
 """
 
 
@@ -89,12 +89,12 @@ def test_fill_alone(tmp_path):
     assert got["tiles"] == [list(t) for t in matmul.SMALL_M_TILES[matmul.torch.float16]]
 
 
-@pytest.mark.parametrize("switch", ["small-tma", "gluon-paged", "fast-pick", "sampler-screen"])
+@pytest.mark.parametrize("switch", ["small-tma", "gluon-paged", "fast-pick", "sampler-screen", "linears-tma-store"])
 @pytest.mark.parametrize("flag,want", [("on", True), ("off", False)])
 def test_switches(tmp_path, switch, flag, want):
-    """--small-tma / --gluon-paged / --fast-pick / --sampler-screen on|off set
-    fused_linears.SMALL_M_TMA, paged_attention.GLUON_PAGED, _fast_pick.PICK, sampler.SCREEN for the
-    script; the rest stays as shipped."""
+    """--small-tma / --gluon-paged / --fast-pick / --sampler-screen / --linears-tma-store on|off set
+    fused_linears.SMALL_M_TMA, paged_attention.GLUON_PAGED, _fast_pick.PICK, sampler.SCREEN,
+    fused_linears.TMA_STORE for the script; the rest stays as shipped."""
     got = _show(tmp_path, f"--{switch}", flag)
     from miles_kernels import _fast_pick
     from miles_kernels._triton import fused_linears, matmul, paged_attention
@@ -102,7 +102,8 @@ def test_switches(tmp_path, switch, flag, want):
     from miles_fsdp.engine import sampler
 
     shipped = {"small_tma": fused_linears.SMALL_M_TMA, "gluon_paged": paged_attention.GLUON_PAGED,
-               "fast_pick": _fast_pick.PICK, "sampler_screen": sampler.SCREEN}
+               "fast_pick": _fast_pick.PICK, "sampler_screen": sampler.SCREEN,
+               "linears_tma_store": fused_linears.TMA_STORE}
     key = switch.replace("-", "_")
     assert got[key] is want
     assert {k: got[k] for k in shipped if k != key} == {k: v for k, v in shipped.items() if k != key}

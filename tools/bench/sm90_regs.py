@@ -11,13 +11,14 @@ per HGMMA means ptxas serialized them, and its "Potential Performance Loss" note
     python tools/bench/sm90_regs.py streamk_probe 128,128,8,5                    # streamk_probe.py's kernel
     python tools/bench/sm90_regs.py _linear_streamk_kernel 128,128,8,5           # linear's stream-K (streamk.py)
     python tools/bench/sm90_regs.py _swiglu_streamk_kernel 128,32,4,5            # swiglu's (BN: a weight's width)
+    python tools/bench/sm90_regs.py _linears_tma_kernel 128,128,8,5 --linears-tma-store on   # q|k|v's (linears)
 
 Kernels: the backward's `_dkdv_kernel`, `_dq_kernel` (q / dout, or k / v for dQ, by TMA, GQA 2), the training
 forward `_attn_kernel` (packed K/V by TMA, ROW_SUM "fixed", one loop, the LSE) and the swapped-tile
 `decode_kernel` (16 rows, pages of 64 by pointers); bf16, head dim 128. The persistent TMA linears (linear's and
-swiglu's, plain and stream-K, with PDL as they run), wide_probe's and streamk_probe's kernels: bf16, BLOCK_K 64,
-132 programs. Use the GPU image's triton (3.6: `pip install triton==3.6.0` in a separate venv) for numbers that
-carry over. No runtime specializations (equal-to-1
+swiglu's, plain and stream-K, and linears' q|k|v; with PDL as they run), wide_probe's and streamk_probe's
+kernels: bf16, BLOCK_K 64, 132 programs. Use the GPU image's triton (3.6: `pip install triton==3.6.0` in a
+separate venv) for numbers that carry over. No runtime specializations (equal-to-1
 arguments, alignment of every integer) are applied, so spills read higher than tools/bench/kernel_regs.py's on
 the GPU (the split dK/dV tile: 332 B here, 82 B there): compare tiles or versions, not with the GPU's figures.
 """
@@ -43,8 +44,10 @@ from miles_kernels._triton import streamk as SK
 
 DEFAULT = {"_dkdv_kernel": ["64,64,4,2"], "_dq_kernel": ["128,64,8,3"],
            "_attn_kernel": ["64,64,4,3"], "decode_kernel": ["16,64,4,3"]}
-SHIPPED = ("_linear_tma_kernel", "_linear_streamk_kernel", "_swiglu_tma_kernel", "_swiglu_streamk_kernel")
+SHIPPED = ("_linear_tma_kernel", "_linear_streamk_kernel", "_swiglu_tma_kernel", "_swiglu_streamk_kernel",
+           "_linears_tma_kernel")
 LINEAR = SHIPPED + ("wide_probe", "streamk_probe")  # not in the default run
+LINEARS_TMA_STORE = FL.TMA_STORE  # _linears_tma_kernel's stores (main's --linears-tma-store)
 OPS = ("HGMMA", "HMMA", "MUFU", "FMUL", "FFMA", "FADD", "FMNMX", "F2FP", "IADD3", "IMAD", "SEL", "FSEL", "SHFL", "BAR")
 _FWD = dict(G=2, G_PAD=2, BLOCK_D=128, SPLIT_BLOCKS=4, SPLIT_PARALLEL=False, PART_ROWS=1, PRECISION="tf32",
             L_SUM="fixed", ONE_LOOP=True)
@@ -100,6 +103,12 @@ def _linear_sig(name: str, tile) -> tuple:
             sig = dict(x_desc=desc(bm, 64), wg_desc=desc(bn, 64), wu_desc=desc(bn, 64), y_desc=desc(bm, bn), **ws,
                        M="i32", F="i32", K="i32")
             return getattr(FL, name).fn, sig, consts, warps, stages
+        if "linears" in name:  # q|k|v: three weights; the outputs by pointers, or by TMA (--linears-tma-store)
+            y = desc(bm, bn) if LINEARS_TMA_STORE else "*bf16"
+            sig = dict(x_desc=desc(bm, 64), **{f"w{i}_desc": desc(bn, 64) for i in range(3)},
+                       **{f"b{i}_ptr": "*bf16" for i in range(3)}, **{f"y{i}": y for i in range(3)}, **ws, M="i32",
+                       K="i32", **{n: "i32" for n in ("N0", "N1", "N2", "T1", "T2", "T3")})
+            return getattr(FL, name).fn, sig, dict(consts, TMA_STORE=LINEARS_TMA_STORE), warps, stages
         sig = dict(x_desc=desc(bm, 64), w_desc=desc(bn, 64), y_desc=desc(bm, bn), b_ptr="*bf16", **ws, **dims)
         return getattr(MM, name).fn, sig, consts, warps, stages
     import sys
@@ -165,7 +174,13 @@ def main() -> None:
     ap.add_argument("tiles", nargs="*",
                     help="BLOCK_M,BLOCK_N,warps,stages ... (decode: ROWS,ATTN_BLK,warps,stages[,2 pairs a program])")
     ap.add_argument("--ptx", default="", help="also write each kernel's PTX to this folder")
+    ap.add_argument("--linears-tma-store", choices=("on", "off"), default=None,
+                    help="_linears_tma_kernel with its outputs stored by TMA / by pointers (default: as shipped, "
+                         "fused_linears.TMA_STORE)")
     a = ap.parse_args()
+    global LINEARS_TMA_STORE
+    if a.linears_tma_store:
+        LINEARS_TMA_STORE = a.linears_tma_store == "on"
     if a.kernel and a.kernel not in DEFAULT and a.kernel not in LINEAR:
         raise SystemExit(f"sm90_regs: kernel {a.kernel!r}: pick from {sorted(DEFAULT) + list(LINEAR)}")
     if a.kernel in LINEAR and not a.tiles:

@@ -17,6 +17,7 @@
     ... with_tiles.py --cut-asm off -- tools/bench/filter.py --cut-only   # the cut's lane loops by Triton's ops
     ... with_tiles.py --pdl on -- tools/bench/step_peer.py --shapes 64x256   # the decode kernels with PDL
     ... with_tiles.py --pdl-tma on -- tools/bench/step_peer.py --shapes 256x256   # the TMA linears too
+    ... with_tiles.py --linears-tma-store on -- tools/bench/step_peer.py --shapes 256x256   # q|k|v stored by TMA
 
 Each BMxBN=U:S sets the 16-bit SMALL_M_TILES pointer tile BLOCK_M x BLOCK_N to U BLOCK_K steps
 a loop iteration (Tile.k_unroll) and S pipeline stages. The dots and their order stay as they are,
@@ -36,6 +37,7 @@ per shape; off: cuBLAS).
 --decode-pairs sets paged_attention.DECODE_PAIRS to 2 / 1 (two (sequence, kv head) pairs a decode program; same bits).
 --pdl sets launch.PDL (the kernels with USE_GDC launched with programmatic dependent launch, late triggers; gdc.py).
 --pdl-tma sets launch.PDL_TMA (the persistent TMA linears with PDL too, while --pdl is on; same bits).
+--linears-tma-store sets fused_linears.TMA_STORE (linears' TMA kernel stores its tiles by TMA; same bits).
 --fill F sets matmul.FILL, the share of the SMs a small-M tile's grid must fill before a wider
 tile is taken (every tile gives the same bits); --fill-max-m M sets matmul.FILL_MAX_M, the largest
 M whose tile the fill rule picks (above, the M bucket's). The script runs in this process (runpy), so
@@ -132,7 +134,7 @@ def main() -> None:
     usage = ("with_tiles: usage: with_tiles.py [--unroll BMxBN=U:S ...] [--tma-stages BMxBN=S ...] "
              "[--small-table BMxBN:KIND:W:S[:U] ...] [--fill F] [--fill-max-m M] "
              "[--small-tma|--gluon-paged|--fast-pick|--sampler-screen|--topk-cut|--cut-asm|--decode-pairs|--pdl|"
-             "--pdl-tma on|off] "
+             "--pdl-tma|--linears-tma-store on|off] "
              "-- SCRIPT [ARGS ...]")
     if "--" not in argv:
         raise SystemExit(usage)
@@ -151,7 +153,8 @@ def main() -> None:
                 "cut_asm": ("miles_kernels._triton.cut", "ASM"),
                 "decode_pairs": ("miles_kernels._triton.paged_attention", "DECODE_PAIRS"),
                 "pdl": ("miles_kernels._triton.launch", "PDL"),
-                "pdl_tma": ("miles_kernels._triton.launch", "PDL_TMA")}
+                "pdl_tma": ("miles_kernels._triton.launch", "PDL_TMA"),
+                "linears_tma_store": ("miles_kernels._triton.fused_linears", "TMA_STORE")}
     values = {"DECODE_PAIRS": (2, 1)}  # a flag whose on / off are not True / False
     for name in switches:
         ap.add_argument("--" + name.replace("_", "-"), choices=("on", "off"), default=None)
@@ -164,7 +167,7 @@ def main() -> None:
     if not tables and a.fill is None and a.fill_max_m is None and not flags:
         raise SystemExit(f"{usage}: nothing to change (give --unroll, --tma-stages, --small-table, --fill, "
                          "--fill-max-m, --small-tma, --gluon-paged, --fast-pick, --sampler-screen, --topk-cut, "
-                         "--cut-asm, --decode-pairs, --pdl or --pdl-tma)")
+                         "--cut-asm, --decode-pairs, --pdl, --pdl-tma or --linears-tma-store)")
     if a.fill_max_m is not None and a.fill_max_m < 1:
         raise SystemExit(f"with_tiles: --fill-max-m {a.fill_max_m}: must be >= 1 (rows)")
     if a.fill is not None and not 0.0 < a.fill <= 4.0:

@@ -18,13 +18,18 @@ from miles_kernels._triton import matmul as mm
 from miles_kernels._triton.elementwise import silu_times
 from miles_kernels._triton.gdc import gdc_release, gdc_wait, prefetch_rows, release_after_last
 from miles_kernels._triton.launch import fast_launch
-from miles_kernels._triton.matmul import _bias_store, _linear_tile, _tma_k_walk
+from miles_kernels._triton.matmul import _bias_store, _linear_tile, _tma_bias_store, _tma_k_walk
 
 # The small-M TMA tiles by TMA here too (False: by pointers). On an H100 (thirty-fifth run,
 # linear_sweep --which stages, graph-timed, cold weights) the 128-row tiles read 0.03-0.28 of cuBLAS
 # more by TMA than by pointers at M 128-512 on the summed q|k|v and gate|up shapes; on an H200
 # (thirty-sixth run, tools/bench/fused_linears.py) these kernels ran 1.04-1.30x the pointer kernels, same bits.
 SMALL_M_TMA = True
+# linears' TMA kernel stores its tiles by TMA too (the outputs' rows 16-byte multiples), as linear's and swiglu's
+# TMA kernels do, in place of masked pointer stores: compiled for sm_90a (triton 3.6, tools/bench/sm90_regs.py),
+# 128x128 at 5 stages, 7,040 SASS instructions and 246 registers by pointers, 2,504 and 90 by TMA. Same bits
+# (the store only); not yet timed on a GPU, so off: `with_tiles.py --linears-tma-store on` is the A/B.
+TMA_STORE = False
 
 
 @fast_launch
@@ -53,12 +58,13 @@ def _linears_kernel(
 
 
 @triton.jit
-def _tma_segment(x_desc, w_desc, b_ptr, y_ptr, lo, hi, end, n_tiles_m, M, N, K,
+def _tma_segment(x_desc, w_desc, b_ptr, y, lo, hi, end, n_tiles_m, M, N, K,
                  HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                 PRECISION: tl.constexpr, NUM_PROGRAMS: tl.constexpr, USE_GDC: tl.constexpr):
+                 PRECISION: tl.constexpr, NUM_PROGRAMS: tl.constexpr, USE_GDC: tl.constexpr,
+                 TMA_STORE: tl.constexpr):
     """This program's tiles of one weight: global tiles [lo, hi) that are its own (tile = program
     mod NUM_PROGRAMS), row tiles fastest. `end`: the last weight's hi (USE_GDC: the release after
-    the program's last K walk of all)."""
+    the program's last K walk of all). y: the output's pointer, or its descriptor with TMA_STORE."""
     first = lo + (tl.program_id(0) - lo % NUM_PROGRAMS + NUM_PROGRAMS) % NUM_PROGRAMS
     for tile in tl.range(first, hi, NUM_PROGRAMS, flatten=True):
         tile_m = (tile - lo) % n_tiles_m
@@ -66,30 +72,35 @@ def _tma_segment(x_desc, w_desc, b_ptr, y_ptr, lo, hi, end, n_tiles_m, M, N, K,
         acc = _tma_k_walk(x_desc, w_desc, tile_m * BLOCK_M, tile_n * BLOCK_N, K, BLOCK_M, BLOCK_N, BLOCK_K,
                           PRECISION)
         release_after_last(tile, end, NUM_PROGRAMS, USE_GDC)
-        rows = tile_m * BLOCK_M + tl.arange(0, BLOCK_M)
-        cols = tile_n * BLOCK_N + tl.arange(0, BLOCK_N)
-        _bias_store(acc, b_ptr, y_ptr, rows, cols, M, N, N, HAS_BIAS)
+        if TMA_STORE:
+            _tma_bias_store(acc, y, b_ptr, tile_m * BLOCK_M, tile_n * BLOCK_N, N, HAS_BIAS, BLOCK_N)
+        else:
+            rows = tile_m * BLOCK_M + tl.arange(0, BLOCK_M)
+            cols = tile_n * BLOCK_N + tl.arange(0, BLOCK_N)
+            _bias_store(acc, b_ptr, y, rows, cols, M, N, N, HAS_BIAS)
 
 
 @fast_launch
 @triton.jit
 def _linears_tma_kernel(
-    x_desc, w0_desc, w1_desc, w2_desc, b0_ptr, b1_ptr, b2_ptr, y0_ptr, y1_ptr, y2_ptr,
+    x_desc, w0_desc, w1_desc, w2_desc, b0_ptr, b1_ptr, b2_ptr, y0, y1, y2,
     M, K, N0, N1, N2, T1, T2, T3,
     HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     PRECISION: tl.constexpr, NUM_PROGRAMS: tl.constexpr, USE_GDC: tl.constexpr = False,
+    TMA_STORE: tl.constexpr = False,
 ):
     # Persistent: the tiles of w0, then w1's, then w2's ([0, T1), [T1, T2), [T2, T3) of one tile
     # sequence), dealt round robin over the programs; a weight's tiles in one pipelined loop.
     # USE_GDC (PDL, gdc.py; launch.PDL_TMA): the wait first, the release after the last K walk.
+    # y0-y2: the outputs' pointers, or with TMA_STORE their descriptors (TMA_STORE above).
     n_tiles_m = tl.cdiv(M, BLOCK_M)
     gdc_wait(USE_GDC)
-    _tma_segment(x_desc, w0_desc, b0_ptr, y0_ptr, 0, T1, T3, n_tiles_m, M, N0, K, HAS_BIAS, BLOCK_M, BLOCK_N,
-                 BLOCK_K, PRECISION, NUM_PROGRAMS, USE_GDC)
-    _tma_segment(x_desc, w1_desc, b1_ptr, y1_ptr, T1, T2, T3, n_tiles_m, M, N1, K, HAS_BIAS, BLOCK_M, BLOCK_N,
-                 BLOCK_K, PRECISION, NUM_PROGRAMS, USE_GDC)
-    _tma_segment(x_desc, w2_desc, b2_ptr, y2_ptr, T2, T3, T3, n_tiles_m, M, N2, K, HAS_BIAS, BLOCK_M, BLOCK_N,
-                 BLOCK_K, PRECISION, NUM_PROGRAMS, USE_GDC)
+    _tma_segment(x_desc, w0_desc, b0_ptr, y0, 0, T1, T3, n_tiles_m, M, N0, K, HAS_BIAS, BLOCK_M, BLOCK_N,
+                 BLOCK_K, PRECISION, NUM_PROGRAMS, USE_GDC, TMA_STORE)
+    _tma_segment(x_desc, w1_desc, b1_ptr, y1, T1, T2, T3, n_tiles_m, M, N1, K, HAS_BIAS, BLOCK_M, BLOCK_N,
+                 BLOCK_K, PRECISION, NUM_PROGRAMS, USE_GDC, TMA_STORE)
+    _tma_segment(x_desc, w2_desc, b2_ptr, y2, T2, T3, T3, n_tiles_m, M, N2, K, HAS_BIAS, BLOCK_M, BLOCK_N,
+                 BLOCK_K, PRECISION, NUM_PROGRAMS, USE_GDC, TMA_STORE)
 
 
 def _by_tma(t: mm.Tile, *ts: torch.Tensor) -> bool:
@@ -128,9 +139,13 @@ def linears(x_MK: torch.Tensor, ws: tuple[torch.Tensor, ...], bs: tuple[torch.Te
         n_prog = min(mm._num_programs(x_MK.device), total)
         wd = [TensorDescriptor.from_tensor(w, [t.block_n, t.block_k]) for w in ws]
         ends = [n_tiles_m * sum(tiles[:i + 1]) for i in range(3)]
+        store = TMA_STORE and mm._tma_ok(*ys)
+        if store:
+            yd = [TensorDescriptor.from_tensor(y, [t.block_m, t.block_n]) for y in ys]
+            y3 = pad(yd, yd[-1])
         _linears_tma_kernel[(n_prog,)](
             TensorDescriptor.from_tensor(x_MK, [t.block_m, t.block_k]), *pad(wd, wd[-1]), *b3, *y3, M, K, *n3, *ends,
-            NUM_PROGRAMS=n_prog, USE_GDC=launch.PDL_TMA and x_MK.is_cuda, **consts)
+            NUM_PROGRAMS=n_prog, USE_GDC=launch.PDL_TMA and x_MK.is_cuda, TMA_STORE=store, **consts)
         return ys
     _linears_kernel[(n_tiles_m * sum(tiles),)](
         x_MK, *pad(ws, ws[-1]), *b3, *y3, M, K, *n3, tiles[0], tiles[0] + tiles[1], x_MK.stride(0),
