@@ -45,7 +45,7 @@ def test_linear_streamk_same_bits(monkeypatch):
             monkeypatch.setattr(streamk, "STREAM_K", True)
             for i in range(3):
                 _same(lin.linear(x, w, bias), want, f"stream-K linear M {M} N {N} K {K} ({t}), launch {i}")
-        taken += t.tma and streamk.takes(tiles, sms)
+        taken += t.tma and streamk.takes(tiles, sms, K)
     torch.cuda.synchronize()
     _flags_clear()
     assert taken >= 4 and lin._linear_streamk_kernel.kernels, f"stream-K took {taken} of {len(SHAPES)} shapes"
@@ -72,7 +72,7 @@ def test_linear_streamk_every_tma_tile(monkeypatch):
         monkeypatch.setattr(streamk, "STREAM_K", False)
         lin._launch_linear(x, w, None, want, t)
         monkeypatch.setattr(streamk, "STREAM_K", True)
-        assert streamk.takes((M // t.block_m) * (N // t.block_n), sms), (t, M, N)
+        assert streamk.takes((M // t.block_m) * (N // t.block_n), sms, K), (t, M, N)
         lin._launch_linear(x, w, None, got, t)
         _same(got, want, f"stream-K tile {t} at M {M} N {N} K {K}")
     torch.cuda.synchronize()

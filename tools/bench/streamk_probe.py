@@ -163,7 +163,7 @@ def main() -> None:
         sk = StreamK(pick._replace(max_m=0), sms, dev)
         if pick.tma and sk.t not in tiles and sk.tiles(M, N) >= sms:
             runs.append((f"streamk_pick_s{pick.num_stages}", sk, sk))
-        if pick.tma and streamk.takes(sk.tiles(M, N), sms):  # linear's own stream-K kernel (MILES_STREAM_K)
+        if pick.tma and streamk.takes(sk.tiles(M, N), sms, K):  # linear's own stream-K kernel (MILES_STREAM_K)
             runs.append(("linear_streamk", lambda wt: _shipped_streamk(x, wt, y), None))
         for name, fn, sk in runs:
             y.zero_()

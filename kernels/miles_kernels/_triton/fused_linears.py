@@ -314,7 +314,8 @@ def swiglu(x_MK: torch.Tensor, w_gate_FK: torch.Tensor, w_up_FK: torch.Tensor) -
                  TensorDescriptor.from_tensor(w_up_FK, [block_n, t.block_k]),
                  TensorDescriptor.from_tensor(y, [t.block_m, block_n]))
         gdc = launch.PDL_TMA and x_MK.is_cuda
-        if streamk.takes(n_tiles, n_prog) and (ws := streamk.workspace(x_MK.device, n_prog, 2 * t.block_m * block_n)):
+        ws = streamk.takes(n_tiles, n_prog, K) and streamk.workspace(x_MK.device, n_prog, 2 * t.block_m * block_n)
+        if ws:
             _swiglu_streamk_kernel[(n_prog,)](*descs, *ws, M, F, K, NUM_PROGRAMS=n_prog, SLOT=streamk.SLOT,
                                               USE_GDC=gdc, **consts)
         else:

@@ -354,7 +354,8 @@ def _launch_linear(x_MK, w_NK, b_N, y_MN, t: Tile) -> None:
         y_d = TensorDescriptor.from_tensor(y_MN, [t.block_m, t.block_n])
         n_tiles = triton.cdiv(M, t.block_m) * triton.cdiv(N, t.block_n)
         n_prog = min(_num_programs(x_MK.device), n_tiles)
-        if streamk.takes(n_tiles, n_prog) and (ws := streamk.workspace(x_MK.device, n_prog, t.block_m * t.block_n)):
+        ws = streamk.takes(n_tiles, n_prog, K) and streamk.workspace(x_MK.device, n_prog, t.block_m * t.block_n)
+        if ws:
             _linear_streamk_kernel[(n_prog,)](
                 x_d, w_d, y_d, b_N if b_N is not None else y_MN, *ws, M, N, K,
                 HAS_BIAS=b_N is not None, BLOCK_M=t.block_m, BLOCK_N=t.block_n, BLOCK_K=t.block_k,

@@ -32,9 +32,9 @@ SLOT = 128 * 256  # the largest TMA tile (matmul's tables): one fp32 slot a prog
 _WORKSPACE: dict[tuple[str, int, int], tuple[torch.Tensor, torch.Tensor]] = {}
 
 
-def takes(n_tiles: int, n_programs: int) -> bool:
-    """Whether a launch of n_tiles tiles on a persistent grid of n_programs takes stream-K."""
-    return STREAM_K and n_programs <= n_tiles < MAX_WAVES * n_programs and n_tiles % n_programs != 0
+def takes(n_tiles: int, n_programs: int, k: int) -> bool:
+    """Whether a launch of n_tiles tiles (of K = k) on a persistent grid of n_programs takes stream-K."""
+    return STREAM_K and k > 0 and n_programs <= n_tiles < MAX_WAVES * n_programs and n_tiles % n_programs != 0
 
 
 def workspace(device: torch.device, n_programs: int, slot_elems: int) -> tuple[torch.Tensor, torch.Tensor] | None:
