@@ -29,9 +29,9 @@
 #              side by side or stacked: 128x192, 64x192, 192x128) against linear's pick and cuBLAS at M 256-512
 #              (8B q|k|v / o / down, 0.6B gate|up / q|k|v; the 128x128 picks on N 6,144 make 1.45 waves), bits
 #              against the reference tile, graph-timed, weights cold
-#   streamk    (not in the default list) tools/bench/streamk_probe.py: stream-K with the K walk handed on in order
-#              (a tile's tail resumes its head's fp32 accumulator: linear's bits) at 1.1-5.8 waves of 128x128
-#              (64x128 at M 256; M 256-1,536), against the same tile launched by linear, linear's pick and cuBLAS,
+#   streamk    (not in the default list) tools/bench/streamk_probe.py: linear's stream-K kernel (streamk.py: a
+#              tile's tail resumes its head's fp32 accumulator, linear's bits) at 1.1-5.8 waves of 128x128 (64x128
+#              at M 256; M 256-1,536), against the plain launch of the same tile, linear's pick and cuBLAS,
 #              graph-timed, weights cold
 #   streamkstep (not in the default list) two changes off as shipped, each against the shipped kernels: stream-K in
 #              linear and swiglu (streamk.py, MILES_STREAM_K=1; sk) and linears' q|k|v tiles stored by TMA

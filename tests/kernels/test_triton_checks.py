@@ -659,32 +659,6 @@ def check_wide_probe() -> None:
         probe.wide_linear(x, w, y, split, bm, bn, 4, 2, block_k=32)
         _same(y, want, f"wide_probe {split} {bm}x{bn} vs linear")
 
-def check_streamk_probe() -> None:
-    """tools/bench/streamk_probe.py's in-order stream-K: ranges that end inside tiles (the tail resumes the head's
-    accumulator) and ranges of whole tiles give linear's bits; the flags are zero again after a launch (a graph
-    replays it), none timed out; fewer tiles than programs is refused."""
-    from miles_kernels._triton import matmul as lin
-
-    probe = _bench_module("streamk_probe")
-    g = torch.Generator().manual_seed(47)
-    x, w = torch.randn(37, 200, generator=g), torch.randn(68, 200, generator=g) / 200 ** 0.5
-    want = torch.empty(37, 68)  # 272-byte rows: TMA's 16-byte strides
-    lin._launch_linear(x, w, None, want, lin.Tile(0, 16, 16, 32, 1, 4, 2))
-    tile = lin.Tile(0, 16, 16, 32, 1, 4, 2, True)  # 3 x 5 tiles of 7 K-steps
-    for programs in (4, 5, 7, 15):  # 4, 7: ranges end inside tiles; 5, 15: whole tiles only
-        sk = probe.StreamK(tile, programs, "cpu")
-        for _ in range(2):
-            y = torch.full_like(want, float("nan"))
-            sk(x, w, y)
-            _same(y, want, f"streamk_probe over {programs} programs vs linear")
-            assert sk.flags.tolist() == [0] * (programs + 1), f"{programs} programs: flags {sk.flags.tolist()}"
-    try:
-        probe.StreamK(tile, 16, "cpu")(x, w, torch.empty_like(want))
-    except ValueError as e:
-        assert "fewer than the 16 programs" in str(e), e
-    else:
-        raise AssertionError("streamk_probe ran 15 tiles on 16 programs")
-
 def check_fold_probe() -> None:
     """tools/bench/fold_probe.py's kernels: each chunk's partial sum (one program a tile and chunk, a short
     last chunk included) and the ordered sum close to float64; the folded add_rms_norm equals the shipped

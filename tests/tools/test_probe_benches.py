@@ -260,7 +260,7 @@ def test_sm90_regs_refusals(bench_script, monkeypatch):
     import sys
 
     mod = bench_script("sm90_regs")
-    for args, msg in ((["foo"], "kernel 'foo': pick from"), (["streamk_probe"], "name its tiles"),
+    for args, msg in ((["foo"], "kernel 'foo': pick from"), (["_linear_streamk_kernel"], "name its tiles"),
                       (["wide_probe", "nope"], "wide_probe config 'nope': pick from")):
         monkeypatch.setattr(sys, "argv", ["sm90_regs.py", *args])
         with pytest.raises(SystemExit) as e:

@@ -8,7 +8,6 @@ per HGMMA means ptxas serialized them, and its "Potential Performance Loss" note
     python tools/bench/sm90_regs.py _dkdv_kernel 64,64,4,2 32,64,4,3 --ptx DIR
     python tools/bench/sm90_regs.py _linear_tma_kernel 128,128,8,5 64,128,4,8   # linear by TMA, BM,BN,warps,stages
     python tools/bench/sm90_regs.py wide_probe n2_128x128_w8_s4 m3_64x128_w8_s4  # wide_probe.py's configs
-    python tools/bench/sm90_regs.py streamk_probe 128,128,8,5                    # streamk_probe.py's kernel
     python tools/bench/sm90_regs.py _linear_streamk_kernel 128,128,8,5           # linear's stream-K (streamk.py)
     python tools/bench/sm90_regs.py _swiglu_streamk_kernel 128,32,4,5            # swiglu's (BN: a weight's width)
     python tools/bench/sm90_regs.py _linears_tma_kernel 128,128,8,5 --linears-tma-store on   # q|k|v's (linears)
@@ -16,11 +15,11 @@ per HGMMA means ptxas serialized them, and its "Potential Performance Loss" note
 Kernels: the backward's `_dkdv_kernel`, `_dq_kernel` (q / dout, or k / v for dQ, by TMA, GQA 2), the training
 forward `_attn_kernel` (packed K/V by TMA, ROW_SUM "fixed", one loop, the LSE) and the swapped-tile
 `decode_kernel` (16 rows, pages of 64 by pointers); bf16, head dim 128. The persistent TMA linears (linear's and
-swiglu's, plain and stream-K, and linears' q|k|v; with PDL as they run), wide_probe's and streamk_probe's
-kernels: bf16, BLOCK_K 64, 132 programs. Use the GPU image's triton (3.6: `pip install triton==3.6.0` in a
-separate venv) for numbers that carry over. No runtime specializations (equal-to-1
-arguments, alignment of every integer) are applied, so spills read higher than tools/bench/kernel_regs.py's on
-the GPU (the split dK/dV tile: 332 B here, 82 B there): compare tiles or versions, not with the GPU's figures.
+swiglu's, plain and stream-K, and linears' q|k|v; with PDL as they run) and wide_probe's kernels: bf16,
+BLOCK_K 64, 132 programs. Use the GPU image's triton (3.6: `pip install triton==3.6.0` in a separate venv) for
+numbers that carry over. No runtime specializations (equal-to-1 arguments, alignment of every integer) are
+applied, so spills read higher than tools/bench/kernel_regs.py's on the GPU (the split dK/dV tile: 332 B here, 82 B
+there): compare tiles or versions, not with the GPU's figures.
 """
 
 import argparse
@@ -46,7 +45,7 @@ DEFAULT = {"_dkdv_kernel": ["64,64,4,2"], "_dq_kernel": ["128,64,8,3"],
            "_attn_kernel": ["64,64,4,3"], "decode_kernel": ["16,64,4,3"]}
 SHIPPED = ("_linear_tma_kernel", "_linear_streamk_kernel", "_swiglu_tma_kernel", "_swiglu_streamk_kernel",
            "_linears_tma_kernel")
-LINEAR = SHIPPED + ("wide_probe", "streamk_probe")  # not in the default run
+LINEAR = SHIPPED + ("wide_probe",)  # not in the default run
 LINEARS_TMA_STORE = FL.TMA_STORE  # _linears_tma_kernel's stores (main's --linears-tma-store)
 OPS = ("HGMMA", "HMMA", "MUFU", "FMUL", "FFMA", "FADD", "FMNMX", "F2FP", "IADD3", "IMAD", "SEL", "FSEL", "SHFL", "BAR")
 _FWD = dict(G=2, G_PAD=2, BLOCK_D=128, SPLIT_BLOCKS=4, SPLIT_PARALLEL=False, PART_ROWS=1, PRECISION="tf32",
@@ -88,9 +87,8 @@ def _attention_sig(name: str, tile: tuple) -> tuple:
 
 
 def _linear_sig(name: str, tile) -> tuple:
-    """(kernel, signature, constexprs, warps, stages) of a SHIPPED kernel or streamk_probe's (tile
-    BM,BN,warps,stages) or a tools/bench/wide_probe.py config (tile: its CFGS name); bf16, BLOCK_K 64, 132
-    programs."""
+    """(kernel, signature, constexprs, warps, stages) of a SHIPPED kernel (tile BM,BN,warps,stages) or a
+    tools/bench/wide_probe.py config (tile: its CFGS name); bf16, BLOCK_K 64, 132 programs."""
     def desc(r, c):
         return f"tensordesc<bf16[{r}, {c}]>"
     dims = dict(M="i32", N="i32", K="i32")
@@ -113,14 +111,6 @@ def _linear_sig(name: str, tile) -> tuple:
         return getattr(MM, name).fn, sig, consts, warps, stages
     import sys
     sys.path.insert(0, os.path.dirname(__file__))
-    if name == "streamk_probe":
-        import streamk_probe as sp
-
-        bm, bn, warps, stages = tile
-        sig = dict(x_desc=desc(bm, 64), w_desc=desc(bn, 64), y_desc=desc(bm, bn), ws_ptr="*fp32", flag_ptr="*i32",
-                   **dims)
-        consts = dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=64, GROUP_M=8, NUM_PROGRAMS=132, SPIN_MAX=sp.SPIN)
-        return sp._streamk_kernel, sig, consts, warps, stages
     import wide_probe as wp
 
     if tile not in wp.CFGS:
