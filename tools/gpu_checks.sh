@@ -36,8 +36,8 @@
 #   streamkstep (not in the default list) two changes off as shipped, each against the shipped kernels: stream-K in
 #              linear and swiglu (streamk.py, MILES_STREAM_K=1; sk) and linears' q|k|v tiles stored by TMA
 #              (fused_linears.TMA_STORE, with_tiles.py --linears-tma-store on; st): their bits GPU tests, the
-#              decode step at b128-512 ctx 256 (step_peer.py, 0.6B / 8B) off / sk / st by turns (two rounds),
-#              the engine's quick rows off / sk / st, fused_linears.py at M 128-512 off / st
+#              decode step at b128-512 ctx 256 (step_peer.py, 0.6B / 8B) off / sk / st by turns, the engine's
+#              quick rows off / sk / st, fused_linears.py at M 128-512 off / st, then the step's second round
 #   ws         (not in the default list) whether Triton's Hopper warp specialization pays for an attention
 #              forward walked like ours (tools/bench/ws_probe.py: plain / specialized / specialized with
 #              2-block splits, vs flash)
@@ -172,6 +172,14 @@ run_files() {  # prefix, pytest files: one process a file, all at once (a fresh 
         rm -f "$out/.$n.rc"
     done
     tar_out
+}
+sk_steps() {  # streamkstep's decode step round $1: as shipped, stream-K, linears' TMA stores, by turns
+    local v
+    for v in off sk st; do
+        run step_$v$1 env MILES_STREAM_K=$([ $v = sk ] && echo 1 || echo 0) timeout -s KILL 150 \
+            python3 $(sk_pre $v) tools/bench/step_peer.py --model qwen3-0.6b qwen3-8b \
+            --shapes 128x256 256x256 512x256 --rounds 5 --out "$out/step_$v$1.json"
+    done
 }
 sk_pre() {  # streamkstep's variants: the script's prefix (st: linears' outputs stored by TMA, with_tiles.py)
     [ "$1" = st ] && echo tools/bench/with_tiles.py --linears-tma-store on --
@@ -335,19 +343,16 @@ print('guard out: the capture test must fail (rc 1), rc', int(rc)); sys.exit(0 i
                      --out "$out/streamk_probe.json" ;;
         streamkstep) run streamk_tests timeout -s KILL 240 python3 -m pytest -q -o addopts="" \
                          tests/gpu/test_streamk_gpu.py tests/gpu/test_matmul_gpu.py -k "streamk or linears_equal"
-                     for i in 1 2; do for v in off sk st; do  # by turns: as shipped, stream-K, linears' TMA stores
-                         run step_$v$i env MILES_STREAM_K=$([ $v = sk ] && echo 1 || echo 0) timeout -s KILL 150 \
-                             python3 $(sk_pre $v) tools/bench/step_peer.py --model qwen3-0.6b qwen3-8b \
-                             --shapes 128x256 256x256 512x256 --rounds 5 --out "$out/step_$v$i.json"
-                     done; done
-                     for v in off sk st; do
+                     sk_steps 1  # by turns: as shipped, stream-K, linears' TMA stores; the second round last,
+                     for v in off sk st; do  # so a budget that runs out costs a repeat, not a variant
                          run engine_$v env MILES_STREAM_K=$([ $v = sk ] && echo 1 || echo 0) timeout -s KILL 150 \
                              python3 $(sk_pre $v) tools/bench/engine.py --quick --only engine --out "$out/engine_$v.json"
                      done
                      for v in off st; do
                          run fused_$v timeout -s KILL 120 python3 $(sk_pre $v) tools/bench/fused_linears.py \
                              --m 128 256 512 --out "$out/fused_$v.json"
-                     done ;;
+                     done
+                     sk_steps 2 ;;
         ws) run ws_probe python3 tools/bench/ws_probe.py "$out/ws_probe.json" ;;
         gluon) for p in fwd dkdv dq; do
                    run gluon_$p timeout 300 python3 tools/bench/gluon_$p.py --out "$out/gluon_$p.json"
