@@ -22,9 +22,9 @@
 #              64-512, bits, graph-timed, weights cold)
 #   deepstep   (not in the default list) the candidate small-M table from `deep` (64x128 by TMA at 8 stages for
 #              128x64 at 5, 64x64 by TMA at 6 for the pointer tile; with_tiles.py --small-table): linear / linears /
-#              swiglu's bits GPU tests with it, the decode step (step_peer.py, 0.6B / 8B, b64-512 ctx 256) shipped /
-#              candidate / candidate with 64x64 at 9 by turns (two rounds, c9 in the first), the engine's quick rows
-#              shipped / candidate, then fused_linears.py with it and as shipped
+#              swiglu's bits GPU tests with it, the decode step (step_peer.py --variants, 0.6B / 8B, b64-512 ctx
+#              256) shipped / candidate / candidate with 64x64 at 9 in one process, bits checked, by turns, the
+#              engine's quick rows shipped / candidate, then fused_linears.py with it and as shipped
 #   wide       (not in the default list) tools/bench/wide_probe.py: multi-part tiles (three parts or a part and a half,
 #              side by side or stacked: 128x192, 64x192, 192x128) against linear's pick and cuBLAS at M 256-512
 #              (8B q|k|v / o / down, 0.6B gate|up / q|k|v; the 128x128 picks on N 6,144 make 1.45 waves), bits
@@ -36,8 +36,9 @@
 #   streamkstep (not in the default list) two changes off as shipped, each against the shipped kernels: stream-K in
 #              linear and swiglu (streamk.py, MILES_STREAM_K=1; sk) and linears' q|k|v tiles stored by TMA
 #              (fused_linears.TMA_STORE, with_tiles.py --linears-tma-store on; st): their bits GPU tests, the
-#              decode step at b128-512 ctx 256 (step_peer.py, 0.6B / 8B) off / sk / st by turns, the engine's
-#              quick rows off / sk / st, fused_linears.py at M 128-512 off / st, then the step's second round
+#              decode step at b128-512 ctx 256 (step_peer.py --variants, 0.6B / 8B: shipped / sk / st / both in
+#              one process, bits checked, by turns), the engine's quick rows off / sk / st, fused_linears.py at
+#              M 128-512 off / st
 #   ws         (not in the default list) whether Triton's Hopper warp specialization pays for an attention
 #              forward walked like ours (tools/bench/ws_probe.py: plain / specialized / specialized with
 #              2-block splits, vs flash)
@@ -173,16 +174,11 @@ run_files() {  # prefix, pytest files: one process a file, all at once (a fresh 
     done
     tar_out
 }
-sk_steps() {  # streamkstep's decode step round $1: as shipped, stream-K, linears' TMA stores, by turns
-    local v
-    for v in off sk st; do
-        run step_$v$1 env MILES_STREAM_K=$([ $v = sk ] && echo 1 || echo 0) timeout -s KILL 150 \
-            python3 $(sk_pre $v) tools/bench/step_peer.py --model qwen3-0.6b qwen3-8b \
-            --shapes 128x256 256x256 512x256 --rounds 5 --out "$out/step_$v$1.json"
-    done
-}
-sk_pre() {  # streamkstep's variants: the script's prefix (st: linears' outputs stored by TMA, with_tiles.py)
-    [ "$1" = st ] && echo tools/bench/with_tiles.py --linears-tma-store on --
+sk_pre() {  # streamkstep's variants: the script's prefix (sk: stream-K, st: linears' outputs stored by TMA)
+    case $1 in
+        sk) echo tools/bench/with_tiles.py --stream-k on -- ;;
+        st) echo tools/bench/with_tiles.py --linears-tma-store on -- ;;
+    esac
 }
 pdl_env() {  # the pdlrows step's variants: as shipped, the norms at 64 rows too, PDL at every size, PDL off
     case $1 in
@@ -320,15 +316,11 @@ print('guard out: the capture test must fail (rc 1), rc', int(rc)); sys.exit(0 i
                   run deep_tests timeout -s KILL 240 python3 tools/bench/with_tiles.py --small-table $cand -- \
                       "$(python3 -c 'import os, pytest; print(os.path.dirname(pytest.__file__))')/__main__.py" \
                       -q -o addopts="" tests/gpu/test_matmul_gpu.py -k "every_tile or linears_equal or swiglu"
-                  for i in 1 2; do for v in off c6 c9; do  # by turns: shipped, the candidate, its 64x64 at 9 stages
-                      [ $i = 2 ] && [ $v = c9 ] && continue  # one c9 read: the deeper 64x64 is the side bet
-                      case $v in off) pre=() ;; c6) pre=(tools/bench/with_tiles.py --small-table $cand --) ;;
-                                 c9) pre=(tools/bench/with_tiles.py --small-table ${cand/64x64:tma:4:6/64x64:tma:4:9} --) ;;
-                      esac
-                      run step_deep_$v$i timeout -s KILL 150 python3 ${pre[@]+"${pre[@]}"} tools/bench/step_peer.py \
-                          --model qwen3-0.6b qwen3-8b --shapes 64x256 128x256 256x256 512x256 --rounds 5 \
-                          --out "$out/step_deep_$v$i.json"
-                  done; done
+                  # the step as shipped, with the table and with its 64x64 at 9 stages (+0.06-0.07 at M 128 K
+                  # 4,096-12,288, -0.05 at M 512 K 2,048-3,072): one process, bits checked, timed by turns
+                  run step_deep timeout -s KILL 300 python3 tools/bench/step_peer.py --model qwen3-0.6b qwen3-8b \
+                      --shapes 64x256 128x256 256x256 512x256 --rounds 9 --variants "c6=--small-table $cand" \
+                      "c9=--small-table ${cand/64x64:tma:4:6/64x64:tma:4:9}" --out "$out/step_deep.json"
                   for v in off c6; do
                       pre=(); [ $v = off ] || pre=(tools/bench/with_tiles.py --small-table $cand --)
                       run engine_deep_$v timeout -s KILL 150 python3 ${pre[@]+"${pre[@]}"} tools/bench/engine.py \
@@ -343,16 +335,19 @@ print('guard out: the capture test must fail (rc 1), rc', int(rc)); sys.exit(0 i
                      --out "$out/streamk_probe.json" ;;
         streamkstep) run streamk_tests timeout -s KILL 240 python3 -m pytest -q -o addopts="" \
                          tests/gpu/test_streamk_gpu.py tests/gpu/test_matmul_gpu.py -k "streamk or linears_equal"
-                     sk_steps 1  # by turns: as shipped, stream-K, linears' TMA stores; the second round last,
-                     for v in off sk st; do  # so a budget that runs out costs a repeat, not a variant
-                         run engine_$v env MILES_STREAM_K=$([ $v = sk ] && echo 1 || echo 0) timeout -s KILL 150 \
-                             python3 $(sk_pre $v) tools/bench/engine.py --quick --only engine --out "$out/engine_$v.json"
+                     # the step as shipped and each change, captured in one process, bits checked, timed by turns
+                     run step_sk timeout -s KILL 300 python3 tools/bench/step_peer.py --model qwen3-0.6b qwen3-8b \
+                         --shapes 128x256 256x256 512x256 --rounds 9 --variants "sk=--stream-k on" \
+                         "st=--linears-tma-store on" "skst=--stream-k on --linears-tma-store on" \
+                         --out "$out/step_sk.json"
+                     for v in off sk st; do
+                         run engine_$v timeout -s KILL 150 python3 $(sk_pre $v) tools/bench/engine.py --quick \
+                             --only engine --out "$out/engine_$v.json"
                      done
                      for v in off st; do
                          run fused_$v timeout -s KILL 120 python3 $(sk_pre $v) tools/bench/fused_linears.py \
                              --m 128 256 512 --out "$out/fused_$v.json"
-                     done
-                     sk_steps 2 ;;
+                     done ;;
         ws) run ws_probe python3 tools/bench/ws_probe.py "$out/ws_probe.json" ;;
         gluon) for p in fwd dkdv dq; do
                    run gluon_$p timeout 300 python3 tools/bench/gluon_$p.py --out "$out/gluon_$p.json"

@@ -71,6 +71,52 @@ def test_step_peer_shapes_are_checked(bench_refusal, monkeypatch):
     assert "write BxCTX" in bench_refusal("step_peer", "--shapes", "64by256")
 
 
+def test_step_peer_variants_are_checked(bench_refusal, monkeypatch, capsys):
+    """A variant without NAME=, a name given twice, changes that change nothing or that with_tiles does not know
+    are refused naming the variant; good ones are made and undone while parsing (then the CPU refusal)."""
+    from miles_kernels._triton import matmul, streamk
+
+    assert "write NAME=OPTIONS" in bench_refusal("step_peer", "--variants", "stream-k")
+    assert "write NAME=OPTIONS" in bench_refusal("step_peer", "--variants", "sk=--stream-k on", "sk=--pdl off")
+    assert "nothing to change" in bench_refusal("step_peer", "--variants", "sk=")
+    bench_refusal("step_peer", "--variants", "sk=--stream-k maybe")
+    err = capsys.readouterr().err
+    assert "step_peer --variants sk" in err and "'maybe'" in err
+    tiles, shipped, fill = dict(matmul.SMALL_M_TILES), streamk.STREAM_K, matmul.FILL
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert "needs a CUDA GPU" in bench_refusal("step_peer", "--variants", "sk=--stream-k on",
+                                               "c6=--small-table 64x64:tma:4:6 --fill 0.5")
+    assert matmul.SMALL_M_TILES == tiles and streamk.STREAM_K is shipped and matmul.FILL == fill
+
+
+def test_step_peer_captures_each_variant_under_its_changes(bench_script, monkeypatch):
+    """variant_graphs captures the step once a variant with that variant's changes made, and undoes them after
+    each capture (also when a capture fails)."""
+    from miles_kernels._triton import fused_linears, matmul, streamk
+
+    peer = bench_script("step_peer")
+    seen = []
+
+    def graphed(fn):
+        seen.append((streamk.STREAM_K, fused_linears.TMA_STORE,
+                     [t.block_n for t in matmul.SMALL_M_TILES[torch.bfloat16]]))
+        if len(seen) == 3:
+            raise RuntimeError("capture failed")
+        return f"graph{len(seen)}", fn()
+
+    monkeypatch.setattr(peer, "graphed", graphed)
+    shipped = (streamk.STREAM_K, fused_linears.TMA_STORE, [t.block_n for t in matmul.SMALL_M_TILES[torch.bfloat16]])
+    variants = peer.parse_variants(["sk=--stream-k on", "st=--linears-tma-store on --small-table 64x32:ptr:4:6:2"])
+    graphs, outs = peer.variant_graphs(lambda: 7, variants)
+    assert graphs == dict(sk="graph1", st="graph2") and outs == dict(sk=7, st=7)
+    assert seen == [(True, shipped[1], shipped[2]), (shipped[0], True, [32])]
+    with pytest.raises(RuntimeError, match="capture failed"):
+        peer.variant_graphs(lambda: 7, dict(sk=variants["sk"]))
+    assert seen[2][0] is True
+    assert (streamk.STREAM_K, fused_linears.TMA_STORE, [t.block_n for t in matmul.SMALL_M_TILES[torch.bfloat16]]
+            ) == shipped
+
+
 def _tiny(bench_script):
     engine = bench_script("engine")
     from miles_fsdp.models.args import ModelArgs

@@ -14,15 +14,19 @@ pays for one decode step at the same shapes. Both are CUDA graphs, so neither pa
 and the memory roofline of the step (weights + the KV read, at the measured copy rate). With
 `--profile N`, N more replays of ours under torch.profiler give each kernel's device time and launches a
 step (`kernels` in the JSON, the top ones printed): under PDL a kernel's time runs from its early start, so
-its wait is in it. Where ours is
+its wait is in it. `--variants NAME=CHANGES ...` captures ours again under each change (with_tiles.py's
+options, e.g. `sk=--stream-k on`), checks it gives the shipped step's logits bit for bit and times it in the same
+rounds (an A/B in one process, against the same weights and caches). Where ours is
 level with or under `torch`, the step's distance from the roofline is not ours alone: each op is at
 its vendor kernel's speed, and the step is what those kernels cost at these sizes.
 
     PYTHONPATH=src:kernels python tools/bench/step_peer.py --out step_peer.json
+    ... step_peer.py --shapes 256x256 --variants "sk=--stream-k on" "st=--linears-tma-store on"
 """
 
 import argparse
 import json
+import shlex
 import sys
 from pathlib import Path
 
@@ -32,6 +36,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from engine import SHAPES, build, hbm_bandwidth  # noqa: E402
 from split_probe import decode_inputs, graphed, make_forwards, parse_shapes, time_rounds  # noqa: E402
+from with_tiles import changes  # noqa: E402
 
 
 def torch_step(args, batch: int, ctx: int, dev: str = "cuda"):
@@ -94,6 +99,31 @@ def kernel_times(graph, steps: int) -> dict[str, list[float]]:
     return {e.key: [round(e.self_device_time_total / steps, 2), round(e.count / steps, 2)] for e in events}
 
 
+def parse_variants(specs: list[str]) -> dict[str, list[str]]:
+    """{name: with_tiles options} from NAME=OPTIONS; each checked by making and undoing its changes."""
+    out = {}
+    for spec in specs:
+        name, sep, rest = spec.partition("=")
+        if not sep or not name.isidentifier() or name in ("ours", "torch", "compiled") or name in out:
+            raise SystemExit(f"step_peer: --variants {spec!r}: write NAME=OPTIONS with a new name (letters, digits, "
+                             "_; not ours / torch / compiled), e.g. 'sk=--stream-k on'")
+        out[name] = shlex.split(rest)
+        changes(out[name], f"step_peer --variants {name}")[0]()
+    return out
+
+
+def variant_graphs(fn, variants: dict[str, list[str]]) -> tuple[dict, dict]:
+    """({name: graph of fn captured under the variant's changes}, {name: the graph's output})."""
+    graphs, outs = {}, {}
+    for name, argv in variants.items():
+        undo, _ = changes(argv, f"step_peer --variants {name}")
+        try:
+            graphs[name], outs[name] = graphed(fn)
+        finally:
+            undo()
+    return graphs, outs
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", nargs="+", default=["qwen3-0.6b"], choices=sorted(SHAPES))
@@ -104,8 +134,11 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=7)
     ap.add_argument("--profile", type=int, default=0, metavar="N",
                     help="N more replays of ours under torch.profiler: each kernel's device us and launches a step")
+    ap.add_argument("--variants", nargs="+", default=[], metavar="NAME=CHANGES",
+                    help="ours again under with_tiles.py's changes, e.g. 'sk=--stream-k on': bits and time")
     ap.add_argument("--out", default="step_peer.json")
     a = ap.parse_args()
+    variants = parse_variants(a.variants)
     if a.profile < 0:
         raise SystemExit(f"step_peer: --profile {a.profile}: give a count of replays >= 1 (0, the default, is off)")
     if not torch.cuda.is_available():
@@ -124,9 +157,14 @@ def main() -> None:
         for batch, ctx in shapes:
             inputs = decode_inputs(model, batch, ctx, 64)
             ours, peer = make_forwards(model, *inputs, 1)["whole"], torch_step(args, batch, ctx)
-            g_ours, _ = graphed(ours)  # the functions (and the tensors they hold) live while the graphs replay
+            g_ours, out_ours = graphed(ours)  # the functions (and the tensors they hold) live while the graphs replay
+            g_vars, out_vars = variant_graphs(ours, variants)
             g_torch, _ = graphed(peer)
-            graphs = dict(ours=g_ours, torch=g_torch)
+            graphs = dict(ours=g_ours, **g_vars, torch=g_torch)
+            for g in (g_ours, *g_vars.values()):  # a captured graph's outputs hold nothing until it is replayed
+                g.replay()
+            torch.cuda.synchronize()
+            same = {v: bool(torch.equal(o, out_ours)) for v, o in out_vars.items()}
             if a.compile:
                 compiled = torch.compile(peer, dynamic=False)
                 graphs["compiled"] = graphed(compiled)[0]
@@ -136,6 +174,8 @@ def main() -> None:
             r = dict(model=name, batch=batch, ctx=ctx, ours_us=us["ours"], torch_us=us["torch"], roofline_us=roof)
             if "compiled" in us:
                 r["compiled_us"] = us["compiled"]
+            if variants:
+                r["variants"] = {v: dict(us=us[v], x_ours=us["ours"] / us[v], same_bits=same[v]) for v in variants}
             if a.profile:
                 r["kernels"] = kernel_times(g_ours, a.profile)
             rows.append(r)
@@ -144,15 +184,22 @@ def main() -> None:
                   f"{100 * roof / r['torch_us']:7.1f}%"
                   + (f"  compiled {r['compiled_us']:8.1f} us ({r['compiled_us'] / r['ours_us']:.2f}x ours, "
                      f"{100 * roof / r['compiled_us']:.1f}%)" if "compiled_us" in r else ""), flush=True)
+            for v, d in r.get("variants", {}).items():
+                print(f"    {v:<10} {d['us']:8.1f} us  {d['x_ours']:.3f}x the shipped step's speed  "
+                      + ("same bits" if d["same_bits"] else "LOGITS DIFFER from the shipped step"), flush=True)
             for kname, (k_us, k_n) in list(r.get("kernels", {}).items())[:8]:
                 print(f"    {k_us:9.1f} us {k_n:6.1f}x  {kname[:90]}")
-            del g_ours, g_torch, graphs, ours, peer, inputs
+            del g_ours, g_vars, out_vars, out_ours, g_torch, graphs, ours, peer, inputs
             torch.cuda.empty_cache()
             Path(a.out).write_text(json.dumps(dict(device=torch.cuda.get_device_name(), hbm_b_s=bw, rows=rows),
                                               indent=1))
         del model
         torch.cuda.empty_cache()
     print(f"wrote {a.out}")
+    differ = sorted({(v, r["model"], r["batch"]) for r in rows for v, d in r.get("variants", {}).items()
+                     if not d["same_bits"]})
+    if differ:
+        raise SystemExit(f"step_peer: variants whose logits differ from the shipped step's (model, batch): {differ}")
 
 
 if __name__ == "__main__":

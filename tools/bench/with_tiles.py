@@ -18,6 +18,7 @@
     ... with_tiles.py --pdl on -- tools/bench/step_peer.py --shapes 64x256   # the decode kernels with PDL
     ... with_tiles.py --pdl-tma on -- tools/bench/step_peer.py --shapes 256x256   # the TMA linears too
     ... with_tiles.py --linears-tma-store on -- tools/bench/step_peer.py --shapes 256x256   # q|k|v stored by TMA
+    ... with_tiles.py --stream-k on -- tools/bench/engine.py --quick   # stream-K in linear and swiglu
 
 Each BMxBN=U:S sets the 16-bit SMALL_M_TILES pointer tile BLOCK_M x BLOCK_N to U BLOCK_K steps
 a loop iteration (Tile.k_unroll) and S pipeline stages. The dots and their order stay as they are,
@@ -38,6 +39,7 @@ per shape; off: cuBLAS).
 --pdl sets launch.PDL (the kernels with USE_GDC launched with programmatic dependent launch, late triggers; gdc.py).
 --pdl-tma sets launch.PDL_TMA (the persistent TMA linears with PDL too, while --pdl is on; same bits).
 --linears-tma-store sets fused_linears.TMA_STORE (linears' TMA kernel stores its tiles by TMA; same bits).
+--stream-k sets streamk.STREAM_K (stream-K in linear's and swiglu's persistent TMA grids; same bits).
 --fill F sets matmul.FILL, the share of the SMs a small-M tile's grid must fill before a wider
 tile is taken (every tile gives the same bits); --fill-max-m M sets matmul.FILL_MAX_M, the largest
 M whose tile the fill rule picks (above, the M bucket's). The script runs in this process (runpy), so
@@ -47,6 +49,7 @@ its own subprocesses would not see the change.
 import argparse
 import runpy
 import sys
+from collections.abc import Callable
 
 import torch
 
@@ -102,10 +105,14 @@ def parse_table(specs: list[str]) -> tuple:
     return tuple(out)
 
 
+_KEPT: list[tuple] = []  # every table installed, alive: matmul's pick cache keys a table by id()
+
+
 def install(tiles: tuple) -> tuple:
     """tiles as the 16-bit SMALL_M_TILES."""
     from miles_kernels._triton import matmul
 
+    _KEPT.append(tiles)
     for dtype in (torch.bfloat16, torch.float16):
         matmul.SMALL_M_TILES[dtype] = tiles
     return tiles
@@ -129,65 +136,83 @@ def apply(changes: dict[tuple[int, int], tuple[int, int]], tma_stages: dict[tupl
         if t.tma and (t.block_m, t.block_n) in tma_stages else t for t in old))
 
 
-def main() -> None:
-    argv = sys.argv[1:]
-    usage = ("with_tiles: usage: with_tiles.py [--unroll BMxBN=U:S ...] [--tma-stages BMxBN=S ...] "
-             "[--small-table BMxBN:KIND:W:S[:U] ...] [--fill F] [--fill-max-m M] "
-             "[--small-tma|--gluon-paged|--fast-pick|--sampler-screen|--topk-cut|--cut-asm|--decode-pairs|--pdl|"
-             "--pdl-tma|--linears-tma-store on|off] "
-             "-- SCRIPT [ARGS ...]")
-    if "--" not in argv:
-        raise SystemExit(usage)
-    cut = argv.index("--")
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+SWITCHES = {"small_tma": ("miles_kernels._triton.fused_linears", "SMALL_M_TMA"),  # --NAME on|off: a module's flag
+            "gluon_paged": ("miles_kernels._triton.paged_attention", "GLUON_PAGED"),
+            "fast_pick": ("miles_kernels._fast_pick", "PICK"),
+            "sampler_screen": ("miles_fsdp.engine.sampler", "SCREEN"),
+            "topk_cut": ("miles_kernels._triton.rows", "TOPK_BY_CUT"),
+            "cut_asm": ("miles_kernels._triton.cut", "ASM"),
+            "decode_pairs": ("miles_kernels._triton.paged_attention", "DECODE_PAIRS"),
+            "pdl": ("miles_kernels._triton.launch", "PDL"),
+            "pdl_tma": ("miles_kernels._triton.launch", "PDL_TMA"),
+            "linears_tma_store": ("miles_kernels._triton.fused_linears", "TMA_STORE"),
+            "stream_k": ("miles_kernels._triton.streamk", "STREAM_K")}
+VALUES = {"DECODE_PAIRS": (2, 1)}  # a flag whose on / off are not True / False
+USAGE = ("[--unroll BMxBN=U:S ...] [--tma-stages BMxBN=S ...] [--small-table BMxBN:KIND:W:S[:U] ...] [--fill F] "
+         "[--fill-max-m M] [--" + "|--".join(n.replace("_", "-") for n in SWITCHES) + " on|off]")
+
+
+def changes(argv: list[str], who: str = "with_tiles") -> tuple[Callable[[], None], str]:
+    """Make the changes argv asks for (the options above) in this process: (a function that undoes them, what
+    changed in words). Refused with a message naming the option where argv is malformed or changes nothing."""
+    ap = argparse.ArgumentParser(prog=who, description=__doc__.split("\n\n")[0])
     ap.add_argument("--unroll", nargs="+", default=[], metavar="BMxBN=U:S")
     ap.add_argument("--tma-stages", nargs="+", default=[], metavar="BMxBN=S")
     ap.add_argument("--small-table", nargs="+", default=[], metavar="BMxBN:KIND:W:S[:U]")
     ap.add_argument("--fill", type=float, default=None, metavar="F")
     ap.add_argument("--fill-max-m", type=int, default=None, metavar="M")
-    switches = {"small_tma": ("miles_kernels._triton.fused_linears", "SMALL_M_TMA"),  # --NAME on|off: a module's flag
-                "gluon_paged": ("miles_kernels._triton.paged_attention", "GLUON_PAGED"),
-                "fast_pick": ("miles_kernels._fast_pick", "PICK"),
-                "sampler_screen": ("miles_fsdp.engine.sampler", "SCREEN"),
-                "topk_cut": ("miles_kernels._triton.rows", "TOPK_BY_CUT"),
-                "cut_asm": ("miles_kernels._triton.cut", "ASM"),
-                "decode_pairs": ("miles_kernels._triton.paged_attention", "DECODE_PAIRS"),
-                "pdl": ("miles_kernels._triton.launch", "PDL"),
-                "pdl_tma": ("miles_kernels._triton.launch", "PDL_TMA"),
-                "linears_tma_store": ("miles_kernels._triton.fused_linears", "TMA_STORE")}
-    values = {"DECODE_PAIRS": (2, 1)}  # a flag whose on / off are not True / False
-    for name in switches:
+    for name in SWITCHES:
         ap.add_argument("--" + name.replace("_", "-"), choices=("on", "off"), default=None)
-    a = ap.parse_args(argv[:cut])
-    flags = {switches[n]: getattr(a, n) == "on" for n in switches if getattr(a, n) is not None}
+    a = ap.parse_args(argv)
+    flags = {SWITCHES[n]: getattr(a, n) == "on" for n in SWITCHES if getattr(a, n) is not None}
     if a.small_table and (a.unroll or a.tma_stages):
-        raise SystemExit("with_tiles: --small-table gives the whole table; --unroll and --tma-stages change the "
+        raise SystemExit(f"{who}: --small-table gives the whole table; --unroll and --tma-stages change the "
                          "shipped one: give one or the other")
     tables = a.unroll or a.tma_stages or a.small_table
     if not tables and a.fill is None and a.fill_max_m is None and not flags:
-        raise SystemExit(f"{usage}: nothing to change (give --unroll, --tma-stages, --small-table, --fill, "
-                         "--fill-max-m, --small-tma, --gluon-paged, --fast-pick, --sampler-screen, --topk-cut, "
-                         "--cut-asm, --decode-pairs, --pdl, --pdl-tma or --linears-tma-store)")
+        raise SystemExit(f"{who}: {' '.join(argv)!r}: nothing to change; give one of {USAGE}")
     if a.fill_max_m is not None and a.fill_max_m < 1:
-        raise SystemExit(f"with_tiles: --fill-max-m {a.fill_max_m}: must be >= 1 (rows)")
+        raise SystemExit(f"{who}: --fill-max-m {a.fill_max_m}: must be >= 1 (rows)")
     if a.fill is not None and not 0.0 < a.fill <= 4.0:
-        raise SystemExit(f"with_tiles: --fill {a.fill}: must be in (0, 4] (a share of the SMs)")
-    script, *args = argv[cut + 1:] or [""]
-    if not script:
-        raise SystemExit("with_tiles: no script after --")
-    tiles = install(parse_table(a.small_table)) if a.small_table else apply(parse(a.unroll), parse_stages(a.tma_stages))
+        raise SystemExit(f"{who}: --fill {a.fill}: must be in (0, 4] (a share of the SMs)")
     import importlib
 
     from miles_kernels._triton import matmul
 
-    for (module, flag), on in flags.items():
-        setattr(importlib.import_module(module), flag, values.get(flag, (True, False))[0 if on else 1])
+    saved_tiles, saved_fill = dict(matmul.SMALL_M_TILES), (matmul.FILL, matmul.FILL_MAX_M)
+    modules = {flag: importlib.import_module(module) for (module, flag) in flags}
+    saved_flags = {flag: getattr(modules[flag], flag) for flag in modules}
+    tiles = install(parse_table(a.small_table)) if a.small_table else apply(parse(a.unroll), parse_stages(a.tma_stages))
+    for (_, flag), on in flags.items():
+        setattr(modules[flag], flag, VALUES.get(flag, (True, False))[0 if on else 1])
     if a.fill is not None:
         matmul.FILL = a.fill
     if a.fill_max_m is not None:
         matmul.FILL_MAX_M = a.fill_max_m
-    print("with_tiles: small-M tiles", [tuple(t) for t in tiles], "FILL", matmul.FILL, "FILL_MAX_M", matmul.FILL_MAX_M,
-          *(f"{flag} {on}" for (_, flag), on in flags.items()), flush=True)
+
+    def undo() -> None:
+        matmul.SMALL_M_TILES.clear()
+        matmul.SMALL_M_TILES.update(saved_tiles)
+        matmul.FILL, matmul.FILL_MAX_M = saved_fill
+        for flag, value in saved_flags.items():
+            setattr(modules[flag], flag, value)
+
+    said = " ".join([f"small-M tiles {[tuple(t) for t in tiles]} FILL {matmul.FILL} FILL_MAX_M {matmul.FILL_MAX_M}",
+                     *(f"{flag} {on}" for (_, flag), on in flags.items())])
+    return undo, said
+
+
+def main() -> None:
+    argv = sys.argv[1:]
+    usage = f"with_tiles: usage: with_tiles.py {USAGE} -- SCRIPT [ARGS ...]"
+    if "--" not in argv:
+        raise SystemExit(usage)
+    cut = argv.index("--")
+    script, *args = argv[cut + 1:] or [""]
+    _, said = changes(argv[:cut])
+    if not script:
+        raise SystemExit("with_tiles: no script after --")
+    print("with_tiles:", said, flush=True)
     sys.argv = [script, *args]
     runpy.run_path(script, run_name="__main__")
 
