@@ -39,6 +39,10 @@
 #              decode step at b128-512 ctx 256 (step_peer.py --variants, 0.6B / 8B: shipped / sk / st / both in
 #              one process, bits checked, by turns), the engine's quick rows off / sk / st, fused_linears.py at
 #              M 128-512 off / st
+#   switches   (not in the default list) the decode step (step_peer.py --variants, 0.6B / 8B, b64-256 ctx 256 and
+#              b64 ctx 1,024) as shipped and with each switch turned the other way, in one process, bits checked,
+#              timed by turns: one decode pair a program, PDL off, the TMA linears without PDL, the small-M tiles
+#              by pointers, deepstep's candidate table, linears' TMA stores, stream-K
 #   ws         (not in the default list) whether Triton's Hopper warp specialization pays for an attention
 #              forward walked like ours (tools/bench/ws_probe.py: plain / specialized / specialized with
 #              2-block splits, vs flash)
@@ -174,6 +178,8 @@ run_files() {  # prefix, pytest files: one process a file, all at once (a fresh 
     done
     tar_out
 }
+# the fifty-ninth run's candidate small-M table (linear_sweep --which deep), for deepstep and switches
+small_cand="128x128:tma:8:5 64x128:tma:4:8 64x64:tma:4:6 64x32:ptr:4:6:2 64x16:ptr:4:8:2"
 sk_pre() {  # streamkstep's variants: the script's prefix (sk: stream-K, st: linears' outputs stored by TMA)
     case $1 in
         sk) echo tools/bench/with_tiles.py --stream-k on -- ;;
@@ -312,7 +318,7 @@ print('guard out: the capture test must fail (rc 1), rc', int(rc)); sys.exit(0 i
         cublas) run cublas_kernels python3 tools/bench/cublas_kernels.py --out "$out/cublas_kernels.json" ;;
         warps) run linear_warps python3 tools/bench/linear_sweep.py --which warps --out "$out/linear_warps.json" ;;
         deep) run linear_deep python3 tools/bench/linear_sweep.py --which deep --out "$out/linear_deep.json" ;;
-        deepstep) cand="128x128:tma:8:5 64x128:tma:4:8 64x64:tma:4:6 64x32:ptr:4:6:2 64x16:ptr:4:8:2"
+        deepstep) cand=$small_cand
                   run deep_tests timeout -s KILL 240 python3 tools/bench/with_tiles.py --small-table $cand -- \
                       "$(python3 -c 'import os, pytest; print(os.path.dirname(pytest.__file__))')/__main__.py" \
                       -q -o addopts="" tests/gpu/test_matmul_gpu.py -k "every_tile or linears_equal or swiglu"
@@ -348,6 +354,11 @@ print('guard out: the capture test must fail (rc 1), rc', int(rc)); sys.exit(0 i
                          run fused_$v timeout -s KILL 120 python3 $(sk_pre $v) tools/bench/fused_linears.py \
                              --m 128 256 512 --out "$out/fused_$v.json"
                      done ;;
+        switches) run step_switches timeout -s KILL 420 python3 tools/bench/step_peer.py \
+                      --model qwen3-0.6b qwen3-8b --shapes 64x256 128x256 256x256 64x1024 --rounds 7 \
+                      --variants "pairs1=--decode-pairs off" "pdl0=--pdl off" "pdltma0=--pdl-tma off" \
+                      "ptr=--small-tma off" "c6=--small-table $small_cand" "st=--linears-tma-store on" \
+                      "sk=--stream-k on" --out "$out/step_switches.json" ;;
         ws) run ws_probe python3 tools/bench/ws_probe.py "$out/ws_probe.json" ;;
         gluon) for p in fwd dkdv dq; do
                    run gluon_$p timeout 300 python3 tools/bench/gluon_$p.py --out "$out/gluon_$p.json"
@@ -357,7 +368,7 @@ print('guard out: the capture test must fail (rc 1), rc', int(rc)); sys.exit(0 i
              run attn_tma python3 tools/bench/attn_sweep.py "$out/attn_tma.json" --tma --tiles
              run attn_tma_paged python3 tools/bench/attn_sweep.py "$out/attn_tma_paged.json" --tma-paged
              run kernel_regs python3 tools/bench/kernel_regs.py "$out/kernel_regs.json" ;;
-        *) echo "unknown step $step (tests scale kernels engine engine_host train rl_step spec profile sweep moe tma queued linears grouped fast sampler persistent fold ablate topp pairs pdlrows capture cublas warps deep deepstep wide streamk streamkstep ws gluon optim)"
+        *) echo "unknown step $step (tests scale kernels engine engine_host train rl_step spec profile sweep moe tma queued linears grouped fast sampler persistent fold ablate topp pairs pdlrows capture cublas warps deep deepstep wide streamk streamkstep switches ws gluon optim)"
            exit 2 ;;
     esac
 done
