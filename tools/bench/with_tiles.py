@@ -43,7 +43,8 @@ per shape; off: cuBLAS).
 --fill F sets matmul.FILL, the share of the SMs a small-M tile's grid must fill before a wider
 tile is taken (every tile gives the same bits); --fill-max-m M sets matmul.FILL_MAX_M, the largest
 M whose tile the fill rule picks (above, the M bucket's). The script runs in this process (runpy), so
-its own subprocesses would not see the change.
+its own subprocesses would not see the change. `changes(options)` makes the same changes in the calling process
+and returns a function that undoes them (step_peer.py --variants: an A/B of several changes in one process).
 """
 
 import argparse
