@@ -181,11 +181,11 @@ def changes(argv: list[str], who: str = "with_tiles") -> tuple[Callable[[], None
     from miles_kernels._triton import matmul
 
     saved_tiles, saved_fill = dict(matmul.SMALL_M_TILES), (matmul.FILL, matmul.FILL_MAX_M)
-    modules = {flag: importlib.import_module(module) for (module, flag) in flags}
-    saved_flags = {flag: getattr(modules[flag], flag) for flag in modules}
+    modules = {key: importlib.import_module(key[0]) for key in flags}
+    saved_flags = {key: getattr(modules[key], key[1]) for key in flags}
     tiles = install(parse_table(a.small_table)) if a.small_table else apply(parse(a.unroll), parse_stages(a.tma_stages))
-    for (_, flag), on in flags.items():
-        setattr(modules[flag], flag, VALUES.get(flag, (True, False))[0 if on else 1])
+    for (module, flag), on in flags.items():
+        setattr(modules[module, flag], flag, VALUES.get(flag, (True, False))[0 if on else 1])
     if a.fill is not None:
         matmul.FILL = a.fill
     if a.fill_max_m is not None:
@@ -195,8 +195,8 @@ def changes(argv: list[str], who: str = "with_tiles") -> tuple[Callable[[], None
         matmul.SMALL_M_TILES.clear()
         matmul.SMALL_M_TILES.update(saved_tiles)
         matmul.FILL, matmul.FILL_MAX_M = saved_fill
-        for flag, value in saved_flags.items():
-            setattr(modules[flag], flag, value)
+        for key, value in saved_flags.items():
+            setattr(modules[key], key[1], value)
 
     said = " ".join([f"small-M tiles {[tuple(t) for t in tiles]} FILL {matmul.FILL} FILL_MAX_M {matmul.FILL_MAX_M}",
                      *(f"{flag} {on}" for (_, flag), on in flags.items())])
