@@ -34,7 +34,7 @@
 #              at M 256; M 256-1,536), against the plain launch of the same tile, linear's pick and cuBLAS,
 #              graph-timed, weights cold
 #   streamkstep (not in the default list) two changes off as shipped, each against the shipped kernels: stream-K in
-#              linear and swiglu (streamk.py, MILES_STREAM_K=1; sk) and linears' q|k|v tiles stored by TMA
+#              linear and swiglu (streamk.py, with_tiles.py --stream-k on; sk) and linears' q|k|v tiles stored by TMA
 #              (fused_linears.TMA_STORE, with_tiles.py --linears-tma-store on; st): their bits GPU tests, the
 #              decode step at b128-512 ctx 256 (step_peer.py --variants, 0.6B / 8B: shipped / sk / st / both in
 #              one process, bits checked, by turns), the engine's quick rows off / sk / st, fused_linears.py at
