@@ -117,6 +117,20 @@ def test_step_peer_captures_each_variant_under_its_changes(bench_script, monkeyp
             ) == shipped
 
 
+def test_step_peer_variant_summary(bench_script):
+    """Each variant's geometric mean, range and bits over the shapes, per model and over all."""
+    peer = bench_script("step_peer")
+    rows = [dict(model=m, variants=dict(sk=dict(x_ours=x, same_bits=ok)))
+            for m, x, ok in (("a", 1.1, True), ("a", 0.9, True), ("b", 1.21, False))]
+    got = peer.variant_summary(rows + [dict(model="c")])  # a row without variants (none asked) is left out
+    assert set(got) == {"sk"} and set(got["sk"]) == {"a", "b", "all"}
+    assert got["sk"]["a"]["geomean"] == pytest.approx((1.1 * 0.9) ** 0.5) and got["sk"]["a"]["same_bits"]
+    assert got["sk"]["b"] == dict(geomean=pytest.approx(1.21), min=1.21, max=1.21, rows=1, same_bits=False)
+    assert got["sk"]["all"]["rows"] == 3 and got["sk"]["all"]["min"] == 0.9 and not got["sk"]["all"]["same_bits"]
+    assert got["sk"]["all"]["geomean"] == pytest.approx((1.1 * 0.9 * 1.21) ** (1 / 3))
+    assert peer.variant_summary([dict(model="a")]) == {}
+
+
 def _tiny(bench_script):
     engine = bench_script("engine")
     from miles_fsdp.models.args import ModelArgs

@@ -26,6 +26,7 @@ its vendor kernel's speed, and the step is what those kernels cost at these size
 
 import argparse
 import json
+import math
 import shlex
 import sys
 from pathlib import Path
@@ -124,6 +125,20 @@ def variant_graphs(fn, variants: dict[str, list[str]]) -> tuple[dict, dict]:
     return graphs, outs
 
 
+def variant_summary(rows: list[dict]) -> dict[str, dict]:
+    """{variant: its speed over the shipped step's (ours us / its us) across the rows: geometric mean, min, max,
+    the rows read and whether every row gave the shipped logits}, per model and over all (key "all")."""
+    out: dict[str, dict] = {}
+    for model in sorted({r["model"] for r in rows}) + ["all"]:
+        picked = [r for r in rows if model in ("all", r["model"]) and "variants" in r]
+        for v in picked[0]["variants"] if picked else ():
+            xs = [r["variants"][v]["x_ours"] for r in picked]
+            out.setdefault(v, {})[model] = dict(
+                geomean=math.exp(sum(map(math.log, xs)) / len(xs)), min=min(xs), max=max(xs), rows=len(xs),
+                same_bits=all(r["variants"][v]["same_bits"] for r in picked))
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", nargs="+", default=["qwen3-0.6b"], choices=sorted(SHAPES))
@@ -195,6 +210,13 @@ def main() -> None:
                                               indent=1))
         del model
         torch.cuda.empty_cache()
+    summary = variant_summary(rows)
+    for v, by_model in summary.items():
+        for model, d in by_model.items():
+            print(f"{v:<10} {model:<11} {d['geomean']:.3f}x the shipped step's speed (geomean of {d['rows']} "
+                  f"shapes; {d['min']:.3f}-{d['max']:.3f}), {'same bits' if d['same_bits'] else 'LOGITS DIFFER'}")
+    Path(a.out).write_text(json.dumps(dict(device=torch.cuda.get_device_name(), hbm_b_s=bw, rows=rows,
+                                           summary=summary), indent=1))
     print(f"wrote {a.out}")
     differ = sorted({(v, r["model"], r["batch"]) for r in rows for v, d in r.get("variants", {}).items()
                      if not d["same_bits"]})
