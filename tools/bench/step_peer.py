@@ -218,10 +218,11 @@ def main() -> None:
     Path(a.out).write_text(json.dumps(dict(device=torch.cuda.get_device_name(), hbm_b_s=bw, rows=rows,
                                            summary=summary), indent=1))
     print(f"wrote {a.out}")
-    differ = sorted({(v, r["model"], r["batch"]) for r in rows for v, d in r.get("variants", {}).items()
+    differ = sorted({(v, r["model"], r["batch"], r["ctx"]) for r in rows for v, d in r.get("variants", {}).items()
                      if not d["same_bits"]})
     if differ:
-        raise SystemExit(f"step_peer: variants whose logits differ from the shipped step's (model, batch): {differ}")
+        raise SystemExit("step_peer: variants whose logits differ from the shipped step's (model, batch, ctx): "
+                         f"{differ}")
 
 
 if __name__ == "__main__":
